@@ -1,0 +1,1 @@
+"""keras_vit.cli: the `vitcli` command line."""

@@ -1,0 +1,37 @@
+"""keras-vit: the Vision Transformer (Dosovitskiy et al., 2021) as plain Keras models.
+
+Heavy imports (Keras, TensorFlow) happen on first use of a model attribute, so that
+`vitcli --help` and `keras_vit.config` stay light.
+"""
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_LAZY = {
+    "ViTConfig": "keras_vit.config",
+    "parse_variant": "keras_vit.config",
+    "VARIANTS": "keras_vit.config",
+    "ViT": "keras_vit.vit",
+    "VisionTransformer": "keras_vit.vit",
+    "get_config": "keras_vit.vit",
+    "load_model": "keras_vit.saving",
+    "layers": "keras_vit.layers",
+}
+__all__ = sorted(_LAZY) + ["__version__"]
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'keras_vit' has no attribute {name!r}")
+    mod = importlib.import_module(module)
+    value = mod if module.endswith("." + name) else getattr(mod, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return __all__

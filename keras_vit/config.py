@@ -1,0 +1,227 @@
+"""ViTConfig and the paper's variant strings ("B/16", "Ti/4", "R50+B/16"), decoded in one place.
+
+Pure Python (no TensorFlow, no Keras) so that `vitcli models` and parameter/FLOP counts are cheap.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Optional, Sequence, Tuple, Union
+
+# Paper Table 1 plus the later Ti and S sizes: hidden_size, mlp_dim, num_heads, num_layers.
+VARIANTS = {
+    "Ti": dict(hidden_size=192, mlp_dim=768, num_heads=3, num_layers=12),
+    "S": dict(hidden_size=384, mlp_dim=1536, num_heads=6, num_layers=12),
+    "B": dict(hidden_size=768, mlp_dim=3072, num_heads=12, num_layers=12),
+    "L": dict(hidden_size=1024, mlp_dim=4096, num_heads=16, num_layers=24),
+    "H": dict(hidden_size=1280, mlp_dim=5120, num_heads=16, num_layers=32),
+}
+# ResNet depth -> units per stage of the hybrid's BiT-style backbone. "R50" is the paper's
+# three-stage ResNet-50 with (3, 4, 9) units (total stride 16); see parse_variant for others.
+RESNET_DEPTHS = {26: (2, 2, 2, 2), 50: (3, 4, 6, 3)}
+
+CLASSIFIERS = ("token", "gap")
+POS_EMBEDDINGS = ("learned", "learned_2d", "relative", "sincos2d", "none")
+_OVERRIDES = ("hidden_size", "mlp_dim", "num_heads", "num_layers", "patch_size")
+# Official list shown by `vitcli models`.
+LISTED_VARIANTS = ("Ti/16", "S/16", "S/32", "B/16", "B/32", "B/8", "L/16", "L/32", "H/14",
+                   "R26+S/32", "R50+B/16", "R50+L/32")
+
+_VARIANT_RE = re.compile(r"^(?:R(?P<depth>\d+)\+)?(?P<size>Ti|S|B|L|H)/(?P<patch>\d+)$")
+
+
+def _pair(value: Union[int, Sequence[int]], what: str) -> Tuple[int, int]:
+    if isinstance(value, bool):
+        raise ValueError(f"{what} must be an int or (height, width), got {value!r}")
+    if isinstance(value, int):
+        value = (value, value)
+    try:
+        h, w = (int(v) for v in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} must be an int or (height, width), got {value!r}") from None
+    if h < 1 or w < 1:
+        raise ValueError(f"{what} must be positive, got {value!r}")
+    return h, w
+
+
+@dataclasses.dataclass
+class ViTConfig:
+    """Every hyper-parameter of a ViT, in the paper's words. `validate()` checks them all."""
+
+    hidden_size: int = 768
+    mlp_dim: int = 3072
+    num_heads: int = 12
+    num_layers: int = 12
+    patch_size: Union[int, Tuple[int, int]] = 16
+    image_size: Union[int, Tuple[int, int]] = 224
+    channels: int = 3
+    num_classes: int = 1000
+    include_top: bool = True
+    include_preprocessing: bool = True
+    classifier: str = "token"
+    representation_size: Optional[int] = None
+    pos_embedding: str = "learned"
+    dropout_rate: float = 0.0
+    attention_dropout_rate: float = 0.0
+    drop_path_rate: float = 0.0
+    # Official checkpoints (flax nn.gelu) use the tanh approximation; we default to it so
+    # loaded checkpoints reproduce the reference logits.
+    gelu_approximate: bool = True
+    layer_norm_epsilon: float = 1e-6
+    # Hybrid: units per ResNet stage (None = plain ViT) and the width factor of the ResNet.
+    resnet_layers: Optional[Tuple[int, ...]] = None
+    resnet_width: int = 1
+    variant: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        self.image_size = _pair(self.image_size, "image_size")
+        self.patch_size = _pair(self.patch_size, "patch_size")
+        if self.resnet_layers is not None:
+            self.resnet_layers = tuple(int(n) for n in self.resnet_layers)
+        self.validate()
+
+    # --- checks -----------------------------------------------------------------------
+    def validate(self) -> "ViTConfig":
+        """Raise ValueError naming the bad value and what is allowed."""
+        for name in ("hidden_size", "mlp_dim", "num_heads", "num_layers", "resnet_width"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if isinstance(self.channels, bool) or not isinstance(self.channels, int) or self.channels < 1:
+            raise ValueError(f"channels must be an integer >= 1, got {self.channels!r}")
+        if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) or self.num_classes < 1:
+            raise ValueError(f"num_classes must be an integer >= 1, got {self.num_classes!r}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} must be divisible by num_heads {self.num_heads}")
+        if self.classifier not in CLASSIFIERS:
+            raise ValueError(f"classifier must be one of {', '.join(CLASSIFIERS)}; got {self.classifier!r}")
+        if self.pos_embedding not in POS_EMBEDDINGS:
+            raise ValueError(f"pos_embedding must be one of {', '.join(POS_EMBEDDINGS)}; got {self.pos_embedding!r}")
+        if self.pos_embedding in ("learned_2d", "sincos2d") and self.hidden_size % 2:
+            raise ValueError(f"pos_embedding {self.pos_embedding!r} needs an even hidden_size, got {self.hidden_size}")
+        if self.pos_embedding == "sincos2d" and self.hidden_size % 4:
+            raise ValueError(f"pos_embedding 'sincos2d' needs hidden_size divisible by 4, got {self.hidden_size}")
+        if self.representation_size is not None and (
+            isinstance(self.representation_size, bool) or not isinstance(self.representation_size, int)
+            or self.representation_size < 1
+        ):
+            raise ValueError(f"representation_size must be a positive integer or None, got {self.representation_size!r}")
+        for name in ("dropout_rate", "attention_dropout_rate", "drop_path_rate"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not 0.0 <= v < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {v!r}")
+        sh, sw = self.input_stride
+        h, w = self.image_size
+        if h % sh or w % sw:
+            what = "patch size" if self.resnet_layers is None else "total stride (ResNet stride x patch size)"
+            raise ValueError(
+                f"image_size {h}x{w} is not divisible by the {what} {sh}x{sw}; "
+                f"use a multiple of it, e.g. {max(1, round(h / sh)) * sh}x{max(1, round(w / sw)) * sw}")
+        return self
+
+    # --- derived quantities -----------------------------------------------------------
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def resnet_stride(self) -> int:
+        """Total stride of the hybrid's ResNet: root (4) times 2 per stage after the first."""
+        if self.resnet_layers is None:
+            return 1
+        return 4 * 2 ** (len(self.resnet_layers) - 1)
+
+    @property
+    def input_stride(self) -> Tuple[int, int]:
+        ph, pw = self.patch_size
+        return ph * self.resnet_stride, pw * self.resnet_stride
+
+    @property
+    def grid_size(self) -> Tuple[int, int]:
+        """Patches along (height, width)."""
+        sh, sw = self.input_stride
+        return self.image_size[0] // sh, self.image_size[1] // sw
+
+    @property
+    def num_patches(self) -> int:
+        gh, gw = self.grid_size
+        return gh * gw
+
+    @property
+    def seq_len(self) -> int:
+        """Tokens entering the encoder: N patches, plus the class token when classifier="token"."""
+        return self.num_patches + (1 if self.classifier == "token" else 0)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["image_size"] = list(self.image_size)
+        d["patch_size"] = list(self.patch_size)
+        if self.resnet_layers is not None:
+            d["resnet_layers"] = list(self.resnet_layers)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ViTConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown ViTConfig keys {unknown}; allowed: {sorted(known)}")
+        return cls(**d)
+
+    def replace(self, **changes) -> "ViTConfig":
+        return dataclasses.replace(self, **changes)
+
+    # --- counts (analytic, no weights allocated) ----------------------------------------
+    def count_params(self) -> int:
+        """Trainable + non-trainable parameters of the Keras model this config builds."""
+        from keras_vit.counts import count_params
+
+        return count_params(self)
+
+    def flops(self) -> int:
+        """Forward-pass FLOPs per image (2 per multiply-add), matmuls and attention only."""
+        from keras_vit.counts import count_flops
+
+        return count_flops(self)
+
+
+def parse_variant(variant: str, **overrides) -> ViTConfig:
+    """Decode "B/16", "Ti/4", "R50+B/16", "R26+S/32" ... into a ViTConfig.
+
+    `overrides` may set any ViTConfig field (hidden_size, mlp_dim, num_heads, num_layers,
+    patch_size, image_size, ...), which gives custom sizes.
+    """
+    if not isinstance(variant, str):
+        raise ValueError(f"variant must be a string such as 'B/16' or 'R50+B/16', got {variant!r}")
+    m = _VARIANT_RE.match(variant.strip())
+    if not m:
+        raise ValueError(
+            f"unknown variant {variant!r}; allowed: SIZE/PATCH with SIZE one of "
+            f"{', '.join(VARIANTS)} (e.g. 'B/16', 'Ti/4'), optionally a ResNet hybrid "
+            f"'R50+B/16', 'R50+L/32', 'R26+S/32'")
+    size, patch = m["size"], int(m["patch"])
+    if patch < 1:
+        raise ValueError(f"patch size in variant {variant!r} must be >= 1")
+    fields = dict(VARIANTS[size], patch_size=patch)
+    if m["depth"] is not None:
+        depth = int(m["depth"])
+        if depth not in RESNET_DEPTHS:
+            raise ValueError(f"unknown ResNet depth R{depth} in {variant!r}; allowed: "
+                             f"{', '.join('R%d' % d for d in RESNET_DEPTHS)}")
+        layers = RESNET_DEPTHS[depth]
+        if depth == 50 and patch == 16:
+            # The paper's R50+B/16: ResNet-50 with stage 4 removed and its units moved to stage 3.
+            layers = (3, 4, 9)
+        # Hybrid "/16" or "/32" names the total stride; the 1x1 "patches" are over the feature map.
+        fields["resnet_layers"] = layers
+        stride = 4 * 2 ** (len(layers) - 1)
+        if patch % stride:
+            raise ValueError(f"hybrid {variant!r}: total stride {patch} must be a multiple of the ResNet stride {stride}")
+        fields["patch_size"] = patch // stride
+    bad = sorted(k for k in overrides if k not in {f.name for f in dataclasses.fields(ViTConfig)})
+    if bad:
+        raise ValueError(f"unknown option(s) {bad}; allowed overrides: {', '.join(_OVERRIDES)} "
+                         "and any other ViTConfig field")
+    fields.update(overrides)
+    fields.setdefault("variant", variant.strip())
+    return ViTConfig(**fields)

@@ -1,0 +1,387 @@
+"""The ViT's building blocks as serialisable Keras layers (keras.ops only: TF, JAX and torch).
+
+Names follow the paper (Eq. 1-4) and weights keep the layout of the official checkpoints,
+so that loading a .npz is a copy: attention kernels are (D, heads, head_dim) and
+(heads, head_dim, D).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Tuple
+
+import keras
+import numpy as np
+from keras import layers, ops
+
+_REG = keras.saving.register_keras_serializable(package="keras_vit")
+_INIT_STD = 0.02
+
+
+@_REG
+class PatchEmbedding(layers.Layer):
+    """Splits the image into P x P patches and projects each to D (a Conv2D, kernel = stride = P).
+
+    Output: (B, N, D) with N = (H / P) * (W / P), patches in row-major order.
+    """
+
+    def __init__(self, hidden_size: int, patch_size: Sequence[int], **kwargs):
+        super().__init__(**kwargs)
+        self.hidden_size = int(hidden_size)
+        self.patch_size = tuple(int(p) for p in (patch_size if isinstance(patch_size, (list, tuple)) else (patch_size, patch_size)))
+        self.projection = layers.Conv2D(
+            self.hidden_size, self.patch_size, strides=self.patch_size, padding="valid",
+            kernel_initializer="lecun_normal", name="kernel_conv", dtype=self.dtype_policy)
+
+    def build(self, input_shape):
+        self.projection.build(input_shape)
+        self.built = True
+
+    def call(self, images):
+        x = self.projection(images)
+        _, gh, gw, d = x.shape
+        return ops.reshape(x, (-1, gh * gw, d))
+
+    def compute_output_shape(self, input_shape):
+        b, h, w, _ = input_shape
+        return (b, (h // self.patch_size[0]) * (w // self.patch_size[1]), self.hidden_size)
+
+    def get_config(self):
+        return {**super().get_config(), "hidden_size": self.hidden_size, "patch_size": list(self.patch_size)}
+
+
+@_REG
+class ClassToken(layers.Layer):
+    """Prepends the learnable x_class token (zero-initialised, as in the official code)."""
+
+    def build(self, input_shape):
+        self.cls = self.add_weight(shape=(1, 1, input_shape[-1]), initializer="zeros", name="cls")
+        self.built = True
+
+    def call(self, x):
+        cls = ops.cast(ops.broadcast_to(self.cls, (ops.shape(x)[0], 1, ops.shape(x)[-1])), x.dtype)
+        return ops.concatenate([cls, x], axis=1)
+
+    def compute_output_shape(self, input_shape):
+        b, n, d = input_shape
+        return (b, None if n is None else n + 1, d)
+
+
+def sincos_2d(grid_size: Tuple[int, int], dim: int, temperature: float = 10000.0) -> np.ndarray:
+    """Fixed 2-D sin-cos position embeddings (big_vision's posemb_sincos_2d), shape (gh*gw, dim)."""
+    gh, gw = grid_size
+    y, x = np.mgrid[:gh, :gw].astype(np.float32)
+    omega = np.arange(dim // 4, dtype=np.float32) / (dim // 4 - 1 if dim // 4 > 1 else 1)
+    omega = 1.0 / (temperature ** omega)
+    y = y.reshape(-1)[:, None] * omega[None, :]
+    x = x.reshape(-1)[:, None] * omega[None, :]
+    return np.concatenate([np.sin(x), np.cos(x), np.sin(y), np.cos(y)], axis=1).astype(np.float32)
+
+
+@_REG
+class PositionEmbedding(layers.Layer):
+    """Adds E_pos to the token sequence. kind:
+
+    - "learned": 1-D learned (N+1, D), the paper's default (class-token slot first);
+    - "learned_2d": row and column embeddings of D/2 each, concatenated (+ a class-token slot);
+    - "sincos2d": fixed 2-D sin-cos (class-token slot zero);
+    - "none": identity (also used with "relative", whose bias lives in the attention).
+    """
+
+    def __init__(self, kind: str, grid_size: Sequence[int], num_prefix_tokens: int = 1, **kwargs):
+        super().__init__(**kwargs)
+        self.kind = kind
+        self.grid_size = tuple(int(g) for g in grid_size)
+        self.num_prefix_tokens = int(num_prefix_tokens)
+
+    def build(self, input_shape):
+        d = input_shape[-1]
+        gh, gw = self.grid_size
+        init = keras.initializers.RandomNormal(stddev=_INIT_STD)
+        if self.kind == "learned":
+            self.pos_embedding = self.add_weight(
+                shape=(1, gh * gw + self.num_prefix_tokens, d), initializer=init, name="pos_embedding")
+        elif self.kind == "learned_2d":
+            self.row_embedding = self.add_weight(shape=(gh, d // 2), initializer=init, name="row_embedding")
+            self.col_embedding = self.add_weight(shape=(gw, d - d // 2), initializer=init, name="col_embedding")
+            if self.num_prefix_tokens:
+                self.prefix_embedding = self.add_weight(
+                    shape=(1, self.num_prefix_tokens, d), initializer=init, name="prefix_embedding")
+        self._dim = d
+        self.built = True
+
+    def embedding(self):
+        """The full (1, prefix + N, D) embedding (None for "none"/"relative")."""
+        gh, gw = self.grid_size
+        d = self._dim
+        if self.kind == "learned":
+            return self.pos_embedding
+        if self.kind == "learned_2d":
+            rows = ops.broadcast_to(self.row_embedding[:, None, :], (gh, gw, d // 2))
+            cols = ops.broadcast_to(self.col_embedding[None, :, :], (gh, gw, d - d // 2))
+            grid = ops.reshape(ops.concatenate([rows, cols], axis=-1), (1, gh * gw, d))
+            if self.num_prefix_tokens:
+                grid = ops.concatenate([self.prefix_embedding, grid], axis=1)
+            return grid
+        if self.kind == "sincos2d":
+            table = sincos_2d(self.grid_size, d)
+            table = np.concatenate([np.zeros((self.num_prefix_tokens, d), np.float32), table])[None]
+            return ops.convert_to_tensor(table)
+        return None
+
+    def call(self, x):
+        emb = self.embedding()
+        if emb is None:
+            return x
+        return x + ops.cast(emb, x.dtype)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "kind": self.kind, "grid_size": list(self.grid_size),
+                "num_prefix_tokens": self.num_prefix_tokens}
+
+
+def relative_position_index(grid_size: Tuple[int, int], num_prefix_tokens: int) -> np.ndarray:
+    """(S, S) index into a table of (2gh-1)(2gw-1) 2-D offsets, plus one slot for prefix pairs."""
+    gh, gw = grid_size
+    y, x = np.mgrid[:gh, :gw]
+    y, x = y.reshape(-1), x.reshape(-1)
+    dy = y[:, None] - y[None, :] + gh - 1
+    dx = x[:, None] - x[None, :] + gw - 1
+    idx = dy * (2 * gw - 1) + dx
+    if num_prefix_tokens:
+        n = gh * gw
+        full = np.full((n + num_prefix_tokens,) * 2, (2 * gh - 1) * (2 * gw - 1), dtype=np.int64)
+        full[num_prefix_tokens:, num_prefix_tokens:] = idx
+        idx = full
+    return idx.astype("int32")
+
+
+@_REG
+class MultiHeadSelfAttention(layers.Layer):
+    """Multi-head self-attention with weights in the official checkpoint layout.
+
+    query/key/value kernels (D, heads, head_dim) with biases (heads, head_dim); out kernel
+    (heads, head_dim, D). Uses keras.ops.dot_product_attention unless the attention
+    probabilities are asked for (inspection) or the softmax must run in float32.
+    With `relative_grid` set, a learned embedding per 2-D offset between patches is used as
+    keys of an extra attention whose logits are added as a bias (paper Appendix D.4).
+    """
+
+    def __init__(self, num_heads: int, dropout_rate: float = 0.0,
+                 relative_grid: Optional[Sequence[int]] = None, num_prefix_tokens: int = 1, **kwargs):
+        super().__init__(**kwargs)
+        self.num_heads = int(num_heads)
+        self.dropout_rate = float(dropout_rate)
+        self.relative_grid = None if relative_grid is None else tuple(int(g) for g in relative_grid)
+        self.num_prefix_tokens = int(num_prefix_tokens)
+        self.dropout = layers.Dropout(self.dropout_rate, dtype=self.dtype_policy)
+
+    def build(self, input_shape):
+        d = input_shape[-1]
+        h = self.num_heads
+        hd = d // h
+        self.head_dim = hd
+        kinit = keras.initializers.GlorotUniform()
+        for name in ("query", "key", "value"):
+            setattr(self, f"{name}_kernel", self.add_weight(shape=(d, h, hd), initializer=kinit, name=f"{name}_kernel"))
+            setattr(self, f"{name}_bias", self.add_weight(shape=(h, hd), initializer="zeros", name=f"{name}_bias"))
+        self.out_kernel = self.add_weight(shape=(h, hd, d), initializer=kinit, name="out_kernel")
+        self.out_bias = self.add_weight(shape=(d,), initializer="zeros", name="out_bias")
+        if self.relative_grid is not None:
+            gh, gw = self.relative_grid
+            n_off = (2 * gh - 1) * (2 * gw - 1) + (1 if self.num_prefix_tokens else 0)
+            self.relative_embedding = self.add_weight(
+                shape=(n_off, h, hd), initializer=keras.initializers.RandomNormal(stddev=_INIT_STD),
+                name="relative_embedding")
+            self._rel_index = relative_position_index(self.relative_grid, self.num_prefix_tokens)
+        self.built = True
+
+    def _project(self, x, name):
+        kernel = ops.cast(getattr(self, f"{name}_kernel"), x.dtype)
+        bias = ops.cast(getattr(self, f"{name}_bias"), x.dtype)
+        return ops.einsum("btd,dhk->bthk", x, kernel) + bias
+
+    def _relative_bias(self, q):
+        """(B, heads, S, S) logits of the query against the relative-offset embeddings."""
+        table = ops.cast(self.relative_embedding, q.dtype)
+        scores = ops.einsum("bthk,ohk->bhto", q, table)  # (B, H, S, offsets)
+        s = q.shape[1]
+        idx = ops.convert_to_tensor(self._rel_index[None, None])  # (1, 1, S, S)
+        idx = ops.broadcast_to(idx, (ops.shape(scores)[0], self.num_heads, s, s))
+        return ops.take_along_axis(scores, idx, axis=-1)
+
+    def call(self, x, training=None, return_attention_scores: bool = False):
+        q = self._project(x, "query")
+        k = self._project(x, "key")
+        v = self._project(x, "value")
+        scale = 1.0 / math.sqrt(self.head_dim)
+        bias = None
+        if self.relative_grid is not None:
+            bias = self._relative_bias(q) * scale
+        explicit = (return_attention_scores or (training and self.dropout_rate > 0)
+                    or keras.backend.standardize_dtype(x.dtype) != "float32")
+        if explicit:
+            logits = ops.einsum("bqhk,bthk->bhqt", q * ops.cast(scale, q.dtype), k)
+            logits = ops.cast(logits, "float32")
+            if bias is not None:
+                logits = logits + ops.cast(bias, "float32")
+            probs = ops.softmax(logits, axis=-1)
+            dropped = self.dropout(probs, training=training)
+            out = ops.einsum("bhqt,bthk->bqhk", ops.cast(dropped, v.dtype), v)
+        else:
+            out = ops.dot_product_attention(q, k, v, bias=bias, scale=scale)
+            probs = None
+        y = ops.einsum("bthk,hkd->btd", out, ops.cast(self.out_kernel, out.dtype)) + ops.cast(self.out_bias, out.dtype)
+        if return_attention_scores:
+            return y, probs
+        return y
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "num_heads": self.num_heads, "dropout_rate": self.dropout_rate,
+                "relative_grid": None if self.relative_grid is None else list(self.relative_grid),
+                "num_prefix_tokens": self.num_prefix_tokens}
+
+
+@_REG
+class DropPath(layers.Layer):
+    """Stochastic depth: drops the whole residual branch per sample with probability `rate`."""
+
+    def __init__(self, rate: float = 0.0, seed: Optional[int] = None, **kwargs):
+        super().__init__(**kwargs)
+        self.rate = float(rate)
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed) if self.rate > 0 else None
+
+    def call(self, x, training=None):
+        if not training or self.rate == 0.0:
+            return x
+        keep = 1.0 - self.rate
+        shape = (ops.shape(x)[0],) + (1,) * (len(x.shape) - 1)
+        mask = keras.random.uniform(shape, seed=self.seed_generator, dtype=x.dtype) < keep
+        return ops.where(mask, x / ops.cast(keep, x.dtype), ops.zeros_like(x))
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "rate": self.rate, "seed": self.seed}
+
+
+@_REG
+class MlpBlock(layers.Layer):
+    """MLP of the encoder block: Dense(mlp_dim) -> GELU -> dropout -> Dense(D) -> dropout."""
+
+    def __init__(self, mlp_dim: int, dropout_rate: float = 0.0, gelu_approximate: bool = True, **kwargs):
+        super().__init__(**kwargs)
+        self.mlp_dim = int(mlp_dim)
+        self.dropout_rate = float(dropout_rate)
+        self.gelu_approximate = bool(gelu_approximate)
+        dense = dict(kernel_initializer="glorot_uniform",
+                     bias_initializer=keras.initializers.RandomNormal(stddev=1e-6), dtype=self.dtype_policy)
+        self.dense_0 = layers.Dense(self.mlp_dim, name="Dense_0", **dense)
+        self.dense_1 = None
+        self.dense_kwargs = dense
+        self.dropout = layers.Dropout(self.dropout_rate, dtype=self.dtype_policy)
+
+    def build(self, input_shape):
+        self.dense_0.build(input_shape)
+        self.dense_1 = layers.Dense(input_shape[-1], name="Dense_1", **self.dense_kwargs)
+        self.dense_1.build(tuple(input_shape[:-1]) + (self.mlp_dim,))
+        self.built = True
+
+    def call(self, x, training=None):
+        x = ops.gelu(self.dense_0(x), approximate=self.gelu_approximate)
+        x = self.dropout(x, training=training)
+        return self.dropout(self.dense_1(x), training=training)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "mlp_dim": self.mlp_dim, "dropout_rate": self.dropout_rate,
+                "gelu_approximate": self.gelu_approximate}
+
+
+@_REG
+class TransformerBlock(layers.Layer):
+    """Pre-norm encoder block (Eq. 2-3): z' = MSA(LN(z)) + z;  z = MLP(LN(z')) + z'."""
+
+    def __init__(self, num_heads: int, mlp_dim: int, dropout_rate: float = 0.0,
+                 attention_dropout_rate: float = 0.0, drop_path_rate: float = 0.0,
+                 gelu_approximate: bool = True, layer_norm_epsilon: float = 1e-6,
+                 relative_grid: Optional[Sequence[int]] = None, num_prefix_tokens: int = 1, **kwargs):
+        super().__init__(**kwargs)
+        self.num_heads = int(num_heads)
+        self.mlp_dim = int(mlp_dim)
+        self.dropout_rate = float(dropout_rate)
+        self.attention_dropout_rate = float(attention_dropout_rate)
+        self.drop_path_rate = float(drop_path_rate)
+        self.gelu_approximate = bool(gelu_approximate)
+        self.layer_norm_epsilon = float(layer_norm_epsilon)
+        self.relative_grid = None if relative_grid is None else tuple(int(g) for g in relative_grid)
+        self.num_prefix_tokens = int(num_prefix_tokens)
+        policy = self.dtype_policy
+        self.norm_1 = layers.LayerNormalization(epsilon=self.layer_norm_epsilon, name="LayerNorm_0", dtype="float32")
+        self.attention = MultiHeadSelfAttention(
+            self.num_heads, self.attention_dropout_rate, relative_grid=self.relative_grid,
+            num_prefix_tokens=self.num_prefix_tokens, name="MultiHeadDotProductAttention_1", dtype=policy)
+        self.dropout = layers.Dropout(self.dropout_rate, dtype=policy)
+        self.norm_2 = layers.LayerNormalization(epsilon=self.layer_norm_epsilon, name="LayerNorm_2", dtype="float32")
+        self.mlp = MlpBlock(self.mlp_dim, self.dropout_rate, self.gelu_approximate, name="MlpBlock_3", dtype=policy)
+        self.drop_path = DropPath(self.drop_path_rate, dtype=policy)
+
+    def build(self, input_shape):
+        self.norm_1.build(input_shape)
+        self.attention.build(input_shape)
+        self.norm_2.build(input_shape)
+        self.mlp.build(input_shape)
+        self.built = True
+
+    def call(self, x, training=None, return_attention_scores: bool = False):
+        y = ops.cast(self.norm_1(x), self.compute_dtype)
+        y = self.attention(y, training=training, return_attention_scores=return_attention_scores)
+        if return_attention_scores:
+            y, probs = y
+        y = self.dropout(y, training=training)
+        x = ops.cast(x, self.compute_dtype) + self.drop_path(y, training=training)
+        y = ops.cast(self.norm_2(x), self.compute_dtype)
+        x = x + self.drop_path(self.mlp(y, training=training), training=training)
+        if return_attention_scores:
+            return x, probs
+        return x
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "num_heads": self.num_heads, "mlp_dim": self.mlp_dim,
+                "dropout_rate": self.dropout_rate, "attention_dropout_rate": self.attention_dropout_rate,
+                "drop_path_rate": self.drop_path_rate, "gelu_approximate": self.gelu_approximate,
+                "layer_norm_epsilon": self.layer_norm_epsilon,
+                "relative_grid": None if self.relative_grid is None else list(self.relative_grid),
+                "num_prefix_tokens": self.num_prefix_tokens}
+
+
+@_REG
+class TokenPooling(layers.Layer):
+    """y = LN(z_L) pooled: the class token ("token") or the mean of the patch tokens ("gap")."""
+
+    def __init__(self, classifier: str = "token", **kwargs):
+        super().__init__(**kwargs)
+        self.classifier = classifier
+
+    def call(self, x):
+        if self.classifier == "token":
+            return x[:, 0]
+        return ops.mean(x, axis=1)
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], input_shape[-1])
+
+    def get_config(self):
+        return {**super().get_config(), "classifier": self.classifier}
