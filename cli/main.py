@@ -42,6 +42,12 @@ def models_cmd(image_size: int, num_classes: int) -> None:
                    f"{cfg.input_stride[0]:>5} {resnet:>10} {cfg.count_params():>13,} {cfg.flops() / 1e9:>8.2f}")
 
 
+# Further commands live in their own modules (cli/<topic>.py), each importing TensorFlow only
+# inside the command body; they are registered here.
+for _module in ():
+    pass
+
+
 def main() -> None:
     """Console-script entry point."""
     try:
