@@ -49,7 +49,7 @@ def models_cmd(image_size: int, num_classes: int) -> None:
 def main() -> None:
     """Console-script entry point."""
     try:
-        cli(standalone_mode=True)
+        cli(prog_name="vitcli")
     except KeyboardInterrupt:
         click.echo("Interrupted.", err=True)
         sys.exit(130)

@@ -1,0 +1,34 @@
+"""Run in a subprocess with KERAS_BACKEND set: rebuild models from configs, load weights,
+write logits. Used by test_backends.py (one Keras backend per process)."""
+import json
+import sys
+
+import keras
+import numpy as np
+
+from keras_vit.config import ViTConfig
+from keras_vit.vit import build_model
+
+
+def main(job_path: str) -> None:
+    job = json.load(open(job_path))
+    out = {"backend": keras.backend.backend()}
+    for case in job["cases"]:
+        model = build_model(ViTConfig.from_dict(case["config"]))
+        model.load_weights(case["weights"])
+        x = np.load(case["inputs"])
+        out[case["name"]] = model.predict(x, verbose=0).tolist()
+    if job.get("fit"):
+        keras.utils.set_random_seed(0)
+        model = build_model(ViTConfig.from_dict(job["cases"][0]["config"]))
+        x = np.load(job["cases"][0]["inputs"])
+        y = np.arange(len(x)) % model.output_shape[-1]
+        model.compile(optimizer=keras.optimizers.Adam(3e-3),
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        hist = model.fit(x, y, epochs=10, batch_size=len(x), verbose=0).history["loss"]
+        out["fit_losses"] = hist
+    json.dump(out, open(job["output"], "w"))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -1,0 +1,81 @@
+"""ViTConfig, parse_variant and the analytic counts (no weights allocated)."""
+import pytest
+
+from keras_vit.config import VARIANTS, ViTConfig, parse_variant
+
+# Reference parameter counts at 224px, 1000 classes, token classifier (PAPER.md, issues 3 and 4).
+REFERENCE_COUNTS = {
+    "Ti/16": 5_717_416, "S/16": 22_050_664, "B/16": 86_567_656, "B/32": 88_224_232,
+    "B/8": 86_576_872, "L/16": 304_326_632, "L/32": 306_535_400, "H/14": 632_045_800,
+    "R50+B/16": 98_659_112, "R50+L/32": 328_994_856, "R26+S/32": 36_431_912,
+}
+
+
+@pytest.mark.parametrize("variant,expected", sorted(REFERENCE_COUNTS.items()))
+def test_analytic_param_counts_match_reference(variant, expected):
+    assert parse_variant(variant).count_params() == expected
+
+
+def test_hybrid_count_at_384():
+    assert parse_variant("R50+B/16", image_size=384).count_params() == 98_950_952
+
+
+@pytest.mark.parametrize("size", sorted(VARIANTS))
+def test_variant_sizes_follow_table_1(size):
+    cfg = parse_variant(f"{size}/16")
+    assert (cfg.hidden_size, cfg.mlp_dim, cfg.num_heads, cfg.num_layers) == tuple(
+        VARIANTS[size][k] for k in ("hidden_size", "mlp_dim", "num_heads", "num_layers"))
+
+
+def test_cifar_example_has_64_patches_plus_class_token():
+    cfg = parse_variant("Ti/4", image_size=32)
+    assert cfg.num_patches == 64 and cfg.seq_len == 65
+    assert parse_variant("Ti/4", image_size=32, classifier="gap").seq_len == 64
+
+
+def test_non_square_grid():
+    cfg = parse_variant("B/16", image_size=(224, 320))
+    assert cfg.grid_size == (14, 20) and cfg.num_patches == 280
+
+
+def test_overrides_give_custom_sizes():
+    cfg = parse_variant("B/16", hidden_size=128, num_heads=4, mlp_dim=256, num_layers=3, patch_size=8)
+    assert (cfg.hidden_size, cfg.num_heads, cfg.mlp_dim, cfg.num_layers, cfg.patch_size) == (128, 4, 256, 3, (8, 8))
+
+
+def test_hybrid_variants_decode_stages_and_stride():
+    assert parse_variant("R50+B/16").resnet_layers == (3, 4, 9)
+    assert parse_variant("R50+B/16").input_stride == (16, 16)
+    assert parse_variant("R50+L/32").resnet_layers == (3, 4, 6, 3)
+    assert parse_variant("R26+S/32").resnet_layers == (2, 2, 2, 2)
+
+
+def test_round_trip_dict():
+    cfg = parse_variant("S/16", image_size=(64, 96), pos_embedding="relative", classifier="gap")
+    assert ViTConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_flops_grow_with_sequence():
+    assert parse_variant("B/16", image_size=384).flops() > 2.9 * parse_variant("B/16").flops()
+
+
+@pytest.mark.parametrize("variant", ["X/16", "B16", "B/", "", "R99+B/16", "Ti/0"])
+def test_unknown_variant_is_a_clear_error(variant):
+    with pytest.raises(ValueError, match="variant|depth|patch"):
+        parse_variant(variant)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(image_size=225), "225x225 is not divisible by the patch size 16x16"),
+    (dict(image_size=(224, 100)), "not divisible"),
+    (dict(classifier="cls"), "classifier must be one of token, gap; got 'cls'"),
+    (dict(pos_embedding="rope"), "pos_embedding must be one of"),
+    (dict(channels=0), "channels must be an integer >= 1, got 0"),
+    (dict(num_heads=5), "divisible by num_heads"),
+    (dict(dropout_rate=1.5), "dropout_rate must be in"),
+    (dict(num_classes=0), "num_classes"),
+    (dict(nonsense=1), "unknown option"),
+])
+def test_bad_options_name_the_value_and_what_is_allowed(kwargs, match):
+    with pytest.raises(ValueError, match=match.replace("(", r"\(").replace(")", r"\)")):
+        parse_variant("B/16", **kwargs)

@@ -1,0 +1,196 @@
+"""Each layer of keras_vit.layers against a numpy statement of the paper's equations."""
+import math
+
+import keras
+import numpy as np
+import pytest
+
+from keras_vit import layers as L
+
+
+def _ln(x, eps=1e-6):
+    mu = x.mean(-1, keepdims=True)
+    var = x.var(-1, keepdims=True)
+    return (x - mu) / np.sqrt(var + eps)
+
+
+def _gelu_tanh(x):
+    return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
+
+
+def _softmax(x):
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def _mhsa_numpy(layer, x, bias=None):
+    w = {v.path.split("/")[-1]: keras.ops.convert_to_numpy(v) for v in layer.weights}
+    q = np.einsum("btd,dhk->bthk", x, w["query_kernel"]) + w["query_bias"]
+    k = np.einsum("btd,dhk->bthk", x, w["key_kernel"]) + w["key_bias"]
+    v = np.einsum("btd,dhk->bthk", x, w["value_kernel"]) + w["value_bias"]
+    logits = np.einsum("bqhk,bthk->bhqt", q, k) / math.sqrt(q.shape[-1])
+    if bias is not None:
+        logits = logits + bias(q, w)
+    p = _softmax(logits)
+    out = np.einsum("bhqt,bthk->bqhk", p, v)
+    return np.einsum("bthk,hkd->btd", out, w["out_kernel"]) + w["out_bias"], p
+
+
+def _roundtrip(layer):
+    clone = layer.__class__.from_config(layer.get_config())
+    assert clone.get_config() == layer.get_config()
+    return clone
+
+
+def test_patch_embedding_is_a_linear_map_of_flattened_patches(rng):
+    layer = L.PatchEmbedding(8, (4, 4))
+    x = rng.normal(size=(2, 8, 12, 3)).astype("float32")
+    y = keras.ops.convert_to_numpy(layer(x))
+    assert y.shape == (2, 6, 8)
+    kernel = keras.ops.convert_to_numpy(layer.projection.kernel)  # (4, 4, 3, 8)
+    bias = keras.ops.convert_to_numpy(layer.projection.bias)
+    # Patch (row 1, col 2) is token 1 * 3 + 2 (row-major order).
+    patch = x[:, 4:8, 8:12, :]
+    expected = np.einsum("bhwc,hwcd->bd", patch, kernel) + bias
+    np.testing.assert_allclose(y[:, 5], expected, atol=1e-5)
+    _roundtrip(layer)
+
+
+def test_class_token_is_prepended_and_zero_initialised(rng):
+    layer = L.ClassToken()
+    x = rng.normal(size=(3, 5, 4)).astype("float32")
+    y = keras.ops.convert_to_numpy(layer(x))
+    assert y.shape == (3, 6, 4)
+    np.testing.assert_array_equal(y[:, 0], 0.0)
+    np.testing.assert_array_equal(y[:, 1:], x)
+    assert len(layer.trainable_weights) == 1
+    _roundtrip(layer)
+
+
+def test_learned_position_embedding_adds_per_token_vector(rng):
+    layer = L.PositionEmbedding("learned", (2, 3), num_prefix_tokens=1)
+    x = rng.normal(size=(2, 7, 4)).astype("float32")
+    y = keras.ops.convert_to_numpy(layer(x))
+    emb = keras.ops.convert_to_numpy(layer.pos_embedding)
+    assert emb.shape == (1, 7, 4)
+    np.testing.assert_allclose(y, x + emb, atol=1e-6)
+    _roundtrip(layer)
+
+
+def test_learned_2d_concatenates_row_and_column_embeddings(rng):
+    layer = L.PositionEmbedding("learned_2d", (2, 3), num_prefix_tokens=1)
+    layer.build((None, 7, 6))
+    emb = keras.ops.convert_to_numpy(layer.embedding())[0]
+    row = keras.ops.convert_to_numpy(layer.row_embedding)
+    col = keras.ops.convert_to_numpy(layer.col_embedding)
+    assert row.shape == (2, 3) and col.shape == (3, 3)
+    for r in range(2):
+        for c in range(3):
+            np.testing.assert_allclose(emb[1 + r * 3 + c], np.concatenate([row[r], col[c]]))
+    _roundtrip(layer)
+
+
+def test_sincos2d_is_fixed_and_matches_big_vision_formula():
+    layer = L.PositionEmbedding("sincos2d", (2, 2), num_prefix_tokens=0)
+    layer.build((None, 4, 8))
+    assert layer.weights == []
+    emb = keras.ops.convert_to_numpy(layer.embedding())[0]
+    omega = 1.0 / 10000 ** (np.arange(2) / 1.0)
+    # token 3 is (y=1, x=1)
+    expected = np.concatenate([np.sin(omega), np.cos(omega), np.sin(omega), np.cos(omega)])
+    np.testing.assert_allclose(emb[3], expected, atol=1e-6)
+    np.testing.assert_allclose(emb[0], [0, 0, 1, 1, 0, 0, 1, 1], atol=1e-6)
+
+
+def test_none_position_embedding_is_identity(rng):
+    layer = L.PositionEmbedding("none", (2, 2))
+    x = rng.normal(size=(1, 5, 4)).astype("float32")
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(layer(x)), x)
+
+
+def test_attention_layout_and_output_match_numpy(rng):
+    layer = L.MultiHeadSelfAttention(num_heads=2)
+    x = rng.normal(size=(2, 5, 8)).astype("float32")
+    y, probs = layer(x, return_attention_scores=True)
+    assert tuple(layer.query_kernel.shape) == (8, 2, 4)
+    assert tuple(layer.out_kernel.shape) == (2, 4, 8)
+    ref, ref_p = _mhsa_numpy(layer, x)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(y), ref, atol=1e-5)
+    probs = keras.ops.convert_to_numpy(probs)
+    np.testing.assert_allclose(probs, ref_p, atol=1e-5)
+    np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-5)
+    # The fused dot_product_attention path gives the same output.
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(layer(x)), ref, atol=1e-5)
+    _roundtrip(layer)
+
+
+def test_relative_attention_adds_query_times_offset_embedding(rng):
+    grid = (2, 3)
+    layer = L.MultiHeadSelfAttention(num_heads=2, relative_grid=grid, num_prefix_tokens=1)
+    x = rng.normal(size=(2, 7, 8)).astype("float32")
+    layer.build(x.shape)
+    table = rng.normal(size=tuple(layer.relative_embedding.shape)).astype("float32")
+    layer.relative_embedding.assign(table)
+    index = L.relative_position_index(grid, 1)
+    assert index.shape == (7, 7)
+    assert index[0, 0] == index[0, 3] == index[4, 0] == (2 * 2 - 1) * (2 * 3 - 1)  # class-token slot
+    assert index[1, 1] == index[6, 6]  # same offset (0, 0)
+
+    def bias(q, w):
+        return np.einsum("bqhk,qthk->bhqt", q, table[index]) / math.sqrt(q.shape[-1])
+
+    ref, _ = _mhsa_numpy(layer, x, bias=bias)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(layer(x)), ref, atol=1e-4)
+    y, _ = layer(x, return_attention_scores=True)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(y), ref, atol=1e-4)
+    _roundtrip(layer)
+
+
+def test_drop_path_is_identity_at_inference_and_drops_whole_samples_in_training():
+    layer = L.DropPath(0.5, seed=1)
+    x = np.ones((64, 3, 4), "float32")
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(layer(x, training=False)), x)
+    y = keras.ops.convert_to_numpy(layer(x, training=True))
+    per_sample = y.reshape(64, -1)
+    assert set(np.unique(per_sample)) <= {0.0, 2.0}
+    assert np.all(per_sample.min(1) == per_sample.max(1))  # whole sample kept or dropped
+    assert 10 < (per_sample[:, 0] == 0).sum() < 54
+    _roundtrip(layer)
+
+
+@pytest.mark.parametrize("approximate", [True, False])
+def test_mlp_block_is_dense_gelu_dense(rng, approximate):
+    layer = L.MlpBlock(16, gelu_approximate=approximate)
+    x = rng.normal(size=(2, 3, 8)).astype("float32")
+    y = keras.ops.convert_to_numpy(layer(x))
+    w0, b0 = (keras.ops.convert_to_numpy(v) for v in (layer.dense_0.kernel, layer.dense_0.bias))
+    w1, b1 = (keras.ops.convert_to_numpy(v) for v in (layer.dense_1.kernel, layer.dense_1.bias))
+    h = x @ w0 + b0
+    if approximate:
+        h = _gelu_tanh(h)
+    else:
+        from scipy.special import erf
+        h = 0.5 * h * (1 + erf(h / math.sqrt(2)))
+    np.testing.assert_allclose(y, h @ w1 + b1, atol=1e-5)
+    _roundtrip(layer)
+
+
+def test_transformer_block_is_pre_norm_residual(rng):
+    block = L.TransformerBlock(num_heads=2, mlp_dim=16)
+    x = rng.normal(size=(2, 5, 8)).astype("float32")
+    y = keras.ops.convert_to_numpy(block(x))
+    attn_out, _ = _mhsa_numpy(block.attention, _ln(x))
+    z = x + attn_out
+    mlp = keras.ops.convert_to_numpy(block.mlp(_ln(z).astype("float32")))
+    np.testing.assert_allclose(y, z + mlp, atol=1e-4)
+    y2, probs = block(x, return_attention_scores=True)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(y2), y, atol=1e-5)
+    assert tuple(probs.shape) == (2, 2, 5, 5)
+    cfg = _roundtrip(block).get_config()
+    assert cfg["layer_norm_epsilon"] == 1e-6
+
+
+def test_token_pooling(rng):
+    x = rng.normal(size=(2, 5, 3)).astype("float32")
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(L.TokenPooling("token")(x)), x[:, 0])
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(L.TokenPooling("gap")(x)), x.mean(1), atol=1e-6)

@@ -1,0 +1,67 @@
+"""Packaging: the wheel holds keras_vit.export and keras_vit.cli; vitcli stays light."""
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VITCLI = os.path.join(os.path.dirname(sys.executable), "vitcli")
+
+
+def _run(args, **kw):
+    return subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=kw.pop("cwd", ROOT), **kw)
+
+
+def test_wheel_holds_export_and_cli(tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(
+        ".venv", ".git", "runs", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache"))
+    proc = _run([sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(tmp_path / "dist")],
+                cwd=src)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (wheel,) = (tmp_path / "dist").glob("keras_vit-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    for module in ("keras_vit/__init__.py", "keras_vit/vit.py", "keras_vit/layers.py",
+                   "keras_vit/export/__init__.py", "keras_vit/cli/__init__.py", "keras_vit/cli/main.py"):
+        assert module in names, module
+    assert not any(n.startswith(("export/", "cli/", "tests/")) for n in names)
+    meta = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("METADATA"))).decode()
+    requires = [line for line in meta.splitlines() if line.startswith("Requires-Dist:")]
+    assert not any("torch" in line and "extra" not in line for line in requires)
+    assert "entry_points.txt" in " ".join(names)
+
+
+def test_installed_package_imports_export_and_cli():
+    code = ("import keras_vit.export, keras_vit.cli.main, os; "
+            "print(os.path.dirname(keras_vit.export.__file__), os.path.dirname(keras_vit.cli.main.__file__))")
+    proc = _run([sys.executable, "-c", code], cwd="/")
+    assert proc.returncode == 0, proc.stderr
+    export_dir, cli_dir = proc.stdout.split()
+    assert os.path.basename(export_dir) == "export" and os.path.basename(cli_dir) == "cli"
+
+
+def test_vitcli_help_does_not_import_tensorflow():
+    code = ("import sys; from keras_vit.cli.main import cli\n"
+            "try:\n    cli(['--help'], prog_name='vitcli')\nexcept SystemExit as e:\n    assert e.code == 0\n"
+            "heavy = [m for m in ('tensorflow', 'keras', 'jax', 'torch') if m in sys.modules]\n"
+            "print('HEAVY', heavy)")
+    proc = _run([sys.executable, "-c", code])
+    assert proc.returncode == 0, proc.stderr
+    assert "HEAVY []" in proc.stdout
+    assert "Usage: vitcli" in proc.stdout
+
+
+@pytest.mark.skipif(not os.path.exists(VITCLI), reason="console script not installed")
+def test_vitcli_version_and_models():
+    import keras_vit
+
+    proc = _run([VITCLI, "--version"])
+    assert proc.returncode == 0 and keras_vit.__version__ in proc.stdout
+    proc = _run([VITCLI, "models"])
+    assert proc.returncode == 0, proc.stderr
+    assert "86,567,656" in proc.stdout and "98,659,112" in proc.stdout and "H/14" in proc.stdout
+    bad = _run([VITCLI, "models", "--image-size", "0"])
+    assert bad.returncode != 0 and "Traceback" not in bad.stderr

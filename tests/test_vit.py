@@ -1,0 +1,161 @@
+"""keras_vit.ViT: the built model's counts, shapes, save/load, learning and mixed precision."""
+import keras
+import numpy as np
+import pytest
+
+import keras_vit
+from keras_vit.config import ViTConfig
+from tests.conftest import randomise_head, random_images
+from tests.test_config import REFERENCE_COUNTS
+
+TINY = dict(hidden_size=32, num_heads=2, mlp_dim=64, num_layers=2)
+
+
+@pytest.mark.parametrize("variant", ["Ti/16", "S/16", "B/32"])
+def test_built_param_counts_equal_reference(variant):
+    model = keras_vit.ViT(variant=variant)
+    assert isinstance(model, keras.Model)
+    assert model.count_params() == REFERENCE_COUNTS[variant]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["B/16", "B/8", "L/16", "L/32", "H/14"])
+def test_large_built_param_counts_equal_reference(variant):
+    model = keras_vit.ViT(variant=variant)
+    assert model.count_params() == REFERENCE_COUNTS[variant]
+    del model
+    keras.backend.clear_session()
+
+
+def test_cifar_example_sequence_length():
+    model = keras_vit.ViT(variant="Ti/4", image_size=32, num_classes=10)
+    assert tuple(model.get_layer("posembed_input").output.shape) == (None, 65, 192)
+    assert model.count_params() == model.vit_config.count_params()
+
+
+def test_non_square_images_and_custom_size():
+    model = keras_vit.ViT(variant="Ti/8", image_size=(32, 64), num_classes=3, **TINY)
+    x = random_images(2, 32, 64)
+    assert model.predict(x, verbose=0).shape == (2, 3)
+    assert tuple(model.get_layer("posembed_input").output.shape) == (None, 4 * 8 + 1, 32)
+
+
+def test_config_argument_and_overrides():
+    cfg = ViTConfig(image_size=32, patch_size=8, num_classes=4, **TINY)
+    model = keras_vit.ViT(config=cfg)
+    assert model.vit_config == cfg
+    assert keras_vit.get_config(model) == cfg
+    assert model.output_shape == (None, 4)
+
+
+def test_include_top_false_returns_pre_logits_features():
+    model = keras_vit.ViT(variant="Ti/8", image_size=32, include_top=False, **TINY)
+    assert model.output_shape == (None, 32)
+    rep = keras_vit.ViT(variant="Ti/8", image_size=32, include_top=False, representation_size=24, **TINY)
+    assert rep.output_shape == (None, 24)
+    assert rep.get_layer("pre_logits").activation.__name__ == "tanh"
+
+
+def test_head_is_zero_initialised():
+    model = keras_vit.ViT(variant="Ti/8", image_size=32, num_classes=5, **TINY)
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(model.get_layer("head").kernel), 0.0)
+    np.testing.assert_array_equal(model.predict(random_images(2, 32, 32), verbose=0), 0.0)
+
+
+def test_summary_reads_like_the_paper():
+    model = keras_vit.ViT(variant="Ti/8", image_size=32, **TINY)
+    lines = []
+    model.summary(print_fn=lambda s, **_: lines.append(s))
+    text = "\n".join(lines)
+    for name in ("embedding", "cls", "posembed_input", "encoderblock_0", "encoder_norm", "head"):
+        assert name in text
+
+
+@pytest.mark.parametrize("pos_embedding", ["learned", "learned_2d", "relative", "sincos2d", "none"])
+@pytest.mark.parametrize("classifier", ["token", "gap"])
+def test_save_load_round_trip_identical(tmp_path, pos_embedding, classifier):
+    model = keras_vit.ViT(variant="Ti/8", image_size=(32, 24), num_classes=5, pos_embedding=pos_embedding,
+                          classifier=classifier, representation_size=16 if classifier == "gap" else None,
+                          **TINY)
+    randomise_head(model)
+    x = random_images(3, 32, 24)
+    before = model.predict(x, verbose=0)
+    path = tmp_path / "m.keras"
+    model.save(path)
+    for loaded in (keras.saving.load_model(path), keras_vit.load_model(path)):
+        assert isinstance(loaded, keras_vit.VisionTransformer)
+        assert loaded.vit_config == model.vit_config
+        np.testing.assert_array_equal(loaded.predict(x, verbose=0), before)
+    assert np.abs(before[0] - before[1]).max() > 1e-3  # outputs depend on the input
+
+
+def test_load_model_rejects_non_keras_vit_files(tmp_path):
+    other = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    other.save(tmp_path / "other.keras")
+    with pytest.raises(ValueError, match="not a keras-vit model"):
+        keras_vit.load_model(tmp_path / "other.keras")
+    with pytest.raises(ValueError, match="does not exist"):
+        keras_vit.load_model(tmp_path / "missing.keras")
+    (tmp_path / "junk.keras").write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match="could not load"):
+        keras_vit.load_model(tmp_path / "junk.keras")
+
+
+def test_fit_lowers_the_loss():
+    keras.utils.set_random_seed(0)
+    model = keras_vit.ViT(variant="Ti/8", image_size=16, num_classes=4, **TINY)
+    x = random_images(16, 16, 16, seed=1)
+    y = np.arange(16) % 4
+    model.compile(optimizer=keras.optimizers.Adam(3e-3),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    history = model.fit(x, y, epochs=15, batch_size=16, verbose=0)
+    losses = history.history["loss"]
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_dropout_and_drop_path_act_only_in_training():
+    model = keras_vit.ViT(variant="Ti/8", image_size=16, num_classes=3, dropout_rate=0.3,
+                          attention_dropout_rate=0.3, drop_path_rate=0.3, **TINY)
+    randomise_head(model)
+    x = random_images(2, 16, 16)
+    a = keras.ops.convert_to_numpy(model(x, training=False))
+    b = keras.ops.convert_to_numpy(model(x, training=False))
+    np.testing.assert_array_equal(a, b)
+    c = keras.ops.convert_to_numpy(model(x, training=True))
+    assert np.abs(a - c).max() > 1e-4
+
+
+def test_mixed_bfloat16_trains_with_float32_norms_and_logits():
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        model = keras_vit.ViT(variant="Ti/8", image_size=16, num_classes=3, **TINY)
+        block = model.get_layer("encoderblock_0")
+        assert block.compute_dtype == "bfloat16"
+        assert block.norm_1.compute_dtype == "float32"
+        assert model.get_layer("encoder_norm").compute_dtype == "float32"
+        model.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        x = random_images(8, 16, 16)
+        model.fit(x, np.arange(8) % 3, epochs=2, verbose=0)
+        out = model(x)
+        assert keras.backend.standardize_dtype(out.dtype) == "float32"
+        _, probs = block.attention(keras.ops.ones((1, 5, 32), "bfloat16"), return_attention_scores=True)
+        assert keras.backend.standardize_dtype(probs.dtype) == "float32"
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(variant="Q/16"), "unknown variant 'Q/16'"),
+    (dict(variant="B/16", image_size=100), "100x100 is not divisible by the patch size 16x16"),
+    (dict(variant="B/16", classifier="mean"), "classifier must be one of token, gap; got 'mean'"),
+    (dict(variant="B/16", pos_embedding="rotary"), "pos_embedding must be one of"),
+    (dict(variant="B/16", channels=0), "channels must be an integer >= 1, got 0"),
+])
+def test_bad_input_is_one_clear_value_error(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        keras_vit.ViT(**kwargs)
+
+
+def test_single_channel_images():
+    model = keras_vit.ViT(variant="Ti/8", image_size=16, channels=1, num_classes=2, **TINY)
+    assert model.predict(random_images(2, 16, 16, c=1), verbose=0).shape == (2, 2)
