@@ -44,6 +44,11 @@ def models_cmd(image_size: int, num_classes: int) -> None:
 
 # Further commands live in their own modules (cli/<topic>.py), each importing TensorFlow only
 # inside the command body; each registers itself below with one line: cli.add_command(...).
+from keras_vit.cli.analysis import fewshot_cmd, inspect_cmd, pretrain_cmd  # noqa: E402  (issue 7)
+
+cli.add_command(inspect_cmd)
+cli.add_command(fewshot_cmd)
+cli.add_command(pretrain_cmd)
 
 
 def main() -> None:

@@ -1,0 +1,299 @@
+"""`vitcli inspect`, `vitcli fewshot`, `vitcli pretrain`: the paper's analyses as commands.
+
+Each command imports Keras/TensorFlow only inside its body (so `vitcli --help` stays light)
+and turns bad input into one `Error: ...` line with a non-zero exit.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict, List, Optional, Tuple
+
+import click
+
+from keras_vit.cli.main import UserError
+
+_OVERRIDES = ("hidden_size", "num_layers", "num_heads", "mlp_dim", "patch_size")
+
+
+# --- shared helpers -----------------------------------------------------------------------
+def _load_model_arg(spec: str, image_size: Optional[Tuple[int, int]] = None, channels: int = 3,
+                    include_top: Optional[bool] = None):
+    """A .keras file written by keras-vit, or a variant name (random initialisation, a baseline)."""
+    if spec.endswith(".keras") or os.path.exists(spec):
+        if not os.path.isfile(spec):
+            raise UserError(f"model file {spec!r} does not exist")
+        from keras_vit.saving import load_model
+
+        try:
+            return load_model(spec)
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+    import keras_vit
+
+    try:
+        return keras_vit.ViT(spec, image_size=image_size or 224, channels=channels,
+                             include_top=True if include_top is None else include_top)
+    except ValueError as exc:
+        raise UserError(f"--model {spec!r} is neither a .keras file nor a variant name: {exc}") from None
+
+
+def dataset_arrays(name: str, max_per_split: Optional[int] = None) -> Dict:
+    """{"train", "val", "test": (images float32 (N, H, W, C) in [0, 255], labels int (N,)),
+    "class_names", "image_shape"} from the dataset registry (keras_vit.data.load).
+
+    Falls back to the offline digits arrays (validation = a stratified 10% of train) when the
+    registry is not there."""
+    import numpy as np
+
+    from keras_vit import data
+
+    if hasattr(data, "load"):
+        try:
+            splits = data.load(name)
+        except (ValueError, KeyError, FileNotFoundError) as exc:
+            raise UserError(f"dataset {name!r}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+
+        def arrays(ds):
+            if ds is None:
+                return None
+            if max_per_split:
+                ds = ds.take(max_per_split)
+            xs, ys = [], []
+            for x, y in ds.batch(512).as_numpy_iterator():
+                xs.append(np.asarray(x, np.float32))
+                ys.append(np.asarray(y).astype(np.int64))
+            if not xs:
+                return None
+            return np.concatenate(xs), np.concatenate(ys)
+
+        out = {"train": arrays(splits.train), "val": arrays(splits.val), "test": arrays(splits.test),
+               "class_names": list(splits.class_names), "image_shape": tuple(splits.image_shape)}
+        if out["train"] is None or out["test"] is None:
+            raise UserError(f"dataset {name!r} has an empty train or test split")
+        if out["val"] is None:
+            parts = _split_val(*out["train"])
+            out["train"], out["val"] = parts["rest"], parts["val"]
+        return out
+    if name != "digits":
+        raise UserError(f"unknown dataset {name!r}; allowed: digits")
+    x_tr, y_tr, x_te, y_te = data.digits_arrays()
+    parts = _split_val(x_tr, y_tr)
+    return {"train": parts["rest"], "val": parts["val"], "test": (x_te, y_te.astype(np.int64)),
+            "class_names": [str(i) for i in range(10)], "image_shape": tuple(x_tr.shape[1:])}
+
+
+def _split_val(x, y, fraction: float = 0.1, seed: int = 0) -> Dict:
+    from sklearn.model_selection import train_test_split
+
+    x_rest, x_val, y_rest, y_val = train_test_split(x, y, test_size=fraction, stratify=y, random_state=seed)
+    return {"rest": (x_rest, y_rest), "val": (x_val, y_val)}
+
+
+def _resize(images, size: Tuple[int, int], channels: int):
+    """Images to the model's (H, W) and channel count (grey <-> RGB); ValueError otherwise."""
+    import numpy as np
+
+    images = np.asarray(images, np.float32)
+    c = images.shape[-1]
+    if c != channels:
+        if c == 1 and channels == 3:
+            images = np.repeat(images, 3, axis=-1)
+        elif c == 3 and channels == 1:
+            images = images.mean(axis=-1, keepdims=True)
+        else:
+            raise UserError(f"images have {c} channels but the model takes {channels}")
+    if tuple(images.shape[1:3]) != tuple(size):
+        import keras
+
+        images = keras.ops.convert_to_numpy(keras.ops.image.resize(images, size))
+    return images.astype(np.float32)
+
+
+def _read_image(path: str, size: Tuple[int, int], channels: int):
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    if not os.path.isfile(path):
+        raise UserError(f"image {path!r} does not exist")
+    try:
+        with Image.open(path) as im:
+            im = im.convert("L" if channels == 1 else "RGB").resize((size[1], size[0]), Image.BILINEAR)
+            arr = np.asarray(im, dtype=np.float32)
+    except (UnidentifiedImageError, OSError) as exc:
+        raise UserError(f"cannot read image {path!r}: {exc}") from None
+    return arr[..., None] if arr.ndim == 2 else arr
+
+
+def _write_json(path: str, obj) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def _parse_shots(text: str) -> List[int]:
+    try:
+        shots = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        shots = []
+    if not shots or any(s < 1 for s in shots):
+        raise UserError(f"--shots must be comma-separated positive integers such as 1,5,10,25; got {text!r}")
+    return shots
+
+
+# --- vitcli inspect ---------------------------------------------------------------------------
+@click.command("inspect")
+@click.option("--model", "model_spec", required=True,
+              help="A keras-vit .keras file, or a variant name (random weights) such as Ti/16.")
+@click.option("--image", "image_paths", multiple=True, type=click.Path(dir_okay=False),
+              help="Image to show attention on (repeatable). Default: the dataset's first test image, "
+                   "else scikit-learn's sample photo.")
+@click.option("--dataset", default=None, help="Dataset whose test images feed the attention-distance average.")
+@click.option("--num-images", default=32, show_default=True, type=click.IntRange(min=1),
+              help="Test images of --dataset averaged for the mean attention distance.")
+@click.option("--components", default=28, show_default=True, type=click.IntRange(min=1),
+              help="Principal components of the patch-embedding filters to draw.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Folder for PNGs and inspect.npz.")
+def inspect_cmd(model_spec: str, image_paths: Tuple[str, ...], dataset: Optional[str], num_images: int,
+                components: int, out_dir: str) -> None:
+    """Figures of what a ViT learned, as in the paper's Figure 7.
+
+    Patch-embedding filters, position-embedding similarity, mean attention distance,
+    attention maps and rollout: one PNG each in OUT, plus the raw arrays in OUT/inspect.npz."""
+    import numpy as np
+
+    from keras_vit import inspect as kin
+    from keras_vit.vit import get_config
+
+    model = _load_model_arg(model_spec)
+    cfg = get_config(model)
+    size, channels = cfg.image_size, cfg.channels
+    images = [_read_image(p, size, channels) for p in image_paths]
+    dist_images = None
+    if dataset is not None:
+        test_x = dataset_arrays(dataset, max_per_split=None)["test"][0][:num_images]
+        dist_images = _resize(test_x, size, channels)
+        if not images:
+            images = [dist_images[0]]
+    if not images:
+        from sklearn.datasets import load_sample_image
+
+        photo = load_sample_image("china.jpg").astype(np.float32)[None]
+        images = [_resize(photo, size, channels)[0]]
+    try:
+        written = kin.inspect_model(model, np.stack(images), out_dir, distance_images=dist_images, k=components)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    skipped = written.pop("skipped", {})
+    for name, path in written.items():
+        click.echo(f"{name:<32} {path}")
+    for name, why in skipped.items():
+        click.echo(f"{name:<32} skipped: {why}")
+
+
+# --- vitcli fewshot ---------------------------------------------------------------------------
+@click.command("fewshot")
+@click.option("--model", "model_spec", required=True,
+              help="A keras-vit .keras file (its pre-logits features are used), or a variant name (random weights).")
+@click.option("--dataset", default="digits", show_default=True, help="Dataset of the registry (keras_vit.data).")
+@click.option("--shots", default="1,5,10,25", show_default=True, help="Images per class, comma-separated.")
+@click.option("--draws", default=5, show_default=True, type=click.IntRange(min=1),
+              help="Random support sets per shot count.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--batch-size", default=128, show_default=True, type=click.IntRange(min=1))
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.option("--out", "out_path", default=None, type=click.Path(dir_okay=False), help="Also write the JSON here.")
+def fewshot_cmd(model_spec: str, dataset: str, shots: str, draws: int, seed: int, batch_size: int,
+                as_json: bool, out_path: Optional[str]) -> None:
+    """Linear few-shot accuracy of a model's frozen features, the paper's protocol.
+
+    Closed-form ridge regression to {-1, 1} targets from k images per class, several draws
+    (mean and spread); the regulariser is chosen on the validation split."""
+    shot_list = _parse_shots(shots)
+    from keras_vit import fewshot
+    from keras_vit.vit import get_config
+
+    data = dataset_arrays(dataset)
+    model = _load_model_arg(model_spec, image_size=data["image_shape"][:2], channels=data["image_shape"][2],
+                            include_top=False)
+    cfg = get_config(model)
+    splits = {k: (_resize(data[k][0], cfg.image_size, cfg.channels), data[k][1]) for k in ("train", "val", "test")}
+    try:
+        result = fewshot.evaluate_model(model, splits["train"], splits["val"], splits["test"], batch_size=batch_size,
+                                        shots=shot_list, draws=draws, seed=seed, num_classes=len(data["class_names"]))
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    result = {"model": model_spec, "dataset": dataset, **result,
+              "shots": {str(k): v for k, v in result["shots"].items()}}
+    if out_path:
+        _write_json(out_path, result)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    click.echo(f"{dataset}: {result['num_classes']} classes, chance {result['chance']:.3f}, {draws} draws")
+    click.echo(f"{'shots':>5} {'accuracy':>9} {'+/-':>7} {'l2':>10}")
+    for k, r in result["shots"].items():
+        click.echo(f"{k:>5} {r['mean']:>9.4f} {r['std']:>7.4f} {r['l2']:>10.4g}")
+
+
+# --- vitcli pretrain --------------------------------------------------------------------------
+@click.command("pretrain")
+@click.option("--dataset", default="digits", show_default=True,
+              help="Dataset of the registry; its training images are used without labels.")
+@click.option("--variant", default="Ti/4", show_default=True, help="Model variant, e.g. Ti/4, S/16, B/16.")
+@click.option("--image-size", default=None, type=click.IntRange(min=1), help="Default: the dataset's image size.")
+@click.option("--hidden-size", default=None, type=click.IntRange(min=1))
+@click.option("--num-layers", default=None, type=click.IntRange(min=1))
+@click.option("--num-heads", default=None, type=click.IntRange(min=1))
+@click.option("--mlp-dim", default=None, type=click.IntRange(min=1))
+@click.option("--patch-size", default=None, type=click.IntRange(min=1))
+@click.option("--target", default="color", show_default=True,
+              type=click.Choice(["color", "color_regression", "patch_regression"]),
+              help="color: 3-bit mean colour classes (the paper's); or L2 regression of the mean colour / full patch.")
+@click.option("--mask-ratio", default=0.5, show_default=True, type=click.FloatRange(0.0, 1.0, min_open=True))
+@click.option("--epochs", default=10, show_default=True, type=click.IntRange(min=1))
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option("--lr", "learning_rate", default=1e-3, show_default=True, type=click.FloatRange(min=0.0, min_open=True))
+@click.option("--weight-decay", default=0.05, show_default=True, type=click.FloatRange(min=0.0))
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False),
+              help="Run folder. Default: runs/pretrain-<dataset>-<variant>.")
+def pretrain_cmd(dataset: str, variant: str, image_size: Optional[int], hidden_size, num_layers, num_heads,
+                 mlp_dim, patch_size, target: str, mask_ratio: float, epochs: int, batch_size: int,
+                 learning_rate: float, weight_decay: float, seed: int, out_dir: Optional[str]) -> None:
+    """Self-supervised masked patch prediction, as in the paper's Appendix B.1.2.
+
+    Writes OUT/model.keras, an encoder that `vitcli train --weights OUT/model.keras`
+    fine-tunes with a new head, and OUT/metrics.json."""
+    import keras
+
+    import keras_vit
+    from keras_vit import pretrain as mpp
+
+    data = dataset_arrays(dataset)
+    h, w, c = data["image_shape"]
+    overrides = {k: v for k, v in dict(hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
+                                        mlp_dim=mlp_dim, patch_size=patch_size).items() if v is not None}
+    try:
+        encoder = keras_vit.ViT(variant, image_size=image_size or (h, w), channels=c, include_top=False, **overrides)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    cfg = keras_vit.get_config(encoder)
+    train_x = _resize(data["train"][0], cfg.image_size, c)
+    val_x = _resize(data["val"][0], cfg.image_size, c)
+    out_dir = out_dir or os.path.join("runs", f"pretrain-{dataset.replace(':', '_').replace('/', '_')}-"
+                                              f"{variant.replace('/', '_').replace('+', '_')}")
+    os.makedirs(out_dir, exist_ok=True)
+    keras.utils.set_random_seed(seed)
+    history = mpp.pretrain(encoder, train_x, val_x, target=target, epochs=epochs, batch_size=batch_size,
+                           learning_rate=learning_rate, weight_decay=weight_decay, seed=seed, mask_ratio=mask_ratio)
+    path = mpp.save_encoder(encoder, os.path.join(out_dir, "model.keras"))
+    _write_json(os.path.join(out_dir, "metrics.json"),
+                {"task": "masked_patch_prediction", "dataset": dataset, "target": target, "mask_ratio": mask_ratio,
+                 "epochs": epochs, "batch_size": batch_size, "learning_rate": learning_rate,
+                 "weight_decay": weight_decay, "seed": seed, "config": cfg.to_dict(), "history": history})
+    click.echo(f"encoder saved to {path}; fine-tune it with: vitcli train --dataset {dataset} --weights {path}")

@@ -1,0 +1,401 @@
+"""Inspecting a ViT (paper Section 4.5, Figure 7): what the model learned, as arrays and figures.
+
+- `attention_maps`: per layer, per head attention probabilities (any variant, hybrid,
+  classifier, image size);
+- `attention_rollout`: Abnar & Zuidema (2020) rollout with the residual term, a map over the
+  image of what the output token attends to;
+- `mean_attention_distance`: per layer and head, the attention-weighted query-key distance in
+  pixels (Fig. 7 right);
+- `position_embedding_similarity`: cosine similarity of every patch's position embedding with
+  all others (Fig. 7 centre);
+- `embedding_filters`: top principal components of the patch-embedding filters (Fig. 7 left).
+
+The `plot_*` writers turn each into a PNG (matplotlib, Agg backend). Model code uses
+keras.ops only; the analysis of the returned arrays is numpy.
+"""
+from __future__ import annotations
+
+import os
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+__all__ = [
+    "attention_maps", "attention_rollout", "rollout_from_attention", "mean_attention_distance",
+    "attention_distance_from_probs", "patch_distances", "position_embedding_similarity",
+    "embedding_filters", "upsample_map", "plot_attention_rollout", "plot_attention_maps",
+    "plot_attention_distance", "plot_position_embedding_similarity", "plot_embedding_filters",
+]
+
+
+# --- model geometry ------------------------------------------------------------------------
+def _config(model):
+    from keras_vit.vit import get_config
+
+    return get_config(model)
+
+
+def _num_prefix_tokens(model) -> int:
+    return 1 if _config(model).classifier == "token" else 0
+
+
+def _check_images(model, images) -> np.ndarray:
+    """(B, H, W, C) float32 of the model's input size; a single (H, W, C) image is batched."""
+    cfg = _config(model)
+    x = np.asarray(images, dtype=np.float32)
+    if x.ndim == 3:
+        x = x[None]
+    expected = (*cfg.image_size, cfg.channels)
+    if x.ndim != 4 or tuple(x.shape[1:]) != expected:
+        raise ValueError(f"images must have shape (batch, {expected[0]}, {expected[1]}, {expected[2]}) "
+                         f"for this model, got {tuple(np.shape(images))}")
+    return x
+
+
+# --- attention probabilities ------------------------------------------------------------------
+def attention_maps(model, images, batch_size: int = 32) -> List[np.ndarray]:
+    """Attention probabilities of every encoder block: a list (one per layer) of float32 arrays
+    (B, heads, S, S), S = patches (+1 with the class token); rows sum to 1.
+
+    Runs the layers of the functional model in order up to the last encoder block, calling each
+    TransformerBlock with `return_attention_scores=True`, so it works for every variant, hybrid,
+    classifier and image size, and for models loaded from .keras files.
+    """
+    import keras
+
+    from keras_vit.layers import TransformerBlock
+
+    x_all = _check_images(model, images)
+    layers = [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
+    blocks = [i for i, layer in enumerate(layers) if isinstance(layer, TransformerBlock)]
+    if not blocks:
+        raise ValueError(f"model {model.name!r} has no encoder blocks")
+    layers = layers[: blocks[-1] + 1]
+    per_layer: List[List[np.ndarray]] = [[] for _ in blocks]
+    for start in range(0, len(x_all), batch_size):
+        x = keras.ops.convert_to_tensor(x_all[start:start + batch_size])
+        k = 0
+        for layer in layers:
+            if isinstance(layer, TransformerBlock):
+                x, probs = layer(x, training=False, return_attention_scores=True)
+                per_layer[k].append(keras.ops.convert_to_numpy(probs).astype(np.float32))
+                k += 1
+            else:
+                x = layer(x, training=False)
+    return [np.concatenate(p, axis=0) for p in per_layer]
+
+
+def rollout_from_attention(attentions: Sequence[np.ndarray], num_prefix_tokens: int = 1,
+                           head_fusion: str = "mean") -> np.ndarray:
+    """Attention rollout (Abnar & Zuidema 2020) from per-layer probabilities (B, heads, S, S).
+
+    Heads are fused (mean, or max), the residual connection is accounted for as
+    A' = (A + I) / 2 (rows renormalised), and the layers are multiplied from the input up:
+    R = A'_L ... A'_1. The output token's row of R over the patch tokens (the class token's
+    row, or for "gap" models the mean of the patch rows) is returned, normalised to sum to 1:
+    (B, N) with N patches in row-major order.
+    """
+    if head_fusion not in ("mean", "max"):
+        raise ValueError(f"head_fusion must be 'mean' or 'max', got {head_fusion!r}")
+    rollout = None
+    for a in attentions:
+        a = np.asarray(a, dtype=np.float64)
+        fused = a.mean(axis=1) if head_fusion == "mean" else a.max(axis=1)  # (B, S, S)
+        s = fused.shape[-1]
+        fused = 0.5 * fused + 0.5 * np.eye(s)[None]
+        fused = fused / fused.sum(axis=-1, keepdims=True)
+        rollout = fused if rollout is None else fused @ rollout
+    if rollout is None:
+        raise ValueError("attentions is empty")
+    p = num_prefix_tokens
+    out = rollout[:, 0, p:] if p else rollout[:, :, :].mean(axis=1)
+    out = out / np.maximum(out.sum(axis=-1, keepdims=True), 1e-12)
+    return out.astype(np.float32)
+
+
+def attention_rollout(model, images, head_fusion: str = "mean", batch_size: int = 32) -> np.ndarray:
+    """Rollout map of what the output attends to, over the patch grid: (B, gh, gw), sums to 1.
+
+    Use `upsample_map` (or `plot_attention_rollout`) to overlay it on the input image.
+    """
+    cfg = _config(model)
+    maps = rollout_from_attention(attention_maps(model, images, batch_size), _num_prefix_tokens(model), head_fusion)
+    return maps.reshape((-1, *cfg.grid_size))
+
+
+def upsample_map(grid_map: np.ndarray, image_size: Tuple[int, int]) -> np.ndarray:
+    """Nearest-neighbour upsampling of a (gh, gw) patch map to (H, W) pixels, for overlays."""
+    gh, gw = grid_map.shape
+    h, w = image_size
+    rows = np.minimum((np.arange(h) * gh) // h, gh - 1)
+    cols = np.minimum((np.arange(w) * gw) // w, gw - 1)
+    return grid_map[rows][:, cols]
+
+
+# --- attention distance -------------------------------------------------------------------------
+def patch_distances(grid_size: Tuple[int, int], stride: Tuple[int, int]) -> np.ndarray:
+    """(N, N) Euclidean distances in pixels between patch centres (row-major patches)."""
+    gh, gw = grid_size
+    y, x = np.mgrid[:gh, :gw]
+    y = y.reshape(-1) * float(stride[0])
+    x = x.reshape(-1) * float(stride[1])
+    return np.sqrt((y[:, None] - y[None, :]) ** 2 + (x[:, None] - x[None, :]) ** 2)
+
+
+def attention_distance_from_probs(probs: np.ndarray, grid_size: Tuple[int, int], stride: Tuple[int, int],
+                                  num_prefix_tokens: int = 1) -> np.ndarray:
+    """Mean attention distance per head, (heads,), from one layer's probabilities (B, heads, S, S).
+
+    Only patch-to-patch attention has a distance: the class-token row and column are dropped
+    and each query's attention over the patches is renormalised before weighting the pixel
+    distances; the result is averaged over query patches and images.
+    """
+    p = num_prefix_tokens
+    a = np.asarray(probs, dtype=np.float64)[:, :, p:, p:]
+    a = a / np.maximum(a.sum(axis=-1, keepdims=True), 1e-12)
+    dist = patch_distances(grid_size, stride)
+    if a.shape[-1] != dist.shape[0]:
+        raise ValueError(f"attention over {a.shape[-1]} patches does not match the grid {grid_size}")
+    per_query = (a * dist[None, None]).sum(axis=-1)  # (B, heads, N)
+    return per_query.mean(axis=(0, 2)).astype(np.float32)
+
+
+def mean_attention_distance(model, images, batch_size: int = 32) -> np.ndarray:
+    """(layers, heads) attention-weighted mean distance in pixels between query and key patches
+    (Fig. 7 right). For hybrids a "patch" spans the ResNet stride times the patch size."""
+    cfg = _config(model)
+    probs = attention_maps(model, images, batch_size)
+    return np.stack([attention_distance_from_probs(a, cfg.grid_size, cfg.input_stride, _num_prefix_tokens(model))
+                     for a in probs])
+
+
+# --- position embeddings and filters ---------------------------------------------------------
+def position_embedding_similarity(model) -> np.ndarray:
+    """Cosine similarity of each patch's position embedding with every other patch's:
+    (gh, gw, gh, gw), entry [i, j] is the map for the patch at row i, column j (Fig. 7 centre)."""
+    import keras
+
+    cfg = _config(model)
+    emb = model.get_layer("posembed_input").embedding()
+    if emb is None:
+        raise ValueError(f"model has pos_embedding={cfg.pos_embedding!r}: there is no position embedding table "
+                         "to compare (use 'learned', 'learned_2d' or 'sincos2d')")
+    e = keras.ops.convert_to_numpy(emb)[0, _num_prefix_tokens(model):].astype(np.float64)
+    e = e / np.maximum(np.linalg.norm(e, axis=-1, keepdims=True), 1e-12)
+    gh, gw = cfg.grid_size
+    return (e @ e.T).reshape(gh, gw, gh, gw).astype(np.float32)
+
+
+def embedding_filters(model, k: int = 28) -> Tuple[np.ndarray, np.ndarray]:
+    """Top-k principal components of the patch-embedding filters (Fig. 7 left).
+
+    The D filters of the patch projection (each P x P x C) are the samples; returns
+    (components (k, P, P, C), explained_variance_ratio (k,)). k is capped at min(D, P*P*C).
+    Hybrids embed ResNet features rather than pixels, so they have no such filters.
+    """
+    import keras
+
+    cfg = _config(model)
+    if cfg.resnet_layers is not None:
+        raise ValueError("a hybrid's patch embedding acts on ResNet features, not pixels: "
+                         "embedding_filters needs a plain ViT")
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"k must be a positive integer, got {k!r}")
+    kernel = keras.ops.convert_to_numpy(model.get_layer("embedding").projection.kernel).astype(np.float64)
+    ph, pw, c, d = kernel.shape
+    filters = kernel.reshape(ph * pw * c, d).T  # (D, P*P*C)
+    filters = filters - filters.mean(axis=0, keepdims=True)
+    _, s, vt = np.linalg.svd(filters, full_matrices=False)
+    var = s ** 2
+    ratio = var / max(var.sum(), 1e-12)
+    k = int(min(k, vt.shape[0]))
+    return vt[:k].reshape(k, ph, pw, c).astype(np.float32), ratio[:k].astype(np.float32)
+
+
+# --- figures ----------------------------------------------------------------------------------
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: str) -> str:
+    """Write the figure to a temporary name in the same folder, then rename into place."""
+    plt = _pyplot()
+    path = os.fspath(path)
+    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.tmp.png")
+    try:
+        fig.savefig(tmp, dpi=120, bbox_inches="tight")
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def _display(image: np.ndarray) -> np.ndarray:
+    img = np.clip(np.asarray(image, dtype=np.float32) / 255.0, 0.0, 1.0)
+    return img[..., 0] if img.shape[-1] == 1 else img
+
+
+def _to_rgb_range(x: np.ndarray) -> np.ndarray:
+    lo, hi = float(x.min()), float(x.max())
+    return (x - lo) / (hi - lo) if hi > lo else np.zeros_like(x)
+
+
+def plot_attention_rollout(image: np.ndarray, rollout: np.ndarray, path: str) -> str:
+    """Input, rollout map and the input masked by the (max-normalised) map, side by side."""
+    plt = _pyplot()
+    h, w = image.shape[:2]
+    mask = upsample_map(rollout, (h, w))
+    mask = mask / max(float(mask.max()), 1e-12)
+    fig, axes = plt.subplots(1, 3, figsize=(9, 3.4))
+    axes[0].imshow(_display(image), cmap="gray")
+    axes[0].set_title("input")
+    im = axes[1].imshow(rollout, cmap="inferno")
+    axes[1].set_title("attention rollout")
+    fig.colorbar(im, ax=axes[1], fraction=0.046)
+    overlay = np.asarray(image, dtype=np.float32) / 255.0 * mask[..., None]
+    axes[2].imshow(_display(overlay * 255.0), cmap="gray")
+    axes[2].set_title("input x rollout")
+    for ax in axes:
+        ax.axis("off")
+    return _save(fig, path)
+
+
+def plot_attention_maps(attentions: Sequence[np.ndarray], grid_size: Tuple[int, int], path: str,
+                        num_prefix_tokens: int = 1, index: int = 0) -> str:
+    """Grid (layers x heads) of the output token's attention over the patches for one image
+    (the class token's row, or the mean over patch queries for "gap" models)."""
+    plt = _pyplot()
+    n_layers, n_heads = len(attentions), attentions[0].shape[1]
+    fig, axes = plt.subplots(n_layers, n_heads, figsize=(1.6 * n_heads + 0.4, 1.6 * n_layers + 0.4), squeeze=False)
+    p = num_prefix_tokens
+    for li, a in enumerate(attentions):
+        for hi in range(n_heads):
+            row = a[index, hi, 0, p:] if p else a[index, hi, :, :].mean(axis=0)
+            ax = axes[li, hi]
+            ax.imshow(row.reshape(grid_size), cmap="viridis")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if li == 0:
+                ax.set_title(f"head {hi}", fontsize=8)
+            if hi == 0:
+                ax.set_ylabel(f"layer {li}", fontsize=8)
+    fig.suptitle("attention of the output token", fontsize=10)
+    return _save(fig, path)
+
+
+def plot_attention_distance(distances: np.ndarray, path: str, image_side: Optional[float] = None) -> str:
+    """Mean attention distance (pixels) of every head against network depth (Fig. 7 right)."""
+    plt = _pyplot()
+    n_layers, n_heads = distances.shape
+    fig, ax = plt.subplots(figsize=(4.5, 3.6))
+    for hi in range(n_heads):
+        ax.scatter(np.arange(n_layers), distances[:, hi], s=14, label=f"head {hi}" if n_heads <= 16 else None)
+    ax.set_xlabel("network depth (layer)")
+    ax.set_ylabel("mean attention distance (pixels)")
+    ax.set_ylim(0, image_side if image_side else None)
+    ax.set_xticks(np.arange(n_layers))
+    if n_heads <= 16:
+        ax.legend(fontsize=6, ncol=2, loc="lower right")
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_position_embedding_similarity(similarity: np.ndarray, path: str) -> str:
+    """Grid of grids: for each patch (row, column), its cosine similarity to all patches (Fig. 7 centre)."""
+    plt = _pyplot()
+    gh, gw = similarity.shape[:2]
+    fig, axes = plt.subplots(gh, gw, figsize=(max(3.0, 0.55 * gw + 1.0), max(3.0, 0.55 * gh + 0.6)), squeeze=False)
+    im = None
+    for i in range(gh):
+        for j in range(gw):
+            ax = axes[i, j]
+            im = ax.imshow(similarity[i, j], vmin=-1, vmax=1, cmap="viridis")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if j == 0:
+                ax.set_ylabel(str(i + 1), fontsize=6)
+            if i == gh - 1:
+                ax.set_xlabel(str(j + 1), fontsize=6)
+    fig.supylabel("input patch row")
+    fig.supxlabel("input patch column")
+    fig.colorbar(im, ax=axes.ravel().tolist(), fraction=0.03, label="cosine similarity")
+    return _save(fig, path)
+
+
+def plot_embedding_filters(components: np.ndarray, path: str) -> str:
+    """The principal components of the patch-embedding filters, each scaled to [0, 1] (Fig. 7 left)."""
+    plt = _pyplot()
+    k = len(components)
+    cols = min(7, k)
+    rows = int(np.ceil(k / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(1.2 * cols, 1.2 * rows + 0.4), squeeze=False)
+    for i, ax in enumerate(axes.ravel()):
+        ax.axis("off")
+        if i < k:
+            comp = _to_rgb_range(components[i])
+            ax.imshow(comp[..., 0] if comp.shape[-1] == 1 else comp[..., :3], cmap="gray",
+                      interpolation="nearest")
+    fig.suptitle("RGB embedding filters (first principal components)", fontsize=9)
+    return _save(fig, path)
+
+
+def inspect_model(model, images: np.ndarray, out_dir: str, distance_images: Optional[np.ndarray] = None,
+                  k: int = 28) -> Dict[str, str]:
+    """Every figure for one model: PNGs and `inspect.npz` under out_dir. `images[0]` is the one
+    shown for rollout and attention maps; mean attention distance averages over
+    `distance_images` (default: `images`). Returns {figure name: path}; figures that do not
+    apply to the model (filters of a hybrid, similarity without position embeddings) are skipped
+    and named under "skipped"."""
+    cfg = _config(model)
+    os.makedirs(out_dir, exist_ok=True)
+    images = _check_images(model, images)
+    dist_images = images if distance_images is None else _check_images(model, distance_images)
+    p = _num_prefix_tokens(model)
+    written: Dict[str, str] = {}
+    skipped: Dict[str, str] = {}
+    arrays: Dict[str, np.ndarray] = {"images": images}
+
+    attn = attention_maps(model, images)
+    for i, a in enumerate(attn):
+        arrays[f"attention_layer{i}"] = a
+    rollout = rollout_from_attention(attn, p).reshape((-1, *cfg.grid_size))
+    arrays["attention_rollout"] = rollout
+    written["attention_rollout"] = plot_attention_rollout(images[0], rollout[0], os.path.join(out_dir, "attention_rollout.png"))
+    written["attention_maps"] = plot_attention_maps(attn, cfg.grid_size, os.path.join(out_dir, "attention_maps.png"), p)
+
+    dist = mean_attention_distance(model, dist_images)
+    arrays["mean_attention_distance"] = dist
+    written["mean_attention_distance"] = plot_attention_distance(
+        dist, os.path.join(out_dir, "mean_attention_distance.png"),
+        image_side=float(np.hypot(*cfg.image_size)))
+
+    try:
+        sim = position_embedding_similarity(model)
+        arrays["position_embedding_similarity"] = sim
+        written["position_embedding_similarity"] = plot_position_embedding_similarity(
+            sim, os.path.join(out_dir, "position_embedding_similarity.png"))
+    except ValueError as exc:
+        skipped["position_embedding_similarity"] = str(exc)
+    try:
+        comps, ratio = embedding_filters(model, k)
+        arrays["embedding_filters"] = comps
+        arrays["embedding_filters_explained_variance"] = ratio
+        written["embedding_filters"] = plot_embedding_filters(comps, os.path.join(out_dir, "embedding_filters.png"))
+    except ValueError as exc:
+        skipped["embedding_filters"] = str(exc)
+
+    npz = os.path.join(out_dir, "inspect.npz")
+    tmp = os.path.join(out_dir, ".inspect.tmp.npz")
+    np.savez_compressed(tmp, **arrays)
+    os.replace(tmp, npz)
+    written["arrays"] = npz
+    if skipped:
+        written["skipped"] = skipped  # type: ignore[assignment]
+    return written

@@ -1,0 +1,85 @@
+"""keras_vit.fewshot and `vitcli fewshot`: the paper's linear few-shot protocol."""
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from keras_vit import fewshot
+from tests.vit_digits import digits_data, trained_digits_vit
+
+
+@pytest.mark.parametrize("n,d", [(60, 12), (12, 60)])  # primal (n >= d) and dual (n < d) forms
+def test_closed_form_equals_iterative_solver(n, d):
+    from sklearn.linear_model import Ridge
+
+    rs = np.random.default_rng(0)
+    x = rs.normal(size=(n, d))
+    y = 2.0 * np.eye(4)[rs.integers(0, 4, n)] - 1.0
+    for l2 in (0.1, 3.0):
+        w = fewshot.ridge_regression(x, y, l2)
+        iterative = Ridge(alpha=l2, fit_intercept=False, solver="sag", tol=1e-12, max_iter=200_000,
+                          random_state=0).fit(x, y)
+        np.testing.assert_allclose(w, iterative.coef_.T, atol=1e-5)
+        # gradient of ||XW - Y||^2 + l2 ||W||^2 vanishes at the solution
+        np.testing.assert_allclose(x.T @ (x @ w - y) + l2 * w, 0.0, atol=1e-8)
+
+
+def test_eigendecomposition_path_equals_closed_form():
+    rs = np.random.default_rng(1)
+    for n in (40, 8):
+        x = rs.normal(size=(n, 16))
+        labels = np.arange(n) % 4
+        cache = fewshot._RidgeCache(x, labels, 4)
+        xs = fewshot._standardise(x, cache.mean, cache.std)
+        for l2 in (2.0 ** -5, 1.0, 2.0 ** 8):
+            np.testing.assert_allclose(cache.weights(l2), fewshot.ridge_regression(xs, fewshot._targets(labels, 4), l2),
+                                       atol=1e-6)
+
+
+def _features():
+    model = trained_digits_vit()
+    x_tr, y_tr, x_te, y_te = digits_data()
+    f_tr = fewshot.extract_features(model, x_tr)
+    f_te = fewshot.extract_features(model, x_te)
+    # validation: the last 200 training images; the support sets are drawn from the rest
+    return (f_tr[:-200], y_tr[:-200]), (f_tr[-200:], y_tr[-200:]), (f_te, y_te)
+
+
+def test_ten_shot_on_digits_trained_features_is_far_above_chance():
+    train, val, test = _features()
+    assert train[0].shape[1] == 64  # pre-logits width, the head is cut off
+    result = fewshot.fewshot_evaluate(train, val, test, shots=(1, 10), draws=3, seed=0)
+    assert result["chance"] == pytest.approx(0.1)
+    ten = result["shots"][10]
+    assert len(ten["accuracies"]) == 3 and ten["std"] >= 0
+    assert ten["mean"] > 0.6, result
+    assert ten["l2"] in fewshot.DEFAULT_L2_GRID
+    # the regulariser is chosen on validation data: scrambling the test labels cannot change it
+    scrambled = (test[0], np.random.default_rng(0).permutation(test[1]))
+    again = fewshot.fewshot_evaluate(train, val, scrambled, shots=(1, 10), draws=3, seed=0)
+    assert [again["shots"][k]["l2"] for k in (1, 10)] == [result["shots"][k]["l2"] for k in (1, 10)]
+
+
+def test_too_many_shots_is_a_clear_error():
+    rs = np.random.default_rng(0)
+    x, y = rs.normal(size=(20, 4)), np.arange(20) % 2
+    with pytest.raises(ValueError, match="fewer than 25 shots"):
+        fewshot.fewshot_evaluate((x, y), (x, y), (x, y), shots=(25,))
+
+
+def test_cli_fewshot_json(tmp_path):
+    from keras_vit.cli.main import cli
+
+    path = tmp_path / "digits.keras"
+    trained_digits_vit().save(path)
+    out = tmp_path / "fewshot.json"
+    result = CliRunner().invoke(cli, ["fewshot", "--model", str(path), "--dataset", "digits", "--shots", "1,5",
+                                      "--draws", "2", "--json", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    parsed = json.loads(result.output[result.output.index("{"):])
+    assert set(parsed["shots"]) == {"1", "5"} and parsed["num_classes"] == 10
+    assert parsed["shots"]["5"]["mean"] > 0.3
+    assert json.loads(out.read_text()) == parsed
+    bad = CliRunner().invoke(cli, ["fewshot", "--model", str(path), "--shots", "0,5"])
+    assert bad.exit_code == 2 and "--shots" in bad.output and len(bad.output.strip().splitlines()) == 1

@@ -1,0 +1,172 @@
+"""keras_vit.inspect and `vitcli inspect`: attention maps, rollout, attention distance,
+position-embedding similarity, embedding filters (paper Section 4.5, Fig. 7)."""
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import keras_vit
+from keras_vit import inspect as kin
+from tests.conftest import random_images
+from tests.vit_digits import TINY_DIGITS, digits_data, trained_digits_vit
+
+SMALL = dict(hidden_size=32, num_heads=2, mlp_dim=64, num_layers=2)
+
+
+def _uniform_attention(model):
+    """Zero query projections: every logit is 0, so every head attends uniformly."""
+    for layer in model.layers:
+        if isinstance(layer, keras_vit.layers.TransformerBlock):
+            att = layer.attention
+            att.query_kernel.assign(np.zeros(att.query_kernel.shape, "float32"))
+            att.query_bias.assign(np.zeros(att.query_bias.shape, "float32"))
+    return model
+
+
+@pytest.mark.parametrize("classifier,image_size,patch", [("token", (32, 48), 8), ("gap", (16, 24), 4)])
+def test_attention_maps_shapes_and_rows_sum_to_one(classifier, image_size, patch):
+    model = keras_vit.ViT("Ti/8", image_size=image_size, num_classes=3, classifier=classifier,
+                          patch_size=patch, **SMALL)
+    grid = (image_size[0] // patch, image_size[1] // patch)
+    s = grid[0] * grid[1] + (classifier == "token")
+    maps = kin.attention_maps(model, random_images(3, *image_size), batch_size=2)  # two batches
+    assert len(maps) == SMALL["num_layers"]
+    for a in maps:
+        assert a.shape == (3, SMALL["num_heads"], s, s) and a.dtype == np.float32
+        np.testing.assert_allclose(a.sum(-1), 1.0, atol=1e-5)
+        assert (a >= 0).all()
+    assert kin.attention_rollout(model, random_images(2, *image_size)).shape == (2, *grid)
+    assert kin.mean_attention_distance(model, random_images(2, *image_size)).shape == (2, 2)
+
+
+def test_attention_maps_of_a_model_loaded_from_keras_file(tmp_path):
+    model = keras_vit.ViT("Ti/8", image_size=32, num_classes=3, **SMALL)
+    path = tmp_path / "m.keras"
+    model.save(path)
+    loaded = keras_vit.load_model(path)
+    x = random_images(2, 32, 32)
+    for a, b in zip(kin.attention_maps(model, x), kin.attention_maps(loaded, x)):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_attention_maps_of_a_hybrid():
+    pytest.importorskip("keras_vit.resnet")
+    model = keras_vit.ViT("R26+S/32", image_size=64, num_classes=3, **SMALL)
+    maps = kin.attention_maps(model, random_images(1, 64, 64))
+    assert maps[0].shape == (1, 2, 5, 5)
+    # one "patch" spans the total stride (32 px): distances are multiples of it
+    assert kin.mean_attention_distance(model, random_images(1, 64, 64)).max() <= 32 * np.sqrt(2) + 1e-3
+    with pytest.raises(ValueError, match="hybrid"):
+        kin.embedding_filters(model)
+
+
+def test_wrong_image_shape_is_a_clear_error():
+    model = keras_vit.ViT("Ti/8", image_size=32, num_classes=3, **SMALL)
+    with pytest.raises(ValueError, match=r"\(batch, 32, 32, 3\)"):
+        kin.attention_maps(model, random_images(1, 16, 16))
+
+
+@pytest.mark.parametrize("classifier", ["token", "gap"])
+def test_uniform_attention_gives_uniform_rollout(classifier):
+    model = _uniform_attention(keras_vit.ViT("Ti/8", image_size=(32, 48), num_classes=3,
+                                             classifier=classifier, **SMALL))
+    x = random_images(2, 32, 48)
+    maps = kin.attention_maps(model, x)
+    np.testing.assert_allclose(maps[0], 1.0 / maps[0].shape[-1], atol=1e-6)
+    rollout = kin.attention_rollout(model, x)
+    assert rollout.shape == (2, 4, 6)
+    np.testing.assert_allclose(rollout, 1.0 / 24, atol=1e-6)
+
+
+def test_rollout_of_one_layer_is_the_residual_mixed_attention():
+    rs = np.random.default_rng(0)
+    a = rs.random((1, 2, 5, 5))
+    a /= a.sum(-1, keepdims=True)
+    expected = 0.5 * a.mean(1)[0] + 0.5 * np.eye(5)
+    row = expected[0, 1:] / expected[0, 1:].sum()
+    np.testing.assert_allclose(kin.rollout_from_attention([a], num_prefix_tokens=1)[0], row, atol=1e-6)
+
+
+def test_self_only_head_has_zero_attention_distance():
+    grid, stride = (4, 6), (8, 8)
+    n = 24
+    eye = np.broadcast_to(np.eye(n + 1), (2, 1, n + 1, n + 1))
+    # a head looking only at the patch to its right (wrapping at the row end excluded)
+    right = np.zeros((1, 1, n + 1, n + 1))
+    right[0, 0, 0, 1] = 1
+    for q in range(n):
+        r, c = divmod(q, 6)
+        right[0, 0, q + 1, 1 + r * 6 + (c + 1 if c < 5 else c - 1)] = 1
+    out = kin.attention_distance_from_probs(np.concatenate([eye[:1], right], axis=1), grid, stride)
+    assert out.shape == (2,)
+    assert out[0] == pytest.approx(0.0, abs=1e-6)
+    assert out[1] == pytest.approx(8.0, abs=1e-5)  # one patch (8 px) away
+    # class-token attention is dropped and the patch row renormalised
+    half = np.zeros((1, 1, n + 1, n + 1))
+    half[..., 0] = 0.5
+    half[0, 0, np.arange(1, n + 1), np.arange(1, n + 1)] = 0.5
+    assert kin.attention_distance_from_probs(half, grid, stride)[0] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_position_embeddings_trained_on_digits_are_more_similar_to_neighbours():
+    model = trained_digits_vit()
+    sim = kin.position_embedding_similarity(model)
+    g = 32 // TINY_DIGITS["patch_size"]
+    assert sim.shape == (g, g, g, g)
+    idx = np.arange(g)
+    np.testing.assert_allclose(sim[idx[:, None], idx[None, :], idx[:, None], idx[None, :]], 1.0, atol=1e-5)
+    dist = kin.patch_distances((g, g), (1, 1)).reshape(g, g, g, g)
+    neighbours, far = sim[dist == 1].mean(), sim[dist >= g / 2].mean()
+    assert neighbours > far + 0.1, (neighbours, far)
+
+
+def test_position_embedding_similarity_needs_a_table():
+    model = keras_vit.ViT("Ti/8", image_size=32, num_classes=3, pos_embedding="none", **SMALL)
+    with pytest.raises(ValueError, match="no position embedding"):
+        kin.position_embedding_similarity(model)
+    sincos = keras_vit.ViT("Ti/8", image_size=32, num_classes=3, pos_embedding="sincos2d", **SMALL)
+    assert kin.position_embedding_similarity(sincos).shape == (4, 4, 4, 4)
+
+
+def test_embedding_filters_are_principal_components():
+    model = keras_vit.ViT("Ti/4", image_size=32, num_classes=3, **SMALL)
+    comps, ratio = kin.embedding_filters(model, k=28)
+    assert comps.shape == (28, 4, 4, 3)
+    flat = comps.reshape(28, -1)
+    np.testing.assert_allclose(flat @ flat.T, np.eye(28), atol=1e-4)  # orthonormal directions
+    assert np.all(np.diff(ratio) <= 1e-7) and 0 < ratio.sum() <= 1 + 1e-6
+    assert kin.embedding_filters(model, k=1000)[0].shape[0] == 32  # capped at min(D, P*P*C)
+
+
+def test_cli_inspect_writes_figures_and_arrays(tmp_path):
+    from keras_vit.cli.main import cli
+
+    path = tmp_path / "digits.keras"
+    trained_digits_vit().save(path)
+    x_te = digits_data()[2]
+    from PIL import Image
+
+    Image.fromarray(x_te[0].astype("uint8")).save(tmp_path / "digit.png")
+    out = tmp_path / "figs"
+    result = CliRunner().invoke(cli, ["inspect", "--model", str(path), "--image", str(tmp_path / "digit.png"),
+                                      "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    for name in ("attention_rollout", "attention_maps", "mean_attention_distance",
+                 "position_embedding_similarity", "embedding_filters"):
+        png = out / f"{name}.png"
+        assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
+    arrays = np.load(out / "inspect.npz")
+    assert arrays["attention_layer0"].shape == (1, 4, 65, 65)
+    assert arrays["mean_attention_distance"].shape == (2, 4)
+    assert arrays["attention_rollout"].shape == (1, 8, 8)
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left
+
+
+def test_cli_inspect_bad_input_is_one_line(tmp_path):
+    from keras_vit.cli.main import cli
+
+    result = CliRunner().invoke(cli, ["inspect", "--model", str(tmp_path / "missing.keras"), "--out", str(tmp_path)])
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [f"Error: model file '{tmp_path / 'missing.keras'}' does not exist"]
+    result = CliRunner().invoke(cli, ["inspect", "--model", "Q/16", "--out", str(tmp_path)])
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1
+    assert "unknown variant" in result.output
