@@ -1,0 +1,277 @@
+"""Self-supervised masked patch prediction (paper Section 4.6 and Appendix B.1.2).
+
+Corrupt 50% of the patch embeddings of each image: of the corrupted ones, 80% are replaced by
+a learnable [mask] embedding, 10% by the embedding of a random other patch (of the same image),
+10% are left unchanged. The encoder's output at every corrupted patch predicts that patch's
+3-bit mean colour (8 levels per channel, 512 classes for RGB); the loss is on corrupted
+patches only. The alternatives the paper compares are options of `target`:
+
+- "color": 3-bit mean colour, a 8^C-way classification (the paper's choice);
+- "color_regression": the mean colour, regressed with L2 (values scaled to [-1, 1]);
+- "patch_regression": the full patch (every pixel and channel), regressed with L2.
+
+The encoder is a keras-vit VisionTransformer (build it with include_top=False): the
+pre-training model reuses its layers by name (preprocessing, resnet, embedding, cls,
+posembed_input, dropout, encoderblock_i, encoder_norm) and inserts `PatchCorruption` after
+the patch embedding, so after training `encoder.save("model.keras")` is a plain keras-vit
+model whose weights fine-tune with a new head (`vitcli train --weights model.keras`).
+
+Model code is keras.ops only; the corruption codes and targets are drawn in numpy per batch,
+so it runs on every backend.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Dict, Iterator, Optional, Tuple
+
+import keras
+import numpy as np
+from keras import layers, ops
+
+__all__ = ["TARGETS", "KEEP", "MASK", "RANDOM", "UNCHANGED", "PatchCorruption", "DropPrefixTokens",
+           "corruption_codes", "patch_targets", "num_outputs", "build_pretrainer", "masked_patch_batches",
+           "pretrain", "save_encoder"]
+
+TARGETS = ("color", "color_regression", "patch_regression")
+# Corruption codes per patch: not selected / [mask] embedding / random other patch / selected, unchanged.
+KEEP, MASK, RANDOM, UNCHANGED = 0, 1, 2, 3
+COLOR_BITS = 3
+
+_REG = keras.saving.register_keras_serializable(package="keras_vit")
+
+
+# --- layers --------------------------------------------------------------------------------
+@_REG
+class PatchCorruption(layers.Layer):
+    """Applies corruption codes to patch embeddings (B, N, D): MASK -> the learnable mask
+    embedding, RANDOM -> the embedding of patch `source[b, n]` of the same image, else unchanged."""
+
+    def build(self, input_shape):
+        self.mask_embedding = self.add_weight(
+            shape=(input_shape[-1],), initializer=keras.initializers.RandomNormal(stddev=0.02),
+            name="mask_embedding")
+        self.built = True
+
+    def call(self, x, codes, source):
+        codes = ops.cast(codes, "int32")[..., None]
+        source = ops.cast(source, "int32")[..., None]
+        other = ops.take_along_axis(x, ops.broadcast_to(source, ops.shape(x)), axis=1)
+        mask = ops.broadcast_to(ops.cast(self.mask_embedding, x.dtype), ops.shape(x))
+        x = ops.where(codes == RANDOM, other, x)
+        return ops.where(codes == MASK, mask, x)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+
+@_REG
+class DropPrefixTokens(layers.Layer):
+    """Keeps the patch tokens (B, N, D) of a sequence that starts with `num_prefix_tokens` class tokens."""
+
+    def __init__(self, num_prefix_tokens: int = 1, **kwargs):
+        super().__init__(**kwargs)
+        self.num_prefix_tokens = int(num_prefix_tokens)
+
+    def call(self, x):
+        return x[:, self.num_prefix_tokens:]
+
+    def compute_output_shape(self, input_shape):
+        b, s, d = input_shape
+        return (b, None if s is None else s - self.num_prefix_tokens, d)
+
+    def get_config(self):
+        return {**super().get_config(), "num_prefix_tokens": self.num_prefix_tokens}
+
+
+# --- corruption and targets (numpy) ------------------------------------------------------------
+def corruption_codes(batch: int, num_patches: int, rng: np.random.Generator, mask_ratio: float = 0.5,
+                     mask_prob: float = 0.8, random_prob: float = 0.1) -> Tuple[np.ndarray, np.ndarray]:
+    """Codes (B, N) int32 and random-source indices (B, N) int32 for one batch.
+
+    Exactly round(mask_ratio * N) patches per image are corrupted (at least 1); each corrupted
+    patch becomes MASK with probability mask_prob, RANDOM with random_prob, else UNCHANGED.
+    A RANDOM patch's source is a uniformly drawn *other* patch of the same image.
+    """
+    if not 0.0 < mask_ratio <= 1.0:
+        raise ValueError(f"mask_ratio must be in (0, 1], got {mask_ratio}")
+    if mask_prob < 0 or random_prob < 0 or mask_prob + random_prob > 1.0:
+        raise ValueError(f"mask_prob and random_prob must be >= 0 with a sum <= 1, got {mask_prob}, {random_prob}")
+    k = max(1, int(round(mask_ratio * num_patches)))
+    order = np.argsort(rng.random((batch, num_patches)), axis=1)
+    selected = np.zeros((batch, num_patches), dtype=bool)
+    np.put_along_axis(selected, order[:, :k], True, axis=1)
+    u = rng.random((batch, num_patches))
+    codes = np.where(u < mask_prob, MASK, np.where(u < mask_prob + random_prob, RANDOM, UNCHANGED))
+    codes = np.where(selected, codes, KEEP).astype(np.int32)
+    if num_patches > 1:
+        src = rng.integers(0, num_patches - 1, size=(batch, num_patches))
+        src = src + (src >= np.arange(num_patches)[None, :])  # skip the patch itself
+    else:
+        src = np.zeros((batch, num_patches), dtype=np.int64)
+    return codes, src.astype(np.int32)
+
+
+def _patches(images: np.ndarray, stride: Tuple[int, int]) -> np.ndarray:
+    """(B, H, W, C) -> (B, N, sh, sw, C), patches in row-major order (as PatchEmbedding)."""
+    b, h, w, c = images.shape
+    sh, sw = stride
+    x = images.reshape(b, h // sh, sh, w // sw, sw, c).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, (h // sh) * (w // sw), sh, sw, c)
+
+
+def num_outputs(target: str, stride: Tuple[int, int], channels: int) -> int:
+    """Width of the prediction head: 8^C classes, C mean values, or every pixel of a patch."""
+    if target == "color":
+        return (2 ** COLOR_BITS) ** channels
+    if target == "color_regression":
+        return channels
+    if target == "patch_regression":
+        return stride[0] * stride[1] * channels
+    raise ValueError(f"target must be one of {', '.join(TARGETS)}; got {target!r}")
+
+
+def patch_targets(images: np.ndarray, stride: Tuple[int, int], target: str = "color") -> np.ndarray:
+    """Per-patch targets of float images in [0, 255] (B, H, W, C): for "color" the class
+    sum_c bin_c * 8^(C-1-c) of the 3-bit mean colour (B, N) int32; for the regressions the
+    mean colour (B, N, C) or the flattened patch (B, N, sh*sw*C) scaled to [-1, 1]."""
+    num_outputs(target, stride, images.shape[-1])  # validates target
+    p = _patches(np.asarray(images, dtype=np.float32), stride)
+    if target == "patch_regression":
+        return (p.reshape(p.shape[0], p.shape[1], -1) / 127.5 - 1.0).astype(np.float32)
+    mean = p.mean(axis=(2, 3))  # (B, N, C)
+    if target == "color_regression":
+        return (mean / 127.5 - 1.0).astype(np.float32)
+    levels = 2 ** COLOR_BITS
+    bins = np.clip(np.floor(mean / 256.0 * levels), 0, levels - 1).astype(np.int64)
+    weights = levels ** np.arange(bins.shape[-1] - 1, -1, -1)
+    return (bins * weights).sum(axis=-1).astype(np.int32)
+
+
+# --- model ------------------------------------------------------------------------------------
+def build_pretrainer(encoder: keras.Model, target: str = "color") -> keras.Model:
+    """The masked-patch-prediction model around a keras-vit encoder (sharing its layers):
+    inputs {"images", "codes", "source"} -> per-patch predictions (B, N, num_outputs)."""
+    from keras_vit.layers import TransformerBlock
+    from keras_vit.vit import get_config
+
+    cfg = get_config(encoder)
+    k = num_outputs(target, cfg.input_stride, cfg.channels)
+    n = cfg.num_patches
+    images = keras.Input((*cfg.image_size, cfg.channels), name="images")
+    codes = keras.Input((n,), dtype="int32", name="codes")
+    source = keras.Input((n,), dtype="int32", name="source")
+    names = {layer.name for layer in encoder.layers}
+    x = images
+    for name in ("preprocessing", "resnet"):
+        if name in names:
+            x = encoder.get_layer(name)(x)
+    x = encoder.get_layer("embedding")(x)
+    x = PatchCorruption(name="patch_corruption")(x, codes, source)
+    prefix = 0
+    if "cls" in names:
+        x = encoder.get_layer("cls")(x)
+        prefix = 1
+    x = encoder.get_layer("posembed_input")(x)
+    x = encoder.get_layer("dropout")(x)
+    for layer in encoder.layers:
+        if isinstance(layer, TransformerBlock):
+            x = layer(x)
+    x = encoder.get_layer("encoder_norm")(x)
+    x = DropPrefixTokens(prefix, name="patch_tokens")(x)
+    x = layers.Dense(k, name="mpp_head", dtype="float32")(x)
+    return keras.Model({"images": images, "codes": codes, "source": source}, x, name=f"{encoder.name}_mpp")
+
+
+def masked_patch_batches(images: np.ndarray, stride: Tuple[int, int], num_patches: int, batch_size: int,
+                         target: str = "color", seed: int = 0, shuffle: bool = True, repeat: bool = True,
+                         **corruption) -> Iterator[Tuple[Dict[str, np.ndarray], np.ndarray, np.ndarray]]:
+    """Batches (inputs, targets, sample_weight) with a fresh corruption per batch.
+
+    sample_weight is 1 on corrupted patches and 0 elsewhere, rescaled per batch so that Keras'
+    mean over all B*N entries equals the mean over the corrupted patches: the loss is on
+    corrupted patches only."""
+    rng = np.random.default_rng(seed)
+    n = len(images)
+    while True:
+        order = rng.permutation(n) if shuffle else np.arange(n)
+        for start in range(0, n, batch_size):
+            idx = np.sort(order[start:start + batch_size])
+            x = np.asarray(images[idx], dtype=np.float32)
+            codes, src = corruption_codes(len(x), num_patches, rng, **corruption)
+            weight = (codes != KEEP).astype(np.float32)
+            weight *= weight.size / max(float(weight.sum()), 1.0)
+            yield {"images": x, "codes": codes, "source": src}, patch_targets(x, stride, target), weight
+        if not repeat:
+            return
+
+
+def pretrain(encoder: keras.Model, images: np.ndarray, val_images: Optional[np.ndarray] = None,
+             target: str = "color", epochs: int = 10, batch_size: int = 64, learning_rate: float = 1e-3,
+             weight_decay: float = 0.05, warmup_epochs: float = 1.0, seed: int = 0, verbose: int = 1,
+             callbacks=None, **corruption) -> Dict[str, list]:
+    """Masked patch prediction on unlabelled float images (N, H, W, C) in [0, 255]; trains the
+    encoder's weights in place and returns the Keras history (loss, and accuracy on corrupted
+    patches for "color"; val_* when val_images are given).
+
+    Recipe as the paper's pre-training (Appendix B): AdamW (0.9, 0.999), linear warm-up then
+    cosine decay, gradient clipping at global norm 1; the default sizes suit small datasets.
+    """
+    from keras_vit.vit import get_config
+
+    cfg = get_config(encoder)
+    images = np.asarray(images, dtype=np.float32)
+    expected = (*cfg.image_size, cfg.channels)
+    for what, arr in (("images", images), ("val_images", val_images)):
+        if arr is not None and (np.ndim(arr) != 4 or tuple(np.shape(arr)[1:]) != expected):
+            raise ValueError(f"{what} must have shape (N, {expected[0]}, {expected[1]}, {expected[2]}) for this "
+                             f"encoder, got {tuple(np.shape(arr))}")
+    if epochs < 1 or batch_size < 1:
+        raise ValueError(f"epochs and batch_size must be >= 1, got {epochs}, {batch_size}")
+    model = build_pretrainer(encoder, target)
+    steps = math.ceil(len(images) / batch_size)
+    total = steps * epochs
+    warmup = min(int(round(warmup_epochs * steps)), total - 1)
+    schedule = keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=0.0 if warmup else learning_rate, decay_steps=max(total - warmup, 1),
+        warmup_target=learning_rate if warmup else None, warmup_steps=warmup)
+    optimizer = keras.optimizers.AdamW(schedule, weight_decay=weight_decay, beta_1=0.9, beta_2=0.999,
+                                       global_clipnorm=1.0)
+    if target == "color":
+        loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        metrics = [keras.metrics.SparseCategoricalAccuracy(name="accuracy")]
+    else:
+        loss = keras.losses.MeanSquaredError()
+        metrics = []
+    model.compile(optimizer=optimizer, loss=loss, weighted_metrics=metrics)
+    keras.utils.set_random_seed(seed)
+    train = masked_patch_batches(images, cfg.input_stride, cfg.num_patches, batch_size, target, seed, **corruption)
+    fit_kw = {}
+    if val_images is not None and len(val_images):
+        # A fixed corruption of the validation images, so that val numbers are comparable across epochs.
+        val = list(masked_patch_batches(np.asarray(val_images, np.float32), cfg.input_stride, cfg.num_patches,
+                                        batch_size, target, seed + 1, shuffle=False, repeat=False, **corruption))
+        fit_kw["validation_data"] = (
+            {k: np.concatenate([b[0][k] for b in val]) for k in ("images", "codes", "source")},
+            np.concatenate([b[1] for b in val]), np.concatenate([b[2] for b in val]))
+        fit_kw["validation_batch_size"] = batch_size
+    history = model.fit(train, steps_per_epoch=steps, epochs=epochs, verbose=verbose, shuffle=False,
+                        callbacks=callbacks, **fit_kw)
+    return {k: [float(v) for v in vals] for k, vals in history.history.items()}
+
+
+def save_encoder(encoder: keras.Model, path: str) -> str:
+    """Save the encoder as a keras-vit .keras file (temporary name, then rename)."""
+    path = os.fspath(path)
+    if not path.endswith(".keras"):
+        raise ValueError(f"encoder path must end with .keras, got {path!r}")
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)[:-6]}.tmp.keras")
+    try:
+        encoder.save(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path

@@ -1,0 +1,134 @@
+"""keras_vit.pretrain and `vitcli pretrain`: masked patch prediction (paper Appendix B.1.2)."""
+import json
+
+import keras
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import keras_vit
+from keras_vit import pretrain as mpp
+from tests.conftest import random_images
+from tests.vit_digits import digits_data
+
+SMALL = dict(hidden_size=32, num_heads=2, mlp_dim=64, num_layers=1, patch_size=4)
+
+
+def test_corruption_follows_the_paper():
+    rng = np.random.default_rng(0)
+    codes, src = mpp.corruption_codes(2000, 64, rng)
+    selected = codes != mpp.KEEP
+    assert (selected.sum(axis=1) == 32).all()  # exactly 50% of the patches of every image
+    frac = np.array([(codes == c).sum() for c in (mpp.MASK, mpp.RANDOM, mpp.UNCHANGED)]) / selected.sum()
+    np.testing.assert_allclose(frac, [0.8, 0.1, 0.1], atol=0.01)
+    assert (src != np.arange(64)[None]).all() and src.min() >= 0 and src.max() <= 63  # another patch
+    codes, _ = mpp.corruption_codes(3, 5, rng, mask_ratio=0.3)
+    assert ((codes != mpp.KEEP).sum(axis=1) == 2).all()
+
+
+def test_three_bit_mean_colour_targets():
+    img = np.zeros((1, 8, 8, 3), np.float32)
+    img[0, :4, :4] = (255, 0, 0)           # pure red -> bins (7, 0, 0)
+    img[0, :4, 4:] = (40, 100, 200)        # bins (1, 3, 6)
+    img[0, 4:, :4, 1] = 255                # green
+    img[0, 4:, 4:] = 255                   # white -> 511
+    t = mpp.patch_targets(img, (4, 4), "color")
+    assert t.dtype == np.int32 and t.tolist() == [[7 * 64, 1 * 64 + 3 * 8 + 6, 7 * 8, 511]]
+    assert mpp.num_outputs("color", (4, 4), 3) == 512 and mpp.num_outputs("color", (4, 4), 1) == 8
+    reg = mpp.patch_targets(img, (4, 4), "color_regression")
+    np.testing.assert_allclose(reg[0, 0], [1, -1, -1], atol=1e-6)
+    full = mpp.patch_targets(img, (4, 4), "patch_regression")
+    assert full.shape == (1, 4, 48)
+    np.testing.assert_allclose(full[0, 3], 1.0)
+    with pytest.raises(ValueError, match="target must be one of"):
+        mpp.patch_targets(img, (4, 4), "pixels")
+
+
+def test_patch_corruption_layer():
+    layer = mpp.PatchCorruption()
+    x = np.arange(2 * 4 * 3, dtype="float32").reshape(2, 4, 3)
+    codes = np.array([[0, 1, 2, 3], [2, 0, 0, 1]], "int32")
+    source = np.array([[1, 2, 0, 0], [3, 0, 0, 0]], "int32")
+    out = keras.ops.convert_to_numpy(layer(x, codes, source))
+    m = keras.ops.convert_to_numpy(layer.mask_embedding)
+    np.testing.assert_allclose(out[0], [x[0, 0], m, x[0, 0], x[0, 3]])
+    np.testing.assert_allclose(out[1], [x[1, 3], x[1, 1], x[1, 2], m])
+
+
+def test_loss_is_on_corrupted_patches_only():
+    enc = keras_vit.ViT("Ti/4", image_size=16, include_top=False, **SMALL)
+    model = mpp.build_pretrainer(enc, "color")
+    assert model.output_shape == (None, 16, 512)
+    inputs, targets, weight = next(mpp.masked_patch_batches(random_images(4, 16, 16), (4, 4), 16, 4))
+    assert (weight[inputs["codes"] == mpp.KEEP] == 0).all()
+    assert weight.mean() == pytest.approx(1.0)  # Keras' mean over B*N == mean over corrupted patches
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    pred = model(inputs)
+    other = np.where(inputs["codes"] == mpp.KEEP, (targets + 1) % 512, targets)  # change only kept patches
+    a = float(loss(targets, pred, sample_weight=weight))
+    b = float(loss(other, pred, sample_weight=weight))
+    assert a == pytest.approx(b, rel=1e-6)
+
+
+def _copy_by_name(dst, src):
+    """What `vitcli train --weights` does: copy weights by layer name where shapes match, skip the head."""
+    try:
+        from keras_vit.train import load_initial_weights
+    except ImportError:
+        load_initial_weights = None
+    if load_initial_weights is not None:
+        return load_initial_weights(dst, src)
+    src_model = keras_vit.load_model(src)
+    for layer in dst.layers:
+        if layer.name == "head" or not layer.weights:
+            continue
+        other = src_model.get_layer(layer.name)
+        for a, b in zip(layer.weights, other.weights):
+            assert a.shape == b.shape, layer.name
+            a.assign(b)
+
+
+@pytest.mark.parametrize("target", mpp.TARGETS)
+def test_pretraining_learns_and_saves_a_fine_tunable_encoder(tmp_path, target):
+    x_tr = digits_data()[0][:256]
+    enc = keras_vit.ViT("Ti/4", image_size=32, include_top=False, **SMALL)
+    hist = mpp.pretrain(enc, x_tr, x_tr[:64], target=target, epochs=3, batch_size=32, learning_rate=2e-3,
+                        seed=0, verbose=0)
+    assert hist["loss"][-1] < hist["loss"][0] and "val_loss" in hist
+    path = mpp.save_encoder(enc, str(tmp_path / "run" / "model.keras"))
+    loaded = keras_vit.load_model(path)
+    assert isinstance(loaded, keras_vit.VisionTransformer) and loaded.output_shape == (None, 32)
+    x = digits_data()[2][:4]
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), enc.predict(x, verbose=0), atol=1e-5)
+    # fine-tuning: a classifier of the same variant takes every weight but the (new) head
+    clf = keras_vit.ViT("Ti/4", image_size=32, num_classes=10, **SMALL)
+    _copy_by_name(clf, path)
+    feats = keras.Model(clf.inputs, clf.get_layer("head").input)
+    np.testing.assert_allclose(feats.predict(x, verbose=0), enc.predict(x, verbose=0), atol=1e-5)
+
+
+def test_pretrain_rejects_bad_input():
+    enc = keras_vit.ViT("Ti/4", image_size=32, include_top=False, **SMALL)
+    with pytest.raises(ValueError, match=r"\(N, 32, 32, 3\)"):
+        mpp.pretrain(enc, random_images(4, 16, 16), epochs=1)
+    with pytest.raises(ValueError, match="mask_ratio"):
+        mpp.corruption_codes(1, 4, np.random.default_rng(0), mask_ratio=0.0)
+    with pytest.raises(ValueError, match="end with .keras"):
+        mpp.save_encoder(enc, "model.h5")
+
+
+def test_cli_pretrain_writes_encoder_and_metrics(tmp_path):
+    from keras_vit.cli.main import cli
+
+    out = tmp_path / "run"
+    result = CliRunner().invoke(cli, ["pretrain", "--dataset", "digits", "--variant", "Ti/4", "--hidden-size", "32",
+                                      "--num-layers", "1", "--num-heads", "2", "--mlp-dim", "64", "--epochs", "1",
+                                      "--batch-size", "128", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert f"--weights {out / 'model.keras'}" in result.output
+    model = keras_vit.load_model(out / "model.keras")
+    assert model.vit_config.include_top is False and model.vit_config.image_size == (32, 32)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["target"] == "color" and len(metrics["history"]["loss"]) == 1
+    bad = CliRunner().invoke(cli, ["pretrain", "--variant", "Ti/5", "--epochs", "1", "--out", str(tmp_path / "x")])
+    assert bad.exit_code == 2 and len(bad.output.strip().splitlines()) == 1 and "image_size" in bad.output
