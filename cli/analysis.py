@@ -11,7 +11,14 @@ from typing import Dict, List, Optional, Tuple
 
 import click
 
-from keras_vit.cli.main import UserError
+
+
+def _user_error(message: str) -> Exception:
+    """The CLI's one-line user error (keras_vit.cli.main.UserError); imported when raised,
+    because cli/main.py imports this module to register the commands."""
+    from keras_vit.cli.main import UserError
+
+    return UserError(message)
 
 _OVERRIDES = ("hidden_size", "num_layers", "num_heads", "mlp_dim", "patch_size")
 
@@ -22,20 +29,20 @@ def _load_model_arg(spec: str, image_size: Optional[Tuple[int, int]] = None, cha
     """A .keras file written by keras-vit, or a variant name (random initialisation, a baseline)."""
     if spec.endswith(".keras") or os.path.exists(spec):
         if not os.path.isfile(spec):
-            raise UserError(f"model file {spec!r} does not exist")
+            raise _user_error(f"model file {spec!r} does not exist")
         from keras_vit.saving import load_model
 
         try:
             return load_model(spec)
         except ValueError as exc:
-            raise UserError(str(exc)) from None
+            raise _user_error(str(exc)) from None
     import keras_vit
 
     try:
         return keras_vit.ViT(spec, image_size=image_size or 224, channels=channels,
                              include_top=True if include_top is None else include_top)
     except ValueError as exc:
-        raise UserError(f"--model {spec!r} is neither a .keras file nor a variant name: {exc}") from None
+        raise _user_error(f"--model {spec!r} is neither a .keras file nor a variant name: {exc}") from None
 
 
 def dataset_arrays(name: str, max_per_split: Optional[int] = None) -> Dict:
@@ -52,7 +59,7 @@ def dataset_arrays(name: str, max_per_split: Optional[int] = None) -> Dict:
         try:
             splits = data.load(name)
         except (ValueError, KeyError, FileNotFoundError) as exc:
-            raise UserError(f"dataset {name!r}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+            raise _user_error(f"dataset {name!r}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
 
         def arrays(ds):
             if ds is None:
@@ -70,13 +77,13 @@ def dataset_arrays(name: str, max_per_split: Optional[int] = None) -> Dict:
         out = {"train": arrays(splits.train), "val": arrays(splits.val), "test": arrays(splits.test),
                "class_names": list(splits.class_names), "image_shape": tuple(splits.image_shape)}
         if out["train"] is None or out["test"] is None:
-            raise UserError(f"dataset {name!r} has an empty train or test split")
+            raise _user_error(f"dataset {name!r} has an empty train or test split")
         if out["val"] is None:
             parts = _split_val(*out["train"])
             out["train"], out["val"] = parts["rest"], parts["val"]
         return out
     if name != "digits":
-        raise UserError(f"unknown dataset {name!r}; allowed: digits")
+        raise _user_error(f"unknown dataset {name!r}; allowed: digits")
     x_tr, y_tr, x_te, y_te = data.digits_arrays()
     parts = _split_val(x_tr, y_tr)
     return {"train": parts["rest"], "val": parts["val"], "test": (x_te, y_te.astype(np.int64)),
@@ -102,7 +109,7 @@ def _resize(images, size: Tuple[int, int], channels: int):
         elif c == 3 and channels == 1:
             images = images.mean(axis=-1, keepdims=True)
         else:
-            raise UserError(f"images have {c} channels but the model takes {channels}")
+            raise _user_error(f"images have {c} channels but the model takes {channels}")
     if tuple(images.shape[1:3]) != tuple(size):
         import keras
 
@@ -115,13 +122,13 @@ def _read_image(path: str, size: Tuple[int, int], channels: int):
     from PIL import Image, UnidentifiedImageError
 
     if not os.path.isfile(path):
-        raise UserError(f"image {path!r} does not exist")
+        raise _user_error(f"image {path!r} does not exist")
     try:
         with Image.open(path) as im:
             im = im.convert("L" if channels == 1 else "RGB").resize((size[1], size[0]), Image.BILINEAR)
             arr = np.asarray(im, dtype=np.float32)
     except (UnidentifiedImageError, OSError) as exc:
-        raise UserError(f"cannot read image {path!r}: {exc}") from None
+        raise _user_error(f"cannot read image {path!r}: {exc}") from None
     return arr[..., None] if arr.ndim == 2 else arr
 
 
@@ -141,7 +148,7 @@ def _parse_shots(text: str) -> List[int]:
     except ValueError:
         shots = []
     if not shots or any(s < 1 for s in shots):
-        raise UserError(f"--shots must be comma-separated positive integers such as 1,5,10,25; got {text!r}")
+        raise _user_error(f"--shots must be comma-separated positive integers such as 1,5,10,25; got {text!r}")
     return shots
 
 
@@ -187,7 +194,7 @@ def inspect_cmd(model_spec: str, image_paths: Tuple[str, ...], dataset: Optional
     try:
         written = kin.inspect_model(model, np.stack(images), out_dir, distance_images=dist_images, k=components)
     except ValueError as exc:
-        raise UserError(str(exc)) from None
+        raise _user_error(str(exc)) from None
     skipped = written.pop("skipped", {})
     for name, path in written.items():
         click.echo(f"{name:<32} {path}")
@@ -226,7 +233,7 @@ def fewshot_cmd(model_spec: str, dataset: str, shots: str, draws: int, seed: int
         result = fewshot.evaluate_model(model, splits["train"], splits["val"], splits["test"], batch_size=batch_size,
                                         shots=shot_list, draws=draws, seed=seed, num_classes=len(data["class_names"]))
     except ValueError as exc:
-        raise UserError(str(exc)) from None
+        raise _user_error(str(exc)) from None
     result = {"model": model_spec, "dataset": dataset, **result,
               "shots": {str(k): v for k, v in result["shots"].items()}}
     if out_path:
@@ -281,7 +288,7 @@ def pretrain_cmd(dataset: str, variant: str, image_size: Optional[int], hidden_s
     try:
         encoder = keras_vit.ViT(variant, image_size=image_size or (h, w), channels=c, include_top=False, **overrides)
     except ValueError as exc:
-        raise UserError(str(exc)) from None
+        raise _user_error(str(exc)) from None
     cfg = keras_vit.get_config(encoder)
     train_x = _resize(data["train"][0], cfg.image_size, c)
     val_x = _resize(data["val"][0], cfg.image_size, c)

@@ -258,7 +258,7 @@ def plot_attention_rollout(image: np.ndarray, rollout: np.ndarray, path: str) ->
     axes[0].set_title("input")
     im = axes[1].imshow(rollout, cmap="inferno")
     axes[1].set_title("attention rollout")
-    fig.colorbar(im, ax=axes[1], fraction=0.046)
+    fig.colorbar(im, ax=axes[1], fraction=0.046, format="%.3f")
     overlay = np.asarray(image, dtype=np.float32) / 255.0 * mask[..., None]
     axes[2].imshow(_display(overlay * 255.0), cmap="gray")
     axes[2].set_title("input x rollout")

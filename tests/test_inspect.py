@@ -170,3 +170,12 @@ def test_cli_inspect_bad_input_is_one_line(tmp_path):
     result = CliRunner().invoke(cli, ["inspect", "--model", "Q/16", "--out", str(tmp_path)])
     assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1
     assert "unknown variant" in result.output
+
+
+def test_analysis_commands_import_on_their_own_without_tensorflow():
+    import subprocess
+    import sys
+
+    code = ("import sys, keras_vit.cli.analysis as a; "
+            "assert a.inspect_cmd.name == 'inspect' and 'tensorflow' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,0 +1,102 @@
+"""Masked patch prediction benchmark: fine-tune from a `vitcli pretrain` encoder vs. from scratch,
+same architecture, recipe, budget and seeds; prints test accuracies (and a BENCHMARKS.md row).
+
+    vitcli pretrain --dataset digits --variant Ti/4 --hidden-size 128 --num-layers 4 \
+        --num-heads 4 --mlp-dim 256 --epochs 40 --out runs/mpp-digits
+    python bench/masked_patch.py --pretrained runs/mpp-digits/model.keras --epochs 10 --seeds 0,1,2
+
+Fine-tuning copies every encoder weight by layer name where the shapes match (the head is new,
+zero-initialised), which is what `vitcli train --weights` does; when keras_vit.train is there,
+its `load_initial_weights` is used.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+def copy_weights(model, path: str) -> int:
+    """Copy weights by layer name where shapes match (skipping the head); returns layers copied."""
+    try:
+        from keras_vit.train import load_initial_weights
+    except ImportError:
+        load_initial_weights = None
+    if load_initial_weights is not None:
+        load_initial_weights(model, path)
+        return -1
+    import keras_vit
+
+    src = {layer.name: layer for layer in keras_vit.load_model(path).layers}
+    copied = 0
+    for layer in model.layers:
+        other = src.get(layer.name)
+        if layer.name == "head" or other is None or not layer.weights:
+            continue
+        if [tuple(w.shape) for w in layer.weights] == [tuple(w.shape) for w in other.weights]:
+            for a, b in zip(layer.weights, other.weights):
+                a.assign(b)
+            copied += 1
+    return copied
+
+
+def fine_tune(cfg, data, weights, epochs: int, batch_size: int, lr: float, seed: int) -> float:
+    import keras
+    import numpy as np
+
+    import keras_vit
+
+    keras.utils.set_random_seed(seed)
+    model = keras_vit.ViT(config=cfg.replace(include_top=True, num_classes=len(data["class_names"])))
+    if weights:
+        copy_weights(model, weights)
+    x, y = data["train"]
+    steps = int(np.ceil(len(x) / batch_size)) * epochs
+    warm = max(1, steps // epochs)
+    sched = keras.optimizers.schedules.CosineDecay(0.0, steps - warm, warmup_target=lr, warmup_steps=warm)
+    model.compile(keras.optimizers.AdamW(sched, weight_decay=0.05, global_clipnorm=1.0),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+    model.fit(x, y, batch_size=batch_size, epochs=epochs, verbose=0, shuffle=True)
+    return float(model.evaluate(*data["test"], verbose=0)[1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--pretrained", required=True, help="model.keras written by vitcli pretrain")
+    ap.add_argument("--dataset", default="digits")
+    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--runs", default="scratch,pretrained", help="which of scratch,pretrained to run")
+    args = ap.parse_args()
+
+    import numpy as np
+
+    import keras_vit
+    from keras_vit.cli.analysis import dataset_arrays
+
+    cfg = keras_vit.load_model(args.pretrained).vit_config
+    data = dataset_arrays(args.dataset)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    result = {"dataset": args.dataset, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
+              "seeds": seeds, "train_images": int(len(data["train"][0])), "test_images": int(len(data["test"][0])),
+              "machine": f"{platform.node()} ({os.cpu_count()} CPUs, {platform.processor() or platform.machine()})",
+              "date": time.strftime("%Y-%m-%d", time.gmtime())}
+    runs = [r for r in (("scratch", None), ("pretrained", args.pretrained)) if r[0] in args.runs.split(",")]
+    for name, weights in runs:
+        t = time.time()
+        accs = [fine_tune(cfg, data, weights, args.epochs, args.batch_size, args.lr, s) for s in seeds]
+        result[name] = {"accuracies": accs, "mean": float(np.mean(accs)), "std": float(np.std(accs)),
+                        "seconds": round(time.time() - t, 1)}
+        print(name, result[name], flush=True)
+    print(json.dumps(result, indent=2))
+    print("| " + " | ".join([str(args.epochs)] + [f"{result[n]['mean']:.4f} ± {result[n]['std']:.4f}" for n, _ in runs]) + " |")
+
+
+if __name__ == "__main__":
+    main()
