@@ -155,7 +155,7 @@ def _tfds(name: str, seed: int, val_fraction: float, data_dir: Optional[str]) ->
     except Exception as exc:  # noqa: BLE001 - unknown name, no network: one line
         raise DatasetError(f"could not load dataset 'tfds:{name}': {_first_line(exc)}") from None
     info = builder.info
-    splits = set(info.splits.keys())
+    splits = set(info.splits.keys()) or {"train", "test"}  # no metadata (e.g. tfds.testing.mock_data)
     if "train" not in splits:
         raise DatasetError(f"tfds:{name} has no 'train' split (it has {sorted(splits)})")
     keys = info.supervised_keys
@@ -311,18 +311,20 @@ def augmenter(kind: str, image_size: Sequence[int], seed: int = 0) -> Optional[C
         raise DatasetError(f"unknown augmentation {kind!r}; allowed: {', '.join(AUGMENTS)}")
     h, w = (int(s) for s in image_size)
     L = keras.layers
+    f32 = dict(dtype="float32")  # images stay float32 in the pipeline under a mixed-precision policy
     if kind == "none":
         return None
     if kind == "light":
-        layers = [L.RandomTranslation(1 / 16, 1 / 16, fill_mode="constant", seed=seed)]
+        layers = [L.RandomTranslation(1 / 16, 1 / 16, fill_mode="constant", seed=seed, **f32)]
     elif kind == "inception":
-        layers = [L.RandomFlip("horizontal", seed=seed)]
+        layers = [L.RandomFlip("horizontal", seed=seed, **f32)]
     else:
         pad = max(1, h // 8)
-        layers = [L.ZeroPadding2D(pad), L.RandomCrop(h, w, seed=seed), L.RandomFlip("horizontal", seed=seed + 1)]
+        layers = [L.ZeroPadding2D(pad, **f32), L.RandomCrop(h, w, seed=seed, **f32),
+                  L.RandomFlip("horizontal", seed=seed + 1, **f32)]
         if kind == "randaugment":
-            layers.append(L.RandAugment(value_range=(0, 255), num_ops=2, factor=0.5, seed=seed + 2))
-    return keras.Sequential(layers, name=f"augment_{kind}")
+            layers.append(L.RandAugment(value_range=(0, 255), num_ops=2, factor=0.5, seed=seed + 2, **f32))
+    return keras.layers.Pipeline(layers, name=f"augment_{kind}")
 
 
 def inception_crop(image, image_size: Sequence[int], seed: Optional[Tuple[int, int]] = None):
@@ -399,8 +401,8 @@ def _mixer(mixup: float, cutmix: float, seed: int):
     import keras
     import tensorflow as tf
 
-    mix = keras.layers.MixUp(alpha=mixup, seed=seed) if mixup else None
-    cut = keras.layers.CutMix(factor=cutmix, seed=seed + 1) if cutmix else None
+    mix = keras.layers.MixUp(alpha=mixup, seed=seed, dtype="float32") if mixup else None
+    cut = keras.layers.CutMix(factor=cutmix, seed=seed + 1, dtype="float32") if cutmix else None
 
     def apply(layer, x, y):
         out = layer({"images": x, "labels": y}, training=True)

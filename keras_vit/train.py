@@ -229,6 +229,40 @@ def distribution_scope(kind: str = "auto"):
     return contextlib.nullcontext()
 
 
+def replicas(model) -> int:
+    """How many devices a compiled model trains on (tf.distribute replicas, or the JAX
+    DataParallel mesh)."""
+    import keras
+
+    strategy = getattr(model, "distribute_strategy", None)
+    if strategy is not None:
+        return int(strategy.num_replicas_in_sync)
+    dist = keras.distribution.distribution()
+    return len(dist.device_mesh.devices.reshape(-1)) if dist is not None else 1
+
+
+def _mirrored_on_cpus() -> bool:
+    """True inside a tf.distribute strategy over several CPU devices, where XLA cannot place the
+    replicas' variables (https://www.tensorflow.org/xla/known_issues)."""
+    import keras
+
+    if keras.backend.backend() != "tensorflow":
+        return False
+    import tensorflow as tf
+
+    strategy = tf.distribute.get_strategy()
+    if strategy.num_replicas_in_sync < 2:
+        return False
+    return all("CPU" in d.upper() for d in strategy.extended.worker_devices)
+
+
+def _op_error_line(exc) -> str:
+    """The informative line of a TensorFlow op error (not the 'Graph execution error' banner)."""
+    lines = [ln.strip() for ln in str(getattr(exc, "message", exc)).splitlines()]
+    useful = [ln for ln in lines if ln and not ln.startswith(("File ", "Detected at", "[[", "Graph execution", "Cf. "))]
+    return useful[-1] if useful else type(exc).__name__
+
+
 def load_initial_weights(model, path: str) -> Dict[str, List[str]]:
     """Initialise `model` from a checkpoint: a .npz goes to keras_vit.weights.load_npz; a .keras
     is copied variable by variable where the paths (keras_vit layer names) and shapes match,
@@ -417,6 +451,7 @@ def train(cfg: TrainConfig, output: Optional[str] = None, resume: bool = False,
     from keras_vit.vit import build_model
 
     keras.utils.set_random_seed(cfg.seed)
+    previous_policy = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy("float32" if cfg.mixed_precision == "none" else cfg.mixed_precision)
     try:
         splits = kdata.load(cfg.dataset, seed=cfg.seed, val_fraction=cfg.val_fraction, data_dir=cfg.data_dir)
@@ -452,7 +487,7 @@ def train(cfg: TrainConfig, output: Optional[str] = None, resume: bool = False,
                 loss=keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=cfg.label_smoothing),
                 metrics=[keras.metrics.CategoricalAccuracy(name="accuracy"),
                          keras.metrics.TopKCategoricalAccuracy(k=min(5, splits.num_classes), name="top5")],
-                jit_compile=cfg.jit_compile)
+                jit_compile=cfg.jit_compile and not _mirrored_on_cpus())
         backup = os.path.join(run, "backup")
         csv_path = os.path.join(run, "metrics.csv")
         if resume:
@@ -476,9 +511,11 @@ def train(cfg: TrainConfig, output: Optional[str] = None, resume: bool = False,
         save_atomic(model, os.path.join(run, "model.keras"))
         test = dict(zip(["loss", "top1", "top5"], (float(v) for v in model.evaluate(test_ds, verbose=0))))
     except tf.errors.OpError as exc:  # e.g. an image that decodes badly mid-run
-        raise TrainError(f"input pipeline failed: {exc.message.splitlines()[0]}") from None
+        raise TrainError(f"training failed: {_op_error_line(exc)}") from None
+    finally:
+        keras.mixed_precision.set_global_policy(previous_policy)
     result = {"run": run, "test": test, "train_seconds": round(seconds, 1), "epochs": cfg.epochs,
-              "params": int(model.count_params()), "resumed": bool(resume),
+              "params": int(model.count_params()), "resumed": bool(resume), "replicas": replicas(model),
               "last_epoch": {k: float(v[-1]) for k, v in history.history.items() if v}}
     write_json_atomic(os.path.join(run, "results.json"), result)
     return result
