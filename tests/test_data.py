@@ -1,0 +1,145 @@
+"""The dataset registry and the tf.data pipeline (keras_vit.data)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+tf = pytest.importorskip("tensorflow")
+
+from keras_vit import data  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return data.load("digits")
+
+
+def test_digits_contract(digits):
+    assert digits.class_names == [str(i) for i in range(10)]
+    assert digits.image_shape == (32, 32, 3)
+    n = [int(d.cardinality()) for d in (digits.train, digits.val, digits.test)]
+    assert n[2] == 360 and n[0] + n[1] == 1797 - 360 and n[1] == round(1437 * 0.1)
+    x, y = next(iter(digits.train))
+    assert x.shape == (32, 32, 3) and x.dtype == tf.float32 and y.dtype == tf.int32
+    test_y = np.array([int(y) for _, y in digits.test])
+    assert np.bincount(test_y).min() >= 35  # stratified
+    x_tr, y_tr, x_te, y_te = data.digits_arrays()
+    assert 0.0 <= x_te.min() and x_te.max() <= 255.0 and x_te.max() > 200
+    np.testing.assert_array_equal(test_y, y_te)  # the test split is fixed, whatever the seed
+
+
+def test_val_split_is_seeded():
+    a = [int(y) for _, y in data.load("digits", seed=1).val]
+    b = [int(y) for _, y in data.load("digits", seed=1).val]
+    c = [int(y) for _, y in data.load("digits", seed=2).val]
+    assert a == b and a != c
+
+
+def test_pipeline_batches_resizes_and_repeats(digits):
+    kw = dict(image_size=(16, 16), batch_size=32, num_classes=10, training=True, seed=3)
+    ds = data.pipeline(digits.train, **kw)
+    x, y = next(iter(ds))
+    assert x.shape == (32, 16, 16, 3) and y.shape == (32, 10)
+    np.testing.assert_allclose(y.numpy().sum(-1), 1.0)
+    x2, _ = next(iter(data.pipeline(digits.train, **kw)))
+    np.testing.assert_array_equal(x.numpy(), x2.numpy())  # same seed, same first batch
+    assert int(ds.cardinality()) == len(list(digits.train)) // 32  # drop_remainder in training
+    ev = data.pipeline(digits.test, image_size=(16, 16), batch_size=100, num_classes=10, one_hot=False)
+    assert [int(b[1].shape[0]) for b in ev] == [100, 100, 100, 60]
+
+
+@pytest.mark.parametrize("augment", ["light", "basic", "randaugment", "inception"])
+def test_augmentations_keep_shapes(digits, augment):
+    ds = data.pipeline(digits.train.take(16), image_size=(32, 32), batch_size=8, num_classes=10,
+                       training=True, augment=augment)
+    x, y = next(iter(ds))
+    assert x.shape == (8, 32, 32, 3) and y.shape == (8, 10)
+    assert float(tf.reduce_min(x)) >= -1e-3 and float(tf.reduce_max(x)) <= 255.0 + 1e-3
+
+
+def test_mixup_cutmix_give_soft_labels(digits):
+    ds = data.pipeline(digits.train.take(32), image_size=(32, 32), batch_size=16, num_classes=10,
+                       training=True, mixup=0.8, cutmix=1.0)
+    _, y = next(iter(ds))
+    y = y.numpy()
+    np.testing.assert_allclose(y.sum(-1), 1.0, atol=1e-5)
+    assert (y.max(-1) < 1.0).any()
+
+
+def test_grayscale_becomes_rgb():
+    ds = tf.data.Dataset.from_tensor_slices((np.zeros((4, 28, 28, 1), np.float32), np.zeros(4, np.int32)))
+    x, _ = next(iter(data.pipeline(ds, image_size=(32, 32), batch_size=4, num_classes=2, channels=3)))
+    assert x.shape == (4, 32, 32, 3)
+
+
+def _write_images(root, classes=("cat", "dog"), n=6, size=(20, 24)):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for i, cls in enumerate(classes):
+        (root / cls).mkdir(parents=True)
+        for j in range(n):
+            img = rng.integers(0, 255, size + (3,), dtype=np.uint8)
+            img[..., i] = 255  # class = colour
+            Image.fromarray(img).save(root / cls / f"{j}.{'png' if j % 2 else 'jpg'}")
+
+
+def test_folder_single_level(tmp_path):
+    _write_images(tmp_path / "imgs", n=10)
+    s = data.load(f"folder:{tmp_path / 'imgs'}", val_fraction=0.2)
+    assert s.class_names == ["cat", "dog"]
+    assert (len(list(s.train)), len(list(s.val))) == (16, 4)
+    x, y = next(iter(s.train))
+    assert x.shape == (20, 24, 3) and x.dtype == tf.float32 and float(tf.reduce_max(x)) == 255.0
+    b, _ = next(iter(data.pipeline(s.train, image_size=(32, 32), batch_size=4, num_classes=2)))
+    assert b.shape == (4, 32, 32, 3)
+
+
+def test_folder_train_val_layout(tmp_path):
+    _write_images(tmp_path / "d" / "train", n=6)
+    _write_images(tmp_path / "d" / "val", n=2)
+    s = data.load(f"folder:{tmp_path / 'd'}")
+    assert s.class_names == ["cat", "dog"]
+    assert (len(list(s.train)), len(list(s.val)), len(list(s.test))) == (12, 4, 4)
+
+
+def test_folder_errors(tmp_path):
+    with pytest.raises(data.DatasetError, match="does not exist"):
+        data.load(f"folder:{tmp_path / 'missing'}")
+    _write_images(tmp_path / "bad", n=2)
+    (tmp_path / "bad" / "cat" / "broken.jpg").write_bytes(b"not an image")
+    with pytest.raises(data.DatasetError, match=r"cannot read image .*broken\.jpg"):
+        data.load(f"folder:{tmp_path / 'bad'}")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(data.DatasetError, match="no class sub-folders"):
+        data.load(f"folder:{tmp_path / 'empty'}")
+
+
+def test_unknown_and_offline_datasets(monkeypatch):
+    with pytest.raises(data.DatasetError, match="unknown dataset 'imagenet9'.*allowed: digits"):
+        data.load("imagenet9")
+    import keras
+
+    def offline():
+        raise Exception("URL fetch failure on https://example.org/cifar-10: [Errno -2] Name or service not known\nmore")
+
+    monkeypatch.setattr(keras.datasets.cifar10, "load_data", offline)
+    with pytest.raises(data.DatasetError) as info:
+        data.load("cifar10")
+    assert "'cifar10'" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_tfds_with_mock_data():
+    tfds = pytest.importorskip("tensorflow_datasets")
+    with tfds.testing.mock_data(num_examples=12):
+        s = data.load("tfds:mnist")
+        x, y = next(iter(s.train))
+        assert s.class_names == [str(i) for i in range(10)] and s.image_shape == (28, 28, 1)
+        assert x.shape == (28, 28, 1) and x.dtype == tf.float32 and y.dtype == tf.int32
+        b, _ = next(iter(data.pipeline(s.test, image_size=(32, 32), batch_size=4, num_classes=10)))
+        assert b.shape == (4, 32, 32, 3)
+
+
+def test_slug():
+    assert data.slug("folder:/data/My Flowers/") == "folder-My-Flowers"
+    assert data.slug("tfds:oxford_flowers102") == "tfds-oxford_flowers102"

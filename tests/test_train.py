@@ -1,0 +1,147 @@
+"""Recipes, options, initial weights and multi-device training (keras_vit.train)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+keras = pytest.importorskip("keras")
+
+import keras_vit  # noqa: E402
+from keras_vit import train as kt  # noqa: E402
+
+TINY = dict(hidden_size=32, num_layers=1, num_heads=2, mlp_dim=64)
+
+
+def test_digits_defaults_and_overrides():
+    cfg = kt.make_config("digits")
+    assert (cfg.variant, cfg.image_size, cfg.epochs, cfg.batch_size, cfg.optimizer) == ("Ti/2", 16, 30, 32, "adamw")
+    assert cfg.model == dict(hidden_size=64, num_layers=4, num_heads=4, mlp_dim=128)
+    assert cfg.clipnorm == 1.0 and cfg.label_smoothing == 0.1 and cfg.weight_decay > 0
+    cfg = kt.make_config("digits", epochs=3, learning_rate=5e-4, num_layers=2, augment="light")
+    assert (cfg.epochs, cfg.learning_rate, cfg.model["num_layers"], cfg.augment) == (3, 5e-4, 2, "light")
+    cfg = kt.make_config("cifar10", variant="S/4")
+    assert cfg.model == {} and cfg.image_size == 32 and cfg.augment == "basic"
+    ft = kt.make_config("tfds:oxford_flowers102", recipe="finetune")
+    assert (ft.optimizer, ft.momentum, ft.weight_decay, ft.clipnorm, ft.image_size) == ("sgd", 0.9, 0.0, 1.0, 224)
+    again = kt.TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert again == cfg
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(epochs=-1), "epochs must be a positive integer, got -1"),
+    (dict(image_size=31), "image_size 31x31 is not divisible by the patch size 2x2"),
+    (dict(recipe="nope"), "unknown recipe 'nope'"),
+    (dict(mixed_precision="fp8"), "mixed_precision must be one of"),
+    (dict(batchsize=3), "unknown training options"),
+    (dict(weights="/no/such.npz"), "does not exist"),
+])
+def test_bad_options(options, message):
+    with pytest.raises(kt.TrainError, match=message):
+        kt.make_config("digits", **options)
+
+
+def test_schedule_warms_up_then_decays():
+    cfg = kt.make_config("digits", epochs=10, warmup_epochs=2, learning_rate=1e-3)
+    opt = kt.make_optimizer(cfg, steps_per_epoch=10)
+    lr = opt._learning_rate  # the schedule object (opt.learning_rate is its current value)
+    values = [float(lr(s)) for s in (0, 10, 20, 60, 99)]
+    assert values[0] == 0.0 and values[1] == pytest.approx(5e-4) and values[2] == pytest.approx(1e-3)
+    assert values[2] > values[3] > values[4] >= 0.0 and values[4] < 1e-5
+    assert opt.global_clipnorm == 1.0 and isinstance(opt, keras.optimizers.AdamW)
+    sgd = kt.make_optimizer(kt.make_config("digits", recipe="finetune", grad_accum=4), steps_per_epoch=8)
+    assert isinstance(sgd, keras.optimizers.SGD) and sgd.gradient_accumulation_steps == 4
+
+
+def _tiny(num_classes, include_top=True):
+    return keras_vit.ViT("Ti/4", image_size=16, num_classes=num_classes, include_top=include_top, **TINY)
+
+
+def test_initial_weights_from_keras_with_another_head(tmp_path):
+    src = _tiny(3)
+    for v in src.weights:
+        v.assign(np.random.default_rng(0).normal(size=v.shape).astype("float32"))
+    src.save(tmp_path / "src.keras")
+    target = _tiny(5)
+    report = kt.load_initial_weights(target, str(tmp_path / "src.keras"))
+    assert "head/kernel" in report["skipped"] and len(report["loaded"]) == len(target.weights) - 2
+    by_path = {v.path: v for v in src.weights}
+    for v in target.weights:
+        if v.path.startswith("head/"):
+            assert not np.any(v.numpy())
+        else:
+            np.testing.assert_array_equal(v.numpy(), by_path[v.path].numpy())
+
+
+def test_initial_weights_from_a_pretraining_encoder(tmp_path):
+    """An encoder with the same keras_vit layer names under another head (masked-patch
+    pre-training) initialises a classifier."""
+    encoder = _tiny(10, include_top=False)
+    for v in encoder.weights:
+        v.assign(v.numpy() + 0.5)
+    head = keras.layers.Dense(512, name="mpp_head")(encoder.output)
+    keras.Model(encoder.input, head).save(tmp_path / "mpp.keras")
+    target = _tiny(10)
+    report = kt.load_initial_weights(target, str(tmp_path / "mpp.keras"))
+    assert len(report["loaded"]) == len(encoder.weights)
+    np.testing.assert_allclose(target.get_layer("embedding").get_weights()[0],
+                               encoder.get_layer("embedding").get_weights()[0])
+
+
+def test_initial_weights_errors(tmp_path):
+    (tmp_path / "x.keras").write_bytes(b"junk")
+    with pytest.raises(kt.TrainError, match="could not read"):
+        kt.load_initial_weights(_tiny(2), str(tmp_path / "x.keras"))
+    with pytest.raises(kt.TrainError, match=r"must be a \.npz checkpoint or a \.keras"):
+        kt.load_initial_weights(_tiny(2), str(tmp_path / "x.h5"))
+
+
+def test_mixed_precision_and_grad_accum_train(tmp_path):
+    cfg = kt.make_config("digits", epochs=1, mixed_precision="mixed_bfloat16", grad_accum=2,
+                         augment="basic", mixup=0.2, **TINY)
+    result = kt.train(cfg, output=str(tmp_path / "run"), verbose=0)
+    assert np.isfinite(result["last_epoch"]["loss"]) and result["replicas"] == 1
+    assert keras.mixed_precision.global_policy().name == "float32"  # restored
+    model = keras_vit.load_model(tmp_path / "run" / "model.keras")
+    assert model.get_layer("head").dtype_policy.name == "float32"
+
+
+def _run_script(script: str, env: dict, timeout: int = 400) -> dict:
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **env}
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_mirrored_strategy_on_two_logical_cpus(tmp_path):
+    out = _run_script(f"""
+        import json, tensorflow as tf
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+        from keras_vit import train as kt
+        cfg = kt.make_config("digits", epochs=1, distribute="mirrored", **{TINY!r})
+        r = kt.train(cfg, output={str(tmp_path / 'run')!r}, verbose=0)
+        print(json.dumps(r))
+    """, {"KERAS_BACKEND": "tensorflow"})
+    assert out["replicas"] == 2 and np.isfinite(out["test"]["loss"])
+
+
+@pytest.mark.jax
+def test_fit_through_tf_data_on_jax_data_parallel(tmp_path):
+    pytest.importorskip("jax")
+    out = _run_script(f"""
+        import json, keras
+        assert keras.backend.backend() == "jax"
+        from keras_vit import train as kt
+        cfg = kt.make_config("digits", epochs=2, **{TINY!r})
+        r = kt.train(cfg, output={str(tmp_path / 'run')!r}, verbose=0)
+        print(json.dumps(r))
+    """, {"KERAS_BACKEND": "jax", "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+          "JAX_PLATFORMS": "cpu"})
+    assert out["replicas"] == 2 and out["test"]["top1"] > 0.2  # learns beyond chance (0.1)
