@@ -45,76 +45,51 @@ def _load_model_arg(spec: str, image_size: Optional[Tuple[int, int]] = None, cha
         raise _user_error(f"--model {spec!r} is neither a .keras file nor a variant name: {exc}") from None
 
 
-def dataset_arrays(name: str, max_per_split: Optional[int] = None) -> Dict:
-    """{"train", "val", "test": (images float32 (N, H, W, C) in [0, 255], labels int (N,)),
-    "class_names", "image_shape"} from the dataset registry (keras_vit.data.load).
+def load_splits(name: str, seed: int = 0):
+    """keras_vit.data.load(name) with a one-line user error for a bad name, folder or download."""
+    from keras_vit import data
 
-    Falls back to the offline digits arrays (validation = a stratified 10% of train) when the
-    registry is not there."""
+    try:
+        return data.load(name, seed=seed)
+    except ValueError as exc:
+        raise _user_error(str(exc).splitlines()[0] if str(exc) else f"cannot load dataset {name!r}") from None
+
+
+def split_arrays(ds, image_size: Tuple[int, int], channels: int, limit: Optional[int] = None):
+    """An unbatched split as arrays: (images float32 (N, H, W, C) in [0, 255] at `image_size`
+    with `channels`, labels int64 (N,)), through the same resize as training (data.prepare_image)."""
     import numpy as np
 
     from keras_vit import data
 
-    if hasattr(data, "load"):
-        try:
-            splits = data.load(name)
-        except (ValueError, KeyError, FileNotFoundError) as exc:
-            raise _user_error(f"dataset {name!r}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
-
-        def arrays(ds):
-            if ds is None:
-                return None
-            if max_per_split:
-                ds = ds.take(max_per_split)
-            xs, ys = [], []
-            for x, y in ds.batch(512).as_numpy_iterator():
-                xs.append(np.asarray(x, np.float32))
-                ys.append(np.asarray(y).astype(np.int64))
-            if not xs:
-                return None
-            return np.concatenate(xs), np.concatenate(ys)
-
-        out = {"train": arrays(splits.train), "val": arrays(splits.val), "test": arrays(splits.test),
-               "class_names": list(splits.class_names), "image_shape": tuple(splits.image_shape)}
-        if out["train"] is None or out["test"] is None:
-            raise _user_error(f"dataset {name!r} has an empty train or test split")
-        if out["val"] is None:
-            parts = _split_val(*out["train"])
-            out["train"], out["val"] = parts["rest"], parts["val"]
-        return out
-    if name != "digits":
-        raise _user_error(f"unknown dataset {name!r}; allowed: digits")
-    x_tr, y_tr, x_te, y_te = data.digits_arrays()
-    parts = _split_val(x_tr, y_tr)
-    return {"train": parts["rest"], "val": parts["val"], "test": (x_te, y_te.astype(np.int64)),
-            "class_names": [str(i) for i in range(10)], "image_shape": tuple(x_tr.shape[1:])}
+    if limit:
+        ds = ds.take(limit)
+    ds = ds.map(lambda x, y: (data.prepare_image(x, image_size, channels), y))
+    xs, ys = [], []
+    for x, y in ds.batch(256).as_numpy_iterator():
+        xs.append(np.asarray(x, np.float32))
+        ys.append(np.asarray(y).astype(np.int64))
+    if not xs:
+        raise _user_error("the dataset split is empty")
+    return np.concatenate(xs), np.concatenate(ys)
 
 
-def _split_val(x, y, fraction: float = 0.1, seed: int = 0) -> Dict:
-    from sklearn.model_selection import train_test_split
-
-    x_rest, x_val, y_rest, y_val = train_test_split(x, y, test_size=fraction, stratify=y, random_state=seed)
-    return {"rest": (x_rest, y_rest), "val": (x_val, y_val)}
+def _model_input(splits) -> Tuple[Tuple[int, int], int]:
+    """(image size, channels) a model for this dataset takes: its image shape (224 when images vary)."""
+    h, w, c = splits.image_shape
+    return ((h, w) if h and w else (224, 224)), (1 if c == 1 else 3)
 
 
 def _resize(images, size: Tuple[int, int], channels: int):
-    """Images to the model's (H, W) and channel count (grey <-> RGB); ValueError otherwise."""
+    """Images (N, H, W, C) to the model's (H, W) and channel count."""
     import numpy as np
 
-    images = np.asarray(images, np.float32)
-    c = images.shape[-1]
-    if c != channels:
-        if c == 1 and channels == 3:
-            images = np.repeat(images, 3, axis=-1)
-        elif c == 3 and channels == 1:
-            images = images.mean(axis=-1, keepdims=True)
-        else:
-            raise _user_error(f"images have {c} channels but the model takes {channels}")
-    if tuple(images.shape[1:3]) != tuple(size):
-        import keras
+    from keras_vit import data
 
-        images = keras.ops.convert_to_numpy(keras.ops.image.resize(images, size))
-    return images.astype(np.float32)
+    try:
+        return np.asarray(data.prepare_image(np.asarray(images, np.float32), size, channels), np.float32)
+    except ValueError as exc:
+        raise _user_error(str(exc)) from None
 
 
 def _read_image(path: str, size: Tuple[int, int], channels: int):
@@ -182,8 +157,7 @@ def inspect_cmd(model_spec: str, image_paths: Tuple[str, ...], dataset: Optional
     images = [_read_image(p, size, channels) for p in image_paths]
     dist_images = None
     if dataset is not None:
-        test_x = dataset_arrays(dataset, max_per_split=None)["test"][0][:num_images]
-        dist_images = _resize(test_x, size, channels)
+        dist_images = split_arrays(load_splits(dataset).test, size, channels, limit=num_images)[0]
         if not images:
             images = [dist_images[0]]
     if not images:
@@ -224,14 +198,14 @@ def fewshot_cmd(model_spec: str, dataset: str, shots: str, draws: int, seed: int
     from keras_vit import fewshot
     from keras_vit.vit import get_config
 
-    data = dataset_arrays(dataset)
-    model = _load_model_arg(model_spec, image_size=data["image_shape"][:2], channels=data["image_shape"][2],
-                            include_top=False)
+    data = load_splits(dataset)
+    size, channels = _model_input(data)
+    model = _load_model_arg(model_spec, image_size=size, channels=channels, include_top=False)
     cfg = get_config(model)
-    splits = {k: (_resize(data[k][0], cfg.image_size, cfg.channels), data[k][1]) for k in ("train", "val", "test")}
+    splits = [split_arrays(ds, cfg.image_size, cfg.channels) for ds in (data.train, data.val, data.test)]
     try:
-        result = fewshot.evaluate_model(model, splits["train"], splits["val"], splits["test"], batch_size=batch_size,
-                                        shots=shot_list, draws=draws, seed=seed, num_classes=len(data["class_names"]))
+        result = fewshot.evaluate_model(model, *splits, batch_size=batch_size, shots=shot_list, draws=draws,
+                                        seed=seed, num_classes=data.num_classes)
     except ValueError as exc:
         raise _user_error(str(exc)) from None
     result = {"model": model_spec, "dataset": dataset, **result,
@@ -251,13 +225,14 @@ def fewshot_cmd(model_spec: str, dataset: str, shots: str, draws: int, seed: int
 @click.command("pretrain")
 @click.option("--dataset", default="digits", show_default=True,
               help="Dataset of the registry; its training images are used without labels.")
-@click.option("--variant", default="Ti/4", show_default=True, help="Model variant, e.g. Ti/4, S/16, B/16.")
-@click.option("--image-size", default=None, type=click.IntRange(min=1), help="Default: the dataset's image size.")
+@click.option("--variant", default=None,
+              help="Model, e.g. Ti/4, S/16 [default: the dataset's `vitcli train` default, so that "
+                   "`vitcli train --weights` fits it as is].")
+@click.option("--image-size", default=None, type=click.IntRange(min=1), help="Input side [default: per dataset].")
 @click.option("--hidden-size", default=None, type=click.IntRange(min=1))
 @click.option("--num-layers", default=None, type=click.IntRange(min=1))
 @click.option("--num-heads", default=None, type=click.IntRange(min=1))
 @click.option("--mlp-dim", default=None, type=click.IntRange(min=1))
-@click.option("--patch-size", default=None, type=click.IntRange(min=1))
 @click.option("--target", default="color", show_default=True,
               type=click.Choice(["color", "color_regression", "patch_regression"]),
               help="color: 3-bit mean colour classes (the paper's); or L2 regression of the mean colour / full patch.")
@@ -268,32 +243,37 @@ def fewshot_cmd(model_spec: str, dataset: str, shots: str, draws: int, seed: int
 @click.option("--weight-decay", default=0.05, show_default=True, type=click.FloatRange(min=0.0))
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False),
-              help="Run folder. Default: runs/pretrain-<dataset>-<variant>.")
-def pretrain_cmd(dataset: str, variant: str, image_size: Optional[int], hidden_size, num_layers, num_heads,
-                 mlp_dim, patch_size, target: str, mask_ratio: float, epochs: int, batch_size: int,
+              help="Run folder [default: runs/pretrain-<dataset>-<variant>].")
+def pretrain_cmd(dataset: str, variant: Optional[str], image_size: Optional[int], hidden_size, num_layers, num_heads,
+                 mlp_dim, target: str, mask_ratio: float, epochs: int, batch_size: int,
                  learning_rate: float, weight_decay: float, seed: int, out_dir: Optional[str]) -> None:
     """Self-supervised masked patch prediction, as in the paper's Appendix B.1.2.
 
     Writes OUT/model.keras, an encoder that `vitcli train --weights OUT/model.keras`
-    fine-tunes with a new head, and OUT/metrics.json."""
+    fine-tunes with a new head, and OUT/metrics.json. The model options mean what they mean
+    for `vitcli train`; give the same ones to both."""
     import keras
 
     import keras_vit
     from keras_vit import pretrain as mpp
+    from keras_vit import train as ktrain
 
-    data = dataset_arrays(dataset)
-    h, w, c = data["image_shape"]
-    overrides = {k: v for k, v in dict(hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
-                                        mlp_dim=mlp_dim, patch_size=patch_size).items() if v is not None}
+    model_opts = dict(variant=variant, image_size=image_size, hidden_size=hidden_size, num_layers=num_layers,
+                      num_heads=num_heads, mlp_dim=mlp_dim)
     try:
-        encoder = keras_vit.ViT(variant, image_size=image_size or (h, w), channels=c, include_top=False, **overrides)
+        tcfg = ktrain.make_config(dataset, "scratch", **model_opts)
     except ValueError as exc:
         raise _user_error(str(exc)) from None
-    cfg = keras_vit.get_config(encoder)
-    train_x = _resize(data["train"][0], cfg.image_size, c)
-    val_x = _resize(data["val"][0], cfg.image_size, c)
-    out_dir = out_dir or os.path.join("runs", f"pretrain-{dataset.replace(':', '_').replace('/', '_')}-"
-                                              f"{variant.replace('/', '_').replace('+', '_')}")
+    splits = load_splits(dataset, seed)
+    channels = 1 if splits.image_shape[-1] == 1 else 3
+    try:
+        cfg = tcfg.vit_config(splits.num_classes, channels).replace(include_top=False)
+    except ValueError as exc:
+        raise _user_error(str(exc)) from None
+    encoder = keras_vit.ViT(config=cfg)
+    train_x = split_arrays(splits.train, cfg.image_size, channels)[0]
+    val_x = split_arrays(splits.val, cfg.image_size, channels)[0]
+    out_dir = out_dir or os.path.join("runs", f"pretrain-{_slug(dataset)}-{tcfg.label()}")
     os.makedirs(out_dir, exist_ok=True)
     keras.utils.set_random_seed(seed)
     history = mpp.pretrain(encoder, train_x, val_x, target=target, epochs=epochs, batch_size=batch_size,
@@ -303,4 +283,12 @@ def pretrain_cmd(dataset: str, variant: str, image_size: Optional[int], hidden_s
                 {"task": "masked_patch_prediction", "dataset": dataset, "target": target, "mask_ratio": mask_ratio,
                  "epochs": epochs, "batch_size": batch_size, "learning_rate": learning_rate,
                  "weight_decay": weight_decay, "seed": seed, "config": cfg.to_dict(), "history": history})
-    click.echo(f"encoder saved to {path}; fine-tune it with: vitcli train --dataset {dataset} --weights {path}")
+    given = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in model_opts.items() if v is not None)
+    click.echo(f"encoder saved to {path}; fine-tune it with: "
+               f"vitcli train --dataset {dataset} {given + ' ' if given else ''}--weights {path}")
+
+
+def _slug(name: str) -> str:
+    from keras_vit import data
+
+    return data.slug(name)

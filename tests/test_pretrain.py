@@ -127,8 +127,30 @@ def test_cli_pretrain_writes_encoder_and_metrics(tmp_path):
     assert result.exit_code == 0, result.output
     assert f"--weights {out / 'model.keras'}" in result.output
     model = keras_vit.load_model(out / "model.keras")
-    assert model.vit_config.include_top is False and model.vit_config.image_size == (32, 32)
+    assert model.vit_config.include_top is False and model.vit_config.image_size == (16, 16)  # digits' default
+    assert model.vit_config.hidden_size == 32 and model.vit_config.num_layers == 1
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["target"] == "color" and len(metrics["history"]["loss"]) == 1
     bad = CliRunner().invoke(cli, ["pretrain", "--variant", "Ti/5", "--epochs", "1", "--out", str(tmp_path / "x")])
     assert bad.exit_code == 2 and len(bad.output.strip().splitlines()) == 1 and "image_size" in bad.output
+
+
+@pytest.mark.slow
+def test_vitcli_pretrain_then_train_with_weights(tmp_path):
+    """The issue's workflow: `vitcli pretrain --dataset D`, then `vitcli train --weights .../model.keras`
+    loads every encoder weight (only the new head is left as initialised)."""
+    from keras_vit.cli.main import cli
+
+    out = tmp_path / "pre"
+    result = CliRunner().invoke(cli, ["pretrain", "--dataset", "digits", "--epochs", "1", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    weights = out / "model.keras"
+    result = CliRunner().invoke(cli, ["train", "--dataset", "digits", "--epochs", "1", "--weights", str(weights),
+                                      "--output", str(tmp_path / "ft")])
+    assert result.exit_code == 0, result.output
+    assert "kept as initialised" in result.output
+    line = next(ln for ln in result.output.splitlines() if ln.startswith("initial weights:"))
+    assert line.split()[2] != "0" and ", 2 kept as initialised" in line  # head kernel and bias only
+    encoder = keras_vit.load_model(weights)
+    tuned_before = keras_vit.load_model(tmp_path / "ft" / "model.keras")
+    assert {layer.name for layer in encoder.layers} <= {layer.name for layer in tuned_before.layers}
