@@ -6,8 +6,8 @@ same architecture, recipe, budget and seeds; prints test accuracies (and a BENCH
     python bench/masked_patch.py --pretrained runs/mpp-digits/model.keras --epochs 10 --seeds 0,1,2
 
 Fine-tuning copies every encoder weight by layer name where the shapes match (the head is new,
-zero-initialised), which is what `vitcli train --weights` does; when keras_vit.train is there,
-its `load_initial_weights` is used.
+zero-initialised) with keras_vit.train.load_initial_weights, as `vitcli train --weights` does;
+the recipe here is fixed (AdamW, cosine, no augmentation, no label smoothing) for both arms.
 """
 from __future__ import annotations
 
@@ -20,40 +20,17 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
-def copy_weights(model, path: str) -> int:
-    """Copy weights by layer name where shapes match (skipping the head); returns layers copied."""
-    try:
-        from keras_vit.train import load_initial_weights
-    except ImportError:
-        load_initial_weights = None
-    if load_initial_weights is not None:
-        load_initial_weights(model, path)
-        return -1
-    import keras_vit
-
-    src = {layer.name: layer for layer in keras_vit.load_model(path).layers}
-    copied = 0
-    for layer in model.layers:
-        other = src.get(layer.name)
-        if layer.name == "head" or other is None or not layer.weights:
-            continue
-        if [tuple(w.shape) for w in layer.weights] == [tuple(w.shape) for w in other.weights]:
-            for a, b in zip(layer.weights, other.weights):
-                a.assign(b)
-            copied += 1
-    return copied
-
-
 def fine_tune(cfg, data, weights, epochs: int, batch_size: int, lr: float, seed: int) -> float:
     import keras
     import numpy as np
 
     import keras_vit
+    from keras_vit.train import load_initial_weights
 
     keras.utils.set_random_seed(seed)
     model = keras_vit.ViT(config=cfg.replace(include_top=True, num_classes=len(data["class_names"])))
     if weights:
-        copy_weights(model, weights)
+        load_initial_weights(model, weights)
     x, y = data["train"]
     steps = int(np.ceil(len(x) / batch_size)) * epochs
     warm = max(1, steps // epochs)
@@ -78,10 +55,13 @@ def main() -> None:
     import numpy as np
 
     import keras_vit
-    from keras_vit.cli.analysis import dataset_arrays
+    from keras_vit.cli.analysis import load_splits, split_arrays
 
     cfg = keras_vit.load_model(args.pretrained).vit_config
-    data = dataset_arrays(args.dataset)
+    splits = load_splits(args.dataset)
+    data = {"class_names": splits.class_names}
+    for name in ("train", "val", "test"):
+        data[name] = split_arrays(getattr(splits, name), cfg.image_size, cfg.channels)
     seeds = [int(s) for s in args.seeds.split(",")]
     result = {"dataset": args.dataset, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
               "seeds": seeds, "train_images": int(len(data["train"][0])), "test_images": int(len(data["test"][0])),

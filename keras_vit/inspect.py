@@ -16,7 +16,7 @@ keras.ops only; the analysis of the returned arrays is numpy.
 from __future__ import annotations
 
 import os
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -347,7 +347,7 @@ def plot_embedding_filters(components: np.ndarray, path: str) -> str:
 
 
 def inspect_model(model, images: np.ndarray, out_dir: str, distance_images: Optional[np.ndarray] = None,
-                  k: int = 28) -> Dict[str, str]:
+                  k: int = 28) -> Dict[str, Any]:
     """Every figure for one model: PNGs and `inspect.npz` under out_dir. `images[0]` is the one
     shown for rollout and attention maps; mean attention distance averages over
     `distance_images` (default: `images`). Returns {figure name: path}; figures that do not
@@ -358,7 +358,7 @@ def inspect_model(model, images: np.ndarray, out_dir: str, distance_images: Opti
     images = _check_images(model, images)
     dist_images = images if distance_images is None else _check_images(model, distance_images)
     p = _num_prefix_tokens(model)
-    written: Dict[str, str] = {}
+    written: Dict[str, Any] = {}
     skipped: Dict[str, str] = {}
     arrays: Dict[str, np.ndarray] = {"images": images}
 
@@ -397,5 +397,5 @@ def inspect_model(model, images: np.ndarray, out_dir: str, distance_images: Opti
     os.replace(tmp, npz)
     written["arrays"] = npz
     if skipped:
-        written["skipped"] = skipped  # type: ignore[assignment]
+        written["skipped"] = skipped
     return written

@@ -228,6 +228,7 @@ def pretrain(encoder: keras.Model, images: np.ndarray, val_images: Optional[np.n
                              f"encoder, got {tuple(np.shape(arr))}")
     if epochs < 1 or batch_size < 1:
         raise ValueError(f"epochs and batch_size must be >= 1, got {epochs}, {batch_size}")
+    keras.utils.set_random_seed(seed)
     model = build_pretrainer(encoder, target)
     steps = math.ceil(len(images) / batch_size)
     total = steps * epochs
@@ -244,7 +245,6 @@ def pretrain(encoder: keras.Model, images: np.ndarray, val_images: Optional[np.n
         loss = keras.losses.MeanSquaredError()
         metrics = []
     model.compile(optimizer=optimizer, loss=loss, weighted_metrics=metrics)
-    keras.utils.set_random_seed(seed)
     train = masked_patch_batches(images, cfg.input_stride, cfg.num_patches, batch_size, target, seed, **corruption)
     fit_kw = {}
     if val_images is not None and len(val_images):
