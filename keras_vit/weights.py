@@ -284,7 +284,8 @@ def assign_weights(model, arrays: Mapping[str, np.ndarray], *, method: str = "li
     target = model_variables(model)
     values = dict(arrays)
     _adapt(values, target, cfg, method, big_vision_posemb, source_grid)
-    missing = sorted(set(target) - set(values))
+    # The head is the one part a checkpoint need not give: the model keeps its zero-initialised one.
+    missing = sorted(set(target) - set(values) - {"head/kernel", "head/bias"})
     unexpected = sorted(set(values) - set(target))
     mismatched = [f"{k} {tuple(values[k].shape)} vs model {tuple(target[k].shape)}"
                   for k in sorted(set(values) & set(target))
@@ -299,7 +300,8 @@ def assign_weights(model, arrays: Mapping[str, np.ndarray], *, method: str = "li
             parts.append(f"shape mismatches ({len(mismatched)}): {_listing(mismatched)}")
         raise ValueError(f"{source} does not fit model {model.name!r} ({cfg.variant or 'custom'}): " + "; ".join(parts))
     for k, var in target.items():
-        var.assign(values[k].astype(var.dtype))
+        if k in values:
+            var.assign(values[k].astype(var.dtype))
 
 
 def load_npz(model, path: PathLike, *, prefix: Optional[str] = None, method: str = "linear"):
