@@ -7,7 +7,7 @@ block{n}/unit{m}/conv{k}, gn{k}, conv_proj, gn_proj) so that loading a .npz is a
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence
+from typing import Dict, Sequence
 
 import keras
 from keras import layers, ops
@@ -192,11 +192,4 @@ class ResNetStem(layers.Layer):
                 "gn_epsilon": self.gn_epsilon, "ws_epsilon": self.ws_epsilon}
 
 
-def resnet_feature_shape(image_size: Sequence[int], block_units: Sequence[int], width: int = 1):
-    """(H, W, C) of the ResNet's feature map for an image size ("SAME" padding: ceil division)."""
-    h, w = image_size
-    stride = 4 * 2 ** (len(block_units) - 1)
-    return -(-h // stride), -(-w // stride), 4 * ROOT_WIDTH * width * 2 ** (len(block_units) - 1)
-
-
-__all__ = ["StdConv2D", "BottleneckUnit", "ResNetStem", "resnet_feature_shape", "GN_EPSILON", "WS_EPSILON"]
+__all__ = ["StdConv2D", "BottleneckUnit", "ResNetStem", "GN_EPSILON", "WS_EPSILON"]
