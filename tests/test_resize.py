@@ -87,7 +87,7 @@ def test_hybrid_at_new_resolution(tmp_path):
     arrays = cf.vit_checkpoint(rng, patch=1, grid=(2, 2), resnet=(1, 1, 1))
     path = cf.write(tmp_path / "hyb.npz", arrays)
     cfg = ViTConfig(patch_size=1, image_size=48, resnet_layers=(1, 1, 1), **TINY)
-    model = keras_vit.ViT(config=cfg, weights=path, )
+    model = keras_vit.ViT(config=cfg, weights=path)
     assert model.get_layer("posembed_input").pos_embedding.shape == (1, 1 + 9, 32)
     np.testing.assert_array_equal(np.asarray(model.get_layer("resnet").conv_root.kernel), arrays["conv_root/kernel"])
     x = rng.uniform(0, 255, (1, 48, 48, 3)).astype("float32")
@@ -152,3 +152,30 @@ def test_resize_keeps_what_was_learned():
     pe.assign(np.random.default_rng(0).permutation(np.asarray(pe)[0])[None])
     control = (big.predict(upsampled, verbose=0).argmax(-1) == before).mean()
     assert agreement >= 0.6 and agreement >= control + 0.25, (agreement, control)
+
+
+def test_big_vision_checkpoint_at_new_resolution(tmp_path):
+    """big_vision's position embeddings (no class slot) resample to the same model."""
+    arrays = cf.vit_checkpoint(np.random.default_rng(2), grid=(2, 2))
+    cfg = ViTConfig(patch_size=4, image_size=(12, 16), **TINY)
+    vit = keras_vit.ViT(config=cfg, weights=cf.write(tmp_path / "vit.npz", arrays))
+    bv = keras_vit.ViT(config=cfg, weights=cf.write(tmp_path / "bv.npz", cf.to_big_vision(arrays, scan=True)))
+    x = np.random.default_rng(0).uniform(0, 255, (2, 12, 16, 3)).astype("float32")
+    # vit adds cls + E_pos[0]; big_vision folded E_pos[0] into cls: the same logits.
+    assert np.abs(np.asarray(vit(x)) - np.asarray(bv(x))).max() <= 1e-5
+
+
+def test_relative_and_2d_checkpoints_load_at_new_resolution(tmp_path):
+    for kind in ("relative", "learned_2d"):
+        model = _randomise(keras_vit.ViT(config=ViTConfig(patch_size=4, image_size=16, pos_embedding=kind, **TINY)))
+        path = keras_vit.save_npz(model, tmp_path / f"{kind}.npz")
+        big = keras_vit.ViT(config=ViTConfig(patch_size=4, image_size=(24, 32), pos_embedding=kind, **TINY),
+                            weights=path)
+        if kind == "relative":
+            old = np.asarray(model.get_layer("encoderblock_1").attention.relative_embedding)
+            new = np.asarray(big.get_layer("encoderblock_1").attention.relative_embedding)
+            np.testing.assert_allclose(new, resample_relative_embedding(old, (6, 8), old_grid=(4, 4)), atol=1e-6)
+        else:
+            old = np.asarray(model.get_layer("posembed_input").col_embedding)
+            np.testing.assert_allclose(np.asarray(big.get_layer("posembed_input").col_embedding),
+                                       scipy.ndimage.zoom(old, (8 / 4, 1), order=1), atol=1e-6)
