@@ -11,9 +11,12 @@ columns), "relative" (the (2gh-1) x (2gw-1) table of offsets; its prefix slot is
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Optional, Sequence, Tuple, Union
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import keras
 
 METHODS = ("linear", "bilinear", "bicubic", "nearest")
 
@@ -143,7 +146,8 @@ def resample_relative_embedding(table: np.ndarray, new_grid: Sequence[int], num_
     return np.concatenate([grid.reshape((-1,) + table.shape[1:]), table[n:]], axis=0)
 
 
-def resize_model(model, image_size: Union[int, Tuple[int, int]], method: str = "linear"):
+def resize_model(model: "keras.Model", image_size: Union[int, Tuple[int, int]],
+                 method: str = "linear") -> "keras.Model":
     """A copy of a keras-vit model for another image size: same weights, position embeddings
     resampled to the new patch grid (works for models built here or loaded from .keras)."""
     from keras_vit.vit import build_model, get_config

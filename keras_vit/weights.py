@@ -19,13 +19,16 @@ import dataclasses
 import os
 import re
 import tempfile
-from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from keras_vit.config import ViTConfig
 from keras_vit.resize import (_check_method, infer_grid, relative_table_grid, resample_1d,
                               resample_position_embeddings, resample_relative_embedding)
+
+if TYPE_CHECKING:
+    import keras
 
 PathLike = Union[str, os.PathLike]
 _PREFIXES = ("opt/target/", "params/")
@@ -167,13 +170,13 @@ def canonicalize(arrays: Mapping[str, np.ndarray], prefix: Optional[str] = None)
 
 
 # --- the model's side -------------------------------------------------------------------
-def _cfg(model) -> ViTConfig:
+def _cfg(model: "keras.Model") -> ViTConfig:
     from keras_vit.vit import get_config
 
     return get_config(model)
 
 
-def model_variables(model) -> Dict[str, "object"]:
+def model_variables(model: "keras.Model") -> Dict[str, "keras.Variable"]:
     """The model's variables under their canonical (vision_transformer) checkpoint names."""
     cfg = _cfg(model)
     out = {}
@@ -213,7 +216,7 @@ def model_variables(model) -> Dict[str, "object"]:
     return out
 
 
-def model_arrays(model) -> Dict[str, np.ndarray]:
+def model_arrays(model: "keras.Model") -> Dict[str, np.ndarray]:
     """The model's weights as numpy arrays under canonical names (what save_npz writes)."""
     return {k: np.asarray(v.numpy() if hasattr(v, "numpy") else v) for k, v in model_variables(model).items()}
 
@@ -231,7 +234,7 @@ def _split_posemb(n: int, model_prefix: int, grid: Tuple[int, int], big_vision: 
     return order[0]
 
 
-def _adapt(values: Dict[str, np.ndarray], target: Mapping[str, "object"], cfg: ViTConfig, method: str,
+def _adapt(values: Dict[str, np.ndarray], target: Mapping[str, "keras.Variable"], cfg: ViTConfig, method: str,
            big_vision_posemb: bool, source_grid: Optional[Sequence[int]]) -> None:
     """Make checkpoint arrays fit the model where that is well defined: drop a head of another
     size (and pre-logits the model lacks), add the class slot, resample position embeddings."""
@@ -274,7 +277,7 @@ def _listing(keys, limit: int = 8) -> str:
     return shown + (f" ... and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
-def assign_weights(model, arrays: Mapping[str, np.ndarray], *, method: str = "linear",
+def assign_weights(model: "keras.Model", arrays: Mapping[str, np.ndarray], *, method: str = "linear",
                    big_vision_posemb: bool = False, source_grid: Optional[Sequence[int]] = None,
                    source: str = "checkpoint") -> None:
     """Assign canonical-named arrays to the model, all or nothing (ValueError listing every
@@ -304,7 +307,8 @@ def assign_weights(model, arrays: Mapping[str, np.ndarray], *, method: str = "li
             var.assign(values[k].astype(var.dtype))
 
 
-def load_npz(model, path: PathLike, *, prefix: Optional[str] = None, method: str = "linear"):
+def load_npz(model: "keras.Model", path: PathLike, *, prefix: Optional[str] = None,
+             method: str = "linear") -> "keras.Model":
     """Load an official .npz checkpoint (path or published name) into a keras-vit model, in place.
 
     A head of another size is dropped (the model keeps its zero-initialised one), position
@@ -317,7 +321,7 @@ def load_npz(model, path: PathLike, *, prefix: Optional[str] = None, method: str
     return model
 
 
-def save_npz(model, path: PathLike) -> str:
+def save_npz(model: "keras.Model", path: PathLike) -> str:
     """Write the model's weights as an .npz in the vision_transformer layout (loadable by the
     official code and timm for the standard options); the file is written then renamed."""
     path = os.fspath(path)
@@ -339,7 +343,7 @@ def save_npz(model, path: PathLike) -> str:
 
 def build_with_weights(cfg: ViTConfig, weights: PathLike, name: Optional[str] = None, *,
                        representation_size: Union[None, int, str] = "config", method: str = "linear",
-                       prefix: Optional[str] = None):
+                       prefix: Optional[str] = None) -> "keras.Model":
     """Build the model for `cfg` and load `weights` (path or published name) into it.
 
     `representation_size="checkpoint"` takes the pre-logits size from the checkpoint; the
