@@ -22,7 +22,9 @@ DIGIT_NAMES = [str(i) for i in range(10)]
 
 
 def hybrid_available() -> bool:
-    return os.path.exists(os.path.join(os.path.dirname(__file__), "..", "keras_vit", "resnet.py"))
+    import importlib.util
+
+    return importlib.util.find_spec("keras_vit.resnet") is not None
 
 
 def small_model(family: str = "learned", seed: int = 0):
@@ -34,8 +36,10 @@ def small_model(family: str = "learned", seed: int = 0):
 
     keras.utils.set_random_seed(seed)
     if family == "hybrid":
-        model = keras_vit.ViT("R26+Ti/32", image_size=32, num_classes=10, resnet_layers=(1, 1), num_layers=1,
-                              patch_size=1)
+        # A two-stage BiT ResNet (one unit each, total stride 8) under a one-block Ti encoder.
+        cfg = keras_vit.ViTConfig(**TI, patch_size=1, image_size=32, num_classes=10, resnet_layers=(1, 1),
+                                  variant="R+Ti/8")
+        model = keras_vit.ViT(config=cfg)
     else:
         model = keras_vit.ViT("Ti/4", image_size=32, num_classes=10, **TI, **FAMILIES[family])
     rng = np.random.RandomState(seed)
