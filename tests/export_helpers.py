@@ -52,7 +52,8 @@ def small_model(family: str = "learned", seed: int = 0):
 
 @functools.lru_cache(maxsize=None)
 def trained_digits():
-    """(model, path of its .keras file): a small ViT trained ~20 s on digits (~90% test accuracy)."""
+    """(model, path of its .keras file): a small ViT (patch 8, 17 tokens) trained ~25 s on digits
+    with a cosine schedule (~96% test accuracy; confident enough for int8 to keep >= 97% top-1)."""
     import keras
 
     import keras_vit
@@ -60,11 +61,13 @@ def trained_digits():
 
     x_train, y_train, _, _ = digits_arrays()
     keras.utils.set_random_seed(0)
-    model = keras_vit.ViT("Ti/4", image_size=32, num_classes=10, hidden_size=64, mlp_dim=128, num_heads=2,
+    model = keras_vit.ViT("Ti/8", image_size=32, num_classes=10, hidden_size=64, mlp_dim=128, num_heads=2,
                           num_layers=2)
-    model.compile(optimizer=keras.optimizers.AdamW(3e-3),
+    epochs, batch = 30, 64
+    schedule = keras.optimizers.schedules.CosineDecay(3e-3, epochs * -(-len(x_train) // batch))
+    model.compile(optimizer=keras.optimizers.AdamW(schedule),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
-    model.fit(x_train, y_train, epochs=15, batch_size=64, verbose=0)
+    model.fit(x_train, y_train, epochs=epochs, batch_size=batch, verbose=0)
     path = os.path.join(tempfile.mkdtemp(prefix="keras_vit_digits_"), "model.keras")
     model.save(path)
     return model, path
