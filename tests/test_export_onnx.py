@@ -33,6 +33,8 @@ def test_family_exports_and_matches_keras_at_batch_1_and_7(family, tmp_path):
     assert meta["image_size"] == "32x32" and meta["precision"] == "fp32"
     assert json.loads(meta["class_names"]) == DIGIT_NAMES
     assert meta["keras_vit_version"] and meta["variant"]
+    # each Keras LayerNormalization (2 per block + the final one) is the standard opset-17 op
+    assert sum(n.op_type == "LayerNormalization" for n in proto.graph.node) == 3
     for batch in (1, 7):
         report = verify(model, path, images="default", num_images=7, batch_size=batch, write_report=False)
         assert report["passed"], report["failures"]
@@ -73,7 +75,9 @@ def test_fp16_and_optimized_exports_of_trained_digits_model(tmp_path):
 
     opt = to_onnx(model, tmp_path / "opt.onnx", optimize=True)
     proto = onnx.load(opt)
-    assert any(n.op_type == "FastGelu" for n in proto.graph.node)  # GELU fused by onnxruntime's optimizer
+    ops = {n.op_type for n in proto.graph.node}
+    assert {"FastGelu", "SkipLayerNormalization"} <= ops  # fused by onnxruntime's transformer optimizer
+    assert json.loads({p.key: p.value for p in proto.metadata_props}["optimized"])["FastGelu"] == 2
     report = verify(model, opt, images="digits", num_images=64, batch_size=32)
     assert report["passed"], report["failures"]  # still fp32 thresholds
 
