@@ -36,8 +36,9 @@ def run_info(model_path: str) -> Tuple[Optional[List[str]], Optional[str]]:
             for key in ("dataset", "dataset_name"):
                 if dataset is None and isinstance(data.get(key), str):
                     dataset = data[key]
-            if dataset is None and isinstance(data.get("config"), dict) and isinstance(data["config"].get("dataset"), str):
-                dataset = data["config"]["dataset"]
+            for key in ("train", "config"):  # config.json of a training run: {"train": {"dataset": ...}}
+                if dataset is None and isinstance(data.get(key), dict) and isinstance(data[key].get("dataset"), str):
+                    dataset = data[key]["dataset"]
     for fname in ("labels.txt", "class_names.txt"):
         path = os.path.join(folder, fname)
         if names is None and os.path.isfile(path):
