@@ -6,6 +6,7 @@ model's variant, image size, class names and the keras-vit version are in its me
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 from typing import Optional, Sequence
@@ -199,11 +200,17 @@ def _optimize(proto, cfg, work: str, fuse: bool, fp16: bool):
     src = os.path.join(work, "renamed.onnx")
     onnx.save(proto, src)
     if fuse:
+        # "vit" expects a PyTorch producer and warns about tf2onnx; the fusions work regardless.
+        opt_logger = logging.getLogger("onnxruntime.transformers.optimizer")
+        level = opt_logger.level
+        opt_logger.setLevel(logging.ERROR)
         try:
             optimized = optimize_model(src, model_type="vit", num_heads=cfg.num_heads,
                                        hidden_size=cfg.hidden_size, opt_level=0)
         except ImportError as exc:  # the optimizer's shape inference needs sympy
             raise ExportError(f"--optimize needs an extra package: {exc}") from None
+        finally:
+            opt_logger.setLevel(level)
         fused = optimized.get_fused_operator_statistics()
     else:
         from onnxruntime.transformers.onnx_model import OnnxModel

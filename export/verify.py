@@ -110,6 +110,8 @@ def verify(keras_model, exported_path: PathLike, images=None, num_images: int = 
            write_report: bool = True, runner: Optional[Runner] = None) -> dict:
     """Compare `keras_model` (model or .keras path) with the exported file on real images.
 
+    Top-1 agreement: same argmax; top-5 agreement: the same set of 5 highest classes (stricter
+    than top-1, reported, not checked by default).
     `images`: an array or any source `keras_vit.export.images.load_images` takes (default:
     offline digits and photos). Returns the report dict (`passed`, `failures`, metrics,
     latencies); with `write_report` it is also saved as <file>.report.json. A failed check
