@@ -118,3 +118,18 @@ def test_existing_file_replaced_only_by_a_complete_one(tmp_path, monkeypatch):
     to_onnx(small_model(), target)
     assert onnx.load(str(target)).graph.output[0].name == "logits"
     assert sorted(os.listdir(tmp_path)) == ["m.onnx"]
+
+
+@pytest.mark.slow
+def test_full_ti16_at_224_matches_keras(tmp_path):
+    """The real Ti/16 (12 blocks, 224px, 1000 classes) on photos, batch 1 and 7."""
+    import keras_vit
+
+    model = keras_vit.ViT("Ti/16", image_size=224, num_classes=1000)
+    rng = np.random.RandomState(0)
+    head = model.get_layer("head")
+    head.kernel.assign(rng.normal(0, 0.05, head.kernel.shape).astype("float32"))
+    path = to_onnx(model, tmp_path / "ti16.onnx")
+    for batch in (1, 7):
+        report = verify(model, path, images="photos", num_images=14, batch_size=batch)
+        assert report["passed"], report["failures"]
