@@ -2,6 +2,7 @@
 so `vitcli --help` stays fast and TensorFlow-free."""
 from __future__ import annotations
 
+import importlib
 import sys
 
 import click
@@ -44,6 +45,12 @@ def models_cmd(image_size: int, num_classes: int) -> None:
 
 # Further commands live in their own modules (cli/<topic>.py), each importing TensorFlow only
 # inside the command body; each registers itself below with one line: cli.add_command(...).
+from keras_vit.cli.train import evaluate_cmd, predict_cmd, train_cmd  # noqa: E402
+
+cli.add_command(train_cmd)
+cli.add_command(evaluate_cmd)
+cli.add_command(predict_cmd)
+cli.add_command(importlib.import_module("keras_vit.cli.export").export_cmd)
 
 
 def main() -> None:

@@ -1,18 +1,37 @@
-"""Datasets as tf.data pipelines. (Minimal seed: the offline `digits` dataset; the training
-issue grows this into the full registry.)
+"""Datasets as tf.data pipelines: one registry of names, one pipeline builder.
 
 Contract used by training, export and inspection:
 `load(name) -> Splits` with unbatched tf.data.Datasets of (float32 image (H, W, C) in [0, 255],
-int32 label) for train / val / test, plus class names.
+int32 label) for train / val / test, plus class names. `pipeline(...)` turns a split into the
+batched, augmented, prefetched input of `model.fit` (TensorFlow, JAX and torch backends alike).
+
+Names: digits, cifar10, cifar100, mnist, fashion_mnist, tfds:NAME, folder:PATH.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import List, Tuple
+import os
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 DIGITS_SIZE = 32  # 8x8 digits upsampled so that patch 4 gives 64 tokens
+KERAS_DATASETS = ("cifar10", "cifar100", "mnist", "fashion_mnist")
+NAMES = ("digits",) + KERAS_DATASETS + ("tfds:NAME", "folder:PATH")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+AUGMENTS = ("none", "light", "basic", "randaugment", "inception")
+CACHE_LIMIT_BYTES = 2 * 1024 ** 3  # cache decoded images in memory below this size
+_CLASS_NAMES = {
+    "digits": [str(i) for i in range(10)],
+    "mnist": [str(i) for i in range(10)],
+    "fashion_mnist": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                      "Sneaker", "Bag", "Ankle boot"],
+    "cifar10": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"],
+}
+
+
+class DatasetError(ValueError):
+    """A dataset that cannot be loaded: unknown name, missing folder, failed download, bad file."""
 
 
 @dataclasses.dataclass
@@ -23,7 +42,11 @@ class Splits:
     val: "object"
     test: "object"
     class_names: List[str]
-    image_shape: Tuple[int, int, int]
+    image_shape: Tuple[Optional[int], Optional[int], int]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
 
 
 def digits_arrays(seed: int = 0):
@@ -41,3 +64,359 @@ def digits_arrays(seed: int = 0):
     labels = d.target.astype(np.int32)
     x_tr, x_te, y_tr, y_te = train_test_split(images, labels, test_size=360, stratify=labels, random_state=seed)
     return x_tr, y_tr, x_te, y_te
+
+
+# --- the registry ----------------------------------------------------------------------------
+
+def load(name: str, *, seed: int = 0, val_fraction: float = 0.1, data_dir: Optional[str] = None) -> Splits:
+    """The train / val / test splits of a named dataset. `val_fraction` of the training data is
+    held out (seeded) when the dataset has no validation split of its own."""
+    if not isinstance(name, str) or not name.strip():
+        raise DatasetError(f"dataset must be a name, one of {', '.join(NAMES)}; got {name!r}")
+    if not 0.0 < val_fraction < 1.0:
+        raise DatasetError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
+    name = name.strip()
+    if name == "digits":
+        x_tr, y_tr, x_te, y_te = digits_arrays()
+        return _from_arrays(x_tr, y_tr, x_te, y_te, _CLASS_NAMES["digits"], seed, val_fraction)
+    if name in KERAS_DATASETS:
+        return _keras_dataset(name, seed, val_fraction)
+    if name.startswith("tfds:"):
+        return _tfds(name[len("tfds:"):], seed, val_fraction, data_dir)
+    if name.startswith("folder:"):
+        return _folder(name[len("folder:"):], seed, val_fraction)
+    raise DatasetError(f"unknown dataset {name!r}; allowed: {', '.join(NAMES)}")
+
+
+def slug(name: str) -> str:
+    """A file-name-safe short form of a dataset name (for run folders)."""
+    if name.startswith("folder:"):
+        name = "folder-" + (os.path.basename(os.path.normpath(name[len("folder:"):])) or "root")
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in name.replace(":", "-"))
+
+
+def _split_val(n: int, labels: np.ndarray, seed: int, val_fraction: float) -> Tuple[np.ndarray, np.ndarray]:
+    """Indices (train, val): a seeded, stratified hold-out of `val_fraction`."""
+    from sklearn.model_selection import train_test_split
+
+    idx = np.arange(n)
+    n_val = max(1, int(round(n * val_fraction)))
+    counts = np.bincount(labels)
+    strat = labels if counts[counts > 0].min() >= 2 and n_val >= len(counts[counts > 0]) else None
+    tr, va = train_test_split(idx, test_size=n_val, stratify=strat, random_state=seed)
+    return np.sort(tr), np.sort(va)
+
+
+def _from_arrays(x_tr, y_tr, x_te, y_te, class_names, seed, val_fraction) -> Splits:
+    import tensorflow as tf
+
+    x_tr = _as_hwc(x_tr)
+    x_te = _as_hwc(x_te)
+    y_tr = np.asarray(y_tr).reshape(-1).astype(np.int32)
+    y_te = np.asarray(y_te).reshape(-1).astype(np.int32)
+    tr, va = _split_val(len(x_tr), y_tr, seed, val_fraction)
+
+    def ds(x, y):
+        return tf.data.Dataset.from_tensor_slices((x, y))
+
+    return Splits(ds(x_tr[tr], y_tr[tr]), ds(x_tr[va], y_tr[va]), ds(x_te, y_te),
+                  list(class_names), tuple(int(s) for s in x_tr.shape[1:]))
+
+
+def _as_hwc(x) -> np.ndarray:
+    x = np.asarray(x)
+    if x.ndim == 3:  # grayscale (N, H, W)
+        x = x[..., None]
+    return x.astype(np.float32)
+
+
+def _keras_dataset(name: str, seed: int, val_fraction: float) -> Splits:
+    import keras
+
+    loader = getattr(keras.datasets, name)
+    try:
+        (x_tr, y_tr), (x_te, y_te) = loader.load_data()
+    except Exception as exc:  # noqa: BLE001 - no network, a proxy, a truncated cache: one line
+        raise DatasetError(f"could not download dataset {name!r} via keras.datasets: {_first_line(exc)}") from None
+    classes = _CLASS_NAMES.get(name) or [str(i) for i in range(int(np.max(y_tr)) + 1)]
+    return _from_arrays(x_tr, y_tr, x_te, y_te, classes, seed, val_fraction)
+
+
+def _tfds(name: str, seed: int, val_fraction: float, data_dir: Optional[str]) -> Splits:
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError:
+        raise DatasetError("tfds: datasets need tensorflow-datasets; pip install 'keras-vit[tfds]'") from None
+    if not name:
+        raise DatasetError("tfds: needs a dataset name, e.g. tfds:oxford_flowers102")
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+        builder.download_and_prepare()
+    except Exception as exc:  # noqa: BLE001 - unknown name, no network: one line
+        raise DatasetError(f"could not load dataset 'tfds:{name}': {_first_line(exc)}") from None
+    info = builder.info
+    splits = set(info.splits.keys())
+    if "train" not in splits:
+        raise DatasetError(f"tfds:{name} has no 'train' split (it has {sorted(splits)})")
+    keys = info.supervised_keys
+    if not keys:
+        raise DatasetError(f"tfds:{name} has no (image, label) supervised keys")
+    pct = int(round(val_fraction * 100))
+    val_split = next((s for s in ("validation", "val") if s in splits), f"train[{100 - pct}%:]")
+    train_split = "train" if val_split in splits else f"train[:{100 - pct}%]"
+    test_split = next((s for s in ("test", "validation", "val") if s in splits), val_split)
+
+    def get(split):
+        ds = builder.as_dataset(split=split, as_supervised=True, shuffle_files=False)
+        return ds.map(lambda x, y: (_to_float(x), tf_cast_int(y)))
+
+    label = info.features[keys[1]]
+    names = list(getattr(label, "names", None) or [str(i) for i in range(label.num_classes)])
+    shape = tuple(info.features[keys[0]].shape)
+    return Splits(get(train_split), get(val_split), get(test_split), names, shape)
+
+
+def tf_cast_int(y):
+    import tensorflow as tf
+
+    return tf.cast(y, tf.int32)
+
+
+def _to_float(x):
+    import tensorflow as tf
+
+    x = tf.cast(x, tf.float32)
+    return x if x.shape.rank == 3 else x[..., None]
+
+
+def _folder(path: str, seed: int, val_fraction: float) -> Splits:
+    """`PATH/<class>/*.jpg` with a held-out val split, or `PATH/train`, `PATH/val` (and `PATH/test`)."""
+    path = os.path.expanduser(path)
+    if not path or not os.path.isdir(path):
+        raise DatasetError(f"folder {path!r} does not exist (expected folder:PATH with one sub-folder per class)")
+    layout = {s: os.path.join(path, s) for s in ("train", "val", "validation", "test")}
+    if os.path.isdir(layout["train"]):
+        train_files, train_labels, names = _list_images(layout["train"])
+        val_dir = layout["val"] if os.path.isdir(layout["val"]) else layout["validation"]
+        if os.path.isdir(val_dir):
+            val_files, val_labels, _ = _list_images(val_dir, names)
+        else:
+            tr, va = _split_val(len(train_files), train_labels, seed, val_fraction)
+            val_files, val_labels = [train_files[i] for i in va], train_labels[va]
+            train_files, train_labels = [train_files[i] for i in tr], train_labels[tr]
+        if os.path.isdir(layout["test"]):
+            test_files, test_labels, _ = _list_images(layout["test"], names)
+        else:
+            test_files, test_labels = val_files, val_labels
+    else:
+        files, labels, names = _list_images(path)
+        tr, va = _split_val(len(files), labels, seed, val_fraction)
+        train_files, train_labels = [files[i] for i in tr], labels[tr]
+        val_files, val_labels = [files[i] for i in va], labels[va]
+        test_files, test_labels = val_files, val_labels  # one folder: val doubles as test
+    return Splits(_image_files(train_files, train_labels), _image_files(val_files, val_labels),
+                  _image_files(test_files, test_labels), names, (None, None, 3))
+
+
+def _list_images(root: str, class_names: Optional[Sequence[str]] = None):
+    """Sorted (files, labels, class_names) of `root/<class>/*`; every file checked readable."""
+    from PIL import Image, UnidentifiedImageError
+
+    names = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and not d.startswith("."))
+    if class_names is not None:
+        unknown = sorted(set(names) - set(class_names))
+        if unknown:
+            raise DatasetError(f"{root}: classes {unknown} are not in the training classes")
+        names = list(class_names)
+    if not names:
+        raise DatasetError(f"folder {root!r} has no class sub-folders (expected {root}/<class>/<image>.jpg)")
+    files, labels = [], []
+    for label, cls in enumerate(names):
+        d = os.path.join(root, cls)
+        if not os.path.isdir(d):
+            continue
+        for f in sorted(os.listdir(d)):
+            if f.lower().endswith(IMAGE_EXTENSIONS):
+                p = os.path.join(d, f)
+                try:
+                    with Image.open(p) as im:
+                        im.verify()
+                except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as exc:
+                    raise DatasetError(f"cannot read image {p}: {_first_line(exc)}") from None
+                files.append(p)
+                labels.append(label)
+    if not files:
+        raise DatasetError(f"folder {root!r} has no images ({', '.join(IMAGE_EXTENSIONS)})")
+    return files, np.asarray(labels, np.int32), list(names)
+
+
+def _image_files(files: Sequence[str], labels: np.ndarray):
+    import tensorflow as tf
+
+    ds = tf.data.Dataset.from_tensor_slices((list(files), np.asarray(labels, np.int32)))
+    return ds.map(lambda p, y: (read_image(p), y), num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def read_image(path_or_bytes, from_bytes: bool = False):
+    """Decode a JPEG/PNG/BMP/GIF file (a tf string) to a float32 (H, W, 3) image in [0, 255]."""
+    import tensorflow as tf
+
+    data = path_or_bytes if from_bytes else tf.io.read_file(path_or_bytes)
+    img = tf.io.decode_image(data, channels=3, expand_animations=False)
+    img = tf.cast(img, tf.float32)
+    img.set_shape((None, None, 3))
+    return img
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+# --- the pipeline ----------------------------------------------------------------------------
+
+def prepare_image(image, image_size: Optional[Sequence[int]], channels: int):
+    """Float32 image(s) resized (bilinear) to `image_size` (None: kept) and converted to
+    `channels` (1 or 3): the one transformation shared by training, evaluation and prediction."""
+    import tensorflow as tf
+
+    image = tf.cast(image, tf.float32)
+    c = image.shape[-1]
+    if c != channels:
+        if c == 1 and channels == 3:
+            image = tf.image.grayscale_to_rgb(image)
+        elif c == 3 and channels == 1:
+            image = tf.image.rgb_to_grayscale(image)
+        elif c == 4 and channels == 3:
+            image = image[..., :3]
+        else:
+            raise DatasetError(f"cannot convert images with {c} channels to {channels}")
+    if image_size is None:
+        return image
+    h, w = (int(s) for s in image_size)
+    if tuple(image.shape[-3:-1]) != (h, w):
+        image = tf.image.resize(image, (h, w), method="bilinear")
+    return image
+
+
+def augmenter(kind: str, image_size: Sequence[int], seed: int = 0) -> Optional[Callable]:
+    """The batch-level keras.layers augmentation for `kind` (see AUGMENTS), or None for "none".
+
+    light: small translations (digits, MNIST: no flips); basic: pad-and-crop + horizontal flip;
+    randaugment: basic + RandAugment(2 ops); inception: flip after the per-image inception crop.
+    """
+    import keras
+
+    if kind not in AUGMENTS:
+        raise DatasetError(f"unknown augmentation {kind!r}; allowed: {', '.join(AUGMENTS)}")
+    h, w = (int(s) for s in image_size)
+    L = keras.layers
+    if kind == "none":
+        return None
+    if kind == "light":
+        layers = [L.RandomTranslation(1 / 16, 1 / 16, fill_mode="constant", seed=seed)]
+    elif kind == "inception":
+        layers = [L.RandomFlip("horizontal", seed=seed)]
+    else:
+        pad = max(1, h // 8)
+        layers = [L.ZeroPadding2D(pad), L.RandomCrop(h, w, seed=seed), L.RandomFlip("horizontal", seed=seed + 1)]
+        if kind == "randaugment":
+            layers.append(L.RandAugment(value_range=(0, 255), num_ops=2, factor=0.5, seed=seed + 2))
+    return keras.Sequential(layers, name=f"augment_{kind}")
+
+
+def inception_crop(image, image_size: Sequence[int], seed: Optional[Tuple[int, int]] = None):
+    """Inception-style random crop (8%-100% area, 3/4-4/3 aspect) resized to `image_size`."""
+    import tensorflow as tf
+
+    shape = tf.shape(image)
+    bbox = tf.zeros((1, 0, 4), tf.float32)
+    kwargs = dict(bounding_boxes=bbox, min_object_covered=0.0, aspect_ratio_range=(3 / 4, 4 / 3),
+                  area_range=(0.08, 1.0), max_attempts=10, use_image_if_no_bounding_boxes=True)
+    if seed is not None:
+        begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(shape, seed=seed, **kwargs)
+    else:
+        begin, size, _ = tf.image.sample_distorted_bounding_box(shape, **kwargs)
+    crop = tf.slice(image, begin, size)
+    return tf.image.resize(crop, tuple(int(s) for s in image_size), method="bilinear")
+
+
+def pipeline(ds, *, image_size: Sequence[int], batch_size: int, num_classes: int, channels: int = 3,
+             training: bool = False, augment: str = "none", mixup: float = 0.0, cutmix: float = 0.0,
+             seed: int = 0, cache: Union[bool, str] = "auto", shuffle_buffer: int = 10_000,
+             one_hot: bool = True):
+    """Split -> batches for `model.fit`: resize (AUTOTUNE), cache, shuffle (seeded), batch,
+    augment with keras.layers (training only), MixUp/CutMix, prefetch.
+
+    Labels are one-hot floats (needed by label smoothing and MixUp/CutMix) unless `one_hot=False`.
+    """
+    import tensorflow as tf
+
+    if batch_size < 1:
+        raise DatasetError(f"batch_size must be >= 1, got {batch_size}")
+    AUTO = tf.data.AUTOTUNE
+    size = tuple(int(s) for s in image_size)
+    inception = training and augment == "inception"
+    if inception:
+        # Crop before resizing: the crop needs the full-resolution image.
+        ds = ds.map(lambda x, y: (prepare_image(x, None, channels), y), num_parallel_calls=AUTO)
+    else:
+        ds = ds.map(lambda x, y: (prepare_image(x, size, channels), y), num_parallel_calls=AUTO)
+    if _should_cache(ds, size, channels, cache, inception):
+        ds = ds.cache()
+    if training:
+        n = ds.cardinality()
+        buffer = shuffle_buffer if n < 0 else int(min(max(int(n), 1), shuffle_buffer))
+        ds = ds.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
+        if inception:
+            counter = tf.data.Dataset.counter(seed * 1_000_003)
+            ds = tf.data.Dataset.zip((ds, counter)).map(
+                lambda xy, i: (inception_crop(xy[0], size, tf.stack([tf.cast(seed, tf.int64), i])), xy[1]),
+                num_parallel_calls=AUTO)
+    ds = ds.batch(batch_size, drop_remainder=training, num_parallel_calls=AUTO)
+    if one_hot or (training and (mixup or cutmix)):
+        ds = ds.map(lambda x, y: (x, tf.one_hot(y, num_classes, dtype=tf.float32)), num_parallel_calls=AUTO)
+    if training:
+        aug = augmenter(augment, size, seed)
+        if aug is not None:
+            ds = ds.map(lambda x, y: (aug(x, training=True), y), num_parallel_calls=AUTO)
+        if mixup or cutmix:
+            ds = ds.map(_mixer(mixup, cutmix, seed), num_parallel_calls=AUTO)
+    return ds.prefetch(AUTO)
+
+
+def _should_cache(ds, size, channels, cache, inception) -> bool:
+    if cache in (True, False):
+        return bool(cache)
+    n = int(ds.cardinality())
+    if n < 0 or inception:  # unknown size, or full-resolution images before the crop
+        return False
+    return n * size[0] * size[1] * channels * 4 <= CACHE_LIMIT_BYTES
+
+
+def _mixer(mixup: float, cutmix: float, seed: int):
+    """Batch map applying MixUp (alpha) and/or CutMix (factor), each with probability 1/2 when both."""
+    import keras
+    import tensorflow as tf
+
+    mix = keras.layers.MixUp(alpha=mixup, seed=seed) if mixup else None
+    cut = keras.layers.CutMix(factor=cutmix, seed=seed + 1) if cutmix else None
+
+    def apply(layer, x, y):
+        out = layer({"images": x, "labels": y}, training=True)
+        return out["images"], out["labels"]
+
+    def fn(x, y):
+        if mix is not None and cut is not None:
+            return tf.cond(tf.random.uniform((), seed=seed) < 0.5, lambda: apply(mix, x, y), lambda: apply(cut, x, y))
+        return apply(mix or cut, x, y)
+
+    return fn
+
+
+def describe() -> Dict[str, str]:
+    """Dataset names and what they load (for `--help`)."""
+    return {"digits": "scikit-learn 8x8 digits, offline (1437 train / 360 test)",
+            **{n: "keras.datasets (downloads)" for n in KERAS_DATASETS},
+            "tfds:NAME": "tensorflow-datasets (downloads; pip install keras-vit[tfds])",
+            "folder:PATH": "PATH/<class>/*.jpg|png, or PATH/train, PATH/val[, PATH/test]"}

@@ -1,0 +1,136 @@
+"""`vitcli train`, `vitcli evaluate`, `vitcli predict`. TensorFlow/Keras load inside the commands."""
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional, Sequence
+
+import click
+
+from keras_vit.cli.main import UserError
+
+_DATASET_HELP = ("digits (offline), cifar10, cifar100, mnist, fashion_mnist, tfds:NAME, "
+                 "folder:PATH (PATH/<class>/*.jpg or PATH/train, PATH/val).")
+
+
+def _user_errors(fn):
+    """Run `fn`, turning ValueError (bad option, dataset, file) into one-line UserErrors."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError:
+            raise
+        except ValueError as exc:
+            text = str(exc).strip()
+            raise UserError(text.splitlines()[0] if text else type(exc).__name__) from None
+
+    return wrapper
+
+
+@click.command("train")
+@click.option("--dataset", default="digits", show_default=True, help=_DATASET_HELP)
+@click.option("--variant", default=None, help="Model, e.g. Ti/4, S/16, R50+B/16 [default: per dataset; digits: a small Ti/2 at 16px].")
+@click.option("--image-size", type=int, default=None, help="Input side in pixels [default: per dataset].")
+@click.option("--hidden-size", type=int, default=None, help="Override the variant's width D.")
+@click.option("--num-layers", type=int, default=None, help="Override the variant's depth L.")
+@click.option("--num-heads", type=int, default=None, help="Override the variant's heads.")
+@click.option("--mlp-dim", type=int, default=None, help="Override the variant's MLP size.")
+@click.option("--recipe", type=click.Choice(["scratch", "finetune"]), default="scratch", show_default=True,
+              help="scratch: AdamW, warm-up + cosine, weight decay, label smoothing, augmentation. "
+                   "finetune: SGD momentum 0.9, cosine, no weight decay.")
+@click.option("--epochs", type=int, default=None, help="Epochs [default: per dataset].")
+@click.option("--batch-size", type=int, default=None, help="Global batch size [default: per dataset].")
+@click.option("--lr", "learning_rate", type=float, default=None, help="Peak learning rate [default: per recipe].")
+@click.option("--weight-decay", type=float, default=None)
+@click.option("--warmup-epochs", type=float, default=None)
+@click.option("--label-smoothing", type=float, default=None)
+@click.option("--clipnorm", type=float, default=None, help="Gradient clipping at this global norm [default: 1].")
+@click.option("--optimizer", type=click.Choice(["adamw", "adam", "sgd"]), default=None)
+@click.option("--augment", type=click.Choice(["none", "light", "basic", "randaugment", "inception"]), default=None,
+              help="Augmentation [default: per dataset].")
+@click.option("--mixup", type=float, default=None, help="MixUp alpha (0 = off).")
+@click.option("--cutmix", type=float, default=None, help="CutMix factor (0 = off).")
+@click.option("--dropout", "dropout_rate", type=float, default=None)
+@click.option("--drop-path", "drop_path_rate", type=float, default=None)
+@click.option("--mixed-precision", type=click.Choice(["none", "mixed_bfloat16", "mixed_float16"]), default=None)
+@click.option("--jit/--no-jit", "jit_compile", default=None, help="XLA-compile the train step [default: on].")
+@click.option("--grad-accum", type=int, default=None, help="Accumulate gradients over this many batches.")
+@click.option("--distribute", type=click.Choice(["auto", "none", "mirrored"]), default=None,
+              help="auto: MultiWorkerMirrored from TF_CONFIG, Mirrored over >1 GPU, DataParallel on JAX.")
+@click.option("--weights", default=None, help="Initial weights: an official .npz or a keras-vit .keras (head skipped).")
+@click.option("--seed", type=int, default=None, help="Seed for data order, augmentation and initialisation [default: 0].")
+@click.option("--val-fraction", type=float, default=None, help="Training data held out for validation [default: 0.1].")
+@click.option("--data-dir", default=None, help="tensorflow-datasets data folder.")
+@click.option("--output", default=None, help="Run folder [default: runs/<dataset>-<variant>-<time>, linked as runs/latest].")
+@click.option("--resume", is_flag=True, help="Continue the run in --output (default runs/latest) from its last epoch.")
+@_user_errors
+def train_cmd(dataset: str, output: Optional[str], resume: bool, **options) -> None:
+    """Train a ViT with model.fit on a tf.data pipeline; writes a run folder."""
+    from keras_vit import train as ktrain
+
+    if resume:
+        given = sorted(k for k, v in options.items() if v is not None)
+        if given:
+            raise UserError(f"--resume continues a run with its saved options; drop {', '.join('--' + g.replace('_', '-') for g in given)}")
+        cfg = None
+    else:
+        cfg = ktrain.make_config(dataset, options.pop("recipe"), **options)
+    result = ktrain.train(cfg, output=output, resume=resume)
+    t = result["test"]
+    click.echo(f"test top-1 {t['top1']:.4f}  top-5 {t['top5']:.4f}  loss {t['loss']:.4f}  "
+               f"({result['epochs']} epochs, {result['train_seconds']:.0f} s of training)")
+    click.echo(f"run folder: {result['run']}")
+
+
+def _load(model: str):
+    from keras_vit import train as ktrain
+    from keras_vit.saving import load_model
+
+    path = ktrain.model_path(model)
+    return path, load_model(path)
+
+
+@click.command("evaluate")
+@click.option("--model", "model_arg", required=True, help="A .keras model, or a run folder.")
+@click.option("--dataset", default="digits", show_default=True, help=_DATASET_HELP)
+@click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the validation hold-out (test is fixed).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object: loss, top1, top5, per_class.")
+@_user_errors
+def evaluate_cmd(model_arg: str, dataset: str, batch_size: int, seed: int, as_json: bool) -> None:
+    """Loss, top-1, top-5 and per-class accuracy on the dataset's test split."""
+    from keras_vit import data as kdata
+    from keras_vit import train as ktrain
+
+    _, model = _load(model_arg)
+    splits = kdata.load(dataset, seed=seed)
+    result = ktrain.evaluate(model, splits.test, splits.class_names, batch_size=batch_size)
+    if as_json:
+        click.echo(json.dumps(result))
+        return
+    click.echo(f"{dataset} test ({result['count']} images): loss {result['loss']:.4f}  "
+               f"top-1 {result['top1']:.4f}  top-5 {result['top5']:.4f}")
+    for name, acc in result["per_class"].items():
+        click.echo(f"  {name:<20} {acc:.4f}")
+
+
+@click.command("predict")
+@click.option("--model", "model_arg", required=True, help="A .keras model, or a run folder.")
+@click.option("--top-k", type=click.IntRange(min=1), default=5, show_default=True)
+@click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@_user_errors
+def predict_cmd(model_arg: str, top_k: int, images: Sequence[str]) -> None:
+    """Top-k class names with probabilities for each IMAGE, one line each."""
+    from keras_vit import train as ktrain
+    from keras_vit.vit import get_config
+
+    missing = [p for p in images if not os.path.isfile(p)]
+    if missing:
+        raise UserError(f"image file {missing[0]!r} does not exist")
+    path, model = _load(model_arg)
+    names = ktrain.class_names_for(path, get_config(model).num_classes)
+    for p, top in zip(images, ktrain.predict_images(model, images, names, top_k)):
+        click.echo(f"{p}: " + ", ".join(f"{n} {prob:.3f}" for n, prob in top))
