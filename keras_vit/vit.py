@@ -1,6 +1,7 @@
 """ViT(...): builds the paper's model (plain or hybrid) as a functional keras.Model."""
 from __future__ import annotations
 
+import re
 from typing import Optional, Sequence, Tuple, Union
 
 import keras
@@ -56,8 +57,9 @@ def ViT(variant: Optional[str] = "B/16", image_size: Union[int, Tuple[int, int]]
 
 
 def _model_name(cfg: ViTConfig) -> str:
-    base = cfg.variant or f"D{cfg.hidden_size}-L{cfg.num_layers}-P{cfg.patch_size[0]}"
-    return "vit_" + base.replace("/", "_").replace("+", "_").lower()
+    """A name TensorFlow accepts in graphs and exports: letters, digits and underscores only."""
+    base = cfg.variant or f"D{cfg.hidden_size}_L{cfg.num_layers}_P{cfg.patch_size[0]}"
+    return "vit_" + re.sub(r"[^0-9a-zA-Z_]+", "_", base).strip("_").lower()
 
 
 @keras.saving.register_keras_serializable(package="keras_vit")
