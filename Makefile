@@ -14,6 +14,11 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(PY) -m keras_vit.demo
+	$(VENV)/bin/vitcli train --dataset digits
+	# deployment: export the digits model and check each file against Keras (reports beside them)
+	$(VENV)/bin/vitcli export --format onnx
+	$(VENV)/bin/vitcli export --format tflite
+	$(VENV)/bin/vitcli export --format tflite --quantize int8
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -2,6 +2,7 @@
 so `vitcli --help` stays fast and TensorFlow-free."""
 from __future__ import annotations
 
+import importlib
 import sys
 
 import click
@@ -49,6 +50,7 @@ from keras_vit.cli.train import evaluate_cmd, predict_cmd, train_cmd  # noqa: E4
 cli.add_command(train_cmd)
 cli.add_command(evaluate_cmd)
 cli.add_command(predict_cmd)
+cli.add_command(importlib.import_module("keras_vit.cli.export").export_cmd)
 
 from keras_vit.cli.analysis import fewshot_cmd, inspect_cmd, pretrain_cmd  # noqa: E402  (issue 7)
 

@@ -159,3 +159,9 @@ def test_bad_input_is_one_clear_value_error(kwargs, match):
 def test_single_channel_images():
     model = keras_vit.ViT(variant="Ti/8", image_size=16, channels=1, num_classes=2, **TINY)
     assert model.predict(random_images(2, 16, 16, c=1), verbose=0).shape == (2, 2)
+
+
+def test_model_name_is_safe_for_graph_export():
+    cfg = ViTConfig(image_size=16, patch_size=8, num_classes=2, variant="R+Ti/8 (test)", **TINY)
+    assert keras_vit.ViT(config=cfg).name == "vit_r_ti_8_test"
+    assert keras_vit.ViT(variant="Ti/8", image_size=16, **TINY).name == "vit_ti_8"
