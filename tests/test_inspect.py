@@ -48,7 +48,7 @@ def test_attention_maps_of_a_model_loaded_from_keras_file(tmp_path):
         np.testing.assert_allclose(a, b, atol=1e-6)
 
 
-def test_attention_maps_of_a_hybrid():
+def test_attention_maps_of_a_hybrid(tmp_path):
     pytest.importorskip("keras_vit.resnet")
     model = keras_vit.ViT("R26+S/32", image_size=64, num_classes=3, **SMALL)
     maps = kin.attention_maps(model, random_images(1, 64, 64))
@@ -57,6 +57,8 @@ def test_attention_maps_of_a_hybrid():
     assert kin.mean_attention_distance(model, random_images(1, 64, 64)).max() <= 32 * np.sqrt(2) + 1e-3
     with pytest.raises(ValueError, match="hybrid"):
         kin.embedding_filters(model)
+    written = kin.inspect_model(model, random_images(1, 64, 64), str(tmp_path))
+    assert "embedding_filters" in written["skipped"] and (tmp_path / "attention_rollout.png").exists()
 
 
 def test_wrong_image_shape_is_a_clear_error():
