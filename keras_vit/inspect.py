@@ -287,6 +287,7 @@ def plot_attention_maps(attentions: Sequence[np.ndarray], grid_size: Tuple[int, 
             if hi == 0:
                 ax.set_ylabel(f"layer {li}", fontsize=8)
     fig.suptitle("attention of the output token", fontsize=10)
+    fig.tight_layout()
     return _save(fig, path)
 
 
@@ -343,6 +344,7 @@ def plot_embedding_filters(components: np.ndarray, path: str) -> str:
             ax.imshow(comp[..., 0] if comp.shape[-1] == 1 else comp[..., :3], cmap="gray",
                       interpolation="nearest")
     fig.suptitle("RGB embedding filters (first principal components)", fontsize=9)
+    fig.tight_layout()
     return _save(fig, path)
 
 
