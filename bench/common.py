@@ -22,16 +22,21 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # --- measuring ---------------------------------------------------------------------------
-def time_calls(fn: Callable[[], object], warmup: int, repeats: int, inner: int = 1) -> List[float]:
-    """Seconds per call of `fn` (mean over `inner` calls), `repeats` times, after `warmup` calls."""
+def time_calls(fn: Callable[[], object], warmup: int, repeats: int, inner: int = 1,
+               cpu: Optional[List[float]] = None) -> List[float]:
+    """Wall seconds per call of `fn` (mean over `inner` calls), `repeats` times, after `warmup`
+    calls. When a list is passed as `cpu`, the process CPU seconds per call are appended to it
+    (a figure that other processes' load disturbs far less than wall time)."""
     for _ in range(warmup):
         fn()
     out = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for _ in range(inner):
             fn()
         out.append((time.perf_counter() - t0) / inner)
+        if cpu is not None:
+            cpu.append((time.process_time() - c0) / inner)
     return out
 
 

@@ -90,26 +90,47 @@ def export_all(args) -> Dict[str, object]:
     np.save(os.path.join(wd, "ref.npy"), model.predict(x, verbose=0, batch_size=8))
     spec = tf.TensorSpec((None, args.image_size, args.image_size, 3), tf.float32, name="images")
     fn = tf.function(lambda t: model(t, training=False), input_signature=[spec])
-    done = {}
-    _export_onnx(fn, spec, os.path.join(wd, "keras.onnx"))
-    done["onnx"] = True
-    _optimize_onnx(os.path.join(wd, "keras.onnx"), os.path.join(wd, "keras-opt.onnx"), config(args))
-    _quantize_onnx(os.path.join(wd, "keras-opt.onnx"), os.path.join(wd, "keras-int8.onnx"))
+    done: Dict[str, str] = {}
+
+    def step(name: str, fn) -> None:
+        try:
+            fn()
+            done[name] = "ok"
+        except Exception as e:  # one failed format must not hide the others
+            done[name] = f"{type(e).__name__}: {str(e)[:200]}"
+
+    cfg = config(args)
+    step("keras.onnx", lambda: _export_onnx(fn, spec, os.path.join(wd, "keras.onnx")))
+    step("keras-opt.onnx", lambda: _optimize_onnx(os.path.join(wd, "keras.onnx"), os.path.join(wd, "keras-opt.onnx"), cfg))
+    step("keras-int8.onnx", lambda: _quantize_onnx(os.path.join(wd, "keras-opt.onnx"), os.path.join(wd, "keras-int8.onnx")))
     calib = images(args, args.calib_images, seed=2)
     for q in ("fp32", "int8"):
-        with open(os.path.join(wd, f"keras-{q}.tflite"), "wb") as f:
-            f.write(_tflite(fn, model, spec, q, calib, args.image_size))
-    if common.have("timm"):
-        import torch
-
-        tm = timm_model(args)
-        np.save(os.path.join(wd, "ref-timm.npy"),
-                tm(torch.from_numpy(x).permute(0, 3, 1, 2) / 127.5 - 1.0).detach().numpy())
-        torch.onnx.export(tm, (torch.zeros(1, 3, args.image_size, args.image_size),),
-                          os.path.join(wd, "timm.onnx"), input_names=["images"], output_names=["logits"],
-                          dynamic_axes={"images": {0: "b"}, "logits": {0: "b"}}, opset_version=17, dynamo=False)
-        _quantize_onnx(os.path.join(wd, "timm.onnx"), os.path.join(wd, "timm-int8.onnx"))
+        step(f"keras-{q}.tflite", lambda q=q: _write(os.path.join(wd, f"keras-{q}.tflite"),
+                                                   _tflite(fn, model, spec, q, calib, args.image_size)))
     return done
+
+
+def export_timm(args) -> Dict[str, str]:
+    """timm's model -> ONNX (+ dynamic int8), and its reference logits; its own process, since
+    torch(vision) and TensorFlow crash when loaded together."""
+    import numpy as np
+    import torch
+
+    wd = args.workdir
+    x = np.load(os.path.join(wd, "x.npy"))
+    tm = timm_model(args)
+    with torch.inference_mode():
+        np.save(os.path.join(wd, "ref-timm.npy"), tm(torch.from_numpy(x).permute(0, 3, 1, 2) / 127.5 - 1.0).numpy())
+    torch.onnx.export(tm, (torch.zeros(1, 3, args.image_size, args.image_size),), os.path.join(wd, "timm.onnx"),
+                      input_names=["images"], output_names=["logits"],
+                      dynamic_axes={"images": {0: "b"}, "logits": {0: "b"}}, opset_version=17, dynamo=False)
+    _quantize_onnx(os.path.join(wd, "timm.onnx"), os.path.join(wd, "timm-int8.onnx"))
+    return {"timm.onnx": "ok", "timm-int8.onnx": "ok"}
+
+
+def _write(path: str, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
 
 
 def _export_onnx(fn, spec, path: str) -> None:
@@ -129,14 +150,21 @@ def _optimize_onnx(src: str, dst: str, cfg) -> None:
 def _quantize_onnx(src: str, dst: str) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(src, dst, weight_type=QuantType.QInt8)
+    import onnx
+
+    # The fused model has com.microsoft ops that ONNX shape inference cannot type.
+    quantize_dynamic(src, dst, weight_type=QuantType.QInt8,
+                     extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
 
 
 def _tflite(fn, model, spec, quant: str, calib, size: int) -> bytes:
+    """TFLite through a SavedModel (variables frozen); int8 = weights and activations, float I/O."""
     import tensorflow as tf
 
-    conc = fn.get_concrete_function()
-    conv = tf.lite.TFLiteConverter.from_concrete_functions([conc], model)
+    saved = os.path.join(tempfile.mkdtemp(prefix="vit-sm-"), "sm")
+    if not os.path.exists(saved):
+        model.export(saved, format="tf_saved_model", verbose=False)
+    conv = tf.lite.TFLiteConverter.from_saved_model(saved)
     if quant == "int8":
         conv.optimizations = [tf.lite.Optimize.DEFAULT]
         conv.representative_dataset = lambda: ([calib[i:i + 1]] for i in range(len(calib)))
@@ -208,7 +236,10 @@ def worker(case: str, args) -> None:
         common.emit({"case": case, **common.matmul_peak()})
         return
     if case == "export":
-        common.emit({"case": case, **export_all(args)})
+        common.emit({"case": case, "files": export_all(args)})
+        return
+    if case == "export-timm":
+        common.emit({"case": case, "files": export_timm(args)})
         return
     run, ref_file = runner(case, args)
     x = np.load(os.path.join(args.workdir, "x.npy"))
@@ -274,7 +305,11 @@ def main(argv=None) -> List[Dict[str, object]]:
     with tempfile.TemporaryDirectory(prefix="vit-bench-") as wd:
         args.workdir = wd
         exp = common.run_case("bench.infer", "export", _forward(args))
-        print("  export: " + ("done in %.0f s" % exp["wall_s"] if "error" not in exp else exp["error"]), flush=True)
+        print("  export: " + (json.dumps(exp["files"]) if "error" not in exp else exp["error"]), flush=True)
+        want_timm = any(c.startswith("timm") for c in cases) and common.have("timm") and "error" not in exp
+        if want_timm:
+            texp = common.run_case("bench.infer", "export-timm", _forward(args))
+            print("  export-timm: " + (json.dumps(texp["files"]) if "error" not in texp else texp["error"]), flush=True)
         for case in cases:
             if case.startswith("timm") and not (common.have("timm") and common.have("torch")):
                 results.append(common.skipped(case, "timm/torch not installed (pip install -r bench/requirements.txt)"))

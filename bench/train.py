@@ -5,7 +5,8 @@
     python -m bench.train --quick              # < 2 minutes: tiny model, few steps (CI smoke test)
 
 Cases (each in its own process): keras-vit on TF with XLA (`tf-xla`, the default path of
-`vitcli train`), TF without XLA (`tf`), the JAX backend (`jax`); keras-hub's ViTBackbone +
+`vitcli train`), TF without XLA (`tf`), TF with `mixed_bfloat16` without XLA (`tf-bf16`: oneDNN
+runs bf16 matmuls on AVX512-BF16 CPUs), the JAX backend (`jax`); keras-hub's ViTBackbone +
 Dense head on TF with XLA (`kerashub`); timm's ViT in torch (`timm`). Peers that are not
 installed are skipped. Achieved FLOP/s = img/s x 3 x forward FLOPs (ViTConfig.flops()),
 compared with the best fp32 sgemm GFLOP/s measured in the same run (`peak`).
@@ -22,8 +23,9 @@ if __package__ in (None, ""):
 
 from bench import common  # noqa: E402
 
-CASES = ("peak", "tf-xla", "tf", "jax", "kerashub", "timm")
-BACKEND = {"tf-xla": "tensorflow", "tf": "tensorflow", "jax": "jax", "kerashub": "tensorflow"}
+CASES = ("peak", "tf-xla", "tf", "tf-bf16", "jax", "kerashub", "timm")
+BACKEND = {"tf-xla": "tensorflow", "tf": "tensorflow", "tf-bf16": "tensorflow", "jax": "jax",
+           "kerashub": "tensorflow"}
 TIMM_NAMES = {"Ti": "vit_tiny_patch16_224", "S": "vit_small_patch16_224", "B": "vit_base_patch16_224",
               "L": "vit_large_patch16_224"}
 NUM_CLASSES = 10
@@ -71,13 +73,16 @@ def run_keras(case: str, args) -> Dict[str, object]:
     import keras
 
     cfg = config(args)
+    if case == "tf-bf16":
+        keras.mixed_precision.set_global_policy("mixed_bfloat16")
     model = _keras_model(case, cfg)
     model.compile(optimizer=keras.optimizers.SGD(LR, momentum=0.9),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                  jit_compile=(case != "tf"))
+                  jit_compile=case in ("tf-xla", "jax", "kerashub"))
     x, y = _data(args)
-    times = common.time_calls(lambda: model.train_on_batch(x, y), args.warmup, args.repeats, args.steps)
-    return {"params": model.count_params(), "backend": keras.backend.backend(), "times": times}
+    cpu: List[float] = []
+    times = common.time_calls(lambda: model.train_on_batch(x, y), args.warmup, args.repeats, args.steps, cpu)
+    return {"params": model.count_params(), "backend": keras.backend.backend(), "times": times, "cpu": cpu}
 
 
 def run_timm(args) -> Dict[str, object]:
@@ -102,9 +107,10 @@ def run_timm(args) -> Dict[str, object]:
         loss.backward()
         opt.step()
 
-    times = common.time_calls(step, args.warmup, args.repeats, args.steps)
+    cpu: List[float] = []
+    times = common.time_calls(step, args.warmup, args.repeats, args.steps, cpu)
     return {"params": sum(p.numel() for p in model.parameters()), "backend": f"torch {torch.__version__}",
-            "threads": torch.get_num_threads(), "times": times}
+            "threads": torch.get_num_threads(), "times": times, "cpu": cpu}
 
 
 def worker(case: str, args) -> None:
@@ -113,9 +119,10 @@ def worker(case: str, args) -> None:
         common.emit({"case": case, **common.matmul_peak(dtypes=("float32", "bfloat16"))})
         return
     res = run_timm(args) if case == "timm" else run_keras(case, args)
-    times = res.pop("times")
+    times, cpu = res.pop("times"), res.pop("cpu")
     ips = [args.batch_size / t for t in times]
-    common.emit({"case": case, **res, "img_s": common.summary(ips), "step_s": common.summary(times)})
+    common.emit({"case": case, **res, "img_s": common.summary(ips), "step_s": common.summary(times),
+                 "img_per_cpu_s": common.summary([args.batch_size / t for t in cpu])})
 
 
 def _args(argv=None):
@@ -201,6 +208,7 @@ def _report(results, peak) -> None:
         ("spread", lambda r: f"{100 * r['img_s']['spread']:.0f}%"),
         ("x timm", lambda r: f"{r['x_timm']:.2f}" if "x_timm" in r else "-"),
         ("x keras-hub", lambda r: f"{r['x_kerashub']:.2f}" if "x_kerashub" in r else "-"),
+        ("img/CPU-s", lambda r: f"{r['img_per_cpu_s']['median']:.2f}"),
         ("GFLOP/s", lambda r: f"{r['gflop_s']:.1f}"),
         ("% of peak", lambda r: f"{100 * r['share_of_peak']:.0f}%" if "share_of_peak" in r else "-"),
         ("peak RSS MiB", lambda r: f"{r['peak_rss_mb']:.0f}"),

@@ -198,10 +198,27 @@ class MultiHeadSelfAttention(layers.Layer):
             self._rel_index = relative_position_index(self.relative_grid, self.num_prefix_tokens)
         self.built = True
 
-    def _project(self, x, name):
-        kernel = ops.cast(getattr(self, f"{name}_kernel"), x.dtype)
-        bias = ops.cast(getattr(self, f"{name}_bias"), x.dtype)
-        return ops.einsum("btd,dhk->bthk", x, kernel) + bias
+    def _qkv(self, x, scale: float):
+        """q (pre-scaled by `scale`), k, v as (B, S, heads, head_dim) from ONE (D, 3D) matmul.
+
+        The three official (D, heads, head_dim) kernels stay the stored weights; they are
+        flattened and concatenated per call (a D x 3D copy, nothing next to the matmul), so
+        the projection is a single large GEMM instead of three 4-D einsums, and the softmax
+        scale is folded into the query columns instead of multiplying the (S, S) logits.
+        """
+        d = x.shape[-1]
+        h, hd = self.num_heads, self.head_dim
+        flat = h * hd
+        kernel = ops.concatenate([ops.reshape(self.query_kernel, (d, flat)) * scale,
+                                  ops.reshape(self.key_kernel, (d, flat)),
+                                  ops.reshape(self.value_kernel, (d, flat))], axis=-1)
+        bias = ops.concatenate([ops.reshape(self.query_bias, (flat,)) * scale,
+                                ops.reshape(self.key_bias, (flat,)),
+                                ops.reshape(self.value_bias, (flat,))], axis=-1)
+        qkv = ops.matmul(x, ops.cast(kernel, x.dtype)) + ops.cast(bias, x.dtype)  # (B, S, 3D)
+        seq = x.shape[1] if x.shape[1] is not None else ops.shape(x)[1]
+        q, k, v = ops.split(qkv, 3, axis=-1)
+        return tuple(ops.reshape(t, (-1, seq, h, hd)) for t in (q, k, v))
 
     def _relative_bias(self, q):
         """(B, heads, S, S) logits of the query against the relative-offset embeddings."""
@@ -213,17 +230,15 @@ class MultiHeadSelfAttention(layers.Layer):
         return ops.take_along_axis(scores, idx, axis=-1)
 
     def call(self, x, training=None, return_attention_scores: bool = False):
-        q = self._project(x, "query")
-        k = self._project(x, "key")
-        v = self._project(x, "value")
         scale = 1.0 / math.sqrt(self.head_dim)
+        q, k, v = self._qkv(x, scale)  # q already carries the softmax scale
         bias = None
         if self.relative_grid is not None:
-            bias = self._relative_bias(q) * scale
+            bias = self._relative_bias(q)  # from the scaled query: the bias is scaled too
         explicit = (return_attention_scores or (training and self.dropout_rate > 0)
                     or keras.backend.standardize_dtype(x.dtype) != "float32")
         if explicit:
-            logits = ops.einsum("bqhk,bthk->bhqt", q * ops.cast(scale, q.dtype), k)
+            logits = ops.einsum("bqhk,bthk->bhqt", q, k)
             logits = ops.cast(logits, "float32")
             if bias is not None:
                 logits = logits + ops.cast(bias, "float32")
@@ -231,9 +246,14 @@ class MultiHeadSelfAttention(layers.Layer):
             dropped = self.dropout(probs, training=training)
             out = ops.einsum("bhqt,bthk->bqhk", ops.cast(dropped, v.dtype), v)
         else:
-            out = ops.dot_product_attention(q, k, v, bias=bias, scale=scale)
+            out = ops.dot_product_attention(q, k, v, bias=bias, scale=1.0)
             probs = None
-        y = ops.einsum("bthk,hkd->btd", out, ops.cast(self.out_kernel, out.dtype)) + ops.cast(self.out_bias, out.dtype)
+        d = self.out_kernel.shape[-1]
+        seq = out.shape[1] if out.shape[1] is not None else ops.shape(out)[1]
+        # (B, S, heads*head_dim) @ (heads*head_dim, D): one GEMM, same weights as the 4-D einsum.
+        out = ops.reshape(out, (-1, seq, d))
+        kernel = ops.reshape(ops.cast(self.out_kernel, out.dtype), (d, d))
+        y = ops.matmul(out, kernel) + ops.cast(self.out_bias, out.dtype)
         if return_attention_scores:
             return y, probs
         return y
