@@ -2,6 +2,7 @@
 so `vitcli --help` stays fast and TensorFlow-free."""
 from __future__ import annotations
 
+import importlib
 import sys
 
 import click
@@ -44,6 +45,7 @@ def models_cmd(image_size: int, num_classes: int) -> None:
 
 # Further commands live in their own modules (cli/<topic>.py), each importing TensorFlow only
 # inside the command body; each registers itself below with one line: cli.add_command(...).
+cli.add_command(importlib.import_module("keras_vit.cli.export").export_cmd)
 
 
 def main() -> None:

@@ -1,1 +1,15 @@
-"""keras_vit.export: ONNX and TFLite export with accuracy verification (see the export issue)."""
+"""keras_vit.export: ONNX and TFLite export with accuracy verification.
+
+    from keras_vit.export import to_onnx, to_tflite, verify
+    to_onnx(model, "model.onnx"); verify(model, "model.onnx")   # report dict + model.onnx.report.json
+
+TensorFlow, tf2onnx, onnxruntime and LiteRT are imported only when a function runs.
+"""
+from __future__ import annotations
+
+from keras_vit.export._common import ExportError
+from keras_vit.export.onnx import to_onnx
+from keras_vit.export.tflite import to_tflite
+from keras_vit.export.verify import THRESHOLDS, Runner, format_table, report_path, verify
+
+__all__ = ["ExportError", "Runner", "THRESHOLDS", "format_table", "report_path", "to_onnx", "to_tflite", "verify"]

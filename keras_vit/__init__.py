@@ -19,6 +19,10 @@ _LAZY = {
     "get_config": "keras_vit.vit",
     "load_model": "keras_vit.saving",
     "layers": "keras_vit.layers",
+    "load_npz": "keras_vit.weights",
+    "save_npz": "keras_vit.weights",
+    "resize_model": "keras_vit.resize",
+    "resample_position_embeddings": "keras_vit.resize",
 }
 __all__ = sorted(_LAZY) + ["__version__"]
 

@@ -21,7 +21,7 @@ def build_config(variant: Optional[str] = "B/16", config: Optional[ViTConfig] = 
 
 def ViT(variant: Optional[str] = "B/16", image_size: Union[int, Tuple[int, int]] = 224,
         num_classes: int = 1000, include_top: bool = True, include_preprocessing: bool = True,
-        classifier: str = "token", representation_size: Optional[int] = None,
+        classifier: str = "token", representation_size: Union[None, int, str] = None,
         pos_embedding: str = "learned", dropout_rate: float = 0.0, attention_dropout_rate: float = 0.0,
         drop_path_rate: float = 0.0, channels: int = 3, name: Optional[str] = None,
         config: Optional[ViTConfig] = None, weights: Optional[str] = None, **overrides) -> keras.Model:
@@ -30,8 +30,14 @@ def ViT(variant: Optional[str] = "B/16", image_size: Union[int, Tuple[int, int]]
     `variant` is the paper's name ("B/16", "Ti/4", "R50+B/16"); `overrides` (hidden_size,
     mlp_dim, num_heads, num_layers, patch_size, gelu_approximate, ...) give custom sizes;
     `config=ViTConfig(...)` replaces the variant. `include_top=False` returns the (B, D)
-    pre-logits features. `weights` is an official .npz checkpoint (path or published name).
+    pre-logits features. `weights` is an official .npz checkpoint (path or published name);
+    with it, `representation_size="checkpoint"` takes the pre-logits size from the checkpoint.
     """
+    rep_from_checkpoint = isinstance(representation_size, str) and representation_size == "checkpoint"
+    if rep_from_checkpoint:
+        if weights is None:
+            raise ValueError("representation_size='checkpoint' needs weights= (an .npz path or published name)")
+        representation_size = None
     options = dict(image_size=image_size, num_classes=num_classes, include_top=include_top,
                    include_preprocessing=include_preprocessing, classifier=classifier,
                    representation_size=representation_size, pos_embedding=pos_embedding,
@@ -44,7 +50,8 @@ def ViT(variant: Optional[str] = "B/16", image_size: Union[int, Tuple[int, int]]
     if weights is not None:
         from keras_vit.weights import build_with_weights
 
-        return build_with_weights(cfg, weights, name=name)
+        return build_with_weights(cfg, weights, name=name,
+                                  representation_size="checkpoint" if rep_from_checkpoint else "config")
     return build_model(cfg, name=name)
 
 

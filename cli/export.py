@@ -1,0 +1,136 @@
+"""`vitcli export`: a trained keras-vit model -> ONNX or TFLite, verified against Keras."""
+from __future__ import annotations
+
+import json
+import os
+from typing import List, Optional, Tuple
+
+import click
+
+from keras_vit.cli.main import UserError
+
+DEFAULT_MODEL = os.path.join("runs", "latest", "model.keras")
+# Files a training run may leave beside model.keras that name its classes / dataset.
+_RUN_INFO_FILES = ("class_names.json", "classes.json", "run.json", "config.json", "metadata.json")
+
+
+def run_info(model_path: str) -> Tuple[Optional[List[str]], Optional[str]]:
+    """(class names, dataset name) found in the run folder of `model_path`, if any."""
+    folder = os.path.dirname(os.path.abspath(model_path))
+    names, dataset = None, None
+    for fname in _RUN_INFO_FILES:
+        path = os.path.join(folder, fname)
+        if not os.path.isfile(path):
+            continue
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, list) and names is None:
+            names = [str(c) for c in data]
+        elif isinstance(data, dict):
+            for key in ("class_names", "classes", "labels"):
+                if names is None and isinstance(data.get(key), list):
+                    names = [str(c) for c in data[key]]
+            for key in ("dataset", "dataset_name"):
+                if dataset is None and isinstance(data.get(key), str):
+                    dataset = data[key]
+            if dataset is None and isinstance(data.get("config"), dict) and isinstance(data["config"].get("dataset"), str):
+                dataset = data["config"]["dataset"]
+    for fname in ("labels.txt", "class_names.txt"):
+        path = os.path.join(folder, fname)
+        if names is None and os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                names = [line.strip() for line in f if line.strip()]
+    return names, dataset
+
+
+def _parse_thresholds(items: Tuple[str, ...]) -> dict:
+    limits = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        try:
+            limits[name.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise UserError(f"--threshold {item!r} must look like NAME=NUMBER, e.g. top1_agreement=0.98")
+    return limits
+
+
+def default_output(model_path: str, fmt: str, quantize: Optional[str], optimize: bool) -> str:
+    stem = os.path.splitext(model_path)[0]
+    tags = ([quantize] if quantize else []) + (["opt"] if optimize else [])
+    return stem + "".join("." + t for t in tags) + "." + fmt
+
+
+@click.command("export")
+@click.option("--model", "model_path", default=DEFAULT_MODEL, show_default=True,
+              help="The .keras file of a keras-vit model (a training run's model.keras).")
+@click.option("--format", "fmt", type=click.Choice(["onnx", "tflite"]), default="onnx", show_default=True)
+@click.option("--quantize", type=click.Choice(["fp16", "int8", "dynamic"]), default=None,
+              help="TFLite: fp16, dynamic (int8 weights) or int8 (full integer, calibrated). ONNX: fp16.")
+@click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset (17 or newer).")
+@click.option("--optimize", is_flag=True, help="ONNX: run onnxruntime's transformer optimizer (fusions).")
+@click.option("--output", "output", default=None,
+              help="Output file (default: beside the model, e.g. runs/latest/model.onnx).")
+@click.option("--verify-dataset", default=None,
+              help="Images for the accuracy check: digits, photos, default, a registry dataset, or folder:PATH "
+                   "(default: the run's dataset, else offline digits + photos).")
+@click.option("--calibration-dataset", default=None,
+              help="int8 calibration images (same sources as --verify-dataset; default: the run's dataset).")
+@click.option("--num-images", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Images used by the accuracy check.")
+@click.option("--threshold", "thresholds", multiple=True, metavar="NAME=VALUE",
+              help="Override a check, e.g. top1_agreement=0.98 or max_abs_diff=1e-3 (repeatable).")
+@click.option("--no-verify", is_flag=True, help="Skip the accuracy check.")
+def export_cmd(model_path: str, fmt: str, quantize: Optional[str], opset: int, optimize: bool,
+               output: Optional[str], verify_dataset: Optional[str], calibration_dataset: Optional[str],
+               num_images: int, thresholds: Tuple[str, ...], no_verify: bool) -> None:
+    """Export a trained model to ONNX or TFLite and check it predicts what the Keras model predicts.
+
+    Writes the file, and (unless --no-verify) a JSON report beside it; exits non-zero when a
+    check fails, keeping the file and marking it as failing in the report.
+    """
+    if fmt == "onnx" and quantize in ("int8", "dynamic"):
+        raise UserError(f"--quantize {quantize} is for --format tflite; ONNX takes --quantize fp16")
+    if fmt == "tflite" and (optimize or opset != 17):
+        raise UserError("--optimize and --opset apply to --format onnx only")
+    limits = _parse_thresholds(thresholds)
+    if not os.path.isfile(model_path):
+        hint = " (train one first: vitcli train)" if model_path == DEFAULT_MODEL else ""
+        raise UserError(f"model file {model_path!r} does not exist{hint}")
+    class_names, run_dataset = run_info(model_path)
+    if quantize == "int8" and calibration_dataset is None:
+        if run_dataset is None:
+            raise UserError("int8 export needs calibration data: pass --calibration-dataset "
+                            "(a dataset name such as digits, or folder:PATH)")
+        calibration_dataset = run_dataset
+    output = output or default_output(model_path, fmt, quantize, optimize)
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from keras_vit.export import ExportError, format_table, to_onnx, to_tflite, verify
+    from keras_vit.export._common import resolve_model
+
+    try:
+        model, cfg = resolve_model(model_path)
+        if class_names is not None and len(class_names) != cfg.num_classes:
+            class_names = None  # a run file that does not match the model: leave names out
+        if fmt == "onnx":
+            path = to_onnx(model, output, opset=opset, optimize=optimize, fp16=quantize == "fp16",
+                           class_names=class_names)
+        else:
+            path = to_tflite(model, output, quantize=quantize, representative_images=calibration_dataset,
+                             class_names=class_names)
+        click.echo(f"Wrote {path} ({os.path.getsize(path) / 1e6:.1f} MB)")
+        if no_verify:
+            return
+        report = verify(model, path, images=verify_dataset or run_dataset, num_images=num_images,
+                        thresholds=limits)
+    except ExportError as exc:
+        raise UserError(str(exc)) from None
+    click.echo(format_table(report))
+    click.echo(f"Report: {report['report_path']}")
+    if not report["passed"]:
+        raise click.ClickException("verification failed: " + "; ".join(report["failures"]))

@@ -1,0 +1,115 @@
+"""Helpers shared by the ONNX and TFLite exporters: the model, its metadata, safe file writes."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from typing import Iterator, List, Optional, Sequence, Union
+
+PathLike = Union[str, os.PathLike]
+
+
+class ExportError(ValueError):
+    """A user-facing export problem, phrased as one line (bad model, path, option)."""
+
+
+def resolve_model(model):
+    """(keras model, ViTConfig) from a keras-vit model or a path to its .keras file."""
+    from keras_vit.saving import load_model
+    from keras_vit.vit import get_config
+
+    if isinstance(model, (str, os.PathLike)):
+        try:
+            model = load_model(model)
+        except ValueError as exc:
+            raise ExportError(str(exc)) from None
+    try:
+        cfg = get_config(model)
+    except ValueError as exc:
+        raise ExportError(str(exc)) from None
+    return model, cfg
+
+
+def check_tensorflow_backend(what: str) -> None:
+    """The converters (tf2onnx, TFLiteConverter) trace TensorFlow graphs."""
+    import keras
+
+    if keras.backend.backend() != "tensorflow":
+        raise ExportError(f"{what} export needs the TensorFlow backend (KERAS_BACKEND=tensorflow); "
+                          f"this process runs {keras.backend.backend()!r}")
+
+
+def check_class_names(class_names: Optional[Sequence[str]], num_classes: int) -> Optional[List[str]]:
+    if class_names is None:
+        return None
+    names = [str(c) for c in class_names]
+    if len(names) != num_classes:
+        raise ExportError(f"{len(names)} class names given for a model with {num_classes} classes")
+    return names
+
+
+def metadata(cfg, class_names: Optional[Sequence[str]], precision: str, fmt: str) -> dict:
+    """String-valued metadata stored inside the exported file (ONNX metadata_props / TFLite metadata)."""
+    from keras_vit import __version__
+
+    h, w = cfg.image_size
+    meta = {
+        "producer": "keras-vit",
+        "keras_vit_version": __version__,
+        "format": fmt,
+        "variant": cfg.variant or f"custom (hidden {cfg.hidden_size}, layers {cfg.num_layers}, patch {cfg.patch_size[0]})",
+        "image_size": f"{h}x{w}",
+        "channels": str(cfg.channels),
+        "num_classes": str(cfg.num_classes),
+        "precision": precision,
+        "input": f"images: float32 [batch, {h}, {w}, {cfg.channels}] (NHWC), values in [0, 255]",
+        "output": f"logits: float32 [batch, {cfg.num_classes}]",
+        "vit_config": json.dumps(cfg.to_dict(), sort_keys=True),
+    }
+    if class_names is not None:
+        meta["class_names"] = json.dumps(list(class_names))
+    return meta
+
+
+def check_output_path(path: PathLike, suffix: str) -> str:
+    """Absolute output path; ExportError for a wrong suffix or a folder we cannot write to."""
+    path = os.path.abspath(os.fspath(path))
+    if not path.endswith(suffix):
+        raise ExportError(f"output path {path!r} must end with {suffix}")
+    if os.path.isdir(path):
+        raise ExportError(f"output path {path!r} is a folder; give a file name ending in {suffix}")
+    parent = os.path.dirname(path)
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except OSError as exc:
+        raise ExportError(f"cannot create output folder {parent!r}: {exc.strerror or exc}") from None
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ExportError(f"output folder {parent!r} is not writable")
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        raise ExportError(f"output file {path!r} exists and is not writable")
+    return path
+
+
+@contextlib.contextmanager
+def atomic_output(path: str) -> Iterator[str]:
+    """Yield a temporary path beside `path`; rename it over `path` only if the block succeeds,
+    so an existing file is replaced only by a complete new one."""
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
+                               dir=os.path.dirname(path))
+    os.close(fd)
+    try:
+        yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual mode
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    with atomic_output(path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)

@@ -1,0 +1,70 @@
+"""Shared by the export tests: small keras-vit models with non-trivial weights, and one model
+trained on digits (trained once per test process, cached)."""
+from __future__ import annotations
+
+import functools
+import os
+import tempfile
+
+import numpy as np
+
+# Ti width (hidden 192, 3 heads, MLP 768) with one block at 32x32 keeps each export ~2 s.
+TI = dict(hidden_size=192, num_heads=3, mlp_dim=768, num_layers=1)
+FAMILIES = {
+    "learned": dict(pos_embedding="learned"),
+    "learned_2d": dict(pos_embedding="learned_2d"),
+    "relative": dict(pos_embedding="relative"),
+    "sincos2d": dict(pos_embedding="sincos2d"),
+    "none": dict(pos_embedding="none"),
+    "gap": dict(classifier="gap"),
+}
+DIGIT_NAMES = [str(i) for i in range(10)]
+
+
+def hybrid_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("keras_vit.resnet") is not None
+
+
+def small_model(family: str = "learned", seed: int = 0):
+    """A Ti-width ViT on 32x32 images; zero-initialised weights (head, class token, biases) are
+    filled with noise so that logits differ between classes and images."""
+    import keras
+
+    import keras_vit
+
+    keras.utils.set_random_seed(seed)
+    if family == "hybrid":
+        # A two-stage BiT ResNet (one unit each, total stride 8) under a one-block Ti encoder.
+        cfg = keras_vit.ViTConfig(**TI, patch_size=1, image_size=32, num_classes=10, resnet_layers=(1, 1),
+                                  variant="R+Ti/8")
+        model = keras_vit.ViT(config=cfg)
+    else:
+        model = keras_vit.ViT("Ti/4", image_size=32, num_classes=10, **TI, **FAMILIES[family])
+    rng = np.random.RandomState(seed)
+    for w in model.weights:
+        value = np.asarray(w.numpy())
+        if not value.any():
+            w.assign(rng.normal(0.0, 0.2, value.shape).astype("float32"))
+    return model
+
+
+@functools.lru_cache(maxsize=None)
+def trained_digits():
+    """(model, path of its .keras file): a small ViT trained ~20 s on digits (~90% test accuracy)."""
+    import keras
+
+    import keras_vit
+    from keras_vit.data import digits_arrays
+
+    x_train, y_train, _, _ = digits_arrays()
+    keras.utils.set_random_seed(0)
+    model = keras_vit.ViT("Ti/4", image_size=32, num_classes=10, hidden_size=64, mlp_dim=128, num_heads=2,
+                          num_layers=2)
+    model.compile(optimizer=keras.optimizers.AdamW(3e-3),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+    model.fit(x_train, y_train, epochs=15, batch_size=64, verbose=0)
+    path = os.path.join(tempfile.mkdtemp(prefix="keras_vit_digits_"), "model.keras")
+    model.save(path)
+    return model, path

@@ -1,0 +1,187 @@
+"""An independent pure-numpy ViT forward pass (plain and ResNet hybrid) that reads an official
+.npz checkpoint directly, written from the official flax code's definitions (vit_jax
+models_vit.py / models_resnet.py, big_vision vit.py). It imports nothing from keras_vit, so
+the acceptance checks compare two implementations of the same checkpoint.
+
+Computes in float64. Supported layouts: vision_transformer names, big_vision names
+(MultiHeadDotProductAttention_0, LayerNorm_1, MlpBlock_0, top-level pos_embedding without
+the class slot), the scanned `Transformer/encoderblock` stack, `params/` and `opt/target/`.
+"""
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+
+
+class Checkpoint:
+    """Name look-up over an .npz in any of the official layouts."""
+
+    def __init__(self, path):
+        with np.load(path, allow_pickle=False) as f:
+            raw = {k: np.asarray(f[k], np.float64) for k in f.files}
+        for prefix in ("opt/target/", "params/"):
+            if any(k.startswith(prefix) for k in raw):
+                raw = {k[len(prefix):]: v for k, v in raw.items() if k.startswith(prefix)}
+                break
+        self.w = raw
+        self.scanned = any(k.startswith("Transformer/encoderblock/") for k in raw)
+        self.big_vision = any("MlpBlock_0/" in k for k in raw)
+
+    def __getitem__(self, name):
+        return self.w[name]
+
+    def __contains__(self, name):
+        return name in self.w
+
+    def block(self, i, name):
+        """Parameter `name` of encoder block i, given in vision_transformer terms."""
+        if self.big_vision:
+            name = (name.replace("MultiHeadDotProductAttention_1", "MultiHeadDotProductAttention_0")
+                    .replace("LayerNorm_2", "LayerNorm_1").replace("MlpBlock_3", "MlpBlock_0"))
+        if self.scanned:
+            return self.w[f"Transformer/encoderblock/{name}"][i]
+        return self.w[f"Transformer/encoderblock_{i}/{name}"]
+
+    def num_layers(self):
+        if self.scanned:
+            return self.w["Transformer/encoderblock/LayerNorm_0/scale"].shape[0]
+        return len({m.group(1) for k in self.w for m in [re.match(r"Transformer/encoderblock_(\d+)/", k)] if m})
+
+
+def same_pads(size, kernel, stride):
+    """flax/XLA "SAME": output ceil(size/stride); the extra padding pixel goes after."""
+    out = -(-size // stride)
+    total = max((out - 1) * stride + kernel - size, 0)
+    return total // 2, total - total // 2
+
+
+def conv2d(x, kernel, stride=1, padding="SAME"):
+    """x (B, H, W, Cin), kernel (kh, kw, Cin, Cout) -> (B, H', W', Cout), by explicit windows."""
+    kh, kw = kernel.shape[:2]
+    b, h, w, c = x.shape
+    if padding == "SAME":
+        (t, bt), (l, r) = same_pads(h, kh, stride), same_pads(w, kw, stride)
+        x = np.pad(x, ((0, 0), (t, bt), (l, r), (0, 0)))
+    ho = (x.shape[1] - kh) // stride + 1
+    wo = (x.shape[2] - kw) // stride + 1
+    out = np.zeros((b, ho, wo, kernel.shape[-1]))
+    for i in range(kh):
+        for j in range(kw):
+            patch = x[:, i:i + stride * (ho - 1) + 1:stride, j:j + stride * (wo - 1) + 1:stride, :]
+            out += patch @ kernel[i, j]
+    return out
+
+
+def std_conv(x, kernel, stride=1):
+    """Weight-standardised conv: kernel standardised over (kh, kw, Cin), eps 1e-5 on the std."""
+    k = kernel - kernel.mean(axis=(0, 1, 2), keepdims=True)
+    k = k / (k.std(axis=(0, 1, 2), keepdims=True) + 1e-5)
+    return conv2d(x, k, stride)
+
+
+def group_norm(x, scale, bias, groups=32, eps=1e-6):
+    b, h, w, c = x.shape
+    g = x.reshape(b, h, w, groups, c // groups)
+    mean = g.mean(axis=(1, 2, 4), keepdims=True)
+    var = g.var(axis=(1, 2, 4), keepdims=True)
+    g = (g - mean) / np.sqrt(var + eps)
+    return g.reshape(b, h, w, c) * scale.reshape(-1) + bias.reshape(-1)
+
+
+def max_pool_same(x, k=3, s=2):
+    b, h, w, c = x.shape
+    (t, bt), (l, r) = same_pads(h, k, s), same_pads(w, k, s)
+    x = np.pad(x, ((0, 0), (t, bt), (l, r), (0, 0)), constant_values=-np.inf)
+    ho, wo = -(-h // s), -(-w // s)
+    out = np.full((b, ho, wo, c), -np.inf)
+    for i in range(k):
+        for j in range(k):
+            out = np.maximum(out, x[:, i:i + s * (ho - 1) + 1:s, j:j + s * (wo - 1) + 1:s, :])
+    return out
+
+
+def relu(x):
+    return np.maximum(x, 0.0)
+
+
+def resnet(ck, x):
+    x = relu(group_norm(std_conv(x, ck["conv_root/kernel"], 2), ck["gn_root/scale"], ck["gn_root/bias"]))
+    x = max_pool_same(x)
+    n = 1
+    while f"block{n}/unit1/conv1/kernel" in ck:
+        m = 1
+        while f"block{n}/unit{m}/conv1/kernel" in ck:
+            p = f"block{n}/unit{m}/"
+            stride = 2 if (n > 1 and m == 1) else 1
+            residual = x
+            if p + "conv_proj/kernel" in ck:
+                residual = group_norm(std_conv(x, ck[p + "conv_proj/kernel"], stride),
+                                      ck[p + "gn_proj/scale"], ck[p + "gn_proj/bias"])
+            y = relu(group_norm(std_conv(x, ck[p + "conv1/kernel"]), ck[p + "gn1/scale"], ck[p + "gn1/bias"]))
+            y = relu(group_norm(std_conv(y, ck[p + "conv2/kernel"], stride), ck[p + "gn2/scale"], ck[p + "gn2/bias"]))
+            y = group_norm(std_conv(y, ck[p + "conv3/kernel"]), ck[p + "gn3/scale"], ck[p + "gn3/bias"])
+            x = relu(residual + y)
+            m += 1
+        n += 1
+    return x
+
+
+def layer_norm(x, scale, bias, eps=1e-6):
+    mean = x.mean(-1, keepdims=True)
+    var = x.var(-1, keepdims=True)
+    return (x - mean) / np.sqrt(var + eps) * scale + bias
+
+
+def gelu_tanh(x):
+    return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
+
+
+def softmax(x):
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def encoder_block(ck, i, x):
+    y = layer_norm(x, ck.block(i, "LayerNorm_0/scale"), ck.block(i, "LayerNorm_0/bias"))
+    a = "MultiHeadDotProductAttention_1/"
+    q = np.einsum("btd,dhk->bthk", y, ck.block(i, a + "query/kernel")) + ck.block(i, a + "query/bias")
+    k = np.einsum("btd,dhk->bthk", y, ck.block(i, a + "key/kernel")) + ck.block(i, a + "key/bias")
+    v = np.einsum("btd,dhk->bthk", y, ck.block(i, a + "value/kernel")) + ck.block(i, a + "value/bias")
+    probs = softmax(np.einsum("bqhk,bthk->bhqt", q, k) / math.sqrt(q.shape[-1]))
+    o = np.einsum("bhqt,bthk->bqhk", probs, v)
+    x = x + np.einsum("bqhk,hkd->bqd", o, ck.block(i, a + "out/kernel")) + ck.block(i, a + "out/bias")
+    y = layer_norm(x, ck.block(i, "LayerNorm_2/scale"), ck.block(i, "LayerNorm_2/bias"))
+    m = "MlpBlock_3/"
+    y = gelu_tanh(y @ ck.block(i, m + "Dense_0/kernel") + ck.block(i, m + "Dense_0/bias"))
+    return x + y @ ck.block(i, m + "Dense_1/kernel") + ck.block(i, m + "Dense_1/bias")
+
+
+def forward(path, images, classifier="token"):
+    """Logits (or pre-logits features when the checkpoint has no head) for float images in
+    [0, 255], shape (B, H, W, C), from the .npz at `path`."""
+    ck = Checkpoint(path)
+    x = np.asarray(images, np.float64) / 127.5 - 1.0
+    if "conv_root/kernel" in ck:
+        x = resnet(ck, x)
+    kernel = ck["embedding/kernel"]
+    ph, pw = kernel.shape[:2]
+    x = conv2d(x, kernel, stride=ph, padding="VALID") + ck["embedding/bias"]
+    b, gh, gw, d = x.shape
+    x = x.reshape(b, gh * gw, d)
+    if "pos_embedding" in ck:  # big_vision: added before the class token is prepended
+        x = x + ck["pos_embedding"]
+    if classifier == "token":
+        x = np.concatenate([np.broadcast_to(ck["cls"], (b, 1, d)), x], axis=1)
+    if "Transformer/posembed_input/pos_embedding" in ck:
+        x = x + ck["Transformer/posembed_input/pos_embedding"]
+    for i in range(ck.num_layers()):
+        x = encoder_block(ck, i, x)
+    x = layer_norm(x, ck["Transformer/encoder_norm/scale"], ck["Transformer/encoder_norm/bias"])
+    x = x[:, 0] if classifier == "token" else x.mean(axis=1)
+    if "pre_logits/kernel" in ck:
+        x = np.tanh(x @ ck["pre_logits/kernel"] + ck["pre_logits/bias"])
+    if "head/kernel" in ck:
+        x = x @ ck["head/kernel"] + ck["head/bias"]
+    return x

@@ -1,0 +1,93 @@
+"""`vitcli export`: the default run folder, both formats, reports, and one-line errors."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+from click.testing import CliRunner
+
+from export_helpers import DIGIT_NAMES, trained_digits
+
+from keras_vit.cli.main import cli  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A working folder holding runs/latest/model.keras (+ class names) of the digits model."""
+    root = tmp_path_factory.mktemp("cli")
+    latest = root / "runs" / "latest"
+    latest.mkdir(parents=True)
+    _, keras_path = trained_digits()
+    shutil.copy(keras_path, latest / "model.keras")
+    (latest / "class_names.json").write_text(json.dumps(DIGIT_NAMES))
+    return root
+
+
+def _invoke(args, cwd):
+    old = os.getcwd()
+    os.chdir(cwd)
+    try:
+        return CliRunner().invoke(cli, ["export", *args], catch_exceptions=False)
+    finally:
+        os.chdir(old)
+
+
+def test_default_exports_latest_run_to_onnx_and_verifies(run_dir):
+    result = _invoke(["--format", "onnx", "--num-images", "32"], run_dir)
+    assert result.exit_code == 0, result.output
+    onnx_path = run_dir / "runs" / "latest" / "model.onnx"
+    report = json.loads((run_dir / "runs" / "latest" / "model.onnx.report.json").read_text())
+    assert onnx_path.exists() and report["passed"] and report["num_images"] == 32
+    assert json.loads(report["metadata"]["class_names"]) == DIGIT_NAMES
+    assert "top-1 agreement" in result.output and "passed" in result.output
+
+
+def test_tflite_int8_with_calibration_dataset(run_dir, tmp_path):
+    out = tmp_path / "digits.int8.tflite"
+    result = _invoke(["--model", "runs/latest/model.keras", "--format", "tflite", "--quantize", "int8",
+                      "--calibration-dataset", "digits", "--verify-dataset", "digits", "--num-images", "360",
+                      "--output", str(out)], run_dir)
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "digits.int8.tflite.report.json").read_text())
+    assert report["precision"] == "int8" and report["top1_agreement"] >= 0.97
+    assert (tmp_path / "digits.int8.labels.txt").read_text().split() == DIGIT_NAMES
+
+
+def test_failed_check_exits_nonzero_and_keeps_the_file(run_dir, tmp_path):
+    out = tmp_path / "m.onnx"
+    result = _invoke(["--output", str(out), "--num-images", "8", "--threshold", "max_abs_diff=0"], run_dir)
+    assert result.exit_code == 1
+    assert "verification failed: max_abs_diff" in result.output and "off by" in result.output
+    assert out.exists()
+    assert json.loads((tmp_path / "m.onnx.report.json").read_text())["status"] == "FAILED verification"
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--format", "coreml"], "Invalid value for '--format'"),
+    (["--model", "nope/model.keras"], "model file 'nope/model.keras' does not exist"),
+    (["--model", "not_vit.keras"], "not a keras-vit model"),
+    (["--format", "tflite", "--quantize", "int8", "--no-verify"], "int8 export needs calibration data"),
+    (["--output", "a_file/m.onnx", "--no-verify"], "cannot create output folder"),
+    (["--format", "onnx", "--quantize", "int8"], "--quantize int8 is for --format tflite"),
+    (["--opset", "9", "--no-verify", "--output", "x.onnx"], "opset must be an integer from 17"),
+    (["--threshold", "fast"], "must look like NAME=NUMBER"),
+])
+def test_bad_input_gives_one_line_and_nonzero_exit(run_dir, tmp_path, args, message):
+    import keras
+
+    keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)]).save(tmp_path / "not_vit.keras")
+    (tmp_path / "a_file").write_text("x")
+    shutil.copytree(run_dir / "runs", tmp_path / "runs")
+    result = _invoke(args, tmp_path)
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.strip().splitlines() if line.startswith("Error")]
+    assert len(lines) == 1 and message in lines[0], result.output
+    assert "Traceback" not in result.output
+
+
+def test_missing_default_model_says_how_to_get_one(tmp_path):
+    result = _invoke([], tmp_path)
+    assert result.exit_code == 2
+    assert "runs/latest/model.keras" in result.output and "vitcli train" in result.output

@@ -1,0 +1,116 @@
+"""ONNX export: every model family loads in onnxruntime and matches Keras on real images."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from export_helpers import DIGIT_NAMES, FAMILIES, hybrid_available, small_model, trained_digits
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+from keras_vit.export import ExportError, to_onnx, verify  # noqa: E402
+
+FAMILY_PARAMS = list(FAMILIES) + [pytest.param("hybrid", marks=pytest.mark.skipif(
+    not hybrid_available(), reason="keras_vit.resnet (hybrid backbone) not in this tree yet"))]
+
+
+@pytest.mark.parametrize("family", FAMILY_PARAMS)
+def test_family_exports_and_matches_keras_at_batch_1_and_7(family, tmp_path):
+    model = small_model(family)
+    path = to_onnx(model, tmp_path / "m.onnx", class_names=DIGIT_NAMES)
+    proto = onnx.load(path)
+    onnx.checker.check_model(proto, full_check=True)
+    assert [i.name for i in proto.graph.input] == ["images"]
+    assert [o.name for o in proto.graph.output] == ["logits"]
+    dims = proto.graph.input[0].type.tensor_type.shape.dim
+    assert dims[0].dim_param == "batch" and [d.dim_value for d in dims[1:]] == [32, 32, 3]
+    assert max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")) == 17
+    meta = {p.key: p.value for p in proto.metadata_props}
+    assert meta["image_size"] == "32x32" and meta["precision"] == "fp32"
+    assert json.loads(meta["class_names"]) == DIGIT_NAMES
+    assert meta["keras_vit_version"] and meta["variant"]
+    for batch in (1, 7):
+        report = verify(model, path, images="default", num_images=7, batch_size=batch, write_report=False)
+        assert report["passed"], report["failures"]
+        assert report["max_abs_diff"] <= 1e-4 and report["top1_agreement"] == 1.0
+        assert report["latency_ms_per_batch"]["batch_size"] == batch
+
+
+def test_export_after_keras_save_and_reload(tmp_path):
+    import keras_vit
+
+    model = small_model("learned_2d", seed=3)
+    model.save(tmp_path / "m.keras")
+    reloaded = keras_vit.load_model(tmp_path / "m.keras")
+    path = to_onnx(reloaded, tmp_path / "reloaded.onnx")
+    report = verify(model, path, images="photos", num_images=7, batch_size=7)
+    assert report["passed"], report["failures"]
+    # a path to the .keras file works as well
+    path2 = to_onnx(str(tmp_path / "m.keras"), tmp_path / "from_path.onnx")
+    assert verify(model, path2, images="digits", num_images=7, write_report=False)["passed"]
+
+
+def test_opset_is_an_argument(tmp_path):
+    model = small_model("none")
+    proto = onnx.load(to_onnx(model, tmp_path / "m18.onnx", opset=18))
+    assert max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")) == 18
+    with pytest.raises(ExportError, match="opset must be an integer from 17"):
+        to_onnx(model, tmp_path / "m16.onnx", opset=16)
+
+
+def test_fp16_and_optimized_exports_of_trained_digits_model(tmp_path):
+    model, _ = trained_digits()
+    fp16 = to_onnx(model, tmp_path / "fp16.onnx", fp16=True)
+    proto = onnx.load(fp16)
+    assert proto.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT  # float32 I/O kept
+    assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in proto.graph.initializer)
+    report = verify(model, fp16, images="digits", num_images=360, batch_size=60)
+    assert report["precision"] == "fp16" and report["top1_agreement"] >= 0.99, report["failures"]
+
+    opt = to_onnx(model, tmp_path / "opt.onnx", optimize=True)
+    proto = onnx.load(opt)
+    assert any(n.op_type == "FastGelu" for n in proto.graph.node)  # GELU fused by onnxruntime's optimizer
+    report = verify(model, opt, images="digits", num_images=64, batch_size=32)
+    assert report["passed"], report["failures"]  # still fp32 thresholds
+
+
+def test_rejects_non_keras_vit_models_and_bad_paths(tmp_path):
+    import keras
+
+    plain = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    with pytest.raises(ExportError, match="not a keras-vit model"):
+        to_onnx(plain, tmp_path / "x.onnx")
+    with pytest.raises(ExportError, match="does not exist"):
+        to_onnx(tmp_path / "missing.keras", tmp_path / "x.onnx")
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    with pytest.raises(ExportError, match="cannot create output folder"):
+        to_onnx(small_model(), blocker / "x.onnx")
+    with pytest.raises(ExportError, match="must end with .onnx"):
+        to_onnx(small_model(), tmp_path / "x.tflite")
+    with pytest.raises(ExportError, match="3 class names"):
+        to_onnx(small_model(), tmp_path / "x.onnx", class_names=["a", "b", "c"])
+
+
+def test_existing_file_replaced_only_by_a_complete_one(tmp_path, monkeypatch):
+    import keras_vit.export.onnx as onnx_export
+
+    target = tmp_path / "m.onnx"
+    target.write_bytes(b"previous export")
+
+    def broken(*args, **kwargs):
+        raise ExportError("tf2onnx could not convert the model: simulated failure")
+
+    monkeypatch.setattr(onnx_export, "_convert", broken)
+    with pytest.raises(ExportError, match="simulated"):
+        to_onnx(small_model(), target)
+    assert target.read_bytes() == b"previous export"
+    assert sorted(os.listdir(tmp_path)) == ["m.onnx"]  # no temporary left behind
+    monkeypatch.undo()
+    to_onnx(small_model(), target)
+    assert onnx.load(str(target)).graph.output[0].name == "logits"
+    assert sorted(os.listdir(tmp_path)) == ["m.onnx"]

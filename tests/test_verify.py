@@ -1,0 +1,84 @@
+"""verify(): the report, thresholds by precision and overrides, failure reporting, image sources."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from export_helpers import small_model
+
+from keras_vit.export import THRESHOLDS, ExportError, Runner, format_table, report_path, to_onnx, verify  # noqa: E402
+from keras_vit.export.images import load_images  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    model = small_model("learned")
+    path = to_onnx(model, tmp_path_factory.mktemp("verify") / "m.onnx")
+    return model, path
+
+
+def test_report_is_written_beside_the_file(exported):
+    model, path = exported
+    report = verify(model, path, num_images=10, batch_size=4)
+    on_disk = json.loads(open(report_path(path)).read())
+    assert report_path(path) == path + ".report.json" == report["report_path"]
+    for key in ("num_images", "max_abs_diff", "mean_abs_diff", "top1_agreement", "top5_agreement",
+                "latency_ms_per_batch", "checks", "runtime", "sha256", "status", "precision"):
+        assert key in on_disk, key
+    assert on_disk["num_images"] == 10 and on_disk["passed"] and on_disk["precision"] == "fp32"
+    assert on_disk["latency_ms_per_batch"]["keras"] > 0 and on_disk["latency_ms_per_batch"]["exported"] > 0
+    assert {c["metric"] for c in on_disk["checks"]} == set(THRESHOLDS["fp32"])
+    table = format_table(report)
+    assert "top-1 agreement" in table and "passed" in table
+
+
+def test_failed_threshold_is_reported_with_its_margin_and_the_file_kept(exported):
+    model, path = exported
+    report = verify(model, path, num_images=4, thresholds={"max_abs_diff": 0.0})
+    assert not report["passed"] and report["status"] == "FAILED verification"
+    assert len(report["failures"]) == 1 and report["failures"][0].startswith("max_abs_diff")
+    assert "threshold 0" in report["failures"][0] and "off by" in report["failures"][0]
+    assert json.loads(open(report_path(path)).read())["passed"] is False
+    assert Runner(path)(np.zeros((1, 32, 32, 3), np.float32)).shape == (1, 10)  # file still there, still runs
+
+
+def test_precision_thresholds_and_bad_arguments(exported, tmp_path):
+    model, path = exported
+    assert THRESHOLDS["fp32"] == {"max_abs_diff": 1e-4, "top1_agreement": 1.0}
+    assert THRESHOLDS["fp16"]["top1_agreement"] == 0.99 and THRESHOLDS["int8"]["top1_agreement"] == 0.97
+    report = verify(model, path, num_images=4, precision="int8", write_report=False)
+    assert [c["metric"] for c in report["checks"]] == ["top1_agreement"]
+    with pytest.raises(ExportError, match="unknown threshold"):
+        verify(model, path, num_images=4, thresholds={"speed": 1.0}, write_report=False)
+    with pytest.raises(ExportError, match="precision must be one of"):
+        verify(model, path, num_images=4, precision="int4", write_report=False)
+    (tmp_path / "m.pt").write_bytes(b"x")
+    with pytest.raises(ExportError, match="expected .onnx or .tflite"):
+        verify(model, tmp_path / "m.pt")
+    with pytest.raises(ExportError, match="does not exist"):
+        verify(model, tmp_path / "missing.onnx")
+
+
+def test_image_sources(tmp_path):
+    from PIL import Image
+
+    rng = np.random.RandomState(0)
+    for i in range(3):
+        Image.fromarray(rng.randint(0, 255, (40 + i, 50, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    Image.fromarray(rng.randint(0, 255, (20, 20), dtype=np.uint8)).save(tmp_path / "gray.jpg")
+    folder = load_images(f"folder:{tmp_path}", 32, 3, num_images=10)
+    assert folder.shape == (4, 32, 32, 3) and folder.dtype == np.float32
+    assert folder.min() >= 0 and folder.max() <= 255
+    assert load_images(str(tmp_path), (16, 24), 1, num_images=2).shape == (2, 16, 24, 1)
+    digits = load_images("digits", 32, num_images=5)
+    assert digits.shape == (5, 32, 32, 3) and digits.max() > 100
+    photos = load_images("photos", 48, num_images=3)
+    assert photos.shape == (3, 48, 48, 3) and photos.std() > 10
+    assert load_images(None, 32, num_images=5).shape == (5, 32, 32, 3)
+    assert load_images(np.zeros((9, 8, 8, 3)), 32, num_images=4).shape == (4, 32, 32, 3)
+    with pytest.raises(ExportError, match="does not exist"):
+        load_images(f"folder:{tmp_path / 'nope'}", 32)
+    with pytest.raises(ExportError, match="unknown image source|image source"):
+        load_images("no-such-dataset", 32)

@@ -1,0 +1,232 @@
+"""Official .npz checkpoints in and out: every naming scheme, the all-or-nothing rules, and
+logits equal to an independent numpy reference of the same checkpoint (max |diff| <= 1e-4)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import keras_vit
+from keras_vit import weights as W
+from keras_vit.config import ViTConfig
+
+import ckpt_factory as cf
+import reference_vit as ref
+
+TOL = 1e-4
+TINY = dict(hidden_size=32, mlp_dim=64, num_heads=2, num_layers=2)
+
+
+def plain_cfg(**kw):
+    return ViTConfig(**{**TINY, "patch_size": 4, "image_size": 8, "num_classes": 5, **kw})
+
+
+def hybrid_cfg(**kw):
+    return ViTConfig(**{**TINY, "patch_size": 1, "image_size": 32, "num_classes": 5, "resnet_layers": (1, 1, 1), **kw})
+
+
+@pytest.fixture(scope="module")
+def rng():
+    return np.random.default_rng(0)
+
+
+@pytest.fixture(scope="module")
+def images(rng):
+    return rng.uniform(0, 255, (2, 8, 8, 3)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def hybrid_ckpt(tmp_path_factory):
+    arrays = cf.vit_checkpoint(np.random.default_rng(1), patch=1, resnet=(1, 1, 1), gn_4d=True)
+    return cf.write(tmp_path_factory.mktemp("h") / "R50+ViT-tiny.npz", arrays), arrays
+
+
+def logits(model, x):
+    return np.asarray(model(x, training=False))
+
+
+def test_plain_checkpoint_matches_reference(tmp_path, rng, images):
+    path = cf.write(tmp_path / "ViT-tiny.npz", cf.vit_checkpoint(rng, representation=8))
+    model = keras_vit.ViT(config=plain_cfg(representation_size=8), weights=path)
+    diff = np.abs(logits(model, images) - ref.forward(path, images)).max()
+    assert diff <= TOL, diff
+
+
+def test_gap_checkpoint_matches_reference(tmp_path, rng, images):
+    path = cf.write(tmp_path / "gap.npz", cf.vit_checkpoint(rng, token=False))
+    model = keras_vit.ViT(config=plain_cfg(classifier="gap"), weights=path)
+    diff = np.abs(logits(model, images) - ref.forward(path, images, classifier="gap")).max()
+    assert diff <= TOL, diff
+
+
+def test_hybrid_checkpoint_matches_reference(hybrid_ckpt, rng):
+    path, _ = hybrid_ckpt
+    x = rng.uniform(0, 255, (2, 32, 32, 3)).astype(np.float32)
+    model = keras_vit.ViT(config=hybrid_cfg(), weights=path)
+    diff = np.abs(logits(model, x) - ref.forward(path, x)).max()
+    assert diff <= TOL, diff
+
+
+@pytest.mark.parametrize("layout", ["bv", "bv-scan", "bv-scan-opt", "vit-opt"])
+def test_other_layouts_give_the_same_model(tmp_path, rng, images, layout):
+    arrays = cf.vit_checkpoint(rng)
+    base = keras_vit.ViT(config=plain_cfg(), weights=cf.write(tmp_path / "vit.npz", arrays))
+    if layout == "vit-opt":
+        converted = {"opt/target/" + k: v for k, v in arrays.items()}
+        converted["opt/state/step"] = np.zeros((), np.int32)  # optimizer state is ignored
+    else:
+        converted = cf.to_big_vision(arrays, scan="scan" in layout,
+                                     prefix="opt/target/" if layout.endswith("opt") else "params/")
+    path = cf.write(tmp_path / f"{layout}.npz", converted)
+    model = keras_vit.ViT(config=plain_cfg(), weights=path)
+    assert np.abs(logits(model, images) - logits(base, images)).max() <= 1e-5
+    assert np.abs(logits(model, images) - ref.forward(path, images)).max() <= TOL
+
+
+def test_other_num_classes_drops_the_head(tmp_path, rng, images):
+    arrays = cf.vit_checkpoint(rng, representation=8, classes=5)
+    path = cf.write(tmp_path / "c.npz", arrays)
+    model = keras_vit.ViT(config=plain_cfg(num_classes=3), weights=path)
+    head = model.get_layer("head")
+    assert np.all(np.asarray(head.kernel) == 0) and np.all(np.asarray(head.bias) == 0)
+    assert np.all(logits(model, images) == 0)
+    # pre_logits is dropped when the model has none (the official "drop-head" fine-tuning) ...
+    assert all(layer.name != "pre_logits" for layer in model.layers)
+    np.testing.assert_array_equal(np.asarray(model.get_layer("cls").cls), arrays["cls"])
+    # ... and kept when asked to follow the checkpoint.
+    follow = keras_vit.ViT(config=plain_cfg(num_classes=3), weights=path, representation_size="checkpoint")
+    assert follow.vit_config.representation_size == 8
+    np.testing.assert_array_equal(np.asarray(follow.get_layer("pre_logits").kernel), arrays["pre_logits/kernel"])
+    features = keras_vit.ViT(config=plain_cfg(include_top=False, representation_size=8), weights=path)
+    ref_features = ref.forward(cf.write(tmp_path / "nohead.npz", {k: v for k, v in arrays.items()
+                                                                    if not k.startswith("head/")}), images)
+    assert np.abs(logits(features, images) - ref_features).max() <= TOL
+
+
+def test_representation_checkpoint_needs_weights():
+    with pytest.raises(ValueError, match="needs weights"):
+        keras_vit.ViT(config=plain_cfg(), representation_size="checkpoint")
+
+
+def test_mismatch_is_one_clear_error_and_loads_nothing(tmp_path, rng, hybrid_ckpt):
+    model = keras_vit.ViT(config=plain_cfg())
+    before = [np.array(v) for v in model.weights]
+    with pytest.raises(ValueError) as err:
+        keras_vit.load_npz(model, hybrid_ckpt[0])
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert "unexpected keys (39)" in msg and "block1/unit1/" in msg and "shape mismatches" in msg
+    missing = cf.vit_checkpoint(rng)
+    del missing["Transformer/encoderblock_1/LayerNorm_0/scale"]
+    with pytest.raises(ValueError, match=r"missing keys \(1\): Transformer/encoderblock_1/LayerNorm_0/scale"):
+        keras_vit.load_npz(model, cf.write(tmp_path / "missing.npz", missing))
+    wide = cf.vit_checkpoint(rng, hidden=48, heads=2)
+    with pytest.raises(ValueError, match=r"shape mismatches \(\d+\): Transformer/encoder_norm/bias \(48,\) vs model \(32,\)"):
+        keras_vit.load_npz(model, cf.write(tmp_path / "wide.npz", wide))
+    for a, b in zip(before, model.weights):
+        np.testing.assert_array_equal(a, np.asarray(b))
+
+
+def test_never_unpickles(tmp_path):
+    path = tmp_path / "evil.npz"
+    np.savez(path, **{"embedding/kernel": np.array([{"a": 1}], dtype=object)})
+    with pytest.raises(ValueError, match="could not read checkpoint"):
+        keras_vit.load_npz(keras_vit.ViT(config=plain_cfg()), path)
+    text = tmp_path / "notes.npz"
+    text.write_text("not a zip")
+    with pytest.raises(ValueError, match="could not read checkpoint"):
+        keras_vit.load_npz(keras_vit.ViT(config=plain_cfg()), text)
+
+
+def test_unknown_weights_name():
+    with pytest.raises(ValueError, match="neither an existing .npz file nor a published checkpoint"):
+        keras_vit.ViT(config=plain_cfg(), weights="B/16-imagenet-typo")
+
+
+def test_published_names_are_well_formed():
+    from keras_vit.config import parse_variant
+
+    assert {"B/16-i21k", "R50+B/16-i21k", "B/16-augreg-i21k-ft-in1k"} <= set(W.PUBLISHED)
+    for name, entry in W.PUBLISHED.items():
+        assert entry.url.startswith("https://storage.googleapis.com/vit_models/") and entry.url.endswith(".npz"), name
+        assert name.startswith(entry.variant + "-"), name
+        parse_variant(entry.variant, image_size=entry.image_size, num_classes=entry.num_classes)
+    assert W.PUBLISHED["R50+B/16-i21k"].url.endswith("imagenet21k/R50+ViT-B_16.npz")
+
+
+def test_published_download_offline_is_one_clear_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    entry = W.PUBLISHED["B/16-i21k"]
+    monkeypatch.setitem(W.PUBLISHED, "B/16-i21k", W.Published("http://127.0.0.1:9/ViT-B_16.npz", entry.variant,
+                                                              entry.image_size, entry.num_classes))
+    with pytest.raises(ValueError) as err:
+        W.checkpoint_path("B/16-i21k")
+    msg = str(err.value)
+    assert "\n" not in msg and "download" in msg and "local .npz" in msg
+    with pytest.raises(ValueError, match="is a L/16 model"):
+        keras_vit.ViT("B/16", weights="L/16-i21k")
+
+
+@pytest.mark.parametrize("kind", ["learned", "relative", "learned_2d"])
+def test_save_then_load_is_exact(tmp_path, images, kind):
+    model = keras_vit.ViT(config=plain_cfg(pos_embedding=kind, representation_size=6))
+    for v in model.weights:  # non-trivial values everywhere (the head starts at zero)
+        v.assign(np.random.default_rng(len(v.path)).standard_normal(v.shape).astype("float32") * 0.1)
+    path = keras_vit.save_npz(model, tmp_path / "out.npz")
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+    loaded = keras_vit.load_npz(keras_vit.ViT(config=plain_cfg(pos_embedding=kind, representation_size=6)), path)
+    for a, b in zip(model.weights, loaded.weights):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    np.testing.assert_array_equal(logits(model, images), logits(loaded, images))
+    if kind == "learned":  # the file is the official layout: the reference reads it as is
+        assert np.abs(logits(model, images) - ref.forward(path, images)).max() <= TOL
+
+
+def test_save_hybrid_official_names(tmp_path, hybrid_ckpt):
+    path, arrays = hybrid_ckpt
+    model = keras_vit.ViT(config=hybrid_cfg(), weights=path)
+    out = keras_vit.save_npz(model, tmp_path / "again.npz")
+    with np.load(out, allow_pickle=False) as f:
+        assert set(f.files) == set(arrays)
+        for k in f.files:
+            np.testing.assert_array_equal(f[k], arrays[k].reshape(f[k].shape))
+
+
+def test_save_to_missing_folder(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        keras_vit.save_npz(keras_vit.ViT(config=plain_cfg()), tmp_path / "nope" / "x.npz")
+
+
+_JAX_SCRIPT = textwrap.dedent("""
+    import sys, numpy as np
+    sys.path.insert(0, {tests!r})
+    import keras, keras_vit, reference_vit as ref
+    from keras_vit.config import ViTConfig
+    assert keras.backend.backend() == "jax"
+    rng = np.random.default_rng(0)
+    tiny = dict(hidden_size=32, mlp_dim=64, num_heads=2, num_layers=2, num_classes=5)
+    plain = keras_vit.ViT(config=ViTConfig(patch_size=4, image_size=8, **tiny), weights={plain!r})
+    x = rng.uniform(0, 255, (2, 8, 8, 3)).astype("float32")
+    print("plain", float(np.abs(np.asarray(plain(x)) - ref.forward({plain!r}, x)).max()))
+    hyb = keras_vit.ViT(config=ViTConfig(patch_size=1, image_size=32, resnet_layers=(1, 1, 1), **tiny),
+                        weights={hybrid!r})
+    x = rng.uniform(0, 255, (2, 32, 32, 3)).astype("float32")
+    print("hybrid", float(np.abs(np.asarray(hyb(x)) - ref.forward({hybrid!r}, x)).max()))
+""")
+
+
+@pytest.mark.jax
+def test_jax_backend_matches_reference(tmp_path, rng, hybrid_ckpt):
+    plain = cf.write(tmp_path / "plain.npz", cf.vit_checkpoint(rng))
+    script = _JAX_SCRIPT.format(tests=os.path.dirname(__file__), plain=plain, hybrid=hybrid_ckpt[0])
+    env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu"}
+    res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    diffs = dict(line.split() for line in res.stdout.splitlines() if line.startswith(("plain", "hybrid")))
+    assert set(diffs) == {"plain", "hybrid"}
+    for name, d in diffs.items():
+        assert float(d) <= TOL, (name, d)
