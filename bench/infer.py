@@ -5,11 +5,11 @@
 
 Cases (each in its own process, after one `export` process wrote the files):
   keras-xla     the Keras model on TF, called through tf.function(jit_compile=True)
-  onnx          keras-vit -> ONNX (tf2onnx), onnxruntime with its default graph optimisations
-  onnx-opt      the same after onnxruntime.transformers' ViT fusions (attention, GELU, LayerNorm)
+  onnx          keras_vit.export.to_onnx, onnxruntime with its default graph optimisations
+  onnx-opt      to_onnx(optimize=True): onnxruntime.transformers' ViT fusions (attention, GELU, LN)
   onnx-int8     onnx-opt with onnxruntime's dynamic int8 quantization (MatMul weights)
-  tflite        keras-vit -> TFLite fp32 in LiteRT (XNNPACK)
-  tflite-int8   TFLite with int8 weights and activations (calibrated on random images) in LiteRT
+  tflite        keras_vit.export.to_tflite, fp32, in LiteRT (XNNPACK)
+  tflite-int8   to_tflite(quantize="int8"): int8 weights and activations (calibrated) in LiteRT
   timm          timm's ViT in torch (eval, inference_mode)
   timm-onnx     timm -> ONNX (torch.onnx.export) in onnxruntime
   timm-onnx-int8  timm's ONNX with onnxruntime's dynamic int8 quantization
@@ -77,19 +77,16 @@ def timm_model(args):
     return model.eval()
 
 
-# --- exports (prototypes until keras_vit.export lands; used when it is importable) ----------
+# --- exports (keras_vit.export for keras-vit's files; torch.onnx for timm's) ---------------
 def export_all(args) -> Dict[str, object]:
     """Writes every file the cases load into --workdir, and the Keras reference logits."""
     import numpy as np
-    import tensorflow as tf
 
     wd = args.workdir
     model = keras_model(args)
     x = images(args, args.eval_images)
     np.save(os.path.join(wd, "x.npy"), x)
     np.save(os.path.join(wd, "ref.npy"), model.predict(x, verbose=0, batch_size=8))
-    spec = tf.TensorSpec((None, args.image_size, args.image_size, 3), tf.float32, name="images")
-    fn = tf.function(lambda t: model(t, training=False), input_signature=[spec])
     done: Dict[str, str] = {}
 
     def step(name: str, fn) -> None:
@@ -100,13 +97,15 @@ def export_all(args) -> Dict[str, object]:
             done[name] = f"{type(e).__name__}: {str(e)[:200]}"
 
     cfg = config(args)
-    step("keras.onnx", lambda: _export_onnx(fn, spec, os.path.join(wd, "keras.onnx")))
-    step("keras-opt.onnx", lambda: _optimize_onnx(os.path.join(wd, "keras.onnx"), os.path.join(wd, "keras-opt.onnx"), cfg))
+    from keras_vit.export import to_onnx, to_tflite
+
+    step("keras.onnx", lambda: to_onnx(model, os.path.join(wd, "keras.onnx"), opset=17))
+    step("keras-opt.onnx", lambda: to_onnx(model, os.path.join(wd, "keras-opt.onnx"), opset=17, optimize=True))
     step("keras-int8.onnx", lambda: _quantize_onnx(os.path.join(wd, "keras-opt.onnx"), os.path.join(wd, "keras-int8.onnx")))
     calib = images(args, args.calib_images, seed=2)
-    for q in ("fp32", "int8"):
-        step(f"keras-{q}.tflite", lambda q=q: _write(os.path.join(wd, f"keras-{q}.tflite"),
-                                                   _tflite(fn, model, spec, q, calib, args.image_size)))
+    step("keras-fp32.tflite", lambda: to_tflite(model, os.path.join(wd, "keras-fp32.tflite")))
+    step("keras-int8.tflite", lambda: to_tflite(model, os.path.join(wd, "keras-int8.tflite"), quantize="int8",
+                                                representative_images=calib))
     return done
 
 
@@ -128,25 +127,6 @@ def export_timm(args) -> Dict[str, str]:
     return {"timm.onnx": "ok", "timm-int8.onnx": "ok"}
 
 
-def _write(path: str, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-
-
-def _export_onnx(fn, spec, path: str) -> None:
-    import tf2onnx
-
-    tf2onnx.convert.from_function(fn, input_signature=[spec], opset=17, output_path=path)
-
-
-def _optimize_onnx(src: str, dst: str, cfg) -> None:
-    """onnxruntime.transformers' fusions for ViT (attention, GELU, LayerNorm, bias adds)."""
-    from onnxruntime.transformers.optimizer import optimize_model
-
-    opt = optimize_model(src, model_type="vit", num_heads=cfg.num_heads, hidden_size=cfg.hidden_size)
-    opt.save_model_to_file(dst)
-
-
 def _quantize_onnx(src: str, dst: str) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -155,20 +135,6 @@ def _quantize_onnx(src: str, dst: str) -> None:
     # The fused model has com.microsoft ops that ONNX shape inference cannot type.
     quantize_dynamic(src, dst, weight_type=QuantType.QInt8,
                      extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
-
-
-def _tflite(fn, model, spec, quant: str, calib, size: int) -> bytes:
-    """TFLite through a SavedModel (variables frozen); int8 = weights and activations, float I/O."""
-    import tensorflow as tf
-
-    saved = os.path.join(tempfile.mkdtemp(prefix="vit-sm-"), "sm")
-    if not os.path.exists(saved):
-        model.export(saved, format="tf_saved_model", verbose=False)
-    conv = tf.lite.TFLiteConverter.from_saved_model(saved)
-    if quant == "int8":
-        conv.optimizations = [tf.lite.Optimize.DEFAULT]
-        conv.representative_dataset = lambda: ([calib[i:i + 1]] for i in range(len(calib)))
-    return conv.convert()
 
 
 # --- runners -------------------------------------------------------------------------------

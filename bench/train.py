@@ -121,8 +121,8 @@ def worker(case: str, args) -> None:
     res = run_timm(args) if case == "timm" else run_keras(case, args)
     times, cpu = res.pop("times"), res.pop("cpu")
     ips = [args.batch_size / t for t in times]
-    common.emit({"case": case, **res, "img_s": common.summary(ips), "step_s": common.summary(times),
-                 "img_per_cpu_s": common.summary([args.batch_size / t for t in cpu])})
+    common.emit({"case": case, **res, "img_s_values": ips,
+                 "img_per_cpu_s_values": [args.batch_size / t for t in cpu]})
 
 
 def _args(argv=None):
@@ -134,6 +134,9 @@ def _args(argv=None):
     p.add_argument("--steps", type=int, default=5, help="training steps per timed repeat")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=3, help="steps before timing (compilation included)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run the case list this many times, alternating (the repeats of all rounds are pooled): "
+                        "on a shared machine, load that comes and goes then hits every case alike")
     p.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {','.join(CASES)}")
     p.add_argument("--quick", action="store_true", help="tiny model, few steps: a smoke test under 2 minutes")
     p.add_argument("--json", default=None, help="also write all results to this file")
@@ -161,21 +164,32 @@ def main(argv=None) -> List[Dict[str, object]]:
     info = common.header("train", {"variant": args.variant, "image_size": args.image_size,
                                    "batch_size": args.batch_size, "num_layers": cfg.num_layers,
                                    "gflop_per_image_train": round(3 * fwd / 1e9, 3)})
-    results = []
-    for case in [c.strip() for c in args.cases.split(",") if c.strip()]:
-        if case not in CASES:
-            raise SystemExit(f"unknown case {case!r}; allowed: {', '.join(CASES)}")
-        need = {"jax": "jax", "kerashub": "keras_hub", "timm": "timm"}.get(case)
-        if need and not common.have(need):
-            results.append(common.skipped(case, f"{need} not installed (pip install -r bench/requirements.txt)"))
-            continue
-        env = {"KERAS_BACKEND": BACKEND[case]} if case in BACKEND else {}
-        if case == "jax":
-            env["JAX_PLATFORMS"] = "cpu"
-        results.append(common.run_case("bench.train", case, _forward(args), env=env))
-        print(f"  {case}: " + ("%.2f img/s" % results[-1]["img_s"]["median"] if "img_s" in results[-1]
-                                else str(results[-1].get("error") or results[-1].get("skipped") or "done")),
-              flush=True)
+    cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+    bad = [c for c in cases if c not in CASES]
+    if bad:
+        raise SystemExit(f"unknown case(s) {bad}; allowed: {', '.join(CASES)}")
+    merged: Dict[str, Dict[str, object]] = {}
+    for rnd in range(max(1, args.rounds)):
+        for case in cases:
+            need = {"jax": "jax", "kerashub": "keras_hub", "timm": "timm"}.get(case)
+            if need and not common.have(need):
+                merged[case] = common.skipped(case, f"{need} not installed (pip install -r bench/requirements.txt)")
+                continue
+            if case == "peak" and rnd and "peak_fp32" in merged.get(case, {}):
+                continue
+            env = {"KERAS_BACKEND": BACKEND[case]} if case in BACKEND else {}
+            if case == "jax":
+                env["JAX_PLATFORMS"] = "cpu"
+            r = common.run_case("bench.train", case, _forward(args), env=env)
+            _pool(merged, case, r)
+            print(f"  round {rnd + 1} {case}: " + ("%.2f img/s" % (sum(r["img_s_values"]) / len(r["img_s_values"]))
+                                                  if "img_s_values" in r else str(r.get("error") or "done")),
+                  flush=True)
+    results = [merged[c] for c in cases]
+    for r in results:
+        if "img_s_values" in r:
+            r["img_s"] = common.summary(r["img_s_values"])
+            r["img_per_cpu_s"] = common.summary(r["img_per_cpu_s_values"])
     peak = next((r.get("peak_fp32") for r in results if r["case"] == "peak"), None)
     by_case = {r["case"]: r for r in results}
     for r in results:
@@ -194,6 +208,17 @@ def main(argv=None) -> List[Dict[str, object]]:
         with open(args.json, "w") as f:
             json.dump({"info": info, "results": results}, f, indent=1)
     return results
+
+
+def _pool(merged: Dict[str, Dict[str, object]], case: str, r: Dict[str, object]) -> None:
+    """Adds one round's result to the case's pooled result (repeats appended, peak RSS max)."""
+    old = merged.get(case)
+    if old is not None and "img_s_values" in old and "img_s_values" in r:
+        for key in ("img_s_values", "img_per_cpu_s_values"):
+            old[key] = old[key] + r[key]
+        old["peak_rss_mb"] = max(old["peak_rss_mb"], r["peak_rss_mb"])
+    elif old is None or "img_s_values" not in old:
+        merged[case] = r  # a round that failed after a good one is dropped, the good one kept
 
 
 def _report(results, peak) -> None:
