@@ -158,6 +158,18 @@ def print_table(title: str, rows: List[Dict[str, object]], columns: Sequence[tup
             print("  " + "  ".join("-" * w for w in widths))
 
 
+def print_peak_and_problems(results: List[Dict[str, object]], table) -> None:
+    """The matmul limit line, then `table()` (the bench's own table), then failed/skipped cases."""
+    p = next((r for r in results if r["case"] == "peak"), None)
+    if p and "peak_fp32" in p:
+        print("matmul peak (2048^3 GEMM, GFLOP/s): " + ", ".join(
+            f"{k} {v:.0f}" for k, v in p.items() if isinstance(v, float) and k != "peak_rss_mb"))
+    table()
+    for r in results:
+        if "error" in r or "skipped" in r:
+            print(f"  {r['case']}: {r.get('error') or 'skipped: ' + r['skipped']}")
+
+
 def header(name: str, extra: Dict[str, object]) -> Dict[str, object]:
     """Print and return what this run is: machine, load, command line."""
     info = {"bench": name, "command": " ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:]),

@@ -310,27 +310,21 @@ def _derive(results, fwd: int) -> None:
 
 
 def _report(results) -> None:
-    p = next((r for r in results if r["case"] == "peak"), None)
-    if p and "peak_fp32" in p:
-        print("matmul peak (2048^3 sgemm, GFLOP/s): " + ", ".join(
-            f"{k} {v:.0f}" for k, v in p.items() if isinstance(v, float) and k.endswith("fp32")))
     ok = [r for r in results if "latency_ms" in r]
-    common.print_table("inference (batch-1 latency median of repeats; spread = (max-min)/median)", ok, [
-        ("case", lambda r: r["case"]),
-        ("b1 ms", lambda r: f"{r['latency_ms']['median']:.2f}"),
-        ("spread", lambda r: f"{100 * r['latency_ms']['spread']:.0f}%"),
-        ("x timm-onnx", lambda r: f"{r['lat_x_timm-onnx']:.2f}" if "lat_x_timm-onnx" in r else "-"),
-        ("x our onnx", lambda r: f"{r['lat_x_onnx']:.2f}" if "lat_x_onnx" in r else "-"),
-        ("batch img/s", lambda r: f"{r['throughput']['median']:.1f}"),
-        ("GFLOP/s", lambda r: f"{r['gflop_s']:.1f}"),
-        ("% of peak", lambda r: f"{100 * r['share_of_peak']:.0f}%" if "share_of_peak" in r else "-"),
-        ("max|diff|", lambda r: f"{r['max_abs_diff']:.1e}"),
-        ("top-1 agree", lambda r: f"{100 * r['top1_agree']:.0f}%"),
-        ("peak RSS MiB", lambda r: f"{r['peak_rss_mb']:.0f}"),
-    ])
-    for r in results:
-        if "error" in r or "skipped" in r:
-            print(f"  {r['case']}: {r.get('error') or 'skipped: ' + r['skipped']}")
+    common.print_peak_and_problems(results, lambda: common.print_table(
+        "inference (batch-1 latency median of repeats; spread = (max-min)/median)", ok, [
+            ("case", lambda r: r["case"]),
+            ("b1 ms", lambda r: f"{r['latency_ms']['median']:.2f}"),
+            ("spread", lambda r: f"{100 * r['latency_ms']['spread']:.0f}%"),
+            ("x timm-onnx", lambda r: f"{r['lat_x_timm-onnx']:.2f}" if "lat_x_timm-onnx" in r else "-"),
+            ("x our onnx", lambda r: f"{r['lat_x_onnx']:.2f}" if "lat_x_onnx" in r else "-"),
+            ("batch img/s", lambda r: f"{r['throughput']['median']:.1f}"),
+            ("GFLOP/s", lambda r: f"{r['gflop_s']:.1f}"),
+            ("% of peak", lambda r: f"{100 * r['share_of_peak']:.0f}%" if "share_of_peak" in r else "-"),
+            ("max|diff|", lambda r: f"{r['max_abs_diff']:.1e}"),
+            ("top-1 agree", lambda r: f"{100 * r['top1_agree']:.0f}%"),
+            ("peak RSS MiB", lambda r: f"{r['peak_rss_mb']:.0f}"),
+        ]))
 
 
 if __name__ == "__main__":
