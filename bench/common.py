@@ -163,7 +163,7 @@ def print_peak_and_problems(results: List[Dict[str, object]], table) -> None:
     p = next((r for r in results if r["case"] == "peak"), None)
     if p and "peak_fp32" in p:
         print("matmul peak (2048^3 GEMM, GFLOP/s): " + ", ".join(
-            f"{k} {v:.0f}" for k, v in p.items() if isinstance(v, float) and k != "peak_rss_mb"))
+            f"{k} {v:.0f}" for k, v in p.items() if isinstance(v, float) and k not in ("peak_rss_mb", "wall_s")))
     table()
     for r in results:
         if "error" in r or "skipped" in r:

@@ -235,6 +235,7 @@ def _args(argv=None):
     p.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {','.join(CASES)}")
     p.add_argument("--quick", action="store_true", help="tiny model, few repeats: a smoke test under 2 minutes")
     p.add_argument("--json", default=None, help="also write all results to this file")
+    p.add_argument("--keep", default=None, help="export into this folder and keep the files (for bench.ort_interleaved)")
     p.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
     p.add_argument("--case", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -268,7 +269,9 @@ def main(argv=None) -> List[Dict[str, object]]:
     if bad:
         raise SystemExit(f"unknown case(s) {bad}; allowed: {', '.join(CASES)}")
     results = []
-    with tempfile.TemporaryDirectory(prefix="vit-bench-") as wd:
+    with tempfile.TemporaryDirectory(prefix="vit-bench-") as tmp:
+        wd = args.keep or tmp
+        os.makedirs(wd, exist_ok=True)
         args.workdir = wd
         exp = common.run_case("bench.infer", "export", _forward(args))
         print("  export: " + (json.dumps(exp["files"]) if "error" not in exp else exp["error"]), flush=True)
