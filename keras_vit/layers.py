@@ -198,42 +198,69 @@ class MultiHeadSelfAttention(layers.Layer):
             self._rel_index = relative_position_index(self.relative_grid, self.num_prefix_tokens)
         self.built = True
 
-    def _project(self, x, name):
-        kernel = ops.cast(getattr(self, f"{name}_kernel"), x.dtype)
-        bias = ops.cast(getattr(self, f"{name}_bias"), x.dtype)
-        return ops.einsum("btd,dhk->bthk", x, kernel) + bias
+    def _qkv(self, x, scale: float):
+        """q (pre-scaled by `scale`), k, v as (B, heads, S, head_dim) from ONE (D, 3D) matmul.
+
+        The three official (D, heads, head_dim) kernels stay the stored weights; they are
+        flattened and concatenated per call (a D x 3D copy, nothing next to the matmul), so
+        the projection is a single large GEMM instead of three 4-D einsums, and the softmax
+        scale is folded into the query columns instead of multiplying the (S, S) logits.
+        """
+        d = x.shape[-1]
+        h, hd = self.num_heads, self.head_dim
+        flat = h * hd
+        kernel = ops.concatenate([ops.reshape(self.query_kernel, (d, flat)) * scale,
+                                  ops.reshape(self.key_kernel, (d, flat)),
+                                  ops.reshape(self.value_kernel, (d, flat))], axis=-1)
+        bias = ops.concatenate([ops.reshape(self.query_bias, (flat,)) * scale,
+                                ops.reshape(self.key_bias, (flat,)),
+                                ops.reshape(self.value_bias, (flat,))], axis=-1)
+        seq = x.shape[1] if x.shape[1] is not None else ops.shape(x)[1]
+        # Rank-2 GEMM on (B*S, D): a rank-3 x rank-2 matmul becomes tf.tensordot on TensorFlow,
+        # whose dynamic-shape plumbing (Shape/Gather/ReduceProd/Concat) lands in the ONNX graph.
+        qkv = ops.matmul(ops.reshape(x, (-1, d)), ops.cast(kernel, x.dtype)) + ops.cast(bias, x.dtype)
+        # Heads-major (3, B, heads, S, head_dim): the attention products are plain batched GEMMs.
+        qkv = ops.transpose(ops.reshape(qkv, (-1, seq, 3, h, hd)), (2, 0, 3, 1, 4))
+        return qkv[0], qkv[1], qkv[2]
 
     def _relative_bias(self, q):
         """(B, heads, S, S) logits of the query against the relative-offset embeddings."""
         table = ops.cast(self.relative_embedding, q.dtype)
-        scores = ops.einsum("bthk,ohk->bhto", q, table)  # (B, H, S, offsets)
-        s = q.shape[1]
+        scores = ops.einsum("bhtk,ohk->bhto", q, table)  # (B, H, S, offsets)
+        s = q.shape[2]
         idx = ops.convert_to_tensor(self._rel_index[None, None])  # (1, 1, S, S)
         idx = ops.broadcast_to(idx, (ops.shape(scores)[0], self.num_heads, s, s))
         return ops.take_along_axis(scores, idx, axis=-1)
 
     def call(self, x, training=None, return_attention_scores: bool = False):
-        q = self._project(x, "query")
-        k = self._project(x, "key")
-        v = self._project(x, "value")
         scale = 1.0 / math.sqrt(self.head_dim)
+        q, k, v = self._qkv(x, scale)  # q already carries the softmax scale
         bias = None
         if self.relative_grid is not None:
-            bias = self._relative_bias(q) * scale
+            bias = self._relative_bias(q)  # from the scaled query: the bias is scaled too
         explicit = (return_attention_scores or (training and self.dropout_rate > 0)
                     or keras.backend.standardize_dtype(x.dtype) != "float32")
-        if explicit:
-            logits = ops.einsum("bqhk,bthk->bhqt", q * ops.cast(scale, q.dtype), k)
-            logits = ops.cast(logits, "float32")
+        if not explicit and keras.backend.backend() == "jax":
+            # JAX's fused attention (cuDNN flash attention on GPU) takes (B, S, heads, head_dim).
+            out = ops.dot_product_attention(*(ops.swapaxes(t, 1, 2) for t in (q, k, v)), bias=bias, scale=1.0)
+            probs = None
+        else:
+            # Batched GEMMs in heads-major layout (what ops.dot_product_attention lowers to on
+            # TF/torch CPU, minus its 4-D einsum transposes and dynamic-shape ops in exports).
+            logits = ops.cast(ops.matmul(q, ops.swapaxes(k, -1, -2)), "float32")  # (B, H, S, S)
             if bias is not None:
                 logits = logits + ops.cast(bias, "float32")
             probs = ops.softmax(logits, axis=-1)
-            dropped = self.dropout(probs, training=training)
-            out = ops.einsum("bhqt,bthk->bqhk", ops.cast(dropped, v.dtype), v)
-        else:
-            out = ops.dot_product_attention(q, k, v, bias=bias, scale=scale)
-            probs = None
-        y = ops.einsum("bthk,hkd->btd", out, ops.cast(self.out_kernel, out.dtype)) + ops.cast(self.out_bias, out.dtype)
+            dropped = self.dropout(probs, training=training) if explicit else probs
+            out = ops.swapaxes(ops.matmul(ops.cast(dropped, v.dtype), v), 1, 2)  # (B, S, H, hd)
+            if not return_attention_scores:
+                probs = None
+        d = self.out_kernel.shape[-1]
+        seq = out.shape[1] if out.shape[1] is not None else ops.shape(out)[1]
+        # (B*S, heads*head_dim) @ (heads*head_dim, D): one GEMM, same weights as the 4-D einsum.
+        kernel = ops.reshape(ops.cast(self.out_kernel, out.dtype), (d, d))
+        y = ops.matmul(ops.reshape(out, (-1, d)), kernel) + ops.cast(self.out_bias, out.dtype)
+        y = ops.reshape(y, (-1, seq, d))
         if return_attention_scores:
             return y, probs
         return y
@@ -295,9 +322,16 @@ class MlpBlock(layers.Layer):
         self.built = True
 
     def call(self, x, training=None):
-        x = ops.gelu(self.dense_0(x), approximate=self.gelu_approximate)
-        x = self.dropout(x, training=training)
-        return self.dropout(self.dense_1(x), training=training)
+        # The Dense layers hold the weights (checkpoint names); the products run as rank-2
+        # GEMMs on (tokens, features), which keeps tf.tensordot's shape ops out of exported graphs.
+        d = x.shape[-1]
+        shape = tuple(x.shape) if all(n is not None for n in x.shape[1:]) else ops.shape(x)
+        h = ops.reshape(x, (-1, d))
+        h = ops.matmul(h, ops.cast(self.dense_0.kernel, h.dtype)) + ops.cast(self.dense_0.bias, h.dtype)
+        h = self.dropout(ops.gelu(h, approximate=self.gelu_approximate), training=training)
+        h = ops.matmul(h, ops.cast(self.dense_1.kernel, h.dtype)) + ops.cast(self.dense_1.bias, h.dtype)
+        out = ops.reshape(h, (-1,) + tuple(shape[1:]) if isinstance(shape, tuple) else shape)
+        return self.dropout(out, training=training)
 
     def compute_output_shape(self, input_shape):
         return input_shape
@@ -305,6 +339,23 @@ class MlpBlock(layers.Layer):
     def get_config(self):
         return {**super().get_config(), "mlp_dim": self.mlp_dim, "dropout_rate": self.dropout_rate,
                 "gelu_approximate": self.gelu_approximate}
+
+
+def _layer_norm(norm: layers.LayerNormalization, x):
+    """`norm`'s LayerNorm over the last axis, in float32, written out on (tokens, features).
+
+    Same weights and result as calling the Keras layer; the explicit
+    ReduceMean-Sub-Pow-ReduceMean-Add-Sqrt-Div form on a rank-2 tensor is what
+    onnxruntime's optimizer fuses into one LayerNormalization node (tf.nn.moments on a
+    rank-3 tensor exports as GlobalAveragePool chains that it cannot fuse).
+    """
+    shape = tuple(x.shape) if all(n is not None for n in x.shape[1:]) else ops.shape(x)
+    d = x.shape[-1]
+    h = ops.reshape(ops.cast(x, "float32"), (-1, d))
+    centred = h - ops.mean(h, axis=-1, keepdims=True)
+    var = ops.mean(ops.power(centred, 2), axis=-1, keepdims=True)
+    h = centred / ops.sqrt(var + norm.epsilon) * norm.gamma + norm.beta
+    return ops.reshape(h, (-1,) + tuple(shape[1:]) if isinstance(shape, tuple) else shape)
 
 
 @_REG
@@ -343,13 +394,13 @@ class TransformerBlock(layers.Layer):
         self.built = True
 
     def call(self, x, training=None, return_attention_scores: bool = False):
-        y = ops.cast(self.norm_1(x), self.compute_dtype)
+        y = ops.cast(_layer_norm(self.norm_1, x), self.compute_dtype)
         y = self.attention(y, training=training, return_attention_scores=return_attention_scores)
         if return_attention_scores:
             y, probs = y
         y = self.dropout(y, training=training)
         x = ops.cast(x, self.compute_dtype) + self.drop_path(y, training=training)
-        y = ops.cast(self.norm_2(x), self.compute_dtype)
+        y = ops.cast(_layer_norm(self.norm_2, x), self.compute_dtype)
         x = x + self.drop_path(self.mlp(y, training=training), training=training)
         if return_attention_scores:
             return x, probs

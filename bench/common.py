@@ -1,0 +1,178 @@
+"""Shared plumbing of the benchmarks: timing, peak RSS, matmul peak, one subprocess per case.
+
+Each case (a framework/backend/format) runs in its own Python process so that its peak RSS
+is its own, its thread pools do not fight another framework's, and the Keras backend can be
+chosen before Keras is imported. The driver collects one JSON line per case and prints
+medians, spreads and ratios measured in the same run.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from typing import Callable, Dict, List, Optional, Sequence
+
+RESULT_PREFIX = "BENCH_RESULT "
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# --- measuring ---------------------------------------------------------------------------
+def time_calls(fn: Callable[[], object], warmup: int, repeats: int, inner: int = 1,
+               cpu: Optional[List[float]] = None) -> List[float]:
+    """Wall seconds per call of `fn` (mean over `inner` calls), `repeats` times, after `warmup`
+    calls. When a list is passed as `cpu`, the process CPU seconds per call are appended to it
+    (a figure that other processes' load disturbs far less than wall time)."""
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(repeats):
+        t0, c0 = time.perf_counter(), time.process_time()
+        for _ in range(inner):
+            fn()
+        out.append((time.perf_counter() - t0) / inner)
+        if cpu is not None:
+            cpu.append((time.process_time() - c0) / inner)
+    return out
+
+
+def summary(values: Sequence[float]) -> Dict[str, float]:
+    """Median with min/max and the relative spread ((max-min)/median) of repeated timings."""
+    med = statistics.median(values)
+    return {"median": med, "min": min(values), "max": max(values),
+            "spread": (max(values) - min(values)) / med if med else 0.0, "n": len(values)}
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process in MiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def machine() -> Dict[str, object]:
+    """What the numbers were measured on, and how busy it was."""
+    model = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), model)
+    except OSError:
+        pass
+    try:
+        load = os.getloadavg()
+    except OSError:
+        load = (float("nan"),) * 3
+    return {"cpu": model, "cores": os.cpu_count(), "python": platform.python_version(),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "load": [round(v, 2) for v in load]}
+
+
+def emit(result: Dict[str, object]) -> None:
+    """Hand one case's result to the driver (a tagged JSON line on stdout)."""
+    result = dict(result, peak_rss_mb=round(peak_rss_mb(), 1))
+    print(RESULT_PREFIX + json.dumps(result), flush=True)
+
+
+# --- the machine's matmul limit ----------------------------------------------------------
+def matmul_peak(n: int = 2048, repeats: int = 5, dtypes: Sequence[str] = ("float32",)) -> Dict[str, float]:
+    """Best sgemm GFLOP/s this process reaches with TensorFlow, torch and NumPy (whichever import).
+
+    The best of them is the 'limit' that achieved FLOP/s are compared with.
+    """
+    import numpy as np
+
+    rs = np.random.default_rng(0)
+    a = rs.standard_normal((n, n)).astype("float32")
+    b = rs.standard_normal((n, n)).astype("float32")
+    flops = 2.0 * n ** 3
+    out: Dict[str, float] = {}
+
+    def best(fn) -> float:
+        return flops / min(time_calls(fn, warmup=2, repeats=repeats)) / 1e9
+
+    out["numpy_fp32"] = best(lambda: a @ b)
+    try:
+        import tensorflow as tf
+
+        ta, tb = tf.constant(a), tf.constant(b)
+        out["tf_fp32"] = best(lambda: tf.linalg.matmul(ta, tb).numpy())
+    except ImportError:
+        pass
+    try:
+        import torch
+
+        pa, pb = torch.from_numpy(a), torch.from_numpy(b)
+        out["torch_fp32"] = best(lambda: pa @ pb)
+        if "bfloat16" in dtypes:
+            ha, hb = pa.bfloat16(), pb.bfloat16()
+            out["torch_bf16"] = best(lambda: ha @ hb)
+    except ImportError:
+        pass
+    out["peak_fp32"] = max(v for k, v in out.items() if k.endswith("fp32"))
+    return out
+
+
+# --- the driver --------------------------------------------------------------------------
+def run_case(module: str, case: str, args: Sequence[str], env: Optional[Dict[str, str]] = None,
+             timeout: float = 1800) -> Dict[str, object]:
+    """Run `python -m module --case case args...` and return its result, or why it has none."""
+    full_env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", **(env or {}))
+    cmd = [sys.executable, "-m", module, "--case", case, *args]
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"case": case, "error": f"timed out after {timeout:.0f} s"}
+    for line in proc.stdout.splitlines():
+        if line.startswith(RESULT_PREFIX):
+            res = json.loads(line[len(RESULT_PREFIX):])
+            res["wall_s"] = round(time.perf_counter() - t0, 1)
+            return res
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+    return {"case": case, "error": f"exit {proc.returncode}: {tail[0][:300]}"}
+
+
+def skipped(case: str, why: str) -> Dict[str, object]:
+    return {"case": case, "skipped": why}
+
+
+def have(module: str) -> bool:
+    """Whether a module can be imported (the peers are optional: CI does not install them)."""
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def print_table(title: str, rows: List[Dict[str, object]], columns: Sequence[tuple]) -> None:
+    """A plain-text table: columns are (header, function of a row -> str)."""
+    cells = [[h for h, _ in columns]]
+    for r in rows:
+        cells.append([f(r) for _, f in columns])
+    widths = [max(len(c[i]) for c in cells) for i in range(len(columns))]
+    print(f"\n{title}")
+    for i, c in enumerate(cells):
+        print("  " + "  ".join(s.rjust(w) if j else s.ljust(w) for j, (s, w) in enumerate(zip(c, widths))))
+        if i == 0:
+            print("  " + "  ".join("-" * w for w in widths))
+
+
+def print_peak_and_problems(results: List[Dict[str, object]], table) -> None:
+    """The matmul limit line, then `table()` (the bench's own table), then failed/skipped cases."""
+    p = next((r for r in results if r["case"] == "peak"), None)
+    if p and "peak_fp32" in p:
+        print("matmul peak (2048^3 GEMM, GFLOP/s): " + ", ".join(
+            f"{k} {v:.0f}" for k, v in p.items() if isinstance(v, float) and k not in ("peak_rss_mb", "wall_s")))
+    table()
+    for r in results:
+        if "error" in r or "skipped" in r:
+            print(f"  {r['case']}: {r.get('error') or 'skipped: ' + r['skipped']}")
+
+
+def header(name: str, extra: Dict[str, object]) -> Dict[str, object]:
+    """Print and return what this run is: machine, load, command line."""
+    info = {"bench": name, "command": " ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:]),
+            **machine(), **extra}
+    print(json.dumps(info))
+    return info

@@ -1,0 +1,58 @@
+"""Batch-1 latency of ONNX files in onnxruntime, interleaved call by call in one process.
+
+    python -m bench.infer --keep /tmp/vit-onnx --cases onnx      # writes the files
+    python -m bench.ort_interleaved /tmp/vit-onnx                 # keras-vit vs timm, same load
+
+On a shared machine, interleaving puts every file under the same load, which sequential
+cases in separate processes cannot; the ratio to timm's ONNX is the figure to read.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import numpy as np
+
+FILES = ("keras.onnx", "keras-opt.onnx", "keras-int8.onnx", "timm.onnx", "timm-int8.onnx")
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("folder")
+    p.add_argument("--rounds", type=int, default=60)
+    args = p.parse_args(argv)
+    import onnxruntime as ort
+
+    x = np.load(os.path.join(args.folder, "x.npy"))[:1]
+    xt = np.ascontiguousarray(x.transpose(0, 3, 1, 2) / np.float32(127.5) - np.float32(1.0))
+    runs = {}
+    for f in FILES:
+        path = os.path.join(args.folder, f)
+        if os.path.exists(path):
+            so = ort.SessionOptions()
+            # Several sessions share the cores here: no thread may spin after its own run.
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+            feed = {sess.get_inputs()[0].name: xt if f.startswith("timm") else x}
+            runs[f] = lambda s=sess, feed=feed: s.run(None, feed)
+            for _ in range(5):
+                runs[f]()
+    ms = {f: [] for f in runs}
+    for _ in range(args.rounds):
+        for f, run in runs.items():
+            t0 = time.perf_counter()
+            run()
+            ms[f].append(1e3 * (time.perf_counter() - t0))
+    ref = statistics.median(ms["timm.onnx"]) if "timm.onnx" in ms else None
+    print(f"load {os.getloadavg()}; {args.rounds} interleaved rounds")
+    for f, v in ms.items():
+        med = statistics.median(v)
+        print(f"  {f:16s} median {med:7.2f} ms  p10 {np.percentile(v, 10):7.2f}  p90 {np.percentile(v, 90):7.2f}"
+              + (f"  x timm.onnx {med / ref:.2f}" if ref else ""))
+    return {f: statistics.median(v) for f, v in ms.items()}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,243 @@
+"""Training throughput (images/s) of keras-vit next to keras-hub's ViT and timm, in one run.
+
+    python -m bench.train                      # ViT-Ti/16, 224 px, batch 16, all cases
+    python -m bench.train --variant B/16 --batch-size 16
+    python -m bench.train --quick              # < 2 minutes: tiny model, few steps (CI smoke test)
+
+Cases (each in its own process): keras-vit on TF with XLA (`tf-xla`, the default path of
+`vitcli train`), TF without XLA (`tf`), TF with `mixed_bfloat16` without XLA (`tf-bf16`: oneDNN
+runs bf16 matmuls on AVX512-BF16 CPUs), the JAX backend (`jax`); keras-hub's ViTBackbone +
+Dense head on TF with XLA (`kerashub`); timm's ViT in torch (`timm`). Peers that are not
+installed are skipped. Achieved FLOP/s = img/s x 3 x forward FLOPs (ViTConfig.flops()),
+compared with the best fp32 sgemm GFLOP/s measured in the same run (`peak`).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Dict, List
+
+if __package__ in (None, ""):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench import common  # noqa: E402
+
+CASES = ("peak", "tf-xla", "tf", "tf-bf16", "jax", "kerashub", "timm")
+BACKEND = {"tf-xla": "tensorflow", "tf": "tensorflow", "tf-bf16": "tensorflow", "jax": "jax",
+           "kerashub": "tensorflow"}
+TIMM_NAMES = {"Ti": "vit_tiny_patch16_224", "S": "vit_small_patch16_224", "B": "vit_base_patch16_224",
+              "L": "vit_large_patch16_224"}
+NUM_CLASSES = 10
+LR = 1e-3
+
+
+def config(args):
+    """The ViTConfig benchmarked (the variant with --image-size / --num-layers overrides)."""
+    from keras_vit.config import parse_variant
+
+    extra = {"num_layers": args.num_layers} if args.num_layers else {}
+    return parse_variant(args.variant, image_size=args.image_size, num_classes=NUM_CLASSES, **extra)
+
+
+def _data(args):
+    import numpy as np
+
+    rs = np.random.default_rng(0)
+    x = rs.uniform(0, 255, (args.batch_size, args.image_size, args.image_size, 3)).astype("float32")
+    y = rs.integers(0, NUM_CLASSES, (args.batch_size,)).astype("int32")
+    return x, y
+
+
+def _keras_model(case: str, cfg):
+    """keras-vit's model, or keras-hub's ViTBackbone + class-token Dense head for `kerashub`."""
+    import keras
+
+    if case != "kerashub":
+        from keras_vit.vit import build_model
+
+        return build_model(cfg)
+    import keras_hub
+
+    backbone = keras_hub.models.ViTBackbone(
+        image_shape=(*cfg.image_size, 3), patch_size=cfg.patch_size[0], num_layers=cfg.num_layers,
+        num_heads=cfg.num_heads, hidden_dim=cfg.hidden_size, mlp_dim=cfg.mlp_dim)
+    inputs = keras.Input((*cfg.image_size, 3))
+    x = keras.layers.Rescaling(1.0 / 127.5, offset=-1.0)(inputs)
+    x = backbone(x)
+    x = keras.layers.Lambda(lambda t: t[:, 0])(x)
+    return keras.Model(inputs, keras.layers.Dense(NUM_CLASSES)(x))
+
+
+def run_keras(case: str, args) -> Dict[str, object]:
+    import keras
+
+    cfg = config(args)
+    if case == "tf-bf16":
+        keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    model = _keras_model(case, cfg)
+    model.compile(optimizer=keras.optimizers.SGD(LR, momentum=0.9),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  jit_compile=case in ("tf-xla", "jax", "kerashub"))
+    x, y = _data(args)
+    cpu: List[float] = []
+    times = common.time_calls(lambda: model.train_on_batch(x, y), args.warmup, args.repeats, args.steps, cpu)
+    return {"params": model.count_params(), "backend": keras.backend.backend(), "times": times, "cpu": cpu}
+
+
+def run_timm(args) -> Dict[str, object]:
+    import timm
+    import torch
+
+    cfg = config(args)
+    size = args.variant.split("/")[0]
+    model = timm.create_model(TIMM_NAMES[size], pretrained=False, num_classes=NUM_CLASSES,
+                              img_size=args.image_size, depth=cfg.num_layers)
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    x, y = _data(args)
+    # timm takes NCHW in [-1, 1]-ish; the rescale is part of the step as for the Keras models.
+    xt = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
+    yt = torch.from_numpy(y).long()
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(model(xt / 127.5 - 1.0), yt)
+        loss.backward()
+        opt.step()
+
+    cpu: List[float] = []
+    times = common.time_calls(step, args.warmup, args.repeats, args.steps, cpu)
+    return {"params": sum(p.numel() for p in model.parameters()), "backend": f"torch {torch.__version__}",
+            "threads": torch.get_num_threads(), "times": times, "cpu": cpu}
+
+
+def worker(case: str, args) -> None:
+    """Runs one case in this process and emits its result."""
+    if case == "peak":
+        common.emit({"case": case, **common.matmul_peak(dtypes=("float32", "bfloat16"))})
+        return
+    res = run_timm(args) if case == "timm" else run_keras(case, args)
+    times, cpu = res.pop("times"), res.pop("cpu")
+    ips = [args.batch_size / t for t in times]
+    common.emit({"case": case, **res, "img_s_values": ips,
+                 "img_per_cpu_s_values": [args.batch_size / t for t in cpu]})
+
+
+def _args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--variant", default="Ti/16")
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--num-layers", type=int, default=None, help="override the variant's depth")
+    p.add_argument("--steps", type=int, default=5, help="training steps per timed repeat")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=3, help="steps before timing (compilation included)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run the case list this many times, alternating (the repeats of all rounds are pooled): "
+                        "on a shared machine, load that comes and goes then hits every case alike")
+    p.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {','.join(CASES)}")
+    p.add_argument("--quick", action="store_true", help="tiny model, few steps: a smoke test under 2 minutes")
+    p.add_argument("--json", default=None, help="also write all results to this file")
+    p.add_argument("--case", default=None, help=argparse.SUPPRESS)  # internal: run one case
+    args = p.parse_args(argv)
+    if args.quick:
+        args.image_size, args.num_layers, args.batch_size = 32, 2, 4
+        args.steps, args.repeats, args.warmup = 2, 2, 1
+    return args
+
+
+def _forward(args) -> List[str]:
+    return ["--variant", args.variant, "--image-size", str(args.image_size), "--batch-size", str(args.batch_size),
+            "--steps", str(args.steps), "--repeats", str(args.repeats), "--warmup", str(args.warmup)] + (
+        ["--num-layers", str(args.num_layers)] if args.num_layers else [])
+
+
+def main(argv=None) -> List[Dict[str, object]]:
+    args = _args(argv)
+    if args.case:
+        worker(args.case, args)
+        return []
+    cfg = config(args)
+    fwd = cfg.flops()
+    info = common.header("train", {"variant": args.variant, "image_size": args.image_size,
+                                   "batch_size": args.batch_size, "num_layers": cfg.num_layers,
+                                   "gflop_per_image_train": round(3 * fwd / 1e9, 3)})
+    cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+    bad = [c for c in cases if c not in CASES]
+    if bad:
+        raise SystemExit(f"unknown case(s) {bad}; allowed: {', '.join(CASES)}")
+    merged: Dict[str, Dict[str, object]] = {}
+    for rnd in range(max(1, args.rounds)):
+        for case in cases:
+            need = {"jax": "jax", "kerashub": "keras_hub", "timm": "timm"}.get(case)
+            if need and not common.have(need):
+                merged[case] = common.skipped(case, f"{need} not installed (pip install -r bench/requirements.txt)")
+                continue
+            env = {"KERAS_BACKEND": BACKEND[case]} if case in BACKEND else {}
+            if case == "jax":
+                env["JAX_PLATFORMS"] = "cpu"
+            r = common.run_case("bench.train", case, _forward(args), env=env)
+            _pool(merged, case, r)
+            print(f"  round {rnd + 1} {case}: " + ("%.2f img/s" % (sum(r["img_s_values"]) / len(r["img_s_values"]))
+                                                  if "img_s_values" in r else str(r.get("error") or "done")),
+                  flush=True)
+    results = [merged[c] for c in cases]
+    for r in results:
+        if "img_s_values" in r:
+            r["img_s"] = common.summary(r["img_s_values"])
+            r["img_per_cpu_s"] = common.summary(r["img_per_cpu_s_values"])
+    peak = next((r.get("peak_fp32") for r in results if r["case"] == "peak"), None)
+    by_case = {r["case"]: r for r in results}
+    for r in results:
+        if "img_s" in r:
+            gflops = r["img_s"]["median"] * 3 * fwd / 1e9
+            r["gflop_s"] = gflops
+            if peak:
+                r["share_of_peak"] = gflops / peak
+            for peer in ("timm", "kerashub"):
+                if peer != r["case"] and "img_s" in by_case.get(peer, {}):
+                    r[f"x_{peer}"] = r["img_s"]["median"] / by_case[peer]["img_s"]["median"]
+    _report(results)
+    if args.json:
+        import json
+
+        with open(args.json, "w") as f:
+            json.dump({"info": info, "results": results}, f, indent=1)
+    return results
+
+
+def _pool(merged: Dict[str, Dict[str, object]], case: str, r: Dict[str, object]) -> None:
+    """Adds one round's result to the case's pooled result (repeats appended, peak RSS max)."""
+    old = merged.get(case)
+    if case == "peak" and old is not None and "peak_fp32" in old and "peak_fp32" in r:
+        merged[case] = {k: max(v, r.get(k, v)) if isinstance(v, float) else v for k, v in old.items()}
+        return  # the limit: the best sgemm of all rounds
+    if old is not None and "img_s_values" in old and "img_s_values" in r:
+        for key in ("img_s_values", "img_per_cpu_s_values"):
+            old[key] = old[key] + r[key]
+        old["peak_rss_mb"] = max(old["peak_rss_mb"], r["peak_rss_mb"])
+    elif old is None or "img_s_values" not in old:
+        merged[case] = r  # a round that failed after a good one is dropped, the good one kept
+
+
+def _report(results) -> None:
+    ok = [r for r in results if "img_s" in r]
+    common.print_peak_and_problems(results, lambda: common.print_table(
+        "training throughput (median of repeats; spread = (max-min)/median)", ok, [
+            ("case", lambda r: r["case"]),
+            ("img/s", lambda r: f"{r['img_s']['median']:.2f}"),
+            ("spread", lambda r: f"{100 * r['img_s']['spread']:.0f}%"),
+            ("x timm", lambda r: f"{r['x_timm']:.2f}" if "x_timm" in r else "-"),
+            ("x keras-hub", lambda r: f"{r['x_kerashub']:.2f}" if "x_kerashub" in r else "-"),
+            ("img/CPU-s", lambda r: f"{r['img_per_cpu_s']['median']:.2f}"),
+            ("GFLOP/s", lambda r: f"{r['gflop_s']:.1f}"),
+            ("% of peak", lambda r: f"{100 * r['share_of_peak']:.0f}%" if "share_of_peak" in r else "-"),
+            ("peak RSS MiB", lambda r: f"{r['peak_rss_mb']:.0f}"),
+            ("params", lambda r: f"{r['params']:,}"),
+        ]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,36 @@
+"""Smoke tests of the benchmarks' --quick modes (peers are skipped when not installed)."""
+import pytest
+
+from bench import infer, train
+
+
+def test_train_quick_measures_keras_vit_and_reports_ratios(capsys):
+    results = train.main(["--quick", "--cases", "peak,tf-xla,timm"])
+    by = {r["case"]: r for r in results}
+    assert by["peak"]["peak_fp32"] > 0
+    r = by["tf-xla"]
+    assert "error" not in r, r
+    assert r["img_s"]["median"] > 0 and r["peak_rss_mb"] > 0
+    assert 0 < r["share_of_peak"] < 1.5
+    if "img_s" in by["timm"]:
+        assert r["x_timm"] > 0
+    else:
+        assert "skipped" in by["timm"]
+    assert "training throughput" in capsys.readouterr().out
+
+
+def test_infer_quick_runs_keras_and_onnx_and_agrees(capsys):
+    results = infer.main(["--quick", "--cases", "keras-xla,onnx,timm-onnx"])
+    by = {r["case"]: r for r in results}
+    for case in ("keras-xla", "onnx"):
+        assert "error" not in by[case], by[case]
+        assert by[case]["latency_ms"]["median"] > 0
+        assert by[case]["top1_agree"] == 1.0 and by[case]["max_abs_diff"] < 1e-3
+    assert "img_s" not in by["timm-onnx"]
+    assert "latency_ms" in by["timm-onnx"] or "skipped" in by["timm-onnx"]
+    assert "inference" in capsys.readouterr().out
+
+
+def test_unknown_case_is_one_clear_error():
+    with pytest.raises(SystemExit, match="unknown case"):
+        train.main(["--quick", "--cases", "nope"])
