@@ -38,9 +38,9 @@ def _user_errors(fn):
 @click.option("--num-layers", type=int, default=None, help="Override the variant's depth L.")
 @click.option("--num-heads", type=int, default=None, help="Override the variant's heads.")
 @click.option("--mlp-dim", type=int, default=None, help="Override the variant's MLP size.")
-@click.option("--recipe", type=click.Choice(["scratch", "finetune"]), default="scratch", show_default=True,
+@click.option("--recipe", type=click.Choice(["scratch", "finetune"]), default=None,
               help="scratch: AdamW, warm-up + cosine, weight decay, label smoothing, augmentation. "
-                   "finetune: SGD momentum 0.9, cosine, no weight decay.")
+                   "finetune: SGD momentum 0.9, cosine, no weight decay.  [default: scratch]")
 @click.option("--epochs", type=int, default=None, help="Epochs [default: per dataset].")
 @click.option("--batch-size", type=int, default=None, help="Global batch size [default: per dataset].")
 @click.option("--lr", "learning_rate", type=float, default=None, help="Peak learning rate [default: per recipe].")
@@ -77,7 +77,7 @@ def train_cmd(dataset: str, output: Optional[str], resume: bool, **options) -> N
             raise UserError(f"--resume continues a run with its saved options; drop {', '.join('--' + g.replace('_', '-') for g in given)}")
         cfg = None
     else:
-        cfg = ktrain.make_config(dataset, options.pop("recipe"), **options)
+        cfg = ktrain.make_config(dataset, options.pop("recipe") or "scratch", **options)
     result = ktrain.train(cfg, output=output, resume=resume)
     t = result["test"]
     click.echo(f"test top-1 {t['top1']:.4f}  top-5 {t['top5']:.4f}  loss {t['loss']:.4f}  "

@@ -364,9 +364,7 @@ def new_run_dir(cfg: TrainConfig, output: Optional[str] = None, root: str = RUNS
     from keras_vit.data import slug
 
     if output:
-        if os.path.exists(output) and (not os.path.isdir(output) or os.listdir(output)):
-            raise TrainError(f"output folder {output!r} already exists and is not empty; "
-                             "choose another --output, or add --resume to continue that run")
+        _check_output(output)
         os.makedirs(output, exist_ok=True)
         return output
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -378,6 +376,12 @@ def new_run_dir(cfg: TrainConfig, output: Optional[str] = None, root: str = RUNS
     os.makedirs(run)
     _link_latest(run, root)
     return run
+
+
+def _check_output(output: Optional[str]) -> None:
+    if output and os.path.exists(output) and (not os.path.isdir(output) or os.listdir(output)):
+        raise TrainError(f"output folder {output!r} already exists and is not empty; "
+                         "choose another --output, or add --resume to continue that run")
 
 
 def _link_latest(run: str, root: str) -> None:
@@ -443,7 +447,7 @@ def train(cfg: TrainConfig, output: Optional[str] = None, resume: bool = False,
             raise TrainError(f"run {run!r} has already finished (model.keras exists); nothing to resume")
     else:
         cfg.validate()
-        run = new_run_dir(cfg, output, root)
+        _check_output(output)
     import keras
     import tensorflow as tf
 
@@ -469,7 +473,8 @@ def train(cfg: TrainConfig, output: Optional[str] = None, resume: bool = False,
             steps = sum(1 for _ in train_ds)
         if steps < 1:
             raise TrainError(f"batch size {cfg.batch_size} is larger than the training split; use a smaller --batch-size")
-        if not resume:
+        if not resume:  # the folder appears only once the dataset and options are known good
+            run = new_run_dir(cfg, output, root)
             write_json_atomic(os.path.join(run, "config.json"), {
                 "train": cfg.to_dict(), "model": vit_cfg.to_dict(), "class_names": splits.class_names,
                 "command": sys.argv, "keras": keras.__version__, "backend": keras.backend.backend(),
