@@ -32,7 +32,7 @@ def _user_errors(fn):
 
 @click.command("train")
 @click.option("--dataset", default="digits", show_default=True, help=_DATASET_HELP)
-@click.option("--variant", default=None, help="Model, e.g. Ti/4, S/16, R50+B/16 [default: per dataset; digits: a small Ti/2 at 16px].")
+@click.option("--variant", default=None, help="Model, e.g. Ti/4, S/16, R50+B/16 [default: per dataset; digits: a small Ti/4 at 16px].")
 @click.option("--image-size", type=int, default=None, help="Input side in pixels [default: per dataset].")
 @click.option("--hidden-size", type=int, default=None, help="Override the variant's width D.")
 @click.option("--num-layers", type=int, default=None, help="Override the variant's depth L.")

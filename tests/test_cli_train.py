@@ -169,7 +169,7 @@ def not_a_model(tmp_path_factory):
 @pytest.mark.parametrize("args, message", [
     (["train", "--dataset", "imagenet9"], "unknown dataset 'imagenet9'"),
     (["train", "--dataset", "folder:/no/such/folder"], "does not exist"),
-    (["train", "--image-size", "31"], "image_size 31x31 is not divisible by the patch size 2x2"),
+    (["train", "--image-size", "31"], "image_size 31x31 is not divisible by the patch size 4x4"),
     (["train", "--epochs", "-1"], "epochs must be a positive integer, got -1"),
     (["train", "--variant", "Q/16"], "unknown variant 'Q/16'"),
     (["train", "--resume", "--output", "/no/such/run"], "nothing to resume"),

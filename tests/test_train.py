@@ -20,8 +20,8 @@ TINY = dict(hidden_size=32, num_layers=1, num_heads=2, mlp_dim=64)
 
 def test_digits_defaults_and_overrides():
     cfg = kt.make_config("digits")
-    assert (cfg.variant, cfg.image_size, cfg.epochs, cfg.batch_size, cfg.optimizer) == ("Ti/2", 16, 30, 32, "adamw")
-    assert cfg.model == dict(hidden_size=64, num_layers=4, num_heads=4, mlp_dim=128)
+    assert (cfg.variant, cfg.image_size, cfg.epochs, cfg.batch_size, cfg.optimizer) == ("Ti/4", 16, 30, 32, "adamw")
+    assert cfg.model == dict(hidden_size=128, num_layers=4, num_heads=4, mlp_dim=256)
     assert cfg.clipnorm == 1.0 and cfg.label_smoothing == 0.1 and cfg.weight_decay > 0
     cfg = kt.make_config("digits", epochs=3, learning_rate=5e-4, num_layers=2, augment="light")
     assert (cfg.epochs, cfg.learning_rate, cfg.model["num_layers"], cfg.augment) == (3, 5e-4, 2, "light")
@@ -35,7 +35,7 @@ def test_digits_defaults_and_overrides():
 
 @pytest.mark.parametrize("options, message", [
     (dict(epochs=-1), "epochs must be a positive integer, got -1"),
-    (dict(image_size=31), "image_size 31x31 is not divisible by the patch size 2x2"),
+    (dict(image_size=31), "image_size 31x31 is not divisible by the patch size 4x4"),
     (dict(recipe="nope"), "unknown recipe 'nope'"),
     (dict(mixed_precision="fp8"), "mixed_precision must be one of"),
     (dict(batchsize=3), "unknown training options"),
