@@ -34,7 +34,7 @@ RECIPES: Dict[str, Dict[str, Any]] = {
 # dropout 0.1 did not help on average at this budget (see BENCHMARKS.md).
 _SMALL = dict(variant="Ti/4", image_size=32, epochs=100, batch_size=128)
 DATASET_DEFAULTS: Dict[str, Dict[str, Any]] = {
-    "digits": dict(variant="Ti/4", image_size=16, epochs=30, batch_size=32, augment="none",
+    "digits": dict(variant="Ti/4", image_size=16, epochs=40, batch_size=32, augment="none",
                    drop_path_rate=0.0,
                    model=dict(hidden_size=128, num_layers=4, num_heads=4, mlp_dim=256)),
     "mnist": dict(_SMALL, image_size=28, epochs=30, augment="light"),
@@ -320,27 +320,25 @@ def _resized_source(source, target):
     return resize_model(source, image_size=target.vit_config.image_size)
 
 
-class AtomicCheckpoint:
-    """Keras callback factory: saves the model each epoch as `last.keras` and, when the monitored
-    metric improves, as `best.keras` - each written to a temporary name and renamed, so a kill
-    mid-write never leaves a truncated checkpoint (keras.callbacks.ModelCheckpoint writes in place)."""
+def atomic_checkpoint(folder: str, monitor: str = "val_accuracy"):
+    """A Keras callback saving the model each epoch as `last.keras` and, when `monitor` improves,
+    as `best.keras` - each written to a temporary name and renamed, so a kill mid-write never
+    leaves a truncated checkpoint (keras.callbacks.ModelCheckpoint writes in place)."""
+    import keras
 
-    def __new__(cls, folder: str, monitor: str = "val_accuracy"):
-        import keras
+    class _Checkpoint(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.best = -np.inf
 
-        class _Checkpoint(keras.callbacks.Callback):
-            def __init__(self):
-                super().__init__()
-                self.best = -np.inf
+        def on_epoch_end(self, epoch, logs=None):
+            save_atomic(self.model, os.path.join(folder, "last.keras"))
+            value = (logs or {}).get(monitor)
+            if value is not None and value > self.best:
+                self.best = value
+                save_atomic(self.model, os.path.join(folder, "best.keras"))
 
-            def on_epoch_end(self, epoch, logs=None):
-                save_atomic(self.model, os.path.join(folder, "last.keras"))
-                value = (logs or {}).get(monitor)
-                if value is not None and value > self.best:
-                    self.best = value
-                    save_atomic(self.model, os.path.join(folder, "best.keras"))
-
-        return _Checkpoint()
+    return _Checkpoint()
 
 
 def save_atomic(model, path: str) -> None:
@@ -503,7 +501,7 @@ def train(cfg: TrainConfig, output: Optional[str] = None, resume: bool = False,
             keras.callbacks.TerminateOnNaN(),
             keras.callbacks.CSVLogger(csv_path, append=True),
             keras.callbacks.TensorBoard(os.path.join(run, "logs"), write_graph=False, profile_batch=0),
-            AtomicCheckpoint(run, monitor="val_accuracy"),
+            atomic_checkpoint(run, monitor="val_accuracy"),
             # Last, so that everything above is on disk before an epoch counts as done.
             keras.callbacks.BackupAndRestore(backup, delete_checkpoint=True),
         ]
