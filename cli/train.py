@@ -60,7 +60,7 @@ def _user_errors(fn):
 @click.option("--grad-accum", type=int, default=None, help="Accumulate gradients over this many batches.")
 @click.option("--distribute", type=click.Choice(["auto", "none", "mirrored"]), default=None,
               help="auto: MultiWorkerMirrored from TF_CONFIG, Mirrored over >1 GPU, DataParallel on JAX.")
-@click.option("--weights", default=None, help="Initial weights: an official .npz or a keras-vit .keras (head skipped).")
+@click.option("--weights", default=None, help="Initial weights: an official .npz (or published name) or a keras-vit .keras (head skipped).")
 @click.option("--seed", type=int, default=None, help="Seed for data order, augmentation and initialisation [default: 0].")
 @click.option("--val-fraction", type=float, default=None, help="Training data held out for validation [default: 0.1].")
 @click.option("--data-dir", default=None, help="tensorflow-datasets data folder.")

@@ -113,7 +113,7 @@ class TrainConfig:
 
         if self.augment not in AUGMENTS:
             raise TrainError(f"unknown augmentation {self.augment!r}; allowed: {', '.join(AUGMENTS)}")
-        if self.weights is not None and not os.path.isfile(self.weights):
+        if self.weights is not None and self.weights.endswith((".npz", ".keras")) and not os.path.isfile(self.weights):
             raise TrainError(f"weights file {self.weights!r} does not exist")
         self.vit_config(num_classes=2, channels=3)  # image size vs patch, head counts ...
         return self
@@ -266,18 +266,18 @@ def _op_error_line(exc) -> str:
 
 
 def load_initial_weights(model, path: str) -> Dict[str, List[str]]:
-    """Initialise `model` from a checkpoint: a .npz goes to keras_vit.weights.load_npz; a .keras
-    is copied variable by variable where the paths (keras_vit layer names) and shapes match,
-    skipping the classification head, so encoders from other heads (pre-training) load too.
-    Returns {"loaded": [...], "skipped": [...]}."""
+    """Initialise `model` from a checkpoint: a .npz (or a published checkpoint name) goes to
+    keras_vit.weights.load_npz; a .keras is copied variable by variable where the paths (keras_vit
+    layer names) and shapes match, skipping the classification head, so encoders from other heads
+    (pre-training) load too. Returns {"loaded": [...], "skipped": [...]}."""
     path = os.fspath(path)
-    if path.endswith(".npz"):
-        from keras_vit.weights import load_npz
-
+    if not path.endswith(".keras"):
+        try:
+            from keras_vit.weights import load_npz
+        except ImportError:
+            raise TrainError(f"weights {path!r}: .npz checkpoints need keras_vit.weights, not in this build") from None
         load_npz(model, path)
         return {"loaded": [v.path for v in model.weights], "skipped": []}
-    if not path.endswith(".keras"):
-        raise TrainError(f"weights {path!r} must be a .npz checkpoint or a .keras model")
     import keras
 
     import keras_vit.layers  # noqa: F401  (registers the custom layers)
