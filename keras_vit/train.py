@@ -276,8 +276,8 @@ def load_initial_weights(model, path: str) -> Dict[str, List[str]]:
             from keras_vit.weights import load_npz
         except ImportError:
             raise TrainError(f"weights {path!r}: .npz checkpoints need keras_vit.weights, not in this build") from None
-        load_npz(model, path)
-        return {"loaded": [v.path for v in model.weights], "skipped": []}
+        load_npz(model, path)  # raises on any misfit; a head of another size stays initialised
+        return {"loaded": [v.path for v in model.weights], "skipped": [], "npz": True}
     import keras
 
     import keras_vit.layers  # noqa: F401  (registers the custom layers)
@@ -485,8 +485,11 @@ def train(cfg: TrainConfig, output: Optional[str] = None, resume: bool = False,
             model = build_model(vit_cfg)
             if cfg.weights:
                 report = load_initial_weights(model, cfg.weights)
-                print(f"initial weights: {len(report['loaded'])} variables from {cfg.weights}, "
-                      f"{len(report['skipped'])} kept as initialised (head, new shapes)")
+                if report.get("npz"):
+                    print(f"initial weights: checkpoint {cfg.weights} (head kept when its size differs)")
+                else:
+                    print(f"initial weights: {len(report['loaded'])} variables from {cfg.weights}, "
+                          f"{len(report['skipped'])} kept as initialised (head, new shapes)")
             model.compile(
                 optimizer=make_optimizer(cfg, steps),
                 loss=keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=cfg.label_smoothing),
