@@ -143,3 +143,18 @@ def test_fit_through_tf_data_on_jax_data_parallel(tmp_path):
     """, {"KERAS_BACKEND": "jax", "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
           "JAX_PLATFORMS": "cpu"})
     assert out["replicas"] == 2 and out["test"]["top1"] > 0.2  # learns beyond chance (0.1)
+
+
+def test_run_folders_and_latest(tmp_path):
+    cfg = kt.make_config("digits")
+    first = kt.new_run_dir(cfg, root=str(tmp_path))
+    second = kt.new_run_dir(cfg, root=str(tmp_path))
+    assert os.path.basename(first).startswith("digits-Ti_4-d128-l4-h4-m256-") and first != second
+    assert os.path.realpath(tmp_path / "latest") == os.path.realpath(second)
+    with pytest.raises(kt.TrainError, match="nothing to resume"):
+        kt.resolve_run_dir(root=str(tmp_path))  # no config.json yet
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "model.keras").write_text("keep me")
+    with pytest.raises(kt.TrainError, match="already exists and is not empty"):
+        kt.new_run_dir(cfg, output=str(tmp_path / "taken"))
+    assert (tmp_path / "taken" / "model.keras").read_text() == "keep me"
