@@ -32,15 +32,15 @@ def _user_errors(fn):
 
 @click.command("train")
 @click.option("--dataset", default="digits", show_default=True, help=_DATASET_HELP)
-@click.option("--variant", default=None, help="Model, e.g. Ti/4, S/16, R50+B/16 [default: per dataset; digits: a small Ti/2 at 16px].")
+@click.option("--variant", default=None, help="Model, e.g. Ti/4, S/16, R50+B/16 [default: per dataset; digits: a small Ti/4 at 16px].")
 @click.option("--image-size", type=int, default=None, help="Input side in pixels [default: per dataset].")
 @click.option("--hidden-size", type=int, default=None, help="Override the variant's width D.")
 @click.option("--num-layers", type=int, default=None, help="Override the variant's depth L.")
 @click.option("--num-heads", type=int, default=None, help="Override the variant's heads.")
 @click.option("--mlp-dim", type=int, default=None, help="Override the variant's MLP size.")
-@click.option("--recipe", type=click.Choice(["scratch", "finetune"]), default="scratch", show_default=True,
+@click.option("--recipe", type=click.Choice(["scratch", "finetune"]), default=None,
               help="scratch: AdamW, warm-up + cosine, weight decay, label smoothing, augmentation. "
-                   "finetune: SGD momentum 0.9, cosine, no weight decay.")
+                   "finetune: SGD momentum 0.9, cosine, no weight decay.  [default: scratch]")
 @click.option("--epochs", type=int, default=None, help="Epochs [default: per dataset].")
 @click.option("--batch-size", type=int, default=None, help="Global batch size [default: per dataset].")
 @click.option("--lr", "learning_rate", type=float, default=None, help="Peak learning rate [default: per recipe].")
@@ -60,7 +60,7 @@ def _user_errors(fn):
 @click.option("--grad-accum", type=int, default=None, help="Accumulate gradients over this many batches.")
 @click.option("--distribute", type=click.Choice(["auto", "none", "mirrored"]), default=None,
               help="auto: MultiWorkerMirrored from TF_CONFIG, Mirrored over >1 GPU, DataParallel on JAX.")
-@click.option("--weights", default=None, help="Initial weights: an official .npz or a keras-vit .keras (head skipped).")
+@click.option("--weights", default=None, help="Initial weights: an official .npz (or published name) or a keras-vit .keras (head skipped).")
 @click.option("--seed", type=int, default=None, help="Seed for data order, augmentation and initialisation [default: 0].")
 @click.option("--val-fraction", type=float, default=None, help="Training data held out for validation [default: 0.1].")
 @click.option("--data-dir", default=None, help="tensorflow-datasets data folder.")
@@ -77,7 +77,7 @@ def train_cmd(dataset: str, output: Optional[str], resume: bool, **options) -> N
             raise UserError(f"--resume continues a run with its saved options; drop {', '.join('--' + g.replace('_', '-') for g in given)}")
         cfg = None
     else:
-        cfg = ktrain.make_config(dataset, options.pop("recipe"), **options)
+        cfg = ktrain.make_config(dataset, options.pop("recipe") or "scratch", **options)
     result = ktrain.train(cfg, output=output, resume=resume)
     t = result["test"]
     click.echo(f"test top-1 {t['top1']:.4f}  top-5 {t['top5']:.4f}  loss {t['loss']:.4f}  "

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -168,7 +168,7 @@ def _tfds(name: str, seed: int, val_fraction: float, data_dir: Optional[str]) ->
 
     def get(split):
         ds = builder.as_dataset(split=split, as_supervised=True, shuffle_files=False)
-        return ds.map(lambda x, y: (_to_float(x), tf_cast_int(y)))
+        return ds.map(lambda x, y: (_to_float(x), _to_int(y)))
 
     label = info.features[keys[1]]
     names = list(getattr(label, "names", None) or [str(i) for i in range(label.num_classes)])
@@ -176,7 +176,7 @@ def _tfds(name: str, seed: int, val_fraction: float, data_dir: Optional[str]) ->
     return Splits(get(train_split), get(val_split), get(test_split), names, shape)
 
 
-def tf_cast_int(y):
+def _to_int(y):
     import tensorflow as tf
 
     return tf.cast(y, tf.int32)
@@ -414,11 +414,3 @@ def _mixer(mixup: float, cutmix: float, seed: int):
         return apply(mix or cut, x, y)
 
     return fn
-
-
-def describe() -> Dict[str, str]:
-    """Dataset names and what they load (for `--help`)."""
-    return {"digits": "scikit-learn 8x8 digits, offline (1437 train / 360 test)",
-            **{n: "keras.datasets (downloads)" for n in KERAS_DATASETS},
-            "tfds:NAME": "tensorflow-datasets (downloads; pip install keras-vit[tfds])",
-            "folder:PATH": "PATH/<class>/*.jpg|png, or PATH/train, PATH/val[, PATH/test]"}

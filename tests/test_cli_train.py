@@ -1,0 +1,190 @@
+"""`vitcli train / evaluate / predict`: a short digits run that is killed (kill -9) after a few
+epochs and resumed, then evaluated and used for prediction; bad input gives one line."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from keras_vit.cli.main import cli
+
+EPOCHS, KILL_AFTER = 8, 3
+_VITCLI = os.path.join(os.path.dirname(sys.executable), "vitcli")
+
+
+def _cmd(*args):
+    return ([_VITCLI] if os.path.exists(_VITCLI) else [sys.executable, "-m", "keras_vit.cli.main"]) + list(args)
+
+
+def _env():
+    return {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "KERAS_BACKEND": "tensorflow"}
+
+
+def _backup_epoch(run):
+    try:
+        with open(os.path.join(run, "backup", "training_metadata.json")) as f:
+            return json.load(f)["epoch"]
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+@pytest.fixture(scope="module")
+def killed_and_resumed(tmp_path_factory):
+    """Train digits for EPOCHS with the default recipe, kill -9 after epoch KILL_AFTER, resume."""
+    run = str(tmp_path_factory.mktemp("cli") / "run")
+    log = open(run + ".log", "w")
+    proc = subprocess.Popen(_cmd("train", "--dataset", "digits", "--epochs", str(EPOCHS), "--output", run),
+                            stdout=log, stderr=subprocess.STDOUT, env=_env())
+    deadline = time.time() + 400
+    while _backup_epoch(run) < KILL_AFTER and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert proc.poll() is None, open(run + ".log").read()[-3000:]
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = _backup_epoch(run)
+    assert KILL_AFTER <= killed_at < EPOCHS and not os.path.exists(os.path.join(run, "model.keras"))
+    resumed = subprocess.run(_cmd("train", "--resume", "--output", run), capture_output=True, text=True,
+                             env=_env(), timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
+    return run, killed_at, resumed.stdout
+
+
+def test_resume_after_kill_ends_with_all_epochs(killed_and_resumed):
+    run, killed_at, stdout = killed_and_resumed
+    with open(os.path.join(run, "metrics.csv")) as f:
+        epochs = [int(r["epoch"]) for r in csv.DictReader(f)]
+    assert epochs == list(range(EPOCHS))  # each epoch once: resumed at killed_at, not restarted
+    with open(os.path.join(run, "results.json")) as f:
+        result = json.load(f)
+    assert result["resumed"] and result["epochs"] == EPOCHS
+    assert "test top-1" in stdout and f"{EPOCHS} epochs" in stdout
+
+
+def test_short_run_learns_digits(killed_and_resumed):
+    """8 epochs (killed and resumed on the way) reach a bar chance (10%) cannot: >= 80%."""
+    run, _, _ = killed_and_resumed
+    with open(os.path.join(run, "results.json")) as f:
+        assert json.load(f)["test"]["top1"] >= 0.80
+
+
+def test_run_folder(killed_and_resumed):
+    run, _, _ = killed_and_resumed
+    for name in ("model.keras", "best.keras", "last.keras", "config.json", "metrics.csv", "class_names.json",
+                 "results.json"):
+        assert os.path.isfile(os.path.join(run, name)), name
+    assert os.listdir(os.path.join(run, "logs")) and not os.path.exists(os.path.join(run, "backup"))
+    assert not [f for f in os.listdir(run) if f.startswith(".tmp") or ".tmp-" in f]
+    with open(os.path.join(run, "config.json")) as f:
+        config = json.load(f)
+    from keras_vit import train as kt
+
+    assert kt.TrainConfig.from_dict(config["train"]) == kt.make_config("digits", epochs=EPOCHS)
+    assert config["class_names"] == [str(i) for i in range(10)]
+
+
+@pytest.fixture(scope="module")
+def digits_model(killed_and_resumed):
+    import keras_vit
+
+    run, _, _ = killed_and_resumed
+    return run, keras_vit.load_model(os.path.join(run, "model.keras"))
+
+
+def _model_probs(model, images):
+    import tensorflow as tf
+
+    from keras_vit.vit import get_config
+
+    x = tf.image.resize(np.asarray(images, np.float32), get_config(model).image_size).numpy()
+    logits = model.predict(x, verbose=0)
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    return p / p.sum(-1, keepdims=True)
+
+
+def test_evaluate_agrees_with_model_predict(digits_model):
+    from keras_vit.data import digits_arrays
+
+    run, model = digits_model
+    result = CliRunner().invoke(cli, ["evaluate", "--model", run, "--dataset", "digits", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output.strip().splitlines()[-1])
+    assert set(report) >= {"loss", "top1", "top5", "per_class"}
+    _, _, x_te, y_te = digits_arrays()
+    pred = _model_probs(model, x_te).argmax(-1)
+    assert report["top1"] == pytest.approx(float((pred == y_te).mean()), abs=1e-9)
+    assert report["per_class"]["3"] == pytest.approx(float((pred[y_te == 3] == 3).mean()), abs=1e-9)
+    assert report["top5"] >= report["top1"] >= 0.8
+    text = CliRunner().invoke(cli, ["evaluate", "--model", os.path.join(run, "model.keras")])
+    assert text.exit_code == 0 and "top-1" in text.output and len(text.output.splitlines()) == 11
+
+
+def test_predict_agrees_with_model_predict(digits_model, tmp_path):
+    from PIL import Image
+
+    from keras_vit.data import digits_arrays
+
+    run, model = digits_model
+    _, _, x_te, _ = digits_arrays()
+    images = np.round(x_te[:3]).astype(np.uint8)
+    paths = []
+    for i, img in enumerate(images):
+        paths.append(str(tmp_path / f"digit{i}.png"))
+        Image.fromarray(img).save(paths[-1])
+    result = CliRunner().invoke(cli, ["predict", "--model", run, "--top-k", "2", *paths])
+    assert result.exit_code == 0, result.output
+    lines = result.output.strip().splitlines()
+    probs = _model_probs(model, images.astype(np.float32))
+    assert len(lines) == 3
+    for line, path, p in zip(lines, paths, probs):
+        name, prob = line.split(": ", 1)[1].split(", ")[0].split(" ")
+        assert line.startswith(path) and int(name) == p.argmax() and float(prob) == pytest.approx(p.max(), abs=1e-3)
+
+
+def test_help_does_not_import_tensorflow():
+    code = ("import sys; from keras_vit.cli.main import cli\n"
+            "for args in (['--help'], ['train', '--help'], ['evaluate', '--help'], ['predict', '--help']):\n"
+            "    try: cli(args)\n    except SystemExit: pass\n"
+            "assert 'tensorflow' not in sys.modules and 'keras' not in sys.modules, 'heavy import'")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+@pytest.fixture(scope="module")
+def not_a_model(tmp_path_factory):
+    import keras
+
+    path = tmp_path_factory.mktemp("bad") / "other.keras"
+    keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)]).save(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "--dataset", "imagenet9"], "unknown dataset 'imagenet9'"),
+    (["train", "--dataset", "folder:/no/such/folder"], "does not exist"),
+    (["train", "--image-size", "31"], "image_size 31x31 is not divisible by the patch size 4x4"),
+    (["train", "--epochs", "-1"], "epochs must be a positive integer, got -1"),
+    (["train", "--variant", "Q/16"], "unknown variant 'Q/16'"),
+    (["train", "--resume", "--output", "/no/such/run"], "nothing to resume"),
+    (["train", "--resume", "--epochs", "3"], "--resume continues a run with its saved options"),
+    (["evaluate", "--model", "NOT_A_MODEL"], "not a keras-vit model"),
+    (["evaluate", "--model", "/no/such.keras"], "does not exist"),
+    (["predict", "--model", "NOT_A_MODEL", "README.md"], "not a keras-vit model"),
+    (["predict", "--model", "NOT_A_MODEL", "/no/such.png"], "image file '/no/such.png' does not exist"),
+])
+def test_bad_input_gives_one_line(args, message, not_a_model, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "README.md").write_text("not an image")
+    args = [not_a_model if a == "NOT_A_MODEL" else a for a in args]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and message in lines[0], result.output
+    assert not (tmp_path / "runs").exists()  # nothing left behind
