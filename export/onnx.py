@@ -30,7 +30,8 @@ def to_onnx(model, path: PathLike, opset: int = MIN_OPSET, optimize: bool = Fals
             class_names: Optional[Sequence[str]] = None) -> str:
     """Export a keras-vit model (or its .keras path) to ONNX at `path`; returns the path.
 
-    Keras LayerNorms become the standard LayerNormalization op (see `_fuse_layer_norms`).
+    Keras LayerNorms (the final one; the blocks write theirs out, see layers._layer_norm) become
+    the standard LayerNormalization op (see `_fuse_layer_norms`).
     `optimize` runs onnxruntime's transformer optimizer (SkipLayerNorm and GELU fusions; its
     attention patterns do not match tf2onnx's einsum graph); the result uses com.microsoft
     ops, so it is for onnxruntime only.

@@ -33,8 +33,11 @@ def test_family_exports_and_matches_keras_at_batch_1_and_7(family, tmp_path):
     assert meta["image_size"] == "32x32" and meta["precision"] == "fp32"
     assert json.loads(meta["class_names"]) == DIGIT_NAMES
     assert meta["keras_vit_version"] and meta["variant"]
-    # each Keras LayerNormalization (2 per block + the final one) is the standard opset-17 op
-    assert sum(n.op_type == "LayerNormalization" for n in proto.graph.node) == 3
+    # the final Keras LayerNormalization is the standard opset-17 op; the blocks' LayerNorms are
+    # written out on (tokens, features) (layers._layer_norm), measured faster in onnxruntime
+    assert sum(n.op_type == "LayerNormalization" for n in proto.graph.node) == 1
+    if family != "hybrid":  # the ResNet stem adds its own convolutions and GroupNorms
+        assert len(proto.graph.node) < 150  # compact graph: no per-op shape plumbing
     for batch in (1, 7):
         report = verify(model, path, images="default", num_images=7, batch_size=batch, write_report=False)
         assert report["passed"], report["failures"]
