@@ -71,7 +71,7 @@ def default_output(model_path: str, fmt: str, quantize: Optional[str], optimize:
               help="The .keras file of a keras-vit model (a training run's model.keras).")
 @click.option("--format", "fmt", type=click.Choice(["onnx", "tflite"]), default="onnx", show_default=True)
 @click.option("--quantize", type=click.Choice(["fp16", "int8", "dynamic"]), default=None,
-              help="TFLite: fp16, dynamic (int8 weights) or int8 (full integer, calibrated). ONNX: fp16.")
+              help="TFLite: fp16, dynamic (int8 weights) or int8 (full integer, calibrated). ONNX: fp16 or dynamic (onnxruntime int8).")
 @click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset (17 or newer).")
 @click.option("--optimize", is_flag=True, help="ONNX: run onnxruntime's transformer optimizer (fusions).")
 @click.option("--output", "output", default=None,
@@ -94,8 +94,9 @@ def export_cmd(model_path: str, fmt: str, quantize: Optional[str], opset: int, o
     Writes the file, and (unless --no-verify) a JSON report beside it; exits non-zero when a
     check fails, keeping the file and marking it as failing in the report.
     """
-    if fmt == "onnx" and quantize in ("int8", "dynamic"):
-        raise UserError(f"--quantize {quantize} is for --format tflite; ONNX takes --quantize fp16")
+    if fmt == "onnx" and quantize == "int8":
+        raise UserError("--quantize int8 (calibrated full integer) is for --format tflite; "
+                        "ONNX takes --quantize fp16 or dynamic (int8 weights, no calibration)")
     if fmt == "tflite" and (optimize or opset != 17):
         raise UserError("--optimize and --opset apply to --format onnx only")
     limits = _parse_thresholds(thresholds)
@@ -119,7 +120,7 @@ def export_cmd(model_path: str, fmt: str, quantize: Optional[str], opset: int, o
         if class_names is not None and len(class_names) != cfg.num_classes:
             class_names = None  # a run file that does not match the model: leave names out
         if fmt == "onnx":
-            path = to_onnx(model, output, opset=opset, optimize=optimize, fp16=quantize == "fp16",
+            path = to_onnx(model, output, opset=opset, optimize=optimize, quantize=quantize,
                            class_names=class_names)
         else:
             path = to_tflite(model, output, quantize=quantize, representative_images=calibration_dataset,

@@ -26,8 +26,11 @@ def max_opset() -> int:
     return max(tf2onnx.constants.OPSET_TO_IR_VERSION)
 
 
+ONNX_QUANTIZE = ("fp16", "dynamic")
+
+
 def to_onnx(model, path: PathLike, opset: int = MIN_OPSET, optimize: bool = False, fp16: bool = False,
-            class_names: Optional[Sequence[str]] = None) -> str:
+            class_names: Optional[Sequence[str]] = None, quantize: Optional[str] = None) -> str:
     """Export a keras-vit model (or its .keras path) to ONNX at `path`; returns the path.
 
     Keras LayerNorms (the final one; the blocks write theirs out, see layers._layer_norm) become
@@ -35,11 +38,19 @@ def to_onnx(model, path: PathLike, opset: int = MIN_OPSET, optimize: bool = Fals
     `optimize` runs onnxruntime's transformer optimizer (SkipLayerNorm and GELU fusions; its
     attention patterns do not match tf2onnx's einsum graph); the result uses com.microsoft
     ops, so it is for onnxruntime only.
-    `fp16` stores weights and activations in float16 with float32 `images`/`logits` kept.
+    `fp16` (or quantize="fp16") stores weights and activations in float16 with float32
+    `images`/`logits` kept. quantize="dynamic" is onnxruntime's dynamic int8 quantization
+    (int8 weights, activations quantised per batch at run time; no calibration data needed).
     The file is written to a temporary name and renamed into place once complete and checked.
     """
     import onnx
 
+    if quantize is not None and quantize not in ONNX_QUANTIZE:
+        raise ExportError(f"ONNX quantize must be one of {', '.join(ONNX_QUANTIZE)} or None, got {quantize!r}")
+    fp16 = fp16 or quantize == "fp16"
+    dynamic = quantize == "dynamic"
+    if fp16 and dynamic:
+        raise ExportError("choose one of fp16 and dynamic int8 quantization, not both")
     model, cfg = resolve_model(model)
     check_tensorflow_backend("ONNX")
     if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= max_opset():
@@ -56,7 +67,9 @@ def to_onnx(model, path: PathLike, opset: int = MIN_OPSET, optimize: bool = Fals
         fused = {}
         if optimize or fp16:
             proto, fused = _optimize(proto, cfg, work, fuse=optimize, fp16=fp16)
-        precision = "fp16" if fp16 else "fp32"
+        if dynamic:
+            proto = _quantize_dynamic(proto, work)
+        precision = "fp16" if fp16 else "dynamic" if dynamic else "fp32"
         meta = metadata(cfg, names, precision, "onnx")
         meta["opset"] = str(opset)
         meta["optimized"] = json.dumps({k: v for k, v in fused.items() if v}) if optimize else "false"
@@ -191,6 +204,19 @@ def _fuse_layer_norms(proto) -> int:
         del graph.initializer[:]
         graph.initializer.extend(keep)
     return fused
+
+
+def _quantize_dynamic(proto, work: str):
+    """onnxruntime's dynamic int8 quantization of the MatMuls (weights int8, activations per batch)."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    src, dst = os.path.join(work, "fp32.onnx"), os.path.join(work, "dynamic.onnx")
+    onnx.save(proto, src)
+    # DefaultTensorType: fused com.microsoft ops (after optimize) have no ONNX shape inference.
+    quantize_dynamic(src, dst, weight_type=QuantType.QInt8,
+                     extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+    return onnx.load(dst)
 
 
 def _optimize(proto, cfg, work: str, fuse: bool, fp16: bool):

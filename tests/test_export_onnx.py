@@ -85,6 +85,19 @@ def test_fp16_and_optimized_exports_of_trained_digits_model(tmp_path):
     assert report["passed"], report["failures"]  # still fp32 thresholds
 
 
+def test_dynamic_int8_export_of_trained_digits_model(tmp_path):
+    model, _ = trained_digits()
+    path = to_onnx(model, tmp_path / "int8.onnx", quantize="dynamic")
+    proto = onnx.load(path)
+    assert proto.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT  # float32 I/O kept
+    assert any(t.data_type == onnx.TensorProto.INT8 for t in proto.graph.initializer)  # int8 weights
+    assert {p.key: p.value for p in proto.metadata_props}["precision"] == "dynamic"
+    report = verify(model, path, images="digits", num_images=360, batch_size=60)
+    assert report["precision"] == "dynamic" and report["top1_agreement"] >= 0.97, report["failures"]
+    with pytest.raises(ExportError, match="quantize must be one of fp16, dynamic"):
+        to_onnx(model, tmp_path / "bad.onnx", quantize="int4")
+
+
 def test_rejects_non_keras_vit_models_and_bad_paths(tmp_path):
     import keras
 
