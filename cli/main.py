@@ -3,6 +3,7 @@ so `vitcli --help` stays fast and TensorFlow-free."""
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 import click
@@ -61,6 +62,8 @@ cli.add_command(pretrain_cmd)
 
 def main() -> None:
     """Console-script entry point."""
+    # TensorFlow's C++ start-up chatter (oneDNN, CUDA probing) would bury our one-line messages.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
         cli(prog_name="vitcli")
     except KeyboardInterrupt:
