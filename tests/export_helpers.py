@@ -71,3 +71,13 @@ def trained_digits():
     path = os.path.join(tempfile.mkdtemp(prefix="keras_vit_digits_"), "model.keras")
     model.save(path)
     return model, path
+
+
+def full_ti16():
+    """The real Ti/16 (12 blocks, 224px, 1000 classes) with a random head, so logits differ per image."""
+    import keras_vit
+
+    model = keras_vit.ViT("Ti/16", image_size=224, num_classes=1000)
+    head = model.get_layer("head")
+    head.kernel.assign(np.random.RandomState(0).normal(0, 0.05, head.kernel.shape).astype("float32"))
+    return model

@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from export_helpers import DIGIT_NAMES, FAMILIES, hybrid_available, small_model, trained_digits
+from export_helpers import DIGIT_NAMES, full_ti16, FAMILIES, hybrid_available, small_model, trained_digits
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -139,12 +139,7 @@ def test_existing_file_replaced_only_by_a_complete_one(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_full_ti16_at_224_matches_keras(tmp_path):
     """The real Ti/16 (12 blocks, 224px, 1000 classes) on photos, batch 1 and 7."""
-    import keras_vit
-
-    model = keras_vit.ViT("Ti/16", image_size=224, num_classes=1000)
-    rng = np.random.RandomState(0)
-    head = model.get_layer("head")
-    head.kernel.assign(rng.normal(0, 0.05, head.kernel.shape).astype("float32"))
+    model = full_ti16()
     path = to_onnx(model, tmp_path / "ti16.onnx")
     for batch in (1, 7):
         report = verify(model, path, images="photos", num_images=14, batch_size=batch)
