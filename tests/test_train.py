@@ -20,7 +20,7 @@ TINY = dict(hidden_size=32, num_layers=1, num_heads=2, mlp_dim=64)
 
 def test_digits_defaults_and_overrides():
     cfg = kt.make_config("digits")
-    assert (cfg.variant, cfg.image_size, cfg.epochs, cfg.batch_size, cfg.optimizer) == ("Ti/4", 16, 40, 32, "adamw")
+    assert (cfg.variant, cfg.image_size, cfg.epochs, cfg.batch_size, cfg.optimizer) == ("Ti/4", 16, 80, 32, "adamw")
     assert cfg.model == dict(hidden_size=128, num_layers=4, num_heads=4, mlp_dim=256)
     assert cfg.clipnorm == 1.0 and cfg.label_smoothing == 0.1 and cfg.weight_decay > 0
     cfg = kt.make_config("digits", epochs=3, learning_rate=5e-4, num_layers=2, augment="light")
