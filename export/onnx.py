@@ -213,8 +213,9 @@ def _quantize_dynamic(proto, work: str):
 
     src, dst = os.path.join(work, "fp32.onnx"), os.path.join(work, "dynamic.onnx")
     onnx.save(proto, src)
-    # DefaultTensorType: fused com.microsoft ops (after optimize) have no ONNX shape inference.
-    quantize_dynamic(src, dst, weight_type=QuantType.QInt8,
+    # Per-channel weight scales: half the logit error of per-tensor (3.6e-2 vs 6.5e-2 on Ti/16) at
+    # the same speed. DefaultTensorType: fused com.microsoft ops (after optimize) have no shape inference.
+    quantize_dynamic(src, dst, weight_type=QuantType.QInt8, per_channel=True,
                      extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
     return onnx.load(dst)
 
