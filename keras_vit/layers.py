@@ -163,8 +163,10 @@ class MultiHeadSelfAttention(layers.Layer):
     """Multi-head self-attention with weights in the official checkpoint layout.
 
     query/key/value kernels (D, heads, head_dim) with biases (heads, head_dim); out kernel
-    (heads, head_dim, D). Uses keras.ops.dot_product_attention unless the attention
-    probabilities are asked for (inspection) or the softmax must run in float32.
+    (heads, head_dim, D). On JAX it uses keras.ops.dot_product_attention (fused GPU kernels);
+    on TensorFlow, and whenever the probabilities are asked for (inspection), attention dropout
+    is active or the softmax must run in float32, it uses heads-major batched matmuls, which
+    measured faster on CPU and export to a smaller ONNX graph (BENCHMARKS.md).
     With `relative_grid` set, a learned embedding per 2-D offset between patches is used as
     keys of an extra attention whose logits are added as a bias (paper Appendix D.4).
     """
