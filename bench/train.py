@@ -4,11 +4,12 @@
     python -m bench.train --variant B/16 --batch-size 16
     python -m bench.train --quick              # < 2 minutes: tiny model, few steps (CI smoke test)
 
-Cases (each in its own process): keras-vit on TF with XLA (`tf-xla`, the default path of
-`vitcli train`), TF without XLA (`tf`), TF with `mixed_bfloat16` without XLA (`tf-bf16`: oneDNN
-runs bf16 matmuls on AVX512-BF16 CPUs), the JAX backend (`jax`); keras-hub's ViTBackbone +
-Dense head on TF with XLA (`kerashub`); timm's ViT in torch (`timm`). Peers that are not
-installed are skipped. Achieved FLOP/s = img/s x 3 x forward FLOPs (ViTConfig.flops()),
+Cases (each in its own process): keras-vit as `vitcli train` runs it on this machine by
+default (`default`: precision and compilation "auto", see keras_vit/precision.py), on TF in fp32
+with the whole step XLA-compiled (`tf-xla`), in fp32 without XLA (`tf`), in `mixed_bfloat16` with
+oneDNN matmuls and XLA-fused element-wise ops (`tf-bf16`, jit "fusible"), in `mixed_bfloat16`
+without XLA (`tf-bf16-graph`), on the JAX backend (`jax`); keras-hub's ViTBackbone + Dense head
+on TF with XLA (`kerashub`); timm's ViT in torch (`timm`). Peers that are not installed are skipped. Achieved FLOP/s = img/s x 3 x forward FLOPs (ViTConfig.flops()),
 compared with the best fp32 sgemm GFLOP/s measured in the same run (`peak`).
 """
 from __future__ import annotations
@@ -23,9 +24,13 @@ if __package__ in (None, ""):
 
 from bench import common  # noqa: E402
 
-CASES = ("peak", "tf-xla", "tf", "tf-bf16", "jax", "kerashub", "timm")
-BACKEND = {"tf-xla": "tensorflow", "tf": "tensorflow", "tf-bf16": "tensorflow", "jax": "jax",
-           "kerashub": "tensorflow"}
+CASES = ("peak", "default", "tf-xla", "tf", "tf-bf16", "tf-bf16-graph", "jax", "kerashub", "timm")
+BACKEND = {"default": "tensorflow", "tf-xla": "tensorflow", "tf": "tensorflow", "tf-bf16": "tensorflow",
+           "tf-bf16-graph": "tensorflow", "jax": "jax", "kerashub": "tensorflow"}
+# (mixed precision, jit mode) of each Keras case; `default` resolves "auto" as vitcli train does.
+MODES = {"default": ("auto", "auto"), "tf-xla": ("none", "xla"), "tf": ("none", "none"),
+         "tf-bf16": ("mixed_bfloat16", "fusible"), "tf-bf16-graph": ("mixed_bfloat16", "none"),
+         "jax": ("none", "xla"), "kerashub": ("none", "xla")}
 TIMM_NAMES = {"Ti": "vit_tiny_patch16_224", "S": "vit_small_patch16_224", "B": "vit_base_patch16_224",
               "L": "vit_large_patch16_224"}
 NUM_CLASSES = 10
@@ -72,17 +77,25 @@ def _keras_model(case: str, cfg):
 def run_keras(case: str, args) -> Dict[str, object]:
     import keras
 
+    from keras_vit import precision
+
     cfg = config(args)
-    if case == "tf-bf16":
-        keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    backend = keras.backend.backend()
+    mixed, jit = precision.resolve(*MODES[case], gflop_per_step=args.batch_size * cfg.flops() / 1e9,
+                                   backend=backend, accelerator=precision.has_accelerator(backend))
+    if jit == "fusible":
+        precision.request_fusible_clustering()  # before the first TF function runs
+    if mixed != "none":
+        keras.mixed_precision.set_global_policy(mixed)
     model = _keras_model(case, cfg)
     model.compile(optimizer=keras.optimizers.SGD(LR, momentum=0.9),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                  jit_compile=case in ("tf-xla", "jax", "kerashub"))
+                  jit_compile=precision.keras_jit_compile(jit))
     x, y = _data(args)
     cpu: List[float] = []
     times = common.time_calls(lambda: model.train_on_batch(x, y), args.warmup, args.repeats, args.steps, cpu)
-    return {"params": model.count_params(), "backend": keras.backend.backend(), "times": times, "cpu": cpu}
+    return {"params": model.count_params(), "backend": backend, "precision": mixed, "jit": jit,
+            "times": times, "cpu": cpu}
 
 
 def run_timm(args) -> Dict[str, object]:
@@ -226,7 +239,7 @@ def _report(results) -> None:
     ok = [r for r in results if "img_s" in r]
     common.print_peak_and_problems(results, lambda: common.print_table(
         "training throughput (median of repeats; spread = (max-min)/median)", ok, [
-            ("case", lambda r: r["case"]),
+            ("case", lambda r: r["case"] + (f" ({r['precision']}, {r['jit']})" if r["case"] == "default" else "")),
             ("img/s", lambda r: f"{r['img_s']['median']:.2f}"),
             ("spread", lambda r: f"{100 * r['img_s']['spread']:.0f}%"),
             ("x timm", lambda r: f"{r['x_timm']:.2f}" if "x_timm" in r else "-"),

@@ -55,8 +55,13 @@ def _user_errors(fn):
 @click.option("--cutmix", type=float, default=None, help="CutMix factor (0 = off).")
 @click.option("--dropout", "dropout_rate", type=float, default=None)
 @click.option("--drop-path", "drop_path_rate", type=float, default=None)
-@click.option("--mixed-precision", type=click.Choice(["none", "mixed_bfloat16", "mixed_float16"]), default=None)
-@click.option("--jit/--no-jit", "jit_compile", default=None, help="XLA-compile the train step [default: on].")
+@click.option("--mixed-precision", type=click.Choice(["auto", "none", "mixed_bfloat16", "mixed_float16"]), default=None,
+              help="auto: mixed_bfloat16 on a CPU with native bf16 (AVX512-BF16/AMX) when the step is large "
+                   "enough to gain, else float32.  [default: auto]")
+@click.option("--jit", "jit_compile", type=click.Choice(["auto", "xla", "fusible", "none"]), default=None,
+              help="xla: compile the whole train step; fusible (TensorFlow): oneDNN matmuls, XLA-fused "
+                   "element-wise ops; auto: fusible for bf16 on a CPU, else xla.  [default: auto]")
+@click.option("--no-jit", "jit_compile", flag_value="none", hidden=True, help="Same as --jit none.")
 @click.option("--grad-accum", type=int, default=None, help="Accumulate gradients over this many batches.")
 @click.option("--distribute", type=click.Choice(["auto", "none", "mirrored"]), default=None,
               help="auto: MultiWorkerMirrored from TF_CONFIG, Mirrored over >1 GPU, DataParallel on JAX.")

@@ -223,7 +223,10 @@ class MultiHeadSelfAttention(layers.Layer):
         qkv = ops.matmul(ops.reshape(x, (-1, d)), ops.cast(kernel, x.dtype)) + ops.cast(bias, x.dtype)
         # Heads-major (3, B, heads, S, head_dim): the attention products are plain batched GEMMs.
         qkv = ops.transpose(ops.reshape(qkv, (-1, seq, 3, h, hd)), (2, 0, 3, 1, 4))
-        return qkv[0], qkv[1], qkv[2]
+        # unstack, not qkv[0]/[1]/[2]: TF differentiates three strided slices as three
+        # full-size StridedSliceGrad scatters (a third of the non-XLA step); Unpack's gradient is one Pack.
+        q, k, v = ops.unstack(qkv, 3, axis=0)
+        return q, k, v
 
     def _relative_bias(self, q):
         """(B, heads, S, S) logits of the query against the relative-offset embeddings."""

@@ -18,6 +18,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from keras_vit import precision
+from keras_vit.precision import JIT_MODES, MIXED_PRECISION
+
 # Recipes (paper Appendix B, and the usual small-data ViT settings for "scratch").
 RECIPES: Dict[str, Dict[str, Any]] = {
     "scratch": dict(optimizer="adamw", learning_rate=1e-3, weight_decay=0.05, momentum=0.9,
@@ -46,7 +49,6 @@ DATASET_DEFAULTS: Dict[str, Dict[str, Any]] = {
 }
 MODEL_FIELDS = ("hidden_size", "num_layers", "num_heads", "mlp_dim", "classifier", "pos_embedding",
                 "representation_size")
-MIXED_PRECISION = ("none", "mixed_bfloat16", "mixed_float16")
 OPTIMIZERS = ("adamw", "adam", "sgd")
 DISTRIBUTE = ("auto", "none", "mirrored")
 RUNS_DIR = "runs"
@@ -79,8 +81,8 @@ class TrainConfig:
     cutmix: float = 0.0
     dropout_rate: float = 0.0
     drop_path_rate: float = 0.0
-    mixed_precision: str = "none"
-    jit_compile: bool = True
+    mixed_precision: str = "auto"  # auto: bf16 where the CPU has it natively and the step is big (precision.py)
+    jit_compile: Any = "auto"  # auto | xla | fusible | none (True = xla, False = none)
     grad_accum: int = 1
     distribute: str = "auto"
     seed: int = 0
@@ -107,6 +109,8 @@ class TrainConfig:
         if self.clipnorm is not None and self.clipnorm <= 0:
             raise TrainError(f"clipnorm must be > 0 (or None for no clipping), got {self.clipnorm!r}")
         choices = dict(optimizer=OPTIMIZERS, mixed_precision=MIXED_PRECISION, distribute=DISTRIBUTE)
+        if not isinstance(self.jit_compile, bool) and self.jit_compile not in JIT_MODES:
+            raise TrainError(f"jit_compile must be one of {', '.join(JIT_MODES)} (or true/false); got {self.jit_compile!r}")
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise TrainError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
@@ -433,6 +437,24 @@ def _trim_csv(path: str, epochs: int) -> None:
     os.replace(tmp, path)
 
 
+def resolve_speed(cfg: TrainConfig) -> Tuple[str, str]:
+    """(mixed precision policy or "none", jit mode) that `cfg` trains with on this machine.
+
+    Resolves "auto" (keras_vit.precision): bf16 + fusible on a TensorFlow CPU with native bf16
+    when the step is large, fp32 + whole-step XLA otherwise.
+    """
+    import keras
+
+    backend = keras.backend.backend()
+    # FLOPs barely depend on the class count, which is not known before the data is loaded.
+    gflop = cfg.batch_size * cfg.vit_config(num_classes=10, channels=3).flops() / 1e9
+    try:
+        return precision.resolve(cfg.mixed_precision, cfg.jit_compile, gflop, backend,
+                                 precision.has_accelerator(backend))
+    except ValueError as exc:
+        raise TrainError(str(exc)) from None
+
+
 def train(cfg: TrainConfig, output: Optional[str] = None, resume: bool = False,
           root: str = RUNS_DIR, verbose: Any = "auto") -> Dict[str, Any]:
     """Train `cfg` into a run folder (or resume the one at `output` / `root/latest`).
@@ -443,7 +465,11 @@ def train(cfg: TrainConfig, output: Optional[str] = None, resume: bool = False,
     if resume:
         run = resolve_run_dir(output, root)
         with open(os.path.join(run, "config.json")) as f:
-            cfg = TrainConfig.from_dict(json.load(f)["train"]).validate()
+            saved = json.load(f)
+        cfg = TrainConfig.from_dict(saved["train"]).validate()
+        # a resumed run keeps the precision and compilation it started with, wherever it resumes
+        cfg.mixed_precision = saved.get("resolved", {}).get("mixed_precision", cfg.mixed_precision)
+        cfg.jit_compile = saved.get("resolved", {}).get("jit_compile", cfg.jit_compile)
         if os.path.isfile(os.path.join(run, "model.keras")) and not os.path.isdir(os.path.join(run, "backup")):
             raise TrainError(f"run {run!r} has already finished (model.keras exists); nothing to resume")
     else:
@@ -455,9 +481,14 @@ def train(cfg: TrainConfig, output: Optional[str] = None, resume: bool = False,
     from keras_vit import data as kdata
     from keras_vit.vit import build_model
 
+    # Before any TensorFlow work: the fusible mode sets XLA flags that TF reads once.
+    mixed, jit = resolve_speed(cfg)
+    previous_xla_flags = os.environ.get("TF_XLA_FLAGS")
+    if jit == "fusible":
+        precision.request_fusible_clustering()
     keras.utils.set_random_seed(cfg.seed)
     previous_policy = keras.mixed_precision.global_policy()
-    keras.mixed_precision.set_global_policy("float32" if cfg.mixed_precision == "none" else cfg.mixed_precision)
+    keras.mixed_precision.set_global_policy("float32" if mixed == "none" else mixed)
     try:
         splits = kdata.load(cfg.dataset, seed=cfg.seed, val_fraction=cfg.val_fraction, data_dir=cfg.data_dir)
         channels = 1 if splits.image_shape[-1] == 1 else 3
@@ -479,9 +510,12 @@ def train(cfg: TrainConfig, output: Optional[str] = None, resume: bool = False,
             write_json_atomic(os.path.join(run, "config.json"), {
                 "train": cfg.to_dict(), "model": vit_cfg.to_dict(), "class_names": splits.class_names,
                 "command": sys.argv, "keras": keras.__version__, "backend": keras.backend.backend(),
+                "resolved": {"mixed_precision": mixed, "jit_compile": jit},
                 "created": datetime.datetime.now().isoformat(timespec="seconds")})
             write_json_atomic(os.path.join(run, "class_names.json"), splits.class_names)
 
+        print(f"precision: {'float32' if mixed == 'none' else mixed}, compilation: {jit}"
+              + (" (auto)" if "auto" in (cfg.mixed_precision, cfg.jit_compile) else ""))
         with distribution_scope(cfg.distribute):
             model = build_model(vit_cfg)
             if cfg.weights:
@@ -496,7 +530,7 @@ def train(cfg: TrainConfig, output: Optional[str] = None, resume: bool = False,
                 loss=keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=cfg.label_smoothing),
                 metrics=[keras.metrics.CategoricalAccuracy(name="accuracy"),
                          keras.metrics.TopKCategoricalAccuracy(k=min(5, splits.num_classes), name="top5")],
-                jit_compile=cfg.jit_compile and not _mirrored_on_cpus())
+                jit_compile=precision.keras_jit_compile(jit) and not _mirrored_on_cpus())
         backup = os.path.join(run, "backup")
         csv_path = os.path.join(run, "metrics.csv")
         if resume:
@@ -523,8 +557,13 @@ def train(cfg: TrainConfig, output: Optional[str] = None, resume: bool = False,
         raise TrainError(f"training failed: {_op_error_line(exc)}") from None
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)
+        if previous_xla_flags is None:  # child processes do not inherit the fusible flags
+            os.environ.pop("TF_XLA_FLAGS", None)
+        else:
+            os.environ["TF_XLA_FLAGS"] = previous_xla_flags
     result = {"run": run, "test": test, "train_seconds": round(seconds, 1), "epochs": cfg.epochs,
               "params": int(model.count_params()), "resumed": bool(resume), "replicas": replicas(model),
+              "mixed_precision": mixed, "jit_compile": jit,
               "last_epoch": {k: float(v[-1]) for k, v in history.history.items() if v}}
     write_json_atomic(os.path.join(run, "results.json"), result)
     return result

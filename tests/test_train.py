@@ -1,6 +1,7 @@
 """Recipes, options, initial weights and multi-device training (keras_vit.train)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -38,6 +39,7 @@ def test_digits_defaults_and_overrides():
     (dict(image_size=31), "image_size 31x31 is not divisible by the patch size 4x4"),
     (dict(recipe="nope"), "unknown recipe 'nope'"),
     (dict(mixed_precision="fp8"), "mixed_precision must be one of"),
+    (dict(jit_compile="fast"), "jit_compile must be one of auto, xla, fusible, none"),
     (dict(batchsize=3), "unknown training options"),
     (dict(weights="/no/such.npz"), "does not exist"),
 ])
@@ -100,11 +102,13 @@ def test_initial_weights_errors(tmp_path):
 
 
 def test_mixed_precision_and_grad_accum_train(tmp_path):
+    # jit "xla": the fusible mode would switch on XLA auto-clustering for this whole test process
     cfg = kt.make_config("digits", epochs=1, mixed_precision="mixed_bfloat16", grad_accum=2,
-                         augment="basic", mixup=0.2, **TINY)
+                         augment="basic", mixup=0.2, jit_compile="xla", **TINY)
     result = kt.train(cfg, output=str(tmp_path / "run"), verbose=0)
     assert np.isfinite(result["last_epoch"]["loss"]) and result["replicas"] == 1
     assert keras.mixed_precision.global_policy().name == "float32"  # restored
+    assert (result["mixed_precision"], result["jit_compile"]) == ("mixed_bfloat16", "xla")
     model = keras_vit.load_model(tmp_path / "run" / "model.keras")
     assert model.get_layer("head").dtype_policy.name == "float32"
 
@@ -128,6 +132,39 @@ def test_mirrored_strategy_on_two_logical_cpus(tmp_path):
         print(json.dumps(r))
     """, {"KERAS_BACKEND": "tensorflow"})
     assert out["replicas"] == 2 and np.isfinite(out["test"]["loss"])
+
+
+def test_bf16_fusible_run_and_resume_keep_their_modes(tmp_path):
+    # In a fresh process, as `vitcli train` runs: the XLA flags are set before TensorFlow starts.
+    run = str(tmp_path / "run")
+    out = _run_script(f"""
+        import json, os
+        from keras_vit import train as kt
+        cfg = kt.make_config("digits", epochs=1, mixed_precision="mixed_bfloat16", jit_compile="fusible", **{TINY!r})
+        r = kt.train(cfg, output={run!r}, verbose=0)
+        r["flags_after"] = os.environ.get("TF_XLA_FLAGS")
+        print(json.dumps(r))
+    """, {"KERAS_BACKEND": "tensorflow"})
+    assert (out["mixed_precision"], out["jit_compile"]) == ("mixed_bfloat16", "fusible")
+    assert out["flags_after"] is None and np.isfinite(out["test"]["loss"])  # env restored for children
+    with open(os.path.join(run, "config.json")) as f:
+        saved = json.load(f)
+    assert saved["resolved"] == {"mixed_precision": "mixed_bfloat16", "jit_compile": "fusible"}
+
+
+def test_auto_modes_resolve_by_step_size(monkeypatch):
+    from keras_vit import precision
+
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda cpuinfo="": True)
+    monkeypatch.setattr(precision, "has_accelerator", lambda backend: False)
+    small = kt.make_config("digits")  # 0.6 GFLOP per step: fp32 + XLA
+    assert kt.resolve_speed(small) == ("none", "xla")
+    big = kt.make_config("tfds:imagenet2012")  # Ti/16 at 224 px, batch 64: bf16 + fusible
+    assert kt.resolve_speed(big) == ("mixed_bfloat16", "fusible")
+    assert kt.resolve_speed(dataclasses.replace(big, mixed_precision="none")) == ("none", "xla")
+    assert kt.resolve_speed(dataclasses.replace(big, jit_compile=False)) == ("mixed_bfloat16", "none")
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda cpuinfo="": False)
+    assert kt.resolve_speed(big) == ("none", "xla")
 
 
 @pytest.mark.jax
