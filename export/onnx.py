@@ -214,8 +214,10 @@ def _quantize_dynamic(proto, work: str):
     src, dst = os.path.join(work, "fp32.onnx"), os.path.join(work, "dynamic.onnx")
     onnx.save(proto, src)
     # Per-channel weight scales: half the logit error of per-tensor (3.6e-2 vs 6.5e-2 on Ti/16) at
-    # the same speed. DefaultTensorType: fused com.microsoft ops (after optimize) have no shape inference.
-    quantize_dynamic(src, dst, weight_type=QuantType.QInt8, per_channel=True,
+    # the same speed. MatMuls only: the patch embedding as ConvInteger took 1.4 ms against 0.3 ms
+    # in fp32 at batch 1 (Ti/16; int8 0.61x instead of 0.70x fp32's latency, BENCHMARKS.md).
+    # DefaultTensorType: fused com.microsoft ops (after optimize) have no shape inference.
+    quantize_dynamic(src, dst, weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=["MatMul"],
                      extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
     return onnx.load(dst)
 
