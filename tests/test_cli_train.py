@@ -188,3 +188,23 @@ def test_bad_input_gives_one_line(args, message, not_a_model, tmp_path, monkeypa
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error: ") and message in lines[0], result.output
     assert not (tmp_path / "runs").exists()  # nothing left behind
+
+
+@pytest.mark.parametrize("args, expected", [
+    ([], (None, None)),  # make_config keeps the "auto" defaults
+    (["--no-jit"], (None, "none")),
+    (["--jit", "fusible", "--mixed-precision", "mixed_bfloat16"], ("mixed_bfloat16", "fusible")),
+])
+def test_precision_and_jit_options_reach_the_config(args, expected, monkeypatch):
+    from keras_vit import train as ktrain
+
+    seen = {}
+
+    def fake_make_config(dataset, recipe, **options):
+        seen.update(options)
+        raise ktrain.TrainError("stop here")
+
+    monkeypatch.setattr(ktrain, "make_config", fake_make_config)
+    result = CliRunner().invoke(cli, ["train", *args])
+    assert result.exit_code == 2 and "stop here" in result.output
+    assert (seen["mixed_precision"], seen["jit_compile"]) == expected
