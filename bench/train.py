@@ -9,8 +9,8 @@ default (`default`: precision and compilation "auto", see keras_vit/precision.py
 with the whole step XLA-compiled (`tf-xla`), in fp32 without XLA (`tf`), in `mixed_bfloat16` with
 oneDNN matmuls and XLA-fused element-wise ops (`tf-bf16`, jit "fusible"), in `mixed_bfloat16`
 without XLA (`tf-bf16-graph`), on the JAX backend (`jax`); keras-hub's ViTBackbone + Dense head
-on TF with XLA (`kerashub`); timm's ViT in torch (`timm`). Peers that are not installed are skipped. Achieved FLOP/s = img/s x 3 x forward FLOPs (ViTConfig.flops()),
-compared with the best fp32 sgemm GFLOP/s measured in the same run (`peak`).
+on TF with XLA (`kerashub`); timm's ViT in torch (`timm`). Peers that are not installed are
+skipped. Achieved FLOP/s = img/s x 3 x forward FLOPs (ViTConfig.flops()), compared with the best fp32 sgemm GFLOP/s measured in the same run (`peak`).
 """
 from __future__ import annotations
 

@@ -224,7 +224,7 @@ class MultiHeadSelfAttention(layers.Layer):
         # Heads-major (3, B, heads, S, head_dim): the attention products are plain batched GEMMs.
         qkv = ops.transpose(ops.reshape(qkv, (-1, seq, 3, h, hd)), (2, 0, 3, 1, 4))
         # unstack, not qkv[0]/[1]/[2]: TF differentiates three strided slices as three
-        # full-size StridedSliceGrad scatters (a third of the non-XLA step); Unpack's gradient is one Pack.
+        # full-size StridedSliceGrad scatters (a quarter of the non-XLA step); Unpack's gradient is one Pack.
         q, k, v = ops.unstack(qkv, 3, axis=0)
         return q, k, v
 

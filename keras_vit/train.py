@@ -466,10 +466,8 @@ def train(cfg: TrainConfig, output: Optional[str] = None, resume: bool = False,
         run = resolve_run_dir(output, root)
         with open(os.path.join(run, "config.json")) as f:
             saved = json.load(f)
-        cfg = TrainConfig.from_dict(saved["train"]).validate()
         # a resumed run keeps the precision and compilation it started with, wherever it resumes
-        cfg.mixed_precision = saved.get("resolved", {}).get("mixed_precision", cfg.mixed_precision)
-        cfg.jit_compile = saved.get("resolved", {}).get("jit_compile", cfg.jit_compile)
+        cfg = TrainConfig.from_dict({**saved["train"], **saved.get("resolved", {})}).validate()
         if os.path.isfile(os.path.join(run, "model.keras")) and not os.path.isdir(os.path.join(run, "backup")):
             raise TrainError(f"run {run!r} has already finished (model.keras exists); nothing to resume")
     else:

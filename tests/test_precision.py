@@ -59,9 +59,14 @@ def test_fusible_flags_merge_with_the_users(monkeypatch):
 
 
 def test_accelerator_detection_respects_hidden_gpus(monkeypatch):
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "-1")
+    import glob
+
     monkeypatch.delenv("TPU_NAME", raising=False)
     monkeypatch.setattr(P.os.path, "exists", lambda path: False)  # no ROCm device
+    monkeypatch.setattr(glob, "glob", lambda pattern: ["/dev/nvidia0"])  # an NVIDIA GPU is there
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert P.has_accelerator("tensorflow") is True
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "-1")
     assert P.has_accelerator("tensorflow") is False
     assert P.keras_jit_compile("xla") is True
     assert P.keras_jit_compile("fusible") is False and P.keras_jit_compile("none") is False

@@ -134,7 +134,7 @@ def test_mirrored_strategy_on_two_logical_cpus(tmp_path):
     assert out["replicas"] == 2 and np.isfinite(out["test"]["loss"])
 
 
-def test_bf16_fusible_run_and_resume_keep_their_modes(tmp_path):
+def test_bf16_fusible_run_records_its_modes(tmp_path):
     # In a fresh process, as `vitcli train` runs: the XLA flags are set before TensorFlow starts.
     run = str(tmp_path / "run")
     out = _run_script(f"""
