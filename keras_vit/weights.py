@@ -18,17 +18,17 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import tempfile
-from typing import TYPE_CHECKING, Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
 
+import keras
 import numpy as np
 
 from keras_vit.config import ViTConfig
-from keras_vit.resize import (_check_method, infer_grid, relative_table_grid, resample_1d,
+from keras_vit.errors import first_line
+from keras_vit.files import atomic_path
+from keras_vit.model import get_config
+from keras_vit.resize import (check_method, infer_grid, relative_table_grid, resample_1d,
                               resample_position_embeddings, resample_relative_embedding)
-
-if TYPE_CHECKING:
-    import keras
 
 PathLike = Union[str, os.PathLike]
 _PREFIXES = ("opt/target/", "params/")
@@ -110,14 +110,11 @@ def checkpoint_path(weights: PathLike) -> str:
     if entry is None:
         raise ValueError(f"weights {path!r} is neither an existing .npz file nor a published checkpoint; "
                          f"published names: {', '.join(sorted(PUBLISHED))}")
-    import keras
-
     fname = entry.url.rsplit("/", 1)[-1]
     try:
         return keras.utils.get_file(fname=fname, origin=entry.url, cache_subdir=os.path.join("models", "keras_vit"))
     except Exception as exc:  # noqa: BLE001 - any failure to fetch is reported the same way
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ValueError(f"downloading checkpoint {path!r} from {entry.url} failed ({reason}); "
+        raise ValueError(f"downloading checkpoint {path!r} from {entry.url} failed ({first_line(exc)}); "
                          "pass the path of a local .npz file instead") from None
 
 
@@ -170,15 +167,9 @@ def canonicalize(arrays: Mapping[str, np.ndarray], prefix: Optional[str] = None)
 
 
 # --- the model's side -------------------------------------------------------------------
-def _cfg(model: "keras.Model") -> ViTConfig:
-    from keras_vit.vit import get_config
-
-    return get_config(model)
-
-
-def model_variables(model: "keras.Model") -> Dict[str, "keras.Variable"]:
+def model_variables(model: keras.Model) -> Dict[str, keras.Variable]:
     """The model's variables under their canonical (vision_transformer) checkpoint names."""
-    cfg = _cfg(model)
+    cfg = get_config(model)
     out = {}
     if cfg.resnet_layers is not None:
         out.update(model.get_layer("resnet").official_weights())
@@ -216,7 +207,7 @@ def model_variables(model: "keras.Model") -> Dict[str, "keras.Variable"]:
     return out
 
 
-def model_arrays(model: "keras.Model") -> Dict[str, np.ndarray]:
+def model_arrays(model: keras.Model) -> Dict[str, np.ndarray]:
     """The model's weights as numpy arrays under canonical names (what save_npz writes)."""
     return {k: np.asarray(v.numpy() if hasattr(v, "numpy") else v) for k, v in model_variables(model).items()}
 
@@ -234,7 +225,7 @@ def _split_posemb(n: int, model_prefix: int, grid: Tuple[int, int], big_vision: 
     return order[0]
 
 
-def _adapt(values: Dict[str, np.ndarray], target: Mapping[str, "keras.Variable"], cfg: ViTConfig, method: str,
+def _adapt(values: Dict[str, np.ndarray], target: Mapping[str, keras.Variable], cfg: ViTConfig, method: str,
            big_vision_posemb: bool, source_grid: Optional[Sequence[int]]) -> None:
     """Make checkpoint arrays fit the model where that is well defined: drop a head of another
     size (and pre-logits the model lacks), add the class slot, resample position embeddings."""
@@ -277,13 +268,13 @@ def _listing(keys, limit: int = 8) -> str:
     return shown + (f" ... and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
-def assign_weights(model: "keras.Model", arrays: Mapping[str, np.ndarray], *, method: str = "linear",
+def assign_weights(model: keras.Model, arrays: Mapping[str, np.ndarray], *, method: str = "linear",
                    big_vision_posemb: bool = False, source_grid: Optional[Sequence[int]] = None,
                    source: str = "checkpoint") -> None:
     """Assign canonical-named arrays to the model, all or nothing (ValueError listing every
     missing key, unexpected key and shape mismatch)."""
-    _check_method(method)
-    cfg = _cfg(model)
+    check_method(method)
+    cfg = get_config(model)
     target = model_variables(model)
     values = dict(arrays)
     _adapt(values, target, cfg, method, big_vision_posemb, source_grid)
@@ -307,8 +298,8 @@ def assign_weights(model: "keras.Model", arrays: Mapping[str, np.ndarray], *, me
             var.assign(values[k].astype(var.dtype))
 
 
-def load_npz(model: "keras.Model", path: PathLike, *, prefix: Optional[str] = None,
-             method: str = "linear") -> "keras.Model":
+def load_npz(model: keras.Model, path: PathLike, *, prefix: Optional[str] = None,
+             method: str = "linear") -> keras.Model:
     """Load an official .npz checkpoint (path or published name) into a keras-vit model, in place.
 
     A head of another size is dropped (the model keeps its zero-initialised one), position
@@ -321,7 +312,7 @@ def load_npz(model: "keras.Model", path: PathLike, *, prefix: Optional[str] = No
     return model
 
 
-def save_npz(model: "keras.Model", path: PathLike) -> str:
+def save_npz(model: keras.Model, path: PathLike) -> str:
     """Write the model's weights as an .npz in the vision_transformer layout (loadable by the
     official code and timm for the standard options); the file is written then renamed."""
     path = os.fspath(path)
@@ -329,44 +320,10 @@ def save_npz(model: "keras.Model", path: PathLike) -> str:
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise ValueError(f"cannot write {path!r}: folder {folder!r} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=".keras_vit_", suffix=".npz.tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrays)
     return path
 
 
-def build_with_weights(cfg: ViTConfig, weights: PathLike, name: Optional[str] = None, *,
-                       representation_size: Union[None, int, str] = "config", method: str = "linear",
-                       prefix: Optional[str] = None) -> "keras.Model":
-    """Build the model for `cfg` and load `weights` (path or published name) into it.
-
-    `representation_size="checkpoint"` takes the pre-logits size from the checkpoint; the
-    position embeddings are resampled when `cfg.image_size` differs from the checkpoint's.
-    """
-    from keras_vit.vit import build_model
-
-    entry = PUBLISHED.get(os.fspath(weights)) if not os.path.isfile(os.fspath(weights)) else None
-    if entry is not None and cfg.variant is not None and cfg.variant != entry.variant:
-        raise ValueError(f"checkpoint {os.fspath(weights)!r} is a {entry.variant} model; "
-                         f"build it with variant={entry.variant!r}, not {cfg.variant!r}")
-    local = checkpoint_path(weights)
-    arrays, big_vision_posemb = canonicalize(read_npz(local), prefix=prefix)
-    if representation_size == "checkpoint":
-        kernel = arrays.get("pre_logits/kernel")
-        cfg = cfg.replace(representation_size=None if kernel is None else int(kernel.shape[-1]))
-    elif representation_size != "config":
-        cfg = cfg.replace(representation_size=representation_size)
-    model = build_model(cfg, name=name)
-    assign_weights(model, arrays, method=method, big_vision_posemb=big_vision_posemb,
-                   source=f"checkpoint {os.fspath(weights)!r}")
-    return model
-
-
 __all__ = ["PUBLISHED", "Published", "checkpoint_path", "read_npz", "canonicalize", "model_variables",
-           "model_arrays", "assign_weights", "load_npz", "save_npz", "build_with_weights"]
+           "model_arrays", "assign_weights", "load_npz", "save_npz"]
