@@ -81,8 +81,8 @@ def run_keras(case: str, args) -> Dict[str, object]:
 
     cfg = config(args)
     backend = keras.backend.backend()
-    mixed, jit = precision.resolve(*MODES[case], gflop_per_step=args.batch_size * cfg.flops() / 1e9,
-                                   backend=backend, accelerator=precision.has_accelerator(backend))
+    mixed, jit, _ = precision.resolve(*MODES[case], gflop_per_step=args.batch_size * cfg.flops() / 1e9,
+                                      backend=backend, hardware=precision.detect_hardware(backend))
     if jit == "fusible":
         precision.request_fusible_clustering()  # before the first TF function runs
     if mixed != "none":

@@ -437,11 +437,11 @@ def _trim_csv(path: str, epochs: int) -> None:
     os.replace(tmp, path)
 
 
-def resolve_speed(cfg: TrainConfig) -> Tuple[str, str]:
-    """(mixed precision policy or "none", jit mode) that `cfg` trains with on this machine.
+def resolve_speed(cfg: TrainConfig) -> precision.Choice:
+    """(mixed precision policy or "none", jit mode, reason) that `cfg` trains with on this machine.
 
-    Resolves "auto" (keras_vit.precision): bf16 + fusible on a TensorFlow CPU with native bf16
-    when the step is large, fp32 + whole-step XLA otherwise.
+    Resolves "auto" from the hardware (keras_vit.precision): on a TensorFlow CPU, bf16 + fusible
+    when its bf16 GEMMs pay for the step, fp32 + whole-step XLA otherwise; bf16/fp16 + XLA on GPUs.
     """
     import keras
 
@@ -450,7 +450,7 @@ def resolve_speed(cfg: TrainConfig) -> Tuple[str, str]:
     gflop = cfg.batch_size * cfg.vit_config(num_classes=10, channels=3).flops() / 1e9
     try:
         return precision.resolve(cfg.mixed_precision, cfg.jit_compile, gflop, backend,
-                                 precision.has_accelerator(backend))
+                                 precision.detect_hardware(backend))
     except ValueError as exc:
         raise TrainError(str(exc)) from None
 
@@ -480,7 +480,7 @@ def train(cfg: TrainConfig, output: Optional[str] = None, resume: bool = False,
     from keras_vit.vit import build_model
 
     # Before any TensorFlow work: the fusible mode sets XLA flags that TF reads once.
-    mixed, jit = resolve_speed(cfg)
+    mixed, jit, reason = resolve_speed(cfg)
     previous_xla_flags = os.environ.get("TF_XLA_FLAGS")
     if jit == "fusible":
         precision.request_fusible_clustering()
@@ -513,7 +513,7 @@ def train(cfg: TrainConfig, output: Optional[str] = None, resume: bool = False,
             write_json_atomic(os.path.join(run, "class_names.json"), splits.class_names)
 
         print(f"precision: {'float32' if mixed == 'none' else mixed}, compilation: {jit}"
-              + (" (auto)" if "auto" in (cfg.mixed_precision, cfg.jit_compile) else ""))
+              + (f" (auto: {reason})" if "auto" in (cfg.mixed_precision, cfg.jit_compile) else ""))
         with distribution_scope(cfg.distribute):
             model = build_model(vit_cfg)
             if cfg.weights:
