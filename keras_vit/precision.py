@@ -211,6 +211,35 @@ def resolve(mixed_precision: str, jit_compile, gflop_per_step: float, backend: s
     return Choice(mixed_precision, jit_compile, "; ".join(reasons) or "as requested")
 
 
+def mirrored_on_cpus() -> bool:
+    """True inside a tf.distribute strategy over several CPU devices, where XLA cannot place the
+    replicas' variables (https://www.tensorflow.org/xla/known_issues)."""
+    import keras
+
+    if keras.backend.backend() != "tensorflow":
+        return False
+    import tensorflow as tf
+
+    strategy = tf.distribute.get_strategy()
+    if strategy.num_replicas_in_sync < 2:
+        return False
+    return all("CPU" in d.upper() for d in strategy.extended.worker_devices)
+
+
+def model_jit_compile(policy: str, backend: str, hardware: Hardware) -> bool:
+    """`jit_compile` for `model.compile(jit_compile="auto")` of a ViT (the notebook path).
+
+    XLA wherever it is the fast path, CPUs included (Keras' own "auto" turns it off on TensorFlow
+    CPUs). On a TensorFlow CPU in bf16/fp16, graph mode: there oneDNN runs the low-precision GEMMs,
+    which XLA:CPU runs no faster than fp32. torch keeps Keras' choice (no torch.compile).
+    """
+    if backend == "torch":
+        return False
+    if backend == "tensorflow" and hardware.device == "cpu" and policy != "float32":
+        return False
+    return not mirrored_on_cpus()
+
+
 def request_fusible_clustering() -> None:
     """Turn on TensorFlow's XLA auto-clustering of fusible (element-wise) ops for this process.
 

@@ -248,21 +248,6 @@ def replicas(model) -> int:
     return len(dist.device_mesh.devices.reshape(-1)) if dist is not None else 1
 
 
-def _mirrored_on_cpus() -> bool:
-    """True inside a tf.distribute strategy over several CPU devices, where XLA cannot place the
-    replicas' variables (https://www.tensorflow.org/xla/known_issues)."""
-    import keras
-
-    if keras.backend.backend() != "tensorflow":
-        return False
-    import tensorflow as tf
-
-    strategy = tf.distribute.get_strategy()
-    if strategy.num_replicas_in_sync < 2:
-        return False
-    return all("CPU" in d.upper() for d in strategy.extended.worker_devices)
-
-
 def _op_error_line(exc) -> str:
     """The informative line of a TensorFlow op error (not the 'Graph execution error' banner)."""
     lines = [ln.strip() for ln in str(getattr(exc, "message", exc)).splitlines()]
@@ -528,7 +513,7 @@ def train(cfg: TrainConfig, output: Optional[str] = None, resume: bool = False,
                 loss=keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=cfg.label_smoothing),
                 metrics=[keras.metrics.CategoricalAccuracy(name="accuracy"),
                          keras.metrics.TopKCategoricalAccuracy(k=min(5, splits.num_classes), name="top5")],
-                jit_compile=precision.keras_jit_compile(jit) and not _mirrored_on_cpus())
+                jit_compile=precision.keras_jit_compile(jit) and not precision.mirrored_on_cpus())
         backup = os.path.join(run, "backup")
         csv_path = os.path.join(run, "metrics.csv")
         if resume:
