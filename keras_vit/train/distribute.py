@@ -43,15 +43,3 @@ def replicas(model: keras.Model) -> int:
     dist = keras.distribution.distribution()
     return len(dist.device_mesh.devices.reshape(-1)) if dist is not None else 1
 
-
-def mirrored_on_cpus() -> bool:
-    """True inside a tf.distribute strategy over several CPU devices, where XLA cannot place the
-    replicas' variables (https://www.tensorflow.org/xla/known_issues)."""
-    if keras.backend.backend() != "tensorflow":
-        return False
-    import tensorflow as tf  # only on the TensorFlow backend
-
-    strategy = tf.distribute.get_strategy()
-    if strategy.num_replicas_in_sync < 2:
-        return False
-    return all("CPU" in d.upper() for d in strategy.extended.worker_devices)

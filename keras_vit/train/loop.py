@@ -20,7 +20,7 @@ from keras_vit.errors import TrainError
 from keras_vit.files import save_model, write_json
 from keras_vit.model import build_model
 from keras_vit.train.callbacks import atomic_checkpoint
-from keras_vit.train.distribute import distribution_scope, mirrored_on_cpus, replicas
+from keras_vit.train.distribute import distribution_scope, replicas
 from keras_vit.train.initial import load_initial_weights
 from keras_vit.train.recipes import TrainConfig, make_optimizer, resolve_speed
 from keras_vit.train.runs import (RUNS_DIR, backup_epoch, check_output, new_run_dir, read_run_config,
@@ -52,7 +52,7 @@ def train(cfg: TrainConfig, output: Optional[str] = None, resume: bool = False,
     else:
         cfg.validate()
         check_output(output)
-    mixed, jit = resolve_speed(cfg)
+    mixed, jit, reason = resolve_speed(cfg)
     with _speed_settings(mixed, jit):
         keras.utils.set_random_seed(cfg.seed)
         try:
@@ -60,7 +60,7 @@ def train(cfg: TrainConfig, output: Optional[str] = None, resume: bool = False,
             if run is None:  # the folder appears only once the dataset and options are known good
                 run = _start_run(cfg, data, output, root, mixed, jit)
             print(f"precision: {'float32' if mixed == 'none' else mixed}, compilation: {jit}"
-                  + (" (auto)" if "auto" in (cfg.mixed_precision, cfg.jit_compile) else ""))
+                  + (f" (auto: {reason})" if "auto" in (cfg.mixed_precision, cfg.jit_compile) else ""))
             model = _build_model(cfg, data, jit)
             start = time.time()
             history = model.fit(data.train, validation_data=data.val, epochs=cfg.epochs,
@@ -158,7 +158,7 @@ def _build_model(cfg: TrainConfig, data: _Data, jit: str) -> keras.Model:
             loss=keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=cfg.label_smoothing),
             metrics=[keras.metrics.CategoricalAccuracy(name="accuracy"),
                      keras.metrics.TopKCategoricalAccuracy(k=min(5, num_classes), name="top5")],
-            jit_compile=precision.keras_jit_compile(jit) and not mirrored_on_cpus())
+            jit_compile=precision.keras_jit_compile(jit) and not precision.mirrored_on_cpus())
     return model
 
 

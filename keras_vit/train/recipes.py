@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional
 
 import keras
 
@@ -194,17 +194,17 @@ def make_optimizer(cfg: TrainConfig, steps_per_epoch: int) -> keras.optimizers.O
     return keras.optimizers.SGD(momentum=cfg.momentum, weight_decay=cfg.weight_decay or None, **common)
 
 
-def resolve_speed(cfg: TrainConfig) -> Tuple[str, str]:
-    """(mixed precision policy or "none", jit mode) that `cfg` trains with on this machine.
+def resolve_speed(cfg: TrainConfig) -> precision.Choice:
+    """(mixed precision policy or "none", jit mode, reason) that `cfg` trains with on this machine.
 
-    Resolves "auto" (keras_vit.precision): bf16 + fusible on a TensorFlow CPU with native bf16
-    when the step is large, fp32 + whole-step XLA otherwise.
+    Resolves "auto" from the hardware (keras_vit.precision): on a TensorFlow CPU, bf16 + fusible
+    when its bf16 GEMMs pay for the step, fp32 + whole-step XLA otherwise; bf16/fp16 + XLA on GPUs.
     """
     backend = keras.backend.backend()
     # FLOPs barely depend on the class count, which is not known before the data is loaded.
     gflop = cfg.batch_size * cfg.vit_config(num_classes=10, channels=3).flops() / 1e9
     try:
         return precision.resolve(cfg.mixed_precision, cfg.jit_compile, gflop, backend,
-                                 precision.has_accelerator(backend))
+                                 precision.detect_hardware(backend))
     except ValueError as exc:
         raise TrainError(str(exc)) from None
