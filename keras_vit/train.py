@@ -248,21 +248,6 @@ def replicas(model) -> int:
     return len(dist.device_mesh.devices.reshape(-1)) if dist is not None else 1
 
 
-def _mirrored_on_cpus() -> bool:
-    """True inside a tf.distribute strategy over several CPU devices, where XLA cannot place the
-    replicas' variables (https://www.tensorflow.org/xla/known_issues)."""
-    import keras
-
-    if keras.backend.backend() != "tensorflow":
-        return False
-    import tensorflow as tf
-
-    strategy = tf.distribute.get_strategy()
-    if strategy.num_replicas_in_sync < 2:
-        return False
-    return all("CPU" in d.upper() for d in strategy.extended.worker_devices)
-
-
 def _op_error_line(exc) -> str:
     """The informative line of a TensorFlow op error (not the 'Graph execution error' banner)."""
     lines = [ln.strip() for ln in str(getattr(exc, "message", exc)).splitlines()]
@@ -437,11 +422,11 @@ def _trim_csv(path: str, epochs: int) -> None:
     os.replace(tmp, path)
 
 
-def resolve_speed(cfg: TrainConfig) -> Tuple[str, str]:
-    """(mixed precision policy or "none", jit mode) that `cfg` trains with on this machine.
+def resolve_speed(cfg: TrainConfig) -> precision.Choice:
+    """(mixed precision policy or "none", jit mode, reason) that `cfg` trains with on this machine.
 
-    Resolves "auto" (keras_vit.precision): bf16 + fusible on a TensorFlow CPU with native bf16
-    when the step is large, fp32 + whole-step XLA otherwise.
+    Resolves "auto" from the hardware (keras_vit.precision): on a TensorFlow CPU, bf16 + fusible
+    when its bf16 GEMMs pay for the step, fp32 + whole-step XLA otherwise; bf16/fp16 + XLA on GPUs.
     """
     import keras
 
@@ -450,7 +435,7 @@ def resolve_speed(cfg: TrainConfig) -> Tuple[str, str]:
     gflop = cfg.batch_size * cfg.vit_config(num_classes=10, channels=3).flops() / 1e9
     try:
         return precision.resolve(cfg.mixed_precision, cfg.jit_compile, gflop, backend,
-                                 precision.has_accelerator(backend))
+                                 precision.detect_hardware(backend))
     except ValueError as exc:
         raise TrainError(str(exc)) from None
 
@@ -480,7 +465,7 @@ def train(cfg: TrainConfig, output: Optional[str] = None, resume: bool = False,
     from keras_vit.vit import build_model
 
     # Before any TensorFlow work: the fusible mode sets XLA flags that TF reads once.
-    mixed, jit = resolve_speed(cfg)
+    mixed, jit, reason = resolve_speed(cfg)
     previous_xla_flags = os.environ.get("TF_XLA_FLAGS")
     if jit == "fusible":
         precision.request_fusible_clustering()
@@ -513,7 +498,7 @@ def train(cfg: TrainConfig, output: Optional[str] = None, resume: bool = False,
             write_json_atomic(os.path.join(run, "class_names.json"), splits.class_names)
 
         print(f"precision: {'float32' if mixed == 'none' else mixed}, compilation: {jit}"
-              + (" (auto)" if "auto" in (cfg.mixed_precision, cfg.jit_compile) else ""))
+              + (f" (auto: {reason})" if "auto" in (cfg.mixed_precision, cfg.jit_compile) else ""))
         with distribution_scope(cfg.distribute):
             model = build_model(vit_cfg)
             if cfg.weights:
@@ -528,7 +513,7 @@ def train(cfg: TrainConfig, output: Optional[str] = None, resume: bool = False,
                 loss=keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=cfg.label_smoothing),
                 metrics=[keras.metrics.CategoricalAccuracy(name="accuracy"),
                          keras.metrics.TopKCategoricalAccuracy(k=min(5, splits.num_classes), name="top5")],
-                jit_compile=precision.keras_jit_compile(jit) and not _mirrored_on_cpus())
+                jit_compile=precision.keras_jit_compile(jit) and not precision.mirrored_on_cpus())
         backup = os.path.join(run, "backup")
         csv_path = os.path.join(run, "metrics.csv")
         if resume:

@@ -7,6 +7,7 @@ from typing import Optional, Sequence, Tuple, Union
 import keras
 from keras import layers
 
+from keras_vit import precision
 from keras_vit.config import ViTConfig, parse_variant
 from keras_vit.layers import ClassToken, PatchEmbedding, PositionEmbedding, TokenPooling, TransformerBlock
 
@@ -73,6 +74,15 @@ class VisionTransformer(keras.Model):
         inputs, outputs = _build_graph(cfg)
         super().__init__(inputs, outputs, name=name or _model_name(cfg), **kwargs)
         self.vit_config = cfg
+
+    def compile(self, *args, **kwargs) -> None:
+        """keras.Model.compile; `jit_compile="auto"` (the default) picks what is fast for a ViT on
+        this hardware and precision policy (keras_vit.precision.model_jit_compile)."""
+        if len(args) < 8 and kwargs.get("jit_compile", "auto") == "auto":  # the 8th positional is jit_compile
+            backend = keras.backend.backend()
+            kwargs["jit_compile"] = precision.model_jit_compile(
+                self.dtype_policy.name, backend, precision.detect_hardware(backend))
+        super().compile(*args, **kwargs)
 
     def get_config(self) -> dict:
         return {"config": self.vit_config.to_dict(), "name": self.name, "trainable": self.trainable}
