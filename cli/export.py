@@ -7,7 +7,7 @@ from typing import List, Optional, Tuple
 
 import click
 
-from keras_vit.cli.main import UserError
+from keras_vit.cli.common import UserError, user_errors
 
 DEFAULT_MODEL = os.path.join("runs", "latest", "model.keras")
 # Files a training run may leave beside model.keras that name its classes / dataset.

@@ -30,3 +30,12 @@ class AtomicCheckpoint(keras.callbacks.Callback):
 def atomic_checkpoint(folder: str, monitor: str = "val_accuracy") -> AtomicCheckpoint:
     """The AtomicCheckpoint callback for a run folder."""
     return AtomicCheckpoint(folder, monitor)
+
+
+class LearningRateLogger(keras.callbacks.Callback):
+    """Adds the optimizer's learning rate at the end of each epoch to the logs (so metrics.csv
+    and TensorBoard record the schedule); put it before the loggers."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            logs["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))

@@ -6,10 +6,9 @@ from typing import Any, Dict, List, Sequence, Tuple
 
 import keras
 import numpy as np
-import tensorflow as tf
 
 from keras_vit import data as kdata
-from keras_vit.errors import TrainError, first_line
+from keras_vit.errors import TrainError
 from keras_vit.model import get_config
 
 
@@ -25,7 +24,8 @@ def predict_logits(model: keras.Model, ds, batch_size: int = 128) -> Tuple[np.nd
 
 
 def evaluate(model: keras.Model, ds, class_names: Sequence[str], batch_size: int = 128) -> Dict[str, Any]:
-    """Loss, top-1, top-5 and per-class accuracy of `model` on a split, from `model.predict`."""
+    """Loss, top-1, top-5, per-class accuracy and the confusion matrix (rows: true class,
+    columns: predicted) of `model` on a split, from `model.predict`."""
     logits, labels = predict_logits(model, ds, batch_size)
     n_cls = logits.shape[-1]
     if labels.size and labels.max() >= n_cls:
@@ -38,21 +38,17 @@ def evaluate(model: keras.Model, ds, class_names: Sequence[str], batch_size: int
     topk = (np.argsort(-logits, axis=-1)[:, :k] == labels[:, None]).any(-1)
     names = list(class_names) if len(class_names) == n_cls else [str(i) for i in range(n_cls)]
     per_class = {names[c]: float(top1[labels == c].mean()) for c in range(n_cls) if (labels == c).any()}
+    confusion = np.zeros((n_cls, n_cls), np.int64)
+    np.add.at(confusion, (labels, logits.argmax(-1)), 1)
     return {"loss": loss, "top1": float(top1.mean()), "top5": float(topk.mean()), "per_class": per_class,
-            "count": int(len(labels))}
+            "count": int(len(labels)), "confusion_matrix": confusion.tolist()}
 
 
 def predict_images(model: keras.Model, paths: Sequence[str], class_names: Sequence[str], top_k: int = 5
                    ) -> List[List[Tuple[str, float]]]:
     """Top-k (class name, probability) for each image file, preprocessed as in training."""
     vcfg = get_config(model)
-    images = []
-    for p in paths:
-        try:
-            img = kdata.read_image(tf.constant(open(p, "rb").read()), from_bytes=True)
-        except (OSError, tf.errors.OpError) as exc:
-            raise TrainError(f"cannot read image {p}: {first_line(exc)}") from None
-        images.append(kdata.prepare_image(img, vcfg.image_size, vcfg.channels).numpy())
+    images = [kdata.load_image_file(p, vcfg.image_size, vcfg.channels) for p in paths]
     logits = model.predict(np.stack(images), verbose=0)
     probs = np.exp(logits - logits.max(-1, keepdims=True))
     probs /= probs.sum(-1, keepdims=True)
