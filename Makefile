@@ -20,10 +20,14 @@ demo: $(STAMP)
 	$(VENV)/bin/vitcli export --format tflite
 	$(VENV)/bin/vitcli export --format tflite --quantize int8
 
+# The CI command: lint, then every test.
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q tests
 
+# The inner loop: lint and the tests not marked slow.
 test-quick: $(STAMP)
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q -m "not slow" tests
 
 clean:

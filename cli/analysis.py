@@ -11,7 +11,6 @@ from typing import List, Optional, Tuple
 
 import click
 
-
 from keras_vit.cli.common import UserError, user_errors
 
 

@@ -1,50 +1,14 @@
 """`vitcli export`: a trained keras-vit model -> ONNX or TFLite, verified against Keras."""
 from __future__ import annotations
 
-import json
 import os
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 import click
 
 from keras_vit.cli.common import UserError, user_errors
 
 DEFAULT_MODEL = os.path.join("runs", "latest", "model.keras")
-# Files a training run may leave beside model.keras that name its classes / dataset.
-_RUN_INFO_FILES = ("class_names.json", "classes.json", "run.json", "config.json", "metadata.json")
-
-
-def run_info(model_path: str) -> Tuple[Optional[List[str]], Optional[str]]:
-    """(class names, dataset name) found in the run folder of `model_path`, if any."""
-    folder = os.path.dirname(os.path.abspath(model_path))
-    names, dataset = None, None
-    for fname in _RUN_INFO_FILES:
-        path = os.path.join(folder, fname)
-        if not os.path.isfile(path):
-            continue
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-        except (OSError, ValueError):
-            continue
-        if isinstance(data, list) and names is None:
-            names = [str(c) for c in data]
-        elif isinstance(data, dict):
-            for key in ("class_names", "classes", "labels"):
-                if names is None and isinstance(data.get(key), list):
-                    names = [str(c) for c in data[key]]
-            for key in ("dataset", "dataset_name"):
-                if dataset is None and isinstance(data.get(key), str):
-                    dataset = data[key]
-            for key in ("train", "config"):  # config.json of a training run: {"train": {"dataset": ...}}
-                if dataset is None and isinstance(data.get(key), dict) and isinstance(data[key].get("dataset"), str):
-                    dataset = data[key]["dataset"]
-    for fname in ("labels.txt", "class_names.txt"):
-        path = os.path.join(folder, fname)
-        if names is None and os.path.isfile(path):
-            with open(path, encoding="utf-8") as f:
-                names = [line.strip() for line in f if line.strip()]
-    return names, dataset
 
 
 def _parse_thresholds(items: Tuple[str, ...]) -> dict:
@@ -86,6 +50,7 @@ def default_output(model_path: str, fmt: str, quantize: Optional[str], optimize:
 @click.option("--threshold", "thresholds", multiple=True, metavar="NAME=VALUE",
               help="Override a check, e.g. top1_agreement=0.98 or max_abs_diff=1e-3 (repeatable).")
 @click.option("--no-verify", is_flag=True, help="Skip the accuracy check.")
+@user_errors
 def export_cmd(model_path: str, fmt: str, quantize: Optional[str], opset: int, optimize: bool,
                output: Optional[str], verify_dataset: Optional[str], calibration_dataset: Optional[str],
                num_images: int, thresholds: Tuple[str, ...], no_verify: bool) -> None:
@@ -103,7 +68,10 @@ def export_cmd(model_path: str, fmt: str, quantize: Optional[str], opset: int, o
     if not os.path.isfile(model_path):
         hint = " (train one first: vitcli train)" if model_path == DEFAULT_MODEL else ""
         raise UserError(f"model file {model_path!r} does not exist{hint}")
-    class_names, run_dataset = run_info(model_path)
+    from keras_vit.train.runs import read_run
+
+    run = read_run(model_path)
+    class_names, run_dataset = run.class_names, run.dataset
     if quantize == "int8" and calibration_dataset is None:
         if run_dataset is None:
             raise UserError("int8 export needs calibration data: pass --calibration-dataset "
@@ -111,27 +79,21 @@ def export_cmd(model_path: str, fmt: str, quantize: Optional[str], opset: int, o
         calibration_dataset = run_dataset
     output = output or default_output(model_path, fmt, quantize, optimize)
 
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from keras_vit.export import ExportError, format_table, to_onnx, to_tflite, verify
+    from keras_vit.export import format_table, to_onnx, to_tflite, verify
     from keras_vit.export._common import resolve_model
 
-    try:
-        model, cfg = resolve_model(model_path)
-        if class_names is not None and len(class_names) != cfg.num_classes:
-            class_names = None  # a run file that does not match the model: leave names out
-        if fmt == "onnx":
-            path = to_onnx(model, output, opset=opset, optimize=optimize, quantize=quantize,
-                           class_names=class_names)
-        else:
-            path = to_tflite(model, output, quantize=quantize, representative_images=calibration_dataset,
-                             class_names=class_names)
-        click.echo(f"Wrote {path} ({os.path.getsize(path) / 1e6:.1f} MB)")
-        if no_verify:
-            return
-        report = verify(model, path, images=verify_dataset or run_dataset, num_images=num_images,
-                        thresholds=limits)
-    except ExportError as exc:
-        raise UserError(str(exc)) from None
+    model, cfg = resolve_model(model_path)
+    if class_names is not None and len(class_names) != cfg.num_classes:
+        class_names = None  # a run file that does not match the model: leave names out
+    if fmt == "onnx":
+        path = to_onnx(model, output, opset=opset, optimize=optimize, quantize=quantize, class_names=class_names)
+    else:
+        path = to_tflite(model, output, quantize=quantize, representative_images=calibration_dataset,
+                         class_names=class_names)
+    click.echo(f"Wrote {path} ({os.path.getsize(path) / 1e6:.1f} MB)")
+    if no_verify:
+        return
+    report = verify(model, path, images=verify_dataset or run_dataset, num_images=num_images, thresholds=limits)
     click.echo(format_table(report))
     click.echo(f"Report: {report['report_path']}")
     if not report["passed"]:

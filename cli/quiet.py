@@ -16,7 +16,8 @@ import sys
 import threading
 import warnings
 
-_ABSL_LINE = re.compile(rb"^([IWEF])\d{4} \d\d:\d\d:\d\d\.\d+\s+\d+ [\w./-]+:\d+\] ?(.*)$")
+# absl's prefix: severity, MMDD, time, thread id, file:line]
+_ABSL_LINE = re.compile(rb"^([IWEF])\d{4} [\d:.]+\s+\d+ [\w./-]+:\d+\] ?(.*)$")
 _HARMLESS_ERRORS = re.compile(rb"failed call to cuInit|Unable to register cu(DNN|FFT|BLAS) factory|"
                               rb"computation placer already registered|cuda_(dnn|fft|blas)\.cc")
 _NOISE = re.compile(rb"^(WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR|"

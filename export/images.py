@@ -8,7 +8,7 @@ an array, or a tf.data.Dataset of images or (image, label) pairs.
 from __future__ import annotations
 
 import os
-from typing import Optional, Tuple, Union
+from typing import Tuple, Union
 
 import numpy as np
 

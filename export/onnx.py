@@ -11,11 +11,18 @@ import os
 import tempfile
 from typing import Optional, Sequence
 
-from keras_vit.export._common import (ExportError, PathLike, check_class_names,
-                                      check_output_path, check_tensorflow_backend, metadata, resolve_model)
+from keras_vit.export._common import (
+    ExportError,
+    PathLike,
+    check_class_names,
+    check_output_path,
+    check_tensorflow_backend,
+    metadata,
+    resolve_model,
+)
 from keras_vit.files import atomic_path
 
-MIN_OPSET = 17  # LayerNormalization became a standard op in 17; the issue asks for 17 or newer
+MIN_OPSET = 17  # LayerNormalization is a standard ONNX op from opset 17 on
 INPUT_NAME = "images"
 OUTPUT_NAME = "logits"
 
@@ -36,9 +43,8 @@ def to_onnx(model, path: PathLike, opset: int = MIN_OPSET, optimize: bool = Fals
 
     Keras LayerNorms (the final one; the blocks write theirs out, see layers._layer_norm) become
     the standard LayerNormalization op (see `_fuse_layer_norms`).
-    `optimize` runs onnxruntime's transformer optimizer (SkipLayerNorm and GELU fusions; its
-    attention patterns do not match tf2onnx's einsum graph); the result uses com.microsoft
-    ops, so it is for onnxruntime only.
+    `optimize` runs onnxruntime's transformer optimizer (fusions such as SkipLayerNormalization
+    and GELU); the result uses com.microsoft ops, so it is for onnxruntime only.
     `fp16` (or quantize="fp16") stores weights and activations in float16 with float32
     `images`/`logits` kept. quantize="dynamic" is onnxruntime's dynamic int8 quantization
     (int8 weights, activations quantised per batch at run time; no calibration data needed).

@@ -40,9 +40,9 @@ class DatasetError(UserInputError):
 class Splits:
     """A dataset's splits (unbatched tf.data.Datasets) and its class names."""
 
-    train: "object"
-    val: "object"
-    test: "object"
+    train: object
+    val: object
+    test: object
     class_names: List[str]
     image_shape: Tuple[Optional[int], Optional[int], int]
 

@@ -8,8 +8,8 @@ import numpy as np
 import onnx  # a required dependency: a failed import fails the suite, it is not skipped
 import onnxruntime as ort
 import pytest
+from export_helpers import DIGIT_NAMES, FAMILIES, full_ti16, small_model, trained_digits
 
-from export_helpers import DIGIT_NAMES, full_ti16, FAMILIES, small_model, trained_digits
 from keras_vit.export import ExportError, to_onnx, verify
 
 FAMILY_PARAMS = list(FAMILIES) + ["hybrid"]

@@ -123,7 +123,7 @@ def test_cli_pretrain_writes_encoder_and_metrics(tmp_path):
 
 @pytest.mark.slow
 def test_vitcli_pretrain_then_train_with_weights(tmp_path):
-    """The issue's workflow: `vitcli pretrain --dataset D`, then `vitcli train --weights .../model.keras`
+    """The documented workflow: `vitcli pretrain --dataset D`, then `vitcli train --weights .../model.keras`
     loads every encoder weight (only the new head is left as initialised)."""
     from keras_vit.cli.main import cli
 

@@ -9,7 +9,6 @@ import numpy as np
 from keras_vit.files import save_model
 
 
-
 class AtomicCheckpoint(keras.callbacks.Callback):
     """Saves the model each epoch as `last.keras` and, when `monitor` improves, as `best.keras`,
     each through a temporary name, so a kill mid-write never leaves a truncated checkpoint."""

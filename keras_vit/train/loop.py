@@ -24,8 +24,7 @@ from keras_vit.train.callbacks import LearningRateLogger, atomic_checkpoint
 from keras_vit.train.distribute import distribution_scope, replicas
 from keras_vit.train.initial import load_initial_weights
 from keras_vit.train.recipes import TrainConfig, make_optimizer, resolve_speed
-from keras_vit.train.runs import (RUNS_DIR, backup_epoch, check_output, new_run_dir, read_run_config,
-                                  resolve_run_dir, trim_csv)
+from keras_vit.train.runs import RUNS_DIR, backup_epoch, check_output, new_run_dir, read_run_config, resolve_run_dir, trim_csv
 
 
 @dataclasses.dataclass
