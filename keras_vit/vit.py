@@ -20,9 +20,23 @@ def build_config(variant: Optional[str] = "B/16", config: Optional[ViTConfig] = 
     return parse_variant(variant, **options)
 
 
-def ViT(variant: Optional[str] = "B/16", image_size: Union[int, Tuple[int, int]] = 224,
-        num_classes: int = 1000, include_top: bool = True, include_preprocessing: bool = True,
-        classifier: str = "token", representation_size: Union[None, int, str] = None,
+class _Default:
+    """An argument left out: the checkpoint's value when `weights=` says, else `value`."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def __repr__(self) -> str:
+        return repr(self.value)
+
+
+def _given(value):
+    return None if isinstance(value, _Default) else value
+
+
+def ViT(variant: Optional[str] = _Default("B/16"), image_size: Union[int, Tuple[int, int]] = _Default(224),
+        num_classes: int = _Default(1000), include_top: bool = True, include_preprocessing: bool = True,
+        classifier: str = _Default("token"), representation_size: Union[None, int, str] = _Default(None),
         pos_embedding: str = "learned", dropout_rate: float = 0.0, attention_dropout_rate: float = 0.0,
         drop_path_rate: float = 0.0, channels: int = 3, name: Optional[str] = None,
         config: Optional[ViTConfig] = None, weights: Optional[str] = None, **overrides) -> keras.Model:
@@ -31,27 +45,57 @@ def ViT(variant: Optional[str] = "B/16", image_size: Union[int, Tuple[int, int]]
     `variant` is the paper's name ("B/16", "Ti/4", "R50+B/16"); `overrides` (hidden_size,
     mlp_dim, num_heads, num_layers, patch_size, gelu_approximate, ...) give custom sizes;
     `config=ViTConfig(...)` replaces the variant. `include_top=False` returns the (B, D)
-    pre-logits features. `weights` is an official .npz checkpoint (path or published name);
-    with it, `representation_size="checkpoint"` takes the pre-logits size from the checkpoint.
+    pre-logits features. `weights` is a checkpoint: an .npz or timm/Hugging Face .safetensors
+    path, a published name ("B/16-augreg-i21k-ft-in1k") or "hf://ORG/NAME"; the arguments
+    left out (variant, image_size, num_classes, classifier, representation_size) then follow
+    the checkpoint, and `channels` other than its own adapt the input kernel.
+    `representation_size="checkpoint"` takes the pre-logits size from the checkpoint.
     """
     rep_from_checkpoint = isinstance(representation_size, str) and representation_size == "checkpoint"
     if rep_from_checkpoint:
         if weights is None:
-            raise ValueError("representation_size='checkpoint' needs weights= (an .npz path or published name)")
-        representation_size = None
+            raise ValueError("representation_size='checkpoint' needs weights= (a checkpoint path or published name)")
+        representation_size = _Default(None)
     options = dict(image_size=image_size, num_classes=num_classes, include_top=include_top,
                    include_preprocessing=include_preprocessing, classifier=classifier,
                    representation_size=representation_size, pos_embedding=pos_embedding,
                    dropout_rate=dropout_rate, attention_dropout_rate=attention_dropout_rate,
                    drop_path_rate=drop_path_rate, channels=channels, **overrides)
+    ckpt = None
+    if weights is not None:
+        from keras_vit.weights import check_variant, read_checkpoint
+
+        check_variant(weights, config.variant if config is not None else _given(variant))
+        ckpt = read_checkpoint(weights)
     if config is not None:
         cfg = build_config(config=config, **overrides)
     else:
-        cfg = build_config(variant, **options)
-    if weights is not None:
+        given = {k: v for k, v in options.items() if not isinstance(v, _Default)}
+        fields = {k: v.value for k, v in options.items() if isinstance(v, _Default)}
+        variant_given = _given(variant)
+        if ckpt is not None:
+            from keras_vit.weights import ARCHITECTURE_FIELDS
+
+            found = {k: v for k, v in ckpt.defaults.items() if k != "class_names" and not (k == "variant" and v is None)}
+            if variant_given is not None:
+                found = {k: v for k, v in found.items() if k not in ARCHITECTURE_FIELDS}
+            elif "variant" in found:  # the paper's sizes by name; shapes only fill what it leaves
+                found = {k: v for k, v in found.items() if k not in ARCHITECTURE_FIELDS or k == "variant"}
+            fields.update(found)
+            if (variant_given is None and "variant" not in found and "num_heads" not in found
+                    and "num_heads" not in given):
+                raise ValueError(f"checkpoint {ckpt.source!r} does not say its number of attention heads "
+                                 "(the PyTorch layout fuses them); pass num_heads= or variant=")
+        fields.update(given)
+        name_ = variant_given if variant_given is not None else fields.pop("variant", None)
+        fields.pop("variant", None)
+        if name_ is None and ckpt is None:
+            name_ = variant.value
+        cfg = build_config(name_, **fields) if name_ is not None else build_config(config=ViTConfig(**fields))
+    if ckpt is not None:
         from keras_vit.weights import build_with_weights
 
-        return build_with_weights(cfg, weights, name=name,
+        return build_with_weights(cfg, ckpt, name=name,
                                   representation_size="checkpoint" if rep_from_checkpoint else "config")
     return build_model(cfg, name=name)
 

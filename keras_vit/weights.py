@@ -517,7 +517,8 @@ def _split_posemb(n: int, model_prefix: int, grid: Tuple[int, int], big_vision: 
 def adapt_input_conv(kernel: np.ndarray, channels: int) -> np.ndarray:
     """A (kh, kw, C, out) input kernel for `channels` input channels, as timm's adapt_input_conv:
     summed over C for one channel (a grey image then gives what its C-fold copy gave), else the
-    C channels repeated and scaled by C / channels (so a constant image gives the same output)."""
+    C channels repeated and scaled by C / channels (an image repeated channels / C times then
+    gives what it gave)."""
     kernel = np.asarray(kernel)
     c = kernel.shape[2]
     if channels == c:
@@ -693,6 +694,15 @@ def save_safetensors(model: "keras.Model", path: PathLike) -> str:
     return _write_then_rename(path, ".safetensors", lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
+def check_variant(weights: PathLike, variant: Optional[str]) -> None:
+    """ValueError when a published checkpoint's variant is not `variant` (checked before downloading)."""
+    spec = os.fspath(weights)
+    entry = PUBLISHED.get(spec) if not os.path.isfile(spec) else None
+    if entry is not None and variant is not None and variant != entry.variant:
+        raise ValueError(f"checkpoint {spec!r} is a {entry.variant} model; "
+                         f"build it with variant={entry.variant!r}, not {variant!r}")
+
+
 def build_with_weights(cfg: ViTConfig, weights: Union[PathLike, Checkpoint], name: Optional[str] = None, *,
                        representation_size: Union[None, int, str] = "config", method: str = "linear",
                        prefix: Optional[str] = None) -> "keras.Model":
@@ -705,11 +715,8 @@ def build_with_weights(cfg: ViTConfig, weights: Union[PathLike, Checkpoint], nam
     """
     from keras_vit.vit import build_model
 
+    check_variant(weights.source if isinstance(weights, Checkpoint) else weights, cfg.variant)
     ckpt = weights if isinstance(weights, Checkpoint) else read_checkpoint(weights)
-    entry = PUBLISHED.get(ckpt.source) if not os.path.isfile(ckpt.source) else None
-    if entry is not None and cfg.variant is not None and cfg.variant != entry.variant:
-        raise ValueError(f"checkpoint {ckpt.source!r} is a {entry.variant} model; "
-                         f"build it with variant={entry.variant!r}, not {cfg.variant!r}")
     arrays, big_vision_posemb = ckpt.canonical(num_heads=cfg.num_heads, prefix=prefix)
     if representation_size == "checkpoint":
         kernel = arrays.get("pre_logits/kernel")

@@ -166,8 +166,10 @@ def test_checkpoint_file_sets_the_architecture(tmp_path):
     st = str(tmp_path / "timm.safetensors")
     save_file(timm_state_dict(arrays), st)
     npz = cf.write(tmp_path / "vit.npz", arrays)
+    with pytest.raises(ValueError, match="pass num_heads= or variant="):
+        keras_vit.ViT(weights=st)  # timm fuses the heads: their number is not in the shapes
     for path, exact in ((st, True), (npz, False)):
-        cfg = keras_vit.ViT(weights=path).vit_config
+        cfg = keras_vit.ViT(weights=path, num_heads=2).vit_config
         got = (cfg.hidden_size, cfg.mlp_dim, cfg.num_layers, cfg.patch_size, cfg.image_size, cfg.num_classes)
         assert got == (32, 64, 2, (4, 4), (8, 8), 7), path
         assert cfg.gelu_approximate is not exact
@@ -276,13 +278,15 @@ def test_grey_model_matches_rgb_on_replicated_grey(tmp_path):
     g = np.random.default_rng(12).uniform(0, 255, (3, 8, 8, 1)).astype(np.float32)
     diff = np.abs(logits(grey, g) - logits(rgb, np.repeat(g, 3, axis=-1))).max()
     assert diff <= TOL and np.abs(logits(rgb, np.repeat(g, 3, axis=-1))).max() > 0.1, diff
-    # more channels: RGB repeated and scaled by 3 / C, so a constant image keeps its logits
+    # more channels: RGB repeated and scaled by 3 / C (timm), so with C = 6 an image given twice
+    # over (RGBRGB) keeps its logits
     five = keras_vit.ViT(config=plain_cfg(channels=5), weights=npz)
-    k = np.asarray(five.get_layer("embedding").projection.kernel)
     src = arrays["embedding/kernel"]
-    np.testing.assert_allclose(k, np.concatenate([src, src[:, :, :2]], axis=2) * 3 / 5, rtol=1e-6)
-    c = np.full((1, 8, 8, 1), 90.0, np.float32)
-    assert np.abs(logits(five, np.repeat(c, 5, -1)) - logits(rgb, np.repeat(c, 3, -1))).max() <= TOL
+    np.testing.assert_allclose(np.asarray(five.get_layer("embedding").projection.kernel),
+                               np.concatenate([src, src[:, :, :2]], axis=2) * 3 / 5, rtol=1e-6)
+    six = keras_vit.ViT(config=plain_cfg(channels=6), weights=npz)
+    x = np.random.default_rng(13).uniform(0, 255, (2, 8, 8, 3)).astype(np.float32)
+    assert np.abs(logits(six, np.concatenate([x, x], -1)) - logits(rgb, x)).max() <= TOL
 
 
 def test_hybrid_root_conv_is_summed_for_one_channel(tmp_path):
