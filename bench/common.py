@@ -77,9 +77,10 @@ def emit(result: Dict[str, object]) -> None:
 
 # --- the machine's matmul limit ----------------------------------------------------------
 def matmul_peak(n: int = 2048, repeats: int = 5, dtypes: Sequence[str] = ("float32",)) -> Dict[str, float]:
-    """Best sgemm GFLOP/s this process reaches with TensorFlow, torch and NumPy (whichever import).
+    """Best GEMM GFLOP/s this process reaches with TensorFlow, torch and NumPy (whichever import),
+    in fp32 and, when asked, bf16.
 
-    The best of them is the 'limit' that achieved FLOP/s are compared with.
+    The best of each precision is the 'limit' that achieved FLOP/s in that precision are compared with.
     """
     import numpy as np
 
@@ -98,6 +99,9 @@ def matmul_peak(n: int = 2048, repeats: int = 5, dtypes: Sequence[str] = ("float
 
         ta, tb = tf.constant(a), tf.constant(b)
         out["tf_fp32"] = best(lambda: tf.linalg.matmul(ta, tb).numpy())
+        if "bfloat16" in dtypes:
+            ha, hb = tf.cast(ta, tf.bfloat16), tf.cast(tb, tf.bfloat16)
+            out["tf_bf16"] = best(lambda: tf.linalg.matmul(ha, hb).numpy())
     except ImportError:
         pass
     try:
@@ -111,6 +115,9 @@ def matmul_peak(n: int = 2048, repeats: int = 5, dtypes: Sequence[str] = ("float
     except ImportError:
         pass
     out["peak_fp32"] = max(v for k, v in out.items() if k.endswith("fp32"))
+    bf16 = [v for k, v in out.items() if k.endswith("bf16")]
+    if bf16:
+        out["peak_bf16"] = max(bf16)
     return out
 
 

@@ -9,8 +9,13 @@ default (`default`: precision and compilation "auto", see keras_vit/precision.py
 with the whole step XLA-compiled (`tf-xla`), in fp32 without XLA (`tf`), in `mixed_bfloat16` with
 oneDNN matmuls and XLA-fused element-wise ops (`tf-bf16`, jit "fusible"), in `mixed_bfloat16`
 without XLA (`tf-bf16-graph`), on the JAX backend (`jax`); keras-hub's ViTBackbone + Dense head
-on TF with XLA (`kerashub`); timm's ViT in torch (`timm`). Peers that are not installed are
-skipped. Achieved FLOP/s = img/s x 3 x forward FLOPs (ViTConfig.flops()), compared with the best fp32 sgemm GFLOP/s measured in the same run (`peak`).
+on TF with XLA (`kerashub`); the notebook path (`notebook`, `notebook-bf16`: `model.compile(optimizer,
+loss)` with Keras' other defaults and `model.fit` on tf.data, in the float32 / mixed_bfloat16 policy);
+timm's ViT in torch in fp32 (`timm`) and in `torch.autocast("cpu", torch.bfloat16)` (`timm-bf16`).
+Peers that are not installed are skipped. Achieved FLOP/s = img/s x 3 x forward FLOPs
+(ViTConfig.flops()), compared with the best GEMM GFLOP/s of the precision the case computes in,
+measured in the same run (`peak`: fp32 and bf16 2048^3 matmuls); `x timm` is against the faster
+of the two timm cases.
 """
 from __future__ import annotations
 
@@ -24,9 +29,14 @@ if __package__ in (None, ""):
 
 from bench import common  # noqa: E402
 
-CASES = ("peak", "default", "tf-xla", "tf", "tf-bf16", "tf-bf16-graph", "jax", "kerashub", "timm")
+CASES = ("peak", "default", "tf-xla", "tf", "tf-bf16", "tf-bf16-graph", "notebook", "notebook-bf16", "jax",
+         "kerashub", "timm", "timm-bf16")
 BACKEND = {"default": "tensorflow", "tf-xla": "tensorflow", "tf": "tensorflow", "tf-bf16": "tensorflow",
-           "tf-bf16-graph": "tensorflow", "jax": "jax", "kerashub": "tensorflow"}
+           "tf-bf16-graph": "tensorflow", "notebook": "tensorflow", "notebook-bf16": "tensorflow",
+           "jax": "jax", "kerashub": "tensorflow"}
+# The notebook path: `keras_vit.ViT(...)`, `model.compile(optimizer=..., loss=...)` with nothing
+# else, `model.fit` on a tf.data dataset; the -bf16 case sets the mixed_bfloat16 policy first.
+NOTEBOOK_POLICY = {"notebook": "float32", "notebook-bf16": "mixed_bfloat16"}
 # (mixed precision, jit mode) of each Keras case; `default` resolves "auto" as vitcli train does.
 MODES = {"default": ("auto", "auto"), "tf-xla": ("none", "xla"), "tf": ("none", "none"),
          "tf-bf16": ("mixed_bfloat16", "fusible"), "tf-bf16-graph": ("mixed_bfloat16", "none"),
@@ -59,7 +69,7 @@ def _keras_model(case: str, cfg):
     import keras
 
     if case != "kerashub":
-        from keras_vit.vit import build_model
+        from keras_vit.model import build_model
 
         return build_model(cfg)
     import keras_hub
@@ -81,8 +91,8 @@ def run_keras(case: str, args) -> Dict[str, object]:
 
     cfg = config(args)
     backend = keras.backend.backend()
-    mixed, jit = precision.resolve(*MODES[case], gflop_per_step=args.batch_size * cfg.flops() / 1e9,
-                                   backend=backend, accelerator=precision.has_accelerator(backend))
+    mixed, jit, _ = precision.resolve(*MODES[case], gflop_per_step=args.batch_size * cfg.flops() / 1e9,
+                                      backend=backend, hardware=precision.detect_hardware(backend))
     if jit == "fusible":
         precision.request_fusible_clustering()  # before the first TF function runs
     if mixed != "none":
@@ -98,7 +108,28 @@ def run_keras(case: str, args) -> Dict[str, object]:
             "times": times, "cpu": cpu}
 
 
-def run_timm(args) -> Dict[str, object]:
+def run_notebook(case: str, args) -> Dict[str, object]:
+    """What a notebook user runs: ViT(...), compile(optimizer, loss) and fit on tf.data, no other argument."""
+    import keras
+    import tensorflow as tf
+
+    import keras_vit
+
+    keras.mixed_precision.set_global_policy(NOTEBOOK_POLICY[case])
+    model = keras_vit.ViT(config=config(args))
+    model.compile(optimizer=keras.optimizers.SGD(LR, momentum=0.9),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    x, y = _data(args)
+    ds = tf.data.Dataset.from_tensors((x, y)).repeat()
+    cpu: List[float] = []
+    times = common.time_calls(lambda: model.fit(ds, steps_per_epoch=args.steps, epochs=1, verbose=0),
+                              max(1, args.warmup // max(1, args.steps)), args.repeats, 1, cpu)
+    per_step = [t / args.steps for t in times]
+    return {"params": model.count_params(), "backend": "tensorflow", "precision": NOTEBOOK_POLICY[case],
+            "jit": str(model.jit_compile), "times": per_step, "cpu": [c / args.steps for c in cpu]}
+
+
+def run_timm(args, bf16: bool = False) -> Dict[str, object]:
     import timm
     import torch
 
@@ -116,13 +147,15 @@ def run_timm(args) -> Dict[str, object]:
 
     def step():
         opt.zero_grad(set_to_none=True)
-        loss = loss_fn(model(xt / 127.5 - 1.0), yt)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = loss_fn(model(xt / 127.5 - 1.0), yt)
         loss.backward()
         opt.step()
 
     cpu: List[float] = []
     times = common.time_calls(step, args.warmup, args.repeats, args.steps, cpu)
     return {"params": sum(p.numel() for p in model.parameters()), "backend": f"torch {torch.__version__}",
+            "precision": "bf16 autocast" if bf16 else "float32",
             "threads": torch.get_num_threads(), "times": times, "cpu": cpu}
 
 
@@ -131,7 +164,12 @@ def worker(case: str, args) -> None:
     if case == "peak":
         common.emit({"case": case, **common.matmul_peak(dtypes=("float32", "bfloat16"))})
         return
-    res = run_timm(args) if case == "timm" else run_keras(case, args)
+    if case.startswith("timm"):
+        res = run_timm(args, bf16=case == "timm-bf16")
+    elif case in NOTEBOOK_POLICY:
+        res = run_notebook(case, args)
+    else:
+        res = run_keras(case, args)
     times, cpu = res.pop("times"), res.pop("cpu")
     ips = [args.batch_size / t for t in times]
     common.emit({"case": case, **res, "img_s_values": ips,
@@ -184,7 +222,7 @@ def main(argv=None) -> List[Dict[str, object]]:
     merged: Dict[str, Dict[str, object]] = {}
     for rnd in range(max(1, args.rounds)):
         for case in cases:
-            need = {"jax": "jax", "kerashub": "keras_hub", "timm": "timm"}.get(case)
+            need = {"jax": "jax", "kerashub": "keras_hub", "timm": "timm", "timm-bf16": "timm"}.get(case)
             if need and not common.have(need):
                 merged[case] = common.skipped(case, f"{need} not installed (pip install -r bench/requirements.txt)")
                 continue
@@ -201,17 +239,24 @@ def main(argv=None) -> List[Dict[str, object]]:
         if "img_s_values" in r:
             r["img_s"] = common.summary(r["img_s_values"])
             r["img_per_cpu_s"] = common.summary(r["img_per_cpu_s_values"])
-    peak = next((r.get("peak_fp32") for r in results if r["case"] == "peak"), None)
+    peaks = next((r for r in results if r["case"] == "peak" and "peak_fp32" in r), {})
     by_case = {r["case"]: r for r in results}
+    timm_best = max((by_case[c] for c in ("timm", "timm-bf16") if "img_s" in by_case.get(c, {})),
+                    key=lambda r: r["img_s"]["median"], default=None)
     for r in results:
         if "img_s" in r:
             gflops = r["img_s"]["median"] * 3 * fwd / 1e9
             r["gflop_s"] = gflops
+            bf16 = "bf16" in str(r.get("precision", "")) or "bfloat16" in str(r.get("precision", ""))
+            peak = peaks.get("peak_bf16" if bf16 else "peak_fp32")
             if peak:
                 r["share_of_peak"] = gflops / peak
-            for peer in ("timm", "kerashub"):
-                if peer != r["case"] and "img_s" in by_case.get(peer, {}):
-                    r[f"x_{peer}"] = r["img_s"]["median"] / by_case[peer]["img_s"]["median"]
+                r["peak_used"] = "bf16" if bf16 else "fp32"
+            if timm_best is not None and r is not timm_best:
+                r["x_timm"] = r["img_s"]["median"] / timm_best["img_s"]["median"]
+                r["x_timm_case"] = timm_best["case"]
+            if "img_s" in by_case.get("kerashub", {}) and r["case"] != "kerashub":
+                r["x_kerashub"] = r["img_s"]["median"] / by_case["kerashub"]["img_s"]["median"]
     _report(results)
     if args.json:
         import json
@@ -239,14 +284,14 @@ def _report(results) -> None:
     ok = [r for r in results if "img_s" in r]
     common.print_peak_and_problems(results, lambda: common.print_table(
         "training throughput (median of repeats; spread = (max-min)/median)", ok, [
-            ("case", lambda r: r["case"] + (f" ({r['precision']}, {r['jit']})" if r["case"] == "default" else "")),
+            ("case", lambda r: r["case"] + (f" ({r['precision']}, {r['jit']})" if r["case"] in ("default", "notebook", "notebook-bf16") else "")),
             ("img/s", lambda r: f"{r['img_s']['median']:.2f}"),
             ("spread", lambda r: f"{100 * r['img_s']['spread']:.0f}%"),
-            ("x timm", lambda r: f"{r['x_timm']:.2f}" if "x_timm" in r else "-"),
+            ("x best timm", lambda r: f"{r['x_timm']:.2f} ({r['x_timm_case']})" if "x_timm" in r else "-"),
             ("x keras-hub", lambda r: f"{r['x_kerashub']:.2f}" if "x_kerashub" in r else "-"),
             ("img/CPU-s", lambda r: f"{r['img_per_cpu_s']['median']:.2f}"),
             ("GFLOP/s", lambda r: f"{r['gflop_s']:.1f}"),
-            ("% of peak", lambda r: f"{100 * r['share_of_peak']:.0f}%" if "share_of_peak" in r else "-"),
+            ("% of peak", lambda r: f"{100 * r['share_of_peak']:.0f}% {r['peak_used']}" if "share_of_peak" in r else "-"),
             ("peak RSS MiB", lambda r: f"{r['peak_rss_mb']:.0f}"),
             ("params", lambda r: f"{r['params']:,}"),
         ]))

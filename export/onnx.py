@@ -11,8 +11,9 @@ import os
 import tempfile
 from typing import Optional, Sequence
 
-from keras_vit.export._common import (ExportError, PathLike, atomic_output, check_class_names,
+from keras_vit.export._common import (ExportError, PathLike, check_class_names,
                                       check_output_path, check_tensorflow_backend, metadata, resolve_model)
+from keras_vit.files import atomic_path
 
 MIN_OPSET = 17  # LayerNormalization became a standard op in 17; the issue asks for 17 or newer
 INPUT_NAME = "images"
@@ -63,6 +64,7 @@ def to_onnx(model, path: PathLike, opset: int = MIN_OPSET, optimize: bool = Fals
         _convert(model, cfg, raw, opset)
         proto = onnx.load(raw)
         _rename_io(proto)
+        _replace_erfc(proto)
         _fuse_layer_norms(proto)
         fused = {}
         if optimize or fp16:
@@ -77,7 +79,7 @@ def to_onnx(model, path: PathLike, opset: int = MIN_OPSET, optimize: bool = Fals
         proto.doc_string = (f"keras-vit {meta['variant']} ({meta['image_size']}, {cfg.num_classes} classes, "
                             f"{precision}): {meta['input']} -> {meta['output']}")
         onnx.checker.check_model(proto, full_check=True)
-        with atomic_output(path) as tmp:
+        with atomic_path(path) as tmp:
             onnx.save(proto, tmp)
     return path
 
@@ -105,6 +107,93 @@ def _rename_io(proto) -> None:
         dim = value.type.tensor_type.shape.dim[0]
         dim.Clear()
         dim.dim_param = "batch"
+
+
+def _replace_erfc(proto) -> int:
+    """Rewrite the Erfc nodes tf2onnx leaves behind (ONNX has no Erfc op; tf.nn.gelu's exact form
+    is 0.5 * x * erfc(-x / sqrt 2)) with Erf, which ONNX has. An exact GELU becomes
+    x * ((erf(x * 0.7071) + 1) * 0.5), the TensorFlow pattern onnxruntime's optimizer fuses into
+    one Gelu node; any other Erfc(y) becomes 1 - Erf(y). Returns the number of Erfc nodes replaced.
+    (TFLite needs no rewrite: its converter fuses the erfc form into its GELU op.)"""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    graph = proto.graph
+    erfcs = [n for n in graph.node if n.op_type == "Erfc" and n.domain in ("", "ai.onnx")]
+    if not erfcs:
+        return 0
+    producer = {o: n for n in graph.node for o in n.output}
+    consumers = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    graph_outputs = {o.name for o in graph.output}
+    inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+
+    def const(name):
+        """The scalar value of an initializer or Constant node output, else None."""
+        if name in inits and inits[name].size == 1:
+            return float(inits[name].reshape(-1)[0])
+        n = producer.get(name)
+        if n is not None and n.op_type == "Constant" and n.attribute:
+            value = numpy_helper.to_array(n.attribute[0].t)
+            return float(value.reshape(-1)[0]) if value.size == 1 else None
+        return None
+
+    def sole_user(name, op):
+        users = consumers.get(name, [])
+        return users[0] if len(users) == 1 and users[0].op_type == op and name not in graph_outputs else None
+
+    def scalar(value, name):
+        graph.initializer.append(numpy_helper.from_array(np.asarray(value, np.float32), name))
+        return name
+
+    drop, replace = set(), {}
+    for k, erfc in enumerate(erfcs):
+        prefix = (erfc.name or erfc.output[0]) + f"/erf_{k}"
+        scaled = producer.get(erfc.input[0])
+        pair = None
+        if scaled is not None and scaled.op_type == "Mul" and sole_user(scaled.output[0], "Erfc") is erfc:
+            neg_in = [i for i in scaled.input if i in producer and producer[i].op_type == "Neg"]
+            c = [const(i) for i in scaled.input if i not in neg_in]
+            if len(neg_in) == 1 and len(c) == 1 and c[0] is not None and abs(c[0] - 0.5 ** 0.5) < 1e-6:
+                neg = producer[neg_in[0]]
+                x = neg.input[0]
+                out = sole_user(erfc.output[0], "Mul")
+                half = out and next((producer[i] for i in out.input if i != erfc.output[0] and i in producer), None)
+                if (half is not None and half.op_type == "Mul" and x in half.input
+                        and const(next(i for i in half.input if i != x)) == 0.5
+                        and sole_user(half.output[0], "Mul") is out and sole_user(neg.output[0], "Mul") is scaled):
+                    pair = (x, neg, scaled, half, out)
+        if pair is not None:
+            # erfc(-x c) = 1 + erf(x c): GELU(x) = x * ((erf(x c) + 1) * 0.5)
+            x, neg, scaled, half, out = pair
+            c_name = scalar(0.5 ** 0.5, prefix + "/inv_sqrt2")
+            one, half_c = scalar(1.0, prefix + "/one"), scalar(0.5, prefix + "/half")
+            nodes = [helper.make_node("Mul", [x, c_name], [prefix + "/xc"], name=prefix + "/Mul_c"),
+                     helper.make_node("Erf", [prefix + "/xc"], [prefix + "/erf"], name=prefix + "/Erf"),
+                     helper.make_node("Add", [prefix + "/erf", one], [prefix + "/cdf2"], name=prefix + "/Add_1"),
+                     helper.make_node("Mul", [prefix + "/cdf2", half_c], [prefix + "/cdf"], name=prefix + "/Mul_half"),
+                     helper.make_node("Mul", [x, prefix + "/cdf"], list(out.output), name=prefix + "/Mul_x")]
+            drop.update(id(n) for n in (neg, scaled, erfc, half))
+            replace[id(out)] = nodes
+        else:
+            one = scalar(1.0, prefix + "/one")
+            replace[id(erfc)] = [
+                helper.make_node("Erf", list(erfc.input), [prefix + "/erf"], name=prefix + "/Erf"),
+                helper.make_node("Sub", [one, prefix + "/erf"], list(erfc.output), name=prefix + "/Sub")]
+    nodes = []
+    for n in graph.node:
+        if id(n) in drop:
+            continue
+        nodes.extend(replace.get(id(n), [n]))
+    del graph.node[:]
+    graph.node.extend(nodes)
+    used = {i for n in graph.node for i in n.input}
+    keep = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    return len(erfcs)
 
 
 def _fuse_layer_norms(proto) -> int:

@@ -15,8 +15,8 @@ _LAZY = {
     "parse_variant": "keras_vit.config",
     "VARIANTS": "keras_vit.config",
     "ViT": "keras_vit.vit",
-    "VisionTransformer": "keras_vit.vit",
-    "get_config": "keras_vit.vit",
+    "VisionTransformer": "keras_vit.model",
+    "get_config": "keras_vit.model",
     "load_model": "keras_vit.saving",
     "layers": "keras_vit.layers",
     "load_npz": "keras_vit.weights",
@@ -24,7 +24,7 @@ _LAZY = {
     "load_weights": "keras_vit.weights",
     "save_safetensors": "keras_vit.weights",
     "imagenet_labels": "keras_vit.labels",
-    "resize_model": "keras_vit.resize",
+    "resize_model": "keras_vit.vit",
     "resample_position_embeddings": "keras_vit.resize",
 }
 __all__ = sorted(_LAZY) + ["__version__"]

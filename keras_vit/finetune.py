@@ -32,7 +32,7 @@ def layerwise_optimizer(model: keras.Model, decay: float,
                         make: Callable[[float], keras.optimizers.Optimizer]) -> keras.optimizers.Optimizer:
     """A keras.optimizers.MultiOptimizer that trains each encoder block of `model` at its decayed
     rate; `make(scale)` returns the recipe's optimizer with its learning rate multiplied by scale."""
-    from keras_vit.vit import get_config
+    from keras_vit.model import get_config
 
     if not hasattr(keras.optimizers, "MultiOptimizer"):
         raise ValueError(f"layer decay needs keras.optimizers.MultiOptimizer (Keras >= 3.15); "

@@ -163,9 +163,10 @@ class MultiHeadSelfAttention(layers.Layer):
     """Multi-head self-attention with weights in the official checkpoint layout.
 
     query/key/value kernels (D, heads, head_dim) with biases (heads, head_dim); out kernel
-    (heads, head_dim, D). On JAX it uses keras.ops.dot_product_attention (fused GPU kernels);
-    on TensorFlow, and whenever the probabilities are asked for (inspection), attention dropout
-    is active or the softmax must run in float32, it uses heads-major batched matmuls, which
+    (heads, head_dim, D). On JAX it uses keras.ops.dot_product_attention (fused GPU kernels, in
+    any precision: JAX keeps the logits and softmax in float32); on TensorFlow and torch, and
+    whenever the probabilities are asked for (inspection) or attention dropout is active, it
+    uses heads-major batched matmuls with the softmax in float32, which
     measured faster on CPU and export to a smaller ONNX graph (BENCHMARKS.md).
     With `relative_grid` set, a learned embedding per 2-D offset between patches is used as
     keys of an extra attention whose logits are added as a bias (paper Appendix D.4).
@@ -243,10 +244,10 @@ class MultiHeadSelfAttention(layers.Layer):
         bias = None
         if self.relative_grid is not None:
             bias = self._relative_bias(q)  # from the scaled query: the bias is scaled too
-        explicit = (return_attention_scores or (training and self.dropout_rate > 0)
-                    or keras.backend.standardize_dtype(x.dtype) != "float32")
+        explicit = return_attention_scores or (training and self.dropout_rate > 0)
         if not explicit and keras.backend.backend() == "jax":
-            # JAX's fused attention (cuDNN flash attention on GPU) takes (B, S, heads, head_dim).
+            # JAX's fused attention (cuDNN flash attention on GPU) takes (B, S, heads, head_dim);
+            # with bf16/fp16 inputs it accumulates the logits and the softmax in float32.
             out = ops.dot_product_attention(*(ops.swapaxes(t, 1, 2) for t in (q, k, v)), bias=bias, scale=1.0)
             probs = None
         else:

@@ -4,43 +4,119 @@ Two fast paths on a CPU (BENCHMARKS.md has the measurements and the profile behi
 - fp32 with the whole train step XLA-compiled ("xla"): XLA fuses the element-wise work, and its
   fp32 matmuls are as fast as oneDNN's; but XLA:CPU runs bf16 matmuls no faster than fp32;
 - bf16 (`mixed_bfloat16`) with "fusible" compilation on TensorFlow: oneDNN runs the matmuls in
-  bf16 (about twice the fp32 rate on CPUs with AVX512-BF16 or AMX), while XLA auto-clustering,
+  bf16 (1.7x the fp32 rate with AVX512-BF16, 5.5x with AMX), while XLA auto-clustering,
   limited to fusible element-wise ops, fuses everything between them.
 `auto` picks bf16 + fusible where the CPU multiplies bf16 natively and the step is large enough
-for its matmuls to dominate; small models (the digits default) stay in fp32 + XLA.
+for the GEMMs' saving to pay for the bf16 path's fixed cost (a break-even computed from the CPU's
+fp32 and bf16 GEMM rates); small models (the digits default) stay in fp32 + XLA. On a GPU it
+picks bf16 (compute capability >= 8.0) or fp16 with loss scaling (7.x), with XLA.
 """
 from __future__ import annotations
 
 import os
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 MIXED_PRECISION = ("auto", "none", "mixed_bfloat16", "mixed_float16")
 JIT_MODES = ("auto", "xla", "fusible", "none")
-# Forward GFLOP per training step (batch x ViTConfig.flops()) from which `auto` picks bf16 on a
-# CPU with native bf16. Measured with bench/train.py, batch 16 (BENCHMARKS.md): Ti/16 at 64 px
-# (3 GFLOP) is 13% slower in bf16, at 112 px (9 GFLOP) even, at 224 px (40 GFLOP) 15-25% faster;
-# the digits default (0.6 GFLOP) trains 1.4x slower in bf16.
-AUTO_BF16_MIN_GFLOP_PER_STEP = 15.0
 # TensorFlow's XLA auto-clustering restricted to element-wise/fusible ops (MatMul stays oneDNN's).
 FUSIBLE_FLAGS = ("--tf_xla_auto_jit=2", "--tf_xla_cpu_global_jit", "--tf_xla_ops_to_cluster=FUSIBLE")
-_CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+# GEMM rates (GFLOP/s, 2 cores, ViT-Ti/16 shapes) of fp32 and of bf16 per CPU bf16 feature, from
+# the matmul peaks of bench/train.py (BENCHMARKS.md): AVX512-BF16 on AMD EPYC (440 / 740) and
+# AMX-BF16 on Intel Xeon (360 / 2000).
+CPU_GEMM_GFLOPS = {"amx_bf16": (360.0, 2000.0), "avx512_bf16": (440.0, 740.0)}
+# Extra time per step of the bf16 path (casts, its less fused graph) that its faster GEMMs must pay
+# for: 30 ms puts the AVX512-BF16 break-even at ~11 GFLOP/step, between the measured 9 (even) and
+# 15 (faster) of BENCHMARKS.md; on AMX the same cost is paid back from ~4.4 GFLOP/step.
+BF16_STEP_OVERHEAD_S = 0.030
 
 
-def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
-    """Whether this CPU has bf16 dot-product instructions (AVX512-BF16 or AMX-BF16); Linux only."""
+class Hardware(NamedTuple):
+    """What `auto` looks at: the device kind, the CPU's bf16 feature, a GPU's compute capability."""
+
+    device: str = "cpu"  # "cpu" | "gpu" | "tpu"
+    cpu_bf16: Optional[str] = None  # "amx_bf16" | "avx512_bf16" | None
+    compute_capability: Optional[Tuple[int, int]] = None  # GPUs only; None when unknown
+
+    def describe(self) -> str:
+        if self.device == "gpu":
+            cc = self.compute_capability
+            return "GPU" + (f" (compute capability {cc[0]}.{cc[1]})" if cc else " (compute capability unknown)")
+        if self.device == "tpu":
+            return "TPU"
+        feature = {"amx_bf16": "AMX-BF16", "avx512_bf16": "AVX512-BF16"}.get(self.cpu_bf16 or "")
+        return f"CPU with {feature}" if feature else "CPU without native bf16"
+
+
+class Choice(NamedTuple):
+    """The resolved (policy or "none", jit mode) of a run and the one-line reason for it."""
+
+    mixed_precision: str
+    jit_compile: str
+    reason: str = ""
+
+
+def cpu_bf16_feature(cpuinfo: str = "/proc/cpuinfo") -> Optional[str]:
+    """The CPU's fastest native bf16 feature: "amx_bf16", "avx512_bf16" or None (Linux only)."""
     try:
         with open(cpuinfo) as f:
             for line in f:
                 if line.startswith("flags"):
                     flags = set(line.split(":", 1)[1].split())
-                    return any(flag in flags for flag in _CPU_BF16_FLAGS)
+                    return next((name for name in CPU_GEMM_GFLOPS if name in flags), None)
     except OSError:
         pass
-    return False
+    return None
+
+
+def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether this CPU has bf16 dot-product instructions (AVX512-BF16 or AMX-BF16); Linux only."""
+    return cpu_bf16_feature(cpuinfo) is not None
+
+
+def _nvidia_smi_capability() -> Optional[Tuple[int, int]]:
+    """The first visible GPU's compute capability from nvidia-smi, without starting a framework."""
+    import shutil
+    import subprocess
+
+    if shutil.which("nvidia-smi") is None:
+        return None
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return _parse_capability(out.split("\n", 1)[0])
+
+
+def _parse_capability(text) -> Optional[Tuple[int, int]]:
+    """(major, minor) from "8.0", (8, 0) or similar; None when it cannot be read."""
+    if isinstance(text, (tuple, list)) and len(text) == 2:
+        return int(text[0]), int(text[1])
+    try:
+        major, minor = str(text).strip().split(".")[:2]
+        return int(major), int(minor)
+    except ValueError:
+        return None
+
+
+def _gpu_capability(backend: str) -> Optional[Tuple[int, int]]:
+    """Compute capability of the backend's first GPU (None when unknown)."""
+    try:
+        if backend == "jax":
+            import jax
+
+            return _parse_capability(getattr(jax.devices()[0], "compute_capability", ""))
+        if backend == "torch":
+            import torch
+
+            return tuple(torch.cuda.get_device_capability())
+    except Exception:  # a device query that fails means "unknown", not a failed run
+        return None
+    return _nvidia_smi_capability()
 
 
 def has_accelerator(backend: str) -> bool:
-    """Whether the backend may run on a GPU/TPU (then `auto` keeps fp32 + XLA: bf16 is yours to ask).
+    """Whether the backend may run on a GPU/TPU.
 
     For TensorFlow this looks for GPU device files instead of asking TensorFlow, because
     initialising its devices would fix its XLA flags before `request_fusible_clustering` can set them.
@@ -60,9 +136,54 @@ def has_accelerator(backend: str) -> bool:
     return nvidia or os.path.exists("/dev/kfd") or bool(os.environ.get("TPU_NAME"))
 
 
+def detect_hardware(backend: str) -> Hardware:
+    """The Hardware this process trains on, for `resolve`."""
+    if not has_accelerator(backend):
+        return Hardware("cpu", cpu_bf16_feature())
+    tpu = bool(os.environ.get("TPU_NAME"))
+    if backend == "jax":
+        import jax
+
+        tpu = jax.default_backend() == "tpu"
+    if tpu:
+        return Hardware("tpu")
+    return Hardware("gpu", compute_capability=_gpu_capability(backend))
+
+
+def bf16_break_even_gflop(cpu_bf16: Optional[str]) -> float:
+    """Forward GFLOP per step from which bf16 GEMMs save more than the bf16 path's fixed cost."""
+    if cpu_bf16 not in CPU_GEMM_GFLOPS:
+        return float("inf")
+    fp32, bf16 = CPU_GEMM_GFLOPS[cpu_bf16]
+    # The training step runs ~3x the forward FLOPs (forward + two backward GEMMs).
+    return BF16_STEP_OVERHEAD_S / (3.0 * (1.0 / fp32 - 1.0 / bf16))
+
+
+def _auto_precision(gflop_per_step: float, backend: str, hw: Hardware) -> Tuple[str, str]:
+    """(policy or "none", why) for mixed_precision="auto"."""
+    where = hw.describe()
+    if hw.device == "tpu":
+        return "mixed_bfloat16", f"{where}: bf16 is its native matmul type"
+    if hw.device == "gpu":
+        cc = hw.compute_capability
+        if cc is None or cc >= (8, 0):
+            return "mixed_bfloat16", f"{where}: bf16 tensor cores (fp32 is a 5-10x loss)"
+        if cc >= (7, 0):
+            return "mixed_float16", f"{where}: fp16 tensor cores, no bf16 (loss scaling on)"
+        return "none", f"{where}: no tensor cores, float32"
+    if hw.cpu_bf16 is None:
+        return "none", f"{where}: float32"
+    if backend != "tensorflow":
+        return "none", f"{where}, {backend} backend: XLA:CPU runs bf16 matmuls no faster than fp32, float32"
+    need = bf16_break_even_gflop(hw.cpu_bf16)
+    if gflop_per_step >= need:
+        return "mixed_bfloat16", f"{where}: bf16 GEMMs pay from {need:.1f} GFLOP/step, this step is {gflop_per_step:.1f}"
+    return "none", f"{where}: this step ({gflop_per_step:.1f} GFLOP) is below bf16's break-even {need:.1f}, float32"
+
+
 def resolve(mixed_precision: str, jit_compile, gflop_per_step: float, backend: str,
-            accelerator: bool, native_bf16: Optional[bool] = None) -> Tuple[str, str]:
-    """(mixed precision policy or "none", jit mode "xla" | "fusible" | "none") for a run.
+            hardware: Hardware) -> Choice:
+    """The precision policy and jit mode ("xla" | "fusible" | "none") of a run, with the reason.
 
     `jit_compile` may be a mode name or a bool (True = "xla", False = "none", as in Keras).
     Raises ValueError with one line for a mode this backend cannot run.
@@ -73,17 +194,50 @@ def resolve(mixed_precision: str, jit_compile, gflop_per_step: float, backend: s
         raise ValueError(f"mixed_precision must be one of {', '.join(MIXED_PRECISION)}; got {mixed_precision!r}")
     if jit_compile not in JIT_MODES:
         raise ValueError(f"jit_compile must be one of {', '.join(JIT_MODES)} (or a bool); got {jit_compile!r}")
-    on_tf_cpu = backend == "tensorflow" and not accelerator
+    reasons = []
     if mixed_precision == "auto":
-        if native_bf16 is None:
-            native_bf16 = cpu_has_native_bf16()
-        fast_bf16 = on_tf_cpu and native_bf16 and gflop_per_step >= AUTO_BF16_MIN_GFLOP_PER_STEP
-        mixed_precision = "mixed_bfloat16" if fast_bf16 else "none"
+        mixed_precision, why = _auto_precision(gflop_per_step, backend, hardware)
+        reasons.append(why)
     if jit_compile == "auto":
-        jit_compile = "fusible" if on_tf_cpu and mixed_precision == "mixed_bfloat16" else "xla"
+        on_tf_cpu = backend == "tensorflow" and hardware.device == "cpu"
+        if on_tf_cpu and mixed_precision == "mixed_bfloat16":
+            jit_compile = "fusible"
+            reasons.append("oneDNN bf16 matmuls with XLA-fused element-wise ops")
+        else:
+            jit_compile = "xla"
+            reasons.append("whole step XLA-compiled")
     if jit_compile == "fusible" and backend != "tensorflow":
         raise ValueError(f"jit_compile 'fusible' needs the TensorFlow backend (this is {backend}); use xla or none")
-    return mixed_precision, jit_compile
+    return Choice(mixed_precision, jit_compile, "; ".join(reasons) or "as requested")
+
+
+def mirrored_on_cpus() -> bool:
+    """True inside a tf.distribute strategy over several CPU devices, where XLA cannot place the
+    replicas' variables (https://www.tensorflow.org/xla/known_issues)."""
+    import keras
+
+    if keras.backend.backend() != "tensorflow":
+        return False
+    import tensorflow as tf
+
+    strategy = tf.distribute.get_strategy()
+    if strategy.num_replicas_in_sync < 2:
+        return False
+    return all("CPU" in d.upper() for d in strategy.extended.worker_devices)
+
+
+def model_jit_compile(policy: str, backend: str, hardware: Hardware) -> bool:
+    """`jit_compile` for `model.compile(jit_compile="auto")` of a ViT (the notebook path).
+
+    XLA wherever it is the fast path, CPUs included (Keras' own "auto" turns it off on TensorFlow
+    CPUs). On a TensorFlow CPU in bf16/fp16, graph mode: there oneDNN runs the low-precision GEMMs,
+    which XLA:CPU runs no faster than fp32. torch keeps Keras' choice (no torch.compile).
+    """
+    if backend == "torch":
+        return False
+    if backend == "tensorflow" and hardware.device == "cpu" and policy != "float32":
+        return False
+    return not mirrored_on_cpus()
 
 
 def request_fusible_clustering() -> None:

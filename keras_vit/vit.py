@@ -1,14 +1,18 @@
-"""ViT(...): builds the paper's model (plain or hybrid) as a functional keras.Model."""
+"""ViT(...): the public builder on top of the model (config + graph + checkpoint weights)."""
 from __future__ import annotations
 
-import re
-from typing import Optional, Sequence, Tuple, Union
+from typing import Optional, Tuple, Union
 
 import keras
-from keras import layers
 
 from keras_vit.config import ViTConfig, parse_variant
-from keras_vit.layers import ClassToken, PatchEmbedding, PositionEmbedding, TokenPooling, TransformerBlock
+from keras_vit.model import VisionTransformer, build_model, get_config
+from keras_vit.resize import check_method
+from keras_vit.weights import (ARCHITECTURE_FIELDS, Checkpoint, PathLike, assign_weights, check_variant, model_arrays,
+                               read_checkpoint)
+
+__all__ = ["ViT", "VisionTransformer", "build_config", "build_model", "build_with_weights", "get_config",
+           "resize_model"]
 
 
 def build_config(variant: Optional[str] = "B/16", config: Optional[ViTConfig] = None, **options) -> ViTConfig:
@@ -63,8 +67,6 @@ def ViT(variant: Optional[str] = _Default("B/16"), image_size: Union[int, Tuple[
                    drop_path_rate=drop_path_rate, channels=channels, **overrides)
     ckpt = None
     if weights is not None:
-        from keras_vit.weights import check_variant, read_checkpoint
-
         check_variant(weights, config.variant if config is not None else _given(variant))
         ckpt = read_checkpoint(weights)
     if config is not None:
@@ -74,8 +76,6 @@ def ViT(variant: Optional[str] = _Default("B/16"), image_size: Union[int, Tuple[
         fields = {k: v.value for k, v in options.items() if isinstance(v, _Default)}
         variant_given = _given(variant)
         if ckpt is not None:
-            from keras_vit.weights import ARCHITECTURE_FIELDS
-
             found = {k: v for k, v in ckpt.defaults.items() if k != "class_names" and not (k == "variant" and v is None)}
             if variant_given is not None:
                 found = {k: v for k, v in found.items() if k not in ARCHITECTURE_FIELDS}
@@ -93,84 +93,46 @@ def ViT(variant: Optional[str] = _Default("B/16"), image_size: Union[int, Tuple[
             name_ = variant.value
         cfg = build_config(name_, **fields) if name_ is not None else build_config(config=ViTConfig(**fields))
     if ckpt is not None:
-        from keras_vit.weights import build_with_weights
-
         return build_with_weights(cfg, ckpt, name=name,
                                   representation_size="checkpoint" if rep_from_checkpoint else "config")
     return build_model(cfg, name=name)
 
 
-def _model_name(cfg: ViTConfig) -> str:
-    """A name TensorFlow accepts in graphs and exports: letters, digits and underscores only."""
-    base = cfg.variant or f"D{cfg.hidden_size}_L{cfg.num_layers}_P{cfg.patch_size[0]}"
-    return "vit_" + re.sub(r"[^0-9a-zA-Z_]+", "_", base).strip("_").lower()
+def build_with_weights(cfg: ViTConfig, weights: Union[PathLike, Checkpoint], name: Optional[str] = None, *,
+                       representation_size: Union[None, int, str] = "config", method: str = "linear",
+                       prefix: Optional[str] = None) -> keras.Model:
+    """Build the model for `cfg` and load `weights` (a path, published name, hf://ORG/NAME or a
+    Checkpoint already read) into it.
+
+    `representation_size="checkpoint"` takes the pre-logits size from the checkpoint; the
+    position embeddings are resampled when `cfg.image_size` differs from the checkpoint's. The
+    model carries the checkpoint's class names when its head is the checkpoint's.
+    """
+    check_variant(weights.source if isinstance(weights, Checkpoint) else weights, cfg.variant)
+    ckpt = weights if isinstance(weights, Checkpoint) else read_checkpoint(weights)
+    arrays, big_vision_posemb = ckpt.canonical(num_heads=cfg.num_heads, prefix=prefix)
+    if representation_size == "checkpoint":
+        kernel = arrays.get("pre_logits/kernel")
+        cfg = cfg.replace(representation_size=None if kernel is None else int(kernel.shape[-1]))
+    elif representation_size != "config":
+        cfg = cfg.replace(representation_size=representation_size)
+    model = build_model(cfg, name=name)
+    assign_weights(model, arrays, method=method, big_vision_posemb=big_vision_posemb,
+                   source=f"checkpoint {ckpt.source!r}")
+    names = ckpt.defaults.get("class_names")
+    head = arrays.get("head/kernel")
+    if names and cfg.include_top and head is not None and head.shape[-1] == cfg.num_classes == len(names):
+        model.class_names = list(names)
+    return model
 
 
-@keras.saving.register_keras_serializable(package="keras_vit")
-class VisionTransformer(keras.Model):
-    """The functional graph of Eq. 1-4 for one ViTConfig; a plain keras.Model whose
-    get_config() is the ViTConfig, so save/load rebuilds the same graph by name."""
-
-    def __init__(self, config: Union[ViTConfig, dict], name: Optional[str] = None, **kwargs):
-        cfg = config if isinstance(config, ViTConfig) else ViTConfig.from_dict(dict(config))
-        cfg.validate()
-        inputs, outputs = _build_graph(cfg)
-        super().__init__(inputs, outputs, name=name or _model_name(cfg), **kwargs)
-        self.vit_config = cfg
-
-    def get_config(self) -> dict:
-        return {"config": self.vit_config.to_dict(), "name": self.name, "trainable": self.trainable}
-
-    @classmethod
-    def from_config(cls, config, custom_objects=None):
-        return cls(**config)
-
-
-def _build_graph(cfg: ViTConfig):
-    h, w = cfg.image_size
-    inputs = keras.Input((h, w, cfg.channels), name="images")
-    x = inputs
-    if cfg.include_preprocessing:
-        # [0, 255] -> [-1, 1], the official checkpoints' input range.
-        x = layers.Rescaling(1.0 / 127.5, offset=-1.0, name="preprocessing")(x)
-    if cfg.resnet_layers is not None:
-        from keras_vit.resnet import ResNetStem
-
-        x = ResNetStem(cfg.resnet_layers, width=cfg.resnet_width, name="resnet")(x)
-    x = PatchEmbedding(cfg.hidden_size, cfg.patch_size, name="embedding")(x)
-    prefix = 0
-    if cfg.classifier == "token":
-        x = ClassToken(name="cls")(x)
-        prefix = 1
-    pos_kind = "none" if cfg.pos_embedding == "relative" else cfg.pos_embedding
-    x = PositionEmbedding(pos_kind, cfg.grid_size, num_prefix_tokens=prefix, name="posembed_input")(x)
-    x = layers.Dropout(cfg.dropout_rate, name="dropout")(x)
-    relative_grid = cfg.grid_size if cfg.pos_embedding == "relative" else None
-    for i in range(cfg.num_layers):
-        # Stochastic depth grows linearly with depth (timm, big_vision).
-        dpr = cfg.drop_path_rate * i / max(cfg.num_layers - 1, 1)
-        x = TransformerBlock(cfg.num_heads, cfg.mlp_dim, cfg.dropout_rate, cfg.attention_dropout_rate,
-                             dpr, cfg.gelu_approximate, cfg.layer_norm_epsilon,
-                             relative_grid=relative_grid, num_prefix_tokens=prefix,
-                             name=f"encoderblock_{i}")(x)
-    x = layers.LayerNormalization(epsilon=cfg.layer_norm_epsilon, name="encoder_norm", dtype="float32")(x)
-    x = TokenPooling(cfg.classifier, name="pool")(x)
-    if cfg.representation_size:
-        x = layers.Dense(cfg.representation_size, activation="tanh", name="pre_logits", dtype="float32")(x)
-    if cfg.include_top:
-        x = layers.Dense(cfg.num_classes, kernel_initializer="zeros", name="head", dtype="float32")(x)
-    return inputs, x
-
-
-def build_model(cfg: ViTConfig, name: Optional[str] = None) -> keras.Model:
-    """A VisionTransformer for a config (validated first)."""
-    return VisionTransformer(cfg, name=name)
-
-
-def get_config(model: keras.Model) -> ViTConfig:
-    """The ViTConfig of a keras-vit model; ValueError for any other model."""
-    cfg = getattr(model, "vit_config", None)
-    if not isinstance(cfg, ViTConfig):
-        raise ValueError(f"model {getattr(model, 'name', model)!r} is not a keras-vit model "
-                         "(expected one built by keras_vit.ViT or loaded from its .keras file)")
-    return cfg
+def resize_model(model: keras.Model, image_size: Union[int, Tuple[int, int]],
+                 method: str = "linear") -> keras.Model:
+    """A copy of a keras-vit model for another image size: same weights, position embeddings
+    resampled to the new patch grid (works for models built here or loaded from .keras)."""
+    check_method(method)
+    cfg = get_config(model)
+    new_model = build_model(cfg.replace(image_size=image_size), name=model.name)
+    assign_weights(new_model, model_arrays(model), method=method, source_grid=cfg.grid_size,
+                   source=f"model {model.name!r}")
+    return new_model

@@ -25,17 +25,17 @@ import json
 import logging
 import os
 import re
-import tempfile
-from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
+import keras
 import numpy as np
 
 from keras_vit.config import ViTConfig
-from keras_vit.resize import (_check_method, infer_grid, relative_table_grid, resample_1d,
+from keras_vit.errors import first_line
+from keras_vit.files import atomic_path
+from keras_vit.model import get_config
+from keras_vit.resize import (check_method, infer_grid, relative_table_grid, resample_1d,
                               resample_position_embeddings, resample_relative_embedding)
-
-if TYPE_CHECKING:
-    import keras
 
 PathLike = Union[str, os.PathLike]
 log = logging.getLogger("keras_vit")
@@ -129,14 +129,11 @@ def checkpoint_path(weights: PathLike) -> str:
     if entry is None:
         raise ValueError(f"weights {path!r} is neither an existing .npz or .safetensors file, hf://ORG/NAME "
                          f"nor a published checkpoint; published names: {', '.join(sorted(PUBLISHED))}")
-    import keras
-
     fname = entry.url.rsplit("/", 1)[-1]
     try:
         return keras.utils.get_file(fname=fname, origin=entry.url, cache_subdir=os.path.join("models", "keras_vit"))
     except Exception as exc:  # noqa: BLE001 - any failure to fetch is reported the same way
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ValueError(f"downloading checkpoint {path!r} from {entry.url} failed ({reason}); "
+        raise ValueError(f"downloading checkpoint {path!r} from {entry.url} failed ({first_line(exc)}); "
                          "pass the path of a local .npz file instead") from None
 
 
@@ -174,8 +171,7 @@ def hub_file(spec: str, filename: Optional[str] = None, required: bool = True) -
     except Exception as exc:  # noqa: BLE001 - network and HTTP errors: one line
         if not required:
             return None
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ValueError(f"{spec!r}: downloading {name} failed ({reason})") from None
+        raise ValueError(f"{spec!r}: downloading {name} failed ({first_line(exc)})") from None
 
 
 def read_npz(path: PathLike) -> Dict[str, np.ndarray]:
@@ -204,8 +200,7 @@ def read_safetensors(path: PathLike) -> Tuple[Dict[str, np.ndarray], Dict[str, s
             meta = dict(f.metadata() or {})
             arrays = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as exc:  # noqa: BLE001 - a corrupt or foreign file: one line
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ValueError(f"could not read checkpoint {path!r} as a .safetensors file ({msg})") from None
+        raise ValueError(f"could not read checkpoint {path!r} as a .safetensors file ({first_line(exc)})") from None
     return {k: np.asarray(v, np.float32) if v.dtype.kind == "f" or "bfloat16" in str(v.dtype) else np.asarray(v)
             for k, v in arrays.items()}, meta
 
@@ -450,15 +445,9 @@ def read_checkpoint(weights: PathLike) -> Checkpoint:
 
 
 # --- the model's side -------------------------------------------------------------------
-def _cfg(model: "keras.Model") -> ViTConfig:
-    from keras_vit.vit import get_config
-
-    return get_config(model)
-
-
-def model_variables(model: "keras.Model") -> Dict[str, "keras.Variable"]:
+def model_variables(model: keras.Model) -> Dict[str, keras.Variable]:
     """The model's variables under their canonical (vision_transformer) checkpoint names."""
-    cfg = _cfg(model)
+    cfg = get_config(model)
     out = {}
     if cfg.resnet_layers is not None:
         out.update(model.get_layer("resnet").official_weights())
@@ -496,7 +485,7 @@ def model_variables(model: "keras.Model") -> Dict[str, "keras.Variable"]:
     return out
 
 
-def model_arrays(model: "keras.Model") -> Dict[str, np.ndarray]:
+def model_arrays(model: keras.Model) -> Dict[str, np.ndarray]:
     """The model's weights as numpy arrays under canonical names (what save_npz writes)."""
     return {k: np.asarray(v.numpy() if hasattr(v, "numpy") else v) for k, v in model_variables(model).items()}
 
@@ -529,7 +518,7 @@ def adapt_input_conv(kernel: np.ndarray, channels: int) -> np.ndarray:
     return (np.concatenate([kernel] * reps, axis=2)[:, :, :channels] * (c / channels)).astype(kernel.dtype)
 
 
-def _adapt(values: Dict[str, np.ndarray], target: Mapping[str, "keras.Variable"], cfg: ViTConfig, method: str,
+def _adapt(values: Dict[str, np.ndarray], target: Mapping[str, keras.Variable], cfg: ViTConfig, method: str,
            big_vision_posemb: bool, source_grid: Optional[Sequence[int]], source: str = "checkpoint") -> None:
     """Make checkpoint arrays fit the model where that is well defined: drop a head of another
     size (and pre-logits the model lacks), adapt the input kernel to the model's channels, add
@@ -583,13 +572,13 @@ def _listing(keys, limit: int = 8) -> str:
     return shown + (f" ... and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
-def assign_weights(model: "keras.Model", arrays: Mapping[str, np.ndarray], *, method: str = "linear",
+def assign_weights(model: keras.Model, arrays: Mapping[str, np.ndarray], *, method: str = "linear",
                    big_vision_posemb: bool = False, source_grid: Optional[Sequence[int]] = None,
                    source: str = "checkpoint") -> None:
     """Assign canonical-named arrays to the model, all or nothing (ValueError listing every
     missing key, unexpected key and shape mismatch)."""
-    _check_method(method)
-    cfg = _cfg(model)
+    check_method(method)
+    cfg = get_config(model)
     target = model_variables(model)
     values = dict(arrays)
     _adapt(values, target, cfg, method, big_vision_posemb, source_grid, source)
@@ -620,8 +609,8 @@ def assign_weights(model: "keras.Model", arrays: Mapping[str, np.ndarray], *, me
             var.assign(values[k].astype(var.dtype))
 
 
-def load_weights(model: "keras.Model", weights: PathLike, *, prefix: Optional[str] = None,
-                 method: str = "linear") -> "keras.Model":
+def load_weights(model: keras.Model, weights: PathLike, *, prefix: Optional[str] = None,
+                 method: str = "linear") -> keras.Model:
     """Load a checkpoint (.npz, timm/Hugging Face .safetensors, published name or hf://ORG/NAME)
     into a keras-vit model, in place; returns the model.
 
@@ -630,56 +619,43 @@ def load_weights(model: "keras.Model", weights: PathLike, *, prefix: Optional[st
     model's grid with `method`.
     """
     ckpt = read_checkpoint(weights)
-    arrays, big_vision_posemb = ckpt.canonical(num_heads=_cfg(model).num_heads, prefix=prefix)
+    arrays, big_vision_posemb = ckpt.canonical(num_heads=get_config(model).num_heads, prefix=prefix)
     assign_weights(model, arrays, method=method, big_vision_posemb=big_vision_posemb,
                    source=f"checkpoint {ckpt.source!r}")
     return model
 
 
-def load_npz(model: "keras.Model", path: PathLike, *, prefix: Optional[str] = None,
-             method: str = "linear") -> "keras.Model":
+def load_npz(model: keras.Model, path: PathLike, *, prefix: Optional[str] = None,
+             method: str = "linear") -> keras.Model:
     """Load an official .npz checkpoint (path or published name) into a keras-vit model, in place
     (any format `load_weights` reads is accepted). Returns the model."""
     return load_weights(model, path, prefix=prefix, method=method)
 
 
-def _write_then_rename(path: PathLike, suffix: str, write) -> str:
-    """Call write(tmp_path) on a temporary file beside `path`, then rename it into place."""
-    path = os.fspath(path)
+def _check_folder(path: str) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise ValueError(f"cannot write {path!r}: folder {folder!r} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=".keras_vit_", suffix=suffix + ".tmp", dir=folder)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+
+
+def save_npz(model: keras.Model, path: PathLike) -> str:
+    """Write the model's weights as an .npz in the vision_transformer layout (loadable by the
+    official code and timm for the standard options); the file is written then renamed."""
+    path = os.fspath(path)
+    arrays = model_arrays(model)
+    _check_folder(path)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrays)
     return path
 
 
-def save_npz(model: "keras.Model", path: PathLike) -> str:
-    """Write the model's weights as an .npz in the vision_transformer layout (loadable by the
-    official code and timm for the standard options); the file is written then renamed."""
-    arrays = model_arrays(model)
-
-    def write(tmp: str) -> None:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-
-    return _write_then_rename(path, ".npz", write)
-
-
-def save_safetensors(model: "keras.Model", path: PathLike) -> str:
+def save_safetensors(model: keras.Model, path: PathLike) -> str:
     """Write the model's weights as a .safetensors file in timm's VisionTransformer layout (fused
     qkv, PyTorch (out, in) kernels), with the keras-vit config and class names as metadata so
     `ViT(weights=path)` rebuilds the same model; written then renamed."""
     from keras_vit import torch_layout
 
-    cfg = _cfg(model)
+    cfg = get_config(model)
     if cfg.pos_embedding not in ("learned", "none", "sincos2d"):
         raise ValueError(f"pos_embedding {cfg.pos_embedding!r} has no timm equivalent; "
                          "save this model with keras_vit.save_npz instead")
@@ -691,7 +667,11 @@ def save_safetensors(model: "keras.Model", path: PathLike) -> str:
     names = getattr(model, "class_names", None)
     meta = {"format": "pt",
             "keras_vit": json.dumps({"config": cfg.to_dict(), "class_names": list(names) if names else None})}
-    return _write_then_rename(path, ".safetensors", lambda tmp: save_file(tensors, tmp, metadata=meta))
+    path = os.fspath(path)
+    _check_folder(path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, tmp, metadata=meta)
+    return path
 
 
 def check_variant(weights: PathLike, variant: Optional[str]) -> None:
@@ -703,37 +683,7 @@ def check_variant(weights: PathLike, variant: Optional[str]) -> None:
                          f"build it with variant={entry.variant!r}, not {variant!r}")
 
 
-def build_with_weights(cfg: ViTConfig, weights: Union[PathLike, Checkpoint], name: Optional[str] = None, *,
-                       representation_size: Union[None, int, str] = "config", method: str = "linear",
-                       prefix: Optional[str] = None) -> "keras.Model":
-    """Build the model for `cfg` and load `weights` (a path, published name, hf://ORG/NAME or a
-    Checkpoint already read) into it.
-
-    `representation_size="checkpoint"` takes the pre-logits size from the checkpoint; the
-    position embeddings are resampled when `cfg.image_size` differs from the checkpoint's. The
-    model carries the checkpoint's class names when its head is the checkpoint's.
-    """
-    from keras_vit.vit import build_model
-
-    check_variant(weights.source if isinstance(weights, Checkpoint) else weights, cfg.variant)
-    ckpt = weights if isinstance(weights, Checkpoint) else read_checkpoint(weights)
-    arrays, big_vision_posemb = ckpt.canonical(num_heads=cfg.num_heads, prefix=prefix)
-    if representation_size == "checkpoint":
-        kernel = arrays.get("pre_logits/kernel")
-        cfg = cfg.replace(representation_size=None if kernel is None else int(kernel.shape[-1]))
-    elif representation_size != "config":
-        cfg = cfg.replace(representation_size=representation_size)
-    model = build_model(cfg, name=name)
-    assign_weights(model, arrays, method=method, big_vision_posemb=big_vision_posemb,
-                   source=f"checkpoint {ckpt.source!r}")
-    names = ckpt.defaults.get("class_names")
-    head = arrays.get("head/kernel")
-    if names and cfg.include_top and head is not None and head.shape[-1] == cfg.num_classes == len(names):
-        model.class_names = list(names)
-    return model
-
-
 __all__ = ["PUBLISHED", "Published", "Checkpoint", "checkpoint_path", "hub_file", "read_npz", "read_safetensors",
            "read_checkpoint", "shape_defaults", "canonicalize", "model_variables", "model_arrays",
            "adapt_input_conv", "assign_weights", "load_weights", "load_npz", "save_npz", "save_safetensors",
-           "build_with_weights"]
+           "check_variant", "ARCHITECTURE_FIELDS"]

@@ -21,15 +21,10 @@ FAMILIES = {
 DIGIT_NAMES = [str(i) for i in range(10)]
 
 
-def hybrid_available() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("keras_vit.resnet") is not None
-
-
-def small_model(family: str = "learned", seed: int = 0):
+def small_model(family: str = "learned", seed: int = 0, **options):
     """A Ti-width ViT on 32x32 images; zero-initialised weights (head, class token, biases) are
-    filled with noise so that logits differ between classes and images."""
+    filled with noise so that logits differ between classes and images. `options` are further
+    ViTConfig fields (e.g. gelu_approximate=False)."""
     import keras
 
     import keras_vit
@@ -38,10 +33,10 @@ def small_model(family: str = "learned", seed: int = 0):
     if family == "hybrid":
         # A two-stage BiT ResNet (one unit each, total stride 8) under a one-block Ti encoder.
         cfg = keras_vit.ViTConfig(**TI, patch_size=1, image_size=32, num_classes=10, resnet_layers=(1, 1),
-                                  variant="R+Ti/8")
+                                  variant="R+Ti/8", **options)
         model = keras_vit.ViT(config=cfg)
     else:
-        model = keras_vit.ViT("Ti/4", image_size=32, num_classes=10, **TI, **FAMILIES[family])
+        model = keras_vit.ViT("Ti/4", image_size=32, num_classes=10, **TI, **{**FAMILIES[family], **options})
     rng = np.random.RandomState(seed)
     for w in model.weights:
         value = np.asarray(w.numpy())

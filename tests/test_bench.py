@@ -5,13 +5,16 @@ from bench import infer, train
 
 
 def test_train_quick_measures_keras_vit_and_reports_ratios(capsys):
-    results = train.main(["--quick", "--cases", "peak,tf-xla,timm"])
+    results = train.main(["--quick", "--cases", "peak,tf-xla,notebook,timm"])
     by = {r["case"]: r for r in results}
     assert by["peak"]["peak_fp32"] > 0
     r = by["tf-xla"]
     assert "error" not in r, r
     assert r["img_s"]["median"] > 0 and r["peak_rss_mb"] > 0
     assert 0 < r["share_of_peak"] < 1.5
+    notebook = by["notebook"]  # compile(optimizer, loss) + fit on tf.data, no other argument
+    assert "error" not in notebook, notebook
+    assert notebook["jit"] == "True" and notebook["img_s"]["median"] > 0
     if "img_s" in by["timm"]:
         assert r["x_timm"] > 0
     else:
@@ -34,3 +37,26 @@ def test_infer_quick_runs_keras_and_onnx_and_agrees(capsys):
 def test_unknown_case_is_one_clear_error():
     with pytest.raises(SystemExit, match="unknown case"):
         train.main(["--quick", "--cases", "nope"])
+
+
+def test_gpu_bench_runs_without_tensorflow(tmp_path):
+    """bench/gpu.py is for machines with JAX and torch but no TensorFlow: it must never import it."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    blocker = tmp_path / "site" / "tensorflow"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text("raise ImportError('TensorFlow is not on this machine')\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=f"{tmp_path / 'site'}{os.pathsep}{root}")
+    out = tmp_path / "gpu.json"
+    proc = subprocess.run([sys.executable, "-m", "bench.gpu", "--quick", "--device", "cpu",
+                           "--cases", "peak,keras-jax", "--json", str(out)],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    by = {r["case"]: r for r in json.loads(out.read_text())["results"]}
+    assert "error" not in by["keras-jax"], by["keras-jax"]
+    assert by["keras-jax"]["img_s"]["median"] > 0
+    assert by["peak"]["peak_bf16_tflops"] > 0 and 0 < by["keras-jax"]["mfu_measured_peak"] < 1.5

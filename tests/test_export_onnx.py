@@ -5,17 +5,14 @@ import json
 import os
 
 import numpy as np
+import onnx  # a required dependency: a failed import fails the suite, it is not skipped
+import onnxruntime as ort
 import pytest
 
-from export_helpers import DIGIT_NAMES, full_ti16, FAMILIES, hybrid_available, small_model, trained_digits
+from export_helpers import DIGIT_NAMES, full_ti16, FAMILIES, small_model, trained_digits
+from keras_vit.export import ExportError, to_onnx, verify
 
-onnx = pytest.importorskip("onnx")
-ort = pytest.importorskip("onnxruntime")
-
-from keras_vit.export import ExportError, to_onnx, verify  # noqa: E402
-
-FAMILY_PARAMS = list(FAMILIES) + [pytest.param("hybrid", marks=pytest.mark.skipif(
-    not hybrid_available(), reason="keras_vit.resnet (hybrid backbone) not in this tree yet"))]
+FAMILY_PARAMS = list(FAMILIES) + ["hybrid"]
 
 
 @pytest.mark.parametrize("family", FAMILY_PARAMS)
@@ -144,3 +141,47 @@ def test_full_ti16_at_224_matches_keras(tmp_path):
     for batch in (1, 7):
         report = verify(model, path, images="photos", num_images=14, batch_size=batch)
         assert report["passed"], report["failures"]
+
+
+EXACT_GELU_FAMILIES = {"learned": {}, "relative": dict(pos_embedding="relative"),
+                       "learned_2d-gap": dict(pos_embedding="learned_2d", classifier="gap"),
+                       "sincos2d": dict(pos_embedding="sincos2d")}
+
+
+@pytest.mark.parametrize("family", list(EXACT_GELU_FAMILIES) + ["hybrid"])
+def test_exact_gelu_exports_as_erf_and_matches_keras(family, tmp_path):
+    """tf.nn.gelu(approximate=False) traces to Erfc, which ONNX lacks; the file uses Erf instead."""
+    if family == "hybrid":
+        model = small_model("hybrid", gelu_approximate=False)
+    else:
+        model = small_model("learned", gelu_approximate=False, **EXACT_GELU_FAMILIES[family])
+    path = to_onnx(model, tmp_path / "m.onnx")
+    ops = [n.op_type for n in onnx.load(path).graph.node]
+    assert "Erfc" not in ops and ops.count("Erf") == model.vit_config.num_layers
+    report = verify(model, path, images="default", num_images=6, batch_size=3, write_report=False)
+    assert report["max_abs_diff"] <= 1e-4 and report["top1_agreement"] == 1.0, report["failures"]
+    if family == "learned":  # onnxruntime's optimizer recognises the rewritten pattern as a GELU
+        opt = to_onnx(model, tmp_path / "opt.onnx", optimize=True)
+        ops = {n.op_type for n in onnx.load(opt).graph.node}
+        assert ops & {"Gelu", "BiasGelu"} and not ops & {"Erf", "Erfc"}
+        report = verify(model, opt, images="default", num_images=6, batch_size=3, write_report=False)
+        assert report["max_abs_diff"] <= 1e-4 and report["top1_agreement"] == 1.0, report["failures"]
+
+
+def test_erfc_outside_gelu_becomes_one_minus_erf():
+    """A lone Erfc (not tf.nn.gelu's pattern) is rewritten as 1 - Erf(y); values match math.erfc."""
+    import math
+
+    from onnx import TensorProto, helper
+
+    from keras_vit.export.onnx import _replace_erfc
+
+    graph = helper.make_graph([helper.make_node("Erfc", ["y"], ["z"], name="erfc")], "g",
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [5])],
+                              [helper.make_tensor_value_info("z", TensorProto.FLOAT, [5])])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    assert _replace_erfc(proto) == 1
+    onnx.checker.check_model(proto, full_check=True)
+    y = np.array([-3.0, -0.5, 0.0, 0.7, 2.0], np.float32)
+    z = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"y": y})[0]
+    np.testing.assert_allclose(z, [math.erfc(v) for v in y], atol=1e-6)

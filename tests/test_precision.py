@@ -16,24 +16,61 @@ def test_cpu_bf16_flag_detection(tmp_path):
     assert P.cpu_has_native_bf16(str(with_bf16)) and P.cpu_has_native_bf16(str(amx))
     assert not P.cpu_has_native_bf16(str(without))
     assert not P.cpu_has_native_bf16(str(tmp_path / "missing"))
+    both = tmp_path / "d"
+    both.write_text("flags\t: avx512_bf16 amx_bf16 amx_tile\n")
+    assert P.cpu_bf16_feature(str(both)) == "amx_bf16"  # the faster one
+    assert P.cpu_bf16_feature(str(with_bf16)) == "avx512_bf16"
+    assert P.cpu_bf16_feature(str(without)) is None
+
+
+AVX512 = P.Hardware("cpu", "avx512_bf16")
+AMX = P.Hardware("cpu", "amx_bf16")
+PLAIN_CPU = P.Hardware("cpu", None)
+A100 = P.Hardware("gpu", compute_capability=(8, 0))
+V100 = P.Hardware("gpu", compute_capability=(7, 0))
+P100 = P.Hardware("gpu", compute_capability=(6, 0))
+GPU_UNKNOWN = P.Hardware("gpu")
+TPU = P.Hardware("tpu")
 
 
 @pytest.mark.parametrize("args, expected", [
-    # (mixed, jit, GFLOP/step, backend, accelerator, native bf16) -> (mixed, jit)
-    (("auto", "auto", 40.0, "tensorflow", False, True), ("mixed_bfloat16", "fusible")),
-    (("auto", "auto", 0.6, "tensorflow", False, True), ("none", "xla")),  # small step: fp32 wins
-    (("auto", "auto", 40.0, "tensorflow", False, False), ("none", "xla")),  # no native bf16
-    (("auto", "auto", 40.0, "tensorflow", True, True), ("none", "xla")),  # GPU: the user's choice
-    (("auto", "auto", 40.0, "jax", False, True), ("none", "xla")),  # XLA:CPU bf16 dots are not faster
-    (("mixed_bfloat16", "auto", 0.1, "tensorflow", False, False), ("mixed_bfloat16", "fusible")),
-    (("mixed_bfloat16", "auto", 40.0, "jax", False, True), ("mixed_bfloat16", "xla")),
-    (("none", True, 40.0, "tensorflow", False, True), ("none", "xla")),
-    (("auto", False, 40.0, "tensorflow", False, True), ("mixed_bfloat16", "none")),
-    (("mixed_float16", "none", 1.0, "tensorflow", False, True), ("mixed_float16", "none")),
+    # (mixed, jit, GFLOP/step, backend, hardware) -> (mixed, jit)
+    (("auto", "auto", 40.0, "tensorflow", AVX512), ("mixed_bfloat16", "fusible")),
+    (("auto", "auto", 0.6, "tensorflow", AVX512), ("none", "xla")),  # small step: fp32 wins
+    (("auto", "auto", 9.0, "tensorflow", AVX512), ("none", "xla")),  # measured even at 9 GFLOP
+    (("auto", "auto", 6.0, "tensorflow", AMX), ("mixed_bfloat16", "fusible")),  # AMX pays back sooner
+    (("auto", "auto", 0.6, "tensorflow", AMX), ("none", "xla")),
+    (("auto", "auto", 40.0, "tensorflow", PLAIN_CPU), ("none", "xla")),  # no native bf16
+    (("auto", "auto", 40.0, "jax", AMX), ("none", "xla")),  # XLA:CPU bf16 dots are not faster
+    (("auto", "auto", 0.6, "tensorflow", A100), ("mixed_bfloat16", "xla")),
+    (("auto", "auto", 0.6, "jax", A100), ("mixed_bfloat16", "xla")),
+    (("auto", "auto", 40.0, "tensorflow", V100), ("mixed_float16", "xla")),
+    (("auto", "auto", 40.0, "tensorflow", P100), ("none", "xla")),
+    (("auto", "auto", 40.0, "torch", GPU_UNKNOWN), ("mixed_bfloat16", "xla")),
+    (("auto", "auto", 40.0, "jax", TPU), ("mixed_bfloat16", "xla")),
+    (("mixed_bfloat16", "auto", 0.1, "tensorflow", PLAIN_CPU), ("mixed_bfloat16", "fusible")),
+    (("mixed_bfloat16", "auto", 40.0, "jax", AVX512), ("mixed_bfloat16", "xla")),
+    (("none", True, 40.0, "tensorflow", AVX512), ("none", "xla")),
+    (("auto", False, 40.0, "tensorflow", AVX512), ("mixed_bfloat16", "none")),
+    (("mixed_float16", "none", 1.0, "tensorflow", AVX512), ("mixed_float16", "none")),
 ])
 def test_resolve(args, expected):
-    mixed, jit, gflop, backend, accelerator, bf16 = args
-    assert P.resolve(mixed, jit, gflop, backend, accelerator, native_bf16=bf16) == expected
+    choice = P.resolve(*args)
+    assert (choice.mixed_precision, choice.jit_compile) == expected
+    assert choice.reason  # printed with the run; says why
+
+
+def test_resolve_reason_names_the_hardware():
+    assert "AMX-BF16" in P.resolve("auto", "auto", 40.0, "tensorflow", AMX).reason
+    assert "compute capability 7.0" in P.resolve("auto", "auto", 1.0, "tensorflow", V100).reason
+    assert "below bf16's break-even" in P.resolve("auto", "auto", 0.6, "tensorflow", AVX512).reason
+
+
+def test_break_even_follows_the_gemm_rates():
+    # The more bf16 GEMMs gain over fp32, the smaller the step from which bf16 pays.
+    amx, avx = P.bf16_break_even_gflop("amx_bf16"), P.bf16_break_even_gflop("avx512_bf16")
+    assert 3.0 < amx < avx < 15.0
+    assert P.bf16_break_even_gflop(None) == float("inf")
 
 
 @pytest.mark.parametrize("mixed, jit, backend, message", [
@@ -43,7 +80,28 @@ def test_resolve(args, expected):
 ])
 def test_resolve_rejects(mixed, jit, backend, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        P.resolve(mixed, jit, 1.0, backend, False, native_bf16=True)
+        P.resolve(mixed, jit, 1.0, backend, AVX512)
+
+
+def test_detect_hardware_on_a_faked_gpu_machine(monkeypatch):
+    monkeypatch.setattr(P, "has_accelerator", lambda backend: True)
+    monkeypatch.delenv("TPU_NAME", raising=False)
+    monkeypatch.setattr(P, "_nvidia_smi_capability", lambda: (9, 0))
+    assert P.detect_hardware("tensorflow") == P.Hardware("gpu", compute_capability=(9, 0))
+    monkeypatch.setenv("TPU_NAME", "local")
+    assert P.detect_hardware("tensorflow").device == "tpu"
+
+
+def test_detect_hardware_on_a_cpu(monkeypatch, tmp_path):
+    monkeypatch.setattr(P, "has_accelerator", lambda backend: False)
+    monkeypatch.setattr(P, "cpu_bf16_feature", lambda cpuinfo="/proc/cpuinfo": "amx_bf16")
+    assert P.detect_hardware("tensorflow") == AMX
+
+
+def test_capability_parsing():
+    assert P._parse_capability("8.6\n") == (8, 6)
+    assert P._parse_capability((7, 5)) == (7, 5)
+    assert P._parse_capability("") is None
 
 
 def test_fusible_flags_merge_with_the_users(monkeypatch):

@@ -155,16 +155,21 @@ def test_bf16_fusible_run_records_its_modes(tmp_path):
 def test_auto_modes_resolve_by_step_size(monkeypatch):
     from keras_vit import precision
 
-    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda cpuinfo="": True)
+    monkeypatch.setattr(precision, "cpu_bf16_feature", lambda cpuinfo="": "avx512_bf16")
     monkeypatch.setattr(precision, "has_accelerator", lambda backend: False)
+
+    def modes(cfg):
+        return tuple(kt.resolve_speed(cfg)[:2])
+
     small = kt.make_config("digits")  # 0.6 GFLOP per step: fp32 + XLA
-    assert kt.resolve_speed(small) == ("none", "xla")
+    assert modes(small) == ("none", "xla")
     big = kt.make_config("tfds:imagenet2012")  # Ti/16 at 224 px, batch 64: bf16 + fusible
-    assert kt.resolve_speed(big) == ("mixed_bfloat16", "fusible")
-    assert kt.resolve_speed(dataclasses.replace(big, mixed_precision="none")) == ("none", "xla")
-    assert kt.resolve_speed(dataclasses.replace(big, jit_compile=False)) == ("mixed_bfloat16", "none")
-    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda cpuinfo="": False)
-    assert kt.resolve_speed(big) == ("none", "xla")
+    assert modes(big) == ("mixed_bfloat16", "fusible")
+    assert "AVX512-BF16" in kt.resolve_speed(big).reason
+    assert modes(dataclasses.replace(big, mixed_precision="none")) == ("none", "xla")
+    assert modes(dataclasses.replace(big, jit_compile=False)) == ("mixed_bfloat16", "none")
+    monkeypatch.setattr(precision, "cpu_bf16_feature", lambda cpuinfo="": None)
+    assert modes(big) == ("none", "xla")
 
 
 @pytest.mark.jax

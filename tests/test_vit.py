@@ -165,3 +165,24 @@ def test_model_name_is_safe_for_graph_export():
     cfg = ViTConfig(image_size=16, patch_size=8, num_classes=2, variant="R+Ti/8 (test)", **TINY)
     assert keras_vit.ViT(config=cfg).name == "vit_r_ti_8_test"
     assert keras_vit.ViT(variant="Ti/8", image_size=16, **TINY).name == "vit_ti_8"
+
+
+def test_compile_auto_jit_is_xla_in_float32_and_graph_mode_in_bf16_on_a_tf_cpu():
+    """The notebook path: compile(optimizer, loss) alone gets the fast compilation for the policy."""
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    x = np.random.default_rng(0).uniform(0, 255, (4, 16, 16, 3)).astype("float32")
+    y = np.arange(4) % 3
+    model = keras_vit.ViT(variant="Ti/8", image_size=16, num_classes=3, num_layers=1)
+    model.compile(optimizer="sgd", loss=loss)
+    assert model.jit_compile is True  # Keras' own "auto" gives False on a TensorFlow CPU
+    assert np.isfinite(model.fit(x, y, epochs=1, verbose=0).history["loss"][0])
+    model.compile(optimizer="sgd", loss=loss, jit_compile=False)  # an explicit choice is kept
+    assert model.jit_compile is False
+    try:
+        keras.mixed_precision.set_global_policy("mixed_bfloat16")
+        bf16 = keras_vit.ViT(variant="Ti/8", image_size=16, num_classes=3, num_layers=1)
+        bf16.compile(optimizer="sgd", loss=loss)
+        assert bf16.jit_compile is False  # oneDNN's bf16 GEMMs in graph mode; XLA:CPU's are not faster
+        assert np.isfinite(bf16.fit(x, y, epochs=1, verbose=0).history["loss"][0])
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
