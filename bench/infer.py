@@ -61,7 +61,7 @@ def keras_model(args):
     import keras
     import numpy as np
 
-    from keras_vit.vit import build_model
+    from keras_vit.model import build_model
 
     keras.utils.set_random_seed(0)
     model = build_model(config(args))

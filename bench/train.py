@@ -69,7 +69,7 @@ def _keras_model(case: str, cfg):
     import keras
 
     if case != "kerashub":
-        from keras_vit.vit import build_model
+        from keras_vit.model import build_model
 
         return build_model(cfg)
     import keras_hub

@@ -108,13 +108,10 @@ def _read_image(path: str, size: Tuple[int, int], channels: int):
 
 
 def _write_json(path: str, obj) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
+    from keras_vit.files import write_json
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    write_json(path, obj)
 
 
 def _parse_shots(text: str) -> List[int]:
@@ -149,7 +146,7 @@ def inspect_cmd(model_spec: str, image_paths: Tuple[str, ...], dataset: Optional
     import numpy as np
 
     from keras_vit import inspect as kin
-    from keras_vit.vit import get_config
+    from keras_vit.model import get_config
 
     model = _load_model_arg(model_spec)
     cfg = get_config(model)
@@ -196,7 +193,7 @@ def fewshot_cmd(model_spec: str, dataset: str, shots: str, draws: int, seed: int
     (mean and spread); the regulariser is chosen on the validation split."""
     shot_list = _parse_shots(shots)
     from keras_vit import fewshot
-    from keras_vit.vit import get_config
+    from keras_vit.model import get_config
 
     data = load_splits(dataset)
     size, channels = _model_input(data)

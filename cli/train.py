@@ -130,7 +130,7 @@ def evaluate_cmd(model_arg: str, dataset: str, batch_size: int, seed: int, as_js
 def predict_cmd(model_arg: str, top_k: int, images: Sequence[str]) -> None:
     """Top-k class names with probabilities for each IMAGE, one line each."""
     from keras_vit import train as ktrain
-    from keras_vit.vit import get_config
+    from keras_vit.model import get_config
 
     missing = [p for p in images if not os.path.isfile(p)]
     if missing:

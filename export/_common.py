@@ -1,11 +1,9 @@
-"""Helpers shared by the ONNX and TFLite exporters: the model, its metadata, safe file writes."""
+"""Helpers shared by the ONNX and TFLite exporters: the model, its metadata, output paths."""
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import tempfile
-from typing import Iterator, List, Optional, Sequence, Union
+from typing import List, Optional, Sequence, Union
 
 PathLike = Union[str, os.PathLike]
 
@@ -17,7 +15,7 @@ class ExportError(ValueError):
 def resolve_model(model):
     """(keras model, ViTConfig) from a keras-vit model or a path to its .keras file."""
     from keras_vit.saving import load_model
-    from keras_vit.vit import get_config
+    from keras_vit.model import get_config
 
     if isinstance(model, (str, os.PathLike)):
         try:
@@ -89,27 +87,3 @@ def check_output_path(path: PathLike, suffix: str) -> str:
     if os.path.exists(path) and not os.access(path, os.W_OK):
         raise ExportError(f"output file {path!r} exists and is not writable")
     return path
-
-
-@contextlib.contextmanager
-def atomic_output(path: str) -> Iterator[str]:
-    """Yield a temporary path beside `path`; rename it over `path` only if the block succeeds,
-    so an existing file is replaced only by a complete new one."""
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
-                               dir=os.path.dirname(path))
-    os.close(fd)
-    try:
-        yield tmp
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual mode
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def write_text_atomic(path: str, text: str) -> None:
-    with atomic_output(path) as tmp:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)

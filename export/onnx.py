@@ -11,8 +11,9 @@ import os
 import tempfile
 from typing import Optional, Sequence
 
-from keras_vit.export._common import (ExportError, PathLike, atomic_output, check_class_names,
+from keras_vit.export._common import (ExportError, PathLike, check_class_names,
                                       check_output_path, check_tensorflow_backend, metadata, resolve_model)
+from keras_vit.files import atomic_path
 
 MIN_OPSET = 17  # LayerNormalization became a standard op in 17; the issue asks for 17 or newer
 INPUT_NAME = "images"
@@ -78,7 +79,7 @@ def to_onnx(model, path: PathLike, opset: int = MIN_OPSET, optimize: bool = Fals
         proto.doc_string = (f"keras-vit {meta['variant']} ({meta['image_size']}, {cfg.num_classes} classes, "
                             f"{precision}): {meta['input']} -> {meta['output']}")
         onnx.checker.check_model(proto, full_check=True)
-        with atomic_output(path) as tmp:
+        with atomic_path(path) as tmp:
             onnx.save(proto, tmp)
     return path
 

@@ -14,9 +14,10 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from keras_vit.export._common import (ExportError, PathLike, atomic_output, check_class_names,
+from keras_vit.export._common import (ExportError, PathLike, check_class_names,
                                       check_output_path, check_tensorflow_backend, metadata,
-                                      resolve_model, write_text_atomic)
+                                      resolve_model)
+from keras_vit.files import atomic_path, write_text
 
 QUANTIZE = (None, "fp16", "dynamic", "int8")
 METADATA_NAME = "keras_vit"
@@ -79,11 +80,11 @@ def to_tflite(model, path: PathLike, quantize: Optional[str] = None, representat
     if calibration is not None:
         meta["calibration_images"] = str(len(calibration))
     flatbuffer = add_metadata(flatbuffer, METADATA_NAME, json.dumps(meta, sort_keys=True).encode())
-    with atomic_output(path) as tmp:
+    with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             f.write(flatbuffer)
     if names is not None:
-        write_text_atomic(labels_path(path), "\n".join(names) + "\n")
+        write_text(labels_path(path), "\n".join(names) + "\n")
     return path
 
 

@@ -16,7 +16,8 @@ from typing import Callable, Dict, Optional
 
 import numpy as np
 
-from keras_vit.export._common import ExportError, PathLike, resolve_model, write_text_atomic
+from keras_vit.export._common import ExportError, PathLike, resolve_model
+from keras_vit.files import write_text
 
 THRESHOLDS: Dict[str, Dict[str, float]] = {
     "fp32": {"max_abs_diff": 1e-4, "top1_agreement": 1.0},
@@ -183,7 +184,7 @@ def verify(keras_model, exported_path: PathLike, images=None, num_images: int = 
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     if write_report:
-        write_text_atomic(report_path(exported_path), json.dumps(report, indent=2) + "\n")
+        write_text(report_path(exported_path), json.dumps(report, indent=2) + "\n")
         report["report_path"] = report_path(exported_path)
     return report
 

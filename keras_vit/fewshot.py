@@ -14,7 +14,10 @@ from __future__ import annotations
 
 from typing import Dict, Optional, Sequence, Tuple
 
+import keras
 import numpy as np
+
+from keras_vit.model import get_config
 
 __all__ = ["DEFAULT_SHOTS", "DEFAULT_L2_GRID", "feature_extractor", "extract_features", "ridge_regression",
            "ridge_predict", "fewshot_evaluate", "evaluate_model"]
@@ -28,10 +31,6 @@ BIAS_CONSTANT = 100.0
 def feature_extractor(model):
     """The model up to its pre-logits features (B, D): the model itself when built with
     include_top=False, else a functional sub-model ending at the input of "head"."""
-    import keras
-
-    from keras_vit.vit import get_config
-
     cfg = get_config(model)
     if not cfg.include_top:
         return model
@@ -42,10 +41,6 @@ def extract_features(model, images: np.ndarray, batch_size: int = 128) -> np.nda
     """Frozen pre-logits features (N, D) float32 of float images in [0, 255] (N, H, W, C).
 
     Images of another size than the model's are resized (bilinear) to it."""
-    import keras
-
-    from keras_vit.vit import get_config
-
     cfg = get_config(model)
     images = np.asarray(images, dtype=np.float32)
     if images.ndim != 4:

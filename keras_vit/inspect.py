@@ -18,7 +18,12 @@ from __future__ import annotations
 import os
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+import keras
 import numpy as np
+
+from keras_vit.files import atomic_path
+from keras_vit.layers import TransformerBlock
+from keras_vit.model import get_config
 
 __all__ = [
     "attention_maps", "attention_rollout", "rollout_from_attention", "mean_attention_distance",
@@ -29,19 +34,13 @@ __all__ = [
 
 
 # --- model geometry ------------------------------------------------------------------------
-def _config(model):
-    from keras_vit.vit import get_config
-
-    return get_config(model)
-
-
 def _num_prefix_tokens(model) -> int:
-    return 1 if _config(model).classifier == "token" else 0
+    return 1 if get_config(model).classifier == "token" else 0
 
 
 def _check_images(model, images) -> np.ndarray:
     """(B, H, W, C) float32 of the model's input size; a single (H, W, C) image is batched."""
-    cfg = _config(model)
+    cfg = get_config(model)
     x = np.asarray(images, dtype=np.float32)
     if x.ndim == 3:
         x = x[None]
@@ -61,10 +60,6 @@ def attention_maps(model, images, batch_size: int = 32) -> List[np.ndarray]:
     TransformerBlock with `return_attention_scores=True`, so it works for every variant, hybrid,
     classifier and image size, and for models loaded from .keras files.
     """
-    import keras
-
-    from keras_vit.layers import TransformerBlock
-
     x_all = _check_images(model, images)
     layers = [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
     blocks = [i for i, layer in enumerate(layers) if isinstance(layer, TransformerBlock)]
@@ -118,7 +113,7 @@ def attention_rollout(model, images, head_fusion: str = "mean", batch_size: int 
 
     Use `upsample_map` (or `plot_attention_rollout`) to overlay it on the input image.
     """
-    cfg = _config(model)
+    cfg = get_config(model)
     maps = rollout_from_attention(attention_maps(model, images, batch_size), _num_prefix_tokens(model), head_fusion)
     return maps.reshape((-1, *cfg.grid_size))
 
@@ -163,7 +158,7 @@ def attention_distance_from_probs(probs: np.ndarray, grid_size: Tuple[int, int],
 def mean_attention_distance(model, images, batch_size: int = 32) -> np.ndarray:
     """(layers, heads) attention-weighted mean distance in pixels between query and key patches
     (Fig. 7 right). For hybrids a "patch" spans the ResNet stride times the patch size."""
-    cfg = _config(model)
+    cfg = get_config(model)
     probs = attention_maps(model, images, batch_size)
     return np.stack([attention_distance_from_probs(a, cfg.grid_size, cfg.input_stride, _num_prefix_tokens(model))
                      for a in probs])
@@ -173,9 +168,7 @@ def mean_attention_distance(model, images, batch_size: int = 32) -> np.ndarray:
 def position_embedding_similarity(model) -> np.ndarray:
     """Cosine similarity of each patch's position embedding with every other patch's:
     (gh, gw, gh, gw), entry [i, j] is the map for the patch at row i, column j (Fig. 7 centre)."""
-    import keras
-
-    cfg = _config(model)
+    cfg = get_config(model)
     emb = model.get_layer("posembed_input").embedding()
     if emb is None:
         raise ValueError(f"model has pos_embedding={cfg.pos_embedding!r}: there is no position embedding table "
@@ -193,9 +186,7 @@ def embedding_filters(model, k: int = 28) -> Tuple[np.ndarray, np.ndarray]:
     (components (k, P, P, C), explained_variance_ratio (k,)). k is capped at min(D, P*P*C).
     Hybrids embed ResNet features rather than pixels, so they have no such filters.
     """
-    import keras
-
-    cfg = _config(model)
+    cfg = get_config(model)
     if cfg.resnet_layers is not None:
         raise ValueError("a hybrid's patch embedding acts on ResNet features, not pixels: "
                          "embedding_filters needs a plain ViT")
@@ -226,14 +217,11 @@ def _save(fig, path: str) -> str:
     """Write the figure to a temporary name in the same folder, then rename into place."""
     plt = _pyplot()
     path = os.fspath(path)
-    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.tmp.png")
     try:
-        fig.savefig(tmp, dpi=120, bbox_inches="tight")
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=120, bbox_inches="tight")
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return path
 
 
@@ -355,7 +343,7 @@ def inspect_model(model, images: np.ndarray, out_dir: str, distance_images: Opti
     `distance_images` (default: `images`). Returns {figure name: path}; figures that do not
     apply to the model (filters of a hybrid, similarity without position embeddings) are skipped
     and named under "skipped"."""
-    cfg = _config(model)
+    cfg = get_config(model)
     os.makedirs(out_dir, exist_ok=True)
     images = _check_images(model, images)
     dist_images = images if distance_images is None else _check_images(model, distance_images)
@@ -394,9 +382,8 @@ def inspect_model(model, images: np.ndarray, out_dir: str, distance_images: Opti
         skipped["embedding_filters"] = str(exc)
 
     npz = os.path.join(out_dir, "inspect.npz")
-    tmp = os.path.join(out_dir, ".inspect.tmp.npz")
-    np.savez_compressed(tmp, **arrays)
-    os.replace(tmp, npz)
+    with atomic_path(npz) as tmp:
+        np.savez_compressed(tmp, **arrays)
     written["arrays"] = npz
     if skipped:
         written["skipped"] = skipped

@@ -29,6 +29,11 @@ import keras
 import numpy as np
 from keras import layers, ops
 
+from keras_vit.files import save_model
+from keras_vit.layers import TransformerBlock
+from keras_vit.model import get_config
+from keras_vit.train.recipes import warmup_cosine
+
 __all__ = ["TARGETS", "KEEP", "MASK", "RANDOM", "UNCHANGED", "PatchCorruption", "DropPrefixTokens",
            "corruption_codes", "patch_targets", "num_outputs", "build_pretrainer", "masked_patch_batches",
            "pretrain", "save_encoder"]
@@ -152,9 +157,6 @@ def patch_targets(images: np.ndarray, stride: Tuple[int, int], target: str = "co
 def build_pretrainer(encoder: keras.Model, target: str = "color") -> keras.Model:
     """The masked-patch-prediction model around a keras-vit encoder (sharing its layers):
     inputs {"images", "codes", "source"} -> per-patch predictions (B, N, num_outputs)."""
-    from keras_vit.layers import TransformerBlock
-    from keras_vit.vit import get_config
-
     cfg = get_config(encoder)
     k = num_outputs(target, cfg.input_stride, cfg.channels)
     n = cfg.num_patches
@@ -217,8 +219,6 @@ def pretrain(encoder: keras.Model, images: np.ndarray, val_images: Optional[np.n
     Recipe as the paper's pre-training (Appendix B): AdamW (0.9, 0.999), linear warm-up then
     cosine decay, gradient clipping at global norm 1; the default sizes suit small datasets.
     """
-    from keras_vit.vit import get_config
-
     cfg = get_config(encoder)
     images = np.asarray(images, dtype=np.float32)
     expected = (*cfg.image_size, cfg.channels)
@@ -231,11 +231,7 @@ def pretrain(encoder: keras.Model, images: np.ndarray, val_images: Optional[np.n
     keras.utils.set_random_seed(seed)
     model = build_pretrainer(encoder, target)
     steps = math.ceil(len(images) / batch_size)
-    total = steps * epochs
-    warmup = min(int(round(warmup_epochs * steps)), total - 1)
-    schedule = keras.optimizers.schedules.CosineDecay(
-        initial_learning_rate=0.0 if warmup else learning_rate, decay_steps=max(total - warmup, 1),
-        warmup_target=learning_rate if warmup else None, warmup_steps=warmup)
+    schedule = warmup_cosine(learning_rate, steps * epochs, int(round(warmup_epochs * steps)))
     optimizer = keras.optimizers.AdamW(schedule, weight_decay=weight_decay, beta_1=0.9, beta_2=0.999,
                                        global_clipnorm=1.0)
     if target == "color":
@@ -267,11 +263,4 @@ def save_encoder(encoder: keras.Model, path: str) -> str:
         raise ValueError(f"encoder path must end with .keras, got {path!r}")
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)[:-6]}.tmp.keras")
-    try:
-        encoder.save(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    return save_model(encoder, path)

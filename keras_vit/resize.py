@@ -11,17 +11,15 @@ columns), "relative" (the (2gh-1) x (2gw-1) table of offsets; its prefix slot is
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
-
-if TYPE_CHECKING:
-    import keras
 
 METHODS = ("linear", "bilinear", "bicubic", "nearest")
 
 
-def _check_method(method: str) -> str:
+def check_method(method: str) -> str:
+    """`method` if it is one of METHODS, else ValueError naming the allowed ones."""
     if method not in METHODS:
         raise ValueError(f"interpolation method {method!r} is not supported; allowed: {', '.join(METHODS)}")
     return method
@@ -35,7 +33,7 @@ def _cubic(t: np.ndarray, a: float = -0.75) -> np.ndarray:
 
 def interpolation_matrix(n_in: int, n_out: int, method: str = "linear") -> np.ndarray:
     """(n_out, n_in) matrix W so that W @ x resamples x along its first axis from n_in to n_out."""
-    _check_method(method)
+    check_method(method)
     w = np.zeros((n_out, n_in), np.float64)
     i = np.arange(n_out, dtype=np.float64)
     if method == "linear":  # scipy.ndimage.zoom(order=1): first and last samples aligned
@@ -100,7 +98,7 @@ def resample_position_embeddings(posemb: np.ndarray, new_grid: Sequence[int], nu
     The first `num_prefix_tokens` slots (the class token's) are kept as they are; the rest is
     reshaped to its 2-D grid (`old_grid`, inferred when omitted) and interpolated.
     """
-    _check_method(method)
+    check_method(method)
     posemb = np.asarray(posemb)
     squeeze = posemb.ndim == 2
     pe = posemb[None] if squeeze else posemb
@@ -146,21 +144,5 @@ def resample_relative_embedding(table: np.ndarray, new_grid: Sequence[int], num_
     return np.concatenate([grid.reshape((-1,) + table.shape[1:]), table[n:]], axis=0)
 
 
-def resize_model(model: "keras.Model", image_size: Union[int, Tuple[int, int]],
-                 method: str = "linear") -> "keras.Model":
-    """A copy of a keras-vit model for another image size: same weights, position embeddings
-    resampled to the new patch grid (works for models built here or loaded from .keras)."""
-    from keras_vit.vit import build_model, get_config
-    from keras_vit.weights import assign_weights, model_arrays
-
-    _check_method(method)
-    cfg = get_config(model)
-    new_cfg = cfg.replace(image_size=image_size)
-    new_model = build_model(new_cfg, name=model.name)
-    assign_weights(new_model, model_arrays(model), method=method, source_grid=cfg.grid_size,
-                   source=f"model {model.name!r}")
-    return new_model
-
-
 __all__ = ["METHODS", "interpolation_matrix", "resample_grid", "resample_1d", "infer_grid",
-           "resample_position_embeddings", "resample_relative_embedding", "relative_table_grid", "resize_model"]
+           "resample_position_embeddings", "resample_relative_embedding", "relative_table_grid"]

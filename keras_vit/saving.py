@@ -6,12 +6,13 @@ from typing import Union
 
 import keras
 
+import keras_vit.layers  # noqa: F401  (registers the custom layers)
+from keras_vit.errors import first_line
+from keras_vit.model import VisionTransformer
+
 
 def load_model(path: Union[str, os.PathLike], compile: bool = False) -> keras.Model:
     """Load a .keras file written by `model.save`; ValueError if missing or not a keras-vit model."""
-    import keras_vit.layers  # noqa: F401  (registers the custom layers)
-    from keras_vit.vit import VisionTransformer
-
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ValueError(f"model file {path!r} does not exist")
@@ -20,7 +21,7 @@ def load_model(path: Union[str, os.PathLike], compile: bool = False) -> keras.Mo
     try:
         model = keras.saving.load_model(path, compile=compile)
     except Exception as exc:  # noqa: BLE001 - any failure means: not a loadable keras-vit file
-        raise ValueError(f"could not load {path!r} as a keras-vit model: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+        raise ValueError(f"could not load {path!r} as a keras-vit model: {first_line(exc)}") from exc
     if not isinstance(model, VisionTransformer):
         raise ValueError(f"{path!r} holds a {type(model).__name__}, not a keras-vit model")
     return model

@@ -7,7 +7,7 @@ import keras
 import numpy as np
 
 from keras_vit.config import ViTConfig
-from keras_vit.vit import build_model
+from keras_vit.model import build_model
 
 
 def main(job_path: str) -> None:

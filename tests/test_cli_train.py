@@ -81,7 +81,7 @@ def test_run_folder(killed_and_resumed):
                  "results.json"):
         assert os.path.isfile(os.path.join(run, name)), name
     assert os.listdir(os.path.join(run, "logs")) and not os.path.exists(os.path.join(run, "backup"))
-    assert not [f for f in os.listdir(run) if f.startswith(".tmp") or ".tmp-" in f]
+    assert not [f for f in os.listdir(run) if ".tmp" in f]
     with open(os.path.join(run, "config.json")) as f:
         config = json.load(f)
     from keras_vit import train as kt
@@ -101,7 +101,7 @@ def digits_model(killed_and_resumed):
 def _model_probs(model, images):
     import tensorflow as tf
 
-    from keras_vit.vit import get_config
+    from keras_vit.model import get_config
 
     x = tf.image.resize(np.asarray(images, np.float32), get_config(model).image_size).numpy()
     logits = model.predict(x, verbose=0)

@@ -1,0 +1,82 @@
+"""Atomic file writes: the one way this package puts a file on disk.
+
+Every writer goes through `atomic_path`: the content goes to a temporary name in the target's
+folder, which is renamed over the target only when the write succeeded. The guarantee: a reader
+sees the old file or the complete new one, never a partial one; the final file has the mode of
+a normal `open(path, "w")` (0666 minus the umask); the temporary file is gone afterwards, on
+success and on failure.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+from typing import Any, Iterator, Union
+
+PathLike = Union[str, os.PathLike]
+
+
+@contextlib.contextmanager
+def atomic_path(path: PathLike) -> Iterator[str]:
+    """Yield a temporary path beside `path` (same extension, so writers that check it work);
+    rename it over `path` if the block succeeds, remove it otherwise."""
+    path = os.fspath(path)
+    folder, name = os.path.split(os.path.abspath(path))
+    ext = os.path.splitext(name)[1]
+    tmp = os.path.join(folder, f".{name}.{secrets.token_hex(4)}.tmp{ext}")
+    # O_EXCL: never clobber someone else's file; mode 0666 lets the umask decide, as open() does.
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+
+
+def write_bytes(path: PathLike, data: bytes) -> str:
+    """Write `data` to `path` atomically."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+    return os.fspath(path)
+
+
+def write_text(path: PathLike, text: str) -> str:
+    """Write `text` (UTF-8) to `path` atomically."""
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    return os.fspath(path)
+
+
+def write_json(path: PathLike, obj: Any) -> str:
+    """Write `obj` as indented JSON (non-JSON values as str) to `path` atomically."""
+    return write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def save_model(model, path: PathLike) -> str:
+    """`model.save(path)` through a temporary .keras name, so a kill mid-save never leaves a
+    truncated model file."""
+    with atomic_path(path) as tmp:
+        model.save(tmp)
+    return os.fspath(path)
+
+
+def link(target: str, path: PathLike) -> bool:
+    """Point the symlink `path` at `target` (relative to the link's folder), replacing an older
+    link atomically. Returns False, changing nothing, where `path` exists and is not a link, or
+    where the file system has no symlinks."""
+    path = os.fspath(path)
+    if os.path.lexists(path) and not os.path.islink(path):
+        return False
+    tmp = os.path.join(os.path.dirname(os.path.abspath(path)),
+                       f".{os.path.basename(path)}.{secrets.token_hex(4)}.tmp")
+    try:
+        os.symlink(target, tmp)
+        os.replace(tmp, path)
+        return True
+    except OSError:
+        return False
+    finally:
+        if os.path.lexists(tmp):
+            os.remove(tmp)

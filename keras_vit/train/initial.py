@@ -1,0 +1,53 @@
+"""Initial weights for a run (`--weights`): an official .npz checkpoint or another keras-vit
+.keras model (its encoder, e.g. from pre-training), copied where names and shapes match."""
+from __future__ import annotations
+
+import os
+from typing import Dict, List
+
+import keras
+
+from keras_vit.errors import TrainError, first_line
+from keras_vit.model import VisionTransformer
+from keras_vit.vit import resize_model
+from keras_vit.weights import load_npz
+
+
+def load_initial_weights(model: keras.Model, path: str) -> Dict[str, List[str]]:
+    """Initialise `model` from a checkpoint: a .npz (or a published checkpoint name) goes to
+    keras_vit.weights.load_npz; a .keras is copied variable by variable where the paths (keras_vit
+    layer names) and shapes match, skipping the classification head, so encoders from other heads
+    (pre-training) load too. Returns {"loaded": [...], "skipped": [...]}."""
+    path = os.fspath(path)
+    if not path.endswith(".keras"):
+        load_npz(model, path)  # raises on any misfit; a head of another size stays initialised
+        return {"loaded": [v.path for v in model.weights], "skipped": [], "npz": True}
+    if not os.path.isfile(path):
+        raise TrainError(f"weights file {path!r} does not exist")
+    try:
+        source = keras.saving.load_model(path, compile=False)
+    except Exception as exc:  # noqa: BLE001 - any failure means: not a readable keras-vit file
+        raise TrainError(f"could not read {path!r} as a keras-vit model: {first_line(exc)}") from None
+    source = _resized_source(source, model)
+    by_path = {v.path: v for v in source.weights}
+    loaded, skipped = [], []
+    for var in model.weights:
+        src = by_path.get(var.path)
+        if var.path.startswith("head/") or src is None or tuple(src.shape) != tuple(var.shape):
+            skipped.append(var.path)
+            continue
+        var.assign(keras.ops.cast(src.value, var.dtype))
+        loaded.append(var.path)
+    if not loaded:
+        raise TrainError(f"no weights of {path!r} fit this model (no layer with the same name and shape)")
+    return {"loaded": loaded, "skipped": skipped}
+
+
+def _resized_source(source: keras.Model, target: keras.Model) -> keras.Model:
+    """The source resized to the target's image size when both are keras-vit models at
+    different resolutions (position embeddings resampled)."""
+    if not (isinstance(source, VisionTransformer) and isinstance(target, VisionTransformer)):
+        return source
+    if source.vit_config.image_size == target.vit_config.image_size:
+        return source
+    return resize_model(source, image_size=target.vit_config.image_size)

@@ -1,0 +1,210 @@
+"""Training recipes: TrainConfig (every option of a run), make_config (recipe, then the
+dataset's defaults, then overrides), the optimizer and its warm-up + cosine schedule."""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Dict, Optional
+
+import keras
+
+from keras_vit import precision
+from keras_vit.config import ViTConfig, parse_variant
+from keras_vit.data import AUGMENTS
+from keras_vit.errors import TrainError
+from keras_vit.precision import JIT_MODES, MIXED_PRECISION
+
+# Recipes (paper Appendix B, and the usual small-data ViT settings for "scratch").
+RECIPES: Dict[str, Dict[str, Any]] = {
+    "scratch": dict(optimizer="adamw", learning_rate=1e-3, weight_decay=0.05, momentum=0.9,
+                    warmup_epochs=3.0, label_smoothing=0.1, clipnorm=1.0, augment="basic",
+                    mixup=0.0, cutmix=0.0, dropout_rate=0.0, drop_path_rate=0.1),
+    "finetune": dict(optimizer="sgd", learning_rate=0.01, weight_decay=0.0, momentum=0.9,
+                     warmup_epochs=0.5, label_smoothing=0.0, clipnorm=1.0, augment="light",
+                     mixup=0.0, cutmix=0.0, dropout_rate=0.0, drop_path_rate=0.0),
+}
+# Per-dataset defaults: the model used when no --variant is given, its image size, and the
+# schedule length. digits: a small custom ViT (16 tokens: 4x4 patches at 16px, each 2x2 of the
+# original 8x8 pixels) that trains in minutes on a 2-core CPU; 16 tokens of 4x4 learnt faster and
+# generalised better than 64 tokens of 2x2 at equal cost; augmentation slowed learning and
+# dropout 0.1 did not help on average at this budget; 80 epochs rather than 40 put every seed
+# tried (0-3) at >= 98% test top-1 in about 75 s of training (see BENCHMARKS.md).
+_SMALL = dict(variant="Ti/4", image_size=32, epochs=100, batch_size=128)
+DATASET_DEFAULTS: Dict[str, Dict[str, Any]] = {
+    "digits": dict(variant="Ti/4", image_size=16, epochs=80, batch_size=32, augment="none",
+                   drop_path_rate=0.0,
+                   model=dict(hidden_size=128, num_layers=4, num_heads=4, mlp_dim=256)),
+    "mnist": dict(_SMALL, image_size=28, epochs=30, augment="light"),
+    "fashion_mnist": dict(_SMALL, image_size=28, epochs=30, augment="light"),
+    "cifar10": dict(_SMALL),
+    "cifar100": dict(_SMALL),
+    "*": dict(variant="Ti/16", image_size=224, epochs=30, batch_size=64, augment="inception"),
+}
+MODEL_FIELDS = ("hidden_size", "num_layers", "num_heads", "mlp_dim", "classifier", "pos_embedding",
+                "representation_size")
+OPTIMIZERS = ("adamw", "adam", "sgd")
+DISTRIBUTE = ("auto", "none", "mirrored")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Everything needed to repeat a run (written to the run folder as config.json)."""
+
+    dataset: str = "digits"
+    recipe: str = "scratch"
+    variant: str = "Ti/4"
+    image_size: int = 16
+    model: Dict[str, Any] = dataclasses.field(default_factory=dict)  # ViTConfig overrides
+    epochs: int = 30
+    batch_size: int = 32
+    optimizer: str = "adamw"
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.05
+    momentum: float = 0.9
+    warmup_epochs: float = 3.0
+    label_smoothing: float = 0.1
+    clipnorm: Optional[float] = 1.0
+    augment: str = "basic"
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    dropout_rate: float = 0.0
+    drop_path_rate: float = 0.0
+    mixed_precision: str = "auto"  # auto: bf16 where the CPU has it natively and the step is big (precision.py)
+    jit_compile: Any = "auto"  # auto | xla | fusible | none (True = xla, False = none)
+    grad_accum: int = 1
+    distribute: str = "auto"
+    seed: int = 0
+    val_fraction: float = 0.1
+    weights: Optional[str] = None
+    data_dir: Optional[str] = None
+
+    def validate(self) -> "TrainConfig":
+        """Raise TrainError naming the bad value and what is allowed."""
+        if self.recipe not in RECIPES:
+            raise TrainError(f"unknown recipe {self.recipe!r}; allowed: {', '.join(RECIPES)}")
+        for name in ("epochs", "batch_size", "grad_accum", "image_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise TrainError(f"{name} must be a positive integer, got {v!r}")
+        for name in ("learning_rate", "weight_decay", "warmup_epochs", "label_smoothing", "mixup", "cutmix"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or v < 0:
+                raise TrainError(f"{name} must be a number >= 0, got {v!r}")
+        if self.learning_rate <= 0:
+            raise TrainError(f"learning_rate must be > 0, got {self.learning_rate!r}")
+        if self.label_smoothing >= 1:
+            raise TrainError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
+        if self.clipnorm is not None and self.clipnorm <= 0:
+            raise TrainError(f"clipnorm must be > 0 (or None for no clipping), got {self.clipnorm!r}")
+        choices = dict(optimizer=OPTIMIZERS, mixed_precision=MIXED_PRECISION, distribute=DISTRIBUTE)
+        if not isinstance(self.jit_compile, bool) and self.jit_compile not in JIT_MODES:
+            raise TrainError(f"jit_compile must be one of {', '.join(JIT_MODES)} (or true/false); got {self.jit_compile!r}")
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise TrainError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
+        if self.augment not in AUGMENTS:
+            raise TrainError(f"unknown augmentation {self.augment!r}; allowed: {', '.join(AUGMENTS)}")
+        if self.weights is not None and self.weights.endswith((".npz", ".keras")) and not os.path.isfile(self.weights):
+            raise TrainError(f"weights file {self.weights!r} does not exist")
+        self.vit_config(num_classes=2, channels=3)  # image size vs patch, head counts ...
+        return self
+
+    def vit_config(self, num_classes: int, channels: int) -> ViTConfig:
+        """The ViTConfig this run trains."""
+        try:
+            return parse_variant(self.variant, image_size=self.image_size, num_classes=num_classes,
+                                 channels=channels, dropout_rate=self.dropout_rate,
+                                 drop_path_rate=self.drop_path_rate, **self.model)
+        except ValueError as exc:
+            raise TrainError(str(exc)) from None
+
+    def label(self) -> str:
+        """Short variant label for run folder names, e.g. "Ti_4-d128-l4-h4-m256"."""
+        text = self.variant.replace("/", "_").replace("+", "_")
+        extra = {"hidden_size": "d", "num_layers": "l", "num_heads": "h", "mlp_dim": "m"}
+        return text + "".join(f"-{extra[k]}{v}" for k, v in self.model.items() if k in extra)
+
+    def to_dict(self) -> dict:
+        """The fields as a JSON-ready dict (config.json's "train")."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        """The inverse of to_dict; TrainError for unknown fields."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise TrainError(f"unknown training options {unknown}; allowed: {sorted(known)}")
+        return cls(**d)
+
+
+def make_config(dataset: str = "digits", recipe: str = "scratch", **overrides) -> TrainConfig:
+    """A TrainConfig from a recipe, then the dataset's defaults, then `overrides` (None = keep).
+
+    Giving `variant` drops the dataset's default model size overrides (its `model` dict).
+    Model-size keys (hidden_size, num_layers, num_heads, mlp_dim, ...) may be given directly.
+    """
+    if recipe not in RECIPES:
+        raise TrainError(f"unknown recipe {recipe!r}; allowed: {', '.join(RECIPES)}")
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    key = dataset if dataset in DATASET_DEFAULTS else "*"
+    defaults = dict(DATASET_DEFAULTS[key])
+    fields = dict(RECIPES[recipe])
+    if recipe == "finetune":  # the dataset's augmentation is for training from scratch
+        defaults.pop("augment", None)
+        defaults.pop("drop_path_rate", None)
+    model = dict(defaults.pop("model", {}))
+    if "variant" in overrides:
+        model = {}
+    fields.update(defaults)
+    model.update(overrides.pop("model", None) or {})
+    for k in MODEL_FIELDS:
+        if k in overrides:
+            model[k] = overrides.pop(k)
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise TrainError(f"unknown training options {unknown}; allowed: {sorted(known | set(MODEL_FIELDS))}")
+    fields.update(overrides)
+    return TrainConfig(dataset=dataset, recipe=recipe, model=model, **fields).validate()
+
+
+def warmup_cosine(peak: float, total_steps: int, warmup_steps: int):
+    """Linear warm-up from 0 to `peak` over `warmup_steps`, then cosine decay to 0 at
+    `total_steps` (the paper's schedule, Appendix B)."""
+    total_steps = max(1, int(total_steps))
+    warmup = max(0, min(int(warmup_steps), total_steps - 1))
+    return keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=0.0 if warmup else peak, decay_steps=total_steps - warmup, alpha=0.0,
+        warmup_target=peak if warmup else None, warmup_steps=warmup)
+
+
+def make_optimizer(cfg: TrainConfig, steps_per_epoch: int) -> keras.optimizers.Optimizer:
+    """The recipe's optimizer: warm-up + cosine per update, clipping at global norm `clipnorm`,
+    decoupled weight decay, optional gradient accumulation."""
+    updates_per_epoch = max(1, steps_per_epoch // cfg.grad_accum)
+    total = max(1, cfg.epochs * updates_per_epoch)
+    schedule = warmup_cosine(cfg.learning_rate, total, int(round(cfg.warmup_epochs * updates_per_epoch)))
+    common = dict(learning_rate=schedule, global_clipnorm=cfg.clipnorm,
+                  gradient_accumulation_steps=cfg.grad_accum if cfg.grad_accum > 1 else None)
+    if cfg.optimizer == "adamw":
+        return keras.optimizers.AdamW(weight_decay=cfg.weight_decay, **common)
+    if cfg.optimizer == "adam":
+        return keras.optimizers.Adam(**common)
+    return keras.optimizers.SGD(momentum=cfg.momentum, weight_decay=cfg.weight_decay or None, **common)
+
+
+def resolve_speed(cfg: TrainConfig) -> precision.Choice:
+    """(mixed precision policy or "none", jit mode, reason) that `cfg` trains with on this machine.
+
+    Resolves "auto" from the hardware (keras_vit.precision): on a TensorFlow CPU, bf16 + fusible
+    when its bf16 GEMMs pay for the step, fp32 + whole-step XLA otherwise; bf16/fp16 + XLA on GPUs.
+    """
+    backend = keras.backend.backend()
+    # FLOPs barely depend on the class count, which is not known before the data is loaded.
+    gflop = cfg.batch_size * cfg.vit_config(num_classes=10, channels=3).flops() / 1e9
+    try:
+        return precision.resolve(cfg.mixed_precision, cfg.jit_compile, gflop, backend,
+                                 precision.detect_hardware(backend))
+    except ValueError as exc:
+        raise TrainError(str(exc)) from None

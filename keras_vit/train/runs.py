@@ -1,0 +1,113 @@
+"""Run folders: what the trainer writes (config.json, class_names.json, metrics.csv, backup/,
+best/last/model.keras, results.json), the runs/latest link, and reading a run back."""
+from __future__ import annotations
+
+import csv
+import datetime
+import json
+import os
+import sys
+from typing import Any, Dict, List, Optional
+
+from keras_vit.data import slug
+from keras_vit.errors import TrainError
+from keras_vit.files import atomic_path, link
+from keras_vit.train.recipes import TrainConfig
+
+RUNS_DIR = "runs"
+
+
+def new_run_dir(cfg: TrainConfig, output: Optional[str] = None, root: str = RUNS_DIR) -> str:
+    """Create the run folder: `output`, or `root/<dataset>-<variant>-<time>` (+ `root/latest`)."""
+    if output:
+        check_output(output)
+        os.makedirs(output, exist_ok=True)
+        return output
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    run = os.path.join(root, f"{slug(cfg.dataset)}-{cfg.label()}-{stamp}")
+    n = 1
+    while os.path.exists(run):
+        n += 1
+        run = os.path.join(root, f"{slug(cfg.dataset)}-{cfg.label()}-{stamp}-{n}")
+    os.makedirs(run)
+    link_latest(run, root)
+    return run
+
+
+def check_output(output: Optional[str]) -> None:
+    """TrainError when `output` exists and is not an empty folder (a new run never mixes files)."""
+    if output and os.path.exists(output) and (not os.path.isdir(output) or os.listdir(output)):
+        raise TrainError(f"output folder {output!r} already exists and is not empty; "
+                         "choose another --output, or add --resume to continue that run")
+
+
+def link_latest(run: str, root: str) -> bool:
+    """Point `root/latest` at `run`. A real file or folder named "latest" is left alone (with a
+    note on stderr); on file systems without symlinks there is no "latest". True when linked."""
+    latest = os.path.join(root, "latest")
+    if link(os.path.basename(run), latest):
+        return True
+    if os.path.lexists(latest) and not os.path.islink(latest):
+        print(f"note: {latest!r} is not a link; left as it is (pass --output to choose a run folder)",
+              file=sys.stderr)
+    return False
+
+
+def resolve_run_dir(path: Optional[str] = None, root: str = RUNS_DIR) -> str:
+    """The run folder to resume: `path`, or `root/latest`."""
+    run = path or os.path.join(root, "latest")
+    if not os.path.isfile(os.path.join(run, "config.json")):
+        raise TrainError(f"nothing to resume: {run!r} is not a run folder (no config.json)")
+    return os.path.realpath(run)
+
+
+def read_run_config(run: str) -> Dict[str, Any]:
+    """The run's config.json: {"train", "model", "class_names", "resolved", ...}."""
+    with open(os.path.join(run, "config.json")) as f:
+        return json.load(f)
+
+
+def backup_epoch(backup_dir: str) -> int:
+    """Epochs completed according to BackupAndRestore's metadata (0 when there is none)."""
+    try:
+        with open(os.path.join(backup_dir, "training_metadata.json")) as f:
+            return int(json.load(f).get("epoch", 0))
+    except (OSError, ValueError):
+        return 0
+
+
+def trim_csv(path: str, epochs: int) -> None:
+    """Keep the header and the rows of the first `epochs` epochs (a kill between the CSV row
+    and the backup would otherwise repeat an epoch after resuming)."""
+    if not os.path.isfile(path):
+        return
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    if not rows:
+        return
+    keep = [rows[0]] + [r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) < epochs]
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        csv.writer(f).writerows(keep)
+
+
+def model_path(path: str) -> str:
+    """A .keras file, or a run folder holding model.keras."""
+    if os.path.isdir(path):
+        candidate = os.path.join(path, "model.keras")
+        if not os.path.isfile(candidate):
+            raise TrainError(f"{path!r} is a folder without model.keras (not a finished run)")
+        return candidate
+    return path
+
+
+def class_names_for(path: str, num_classes: int) -> List[str]:
+    """The class names stored next to a model (class_names.json in its run folder), else indices."""
+    f = os.path.join(os.path.dirname(os.path.abspath(path)), "class_names.json")
+    try:
+        with open(f) as fh:
+            names = json.load(fh)
+        if isinstance(names, list) and len(names) == num_classes:
+            return [str(n) for n in names]
+    except (OSError, ValueError):
+        pass
+    return [str(i) for i in range(num_classes)]

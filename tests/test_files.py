@@ -1,0 +1,81 @@
+"""Atomic writes (keras_vit.files): final mode as a normal write, no temporary file left behind."""
+import os
+import stat
+
+import numpy as np
+import pytest
+
+from keras_vit import files
+
+
+def _mode(path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+@pytest.fixture
+def umask_022():
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+class _FailingModel:
+    """A model whose save writes half a file, then fails (a full disk, a kill)."""
+
+    def save(self, path):
+        with open(path, "wb") as f:
+            f.write(b"partial")
+        raise OSError("No space left on device")
+
+
+def test_failed_model_save_keeps_the_old_file_and_leaves_no_temp(tmp_path):
+    target = tmp_path / "last.keras"
+    target.write_bytes(b"previous checkpoint")
+    with pytest.raises(OSError, match="No space left"):
+        files.save_model(_FailingModel(), str(target))
+    assert target.read_bytes() == b"previous checkpoint"
+    assert sorted(os.listdir(tmp_path)) == ["last.keras"]
+
+
+def test_written_files_have_the_mode_of_a_normal_write(tmp_path, umask_022):
+    normal = tmp_path / "normal.txt"
+    normal.write_text("x")
+    files.write_json(tmp_path / "a.json", {"a": 1})
+    files.write_text(tmp_path / "b.txt", "b")
+    with files.atomic_path(tmp_path / "c.npz") as tmp:
+        np.savez(tmp, x=np.zeros(2))
+    assert _mode(normal) == 0o644
+    for name in ("a.json", "b.txt", "c.npz"):
+        assert _mode(tmp_path / name) == 0o644, name
+    assert sorted(os.listdir(tmp_path)) == ["a.json", "b.txt", "c.npz", "normal.txt"]
+
+
+def test_save_npz_file_mode_follows_the_umask(tmp_path, umask_022):
+    import keras_vit
+
+    model = keras_vit.ViT("Ti/16", image_size=32, num_classes=3)
+    path = keras_vit.save_npz(model, str(tmp_path / "w.npz"))
+    assert _mode(path) == 0o644
+    assert os.listdir(tmp_path) == ["w.npz"]
+
+
+def test_latest_link_beside_a_real_folder_leaves_no_temp(tmp_path, capsys):
+    from keras_vit.train.runs import link_latest
+
+    (tmp_path / "latest").mkdir()
+    (tmp_path / "latest" / "keep.txt").write_text("mine")
+    run = tmp_path / "digits-run"
+    run.mkdir()
+    assert link_latest(str(run), str(tmp_path)) is False
+    assert sorted(os.listdir(tmp_path)) == ["digits-run", "latest"]
+    assert (tmp_path / "latest" / "keep.txt").read_text() == "mine"
+    assert "not a link" in capsys.readouterr().err
+    # an existing link is replaced by one to the newer run
+    (tmp_path / "latest" / "keep.txt").unlink()
+    (tmp_path / "latest").rmdir()
+    assert link_latest(str(run), str(tmp_path)) is True
+    other = tmp_path / "digits-run-2"
+    other.mkdir()
+    assert link_latest(str(other), str(tmp_path)) is True
+    assert os.readlink(tmp_path / "latest") == "digits-run-2"
+    assert sorted(os.listdir(tmp_path)) == ["digits-run", "digits-run-2", "latest"]
