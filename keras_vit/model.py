@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import re
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import keras
 from keras import layers
@@ -24,12 +24,15 @@ class VisionTransformer(keras.Model):
     """The functional graph of Eq. 1-4 for one ViTConfig; a plain keras.Model whose
     get_config() is the ViTConfig, so save/load rebuilds the same graph by name."""
 
-    def __init__(self, config: Union[ViTConfig, dict], name: Optional[str] = None, **kwargs):
+    def __init__(self, config: Union[ViTConfig, dict], name: Optional[str] = None,
+                 class_names: Optional[Sequence[str]] = None, **kwargs):
         cfg = config if isinstance(config, ViTConfig) else ViTConfig.from_dict(dict(config))
         cfg.validate()
         inputs, outputs = _build_graph(cfg)
         super().__init__(inputs, outputs, name=name or _model_name(cfg), **kwargs)
         self.vit_config = cfg
+        # The head's class names (e.g. ImageNet's for a published in1k checkpoint), saved with the model.
+        self.class_names = list(class_names) if class_names else None
 
     def compile(self, *args, **kwargs) -> None:
         """keras.Model.compile; `jit_compile="auto"` (the default) picks what is fast for a ViT on
@@ -41,8 +44,11 @@ class VisionTransformer(keras.Model):
         super().compile(*args, **kwargs)
 
     def get_config(self) -> dict:
-        """The ViTConfig as a dict (and the model's name): all that rebuilds the same graph."""
-        return {"config": self.vit_config.to_dict(), "name": self.name, "trainable": self.trainable}
+        """The ViTConfig as a dict (and the model's name and class names): all that rebuilds the model."""
+        out = {"config": self.vit_config.to_dict(), "name": self.name, "trainable": self.trainable}
+        if self.class_names:
+            out["class_names"] = [str(n) for n in self.class_names]
+        return out
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
