@@ -1,6 +1,7 @@
 """ViT(...): the public builder on top of the model (config + graph + checkpoint weights)."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional, Tuple, Union
 
 import keras
@@ -20,6 +21,11 @@ def build_config(variant: Optional[str] = "B/16", config: Optional[ViTConfig] = 
     if config is not None:
         if not isinstance(config, ViTConfig):
             raise ValueError(f"config must be a keras_vit.ViTConfig, got {type(config).__name__}")
+        known = {f.name for f in dataclasses.fields(ViTConfig)}
+        bad = sorted(set(options) - known)
+        if bad:
+            raise ValueError(f"unknown option(s) {bad} next to config=; allowed: any ViTConfig field "
+                             f"({', '.join(sorted(known))})")
         return config.replace(**options) if options else config
     return parse_variant(variant, **options)
 
@@ -39,16 +45,18 @@ def _given(value):
 
 
 def ViT(variant: Optional[str] = _Default("B/16"), image_size: Union[int, Tuple[int, int]] = _Default(224),
-        num_classes: int = _Default(1000), include_top: bool = True, include_preprocessing: bool = True,
-        classifier: str = _Default("token"), representation_size: Union[None, int, str] = _Default(None),
-        pos_embedding: str = "learned", dropout_rate: float = 0.0, attention_dropout_rate: float = 0.0,
-        drop_path_rate: float = 0.0, channels: int = 3, name: Optional[str] = None,
+        num_classes: int = _Default(1000), include_top: bool = _Default(True),
+        include_preprocessing: bool = _Default(True), classifier: str = _Default("token"),
+        representation_size: Union[None, int, str] = _Default(None), pos_embedding: str = _Default("learned"),
+        dropout_rate: float = _Default(0.0), attention_dropout_rate: float = _Default(0.0),
+        drop_path_rate: float = _Default(0.0), channels: int = _Default(3), name: Optional[str] = None,
         config: Optional[ViTConfig] = None, weights: Optional[str] = None, **overrides) -> keras.Model:
     """A Vision Transformer as a plain keras.Model: float images in [0, 255] (B, H, W, C) -> logits.
 
     `variant` is the paper's name ("B/16", "Ti/4", "R50+B/16"); `overrides` (hidden_size,
     mlp_dim, num_heads, num_layers, patch_size, gelu_approximate, ...) give custom sizes;
-    `config=ViTConfig(...)` replaces the variant. `include_top=False` returns the (B, D)
+    `config=ViTConfig(...)` replaces the variant; the arguments given next to it replace the
+    config's fields (those left out keep the config's values). `include_top=False` returns the (B, D)
     pre-logits features. `weights` is a checkpoint: an .npz or timm/Hugging Face .safetensors
     path, a published name ("B/16-augreg-i21k-ft-in1k") or "hf://ORG/NAME"; the arguments
     left out (variant, image_size, num_classes, classifier, representation_size) then follow
@@ -66,11 +74,14 @@ def ViT(variant: Optional[str] = _Default("B/16"), image_size: Union[int, Tuple[
                    dropout_rate=dropout_rate, attention_dropout_rate=attention_dropout_rate,
                    drop_path_rate=drop_path_rate, channels=channels, **overrides)
     ckpt = None
+    if config is not None and _given(variant) is not None:
+        raise ValueError(f"give variant= or config=, not both (got variant={variant!r} and a config "
+                         f"of variant {getattr(config, 'variant', None)!r}); set sizes with config= or its fields as arguments")
     if weights is not None:
         check_variant(weights, config.variant if config is not None else _given(variant))
         ckpt = read_checkpoint(weights)
     if config is not None:
-        cfg = build_config(config=config, **overrides)
+        cfg = build_config(config=config, **{k: v for k, v in options.items() if not isinstance(v, _Default)})
     else:
         given = {k: v for k, v in options.items() if not isinstance(v, _Default)}
         fields = {k: v.value for k, v in options.items() if isinstance(v, _Default)}

@@ -48,6 +48,37 @@ def test_config_argument_and_overrides():
     assert model.output_shape == (None, 4)
 
 
+def test_arguments_next_to_config_apply():
+    cfg = ViTConfig(image_size=32, patch_size=8, num_classes=1000, **TINY)
+    model = keras_vit.ViT(config=cfg, num_classes=10, include_top=False, image_size=64)
+    assert model.input_shape == (None, 64, 64, 3) and model.output_shape == (None, 32)
+    assert model.vit_config == cfg.replace(num_classes=10, include_top=False, image_size=64)
+    # each argument given explicitly wins, also when it equals ViT's own default value
+    unusual = ViTConfig(image_size=32, patch_size=8, num_classes=4, include_top=False, include_preprocessing=False,
+                        classifier="gap", representation_size=8, pos_embedding="none", dropout_rate=0.1,
+                        attention_dropout_rate=0.1, drop_path_rate=0.1, channels=1, gelu_approximate=False, **TINY)
+    assert keras_vit.ViT(config=unusual).vit_config == unusual  # nothing given: the config as it is
+    defaults = dict(image_size=224, num_classes=1000, include_top=True, include_preprocessing=True,
+                    classifier="token", representation_size=None, pos_embedding="learned", dropout_rate=0.0,
+                    attention_dropout_rate=0.0, drop_path_rate=0.0, channels=3, gelu_approximate=True,
+                    hidden_size=64, num_heads=4, mlp_dim=128, num_layers=1, patch_size=16)
+    for name, value in defaults.items():
+        got = keras_vit.ViT(config=unusual, **{name: value}).vit_config
+        assert got == unusual.replace(**{name: value}), name
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(variant="B/16"), "give variant= or config=, not both"),
+    (dict(hidden_dim=64), r"unknown option\(s\) \['hidden_dim'\] next to config="),
+    (dict(image_size=36), "36x36 is not divisible by the patch size 8x8"),
+])
+def test_arguments_next_to_config_that_do_not_fit_raise_one_line(kwargs, match):
+    cfg = ViTConfig(image_size=32, patch_size=8, num_classes=4, **TINY)
+    with pytest.raises(ValueError, match=match) as info:
+        keras_vit.ViT(config=cfg, **kwargs)
+    assert "\n" not in str(info.value)
+
+
 def test_include_top_false_returns_pre_logits_features():
     model = keras_vit.ViT(variant="Ti/8", image_size=32, include_top=False, **TINY)
     assert model.output_shape == (None, 32)
