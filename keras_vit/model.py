@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from typing import Dict, Optional, Union
+from typing import Dict, Optional, Sequence, Union
 
 import keras
 from keras import layers
@@ -25,7 +25,8 @@ class VisionTransformer(keras.Model):
     """The functional graph of Eq. 1-4 for one ViTConfig; a plain keras.Model whose
     get_config() is the ViTConfig, so save/load rebuilds the same graph by name."""
 
-    def __init__(self, config: Union[ViTConfig, dict], name: Optional[str] = None, dtype=None,
+    def __init__(self, config: Union[ViTConfig, dict], name: Optional[str] = None,
+                 class_names: Optional[Sequence[str]] = None, dtype=None,
                  quantized: Optional[Dict[str, str]] = None, **kwargs):
         """`dtype`: the dtype policy (default: the global one); `quantized`: {layer path: dtype
         policy name} of layers that model.quantize() converted (what get_config records)."""
@@ -36,6 +37,8 @@ class VisionTransformer(keras.Model):
         super().__init__(inputs, outputs, name=name or _model_name(cfg), **kwargs)
         self.dtype_policy = policy  # the functional constructor ignores dtype=
         self.vit_config = cfg
+        # The head's class names (e.g. ImageNet's for a published in1k checkpoint), saved with the model.
+        self.class_names = list(class_names) if class_names else None
         if quantized:
             self._requantize(quantized)
 
@@ -63,15 +66,17 @@ class VisionTransformer(keras.Model):
         super().compile(*args, **kwargs)
 
     def get_config(self) -> dict:
-        """The ViTConfig as a dict, the model's name and dtype policy, and the policies of the
-        layers model.quantize() converted: all that rebuilds the same graph."""
-        config = {"config": self.vit_config.to_dict(), "name": self.name, "trainable": self.trainable,
-                  "dtype": self.dtype_policy.name}
+        """The ViTConfig as a dict, the model's name, class names and dtype policy, and the policies
+        of the layers model.quantize() converted: all that rebuilds the model."""
+        out = {"config": self.vit_config.to_dict(), "name": self.name, "trainable": self.trainable,
+               "dtype": self.dtype_policy.name}
+        if self.class_names:
+            out["class_names"] = [str(n) for n in self.class_names]
         quantized = {layer.path: layer.dtype_policy.name for layer in self._flatten_layers(include_self=False)
                      if layer.dtype_policy.quantization_mode is not None}
         if quantized:
-            config["quantized"] = quantized
-        return config
+            out["quantized"] = quantized
+        return out
 
     @classmethod
     def from_config(cls, config, custom_objects=None):

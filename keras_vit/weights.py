@@ -131,7 +131,9 @@ def checkpoint_path(weights: PathLike) -> str:
                          f"nor a published checkpoint; published names: {', '.join(sorted(PUBLISHED))}")
     fname = entry.url.rsplit("/", 1)[-1]
     try:
-        return keras.utils.get_file(fname=fname, origin=entry.url, cache_subdir=os.path.join("models", "keras_vit"))
+        # KERAS_HOME read now, not at Keras' import, so a process can point the cache elsewhere.
+        return keras.utils.get_file(fname=fname, origin=entry.url, cache_dir=os.environ.get("KERAS_HOME") or None,
+                                    cache_subdir=os.path.join("models", "keras_vit"))
     except Exception as exc:  # noqa: BLE001 - any failure to fetch is reported the same way
         raise ValueError(f"downloading checkpoint {path!r} from {entry.url} failed ({first_line(exc)}); "
                          "pass the path of a local .npz file instead") from None

@@ -100,8 +100,12 @@ def model_path(path: str) -> str:
     return path
 
 
-def class_names_for(path: str, num_classes: int) -> List[str]:
-    """The class names stored next to a model (class_names.json in its run folder), else indices."""
+def class_names_for(path: str, num_classes: int, model=None) -> List[str]:
+    """The class names a model carries (`model.class_names`), else those stored next to it
+    (class_names.json in its run folder), else indices."""
+    own = getattr(model, "class_names", None)
+    if own and len(own) == num_classes:
+        return [str(n) for n in own]
     f = os.path.join(os.path.dirname(os.path.abspath(path)), "class_names.json")
     try:
         with open(f) as fh:
