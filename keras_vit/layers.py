@@ -431,6 +431,26 @@ class TransformerBlock(layers.Layer):
 
 
 @_REG
+class PatchGrid(layers.Layer):
+    """Token sequence (B, prefix + gh*gw, D) -> patch map (B, gh, gw, D): prefix (class) tokens dropped."""
+
+    def __init__(self, grid_size: Sequence[int], num_prefix_tokens: int = 1, **kwargs):
+        super().__init__(**kwargs)
+        self.grid_size = tuple(int(g) for g in grid_size)
+        self.num_prefix_tokens = int(num_prefix_tokens)
+
+    def call(self, x):
+        gh, gw = self.grid_size
+        return ops.reshape(x[:, self.num_prefix_tokens:], (-1, gh, gw, x.shape[-1]))
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], *self.grid_size, input_shape[-1])
+
+    def get_config(self):
+        return {**super().get_config(), "grid_size": list(self.grid_size), "num_prefix_tokens": self.num_prefix_tokens}
+
+
+@_REG
 class TokenPooling(layers.Layer):
     """y = LN(z_L) pooled: the class token ("token") or the mean of the patch tokens ("gap")."""
 

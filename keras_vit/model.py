@@ -10,7 +10,7 @@ from keras import layers
 
 from keras_vit import precision
 from keras_vit.config import ViTConfig
-from keras_vit.layers import ClassToken, PatchEmbedding, PositionEmbedding, TokenPooling, TransformerBlock
+from keras_vit.layers import ClassToken, PatchEmbedding, PatchGrid, PositionEmbedding, TokenPooling, TransformerBlock
 from keras_vit.resnet import ResNetStem
 
 
@@ -105,14 +105,24 @@ def _build_graph(cfg: ViTConfig, dtype=None):
                           dtype=dtype)(x)
     x = layers.Dropout(cfg.dropout_rate, name="dropout", dtype=dtype)(x)
     relative_grid = cfg.grid_size if cfg.pos_embedding == "relative" else None
-    for i in range(cfg.num_layers):
+    wanted = set(cfg.feature_layers or ())
+    maps = {}
+    # A features model stops after the last block it returns.
+    depth = max(wanted) + 1 if wanted else cfg.num_layers
+    for i in range(depth):
         # Stochastic depth grows linearly with depth (timm, big_vision).
         dpr = cfg.drop_path_rate * i / max(cfg.num_layers - 1, 1)
         x = TransformerBlock(cfg.num_heads, cfg.mlp_dim, cfg.dropout_rate, cfg.attention_dropout_rate,
                              dpr, cfg.gelu_approximate, cfg.layer_norm_epsilon,
                              relative_grid=relative_grid, num_prefix_tokens=prefix,
                              name=f"encoderblock_{i}", dtype=dtype)(x)
+        if i in wanted:
+            maps[i] = PatchGrid(cfg.grid_size, prefix, name=f"features_{i}", dtype=dtype)(x)
+    if wanted:  # a dict: Keras would unwrap a list of one
+        return inputs, {f"block_{i}": maps[i] for i in cfg.feature_layers}
     x = layers.LayerNormalization(epsilon=cfg.layer_norm_epsilon, name="encoder_norm", dtype="float32")(x)
+    if cfg.output == "tokens":
+        return inputs, x
     x = TokenPooling(cfg.classifier, name="pool", dtype=dtype)(x)
     if cfg.representation_size:
         x = layers.Dense(cfg.representation_size, activation="tanh", name="pre_logits", dtype="float32")(x)

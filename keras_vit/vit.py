@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import keras
 
@@ -50,14 +50,18 @@ def ViT(variant: Optional[str] = _Default("B/16"), image_size: Union[int, Tuple[
         representation_size: Union[None, int, str] = _Default(None), pos_embedding: str = _Default("learned"),
         dropout_rate: float = _Default(0.0), attention_dropout_rate: float = _Default(0.0),
         drop_path_rate: float = _Default(0.0), channels: int = _Default(3), name: Optional[str] = None,
-        config: Optional[ViTConfig] = None, weights: Optional[str] = None, **overrides) -> keras.Model:
+        config: Optional[ViTConfig] = None, weights: Optional[str] = None, output: Optional[str] = _Default(None),
+        feature_layers: Optional[Sequence[int]] = _Default(None), **overrides) -> keras.Model:
     """A Vision Transformer as a plain keras.Model: float images in [0, 255] (B, H, W, C) -> logits.
 
     `variant` is the paper's name ("B/16", "Ti/4", "R50+B/16"); `overrides` (hidden_size,
     mlp_dim, num_heads, num_layers, patch_size, gelu_approximate, ...) give custom sizes;
     `config=ViTConfig(...)` replaces the variant; the arguments given next to it replace the
     config's fields (those left out keep the config's values). `include_top=False` returns the (B, D)
-    pre-logits features. `weights` is a checkpoint: an .npz or timm/Hugging Face .safetensors
+    pre-logits features; with `output="tokens"` the (B, S, D) tokens after the encoder norm, with
+    `feature_layers=(3, 7, 11)` those blocks' outputs as (B, H/P, W/P, D) patch maps in a dict
+    {"block_3": ..., "block_7": ..., "block_11": ...} (class token dropped; negative indices
+    count from the last block), as timm's forward_intermediates. `weights` is a checkpoint: an .npz or timm/Hugging Face .safetensors
     path, a published name ("B/16-augreg-i21k-ft-in1k") or "hf://ORG/NAME"; the arguments
     left out (variant, image_size, num_classes, classifier, representation_size) then follow
     the checkpoint, and `channels` other than its own adapt the input kernel.
@@ -72,7 +76,9 @@ def ViT(variant: Optional[str] = _Default("B/16"), image_size: Union[int, Tuple[
                    include_preprocessing=include_preprocessing, classifier=classifier,
                    representation_size=representation_size, pos_embedding=pos_embedding,
                    dropout_rate=dropout_rate, attention_dropout_rate=attention_dropout_rate,
-                   drop_path_rate=drop_path_rate, channels=channels, **overrides)
+                   drop_path_rate=drop_path_rate, channels=channels, output=output,
+                   feature_layers=feature_layers if isinstance(feature_layers, _Default) else tuple(feature_layers),
+                   **overrides)
     ckpt = None
     if config is not None and _given(variant) is not None:
         raise ValueError(f"give variant= or config=, not both (got variant={variant!r} and a config "

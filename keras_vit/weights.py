@@ -465,7 +465,10 @@ def model_variables(model: keras.Model) -> Dict[str, keras.Variable]:
         out[p + "row_embedding"], out[p + "col_embedding"] = pe.row_embedding, pe.col_embedding
         if pe.num_prefix_tokens:
             out[p + "prefix_embedding"] = pe.prefix_embedding
+    names = {layer.name for layer in model.layers}
     for i in range(cfg.num_layers):
+        if f"encoderblock_{i}" not in names:  # a feature_layers model ends at its last returned block
+            break
         blk = model.get_layer(f"encoderblock_{i}")
         b = f"Transformer/encoderblock_{i}/"
         att = blk.attention
@@ -478,10 +481,11 @@ def model_variables(model: keras.Model) -> Dict[str, keras.Variable]:
             out[a + "relative_embedding"] = att.relative_embedding
         for j, dense in enumerate((blk.mlp.dense_0, blk.mlp.dense_1)):
             out[f"{b}MlpBlock_3/Dense_{j}/kernel"], out[f"{b}MlpBlock_3/Dense_{j}/bias"] = dense.kernel, dense.bias
-    norm = model.get_layer("encoder_norm")
-    out["Transformer/encoder_norm/scale"], out["Transformer/encoder_norm/bias"] = norm.gamma, norm.beta
+    if "encoder_norm" in names:
+        norm = model.get_layer("encoder_norm")
+        out["Transformer/encoder_norm/scale"], out["Transformer/encoder_norm/bias"] = norm.gamma, norm.beta
     for name in ("pre_logits", "head"):
-        if any(layer.name == name for layer in model.layers):
+        if name in names:
             dense = model.get_layer(name)
             out[f"{name}/kernel"], out[f"{name}/bias"] = dense.kernel, dense.bias
     return out
@@ -538,6 +542,12 @@ def _adapt(values: Dict[str, np.ndarray], target: Mapping[str, keras.Variable], 
             values[first] = adapt_input_conv(values[first], want[2])
     if "pre_logits/kernel" in values and "pre_logits/kernel" not in target:
         values.pop("pre_logits/kernel"), values.pop("pre_logits/bias", None)
+    if cfg.feature_layers is not None or cfg.output is not None:  # features: later layers are not built
+        later = re.compile(r"^Transformer/(encoder_norm/|encoderblock_(\d+)/)")
+        for k in [k for k in values if later.match(k) and k not in target]:
+            m = later.match(k)
+            if m[2] is None or int(m[2]) < cfg.num_layers:
+                values.pop(k)
     grid = cfg.grid_size
     prefix = 1 if cfg.classifier == "token" else 0
     if _POSEMB in values and _POSEMB in target:
