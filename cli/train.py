@@ -48,7 +48,13 @@ _DATASET_HELP = ("digits (offline), cifar10, cifar100, mnist, fashion_mnist, tfd
 @click.option("--grad-accum", type=int, default=None, help="Accumulate gradients over this many batches.")
 @click.option("--distribute", type=click.Choice(["auto", "none", "mirrored"]), default=None,
               help="auto: MultiWorkerMirrored from TF_CONFIG, Mirrored over >1 GPU, DataParallel on JAX.")
-@click.option("--weights", default=None, help="Initial weights: an official .npz (or published name) or a keras-vit .keras (head skipped).")
+@click.option("--weights", default=None, help="Initial weights: a checkpoint (.npz, timm/Hugging Face .safetensors, published name, "
+                   "hf://ORG/NAME) or a keras-vit .keras (head skipped).")
+@click.option("--freeze-backbone", is_flag=True, default=None,
+              help="Linear probe: train only the head; every other weight stays exactly as loaded (use with --weights).")
+@click.option("--layer-decay", type=float, default=None, metavar="R",
+              help="Layer-wise learning-rate decay R in (0, 1]: block i of L trains at R^(L-i) of the head's rate, "
+                   "the embeddings at R^(L+1) (BEiT/MAE fine-tuning).")
 @click.option("--seed", type=int, default=None, help="Seed for data order, augmentation and initialisation [default: 0].")
 @click.option("--val-fraction", type=float, default=None, help="Training data held out for validation [default: 0.1].")
 @click.option("--data-dir", default=None, help="tensorflow-datasets data folder.")
@@ -73,16 +79,27 @@ def train_cmd(dataset: str, output: Optional[str], resume: bool, **options) -> N
     click.echo(f"run folder: {result['run']}")
 
 
+_MODEL_HELP = ("A .keras model, a run folder, or a checkpoint: a published name such as "
+               "B/16-augreg-i21k-ft-in1k (downloaded once, cached), hf://ORG/NAME, an .npz or .safetensors file.")
+
+
 def _load(model: str):
+    """(path, model) for a .keras file or run folder, or a model built from a checkpoint."""
     from keras_vit import train as ktrain
     from keras_vit.saving import load_model
+    from keras_vit.weights import HF_PREFIX, PUBLISHED
 
+    if model in PUBLISHED or model.startswith(HF_PREFIX) or (
+            os.path.isfile(model) and model.endswith((".npz", ".safetensors"))):
+        from keras_vit.vit import ViT
+
+        return model, ViT(weights=model)
     path = ktrain.model_path(model)
     return path, load_model(path)
 
 
 @click.command("evaluate")
-@click.option("--model", "model_arg", required=True, help="A .keras model, or a run folder.")
+@click.option("--model", "model_arg", required=True, help=_MODEL_HELP)
 @click.option("--dataset", default="digits", show_default=True, help=_DATASET_HELP)
 @click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the validation hold-out (test is fixed).")
@@ -116,7 +133,7 @@ def evaluate_cmd(model_arg: str, dataset: str, batch_size: int, seed: int, as_js
 
 
 @click.command("predict")
-@click.option("--model", "model_arg", required=True, help="A .keras model, or a run folder.")
+@click.option("--model", "model_arg", required=True, help=_MODEL_HELP)
 @click.option("--top-k", type=click.IntRange(min=1), default=5, show_default=True)
 @click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @user_errors
@@ -129,6 +146,6 @@ def predict_cmd(model_arg: str, top_k: int, images: Sequence[str]) -> None:
     if missing:
         raise UserError(f"image file {missing[0]!r} does not exist")
     path, model = _load(model_arg)
-    names = ktrain.class_names_for(path, get_config(model).num_classes)
+    names = ktrain.class_names_for(path, get_config(model).num_classes, model)
     for p, top in zip(images, ktrain.predict_images(model, images, names, top_k)):
         click.echo(f"{p}: " + ", ".join(f"{n} {prob:.3f}" for n, prob in top))

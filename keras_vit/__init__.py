@@ -21,6 +21,10 @@ _LAZY = {
     "layers": "keras_vit.layers",
     "load_npz": "keras_vit.weights",
     "save_npz": "keras_vit.weights",
+    "load_weights": "keras_vit.weights",
+    "save_safetensors": "keras_vit.weights",
+    "imagenet_labels": "keras_vit.labels",
+    "predict": "keras_vit.train.evaluate",
     "resize_model": "keras_vit.vit",
     "resample_position_embeddings": "keras_vit.resize",
 }

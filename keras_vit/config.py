@@ -21,6 +21,7 @@ VARIANTS = {
 RESNET_DEPTHS = {26: (2, 2, 2, 2), 50: (3, 4, 6, 3)}
 
 CLASSIFIERS = ("token", "gap")
+OUTPUTS = (None, "tokens")
 POS_EMBEDDINGS = ("learned", "learned_2d", "relative", "sincos2d", "none")
 _OVERRIDES = ("hidden_size", "mlp_dim", "num_heads", "num_layers", "patch_size")
 # Official list shown by `vitcli models`.
@@ -72,12 +73,21 @@ class ViTConfig:
     resnet_layers: Optional[Tuple[int, ...]] = None
     resnet_width: int = 1
     variant: Optional[str] = None
+    # Features for dense tasks (with include_top=False): "tokens" gives the (B, S, D) sequence after
+    # the encoder norm; feature_layers gives those blocks' outputs as (B, H/P, W/P, D) maps.
+    output: Optional[str] = None
+    feature_layers: Optional[Tuple[int, ...]] = None
 
     def __post_init__(self) -> None:
         self.image_size = _pair(self.image_size, "image_size")
         self.patch_size = _pair(self.patch_size, "patch_size")
         if self.resnet_layers is not None:
             self.resnet_layers = tuple(int(n) for n in self.resnet_layers)
+        if self.feature_layers is not None:
+            if isinstance(self.feature_layers, int) or not all(
+                    isinstance(i, int) and not isinstance(i, bool) for i in self.feature_layers):
+                raise ValueError(f"feature_layers must be a tuple of block indices, got {self.feature_layers!r}")
+            self.feature_layers = tuple(i + self.num_layers if i < 0 else i for i in self.feature_layers)
         self.validate()
 
     # --- checks -----------------------------------------------------------------------
@@ -110,6 +120,17 @@ class ViTConfig:
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not 0.0 <= v < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {v!r}")
+        if self.output not in OUTPUTS:
+            raise ValueError(f"output must be one of {', '.join(map(repr, OUTPUTS))}; got {self.output!r}")
+        if self.feature_layers is not None:
+            bad = [i for i in self.feature_layers if not 0 <= i < self.num_layers]
+            if bad or not self.feature_layers or len(set(self.feature_layers)) != len(self.feature_layers):
+                raise ValueError(f"feature_layers must be distinct block indices in [-{self.num_layers}, "
+                                 f"{self.num_layers}); got {self.feature_layers!r}")
+        if (self.output is not None or self.feature_layers is not None) and self.include_top:
+            raise ValueError("output='tokens' and feature_layers return features: build with include_top=False")
+        if self.output is not None and self.feature_layers is not None:
+            raise ValueError("give output='tokens' or feature_layers, not both")
         sh, sw = self.input_stride
         h, w = self.image_size
         if h % sh or w % sw:
@@ -158,6 +179,8 @@ class ViTConfig:
         d["patch_size"] = list(self.patch_size)
         if self.resnet_layers is not None:
             d["resnet_layers"] = list(self.resnet_layers)
+        if self.feature_layers is not None:
+            d["feature_layers"] = list(self.feature_layers)
         return d
 
     @classmethod

@@ -199,6 +199,7 @@ class MultiHeadSelfAttention(layers.Layer):
                 shape=(n_off, h, hd), initializer=keras.initializers.RandomNormal(stddev=_INIT_STD),
                 name="relative_embedding")
             self._rel_index = relative_position_index(self.relative_grid, self.num_prefix_tokens)
+        self.dropout.build((None, h, None, None))
         self.built = True
 
     def _qkv(self, x, scale: float):
@@ -325,17 +326,18 @@ class MlpBlock(layers.Layer):
         self.dense_0.build(input_shape)
         self.dense_1 = layers.Dense(input_shape[-1], name="Dense_1", **self.dense_kwargs)
         self.dense_1.build(tuple(input_shape[:-1]) + (self.mlp_dim,))
+        self.dropout.build(input_shape)
         self.built = True
 
     def call(self, x, training=None):
-        # The Dense layers hold the weights (checkpoint names); the products run as rank-2
-        # GEMMs on (tokens, features), which keeps tf.tensordot's shape ops out of exported graphs.
+        # The Dense layers run on (tokens, features): a rank-2 input is a plain GEMM (rank 3 would
+        # be tf.tensordot, whose shape ops land in exported graphs). Calling the layers, not their
+        # kernels, keeps what Keras adds to them working: model.quantize(...) and enable_lora.
         d = x.shape[-1]
         shape = tuple(x.shape) if all(n is not None for n in x.shape[1:]) else ops.shape(x)
-        h = ops.reshape(x, (-1, d))
-        h = ops.matmul(h, ops.cast(self.dense_0.kernel, h.dtype)) + ops.cast(self.dense_0.bias, h.dtype)
+        h = self.dense_0(ops.reshape(x, (-1, d)))
         h = self.dropout(ops.gelu(h, approximate=self.gelu_approximate), training=training)
-        h = ops.matmul(h, ops.cast(self.dense_1.kernel, h.dtype)) + ops.cast(self.dense_1.bias, h.dtype)
+        h = self.dense_1(h)
         out = ops.reshape(h, (-1,) + tuple(shape[1:]) if isinstance(shape, tuple) else shape)
         return self.dropout(out, training=training)
 
@@ -397,6 +399,10 @@ class TransformerBlock(layers.Layer):
         self.attention.build(input_shape)
         self.norm_2.build(input_shape)
         self.mlp.build(input_shape)
+        # Built here too, as the functional model never traces this call: model.quantize()
+        # refuses a model with unbuilt layers.
+        self.dropout.build(input_shape)
+        self.drop_path.build(input_shape)
         self.built = True
 
     def call(self, x, training=None, return_attention_scores: bool = False):
@@ -422,6 +428,26 @@ class TransformerBlock(layers.Layer):
                 "layer_norm_epsilon": self.layer_norm_epsilon,
                 "relative_grid": None if self.relative_grid is None else list(self.relative_grid),
                 "num_prefix_tokens": self.num_prefix_tokens}
+
+
+@_REG
+class PatchGrid(layers.Layer):
+    """Token sequence (B, prefix + gh*gw, D) -> patch map (B, gh, gw, D): prefix (class) tokens dropped."""
+
+    def __init__(self, grid_size: Sequence[int], num_prefix_tokens: int = 1, **kwargs):
+        super().__init__(**kwargs)
+        self.grid_size = tuple(int(g) for g in grid_size)
+        self.num_prefix_tokens = int(num_prefix_tokens)
+
+    def call(self, x):
+        gh, gw = self.grid_size
+        return ops.reshape(x[:, self.num_prefix_tokens:], (-1, gh, gw, x.shape[-1]))
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], *self.grid_size, input_shape[-1])
+
+    def get_config(self):
+        return {**super().get_config(), "grid_size": list(self.grid_size), "num_prefix_tokens": self.num_prefix_tokens}
 
 
 @_REG

@@ -1,15 +1,15 @@
 """ViT(...): the public builder on top of the model (config + graph + checkpoint weights)."""
 from __future__ import annotations
 
-import os
-from typing import Optional, Tuple, Union
+import dataclasses
+from typing import Optional, Sequence, Tuple, Union
 
 import keras
 
 from keras_vit.config import ViTConfig, parse_variant
 from keras_vit.model import VisionTransformer, build_model, get_config
 from keras_vit.resize import check_method
-from keras_vit.weights import PUBLISHED, PathLike, assign_weights, canonicalize, checkpoint_path, model_arrays, read_npz
+from keras_vit.weights import ARCHITECTURE_FIELDS, Checkpoint, PathLike, assign_weights, check_variant, model_arrays, read_checkpoint
 
 __all__ = ["ViT", "VisionTransformer", "build_config", "build_model", "build_with_weights", "get_config",
            "resize_model"]
@@ -20,58 +20,113 @@ def build_config(variant: Optional[str] = "B/16", config: Optional[ViTConfig] = 
     if config is not None:
         if not isinstance(config, ViTConfig):
             raise ValueError(f"config must be a keras_vit.ViTConfig, got {type(config).__name__}")
+        known = {f.name for f in dataclasses.fields(ViTConfig)}
+        bad = sorted(set(options) - known)
+        if bad:
+            raise ValueError(f"unknown option(s) {bad} next to config=; allowed: any ViTConfig field "
+                             f"({', '.join(sorted(known))})")
         return config.replace(**options) if options else config
     return parse_variant(variant, **options)
 
 
-def ViT(variant: Optional[str] = "B/16", image_size: Union[int, Tuple[int, int]] = 224,
-        num_classes: int = 1000, include_top: bool = True, include_preprocessing: bool = True,
-        classifier: str = "token", representation_size: Union[None, int, str] = None,
-        pos_embedding: str = "learned", dropout_rate: float = 0.0, attention_dropout_rate: float = 0.0,
-        drop_path_rate: float = 0.0, channels: int = 3, name: Optional[str] = None,
-        config: Optional[ViTConfig] = None, weights: Optional[str] = None, **overrides) -> keras.Model:
+class _Default:
+    """An argument left out: the checkpoint's value when `weights=` says, else `value`."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def __repr__(self) -> str:
+        return repr(self.value)
+
+
+def _given(value):
+    return None if isinstance(value, _Default) else value
+
+
+def ViT(variant: Optional[str] = _Default("B/16"), image_size: Union[int, Tuple[int, int]] = _Default(224),
+        num_classes: int = _Default(1000), include_top: bool = _Default(True),
+        include_preprocessing: bool = _Default(True), classifier: str = _Default("token"),
+        representation_size: Union[None, int, str] = _Default(None), pos_embedding: str = _Default("learned"),
+        dropout_rate: float = _Default(0.0), attention_dropout_rate: float = _Default(0.0),
+        drop_path_rate: float = _Default(0.0), channels: int = _Default(3), name: Optional[str] = None,
+        config: Optional[ViTConfig] = None, weights: Optional[str] = None, output: Optional[str] = _Default(None),
+        feature_layers: Optional[Sequence[int]] = _Default(None), **overrides) -> keras.Model:
     """A Vision Transformer as a plain keras.Model: float images in [0, 255] (B, H, W, C) -> logits.
 
     `variant` is the paper's name ("B/16", "Ti/4", "R50+B/16"); `overrides` (hidden_size,
     mlp_dim, num_heads, num_layers, patch_size, gelu_approximate, ...) give custom sizes;
-    `config=ViTConfig(...)` replaces the variant. `include_top=False` returns the (B, D)
-    pre-logits features. `weights` is an official .npz checkpoint (path or published name);
-    with it, `representation_size="checkpoint"` takes the pre-logits size from the checkpoint.
+    `config=ViTConfig(...)` replaces the variant; the arguments given next to it replace the
+    config's fields (those left out keep the config's values). `include_top=False` returns the (B, D)
+    pre-logits features; with `output="tokens"` the (B, S, D) tokens after the encoder norm, with
+    `feature_layers=(3, 7, 11)` those blocks' outputs as (B, H/P, W/P, D) patch maps in a dict
+    {"block_3": ..., "block_7": ..., "block_11": ...} (class token dropped; negative indices
+    count from the last block), as timm's forward_intermediates. `weights` is a checkpoint: an .npz or timm/Hugging Face .safetensors
+    path, a published name ("B/16-augreg-i21k-ft-in1k") or "hf://ORG/NAME"; the arguments
+    left out (variant, image_size, num_classes, classifier, representation_size) then follow
+    the checkpoint, and `channels` other than its own adapt the input kernel.
+    `representation_size="checkpoint"` takes the pre-logits size from the checkpoint.
     """
     rep_from_checkpoint = isinstance(representation_size, str) and representation_size == "checkpoint"
     if rep_from_checkpoint:
         if weights is None:
-            raise ValueError("representation_size='checkpoint' needs weights= (an .npz path or published name)")
-        representation_size = None
+            raise ValueError("representation_size='checkpoint' needs weights= (a checkpoint path or published name)")
+        representation_size = _Default(None)
     options = dict(image_size=image_size, num_classes=num_classes, include_top=include_top,
                    include_preprocessing=include_preprocessing, classifier=classifier,
                    representation_size=representation_size, pos_embedding=pos_embedding,
                    dropout_rate=dropout_rate, attention_dropout_rate=attention_dropout_rate,
-                   drop_path_rate=drop_path_rate, channels=channels, **overrides)
-    if config is not None:
-        cfg = build_config(config=config, **overrides)
-    else:
-        cfg = build_config(variant, **options)
+                   drop_path_rate=drop_path_rate, channels=channels, output=output,
+                   feature_layers=feature_layers if isinstance(feature_layers, _Default) else tuple(feature_layers),
+                   **overrides)
+    ckpt = None
+    if config is not None and _given(variant) is not None:
+        raise ValueError(f"give variant= or config=, not both (got variant={variant!r} and a config "
+                         f"of variant {getattr(config, 'variant', None)!r}); set sizes with config= or its fields as arguments")
     if weights is not None:
-        return build_with_weights(cfg, weights, name=name,
+        check_variant(weights, config.variant if config is not None else _given(variant))
+        ckpt = read_checkpoint(weights)
+    if config is not None:
+        cfg = build_config(config=config, **{k: v for k, v in options.items() if not isinstance(v, _Default)})
+    else:
+        given = {k: v for k, v in options.items() if not isinstance(v, _Default)}
+        fields = {k: v.value for k, v in options.items() if isinstance(v, _Default)}
+        variant_given = _given(variant)
+        if ckpt is not None:
+            found = {k: v for k, v in ckpt.defaults.items() if k != "class_names" and not (k == "variant" and v is None)}
+            if variant_given is not None:
+                found = {k: v for k, v in found.items() if k not in ARCHITECTURE_FIELDS}
+            elif "variant" in found:  # the paper's sizes by name; shapes only fill what it leaves
+                found = {k: v for k, v in found.items() if k not in ARCHITECTURE_FIELDS or k == "variant"}
+            fields.update(found)
+            if (variant_given is None and "variant" not in found and "num_heads" not in found
+                    and "num_heads" not in given):
+                raise ValueError(f"checkpoint {ckpt.source!r} does not say its number of attention heads "
+                                 "(the PyTorch layout fuses them); pass num_heads= or variant=")
+        fields.update(given)
+        name_ = variant_given if variant_given is not None else fields.pop("variant", None)
+        fields.pop("variant", None)
+        if name_ is None and ckpt is None:
+            name_ = variant.value
+        cfg = build_config(name_, **fields) if name_ is not None else build_config(config=ViTConfig(**fields))
+    if ckpt is not None:
+        return build_with_weights(cfg, ckpt, name=name,
                                   representation_size="checkpoint" if rep_from_checkpoint else "config")
     return build_model(cfg, name=name)
 
 
-def build_with_weights(cfg: ViTConfig, weights: PathLike, name: Optional[str] = None, *,
+def build_with_weights(cfg: ViTConfig, weights: Union[PathLike, Checkpoint], name: Optional[str] = None, *,
                        representation_size: Union[None, int, str] = "config", method: str = "linear",
                        prefix: Optional[str] = None) -> keras.Model:
-    """Build the model for `cfg` and load `weights` (path or published name) into it.
+    """Build the model for `cfg` and load `weights` (a path, published name, hf://ORG/NAME or a
+    Checkpoint already read) into it.
 
     `representation_size="checkpoint"` takes the pre-logits size from the checkpoint; the
-    position embeddings are resampled when `cfg.image_size` differs from the checkpoint's.
+    position embeddings are resampled when `cfg.image_size` differs from the checkpoint's. The
+    model carries the checkpoint's class names when its head is the checkpoint's.
     """
-    entry = PUBLISHED.get(os.fspath(weights)) if not os.path.isfile(os.fspath(weights)) else None
-    if entry is not None and cfg.variant is not None and cfg.variant != entry.variant:
-        raise ValueError(f"checkpoint {os.fspath(weights)!r} is a {entry.variant} model; "
-                         f"build it with variant={entry.variant!r}, not {cfg.variant!r}")
-    local = checkpoint_path(weights)
-    arrays, big_vision_posemb = canonicalize(read_npz(local), prefix=prefix)
+    check_variant(weights.source if isinstance(weights, Checkpoint) else weights, cfg.variant)
+    ckpt = weights if isinstance(weights, Checkpoint) else read_checkpoint(weights)
+    arrays, big_vision_posemb = ckpt.canonical(num_heads=cfg.num_heads, prefix=prefix)
     if representation_size == "checkpoint":
         kernel = arrays.get("pre_logits/kernel")
         cfg = cfg.replace(representation_size=None if kernel is None else int(kernel.shape[-1]))
@@ -79,7 +134,11 @@ def build_with_weights(cfg: ViTConfig, weights: PathLike, name: Optional[str] = 
         cfg = cfg.replace(representation_size=representation_size)
     model = build_model(cfg, name=name)
     assign_weights(model, arrays, method=method, big_vision_posemb=big_vision_posemb,
-                   source=f"checkpoint {os.fspath(weights)!r}")
+                   source=f"checkpoint {ckpt.source!r}")
+    names = ckpt.defaults.get("class_names")
+    head = arrays.get("head/kernel")
+    if names and cfg.include_top and head is not None and head.shape[-1] == cfg.num_classes == len(names):
+        model.class_names = list(names)
     return model
 
 

@@ -25,7 +25,8 @@ def test_wheel_holds_export_and_cli(tmp_path):
     (wheel,) = (tmp_path / "dist").glob("keras_vit-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     for module in ("keras_vit/__init__.py", "keras_vit/vit.py", "keras_vit/layers.py",
-                   "keras_vit/export/__init__.py", "keras_vit/cli/__init__.py", "keras_vit/cli/main.py"):
+                   "keras_vit/export/__init__.py", "keras_vit/cli/__init__.py", "keras_vit/cli/main.py",
+                   "keras_vit/assets/imagenet1k.txt", "keras_vit/assets/imagenet21k.txt"):
         assert module in names, module
     assert not any(n.startswith(("export/", "cli/", "tests/")) for n in names)
     meta = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("METADATA"))).decode()

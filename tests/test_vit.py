@@ -48,6 +48,37 @@ def test_config_argument_and_overrides():
     assert model.output_shape == (None, 4)
 
 
+def test_arguments_next_to_config_apply():
+    cfg = ViTConfig(image_size=32, patch_size=8, num_classes=1000, **TINY)
+    model = keras_vit.ViT(config=cfg, num_classes=10, include_top=False, image_size=64)
+    assert model.input_shape == (None, 64, 64, 3) and model.output_shape == (None, 32)
+    assert model.vit_config == cfg.replace(num_classes=10, include_top=False, image_size=64)
+    # each argument given explicitly wins, also when it equals ViT's own default value
+    unusual = ViTConfig(image_size=32, patch_size=8, num_classes=4, include_top=False, include_preprocessing=False,
+                        classifier="gap", representation_size=8, pos_embedding="none", dropout_rate=0.1,
+                        attention_dropout_rate=0.1, drop_path_rate=0.1, channels=1, gelu_approximate=False, **TINY)
+    assert keras_vit.ViT(config=unusual).vit_config == unusual  # nothing given: the config as it is
+    defaults = dict(image_size=224, num_classes=1000, include_top=True, include_preprocessing=True,
+                    classifier="token", representation_size=None, pos_embedding="learned", dropout_rate=0.0,
+                    attention_dropout_rate=0.0, drop_path_rate=0.0, channels=3, gelu_approximate=True,
+                    hidden_size=64, num_heads=4, mlp_dim=128, num_layers=1, patch_size=16)
+    for name, value in defaults.items():
+        got = keras_vit.ViT(config=unusual, **{name: value}).vit_config
+        assert got == unusual.replace(**{name: value}), name
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(variant="B/16"), "give variant= or config=, not both"),
+    (dict(hidden_dim=64), r"unknown option\(s\) \['hidden_dim'\] next to config="),
+    (dict(image_size=36), "36x36 is not divisible by the patch size 8x8"),
+])
+def test_arguments_next_to_config_that_do_not_fit_raise_one_line(kwargs, match):
+    cfg = ViTConfig(image_size=32, patch_size=8, num_classes=4, **TINY)
+    with pytest.raises(ValueError, match=match) as info:
+        keras_vit.ViT(config=cfg, **kwargs)
+    assert "\n" not in str(info.value)
+
+
 def test_include_top_false_returns_pre_logits_features():
     model = keras_vit.ViT(variant="Ti/8", image_size=32, include_top=False, **TINY)
     assert model.output_shape == (None, 32)
@@ -142,6 +173,29 @@ def test_mixed_bfloat16_trains_with_float32_norms_and_logits():
         assert keras.backend.standardize_dtype(probs.dtype) == "float32"
     finally:
         keras.mixed_precision.set_global_policy("float32")
+
+
+def test_save_load_keeps_the_dtype_policy_whatever_the_global_one(tmp_path):
+    x = random_images(3, 16, 16)
+    for built, loaded in (("mixed_bfloat16", "float32"), ("float32", "mixed_bfloat16")):
+        keras.mixed_precision.set_global_policy(built)
+        try:
+            model = keras_vit.ViT(variant="Ti/8", image_size=16, num_classes=3, **TINY)
+        finally:
+            keras.mixed_precision.set_global_policy("float32")
+        randomise_head(model)
+        model.save(tmp_path / f"{built}.keras")
+        keras.mixed_precision.set_global_policy(loaded)
+        try:
+            back = keras_vit.load_model(tmp_path / f"{built}.keras")
+            back.save(tmp_path / f"{built}-again.keras")  # and once more: the policy is in the config
+            again = keras_vit.load_model(tmp_path / f"{built}-again.keras")
+        finally:
+            keras.mixed_precision.set_global_policy("float32")
+        for m in (back, again):
+            assert m.dtype_policy.name == built
+            assert m.get_layer("encoderblock_0").compute_dtype == keras.mixed_precision.Policy(built).compute_dtype
+            np.testing.assert_array_equal(m.predict(x, verbose=0), model.predict(x, verbose=0))
 
 
 @pytest.mark.parametrize("kwargs,match", [

@@ -142,7 +142,7 @@ def test_never_unpickles(tmp_path):
 
 
 def test_unknown_weights_name():
-    with pytest.raises(ValueError, match="neither an existing .npz file nor a published checkpoint"):
+    with pytest.raises(ValueError, match="neither an existing .npz"):
         keras_vit.ViT(config=plain_cfg(), weights="B/16-imagenet-typo")
 
 

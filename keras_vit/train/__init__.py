@@ -20,7 +20,7 @@ _LAZY = {
                      "resolve_run_dir"], "runs"),
     **dict.fromkeys(["AtomicCheckpoint", "LearningRateLogger", "atomic_checkpoint"], "callbacks"),
     **dict.fromkeys(["distribution_scope", "replicas"], "distribute"),
-    **dict.fromkeys(["evaluate", "predict_images", "predict_logits"], "evaluate"),
+    **dict.fromkeys(["evaluate", "predict", "predict_images", "predict_logits"], "evaluate"),
     "load_initial_weights": "initial",
     "train": "loop",
     "TrainError": None,

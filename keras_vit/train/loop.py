@@ -148,6 +148,7 @@ def _build_model(cfg: TrainConfig, data: _Data, jit: str) -> keras.Model:
     num_classes = data.splits.num_classes
     with distribution_scope(cfg.distribute):
         model = build_model(data.vit_cfg)
+        model.class_names = list(data.splits.class_names)  # saved with the model
         if cfg.weights:
             report = load_initial_weights(model, cfg.weights)
             if report.get("npz"):
@@ -155,8 +156,12 @@ def _build_model(cfg: TrainConfig, data: _Data, jit: str) -> keras.Model:
             else:
                 print(f"initial weights: {len(report['loaded'])} variables from {cfg.weights}, "
                       f"{len(report['skipped'])} kept as initialised (head, new shapes)")
+        if cfg.freeze_backbone:
+            from keras_vit.finetune import freeze_backbone
+
+            freeze_backbone(model)
         model.compile(
-            optimizer=make_optimizer(cfg, data.steps),
+            optimizer=make_optimizer(cfg, data.steps, model=model),
             loss=keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=cfg.label_smoothing),
             metrics=[keras.metrics.CategoricalAccuracy(name="accuracy"),
                      keras.metrics.TopKCategoricalAccuracy(k=min(5, num_classes), name="top5")],

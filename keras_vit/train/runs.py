@@ -131,8 +131,11 @@ def read_run(model: str) -> RunInfo:
     return info
 
 
-def class_names_for(path: str, num_classes: int) -> List[str]:
-    """The class names stored with a model (its run folder's class_names.json) when they count
-    `num_classes`, else the class indices as strings."""
+def class_names_for(path: str, num_classes: int, model=None) -> List[str]:
+    """The class names a model carries (`model.class_names`), else those stored next to it (its
+    run folder's class_names.json), when they count `num_classes`; else the class indices."""
+    own = getattr(model, "class_names", None)
+    if own and len(own) == num_classes:
+        return [str(n) for n in own]
     names = read_run(path).class_names
     return names if names is not None and len(names) == num_classes else [str(i) for i in range(num_classes)]

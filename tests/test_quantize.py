@@ -1,0 +1,96 @@
+"""Keras' own quantization (model.quantize) and LoRA (Dense.enable_lora) on keras-vit models."""
+from __future__ import annotations
+
+import warnings
+
+import keras
+import numpy as np
+import pytest
+from export_helpers import trained_digits
+
+import keras_vit
+from tests.conftest import random_images
+
+MLP_DENSE = ("Dense_0", "Dense_1")
+
+
+def _quantized(model, mode: str):
+    """A fresh copy of `model` (from its .keras file) quantized in place with `mode`."""
+    _, path = trained_digits()
+    copy = keras_vit.load_model(path)
+    with warnings.catch_warnings():  # Keras warns once per layer type it does not quantize
+        warnings.simplefilter("ignore")
+        copy.quantize(mode)
+    return copy
+
+
+@pytest.mark.parametrize("mode,max_rel_diff", [("int8", 0.03), ("float8", 0.15), ("int4", 0.25)])
+def test_keras_quantize_keeps_predictions_of_trained_digits_model(mode, max_rel_diff):
+    """The MLP and head Dense layers are quantized and the logits stay those of the float model:
+    >= 97% top-1 agreement on the digits test split, max |diff| a small share of the logit scale."""
+    from keras_vit.data import digits_arrays
+
+    model, _ = trained_digits()
+    _, _, x, _ = digits_arrays()
+    ref = model.predict(x, verbose=0)
+    quant = _quantized(model, mode)
+    modes = {layer.path.split("/")[-1]: layer.quantization_mode
+             for layer in quant._flatten_layers() if isinstance(layer, keras.layers.Dense)}
+    assert set(modes.values()) == {mode} and set(MLP_DENSE) | {"head"} <= set(modes), modes
+    out = quant.predict(x, verbose=0)
+    top1 = float(np.mean(out.argmax(1) == ref.argmax(1)))
+    assert top1 >= 0.97, (mode, top1)
+    rel = float(np.abs(out - ref).max() / np.abs(ref).max())
+    assert rel <= max_rel_diff, (mode, rel)
+    assert not np.array_equal(out, ref)  # the quantized kernels are what ran
+
+
+@pytest.mark.parametrize("mode", ["int8", "float8", "int4"])
+def test_quantized_model_save_load_round_trip(mode, tmp_path):
+    """model.save / keras_vit.load_model of a quantized model: same layers quantized, same logits."""
+    keras.utils.set_random_seed(0)
+    model = keras_vit.ViT("Ti/8", image_size=32, num_classes=5, hidden_size=32, num_heads=2, mlp_dim=64,
+                          num_layers=2, classifier="gap", representation_size=16)
+    rng = np.random.default_rng(0)
+    for w in model.weights:
+        w.assign(rng.normal(0, 0.3, w.shape).astype("float32"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.quantize(mode)
+    x = random_images(4, 32, 32)
+    model.save(tmp_path / "q.keras")
+    back = keras_vit.load_model(tmp_path / "q.keras")
+    policies = {layer.path: layer.dtype_policy.name for layer in back._flatten_layers() if layer.quantization_mode}
+    assert policies == model.get_config()["quantized"] and len(policies) == 6  # 4 MLP, pre-logits, head
+    np.testing.assert_array_equal(back.predict(x, verbose=0), model.predict(x, verbose=0))
+
+
+def test_lora_on_mlp_dense_layers_changes_logits_by_the_low_rank_update():
+    """enable_lora(rank) on the MLP Dense layers: B = 0 keeps the logits; a random B gives the
+    logits of the model whose kernels are W + (alpha / rank) A B; W is frozen."""
+    keras.utils.set_random_seed(0)
+    model = keras_vit.ViT("Ti/8", image_size=32, num_classes=5, hidden_size=32, num_heads=2, mlp_dim=64,
+                          num_layers=2)
+    head = model.get_layer("head")
+    head.kernel.assign(np.random.default_rng(0).normal(0, 0.5, head.kernel.shape).astype("float32"))
+    x = random_images(6, 32, 32)
+    ref = model.predict(x, verbose=0)
+    dense = [layer for layer in model._flatten_layers() if layer.name in MLP_DENSE]
+    assert len(dense) == 4
+    for layer in dense:
+        layer.enable_lora(4)
+    # a direct call, not predict: predict keeps the function it traced before LoRA existed
+    np.testing.assert_allclose(np.asarray(model(x)), ref, atol=1e-5)
+    merged = keras_vit.ViT(config=model.vit_config)
+    rng = np.random.default_rng(1)
+    for layer in dense:
+        layer.lora_kernel_b.assign(rng.normal(0, 0.5, layer.lora_kernel_b.shape).astype("float32"))
+    lora_kernels = {layer.path + "/kernel": layer.kernel for layer in dense}  # W + (alpha / rank) A B
+    source = {w.path: w for w in model.weights}
+    for w in merged.weights:
+        w.assign(lora_kernels.get(w.path, source[w.path]))
+    out = np.asarray(model(x))
+    assert np.abs(out - ref).max() > 1e-2  # the update reaches the logits
+    np.testing.assert_allclose(out, merged.predict(x, verbose=0), atol=1e-4)
+    trainable = {v.path.split("/")[-1] for v in model.trainable_variables if "MlpBlock" in v.path}
+    assert trainable == {"lora_kernel_a", "lora_kernel_b", "bias"}, trainable  # W frozen, as Keras' LoRA does
