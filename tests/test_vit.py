@@ -175,6 +175,29 @@ def test_mixed_bfloat16_trains_with_float32_norms_and_logits():
         keras.mixed_precision.set_global_policy("float32")
 
 
+def test_save_load_keeps_the_dtype_policy_whatever_the_global_one(tmp_path):
+    x = random_images(3, 16, 16)
+    for built, loaded in (("mixed_bfloat16", "float32"), ("float32", "mixed_bfloat16")):
+        keras.mixed_precision.set_global_policy(built)
+        try:
+            model = keras_vit.ViT(variant="Ti/8", image_size=16, num_classes=3, **TINY)
+        finally:
+            keras.mixed_precision.set_global_policy("float32")
+        randomise_head(model)
+        model.save(tmp_path / f"{built}.keras")
+        keras.mixed_precision.set_global_policy(loaded)
+        try:
+            back = keras_vit.load_model(tmp_path / f"{built}.keras")
+            back.save(tmp_path / f"{built}-again.keras")  # and once more: the policy is in the config
+            again = keras_vit.load_model(tmp_path / f"{built}-again.keras")
+        finally:
+            keras.mixed_precision.set_global_policy("float32")
+        for m in (back, again):
+            assert m.dtype_policy.name == built
+            assert m.get_layer("encoderblock_0").compute_dtype == keras.mixed_precision.Policy(built).compute_dtype
+            np.testing.assert_array_equal(m.predict(x, verbose=0), model.predict(x, verbose=0))
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(variant="Q/16"), "unknown variant 'Q/16'"),
     (dict(variant="B/16", image_size=100), "100x100 is not divisible by the patch size 16x16"),
