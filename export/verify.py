@@ -123,14 +123,7 @@ def verify(keras_model, exported_path: PathLike, images=None, num_images: int = 
     model, cfg = resolve_model(keras_model)
     runner = runner or Runner(exported_path)
     precision = precision or runner.precision
-    if precision not in THRESHOLDS:
-        raise ExportError(f"precision must be one of {', '.join(THRESHOLDS)}; got {precision!r}")
-    limits = dict(THRESHOLDS[precision])
-    limits.update(thresholds or {})
-    unknown = sorted(set(limits) - {"max_abs_diff", "mean_abs_diff", "top1_agreement", "top5_agreement"})
-    if unknown:
-        raise ExportError(f"unknown threshold(s) {unknown}; allowed: max_abs_diff, mean_abs_diff, "
-                          "top1_agreement, top5_agreement")
+    limits = _limits(precision, thresholds)
     source = "default" if images is None else images if isinstance(images, (str, os.PathLike)) else type(images).__name__
     images = load_images(images, cfg.image_size, cfg.channels, num_images)
     batch_size = max(1, min(batch_size, len(images)))
@@ -140,23 +133,9 @@ def verify(keras_model, exported_path: PathLike, images=None, num_images: int = 
     if out.shape != ref.shape:
         raise ExportError(f"exported file returns logits of shape {out.shape}, Keras gives {ref.shape}")
 
-    diff = np.abs(out.astype(np.float64) - ref.astype(np.float64))
     k = min(5, ref.shape[1])
-    top1 = float(np.mean(out.argmax(1) == ref.argmax(1)))
-    top5 = float(np.mean([set(a) == set(b) for a, b in zip(_topk(out, k), _topk(ref, k))]))
-    metrics = {"max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()),
-               "top1_agreement": top1, "top5_agreement": top5}
-
-    checks, failures = [], []
-    for name, limit in limits.items():
-        value = metrics[name]
-        ok = value >= limit if name in _HIGHER_IS_BETTER else value <= limit
-        checks.append({"metric": name, "value": value, "threshold": limit,
-                       "rule": ">=" if name in _HIGHER_IS_BETTER else "<=", "passed": bool(ok)})
-        if not ok:
-            by = abs(value - limit)
-            failures.append(f"{name} {value:.6g} {'<' if name in _HIGHER_IS_BETTER else '>'} "
-                            f"threshold {limit:.6g} (off by {by:.3g})")
+    metrics = _agreement(out, ref, k)
+    checks, failures = _checks(metrics, limits)
 
     exported_path = runner.path
     with open(exported_path, "rb") as f:
@@ -187,6 +166,41 @@ def verify(keras_model, exported_path: PathLike, images=None, num_images: int = 
         write_text(report_path(exported_path), json.dumps(report, indent=2) + "\n")
         report["report_path"] = report_path(exported_path)
     return report
+
+
+def _limits(precision: str, thresholds: Optional[Dict[str, float]]) -> Dict[str, float]:
+    """The precision's default thresholds with `thresholds` on top; ExportError for unknown names."""
+    if precision not in THRESHOLDS:
+        raise ExportError(f"precision must be one of {', '.join(THRESHOLDS)}; got {precision!r}")
+    limits = {**THRESHOLDS[precision], **(thresholds or {})}
+    unknown = sorted(set(limits) - {"max_abs_diff", "mean_abs_diff", "top1_agreement", "top5_agreement"})
+    if unknown:
+        raise ExportError(f"unknown threshold(s) {unknown}; allowed: max_abs_diff, mean_abs_diff, "
+                          "top1_agreement, top5_agreement")
+    return limits
+
+
+def _agreement(out: np.ndarray, ref: np.ndarray, k: int) -> Dict[str, float]:
+    """Absolute logit differences and top-1 / top-k agreement of exported vs Keras logits."""
+    diff = np.abs(out.astype(np.float64) - ref.astype(np.float64))
+    return {"max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()),
+            "top1_agreement": float(np.mean(out.argmax(1) == ref.argmax(1))),
+            "top5_agreement": float(np.mean([set(a) == set(b) for a, b in zip(_topk(out, k), _topk(ref, k))]))}
+
+
+def _checks(metrics: Dict[str, float], limits: Dict[str, float]):
+    """(one record per threshold, the failed ones as lines saying by how much)."""
+    checks, failures = [], []
+    for name, limit in limits.items():
+        value = metrics[name]
+        higher = name in _HIGHER_IS_BETTER
+        ok = value >= limit if higher else value <= limit
+        checks.append({"metric": name, "value": value, "threshold": limit, "rule": ">=" if higher else "<=",
+                       "passed": bool(ok)})
+        if not ok:
+            failures.append(f"{name} {value:.6g} {'<' if higher else '>'} threshold {limit:.6g} "
+                            f"(off by {abs(value - limit):.3g})")
+    return checks, failures
 
 
 def format_table(report: dict) -> str:
