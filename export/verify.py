@@ -44,6 +44,7 @@ class Runner:
     def __init__(self, path: PathLike, providers: Optional[list] = None, num_threads: Optional[int] = None,
                  device: str = "auto"):
         self.path = os.fspath(path)
+        self.input_dtype = "float32"  # uint8: verify feeds both sides whole pixel values
         if device not in DEVICES:
             raise ExportError(f"device must be one of {', '.join(DEVICES)}; got {device!r}")
         self.device = "cpu"
@@ -94,6 +95,7 @@ class Runner:
         self.format = "saved_model"
         self._loaded = tf.saved_model.load(self.path)
         self._serve = self._loaded.signatures[SIGNATURE]
+        self.input_dtype = self._serve.structured_input_signature[1]["images"].dtype.name
         self.providers = ["TensorFlow"]
         self.runtime = f"TensorFlow {tf.__version__} (tf.saved_model.load, {SIGNATURE})"
         self.metadata = read_metadata(self.path)
@@ -130,6 +132,8 @@ class Runner:
             images = images.transpose(0, 3, 1, 2)
         images = np.ascontiguousarray(images)
         if self.format == "saved_model":
+            if self.input_dtype == "uint8":
+                images = np.clip(np.round(images), 0, 255).astype(np.uint8)
             return self._serve(images=images)["logits"].numpy()
         if self.format == "onnx":
             return self._session.run(None, {self._input: images})[0]
@@ -145,6 +149,11 @@ def _batched(fn: Callable[[np.ndarray], np.ndarray], images: np.ndarray, batch_s
         outs.append(np.asarray(fn(images[i:i + batch_size]), dtype=np.float32))
         times.append(time.perf_counter() - t)
     return np.concatenate(outs), float(np.median(times))
+
+
+def _pixels(images: np.ndarray, runner: Runner) -> np.ndarray:
+    """Images as the file takes them: whole values for a uint8 input (same for Keras)."""
+    return np.clip(np.round(images), 0, 255).astype(np.float32) if runner.input_dtype == "uint8" else images
 
 
 def _topk(logits: np.ndarray, k: int) -> np.ndarray:
@@ -215,7 +224,7 @@ def verify(keras_model, exported_path: PathLike, images=None, num_images: int = 
                           "top1_agreement, top5_agreement")
     source = "default" if images is None else images if isinstance(images, (str, os.PathLike)) else type(images).__name__
     source_images = images
-    images = load_images(images, cfg.image_size, cfg.channels, num_images)
+    images = _pixels(load_images(images, cfg.image_size, cfg.channels, num_images), runner)
     batch_size = max(1, min(batch_size, len(images)))
 
     ref, keras_s = _batched(lambda x: np.asarray(model.predict_on_batch(x)), images, batch_size)
@@ -234,7 +243,7 @@ def verify(keras_model, exported_path: PathLike, images=None, num_images: int = 
         method = runner.metadata.get("pos_interpolation", cfg.pos_interpolation)
         wanted = [tuple(int(v) for v in s) for s in (image_sizes if image_sizes is not None else [other_size(cfg)])]
         for size in wanted:
-            at = load_images(source_images, size, cfg.channels, num_images)
+            at = _pixels(load_images(source_images, size, cfg.channels, num_images), runner)
             resized = resize_model(model, size, method=method)
             size_ref, _ = _batched(lambda x: np.asarray(resized.predict_on_batch(x)), at, batch_size)
             size_out, _ = _batched(runner, at, batch_size)
@@ -346,6 +355,10 @@ def format_table(report: dict) -> str:
         ("top-1 agreement", f"{report['top1_agreement']:.2%}"),
         (f"top-{report['top5_k']} agreement", f"{report['top5_agreement']:.2%}"),
         (f"latency (batch {lat['batch_size']})", f"keras {lat['keras']:.2f} ms, exported {lat['exported']:.2f} ms"),
+        *[(f"at {r['image_size'][0]}x{r['image_size'][1]}",
+           f"max |diff| {r['max_abs_diff']:.3g}, top-1 agreement {r['top1_agreement']:.2%} (vs resize_model, "
+           f"{r['interpolation']})") for r in report.get("image_sizes", [])],
+        ("device", report.get("device", "cpu")),
         ("checks", "; ".join(f"{c['metric']} {c['rule']} {c['threshold']:g}: {'ok' if c['passed'] else 'FAIL'}"
                              for c in report["checks"])),
         ("status", report["status"]),
