@@ -66,7 +66,7 @@ def _user_errors(fn):
 @click.option("--distribute", type=click.Choice(["auto", "none", "mirrored"]), default=None,
               help="auto: MultiWorkerMirrored from TF_CONFIG, Mirrored over >1 GPU, DataParallel on JAX.")
 @click.option("--weights", default=None, help="Initial weights: a checkpoint (.npz, timm/Hugging Face .safetensors, published name, "
-                   "hf://ORG/NAME) or a keras-vit .keras (head skipped).")
+                   "hf://ORG/NAME) or a keras-vit .keras (its head too when the sizes match).")
 @click.option("--freeze-backbone", is_flag=True, default=None,
               help="Linear probe: train only the head; every other weight stays exactly as loaded (use with --weights).")
 @click.option("--layer-decay", type=float, default=None, metavar="R",

@@ -364,6 +364,10 @@ def hub_defaults(config: Mapping[str, Any], num_classes: Optional[int]) -> Dict[
         if isinstance(size, (list, tuple)) and len(size) == 3:
             out["image_size"] = (int(size[1]), int(size[2]))
         names = config.get("label_names") or pre.get("label_names")
+        if not names and num_classes in (1000, 21843):  # timm's ImageNet heads, in the usual order
+            from keras_vit.labels import imagenet_labels
+
+            names = imagenet_labels("imagenet1k" if num_classes == 1000 else "imagenet21k")
         mean, std = pre.get("mean"), pre.get("std")
         if mean is not None and std is not None and (not np.allclose(mean, 0.5) or not np.allclose(std, 0.5)):
             log.warning("checkpoint expects inputs normalised with mean %s / std %s; keras-vit models rescale "

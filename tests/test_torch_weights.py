@@ -308,3 +308,27 @@ def test_zero_head_and_resampling_say_so(tmp_path, caplog):
     assert any("all-zero head" in m and "untrained" in m for m in lines), lines
     assert any("resampled from a 2x2 to a 4x4 grid" in m for m in lines), lines
     assert all("\n" not in m for m in lines)
+
+
+def test_hf_cached_timm_model(tmp_path, monkeypatch):
+    """A timm Hub model: the architecture name gives the variant (and heads), input_size the image
+    size; a 1000-class head without label names gets ImageNet's."""
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    arrays = cf.vit_checkpoint(np.random.default_rng(15), hidden=192, heads=3, mlp=768, layers=12, patch=16,
+                               grid=(2, 2), classes=1000)
+    config = {"architecture": "vit_tiny_patch16_224", "num_classes": 1000,
+              "pretrained_cfg": {"input_size": [3, 32, 32], "mean": [0.5] * 3, "std": [0.5] * 3}}
+
+    def write_config(p):
+        with open(p, "w") as f:
+            json.dump(config, f)
+
+    _hub_cache(tmp_path, "timm/vit_tiny_patch16_224.test", {
+        "model.safetensors": lambda p: save_file(timm_state_dict(arrays, layers=12), p), "config.json": write_config})
+    model = keras_vit.ViT(weights="hf://timm/vit_tiny_patch16_224.test", gelu_approximate=True)
+    cfg = model.vit_config
+    assert (cfg.variant, cfg.num_heads, cfg.image_size, cfg.num_classes) == ("Ti/16", 3, (32, 32), 1000)
+    assert model.class_names == keras_vit.imagenet_labels()
+    x = np.random.default_rng(16).uniform(0, 255, (1, 32, 32, 3)).astype(np.float32)
+    assert np.abs(logits(model, x) - ref.forward(cf.write(tmp_path / "ti.npz", arrays), x)).max() <= TOL

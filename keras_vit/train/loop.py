@@ -153,7 +153,7 @@ def _build_model(cfg: TrainConfig, data: _Data, jit: str) -> keras.Model:
                 print(f"initial weights: checkpoint {cfg.weights} (head kept when its size differs)")
             else:
                 print(f"initial weights: {len(report['loaded'])} variables from {cfg.weights}, "
-                      f"{len(report['skipped'])} kept as initialised (head, new shapes)")
+                      f"{len(report['skipped'])} kept as initialised (new shapes)")
         if cfg.freeze_backbone:
             from keras_vit.finetune import freeze_backbone
 
