@@ -90,6 +90,8 @@ def to_onnx(model, path: PathLike, opset: int = MIN_OPSET, optimize: bool = Fals
         _replace_erfc(proto)
         _fuse_layer_norms(proto)
         fused = {}
+        if optimize or fp16 or dynamic:
+            _need_onnxruntime("--optimize" if optimize else "fp16" if fp16 else "dynamic int8 quantization")
         if optimize or fp16:
             proto, fused = _optimize(proto, cfg, work, fuse=optimize, fp16=fp16)
         if dynamic:
@@ -341,6 +343,14 @@ def _fuse_layer_norms(proto) -> int:
         del graph.initializer[:]
         graph.initializer.extend(keep)
     return fused
+
+
+def _need_onnxruntime(what: str) -> None:
+    """ExportError naming the extra to install when onnxruntime (its optimizer, quantizer) is missing."""
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        raise ExportError(f"{what} needs onnxruntime: pip install 'keras-vit[cpu]' (or 'keras-vit[gpu]')") from None
 
 
 def _quantize_dynamic(proto, work: str):

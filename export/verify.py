@@ -65,9 +65,25 @@ class Runner:
 
     def _init_onnx(self, providers, num_threads, device: str = "auto") -> None:
         import onnx
-        import onnxruntime as ort
 
         self.format = "onnx"
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            # A plain `pip install keras-vit` has no onnxruntime (the [cpu] and [gpu] extras bring
+            # one each): ONNX's own reference evaluator still runs the file, slowly.
+            if device == "cuda":
+                raise ExportError("device cuda needs onnxruntime with the CUDA provider: "
+                                  "pip install 'keras-vit[gpu]'") from None
+            from onnx.reference import ReferenceEvaluator
+
+            proto = onnx.load(self.path)
+            self._session, self.providers = ReferenceEvaluator(proto), ["onnx.reference"]
+            self.runtime = (f"onnx.reference {onnx.__version__} (onnxruntime not installed: "
+                            "pip install 'keras-vit[cpu]' or 'keras-vit[gpu]')")
+            self.metadata = {p.key: p.value for p in proto.metadata_props}
+            self._input = proto.graph.input[0].name
+            return
         available = ort.get_available_providers()
         if device == "cuda" and "CUDAExecutionProvider" not in available:
             raise ExportError(f"device cuda needs onnxruntime with the CUDA provider (pip install "
@@ -75,6 +91,13 @@ class Runner:
         if providers is None:
             # CUDA when the [gpu] extra is installed; TF32 off so fp32 stays fp32.
             use_cuda = device != "cpu" and "CUDAExecutionProvider" in available
+            if use_cuda and hasattr(ort, "preload_dlls"):
+                # onnxruntime-gpu >= 1.21 finds CUDA/cuDNN in the nvidia-* wheels that the [gpu]
+                # extra's tensorflow[and-cuda] installs; best effort, the system's are used otherwise.
+                try:
+                    ort.preload_dlls()
+                except Exception:  # noqa: BLE001
+                    pass
             providers = [("CUDAExecutionProvider", {"use_tf32": 0})] if use_cuda else []
             providers.append("CPUExecutionProvider")
         options = ort.SessionOptions()

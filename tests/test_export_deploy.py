@@ -154,3 +154,66 @@ def test_cli_bad_combinations_give_one_line(tmp_path, args, message):
     result = CliRunner().invoke(cli, ["export", "--model", keras_path, *args])
     assert result.exit_code != 0 and message in result.output
     assert "Traceback" not in result.output
+
+
+def _stub_wheel(folder, name: str, version: str = "99.0") -> None:
+    """An empty wheel named `name` (no dependencies), enough for pip's resolver."""
+    import zipfile
+
+    norm = name.lower().replace("-", "_").replace(".", "_")
+    info = f"{norm}-{version}.dist-info"
+    with zipfile.ZipFile(os.path.join(folder, f"{norm}-{version}-py3-none-any.whl"), "w") as z:
+        z.writestr(f"{info}/METADATA", f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+        z.writestr(f"{info}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        z.writestr(f"{info}/RECORD", "")
+
+
+def test_gpu_extra_resolves_to_one_onnxruntime_wheel(tmp_path):
+    """pip's own resolver (offline: stub wheels for every requirement of pyproject.toml) installs
+    exactly one onnxruntime distribution for each of the [gpu] and [cpu] extras, none without one."""
+    import re
+    import shutil
+    import tomllib
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "pyproject.toml"), "rb") as f:
+        project = tomllib.load(f)["project"]
+    reqs = project["dependencies"] + [r for extra in project["optional-dependencies"].values() for r in extra]
+    stubs = tmp_path / "stubs"
+    stubs.mkdir()
+    for name in {re.match(r"[A-Za-z0-9_.-]+", r).group(0).lower() for r in reqs}:
+        _stub_wheel(stubs, name)
+    src = tmp_path / "src"
+    for folder in ("keras_vit/train", "export", "cli"):
+        (src / folder).mkdir(parents=True)
+    shutil.copy(os.path.join(root, "pyproject.toml"), src)
+    shutil.copy(os.path.join(root, "README.md"), src)
+    shutil.copy(os.path.join(root, "keras_vit", "__init__.py"), src / "keras_vit")
+
+    def onnxruntimes(extra: str):
+        report = tmp_path / f"report{extra}.json"
+        proc = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed",
+                               "--no-index", "--find-links", str(stubs), "--no-build-isolation", "--quiet",
+                               "--report", str(report), f"{src}{extra}"],
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        names = [item["metadata"]["name"].lower() for item in json.loads(report.read_text())["install"]]
+        assert "keras-vit" in names and "tensorflow" in names
+        return sorted(n for n in names if n.startswith("onnxruntime"))
+
+    assert onnxruntimes("[gpu]") == ["onnxruntime-gpu"]
+    assert onnxruntimes("[cpu]") == ["onnxruntime"]
+    assert onnxruntimes("") == []
+
+
+def test_verify_without_onnxruntime_uses_onnx_reference(tmp_path, monkeypatch):
+    """A plain `pip install keras-vit` (no onnxruntime) still verifies ONNX files: onnx's reference
+    evaluator runs them; the options that need onnxruntime say which extra to install."""
+    model = small_model("learned")
+    path = to_onnx(model, tmp_path / "m.onnx")
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime -> ImportError
+    report = verify(model, path, num_images=4, batch_size=4)
+    assert report["passed"] and report["max_abs_diff"] <= 1e-4
+    assert report["providers"] == ["onnx.reference"] and "keras-vit[cpu]" in report["runtime"]
+    with pytest.raises(ExportError, match=r"needs onnxruntime: pip install 'keras-vit\[cpu\]'"):
+        to_onnx(model, tmp_path / "q.onnx", quantize="dynamic")
