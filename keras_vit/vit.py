@@ -10,7 +10,7 @@ from keras_vit.config import ViTConfig, parse_variant
 from keras_vit.model import VisionTransformer, build_model, get_config
 from keras_vit.resize import check_method
 from keras_vit.weights import (ARCHITECTURE_FIELDS, Checkpoint, PathLike, assign_weights, check_variant, model_arrays,
-                               read_checkpoint)
+                               read_checkpoint, warn_untrained_head)
 
 __all__ = ["ViT", "VisionTransformer", "build_config", "build_model", "build_with_weights", "get_config",
            "dynamic_model", "resize_model"]
@@ -142,6 +142,7 @@ def build_with_weights(cfg: ViTConfig, weights: Union[PathLike, Checkpoint], nam
     model = build_model(cfg, name=name)
     assign_weights(model, arrays, method=method, big_vision_posemb=big_vision_posemb,
                    source=f"checkpoint {ckpt.source!r}")
+    warn_untrained_head(model, arrays, f"checkpoint {ckpt.source!r}")
     names = ckpt.defaults.get("class_names")
     head = arrays.get("head/kernel")
     if names and cfg.include_top and head is not None and head.shape[-1] == cfg.num_classes == len(names):
@@ -158,6 +159,7 @@ def resize_model(model: keras.Model, image_size: Union[int, Tuple[int, int]],
     new_model = build_model(cfg.replace(image_size=image_size), name=model.name)
     assign_weights(new_model, model_arrays(model), method=method, source_grid=cfg.grid_size,
                    source=f"model {model.name!r}")
+    new_model.class_names = getattr(model, "class_names", None)
     return new_model
 
 

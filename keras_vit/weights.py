@@ -613,16 +613,23 @@ def assign_weights(model: keras.Model, arrays: Mapping[str, np.ndarray], *, meth
         if mismatched:
             parts.append(f"shape mismatches ({len(mismatched)}): {_listing(mismatched)}")
         raise ValueError(f"{source} does not fit model {model.name!r} ({cfg.variant or 'custom'}): " + "; ".join(parts))
-    if "head/kernel" in target:
-        if "head/kernel" not in arrays:
-            log.warning("%s has no classification head: the model's head is untrained (zeros); "
-                        "fine-tune it, or build with include_top=False for features", source)
-        elif "head/kernel" in values and not np.any(values["head/kernel"]) and not np.any(values.get("head/bias", 0)):
-            log.warning("%s has an all-zero head (a pre-training checkpoint): the head is untrained; "
-                        "fine-tune it, or build with include_top=False for features", source)
     for k, var in target.items():
         if k in values:
             var.assign(values[k].astype(var.dtype))
+
+
+def warn_untrained_head(model: keras.Model, arrays: Mapping[str, np.ndarray], source: str) -> None:
+    """One log line when a checkpoint leaves the model's head untrained: it has none, or an all-zero
+    one of the model's size (the ImageNet-21k pre-training checkpoints)."""
+    if not any(layer.name == "head" for layer in model.layers):
+        return
+    head = arrays.get("head/kernel")
+    if head is None:
+        log.warning("%s has no classification head: the model's head is untrained (zeros); "
+                    "fine-tune it, or build with include_top=False for features", source)
+    elif head.shape[-1] == get_config(model).num_classes and not np.any(head) and not np.any(arrays.get("head/bias", 0)):
+        log.warning("%s has an all-zero head (a pre-training checkpoint): the head is untrained; "
+                    "fine-tune it, or build with include_top=False for features", source)
 
 
 def load_weights(model: keras.Model, weights: PathLike, *, prefix: Optional[str] = None,
@@ -638,6 +645,7 @@ def load_weights(model: keras.Model, weights: PathLike, *, prefix: Optional[str]
     arrays, big_vision_posemb = ckpt.canonical(num_heads=get_config(model).num_heads, prefix=prefix)
     assign_weights(model, arrays, method=method, big_vision_posemb=big_vision_posemb,
                    source=f"checkpoint {ckpt.source!r}")
+    warn_untrained_head(model, arrays, f"checkpoint {ckpt.source!r}")
     return model
 
 
@@ -701,5 +709,5 @@ def check_variant(weights: PathLike, variant: Optional[str]) -> None:
 
 __all__ = ["PUBLISHED", "Published", "Checkpoint", "checkpoint_path", "hub_file", "read_npz", "read_safetensors",
            "read_checkpoint", "shape_defaults", "canonicalize", "model_variables", "model_arrays",
-           "adapt_input_conv", "assign_weights", "load_weights", "load_npz", "save_npz", "save_safetensors",
+           "adapt_input_conv", "assign_weights", "warn_untrained_head", "load_weights", "load_npz", "save_npz", "save_safetensors",
            "check_variant", "ARCHITECTURE_FIELDS"]

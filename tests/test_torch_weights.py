@@ -303,11 +303,16 @@ def test_zero_head_and_resampling_say_so(tmp_path, caplog):
     arrays["head/bias"][:] = 0
     npz = cf.write(tmp_path / "i21k.npz", arrays)
     with caplog.at_level(logging.WARNING, logger="keras_vit"):
-        keras_vit.ViT(config=plain_cfg(image_size=16), weights=npz)
+        model = keras_vit.ViT(config=plain_cfg(image_size=16), weights=npz)
     lines = [r.getMessage() for r in caplog.records]
     assert any("all-zero head" in m and "untrained" in m for m in lines), lines
     assert any("resampled from a 2x2 to a 4x4 grid" in m for m in lines), lines
     assert all("\n" not in m for m in lines)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="keras_vit"):
+        keras_vit.ViT(config=plain_cfg(image_size=16, num_classes=3), weights=npz)  # a new head: nothing to say
+        keras_vit.resize_model(model, 8)  # a model in memory, not a checkpoint
+    assert not [r for r in caplog.records if "untrained" in r.getMessage()]
 
 
 def test_hf_cached_timm_model(tmp_path, monkeypatch):
