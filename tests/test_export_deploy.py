@@ -177,15 +177,17 @@ def test_gpu_extra_resolves_to_one_onnxruntime_wheel(tmp_path):
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     with open(os.path.join(root, "pyproject.toml"), "rb") as f:
-        project = tomllib.load(f)["project"]
+        pyproject = tomllib.load(f)
+    project, setuptools_cfg = pyproject["project"], pyproject["tool"]["setuptools"]
     reqs = project["dependencies"] + [r for extra in project["optional-dependencies"].values() for r in extra]
     stubs = tmp_path / "stubs"
     stubs.mkdir()
     for name in {re.match(r"[A-Za-z0-9_.-]+", r).group(0).lower() for r in reqs}:
         _stub_wheel(stubs, name)
     src = tmp_path / "src"
-    for folder in ("keras_vit/train", "export", "cli"):
-        (src / folder).mkdir(parents=True)
+    package_dirs = setuptools_cfg.get("package-dir", {})
+    for package in setuptools_cfg["packages"]:  # the folders setuptools checks exist
+        (src / package_dirs.get(package, package.replace(".", "/"))).mkdir(parents=True, exist_ok=True)
     shutil.copy(os.path.join(root, "pyproject.toml"), src)
     shutil.copy(os.path.join(root, "README.md"), src)
     shutil.copy(os.path.join(root, "keras_vit", "__init__.py"), src / "keras_vit")
