@@ -74,7 +74,9 @@ def _user_errors(fn):
                    "the embeddings at R^(L+1) (BEiT/MAE fine-tuning).")
 @click.option("--seed", type=int, default=None, help="Seed for data order, augmentation and initialisation [default: 0].")
 @click.option("--val-fraction", type=float, default=None, help="Training data held out for validation [default: 0.1].")
-@click.option("--data-dir", default=None, help="tensorflow-datasets data folder.")
+@click.option("--data-dir", default=None, help="tensorflow-datasets data folder (datasets prepared there are used as they are).")
+@click.option("--skip-bad-images", is_flag=True, default=None,
+              help="Skip image files that do not decode (counted, listed in the run's bad_images.txt) instead of failing.")
 @click.option("--output", default=None, help="Run folder [default: runs/<dataset>-<variant>-<time>, linked as runs/latest].")
 @click.option("--resume", is_flag=True, help="Continue the run in --output (default runs/latest) from its last epoch.")
 @_user_errors
@@ -92,7 +94,8 @@ def train_cmd(dataset: str, output: Optional[str], resume: bool, **options) -> N
     result = ktrain.train(cfg, output=output, resume=resume)
     t = result["test"]
     click.echo(f"test top-1 {t['top1']:.4f}  top-5 {t['top5']:.4f}  loss {t['loss']:.4f}  "
-               f"({result['epochs']} epochs, {result['train_seconds']:.0f} s of training)")
+               f"({result['epochs']} epochs, {result['train_seconds']:.0f} s of training"
+               + (f", {result['bad_images']} bad images skipped" if result.get("bad_images") else "") + ")")
     click.echo(f"run folder: {result['run']}")
 
 

@@ -1,7 +1,8 @@
 """Keras-vit model -> one .onnx file (tf2onnx through Keras' own `model.export(format="onnx")`).
 
-The file takes `images` (float32 NHWC in [0, 255], dynamic batch) and returns `logits`; the
-model's variant, image size, class names and the keras-vit version are in its metadata_props.
+The file takes `images` (float32 NHWC, or NCHW with layout="nchw", in [0, 255], dynamic batch;
+with dynamic_size=True also dynamic height and width) and returns `logits`; the model's
+variant, image size, class names, mean/std and the keras-vit version are in its metadata_props.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import os
 import tempfile
 from typing import Optional, Sequence
 
-from keras_vit.export._common import (ExportError, PathLike, check_class_names,
+from keras_vit.export._common import (ExportError, PathLike, check_class_names, check_layout,
                                       check_output_path, check_tensorflow_backend, metadata, resolve_model)
 from keras_vit.files import atomic_path
 
@@ -31,8 +32,14 @@ ONNX_QUANTIZE = ("fp16", "dynamic")
 
 
 def to_onnx(model, path: PathLike, opset: int = MIN_OPSET, optimize: bool = False, fp16: bool = False,
-            class_names: Optional[Sequence[str]] = None, quantize: Optional[str] = None) -> str:
+            class_names: Optional[Sequence[str]] = None, quantize: Optional[str] = None,
+            dynamic_size: bool = False, layout: str = "nhwc", interpolation: Optional[str] = None) -> str:
     """Export a keras-vit model (or its .keras path) to ONNX at `path`; returns the path.
+
+    `dynamic_size`: the file takes any height and width divisible by the input stride; the
+    position embeddings are resampled in the graph with `interpolation` (default: the model's
+    pos_interpolation, "linear" as in `keras_vit.resize_model`). `layout="nchw"` takes
+    (batch, channels, height, width) images (a Transpose in front of the graph).
 
     Keras LayerNorms (the final one; the blocks write theirs out, see layers._layer_norm) become
     the standard LayerNormalization op (see `_fuse_layer_norms`).
@@ -53,7 +60,21 @@ def to_onnx(model, path: PathLike, opset: int = MIN_OPSET, optimize: bool = Fals
     if fp16 and dynamic:
         raise ExportError("choose one of fp16 and dynamic int8 quantization, not both")
     model, cfg = resolve_model(model)
+    layout = check_layout(layout)
+    if not isinstance(dynamic_size, bool):
+        raise ExportError(f"dynamic_size must be True or False, got {dynamic_size!r}")
+    if interpolation is not None and not dynamic_size and not cfg.dynamic_size:
+        raise ExportError("interpolation applies with dynamic_size=True only")
     check_tensorflow_backend("ONNX")
+    if dynamic_size or cfg.dynamic_size:
+        from keras_vit.vit import dynamic_model
+
+        try:
+            model = dynamic_model(model, interpolation)
+        except ValueError as exc:
+            raise ExportError(str(exc)) from None
+        cfg = model.vit_config
+    dynamic_size = cfg.dynamic_size
     if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= max_opset():
         raise ExportError(f"opset must be an integer from {MIN_OPSET} to {max_opset()}, got {opset!r}")
     names = check_class_names(class_names, cfg.num_classes)
@@ -63,16 +84,20 @@ def to_onnx(model, path: PathLike, opset: int = MIN_OPSET, optimize: bool = Fals
         raw = os.path.join(work, "raw.onnx")
         _convert(model, cfg, raw, opset)
         proto = onnx.load(raw)
-        _rename_io(proto)
+        _rename_io(proto, dynamic_size)
+        if layout == "nchw":
+            _nchw_input(proto)
         _replace_erfc(proto)
         _fuse_layer_norms(proto)
         fused = {}
+        if optimize or fp16 or dynamic:
+            _need_onnxruntime("--optimize" if optimize else "fp16" if fp16 else "dynamic int8 quantization")
         if optimize or fp16:
             proto, fused = _optimize(proto, cfg, work, fuse=optimize, fp16=fp16)
         if dynamic:
             proto = _quantize_dynamic(proto, work)
         precision = "fp16" if fp16 else "dynamic" if dynamic else "fp32"
-        meta = metadata(cfg, names, precision, "onnx")
+        meta = metadata(cfg, names, precision, "onnx", dynamic_size=dynamic_size, layout=layout)
         meta["opset"] = str(opset)
         meta["optimized"] = json.dumps({k: v for k, v in fused.items() if v}) if optimize else "false"
         onnx.helper.set_model_props(proto, meta)
@@ -87,7 +112,7 @@ def to_onnx(model, path: PathLike, opset: int = MIN_OPSET, optimize: bool = Fals
 def _convert(model, cfg, out_path: str, opset: int) -> None:
     import tensorflow as tf
 
-    h, w = cfg.image_size
+    h, w = (None, None) if cfg.dynamic_size else cfg.image_size
     spec = tf.TensorSpec((None, h, w, cfg.channels), tf.float32, name=INPUT_NAME)
     try:
         model.export(out_path, format="onnx", input_signature=[spec], opset_version=opset, verbose=False)
@@ -96,8 +121,9 @@ def _convert(model, cfg, out_path: str, opset: int) -> None:
         raise ExportError(f"tf2onnx could not convert the model: {first}") from exc
 
 
-def _rename_io(proto) -> None:
-    """Name the output `logits` (tf2onnx calls it Identity:0) and the batch dimension `batch`."""
+def _rename_io(proto, dynamic_size: bool = False) -> None:
+    """Name the output `logits` (tf2onnx calls it Identity:0), the batch dimension `batch` and,
+    with dynamic_size, the image dimensions `height` and `width`."""
     old = proto.graph.output[0].name
     for node in proto.graph.node:
         node.output[:] = [OUTPUT_NAME if o == old else o for o in node.output]
@@ -107,6 +133,30 @@ def _rename_io(proto) -> None:
         dim = value.type.tensor_type.shape.dim[0]
         dim.Clear()
         dim.dim_param = "batch"
+    if dynamic_size:
+        dims = proto.graph.input[0].type.tensor_type.shape.dim
+        for i, name in ((1, "height"), (2, "width")):
+            dims[i].Clear()
+            dims[i].dim_param = name
+
+
+def _nchw_input(proto) -> None:
+    """Make the `images` input NCHW: a Transpose to NHWC in front of the graph (onnxruntime
+    cancels it against the converter's own NHWC -> NCHW transpose before the patch Conv)."""
+    from onnx import helper
+
+    graph = proto.graph
+    value = graph.input[0]
+    inner = INPUT_NAME + "_nhwc"
+    for node in graph.node:
+        node.input[:] = [inner if i == value.name else i for i in node.input]
+    dims = value.type.tensor_type.shape.dim
+    b, h, w, c = [d.dim_param or d.dim_value for d in dims]
+    new_input = helper.make_tensor_value_info(value.name, value.type.tensor_type.elem_type, [b, c, h, w])
+    graph.node.insert(0, helper.make_node("Transpose", [value.name], [inner], name="images_nchw_to_nhwc",
+                                          perm=[0, 2, 3, 1]))
+    graph.input.remove(value)
+    graph.input.insert(0, new_input)
 
 
 def _replace_erfc(proto) -> int:
@@ -293,6 +343,14 @@ def _fuse_layer_norms(proto) -> int:
         del graph.initializer[:]
         graph.initializer.extend(keep)
     return fused
+
+
+def _need_onnxruntime(what: str) -> None:
+    """ExportError naming the extra to install when onnxruntime (its optimizer, quantizer) is missing."""
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        raise ExportError(f"{what} needs onnxruntime: pip install 'keras-vit[cpu]' (or 'keras-vit[gpu]')") from None
 
 
 def _quantize_dynamic(proto, work: str):

@@ -77,6 +77,7 @@ class TrainConfig:
     val_fraction: float = 0.1
     weights: Optional[str] = None
     data_dir: Optional[str] = None
+    skip_bad_images: bool = False  # drop image files that do not decode (listed in bad_images.txt)
     freeze_backbone: bool = False  # linear probe: only the head trains
     layer_decay: Optional[float] = None  # block i of L at R^(L-i) of the head's rate, embeddings R^(L+1)
 
