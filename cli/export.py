@@ -75,7 +75,10 @@ def default_output(model_path: str, fmt: str, quantize: Optional[str], optimize:
 @click.option("--format", "fmt", type=click.Choice(["onnx", "tflite", "saved_model"]), default="onnx",
               show_default=True, help="saved_model: a TF-Serving-ready folder (signature serving_default).")
 @click.option("--quantize", type=click.Choice(["fp16", "int8", "dynamic"]), default=None,
-              help="TFLite: fp16, dynamic (int8 weights) or int8 (full integer, calibrated). ONNX: fp16 or dynamic (onnxruntime int8).")
+              help="TFLite: fp16, dynamic (int8 weights) or int8 (full integer, calibrated). ONNX: fp16, dynamic "
+                   "(int8 weights) or int8 (static QDQ, calibrated; sensitive ops kept float).")
+@click.option("--calibration", "num_calibration", type=click.IntRange(min=1), default=300, show_default=True,
+              help="int8: number of calibration images (from --calibration-dataset, its train split).")
 @click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset (17 or newer).")
 @click.option("--optimize", is_flag=True, help="ONNX: run onnxruntime's transformer optimizer (fusions).")
 @click.option("--output", "output", default=None,
@@ -105,15 +108,15 @@ def default_output(model_path: str, fmt: str, quantize: Optional[str], optimize:
 def export_cmd(model_path: str, fmt: str, quantize: Optional[str], opset: int, optimize: bool,
                output: Optional[str], verify_dataset: Optional[str], calibration_dataset: Optional[str],
                num_images: int, thresholds: Tuple[str, ...], no_verify: bool, dynamic_size: bool,
-               interpolation: Optional[str], layout: str, input_dtype: str, device: str) -> None:
+               interpolation: Optional[str], layout: str, input_dtype: str, device: str,
+               num_calibration: int) -> None:
     """Export a trained model to ONNX or TFLite and check it predicts what the Keras model predicts.
 
     Writes the file, and (unless --no-verify) a JSON report beside it; exits non-zero when a
     check fails, keeping the file and marking it as failing in the report.
     """
-    if fmt == "onnx" and quantize == "int8":
-        raise UserError("--quantize int8 (calibrated full integer) is for --format tflite; "
-                        "ONNX takes --quantize fp16 or dynamic (int8 weights, no calibration)")
+    if fmt == "onnx" and quantize == "int8" and optimize:
+        raise UserError("--quantize int8 quantizes the plain graph: leave out --optimize")
     if fmt != "onnx" and (optimize or opset != 17 or layout != "nhwc"):
         raise UserError("--optimize, --opset and --layout apply to --format onnx only")
     if fmt == "tflite" and dynamic_size:
@@ -147,13 +150,14 @@ def export_cmd(model_path: str, fmt: str, quantize: Optional[str], opset: int, o
         if fmt == "onnx":
             path = to_onnx(model, output, opset=opset, optimize=optimize, quantize=quantize,
                            class_names=class_names, dynamic_size=dynamic_size, layout=layout,
-                           interpolation=interpolation)
+                           interpolation=interpolation, calibration_images=calibration_dataset,
+                           num_calibration_images=num_calibration)
         elif fmt == "saved_model":
             path = to_saved_model(model, output, class_names=class_names, input_dtype=input_dtype,
                                   dynamic_size=dynamic_size, interpolation=interpolation)
         else:
             path = to_tflite(model, output, quantize=quantize, representative_images=calibration_dataset,
-                             class_names=class_names)
+                             class_names=class_names, num_calibration_images=num_calibration)
         size = os.path.getsize(path) if os.path.isfile(path) else sum(
             os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)
         click.echo(f"Wrote {path} ({size / 1e6:.1f} MB)")

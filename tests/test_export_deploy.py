@@ -219,3 +219,24 @@ def test_verify_without_onnxruntime_uses_onnx_reference(tmp_path, monkeypatch):
     assert report["providers"] == ["onnx.reference"] and "keras-vit[cpu]" in report["runtime"]
     with pytest.raises(ExportError, match=r"needs onnxruntime: pip install 'keras-vit\[cpu\]'"):
         to_onnx(model, tmp_path / "q.onnx", quantize="dynamic")
+
+
+def test_cli_static_int8_onnx_agrees_with_keras(tmp_path):
+    """Static QDQ int8, calibrated on the digits training split: >= 99% top-1 agreement with Keras
+    on 360 test digits; the head, LayerNorms, softmax and GELU stay float (metadata says so)."""
+    import onnx
+
+    model, keras_path = trained_digits()
+    out = tmp_path / "m.int8.onnx"
+    result = CliRunner().invoke(cli, ["export", "--model", keras_path, "--quantize", "int8", "--calibration", "200",
+                                      "--calibration-dataset", "digits", "--verify-dataset", "digits",
+                                      "--num-images", "360", "--output", str(out)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "m.int8.onnx.report.json").read_text())
+    assert report["precision"] == "int8" and report["num_images"] == 360
+    assert report["top1_agreement"] >= 0.99
+    meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert meta["calibration_images"] == "150" and int(meta["int8_matmuls"]) >= 8
+    assert "LayerNorm, softmax, GELU, head" in meta["kept_float"]
+    ops = {n.op_type for n in onnx.load(str(out)).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear", "LayerNormalization", "Softmax"} <= ops
