@@ -161,6 +161,13 @@ def export_cmd(model_path: str, fmt: str, quantize: Optional[str], opset: int, o
         size = os.path.getsize(path) if os.path.isfile(path) else sum(
             os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)
         click.echo(f"Wrote {path} ({size / 1e6:.1f} MB)")
+        if fmt == "tflite" and quantize == "int8":
+            from keras_vit.export.tflite import read_metadata
+
+            speed = json.loads((read_metadata(path) or {}).get("int8_vs_fp32", "{}"))
+            if speed:
+                click.echo(speed.get("note") or f"full-int8 runs {speed['int8_ms']:.3g} ms against "
+                           f"{speed['fp32_ms']:.3g} ms for float32 at batch 1 ({speed['ratio']:.2f}x)")
         if no_verify:
             return
         report = verify(model, path, images=verify_dataset or run_dataset, num_images=num_images,
