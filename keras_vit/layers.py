@@ -61,6 +61,10 @@ class ClassToken(layers.Layer):
         self.cls = self.add_weight(shape=(1, 1, input_shape[-1]), initializer="zeros", name="cls")
         self.built = True
 
+    def get_config(self) -> dict:
+        # Written out: Keras' automatic config cannot serialise a DTypePolicy passed as dtype=.
+        return super().get_config()
+
     def call(self, x):
         cls = ops.cast(ops.broadcast_to(self.cls, (ops.shape(x)[0], 1, ops.shape(x)[-1])), x.dtype)
         return ops.concatenate([cls, x], axis=1)

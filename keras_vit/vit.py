@@ -104,6 +104,9 @@ def ViT(variant: Optional[str] = _Default("B/16"), image_size: Union[None, int, 
                 found = {k: v for k, v in found.items() if k not in ARCHITECTURE_FIELDS}
             elif "variant" in found:  # the paper's sizes by name; shapes only fill what it leaves
                 found = {k: v for k, v in found.items() if k not in ARCHITECTURE_FIELDS or k == "variant"}
+            if "num_classes" in given and given["num_classes"] != found.get("num_classes"):
+                # A new head replaces the whole head, pre-logits included (paper Sec. 3.2 / Appendix B).
+                found.pop("representation_size", None)
             fields.update(found)
             if (variant_given is None and "variant" not in found and "num_heads" not in found
                     and "num_heads" not in given):
