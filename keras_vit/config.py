@@ -77,6 +77,11 @@ class ViTConfig:
     # the encoder norm; feature_layers gives those blocks' outputs as (B, H/P, W/P, D) maps.
     output: Optional[str] = None
     feature_layers: Optional[Tuple[int, ...]] = None
+    # Any image size (H, W divisible by the input stride): the position embeddings, learned for
+    # image_size's patch grid, are resampled in the graph with pos_interpolation (a
+    # keras_vit.resize method; "linear" is resize_model's default).
+    dynamic_size: bool = False
+    pos_interpolation: str = "linear"
 
     def __post_init__(self) -> None:
         self.image_size = _pair(self.image_size, "image_size")
@@ -131,6 +136,18 @@ class ViTConfig:
             raise ValueError("output='tokens' and feature_layers return features: build with include_top=False")
         if self.output is not None and self.feature_layers is not None:
             raise ValueError("give output='tokens' or feature_layers, not both")
+        if not isinstance(self.dynamic_size, bool):
+            raise ValueError(f"dynamic_size must be True or False, got {self.dynamic_size!r}")
+        from keras_vit.resize import METHODS
+
+        if self.pos_interpolation not in METHODS:
+            raise ValueError(f"pos_interpolation must be one of {', '.join(METHODS)}; got {self.pos_interpolation!r}")
+        if self.dynamic_size and self.pos_embedding == "relative":
+            raise ValueError("dynamic_size=True needs pos_embedding learned, learned_2d, sincos2d or none; "
+                             "'relative' indexes a table built for one patch grid")
+        if self.dynamic_size and self.feature_layers is not None:
+            raise ValueError("dynamic_size=True returns logits, pre-logits or tokens; feature_layers maps need "
+                             "a fixed image_size")
         sh, sw = self.input_stride
         h, w = self.image_size
         if h % sh or w % sw:

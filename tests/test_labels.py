@@ -63,6 +63,7 @@ def test_published_checkpoint_sets_defaults_and_names(keras_home, monkeypatch, t
         small = keras_vit.ViT(weights=NAME, image_size=160, num_classes=10)
     assert small.vit_config.image_size == (160, 160) and small.vit_config.num_classes == 10
     assert small.class_names is None  # a new head: the ImageNet names no longer apply
+    assert small.vit_config.representation_size is None
     assert any("resampled from a 14x14 to a 10x10 grid" in r.getMessage() for r in caplog.records)
 
 

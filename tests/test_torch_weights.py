@@ -159,6 +159,14 @@ def test_hugging_face_matches_reference(tmp_path, images, classifier):
     assert np.abs(logits(model, images) - ref.forward(npz, images)).max() <= TOL
 
 
+def test_a_new_head_drops_the_pre_logits(tmp_path):
+    """The pre-logits layer follows the checkpoint's head: kept with it, replaced with it (paper)."""
+    npz = cf.write(tmp_path / "rep.npz", cf.vit_checkpoint(np.random.default_rng(17), representation=8, classes=5))
+    assert keras_vit.ViT(weights=npz).vit_config.representation_size == 8
+    assert keras_vit.ViT(weights=npz, num_classes=3).vit_config.representation_size is None
+    assert keras_vit.ViT(weights=npz, num_classes=3, representation_size=8).vit_config.representation_size == 8
+
+
 def test_checkpoint_file_sets_the_architecture(tmp_path):
     """Without variant or config, the sizes, classes and image size come from the file; a timm
     file computes exact GELU as timm does."""

@@ -55,7 +55,7 @@ def test_precision_thresholds_and_bad_arguments(exported, tmp_path):
     with pytest.raises(ExportError, match="precision must be one of"):
         verify(model, path, num_images=4, precision="int4", write_report=False)
     (tmp_path / "m.pt").write_bytes(b"x")
-    with pytest.raises(ExportError, match="expected .onnx or .tflite"):
+    with pytest.raises(ExportError, match="expected .onnx, .tflite or a SavedModel folder"):
         verify(model, tmp_path / "m.pt")
     with pytest.raises(ExportError, match="does not exist"):
         verify(model, tmp_path / "missing.onnx")
