@@ -19,8 +19,14 @@ def predict_logits(model: keras.Model, ds, batch_size: int = 128) -> Tuple[np.nd
     vcfg = get_config(model)
     batched = kdata.pipeline(ds, image_size=vcfg.image_size, batch_size=batch_size, num_classes=vcfg.num_classes,
                              channels=vcfg.channels, one_hot=False)
-    labels = np.concatenate([y.numpy() for _, y in batched])
-    logits = model.predict(batched.map(lambda x, y: x), verbose=0)
+    try:
+        labels = np.concatenate([y.numpy() for _, y in batched])
+        logits = model.predict(batched.map(lambda x, y: x), verbose=0)
+    except tf.errors.OpError as exc:  # an image file that does not decode: one line naming it
+        line = kdata.bad_image_line(exc)
+        if line is None:
+            raise
+        raise kdata.DatasetError(line) from None
     return np.asarray(logits, np.float32), labels.astype(np.int64)
 
 
