@@ -240,3 +240,19 @@ def test_cli_static_int8_onnx_agrees_with_keras(tmp_path):
     assert "LayerNorm, softmax, GELU, head, attention products" in meta["kept_float"]
     ops = {n.op_type for n in onnx.load(str(out)).graph.node}
     assert {"QuantizeLinear", "DequantizeLinear", "LayerNormalization", "Softmax"} <= ops
+
+
+def test_saved_model_bad_arguments_are_one_line(tmp_path):
+    model = small_model("learned")
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("x")
+    with pytest.raises(ExportError, match="input_dtype must be one of float32, uint8; got 'int8'"):
+        to_saved_model(model, tmp_path / "sm", input_dtype="int8")
+    with pytest.raises(ExportError, match="is a file; a SavedModel is a folder"):
+        to_saved_model(model, tmp_path / "file")
+    with pytest.raises(ExportError, match="exists and is not a SavedModel"):
+        to_saved_model(model, tmp_path / "busy")
+    assert (tmp_path / "busy" / "notes.txt").read_text() == "x"
+    with pytest.raises(ExportError, match="interpolation applies with dynamic_size=True only"):
+        to_saved_model(model, tmp_path / "sm", interpolation="bicubic")
