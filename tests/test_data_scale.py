@@ -138,9 +138,9 @@ def test_records_sharded_per_worker(tmp_path):
 
 def test_seeded_pipelines_repeat_and_differ_by_seed(tmp_path):
     root = _colour_folder(tmp_path / "imgs", n=8, size=(40, 48))
-    s = data.load(f"folder:{root}")
 
-    def batches(seed, augment):
+    def batches(seed, augment):  # a fresh load, as in a new run (file order is reshuffled per epoch)
+        s = data.load(f"folder:{root}", seed=seed)
         ds = data.pipeline(s.train, image_size=(32, 32), batch_size=4, num_classes=2, training=True,
                            augment=augment, mixup=0.2, cutmix=1.0, seed=seed)
         return [(x.numpy(), y.numpy()) for x, y in ds.take(3)]

@@ -206,7 +206,8 @@ def _to_float(x):
 def _folder(path: str, seed: int, val_fraction: float, bad: Optional[BadImages] = None) -> Splits:
     """`PATH/<class>/*.jpg` with a held-out val split, or `PATH/train`, `PATH/val` (and `PATH/test`)."""
     (tr_f, tr_y), (va_f, va_y), (te_f, te_y), names = _folder_lists(path, seed, val_fraction)
-    return Splits(_image_files(tr_f, tr_y, bad), _image_files(va_f, va_y, bad), _image_files(te_f, te_y, bad),
+    return Splits(_image_files(tr_f, tr_y, bad, shuffle_seed=seed), _image_files(va_f, va_y, bad),
+                  _image_files(te_f, te_y, bad),
                   names, (None, None, 3), bad, (len(tr_f), len(va_f), len(te_f)))
 
 
@@ -238,10 +239,15 @@ def _folder_lists(path: str, seed: int, val_fraction: float):
     return (train_files, train_labels), (val_files, val_labels), (test_files, test_labels), names
 
 
-def _image_files(files: Sequence[str], labels: np.ndarray, bad: Optional[BadImages] = None):
+def _image_files(files: Sequence[str], labels: np.ndarray, bad: Optional[BadImages] = None,
+                 shuffle_seed: Optional[int] = None):
+    """(image, label) of image files, decoded in parallel; with `shuffle_seed` the file names are
+    reshuffled each epoch before decoding (cheap, where a shuffle buffer of decoded images is not)."""
     import tensorflow as tf
 
     ds = tf.data.Dataset.from_tensor_slices((list(files), np.asarray(labels, np.int32)))
+    if shuffle_seed is not None and len(files) > 1:
+        ds = ds.shuffle(len(files), seed=shuffle_seed, reshuffle_each_iteration=True)
     return checked_images(ds, bad)
 
 
@@ -325,13 +331,15 @@ def inception_crop(image, image_size: Sequence[int], seed: Optional[Tuple[int, i
 
 def pipeline(ds, *, image_size: Sequence[int], batch_size: int, num_classes: int, channels: int = 3,
              training: bool = False, augment: str = "none", mixup: float = 0.0, cutmix: float = 0.0,
-             seed: int = 0, cache: Union[bool, str] = "auto", shuffle_buffer: int = 10_000,
+             seed: int = 0, cache: Union[bool, str] = "auto", shuffle_buffer: Optional[int] = None,
              one_hot: bool = True):
     """Split -> batches for `model.fit`: resize (AUTOTUNE), cache, shuffle (seeded), per-image
     augmentation on parallel threads (training only), batch, MixUp/CutMix, prefetch.
 
-    The same `seed` gives the same batches (every map is ordered, every random op stateless and
-    seeded by the seed and the example's position). Labels are one-hot floats (needed by label
+    The same `seed` (here and in `load`) gives the same batches in a new run: every map is ordered,
+    every random op stateless and seeded by the seed and the example's position in the stream
+    (a split reshuffles its files each epoch, so a second pipeline on the same split object
+    continues that sequence). Labels are one-hot floats (needed by label
     smoothing and MixUp/CutMix) unless `one_hot=False`.
     """
     import tensorflow as tf
@@ -343,15 +351,21 @@ def pipeline(ds, *, image_size: Sequence[int], batch_size: int, num_classes: int
     AUTO = tf.data.AUTOTUNE
     size = tuple(int(s) for s in image_size)
     inception = training and augment == "inception"
+    variable_size = ds.element_spec[0].shape[0] is None  # decoded files (folder, records, some tfds)
     if inception:
         # Crop before resizing: the crop needs the full-resolution image.
         ds = ds.map(lambda x, y: (prepare_image(x, None, channels), y), num_parallel_calls=AUTO)
     else:
         ds = ds.map(lambda x, y: (prepare_image(x, size, channels), y), num_parallel_calls=AUTO)
-    if _should_cache(ds, size, channels, cache, inception):
+    cached = _should_cache(ds, size, channels, cache, inception)
+    if cached:
         ds = ds.cache()
     if training:
         n = ds.cardinality()
+        if shuffle_buffer is None:
+            # In memory: up to 10k images. Streamed from files (shuffled by name before decoding,
+            # see _image_files), a smaller buffer of decoded images; smallest at full resolution.
+            shuffle_buffer = 10_000 if cached or not variable_size else 256 if inception else 1024
         buffer = shuffle_buffer if n < 0 else int(min(max(int(n), 1), shuffle_buffer))
         ds = ds.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
         aug = augmenter(augment, size, seed)
