@@ -316,7 +316,8 @@ def _report(results) -> None:
     ok = [r for r in results if "img_s" in r]
     common.print_peak_and_problems(results, lambda: common.print_table(
         "training throughput (median of repeats; spread = (max-min)/median)", ok, [
-            ("case", lambda r: r["case"] + (f" ({r['precision']}, {r['jit']})" if r["case"] in ("default", "notebook", "notebook-bf16") else "")),
+            ("case", lambda r: r["case"] + (f" ({r['precision']}, {r['jit']})"
+                                            if r["case"] in ("default", "notebook", "notebook-bf16") else "")),
             ("img/s", lambda r: f"{r['img_s']['median']:.2f}"),
             ("spread", lambda r: f"{100 * r['img_s']['spread']:.0f}%"),
             ("x best timm", lambda r: f"{r['x_timm']:.2f} ({r['x_timm_case']})" if "x_timm" in r else "-"),

@@ -7,27 +7,10 @@ from typing import Optional, Sequence
 
 import click
 
-from keras_vit.cli.main import UserError
+from keras_vit.cli.common import UserError, user_errors
 
 _DATASET_HELP = ("digits (offline), cifar10, cifar100, mnist, fashion_mnist, tfds:NAME, "
                  "folder:PATH (PATH/<class>/*.jpg or PATH/train, PATH/val).")
-
-
-def _user_errors(fn):
-    """Run `fn`, turning ValueError (bad option, dataset, file) into one-line UserErrors."""
-    import functools
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except UserError:
-            raise
-        except ValueError as exc:
-            text = str(exc).strip()
-            raise UserError(text.splitlines()[0] if text else type(exc).__name__) from None
-
-    return wrapper
 
 
 @click.command("train")
@@ -79,7 +62,7 @@ def _user_errors(fn):
               help="Skip image files that do not decode (counted, listed in the run's bad_images.txt) instead of failing.")
 @click.option("--output", default=None, help="Run folder [default: runs/<dataset>-<variant>-<time>, linked as runs/latest].")
 @click.option("--resume", is_flag=True, help="Continue the run in --output (default runs/latest) from its last epoch.")
-@_user_errors
+@user_errors
 def train_cmd(dataset: str, output: Optional[str], resume: bool, **options) -> None:
     """Train a ViT with model.fit on a tf.data pipeline; writes a run folder."""
     from keras_vit import train as ktrain
@@ -123,16 +106,26 @@ def _load(model: str):
 @click.option("--dataset", default="digits", show_default=True, help=_DATASET_HELP)
 @click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the validation hold-out (test is fixed).")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object: loss, top1, top5, per_class.")
-@_user_errors
-def evaluate_cmd(model_arg: str, dataset: str, batch_size: int, seed: int, as_json: bool) -> None:
+@click.option("--json", "as_json", is_flag=True,
+              help="Print one JSON object: loss, top1, top5, per_class, count, confusion_matrix.")
+@click.option("--plot", is_flag=True,
+              help="Also write the confusion matrix as a PNG beside the model (confusion_<dataset>.png).")
+@user_errors
+def evaluate_cmd(model_arg: str, dataset: str, batch_size: int, seed: int, as_json: bool, plot: bool) -> None:
     """Loss, top-1, top-5 and per-class accuracy on the dataset's test split."""
     from keras_vit import data as kdata
     from keras_vit import train as ktrain
+    from keras_vit.plots import plot_confusion_matrix
 
-    _, model = _load(model_arg)
+    path, model = _load(model_arg)
     splits = kdata.load(dataset, seed=seed)
     result = ktrain.evaluate(model, splits.test, splits.class_names, batch_size=batch_size)
+    if plot:
+        png = os.path.join(os.path.dirname(os.path.abspath(path)), f"confusion_{kdata.slug(dataset)}.png")
+        matrix = result["confusion_matrix"]
+        names = splits.class_names if len(splits.class_names) == len(matrix) else [str(i) for i in range(len(matrix))]
+        plot_confusion_matrix(matrix, names, png, title=f"{dataset} test: top-1 {result['top1']:.4f}")
+        click.echo(f"confusion matrix: {png}", err=as_json)
     if as_json:
         click.echo(json.dumps(result))
         return
@@ -146,7 +139,7 @@ def evaluate_cmd(model_arg: str, dataset: str, batch_size: int, seed: int, as_js
 @click.option("--model", "model_arg", required=True, help=_MODEL_HELP)
 @click.option("--top-k", type=click.IntRange(min=1), default=5, show_default=True)
 @click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False))
-@_user_errors
+@user_errors
 def predict_cmd(model_arg: str, top_k: int, images: Sequence[str]) -> None:
     """Top-k class names with probabilities for each IMAGE, one line each."""
     from keras_vit import train as ktrain

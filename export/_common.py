@@ -5,17 +5,19 @@ import json
 import os
 from typing import List, Optional, Sequence, Union
 
+from keras_vit.errors import UserInputError
+
 PathLike = Union[str, os.PathLike]
 
 
-class ExportError(ValueError):
+class ExportError(UserInputError):
     """A user-facing export problem, phrased as one line (bad model, path, option)."""
 
 
 def resolve_model(model):
     """(keras model, ViTConfig) from a keras-vit model or a path to its .keras file."""
-    from keras_vit.saving import load_model
     from keras_vit.model import get_config
+    from keras_vit.saving import load_model
 
     if isinstance(model, (str, os.PathLike)):
         try:

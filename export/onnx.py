@@ -13,11 +13,20 @@ import re
 import tempfile
 from typing import Optional, Sequence
 
-from keras_vit.export._common import (ExportError, PathLike, check_class_names, check_layout,
-                                      check_output_path, check_tensorflow_backend, metadata, resolve_model)
+from keras_vit.export._common import (
+    ExportError,
+    PathLike,
+    check_class_names,
+    check_layout,
+    check_output_path,
+    check_tensorflow_backend,
+    metadata,
+    resolve_model,
+)
+from keras_vit.export.onnx_graph import fuse_layer_norms, replace_erfc
 from keras_vit.files import atomic_path
 
-MIN_OPSET = 17  # LayerNormalization became a standard op in 17; the issue asks for 17 or newer
+MIN_OPSET = 17  # LayerNormalization is a standard ONNX op from opset 17 on
 INPUT_NAME = "images"
 OUTPUT_NAME = "logits"
 
@@ -46,10 +55,9 @@ def to_onnx(model, path: PathLike, opset: int = MIN_OPSET, optimize: bool = Fals
     (batch, channels, height, width) images (a Transpose in front of the graph).
 
     Keras LayerNorms (the final one; the blocks write theirs out, see layers._layer_norm) become
-    the standard LayerNormalization op (see `_fuse_layer_norms`).
-    `optimize` runs onnxruntime's transformer optimizer (SkipLayerNorm and GELU fusions; its
-    attention patterns do not match tf2onnx's einsum graph); the result uses com.microsoft
-    ops, so it is for onnxruntime only.
+    the standard LayerNormalization op (see `onnx_graph.fuse_layer_norms`).
+    `optimize` runs onnxruntime's transformer optimizer (fusions such as SkipLayerNormalization
+    and GELU); the result uses com.microsoft ops, so it is for onnxruntime only.
     `fp16` (or quantize="fp16") stores weights and activations in float16 with float32
     `images`/`logits` kept. quantize="dynamic" is onnxruntime's dynamic int8 quantization
     (int8 weights, activations quantised per batch at run time; no calibration data needed).
@@ -103,8 +111,8 @@ def to_onnx(model, path: PathLike, opset: int = MIN_OPSET, optimize: bool = Fals
         _rename_io(proto, dynamic_size)
         if layout == "nchw":
             _nchw_input(proto)
-        _replace_erfc(proto)
-        _fuse_layer_norms(proto)
+        replace_erfc(proto)
+        fuse_layer_norms(proto)
         fused = {}
         if optimize or fp16 or dynamic or static:
             _need_onnxruntime("--optimize" if optimize else "fp16" if fp16 else f"{quantize} int8 quantization")
@@ -183,192 +191,6 @@ def _nchw_input(proto) -> None:
                                           perm=[0, 2, 3, 1]))
     graph.input.remove(value)
     graph.input.insert(0, new_input)
-
-
-def _replace_erfc(proto) -> int:
-    """Rewrite the Erfc nodes tf2onnx leaves behind (ONNX has no Erfc op; tf.nn.gelu's exact form
-    is 0.5 * x * erfc(-x / sqrt 2)) with Erf, which ONNX has. An exact GELU becomes
-    x * ((erf(x * 0.7071) + 1) * 0.5), the TensorFlow pattern onnxruntime's optimizer fuses into
-    one Gelu node; any other Erfc(y) becomes 1 - Erf(y). Returns the number of Erfc nodes replaced.
-    (TFLite needs no rewrite: its converter fuses the erfc form into its GELU op.)"""
-    import numpy as np
-    from onnx import helper, numpy_helper
-
-    graph = proto.graph
-    erfcs = [n for n in graph.node if n.op_type == "Erfc" and n.domain in ("", "ai.onnx")]
-    if not erfcs:
-        return 0
-    producer = {o: n for n in graph.node for o in n.output}
-    consumers = {}
-    for n in graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
-    graph_outputs = {o.name for o in graph.output}
-    inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
-
-    def const(name):
-        """The scalar value of an initializer or Constant node output, else None."""
-        if name in inits and inits[name].size == 1:
-            return float(inits[name].reshape(-1)[0])
-        n = producer.get(name)
-        if n is not None and n.op_type == "Constant" and n.attribute:
-            value = numpy_helper.to_array(n.attribute[0].t)
-            return float(value.reshape(-1)[0]) if value.size == 1 else None
-        return None
-
-    def sole_user(name, op):
-        users = consumers.get(name, [])
-        return users[0] if len(users) == 1 and users[0].op_type == op and name not in graph_outputs else None
-
-    def scalar(value, name):
-        graph.initializer.append(numpy_helper.from_array(np.asarray(value, np.float32), name))
-        return name
-
-    drop, replace = set(), {}
-    for k, erfc in enumerate(erfcs):
-        prefix = (erfc.name or erfc.output[0]) + f"/erf_{k}"
-        scaled = producer.get(erfc.input[0])
-        pair = None
-        if scaled is not None and scaled.op_type == "Mul" and sole_user(scaled.output[0], "Erfc") is erfc:
-            neg_in = [i for i in scaled.input if i in producer and producer[i].op_type == "Neg"]
-            c = [const(i) for i in scaled.input if i not in neg_in]
-            if len(neg_in) == 1 and len(c) == 1 and c[0] is not None and abs(c[0] - 0.5 ** 0.5) < 1e-6:
-                neg = producer[neg_in[0]]
-                x = neg.input[0]
-                out = sole_user(erfc.output[0], "Mul")
-                half = out and next((producer[i] for i in out.input if i != erfc.output[0] and i in producer), None)
-                if (half is not None and half.op_type == "Mul" and x in half.input
-                        and const(next(i for i in half.input if i != x)) == 0.5
-                        and sole_user(half.output[0], "Mul") is out and sole_user(neg.output[0], "Mul") is scaled):
-                    pair = (x, neg, scaled, half, out)
-        if pair is not None:
-            # erfc(-x c) = 1 + erf(x c): GELU(x) = x * ((erf(x c) + 1) * 0.5)
-            x, neg, scaled, half, out = pair
-            c_name = scalar(0.5 ** 0.5, prefix + "/inv_sqrt2")
-            one, half_c = scalar(1.0, prefix + "/one"), scalar(0.5, prefix + "/half")
-            nodes = [helper.make_node("Mul", [x, c_name], [prefix + "/xc"], name=prefix + "/Mul_c"),
-                     helper.make_node("Erf", [prefix + "/xc"], [prefix + "/erf"], name=prefix + "/Erf"),
-                     helper.make_node("Add", [prefix + "/erf", one], [prefix + "/cdf2"], name=prefix + "/Add_1"),
-                     helper.make_node("Mul", [prefix + "/cdf2", half_c], [prefix + "/cdf"], name=prefix + "/Mul_half"),
-                     helper.make_node("Mul", [x, prefix + "/cdf"], list(out.output), name=prefix + "/Mul_x")]
-            drop.update(id(n) for n in (neg, scaled, erfc, half))
-            replace[id(out)] = nodes
-        else:
-            one = scalar(1.0, prefix + "/one")
-            replace[id(erfc)] = [
-                helper.make_node("Erf", list(erfc.input), [prefix + "/erf"], name=prefix + "/Erf"),
-                helper.make_node("Sub", [one, prefix + "/erf"], list(erfc.output), name=prefix + "/Sub")]
-    nodes = []
-    for n in graph.node:
-        if id(n) in drop:
-            continue
-        nodes.extend(replace.get(id(n), [n]))
-    del graph.node[:]
-    graph.node.extend(nodes)
-    used = {i for n in graph.node for i in n.input}
-    keep = [t for t in graph.initializer if t.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
-    return len(erfcs)
-
-
-def _fuse_layer_norms(proto) -> int:
-    """Replace tf2onnx's decomposition of each Keras LayerNormalization (GlobalAveragePool mean
-    and variance, Sqrt, Reciprocal, scale and shift) by the standard LayerNormalization op of
-    opset 17. tf2onnx does not emit that op yet (onnx/tensorflow-onnx#2183), and neither its
-    rewriter nor onnxruntime's TF LayerNorm fusion matches Keras 3's graph. Only exact matches
-    on rank-3 tensors (where GlobalAveragePool averages the last axis) are replaced.
-    Returns the number of fused LayerNorms."""
-    import numpy as np
-    import onnx
-    from onnx import numpy_helper
-
-    graph = proto.graph
-    ranks = {}
-    inferred = onnx.shape_inference.infer_shapes(proto)
-    for v in list(inferred.graph.value_info) + list(inferred.graph.input):
-        if v.type.tensor_type.HasField("shape"):
-            ranks[v.name] = len(v.type.tensor_type.shape.dim)
-    producer = {o: n for n in graph.node for o in n.output}
-    consumers = {}
-    for n in graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
-    inits = {t.name: t for t in graph.initializer}
-    graph_outputs = {o.name for o in graph.output}
-
-    def node(name, op):
-        n = producer.get(name)
-        return n if n is not None and n.op_type == op else None
-
-    def only_consumer(n, op):
-        users = consumers.get(n.output[0], [])
-        if len(users) != 1 or users[0].op_type != op or n.output[0] in graph_outputs:
-            return None
-        return users[0]
-
-    def split(n, pred):
-        """(input matching pred, the other input) of a binary node, or (None, None)."""
-        a, b = n.input
-        return (a, b) if pred(a) else (b, a) if pred(b) else (None, None)
-
-    fused, drop, replace = 0, set(), {}
-    for r in graph.node:
-        if r.op_type != "Reciprocal":
-            continue
-        sqrt = node(r.input[0], "Sqrt")
-        add_eps = sqrt and node(sqrt.input[0], "Add")
-        if not add_eps:
-            continue
-        eps_name, var_name = split(add_eps, lambda x: x in inits)
-        var = var_name and node(var_name, "GlobalAveragePool")
-        sq = var and node(var.input[0], "Mul")
-        if not sq or sq.input[0] != sq.input[1]:
-            continue
-        diff = node(sq.input[0], "Sub")
-        mean = diff and node(diff.input[1], "GlobalAveragePool")
-        if not mean or mean.input[0] != diff.input[0] or ranks.get(diff.input[0]) != 3:
-            continue
-        x = diff.input[0]
-        scale = only_consumer(r, "Mul")
-        gamma_name = scale and split(scale, lambda i: i in inits)[0]
-        if not gamma_name:
-            continue
-        users = consumers.get(scale.output[0], [])
-        mul_x = next((u for u in users if u.op_type == "Mul" and x in u.input), None)
-        mul_mean = next((u for u in users if u.op_type == "Mul" and any(
-            (p := node(i, "Neg")) is not None and p.input[0] == mean.output[0] for i in u.input)), None)
-        if len(users) != 2 or not mul_x or not mul_mean:
-            continue
-        neg = next(producer[i] for i in mul_mean.input if i in producer and producer[i].op_type == "Neg")
-        shift = only_consumer(mul_mean, "Add")
-        beta_name = shift and split(shift, lambda i: i in inits)[0]
-        out = beta_name and only_consumer(shift, "Add")
-        if not out or mul_x.output[0] not in out.input or only_consumer(mul_x, "Add") is not out:
-            continue
-        gamma = numpy_helper.to_array(inits[gamma_name]).reshape(-1)
-        beta = numpy_helper.to_array(inits[beta_name]).reshape(-1)
-        eps = float(numpy_helper.to_array(inits[eps_name]).reshape(-1)[0])
-        if gamma.shape != beta.shape:
-            continue
-        prefix = out.name or out.output[0]
-        g_init = numpy_helper.from_array(gamma.astype(np.float32), prefix + "/LayerNorm_gamma")
-        b_init = numpy_helper.from_array(beta.astype(np.float32), prefix + "/LayerNorm_beta")
-        graph.initializer.extend([g_init, b_init])
-        replace[id(out)] = onnx.helper.make_node(
-            "LayerNormalization", [x, g_init.name, b_init.name], [out.output[0]], name=prefix + "/LayerNorm",
-            axis=-1, epsilon=eps)
-        drop.update(id(n) for n in (mean, neg, diff, sq, var, add_eps, sqrt, r, scale, mul_x, mul_mean, shift))
-        fused += 1
-    if fused:
-        nodes = [replace.get(id(n), n) for n in graph.node if id(n) not in drop]
-        del graph.node[:]
-        graph.node.extend(nodes)
-        used = {i for n in graph.node for i in n.input}
-        keep = [t for t in graph.initializer if t.name in used]
-        del graph.initializer[:]
-        graph.initializer.extend(keep)
-    return fused
 
 
 def _need_onnxruntime(what: str) -> None:

@@ -15,9 +15,15 @@ from typing import Dict, Optional, Sequence
 
 import numpy as np
 
-from keras_vit.export._common import (ExportError, PathLike, check_class_names,
-                                      check_output_path, check_tensorflow_backend, metadata,
-                                      resolve_model)
+from keras_vit.export._common import (
+    ExportError,
+    PathLike,
+    check_class_names,
+    check_output_path,
+    check_tensorflow_backend,
+    metadata,
+    resolve_model,
+)
 from keras_vit.files import atomic_path, write_text
 
 QUANTIZE = (None, "fp16", "dynamic", "int8")

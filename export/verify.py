@@ -12,7 +12,7 @@ import json
 import os
 import platform
 import time
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -237,14 +237,7 @@ def verify(keras_model, exported_path: PathLike, images=None, num_images: int = 
     model, cfg = resolve_model(keras_model)
     runner = runner or Runner(exported_path, device=device)
     precision = precision or runner.precision
-    if precision not in THRESHOLDS:
-        raise ExportError(f"precision must be one of {', '.join(THRESHOLDS)}; got {precision!r}")
-    limits = dict(THRESHOLDS[precision])
-    limits.update(thresholds or {})
-    unknown = sorted(set(limits) - {"max_abs_diff", "mean_abs_diff", "top1_agreement", "top5_agreement"})
-    if unknown:
-        raise ExportError(f"unknown threshold(s) {unknown}; allowed: max_abs_diff, mean_abs_diff, "
-                          "top1_agreement, top5_agreement")
+    limits = _limits(precision, thresholds)
     source = "default" if images is None else images if isinstance(images, (str, os.PathLike)) else type(images).__name__
     source_images = images
     images = _pixels(load_images(images, cfg.image_size, cfg.channels, num_images), runner)
@@ -261,20 +254,9 @@ def verify(keras_model, exported_path: PathLike, images=None, num_images: int = 
 
     sizes = []
     if runner.dynamic_size:
-        from keras_vit.vit import resize_model
-
-        method = runner.metadata.get("pos_interpolation", cfg.pos_interpolation)
         wanted = [tuple(int(v) for v in s) for s in (image_sizes if image_sizes is not None else [other_size(cfg)])]
-        for size in wanted:
-            at = _pixels(load_images(source_images, size, cfg.channels, num_images), runner)
-            resized = resize_model(model, size, method=method)
-            size_ref, _ = _batched(lambda x: np.asarray(resized.predict_on_batch(x)), at, batch_size)
-            size_out, _ = _batched(runner, at, batch_size)
-            size_metrics = _compare(size_ref, size_out)
-            size_checks, size_failures = _check(size_metrics, limits, f"at {size[0]}x{size[1]}: ")
-            failures += size_failures
-            sizes.append({"image_size": list(size), "interpolation": method, **size_metrics,
-                          "passed": not size_failures, "checks": size_checks})
+        sizes = _check_other_sizes(model, cfg, runner, source_images, wanted, num_images, batch_size, limits)
+        failures += [f for size in sizes for f in size.pop("failures")]
 
     exported_path = runner.path
     sha, size_bytes = _digest(exported_path)
@@ -309,6 +291,40 @@ def verify(keras_model, exported_path: PathLike, images=None, num_images: int = 
         if plot:
             report["plot_path"] = write_plot(report, ref, out, plot_path(exported_path))
     return report
+
+
+def _limits(precision: str, thresholds: Optional[Dict[str, float]]) -> Dict[str, float]:
+    """The precision's default thresholds with `thresholds` on top; ExportError for unknown names."""
+    if precision not in THRESHOLDS:
+        raise ExportError(f"precision must be one of {', '.join(THRESHOLDS)}; got {precision!r}")
+    limits = {**THRESHOLDS[precision], **(thresholds or {})}
+    unknown = sorted(set(limits) - {"max_abs_diff", "mean_abs_diff", "top1_agreement", "top5_agreement"})
+    if unknown:
+        raise ExportError(f"unknown threshold(s) {unknown}; allowed: max_abs_diff, mean_abs_diff, "
+                          "top1_agreement, top5_agreement")
+    return limits
+
+
+def _check_other_sizes(model, cfg, runner: Runner, source_images, sizes, num_images: int, batch_size: int,
+                       limits: Dict[str, float]) -> List[dict]:
+    """A file that takes any image size, checked at each of `sizes` against
+    keras_vit.resize_model(model, size) with the file's interpolation: one record per size
+    (metrics, checks, and its failure lines under "failures")."""
+    from keras_vit.export.images import load_images
+    from keras_vit.vit import resize_model
+
+    method = runner.metadata.get("pos_interpolation", cfg.pos_interpolation)
+    records = []
+    for size in sizes:
+        at = _pixels(load_images(source_images, size, cfg.channels, num_images), runner)
+        resized = resize_model(model, size, method=method)
+        size_ref, _ = _batched(lambda x, m=resized: np.asarray(m.predict_on_batch(x)), at, batch_size)
+        size_out, _ = _batched(runner, at, batch_size)
+        size_metrics = _compare(size_ref, size_out)
+        size_checks, size_failures = _check(size_metrics, limits, f"at {size[0]}x{size[1]}: ")
+        records.append({"image_size": list(size), "interpolation": method, **size_metrics,
+                        "passed": not size_failures, "checks": size_checks, "failures": size_failures})
+    return records
 
 
 def _digest(path: str) -> Tuple[str, int]:

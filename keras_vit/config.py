@@ -96,7 +96,7 @@ class ViTConfig:
         self.validate()
 
     # --- checks -----------------------------------------------------------------------
-    def validate(self) -> "ViTConfig":
+    def validate(self) -> ViTConfig:
         """Raise ValueError naming the bad value and what is allowed."""
         for name in ("hidden_size", "mlp_dim", "num_heads", "num_layers", "resnet_width"):
             v = getattr(self, name)
@@ -201,14 +201,14 @@ class ViTConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ViTConfig":
+    def from_dict(cls, d: dict) -> ViTConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"unknown ViTConfig keys {unknown}; allowed: {sorted(known)}")
         return cls(**d)
 
-    def replace(self, **changes) -> "ViTConfig":
+    def replace(self, **changes) -> ViTConfig:
         return dataclasses.replace(self, **changes)
 
     # --- counts (analytic, no weights allocated) ----------------------------------------
@@ -247,7 +247,7 @@ def parse_variant(variant: str, **overrides) -> ViTConfig:
         depth = int(m["depth"])
         if depth not in RESNET_DEPTHS:
             raise ValueError(f"unknown ResNet depth R{depth} in {variant!r}; allowed: "
-                             f"{', '.join('R%d' % d for d in RESNET_DEPTHS)}")
+                             f"{', '.join(f'R{d}' for d in RESNET_DEPTHS)}")
         layers = RESNET_DEPTHS[depth]
         if depth == 50 and patch == 16:
             # The paper's R50+B/16: ResNet-50 with stage 4 removed and its units moved to stage 3.

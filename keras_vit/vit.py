@@ -9,8 +9,16 @@ import keras
 from keras_vit.config import ViTConfig, parse_variant
 from keras_vit.model import VisionTransformer, build_model, get_config
 from keras_vit.resize import check_method
-from keras_vit.weights import (ARCHITECTURE_FIELDS, Checkpoint, PathLike, assign_weights, check_variant, model_arrays,
-                               read_checkpoint, warn_untrained_head)
+from keras_vit.weights import (
+    ARCHITECTURE_FIELDS,
+    Checkpoint,
+    PathLike,
+    assign_weights,
+    check_variant,
+    model_arrays,
+    read_checkpoint,
+    warn_untrained_head,
+)
 
 __all__ = ["ViT", "VisionTransformer", "build_config", "build_model", "build_with_weights", "get_config",
            "dynamic_model", "resize_model"]

@@ -34,8 +34,14 @@ from keras_vit.config import ViTConfig
 from keras_vit.errors import first_line
 from keras_vit.files import atomic_path
 from keras_vit.model import get_config
-from keras_vit.resize import (check_method, infer_grid, relative_table_grid, resample_1d,
-                              resample_position_embeddings, resample_relative_embedding)
+from keras_vit.resize import (
+    check_method,
+    infer_grid,
+    relative_table_grid,
+    resample_1d,
+    resample_position_embeddings,
+    resample_relative_embedding,
+)
 
 PathLike = Union[str, os.PathLike]
 log = logging.getLogger("keras_vit")

@@ -7,7 +7,6 @@ import shutil
 
 import pytest
 from click.testing import CliRunner
-
 from export_helpers import DIGIT_NAMES, trained_digits
 
 from keras_vit.cli.main import cli  # noqa: E402

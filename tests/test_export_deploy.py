@@ -11,12 +11,11 @@ import sys
 import numpy as np
 import pytest
 from click.testing import CliRunner
-
 from export_helpers import DIGIT_NAMES, small_model, trained_digits
 
 import keras_vit
 from keras_vit.cli.main import cli
-from keras_vit.export import ExportError, to_onnx, to_saved_model, verify
+from keras_vit.export import ExportError, to_onnx, verify
 from keras_vit.vit import dynamic_model, resize_model
 
 
@@ -173,6 +172,7 @@ def test_gpu_extra_resolves_to_one_onnxruntime_wheel(tmp_path):
     exactly one onnxruntime distribution for each of the [gpu] and [cpu] extras, none without one."""
     import re
     import shutil
+
     import tomllib
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -10,14 +10,13 @@ import os
 import subprocess
 import sys
 
+import ckpt_factory as cf
 import numpy as np
 import pytest
 from PIL import Image
 
 import keras_vit
 from keras_vit import weights as W
-
-import ckpt_factory as cf
 
 NAME = "Ti/16-augreg-i21k-ft-in1k"
 TABBY = 281

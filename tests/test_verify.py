@@ -5,7 +5,6 @@ import json
 
 import numpy as np
 import pytest
-
 from export_helpers import small_model
 
 from keras_vit.export import THRESHOLDS, ExportError, Runner, format_table, report_path, to_onnx, verify  # noqa: E402

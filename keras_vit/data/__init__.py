@@ -17,8 +17,15 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from keras_vit.data.folders import IMAGE_EXTENSIONS, BadImages, bad_image_line, checked_images, list_images
-from keras_vit.data.records import write_records
+from keras_vit.data.folders import (  # noqa: F401  (IMAGE_EXTENSIONS, bad_image_line, write_records: public API)
+    IMAGE_EXTENSIONS,
+    BadImages,
+    bad_image_line,
+    checked_images,
+    list_images,
+)
+from keras_vit.data.records import write_records  # noqa: F401
+from keras_vit.errors import UserInputError, first_line
 
 DIGITS_SIZE = 32  # 8x8 digits upsampled so that patch 4 gives 64 tokens
 KERAS_DATASETS = ("cifar10", "cifar100", "mnist", "fashion_mnist")
@@ -34,7 +41,7 @@ _CLASS_NAMES = {
 }
 
 
-class DatasetError(ValueError):
+class DatasetError(UserInputError):
     """A dataset that cannot be loaded: unknown name, missing folder, failed download, bad file."""
 
 
@@ -42,9 +49,9 @@ class DatasetError(ValueError):
 class Splits:
     """A dataset's splits (unbatched tf.data.Datasets) and its class names."""
 
-    train: "object"
-    val: "object"
-    test: "object"
+    train: object
+    val: object
+    test: object
     class_names: List[str]
     image_shape: Tuple[Optional[int], Optional[int], int]
     bad_images: Optional[BadImages] = None  # files skipped while decoding (skip_bad_images=True)
@@ -151,7 +158,7 @@ def _keras_dataset(name: str, seed: int, val_fraction: float) -> Splits:
     try:
         (x_tr, y_tr), (x_te, y_te) = loader.load_data()
     except Exception as exc:  # noqa: BLE001 - no network, a proxy, a truncated cache: one line
-        raise DatasetError(f"could not download dataset {name!r} via keras.datasets: {_first_line(exc)}") from None
+        raise DatasetError(f"could not download dataset {name!r} via keras.datasets: {first_line(exc)}") from None
     classes = _CLASS_NAMES.get(name) or [str(i) for i in range(int(np.max(y_tr)) + 1)]
     return _from_arrays(x_tr, y_tr, x_te, y_te, classes, seed, val_fraction)
 
@@ -167,7 +174,7 @@ def _tfds(name: str, seed: int, val_fraction: float, data_dir: Optional[str]) ->
         builder = tfds.builder(name, data_dir=data_dir)
         builder.download_and_prepare()
     except Exception as exc:  # noqa: BLE001 - unknown name, no network: one line
-        raise DatasetError(f"could not load dataset 'tfds:{name}': {_first_line(exc)}") from None
+        raise DatasetError(f"could not load dataset 'tfds:{name}': {first_line(exc)}") from None
     info = builder.info
     splits = set(info.splits.keys()) or {"train", "test"}  # no metadata (e.g. tfds.testing.mock_data)
     if "train" not in splits:
@@ -262,11 +269,6 @@ def read_image(path_or_bytes, from_bytes: bool = False):
     return img
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 # --- the pipeline ----------------------------------------------------------------------------
 
 def prepare_image(image, image_size: Optional[Sequence[int]], channels: int):
@@ -291,6 +293,34 @@ def prepare_image(image, image_size: Optional[Sequence[int]], channels: int):
     if tuple(image.shape[-3:-1]) != (h, w):
         image = tf.image.resize(image, (h, w), method="bilinear")
     return image
+
+
+def load_image_file(path: str, image_size: Optional[Sequence[int]], channels: int) -> np.ndarray:
+    """One image file as float32 (H, W, channels) in [0, 255], decoded and resized exactly as in
+    training (read_image + prepare_image); DatasetError naming the file when it cannot be read."""
+    import tensorflow as tf
+
+    try:
+        with open(path, "rb") as f:
+            image = read_image(tf.constant(f.read()), from_bytes=True)
+    except (OSError, tf.errors.OpError) as exc:
+        raise DatasetError(f"cannot read image {path}: {first_line(exc)}") from None
+    return np.asarray(prepare_image(image, image_size, channels), np.float32)
+
+
+def split_arrays(ds, image_size: Optional[Sequence[int]], channels: int, limit: Optional[int] = None
+                 ) -> Tuple[np.ndarray, np.ndarray]:
+    """An unbatched (image, label) split as arrays: images float32 (N, H, W, C) in [0, 255]
+    through prepare_image, labels int64 (N,); DatasetError when the split is empty."""
+    if limit:
+        ds = ds.take(limit)
+    xs, ys = [], []
+    for x, y in ds.map(lambda x, y: (prepare_image(x, image_size, channels), y)).batch(256).as_numpy_iterator():
+        xs.append(np.asarray(x, np.float32))
+        ys.append(np.asarray(y).astype(np.int64))
+    if not xs:
+        raise DatasetError("the dataset split is empty")
+    return np.concatenate(xs), np.concatenate(ys)
 
 
 def augmenter(kind: str, image_size: Sequence[int], seed: int = 0) -> Optional[Callable]:

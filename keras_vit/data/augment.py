@@ -182,7 +182,7 @@ def rand_augment(image, seed, num_ops: int = 2, factor: float = 0.5):
         s = _sub(seed, 100 + i)
         idx = tf.random.stateless_uniform((), _sub(s, 0), minval=0, maxval=len(_OPS), dtype=tf.int32)
         op_seed = _sub(s, 1)
-        branches = [(lambda op=op: op(image, op_seed, factor)) for op in _OPS]
+        branches = [(lambda op=op, image=image, op_seed=op_seed: op(image, op_seed, factor)) for op in _OPS]
         image = tf.switch_case(idx, branches)
         image.set_shape(shape)
     return image

@@ -21,8 +21,6 @@ import math
 import os
 from typing import Dict, List, Optional, Sequence
 
-import numpy as np
-
 FEATURE_IMAGE = "image/encoded"
 FEATURE_LABEL = "image/class/label"
 FEATURE_FILENAME = "image/filename"

@@ -19,12 +19,12 @@ from keras_vit.config import ViTConfig
 from keras_vit.errors import TrainError
 from keras_vit.files import save_model, write_json, write_text
 from keras_vit.model import build_model
-from keras_vit.train.callbacks import atomic_checkpoint
+from keras_vit.plots import plot_training_curves, read_metrics_csv
+from keras_vit.train.callbacks import LearningRateLogger, atomic_checkpoint
 from keras_vit.train.distribute import distribution_scope, replicas
 from keras_vit.train.initial import load_initial_weights
 from keras_vit.train.recipes import TrainConfig, make_optimizer, resolve_speed
-from keras_vit.train.runs import (RUNS_DIR, backup_epoch, check_output, new_run_dir, read_run_config,
-                                  resolve_run_dir, trim_csv)
+from keras_vit.train.runs import RUNS_DIR, backup_epoch, check_output, new_run_dir, read_run_config, resolve_run_dir, trim_csv
 
 
 @dataclasses.dataclass
@@ -44,7 +44,8 @@ def train(cfg: TrainConfig, output: Optional[str] = None, resume: bool = False,
     """Train `cfg` into a run folder (or resume the one at `output` / `root/latest`).
 
     The folder gets config.json, class_names.json, metrics.csv, logs/ (TensorBoard),
-    best.keras / last.keras each epoch, model.keras at the end and results.json (test metrics).
+    best.keras / last.keras each epoch, model.keras, curves.png (loss, accuracy, learning rate
+    per epoch) at the end and results.json (test metrics).
     """
     run = None
     if resume:
@@ -70,6 +71,7 @@ def train(cfg: TrainConfig, output: Optional[str] = None, resume: bool = False,
             if model.stop_training and any(np.isnan(v) for v in history.history.get("loss", [])):
                 raise TrainError(f"training diverged (loss NaN); kept checkpoints in {run}; try a lower --lr")
             save_model(model, os.path.join(run, "model.keras"))
+            plot_training_curves(read_metrics_csv(os.path.join(run, "metrics.csv")), os.path.join(run, "curves.png"))
             test = dict(zip(["loss", "top1", "top5"], (float(v) for v in model.evaluate(data.test, verbose=0))))
         except tf.errors.OpError as exc:  # e.g. an image that decodes badly mid-run
             raise TrainError(kdata.bad_image_line(exc) or f"training failed: {op_error_line(exc)}") from None
@@ -182,6 +184,7 @@ def _callbacks(run: str, resume: bool) -> List[keras.callbacks.Callback]:
         trim_csv(csv_path, backup_epoch(backup))
     return [
         keras.callbacks.TerminateOnNaN(),
+        LearningRateLogger(),
         keras.callbacks.CSVLogger(csv_path, append=True),
         keras.callbacks.TensorBoard(os.path.join(run, "logs"), write_graph=False, profile_batch=0),
         atomic_checkpoint(run, monitor="val_accuracy"),
