@@ -12,8 +12,15 @@ import json
 import os
 from typing import Optional, Sequence
 
-from keras_vit.export._common import (ExportError, PathLike, check_class_names, check_parent,
-                                      check_tensorflow_backend, metadata, resolve_model)
+from keras_vit.export._common import (
+    ExportError,
+    PathLike,
+    check_class_names,
+    check_parent,
+    check_tensorflow_backend,
+    metadata,
+    resolve_model,
+)
 from keras_vit.files import atomic_dir
 
 SIGNATURE = "serving_default"

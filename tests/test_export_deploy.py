@@ -15,7 +15,7 @@ from export_helpers import DIGIT_NAMES, small_model, trained_digits
 
 import keras_vit
 from keras_vit.cli.main import cli
-from keras_vit.export import ExportError, to_onnx, verify
+from keras_vit.export import ExportError, to_onnx, to_saved_model, verify
 from keras_vit.vit import dynamic_model, resize_model
 
 
