@@ -102,9 +102,16 @@ def test_cli_train_bad_image_default_fails_and_flag_skips(tmp_path):
 
 
 def test_records_round_trip_trains_like_the_folder(tmp_path):
+    from keras_vit.cli.main import cli
+
     root = _colour_folder(tmp_path / "imgs", n=24)
-    counts = data.write_records(f"folder:{root}", str(tmp_path / "rec"), examples_per_shard=10)
-    assert counts == {"train": 43, "val": 5, "test": 5}
+    bad = CliRunner().invoke(cli, ["records", "--dataset", f"folder:{root}", "--output", str(tmp_path / "rec"),
+                                   "--val-fraction", "2"])
+    assert bad.exit_code == 2 and bad.output.strip() == "Error: val_fraction must be in (0, 1), got 2.0"
+    out = CliRunner().invoke(cli, ["records", "--dataset", f"folder:{root}", "--output", str(tmp_path / "rec"),
+                                   "--examples-per-shard", "10"])
+    assert out.exit_code == 0, out.output
+    assert out.output.startswith("train 43, val 5, test 5 examples in ")
     meta = json.loads((tmp_path / "rec" / "dataset.json").read_text())
     assert meta["class_names"] == ["green", "red"] and len(meta["shards"]["train"]) == 5
     rec = data.load(f"records:{tmp_path / 'rec'}")
