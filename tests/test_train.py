@@ -11,7 +11,7 @@ import textwrap
 import numpy as np
 import pytest
 
-keras = pytest.importorskip("keras")
+import keras  # noqa: E402 - a required dependency: a failed import fails the suite
 
 import keras_vit  # noqa: E402
 from keras_vit import train as kt  # noqa: E402
