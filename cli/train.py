@@ -7,27 +7,10 @@ from typing import Optional, Sequence
 
 import click
 
-from keras_vit.cli.main import UserError
+from keras_vit.cli.common import UserError, user_errors
 
 _DATASET_HELP = ("digits (offline), cifar10, cifar100, mnist, fashion_mnist, tfds:NAME, "
                  "folder:PATH (PATH/<class>/*.jpg or PATH/train, PATH/val).")
-
-
-def _user_errors(fn):
-    """Run `fn`, turning ValueError (bad option, dataset, file) into one-line UserErrors."""
-    import functools
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except UserError:
-            raise
-        except ValueError as exc:
-            text = str(exc).strip()
-            raise UserError(text.splitlines()[0] if text else type(exc).__name__) from None
-
-    return wrapper
 
 
 @click.command("train")
@@ -66,7 +49,7 @@ def _user_errors(fn):
 @click.option("--distribute", type=click.Choice(["auto", "none", "mirrored"]), default=None,
               help="auto: MultiWorkerMirrored from TF_CONFIG, Mirrored over >1 GPU, DataParallel on JAX.")
 @click.option("--weights", default=None, help="Initial weights: a checkpoint (.npz, timm/Hugging Face .safetensors, published name, "
-                   "hf://ORG/NAME) or a keras-vit .keras (head skipped).")
+                   "hf://ORG/NAME) or a keras-vit .keras (its head too when the sizes match).")
 @click.option("--freeze-backbone", is_flag=True, default=None,
               help="Linear probe: train only the head; every other weight stays exactly as loaded (use with --weights).")
 @click.option("--layer-decay", type=float, default=None, metavar="R",
@@ -74,10 +57,12 @@ def _user_errors(fn):
                    "the embeddings at R^(L+1) (BEiT/MAE fine-tuning).")
 @click.option("--seed", type=int, default=None, help="Seed for data order, augmentation and initialisation [default: 0].")
 @click.option("--val-fraction", type=float, default=None, help="Training data held out for validation [default: 0.1].")
-@click.option("--data-dir", default=None, help="tensorflow-datasets data folder.")
+@click.option("--data-dir", default=None, help="tensorflow-datasets data folder (datasets prepared there are used as they are).")
+@click.option("--skip-bad-images", is_flag=True, default=None,
+              help="Skip image files that do not decode (counted, listed in the run's bad_images.txt) instead of failing.")
 @click.option("--output", default=None, help="Run folder [default: runs/<dataset>-<variant>-<time>, linked as runs/latest].")
 @click.option("--resume", is_flag=True, help="Continue the run in --output (default runs/latest) from its last epoch.")
-@_user_errors
+@user_errors
 def train_cmd(dataset: str, output: Optional[str], resume: bool, **options) -> None:
     """Train a ViT with model.fit on a tf.data pipeline; writes a run folder."""
     from keras_vit import train as ktrain
@@ -92,7 +77,8 @@ def train_cmd(dataset: str, output: Optional[str], resume: bool, **options) -> N
     result = ktrain.train(cfg, output=output, resume=resume)
     t = result["test"]
     click.echo(f"test top-1 {t['top1']:.4f}  top-5 {t['top5']:.4f}  loss {t['loss']:.4f}  "
-               f"({result['epochs']} epochs, {result['train_seconds']:.0f} s of training)")
+               f"({result['epochs']} epochs, {result['train_seconds']:.0f} s of training"
+               + (f", {result['bad_images']} bad images skipped" if result.get("bad_images") else "") + ")")
     click.echo(f"run folder: {result['run']}")
 
 
@@ -120,16 +106,26 @@ def _load(model: str):
 @click.option("--dataset", default="digits", show_default=True, help=_DATASET_HELP)
 @click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the validation hold-out (test is fixed).")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object: loss, top1, top5, per_class.")
-@_user_errors
-def evaluate_cmd(model_arg: str, dataset: str, batch_size: int, seed: int, as_json: bool) -> None:
+@click.option("--json", "as_json", is_flag=True,
+              help="Print one JSON object: loss, top1, top5, per_class, count, confusion_matrix.")
+@click.option("--plot", is_flag=True,
+              help="Also write the confusion matrix as a PNG beside the model (confusion_<dataset>.png).")
+@user_errors
+def evaluate_cmd(model_arg: str, dataset: str, batch_size: int, seed: int, as_json: bool, plot: bool) -> None:
     """Loss, top-1, top-5 and per-class accuracy on the dataset's test split."""
     from keras_vit import data as kdata
     from keras_vit import train as ktrain
+    from keras_vit.plots import plot_confusion_matrix
 
-    _, model = _load(model_arg)
+    path, model = _load(model_arg)
     splits = kdata.load(dataset, seed=seed)
     result = ktrain.evaluate(model, splits.test, splits.class_names, batch_size=batch_size)
+    if plot:
+        png = os.path.join(os.path.dirname(os.path.abspath(path)), f"confusion_{kdata.slug(dataset)}.png")
+        matrix = result["confusion_matrix"]
+        names = splits.class_names if len(splits.class_names) == len(matrix) else [str(i) for i in range(len(matrix))]
+        plot_confusion_matrix(matrix, names, png, title=f"{dataset} test: top-1 {result['top1']:.4f}")
+        click.echo(f"confusion matrix: {png}", err=as_json)
     if as_json:
         click.echo(json.dumps(result))
         return
@@ -143,7 +139,7 @@ def evaluate_cmd(model_arg: str, dataset: str, batch_size: int, seed: int, as_js
 @click.option("--model", "model_arg", required=True, help=_MODEL_HELP)
 @click.option("--top-k", type=click.IntRange(min=1), default=5, show_default=True)
 @click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False))
-@_user_errors
+@user_errors
 def predict_cmd(model_arg: str, top_k: int, images: Sequence[str]) -> None:
     """Top-k class names with probabilities for each IMAGE, one line each."""
     from keras_vit import train as ktrain

@@ -26,6 +26,7 @@ _LAZY = {
     "imagenet_labels": "keras_vit.labels",
     "predict": "keras_vit.train.evaluate",
     "resize_model": "keras_vit.vit",
+    "dynamic_model": "keras_vit.vit",
     "resample_position_embeddings": "keras_vit.resize",
 }
 __all__ = sorted(_LAZY) + ["__version__"]

@@ -77,6 +77,11 @@ class ViTConfig:
     # the encoder norm; feature_layers gives those blocks' outputs as (B, H/P, W/P, D) maps.
     output: Optional[str] = None
     feature_layers: Optional[Tuple[int, ...]] = None
+    # Any image size (H, W divisible by the input stride): the position embeddings, learned for
+    # image_size's patch grid, are resampled in the graph with pos_interpolation (a
+    # keras_vit.resize method; "linear" is resize_model's default).
+    dynamic_size: bool = False
+    pos_interpolation: str = "linear"
 
     def __post_init__(self) -> None:
         self.image_size = _pair(self.image_size, "image_size")
@@ -91,7 +96,7 @@ class ViTConfig:
         self.validate()
 
     # --- checks -----------------------------------------------------------------------
-    def validate(self) -> "ViTConfig":
+    def validate(self) -> ViTConfig:
         """Raise ValueError naming the bad value and what is allowed."""
         for name in ("hidden_size", "mlp_dim", "num_heads", "num_layers", "resnet_width"):
             v = getattr(self, name)
@@ -131,6 +136,18 @@ class ViTConfig:
             raise ValueError("output='tokens' and feature_layers return features: build with include_top=False")
         if self.output is not None and self.feature_layers is not None:
             raise ValueError("give output='tokens' or feature_layers, not both")
+        if not isinstance(self.dynamic_size, bool):
+            raise ValueError(f"dynamic_size must be True or False, got {self.dynamic_size!r}")
+        from keras_vit.resize import METHODS
+
+        if self.pos_interpolation not in METHODS:
+            raise ValueError(f"pos_interpolation must be one of {', '.join(METHODS)}; got {self.pos_interpolation!r}")
+        if self.dynamic_size and self.pos_embedding == "relative":
+            raise ValueError("dynamic_size=True needs pos_embedding learned, learned_2d, sincos2d or none; "
+                             "'relative' indexes a table built for one patch grid")
+        if self.dynamic_size and self.feature_layers is not None:
+            raise ValueError("dynamic_size=True returns logits, pre-logits or tokens; feature_layers maps need "
+                             "a fixed image_size")
         sh, sw = self.input_stride
         h, w = self.image_size
         if h % sh or w % sw:
@@ -184,14 +201,14 @@ class ViTConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ViTConfig":
+    def from_dict(cls, d: dict) -> ViTConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"unknown ViTConfig keys {unknown}; allowed: {sorted(known)}")
         return cls(**d)
 
-    def replace(self, **changes) -> "ViTConfig":
+    def replace(self, **changes) -> ViTConfig:
         return dataclasses.replace(self, **changes)
 
     # --- counts (analytic, no weights allocated) ----------------------------------------
@@ -230,7 +247,7 @@ def parse_variant(variant: str, **overrides) -> ViTConfig:
         depth = int(m["depth"])
         if depth not in RESNET_DEPTHS:
             raise ValueError(f"unknown ResNet depth R{depth} in {variant!r}; allowed: "
-                             f"{', '.join('R%d' % d for d in RESNET_DEPTHS)}")
+                             f"{', '.join(f'R{d}' for d in RESNET_DEPTHS)}")
         layers = RESNET_DEPTHS[depth]
         if depth == 50 and patch == 16:
             # The paper's R50+B/16: ResNet-50 with stage 4 removed and its units moved to stage 3.

@@ -89,7 +89,7 @@ def _build_graph(cfg: ViTConfig, dtype: Optional[str] = None):
     (a name, which every layer's config can hold; the LayerNorms, pre-logits and head always
     compute in float32)."""
     h, w = cfg.image_size
-    inputs = keras.Input((h, w, cfg.channels), name="images")
+    inputs = keras.Input((None, None, cfg.channels) if cfg.dynamic_size else (h, w, cfg.channels), name="images")
     x = inputs
     if cfg.include_preprocessing:
         # [0, 255] -> [-1, 1], the official checkpoints' input range.
@@ -102,8 +102,12 @@ def _build_graph(cfg: ViTConfig, dtype: Optional[str] = None):
         x = ClassToken(name="cls", dtype=dtype)(x)
         prefix = 1
     pos_kind = "none" if cfg.pos_embedding == "relative" else cfg.pos_embedding
-    x = PositionEmbedding(pos_kind, cfg.grid_size, num_prefix_tokens=prefix, name="posembed_input",
-                          dtype=dtype)(x)
+    if cfg.dynamic_size:  # the patch grid comes from the images' shape at run time
+        x = PositionEmbedding(pos_kind, cfg.grid_size, num_prefix_tokens=prefix, stride=cfg.input_stride,
+                              method=cfg.pos_interpolation, name="posembed_input", dtype=dtype)(x, images=inputs)
+    else:
+        x = PositionEmbedding(pos_kind, cfg.grid_size, num_prefix_tokens=prefix, name="posembed_input",
+                              dtype=dtype)(x)
     x = layers.Dropout(cfg.dropout_rate, name="dropout", dtype=dtype)(x)
     relative_grid = cfg.grid_size if cfg.pos_embedding == "relative" else None
     wanted = set(cfg.feature_layers or ())

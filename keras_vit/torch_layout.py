@@ -78,7 +78,7 @@ class _Renamer:
         return {**self.out, **{k: np.asarray(v) for k, v in self.sd.items() if k not in self.used}}
 
 
-def _resnet_from_timm(sd: Mapping[str, np.ndarray], ren: "_Renamer") -> None:
+def _resnet_from_timm(sd: Mapping[str, np.ndarray], ren: _Renamer) -> None:
     stem = "patch_embed.backbone.stem."
     pairs = {stem + "conv.weight": "conv_root/kernel", stem + "norm.weight": "gn_root/scale",
              stem + "norm.bias": "gn_root/bias"}

@@ -2,14 +2,13 @@
 checked against the independent NumPy reference's encoder run block by block."""
 from __future__ import annotations
 
+import ckpt_factory as cf
 import numpy as np
 import pytest
+import reference_vit as ref
 
 import keras_vit
 from keras_vit.config import ViTConfig
-
-import ckpt_factory as cf
-import reference_vit as ref
 
 TOL = 1e-4
 TINY = dict(hidden_size=32, mlp_dim=64, num_heads=2, num_layers=3, patch_size=4, image_size=(8, 12), num_classes=5)

@@ -123,3 +123,13 @@ def test_train_with_layer_decay_records_it(tmp_path):
     assert np.isfinite(result["last_epoch"]["loss"]) and result["test"]["top1"] > 0.2
     with open(tmp_path / "run" / "config.json") as f:
         assert json.load(f)["train"]["layer_decay"] == 0.75
+
+
+def test_vitcli_bad_layer_decay_is_one_line():
+    from click.testing import CliRunner
+
+    from keras_vit.cli.main import cli
+
+    result = CliRunner().invoke(cli, ["train", "--layer-decay", "2"])
+    assert result.exit_code == 2 and result.output.strip().count("\n") == 0
+    assert "layer_decay must be in (0, 1], got 2.0" in result.output

@@ -10,14 +10,13 @@ import os
 import subprocess
 import sys
 
+import ckpt_factory as cf
 import numpy as np
 import pytest
 from PIL import Image
 
 import keras_vit
 from keras_vit import weights as W
-
-import ckpt_factory as cf
 
 NAME = "Ti/16-augreg-i21k-ft-in1k"
 TABBY = 281
@@ -63,6 +62,7 @@ def test_published_checkpoint_sets_defaults_and_names(keras_home, monkeypatch, t
         small = keras_vit.ViT(weights=NAME, image_size=160, num_classes=10)
     assert small.vit_config.image_size == (160, 160) and small.vit_config.num_classes == 10
     assert small.class_names is None  # a new head: the ImageNet names no longer apply
+    assert small.vit_config.representation_size is None
     assert any("resampled from a 14x14 to a 10x10 grid" in r.getMessage() for r in caplog.records)
 
 

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import warnings
 
+import keras
 import numpy as np
 import pytest
-
-import keras
-import keras_vit
 from export_helpers import trained_digits
+
+import keras_vit
 from tests.conftest import random_images
 
 MLP_DENSE = ("Dense_0", "Dense_1")

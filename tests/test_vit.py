@@ -5,7 +5,7 @@ import pytest
 
 import keras_vit
 from keras_vit.config import ViTConfig
-from tests.conftest import randomise_head, random_images
+from tests.conftest import random_images, randomise_head
 from tests.test_config import REFERENCE_COUNTS
 
 TINY = dict(hidden_size=32, num_heads=2, mlp_dim=64, num_layers=2)
