@@ -22,6 +22,11 @@ def _pairs(row: Dict[str, object], names: Sequence[str]) -> set:
     return {(a, row[a], b, row[b]) for a, b in itertools.combinations(names, 2)}
 
 
+def _gain(row: Dict[str, object], name: str, value, uncovered: set) -> int:
+    """Uncovered pairs that `name` = `value` would cover next to the values already in `row`."""
+    return sum((a, row[a], name, value) in uncovered or (name, value, a, row[a]) in uncovered for a in row)
+
+
 def all_pairs(factors: Dict[str, Sequence]) -> set:
     """Every pair of values of two different factors."""
     names = list(factors)
@@ -36,11 +41,8 @@ def pairwise_rows(factors: Dict[str, Sequence], full: Sequence[str] = ()) -> Lis
     rows: List[Dict[str, object]] = []
     for combo in itertools.product(*(factors[n] for n in full)):
         row = dict(zip(full, combo))
-        for name in rest:  # one factor at a time, the value that adds the most uncovered pairs
-            def gain(value, name=name):
-                return sum((a, row[a], name, value) in uncovered or (name, value, a, row[a]) in uncovered
-                           for a in row)
-            row[name] = max(factors[name], key=gain)  # max keeps the first of equal gains
+        for name in rest:  # one factor at a time: the value adding the most uncovered pairs (the first of equals)
+            row[name] = max(factors[name], key=lambda value, name=name, row=row: _gain(row, name, value, uncovered))
         row = {n: row[n] for n in names}
         uncovered -= _pairs(row, names)
         rows.append(row)

@@ -24,15 +24,15 @@ import subprocess
 import sys
 import warnings
 
+import keras
 import numpy as np
 import pytest
+from pairwise import all_pairs, pairwise_rows
 
-import keras
 import keras_vit
 from keras_vit.config import ViTConfig
 from keras_vit.export import to_onnx, to_tflite, verify
 from keras_vit.export.images import load_images
-from pairwise import all_pairs, pairwise_rows
 
 FACTORS = {
     "pos_embedding": ["learned", "learned_2d", "relative", "sincos2d", "none"],
@@ -84,7 +84,7 @@ def images(cfg: ViTConfig, n: int = NUM_IMAGES, split: str = "test") -> np.ndarr
     return load_images("digits", cfg.image_size, cfg.channels, n, split=split)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def row_model(index: int):
     """The row's model with every weight random (zero-initialised ones included) and a head
     scaled so that the logits spread over several units."""
@@ -243,7 +243,7 @@ def test_other_backends_give_the_tensorflow_outputs(backend, tmp_path):
     pytest.importorskip(backend)  # optional extras ([jax], torch from the [test] extra where it resolves)
     job = {"cases": [], "output": str(tmp_path / "out.json")}
     expected = {}
-    for index, row in enumerate(ROWS):
+    for index in range(len(ROWS)):
         model = row_model(index)
         x = row_images(index, 16)
         name = IDS[index]
