@@ -40,10 +40,16 @@ def test_dynamic_model_matches_resize_model_at_other_sizes(pos_embedding, method
         np.testing.assert_allclose(dyn.predict_on_batch(x), ref, atol=1e-5, rtol=0)
 
 
-def test_vit_image_size_none_builds_a_model_for_any_size():
-    model = keras_vit.ViT("Ti/16", image_size=None, num_layers=1, num_classes=3)
+def test_vit_image_size_none_builds_a_model_for_any_size(tmp_path):
+    model = _noisy(keras_vit.ViT("Ti/16", image_size=None, num_layers=1, num_classes=3, pos_interpolation="bicubic"))
     assert model.vit_config.dynamic_size and model.vit_config.image_size == (224, 224)
-    assert model.predict_on_batch(np.zeros((1, 64, 96, 3), "float32")).shape == (1, 3)
+    x = np.random.default_rng(0).uniform(0, 255, (2, 64, 96, 3)).astype("float32")
+    logits = np.asarray(model.predict_on_batch(x))
+    assert logits.shape == (2, 3)
+    model.save(tmp_path / "dyn.keras")  # the dynamic size and its interpolation survive save/load
+    reloaded = keras_vit.load_model(tmp_path / "dyn.keras")
+    assert reloaded.vit_config.dynamic_size and reloaded.vit_config.pos_interpolation == "bicubic"
+    np.testing.assert_allclose(np.asarray(reloaded.predict_on_batch(x)), logits, atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match="relative"):
         keras_vit.ViT("Ti/16", dynamic_size=True, pos_embedding="relative", num_layers=1)
     with pytest.raises(ValueError, match="pos_interpolation must be one of"):
