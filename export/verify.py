@@ -45,6 +45,7 @@ class Runner:
                  device: str = "auto"):
         self.path = os.fspath(path)
         self.input_dtype = "float32"  # uint8: verify feeds both sides whole pixel values
+        self.fused_ops: Dict[str, int] = {}  # ONNX: nodes of fused attention / LayerNorm / GELU ops
         if device not in DEVICES:
             raise ExportError(f"device must be one of {', '.join(DEVICES)}; got {device!r}")
         self.device = "cpu"
@@ -66,6 +67,8 @@ class Runner:
     def _init_onnx(self, providers, num_threads, device: str = "auto") -> None:
         import onnx
 
+        from keras_vit.export.onnx_graph import fused_op_counts
+
         self.format = "onnx"
         try:
             import onnxruntime as ort
@@ -82,6 +85,7 @@ class Runner:
             self.runtime = (f"onnx.reference {onnx.__version__} (onnxruntime not installed: "
                             "pip install 'keras-vit[cpu]' or 'keras-vit[gpu]')")
             self.metadata = {p.key: p.value for p in proto.metadata_props}
+            self.fused_ops = fused_op_counts(proto)
             self._input = proto.graph.input[0].name
             return
         available = ort.get_available_providers()
@@ -106,7 +110,9 @@ class Runner:
         self._session = ort.InferenceSession(self.path, options, providers=providers)
         self.providers = self._session.get_providers()
         self.runtime = f"onnxruntime {ort.__version__} ({', '.join(self.providers)})"
-        self.metadata = {p.key: p.value for p in onnx.load(self.path, load_external_data=False).metadata_props}
+        proto = onnx.load(self.path, load_external_data=False)
+        self.metadata = {p.key: p.value for p in proto.metadata_props}
+        self.fused_ops = fused_op_counts(proto)
         self._input = self._session.get_inputs()[0].name
         self.device = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
 
@@ -277,6 +283,7 @@ def verify(keras_model, exported_path: PathLike, images=None, num_images: int = 
         "image_sizes": sizes,
         "device": runner.device,
         "providers": list(runner.providers),
+        "fused_ops": dict(runner.fused_ops),
         "latency_ms_per_batch": {"batch_size": batch_size, "keras": keras_s * 1e3, "exported": exported_s * 1e3},
         "runtime": runner.runtime,
         "model": {"variant": cfg.variant, "image_size": list(cfg.image_size), "num_classes": cfg.num_classes,
@@ -398,6 +405,8 @@ def format_table(report: dict) -> str:
            f"max |diff| {r['max_abs_diff']:.3g}, top-1 agreement {r['top1_agreement']:.2%} (vs resize_model, "
            f"{r['interpolation']})") for r in report.get("image_sizes", [])],
         ("device", report.get("device", "cpu")),
+        *([("fused ops", ", ".join(f"{op} {n}" for op, n in report["fused_ops"].items()))]
+          if report.get("fused_ops") else []),
         ("checks", "; ".join(f"{c['metric']} {c['rule']} {c['threshold']:g}: {'ok' if c['passed'] else 'FAIL'}"
                              for c in report["checks"])),
         ("status", report["status"]),
