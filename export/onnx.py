@@ -23,7 +23,8 @@ from keras_vit.export._common import (
     metadata,
     resolve_model,
 )
-from keras_vit.export.onnx_graph import fuse_attention, fuse_layer_norms, replace_erfc
+from keras_vit.export.onnx_fusion import fuse_attention
+from keras_vit.export.onnx_graph import fuse_layer_norms, replace_erfc
 from keras_vit.files import atomic_path
 
 MIN_OPSET = 17  # LayerNormalization is a standard ONNX op from opset 17 on
@@ -56,10 +57,10 @@ def to_onnx(model, path: PathLike, opset: int = MIN_OPSET, optimize: bool = Fals
 
     Keras LayerNorms (the final one; the blocks write theirs out, see layers._layer_norm) become
     the standard LayerNormalization op (see `onnx_graph.fuse_layer_norms`).
-    `optimize` runs onnxruntime's transformer optimizer (fusions such as SkipLayerNormalization
-    and GELU) and replaces each self-attention by onnxruntime's fused Attention op
-    (`onnx_graph.fuse_attention`; not with relative position embeddings, whose logit bias the
-    op cannot compute); the result uses com.microsoft ops, so it is for onnxruntime only.
+    `optimize` replaces each self-attention by onnxruntime's fused Attention op
+    (`onnx_fusion.fuse_attention`; not with relative position embeddings, whose logit bias
+    the op cannot take), then runs onnxruntime's transformer optimizer (LayerNorm, GELU
+    fusions); the result uses com.microsoft ops, so it is for onnxruntime only.
     `fp16` (or quantize="fp16") stores weights and activations in float16 with float32
     `images`/`logits` kept. quantize="dynamic" is onnxruntime's dynamic int8 quantization
     (int8 weights, activations quantised per batch at run time; no calibration data needed).
@@ -287,6 +288,9 @@ def _optimize(proto, cfg, work: str, fuse: bool, fp16: bool):
     import onnx
     from onnxruntime.transformers.optimizer import optimize_model
 
+    if fuse:
+        # onnxruntime's own ViT attention fusion expects PyTorch's graph: ours is rewritten here.
+        fuse_attention(proto, cfg.num_heads)
     src = os.path.join(work, "renamed.onnx")
     onnx.save(proto, src)
     if fuse:
@@ -301,8 +305,6 @@ def _optimize(proto, cfg, work: str, fuse: bool, fp16: bool):
             raise ExportError(f"--optimize needs an extra package: {exc}") from None
         finally:
             opt_logger.setLevel(level)
-        # Its ViT attention fusion expects PyTorch's graph; ours is rewritten here instead.
-        fuse_attention(optimized.model, cfg.num_heads)
         fused = optimized.get_fused_operator_statistics()
     else:
         from onnxruntime.transformers.onnx_model import OnnxModel

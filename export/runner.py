@@ -43,7 +43,7 @@ class Runner:
     def _init_onnx(self, providers, num_threads, device: str = "auto") -> None:
         import onnx
 
-        from keras_vit.export.onnx_graph import fused_op_counts
+        from keras_vit.export.onnx_fusion import fused_op_counts
 
         self.format = "onnx"
         try:
