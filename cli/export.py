@@ -72,7 +72,7 @@ def default_output(model_path: str, fmt: str, quantize: Optional[str], optimize:
 @click.option("--calibration", "num_calibration", type=click.IntRange(min=1), default=300, show_default=True,
               help="int8: number of calibration images (from --calibration-dataset, its train split).")
 @click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset (17 or newer).")
-@click.option("--optimize", is_flag=True, help="ONNX: run onnxruntime's transformer optimizer (fusions).")
+@click.option("--optimize", is_flag=True, help="ONNX, for onnxruntime only: fused Attention op per block, LayerNorm and GELU fusions.")
 @click.option("--output", "output", default=None,
               help="Output file (default: beside the model, e.g. runs/latest/model.onnx).")
 @click.option("--verify-dataset", default=None,
