@@ -107,3 +107,20 @@ def test_forward_intermediates_of_a_features_model_stop_at_its_last_block(ckpt, 
     assert len(out["attention"]) == 2 and "tokens" not in out
     for a, b in zip(out["attention"], full["attention"]):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+
+
+def test_readme_forward_intermediates_example():
+    import os
+
+    text = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
+    section = text[text.index("## Features for dense tasks"):]
+    code = section.split("```python")[2].split("```", 1)[0]
+    images = np.random.default_rng(0).uniform(0, 255, (2, 64, 64, 3)).astype(np.float32)
+    scope = {"images": images}
+    exec(compile(code, "README.md", "exec"), scope)  # noqa: S102 - the documented example, as written
+    out = scope["out"]
+    assert [np.shape(b) for b in out["blocks"]] == [(2, 17, 192)] * 12 and np.shape(out["tokens"]) == (2, 17, 192)
+    assert [np.shape(a) for a in out["attention"]] == [(2, 3, 17, 17)] * 12
+    np.testing.assert_allclose(np.asarray(out["attention"][5]).sum(-1), 1.0, atol=1e-5)
+    for a, b in zip(scope["probe"](images), out["attention"]):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)

@@ -1,5 +1,10 @@
 """keras_vit.inspect and `vitcli inspect`: attention maps, rollout, attention distance,
 position-embedding similarity, embedding filters (paper Section 4.5, Fig. 7)."""
+import json
+import os
+import subprocess
+import sys
+
 import ckpt_factory as cf
 import numpy as np
 import pytest
@@ -114,6 +119,52 @@ def test_inspect_a_dynamic_size_model_at_any_size_as_the_resized_model():
                                atol=1e-4)
     with pytest.raises(ValueError, match="H a multiple of 8"):
         kin.attention_maps(dynamic, random_images(1, 20, 32))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_attention_maps_and_pretrainer_on_other_backends(backend, tmp_path):
+    """Under KERAS_BACKEND=jax / torch (own process, same weights) the attention maps and the
+    masked-patch-prediction outputs are TensorFlow's (JAX's default attention is the fused
+    kernel, which never forms the probabilities: asking for them takes the explicit path)."""
+    pytest.importorskip(backend)  # optional extras, as in tests/test_matrix.py
+    from keras_vit import pretrain as mpp
+
+    rs = np.random.default_rng(0)
+    x = random_images(2, 32, 24)
+    np.save(tmp_path / "x.npy", x)
+    job = {"cases": [], "output": str(tmp_path / "out.json")}
+    expected = {}
+    for name, opts in (("token", {}), ("relative-gap", dict(pos_embedding="relative", classifier="gap"))):
+        model = keras_vit.ViT("Ti/8", image_size=(32, 24), num_classes=3, **SMALL, **opts)
+        for w in model.weights:
+            w.assign(rs.normal(0, 0.3, w.shape).astype("float32"))
+        model.save_weights(tmp_path / f"{name}.weights.h5")
+        case = {"name": name, "config": model.vit_config.to_dict(), "weights": str(tmp_path / f"{name}.weights.h5"),
+                "inputs": str(tmp_path / "x.npy"), "attention": True}
+        expected[name] = kin.attention_maps(model, x)
+        if name == "token":
+            pre = mpp.build_pretrainer(model, "color")
+            pre.save_weights(tmp_path / "pre.weights.h5")
+            inputs, _, _ = next(mpp.masked_patch_batches(x, (8, 8), 12, 2, seed=1))
+            np.savez(tmp_path / "pre_inputs.npz", **inputs)
+            expected["pretrainer"] = np.asarray(pre(inputs))
+            case.update(pretrainer=str(tmp_path / "pre.weights.h5"), pretrainer_inputs=str(tmp_path / "pre_inputs.npz"))
+        job["cases"].append(case)
+    (tmp_path / "job.json").write_text(json.dumps(job))
+    env = dict(os.environ, KERAS_BACKEND=backend, JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-m", "tests.backend_worker", str(tmp_path / "job.json")],
+                          env=env, cwd=root, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads((tmp_path / "out.json").read_text())
+    assert out["backend"] == backend
+    for name in ("token", "relative-gap"):
+        got = out[name + ":attention"]
+        assert len(got) == len(expected[name]) == 2
+        for g, w in zip(got, expected[name]):
+            assert np.abs(np.asarray(g) - w).max() <= 1e-5, name
+    assert np.abs(np.asarray(out["token:pretrainer"]) - expected["pretrainer"]).max() <= 1e-4
 
 
 def test_wrong_image_shape_is_a_clear_error():
