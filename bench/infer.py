@@ -106,13 +106,21 @@ def export_all(args) -> Dict[str, object]:
     config(args)  # validates the options before the exports
     from keras_vit.export import to_onnx, to_tflite
 
-    step("keras.onnx", lambda: to_onnx(model, os.path.join(wd, "keras.onnx"), opset=17))
-    step("keras-opt.onnx", lambda: to_onnx(model, os.path.join(wd, "keras-opt.onnx"), opset=17, optimize=True))
-    step("keras-int8.onnx", lambda: to_onnx(model, os.path.join(wd, "keras-int8.onnx"), opset=17, quantize="dynamic"))
     calib = images(args, args.calib_images, seed=2)
-    step("keras-fp32.tflite", lambda: to_tflite(model, os.path.join(wd, "keras-fp32.tflite")))
-    step("keras-int8.tflite", lambda: to_tflite(model, os.path.join(wd, "keras-int8.tflite"), quantize="int8",
-                                                representative_images=calib))
+    exports = {
+        "onnx": ("keras.onnx", lambda: to_onnx(model, os.path.join(wd, "keras.onnx"), opset=17)),
+        "onnx-opt": ("keras-opt.onnx", lambda: to_onnx(model, os.path.join(wd, "keras-opt.onnx"), opset=17,
+                                                       optimize=True)),
+        "onnx-int8": ("keras-int8.onnx", lambda: to_onnx(model, os.path.join(wd, "keras-int8.onnx"), opset=17,
+                                                         quantize="dynamic")),
+        "tflite": ("keras-fp32.tflite", lambda: to_tflite(model, os.path.join(wd, "keras-fp32.tflite"))),
+        "tflite-int8": ("keras-int8.tflite", lambda: to_tflite(model, os.path.join(wd, "keras-int8.tflite"),
+                                                               quantize="int8", representative_images=calib)),
+    }
+    cases = common.parse_cases(args.cases, CASES)
+    for case, (name, fn) in exports.items():
+        if case in cases:  # only the files the chosen cases load
+            step(name, fn)
     return done
 
 
@@ -255,7 +263,7 @@ def _args(argv=None):
 def _forward(args) -> List[str]:
     return common.model_flags(args) + [
         "--batch-repeats", str(args.batch_repeats), "--eval-images", str(args.eval_images),
-        "--calib-images", str(args.calib_images), "--workdir", args.workdir]
+        "--calib-images", str(args.calib_images), "--workdir", args.workdir, "--cases", args.cases]
 
 
 def main(argv=None) -> List[Dict[str, object]]:

@@ -23,6 +23,7 @@ from keras_vit.export._common import (
     metadata,
     resolve_model,
 )
+from keras_vit.export.onnx_fusion import fuse_attention
 from keras_vit.export.onnx_graph import fuse_layer_norms, replace_erfc
 from keras_vit.files import atomic_path
 
@@ -56,11 +57,14 @@ def to_onnx(model, path: PathLike, opset: int = MIN_OPSET, optimize: bool = Fals
 
     Keras LayerNorms (the final one; the blocks write theirs out, see layers._layer_norm) become
     the standard LayerNormalization op (see `onnx_graph.fuse_layer_norms`).
-    `optimize` runs onnxruntime's transformer optimizer (fusions such as SkipLayerNormalization
-    and GELU); the result uses com.microsoft ops, so it is for onnxruntime only.
+    `optimize` replaces each self-attention by onnxruntime's fused Attention op
+    (`onnx_fusion.fuse_attention`; not with relative position embeddings, whose logit bias
+    the op cannot take), then runs onnxruntime's transformer optimizer (LayerNorm, GELU
+    fusions); the result uses com.microsoft ops, so it is for onnxruntime only.
     `fp16` (or quantize="fp16") stores weights and activations in float16 with float32
     `images`/`logits` kept. quantize="dynamic" is onnxruntime's dynamic int8 quantization
-    (int8 weights, activations quantised per batch at run time; no calibration data needed).
+    (int8 weights, activations quantised per batch at run time; no calibration data needed;
+    with `optimize` the fused Attention ops become QAttention).
     quantize="int8" is static QDQ quantization of the MatMuls (int8 weights per channel, uint8
     activations with ranges calibrated on `num_calibration_images` of `calibration_images`: an
     array or a source name for `keras_vit.export.images.load_images`, e.g. "digits"). The patch
@@ -202,7 +206,8 @@ def _need_onnxruntime(what: str) -> None:
 
 
 def _quantize_dynamic(proto, work: str):
-    """onnxruntime's dynamic int8 quantization of the MatMuls (weights int8, activations per batch)."""
+    """onnxruntime's dynamic int8 quantization of the MatMuls, and of the fused Attention ops of
+    an optimized graph (QAttention: its QKV projection in int8), weights int8, activations per batch."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -216,8 +221,9 @@ def _quantize_dynamic(proto, work: str):
     # (heads, head_dim, offsets) table of the relative position embedding at run time.
     dims = {t.name: len(t.dims) for t in proto.graph.initializer}
     batched = [n.name for n in proto.graph.node if n.op_type == "MatMul" and dims.get(n.input[1], 2) != 2]
-    quantize_dynamic(src, dst, weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=["MatMul"],
-                     nodes_to_exclude=batched, extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+    quantize_dynamic(src, dst, weight_type=QuantType.QInt8, per_channel=True,
+                     op_types_to_quantize=["MatMul", "Attention"], nodes_to_exclude=batched,
+                     extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
     return onnx.load(dst)
 
 
@@ -285,6 +291,9 @@ def _optimize(proto, cfg, work: str, fuse: bool, fp16: bool):
     import onnx
     from onnxruntime.transformers.optimizer import optimize_model
 
+    if fuse:
+        # onnxruntime's own ViT attention fusion expects PyTorch's graph: ours is rewritten here.
+        fuse_attention(proto, cfg.num_heads)
     src = os.path.join(work, "renamed.onnx")
     onnx.save(proto, src)
     if fuse:
