@@ -65,7 +65,8 @@ def to_onnx(model, path: PathLike, opset: int = MIN_OPSET, optimize: bool = Fals
     fusions); the result uses com.microsoft ops, so it is for onnxruntime only.
     `fp16` (or quantize="fp16") stores weights and activations in float16 with float32
     `images`/`logits` kept. quantize="dynamic" is onnxruntime's dynamic int8 quantization
-    (int8 weights, activations quantised per batch at run time; no calibration data needed).
+    (int8 weights, activations quantised per batch at run time; no calibration data needed;
+    with `optimize` the fused Attention ops become QAttention).
     quantize="int8" is static QDQ quantization of the MatMuls (int8 weights per channel, uint8
     activations with ranges calibrated on `num_calibration_images` of `calibration_images`: an
     array or a source name for `keras_vit.export.images.load_images`, e.g. "digits"). The patch
@@ -238,7 +239,8 @@ def _need_onnxruntime(what: str) -> None:
 
 
 def _quantize_dynamic(proto, work: str):
-    """onnxruntime's dynamic int8 quantization of the MatMuls (weights int8, activations per batch)."""
+    """onnxruntime's dynamic int8 quantization of the MatMuls, and of the fused Attention ops of
+    an optimized graph (QAttention: its QKV projection in int8), weights int8, activations per batch."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -252,8 +254,9 @@ def _quantize_dynamic(proto, work: str):
     # (heads, head_dim, offsets) table of the relative position embedding at run time.
     dims = {t.name: len(t.dims) for t in proto.graph.initializer}
     batched = [n.name for n in proto.graph.node if n.op_type == "MatMul" and dims.get(n.input[1], 2) != 2]
-    quantize_dynamic(src, dst, weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=["MatMul"],
-                     nodes_to_exclude=batched, extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+    quantize_dynamic(src, dst, weight_type=QuantType.QInt8, per_channel=True,
+                     op_types_to_quantize=["MatMul", "Attention"], nodes_to_exclude=batched,
+                     extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
     return onnx.load(dst)
 
 

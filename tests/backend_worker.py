@@ -18,6 +18,17 @@ def main(job_path: str) -> None:
         model.load_weights(case["weights"])
         x = np.load(case["inputs"])
         out[case["name"]] = model.predict(x, verbose=0).tolist()
+        if case.get("attention"):  # what keras_vit.inspect reads from the model's own outputs
+            from keras_vit import inspect as kin
+
+            out[case["name"] + ":attention"] = [a.tolist() for a in kin.attention_maps(model, x)]
+        if case.get("pretrainer"):  # the masked-patch-prediction model around it, on fixed corruption codes
+            from keras_vit import pretrain as mpp
+
+            pre = mpp.build_pretrainer(model, "color")
+            pre.load_weights(case["pretrainer"])
+            inputs = dict(np.load(case["pretrainer_inputs"]))
+            out[case["name"] + ":pretrainer"] = keras.ops.convert_to_numpy(pre(inputs)).tolist()
     if job.get("fit"):
         keras.utils.set_random_seed(0)
         model = build_model(ViTConfig.from_dict(job["cases"][0]["config"]))

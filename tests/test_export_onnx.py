@@ -113,6 +113,11 @@ def test_dynamic_int8_export_of_trained_digits_model(tmp_path):
     assert report["precision"] == "dynamic" and report["top1_agreement"] >= 0.97, report["failures"]
     with pytest.raises(ExportError, match="quantize must be one of fp16, dynamic"):
         to_onnx(model, tmp_path / "bad.onnx", quantize="int4")
+    # with optimize, the fused Attention ops are quantized too (QAttention)
+    fused = to_onnx(model, tmp_path / "opt-int8.onnx", quantize="dynamic", optimize=True)
+    assert [n.op_type for n in onnx.load(fused).graph.node].count("QAttention") == 2
+    report = verify(model, fused, images="digits", num_images=360, batch_size=60)
+    assert report["top1_agreement"] >= 0.97 and report["fused_ops"]["QAttention"] == 2, report["failures"]
 
 
 def test_rejects_non_keras_vit_models_and_bad_paths(tmp_path):
