@@ -71,8 +71,11 @@ def _user_errors(fn):
 @click.option("--data-dir", default=None, help="tensorflow-datasets data folder.")
 @click.option("--output", default=None, help="Run folder [default: runs/<dataset>-<variant>-<time>, linked as runs/latest].")
 @click.option("--resume", is_flag=True, help="Continue the run in --output (default runs/latest) from its last epoch.")
+@click.option("--peer-timeout", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Multi-worker: seconds to wait for the other workers (start-up, each exchange) "
+                   "[default: $KERAS_VIT_PEER_TIMEOUT or 300].")
 @_user_errors
-def train_cmd(dataset: str, output: Optional[str], resume: bool, **options) -> None:
+def train_cmd(dataset: str, output: Optional[str], resume: bool, peer_timeout: Optional[float], **options) -> None:
     """Train a ViT with model.fit on a tf.data pipeline; writes a run folder."""
     from keras_vit import train as ktrain
 
@@ -83,11 +86,14 @@ def train_cmd(dataset: str, output: Optional[str], resume: bool, **options) -> N
         cfg = None
     else:
         cfg = ktrain.make_config(dataset, options.pop("recipe") or "scratch", **options)
-    result = ktrain.train(cfg, output=output, resume=resume)
+    result = ktrain.train(cfg, output=output, resume=resume, peer_timeout=peer_timeout)
     t = result["test"]
     click.echo(f"test top-1 {t['top1']:.4f}  top-5 {t['top5']:.4f}  loss {t['loss']:.4f}  "
                f"({result['epochs']} epochs, {result['train_seconds']:.0f} s of training)")
-    click.echo(f"run folder: {result['run']}")
+    if result["run"] is None:
+        click.echo(f"worker {result['worker']} of {result['workers']}: done (the chief, worker 0, wrote the run folder)")
+    else:
+        click.echo(f"run folder: {result['run']}")
 
 
 def _load(model: str):

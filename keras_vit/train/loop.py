@@ -5,9 +5,11 @@ import contextlib
 import dataclasses
 import datetime
 import os
+import shutil
 import sys
+import tempfile
 import time
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import keras
 import numpy as np
@@ -20,7 +22,9 @@ from keras_vit.errors import TrainError
 from keras_vit.files import save_model, write_json
 from keras_vit.model import build_model
 from keras_vit.train.callbacks import atomic_checkpoint
-from keras_vit.train.distribute import distribution_scope, replicas
+from keras_vit.train.distribute import (Cluster, ClusterError, PeerLostError, check_same_epoch, check_same_options,
+                                        clip_summed_gradients, distribution_scope, fingerprint, is_peer_lost, replicas, shard_datasets,
+                                        start_cluster)
 from keras_vit.train.initial import load_initial_weights
 from keras_vit.train.recipes import TrainConfig, make_optimizer, resolve_speed
 from keras_vit.train.runs import (RUNS_DIR, backup_epoch, check_output, new_run_dir, read_run_config,
@@ -40,24 +44,37 @@ class _Data:
 
 
 def train(cfg: TrainConfig, output: Optional[str] = None, resume: bool = False,
-          root: str = RUNS_DIR, verbose: Any = "auto") -> Dict[str, Any]:
+          root: str = RUNS_DIR, verbose: Any = "auto", peer_timeout: Optional[float] = None) -> Dict[str, Any]:
     """Train `cfg` into a run folder (or resume the one at `output` / `root/latest`).
 
     The folder gets config.json, class_names.json, metrics.csv, logs/ (TensorBoard),
     best.keras / last.keras each epoch, model.keras at the end and results.json (test metrics).
+
+    Under TF_CONFIG (or the KERAS_DISTRIBUTION_* variables on JAX) the process first joins the
+    cluster (waiting at most `peer_timeout` seconds for its peers); only the chief writes the run
+    folder, and a worker restarted with the same options continues the unfinished run.
     """
     run = None
     if resume:
         run, cfg = _resumed(output, root)
     else:
         cfg.validate()
+    cluster = start_cluster(cfg.distribute, peer_timeout)  # before any other TensorFlow work
+    if cluster.multi_worker:
+        if resume:
+            raise ClusterError("--resume is for one-process runs; in a cluster, restart every worker with its "
+                               "original command (it continues from the last completed epoch)")
+        check_same_options(cluster, cfg.to_dict())
+    elif not resume:
         check_output(output)
     mixed, jit, reason = resolve_speed(cfg)
     with _speed_settings(mixed, jit):
         keras.utils.set_random_seed(cfg.seed)
         try:
-            data = _load_data(cfg)
-            if run is None:  # the folder appears only once the dataset and options are known good
+            data = _load_data(cfg, cluster)
+            if cluster.multi_worker:
+                run, resume = _cluster_run(cfg, data, cluster, output, root, mixed, jit)
+            elif run is None:  # the folder appears only once the dataset and options are known good
                 run = _start_run(cfg, data, output, root, mixed, jit)
             print(f"precision: {'float32' if mixed == 'none' else mixed}, compilation: {jit}"
                   + (f" (auto: {reason})" if "auto" in (cfg.mixed_precision, cfg.jit_compile) else ""))
@@ -72,13 +89,53 @@ def train(cfg: TrainConfig, output: Optional[str] = None, resume: bool = False,
             save_model(model, os.path.join(run, "model.keras"))
             test = dict(zip(["loss", "top1", "top5"], (float(v) for v in model.evaluate(data.test, verbose=0))))
         except tf.errors.OpError as exc:  # e.g. an image that decodes badly mid-run
+            if is_peer_lost(cluster, exc):
+                raise PeerLostError(f"worker {cluster.index}: a peer of the cluster stopped ({op_error_line(exc)}); "
+                                    "start it again with its command: the cluster continues from the last "
+                                    "completed epoch") from None
             raise TrainError(f"training failed: {op_error_line(exc)}") from None
-    result = {"run": run, "test": test, "train_seconds": round(seconds, 1), "epochs": cfg.epochs,
-              "params": int(model.count_params()), "resumed": bool(resume), "replicas": replicas(model),
+    result = {"run": run if cluster.is_chief else None, "test": test, "train_seconds": round(seconds, 1),
+              "epochs": cfg.epochs, "params": int(model.count_params()), "resumed": bool(resume),
+              "replicas": replicas(model), "workers": cluster.num_workers, "worker": cluster.index,
               "mixed_precision": mixed, "jit_compile": jit,
               "last_epoch": {k: float(v[-1]) for k, v in history.history.items() if v}}
-    write_json(os.path.join(run, "results.json"), result)
+    if cluster.is_chief:
+        write_json(os.path.join(run, "results.json"), result)
+    else:  # a worker's checkpoints were only needed to restart it
+        shutil.rmtree(run, ignore_errors=True)
     return result
+
+
+def _cluster_run(cfg: TrainConfig, data: "_Data", cluster: Cluster, output: Optional[str], root: str,
+                 mixed: str, jit: str) -> Tuple[str, bool]:
+    """(folder, resuming) of this worker in a cluster: the chief's run folder (the unfinished run
+    at `output` or `root/latest` when its options match, else a new one); a worker's temporary
+    folder, named after its index and the options so that a restarted worker finds its backup."""
+    if cluster.is_chief:
+        candidate = output or os.path.join(root, "latest")
+        if _unfinished_run_of(candidate, cfg):
+            run, resume = os.path.realpath(candidate), True
+        else:
+            check_output(output)
+            run, resume = _start_run(cfg, data, output, root, mixed, jit), False
+    else:
+        run = os.path.join(tempfile.gettempdir(),
+                           f"keras-vit-worker{cluster.index}-{fingerprint(cfg.to_dict()):08x}")
+        resume = os.path.isdir(os.path.join(run, "backup"))
+        os.makedirs(run, exist_ok=True)
+    check_same_epoch(cluster, backup_epoch(os.path.join(run, "backup")) if resume else 0)
+    return run, resume
+
+
+def _unfinished_run_of(folder: str, cfg: TrainConfig) -> bool:
+    """Whether `folder` is a run of the same options with a backup to continue from."""
+    if not os.path.isdir(os.path.join(folder, "backup")):
+        return False
+    try:
+        saved = read_run_config(folder)["train"]
+    except (OSError, ValueError, KeyError):
+        return False
+    return fingerprint(saved) == fingerprint(cfg.to_dict())
 
 
 def _resumed(output: Optional[str], root: str):
@@ -111,7 +168,7 @@ def _speed_settings(mixed: str, jit: str) -> Iterator[None]:
             os.environ["TF_XLA_FLAGS"] = previous_xla_flags
 
 
-def _load_data(cfg: TrainConfig) -> _Data:
+def _load_data(cfg: TrainConfig, cluster: Optional[Cluster] = None) -> _Data:
     """The dataset's splits as training (augmented), validation and test pipelines."""
     splits = kdata.load(cfg.dataset, seed=cfg.seed, val_fraction=cfg.val_fraction, data_dir=cfg.data_dir)
     channels = 1 if splits.image_shape[-1] == 1 else 3
@@ -125,8 +182,9 @@ def _load_data(cfg: TrainConfig) -> _Data:
         steps = sum(1 for _ in train_ds)
     if steps < 1:
         raise TrainError(f"batch size {cfg.batch_size} is larger than the training split; use a smaller --batch-size")
-    return _Data(splits, vit_cfg, train_ds, kdata.pipeline(splits.val, **opts), kdata.pipeline(splits.test, **opts),
-                 steps)
+    train_ds, val_ds, test_ds = shard_datasets(cluster or Cluster(), cfg.dataset, train_ds,
+                                               kdata.pipeline(splits.val, **opts), kdata.pipeline(splits.test, **opts))
+    return _Data(splits, vit_cfg, train_ds, val_ds, test_ds, steps)
 
 
 def _start_run(cfg: TrainConfig, data: _Data, output: Optional[str], root: str, mixed: str, jit: str) -> str:
@@ -154,7 +212,7 @@ def _build_model(cfg: TrainConfig, data: _Data, jit: str) -> keras.Model:
                 print(f"initial weights: {len(report['loaded'])} variables from {cfg.weights}, "
                       f"{len(report['skipped'])} kept as initialised (head, new shapes)")
         model.compile(
-            optimizer=make_optimizer(cfg, data.steps),
+            optimizer=clip_summed_gradients(make_optimizer(cfg, data.steps)),
             loss=keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=cfg.label_smoothing),
             metrics=[keras.metrics.CategoricalAccuracy(name="accuracy"),
                      keras.metrics.TopKCategoricalAccuracy(k=min(5, num_classes), name="top5")],
