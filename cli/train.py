@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from typing import Optional, Sequence
 
 import click
@@ -86,7 +87,11 @@ def train_cmd(dataset: str, output: Optional[str], resume: bool, peer_timeout: O
         cfg = None
     else:
         cfg = ktrain.make_config(dataset, options.pop("recipe") or "scratch", **options)
-    result = ktrain.train(cfg, output=output, resume=resume, peer_timeout=peer_timeout)
+    try:
+        result = ktrain.train(cfg, output=output, resume=resume, peer_timeout=peer_timeout)
+    except ktrain.PeerLostError as exc:
+        _rejoin(str(exc))
+        raise
     t = result["test"]
     click.echo(f"test top-1 {t['top1']:.4f}  top-5 {t['top5']:.4f}  loss {t['loss']:.4f}  "
                f"({result['epochs']} epochs, {result['train_seconds']:.0f} s of training)")
@@ -94,6 +99,24 @@ def train_cmd(dataset: str, output: Optional[str], resume: bool, peer_timeout: O
         click.echo(f"worker {result['worker']} of {result['workers']}: done (the chief, worker 0, wrote the run folder)")
     else:
         click.echo(f"run folder: {result['run']}")
+
+
+REJOIN_ENV = "KERAS_VIT_REJOINS"
+MAX_REJOINS = 3
+
+
+def _rejoin(reason: str) -> None:
+    """Start this worker again with its own command line after a peer stopped: it waits (up to the
+    peer timeout) for the peer to come back, then the cluster continues from the last completed
+    epoch. Gives up after MAX_REJOINS restarts in a row (the caller then reports `reason`)."""
+    done = int(os.environ.get(REJOIN_ENV, "0") or 0)
+    if done >= MAX_REJOINS:
+        return
+    os.environ[REJOIN_ENV] = str(done + 1)
+    click.echo(f"{reason.split(';')[0]}; restarting to rejoin the cluster ({done + 1}/{MAX_REJOINS})", err=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, "-c", "from keras_vit.cli.main import main; main()", *sys.argv[1:]])
 
 
 def _load(model: str):

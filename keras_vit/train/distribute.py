@@ -180,23 +180,34 @@ def parse_jax_env(env: Optional[Dict[str, str]] = None) -> Optional[Tuple[str, i
     return addresses[0], count, pid
 
 
+_WATCHDOG = """
+import os, select, signal, sys
+ready, _, _ = select.select([sys.stdin], [], [], float(sys.argv[2]))
+if not ready:  # the parent is still waiting: it cannot be interrupted from inside
+    sys.stderr.write(sys.argv[3] + "\\n")
+    sys.stderr.flush()
+    os.kill(int(sys.argv[1]), signal.SIGKILL)
+"""
+
+
 @contextlib.contextmanager
 def _deadline(seconds: float, what: str):
-    """Exit the process with one line when the block has not finished within `seconds`: waiting
-    for a peer blocks inside TensorFlow / XLA, where no Python exception can interrupt it."""
-    def give_up():
-        print(f"Error: {what} within {seconds:g} s; check the addresses, ports and firewall, and that every "
-              f"worker was started (raise the wait with --peer-timeout or {PEER_TIMEOUT_ENV})",
-              file=sys.stderr, flush=True)
-        os._exit(2)
+    """Stop the process with one line when the block has not finished within `seconds`.
 
-    timer = threading.Timer(seconds, give_up)
-    timer.daemon = True
-    timer.start()
+    Waiting for a peer blocks inside TensorFlow's C++ runtime, which holds the GIL and ignores
+    SIGTERM, so the guard is a small separate process that kills this one (exit status 137).
+    """
+    import subprocess
+
+    message = (f"Error: {what} within {seconds:g} s; check the addresses, ports and firewall, and that every "
+               f"worker was started (raise the wait with --peer-timeout or {PEER_TIMEOUT_ENV})")
+    guard = subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(os.getpid()), str(seconds), message],
+                             stdin=subprocess.PIPE)
     try:
         yield
     finally:
-        timer.cancel()
+        guard.stdin.close()  # end of input: the guard exits without a word
+        guard.wait()
 
 
 def start_cluster(kind: str = "auto", peer_timeout: Optional[float] = None) -> Cluster:
@@ -311,15 +322,33 @@ def check_same_options(cluster: Cluster, options: Dict[str, Any]) -> None:
                            "worker with the same command, only TF_CONFIG's task (or the process id) differs")
 
 
-def check_same_epoch(cluster: Cluster, epoch: int) -> None:
-    """ClusterError when the workers' backups restore different epochs (one lost its backup)."""
-    if not cluster.multi_worker:
-        return
-    rows = cluster.gather([epoch])
-    epochs = [int(r[0]) for r in rows]
-    if len(set(epochs)) > 1:
-        raise ClusterError(f"the workers' backups hold different epochs ({', '.join(map(str, epochs))} for workers "
-                           f"0..{len(epochs) - 1}); remove the run's backup folders and start again")
+class FollowChief(keras.callbacks.Callback):
+    """Start every worker from the chief's restored state: its epoch, weights and optimizer
+    variables (only the chief keeps a backup; put this callback after BackupAndRestore)."""
+
+    def __init__(self, cluster: Cluster):
+        super().__init__()
+        self.cluster = cluster
+
+    def on_train_begin(self, logs=None):
+        import tensorflow as tf
+
+        epoch = int(self.cluster.gather([int(self.model._initial_epoch or 0)])[0][0])
+        if epoch == 0:
+            return
+        model, strategy = self.model, self.cluster.strategy
+        if model.optimizer is not None and not model.optimizer.built:
+            with strategy.scope():
+                model.optimizer.build(model.trainable_variables)
+        variables = list(model.variables) + (list(model.optimizer.variables) if model.optimizer is not None else [])
+        for v in variables:
+            value = tf.convert_to_tensor(v.value)
+            wide = tf.cast(value, tf.float64) if not value.dtype.is_floating else value
+            mine = wide if self.cluster.is_chief else tf.zeros_like(wide)
+            total = strategy.reduce(tf.distribute.ReduceOp.SUM,
+                                    strategy.experimental_distribute_values_from_function(lambda ctx: mine), axis=None)
+            v.assign(tf.cast(total, value.dtype))
+        model._initial_epoch = epoch
 
 
 def shard_datasets(cluster: Cluster, dataset: str, *pipelines):

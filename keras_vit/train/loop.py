@@ -22,7 +22,7 @@ from keras_vit.errors import TrainError
 from keras_vit.files import save_model, write_json
 from keras_vit.model import build_model
 from keras_vit.train.callbacks import atomic_checkpoint
-from keras_vit.train.distribute import (Cluster, ClusterError, PeerLostError, check_same_epoch, check_same_options,
+from keras_vit.train.distribute import (Cluster, ClusterError, PeerLostError, FollowChief, check_same_options,
                                         clip_summed_gradients, distribution_scope, fingerprint, is_peer_lost, replicas, shard_datasets,
                                         start_cluster)
 from keras_vit.train.initial import load_initial_weights
@@ -68,12 +68,25 @@ def train(cfg: TrainConfig, output: Optional[str] = None, resume: bool = False,
     elif not resume:
         check_output(output)
     mixed, jit, reason = resolve_speed(cfg)
+    worker_dir: List[str] = []  # a non-chief worker's temporary folder, removed however the run ends
+    try:
+        return _train(cfg, run, resume, cluster, output, root, verbose, mixed, jit, reason, worker_dir)
+    finally:
+        for folder in worker_dir:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _train(cfg: TrainConfig, run: Optional[str], resume: bool, cluster: Cluster, output: Optional[str], root: str,
+           verbose: Any, mixed: str, jit: str, reason: str, worker_dir: List[str]) -> Dict[str, Any]:
+    """The body of train() once the cluster (if any) is joined."""
     with _speed_settings(mixed, jit):
         keras.utils.set_random_seed(cfg.seed)
         try:
             data = _load_data(cfg, cluster)
             if cluster.multi_worker:
                 run, resume = _cluster_run(cfg, data, cluster, output, root, mixed, jit)
+                if not cluster.is_chief:
+                    worker_dir.append(run)
             elif run is None:  # the folder appears only once the dataset and options are known good
                 run = _start_run(cfg, data, output, root, mixed, jit)
             print(f"precision: {'float32' if mixed == 'none' else mixed}, compilation: {jit}"
@@ -81,7 +94,7 @@ def train(cfg: TrainConfig, output: Optional[str] = None, resume: bool = False,
             model = _build_model(cfg, data, jit)
             start = time.time()
             history = model.fit(data.train, validation_data=data.val, epochs=cfg.epochs,
-                                callbacks=_callbacks(run, resume),
+                                callbacks=_callbacks(run, resume, cluster),
                                 verbose=(1 if sys.stdout.isatty() else 2) if verbose == "auto" else verbose)
             seconds = time.time() - start
             if model.stop_training and any(np.isnan(v) for v in history.history.get("loss", [])):
@@ -101,30 +114,21 @@ def train(cfg: TrainConfig, output: Optional[str] = None, resume: bool = False,
               "last_epoch": {k: float(v[-1]) for k, v in history.history.items() if v}}
     if cluster.is_chief:
         write_json(os.path.join(run, "results.json"), result)
-    else:  # a worker's checkpoints were only needed to restart it
-        shutil.rmtree(run, ignore_errors=True)
     return result
 
 
 def _cluster_run(cfg: TrainConfig, data: "_Data", cluster: Cluster, output: Optional[str], root: str,
                  mixed: str, jit: str) -> Tuple[str, bool]:
     """(folder, resuming) of this worker in a cluster: the chief's run folder (the unfinished run
-    at `output` or `root/latest` when its options match, else a new one); a worker's temporary
-    folder, named after its index and the options so that a restarted worker finds its backup."""
-    if cluster.is_chief:
-        candidate = output or os.path.join(root, "latest")
-        if _unfinished_run_of(candidate, cfg):
-            run, resume = os.path.realpath(candidate), True
-        else:
-            check_output(output)
-            run, resume = _start_run(cfg, data, output, root, mixed, jit), False
-    else:
-        run = os.path.join(tempfile.gettempdir(),
-                           f"keras-vit-worker{cluster.index}-{fingerprint(cfg.to_dict()):08x}")
-        resume = os.path.isdir(os.path.join(run, "backup"))
-        os.makedirs(run, exist_ok=True)
-    check_same_epoch(cluster, backup_epoch(os.path.join(run, "backup")) if resume else 0)
-    return run, resume
+    at `output` or `root/latest` when its options match, else a new one); a temporary folder for
+    the other workers, which start from the chief's restored state (FollowChief)."""
+    if not cluster.is_chief:
+        return tempfile.mkdtemp(prefix=f"keras-vit-worker{cluster.index}-"), False
+    candidate = output or os.path.join(root, "latest")
+    if _unfinished_run_of(candidate, cfg):
+        return os.path.realpath(candidate), True
+    check_output(output)
+    return _start_run(cfg, data, output, root, mixed, jit), False
 
 
 def _unfinished_run_of(folder: str, cfg: TrainConfig) -> bool:
@@ -220,20 +224,26 @@ def _build_model(cfg: TrainConfig, data: _Data, jit: str) -> keras.Model:
     return model
 
 
-def _callbacks(run: str, resume: bool) -> List[keras.callbacks.Callback]:
-    """NaN stop, metrics.csv, TensorBoard, atomic checkpoints and the resumable backup."""
+def _callbacks(run: str, resume: bool, cluster: Optional[Cluster] = None) -> List[keras.callbacks.Callback]:
+    """NaN stop, metrics.csv, TensorBoard, atomic checkpoints and the resumable backup (kept by
+    the chief only in a cluster; the other workers follow the chief's restored state)."""
+    cluster = cluster or Cluster()
     backup = os.path.join(run, "backup")
     csv_path = os.path.join(run, "metrics.csv")
     if resume:
         trim_csv(csv_path, backup_epoch(backup))
-    return [
+    callbacks = [
         keras.callbacks.TerminateOnNaN(),
         keras.callbacks.CSVLogger(csv_path, append=True),
         keras.callbacks.TensorBoard(os.path.join(run, "logs"), write_graph=False, profile_batch=0),
         atomic_checkpoint(run, monitor="val_accuracy"),
-        # Last, so that everything above is on disk before an epoch counts as done.
-        keras.callbacks.BackupAndRestore(backup, delete_checkpoint=True),
     ]
+    if cluster.is_chief:
+        # Last, so that everything above is on disk before an epoch counts as done.
+        callbacks.append(keras.callbacks.BackupAndRestore(backup, delete_checkpoint=True))
+    if cluster.multi_worker:
+        callbacks.append(FollowChief(cluster))
+    return callbacks
 
 
 def op_error_line(exc: BaseException) -> str:
