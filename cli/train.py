@@ -95,8 +95,10 @@ def train_cmd(dataset: str, output: Optional[str], resume: bool, peer_timeout: O
     t = result["test"]
     click.echo(f"test top-1 {t['top1']:.4f}  top-5 {t['top5']:.4f}  loss {t['loss']:.4f}  "
                f"({result['epochs']} epochs, {result['train_seconds']:.0f} s of training)")
+    if result["workers"] > 1:
+        click.echo(f"worker {result['worker']} of {result['workers']}: weights {result['weights_digest']}")
     if result["run"] is None:
-        click.echo(f"worker {result['worker']} of {result['workers']}: done (the chief, worker 0, wrote the run folder)")
+        click.echo("the chief (worker 0) wrote the run folder")
     else:
         click.echo(f"run folder: {result['run']}")
 

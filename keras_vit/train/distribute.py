@@ -351,22 +351,33 @@ class FollowChief(keras.callbacks.Callback):
         model._initial_epoch = epoch
 
 
-def shard_datasets(cluster: Cluster, dataset: str, *pipelines):
+def shard_datasets(cluster: Cluster, dataset: str, batch_size: int, train, *evaluation):
     """The pipelines with the auto-shard policy for `dataset`: each worker reads its share.
 
     In-memory arrays and image folders (a list of file names) shard by DATA: every worker walks the
     same seeded order and keeps its slice of each global batch. tfds and TFRecord files shard AUTO:
-    by FILE when there are at least as many files as workers, else by DATA.
+    by FILE when there are at least as many files as workers, else by DATA. On JAX, Keras shards
+    only batches of a known size, so validation and test drop their last partial batch there.
     """
     if not cluster.multi_worker:
-        return pipelines
+        return (train, *evaluation)
     import tensorflow as tf
 
     policy = tf.data.experimental.AutoShardPolicy
     options = tf.data.Options()
     file_based = dataset.startswith(("tfds:", "records:"))
     options.experimental_distribute.auto_shard_policy = policy.AUTO if file_based else policy.DATA
-    return tuple(p.with_options(options) for p in pipelines)
+    if cluster.backend == "jax":
+        evaluation = tuple(p.rebatch(batch_size, drop_remainder=True) for p in evaluation)
+    return tuple(p.with_options(options) for p in (train, *evaluation))
+
+
+def weights_digest(model: keras.Model) -> str:
+    """A short SHA-256 of the model's weights (equal on every worker of a synchronous run)."""
+    h = hashlib.sha256()
+    for w in model.get_weights():
+        h.update(np.ascontiguousarray(w).tobytes())
+    return h.hexdigest()[:16]
 
 
 def is_peer_lost(cluster: Cluster, exc: BaseException) -> bool:

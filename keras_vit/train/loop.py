@@ -23,7 +23,7 @@ from keras_vit.files import save_model, write_json
 from keras_vit.model import build_model
 from keras_vit.train.callbacks import atomic_checkpoint
 from keras_vit.train.distribute import (Cluster, ClusterError, PeerLostError, FollowChief, check_same_options,
-                                        clip_summed_gradients, distribution_scope, fingerprint, is_peer_lost, replicas, shard_datasets,
+                                        clip_summed_gradients, distribution_scope, fingerprint, is_peer_lost, replicas, shard_datasets, weights_digest,
                                         start_cluster)
 from keras_vit.train.initial import load_initial_weights
 from keras_vit.train.recipes import TrainConfig, make_optimizer, resolve_speed
@@ -110,7 +110,7 @@ def _train(cfg: TrainConfig, run: Optional[str], resume: bool, cluster: Cluster,
     result = {"run": run if cluster.is_chief else None, "test": test, "train_seconds": round(seconds, 1),
               "epochs": cfg.epochs, "params": int(model.count_params()), "resumed": bool(resume),
               "replicas": replicas(model), "workers": cluster.num_workers, "worker": cluster.index,
-              "mixed_precision": mixed, "jit_compile": jit,
+              "mixed_precision": mixed, "jit_compile": jit, "weights_digest": weights_digest(model),
               "last_epoch": {k: float(v[-1]) for k, v in history.history.items() if v}}
     if cluster.is_chief:
         write_json(os.path.join(run, "results.json"), result)
@@ -186,7 +186,7 @@ def _load_data(cfg: TrainConfig, cluster: Optional[Cluster] = None) -> _Data:
         steps = sum(1 for _ in train_ds)
     if steps < 1:
         raise TrainError(f"batch size {cfg.batch_size} is larger than the training split; use a smaller --batch-size")
-    train_ds, val_ds, test_ds = shard_datasets(cluster or Cluster(), cfg.dataset, train_ds,
+    train_ds, val_ds, test_ds = shard_datasets(cluster or Cluster(), cfg.dataset, cfg.batch_size, train_ds,
                                                kdata.pipeline(splits.val, **opts), kdata.pipeline(splits.test, **opts))
     return _Data(splits, vit_cfg, train_ds, val_ds, test_ds, steps)
 
@@ -226,7 +226,7 @@ def _build_model(cfg: TrainConfig, data: _Data, jit: str) -> keras.Model:
 
 def _callbacks(run: str, resume: bool, cluster: Optional[Cluster] = None) -> List[keras.callbacks.Callback]:
     """NaN stop, metrics.csv, TensorBoard, atomic checkpoints and the resumable backup (kept by
-    the chief only in a cluster; the other workers follow the chief's restored state)."""
+    the chief only in a TensorFlow cluster; the other workers follow the chief's restored state)."""
     cluster = cluster or Cluster()
     backup = os.path.join(run, "backup")
     csv_path = os.path.join(run, "metrics.csv")
@@ -238,10 +238,12 @@ def _callbacks(run: str, resume: bool, cluster: Optional[Cluster] = None) -> Lis
         keras.callbacks.TensorBoard(os.path.join(run, "logs"), write_graph=False, profile_batch=0),
         atomic_checkpoint(run, monitor="val_accuracy"),
     ]
-    if cluster.is_chief:
+    # JAX processes save in lockstep (saving creates variables, and each is checked equal on
+    # every process), so there each worker keeps a backup; on TensorFlow only the chief does.
+    if cluster.is_chief or cluster.backend == "jax":
         # Last, so that everything above is on disk before an epoch counts as done.
         callbacks.append(keras.callbacks.BackupAndRestore(backup, delete_checkpoint=True))
-    if cluster.multi_worker:
+    if cluster.multi_worker and cluster.backend == "tensorflow":
         callbacks.append(FollowChief(cluster))
     return callbacks
 
