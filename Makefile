@@ -20,11 +20,15 @@ demo: $(STAMP)
 	$(VENV)/bin/vitcli export --format tflite
 	$(VENV)/bin/vitcli export --format tflite --quantize int8
 
+# The CI command: lint, then every test.
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q tests
 
+# The inner loop: lint and the tests neither slow nor in a JAX subprocess.
 test-quick: $(STAMP)
-	$(PY) -m pytest -q -m "not slow" tests
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -q -m "not slow and not jax" tests
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

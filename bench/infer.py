@@ -107,7 +107,7 @@ def export_all(args) -> Dict[str, object]:
         except Exception as e:  # one failed format must not hide the others
             done[name] = f"{type(e).__name__}: {str(e)[:200]}"
 
-    cfg = config(args)
+    config(args)  # validates the options before the exports
     from keras_vit.export import to_onnx, to_tflite
 
     step("keras.onnx", lambda: to_onnx(model, os.path.join(wd, "keras.onnx"), opset=17))
@@ -140,9 +140,8 @@ def export_timm(args) -> Dict[str, str]:
 
 def _quantize_onnx(src: str, dst: str) -> None:
     """timm's ONNX quantized as `to_onnx(quantize="dynamic")` quantizes ours (per-channel, MatMuls)."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
     import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
 
     quantize_dynamic(src, dst, weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=["MatMul"],
                      extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
@@ -298,7 +297,7 @@ def main(argv=None) -> List[Dict[str, object]]:
             else:
                 results.append(common.run_case("bench.infer", case, _forward(args)))
             r = results[-1]
-            print(f"  {case}: " + ("%.2f ms" % r["latency_ms"]["median"] if "latency_ms" in r
+            print(f"  {case}: " + (f"{r['latency_ms']['median']:.2f} ms" if "latency_ms" in r
                                     else str(r.get("error") or r.get("skipped") or "done")), flush=True)
     _derive(results, fwd)
     _report(results)

@@ -25,7 +25,7 @@ def fine_tune(cfg, data, weights, epochs: int, batch_size: int, lr: float, seed:
     import numpy as np
 
     import keras_vit
-    from keras_vit.train import load_initial_weights
+    from keras_vit.train import load_initial_weights, warmup_cosine
 
     keras.utils.set_random_seed(seed)
     model = keras_vit.ViT(config=cfg.replace(include_top=True, num_classes=len(data["class_names"])))
@@ -33,8 +33,7 @@ def fine_tune(cfg, data, weights, epochs: int, batch_size: int, lr: float, seed:
         load_initial_weights(model, weights)
     x, y = data["train"]
     steps = int(np.ceil(len(x) / batch_size)) * epochs
-    warm = max(1, steps // epochs)
-    sched = keras.optimizers.schedules.CosineDecay(0.0, steps - warm, warmup_target=lr, warmup_steps=warm)
+    sched = warmup_cosine(lr, steps, warmup_steps=max(1, steps // epochs))
     model.compile(keras.optimizers.AdamW(sched, weight_decay=0.05, global_clipnorm=1.0),
                   keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
     model.fit(x, y, batch_size=batch_size, epochs=epochs, verbose=0, shuffle=True)
@@ -55,13 +54,13 @@ def main() -> None:
     import numpy as np
 
     import keras_vit
-    from keras_vit.cli.analysis import load_splits, split_arrays
+    from keras_vit import data as kdata
 
     cfg = keras_vit.load_model(args.pretrained).vit_config
-    splits = load_splits(args.dataset)
+    splits = kdata.load(args.dataset)
     data = {"class_names": splits.class_names}
     for name in ("train", "val", "test"):
-        data[name] = split_arrays(getattr(splits, name), cfg.image_size, cfg.channels)
+        data[name] = kdata.split_arrays(getattr(splits, name), cfg.image_size, cfg.channels)
     seeds = [int(s) for s in args.seeds.split(",")]
     result = {"dataset": args.dataset, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
               "seeds": seeds, "train_images": int(len(data["train"][0])), "test_images": int(len(data["test"][0])),

@@ -5,7 +5,9 @@
     python -m bench.train --quick              # < 2 minutes: tiny model, few steps (CI smoke test)
 
 Cases (each in its own process): keras-vit as `vitcli train` runs it on this machine by
-default (`default`: precision and compilation "auto", see keras_vit/precision.py), on TF in fp32
+default (`default`: precision and compilation "auto", see keras_vit/precision.py), the same fed
+by keras_vit.data's training pipeline on generated JPEGs (`e2e`: end-to-end img/s, printed beside
+the model-only `default` with the pipeline's own img/s, to show which one limits), on TF in fp32
 with the whole step XLA-compiled (`tf-xla`), in fp32 without XLA (`tf`), in `mixed_bfloat16` with
 oneDNN matmuls and XLA-fused element-wise ops (`tf-bf16`, jit "fusible"), in `mixed_bfloat16`
 without XLA (`tf-bf16-graph`), on the JAX backend (`jax`); keras-hub's ViTBackbone + Dense head
@@ -29,16 +31,16 @@ if __package__ in (None, ""):
 
 from bench import common  # noqa: E402
 
-CASES = ("peak", "default", "tf-xla", "tf", "tf-bf16", "tf-bf16-graph", "notebook", "notebook-bf16", "jax",
+CASES = ("peak", "default", "e2e", "tf-xla", "tf", "tf-bf16", "tf-bf16-graph", "notebook", "notebook-bf16", "jax",
          "kerashub", "timm", "timm-bf16")
-BACKEND = {"default": "tensorflow", "tf-xla": "tensorflow", "tf": "tensorflow", "tf-bf16": "tensorflow",
+BACKEND = {"default": "tensorflow", "e2e": "tensorflow", "tf-xla": "tensorflow", "tf": "tensorflow", "tf-bf16": "tensorflow",
            "tf-bf16-graph": "tensorflow", "notebook": "tensorflow", "notebook-bf16": "tensorflow",
            "jax": "jax", "kerashub": "tensorflow"}
 # The notebook path: `keras_vit.ViT(...)`, `model.compile(optimizer=..., loss=...)` with nothing
 # else, `model.fit` on a tf.data dataset; the -bf16 case sets the mixed_bfloat16 policy first.
 NOTEBOOK_POLICY = {"notebook": "float32", "notebook-bf16": "mixed_bfloat16"}
 # (mixed precision, jit mode) of each Keras case; `default` resolves "auto" as vitcli train does.
-MODES = {"default": ("auto", "auto"), "tf-xla": ("none", "xla"), "tf": ("none", "none"),
+MODES = {"default": ("auto", "auto"), "e2e": ("auto", "auto"), "tf-xla": ("none", "xla"), "tf": ("none", "none"),
          "tf-bf16": ("mixed_bfloat16", "fusible"), "tf-bf16-graph": ("mixed_bfloat16", "none"),
          "jax": ("none", "xla"), "kerashub": ("none", "xla")}
 TIMM_NAMES = {"Ti": "vit_tiny_patch16_224", "S": "vit_small_patch16_224", "B": "vit_base_patch16_224",
@@ -103,9 +105,31 @@ def run_keras(case: str, args) -> Dict[str, object]:
                   jit_compile=precision.keras_jit_compile(jit))
     x, y = _data(args)
     cpu: List[float] = []
-    times = common.time_calls(lambda: model.train_on_batch(x, y), args.warmup, args.repeats, args.steps, cpu)
+    extra: Dict[str, object] = {}
+    if case == "e2e":  # the same steps fed by the input pipeline (generated JPEGs, as training runs it)
+        batches = iter(_input_pipeline(args, cfg))
+        inputs = iter(_input_pipeline(args, cfg))
+        input_times = common.time_calls(lambda: next(inputs), args.warmup, args.repeats, args.steps)
+        extra["input_img_s"] = common.summary([args.batch_size / t for t in input_times])
+        times = common.time_calls(lambda: model.train_on_batch(*next(batches)), args.warmup, args.repeats,
+                                  args.steps, cpu)
+    else:
+        times = common.time_calls(lambda: model.train_on_batch(x, y), args.warmup, args.repeats, args.steps, cpu)
     return {"params": model.count_params(), "backend": backend, "precision": mixed, "jit": jit,
-            "times": times, "cpu": cpu}
+            "times": times, "cpu": cpu, **extra}
+
+
+def _input_pipeline(args, cfg):
+    """keras_vit.data's training pipeline (inception crop + flip, the default at 224 px) over
+    generated 375x500 JPEGs, repeated: the input of the `e2e` case."""
+    from bench.data import make_images
+    from keras_vit import data
+
+    folder = make_images(os.path.join(os.environ.get("TMPDIR", "/tmp"), "keras_vit_bench_data", "jpegs-800"), 800)
+    splits = data.load(f"folder:{folder}", val_fraction=0.01)
+    return data.pipeline(splits.train, image_size=cfg.image_size, batch_size=args.batch_size,
+                         num_classes=splits.num_classes, training=True, augment="inception", one_hot=False,
+                         cache=False).repeat()
 
 
 def run_notebook(case: str, args) -> Dict[str, object]:
@@ -258,6 +282,14 @@ def main(argv=None) -> List[Dict[str, object]]:
             if "img_s" in by_case.get("kerashub", {}) and r["case"] != "kerashub":
                 r["x_kerashub"] = r["img_s"]["median"] / by_case["kerashub"]["img_s"]["median"]
     _report(results)
+    e2e = by_case.get("e2e", {})
+    if "img_s" in e2e and "img_s" in by_case.get("default", {}):
+        model_only, end_to_end = by_case["default"]["img_s"]["median"], e2e["img_s"]["median"]
+        feed = e2e["input_img_s"]["median"]
+        print(f"input pipeline: {feed:.1f} img/s alone; model-only {model_only:.2f} img/s, end-to-end "
+              f"{end_to_end:.2f} img/s ({end_to_end / model_only:.2f}x): the "
+              + ("input pipeline is the bottleneck" if feed < 1.2 * model_only or end_to_end < 0.9 * model_only
+                 else "model is the bottleneck, not the input pipeline"))
     if args.json:
         import json
 
@@ -284,7 +316,8 @@ def _report(results) -> None:
     ok = [r for r in results if "img_s" in r]
     common.print_peak_and_problems(results, lambda: common.print_table(
         "training throughput (median of repeats; spread = (max-min)/median)", ok, [
-            ("case", lambda r: r["case"] + (f" ({r['precision']}, {r['jit']})" if r["case"] in ("default", "notebook", "notebook-bf16") else "")),
+            ("case", lambda r: r["case"] + (f" ({r['precision']}, {r['jit']})"
+                                            if r["case"] in ("default", "notebook", "notebook-bf16") else "")),
             ("img/s", lambda r: f"{r['img_s']['median']:.2f}"),
             ("spread", lambda r: f"{100 * r['img_s']['spread']:.0f}%"),
             ("x best timm", lambda r: f"{r['x_timm']:.2f} ({r['x_timm_case']})" if "x_timm" in r else "-"),

@@ -1,50 +1,15 @@
-"""`vitcli export`: a trained keras-vit model -> ONNX or TFLite, verified against Keras."""
+"""`vitcli export`: a trained keras-vit model -> ONNX, TFLite or SavedModel, verified against Keras."""
 from __future__ import annotations
 
 import json
 import os
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 import click
 
-from keras_vit.cli.main import UserError
+from keras_vit.cli.common import UserError, user_errors
 
 DEFAULT_MODEL = os.path.join("runs", "latest", "model.keras")
-# Files a training run may leave beside model.keras that name its classes / dataset.
-_RUN_INFO_FILES = ("class_names.json", "classes.json", "run.json", "config.json", "metadata.json")
-
-
-def run_info(model_path: str) -> Tuple[Optional[List[str]], Optional[str]]:
-    """(class names, dataset name) found in the run folder of `model_path`, if any."""
-    folder = os.path.dirname(os.path.abspath(model_path))
-    names, dataset = None, None
-    for fname in _RUN_INFO_FILES:
-        path = os.path.join(folder, fname)
-        if not os.path.isfile(path):
-            continue
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-        except (OSError, ValueError):
-            continue
-        if isinstance(data, list) and names is None:
-            names = [str(c) for c in data]
-        elif isinstance(data, dict):
-            for key in ("class_names", "classes", "labels"):
-                if names is None and isinstance(data.get(key), list):
-                    names = [str(c) for c in data[key]]
-            for key in ("dataset", "dataset_name"):
-                if dataset is None and isinstance(data.get(key), str):
-                    dataset = data[key]
-            for key in ("train", "config"):  # config.json of a training run: {"train": {"dataset": ...}}
-                if dataset is None and isinstance(data.get(key), dict) and isinstance(data[key].get("dataset"), str):
-                    dataset = data[key]["dataset"]
-    for fname in ("labels.txt", "class_names.txt"):
-        path = os.path.join(folder, fname)
-        if names is None and os.path.isfile(path):
-            with open(path, encoding="utf-8") as f:
-                names = [line.strip() for line in f if line.strip()]
-    return names, dataset
 
 
 def _parse_thresholds(items: Tuple[str, ...]) -> dict:
@@ -60,18 +25,52 @@ def _parse_thresholds(items: Tuple[str, ...]) -> dict:
     return limits
 
 
-def default_output(model_path: str, fmt: str, quantize: Optional[str], optimize: bool) -> str:
+def _check_options(fmt: str, quantize: Optional[str], optimize: bool, opset: int, layout: str,
+                   dynamic_size: bool, input_dtype: str, interpolation: Optional[str]) -> None:
+    """UserError for options that do not go together (before anything heavy is imported)."""
+    if fmt == "onnx" and quantize == "int8" and optimize:
+        raise UserError("--quantize int8 quantizes the plain graph: leave out --optimize")
+    if fmt != "onnx" and (optimize or opset != 17 or layout != "nhwc"):
+        raise UserError("--optimize, --opset and --layout apply to --format onnx only")
+    if fmt == "tflite" and dynamic_size:
+        raise UserError("--dynamic-size applies to --format onnx and saved_model; TFLite files take one image size")
+    if fmt == "saved_model" and quantize:
+        raise UserError("--quantize applies to --format onnx and tflite; a SavedModel keeps float32 weights")
+    if fmt != "saved_model" and input_dtype != "float32":
+        raise UserError("--input-dtype applies to --format saved_model only")
+    if interpolation and not dynamic_size:
+        raise UserError("--interpolation applies with --dynamic-size only")
+
+
+def _echo_int8_speed(path: str) -> None:
+    """The full-int8 vs float32 timing the TFLite export recorded in the file's metadata."""
+    from keras_vit.export.tflite import read_metadata
+
+    speed = json.loads((read_metadata(path) or {}).get("int8_vs_fp32", "{}"))
+    if speed:
+        click.echo(speed.get("note") or f"full-int8 runs {speed['int8_ms']:.3g} ms against "
+                   f"{speed['fp32_ms']:.3g} ms for float32 at batch 1 ({speed['ratio']:.2f}x)")
+
+
+def default_output(model_path: str, fmt: str, quantize: Optional[str], optimize: bool,
+                   dynamic_size: bool = False, layout: str = "nhwc") -> str:
+    """Beside the model: model[.QUANTIZE][.opt][.dynamic][.nchw].onnx / .tflite, model.saved_model/."""
     stem = os.path.splitext(model_path)[0]
-    tags = ([quantize] if quantize else []) + (["opt"] if optimize else [])
+    tags = ([quantize] if quantize else []) + (["opt"] if optimize else []) + (
+        ["dynamic"] if dynamic_size else []) + (["nchw"] if layout == "nchw" else [])
     return stem + "".join("." + t for t in tags) + "." + fmt
 
 
 @click.command("export")
 @click.option("--model", "model_path", default=DEFAULT_MODEL, show_default=True,
               help="The .keras file of a keras-vit model (a training run's model.keras).")
-@click.option("--format", "fmt", type=click.Choice(["onnx", "tflite"]), default="onnx", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["onnx", "tflite", "saved_model"]), default="onnx",
+              show_default=True, help="saved_model: a TF-Serving-ready folder (signature serving_default).")
 @click.option("--quantize", type=click.Choice(["fp16", "int8", "dynamic"]), default=None,
-              help="TFLite: fp16, dynamic (int8 weights) or int8 (full integer, calibrated). ONNX: fp16 or dynamic (onnxruntime int8).")
+              help="TFLite: fp16, dynamic (int8 weights) or int8 (full integer, calibrated). ONNX: fp16, dynamic "
+                   "(int8 weights) or int8 (static QDQ, calibrated; sensitive ops kept float).")
+@click.option("--calibration", "num_calibration", type=click.IntRange(min=1), default=300, show_default=True,
+              help="int8: number of calibration images (from --calibration-dataset, its train split).")
 @click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset (17 or newer).")
 @click.option("--optimize", is_flag=True, help="ONNX: run onnxruntime's transformer optimizer (fusions).")
 @click.option("--output", "output", default=None,
@@ -86,53 +85,72 @@ def default_output(model_path: str, fmt: str, quantize: Optional[str], optimize:
 @click.option("--threshold", "thresholds", multiple=True, metavar="NAME=VALUE",
               help="Override a check, e.g. top1_agreement=0.98 or max_abs_diff=1e-3 (repeatable).")
 @click.option("--no-verify", is_flag=True, help="Skip the accuracy check.")
+@click.option("--dynamic-size", is_flag=True,
+              help="ONNX / SavedModel: any image height and width (multiples of the patch size); position "
+                   "embeddings interpolated in the graph. Verified at the training size and a non-square one.")
+@click.option("--interpolation", type=click.Choice(["linear", "bilinear", "bicubic", "nearest"]), default=None,
+              help="With --dynamic-size: how position embeddings are resampled (default: the model's, linear "
+                   "as resize_model).")
+@click.option("--layout", type=click.Choice(["nhwc", "nchw"]), default="nhwc", show_default=True,
+              help="ONNX: the images input layout.")
+@click.option("--input-dtype", type=click.Choice(["float32", "uint8"]), default="float32", show_default=True,
+              help="SavedModel: the dtype serving_default takes (both have their own signature too).")
+@click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True,
+              help="Where verify runs an ONNX file: onnxruntime's CUDA provider (needs keras-vit[gpu]) or CPU.")
+@user_errors
 def export_cmd(model_path: str, fmt: str, quantize: Optional[str], opset: int, optimize: bool,
                output: Optional[str], verify_dataset: Optional[str], calibration_dataset: Optional[str],
-               num_images: int, thresholds: Tuple[str, ...], no_verify: bool) -> None:
+               num_images: int, thresholds: Tuple[str, ...], no_verify: bool, dynamic_size: bool,
+               interpolation: Optional[str], layout: str, input_dtype: str, device: str,
+               num_calibration: int) -> None:
     """Export a trained model to ONNX or TFLite and check it predicts what the Keras model predicts.
 
     Writes the file, and (unless --no-verify) a JSON report beside it; exits non-zero when a
     check fails, keeping the file and marking it as failing in the report.
     """
-    if fmt == "onnx" and quantize == "int8":
-        raise UserError("--quantize int8 (calibrated full integer) is for --format tflite; "
-                        "ONNX takes --quantize fp16 or dynamic (int8 weights, no calibration)")
-    if fmt == "tflite" and (optimize or opset != 17):
-        raise UserError("--optimize and --opset apply to --format onnx only")
+    _check_options(fmt, quantize, optimize, opset, layout, dynamic_size, input_dtype, interpolation)
     limits = _parse_thresholds(thresholds)
     if not os.path.isfile(model_path):
         hint = " (train one first: vitcli train)" if model_path == DEFAULT_MODEL else ""
         raise UserError(f"model file {model_path!r} does not exist{hint}")
-    class_names, run_dataset = run_info(model_path)
+    from keras_vit.train.runs import read_run
+
+    run = read_run(model_path)
+    class_names, run_dataset = run.class_names, run.dataset
     if quantize == "int8" and calibration_dataset is None:
         if run_dataset is None:
             raise UserError("int8 export needs calibration data: pass --calibration-dataset "
                             "(a dataset name such as digits, or folder:PATH)")
         calibration_dataset = run_dataset
-    output = output or default_output(model_path, fmt, quantize, optimize)
+    output = output or default_output(model_path, fmt, quantize, optimize, dynamic_size, layout)
 
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from keras_vit.export import ExportError, format_table, to_onnx, to_tflite, verify
+    from keras_vit.export import format_table, to_onnx, to_saved_model, to_tflite, verify
     from keras_vit.export._common import resolve_model
 
-    try:
-        model, cfg = resolve_model(model_path)
-        if class_names is not None and len(class_names) != cfg.num_classes:
-            class_names = None  # a run file that does not match the model: leave names out
-        if fmt == "onnx":
-            path = to_onnx(model, output, opset=opset, optimize=optimize, quantize=quantize,
-                           class_names=class_names)
-        else:
-            path = to_tflite(model, output, quantize=quantize, representative_images=calibration_dataset,
-                             class_names=class_names)
-        click.echo(f"Wrote {path} ({os.path.getsize(path) / 1e6:.1f} MB)")
-        if no_verify:
-            return
-        report = verify(model, path, images=verify_dataset or run_dataset, num_images=num_images,
-                        thresholds=limits)
-    except ExportError as exc:
-        raise UserError(str(exc)) from None
+    model, cfg = resolve_model(model_path)
+    if class_names is not None and len(class_names) != cfg.num_classes:
+        class_names = None  # a run file that does not match the model: leave names out
+    if fmt == "onnx":
+        path = to_onnx(model, output, opset=opset, optimize=optimize, quantize=quantize,
+                       class_names=class_names, dynamic_size=dynamic_size, layout=layout,
+                       interpolation=interpolation, calibration_images=calibration_dataset,
+                       num_calibration_images=num_calibration)
+    elif fmt == "saved_model":
+        path = to_saved_model(model, output, class_names=class_names, input_dtype=input_dtype,
+                              dynamic_size=dynamic_size, interpolation=interpolation)
+    else:
+        path = to_tflite(model, output, quantize=quantize, representative_images=calibration_dataset,
+                         class_names=class_names, num_calibration_images=num_calibration)
+    size = os.path.getsize(path) if os.path.isfile(path) else sum(
+        os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)
+    click.echo(f"Wrote {path} ({size / 1e6:.1f} MB)")
+    if fmt == "tflite" and quantize == "int8":
+        _echo_int8_speed(path)
+    if no_verify:
+        return
+    report = verify(model, path, images=verify_dataset or run_dataset, num_images=num_images,
+                    thresholds=limits, device=device)
     click.echo(format_table(report))
-    click.echo(f"Report: {report['report_path']}")
+    click.echo(f"Report: {report['report_path']} (plot: {report['plot_path']})")
     if not report["passed"]:
         raise click.ClickException("verification failed: " + "; ".join(report["failures"]))

@@ -2,24 +2,24 @@
 so `vitcli --help` stays fast and TensorFlow-free."""
 from __future__ import annotations
 
-import importlib
-import os
 import sys
 
 import click
 
 from keras_vit import __version__
+from keras_vit.cli import quiet
+from keras_vit.cli.analysis import fewshot_cmd, inspect_cmd, pretrain_cmd
+from keras_vit.cli.common import UserError
+from keras_vit.cli.export import export_cmd
+from keras_vit.cli.train import evaluate_cmd, predict_cmd, train_cmd
 
-
-class UserError(click.ClickException):
-    """A user mistake: printed as one line `Error: ...`, exit code 2, no traceback."""
-
-    exit_code = 2
+_VERBOSE_HELP = "Show TensorFlow's start-up logs and library warnings (hidden by default)."
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "--version", prog_name="vitcli")
-def cli() -> None:
+@click.option("--verbose", is_flag=True, help=_VERBOSE_HELP)
+def cli(verbose: bool) -> None:
     """keras-vit: Vision Transformers for Keras - list, train, export and inspect models."""
 
 
@@ -44,26 +44,14 @@ def models_cmd(image_size: int, num_classes: int) -> None:
                    f"{cfg.input_stride[0]:>5} {resnet:>10} {cfg.count_params():>13,} {cfg.flops() / 1e9:>8.2f}")
 
 
-# Further commands live in their own modules (cli/<topic>.py), each importing TensorFlow only
-# inside the command body; each registers itself below with one line: cli.add_command(...).
-from keras_vit.cli.train import evaluate_cmd, predict_cmd, train_cmd  # noqa: E402
-
-cli.add_command(train_cmd)
-cli.add_command(evaluate_cmd)
-cli.add_command(predict_cmd)
-cli.add_command(importlib.import_module("keras_vit.cli.export").export_cmd)
-
-from keras_vit.cli.analysis import fewshot_cmd, inspect_cmd, pretrain_cmd  # noqa: E402  (issue 7)
-
-cli.add_command(inspect_cmd)
-cli.add_command(fewshot_cmd)
-cli.add_command(pretrain_cmd)
+for command in (train_cmd, evaluate_cmd, predict_cmd, export_cmd, inspect_cmd, fewshot_cmd, pretrain_cmd):
+    cli.add_command(command)
 
 
 def main() -> None:
     """Console-script entry point."""
-    # TensorFlow's C++ start-up chatter (oneDNN, CUDA probing) would bury our one-line messages.
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # Before any command imports TensorFlow: its start-up lines would bury our one-line messages.
+    quiet.install(verbose="--verbose" in sys.argv[1:])
     try:
         cli(prog_name="vitcli")
     except KeyboardInterrupt:

@@ -8,27 +8,10 @@ from typing import Optional, Sequence
 
 import click
 
-from keras_vit.cli.main import UserError
+from keras_vit.cli.common import UserError, user_errors
 
 _DATASET_HELP = ("digits (offline), cifar10, cifar100, mnist, fashion_mnist, tfds:NAME, "
                  "folder:PATH (PATH/<class>/*.jpg or PATH/train, PATH/val).")
-
-
-def _user_errors(fn):
-    """Run `fn`, turning ValueError (bad option, dataset, file) into one-line UserErrors."""
-    import functools
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except UserError:
-            raise
-        except ValueError as exc:
-            text = str(exc).strip()
-            raise UserError(text.splitlines()[0] if text else type(exc).__name__) from None
-
-    return wrapper
 
 
 @click.command("train")
@@ -66,16 +49,24 @@ def _user_errors(fn):
 @click.option("--grad-accum", type=int, default=None, help="Accumulate gradients over this many batches.")
 @click.option("--distribute", type=click.Choice(["auto", "none", "mirrored"]), default=None,
               help="auto: MultiWorkerMirrored from TF_CONFIG, Mirrored over >1 GPU, DataParallel on JAX.")
-@click.option("--weights", default=None, help="Initial weights: an official .npz (or published name) or a keras-vit .keras (head skipped).")
+@click.option("--weights", default=None, help="Initial weights: a checkpoint (.npz, timm/Hugging Face .safetensors, published name, "
+                   "hf://ORG/NAME) or a keras-vit .keras (its head too when the sizes match).")
+@click.option("--freeze-backbone", is_flag=True, default=None,
+              help="Linear probe: train only the head; every other weight stays exactly as loaded (use with --weights).")
+@click.option("--layer-decay", type=float, default=None, metavar="R",
+              help="Layer-wise learning-rate decay R in (0, 1]: block i of L trains at R^(L-i) of the head's rate, "
+                   "the embeddings at R^(L+1) (BEiT/MAE fine-tuning).")
 @click.option("--seed", type=int, default=None, help="Seed for data order, augmentation and initialisation [default: 0].")
 @click.option("--val-fraction", type=float, default=None, help="Training data held out for validation [default: 0.1].")
-@click.option("--data-dir", default=None, help="tensorflow-datasets data folder.")
+@click.option("--data-dir", default=None, help="tensorflow-datasets data folder (datasets prepared there are used as they are).")
+@click.option("--skip-bad-images", is_flag=True, default=None,
+              help="Skip image files that do not decode (counted, listed in the run's bad_images.txt) instead of failing.")
 @click.option("--output", default=None, help="Run folder [default: runs/<dataset>-<variant>-<time>, linked as runs/latest].")
 @click.option("--resume", is_flag=True, help="Continue the run in --output (default runs/latest) from its last epoch.")
 @click.option("--peer-timeout", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Multi-worker: seconds to wait for the other workers (start-up, each exchange) "
                    "[default: $KERAS_VIT_PEER_TIMEOUT or 300].")
-@_user_errors
+@user_errors
 def train_cmd(dataset: str, output: Optional[str], resume: bool, peer_timeout: Optional[float], **options) -> None:
     """Train a ViT with model.fit on a tf.data pipeline; writes a run folder."""
     from keras_vit import train as ktrain
@@ -94,7 +85,8 @@ def train_cmd(dataset: str, output: Optional[str], resume: bool, peer_timeout: O
         raise
     t = result["test"]
     click.echo(f"test top-1 {t['top1']:.4f}  top-5 {t['top5']:.4f}  loss {t['loss']:.4f}  "
-               f"({result['epochs']} epochs, {result['train_seconds']:.0f} s of training)")
+               f"({result['epochs']} epochs, {result['train_seconds']:.0f} s of training"
+               + (f", {result['bad_images']} bad images skipped" if result.get("bad_images") else "") + ")")
     if result["workers"] > 1:
         click.echo(f"worker {result['worker']} of {result['workers']}: weights {result['weights_digest']}")
     if result["run"] is None:
@@ -121,29 +113,50 @@ def _rejoin(reason: str) -> None:
     os.execv(sys.executable, [sys.executable, "-c", "from keras_vit.cli.main import main; main()", *sys.argv[1:]])
 
 
+_MODEL_HELP = ("A .keras model, a run folder, or a checkpoint: a published name such as "
+               "B/16-augreg-i21k-ft-in1k (downloaded once, cached), hf://ORG/NAME, an .npz or .safetensors file.")
+
+
 def _load(model: str):
+    """(path, model) for a .keras file or run folder, or a model built from a checkpoint."""
     from keras_vit import train as ktrain
     from keras_vit.saving import load_model
+    from keras_vit.weights import HF_PREFIX, PUBLISHED
 
+    if model in PUBLISHED or model.startswith(HF_PREFIX) or (
+            os.path.isfile(model) and model.endswith((".npz", ".safetensors"))):
+        from keras_vit.vit import ViT
+
+        return model, ViT(weights=model)
     path = ktrain.model_path(model)
     return path, load_model(path)
 
 
 @click.command("evaluate")
-@click.option("--model", "model_arg", required=True, help="A .keras model, or a run folder.")
+@click.option("--model", "model_arg", required=True, help=_MODEL_HELP)
 @click.option("--dataset", default="digits", show_default=True, help=_DATASET_HELP)
 @click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the validation hold-out (test is fixed).")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object: loss, top1, top5, per_class.")
-@_user_errors
-def evaluate_cmd(model_arg: str, dataset: str, batch_size: int, seed: int, as_json: bool) -> None:
+@click.option("--json", "as_json", is_flag=True,
+              help="Print one JSON object: loss, top1, top5, per_class, count, confusion_matrix.")
+@click.option("--plot", is_flag=True,
+              help="Also write the confusion matrix as a PNG beside the model (confusion_<dataset>.png).")
+@user_errors
+def evaluate_cmd(model_arg: str, dataset: str, batch_size: int, seed: int, as_json: bool, plot: bool) -> None:
     """Loss, top-1, top-5 and per-class accuracy on the dataset's test split."""
     from keras_vit import data as kdata
     from keras_vit import train as ktrain
+    from keras_vit.plots import plot_confusion_matrix
 
-    _, model = _load(model_arg)
+    path, model = _load(model_arg)
     splits = kdata.load(dataset, seed=seed)
     result = ktrain.evaluate(model, splits.test, splits.class_names, batch_size=batch_size)
+    if plot:
+        png = os.path.join(os.path.dirname(os.path.abspath(path)), f"confusion_{kdata.slug(dataset)}.png")
+        matrix = result["confusion_matrix"]
+        names = splits.class_names if len(splits.class_names) == len(matrix) else [str(i) for i in range(len(matrix))]
+        plot_confusion_matrix(matrix, names, png, title=f"{dataset} test: top-1 {result['top1']:.4f}")
+        click.echo(f"confusion matrix: {png}", err=as_json)
     if as_json:
         click.echo(json.dumps(result))
         return
@@ -154,10 +167,10 @@ def evaluate_cmd(model_arg: str, dataset: str, batch_size: int, seed: int, as_js
 
 
 @click.command("predict")
-@click.option("--model", "model_arg", required=True, help="A .keras model, or a run folder.")
+@click.option("--model", "model_arg", required=True, help=_MODEL_HELP)
 @click.option("--top-k", type=click.IntRange(min=1), default=5, show_default=True)
 @click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False))
-@_user_errors
+@user_errors
 def predict_cmd(model_arg: str, top_k: int, images: Sequence[str]) -> None:
     """Top-k class names with probabilities for each IMAGE, one line each."""
     from keras_vit import train as ktrain
@@ -167,6 +180,6 @@ def predict_cmd(model_arg: str, top_k: int, images: Sequence[str]) -> None:
     if missing:
         raise UserError(f"image file {missing[0]!r} does not exist")
     path, model = _load(model_arg)
-    names = ktrain.class_names_for(path, get_config(model).num_classes)
+    names = ktrain.class_names_for(path, get_config(model).num_classes, model)
     for p, top in zip(images, ktrain.predict_images(model, images, names, top_k)):
         click.echo(f"{p}: " + ", ".join(f"{n} {prob:.3f}" for n, prob in top))

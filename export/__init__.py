@@ -1,4 +1,4 @@
-"""keras_vit.export: ONNX and TFLite export with accuracy verification.
+"""keras_vit.export: ONNX, TFLite and SavedModel export with accuracy verification.
 
     from keras_vit.export import to_onnx, to_tflite, verify
     to_onnx(model, "model.onnx"); verify(model, "model.onnx")   # report dict + model.onnx.report.json
@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from keras_vit.export._common import ExportError
 from keras_vit.export.onnx import to_onnx
+from keras_vit.export.saved_model import to_saved_model
 from keras_vit.export.tflite import to_tflite
 from keras_vit.export.verify import THRESHOLDS, Runner, format_table, report_path, verify
 
-__all__ = ["ExportError", "Runner", "THRESHOLDS", "format_table", "report_path", "to_onnx", "to_tflite", "verify"]
+__all__ = ["ExportError", "Runner", "THRESHOLDS", "format_table", "report_path", "to_onnx", "to_saved_model", "to_tflite",
+           "verify"]

@@ -5,17 +5,19 @@ import json
 import os
 from typing import List, Optional, Sequence, Union
 
+from keras_vit.errors import UserInputError
+
 PathLike = Union[str, os.PathLike]
 
 
-class ExportError(ValueError):
+class ExportError(UserInputError):
     """A user-facing export problem, phrased as one line (bad model, path, option)."""
 
 
 def resolve_model(model):
     """(keras model, ViTConfig) from a keras-vit model or a path to its .keras file."""
-    from keras_vit.saving import load_model
     from keras_vit.model import get_config
+    from keras_vit.saving import load_model
 
     if isinstance(model, (str, os.PathLike)):
         try:
@@ -47,8 +49,33 @@ def check_class_names(class_names: Optional[Sequence[str]], num_classes: int) ->
     return names
 
 
-def metadata(cfg, class_names: Optional[Sequence[str]], precision: str, fmt: str) -> dict:
-    """String-valued metadata stored inside the exported file (ONNX metadata_props / TFLite metadata)."""
+LAYOUTS = ("nhwc", "nchw")
+
+
+def check_layout(layout: str) -> str:
+    """`layout` lower-cased if it is nhwc or nchw, else ExportError."""
+    if not isinstance(layout, str) or layout.lower() not in LAYOUTS:
+        raise ExportError(f"layout must be one of {', '.join(LAYOUTS)}; got {layout!r}")
+    return layout.lower()
+
+
+def input_description(cfg, dynamic_size: bool = False, layout: str = "nhwc", dtype: str = "float32") -> str:
+    """The `images` input in words: dtype, shape (with the layout) and value range."""
+    h, w = ("height", "width") if dynamic_size else cfg.image_size
+    shape = f"[batch, {cfg.channels}, {h}, {w}]" if layout == "nchw" else f"[batch, {h}, {w}, {cfg.channels}]"
+    values = "values in [0, 255]" if cfg.include_preprocessing else "normalised as in training"
+    text = f"images: {dtype} {shape} ({layout.upper()}), {values}"
+    if dynamic_size:
+        sh, sw = cfg.input_stride
+        text += f"; height divisible by {sh}, width by {sw}"
+    return text
+
+
+def metadata(cfg, class_names: Optional[Sequence[str]], precision: str, fmt: str,
+             dynamic_size: bool = False, layout: str = "nhwc") -> dict:
+    """String-valued metadata stored inside the exported file (ONNX metadata_props / TFLite
+    metadata / SavedModel assets): the model, its classes and how to feed it (layout, image
+    size, value range and the mean/std the model applies inside)."""
     from keras_vit import __version__
 
     h, w = cfg.image_size
@@ -61,10 +88,20 @@ def metadata(cfg, class_names: Optional[Sequence[str]], precision: str, fmt: str
         "channels": str(cfg.channels),
         "num_classes": str(cfg.num_classes),
         "precision": precision,
-        "input": f"images: float32 [batch, {h}, {w}, {cfg.channels}] (NHWC), values in [0, 255]",
+        "input": input_description(cfg, dynamic_size, layout),
+        "layout": layout,
+        "dynamic_size": "true" if dynamic_size else "false",
+        # Preprocessing inside the file: x / 127.5 - 1, i.e. mean 127.5 and std 127.5 per channel.
+        "preprocessing": ("inside: (x - mean) / std on [0, 255] pixels" if cfg.include_preprocessing
+                          else "none: feed values normalised as in training"),
+        "mean": json.dumps([127.5] * cfg.channels if cfg.include_preprocessing else [0.0] * cfg.channels),
+        "std": json.dumps([127.5] * cfg.channels if cfg.include_preprocessing else [1.0] * cfg.channels),
         "output": f"logits: float32 [batch, {cfg.num_classes}]",
         "vit_config": json.dumps(cfg.to_dict(), sort_keys=True),
     }
+    if dynamic_size:
+        meta["pos_interpolation"] = cfg.pos_interpolation
+        meta["input_stride"] = f"{cfg.input_stride[0]}x{cfg.input_stride[1]}"
     if class_names is not None:
         meta["class_names"] = json.dumps(list(class_names))
     return meta

@@ -8,10 +8,11 @@ an array, or a tf.data.Dataset of images or (image, label) pairs.
 from __future__ import annotations
 
 import os
-from typing import Optional, Tuple, Union
+from typing import Tuple, Union
 
 import numpy as np
 
+from keras_vit import data
 from keras_vit.export._common import ExportError
 
 OFFLINE_SOURCES = ("default", "digits", "photos")
@@ -53,23 +54,15 @@ def _from_name(name: str, image_size, n: int, split: str) -> np.ndarray:
         digits = _fit(_digits(split)[:n - n_photos], image_size, 3)
         return np.concatenate([_photos(image_size, n_photos), digits])
     try:
-        from keras_vit import data
-    except ImportError:  # pragma: no cover
-        data = None
-    if data is None or not hasattr(data, "load"):
-        raise ExportError(f"unknown image source {name!r}; use one of {', '.join(OFFLINE_SOURCES)}, "
-                          "folder:PATH or a folder of images")
-    try:
         splits = data.load(name)
     except (ValueError, KeyError) as exc:
-        raise ExportError(f"image source {name!r}: {exc}") from None
+        raise ExportError(f"image source {name!r}: {exc}; use a dataset name, one of "
+                          f"{', '.join(OFFLINE_SOURCES)}, folder:PATH or a folder of images") from None
     return _from_iterable(getattr(splits, split if hasattr(splits, split) else "test"), n)
 
 
 def _digits(split: str) -> np.ndarray:
-    from keras_vit.data import digits_arrays
-
-    x_train, _, x_test, _ = digits_arrays()
+    x_train, _, x_test, _ = data.digits_arrays()
     return x_train if split == "train" else x_test
 
 
@@ -90,19 +83,16 @@ def _photos(image_size, n: int) -> np.ndarray:
 
 
 def _from_folder(folder: str, n: int) -> list:
-    from PIL import Image
-
     if not os.path.isdir(folder):
         raise ExportError(f"image folder {folder!r} does not exist")
     files = sorted(os.path.join(root, f) for root, _, names in os.walk(folder) for f in names
                    if f.lower().endswith(_IMAGE_EXTS))
     if not files:
         raise ExportError(f"no image files ({', '.join(_IMAGE_EXTS)}) under {folder!r}")
-    out = []
-    for f in files[:n]:
-        with Image.open(f) as im:
-            out.append(np.asarray(im.convert("RGB"), dtype=np.float32))
-    return out
+    try:
+        return [data.load_image_file(f, None, 3) for f in files[:n]]
+    except data.DatasetError as exc:
+        raise ExportError(str(exc)) from None
 
 
 def _from_iterable(items, n: int) -> list:
@@ -123,9 +113,8 @@ def _from_iterable(items, n: int) -> list:
 
 
 def _fit(images, image_size, channels: int) -> np.ndarray:
-    """Resize each image to image_size and match the channel count; float32 in [0, 255]."""
-    import tensorflow as tf
-
+    """Each image resized to image_size with the channel count of the model, float32 in
+    [0, 255], by keras_vit.data.prepare_image (the rule of training and prediction)."""
     out = []
     for im in images:
         im = np.asarray(im, dtype=np.float32)
@@ -133,14 +122,9 @@ def _fit(images, image_size, channels: int) -> np.ndarray:
             im = im[..., None]
         if im.ndim != 3:
             raise ExportError(f"images must be (H, W, C) arrays, got shape {im.shape}")
-        if im.shape[-1] != channels:
-            if channels == 1:
-                im = im.mean(axis=-1, keepdims=True)
-            elif im.shape[-1] == 1:
-                im = np.repeat(im, channels, axis=-1)
-            else:
-                raise ExportError(f"images have {im.shape[-1]} channels, the model takes {channels}")
-        if im.shape[:2] != tuple(image_size):
-            im = tf.image.resize(im, image_size, method="bilinear", antialias=True).numpy()
+        try:
+            im = np.asarray(data.prepare_image(im, image_size, channels))
+        except data.DatasetError:
+            raise ExportError(f"images have {im.shape[-1]} channels, the model takes {channels}") from None
         out.append(np.clip(im, 0.0, 255.0))
     return np.stack(out).astype(np.float32) if out else np.zeros((0, *image_size, channels), np.float32)

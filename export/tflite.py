@@ -10,13 +10,20 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from typing import Optional, Sequence
+import warnings
+from typing import Dict, Optional, Sequence
 
 import numpy as np
 
-from keras_vit.export._common import (ExportError, PathLike, check_class_names,
-                                      check_output_path, check_tensorflow_backend, metadata,
-                                      resolve_model)
+from keras_vit.export._common import (
+    ExportError,
+    PathLike,
+    check_class_names,
+    check_output_path,
+    check_tensorflow_backend,
+    metadata,
+    resolve_model,
+)
 from keras_vit.files import atomic_path, write_text
 
 QUANTIZE = (None, "fp16", "dynamic", "int8")
@@ -32,13 +39,16 @@ def labels_path(path: PathLike) -> str:
 
 def to_tflite(model, path: PathLike, quantize: Optional[str] = None, representative_images=None,
               class_names: Optional[Sequence[str]] = None,
-              num_calibration_images: int = DEFAULT_CALIBRATION_IMAGES) -> str:
+              num_calibration_images: int = DEFAULT_CALIBRATION_IMAGES, compare_fp32: bool = True) -> str:
     """Export a keras-vit model (or its .keras path) to TFLite at `path`; returns the path.
 
     quantize: None (float32), "fp16" (float16 weights), "dynamic" (int8 weights, dynamic-range
     activations) or "int8" (full-integer: int8 weights and activations, calibrated on
     `representative_images`: an array, a tf.data.Dataset, or a source name for
     `keras_vit.export.images.load_images`, e.g. "digits" or "folder:PATH").
+    With `compare_fp32` an int8 export also converts the float32 file, times both in LiteRT at
+    batch 1 and records the result in the metadata ("int8_vs_fp32"); when int8 is not faster it
+    warns, saying so and why (how XNNPACK split each graph, see `compare_latency`).
     """
     import tensorflow as tf
 
@@ -76,9 +86,19 @@ def to_tflite(model, path: PathLike, quantize: Optional[str] = None, representat
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ExportError(f"TFLiteConverter could not convert the model ({quantize or 'fp32'}): {first}") from exc
 
+        speed = None
+        if quantize == "int8" and compare_fp32:
+            converter = _converter(model, cfg, work)
+            converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+            speed = compare_latency(flatbuffer, converter.convert(), calibration[:1])
+
     meta = metadata(cfg, names, quantize or "fp32", "tflite")
     if calibration is not None:
         meta["calibration_images"] = str(len(calibration))
+    if speed is not None:
+        meta["int8_vs_fp32"] = json.dumps(speed)
+        if not speed["faster"]:
+            warnings.warn(speed["note"], stacklevel=2)
     flatbuffer = add_metadata(flatbuffer, METADATA_NAME, json.dumps(meta, sort_keys=True).encode())
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
@@ -86,6 +106,72 @@ def to_tflite(model, path: PathLike, quantize: Optional[str] = None, representat
     if names is not None:
         write_text(labels_path(path), "\n".join(names) + "\n")
     return path
+
+
+def undelegated_ops(flatbuffer: bytes) -> Dict[str, int]:
+    """{op name: count} of the ops LiteRT runs outside its XNNPACK delegate for this file.
+
+    A DELEGATE node stands for one partition; an original op is outside every partition when
+    none of its outputs is a partition's output and one of them is needed outside (a partition's
+    input, a model output, or the input of another op outside)."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_content=flatbuffer, num_threads=1)
+    interpreter.allocate_tensors()
+    graph, ops = interpreter._interpreter, interpreter._get_ops_details()
+    delegate_in, delegate_out = set(), set()
+    for i, op in enumerate(ops):
+        if op["op_name"] == "DELEGATE":
+            delegate_in.update(graph.NodeInputs(i))
+            delegate_out.update(graph.NodeOutputs(i))
+    needed, outside, changed = delegate_in | set(graph.OutputIndices()), set(), True
+    while changed:
+        changed = False
+        for i, op in enumerate(ops):
+            outputs = set(graph.NodeOutputs(i))
+            if op["op_name"] == "DELEGATE" or i in outside or outputs & delegate_out or not outputs & needed:
+                continue
+            outside.add(i)
+            needed.update(graph.NodeInputs(i))
+            changed = True
+    counts: Dict[str, int] = {}
+    for i in sorted(outside):
+        counts[ops[i]["op_name"]] = counts.get(ops[i]["op_name"], 0) + 1
+    return counts
+
+
+def compare_latency(int8: bytes, fp32: bytes, image: np.ndarray, rounds: int = 30) -> dict:
+    """Batch-1 median latency of two flatbuffers in LiteRT, called alternately (same load), and
+    the note a user reads when int8 is not the faster one."""
+    import statistics
+    import time
+
+    from ai_edge_litert.interpreter import Interpreter
+
+    runners = {}
+    for name, content in (("int8", int8), ("fp32", fp32)):
+        runner = Interpreter(model_content=content, num_threads=1).get_signature_runner()
+        for _ in range(3):
+            runner(images=image)
+        runners[name] = runner
+    times = {name: [] for name in runners}
+    for _ in range(rounds):
+        for name, runner in runners.items():
+            t0 = time.perf_counter()
+            runner(images=image)
+            times[name].append(1e3 * (time.perf_counter() - t0))
+    int8_ms, fp32_ms = (statistics.median(times[n]) for n in ("int8", "fp32"))
+    outside8, outside32 = undelegated_ops(int8), undelegated_ops(fp32)
+    extra = {op: n for op, n in outside8.items() if n > outside32.get(op, 0)}
+    out = {"int8_ms": int8_ms, "fp32_ms": fp32_ms, "ratio": int8_ms / fp32_ms, "faster": int8_ms < fp32_ms,
+           "outside_xnnpack": {"int8": outside8, "fp32": outside32}}
+    if not out["faster"]:
+        listed = ", ".join(f"{n} {op}" for op, n in sorted(extra.items(), key=lambda kv: -kv[1])) or "none"
+        out["note"] = (f"full-int8 TFLite is not faster than float32 on this CPU: {int8_ms:.3g} ms against "
+                       f"{fp32_ms:.3g} ms at batch 1 ({out['ratio']:.2f}x). XNNPACK does not take these int8 "
+                       f"ops, which run in LiteRT's own kernels between the delegated parts: {listed}. "
+                       "Use the float32 or dynamic-range file for speed; int8 for size and integer-only hardware.")
+    return out
 
 
 def _converter(model, cfg, work: str):

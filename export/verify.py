@@ -12,7 +12,7 @@ import json
 import os
 import platform
 import time
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -33,29 +33,72 @@ def report_path(exported_path: PathLike) -> str:
     return os.fspath(exported_path) + ".report.json"
 
 
-class Runner:
-    """Runs an exported file in its real runtime: onnxruntime for .onnx, LiteRT for .tflite."""
+DEVICES = ("auto", "cuda", "cpu")
 
-    def __init__(self, path: PathLike, providers: Optional[list] = None, num_threads: Optional[int] = None):
+
+class Runner:
+    """Runs an exported file in its real runtime: onnxruntime for .onnx, LiteRT for .tflite,
+    TensorFlow for a SavedModel folder. Always called with NHWC float images in [0, 255]
+    (transposed for NCHW files)."""
+
+    def __init__(self, path: PathLike, providers: Optional[list] = None, num_threads: Optional[int] = None,
+                 device: str = "auto"):
         self.path = os.fspath(path)
+        self.input_dtype = "float32"  # uint8: verify feeds both sides whole pixel values
+        if device not in DEVICES:
+            raise ExportError(f"device must be one of {', '.join(DEVICES)}; got {device!r}")
+        self.device = "cpu"
+        if os.path.isdir(self.path) and os.path.isfile(os.path.join(self.path, "saved_model.pb")):
+            self._init_saved_model()
+            return
         if not os.path.isfile(self.path):
             raise ExportError(f"exported file {self.path!r} does not exist")
         if self.path.endswith(".onnx"):
-            self._init_onnx(providers, num_threads)
+            self._init_onnx(providers, num_threads, device)
         elif self.path.endswith(".tflite"):
             self._init_tflite(num_threads)
         else:
-            raise ExportError(f"unknown exported format for {self.path!r}; expected .onnx or .tflite")
+            raise ExportError(f"unknown exported format for {self.path!r}; expected .onnx, .tflite "
+                              "or a SavedModel folder")
+        if device == "cuda":
+            raise ExportError(f"device cuda runs ONNX files only; {self.path!r} runs on the CPU")
 
-    def _init_onnx(self, providers, num_threads) -> None:
+    def _init_onnx(self, providers, num_threads, device: str = "auto") -> None:
         import onnx
-        import onnxruntime as ort
 
         self.format = "onnx"
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            # A plain `pip install keras-vit` has no onnxruntime (the [cpu] and [gpu] extras bring
+            # one each): ONNX's own reference evaluator still runs the file, slowly.
+            if device == "cuda":
+                raise ExportError("device cuda needs onnxruntime with the CUDA provider: "
+                                  "pip install 'keras-vit[gpu]'") from None
+            from onnx.reference import ReferenceEvaluator
+
+            proto = onnx.load(self.path)
+            self._session, self.providers = ReferenceEvaluator(proto), ["onnx.reference"]
+            self.runtime = (f"onnx.reference {onnx.__version__} (onnxruntime not installed: "
+                            "pip install 'keras-vit[cpu]' or 'keras-vit[gpu]')")
+            self.metadata = {p.key: p.value for p in proto.metadata_props}
+            self._input = proto.graph.input[0].name
+            return
         available = ort.get_available_providers()
+        if device == "cuda" and "CUDAExecutionProvider" not in available:
+            raise ExportError(f"device cuda needs onnxruntime with the CUDA provider (pip install "
+                              f"'keras-vit[gpu]'); this onnxruntime {ort.__version__} has {', '.join(available)}")
         if providers is None:
             # CUDA when the [gpu] extra is installed; TF32 off so fp32 stays fp32.
-            providers = [("CUDAExecutionProvider", {"use_tf32": 0})] if "CUDAExecutionProvider" in available else []
+            use_cuda = device != "cpu" and "CUDAExecutionProvider" in available
+            if use_cuda and hasattr(ort, "preload_dlls"):
+                # onnxruntime-gpu >= 1.21 finds CUDA/cuDNN in the nvidia-* wheels that the [gpu]
+                # extra's tensorflow[and-cuda] installs; best effort, the system's are used otherwise.
+                try:
+                    ort.preload_dlls()
+                except Exception:  # noqa: BLE001
+                    pass
+            providers = [("CUDAExecutionProvider", {"use_tf32": 0})] if use_cuda else []
             providers.append("CPUExecutionProvider")
         options = ort.SessionOptions()
         if num_threads:
@@ -65,6 +108,20 @@ class Runner:
         self.runtime = f"onnxruntime {ort.__version__} ({', '.join(self.providers)})"
         self.metadata = {p.key: p.value for p in onnx.load(self.path, load_external_data=False).metadata_props}
         self._input = self._session.get_inputs()[0].name
+        self.device = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
+
+    def _init_saved_model(self) -> None:
+        import tensorflow as tf
+
+        from keras_vit.export.saved_model import SIGNATURE, read_metadata
+
+        self.format = "saved_model"
+        self._loaded = tf.saved_model.load(self.path)
+        self._serve = self._loaded.signatures[SIGNATURE]
+        self.input_dtype = self._serve.structured_input_signature[1]["images"].dtype.name
+        self.providers = ["TensorFlow"]
+        self.runtime = f"TensorFlow {tf.__version__} (tf.saved_model.load, {SIGNATURE})"
+        self.metadata = read_metadata(self.path)
 
     def _init_tflite(self, num_threads) -> None:
         import ai_edge_litert
@@ -84,8 +141,23 @@ class Runner:
     def precision(self) -> str:
         return self.metadata.get("precision", "fp32")
 
+    @property
+    def layout(self) -> str:
+        return self.metadata.get("layout", "nhwc")
+
+    @property
+    def dynamic_size(self) -> bool:
+        return self.metadata.get("dynamic_size") == "true"
+
     def __call__(self, images: np.ndarray) -> np.ndarray:
-        images = np.ascontiguousarray(images, dtype=np.float32)
+        images = np.asarray(images, dtype=np.float32)
+        if self.layout == "nchw":
+            images = images.transpose(0, 3, 1, 2)
+        images = np.ascontiguousarray(images)
+        if self.format == "saved_model":
+            if self.input_dtype == "uint8":
+                images = np.clip(np.round(images), 0, 255).astype(np.uint8)
+            return self._serve(images=images)["logits"].numpy()
         if self.format == "onnx":
             return self._session.run(None, {self._input: images})[0]
         return self._runner(images=images)["logits"]
@@ -102,14 +174,56 @@ def _batched(fn: Callable[[np.ndarray], np.ndarray], images: np.ndarray, batch_s
     return np.concatenate(outs), float(np.median(times))
 
 
+def _pixels(images: np.ndarray, runner: Runner) -> np.ndarray:
+    """Images as the file takes them: whole values for a uint8 input (same for Keras)."""
+    return np.clip(np.round(images), 0, 255).astype(np.float32) if runner.input_dtype == "uint8" else images
+
+
 def _topk(logits: np.ndarray, k: int) -> np.ndarray:
     return np.argsort(-logits, axis=1, kind="stable")[:, :k]
 
 
+def other_size(cfg) -> Tuple[int, int]:
+    """A non-square size for checking files that take any size: the width 1.5x, both dimensions
+    multiples of the input stride."""
+    (h, w), sw = cfg.image_size, cfg.input_stride[1]
+    new_w = max(sw, round(1.5 * w / sw) * sw)
+    return h, new_w if new_w not in (h, w) else new_w + sw
+
+
+def _compare(ref: np.ndarray, out: np.ndarray) -> dict:
+    diff = np.abs(out.astype(np.float64) - ref.astype(np.float64))
+    k = min(5, ref.shape[1])
+    return {"max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()),
+            "top1_agreement": float(np.mean(out.argmax(1) == ref.argmax(1))),
+            "top5_agreement": float(np.mean([set(a) == set(b) for a, b in zip(_topk(out, k), _topk(ref, k))]))}
+
+
+def _check(metrics: dict, limits: dict, where: str = "") -> Tuple[list, list]:
+    checks, failures = [], []
+    for name, limit in limits.items():
+        value = metrics[name]
+        ok = value >= limit if name in _HIGHER_IS_BETTER else value <= limit
+        checks.append({"metric": name, "value": value, "threshold": limit,
+                       "rule": ">=" if name in _HIGHER_IS_BETTER else "<=", "passed": bool(ok)})
+        if not ok:
+            by = abs(value - limit)
+            failures.append(f"{where}{name} {value:.6g} {'<' if name in _HIGHER_IS_BETTER else '>'} "
+                            f"threshold {limit:.6g} (off by {by:.3g})")
+    return checks, failures
+
+
 def verify(keras_model, exported_path: PathLike, images=None, num_images: int = 64, batch_size: int = 8,
            precision: Optional[str] = None, thresholds: Optional[Dict[str, float]] = None,
-           write_report: bool = True, runner: Optional[Runner] = None) -> dict:
+           write_report: bool = True, runner: Optional[Runner] = None,
+           image_sizes: Optional[Sequence[Tuple[int, int]]] = None, device: str = "auto",
+           plot: bool = True) -> dict:
     """Compare `keras_model` (model or .keras path) with the exported file on real images.
+
+    Files that take any image size are also checked at `image_sizes` (default: a non-square
+    one, see `other_size`) against `keras_vit.resize_model(model, size)` with the file's
+    interpolation. `device` (auto, cuda, cpu) picks onnxruntime's provider. With
+    `write_report` a PNG (logits scatter, per-class agreement) is written beside the JSON too.
 
     Top-1 agreement: same argmax; top-5 agreement: the same set of 5 highest classes (stricter
     than top-1, reported, not checked by default).
@@ -121,18 +235,12 @@ def verify(keras_model, exported_path: PathLike, images=None, num_images: int = 
     from keras_vit.export.images import load_images
 
     model, cfg = resolve_model(keras_model)
-    runner = runner or Runner(exported_path)
+    runner = runner or Runner(exported_path, device=device)
     precision = precision or runner.precision
-    if precision not in THRESHOLDS:
-        raise ExportError(f"precision must be one of {', '.join(THRESHOLDS)}; got {precision!r}")
-    limits = dict(THRESHOLDS[precision])
-    limits.update(thresholds or {})
-    unknown = sorted(set(limits) - {"max_abs_diff", "mean_abs_diff", "top1_agreement", "top5_agreement"})
-    if unknown:
-        raise ExportError(f"unknown threshold(s) {unknown}; allowed: max_abs_diff, mean_abs_diff, "
-                          "top1_agreement, top5_agreement")
+    limits = _limits(precision, thresholds)
     source = "default" if images is None else images if isinstance(images, (str, os.PathLike)) else type(images).__name__
-    images = load_images(images, cfg.image_size, cfg.channels, num_images)
+    source_images = images
+    images = _pixels(load_images(images, cfg.image_size, cfg.channels, num_images), runner)
     batch_size = max(1, min(batch_size, len(images)))
 
     ref, keras_s = _batched(lambda x: np.asarray(model.predict_on_batch(x)), images, batch_size)
@@ -140,33 +248,24 @@ def verify(keras_model, exported_path: PathLike, images=None, num_images: int = 
     if out.shape != ref.shape:
         raise ExportError(f"exported file returns logits of shape {out.shape}, Keras gives {ref.shape}")
 
-    diff = np.abs(out.astype(np.float64) - ref.astype(np.float64))
     k = min(5, ref.shape[1])
-    top1 = float(np.mean(out.argmax(1) == ref.argmax(1)))
-    top5 = float(np.mean([set(a) == set(b) for a, b in zip(_topk(out, k), _topk(ref, k))]))
-    metrics = {"max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()),
-               "top1_agreement": top1, "top5_agreement": top5}
+    metrics = _compare(ref, out)
+    checks, failures = _check(metrics, limits)
 
-    checks, failures = [], []
-    for name, limit in limits.items():
-        value = metrics[name]
-        ok = value >= limit if name in _HIGHER_IS_BETTER else value <= limit
-        checks.append({"metric": name, "value": value, "threshold": limit,
-                       "rule": ">=" if name in _HIGHER_IS_BETTER else "<=", "passed": bool(ok)})
-        if not ok:
-            by = abs(value - limit)
-            failures.append(f"{name} {value:.6g} {'<' if name in _HIGHER_IS_BETTER else '>'} "
-                            f"threshold {limit:.6g} (off by {by:.3g})")
+    sizes = []
+    if runner.dynamic_size:
+        wanted = [tuple(int(v) for v in s) for s in (image_sizes if image_sizes is not None else [other_size(cfg)])]
+        sizes = _check_other_sizes(model, cfg, runner, source_images, wanted, num_images, batch_size, limits)
+        failures += [f for size in sizes for f in size.pop("failures")]
 
     exported_path = runner.path
-    with open(exported_path, "rb") as f:
-        sha = hashlib.sha256(f.read()).hexdigest()
+    sha, size_bytes = _digest(exported_path)
     report = {
         "file": os.path.abspath(exported_path),
         "format": runner.format,
         "precision": precision,
         "sha256": sha,
-        "size_bytes": os.path.getsize(exported_path),
+        "size_bytes": size_bytes,
         "status": "passed" if not failures else "FAILED verification",
         "passed": not failures,
         "failures": failures,
@@ -175,6 +274,9 @@ def verify(keras_model, exported_path: PathLike, images=None, num_images: int = 
         "top5_k": k,
         **metrics,
         "checks": checks,
+        "image_sizes": sizes,
+        "device": runner.device,
+        "providers": list(runner.providers),
         "latency_ms_per_batch": {"batch_size": batch_size, "keras": keras_s * 1e3, "exported": exported_s * 1e3},
         "runtime": runner.runtime,
         "model": {"variant": cfg.variant, "image_size": list(cfg.image_size), "num_classes": cfg.num_classes,
@@ -186,7 +288,97 @@ def verify(keras_model, exported_path: PathLike, images=None, num_images: int = 
     if write_report:
         write_text(report_path(exported_path), json.dumps(report, indent=2) + "\n")
         report["report_path"] = report_path(exported_path)
+        if plot:
+            report["plot_path"] = write_plot(report, ref, out, plot_path(exported_path))
     return report
+
+
+def _limits(precision: str, thresholds: Optional[Dict[str, float]]) -> Dict[str, float]:
+    """The precision's default thresholds with `thresholds` on top; ExportError for unknown names."""
+    if precision not in THRESHOLDS:
+        raise ExportError(f"precision must be one of {', '.join(THRESHOLDS)}; got {precision!r}")
+    limits = {**THRESHOLDS[precision], **(thresholds or {})}
+    unknown = sorted(set(limits) - {"max_abs_diff", "mean_abs_diff", "top1_agreement", "top5_agreement"})
+    if unknown:
+        raise ExportError(f"unknown threshold(s) {unknown}; allowed: max_abs_diff, mean_abs_diff, "
+                          "top1_agreement, top5_agreement")
+    return limits
+
+
+def _check_other_sizes(model, cfg, runner: Runner, source_images, sizes, num_images: int, batch_size: int,
+                       limits: Dict[str, float]) -> List[dict]:
+    """A file that takes any image size, checked at each of `sizes` against
+    keras_vit.resize_model(model, size) with the file's interpolation: one record per size
+    (metrics, checks, and its failure lines under "failures")."""
+    from keras_vit.export.images import load_images
+    from keras_vit.vit import resize_model
+
+    method = runner.metadata.get("pos_interpolation", cfg.pos_interpolation)
+    records = []
+    for size in sizes:
+        at = _pixels(load_images(source_images, size, cfg.channels, num_images), runner)
+        resized = resize_model(model, size, method=method)
+        size_ref, _ = _batched(lambda x, m=resized: np.asarray(m.predict_on_batch(x)), at, batch_size)
+        size_out, _ = _batched(runner, at, batch_size)
+        size_metrics = _compare(size_ref, size_out)
+        size_checks, size_failures = _check(size_metrics, limits, f"at {size[0]}x{size[1]}: ")
+        records.append({"image_size": list(size), "interpolation": method, **size_metrics,
+                        "passed": not size_failures, "checks": size_checks, "failures": size_failures})
+    return records
+
+
+def _digest(path: str) -> Tuple[str, int]:
+    """sha256 and size in bytes of a file, or of all files of a folder (a SavedModel)."""
+    sha = hashlib.sha256()
+    files = [path] if os.path.isfile(path) else sorted(
+        os.path.join(root, f) for root, _, names in os.walk(path) for f in names)
+    for name in files:
+        with open(name, "rb") as f:
+            sha.update(f.read())
+    return sha.hexdigest(), sum(os.path.getsize(f) for f in files)
+
+
+def plot_path(exported_path: PathLike) -> str:
+    """Where the PNG of an exported file's report lives: <file>.report.png beside it."""
+    return os.fspath(exported_path).rstrip("/\\") + ".report.png"
+
+
+def write_plot(report: dict, ref: np.ndarray, out: np.ndarray, path: PathLike) -> str:
+    """A small PNG for people: exported vs Keras logits (scatter, y = x line) and, per class
+    Keras predicts, the share of images where the exported file predicts it too."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+
+    from keras_vit.files import atomic_path
+
+    fig = Figure(figsize=(8, 3.4), dpi=80)
+    ax1, ax2 = fig.subplots(1, 2)
+    ax1.scatter(ref.reshape(-1), out.reshape(-1), s=4, alpha=0.5, color="tab:blue")
+    lo, hi = float(min(ref.min(), out.min())), float(max(ref.max(), out.max()))
+    ax1.plot([lo, hi], [lo, hi], color="black", linewidth=0.8)
+    ax1.set_xlabel("Keras logits")
+    ax1.set_ylabel(f"{report['format']} logits")
+    ax1.set_title(f"max |diff| {report['max_abs_diff']:.2g}", fontsize=9)
+    keras_top = ref.argmax(1)
+    classes = np.unique(keras_top)
+    agree = [float(np.mean(out[keras_top == c].argmax(1) == c)) for c in classes]
+    ax2.bar(np.arange(len(classes)), agree, color=["tab:green" if a == 1 else "tab:red" for a in agree])
+    names = json.loads(report.get("metadata", {}).get("class_names", "null") or "null")
+    labels = [str(names[c]) if names and c < len(names) else str(c) for c in classes]
+    if len(classes) <= 20:
+        ax2.set_xticks(np.arange(len(classes)), labels, fontsize=7, rotation=90 if len(classes) > 10 else 0)
+    ax2.set_ylim(0, 1.05)
+    ax2.set_xlabel("class predicted by Keras")
+    ax2.set_ylabel("top-1 agreement")
+    ax2.set_title(f"top-1 agreement {report['top1_agreement']:.1%}: {report['status']}", fontsize=9,
+                  color="black" if report["passed"] else "red")
+    fig.suptitle(f"{os.path.basename(report['file'])} ({report['precision']}, {report['runtime']})", fontsize=9)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    return os.fspath(path)
 
 
 def format_table(report: dict) -> str:
@@ -202,6 +394,10 @@ def format_table(report: dict) -> str:
         ("top-1 agreement", f"{report['top1_agreement']:.2%}"),
         (f"top-{report['top5_k']} agreement", f"{report['top5_agreement']:.2%}"),
         (f"latency (batch {lat['batch_size']})", f"keras {lat['keras']:.2f} ms, exported {lat['exported']:.2f} ms"),
+        *[(f"at {r['image_size'][0]}x{r['image_size'][1]}",
+           f"max |diff| {r['max_abs_diff']:.3g}, top-1 agreement {r['top1_agreement']:.2%} (vs resize_model, "
+           f"{r['interpolation']})") for r in report.get("image_sizes", [])],
+        ("device", report.get("device", "cpu")),
         ("checks", "; ".join(f"{c['metric']} {c['rule']} {c['threshold']:g}: {'ok' if c['passed'] else 'FAIL'}"
                              for c in report["checks"])),
         ("status", report["status"]),

@@ -24,7 +24,9 @@ _LAZY = {
     "load_weights": "keras_vit.weights",
     "save_safetensors": "keras_vit.weights",
     "imagenet_labels": "keras_vit.labels",
+    "predict": "keras_vit.train.evaluate",
     "resize_model": "keras_vit.vit",
+    "dynamic_model": "keras_vit.vit",
     "resample_position_embeddings": "keras_vit.resize",
 }
 __all__ = sorted(_LAZY) + ["__version__"]

@@ -21,6 +21,7 @@ VARIANTS = {
 RESNET_DEPTHS = {26: (2, 2, 2, 2), 50: (3, 4, 6, 3)}
 
 CLASSIFIERS = ("token", "gap")
+OUTPUTS = (None, "tokens")
 POS_EMBEDDINGS = ("learned", "learned_2d", "relative", "sincos2d", "none")
 _OVERRIDES = ("hidden_size", "mlp_dim", "num_heads", "num_layers", "patch_size")
 # Official list shown by `vitcli models`.
@@ -72,16 +73,30 @@ class ViTConfig:
     resnet_layers: Optional[Tuple[int, ...]] = None
     resnet_width: int = 1
     variant: Optional[str] = None
+    # Features for dense tasks (with include_top=False): "tokens" gives the (B, S, D) sequence after
+    # the encoder norm; feature_layers gives those blocks' outputs as (B, H/P, W/P, D) maps.
+    output: Optional[str] = None
+    feature_layers: Optional[Tuple[int, ...]] = None
+    # Any image size (H, W divisible by the input stride): the position embeddings, learned for
+    # image_size's patch grid, are resampled in the graph with pos_interpolation (a
+    # keras_vit.resize method; "linear" is resize_model's default).
+    dynamic_size: bool = False
+    pos_interpolation: str = "linear"
 
     def __post_init__(self) -> None:
         self.image_size = _pair(self.image_size, "image_size")
         self.patch_size = _pair(self.patch_size, "patch_size")
         if self.resnet_layers is not None:
             self.resnet_layers = tuple(int(n) for n in self.resnet_layers)
+        if self.feature_layers is not None:
+            if isinstance(self.feature_layers, int) or not all(
+                    isinstance(i, int) and not isinstance(i, bool) for i in self.feature_layers):
+                raise ValueError(f"feature_layers must be a tuple of block indices, got {self.feature_layers!r}")
+            self.feature_layers = tuple(i + self.num_layers if i < 0 else i for i in self.feature_layers)
         self.validate()
 
     # --- checks -----------------------------------------------------------------------
-    def validate(self) -> "ViTConfig":
+    def validate(self) -> ViTConfig:
         """Raise ValueError naming the bad value and what is allowed."""
         for name in ("hidden_size", "mlp_dim", "num_heads", "num_layers", "resnet_width"):
             v = getattr(self, name)
@@ -110,6 +125,29 @@ class ViTConfig:
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not 0.0 <= v < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {v!r}")
+        if self.output not in OUTPUTS:
+            raise ValueError(f"output must be one of {', '.join(map(repr, OUTPUTS))}; got {self.output!r}")
+        if self.feature_layers is not None:
+            bad = [i for i in self.feature_layers if not 0 <= i < self.num_layers]
+            if bad or not self.feature_layers or len(set(self.feature_layers)) != len(self.feature_layers):
+                raise ValueError(f"feature_layers must be distinct block indices in [-{self.num_layers}, "
+                                 f"{self.num_layers}); got {self.feature_layers!r}")
+        if (self.output is not None or self.feature_layers is not None) and self.include_top:
+            raise ValueError("output='tokens' and feature_layers return features: build with include_top=False")
+        if self.output is not None and self.feature_layers is not None:
+            raise ValueError("give output='tokens' or feature_layers, not both")
+        if not isinstance(self.dynamic_size, bool):
+            raise ValueError(f"dynamic_size must be True or False, got {self.dynamic_size!r}")
+        from keras_vit.resize import METHODS
+
+        if self.pos_interpolation not in METHODS:
+            raise ValueError(f"pos_interpolation must be one of {', '.join(METHODS)}; got {self.pos_interpolation!r}")
+        if self.dynamic_size and self.pos_embedding == "relative":
+            raise ValueError("dynamic_size=True needs pos_embedding learned, learned_2d, sincos2d or none; "
+                             "'relative' indexes a table built for one patch grid")
+        if self.dynamic_size and self.feature_layers is not None:
+            raise ValueError("dynamic_size=True returns logits, pre-logits or tokens; feature_layers maps need "
+                             "a fixed image_size")
         sh, sw = self.input_stride
         h, w = self.image_size
         if h % sh or w % sw:
@@ -158,17 +196,19 @@ class ViTConfig:
         d["patch_size"] = list(self.patch_size)
         if self.resnet_layers is not None:
             d["resnet_layers"] = list(self.resnet_layers)
+        if self.feature_layers is not None:
+            d["feature_layers"] = list(self.feature_layers)
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ViTConfig":
+    def from_dict(cls, d: dict) -> ViTConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"unknown ViTConfig keys {unknown}; allowed: {sorted(known)}")
         return cls(**d)
 
-    def replace(self, **changes) -> "ViTConfig":
+    def replace(self, **changes) -> ViTConfig:
         return dataclasses.replace(self, **changes)
 
     # --- counts (analytic, no weights allocated) ----------------------------------------
@@ -207,7 +247,7 @@ def parse_variant(variant: str, **overrides) -> ViTConfig:
         depth = int(m["depth"])
         if depth not in RESNET_DEPTHS:
             raise ValueError(f"unknown ResNet depth R{depth} in {variant!r}; allowed: "
-                             f"{', '.join('R%d' % d for d in RESNET_DEPTHS)}")
+                             f"{', '.join(f'R{d}' for d in RESNET_DEPTHS)}")
         layers = RESNET_DEPTHS[depth]
         if depth == 50 and patch == 16:
             # The paper's R50+B/16: ResNet-50 with stage 4 removed and its units moved to stage 3.

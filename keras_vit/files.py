@@ -35,6 +35,29 @@ def atomic_path(path: PathLike) -> Iterator[str]:
             os.remove(tmp)
 
 
+@contextlib.contextmanager
+def atomic_dir(path: PathLike) -> Iterator[str]:
+    """Yield a temporary folder beside `path`; when the block succeeds it replaces `path` (an
+    older folder there is moved aside, then removed), otherwise it is removed."""
+    import shutil
+
+    path = os.path.abspath(os.fspath(path))
+    folder, name = os.path.split(path)
+    tmp = os.path.join(folder, f".{name}.{secrets.token_hex(4)}.tmp")
+    os.mkdir(tmp)
+    old = None
+    try:
+        yield tmp
+        if os.path.lexists(path):
+            old = os.path.join(folder, f".{name}.{secrets.token_hex(4)}.old")
+            os.replace(path, old)
+        os.replace(tmp, path)
+    finally:
+        for leftover in (tmp, old):
+            if leftover and os.path.lexists(leftover):
+                shutil.rmtree(leftover, ignore_errors=True)
+
+
 def write_bytes(path: PathLike, data: bytes) -> str:
     """Write `data` to `path` atomically."""
     with atomic_path(path) as tmp, open(tmp, "wb") as f:

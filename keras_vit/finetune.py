@@ -5,13 +5,14 @@ block i (0-based) trains at eta * R^(L - i) and the embeddings (patch embedding,
 token, position embeddings, the hybrid's ResNet) at eta * R^(L + 1); the encoder norm,
 pre-logits and head at eta. Built from Keras' own MultiOptimizer / OptimizerMap: one
 optimizer per group, each with the recipe's schedule scaled, so weight decay, warm-up and
-clipping behave per group as in a single optimizer.
+the gradients are clipped together by one global norm as in a single optimizer.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional
 
 import keras
+from keras import ops
 
 # Layers of a keras-vit model that belong to the embedding stage (Eq. 1).
 EMBEDDING_LAYERS = ("resnet", "embedding", "cls", "posembed_input")
@@ -28,10 +29,32 @@ def layer_decay_scales(num_layers: int, decay: float) -> Dict[str, float]:
     return scales
 
 
-def layerwise_optimizer(model: keras.Model, decay: float,
-                        make: Callable[[float], keras.optimizers.Optimizer]) -> keras.optimizers.Optimizer:
-    """A keras.optimizers.MultiOptimizer that trains each encoder block of `model` at its decayed
-    rate; `make(scale)` returns the recipe's optimizer with its learning rate multiplied by scale."""
+@keras.saving.register_keras_serializable(package="keras_vit")
+class LayerwiseOptimizer(keras.optimizers.MultiOptimizer if hasattr(keras.optimizers, "MultiOptimizer") else object):
+    """keras.optimizers.MultiOptimizer that first clips all gradients together by one global norm,
+    as a single optimizer's `global_clipnorm` would (each group clipping its own share would
+    let the total norm grow with the number of groups)."""
+
+    def __init__(self, optimizer_map, global_clipnorm: Optional[float] = None, **kwargs):
+        super().__init__(optimizer_map, **kwargs)
+        self.layer_clipnorm = global_clipnorm
+
+    def apply(self, grads, trainable_variables=None):
+        if self.layer_clipnorm and len(grads):
+            norm = ops.sqrt(sum(ops.sum(ops.square(ops.cast(g, "float32"))) for g in grads if g is not None))
+            scale = ops.minimum(1.0, self.layer_clipnorm / ops.maximum(norm, 1e-12))
+            grads = [None if g is None else g * ops.cast(scale, g.dtype) for g in grads]
+        return super().apply(grads, trainable_variables)
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "global_clipnorm": self.layer_clipnorm}
+
+
+def layerwise_optimizer(model: keras.Model, decay: float, make: Callable[[float], keras.optimizers.Optimizer],
+                        global_clipnorm: Optional[float] = None) -> keras.optimizers.Optimizer:
+    """An optimizer that trains each encoder block of `model` at its decayed rate: `make(scale)`
+    returns the recipe's optimizer (without clipping) at `scale` times its learning rate; the
+    gradients are clipped together at `global_clipnorm` first."""
     from keras_vit.model import get_config
 
     if not hasattr(keras.optimizers, "MultiOptimizer"):
@@ -39,7 +62,7 @@ def layerwise_optimizer(model: keras.Model, decay: float,
                          f"this is Keras {keras.__version__}")
     cfg = get_config(model)
     groups = {pattern: make(scale) for pattern, scale in layer_decay_scales(cfg.num_layers, decay).items()}
-    return keras.optimizers.MultiOptimizer(keras.optimizers.OptimizerMap(make(1.0), groups))
+    return LayerwiseOptimizer(keras.optimizers.OptimizerMap(make(1.0), groups), global_clipnorm=global_clipnorm)
 
 
 def freeze_backbone(model: keras.Model) -> keras.Model:
@@ -52,4 +75,5 @@ def freeze_backbone(model: keras.Model) -> keras.Model:
     return model
 
 
-__all__ = ["EMBEDDING_LAYERS", "HEAD_LAYERS", "layer_decay_scales", "layerwise_optimizer", "freeze_backbone"]
+__all__ = ["EMBEDDING_LAYERS", "HEAD_LAYERS", "LayerwiseOptimizer", "layer_decay_scales", "layerwise_optimizer",
+           "freeze_backbone"]

@@ -24,6 +24,7 @@ import numpy as np
 from keras_vit.files import atomic_path
 from keras_vit.layers import TransformerBlock
 from keras_vit.model import get_config
+from keras_vit.plots import pyplot, save_figure
 
 __all__ = [
     "attention_maps", "attention_rollout", "rollout_from_attention", "mean_attention_distance",
@@ -204,27 +205,6 @@ def embedding_filters(model, k: int = 28) -> Tuple[np.ndarray, np.ndarray]:
 
 
 # --- figures ----------------------------------------------------------------------------------
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path: str) -> str:
-    """Write the figure to a temporary name in the same folder, then rename into place."""
-    plt = _pyplot()
-    path = os.fspath(path)
-    try:
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    finally:
-        plt.close(fig)
-    return path
-
-
 def _display(image: np.ndarray) -> np.ndarray:
     img = np.clip(np.asarray(image, dtype=np.float32) / 255.0, 0.0, 1.0)
     return img[..., 0] if img.shape[-1] == 1 else img
@@ -237,7 +217,7 @@ def _to_rgb_range(x: np.ndarray) -> np.ndarray:
 
 def plot_attention_rollout(image: np.ndarray, rollout: np.ndarray, path: str) -> str:
     """Input, rollout map and the input masked by the (max-normalised) map, side by side."""
-    plt = _pyplot()
+    plt = pyplot()
     h, w = image.shape[:2]
     mask = upsample_map(rollout, (h, w))
     mask = mask / max(float(mask.max()), 1e-12)
@@ -252,14 +232,14 @@ def plot_attention_rollout(image: np.ndarray, rollout: np.ndarray, path: str) ->
     axes[2].set_title("input x rollout")
     for ax in axes:
         ax.axis("off")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_attention_maps(attentions: Sequence[np.ndarray], grid_size: Tuple[int, int], path: str,
                         num_prefix_tokens: int = 1, index: int = 0) -> str:
     """Grid (layers x heads) of the output token's attention over the patches for one image
     (the class token's row, or the mean over patch queries for "gap" models)."""
-    plt = _pyplot()
+    plt = pyplot()
     n_layers, n_heads = len(attentions), attentions[0].shape[1]
     fig, axes = plt.subplots(n_layers, n_heads, figsize=(1.6 * n_heads + 0.4, 1.6 * n_layers + 0.4), squeeze=False)
     p = num_prefix_tokens
@@ -276,12 +256,12 @@ def plot_attention_maps(attentions: Sequence[np.ndarray], grid_size: Tuple[int, 
                 ax.set_ylabel(f"layer {li}", fontsize=8)
     fig.suptitle("attention of the output token", fontsize=10)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_attention_distance(distances: np.ndarray, path: str, image_side: Optional[float] = None) -> str:
     """Mean attention distance (pixels) of every head against network depth (Fig. 7 right)."""
-    plt = _pyplot()
+    plt = pyplot()
     n_layers, n_heads = distances.shape
     fig, ax = plt.subplots(figsize=(4.5, 3.6))
     for hi in range(n_heads):
@@ -293,12 +273,12 @@ def plot_attention_distance(distances: np.ndarray, path: str, image_side: Option
     if n_heads <= 16:
         ax.legend(fontsize=6, ncol=2, loc="lower right")
     ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_position_embedding_similarity(similarity: np.ndarray, path: str) -> str:
     """Grid of grids: for each patch (row, column), its cosine similarity to all patches (Fig. 7 centre)."""
-    plt = _pyplot()
+    plt = pyplot()
     gh, gw = similarity.shape[:2]
     fig, axes = plt.subplots(gh, gw, figsize=(max(3.0, 0.55 * gw + 1.0), max(3.0, 0.55 * gh + 0.6)), squeeze=False)
     im = None
@@ -315,12 +295,12 @@ def plot_position_embedding_similarity(similarity: np.ndarray, path: str) -> str
     fig.supylabel("input patch row")
     fig.supxlabel("input patch column")
     fig.colorbar(im, ax=axes.ravel().tolist(), fraction=0.03, label="cosine similarity")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_embedding_filters(components: np.ndarray, path: str) -> str:
     """The principal components of the patch-embedding filters, each scaled to [0, 1] (Fig. 7 left)."""
-    plt = _pyplot()
+    plt = pyplot()
     k = len(components)
     cols = min(7, k)
     rows = int(np.ceil(k / cols))
@@ -333,7 +313,7 @@ def plot_embedding_filters(components: np.ndarray, path: str) -> str:
                       interpolation="nearest")
     fig.suptitle("RGB embedding filters (first principal components)", fontsize=9)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def inspect_model(model, images: np.ndarray, out_dir: str, distance_images: Optional[np.ndarray] = None,

@@ -15,7 +15,7 @@ LABEL_SETS = ("imagenet1k", "imagenet21k")
 _ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _read(kind: str) -> tuple:
     with open(os.path.join(_ASSETS, f"{kind}.txt"), encoding="utf-8") as f:
         return tuple(line.rstrip("\n") for line in f if line.strip())

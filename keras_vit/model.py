@@ -2,14 +2,15 @@
 from __future__ import annotations
 
 import re
-from typing import Optional, Union
+import warnings
+from typing import Dict, Optional, Sequence, Union
 
 import keras
 from keras import layers
 
 from keras_vit import precision
 from keras_vit.config import ViTConfig
-from keras_vit.layers import ClassToken, PatchEmbedding, PositionEmbedding, TokenPooling, TransformerBlock
+from keras_vit.layers import ClassToken, PatchEmbedding, PatchGrid, PositionEmbedding, TokenPooling, TransformerBlock
 from keras_vit.resnet import ResNetStem
 
 
@@ -24,12 +25,36 @@ class VisionTransformer(keras.Model):
     """The functional graph of Eq. 1-4 for one ViTConfig; a plain keras.Model whose
     get_config() is the ViTConfig, so save/load rebuilds the same graph by name."""
 
-    def __init__(self, config: Union[ViTConfig, dict], name: Optional[str] = None, **kwargs):
+    def __init__(self, config: Union[ViTConfig, dict], name: Optional[str] = None,
+                 class_names: Optional[Sequence[str]] = None, dtype=None,
+                 quantized: Optional[Dict[str, str]] = None, **kwargs):
+        """`dtype`: the dtype policy (default: the global one); `quantized`: {layer path: dtype
+        policy name} of layers that model.quantize() converted (what get_config records)."""
         cfg = config if isinstance(config, ViTConfig) else ViTConfig.from_dict(dict(config))
         cfg.validate()
-        inputs, outputs = _build_graph(cfg)
+        policy = keras.dtype_policies.get(dtype) if dtype is not None else keras.config.dtype_policy()
+        inputs, outputs = _build_graph(cfg, policy)
         super().__init__(inputs, outputs, name=name or _model_name(cfg), **kwargs)
+        self.dtype_policy = policy  # the functional constructor ignores dtype=
         self.vit_config = cfg
+        # The head's class names (e.g. ImageNet's for a published in1k checkpoint), saved with the model.
+        self.class_names = list(class_names) if class_names else None
+        if quantized:
+            self._requantize(quantized)
+
+    def _requantize(self, quantized: Dict[str, str]) -> None:
+        """Give the named layers their quantized policy and variables (values come from the file)."""
+        layers_by_path = {layer.path: layer for layer in self._flatten_layers(include_self=False)}
+        unknown = sorted(set(quantized) - set(layers_by_path))
+        if unknown:
+            raise ValueError(f"quantized layers {unknown} are not in this model")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Keras' notes on the float kernels it replaces
+            for path, policy_name in quantized.items():
+                policy = keras.dtype_policies.get(policy_name)
+                mode = policy.quantization_mode
+                config = keras.quantizers.Int4QuantizationConfig(block_size=policy.block_size) if mode == "int4" else None
+                layers_by_path[path].quantize(mode, config=config)
 
     def compile(self, *args, **kwargs) -> None:
         """keras.Model.compile; `jit_compile="auto"` (the default) picks what is fast for a ViT on
@@ -41,8 +66,17 @@ class VisionTransformer(keras.Model):
         super().compile(*args, **kwargs)
 
     def get_config(self) -> dict:
-        """The ViTConfig as a dict (and the model's name): all that rebuilds the same graph."""
-        return {"config": self.vit_config.to_dict(), "name": self.name, "trainable": self.trainable}
+        """The ViTConfig as a dict, the model's name, class names and dtype policy, and the policies
+        of the layers model.quantize() converted: all that rebuilds the model."""
+        out = {"config": self.vit_config.to_dict(), "name": self.name, "trainable": self.trainable,
+               "dtype": self.dtype_policy.name}
+        if self.class_names:
+            out["class_names"] = [str(n) for n in self.class_names]
+        quantized = {layer.path: layer.dtype_policy.name for layer in self._flatten_layers(include_self=False)
+                     if layer.dtype_policy.quantization_mode is not None}
+        if quantized:
+            out["quantized"] = quantized
+        return out
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
@@ -50,34 +84,50 @@ class VisionTransformer(keras.Model):
         return cls(**config)
 
 
-def _build_graph(cfg: ViTConfig):
-    """(inputs, outputs) of the encoder and head for `cfg`."""
+def _build_graph(cfg: ViTConfig, dtype=None):
+    """(inputs, outputs) of the encoder and head for `cfg`, under dtype policy `dtype` (the
+    LayerNorms, pre-logits and head always compute in float32)."""
     h, w = cfg.image_size
-    inputs = keras.Input((h, w, cfg.channels), name="images")
+    inputs = keras.Input((None, None, cfg.channels) if cfg.dynamic_size else (h, w, cfg.channels), name="images")
     x = inputs
     if cfg.include_preprocessing:
         # [0, 255] -> [-1, 1], the official checkpoints' input range.
-        x = layers.Rescaling(1.0 / 127.5, offset=-1.0, name="preprocessing")(x)
+        x = layers.Rescaling(1.0 / 127.5, offset=-1.0, name="preprocessing", dtype=dtype)(x)
     if cfg.resnet_layers is not None:
-        x = ResNetStem(cfg.resnet_layers, width=cfg.resnet_width, name="resnet")(x)
-    x = PatchEmbedding(cfg.hidden_size, cfg.patch_size, name="embedding")(x)
+        x = ResNetStem(cfg.resnet_layers, width=cfg.resnet_width, name="resnet", dtype=dtype)(x)
+    x = PatchEmbedding(cfg.hidden_size, cfg.patch_size, name="embedding", dtype=dtype)(x)
     prefix = 0
     if cfg.classifier == "token":
-        x = ClassToken(name="cls")(x)
+        x = ClassToken(name="cls", dtype=dtype)(x)
         prefix = 1
     pos_kind = "none" if cfg.pos_embedding == "relative" else cfg.pos_embedding
-    x = PositionEmbedding(pos_kind, cfg.grid_size, num_prefix_tokens=prefix, name="posembed_input")(x)
-    x = layers.Dropout(cfg.dropout_rate, name="dropout")(x)
+    if cfg.dynamic_size:  # the patch grid comes from the images' shape at run time
+        x = PositionEmbedding(pos_kind, cfg.grid_size, num_prefix_tokens=prefix, stride=cfg.input_stride,
+                              method=cfg.pos_interpolation, name="posembed_input", dtype=dtype)(x, images=inputs)
+    else:
+        x = PositionEmbedding(pos_kind, cfg.grid_size, num_prefix_tokens=prefix, name="posembed_input",
+                              dtype=dtype)(x)
+    x = layers.Dropout(cfg.dropout_rate, name="dropout", dtype=dtype)(x)
     relative_grid = cfg.grid_size if cfg.pos_embedding == "relative" else None
-    for i in range(cfg.num_layers):
+    wanted = set(cfg.feature_layers or ())
+    maps = {}
+    # A features model stops after the last block it returns.
+    depth = max(wanted) + 1 if wanted else cfg.num_layers
+    for i in range(depth):
         # Stochastic depth grows linearly with depth (timm, big_vision).
         dpr = cfg.drop_path_rate * i / max(cfg.num_layers - 1, 1)
         x = TransformerBlock(cfg.num_heads, cfg.mlp_dim, cfg.dropout_rate, cfg.attention_dropout_rate,
                              dpr, cfg.gelu_approximate, cfg.layer_norm_epsilon,
                              relative_grid=relative_grid, num_prefix_tokens=prefix,
-                             name=f"encoderblock_{i}")(x)
+                             name=f"encoderblock_{i}", dtype=dtype)(x)
+        if i in wanted:
+            maps[i] = PatchGrid(cfg.grid_size, prefix, name=f"features_{i}", dtype=dtype)(x)
+    if wanted:  # a dict: Keras would unwrap a list of one
+        return inputs, {f"block_{i}": maps[i] for i in cfg.feature_layers}
     x = layers.LayerNormalization(epsilon=cfg.layer_norm_epsilon, name="encoder_norm", dtype="float32")(x)
-    x = TokenPooling(cfg.classifier, name="pool")(x)
+    if cfg.output == "tokens":
+        return inputs, x
+    x = TokenPooling(cfg.classifier, name="pool", dtype=dtype)(x)
     if cfg.representation_size:
         x = layers.Dense(cfg.representation_size, activation="tanh", name="pre_logits", dtype="float32")(x)
     if cfg.include_top:

@@ -10,6 +10,9 @@ patches only. The alternatives the paper compares are options of `target`:
 - "color_regression": the mean colour, regressed with L2 (values scaled to [-1, 1]);
 - "patch_regression": the full patch (every pixel and channel), regressed with L2.
 
+`pretrain(PretrainConfig(...))` runs it on a dataset of the registry into a run folder, as
+`keras_vit.train.train` does for supervised training; `pretrain_encoder` is the same on arrays.
+
 The encoder is a keras-vit VisionTransformer (build it with include_top=False): the
 pre-training model reuses its layers by name (preprocessing, resnet, embedding, cls,
 posembed_input, dropout, encoderblock_i, encoder_norm) and inserts `PatchCorruption` after
@@ -21,22 +24,26 @@ so it runs on every backend.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
-from typing import Dict, Iterator, Optional, Tuple
+import sys
+from typing import Any, Dict, Iterator, Optional, Tuple
 
 import keras
 import numpy as np
 from keras import layers, ops
 
-from keras_vit.files import save_model
+from keras_vit import data as kdata
+from keras_vit.errors import UserInputError
+from keras_vit.files import save_model, write_json
 from keras_vit.layers import TransformerBlock
-from keras_vit.model import get_config
-from keras_vit.train.recipes import warmup_cosine
+from keras_vit.model import build_model, get_config
+from keras_vit.train.recipes import make_config, warmup_cosine
 
 __all__ = ["TARGETS", "KEEP", "MASK", "RANDOM", "UNCHANGED", "PatchCorruption", "DropPrefixTokens",
            "corruption_codes", "patch_targets", "num_outputs", "build_pretrainer", "masked_patch_batches",
-           "pretrain", "save_encoder"]
+           "PretrainConfig", "pretrain", "pretrain_encoder", "save_encoder"]
 
 TARGETS = ("color", "color_regression", "patch_regression")
 # Corruption codes per patch: not selected / [mask] embedding / random other patch / selected, unchanged.
@@ -208,7 +215,7 @@ def masked_patch_batches(images: np.ndarray, stride: Tuple[int, int], num_patche
             return
 
 
-def pretrain(encoder: keras.Model, images: np.ndarray, val_images: Optional[np.ndarray] = None,
+def pretrain_encoder(encoder: keras.Model, images: np.ndarray, val_images: Optional[np.ndarray] = None,
              target: str = "color", epochs: int = 10, batch_size: int = 64, learning_rate: float = 1e-3,
              weight_decay: float = 0.05, warmup_epochs: float = 1.0, seed: int = 0, verbose: int = 1,
              callbacks=None, **corruption) -> Dict[str, list]:
@@ -264,3 +271,62 @@ def save_encoder(encoder: keras.Model, path: str) -> str:
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     return save_model(encoder, path)
+
+
+# --- a run on a dataset -------------------------------------------------------------------------
+@dataclasses.dataclass
+class PretrainConfig:
+    """A masked-patch-prediction run: the dataset (its training images, no labels), the model (as
+    for `vitcli train`, so that `--weights` fits it), the target and the recipe."""
+
+    dataset: str = "digits"
+    variant: Optional[str] = None  # None: the dataset's `vitcli train` default
+    image_size: Optional[int] = None
+    hidden_size: Optional[int] = None
+    num_layers: Optional[int] = None
+    num_heads: Optional[int] = None
+    mlp_dim: Optional[int] = None
+    target: str = "color"
+    mask_ratio: float = 0.5
+    epochs: int = 10
+    batch_size: int = 64
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    seed: int = 0
+
+    def model_options(self) -> Dict[str, Any]:
+        """The model options given (not None), as `vitcli train` takes them."""
+        names = ("variant", "image_size", "hidden_size", "num_layers", "num_heads", "mlp_dim")
+        return {k: getattr(self, k) for k in names if getattr(self, k) is not None}
+
+
+def pretrain(cfg: PretrainConfig, output: Optional[str] = None, verbose: Any = "auto",
+             callbacks=None) -> Dict[str, Any]:
+    """Pre-train an encoder on `cfg.dataset` into `output` (default runs/pretrain-<dataset>-<variant>):
+    model.keras (an encoder `vitcli train --weights` fine-tunes) and metrics.json.
+
+    The seed is set before the encoder is built, so a run repeats from the same initial weights.
+    """
+    if cfg.target not in TARGETS:
+        raise UserInputError(f"target must be one of {', '.join(TARGETS)}; got {cfg.target!r}")
+    train_cfg = make_config(cfg.dataset, "scratch", **cfg.model_options())
+    splits = kdata.load(cfg.dataset, seed=cfg.seed)
+    channels = 1 if splits.image_shape[-1] == 1 else 3
+    vit_cfg = train_cfg.vit_config(splits.num_classes, channels).replace(include_top=False)
+    train_x = kdata.split_arrays(splits.train, vit_cfg.image_size, channels)[0]
+    val_x = kdata.split_arrays(splits.val, vit_cfg.image_size, channels)[0]
+    output = output or os.path.join("runs", f"pretrain-{kdata.slug(cfg.dataset)}-{train_cfg.label()}")
+    os.makedirs(output, exist_ok=True)
+    keras.utils.set_random_seed(cfg.seed)
+    encoder = build_model(vit_cfg)
+    history = pretrain_encoder(
+        encoder, train_x, val_x, target=cfg.target, epochs=cfg.epochs, batch_size=cfg.batch_size,
+        learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay, warmup_epochs=cfg.warmup_epochs,
+        seed=cfg.seed, mask_ratio=cfg.mask_ratio, callbacks=callbacks,
+        verbose=(1 if sys.stdout.isatty() else 2) if verbose == "auto" else verbose)
+    path = save_encoder(encoder, os.path.join(output, "model.keras"))
+    write_json(os.path.join(output, "metrics.json"),
+               {"task": "masked_patch_prediction", **dataclasses.asdict(cfg), "config": vit_cfg.to_dict(),
+                "history": history})
+    return {"run": output, "model": path, "history": history}

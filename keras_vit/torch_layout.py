@@ -62,7 +62,23 @@ def _check_heads(name: str, d: int, num_heads: int) -> None:
         raise ValueError(f"{name}: width {d} is not divisible by num_heads={num_heads}")
 
 
-def _resnet_from_timm(sd: Mapping[str, np.ndarray], out: Dict[str, np.ndarray], used: set) -> None:
+class _Renamer:
+    """Converted arrays under canonical names; source keys it did not use pass through unchanged,
+    so that loading reports them as unexpected."""
+
+    def __init__(self, sd: Mapping[str, np.ndarray]):
+        self.sd, self.out, self.used = sd, {}, set()
+
+    def take(self, key: str, name: str, convert=np.asarray) -> None:
+        if key in self.sd:
+            self.out[name] = convert(self.sd[key])
+            self.used.add(key)
+
+    def result(self) -> Dict[str, np.ndarray]:
+        return {**self.out, **{k: np.asarray(v) for k, v in self.sd.items() if k not in self.used}}
+
+
+def _resnet_from_timm(sd: Mapping[str, np.ndarray], ren: _Renamer) -> None:
     stem = "patch_embed.backbone.stem."
     pairs = {stem + "conv.weight": "conv_root/kernel", stem + "norm.weight": "gn_root/scale",
              stem + "norm.bias": "gn_root/bias"}
@@ -81,27 +97,19 @@ def _resnet_from_timm(sd: Mapping[str, np.ndarray], out: Dict[str, np.ndarray], 
         if rest in sub:
             pairs[k] = p + sub[rest]
     for k, name in pairs.items():
-        if k in sd:
-            out[name] = _conv(sd[k]) if name.endswith("/kernel") else np.asarray(sd[k])
-            used.add(k)
+        ren.take(k, name, _conv if name.endswith("/kernel") else np.asarray)
 
 
 def from_timm(sd: Mapping[str, np.ndarray], num_heads: int) -> Dict[str, np.ndarray]:
     """A timm ViT state dict (plain or ResNet hybrid) under canonical names. Keys it does not
     know are passed through unchanged, so that loading reports them as unexpected."""
-    out: Dict[str, np.ndarray] = {}
-    used: set = set()
-
-    def take(key, name, convert=np.asarray):
-        if key in sd:
-            out[name] = convert(sd[key])
-            used.add(key)
-
+    r = _Renamer(sd)
+    take = r.take
     take("patch_embed.proj.weight", "embedding/kernel", _conv)
     take("patch_embed.proj.bias", "embedding/bias")
     take("cls_token", "cls")
     take("pos_embed", "Transformer/posembed_input/pos_embedding")
-    _resnet_from_timm(sd, out, used)
+    _resnet_from_timm(sd, r)
     blocks = sorted({int(m[1]) for k in sd for m in [re.match(r"^blocks\.(\d+)\.", k)] if m})
     for i in blocks:
         t, b = f"blocks.{i}.", _BLOCK.format(i)
@@ -114,13 +122,13 @@ def from_timm(sd: Mapping[str, np.ndarray], num_heads: int) -> Dict[str, np.ndar
             d = w.shape[1]
             _check_heads(qkv, d, num_heads)
             for j, n in enumerate(("query", "key", "value")):
-                out[f"{b}{_ATT}{n}/kernel"] = _heads_in(w[j * d:(j + 1) * d], num_heads)
-            used.add(qkv)
+                r.out[f"{b}{_ATT}{n}/kernel"] = _heads_in(w[j * d:(j + 1) * d], num_heads)
+            r.used.add(qkv)
             if t + "attn.qkv.bias" in sd:
                 bias = np.asarray(sd[t + "attn.qkv.bias"])
                 for j, n in enumerate(("query", "key", "value")):
-                    out[f"{b}{_ATT}{n}/bias"] = bias[j * d:(j + 1) * d].reshape(num_heads, -1)
-                used.add(t + "attn.qkv.bias")
+                    r.out[f"{b}{_ATT}{n}/bias"] = bias[j * d:(j + 1) * d].reshape(num_heads, -1)
+                r.used.add(t + "attn.qkv.bias")
         take(t + "attn.proj.weight", f"{b}{_ATT}out/kernel", lambda w: _heads_out(np.asarray(w), num_heads))
         take(t + "attn.proj.bias", f"{b}{_ATT}out/bias")
         for j, fc in enumerate(("fc1", "fc2")):
@@ -135,27 +143,20 @@ def from_timm(sd: Mapping[str, np.ndarray], num_heads: int) -> Dict[str, np.ndar
     if any(k.startswith("fc_norm.") for k in sd):
         raise ValueError("timm checkpoint normalises after pooling (fc_norm, global_pool='avg'); keras-vit's "
                          "'gap' classifier normalises before pooling, so these weights do not fit")
-    out.update({k: np.asarray(v) for k, v in sd.items() if k not in used})
-    return out
+    return r.result()
 
 
 def from_hf(sd: Mapping[str, np.ndarray], num_heads: int) -> Dict[str, np.ndarray]:
     """A Hugging Face ViTModel / ViTForImageClassification state dict under canonical names."""
     prefix = "vit." if any(k.startswith("vit.") for k in sd) else ""
-    out: Dict[str, np.ndarray] = {}
-    used: set = set()
-
-    def take(key, name, convert=np.asarray):
-        if key in sd:
-            out[name] = convert(sd[key])
-            used.add(key)
-
+    r = _Renamer(sd)
+    take = r.take
     e = prefix + "embeddings."
     take(e + "patch_embeddings.projection.weight", "embedding/kernel", _conv)
     take(e + "patch_embeddings.projection.bias", "embedding/bias")
     take(e + "cls_token", "cls")
     take(e + "position_embeddings", "Transformer/posembed_input/pos_embedding")
-    used.add(e + "mask_token")  # masked-image-modelling only; not part of the encoder
+    r.used.add(e + "mask_token")  # masked-image-modelling only; not part of the encoder
     blocks = sorted({int(m[1]) for k in sd for m in [re.match(rf"^{re.escape(prefix)}encoder\.layer\.(\d+)\.", k)] if m})
     for i in blocks:
         t, b = f"{prefix}encoder.layer.{i}.", _BLOCK.format(i)
@@ -181,8 +182,7 @@ def from_hf(sd: Mapping[str, np.ndarray], num_heads: int) -> Dict[str, np.ndarra
     take(prefix + "pooler.dense.bias", "pre_logits/bias")
     take("classifier.weight", "head/kernel", _linear)
     take("classifier.bias", "head/bias")
-    out.update({k: np.asarray(v) for k, v in sd.items() if k not in used})
-    return out
+    return r.result()
 
 
 def to_canonical(sd: Mapping[str, np.ndarray], num_heads: int) -> Dict[str, np.ndarray]:

@@ -2,18 +2,26 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import keras
 
 from keras_vit.config import ViTConfig, parse_variant
 from keras_vit.model import VisionTransformer, build_model, get_config
 from keras_vit.resize import check_method
-from keras_vit.weights import (ARCHITECTURE_FIELDS, Checkpoint, PathLike, assign_weights, check_variant, model_arrays,
-                               read_checkpoint)
+from keras_vit.weights import (
+    ARCHITECTURE_FIELDS,
+    Checkpoint,
+    PathLike,
+    assign_weights,
+    check_variant,
+    model_arrays,
+    read_checkpoint,
+    warn_untrained_head,
+)
 
 __all__ = ["ViT", "VisionTransformer", "build_config", "build_model", "build_with_weights", "get_config",
-           "resize_model"]
+           "dynamic_model", "resize_model"]
 
 
 def build_config(variant: Optional[str] = "B/16", config: Optional[ViTConfig] = None, **options) -> ViTConfig:
@@ -44,25 +52,35 @@ def _given(value):
     return None if isinstance(value, _Default) else value
 
 
-def ViT(variant: Optional[str] = _Default("B/16"), image_size: Union[int, Tuple[int, int]] = _Default(224),
+def ViT(variant: Optional[str] = _Default("B/16"), image_size: Union[None, int, Tuple[int, int]] = _Default(224),
         num_classes: int = _Default(1000), include_top: bool = _Default(True),
         include_preprocessing: bool = _Default(True), classifier: str = _Default("token"),
         representation_size: Union[None, int, str] = _Default(None), pos_embedding: str = _Default("learned"),
         dropout_rate: float = _Default(0.0), attention_dropout_rate: float = _Default(0.0),
         drop_path_rate: float = _Default(0.0), channels: int = _Default(3), name: Optional[str] = None,
-        config: Optional[ViTConfig] = None, weights: Optional[str] = None, **overrides) -> keras.Model:
+        config: Optional[ViTConfig] = None, weights: Optional[str] = None, output: Optional[str] = _Default(None),
+        feature_layers: Optional[Sequence[int]] = _Default(None), **overrides) -> keras.Model:
     """A Vision Transformer as a plain keras.Model: float images in [0, 255] (B, H, W, C) -> logits.
 
     `variant` is the paper's name ("B/16", "Ti/4", "R50+B/16"); `overrides` (hidden_size,
     mlp_dim, num_heads, num_layers, patch_size, gelu_approximate, ...) give custom sizes;
     `config=ViTConfig(...)` replaces the variant; the arguments given next to it replace the
     config's fields (those left out keep the config's values). `include_top=False` returns the (B, D)
-    pre-logits features. `weights` is a checkpoint: an .npz or timm/Hugging Face .safetensors
+    pre-logits features; with `output="tokens"` the (B, S, D) tokens after the encoder norm, with
+    `feature_layers=(3, 7, 11)` those blocks' outputs as (B, H/P, W/P, D) patch maps in a dict
+    {"block_3": ..., "block_7": ..., "block_11": ...} (class token dropped; negative indices
+    count from the last block), as timm's forward_intermediates. `weights` is a checkpoint: an .npz or timm/Hugging Face .safetensors
     path, a published name ("B/16-augreg-i21k-ft-in1k") or "hf://ORG/NAME"; the arguments
     left out (variant, image_size, num_classes, classifier, representation_size) then follow
     the checkpoint, and `channels` other than its own adapt the input kernel.
     `representation_size="checkpoint"` takes the pre-logits size from the checkpoint.
+    `image_size=None` or `dynamic_size=True` builds a model for any H x W divisible by the patch
+    size: position embeddings learned at image_size (default 224, or the checkpoint's) are
+    resampled in the graph (`pos_interpolation`, default "linear" as in `resize_model`).
     """
+    if image_size is None:  # any image size; the position embeddings keep the default grid
+        image_size = _Default(224)
+        overrides.setdefault("dynamic_size", True)
     rep_from_checkpoint = isinstance(representation_size, str) and representation_size == "checkpoint"
     if rep_from_checkpoint:
         if weights is None:
@@ -72,7 +90,9 @@ def ViT(variant: Optional[str] = _Default("B/16"), image_size: Union[int, Tuple[
                    include_preprocessing=include_preprocessing, classifier=classifier,
                    representation_size=representation_size, pos_embedding=pos_embedding,
                    dropout_rate=dropout_rate, attention_dropout_rate=attention_dropout_rate,
-                   drop_path_rate=drop_path_rate, channels=channels, **overrides)
+                   drop_path_rate=drop_path_rate, channels=channels, output=output,
+                   feature_layers=feature_layers if isinstance(feature_layers, _Default) else tuple(feature_layers),
+                   **overrides)
     ckpt = None
     if config is not None and _given(variant) is not None:
         raise ValueError(f"give variant= or config=, not both (got variant={variant!r} and a config "
@@ -92,6 +112,9 @@ def ViT(variant: Optional[str] = _Default("B/16"), image_size: Union[int, Tuple[
                 found = {k: v for k, v in found.items() if k not in ARCHITECTURE_FIELDS}
             elif "variant" in found:  # the paper's sizes by name; shapes only fill what it leaves
                 found = {k: v for k, v in found.items() if k not in ARCHITECTURE_FIELDS or k == "variant"}
+            if "num_classes" in given and given["num_classes"] != found.get("num_classes"):
+                # A new head replaces the whole head, pre-logits included (paper Sec. 3.2 / Appendix B).
+                found.pop("representation_size", None)
             fields.update(found)
             if (variant_given is None and "variant" not in found and "num_heads" not in found
                     and "num_heads" not in given):
@@ -130,6 +153,7 @@ def build_with_weights(cfg: ViTConfig, weights: Union[PathLike, Checkpoint], nam
     model = build_model(cfg, name=name)
     assign_weights(model, arrays, method=method, big_vision_posemb=big_vision_posemb,
                    source=f"checkpoint {ckpt.source!r}")
+    warn_untrained_head(model, arrays, f"checkpoint {ckpt.source!r}")
     names = ckpt.defaults.get("class_names")
     head = arrays.get("head/kernel")
     if names and cfg.include_top and head is not None and head.shape[-1] == cfg.num_classes == len(names):
@@ -146,4 +170,20 @@ def resize_model(model: keras.Model, image_size: Union[int, Tuple[int, int]],
     new_model = build_model(cfg.replace(image_size=image_size), name=model.name)
     assign_weights(new_model, model_arrays(model), method=method, source_grid=cfg.grid_size,
                    source=f"model {model.name!r}")
+    new_model.class_names = getattr(model, "class_names", None)
+    return new_model
+
+
+def dynamic_model(model: keras.Model, method: Optional[str] = None) -> keras.Model:
+    """The same model for any image size (H, W divisible by the input stride): same weights, the
+    position embeddings resampled in the graph with `method` (default: the model's
+    pos_interpolation, "linear" unless set; `resize_model(model, (h, w), method)` gives the same
+    logits at h x w). Returns `model` itself when it already is one with that method."""
+    cfg = get_config(model)
+    method = check_method(method or cfg.pos_interpolation)
+    if cfg.dynamic_size and cfg.pos_interpolation == method:
+        return model
+    new_model = build_model(cfg.replace(dynamic_size=True, pos_interpolation=method), name=model.name)
+    new_model.set_weights(model.get_weights())
+    new_model.class_names = getattr(model, "class_names", None)
     return new_model

@@ -34,8 +34,14 @@ from keras_vit.config import ViTConfig
 from keras_vit.errors import first_line
 from keras_vit.files import atomic_path
 from keras_vit.model import get_config
-from keras_vit.resize import (check_method, infer_grid, relative_table_grid, resample_1d,
-                              resample_position_embeddings, resample_relative_embedding)
+from keras_vit.resize import (
+    check_method,
+    infer_grid,
+    relative_table_grid,
+    resample_1d,
+    resample_position_embeddings,
+    resample_relative_embedding,
+)
 
 PathLike = Union[str, os.PathLike]
 log = logging.getLogger("keras_vit")
@@ -131,7 +137,9 @@ def checkpoint_path(weights: PathLike) -> str:
                          f"nor a published checkpoint; published names: {', '.join(sorted(PUBLISHED))}")
     fname = entry.url.rsplit("/", 1)[-1]
     try:
-        return keras.utils.get_file(fname=fname, origin=entry.url, cache_subdir=os.path.join("models", "keras_vit"))
+        # KERAS_HOME read now, not at Keras' import, so a process can point the cache elsewhere.
+        return keras.utils.get_file(fname=fname, origin=entry.url, cache_dir=os.environ.get("KERAS_HOME") or None,
+                                    cache_subdir=os.path.join("models", "keras_vit"))
     except Exception as exc:  # noqa: BLE001 - any failure to fetch is reported the same way
         raise ValueError(f"downloading checkpoint {path!r} from {entry.url} failed ({first_line(exc)}); "
                          "pass the path of a local .npz file instead") from None
@@ -362,6 +370,10 @@ def hub_defaults(config: Mapping[str, Any], num_classes: Optional[int]) -> Dict[
         if isinstance(size, (list, tuple)) and len(size) == 3:
             out["image_size"] = (int(size[1]), int(size[2]))
         names = config.get("label_names") or pre.get("label_names")
+        if not names and num_classes in (1000, 21843):  # timm's ImageNet heads, in the usual order
+            from keras_vit.labels import imagenet_labels
+
+            names = imagenet_labels("imagenet1k" if num_classes == 1000 else "imagenet21k")
         mean, std = pre.get("mean"), pre.get("std")
         if mean is not None and std is not None and (not np.allclose(mean, 0.5) or not np.allclose(std, 0.5)):
             log.warning("checkpoint expects inputs normalised with mean %s / std %s; keras-vit models rescale "
@@ -463,7 +475,10 @@ def model_variables(model: keras.Model) -> Dict[str, keras.Variable]:
         out[p + "row_embedding"], out[p + "col_embedding"] = pe.row_embedding, pe.col_embedding
         if pe.num_prefix_tokens:
             out[p + "prefix_embedding"] = pe.prefix_embedding
+    names = {layer.name for layer in model.layers}
     for i in range(cfg.num_layers):
+        if f"encoderblock_{i}" not in names:  # a feature_layers model ends at its last returned block
+            break
         blk = model.get_layer(f"encoderblock_{i}")
         b = f"Transformer/encoderblock_{i}/"
         att = blk.attention
@@ -476,10 +491,11 @@ def model_variables(model: keras.Model) -> Dict[str, keras.Variable]:
             out[a + "relative_embedding"] = att.relative_embedding
         for j, dense in enumerate((blk.mlp.dense_0, blk.mlp.dense_1)):
             out[f"{b}MlpBlock_3/Dense_{j}/kernel"], out[f"{b}MlpBlock_3/Dense_{j}/bias"] = dense.kernel, dense.bias
-    norm = model.get_layer("encoder_norm")
-    out["Transformer/encoder_norm/scale"], out["Transformer/encoder_norm/bias"] = norm.gamma, norm.beta
+    if "encoder_norm" in names:
+        norm = model.get_layer("encoder_norm")
+        out["Transformer/encoder_norm/scale"], out["Transformer/encoder_norm/bias"] = norm.gamma, norm.beta
     for name in ("pre_logits", "head"):
-        if any(layer.name == name for layer in model.layers):
+        if name in names:
             dense = model.get_layer(name)
             out[f"{name}/kernel"], out[f"{name}/bias"] = dense.kernel, dense.bias
     return out
@@ -536,6 +552,12 @@ def _adapt(values: Dict[str, np.ndarray], target: Mapping[str, keras.Variable], 
             values[first] = adapt_input_conv(values[first], want[2])
     if "pre_logits/kernel" in values and "pre_logits/kernel" not in target:
         values.pop("pre_logits/kernel"), values.pop("pre_logits/bias", None)
+    if cfg.feature_layers is not None or cfg.output is not None:  # features: later layers are not built
+        later = re.compile(r"^Transformer/(encoder_norm/|encoderblock_(\d+)/)")
+        for k in [k for k in values if later.match(k) and k not in target]:
+            m = later.match(k)
+            if m[2] is None or int(m[2]) < cfg.num_layers:
+                values.pop(k)
     grid = cfg.grid_size
     prefix = 1 if cfg.classifier == "token" else 0
     if _POSEMB in values and _POSEMB in target:
@@ -597,16 +619,23 @@ def assign_weights(model: keras.Model, arrays: Mapping[str, np.ndarray], *, meth
         if mismatched:
             parts.append(f"shape mismatches ({len(mismatched)}): {_listing(mismatched)}")
         raise ValueError(f"{source} does not fit model {model.name!r} ({cfg.variant or 'custom'}): " + "; ".join(parts))
-    if "head/kernel" in target:
-        if "head/kernel" not in arrays:
-            log.warning("%s has no classification head: the model's head is untrained (zeros); "
-                        "fine-tune it, or build with include_top=False for features", source)
-        elif "head/kernel" in values and not np.any(values["head/kernel"]) and not np.any(values.get("head/bias", 0)):
-            log.warning("%s has an all-zero head (a pre-training checkpoint): the head is untrained; "
-                        "fine-tune it, or build with include_top=False for features", source)
     for k, var in target.items():
         if k in values:
             var.assign(values[k].astype(var.dtype))
+
+
+def warn_untrained_head(model: keras.Model, arrays: Mapping[str, np.ndarray], source: str) -> None:
+    """One log line when a checkpoint leaves the model's head untrained: it has none, or an all-zero
+    one of the model's size (the ImageNet-21k pre-training checkpoints)."""
+    if not any(layer.name == "head" for layer in model.layers):
+        return
+    head = arrays.get("head/kernel")
+    if head is None:
+        log.warning("%s has no classification head: the model's head is untrained (zeros); "
+                    "fine-tune it, or build with include_top=False for features", source)
+    elif head.shape[-1] == get_config(model).num_classes and not np.any(head) and not np.any(arrays.get("head/bias", 0)):
+        log.warning("%s has an all-zero head (a pre-training checkpoint): the head is untrained; "
+                    "fine-tune it, or build with include_top=False for features", source)
 
 
 def load_weights(model: keras.Model, weights: PathLike, *, prefix: Optional[str] = None,
@@ -622,6 +651,7 @@ def load_weights(model: keras.Model, weights: PathLike, *, prefix: Optional[str]
     arrays, big_vision_posemb = ckpt.canonical(num_heads=get_config(model).num_heads, prefix=prefix)
     assign_weights(model, arrays, method=method, big_vision_posemb=big_vision_posemb,
                    source=f"checkpoint {ckpt.source!r}")
+    warn_untrained_head(model, arrays, f"checkpoint {ckpt.source!r}")
     return model
 
 
@@ -685,5 +715,5 @@ def check_variant(weights: PathLike, variant: Optional[str]) -> None:
 
 __all__ = ["PUBLISHED", "Published", "Checkpoint", "checkpoint_path", "hub_file", "read_npz", "read_safetensors",
            "read_checkpoint", "shape_defaults", "canonicalize", "model_variables", "model_arrays",
-           "adapt_input_conv", "assign_weights", "load_weights", "load_npz", "save_npz", "save_safetensors",
+           "adapt_input_conv", "assign_weights", "warn_untrained_head", "load_weights", "load_npz", "save_npz", "save_safetensors",
            "check_variant", "ARCHITECTURE_FIELDS"]

@@ -45,7 +45,7 @@ def small_model(family: str = "learned", seed: int = 0, **options):
     return model
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def trained_digits():
     """(model, path of its .keras file): a small ViT (patch 8, 17 tokens) trained ~25 s on digits
     with a cosine schedule (~96% test accuracy; confident enough for int8 to keep >= 97% top-1)."""

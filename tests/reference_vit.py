@@ -62,8 +62,8 @@ def conv2d(x, kernel, stride=1, padding="SAME"):
     kh, kw = kernel.shape[:2]
     b, h, w, c = x.shape
     if padding == "SAME":
-        (t, bt), (l, r) = same_pads(h, kh, stride), same_pads(w, kw, stride)
-        x = np.pad(x, ((0, 0), (t, bt), (l, r), (0, 0)))
+        (t, bt), (lf, r) = same_pads(h, kh, stride), same_pads(w, kw, stride)
+        x = np.pad(x, ((0, 0), (t, bt), (lf, r), (0, 0)))
     ho = (x.shape[1] - kh) // stride + 1
     wo = (x.shape[2] - kw) // stride + 1
     out = np.zeros((b, ho, wo, kernel.shape[-1]))
@@ -92,8 +92,8 @@ def group_norm(x, scale, bias, groups=32, eps=1e-6):
 
 def max_pool_same(x, k=3, s=2):
     b, h, w, c = x.shape
-    (t, bt), (l, r) = same_pads(h, k, s), same_pads(w, k, s)
-    x = np.pad(x, ((0, 0), (t, bt), (l, r), (0, 0)), constant_values=-np.inf)
+    (t, bt), (lf, r) = same_pads(h, k, s), same_pads(w, k, s)
+    x = np.pad(x, ((0, 0), (t, bt), (lf, r), (0, 0)), constant_values=-np.inf)
     ho, wo = -(-h // s), -(-w // s)
     out = np.full((b, ho, wo, c), -np.inf)
     for i in range(k):

@@ -4,6 +4,7 @@ import pytest
 from bench import infer, train
 
 
+@pytest.mark.slow  # runs the benchmark harness end to end (10-30 s each)
 def test_train_quick_measures_keras_vit_and_reports_ratios(capsys):
     results = train.main(["--quick", "--cases", "peak,tf-xla,notebook,timm"])
     by = {r["case"]: r for r in results}
@@ -22,6 +23,7 @@ def test_train_quick_measures_keras_vit_and_reports_ratios(capsys):
     assert "training throughput" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # runs the benchmark harness end to end (10-30 s each)
 def test_infer_quick_runs_keras_and_onnx_and_agrees(capsys):
     results = infer.main(["--quick", "--cases", "keras-xla,onnx,timm-onnx"])
     by = {r["case"]: r for r in results}
@@ -39,6 +41,7 @@ def test_unknown_case_is_one_clear_error():
         train.main(["--quick", "--cases", "nope"])
 
 
+@pytest.mark.slow  # runs the benchmark harness end to end (10-30 s each)
 def test_gpu_bench_runs_without_tensorflow(tmp_path):
     """bench/gpu.py is for machines with JAX and torch but no TensorFlow: it must never import it."""
     import json

@@ -7,7 +7,6 @@ import shutil
 
 import pytest
 from click.testing import CliRunner
-
 from export_helpers import DIGIT_NAMES, trained_digits
 
 from keras_vit.cli.main import cli  # noqa: E402
@@ -53,6 +52,11 @@ def test_tflite_int8_with_calibration_dataset(run_dir, tmp_path):
     report = json.loads((tmp_path / "digits.int8.tflite.report.json").read_text())
     assert report["precision"] == "int8" and report["top1_agreement"] >= 0.97
     assert (tmp_path / "digits.int8.labels.txt").read_text().split() == DIGIT_NAMES
+    # The int8 file is timed against its float32 twin; when slower, the export says so and why.
+    speed = json.loads(report["metadata"]["int8_vs_fp32"])
+    assert speed["int8_ms"] > 0 and speed["fp32_ms"] > 0 and speed["faster"] == (speed["int8_ms"] < speed["fp32_ms"])
+    if not speed["faster"]:
+        assert "is not faster than float32" in result.output and "XNNPACK does not take" in result.output
 
 
 def test_failed_check_exits_nonzero_and_keeps_the_file(run_dir, tmp_path):
@@ -70,7 +74,8 @@ def test_failed_check_exits_nonzero_and_keeps_the_file(run_dir, tmp_path):
     (["--model", "not_vit.keras"], "not a keras-vit model"),
     (["--format", "tflite", "--quantize", "int8", "--no-verify"], "int8 export needs calibration data"),
     (["--output", "a_file/m.onnx", "--no-verify"], "cannot create output folder"),
-    (["--format", "onnx", "--quantize", "int8"], "--quantize int8 (calibrated full integer) is for --format tflite"),
+    (["--format", "onnx", "--quantize", "int8", "--no-verify"], "int8 export needs calibration data"),
+    (["--quantize", "int8", "--optimize", "--calibration-dataset", "digits"], "leave out --optimize"),
     (["--opset", "9", "--no-verify", "--output", "x.onnx"], "opset must be an integer from 17"),
     (["--threshold", "fast"], "must look like NAME=NUMBER"),
 ])

@@ -25,7 +25,18 @@ def _cmd(*args):
 
 
 def _env():
-    return {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "KERAS_BACKEND": "tensorflow"}
+    # TensorFlow's own log settings left out: the quiet CLI is tested on what a user sees
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    return {**env, "KERAS_BACKEND": "tensorflow"}
+
+
+def _png(path):
+    """(width, height, pixel std) of a PNG file."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        assert im.format == "PNG"
+        return im.size[0], im.size[1], float(np.asarray(im.convert("L"), np.float32).std())
 
 
 def _backup_epoch(run):
@@ -54,11 +65,11 @@ def killed_and_resumed(tmp_path_factory):
     resumed = subprocess.run(_cmd("train", "--resume", "--output", run), capture_output=True, text=True,
                              env=_env(), timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
-    return run, killed_at, resumed.stdout
+    return run, killed_at, resumed.stdout, open(run + ".log").read() + resumed.stdout + resumed.stderr
 
 
 def test_resume_after_kill_ends_with_all_epochs(killed_and_resumed):
-    run, killed_at, stdout = killed_and_resumed
+    run, killed_at, stdout, _ = killed_and_resumed
     with open(os.path.join(run, "metrics.csv")) as f:
         epochs = [int(r["epoch"]) for r in csv.DictReader(f)]
     assert epochs == list(range(EPOCHS))  # each epoch once: resumed at killed_at, not restarted
@@ -70,15 +81,15 @@ def test_resume_after_kill_ends_with_all_epochs(killed_and_resumed):
 
 def test_short_run_learns_digits(killed_and_resumed):
     """8 epochs (killed and resumed on the way) reach a bar chance (10%) cannot: >= 80%."""
-    run, _, _ = killed_and_resumed
+    run, _, _, _ = killed_and_resumed
     with open(os.path.join(run, "results.json")) as f:
         assert json.load(f)["test"]["top1"] >= 0.80
 
 
 def test_run_folder(killed_and_resumed):
-    run, _, _ = killed_and_resumed
+    run, _, _, _ = killed_and_resumed
     for name in ("model.keras", "best.keras", "last.keras", "config.json", "metrics.csv", "class_names.json",
-                 "results.json"):
+                 "results.json", "curves.png"):
         assert os.path.isfile(os.path.join(run, name)), name
     assert os.listdir(os.path.join(run, "logs")) and not os.path.exists(os.path.join(run, "backup"))
     assert not [f for f in os.listdir(run) if ".tmp" in f]
@@ -90,11 +101,28 @@ def test_run_folder(killed_and_resumed):
     assert config["class_names"] == [str(i) for i in range(10)]
 
 
+def test_curves_png_shows_loss_accuracy_and_learning_rate(killed_and_resumed):
+    run, _, _, _ = killed_and_resumed
+    with open(os.path.join(run, "metrics.csv")) as f:
+        lr = [float(r["learning_rate"]) for r in csv.DictReader(f)]
+    assert len(lr) == EPOCHS and lr[0] < lr[2] and lr[-1] < max(lr)  # warm-up, then cosine decay
+    width, height, std = _png(os.path.join(run, "curves.png"))
+    assert width > 800 and height > 250 and std > 10
+
+
+def test_cli_output_has_no_tensorflow_start_up_lines(killed_and_resumed):
+    """Both processes (the killed run and the resumed one) print no C++ log lines."""
+    _, _, _, output = killed_and_resumed
+    for noise in ("cuInit", "oneDNN", "absl", "E0000", "W0000", "I0000", "rebuild TensorFlow", "shuffle=True"):
+        assert noise not in output, noise
+    assert "test top-1" in output and "precision:" in output
+
+
 @pytest.fixture(scope="module")
 def digits_model(killed_and_resumed):
     import keras_vit
 
-    run, _, _ = killed_and_resumed
+    run, _, _, _ = killed_and_resumed
     return run, keras_vit.load_model(os.path.join(run, "model.keras"))
 
 
@@ -124,6 +152,20 @@ def test_evaluate_agrees_with_model_predict(digits_model):
     assert report["top5"] >= report["top1"] >= 0.8
     text = CliRunner().invoke(cli, ["evaluate", "--model", os.path.join(run, "model.keras")])
     assert text.exit_code == 0 and "top-1" in text.output and len(text.output.splitlines()) == 11
+    confusion = np.asarray(report["confusion_matrix"])
+    assert confusion.shape == (10, 10) and confusion.sum() == report["count"] == len(y_te)
+    assert np.trace(confusion) / confusion.sum() == pytest.approx(report["top1"], abs=1e-9)
+    assert confusion[3].sum() == (y_te == 3).sum()
+
+
+def test_evaluate_plot_writes_a_confusion_matrix_png(digits_model):
+    run, _ = digits_model
+    result = CliRunner().invoke(cli, ["evaluate", "--model", run, "--dataset", "digits", "--plot"])
+    assert result.exit_code == 0, result.output
+    png = os.path.join(run, "confusion_digits.png")
+    assert f"confusion matrix: {png}" in result.output
+    width, height, std = _png(png)
+    assert width > 300 and height > 300 and std > 10
 
 
 def test_predict_agrees_with_model_predict(digits_model, tmp_path):
@@ -208,3 +250,19 @@ def test_precision_and_jit_options_reach_the_config(args, expected, monkeypatch)
     result = CliRunner().invoke(cli, ["train", *args])
     assert result.exit_code == 2 and "stop here" in result.output
     assert (seen["mixed_precision"], seen["jit_compile"]) == expected
+
+
+def test_quiet_filter_drops_start_up_lines_and_keeps_real_errors():
+    from keras_vit.cli.quiet import is_noise
+
+    noise = [b"WARNING: All log messages before absl::InitializeLog() is called are written to STDERR",
+             b"I0000 00:00:1795922077.678788   27563 port.cc:153] oneDNN custom operations are on.",
+             b"W0000 00:00:1795922077.679118   27563 cudart_stub.cc:31] Could not find cuda drivers",
+             b"E0000 00:00:1795922082.967147   27563 cuda_platform.cc:52] failed call to cuInit: INTERNAL: "
+             b"CUDA error: Failed call to cuInit: UNKNOWN ERROR (303)",
+             b"To enable the following instructions: AVX2 AVX512F FMA, in other operations, rebuild TensorFlow "
+             b"with the appropriate compiler flags."]
+    kept = [b"E0000 00:00:1795922082.967147   27563 kernel.cc:10] Out of memory while allocating 4 GB",
+            b"Traceback (most recent call last):", b"Error: unknown recipe 'fast'", b"Epoch 1/8"]
+    assert all(is_noise(line) for line in noise)
+    assert not any(is_noise(line) for line in kept)

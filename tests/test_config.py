@@ -3,7 +3,7 @@ import pytest
 
 from keras_vit.config import VARIANTS, ViTConfig, parse_variant
 
-# Reference parameter counts at 224px, 1000 classes, token classifier (PAPER.md, issues 3 and 4).
+# Reference parameter counts at 224px, 1000 classes, token classifier (PAPER.md, Table 1 sizes).
 REFERENCE_COUNTS = {
     "Ti/16": 5_717_416, "S/16": 22_050_664, "B/16": 86_567_656, "B/32": 88_224_232,
     "B/8": 86_576_872, "L/16": 304_326_632, "L/32": 306_535_400, "H/14": 632_045_800,

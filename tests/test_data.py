@@ -106,10 +106,6 @@ def test_folder_train_val_layout(tmp_path):
 def test_folder_errors(tmp_path):
     with pytest.raises(data.DatasetError, match="does not exist"):
         data.load(f"folder:{tmp_path / 'missing'}")
-    _write_images(tmp_path / "bad", n=2)
-    (tmp_path / "bad" / "cat" / "broken.jpg").write_bytes(b"not an image")
-    with pytest.raises(data.DatasetError, match=r"cannot read image .*broken\.jpg"):
-        data.load(f"folder:{tmp_path / 'bad'}")
     (tmp_path / "empty").mkdir()
     with pytest.raises(data.DatasetError, match="no class sub-folders"):
         data.load(f"folder:{tmp_path / 'empty'}")

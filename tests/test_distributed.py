@@ -14,7 +14,6 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 
 _VITCLI = os.path.join(os.path.dirname(sys.executable), "vitcli")
@@ -147,6 +146,7 @@ def test_killed_worker_restarts_and_the_run_continues(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.jax
 def test_two_jax_processes_agree_on_the_weights(tmp_path):
     (port,) = free_ports(1)
     logs = [str(tmp_path / f"p{i}.log") for i in range(2)]

@@ -8,8 +8,8 @@ import numpy as np
 import onnx  # a required dependency: a failed import fails the suite, it is not skipped
 import onnxruntime as ort
 import pytest
+from export_helpers import DIGIT_NAMES, FAMILIES, full_ti16, small_model, trained_digits
 
-from export_helpers import DIGIT_NAMES, full_ti16, FAMILIES, small_model, trained_digits
 from keras_vit.export import ExportError, to_onnx, verify
 
 FAMILY_PARAMS = list(FAMILIES) + ["hybrid"]
@@ -174,13 +174,13 @@ def test_erfc_outside_gelu_becomes_one_minus_erf():
 
     from onnx import TensorProto, helper
 
-    from keras_vit.export.onnx import _replace_erfc
+    from keras_vit.export.onnx_graph import replace_erfc
 
     graph = helper.make_graph([helper.make_node("Erfc", ["y"], ["z"], name="erfc")], "g",
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [5])],
                               [helper.make_tensor_value_info("z", TensorProto.FLOAT, [5])])
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    assert _replace_erfc(proto) == 1
+    assert replace_erfc(proto) == 1
     onnx.checker.check_model(proto, full_check=True)
     y = np.array([-3.0, -0.5, 0.0, 0.7, 2.0], np.float32)
     z = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"y": y})[0]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import ai_edge_litert  # noqa: F401 - a required dependency: a failed import fails the suite, it is not skipped
 import numpy as np
 import pytest
+from export_helpers import DIGIT_NAMES, FAMILIES, full_ti16, small_model, trained_digits
 
-from export_helpers import DIGIT_NAMES, full_ti16, FAMILIES, small_model, trained_digits
 from keras_vit.export import ExportError, to_tflite, verify
 from keras_vit.export.tflite import labels_path, read_metadata
 

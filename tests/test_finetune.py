@@ -47,3 +47,89 @@ def test_freeze_backbone_leaves_only_the_head():
         finetune.freeze_backbone(keras_vit.ViT(config=ViTConfig(**{**TINY, "include_top": False})))
     with pytest.raises(ValueError, match=r"layer decay must be in \(0, 1\]"):
         finetune.layer_decay_scales(3, 1.5)
+
+
+# --- through training (keras_vit.train / vitcli train) -------------------------------------------
+SMALL = dict(hidden_size=32, num_layers=2, num_heads=2, mlp_dim=64)
+
+
+def test_make_optimizer_layer_decay_rates_and_one_global_clip():
+    from keras_vit import train as kt
+
+    cfg = kt.make_config("digits", recipe="finetune", layer_decay=0.5, learning_rate=0.1, warmup_epochs=0,
+                         clipnorm=1.0, **SMALL)
+    model = keras_vit.ViT("Ti/4", image_size=16, num_classes=10, **SMALL)
+    opt = kt.make_optimizer(cfg, steps_per_epoch=10, model=model)
+    assert isinstance(opt, finetune.LayerwiseOptimizer)
+    rates = sorted(float(o.learning_rate) for o in opt.optimizers)
+    assert rates == pytest.approx(sorted(0.1 * 0.5 ** k for k in range(SMALL["num_layers"] + 2)))
+    assert all(o.global_clipnorm is None for o in opt.optimizers)
+    # unit gradients everywhere: one global norm of sqrt(#weights) scales every update alike
+    variables = model.trainable_variables
+    before = [v.numpy().copy() for v in variables]
+    opt.apply([keras.ops.ones_like(v) for v in variables], variables)
+    total = np.sqrt(sum(int(np.prod(v.shape)) for v in variables))
+    for v, b in zip(variables, before):
+        expected = 0.1 * 0.5 ** (SMALL["num_layers"] + 1 - _group(v.path, SMALL["num_layers"])) / total
+        assert float(np.mean(b - v.numpy())) == pytest.approx(expected, rel=1e-4), v.path
+    with pytest.raises(kt.TrainError, match=r"layer_decay must be in \(0, 1\]"):
+        kt.make_config("digits", layer_decay=0.0)
+    with pytest.raises(kt.TrainError, match="use one"):
+        kt.make_config("digits", layer_decay=0.5, freeze_backbone=True)
+
+
+def test_vitcli_freeze_backbone_trains_only_the_head(tmp_path):
+    """A linear probe from a checkpoint: after training every backbone weight is bit-identical to
+    the checkpoint's, the head moved, and config.json records the option."""
+    import json
+
+    from click.testing import CliRunner
+
+    from keras_vit.cli.main import cli
+    from keras_vit.weights import model_arrays
+
+    src = keras_vit.ViT("Ti/4", image_size=16, num_classes=10, **SMALL)
+    rng = np.random.default_rng(0)
+    for v in src.weights:
+        v.assign(rng.normal(0, 0.1, v.shape).astype("float32"))
+    ckpt = keras_vit.save_npz(src, tmp_path / "start.npz")
+    run = tmp_path / "run"
+    args = ["train", "--dataset", "digits", "--epochs", "1", "--weights", ckpt, "--freeze-backbone",
+            "--output", str(run), "--jit", "none", "--mixed-precision", "none"]
+    for k, v in SMALL.items():
+        args += ["--" + k.replace("_", "-"), str(v)]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output[-2000:]
+    trained = keras_vit.load_model(run / "model.keras")
+    start, end = model_arrays(src), model_arrays(trained)
+    for k in start:
+        if k.startswith("head/"):
+            assert not np.array_equal(start[k], end[k]), k
+        else:
+            np.testing.assert_array_equal(start[k], end[k], err_msg=k)
+    with open(run / "config.json") as f:
+        train_cfg = json.load(f)["train"]
+    assert train_cfg["freeze_backbone"] is True and train_cfg["layer_decay"] is None
+    assert trained.class_names == [str(i) for i in range(10)]  # the dataset's names travel with the model
+
+
+def test_train_with_layer_decay_records_it(tmp_path):
+    import json
+
+    from keras_vit import train as kt
+
+    cfg = kt.make_config("digits", epochs=1, layer_decay=0.75, jit_compile="none", mixed_precision="none", **SMALL)
+    result = kt.train(cfg, output=str(tmp_path / "run"), verbose=0)
+    assert np.isfinite(result["last_epoch"]["loss"]) and result["test"]["top1"] > 0.2
+    with open(tmp_path / "run" / "config.json") as f:
+        assert json.load(f)["train"]["layer_decay"] == 0.75
+
+
+def test_vitcli_bad_layer_decay_is_one_line():
+    from click.testing import CliRunner
+
+    from keras_vit.cli.main import cli
+
+    result = CliRunner().invoke(cli, ["train", "--layer-decay", "2"])
+    assert result.exit_code == 2 and result.output.strip().count("\n") == 0
+    assert "layer_decay must be in (0, 1], got 2.0" in result.output

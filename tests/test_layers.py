@@ -194,3 +194,21 @@ def test_token_pooling(rng):
     x = rng.normal(size=(2, 5, 3)).astype("float32")
     np.testing.assert_array_equal(keras.ops.convert_to_numpy(L.TokenPooling("token")(x)), x[:, 0])
     np.testing.assert_allclose(keras.ops.convert_to_numpy(L.TokenPooling("gap")(x)), x.mean(1), atol=1e-6)
+
+
+def test_every_layer_has_its_own_get_config():
+    """Keras' automatic config fails for layers built with a DTypePolicy (a mixed-precision graph):
+    each keras_vit layer writes its config out, so any model containing one saves."""
+    import inspect as pyinspect
+
+    from keras_vit import layers as L
+    from keras_vit import resnet as R
+
+    for module in (L, R):
+        for name, cls in pyinspect.getmembers(module, pyinspect.isclass):
+            if issubclass(cls, keras.layers.Layer) and cls.__module__ == module.__name__:
+                assert "get_config" in vars(cls), f"{name} has no get_config"
+    layer = L.ClassToken(dtype=keras.DTypePolicy("mixed_bfloat16"), name="cls")
+    layer.build((None, 4, 8))
+    again = L.ClassToken.from_config(layer.get_config())
+    assert again.dtype_policy.name == "mixed_bfloat16"

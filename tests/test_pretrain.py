@@ -1,5 +1,6 @@
 """keras_vit.pretrain and `vitcli pretrain`: masked patch prediction (paper Appendix B.1.2)."""
 import json
+import os
 
 import keras
 import numpy as np
@@ -74,7 +75,7 @@ def test_loss_is_on_corrupted_patches_only():
 def test_pretraining_learns_and_saves_a_fine_tunable_encoder(tmp_path, target):
     x_tr = digits_data()[0][:256]
     enc = keras_vit.ViT("Ti/4", image_size=32, include_top=False, **SMALL)
-    hist = mpp.pretrain(enc, x_tr, x_tr[:64], target=target, epochs=3, batch_size=32, learning_rate=2e-3,
+    hist = mpp.pretrain_encoder(enc, x_tr, x_tr[:64], target=target, epochs=3, batch_size=32, learning_rate=2e-3,
                         seed=0, verbose=0)
     assert hist["loss"][-1] < hist["loss"][0] and "val_loss" in hist
     path = mpp.save_encoder(enc, str(tmp_path / "run" / "model.keras"))
@@ -95,7 +96,7 @@ def test_pretraining_learns_and_saves_a_fine_tunable_encoder(tmp_path, target):
 def test_pretrain_rejects_bad_input():
     enc = keras_vit.ViT("Ti/4", image_size=32, include_top=False, **SMALL)
     with pytest.raises(ValueError, match=r"\(N, 32, 32, 3\)"):
-        mpp.pretrain(enc, random_images(4, 16, 16), epochs=1)
+        mpp.pretrain_encoder(enc, random_images(4, 16, 16), epochs=1)
     with pytest.raises(ValueError, match="mask_ratio"):
         mpp.corruption_codes(1, 4, np.random.default_rng(0), mask_ratio=0.0)
     with pytest.raises(ValueError, match="end with .keras"):
@@ -122,7 +123,7 @@ def test_cli_pretrain_writes_encoder_and_metrics(tmp_path):
 
 @pytest.mark.slow
 def test_vitcli_pretrain_then_train_with_weights(tmp_path):
-    """The issue's workflow: `vitcli pretrain --dataset D`, then `vitcli train --weights .../model.keras`
+    """The documented workflow: `vitcli pretrain --dataset D`, then `vitcli train --weights .../model.keras`
     loads every encoder weight (only the new head is left as initialised)."""
     from keras_vit.cli.main import cli
 
@@ -147,3 +148,26 @@ def test_pretrainer_around_a_hybrid_predicts_per_feature_map_patch():
     model = mpp.build_pretrainer(enc, "color")
     inputs, targets, _ = next(mpp.masked_patch_batches(random_images(2, 64, 64), (32, 32), 4, 2))
     assert model(inputs).shape == (2, 4, 512) and targets.shape == (2, 4)
+
+
+class _StartingWeights(keras.callbacks.Callback):
+    """Records the model's weights when fit starts (after the build, before any update)."""
+
+    def on_train_begin(self, logs=None):
+        self.weights = [np.array(w) for w in self.model.get_weights()]
+
+
+def test_pretrain_seed_fixes_the_starting_weights(tmp_path):
+    """Same seed, same initial encoder (the seed is set before the encoder is built); another seed differs."""
+    def start(seed, name):
+        cfg = mpp.PretrainConfig(dataset="digits", variant="Ti/4", hidden_size=16, num_layers=1, num_heads=2,
+                                 mlp_dim=32, epochs=1, batch_size=512, seed=seed)
+        probe = _StartingWeights()
+        result = mpp.pretrain(cfg, output=str(tmp_path / name), verbose=0, callbacks=[probe])
+        assert os.path.isfile(result["model"]) and len(result["history"]["loss"]) == 1
+        return probe.weights
+
+    a, b, c = start(1, "a"), start(1, "b"), start(2, "c")
+    assert len(a) == len(b) == len(c) > 4
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert not all(np.array_equal(x, z) for x, z in zip(a, c) if x.std() > 0)

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import warnings
 
+import keras
 import numpy as np
 import pytest
-
-import keras
-import keras_vit
 from export_helpers import trained_digits
+
+import keras_vit
 from tests.conftest import random_images
 
 MLP_DENSE = ("Dense_0", "Dense_1")
@@ -43,6 +43,26 @@ def test_keras_quantize_keeps_predictions_of_trained_digits_model(mode, max_rel_
     rel = float(np.abs(out - ref).max() / np.abs(ref).max())
     assert rel <= max_rel_diff, (mode, rel)
     assert not np.array_equal(out, ref)  # the quantized kernels are what ran
+
+
+@pytest.mark.parametrize("mode", ["int8", "float8", "int4"])
+def test_quantized_model_save_load_round_trip(mode, tmp_path):
+    """model.save / keras_vit.load_model of a quantized model: same layers quantized, same logits."""
+    keras.utils.set_random_seed(0)
+    model = keras_vit.ViT("Ti/8", image_size=32, num_classes=5, hidden_size=32, num_heads=2, mlp_dim=64,
+                          num_layers=2, classifier="gap", representation_size=16)
+    rng = np.random.default_rng(0)
+    for w in model.weights:
+        w.assign(rng.normal(0, 0.3, w.shape).astype("float32"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.quantize(mode)
+    x = random_images(4, 32, 32)
+    model.save(tmp_path / "q.keras")
+    back = keras_vit.load_model(tmp_path / "q.keras")
+    policies = {layer.path: layer.dtype_policy.name for layer in back._flatten_layers() if layer.quantization_mode}
+    assert policies == model.get_config()["quantized"] and len(policies) == 6  # 4 MLP, pre-logits, head
+    np.testing.assert_array_equal(back.predict(x, verbose=0), model.predict(x, verbose=0))
 
 
 def test_lora_on_mlp_dense_layers_changes_logits_by_the_low_rank_update():

@@ -2,18 +2,16 @@
 kept), for every pos_embedding kind, from an .npz or from a model in memory / on disk."""
 from __future__ import annotations
 
+import ckpt_factory as cf
 import keras
 import numpy as np
 import pytest
+import reference_vit as ref
 import scipy.ndimage
 
 import keras_vit
 from keras_vit.config import ViTConfig
-from keras_vit.resize import (infer_grid, interpolation_matrix, resample_grid, resample_position_embeddings,
-                              resample_relative_embedding)
-
-import ckpt_factory as cf
-import reference_vit as ref
+from keras_vit.resize import infer_grid, interpolation_matrix, resample_grid, resample_position_embeddings, resample_relative_embedding
 
 TINY = dict(hidden_size=32, mlp_dim=64, num_heads=2, num_layers=2, num_classes=5)
 

@@ -5,13 +5,12 @@ from __future__ import annotations
 import keras
 import numpy as np
 import pytest
+import reference_vit as ref
 
 import keras_vit
 from keras_vit.config import ViTConfig, parse_variant
 from keras_vit.counts import _resnet_params
 from keras_vit.resnet import BottleneckUnit, ResNetStem, StdConv2D
-
-import reference_vit as ref
 
 
 def test_std_conv_standardises_the_kernel():

@@ -11,16 +11,14 @@ import json
 import logging
 import os
 
+import ckpt_factory as cf
 import numpy as np
 import pytest
+import reference_vit as ref
 from safetensors.numpy import load_file, save_file
 
 import keras_vit
-from keras_vit import weights as W
 from keras_vit.config import ViTConfig
-
-import ckpt_factory as cf
-import reference_vit as ref
 
 TOL = 1e-4
 TINY = dict(hidden_size=32, mlp_dim=64, num_heads=2, num_layers=2)
@@ -157,6 +155,14 @@ def test_hugging_face_matches_reference(tmp_path, images, classifier):
     cfg = plain_cfg() if classifier else plain_cfg(include_top=False, representation_size=8)
     model = keras_vit.ViT(config=cfg, weights=st)
     assert np.abs(logits(model, images) - ref.forward(npz, images)).max() <= TOL
+
+
+def test_a_new_head_drops_the_pre_logits(tmp_path):
+    """The pre-logits layer follows the checkpoint's head: kept with it, replaced with it (paper)."""
+    npz = cf.write(tmp_path / "rep.npz", cf.vit_checkpoint(np.random.default_rng(17), representation=8, classes=5))
+    assert keras_vit.ViT(weights=npz).vit_config.representation_size == 8
+    assert keras_vit.ViT(weights=npz, num_classes=3).vit_config.representation_size is None
+    assert keras_vit.ViT(weights=npz, num_classes=3, representation_size=8).vit_config.representation_size == 8
 
 
 def test_checkpoint_file_sets_the_architecture(tmp_path):
@@ -303,8 +309,37 @@ def test_zero_head_and_resampling_say_so(tmp_path, caplog):
     arrays["head/bias"][:] = 0
     npz = cf.write(tmp_path / "i21k.npz", arrays)
     with caplog.at_level(logging.WARNING, logger="keras_vit"):
-        keras_vit.ViT(config=plain_cfg(image_size=16), weights=npz)
+        model = keras_vit.ViT(config=plain_cfg(image_size=16), weights=npz)
     lines = [r.getMessage() for r in caplog.records]
     assert any("all-zero head" in m and "untrained" in m for m in lines), lines
     assert any("resampled from a 2x2 to a 4x4 grid" in m for m in lines), lines
     assert all("\n" not in m for m in lines)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="keras_vit"):
+        keras_vit.ViT(config=plain_cfg(image_size=16, num_classes=3), weights=npz)  # a new head: nothing to say
+        keras_vit.resize_model(model, 8)  # a model in memory, not a checkpoint
+    assert not [r for r in caplog.records if "untrained" in r.getMessage()]
+
+
+def test_hf_cached_timm_model(tmp_path, monkeypatch):
+    """A timm Hub model: the architecture name gives the variant (and heads), input_size the image
+    size; a 1000-class head without label names gets ImageNet's."""
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    arrays = cf.vit_checkpoint(np.random.default_rng(15), hidden=192, heads=3, mlp=768, layers=12, patch=16,
+                               grid=(2, 2), classes=1000)
+    config = {"architecture": "vit_tiny_patch16_224", "num_classes": 1000,
+              "pretrained_cfg": {"input_size": [3, 32, 32], "mean": [0.5] * 3, "std": [0.5] * 3}}
+
+    def write_config(p):
+        with open(p, "w") as f:
+            json.dump(config, f)
+
+    _hub_cache(tmp_path, "timm/vit_tiny_patch16_224.test", {
+        "model.safetensors": lambda p: save_file(timm_state_dict(arrays, layers=12), p), "config.json": write_config})
+    model = keras_vit.ViT(weights="hf://timm/vit_tiny_patch16_224.test", gelu_approximate=True)
+    cfg = model.vit_config
+    assert (cfg.variant, cfg.num_heads, cfg.image_size, cfg.num_classes) == ("Ti/16", 3, (32, 32), 1000)
+    assert model.class_names == keras_vit.imagenet_labels()
+    x = np.random.default_rng(16).uniform(0, 255, (1, 32, 32, 3)).astype(np.float32)
+    assert np.abs(logits(model, x) - ref.forward(cf.write(tmp_path / "ti.npz", arrays), x)).max() <= TOL

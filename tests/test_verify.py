@@ -5,7 +5,6 @@ import json
 
 import numpy as np
 import pytest
-
 from export_helpers import small_model
 
 from keras_vit.export import THRESHOLDS, ExportError, Runner, format_table, report_path, to_onnx, verify  # noqa: E402
@@ -55,7 +54,7 @@ def test_precision_thresholds_and_bad_arguments(exported, tmp_path):
     with pytest.raises(ExportError, match="precision must be one of"):
         verify(model, path, num_images=4, precision="int4", write_report=False)
     (tmp_path / "m.pt").write_bytes(b"x")
-    with pytest.raises(ExportError, match="expected .onnx or .tflite"):
+    with pytest.raises(ExportError, match="expected .onnx, .tflite or a SavedModel folder"):
         verify(model, tmp_path / "m.pt")
     with pytest.raises(ExportError, match="does not exist"):
         verify(model, tmp_path / "missing.onnx")

@@ -5,7 +5,7 @@ import pytest
 
 import keras_vit
 from keras_vit.config import ViTConfig
-from tests.conftest import randomise_head, random_images
+from tests.conftest import random_images, randomise_head
 from tests.test_config import REFERENCE_COUNTS
 
 TINY = dict(hidden_size=32, num_heads=2, mlp_dim=64, num_layers=2)
@@ -173,6 +173,29 @@ def test_mixed_bfloat16_trains_with_float32_norms_and_logits():
         assert keras.backend.standardize_dtype(probs.dtype) == "float32"
     finally:
         keras.mixed_precision.set_global_policy("float32")
+
+
+def test_save_load_keeps_the_dtype_policy_whatever_the_global_one(tmp_path):
+    x = random_images(3, 16, 16)
+    for built, loaded in (("mixed_bfloat16", "float32"), ("float32", "mixed_bfloat16")):
+        keras.mixed_precision.set_global_policy(built)
+        try:
+            model = keras_vit.ViT(variant="Ti/8", image_size=16, num_classes=3, **TINY)
+        finally:
+            keras.mixed_precision.set_global_policy("float32")
+        randomise_head(model)
+        model.save(tmp_path / f"{built}.keras")
+        keras.mixed_precision.set_global_policy(loaded)
+        try:
+            back = keras_vit.load_model(tmp_path / f"{built}.keras")
+            back.save(tmp_path / f"{built}-again.keras")  # and once more: the policy is in the config
+            again = keras_vit.load_model(tmp_path / f"{built}-again.keras")
+        finally:
+            keras.mixed_precision.set_global_policy("float32")
+        for m in (back, again):
+            assert m.dtype_policy.name == built
+            assert m.get_layer("encoderblock_0").compute_dtype == keras.mixed_precision.Policy(built).compute_dtype
+            np.testing.assert_array_equal(m.predict(x, verbose=0), model.predict(x, verbose=0))
 
 
 @pytest.mark.parametrize("kwargs,match", [

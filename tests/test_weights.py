@@ -7,15 +7,14 @@ import subprocess
 import sys
 import textwrap
 
+import ckpt_factory as cf
 import numpy as np
 import pytest
+import reference_vit as ref
 
 import keras_vit
 from keras_vit import weights as W
 from keras_vit.config import ViTConfig
-
-import ckpt_factory as cf
-import reference_vit as ref
 
 TOL = 1e-4
 TINY = dict(hidden_size=32, mlp_dim=64, num_heads=2, num_layers=2)

@@ -5,7 +5,7 @@ import functools
 TINY_DIGITS = dict(hidden_size=64, num_heads=4, mlp_dim=128, num_layers=2, patch_size=4)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def digits_data():
     """x_train, y_train, x_test, y_test of keras_vit.data.digits_arrays()."""
     from keras_vit.data import digits_arrays
@@ -13,7 +13,7 @@ def digits_data():
     return digits_arrays()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def trained_digits_vit(epochs: int = 8):
     """A Ti-sized-down ViT (2 layers, D=64) fit on the digits train split: ~90% test accuracy, ~20 s on 2 cores."""
     import keras

@@ -5,18 +5,38 @@ fit loop, distribution, and reading trained models back.
 defaults, then your overrides); `train(cfg)` runs it into a run folder with checkpoints,
 metrics.csv, TensorBoard logs and a resumable backup; `evaluate` and `predict_images` read a
 trained model the same way `vitcli evaluate` / `vitcli predict` do.
-"""
-from keras_vit.errors import TrainError
-from keras_vit.train.callbacks import AtomicCheckpoint, atomic_checkpoint
-from keras_vit.train.distribute import ClusterError, PeerLostError, distribution_scope, replicas, start_cluster
-from keras_vit.train.evaluate import evaluate, predict_images, predict_logits
-from keras_vit.train.initial import load_initial_weights
-from keras_vit.train.loop import train
-from keras_vit.train.recipes import (DATASET_DEFAULTS, DISTRIBUTE, MODEL_FIELDS, OPTIMIZERS, RECIPES, TrainConfig,
-                                     make_config, make_optimizer, resolve_speed, warmup_cosine)
-from keras_vit.train.runs import RUNS_DIR, class_names_for, model_path, new_run_dir, resolve_run_dir
 
-__all__ = ["AtomicCheckpoint", "ClusterError", "PeerLostError", "start_cluster", "DATASET_DEFAULTS", "DISTRIBUTE", "MODEL_FIELDS", "OPTIMIZERS", "RECIPES", "RUNS_DIR",
-           "TrainConfig", "TrainError", "atomic_checkpoint", "class_names_for", "distribution_scope", "evaluate",
-           "load_initial_weights", "make_config", "make_optimizer", "model_path", "new_run_dir", "predict_images",
-           "predict_logits", "replicas", "resolve_run_dir", "resolve_speed", "train", "warmup_cosine"]
+Names load on first use, so that `keras_vit.train.runs` (reading run folders) imports no TensorFlow.
+"""
+from __future__ import annotations
+
+import importlib
+
+# public name -> submodule that defines it
+_LAZY = {
+    **dict.fromkeys(["DATASET_DEFAULTS", "DISTRIBUTE", "MODEL_FIELDS", "OPTIMIZERS", "RECIPES", "TrainConfig",
+                     "make_config", "make_optimizer", "resolve_speed", "warmup_cosine"], "recipes"),
+    **dict.fromkeys(["RUNS_DIR", "RunInfo", "class_names_for", "model_path", "new_run_dir", "read_run",
+                     "resolve_run_dir"], "runs"),
+    **dict.fromkeys(["AtomicCheckpoint", "LearningRateLogger", "atomic_checkpoint"], "callbacks"),
+    **dict.fromkeys(["ClusterError", "PeerLostError", "distribution_scope", "replicas", "start_cluster"],
+                    "distribute"),
+    **dict.fromkeys(["evaluate", "predict", "predict_images", "predict_logits"], "evaluate"),
+    "load_initial_weights": "initial",
+    "train": "loop",
+    "TrainError": None,
+}
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'keras_vit.train' has no attribute {name!r}")
+    module = "keras_vit.errors" if _LAZY[name] is None else f"keras_vit.train.{_LAZY[name]}"
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return __all__

@@ -9,7 +9,6 @@ import numpy as np
 from keras_vit.files import save_model
 
 
-
 class AtomicCheckpoint(keras.callbacks.Callback):
     """Saves the model each epoch as `last.keras` and, when `monitor` improves, as `best.keras`,
     each through a temporary name, so a kill mid-write never leaves a truncated checkpoint."""
@@ -30,3 +29,12 @@ class AtomicCheckpoint(keras.callbacks.Callback):
 def atomic_checkpoint(folder: str, monitor: str = "val_accuracy") -> AtomicCheckpoint:
     """The AtomicCheckpoint callback for a run folder."""
     return AtomicCheckpoint(folder, monitor)
+
+
+class LearningRateLogger(keras.callbacks.Callback):
+    """Adds the optimizer's learning rate at the end of each epoch to the logs (so metrics.csv
+    and TensorBoard record the schedule); put it before the loggers."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            logs["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))

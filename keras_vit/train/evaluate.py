@@ -2,14 +2,13 @@
 loss and accuracies, top-k predictions for image files."""
 from __future__ import annotations
 
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import keras
 import numpy as np
-import tensorflow as tf
 
 from keras_vit import data as kdata
-from keras_vit.errors import TrainError, first_line
+from keras_vit.errors import TrainError
 from keras_vit.model import get_config
 
 
@@ -25,7 +24,8 @@ def predict_logits(model: keras.Model, ds, batch_size: int = 128) -> Tuple[np.nd
 
 
 def evaluate(model: keras.Model, ds, class_names: Sequence[str], batch_size: int = 128) -> Dict[str, Any]:
-    """Loss, top-1, top-5 and per-class accuracy of `model` on a split, from `model.predict`."""
+    """Loss, top-1, top-5, per-class accuracy and the confusion matrix (rows: true class,
+    columns: predicted) of `model` on a split, from `model.predict`."""
     logits, labels = predict_logits(model, ds, batch_size)
     n_cls = logits.shape[-1]
     if labels.size and labels.max() >= n_cls:
@@ -38,23 +38,45 @@ def evaluate(model: keras.Model, ds, class_names: Sequence[str], batch_size: int
     topk = (np.argsort(-logits, axis=-1)[:, :k] == labels[:, None]).any(-1)
     names = list(class_names) if len(class_names) == n_cls else [str(i) for i in range(n_cls)]
     per_class = {names[c]: float(top1[labels == c].mean()) for c in range(n_cls) if (labels == c).any()}
+    confusion = np.zeros((n_cls, n_cls), np.int64)
+    np.add.at(confusion, (labels, logits.argmax(-1)), 1)
     return {"loss": loss, "top1": float(top1.mean()), "top5": float(topk.mean()), "per_class": per_class,
-            "count": int(len(labels))}
+            "count": int(len(labels)), "confusion_matrix": confusion.tolist()}
+
+
+def _images(model: keras.Model, images) -> np.ndarray:
+    """A (B, H, W, C) float batch at the model's size: from image files (read and resized as in
+    training) or an array / one image already in [0, 255]."""
+    vcfg = get_config(model)
+    if isinstance(images, (str, bytes)) or (isinstance(images, (list, tuple)) and images and isinstance(images[0], str)):
+        paths = [images] if isinstance(images, (str, bytes)) else list(images)
+        return np.stack([kdata.load_image_file(p, vcfg.image_size, vcfg.channels) for p in paths])
+    x = np.asarray(images, np.float32)
+    if x.ndim == 3:
+        x = x[None]
+    if x.ndim != 4:
+        raise ValueError(f"images must be file paths or an array (B, H, W, C) / (H, W, C), got shape {x.shape}")
+    if x.shape[1:3] != tuple(vcfg.image_size) or x.shape[-1] != vcfg.channels:
+        x = np.asarray(kdata.prepare_image(x, vcfg.image_size, vcfg.channels), np.float32)
+    return x
+
+
+def predict(model: keras.Model, images, top_k: int = 5, class_names: Optional[Sequence[str]] = None
+            ) -> List[List[Tuple[str, float]]]:
+    """Top-k (class name, probability) per image: image files or an array in [0, 255]. Names come
+    from `class_names`, else the model's own (`model.class_names`, e.g. ImageNet's), else indices."""
+    logits = np.asarray(model.predict(_images(model, images), verbose=0), np.float32)
+    n = logits.shape[-1]
+    names = list(class_names or getattr(model, "class_names", None) or [])
+    if len(names) != n:
+        names = [str(i) for i in range(n)]
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    k = max(1, min(top_k, n))
+    return [[(names[i], float(row[i])) for i in np.argsort(-row)[:k]] for row in probs]
 
 
 def predict_images(model: keras.Model, paths: Sequence[str], class_names: Sequence[str], top_k: int = 5
                    ) -> List[List[Tuple[str, float]]]:
     """Top-k (class name, probability) for each image file, preprocessed as in training."""
-    vcfg = get_config(model)
-    images = []
-    for p in paths:
-        try:
-            img = kdata.read_image(tf.constant(open(p, "rb").read()), from_bytes=True)
-        except (OSError, tf.errors.OpError) as exc:
-            raise TrainError(f"cannot read image {p}: {first_line(exc)}") from None
-        images.append(kdata.prepare_image(img, vcfg.image_size, vcfg.channels).numpy())
-    logits = model.predict(np.stack(images), verbose=0)
-    probs = np.exp(logits - logits.max(-1, keepdims=True))
-    probs /= probs.sum(-1, keepdims=True)
-    k = max(1, min(top_k, probs.shape[-1]))
-    return [[(class_names[i], float(row[i])) for i in np.argsort(-row)[:k]] for row in probs]
+    return predict(model, list(paths), top_k=top_k, class_names=class_names)

@@ -16,8 +16,8 @@ from keras_vit.weights import load_npz
 def load_initial_weights(model: keras.Model, path: str) -> Dict[str, List[str]]:
     """Initialise `model` from a checkpoint: a .npz (or a published checkpoint name) goes to
     keras_vit.weights.load_npz; a .keras is copied variable by variable where the paths (keras_vit
-    layer names) and shapes match, skipping the classification head, so encoders from other heads
-    (pre-training) load too. Returns {"loaded": [...], "skipped": [...]}."""
+    layer names) and shapes match, so encoders from other heads (pre-training) load too and a head
+    of another size keeps its initialisation. Returns {"loaded": [...], "skipped": [...]}."""
     path = os.fspath(path)
     if not path.endswith(".keras"):
         load_npz(model, path)  # raises on any misfit; a head of another size stays initialised
@@ -33,7 +33,8 @@ def load_initial_weights(model: keras.Model, path: str) -> Dict[str, List[str]]:
     loaded, skipped = [], []
     for var in model.weights:
         src = by_path.get(var.path)
-        if var.path.startswith("head/") or src is None or tuple(src.shape) != tuple(var.shape):
+        # A head of the same size loads too: a linear probe's head carries on into full fine-tuning.
+        if src is None or tuple(src.shape) != tuple(var.shape):
             skipped.append(var.path)
             continue
         var.assign(keras.ops.cast(src.value, var.dtype))

@@ -19,16 +19,16 @@ from keras_vit import data as kdata
 from keras_vit import precision
 from keras_vit.config import ViTConfig
 from keras_vit.errors import TrainError
-from keras_vit.files import save_model, write_json
+from keras_vit.files import save_model, write_json, write_text
 from keras_vit.model import build_model
-from keras_vit.train.callbacks import atomic_checkpoint
-from keras_vit.train.distribute import (Cluster, ClusterError, PeerLostError, FollowChief, check_same_options,
-                                        clip_summed_gradients, distribution_scope, fingerprint, is_peer_lost, replicas, shard_datasets, weights_digest,
-                                        start_cluster)
+from keras_vit.plots import plot_training_curves, read_metrics_csv
+from keras_vit.train.callbacks import LearningRateLogger, atomic_checkpoint
+from keras_vit.train.distribute import (Cluster, ClusterError, FollowChief, PeerLostError, check_same_options,
+                                        clip_summed_gradients, distribution_scope, fingerprint, is_peer_lost,
+                                        replicas, shard_datasets, start_cluster, weights_digest)
 from keras_vit.train.initial import load_initial_weights
 from keras_vit.train.recipes import TrainConfig, make_optimizer, resolve_speed
-from keras_vit.train.runs import (RUNS_DIR, backup_epoch, check_output, new_run_dir, read_run_config,
-                                  resolve_run_dir, trim_csv)
+from keras_vit.train.runs import RUNS_DIR, backup_epoch, check_output, new_run_dir, read_run_config, resolve_run_dir, trim_csv
 
 
 @dataclasses.dataclass
@@ -48,7 +48,8 @@ def train(cfg: TrainConfig, output: Optional[str] = None, resume: bool = False,
     """Train `cfg` into a run folder (or resume the one at `output` / `root/latest`).
 
     The folder gets config.json, class_names.json, metrics.csv, logs/ (TensorBoard),
-    best.keras / last.keras each epoch, model.keras at the end and results.json (test metrics).
+    best.keras / last.keras each epoch, model.keras, curves.png (loss, accuracy, learning rate
+    per epoch) at the end and results.json (test metrics).
 
     Under TF_CONFIG (or the KERAS_DISTRIBUTION_* variables on JAX) the process first joins the
     cluster (waiting at most `peer_timeout` seconds for its peers); only the chief writes the run
@@ -100,18 +101,24 @@ def _train(cfg: TrainConfig, run: Optional[str], resume: bool, cluster: Cluster,
             if model.stop_training and any(np.isnan(v) for v in history.history.get("loss", [])):
                 raise TrainError(f"training diverged (loss NaN); kept checkpoints in {run}; try a lower --lr")
             save_model(model, os.path.join(run, "model.keras"))
+            plot_training_curves(read_metrics_csv(os.path.join(run, "metrics.csv")), os.path.join(run, "curves.png"))
             test = dict(zip(["loss", "top1", "top5"], (float(v) for v in model.evaluate(data.test, verbose=0))))
         except tf.errors.OpError as exc:  # e.g. an image that decodes badly mid-run
             if is_peer_lost(cluster, exc):
                 raise PeerLostError(f"worker {cluster.index}: a peer of the cluster stopped ({op_error_line(exc)}); "
                                     "start it again with its command: the cluster continues from the last "
                                     "completed epoch") from None
-            raise TrainError(f"training failed: {op_error_line(exc)}") from None
+            raise TrainError(kdata.bad_image_line(exc) or f"training failed: {op_error_line(exc)}") from None
     result = {"run": run if cluster.is_chief else None, "test": test, "train_seconds": round(seconds, 1),
               "epochs": cfg.epochs, "params": int(model.count_params()), "resumed": bool(resume),
               "replicas": replicas(model), "workers": cluster.num_workers, "worker": cluster.index,
               "mixed_precision": mixed, "jit_compile": jit, "weights_digest": weights_digest(model),
               "last_epoch": {k: float(v[-1]) for k, v in history.history.items() if v}}
+    bad = data.splits.bad_images
+    if bad is not None:  # skip_bad_images: the skipped files, named in the run folder
+        result["bad_images"] = len(bad)
+        if cluster.is_chief:
+            write_text(os.path.join(run, "bad_images.txt"), "".join(p + "\n" for p in bad.paths))
     if cluster.is_chief:
         write_json(os.path.join(run, "results.json"), result)
     return result
@@ -174,7 +181,8 @@ def _speed_settings(mixed: str, jit: str) -> Iterator[None]:
 
 def _load_data(cfg: TrainConfig, cluster: Optional[Cluster] = None) -> _Data:
     """The dataset's splits as training (augmented), validation and test pipelines."""
-    splits = kdata.load(cfg.dataset, seed=cfg.seed, val_fraction=cfg.val_fraction, data_dir=cfg.data_dir)
+    splits = kdata.load(cfg.dataset, seed=cfg.seed, val_fraction=cfg.val_fraction, data_dir=cfg.data_dir,
+                        skip_bad_images=cfg.skip_bad_images)
     channels = 1 if splits.image_shape[-1] == 1 else 3
     vit_cfg = cfg.vit_config(splits.num_classes, channels)
     opts = dict(image_size=vit_cfg.image_size, batch_size=cfg.batch_size, num_classes=splits.num_classes,
@@ -182,7 +190,9 @@ def _load_data(cfg: TrainConfig, cluster: Optional[Cluster] = None) -> _Data:
     train_ds = kdata.pipeline(splits.train, training=True, augment=cfg.augment, mixup=cfg.mixup,
                               cutmix=cfg.cutmix, **opts)
     steps = int(train_ds.cardinality())
-    if steps < 1:
+    if steps < 1 and splits.sizes:  # skipped bad files or record shards: the listed count
+        steps = splits.sizes[0] // cfg.batch_size
+    elif steps < 1:
         steps = sum(1 for _ in train_ds)
     if steps < 1:
         raise TrainError(f"batch size {cfg.batch_size} is larger than the training split; use a smaller --batch-size")
@@ -208,15 +218,20 @@ def _build_model(cfg: TrainConfig, data: _Data, jit: str) -> keras.Model:
     num_classes = data.splits.num_classes
     with distribution_scope(cfg.distribute):
         model = build_model(data.vit_cfg)
+        model.class_names = list(data.splits.class_names)  # saved with the model
         if cfg.weights:
             report = load_initial_weights(model, cfg.weights)
             if report.get("npz"):
                 print(f"initial weights: checkpoint {cfg.weights} (head kept when its size differs)")
             else:
                 print(f"initial weights: {len(report['loaded'])} variables from {cfg.weights}, "
-                      f"{len(report['skipped'])} kept as initialised (head, new shapes)")
+                      f"{len(report['skipped'])} kept as initialised (new shapes)")
+        if cfg.freeze_backbone:
+            from keras_vit.finetune import freeze_backbone
+
+            freeze_backbone(model)
         model.compile(
-            optimizer=clip_summed_gradients(make_optimizer(cfg, data.steps)),
+            optimizer=clip_summed_gradients(make_optimizer(cfg, data.steps, model=model)),
             loss=keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=cfg.label_smoothing),
             metrics=[keras.metrics.CategoricalAccuracy(name="accuracy"),
                      keras.metrics.TopKCategoricalAccuracy(k=min(5, num_classes), name="top5")],
@@ -234,6 +249,7 @@ def _callbacks(run: str, resume: bool, cluster: Optional[Cluster] = None) -> Lis
         trim_csv(csv_path, backup_epoch(backup))
     callbacks = [
         keras.callbacks.TerminateOnNaN(),
+        LearningRateLogger(),
         keras.callbacks.CSVLogger(csv_path, append=True),
         keras.callbacks.TensorBoard(os.path.join(run, "logs"), write_graph=False, profile_batch=0),
         atomic_checkpoint(run, monitor="val_accuracy"),

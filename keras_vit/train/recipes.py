@@ -24,11 +24,9 @@ RECIPES: Dict[str, Dict[str, Any]] = {
                      mixup=0.0, cutmix=0.0, dropout_rate=0.0, drop_path_rate=0.0),
 }
 # Per-dataset defaults: the model used when no --variant is given, its image size, and the
-# schedule length. digits: a small custom ViT (16 tokens: 4x4 patches at 16px, each 2x2 of the
-# original 8x8 pixels) that trains in minutes on a 2-core CPU; 16 tokens of 4x4 learnt faster and
-# generalised better than 64 tokens of 2x2 at equal cost; augmentation slowed learning and
-# dropout 0.1 did not help on average at this budget; 80 epochs rather than 40 put every seed
-# tried (0-3) at >= 98% test top-1 in about 75 s of training (see BENCHMARKS.md).
+# schedule length. digits: a small custom ViT (16 tokens: 4x4 patches at 16 px, each 2x2 of the
+# original 8x8 pixels) that reaches >= 98% test top-1 in about 75 s on a 2-core CPU; how these
+# sizes, the epochs and no augmentation were chosen is in BENCHMARKS.md ("Training on digits").
 _SMALL = dict(variant="Ti/4", image_size=32, epochs=100, batch_size=128)
 DATASET_DEFAULTS: Dict[str, Dict[str, Any]] = {
     "digits": dict(variant="Ti/4", image_size=16, epochs=80, batch_size=32, augment="none",
@@ -77,8 +75,11 @@ class TrainConfig:
     val_fraction: float = 0.1
     weights: Optional[str] = None
     data_dir: Optional[str] = None
+    skip_bad_images: bool = False  # drop image files that do not decode (listed in bad_images.txt)
+    freeze_backbone: bool = False  # linear probe: only the head trains
+    layer_decay: Optional[float] = None  # block i of L at R^(L-i) of the head's rate, embeddings R^(L+1)
 
-    def validate(self) -> "TrainConfig":
+    def validate(self) -> TrainConfig:
         """Raise TrainError naming the bad value and what is allowed."""
         if self.recipe not in RECIPES:
             raise TrainError(f"unknown recipe {self.recipe!r}; allowed: {', '.join(RECIPES)}")
@@ -102,9 +103,18 @@ class TrainConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise TrainError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
+        if self.layer_decay is not None and (isinstance(self.layer_decay, bool) or
+                                             not isinstance(self.layer_decay, (int, float)) or
+                                             not 0 < self.layer_decay <= 1):
+            raise TrainError(f"layer_decay must be in (0, 1], got {self.layer_decay!r}")
+        if self.layer_decay is not None and self.grad_accum > 1:
+            raise TrainError("layer_decay does not combine with grad_accum > 1 (the gradients are clipped "
+                             "per batch before accumulation); use one")
+        if self.freeze_backbone and self.layer_decay is not None:
+            raise TrainError("freeze_backbone trains the head alone; layer_decay has nothing to decay (use one)")
         if self.augment not in AUGMENTS:
             raise TrainError(f"unknown augmentation {self.augment!r}; allowed: {', '.join(AUGMENTS)}")
-        if self.weights is not None and self.weights.endswith((".npz", ".keras")) and not os.path.isfile(self.weights):
+        if self.weights is not None and self.weights.endswith((".npz", ".safetensors", ".keras")) and not os.path.isfile(self.weights):
             raise TrainError(f"weights file {self.weights!r} does not exist")
         self.vit_config(num_classes=2, channels=3)  # image size vs patch, head counts ...
         return self
@@ -129,7 +139,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
+    def from_dict(cls, d: dict) -> TrainConfig:
         """The inverse of to_dict; TrainError for unknown fields."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
@@ -179,12 +189,22 @@ def warmup_cosine(peak: float, total_steps: int, warmup_steps: int):
         warmup_target=peak if warmup else None, warmup_steps=warmup)
 
 
-def make_optimizer(cfg: TrainConfig, steps_per_epoch: int) -> keras.optimizers.Optimizer:
+def make_optimizer(cfg: TrainConfig, steps_per_epoch: int, model: Optional[keras.Model] = None,
+                   lr_scale: float = 1.0) -> keras.optimizers.Optimizer:
     """The recipe's optimizer: warm-up + cosine per update, clipping at global norm `clipnorm`,
-    decoupled weight decay, optional gradient accumulation."""
+    decoupled weight decay, optional gradient accumulation; its peak rate times `lr_scale`.
+    With `cfg.layer_decay` and the `model`, one such optimizer per encoder block at its decayed
+    rate (keras_vit.finetune.layerwise_optimizer)."""
+    if cfg.layer_decay is not None and model is not None:
+        from keras_vit.finetune import layerwise_optimizer
+
+        unclipped = dataclasses.replace(cfg, clipnorm=None, layer_decay=None)
+        return layerwise_optimizer(model, cfg.layer_decay,
+                                   lambda s: make_optimizer(unclipped, steps_per_epoch, lr_scale=lr_scale * s),
+                                   global_clipnorm=cfg.clipnorm)
     updates_per_epoch = max(1, steps_per_epoch // cfg.grad_accum)
     total = max(1, cfg.epochs * updates_per_epoch)
-    schedule = warmup_cosine(cfg.learning_rate, total, int(round(cfg.warmup_epochs * updates_per_epoch)))
+    schedule = warmup_cosine(cfg.learning_rate * lr_scale, total, int(round(cfg.warmup_epochs * updates_per_epoch)))
     common = dict(learning_rate=schedule, global_clipnorm=cfg.clipnorm,
                   gradient_accumulation_steps=cfg.grad_accum if cfg.grad_accum > 1 else None)
     if cfg.optimizer == "adamw":

@@ -1,18 +1,22 @@
 """Run folders: what the trainer writes (config.json, class_names.json, metrics.csv, backup/,
-best/last/model.keras, results.json), the runs/latest link, and reading a run back."""
+best/last/model.keras, curves.png, results.json), the runs/latest link, and reading a run back
+(without TensorFlow: the CLI reads a run before it imports it)."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import datetime
 import json
 import os
 import sys
-from typing import Any, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 from keras_vit.data import slug
 from keras_vit.errors import TrainError
 from keras_vit.files import atomic_path, link
-from keras_vit.train.recipes import TrainConfig
+
+if TYPE_CHECKING:  # recipes imports Keras; reading a run folder does not need it
+    from keras_vit.train.recipes import TrainConfig
 
 RUNS_DIR = "runs"
 
@@ -100,14 +104,38 @@ def model_path(path: str) -> str:
     return path
 
 
-def class_names_for(path: str, num_classes: int) -> List[str]:
-    """The class names stored next to a model (class_names.json in its run folder), else indices."""
-    f = os.path.join(os.path.dirname(os.path.abspath(path)), "class_names.json")
-    try:
-        with open(f) as fh:
-            names = json.load(fh)
-        if isinstance(names, list) and len(names) == num_classes:
-            return [str(n) for n in names]
-    except (OSError, ValueError):
-        pass
-    return [str(i) for i in range(num_classes)]
+@dataclasses.dataclass
+class RunInfo:
+    """What a run folder says about the model in it: class names and the dataset it trained on."""
+
+    class_names: Optional[List[str]] = None
+    dataset: Optional[str] = None
+
+
+def read_run(model: str) -> RunInfo:
+    """The class names (class_names.json) and dataset (config.json) of the run folder holding the
+    model file `model`, or of the run folder `model`; None for what the folder does not have."""
+    folder = model if os.path.isdir(model) else os.path.dirname(os.path.abspath(model))
+    info = RunInfo()
+    for name in ("class_names.json", "config.json"):
+        try:
+            with open(os.path.join(folder, name), encoding="utf-8") as f:
+                content = json.load(f)
+        except (OSError, ValueError):
+            continue
+        if name == "class_names.json" and isinstance(content, list):
+            info.class_names = [str(c) for c in content]
+        elif isinstance(content, dict) and isinstance(content.get("train"), dict):
+            dataset = content["train"].get("dataset")
+            info.dataset = dataset if isinstance(dataset, str) else None
+    return info
+
+
+def class_names_for(path: str, num_classes: int, model=None) -> List[str]:
+    """The class names a model carries (`model.class_names`), else those stored next to it (its
+    run folder's class_names.json), when they count `num_classes`; else the class indices."""
+    own = getattr(model, "class_names", None)
+    if own and len(own) == num_classes:
+        return [str(n) for n in own]
+    names = read_run(path).class_names
+    return names if names is not None and len(names) == num_classes else [str(i) for i in range(num_classes)]

@@ -5,7 +5,9 @@ Contract used by training, export and inspection:
 int32 label) for train / val / test, plus class names. `pipeline(...)` turns a split into the
 batched, augmented, prefetched input of `model.fit` (TensorFlow, JAX and torch backends alike).
 
-Names: digits, cifar10, cifar100, mnist, fashion_mnist, tfds:NAME, folder:PATH.
+Names: digits, cifar10, cifar100, mnist, fashion_mnist, tfds:NAME, folder:PATH, records:GLOB.
+Submodules: folders (listing, decoding, bad files), augment (per-image augmentation ops),
+records (TFRecord shards: writer and reader).
 """
 from __future__ import annotations
 
@@ -15,10 +17,19 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from keras_vit.data.folders import (  # noqa: F401  (IMAGE_EXTENSIONS, bad_image_line, write_records: public API)
+    IMAGE_EXTENSIONS,
+    BadImages,
+    bad_image_line,
+    checked_images,
+    list_images,
+)
+from keras_vit.data.records import write_records  # noqa: F401
+from keras_vit.errors import UserInputError, first_line
+
 DIGITS_SIZE = 32  # 8x8 digits upsampled so that patch 4 gives 64 tokens
 KERAS_DATASETS = ("cifar10", "cifar100", "mnist", "fashion_mnist")
-NAMES = ("digits",) + KERAS_DATASETS + ("tfds:NAME", "folder:PATH")
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+NAMES = ("digits",) + KERAS_DATASETS + ("tfds:NAME", "folder:PATH", "records:GLOB")
 AUGMENTS = ("none", "light", "basic", "randaugment", "inception")
 CACHE_LIMIT_BYTES = 2 * 1024 ** 3  # cache decoded images in memory below this size
 _CLASS_NAMES = {
@@ -30,7 +41,7 @@ _CLASS_NAMES = {
 }
 
 
-class DatasetError(ValueError):
+class DatasetError(UserInputError):
     """A dataset that cannot be loaded: unknown name, missing folder, failed download, bad file."""
 
 
@@ -38,11 +49,13 @@ class DatasetError(ValueError):
 class Splits:
     """A dataset's splits (unbatched tf.data.Datasets) and its class names."""
 
-    train: "object"
-    val: "object"
-    test: "object"
+    train: object
+    val: object
+    test: object
     class_names: List[str]
     image_shape: Tuple[Optional[int], Optional[int], int]
+    bad_images: Optional[BadImages] = None  # files skipped while decoding (skip_bad_images=True)
+    sizes: Optional[Tuple[int, int, int]] = None  # train/val/test examples, when known without reading them
 
     @property
     def num_classes(self) -> int:
@@ -68,9 +81,12 @@ def digits_arrays(seed: int = 0):
 
 # --- the registry ----------------------------------------------------------------------------
 
-def load(name: str, *, seed: int = 0, val_fraction: float = 0.1, data_dir: Optional[str] = None) -> Splits:
+def load(name: str, *, seed: int = 0, val_fraction: float = 0.1, data_dir: Optional[str] = None,
+         skip_bad_images: bool = False) -> Splits:
     """The train / val / test splits of a named dataset. `val_fraction` of the training data is
-    held out (seeded) when the dataset has no validation split of its own."""
+    held out (seeded) when the dataset has no validation split of its own. Image files that do
+    not decode fail the pipeline with their name, or with `skip_bad_images` are dropped and
+    listed in `Splits.bad_images`."""
     if not isinstance(name, str) or not name.strip():
         raise DatasetError(f"dataset must be a name, one of {', '.join(NAMES)}; got {name!r}")
     if not 0.0 < val_fraction < 1.0:
@@ -83,8 +99,13 @@ def load(name: str, *, seed: int = 0, val_fraction: float = 0.1, data_dir: Optio
         return _keras_dataset(name, seed, val_fraction)
     if name.startswith("tfds:"):
         return _tfds(name[len("tfds:"):], seed, val_fraction, data_dir)
+    bad = BadImages() if skip_bad_images else None
     if name.startswith("folder:"):
-        return _folder(name[len("folder:"):], seed, val_fraction)
+        return _folder(name[len("folder:"):], seed, val_fraction, bad)
+    if name.startswith("records:"):
+        from keras_vit.data.records import load_records
+
+        return load_records(name[len("records:"):], seed, val_fraction, bad)
     raise DatasetError(f"unknown dataset {name!r}; allowed: {', '.join(NAMES)}")
 
 
@@ -137,7 +158,7 @@ def _keras_dataset(name: str, seed: int, val_fraction: float) -> Splits:
     try:
         (x_tr, y_tr), (x_te, y_te) = loader.load_data()
     except Exception as exc:  # noqa: BLE001 - no network, a proxy, a truncated cache: one line
-        raise DatasetError(f"could not download dataset {name!r} via keras.datasets: {_first_line(exc)}") from None
+        raise DatasetError(f"could not download dataset {name!r} via keras.datasets: {first_line(exc)}") from None
     classes = _CLASS_NAMES.get(name) or [str(i) for i in range(int(np.max(y_tr)) + 1)]
     return _from_arrays(x_tr, y_tr, x_te, y_te, classes, seed, val_fraction)
 
@@ -153,7 +174,7 @@ def _tfds(name: str, seed: int, val_fraction: float, data_dir: Optional[str]) ->
         builder = tfds.builder(name, data_dir=data_dir)
         builder.download_and_prepare()
     except Exception as exc:  # noqa: BLE001 - unknown name, no network: one line
-        raise DatasetError(f"could not load dataset 'tfds:{name}': {_first_line(exc)}") from None
+        raise DatasetError(f"could not load dataset 'tfds:{name}': {first_line(exc)}") from None
     info = builder.info
     splits = set(info.splits.keys()) or {"train", "test"}  # no metadata (e.g. tfds.testing.mock_data)
     if "train" not in splits:
@@ -189,72 +210,52 @@ def _to_float(x):
     return x if x.shape.rank == 3 else x[..., None]
 
 
-def _folder(path: str, seed: int, val_fraction: float) -> Splits:
+def _folder(path: str, seed: int, val_fraction: float, bad: Optional[BadImages] = None) -> Splits:
     """`PATH/<class>/*.jpg` with a held-out val split, or `PATH/train`, `PATH/val` (and `PATH/test`)."""
+    (tr_f, tr_y), (va_f, va_y), (te_f, te_y), names = _folder_lists(path, seed, val_fraction)
+    return Splits(_image_files(tr_f, tr_y, bad, shuffle_seed=seed), _image_files(va_f, va_y, bad),
+                  _image_files(te_f, te_y, bad),
+                  names, (None, None, 3), bad, (len(tr_f), len(va_f), len(te_f)))
+
+
+def _folder_lists(path: str, seed: int, val_fraction: float):
+    """((files, labels) of train, val, test; class names) of an image folder (see _folder)."""
     path = os.path.expanduser(path)
     if not path or not os.path.isdir(path):
         raise DatasetError(f"folder {path!r} does not exist (expected folder:PATH with one sub-folder per class)")
     layout = {s: os.path.join(path, s) for s in ("train", "val", "validation", "test")}
     if os.path.isdir(layout["train"]):
-        train_files, train_labels, names = _list_images(layout["train"])
+        train_files, train_labels, names = list_images(layout["train"])
         val_dir = layout["val"] if os.path.isdir(layout["val"]) else layout["validation"]
         if os.path.isdir(val_dir):
-            val_files, val_labels, _ = _list_images(val_dir, names)
+            val_files, val_labels, _ = list_images(val_dir, names)
         else:
             tr, va = _split_val(len(train_files), train_labels, seed, val_fraction)
             val_files, val_labels = [train_files[i] for i in va], train_labels[va]
             train_files, train_labels = [train_files[i] for i in tr], train_labels[tr]
         if os.path.isdir(layout["test"]):
-            test_files, test_labels, _ = _list_images(layout["test"], names)
+            test_files, test_labels, _ = list_images(layout["test"], names)
         else:
             test_files, test_labels = val_files, val_labels
     else:
-        files, labels, names = _list_images(path)
+        files, labels, names = list_images(path)
         tr, va = _split_val(len(files), labels, seed, val_fraction)
         train_files, train_labels = [files[i] for i in tr], labels[tr]
         val_files, val_labels = [files[i] for i in va], labels[va]
         test_files, test_labels = val_files, val_labels  # one folder: val doubles as test
-    return Splits(_image_files(train_files, train_labels), _image_files(val_files, val_labels),
-                  _image_files(test_files, test_labels), names, (None, None, 3))
+    return (train_files, train_labels), (val_files, val_labels), (test_files, test_labels), names
 
 
-def _list_images(root: str, class_names: Optional[Sequence[str]] = None):
-    """Sorted (files, labels, class_names) of `root/<class>/*`; every file checked readable."""
-    from PIL import Image, UnidentifiedImageError
-
-    names = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and not d.startswith("."))
-    if class_names is not None:
-        unknown = sorted(set(names) - set(class_names))
-        if unknown:
-            raise DatasetError(f"{root}: classes {unknown} are not in the training classes")
-        names = list(class_names)
-    if not names:
-        raise DatasetError(f"folder {root!r} has no class sub-folders (expected {root}/<class>/<image>.jpg)")
-    files, labels = [], []
-    for label, cls in enumerate(names):
-        d = os.path.join(root, cls)
-        if not os.path.isdir(d):
-            continue
-        for f in sorted(os.listdir(d)):
-            if f.lower().endswith(IMAGE_EXTENSIONS):
-                p = os.path.join(d, f)
-                try:
-                    with Image.open(p) as im:
-                        im.verify()
-                except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as exc:
-                    raise DatasetError(f"cannot read image {p}: {_first_line(exc)}") from None
-                files.append(p)
-                labels.append(label)
-    if not files:
-        raise DatasetError(f"folder {root!r} has no images ({', '.join(IMAGE_EXTENSIONS)})")
-    return files, np.asarray(labels, np.int32), list(names)
-
-
-def _image_files(files: Sequence[str], labels: np.ndarray):
+def _image_files(files: Sequence[str], labels: np.ndarray, bad: Optional[BadImages] = None,
+                 shuffle_seed: Optional[int] = None):
+    """(image, label) of image files, decoded in parallel; with `shuffle_seed` the file names are
+    reshuffled each epoch before decoding (cheap, where a shuffle buffer of decoded images is not)."""
     import tensorflow as tf
 
     ds = tf.data.Dataset.from_tensor_slices((list(files), np.asarray(labels, np.int32)))
-    return ds.map(lambda p, y: (read_image(p), y), num_parallel_calls=tf.data.AUTOTUNE)
+    if shuffle_seed is not None and len(files) > 1:
+        ds = ds.shuffle(len(files), seed=shuffle_seed, reshuffle_each_iteration=True)
+    return checked_images(ds, bad)
 
 
 def read_image(path_or_bytes, from_bytes: bool = False):
@@ -266,11 +267,6 @@ def read_image(path_or_bytes, from_bytes: bool = False):
     img = tf.cast(img, tf.float32)
     img.set_shape((None, None, 3))
     return img
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 # --- the pipeline ----------------------------------------------------------------------------
@@ -299,91 +295,132 @@ def prepare_image(image, image_size: Optional[Sequence[int]], channels: int):
     return image
 
 
-def augmenter(kind: str, image_size: Sequence[int], seed: int = 0) -> Optional[Callable]:
-    """The batch-level keras.layers augmentation for `kind` (see AUGMENTS), or None for "none".
+def load_image_file(path: str, image_size: Optional[Sequence[int]], channels: int) -> np.ndarray:
+    """One image file as float32 (H, W, channels) in [0, 255], decoded and resized exactly as in
+    training (read_image + prepare_image); DatasetError naming the file when it cannot be read."""
+    import tensorflow as tf
 
-    light: small translations (digits, MNIST: no flips); basic: pad-and-crop + horizontal flip;
-    randaugment: basic + RandAugment(2 ops); inception: flip after the per-image inception crop.
+    try:
+        with open(path, "rb") as f:
+            image = read_image(tf.constant(f.read()), from_bytes=True)
+    except (OSError, tf.errors.OpError) as exc:
+        raise DatasetError(f"cannot read image {path}: {first_line(exc)}") from None
+    return np.asarray(prepare_image(image, image_size, channels), np.float32)
+
+
+def split_arrays(ds, image_size: Optional[Sequence[int]], channels: int, limit: Optional[int] = None
+                 ) -> Tuple[np.ndarray, np.ndarray]:
+    """An unbatched (image, label) split as arrays: images float32 (N, H, W, C) in [0, 255]
+    through prepare_image, labels int64 (N,); DatasetError when the split is empty."""
+    if limit:
+        ds = ds.take(limit)
+    xs, ys = [], []
+    for x, y in ds.map(lambda x, y: (prepare_image(x, image_size, channels), y)).batch(256).as_numpy_iterator():
+        xs.append(np.asarray(x, np.float32))
+        ys.append(np.asarray(y).astype(np.int64))
+    if not xs:
+        raise DatasetError("the dataset split is empty")
+    return np.concatenate(xs), np.concatenate(ys)
+
+
+def augmenter(kind: str, image_size: Sequence[int], seed: int = 0) -> Optional[Callable]:
+    """The per-image augmentation for `kind` (see AUGMENTS): a function (image, seed) -> image for
+    `Dataset.map`, or None for "none" (inception: the flip; its crop comes before resizing).
+
+    light: translation by up to 1/16 of the side (digits, MNIST: no flips); basic: zero-pad by
+    1/8 of the side, random crop, horizontal flip; randaugment: basic + RandAugment(2 ops, factor
+    0.5, keras' op set, see keras_vit.data.augment); inception: horizontal flip.
     """
-    import keras
+    from keras_vit.data import augment as A
 
     if kind not in AUGMENTS:
         raise DatasetError(f"unknown augmentation {kind!r}; allowed: {', '.join(AUGMENTS)}")
-    h, w = (int(s) for s in image_size)
-    L = keras.layers
-    f32 = dict(dtype="float32")  # images stay float32 in the pipeline under a mixed-precision policy
+    size = tuple(int(s) for s in image_size)
+    pad = max(1, size[0] // 8)
     if kind == "none":
         return None
     if kind == "light":
-        layers = [L.RandomTranslation(1 / 16, 1 / 16, fill_mode="constant", seed=seed, **f32)]
-    elif kind == "inception":
-        layers = [L.RandomFlip("horizontal", seed=seed, **f32)]
-    else:
-        pad = max(1, h // 8)
-        layers = [L.ZeroPadding2D(pad, **f32), L.RandomCrop(h, w, seed=seed, **f32),
-                  L.RandomFlip("horizontal", seed=seed + 1, **f32)]
-        if kind == "randaugment":
-            layers.append(L.RandAugment(value_range=(0, 255), num_ops=2, factor=0.5, seed=seed + 2, **f32))
-    return keras.layers.Pipeline(layers, name=f"augment_{kind}")
+        return lambda x, s: A.translate(x, s, 1 / 16)
+    if kind == "inception":
+        return A.flip
+    if kind == "basic":
+        return lambda x, s: A.pad_crop_flip(x, s, size, pad)
+    return lambda x, s: A.rand_augment(A.pad_crop_flip(x, s, size, pad), A._sub(s, 7), num_ops=2, factor=0.5)
 
 
 def inception_crop(image, image_size: Sequence[int], seed: Optional[Tuple[int, int]] = None):
     """Inception-style random crop (8%-100% area, 3/4-4/3 aspect) resized to `image_size`."""
     import tensorflow as tf
 
-    shape = tf.shape(image)
-    bbox = tf.zeros((1, 0, 4), tf.float32)
-    kwargs = dict(bounding_boxes=bbox, min_object_covered=0.0, aspect_ratio_range=(3 / 4, 4 / 3),
-                  area_range=(0.08, 1.0), max_attempts=10, use_image_if_no_bounding_boxes=True)
-    if seed is not None:
-        begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(shape, seed=seed, **kwargs)
-    else:
-        begin, size, _ = tf.image.sample_distorted_bounding_box(shape, **kwargs)
-    crop = tf.slice(image, begin, size)
-    return tf.image.resize(crop, tuple(int(s) for s in image_size), method="bilinear")
+    from keras_vit.data import augment as A
+
+    if seed is None:
+        seed = tf.random.uniform((2,), maxval=2 ** 31 - 1, dtype=tf.int64)
+    return A.inception_crop(image, seed, image_size)
 
 
 def pipeline(ds, *, image_size: Sequence[int], batch_size: int, num_classes: int, channels: int = 3,
              training: bool = False, augment: str = "none", mixup: float = 0.0, cutmix: float = 0.0,
-             seed: int = 0, cache: Union[bool, str] = "auto", shuffle_buffer: int = 10_000,
+             seed: int = 0, cache: Union[bool, str] = "auto", shuffle_buffer: Optional[int] = None,
              one_hot: bool = True):
-    """Split -> batches for `model.fit`: resize (AUTOTUNE), cache, shuffle (seeded), batch,
-    augment with keras.layers (training only), MixUp/CutMix, prefetch.
+    """Split -> batches for `model.fit`: resize (AUTOTUNE), cache, shuffle (seeded), per-image
+    augmentation on parallel threads (training only), batch, MixUp/CutMix, prefetch.
 
-    Labels are one-hot floats (needed by label smoothing and MixUp/CutMix) unless `one_hot=False`.
+    The same `seed` (here and in `load`) gives the same batches in a new run: every map is ordered,
+    every random op stateless and seeded by the seed and the example's position in the stream
+    (a split reshuffles its files each epoch, so a second pipeline on the same split object
+    continues that sequence). Labels are one-hot floats (needed by label
+    smoothing and MixUp/CutMix) unless `one_hot=False`.
     """
     import tensorflow as tf
+
+    from keras_vit.data import augment as A
 
     if batch_size < 1:
         raise DatasetError(f"batch_size must be >= 1, got {batch_size}")
     AUTO = tf.data.AUTOTUNE
     size = tuple(int(s) for s in image_size)
     inception = training and augment == "inception"
+    variable_size = ds.element_spec[0].shape[0] is None  # decoded files (folder, records, some tfds)
     if inception:
         # Crop before resizing: the crop needs the full-resolution image.
         ds = ds.map(lambda x, y: (prepare_image(x, None, channels), y), num_parallel_calls=AUTO)
     else:
         ds = ds.map(lambda x, y: (prepare_image(x, size, channels), y), num_parallel_calls=AUTO)
-    if _should_cache(ds, size, channels, cache, inception):
+    cached = _should_cache(ds, size, channels, cache, inception)
+    if cached:
         ds = ds.cache()
     if training:
         n = ds.cardinality()
+        if shuffle_buffer is None:
+            # In memory: up to 10k images. Streamed from files (shuffled by name before decoding,
+            # see _image_files), a smaller buffer of decoded images; smallest at full resolution.
+            shuffle_buffer = 10_000 if cached or not variable_size else 256 if inception else 1024
         buffer = shuffle_buffer if n < 0 else int(min(max(int(n), 1), shuffle_buffer))
         ds = ds.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
-        if inception:
-            counter = tf.data.Dataset.counter(seed * 1_000_003)
-            ds = tf.data.Dataset.zip((ds, counter)).map(
-                lambda xy, i: (inception_crop(xy[0], size, tf.stack([tf.cast(seed, tf.int64), i])), xy[1]),
-                num_parallel_calls=AUTO)
+        aug = augmenter(augment, size, seed)
+        if inception or aug is not None:
+            # one stateless seed per example, different each epoch, the same sequence each run
+            counter = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
+            base = tf.constant(seed, tf.int64)
+
+            def per_image(xy, i):
+                s = tf.stack([base, i])
+                x = xy[0]
+                if inception:
+                    x = A.inception_crop(x, A._sub(s, 11), size)
+                if aug is not None:
+                    x = aug(x, s)
+                x.set_shape(size + (channels,))
+                return x, xy[1]
+
+            ds = tf.data.Dataset.zip((ds, counter)).map(per_image, num_parallel_calls=AUTO)
     ds = ds.batch(batch_size, drop_remainder=training, num_parallel_calls=AUTO)
     if one_hot or (training and (mixup or cutmix)):
         ds = ds.map(lambda x, y: (x, tf.one_hot(y, num_classes, dtype=tf.float32)), num_parallel_calls=AUTO)
-    if training:
-        aug = augmenter(augment, size, seed)
-        if aug is not None:
-            ds = ds.map(lambda x, y: (aug(x, training=True), y), num_parallel_calls=AUTO)
-        if mixup or cutmix:
-            ds = ds.map(_mixer(mixup, cutmix, seed), num_parallel_calls=AUTO)
+    if training and (mixup or cutmix):
+        stream = tf.data.Dataset.random(seed=seed + 1, rerandomize_each_iteration=True)
+        ds = tf.data.Dataset.zip((ds, stream)).map(_mixer(mixup, cutmix, seed), num_parallel_calls=AUTO)
     return ds.prefetch(AUTO)
 
 
@@ -397,20 +434,18 @@ def _should_cache(ds, size, channels, cache, inception) -> bool:
 
 
 def _mixer(mixup: float, cutmix: float, seed: int):
-    """Batch map applying MixUp (alpha) and/or CutMix (factor), each with probability 1/2 when both."""
-    import keras
+    """Batch map ((x, y), i) -> (x, y) applying MixUp (alpha) and/or CutMix (factor), each with
+    probability 1/2 when both (keras.layers.MixUp / CutMix semantics, stateless and seeded)."""
     import tensorflow as tf
 
-    mix = keras.layers.MixUp(alpha=mixup, seed=seed, dtype="float32") if mixup else None
-    cut = keras.layers.CutMix(factor=cutmix, seed=seed + 1, dtype="float32") if cutmix else None
+    from keras_vit.data import augment as A
 
-    def apply(layer, x, y):
-        out = layer({"images": x, "labels": y}, training=True)
-        return out["images"], out["labels"]
-
-    def fn(x, y):
-        if mix is not None and cut is not None:
-            return tf.cond(tf.random.uniform((), seed=seed) < 0.5, lambda: apply(mix, x, y), lambda: apply(cut, x, y))
-        return apply(mix or cut, x, y)
+    def fn(xy, i):
+        x, y = xy
+        s = tf.stack([tf.constant(seed, tf.int64), i])
+        if mixup and cutmix:
+            pick = tf.random.stateless_uniform((), A._sub(s, 9)) < 0.5
+            return tf.cond(pick, lambda: A.mixup(x, y, s, mixup), lambda: A.cutmix(x, y, s, cutmix))
+        return A.mixup(x, y, s, mixup) if mixup else A.cutmix(x, y, s, cutmix)
 
     return fn

@@ -1,0 +1,94 @@
+"""A quiet terminal: TensorFlow's C++ start-up lines and known harmless warnings stay hidden.
+
+TensorFlow and XLA log through absl before `absl::InitializeLog()`, which ignores
+TF_CPP_MIN_LOG_LEVEL for those lines (oneDNN notices, CUDA probing, the cuInit "failed call"
+on a machine without a GPU), so stderr is filtered at the file-descriptor level: informational
+and warning lines in absl's format are dropped, error lines only when they are one of the
+known harmless ones; everything else (tracebacks, real errors) passes through unchanged.
+"""
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import re
+import sys
+import threading
+import warnings
+
+# absl's prefix: severity, MMDD, time, thread id, file:line]
+_ABSL_LINE = re.compile(rb"^([IWEF])\d{4} [\d:.]+\s+\d+ [\w./-]+:\d+\] ?(.*)$")
+_HARMLESS_ERRORS = re.compile(rb"failed call to cuInit|Unable to register cu(DNN|FFT|BLAS) factory|"
+                              rb"computation placer already registered|cuda_(dnn|fft|blas)\.cc")
+_NOISE = re.compile(rb"^(WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR|"
+                    rb".*rebuild TensorFlow with the appropriate compiler flags\.?|"
+                    rb"This TensorFlow binary is optimized to use available CPU instructions.*|"
+                    rb"To enable the following instructions: .*|"
+                    rb"WARNING:absl:.*)$")
+
+
+def is_noise(line: bytes) -> bool:
+    """True for a stderr line the quiet CLI hides (without its line ending)."""
+    line = line.rstrip(b"\r\n")
+    m = _ABSL_LINE.match(line)
+    if m:
+        return m.group(1) in (b"I", b"W") or bool(_HARMLESS_ERRORS.search(m.group(2)))
+    return bool(_NOISE.match(line))
+
+
+def quiet_python_warnings() -> None:
+    """Hide warnings known to be harmless here: Keras' shuffle note for tf.data input, NumPy
+    FutureWarnings from the libraries, and Python-side absl/TensorFlow info logs."""
+    warnings.filterwarnings("ignore", message=r".*`shuffle=True` was passed")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    for name in ("absl", "tensorflow", "tf2onnx", "h5py"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def filter_stderr() -> None:
+    """Route file descriptor 2 through a thread that drops `is_noise` lines (until exit)."""
+    try:
+        target = os.dup(2)
+        read_end, write_end = os.pipe()
+        os.dup2(write_end, 2)
+        os.close(write_end)
+    except OSError:  # no usable stderr: nothing to filter
+        return
+
+    def pump() -> None:
+        pending = b""
+        while True:
+            chunk = os.read(read_end, 65536)
+            if not chunk:
+                break
+            pending += chunk
+            *lines, pending = pending.split(b"\n")
+            out = b"".join(line + b"\n" for line in lines if not is_noise(line))
+            if b"\r" in pending:  # progress bars redraw with \r: show them as they come
+                cut = pending.rindex(b"\r") + 1
+                out, pending = out + pending[:cut], pending[cut:]
+            if out:
+                os.write(target, out)
+        if pending and not is_noise(pending):
+            os.write(target, pending)
+        os.close(read_end)
+
+    thread = threading.Thread(target=pump, name="vitcli-stderr", daemon=True)
+    thread.start()
+
+    def restore() -> None:
+        sys.stderr.flush()
+        os.dup2(target, 2)  # closes the pipe's last write end: the pump drains and stops
+        thread.join(timeout=5)
+
+    atexit.register(restore)
+
+
+def install(verbose: bool) -> None:
+    """Quiet start-up unless `verbose`: before TensorFlow is imported."""
+    if verbose:
+        return
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    quiet_python_warnings()
+    filter_stderr()

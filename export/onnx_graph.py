@@ -1,0 +1,217 @@
+"""Rewrites of the ONNX graph tf2onnx writes: Erfc (which ONNX lacks) to Erf, and Keras'
+decomposed LayerNormalization to the standard op. Each pass finds exact patterns with a
+GraphIndex, then swaps nodes in one go (`GraphIndex.rewrite`)."""
+from __future__ import annotations
+
+from typing import Callable, Dict, List, Optional, Set, Tuple
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+
+class GraphIndex:
+    """Who produces and who consumes each tensor of an ONNX graph, and its constants."""
+
+    def __init__(self, proto: onnx.ModelProto):
+        self.graph = proto.graph
+        self.producer = {o: n for n in self.graph.node for o in n.output}
+        self.consumers: Dict[str, list] = {}
+        for n in self.graph.node:
+            for i in n.input:
+                self.consumers.setdefault(i, []).append(n)
+        self.initializers = {t.name: t for t in self.graph.initializer}
+        self.outputs = {o.name for o in self.graph.output}
+
+    def node(self, name: str, op: str):
+        """The node producing `name` if its op is `op`, else None."""
+        n = self.producer.get(name)
+        return n if n is not None and n.op_type == op else None
+
+    def sole_user(self, name: str, op: str):
+        """The one node reading `name` if its op is `op` and `name` is no graph output, else None."""
+        users = self.consumers.get(name, [])
+        return users[0] if len(users) == 1 and users[0].op_type == op and name not in self.outputs else None
+
+    def array(self, name: str) -> Optional[np.ndarray]:
+        """The value of an initializer or of a Constant node's output, else None."""
+        if name in self.initializers:
+            return numpy_helper.to_array(self.initializers[name])
+        n = self.producer.get(name)
+        if n is not None and n.op_type == "Constant" and n.attribute:
+            return numpy_helper.to_array(n.attribute[0].t)
+        return None
+
+    def scalar(self, name: str) -> Optional[float]:
+        """The value of a one-element constant, else None."""
+        value = self.array(name)
+        return float(value.reshape(-1)[0]) if value is not None and value.size == 1 else None
+
+    def add_initializer(self, value, name: str) -> str:
+        self.graph.initializer.append(numpy_helper.from_array(np.asarray(value, np.float32), name))
+        return name
+
+    def rewrite(self, drop: Set[int], replace: Dict[int, List]) -> None:
+        """Remove the nodes whose id() is in `drop`, put replace[id(n)] in place of node n, and
+        drop the initializers nothing reads any more."""
+        nodes = []
+        for n in self.graph.node:
+            if id(n) not in drop:
+                nodes.extend(replace.get(id(n), [n]))
+        del self.graph.node[:]
+        self.graph.node.extend(nodes)
+        used = {i for n in self.graph.node for i in n.input}
+        keep = [t for t in self.graph.initializer if t.name in used]
+        del self.graph.initializer[:]
+        self.graph.initializer.extend(keep)
+
+
+def _split(n, pred: Callable[[str], bool]) -> Tuple[Optional[str], Optional[str]]:
+    """(input matching pred, the other input) of a binary node, or (None, None)."""
+    a, b = n.input
+    return (a, b) if pred(a) else (b, a) if pred(b) else (None, None)
+
+
+# --- Erfc -> Erf ---------------------------------------------------------------------------------
+def replace_erfc(proto: onnx.ModelProto) -> int:
+    """Rewrite the Erfc nodes tf2onnx leaves behind (ONNX has no Erfc op; tf.nn.gelu's exact form
+    is 0.5 * x * erfc(-x / sqrt 2)) with Erf, which ONNX has. An exact GELU becomes
+    x * ((erf(x * 0.7071) + 1) * 0.5), the TensorFlow pattern onnxruntime's optimizer fuses into
+    one Gelu node; any other Erfc(y) becomes 1 - Erf(y). Returns the number of Erfc nodes replaced.
+    (TFLite needs no rewrite: its converter fuses the erfc form into its GELU op.)"""
+    g = GraphIndex(proto)
+    erfcs = [n for n in g.graph.node if n.op_type == "Erfc" and n.domain in ("", "ai.onnx")]
+    drop, replace = set(), {}
+    for k, erfc in enumerate(erfcs):
+        prefix = (erfc.name or erfc.output[0]) + f"/erf_{k}"
+        gelu = _exact_gelu(g, erfc)
+        if gelu is not None:
+            x, neg, scaled, half, out = gelu
+            drop.update(id(n) for n in (neg, scaled, erfc, half))
+            replace[id(out)] = _gelu_with_erf(g, x, list(out.output), prefix)
+        else:
+            one = g.add_initializer(1.0, prefix + "/one")
+            replace[id(erfc)] = [
+                helper.make_node("Erf", list(erfc.input), [prefix + "/erf"], name=prefix + "/Erf"),
+                helper.make_node("Sub", [one, prefix + "/erf"], list(erfc.output), name=prefix + "/Sub")]
+    if erfcs:
+        g.rewrite(drop, replace)
+    return len(erfcs)
+
+
+def _exact_gelu(g: GraphIndex, erfc):
+    """(x, Neg, Mul by 1/sqrt 2, Mul by 0.5, output Mul) when `erfc` is the middle of
+    0.5 * x * erfc(-x / sqrt 2) with no other reader of its pieces, else None."""
+    scaled = g.producer.get(erfc.input[0])
+    if scaled is None or scaled.op_type != "Mul" or g.sole_user(scaled.output[0], "Erfc") is not erfc:
+        return None
+    neg_in = [i for i in scaled.input if i in g.producer and g.producer[i].op_type == "Neg"]
+    c = [g.scalar(i) for i in scaled.input if i not in neg_in]
+    if len(neg_in) != 1 or len(c) != 1 or c[0] is None or abs(c[0] - 0.5 ** 0.5) >= 1e-6:
+        return None
+    neg = g.producer[neg_in[0]]
+    x = neg.input[0]
+    out = g.sole_user(erfc.output[0], "Mul")
+    half = out and next((g.producer[i] for i in out.input if i != erfc.output[0] and i in g.producer), None)
+    if (half is not None and half.op_type == "Mul" and x in half.input
+            and g.scalar(next(i for i in half.input if i != x)) == 0.5
+            and g.sole_user(half.output[0], "Mul") is out and g.sole_user(neg.output[0], "Mul") is scaled):
+        return x, neg, scaled, half, out
+    return None
+
+
+def _gelu_with_erf(g: GraphIndex, x: str, outputs: List[str], prefix: str) -> list:
+    """Nodes of x * ((erf(x / sqrt 2) + 1) * 0.5), since erfc(-x c) = 1 + erf(x c)."""
+    c = g.add_initializer(0.5 ** 0.5, prefix + "/inv_sqrt2")
+    one, half = g.add_initializer(1.0, prefix + "/one"), g.add_initializer(0.5, prefix + "/half")
+    return [helper.make_node("Mul", [x, c], [prefix + "/xc"], name=prefix + "/Mul_c"),
+            helper.make_node("Erf", [prefix + "/xc"], [prefix + "/erf"], name=prefix + "/Erf"),
+            helper.make_node("Add", [prefix + "/erf", one], [prefix + "/cdf2"], name=prefix + "/Add_1"),
+            helper.make_node("Mul", [prefix + "/cdf2", half], [prefix + "/cdf"], name=prefix + "/Mul_half"),
+            helper.make_node("Mul", [x, prefix + "/cdf"], outputs, name=prefix + "/Mul_x")]
+
+
+# --- LayerNormalization ------------------------------------------------------------------------
+def fuse_layer_norms(proto: onnx.ModelProto) -> int:
+    """Replace tf2onnx's decomposition of each Keras LayerNormalization (GlobalAveragePool mean
+    and variance, Sqrt, Reciprocal, scale and shift) by the standard LayerNormalization op of
+    opset 17. tf2onnx does not emit that op yet (onnx/tensorflow-onnx#2183), and neither its
+    rewriter nor onnxruntime's TF LayerNorm fusion matches Keras 3's graph. Only exact matches
+    on rank-3 tensors (where GlobalAveragePool averages the last axis) are replaced.
+    Returns the number of fused LayerNorms."""
+    g = GraphIndex(proto)
+    ranks = _ranks(proto)
+    drop, replace = set(), {}
+    for r in list(g.graph.node):
+        match = _layer_norm_match(g, r, ranks) if r.op_type == "Reciprocal" else None
+        if match is None:
+            continue
+        x, out, eps_name, gamma_name, beta_name, nodes = match
+        gamma = numpy_helper.to_array(g.initializers[gamma_name]).reshape(-1)
+        beta = numpy_helper.to_array(g.initializers[beta_name]).reshape(-1)
+        if gamma.shape != beta.shape:
+            continue
+        prefix = out.name or out.output[0]
+        eps = float(numpy_helper.to_array(g.initializers[eps_name]).reshape(-1)[0])
+        g_name = g.add_initializer(gamma, prefix + "/LayerNorm_gamma")
+        b_name = g.add_initializer(beta, prefix + "/LayerNorm_beta")
+        replace[id(out)] = [helper.make_node("LayerNormalization", [x, g_name, b_name], [out.output[0]],
+                                             name=prefix + "/LayerNorm", axis=-1, epsilon=eps)]
+        drop.update(id(n) for n in nodes)
+    if replace:
+        g.rewrite(drop, replace)
+    return len(replace)
+
+
+def _ranks(proto: onnx.ModelProto) -> Dict[str, int]:
+    """Rank of each tensor that ONNX shape inference can tell."""
+    inferred = onnx.shape_inference.infer_shapes(proto)
+    return {v.name: len(v.type.tensor_type.shape.dim)
+            for v in list(inferred.graph.value_info) + list(inferred.graph.input)
+            if v.type.tensor_type.HasField("shape")}
+
+
+def _layer_norm_match(g: GraphIndex, r, ranks: Dict[str, int]):
+    """For the Reciprocal `r` of 1 / sqrt(var + eps): (x, the final Add, eps, gamma and beta
+    initializer names, the nodes the LayerNormalization replaces), else None."""
+    def inits(name: str) -> bool:
+        return name in g.initializers
+
+    sqrt = g.node(r.input[0], "Sqrt")
+    add_eps = sqrt and g.node(sqrt.input[0], "Add")
+    eps_name, var_name = _split(add_eps, inits) if add_eps else (None, None)
+    var = var_name and g.node(var_name, "GlobalAveragePool")
+    sq = var and g.node(var.input[0], "Mul")
+    if not sq or sq.input[0] != sq.input[1]:
+        return None
+    diff = g.node(sq.input[0], "Sub")
+    mean = diff and g.node(diff.input[1], "GlobalAveragePool")
+    if not mean or mean.input[0] != diff.input[0] or ranks.get(diff.input[0]) != 3:
+        return None
+    x = diff.input[0]
+    scale = _only_consumer(g, r, "Mul")
+    gamma_name = scale and _split(scale, inits)[0]
+    if not gamma_name:
+        return None
+    users = g.consumers.get(scale.output[0], [])
+    mul_x = next((u for u in users if u.op_type == "Mul" and x in u.input), None)
+    mul_mean = next((u for u in users if u.op_type == "Mul" and any(
+        (p := g.node(i, "Neg")) is not None and p.input[0] == mean.output[0] for i in u.input)), None)
+    if len(users) != 2 or not mul_x or not mul_mean:
+        return None
+    neg = next(g.producer[i] for i in mul_mean.input if i in g.producer and g.producer[i].op_type == "Neg")
+    shift = _only_consumer(g, mul_mean, "Add")
+    beta_name = shift and _split(shift, inits)[0]
+    out = beta_name and _only_consumer(g, shift, "Add")
+    if not out or mul_x.output[0] not in out.input or _only_consumer(g, mul_x, "Add") is not out:
+        return None
+    return x, out, eps_name, gamma_name, beta_name, (mean, neg, diff, sq, var, add_eps, sqrt, r, scale, mul_x,
+                                                      mul_mean, shift)
+
+
+def _only_consumer(g: GraphIndex, n, op: str):
+    """The one node reading n's first output if its op is `op` (and it is no graph output)."""
+    return g.sole_user(n.output[0], op)
+
+
+__all__ = ["GraphIndex", "fuse_layer_norms", "replace_erfc"]

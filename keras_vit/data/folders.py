@@ -1,0 +1,128 @@
+"""Image folders (`PATH/<class>/<image>`): listing in O(directory entries) and decoding where
+the images are read, with bad files either failing the run by name or skipped and recorded.
+
+Listing uses os.scandir and the entries' names only: no file is opened or stat'ed up front, so a
+folder of a million JPEGs lists in seconds even on network storage. A file that cannot be
+decoded is found when the pipeline reads it.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+BAD_IMAGE_PREFIX = "cannot read image "  # the op error's text names the file after this prefix
+_BAD_IMAGE_HINT = "not a decodable JPEG/PNG/BMP/GIF (--skip-bad-images skips such files)"
+
+
+class BadImages:
+    """The files a pipeline skipped because they could not be read or decoded (thread-safe)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._paths: set = set()
+
+    def add(self, path: str) -> None:
+        with self._lock:
+            self._paths.add(path)
+
+    @property
+    def paths(self) -> List[str]:
+        """The skipped files, sorted."""
+        with self._lock:
+            return sorted(self._paths)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._paths)
+
+
+def list_images(root: str, class_names: Optional[Sequence[str]] = None
+                ) -> Tuple[List[str], np.ndarray, List[str]]:
+    """Sorted (files, labels, class_names) of `root/<class>/*` by extension (see IMAGE_EXTENSIONS);
+    files are not opened. `class_names` fixes the label order (a val/test folder)."""
+    from keras_vit.data import DatasetError
+
+    with os.scandir(root) as it:
+        names = sorted(e.name for e in it if not e.name.startswith(".") and e.is_dir())
+    if class_names is not None:
+        unknown = sorted(set(names) - set(class_names))
+        if unknown:
+            raise DatasetError(f"{root}: classes {unknown} are not in the training classes")
+        names = list(class_names)
+    if not names:
+        raise DatasetError(f"folder {root!r} has no class sub-folders (expected {root}/<class>/<image>.jpg)")
+    files: List[str] = []
+    labels: List[np.ndarray] = []
+    for label, cls in enumerate(names):
+        d = os.path.join(root, cls)
+        try:
+            with os.scandir(d) as it:
+                found = sorted(e.name for e in it
+                               if e.name.lower().endswith(IMAGE_EXTENSIONS) and not e.name.startswith("."))
+        except FileNotFoundError:  # a class of the training folder absent from val/test
+            continue
+        prefix = d + os.sep
+        files.extend(prefix + f for f in found)
+        labels.append(np.full(len(found), label, np.int32))
+    if not files:
+        raise DatasetError(f"folder {root!r} has no images ({', '.join(IMAGE_EXTENSIONS)})")
+    return files, np.concatenate(labels), list(names)
+
+
+def decode_or_flag(path, data=None):
+    """(float32 (H, W, 3) image in [0, 255], ok): a file (or its bytes) decoded; ok False with a
+    1x1 placeholder when it cannot be read or decoded (the error is caught per element)."""
+    import tensorflow as tf
+
+    from keras_vit.data import read_image
+
+    src = tf.data.Dataset.from_tensors(path if data is None else data)
+    decoded = src.map(lambda p: (read_image(p, from_bytes=data is not None), True)).ignore_errors()
+    fallback = tf.data.Dataset.from_tensors((tf.zeros((1, 1, 3), tf.float32), False))
+    return decoded.concatenate(fallback).take(1)
+
+
+def checked_images(ds, bad: Optional[BadImages], parallel: bool = True):
+    """(name, label) or (name, bytes, label) elements -> (image, label), decoded in parallel and
+    in order. A file that does not decode fails the pipeline with its name (`bad` None) or is
+    dropped and added to `bad`."""
+    import tensorflow as tf
+
+    def decode(*elem):
+        name, label = elem[0], elem[-1]
+        data = elem[1] if len(elem) == 3 else None
+        return decode_or_flag(name, data).map(lambda img, ok: (img, label, ok, name))
+
+    AUTO = tf.data.AUTOTUNE
+    ds = ds.interleave(decode, cycle_length=AUTO if parallel else 1, block_length=1,
+                       num_parallel_calls=AUTO if parallel else None, deterministic=True)
+    if bad is None:
+        def check(img, label, ok, name):
+            msg = tf.strings.join([BAD_IMAGE_PREFIX, name, ": " + _BAD_IMAGE_HINT])
+            with tf.control_dependencies([tf.debugging.Assert(ok, [msg], summarize=1)]):
+                return tf.identity(img), label
+        return ds.map(check, num_parallel_calls=AUTO)
+
+    def record(name) -> bool:
+        bad.add(name.numpy().decode("utf-8", "replace"))
+        return False
+
+    def keep(img, label, ok, name):
+        return tf.cond(ok, lambda: tf.constant(True),
+                       lambda: tf.py_function(record, [name], tf.bool))
+
+    return ds.filter(keep).map(lambda img, label, ok, name: (img, label))
+
+
+def bad_image_line(exc: BaseException) -> Optional[str]:
+    """The one-line 'cannot read image PATH: ...' of a pipeline error from checked_images, else None."""
+    text = str(getattr(exc, "message", exc))
+    start = text.find(BAD_IMAGE_PREFIX)
+    if start < 0:
+        return None
+    line = text[start:].splitlines()[0]
+    return line.rstrip("]").rstrip()

@@ -1,0 +1,198 @@
+"""TFRecord shards: `write_records` converts a dataset, `records:GLOB` trains from the shards.
+
+Each record is a tf.train.Example with the features
+    image/encoded      bytes   the image file (JPEG/PNG/BMP/GIF) as stored, or PNG for array datasets
+    image/class/label  int64   the class index, 0-based
+    image/filename     bytes   the source file (optional; named in bad-image messages)
+Shards are named `<split>-NNNNN-of-MMMMM.tfrecord` (split: train, val, test) next to a
+`dataset.json` with the class names and the number of examples per split. Shards written by
+other tools load when their features have these names and a `dataset.json` (or a
+`class_names.txt`, one name per line) lies beside them; their file names choose the split
+(train*, val*/validation*, test*; anything else counts as train).
+
+Reading is sharded by file (tf.data's FILE auto-shard puts whole shards on each worker), shards
+are interleaved and decoded on parallel threads in a fixed order, so a seeded run is repeatable.
+"""
+from __future__ import annotations
+
+import glob as globlib
+import json
+import math
+import os
+from typing import Dict, List, Optional, Sequence
+
+FEATURE_IMAGE = "image/encoded"
+FEATURE_LABEL = "image/class/label"
+FEATURE_FILENAME = "image/filename"
+METADATA = "dataset.json"
+SPLITS = ("train", "val", "test")
+
+
+def write_records(dataset: str, output: str, *, examples_per_shard: int = 1024, seed: int = 0,
+                  val_fraction: float = 0.1) -> Dict[str, int]:
+    """Write `dataset` (a registry name such as folder:PATH or digits) as TFRecord shards in
+    `output` (train/val/test shards and dataset.json); returns the examples per split.
+
+    Image files are stored as they are (no decoding or re-encoding); array datasets as PNG."""
+    import tensorflow as tf
+
+    from keras_vit.data import DatasetError, _folder_lists, load
+    from keras_vit.files import atomic_path, write_json
+
+    if examples_per_shard < 1:
+        raise DatasetError(f"examples_per_shard must be >= 1, got {examples_per_shard}")
+    os.makedirs(output, exist_ok=True)
+    lists = _folder_lists(dataset[len("folder:"):], seed, val_fraction) if dataset.startswith("folder:") else None
+    splits = None if lists is not None else load(dataset, seed=seed, val_fraction=val_fraction)
+    class_names = lists[3] if lists is not None else splits.class_names
+    counts: Dict[str, int] = {}
+    shards: Dict[str, List[str]] = {}
+    for i, split in enumerate(SPLITS):
+        if lists is not None:
+            files, labels = lists[i]
+            examples = ((_read(f), int(y), f) for f, y in zip(files, labels))
+            n = len(files)
+        else:
+            ds = (splits.train, splits.val, splits.test)[i]
+            n = int(ds.cardinality()) if int(ds.cardinality()) >= 0 else sum(1 for _ in ds)
+            examples = ((tf.io.encode_png(tf.cast(tf.clip_by_value(tf.round(x), 0, 255), tf.uint8)).numpy(),
+                         int(y), "") for x, y in ds)
+        num = max(1, math.ceil(n / examples_per_shard))
+        names = [f"{split}-{k:05d}-of-{num:05d}.tfrecord" for k in range(num)]
+        it = iter(examples)
+        for k, name in enumerate(names):
+            with atomic_path(os.path.join(output, name)) as tmp, tf.io.TFRecordWriter(tmp) as w:
+                for _ in range(min(examples_per_shard, n - k * examples_per_shard)):
+                    data, label, fname = next(it)
+                    w.write(_example(data, label, fname))
+        counts[split] = n
+        shards[split] = names
+    write_json(os.path.join(output, METADATA), {
+        "class_names": list(class_names), "examples": counts, "shards": shards,
+        "features": {FEATURE_IMAGE: "bytes", FEATURE_LABEL: "int64", FEATURE_FILENAME: "bytes"},
+        "source": dataset})
+    return counts
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _example(data: bytes, label: int, filename: str) -> bytes:
+    import tensorflow as tf
+
+    feature = {
+        FEATURE_IMAGE: tf.train.Feature(bytes_list=tf.train.BytesList(value=[data])),
+        FEATURE_LABEL: tf.train.Feature(int64_list=tf.train.Int64List(value=[label])),
+        FEATURE_FILENAME: tf.train.Feature(bytes_list=tf.train.BytesList(value=[filename.encode()])),
+    }
+    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+
+
+def _split_of(path: str) -> str:
+    base = os.path.basename(path).lower()
+    if base.startswith(("val", "validation")):
+        return "val"
+    if base.startswith("test"):
+        return "test"
+    return "train"
+
+
+def _metadata(folder: str) -> Optional[dict]:
+    path = os.path.join(folder, METADATA)
+    if os.path.isfile(path):
+        with open(path) as f:
+            return json.load(f)
+    path = os.path.join(folder, "class_names.txt")
+    if os.path.isfile(path):
+        with open(path) as f:
+            return {"class_names": [ln.strip() for ln in f if ln.strip()]}
+    return None
+
+
+def load_records(pattern: str, seed: int, val_fraction: float, bad=None):
+    """The Splits of `records:GLOB` (a folder means all its *.tfrecord shards)."""
+    from keras_vit.data import DatasetError, Splits
+
+    pattern = os.path.expanduser(pattern)
+    if os.path.isdir(pattern):
+        pattern = os.path.join(pattern, "*.tfrecord")
+    files = sorted(f for f in globlib.glob(pattern) if os.path.isfile(f) and not f.endswith(".json"))
+    if not files:
+        raise DatasetError(f"records:{pattern} matches no files (expected TFRecord shards, e.g. records:DIR/train-*.tfrecord)")
+    folder = os.path.dirname(files[0])
+    meta = _metadata(folder)
+    if not meta or not meta.get("class_names"):
+        raise DatasetError(f"records:{pattern}: no {METADATA} or class_names.txt beside the shards in {folder} "
+                           "(keras_vit.data.write_records writes it)")
+    by_split: Dict[str, List[str]] = {s: [f for f in files if _split_of(f) == s] for s in SPLITS}
+    if not by_split["train"]:
+        raise DatasetError(f"records:{pattern} has no training shards (file names starting 'train')")
+    examples = meta.get("examples") or {}
+    train = _records(by_split["train"], bad, shuffle_seed=seed)
+    if by_split["val"]:
+        val = _records(by_split["val"], bad)
+    else:  # hold out every k-th training example (seeded offset)
+        k = max(2, int(round(1 / val_fraction)))
+        offset = seed % k
+
+        def held_out(i, x, y):
+            return i % k == offset
+
+        def kept(i, x, y):
+            return i % k != offset
+
+        def drop_index(i, x, y):
+            return x, y
+
+        val = _records(by_split["train"], bad, indexed=True).filter(held_out).map(drop_index)
+        train = _records(by_split["train"], bad, indexed=True).filter(kept).map(drop_index)
+        if isinstance(examples.get("train"), int):
+            n_val = len(range(offset, examples["train"], k))
+            examples = {"train": examples["train"] - n_val, "val": n_val,
+                        "test": examples["test"] if by_split["test"] else n_val}
+    test = _records(by_split["test"], bad) if by_split["test"] else val
+    sizes = None
+    if all(isinstance(examples.get(s), int) for s in SPLITS):
+        sizes = (examples["train"], examples["val"], examples["test"])
+        if sizes[0] > 0 and bad is None:
+            train = train.apply(_assert_cardinality(sizes[0]))
+    return Splits(train, val, test, list(meta["class_names"]), (None, None, 3), bad, sizes)
+
+
+def _assert_cardinality(n: int):
+    import tensorflow as tf
+
+    return tf.data.experimental.assert_cardinality(n)
+
+
+def _records(files: Sequence[str], bad, indexed: bool = False, shuffle_seed: Optional[int] = None):
+    """(image, label) of the shards `files`: read interleaved, parsed and decoded in order.
+    With `shuffle_seed` (and not `indexed`) the shard order is reshuffled each epoch."""
+    import tensorflow as tf
+
+    from keras_vit.data.folders import checked_images
+
+    AUTO = tf.data.AUTOTUNE
+    names = tf.data.Dataset.from_tensor_slices(list(files))
+    if shuffle_seed is not None and not indexed:
+        names = names.shuffle(len(files), seed=shuffle_seed, reshuffle_each_iteration=True)
+    ds = names.interleave(tf.data.TFRecordDataset, cycle_length=min(len(files), 8), block_length=1,
+                          num_parallel_calls=AUTO, deterministic=True)
+    spec = {FEATURE_IMAGE: tf.io.FixedLenFeature([], tf.string),
+            FEATURE_LABEL: tf.io.FixedLenFeature([], tf.int64),
+            FEATURE_FILENAME: tf.io.FixedLenFeature([], tf.string, default_value="")}
+
+    def parse(record):
+        ex = tf.io.parse_single_example(record, spec)
+        name = tf.where(tf.strings.length(ex[FEATURE_FILENAME]) > 0, ex[FEATURE_FILENAME], "<record>")
+        return name, ex[FEATURE_IMAGE], tf.cast(ex[FEATURE_LABEL], tf.int32)
+
+    ds = ds.map(parse, num_parallel_calls=AUTO)
+    if indexed:
+        ds = ds.enumerate()
+        ds = ds.map(lambda i, e: (e[0], e[1], (i, e[2])))
+        ds = checked_images(ds, bad)
+        return ds.map(lambda x, iy: (iy[0], x, iy[1]))
+    return checked_images(ds, bad)

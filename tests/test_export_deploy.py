@@ -1,0 +1,242 @@
+"""Deployment: files for any image size (in-graph position-embedding interpolation), NCHW input,
+TF-Serving SavedModels reloaded in a fresh process, metadata the runtimes read, the PNG report,
+and the device choice. Each file runs in its runtime and is compared with Keras."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from export_helpers import DIGIT_NAMES, small_model, trained_digits
+
+import keras_vit
+from keras_vit.cli.main import cli
+from keras_vit.export import ExportError, to_onnx, verify
+from keras_vit.vit import dynamic_model, resize_model
+
+
+def _noisy(model, seed=0):
+    """Position embeddings (and all else) far from zero, so that a wrong resampling shows."""
+    rng = np.random.default_rng(seed)
+    model.set_weights([rng.normal(0, 0.5, w.shape).astype("float32") for w in model.get_weights()])
+    return model
+
+
+@pytest.mark.parametrize("pos_embedding,method", [("learned", "linear"), ("learned", "bicubic"),
+                                                  ("learned_2d", "bicubic"), ("sincos2d", "linear")])
+def test_dynamic_model_matches_resize_model_at_other_sizes(pos_embedding, method):
+    small = dict(patch_size=8, hidden_size=32, num_heads=2, num_layers=1, mlp_dim=64, num_classes=5)
+    model = _noisy(keras_vit.ViT("Ti/16", image_size=32, pos_embedding=pos_embedding, **small))
+    dyn = dynamic_model(model, method)
+    assert dyn.input_shape == (None, None, None, 3) and dyn.vit_config.pos_interpolation == method
+    rng = np.random.default_rng(1)
+    for size in [(32, 32), (48, 64), (24, 40)]:
+        x = rng.uniform(0, 255, (2, *size, 3)).astype("float32")
+        ref = resize_model(model, size, method=method).predict_on_batch(x)
+        np.testing.assert_allclose(dyn.predict_on_batch(x), ref, atol=1e-5, rtol=0)
+
+
+def test_vit_image_size_none_builds_a_model_for_any_size():
+    model = keras_vit.ViT("Ti/16", image_size=None, num_layers=1, num_classes=3)
+    assert model.vit_config.dynamic_size and model.vit_config.image_size == (224, 224)
+    assert model.predict_on_batch(np.zeros((1, 64, 96, 3), "float32")).shape == (1, 3)
+    with pytest.raises(ValueError, match="relative"):
+        keras_vit.ViT("Ti/16", dynamic_size=True, pos_embedding="relative", num_layers=1)
+    with pytest.raises(ValueError, match="pos_interpolation must be one of"):
+        keras_vit.ViT("Ti/16", dynamic_size=True, pos_interpolation="cubic", num_layers=1)
+
+
+def test_dynamic_nchw_onnx_matches_resized_keras_at_two_sizes(tmp_path):
+    import onnx
+    import onnxruntime as ort
+
+    model, _ = trained_digits()
+    path = to_onnx(model, tmp_path / "dyn.onnx", dynamic_size=True, layout="nchw", class_names=DIGIT_NAMES)
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].shape == ["batch", 3, "height", "width"]
+    meta = {p.key: p.value for p in onnx.load(path).metadata_props}
+    assert json.loads(meta["class_names"]) == DIGIT_NAMES and meta["layout"] == "nchw"
+    assert json.loads(meta["mean"]) == [127.5] * 3 and json.loads(meta["std"]) == [127.5] * 3
+    assert meta["dynamic_size"] == "true" and meta["image_size"] == "32x32"
+    from keras_vit.export.images import load_images
+
+    for size in [(32, 32), (24, 40)]:
+        x = load_images("digits", size, 3, 48)
+        ref = resize_model(model, size).predict_on_batch(x)
+        out = session.run(None, {"images": x.transpose(0, 3, 1, 2)})[0]
+        assert np.abs(out - ref).max() <= 1e-4
+        assert (out.argmax(1) == ref.argmax(1)).all()
+    report = verify(model, path, images="digits", num_images=32)
+    assert report["passed"] and [s["image_size"] for s in report["image_sizes"]] == [[32, 48]]
+    assert report["image_sizes"][0]["max_abs_diff"] <= 1e-4 and report["device"] == "cpu"
+
+
+def test_report_png_shows_the_comparison(tmp_path):
+    from PIL import Image
+
+    model = small_model("learned")
+    path = to_onnx(model, tmp_path / "m.onnx")
+    report = verify(model, path, num_images=16)
+    assert report["plot_path"] == str(tmp_path / "m.onnx.report.png")
+    with Image.open(report["plot_path"]) as im:
+        pixels = np.asarray(im.convert("RGB"), dtype=np.float32)
+    assert pixels.shape[0] >= 200 and pixels.shape[1] >= 400
+    assert pixels.std() > 20  # not blank: axes, points and bars drawn on white
+    green = (pixels[..., 1] > 120) & (pixels[..., 0] < 100) & (pixels[..., 2] < 100)
+    assert green.sum() > 500  # the per-class agreement bars of a passing file are green
+
+
+def test_cuda_device_without_cuda_provider_is_one_clear_error(tmp_path):
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has the CUDA provider; the GPU check runs in bench/gpu.sh")
+    model = small_model("learned")
+    path = to_onnx(model, tmp_path / "m.onnx")
+    with pytest.raises(ExportError, match="device cuda needs onnxruntime with the CUDA provider"):
+        verify(model, path, num_images=4, device="cuda")
+    with pytest.raises(ExportError, match="device must be one of auto, cuda, cpu"):
+        verify(model, path, num_images=4, device="gpu")
+    with pytest.raises(ExportError, match="layout must be one of nhwc, nchw"):
+        to_onnx(model, tmp_path / "x.onnx", layout="nhcw")
+
+
+_RELOAD = """
+import json, sys
+import numpy as np
+import tensorflow as tf
+loaded = tf.saved_model.load(sys.argv[1])
+serve = loaded.signatures["serving_default"]
+x = np.load(sys.argv[2])
+out = {"signatures": sorted(loaded.signatures), "dtype": serve.structured_input_signature[1]["images"].dtype.name,
+       "metadata": json.loads(loaded.signatures["metadata"]()["metadata"].numpy().decode())}
+np.save(sys.argv[3], serve(images=tf.constant(x))["logits"].numpy())
+print(json.dumps(out))
+"""
+
+
+def test_cli_saved_model_uint8_reloads_in_a_fresh_process(tmp_path):
+    model, keras_path = trained_digits()
+    out = tmp_path / "served"
+    result = CliRunner().invoke(cli, ["export", "--model", keras_path, "--format", "saved_model", "--output",
+                                      str(out), "--input-dtype", "uint8", "--dynamic-size", "--num-images", "32",
+                                      "--verify-dataset", "digits"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "at 32x48" in result.output and os.path.isfile(str(out) + ".report.png")
+    x = np.random.default_rng(0).integers(0, 256, (4, 32, 48, 3)).astype(np.uint8)
+    np.save(tmp_path / "x.npy", x)
+    proc = subprocess.run([sys.executable, "-c", _RELOAD, str(out), str(tmp_path / "x.npy"), str(tmp_path / "y.npy")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    info = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert info["dtype"] == "uint8"
+    assert {"serving_default", "serving_float32", "serving_uint8", "metadata"} <= set(info["signatures"])
+    assert info["metadata"]["image_size"] == "32x32" and info["metadata"]["dynamic_size"] == "true"
+    assert (out / "assets" / "keras_vit.json").is_file()
+    ref = resize_model(model, (32, 48)).predict_on_batch(x.astype("float32"))
+    got = np.load(tmp_path / "y.npy")
+    assert np.abs(got - ref).max() <= 1e-4 and (got.argmax(1) == ref.argmax(1)).all()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--format", "tflite", "--dynamic-size"], "--dynamic-size applies to --format onnx and saved_model"),
+    (["--format", "saved_model", "--layout", "nchw"], "--layout apply to --format onnx only"),
+    (["--format", "saved_model", "--quantize", "fp16"], "a SavedModel keeps float32 weights"),
+    (["--interpolation", "bicubic"], "--interpolation applies with --dynamic-size only"),
+])
+def test_cli_bad_combinations_give_one_line(tmp_path, args, message):
+    _, keras_path = trained_digits()
+    result = CliRunner().invoke(cli, ["export", "--model", keras_path, *args])
+    assert result.exit_code != 0 and message in result.output
+    assert "Traceback" not in result.output
+
+
+def _stub_wheel(folder, name: str, version: str = "99.0") -> None:
+    """An empty wheel named `name` (no dependencies), enough for pip's resolver."""
+    import zipfile
+
+    norm = name.lower().replace("-", "_").replace(".", "_")
+    info = f"{norm}-{version}.dist-info"
+    with zipfile.ZipFile(os.path.join(folder, f"{norm}-{version}-py3-none-any.whl"), "w") as z:
+        z.writestr(f"{info}/METADATA", f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+        z.writestr(f"{info}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        z.writestr(f"{info}/RECORD", "")
+
+
+def test_gpu_extra_resolves_to_one_onnxruntime_wheel(tmp_path):
+    """pip's own resolver (offline: stub wheels for every requirement of pyproject.toml) installs
+    exactly one onnxruntime distribution for each of the [gpu] and [cpu] extras, none without one."""
+    import re
+    import shutil
+
+    import tomllib
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "pyproject.toml"), "rb") as f:
+        pyproject = tomllib.load(f)
+    project, setuptools_cfg = pyproject["project"], pyproject["tool"]["setuptools"]
+    reqs = project["dependencies"] + [r for extra in project["optional-dependencies"].values() for r in extra]
+    stubs = tmp_path / "stubs"
+    stubs.mkdir()
+    for name in {re.match(r"[A-Za-z0-9_.-]+", r).group(0).lower() for r in reqs}:
+        _stub_wheel(stubs, name)
+    src = tmp_path / "src"
+    package_dirs = setuptools_cfg.get("package-dir", {})
+    for package in setuptools_cfg["packages"]:  # the folders setuptools checks exist
+        (src / package_dirs.get(package, package.replace(".", "/"))).mkdir(parents=True, exist_ok=True)
+    shutil.copy(os.path.join(root, "pyproject.toml"), src)
+    shutil.copy(os.path.join(root, "README.md"), src)
+    shutil.copy(os.path.join(root, "keras_vit", "__init__.py"), src / "keras_vit")
+
+    def onnxruntimes(extra: str):
+        report = tmp_path / f"report{extra}.json"
+        proc = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed",
+                               "--no-index", "--find-links", str(stubs), "--no-build-isolation", "--quiet",
+                               "--report", str(report), f"{src}{extra}"],
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        names = [item["metadata"]["name"].lower() for item in json.loads(report.read_text())["install"]]
+        assert "keras-vit" in names and "tensorflow" in names
+        return sorted(n for n in names if n.startswith("onnxruntime"))
+
+    assert onnxruntimes("[gpu]") == ["onnxruntime-gpu"]
+    assert onnxruntimes("[cpu]") == ["onnxruntime"]
+    assert onnxruntimes("") == []
+
+
+def test_verify_without_onnxruntime_uses_onnx_reference(tmp_path, monkeypatch):
+    """A plain `pip install keras-vit` (no onnxruntime) still verifies ONNX files: onnx's reference
+    evaluator runs them; the options that need onnxruntime say which extra to install."""
+    model = small_model("learned")
+    path = to_onnx(model, tmp_path / "m.onnx")
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime -> ImportError
+    report = verify(model, path, num_images=4, batch_size=4)
+    assert report["passed"] and report["max_abs_diff"] <= 1e-4
+    assert report["providers"] == ["onnx.reference"] and "keras-vit[cpu]" in report["runtime"]
+    with pytest.raises(ExportError, match=r"needs onnxruntime: pip install 'keras-vit\[cpu\]'"):
+        to_onnx(model, tmp_path / "q.onnx", quantize="dynamic")
+
+
+def test_cli_static_int8_onnx_agrees_with_keras(tmp_path):
+    """Static QDQ int8, calibrated on the digits training split: >= 99% top-1 agreement with Keras
+    on 360 test digits; the head, LayerNorms, softmax and GELU stay float (metadata says so)."""
+    import onnx
+
+    model, keras_path = trained_digits()
+    out = tmp_path / "m.int8.onnx"
+    result = CliRunner().invoke(cli, ["export", "--model", keras_path, "--quantize", "int8", "--calibration", "200",
+                                      "--calibration-dataset", "digits", "--verify-dataset", "digits",
+                                      "--num-images", "360", "--output", str(out)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "m.int8.onnx.report.json").read_text())
+    assert report["precision"] == "int8" and report["num_images"] == 360
+    assert report["top1_agreement"] >= 0.99
+    meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert meta["calibration_images"] == "150" and int(meta["int8_matmuls"]) >= 8
+    assert "LayerNorm, softmax, GELU, head" in meta["kept_float"]
+    ops = {n.op_type for n in onnx.load(str(out)).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear", "LayerNormalization", "Softmax"} <= ops
