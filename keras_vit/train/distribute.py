@@ -22,7 +22,6 @@ import hashlib
 import json
 import os
 import sys
-import threading
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import keras
@@ -345,8 +344,8 @@ class FollowChief(keras.callbacks.Callback):
             value = tf.convert_to_tensor(v.value)
             wide = tf.cast(value, tf.float64) if not value.dtype.is_floating else value
             mine = wide if self.cluster.is_chief else tf.zeros_like(wide)
-            total = strategy.reduce(tf.distribute.ReduceOp.SUM,
-                                    strategy.experimental_distribute_values_from_function(lambda ctx: mine), axis=None)
+            shares = strategy.experimental_distribute_values_from_function(lambda ctx, mine=mine: mine)
+            total = strategy.reduce(tf.distribute.ReduceOp.SUM, shares, axis=None)
             v.assign(tf.cast(total, value.dtype))
         model._initial_epoch = epoch
 

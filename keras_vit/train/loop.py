@@ -23,9 +23,21 @@ from keras_vit.files import save_model, write_json, write_text
 from keras_vit.model import build_model
 from keras_vit.plots import plot_training_curves, read_metrics_csv
 from keras_vit.train.callbacks import LearningRateLogger, atomic_checkpoint
-from keras_vit.train.distribute import (Cluster, ClusterError, FollowChief, PeerLostError, check_same_options,
-                                        clip_summed_gradients, distribution_scope, fingerprint, is_peer_lost,
-                                        replicas, shard_datasets, start_cluster, weights_digest)
+from keras_vit.train.distribute import (
+    Cluster,
+    ClusterError,
+    FollowChief,
+    PeerLostError,
+    check_same_options,
+    clip_summed_gradients,
+    distribution_scope,
+    fingerprint,
+    is_peer_lost,
+    replicas,
+    shard_datasets,
+    start_cluster,
+    weights_digest,
+)
 from keras_vit.train.initial import load_initial_weights
 from keras_vit.train.recipes import TrainConfig, make_optimizer, resolve_speed
 from keras_vit.train.runs import RUNS_DIR, backup_epoch, check_output, new_run_dir, read_run_config, resolve_run_dir, trim_csv
@@ -124,7 +136,7 @@ def _train(cfg: TrainConfig, run: Optional[str], resume: bool, cluster: Cluster,
     return result
 
 
-def _cluster_run(cfg: TrainConfig, data: "_Data", cluster: Cluster, output: Optional[str], root: str,
+def _cluster_run(cfg: TrainConfig, data: _Data, cluster: Cluster, output: Optional[str], root: str,
                  mixed: str, jit: str) -> Tuple[str, bool]:
     """(folder, resuming) of this worker in a cluster: the chief's run folder (the unfinished run
     at `output` or `root/latest` when its options match, else a new one); a temporary folder for
