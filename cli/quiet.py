@@ -83,6 +83,17 @@ def filter_stderr() -> None:
         thread.join(timeout=5)
 
     atexit.register(restore)
+    _restores.append(restore)
+
+
+_restores: list = []
+
+
+def release() -> None:
+    """Give file descriptor 2 back to the real stderr now (before `os.exec*`, which would leave the
+    new program writing into a pipe nobody reads)."""
+    while _restores:
+        _restores.pop()()
 
 
 def install(verbose: bool) -> None:

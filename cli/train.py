@@ -107,6 +107,9 @@ def _rejoin(reason: str) -> None:
     if done >= MAX_REJOINS:
         return
     os.environ[REJOIN_ENV] = str(done + 1)
+    from keras_vit.cli import quiet
+
+    quiet.release()
     click.echo(f"{reason.split(';')[0]}; restarting to rejoin the cluster ({done + 1}/{MAX_REJOINS})", err=True)
     sys.stdout.flush()
     sys.stderr.flush()

@@ -117,7 +117,7 @@ def _train(cfg: TrainConfig, run: Optional[str], resume: bool, cluster: Cluster,
             test = dict(zip(["loss", "top1", "top5"], (float(v) for v in model.evaluate(data.test, verbose=0))))
         except tf.errors.OpError as exc:  # e.g. an image that decodes badly mid-run
             if is_peer_lost(cluster, exc):
-                raise PeerLostError(f"worker {cluster.index}: a peer of the cluster stopped ({op_error_line(exc)}); "
+                raise PeerLostError(f"worker {cluster.index}: a peer of the cluster stopped ({type(exc).__name__}); "
                                     "start it again with its command: the cluster continues from the last "
                                     "completed epoch") from None
             raise TrainError(kdata.bad_image_line(exc) or f"training failed: {op_error_line(exc)}") from None
