@@ -227,8 +227,10 @@ def main(argv=None) -> List[Dict[str, object]]:
                 merged[case] = common.skipped(case, "torchvision not installed (bench/requirements.txt)")
                 continue
             r = common.run_case("bench.data", case, _forward(args))
-            print(f"  round {rnd + 1} {case}: " + (f"{sum(r['img_s_values']) / len(r['img_s_values']):.0f}/s"
-                                                    if "img_s_values" in r else r.get("error", "")), flush=True)
+            print(f"  round {rnd + 1} {case}: " + (
+                f"{sum(r['img_s_values']) / len(r['img_s_values']):.0f}/s, "
+                f"{sum(r['img_cpu_s_values']) / len(r['img_cpu_s_values']):.0f} per CPU-s"
+                if "img_s_values" in r else r.get("error", "")), flush=True)
             if "img_s_values" in r:
                 prev = merged.get(case, {"img_s_values": [], "img_cpu_s_values": []})
                 merged[case] = dict(r, img_s_values=prev["img_s_values"] + r["img_s_values"],

@@ -10,6 +10,7 @@ from keras_vit import __version__
 from keras_vit.cli import quiet
 from keras_vit.cli.analysis import fewshot_cmd, inspect_cmd, pretrain_cmd
 from keras_vit.cli.common import UserError
+from keras_vit.cli.data import records_cmd
 from keras_vit.cli.export import export_cmd
 from keras_vit.cli.train import evaluate_cmd, predict_cmd, train_cmd
 
@@ -44,7 +45,7 @@ def models_cmd(image_size: int, num_classes: int) -> None:
                    f"{cfg.input_stride[0]:>5} {resnet:>10} {cfg.count_params():>13,} {cfg.flops() / 1e9:>8.2f}")
 
 
-for command in (train_cmd, evaluate_cmd, predict_cmd, export_cmd, inspect_cmd, fewshot_cmd, pretrain_cmd):
+for command in (train_cmd, evaluate_cmd, predict_cmd, export_cmd, inspect_cmd, fewshot_cmd, pretrain_cmd, records_cmd):
     cli.add_command(command)
 
 

@@ -11,7 +11,8 @@ import click
 from keras_vit.cli.common import UserError, user_errors
 
 _DATASET_HELP = ("digits (offline), cifar10, cifar100, mnist, fashion_mnist, tfds:NAME, "
-                 "folder:PATH (PATH/<class>/*.jpg or PATH/train, PATH/val).")
+                 "folder:PATH (PATH/<class>/*.jpg or PATH/train, PATH/val), "
+                 "records:DIR or records:GLOB (TFRecord shards, see vitcli records).")
 
 
 @click.command("train")

@@ -107,13 +107,8 @@ def metadata(cfg, class_names: Optional[Sequence[str]], precision: str, fmt: str
     return meta
 
 
-def check_output_path(path: PathLike, suffix: str) -> str:
-    """Absolute output path; ExportError for a wrong suffix or a folder we cannot write to."""
-    path = os.path.abspath(os.fspath(path))
-    if not path.endswith(suffix):
-        raise ExportError(f"output path {path!r} must end with {suffix}")
-    if os.path.isdir(path):
-        raise ExportError(f"output path {path!r} is a folder; give a file name ending in {suffix}")
+def check_parent(path: str) -> None:
+    """Create the folder that will hold `path`; ExportError when that fails or it is not writable."""
     parent = os.path.dirname(path)
     try:
         os.makedirs(parent, exist_ok=True)
@@ -121,6 +116,16 @@ def check_output_path(path: PathLike, suffix: str) -> str:
         raise ExportError(f"cannot create output folder {parent!r}: {exc.strerror or exc}") from None
     if not os.access(parent, os.W_OK | os.X_OK):
         raise ExportError(f"output folder {parent!r} is not writable")
+
+
+def check_output_path(path: PathLike, suffix: str) -> str:
+    """Absolute output path; ExportError for a wrong suffix or a folder we cannot write to."""
+    path = os.path.abspath(os.fspath(path))
+    if not path.endswith(suffix):
+        raise ExportError(f"output path {path!r} must end with {suffix}")
+    if os.path.isdir(path):
+        raise ExportError(f"output path {path!r} is a folder; give a file name ending in {suffix}")
+    check_parent(path)
     if os.path.exists(path) and not os.access(path, os.W_OK):
         raise ExportError(f"output file {path!r} exists and is not writable")
     return path

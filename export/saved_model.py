@@ -12,7 +12,15 @@ import json
 import os
 from typing import Optional, Sequence
 
-from keras_vit.export._common import ExportError, PathLike, check_class_names, check_tensorflow_backend, metadata, resolve_model
+from keras_vit.export._common import (
+    ExportError,
+    PathLike,
+    check_class_names,
+    check_parent,
+    check_tensorflow_backend,
+    metadata,
+    resolve_model,
+)
 from keras_vit.files import atomic_dir
 
 SIGNATURE = "serving_default"
@@ -97,11 +105,5 @@ def _check_folder(path: PathLike) -> str:
         raise ExportError(f"output path {path!r} is a file; a SavedModel is a folder")
     if os.path.isdir(path) and os.listdir(path) and not os.path.isfile(os.path.join(path, "saved_model.pb")):
         raise ExportError(f"output folder {path!r} exists and is not a SavedModel; choose another path")
-    parent = os.path.dirname(path)
-    try:
-        os.makedirs(parent, exist_ok=True)
-    except OSError as exc:
-        raise ExportError(f"cannot create output folder {parent!r}: {exc.strerror or exc}") from None
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ExportError(f"output folder {parent!r} is not writable")
+    check_parent(path)
     return path

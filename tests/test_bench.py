@@ -63,3 +63,18 @@ def test_gpu_bench_runs_without_tensorflow(tmp_path):
     assert "error" not in by["keras-jax"], by["keras-jax"]
     assert by["keras-jax"]["img_s"]["median"] > 0
     assert by["peak"]["peak_bf16_tflops"] > 0 and 0 < by["keras-jax"]["mfu_measured_peak"] < 1.5
+
+
+@pytest.mark.slow  # runs the benchmark harness end to end (about 30 s)
+def test_data_quick_measures_keras_vit_beside_torchvision(tmp_path, capsys):
+    from bench import data as bdata
+
+    results = bdata.main(["--quick", "--augment", "randaugment", "--work-dir", str(tmp_path)])
+    by = {r["case"]: r for r in results}
+    for case in ("keras-vit:list", "keras-vit:randaugment"):
+        assert "error" not in by[case], by[case]
+        assert by[case]["img_s"]["median"] > 0 and by[case]["img_cpu_s"]["median"] > 0
+    assert by["keras-vit:list"]["images"] == 2000 and by["keras-vit:randaugment"]["images"] == 32  # 63 train files
+    for case in ("torchvision:list", "torchvision:randaugment"):
+        assert "img_s" in by[case] or "skipped" in by[case]
+    assert "input pipelines" in capsys.readouterr().out

@@ -15,7 +15,7 @@ from export_helpers import DIGIT_NAMES, small_model, trained_digits
 
 import keras_vit
 from keras_vit.cli.main import cli
-from keras_vit.export import ExportError, to_onnx, verify
+from keras_vit.export import ExportError, to_onnx, to_saved_model, verify
 from keras_vit.vit import dynamic_model, resize_model
 
 
@@ -40,10 +40,16 @@ def test_dynamic_model_matches_resize_model_at_other_sizes(pos_embedding, method
         np.testing.assert_allclose(dyn.predict_on_batch(x), ref, atol=1e-5, rtol=0)
 
 
-def test_vit_image_size_none_builds_a_model_for_any_size():
-    model = keras_vit.ViT("Ti/16", image_size=None, num_layers=1, num_classes=3)
+def test_vit_image_size_none_builds_a_model_for_any_size(tmp_path):
+    model = _noisy(keras_vit.ViT("Ti/16", image_size=None, num_layers=1, num_classes=3, pos_interpolation="bicubic"))
     assert model.vit_config.dynamic_size and model.vit_config.image_size == (224, 224)
-    assert model.predict_on_batch(np.zeros((1, 64, 96, 3), "float32")).shape == (1, 3)
+    x = np.random.default_rng(0).uniform(0, 255, (2, 64, 96, 3)).astype("float32")
+    logits = np.asarray(model.predict_on_batch(x))
+    assert logits.shape == (2, 3)
+    model.save(tmp_path / "dyn.keras")  # the dynamic size and its interpolation survive save/load
+    reloaded = keras_vit.load_model(tmp_path / "dyn.keras")
+    assert reloaded.vit_config.dynamic_size and reloaded.vit_config.pos_interpolation == "bicubic"
+    np.testing.assert_allclose(np.asarray(reloaded.predict_on_batch(x)), logits, atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match="relative"):
         keras_vit.ViT("Ti/16", dynamic_size=True, pos_embedding="relative", num_layers=1)
     with pytest.raises(ValueError, match="pos_interpolation must be one of"):
@@ -236,7 +242,23 @@ def test_cli_static_int8_onnx_agrees_with_keras(tmp_path):
     assert report["precision"] == "int8" and report["num_images"] == 360
     assert report["top1_agreement"] >= 0.99
     meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
-    assert meta["calibration_images"] == "150" and int(meta["int8_matmuls"]) >= 8
-    assert "LayerNorm, softmax, GELU, head" in meta["kept_float"]
+    assert meta["calibration_images"] == "150" and int(meta["int8_matmuls"]) >= 4
+    assert "LayerNorm, softmax, GELU, head, attention products" in meta["kept_float"]
     ops = {n.op_type for n in onnx.load(str(out)).graph.node}
     assert {"QuantizeLinear", "DequantizeLinear", "LayerNormalization", "Softmax"} <= ops
+
+
+def test_saved_model_bad_arguments_are_one_line(tmp_path):
+    model = small_model("learned")
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("x")
+    with pytest.raises(ExportError, match="input_dtype must be one of float32, uint8; got 'int8'"):
+        to_saved_model(model, tmp_path / "sm", input_dtype="int8")
+    with pytest.raises(ExportError, match="is a file; a SavedModel is a folder"):
+        to_saved_model(model, tmp_path / "file")
+    with pytest.raises(ExportError, match="exists and is not a SavedModel"):
+        to_saved_model(model, tmp_path / "busy")
+    assert (tmp_path / "busy" / "notes.txt").read_text() == "x"
+    with pytest.raises(ExportError, match="interpolation applies with dynamic_size=True only"):
+        to_saved_model(model, tmp_path / "sm", interpolation="bicubic")

@@ -23,6 +23,7 @@ from keras_vit.data.folders import (  # noqa: F401  (IMAGE_EXTENSIONS, bad_image
     bad_image_line,
     checked_images,
     list_images,
+    naming_bad_images,
 )
 from keras_vit.data.records import write_records  # noqa: F401
 from keras_vit.errors import UserInputError, first_line
@@ -164,6 +165,8 @@ def _keras_dataset(name: str, seed: int, val_fraction: float) -> Splits:
 
 
 def _tfds(name: str, seed: int, val_fraction: float, data_dir: Optional[str]) -> Splits:
+    import tensorflow as tf
+
     try:
         import tensorflow_datasets as tfds
     except ImportError:
@@ -187,14 +190,16 @@ def _tfds(name: str, seed: int, val_fraction: float, data_dir: Optional[str]) ->
     train_split = "train" if val_split in splits else f"train[:{100 - pct}%]"
     test_split = next((s for s in ("test", "validation", "val") if s in splits), val_split)
 
-    def get(split):
-        ds = builder.as_dataset(split=split, as_supervised=True, shuffle_files=False)
-        return ds.map(lambda x, y: (_to_float(x), _to_int(y)))
+    def get(split, shuffle_files=False):
+        # training reads the prepared files in a seeded order that changes each epoch
+        config = tfds.ReadConfig(shuffle_seed=seed) if shuffle_files else None
+        ds = builder.as_dataset(split=split, as_supervised=True, shuffle_files=shuffle_files, read_config=config)
+        return ds.map(lambda x, y: (_to_float(x), _to_int(y)), num_parallel_calls=tf.data.AUTOTUNE)
 
     label = info.features[keys[1]]
     names = list(getattr(label, "names", None) or [str(i) for i in range(label.num_classes)])
     shape = tuple(info.features[keys[0]].shape)
-    return Splits(get(train_split), get(val_split), get(test_split), names, shape)
+    return Splits(get(train_split, shuffle_files=True), get(val_split), get(test_split), names, shape)
 
 
 def _to_int(y):
@@ -315,9 +320,10 @@ def split_arrays(ds, image_size: Optional[Sequence[int]], channels: int, limit: 
     if limit:
         ds = ds.take(limit)
     xs, ys = [], []
-    for x, y in ds.map(lambda x, y: (prepare_image(x, image_size, channels), y)).batch(256).as_numpy_iterator():
-        xs.append(np.asarray(x, np.float32))
-        ys.append(np.asarray(y).astype(np.int64))
+    with naming_bad_images():
+        for x, y in ds.map(lambda x, y: (prepare_image(x, image_size, channels), y)).batch(256).as_numpy_iterator():
+            xs.append(np.asarray(x, np.float32))
+            ys.append(np.asarray(y).astype(np.int64))
     if not xs:
         raise DatasetError("the dataset split is empty")
     return np.concatenate(xs), np.concatenate(ys)

@@ -7,9 +7,10 @@ decoded is found when the pipeline reads it.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
-from typing import List, Optional, Sequence, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -126,3 +127,20 @@ def bad_image_line(exc: BaseException) -> Optional[str]:
         return None
     line = text[start:].splitlines()[0]
     return line.rstrip("]").rstrip()
+
+
+@contextlib.contextmanager
+def naming_bad_images() -> Iterator[None]:
+    """Turn the pipeline error of an image file that does not decode (checked_images) into a
+    DatasetError with the one line naming the file; other errors pass unchanged."""
+    import tensorflow as tf
+
+    from keras_vit.data import DatasetError
+
+    try:
+        yield
+    except tf.errors.OpError as exc:
+        line = bad_image_line(exc)
+        if line is None:
+            raise
+        raise DatasetError(line) from None

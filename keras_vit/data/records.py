@@ -41,6 +41,10 @@ def write_records(dataset: str, output: str, *, examples_per_shard: int = 1024, 
 
     if examples_per_shard < 1:
         raise DatasetError(f"examples_per_shard must be >= 1, got {examples_per_shard}")
+    if not 0.0 < val_fraction < 1.0:
+        raise DatasetError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
+    if os.path.exists(output) and not os.path.isdir(output):
+        raise DatasetError(f"records output {output!r} is a file; give a folder for the shards")
     os.makedirs(output, exist_ok=True)
     lists = _folder_lists(dataset[len("folder:"):], seed, val_fraction) if dataset.startswith("folder:") else None
     splits = None if lists is not None else load(dataset, seed=seed, val_fraction=val_fraction)

@@ -18,8 +18,9 @@ def predict_logits(model: keras.Model, ds, batch_size: int = 128) -> Tuple[np.nd
     vcfg = get_config(model)
     batched = kdata.pipeline(ds, image_size=vcfg.image_size, batch_size=batch_size, num_classes=vcfg.num_classes,
                              channels=vcfg.channels, one_hot=False)
-    labels = np.concatenate([y.numpy() for _, y in batched])
-    logits = model.predict(batched.map(lambda x, y: x), verbose=0)
+    with kdata.naming_bad_images():  # an image file that does not decode: one line naming it
+        labels = np.concatenate([y.numpy() for _, y in batched])
+        logits = model.predict(batched.map(lambda x, y: x), verbose=0)
     return np.asarray(logits, np.float32), labels.astype(np.int64)
 
 
