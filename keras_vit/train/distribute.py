@@ -189,6 +189,18 @@ if not ready:  # the parent is still waiting: it cannot be interrupted from insi
 """
 
 
+def _real_stderr() -> Optional[int]:
+    """The file descriptor of the terminal's stderr when vitcli filters fd 2 through a thread of
+    this process (it cannot pass on a line once this process is stopped), else None (inherit)."""
+    text = os.environ.get("KERAS_VIT_STDERR_FD", "")
+    try:
+        fd = int(text)
+        os.fstat(fd)
+        return fd
+    except (ValueError, OSError):
+        return None
+
+
 @contextlib.contextmanager
 def _deadline(seconds: float, what: str):
     """Stop the process with one line when the block has not finished within `seconds`.
@@ -201,7 +213,7 @@ def _deadline(seconds: float, what: str):
     message = (f"Error: {what} within {seconds:g} s; check the addresses, ports and firewall, and that every "
                f"worker was started (raise the wait with --peer-timeout or {PEER_TIMEOUT_ENV})")
     guard = subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(os.getpid()), str(seconds), message],
-                             stdin=subprocess.PIPE)
+                             stdin=subprocess.PIPE, stderr=_real_stderr())
     try:
         yield
     finally:
