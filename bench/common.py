@@ -121,6 +121,45 @@ def matmul_peak(n: int = 2048, repeats: int = 5, dtypes: Sequence[str] = ("float
     return out
 
 
+# --- what is benchmarked -----------------------------------------------------------------
+TIMM_NAMES = {"Ti": "vit_tiny_patch16_224", "S": "vit_small_patch16_224", "B": "vit_base_patch16_224",
+              "L": "vit_large_patch16_224"}
+
+
+def model_flags(args) -> List[str]:
+    """The flags that pass the benchmarked model and batch on to a case's own process."""
+    out = ["--variant", args.variant, "--image-size", str(args.image_size), "--batch-size", str(args.batch_size),
+           "--repeats", str(args.repeats), "--warmup", str(args.warmup)]
+    return out + (["--num-layers", str(args.num_layers)] if args.num_layers else [])
+
+
+def vit_config(args, num_classes: int):
+    """The ViTConfig benchmarked: --variant with the --image-size / --num-layers overrides."""
+    from keras_vit.config import parse_variant
+
+    extra = {"num_layers": args.num_layers} if args.num_layers else {}
+    return parse_variant(args.variant, image_size=args.image_size, num_classes=num_classes, **extra)
+
+
+def synthetic_batch(args, num_classes: int):
+    """One seeded training batch: float images in [0, 255] (B, H, W, 3) and int32 labels."""
+    import numpy as np
+
+    rs = np.random.default_rng(0)
+    x = rs.uniform(0, 255, (args.batch_size, args.image_size, args.image_size, 3)).astype("float32")
+    y = rs.integers(0, num_classes, (args.batch_size,)).astype("int32")
+    return x, y
+
+
+def parse_cases(text: str, allowed: Sequence[str]) -> List[str]:
+    """The comma-separated case list, or one clear SystemExit naming the unknown ones."""
+    cases = [c.strip() for c in text.split(",") if c.strip()]
+    bad = [c for c in cases if c not in allowed]
+    if bad:
+        raise SystemExit(f"unknown case(s) {bad}; allowed: {', '.join(allowed)}")
+    return cases
+
+
 # --- the driver --------------------------------------------------------------------------
 def run_case(module: str, case: str, args: Sequence[str], env: Optional[Dict[str, str]] = None,
              timeout: float = 1800) -> Dict[str, object]:

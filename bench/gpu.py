@@ -22,26 +22,17 @@ if __package__ in (None, ""):
 from bench import common  # noqa: E402
 
 CASES = ("peak", "keras-jax", "timm-bf16", "timm-bf16-compile")
-TIMM_NAMES = {"Ti": "vit_tiny_patch16_224", "S": "vit_small_patch16_224", "B": "vit_base_patch16_224",
-              "L": "vit_large_patch16_224"}
 NUM_CLASSES = 1000
 LR = 1e-3
 
 
 def _config(args):
-    from keras_vit.config import parse_variant
-
-    extra = {"num_layers": args.num_layers} if args.num_layers else {}
-    return parse_variant(args.variant, image_size=args.image_size, num_classes=NUM_CLASSES, **extra)
+    """The ViTConfig benchmarked (common.vit_config with this bench's class count)."""
+    return common.vit_config(args, NUM_CLASSES)
 
 
 def _data(args):
-    import numpy as np
-
-    rs = np.random.default_rng(0)
-    x = rs.uniform(0, 255, (args.batch_size, args.image_size, args.image_size, 3)).astype("float32")
-    y = rs.integers(0, NUM_CLASSES, (args.batch_size,)).astype("int32")
-    return x, y
+    return common.synthetic_batch(args, NUM_CLASSES)
 
 
 def run_peak(args) -> Dict[str, object]:
@@ -114,7 +105,7 @@ def run_timm(args, compiled: bool) -> Dict[str, object]:
     cfg = _config(args)
     dev = "cuda" if args.device == "gpu" else "cpu"
     size = args.variant.split("/")[0]
-    model = timm.create_model(TIMM_NAMES[size], pretrained=False, num_classes=NUM_CLASSES,
+    model = timm.create_model(common.TIMM_NAMES[size], pretrained=False, num_classes=NUM_CLASSES,
                               img_size=args.image_size, depth=cfg.num_layers).to(dev)
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
@@ -172,10 +163,7 @@ def _args(argv=None):
 
 
 def _forward(args) -> List[str]:
-    out = ["--variant", args.variant, "--image-size", str(args.image_size), "--batch-size", str(args.batch_size),
-           "--steps", str(args.steps), "--repeats", str(args.repeats), "--warmup", str(args.warmup),
-           "--peak-n", str(args.peak_n), "--device", args.device]
-    return out + (["--num-layers", str(args.num_layers)] if args.num_layers else [])
+    return common.model_flags(args) + ["--steps", str(args.steps), "--peak-n", str(args.peak_n), "--device", args.device]
 
 
 def main(argv=None) -> List[Dict[str, object]]:
@@ -191,9 +179,7 @@ def main(argv=None) -> List[Dict[str, object]]:
     if args.device == "cpu":
         env.update(JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="")
     results = []
-    for case in [c.strip() for c in args.cases.split(",") if c.strip()]:
-        if case not in CASES:
-            raise SystemExit(f"unknown case {case!r}; allowed: {', '.join(CASES)}")
+    for case in common.parse_cases(args.cases, CASES):
         need = {"keras-jax": "jax", "timm-bf16": "timm", "timm-bf16-compile": "timm"}.get(case)
         if need and not common.have(need):
             results.append(common.skipped(case, f"{need} not installed"))

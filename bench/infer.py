@@ -32,17 +32,13 @@ from bench import common  # noqa: E402
 
 CASES = ("peak", "keras-xla", "onnx", "onnx-opt", "onnx-int8", "tflite", "tflite-int8",
          "timm", "timm-onnx", "timm-onnx-int8")
-TIMM_NAMES = {"Ti": "vit_tiny_patch16_224", "S": "vit_small_patch16_224", "B": "vit_base_patch16_224",
-              "L": "vit_large_patch16_224"}
 NUM_CLASSES = 10
 THREADS = os.cpu_count() or 1
 
 
 def config(args):
-    from keras_vit.config import parse_variant
-
-    extra = {"num_layers": args.num_layers} if args.num_layers else {}
-    return parse_variant(args.variant, image_size=args.image_size, num_classes=NUM_CLASSES, **extra)
+    """The ViTConfig benchmarked (common.vit_config with this bench's class count)."""
+    return common.vit_config(args, NUM_CLASSES)
 
 
 def images(args, n: int, seed: int = 1):
@@ -83,7 +79,7 @@ def timm_model(args):
 
     torch.manual_seed(0)
     size = args.variant.split("/")[0]
-    model = timm.create_model(TIMM_NAMES[size], pretrained=False, num_classes=NUM_CLASSES,
+    model = timm.create_model(common.TIMM_NAMES[size], pretrained=False, num_classes=NUM_CLASSES,
                               img_size=args.image_size, depth=config(args).num_layers)
     return model.eval()
 
@@ -257,11 +253,9 @@ def _args(argv=None):
 
 
 def _forward(args) -> List[str]:
-    out = ["--variant", args.variant, "--image-size", str(args.image_size), "--batch-size", str(args.batch_size),
-           "--repeats", str(args.repeats), "--batch-repeats", str(args.batch_repeats), "--warmup", str(args.warmup),
-           "--eval-images", str(args.eval_images), "--calib-images", str(args.calib_images),
-           "--workdir", args.workdir]
-    return out + (["--num-layers", str(args.num_layers)] if args.num_layers else [])
+    return common.model_flags(args) + [
+        "--batch-repeats", str(args.batch_repeats), "--eval-images", str(args.eval_images),
+        "--calib-images", str(args.calib_images), "--workdir", args.workdir]
 
 
 def main(argv=None) -> List[Dict[str, object]]:
@@ -274,10 +268,7 @@ def main(argv=None) -> List[Dict[str, object]]:
     info = common.header("infer", {"variant": args.variant, "image_size": args.image_size,
                                    "num_layers": cfg.num_layers, "batch_size": args.batch_size,
                                    "gflop_per_image": round(fwd / 1e9, 3)})
-    cases = [c.strip() for c in args.cases.split(",") if c.strip()]
-    bad = [c for c in cases if c not in CASES]
-    if bad:
-        raise SystemExit(f"unknown case(s) {bad}; allowed: {', '.join(CASES)}")
+    cases = common.parse_cases(args.cases, CASES)
     results = []
     with tempfile.TemporaryDirectory(prefix="vit-bench-") as tmp:
         wd = args.keep or tmp

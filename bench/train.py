@@ -43,27 +43,17 @@ NOTEBOOK_POLICY = {"notebook": "float32", "notebook-bf16": "mixed_bfloat16"}
 MODES = {"default": ("auto", "auto"), "e2e": ("auto", "auto"), "tf-xla": ("none", "xla"), "tf": ("none", "none"),
          "tf-bf16": ("mixed_bfloat16", "fusible"), "tf-bf16-graph": ("mixed_bfloat16", "none"),
          "jax": ("none", "xla"), "kerashub": ("none", "xla")}
-TIMM_NAMES = {"Ti": "vit_tiny_patch16_224", "S": "vit_small_patch16_224", "B": "vit_base_patch16_224",
-              "L": "vit_large_patch16_224"}
 NUM_CLASSES = 10
 LR = 1e-3
 
 
 def config(args):
-    """The ViTConfig benchmarked (the variant with --image-size / --num-layers overrides)."""
-    from keras_vit.config import parse_variant
-
-    extra = {"num_layers": args.num_layers} if args.num_layers else {}
-    return parse_variant(args.variant, image_size=args.image_size, num_classes=NUM_CLASSES, **extra)
+    """The ViTConfig benchmarked (common.vit_config with this bench's class count)."""
+    return common.vit_config(args, NUM_CLASSES)
 
 
 def _data(args):
-    import numpy as np
-
-    rs = np.random.default_rng(0)
-    x = rs.uniform(0, 255, (args.batch_size, args.image_size, args.image_size, 3)).astype("float32")
-    y = rs.integers(0, NUM_CLASSES, (args.batch_size,)).astype("int32")
-    return x, y
+    return common.synthetic_batch(args, NUM_CLASSES)
 
 
 def _keras_model(case: str, cfg):
@@ -159,7 +149,7 @@ def run_timm(args, bf16: bool = False) -> Dict[str, object]:
 
     cfg = config(args)
     size = args.variant.split("/")[0]
-    model = timm.create_model(TIMM_NAMES[size], pretrained=False, num_classes=NUM_CLASSES,
+    model = timm.create_model(common.TIMM_NAMES[size], pretrained=False, num_classes=NUM_CLASSES,
                               img_size=args.image_size, depth=cfg.num_layers)
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
@@ -224,9 +214,7 @@ def _args(argv=None):
 
 
 def _forward(args) -> List[str]:
-    return ["--variant", args.variant, "--image-size", str(args.image_size), "--batch-size", str(args.batch_size),
-            "--steps", str(args.steps), "--repeats", str(args.repeats), "--warmup", str(args.warmup)] + (
-        ["--num-layers", str(args.num_layers)] if args.num_layers else [])
+    return common.model_flags(args) + ["--steps", str(args.steps)]
 
 
 def main(argv=None) -> List[Dict[str, object]]:
@@ -239,10 +227,7 @@ def main(argv=None) -> List[Dict[str, object]]:
     info = common.header("train", {"variant": args.variant, "image_size": args.image_size,
                                    "batch_size": args.batch_size, "num_layers": cfg.num_layers,
                                    "gflop_per_image_train": round(3 * fwd / 1e9, 3)})
-    cases = [c.strip() for c in args.cases.split(",") if c.strip()]
-    bad = [c for c in cases if c not in CASES]
-    if bad:
-        raise SystemExit(f"unknown case(s) {bad}; allowed: {', '.join(CASES)}")
+    cases = common.parse_cases(args.cases, CASES)
     merged: Dict[str, Dict[str, object]] = {}
     for rnd in range(max(1, args.rounds)):
         for case in cases:

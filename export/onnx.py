@@ -212,8 +212,12 @@ def _quantize_dynamic(proto, work: str):
     # the same speed. MatMuls only: the patch embedding as ConvInteger took 1.4 ms against 0.3 ms
     # in fp32 at batch 1 (Ti/16; int8 0.61x instead of 0.70x fp32's latency, BENCHMARKS.md).
     # DefaultTensorType: fused com.microsoft ops (after optimize) have no shape inference.
+    # Only MatMuls by a 2-D weight: onnxruntime's DynamicQuantizeMatMul rejects the batched
+    # (heads, head_dim, offsets) table of the relative position embedding at run time.
+    dims = {t.name: len(t.dims) for t in proto.graph.initializer}
+    batched = [n.name for n in proto.graph.node if n.op_type == "MatMul" and dims.get(n.input[1], 2) != 2]
     quantize_dynamic(src, dst, weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=["MatMul"],
-                     extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+                     nodes_to_exclude=batched, extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
     return onnx.load(dst)
 
 

@@ -202,11 +202,8 @@ class ViTConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> ViTConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown ViTConfig keys {unknown}; allowed: {sorted(known)}")
-        return cls(**d)
+        """The inverse of to_dict; ValueError naming unknown keys."""
+        return from_fields(cls, d, "ViTConfig keys")
 
     def replace(self, **changes) -> ViTConfig:
         return dataclasses.replace(self, **changes)
@@ -223,6 +220,15 @@ class ViTConfig:
         from keras_vit.counts import count_flops
 
         return count_flops(self)
+
+
+def from_fields(cls, d: dict, what: str, error: type = ValueError):
+    """The dataclass `cls` from dict `d`; `error` naming the unknown keys (`what`) and the allowed ones."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise error(f"unknown {what} {unknown}; allowed: {sorted(known)}")
+    return cls(**d)
 
 
 def parse_variant(variant: str, **overrides) -> ViTConfig:

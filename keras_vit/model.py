@@ -33,7 +33,7 @@ class VisionTransformer(keras.Model):
         cfg = config if isinstance(config, ViTConfig) else ViTConfig.from_dict(dict(config))
         cfg.validate()
         policy = keras.dtype_policies.get(dtype) if dtype is not None else keras.config.dtype_policy()
-        inputs, outputs = _build_graph(cfg, policy)
+        inputs, outputs = _build_graph(cfg, policy.name)
         super().__init__(inputs, outputs, name=name or _model_name(cfg), **kwargs)
         self.dtype_policy = policy  # the functional constructor ignores dtype=
         self.vit_config = cfg
@@ -84,9 +84,10 @@ class VisionTransformer(keras.Model):
         return cls(**config)
 
 
-def _build_graph(cfg: ViTConfig, dtype=None):
-    """(inputs, outputs) of the encoder and head for `cfg`, under dtype policy `dtype` (the
-    LayerNorms, pre-logits and head always compute in float32)."""
+def _build_graph(cfg: ViTConfig, dtype: Optional[str] = None):
+    """(inputs, outputs) of the encoder and head for `cfg`, under the dtype policy named `dtype`
+    (a name, which every layer's config can hold; the LayerNorms, pre-logits and head always
+    compute in float32)."""
     h, w = cfg.image_size
     inputs = keras.Input((None, None, cfg.channels) if cfg.dynamic_size else (h, w, cfg.channels), name="images")
     x = inputs

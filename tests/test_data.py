@@ -3,8 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-tf = pytest.importorskip("tensorflow")
+import tensorflow as tf  # a required dependency: a failed import fails the suite
 
 from keras_vit import data  # noqa: E402
 

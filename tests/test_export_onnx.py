@@ -11,6 +11,7 @@ import pytest
 from export_helpers import DIGIT_NAMES, FAMILIES, full_ti16, small_model, trained_digits
 
 from keras_vit.export import ExportError, to_onnx, verify
+from keras_vit.export.images import load_images
 
 FAMILY_PARAMS = list(FAMILIES) + ["hybrid"]
 
@@ -185,3 +186,14 @@ def test_erfc_outside_gelu_becomes_one_minus_erf():
     y = np.array([-3.0, -0.5, 0.0, 0.7, 2.0], np.float32)
     z = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"y": y})[0]
     np.testing.assert_allclose(z, [math.erfc(v) for v in y], atol=1e-6)
+
+
+def test_dynamic_int8_export_of_relative_position_model_runs(tmp_path):
+    """The relative-position table (a batched 3-D MatMul weight) stays float; the rest is int8."""
+    model = small_model("relative")
+    path = to_onnx(model, tmp_path / "int8.onnx", quantize="dynamic")
+    proto = onnx.load(path)
+    assert sum(t.data_type == onnx.TensorProto.INT8 for t in proto.graph.initializer) >= 4  # qkv, out, MLP x2
+    report = verify(model, path, images="default", num_images=8, batch_size=4, write_report=False)
+    assert report["top1_agreement"] >= 0.75 and report["max_abs_diff"] < 0.1 * np.abs(model.predict(
+        load_images("default", 32, 3, 8), verbose=0)).max(), report

@@ -49,7 +49,6 @@ def test_attention_maps_of_a_model_loaded_from_keras_file(tmp_path):
 
 
 def test_attention_maps_of_a_hybrid(tmp_path):
-    pytest.importorskip("keras_vit.resnet")
     model = keras_vit.ViT("R26+S/32", image_size=64, num_classes=3, **SMALL)
     maps = kin.attention_maps(model, random_images(1, 64, 64))
     assert maps[0].shape == (1, 2, 5, 5)

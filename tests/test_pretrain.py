@@ -143,7 +143,6 @@ def test_vitcli_pretrain_then_train_with_weights(tmp_path):
 
 
 def test_pretrainer_around_a_hybrid_predicts_per_feature_map_patch():
-    pytest.importorskip("keras_vit.resnet")
     enc = keras_vit.ViT("R26+S/32", image_size=64, include_top=False, **dict(SMALL, patch_size=1))
     model = mpp.build_pretrainer(enc, "color")
     inputs, targets, _ = next(mpp.masked_patch_batches(random_images(2, 64, 64), (32, 32), 4, 2))

@@ -8,10 +8,9 @@ import subprocess
 import sys
 import textwrap
 
+import keras  # a required dependency: a failed import fails the suite
 import numpy as np
 import pytest
-
-keras = pytest.importorskip("keras")
 
 import keras_vit  # noqa: E402
 from keras_vit import train as kt  # noqa: E402

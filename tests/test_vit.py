@@ -198,6 +198,14 @@ def test_save_load_keeps_the_dtype_policy_whatever_the_global_one(tmp_path):
             np.testing.assert_array_equal(m.predict(x, verbose=0), model.predict(x, verbose=0))
 
 
+def test_clone_model_gives_the_same_outputs_with_the_same_weights():
+    model = randomise_head(keras_vit.ViT(variant="Ti/8", image_size=16, num_classes=3, **TINY))
+    clone = keras.models.clone_model(model)  # Keras clones layer by layer from each layer's config
+    clone.set_weights(model.get_weights())
+    x = random_images(2, 16, 16)
+    np.testing.assert_array_equal(clone.predict(x, verbose=0), model.predict(x, verbose=0))
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(variant="Q/16"), "unknown variant 'Q/16'"),
     (dict(variant="B/16", image_size=100), "100x100 is not divisible by the patch size 16x16"),

@@ -37,4 +37,13 @@ class LearningRateLogger(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         if logs is not None:
-            logs["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+            logs["learning_rate"] = current_learning_rate(self.model.optimizer)
+
+
+def current_learning_rate(optimizer: keras.optimizers.Optimizer) -> float:
+    """The optimizer's learning rate now; for a keras.optimizers.MultiOptimizer (layer decay), the
+    largest of its optimizers' rates (the head's: the recipe's rate)."""
+    try:
+        return float(keras.ops.convert_to_numpy(optimizer.learning_rate))
+    except AttributeError:  # MultiOptimizer has no single rate
+        return max(current_learning_rate(inner) for inner in optimizer.optimizers)

@@ -9,7 +9,7 @@ from typing import Any, Dict, Optional
 import keras
 
 from keras_vit import precision
-from keras_vit.config import ViTConfig, parse_variant
+from keras_vit.config import ViTConfig, from_fields, parse_variant
 from keras_vit.data import AUGMENTS
 from keras_vit.errors import TrainError
 from keras_vit.precision import JIT_MODES, MIXED_PRECISION
@@ -141,11 +141,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
         """The inverse of to_dict; TrainError for unknown fields."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise TrainError(f"unknown training options {unknown}; allowed: {sorted(known)}")
-        return cls(**d)
+        return from_fields(cls, d, "training options", TrainError)
 
 
 def make_config(dataset: str = "digits", recipe: str = "scratch", **overrides) -> TrainConfig:

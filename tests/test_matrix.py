@@ -1,0 +1,264 @@
+"""Every option on every path: the model options a user can set x the ways a model can go.
+
+Options: pos_embedding (5) x classifier (2) x gelu_approximate (2), in full (20 models), and a
+"shape" factor: square RGB, non-square single-channel (32x48, channels=1), representation_size,
+include_top=False, and a hybrid (three one-unit BiT ResNet stages, total stride 16).
+Paths, per model:
+- Keras: .keras save/load and keras.models.clone_model (every model), and one of
+  mixed_bfloat16, model.quantize("int8" | "float8" | "int4"), LoRA on the MLP's Dense layers;
+- ONNX in onnxruntime (fp32, --optimize, fp16, dynamic int8) and TFLite in LiteRT (fp32, fp16,
+  dynamic, int8): one ONNX and one TFLite precision per model;
+- the JAX and PyTorch backends (every model, one subprocess per backend).
+The shape factor and the per-model paths are spread over the 20 option models (plus a few
+more) by `pairwise.pairwise_rows`: every pair of values of any two factors appears in some
+model. Each cell compares with the Keras float32 model on the same digits images: fp32 paths
+at max |diff| <= 1e-4 and 100% top-1, fp16 at >= 99% top-1, lossy paths at a bound on max
+|diff| (see MAX_REL_DIFF for why int8 and below get no top-1 check on random weights).
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import subprocess
+import sys
+import warnings
+
+import keras
+import numpy as np
+import pytest
+from pairwise import all_pairs, pairwise_rows
+
+import keras_vit
+from keras_vit.config import ViTConfig
+from keras_vit.export import to_onnx, to_tflite, verify
+from keras_vit.export.images import load_images
+
+FACTORS = {
+    "pos_embedding": ["learned", "learned_2d", "relative", "sincos2d", "none"],
+    "classifier": ["token", "gap"],
+    "gelu_approximate": [True, False],
+    "shape": ["square", "nonsquare_gray", "representation", "no_top", "hybrid"],
+    "onnx": ["fp32", "optimize", "fp16", "dynamic"],
+    "tflite": ["fp32", "fp16", "dynamic", "int8"],
+    "keras": ["bf16", "int8", "float8", "int4", "lora"],
+}
+FULL = ("pos_embedding", "classifier", "gelu_approximate")
+ROWS = pairwise_rows(FACTORS, full=FULL)
+IDS = [f"{r['pos_embedding']}-{r['classifier']}-{'tanh' if r['gelu_approximate'] else 'erf'}-{r['shape']}"
+       for r in ROWS]
+TINY = dict(hidden_size=32, num_heads=2, mlp_dim=64, num_layers=2)
+SHAPES = {
+    "square": dict(image_size=32, patch_size=8),
+    "nonsquare_gray": dict(image_size=(32, 48), patch_size=8, channels=1),
+    "representation": dict(image_size=32, patch_size=8, representation_size=16),
+    "no_top": dict(image_size=32, patch_size=8, include_top=False),
+    # A hybrid in miniature: three BiT stages of one bottleneck unit (total stride 16, as
+    # R50+B/16), 1x1 patches over the 2x2 feature map.
+    "hybrid": dict(image_size=32, patch_size=1, resnet_layers=(1, 1, 1)),
+}
+# fp32 and fp16: the thresholds of keras_vit.export.verify.THRESHOLDS (max |diff| and top-1).
+FP32_MAX_DIFF = 1e-4
+MIN_TOP1 = {"fp32": 1.0, "fp16": 0.99}
+# Every lossy path is also held to max |diff| as a share of the largest |output|: bounds about
+# twice the largest share measured over the rows (bf16 0.036, Keras int8 0.055, float8 0.18,
+# int4 0.24, TFLite full-integer int8 0.22), far below what a broken path gives (a quantized
+# kernel used without its scale: ~1). The 8-bit-and-below paths get no top-1 check here: a
+# random-weight model has no margins between its classes for top-1 to measure (ONNX dynamic
+# int8 of the hybrid row: 94% top-1 at 3% of the logit scale). Their top-1 threshold (>= 97%)
+# is checked on the trained digits model: test_quantize.py (model.quantize int8, float8, int4),
+# test_export_onnx.py (dynamic int8), test_export_tflite.py (dynamic, int8).
+MAX_REL_DIFF = {"fp16": 0.01, "bf16": 0.08, "int8": 0.12, "int8_static": 0.45, "float8": 0.35, "int4": 0.45}
+NUM_IMAGES = 100  # 97% top-1 allows three of them to differ
+
+
+def row_config(row: dict) -> ViTConfig:
+    """The ViTConfig of one matrix row."""
+    return ViTConfig(num_classes=10, pos_embedding=row["pos_embedding"], classifier=row["classifier"],
+                     gelu_approximate=row["gelu_approximate"], variant=f"matrix {row['shape']}",
+                     **TINY, **SHAPES[row["shape"]])
+
+
+def images(cfg: ViTConfig, n: int = NUM_IMAGES, split: str = "test") -> np.ndarray:
+    """Digits at the model's size and channels (the verification images of the export cells)."""
+    return load_images("digits", cfg.image_size, cfg.channels, n, split=split)
+
+
+@functools.cache
+def row_model(index: int):
+    """The row's model with every weight random (zero-initialised ones included) and a head
+    scaled so that the logits spread over several units."""
+    keras.utils.set_random_seed(index)
+    model = keras_vit.ViT(config=row_config(ROWS[index]))
+    rng = np.random.default_rng(index)
+    for w in model.weights:
+        value = np.asarray(w.numpy())
+        if not value.any():
+            w.assign(rng.normal(0.0, 0.2, value.shape).astype("float32"))
+    if model.vit_config.include_top:
+        head = model.get_layer("head")
+        head.kernel.assign(rng.normal(0.0, 1.0, head.kernel.shape).astype("float32"))
+    return model
+
+
+def row_images(index: int, n: int = NUM_IMAGES) -> np.ndarray:
+    return images(row_model(index).vit_config, n)
+
+
+def run(model, x: np.ndarray) -> np.ndarray:
+    """Outputs of one eager call (cheaper than tracing predict for each of the many models)."""
+    return np.asarray(model(x, training=False), np.float32)
+
+
+def agreement(out: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.mean(np.asarray(out).argmax(-1) == np.asarray(ref).argmax(-1)))
+
+
+def check(out, ref, precision: str, what: str) -> None:
+    """`out` against the float32 reference `ref` at the threshold of `precision` (see above);
+    top-1 is checked for logits, not for the features of include_top=False models."""
+    out, ref = np.asarray(out, np.float32), np.asarray(ref, np.float32)
+    assert out.shape == ref.shape, (what, out.shape, ref.shape)
+    diff = float(np.abs(out - ref).max())
+    rel = diff / float(np.abs(ref).max())
+    if precision == "fp32":
+        assert diff <= FP32_MAX_DIFF, f"{what}: max |diff| {diff:.3g} > {FP32_MAX_DIFF}"
+    else:
+        assert rel <= MAX_REL_DIFF[precision], f"{what}: max |diff| {rel:.3g} of max |output| > {MAX_REL_DIFF[precision]}"
+    if precision in MIN_TOP1 and out.shape[-1] == 10:  # logits (num_classes=10); features have 32 or 16
+        top1 = agreement(out, ref)
+        assert top1 >= MIN_TOP1[precision], f"{what}: top-1 agreement {top1:.3f} < {MIN_TOP1[precision]}"
+
+
+def test_rows_cover_every_pair_and_the_full_option_product():
+    covered = set()
+    for row in ROWS:
+        names = list(row)
+        covered |= {(a, row[a], b, row[b]) for i, a in enumerate(names) for b in names[i + 1:]}
+    assert all_pairs(FACTORS) <= covered
+    assert {tuple(r[f] for f in FULL) for r in ROWS} == {
+        (p, c, g) for p in FACTORS["pos_embedding"] for c in FACTORS["classifier"] for g in FACTORS["gelu_approximate"]}
+    assert len(ROWS) == 33 and ROWS == pairwise_rows(FACTORS, full=FULL)  # deterministic
+
+
+@pytest.mark.parametrize("index", range(len(ROWS)), ids=[f"{i}-{r['keras']}" for i, r in zip(IDS, ROWS)])
+def test_keras_paths(index, tmp_path):
+    """save/load and clone_model, then the row's mixed_bfloat16 / model.quantize / LoRA cell."""
+    model = row_model(index)
+    cfg = model.vit_config
+    x = row_images(index)
+    ref = run(model, x)
+    assert np.ptp(ref) > 1.0  # outputs spread over several units
+
+    model.save(tmp_path / "m.keras")
+    check(run(keras_vit.load_model(tmp_path / "m.keras"), x), ref, "fp32", "save/load")
+
+    # Keras clones a functional subclass as a plain functional model: same layers, new weights
+    clone = keras.models.clone_model(model)
+    assert [type(a) for a in clone.layers] == [type(b) for b in model.layers]
+    clone.set_weights(model.get_weights())
+    check(run(clone, x), ref, "fp32", "clone_model")
+
+    kind = ROWS[index]["keras"]
+    if kind == "bf16":
+        keras.mixed_precision.set_global_policy("mixed_bfloat16")
+        try:
+            bf16 = keras_vit.ViT(config=cfg)
+        finally:
+            keras.mixed_precision.set_global_policy("float32")
+        bf16.set_weights(model.get_weights())
+        assert bf16.get_layer("encoderblock_0").compute_dtype == "bfloat16"
+        check(run(bf16, x), ref, "bf16", "mixed_bfloat16")
+    elif kind == "lora":
+        lora = keras_vit.ViT(config=cfg)
+        lora.set_weights(model.get_weights())
+        dense = [layer for layer in lora._flatten_layers() if layer.name in ("Dense_0", "Dense_1")]
+        rng = np.random.default_rng(index)
+        for layer in dense:
+            layer.enable_lora(2)
+            layer.lora_kernel_b.assign(rng.normal(0, 0.2, layer.lora_kernel_b.shape).astype("float32"))
+        merged = keras_vit.ViT(config=cfg)
+        merged.set_weights(model.get_weights())
+        merged_kernels = {layer.path: layer.kernel for layer in dense}  # W + (alpha / rank) A B
+        for layer in merged._flatten_layers():
+            if layer.path in merged_kernels:
+                layer.kernel.assign(merged_kernels[layer.path])
+        out = run(lora, x)
+        assert np.abs(out - ref).max() > 1e-3  # the low-rank update is in the outputs
+        check(out, run(merged, x), "fp32", "LoRA")
+    else:
+        quant = keras_vit.ViT(config=cfg)
+        quant.set_weights(model.get_weights())
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Keras notes each layer type it does not quantize
+            quant.quantize(kind)
+        assert sum(layer.quantization_mode == kind for layer in quant._flatten_layers()) >= 2 * cfg.num_layers
+        check(run(quant, x), ref, kind, f"model.quantize({kind!r})")
+
+
+ONNX_OPTIONS = {"fp32": {}, "optimize": dict(optimize=True), "fp16": dict(quantize="fp16"),
+                "dynamic": dict(quantize="dynamic")}
+PRECISION = {"fp32": "fp32", "optimize": "fp32", "fp16": "fp16", "dynamic": "int8", "int8": "int8_static"}
+
+
+def _verified(index: int, path: str, kind: str) -> None:
+    """Run the file in its runtime on the digits; the thresholds of its precision."""
+    from keras_vit.export.verify import Runner
+
+    model = row_model(index)
+    x = row_images(index)
+    runner = Runner(path)
+    out = np.concatenate([runner(x[i:i + 25]) for i in range(0, len(x), 25)])
+    check(out, run(model, x), PRECISION[kind], f"{os.path.basename(path)} {kind}")
+    if PRECISION[kind] == "fp32":  # the library's own check agrees
+        report = verify(model, path, images=x, num_images=len(x), batch_size=25, write_report=False)
+        assert report["passed"], report["failures"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("index", range(len(ROWS)), ids=[f"{i}-onnx-{r['onnx']}" for i, r in zip(IDS, ROWS)])
+def test_onnx_in_onnxruntime(index, tmp_path):
+    kind = ROWS[index]["onnx"]
+    path = to_onnx(row_model(index), tmp_path / "m.onnx", **ONNX_OPTIONS[kind])
+    _verified(index, path, kind)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("index", range(len(ROWS)), ids=[f"{i}-tflite-{r['tflite']}" for i, r in zip(IDS, ROWS)])
+def test_tflite_in_litert(index, tmp_path):
+    kind = ROWS[index]["tflite"]
+    options = {} if kind == "fp32" else dict(quantize=kind)
+    if kind == "int8":
+        options["representative_images"] = "digits"
+        options["num_calibration_images"] = 100
+    path = to_tflite(row_model(index), tmp_path / "m.tflite", **options)
+    _verified(index, path, kind)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_other_backends_give_the_tensorflow_outputs(backend, tmp_path):
+    """Each model rebuilt from its config under KERAS_BACKEND=jax / torch (one process each)
+    with the same weights gives the TensorFlow outputs: max |diff| <= 1e-4, same top-1."""
+    pytest.importorskip(backend)  # optional extras ([jax], torch from the [test] extra where it resolves)
+    job = {"cases": [], "output": str(tmp_path / "out.json")}
+    expected = {}
+    for index in range(len(ROWS)):
+        model = row_model(index)
+        x = row_images(index, 16)
+        name = IDS[index]
+        np.save(tmp_path / f"{index}.npy", x)
+        model.save_weights(tmp_path / f"{index}.weights.h5")
+        expected[name] = run(model, x)
+        job["cases"].append({"name": name, "config": model.vit_config.to_dict(), "inputs": str(tmp_path / f"{index}.npy"),
+                             "weights": str(tmp_path / f"{index}.weights.h5")})
+    (tmp_path / "job.json").write_text(json.dumps(job))
+    env = dict(os.environ, KERAS_BACKEND=backend, JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-m", "tests.backend_worker", str(tmp_path / "job.json")],
+                          env=env, cwd=root, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads((tmp_path / "out.json").read_text())
+    assert out["backend"] == backend
+    for name, ref in expected.items():
+        check(out[name], ref, "fp32", f"{backend} {name}")  # include_top=False too: fp32 is exact
