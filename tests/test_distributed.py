@@ -193,3 +193,74 @@ def test_cluster_errors_are_one_line(tmp_path, case):
     assert not any(name.startswith("run") for name in os.listdir(tmp_path))  # nothing written
     if case == "no-peer":
         assert time.time() - started < 8 + 120  # the wait ends at the peer timeout (plus start-up)
+
+
+def test_folder_workers_decode_disjoint_shares_of_the_training_files(tmp_path):
+    """Each TF worker decodes only its share of an image folder's training files: the shares are
+    disjoint and together hold every file, in every epoch; validation stays whole (DATA policy)."""
+    import numpy as np
+    import tensorflow as tf
+    from PIL import Image
+
+    from keras_vit import data as kdata
+    from keras_vit.train.distribute import Cluster, file_share, shard_datasets
+
+    rng = np.random.default_rng(0)
+    for cls, count in (("a", 12), ("b", 11)):  # 23 files: 21 to train (odd: one share is larger)
+        (tmp_path / cls).mkdir()
+        for j in range(count):
+            Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(tmp_path / cls / f"{j}.png")
+    name = f"folder:{tmp_path}"
+    whole = kdata.load(name, seed=3)
+
+    def content(ds):
+        return sorted(int(tf.reduce_sum(tf.cast(x, tf.int64))) * 2 + int(y) for x, y in ds)
+
+    clusters = [Cluster("tensorflow", 2, i) for i in range(2)]
+    shares = [kdata.load(name, seed=3, worker=file_share(c, name)) for c in clusters]
+    n = whole.sizes[0]
+    assert n % 2 == 1 and shares[0].sizes == whole.sizes  # the schedule counts the global epoch
+    sizes = [(n + 1) // 2, n // 2]  # worker 0's share holds the odd file
+    streams = [list(s.train.take(2 * k)) for s, k in zip(shares, sizes)]  # endless: pass after pass
+    for p in range(2):  # a new share each pass, disjoint from the other worker's, together complete
+        parts = [content(stream[p * k:(p + 1) * k]) for stream, k in zip(streams, sizes)]
+        assert sorted(parts[0] + parts[1]) == content(whole.train)
+    policy = tf.data.experimental.AutoShardPolicy
+    train, val = shard_datasets(clusters[0], name, 4, shares[0].train, shares[0].val)
+    assert train.options().experimental_distribute.auto_shard_policy == policy.OFF
+    assert val.options().experimental_distribute.auto_shard_policy == policy.DATA
+    assert file_share(Cluster("jax", 2, 1), name) is None and file_share(clusters[1], "digits") is None
+    train, = shard_datasets(clusters[1], "digits", 4, whole.train)
+    assert train.options().experimental_distribute.auto_shard_policy == policy.DATA
+
+
+@pytest.mark.slow
+def test_two_tf_workers_train_on_their_shares_of_an_image_folder(tmp_path):
+    """An image folder with a bad file, on two workers: each decodes only its share (a stream of
+    shares, as many steps on each worker), and they end with the same weights."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 37), ("val", 6)):
+        for i, cls in enumerate(("red", "green")):
+            (tmp_path / "imgs" / split / cls).mkdir(parents=True)
+            for j in range(count):
+                img = rng.integers(0, 80, (20, 24, 3), dtype=np.uint8)
+                img[..., i] = 255
+                Image.fromarray(img).save(tmp_path / "imgs" / split / cls / f"{j}.png")
+    (tmp_path / "imgs" / "train" / "red" / "broken.jpg").write_bytes(b"not an image")  # 75 files, 74 images
+    ports = free_ports(2)
+    args = ["train", "--dataset", f"folder:{tmp_path / 'imgs'}", "--variant", "Ti/4", "--image-size", "16",
+            "--hidden-size", "32", "--num-layers", "1", "--num-heads", "2", "--mlp-dim", "64", "--epochs", "2",
+            "--batch-size", "8", "--augment", "none", "--skip-bad-images", "--peer-timeout", "120"]
+    logs = [str(tmp_path / f"w{i}.log") for i in range(2)]
+    procs = [start([*args, "--output", str(tmp_path / f"run{i}")], logs[i], str(tmp_path),
+                   TF_CONFIG=tf_config(ports, i)) for i in range(2)]
+    assert finish(procs, logs) == [0, 0], "\n".join(_tail(f) for f in logs)
+    digests = [ln.split()[-1] for f in logs for ln in open(f) if " weights " in ln]
+    assert len(digests) == 2 and digests[0] == digests[1]
+    steps = [sorted({ln.split()[0] for ln in open(f) if ln.startswith("9/9")}) for f in logs]
+    assert steps == [["9/9"], ["9/9"]]  # 75 listed files // 8 on both workers
+    assert [r["epoch"] for r in metrics_rows(tmp_path / "run0")] == ["0", "1"]
+    assert json.loads((tmp_path / "run0" / "results.json").read_text())["test"]["top1"] >= 0.8

@@ -362,25 +362,44 @@ class FollowChief(keras.callbacks.Callback):
         model._initial_epoch = epoch
 
 
+def file_share(cluster: Cluster, dataset: str) -> Optional[Tuple[int, int]]:
+    """(workers, this worker's index) when this worker should read only its share of an image
+    folder's training files (TensorFlow clusters; Keras shards JAX processes' batches itself)."""
+    if cluster.multi_worker and cluster.backend == "tensorflow" and dataset.startswith("folder:"):
+        return cluster.num_workers, cluster.index
+    return None
+
+
 def shard_datasets(cluster: Cluster, dataset: str, batch_size: int, train, *evaluation):
     """The pipelines with the auto-shard policy for `dataset`: each worker reads its share.
 
-    In-memory arrays and image folders (a list of file names) shard by DATA: every worker walks the
-    same seeded order and keeps its slice of each global batch. tfds and TFRecord files shard AUTO:
-    by FILE when there are at least as many files as workers, else by DATA. On JAX, Keras shards
-    only batches of a known size, so validation and test drop their last partial batch there.
+    An image folder's training split is already this worker's share of the files (file_share:
+    each worker decodes only its own), so it is not sharded again (OFF); tf.distribute then
+    takes each step's per-worker batch from it. In-memory arrays and the folder's validation
+    and test files shard by DATA: every worker walks the same order and keeps its slice of each
+    global batch (every example evaluated once). tfds and TFRecord files shard AUTO: by FILE when
+    there are at least as many files as workers, else by DATA. Workers whose share runs out
+    first get empty batches until the others finish the epoch (tf.distribute's multi-worker
+    iterator). On JAX, Keras shards only batches of a known size, so validation and test drop
+    their last partial batch there.
     """
     if not cluster.multi_worker:
         return (train, *evaluation)
     import tensorflow as tf
 
     policy = tf.data.experimental.AutoShardPolicy
-    options = tf.data.Options()
+
+    def with_policy(ds, chosen):
+        options = tf.data.Options()
+        options.experimental_distribute.auto_shard_policy = chosen
+        return ds.with_options(options)
+
     file_based = dataset.startswith(("tfds:", "records:"))
-    options.experimental_distribute.auto_shard_policy = policy.AUTO if file_based else policy.DATA
+    shared = policy.AUTO if file_based else policy.DATA
     if cluster.backend == "jax":
         evaluation = tuple(p.rebatch(batch_size, drop_remainder=True) for p in evaluation)
-    return tuple(p.with_options(options) for p in (train, *evaluation))
+    own = file_share(cluster, dataset) is not None
+    return (with_policy(train, policy.OFF if own else shared), *(with_policy(p, shared) for p in evaluation))
 
 
 def weights_digest(model: keras.Model) -> str:

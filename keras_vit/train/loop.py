@@ -31,6 +31,7 @@ from keras_vit.train.distribute import (
     check_same_options,
     clip_summed_gradients,
     distribution_scope,
+    file_share,
     fingerprint,
     is_peer_lost,
     replicas,
@@ -52,7 +53,8 @@ class _Data:
     train: Any
     val: Any
     test: Any
-    steps: int
+    steps: int  # optimizer steps per epoch (the schedule's unit)
+    fit_steps: Optional[int] = None  # steps_per_epoch for model.fit when the training stream is endless
 
 
 def train(cfg: TrainConfig, output: Optional[str] = None, resume: bool = False,
@@ -106,7 +108,7 @@ def _train(cfg: TrainConfig, run: Optional[str], resume: bool, cluster: Cluster,
                   + (f" (auto: {reason})" if "auto" in (cfg.mixed_precision, cfg.jit_compile) else ""))
             model = _build_model(cfg, data, jit)
             start = time.time()
-            history = model.fit(data.train, validation_data=data.val, epochs=cfg.epochs,
+            history = model.fit(data.train, validation_data=data.val, epochs=cfg.epochs, steps_per_epoch=data.fit_steps,
                                 callbacks=_callbacks(run, resume, cluster),
                                 verbose=(1 if sys.stdout.isatty() else 2) if verbose == "auto" else verbose)
             seconds = time.time() - start
@@ -193,8 +195,9 @@ def _speed_settings(mixed: str, jit: str) -> Iterator[None]:
 
 def _load_data(cfg: TrainConfig, cluster: Optional[Cluster] = None) -> _Data:
     """The dataset's splits as training (augmented), validation and test pipelines."""
+    cluster = cluster or Cluster()
     splits = kdata.load(cfg.dataset, seed=cfg.seed, val_fraction=cfg.val_fraction, data_dir=cfg.data_dir,
-                        skip_bad_images=cfg.skip_bad_images)
+                        skip_bad_images=cfg.skip_bad_images, worker=file_share(cluster, cfg.dataset))
     channels = 1 if splits.image_shape[-1] == 1 else 3
     vit_cfg = cfg.vit_config(splits.num_classes, channels)
     opts = dict(image_size=vit_cfg.image_size, batch_size=cfg.batch_size, num_classes=splits.num_classes,
@@ -208,9 +211,10 @@ def _load_data(cfg: TrainConfig, cluster: Optional[Cluster] = None) -> _Data:
         steps = sum(1 for _ in train_ds)
     if steps < 1:
         raise TrainError(f"batch size {cfg.batch_size} is larger than the training split; use a smaller --batch-size")
-    train_ds, val_ds, test_ds = shard_datasets(cluster or Cluster(), cfg.dataset, cfg.batch_size, train_ds,
+    train_ds, val_ds, test_ds = shard_datasets(cluster, cfg.dataset, cfg.batch_size, train_ds,
                                                kdata.pipeline(splits.val, **opts), kdata.pipeline(splits.test, **opts))
-    return _Data(splits, vit_cfg, train_ds, val_ds, test_ds, steps)
+    endless = file_share(cluster, cfg.dataset) is not None  # this worker's share of the files, pass after pass
+    return _Data(splits, vit_cfg, train_ds, val_ds, test_ds, steps, steps if endless else None)
 
 
 def _start_run(cfg: TrainConfig, data: _Data, output: Optional[str], root: str, mixed: str, jit: str) -> str:
