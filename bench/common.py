@@ -52,21 +52,37 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+SIMD_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_int8")
+
+
 def machine() -> Dict[str, object]:
-    """What the numbers were measured on, and how busy it was."""
-    model = platform.processor()
+    """What the numbers were measured on (CPU model, the SIMD flags that matter for fp32/int8
+    kernels), and how busy it was."""
+    model, flags = platform.processor(), set()
     try:
         with open("/proc/cpuinfo") as f:
-            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), model)
+            for ln in f:
+                if ln.startswith("model name"):
+                    model = ln.split(":", 1)[1].strip()
+                elif ln.startswith("flags"):
+                    flags = set(ln.split(":", 1)[1].split())
+                    break
     except OSError:
         pass
     try:
         load = os.getloadavg()
     except OSError:
         load = (float("nan"),) * 3
-    return {"cpu": model, "cores": os.cpu_count(), "python": platform.python_version(),
+    return {"cpu": model, "cpu_flags": [f for f in SIMD_FLAGS if f in flags], "cores": os.cpu_count(),
+            "python": platform.python_version(),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "load": [round(v, 2) for v in load]}
+
+
+def cpu_name() -> str:
+    """One line: CPU model, its SIMD flags, core count."""
+    m = machine()
+    return f"{m['cpu'] or 'unknown CPU'} ({' '.join(m['cpu_flags'])}), {m['cores']} cores"
 
 
 def emit(result: Dict[str, object]) -> None:

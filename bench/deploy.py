@@ -12,29 +12,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
 
 import numpy as np
 
-
-def cpu_name() -> str:
-    """CPU model and the SIMD flags that matter for int8 (from /proc/cpuinfo)."""
-    name, flags = platform.processor(), set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name") and not name:
-                    name = line.split(":", 1)[1].strip()
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    break
-    except OSError:
-        pass
-    wanted = [f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags]
-    return f"{name or 'unknown CPU'} ({' '.join(wanted)}), {os.cpu_count()} cores"
+from bench.common import cpu_name
 
 
 def main(argv=None) -> dict:
@@ -66,7 +50,10 @@ def main(argv=None) -> dict:
     ref = model.predict(images, verbose=0, batch_size=32).argmax(1)
     work = tempfile.mkdtemp(prefix="keras_vit_deploy_")
     files = {"onnx fp32": to_onnx(model, os.path.join(work, "fp32.onnx")),
+             "onnx fp32 optimize": to_onnx(model, os.path.join(work, "opt.onnx"), optimize=True),
              "onnx dynamic int8": to_onnx(model, os.path.join(work, "dynamic.onnx"), quantize="dynamic"),
+             "onnx dynamic int8 optimize": to_onnx(model, os.path.join(work, "opt-dynamic.onnx"), quantize="dynamic",
+                                                   optimize=True),
              "onnx static int8": to_onnx(model, os.path.join(work, "static.onnx"), quantize="int8",
                                          calibration_images=args.calibration,
                                          num_calibration_images=args.num_calibration)}
@@ -110,7 +97,7 @@ def main(argv=None) -> dict:
         base = statistics.median(ms[name.split()[0] + " fp32"])
         result["cases"][name] = {"median_ms": med, "x_fp32": med / base, "top1_agreement": agreement[name],
                                  "size_kb": os.path.getsize(files[name]) / 1e3}
-        print(f"  {name:18s} median {med:7.3f} ms  x fp32 {med / base:5.2f}  top-1 vs Keras {agreement[name]:.2%}"
+        print(f"  {name:26s} median {med:7.3f} ms  x fp32 {med / base:5.2f}  top-1 vs Keras {agreement[name]:.2%}"
               f"  {os.path.getsize(files[name]) / 1e3:8.0f} kB")
     print(json.dumps(result))
     return result

@@ -6,8 +6,9 @@
 Cases (each in its own process, after one `export` process wrote the files):
   keras-xla     the Keras model on TF, called through tf.function(jit_compile=True)
   onnx          keras_vit.export.to_onnx, onnxruntime with its default graph optimisations
-  onnx-opt      to_onnx(optimize=True): onnxruntime.transformers' ViT fusions (attention, GELU, LN)
+  onnx-opt      to_onnx(optimize=True): fused Attention op + onnxruntime.transformers' fusions (GELU, LN)
   onnx-int8     to_onnx(quantize="dynamic"): onnxruntime's dynamic int8 quantization of the MatMuls
+  onnx-opt-int8 to_onnx(quantize="dynamic", optimize=True): the same on the fused graph (QAttention)
   tflite        keras_vit.export.to_tflite, fp32, in LiteRT (XNNPACK)
   tflite-int8   to_tflite(quantize="int8"): int8 weights and activations (calibrated) in LiteRT
   timm          timm's ViT in torch (eval, inference_mode)
@@ -30,7 +31,7 @@ if __package__ in (None, ""):
 
 from bench import common  # noqa: E402
 
-CASES = ("peak", "keras-xla", "onnx", "onnx-opt", "onnx-int8", "tflite", "tflite-int8",
+CASES = ("peak", "keras-xla", "onnx", "onnx-opt", "onnx-int8", "onnx-opt-int8", "tflite", "tflite-int8",
          "timm", "timm-onnx", "timm-onnx-int8")
 NUM_CLASSES = 10
 THREADS = os.cpu_count() or 1
@@ -106,13 +107,23 @@ def export_all(args) -> Dict[str, object]:
     config(args)  # validates the options before the exports
     from keras_vit.export import to_onnx, to_tflite
 
-    step("keras.onnx", lambda: to_onnx(model, os.path.join(wd, "keras.onnx"), opset=17))
-    step("keras-opt.onnx", lambda: to_onnx(model, os.path.join(wd, "keras-opt.onnx"), opset=17, optimize=True))
-    step("keras-int8.onnx", lambda: to_onnx(model, os.path.join(wd, "keras-int8.onnx"), opset=17, quantize="dynamic"))
     calib = images(args, args.calib_images, seed=2)
-    step("keras-fp32.tflite", lambda: to_tflite(model, os.path.join(wd, "keras-fp32.tflite")))
-    step("keras-int8.tflite", lambda: to_tflite(model, os.path.join(wd, "keras-int8.tflite"), quantize="int8",
-                                                representative_images=calib))
+    exports = {
+        "onnx": ("keras.onnx", lambda: to_onnx(model, os.path.join(wd, "keras.onnx"), opset=17)),
+        "onnx-opt": ("keras-opt.onnx", lambda: to_onnx(model, os.path.join(wd, "keras-opt.onnx"), opset=17,
+                                                       optimize=True)),
+        "onnx-int8": ("keras-int8.onnx", lambda: to_onnx(model, os.path.join(wd, "keras-int8.onnx"), opset=17,
+                                                         quantize="dynamic")),
+        "onnx-opt-int8": ("keras-opt-int8.onnx", lambda: to_onnx(model, os.path.join(wd, "keras-opt-int8.onnx"),
+                                                                 opset=17, quantize="dynamic", optimize=True)),
+        "tflite": ("keras-fp32.tflite", lambda: to_tflite(model, os.path.join(wd, "keras-fp32.tflite"))),
+        "tflite-int8": ("keras-int8.tflite", lambda: to_tflite(model, os.path.join(wd, "keras-int8.tflite"),
+                                                               quantize="int8", representative_images=calib)),
+    }
+    cases = common.parse_cases(args.cases, CASES)
+    for case, (name, fn) in exports.items():
+        if case in cases:  # only the files the chosen cases load
+            step(name, fn)
     return done
 
 
@@ -159,6 +170,7 @@ def runner(case: str, args):
         import onnxruntime as ort
 
         path = {"onnx": "keras.onnx", "onnx-opt": "keras-opt.onnx", "onnx-int8": "keras-int8.onnx",
+                "onnx-opt-int8": "keras-opt-int8.onnx",
                 "timm-onnx": "timm.onnx", "timm-onnx-int8": "timm-int8.onnx"}[case]
         so = ort.SessionOptions()
         so.intra_op_num_threads = THREADS
@@ -255,7 +267,7 @@ def _args(argv=None):
 def _forward(args) -> List[str]:
     return common.model_flags(args) + [
         "--batch-repeats", str(args.batch_repeats), "--eval-images", str(args.eval_images),
-        "--calib-images", str(args.calib_images), "--workdir", args.workdir]
+        "--calib-images", str(args.calib_images), "--workdir", args.workdir, "--cases", args.cases]
 
 
 def main(argv=None) -> List[Dict[str, object]]:

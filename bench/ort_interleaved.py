@@ -15,13 +15,21 @@ import time
 
 import numpy as np
 
-FILES = ("keras.onnx", "keras-opt.onnx", "keras-int8.onnx", "timm.onnx", "timm-int8.onnx")
+if __package__ in (None, ""):
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.common import cpu_name  # noqa: E402
+
+FILES = ("keras.onnx", "keras-opt.onnx", "keras-int8.onnx", "keras-opt-int8.onnx", "timm.onnx", "timm-int8.onnx")
 
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("folder")
     p.add_argument("--rounds", type=int, default=60)
+    p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: its default)")
     args = p.parse_args(argv)
     import onnxruntime as ort
 
@@ -34,23 +42,28 @@ def main(argv=None) -> dict:
             so = ort.SessionOptions()
             # Several sessions share the cores here: no thread may spin after its own run.
             so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            so.intra_op_num_threads = args.threads
             sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
             feed = {sess.get_inputs()[0].name: xt if f.startswith("timm") else x}
             runs[f] = lambda s=sess, feed=feed: s.run(None, feed)
             for _ in range(5):
                 runs[f]()
     ms = {f: [] for f in runs}
+    load0 = os.getloadavg()
     for _ in range(args.rounds):
         for f, run in runs.items():
             t0 = time.perf_counter()
             run()
             ms[f].append(1e3 * (time.perf_counter() - t0))
-    ref = statistics.median(ms["timm.onnx"]) if "timm.onnx" in ms else None
-    print(f"load {os.getloadavg()}; {args.rounds} interleaved rounds")
+    ref = ms.get("timm.onnx")
+    print(f"{cpu_name()}; load {load0} -> {os.getloadavg()}; {args.rounds} interleaved rounds, "
+          f"{args.threads or 'default'} threads")
     for f, v in ms.items():
         med = statistics.median(v)
-        print(f"  {f:16s} median {med:7.2f} ms  p10 {np.percentile(v, 10):7.2f}  p90 {np.percentile(v, 90):7.2f}"
-              + (f"  x timm.onnx {med / ref:.2f}" if ref else ""))
+        # the median of the per-round ratios: each round's calls met about the same load
+        ratio = statistics.median(a / b for a, b in zip(v, ref)) if ref else None
+        print(f"  {f:19s} median {med:7.2f} ms  p10 {np.percentile(v, 10):7.2f}  p90 {np.percentile(v, 90):7.2f}"
+              + (f"  x timm.onnx {ratio:.2f}" if ref else ""))
     return {f: statistics.median(v) for f, v in ms.items()}
 
 

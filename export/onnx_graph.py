@@ -1,6 +1,7 @@
 """Rewrites of the ONNX graph tf2onnx writes: Erfc (which ONNX lacks) to Erf, and Keras'
 decomposed LayerNormalization to the standard op. Each pass finds exact patterns with a
-GraphIndex, then swaps nodes in one go (`GraphIndex.rewrite`)."""
+GraphIndex, then swaps nodes in one go (`GraphIndex.rewrite`). The onnxruntime-only
+rewrites (fused attention) are in `onnx_fusion`."""
 from __future__ import annotations
 
 from typing import Callable, Dict, List, Optional, Set, Tuple
@@ -47,8 +48,9 @@ class GraphIndex:
         value = self.array(name)
         return float(value.reshape(-1)[0]) if value is not None and value.size == 1 else None
 
-    def add_initializer(self, value, name: str) -> str:
-        self.graph.initializer.append(numpy_helper.from_array(np.asarray(value, np.float32), name))
+    def add_initializer(self, value, name: str, dtype=np.float32) -> str:
+        """Add `value` (as `dtype`) as an initializer called `name`; returns the name."""
+        self.graph.initializer.append(numpy_helper.from_array(np.asarray(value, dtype), name))
         return name
 
     def rewrite(self, drop: Set[int], replace: Dict[int, List]) -> None:
@@ -64,9 +66,13 @@ class GraphIndex:
         keep = [t for t in self.graph.initializer if t.name in used]
         del self.graph.initializer[:]
         self.graph.initializer.extend(keep)
+        produced = {o for n in self.graph.node for o in n.output}
+        infos = [v for v in self.graph.value_info if v.name in produced]
+        del self.graph.value_info[:]
+        self.graph.value_info.extend(infos)
 
 
-def _split(n, pred: Callable[[str], bool]) -> Tuple[Optional[str], Optional[str]]:
+def split_inputs(n, pred: Callable[[str], bool]) -> Tuple[Optional[str], Optional[str]]:
     """(input matching pred, the other input) of a binary node, or (None, None)."""
     a, b = n.input
     return (a, b) if pred(a) else (b, a) if pred(b) else (None, None)
@@ -140,7 +146,7 @@ def fuse_layer_norms(proto: onnx.ModelProto) -> int:
     on rank-3 tensors (where GlobalAveragePool averages the last axis) are replaced.
     Returns the number of fused LayerNorms."""
     g = GraphIndex(proto)
-    ranks = _ranks(proto)
+    ranks = tensor_ranks(proto)
     drop, replace = set(), {}
     for r in list(g.graph.node):
         match = _layer_norm_match(g, r, ranks) if r.op_type == "Reciprocal" else None
@@ -163,7 +169,7 @@ def fuse_layer_norms(proto: onnx.ModelProto) -> int:
     return len(replace)
 
 
-def _ranks(proto: onnx.ModelProto) -> Dict[str, int]:
+def tensor_ranks(proto: onnx.ModelProto) -> Dict[str, int]:
     """Rank of each tensor that ONNX shape inference can tell."""
     inferred = onnx.shape_inference.infer_shapes(proto)
     return {v.name: len(v.type.tensor_type.shape.dim)
@@ -179,7 +185,7 @@ def _layer_norm_match(g: GraphIndex, r, ranks: Dict[str, int]):
 
     sqrt = g.node(r.input[0], "Sqrt")
     add_eps = sqrt and g.node(sqrt.input[0], "Add")
-    eps_name, var_name = _split(add_eps, inits) if add_eps else (None, None)
+    eps_name, var_name = split_inputs(add_eps, inits) if add_eps else (None, None)
     var = var_name and g.node(var_name, "GlobalAveragePool")
     sq = var and g.node(var.input[0], "Mul")
     if not sq or sq.input[0] != sq.input[1]:
@@ -190,7 +196,7 @@ def _layer_norm_match(g: GraphIndex, r, ranks: Dict[str, int]):
         return None
     x = diff.input[0]
     scale = _only_consumer(g, r, "Mul")
-    gamma_name = scale and _split(scale, inits)[0]
+    gamma_name = scale and split_inputs(scale, inits)[0]
     if not gamma_name:
         return None
     users = g.consumers.get(scale.output[0], [])
@@ -201,7 +207,7 @@ def _layer_norm_match(g: GraphIndex, r, ranks: Dict[str, int]):
         return None
     neg = next(g.producer[i] for i in mul_mean.input if i in g.producer and g.producer[i].op_type == "Neg")
     shift = _only_consumer(g, mul_mean, "Add")
-    beta_name = shift and _split(shift, inits)[0]
+    beta_name = shift and split_inputs(shift, inits)[0]
     out = beta_name and _only_consumer(g, shift, "Add")
     if not out or mul_x.output[0] not in out.input or _only_consumer(g, mul_x, "Add") is not out:
         return None
@@ -214,4 +220,4 @@ def _only_consumer(g: GraphIndex, n, op: str):
     return g.sole_user(n.output[0], op)
 
 
-__all__ = ["GraphIndex", "fuse_layer_norms", "replace_erfc"]
+__all__ = ["GraphIndex", "fuse_layer_norms", "replace_erfc", "split_inputs", "tensor_ranks"]

@@ -17,6 +17,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from keras_vit.export._common import ExportError, PathLike, resolve_model
+from keras_vit.export.runner import DEVICES, Runner
 from keras_vit.files import write_text
 
 THRESHOLDS: Dict[str, Dict[str, float]] = {
@@ -31,136 +32,6 @@ _HIGHER_IS_BETTER = {"top1_agreement", "top5_agreement"}
 def report_path(exported_path: PathLike) -> str:
     """Where the JSON report of an exported file lives: <file>.report.json beside it."""
     return os.fspath(exported_path) + ".report.json"
-
-
-DEVICES = ("auto", "cuda", "cpu")
-
-
-class Runner:
-    """Runs an exported file in its real runtime: onnxruntime for .onnx, LiteRT for .tflite,
-    TensorFlow for a SavedModel folder. Always called with NHWC float images in [0, 255]
-    (transposed for NCHW files)."""
-
-    def __init__(self, path: PathLike, providers: Optional[list] = None, num_threads: Optional[int] = None,
-                 device: str = "auto"):
-        self.path = os.fspath(path)
-        self.input_dtype = "float32"  # uint8: verify feeds both sides whole pixel values
-        if device not in DEVICES:
-            raise ExportError(f"device must be one of {', '.join(DEVICES)}; got {device!r}")
-        self.device = "cpu"
-        if os.path.isdir(self.path) and os.path.isfile(os.path.join(self.path, "saved_model.pb")):
-            self._init_saved_model()
-            return
-        if not os.path.isfile(self.path):
-            raise ExportError(f"exported file {self.path!r} does not exist")
-        if self.path.endswith(".onnx"):
-            self._init_onnx(providers, num_threads, device)
-        elif self.path.endswith(".tflite"):
-            self._init_tflite(num_threads)
-        else:
-            raise ExportError(f"unknown exported format for {self.path!r}; expected .onnx, .tflite "
-                              "or a SavedModel folder")
-        if device == "cuda":
-            raise ExportError(f"device cuda runs ONNX files only; {self.path!r} runs on the CPU")
-
-    def _init_onnx(self, providers, num_threads, device: str = "auto") -> None:
-        import onnx
-
-        self.format = "onnx"
-        try:
-            import onnxruntime as ort
-        except ImportError:
-            # A plain `pip install keras-vit` has no onnxruntime (the [cpu] and [gpu] extras bring
-            # one each): ONNX's own reference evaluator still runs the file, slowly.
-            if device == "cuda":
-                raise ExportError("device cuda needs onnxruntime with the CUDA provider: "
-                                  "pip install 'keras-vit[gpu]'") from None
-            from onnx.reference import ReferenceEvaluator
-
-            proto = onnx.load(self.path)
-            self._session, self.providers = ReferenceEvaluator(proto), ["onnx.reference"]
-            self.runtime = (f"onnx.reference {onnx.__version__} (onnxruntime not installed: "
-                            "pip install 'keras-vit[cpu]' or 'keras-vit[gpu]')")
-            self.metadata = {p.key: p.value for p in proto.metadata_props}
-            self._input = proto.graph.input[0].name
-            return
-        available = ort.get_available_providers()
-        if device == "cuda" and "CUDAExecutionProvider" not in available:
-            raise ExportError(f"device cuda needs onnxruntime with the CUDA provider (pip install "
-                              f"'keras-vit[gpu]'); this onnxruntime {ort.__version__} has {', '.join(available)}")
-        if providers is None:
-            # CUDA when the [gpu] extra is installed; TF32 off so fp32 stays fp32.
-            use_cuda = device != "cpu" and "CUDAExecutionProvider" in available
-            if use_cuda and hasattr(ort, "preload_dlls"):
-                # onnxruntime-gpu >= 1.21 finds CUDA/cuDNN in the nvidia-* wheels that the [gpu]
-                # extra's tensorflow[and-cuda] installs; best effort, the system's are used otherwise.
-                try:
-                    ort.preload_dlls()
-                except Exception:  # noqa: BLE001
-                    pass
-            providers = [("CUDAExecutionProvider", {"use_tf32": 0})] if use_cuda else []
-            providers.append("CPUExecutionProvider")
-        options = ort.SessionOptions()
-        if num_threads:
-            options.intra_op_num_threads = num_threads
-        self._session = ort.InferenceSession(self.path, options, providers=providers)
-        self.providers = self._session.get_providers()
-        self.runtime = f"onnxruntime {ort.__version__} ({', '.join(self.providers)})"
-        self.metadata = {p.key: p.value for p in onnx.load(self.path, load_external_data=False).metadata_props}
-        self._input = self._session.get_inputs()[0].name
-        self.device = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
-
-    def _init_saved_model(self) -> None:
-        import tensorflow as tf
-
-        from keras_vit.export.saved_model import SIGNATURE, read_metadata
-
-        self.format = "saved_model"
-        self._loaded = tf.saved_model.load(self.path)
-        self._serve = self._loaded.signatures[SIGNATURE]
-        self.input_dtype = self._serve.structured_input_signature[1]["images"].dtype.name
-        self.providers = ["TensorFlow"]
-        self.runtime = f"TensorFlow {tf.__version__} (tf.saved_model.load, {SIGNATURE})"
-        self.metadata = read_metadata(self.path)
-
-    def _init_tflite(self, num_threads) -> None:
-        import ai_edge_litert
-        from ai_edge_litert.interpreter import Interpreter
-
-        from keras_vit.export.tflite import read_metadata
-
-        self.format = "tflite"
-        # LiteRT applies its default delegate (XNNPACK) on CPU.
-        self._interpreter = Interpreter(model_path=self.path, num_threads=num_threads)
-        self._runner = self._interpreter.get_signature_runner()
-        self.providers = ["XNNPACK"]
-        self.runtime = f"LiteRT {getattr(ai_edge_litert, '__version__', '')} (XNNPACK, CPU)".replace("  ", " ")
-        self.metadata = read_metadata(self.path) or {}
-
-    @property
-    def precision(self) -> str:
-        return self.metadata.get("precision", "fp32")
-
-    @property
-    def layout(self) -> str:
-        return self.metadata.get("layout", "nhwc")
-
-    @property
-    def dynamic_size(self) -> bool:
-        return self.metadata.get("dynamic_size") == "true"
-
-    def __call__(self, images: np.ndarray) -> np.ndarray:
-        images = np.asarray(images, dtype=np.float32)
-        if self.layout == "nchw":
-            images = images.transpose(0, 3, 1, 2)
-        images = np.ascontiguousarray(images)
-        if self.format == "saved_model":
-            if self.input_dtype == "uint8":
-                images = np.clip(np.round(images), 0, 255).astype(np.uint8)
-            return self._serve(images=images)["logits"].numpy()
-        if self.format == "onnx":
-            return self._session.run(None, {self._input: images})[0]
-        return self._runner(images=images)["logits"]
 
 
 def _batched(fn: Callable[[np.ndarray], np.ndarray], images: np.ndarray, batch_size: int):
@@ -259,8 +130,23 @@ def verify(keras_model, exported_path: PathLike, images=None, num_images: int = 
         failures += [f for size in sizes for f in size.pop("failures")]
 
     exported_path = runner.path
+    report = _report(runner, cfg, precision, metrics, checks, failures, sizes, source, len(images), k,
+                     {"batch_size": batch_size, "keras": keras_s * 1e3, "exported": exported_s * 1e3})
+    if write_report:
+        write_text(report_path(exported_path), json.dumps(report, indent=2) + "\n")
+        report["report_path"] = report_path(exported_path)
+        if plot:
+            report["plot_path"] = write_plot(report, ref, out, plot_path(exported_path))
+    return report
+
+
+def _report(runner: Runner, cfg, precision: str, metrics: dict, checks: list, failures: list, sizes: list,
+            source: str, num_images: int, k: int, latency_ms: dict) -> dict:
+    """The JSON report of one verification: the file (digest, size), what was checked and how it
+    went, where it ran, the model and the machine."""
+    exported_path = runner.path
     sha, size_bytes = _digest(exported_path)
-    report = {
+    return {
         "file": os.path.abspath(exported_path),
         "format": runner.format,
         "precision": precision,
@@ -269,7 +155,7 @@ def verify(keras_model, exported_path: PathLike, images=None, num_images: int = 
         "status": "passed" if not failures else "FAILED verification",
         "passed": not failures,
         "failures": failures,
-        "num_images": int(len(images)),
+        "num_images": int(num_images),
         "images": str(source),
         "top5_k": k,
         **metrics,
@@ -277,7 +163,8 @@ def verify(keras_model, exported_path: PathLike, images=None, num_images: int = 
         "image_sizes": sizes,
         "device": runner.device,
         "providers": list(runner.providers),
-        "latency_ms_per_batch": {"batch_size": batch_size, "keras": keras_s * 1e3, "exported": exported_s * 1e3},
+        "fused_ops": dict(runner.fused_ops),
+        "latency_ms_per_batch": latency_ms,
         "runtime": runner.runtime,
         "model": {"variant": cfg.variant, "image_size": list(cfg.image_size), "num_classes": cfg.num_classes,
                   "pos_embedding": cfg.pos_embedding, "classifier": cfg.classifier},
@@ -285,12 +172,6 @@ def verify(keras_model, exported_path: PathLike, images=None, num_images: int = 
         "machine": f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cores".strip(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-    if write_report:
-        write_text(report_path(exported_path), json.dumps(report, indent=2) + "\n")
-        report["report_path"] = report_path(exported_path)
-        if plot:
-            report["plot_path"] = write_plot(report, ref, out, plot_path(exported_path))
-    return report
 
 
 def _limits(precision: str, thresholds: Optional[Dict[str, float]]) -> Dict[str, float]:
@@ -398,9 +279,15 @@ def format_table(report: dict) -> str:
            f"max |diff| {r['max_abs_diff']:.3g}, top-1 agreement {r['top1_agreement']:.2%} (vs resize_model, "
            f"{r['interpolation']})") for r in report.get("image_sizes", [])],
         ("device", report.get("device", "cpu")),
+        *([("fused ops", ", ".join(f"{op} {n}" for op, n in report["fused_ops"].items()))]
+          if report.get("fused_ops") else []),
         ("checks", "; ".join(f"{c['metric']} {c['rule']} {c['threshold']:g}: {'ok' if c['passed'] else 'FAIL'}"
                              for c in report["checks"])),
         ("status", report["status"]),
     ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+__all__ = ["THRESHOLDS", "DEVICES", "Runner", "verify", "report_path", "plot_path", "write_plot", "format_table",
+           "other_size"]

@@ -11,6 +11,10 @@ class TrainError(UserInputError):
     """A training option or run folder that cannot be used."""
 
 
+class DatasetError(UserInputError):
+    """A dataset that cannot be loaded: unknown name, missing folder, failed download, bad file."""
+
+
 def first_line(exc: BaseException) -> str:
     """The first non-empty line of an exception's message, else the exception's type name."""
     for line in str(exc).splitlines():

@@ -100,36 +100,47 @@ def ViT(variant: Optional[str] = _Default("B/16"), image_size: Union[None, int, 
     if weights is not None:
         check_variant(weights, config.variant if config is not None else _given(variant))
         ckpt = read_checkpoint(weights)
+    given = {k: v for k, v in options.items() if not isinstance(v, _Default)}
     if config is not None:
-        cfg = build_config(config=config, **{k: v for k, v in options.items() if not isinstance(v, _Default)})
+        cfg = build_config(config=config, **given)
     else:
-        given = {k: v for k, v in options.items() if not isinstance(v, _Default)}
-        fields = {k: v.value for k, v in options.items() if isinstance(v, _Default)}
-        variant_given = _given(variant)
-        if ckpt is not None:
-            found = {k: v for k, v in ckpt.defaults.items() if k != "class_names" and not (k == "variant" and v is None)}
-            if variant_given is not None:
-                found = {k: v for k, v in found.items() if k not in ARCHITECTURE_FIELDS}
-            elif "variant" in found:  # the paper's sizes by name; shapes only fill what it leaves
-                found = {k: v for k, v in found.items() if k not in ARCHITECTURE_FIELDS or k == "variant"}
-            if "num_classes" in given and given["num_classes"] != found.get("num_classes"):
-                # A new head replaces the whole head, pre-logits included (paper Sec. 3.2 / Appendix B).
-                found.pop("representation_size", None)
-            fields.update(found)
-            if (variant_given is None and "variant" not in found and "num_heads" not in found
-                    and "num_heads" not in given):
-                raise ValueError(f"checkpoint {ckpt.source!r} does not say its number of attention heads "
-                                 "(the PyTorch layout fuses them); pass num_heads= or variant=")
-        fields.update(given)
-        name_ = variant_given if variant_given is not None else fields.pop("variant", None)
-        fields.pop("variant", None)
-        if name_ is None and ckpt is None:
-            name_ = variant.value
-        cfg = build_config(name_, **fields) if name_ is not None else build_config(config=ViTConfig(**fields))
+        cfg = _config_from_arguments(variant, options, given, ckpt)
     if ckpt is not None:
         return build_with_weights(cfg, ckpt, name=name,
                                   representation_size="checkpoint" if rep_from_checkpoint else "config")
     return build_model(cfg, name=name)
+
+
+def _config_from_arguments(variant, options: dict, given: dict, ckpt: Optional[Checkpoint]) -> ViTConfig:
+    """The config when no `config=` is given: the arguments given win, then what the checkpoint
+    says (for the arguments left out), then the defaults."""
+    fields = {k: v.value for k, v in options.items() if isinstance(v, _Default)}
+    variant_given = _given(variant)
+    if ckpt is not None:
+        fields.update(_checkpoint_fields(ckpt, variant_given, given))
+    fields.update(given)
+    name_ = variant_given if variant_given is not None else fields.pop("variant", None)
+    fields.pop("variant", None)
+    if name_ is None and ckpt is None:
+        name_ = variant.value
+    return build_config(name_, **fields) if name_ is not None else build_config(config=ViTConfig(**fields))
+
+
+def _checkpoint_fields(ckpt: Checkpoint, variant_given: Optional[str], given: dict) -> dict:
+    """The ViTConfig fields a checkpoint fixes for the arguments left out: its architecture only
+    when no variant is given (by name when it has one), its head unless num_classes differs."""
+    found = {k: v for k, v in ckpt.defaults.items() if k != "class_names" and not (k == "variant" and v is None)}
+    if variant_given is not None:
+        found = {k: v for k, v in found.items() if k not in ARCHITECTURE_FIELDS}
+    elif "variant" in found:  # the paper's sizes by name; shapes only fill what it leaves
+        found = {k: v for k, v in found.items() if k not in ARCHITECTURE_FIELDS or k == "variant"}
+    if "num_classes" in given and given["num_classes"] != found.get("num_classes"):
+        # A new head replaces the whole head, pre-logits included (paper Sec. 3.2 / Appendix B).
+        found.pop("representation_size", None)
+    if variant_given is None and "variant" not in found and "num_heads" not in found and "num_heads" not in given:
+        raise ValueError(f"checkpoint {ckpt.source!r} does not say its number of attention heads "
+                         "(the PyTorch layout fuses them); pass num_heads= or variant=")
+    return found
 
 
 def build_with_weights(cfg: ViTConfig, weights: Union[PathLike, Checkpoint], name: Optional[str] = None, *,

@@ -14,13 +14,14 @@ import numpy as np
 from keras import ops
 import keras_vit
 from keras_vit import layers as L
+from keras_vit.layers import attention
 
 calls = []
 fused = ops.dot_product_attention
 def spy(*args, **kwargs):
     calls.append(keras.backend.standardize_dtype(args[0].dtype))
     return fused(*args, **kwargs)
-L.ops.dot_product_attention = spy
+attention.ops.dot_product_attention = spy
 
 out = {}
 rs = np.random.default_rng(0)

@@ -77,10 +77,29 @@ def test_fp16_and_optimized_exports_of_trained_digits_model(tmp_path):
     opt = to_onnx(model, tmp_path / "opt.onnx", optimize=True)
     proto = onnx.load(opt)
     ops = {n.op_type for n in proto.graph.node}
-    assert {"FastGelu", "SkipLayerNormalization"} <= ops  # fused by onnxruntime's transformer optimizer
-    assert json.loads({p.key: p.value for p in proto.metadata_props}["optimized"])["FastGelu"] == 2
+    assert {"FastGelu", "SkipLayerNormalization", "Attention"} <= ops  # fused by onnxruntime's transformer optimizer
+    fused = json.loads({p.key: p.value for p in proto.metadata_props}["optimized"])
+    assert fused["FastGelu"] == 2 and fused["Attention"] == 2  # one per block
     report = verify(model, opt, images="digits", num_images=64, batch_size=32)
     assert report["passed"], report["failures"]  # still fp32 thresholds
+    assert report["fused_ops"]["Attention"] == 2 and report["fused_ops"]["FastGelu"] == 2
+
+
+@pytest.mark.parametrize("family", ["learned", "sincos2d", "gap", "hybrid", "dynamic_size", "relative"])
+def test_optimize_fuses_attention_and_stays_within_fp32_thresholds(family, tmp_path):
+    """optimize=True replaces each block's attention by onnxruntime's fused Attention op, except
+    with relative position embeddings (a logit bias the op cannot compute): that file keeps its
+    attention as it was. Either way the file matches Keras at the fp32 thresholds."""
+    model = small_model("learned" if family == "dynamic_size" else family)
+    path = to_onnx(model, tmp_path / "opt.onnx", optimize=True, dynamic_size=family == "dynamic_size")
+    ops = [n.op_type for n in onnx.load(path).graph.node]
+    expected = 0 if family == "relative" else model.vit_config.num_layers
+    assert ops.count("Attention") == expected and ops.count("Softmax") == 1 - expected
+    report = verify(model, path, images="default", num_images=8, batch_size=4, write_report=False)
+    assert report["max_abs_diff"] <= 1e-4 and report["top1_agreement"] == 1.0, report["failures"]
+    assert report["fused_ops"].get("Attention", 0) == expected and report["fused_ops"]["FastGelu"] == 1
+    if family == "dynamic_size":  # also checked at a non-square size against resize_model
+        assert report["image_sizes"] and report["image_sizes"][0]["max_abs_diff"] <= 1e-4
 
 
 def test_dynamic_int8_export_of_trained_digits_model(tmp_path):
@@ -94,6 +113,11 @@ def test_dynamic_int8_export_of_trained_digits_model(tmp_path):
     assert report["precision"] == "dynamic" and report["top1_agreement"] >= 0.97, report["failures"]
     with pytest.raises(ExportError, match="quantize must be one of fp16, dynamic"):
         to_onnx(model, tmp_path / "bad.onnx", quantize="int4")
+    # with optimize, the fused Attention ops are quantized too (QAttention)
+    fused = to_onnx(model, tmp_path / "opt-int8.onnx", quantize="dynamic", optimize=True)
+    assert [n.op_type for n in onnx.load(fused).graph.node].count("QAttention") == 2
+    report = verify(model, fused, images="digits", num_images=360, batch_size=60)
+    assert report["top1_agreement"] >= 0.97 and report["fused_ops"]["QAttention"] == 2, report["failures"]
 
 
 def test_rejects_non_keras_vit_models_and_bad_paths(tmp_path):

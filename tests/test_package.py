@@ -24,7 +24,7 @@ def test_wheel_holds_export_and_cli(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     (wheel,) = (tmp_path / "dist").glob("keras_vit-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    for module in ("keras_vit/__init__.py", "keras_vit/vit.py", "keras_vit/layers.py",
+    for module in ("keras_vit/__init__.py", "keras_vit/vit.py", "keras_vit/layers/__init__.py", "keras_vit/layers/attention.py",
                    "keras_vit/export/__init__.py", "keras_vit/cli/__init__.py", "keras_vit/cli/main.py",
                    "keras_vit/assets/imagenet1k.txt", "keras_vit/assets/imagenet21k.txt"):
         assert module in names, module

@@ -6,18 +6,27 @@ int32 label) for train / val / test, plus class names. `pipeline(...)` turns a s
 batched, augmented, prefetched input of `model.fit` (TensorFlow, JAX and torch backends alike).
 
 Names: digits, cifar10, cifar100, mnist, fashion_mnist, tfds:NAME, folder:PATH, records:GLOB.
-Submodules: folders (listing, decoding, bad files), augment (per-image augmentation ops),
+Submodules: images (the one image loader: decode, channels, resize), batches (pipeline,
+split_arrays), folders (listing, decoding, bad files), augment (per-image augmentation ops),
 records (TFRecord shards: writer and reader).
 """
 from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Callable, List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from keras_vit.data.folders import (  # noqa: F401  (IMAGE_EXTENSIONS, bad_image_line, write_records: public API)
+from keras_vit.data.batches import (
+    AUGMENTS,
+    CACHE_LIMIT_BYTES,
+    augmenter,
+    inception_crop,
+    pipeline,
+    split_arrays,
+)
+from keras_vit.data.folders import (
     IMAGE_EXTENSIONS,
     BadImages,
     bad_image_line,
@@ -25,14 +34,13 @@ from keras_vit.data.folders import (  # noqa: F401  (IMAGE_EXTENSIONS, bad_image
     list_images,
     naming_bad_images,
 )
-from keras_vit.data.records import write_records  # noqa: F401
-from keras_vit.errors import UserInputError, first_line
+from keras_vit.data.images import load_image_file, prepare_image, read_image
+from keras_vit.data.records import write_records
+from keras_vit.errors import DatasetError, first_line
 
 DIGITS_SIZE = 32  # 8x8 digits upsampled so that patch 4 gives 64 tokens
 KERAS_DATASETS = ("cifar10", "cifar100", "mnist", "fashion_mnist")
 NAMES = ("digits",) + KERAS_DATASETS + ("tfds:NAME", "folder:PATH", "records:GLOB")
-AUGMENTS = ("none", "light", "basic", "randaugment", "inception")
-CACHE_LIMIT_BYTES = 2 * 1024 ** 3  # cache decoded images in memory below this size
 _CLASS_NAMES = {
     "digits": [str(i) for i in range(10)],
     "mnist": [str(i) for i in range(10)],
@@ -40,10 +48,6 @@ _CLASS_NAMES = {
                       "Sneaker", "Bag", "Ankle boot"],
     "cifar10": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"],
 }
-
-
-class DatasetError(UserInputError):
-    """A dataset that cannot be loaded: unknown name, missing folder, failed download, bad file."""
 
 
 @dataclasses.dataclass
@@ -275,195 +279,7 @@ def _image_files(files: Sequence[str], labels: np.ndarray, bad: Optional[BadImag
     return checked_images(ds, bad)
 
 
-def read_image(path_or_bytes, from_bytes: bool = False):
-    """Decode a JPEG/PNG/BMP/GIF file (a tf string) to a float32 (H, W, 3) image in [0, 255]."""
-    import tensorflow as tf
-
-    data = path_or_bytes if from_bytes else tf.io.read_file(path_or_bytes)
-    img = tf.io.decode_image(data, channels=3, expand_animations=False)
-    img = tf.cast(img, tf.float32)
-    img.set_shape((None, None, 3))
-    return img
-
-
-# --- the pipeline ----------------------------------------------------------------------------
-
-def prepare_image(image, image_size: Optional[Sequence[int]], channels: int):
-    """Float32 image(s) resized (bilinear) to `image_size` (None: kept) and converted to
-    `channels` (1 or 3): the one transformation shared by training, evaluation and prediction."""
-    import tensorflow as tf
-
-    image = tf.cast(image, tf.float32)
-    c = image.shape[-1]
-    if c != channels:
-        if c == 1 and channels == 3:
-            image = tf.image.grayscale_to_rgb(image)
-        elif c == 3 and channels == 1:
-            image = tf.image.rgb_to_grayscale(image)
-        elif c == 4 and channels == 3:
-            image = image[..., :3]
-        else:
-            raise DatasetError(f"cannot convert images with {c} channels to {channels}")
-    if image_size is None:
-        return image
-    h, w = (int(s) for s in image_size)
-    if tuple(image.shape[-3:-1]) != (h, w):
-        image = tf.image.resize(image, (h, w), method="bilinear")
-    return image
-
-
-def load_image_file(path: str, image_size: Optional[Sequence[int]], channels: int) -> np.ndarray:
-    """One image file as float32 (H, W, channels) in [0, 255], decoded and resized exactly as in
-    training (read_image + prepare_image); DatasetError naming the file when it cannot be read."""
-    import tensorflow as tf
-
-    try:
-        with open(path, "rb") as f:
-            image = read_image(tf.constant(f.read()), from_bytes=True)
-    except (OSError, tf.errors.OpError) as exc:
-        raise DatasetError(f"cannot read image {path}: {first_line(exc)}") from None
-    return np.asarray(prepare_image(image, image_size, channels), np.float32)
-
-
-def split_arrays(ds, image_size: Optional[Sequence[int]], channels: int, limit: Optional[int] = None
-                 ) -> Tuple[np.ndarray, np.ndarray]:
-    """An unbatched (image, label) split as arrays: images float32 (N, H, W, C) in [0, 255]
-    through prepare_image, labels int64 (N,); DatasetError when the split is empty."""
-    if limit:
-        ds = ds.take(limit)
-    xs, ys = [], []
-    with naming_bad_images():
-        for x, y in ds.map(lambda x, y: (prepare_image(x, image_size, channels), y)).batch(256).as_numpy_iterator():
-            xs.append(np.asarray(x, np.float32))
-            ys.append(np.asarray(y).astype(np.int64))
-    if not xs:
-        raise DatasetError("the dataset split is empty")
-    return np.concatenate(xs), np.concatenate(ys)
-
-
-def augmenter(kind: str, image_size: Sequence[int], seed: int = 0) -> Optional[Callable]:
-    """The per-image augmentation for `kind` (see AUGMENTS): a function (image, seed) -> image for
-    `Dataset.map`, or None for "none" (inception: the flip; its crop comes before resizing).
-
-    light: translation by up to 1/16 of the side (digits, MNIST: no flips); basic: zero-pad by
-    1/8 of the side, random crop, horizontal flip; randaugment: basic + RandAugment(2 ops, factor
-    0.5, keras' op set, see keras_vit.data.augment); inception: horizontal flip.
-    """
-    from keras_vit.data import augment as A
-
-    if kind not in AUGMENTS:
-        raise DatasetError(f"unknown augmentation {kind!r}; allowed: {', '.join(AUGMENTS)}")
-    size = tuple(int(s) for s in image_size)
-    pad = max(1, size[0] // 8)
-    if kind == "none":
-        return None
-    if kind == "light":
-        return lambda x, s: A.translate(x, s, 1 / 16)
-    if kind == "inception":
-        return A.flip
-    if kind == "basic":
-        return lambda x, s: A.pad_crop_flip(x, s, size, pad)
-    return lambda x, s: A.rand_augment(A.pad_crop_flip(x, s, size, pad), A._sub(s, 7), num_ops=2, factor=0.5)
-
-
-def inception_crop(image, image_size: Sequence[int], seed: Optional[Tuple[int, int]] = None):
-    """Inception-style random crop (8%-100% area, 3/4-4/3 aspect) resized to `image_size`."""
-    import tensorflow as tf
-
-    from keras_vit.data import augment as A
-
-    if seed is None:
-        seed = tf.random.uniform((2,), maxval=2 ** 31 - 1, dtype=tf.int64)
-    return A.inception_crop(image, seed, image_size)
-
-
-def pipeline(ds, *, image_size: Sequence[int], batch_size: int, num_classes: int, channels: int = 3,
-             training: bool = False, augment: str = "none", mixup: float = 0.0, cutmix: float = 0.0,
-             seed: int = 0, cache: Union[bool, str] = "auto", shuffle_buffer: Optional[int] = None,
-             one_hot: bool = True):
-    """Split -> batches for `model.fit`: resize (AUTOTUNE), cache, shuffle (seeded), per-image
-    augmentation on parallel threads (training only), batch, MixUp/CutMix, prefetch.
-
-    The same `seed` (here and in `load`) gives the same batches in a new run: every map is ordered,
-    every random op stateless and seeded by the seed and the example's position in the stream
-    (a split reshuffles its files each epoch, so a second pipeline on the same split object
-    continues that sequence). Labels are one-hot floats (needed by label
-    smoothing and MixUp/CutMix) unless `one_hot=False`.
-    """
-    import tensorflow as tf
-
-    from keras_vit.data import augment as A
-
-    if batch_size < 1:
-        raise DatasetError(f"batch_size must be >= 1, got {batch_size}")
-    AUTO = tf.data.AUTOTUNE
-    size = tuple(int(s) for s in image_size)
-    inception = training and augment == "inception"
-    variable_size = ds.element_spec[0].shape[0] is None  # decoded files (folder, records, some tfds)
-    if inception:
-        # Crop before resizing: the crop needs the full-resolution image.
-        ds = ds.map(lambda x, y: (prepare_image(x, None, channels), y), num_parallel_calls=AUTO)
-    else:
-        ds = ds.map(lambda x, y: (prepare_image(x, size, channels), y), num_parallel_calls=AUTO)
-    cached = _should_cache(ds, size, channels, cache, inception)
-    if cached:
-        ds = ds.cache()
-    if training:
-        n = ds.cardinality()
-        if shuffle_buffer is None:
-            # In memory: up to 10k images. Streamed from files (shuffled by name before decoding,
-            # see _image_files), a smaller buffer of decoded images; smallest at full resolution.
-            shuffle_buffer = 10_000 if cached or not variable_size else 256 if inception else 1024
-        buffer = shuffle_buffer if n < 0 else int(min(max(int(n), 1), shuffle_buffer))
-        ds = ds.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
-        aug = augmenter(augment, size, seed)
-        if inception or aug is not None:
-            # one stateless seed per example, different each epoch, the same sequence each run
-            counter = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
-            base = tf.constant(seed, tf.int64)
-
-            def per_image(xy, i):
-                s = tf.stack([base, i])
-                x = xy[0]
-                if inception:
-                    x = A.inception_crop(x, A._sub(s, 11), size)
-                if aug is not None:
-                    x = aug(x, s)
-                x.set_shape(size + (channels,))
-                return x, xy[1]
-
-            ds = tf.data.Dataset.zip((ds, counter)).map(per_image, num_parallel_calls=AUTO)
-    ds = ds.batch(batch_size, drop_remainder=training, num_parallel_calls=AUTO)
-    if one_hot or (training and (mixup or cutmix)):
-        ds = ds.map(lambda x, y: (x, tf.one_hot(y, num_classes, dtype=tf.float32)), num_parallel_calls=AUTO)
-    if training and (mixup or cutmix):
-        stream = tf.data.Dataset.random(seed=seed + 1, rerandomize_each_iteration=True)
-        ds = tf.data.Dataset.zip((ds, stream)).map(_mixer(mixup, cutmix, seed), num_parallel_calls=AUTO)
-    return ds.prefetch(AUTO)
-
-
-def _should_cache(ds, size, channels, cache, inception) -> bool:
-    if cache in (True, False):
-        return bool(cache)
-    n = int(ds.cardinality())
-    if n < 0 or inception:  # unknown size, or full-resolution images before the crop
-        return False
-    return n * size[0] * size[1] * channels * 4 <= CACHE_LIMIT_BYTES
-
-
-def _mixer(mixup: float, cutmix: float, seed: int):
-    """Batch map ((x, y), i) -> (x, y) applying MixUp (alpha) and/or CutMix (factor), each with
-    probability 1/2 when both (keras.layers.MixUp / CutMix semantics, stateless and seeded)."""
-    import tensorflow as tf
-
-    from keras_vit.data import augment as A
-
-    def fn(xy, i):
-        x, y = xy
-        s = tf.stack([tf.constant(seed, tf.int64), i])
-        if mixup and cutmix:
-            pick = tf.random.stateless_uniform((), A._sub(s, 9)) < 0.5
-            return tf.cond(pick, lambda: A.mixup(x, y, s, mixup), lambda: A.cutmix(x, y, s, cutmix))
-        return A.mixup(x, y, s, mixup) if mixup else A.cutmix(x, y, s, cutmix)
-
-    return fn
+__all__ = ["NAMES", "AUGMENTS", "KERAS_DATASETS", "DIGITS_SIZE", "CACHE_LIMIT_BYTES", "IMAGE_EXTENSIONS", "DatasetError",
+           "Splits", "BadImages", "load", "slug", "digits_arrays", "read_image", "prepare_image", "load_image_file",
+           "split_arrays", "augmenter", "inception_crop", "pipeline", "bad_image_line", "checked_images",
+           "list_images", "naming_bad_images", "write_records"]

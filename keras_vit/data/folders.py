@@ -14,6 +14,9 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from keras_vit.data.images import read_image
+from keras_vit.errors import DatasetError
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 BAD_IMAGE_PREFIX = "cannot read image "  # the op error's text names the file after this prefix
 _BAD_IMAGE_HINT = "not a decodable JPEG/PNG/BMP/GIF (--skip-bad-images skips such files)"
@@ -45,8 +48,6 @@ def list_images(root: str, class_names: Optional[Sequence[str]] = None
                 ) -> Tuple[List[str], np.ndarray, List[str]]:
     """Sorted (files, labels, class_names) of `root/<class>/*` by extension (see IMAGE_EXTENSIONS);
     files are not opened. `class_names` fixes the label order (a val/test folder)."""
-    from keras_vit.data import DatasetError
-
     with os.scandir(root) as it:
         names = sorted(e.name for e in it if not e.name.startswith(".") and e.is_dir())
     if class_names is not None:
@@ -78,8 +79,6 @@ def decode_or_flag(path, data=None):
     """(float32 (H, W, 3) image in [0, 255], ok): a file (or its bytes) decoded; ok False with a
     1x1 placeholder when it cannot be read or decoded (the error is caught per element)."""
     import tensorflow as tf
-
-    from keras_vit.data import read_image
 
     src = tf.data.Dataset.from_tensors(path if data is None else data)
     decoded = src.map(lambda p: (read_image(p, from_bytes=data is not None), True)).ignore_errors()
@@ -134,8 +133,6 @@ def naming_bad_images() -> Iterator[None]:
     """Turn the pipeline error of an image file that does not decode (checked_images) into a
     DatasetError with the one line naming the file; other errors pass unchanged."""
     import tensorflow as tf
-
-    from keras_vit.data import DatasetError
 
     try:
         yield

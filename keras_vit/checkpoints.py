@@ -1,0 +1,345 @@
+"""Checkpoints by name and by file: the published table, the Hugging Face Hub, reading .npz and
+.safetensors files, and what a checkpoint says about the model it fits (`read_checkpoint`).
+
+A checkpoint says what model it fits: the Published table for the paper's names, the Hub's
+config.json, our own safetensors metadata, else its array shapes (`npz_layout.shape_defaults`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import re
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
+
+import keras
+import numpy as np
+
+from keras_vit import torch_layout
+from keras_vit.config import parse_variant
+from keras_vit.errors import first_line
+from keras_vit.labels import imagenet_labels
+from keras_vit.npz_layout import canonicalize, shape_defaults
+
+PathLike = Union[str, os.PathLike]
+log = logging.getLogger("keras_vit")
+
+_GCS = "https://storage.googleapis.com/vit_models/"
+
+
+@dataclasses.dataclass(frozen=True)
+class Published:
+    """A checkpoint published with the paper or later: where it is and what model it fits."""
+
+    url: str
+    variant: str
+    image_size: int
+    num_classes: int
+    representation_size: Optional[int] = None
+
+    @property
+    def labels(self) -> Optional[str]:
+        """The label set of the head: "imagenet1k", "imagenet21k" (ImageNet-21k, 21843 classes)."""
+        return {1000: "imagenet1k", 21843: "imagenet21k"}.get(self.num_classes)
+
+
+def _augreg(stem: str, ft: Optional[str] = None) -> str:
+    return f"{_GCS}augreg/{stem}" + (f"--imagenet2012-steps_20k-{ft}" if ft else "") + ".npz"
+
+
+# Names: "{variant}-{pre-training}[-ft-{fine-tuning}[-{res}]]". Sources: the vision_transformer
+# README (imagenet21k/, imagenet21k+imagenet2012/) and the AugReg index (augreg/), as listed in
+# timm's default_cfgs.
+_AR = {
+    "Ti/16": "Ti_16-i21k-300ep-lr_0.001-aug_none-wd_0.03-do_0.0-sd_0.0",
+    "S/32": "S_32-i21k-300ep-lr_0.001-aug_light1-wd_0.03-do_0.0-sd_0.0",
+    "S/16": "S_16-i21k-300ep-lr_0.001-aug_light1-wd_0.03-do_0.0-sd_0.0",
+    "B/32": "B_32-i21k-300ep-lr_0.001-aug_medium1-wd_0.03-do_0.0-sd_0.0",
+    "B/16": "B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0",
+    "B/8": "B_8-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0",
+    "L/16": "L_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.1-sd_0.1",
+}
+PUBLISHED: Dict[str, Published] = {
+    # The paper's ImageNet-21k pre-trained models (with the pre-logits layer) ...
+    **{f"{v}-i21k": Published(f"{_GCS}imagenet21k/ViT-{v.replace('/', '_')}.npz", v, 224, 21843, r)
+       for v, r in (("B/16", 768), ("B/32", 768), ("L/16", 1024), ("L/32", 1024), ("H/14", 1280))},
+    "R50+B/16-i21k": Published(f"{_GCS}imagenet21k/R50+ViT-B_16.npz", "R50+B/16", 224, 21843, 768),
+    # ... and fine-tuned on ImageNet-1k at 384 px (and at 224 px: "-224").
+    **{f"{v}-i21k-ft-in1k": Published(f"{_GCS}imagenet21k+imagenet2012/ViT-{v.replace('/', '_')}.npz", v, 384, 1000)
+       for v in ("B/16", "B/32", "L/16", "L/32")},
+    "B/16-i21k-ft-in1k-224": Published(f"{_GCS}imagenet21k+imagenet2012/ViT-B_16-224.npz", "B/16", 224, 1000),
+    "L/16-i21k-ft-in1k-224": Published(f"{_GCS}imagenet21k+imagenet2012/ViT-L_16-224.npz", "L/16", 224, 1000),
+    "R50+B/16-i21k-ft-in1k": Published(f"{_GCS}imagenet21k+imagenet2012/R50+ViT-B_16.npz", "R50+B/16", 384, 1000),
+    # "How to train your ViT?" (AugReg) ImageNet-21k checkpoints and their ImageNet-1k fine-tunes.
+    **{f"{v}-augreg-i21k": Published(_augreg(stem), v, 224, 21843) for v, stem in _AR.items()},
+    "R26+S/32-augreg-i21k": Published(_augreg("R26_S_32-i21k-300ep-lr_0.001-aug_medium2-wd_0.03-do_0.0-sd_0.0"),
+                                      "R26+S/32", 224, 21843),
+    "R50+L/32-augreg-i21k": Published(_augreg("R50_L_32-i21k-300ep-lr_0.001-aug_medium2-wd_0.1-do_0.0-sd_0.0"),
+                                      "R50+L/32", 224, 21843),
+    **{f"{v}-augreg-i21k-ft-in1k": Published(_augreg(_AR[v], f"lr_{lr}-res_224"), v, 224, 1000)
+       for v, lr in (("Ti/16", "0.03"), ("S/32", "0.03"), ("S/16", "0.03"), ("B/32", "0.03"),
+                     ("B/16", "0.01"), ("B/8", "0.01"), ("L/16", "0.01"))},
+    **{f"{v}-augreg-i21k-ft-in1k-384": Published(_augreg(_AR[v], f"lr_{lr}-res_384"), v, 384, 1000)
+       for v, lr in (("Ti/16", "0.03"), ("S/32", "0.03"), ("S/16", "0.03"), ("B/16", "0.01"), ("L/16", "0.01"))},
+    "R26+S/32-augreg-i21k-ft-in1k": Published(_augreg(
+        "R26_S_32-i21k-300ep-lr_0.001-aug_light0-wd_0.03-do_0.1-sd_0.1", "lr_0.03-res_224"), "R26+S/32", 224, 1000),
+    "R26+S/32-augreg-i21k-ft-in1k-384": Published(_augreg(
+        "R26_S_32-i21k-300ep-lr_0.001-aug_medium2-wd_0.03-do_0.0-sd_0.0", "lr_0.03-res_384"), "R26+S/32", 384, 1000),
+    "R50+L/32-augreg-i21k-ft-in1k": Published(_augreg(
+        "R50_L_32-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.1-sd_0.1", "lr_0.01-res_224"), "R50+L/32", 224, 1000),
+    "R50+L/32-augreg-i21k-ft-in1k-384": Published(_augreg(
+        "R50_L_32-i21k-300ep-lr_0.001-aug_medium2-wd_0.1-do_0.0-sd_0.0", "lr_0.01-res_384"), "R50+L/32", 384, 1000),
+}
+
+
+# --- files ------------------------------------------------------------------------------
+HF_PREFIX = "hf://"
+
+
+def checkpoint_path(weights: PathLike) -> str:
+    """A local checkpoint path for a path, a published name (downloaded once, cached by Keras) or
+    `hf://ORG/NAME[/FILE]` (FILE defaults to model.safetensors; cached by huggingface_hub)."""
+    path = os.fspath(weights)
+    if os.path.isfile(path):
+        return path
+    if path.startswith(HF_PREFIX):
+        return hub_file(path)
+    entry = PUBLISHED.get(path)
+    if entry is None:
+        raise ValueError(f"weights {path!r} is neither an existing .npz or .safetensors file, hf://ORG/NAME "
+                         f"nor a published checkpoint; published names: {', '.join(sorted(PUBLISHED))}")
+    fname = entry.url.rsplit("/", 1)[-1]
+    try:
+        # KERAS_HOME read now, not at Keras' import, so a process can point the cache elsewhere.
+        return keras.utils.get_file(fname=fname, origin=entry.url, cache_dir=os.environ.get("KERAS_HOME") or None,
+                                    cache_subdir=os.path.join("models", "keras_vit"))
+    except Exception as exc:  # noqa: BLE001 - any failure to fetch is reported the same way
+        raise ValueError(f"downloading checkpoint {path!r} from {entry.url} failed ({first_line(exc)}); "
+                         "pass the path of a local .npz file instead") from None
+
+
+def _hub_repo(spec: str) -> Tuple[str, str]:
+    parts = spec[len(HF_PREFIX):].strip("/").split("/")
+    if len(parts) < 2 or not all(parts):
+        raise ValueError(f"weights {spec!r}: expected hf://ORG/NAME or hf://ORG/NAME/FILE.safetensors")
+    return "/".join(parts[:2]), "/".join(parts[2:]) or "model.safetensors"
+
+
+def hub_file(spec: str, filename: Optional[str] = None, required: bool = True) -> Optional[str]:
+    """The local (cached) path of a file of the Hugging Face model `hf://ORG/NAME[/FILE]`;
+    one-line ValueError when huggingface_hub is missing, the Hub cannot be reached or the
+    file is not there (None instead when not `required`)."""
+    repo, default = _hub_repo(spec)
+    try:
+        import huggingface_hub
+        from huggingface_hub import errors as hf_errors
+    except ImportError:
+        raise ValueError(f"weights {spec!r} need huggingface_hub: pip install 'keras-vit[hub]'") from None
+    name = filename or default
+    try:
+        return huggingface_hub.hf_hub_download(repo, name)
+    except hf_errors.LocalEntryNotFoundError:
+        if not required:
+            return None
+        raise ValueError(f"{spec!r}: {name} is not in the Hugging Face cache and the Hub cannot be reached "
+                         "(offline?); fetch it once while online, or pass a local .safetensors file") from None
+    except hf_errors.RepositoryNotFoundError:
+        raise ValueError(f"{spec!r}: no such model on the Hugging Face Hub (or it is private/gated)") from None
+    except hf_errors.EntryNotFoundError:
+        if not required:
+            return None
+        raise ValueError(f"{spec!r}: the model has no {name} (only .safetensors files load without torch)") from None
+    except Exception as exc:  # noqa: BLE001 - network and HTTP errors: one line
+        if not required:
+            return None
+        raise ValueError(f"{spec!r}: downloading {name} failed ({first_line(exc)})") from None
+
+
+def read_npz(path: PathLike) -> Dict[str, np.ndarray]:
+    """All arrays of an .npz file (never unpickles)."""
+    path = os.fspath(path)
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            if not hasattr(f, "files"):
+                raise ValueError("not an .npz archive")
+            return {k: np.asarray(f[k]) for k in f.files}
+    except (OSError, ValueError, EOFError) as exc:
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ValueError(f"could not read checkpoint {path!r} as an .npz file ({msg})") from None
+
+
+def read_safetensors(path: PathLike) -> Tuple[Dict[str, np.ndarray], Dict[str, str]]:
+    """All tensors of a .safetensors file as float32 NumPy arrays (bfloat16/float16 widened),
+    and its string metadata."""
+    path = os.fspath(path)
+    try:
+        from safetensors import safe_open
+    except ImportError:
+        raise ValueError(f"reading {path!r} needs the safetensors package: pip install safetensors") from None
+    try:
+        with safe_open(path, framework="np") as f:
+            meta = dict(f.metadata() or {})
+            arrays = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:  # noqa: BLE001 - a corrupt or foreign file: one line
+        raise ValueError(f"could not read checkpoint {path!r} as a .safetensors file ({first_line(exc)})") from None
+    return {k: np.asarray(v, np.float32) if v.dtype.kind == "f" or "bfloat16" in str(v.dtype) else np.asarray(v)
+            for k, v in arrays.items()}, meta
+
+
+def _is_safetensors(path: str) -> bool:
+    """By content: an 8-byte little-endian header length, then the JSON header."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        return False
+    return len(head) == 9 and head[8:9] == b"{" and not head.startswith(b"PK")
+
+
+# --- what a checkpoint fits ----------------------------------------------------------------
+# ViTConfig fields that describe the architecture (taken from a checkpoint only when the user
+# names neither a variant nor a config).
+ARCHITECTURE_FIELDS = ("variant", "hidden_size", "mlp_dim", "num_heads", "num_layers", "patch_size",
+                       "resnet_layers", "resnet_width")
+_TIMM_SIZES = {"tiny": "Ti", "small": "S", "base": "B", "large": "L", "huge": "H"}
+
+
+@dataclasses.dataclass
+class Checkpoint:
+    """A checkpoint read once: its arrays in their own layout ("npz", "timm" or "hf") and
+    `defaults`, the ViTConfig fields (and `class_names`) of the model it was trained as."""
+
+    source: str
+    path: str
+    raw: Dict[str, np.ndarray]
+    layout: str
+    defaults: Dict[str, Any]
+
+    def canonical(self, num_heads: Optional[int] = None, prefix: Optional[str] = None
+                  ) -> Tuple[Dict[str, np.ndarray], bool]:
+        """Arrays under canonical names and whether the position embeddings are big_vision's."""
+        if self.layout == "npz":
+            return canonicalize(self.raw, prefix=prefix)
+        return torch_layout.to_canonical(self.raw, num_heads or self.defaults.get("num_heads") or 1), False
+
+
+def _timm_arch(name: str) -> Dict[str, Any]:
+    """ViTConfig fields from a timm architecture name: vit_base_patch16_384, vit_base_r50_s16_384."""
+    m = re.match(r"^vit_(tiny|small|base|large|huge)_patch(\d+)(?:_[a-z]+)?_(\d+)", name)
+    if m:
+        return dict(variant=f"{_TIMM_SIZES[m[1]]}/{m[2]}", image_size=int(m[3]))
+    m = re.match(r"^vit_(tiny|small|base|large|huge)_r(26|50)_s(\d+)_(\d+)", name)
+    if m:
+        return dict(variant=f"R{m[2]}+{_TIMM_SIZES[m[1]]}/{m[3]}", image_size=int(m[4]))
+    return {}
+
+
+def hub_defaults(config: Mapping[str, Any], num_classes: Optional[int]) -> Dict[str, Any]:
+    """ViTConfig fields and class names from a Hub config.json (timm's or transformers')."""
+    out: Dict[str, Any] = {}
+    names = None
+    if "architecture" in config:  # timm
+        out.update(_timm_arch(str(config["architecture"])))
+        pre = config.get("pretrained_cfg") or {}
+        size = pre.get("input_size") or config.get("input_size")
+        if isinstance(size, (list, tuple)) and len(size) == 3:
+            out["image_size"] = (int(size[1]), int(size[2]))
+        names = config.get("label_names") or pre.get("label_names")
+        if not names and num_classes in (1000, 21843):  # timm's ImageNet heads, in the usual order
+            names = imagenet_labels("imagenet1k" if num_classes == 1000 else "imagenet21k")
+        mean, std = pre.get("mean"), pre.get("std")
+        if mean is not None and std is not None and (not np.allclose(mean, 0.5) or not np.allclose(std, 0.5)):
+            log.warning("checkpoint expects inputs normalised with mean %s / std %s; keras-vit models rescale "
+                        "[0, 255] to [-1, 1] (mean 0.5, std 0.5), so logits will differ from timm's", mean, std)
+    if "num_attention_heads" in config:  # transformers ViTConfig
+        for ours, theirs in (("hidden_size", "hidden_size"), ("num_heads", "num_attention_heads"),
+                             ("num_layers", "num_hidden_layers"), ("mlp_dim", "intermediate_size"),
+                             ("layer_norm_epsilon", "layer_norm_eps")):
+            if theirs in config:
+                out[ours] = config[theirs]
+        if "image_size" in config:
+            out["image_size"] = config["image_size"]
+        if config.get("hidden_act") in ("gelu", "gelu_new", "gelu_pytorch_tanh"):
+            out["gelu_approximate"] = config["hidden_act"] != "gelu"
+        id2label = config.get("id2label") or {}
+        try:
+            names = [id2label[k] for k in sorted(id2label, key=int)]
+        except (TypeError, ValueError):
+            names = None
+    if names and num_classes is not None and len(names) == num_classes:
+        out["class_names"] = [str(n) for n in names]
+    return out
+
+
+def _read_arrays(spec: str, local: str) -> Tuple[Dict[str, np.ndarray], str, Dict[str, str]]:
+    """The file's arrays, their layout ("npz", "timm" or "hf") and a .safetensors file's metadata."""
+    if not (local.endswith(".safetensors") or _is_safetensors(local)):
+        return read_npz(local), "npz", {}
+    raw, file_meta = read_safetensors(local)
+    layout = torch_layout.detect(raw)
+    if not layout:
+        raise ValueError(f"checkpoint {spec!r} is a .safetensors file but not a timm or Hugging Face ViT "
+                         "(no patch_embed.proj / embeddings.patch_embeddings tensors)")
+    return raw, layout, file_meta
+
+
+def _described_defaults(spec: str, file_meta: Mapping[str, str], num_classes: Optional[int]) -> Dict[str, Any]:
+    """What the files beside the arrays say: the Hub's config.json, then keras-vit's own
+    safetensors metadata, then the Published table (later ones win)."""
+    defaults: Dict[str, Any] = {}
+    if spec.startswith(HF_PREFIX):
+        cfg_path = hub_file(spec, "config.json", required=False)
+        if cfg_path:
+            try:
+                with open(cfg_path) as f:
+                    defaults.update(hub_defaults(json.load(f), num_classes))
+            except (OSError, ValueError):
+                pass
+    if "keras_vit" in file_meta:  # written by save_safetensors: the exact config
+        try:
+            ours = json.loads(file_meta["keras_vit"])
+            defaults.update({k: v for k, v in ours.get("config", {}).items() if k != "include_top"})
+            if ours.get("class_names"):
+                defaults["class_names"] = list(ours["class_names"])
+        except (ValueError, AttributeError):
+            pass
+    entry = PUBLISHED.get(spec)
+    if entry is not None:
+        defaults.update(variant=entry.variant, image_size=entry.image_size, num_classes=entry.num_classes,
+                        representation_size=entry.representation_size)
+        if entry.labels:
+            defaults["class_names"] = imagenet_labels(entry.labels)
+    return defaults
+
+
+def read_checkpoint(weights: PathLike) -> Checkpoint:
+    """Read a checkpoint (an .npz or .safetensors path, a published name or hf://ORG/NAME) and
+    what it says about its model: the Published table, the Hub's config.json, the metadata
+    keras-vit writes, else the array shapes."""
+    spec = os.fspath(weights)
+    local = checkpoint_path(spec)
+    raw, layout, file_meta = _read_arrays(spec, local)
+    ckpt = Checkpoint(spec, local, raw, layout, {})
+    arrays, big_vision_posemb = ckpt.canonical(num_heads=1)
+    defaults = shape_defaults(arrays, big_vision_posemb)
+    if layout != "npz":  # heads are not in the fused torch shapes; timm and transformers use exact GELU
+        defaults.pop("num_heads", None)
+        defaults["gelu_approximate"] = False
+    defaults.update(_described_defaults(spec, file_meta, defaults.get("num_classes")))
+    if "variant" in defaults and "num_heads" not in defaults:
+        try:
+            defaults["num_heads"] = parse_variant(defaults["variant"]).num_heads
+        except ValueError:
+            defaults.pop("variant")
+    ckpt.defaults = defaults
+    return ckpt
+
+
+def check_variant(weights: PathLike, variant: Optional[str]) -> None:
+    """ValueError when a published checkpoint's variant is not `variant` (checked before downloading)."""
+    spec = os.fspath(weights)
+    entry = PUBLISHED.get(spec) if not os.path.isfile(spec) else None
+    if entry is not None and variant is not None and variant != entry.variant:
+        raise ValueError(f"checkpoint {spec!r} is a {entry.variant} model; "
+                         f"build it with variant={entry.variant!r}, not {variant!r}")

@@ -1,0 +1,27 @@
+"""The ViT's building blocks as serialisable Keras layers (keras.ops only: TF, JAX and torch).
+
+Names follow the paper (Eq. 1-4) and weights keep the layout of the official checkpoints,
+so that loading a .npz is a copy: attention kernels are (D, heads, head_dim) and
+(heads, head_dim, D).
+
+The layers live by what they hold: embedding.py (patches, class token, position embeddings,
+patch grid, pooling), attention.py (multi-head self-attention), block.py (the encoder block,
+MLP, drop path). Importing this package registers every layer with keras.saving under
+"keras_vit>ClassName", the names saved .keras files refer to.
+"""
+from keras_vit.layers.attention import MultiHeadSelfAttention, relative_position_index
+from keras_vit.layers.block import DropPath, MlpBlock, TransformerBlock, _layer_norm
+from keras_vit.layers.embedding import (
+    ClassToken,
+    PatchEmbedding,
+    PatchGrid,
+    PositionEmbedding,
+    TokenPooling,
+    interpolation_matrix_ops,
+    sincos_2d,
+    sincos_2d_ops,
+)
+
+__all__ = ["PatchEmbedding", "ClassToken", "PositionEmbedding", "PatchGrid", "TokenPooling", "MultiHeadSelfAttention",
+           "MlpBlock", "DropPath", "TransformerBlock", "sincos_2d", "sincos_2d_ops", "interpolation_matrix_ops",
+           "relative_position_index", "_layer_norm"]

@@ -1,0 +1,152 @@
+"""Multi-head self-attention (Eq. 5-7 of the appendix) with the official checkpoints' kernel
+layout, (D, heads, head_dim) and (heads, head_dim, D), and optional relative position bias."""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Tuple
+
+import keras
+import numpy as np
+from keras import layers, ops
+
+_REG = keras.saving.register_keras_serializable(package="keras_vit")
+_INIT_STD = 0.02
+
+
+def relative_position_index(grid_size: Tuple[int, int], num_prefix_tokens: int) -> np.ndarray:
+    """(S, S) index into a table of (2gh-1)(2gw-1) 2-D offsets, plus one slot for prefix pairs."""
+    gh, gw = grid_size
+    y, x = np.mgrid[:gh, :gw]
+    y, x = y.reshape(-1), x.reshape(-1)
+    dy = y[:, None] - y[None, :] + gh - 1
+    dx = x[:, None] - x[None, :] + gw - 1
+    idx = dy * (2 * gw - 1) + dx
+    if num_prefix_tokens:
+        n = gh * gw
+        full = np.full((n + num_prefix_tokens,) * 2, (2 * gh - 1) * (2 * gw - 1), dtype=np.int64)
+        full[num_prefix_tokens:, num_prefix_tokens:] = idx
+        idx = full
+    return idx.astype("int32")
+
+
+@_REG
+class MultiHeadSelfAttention(layers.Layer):
+    """Multi-head self-attention with weights in the official checkpoint layout.
+
+    query/key/value kernels (D, heads, head_dim) with biases (heads, head_dim); out kernel
+    (heads, head_dim, D). On JAX it uses keras.ops.dot_product_attention (fused GPU kernels, in
+    any precision: JAX keeps the logits and softmax in float32); on TensorFlow and torch, and
+    whenever the probabilities are asked for (inspection) or attention dropout is active, it
+    uses heads-major batched matmuls with the softmax in float32, which
+    measured faster on CPU and export to a smaller ONNX graph (BENCHMARKS.md).
+    With `relative_grid` set, a learned embedding per 2-D offset between patches is used as
+    keys of an extra attention whose logits are added as a bias (paper Appendix D.4).
+    """
+
+    def __init__(self, num_heads: int, dropout_rate: float = 0.0,
+                 relative_grid: Optional[Sequence[int]] = None, num_prefix_tokens: int = 1, **kwargs):
+        super().__init__(**kwargs)
+        self.num_heads = int(num_heads)
+        self.dropout_rate = float(dropout_rate)
+        self.relative_grid = None if relative_grid is None else tuple(int(g) for g in relative_grid)
+        self.num_prefix_tokens = int(num_prefix_tokens)
+        self.dropout = layers.Dropout(self.dropout_rate, dtype=self.dtype_policy)
+
+    def build(self, input_shape):
+        d = input_shape[-1]
+        h = self.num_heads
+        hd = d // h
+        self.head_dim = hd
+        kinit = keras.initializers.GlorotUniform()
+        for name in ("query", "key", "value"):
+            setattr(self, f"{name}_kernel", self.add_weight(shape=(d, h, hd), initializer=kinit, name=f"{name}_kernel"))
+            setattr(self, f"{name}_bias", self.add_weight(shape=(h, hd), initializer="zeros", name=f"{name}_bias"))
+        self.out_kernel = self.add_weight(shape=(h, hd, d), initializer=kinit, name="out_kernel")
+        self.out_bias = self.add_weight(shape=(d,), initializer="zeros", name="out_bias")
+        if self.relative_grid is not None:
+            gh, gw = self.relative_grid
+            n_off = (2 * gh - 1) * (2 * gw - 1) + (1 if self.num_prefix_tokens else 0)
+            self.relative_embedding = self.add_weight(
+                shape=(n_off, h, hd), initializer=keras.initializers.RandomNormal(stddev=_INIT_STD),
+                name="relative_embedding")
+            self._rel_index = relative_position_index(self.relative_grid, self.num_prefix_tokens)
+        self.dropout.build((None, h, None, None))
+        self.built = True
+
+    def _qkv(self, x, scale: float):
+        """q (pre-scaled by `scale`), k, v as (B, heads, S, head_dim) from ONE (D, 3D) matmul.
+
+        The three official (D, heads, head_dim) kernels stay the stored weights; they are
+        flattened and concatenated per call (a D x 3D copy, nothing next to the matmul), so
+        the projection is a single large GEMM instead of three 4-D einsums, and the softmax
+        scale is folded into the query columns instead of multiplying the (S, S) logits.
+        """
+        d = x.shape[-1]
+        h, hd = self.num_heads, self.head_dim
+        flat = h * hd
+        kernel = ops.concatenate([ops.reshape(self.query_kernel, (d, flat)) * scale,
+                                  ops.reshape(self.key_kernel, (d, flat)),
+                                  ops.reshape(self.value_kernel, (d, flat))], axis=-1)
+        bias = ops.concatenate([ops.reshape(self.query_bias, (flat,)) * scale,
+                                ops.reshape(self.key_bias, (flat,)),
+                                ops.reshape(self.value_bias, (flat,))], axis=-1)
+        seq = x.shape[1] if x.shape[1] is not None else ops.shape(x)[1]
+        # Rank-2 GEMM on (B*S, D): a rank-3 x rank-2 matmul becomes tf.tensordot on TensorFlow,
+        # whose dynamic-shape plumbing (Shape/Gather/ReduceProd/Concat) lands in the ONNX graph.
+        qkv = ops.matmul(ops.reshape(x, (-1, d)), ops.cast(kernel, x.dtype)) + ops.cast(bias, x.dtype)
+        # Heads-major (3, B, heads, S, head_dim): the attention products are plain batched GEMMs.
+        qkv = ops.transpose(ops.reshape(qkv, (-1, seq, 3, h, hd)), (2, 0, 3, 1, 4))
+        # unstack, not qkv[0]/[1]/[2]: TF differentiates three strided slices as three
+        # full-size StridedSliceGrad scatters (a quarter of the non-XLA step); Unpack's gradient is one Pack.
+        q, k, v = ops.unstack(qkv, 3, axis=0)
+        return q, k, v
+
+    def _relative_bias(self, q):
+        """(B, heads, S, S) logits of the query against the relative-offset embeddings."""
+        table = ops.cast(self.relative_embedding, q.dtype)
+        scores = ops.einsum("bhtk,ohk->bhto", q, table)  # (B, H, S, offsets)
+        s = q.shape[2]
+        idx = ops.convert_to_tensor(self._rel_index[None, None])  # (1, 1, S, S)
+        idx = ops.broadcast_to(idx, (ops.shape(scores)[0], self.num_heads, s, s))
+        return ops.take_along_axis(scores, idx, axis=-1)
+
+    def call(self, x, training=None, return_attention_scores: bool = False):
+        scale = 1.0 / math.sqrt(self.head_dim)
+        q, k, v = self._qkv(x, scale)  # q already carries the softmax scale
+        bias = None
+        if self.relative_grid is not None:
+            bias = self._relative_bias(q)  # from the scaled query: the bias is scaled too
+        explicit = return_attention_scores or (training and self.dropout_rate > 0)
+        if not explicit and keras.backend.backend() == "jax":
+            # JAX's fused attention (cuDNN flash attention on GPU) takes (B, S, heads, head_dim);
+            # with bf16/fp16 inputs it accumulates the logits and the softmax in float32.
+            out = ops.dot_product_attention(*(ops.swapaxes(t, 1, 2) for t in (q, k, v)), bias=bias, scale=1.0)
+            probs = None
+        else:
+            # Batched GEMMs in heads-major layout (what ops.dot_product_attention lowers to on
+            # TF/torch CPU, minus its 4-D einsum transposes and dynamic-shape ops in exports).
+            logits = ops.cast(ops.matmul(q, ops.swapaxes(k, -1, -2)), "float32")  # (B, H, S, S)
+            if bias is not None:
+                logits = logits + ops.cast(bias, "float32")
+            probs = ops.softmax(logits, axis=-1)
+            dropped = self.dropout(probs, training=training) if explicit else probs
+            out = ops.swapaxes(ops.matmul(ops.cast(dropped, v.dtype), v), 1, 2)  # (B, S, H, hd)
+            if not return_attention_scores:
+                probs = None
+        d = self.out_kernel.shape[-1]
+        seq = out.shape[1] if out.shape[1] is not None else ops.shape(out)[1]
+        # (B*S, heads*head_dim) @ (heads*head_dim, D): one GEMM, same weights as the 4-D einsum.
+        kernel = ops.reshape(ops.cast(self.out_kernel, out.dtype), (d, d))
+        y = ops.matmul(ops.reshape(out, (-1, d)), kernel) + ops.cast(self.out_bias, out.dtype)
+        y = ops.reshape(y, (-1, seq, d))
+        if return_attention_scores:
+            return y, probs
+        return y
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "num_heads": self.num_heads, "dropout_rate": self.dropout_rate,
+                "relative_grid": None if self.relative_grid is None else list(self.relative_grid),
+                "num_prefix_tokens": self.num_prefix_tokens}

@@ -1,0 +1,168 @@
+"""The pre-norm encoder block (Eq. 2-3) and its parts: MlpBlock, DropPath (stochastic depth)."""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import keras
+from keras import layers, ops
+
+from keras_vit.layers.attention import MultiHeadSelfAttention
+
+_REG = keras.saving.register_keras_serializable(package="keras_vit")
+
+
+@_REG
+class DropPath(layers.Layer):
+    """Stochastic depth: drops the whole residual branch per sample with probability `rate`."""
+
+    def __init__(self, rate: float = 0.0, seed: Optional[int] = None, **kwargs):
+        super().__init__(**kwargs)
+        self.rate = float(rate)
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed) if self.rate > 0 else None
+
+    def call(self, x, training=None):
+        if not training or self.rate == 0.0:
+            return x
+        keep = 1.0 - self.rate
+        shape = (ops.shape(x)[0],) + (1,) * (len(x.shape) - 1)
+        mask = keras.random.uniform(shape, seed=self.seed_generator, dtype=x.dtype) < keep
+        return ops.where(mask, x / ops.cast(keep, x.dtype), ops.zeros_like(x))
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "rate": self.rate, "seed": self.seed}
+
+
+@_REG
+class MlpBlock(layers.Layer):
+    """MLP of the encoder block: Dense(mlp_dim) -> GELU -> dropout -> Dense(D) -> dropout."""
+
+    def __init__(self, mlp_dim: int, dropout_rate: float = 0.0, gelu_approximate: bool = True, **kwargs):
+        super().__init__(**kwargs)
+        self.mlp_dim = int(mlp_dim)
+        self.dropout_rate = float(dropout_rate)
+        self.gelu_approximate = bool(gelu_approximate)
+        dense = dict(kernel_initializer="glorot_uniform",
+                     bias_initializer=keras.initializers.RandomNormal(stddev=1e-6), dtype=self.dtype_policy)
+        self.dense_0 = layers.Dense(self.mlp_dim, name="Dense_0", **dense)
+        self.dense_1 = None
+        self.dense_kwargs = dense
+        self.dropout = layers.Dropout(self.dropout_rate, dtype=self.dtype_policy)
+
+    def build(self, input_shape):
+        self.dense_0.build(input_shape)
+        self.dense_1 = layers.Dense(input_shape[-1], name="Dense_1", **self.dense_kwargs)
+        self.dense_1.build(tuple(input_shape[:-1]) + (self.mlp_dim,))
+        self.dropout.build(input_shape)
+        self.built = True
+
+    def call(self, x, training=None):
+        # The Dense layers run on (tokens, features): a rank-2 input is a plain GEMM (rank 3 would
+        # be tf.tensordot, whose shape ops land in exported graphs). Calling the layers, not their
+        # kernels, keeps what Keras adds to them working: model.quantize(...) and enable_lora.
+        d = x.shape[-1]
+        shape = tuple(x.shape) if all(n is not None for n in x.shape[1:]) else ops.shape(x)
+        h = self.dense_0(ops.reshape(x, (-1, d)))
+        h = self.dropout(ops.gelu(h, approximate=self.gelu_approximate), training=training)
+        h = self.dense_1(h)
+        out = ops.reshape(h, (-1,) + tuple(shape[1:]) if isinstance(shape, tuple) else shape)
+        return self.dropout(out, training=training)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "mlp_dim": self.mlp_dim, "dropout_rate": self.dropout_rate,
+                "gelu_approximate": self.gelu_approximate}
+
+
+def _layer_norm(norm: layers.LayerNormalization, x):
+    """`norm`'s LayerNorm over the last axis, in float32, written out on (tokens, features).
+
+    Same weights and result as calling the Keras layer; the explicit
+    ReduceMean-Sub-Pow-ReduceMean-Add-Sqrt-Div form on a rank-2 tensor is what
+    onnxruntime's optimizer fuses into one LayerNormalization node (tf.nn.moments on a
+    rank-3 tensor exports as GlobalAveragePool chains that it cannot fuse).
+    """
+    shape = tuple(x.shape) if all(n is not None for n in x.shape[1:]) else ops.shape(x)
+    d = x.shape[-1]
+    h = ops.reshape(ops.cast(x, "float32"), (-1, d))
+    centred = h - ops.mean(h, axis=-1, keepdims=True)
+    var = ops.mean(ops.power(centred, 2), axis=-1, keepdims=True)
+    h = centred / ops.sqrt(var + norm.epsilon) * norm.gamma + norm.beta
+    return ops.reshape(h, (-1,) + tuple(shape[1:]) if isinstance(shape, tuple) else shape)
+
+
+@_REG
+class TransformerBlock(layers.Layer):
+    """Pre-norm encoder block (Eq. 2-3): z' = MSA(LN(z)) + z;  z = MLP(LN(z')) + z'."""
+
+    def __init__(self, num_heads: int, mlp_dim: int, dropout_rate: float = 0.0,
+                 attention_dropout_rate: float = 0.0, drop_path_rate: float = 0.0,
+                 gelu_approximate: bool = True, layer_norm_epsilon: float = 1e-6,
+                 relative_grid: Optional[Sequence[int]] = None, num_prefix_tokens: int = 1, **kwargs):
+        super().__init__(**kwargs)
+        self.num_heads = int(num_heads)
+        self.mlp_dim = int(mlp_dim)
+        self.dropout_rate = float(dropout_rate)
+        self.attention_dropout_rate = float(attention_dropout_rate)
+        self.drop_path_rate = float(drop_path_rate)
+        self.gelu_approximate = bool(gelu_approximate)
+        self.layer_norm_epsilon = float(layer_norm_epsilon)
+        self.relative_grid = None if relative_grid is None else tuple(int(g) for g in relative_grid)
+        self.num_prefix_tokens = int(num_prefix_tokens)
+        policy = self.dtype_policy
+        self.norm_1 = layers.LayerNormalization(epsilon=self.layer_norm_epsilon, name="LayerNorm_0", dtype="float32")
+        self.attention = MultiHeadSelfAttention(
+            self.num_heads, self.attention_dropout_rate, relative_grid=self.relative_grid,
+            num_prefix_tokens=self.num_prefix_tokens, name="MultiHeadDotProductAttention_1", dtype=policy)
+        self.dropout = layers.Dropout(self.dropout_rate, dtype=policy)
+        self.norm_2 = layers.LayerNormalization(epsilon=self.layer_norm_epsilon, name="LayerNorm_2", dtype="float32")
+        self.mlp = MlpBlock(self.mlp_dim, self.dropout_rate, self.gelu_approximate, name="MlpBlock_3", dtype=policy)
+        self.drop_path = DropPath(self.drop_path_rate, dtype=policy)
+
+    def build(self, input_shape):
+        self.norm_1.build(input_shape)
+        self.attention.build(input_shape)
+        self.norm_2.build(input_shape)
+        self.mlp.build(input_shape)
+        # Built here too, as the functional model never traces this call: model.quantize()
+        # refuses a model with unbuilt layers.
+        self.dropout.build(input_shape)
+        self.drop_path.build(input_shape)
+        self.built = True
+
+    def call(self, x, training=None, return_attention_scores: bool = False):
+        y = ops.cast(_layer_norm(self.norm_1, x), self.compute_dtype)
+        y = self.attention(y, training=training, return_attention_scores=return_attention_scores)
+        if return_attention_scores:
+            y, probs = y
+        y = self.dropout(y, training=training)
+        x = ops.cast(x, self.compute_dtype) + self.drop_path(y, training=training)
+        y = ops.cast(_layer_norm(self.norm_2, x), self.compute_dtype)
+        x = x + self.drop_path(self.mlp(y, training=training), training=training)
+        if return_attention_scores:
+            return x, probs
+        return x
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def compute_output_spec(self, x, training=None, return_attention_scores: bool = False):
+        """Symbolic outputs: the tokens, and with `return_attention_scores` the float32 probabilities."""
+        out = keras.KerasTensor(x.shape, dtype=self.compute_dtype)
+        if not return_attention_scores:
+            return out
+        b, s = x.shape[0], x.shape[1]
+        return out, keras.KerasTensor((b, self.num_heads, s, s), dtype="float32")
+
+    def get_config(self):
+        return {**super().get_config(), "num_heads": self.num_heads, "mlp_dim": self.mlp_dim,
+                "dropout_rate": self.dropout_rate, "attention_dropout_rate": self.attention_dropout_rate,
+                "drop_path_rate": self.drop_path_rate, "gelu_approximate": self.gelu_approximate,
+                "layer_norm_epsilon": self.layer_norm_epsilon,
+                "relative_grid": None if self.relative_grid is None else list(self.relative_grid),
+                "num_prefix_tokens": self.num_prefix_tokens}
