@@ -92,7 +92,7 @@ def load(name: str, *, seed: int = 0, val_fraction: float = 0.1, data_dir: Optio
     held out (seeded) when the dataset has no validation split of its own. Image files that do
     not decode fail the pipeline with their name, or with `skip_bad_images` are dropped and
     listed in `Splits.bad_images`. `worker=(count, index)`: an image folder's training split
-    holds only this worker's share of the files (a new share each epoch, disjoint from the other
+    holds only this worker's share of the files (a new share each pass, disjoint from the other
     workers'), so that each worker decodes only its own; other sources shard in tf.distribute."""
     if not isinstance(name, str) or not name.strip():
         raise DatasetError(f"dataset must be a name, one of {', '.join(NAMES)}; got {name!r}")
