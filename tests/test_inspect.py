@@ -1,7 +1,5 @@
 """keras_vit.inspect and `vitcli inspect`: attention maps, rollout, attention distance,
 position-embedding similarity, embedding filters (paper Section 4.5, Fig. 7)."""
-import json
-import os
 import subprocess
 import sys
 
@@ -14,6 +12,7 @@ from click.testing import CliRunner
 import keras_vit
 from keras_vit import inspect as kin
 from keras_vit.config import ViTConfig
+from tests.backend_worker import run_job
 from tests.conftest import random_images
 from tests.vit_digits import TINY_DIGITS
 
@@ -151,14 +150,7 @@ def test_attention_maps_and_pretrainer_on_other_backends(backend, tmp_path):
             expected["pretrainer"] = np.asarray(pre(inputs))
             case.update(pretrainer=str(tmp_path / "pre.weights.h5"), pretrainer_inputs=str(tmp_path / "pre_inputs.npz"))
         job["cases"].append(case)
-    (tmp_path / "job.json").write_text(json.dumps(job))
-    env = dict(os.environ, KERAS_BACKEND=backend, JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run([sys.executable, "-m", "tests.backend_worker", str(tmp_path / "job.json")],
-                          env=env, cwd=root, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads((tmp_path / "out.json").read_text())
-    assert out["backend"] == backend
+    out = run_job(job, tmp_path, backend, timeout=600)
     for name in ("token", "relative-gap"):
         got = out[name + ":attention"]
         assert len(got) == len(expected[name]) == 2
@@ -281,8 +273,6 @@ def test_cli_inspect_bad_input_is_one_line(tmp_path):
 
 
 def test_analysis_commands_import_on_their_own_without_tensorflow():
-    import subprocess
-    import sys
 
     code = ("import sys, keras_vit.cli.analysis as a; "
             "assert a.inspect_cmd.name == 'inspect' and 'tensorflow' not in sys.modules")
