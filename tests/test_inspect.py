@@ -14,7 +14,7 @@ from keras_vit import inspect as kin
 from keras_vit.config import ViTConfig
 from tests.backend_worker import run_job
 from tests.conftest import random_images
-from tests.vit_digits import TINY_DIGITS, digits_data, trained_digits_vit
+from tests.vit_digits import TINY_DIGITS
 
 SMALL = dict(hidden_size=32, num_heads=2, mlp_dim=64, num_layers=2)
 
@@ -207,8 +207,8 @@ def test_self_only_head_has_zero_attention_distance():
     assert kin.attention_distance_from_probs(half, grid, stride)[0] == pytest.approx(0.0, abs=1e-6)
 
 
-def test_position_embeddings_trained_on_digits_are_more_similar_to_neighbours():
-    model = trained_digits_vit()
+def test_position_embeddings_trained_on_digits_are_more_similar_to_neighbours(trained_digits_vit):
+    model = trained_digits_vit
     sim = kin.position_embedding_similarity(model)
     g = 32 // TINY_DIGITS["patch_size"]
     assert sim.shape == (g, g, g, g)
@@ -237,12 +237,12 @@ def test_embedding_filters_are_principal_components():
     assert kin.embedding_filters(model, k=1000)[0].shape[0] == 32  # capped at min(D, P*P*C)
 
 
-def test_cli_inspect_writes_figures_and_arrays(tmp_path):
+def test_cli_inspect_writes_figures_and_arrays(digits, trained_digits_vit, tmp_path):
     from keras_vit.cli.main import cli
 
     path = tmp_path / "digits.keras"
-    trained_digits_vit().save(path)
-    x_te = digits_data()[2]
+    trained_digits_vit.save(path)
+    x_te = digits[2]
     from PIL import Image
 
     Image.fromarray(x_te[0].astype("uint8")).save(tmp_path / "digit.png")

@@ -10,7 +10,6 @@ from click.testing import CliRunner
 import keras_vit
 from keras_vit import pretrain as mpp
 from tests.conftest import random_images
-from tests.vit_digits import digits_data
 
 SMALL = dict(hidden_size=32, num_heads=2, mlp_dim=64, num_layers=1, patch_size=4)
 
@@ -72,8 +71,8 @@ def test_loss_is_on_corrupted_patches_only():
 
 
 @pytest.mark.parametrize("target", mpp.TARGETS)
-def test_pretraining_learns_and_saves_a_fine_tunable_encoder(tmp_path, target):
-    x_tr = digits_data()[0][:256]
+def test_pretraining_learns_and_saves_a_fine_tunable_encoder(digits, tmp_path, target):
+    x_tr = digits[0][:256]
     enc = keras_vit.ViT("Ti/4", image_size=32, include_top=False, **SMALL)
     hist = mpp.pretrain_encoder(enc, x_tr, x_tr[:64], target=target, epochs=3, batch_size=32, learning_rate=2e-3,
                         seed=0, verbose=0)
@@ -81,7 +80,7 @@ def test_pretraining_learns_and_saves_a_fine_tunable_encoder(tmp_path, target):
     path = mpp.save_encoder(enc, str(tmp_path / "run" / "model.keras"))
     loaded = keras_vit.load_model(path)
     assert isinstance(loaded, keras_vit.VisionTransformer) and loaded.output_shape == (None, 32)
-    x = digits_data()[2][:4]
+    x = digits[2][:4]
     np.testing.assert_allclose(loaded.predict(x, verbose=0), enc.predict(x, verbose=0), atol=1e-5)
     # fine-tuning: a classifier of the same variant takes every weight but the (new) head
     clf = keras_vit.ViT("Ti/4", image_size=32, num_classes=10, **SMALL)
