@@ -27,6 +27,9 @@ _NOISE = re.compile(rb"^(WARNING: All log messages before absl::InitializeLog\(\
                     rb"WARNING:absl:.*)$")
 
 
+STDERR_FD_ENV = "KERAS_VIT_STDERR_FD"
+
+
 def is_noise(line: bytes) -> bool:
     """True for a stderr line the quiet CLI hides (without its line ending)."""
     line = line.rstrip(b"\r\n")
@@ -74,15 +77,30 @@ def filter_stderr() -> None:
             os.write(target, pending)
         os.close(read_end)
 
+    # Helpers that must write after this process stops (keras_vit.train.distribute's start-up
+    # guard) write to the real stderr, not into the pipe this thread can no longer drain.
+    os.environ[STDERR_FD_ENV] = str(target)
     thread = threading.Thread(target=pump, name="vitcli-stderr", daemon=True)
     thread.start()
 
     def restore() -> None:
+        os.environ.pop(STDERR_FD_ENV, None)
         sys.stderr.flush()
         os.dup2(target, 2)  # closes the pipe's last write end: the pump drains and stops
         thread.join(timeout=5)
 
     atexit.register(restore)
+    _restores.append(restore)
+
+
+_restores: list = []
+
+
+def release() -> None:
+    """Give file descriptor 2 back to the real stderr now (before `os.exec*`, which would leave the
+    new program writing into a pipe nobody reads)."""
+    while _restores:
+        _restores.pop()()
 
 
 def install(verbose: bool) -> None:

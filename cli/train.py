@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from typing import Optional, Sequence
 
 import click
@@ -63,8 +64,11 @@ _DATASET_HELP = ("digits (offline), cifar10, cifar100, mnist, fashion_mnist, tfd
               help="Skip image files that do not decode (counted, listed in the run's bad_images.txt) instead of failing.")
 @click.option("--output", default=None, help="Run folder [default: runs/<dataset>-<variant>-<time>, linked as runs/latest].")
 @click.option("--resume", is_flag=True, help="Continue the run in --output (default runs/latest) from its last epoch.")
+@click.option("--peer-timeout", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Multi-worker: seconds to wait for the other workers (start-up, each exchange) "
+                   "[default: $KERAS_VIT_PEER_TIMEOUT or 300].")
 @user_errors
-def train_cmd(dataset: str, output: Optional[str], resume: bool, **options) -> None:
+def train_cmd(dataset: str, output: Optional[str], resume: bool, peer_timeout: Optional[float], **options) -> None:
     """Train a ViT with model.fit on a tf.data pipeline; writes a run folder."""
     from keras_vit import train as ktrain
 
@@ -75,12 +79,42 @@ def train_cmd(dataset: str, output: Optional[str], resume: bool, **options) -> N
         cfg = None
     else:
         cfg = ktrain.make_config(dataset, options.pop("recipe") or "scratch", **options)
-    result = ktrain.train(cfg, output=output, resume=resume)
+    try:
+        result = ktrain.train(cfg, output=output, resume=resume, peer_timeout=peer_timeout)
+    except ktrain.PeerLostError as exc:
+        _rejoin(str(exc))
+        raise
     t = result["test"]
     click.echo(f"test top-1 {t['top1']:.4f}  top-5 {t['top5']:.4f}  loss {t['loss']:.4f}  "
                f"({result['epochs']} epochs, {result['train_seconds']:.0f} s of training"
                + (f", {result['bad_images']} bad images skipped" if result.get("bad_images") else "") + ")")
-    click.echo(f"run folder: {result['run']}")
+    if result["workers"] > 1:
+        click.echo(f"worker {result['worker']} of {result['workers']}: weights {result['weights_digest']}")
+    if result["run"] is None:
+        click.echo("the chief (worker 0) wrote the run folder")
+    else:
+        click.echo(f"run folder: {result['run']}")
+
+
+REJOIN_ENV = "KERAS_VIT_REJOINS"
+MAX_REJOINS = 3
+
+
+def _rejoin(reason: str) -> None:
+    """Start this worker again with its own command line after a peer stopped: it waits (up to the
+    peer timeout) for the peer to come back, then the cluster continues from the last completed
+    epoch. Gives up after MAX_REJOINS restarts in a row (the caller then reports `reason`)."""
+    done = int(os.environ.get(REJOIN_ENV, "0") or 0)
+    if done >= MAX_REJOINS:
+        return
+    os.environ[REJOIN_ENV] = str(done + 1)
+    from keras_vit.cli import quiet
+
+    quiet.release()
+    click.echo(f"{reason.split(';')[0]}; restarting to rejoin the cluster ({done + 1}/{MAX_REJOINS})", err=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, "-c", "from keras_vit.cli.main import main; main()", *sys.argv[1:]])
 
 
 _MODEL_HELP = ("A .keras model, a run folder, or a checkpoint: a published name such as "

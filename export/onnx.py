@@ -11,7 +11,9 @@ import logging
 import os
 import re
 import tempfile
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
+
+import numpy as np
 
 from keras_vit.export._common import (
     ExportError,
@@ -75,6 +77,73 @@ def to_onnx(model, path: PathLike, opset: int = MIN_OPSET, optimize: bool = Fals
     """
     import onnx
 
+    fp16, dynamic, static = _precision_flags(quantize, fp16, optimize, calibration_images)
+    model, cfg, layout = _export_model(model, layout, dynamic_size, interpolation)
+    if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= max_opset():
+        raise ExportError(f"opset must be an integer from {MIN_OPSET} to {max_opset()}, got {opset!r}")
+    names = check_class_names(class_names, cfg.num_classes)
+    path = check_output_path(path, ".onnx")
+
+    with tempfile.TemporaryDirectory() as work:
+        raw = os.path.join(work, "raw.onnx")
+        _convert(model, cfg, raw, opset)
+        proto = onnx.load(raw)
+        _rename_io(proto, cfg.dynamic_size)
+        if layout == "nchw":
+            _nchw_input(proto)
+        replace_erfc(proto)
+        fuse_layer_norms(proto)
+        calibration = (calibration_images, num_calibration_images, int8_agreement)
+        proto, fused, int8_info = _onnxruntime_passes(proto, cfg, work, layout, quantize, optimize, fp16, calibration)
+        precision = "fp16" if fp16 else "dynamic" if dynamic else "int8" if static else "fp32"
+        meta = metadata(cfg, names, precision, "onnx", dynamic_size=cfg.dynamic_size, layout=layout)
+        meta.update({k: json.dumps(v) if not isinstance(v, str) else v for k, v in int8_info.items()})
+        meta["opset"] = str(opset)
+        meta["optimized"] = json.dumps({k: v for k, v in fused.items() if v}) if optimize else "false"
+        _describe(proto, meta, cfg)
+        with atomic_path(path) as tmp:
+            onnx.save(proto, tmp)
+    return path
+
+
+def _onnxruntime_passes(proto, cfg, work: str, layout: str, quantize: Optional[str], optimize: bool, fp16: bool,
+                        calibration: tuple) -> Tuple[object, dict, dict]:
+    """The graph after onnxruntime's passes the options ask for: attention fusion and the
+    optimizer (`optimize`), float16, dynamic or static int8; with the fused-op counts and what
+    static int8 kept float. `calibration`: (images source, number of images, int8 agreement)."""
+    fused, int8_info = {}, {}
+    if optimize or fp16 or quantize in ("dynamic", "int8"):
+        _need_onnxruntime("--optimize" if optimize else "fp16" if fp16 else f"{quantize} int8 quantization")
+    if optimize or fp16:
+        proto, fused = _optimize(proto, cfg, work, fuse=optimize, fp16=fp16)
+    if quantize == "dynamic":
+        proto = _quantize_dynamic(proto, work)
+    if quantize == "int8":
+        source, num_images, agreement = calibration
+        proto, int8_info = _quantize_static(proto, work, _calibration_images(cfg, layout, source, num_images), agreement)
+    return proto, fused, int8_info
+
+
+def _calibration_images(cfg, layout: str, source, num_images: int) -> np.ndarray:
+    """Calibration images at the model's size from `source` (the training split), in the file's layout."""
+    from keras_vit.export.images import load_images
+
+    images = load_images(source, cfg.image_size, cfg.channels, num_images, split="train")
+    return images.transpose(0, 3, 1, 2) if layout == "nchw" else images
+
+
+def _describe(proto, meta: dict, cfg) -> None:
+    """Set the file's metadata and one-line description, then check the whole model."""
+    import onnx
+
+    onnx.helper.set_model_props(proto, meta)
+    proto.doc_string = (f"keras-vit {meta['variant']} ({meta['image_size']}, {cfg.num_classes} classes, "
+                        f"{meta['precision']}): {meta['input']} -> {meta['output']}")
+    onnx.checker.check_model(proto, full_check=True)
+
+
+def _precision_flags(quantize: Optional[str], fp16: bool, optimize: bool, calibration_images) -> Tuple[bool, bool, bool]:
+    """(fp16, dynamic int8, static int8) from the options; ExportError for combinations that do not go together."""
     if quantize is not None and quantize not in ONNX_QUANTIZE:
         raise ExportError(f"ONNX quantize must be one of {', '.join(ONNX_QUANTIZE)} or None, got {quantize!r}")
     fp16 = fp16 or quantize == "fp16"
@@ -87,6 +156,12 @@ def to_onnx(model, path: PathLike, opset: int = MIN_OPSET, optimize: bool = Fals
         raise ExportError("static int8 quantizes the plain graph: leave out optimize and fp16")
     if fp16 and dynamic:
         raise ExportError("choose one of fp16 and dynamic int8 quantization, not both")
+    return fp16, dynamic, static
+
+
+def _export_model(model, layout: str, dynamic_size: bool, interpolation: Optional[str]):
+    """(model, its config, layout) to convert: the model resolved from a path, made one for any
+    image size (resampling in the graph with `interpolation`) when `dynamic_size` asks."""
     model, cfg = resolve_model(model)
     layout = check_layout(layout)
     if not isinstance(dynamic_size, bool):
@@ -102,49 +177,7 @@ def to_onnx(model, path: PathLike, opset: int = MIN_OPSET, optimize: bool = Fals
         except ValueError as exc:
             raise ExportError(str(exc)) from None
         cfg = model.vit_config
-    dynamic_size = cfg.dynamic_size
-    if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= max_opset():
-        raise ExportError(f"opset must be an integer from {MIN_OPSET} to {max_opset()}, got {opset!r}")
-    names = check_class_names(class_names, cfg.num_classes)
-    path = check_output_path(path, ".onnx")
-
-    with tempfile.TemporaryDirectory() as work:
-        raw = os.path.join(work, "raw.onnx")
-        _convert(model, cfg, raw, opset)
-        proto = onnx.load(raw)
-        _rename_io(proto, dynamic_size)
-        if layout == "nchw":
-            _nchw_input(proto)
-        replace_erfc(proto)
-        fuse_layer_norms(proto)
-        fused = {}
-        if optimize or fp16 or dynamic or static:
-            _need_onnxruntime("--optimize" if optimize else "fp16" if fp16 else f"{quantize} int8 quantization")
-        if optimize or fp16:
-            proto, fused = _optimize(proto, cfg, work, fuse=optimize, fp16=fp16)
-        if dynamic:
-            proto = _quantize_dynamic(proto, work)
-        int8_info = {}
-        if static:
-            from keras_vit.export.images import load_images
-
-            h, w = cfg.image_size
-            images = load_images(calibration_images, (h, w), cfg.channels, num_calibration_images, split="train")
-            if layout == "nchw":
-                images = images.transpose(0, 3, 1, 2)
-            proto, int8_info = _quantize_static(proto, work, images, int8_agreement)
-        precision = "fp16" if fp16 else "dynamic" if dynamic else "int8" if static else "fp32"
-        meta = metadata(cfg, names, precision, "onnx", dynamic_size=dynamic_size, layout=layout)
-        meta.update({k: json.dumps(v) if not isinstance(v, str) else v for k, v in int8_info.items()})
-        meta["opset"] = str(opset)
-        meta["optimized"] = json.dumps({k: v for k, v in fused.items() if v}) if optimize else "false"
-        onnx.helper.set_model_props(proto, meta)
-        proto.doc_string = (f"keras-vit {meta['variant']} ({meta['image_size']}, {cfg.num_classes} classes, "
-                            f"{precision}): {meta['input']} -> {meta['output']}")
-        onnx.checker.check_model(proto, full_check=True)
-        with atomic_path(path) as tmp:
-            onnx.save(proto, tmp)
-    return path
+    return model, cfg, layout
 
 
 def _convert(model, cfg, out_path: str, opset: int) -> None:

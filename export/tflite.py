@@ -15,6 +15,7 @@ from typing import Dict, Optional, Sequence
 
 import numpy as np
 
+from keras_vit.errors import first_line
 from keras_vit.export._common import (
     ExportError,
     PathLike,
@@ -50,8 +51,6 @@ def to_tflite(model, path: PathLike, quantize: Optional[str] = None, representat
     batch 1 and records the result in the metadata ("int8_vs_fp32"); when int8 is not faster it
     warns, saying so and why (how XNNPACK split each graph, see `compare_latency`).
     """
-    import tensorflow as tf
-
     if quantize not in QUANTIZE:
         raise ExportError(f"quantize must be one of none, fp16, dynamic, int8; got {quantize!r}")
     model, cfg = resolve_model(model)
@@ -69,28 +68,10 @@ def to_tflite(model, path: PathLike, quantize: Optional[str] = None, representat
                                   num_calibration_images, split="train")
 
     with tempfile.TemporaryDirectory() as work:
-        converter = _converter(model, cfg, work)
-        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
-        if quantize is not None:
-            converter.optimizations = [tf.lite.Optimize.DEFAULT]
-        if quantize == "fp16":
-            converter.target_spec.supported_types = [tf.float16]
-        elif quantize == "int8":
-            # Every op in int8; input and output stay float32 (quantize/dequantize inside), so
-            # the file keeps the same `images` -> `logits` contract as the float ones.
-            converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-            converter.representative_dataset = lambda: ([calibration[i:i + 1]] for i in range(len(calibration)))
-        try:
-            flatbuffer = converter.convert()
-        except Exception as exc:  # noqa: BLE001 - converter failures become one line naming the cause
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ExportError(f"TFLiteConverter could not convert the model ({quantize or 'fp32'}): {first}") from exc
-
+        flatbuffer = _convert(model, cfg, work, quantize, calibration)
         speed = None
         if quantize == "int8" and compare_fp32:
-            converter = _converter(model, cfg, work)
-            converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
-            speed = compare_latency(flatbuffer, converter.convert(), calibration[:1])
+            speed = compare_latency(flatbuffer, _convert(model, cfg, work, None, None), calibration[:1])
 
     meta = metadata(cfg, names, quantize or "fp32", "tflite")
     if calibration is not None:
@@ -106,6 +87,29 @@ def to_tflite(model, path: PathLike, quantize: Optional[str] = None, representat
     if names is not None:
         write_text(labels_path(path), "\n".join(names) + "\n")
     return path
+
+
+def _convert(model, cfg, work: str, quantize: Optional[str], calibration: Optional[np.ndarray]) -> bytes:
+    """The TFLite flatbuffer of `model` at `quantize` (None: float32); int8 is calibrated on
+    `calibration`. ExportError with the converter's first line when it fails."""
+    import tensorflow as tf
+
+    converter = _converter(model, cfg, work)
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+    if quantize is not None:
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    if quantize == "fp16":
+        converter.target_spec.supported_types = [tf.float16]
+    elif quantize == "int8":
+        # Every op in int8; input and output stay float32 (quantize/dequantize inside), so
+        # the file keeps the same `images` -> `logits` contract as the float ones.
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        converter.representative_dataset = lambda: ([calibration[i:i + 1]] for i in range(len(calibration)))
+    try:
+        return converter.convert()
+    except Exception as exc:  # noqa: BLE001 - converter failures become one line naming the cause
+        raise ExportError(f"TFLiteConverter could not convert the model ({quantize or 'fp32'}): "
+                          f"{first_line(exc)}") from exc
 
 
 def undelegated_ops(flatbuffer: bytes) -> Dict[str, int]:

@@ -22,7 +22,6 @@ import keras
 import numpy as np
 
 from keras_vit.files import atomic_path
-from keras_vit.layers import TransformerBlock
 from keras_vit.model import get_config
 from keras_vit.plots import pyplot, save_figure
 
@@ -40,11 +39,19 @@ def _num_prefix_tokens(model) -> int:
 
 
 def _check_images(model, images) -> np.ndarray:
-    """(B, H, W, C) float32 of the model's input size; a single (H, W, C) image is batched."""
+    """(B, H, W, C) float32 images the model takes: its input size, or for a dynamic-size model
+    any H x W divisible by its input stride; a single (H, W, C) image is batched."""
     cfg = get_config(model)
     x = np.asarray(images, dtype=np.float32)
     if x.ndim == 3:
         x = x[None]
+    if cfg.dynamic_size:
+        sh, sw = cfg.input_stride
+        if (x.ndim != 4 or x.shape[-1] != cfg.channels or x.shape[1] % sh or x.shape[2] % sw
+                or x.shape[1] < sh or x.shape[2] < sw):
+            raise ValueError(f"images must have shape (batch, H, W, {cfg.channels}) with H a multiple of {sh} "
+                             f"and W a multiple of {sw} for this model, got {tuple(np.shape(images))}")
+        return x
     expected = (*cfg.image_size, cfg.channels)
     if x.ndim != 4 or tuple(x.shape[1:]) != expected:
         raise ValueError(f"images must have shape (batch, {expected[0]}, {expected[1]}, {expected[2]}) "
@@ -52,32 +59,32 @@ def _check_images(model, images) -> np.ndarray:
     return x
 
 
+def _grid(model, images: np.ndarray) -> Tuple[int, int]:
+    """The patch grid (gh, gw) of checked images."""
+    sh, sw = get_config(model).input_stride
+    return images.shape[1] // sh, images.shape[2] // sw
+
+
 # --- attention probabilities ------------------------------------------------------------------
 def attention_maps(model, images, batch_size: int = 32) -> List[np.ndarray]:
     """Attention probabilities of every encoder block: a list (one per layer) of float32 arrays
     (B, heads, S, S), S = patches (+1 with the class token); rows sum to 1.
 
-    Runs the layers of the functional model in order up to the last encoder block, calling each
-    TransformerBlock with `return_attention_scores=True`, so it works for every variant, hybrid,
-    classifier and image size, and for models loaded from .keras files.
+    Read from the model's own intermediate outputs (`model.forward_intermediates(images,
+    attention=True)`), so it works for every keras-vit model: any variant, hybrid, classifier,
+    image size (dynamic-size models take any multiple of the patch size), and models loaded
+    from .keras files. A feature_layers model has blocks up to its last feature block.
     """
     x_all = _check_images(model, images)
-    layers = [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
-    blocks = [i for i, layer in enumerate(layers) if isinstance(layer, TransformerBlock)]
-    if not blocks:
-        raise ValueError(f"model {model.name!r} has no encoder blocks")
-    layers = layers[: blocks[-1] + 1]
-    per_layer: List[List[np.ndarray]] = [[] for _ in blocks]
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    per_layer: List[List[np.ndarray]] = []
     for start in range(0, len(x_all), batch_size):
         x = keras.ops.convert_to_tensor(x_all[start:start + batch_size])
-        k = 0
-        for layer in layers:
-            if isinstance(layer, TransformerBlock):
-                x, probs = layer(x, training=False, return_attention_scores=True)
-                per_layer[k].append(keras.ops.convert_to_numpy(probs).astype(np.float32))
-                k += 1
-            else:
-                x = layer(x, training=False)
+        probs = model.forward_intermediates(x, attention=True)["attention"]
+        per_layer = per_layer or [[] for _ in probs]
+        for k, p in enumerate(probs):
+            per_layer[k].append(keras.ops.convert_to_numpy(p).astype(np.float32))
     return [np.concatenate(p, axis=0) for p in per_layer]
 
 
@@ -114,9 +121,9 @@ def attention_rollout(model, images, head_fusion: str = "mean", batch_size: int 
 
     Use `upsample_map` (or `plot_attention_rollout`) to overlay it on the input image.
     """
-    cfg = get_config(model)
-    maps = rollout_from_attention(attention_maps(model, images, batch_size), _num_prefix_tokens(model), head_fusion)
-    return maps.reshape((-1, *cfg.grid_size))
+    x = _check_images(model, images)
+    maps = rollout_from_attention(attention_maps(model, x, batch_size), _num_prefix_tokens(model), head_fusion)
+    return maps.reshape((-1, *_grid(model, x)))
 
 
 def upsample_map(grid_map: np.ndarray, image_size: Tuple[int, int]) -> np.ndarray:
@@ -160,9 +167,9 @@ def mean_attention_distance(model, images, batch_size: int = 32) -> np.ndarray:
     """(layers, heads) attention-weighted mean distance in pixels between query and key patches
     (Fig. 7 right). For hybrids a "patch" spans the ResNet stride times the patch size."""
     cfg = get_config(model)
-    probs = attention_maps(model, images, batch_size)
-    return np.stack([attention_distance_from_probs(a, cfg.grid_size, cfg.input_stride, _num_prefix_tokens(model))
-                     for a in probs])
+    x = _check_images(model, images)
+    return np.stack([attention_distance_from_probs(a, _grid(model, x), cfg.input_stride, _num_prefix_tokens(model))
+                     for a in attention_maps(model, x, batch_size)])
 
 
 # --- position embeddings and filters ---------------------------------------------------------
@@ -323,7 +330,6 @@ def inspect_model(model, images: np.ndarray, out_dir: str, distance_images: Opti
     `distance_images` (default: `images`). Returns {figure name: path}; figures that do not
     apply to the model (filters of a hybrid, similarity without position embeddings) are skipped
     and named under "skipped"."""
-    cfg = get_config(model)
     os.makedirs(out_dir, exist_ok=True)
     images = _check_images(model, images)
     dist_images = images if distance_images is None else _check_images(model, distance_images)
@@ -335,16 +341,17 @@ def inspect_model(model, images: np.ndarray, out_dir: str, distance_images: Opti
     attn = attention_maps(model, images)
     for i, a in enumerate(attn):
         arrays[f"attention_layer{i}"] = a
-    rollout = rollout_from_attention(attn, p).reshape((-1, *cfg.grid_size))
+    grid = _grid(model, images)
+    rollout = rollout_from_attention(attn, p).reshape((-1, *grid))
     arrays["attention_rollout"] = rollout
     written["attention_rollout"] = plot_attention_rollout(images[0], rollout[0], os.path.join(out_dir, "attention_rollout.png"))
-    written["attention_maps"] = plot_attention_maps(attn, cfg.grid_size, os.path.join(out_dir, "attention_maps.png"), p)
+    written["attention_maps"] = plot_attention_maps(attn, grid, os.path.join(out_dir, "attention_maps.png"), p)
 
     dist = mean_attention_distance(model, dist_images)
     arrays["mean_attention_distance"] = dist
     written["mean_attention_distance"] = plot_attention_distance(
         dist, os.path.join(out_dir, "mean_attention_distance.png"),
-        image_side=float(np.hypot(*cfg.image_size)))
+        image_side=float(np.hypot(*dist_images.shape[1:3])))
 
     try:
         sim = position_embedding_similarity(model)

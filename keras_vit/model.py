@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from typing import Dict, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Optional, Sequence, Union
 
 import keras
 from keras import layers
@@ -56,6 +56,31 @@ class VisionTransformer(keras.Model):
                 config = keras.quantizers.Int4QuantizationConfig(block_size=policy.block_size) if mode == "int4" else None
                 layers_by_path[path].quantize(mode, config=config)
 
+    def forward_intermediates(self, images, attention: bool = False,
+                              patch_transform: Optional[Callable] = None) -> Dict[str, Any]:
+        """The encoder's intermediate outputs on `images` (a tensor, or a keras.Input to build a
+        new functional model on this model's layers, which share its weights):
+
+        - "blocks": every encoder block's output z_l, (B, S, D) with the class token first;
+        - "attention" (with `attention=True`): every block's attention probabilities
+          (B, heads, S, S), rows summing to 1 (the softmax of Eq. 5, before attention dropout);
+        - "tokens": LN(z_L), the (B, S, D) sequence that output="tokens" returns (absent for a
+          feature_layers model, whose graph stops at its last feature block).
+
+        `patch_transform` maps the patch embeddings (B, N, D) before the class token and the
+        position embeddings are added (masked patch prediction corrupts them there). The model
+        itself and its exported graph are unchanged: this runs its layers again.
+        """
+        cfg = self.vit_config
+        blocks, probs = _encode(cfg, images, lambda name, make: self.get_layer(name), _depth(cfg),
+                                attention=attention, patch_transform=patch_transform)
+        out: Dict[str, Any] = {"blocks": blocks}
+        if attention:
+            out["attention"] = probs
+        if not cfg.feature_layers:
+            out["tokens"] = self.get_layer("encoder_norm")(blocks[-1])
+        return out
+
     def compile(self, *args, **kwargs) -> None:
         """keras.Model.compile; `jit_compile="auto"` (the default) picks what is fast for a ViT on
         this hardware and precision policy (keras_vit.precision.model_jit_compile)."""
@@ -84,48 +109,107 @@ class VisionTransformer(keras.Model):
         return cls(**config)
 
 
+@keras.saving.register_keras_serializable(package="keras_vit")
+class BlockAttention(layers.Layer):
+    """An encoder block that returns (tokens, attention probabilities), for functional models
+    built on a model's layers: Keras' functional graph takes every call of a layer to have
+    the outputs of its first call, and the model's own call of each block has one."""
+
+    def __init__(self, block: TransformerBlock, **kwargs):
+        super().__init__(**kwargs)
+        self.block = block
+
+    def call(self, x, return_attention_scores: bool = True):
+        return self.block(x, return_attention_scores=True)
+
+    def compute_output_spec(self, x, return_attention_scores: bool = True):
+        return self.block.compute_output_spec(x, return_attention_scores=True)
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "block": keras.saving.serialize_keras_object(self.block)}
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["block"] = keras.saving.deserialize_keras_object(config["block"])
+        return cls(**config)
+
+
+# How a layer of the graph is obtained: built new (the model's constructor) or looked up in a model.
+LayerSource = Callable[[str, Callable[[], layers.Layer]], layers.Layer]
+
+
+def _encode(cfg: ViTConfig, images, layer: LayerSource, depth: int, dtype: Optional[str] = None,
+            attention: bool = False, patch_transform: Optional[Callable] = None):
+    """Eq. 1-3 up to encoder block `depth - 1`: (block outputs z_1..z_depth (B, S, D), their
+    attention probabilities (B, heads, S, S) when `attention`, else []).
+
+    The one definition of the encoder: the constructor runs it to build the graph and
+    `VisionTransformer.forward_intermediates` runs it again on the model's own layers.
+    `patch_transform` is applied to the patch embeddings (B, N, D) before the class token and
+    position embeddings are added (masked patch prediction corrupts them there).
+    """
+    x = images
+    if cfg.include_preprocessing:
+        # [0, 255] -> [-1, 1], the official checkpoints' input range.
+        x = layer("preprocessing", lambda: layers.Rescaling(1.0 / 127.5, offset=-1.0, name="preprocessing",
+                                                             dtype=dtype))(x)
+    if cfg.resnet_layers is not None:
+        x = layer("resnet", lambda: ResNetStem(cfg.resnet_layers, width=cfg.resnet_width, name="resnet",
+                                               dtype=dtype))(x)
+    x = layer("embedding", lambda: PatchEmbedding(cfg.hidden_size, cfg.patch_size, name="embedding", dtype=dtype))(x)
+    if patch_transform is not None:
+        x = patch_transform(x)
+    prefix = 0
+    if cfg.classifier == "token":
+        x = layer("cls", lambda: ClassToken(name="cls", dtype=dtype))(x)
+        prefix = 1
+    pos_kind = "none" if cfg.pos_embedding == "relative" else cfg.pos_embedding
+    if cfg.dynamic_size:  # the patch grid comes from the images' shape at run time
+        x = layer("posembed_input", lambda: PositionEmbedding(
+            pos_kind, cfg.grid_size, num_prefix_tokens=prefix, stride=cfg.input_stride,
+            method=cfg.pos_interpolation, name="posembed_input", dtype=dtype))(x, images=images)
+    else:
+        x = layer("posembed_input", lambda: PositionEmbedding(pos_kind, cfg.grid_size, num_prefix_tokens=prefix,
+                                                              name="posembed_input", dtype=dtype))(x)
+    x = layer("dropout", lambda: layers.Dropout(cfg.dropout_rate, name="dropout", dtype=dtype))(x)
+    relative_grid = cfg.grid_size if cfg.pos_embedding == "relative" else None
+    blocks, probs = [], []
+    for i in range(depth):
+        # Stochastic depth grows linearly with depth (timm, big_vision).
+        dpr = cfg.drop_path_rate * i / max(cfg.num_layers - 1, 1)
+        block = layer(f"encoderblock_{i}", lambda i=i, dpr=dpr: TransformerBlock(
+            cfg.num_heads, cfg.mlp_dim, cfg.dropout_rate, cfg.attention_dropout_rate, dpr, cfg.gelu_approximate,
+            cfg.layer_norm_epsilon, relative_grid=relative_grid, num_prefix_tokens=prefix,
+            name=f"encoderblock_{i}", dtype=dtype))
+        if attention:
+            if isinstance(x, keras.KerasTensor):  # a node of its own, with two outputs
+                block = BlockAttention(block, name=f"{block.name}_attention", dtype=block.dtype_policy)
+            x, a = block(x, return_attention_scores=True)
+            probs.append(a)
+        else:
+            x = block(x)
+        blocks.append(x)
+    return blocks, probs
+
+
+def _depth(cfg: ViTConfig) -> int:
+    """Encoder blocks in the graph: a features model stops after the last block it returns."""
+    return max(cfg.feature_layers) + 1 if cfg.feature_layers else cfg.num_layers
+
+
 def _build_graph(cfg: ViTConfig, dtype: Optional[str] = None):
     """(inputs, outputs) of the encoder and head for `cfg`, under the dtype policy named `dtype`
     (a name, which every layer's config can hold; the LayerNorms, pre-logits and head always
     compute in float32)."""
     h, w = cfg.image_size
     inputs = keras.Input((None, None, cfg.channels) if cfg.dynamic_size else (h, w, cfg.channels), name="images")
-    x = inputs
-    if cfg.include_preprocessing:
-        # [0, 255] -> [-1, 1], the official checkpoints' input range.
-        x = layers.Rescaling(1.0 / 127.5, offset=-1.0, name="preprocessing", dtype=dtype)(x)
-    if cfg.resnet_layers is not None:
-        x = ResNetStem(cfg.resnet_layers, width=cfg.resnet_width, name="resnet", dtype=dtype)(x)
-    x = PatchEmbedding(cfg.hidden_size, cfg.patch_size, name="embedding", dtype=dtype)(x)
-    prefix = 0
-    if cfg.classifier == "token":
-        x = ClassToken(name="cls", dtype=dtype)(x)
-        prefix = 1
-    pos_kind = "none" if cfg.pos_embedding == "relative" else cfg.pos_embedding
-    if cfg.dynamic_size:  # the patch grid comes from the images' shape at run time
-        x = PositionEmbedding(pos_kind, cfg.grid_size, num_prefix_tokens=prefix, stride=cfg.input_stride,
-                              method=cfg.pos_interpolation, name="posembed_input", dtype=dtype)(x, images=inputs)
-    else:
-        x = PositionEmbedding(pos_kind, cfg.grid_size, num_prefix_tokens=prefix, name="posembed_input",
-                              dtype=dtype)(x)
-    x = layers.Dropout(cfg.dropout_rate, name="dropout", dtype=dtype)(x)
-    relative_grid = cfg.grid_size if cfg.pos_embedding == "relative" else None
-    wanted = set(cfg.feature_layers or ())
-    maps = {}
-    # A features model stops after the last block it returns.
-    depth = max(wanted) + 1 if wanted else cfg.num_layers
-    for i in range(depth):
-        # Stochastic depth grows linearly with depth (timm, big_vision).
-        dpr = cfg.drop_path_rate * i / max(cfg.num_layers - 1, 1)
-        x = TransformerBlock(cfg.num_heads, cfg.mlp_dim, cfg.dropout_rate, cfg.attention_dropout_rate,
-                             dpr, cfg.gelu_approximate, cfg.layer_norm_epsilon,
-                             relative_grid=relative_grid, num_prefix_tokens=prefix,
-                             name=f"encoderblock_{i}", dtype=dtype)(x)
-        if i in wanted:
-            maps[i] = PatchGrid(cfg.grid_size, prefix, name=f"features_{i}", dtype=dtype)(x)
-    if wanted:  # a dict: Keras would unwrap a list of one
-        return inputs, {f"block_{i}": maps[i] for i in cfg.feature_layers}
-    x = layers.LayerNormalization(epsilon=cfg.layer_norm_epsilon, name="encoder_norm", dtype="float32")(x)
+    blocks, _ = _encode(cfg, inputs, lambda name, make: make(), _depth(cfg), dtype)
+    if cfg.feature_layers:  # a dict: Keras would unwrap a list of one
+        prefix = 1 if cfg.classifier == "token" else 0
+        return inputs, {f"block_{i}": PatchGrid(cfg.grid_size, prefix, name=f"features_{i}", dtype=dtype)(blocks[i])
+                        for i in cfg.feature_layers}
+    x = layers.LayerNormalization(epsilon=cfg.layer_norm_epsilon, name="encoder_norm", dtype="float32")(blocks[-1])
     if cfg.output == "tokens":
         return inputs, x
     x = TokenPooling(cfg.classifier, name="pool", dtype=dtype)(x)

@@ -14,9 +14,9 @@ patches only. The alternatives the paper compares are options of `target`:
 `keras_vit.train.train` does for supervised training; `pretrain_encoder` is the same on arrays.
 
 The encoder is a keras-vit VisionTransformer (build it with include_top=False): the
-pre-training model reuses its layers by name (preprocessing, resnet, embedding, cls,
-posembed_input, dropout, encoderblock_i, encoder_norm) and inserts `PatchCorruption` after
-the patch embedding, so after training `encoder.save("model.keras")` is a plain keras-vit
+pre-training model runs the encoder's own layers (`encoder.forward_intermediates`, with
+`PatchCorruption` as its patch transform) and puts a head on its output tokens, so after
+training `encoder.save("model.keras")` is a plain keras-vit
 model whose weights fine-tune with a new head (`vitcli train --weights model.keras`).
 
 Model code is keras.ops only; the corruption codes and targets are drawn in numpy per batch,
@@ -37,7 +37,6 @@ from keras import layers, ops
 from keras_vit import data as kdata
 from keras_vit.errors import UserInputError
 from keras_vit.files import save_model, write_json
-from keras_vit.layers import TransformerBlock
 from keras_vit.model import build_model, get_config
 from keras_vit.train.recipes import make_config, warmup_cosine
 
@@ -162,32 +161,22 @@ def patch_targets(images: np.ndarray, stride: Tuple[int, int], target: str = "co
 
 # --- model ------------------------------------------------------------------------------------
 def build_pretrainer(encoder: keras.Model, target: str = "color") -> keras.Model:
-    """The masked-patch-prediction model around a keras-vit encoder (sharing its layers):
-    inputs {"images", "codes", "source"} -> per-patch predictions (B, N, num_outputs)."""
+    """The masked-patch-prediction model around a keras-vit encoder (sharing its layers, so
+    training it trains the encoder): inputs {"images", "codes", "source"} -> per-patch
+    predictions (B, N, num_outputs), from the encoder's own output tokens
+    (`encoder.forward_intermediates`) with `PatchCorruption` applied to the patch embeddings."""
     cfg = get_config(encoder)
+    if cfg.feature_layers:
+        raise ValueError(f"the encoder returns feature maps of blocks {list(cfg.feature_layers)}: masked patch "
+                         "prediction needs the full encoder (build it with include_top=False and no feature_layers)")
     k = num_outputs(target, cfg.input_stride, cfg.channels)
     n = cfg.num_patches
     images = keras.Input((*cfg.image_size, cfg.channels), name="images")
     codes = keras.Input((n,), dtype="int32", name="codes")
     source = keras.Input((n,), dtype="int32", name="source")
-    names = {layer.name for layer in encoder.layers}
-    x = images
-    for name in ("preprocessing", "resnet"):
-        if name in names:
-            x = encoder.get_layer(name)(x)
-    x = encoder.get_layer("embedding")(x)
-    x = PatchCorruption(name="patch_corruption")(x, codes, source)
-    prefix = 0
-    if "cls" in names:
-        x = encoder.get_layer("cls")(x)
-        prefix = 1
-    x = encoder.get_layer("posembed_input")(x)
-    x = encoder.get_layer("dropout")(x)
-    for layer in encoder.layers:
-        if isinstance(layer, TransformerBlock):
-            x = layer(x)
-    x = encoder.get_layer("encoder_norm")(x)
-    x = DropPrefixTokens(prefix, name="patch_tokens")(x)
+    corrupt = PatchCorruption(name="patch_corruption")
+    tokens = encoder.forward_intermediates(images, patch_transform=lambda x: corrupt(x, codes, source))["tokens"]
+    x = DropPrefixTokens(cfg.seq_len - n, name="patch_tokens")(tokens)
     x = layers.Dense(k, name="mpp_head", dtype="float32")(x)
     return keras.Model({"images": images, "codes": codes, "source": source}, x, name=f"{encoder.name}_mpp")
 

@@ -20,7 +20,7 @@ NumPy only: no torch.
 from __future__ import annotations
 
 import re
-from typing import Dict, Mapping
+from typing import Dict, List, Mapping
 
 import numpy as np
 
@@ -100,6 +100,19 @@ def _resnet_from_timm(sd: Mapping[str, np.ndarray], ren: _Renamer) -> None:
         ren.take(k, name, _conv if name.endswith("/kernel") else np.asarray)
 
 
+def _block_indices(sd: Mapping[str, np.ndarray], prefix: str) -> List[int]:
+    """Sorted indices i of the encoder blocks named `{prefix}{i}.` in a state dict."""
+    pattern = re.compile(rf"^{re.escape(prefix)}(\d+)\.")
+    return sorted({int(m[1]) for k in sd for m in [pattern.match(k)] if m})
+
+
+def _take_layer_norms(take, t: str, b: str, before: str, after: str) -> None:
+    """A block's two LayerNorms (`before` and `after` attention in the PyTorch names) as LayerNorm_0 / _2."""
+    for ln, name in ((before, "LayerNorm_0"), (after, "LayerNorm_2")):
+        take(f"{t}{ln}.weight", f"{b}{name}/scale")
+        take(f"{t}{ln}.bias", f"{b}{name}/bias")
+
+
 def from_timm(sd: Mapping[str, np.ndarray], num_heads: int) -> Dict[str, np.ndarray]:
     """A timm ViT state dict (plain or ResNet hybrid) under canonical names. Keys it does not
     know are passed through unchanged, so that loading reports them as unexpected."""
@@ -110,12 +123,9 @@ def from_timm(sd: Mapping[str, np.ndarray], num_heads: int) -> Dict[str, np.ndar
     take("cls_token", "cls")
     take("pos_embed", "Transformer/posembed_input/pos_embedding")
     _resnet_from_timm(sd, r)
-    blocks = sorted({int(m[1]) for k in sd for m in [re.match(r"^blocks\.(\d+)\.", k)] if m})
-    for i in blocks:
+    for i in _block_indices(sd, "blocks."):
         t, b = f"blocks.{i}.", _BLOCK.format(i)
-        for ln, name in (("norm1", "LayerNorm_0"), ("norm2", "LayerNorm_2")):
-            take(f"{t}{ln}.weight", f"{b}{name}/scale")
-            take(f"{t}{ln}.bias", f"{b}{name}/bias")
+        _take_layer_norms(take, t, b, "norm1", "norm2")
         qkv = t + "attn.qkv.weight"
         if qkv in sd:
             w = np.asarray(sd[qkv])
@@ -157,12 +167,9 @@ def from_hf(sd: Mapping[str, np.ndarray], num_heads: int) -> Dict[str, np.ndarra
     take(e + "cls_token", "cls")
     take(e + "position_embeddings", "Transformer/posembed_input/pos_embedding")
     r.used.add(e + "mask_token")  # masked-image-modelling only; not part of the encoder
-    blocks = sorted({int(m[1]) for k in sd for m in [re.match(rf"^{re.escape(prefix)}encoder\.layer\.(\d+)\.", k)] if m})
-    for i in blocks:
+    for i in _block_indices(sd, f"{prefix}encoder.layer."):
         t, b = f"{prefix}encoder.layer.{i}.", _BLOCK.format(i)
-        for ln, name in (("layernorm_before", "LayerNorm_0"), ("layernorm_after", "LayerNorm_2")):
-            take(f"{t}{ln}.weight", f"{b}{name}/scale")
-            take(f"{t}{ln}.bias", f"{b}{name}/bias")
+        _take_layer_norms(take, t, b, "layernorm_before", "layernorm_after")
         for n in ("query", "key", "value"):
             key = f"{t}attention.attention.{n}.weight"
             if key in sd:

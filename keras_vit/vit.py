@@ -132,8 +132,10 @@ def _checkpoint_fields(ckpt: Checkpoint, variant_given: Optional[str], given: di
     found = {k: v for k, v in ckpt.defaults.items() if k != "class_names" and not (k == "variant" and v is None)}
     if variant_given is not None:
         found = {k: v for k, v in found.items() if k not in ARCHITECTURE_FIELDS}
-    elif "variant" in found:  # the paper's sizes by name; shapes only fill what it leaves
-        found = {k: v for k, v in found.items() if k not in ARCHITECTURE_FIELDS or k == "variant"}
+    elif "variant" in found:  # the paper's sizes by name, and the sizes the checkpoint says differ from them
+        named = parse_variant(found["variant"]).to_dict()  # (a variant with overrides, as save_safetensors records)
+        found = {k: v for k, v in found.items() if k not in ARCHITECTURE_FIELDS or k == "variant"
+                 or _as_tuple(v) != _as_tuple(named.get(k))}
     if "num_classes" in given and given["num_classes"] != found.get("num_classes"):
         # A new head replaces the whole head, pre-logits included (paper Sec. 3.2 / Appendix B).
         found.pop("representation_size", None)
@@ -141,6 +143,10 @@ def _checkpoint_fields(ckpt: Checkpoint, variant_given: Optional[str], given: di
         raise ValueError(f"checkpoint {ckpt.source!r} does not say its number of attention heads "
                          "(the PyTorch layout fuses them); pass num_heads= or variant=")
     return found
+
+
+def _as_tuple(value):
+    return tuple(value) if isinstance(value, (list, tuple)) else value
 
 
 def build_with_weights(cfg: ViTConfig, weights: Union[PathLike, Checkpoint], name: Optional[str] = None, *,

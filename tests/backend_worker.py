@@ -1,6 +1,8 @@
 """Run in a subprocess with KERAS_BACKEND set: rebuild models from configs, load weights,
 write logits. Used by test_backends.py (one Keras backend per process)."""
 import json
+import os
+import subprocess
 import sys
 
 import keras
@@ -18,6 +20,17 @@ def main(job_path: str) -> None:
         model.load_weights(case["weights"])
         x = np.load(case["inputs"])
         out[case["name"]] = model.predict(x, verbose=0).tolist()
+        if case.get("attention"):  # what keras_vit.inspect reads from the model's own outputs
+            from keras_vit import inspect as kin
+
+            out[case["name"] + ":attention"] = [a.tolist() for a in kin.attention_maps(model, x)]
+        if case.get("pretrainer"):  # the masked-patch-prediction model around it, on fixed corruption codes
+            from keras_vit import pretrain as mpp
+
+            pre = mpp.build_pretrainer(model, "color")
+            pre.load_weights(case["pretrainer"])
+            inputs = dict(np.load(case["pretrainer_inputs"]))
+            out[case["name"] + ":pretrainer"] = keras.ops.convert_to_numpy(pre(inputs)).tolist()
     if job.get("fit"):
         keras.utils.set_random_seed(0)
         model = build_model(ViTConfig.from_dict(job["cases"][0]["config"]))
@@ -28,6 +41,23 @@ def main(job_path: str) -> None:
         hist = model.fit(x, y, epochs=10, batch_size=len(x), verbose=0).history["loss"]
         out["fit_losses"] = hist
     json.dump(out, open(job["output"], "w"))
+
+
+def run_job(job: dict, folder, backend: str, timeout: int = 900) -> dict:
+    """Run `job` (its "output" a path in `folder`) in a worker process under KERAS_BACKEND=backend on
+    the CPU; its output, checked to come from that backend."""
+    path = os.path.join(str(folder), "job.json")
+    with open(path, "w") as f:
+        json.dump(job, f)
+    env = dict(os.environ, KERAS_BACKEND=backend, JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-m", "tests.backend_worker", path],
+                          env=env, cwd=root, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(job["output"]) as f:
+        out = json.load(f)
+    assert out["backend"] == backend
+    return out
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Shared fixtures: quiet TensorFlow logs, small deterministic inputs."""
+"""Shared fixtures: quiet TensorFlow logs, small deterministic inputs, and the trained models
+shared by many tests (session scope: each is trained once per test session)."""
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -24,3 +25,27 @@ def randomise_head(model, seed=0):
     head.kernel.assign(rs.normal(0, 0.5, head.kernel.shape).astype("float32"))
     head.bias.assign(rs.normal(0, 0.5, head.bias.shape).astype("float32"))
     return model
+
+
+@pytest.fixture(scope="session")
+def digits():
+    """x_train, y_train, x_test, y_test of keras_vit.data.digits_arrays()."""
+    from keras_vit.data import digits_arrays
+
+    return digits_arrays()
+
+
+@pytest.fixture(scope="session")
+def trained_digits(digits, tmp_path_factory):
+    """(model, .keras path) of the export tests' digits model (see export_helpers.train_digits)."""
+    from export_helpers import train_digits
+
+    return train_digits(digits, str(tmp_path_factory.mktemp("trained_digits") / "model.keras"))
+
+
+@pytest.fixture(scope="session")
+def trained_digits_vit(digits):
+    """The inspection / few-shot tests' digits model (see vit_digits.train_digits_vit)."""
+    from tests.vit_digits import train_digits_vit
+
+    return train_digits_vit(digits)

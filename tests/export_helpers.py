@@ -1,10 +1,6 @@
-"""Shared by the export tests: small keras-vit models with non-trivial weights, and one model
-trained on digits (trained once per test process, cached)."""
+"""Shared by the export tests: small keras-vit models with non-trivial weights, and the digits
+model that the session fixture `trained_digits` (conftest.py) trains once per test session."""
 from __future__ import annotations
-
-import functools
-import os
-import tempfile
 
 import numpy as np
 
@@ -45,16 +41,15 @@ def small_model(family: str = "learned", seed: int = 0, **options):
     return model
 
 
-@functools.cache
-def trained_digits():
-    """(model, path of its .keras file): a small ViT (patch 8, 17 tokens) trained ~25 s on digits
-    with a cosine schedule (~96% test accuracy; confident enough for int8 to keep >= 97% top-1)."""
+def train_digits(digits, path: str):
+    """(model, `path` where it is saved as .keras): a small ViT (patch 8, 17 tokens) trained ~25 s
+    on the digits train split with a cosine schedule (~96% test accuracy; confident enough for
+    int8 to keep >= 97% top-1). `digits`: x_train, y_train, x_test, y_test."""
     import keras
 
     import keras_vit
-    from keras_vit.data import digits_arrays
 
-    x_train, y_train, _, _ = digits_arrays()
+    x_train, y_train, _, _ = digits
     keras.utils.set_random_seed(0)
     model = keras_vit.ViT("Ti/8", image_size=32, num_classes=10, hidden_size=64, mlp_dim=128, num_heads=2,
                           num_layers=2)
@@ -63,7 +58,6 @@ def trained_digits():
     model.compile(optimizer=keras.optimizers.AdamW(schedule),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
     model.fit(x_train, y_train, epochs=epochs, batch_size=batch, verbose=0)
-    path = os.path.join(tempfile.mkdtemp(prefix="keras_vit_digits_"), "model.keras")
     model.save(path)
     return model, path
 

@@ -143,7 +143,8 @@ def softmax(x):
     return e / e.sum(-1, keepdims=True)
 
 
-def encoder_block(ck, i, x):
+def encoder_block(ck, i, x, return_attention=False):
+    """Block i on tokens (B, S, D); with return_attention also its probabilities (B, heads, S, S)."""
     y = layer_norm(x, ck.block(i, "LayerNorm_0/scale"), ck.block(i, "LayerNorm_0/bias"))
     a = "MultiHeadDotProductAttention_1/"
     q = np.einsum("btd,dhk->bthk", y, ck.block(i, a + "query/kernel")) + ck.block(i, a + "query/bias")
@@ -155,13 +156,14 @@ def encoder_block(ck, i, x):
     y = layer_norm(x, ck.block(i, "LayerNorm_2/scale"), ck.block(i, "LayerNorm_2/bias"))
     m = "MlpBlock_3/"
     y = gelu_tanh(y @ ck.block(i, m + "Dense_0/kernel") + ck.block(i, m + "Dense_0/bias"))
-    return x + y @ ck.block(i, m + "Dense_1/kernel") + ck.block(i, m + "Dense_1/bias")
+    x = x + y @ ck.block(i, m + "Dense_1/kernel") + ck.block(i, m + "Dense_1/bias")
+    return (x, probs) if return_attention else x
 
 
-def forward(path, images, classifier="token"):
-    """Logits (or pre-logits features when the checkpoint has no head) for float images in
-    [0, 255], shape (B, H, W, C), from the .npz at `path`."""
-    ck = Checkpoint(path)
+def encoder(path, images, classifier="token"):
+    """The encoder of the .npz at `path` on float images in [0, 255] (B, H, W, C): every block's
+    output (B, S, D), every block's attention probabilities (B, heads, S, S), and LN(z_L)."""
+    ck = path if isinstance(path, Checkpoint) else Checkpoint(path)
     x = np.asarray(images, np.float64) / 127.5 - 1.0
     if "conv_root/kernel" in ck:
         x = resnet(ck, x)
@@ -176,9 +178,19 @@ def forward(path, images, classifier="token"):
         x = np.concatenate([np.broadcast_to(ck["cls"], (b, 1, d)), x], axis=1)
     if "Transformer/posembed_input/pos_embedding" in ck:
         x = x + ck["Transformer/posembed_input/pos_embedding"]
+    blocks, probs = [], []
     for i in range(ck.num_layers()):
-        x = encoder_block(ck, i, x)
-    x = layer_norm(x, ck["Transformer/encoder_norm/scale"], ck["Transformer/encoder_norm/bias"])
+        x, a = encoder_block(ck, i, x, return_attention=True)
+        blocks.append(x)
+        probs.append(a)
+    return blocks, probs, layer_norm(x, ck["Transformer/encoder_norm/scale"], ck["Transformer/encoder_norm/bias"])
+
+
+def forward(path, images, classifier="token"):
+    """Logits (or pre-logits features when the checkpoint has no head) for float images in
+    [0, 255], shape (B, H, W, C), from the .npz at `path`."""
+    ck = Checkpoint(path)
+    x = encoder(ck, images, classifier)[2]
     x = x[:, 0] if classifier == "token" else x.mean(axis=1)
     if "pre_logits/kernel" in ck:
         x = np.tanh(x @ ck["pre_logits/kernel"] + ck["pre_logits/bias"])

@@ -1,13 +1,10 @@
 """The same weights give the same logits under TensorFlow and JAX (JAX in its own process)."""
-import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 import keras_vit
+from tests.backend_worker import run_job
 from tests.conftest import random_images
 
 pytest.importorskip("jax")
@@ -38,14 +35,7 @@ def test_tensorflow_and_jax_give_the_same_logits(tmp_path):
         expected[name] = model.predict(x, verbose=0)
         job["cases"].append({"name": name, "config": model.vit_config.to_dict(), "weights": str(path),
                              "inputs": str(tmp_path / "x.npy")})
-    (tmp_path / "job.json").write_text(json.dumps(job))
-    env = dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run([sys.executable, "-m", "tests.backend_worker", str(tmp_path / "job.json")],
-                          env=env, cwd=root, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads((tmp_path / "out.json").read_text())
-    assert out["backend"] == "jax"
+    out = run_job(job, tmp_path, "jax", timeout=600)
     for name, _ in CASES:
         got = np.asarray(out[name], dtype="float32")
         assert np.abs(got - expected[name]).max() <= 1e-5, name

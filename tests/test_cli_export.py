@@ -7,18 +7,18 @@ import shutil
 
 import pytest
 from click.testing import CliRunner
-from export_helpers import DIGIT_NAMES, trained_digits
+from export_helpers import DIGIT_NAMES
 
 from keras_vit.cli.main import cli  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
+def run_dir(trained_digits, tmp_path_factory):
     """A working folder holding runs/latest/model.keras (+ class names) of the digits model."""
     root = tmp_path_factory.mktemp("cli")
     latest = root / "runs" / "latest"
     latest.mkdir(parents=True)
-    _, keras_path = trained_digits()
+    _, keras_path = trained_digits
     shutil.copy(keras_path, latest / "model.keras")
     (latest / "class_names.json").write_text(json.dumps(DIGIT_NAMES))
     return root

@@ -2,6 +2,7 @@
 augmentation (keras_vit.data.folders / records / augment)."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -193,3 +194,63 @@ def test_randaugment_ops_are_what_they_claim():
     out = A.rand_augment(img, seed)
     assert out.shape == img.shape and out.dtype == tf.float32
     assert 0.0 <= float(tf.reduce_min(out)) and float(tf.reduce_max(out)) <= 255.0
+
+
+@functools.cache
+def _tiny_colours_builder():
+    """A tensorflow-datasets builder of generated images (two colour classes): prepared into a
+    data folder offline, as a user prepares a real dataset before training from it."""
+    import tensorflow_datasets as tfds
+
+    class TinyColours(tfds.core.GeneratorBasedBuilder):
+        """Two classes told apart by colour (red / green), 16x16 px."""
+
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+                "image": tfds.features.Image(shape=(16, 16, 3)),
+                "label": tfds.features.ClassLabel(names=["red", "green"])}), supervised_keys=("image", "label"))
+
+        def _split_generators(self, dl_manager):
+            return {"train": self._generate_examples(48, 0), "test": self._generate_examples(16, 1)}
+
+        def _generate_examples(self, n, seed):
+            rng = np.random.default_rng(seed)
+            for i in range(n):
+                img = rng.integers(0, 80, (16, 16, 3), dtype=np.uint8)
+                img[..., i % 2] = 255
+                yield i, {"image": img, "label": i % 2}
+
+    return TinyColours
+
+
+def test_tfds_dataset_prepared_in_data_dir_trains_without_network(tmp_path, monkeypatch):
+    pytest.importorskip("tensorflow_datasets")  # the [tfds] extra
+    import socket
+
+    from keras_vit.cli.main import cli
+
+    _tiny_colours_builder()(data_dir=str(tmp_path / "tfds")).download_and_prepare()
+
+    def no_network(*args, **kwargs):
+        raise OSError("no network in this test")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    args = ["train", "--dataset", "tfds:tiny_colours", "--data-dir", str(tmp_path / "tfds"), "--variant", "Ti/4",
+            "--image-size", "16", "--hidden-size", "32", "--num-layers", "1", "--num-heads", "2", "--mlp-dim", "64",
+            "--epochs", "4", "--batch-size", "8", "--lr", "0.003", "--warmup-epochs", "0", "--augment", "none",
+            "--jit", "none", "--output", str(tmp_path / "run")]
+    out = CliRunner().invoke(cli, args)
+    assert out.exit_code == 0, out.output
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["test"]["top1"] >= 0.8  # colour classes: learned from the prepared files
+    assert json.loads((tmp_path / "run" / "class_names.json").read_text()) == ["red", "green"]
+    splits = data.load("tfds:tiny_colours", data_dir=str(tmp_path / "tfds"))
+    assert [sum(1 for _ in s) for s in (splits.train, splits.val, splits.test)] == [43, 5, 16]  # 10% held out
+    # a dataset neither registered nor prepared in the folder: one line, no download attempted
+    missing = CliRunner().invoke(cli, [*args[:2], "tfds:not_prepared_here", *args[3:-1], str(tmp_path / "run2")])
+    errors = [ln for ln in missing.output.splitlines() if ln.startswith("Error:")]
+    assert missing.exit_code != 0 and "Traceback" not in missing.output and len(errors) == 1, missing.output
+    assert errors[0].startswith("Error: could not load dataset 'tfds:not_prepared_here': ")
+    assert not (tmp_path / "run2").exists()

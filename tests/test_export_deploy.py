@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from export_helpers import DIGIT_NAMES, small_model, trained_digits
+from export_helpers import DIGIT_NAMES, small_model
 
 import keras_vit
 from keras_vit.cli.main import cli
@@ -56,11 +56,11 @@ def test_vit_image_size_none_builds_a_model_for_any_size(tmp_path):
         keras_vit.ViT("Ti/16", dynamic_size=True, pos_interpolation="cubic", num_layers=1)
 
 
-def test_dynamic_nchw_onnx_matches_resized_keras_at_two_sizes(tmp_path):
+def test_dynamic_nchw_onnx_matches_resized_keras_at_two_sizes(trained_digits, tmp_path):
     import onnx
     import onnxruntime as ort
 
-    model, _ = trained_digits()
+    model, _ = trained_digits
     path = to_onnx(model, tmp_path / "dyn.onnx", dynamic_size=True, layout="nchw", class_names=DIGIT_NAMES)
     session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     assert session.get_inputs()[0].shape == ["batch", 3, "height", "width"]
@@ -125,8 +125,8 @@ print(json.dumps(out))
 """
 
 
-def test_cli_saved_model_uint8_reloads_in_a_fresh_process(tmp_path):
-    model, keras_path = trained_digits()
+def test_cli_saved_model_uint8_reloads_in_a_fresh_process(trained_digits, tmp_path):
+    model, keras_path = trained_digits
     out = tmp_path / "served"
     result = CliRunner().invoke(cli, ["export", "--model", keras_path, "--format", "saved_model", "--output",
                                       str(out), "--input-dtype", "uint8", "--dynamic-size", "--num-images", "32",
@@ -154,8 +154,8 @@ def test_cli_saved_model_uint8_reloads_in_a_fresh_process(tmp_path):
     (["--format", "saved_model", "--quantize", "fp16"], "a SavedModel keeps float32 weights"),
     (["--interpolation", "bicubic"], "--interpolation applies with --dynamic-size only"),
 ])
-def test_cli_bad_combinations_give_one_line(tmp_path, args, message):
-    _, keras_path = trained_digits()
+def test_cli_bad_combinations_give_one_line(trained_digits, tmp_path, args, message):
+    _, keras_path = trained_digits
     result = CliRunner().invoke(cli, ["export", "--model", keras_path, *args])
     assert result.exit_code != 0 and message in result.output
     assert "Traceback" not in result.output
@@ -227,12 +227,12 @@ def test_verify_without_onnxruntime_uses_onnx_reference(tmp_path, monkeypatch):
         to_onnx(model, tmp_path / "q.onnx", quantize="dynamic")
 
 
-def test_cli_static_int8_onnx_agrees_with_keras(tmp_path):
+def test_cli_static_int8_onnx_agrees_with_keras(trained_digits, tmp_path):
     """Static QDQ int8, calibrated on the digits training split: >= 99% top-1 agreement with Keras
     on 360 test digits; the head, LayerNorms, softmax and GELU stay float (metadata says so)."""
     import onnx
 
-    model, keras_path = trained_digits()
+    model, keras_path = trained_digits
     out = tmp_path / "m.int8.onnx"
     result = CliRunner().invoke(cli, ["export", "--model", keras_path, "--quantize", "int8", "--calibration", "200",
                                       "--calibration-dataset", "digits", "--verify-dataset", "digits",

@@ -8,7 +8,7 @@ import numpy as np
 import onnx  # a required dependency: a failed import fails the suite, it is not skipped
 import onnxruntime as ort
 import pytest
-from export_helpers import DIGIT_NAMES, FAMILIES, full_ti16, small_model, trained_digits
+from export_helpers import DIGIT_NAMES, FAMILIES, full_ti16, small_model
 
 from keras_vit.export import ExportError, to_onnx, verify
 from keras_vit.export.images import load_images
@@ -65,8 +65,8 @@ def test_opset_is_an_argument(tmp_path):
         to_onnx(model, tmp_path / "m16.onnx", opset=16)
 
 
-def test_fp16_and_optimized_exports_of_trained_digits_model(tmp_path):
-    model, _ = trained_digits()
+def test_fp16_and_optimized_exports_of_trained_digits_model(trained_digits, tmp_path):
+    model, _ = trained_digits
     fp16 = to_onnx(model, tmp_path / "fp16.onnx", fp16=True)
     proto = onnx.load(fp16)
     assert proto.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT  # float32 I/O kept
@@ -102,8 +102,8 @@ def test_optimize_fuses_attention_and_stays_within_fp32_thresholds(family, tmp_p
         assert report["image_sizes"] and report["image_sizes"][0]["max_abs_diff"] <= 1e-4
 
 
-def test_dynamic_int8_export_of_trained_digits_model(tmp_path):
-    model, _ = trained_digits()
+def test_dynamic_int8_export_of_trained_digits_model(trained_digits, tmp_path):
+    model, _ = trained_digits
     path = to_onnx(model, tmp_path / "int8.onnx", quantize="dynamic")
     proto = onnx.load(path)
     assert proto.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT  # float32 I/O kept

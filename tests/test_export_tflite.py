@@ -5,7 +5,7 @@ from __future__ import annotations
 import ai_edge_litert  # noqa: F401 - a required dependency: a failed import fails the suite, it is not skipped
 import numpy as np
 import pytest
-from export_helpers import DIGIT_NAMES, FAMILIES, full_ti16, small_model, trained_digits
+from export_helpers import DIGIT_NAMES, FAMILIES, full_ti16, small_model
 
 from keras_vit.export import ExportError, to_tflite, verify
 from keras_vit.export.tflite import labels_path, read_metadata
@@ -38,8 +38,8 @@ def test_family_exports_and_matches_keras_at_batch_1_and_7(family, tmp_path):
 
 
 @pytest.mark.parametrize("quantize,min_top1", [("fp16", 0.99), ("dynamic", 0.97), ("int8", 0.97)])
-def test_quantized_exports_of_trained_digits_model(quantize, min_top1, tmp_path):
-    model, _ = trained_digits()
+def test_quantized_exports_of_trained_digits_model(trained_digits, quantize, min_top1, tmp_path):
+    model, _ = trained_digits
     calibration = "digits" if quantize == "int8" else None
     path = to_tflite(model, tmp_path / f"m.{quantize}.tflite", quantize=quantize,
                      representative_images=calibration, class_names=DIGIT_NAMES)

@@ -14,22 +14,6 @@ TOL = 1e-4
 TINY = dict(hidden_size=32, mlp_dim=64, num_heads=2, num_layers=3, patch_size=4, image_size=(8, 12), num_classes=5)
 
 
-def reference_tokens(path, images):
-    """Per-block token sequences (B, S, D) and the encoder-normed output of the reference ViT."""
-    ck = ref.Checkpoint(path)
-    x = np.asarray(images, np.float64) / 127.5 - 1.0
-    x = ref.conv2d(x, ck["embedding/kernel"], stride=ck["embedding/kernel"].shape[0], padding="VALID")
-    x = x + ck["embedding/bias"]
-    b, gh, gw, d = x.shape
-    x = np.concatenate([np.broadcast_to(ck["cls"], (b, 1, d)), x.reshape(b, gh * gw, d)], axis=1)
-    x = x + ck["Transformer/posembed_input/pos_embedding"]
-    blocks = []
-    for i in range(ck.num_layers()):
-        x = ref.encoder_block(ck, i, x)
-        blocks.append(x)
-    return blocks, ref.layer_norm(x, ck["Transformer/encoder_norm/scale"], ck["Transformer/encoder_norm/bias"])
-
-
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     arrays = cf.vit_checkpoint(np.random.default_rng(0), layers=3, grid=(2, 3))
@@ -45,7 +29,7 @@ def test_tokens_match_reference(ckpt, images):
     model = keras_vit.ViT(config=ViTConfig(**TINY, include_top=False, output="tokens"), weights=ckpt)
     tokens = np.asarray(model(images))
     assert tokens.shape == (2, 1 + 2 * 3, 32)
-    _, normed = reference_tokens(ckpt, images)
+    normed = ref.encoder(ckpt, images)[2]
     assert np.abs(tokens - normed).max() <= TOL
 
 
@@ -54,7 +38,7 @@ def test_feature_layers_are_patch_maps_of_those_blocks(ckpt, images, tmp_path):
     out = model(images)
     assert list(out) == ["block_2", "block_0"]
     maps = [np.asarray(out[k]) for k in out]
-    blocks, _ = reference_tokens(ckpt, images)
+    blocks = ref.encoder(ckpt, images)[0]
     assert [m.shape for m in maps] == [(2, 2, 3, 32)] * 2
     for got, i in zip(maps, (2, 0)):
         want = blocks[i][:, 1:].reshape(2, 2, 3, 32)  # class token dropped, row-major patches
@@ -78,3 +62,65 @@ def test_feature_layers_are_patch_maps_of_those_blocks(ckpt, images, tmp_path):
 def test_bad_feature_options(options, message):
     with pytest.raises(ValueError, match=message):
         keras_vit.ViT(config=ViTConfig(**TINY), **options)
+
+
+def test_forward_intermediates_match_reference(ckpt, images):
+    """Any model (here a classifier) gives its blocks' outputs, attention probabilities and
+    normed tokens: those of the NumPy reference."""
+    model = keras_vit.ViT(config=ViTConfig(**TINY), weights=ckpt)
+    out = model.forward_intermediates(images, attention=True)
+    blocks, probs, normed = ref.encoder(ckpt, images)
+    assert len(out["blocks"]) == len(out["attention"]) == 3
+    for got, want in zip(out["blocks"], blocks):
+        assert np.abs(np.asarray(got) - want).max() <= TOL
+    for got, want in zip(out["attention"], probs):
+        assert np.asarray(got).shape == (2, 2, 7, 7) and np.abs(np.asarray(got) - want).max() <= 1e-5
+    assert np.abs(np.asarray(out["tokens"]) - normed).max() <= TOL
+    assert "attention" not in model.forward_intermediates(images)
+
+
+def test_forward_intermediates_build_a_model_on_the_same_weights(ckpt, images, tmp_path):
+    """On a keras.Input they build a functional model sharing the weights (attention as graph
+    outputs); the model itself, its outputs and its config stay as they were."""
+    import keras
+
+    model = keras_vit.ViT(config=ViTConfig(**TINY), weights=ckpt)
+    logits, config = np.asarray(model(images)), model.get_config()
+    inputs = keras.Input((8, 12, 3))
+    probe = keras.Model(inputs, model.forward_intermediates(inputs, attention=True)["attention"])
+    shared = {id(v) for v in model.weights}
+    assert probe.weights and all(id(v) in shared for v in probe.weights)
+    eager = model.forward_intermediates(images, attention=True)["attention"]
+    for a, b in zip(probe(images), eager):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(model(images)), logits)
+    assert model.get_config() == config and len(model.outputs) == 1
+    probe.save(tmp_path / "probe.keras")
+    for a, b in zip(probe(images), keras.saving.load_model(tmp_path / "probe.keras")(images)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_forward_intermediates_of_a_features_model_stop_at_its_last_block(ckpt, images):
+    full = keras_vit.ViT(config=ViTConfig(**TINY), weights=ckpt).forward_intermediates(images, attention=True)
+    part = keras_vit.ViT(config=ViTConfig(**TINY, include_top=False, feature_layers=(1,)), weights=ckpt)
+    out = part.forward_intermediates(images, attention=True)
+    assert len(out["attention"]) == 2 and "tokens" not in out
+    for a, b in zip(out["attention"], full["attention"]):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+
+
+def test_readme_forward_intermediates_example():
+    import os
+
+    text = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
+    section = text[text.index("## Features for dense tasks"):]
+    code = section.split("```python")[2].split("```", 1)[0]
+    images = np.random.default_rng(0).uniform(0, 255, (2, 64, 64, 3)).astype(np.float32)
+    scope = {"images": images}
+    exec(compile(code, "README.md", "exec"), scope)  # noqa: S102 - the documented example, as written
+    out = scope["out"]
+    assert [np.shape(b) for b in out["blocks"]] == [(2, 17, 192)] * 12 and np.shape(out["tokens"]) == (2, 17, 192)
+    assert [np.shape(a) for a in out["attention"]] == [(2, 3, 17, 17)] * 12
+    np.testing.assert_allclose(np.asarray(out["attention"][5]).sum(-1), 1.0, atol=1e-5)
+    for a, b in zip(scope["probe"](images), out["attention"]):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)

@@ -6,7 +6,6 @@ import pytest
 from click.testing import CliRunner
 
 from keras_vit import fewshot
-from tests.vit_digits import digits_data, trained_digits_vit
 
 
 @pytest.mark.parametrize("n,d", [(60, 12), (12, 60)])  # primal (n >= d) and dual (n < d) forms
@@ -37,17 +36,16 @@ def test_eigendecomposition_path_equals_closed_form():
                                        atol=1e-6)
 
 
-def _features():
-    model = trained_digits_vit()
-    x_tr, y_tr, x_te, y_te = digits_data()
+def _features(model, digits):
+    x_tr, y_tr, x_te, y_te = digits
     f_tr = fewshot.extract_features(model, x_tr)
     f_te = fewshot.extract_features(model, x_te)
     # validation: the last 200 training images; the support sets are drawn from the rest
     return (f_tr[:-200], y_tr[:-200]), (f_tr[-200:], y_tr[-200:]), (f_te, y_te)
 
 
-def test_ten_shot_on_digits_trained_features_is_far_above_chance():
-    train, val, test = _features()
+def test_ten_shot_on_digits_trained_features_is_far_above_chance(trained_digits_vit, digits):
+    train, val, test = _features(trained_digits_vit, digits)
     assert train[0].shape[1] == 64  # pre-logits width, the head is cut off
     result = fewshot.fewshot_evaluate(train, val, test, shots=(1, 10), draws=3, seed=0)
     assert result["chance"] == pytest.approx(0.1)
@@ -68,11 +66,11 @@ def test_too_many_shots_is_a_clear_error():
         fewshot.fewshot_evaluate((x, y), (x, y), (x, y), shots=(25,))
 
 
-def test_cli_fewshot_json(tmp_path):
+def test_cli_fewshot_json(trained_digits_vit, tmp_path):
     from keras_vit.cli.main import cli
 
     path = tmp_path / "digits.keras"
-    trained_digits_vit().save(path)
+    trained_digits_vit.save(path)
     out = tmp_path / "fewshot.json"
     result = CliRunner().invoke(cli, ["fewshot", "--model", str(path), "--dataset", "digits", "--shots", "1,5",
                                       "--draws", "2", "--json", "--out", str(out)])

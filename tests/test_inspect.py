@@ -1,13 +1,20 @@
 """keras_vit.inspect and `vitcli inspect`: attention maps, rollout, attention distance,
 position-embedding similarity, embedding filters (paper Section 4.5, Fig. 7)."""
+import subprocess
+import sys
+
+import ckpt_factory as cf
 import numpy as np
 import pytest
+import reference_vit as ref
 from click.testing import CliRunner
 
 import keras_vit
 from keras_vit import inspect as kin
+from keras_vit.config import ViTConfig
+from tests.backend_worker import run_job
 from tests.conftest import random_images
-from tests.vit_digits import TINY_DIGITS, digits_data, trained_digits_vit
+from tests.vit_digits import TINY_DIGITS
 
 SMALL = dict(hidden_size=32, num_heads=2, mlp_dim=64, num_layers=2)
 
@@ -60,6 +67,98 @@ def test_attention_maps_of_a_hybrid(tmp_path):
     assert "embedding_filters" in written["skipped"] and (tmp_path / "attention_rollout.png").exists()
 
 
+def _numpy_rollout(probs, prefix):
+    """Abnar & Zuidema's rollout of float64 probabilities: head mean, (A + I) / 2 renormalised, product
+    from the input up; the class token's row (or the mean patch row) over the patches, summing to 1."""
+    r = None
+    for a in probs:
+        a = 0.5 * a.mean(axis=1) + 0.5 * np.eye(a.shape[-1])
+        a = a / a.sum(-1, keepdims=True)
+        r = a if r is None else np.einsum("bij,bjk->bik", a, r)
+    row = r[:, 0, prefix:] if prefix else r.mean(axis=1)
+    return row / row.sum(-1, keepdims=True)
+
+
+@pytest.mark.parametrize("kind", ["token", "gap", "hybrid"])
+def test_attention_maps_and_rollout_equal_the_numpy_reference(tmp_path, kind):
+    """What inspect reads from the model's own outputs equals the independent float64 NumPy ViT
+    of the same checkpoint: every block's probabilities and the rollout, to 1e-5."""
+    rng = np.random.default_rng(3)
+    tiny = dict(hidden_size=32, mlp_dim=64, num_heads=2, num_layers=2, num_classes=5)
+    if kind == "hybrid":
+        arrays = cf.vit_checkpoint(rng, patch=1, resnet=(1, 1, 1))
+        cfg = ViTConfig(**tiny, patch_size=1, image_size=32, resnet_layers=(1, 1, 1))
+    else:
+        arrays = cf.vit_checkpoint(rng, grid=(2, 3), token=kind == "token")
+        cfg = ViTConfig(**tiny, patch_size=4, image_size=(8, 12), classifier=kind)
+    path = cf.write(tmp_path / "vit.npz", arrays)
+    model = keras_vit.ViT(config=cfg, weights=path)
+    x = random_images(3, *cfg.image_size)
+    want = ref.encoder(path, x, "gap" if kind == "gap" else "token")[1]
+    got = kin.attention_maps(model, x, batch_size=2)
+    assert len(got) == 2 and got[0].shape == want[0].shape
+    for g, w in zip(got, want):
+        assert np.abs(g - w).max() <= 1e-5
+    rollout = kin.attention_rollout(model, x)
+    assert rollout.shape == (3, *cfg.grid_size)
+    np.testing.assert_allclose(rollout.reshape(3, -1), _numpy_rollout(want, int(kind != "gap")), atol=1e-5)
+
+
+def test_inspect_a_dynamic_size_model_at_any_size_as_the_resized_model():
+    """A dynamic-size model is inspected at any multiple of the patch size, and gives what
+    resize_model gives at that size (a resized model is inspected like any other)."""
+    model = keras_vit.ViT("Ti/8", image_size=16, num_classes=3, **SMALL)
+    dynamic = keras_vit.dynamic_model(model)
+    x = random_images(2, 24, 32)
+    resized = keras_vit.resize_model(model, (24, 32))
+    for a, b in zip(kin.attention_maps(dynamic, x), kin.attention_maps(resized, x)):
+        assert a.shape == (2, 2, 13, 13) and np.abs(a - b).max() <= 1e-5
+    np.testing.assert_allclose(kin.attention_rollout(dynamic, x), kin.attention_rollout(resized, x), atol=1e-5)
+    np.testing.assert_allclose(kin.mean_attention_distance(dynamic, x), kin.mean_attention_distance(resized, x),
+                               atol=1e-4)
+    with pytest.raises(ValueError, match="H a multiple of 8"):
+        kin.attention_maps(dynamic, random_images(1, 20, 32))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_attention_maps_and_pretrainer_on_other_backends(backend, tmp_path):
+    """Under KERAS_BACKEND=jax / torch (own process, same weights) the attention maps and the
+    masked-patch-prediction outputs are TensorFlow's (JAX's default attention is the fused
+    kernel, which never forms the probabilities: asking for them takes the explicit path)."""
+    pytest.importorskip(backend)  # optional extras, as in tests/test_matrix.py
+    from keras_vit import pretrain as mpp
+
+    rs = np.random.default_rng(0)
+    x = random_images(2, 32, 24)
+    np.save(tmp_path / "x.npy", x)
+    job = {"cases": [], "output": str(tmp_path / "out.json")}
+    expected = {}
+    for name, opts in (("token", {}), ("relative-gap", dict(pos_embedding="relative", classifier="gap"))):
+        model = keras_vit.ViT("Ti/8", image_size=(32, 24), num_classes=3, **SMALL, **opts)
+        for w in model.weights:
+            w.assign(rs.normal(0, 0.3, w.shape).astype("float32"))
+        model.save_weights(tmp_path / f"{name}.weights.h5")
+        case = {"name": name, "config": model.vit_config.to_dict(), "weights": str(tmp_path / f"{name}.weights.h5"),
+                "inputs": str(tmp_path / "x.npy"), "attention": True}
+        expected[name] = kin.attention_maps(model, x)
+        if name == "token":
+            pre = mpp.build_pretrainer(model, "color")
+            pre.save_weights(tmp_path / "pre.weights.h5")
+            inputs, _, _ = next(mpp.masked_patch_batches(x, (8, 8), 12, 2, seed=1))
+            np.savez(tmp_path / "pre_inputs.npz", **inputs)
+            expected["pretrainer"] = np.asarray(pre(inputs))
+            case.update(pretrainer=str(tmp_path / "pre.weights.h5"), pretrainer_inputs=str(tmp_path / "pre_inputs.npz"))
+        job["cases"].append(case)
+    out = run_job(job, tmp_path, backend, timeout=600)
+    for name in ("token", "relative-gap"):
+        got = out[name + ":attention"]
+        assert len(got) == len(expected[name]) == 2
+        for g, w in zip(got, expected[name]):
+            assert np.abs(np.asarray(g) - w).max() <= 1e-5, name
+    assert np.abs(np.asarray(out["token:pretrainer"]) - expected["pretrainer"]).max() <= 1e-4
+
+
 def test_wrong_image_shape_is_a_clear_error():
     model = keras_vit.ViT("Ti/8", image_size=32, num_classes=3, **SMALL)
     with pytest.raises(ValueError, match=r"\(batch, 32, 32, 3\)"):
@@ -108,8 +207,8 @@ def test_self_only_head_has_zero_attention_distance():
     assert kin.attention_distance_from_probs(half, grid, stride)[0] == pytest.approx(0.0, abs=1e-6)
 
 
-def test_position_embeddings_trained_on_digits_are_more_similar_to_neighbours():
-    model = trained_digits_vit()
+def test_position_embeddings_trained_on_digits_are_more_similar_to_neighbours(trained_digits_vit):
+    model = trained_digits_vit
     sim = kin.position_embedding_similarity(model)
     g = 32 // TINY_DIGITS["patch_size"]
     assert sim.shape == (g, g, g, g)
@@ -138,12 +237,12 @@ def test_embedding_filters_are_principal_components():
     assert kin.embedding_filters(model, k=1000)[0].shape[0] == 32  # capped at min(D, P*P*C)
 
 
-def test_cli_inspect_writes_figures_and_arrays(tmp_path):
+def test_cli_inspect_writes_figures_and_arrays(digits, trained_digits_vit, tmp_path):
     from keras_vit.cli.main import cli
 
     path = tmp_path / "digits.keras"
-    trained_digits_vit().save(path)
-    x_te = digits_data()[2]
+    trained_digits_vit.save(path)
+    x_te = digits[2]
     from PIL import Image
 
     Image.fromarray(x_te[0].astype("uint8")).save(tmp_path / "digit.png")
@@ -174,8 +273,6 @@ def test_cli_inspect_bad_input_is_one_line(tmp_path):
 
 
 def test_analysis_commands_import_on_their_own_without_tensorflow():
-    import subprocess
-    import sys
 
     code = ("import sys, keras_vit.cli.analysis as a; "
             "assert a.inspect_cmd.name == 'inspect' and 'tensorflow' not in sys.modules")

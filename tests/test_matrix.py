@@ -18,15 +18,13 @@ at max |diff| <= 1e-4 and 100% top-1, fp16 at >= 99% top-1, lossy paths at a bou
 from __future__ import annotations
 
 import functools
-import json
 import os
-import subprocess
-import sys
 import warnings
 
 import keras
 import numpy as np
 import pytest
+from backend_worker import run_job
 from pairwise import all_pairs, pairwise_rows
 
 import keras_vit
@@ -252,13 +250,6 @@ def test_other_backends_give_the_tensorflow_outputs(backend, tmp_path):
         expected[name] = run(model, x)
         job["cases"].append({"name": name, "config": model.vit_config.to_dict(), "inputs": str(tmp_path / f"{index}.npy"),
                              "weights": str(tmp_path / f"{index}.weights.h5")})
-    (tmp_path / "job.json").write_text(json.dumps(job))
-    env = dict(os.environ, KERAS_BACKEND=backend, JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run([sys.executable, "-m", "tests.backend_worker", str(tmp_path / "job.json")],
-                          env=env, cwd=root, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads((tmp_path / "out.json").read_text())
-    assert out["backend"] == backend
+    out = run_job(job, tmp_path, backend, timeout=900)
     for name, ref in expected.items():
         check(out[name], ref, "fp32", f"{backend} {name}")  # include_top=False too: fp32 is exact

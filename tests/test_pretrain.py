@@ -10,7 +10,6 @@ from click.testing import CliRunner
 import keras_vit
 from keras_vit import pretrain as mpp
 from tests.conftest import random_images
-from tests.vit_digits import digits_data
 
 SMALL = dict(hidden_size=32, num_heads=2, mlp_dim=64, num_layers=1, patch_size=4)
 
@@ -72,8 +71,8 @@ def test_loss_is_on_corrupted_patches_only():
 
 
 @pytest.mark.parametrize("target", mpp.TARGETS)
-def test_pretraining_learns_and_saves_a_fine_tunable_encoder(tmp_path, target):
-    x_tr = digits_data()[0][:256]
+def test_pretraining_learns_and_saves_a_fine_tunable_encoder(digits, tmp_path, target):
+    x_tr = digits[0][:256]
     enc = keras_vit.ViT("Ti/4", image_size=32, include_top=False, **SMALL)
     hist = mpp.pretrain_encoder(enc, x_tr, x_tr[:64], target=target, epochs=3, batch_size=32, learning_rate=2e-3,
                         seed=0, verbose=0)
@@ -81,7 +80,7 @@ def test_pretraining_learns_and_saves_a_fine_tunable_encoder(tmp_path, target):
     path = mpp.save_encoder(enc, str(tmp_path / "run" / "model.keras"))
     loaded = keras_vit.load_model(path)
     assert isinstance(loaded, keras_vit.VisionTransformer) and loaded.output_shape == (None, 32)
-    x = digits_data()[2][:4]
+    x = digits[2][:4]
     np.testing.assert_allclose(loaded.predict(x, verbose=0), enc.predict(x, verbose=0), atol=1e-5)
     # fine-tuning: a classifier of the same variant takes every weight but the (new) head
     clf = keras_vit.ViT("Ti/4", image_size=32, num_classes=10, **SMALL)
@@ -170,3 +169,59 @@ def test_pretrain_seed_fixes_the_starting_weights(tmp_path):
     assert len(a) == len(b) == len(c) > 4
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
     assert not all(np.array_equal(x, z) for x, z in zip(a, c) if x.std() > 0)
+
+
+def _pretrainer_from_layer_names(encoder, target="color"):
+    """The reference: the pre-training graph written out from the encoder's layer names."""
+    cfg = keras_vit.get_config(encoder)
+    n = cfg.num_patches
+    images = keras.Input((*cfg.image_size, cfg.channels), name="images")
+    codes = keras.Input((n,), dtype="int32", name="codes")
+    source = keras.Input((n,), dtype="int32", name="source")
+    names = {layer.name for layer in encoder.layers}
+    x = images
+    for name in ("preprocessing", "resnet", "embedding"):
+        if name in names:
+            x = encoder.get_layer(name)(x)
+    x = mpp.PatchCorruption(name="patch_corruption")(x, codes, source)
+    for name in ("cls", "posembed_input", "dropout", *(f"encoderblock_{i}" for i in range(cfg.num_layers)),
+                 "encoder_norm"):
+        if name in names:
+            x = encoder.get_layer(name)(x)
+    x = mpp.DropPrefixTokens(cfg.seq_len - n, name="patch_tokens")(x)
+    x = keras.layers.Dense(mpp.num_outputs(target, cfg.input_stride, cfg.channels), name="mpp_head",
+                           dtype="float32")(x)
+    return keras.Model({"images": images, "codes": codes, "source": source}, x)
+
+
+def _losses(encoder, images, target="color"):
+    """Training losses of three epochs of 2 steps."""
+    return mpp.pretrain_encoder(encoder, images, target=target, epochs=3, batch_size=4, seed=3, verbose=0)["loss"]
+
+
+@pytest.mark.parametrize("classifier", ["token", pytest.param("gap", marks=pytest.mark.slow)])
+def test_pretraining_on_the_encoders_own_outputs_gives_the_reference_losses(monkeypatch, classifier):
+    """Same seed, same losses as the graph written out by layer name."""
+    images = random_images(6, 16, 16)
+
+    def encoder():
+        keras.utils.set_random_seed(2)
+        return keras_vit.ViT("Ti/4", image_size=16, include_top=False, classifier=classifier, **SMALL)
+
+    ours = _losses(encoder(), images)
+    monkeypatch.setattr(mpp, "build_pretrainer", _pretrainer_from_layer_names)
+    np.testing.assert_allclose(ours, _losses(encoder(), images), rtol=0, atol=1e-5)
+
+
+def test_pretraining_a_loaded_dynamic_size_encoder(tmp_path):
+    """The dynamic-size copy of an encoder loaded from .keras pre-trains as the encoder it came from."""
+    keras.utils.set_random_seed(2)
+    encoder = keras_vit.ViT("Ti/4", image_size=16, include_top=False, **SMALL)
+    encoder.save(tmp_path / "enc.keras")
+    images = random_images(6, 16, 16)
+    want = _losses(encoder, images, "patch_regression")
+    dynamic = keras_vit.dynamic_model(keras_vit.load_model(tmp_path / "enc.keras"))
+    np.testing.assert_allclose(_losses(dynamic, images, "patch_regression"), want, rtol=0, atol=1e-5)
+    features = keras_vit.ViT("Ti/4", image_size=16, include_top=False, feature_layers=(0,), **SMALL)
+    with pytest.raises(ValueError, match="feature maps of blocks \\[0\\]"):
+        mpp.build_pretrainer(features)

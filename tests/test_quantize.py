@@ -6,7 +6,6 @@ import warnings
 import keras
 import numpy as np
 import pytest
-from export_helpers import trained_digits
 
 import keras_vit
 from tests.conftest import random_images
@@ -14,9 +13,8 @@ from tests.conftest import random_images
 MLP_DENSE = ("Dense_0", "Dense_1")
 
 
-def _quantized(model, mode: str):
-    """A fresh copy of `model` (from its .keras file) quantized in place with `mode`."""
-    _, path = trained_digits()
+def _quantized(path, mode: str):
+    """A fresh copy of the model saved at `path` quantized in place with `mode`."""
     copy = keras_vit.load_model(path)
     with warnings.catch_warnings():  # Keras warns once per layer type it does not quantize
         warnings.simplefilter("ignore")
@@ -25,15 +23,15 @@ def _quantized(model, mode: str):
 
 
 @pytest.mark.parametrize("mode,max_rel_diff", [("int8", 0.03), ("float8", 0.15), ("int4", 0.25)])
-def test_keras_quantize_keeps_predictions_of_trained_digits_model(mode, max_rel_diff):
+def test_keras_quantize_keeps_predictions_of_trained_digits_model(trained_digits, mode, max_rel_diff):
     """The MLP and head Dense layers are quantized and the logits stay those of the float model:
     >= 97% top-1 agreement on the digits test split, max |diff| a small share of the logit scale."""
     from keras_vit.data import digits_arrays
 
-    model, _ = trained_digits()
+    model, path = trained_digits
     _, _, x, _ = digits_arrays()
     ref = model.predict(x, verbose=0)
-    quant = _quantized(model, mode)
+    quant = _quantized(path, mode)
     modes = {layer.path.split("/")[-1]: layer.quantization_mode
              for layer in quant._flatten_layers() if isinstance(layer, keras.layers.Dense)}
     assert set(modes.values()) == {mode} and set(MLP_DENSE) | {"head"} <= set(modes), modes

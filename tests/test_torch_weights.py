@@ -343,3 +343,15 @@ def test_hf_cached_timm_model(tmp_path, monkeypatch):
     assert model.class_names == keras_vit.imagenet_labels()
     x = np.random.default_rng(16).uniform(0, 255, (1, 32, 32, 3)).astype(np.float32)
     assert np.abs(logits(model, x) - ref.forward(cf.write(tmp_path / "ti.npz", arrays), x)).max() <= TOL
+
+
+def test_save_safetensors_round_trips_a_variant_with_other_sizes(tmp_path):
+    """A variant with overrides (what the metadata records) rebuilds with the overrides, not the variant's sizes."""
+    model = keras_vit.ViT("Ti/16", image_size=32, hidden_size=32, num_layers=2, num_heads=2, mlp_dim=64, num_classes=3)
+    rng = np.random.default_rng(0)
+    for v in model.weights:
+        v.assign(rng.normal(0, 0.2, v.shape).astype("float32"))
+    again = keras_vit.ViT(weights=keras_vit.save_safetensors(model, tmp_path / "ti.safetensors"))
+    assert again.vit_config == model.vit_config and again.vit_config.num_heads == 2
+    x = np.random.default_rng(1).uniform(0, 255, (1, 32, 32, 3)).astype(np.float32)
+    np.testing.assert_array_equal(logits(model, x), logits(again, x))

@@ -87,11 +87,13 @@ def digits_arrays(seed: int = 0):
 # --- the registry ----------------------------------------------------------------------------
 
 def load(name: str, *, seed: int = 0, val_fraction: float = 0.1, data_dir: Optional[str] = None,
-         skip_bad_images: bool = False) -> Splits:
+         skip_bad_images: bool = False, worker: Optional[Tuple[int, int]] = None) -> Splits:
     """The train / val / test splits of a named dataset. `val_fraction` of the training data is
     held out (seeded) when the dataset has no validation split of its own. Image files that do
     not decode fail the pipeline with their name, or with `skip_bad_images` are dropped and
-    listed in `Splits.bad_images`."""
+    listed in `Splits.bad_images`. `worker=(count, index)`: an image folder's training split
+    holds only this worker's share of the files (a new share each pass, disjoint from the other
+    workers'), so that each worker decodes only its own; other sources shard in tf.distribute."""
     if not isinstance(name, str) or not name.strip():
         raise DatasetError(f"dataset must be a name, one of {', '.join(NAMES)}; got {name!r}")
     if not 0.0 < val_fraction < 1.0:
@@ -106,7 +108,7 @@ def load(name: str, *, seed: int = 0, val_fraction: float = 0.1, data_dir: Optio
         return _tfds(name[len("tfds:"):], seed, val_fraction, data_dir)
     bad = BadImages() if skip_bad_images else None
     if name.startswith("folder:"):
-        return _folder(name[len("folder:"):], seed, val_fraction, bad)
+        return _folder(name[len("folder:"):], seed, val_fraction, bad, worker)
     if name.startswith("records:"):
         from keras_vit.data.records import load_records
 
@@ -219,10 +221,11 @@ def _to_float(x):
     return x if x.shape.rank == 3 else x[..., None]
 
 
-def _folder(path: str, seed: int, val_fraction: float, bad: Optional[BadImages] = None) -> Splits:
+def _folder(path: str, seed: int, val_fraction: float, bad: Optional[BadImages] = None,
+            worker: Optional[Tuple[int, int]] = None) -> Splits:
     """`PATH/<class>/*.jpg` with a held-out val split, or `PATH/train`, `PATH/val` (and `PATH/test`)."""
     (tr_f, tr_y), (va_f, va_y), (te_f, te_y), names = _folder_lists(path, seed, val_fraction)
-    return Splits(_image_files(tr_f, tr_y, bad, shuffle_seed=seed), _image_files(va_f, va_y, bad),
+    return Splits(_image_files(tr_f, tr_y, bad, shuffle_seed=seed, worker=worker), _image_files(va_f, va_y, bad),
                   _image_files(te_f, te_y, bad),
                   names, (None, None, 3), bad, (len(tr_f), len(va_f), len(te_f)))
 
@@ -256,14 +259,23 @@ def _folder_lists(path: str, seed: int, val_fraction: float):
 
 
 def _image_files(files: Sequence[str], labels: np.ndarray, bad: Optional[BadImages] = None,
-                 shuffle_seed: Optional[int] = None):
+                 shuffle_seed: Optional[int] = None, worker: Optional[Tuple[int, int]] = None):
     """(image, label) of image files, decoded in parallel; with `shuffle_seed` the file names are
-    reshuffled each epoch before decoding (cheap, where a shuffle buffer of decoded images is not)."""
+    reshuffled each epoch before decoding (cheap, where a shuffle buffer of decoded images is not);
+    with `worker=(count, index)` only every count-th name of that order, from `index`, is decoded
+    (every worker shuffles alike, so the shares are disjoint and together hold every file), pass
+    after pass without end: shares differ by a file, and by the bad files skipped, so the trainer
+    sets the steps of an epoch (every worker of a cluster must take as many)."""
     import tensorflow as tf
 
     ds = tf.data.Dataset.from_tensor_slices((list(files), np.asarray(labels, np.int32)))
     if shuffle_seed is not None and len(files) > 1:
         ds = ds.shuffle(len(files), seed=shuffle_seed, reshuffle_each_iteration=True)
+    if worker is not None:
+        count, index = worker
+        if not 0 <= index < count:
+            raise DatasetError(f"worker index {index} is out of range for {count} workers")
+        ds = ds.shard(count, index).repeat()
     return checked_images(ds, bad)
 
 

@@ -151,6 +151,14 @@ class TransformerBlock(layers.Layer):
     def compute_output_shape(self, input_shape):
         return input_shape
 
+    def compute_output_spec(self, x, training=None, return_attention_scores: bool = False):
+        """Symbolic outputs: the tokens, and with `return_attention_scores` the float32 probabilities."""
+        out = keras.KerasTensor(x.shape, dtype=self.compute_dtype)
+        if not return_attention_scores:
+            return out
+        b, s = x.shape[0], x.shape[1]
+        return out, keras.KerasTensor((b, self.num_heads, s, s), dtype="float32")
+
     def get_config(self):
         return {**super().get_config(), "num_heads": self.num_heads, "mlp_dim": self.mlp_dim,
                 "dropout_rate": self.dropout_rate, "attention_dropout_rate": self.attention_dropout_rate,

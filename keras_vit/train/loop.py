@@ -5,9 +5,11 @@ import contextlib
 import dataclasses
 import datetime
 import os
+import shutil
 import sys
+import tempfile
 import time
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import keras
 import numpy as np
@@ -21,7 +23,22 @@ from keras_vit.files import save_model, write_json, write_text
 from keras_vit.model import build_model
 from keras_vit.plots import plot_training_curves, read_metrics_csv
 from keras_vit.train.callbacks import LearningRateLogger, atomic_checkpoint
-from keras_vit.train.distribute import distribution_scope, replicas
+from keras_vit.train.distribute import (
+    Cluster,
+    ClusterError,
+    FollowChief,
+    PeerLostError,
+    check_same_options,
+    clip_summed_gradients,
+    distribution_scope,
+    file_share,
+    fingerprint,
+    is_peer_lost,
+    replicas,
+    shard_datasets,
+    start_cluster,
+    weights_digest,
+)
 from keras_vit.train.initial import load_initial_weights
 from keras_vit.train.recipes import TrainConfig, make_optimizer, resolve_speed
 from keras_vit.train.runs import RUNS_DIR, backup_epoch, check_output, new_run_dir, read_run_config, resolve_run_dir, trim_csv
@@ -36,36 +53,63 @@ class _Data:
     train: Any
     val: Any
     test: Any
-    steps: int
+    steps: int  # optimizer steps per epoch (the schedule's unit)
+    fit_steps: Optional[int] = None  # steps_per_epoch for model.fit when the training stream is endless
 
 
 def train(cfg: TrainConfig, output: Optional[str] = None, resume: bool = False,
-          root: str = RUNS_DIR, verbose: Any = "auto") -> Dict[str, Any]:
+          root: str = RUNS_DIR, verbose: Any = "auto", peer_timeout: Optional[float] = None) -> Dict[str, Any]:
     """Train `cfg` into a run folder (or resume the one at `output` / `root/latest`).
 
     The folder gets config.json, class_names.json, metrics.csv, logs/ (TensorBoard),
     best.keras / last.keras each epoch, model.keras, curves.png (loss, accuracy, learning rate
     per epoch) at the end and results.json (test metrics).
+
+    Under TF_CONFIG (or the KERAS_DISTRIBUTION_* variables on JAX) the process first joins the
+    cluster (waiting at most `peer_timeout` seconds for its peers); only the chief writes the run
+    folder, and a worker restarted with the same options continues the unfinished run.
     """
     run = None
     if resume:
         run, cfg = _resumed(output, root)
     else:
         cfg.validate()
+    cluster = start_cluster(cfg.distribute, peer_timeout)  # before any other TensorFlow work
+    if cluster.multi_worker:
+        if resume:
+            raise ClusterError("--resume is for one-process runs; in a cluster, restart every worker with its "
+                               "original command (it continues from the last completed epoch)")
+        check_same_options(cluster, cfg.to_dict())
+    elif not resume:
         check_output(output)
     mixed, jit, reason = resolve_speed(cfg)
+    worker_dir: List[str] = []  # a non-chief worker's temporary folder, removed however the run ends
+    try:
+        return _train(cfg, run, resume, cluster, output, root, verbose, mixed, jit, reason, worker_dir)
+    finally:
+        for folder in worker_dir:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _train(cfg: TrainConfig, run: Optional[str], resume: bool, cluster: Cluster, output: Optional[str], root: str,
+           verbose: Any, mixed: str, jit: str, reason: str, worker_dir: List[str]) -> Dict[str, Any]:
+    """The body of train() once the cluster (if any) is joined."""
     with _speed_settings(mixed, jit):
         keras.utils.set_random_seed(cfg.seed)
         try:
-            data = _load_data(cfg)
-            if run is None:  # the folder appears only once the dataset and options are known good
+            data = _load_data(cfg, cluster)
+            if cluster.multi_worker:
+                run, resume = _cluster_run(cfg, data, cluster, output, root, mixed, jit)
+                if not cluster.is_chief:
+                    worker_dir.append(run)
+            elif run is None:  # the folder appears only once the dataset and options are known good
                 run = _start_run(cfg, data, output, root, mixed, jit)
             print(f"precision: {'float32' if mixed == 'none' else mixed}, compilation: {jit}"
                   + (f" (auto: {reason})" if "auto" in (cfg.mixed_precision, cfg.jit_compile) else ""))
             model = _build_model(cfg, data, jit)
             start = time.time()
-            history = model.fit(data.train, validation_data=data.val, epochs=cfg.epochs,
-                                callbacks=_callbacks(run, resume),
+            history = model.fit(data.train, validation_data=data.val, epochs=cfg.epochs, steps_per_epoch=data.fit_steps,
+                                callbacks=_callbacks(run, resume, cluster),
                                 verbose=(1 if sys.stdout.isatty() else 2) if verbose == "auto" else verbose)
             seconds = time.time() - start
             if model.stop_training and any(np.isnan(v) for v in history.history.get("loss", [])):
@@ -74,17 +118,49 @@ def train(cfg: TrainConfig, output: Optional[str] = None, resume: bool = False,
             plot_training_curves(read_metrics_csv(os.path.join(run, "metrics.csv")), os.path.join(run, "curves.png"))
             test = dict(zip(["loss", "top1", "top5"], (float(v) for v in model.evaluate(data.test, verbose=0))))
         except tf.errors.OpError as exc:  # e.g. an image that decodes badly mid-run
+            if is_peer_lost(cluster, exc):
+                raise PeerLostError(f"worker {cluster.index}: a peer of the cluster stopped ({type(exc).__name__}); "
+                                    "start it again with its command: the cluster continues from the last "
+                                    "completed epoch") from None
             raise TrainError(kdata.bad_image_line(exc) or f"training failed: {op_error_line(exc)}") from None
-    result = {"run": run, "test": test, "train_seconds": round(seconds, 1), "epochs": cfg.epochs,
-              "params": int(model.count_params()), "resumed": bool(resume), "replicas": replicas(model),
-              "mixed_precision": mixed, "jit_compile": jit,
+    result = {"run": run if cluster.is_chief else None, "test": test, "train_seconds": round(seconds, 1),
+              "epochs": cfg.epochs, "params": int(model.count_params()), "resumed": bool(resume),
+              "replicas": replicas(model), "workers": cluster.num_workers, "worker": cluster.index,
+              "mixed_precision": mixed, "jit_compile": jit, "weights_digest": weights_digest(model),
               "last_epoch": {k: float(v[-1]) for k, v in history.history.items() if v}}
     bad = data.splits.bad_images
     if bad is not None:  # skip_bad_images: the skipped files, named in the run folder
         result["bad_images"] = len(bad)
-        write_text(os.path.join(run, "bad_images.txt"), "".join(p + "\n" for p in bad.paths))
-    write_json(os.path.join(run, "results.json"), result)
+        if cluster.is_chief:
+            write_text(os.path.join(run, "bad_images.txt"), "".join(p + "\n" for p in bad.paths))
+    if cluster.is_chief:
+        write_json(os.path.join(run, "results.json"), result)
     return result
+
+
+def _cluster_run(cfg: TrainConfig, data: _Data, cluster: Cluster, output: Optional[str], root: str,
+                 mixed: str, jit: str) -> Tuple[str, bool]:
+    """(folder, resuming) of this worker in a cluster: the chief's run folder (the unfinished run
+    at `output` or `root/latest` when its options match, else a new one); a temporary folder for
+    the other workers, which start from the chief's restored state (FollowChief)."""
+    if not cluster.is_chief:
+        return tempfile.mkdtemp(prefix=f"keras-vit-worker{cluster.index}-"), False
+    candidate = output or os.path.join(root, "latest")
+    if _unfinished_run_of(candidate, cfg):
+        return os.path.realpath(candidate), True
+    check_output(output)
+    return _start_run(cfg, data, output, root, mixed, jit), False
+
+
+def _unfinished_run_of(folder: str, cfg: TrainConfig) -> bool:
+    """Whether `folder` is a run of the same options with a backup to continue from."""
+    if not os.path.isdir(os.path.join(folder, "backup")):
+        return False
+    try:
+        saved = read_run_config(folder)["train"]
+    except (OSError, ValueError, KeyError):
+        return False
+    return fingerprint(saved) == fingerprint(cfg.to_dict())
 
 
 def _resumed(output: Optional[str], root: str):
@@ -117,10 +193,11 @@ def _speed_settings(mixed: str, jit: str) -> Iterator[None]:
             os.environ["TF_XLA_FLAGS"] = previous_xla_flags
 
 
-def _load_data(cfg: TrainConfig) -> _Data:
+def _load_data(cfg: TrainConfig, cluster: Optional[Cluster] = None) -> _Data:
     """The dataset's splits as training (augmented), validation and test pipelines."""
+    cluster = cluster or Cluster()
     splits = kdata.load(cfg.dataset, seed=cfg.seed, val_fraction=cfg.val_fraction, data_dir=cfg.data_dir,
-                        skip_bad_images=cfg.skip_bad_images)
+                        skip_bad_images=cfg.skip_bad_images, worker=file_share(cluster, cfg.dataset))
     channels = 1 if splits.image_shape[-1] == 1 else 3
     vit_cfg = cfg.vit_config(splits.num_classes, channels)
     opts = dict(image_size=vit_cfg.image_size, batch_size=cfg.batch_size, num_classes=splits.num_classes,
@@ -134,8 +211,10 @@ def _load_data(cfg: TrainConfig) -> _Data:
         steps = sum(1 for _ in train_ds)
     if steps < 1:
         raise TrainError(f"batch size {cfg.batch_size} is larger than the training split; use a smaller --batch-size")
-    return _Data(splits, vit_cfg, train_ds, kdata.pipeline(splits.val, **opts), kdata.pipeline(splits.test, **opts),
-                 steps)
+    train_ds, val_ds, test_ds = shard_datasets(cluster, cfg.dataset, cfg.batch_size, train_ds,
+                                               kdata.pipeline(splits.val, **opts), kdata.pipeline(splits.test, **opts))
+    endless = file_share(cluster, cfg.dataset) is not None  # this worker's share of the files, pass after pass
+    return _Data(splits, vit_cfg, train_ds, val_ds, test_ds, steps, steps if endless else None)
 
 
 def _start_run(cfg: TrainConfig, data: _Data, output: Optional[str], root: str, mixed: str, jit: str) -> str:
@@ -168,7 +247,7 @@ def _build_model(cfg: TrainConfig, data: _Data, jit: str) -> keras.Model:
 
             freeze_backbone(model)
         model.compile(
-            optimizer=make_optimizer(cfg, data.steps, model=model),
+            optimizer=clip_summed_gradients(make_optimizer(cfg, data.steps, model=model)),
             loss=keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=cfg.label_smoothing),
             metrics=[keras.metrics.CategoricalAccuracy(name="accuracy"),
                      keras.metrics.TopKCategoricalAccuracy(k=min(5, num_classes), name="top5")],
@@ -176,21 +255,29 @@ def _build_model(cfg: TrainConfig, data: _Data, jit: str) -> keras.Model:
     return model
 
 
-def _callbacks(run: str, resume: bool) -> List[keras.callbacks.Callback]:
-    """NaN stop, metrics.csv, TensorBoard, atomic checkpoints and the resumable backup."""
+def _callbacks(run: str, resume: bool, cluster: Optional[Cluster] = None) -> List[keras.callbacks.Callback]:
+    """NaN stop, metrics.csv, TensorBoard, atomic checkpoints and the resumable backup (kept by
+    the chief only in a TensorFlow cluster; the other workers follow the chief's restored state)."""
+    cluster = cluster or Cluster()
     backup = os.path.join(run, "backup")
     csv_path = os.path.join(run, "metrics.csv")
     if resume:
         trim_csv(csv_path, backup_epoch(backup))
-    return [
+    callbacks = [
         keras.callbacks.TerminateOnNaN(),
         LearningRateLogger(),
         keras.callbacks.CSVLogger(csv_path, append=True),
         keras.callbacks.TensorBoard(os.path.join(run, "logs"), write_graph=False, profile_batch=0),
         atomic_checkpoint(run, monitor="val_accuracy"),
-        # Last, so that everything above is on disk before an epoch counts as done.
-        keras.callbacks.BackupAndRestore(backup, delete_checkpoint=True),
     ]
+    # JAX processes save in lockstep (saving creates variables, and each is checked equal on
+    # every process), so there each worker keeps a backup; on TensorFlow only the chief does.
+    if cluster.is_chief or cluster.backend == "jax":
+        # Last, so that everything above is on disk before an epoch counts as done.
+        callbacks.append(keras.callbacks.BackupAndRestore(backup, delete_checkpoint=True))
+    if cluster.multi_worker and cluster.backend == "tensorflow":
+        callbacks.append(FollowChief(cluster))
+    return callbacks
 
 
 def op_error_line(exc: BaseException) -> str:

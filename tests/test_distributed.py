@@ -1,0 +1,266 @@
+"""Multi-worker training with real processes on 127.0.0.1: two `vitcli train` workers under
+TF_CONFIG (MultiWorkerMirroredStrategy), a worker killed with SIGKILL and started again, two JAX
+processes (jax.distributed), and the one-line errors (malformed TF_CONFIG, a peer that never
+comes, workers started with different options).
+
+The commands are the README's ("Training on several machines") with 127.0.0.1 addresses.
+"""
+import csv
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+_VITCLI = os.path.join(os.path.dirname(sys.executable), "vitcli")
+# A small ViT that learns digits in a few epochs (the README's multi-machine example).
+TINY = ["--dataset", "digits", "--batch-size", "64", "--hidden-size", "32", "--num-layers", "1", "--num-heads", "2",
+        "--mlp-dim", "64", "--lr", "0.01", "--warmup-epochs", "0.5", "--weight-decay", "0"]
+WAIT_S = 420  # generous: the machine running the tests may be busy; the product's own wait is --peer-timeout
+
+
+def free_ports(n):
+    """`n` distinct free TCP ports on 127.0.0.1."""
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def tf_config(ports, index):
+    return json.dumps({"cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]},
+                       "task": {"type": "worker", "index": index}})
+
+
+def start(args, log_path, cwd, **env):
+    """Start `vitcli ARGS` with extra environment variables, its output in `log_path`."""
+    full_env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", KERAS_BACKEND="tensorflow")
+    for name in ("TF_CONFIG", "KERAS_DISTRIBUTION_JOB_ADDRESSES", "KERAS_DISTRIBUTION_NUM_PROCESSES",
+                 "KERAS_DISTRIBUTION_PROCESS_ID", "KERAS_VIT_REJOINS"):
+        full_env.pop(name, None)
+    full_env.update(env)
+    log = open(log_path, "w")
+    return subprocess.Popen([_VITCLI, *args], stdout=log, stderr=subprocess.STDOUT, env=full_env, cwd=cwd,
+                            start_new_session=True)
+
+
+def finish(procs, logs, timeout=WAIT_S):
+    """Wait for every process (killing all of them after `timeout`); their exit codes."""
+    deadline = time.time() + timeout
+    codes = []
+    for p in procs:
+        try:
+            codes.append(p.wait(timeout=max(1, deadline - time.time())))
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                if q.poll() is None:
+                    os.killpg(q.pid, signal.SIGKILL)
+            pytest.fail("timed out; logs:\n" + "\n".join(_tail(f) for f in logs))
+    return codes
+
+
+def _tail(path, n=25):
+    with open(path) as f:
+        return f"--- {path}\n" + "".join(f.readlines()[-n:])
+
+
+def metrics_rows(run):
+    with open(os.path.join(run, "metrics.csv")) as f:
+        return list(csv.DictReader(f))
+
+
+def error_lines(path):
+    with open(path) as f:
+        text = f.read()
+    return text, [ln for ln in text.splitlines() if ln.startswith("Error:")]
+
+
+@pytest.mark.slow
+def test_two_tf_workers_train_like_one(tmp_path):
+    ports = free_ports(2)
+    args = ["train", *TINY, "--epochs", "3", "--peer-timeout", "120"]
+    logs = [str(tmp_path / f"w{i}.log") for i in range(2)] + [str(tmp_path / "single.log")]
+    tmp = [tmp_path / f"tmp{i}" for i in range(2)]
+    for t in tmp:
+        t.mkdir()
+    procs = [start([*args, "--output", str(tmp_path / f"run{i}")], logs[i], str(tmp_path),
+                   TF_CONFIG=tf_config(ports, i), TMPDIR=str(tmp[i])) for i in range(2)]
+    procs.append(start([*args, "--output", str(tmp_path / "single")], logs[2], str(tmp_path)))
+    assert finish(procs, logs) == [0, 0, 0], "\n".join(_tail(f) for f in logs)
+
+    chief, single = tmp_path / "run0", tmp_path / "single"
+    assert not (tmp_path / "run1").exists() and not (tmp_path / "runs").exists()  # the worker wrote no run folder
+    assert os.listdir(tmp[1]) == []  # and removed its temporary folder
+    results = json.loads((chief / "results.json").read_text())
+    assert results["workers"] == 2 and results["replicas"] == 2
+    # both workers end with the same weights, and they are the chief's model.keras
+    digests = [ln.split()[-1] for f in logs[:2] for ln in open(f) if " weights " in ln]
+    assert len(digests) == 2 and digests[0] == digests[1] == results["weights_digest"]
+
+    # same global batch, same examples per epoch: as many steps as one worker, a first epoch whose
+    # loss matches one worker's up to float differences (which Adam at lr 0.01 amplifies to ~1%),
+    # and models in the same accuracy class
+    steps = [sorted({ln.split()[0] for ln in open(f) if ln.startswith(("20/20", "21/21"))}) for f in (logs[0], logs[2])]
+    assert steps[0] == steps[1] == ["20/20"]  # 1293 training images // 64
+    multi, one = metrics_rows(chief), metrics_rows(single)
+    assert [r["epoch"] for r in multi] == ["0", "1", "2"]
+    assert float(multi[0]["loss"]) == pytest.approx(float(one[0]["loss"]), rel=0.03)
+    from keras_vit import data as kdata
+    from keras_vit import train as kt
+    from keras_vit.saving import load_model
+    from keras_vit.train.distribute import weights_digest
+
+    model = load_model(str(chief / "model.keras"))
+    assert weights_digest(model) == results["weights_digest"]
+    splits = kdata.load("digits")
+    top1 = kt.evaluate(model, splits.test, splits.class_names)["top1"]
+    single_top1 = json.loads((single / "results.json").read_text())["test"]["top1"]
+    assert top1 == pytest.approx(results["test"]["top1"], abs=1e-6)
+    assert abs(top1 - single_top1) <= 0.12 and top1 > 0.25  # chance is 0.1
+
+
+@pytest.mark.slow
+def test_killed_worker_restarts_and_the_run_continues(tmp_path):
+    ports = free_ports(2)
+    args = ["train", *TINY, "--epochs", "3", "--peer-timeout", "120"]
+    logs = [str(tmp_path / "w0.log"), str(tmp_path / "w1.log"), str(tmp_path / "w1-again.log")]
+    run = tmp_path / "run"
+    chief = start([*args, "--output", str(run)], logs[0], str(tmp_path), TF_CONFIG=tf_config(ports, 0))
+    worker = start([*args, "--output", str(tmp_path / "run1")], logs[1], str(tmp_path), TF_CONFIG=tf_config(ports, 1))
+    deadline = time.time() + WAIT_S
+    while not (run / "backup" / "training_metadata.json").exists():  # the first epoch is complete
+        assert time.time() < deadline and chief.poll() is None, _tail(logs[0]) + _tail(logs[1])
+        time.sleep(0.2)
+    os.killpg(worker.pid, signal.SIGKILL)
+    worker.wait()
+    again = start([*args, "--output", str(tmp_path / "run1")], logs[2], str(tmp_path), TF_CONFIG=tf_config(ports, 1))
+    assert finish([chief, again], [logs[0], logs[2]]) == [0, 0]
+    assert "restarting to rejoin the cluster" in open(logs[0]).read()
+    assert [r["epoch"] for r in metrics_rows(run)] == ["0", "1", "2"]  # every epoch once
+    assert (run / "model.keras").is_file() and not (run / "backup").exists()
+    assert not (tmp_path / "run1").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.jax
+def test_two_jax_processes_agree_on_the_weights(tmp_path):
+    (port,) = free_ports(1)
+    logs = [str(tmp_path / f"p{i}.log") for i in range(2)]
+    procs = [start(["train", *TINY, "--epochs", "1", "--peer-timeout", "120", "--output", str(tmp_path / f"run{i}")],
+                   logs[i], str(tmp_path), KERAS_BACKEND="jax",
+                   KERAS_DISTRIBUTION_JOB_ADDRESSES=f"127.0.0.1:{port}", KERAS_DISTRIBUTION_NUM_PROCESSES="2",
+                   KERAS_DISTRIBUTION_PROCESS_ID=str(i)) for i in range(2)]
+    assert finish(procs, logs) == [0, 0], "\n".join(_tail(f) for f in logs)
+    digests = [ln.split()[-1] for f in logs for ln in open(f) if " weights " in ln]
+    assert len(digests) == 2 and digests[0] == digests[1]
+    results = json.loads((tmp_path / "run0" / "results.json").read_text())
+    assert results["workers"] == 2 and results["weights_digest"] == digests[0]
+    assert len(metrics_rows(tmp_path / "run0")) == 1 and not (tmp_path / "run1").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["malformed", "no-peer", "different-options"])
+def test_cluster_errors_are_one_line(tmp_path, case):
+    ports = free_ports(2)
+    args = ["train", *TINY, "--epochs", "1", "--peer-timeout", "8"]
+    if case == "malformed":
+        logs = [str(tmp_path / "w0.log")]
+        procs = [start(args, logs[0], str(tmp_path), TF_CONFIG='{"cluster": {"worker": ["127.0.0.1"]}')]
+        expected = "TF_CONFIG is not valid JSON"
+    elif case == "no-peer":
+        logs = [str(tmp_path / "w0.log")]
+        procs = [start(args, logs[0], str(tmp_path), TF_CONFIG=tf_config(ports, 0))]
+        expected = "did not answer within 8 s"
+    else:
+        logs = [str(tmp_path / f"w{i}.log") for i in range(2)]
+        procs = [start([*args, "--lr", ("0.01", "0.02")[i]], logs[i], str(tmp_path), TF_CONFIG=tf_config(ports, i))
+                 for i in range(2)]
+        expected = "worker 1 started with different options than the chief"
+    started = time.time()
+    codes = finish(procs, logs)
+    assert all(c != 0 for c in codes)
+    for log in logs:
+        text, errors = error_lines(log)
+        assert len(errors) == 1 and expected in errors[0], text
+        assert "Traceback" not in text
+    assert not any(name.startswith("run") for name in os.listdir(tmp_path))  # nothing written
+    if case == "no-peer":
+        assert time.time() - started < 8 + 120  # the wait ends at the peer timeout (plus start-up)
+
+
+def test_folder_workers_decode_disjoint_shares_of_the_training_files(tmp_path):
+    """Each TF worker decodes only its share of an image folder's training files: the shares are
+    disjoint and together hold every file, in every epoch; validation stays whole (DATA policy)."""
+    import numpy as np
+    import tensorflow as tf
+    from PIL import Image
+
+    from keras_vit import data as kdata
+    from keras_vit.train.distribute import Cluster, file_share, shard_datasets
+
+    rng = np.random.default_rng(0)
+    for cls, count in (("a", 12), ("b", 11)):  # 23 files: 21 to train (odd: one share is larger)
+        (tmp_path / cls).mkdir()
+        for j in range(count):
+            Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(tmp_path / cls / f"{j}.png")
+    name = f"folder:{tmp_path}"
+    whole = kdata.load(name, seed=3)
+
+    def content(ds):
+        return sorted(int(tf.reduce_sum(tf.cast(x, tf.int64))) * 2 + int(y) for x, y in ds)
+
+    clusters = [Cluster("tensorflow", 2, i) for i in range(2)]
+    shares = [kdata.load(name, seed=3, worker=file_share(c, name)) for c in clusters]
+    n = whole.sizes[0]
+    assert n % 2 == 1 and shares[0].sizes == whole.sizes  # the schedule counts the global epoch
+    sizes = [(n + 1) // 2, n // 2]  # worker 0's share holds the odd file
+    streams = [list(s.train.take(2 * k)) for s, k in zip(shares, sizes)]  # endless: pass after pass
+    for p in range(2):  # a new share each pass, disjoint from the other worker's, together complete
+        parts = [content(stream[p * k:(p + 1) * k]) for stream, k in zip(streams, sizes)]
+        assert sorted(parts[0] + parts[1]) == content(whole.train)
+    policy = tf.data.experimental.AutoShardPolicy
+    train, val = shard_datasets(clusters[0], name, 4, shares[0].train, shares[0].val)
+    assert train.options().experimental_distribute.auto_shard_policy == policy.OFF
+    assert val.options().experimental_distribute.auto_shard_policy == policy.DATA
+    assert file_share(Cluster("jax", 2, 1), name) is None and file_share(clusters[1], "digits") is None
+    train, = shard_datasets(clusters[1], "digits", 4, whole.train)
+    assert train.options().experimental_distribute.auto_shard_policy == policy.DATA
+
+
+@pytest.mark.slow
+def test_two_tf_workers_train_on_their_shares_of_an_image_folder(tmp_path):
+    """An image folder with a bad file, on two workers: each decodes only its share (a stream of
+    shares, as many steps on each worker), and they end with the same weights."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 37), ("val", 6)):
+        for i, cls in enumerate(("red", "green")):
+            (tmp_path / "imgs" / split / cls).mkdir(parents=True)
+            for j in range(count):
+                img = rng.integers(0, 80, (20, 24, 3), dtype=np.uint8)
+                img[..., i] = 255
+                Image.fromarray(img).save(tmp_path / "imgs" / split / cls / f"{j}.png")
+    (tmp_path / "imgs" / "train" / "red" / "broken.jpg").write_bytes(b"not an image")  # 75 files, 74 images
+    ports = free_ports(2)
+    args = ["train", "--dataset", f"folder:{tmp_path / 'imgs'}", "--variant", "Ti/4", "--image-size", "16",
+            "--hidden-size", "32", "--num-layers", "1", "--num-heads", "2", "--mlp-dim", "64", "--epochs", "2",
+            "--batch-size", "8", "--augment", "none", "--skip-bad-images", "--peer-timeout", "120"]
+    logs = [str(tmp_path / f"w{i}.log") for i in range(2)]
+    procs = [start([*args, "--output", str(tmp_path / f"run{i}")], logs[i], str(tmp_path),
+                   TF_CONFIG=tf_config(ports, i)) for i in range(2)]
+    assert finish(procs, logs) == [0, 0], "\n".join(_tail(f) for f in logs)
+    digests = [ln.split()[-1] for f in logs for ln in open(f) if " weights " in ln]
+    assert len(digests) == 2 and digests[0] == digests[1]
+    steps = [sorted({ln.split()[0] for ln in open(f) if ln.startswith("9/9")}) for f in logs]
+    assert steps == [["9/9"], ["9/9"]]  # 75 listed files // 8 on both workers
+    assert [r["epoch"] for r in metrics_rows(tmp_path / "run0")] == ["0", "1"]
+    assert json.loads((tmp_path / "run0" / "results.json").read_text())["test"]["top1"] >= 0.8
