@@ -100,6 +100,35 @@ def test_optimize_fuses_attention_and_stays_within_fp32_thresholds(family, tmp_p
     assert report["fused_ops"].get("Attention", 0) == expected and report["fused_ops"]["FastGelu"] == 1
     if family == "dynamic_size":  # also checked at a non-square size against resize_model
         assert report["image_sizes"] and report["image_sizes"][0]["max_abs_diff"] <= 1e-4
+    # classifier="token" with a static token count: the last block ends on the class token alone
+    cut = sum(n.op_type == "Slice" and n.output[0].endswith("/class_token") for n in onnx.load(path).graph.node)
+    assert (cut > 0) == (family not in ("gap", "dynamic_size"))
+
+
+def test_class_token_pruning_keeps_the_logits_and_runs_the_last_mlp_on_one_token(tmp_path):
+    from onnx import helper
+
+    from keras_vit.export.onnx_fusion import prune_to_class_token
+
+    model = small_model("learned")
+    proto = onnx.load(to_onnx(model, tmp_path / "m.onnx"))
+    mlp_in = [n for n in proto.graph.node if n.op_type == "MatMul" and any(
+        list(t.dims) == [192, 768] for t in proto.graph.initializer if t.name == n.input[1])][-1].output[0]
+    images = load_images("digits", 32, 3, 5)
+
+    def run(p):  # the logits, and the last block's MLP hidden layer as an extra output
+        p = onnx.ModelProto.FromString(p.SerializeToString())
+        p.graph.output.append(helper.make_tensor_value_info(mlp_in, onnx.TensorProto.FLOAT, None))
+        session = ort.InferenceSession(p.SerializeToString(), providers=["CPUExecutionProvider"])
+        return session.run(None, {"images": images})
+
+    logits, hidden = run(proto)
+    assert hidden.shape == (5 * 65, 768)  # every token of the 8x8 grid and the class token
+    assert prune_to_class_token(proto) > 0
+    onnx.checker.check_model(proto, full_check=True)
+    pruned_logits, pruned_hidden = run(proto)
+    assert pruned_hidden.shape == (5, 768)  # the class token only
+    np.testing.assert_allclose(pruned_logits, logits, atol=1e-5)
 
 
 def test_dynamic_int8_export_of_trained_digits_model(trained_digits, tmp_path):
