@@ -7,6 +7,16 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np
 import pytest
 
+# Fixtures that train a model for tens of seconds (trained once per session, see below): the tests
+# that use one are marked slow, so `make test-quick` (-m "not slow") never trains them.
+TRAINING_FIXTURES = {"trained_digits", "trained_digits_vit", "killed_and_resumed"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if TRAINING_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
 
 @pytest.fixture
 def rng():

@@ -7,21 +7,27 @@ import shutil
 
 import pytest
 from click.testing import CliRunner
-from export_helpers import DIGIT_NAMES
+from export_helpers import DIGIT_NAMES, small_model
 
 from keras_vit.cli.main import cli  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def run_dir(trained_digits, tmp_path_factory):
-    """A working folder holding runs/latest/model.keras (+ class names) of the digits model."""
-    root = tmp_path_factory.mktemp("cli")
+def _run_folder(root, model_path):
+    """root/runs/latest holding a copy of `model_path` as model.keras and the digit class names."""
     latest = root / "runs" / "latest"
     latest.mkdir(parents=True)
-    _, keras_path = trained_digits
-    shutil.copy(keras_path, latest / "model.keras")
+    shutil.copy(model_path, latest / "model.keras")
     (latest / "class_names.json").write_text(json.dumps(DIGIT_NAMES))
     return root
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A working folder whose latest run is a small 10-class model with noise weights (fp32 export
+    checks need no training)."""
+    root = tmp_path_factory.mktemp("cli")
+    small_model().save(root / "small.keras")
+    return _run_folder(root, root / "small.keras")
 
 
 def _invoke(args, cwd):
@@ -43,7 +49,9 @@ def test_default_exports_latest_run_to_onnx_and_verifies(run_dir):
     assert "top-1 agreement" in result.output and "passed" in result.output
 
 
-def test_tflite_int8_with_calibration_dataset(run_dir, tmp_path):
+def test_tflite_int8_with_calibration_dataset(trained_digits, tmp_path):
+    """int8 needs a model with margins between classes: the trained digits model."""
+    run_dir = _run_folder(tmp_path, trained_digits[1])
     out = tmp_path / "digits.int8.tflite"
     result = _invoke(["--model", "runs/latest/model.keras", "--format", "tflite", "--quantize", "int8",
                       "--calibration-dataset", "digits", "--verify-dataset", "digits", "--num-images", "360",

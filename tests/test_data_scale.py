@@ -82,6 +82,7 @@ def test_bad_image_fails_with_its_name_or_is_skipped(tmp_path):
     assert s.bad_images.paths == sorted([str(root / "red" / "broken.jpg"), str(root / "green" / "empty.png")])
 
 
+@pytest.mark.slow
 def test_cli_train_bad_image_default_fails_and_flag_skips(tmp_path):
     from keras_vit.cli.main import cli
 
@@ -102,6 +103,7 @@ def test_cli_train_bad_image_default_fails_and_flag_skips(tmp_path):
     assert json.loads((tmp_path / "run_skip" / "results.json").read_text())["bad_images"] == 1
 
 
+@pytest.mark.slow
 def test_records_round_trip_trains_like_the_folder(tmp_path):
     from keras_vit.cli.main import cli
 

@@ -113,6 +113,7 @@ def test_vitcli_freeze_backbone_trains_only_the_head(tmp_path):
     assert trained.class_names == [str(i) for i in range(10)]  # the dataset's names travel with the model
 
 
+@pytest.mark.slow
 def test_train_with_layer_decay_records_it(tmp_path):
     import json
 

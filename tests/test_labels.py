@@ -66,6 +66,7 @@ def test_published_checkpoint_sets_defaults_and_names(keras_home, monkeypatch, t
     assert any("resampled from a 14x14 to a 10x10 grid" in r.getMessage() for r in caplog.records)
 
 
+@pytest.mark.slow
 def test_vitcli_predict_with_a_published_name(keras_home, tmp_path):
     img = tmp_path / "cat.jpg"
     Image.fromarray(np.random.default_rng(2).integers(0, 255, (60, 80, 3), dtype=np.uint8)).save(img)

@@ -139,7 +139,13 @@ def test_rows_cover_every_pair_and_the_full_option_product():
     assert len(ROWS) == 33 and ROWS == pairwise_rows(FACTORS, full=FULL)  # deterministic
 
 
-@pytest.mark.parametrize("index", range(len(ROWS)), ids=[f"{i}-{r['keras']}" for i, r in zip(IDS, ROWS)])
+# model.quantize("int8" | "int4") of every row takes seconds each: those rows run in `make test`
+# only; save/load, clone_model, bf16, float8 and LoRA of the other rows stay in the quick loop.
+KERAS_ROWS = [pytest.param(i, id=f"{name}-{r['keras']}", marks=[pytest.mark.slow] if r["keras"] in ("int8", "int4") else [])
+              for i, (name, r) in enumerate(zip(IDS, ROWS))]
+
+
+@pytest.mark.parametrize("index", KERAS_ROWS)
 def test_keras_paths(index, tmp_path):
     """save/load and clone_model, then the row's mixed_bfloat16 / model.quantize / LoRA cell."""
     model = row_model(index)

@@ -70,7 +70,8 @@ def test_loss_is_on_corrupted_patches_only():
     assert a == pytest.approx(b, rel=1e-6)
 
 
-@pytest.mark.parametrize("target", mpp.TARGETS)
+@pytest.mark.parametrize("target", [t if i == 0 else pytest.param(t, marks=pytest.mark.slow)
+                                    for i, t in enumerate(mpp.TARGETS)])
 def test_pretraining_learns_and_saves_a_fine_tunable_encoder(digits, tmp_path, target):
     x_tr = digits[0][:256]
     enc = keras_vit.ViT("Ti/4", image_size=32, include_top=False, **SMALL)
@@ -155,6 +156,7 @@ class _StartingWeights(keras.callbacks.Callback):
         self.weights = [np.array(w) for w in self.model.get_weights()]
 
 
+@pytest.mark.slow
 def test_pretrain_seed_fixes_the_starting_weights(tmp_path):
     """Same seed, same initial encoder (the seed is set before the encoder is built); another seed differs."""
     def start(seed, name):

@@ -100,6 +100,7 @@ def test_initial_weights_errors(tmp_path):
         kt.load_initial_weights(_tiny(2), str(tmp_path / "x.keras"))
 
 
+@pytest.mark.slow
 def test_mixed_precision_and_grad_accum_train(tmp_path):
     # jit "xla": the fusible mode would switch on XLA auto-clustering for this whole test process
     cfg = kt.make_config("digits", epochs=1, mixed_precision="mixed_bfloat16", grad_accum=2,
@@ -120,6 +121,7 @@ def _run_script(script: str, env: dict, timeout: int = 400) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_mirrored_strategy_on_two_logical_cpus(tmp_path):
     out = _run_script(f"""
         import json, tensorflow as tf
@@ -133,6 +135,7 @@ def test_mirrored_strategy_on_two_logical_cpus(tmp_path):
     assert out["replicas"] == 2 and np.isfinite(out["test"]["loss"])
 
 
+@pytest.mark.slow
 def test_bf16_fusible_run_records_its_modes(tmp_path):
     # In a fresh process, as `vitcli train` runs: the XLA flags are set before TensorFlow starts.
     run = str(tmp_path / "run")
