@@ -227,6 +227,7 @@ def _tiny_colours_builder():
     return TinyColours
 
 
+@pytest.mark.slow
 def test_tfds_dataset_prepared_in_data_dir_trains_without_network(tmp_path, monkeypatch):
     pytest.importorskip("tensorflow_datasets")  # the [tfds] extra
     import socket

@@ -85,7 +85,8 @@ def test_fp16_and_optimized_exports_of_trained_digits_model(trained_digits, tmp_
     assert report["fused_ops"]["Attention"] == 2 and report["fused_ops"]["FastGelu"] == 2
 
 
-@pytest.mark.parametrize("family", ["learned", "sincos2d", "gap", "hybrid", "dynamic_size", "relative"])
+@pytest.mark.parametrize("family", ["learned", "sincos2d", "gap", pytest.param("hybrid", marks=pytest.mark.slow),
+                                    "dynamic_size", "relative"])
 def test_optimize_fuses_attention_and_stays_within_fp32_thresholds(family, tmp_path):
     """optimize=True replaces each block's attention by onnxruntime's fused Attention op, except
     with relative position embeddings (a logit bias the op cannot compute): that file keeps its
@@ -202,7 +203,7 @@ EXACT_GELU_FAMILIES = {"learned": {}, "relative": dict(pos_embedding="relative")
                        "sincos2d": dict(pos_embedding="sincos2d")}
 
 
-@pytest.mark.parametrize("family", list(EXACT_GELU_FAMILIES) + ["hybrid"])
+@pytest.mark.parametrize("family", list(EXACT_GELU_FAMILIES) + [pytest.param("hybrid", marks=pytest.mark.slow)])
 def test_exact_gelu_exports_as_erf_and_matches_keras(family, tmp_path):
     """tf.nn.gelu(approximate=False) traces to Erfc, which ONNX lacks; the file uses Erf instead."""
     if family == "hybrid":

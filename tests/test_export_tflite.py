@@ -10,8 +10,6 @@ from export_helpers import DIGIT_NAMES, FAMILIES, full_ti16, small_model
 from keras_vit.export import ExportError, to_tflite, verify
 from keras_vit.export.tflite import labels_path, read_metadata
 
-FAMILY_PARAMS = list(FAMILIES) + ["hybrid"]
-
 
 def _signature(path):
     from ai_edge_litert.interpreter import Interpreter
@@ -20,7 +18,8 @@ def _signature(path):
     return interpreter, interpreter.get_signature_list()
 
 
-@pytest.mark.parametrize("family", FAMILY_PARAMS)
+# The hybrid's quick-loop export check is ONNX's (test_export_onnx.py); its TFLite one is slow.
+@pytest.mark.parametrize("family", list(FAMILIES) + [pytest.param("hybrid", marks=pytest.mark.slow)])
 def test_family_exports_and_matches_keras_at_batch_1_and_7(family, tmp_path):
     model = small_model(family)
     path = to_tflite(model, tmp_path / "m.tflite", class_names=DIGIT_NAMES)

@@ -215,6 +215,7 @@ def test_pretraining_on_the_encoders_own_outputs_gives_the_reference_losses(monk
     np.testing.assert_allclose(ours, _losses(encoder(), images), rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_pretraining_a_loaded_dynamic_size_encoder(tmp_path):
     """The dynamic-size copy of an encoder loaded from .keras pre-trains as the encoder it came from."""
     keras.utils.set_random_seed(2)

@@ -11,7 +11,7 @@ from tests.test_config import REFERENCE_COUNTS
 TINY = dict(hidden_size=32, num_heads=2, mlp_dim=64, num_layers=2)
 
 
-@pytest.mark.parametrize("variant", ["Ti/16", "S/16", "B/32"])
+@pytest.mark.parametrize("variant", ["Ti/16", "S/16", pytest.param("B/32", marks=pytest.mark.slow)])
 def test_built_param_counts_equal_reference(variant):
     model = keras_vit.ViT(variant=variant)
     assert isinstance(model, keras.Model)
