@@ -1,5 +1,7 @@
-"""Rewrites for onnxruntime only (`to_onnx(optimize=True)`): each self-attention core replaced
-by onnxruntime's fused Attention op (com.microsoft domain), and the count of fused nodes."""
+"""Rewrites for `to_onnx(optimize=True)`: each self-attention core replaced by onnxruntime's
+fused Attention op (com.microsoft domain, so for onnxruntime only); what follows the last
+attention computed on the class token alone when only that token reaches the logits; and the
+count of fused nodes a graph holds."""
 from __future__ import annotations
 
 from typing import Dict, List, Optional, Tuple
@@ -14,12 +16,11 @@ from keras_vit.export.onnx_graph import GraphIndex, split_inputs, tensor_ranks
 # --- self-attention -> com.microsoft Attention ----------------------------------------------------
 def fuse_attention(proto: onnx.ModelProto, num_heads: int) -> int:
     """Replace each self-attention core that `layers.MultiHeadSelfAttention` exports (one QKV
-    MatMul + bias on (tokens, D) or (B, S, D); Reshape to
-    (B, S, 3, heads, head_dim), Transpose, Split, Q K^T, Softmax, A V, Transpose back) by
-    onnxruntime's fused Attention op (com.microsoft domain, so the file is for onnxruntime
-    only). The softmax scale is already folded into the query weights, so the op's scale is 1.
-    Attention with an extra logit bias (relative position embeddings) does not match and stays
-    as it is. Returns the number fused."""
+    MatMul + bias on (tokens, D) or (B, S, D); Reshape to (B, S, 3, heads, head_dim),
+    Transpose, Split, Q K^T, Softmax, A V, Transpose back) by onnxruntime's fused Attention op
+    (com.microsoft domain, so the file is for onnxruntime only). The softmax scale is already
+    folded into the query weights, so the op's scale is 1. Attention with an extra logit bias
+    (relative position embeddings) does not match and stays as it is. Returns the number fused."""
     ranks = tensor_ranks(proto)
     g = GraphIndex(proto)
     drop, replace = set(), {}
