@@ -1,5 +1,7 @@
-"""Rewrites for onnxruntime only (`to_onnx(optimize=True)`): each self-attention core replaced
-by onnxruntime's fused Attention op (com.microsoft domain), and the count of fused nodes."""
+"""Rewrites for `to_onnx(optimize=True)`: each self-attention core replaced by onnxruntime's
+fused Attention op (com.microsoft domain, so for onnxruntime only); what follows the last
+attention computed on the class token alone when only that token reaches the logits; and the
+count of fused nodes a graph holds."""
 from __future__ import annotations
 
 from typing import Dict, List, Optional, Tuple
@@ -14,12 +16,11 @@ from keras_vit.export.onnx_graph import GraphIndex, split_inputs, tensor_ranks
 # --- self-attention -> com.microsoft Attention ----------------------------------------------------
 def fuse_attention(proto: onnx.ModelProto, num_heads: int) -> int:
     """Replace each self-attention core that `layers.MultiHeadSelfAttention` exports (one QKV
-    MatMul + bias on (tokens, D) or (B, S, D); Reshape to
-    (B, S, 3, heads, head_dim), Transpose, Split, Q K^T, Softmax, A V, Transpose back) by
-    onnxruntime's fused Attention op (com.microsoft domain, so the file is for onnxruntime
-    only). The softmax scale is already folded into the query weights, so the op's scale is 1.
-    Attention with an extra logit bias (relative position embeddings) does not match and stays
-    as it is. Returns the number fused."""
+    MatMul + bias on (tokens, D) or (B, S, D); Reshape to (B, S, 3, heads, head_dim),
+    Transpose, Split, Q K^T, Softmax, A V, Transpose back) by onnxruntime's fused Attention op
+    (com.microsoft domain, so the file is for onnxruntime only). The softmax scale is already
+    folded into the query weights, so the op's scale is 1. Attention with an extra logit bias
+    (relative position embeddings) does not match and stays as it is. Returns the number fused."""
     ranks = tensor_ranks(proto)
     g = GraphIndex(proto)
     drop, replace = set(), {}
@@ -175,22 +176,14 @@ def prune_to_class_token(proto: onnx.ModelProto) -> int:
     class token (0: nothing changed)."""
     g = GraphIndex(proto)
     shapes = _static_shapes(proto)
-    sel = next((n for n in g.graph.node if _takes_token_0(g, n)), None)
-    seq = shapes.get(sel.input[0], [None, None])[1] if sel is not None else None
-    if seq is None or len(shapes.get(sel.input[0], [])) != 3:
-        return 0
     region: Dict[int, list] = {}  # id(node) -> the inputs through which it reads tokens
-
-    def first_only(t: str) -> bool:  # every reader takes token 0 only
-        users = g.consumers.get(t, [])
-        return t not in g.outputs and all(u is sel or id(u) in region for u in users)
-
-    for n in reversed(g.graph.node):
-        if n is sel or not any(g.consumers.get(o) for o in n.output):
-            continue
-        rows = _token_inputs(g, n, seq, shapes) if all(first_only(o) for o in n.output if o) else None
-        if rows is not None:
-            region[id(n)] = rows
+    # the last Slice of token 0 whose producers work token by token (the pooling before the head)
+    for sel in reversed([n for n in g.graph.node if _takes_token_0(g, n)]):
+        seq = shapes.get(sel.input[0], [None, None])[1]
+        if seq is not None and len(shapes[sel.input[0]]) == 3:
+            region = _class_token_region(g, sel, seq, shapes)
+        if region:
+            break
     if not region:
         return 0
     # what a class-token node reads from a node computed on all tokens is cut to token 0
@@ -220,6 +213,23 @@ def prune_to_class_token(proto: onnx.ModelProto) -> int:
     g.graph.value_info.extend(keep)
     g.rewrite(set(), replace)
     return len(region)
+
+
+def _class_token_region(g: GraphIndex, sel, seq: int, shapes) -> Dict[int, list]:
+    """The nodes whose outputs only `sel` (a Slice of token 0) needs, through token-wise ops:
+    id(node) -> the inputs through which it reads tokens."""
+    region: Dict[int, list] = {}
+
+    def first_only(t: str) -> bool:  # every reader takes token 0 only
+        return t not in g.outputs and all(u is sel or id(u) in region for u in g.consumers.get(t, []))
+
+    for n in reversed(g.graph.node):  # readers before producers
+        if n is sel or not any(g.consumers.get(o) for o in n.output):
+            continue
+        rows = _token_inputs(g, n, seq, shapes) if all(first_only(o) for o in n.output if o) else None
+        if rows is not None:
+            region[id(n)] = rows
+    return region
 
 
 def _takes_token_0(g: GraphIndex, n) -> bool:

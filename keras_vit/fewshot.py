@@ -17,6 +17,7 @@ from typing import Dict, Optional, Sequence, Tuple
 import keras
 import numpy as np
 
+from keras_vit.layers import TokenPooling
 from keras_vit.model import get_config
 
 __all__ = ["DEFAULT_SHOTS", "DEFAULT_L2_GRID", "feature_extractor", "extract_features", "ridge_regression",
@@ -29,9 +30,16 @@ BIAS_CONSTANT = 100.0
 
 # --- features -----------------------------------------------------------------------------
 def feature_extractor(model):
-    """The model up to its pre-logits features (B, D): the model itself when built with
-    include_top=False, else a functional sub-model ending at the input of "head"."""
+    """The model up to its pre-logits features (B, D): a functional sub-model ending at the input
+    of "head"; a headless model itself; for an output="tokens" model, its tokens pooled as its
+    classifier pools them (class token or mean). Feature maps (feature_layers) are refused."""
     cfg = get_config(model)
+    if cfg.feature_layers:
+        raise ValueError("few-shot evaluation needs pooled (B, D) features; this model returns the feature maps "
+                         f"of blocks {list(cfg.feature_layers)}: use a model built without feature_layers")
+    if cfg.output == "tokens":
+        pooled = TokenPooling(cfg.classifier, name="pool")(model.outputs[0])
+        return keras.Model(model.inputs, pooled, name=f"{model.name}_features")
     if not cfg.include_top:
         return model
     return keras.Model(model.inputs, model.get_layer("head").input, name=f"{model.name}_features")

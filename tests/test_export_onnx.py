@@ -85,8 +85,8 @@ def test_fp16_and_optimized_exports_of_trained_digits_model(trained_digits, tmp_
     assert report["fused_ops"]["Attention"] == 2 and report["fused_ops"]["FastGelu"] == 2
 
 
-@pytest.mark.parametrize("family", ["learned", "sincos2d", "gap", pytest.param("hybrid", marks=pytest.mark.slow),
-                                    "dynamic_size", "relative"])
+@pytest.mark.parametrize("family", ["learned", "learned_2d", "sincos2d", "none", "gap",
+                                    pytest.param("hybrid", marks=pytest.mark.slow), "dynamic_size", "relative"])
 def test_optimize_fuses_attention_and_stays_within_fp32_thresholds(family, tmp_path):
     """optimize=True replaces each block's attention by onnxruntime's fused Attention op, except
     with relative position embeddings (a logit bias the op cannot compute): that file keeps its

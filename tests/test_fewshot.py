@@ -81,3 +81,22 @@ def test_cli_fewshot_json(trained_digits_vit, tmp_path):
     assert json.loads(out.read_text()) == parsed
     bad = CliRunner().invoke(cli, ["fewshot", "--model", str(path), "--shots", "0,5"])
     assert bad.exit_code == 2 and "--shots" in bad.output and len(bad.output.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("classifier", ["token", "gap"])
+def test_features_of_every_headless_form_are_the_pre_logits(classifier):
+    import keras_vit
+
+    kw = dict(variant="Ti/4", image_size=16, hidden_size=32, num_layers=1, num_heads=2, mlp_dim=64,
+              classifier=classifier)
+    full = keras_vit.ViT(num_classes=10, **kw)
+    images = np.random.default_rng(0).uniform(0, 255, (5, 16, 16, 3)).astype("float32")
+    expected = fewshot.extract_features(full, images)
+    assert expected.shape == (5, 32)
+    for form in (dict(include_top=False), dict(include_top=False, output="tokens")):
+        headless = keras_vit.ViT(**kw, **form)
+        headless.set_weights(full.get_weights()[:-2])  # all but the head's kernel and bias
+        np.testing.assert_allclose(fewshot.extract_features(headless, images), expected, atol=1e-5)
+    maps = keras_vit.ViT(**kw, include_top=False, feature_layers=(0,))
+    with pytest.raises(ValueError, match="feature maps of blocks"):
+        fewshot.extract_features(maps, images)
