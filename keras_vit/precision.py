@@ -203,6 +203,9 @@ def resolve(mixed_precision: str, jit_compile, gflop_per_step: float, backend: s
         if on_tf_cpu and mixed_precision == "mixed_bfloat16":
             jit_compile = "fusible"
             reasons.append("oneDNN bf16 matmuls with XLA-fused element-wise ops")
+        elif backend == "torch":  # as the notebook path: torch.compile (jit xla) only on request
+            jit_compile = "none"
+            reasons.append("eager PyTorch (torch.compile with --jit xla; its first step compiles for a minute)")
         else:
             jit_compile = "xla"
             reasons.append("whole step XLA-compiled")

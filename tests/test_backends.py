@@ -1,4 +1,5 @@
-"""The same weights give the same logits under TensorFlow and JAX (JAX in its own process)."""
+"""The same weights give the same logits under TensorFlow, JAX and PyTorch (each other backend in
+its own process), and model.fit learns there."""
 
 import numpy as np
 import pytest
@@ -6,8 +7,6 @@ import pytest
 import keras_vit
 from tests.backend_worker import run_job
 from tests.conftest import random_images
-
-pytest.importorskip("jax")
 
 TINY = dict(hidden_size=32, num_heads=2, mlp_dim=64, num_layers=2)
 CASES = [
@@ -20,7 +19,9 @@ CASES = [
 
 
 @pytest.mark.jax
-def test_tensorflow_and_jax_give_the_same_logits(tmp_path):
+@pytest.mark.parametrize("backend", ["jax", pytest.param("torch", marks=pytest.mark.torch)])
+def test_other_backends_give_the_tensorflow_logits_and_fit(tmp_path, backend):
+    pytest.importorskip(backend)  # optional extras: [jax]; torch from the [test] extra where it resolves
     rs = np.random.default_rng(0)
     job = {"cases": [], "output": str(tmp_path / "out.json"), "fit": True}
     expected = {}
@@ -35,10 +36,10 @@ def test_tensorflow_and_jax_give_the_same_logits(tmp_path):
         expected[name] = model.predict(x, verbose=0)
         job["cases"].append({"name": name, "config": model.vit_config.to_dict(), "weights": str(path),
                              "inputs": str(tmp_path / "x.npy")})
-    out = run_job(job, tmp_path, "jax", timeout=600)
+    out = run_job(job, tmp_path, backend, timeout=600)
     for name, _ in CASES:
         got = np.asarray(out[name], dtype="float32")
         assert np.abs(got - expected[name]).max() <= 1e-5, name
         assert np.abs(expected[name]).max() > 0.1  # non-trivial logits
     losses = out["fit_losses"]
-    assert losses[-1] < losses[0], losses  # model.fit learns on the JAX backend too
+    assert losses[-1] < losses[0], losses  # model.fit learns on this backend too

@@ -189,6 +189,21 @@ def test_fit_through_tf_data_on_jax_data_parallel(tmp_path):
     assert out["replicas"] == 2 and out["test"]["top1"] > 0.2  # learns beyond chance (0.1)
 
 
+@pytest.mark.torch
+def test_fit_through_tf_data_on_torch(tmp_path):
+    pytest.importorskip("torch")  # the CPU build from the [test] extra where it resolves
+    out = _run_script(f"""
+        import json, keras
+        assert keras.backend.backend() == "torch"
+        from keras_vit import train as kt
+        cfg = kt.make_config("digits", epochs=2, **{{**{TINY!r}, "jit_compile": "auto"}})
+        r = kt.train(cfg, output={str(tmp_path / 'run')!r}, verbose=0)
+        print(json.dumps(r))
+    """, {"KERAS_BACKEND": "torch"})
+    assert out["jit_compile"] == "none"  # auto on torch: eager, no minute-long torch.compile
+    assert out["test"]["top1"] > 0.2 and out["train_seconds"] < 60  # learns beyond chance (0.1)
+
+
 def test_run_folders_and_latest(tmp_path):
     cfg = kt.make_config("digits")
     first = kt.new_run_dir(cfg, root=str(tmp_path))
