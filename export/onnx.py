@@ -87,14 +87,7 @@ def to_onnx(model, path: PathLike, opset: int = MIN_OPSET, optimize: bool = Fals
     path = check_output_path(path, ".onnx")
 
     with tempfile.TemporaryDirectory() as work:
-        raw = os.path.join(work, "raw.onnx")
-        _convert(model, cfg, raw, opset)
-        proto = onnx.load(raw)
-        _rename_io(proto, cfg.dynamic_size)
-        if layout == "nchw":
-            _nchw_input(proto)
-        replace_erfc(proto)
-        fuse_layer_norms(proto)
+        proto = _plain_graph(model, cfg, work, opset, layout)
         calibration = (calibration_images, num_calibration_images, int8_agreement)
         proto, fused, int8_info = _onnxruntime_passes(proto, cfg, work, layout, quantize, optimize, fp16, calibration)
         precision = "fp16" if fp16 else "dynamic" if dynamic else "int8" if static else "fp32"
@@ -106,6 +99,22 @@ def to_onnx(model, path: PathLike, opset: int = MIN_OPSET, optimize: bool = Fals
         with atomic_path(path) as tmp:
             onnx.save(proto, tmp)
     return path
+
+
+def _plain_graph(model, cfg, work: str, opset: int, layout: str):
+    """The converted graph with our rewrites: `images` / `logits` names, an NCHW input when
+    asked, Erf for Erfc and one LayerNormalization op per Keras LayerNorm."""
+    import onnx
+
+    raw = os.path.join(work, "raw.onnx")
+    _convert(model, cfg, raw, opset)
+    proto = onnx.load(raw)
+    _rename_io(proto, cfg.dynamic_size)
+    if layout == "nchw":
+        _nchw_input(proto)
+    replace_erfc(proto)
+    fuse_layer_norms(proto)
+    return proto
 
 
 def _onnxruntime_passes(proto, cfg, work: str, layout: str, quantize: Optional[str], optimize: bool, fp16: bool,
