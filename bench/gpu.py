@@ -26,15 +26,6 @@ NUM_CLASSES = 1000
 LR = 1e-3
 
 
-def _config(args):
-    """The ViTConfig benchmarked (common.vit_config with this bench's class count)."""
-    return common.vit_config(args, NUM_CLASSES)
-
-
-def _data(args):
-    return common.synthetic_batch(args, NUM_CLASSES)
-
-
 def run_peak(args) -> Dict[str, object]:
     """bf16 GEMM TFLOP/s of torch and JAX on the device (the MFU denominator)."""
     n = args.peak_n
@@ -81,11 +72,11 @@ def run_keras(args) -> Dict[str, object]:
     import keras_vit
 
     keras.mixed_precision.set_global_policy("mixed_bfloat16")
-    cfg = _config(args)
+    cfg = common.vit_config(args, NUM_CLASSES)
     model = keras_vit.ViT(config=cfg)
     model.compile(optimizer=keras.optimizers.SGD(LR, momentum=0.9),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), jit_compile=True)
-    x, y = _data(args)
+    x, y = common.synthetic_batch(args, NUM_CLASSES)
     x, y = jax.device_put(x), jax.device_put(y)
 
     def step():
@@ -102,7 +93,7 @@ def run_timm(args, compiled: bool) -> Dict[str, object]:
     import timm
     import torch
 
-    cfg = _config(args)
+    cfg = common.vit_config(args, NUM_CLASSES)
     dev = "cuda" if args.device == "gpu" else "cpu"
     size = args.variant.split("/")[0]
     model = timm.create_model(common.TIMM_NAMES[size], pretrained=False, num_classes=NUM_CLASSES,
@@ -110,7 +101,7 @@ def run_timm(args, compiled: bool) -> Dict[str, object]:
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
     loss_fn = torch.nn.CrossEntropyLoss()
-    x, y = _data(args)
+    x, y = common.synthetic_batch(args, NUM_CLASSES)
     xt = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous().to(dev)
     yt = torch.from_numpy(y).long().to(dev)
     forward = torch.compile(model) if compiled else model
@@ -171,7 +162,7 @@ def main(argv=None) -> List[Dict[str, object]]:
     if args.case:
         worker(args.case, args)
         return []
-    cfg = _config(args)
+    cfg = common.vit_config(args, NUM_CLASSES)
     train_flops = 3 * cfg.flops()
     info = common.header("gpu", {"variant": args.variant, "image_size": args.image_size,
                                  "batch_size": args.batch_size, "gflop_per_image_train": round(train_flops / 1e9, 2)})
