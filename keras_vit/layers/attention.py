@@ -1,4 +1,4 @@
-"""Multi-head self-attention (Eq. 5-7 of the appendix) with the official checkpoints' kernel
+"""Multi-head self-attention (Appendix A, Eq. 5-8) with the official checkpoints' kernel
 layout, (D, heads, head_dim) and (heads, head_dim, D), and optional relative position bias."""
 from __future__ import annotations
 
