@@ -264,3 +264,28 @@ def test_two_tf_workers_train_on_their_shares_of_an_image_folder(tmp_path):
     assert steps == [["9/9"], ["9/9"]]  # 75 listed files // 8 on both workers
     assert [r["epoch"] for r in metrics_rows(tmp_path / "run0")] == ["0", "1"]
     assert json.loads((tmp_path / "run0" / "results.json").read_text())["test"]["top1"] >= 0.8
+
+
+@pytest.mark.slow
+def test_two_tf_workers_on_record_shards_of_uneven_size(tmp_path):
+    """TFRecord shards split unevenly between two workers (FILE auto-shard: 800 and 493 training
+    examples): every worker takes the same steps per epoch instead of one running dry (an empty
+    batch breaks the convolution's gradient)."""
+    from click.testing import CliRunner
+
+    from keras_vit.cli.main import cli
+
+    out = CliRunner().invoke(cli, ["records", "--dataset", "digits", "--output", str(tmp_path / "rec"),
+                                   "--examples-per-shard", "400"])
+    assert out.exit_code == 0, out.output
+    ports = free_ports(2)
+    args = ["train", "--dataset", f"records:{tmp_path / 'rec'}", *TINY[2:], "--epochs", "2", "--peer-timeout", "120"]
+    logs = [str(tmp_path / f"w{i}.log") for i in range(2)]
+    procs = [start([*args, "--output", str(tmp_path / f"run{i}")], logs[i], str(tmp_path),
+                   TF_CONFIG=tf_config(ports, i)) for i in range(2)]
+    assert finish(procs, logs) == [0, 0], "\n".join(_tail(f) for f in logs)
+    digests = [ln.split()[-1] for f in logs for ln in open(f) if " weights " in ln]
+    assert len(digests) == 2 and digests[0] == digests[1]
+    steps = [sorted({ln.split()[0] for ln in open(f) if ln.startswith("20/20")}) for f in logs]
+    assert steps == [["20/20"], ["20/20"]]  # 1293 listed examples // 64 on both workers
+    assert [r["epoch"] for r in metrics_rows(tmp_path / "run0")] == ["0", "1"]

@@ -370,6 +370,15 @@ def file_share(cluster: Cluster, dataset: str) -> Optional[Tuple[int, int]]:
     return None
 
 
+def uneven_shares(cluster: Cluster, dataset: str) -> bool:
+    """Whether this worker's share of the training data can differ in size from the others'
+    (image folders, TFRecord shards and tfds files in a TensorFlow cluster). A worker whose share
+    ran out first would get empty batches, which the convolution's gradient cannot take, so such
+    training streams are endless and every worker takes the same steps per epoch."""
+    return (cluster.multi_worker and cluster.backend == "tensorflow"
+            and dataset.startswith(("folder:", "records:", "tfds:")))
+
+
 def shard_datasets(cluster: Cluster, dataset: str, batch_size: int, train, *evaluation):
     """The pipelines with the auto-shard policy for `dataset`: each worker reads its share.
 
@@ -378,10 +387,8 @@ def shard_datasets(cluster: Cluster, dataset: str, batch_size: int, train, *eval
     takes each step's per-worker batch from it. In-memory arrays and the folder's validation
     and test files shard by DATA: every worker walks the same order and keeps its slice of each
     global batch (every example evaluated once). tfds and TFRecord files shard AUTO: by FILE when
-    there are at least as many files as workers, else by DATA. Workers whose share runs out
-    first get empty batches until the others finish the epoch (tf.distribute's multi-worker
-    iterator). On JAX, Keras shards only batches of a known size, so validation and test drop
-    their last partial batch there.
+    there are at least as many files as workers, else by DATA (see uneven_shares). On JAX, Keras
+    shards only batches of a known size, so validation and test drop their last partial batch.
     """
     if not cluster.multi_worker:
         return (train, *evaluation)

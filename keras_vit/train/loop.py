@@ -37,6 +37,7 @@ from keras_vit.train.distribute import (
     replicas,
     shard_datasets,
     start_cluster,
+    uneven_shares,
     weights_digest,
 )
 from keras_vit.train.initial import load_initial_weights
@@ -211,9 +212,11 @@ def _load_data(cfg: TrainConfig, cluster: Optional[Cluster] = None) -> _Data:
         steps = sum(1 for _ in train_ds)
     if steps < 1:
         raise TrainError(f"batch size {cfg.batch_size} is larger than the training split; use a smaller --batch-size")
+    endless = uneven_shares(cluster, cfg.dataset)
+    if endless:  # pass after pass of this worker's share; every worker takes `steps` per epoch
+        train_ds = train_ds.repeat()
     train_ds, val_ds, test_ds = shard_datasets(cluster, cfg.dataset, cfg.batch_size, train_ds,
                                                kdata.pipeline(splits.val, **opts), kdata.pipeline(splits.test, **opts))
-    endless = file_share(cluster, cfg.dataset) is not None  # this worker's share of the files, pass after pass
     return _Data(splits, vit_cfg, train_ds, val_ds, test_ds, steps, steps if endless else None)
 
 
