@@ -25,10 +25,10 @@ test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q tests
 
-# The inner loop: lint and the tests neither slow nor in a JAX subprocess.
+# The inner loop: lint and the tests neither slow nor in a JAX or PyTorch subprocess.
 test-quick: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q -m "not slow and not jax" tests
+	$(PY) -m pytest -q -m "not slow and not jax and not torch" tests
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

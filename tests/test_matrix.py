@@ -139,9 +139,11 @@ def test_rows_cover_every_pair_and_the_full_option_product():
     assert len(ROWS) == 33 and ROWS == pairwise_rows(FACTORS, full=FULL)  # deterministic
 
 
-# model.quantize("int8" | "int4") of every row takes seconds each: those rows run in `make test`
-# only; save/load, clone_model, bf16, float8 and LoRA of the other rows stay in the quick loop.
-KERAS_ROWS = [pytest.param(i, id=f"{name}-{r['keras']}", marks=[pytest.mark.slow] if r["keras"] in ("int8", "int4") else [])
+# The whole matrix runs in `make test`; the quick loop keeps the first row of each cheap Keras
+# path (bf16, float8, LoRA; model.quantize int8 and int4 take seconds a row), save/load and
+# clone_model included (test_vit.py saves and reloads every pos_embedding x classifier quickly).
+_QUICK_ROWS = {kind: next(i for i, r in enumerate(ROWS) if r["keras"] == kind) for kind in ("bf16", "float8", "lora")}
+KERAS_ROWS = [pytest.param(i, id=f"{name}-{r['keras']}", marks=[] if i in _QUICK_ROWS.values() else [pytest.mark.slow])
               for i, (name, r) in enumerate(zip(IDS, ROWS))]
 
 

@@ -70,8 +70,8 @@ def test_loss_is_on_corrupted_patches_only():
     assert a == pytest.approx(b, rel=1e-6)
 
 
-@pytest.mark.parametrize("target", [t if i == 0 else pytest.param(t, marks=pytest.mark.slow)
-                                    for i, t in enumerate(mpp.TARGETS)])
+@pytest.mark.slow  # the quick loop pre-trains through `vitcli pretrain` (test_cli_pretrain_writes_...)
+@pytest.mark.parametrize("target", mpp.TARGETS)
 def test_pretraining_learns_and_saves_a_fine_tunable_encoder(digits, tmp_path, target):
     x_tr = digits[0][:256]
     enc = keras_vit.ViT("Ti/4", image_size=32, include_top=False, **SMALL)

@@ -156,6 +156,7 @@ def test_dropout_and_drop_path_act_only_in_training():
     assert np.abs(a - c).max() > 1e-4
 
 
+@pytest.mark.slow
 def test_mixed_bfloat16_trains_with_float32_norms_and_logits():
     keras.mixed_precision.set_global_policy("mixed_bfloat16")
     try:
