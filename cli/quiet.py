@@ -77,7 +77,7 @@ def filter_stderr() -> None:
             os.write(target, pending)
         os.close(read_end)
 
-    # Helpers that must write after this process stops (keras_vit.train.distribute's start-up
+    # Helpers that must write after this process stops (keras_vit.train.cluster_env's start-up
     # guard) write to the real stderr, not into the pipe this thread can no longer drain.
     os.environ[STDERR_FD_ENV] = str(target)
     thread = threading.Thread(target=pump, name="vitcli-stderr", daemon=True)

@@ -203,7 +203,8 @@ def test_folder_workers_decode_disjoint_shares_of_the_training_files(tmp_path):
     from PIL import Image
 
     from keras_vit import data as kdata
-    from keras_vit.train.distribute import Cluster, file_share, shard_datasets
+    from keras_vit.train.distribute import Cluster
+    from keras_vit.train.sharding import file_share, shard_datasets
 
     rng = np.random.default_rng(0)
     for cls, count in (("a", 12), ("b", 11)):  # 23 files: 21 to train (odd: one share is larger)

@@ -31,18 +31,16 @@ from keras_vit.train.distribute import (
     check_same_options,
     clip_summed_gradients,
     distribution_scope,
-    file_share,
     fingerprint,
     is_peer_lost,
     replicas,
-    shard_datasets,
     start_cluster,
-    uneven_shares,
     weights_digest,
 )
 from keras_vit.train.initial import load_initial_weights
 from keras_vit.train.recipes import TrainConfig, make_optimizer, resolve_speed
 from keras_vit.train.runs import RUNS_DIR, backup_epoch, check_output, new_run_dir, read_run_config, resolve_run_dir, trim_csv
+from keras_vit.train.sharding import file_share, shard_datasets, uneven_shares
 
 
 @dataclasses.dataclass
