@@ -40,9 +40,12 @@ def is_noise(line: bytes) -> bool:
 
 
 def quiet_python_warnings() -> None:
-    """Hide warnings known to be harmless here: Keras' shuffle note for tf.data input, NumPy
-    FutureWarnings from the libraries, and Python-side absl/TensorFlow info logs."""
+    """Hide warnings known to be harmless here: Keras' shuffle note for tf.data input, its "ran out
+    of data" note at the end of the first epoch of a pipeline of unknown length (image files with
+    bad ones skipped, record shards: the epoch is meant to end there), NumPy FutureWarnings from
+    the libraries, and Python-side absl/TensorFlow info logs."""
     warnings.filterwarnings("ignore", message=r".*`shuffle=True` was passed")
+    warnings.filterwarnings("ignore", message=r"Your input ran out of data")
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     for name in ("absl", "tensorflow", "tf2onnx", "h5py"):

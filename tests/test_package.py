@@ -22,6 +22,7 @@ def test_wheel_holds_export_and_cli(tmp_path):
     proc = _run([sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(tmp_path / "dist")],
                 cwd=src)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "absent from the `packages` configuration" not in proc.stdout + proc.stderr  # every folder declared
     (wheel,) = (tmp_path / "dist").glob("keras_vit-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     for module in ("keras_vit/__init__.py", "keras_vit/vit.py", "keras_vit/layers/__init__.py", "keras_vit/layers/attention.py",
