@@ -76,6 +76,20 @@ def metrics_rows(run):
         return list(csv.DictReader(f))
 
 
+def train_on_two_workers(args, tmp_path, epoch_steps):
+    """Run `vitcli ARGS` as two TF workers (run0 is the chief's folder); both must exit 0 with the
+    same weights and show `epoch_steps` (e.g. "9/9") as every epoch's progress line."""
+    ports = free_ports(2)
+    logs = [str(tmp_path / f"w{i}.log") for i in range(2)]
+    procs = [start([*args, "--output", str(tmp_path / f"run{i}")], logs[i], str(tmp_path),
+                   TF_CONFIG=tf_config(ports, i)) for i in range(2)]
+    assert finish(procs, logs) == [0, 0], "\n".join(_tail(f) for f in logs)
+    digests = [ln.split()[-1] for f in logs for ln in open(f) if " weights " in ln]
+    assert len(digests) == 2 and digests[0] == digests[1]
+    steps = [sorted({ln.split()[0] for ln in open(f) if ln.startswith(epoch_steps)}) for f in logs]
+    assert steps == [[epoch_steps], [epoch_steps]]
+
+
 def error_lines(path):
     with open(path) as f:
         text = f.read()
@@ -251,18 +265,10 @@ def test_two_tf_workers_train_on_their_shares_of_an_image_folder(tmp_path):
                 img[..., i] = 255
                 Image.fromarray(img).save(tmp_path / "imgs" / split / cls / f"{j}.png")
     (tmp_path / "imgs" / "train" / "red" / "broken.jpg").write_bytes(b"not an image")  # 75 files, 74 images
-    ports = free_ports(2)
     args = ["train", "--dataset", f"folder:{tmp_path / 'imgs'}", "--variant", "Ti/4", "--image-size", "16",
             "--hidden-size", "32", "--num-layers", "1", "--num-heads", "2", "--mlp-dim", "64", "--epochs", "2",
             "--batch-size", "8", "--augment", "none", "--skip-bad-images", "--peer-timeout", "120"]
-    logs = [str(tmp_path / f"w{i}.log") for i in range(2)]
-    procs = [start([*args, "--output", str(tmp_path / f"run{i}")], logs[i], str(tmp_path),
-                   TF_CONFIG=tf_config(ports, i)) for i in range(2)]
-    assert finish(procs, logs) == [0, 0], "\n".join(_tail(f) for f in logs)
-    digests = [ln.split()[-1] for f in logs for ln in open(f) if " weights " in ln]
-    assert len(digests) == 2 and digests[0] == digests[1]
-    steps = [sorted({ln.split()[0] for ln in open(f) if ln.startswith("9/9")}) for f in logs]
-    assert steps == [["9/9"], ["9/9"]]  # 75 listed files // 8 on both workers
+    train_on_two_workers(args, tmp_path, "9/9")  # 75 listed files // 8 on both workers
     assert [r["epoch"] for r in metrics_rows(tmp_path / "run0")] == ["0", "1"]
     assert json.loads((tmp_path / "run0" / "results.json").read_text())["test"]["top1"] >= 0.8
 
@@ -279,14 +285,6 @@ def test_two_tf_workers_on_record_shards_of_uneven_size(tmp_path):
     out = CliRunner().invoke(cli, ["records", "--dataset", "digits", "--output", str(tmp_path / "rec"),
                                    "--examples-per-shard", "400"])
     assert out.exit_code == 0, out.output
-    ports = free_ports(2)
     args = ["train", "--dataset", f"records:{tmp_path / 'rec'}", *TINY[2:], "--epochs", "2", "--peer-timeout", "120"]
-    logs = [str(tmp_path / f"w{i}.log") for i in range(2)]
-    procs = [start([*args, "--output", str(tmp_path / f"run{i}")], logs[i], str(tmp_path),
-                   TF_CONFIG=tf_config(ports, i)) for i in range(2)]
-    assert finish(procs, logs) == [0, 0], "\n".join(_tail(f) for f in logs)
-    digests = [ln.split()[-1] for f in logs for ln in open(f) if " weights " in ln]
-    assert len(digests) == 2 and digests[0] == digests[1]
-    steps = [sorted({ln.split()[0] for ln in open(f) if ln.startswith("20/20")}) for f in logs]
-    assert steps == [["20/20"], ["20/20"]]  # 1293 listed examples // 64 on both workers
+    train_on_two_workers(args, tmp_path, "20/20")  # 1293 listed examples // 64 on both workers
     assert [r["epoch"] for r in metrics_rows(tmp_path / "run0")] == ["0", "1"]
