@@ -25,7 +25,7 @@ from keras_vit.export._common import (
     metadata,
     resolve_model,
 )
-from keras_vit.export.onnx_fusion import fuse_attention, prune_to_class_token
+from keras_vit.export.onnx_fusion import fuse_attention
 from keras_vit.export.onnx_graph import fuse_layer_norms, replace_erfc
 from keras_vit.files import atomic_path
 
@@ -61,8 +61,7 @@ def to_onnx(model, path: PathLike, opset: int = MIN_OPSET, optimize: bool = Fals
     the standard LayerNormalization op (see `onnx_graph.fuse_layer_norms`).
     `optimize` replaces each self-attention by onnxruntime's fused Attention op
     (`onnx_fusion.fuse_attention`; not with relative position embeddings, whose logit bias
-    the op cannot take), computes what follows the last attention on the class token alone
-    when only that token reaches the logits (`onnx_fusion.prune_to_class_token`), then runs
+    the op cannot take, nor the one-query attention of a class-token model's last block), then runs
     onnxruntime's transformer optimizer (LayerNorm, GELU fusions); the result uses
     com.microsoft ops, so it is for onnxruntime only.
     `fp16` (or quantize="fp16") stores weights and activations in float16 with float32
@@ -336,7 +335,6 @@ def _optimize(proto, cfg, work: str, fuse: bool, fp16: bool):
     from onnxruntime.transformers.optimizer import optimize_model
 
     if fuse:
-        prune_to_class_token(proto)
         # onnxruntime's own ViT attention fusion expects PyTorch's graph: ours is rewritten here.
         fuse_attention(proto, cfg.num_heads)
     src = os.path.join(work, "renamed.onnx")

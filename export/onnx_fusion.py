@@ -1,7 +1,7 @@
 """Rewrites for `to_onnx(optimize=True)`: each self-attention core replaced by onnxruntime's
-fused Attention op (com.microsoft domain, so for onnxruntime only); what follows the last
-attention computed on the class token alone when only that token reaches the logits; and the
-count of fused nodes a graph holds."""
+fused Attention op (com.microsoft domain, so for onnxruntime only); and the count of fused
+nodes a graph holds. (A class-token model's last block already runs on that token alone in
+the Keras graph, `TransformerBlock(class_token_only=True)`; its one-query attention stays unfused.)"""
 from __future__ import annotations
 
 from typing import Dict, List, Optional, Tuple
@@ -161,137 +161,6 @@ def _batch_seq_hidden(g: GraphIndex, shape5: str, d: int, prefix: str) -> Tuple[
                          name=prefix + "/Concat_bsd", axis=0)]
 
 
-# --- the last block on the class token only --------------------------------------------------------
-_UNARY = {"Sqrt", "Tanh", "Erf", "Relu", "Neg", "Reciprocal", "Identity", "Sigmoid", "Exp"}
-_BINARY = {"Add", "Sub", "Mul", "Div", "Pow"}
-
-
-def prune_to_class_token(proto: onnx.ModelProto) -> int:
-    """When the logits read only the class token (classifier="token": a Slice of token 0 after
-    the final LayerNorm), compute the token-wise ops that lead there (the last block's output
-    projection, residual adds, LayerNorm and MLP, and the final LayerNorm) on that token alone:
-    the tensors they need from the rest of the graph are sliced to token 0, their Reshapes to
-    (-1, S, N) become (-1, 1, N). The logits are the same; on ViT-Ti/16 about 5% of the
-    multiply-adds go. Needs a static token count. Returns the number of nodes moved to the
-    class token (0: nothing changed)."""
-    g = GraphIndex(proto)
-    shapes = _static_shapes(proto)
-    region: Dict[int, list] = {}  # id(node) -> the inputs through which it reads tokens
-    # the last Slice of token 0 whose producers work token by token (the pooling before the head)
-    for sel in reversed([n for n in g.graph.node if _takes_token_0(g, n)]):
-        seq = shapes.get(sel.input[0], [None, None])[1]
-        if seq is not None and len(shapes[sel.input[0]]) == 3:
-            region = _class_token_region(g, sel, seq, shapes)
-        if region:
-            break
-    if not region:
-        return 0
-    # what a class-token node reads from a node computed on all tokens is cut to token 0
-    cuts = {t for rows in region.values() for t in rows if t not in g.producer or id(g.producer[t]) not in region}
-    if any(len(shapes.get(t, [])) < 3 or shapes[t][1] not in (seq, None) for t in cuts):
-        return 0  # a flattened (tokens, N) tensor cannot be cut to token 0 by a Slice
-    for name, value in (("zero", [0]), ("one", [1])):
-        g.add_initializer(value, f"class_token/{name}", np.int64)
-    cut_name = {t: t + "/class_token" for t in cuts}
-    replace = {}
-    for n in g.graph.node:
-        if id(n) not in region:
-            continue
-        new = [helper.make_node("Slice", [t, "class_token/zero", "class_token/one", "class_token/one"], [cut_name[t]],
-                                name=cut_name[t] + "/Slice") for t in region[id(n)] if t in cut_name]
-        for t in region[id(n)]:
-            cut_name.pop(t, None)  # one Slice per tensor, before its first reader
-        n.input[:] = [i + "/class_token" if i in cuts else i for i in n.input]
-        if n.op_type == "Reshape":
-            target = [int(v) for v in g.array(n.input[1])]
-            if len(target) >= 3:
-                n.input[1] = g.add_initializer([-1, 1] + target[2:], f"{n.output[0]}/class_token_shape", np.int64)
-        replace[id(n)] = new + [n]
-    produced = {o for n in g.graph.node if id(n) in region for o in n.output}
-    keep = [v for v in g.graph.value_info if v.name not in produced]
-    del g.graph.value_info[:]
-    g.graph.value_info.extend(keep)
-    g.rewrite(set(), replace)
-    return len(region)
-
-
-def _class_token_region(g: GraphIndex, sel, seq: int, shapes) -> Dict[int, list]:
-    """The nodes whose outputs only `sel` (a Slice of token 0) needs, through token-wise ops:
-    id(node) -> the inputs through which it reads tokens."""
-    region: Dict[int, list] = {}
-
-    def first_only(t: str) -> bool:  # every reader takes token 0 only
-        return t not in g.outputs and all(u is sel or id(u) in region for u in g.consumers.get(t, []))
-
-    for n in reversed(g.graph.node):  # readers before producers
-        if n is sel or not any(g.consumers.get(o) for o in n.output):
-            continue
-        rows = _token_inputs(g, n, seq, shapes) if all(first_only(o) for o in n.output if o) else None
-        if rows is not None:
-            region[id(n)] = rows
-    return region
-
-
-def _takes_token_0(g: GraphIndex, n) -> bool:
-    """n is a Slice of token 0 along axis 1 (starts 0, ends 1 there; the whole of axis 0)."""
-    if n.op_type != "Slice" or len(n.input) < 4:
-        return False
-    starts, ends, axes = (g.array(i) for i in n.input[1:4])
-    steps = g.array(n.input[4]) if len(n.input) > 4 else None
-    if starts is None or ends is None or axes is None or (steps is not None and np.any(steps != 1)):
-        return False
-    spans = {int(a): (int(s), int(e)) for a, s, e in zip(axes, starts, ends)}
-    return spans.get(1) == (0, 1) and all(a == 1 or (s == 0 and e >= 2 ** 31 - 1) for a, (s, e) in spans.items())
-
-
-def _token_inputs(g: GraphIndex, n, seq: int, shapes) -> Optional[List[str]]:
-    """The inputs through which n reads tokens, when n works on each token alone (its value on
-    token 0 needs token 0 of those inputs only), else None."""
-    attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
-    rank = len(shapes.get(n.input[0], [])) if n.input else 0
-    if n.op_type == "Reshape":
-        target = g.array(n.input[1])
-        dims = None if target is None else [int(v) for v in target]
-        if dims is None or dims[0] != -1 or 0 in dims or (len(dims) >= 3 and dims[1] != seq) or len(dims) < 2:
-            return None
-        shape = shapes.get(n.input[0], [])
-        per_token_in = shape[1:] if rank == 2 else shape[2:] if rank >= 3 and shape[1] == seq else [None]
-        per_token_out = dims[1:] if len(dims) == 2 else dims[2:]
-        if None in per_token_in or int(np.prod(per_token_in)) != int(np.prod(per_token_out)):
-            return None  # it would mix values of different tokens
-        return [n.input[0]]
-    if n.op_type == "MatMul":
-        w = g.initializers.get(n.input[1])
-        return [n.input[0]] if w is not None and len(w.dims) == 2 else None
-    if n.op_type in _UNARY:
-        return [n.input[0]]
-    if n.op_type in _BINARY:
-        rows = []
-        for i in n.input:
-            value = g.array(i)
-            if value is None:
-                rows.append(i)
-            elif value.ndim > 2 or (value.ndim == 2 and value.shape[0] != 1):
-                return None  # a constant that differs between tokens
-        return rows
-    if n.op_type == "ReduceMean":
-        axes = attrs.get("axes") if len(n.input) < 2 else g.array(n.input[1])
-        last = [rank - 1, -1]
-        ok = axes is not None and len(np.reshape(axes, -1)) == 1 and int(np.reshape(axes, -1)[0]) in last
-        return [n.input[0]] if ok and rank >= 2 and attrs.get("keepdims", 1) == 1 else None
-    if n.op_type == "LayerNormalization":
-        return [n.input[0]] if attrs.get("axis", -1) in (-1, rank - 1) and len(n.output) == 1 else None
-    return None
-
-
-def _static_shapes(proto: onnx.ModelProto) -> Dict[str, List[Optional[int]]]:
-    """Shape of each tensor ONNX shape inference can tell (None for unknown dimensions)."""
-    inferred = onnx.shape_inference.infer_shapes(proto)
-    return {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
-            for v in list(inferred.graph.value_info) + list(inferred.graph.input)
-            if v.type.tensor_type.HasField("shape")}
-
-
 FUSED_OPS = ("Attention", "MultiHeadAttention", "QAttention", "LayerNormalization", "SkipLayerNormalization",
              "SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "Gelu", "FastGelu", "BiasGelu",
              "QuickGelu", "GemmFastGelu")
@@ -306,4 +175,4 @@ def fused_op_counts(proto: onnx.ModelProto) -> Dict[str, int]:
     return counts
 
 
-__all__ = ["FUSED_OPS", "fuse_attention", "fused_op_counts", "prune_to_class_token"]
+__all__ = ["FUSED_OPS", "fuse_attention", "fused_op_counts"]

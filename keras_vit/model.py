@@ -140,14 +140,15 @@ LayerSource = Callable[[str, Callable[[], layers.Layer]], layers.Layer]
 
 
 def _encode(cfg: ViTConfig, images, layer: LayerSource, depth: int, dtype: Optional[str] = None,
-            attention: bool = False, patch_transform: Optional[Callable] = None):
+            attention: bool = False, patch_transform: Optional[Callable] = None, class_token_out: bool = False):
     """Eq. 1-3 up to encoder block `depth - 1`: (block outputs z_1..z_depth (B, S, D), their
     attention probabilities (B, heads, S, S) when `attention`, else []).
 
     The one definition of the encoder: the constructor runs it to build the graph and
     `VisionTransformer.forward_intermediates` runs it again on the model's own layers.
     `patch_transform` is applied to the patch embeddings (B, N, D) before the class token and
-    position embeddings are added (masked patch prediction corrupts them there).
+    position embeddings are added (masked patch prediction corrupts them there). With
+    `class_token_out` the last block computes the class token's output only, (B, 1, D).
     """
     x = images
     if cfg.include_preprocessing:
@@ -187,6 +188,8 @@ def _encode(cfg: ViTConfig, images, layer: LayerSource, depth: int, dtype: Optio
                 block = BlockAttention(block, name=f"{block.name}_attention", dtype=block.dtype_policy)
             x, a = block(x, return_attention_scores=True)
             probs.append(a)
+        elif class_token_out and i == depth - 1:
+            x = block(x, class_token_only=True)
         else:
             x = block(x)
         blocks.append(x)
@@ -204,7 +207,9 @@ def _build_graph(cfg: ViTConfig, dtype: Optional[str] = None):
     compute in float32)."""
     h, w = cfg.image_size
     inputs = keras.Input((None, None, cfg.channels) if cfg.dynamic_size else (h, w, cfg.channels), name="images")
-    blocks, _ = _encode(cfg, inputs, lambda name, make: make(), _depth(cfg), dtype)
+    # A class-token head reads token 0 of the last block alone: that block computes nothing else.
+    class_token_out = cfg.classifier == "token" and not cfg.feature_layers and cfg.output != "tokens"
+    blocks, _ = _encode(cfg, inputs, lambda name, make: make(), _depth(cfg), dtype, class_token_out=class_token_out)
     if cfg.feature_layers:  # a dict: Keras would unwrap a list of one
         prefix = 1 if cfg.classifier == "token" else 0
         return inputs, {f"block_{i}": PatchGrid(cfg.grid_size, prefix, name=f"features_{i}", dtype=dtype)(blocks[i])

@@ -28,11 +28,11 @@ def small_model(family: str = "learned", seed: int = 0, **options):
     keras.utils.set_random_seed(seed)
     if family == "hybrid":
         # A two-stage BiT ResNet (one unit each, total stride 8) under a one-block Ti encoder.
-        cfg = keras_vit.ViTConfig(**TI, patch_size=1, image_size=32, num_classes=10, resnet_layers=(1, 1),
-                                  variant="R+Ti/8", **options)
+        cfg = keras_vit.ViTConfig(**{**TI, **options}, patch_size=1, image_size=32, num_classes=10,
+                                  resnet_layers=(1, 1), variant="R+Ti/8")
         model = keras_vit.ViT(config=cfg)
     else:
-        model = keras_vit.ViT("Ti/4", image_size=32, num_classes=10, **TI, **{**FAMILIES[family], **options})
+        model = keras_vit.ViT("Ti/4", image_size=32, num_classes=10, **{**TI, **FAMILIES[family], **options})
     rng = np.random.RandomState(seed)
     for w in model.weights:
         value = np.asarray(w.numpy())

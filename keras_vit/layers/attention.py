@@ -102,17 +102,22 @@ class MultiHeadSelfAttention(layers.Layer):
         return q, k, v
 
     def _relative_bias(self, q):
-        """(B, heads, S, S) logits of the query against the relative-offset embeddings."""
+        """(B, heads, S_q, S) logits of the queries (the first S_q tokens) against the
+        relative-offset embeddings."""
         table = ops.cast(self.relative_embedding, q.dtype)
-        scores = ops.einsum("bhtk,ohk->bhto", q, table)  # (B, H, S, offsets)
-        s = q.shape[2]
-        idx = ops.convert_to_tensor(self._rel_index[None, None])  # (1, 1, S, S)
-        idx = ops.broadcast_to(idx, (ops.shape(scores)[0], self.num_heads, s, s))
+        scores = ops.einsum("bhtk,ohk->bhto", q, table)  # (B, H, S_q, offsets)
+        rows = self._rel_index[: q.shape[2]]
+        idx = ops.convert_to_tensor(rows[None, None])  # (1, 1, S_q, S)
+        idx = ops.broadcast_to(idx, (ops.shape(scores)[0], self.num_heads) + rows.shape)
         return ops.take_along_axis(scores, idx, axis=-1)
 
-    def call(self, x, training=None, return_attention_scores: bool = False):
+    def call(self, x, training=None, return_attention_scores: bool = False, num_queries: Optional[int] = None):
+        """(B, S, D) -> (B, S, D); with `num_queries` n, only the first n tokens attend (to all S)
+        and the result is (B, n, D): what a class-token head reads of the last block."""
         scale = 1.0 / math.sqrt(self.head_dim)
         q, k, v = self._qkv(x, scale)  # q already carries the softmax scale
+        if num_queries is not None:
+            q = q[:, :, :num_queries]
         bias = None
         if self.relative_grid is not None:
             bias = self._relative_bias(q)  # from the scaled query: the bias is scaled too

@@ -135,12 +135,21 @@ class TransformerBlock(layers.Layer):
         self.drop_path.build(input_shape)
         self.built = True
 
-    def call(self, x, training=None, return_attention_scores: bool = False):
+    def call(self, x, training=None, return_attention_scores: bool = False, class_token_only: bool = False):
+        """(B, S, D) -> (B, S, D); with `class_token_only`, (B, 1, D): the class token's output alone.
+
+        The class token still attends to every token, so its value is the same; the attention
+        of the other tokens, their MLP and LayerNorm are skipped. A last block whose only reader
+        is the class-token head runs this way (about 6% fewer FLOPs for a 12-block model).
+        """
         y = ops.cast(_layer_norm(self.norm_1, x), self.compute_dtype)
-        y = self.attention(y, training=training, return_attention_scores=return_attention_scores)
+        y = self.attention(y, training=training, return_attention_scores=return_attention_scores,
+                           num_queries=1 if class_token_only else None)
         if return_attention_scores:
             y, probs = y
         y = self.dropout(y, training=training)
+        if class_token_only:
+            x = x[:, :1]
         x = ops.cast(x, self.compute_dtype) + self.drop_path(y, training=training)
         y = ops.cast(_layer_norm(self.norm_2, x), self.compute_dtype)
         x = x + self.drop_path(self.mlp(y, training=training), training=training)
@@ -151,13 +160,15 @@ class TransformerBlock(layers.Layer):
     def compute_output_shape(self, input_shape):
         return input_shape
 
-    def compute_output_spec(self, x, training=None, return_attention_scores: bool = False):
+    def compute_output_spec(self, x, training=None, return_attention_scores: bool = False,
+                            class_token_only: bool = False):
         """Symbolic outputs: the tokens, and with `return_attention_scores` the float32 probabilities."""
-        out = keras.KerasTensor(x.shape, dtype=self.compute_dtype)
+        b, s = x.shape[0], x.shape[1]
+        queries = 1 if class_token_only else s
+        out = keras.KerasTensor((b, queries) + tuple(x.shape[2:]), dtype=self.compute_dtype)
         if not return_attention_scores:
             return out
-        b, s = x.shape[0], x.shape[1]
-        return out, keras.KerasTensor((b, self.num_heads, s, s), dtype="float32")
+        return out, keras.KerasTensor((b, self.num_heads, queries, s), dtype="float32")
 
     def get_config(self):
         return {**super().get_config(), "num_heads": self.num_heads, "mlp_dim": self.mlp_dim,
