@@ -23,6 +23,9 @@ RESNET_DEPTHS = {26: (2, 2, 2, 2), 50: (3, 4, 6, 3)}
 CLASSIFIERS = ("token", "gap")
 OUTPUTS = (None, "tokens")
 POS_EMBEDDINGS = ("learned", "learned_2d", "relative", "sincos2d", "none")
+# Standard deviation of the normal initialisers of learned embeddings (position, class token,
+# relative offsets), as in the official code and timm.
+INIT_STD = 0.02
 _OVERRIDES = ("hidden_size", "mlp_dim", "num_heads", "num_layers", "patch_size")
 # Official list shown by `vitcli models`.
 LISTED_VARIANTS = ("Ti/16", "S/16", "S/32", "B/16", "B/32", "B/8", "L/16", "L/32", "H/14",

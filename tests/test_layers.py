@@ -190,6 +190,28 @@ def test_transformer_block_is_pre_norm_residual(rng):
     assert cfg["layer_norm_epsilon"] == 1e-6
 
 
+@pytest.mark.parametrize("relative", [False, True])
+def test_transformer_block_class_token_only_is_token_0_of_the_full_block(rng, relative):
+    """class_token_only: (B, 1, D), the full block's token 0 (the class token attends to every
+    token, with the relative-offset bias of its own row); attention probabilities (B, H, 1, S)."""
+    block = L.TransformerBlock(num_heads=2, mlp_dim=16, relative_grid=(2, 2) if relative else None)
+    x = rng.normal(size=(3, 5, 8)).astype("float32")
+    full = keras.ops.convert_to_numpy(block(x))
+    if relative:  # the offset table starts at zero: give the bias a value
+        table = block.attention.relative_embedding
+        table.assign(rng.normal(size=table.shape).astype("float32"))
+        full = keras.ops.convert_to_numpy(block(x))
+    cls = keras.ops.convert_to_numpy(block(x, class_token_only=True))
+    assert cls.shape == (3, 1, 8)
+    np.testing.assert_allclose(cls, full[:, :1], atol=1e-5)
+    _, probs = block(x, return_attention_scores=True)
+    _, cls_probs = block(x, return_attention_scores=True, class_token_only=True)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(cls_probs), keras.ops.convert_to_numpy(probs)[:, :, :1],
+                               atol=1e-6)
+    spec = block.compute_output_spec(keras.KerasTensor((None, 5, 8)), class_token_only=True)
+    assert tuple(spec.shape) == (None, 1, 8)
+
+
 def test_token_pooling(rng):
     x = rng.normal(size=(2, 5, 3)).astype("float32")
     np.testing.assert_array_equal(keras.ops.convert_to_numpy(L.TokenPooling("token")(x)), x[:, 0])

@@ -9,8 +9,9 @@ import keras
 import numpy as np
 from keras import layers, ops
 
+from keras_vit.config import INIT_STD
+
 _REG = keras.saving.register_keras_serializable(package="keras_vit")
-_INIT_STD = 0.02
 
 
 def relative_position_index(grid_size: Tuple[int, int], num_prefix_tokens: int) -> np.ndarray:
@@ -67,7 +68,7 @@ class MultiHeadSelfAttention(layers.Layer):
             gh, gw = self.relative_grid
             n_off = (2 * gh - 1) * (2 * gw - 1) + (1 if self.num_prefix_tokens else 0)
             self.relative_embedding = self.add_weight(
-                shape=(n_off, h, hd), initializer=keras.initializers.RandomNormal(stddev=_INIT_STD),
+                shape=(n_off, h, hd), initializer=keras.initializers.RandomNormal(stddev=INIT_STD),
                 name="relative_embedding")
             self._rel_index = relative_position_index(self.relative_grid, self.num_prefix_tokens)
         self.dropout.build((None, h, None, None))

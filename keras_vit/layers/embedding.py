@@ -8,8 +8,9 @@ import keras
 import numpy as np
 from keras import layers, ops
 
+from keras_vit.config import INIT_STD
+
 _REG = keras.saving.register_keras_serializable(package="keras_vit")
-_INIT_STD = 0.02
 
 
 @_REG
@@ -154,7 +155,7 @@ class PositionEmbedding(layers.Layer):
     def build(self, x_shape, images_shape=None):
         d = x_shape[-1]
         gh, gw = self.grid_size
-        init = keras.initializers.RandomNormal(stddev=_INIT_STD)
+        init = keras.initializers.RandomNormal(stddev=INIT_STD)
         if self.kind == "learned":
             self.pos_embedding = self.add_weight(
                 shape=(1, gh * gw + self.num_prefix_tokens, d), initializer=init, name="pos_embedding")
