@@ -24,7 +24,10 @@ _NOISE = re.compile(rb"^(WARNING: All log messages before absl::InitializeLog\(\
                     rb".*rebuild TensorFlow with the appropriate compiler flags\.?|"
                     rb"This TensorFlow binary is optimized to use available CPU instructions.*|"
                     rb"To enable the following instructions: .*|"
-                    rb"WARNING:absl:.*)$")
+                    rb"WARNING:absl:.*|"
+                    # The TFLite converter's and LiteRT's own progress notes.
+                    rb"fully_quantize: \d+, inference_type: \d+, .*|"
+                    rb"INFO: Created TensorFlow Lite XNNPACK delegate for CPU\.)$")
 
 
 STDERR_FD_ENV = "KERAS_VIT_STDERR_FD"
@@ -46,6 +49,8 @@ def quiet_python_warnings() -> None:
     the libraries, and Python-side absl/TensorFlow info logs."""
     warnings.filterwarnings("ignore", message=r".*`shuffle=True` was passed")
     warnings.filterwarnings("ignore", message=r"Your input ran out of data")
+    # `vitcli export` prints this note of to_tflite itself, once, as a line of its output.
+    warnings.filterwarnings("ignore", message=r"full-int8 TFLite is not faster")
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     for name in ("absl", "tensorflow", "tf2onnx", "h5py"):

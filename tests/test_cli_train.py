@@ -261,7 +261,9 @@ def test_quiet_filter_drops_start_up_lines_and_keeps_real_errors():
              b"E0000 00:00:1795922082.967147   27563 cuda_platform.cc:52] failed call to cuInit: INTERNAL: "
              b"CUDA error: Failed call to cuInit: UNKNOWN ERROR (303)",
              b"To enable the following instructions: AVX2 AVX512F FMA, in other operations, rebuild TensorFlow "
-             b"with the appropriate compiler flags."]
+             b"with the appropriate compiler flags.",
+             b"fully_quantize: 0, inference_type: 6, input_inference_type: FLOAT32, output_inference_type: FLOAT32",
+             b"INFO: Created TensorFlow Lite XNNPACK delegate for CPU."]
     kept = [b"E0000 00:00:1795922082.967147   27563 kernel.cc:10] Out of memory while allocating 4 GB",
             b"Traceback (most recent call last):", b"Error: unknown recipe 'fast'", b"Epoch 1/8"]
     assert all(is_noise(line) for line in noise)
