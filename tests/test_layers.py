@@ -175,6 +175,51 @@ def test_mlp_block_is_dense_gelu_dense(rng, approximate):
     _roundtrip(layer)
 
 
+@pytest.mark.parametrize("approximate", [True, False])
+def test_training_gelu_matches_ops_gelu_and_its_gradient(rng, approximate, monkeypatch):
+    """The bf16-training GELU (gradient recomputed from its input, TF) has ops.gelu's values and gradient."""
+    import tensorflow as tf
+
+    from keras_vit.layers.block import _gelu_with_input_gradient, gelu
+
+    x = tf.constant(rng.normal(scale=3.0, size=(64, 96)).astype("float32"))
+    upstream = tf.constant(rng.normal(size=(64, 96)).astype("float32"))
+    with tf.GradientTape() as tape:  # in float32 the form itself equals ops.gelu and its autodiff
+        tape.watch(x)
+        y = _gelu_with_input_gradient(approximate)(x)
+    ref_y, ref_g = _gelu_and_gradient_fp32(x, upstream, approximate)
+    np.testing.assert_allclose(y.numpy(), ref_y.numpy(), atol=1e-6)
+    np.testing.assert_allclose(tape.gradient(y, x, output_gradients=upstream).numpy(), ref_g.numpy(), atol=1e-5)
+    # the layer takes it for bf16 in training: bf16 values and gradients within bf16 rounding
+    xb = tf.cast(x, tf.bfloat16)
+    with tf.GradientTape() as tape:
+        tape.watch(xb)
+        yb = gelu(xb, approximate, training=True)
+    gb = tape.gradient(yb, xb, output_gradients=tf.cast(upstream, tf.bfloat16))
+    assert yb.dtype == gb.dtype == tf.bfloat16
+    ref_y, ref_g = (t.numpy() for t in _gelu_and_gradient_fp32(tf.cast(xb, tf.float32), upstream, approximate))
+    np.testing.assert_allclose(tf.cast(yb, tf.float32).numpy(), ref_y, rtol=1e-2, atol=1e-2)
+    np.testing.assert_allclose(tf.cast(gb, tf.float32).numpy(), ref_g, rtol=2e-2, atol=2e-2)
+    # which form runs: the custom one for bf16 training only; float32 and inference keep ops.gelu
+    import keras_vit.layers.block as block
+
+    taken = []
+    monkeypatch.setattr(block, "_gelu_with_input_gradient", lambda a: taken.append(a) or (lambda t: t))
+    gelu(xb, approximate, training=True)
+    gelu(xb, approximate, training=False)
+    gelu(x, approximate, training=True)
+    assert taken == [approximate]
+
+
+def _gelu_and_gradient_fp32(x, upstream, approximate):
+    import tensorflow as tf
+
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = keras.ops.gelu(x, approximate=approximate)
+    return y, tape.gradient(y, x, output_gradients=upstream)
+
+
 def test_transformer_block_is_pre_norm_residual(rng):
     block = L.TransformerBlock(num_heads=2, mlp_dim=16)
     x = rng.normal(size=(2, 5, 8)).astype("float32")

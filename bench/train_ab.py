@@ -1,0 +1,102 @@
+"""A/B of one training-speed change: img/s of keras-vit as built against the same model without it.
+
+Changes (`--without`):
+- `class-token-block`: the last block on every token (as built, a class-token model's last
+  block computes the class token alone);
+- `gelu-gradient`: TensorFlow's own gradient of the op-by-op GELU (as built, bf16 training uses
+  the GELU whose float32 gradient is recomputed from its input, `layers.block.gelu`).
+
+Each variant runs in its own process (the `fusible` XLA flags are per process), alternately:
+  python -m bench.train_ab --without gelu-gradient --variant B/16 --rounds 3 --steps 6
+Prints one line per run and the median of each variant's runs. The training is `model.fit`
+over a repeated tf.data batch, mixed_bfloat16 + fusible (the `vitcli train` default on a CPU
+with native bf16), SGD momentum.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import time
+
+CHANGES = ("class-token-block", "gelu-gradient")
+
+
+def _undo(change: str) -> None:
+    """Puts the model code back as it was before `change`, in this process only."""
+    if change == "class-token-block":
+        import keras_vit.model as vit_model
+
+        encode = vit_model._encode
+        vit_model._encode = lambda *a, **k: encode(*a, **{**k, "class_token_out": False})
+    elif change == "gelu-gradient":
+        import keras_vit.layers.block as block
+
+        block.gelu = lambda x, approximate=True, training=None: block.ops.gelu(x, approximate=approximate)
+
+
+def run_one(without: str, variant: str, steps: int, batch_size: int) -> float:
+    """Median training img/s of `model.fit` (mixed_bfloat16 + fusible, SGD momentum) in this process."""
+    from keras_vit import precision
+
+    precision.request_fusible_clustering()  # before TensorFlow's first function runs
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    import keras_vit
+
+    if without:
+        _undo(without)
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    model = keras_vit.ViT(variant, num_classes=10)
+    model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), jit_compile=False)
+    rng = np.random.default_rng(0)
+    images = rng.uniform(0, 255, (batch_size, 224, 224, 3)).astype("float32")
+    labels = rng.integers(0, 10, batch_size)
+    data = tf.data.Dataset.from_tensors((images, labels)).repeat()
+    model.fit(data, steps_per_epoch=5, epochs=1, verbose=0)  # warm-up, compilation included
+    times = []
+
+    class StepTimer(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            self.start = time.perf_counter()
+
+        def on_train_batch_end(self, batch, logs=None):
+            times.append(time.perf_counter() - self.start)
+
+    model.fit(data, steps_per_epoch=steps, epochs=1, verbose=0, callbacks=[StepTimer()])
+    return batch_size / statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--without", choices=CHANGES, required=True, help="the change to leave out in variant B")
+    parser.add_argument("--variant", default="Ti/16")
+    parser.add_argument("--steps", type=int, default=15)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--child", choices=["as-built", "without"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        img_s = run_one(args.without if args.child == "without" else "", args.variant, args.steps, args.batch_size)
+        print("IMG_S", img_s)
+        return
+    results = {"as-built": [], "without": []}
+    for r in range(args.rounds):
+        for name in results:
+            out = subprocess.run([sys.executable, "-m", "bench.train_ab", "--child", name, "--without", args.without,
+                                  "--variant", args.variant, "--steps", str(args.steps),
+                                  "--batch-size", str(args.batch_size)], capture_output=True, text=True, check=True)
+            img_s = float(next(line for line in out.stdout.splitlines() if line.startswith("IMG_S")).split()[1])
+            results[name].append(img_s)
+            print(f"round {r + 1} {name if name == 'as-built' else 'without ' + args.without}: {img_s:.2f} img/s",
+                  flush=True)
+    built, without = (statistics.median(results[k]) for k in ("as-built", "without"))
+    print(f"{args.variant}: as built {built:.2f} img/s, without {args.without} {without:.2f}: {built / without:.3f}x")
+
+
+if __name__ == "__main__":
+    main()
