@@ -36,6 +36,23 @@ def test_infer_quick_runs_keras_and_onnx_and_agrees(capsys):
     assert "inference" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # profiles a small model in a fresh process (about 30 s)
+def test_profile_train_splits_a_step_into_gemms_and_fused_work(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-m", "bench.profile_train", "--variant", "Ti/16", "--image-size", "64",
+                           "--batch-size", "4", "--steps", "2", "--without", "gelu-gradient"],
+                          cwd=root, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout
+    assert "Ti/16, 64 px, batch 4" in out
+    assert "weight GEMMs" in out and "XLA-fused element-wise" in out  # fusible clustering was on
+    assert "Gelu" in out.split("by model part:")[1]  # the fusions are traced back to the model's ops
+
+
 def test_unknown_case_is_one_clear_error():
     with pytest.raises(SystemExit, match="unknown case"):
         train.main(["--quick", "--cases", "nope"])

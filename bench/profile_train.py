@@ -1,0 +1,142 @@
+"""Where a training step's time goes: TensorFlow's profiler over a few `train_on_batch` steps of
+keras-vit (mixed_bfloat16 + fusible, the `vitcli train` default on a CPU with native bf16), with
+the op time summed by kind and the XLA-fused element-wise work by the model part it comes from.
+
+  python -m bench.profile_train --variant B/16 --steps 3
+  python -m bench.profile_train --variant B/16 --without gelu-gradient   # as before that change
+
+Times are the ops' durations on TensorFlow's threads, per step: two ops running at once on the
+two inter-op threads both count, so the kinds add up to more than the step's wall time.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import os
+import re
+import tempfile
+import time
+from typing import Dict
+
+from bench import train_ab
+
+KINDS = (("weight GEMMs (oneDNN MatMul, forward and backward)", re.compile(r":_Mkl(Native)?(Fused)?MatMul$")),
+         ("attention products (BatchMatMul)", re.compile(r"BatchMatMul")),
+         ("patch embedding (Conv2D)", re.compile(r"Conv2D")),
+         ("XLA cluster: caller waiting", re.compile(r"^BlockUntilReady$")),
+         ("XLA-fused element-wise", re.compile(r"fusion|reduce-window|^wrapped_|ThunkExecutor|CpuExecutable")),
+         ("TF executor", re.compile(r"^Executor")))
+
+
+def _self_times(plane) -> Dict[str, int]:
+    """Self time (picoseconds) per event name on the TF compute and Eigen threads."""
+    self_ps: Dict[str, int] = collections.Counter()
+    for line in plane.lines:
+        if line.name == "python":
+            continue
+        stack = []
+        for e in sorted(line.events, key=lambda e: (e.offset_ps, -e.duration_ps)):
+            name = plane.event_metadata[e.metadata_id].name
+            while stack and stack[-1][0] <= e.offset_ps:
+                stack.pop()
+            if stack:
+                self_ps[stack[-1][1]] -= e.duration_ps
+            self_ps[name] += e.duration_ps
+            stack.append((e.offset_ps + e.duration_ps, name))
+    return self_ps
+
+
+def _fusion_parts(plane, dump: str) -> Dict[str, int]:
+    """XLA fusion time by the TF op names (model parts) it was compiled from, via the HLO dump."""
+    texts: Dict[tuple, str] = {}
+    parts: Dict[str, int] = collections.Counter()
+    for line in plane.lines:
+        for e in line.events:
+            stats = {plane.stat_metadata[s.metadata_id].name:
+                     plane.stat_metadata[s.ref_value].name if s.ref_value else (s.str_value or s.int64_value)
+                     for s in e.stats}
+            if "hlo_op" not in stats or str(stats["hlo_op"]).startswith("ThunkExecutor"):
+                continue
+            key = (stats["hlo_module"], stats["program_id"])
+            if key not in texts:
+                found = glob.glob(f"{dump}/module_{key[1]:04d}.{key[0]}.cpu_after_optimizations.txt")
+                texts[key] = open(found[0]).read() if found else ""
+            parts[_part(texts[key], str(stats["hlo_op"]))] += e.duration_ps
+    return parts
+
+
+def _part(text: str, hlo_op: str) -> str:
+    """The model part of one HLO instruction: its fused computation's most frequent op names."""
+    m = re.search(r"^\s*(ROOT )?%" + re.escape(hlo_op) + r" = [^\n]*?calls=%([\w.\-]+)", text, re.M)
+    body = ""
+    if m:
+        comp = re.search(r"^%" + re.escape(m.group(2)) + r" .*?\n}", text, re.M | re.S)
+        body = comp.group(0) if comp else ""
+    names = collections.Counter()
+    for name in re.findall(r'op_name="([^"]+)"', body):
+        backward = name.startswith("gradient_tape/")
+        name = re.sub(r"^(gradient_tape/)?vit_\w+?_1/|encoderblock_\d+_1/|_\d+(?=/|$)", "", name)
+        names[("backward: " if backward else "") + "/".join(name.split("/")[:3])] += 1
+    return " + ".join(n for n, _ in names.most_common(2)) or "(other: converts, reductions)"
+
+
+def main(argv=None) -> Dict[str, float]:
+    """Profiles, prints the tables and returns {kind: ms per step} with "step" the wall time."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variant", default="B/16")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--top", type=int, default=15, help="model parts to list")
+    parser.add_argument("--without", choices=train_ab.CHANGES, help="profile the model without this change")
+    args = parser.parse_args(argv)
+    work = tempfile.mkdtemp(prefix="keras_vit_profile_")
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_dump_to={work}/hlo --xla_dump_hlo_as_text"
+    from keras_vit import precision
+
+    precision.request_fusible_clustering()
+    import keras
+    import numpy as np
+    import tensorflow as tf
+    from tensorflow.tsl.profiler.protobuf import xplane_pb2
+
+    import keras_vit
+
+    if args.without:
+        train_ab._undo(args.without)
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    model = keras_vit.ViT(args.variant, num_classes=10, image_size=args.image_size)
+    model.compile(optimizer=keras.optimizers.SGD(1e-3, momentum=0.9),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), jit_compile=False)
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 255, (args.batch_size, args.image_size, args.image_size, 3)).astype("float32")
+    y = rng.integers(0, 10, args.batch_size)
+    for _ in range(6):
+        model.train_on_batch(x, y)
+    tf.profiler.experimental.start(f"{work}/trace")
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        model.train_on_batch(x, y)
+    wall = (time.perf_counter() - start) / args.steps
+    tf.profiler.experimental.stop()
+    space = xplane_pb2.XSpace()
+    with open(glob.glob(f"{work}/trace/plugins/profile/*/*.xplane.pb")[0], "rb") as f:
+        space.ParseFromString(f.read())
+    plane = next(p for p in space.planes if p.name == "/host:CPU")
+    per_step = 1e9 * args.steps  # picoseconds -> ms per step
+    kinds: Dict[str, int] = collections.Counter()
+    for name, ps in _self_times(plane).items():
+        kinds[next((k for k, rx in KINDS if rx.search(name)), "other TF ops")] += ps
+    print(f"{args.variant}, {args.image_size} px, batch {args.batch_size}, mixed_bfloat16 + fusible: {wall * 1000:.0f} ms a step "
+          f"({args.batch_size / wall:.2f} img/s under the profiler); {work}")
+    for kind, ps in kinds.most_common():
+        print(f"  {ps / per_step:8.1f} ms  {kind}")
+    print("XLA-fused element-wise work by model part:")
+    for part, ps in collections.Counter(_fusion_parts(plane, f"{work}/hlo")).most_common(args.top):
+        print(f"  {ps / per_step:8.1f} ms  {part}")
+    return {"step": wall * 1000, **{kind: ps / per_step for kind, ps in kinds.items()}}
+
+
+if __name__ == "__main__":
+    main()
