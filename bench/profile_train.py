@@ -93,25 +93,10 @@ def main(argv=None) -> Dict[str, float]:
     args = parser.parse_args(argv)
     work = tempfile.mkdtemp(prefix="keras_vit_profile_")
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_dump_to={work}/hlo --xla_dump_hlo_as_text"
-    from keras_vit import precision
-
-    precision.request_fusible_clustering()
-    import keras
-    import numpy as np
+    model, x, y = train_ab.bf16_training_model(args.variant, args.batch_size, args.image_size, args.without or "")
     import tensorflow as tf
     from tensorflow.tsl.profiler.protobuf import xplane_pb2
 
-    import keras_vit
-
-    if args.without:
-        train_ab._undo(args.without)
-    keras.mixed_precision.set_global_policy("mixed_bfloat16")
-    model = keras_vit.ViT(args.variant, num_classes=10, image_size=args.image_size)
-    model.compile(optimizer=keras.optimizers.SGD(1e-3, momentum=0.9),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), jit_compile=False)
-    rng = np.random.default_rng(0)
-    x = rng.uniform(0, 255, (args.batch_size, args.image_size, args.image_size, 3)).astype("float32")
-    y = rng.integers(0, 10, args.batch_size)
     for _ in range(6):
         model.train_on_batch(x, y)
     tf.profiler.experimental.start(f"{work}/trace")

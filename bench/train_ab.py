@@ -36,26 +36,35 @@ def _undo(change: str) -> None:
         block.gelu = lambda x, approximate=True, training=None: block.ops.gelu(x, approximate=approximate)
 
 
-def run_one(without: str, variant: str, steps: int, batch_size: int) -> float:
-    """Median training img/s of `model.fit` (mixed_bfloat16 + fusible, SGD momentum) in this process."""
+def bf16_training_model(variant: str, batch_size: int, image_size: int = 224, without: str = ""):
+    """(model, images, labels): keras-vit compiled as the `vitcli train` default on a CPU with native
+    bf16 (mixed_bfloat16 + fusible, SGD momentum), optionally without one change; random data.
+    Call it before TensorFlow's first function runs in the process (the fusible flags)."""
     from keras_vit import precision
 
-    precision.request_fusible_clustering()  # before TensorFlow's first function runs
+    precision.request_fusible_clustering()
     import keras
     import numpy as np
-    import tensorflow as tf
 
     import keras_vit
 
     if without:
         _undo(without)
     keras.mixed_precision.set_global_policy("mixed_bfloat16")
-    model = keras_vit.ViT(variant, num_classes=10)
+    model = keras_vit.ViT(variant, num_classes=10, image_size=image_size)
     model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), jit_compile=False)
     rng = np.random.default_rng(0)
-    images = rng.uniform(0, 255, (batch_size, 224, 224, 3)).astype("float32")
-    labels = rng.integers(0, 10, batch_size)
+    images = rng.uniform(0, 255, (batch_size, image_size, image_size, 3)).astype("float32")
+    return model, images, rng.integers(0, 10, batch_size)
+
+
+def run_one(without: str, variant: str, steps: int, batch_size: int) -> float:
+    """Median training img/s of `model.fit` (mixed_bfloat16 + fusible, SGD momentum) in this process."""
+    model, images, labels = bf16_training_model(variant, batch_size, without=without)
+    import keras
+    import tensorflow as tf
+
     data = tf.data.Dataset.from_tensors((images, labels)).repeat()
     model.fit(data, steps_per_epoch=5, epochs=1, verbose=0)  # warm-up, compilation included
     times = []

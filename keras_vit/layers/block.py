@@ -47,25 +47,26 @@ def _gelu_with_input_gradient(approximate: bool):
     """
     c = math.sqrt(2.0 / math.pi)
 
+    def value(x32):
+        if approximate:  # 0.5 x (1 + tanh(c (x + 0.044715 x^3)))
+            return 0.5 * x32 * (1.0 + ops.tanh(c * (x32 + 0.044715 * x32 * x32 * x32)))
+        return 0.5 * x32 * (1.0 + ops.erf(x32 / math.sqrt(2.0)))  # x Phi(x)
+
+    def slope(x32):
+        if approximate:
+            x2 = x32 * x32
+            t = ops.tanh(c * (x32 + 0.044715 * x2 * x32))
+            return 0.5 * (1.0 + t) + 0.5 * x32 * (1.0 - t * t) * c * (1.0 + 3.0 * 0.044715 * x2)
+        return 0.5 * (1.0 + ops.erf(x32 / math.sqrt(2.0))) + x32 * ops.exp(-0.5 * x32 * x32) / math.sqrt(2.0 * math.pi)
+
     @ops.custom_gradient
     def gelu(x):
-        def value_and_slope(x32):
-            if approximate:  # 0.5 x (1 + tanh(c (x + 0.044715 x^3)))
-                x2 = x32 * x32
-                t = ops.tanh(c * (x32 + 0.044715 * x2 * x32))
-                return (0.5 * x32 * (1.0 + t),
-                        0.5 * (1.0 + t) + 0.5 * x32 * (1.0 - t * t) * c * (1.0 + 3.0 * 0.044715 * x2))
-            cdf = 0.5 * (1.0 + ops.erf(x32 / math.sqrt(2.0)))  # x Phi(x)
-            return x32 * cdf, cdf + x32 * ops.exp(-0.5 * x32 * x32) / math.sqrt(2.0 * math.pi)
-
         def grad(*args, upstream=None):
             if upstream is None:
                 (upstream,) = args
-            _, slope = value_and_slope(ops.cast(x, "float32"))
-            return ops.cast(ops.cast(upstream, "float32") * slope, x.dtype)
+            return ops.cast(ops.cast(upstream, "float32") * slope(ops.cast(x, "float32")), x.dtype)
 
-        value, _ = value_and_slope(ops.cast(x, "float32"))
-        return ops.cast(value, x.dtype), grad
+        return ops.cast(value(ops.cast(x, "float32")), x.dtype), grad
 
     return gelu
 
