@@ -22,8 +22,8 @@ def load_model(path: Union[str, os.PathLike], compile: bool = False) -> keras.Mo
     if not path.endswith(".keras"):
         raise ValueError(f"model file {path!r} must be a .keras file written by model.save")
     if not zipfile.is_zipfile(path):  # Keras would say "File not found" for a truncated or foreign file
-        raise ValueError(f"model file {path!r} is not a .keras archive (a zip written by model.save); "
-                         "it is damaged or another kind of file")
+        raise ValueError(f"could not load {path!r}: not a .keras archive (the zip model.save writes); "
+                         "the file is damaged or of another kind")
     try:
         model = keras.saving.load_model(path, compile=compile)
     except Exception as exc:  # noqa: BLE001 - any failure means: not a loadable keras-vit file

@@ -86,7 +86,7 @@ def test_failed_check_exits_nonzero_and_keeps_the_file(run_dir, tmp_path):
     (["--quantize", "int8", "--optimize", "--calibration-dataset", "digits"], "leave out --optimize"),
     (["--opset", "9", "--no-verify", "--output", "x.onnx"], "opset must be an integer from 17"),
     (["--threshold", "fast"], "must look like NAME=NUMBER"),
-    (["--model", "cut.keras"], "model file 'cut.keras' is not a .keras archive"),
+    (["--model", "cut.keras"], "could not load 'cut.keras': not a .keras archive"),
     (["--model", "runs"], "model file 'runs' is a folder"),
 ])
 def test_bad_input_gives_one_line_and_nonzero_exit(run_dir, tmp_path, args, message):
