@@ -6,6 +6,7 @@ Heavy imports (Keras, TensorFlow) happen on first use of a model attribute, so t
 from __future__ import annotations
 
 import importlib
+import sys
 
 __version__ = "0.1.0"
 
@@ -44,3 +45,11 @@ def __getattr__(name: str):
 
 def __dir__():
     return __all__
+
+
+# keras.saving.load_model finds custom classes only once they are registered. When Keras is
+# already loaded (a notebook that imported it first), registering costs nothing: do it now, so
+# `import keras, keras_vit; keras.saving.load_model("m.keras")` works. Otherwise stay light
+# (vitcli --help); keras_vit.load_model and any model attribute register them on first use.
+if "keras" in sys.modules:
+    importlib.import_module("keras_vit.model")

@@ -67,3 +67,20 @@ def test_vitcli_version_and_models():
     assert "86,567,656" in proc.stdout and "98,659,112" in proc.stdout and "H/14" in proc.stdout
     bad = _run([VITCLI, "models", "--image-size", "0"])
     assert bad.returncode != 0 and "Traceback" not in bad.stderr
+
+
+def test_keras_load_model_after_import_keras_vit(tmp_path):
+    """A notebook that imports Keras, then keras_vit, reloads a .keras file with Keras' own loader."""
+    path = tmp_path / "m.keras"
+    code = ("import sys, numpy as np, keras, keras_vit\n"
+            "m = keras_vit.ViT(variant='Ti/16', image_size=32, patch_size=8, hidden_size=32, num_layers=1,\n"
+            "                  num_heads=2, mlp_dim=64, num_classes=3)\n"
+            f"m.save({str(path)!r})\n")
+    proc = _run([sys.executable, "-c", code], cwd="/")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    code = ("import numpy as np, keras, keras_vit\n"
+            f"m = keras.saving.load_model({str(path)!r})\n"
+            "print(type(m).__name__, m(np.zeros((1, 32, 32, 3), 'float32')).shape)")
+    proc = _run([sys.executable, "-c", code], cwd="/")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "VisionTransformer (1, 3)" in proc.stdout
