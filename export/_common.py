@@ -41,9 +41,12 @@ def check_tensorflow_backend(what: str) -> None:
                           f"this process runs {keras.backend.backend()!r}")
 
 
-def check_class_names(class_names: Optional[Sequence[str]], num_classes: int) -> Optional[List[str]]:
+def check_class_names(class_names: Optional[Sequence[str]], num_classes: int, model=None) -> Optional[List[str]]:
+    """`class_names` as strings, else the names `model` carries (model.class_names, saved in its
+    .keras file) when they count `num_classes`; ExportError for given names of another count."""
     if class_names is None:
-        return None
+        own = getattr(model, "class_names", None)
+        return [str(c) for c in own] if own and len(own) == num_classes else None
     names = [str(c) for c in class_names]
     if len(names) != num_classes:
         raise ExportError(f"{len(names)} class names given for a model with {num_classes} classes")
