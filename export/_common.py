@@ -29,6 +29,10 @@ def resolve_model(model):
         cfg = get_config(model)
     except ValueError as exc:
         raise ExportError(str(exc)) from None
+    if cfg.output is not None or cfg.feature_layers is not None:
+        what = "its tokens (output='tokens')" if cfg.output else f"feature maps of blocks {list(cfg.feature_layers)}"
+        raise ExportError(f"export takes a classifier or a pooled-feature model (one (batch, N) output); this "
+                          f"model returns {what}: build it without output/feature_layers to export it")
     return model, cfg
 
 
@@ -100,7 +104,8 @@ def metadata(cfg, class_names: Optional[Sequence[str]], precision: str, fmt: str
                           else "none: feed values normalised as in training"),
         "mean": json.dumps([127.5] * cfg.channels if cfg.include_preprocessing else [0.0] * cfg.channels),
         "std": json.dumps([127.5] * cfg.channels if cfg.include_preprocessing else [1.0] * cfg.channels),
-        "output": f"logits: float32 [batch, {cfg.num_classes}]",
+        "output": (f"logits: float32 [batch, {cfg.num_classes}]" if cfg.include_top else
+                   f"features (include_top=False): float32 [batch, {cfg.representation_size or cfg.hidden_size}]"),
         "vit_config": json.dumps(cfg.to_dict(), sort_keys=True),
     }
     if dynamic_size:

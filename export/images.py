@@ -37,6 +37,8 @@ def load_images(source=None, image_size: Union[int, Tuple[int, int]] = 224, chan
         images = _from_name(os.fspath(source), image_size, num_images, split)
     else:
         images = _from_iterable(source, num_images)
+    if len(images) == 0:
+        raise ExportError("the image source gave no images")
     return _fit(images, image_size, channels)
 
 
