@@ -13,6 +13,9 @@ DEFAULT_MODEL = os.path.join("runs", "latest", "model.keras")
 
 
 def _parse_thresholds(items: Tuple[str, ...]) -> dict:
+    """{metric: limit} from NAME=NUMBER items; UserError for bad syntax, names or values."""
+    from keras_vit.export.verify import check_thresholds
+
     limits = {}
     for item in items:
         name, sep, value = item.partition("=")
@@ -22,7 +25,17 @@ def _parse_thresholds(items: Tuple[str, ...]) -> dict:
             sep = ""
         if not sep:
             raise UserError(f"--threshold {item!r} must look like NAME=NUMBER, e.g. top1_agreement=0.98")
-    return limits
+    return check_thresholds(limits)
+
+
+def _check_calibration(quantize: Optional[str]) -> None:
+    """UserError for calibration options on the command line of an export that calibrates nothing."""
+    ctx = click.get_current_context()
+    given = [p.opts[0] for p in ctx.command.params if p.name in ("num_calibration", "calibration_dataset")
+             and ctx.get_parameter_source(p.name) == click.core.ParameterSource.COMMANDLINE]
+    if given and quantize != "int8":
+        verb = "apply" if len(given) > 1 else "applies"
+        raise UserError(f"{' and '.join(given)} {verb} to --quantize int8 only (got --quantize {quantize or 'none'})")
 
 
 def _check_options(fmt: str, quantize: Optional[str], optimize: bool, opset: int, layout: str,
@@ -107,8 +120,9 @@ def export_cmd(model_path: str, fmt: str, quantize: Optional[str], opset: int, o
     check fails, keeping the file and marking it as failing in the report.
     """
     _check_options(fmt, quantize, optimize, opset, layout, dynamic_size, input_dtype, interpolation)
+    _check_calibration(quantize)
     limits = _parse_thresholds(thresholds)
-    if not os.path.isfile(model_path):
+    if not os.path.exists(model_path):
         hint = " (train one first: vitcli train)" if model_path == DEFAULT_MODEL else ""
         raise UserError(f"model file {model_path!r} does not exist{hint}")
     from keras_vit.train.runs import read_run
@@ -124,6 +138,14 @@ def export_cmd(model_path: str, fmt: str, quantize: Optional[str], opset: int, o
 
     from keras_vit.export import format_table, to_onnx, to_saved_model, to_tflite, verify
     from keras_vit.export._common import resolve_model
+    from keras_vit.export.images import check_source
+    from keras_vit.export.runner import check_device
+
+    # Whatever can fail after the export is checked before it writes (or replaces) the file.
+    check_source(calibration_dataset if quantize == "int8" else None)
+    if not no_verify:
+        check_source(verify_dataset or run_dataset)
+        check_device(device, fmt)
 
     model, cfg = resolve_model(model_path)
     if class_names is not None and len(class_names) != cfg.num_classes:

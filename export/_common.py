@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from typing import List, Optional, Sequence, Union
 
 from keras_vit.errors import UserInputError
@@ -116,6 +117,10 @@ def check_parent(path: str) -> None:
         raise ExportError(f"cannot create output folder {parent!r}: {exc.strerror or exc}") from None
     if not os.access(parent, os.W_OK | os.X_OK):
         raise ExportError(f"output folder {parent!r} is not writable")
+    try:  # os.access says yes to root even where the file system refuses (read-only, /proc, /sys)
+        tempfile.TemporaryFile(dir=parent).close()
+    except OSError as exc:
+        raise ExportError(f"output folder {parent!r} is not writable: {exc.strerror or exc}") from None
 
 
 def check_output_path(path: PathLike, suffix: str) -> str:

@@ -56,9 +56,25 @@ def _from_name(name: str, image_size, n: int, split: str) -> np.ndarray:
     try:
         splits = data.load(name)
     except (ValueError, KeyError) as exc:
-        raise ExportError(f"image source {name!r}: {exc}; use a dataset name, one of "
-                          f"{', '.join(OFFLINE_SOURCES)}, folder:PATH or a folder of images") from None
+        raise _unknown_source(name, exc) from None
     return _from_iterable(getattr(splits, split if hasattr(splits, split) else "test"), n)
+
+
+def _unknown_source(name: str, reason) -> ExportError:
+    return ExportError(f"image source {name!r}: {reason}; use a dataset name, one of "
+                       f"{', '.join(OFFLINE_SOURCES)}, folder:PATH or a folder of images")
+
+
+def check_source(source) -> None:
+    """ExportError for an image source `load_images` cannot read, found without loading it: an
+    unknown name, a missing folder or one without image files (before an export writes a file)."""
+    if source is None or not isinstance(source, (str, os.PathLike)):
+        return
+    name = os.fspath(source)
+    if name.startswith("folder:") or os.path.isdir(name):
+        _image_files(name[len("folder:"):] if name.startswith("folder:") else name)
+    elif name not in OFFLINE_SOURCES + data.KERAS_DATASETS and not name.startswith(("tfds:", "records:")):
+        raise _unknown_source(name, f"unknown dataset {name!r}; allowed: {', '.join(data.NAMES)}")
 
 
 def _digits(split: str) -> np.ndarray:
@@ -82,13 +98,19 @@ def _photos(image_size, n: int) -> np.ndarray:
     return np.stack(crops)
 
 
-def _from_folder(folder: str, n: int) -> list:
+def _image_files(folder: str) -> list:
+    """The image files under `folder`, sorted; ExportError when it is missing or has none."""
     if not os.path.isdir(folder):
         raise ExportError(f"image folder {folder!r} does not exist")
     files = sorted(os.path.join(root, f) for root, _, names in os.walk(folder) for f in names
                    if f.lower().endswith(_IMAGE_EXTS))
     if not files:
         raise ExportError(f"no image files ({', '.join(_IMAGE_EXTS)}) under {folder!r}")
+    return files
+
+
+def _from_folder(folder: str, n: int) -> list:
+    files = _image_files(folder)
     try:
         return [data.load_image_file(f, None, 3) for f in files[:n]]
     except data.DatasetError as exc:

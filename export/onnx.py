@@ -156,8 +156,8 @@ def _describe(proto, meta: dict, cfg) -> None:
 
 def _precision_flags(quantize: Optional[str], fp16: bool, optimize: bool, calibration_images) -> Tuple[bool, bool, bool]:
     """(fp16, dynamic int8, static int8) from the options; ExportError for combinations that do not go together."""
-    if quantize is not None and quantize not in ONNX_QUANTIZE:
-        raise ExportError(f"ONNX quantize must be one of {', '.join(ONNX_QUANTIZE)} or None, got {quantize!r}")
+    if quantize not in (None, "none") and quantize not in ONNX_QUANTIZE:
+        raise ExportError(f"ONNX quantize must be one of none, {', '.join(ONNX_QUANTIZE)} or None, got {quantize!r}")
     fp16 = fp16 or quantize == "fp16"
     dynamic = quantize == "dynamic"
     static = quantize == "int8"

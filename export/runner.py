@@ -12,6 +12,26 @@ from keras_vit.export._common import ExportError, PathLike
 DEVICES = ("auto", "cuda", "cpu")
 
 
+def check_device(device: str, fmt: str) -> None:
+    """ExportError unless files of format `fmt` (onnx, tflite, saved_model) can run on `device`
+    here: cuda needs an ONNX file and onnxruntime with the CUDA provider."""
+    if device not in DEVICES:
+        raise ExportError(f"device must be one of {', '.join(DEVICES)}; got {device!r}")
+    if device != "cuda":
+        return
+    if fmt != "onnx":
+        raise ExportError(f"device cuda runs ONNX files only; {fmt} files run on the CPU (use --device cpu or auto)")
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise ExportError("device cuda needs onnxruntime with the CUDA provider: "
+                          "pip install 'keras-vit[gpu]'") from None
+    available = ort.get_available_providers()
+    if "CUDAExecutionProvider" not in available:
+        raise ExportError(f"device cuda needs onnxruntime with the CUDA provider (pip install "
+                          f"'keras-vit[gpu]'); this onnxruntime {ort.__version__} has {', '.join(available)}")
+
+
 class Runner:
     """Runs an exported file in its real runtime: onnxruntime for .onnx, LiteRT for .tflite,
     TensorFlow for a SavedModel folder. Always called with NHWC float images in [0, 255]
@@ -26,19 +46,20 @@ class Runner:
             raise ExportError(f"device must be one of {', '.join(DEVICES)}; got {device!r}")
         self.device = "cpu"
         if os.path.isdir(self.path) and os.path.isfile(os.path.join(self.path, "saved_model.pb")):
+            check_device(device, "saved_model")
             self._init_saved_model()
             return
         if not os.path.isfile(self.path):
             raise ExportError(f"exported file {self.path!r} does not exist")
         if self.path.endswith(".onnx"):
+            check_device(device, "onnx")
             self._init_onnx(providers, num_threads, device)
         elif self.path.endswith(".tflite"):
+            check_device(device, "tflite")
             self._init_tflite(num_threads)
         else:
             raise ExportError(f"unknown exported format for {self.path!r}; expected .onnx, .tflite "
                               "or a SavedModel folder")
-        if device == "cuda":
-            raise ExportError(f"device cuda runs ONNX files only; {self.path!r} runs on the CPU")
 
     def _init_onnx(self, providers, num_threads, device: str = "auto") -> None:
         import onnx
@@ -51,9 +72,6 @@ class Runner:
         except ImportError:
             # A plain `pip install keras-vit` has no onnxruntime (the [cpu] and [gpu] extras bring
             # one each): ONNX's own reference evaluator still runs the file, slowly.
-            if device == "cuda":
-                raise ExportError("device cuda needs onnxruntime with the CUDA provider: "
-                                  "pip install 'keras-vit[gpu]'") from None
             from onnx.reference import ReferenceEvaluator
 
             proto = onnx.load(self.path)
@@ -65,9 +83,6 @@ class Runner:
             self._input = proto.graph.input[0].name
             return
         available = ort.get_available_providers()
-        if device == "cuda" and "CUDAExecutionProvider" not in available:
-            raise ExportError(f"device cuda needs onnxruntime with the CUDA provider (pip install "
-                              f"'keras-vit[gpu]'); this onnxruntime {ort.__version__} has {', '.join(available)}")
         if providers is None:
             # CUDA when the [gpu] extra is installed; TF32 off so fp32 stays fp32.
             use_cuda = device != "cpu" and "CUDAExecutionProvider" in available

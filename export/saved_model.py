@@ -52,6 +52,9 @@ def to_saved_model(model, path: PathLike, class_names: Optional[Sequence[str]] =
 
         model = dynamic_model(model, interpolation)
         cfg = model.vit_config
+    if input_dtype == "uint8" and not cfg.include_preprocessing:
+        raise ExportError("input_dtype uint8 needs a model that takes [0, 255] pixels; this one was built with "
+                          "include_preprocessing=False and takes normalised floats: use float32")
     names = check_class_names(class_names, cfg.num_classes)
     path = _check_folder(path)
 

@@ -51,6 +51,8 @@ def to_tflite(model, path: PathLike, quantize: Optional[str] = None, representat
     batch 1 and records the result in the metadata ("int8_vs_fp32"); when int8 is not faster it
     warns, saying so and why (how XNNPACK split each graph, see `compare_latency`).
     """
+    if quantize == "none":
+        quantize = None
     if quantize not in QUANTIZE:
         raise ExportError(f"quantize must be one of none, fp16, dynamic, int8; got {quantize!r}")
     model, cfg = resolve_model(model)

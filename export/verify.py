@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import math
 import os
 import platform
 import time
@@ -26,6 +27,7 @@ THRESHOLDS: Dict[str, Dict[str, float]] = {
     "dynamic": {"top1_agreement": 0.97},
     "int8": {"top1_agreement": 0.97},
 }
+METRICS = ("max_abs_diff", "mean_abs_diff", "top1_agreement", "top5_agreement")
 _HIGHER_IS_BETTER = {"top1_agreement", "top5_agreement"}
 
 
@@ -174,16 +176,30 @@ def _report(runner: Runner, cfg, precision: str, metrics: dict, checks: list, fa
     }
 
 
+def check_thresholds(thresholds: Optional[Dict[str, float]]) -> Dict[str, float]:
+    """`thresholds` as {metric: float}; ExportError for an unknown metric or a value no result
+    can meet or miss (not a number, negative, an agreement above 1)."""
+    limits = {}
+    for name, value in (thresholds or {}).items():
+        if name not in METRICS:
+            raise ExportError(f"unknown threshold {name!r}; allowed: {', '.join(METRICS)}")
+        try:
+            limit = float(value)
+        except (TypeError, ValueError):
+            limit = float("nan")
+        top = 1.0 if name in _HIGHER_IS_BETTER else math.inf
+        if not 0.0 <= limit <= top:
+            allowed = "from 0 to 1" if name in _HIGHER_IS_BETTER else "a number >= 0"
+            raise ExportError(f"threshold {name}={value!r} must be {allowed}")
+        limits[name] = limit
+    return limits
+
+
 def _limits(precision: str, thresholds: Optional[Dict[str, float]]) -> Dict[str, float]:
-    """The precision's default thresholds with `thresholds` on top; ExportError for unknown names."""
+    """The precision's default thresholds with `thresholds` on top; ExportError for bad ones."""
     if precision not in THRESHOLDS:
         raise ExportError(f"precision must be one of {', '.join(THRESHOLDS)}; got {precision!r}")
-    limits = {**THRESHOLDS[precision], **(thresholds or {})}
-    unknown = sorted(set(limits) - {"max_abs_diff", "mean_abs_diff", "top1_agreement", "top5_agreement"})
-    if unknown:
-        raise ExportError(f"unknown threshold(s) {unknown}; allowed: max_abs_diff, mean_abs_diff, "
-                          "top1_agreement, top5_agreement")
-    return limits
+    return {**THRESHOLDS[precision], **check_thresholds(thresholds)}
 
 
 def _check_other_sizes(model, cfg, runner: Runner, source_images, sizes, num_images: int, batch_size: int,
@@ -289,5 +305,5 @@ def format_table(report: dict) -> str:
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
-__all__ = ["THRESHOLDS", "DEVICES", "Runner", "verify", "report_path", "plot_path", "write_plot", "format_table",
-           "other_size"]
+__all__ = ["THRESHOLDS", "METRICS", "DEVICES", "check_thresholds", "Runner", "verify", "report_path", "plot_path",
+           "write_plot", "format_table", "other_size"]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import zipfile
 from typing import Union
 
 import keras
@@ -14,10 +15,15 @@ from keras_vit.model import VisionTransformer
 def load_model(path: Union[str, os.PathLike], compile: bool = False) -> keras.Model:
     """Load a .keras file written by `model.save`; ValueError if missing or not a keras-vit model."""
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise ValueError(f"model file {path!r} is a folder; give the .keras file written by model.save")
     if not os.path.isfile(path):
         raise ValueError(f"model file {path!r} does not exist")
     if not path.endswith(".keras"):
         raise ValueError(f"model file {path!r} must be a .keras file written by model.save")
+    if not zipfile.is_zipfile(path):  # Keras would say "File not found" for a truncated or foreign file
+        raise ValueError(f"could not load {path!r}: not a .keras archive (the zip model.save writes); "
+                         "the file is damaged or of another kind")
     try:
         model = keras.saving.load_model(path, compile=compile)
     except Exception as exc:  # noqa: BLE001 - any failure means: not a loadable keras-vit file

@@ -86,12 +86,15 @@ def test_failed_check_exits_nonzero_and_keeps_the_file(run_dir, tmp_path):
     (["--format", "tflite", "--optimize"], "apply to --format onnx only"),
     (["--opset", "9", "--no-verify", "--output", "x.onnx"], "opset must be an integer from 17"),
     (["--threshold", "fast"], "must look like NAME=NUMBER"),
+    (["--model", "cut.keras"], "could not load 'cut.keras': not a .keras archive"),
+    (["--model", "runs"], "model file 'runs' is a folder"),
 ])
 def test_bad_input_gives_one_line_and_nonzero_exit(run_dir, tmp_path, args, message):
     import keras
 
     keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)]).save(tmp_path / "not_vit.keras")
     (tmp_path / "a_file").write_text("x")
+    (tmp_path / "cut.keras").write_bytes((run_dir / "runs" / "latest" / "model.keras").read_bytes()[:5000])
     shutil.copytree(run_dir / "runs", tmp_path / "runs")
     result = _invoke(args, tmp_path)
     assert result.exit_code == 2, result.output
@@ -104,3 +107,34 @@ def test_missing_default_model_says_how_to_get_one(tmp_path):
     result = _invoke([], tmp_path)
     assert result.exit_code == 2
     assert "runs/latest/model.keras" in result.output and "vitcli train" in result.output
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--threshold", "top1=0.9"], "unknown threshold 'top1'; allowed: max_abs_diff"),
+    (["--threshold", "top1_agreement=nan"], "threshold top1_agreement=nan must be from 0 to 1"),
+    (["--threshold", "max_abs_diff=-1"], "must be a number >= 0"),
+    (["--verify-dataset", "nonsense"], "unknown dataset 'nonsense'"),
+    (["--verify-dataset", "folder:no_such_folder"], "image folder 'no_such_folder' does not exist"),
+    (["--format", "tflite", "--device", "cuda"], "device cuda runs ONNX files only"),
+    (["--format", "tflite", "--calibration", "10"], "--calibration applies to --quantize int8 only"),
+    (["--quantize", "fp16", "--calibration-dataset", "digits"], "--calibration-dataset applies to --quantize int8"),
+])
+def test_bad_check_options_fail_before_the_file_is_replaced(run_dir, tmp_path, args, message):
+    """Options that verification reads are checked first: the file already at --output stays as it was."""
+    out = tmp_path / ("m.tflite" if "tflite" in args else "m.onnx")
+    out.write_bytes(b"the previous export")
+    result = _invoke(["--model", str(run_dir / "runs" / "latest" / "model.keras"), "--output", str(out), *args],
+                     tmp_path)
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.strip().splitlines() if line.startswith("Error")]
+    assert len(lines) == 1 and message in lines[0], result.output
+    assert out.read_bytes() == b"the previous export"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]
+
+
+@pytest.mark.skipif(not os.path.isdir("/sys/kernel"), reason="needs Linux's sysfs, a folder no one can write to")
+def test_output_folder_the_file_system_refuses_is_one_line(run_dir):
+    """os.access says yes to root even for a folder the file system refuses: probed by writing."""
+    result = _invoke(["--output", "/sys/kernel/m.onnx", "--no-verify"], run_dir)
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "Error: output folder '/sys/kernel' is not writable" in result.output

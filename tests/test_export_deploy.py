@@ -277,3 +277,6 @@ def test_saved_model_bad_arguments_are_one_line(tmp_path):
     assert (tmp_path / "busy" / "notes.txt").read_text() == "x"
     with pytest.raises(ExportError, match="interpolation applies with dynamic_size=True only"):
         to_saved_model(model, tmp_path / "sm", interpolation="bicubic")
+    with pytest.raises(ExportError, match="input_dtype uint8 needs a model that takes \\[0, 255\\] pixels"):
+        to_saved_model(small_model("learned", include_preprocessing=False), tmp_path / "sm", input_dtype="uint8")
+    assert not (tmp_path / "sm").exists()
