@@ -9,6 +9,8 @@ Cases (each in its own process, after one `export` process wrote the files):
   onnx-opt      to_onnx(optimize=True): fused Attention op + onnxruntime.transformers' fusions (GELU, LN)
   onnx-int8     to_onnx(quantize="dynamic"): onnxruntime's dynamic int8 quantization of the MatMuls
   onnx-opt-int8 to_onnx(quantize="dynamic", optimize=True): the same on the fused graph (QAttention)
+  onnx-static   to_onnx(quantize="int8"): static int8, activation scales calibrated on --calib-images
+  onnx-opt-static  to_onnx(quantize="int8", optimize=True): the same on the fused graph (static QAttention)
   tflite        keras_vit.export.to_tflite, fp32, in LiteRT (XNNPACK)
   tflite-int8   to_tflite(quantize="int8"): int8 weights and activations (calibrated) in LiteRT
   timm          timm's ViT in torch (eval, inference_mode)
@@ -31,7 +33,8 @@ if __package__ in (None, ""):
 
 from bench import common  # noqa: E402
 
-CASES = ("peak", "keras-xla", "onnx", "onnx-opt", "onnx-int8", "onnx-opt-int8", "tflite", "tflite-int8",
+CASES = ("peak", "keras-xla", "onnx", "onnx-opt", "onnx-int8", "onnx-opt-int8", "onnx-static", "onnx-opt-static",
+         "tflite", "tflite-int8",
          "timm", "timm-onnx", "timm-onnx-int8")
 NUM_CLASSES = 10
 THREADS = os.cpu_count() or 1
@@ -116,6 +119,12 @@ def export_all(args) -> Dict[str, object]:
                                                          quantize="dynamic")),
         "onnx-opt-int8": ("keras-opt-int8.onnx", lambda: to_onnx(model, os.path.join(wd, "keras-opt-int8.onnx"),
                                                                  opset=17, quantize="dynamic", optimize=True)),
+        "onnx-static": ("keras-static.onnx", lambda: to_onnx(model, os.path.join(wd, "keras-static.onnx"), opset=17,
+                                                             quantize="int8", calibration_images=calib,
+                                                             num_calibration_images=len(calib))),
+        "onnx-opt-static": ("keras-opt-static.onnx", lambda: to_onnx(
+            model, os.path.join(wd, "keras-opt-static.onnx"), opset=17, quantize="int8", optimize=True,
+            calibration_images=calib, num_calibration_images=len(calib))),
         "tflite": ("keras-fp32.tflite", lambda: to_tflite(model, os.path.join(wd, "keras-fp32.tflite"))),
         "tflite-int8": ("keras-int8.tflite", lambda: to_tflite(model, os.path.join(wd, "keras-int8.tflite"),
                                                                quantize="int8", representative_images=calib)),
@@ -170,7 +179,8 @@ def runner(case: str, args):
         import onnxruntime as ort
 
         path = {"onnx": "keras.onnx", "onnx-opt": "keras-opt.onnx", "onnx-int8": "keras-int8.onnx",
-                "onnx-opt-int8": "keras-opt-int8.onnx",
+                "onnx-opt-int8": "keras-opt-int8.onnx", "onnx-static": "keras-static.onnx",
+                "onnx-opt-static": "keras-opt-static.onnx",
                 "timm-onnx": "timm.onnx", "timm-onnx-int8": "timm-int8.onnx"}[case]
         so = ort.SessionOptions()
         so.intra_op_num_threads = THREADS

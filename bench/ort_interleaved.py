@@ -22,7 +22,8 @@ if __package__ in (None, ""):
 
 from bench.common import cpu_name  # noqa: E402
 
-FILES = ("keras.onnx", "keras-opt.onnx", "keras-int8.onnx", "keras-opt-int8.onnx", "timm.onnx", "timm-int8.onnx")
+FILES = ("keras.onnx", "keras-opt.onnx", "keras-int8.onnx", "keras-opt-int8.onnx", "keras-static.onnx",
+         "keras-opt-static.onnx", "timm.onnx", "timm-int8.onnx")
 
 
 def main(argv=None) -> dict:
@@ -56,14 +57,16 @@ def main(argv=None) -> dict:
             run()
             ms[f].append(1e3 * (time.perf_counter() - t0))
     ref = ms.get("timm.onnx")
+    fp32 = ms.get("keras.onnx")
     print(f"{cpu_name()}; load {load0} -> {os.getloadavg()}; {args.rounds} interleaved rounds, "
           f"{args.threads or 'default'} threads")
     for f, v in ms.items():
         med = statistics.median(v)
         # the median of the per-round ratios: each round's calls met about the same load
         ratio = statistics.median(a / b for a, b in zip(v, ref)) if ref else None
-        print(f"  {f:19s} median {med:7.2f} ms  p10 {np.percentile(v, 10):7.2f}  p90 {np.percentile(v, 90):7.2f}"
-              + (f"  x timm.onnx {ratio:.2f}" if ref else ""))
+        own = statistics.median(a / b for a, b in zip(v, fp32)) if fp32 else None
+        print(f"  {f:21s} median {med:7.2f} ms  p10 {np.percentile(v, 10):7.2f}  p90 {np.percentile(v, 90):7.2f}"
+              + (f"  x timm.onnx {ratio:.2f}" if ref else "") + (f"  x keras.onnx {own:.2f}" if fp32 else ""))
     return {f: statistics.median(v) for f, v in ms.items()}
 
 

@@ -41,8 +41,6 @@ def _check_calibration(quantize: Optional[str]) -> None:
 def _check_options(fmt: str, quantize: Optional[str], optimize: bool, opset: int, layout: str,
                    dynamic_size: bool, input_dtype: str, interpolation: Optional[str]) -> None:
     """UserError for options that do not go together (before anything heavy is imported)."""
-    if fmt == "onnx" and quantize == "int8" and optimize:
-        raise UserError("--quantize int8 quantizes the plain graph: leave out --optimize")
     if fmt != "onnx" and (optimize or opset != 17 or layout != "nhwc"):
         raise UserError("--optimize, --opset and --layout apply to --format onnx only")
     if fmt == "tflite" and dynamic_size:
@@ -81,7 +79,7 @@ def default_output(model_path: str, fmt: str, quantize: Optional[str], optimize:
               show_default=True, help="saved_model: a TF-Serving-ready folder (signature serving_default).")
 @click.option("--quantize", type=click.Choice(["fp16", "int8", "dynamic"]), default=None,
               help="TFLite: fp16, dynamic (int8 weights) or int8 (full integer, calibrated). ONNX: fp16, dynamic "
-                   "(int8 weights) or int8 (static QDQ, calibrated; sensitive ops kept float).")
+                   "(int8 weights) or int8 (static, calibrated; sensitive ops kept float).")
 @click.option("--calibration", "num_calibration", type=click.IntRange(min=1), default=300, show_default=True,
               help="int8: number of calibration images (from --calibration-dataset, its train split).")
 @click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset (17 or newer).")

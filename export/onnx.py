@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import tempfile
 from typing import Optional, Sequence, Tuple
 
@@ -27,6 +26,7 @@ from keras_vit.export._common import (
 )
 from keras_vit.export.onnx_fusion import fuse_attention
 from keras_vit.export.onnx_graph import fuse_layer_norms, replace_erfc
+from keras_vit.export.onnx_int8 import quantize_dynamic, quantize_static
 from keras_vit.files import atomic_path
 
 MIN_OPSET = 17  # LayerNormalization is a standard ONNX op from opset 17 on
@@ -68,12 +68,14 @@ def to_onnx(model, path: PathLike, opset: int = MIN_OPSET, optimize: bool = Fals
     `images`/`logits` kept. quantize="dynamic" is onnxruntime's dynamic int8 quantization
     (int8 weights, activations quantised per batch at run time; no calibration data needed;
     with `optimize` the fused Attention ops become QAttention).
-    quantize="int8" is static QDQ quantization of the MatMuls (int8 weights per channel, uint8
-    activations with ranges calibrated on `num_calibration_images` of `calibration_images`: an
-    array or a source name for `keras_vit.export.images.load_images`, e.g. "digits"). The patch
-    embedding, LayerNorms, softmax, GELU, the attention products and the head stay float; when
-    top-1 agreement with the fp32 file on held-out calibration images is below `int8_agreement`,
-    the first and last blocks' MatMuls are kept float too (the metadata lists what was).
+    quantize="int8" is static int8 (`onnx_int8.quantize_static`): int8 weights per channel and
+    uint8 activations whose scales are calibrated on `num_calibration_images` of
+    `calibration_images` (an array, or a source name for `keras_vit.export.images.load_images`,
+    e.g. "digits") and fixed in the file: a QuantizeLinear and a MatMulIntegerToFloat per GEMM
+    (com.microsoft, so for onnxruntime only), QAttention with `optimize`. The patch embedding,
+    LayerNorms, softmax, GELU, the attention products and the head stay float; when top-1
+    agreement with the fp32 graph on held-out calibration images is below `int8_agreement`, the
+    first and last blocks stay float too (the metadata lists what was).
     The file is written to a temporary name and renamed into place once complete and checked.
     """
     import onnx
@@ -127,10 +129,10 @@ def _onnxruntime_passes(proto, cfg, work: str, layout: str, quantize: Optional[s
     if optimize or fp16:
         proto, fused = _optimize(proto, cfg, work, fuse=optimize, fp16=fp16)
     if quantize == "dynamic":
-        proto = _quantize_dynamic(proto, work)
+        proto = quantize_dynamic(proto, work)
     if quantize == "int8":
         source, num_images, agreement = calibration
-        proto, int8_info = _quantize_static(proto, work, _calibration_images(cfg, layout, source, num_images), agreement)
+        proto, int8_info = quantize_static(proto, work, _calibration_images(cfg, layout, source, num_images), agreement)
     return proto, fused, int8_info
 
 
@@ -162,8 +164,8 @@ def _precision_flags(quantize: Optional[str], fp16: bool, optimize: bool, calibr
     if static and calibration_images is None:
         raise ExportError("int8 export needs calibration data: pass calibration_images "
                           "(an array, a dataset name such as 'digits', or folder:PATH)")
-    if static and (optimize or fp16):
-        raise ExportError("static int8 quantizes the plain graph: leave out optimize and fp16")
+    if static and fp16:
+        raise ExportError("choose one of fp16 and static int8 quantization, not both")
     if fp16 and dynamic:
         raise ExportError("choose one of fp16 and dynamic int8 quantization, not both")
     return fp16, dynamic, static
@@ -246,87 +248,6 @@ def _need_onnxruntime(what: str) -> None:
         import onnxruntime  # noqa: F401
     except ImportError:
         raise ExportError(f"{what} needs onnxruntime: pip install 'keras-vit[cpu]' (or 'keras-vit[gpu]')") from None
-
-
-def _quantize_dynamic(proto, work: str):
-    """onnxruntime's dynamic int8 quantization of the MatMuls, and of the fused Attention ops of
-    an optimized graph (QAttention: its QKV projection in int8), weights int8, activations per batch."""
-    import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    src, dst = os.path.join(work, "fp32.onnx"), os.path.join(work, "dynamic.onnx")
-    onnx.save(proto, src)
-    # Per-channel weight scales: half the logit error of per-tensor (3.6e-2 vs 6.5e-2 on Ti/16) at
-    # the same speed. MatMuls only: the patch embedding as ConvInteger took 1.4 ms against 0.3 ms
-    # in fp32 at batch 1 (Ti/16; int8 0.61x instead of 0.70x fp32's latency, BENCHMARKS.md).
-    # DefaultTensorType: fused com.microsoft ops (after optimize) have no shape inference.
-    # Only MatMuls by a 2-D weight: onnxruntime's DynamicQuantizeMatMul rejects the batched
-    # (heads, head_dim, offsets) table of the relative position embedding at run time.
-    dims = {t.name: len(t.dims) for t in proto.graph.initializer}
-    batched = [n.name for n in proto.graph.node if n.op_type == "MatMul" and dims.get(n.input[1], 2) != 2]
-    quantize_dynamic(src, dst, weight_type=QuantType.QInt8, per_channel=True,
-                     op_types_to_quantize=["MatMul", "Attention"], nodes_to_exclude=batched,
-                     extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
-    return onnx.load(dst)
-
-
-def _quantize_static(proto, work: str, images, agreement: float):
-    """onnxruntime's static QDQ quantization of the MatMuls, calibrated (MinMax) on 3/4 of
-    `images`; the other quarter checks top-1 agreement with the fp32 graph. Stages keep more
-    MatMuls in float until the agreement holds: (1) the head and the attention products
-    (activation x activation: Q K^T and A V); (2) + the first and last blocks. Returns
-    (proto, info for the metadata)."""
-    import numpy as np
-    import onnx
-    import onnxruntime as ort
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-
-    src = os.path.join(work, "fp32.onnx")
-    onnx.save(proto, src)
-    n_cal = max(1, len(images) * 3 // 4)
-    calibrate, check = images[:n_cal], images[n_cal:] if len(images) > n_cal else images
-    graph = proto.graph
-    inits = {t.name for t in graph.initializer}
-    matmuls = [n for n in graph.node if n.op_type == "MatMul"]
-    products = [n.name for n in matmuls if not any(i in inits for i in n.input)]
-    weighted = [n.name for n in matmuls if n.name not in products]
-    head = weighted[-1:]  # the last weight MatMul feeds the logits
-    blocks = sorted({m.group(0) for m in (re.search(r"encoderblock_\d+", n) for n in weighted) if m},
-                    key=lambda b: int(b.rsplit("_", 1)[1]))
-    edge = [n for n in weighted if blocks and re.search(rf"({blocks[0]}|{blocks[-1]})(?!\d)", n)]
-    # Q K^T and A V stay float from the start: quantized, they bring QLinearSoftmax and extra
-    # Quantize/Dequantize passes (Ti/16, batch 1: 0.86x fp32 latency against 0.69x without them).
-    stages = [head + products, head + products + edge]
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self._batches = iter([{graph.input[0].name: calibrate[i:i + 16]} for i in range(0, len(calibrate), 16)])
-
-        def get_next(self):
-            return next(self._batches, None)
-
-    def top1(path):
-        session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-        return np.concatenate([session.run(None, {graph.input[0].name: check[i:i + 64]})[0].argmax(1)
-                               for i in range(0, len(check), 64)])
-
-    reference = top1(src)
-    for stage, keep in enumerate(stages):
-        dst = os.path.join(work, f"int8_{stage}.onnx")
-        # uint8 activations x int8 weights (per output channel): the fast VNNI/AVX2 path.
-        quantize_static(src, dst, Reader(), quant_format=QuantFormat.QDQ, op_types_to_quantize=["MatMul"],
-                        per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        nodes_to_exclude=keep, extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
-        agree = float(np.mean(top1(dst) == reference))
-        if agree >= agreement or stage == len(stages) - 1:
-            break
-    quantized = [n for n in weighted + products if n not in keep]
-    info = {"calibration_images": str(len(calibrate)), "int8_matmuls": len(quantized),
-            "float_matmuls": len(keep), "int8_stage": stage + 1,
-            "int8_gate": {"top1_agreement_vs_fp32": agree, "threshold": agreement, "check_images": int(len(check))},
-            "kept_float": "patch embedding, LayerNorm, softmax, GELU, head, attention products" + (
-                ", first and last blocks" if stage >= 1 else "")}
-    return onnx.load(dst), info
 
 
 def _optimize(proto, cfg, work: str, fuse: bool, fp16: bool):

@@ -83,7 +83,7 @@ def test_failed_check_exits_nonzero_and_keeps_the_file(run_dir, tmp_path):
     (["--format", "tflite", "--quantize", "int8", "--no-verify"], "int8 export needs calibration data"),
     (["--output", "a_file/m.onnx", "--no-verify"], "cannot create output folder"),
     (["--format", "onnx", "--quantize", "int8", "--no-verify"], "int8 export needs calibration data"),
-    (["--quantize", "int8", "--optimize", "--calibration-dataset", "digits"], "leave out --optimize"),
+    (["--format", "tflite", "--optimize"], "apply to --format onnx only"),
     (["--opset", "9", "--no-verify", "--output", "x.onnx"], "opset must be an integer from 17"),
     (["--threshold", "fast"], "must look like NAME=NUMBER"),
     (["--model", "cut.keras"], "could not load 'cut.keras': not a .keras archive"),

@@ -227,25 +227,40 @@ def test_verify_without_onnxruntime_uses_onnx_reference(tmp_path, monkeypatch):
         to_onnx(model, tmp_path / "q.onnx", quantize="dynamic")
 
 
-def test_cli_static_int8_onnx_agrees_with_keras(trained_digits, tmp_path):
-    """Static QDQ int8, calibrated on the digits training split: >= 99% top-1 agreement with Keras
-    on 360 test digits; the head, LayerNorms, softmax and GELU stay float (metadata says so)."""
+@pytest.mark.parametrize("optimize", [False, True], ids=["plain", "optimize"])
+def test_cli_static_int8_onnx_agrees_with_keras(trained_digits, tmp_path, optimize):
+    """Static int8, calibrated on the digits training split: >= 99% top-1 agreement with Keras
+    on 360 test digits; activation scales fixed in the file (QuantizeLinear, MatMulIntegerToFloat,
+    QAttention with --optimize, no per-call DynamicQuantizeLinear); the head, LayerNorms, softmax
+    and GELU stay float (metadata says so)."""
     import onnx
 
     model, keras_path = trained_digits
     out = tmp_path / "m.int8.onnx"
     result = CliRunner().invoke(cli, ["export", "--model", keras_path, "--quantize", "int8", "--calibration", "200",
                                       "--calibration-dataset", "digits", "--verify-dataset", "digits",
-                                      "--num-images", "360", "--output", str(out)], catch_exceptions=False)
+                                      "--num-images", "360", "--output", str(out)] + (["--optimize"] if optimize else []),
+                                catch_exceptions=False)
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "m.int8.onnx.report.json").read_text())
     assert report["precision"] == "int8" and report["num_images"] == 360
     assert report["top1_agreement"] >= 0.99
-    meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    proto = onnx.load(str(out))
+    meta = {p.key: p.value for p in proto.metadata_props}
     assert meta["calibration_images"] == "150" and int(meta["int8_matmuls"]) >= 4
     assert "LayerNorm, softmax, GELU, head, attention products" in meta["kept_float"]
-    ops = {n.op_type for n in onnx.load(str(out)).graph.node}
-    assert {"QuantizeLinear", "DequantizeLinear", "LayerNormalization", "Softmax"} <= ops
+    ops = [n.op_type for n in proto.graph.node]
+    assert "DynamicQuantizeLinear" not in ops and "MatMulInteger" not in ops
+    assert {"QuantizeLinear", "MatMulIntegerToFloat", "Softmax" if not optimize else "QAttention"} <= set(ops)
+    assert ("QAttention" in ops) == optimize
+    # the scales are constants of the file: the same image gives the same logits alone or in a batch
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(1).uniform(0, 255, (8,) + tuple(model.input_shape[1:])).astype(np.float32)
+    batch = session.run(None, {"images": x})[0]
+    alone = np.concatenate([session.run(None, {"images": x[i:i + 1]})[0] for i in range(len(x))])
+    np.testing.assert_allclose(alone, batch, atol=1e-5)
 
 
 def test_saved_model_bad_arguments_are_one_line(tmp_path):

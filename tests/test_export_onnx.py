@@ -141,7 +141,7 @@ def test_dynamic_int8_export_of_trained_digits_model(trained_digits, tmp_path):
     assert {p.key: p.value for p in proto.metadata_props}["precision"] == "dynamic"
     report = verify(model, path, images="digits", num_images=360, batch_size=60)
     assert report["precision"] == "dynamic" and report["top1_agreement"] >= 0.97, report["failures"]
-    with pytest.raises(ExportError, match="quantize must be one of fp16, dynamic"):
+    with pytest.raises(ExportError, match="quantize must be one of none, fp16, dynamic, int8 or None, got .int4."):
         to_onnx(model, tmp_path / "bad.onnx", quantize="int4")
     # with optimize, the fused Attention ops are quantized too (QAttention)
     fused = to_onnx(model, tmp_path / "opt-int8.onnx", quantize="dynamic", optimize=True)

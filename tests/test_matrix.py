@@ -6,7 +6,8 @@ include_top=False, and a hybrid (three one-unit BiT ResNet stages, total stride 
 Paths, per model:
 - Keras: .keras save/load and keras.models.clone_model (every model), and one of
   mixed_bfloat16, model.quantize("int8" | "float8" | "int4"), LoRA on the MLP's Dense layers;
-- ONNX in onnxruntime (fp32, --optimize, fp16, dynamic int8) and TFLite in LiteRT (fp32, fp16,
+- ONNX in onnxruntime (fp32, --optimize, fp16, dynamic int8, static int8 with and without
+  --optimize) and TFLite in LiteRT (fp32, fp16,
   dynamic, int8): one ONNX and one TFLite precision per model;
 - the JAX and PyTorch backends (every model, one subprocess per backend).
 The shape factor and the per-model paths are spread over the 20 option models (plus a few
@@ -37,7 +38,7 @@ FACTORS = {
     "classifier": ["token", "gap"],
     "gelu_approximate": [True, False],
     "shape": ["square", "nonsquare_gray", "representation", "no_top", "hybrid"],
-    "onnx": ["fp32", "optimize", "fp16", "dynamic"],
+    "onnx": ["fp32", "optimize", "fp16", "dynamic", "int8", "int8_optimize"],
     "tflite": ["fp32", "fp16", "dynamic", "int8"],
     "keras": ["bf16", "int8", "float8", "int4", "lora"],
 }
@@ -203,8 +204,12 @@ def test_keras_paths(index, tmp_path):
 
 
 ONNX_OPTIONS = {"fp32": {}, "optimize": dict(optimize=True), "fp16": dict(quantize="fp16"),
-                "dynamic": dict(quantize="dynamic")}
-PRECISION = {"fp32": "fp32", "optimize": "fp32", "fp16": "fp16", "dynamic": "int8", "int8": "int8_static"}
+                "dynamic": dict(quantize="dynamic"),
+                "int8": dict(quantize="int8", calibration_images="digits", num_calibration_images=100),
+                "int8_optimize": dict(quantize="int8", optimize=True, calibration_images="digits",
+                                      num_calibration_images=100)}
+PRECISION = {"fp32": "fp32", "optimize": "fp32", "fp16": "fp16", "dynamic": "int8", "int8": "int8_static",
+             "int8_optimize": "int8_static"}
 
 
 def _verified(index: int, path: str, kind: str) -> None:
