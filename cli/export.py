@@ -142,7 +142,7 @@ def export_cmd(model_path: str, fmt: str, quantize: Optional[str], opset: int, o
     from keras_vit.export.runner import check_device
 
     # Whatever can fail after the export is checked before it writes (or replaces) the file.
-    check_source(calibration_dataset if quantize == "int8" else None)
+    check_source(calibration_dataset if quantize == "int8" else None, split="train")
     if not no_verify:
         check_source(verify_dataset or run_dataset)
         check_device(device, fmt)

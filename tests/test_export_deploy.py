@@ -272,6 +272,8 @@ def test_saved_model_bad_arguments_are_one_line(tmp_path):
         to_saved_model(model, tmp_path / "sm", input_dtype="int8")
     with pytest.raises(ExportError, match="is a file; a SavedModel is a folder"):
         to_saved_model(model, tmp_path / "file")
+    with pytest.raises(ExportError, match="ends with .onnx, a file's suffix; a SavedModel is a folder"):
+        to_saved_model(model, tmp_path / "model.onnx")
     with pytest.raises(ExportError, match="exists and is not a SavedModel"):
         to_saved_model(model, tmp_path / "busy")
     assert (tmp_path / "busy" / "notes.txt").read_text() == "x"
