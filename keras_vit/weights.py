@@ -163,7 +163,9 @@ def _adapt_position_embeddings(values: Dict[str, np.ndarray], target: Mapping[st
     if POSEMB in values and POSEMB in target:
         pe = values[POSEMB]
         pe = pe[None] if pe.ndim == 2 else pe
-        p = _split_posemb(pe.shape[1], prefix, grid, big_vision_posemb)
+        # A known source grid settles the prefix (4x6 + a class token is 25 = 5x5 rows, no class slot).
+        known = source_grid is not None and pe.shape[1] - prefix == source_grid[0] * source_grid[1]
+        p = prefix if known else _split_posemb(pe.shape[1], prefix, grid, big_vision_posemb)
         if p == 0 and prefix == 1:  # big_vision adds E_pos before prepending x_class: a zero slot
             pe = np.concatenate([np.zeros_like(pe[:, :1]), pe], axis=1)
             p = 1
