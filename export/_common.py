@@ -29,6 +29,10 @@ def resolve_model(model):
         cfg = get_config(model)
     except ValueError as exc:
         raise ExportError(str(exc)) from None
+    if cfg.output is not None or cfg.feature_layers is not None:
+        what = "its tokens (output='tokens')" if cfg.output else f"feature maps of blocks {list(cfg.feature_layers)}"
+        raise ExportError(f"export takes a classifier or a pooled-feature model (one (batch, N) output); this "
+                          f"model returns {what}: build it without output/feature_layers to export it")
     return model, cfg
 
 
@@ -41,9 +45,12 @@ def check_tensorflow_backend(what: str) -> None:
                           f"this process runs {keras.backend.backend()!r}")
 
 
-def check_class_names(class_names: Optional[Sequence[str]], num_classes: int) -> Optional[List[str]]:
+def check_class_names(class_names: Optional[Sequence[str]], num_classes: int, model=None) -> Optional[List[str]]:
+    """`class_names` as strings, else the names `model` carries (model.class_names, saved in its
+    .keras file) when they count `num_classes`; ExportError for given names of another count."""
     if class_names is None:
-        return None
+        own = getattr(model, "class_names", None)
+        return [str(c) for c in own] if own and len(own) == num_classes else None
     names = [str(c) for c in class_names]
     if len(names) != num_classes:
         raise ExportError(f"{len(names)} class names given for a model with {num_classes} classes")
@@ -97,7 +104,8 @@ def metadata(cfg, class_names: Optional[Sequence[str]], precision: str, fmt: str
                           else "none: feed values normalised as in training"),
         "mean": json.dumps([127.5] * cfg.channels if cfg.include_preprocessing else [0.0] * cfg.channels),
         "std": json.dumps([127.5] * cfg.channels if cfg.include_preprocessing else [1.0] * cfg.channels),
-        "output": f"logits: float32 [batch, {cfg.num_classes}]",
+        "output": (f"logits: float32 [batch, {cfg.num_classes}]" if cfg.include_top else
+                   f"features (include_top=False): float32 [batch, {cfg.representation_size or cfg.hidden_size}]"),
         "vit_config": json.dumps(cfg.to_dict(), sort_keys=True),
     }
     if dynamic_size:

@@ -37,6 +37,8 @@ def load_images(source=None, image_size: Union[int, Tuple[int, int]] = 224, chan
         images = _from_name(os.fspath(source), image_size, num_images, split)
     else:
         images = _from_iterable(source, num_images)
+    if len(images) == 0:
+        raise ExportError("the image source gave no images")
     return _fit(images, image_size, channels)
 
 
@@ -65,16 +67,15 @@ def _unknown_source(name: str, reason) -> ExportError:
                        f"{', '.join(OFFLINE_SOURCES)}, folder:PATH or a folder of images")
 
 
-def check_source(source) -> None:
-    """ExportError for an image source `load_images` cannot read, found without loading it: an
-    unknown name, a missing folder or one without image files (before an export writes a file)."""
+def check_source(source, split: str = "test") -> None:
+    """ExportError for an image source `load_images` cannot read (an unknown name, a missing or
+    empty folder, a dataset that does not load): checked by reading one image of `split`, so that
+    an export can fail before it writes a file."""
     if source is None or not isinstance(source, (str, os.PathLike)):
         return
     name = os.fspath(source)
-    if name.startswith("folder:") or os.path.isdir(name):
-        _image_files(name[len("folder:"):] if name.startswith("folder:") else name)
-    elif name not in OFFLINE_SOURCES + data.KERAS_DATASETS and not name.startswith(("tfds:", "records:")):
-        raise _unknown_source(name, f"unknown dataset {name!r}; allowed: {', '.join(data.NAMES)}")
+    if name not in OFFLINE_SOURCES:
+        _from_name(name, (32, 32), 1, split)
 
 
 def _digits(split: str) -> np.ndarray:

@@ -84,7 +84,7 @@ def to_onnx(model, path: PathLike, opset: int = MIN_OPSET, optimize: bool = Fals
     model, cfg, layout = _export_model(model, layout, dynamic_size, interpolation)
     if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= max_opset():
         raise ExportError(f"opset must be an integer from {MIN_OPSET} to {max_opset()}, got {opset!r}")
-    names = check_class_names(class_names, cfg.num_classes)
+    names = check_class_names(class_names, cfg.num_classes, model)
     path = check_output_path(path, ".onnx")
 
     with tempfile.TemporaryDirectory() as work:

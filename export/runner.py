@@ -7,6 +7,7 @@ from typing import Dict, Optional
 
 import numpy as np
 
+from keras_vit.errors import first_line
 from keras_vit.export._common import ExportError, PathLike
 
 DEVICES = ("auto", "cuda", "cpu")
@@ -98,7 +99,10 @@ class Runner:
         options = ort.SessionOptions()
         if num_threads:
             options.intra_op_num_threads = num_threads
-        self._session = ort.InferenceSession(self.path, options, providers=providers)
+        try:
+            self._session = ort.InferenceSession(self.path, options, providers=providers)
+        except Exception as exc:  # noqa: BLE001 - a damaged or foreign file: one line naming it
+            raise ExportError(f"onnxruntime cannot load {self.path!r}: {first_line(exc)}") from exc
         self.providers = self._session.get_providers()
         self.runtime = f"onnxruntime {ort.__version__} ({', '.join(self.providers)})"
         proto = onnx.load(self.path, load_external_data=False)
@@ -128,7 +132,10 @@ class Runner:
 
         self.format = "tflite"
         # LiteRT applies its default delegate (XNNPACK) on CPU.
-        self._interpreter = Interpreter(model_path=self.path, num_threads=num_threads)
+        try:
+            self._interpreter = Interpreter(model_path=self.path, num_threads=num_threads)
+        except (ValueError, RuntimeError) as exc:  # a damaged or foreign file: one line naming it
+            raise ExportError(f"LiteRT cannot load {self.path!r}: {first_line(exc)}") from exc
         self._runner = self._interpreter.get_signature_runner()
         self.providers = ["XNNPACK"]
         self.runtime = f"LiteRT {getattr(ai_edge_litert, '__version__', '')} (XNNPACK, CPU)".replace("  ", " ")

@@ -55,7 +55,7 @@ def to_saved_model(model, path: PathLike, class_names: Optional[Sequence[str]] =
     if input_dtype == "uint8" and not cfg.include_preprocessing:
         raise ExportError("input_dtype uint8 needs a model that takes [0, 255] pixels; this one was built with "
                           "include_preprocessing=False and takes normalised floats: use float32")
-    names = check_class_names(class_names, cfg.num_classes)
+    names = check_class_names(class_names, cfg.num_classes, model)
     path = _check_folder(path)
 
     meta = metadata(cfg, names, "fp32", "saved_model", dynamic_size=cfg.dynamic_size)
@@ -103,7 +103,13 @@ def read_metadata(path: PathLike) -> dict:
 
 
 def _check_folder(path: PathLike) -> str:
+    """The SavedModel folder's absolute path; ExportError for a file, a folder of something else,
+    a file name of another format, or a parent we cannot write to."""
     path = os.path.abspath(os.fspath(path))
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix in (".onnx", ".tflite", ".keras", ".h5", ".pb", ".zip"):
+        raise ExportError(f"output path {path!r} ends with {suffix}, a file's suffix; a SavedModel is a folder: "
+                          "give a folder name such as model.saved_model")
     if os.path.isfile(path):
         raise ExportError(f"output path {path!r} is a file; a SavedModel is a folder")
     if os.path.isdir(path) and os.listdir(path) and not os.path.isfile(os.path.join(path, "saved_model.pb")):

@@ -57,7 +57,7 @@ def to_tflite(model, path: PathLike, quantize: Optional[str] = None, representat
         raise ExportError(f"quantize must be one of none, fp16, dynamic, int8; got {quantize!r}")
     model, cfg = resolve_model(model)
     check_tensorflow_backend("TFLite")
-    names = check_class_names(class_names, cfg.num_classes)
+    names = check_class_names(class_names, cfg.num_classes, model)
     if quantize == "int8" and representative_images is None:
         raise ExportError("int8 export needs calibration data: pass representative_images "
                           "(an array, a dataset name such as 'digits', or folder:PATH)")

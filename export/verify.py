@@ -127,7 +127,7 @@ def verify(keras_model, exported_path: PathLike, images=None, num_images: int = 
 
     sizes = []
     if runner.dynamic_size:
-        wanted = [tuple(int(v) for v in s) for s in (image_sizes if image_sizes is not None else [other_size(cfg)])]
+        wanted = _check_sizes(cfg, image_sizes if image_sizes is not None else [other_size(cfg)])
         sizes = _check_other_sizes(model, cfg, runner, source_images, wanted, num_images, batch_size, limits)
         failures += [f for size in sizes for f in size.pop("failures")]
 
@@ -200,6 +200,21 @@ def _limits(precision: str, thresholds: Optional[Dict[str, float]]) -> Dict[str,
     if precision not in THRESHOLDS:
         raise ExportError(f"precision must be one of {', '.join(THRESHOLDS)}; got {precision!r}")
     return {**THRESHOLDS[precision], **check_thresholds(thresholds)}
+
+
+def _check_sizes(cfg, sizes) -> List[Tuple[int, int]]:
+    """`sizes` as (height, width) pairs; ExportError unless each is positive and divisible by the input stride."""
+    sh, sw = cfg.input_stride
+    out = []
+    for size in sizes:
+        try:
+            h, w = (int(v) for v in size)
+        except (TypeError, ValueError):
+            raise ExportError(f"image_sizes must be (height, width) pairs, got {size!r}") from None
+        if h < sh or w < sw or h % sh or w % sw:
+            raise ExportError(f"image size {size!r} must be positive multiples of the input stride {sh}x{sw}")
+        out.append((h, w))
+    return out
 
 
 def _check_other_sizes(model, cfg, runner: Runner, source_images, sizes, num_images: int, batch_size: int,

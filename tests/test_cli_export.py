@@ -115,6 +115,7 @@ def test_missing_default_model_says_how_to_get_one(tmp_path):
     (["--threshold", "max_abs_diff=-1"], "must be a number >= 0"),
     (["--verify-dataset", "nonsense"], "unknown dataset 'nonsense'"),
     (["--verify-dataset", "folder:no_such_folder"], "image folder 'no_such_folder' does not exist"),
+    (["--verify-dataset", "records:missing/*.tfrecord"], "records:missing/*.tfrecord matches no files"),
     (["--format", "tflite", "--device", "cuda"], "device cuda runs ONNX files only"),
     (["--format", "tflite", "--calibration", "10"], "--calibration applies to --quantize int8 only"),
     (["--quantize", "fp16", "--calibration-dataset", "digits"], "--calibration-dataset applies to --quantize int8"),
@@ -138,3 +139,16 @@ def test_output_folder_the_file_system_refuses_is_one_line(run_dir):
     result = _invoke(["--output", "/sys/kernel/m.onnx", "--no-verify"], run_dir)
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert "Error: output folder '/sys/kernel' is not writable" in result.output
+
+
+def test_names_the_model_carries_reach_the_file(tmp_path):
+    """A .keras file outside a run folder keeps its own class names (saved with the model) in the export."""
+    import onnxruntime as ort
+
+    model = small_model()
+    model.class_names = [f"class {i}" for i in range(10)]
+    model.save(tmp_path / "named.keras")
+    result = _invoke(["--model", "named.keras", "--output", "named.onnx", "--no-verify"], tmp_path)
+    assert result.exit_code == 0, result.output
+    meta = ort.InferenceSession(str(tmp_path / "named.onnx")).get_modelmeta().custom_metadata_map
+    assert json.loads(meta["class_names"]) == model.class_names

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from export_helpers import DIGIT_NAMES, small_model
+from export_helpers import DIGIT_NAMES, TI, small_model
 
 import keras_vit
 from keras_vit.cli.main import cli
@@ -272,6 +272,8 @@ def test_saved_model_bad_arguments_are_one_line(tmp_path):
         to_saved_model(model, tmp_path / "sm", input_dtype="int8")
     with pytest.raises(ExportError, match="is a file; a SavedModel is a folder"):
         to_saved_model(model, tmp_path / "file")
+    with pytest.raises(ExportError, match="ends with .onnx, a file's suffix; a SavedModel is a folder"):
+        to_saved_model(model, tmp_path / "model.onnx")
     with pytest.raises(ExportError, match="exists and is not a SavedModel"):
         to_saved_model(model, tmp_path / "busy")
     assert (tmp_path / "busy" / "notes.txt").read_text() == "x"
@@ -280,3 +282,29 @@ def test_saved_model_bad_arguments_are_one_line(tmp_path):
     with pytest.raises(ExportError, match="input_dtype uint8 needs a model that takes \\[0, 255\\] pixels"):
         to_saved_model(small_model("learned", include_preprocessing=False), tmp_path / "sm", input_dtype="uint8")
     assert not (tmp_path / "sm").exists()
+
+
+def test_python_api_bad_inputs_are_one_clear_error(tmp_path):
+    """Damaged files, empty image sources, impossible sizes and feature-map models: ExportError, no file."""
+    import onnx
+
+    model = small_model("learned")
+    tokens = keras_vit.ViT("Ti/4", image_size=32, **TI, include_top=False, output="tokens")
+    with pytest.raises(ExportError, match=r"returns its tokens \(output='tokens'\)"):
+        to_onnx(tokens, tmp_path / "tokens.onnx")
+    with pytest.raises(ExportError, match="the image source gave no images"):
+        to_onnx(model, tmp_path / "int8.onnx", quantize="int8", calibration_images=np.zeros((0, 32, 32, 3)))
+    for name, runtime in (("bad.onnx", "onnxruntime"), ("bad.tflite", "LiteRT")):
+        (tmp_path / name).write_bytes(b"not a model")
+        with pytest.raises(ExportError, match=f"{runtime} cannot load"):
+            verify(model, tmp_path / name, num_images=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.onnx", "bad.tflite"]
+    path = to_onnx(model, tmp_path / "any.onnx", dynamic_size=True)
+    with pytest.raises(ExportError, match=r"image size \(0, 32\) must be positive multiples of the input stride 4x4"):
+        verify(model, path, num_images=2, image_sizes=[(0, 32)])
+    with pytest.raises(ExportError, match="the image source gave no images"):
+        verify(model, path, images=np.zeros((0, 32, 32, 3), np.float32))
+    features = keras_vit.ViT("Ti/4", image_size=32, **TI, include_top=False)
+    proto = onnx.load(to_onnx(features, tmp_path / "features.onnx"))
+    meta = {p.key: p.value for p in proto.metadata_props}
+    assert meta["output"] == "features (include_top=False): float32 [batch, 192]"
