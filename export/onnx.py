@@ -25,7 +25,7 @@ from keras_vit.export._common import (
     resolve_model,
 )
 from keras_vit.export.onnx_fusion import fuse_attention
-from keras_vit.export.onnx_graph import fuse_layer_norms, replace_erfc
+from keras_vit.export.onnx_graph import fuse_layer_norms, replace_erfc, residual_stream_2d
 from keras_vit.export.onnx_int8 import quantize_dynamic, quantize_static
 from keras_vit.files import atomic_path
 
@@ -104,7 +104,8 @@ def to_onnx(model, path: PathLike, opset: int = MIN_OPSET, optimize: bool = Fals
 
 def _plain_graph(model, cfg, work: str, opset: int, layout: str):
     """The converted graph with our rewrites: `images` / `logits` names, an NCHW input when
-    asked, Erf for Erfc and one LayerNormalization op per Keras LayerNorm."""
+    asked, Erf for Erfc, one LayerNormalization op per Keras LayerNorm and the residual stream
+    kept on (tokens, features) (`onnx_graph.residual_stream_2d`)."""
     import onnx
 
     raw = os.path.join(work, "raw.onnx")
@@ -115,6 +116,7 @@ def _plain_graph(model, cfg, work: str, opset: int, layout: str):
         _nchw_input(proto)
     replace_erfc(proto)
     fuse_layer_norms(proto)
+    residual_stream_2d(proto)
     return proto
 
 

@@ -4,7 +4,7 @@ GraphIndex, then swaps nodes in one go (`GraphIndex.rewrite`). The onnxruntime-o
 rewrites (fused attention) are in `onnx_fusion`."""
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Set, Tuple
+from typing import Callable, Dict, List, Optional, Set, Tuple, Union
 
 import numpy as np
 import onnx
@@ -171,10 +171,125 @@ def fuse_layer_norms(proto: onnx.ModelProto) -> int:
 
 def tensor_ranks(proto: onnx.ModelProto) -> Dict[str, int]:
     """Rank of each tensor that ONNX shape inference can tell."""
+    return {name: len(dims) for name, dims in tensor_shapes(proto).items()}
+
+
+def tensor_shapes(proto: onnx.ModelProto) -> Dict[str, List[Union[int, str, None]]]:
+    """Shape of each tensor that ONNX shape inference can tell: per axis its size, the name of
+    a symbolic size, or None."""
     inferred = onnx.shape_inference.infer_shapes(proto)
-    return {v.name: len(v.type.tensor_type.shape.dim)
-            for v in list(inferred.graph.value_info) + list(inferred.graph.input)
+    return {v.name: [d.dim_value if d.HasField("dim_value") else d.dim_param or None
+                     for d in v.type.tensor_type.shape.dim]
+            for v in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)
             if v.type.tensor_type.HasField("shape")}
+
+
+# --- the residual stream on (tokens, features) ---------------------------------------------------
+def residual_stream_2d(proto: onnx.ModelProto) -> int:
+    """Keep each encoder block's residual stream on (tokens, features), the shape its LayerNorms,
+    Dense layers and residual adds already compute on, instead of going back to
+    (batch, tokens, features) after every sublayer: each residual Add(z, Reshape(y, (B, S, D)))
+    becomes Add(z', y) on the rank-2 tensors (its (B, S, D) value kept as a Reshape for other
+    readers), and the Reshapes to (-1, D) of a tensor already of that shape go. Same values; a
+    ViT block loses six of its eight Reshapes, and onnxruntime's optimizer then sees the
+    Add -> LayerNorm pairs it fuses. Adds whose inputs may broadcast (shapes not provably
+    equal) are left alone. Returns the number of residual Adds moved."""
+    shapes = tensor_shapes(proto)
+    g = GraphIndex(proto)
+    flat: Dict[str, str] = {}  # (B, S, D) tensor -> its rank-2 twin
+    drop, replace = set(), {}
+    for add in list(g.graph.node):
+        match = _residual_match(g, add, shapes) if add.op_type == "Add" else None
+        if match is None:
+            continue
+        z, y, target, d = match
+        prefix = add.name or add.output[0]
+        new = []
+        z2 = flat.get(z) or _rank2_source(g, z, shapes, d)
+        if z2 is None:
+            cols = g.add_initializer([-1, d], prefix + "/shape_2d", np.int64)
+            z2 = prefix + "/z_2d"
+            new.append(helper.make_node("Reshape", [z, cols], [z2], name=prefix + "/Reshape_2d"))
+        total = prefix + "/sum_2d"
+        new += [helper.make_node("Add", [z2, y], [total], name=prefix + "/Add_2d"),
+                helper.make_node("Reshape", [total, target], list(add.output), name=prefix + "/Reshape_3d")]
+        replace[id(add)] = new
+        flat[add.output[0]] = total
+        shapes[total] = shapes[y]
+    if not replace:
+        return 0
+    g.rewrite(drop, replace)
+    _drop_identity_reshapes(proto, flat, shapes)
+    return len(replace)
+
+
+def _residual_match(g: GraphIndex, add, shapes) -> Optional[Tuple[str, str, str, int]]:
+    """(z, y, the (B, S, D) shape tensor, D) for add = Add(z, Reshape(y, (B, S, D))) with y of
+    shape (N, D) and z of the Reshape's shape, else None."""
+    for i in (0, 1):
+        r = g.node(add.input[i], "Reshape")
+        z = add.input[1 - i]
+        if r is None or r.input[0] not in shapes or z not in shapes or r.output[0] not in shapes:
+            continue
+        y_shape, out_shape, z_shape = shapes[r.input[0]], shapes[r.output[0]], shapes[z]
+        if len(y_shape) != 2 or len(out_shape) != 3 or not isinstance(y_shape[1], int):
+            continue
+        if len(z_shape) == 3 and _same_shape(z_shape, out_shape) and out_shape[2] == y_shape[1]:
+            return z, r.input[0], r.input[1], y_shape[1]
+    return None
+
+
+def _same_shape(a: list, b: list) -> bool:
+    """True when two shapes are provably equal (so an Add of them does not broadcast): each
+    axis the same size or the same symbol; the batch axis may differ in symbol if neither is 1."""
+    for axis, (x, y) in enumerate(zip(a, b)):
+        if x is not None and x == y:
+            continue
+        if axis == 0 and x != 1 and y != 1 and not (isinstance(x, int) and isinstance(y, int)):
+            continue
+        return False
+    return len(a) == len(b)
+
+
+def _rank2_source(g: GraphIndex, name: str, shapes, d: int) -> Optional[str]:
+    """A rank-2 tensor with D columns holding `name`'s values: x when `name` is Reshape(x) of such
+    an x, or an existing Reshape(name, (-1, D)); else None."""
+    r = g.node(name, "Reshape")
+    src = r.input[0] if r is not None else None
+    if src in shapes and len(shapes[src]) == 2 and shapes[src][1] == d:
+        return src
+    for reader in g.consumers.get(name, []):
+        target = g.array(reader.input[1]) if reader.op_type == "Reshape" and reader.input[0] == name else None
+        if target is not None and [int(v) for v in target.reshape(-1)] == [-1, d]:
+            return reader.output[0]
+    return None
+
+
+def _drop_identity_reshapes(proto: onnx.ModelProto, flat: Dict[str, str], shapes) -> None:
+    """Readers of Reshape(t, (-1, D)) read the rank-2 tensor with those values directly when there
+    is one: t itself when t is (N, D), its twin in `flat` when t is a moved residual sum.
+    Then nodes nothing reads any more are removed."""
+    g = GraphIndex(proto)
+    drop = set()
+    for r in list(g.graph.node):
+        target = g.array(r.input[1]) if r.op_type == "Reshape" else None
+        if target is None or target.shape != (2,) or int(target[0]) != -1 or r.output[0] in g.outputs:
+            continue
+        src = r.input[0]
+        same = flat.get(src) or (src if src in shapes and len(shapes[src]) == 2 and shapes[src][1] == int(target[1])
+                                 else None)
+        if same is None or (src in flat and shapes[same][1] != int(target[1])):
+            continue
+        for reader in g.consumers.get(r.output[0], []):
+            reader.input[:] = [same if i == r.output[0] else i for i in reader.input]
+        drop.add(id(r))
+    while True:  # nodes left without readers
+        read = {i for n in g.graph.node if id(n) not in drop for i in n.input} | g.outputs
+        dead = {id(n) for n in g.graph.node if id(n) not in drop and not any(o in read for o in n.output)}
+        if not dead:
+            break
+        drop |= dead
+    g.rewrite(drop, {})
 
 
 def _layer_norm_match(g: GraphIndex, r, ranks: Dict[str, int]):
@@ -220,4 +335,5 @@ def _only_consumer(g: GraphIndex, n, op: str):
     return g.sole_user(n.output[0], op)
 
 
-__all__ = ["GraphIndex", "fuse_layer_norms", "replace_erfc", "split_inputs", "tensor_ranks"]
+__all__ = ["GraphIndex", "fuse_layer_norms", "replace_erfc", "residual_stream_2d", "split_inputs", "tensor_ranks",
+           "tensor_shapes"]

@@ -77,7 +77,7 @@ def test_fp16_and_optimized_exports_of_trained_digits_model(trained_digits, tmp_
     opt = to_onnx(model, tmp_path / "opt.onnx", optimize=True)
     proto = onnx.load(opt)
     ops = {n.op_type for n in proto.graph.node}
-    assert {"FastGelu", "SkipLayerNormalization", "Attention"} <= ops  # fused by onnxruntime's transformer optimizer
+    assert {"FastGelu", "LayerNormalization", "Attention"} <= ops  # fused by onnxruntime's transformer optimizer
     fused = json.loads({p.key: p.value for p in proto.metadata_props}["optimized"])
     # one per block; the last block's attention has the class token as its only query and stays unfused
     assert fused["FastGelu"] == 2 and fused["Attention"] == 1
@@ -251,3 +251,46 @@ def test_dynamic_int8_export_of_relative_position_model_runs(tmp_path):
     report = verify(model, path, images="default", num_images=8, batch_size=4, write_report=False)
     assert report["top1_agreement"] >= 0.75 and report["max_abs_diff"] < 0.1 * np.abs(model.predict(
         load_images("default", 32, 3, 8), verbose=0)).max(), report
+
+
+def test_residual_stream_stays_on_tokens_by_features(tmp_path):
+    """The plain file's residual adds run on (tokens, features): two Reshapes a block remain (to
+    the 5-D QKV layout and back), against eight as converted; logits still match Keras."""
+    model = small_model("learned", num_layers=3)
+    proto = onnx.load(to_onnx(model, tmp_path / "m.onnx"))
+    reshapes = [n for n in proto.graph.node if n.op_type == "Reshape"]
+    # 2 a block; + the patch grid, the first block's input, and 3 around the class-token slice
+    assert len(reshapes) <= 2 * 3 + 5, [n.name for n in reshapes]
+    images = load_images("digits", 32, 3, 4)
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(session.run(None, {"images": images})[0], model.predict(images, verbose=0), atol=1e-4)
+
+
+@pytest.mark.parametrize("z_shape,moved", [(["b", 4, 8], 1), ([1, 4, 8], 0), (["b", 1, 8], 0)])
+def test_residual_stream_2d_leaves_broadcasting_adds_alone(z_shape, moved):
+    """Add(z, Reshape(y, (-1, 4, 8))) moves to rank 2 only when z provably has the Reshape's shape
+    (an Add that broadcasts z over the batch or the tokens stays as it is); values unchanged."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from keras_vit.export.onnx_graph import residual_stream_2d
+
+    shape3 = numpy_helper.from_array(np.array([-1, 4, 8], np.int64), "shape3")
+    flat = numpy_helper.from_array(np.array([-1, 8], np.int64), "flat")
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["y", "shape3"], ["y3"], name="to3d"),
+         helper.make_node("Add", ["z", "y3"], ["s"], name="residual"),
+         helper.make_node("Reshape", ["s", "flat"], ["s2"], name="to2d"),
+         helper.make_node("Relu", ["s2"], ["out"], name="relu")], "g",
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 8]),
+         helper.make_tensor_value_info("z", TensorProto.FLOAT, z_shape)],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [None, 8])], [shape3, flat])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    rng = np.random.default_rng(0)
+    feed = {"y": rng.normal(size=(8, 8)).astype(np.float32),
+            "z": rng.normal(size=[2 if d == "b" else d for d in z_shape]).astype(np.float32)}
+    before = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feed)[0]
+    assert residual_stream_2d(proto) == moved
+    onnx.checker.check_model(proto, full_check=True)
+    after = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feed)[0]
+    np.testing.assert_array_equal(after, before)
+    assert sum(n.op_type == "Reshape" for n in proto.graph.node) == (2 if not moved else 1)
