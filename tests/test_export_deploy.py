@@ -36,7 +36,7 @@ def test_dynamic_model_matches_resize_model_at_other_sizes(pos_embedding, method
     dyn = dynamic_model(model, method)
     assert dyn.input_shape == (None, None, None, 3) and dyn.vit_config.pos_interpolation == method
     rng = np.random.default_rng(1)
-    for size in [(32, 32), (48, 64), (24, 40)]:
+    for size in [(32, 32), (48, 64), (24, 40), (48, 32)]:  # (48, 32): the 4x6 grid turned to 6x4, same count
         x = rng.uniform(0, 255, (2, *size, 3)).astype("float32")
         ref = resize_model(model, size, method=method).predict_on_batch(x)
         np.testing.assert_allclose(dyn.predict_on_batch(x), ref, atol=1e-5, rtol=0)
