@@ -29,11 +29,27 @@ def resolve_model(model):
         cfg = get_config(model)
     except ValueError as exc:
         raise ExportError(str(exc)) from None
+    if getattr(model, "dtype_policy", None) is not None and model.dtype_policy.name != "float32":
+        model = float32_model(model, cfg)
     if cfg.output is not None or cfg.feature_layers is not None:
         what = "its tokens (output='tokens')" if cfg.output else f"feature maps of blocks {list(cfg.feature_layers)}"
         raise ExportError(f"export takes a classifier or a pooled-feature model (one (batch, N) output); this "
                           f"model returns {what}: build it without output/feature_layers to export it")
     return model, cfg
+
+
+def float32_model(model, cfg):
+    """A float32 twin of a model trained under a mixed policy (mixed_bfloat16: bfloat16 compute,
+    float32 weights): the converters and runtimes take float32 graphs, and verification compares
+    the file with what Keras computes in float32 from the same weights."""
+    import numpy as np
+
+    from keras_vit.model import build_model
+
+    twin = build_model(cfg, name=model.name, dtype="float32")
+    twin.set_weights([np.asarray(w, dtype=np.float32) for w in model.get_weights()])
+    twin.class_names = getattr(model, "class_names", None)
+    return twin
 
 
 def check_tensorflow_backend(what: str) -> None:
