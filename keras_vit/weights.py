@@ -163,12 +163,16 @@ def _adapt_position_embeddings(values: Dict[str, np.ndarray], target: Mapping[st
     if POSEMB in values and POSEMB in target:
         pe = values[POSEMB]
         pe = pe[None] if pe.ndim == 2 else pe
-        p = _split_posemb(pe.shape[1], prefix, grid, big_vision_posemb)
+        # A known source grid settles the prefix (4x6 + a class token is 25 = 5x5 rows, no class slot).
+        known = source_grid is not None and pe.shape[1] - prefix == source_grid[0] * source_grid[1]
+        p = prefix if known else _split_posemb(pe.shape[1], prefix, grid, big_vision_posemb)
         if p == 0 and prefix == 1:  # big_vision adds E_pos before prepending x_class: a zero slot
             pe = np.concatenate([np.zeros_like(pe[:, :1]), pe], axis=1)
             p = 1
-        if p == prefix and pe.shape[1] - p != grid[0] * grid[1]:
-            old = tuple(source_grid) if source_grid is not None else infer_grid(pe.shape[1] - p, grid)
+        # The source grid, when known, decides: 4x6 -> 6x4 keeps the count but moves every token.
+        old = (tuple(source_grid) if source_grid is not None else tuple(grid)
+               if pe.shape[1] - p == grid[0] * grid[1] else infer_grid(pe.shape[1] - p, grid))
+        if p == prefix and old != tuple(grid):
             log.warning("%s: position embeddings resampled from a %dx%d to a %dx%d grid (%s) for image_size %dx%d",
                         source, old[0], old[1], grid[0], grid[1], method, *cfg.image_size)
             pe = resample_position_embeddings(pe, grid, p, old_grid=old, method=method)
@@ -181,7 +185,8 @@ def _adapt_position_embeddings(values: Dict[str, np.ndarray], target: Mapping[st
             values[cols] = resample_1d(values[cols], grid[1], method)
     for k in [k for k in values if k.endswith("/relative_embedding") and k in target]:
         want = tuple(target[k].shape)
-        if tuple(values[k].shape) != want and values[k].ndim == 3 and values[k].shape[1:] == want[1:]:
+        moved = source_grid is not None and tuple(source_grid) != tuple(grid)  # e.g. 4x6 -> 6x4: same table size
+        if (tuple(values[k].shape) != want or moved) and values[k].ndim == 3 and values[k].shape[1:] == want[1:]:
             extra = 1 if prefix else 0
             old = (tuple(source_grid) if source_grid is not None
                    else relative_table_grid(values[k].shape[0] - extra, grid))

@@ -26,15 +26,17 @@ def _noisy(model, seed=0):
     return model
 
 
-@pytest.mark.parametrize("pos_embedding,method", [("learned", "linear"), ("learned", "bicubic"),
-                                                  ("learned_2d", "bicubic"), ("sincos2d", "linear")])
-def test_dynamic_model_matches_resize_model_at_other_sizes(pos_embedding, method):
+@pytest.mark.parametrize("pos_embedding,method,image_size", [
+    ("learned", "linear", 32), ("learned", "bicubic", 32), ("learned_2d", "bicubic", 32), ("sincos2d", "linear", 32),
+    # a 4x6 grid plus the class token is 25 = 5x5 embeddings: not to be taken for a square grid without one
+    ("learned", "linear", (32, 48))])
+def test_dynamic_model_matches_resize_model_at_other_sizes(pos_embedding, method, image_size):
     small = dict(patch_size=8, hidden_size=32, num_heads=2, num_layers=1, mlp_dim=64, num_classes=5)
-    model = _noisy(keras_vit.ViT("Ti/16", image_size=32, pos_embedding=pos_embedding, **small))
+    model = _noisy(keras_vit.ViT("Ti/16", image_size=image_size, pos_embedding=pos_embedding, **small))
     dyn = dynamic_model(model, method)
     assert dyn.input_shape == (None, None, None, 3) and dyn.vit_config.pos_interpolation == method
     rng = np.random.default_rng(1)
-    for size in [(32, 32), (48, 64), (24, 40)]:
+    for size in [(32, 32), (48, 64), (24, 40), (48, 32)]:  # (48, 32): the 4x6 grid turned to 6x4, same count
         x = rng.uniform(0, 255, (2, *size, 3)).astype("float32")
         ref = resize_model(model, size, method=method).predict_on_batch(x)
         np.testing.assert_allclose(dyn.predict_on_batch(x), ref, atol=1e-5, rtol=0)
