@@ -123,7 +123,7 @@ def main(argv=None) -> Dict[str, Dict[str, float]]:
     for path in args.files:
         name, x = _input(path)
         session = _session(__import__("onnx").load(path), args.threads)
-        latency = _median_ms(lambda: session.run(None, {name: x}), args.rounds)
+        latency = _median_ms(lambda s=session, feed={name: x}: s.run(None, feed), args.rounds)
         floor, flop = 0.0, 0.0
         for a, b, weight in products(path):
             key = (a, b, weight)

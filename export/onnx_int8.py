@@ -71,6 +71,7 @@ def quantize_static(proto, work: str, images: np.ndarray, agreement: float) -> T
     edge = [n for n in weighted if blocks and re.search(rf"({blocks[0]}|{blocks[-1]})(?!\d)", n)]
     reference = _top1(proto, input_name, check)
     stages = [head, head + edge]
+    first = 0.0  # the agreement with the blocks' MatMuls in int8
     for stage, keep in enumerate(stages):
         dynamic = quantize_dynamic(proto, work, exclude=keep)
         ranges = activation_ranges(dynamic, input_name, calibrate)
