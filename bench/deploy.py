@@ -1,5 +1,6 @@
 """Deployment files of one model, timed interleaved in one process: ONNX fp32 / dynamic int8 /
-static int8 (onnxruntime) and TFLite fp32 / full int8 (LiteRT), batch 1, one thread each.
+static int8, each also with --optimize (onnxruntime), and TFLite fp32 / full int8 (LiteRT),
+batch 1, one thread each.
 
     python -m bench.deploy --model runs/latest/model.keras --calibration digits   # a trained model
     python -m bench.deploy --variant Ti/16 --calibration photos                   # random Ti/16, 224 px
@@ -56,7 +57,10 @@ def main(argv=None) -> dict:
                                                    optimize=True),
              "onnx static int8": to_onnx(model, os.path.join(work, "static.onnx"), quantize="int8",
                                          calibration_images=args.calibration,
-                                         num_calibration_images=args.num_calibration)}
+                                         num_calibration_images=args.num_calibration),
+             "onnx static int8 optimize": to_onnx(model, os.path.join(work, "opt-static.onnx"), quantize="int8",
+                                                  optimize=True, calibration_images=args.calibration,
+                                                  num_calibration_images=args.num_calibration)}
     if not args.no_tflite:
         files["tflite fp32"] = to_tflite(model, os.path.join(work, "fp32.tflite"))
         files["tflite full int8"] = to_tflite(model, os.path.join(work, "int8.tflite"), quantize="int8",

@@ -31,13 +31,14 @@ def main(argv=None) -> dict:
     p.add_argument("folder")
     p.add_argument("--rounds", type=int, default=60)
     p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: its default)")
+    p.add_argument("--extra", nargs="*", default=[], help="more keras-vit files of the folder to time with them")
     args = p.parse_args(argv)
     import onnxruntime as ort
 
     x = np.load(os.path.join(args.folder, "x.npy"))[:1]
     xt = np.ascontiguousarray(x.transpose(0, 3, 1, 2) / np.float32(127.5) - np.float32(1.0))
     runs = {}
-    for f in FILES:
+    for f in FILES + tuple(args.extra):
         path = os.path.join(args.folder, f)
         if os.path.exists(path):
             so = ort.SessionOptions()

@@ -294,3 +294,14 @@ def test_residual_stream_2d_leaves_broadcasting_adds_alone(z_shape, moved):
     after = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feed)[0]
     np.testing.assert_array_equal(after, before)
     assert sum(n.op_type == "Reshape" for n in proto.graph.node) == (2 if not moved else 1)
+
+
+def test_static_int8_that_keeps_everything_float_is_refused(tmp_path):
+    """When the agreement gate leaves no MatMul in int8 (here: an unreachable 101% on a 2-block
+    model, whose first and last blocks are all its blocks), the export says so in one line and
+    writes no file, instead of a float32 file called int8."""
+    model = small_model("learned", num_layers=2)
+    with pytest.raises(ExportError, match=r"static int8 keeps no MatMul in int8: .* under 101%"):
+        to_onnx(model, tmp_path / "m.onnx", quantize="int8", calibration_images="digits",
+                num_calibration_images=40, int8_agreement=1.01)
+    assert not (tmp_path / "m.onnx").exists()
