@@ -29,7 +29,7 @@ def resolve_model(model):
         cfg = get_config(model)
     except ValueError as exc:
         raise ExportError(str(exc)) from None
-    if getattr(model, "dtype_policy", None) is not None and model.dtype_policy.name != "float32":
+    if model.dtype_policy.name != "float32" and not _quantization_modes(model):
         model = float32_model(model, cfg)
     if cfg.output is not None or cfg.feature_layers is not None:
         what = "its tokens (output='tokens')" if cfg.output else f"feature maps of blocks {list(cfg.feature_layers)}"
@@ -50,6 +50,22 @@ def float32_model(model, cfg):
     twin.set_weights([np.asarray(w, dtype=np.float32) for w in model.get_weights()])
     twin.class_names = getattr(model, "class_names", None)
     return twin
+
+
+def _quantization_modes(model) -> List[str]:
+    """The modes (int8, int4, ...) of the layers model.quantize() converted."""
+    return sorted({layer.dtype_policy.quantization_mode for layer in model._flatten_layers(include_self=False)
+                   if layer.dtype_policy.quantization_mode is not None})
+
+
+def check_not_keras_quantized(model, what: str) -> None:
+    """ExportError for a model whose layers model.quantize() converted: the converters take the
+    float model and quantize it themselves (quantize="int8" / "dynamic")."""
+    modes = _quantization_modes(model)
+    if modes:
+        raise ExportError(f"{what} takes the float model; this one has layers quantized in Keras "
+                          f"(model.quantize: {', '.join(modes)}): export the model before model.quantize(), "
+                          "with quantize='int8' or 'dynamic' (--quantize) for an integer file")
 
 
 def check_tensorflow_backend(what: str) -> None:

@@ -330,3 +330,16 @@ def test_model_trained_in_mixed_bfloat16_exports_as_float32(tmp_path):
         assert report["passed"] and report["max_abs_diff"] <= 1e-4, report["failures"]
     # Resized copies compute as their source does, whatever the global policy.
     assert resize_model(model, (32, 48)).dtype_policy.name == "mixed_bfloat16"
+
+
+def test_model_quantized_in_keras_is_refused_in_one_line(tmp_path):
+    """model.quantize() layers do not convert (TFLite) or convert to another computation (ONNX):
+    the exporters ask for the float model and their own quantization."""
+    model = small_model("learned")
+    model.quantize("int8")
+    for export, path in ((to_onnx, "m.onnx"), (to_tflite, "m.tflite")):
+        with pytest.raises(ExportError, match=r"layers quantized in Keras \(model.quantize: int8\)"):
+            export(model, tmp_path / path)
+    with pytest.raises(ExportError, match="layers quantized in Keras"):
+        to_saved_model(model, tmp_path / "sm", dynamic_size=True)
+    assert not any(tmp_path.iterdir())
