@@ -141,13 +141,14 @@ def export_cmd(model_path: str, fmt: str, quantize: Optional[str], opset: int, o
     from keras_vit.export.images import check_source
     from keras_vit.export.runner import check_device
 
-    # Whatever can fail after the export is checked before it writes (or replaces) the file.
-    check_source(calibration_dataset if quantize == "int8" else None, split="train")
     if not no_verify:
-        check_source(verify_dataset or run_dataset)
         check_device(device, fmt)
-
     model, cfg = resolve_model(model_path)
+    # Whatever can fail after the export is checked before it writes (or replaces) the file.
+    if quantize == "int8":
+        check_source(calibration_dataset, cfg.channels, split="train")
+    if not no_verify:
+        check_source(verify_dataset or run_dataset, cfg.channels)
     if getattr(model, "class_names", None) or (class_names is not None and len(class_names) != cfg.num_classes):
         class_names = None  # the names the model carries win; a run file that does not match is left out
     if fmt == "onnx":

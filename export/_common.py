@@ -29,11 +29,43 @@ def resolve_model(model):
         cfg = get_config(model)
     except ValueError as exc:
         raise ExportError(str(exc)) from None
+    if model.dtype_policy.name != "float32" and not _quantization_modes(model):
+        model = float32_model(model, cfg)
     if cfg.output is not None or cfg.feature_layers is not None:
         what = "its tokens (output='tokens')" if cfg.output else f"feature maps of blocks {list(cfg.feature_layers)}"
         raise ExportError(f"export takes a classifier or a pooled-feature model (one (batch, N) output); this "
                           f"model returns {what}: build it without output/feature_layers to export it")
     return model, cfg
+
+
+def float32_model(model, cfg):
+    """A float32 twin of a model trained under a mixed policy (mixed_bfloat16: bfloat16 compute,
+    float32 weights): the converters and runtimes take float32 graphs, and verification compares
+    the file with what Keras computes in float32 from the same weights."""
+    import numpy as np
+
+    from keras_vit.model import build_model
+
+    twin = build_model(cfg, name=model.name, dtype="float32")
+    twin.set_weights([np.asarray(w, dtype=np.float32) for w in model.get_weights()])
+    twin.class_names = getattr(model, "class_names", None)
+    return twin
+
+
+def _quantization_modes(model) -> List[str]:
+    """The modes (int8, int4, ...) of the layers model.quantize() converted."""
+    return sorted({layer.dtype_policy.quantization_mode for layer in model._flatten_layers(include_self=False)
+                   if layer.dtype_policy.quantization_mode is not None})
+
+
+def check_not_keras_quantized(model, what: str) -> None:
+    """ExportError for a model whose layers model.quantize() converted: the converters take the
+    float model and quantize it themselves (quantize="int8" / "dynamic")."""
+    modes = _quantization_modes(model)
+    if modes:
+        raise ExportError(f"{what} takes the float model; this one has layers quantized in Keras "
+                          f"(model.quantize: {', '.join(modes)}): export the model before model.quantize(), "
+                          "with quantize='int8' or 'dynamic' (--quantize) for an integer file")
 
 
 def check_tensorflow_backend(what: str) -> None:

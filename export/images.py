@@ -67,15 +67,13 @@ def _unknown_source(name: str, reason) -> ExportError:
                        f"{', '.join(OFFLINE_SOURCES)}, folder:PATH or a folder of images")
 
 
-def check_source(source, split: str = "test") -> None:
-    """ExportError for an image source `load_images` cannot read (an unknown name, a missing or
-    empty folder, a dataset that does not load): checked by reading one image of `split`, so that
-    an export can fail before it writes a file."""
-    if source is None or not isinstance(source, (str, os.PathLike)):
-        return
-    name = os.fspath(source)
-    if name not in OFFLINE_SOURCES:
-        _from_name(name, (32, 32), 1, split)
+def check_source(source, channels: int = 3, split: str = "test") -> None:
+    """ExportError for an image source `load_images` cannot read for a model with `channels`
+    (an unknown name, a missing or empty folder, a dataset that does not load, images it cannot
+    convert): checked by reading one image of `split`, so that an export can fail before it
+    writes a file."""
+    if source is None or isinstance(source, (str, os.PathLike)):
+        load_images(source, (32, 32), channels, 1, split)
 
 
 def _digits(split: str) -> np.ndarray:
@@ -148,6 +146,7 @@ def _fit(images, image_size, channels: int) -> np.ndarray:
         try:
             im = np.asarray(data.prepare_image(im, image_size, channels))
         except data.DatasetError:
-            raise ExportError(f"images have {im.shape[-1]} channels, the model takes {channels}") from None
+            raise ExportError(f"images have {im.shape[-1]} channels, the model takes {channels}: "
+                              f"use a source of {channels}-channel images") from None
         out.append(np.clip(im, 0.0, 255.0))
     return np.stack(out).astype(np.float32) if out else np.zeros((0, *image_size, channels), np.float32)

@@ -19,6 +19,7 @@ from keras_vit.export._common import (
     PathLike,
     check_class_names,
     check_layout,
+    check_not_keras_quantized,
     check_output_path,
     check_tensorflow_backend,
     metadata,
@@ -184,6 +185,7 @@ def _export_model(model, layout: str, dynamic_size: bool, interpolation: Optiona
     if interpolation is not None and not dynamic_size and not cfg.dynamic_size:
         raise ExportError("interpolation applies with dynamic_size=True only")
     check_tensorflow_backend("ONNX")
+    check_not_keras_quantized(model, "ONNX export")
     if dynamic_size or cfg.dynamic_size:
         from keras_vit.vit import dynamic_model
 

@@ -16,6 +16,7 @@ from keras_vit.export._common import (
     ExportError,
     PathLike,
     check_class_names,
+    check_not_keras_quantized,
     check_parent,
     check_tensorflow_backend,
     metadata,
@@ -49,6 +50,8 @@ def to_saved_model(model, path: PathLike, class_names: Optional[Sequence[str]] =
         raise ExportError("interpolation applies with dynamic_size=True only")
     if dynamic_size or cfg.dynamic_size:
         from keras_vit.vit import dynamic_model
+
+        check_not_keras_quantized(model, "A SavedModel for any image size (dynamic_size)")
 
         model = dynamic_model(model, interpolation)
         cfg = model.vit_config

@@ -20,6 +20,7 @@ from keras_vit.export._common import (
     ExportError,
     PathLike,
     check_class_names,
+    check_not_keras_quantized,
     check_output_path,
     check_tensorflow_backend,
     metadata,
@@ -57,6 +58,7 @@ def to_tflite(model, path: PathLike, quantize: Optional[str] = None, representat
         raise ExportError(f"quantize must be one of none, fp16, dynamic, int8; got {quantize!r}")
     model, cfg = resolve_model(model)
     check_tensorflow_backend("TFLite")
+    check_not_keras_quantized(model, "TFLite export")
     names = check_class_names(class_names, cfg.num_classes, model)
     if quantize == "int8" and representative_images is None:
         raise ExportError("int8 export needs calibration data: pass representative_images "

@@ -225,9 +225,10 @@ def _build_graph(cfg: ViTConfig, dtype: Optional[str] = None):
     return inputs, x
 
 
-def build_model(cfg: ViTConfig, name: Optional[str] = None) -> keras.Model:
-    """A VisionTransformer for a config (validated first)."""
-    return VisionTransformer(cfg, name=name)
+def build_model(cfg: ViTConfig, name: Optional[str] = None, dtype: Optional[str] = None) -> keras.Model:
+    """A VisionTransformer for a config (validated first), under the dtype policy `dtype`
+    (default: the global one)."""
+    return VisionTransformer(cfg, name=name, dtype=dtype)
 
 
 def get_config(model: keras.Model) -> ViTConfig:

@@ -178,13 +178,19 @@ def build_with_weights(cfg: ViTConfig, weights: Union[PathLike, Checkpoint], nam
     return model
 
 
+def _policy(model: keras.Model) -> Optional[str]:
+    """The name of `model`'s dtype policy (its copies compute as it does, whatever the global policy)."""
+    policy = getattr(model, "dtype_policy", None)
+    return None if policy is None or policy.quantization_mode is not None else policy.name
+
+
 def resize_model(model: keras.Model, image_size: Union[int, Tuple[int, int]],
                  method: str = "linear") -> keras.Model:
     """A copy of a keras-vit model for another image size: same weights, position embeddings
     resampled to the new patch grid (works for models built here or loaded from .keras)."""
     check_method(method)
     cfg = get_config(model)
-    new_model = build_model(cfg.replace(image_size=image_size), name=model.name)
+    new_model = build_model(cfg.replace(image_size=image_size), name=model.name, dtype=_policy(model))
     assign_weights(new_model, model_arrays(model), method=method, source_grid=cfg.grid_size,
                    source=f"model {model.name!r}")
     new_model.class_names = getattr(model, "class_names", None)
@@ -200,7 +206,8 @@ def dynamic_model(model: keras.Model, method: Optional[str] = None) -> keras.Mod
     method = check_method(method or cfg.pos_interpolation)
     if cfg.dynamic_size and cfg.pos_interpolation == method:
         return model
-    new_model = build_model(cfg.replace(dynamic_size=True, pos_interpolation=method), name=model.name)
+    new_model = build_model(cfg.replace(dynamic_size=True, pos_interpolation=method), name=model.name,
+                            dtype=_policy(model))
     new_model.set_weights(model.get_weights())
     new_model.class_names = getattr(model, "class_names", None)
     return new_model

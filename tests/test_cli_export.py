@@ -152,3 +152,13 @@ def test_names_the_model_carries_reach_the_file(tmp_path):
     assert result.exit_code == 0, result.output
     meta = ort.InferenceSession(str(tmp_path / "named.onnx")).get_modelmeta().custom_metadata_map
     assert json.loads(meta["class_names"]) == model.class_names
+
+
+def test_verification_images_the_model_cannot_take_fail_before_writing(tmp_path):
+    """A 4-channel model and the 3-channel default images: one line before the export, old file kept."""
+    small_model(channels=4).save(tmp_path / "rgba.keras")
+    (tmp_path / "rgba.onnx").write_bytes(b"the previous export")
+    result = _invoke(["--model", "rgba.keras", "--output", "rgba.onnx"], tmp_path)
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "Error: images have 3 channels, the model takes 4: use a source of 4-channel images" in result.output
+    assert (tmp_path / "rgba.onnx").read_bytes() == b"the previous export"

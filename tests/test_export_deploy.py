@@ -15,7 +15,7 @@ from export_helpers import DIGIT_NAMES, TI, small_model
 
 import keras_vit
 from keras_vit.cli.main import cli
-from keras_vit.export import ExportError, to_onnx, to_saved_model, verify
+from keras_vit.export import ExportError, to_onnx, to_saved_model, to_tflite, verify
 from keras_vit.vit import dynamic_model, resize_model
 
 
@@ -310,3 +310,36 @@ def test_python_api_bad_inputs_are_one_clear_error(tmp_path):
     proto = onnx.load(to_onnx(features, tmp_path / "features.onnx"))
     meta = {p.key: p.value for p in proto.metadata_props}
     assert meta["output"] == "features (include_top=False): float32 [batch, 192]"
+
+
+def test_model_trained_in_mixed_bfloat16_exports_as_float32(tmp_path):
+    """A .keras saved under mixed_bfloat16 (vitcli train --mixed-precision) holds float32 weights
+    and a bfloat16 compute policy: exported as its float32 twin, checked at the fp32 thresholds."""
+    import keras
+
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        model = small_model("learned")
+        model.save(tmp_path / "bf16.keras")
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert keras_vit.load_model(tmp_path / "bf16.keras").dtype_policy.name == "mixed_bfloat16"
+    for path in (to_onnx(tmp_path / "bf16.keras", tmp_path / "m.onnx", dynamic_size=True),
+                 to_tflite(tmp_path / "bf16.keras", tmp_path / "m.tflite")):
+        report = verify(tmp_path / "bf16.keras", path, num_images=8, write_report=False)
+        assert report["passed"] and report["max_abs_diff"] <= 1e-4, report["failures"]
+    # Resized copies compute as their source does, whatever the global policy.
+    assert resize_model(model, (32, 48)).dtype_policy.name == "mixed_bfloat16"
+
+
+def test_model_quantized_in_keras_is_refused_in_one_line(tmp_path):
+    """model.quantize() layers do not convert (TFLite) or convert to another computation (ONNX):
+    the exporters ask for the float model and their own quantization."""
+    model = small_model("learned")
+    model.quantize("int8")
+    for export, path in ((to_onnx, "m.onnx"), (to_tflite, "m.tflite")):
+        with pytest.raises(ExportError, match=r"layers quantized in Keras \(model.quantize: int8\)"):
+            export(model, tmp_path / path)
+    with pytest.raises(ExportError, match="layers quantized in Keras"):
+        to_saved_model(model, tmp_path / "sm", dynamic_size=True)
+    assert not any(tmp_path.iterdir())
