@@ -62,7 +62,8 @@ def to_onnx(model, path: PathLike, opset: int = MIN_OPSET, optimize: bool = Fals
     the standard LayerNormalization op (see `onnx_graph.fuse_layer_norms`).
     `optimize` replaces each self-attention by onnxruntime's fused Attention op
     (`onnx_fusion.fuse_attention`; not with relative position embeddings, whose logit bias
-    the op cannot take, nor the one-query attention of a class-token model's last block), then runs
+    the op cannot take; the one-query attention of a class-token model's last block becomes
+    MultiHeadAttention), then runs
     onnxruntime's transformer optimizer (LayerNorm, GELU fusions); the result uses
     com.microsoft ops, so it is for onnxruntime only.
     `fp16` (or quantize="fp16") stores weights and activations in float16 with float32

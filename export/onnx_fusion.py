@@ -1,7 +1,8 @@
 """Rewrites for `to_onnx(optimize=True)`: each self-attention core replaced by onnxruntime's
 fused Attention op (com.microsoft domain, so for onnxruntime only); and the count of fused
 nodes a graph holds. (A class-token model's last block already runs on that token alone in
-the Keras graph, `TransformerBlock(class_token_only=True)`; its one-query attention stays unfused.)"""
+the Keras graph, `TransformerBlock(class_token_only=True)`; its one-query attention becomes
+MultiHeadAttention.)"""
 from __future__ import annotations
 
 from typing import Dict, List, Optional, Tuple
@@ -18,9 +19,12 @@ def fuse_attention(proto: onnx.ModelProto, num_heads: int) -> int:
     """Replace each self-attention core that `layers.MultiHeadSelfAttention` exports (one QKV
     MatMul + bias on (tokens, D) or (B, S, D); Reshape to (B, S, 3, heads, head_dim),
     Transpose, Split, Q K^T, Softmax, A V, Transpose back) by onnxruntime's fused Attention op
-    (com.microsoft domain, so the file is for onnxruntime only). The softmax scale is already
-    folded into the query weights, so the op's scale is 1. Attention with an extra logit bias
-    (relative position embeddings) does not match and stays as it is. Returns the number fused."""
+    (com.microsoft domain, so the file is for onnxruntime only). When only the first n tokens
+    query (the class-token last block: q[:, :, :n]), the QKV projection stays and its Q rows of
+    those tokens, K and V go to one com.microsoft MultiHeadAttention (n queries, S keys). The
+    softmax scale is already folded into the query weights, so the ops' scale is 1. Attention
+    with an extra logit bias (relative position embeddings) does not match and stays as it is.
+    Returns the number fused."""
     ranks = tensor_ranks(proto)
     g = GraphIndex(proto)
     drop, replace = set(), {}
@@ -28,17 +32,22 @@ def fuse_attention(proto: onnx.ModelProto, num_heads: int) -> int:
         match = _attention_match(g, softmax, num_heads)
         if match is None:
             continue
-        x, weights, bias, shape5, nodes = match
+        x, weights, bias, shape5, nodes, queries = match
         prefix = f"{softmax.name or softmax.output[0]}/fused_attention_{k}"
         d = int(g.initializers[weights].dims[0])
-        new = []
-        if ranks.get(x) != 3:  # Attention takes (B, S, D)
-            shape3, new = _batch_seq_hidden(g, shape5, d, prefix)
-            new.append(helper.make_node("Reshape", [x, shape3], [prefix + "/x3d"], name=prefix + "/Reshape_in"))
-            x = prefix + "/x3d"
         merge = nodes[-1]
-        new.append(helper.make_node("Attention", [x, weights, bias], [prefix + "/context"], name=prefix + "/Attention",
-                                    domain="com.microsoft", num_heads=num_heads, scale=1.0))
+        if queries is None:
+            new = []
+            if ranks.get(x) != 3:  # Attention takes (B, S, D)
+                shape3, new = _batch_seq_hidden(g, shape5, d, prefix)
+                new.append(helper.make_node("Reshape", [x, shape3], [prefix + "/x3d"], name=prefix + "/Reshape_in"))
+                x = prefix + "/x3d"
+            new.append(helper.make_node("Attention", [x, weights, bias], [prefix + "/context"],
+                                        name=prefix + "/Attention", domain="com.microsoft", num_heads=num_heads,
+                                        scale=1.0))
+        else:
+            new = _first_queries_attention(g, nodes[1].output[0], shape5, d, queries, num_heads, prefix)
+            nodes = nodes[2:]  # the QKV MatMul and its bias stay
         drop.update(id(n) for n in _read_context(g, merge, prefix + "/context", g.array(shape5), d))
         if merge.output[0] in g.consumers or merge.output[0] in g.outputs:
             # (B, S, D) -> (B, S, heads, head_dim), the replaced Transpose's tensor, for readers
@@ -53,6 +62,24 @@ def fuse_attention(proto: onnx.ModelProto, num_heads: int) -> int:
         if not any(o.domain == "com.microsoft" for o in proto.opset_import):
             proto.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return len(replace)
+
+
+def _first_queries_attention(g: GraphIndex, qkv: str, shape5: str, d: int, queries: int, num_heads: int,
+                             prefix: str) -> list:
+    """Nodes of MultiHeadAttention(Q of the first `queries` tokens, K, V) reading the projected
+    `qkv` ((B*S, 3D) or (B, S, 3D)), writing prefix/context (B, queries, D)."""
+    shape3, new = _batch_seq_hidden(g, shape5, 3 * d, prefix + "/qkv")
+    new.append(helper.make_node("Reshape", [qkv, shape3], [prefix + "/qkv3d"], name=prefix + "/Reshape_qkv"))
+    parts = {"q": ([0, 0], [queries, d], [1, 2]), "k": ([d], [2 * d], [2]), "v": ([2 * d], [3 * d], [2])}
+    for name, (starts, ends, axes) in parts.items():
+        inputs = [g.add_initializer(v, f"{prefix}/{name}_{what}", np.int64)
+                  for what, v in (("starts", starts), ("ends", ends), ("axes", axes))]
+        new.append(helper.make_node("Slice", [prefix + "/qkv3d"] + inputs, [f"{prefix}/{name}"],
+                                    name=f"{prefix}/Slice_{name}"))
+    new.append(helper.make_node("MultiHeadAttention", [prefix + "/q", prefix + "/k", prefix + "/v"],
+                                [prefix + "/context"], name=prefix + "/MultiHeadAttention", domain="com.microsoft",
+                                num_heads=num_heads, scale=1.0))
+    return new
 
 
 def _read_context(g: GraphIndex, merge, context: str, shape5: Optional[np.ndarray], d: int) -> list:
@@ -90,7 +117,14 @@ def _attention_match(g: GraphIndex, softmax, num_heads: int):
     k_t = g.node(scores.input[1], "Transpose")
     if k_t is None or _perm(k_t) != [0, 1, 3, 2] or g.sole_user(k_t.output[0], "MatMul") is not scores:
         return None
-    squeezes = [g.node(name, "Squeeze") for name in (scores.input[0], k_t.input[0], av.input[1])]
+    q_in, queries = scores.input[0], None
+    first = g.node(q_in, "Slice")
+    if first is not None:  # only the first n tokens query: q[:, :, :n]
+        queries = _first_tokens(g, first)
+        if queries is None or g.sole_user(first.output[0], "MatMul") is not scores:
+            return None
+        q_in = first.input[0]
+    squeezes = [g.node(name, "Squeeze") for name in (q_in, k_t.input[0], av.input[1])]
     if any(s is None or not _squeezes_axis_0(g, s) for s in squeezes):
         return None
     split = g.node(squeezes[0].input[0], "Split")
@@ -98,7 +132,7 @@ def _attention_match(g: GraphIndex, softmax, num_heads: int):
         return None
     if any(g.sole_user(o, "Squeeze") is not s for o, s in zip(split.output, squeezes)):
         return None
-    if any(g.consumers.get(s.output[0]) != [user] for s, user in zip(squeezes, (scores, k_t, av))):
+    if any(g.consumers.get(s.output[0]) != [user] for s, user in zip(squeezes, (first or scores, k_t, av))):
         return None
     heads_major = g.node(split.input[0], "Transpose")
     if heads_major is None or _perm(heads_major) != [2, 0, 3, 1, 4] or g.sole_user(heads_major.output[0], "Split") \
@@ -124,9 +158,33 @@ def _attention_match(g: GraphIndex, softmax, num_heads: int):
         return None
     merge = g.sole_user(av.output[0], "Transpose")
     if merge is None or _perm(merge) != [0, 2, 1, 3]:
+        # One query: (B, heads, 1, head_dim) has the (B, 1, heads, head_dim) layout already, and
+        # the converter reshapes it with no Transpose. Its readers must be such Reshapes.
+        readers = g.consumers.get(av.output[0], [])
+        if queries != 1 or av.output[0] in g.outputs or not readers or not all(
+                r.op_type == "Reshape" and r.input[0] == av.output[0] and g.array(r.input[1]) is not None
+                and 0 not in [int(v) for v in g.array(r.input[1])] for r in readers):
+            return None
+        merge = None
+    nodes = (matmul, add, unpack, heads_major, split, *squeezes, *([first] if first else []), k_t, scores, softmax,
+             av) + ((merge,) if merge is not None else ())
+    return x, weights, bias, unpack.input[1], nodes, queries
+
+
+def _first_tokens(g: GraphIndex, s) -> Optional[int]:
+    """n when Slice `s` takes x[:, :, :n] of a (B, heads, S, head_dim) tensor, else None."""
+    if len(s.input) != 4:  # data, starts, ends, axes (no steps)
         return None
-    nodes = (matmul, add, unpack, heads_major, split, *squeezes, k_t, scores, softmax, av, merge)
-    return x, weights, bias, unpack.input[1], nodes
+    arrays = [g.array(i) for i in s.input[1:]]
+    if any(v is None for v in arrays):
+        return None
+    starts, ends, axes = ([int(v) for v in a.reshape(-1)] for a in arrays)
+    cut = {axis % 4: (start, end) for axis, start, end in zip(axes, starts, ends)}
+    whole = 2 ** 31 - 1  # tf2onnx's "to the end"
+    if any(start != 0 or (axis != 2 and end < whole) for axis, (start, end) in cut.items()):
+        return None
+    n = cut.get(2, (0, whole))[1]
+    return n if 0 < n < whole else None
 
 
 def _perm(transpose) -> Optional[List[int]]:

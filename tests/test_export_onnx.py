@@ -90,17 +90,21 @@ def test_fp16_and_optimized_exports_of_trained_digits_model(trained_digits, tmp_
                                     pytest.param("hybrid", marks=pytest.mark.slow), "dynamic_size", "relative"])
 def test_optimize_fuses_attention_and_stays_within_fp32_thresholds(family, tmp_path):
     """optimize=True replaces each block's attention by onnxruntime's fused Attention op, except
-    with relative position embeddings (a logit bias the op cannot compute) and in the last block
-    of a class-token model (one query, the class token: the model computes that block on it
-    alone). Either way the file matches Keras at the fp32 thresholds."""
+    with relative position embeddings (a logit bias the op cannot compute); the last block of a
+    class-token model (one query, the class token: the model computes that block on it alone)
+    gets MultiHeadAttention (one query, every key). Either way the file matches Keras at the
+    fp32 thresholds."""
     model = small_model("learned" if family == "dynamic_size" else family, num_layers=2)
     path = to_onnx(model, tmp_path / "opt.onnx", optimize=True, dynamic_size=family == "dynamic_size")
     ops = [n.op_type for n in onnx.load(path).graph.node]
     expected = 0 if family == "relative" else 2 if family == "gap" else 1
-    assert ops.count("Attention") == expected and ops.count("Softmax") == 2 - expected
+    one_query = 0 if family in ("relative", "gap") else 1
+    assert ops.count("Attention") == expected and ops.count("MultiHeadAttention") == one_query
+    assert ops.count("Softmax") == 2 - expected - one_query
     report = verify(model, path, images="default", num_images=8, batch_size=4, write_report=False)
     assert report["max_abs_diff"] <= 1e-4 and report["top1_agreement"] == 1.0, report["failures"]
     assert report["fused_ops"].get("Attention", 0) == expected and report["fused_ops"]["FastGelu"] == 2
+    assert report["fused_ops"].get("MultiHeadAttention", 0) == one_query
     if family == "dynamic_size":  # also checked at a non-square size against resize_model
         assert report["image_sizes"] and report["image_sizes"][0]["max_abs_diff"] <= 1e-4
 
