@@ -63,6 +63,16 @@ def _echo_int8_speed(path: str) -> None:
                    f"{speed['fp32_ms']:.3g} ms for float32 at batch 1 ({speed['ratio']:.2f}x)")
 
 
+def _remove_stale_report(path: str) -> None:
+    """Remove the report (JSON, PNG) of an earlier export to `path`: it describes another file."""
+    from keras_vit.export.verify import plot_path, report_path
+
+    for stale in (report_path(path), plot_path(path)):
+        if os.path.isfile(stale):
+            os.remove(stale)
+            click.echo(f"Removed {stale} (it checked the file this export replaced; not verified: --no-verify)")
+
+
 def default_output(model_path: str, fmt: str, quantize: Optional[str], optimize: bool,
                    dynamic_size: bool = False, layout: str = "nhwc") -> str:
     """Beside the model: model[.QUANTIZE][.opt][.dynamic][.nchw].onnx / .tflite, model.saved_model/."""
@@ -168,6 +178,7 @@ def export_cmd(model_path: str, fmt: str, quantize: Optional[str], opset: int, o
     if fmt == "tflite" and quantize == "int8":
         _echo_int8_speed(path)
     if no_verify:
+        _remove_stale_report(path)
         return
     report = verify(model, path, images=verify_dataset or run_dataset, num_images=num_images,
                     thresholds=limits, device=device)

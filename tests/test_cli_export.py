@@ -180,3 +180,13 @@ def test_disk_full_while_writing_is_one_line(run_dir, tmp_path, monkeypatch):
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert "No space left on device" in result.output.strip().splitlines()[-1]
     assert out.read_bytes() == b"the previous export" and sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+
+
+def test_no_verify_removes_the_report_of_the_replaced_file(run_dir, tmp_path):
+    """A report beside the output checked the file an unverified export replaces: it goes too."""
+    out = tmp_path / "m.onnx"
+    assert _invoke(["--output", str(out), "--num-images", "4"], run_dir).exit_code == 0
+    assert json.loads((tmp_path / "m.onnx.report.json").read_text())["passed"]
+    result = _invoke(["--output", str(out), "--no-verify"], run_dir)
+    assert result.exit_code == 0 and "not verified: --no-verify" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
