@@ -162,3 +162,21 @@ def test_verification_images_the_model_cannot_take_fail_before_writing(tmp_path)
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert "Error: images have 3 channels, the model takes 4: use a source of 4-channel images" in result.output
     assert (tmp_path / "rgba.onnx").read_bytes() == b"the previous export"
+
+
+def test_disk_full_while_writing_is_one_line(run_dir, tmp_path, monkeypatch):
+    """An OSError about a file (no space left, read-only folder) is one line; the old file stays."""
+    import errno
+
+    import onnx
+
+    def full(proto, path, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(onnx, "save", full)
+    out = tmp_path / "m.onnx"
+    out.write_bytes(b"the previous export")
+    result = _invoke(["--output", str(out), "--no-verify"], run_dir)
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "No space left on device" in result.output.strip().splitlines()[-1]
+    assert out.read_bytes() == b"the previous export" and sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
