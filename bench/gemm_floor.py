@@ -108,6 +108,8 @@ def product_ms(a: Shape, b: Shape, weight: bool, threads: int, rounds: int) -> f
 
 
 def main(argv=None) -> Dict[str, Dict[str, float]]:
+    import onnx
+
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("files", nargs="+")
     p.add_argument("--threads", type=int, default=1)
@@ -122,7 +124,7 @@ def main(argv=None) -> Dict[str, Dict[str, float]]:
     results = {}
     for path in args.files:
         name, x = _input(path)
-        session = _session(__import__("onnx").load(path), args.threads)
+        session = _session(onnx.load(path), args.threads)
         latency = _median_ms(lambda s=session, feed={name: x}: s.run(None, feed), args.rounds)
         floor, flop = 0.0, 0.0
         for a, b, weight in products(path):

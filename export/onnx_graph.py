@@ -191,13 +191,12 @@ def residual_stream_2d(proto: onnx.ModelProto) -> int:
     (batch, tokens, features) after every sublayer: each residual Add(z, Reshape(y, (B, S, D)))
     becomes Add(z', y) on the rank-2 tensors (its (B, S, D) value kept as a Reshape for other
     readers), and the Reshapes to (-1, D) of a tensor already of that shape go. Same values; a
-    ViT block loses six of its eight Reshapes, and onnxruntime's optimizer then sees the
-    Add -> LayerNorm pairs it fuses. Adds whose inputs may broadcast (shapes not provably
-    equal) are left alone. Returns the number of residual Adds moved."""
+    ViT block loses six of its eight Reshapes. Adds whose inputs may broadcast (shapes not
+    provably equal) are left alone. Returns the number of residual Adds moved."""
     shapes = tensor_shapes(proto)
     g = GraphIndex(proto)
     flat: Dict[str, str] = {}  # (B, S, D) tensor -> its rank-2 twin
-    drop, replace = set(), {}
+    replace: Dict[int, list] = {}
     for add in list(g.graph.node):
         match = _residual_match(g, add, shapes) if add.op_type == "Add" else None
         if match is None:
@@ -218,7 +217,7 @@ def residual_stream_2d(proto: onnx.ModelProto) -> int:
         shapes[total] = shapes[y]
     if not replace:
         return 0
-    g.rewrite(drop, replace)
+    g.rewrite(set(), replace)
     _drop_identity_reshapes(proto, flat, shapes)
     return len(replace)
 
@@ -275,10 +274,8 @@ def _drop_identity_reshapes(proto: onnx.ModelProto, flat: Dict[str, str], shapes
         target = g.array(r.input[1]) if r.op_type == "Reshape" else None
         if target is None or target.shape != (2,) or int(target[0]) != -1 or r.output[0] in g.outputs:
             continue
-        src = r.input[0]
-        same = flat.get(src) or (src if src in shapes and len(shapes[src]) == 2 and shapes[src][1] == int(target[1])
-                                 else None)
-        if same is None or (src in flat and shapes[same][1] != int(target[1])):
+        same = flat.get(r.input[0], r.input[0])  # the rank-2 tensor holding the Reshape's values
+        if same not in shapes or len(shapes[same]) != 2 or shapes[same][1] != int(target[1]):
             continue
         for reader in g.consumers.get(r.output[0], []):
             reader.input[:] = [same if i == r.output[0] else i for i in reader.input]
