@@ -28,7 +28,7 @@ _LAZY = {
     "predict": "keras_vit.train.evaluate",
     "resize_model": "keras_vit.vit",
     "dynamic_model": "keras_vit.vit",
-    "resample_position_embeddings": "keras_vit.resize",
+    "resample_position_embeddings": "keras_vit.weights.resize",
 }
 __all__ = sorted(_LAZY) + ["__version__"]
 

@@ -82,7 +82,7 @@ class ViTConfig:
     feature_layers: Optional[Tuple[int, ...]] = None
     # Any image size (H, W divisible by the input stride): the position embeddings, learned for
     # image_size's patch grid, are resampled in the graph with pos_interpolation (a
-    # keras_vit.resize method; "linear" is resize_model's default).
+    # keras_vit.weights.resize method; "linear" is resize_model's default).
     dynamic_size: bool = False
     pos_interpolation: str = "linear"
 
@@ -141,7 +141,7 @@ class ViTConfig:
             raise ValueError("give output='tokens' or feature_layers, not both")
         if not isinstance(self.dynamic_size, bool):
             raise ValueError(f"dynamic_size must be True or False, got {self.dynamic_size!r}")
-        from keras_vit.resize import METHODS
+        from keras_vit.weights.resize import METHODS
 
         if self.pos_interpolation not in METHODS:
             raise ValueError(f"pos_interpolation must be one of {', '.join(METHODS)}; got {self.pos_interpolation!r}")

@@ -8,7 +8,6 @@ import keras
 
 from keras_vit.config import ViTConfig, parse_variant
 from keras_vit.model import VisionTransformer, build_model, get_config
-from keras_vit.resize import check_method
 from keras_vit.weights import (
     ARCHITECTURE_FIELDS,
     Checkpoint,
@@ -19,6 +18,7 @@ from keras_vit.weights import (
     read_checkpoint,
     warn_untrained_head,
 )
+from keras_vit.weights.resize import check_method
 
 __all__ = ["ViT", "VisionTransformer", "build_config", "build_model", "build_with_weights", "get_config",
            "dynamic_model", "resize_model"]

@@ -11,7 +11,13 @@ import scipy.ndimage
 
 import keras_vit
 from keras_vit.config import ViTConfig
-from keras_vit.resize import infer_grid, interpolation_matrix, resample_grid, resample_position_embeddings, resample_relative_embedding
+from keras_vit.weights.resize import (
+    infer_grid,
+    interpolation_matrix,
+    resample_grid,
+    resample_position_embeddings,
+    resample_relative_embedding,
+)
 
 TINY = dict(hidden_size=32, mlp_dim=64, num_heads=2, num_layers=2, num_classes=5)
 

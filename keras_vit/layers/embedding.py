@@ -82,9 +82,9 @@ def sincos_2d(grid_size: Tuple[int, int], dim: int, temperature: float = 10000.0
 
 
 def interpolation_matrix_ops(n_in: int, n_out, method: str = "linear"):
-    """keras.ops twin of `keras_vit.resize.interpolation_matrix`: the (n_out, n_in) float32 matrix
+    """keras.ops twin of `keras_vit.weights.resize.interpolation_matrix`: the (n_out, n_in) float32 matrix
     resampling n_in samples to `n_out` (an int or a scalar tensor known only at run time)."""
-    from keras_vit.resize import check_method
+    from keras_vit.weights.resize import check_method
 
     check_method(method)
     n_out_f = ops.cast(n_out, "float32")

@@ -2,8 +2,8 @@
 all-or-nothing assignment with the adaptations that are well defined, load_weights / save_npz /
 save_safetensors.
 
-Reading checkpoints by name or file lives in `keras_vit.checkpoints`, the layout conversions in
-`keras_vit.npz_layout` and `keras_vit.torch_layout`; their public names are re-exported here.
+Reading checkpoints by name or file lives in `checkpoints`, the layout conversions in `npz_layout`
+and `torch_layout` (modules of this package); their public names are re-exported by `keras_vit.weights`.
 Loading is all-or-nothing: nothing is assigned unless every key and shape fits.
 """
 from __future__ import annotations
@@ -17,8 +17,11 @@ from typing import Dict, Mapping, Optional, Sequence, Tuple
 import keras
 import numpy as np
 
-from keras_vit import torch_layout
-from keras_vit.checkpoints import (
+from keras_vit.config import ViTConfig
+from keras_vit.files import atomic_path
+from keras_vit.model import get_config
+from keras_vit.weights import torch_layout
+from keras_vit.weights.checkpoints import (
     ARCHITECTURE_FIELDS,
     HF_PREFIX,
     PUBLISHED,
@@ -33,11 +36,8 @@ from keras_vit.checkpoints import (
     read_npz,
     read_safetensors,
 )
-from keras_vit.config import ViTConfig
-from keras_vit.files import atomic_path
-from keras_vit.model import get_config
-from keras_vit.npz_layout import POSEMB, canonicalize, shape_defaults
-from keras_vit.resize import (
+from keras_vit.weights.npz_layout import POSEMB, canonicalize, shape_defaults
+from keras_vit.weights.resize import (
     check_method,
     infer_grid,
     relative_table_grid,

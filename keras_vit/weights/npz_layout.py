@@ -11,7 +11,7 @@ without the class slot), the scanned `Transformer/encoderblock` stack and the `p
 `opt/target/` prefixes are converted. Our position-embedding extras use
 `Transformer/posembed_input/{row,col,prefix}_embedding` ("learned_2d") and
 `.../MultiHeadDotProductAttention_1/relative_embedding` ("relative").
-timm and Hugging Face names are brought to the same layout by `keras_vit.torch_layout`.
+timm and Hugging Face names are brought to the same layout by `keras_vit.weights.torch_layout`.
 """
 from __future__ import annotations
 

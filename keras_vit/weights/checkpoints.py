@@ -16,11 +16,11 @@ from typing import Any, Dict, Mapping, Optional, Tuple, Union
 import keras
 import numpy as np
 
-from keras_vit import torch_layout
 from keras_vit.config import parse_variant
 from keras_vit.errors import first_line
 from keras_vit.labels import imagenet_labels
-from keras_vit.npz_layout import canonicalize, shape_defaults
+from keras_vit.weights import torch_layout
+from keras_vit.weights.npz_layout import canonicalize, shape_defaults
 
 PathLike = Union[str, os.PathLike]
 log = logging.getLogger("keras_vit")
