@@ -51,6 +51,8 @@ def quiet_python_warnings() -> None:
     warnings.filterwarnings("ignore", message=r"Your input ran out of data")
     # `vitcli export` prints this note of to_tflite itself, once, as a line of its output.
     warnings.filterwarnings("ignore", message=r"full-int8 TFLite is not faster")
+    # ... and the note that ONNX files are verified without onnxruntime.
+    warnings.filterwarnings("ignore", message=r"onnxruntime is not installed")
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     for name in ("absl", "tensorflow", "tf2onnx", "h5py"):
