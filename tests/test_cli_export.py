@@ -76,15 +76,15 @@ def _tree(path):
 
 @pytest.mark.parametrize("name,failed,side", [
     ("m.onnx", "m.failed.onnx", None),
-    ("m.tflite", "m.failed.tflite", "labels.txt"),
-    ("m.saved_model", "m.saved_model.failed", None),
+    pytest.param("m.tflite", "m.failed.tflite", "labels.txt", marks=pytest.mark.slow),
+    pytest.param("m.saved_model", "m.saved_model.failed", None, marks=pytest.mark.slow),
 ])
 def test_failed_check_keeps_the_good_file_and_sets_the_failed_one_aside(run_dir, tmp_path, monkeypatch, name,
                                                                        failed, side):
     """Verification made to fail (max |diff| <= 0) over a good export: the good file, its report and
     labels stay byte for byte; the failed file is kept as NAME.failed.EXT with its own FAILED report
     (path and sha256 of that file); exit 1 with one line; no temporary file left. A second failure
-    replaces the first failed file."""
+    (ONNX) replaces the first failed file."""
     from keras_vit.export.runner import Runner
     from keras_vit.export.verify import _digest
 
@@ -97,7 +97,7 @@ def test_failed_check_keeps_the_good_file_and_sets_the_failed_one_aside(run_dir,
     if fmt == "saved_model":  # TensorFlow runs the folder exactly as Keras: make its logits differ a little
         call = Runner.__call__
         monkeypatch.setattr(Runner, "__call__", lambda self, images: call(self, images) + 1e-3)
-    for _attempt in range(2):
+    for _attempt in range(2 if fmt == "onnx" else 1):
         result = _invoke([*args, "--threshold", "max_abs_diff=0"], run_dir)
         assert result.exit_code == 1, result.output
         errors = [line for line in result.output.splitlines() if line.startswith("Error")]
@@ -237,3 +237,23 @@ def test_no_verify_removes_the_report_of_the_replaced_file(run_dir, tmp_path):
     result = _invoke(["--output", str(out), "--no-verify"], run_dir)
     assert result.exit_code == 0 and "not verified: --no-verify" in result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+
+
+def test_without_onnxruntime_one_line_says_which_extra(run_dir, tmp_path, monkeypatch):
+    """A plain `pip install keras-vit`: the export verifies with onnx's reference evaluator and says
+    so in one line naming the extras; --optimize (onnxruntime's own ops) fails in one line, before
+    anything is written."""
+    import sys
+
+    from keras_vit.export.runner import ONNXRUNTIME_MISSING
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime -> ImportError
+    result = _invoke(["--output", str(tmp_path / "m.onnx"), "--num-images", "2"], run_dir)
+    assert result.exit_code == 0, result.output
+    assert result.output.count(ONNXRUNTIME_MISSING) == 1 and "keras-vit[cpu]" in ONNXRUNTIME_MISSING
+    assert "onnx.reference" in result.output
+    result = _invoke(["--output", str(tmp_path / "o.onnx"), "--optimize"], run_dir)
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert result.output.strip().splitlines()[-1] == ("Error: --optimize needs onnxruntime: pip install "
+                                                      "'keras-vit[cpu]' (or 'keras-vit[gpu]')")
+    assert not (tmp_path / "o.onnx").exists()
