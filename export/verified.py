@@ -113,12 +113,15 @@ def export_verified(model, path: PathLike, format: Optional[str] = None, images=
     ("file" says where the file is, "passed" whether it reached `path`).
     """
     from keras_vit.export.onnx import to_onnx
+    from keras_vit.export.runner import check_device
     from keras_vit.export.saved_model import to_saved_model
     from keras_vit.export.tflite import to_tflite
-    from keras_vit.export.verify import measure, write_report_files
+    from keras_vit.export.verify import check_thresholds, measure, write_report_files
 
     fmt = export_format(path, format)
     writer = {"onnx": to_onnx, "tflite": to_tflite, "saved_model": to_saved_model}[fmt]
+    thresholds = check_thresholds(thresholds)  # what verification reads is checked before the export
+    check_device(device, fmt)
     if fmt == "saved_model":
         from keras_vit.export.saved_model import check_folder
 

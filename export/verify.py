@@ -161,6 +161,8 @@ def write_report_files(report: dict, ref: np.ndarray, out: np.ndarray, exported_
     report["report_path"] = report_path(exported_path)
     if plot:
         report["plot_path"] = write_plot(report, ref, out, plot_path(exported_path))
+    elif os.path.isfile(plot_path(exported_path)):  # an earlier report's plot: it shows another file
+        os.remove(plot_path(exported_path))
     return report
 
 
