@@ -5,7 +5,9 @@ output, verifies it there, and renames it over the output only when every check 
 that fails is kept beside the output as NAME.failed.EXT (a SavedModel folder as NAME.failed),
 with its own report (NAME.failed.EXT.report.json / .png), replacing an earlier failed one; the
 file already at the output and its report stay as they were. On an exception or Ctrl-C the
-temporary file is removed.
+temporary file is removed. Side files move with the file (the TFLite labels); an ONNX file is
+self-contained (the exporter writes no external .onnx.data: a graph over protobuf's 2 GB fails
+in tf2onnx or onnx.save, an error before anything is written), so one rename moves all of it.
 """
 from __future__ import annotations
 
