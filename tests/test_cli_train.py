@@ -52,7 +52,8 @@ def killed_and_resumed(tmp_path_factory):
     """Train digits for EPOCHS with the default recipe, kill -9 after epoch KILL_AFTER, resume."""
     run = str(tmp_path_factory.mktemp("cli") / "run")
     log = open(run + ".log", "w")
-    proc = subprocess.Popen(_cmd("train", "--dataset", "digits", "--epochs", str(EPOCHS), "--output", run),
+    proc = subprocess.Popen(_cmd("train", "--dataset", "digits", "--epochs", str(EPOCHS), "--checkpoint-interval", "0",
+                                 "--output", run),
                             stdout=log, stderr=subprocess.STDOUT, env=_env())
     deadline = time.time() + 400
     while _backup_epoch(run) < KILL_AFTER and proc.poll() is None and time.time() < deadline:
