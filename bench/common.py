@@ -52,7 +52,7 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-SIMD_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_int8")
+SIMD_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8")
 
 
 def machine() -> Dict[str, object]:
@@ -230,6 +230,14 @@ def print_peak_and_problems(results: List[Dict[str, object]], table) -> None:
     for r in results:
         if "error" in r or "skipped" in r:
             print(f"  {r['case']}: {r.get('error') or 'skipped: ' + r['skipped']}")
+
+
+def write_json(path: str, obj: object) -> None:
+    """`obj` as indented JSON at `path`, written to a temporary name and renamed into place."""
+    from keras_vit.files import atomic_path
+
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
 
 
 def header(name: str, extra: Dict[str, object]) -> Dict[str, object]:

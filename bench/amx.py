@@ -1,0 +1,439 @@
+"""The AMX table of issue #25 in one run: training img/s of every entry path beside timm, the GEMM
+peaks, which oneDNN kernels the matmuls run, and the deployment files' latency; JSON and markdown.
+
+    bash bench/amx.sh [--quick] [--out DIR]       # sets up the peers (torch, timm), then runs this
+    python -m bench.amx [--quick] [--out DIR]     # the same in an environment that has them
+
+Made for an Intel Xeon with AMX (amx_bf16, amx_int8) and runs on any x86 CPU: without AMX the
+table's title says so. It runs bench.train, bench.infer and bench.ort_interleaved (every case in
+its own process) within --budget seconds: the Ti/16 rounds get a share of it, B/16 what is left
+after the inference stage, and each training stage starts another round only when one more as
+long as the last still fits. DIR/amx.json (every figure with the CPU, its flags, the load, the date
+and the command) and DIR/amx.md (the tables for BENCHMARKS.md) are rewritten after every stage,
+so a run cut short keeps what it measured.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from typing import Dict, List, Optional
+
+if __package__ in (None, ""):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench import common  # noqa: E402
+
+AMX_FLAGS = ("amx_bf16", "amx_tile", "amx_int8", "avx512_bf16")
+TRAIN_CASES = ("default", "notebook", "notebook-bf16", "timm", "timm-bf16")
+INFER_CASES = ("onnx", "onnx-static", "tflite-int8", "timm-onnx")
+PACKAGES = ("tensorflow", "keras", "torch", "torchvision", "timm", "onnxruntime", "ai-edge-litert")
+TI_SHARE = 0.3  # of the budget, for the Ti/16 rounds; B/16 gets what the inference stage leaves
+ROUNDS = 3  # most rounds per training stage
+
+
+# --- oneDNN kernels: one bf16 and one fp32 matmul under ONEDNN_VERBOSE=1 -------------------
+def probe_worker(framework: str) -> None:
+    """Runs one bf16 and one fp32 1024^3 matmul in TensorFlow or torch (this process has
+    ONEDNN_VERBOSE=1, so oneDNN names the kernel of each on stdout) and prints the versions."""
+    import numpy as np
+
+    a = np.random.default_rng(0).standard_normal((1024, 1024)).astype("float32")
+    info: Dict[str, object] = {}
+    if framework == "tf":
+        import tensorflow as tf
+
+        t = tf.constant(a)
+        tf.linalg.matmul(tf.cast(t, tf.bfloat16), tf.cast(t, tf.bfloat16)).numpy()
+        tf.linalg.matmul(t, t).numpy()
+        info["version"] = tf.__version__
+        info["TF_ENABLE_ONEDNN_OPTS"] = os.environ.get("TF_ENABLE_ONEDNN_OPTS", "unset (TensorFlow's default)")
+    else:
+        import torch
+
+        t = torch.from_numpy(a)
+        (t.bfloat16() @ t.bfloat16()).float()
+        t @ t
+        info["version"] = torch.__version__
+        info["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+        info["mkldnn"] = torch.backends.mkldnn.is_available()
+    print("PROBE_INFO " + json.dumps(info), flush=True)
+
+
+def parse_onednn_verbose(text: str) -> Dict[str, object]:
+    """The kernels oneDNN ran, from its verbose lines: per source dtype the (primitive,
+    implementation) pairs, the ISA line, and whether any implementation is an AMX one."""
+    kernels: Dict[str, List[str]] = {}
+    isa = None
+    for ln in text.splitlines():
+        if not ln.startswith("onednn_verbose,"):
+            continue
+        parts = ln.split(",")
+        if "isa:" in ln:
+            isa = ln.split("isa:", 1)[1].strip()
+        if "exec" not in parts[:4]:
+            continue
+        i = parts.index("exec")
+        primitive, impl, descs = parts[i + 2], parts[i + 3], ",".join(parts[i + 4:])
+        dtype = next((d for d in ("bf16", "f16", "f32", "s8", "u8") if re.search(rf"src[:_]{d}\b", descs)), "?")
+        name = f"{primitive}:{impl}" if impl else primitive
+        kernels.setdefault(dtype, [])
+        if name not in kernels[dtype]:
+            kernels[dtype].append(name)
+    return {"kernels": kernels, "isa": isa, "amx": any("amx" in k for ks in kernels.values() for k in ks)}
+
+
+def probe(framework: str) -> Dict[str, object]:
+    """oneDNN's kernel names for a bf16 and an fp32 matmul in `framework` ("tf" or "torch")."""
+    if framework == "torch" and not common.have("torch"):
+        return {"skipped": "torch not installed (pip install -r bench/requirements.txt)"}
+    env = dict(os.environ, ONEDNN_VERBOSE="1", TF_CPP_MIN_LOG_LEVEL="2")
+    try:
+        proc = subprocess.run([sys.executable, "-m", "bench.amx", "--probe", framework], cwd=common.ROOT, env=env,
+                              capture_output=True, text=True, timeout=300)
+    except subprocess.TimeoutExpired:
+        return {"error": "timed out after 300 s"}
+    out = proc.stdout + "\n" + proc.stderr
+    info = next((json.loads(ln[len("PROBE_INFO "):]) for ln in proc.stdout.splitlines() if ln.startswith("PROBE_INFO ")),
+                None)
+    if info is None:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        return {"error": f"exit {proc.returncode}: {tail[0][:300]}"}
+    exec_lines = [ln for ln in out.splitlines() if ln.startswith("onednn_verbose,") and ",exec," in ln]
+    return {**info, **parse_onednn_verbose(out), "verbose_exec_lines": exec_lines[:8]}
+
+
+# --- the stages ----------------------------------------------------------------------------
+def stage_times() -> Dict[str, object]:
+    return {"date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "load": [round(v, 2) for v in os.getloadavg()]}
+
+
+def run_stage(record: Dict[str, object], name: str, fn) -> None:
+    """Runs one stage, recording its date, load before and after, wall time and result (or error)."""
+    print(f"\n== {name} ==", flush=True)
+    start, t0 = stage_times(), time.perf_counter()
+    try:
+        result = fn()
+    except (Exception, SystemExit) as e:  # one failed stage must not lose the others' figures
+        result = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+    record["stages"][name] = {"start": start, "end": stage_times(), "wall_s": round(time.perf_counter() - t0, 1),
+                              **result}
+
+
+def train_stage(args, out: str, variant: str, budget: float, with_peak: bool = False) -> Dict[str, object]:
+    """bench.train on `variant` (or its `peak` case alone): the JSON it writes, read back."""
+    from bench import train
+
+    tag = "peak" if with_peak else variant.replace("/", "")
+    path = os.path.join(out, f"train-{tag}.json")
+    argv = ["--variant", variant, "--json", path]
+    if with_peak:
+        argv += ["--cases", "peak", "--rounds", "1"]
+    else:
+        argv += ["--cases", ",".join(TRAIN_CASES), "--rounds", str(args.rounds), "--budget", f"{max(1.0, budget):.0f}"]
+        if args.quick:
+            argv += ["--quick"]
+        elif variant == "B/16":  # seconds a step (timm fp32: ~20 s on 2 AVX512 cores): few steps, more rounds
+            argv += ["--image-size", "224", "--batch-size", "16", "--warmup", "2", "--steps", "1", "--repeats", "2"]
+        else:
+            argv += ["--image-size", "224", "--batch-size", "16", "--warmup", "10", "--steps", "5", "--repeats", "2"]
+    if with_peak and args.quick:
+        argv += ["--quick"]
+    train.main(argv)
+    with open(path) as f:
+        raw = json.load(f)
+    return {"command": "python -m bench.train " + " ".join(argv), "json": os.path.basename(path), **raw}
+
+
+def infer_stage(args, out: str) -> Dict[str, object]:
+    """bench.infer (each file in its own process) then bench.ort_interleaved (the ONNX files call
+    by call in one process) on ViT-Ti/16's files."""
+    from bench import infer, ort_interleaved
+
+    files = os.path.join(out, "files")
+    path, ort_path = os.path.join(out, "infer.json"), os.path.join(out, "ort_interleaved.json")
+    argv = ["--cases", ",".join(INFER_CASES), "--keep", files, "--json", path] + (["--quick"] if args.quick else [])
+    infer.main(argv)
+    ort_argv = [files, "--rounds", "20" if args.quick else "100", "--json", ort_path]
+    ort_interleaved.main(ort_argv)
+    with open(path) as f:
+        raw = json.load(f)
+    with open(ort_path) as f:
+        ort = json.load(f)
+    return {"command": "python -m bench.infer " + " ".join(argv), "ort_command": "python -m bench.ort_interleaved "
+            + " ".join(ort_argv), "json": [os.path.basename(path), os.path.basename(ort_path)], **raw,
+            "interleaved": ort}
+
+
+# --- the markdown ----------------------------------------------------------------------------
+def _fmt(v: Optional[float], spec: str = ".2f", suffix: str = "") -> str:
+    return "-" if v is None else f"{v:{spec}}{suffix}"
+
+
+def _load(stage: Dict[str, object]) -> str:
+    return f"load {stage['start']['load'][0]}-{stage['end']['load'][0]}"
+
+
+def _when(stage: Dict[str, object]) -> str:
+    return f"{stage['start']['date'][11:16]}-{stage['end']['date'][11:16]} UTC, {_load(stage)}"
+
+
+def has_amx(flags: List[str]) -> bool:
+    return "amx_bf16" in flags and "amx_tile" in flags
+
+
+def title(m: Dict[str, object]) -> str:
+    flags = m["cpu_flags"]
+    kind = ("AMX (" + ", ".join(f for f in ("amx_bf16", "amx_int8") if f in flags) + ")" if has_amx(flags)
+            else "**no AMX** on this CPU")
+    return f"## The AMX table: {m['cpu']}, {kind} ({m['date_start'][:10]})"
+
+
+def markdown(record: Dict[str, object]) -> str:
+    """The tables of the run, ready to paste into BENCHMARKS.md."""
+    m, st = record["machine"], record["stages"]
+    lines = [title(m), ""]
+    flags = ", ".join(f"{f} {'yes' if f in m['cpu_flags'] else 'no'}" for f in AMX_FLAGS)
+    lines += [f"`{record['command']}` ({'smoke run: tiny models, not figures to quote; ' if record['quick'] else ''}"
+              f"{m['date_start']} to {record.get('date_end', '(running)')}, commit {record.get('commit') or '?'}). "
+              f"Machine: {m['cpu']}, {m['cores']} cores; flags: {flags}; load at the start "
+              f"{' / '.join(map(str, m['load']))} (1 / 5 / 15 min). "
+              + ", ".join(f"{k} {v}" for k, v in record["versions"].items() if v) + "."]
+    if not has_amx(m["cpu_flags"]):
+        lines += ["", "This CPU has no AMX: the figures are this CPU kind's, for comparison with an AMX run of the "
+                      "same command; none of them measures AMX."]
+    _kernels(lines, st)
+    _peaks(lines, st)
+    for variant in ("Ti/16", "B/16"):
+        _training(lines, st, variant, record)
+    _inference(lines, st)
+    problems = [f"- {name}: {s['error']}" for name, s in st.items() if "error" in s]
+    for name, s in st.items():
+        for r in s.get("results", []):
+            if "error" in r or "skipped" in r:
+                problems.append(f"- {name}, {r['case']}: {r.get('error') or 'skipped: ' + str(r['skipped'])}")
+    if problems:
+        lines += ["", "Not measured:", *problems]
+    lines += ["", f"Budget {record['budget_s']:.0f} s; the run took {record.get('wall_s', 0):.0f} s. Raw figures: "
+                  f"`amx.json` and the per-stage JSON files beside it."]
+    return "\n".join(lines) + "\n"
+
+
+def _kernels(lines: List[str], st: Dict[str, Dict[str, object]]) -> None:
+    rows = []
+    for fw, label in (("probe-tf", "TensorFlow"), ("probe-torch", "torch")):
+        s = st.get(fw)
+        if not s:
+            continue
+        if "kernels" not in s:
+            rows.append(f"| {label} | - | {s.get('error') or s.get('skipped')} | - |")
+            continue
+        for dtype in ("bf16", "f32"):
+            names = s["kernels"].get(dtype, [])
+            amx = any("amx" in k for k in names)
+            rows.append(f"| {label} {s.get('version', '')} | {dtype} | "
+                        f"{', '.join(f'`{k}`' for k in names) or 'none (not through oneDNN)'} | "
+                        f"{'**yes**' if amx else 'no'} |")
+    if rows:
+        isa = next((st[k].get("isa") for k in ("probe-tf", "probe-torch") if st.get(k, {}).get("isa")), None)
+        lines += ["", "**Which oneDNN kernel a 1024^3 matmul runs** (`ONEDNN_VERBOSE=1`, one bf16 and one fp32 "
+                      f"matmul per framework; oneDNN's ISA line: {isa or '?'}):", "",
+                  "| framework | dtype | oneDNN primitive:implementation | AMX |", "|---|---|---|---|", *rows]
+
+
+def _peaks(lines: List[str], st: Dict[str, Dict[str, object]]) -> None:
+    s = st.get("peak")
+    if not s or "results" not in s:
+        return
+    p = next((r for r in s["results"] if r["case"] == "peak"), {})
+    names = {"tf_bf16": "TensorFlow bf16", "torch_bf16": "torch bf16", "tf_fp32": "TensorFlow fp32",
+             "torch_fp32": "torch fp32", "numpy_fp32": "NumPy fp32"}
+    rows = [f"| {label} | {p[k]:.0f} |" for k, label in names.items() if isinstance(p.get(k), float)]
+    if rows:
+        lines += ["", f"**GEMM peaks** (2048^3, best of 5, `{s['command']}`, {_when(s)}):", "",
+                  "| GEMM | GFLOP/s |", "|---|---|", *rows]
+
+
+def _peak_values(st: Dict[str, Dict[str, object]]) -> Dict[str, float]:
+    s = st.get("peak", {})
+    return next((r for r in s.get("results", []) if r["case"] == "peak" and "peak_fp32" in r), {})
+
+
+def _training(lines: List[str], st: Dict[str, Dict[str, object]], variant: str, record) -> None:
+    s = st.get(f"train {variant}")
+    if not s or "results" not in s:
+        if s:
+            lines += ["", f"Training {variant}: {s.get('error')}"]
+        return
+    info = s["info"]
+    by = {r["case"]: r for r in s["results"] if "img_s" in r}
+    peaks = _peak_values(st)
+    labels = {"default": "`vitcli train` default (`auto`)",
+              "notebook": "notebook: `ViT()`, `compile(optimizer, loss)`, `fit(tf.data)`",
+              "notebook-bf16": "notebook after `set_global_policy(\"mixed_bfloat16\")`",
+              "timm": "timm fp32", "timm-bf16": "timm, `torch.autocast(\"cpu\", torch.bfloat16)`"}
+    rows = []
+    for case in TRAIN_CASES:
+        r = by.get(case)
+        if r is None:
+            continue
+        med = r["img_s"]["median"]
+        bf16 = "bf16" in str(r.get("precision", "")) or "bfloat16" in str(r.get("precision", ""))
+        gflops = med * info["gflop_per_image_train"]
+        peak = peaks.get("peak_bf16" if bf16 else "peak_fp32")
+        x = {t: med / by[t]["img_s"]["median"] if t in by and t != case else None for t in ("timm", "timm-bf16")}
+        how = (f"{r['precision']}, {r['jit']}" if case in ("default", "notebook", "notebook-bf16")
+               else str(r.get("precision")))
+        rows.append(f"| {labels[case]} | {how} | **{med:.2f}** | {100 * r['img_s']['spread']:.0f}% | "
+                    f"{_fmt(x['timm'])} | {_fmt(x['timm-bf16'])} | {gflops:.0f} | "
+                    f"{_fmt(100 * gflops / peak if peak else None, '.0f', '%')} {'bf16' if bf16 else 'fp32'} | "
+                    f"{' / '.join(f'{v:.2f}' for v in r.get('round_img_s', []))} |")
+    lines += ["", f"**Training, ViT-{variant}** ({info['image_size']} px, batch {info['batch_size']}, "
+                  f"{info['num_layers']} blocks, {info['gflop_per_image_train']} GFLOP per training image, SGD "
+                  f"momentum; {info.get('rounds_run', '?')} alternating round(s); `{s['command']}`; {_when(s)}):", "",
+              "| path | precision, compilation | img/s | spread | x timm fp32 | x timm bf16 | GFLOP/s | "
+              "share of the GEMM peak | per round img/s |",
+              "|---|---|---|---|---|---|---|---|---|", *rows]
+
+
+def _inference(lines: List[str], st: Dict[str, Dict[str, object]]) -> None:
+    s = st.get("inference")
+    if not s or "results" not in s:
+        if s:
+            lines += ["", f"Inference: {s.get('error')}"]
+        return
+    by = {r["case"]: r for r in s["results"] if "latency_ms" in r}
+    inter = s.get("interleaved", {}).get("files", {})
+    labels = {"onnx": ("keras-vit ONNX fp32", "keras.onnx"), "onnx-static": ("keras-vit ONNX static int8",
+                                                                             "keras-static.onnx"),
+              "tflite-int8": ("keras-vit TFLite full int8 (LiteRT)", None), "timm-onnx": ("timm ONNX fp32", "timm.onnx")}
+    rows = []
+    for case, (label, file) in labels.items():
+        r, i = by.get(case), inter.get(file or "", {})
+        if r is None and not i:
+            continue
+        agree = (f"{100 * r['top1_agree']:.1f}% (max diff {r['max_abs_diff']:.1e})"
+                 if r and case != "timm-onnx" else "-")
+        rows.append(f"| {label} | {_fmt(r and r['latency_ms']['median'])} | {_fmt(r and r.get('lat_x_onnx'))} | "
+                    f"{_fmt(r and r.get('lat_x_timm-onnx'))} | {_fmt(i.get('median_ms'))} | "
+                    f"{_fmt(i.get('x_keras_onnx'))} | {_fmt(i.get('x_timm_onnx'))} | "
+                    f"{_fmt(r and r['throughput']['median'], '.1f')} | {agree} |")
+    extra = inter.get("timm-int8.onnx")
+    info = s["info"]
+    lines += ["", f"**Inference, ViT-{info['variant']}** ({info['image_size']} px, random weights, batch 1; "
+                  f"`{s['command']}` (each file in its own process), then `{s['ort_command']}` (the ONNX files "
+                  f"call by call in one process, {s['interleaved']['info']['threads']} threads); {_when(s)}):", "",
+              "| file | b1 ms (own process) | x our fp32 | x timm ONNX | b1 ms (interleaved) | x our fp32 | "
+              f"x timm ONNX | batch-{info['batch_size']} img/s | top-1 vs Keras ({info.get('eval_images', '?')} images) |",
+              "|---|---|---|---|---|---|---|---|---|", *rows]
+    if extra:
+        lines += ["", f"(timm's ONNX with the same dynamic int8 quantization, interleaved: {extra['median_ms']:.2f} ms, "
+                      f"{_fmt(extra.get('x_timm_onnx'))}x timm's fp32 file.)"]
+
+
+# --- the driver ------------------------------------------------------------------------------
+def versions() -> Dict[str, Optional[str]]:
+    """Installed versions of the frameworks measured (None where a package is missing)."""
+    from importlib import metadata
+
+    out: Dict[str, Optional[str]] = {}
+    for p in PACKAGES:
+        try:
+            out[p] = metadata.version(p)
+        except metadata.PackageNotFoundError:
+            out[p] = None
+    return out
+
+
+def amx_and_bf16_flags(cpuinfo: str = "/proc/cpuinfo") -> List[str]:
+    """Every CPU flag naming AMX or bf16 (amx_fp16, avx512_fp16 and the like included)."""
+    try:
+        with open(cpuinfo) as f:
+            flags = next((ln.split(":", 1)[1].split() for ln in f if ln.startswith("flags")), [])
+    except OSError:
+        flags = []
+    return sorted(f for f in flags if "amx" in f or "bf16" in f)
+
+
+def commit() -> Optional[str]:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=common.ROOT, capture_output=True,
+                              text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def write(record: Dict[str, object], out: str) -> None:
+    """amx.json and amx.md, each written to a temporary name and renamed into place."""
+    from keras_vit.files import atomic_path
+
+    common.write_json(os.path.join(out, "amx.json"), record)
+    with atomic_path(os.path.join(out, "amx.md")) as tmp, open(tmp, "w") as f:
+        f.write(markdown(record))
+
+
+def _args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default="amx-out", help="folder for amx.json, amx.md, the stages' JSON and the files")
+    p.add_argument("--quick", action="store_true", help="tiny models and rounds: a smoke run of the pipeline")
+    p.add_argument("--budget", type=float, default=None,
+                   help="seconds for the whole run (default 840; 150 with --quick)")
+    p.add_argument("--rounds", type=int, default=None, help=f"most rounds per training stage (default {ROUNDS}; "
+                                                             "2 with --quick)")
+    p.add_argument("--probe", choices=("tf", "torch"), default=None, help=argparse.SUPPRESS)  # internal
+    args = p.parse_args(argv)
+    if args.budget is None:
+        args.budget = 150.0 if args.quick else 840.0
+    if args.rounds is None:
+        args.rounds = 2 if args.quick else ROUNDS
+    if args.budget <= 0 or args.rounds < 1:
+        raise SystemExit(f"--budget {args.budget} and --rounds {args.rounds}: both must be positive")
+    return args
+
+
+def main(argv=None) -> Dict[str, object]:
+    args = _args(argv)
+    if args.probe:
+        probe_worker(args.probe)
+        return {}
+    out = os.path.abspath(args.out)
+    os.makedirs(out, exist_ok=True)
+    t0 = time.perf_counter()
+    m = common.machine()
+    m["date_start"] = m.pop("date")
+    m["amx_and_bf16_flags"] = amx_and_bf16_flags()
+    command = os.environ.get("BENCH_AMX_COMMAND") or " ".join(
+        ["python -m bench.amx", *(sys.argv[1:] if argv is None else argv)])
+    record: Dict[str, object] = {
+        "bench": "amx", "command": command.strip(),
+        "quick": args.quick, "budget_s": args.budget, "machine": m, "amx": has_amx(m["cpu_flags"]),
+        "versions": versions(), "commit": commit(), "stages": {}}
+    print(f"{m['cpu']}: {', '.join(f'{f} ' + ('yes' if f in m['cpu_flags'] else 'no') for f in AMX_FLAGS)}; "
+          f"load {m['load']}; budget {args.budget:.0f} s -> {out}", flush=True)
+
+    def left() -> float:
+        return args.budget - (time.perf_counter() - t0)
+
+    stages = [("probe-tf", lambda: probe("tf")), ("probe-torch", lambda: probe("torch")),
+              ("peak", lambda: train_stage(args, out, "Ti/16", 0, with_peak=True)),
+              ("train Ti/16", lambda: train_stage(args, out, "Ti/16", TI_SHARE * args.budget)),
+              ("inference", lambda: infer_stage(args, out)),
+              ("train B/16", lambda: train_stage(args, out, "B/16", left() - 10))]
+    for name, fn in stages:
+        run_stage(record, name, fn)
+        record["wall_s"] = round(time.perf_counter() - t0, 1)
+        write(record, out)
+    record["date_end"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    record["load_end"] = [round(v, 2) for v in os.getloadavg()]
+    write(record, out)
+    print(f"\nwrote {os.path.join(out, 'amx.json')} and {os.path.join(out, 'amx.md')} "
+          f"({record['wall_s']:.0f} s of a {args.budget:.0f} s budget)", flush=True)
+    return record
+
+
+if __name__ == "__main__":
+    main()
