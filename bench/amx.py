@@ -146,7 +146,7 @@ def train_stage(args, out: str, variant: str, budget: float, with_peak: bool = F
     train.main(argv)
     with open(path) as f:
         raw = json.load(f)
-    return {"command": "python -m bench.train " + " ".join(argv), "json": os.path.basename(path), **raw}
+    return {"command": raw["info"]["command"], "json": os.path.basename(path), **raw}
 
 
 def infer_stage(args, out: str) -> Dict[str, object]:
@@ -164,7 +164,7 @@ def infer_stage(args, out: str) -> Dict[str, object]:
         raw = json.load(f)
     with open(ort_path) as f:
         ort = json.load(f)
-    return {"command": "python -m bench.infer " + " ".join(argv), "ort_command": "python -m bench.ort_interleaved "
+    return {"command": raw["info"]["command"], "ort_command": "python -m bench.ort_interleaved "
             + " ".join(ort_argv), "json": [os.path.basename(path), os.path.basename(ort_path)], **raw,
             "interleaved": ort}
 

@@ -240,9 +240,11 @@ def write_json(path: str, obj: object) -> None:
         json.dump(obj, f, indent=1)
 
 
-def header(name: str, extra: Dict[str, object]) -> Dict[str, object]:
-    """Print and return what this run is: machine, load, command line."""
-    info = {"bench": name, "command": " ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:]),
-            **machine(), **extra}
+def header(name: str, extra: Dict[str, object], argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
+    """Print and return what this run is: machine, load, command line (`argv` when the bench's main
+    was called from Python with arguments, as bench.amx does, else this process's own)."""
+    command = (f"python -m bench.{name} " + " ".join(argv) if argv is not None
+               else " ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:]))
+    info = {"bench": name, "command": command, **machine(), **extra}
     print(json.dumps(info))
     return info

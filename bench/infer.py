@@ -290,7 +290,7 @@ def main(argv=None) -> List[Dict[str, object]]:
     info = common.header("infer", {"variant": args.variant, "image_size": args.image_size,
                                    "num_layers": cfg.num_layers, "batch_size": args.batch_size,
                                    "eval_images": args.eval_images, "calib_images": args.calib_images,
-                                   "gflop_per_image": round(fwd / 1e9, 3)})
+                                   "gflop_per_image": round(fwd / 1e9, 3)}, argv)
     cases = common.parse_cases(args.cases, CASES)
     results = []
     with tempfile.TemporaryDirectory(prefix="vit-bench-") as tmp:

@@ -249,7 +249,7 @@ def main(argv=None) -> List[Dict[str, object]]:
     fwd = cfg.flops()
     info = common.header("train", {"variant": args.variant, "image_size": args.image_size,
                                    "batch_size": args.batch_size, "num_layers": cfg.num_layers,
-                                   "gflop_per_image_train": round(3 * fwd / 1e9, 3)})
+                                   "gflop_per_image_train": round(3 * fwd / 1e9, 3)}, argv)
     cases = common.parse_cases(args.cases, CASES)
     merged: Dict[str, Dict[str, object]] = {}
     start, last_round, info["rounds_run"] = time.perf_counter(), 0.0, 0
