@@ -6,11 +6,11 @@ peaks, which oneDNN kernels the matmuls run, and the deployment files' latency; 
 
 Made for an Intel Xeon with AMX (amx_bf16, amx_int8) and runs on any x86 CPU: without AMX the
 table's title says so. It runs bench.train, bench.infer and bench.ort_interleaved (every case in
-its own process) within --budget seconds: the Ti/16 rounds get a share of it, B/16 what is left
-after the inference stage, and each training stage starts another round only when one more as
-long as the last still fits. DIR/amx.json (every figure with the CPU, its flags, the load, the date
-and the command) and DIR/amx.md (the tables for BENCHMARKS.md) are rewritten after every stage,
-so a run cut short keeps what it measured.
+its own process) within --budget seconds: after the probes, the peaks and the inference stage,
+B/16 keeps a quarter of the budget for Ti/16, which runs last on what is left; each training
+stage starts another round only when one more as long as the last still fits. DIR/amx.json
+(every figure with the CPU, its flags, the load, the date and the command) and DIR/amx.md (the
+tables for BENCHMARKS.md) are rewritten after every stage, so a run cut short keeps what it measured.
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -32,7 +33,12 @@ AMX_FLAGS = ("amx_bf16", "amx_tile", "amx_int8", "avx512_bf16")
 TRAIN_CASES = ("default", "notebook", "notebook-bf16", "timm", "timm-bf16")
 INFER_CASES = ("onnx", "onnx-static", "tflite-int8", "timm-onnx")
 PACKAGES = ("tensorflow", "keras", "torch", "torchvision", "timm", "onnxruntime", "ai-edge-litert")
-TI_SHARE = 0.3  # of the budget, for the Ti/16 rounds; B/16 gets what the inference stage leaves
+# bench.train's precision and jit fields in the table's words (the notebook's jit is the model's jit_compile)
+PRECISION = {"none": "float32"}
+COMPILATION = {"True": "XLA", "False": "graph mode", "xla": "XLA", "none": "graph mode"}
+# B/16 (its rounds take minutes on 2 cores) runs before Ti/16 and leaves this share of the budget to it;
+# Ti/16's rounds (a minute or two) then fill what is left.
+TI_RESERVE = 0.25
 ROUNDS = 3  # most rounds per training stage
 
 
@@ -135,15 +141,11 @@ def train_stage(args, out: str, variant: str, budget: float, with_peak: bool = F
         argv += ["--cases", "peak", "--rounds", "1"]
     else:
         argv += ["--cases", ",".join(TRAIN_CASES), "--rounds", str(args.rounds), "--budget", f"{max(1.0, budget):.0f}"]
-        if args.quick:
-            argv += ["--quick"]
-        elif variant == "B/16":  # seconds a step (timm fp32: ~20 s on 2 AVX512 cores): few steps, more rounds
-            argv += ["--image-size", "224", "--batch-size", "16", "--warmup", "2", "--steps", "1", "--repeats", "2"]
-        else:
-            argv += ["--image-size", "224", "--batch-size", "16", "--warmup", "10", "--steps", "5", "--repeats", "2"]
-    if with_peak and args.quick:
-        argv += ["--quick"]
-    train.main(argv)
+        if not args.quick:  # B/16: seconds a step (timm fp32 ~20 s on 2 AVX512 cores), so few steps, more rounds
+            steps = ("2", "1", "2") if variant == "B/16" else ("10", "5", "2")
+            argv += ["--image-size", "224", "--batch-size", "16", "--warmup", steps[0], "--steps", steps[1],
+                     "--repeats", steps[2]]
+    train.main(argv + (["--quick"] if args.quick else []))
     with open(path) as f:
         raw = json.load(f)
     return {"command": raw["info"]["command"], "json": os.path.basename(path), **raw}
@@ -155,6 +157,7 @@ def infer_stage(args, out: str) -> Dict[str, object]:
     from bench import infer, ort_interleaved
 
     files = os.path.join(out, "files")
+    shutil.rmtree(files, ignore_errors=True)  # bench.ort_interleaved times every known file it finds there
     path, ort_path = os.path.join(out, "infer.json"), os.path.join(out, "ort_interleaved.json")
     argv = ["--cases", ",".join(INFER_CASES), "--keep", files, "--json", path] + (["--quick"] if args.quick else [])
     infer.main(argv)
@@ -175,7 +178,7 @@ def _fmt(v: Optional[float], spec: str = ".2f", suffix: str = "") -> str:
 
 
 def _load(stage: Dict[str, object]) -> str:
-    return f"load {stage['start']['load'][0]}-{stage['end']['load'][0]}"
+    return f"load {stage['start']['load'][0]:.2f} -> {stage['end']['load'][0]:.2f}"
 
 
 def _when(stage: Dict[str, object]) -> str:
@@ -200,8 +203,9 @@ def markdown(record: Dict[str, object]) -> str:
     flags = ", ".join(f"{f} {'yes' if f in m['cpu_flags'] else 'no'}" for f in AMX_FLAGS)
     lines += [f"`{record['command']}` ({'smoke run: tiny models, not figures to quote; ' if record['quick'] else ''}"
               f"{m['date_start']} to {record.get('date_end', '(running)')}, commit {record.get('commit') or '?'}). "
-              f"Machine: {m['cpu']}, {m['cores']} cores; flags: {flags}; load at the start "
-              f"{' / '.join(map(str, m['load']))} (1 / 5 / 15 min). "
+              f"Machine: {m['cpu']}, {m['cores']} cores; flags: {flags}; load (1 / 5 / 15 min) "
+              f"{' / '.join(map(str, m['load']))} at the start, {' / '.join(map(str, record.get('load_end', ['?'])))}"
+              " at the end. "
               + ", ".join(f"{k} {v}" for k, v in record["versions"].items() if v) + "."]
     if not has_amx(m["cpu_flags"]):
         lines += ["", "This CPU has no AMX: the figures are this CPU kind's, for comparison with an AMX run of the "
@@ -286,8 +290,8 @@ def _training(lines: List[str], st: Dict[str, Dict[str, object]], variant: str, 
         gflops = med * info["gflop_per_image_train"]
         peak = peaks.get("peak_bf16" if bf16 else "peak_fp32")
         x = {t: med / by[t]["img_s"]["median"] if t in by and t != case else None for t in ("timm", "timm-bf16")}
-        how = (f"{r['precision']}, {r['jit']}" if case in ("default", "notebook", "notebook-bf16")
-               else str(r.get("precision")))
+        how = (f"{PRECISION.get(r['precision'], r['precision'])}, {COMPILATION.get(r['jit'], r['jit'])}"
+               if case in ("default", "notebook", "notebook-bf16") else str(r.get("precision")))
         rows.append(f"| {labels[case]} | {how} | **{med:.2f}** | {100 * r['img_s']['spread']:.0f}% | "
                     f"{_fmt(x['timm'])} | {_fmt(x['timm-bf16'])} | {gflops:.0f} | "
                     f"{_fmt(100 * gflops / peak if peak else None, '.0f', '%')} {'bf16' if bf16 else 'fp32'} | "
@@ -327,7 +331,7 @@ def _inference(lines: List[str], st: Dict[str, Dict[str, object]]) -> None:
     lines += ["", f"**Inference, ViT-{info['variant']}** ({info['image_size']} px, random weights, batch 1; "
                   f"`{s['command']}` (each file in its own process), then `{s['ort_command']}` (the ONNX files "
                   f"call by call in one process, {s['interleaved']['info']['threads']} threads); {_when(s)}):", "",
-              "| file | b1 ms (own process) | x our fp32 | x timm ONNX | b1 ms (interleaved) | x our fp32 | "
+              "| file | b1 ms (own process) | x our ONNX fp32 | x timm ONNX | b1 ms (interleaved) | x our ONNX fp32 | "
               f"x timm ONNX | batch-{info['batch_size']} img/s | top-1 vs Keras ({info.get('eval_images', '?')} images) |",
               "|---|---|---|---|---|---|---|---|---|", *rows]
     if extra:
@@ -361,7 +365,7 @@ def amx_and_bf16_flags(cpuinfo: str = "/proc/cpuinfo") -> List[str]:
 
 def commit() -> Optional[str]:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=common.ROOT, capture_output=True,
+        return subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"], cwd=common.ROOT, capture_output=True,
                               text=True, timeout=10).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
@@ -420,9 +424,9 @@ def main(argv=None) -> Dict[str, object]:
 
     stages = [("probe-tf", lambda: probe("tf")), ("probe-torch", lambda: probe("torch")),
               ("peak", lambda: train_stage(args, out, "Ti/16", 0, with_peak=True)),
-              ("train Ti/16", lambda: train_stage(args, out, "Ti/16", TI_SHARE * args.budget)),
               ("inference", lambda: infer_stage(args, out)),
-              ("train B/16", lambda: train_stage(args, out, "B/16", left() - 10))]
+              ("train B/16", lambda: train_stage(args, out, "B/16", left() - TI_RESERVE * args.budget)),
+              ("train Ti/16", lambda: train_stage(args, out, "Ti/16", left() - 10))]
     for name, fn in stages:
         run_stage(record, name, fn)
         record["wall_s"] = round(time.perf_counter() - t0, 1)

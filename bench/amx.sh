@@ -15,7 +15,10 @@ cd "$(dirname "$0")/.."
 PY=.venv/bin/python
 [ -x "$PY" ] || make .venv/.installed
 PEERS=${AMX_PEERS_VENV:-.venv-peers}
-if ! "$PEERS/bin/python" -c "import timm, torchvision" 2>/dev/null; then
+has_peers() {  # found, not imported (an import of torch takes a while); a broken one shows as a failed case
+    "$PEERS/bin/python" -c "import importlib.util as u, sys; sys.exit(not all(map(u.find_spec, ('timm', 'torchvision'))))" 2>/dev/null
+}
+if ! has_peers; then
     echo "setting up $PEERS (torch, torchvision, timm from bench/requirements.txt; several GB, minutes)" >&2
     [ -x "$PEERS/bin/python" ] || "$PY" -m venv "$PEERS"
     site=$("$PY" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
@@ -26,7 +29,7 @@ if ! "$PEERS/bin/python" -c "import timm, torchvision" 2>/dev/null; then
     "$PEERS/bin/python" -m pip install -q -r "$PEERS/requirements.txt" \
         || echo "could not install the peers: the timm cases will be reported as skipped" >&2
 fi
-"$PEERS/bin/python" -c "import timm, torchvision" 2>/dev/null && PY="$PEERS/bin/python"
+has_peers && PY="$PEERS/bin/python"
 echo "CPU: $(grep -m1 '^model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //')"
 echo "flags: $(grep -m1 '^flags' /proc/cpuinfo | tr ' ' '\n' | grep -E 'amx|bf16|avx512_vnni' | sort | tr '\n' ' ')"
 grep -qw amx_bf16 /proc/cpuinfo || echo "this CPU has no AMX: the table is this CPU kind's, for comparison"

@@ -172,7 +172,7 @@ def test_amx_markdown_names_the_cpu_kind_and_the_same_run_ratios():
     assert "| TensorFlow 2.21.0 | bf16 | `matmul:brg_matmul:avx512_core_amx` | **yes** |" in md
     assert "| TensorFlow bf16 | 2000 |" in md
     # default: 60 img/s = 3.00x timm fp32, 1.50x timm bf16, 600 GFLOP/s = 30% of the bf16 peak, per round 59 / 61
-    assert "| **60.00** | 5% | 3.00 | 1.50 | 600 | 30% bf16 | 59.00 / 61.00 |" in md
+    assert "| mixed_bfloat16, fusible | **60.00** | 5% | 3.00 | 1.50 | 600 | 30% bf16 | 59.00 / 61.00 |" in md
     assert "2 alternating round(s)" in md and "train Ti/16, notebook: exit 1: boom" in md
     static = next(ln for ln in md.splitlines() if ln.startswith("| keras-vit ONNX static int8"))
     assert "| 5.00 | 0.50 | 0.42 | 4.00 | 0.50 | 0.40 |" in static and "100.0%" in static
