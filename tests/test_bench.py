@@ -165,7 +165,7 @@ def _amx_record(flags):
 
 
 def test_amx_markdown_names_the_cpu_kind_and_the_same_run_ratios():
-    from bench.amx import markdown
+    from bench.amx_table import markdown
 
     md = markdown(_amx_record(["avx512_bf16", "amx_tile", "amx_bf16", "amx_int8"]))
     assert md.startswith("## The AMX table: Intel(R) Xeon(R) Platinum 8480+, AMX (amx_bf16, amx_int8)")
