@@ -1,5 +1,7 @@
-"""The AMX table of issue #25 in one run: training img/s of every entry path beside timm, the GEMM
-peaks, which oneDNN kernels the matmuls run, and the deployment files' latency; JSON and markdown.
+"""The AMX table of issue #25 in one run, as JSON and markdown.
+
+Training img/s of every entry path beside timm, the GEMM peaks, which oneDNN kernels the matmuls
+run, and the deployment files' latency.
 
     bash bench/amx.sh [--quick] [--out DIR]       # sets up the peers (torch, timm), then runs this
     python -m bench.amx [--quick] [--out DIR]     # the same in an environment that has them
@@ -224,7 +226,8 @@ def _args(argv=None):
     if args.rounds is None:
         args.rounds = 2 if args.quick else ROUNDS
     if args.budget <= 0 or args.rounds < 1:
-        raise SystemExit(f"--budget {args.budget} and --rounds {args.rounds}: both must be positive")
+        raise SystemExit(f"--budget {args.budget:g} and --rounds {args.rounds}: --budget must be above 0 and "
+                         "--rounds at least 1")
     return args
 
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The AMX table of issue #25 in one command (< 15 minutes on 2 cores; --quick: a smoke run, < 3-4 minutes):
+# The AMX table of issue #25 in one command (sized for 15 minutes on 2 quiet cores, --budget 840; --quick: the
+# same pipeline on tiny models, a smoke run of about 3 CPU-minutes):
 # training img/s of `vitcli train`'s default, the notebook path (fp32, mixed_bfloat16) and timm (fp32, bf16
 # autocast) at ViT-Ti/16 and B/16, the bf16/fp32 GEMM peaks, which oneDNN kernels the matmuls run
 # (ONEDNN_VERBOSE=1: `brg_matmul:avx512_core_amx` or not), and the deployment files' latency. Writes
@@ -14,6 +15,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
 [ -x "$PY" ] || make .venv/.installed
+case " $* " in *" -h "*|*" --help "*) exec "$PY" -m bench.amx --help ;; esac
 PEERS=${AMX_PEERS_VENV:-.venv-peers}
 has_peers() {  # found, not imported (an import of torch takes a while); a broken one shows as a failed case
     "$PEERS/bin/python" -c "import importlib.util as u, sys; sys.exit(not all(map(u.find_spec, ('timm', 'torchvision'))))" 2>/dev/null
