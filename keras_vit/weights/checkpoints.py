@@ -348,16 +348,21 @@ def hub_defaults(config: Mapping[str, Any], num_classes: Optional[int]) -> Dict[
     return out
 
 
-def _read_arrays(spec: str, local: str) -> Tuple[Dict[str, np.ndarray], str, Dict[str, str]]:
-    """The file's arrays, their layout ("npz", "timm" or "hf") and a .safetensors file's metadata."""
+def _read_arrays(spec: str, local: str) -> Tuple[Dict[str, np.ndarray], str, Dict[str, str], Dict[str, Any]]:
+    """The file's arrays, their layout ("npz", "timm" or "hf"), a .safetensors file's metadata and
+    what the layout itself says of the model (OpenAI CLIP's activation, epsilon and normalisation)."""
     if not (local.endswith(".safetensors") or _is_safetensors(local)):
-        return read_npz(local), "npz", {}
+        return read_npz(local), "npz", {}, {}
     raw, file_meta = read_safetensors(local)
+    raw, source = torch_layout.image_tower(raw)
     layout = torch_layout.detect(raw)
     if not layout:
+        if torch_layout.text_tower(raw):
+            raise ValueError(f"checkpoint {spec!r} holds a CLIP text tower (text_model.* or transformer.resblocks.* "
+                             "without visual.*), not an image model; load the image tower's weights")
         raise ValueError(f"checkpoint {spec!r} is a .safetensors file but not a timm or Hugging Face ViT "
                          "(no patch_embed.proj / embeddings.patch_embeddings tensors)")
-    return raw, layout, file_meta
+    return raw, layout, file_meta, dict(torch_layout.OPENAI_CLIP_DEFAULTS) if source == "openai_clip" else {}
 
 
 def _described_defaults(spec: str, local: str, file_meta: Mapping[str, str],
@@ -400,7 +405,7 @@ def read_checkpoint(weights: PathLike) -> Checkpoint:
     keras-vit writes, else the array shapes."""
     spec = os.fspath(weights)
     local = checkpoint_path(spec)
-    raw, layout, file_meta = _read_arrays(spec, local)
+    raw, layout, file_meta, layout_defaults = _read_arrays(spec, local)
     ckpt = Checkpoint(spec, local, raw, layout, {})
     arrays, big_vision_posemb = ckpt.canonical(num_heads=1)
     defaults = shape_defaults(arrays, big_vision_posemb)
@@ -408,6 +413,7 @@ def read_checkpoint(weights: PathLike) -> Checkpoint:
         defaults["gelu_approximate"] = False  # shapes (qk-norm's width gives them)
         if not defaults.get("qk_norm"):
             defaults.pop("num_heads", None)
+    defaults.update(layout_defaults)
     defaults.update(_described_defaults(spec, local, file_meta, defaults.get("num_classes")))
     if "variant" in defaults and "num_heads" not in defaults:
         try:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Dict, List, Mapping, Optional
+from typing import Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 
@@ -252,6 +252,54 @@ def _attention_pool_from_timm(sd: Mapping[str, np.ndarray], r: _Renamer, num_hea
         r.take(f"{p}mlp.{fc}.bias", f"{_MAP}MlpBlock_0/Dense_{j}/bias")
 
 
+# OpenAI CLIP's image tower (`visual.*`) in timm's names, as timm's _convert_openai_clip renames it.
+_OPENAI_SWAPS = (("conv1", "patch_embed.proj"), ("positional_embedding", "pos_embed"),
+                 ("transformer.resblocks.", "blocks."), ("ln_pre", "norm_pre"), ("ln_post", "norm"), ("ln_", "norm"),
+                 ("in_proj_", "qkv."), ("out_proj", "proj"), ("mlp.c_fc", "mlp.fc1"), ("mlp.c_proj", "mlp.fc2"))
+# What OpenAI's CLIP towers compute that their arrays do not say: QuickGELU, torch's LayerNorm
+# epsilon and OpenAI's normalisation.
+OPENAI_CLIP_DEFAULTS = dict(activation="quick_gelu", layer_norm_epsilon=1e-5,
+                            pixel_mean=(0.48145466, 0.4578275, 0.40821073),
+                            pixel_std=(0.26862954, 0.26130258, 0.27577711))
+
+
+def image_tower(sd: Mapping[str, np.ndarray]) -> Tuple[Dict[str, np.ndarray], str]:
+    """The image tower of a CLIP-style state dict in timm's names, and where it came from:
+    OpenAI CLIP's `visual.*` ("openai_clip"), open_clip's timm trunk `visual.trunk.*` ("open_clip"),
+    else the state dict unchanged (""). The text tower and the logit scale are left out."""
+    if "visual.conv1.weight" in sd and "visual.transformer.resblocks.0.attn.in_proj_weight" in sd:
+        out: Dict[str, np.ndarray] = {}
+        for k, v in sd.items():
+            if not k.startswith("visual."):
+                continue
+            k, v = k[len("visual."):], np.asarray(v)
+            for old, new in _OPENAI_SWAPS:
+                k = k.replace(old, new)
+            if k == "proj":  # x @ proj: a bias-free Linear of (out, D) weight
+                out["head.weight"], out["head.bias"] = np.ascontiguousarray(v.T), np.zeros(v.shape[1], v.dtype)
+                continue
+            if k == "class_embedding":
+                k, v = "cls_token", v.reshape(1, 1, -1)
+            elif k == "pos_embed":
+                v = v[None]
+            out[k] = v
+        return out, "openai_clip"
+    trunk = "visual.trunk."
+    if trunk + "patch_embed.proj.weight" in sd:
+        return {k[len(trunk):]: np.asarray(v) for k, v in sd.items() if k.startswith(trunk)}, "open_clip"
+    return dict(sd), ""
+
+
+def text_tower(keys) -> bool:
+    """Whether a state dict holds a CLIP text tower and no image tower (HF `text_model.*`, OpenAI /
+    open_clip `transformer.resblocks.*` with `token_embedding`, without `visual.*`)."""
+    keys = list(keys)
+    if any(k.startswith(("visual.", "vision_model.", "patch_embed.")) for k in keys):
+        return False
+    return any(k.startswith("text_model.") for k in keys) or (
+        any(k.startswith("transformer.resblocks.") for k in keys) and "token_embedding.weight" in keys)
+
+
 def from_hf(sd: Mapping[str, np.ndarray], num_heads: int) -> Dict[str, np.ndarray]:
     """A Hugging Face ViTModel / ViTForImageClassification state dict under canonical names."""
     prefix = "vit." if any(k.startswith("vit.") for k in sd) else ""
@@ -398,4 +446,5 @@ def _attention_pool_to_timm(arrays: Mapping[str, np.ndarray], out: Dict[str, np.
         out[f"{p}mlp.{fc}.bias"] = np.asarray(arrays[f"{_MAP}MlpBlock_0/Dense_{j}/bias"])
 
 
-__all__ = ["detect", "from_timm", "from_hf", "to_canonical", "to_timm"]
+__all__ = ["detect", "from_timm", "from_hf", "to_canonical", "to_timm", "timm_pos_embed", "image_tower", "text_tower",
+           "OPENAI_CLIP_DEFAULTS"]
