@@ -215,8 +215,11 @@ def forward(sd, arch, images, pre_logits=False):
         return (linear(x[:, 0], sd, "head") + linear(x[:, 1], sd, "head_dist")) / 2
     pool = arch.get("global_pool", "token")
     if pool == "map":
-        # Over every token, as big_vision's MAPHead and timm before pool_include_prefix (the
-        # family's SigLIP towers have no prefix tokens, so both agree on them).
+        # Over every token, as big_vision's MAPHead, timm before 1.0 and keras-vit's design; timm
+        # >= 1.0 leaves the prefix tokens out unless pool_include_prefix (arch["pool_include_prefix"]
+        # = False gives that). SigLIP towers have no prefix tokens, so both agree on them.
+        if not arch.get("pool_include_prefix", True):
+            x = x[:, sum(sd[k].shape[1] for k in ("cls_token", "dist_token", "reg_token") if k in sd):]
         x = attention_pool(x, sd, arch)
     elif pool == "token":
         x = x[:, 0]

@@ -373,3 +373,13 @@ def test_families_give_the_reference_logits_on_jax(tmp_path):
     out = run_job(job, tmp_path, "jax", timeout=600)
     for family in FAMILIES:
         assert _rel(out[family], expected[family]) <= TOL, family
+
+
+def test_position_rows_for_register_tokens_are_refused():
+    """timm's no_embed_class=False with registers (vit_so150m_patch16_reg4_map_256) gives registers
+    position embeddings; keras-vit's register tokens have none (DINOv2-reg): one line, no guess."""
+    sd, arch, _ = ff.family_state_dict(np.random.default_rng(4), "dinov2_reg")
+    sd["pos_embed"] = np.zeros((1, 16 + 1 + 4, 32), np.float32)
+    with pytest.raises(ValueError, match="rows for the 4 register tokens") as exc:
+        torch_layout.from_timm(sd, 2)
+    _one_line(exc)
