@@ -100,7 +100,7 @@ class VisionTransformer(keras.Model):
         if not (cfg.distilled and cfg.include_top):
             raise ValueError(f"distillation_logits needs a model built with distilled=True and include_top=True, "
                              f"got distilled={cfg.distilled} and include_top={cfg.include_top}")
-        heads = keras.Model(self.inputs, [self.get_layer("head").output, self.get_layer("head_dist").output])
+        heads = keras.Model(self.input, [self.get_layer("head").output, self.get_layer("head_dist").output])
         cls_logits, dist_logits = heads(images, training=training)
         return cls_logits, dist_logits
 

@@ -6,8 +6,9 @@ so that loading a .npz is a copy: attention kernels are (D, heads, head_dim) and
 
 The layers live by what they hold: embedding.py (patches, class, distillation and register
 tokens, position embeddings, patch grid, token pooling), attention.py (multi-head self-attention),
-block.py (the encoder block, MLP, drop path), pooling.py (the MAP head's attention pooling). Importing this package registers every layer with keras.saving under
-"keras_vit>ClassName", the names saved .keras files refer to.
+block.py (the encoder block, MLP, drop path), pooling.py (the MAP head's attention pooling).
+Importing this package registers every layer with keras.saving under "keras_vit>ClassName", the
+names saved .keras files refer to.
 """
 from keras_vit.layers.attention import MultiHeadSelfAttention, relative_position_index
 from keras_vit.layers.block import DropPath, MlpBlock, TransformerBlock, _layer_norm

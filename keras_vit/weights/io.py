@@ -167,6 +167,8 @@ def _adapt(values: Dict[str, np.ndarray], target: Mapping[str, keras.Variable], 
     if "pre_logits/kernel" in values and "pre_logits/kernel" not in target:
         values.pop("pre_logits/kernel"), values.pop("pre_logits/bias", None)
     if cfg.feature_layers is not None or cfg.output is not None:  # features: later layers are not built
+        for k in [k for k in values if k.startswith(("MAPHead_0/", "fc_norm/")) and k not in target]:
+            values.pop(k)
         later = re.compile(r"^Transformer/(encoder_norm/|encoderblock_(\d+)/)")
         for k in [k for k in values if later.match(k) and k not in target]:
             m = later.match(k)
