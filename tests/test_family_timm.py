@@ -358,6 +358,7 @@ def test_open_clip_timm_trunk_loads(tmp_path):
 
 # --- JAX ------------------------------------------------------------------------------------------
 @pytest.mark.jax
+@pytest.mark.slow  # a JAX process and seven models: ~60 s on 2 cores
 def test_families_give_the_reference_logits_on_jax(tmp_path):
     """Every family, loaded on TensorFlow and rebuilt from its config on JAX (one worker process)."""
     pytest.importorskip("jax")
