@@ -16,9 +16,9 @@ Paths, per model:
 - the JAX and PyTorch backends (every model, one subprocess per backend).
 The shape and tokens factors and the per-model paths are spread over the 30 option models (plus
 a few more) by `pairwise.pairwise_rows`: every pair of values of any two factors appears in some
-model (35 models before the tokens factor and "map", 42 with them). Each cell compares with the Keras float32 model on the same digits images: fp32 paths
-at max |diff| <= 1e-4 and 100% top-1, fp16 at >= 99% top-1, lossy paths at a bound on max
-|diff| (see MAX_REL_DIFF for why int8 and below get no top-1 check on random weights).
+model (35 models before the tokens factor and "map", 42 with them). Each cell compares with the
+Keras float32 model on the same digits images: fp32 paths at max |diff| <= 1e-4 and 100% top-1,
+fp16 at >= 99% top-1, lossy paths at a bound on max |diff| (see MAX_REL_DIFF for why int8 and below get no top-1 check on random weights).
 """
 from __future__ import annotations
 

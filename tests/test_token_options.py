@@ -236,3 +236,36 @@ def test_inspection_uses_the_patch_grid_only(name, tmp_path):
     assert keras_vit.inspect.mean_attention_distance(model, x).shape == (2, 2)
     if cfg.pos_embedding == "learned":
         assert keras_vit.inspect.position_embedding_similarity(model).shape == (4, 4, 4, 4)
+
+
+def test_distilled_features_and_linear_probe():
+    """Few-shot features of a distilled classifier are the mean of both tokens' features (what
+    include_top=False returns); the linear probe trains both heads."""
+    from keras_vit.fewshot import feature_extractor
+    from keras_vit.finetune import freeze_backbone
+
+    cfg = ViTConfig(**{**TINY, **OPTIONS["deit_reg_pre_logits"]})
+    model = random_model(cfg)
+    headless = keras_vit.ViT(config=cfg.replace(include_top=False))
+    keras_vit.weights.assign_weights(headless, keras_vit.weights.model_arrays(model))
+    x = images(2)
+    np.testing.assert_allclose(np.asarray(feature_extractor(model)(x)), np.asarray(headless(x)), atol=1e-6)
+    freeze_backbone(model)
+    assert sorted(v.path for v in model.trainable_weights) == ["head/bias", "head/kernel", "head_dist/bias",
+                                                               "head_dist/kernel"]
+
+
+@pytest.mark.parametrize("name", ["registers", "distilled", "map_no_cls", "cls_gap_fc_norm", "pre_norm_mean_std"])
+def test_save_safetensors_writes_what_loads_back_or_refuses_in_one_line(name, tmp_path):
+    """The timm layout (torch_layout.to_timm) may not hold every option's weights yet: then
+    save_safetensors refuses, naming the options, instead of writing a file that fails to load."""
+    cfg = ViTConfig(**{**TINY, **OPTIONS[name]})
+    model = random_model(cfg)
+    path = tmp_path / "m.safetensors"
+    try:
+        keras_vit.weights.save_safetensors(model, path)
+    except ValueError as err:
+        assert "save_npz" in str(err) and "\n" not in str(err) and not path.exists()
+        return
+    x = images(2)
+    np.testing.assert_allclose(np.asarray(keras_vit.ViT(weights=str(path))(x)), np.asarray(model(x)), atol=1e-5)

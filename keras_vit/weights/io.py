@@ -310,6 +310,11 @@ def save_npz(model: keras.Model, path: PathLike) -> str:
     return path
 
 
+# The token and head options of issue #26 and their defaults (named when a layout cannot hold them).
+_TOKEN_OPTIONS = {"class_token": None, "num_registers": 0, "distilled": False, "pre_norm": False, "fc_norm": False,
+                  "classifier": "token"}
+
+
 def save_safetensors(model: keras.Model, path: PathLike) -> str:
     """Write the model's weights as a .safetensors file in timm's VisionTransformer layout (fused
     qkv, PyTorch (out, in) kernels), with the keras-vit config and class names as metadata so
@@ -322,7 +327,16 @@ def save_safetensors(model: keras.Model, path: PathLike) -> str:
         from safetensors.numpy import save_file
     except ImportError:
         raise ValueError("save_safetensors needs the safetensors package: pip install safetensors") from None
-    tensors = torch_layout.to_timm({k: v.astype(np.float32) for k, v in model_arrays(model).items()})
+    arrays = {k: v.astype(np.float32) for k, v in model_arrays(model).items()}
+    try:
+        tensors = torch_layout.to_timm(arrays)
+        lost = sum(v.size for v in arrays.values()) - sum(np.asarray(v).size for v in tensors.values())
+    except KeyError:  # a part the layout always has is missing (encoder_norm of an fc_norm model)
+        lost = True
+    if lost:  # a file that would not load back: refuse rather than drop weights
+        options = {k: v for k, v in cfg.to_dict().items() if k in _TOKEN_OPTIONS and v != _TOKEN_OPTIONS[k]}
+        raise ValueError(f"save_safetensors: the timm layout does not hold all of this model's weights "
+                         f"(options {options}); save this model with keras_vit.save_npz instead")
     names = getattr(model, "class_names", None)
     meta = {"format": "pt",
             "keras_vit": json.dumps({"config": cfg.to_dict(), "class_names": list(names) if names else None})}
