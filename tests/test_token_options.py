@@ -269,3 +269,14 @@ def test_save_safetensors_writes_what_loads_back_or_refuses_in_one_line(name, tm
         return
     x = images(2)
     np.testing.assert_allclose(np.asarray(keras_vit.ViT(weights=str(path))(x)), np.asarray(model(x)), atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["deit_reg_pre_logits", "map_cls_registers"])
+def test_dynamic_size_model_equals_the_resized_model(name):
+    """A dynamic-size model resamples the position embeddings in the graph as resize_model does
+    offline: the class and distillation slots kept, the registers (which have none) inserted after."""
+    cfg = ViTConfig(**{**TINY, **OPTIONS[name]})
+    model = random_model(cfg)
+    x = images(2, 48)
+    dynamic = keras_vit.dynamic_model(model)
+    np.testing.assert_allclose(np.asarray(dynamic(x)), np.asarray(keras_vit.resize_model(model, 48)(x)), atol=1e-4)
