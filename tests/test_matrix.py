@@ -1,10 +1,13 @@
 """Every option on every path: the model options a user can set x the ways a model can go.
 
-Options: pos_embedding (5) x classifier (2) x gelu_approximate (2), in full (20 models), a
-"shape" factor: square RGB, non-square single-channel (32x48, channels=1), representation_size,
-include_top=False, and a hybrid (three one-unit BiT ResNet stages, total stride 16); and a
-"block" factor, the ViT family's block options (issue #26): plain, LayerScale, qk_norm,
-quick_gelu, swiglu.
+Options: pos_embedding (5) x classifier (3: token, gap, map) x gelu_approximate (2), in full (30
+models), a "shape" factor: square RGB, non-square single-channel (32x48, channels=1),
+representation_size, include_top=False, and a hybrid (three one-unit BiT ResNet stages, total
+stride 16); a "block" factor, the ViT family's block options (issue #26): plain, LayerScale,
+qk_norm, quick_gelu, swiglu; and a "tokens" factor (issue #26): none, two register tokens, DeiT's
+distillation token and head (with classifier "token" only: the pairs with gap and map are
+excluded), a class token kept with fc_norm (a class token the pooling ignores under gap and map),
+and pre_norm with ImageNet's pixel mean and std.
 Paths, per model:
 - Keras: .keras save/load and keras.models.clone_model (every model), and one of
   mixed_bfloat16, model.quantize("int8" | "float8" | "int4"), LoRA on the MLP's Dense layers;
@@ -12,11 +15,11 @@ Paths, per model:
   --optimize) and TFLite in LiteRT (fp32, fp16,
   dynamic, int8): one ONNX and one TFLite precision per model;
 - the JAX and PyTorch backends (every model, one subprocess per backend).
-The shape and block factors and the per-model paths are spread over the 20 option models (plus a few
-more) by `pairwise.pairwise_rows`: every pair of values of any two factors appears in some
-model. Each cell compares with the Keras float32 model on the same digits images: fp32 paths
-at max |diff| <= 1e-4 and 100% top-1, fp16 at >= 99% top-1, lossy paths at a bound on max
-|diff| (see MAX_REL_DIFF for why int8 and below get no top-1 check on random weights).
+The shape, block and tokens factors and the per-model paths are spread over the 30 option models
+(plus a few more) by `pairwise.pairwise_rows`: every pair of values of any two factors appears in
+some model. Each cell compares with the Keras float32 model on the same digits images: fp32 paths
+at max |diff| <= 1e-4 and 100% top-1, fp16 at >= 99% top-1, lossy paths at a bound on max |diff|
+(see MAX_REL_DIFF for why int8 and below get no top-1 check on random weights).
 """
 from __future__ import annotations
 
@@ -37,17 +40,21 @@ from keras_vit.export.images import load_images
 
 FACTORS = {
     "pos_embedding": ["learned", "learned_2d", "relative", "sincos2d", "none"],
-    "classifier": ["token", "gap"],
+    "classifier": ["token", "gap", "map"],
     "gelu_approximate": [True, False],
     "shape": ["square", "nonsquare_gray", "representation", "no_top", "hybrid"],
     "block": ["plain", "layer_scale", "qk_norm", "quick_gelu", "swiglu"],
+    "tokens": ["default", "registers", "distilled", "cls_fc_norm", "pre_norm_mean_std"],
     "onnx": ["fp32", "optimize", "fp16", "dynamic", "static", "static_optimize"],
     "tflite": ["fp32", "fp16", "dynamic", "int8"],
     "keras": ["bf16", "int8", "float8", "int4", "lora"],
 }
 FULL = ("pos_embedding", "classifier", "gelu_approximate")
-ROWS = pairwise_rows(FACTORS, full=FULL)
+# DeiT's distillation head reads the class and distillation tokens: classifier "token" only.
+EXCLUDE = [("classifier", "gap", "tokens", "distilled"), ("classifier", "map", "tokens", "distilled")]
+ROWS = pairwise_rows(FACTORS, full=FULL, exclude=EXCLUDE)
 IDS = [f"{r['pos_embedding']}-{r['classifier']}-{'tanh' if r['gelu_approximate'] else 'erf'}-{r['shape']}-{r['block']}"
+       f"-{r['tokens']}"
        for r in ROWS]
 TINY = dict(hidden_size=32, num_heads=2, mlp_dim=64, num_layers=2)
 SHAPES = {
@@ -63,6 +70,13 @@ SHAPES = {
 # then draws the gains per channel around it (a constant gain would hide a channel-order bug).
 BLOCKS = {"plain": {}, "layer_scale": dict(layer_scale_init=0.5), "qk_norm": dict(qk_norm=True),
           "quick_gelu": dict(activation="quick_gelu"), "swiglu": dict(mlp="swiglu")}
+TOKENS = {
+    "default": {},
+    "registers": dict(num_registers=2),
+    "distilled": dict(distilled=True),
+    "cls_fc_norm": dict(class_token=True, fc_norm=True),
+    "pre_norm_mean_std": dict(pre_norm=True, pixel_mean=(0.485, 0.456, 0.406), pixel_std=(0.229, 0.224, 0.225)),
+}
 # fp32 and fp16: the thresholds of keras_vit.export.verify.THRESHOLDS (max |diff| and top-1).
 FP32_MAX_DIFF = 1e-4
 MIN_TOP1 = {"fp32": 1.0, "fp16": 0.99}
@@ -82,9 +96,13 @@ NUM_IMAGES = 100  # 97% top-1 allows three of them to differ
 
 def row_config(row: dict) -> ViTConfig:
     """The ViTConfig of one matrix row."""
+    shape = SHAPES[row["shape"]]
+    tokens = dict(TOKENS[row["tokens"]])
+    if "pixel_mean" in tokens and shape.get("channels", 3) == 1:  # one channel: the mean of the RGB values
+        tokens.update(pixel_mean=(0.449,), pixel_std=(0.226,))
     return ViTConfig(num_classes=10, pos_embedding=row["pos_embedding"], classifier=row["classifier"],
                      gelu_approximate=row["gelu_approximate"], variant=f"matrix {row['shape']}",
-                     **TINY, **SHAPES[row["shape"]], **BLOCKS[row["block"]])
+                     **TINY, **shape, **BLOCKS[row["block"]], **tokens)
 
 
 def images(cfg: ViTConfig, n: int = NUM_IMAGES, split: str = "test") -> np.ndarray:
@@ -145,10 +163,13 @@ def test_rows_cover_every_pair_and_the_full_option_product():
     for row in ROWS:
         names = list(row)
         covered |= {(a, row[a], b, row[b]) for i, a in enumerate(names) for b in names[i + 1:]}
-    assert all_pairs(FACTORS) <= covered
+    excluded = {p for a, va, b, vb in EXCLUDE for p in ((a, va, b, vb), (b, vb, a, va))}
+    assert all_pairs(FACTORS) - excluded <= covered and not covered & excluded
     assert {tuple(r[f] for f in FULL) for r in ROWS} == {
         (p, c, g) for p in FACTORS["pos_embedding"] for c in FACTORS["classifier"] for g in FACTORS["gelu_approximate"]}
-    assert len(ROWS) == 39 and ROWS == pairwise_rows(FACTORS, full=FULL)  # deterministic
+    assert len(ROWS) == 43 and ROWS == pairwise_rows(FACTORS, full=FULL, exclude=EXCLUDE)  # deterministic
+    for row in ROWS:
+        row_config(row)  # every row is a valid config
 
 
 # The whole matrix runs in `make test`; the quick loop keeps the first row of each cheap Keras

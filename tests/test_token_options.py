@@ -236,3 +236,42 @@ def test_inspection_uses_the_patch_grid_only(name, tmp_path):
     assert keras_vit.inspect.mean_attention_distance(model, x).shape == (2, 2)
     if cfg.pos_embedding == "learned":
         assert keras_vit.inspect.position_embedding_similarity(model).shape == (4, 4, 4, 4)
+
+
+def test_distilled_features_and_linear_probe():
+    """Few-shot features of a distilled classifier are the mean of both tokens' features (what
+    include_top=False returns); the linear probe trains both heads."""
+    from keras_vit.fewshot import feature_extractor
+    from keras_vit.finetune import freeze_backbone
+
+    cfg = ViTConfig(**{**TINY, **OPTIONS["deit_reg_pre_logits"]})
+    model = random_model(cfg)
+    headless = keras_vit.ViT(config=cfg.replace(include_top=False))
+    keras_vit.weights.assign_weights(headless, keras_vit.weights.model_arrays(model))
+    x = images(2)
+    np.testing.assert_allclose(np.asarray(feature_extractor(model)(x)), np.asarray(headless(x)), atol=1e-6)
+    freeze_backbone(model)
+    assert sorted(v.path for v in model.trainable_weights) == ["head/bias", "head/kernel", "head_dist/bias",
+                                                               "head_dist/kernel"]
+
+
+@pytest.mark.parametrize("name", ["registers", "distilled", "map_no_cls", "cls_gap_fc_norm", "pre_norm_mean_std"])
+def test_save_safetensors_writes_what_loads_back(name, tmp_path):
+    """Every token option's weights go into timm's layout (torch_layout.to_timm) and load back."""
+    cfg = ViTConfig(**{**TINY, **OPTIONS[name]})
+    model = random_model(cfg)
+    path = tmp_path / "m.safetensors"
+    keras_vit.weights.save_safetensors(model, path)
+    x = images(2)
+    np.testing.assert_allclose(np.asarray(keras_vit.ViT(weights=str(path))(x)), np.asarray(model(x)), atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["deit_reg_pre_logits", "map_cls_registers"])
+def test_dynamic_size_model_equals_the_resized_model(name):
+    """A dynamic-size model resamples the position embeddings in the graph as resize_model does
+    offline: the class and distillation slots kept, the registers (which have none) inserted after."""
+    cfg = ViTConfig(**{**TINY, **OPTIONS[name]})
+    model = random_model(cfg)
+    x = images(2, 48)
+    dynamic = keras_vit.dynamic_model(model)
+    np.testing.assert_allclose(np.asarray(dynamic(x)), np.asarray(keras_vit.resize_model(model, 48)(x)), atol=1e-4)

@@ -90,6 +90,8 @@ class RegisterTokens(layers.Layer):
 
     def call(self, x):
         reg = ops.cast(ops.broadcast_to(self.reg, (ops.shape(x)[0], self.num_registers, ops.shape(x)[-1])), x.dtype)
+        if not self.index:  # no empty slice: LiteRT's XNNPack delegate cannot reshape a zero-size tensor
+            return ops.concatenate([reg, x], axis=1)
         return ops.concatenate([x[:, :self.index], reg, x[:, self.index:]], axis=1)
 
     def compute_output_shape(self, input_shape):
