@@ -139,6 +139,7 @@ def _checkpoint_fields(ckpt: Checkpoint, variant_given: Optional[str], given: di
     if "num_classes" in given and given["num_classes"] != found.get("num_classes"):
         # A new head replaces the whole head, pre-logits included (paper Sec. 3.2 / Appendix B).
         found.pop("representation_size", None)
+        found.pop("include_top", None)  # a backbone without a head (DINOv2, SigLIP) gets the new one
     if variant_given is None and "variant" not in found and "num_heads" not in found and "num_heads" not in given:
         raise ValueError(f"checkpoint {ckpt.source!r} does not say its number of attention heads "
                          "(the PyTorch layout fuses them); pass num_heads= or variant=")

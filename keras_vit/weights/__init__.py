@@ -3,6 +3,7 @@
 - `checkpoints`: published names, hf://, reading .npz / .safetensors, what a checkpoint fits;
 - `npz_layout`: the official (vision_transformer) layout, big_vision names brought to it;
 - `torch_layout`: timm / Hugging Face (PyTorch layout) names and shapes <-> the official layout;
+- `hf_layout`: the Hugging Face ViT family (DINOv2, CLIP, SigLIP, DeiT) <-> the official layout, and their configs;
 - `io`: a model's variables by checkpoint name; load_weights, load_npz, save_npz, save_safetensors;
 - `resize`: position-embedding resampling (NumPy only).
 
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import importlib
 
-SUBMODULES = ("checkpoints", "io", "npz_layout", "resize", "torch_layout")
+SUBMODULES = ("checkpoints", "hf_layout", "io", "npz_layout", "resize", "torch_layout")
 
 
 def __getattr__(name: str):

@@ -19,7 +19,7 @@ import numpy as np
 from keras_vit.config import parse_variant
 from keras_vit.errors import first_line
 from keras_vit.labels import imagenet_labels
-from keras_vit.weights import torch_layout
+from keras_vit.weights import hf_layout, torch_layout
 from keras_vit.weights.npz_layout import canonicalize, shape_defaults
 
 PathLike = Union[str, os.PathLike]
@@ -35,13 +35,31 @@ class Published:
     url: str
     variant: str
     image_size: int
-    num_classes: int
+    num_classes: int  # 0: a backbone without a head (built with include_top=False unless num_classes is given)
     representation_size: Optional[int] = None
+    # The ViT family (issue #26): further ViTConfig fields, and the preprocessing of timm's pretrained_cfg
+    # (pixel_mean / pixel_std are among `options`, so the model carries them).
+    options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    interpolation: str = "bilinear"
+    crop_pct: float = 1.0
+    # timm's parameter count of the same model, and where the number comes from.
+    timm_params: Optional[int] = None
+    source: str = ""
 
     @property
     def labels(self) -> Optional[str]:
         """The label set of the head: "imagenet1k", "imagenet21k" (ImageNet-21k, 21843 classes)."""
         return {1000: "imagenet1k", 21843: "imagenet21k"}.get(self.num_classes)
+
+    def defaults(self) -> Dict[str, Any]:
+        """The ViTConfig fields of the model this checkpoint fits."""
+        out: Dict[str, Any] = dict(variant=self.variant, image_size=self.image_size,
+                                   representation_size=self.representation_size, **self.options)
+        if self.num_classes:
+            out["num_classes"] = self.num_classes
+        else:
+            out["include_top"] = False
+        return out
 
 
 def _augreg(stem: str, ft: Optional[str] = None) -> str:
@@ -92,6 +110,55 @@ PUBLISHED: Dict[str, Published] = {
         "R50_L_32-i21k-300ep-lr_0.001-aug_medium2-wd_0.1-do_0.0-sd_0.0", "lr_0.01-res_384"), "R50+L/32", 384, 1000),
 }
 
+# The ViT family (issue #26) by timm's names, from the Hugging Face Hub. The options and the preprocessing
+# are timm's (vision_transformer.py / deit.py default_cfgs and model_args); timm_params is the parameter count
+# of timm's module (computed from its shapes; the timm model cards round it to 0.1M). Where keras-vit's
+# model has a few more (a zero class slot in the position table for no_embed_class checkpoints, a zero
+# patch-embedding bias for CLIP), README's "Models" table says so.
+_IN = dict(pixel_mean=hf_layout.IMAGENET_MEAN, pixel_std=hf_layout.IMAGENET_STD, gelu_approximate=False)
+_TIMM_DEIT = "timm deit.py default_cfgs (crop_pct 0.9, bicubic, ImageNet mean/std)"
+_TIMM_DINO = "timm vision_transformer.py default_cfgs (518 px, crop_pct 1.0, bicubic, ImageNet mean/std, no head)"
+FAMILY: Dict[str, Published] = {
+    "deit_base_distilled_patch16_224": Published(
+        "hf://timm/deit_base_distilled_patch16_224.fb_in1k", "B/16", 224, 1000, options=dict(_IN, distilled=True),
+        interpolation="bicubic", crop_pct=0.9, timm_params=87_338_192, source=_TIMM_DEIT),
+    "deit_small_patch16_224": Published(
+        "hf://timm/deit_small_patch16_224.fb_in1k", "S/16", 224, 1000, options=dict(_IN),
+        interpolation="bicubic", crop_pct=0.9, timm_params=22_050_664, source=_TIMM_DEIT),
+    "deit3_base_patch16_224": Published(
+        "hf://timm/deit3_base_patch16_224.fb_in1k", "B/16", 224, 1000, options=dict(_IN, layer_scale_init=1e-6),
+        interpolation="bicubic", crop_pct=0.9, timm_params=86_585_320, source=_TIMM_DEIT),
+    "vit_small_patch14_dinov2.lvd142m": Published(
+        "hf://timm/vit_small_patch14_dinov2.lvd142m", "S/14", 518, 0, options=dict(_IN, layer_scale_init=1e-5),
+        interpolation="bicubic", timm_params=22_056_192, source=_TIMM_DINO),
+    "vit_base_patch14_dinov2.lvd142m": Published(
+        "hf://timm/vit_base_patch14_dinov2.lvd142m", "B/14", 518, 0, options=dict(_IN, layer_scale_init=1e-5),
+        interpolation="bicubic", timm_params=86_579_712, source=_TIMM_DINO),
+    "vit_small_patch14_reg4_dinov2.lvd142m": Published(
+        "hf://timm/vit_small_patch14_reg4_dinov2.lvd142m", "S/14", 518, 0,
+        options=dict(_IN, layer_scale_init=1e-5, num_registers=4), interpolation="bicubic",
+        timm_params=22_057_344, source=_TIMM_DINO),
+    "vit_base_patch14_reg4_dinov2.lvd142m": Published(
+        "hf://timm/vit_base_patch14_reg4_dinov2.lvd142m", "B/14", 518, 0,
+        options=dict(_IN, layer_scale_init=1e-5, num_registers=4), interpolation="bicubic",
+        timm_params=86_582_016, source=_TIMM_DINO),
+    # OpenAI's image tower with its 512-wide projection as the head; QuickGELU, as it was trained (timm's
+    # vit_base_patch16_clip_quickgelu_224 architecture).
+    "vit_base_patch16_clip_224.openai": Published(
+        "hf://timm/vit_base_patch16_clip_224.openai", "B/16", 224, 512,
+        options=dict(pre_norm=True, activation="quick_gelu", layer_norm_epsilon=1e-5,
+                     pixel_mean=hf_layout.CLIP_MEAN, pixel_std=hf_layout.CLIP_STD),
+        interpolation="bicubic", crop_pct=0.9, timm_params=86_193_152,
+        source="timm vision_transformer.py default_cfgs (crop_pct 0.9, bicubic, OpenAI CLIP mean/std, 512 classes)"),
+    # timm's own copy of these weights is an open_clip .bin; the transformers SiglipModel is safetensors.
+    "vit_base_patch16_siglip_224.webli": Published(
+        "hf://google/siglip-base-patch16-224", "B/16", 224, 0,
+        options=dict(classifier="map", gelu_approximate=True), interpolation="bicubic", crop_pct=0.9,
+        timm_params=92_884_224,
+        source="timm vision_transformer.py default_cfgs (crop_pct 0.9, bicubic, mean/std 0.5, no head)"),
+}
+PUBLISHED.update(FAMILY)
+
 
 # --- files ------------------------------------------------------------------------------
 HF_PREFIX = "hf://"
@@ -103,9 +170,16 @@ def checkpoint_path(weights: PathLike) -> str:
     path = os.fspath(weights)
     if os.path.isfile(path):
         return path
+    if os.path.isdir(path):  # a downloaded Hub model: config.json beside model.safetensors
+        local = os.path.join(path, "model.safetensors")
+        if not os.path.isfile(local):
+            raise ValueError(f"weights folder {path!r} has no model.safetensors")
+        return local
     if path.startswith(HF_PREFIX):
         return hub_file(path)
     entry = PUBLISHED.get(path)
+    if entry is not None and entry.url.startswith(HF_PREFIX):
+        return hub_file(entry.url)
     if entry is None:
         raise ValueError(f"weights {path!r} is neither an existing .npz or .safetensors file, hf://ORG/NAME "
                          f"nor a published checkpoint; published names: {', '.join(sorted(PUBLISHED))}")
@@ -250,8 +324,7 @@ def hub_defaults(config: Mapping[str, Any], num_classes: Optional[int]) -> Dict[
             names = imagenet_labels("imagenet1k" if num_classes == 1000 else "imagenet21k")
         mean, std = pre.get("mean"), pre.get("std")
         if mean is not None and std is not None and (not np.allclose(mean, 0.5) or not np.allclose(std, 0.5)):
-            log.warning("checkpoint expects inputs normalised with mean %s / std %s; keras-vit models rescale "
-                        "[0, 255] to [-1, 1] (mean 0.5, std 0.5), so logits will differ from timm's", mean, std)
+            out.update(pixel_mean=tuple(float(m) for m in mean), pixel_std=tuple(float(s) for s in std))
     if "num_attention_heads" in config:  # transformers ViTConfig
         for ours, theirs in (("hidden_size", "hidden_size"), ("num_heads", "num_attention_heads"),
                              ("num_layers", "num_hidden_layers"), ("mlp_dim", "intermediate_size"),
@@ -267,6 +340,7 @@ def hub_defaults(config: Mapping[str, Any], num_classes: Optional[int]) -> Dict[
             names = [id2label[k] for k in sorted(id2label, key=int)]
         except (TypeError, ValueError):
             names = None
+    out.update(hf_layout.config_fields(config))  # the family: DINOv2, CLIP, SigLIP, DeiT (their vision towers)
     if names and num_classes is not None and len(names) == num_classes:
         out["class_names"] = [str(n) for n in names]
     return out
@@ -277,10 +351,13 @@ def _read_arrays(spec: str, local: str) -> Tuple[Dict[str, np.ndarray], str, Dic
     if not (local.endswith(".safetensors") or _is_safetensors(local)):
         return read_npz(local), "npz", {}
     raw, file_meta = read_safetensors(local)
-    layout = torch_layout.detect(raw)
+    try:
+        layout = torch_layout.detect(raw)
+    except ValueError as exc:  # a text tower alone
+        raise ValueError(f"checkpoint {spec!r}: {exc}") from None
     if not layout:
-        raise ValueError(f"checkpoint {spec!r} is a .safetensors file but not a timm or Hugging Face ViT "
-                         "(no patch_embed.proj / embeddings.patch_embeddings tensors)")
+        raise ValueError(f"checkpoint {spec!r} is a .safetensors file but not a timm or Hugging Face ViT, DeiT, "
+                         "DINOv2, CLIP or SigLIP vision model (no patch_embed.proj / patch_embedding tensors)")
     return raw, layout, file_meta
 
 
@@ -288,14 +365,12 @@ def _described_defaults(spec: str, file_meta: Mapping[str, str], num_classes: Op
     """What the files beside the arrays say: the Hub's config.json, then keras-vit's own
     safetensors metadata, then the Published table (later ones win)."""
     defaults: Dict[str, Any] = {}
-    if spec.startswith(HF_PREFIX):
-        cfg_path = hub_file(spec, "config.json", required=False)
-        if cfg_path:
-            try:
-                with open(cfg_path) as f:
-                    defaults.update(hub_defaults(json.load(f), num_classes))
-            except (OSError, ValueError):
-                pass
+    config = _side_json(spec, "config.json")
+    if config is not None:
+        defaults.update(hub_defaults(config, num_classes))
+    preprocessor = _side_json(spec, "preprocessor_config.json")
+    if preprocessor is not None:
+        defaults.update(hf_layout.preprocessing_fields(preprocessor))
     if "keras_vit" in file_meta:  # written by save_safetensors: the exact config
         try:
             ours = json.loads(file_meta["keras_vit"])
@@ -306,11 +381,27 @@ def _described_defaults(spec: str, file_meta: Mapping[str, str], num_classes: Op
             pass
     entry = PUBLISHED.get(spec)
     if entry is not None:
-        defaults.update(variant=entry.variant, image_size=entry.image_size, num_classes=entry.num_classes,
-                        representation_size=entry.representation_size)
+        defaults.update(entry.defaults())
         if entry.labels:
             defaults["class_names"] = imagenet_labels(entry.labels)
     return defaults
+
+
+def _side_json(spec: str, name: str) -> Optional[Dict[str, Any]]:
+    """A JSON file of the Hub model `hf://ORG/NAME` or of a local model folder (None when there is
+    none or it does not parse); a config.json of a text tower raises (hub_defaults)."""
+    if spec.startswith(HF_PREFIX):
+        path = hub_file(spec, name, required=False)
+    elif os.path.isdir(spec):
+        path = os.path.join(spec, name)
+    else:
+        return None
+    try:
+        with open(path) as f:
+            value = json.load(f)
+    except (OSError, TypeError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def read_checkpoint(weights: PathLike) -> Checkpoint:
@@ -326,6 +417,8 @@ def read_checkpoint(weights: PathLike) -> Checkpoint:
     if layout != "npz":  # heads are not in the fused torch shapes; timm and transformers use exact GELU
         defaults.pop("num_heads", None)
         defaults["gelu_approximate"] = False
+    if layout in hf_layout.LAYOUTS:  # what the family's tensor names say (options, a headless backbone)
+        defaults.update(hf_layout.layout_fields(raw, layout, arrays))
     defaults.update(_described_defaults(spec, file_meta, defaults.get("num_classes")))
     if "variant" in defaults and "num_heads" not in defaults:
         try:

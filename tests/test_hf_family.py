@@ -1,0 +1,196 @@
+"""The Hugging Face layouts of the ViT family (DINOv2 with and without registers, CLIP, SigLIP, DeiT):
+tensor names, what their config.json says, the presets and save_safetensors(layout="hf").
+
+The HF state dicts are written by tests/hf_family_factory.py from transformers' module definitions;
+the converted arrays must be exactly the canonical arrays they were written from.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hf_family_factory import (
+    MAP,
+    clip_vision_config,
+    deit_config,
+    dinov2_config,
+    family_checkpoint,
+    hf_clip,
+    hf_deit,
+    hf_dinov2,
+    hf_siglip,
+    siglip_vision_config,
+    write_folder,
+)
+
+from keras_vit.weights import hf_layout, torch_layout
+from keras_vit.weights.checkpoints import FAMILY, PUBLISHED, read_checkpoint
+
+
+def _same(got, want):
+    assert sorted(got) == sorted(want)
+    for k in want:
+        np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(want[k]), err_msg=k)
+
+
+CASES = {
+    "hf-dinov2": (dict(kind="dinov2"), hf_dinov2),
+    "hf-dinov2-reg": (dict(kind="dinov2", registers=4), hf_dinov2),
+    "hf-dinov2-swiglu": (dict(kind="dinov2", swiglu=True), lambda w: hf_dinov2(w, swiglu=True)),
+    "hf-clip": (dict(kind="clip"), hf_clip),
+    "hf-siglip": (dict(kind="siglip"), hf_siglip),
+    "hf-deit": (dict(kind="deit"), hf_deit),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_layout_to_canonical_is_exact(case):
+    kw, write = CASES[case]
+    w = family_checkpoint(np.random.default_rng(0), **kw)
+    sd = write(w)
+    assert torch_layout.detect(sd) == "-".join(case.split("-")[:2])
+    _same(torch_layout.to_canonical(sd, num_heads=2), w)
+
+
+def test_clip_model_takes_the_vision_tower(caplog):
+    w = family_checkpoint(np.random.default_rng(1), "clip")
+    with caplog.at_level("INFO", logger="keras_vit"):
+        _same(torch_layout.to_canonical(hf_clip(w, text=True), num_heads=2), w)
+    assert "vision tower is taken" in caplog.text
+
+
+def test_text_tower_alone_is_one_clear_line(tmp_path):
+    from safetensors.numpy import save_file
+
+    path = str(tmp_path / "text.safetensors")
+    save_file({"text_model.embeddings.token_embedding.weight": np.ones((4, 8), np.float32)}, path)
+    with pytest.raises(ValueError) as err:
+        read_checkpoint(path)
+    assert "\n" not in str(err.value) and "text tower" in str(err.value) and path in str(err.value)
+    with pytest.raises(ValueError, match="text tower"):
+        hf_layout.config_fields({"model_type": "clip_text_model", "hidden_size": 8})
+
+
+def test_deit_without_teacher_gives_the_class_token_logits():
+    """DeiTForImageClassification: one head on the class token -> head = 2 W, head_dist = 0, whose
+    average over the two tokens is W x_cls + b."""
+    w = family_checkpoint(np.random.default_rng(2), "deit")
+    sd = hf_deit(w)
+    sd["classifier.weight"], sd["classifier.bias"] = sd.pop("cls_classifier.weight"), sd.pop("cls_classifier.bias")
+    del sd["distillation_classifier.weight"], sd["distillation_classifier.bias"]
+    out = torch_layout.to_canonical(sd, num_heads=2)
+    x_cls, x_dist = np.random.default_rng(3).standard_normal((2, 32))
+    got = ((x_cls @ out["head/kernel"] + out["head/bias"]) + (x_dist @ out["head_dist/kernel"] + out["head_dist/bias"])) / 2
+    np.testing.assert_allclose(got, x_cls @ w["head/kernel"] + w["head/bias"], rtol=1e-6, atol=1e-6)
+
+
+def test_dinov2_for_image_classification_is_refused():
+    w = family_checkpoint(np.random.default_rng(4), "dinov2")
+    sd = {"dinov2." + k: v for k, v in hf_dinov2(w).items()}
+    sd["classifier.weight"], sd["classifier.bias"] = np.zeros((3, 64), np.float32), np.zeros(3, np.float32)
+    with pytest.raises(ValueError, match="class token and the mean patch token"):
+        torch_layout.to_canonical(sd, num_heads=2)
+
+
+# --- config.json ------------------------------------------------------------------------------------
+def test_dinov2_config_fields():
+    got = hf_layout.config_fields(dinov2_config(hidden=1536, heads=24, layers=40, patch=14, image=518,
+                                                swiglu=True, mlp_ratio=4, registers=4))
+    # Dinov2SwiGLUFFN: (int(1536 * 4 * 2 / 3) + 7) // 8 * 8 = 4096 per half (DINOv2 ViT-g/14)
+    assert got == dict(hidden_size=1536, num_heads=24, num_layers=40, layer_norm_epsilon=1e-6, image_size=518,
+                       patch_size=14, gelu_approximate=False, layer_scale_init=1.0, mlp="swiglu", mlp_dim=4096,
+                       num_registers=4)
+    assert hf_layout.config_fields(dinov2_config(hidden=384, mlp_ratio=4))["mlp_dim"] == 1536
+
+
+def test_clip_and_siglip_config_fields():
+    clip = {"model_type": "clip", "projection_dim": 5, "text_config": {"hidden_size": 8},
+            "vision_config": {k: v for k, v in clip_vision_config().items() if k != "model_type"}}
+    got = hf_layout.config_fields(clip)
+    assert got["activation"] == "quick_gelu" and got["layer_norm_epsilon"] == 1e-5 and got["mlp_dim"] == 64
+    siglip = hf_layout.config_fields(siglip_vision_config())
+    assert siglip["classifier"] == "map" and siglip["gelu_approximate"] is True
+    assert hf_layout.config_fields(dict(siglip_vision_config(), vision_use_head=False))["classifier"] == "gap"
+    assert hf_layout.config_fields({"model_type": "bert"}) == {}
+
+
+@pytest.mark.parametrize("kind", ["dinov2", "dinov2-reg", "clip", "siglip", "deit"])
+def test_local_folder_says_the_whole_architecture(tmp_path, kind):
+    """A folder with config.json + model.safetensors (as the Hub has it) fixes every option."""
+    rng = np.random.default_rng(5)
+    if kind.startswith("dinov2"):
+        reg = 4 if kind == "dinov2-reg" else 0
+        w = family_checkpoint(rng, "dinov2", registers=reg)
+        folder = write_folder(tmp_path / kind, hf_dinov2(w), dinov2_config(registers=reg),
+                              {"image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]})
+        want = dict(layer_scale_init=1.0, classifier="token", include_top=False, mlp_dim=64,
+                    pixel_mean=hf_layout.IMAGENET_MEAN, pixel_std=hf_layout.IMAGENET_STD)
+        if reg:
+            want["num_registers"] = 4
+    elif kind == "clip":
+        folder = write_folder(tmp_path / kind, hf_clip(family_checkpoint(rng, "clip")), clip_vision_config())
+        want = dict(pre_norm=True, activation="quick_gelu", num_classes=5, classifier="token",
+                    pixel_mean=hf_layout.CLIP_MEAN, layer_norm_epsilon=1e-5)
+    elif kind == "siglip":
+        folder = write_folder(tmp_path / kind, hf_siglip(family_checkpoint(rng, "siglip")), siglip_vision_config(),
+                              {"image_mean": [0.5] * 3, "image_std": [0.5] * 3})
+        want = dict(classifier="map", include_top=False, gelu_approximate=True, pixel_mean=None)
+    else:
+        folder = write_folder(tmp_path / kind, hf_deit(family_checkpoint(rng, "deit")), deit_config())
+        want = dict(distilled=True, num_classes=5, classifier="token", class_names=[f"c{i}" for i in range(5)])
+    d = read_checkpoint(folder).defaults
+    assert d["hidden_size"] == 32 and d["num_heads"] == 2 and d["num_layers"] == 2
+    assert tuple(np.broadcast_to(d["patch_size"], 2)) == (4, 4) and tuple(np.broadcast_to(d["image_size"], 2)) == (8, 8)
+    for k, v in want.items():
+        assert d.get(k) == v, (k, d.get(k), v)
+
+
+def test_no_config_the_names_still_say_the_options(tmp_path):
+    """A bare .safetensors file: the layout's tensor names give the options, the shapes the sizes."""
+    from safetensors.numpy import save_file
+
+    w = family_checkpoint(np.random.default_rng(6), "dinov2", registers=2, swiglu=True)
+    path = str(tmp_path / "dinov2.safetensors")
+    save_file(hf_dinov2(w, swiglu=True), path)
+    d = read_checkpoint(path).defaults
+    assert d["mlp"] == "swiglu" and d["mlp_dim"] == 64 and d["num_registers"] == 2 and d["include_top"] is False
+    deit = str(tmp_path / "deit.safetensors")
+    save_file(hf_deit(family_checkpoint(np.random.default_rng(7), "deit")), deit)
+    assert tuple(read_checkpoint(deit).defaults["image_size"]) == (8, 8)  # 2 x 2 patches + class + distillation
+
+
+# --- save_safetensors(layout="hf") at the array level -----------------------------------------------
+@pytest.mark.parametrize("kind", ["dinov2", "dinov2-reg", "dinov2-swiglu", "clip"])
+def test_to_hf_is_the_factory_layout(kind):
+    w = family_checkpoint(np.random.default_rng(8), "clip" if kind == "clip" else "dinov2",
+                          registers=4 if kind == "dinov2-reg" else 0, swiglu=kind == "dinov2-swiglu")
+    if kind == "clip":
+        _same(hf_layout.to_clip(w), hf_clip(w))
+    else:
+        _same(hf_layout.to_dinov2(w, swiglu=kind == "dinov2-swiglu"), hf_dinov2(w, swiglu=kind == "dinov2-swiglu"))
+
+
+def test_to_clip_refuses_a_bias_clip_lacks():
+    w = family_checkpoint(np.random.default_rng(9), "clip")
+    w["embedding/bias"] = np.ones_like(w["embedding/bias"])
+    with pytest.raises(ValueError, match="embedding/bias is not zero"):
+        hf_layout.to_clip(w)
+
+
+# --- presets ----------------------------------------------------------------------------------------
+def test_family_presets_are_well_formed():
+    assert set(FAMILY) <= set(PUBLISHED)
+    for name, entry in FAMILY.items():
+        assert entry.url.startswith("hf://") and entry.interpolation == "bicubic" and entry.source, name
+        assert entry.timm_params and 0 < entry.crop_pct <= 1, name
+        assert entry.url.startswith("hf://timm/" + name) or "siglip" in name, name
+    assert FAMILY["vit_small_patch14_dinov2.lvd142m"].defaults()["include_top"] is False
+    assert FAMILY["deit_base_distilled_patch16_224"].defaults()["distilled"] is True
+
+
+def test_siglip_map_head_names_are_big_vision_s():
+    w = family_checkpoint(np.random.default_rng(10), "siglip")
+    assert {k for k in w if k.startswith(MAP)} == {
+        MAP + "probe", MAP + "LayerNorm_0/scale", MAP + "LayerNorm_0/bias",
+        *(f"{MAP}MultiHeadDotProductAttention_0/{n}/{p}" for n in ("query", "key", "value", "out")
+          for p in ("kernel", "bias")),
+        *(f"{MAP}MlpBlock_0/Dense_{j}/{p}" for j in (0, 1) for p in ("kernel", "bias"))}
