@@ -81,6 +81,11 @@ def model_variables(model: keras.Model) -> Dict[str, keras.Variable]:
             out[f"{a}{n}/kernel"], out[f"{a}{n}/bias"] = getattr(att, f"{n}_kernel"), getattr(att, f"{n}_bias")
         if att.relative_grid is not None:
             out[a + "relative_embedding"] = att.relative_embedding
+        if att.qk_norm:
+            for n, norm in (("query_norm", att.query_norm), ("key_norm", att.key_norm)):
+                out[f"{a}{n}/scale"], out[f"{a}{n}/bias"] = norm.gamma, norm.beta
+        for j, scale in enumerate(blk.layer_scale or ()):
+            out[f"{b}LayerScale_{j}/scale"] = scale.scale
         for j, dense in enumerate((blk.mlp.dense_0, blk.mlp.dense_1)):
             out[f"{b}MlpBlock_3/Dense_{j}/kernel"], out[f"{b}MlpBlock_3/Dense_{j}/bias"] = dense.kernel, dense.bias
     if "encoder_norm" in names:
