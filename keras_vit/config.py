@@ -20,7 +20,7 @@ VARIANTS = {
 # three-stage ResNet-50 with (3, 4, 9) units (total stride 16); see parse_variant for others.
 RESNET_DEPTHS = {26: (2, 2, 2, 2), 50: (3, 4, 6, 3)}
 
-CLASSIFIERS = ("token", "gap")
+CLASSIFIERS = ("token", "gap", "map")
 ACTIVATIONS = ("gelu", "quick_gelu")
 MLPS = ("mlp", "swiglu")
 OUTPUTS = (None, "tokens")
@@ -95,6 +95,15 @@ class ViTConfig:
     qk_norm: bool = False
     activation: str = "gelu"
     mlp: str = "mlp"
+    # ViT family: token and head options (issue #26). Sequence: [class?, distillation?, registers*,
+    # patches]; position embeddings cover class, distillation and patches, not the registers.
+    class_token: Optional[bool] = None  # None: a class token iff classifier == "token"
+    num_registers: int = 0  # register tokens (Darcet et al. 2024, DINOv2-reg)
+    distilled: bool = False  # DeiT's distillation token and second head, logits averaged
+    pre_norm: bool = False  # a LayerNorm on the tokens before the first block (CLIP ln_pre)
+    fc_norm: bool = False  # the final LayerNorm after pooling, not on the tokens (timm fc_norm)
+    pixel_mean: Optional[Tuple[float, ...]] = None  # per channel, [0, 1] scale; None: [-1, 1] inputs
+    pixel_std: Optional[Tuple[float, ...]] = None
 
     def __post_init__(self) -> None:
         self.image_size = _pair(self.image_size, "image_size")
@@ -108,6 +117,10 @@ class ViTConfig:
             self.feature_layers = tuple(i + self.num_layers if i < 0 else i for i in self.feature_layers)
         if isinstance(self.layer_scale_init, int) and not isinstance(self.layer_scale_init, bool):
             self.layer_scale_init = float(self.layer_scale_init)  # 1 from JSON is 1.0
+        for name in ("pixel_mean", "pixel_std"):
+            value = getattr(self, name)
+            if isinstance(value, (list, tuple)):
+                setattr(self, name, tuple(value))
         self.validate()
 
     # --- checks -----------------------------------------------------------------------
@@ -125,6 +138,7 @@ class ViTConfig:
             raise ValueError(f"hidden_size {self.hidden_size} must be divisible by num_heads {self.num_heads}")
         if self.classifier not in CLASSIFIERS:
             raise ValueError(f"classifier must be one of {', '.join(CLASSIFIERS)}; got {self.classifier!r}")
+        self._validate_tokens()
         if self.pos_embedding not in POS_EMBEDDINGS:
             raise ValueError(f"pos_embedding must be one of {', '.join(POS_EMBEDDINGS)}; got {self.pos_embedding!r}")
         if self.pos_embedding in ("learned_2d", "sincos2d") and self.hidden_size % 2:
@@ -188,7 +202,50 @@ class ViTConfig:
             raise ValueError(f"activation {self.activation!r} does not apply to mlp='swiglu' (its gate is SiLU); "
                              "leave activation='gelu'")
 
+    def _validate_tokens(self) -> None:
+        """The token and head options of issue #26."""
+        if self.class_token not in (None, True, False):
+            raise ValueError(f"class_token must be None, True or False, got {self.class_token!r}")
+        if self.classifier == "token" and self.class_token is False:
+            raise ValueError("class_token=False is allowed with classifier 'gap' or 'map' only; classifier='token' "
+                             "reads the class token")
+        if isinstance(self.num_registers, bool) or not isinstance(self.num_registers, int) or self.num_registers < 0:
+            raise ValueError(f"num_registers must be an integer >= 0, got {self.num_registers!r}")
+        for name in ("distilled", "pre_norm", "fc_norm"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.distilled and self.classifier != "token":
+            raise ValueError("distilled=True needs a class token read by the head: classifier='token', "
+                             f"got classifier={self.classifier!r}")
+        if (self.pixel_mean is None) != (self.pixel_std is None):
+            raise ValueError("give pixel_mean and pixel_std together (per channel, on the [0, 1] scale), "
+                             f"got pixel_mean={self.pixel_mean!r} and pixel_std={self.pixel_std!r}")
+        for name in ("pixel_mean", "pixel_std"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            ok = isinstance(value, tuple) and len(value) == self.channels and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+            if not ok or (name == "pixel_std" and min(value) <= 0):
+                allowed = "positive numbers" if name == "pixel_std" else "numbers"
+                raise ValueError(f"{name} must be {self.channels} {allowed} (one per channel), got {value!r}")
+
     # --- derived quantities -----------------------------------------------------------
+    @property
+    def has_class_token(self) -> bool:
+        """Whether the sequence starts with a class token (class_token, or by default classifier == "token")."""
+        return self.classifier == "token" if self.class_token is None else bool(self.class_token)
+
+    @property
+    def num_pos_prefix_tokens(self) -> int:
+        """Prefix tokens that have a position embedding: the class and distillation tokens."""
+        return int(self.has_class_token) + int(self.distilled)
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        """Tokens before the patches: class, distillation and register tokens."""
+        return self.num_pos_prefix_tokens + self.num_registers
+
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
@@ -218,8 +275,8 @@ class ViTConfig:
 
     @property
     def seq_len(self) -> int:
-        """Tokens entering the encoder: N patches, plus the class token when classifier="token"."""
-        return self.num_patches + (1 if self.classifier == "token" else 0)
+        """Tokens entering the encoder: N patches plus the prefix tokens (class, distillation, registers)."""
+        return self.num_patches + self.num_prefix_tokens
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -229,6 +286,9 @@ class ViTConfig:
             d["resnet_layers"] = list(self.resnet_layers)
         if self.feature_layers is not None:
             d["feature_layers"] = list(self.feature_layers)
+        for name in ("pixel_mean", "pixel_std"):
+            if d[name] is not None:
+                d[name] = list(d[name])
         return d
 
     @classmethod

@@ -38,7 +38,7 @@ def _resnet_params(cfg) -> int:
 
 def _num_relative_offsets(cfg) -> int:
     gh, gw = cfg.grid_size
-    return (2 * gh - 1) * (2 * gw - 1) + (1 if cfg.classifier == "token" else 0)
+    return (2 * gh - 1) * (2 * gw - 1) + (1 if cfg.num_prefix_tokens else 0)
 
 
 def _mlp_params(cfg) -> int:
@@ -55,26 +55,27 @@ def count_params(cfg) -> int:
     cin = resnet_out_channels(cfg) if cfg.resnet_layers else cfg.channels
     total = _resnet_params(cfg)
     total += ph * pw * cin * d + d  # patch embedding
-    token = cfg.classifier == "token"
-    total += d if token else 0
+    total += cfg.num_prefix_tokens * d  # class, distillation and register tokens
     if cfg.pos_embedding == "learned":
-        total += cfg.seq_len * d
+        total += (cfg.num_patches + cfg.num_pos_prefix_tokens) * d
     elif cfg.pos_embedding == "learned_2d":
-        total += gh * (d // 2) + gw * (d - d // 2) + (d if token else 0)
-    block = 4 * d + 4 * (d * d + d) + _mlp_params(cfg)
+        total += gh * (d // 2) + gw * (d - d // 2) + cfg.num_pos_prefix_tokens * d
+    mlp = _mlp_params(cfg)
+    block = 4 * d + 4 * (d * d + d) + mlp
     block += 2 * d if cfg.layer_scale_init is not None else 0  # LayerScale gains after attention and MLP
     block += 4 * cfg.head_dim if cfg.qk_norm else 0  # query and key LayerNorms over head_dim
     if cfg.pos_embedding == "relative":
         block += _num_relative_offsets(cfg) * d
-    total += cfg.num_layers * block + 2 * d
-    if cfg.include_top:
-        feat = d
-        if cfg.representation_size:
-            total += d * cfg.representation_size + cfg.representation_size
-            feat = cfg.representation_size
-        total += feat * cfg.num_classes + cfg.num_classes
-    elif cfg.representation_size:
+    total += cfg.num_layers * block + 2 * d  # blocks, encoder_norm (or fc_norm)
+    total += 2 * d if cfg.pre_norm else 0
+    if cfg.classifier == "map":  # probe, attention, LayerNorm, MLP
+        total += d + 4 * (d * d + d) + 2 * d + 2 * d * cfg.mlp_dim + cfg.mlp_dim + d  # (a plain MLP)
+    feat = d
+    if cfg.representation_size:
         total += d * cfg.representation_size + cfg.representation_size
+        feat = cfg.representation_size
+    if cfg.include_top:
+        total += (1 + cfg.distilled) * (feat * cfg.num_classes + cfg.num_classes)
     return total
 
 
@@ -103,9 +104,12 @@ def count_flops(cfg) -> int:
     if cfg.pos_embedding == "relative":
         per_layer += 2 * s * _num_relative_offsets(cfg) * d
     flops += cfg.num_layers * per_layer
+    if cfg.classifier == "map":  # the probe's query, keys and values of every token, one query's attention, MLP
+        flops += 2 * d * d + 2 * s * d * 2 * d + 2 * 2 * s * d + 2 * d * d + 2 * 2 * d * m
     feat = cfg.representation_size or d
+    pooled = 1 + cfg.distilled  # a distilled model's two tokens go through pre-logits and the heads
     if cfg.representation_size:
-        flops += 2 * d * feat
+        flops += pooled * 2 * d * feat
     if cfg.include_top:
-        flops += 2 * feat * cfg.num_classes
+        flops += pooled * 2 * feat * cfg.num_classes
     return flops

@@ -38,11 +38,17 @@ def feature_extractor(model):
         raise ValueError("few-shot evaluation needs pooled (B, D) features; this model returns the feature maps "
                          f"of blocks {list(cfg.feature_layers)}: use a model built without feature_layers")
     if cfg.output == "tokens":
-        pooled = TokenPooling(cfg.classifier, name="pool")(model.outputs[0])
+        if cfg.classifier == "map":
+            raise ValueError("this model returns tokens without its MAP head: build it with include_top=False "
+                             "(and no output) for pooled features")
+        pooled = TokenPooling(cfg.classifier, cfg.num_prefix_tokens, name="pool")(model.outputs[0])
         return keras.Model(model.inputs, pooled, name=f"{model.name}_features")
     if not cfg.include_top:
         return model
-    return keras.Model(model.inputs, model.get_layer("head").input, name=f"{model.name}_features")
+    features = model.get_layer("head").input
+    if cfg.distilled:  # the mean of the class and distillation tokens' features, as include_top=False gives
+        features = keras.layers.Average(name="features_mean")([features, model.get_layer("head_dist").input])
+    return keras.Model(model.inputs, features, name=f"{model.name}_features")
 
 
 def extract_features(model, images: np.ndarray, batch_size: int = 128) -> np.ndarray:

@@ -15,9 +15,9 @@ import keras
 from keras import ops
 
 # Layers of a keras-vit model that belong to the embedding stage (Eq. 1).
-EMBEDDING_LAYERS = ("resnet", "embedding", "cls", "posembed_input")
+EMBEDDING_LAYERS = ("resnet", "embedding", "cls", "dist", "posembed_input", "reg", "pre_norm")
 # Layers that stay trainable under freeze_backbone: the linear classifier.
-HEAD_LAYERS = ("head",)
+HEAD_LAYERS = ("head", "head_dist")
 
 
 def layer_decay_scales(num_layers: int, decay: float) -> Dict[str, float]:

@@ -35,7 +35,13 @@ __all__ = [
 
 # --- model geometry ------------------------------------------------------------------------
 def _num_prefix_tokens(model) -> int:
-    return 1 if get_config(model).classifier == "token" else 0
+    """Tokens before the patches in the sequence (class, distillation, registers)."""
+    return get_config(model).num_prefix_tokens
+
+
+def _reads_class_token(model) -> bool:
+    """Whether the output is read from the class token (token 0), else from all patch tokens."""
+    return get_config(model).classifier == "token"
 
 
 def _check_images(model, images) -> np.ndarray:
@@ -68,7 +74,7 @@ def _grid(model, images: np.ndarray) -> Tuple[int, int]:
 # --- attention probabilities ------------------------------------------------------------------
 def attention_maps(model, images, batch_size: int = 32) -> List[np.ndarray]:
     """Attention probabilities of every encoder block: a list (one per layer) of float32 arrays
-    (B, heads, S, S), S = patches (+1 with the class token); rows sum to 1.
+    (B, heads, S, S), S = prefix tokens (class, distillation, registers) + patches; rows sum to 1.
 
     Read from the model's own intermediate outputs (`model.forward_intermediates(images,
     attention=True)`), so it works for every keras-vit model: any variant, hybrid, classifier,
@@ -89,14 +95,15 @@ def attention_maps(model, images, batch_size: int = 32) -> List[np.ndarray]:
 
 
 def rollout_from_attention(attentions: Sequence[np.ndarray], num_prefix_tokens: int = 1,
-                           head_fusion: str = "mean") -> np.ndarray:
+                           head_fusion: str = "mean", class_token: Optional[bool] = None) -> np.ndarray:
     """Attention rollout (Abnar & Zuidema 2020) from per-layer probabilities (B, heads, S, S).
 
     Heads are fused (mean, or max), the residual connection is accounted for as
     A' = (A + I) / 2 (rows renormalised), and the layers are multiplied from the input up:
     R = A'_L ... A'_1. The output token's row of R over the patch tokens (the class token's
-    row, or for "gap" models the mean of the patch rows) is returned, normalised to sum to 1:
-    (B, N) with N patches in row-major order.
+    row when `class_token`, by default when there are prefix tokens; else, for "gap" and "map"
+    models, the mean of the patch rows) is returned, normalised to sum to 1: (B, N) with N
+    patches in row-major order; the `num_prefix_tokens` first tokens are not patches.
     """
     if head_fusion not in ("mean", "max"):
         raise ValueError(f"head_fusion must be 'mean' or 'max', got {head_fusion!r}")
@@ -111,7 +118,8 @@ def rollout_from_attention(attentions: Sequence[np.ndarray], num_prefix_tokens: 
     if rollout is None:
         raise ValueError("attentions is empty")
     p = num_prefix_tokens
-    out = rollout[:, 0, p:] if p else rollout[:, :, :].mean(axis=1)
+    class_token = p > 0 if class_token is None else class_token
+    out = rollout[:, 0, p:] if class_token else rollout[:, p:, p:].mean(axis=1)
     out = out / np.maximum(out.sum(axis=-1, keepdims=True), 1e-12)
     return out.astype(np.float32)
 
@@ -122,7 +130,8 @@ def attention_rollout(model, images, head_fusion: str = "mean", batch_size: int 
     Use `upsample_map` (or `plot_attention_rollout`) to overlay it on the input image.
     """
     x = _check_images(model, images)
-    maps = rollout_from_attention(attention_maps(model, x, batch_size), _num_prefix_tokens(model), head_fusion)
+    maps = rollout_from_attention(attention_maps(model, x, batch_size), _num_prefix_tokens(model), head_fusion,
+                                  _reads_class_token(model))
     return maps.reshape((-1, *_grid(model, x)))
 
 
@@ -149,7 +158,7 @@ def attention_distance_from_probs(probs: np.ndarray, grid_size: Tuple[int, int],
                                   num_prefix_tokens: int = 1) -> np.ndarray:
     """Mean attention distance per head, (heads,), from one layer's probabilities (B, heads, S, S).
 
-    Only patch-to-patch attention has a distance: the class-token row and column are dropped
+    Only patch-to-patch attention has a distance: the prefix tokens' rows and columns are dropped
     and each query's attention over the patches is renormalised before weighting the pixel
     distances; the result is averaged over query patches and images.
     """
@@ -181,7 +190,7 @@ def position_embedding_similarity(model) -> np.ndarray:
     if emb is None:
         raise ValueError(f"model has pos_embedding={cfg.pos_embedding!r}: there is no position embedding table "
                          "to compare (use 'learned', 'learned_2d' or 'sincos2d')")
-    e = keras.ops.convert_to_numpy(emb)[0, _num_prefix_tokens(model):].astype(np.float64)
+    e = keras.ops.convert_to_numpy(emb)[0, cfg.num_pos_prefix_tokens:].astype(np.float64)
     e = e / np.maximum(np.linalg.norm(e, axis=-1, keepdims=True), 1e-12)
     gh, gw = cfg.grid_size
     return (e @ e.T).reshape(gh, gw, gh, gw).astype(np.float32)
@@ -243,16 +252,18 @@ def plot_attention_rollout(image: np.ndarray, rollout: np.ndarray, path: str) ->
 
 
 def plot_attention_maps(attentions: Sequence[np.ndarray], grid_size: Tuple[int, int], path: str,
-                        num_prefix_tokens: int = 1, index: int = 0) -> str:
+                        num_prefix_tokens: int = 1, index: int = 0, class_token: Optional[bool] = None) -> str:
     """Grid (layers x heads) of the output token's attention over the patches for one image
-    (the class token's row, or the mean over patch queries for "gap" models)."""
+    (the class token's row when `class_token`, by default when there are prefix tokens; else
+    the mean over patch queries, for "gap" and "map" models)."""
     plt = pyplot()
     n_layers, n_heads = len(attentions), attentions[0].shape[1]
     fig, axes = plt.subplots(n_layers, n_heads, figsize=(1.6 * n_heads + 0.4, 1.6 * n_layers + 0.4), squeeze=False)
     p = num_prefix_tokens
+    class_token = p > 0 if class_token is None else class_token
     for li, a in enumerate(attentions):
         for hi in range(n_heads):
-            row = a[index, hi, 0, p:] if p else a[index, hi, :, :].mean(axis=0)
+            row = a[index, hi, 0, p:] if class_token else a[index, hi, p:, p:].mean(axis=0)
             ax = axes[li, hi]
             ax.imshow(row.reshape(grid_size), cmap="viridis")
             ax.set_xticks([])
@@ -342,10 +353,11 @@ def inspect_model(model, images: np.ndarray, out_dir: str, distance_images: Opti
     for i, a in enumerate(attn):
         arrays[f"attention_layer{i}"] = a
     grid = _grid(model, images)
-    rollout = rollout_from_attention(attn, p).reshape((-1, *grid))
+    rollout = rollout_from_attention(attn, p, class_token=_reads_class_token(model)).reshape((-1, *grid))
     arrays["attention_rollout"] = rollout
     written["attention_rollout"] = plot_attention_rollout(images[0], rollout[0], os.path.join(out_dir, "attention_rollout.png"))
-    written["attention_maps"] = plot_attention_maps(attn, grid, os.path.join(out_dir, "attention_maps.png"), p)
+    written["attention_maps"] = plot_attention_maps(attn, grid, os.path.join(out_dir, "attention_maps.png"), p,
+                                                    class_token=_reads_class_token(model))
 
     dist = mean_attention_distance(model, dist_images)
     arrays["mean_attention_distance"] = dist

@@ -10,7 +10,17 @@ from keras import layers
 
 from keras_vit import precision
 from keras_vit.config import ViTConfig
-from keras_vit.layers import ClassToken, PatchEmbedding, PatchGrid, PositionEmbedding, TokenPooling, TransformerBlock
+from keras_vit.layers import (
+    ClassToken,
+    MAPHead,
+    PatchEmbedding,
+    PatchGrid,
+    PositionEmbedding,
+    RegisterTokens,
+    TokenPooling,
+    TransformerBlock,
+    preprocessing_scale_offset,
+)
 from keras_vit.resnet import ResNetStem
 
 
@@ -61,11 +71,13 @@ class VisionTransformer(keras.Model):
         """The encoder's intermediate outputs on `images` (a tensor, or a keras.Input to build a
         new functional model on this model's layers, which share its weights):
 
-        - "blocks": every encoder block's output z_l, (B, S, D) with the class token first;
+        - "blocks": every encoder block's output z_l, (B, S, D) with the prefix tokens (class,
+          distillation, registers: `vit_config.num_prefix_tokens`) first;
         - "attention" (with `attention=True`): every block's attention probabilities
           (B, heads, S, S), rows summing to 1 (the softmax of Eq. 5, before attention dropout);
-        - "tokens": LN(z_L), the (B, S, D) sequence that output="tokens" returns (absent for a
-          feature_layers model, whose graph stops at its last feature block).
+        - "tokens": LN(z_L) (z_L itself with fc_norm, whose LayerNorm follows the pooling), the
+          (B, S, D) sequence that output="tokens" returns (absent for a feature_layers model,
+          whose graph stops at its last feature block).
 
         `patch_transform` maps the patch embeddings (B, N, D) before the class token and the
         position embeddings are added (masked patch prediction corrupts them there). The model
@@ -78,8 +90,19 @@ class VisionTransformer(keras.Model):
         if attention:
             out["attention"] = probs
         if not cfg.feature_layers:
-            out["tokens"] = self.get_layer("encoder_norm")(blocks[-1])
+            out["tokens"] = blocks[-1] if cfg.fc_norm else self.get_layer("encoder_norm")(blocks[-1])
         return out
+
+    def distillation_logits(self, images, training: bool = False):
+        """(logits of the class-token head, logits of the distillation head) of a distilled model
+        (DeiT): the pair a distillation loss trains; the model's own output is their mean."""
+        cfg = self.vit_config
+        if not (cfg.distilled and cfg.include_top):
+            raise ValueError(f"distillation_logits needs a model built with distilled=True and include_top=True, "
+                             f"got distilled={cfg.distilled} and include_top={cfg.include_top}")
+        heads = keras.Model(self.input, [self.get_layer("head").output, self.get_layer("head_dist").output])
+        cls_logits, dist_logits = heads(images, training=training)
+        return cls_logits, dist_logits
 
     def compile(self, *args, **kwargs) -> None:
         """keras.Model.compile; `jit_compile="auto"` (the default) picks what is fast for a ViT on
@@ -149,11 +172,14 @@ def _encode(cfg: ViTConfig, images, layer: LayerSource, depth: int, dtype: Optio
     `patch_transform` is applied to the patch embeddings (B, N, D) before the class token and
     position embeddings are added (masked patch prediction corrupts them there). With
     `class_token_out` the last block computes the class token's output only, (B, 1, D).
+    The sequence is [class?, distillation?, registers*, patches]; the registers are inserted
+    after the position embeddings, which they do not have (DINOv2 with registers).
     """
     x = images
     if cfg.include_preprocessing:
-        # [0, 255] -> [-1, 1], the official checkpoints' input range.
-        x = layer("preprocessing", lambda: layers.Rescaling(1.0 / 127.5, offset=-1.0, name="preprocessing",
+        # [0, 255] -> (x / 255 - mean) / std; by default [-1, 1], the official checkpoints' input range.
+        scale, offset = preprocessing_scale_offset(cfg.pixel_mean, cfg.pixel_std)
+        x = layer("preprocessing", lambda: layers.Rescaling(scale, offset=offset, name="preprocessing",
                                                              dtype=dtype))(x)
     if cfg.resnet_layers is not None:
         x = layer("resnet", lambda: ResNetStem(cfg.resnet_layers, width=cfg.resnet_width, name="resnet",
@@ -161,10 +187,11 @@ def _encode(cfg: ViTConfig, images, layer: LayerSource, depth: int, dtype: Optio
     x = layer("embedding", lambda: PatchEmbedding(cfg.hidden_size, cfg.patch_size, name="embedding", dtype=dtype))(x)
     if patch_transform is not None:
         x = patch_transform(x)
-    prefix = 0
-    if cfg.classifier == "token":
+    if cfg.distilled:  # prepended first, so that it follows the class token
+        x = layer("dist", lambda: ClassToken(name="dist", dtype=dtype))(x)
+    if cfg.has_class_token:
         x = layer("cls", lambda: ClassToken(name="cls", dtype=dtype))(x)
-        prefix = 1
+    prefix = cfg.num_pos_prefix_tokens
     pos_kind = "none" if cfg.pos_embedding == "relative" else cfg.pos_embedding
     if cfg.dynamic_size:  # the patch grid comes from the images' shape at run time
         x = layer("posembed_input", lambda: PositionEmbedding(
@@ -173,7 +200,12 @@ def _encode(cfg: ViTConfig, images, layer: LayerSource, depth: int, dtype: Optio
     else:
         x = layer("posembed_input", lambda: PositionEmbedding(pos_kind, cfg.grid_size, num_prefix_tokens=prefix,
                                                               name="posembed_input", dtype=dtype))(x)
+    if cfg.num_registers:
+        x = layer("reg", lambda: RegisterTokens(cfg.num_registers, prefix, name="reg", dtype=dtype))(x)
     x = layer("dropout", lambda: layers.Dropout(cfg.dropout_rate, name="dropout", dtype=dtype))(x)
+    if cfg.pre_norm:
+        x = layer("pre_norm", lambda: layers.LayerNormalization(epsilon=cfg.layer_norm_epsilon, name="pre_norm",
+                                                                dtype="float32"))(x)
     relative_grid = cfg.grid_size if cfg.pos_embedding == "relative" else None
     blocks, probs = [], []
     for i in range(depth):
@@ -181,7 +213,7 @@ def _encode(cfg: ViTConfig, images, layer: LayerSource, depth: int, dtype: Optio
         dpr = cfg.drop_path_rate * i / max(cfg.num_layers - 1, 1)
         block = layer(f"encoderblock_{i}", lambda i=i, dpr=dpr: TransformerBlock(
             cfg.num_heads, cfg.mlp_dim, cfg.dropout_rate, cfg.attention_dropout_rate, dpr, cfg.gelu_approximate,
-            cfg.layer_norm_epsilon, relative_grid=relative_grid, num_prefix_tokens=prefix,
+            cfg.layer_norm_epsilon, relative_grid=relative_grid, num_prefix_tokens=cfg.num_prefix_tokens,
             layer_scale_init=cfg.layer_scale_init, qk_norm=cfg.qk_norm, activation=cfg.activation, mlp_kind=cfg.mlp,
             name=f"encoderblock_{i}", dtype=dtype))
         if attention:
@@ -208,22 +240,46 @@ def _build_graph(cfg: ViTConfig, dtype: Optional[str] = None):
     compute in float32)."""
     h, w = cfg.image_size
     inputs = keras.Input((None, None, cfg.channels) if cfg.dynamic_size else (h, w, cfg.channels), name="images")
-    # A class-token head reads token 0 of the last block alone: that block computes nothing else.
-    class_token_out = cfg.classifier == "token" and not cfg.feature_layers and cfg.output != "tokens"
+    # A class-token head reads token 0 of the last block alone: that block computes nothing else
+    # (not so for a distilled head, which reads tokens 0 and 1, nor for "gap" and "map", which read all).
+    class_token_out = (cfg.classifier == "token" and not cfg.distilled and not cfg.feature_layers
+                       and cfg.output != "tokens")
     blocks, _ = _encode(cfg, inputs, lambda name, make: make(), _depth(cfg), dtype, class_token_out=class_token_out)
     if cfg.feature_layers:  # a dict: Keras would unwrap a list of one
-        prefix = 1 if cfg.classifier == "token" else 0
-        return inputs, {f"block_{i}": PatchGrid(cfg.grid_size, prefix, name=f"features_{i}", dtype=dtype)(blocks[i])
+        return inputs, {f"block_{i}": PatchGrid(cfg.grid_size, cfg.num_prefix_tokens, name=f"features_{i}",
+                                                dtype=dtype)(blocks[i])
                         for i in cfg.feature_layers}
-    x = layers.LayerNormalization(epsilon=cfg.layer_norm_epsilon, name="encoder_norm", dtype="float32")(blocks[-1])
+    x = blocks[-1]
+    if not cfg.fc_norm:
+        x = layers.LayerNormalization(epsilon=cfg.layer_norm_epsilon, name="encoder_norm", dtype="float32")(x)
     if cfg.output == "tokens":
         return inputs, x
-    x = TokenPooling(cfg.classifier, name="pool", dtype=dtype)(x)
+    return inputs, _head(cfg, x, dtype)
+
+
+def _head(cfg: ViTConfig, x, dtype: Optional[str]):
+    """Pooling, fc_norm, pre-logits and head on the encoder's tokens. A distilled model pools the
+    class and distillation tokens apart, through the same fc_norm and pre-logits, into `head` and
+    `head_dist`, and returns their mean (logits, or features with include_top=False), as timm."""
+    if cfg.classifier == "map":
+        pooled = [MAPHead(cfg.num_heads, cfg.mlp_dim, cfg.layer_norm_epsilon, cfg.gelu_approximate, name="pool",
+                          dtype=dtype)(x)]
+    else:
+        pooled = [TokenPooling(cfg.classifier, cfg.num_prefix_tokens, name="pool", dtype=dtype)(x)]
+        if cfg.distilled:
+            pooled.append(TokenPooling("token", index=1, name="pool_dist", dtype=dtype)(x))
+    if cfg.fc_norm:
+        norm = layers.LayerNormalization(epsilon=cfg.layer_norm_epsilon, name="fc_norm", dtype="float32")
+        pooled = [norm(p) for p in pooled]
     if cfg.representation_size:
-        x = layers.Dense(cfg.representation_size, activation="tanh", name="pre_logits", dtype="float32")(x)
+        pre_logits = layers.Dense(cfg.representation_size, activation="tanh", name="pre_logits", dtype="float32")
+        pooled = [pre_logits(p) for p in pooled]
     if cfg.include_top:
-        x = layers.Dense(cfg.num_classes, kernel_initializer="zeros", name="head", dtype="float32")(x)
-    return inputs, x
+        pooled = [layers.Dense(cfg.num_classes, kernel_initializer="zeros", name=name, dtype="float32")(p)
+                  for name, p in zip(("head", "head_dist"), pooled)]
+    if len(pooled) == 2:
+        return layers.Average(name="distilled_mean", dtype="float32")(pooled)
+    return pooled[0]
 
 
 def build_model(cfg: ViTConfig, name: Optional[str] = None, dtype: Optional[str] = None) -> keras.Model:

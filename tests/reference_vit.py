@@ -27,7 +27,7 @@ class Checkpoint:
                 break
         self.w = raw
         self.scanned = any(k.startswith("Transformer/encoderblock/") for k in raw)
-        self.big_vision = any("MlpBlock_0/" in k for k in raw)
+        self.big_vision = any("MlpBlock_0/" in k and k.startswith("Transformer/") for k in raw)
 
     def __getitem__(self, name):
         return self.w[name]
@@ -160,11 +160,40 @@ def encoder_block(ck, i, x, return_attention=False):
     return (x, probs) if return_attention else x
 
 
-def encoder(path, images, classifier="token"):
+def map_head(ck, x, eps=1e-6):
+    """big_vision's MAPHead on tokens (B, S, D): a learned probe attends over all tokens
+    (nn.MultiHeadDotProductAttention), then y = x + MlpBlock(LayerNorm(x)); returns (B, D)."""
+    m, a = "MAPHead_0/", "MAPHead_0/MultiHeadDotProductAttention_0/"
+    b, _, d = x.shape
+    probe = np.broadcast_to(ck[m + "probe"], (b, 1, d))
+    q = np.einsum("btd,dhk->bthk", probe, ck[a + "query/kernel"]) + ck[a + "query/bias"]
+    k = np.einsum("btd,dhk->bthk", x, ck[a + "key/kernel"]) + ck[a + "key/bias"]
+    v = np.einsum("btd,dhk->bthk", x, ck[a + "value/kernel"]) + ck[a + "value/bias"]
+    probs = softmax(np.einsum("bqhk,bthk->bhqt", q, k) / math.sqrt(q.shape[-1]))
+    o = np.einsum("bhqt,bthk->bqhk", probs, v)
+    y = np.einsum("bqhk,hkd->bqd", o, ck[a + "out/kernel"]) + ck[a + "out/bias"]
+    z = layer_norm(y, ck[m + "LayerNorm_0/scale"], ck[m + "LayerNorm_0/bias"], eps)
+    z = gelu_tanh(z @ ck[m + "MlpBlock_0/Dense_0/kernel"] + ck[m + "MlpBlock_0/Dense_0/bias"])
+    y = y + z @ ck[m + "MlpBlock_0/Dense_1/kernel"] + ck[m + "MlpBlock_0/Dense_1/bias"]
+    return y[:, 0]
+
+
+def encoder(path, images, classifier="token", class_token=None, pixel_mean=None, pixel_std=None):
     """The encoder of the .npz at `path` on float images in [0, 255] (B, H, W, C): every block's
-    output (B, S, D), every block's attention probabilities (B, heads, S, S), and LN(z_L)."""
+    output (B, S, D), every block's attention probabilities (B, heads, S, S), and LN(z_L) (z_L
+    itself when the checkpoint has `fc_norm`, whose LayerNorm follows the pooling).
+
+    Token options (issue #26, from timm / DINOv2-reg / CLIP): a class token when classifier is
+    "token" or `class_token`; DeiT's distillation token `dist` after it; both get position
+    embeddings; register tokens `reg` are inserted after them once the position embeddings are
+    added; `Transformer/pre_norm` normalises the tokens before the first block (CLIP ln_pre);
+    `pixel_mean`/`pixel_std` (per channel, [0, 1] scale) replace the [-1, 1] input scaling."""
     ck = path if isinstance(path, Checkpoint) else Checkpoint(path)
-    x = np.asarray(images, np.float64) / 127.5 - 1.0
+    x = np.asarray(images, np.float64)
+    if pixel_mean is None:
+        x = x / 127.5 - 1.0
+    else:
+        x = (x / 255.0 - np.asarray(pixel_mean, np.float64)) / np.asarray(pixel_std, np.float64)
     if "conv_root/kernel" in ck:
         x = resnet(ck, x)
     kernel = ck["embedding/kernel"]
@@ -174,26 +203,51 @@ def encoder(path, images, classifier="token"):
     x = x.reshape(b, gh * gw, d)
     if "pos_embedding" in ck:  # big_vision: added before the class token is prepended
         x = x + ck["pos_embedding"]
-    if classifier == "token":
-        x = np.concatenate([np.broadcast_to(ck["cls"], (b, 1, d)), x], axis=1)
+    prefix = []
+    if classifier == "token" or class_token:
+        prefix.append(ck["cls"])
+    if "dist" in ck:
+        prefix.append(ck["dist"])
+    x = np.concatenate([np.broadcast_to(t, (b, 1, d)) for t in prefix] + [x], axis=1)
     if "Transformer/posembed_input/pos_embedding" in ck:
         x = x + ck["Transformer/posembed_input/pos_embedding"]
+    if "reg" in ck:
+        reg = np.broadcast_to(ck["reg"], (b, ck["reg"].shape[1], d))
+        x = np.concatenate([x[:, :len(prefix)], reg, x[:, len(prefix):]], axis=1)
+    if "Transformer/pre_norm/scale" in ck:
+        x = layer_norm(x, ck["Transformer/pre_norm/scale"], ck["Transformer/pre_norm/bias"])
     blocks, probs = [], []
     for i in range(ck.num_layers()):
         x, a = encoder_block(ck, i, x, return_attention=True)
         blocks.append(x)
         probs.append(a)
+    if "fc_norm/scale" in ck:
+        return blocks, probs, x
     return blocks, probs, layer_norm(x, ck["Transformer/encoder_norm/scale"], ck["Transformer/encoder_norm/bias"])
 
 
-def forward(path, images, classifier="token"):
+def forward(path, images, classifier="token", class_token=None, pixel_mean=None, pixel_std=None):
     """Logits (or pre-logits features when the checkpoint has no head) for float images in
-    [0, 255], shape (B, H, W, C), from the .npz at `path`."""
+    [0, 255], shape (B, H, W, C), from the .npz at `path`.
+
+    "token" reads the class token, "gap" the mean of the patch tokens (every prefix token
+    excluded), "map" big_vision's MAPHead over all tokens; `fc_norm` normalises the pooled
+    vector; a distilled checkpoint (`dist`) gives (head(token 0) + head_dist(token 1)) / 2, or
+    the mean of the two tokens' features without a head (timm's VisionTransformerDistilled)."""
     ck = Checkpoint(path)
-    x = encoder(ck, images, classifier)[2]
-    x = x[:, 0] if classifier == "token" else x.mean(axis=1)
+    x = encoder(ck, images, classifier, class_token, pixel_mean, pixel_std)[2]
+    prefix = int(classifier == "token" or bool(class_token)) + ("dist" in ck) + (ck["reg"].shape[1] if "reg" in ck else 0)
+    if classifier == "token":
+        pooled = [x[:, 0]] + ([x[:, 1]] if "dist" in ck else [])
+    elif classifier == "gap":
+        pooled = [x[:, prefix:].mean(axis=1)]
+    else:
+        pooled = [map_head(ck, x)]
+    if "fc_norm/scale" in ck:
+        pooled = [layer_norm(p, ck["fc_norm/scale"], ck["fc_norm/bias"]) for p in pooled]
     if "pre_logits/kernel" in ck:
-        x = np.tanh(x @ ck["pre_logits/kernel"] + ck["pre_logits/bias"])
+        pooled = [np.tanh(p @ ck["pre_logits/kernel"] + ck["pre_logits/bias"]) for p in pooled]
     if "head/kernel" in ck:
-        x = x @ ck["head/kernel"] + ck["head/bias"]
-    return x
+        heads = ("head", "head_dist")
+        pooled = [p @ ck[f"{h}/kernel"] + ck[f"{h}/bias"] for h, p in zip(heads, pooled)]
+    return sum(pooled) / len(pooled)

@@ -1,5 +1,6 @@
-"""Embedding layers: image patches to tokens (Eq. 1), the class token, position embeddings
-(learned, learned_2d, sincos2d, none), and the way back from tokens (PatchGrid, TokenPooling)."""
+"""Embedding layers: image patches to tokens (Eq. 1), the class and distillation tokens, register
+tokens, position embeddings (learned, learned_2d, sincos2d, none), and the way back from tokens
+(PatchGrid, TokenPooling)."""
 from __future__ import annotations
 
 from typing import Optional, Sequence, Tuple
@@ -51,7 +52,8 @@ class PatchEmbedding(layers.Layer):
 
 @_REG
 class ClassToken(layers.Layer):
-    """Prepends the learnable x_class token (zero-initialised, as in the official code)."""
+    """Prepends the learnable x_class token (zero-initialised, as in the official code); DeiT's
+    distillation token is another one, prepended before the class token's."""
 
     def build(self, input_shape):
         self.cls = self.add_weight(shape=(1, 1, input_shape[-1]), initializer="zeros", name="cls")
@@ -68,6 +70,42 @@ class ClassToken(layers.Layer):
     def compute_output_shape(self, input_shape):
         b, n, d = input_shape
         return (b, None if n is None else n + 1, d)
+
+
+@_REG
+class RegisterTokens(layers.Layer):
+    """Inserts `num_registers` learnable register tokens after the first `index` tokens ("Vision
+    Transformers Need Registers"): after the class (and distillation) token, before the patches,
+    once the position embeddings are added (registers have none)."""
+
+    def __init__(self, num_registers: int, index: int = 0, **kwargs):
+        super().__init__(**kwargs)
+        self.num_registers = int(num_registers)
+        self.index = int(index)
+
+    def build(self, input_shape):
+        self.reg = self.add_weight(shape=(1, self.num_registers, input_shape[-1]),
+                                   initializer=keras.initializers.RandomNormal(stddev=INIT_STD), name="reg")
+        self.built = True
+
+    def call(self, x):
+        reg = ops.cast(ops.broadcast_to(self.reg, (ops.shape(x)[0], self.num_registers, ops.shape(x)[-1])), x.dtype)
+        return ops.concatenate([x[:, :self.index], reg, x[:, self.index:]], axis=1)
+
+    def compute_output_shape(self, input_shape):
+        b, n, d = input_shape
+        return (b, None if n is None else n + self.num_registers, d)
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "num_registers": self.num_registers, "index": self.index}
+
+
+def preprocessing_scale_offset(mean: Optional[Sequence[float]], std: Optional[Sequence[float]]):
+    """(scale, offset) of the Rescaling that maps [0, 255] images to (x / 255 - mean) / std per
+    channel; None/None is the official checkpoints' [-1, 1] (mean = std = 0.5)."""
+    if mean is None:
+        return 1.0 / 127.5, -1.0
+    return ([1.0 / (255.0 * s) for s in std], [-m / s for m, s in zip(mean, std)])
 
 
 def sincos_2d(grid_size: Tuple[int, int], dim: int, temperature: float = 10000.0) -> np.ndarray:
@@ -227,7 +265,8 @@ class PositionEmbedding(layers.Layer):
 
 @_REG
 class PatchGrid(layers.Layer):
-    """Token sequence (B, prefix + gh*gw, D) -> patch map (B, gh, gw, D): prefix (class) tokens dropped."""
+    """Token sequence (B, prefix + gh*gw, D) -> patch map (B, gh, gw, D): prefix (class, distillation,
+    register) tokens dropped."""
 
     def __init__(self, grid_size: Sequence[int], num_prefix_tokens: int = 1, **kwargs):
         super().__init__(**kwargs)
@@ -247,19 +286,23 @@ class PatchGrid(layers.Layer):
 
 @_REG
 class TokenPooling(layers.Layer):
-    """y = LN(z_L) pooled: the class token ("token") or the mean of the patch tokens ("gap")."""
+    """y = LN(z_L) pooled: token `index` ("token": the class token, or DeiT's distillation token at
+    index 1) or the mean of the patch tokens ("gap": the `num_prefix_tokens` first tokens excluded)."""
 
-    def __init__(self, classifier: str = "token", **kwargs):
+    def __init__(self, classifier: str = "token", num_prefix_tokens: int = 0, index: int = 0, **kwargs):
         super().__init__(**kwargs)
         self.classifier = classifier
+        self.num_prefix_tokens = int(num_prefix_tokens)
+        self.index = int(index)
 
     def call(self, x):
         if self.classifier == "token":
-            return x[:, 0]
-        return ops.mean(x, axis=1)
+            return x[:, self.index]
+        return ops.mean(x[:, self.num_prefix_tokens:] if self.num_prefix_tokens else x, axis=1)
 
     def compute_output_shape(self, input_shape):
         return (input_shape[0], input_shape[-1])
 
     def get_config(self):
-        return {**super().get_config(), "classifier": self.classifier}
+        return {**super().get_config(), "classifier": self.classifier, "num_prefix_tokens": self.num_prefix_tokens,
+                "index": self.index}

@@ -57,8 +57,15 @@ def model_variables(model: keras.Model) -> Dict[str, keras.Variable]:
         out.update(model.get_layer("resnet").official_weights())
     emb = model.get_layer("embedding").projection
     out["embedding/kernel"], out["embedding/bias"] = emb.kernel, emb.bias
-    if cfg.classifier == "token":
+    if cfg.has_class_token:
         out["cls"] = model.get_layer("cls").cls
+    if cfg.distilled:
+        out["dist"] = model.get_layer("dist").cls
+    if cfg.num_registers:
+        out["reg"] = model.get_layer("reg").reg
+    if cfg.pre_norm:
+        norm = model.get_layer("pre_norm")
+        out["Transformer/pre_norm/scale"], out["Transformer/pre_norm/bias"] = norm.gamma, norm.beta
     pe = model.get_layer("posembed_input")
     p = "Transformer/posembed_input/"
     if cfg.pos_embedding == "learned":
@@ -88,13 +95,27 @@ def model_variables(model: keras.Model) -> Dict[str, keras.Variable]:
             out[f"{b}LayerScale_{j}/scale"] = scale.scale
         for j, dense in enumerate((blk.mlp.dense_0, blk.mlp.dense_1)):
             out[f"{b}MlpBlock_3/Dense_{j}/kernel"], out[f"{b}MlpBlock_3/Dense_{j}/bias"] = dense.kernel, dense.bias
-    if "encoder_norm" in names:
-        norm = model.get_layer("encoder_norm")
-        out["Transformer/encoder_norm/scale"], out["Transformer/encoder_norm/bias"] = norm.gamma, norm.beta
-    for name in ("pre_logits", "head"):
+    for layer_name, key in (("encoder_norm", "Transformer/encoder_norm"), ("fc_norm", "fc_norm")):
+        if layer_name in names:
+            norm = model.get_layer(layer_name)
+            out[f"{key}/scale"], out[f"{key}/bias"] = norm.gamma, norm.beta
+    if cfg.classifier == "map" and "pool" in names:
+        out.update(_map_head_variables(model.get_layer("pool")))
+    for name in ("pre_logits", "head", "head_dist"):
         if name in names:
             dense = model.get_layer(name)
             out[f"{name}/kernel"], out[f"{name}/bias"] = dense.kernel, dense.bias
+    return out
+
+
+def _map_head_variables(head) -> Dict[str, keras.Variable]:
+    """A MAPHead's variables under big_vision's names (MAPHead_0/...)."""
+    m, a = "MAPHead_0/", "MAPHead_0/MultiHeadDotProductAttention_0/"
+    out = {m + "probe": head.probe, m + "LayerNorm_0/scale": head.norm.gamma, m + "LayerNorm_0/bias": head.norm.beta}
+    for n in ("query", "key", "value", "out"):
+        out[f"{a}{n}/kernel"], out[f"{a}{n}/bias"] = getattr(head, f"{n}_kernel"), getattr(head, f"{n}_bias")
+    for j, dense in enumerate((head.mlp.dense_0, head.mlp.dense_1)):
+        out[f"{m}MlpBlock_0/Dense_{j}/kernel"], out[f"{m}MlpBlock_0/Dense_{j}/bias"] = dense.kernel, dense.bias
     return out
 
 
@@ -104,8 +125,8 @@ def model_arrays(model: keras.Model) -> Dict[str, np.ndarray]:
 
 
 def _split_posemb(n: int, model_prefix: int, grid: Tuple[int, int], big_vision: bool) -> int:
-    """How many prefix (class-token) slots a checkpoint's n position embeddings have."""
-    order = (0, 1) if big_vision else (model_prefix, 1 - model_prefix)
+    """How many prefix (class and distillation token) slots a checkpoint's n position embeddings have."""
+    order = tuple(dict.fromkeys((0, model_prefix, 1) if big_vision else (model_prefix, 0, 1)))
     for p in order:
         if n - p == grid[0] * grid[1]:
             return p
@@ -136,12 +157,13 @@ def _adapt(values: Dict[str, np.ndarray], target: Mapping[str, keras.Variable], 
     """Make checkpoint arrays fit the model where that is well defined: drop a head of another
     size (and pre-logits the model lacks), adapt the input kernel to the model's channels, add
     the class slot, resample position embeddings (saying so)."""
-    if "head/kernel" in values and ("head/kernel" not in target or
-                                    tuple(values["head/kernel"].shape) != tuple(target["head/kernel"].shape)):
-        if "head/kernel" in target:
-            log.info("%s: head of %d classes not loaded (the model has %d)", source,
-                     values["head/kernel"].shape[-1], target["head/kernel"].shape[-1])
-        values.pop("head/kernel"), values.pop("head/bias", None)
+    for head in ("head", "head_dist"):
+        kernel = f"{head}/kernel"
+        if kernel in values and (kernel not in target or tuple(values[kernel].shape) != tuple(target[kernel].shape)):
+            if kernel in target:
+                log.info("%s: %s of %d classes not loaded (the model has %d)", source, head,
+                         values[kernel].shape[-1], target[kernel].shape[-1])
+            values.pop(kernel), values.pop(f"{head}/bias", None)
     first = "conv_root/kernel" if "conv_root/kernel" in target else "embedding/kernel"
     if first in values and first in target and values[first].ndim == 4:
         have, want = values[first].shape, tuple(target[first].shape)
@@ -150,6 +172,8 @@ def _adapt(values: Dict[str, np.ndarray], target: Mapping[str, keras.Variable], 
     if "pre_logits/kernel" in values and "pre_logits/kernel" not in target:
         values.pop("pre_logits/kernel"), values.pop("pre_logits/bias", None)
     if cfg.feature_layers is not None or cfg.output is not None:  # features: later layers are not built
+        for k in [k for k in values if k.startswith(("MAPHead_0/", "fc_norm/")) and k not in target]:
+            values.pop(k)
         later = re.compile(r"^Transformer/(encoder_norm/|encoderblock_(\d+)/)")
         for k in [k for k in values if later.match(k) and k not in target]:
             m = later.match(k)
@@ -162,18 +186,19 @@ def _adapt_position_embeddings(values: Dict[str, np.ndarray], target: Mapping[st
                                method: str, big_vision_posemb: bool, source_grid: Optional[Sequence[int]],
                                source: str) -> None:
     """Bring the checkpoint's position embeddings (1-D table, learned_2d rows/columns, relative
-    tables) to the model's grid: the class slot added where big_vision left it out, then resampled."""
+    tables) to the model's grid: the prefix slots (class, distillation) added where big_vision (or
+    timm's no_embed_class) left them out, then resampled. Register tokens have no slot."""
     grid = cfg.grid_size
-    prefix = 1 if cfg.classifier == "token" else 0
+    prefix = cfg.num_pos_prefix_tokens
     if POSEMB in values and POSEMB in target:
         pe = values[POSEMB]
         pe = pe[None] if pe.ndim == 2 else pe
         # A known source grid settles the prefix (4x6 + a class token is 25 = 5x5 rows, no class slot).
         known = source_grid is not None and pe.shape[1] - prefix == source_grid[0] * source_grid[1]
         p = prefix if known else _split_posemb(pe.shape[1], prefix, grid, big_vision_posemb)
-        if p == 0 and prefix == 1:  # big_vision adds E_pos before prepending x_class: a zero slot
-            pe = np.concatenate([np.zeros_like(pe[:, :1]), pe], axis=1)
-            p = 1
+        if p == 0 and prefix:  # big_vision adds E_pos before prepending x_class: zero slots
+            pe = np.concatenate([np.zeros_like(pe[:, :1])] * prefix + [pe], axis=1)
+            p = prefix
         # The source grid, when known, decides: 4x6 -> 6x4 keeps the count but moves every token.
         old = (tuple(source_grid) if source_grid is not None else tuple(grid)
                if pe.shape[1] - p == grid[0] * grid[1] else infer_grid(pe.shape[1] - p, grid))
@@ -192,10 +217,11 @@ def _adapt_position_embeddings(values: Dict[str, np.ndarray], target: Mapping[st
         want = tuple(target[k].shape)
         moved = source_grid is not None and tuple(source_grid) != tuple(grid)  # e.g. 4x6 -> 6x4: same table size
         if (tuple(values[k].shape) != want or moved) and values[k].ndim == 3 and values[k].shape[1:] == want[1:]:
-            extra = 1 if prefix else 0
+            extra = 1 if cfg.num_prefix_tokens else 0  # one slot for pairs with any prefix token
             old = (tuple(source_grid) if source_grid is not None
                    else relative_table_grid(values[k].shape[0] - extra, grid))
-            values[k] = resample_relative_embedding(values[k], grid, prefix, old_grid=old, method=method)
+            values[k] = resample_relative_embedding(values[k], grid, cfg.num_prefix_tokens, old_grid=old,
+                                                    method=method)
 
 
 def _listing(keys, limit: int = 8) -> str:
@@ -215,7 +241,7 @@ def assign_weights(model: keras.Model, arrays: Mapping[str, np.ndarray], *, meth
     values = dict(arrays)
     _adapt(values, target, cfg, method, big_vision_posemb, source_grid, source)
     # The head is the one part a checkpoint need not give: the model keeps its zero-initialised one.
-    missing = sorted(set(target) - set(values) - {"head/kernel", "head/bias"})
+    missing = sorted(set(target) - set(values) - {"head/kernel", "head/bias", "head_dist/kernel", "head_dist/bias"})
     unexpected = sorted(set(values) - set(target))
     mismatched = [f"{k} {tuple(values[k].shape)} vs model {tuple(target[k].shape)}"
                   for k in sorted(set(values) & set(target))
