@@ -298,15 +298,98 @@ class Checkpoint:
         return torch_layout.to_canonical(self.raw, num_heads or self.defaults.get("num_heads") or 1), False
 
 
-def _timm_arch(name: str) -> Dict[str, Any]:
-    """ViTConfig fields from a timm architecture name: vit_base_patch16_384, vit_base_r50_s16_384."""
-    m = re.match(r"^vit_(tiny|small|base|large|huge)_patch(\d+)(?:_[a-z]+)?_(\d+)", name)
-    if m:
-        return dict(variant=f"{_TIMM_SIZES[m[1]]}/{m[2]}", image_size=int(m[3]))
+# Heads of timm's size names beyond the paper's (the sizes themselves come from the arrays).
+_TIMM_HEADS = {"tiny": 3, "small": 6, "medium": 8, "base": 12, "large": 16, "huge": 16, "giant": 16}
+_TIMM_POOL = {"token": "token", "avg": "gap", "map": "map"}
+_TIMM_SIZE_ARGS = ("embed_dim", "depth", "num_heads", "patch_size", "mlp_ratio")
+
+
+def _timm_arch(name: str, tag: str = "") -> Dict[str, Any]:
+    """ViTConfig fields from a timm architecture name (and pretrained tag): vit_base_patch16_384,
+    vit_base_r50_s16_384, and the family: deit_*_distilled_*, deit3_*, vit_*_dinov2, vit_*_reg4_dinov2,
+    vit_*_clip[_quickgelu]_* (quick_gelu also for the `openai` tag), vit_*_siglip[_gap]_*."""
     m = re.match(r"^vit_(tiny|small|base|large|huge)_r(26|50)_s(\d+)_(\d+)", name)
     if m:
         return dict(variant=f"R{m[2]}+{_TIMM_SIZES[m[1]]}/{m[3]}", image_size=int(m[4]))
-    return {}
+    m = re.match(r"^(vit|deit|deit3)_(tiny|small|medium|base|large|huge|giant)_(?:.*_)?patch(\d+)(?:_(.*))?$", name)
+    if not m:
+        return {}
+    family, size, patch, rest = m[1], m[2], int(m[3]), m[4] or ""
+    words = set(name.split("_"))
+    out: Dict[str, Any] = {}
+    if size in _TIMM_SIZES:
+        out["variant"] = f"{_TIMM_SIZES[size]}/{patch}"
+    else:
+        out.update(num_heads=_TIMM_HEADS[size], patch_size=patch)
+    res = re.search(r"(?:^|_)(\d+)$", rest)
+    if res:
+        out["image_size"] = int(res[1])
+    if family == "deit" and "distilled" in words:
+        out["distilled"] = True
+    if family == "deit3":
+        out["layer_scale_init"] = 1e-6
+    if "dinov2" in words:
+        out["layer_scale_init"] = 1e-5
+        out.setdefault("image_size", 518)
+    reg = re.search(r"(?:^|_)reg(\d+)(?:_|$)", rest)
+    if reg:
+        out["num_registers"] = int(reg[1])
+    if "clip" in words:
+        out.update(pre_norm=True, layer_norm_epsilon=1e-5)  # torch's nn.LayerNorm default
+        if "quickgelu" in words or tag.startswith("openai"):
+            out["activation"] = "quick_gelu"
+    if "siglip" in words:
+        out["classifier"] = "gap" if "gap" in words else "map"
+        out["class_token"] = False
+    return out
+
+
+def _timm_model_args(args: Mapping[str, Any]) -> Dict[str, Any]:
+    """ViTConfig fields from the `model_args` of a timm config.json (timm's VisionTransformer
+    arguments); the sizes themselves come from the arrays."""
+    out: Dict[str, Any] = {}
+    if "num_heads" in args:
+        out["num_heads"] = int(args["num_heads"])
+    if "img_size" in args:
+        out["image_size"] = args["img_size"]
+    pool = _TIMM_POOL.get(args.get("global_pool"))
+    if pool:
+        out["classifier"] = pool
+        if pool != "token" and args.get("class_token", True):
+            out["class_token"] = True
+    if args.get("class_token") is False:
+        out["class_token"] = False
+    for arg, field in (("reg_tokens", "num_registers"), ("init_values", "layer_scale_init"), ("qk_norm", "qk_norm"),
+                       ("pre_norm", "pre_norm"), ("fc_norm", "fc_norm")):
+        if args.get(arg):
+            out[field] = args[arg]
+    act = args.get("act_layer")
+    if act == "quick_gelu":
+        out["activation"] = "quick_gelu"
+    elif act in ("gelu", "gelu_tanh"):
+        out["gelu_approximate"] = act == "gelu_tanh"
+    return out
+
+
+def _timm_defaults(config: Mapping[str, Any]) -> Dict[str, Any]:
+    """ViTConfig fields from a timm config.json: the architecture name, `model_args` and the
+    pretrained config's input size and normalisation."""
+    pre = config.get("pretrained_cfg") or {}
+    out = _timm_arch(str(config["architecture"]), str(pre.get("tag") or ""))
+    args = config.get("model_args") or {}
+    if any(k in args for k in _TIMM_SIZE_ARGS):  # sizes of their own: the name's variant does not apply
+        out.pop("variant", None)
+    pool = _TIMM_POOL.get(config.get("global_pool"))
+    if pool:
+        out["classifier"] = pool
+    out.update(_timm_model_args(args))
+    size = pre.get("input_size") or config.get("input_size")
+    if isinstance(size, (list, tuple)) and len(size) == 3:
+        out["image_size"] = (int(size[1]), int(size[2]))
+    mean, std = pre.get("mean"), pre.get("std")
+    if mean is not None and std is not None and (not np.allclose(mean, 0.5) or not np.allclose(std, 0.5)):
+        out["pixel_mean"], out["pixel_std"] = tuple(float(v) for v in mean), tuple(float(v) for v in std)
+    return out
 
 
 def hub_defaults(config: Mapping[str, Any], num_classes: Optional[int]) -> Dict[str, Any]:
@@ -314,17 +397,11 @@ def hub_defaults(config: Mapping[str, Any], num_classes: Optional[int]) -> Dict[
     out: Dict[str, Any] = {}
     names = None
     if "architecture" in config:  # timm
-        out.update(_timm_arch(str(config["architecture"])))
+        out.update(_timm_defaults(config))
         pre = config.get("pretrained_cfg") or {}
-        size = pre.get("input_size") or config.get("input_size")
-        if isinstance(size, (list, tuple)) and len(size) == 3:
-            out["image_size"] = (int(size[1]), int(size[2]))
         names = config.get("label_names") or pre.get("label_names")
         if not names and num_classes in (1000, 21843):  # timm's ImageNet heads, in the usual order
             names = imagenet_labels("imagenet1k" if num_classes == 1000 else "imagenet21k")
-        mean, std = pre.get("mean"), pre.get("std")
-        if mean is not None and std is not None and (not np.allclose(mean, 0.5) or not np.allclose(std, 0.5)):
-            out.update(pixel_mean=tuple(float(m) for m in mean), pixel_std=tuple(float(s) for s in std))
     if "num_attention_heads" in config:  # transformers ViTConfig
         for ours, theirs in (("hidden_size", "hidden_size"), ("num_heads", "num_attention_heads"),
                              ("num_layers", "num_hidden_layers"), ("mlp_dim", "intermediate_size"),
@@ -346,29 +423,33 @@ def hub_defaults(config: Mapping[str, Any], num_classes: Optional[int]) -> Dict[
     return out
 
 
-def _read_arrays(spec: str, local: str) -> Tuple[Dict[str, np.ndarray], str, Dict[str, str]]:
-    """The file's arrays, their layout ("npz", "timm" or "hf") and a .safetensors file's metadata."""
+def _read_arrays(spec: str, local: str) -> Tuple[Dict[str, np.ndarray], str, Dict[str, str], Dict[str, Any]]:
+    """The file's arrays, their layout ("npz", "timm" or "hf"), a .safetensors file's metadata and
+    what the layout itself says of the model (OpenAI CLIP's activation, epsilon and normalisation)."""
     if not (local.endswith(".safetensors") or _is_safetensors(local)):
-        return read_npz(local), "npz", {}
+        return read_npz(local), "npz", {}, {}
     raw, file_meta = read_safetensors(local)
-    try:
-        layout = torch_layout.detect(raw)
-    except ValueError as exc:  # a text tower alone
-        raise ValueError(f"checkpoint {spec!r}: {exc}") from None
+    raw, source = torch_layout.image_tower(raw)
+    layout = torch_layout.detect(raw)
     if not layout:
+        if torch_layout.text_tower(raw):
+            raise ValueError(f"checkpoint {spec!r} holds a CLIP text tower (text_model.* or transformer.resblocks.* "
+                             "without visual.*), not an image model; load the image tower's weights")
         raise ValueError(f"checkpoint {spec!r} is a .safetensors file but not a timm or Hugging Face ViT, DeiT, "
                          "DINOv2, CLIP or SigLIP vision model (no patch_embed.proj / patch_embedding tensors)")
-    return raw, layout, file_meta
+    return raw, layout, file_meta, dict(torch_layout.OPENAI_CLIP_DEFAULTS) if source == "openai_clip" else {}
 
 
-def _described_defaults(spec: str, file_meta: Mapping[str, str], num_classes: Optional[int]) -> Dict[str, Any]:
-    """What the files beside the arrays say: the Hub's config.json, then keras-vit's own
+def _described_defaults(spec: str, local: str, file_meta: Mapping[str, str],
+                        num_classes: Optional[int]) -> Dict[str, Any]:
+    """What the files beside the arrays say: the Hub's config.json (of an hf:// model, or next to
+    a local .safetensors file, as timm and transformers save them), then keras-vit's own
     safetensors metadata, then the Published table (later ones win)."""
     defaults: Dict[str, Any] = {}
-    config = _side_json(spec, "config.json")
+    config = _side_json(spec, local, "config.json")
     if config is not None:
         defaults.update(hub_defaults(config, num_classes))
-    preprocessor = _side_json(spec, "preprocessor_config.json")
+    preprocessor = _side_json(spec, local, "preprocessor_config.json")
     if preprocessor is not None:
         defaults.update(hf_layout.preprocessing_fields(preprocessor))
     if "keras_vit" in file_meta:  # written by save_safetensors: the exact config
@@ -387,13 +468,13 @@ def _described_defaults(spec: str, file_meta: Mapping[str, str], num_classes: Op
     return defaults
 
 
-def _side_json(spec: str, name: str) -> Optional[Dict[str, Any]]:
-    """A JSON file of the Hub model `hf://ORG/NAME` or of a local model folder (None when there is
-    none or it does not parse); a config.json of a text tower raises (hub_defaults)."""
+def _side_json(spec: str, local: str, name: str) -> Optional[Dict[str, Any]]:
+    """A JSON file of the Hub model `hf://ORG/NAME`, or beside a local .safetensors file (a model
+    folder, as timm and transformers save them); None when there is none or it does not parse."""
     if spec.startswith(HF_PREFIX):
         path = hub_file(spec, name, required=False)
-    elif os.path.isdir(spec):
-        path = os.path.join(spec, name)
+    elif local.endswith(".safetensors"):
+        path = os.path.join(os.path.dirname(local), name)
     else:
         return None
     try:
@@ -410,16 +491,18 @@ def read_checkpoint(weights: PathLike) -> Checkpoint:
     keras-vit writes, else the array shapes."""
     spec = os.fspath(weights)
     local = checkpoint_path(spec)
-    raw, layout, file_meta = _read_arrays(spec, local)
+    raw, layout, file_meta, layout_defaults = _read_arrays(spec, local)
     ckpt = Checkpoint(spec, local, raw, layout, {})
     arrays, big_vision_posemb = ckpt.canonical(num_heads=1)
     defaults = shape_defaults(arrays, big_vision_posemb)
-    if layout != "npz":  # heads are not in the fused torch shapes; timm and transformers use exact GELU
-        defaults.pop("num_heads", None)
-        defaults["gelu_approximate"] = False
+    if layout != "npz":  # timm and transformers use exact GELU; heads are not in the fused torch
+        defaults["gelu_approximate"] = False  # shapes (qk-norm's width gives them)
+        if not defaults.get("qk_norm"):
+            defaults.pop("num_heads", None)
     if layout in hf_layout.LAYOUTS:  # what the family's tensor names say (options, a headless backbone)
         defaults.update(hf_layout.layout_fields(raw, layout, arrays))
-    defaults.update(_described_defaults(spec, file_meta, defaults.get("num_classes")))
+    defaults.update(layout_defaults)
+    defaults.update(_described_defaults(spec, local, file_meta, defaults.get("num_classes")))
     if "variant" in defaults and "num_heads" not in defaults:
         try:
             defaults["num_heads"] = parse_variant(defaults["variant"]).num_heads

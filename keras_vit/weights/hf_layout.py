@@ -45,13 +45,10 @@ _TEXT_ONLY = ("clip_text_model", "siglip_text_model")
 
 
 def detect(keys) -> str:
-    """One of LAYOUTS, or '' for any other state dict; ValueError for a text tower alone."""
+    """One of LAYOUTS, or '' for any other state dict (a text tower alone: torch_layout.text_tower)."""
     keys = list(keys)
     if any(k.startswith("vision_model.embeddings.patch_embedding.") for k in keys):
         return "hf-clip" if any(k == "vision_model.embeddings.class_embedding" for k in keys) else "hf-siglip"
-    if any(k.startswith("text_model.") for k in keys) and not any(k.startswith("vision_model.") for k in keys):
-        raise ValueError("the checkpoint is a text tower (text_model.* only); keras-vit loads vision towers: "
-                         "give a CLIPVisionModel / SiglipVisionModel or a full CLIPModel / SiglipModel")
     if any(k.startswith("deit.embeddings.") for k in keys):
         return "hf-deit"
     if any(re.match(r"^(dinov2(_with_registers)?\.)?encoder\.layer\.\d+\.layer_scale1\.lambda1$", k) for k in keys):
