@@ -219,3 +219,109 @@ def deit_config(hidden=32, heads=2, layers=2, patch=4, image=8, mlp=64, classes=
             "num_hidden_layers": layers, "patch_size": patch, "image_size": image, "hidden_act": "gelu",
             "layer_norm_eps": 1e-6, "id2label": {str(i): f"c{i}" for i in range(classes)},
             "architectures": ["DeiTForImageClassificationWithTeacher"]}
+
+
+# --- timm-layout state dicts (tests/family_factory.py) in transformers' layouts ---------------------
+def _split_qkv(sd, t):
+    w, b = np.asarray(sd[t + "attn.qkv.weight"]), np.asarray(sd[t + "attn.qkv.bias"])
+    d = w.shape[1]
+    return [(w[j * d:(j + 1) * d], b[j * d:(j + 1) * d]) for j in range(3)]
+
+
+def _timm_blocks(sd, out, prefix, names):
+    """timm `blocks.{i}` (norm1, fused attn.qkv, attn.proj, norm2, mlp.fc1/fc2, ls1/ls2) -> `names`."""
+    depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
+    for i in range(depth):
+        t, h = f"blocks.{i}.", f"{prefix}{i}."
+        for ours, theirs in (("norm1", names["ln1"]), ("norm2", names["ln2"])):
+            out[f"{h}{theirs}.weight"], out[f"{h}{theirs}.bias"] = sd[f"{t}{ours}.weight"], sd[f"{t}{ours}.bias"]
+        for (w, b), n in zip(_split_qkv(sd, t), ("query", "key", "value")):
+            out[f"{h}{names[n]}.weight"], out[f"{h}{names[n]}.bias"] = w, b
+        out[f"{h}{names['out']}.weight"], out[f"{h}{names['out']}.bias"] = sd[t + "attn.proj.weight"], sd[t + "attn.proj.bias"]
+        for j, fc in enumerate(("fc1", "fc2")):
+            out[f"{h}{names[f'fc{j}']}.weight"] = sd[f"{t}mlp.{fc}.weight"]
+            out[f"{h}{names[f'fc{j}']}.bias"] = sd[f"{t}mlp.{fc}.bias"]
+        for j in (1, 2):
+            if f"{t}ls{j}.gamma" in sd:
+                out[f"{h}layer_scale{j}.lambda1"] = sd[f"{t}ls{j}.gamma"]
+
+
+def timm_to_hf(sd, arch, family):
+    """(transformers state dict, config.json, preprocessor_config.json) of a timm-layout `family`
+    state dict (dinov2, dinov2_reg, clip, siglip, deit_distilled), the same model."""
+    d = sd["cls_token" if "cls_token" in sd else "pos_embed"].shape[-1]
+    heads, layers = arch["num_heads"], len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
+    patch = sd["patch_embed.proj.weight"].shape[-1]
+    grid = arch["pos_grid"]
+    common = dict(hidden_size=d, num_attention_heads=heads, num_hidden_layers=layers, patch_size=patch,
+                  image_size=grid[0] * patch, layer_norm_eps=arch["eps"])
+    pre = {"image_mean": list(arch["mean"]), "image_std": list(arch["std"])}
+    out = {}
+    if family.startswith("dinov2"):
+        pos = np.asarray(sd["pos_embed"])
+        if arch["no_embed_class"]:  # timm folds the class slot away; transformers keeps a (zero) one
+            pos = np.concatenate([np.zeros_like(pos[:, :1]), pos], axis=1)
+        out.update({"embeddings.cls_token": sd["cls_token"], "embeddings.position_embeddings": pos,
+                    "embeddings.mask_token": np.zeros((1, d), np.float32),
+                    "embeddings.patch_embeddings.projection.weight": sd["patch_embed.proj.weight"],
+                    "embeddings.patch_embeddings.projection.bias": sd["patch_embed.proj.bias"]})
+        if "reg_token" in sd:
+            out["embeddings.register_tokens"] = sd["reg_token"]
+        _timm_blocks(sd, out, "encoder.layer.", dict(
+            ln1="norm1", ln2="norm2", query="attention.attention.query", key="attention.attention.key",
+            value="attention.attention.value", out="attention.output.dense", fc0="mlp.fc1", fc1="mlp.fc2"))
+        out["layernorm.weight"], out["layernorm.bias"] = sd["norm.weight"], sd["norm.bias"]
+        mlp = sd["blocks.0.mlp.fc1.weight"].shape[0]
+        config = dict(common, model_type="dinov2_with_registers" if "reg_token" in sd else "dinov2",
+                      mlp_ratio=mlp / d, layerscale_value=1.0, use_swiglu_ffn=False, hidden_act="gelu")
+        if "reg_token" in sd:
+            config["num_register_tokens"] = sd["reg_token"].shape[1]
+        return out, config, pre
+    if family in ("clip", "siglip"):
+        v = "vision_model."
+        out[v + "embeddings.patch_embedding.weight"] = sd["patch_embed.proj.weight"]
+        if "patch_embed.proj.bias" in sd:
+            out[v + "embeddings.patch_embedding.bias"] = sd["patch_embed.proj.bias"]
+        out[v + "embeddings.position_embedding.weight"] = np.asarray(sd["pos_embed"])[0]
+        if "cls_token" in sd:
+            out[v + "embeddings.class_embedding"] = np.asarray(sd["cls_token"]).reshape(-1)
+        if "norm_pre.weight" in sd:
+            out[v + "pre_layrnorm.weight"], out[v + "pre_layrnorm.bias"] = sd["norm_pre.weight"], sd["norm_pre.bias"]
+        _timm_blocks(sd, out, v + "encoder.layers.", _CLIP_NAMES)
+        out[v + "post_layernorm.weight"], out[v + "post_layernorm.bias"] = sd["norm.weight"], sd["norm.bias"]
+        mlp = sd["blocks.0.mlp.fc1.weight"].shape[0]
+        if family == "clip":
+            assert not np.any(sd["head.bias"])  # visual_projection has no bias
+            out["visual_projection.weight"] = sd["head.weight"]
+            config = dict(common, model_type="clip_vision_model", intermediate_size=mlp, hidden_act="quick_gelu",
+                          projection_dim=sd["head.weight"].shape[0])
+            return out, config, pre
+        h = v + "head."
+        out[h + "probe"] = sd["attn_pool.latent"]
+        out[h + "attention.in_proj_weight"] = np.concatenate([sd["attn_pool.q.weight"], sd["attn_pool.kv.weight"]])
+        out[h + "attention.in_proj_bias"] = np.concatenate([sd["attn_pool.q.bias"], sd["attn_pool.kv.bias"]])
+        out[h + "attention.out_proj.weight"], out[h + "attention.out_proj.bias"] = (
+            sd["attn_pool.proj.weight"], sd["attn_pool.proj.bias"])
+        out[h + "layernorm.weight"], out[h + "layernorm.bias"] = sd["attn_pool.norm.weight"], sd["attn_pool.norm.bias"]
+        for fc in ("fc1", "fc2"):
+            out[f"{h}mlp.{fc}.weight"], out[f"{h}mlp.{fc}.bias"] = sd[f"attn_pool.mlp.{fc}.weight"], sd[f"attn_pool.mlp.{fc}.bias"]
+        act = {"gelu_tanh": "gelu_pytorch_tanh", "gelu": "gelu"}[arch["act"]]
+        config = dict(common, model_type="siglip_vision_model", intermediate_size=mlp, hidden_act=act,
+                      vision_use_head=True)
+        return out, config, pre
+    assert family == "deit_distilled"
+    p = "deit."
+    out.update({p + "embeddings.cls_token": sd["cls_token"], p + "embeddings.distillation_token": sd["dist_token"],
+                p + "embeddings.position_embeddings": sd["pos_embed"],
+                p + "embeddings.patch_embeddings.projection.weight": sd["patch_embed.proj.weight"],
+                p + "embeddings.patch_embeddings.projection.bias": sd["patch_embed.proj.bias"]})
+    _timm_blocks(sd, out, p + "encoder.layer.", dict(
+        ln1="layernorm_before", ln2="layernorm_after", query="attention.attention.query", key="attention.attention.key",
+        value="attention.attention.value", out="attention.output.dense", fc0="intermediate.dense", fc1="output.dense"))
+    out[p + "layernorm.weight"], out[p + "layernorm.bias"] = sd["norm.weight"], sd["norm.bias"]
+    out["cls_classifier.weight"], out["cls_classifier.bias"] = sd["head.weight"], sd["head.bias"]
+    out["distillation_classifier.weight"], out["distillation_classifier.bias"] = sd["head_dist.weight"], sd["head_dist.bias"]
+    classes = sd["head.weight"].shape[0]
+    config = dict(common, model_type="deit", intermediate_size=sd["blocks.0.mlp.fc1.weight"].shape[0],
+                  hidden_act="gelu", id2label={str(i): f"c{i}" for i in range(classes)})
+    return out, config, pre

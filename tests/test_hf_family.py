@@ -194,3 +194,100 @@ def test_siglip_map_head_names_are_big_vision_s():
         *(f"{MAP}MultiHeadDotProductAttention_0/{n}/{p}" for n in ("query", "key", "value", "out")
           for p in ("kernel", "bias")),
         *(f"{MAP}MlpBlock_0/Dense_{j}/{p}" for j in (0, 1) for p in ("kernel", "bias"))}
+
+
+# --- end to end: an HF-layout folder gives the timm-layout reference logits ------------------------
+HF_FAMILIES = ("dinov2", "dinov2_reg", "clip", "siglip", "deit_distilled")
+REL = 1e-4
+
+
+def _rel(got, want):
+    return float(np.abs(np.asarray(got, np.float64) - want).max() / max(np.abs(want).max(), 1e-12))
+
+
+def _hf_folder(tmp_path, family, **sizes):
+    import family_factory as ff
+    from hf_family_factory import timm_to_hf
+
+    sd, arch, _ = ff.family_state_dict(np.random.default_rng(11), family, **sizes)
+    if family == "siglip":  # SigLIP's towers compute the tanh GELU (gelu_pytorch_tanh)
+        arch = dict(arch, act="gelu_tanh")
+    hf_sd, config, pre = timm_to_hf(sd, arch, family)
+    return write_folder(tmp_path / family, hf_sd, config, pre), sd, arch
+
+
+@pytest.mark.parametrize("family", HF_FAMILIES)
+def test_hf_folder_gives_the_reference_logits(tmp_path, family):
+    """`ViT(weights=folder)` with nothing else: the architecture, options and preprocessing all come
+    from config.json / preprocessor_config.json / the tensor names."""
+    import reference_family as rf
+
+    import keras_vit
+
+    folder, sd, arch = _hf_folder(tmp_path, family)
+    x = np.random.default_rng(12).uniform(0, 255, (2, 16, 16, 3)).astype(np.float32)
+    model = keras_vit.ViT(weights=folder)
+    assert _rel(model.predict(x, verbose=0), rf.forward(sd, arch, x)) <= REL
+    if family == "deit_distilled":
+        assert model.class_names == [f"c{i}" for i in range(5)]
+
+
+def test_dinov2_37x37_table_resampled_to_16x16(tmp_path):
+    """DINOv2's 518 px table (37 x 37 patches) loaded for a 16 x 16 grid: resampled as timm and
+    transformers do (torch's bicubic) with method="bicubic"."""
+    import reference_family as rf
+
+    import keras_vit
+    from keras_vit.vit import build_with_weights
+
+    folder, sd, arch = _hf_folder(tmp_path, "dinov2", hidden=16, layers=1, patch=2, grid=(37, 37))
+    assert keras_vit.weights.read_checkpoint(folder).defaults["image_size"] == 74  # config.json's
+    cfg = keras_vit.ViT(weights=folder, image_size=32).vit_config  # the checkpoint's options, 16 x 16 patches
+    model = build_with_weights(cfg, folder, method="bicubic")
+    assert tuple(model.get_layer("posembed_input").pos_embedding.shape) == (1, 1 + 16 * 16, 16)
+    x = np.random.default_rng(13).uniform(0, 255, (2, 32, 32, 3)).astype(np.float32)
+    assert _rel(model.predict(x, verbose=0), rf.forward(sd, arch, x)) <= REL
+
+
+@pytest.mark.parametrize("family", ["dinov2_reg", "clip"])
+def test_save_safetensors_hf_layout_round_trips(tmp_path, family):
+    """A model loaded from an HF folder, saved with layout="hf": the same tensors as the folder's
+    (DINOv2's mask_token is written as zeros), and it loads back to the same logits."""
+    from safetensors.numpy import load_file
+
+    import keras_vit
+
+    folder, _, _ = _hf_folder(tmp_path, family)
+    model = keras_vit.ViT(weights=folder)
+    path = keras_vit.weights.save_safetensors(model, str(tmp_path / "out.safetensors"), layout="hf")
+    _same(load_file(path), load_file(f"{folder}/model.safetensors"))
+    x = np.random.default_rng(14).uniform(0, 255, (1, 16, 16, 3)).astype(np.float32)
+    again = keras_vit.ViT(weights=path)
+    np.testing.assert_array_equal(again.predict(x, verbose=0), model.predict(x, verbose=0))
+
+
+def test_save_safetensors_hf_layout_refuses_what_it_cannot_write(tmp_path):
+    import keras_vit
+
+    model = keras_vit.ViT(config=keras_vit.ViTConfig(hidden_size=32, mlp_dim=64, num_heads=2, num_layers=1,
+                                                     patch_size=4, image_size=8))
+    with pytest.raises(ValueError, match="layout='hf' writes DINOv2 models"):
+        keras_vit.weights.save_safetensors(model, str(tmp_path / "x.safetensors"), layout="hf")
+    with pytest.raises(ValueError, match="layout must be 'timm' or 'hf'"):
+        keras_vit.weights.save_safetensors(model, str(tmp_path / "x.safetensors"), layout="onnx")
+
+
+# Where keras-vit's model has more parameters than timm's module, and why.
+_EXTRA = {"deit3_base_patch16_224": 768,  # no_embed_class: a zero class slot in the position table
+          "vit_small_patch14_reg4_dinov2.lvd142m": 384, "vit_base_patch14_reg4_dinov2.lvd142m": 768,  # likewise
+          "vit_base_patch16_clip_224.openai": 768}  # a zero patch-embedding bias (timm: bias=not pre_norm)
+
+
+@pytest.mark.parametrize("name", sorted(FAMILY))
+def test_preset_parameter_counts_are_timms(name):
+    from keras_vit.config import parse_variant
+
+    entry = FAMILY[name]
+    d = entry.defaults()
+    cfg = parse_variant(d.pop("variant"), **d)
+    assert cfg.count_params() == entry.timm_params + _EXTRA.get(name, 0)
