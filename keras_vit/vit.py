@@ -20,7 +20,8 @@ from keras_vit.weights import (
 )
 from keras_vit.weights.resize import check_method
 
-__all__ = ["ViT", "VisionTransformer", "build_config", "build_model", "build_with_weights", "get_config",
+__all__ = ["ViT", "VisionTransformer", "build_config", "build_model", "build_with_weights", "checkpoint_config",
+           "get_config",
            "dynamic_model", "resize_model"]
 
 
@@ -124,6 +125,17 @@ def _config_from_arguments(variant, options: dict, given: dict, ckpt: Optional[C
     if name_ is None and ckpt is None:
         name_ = variant.value
     return build_config(name_, **fields) if name_ is not None else build_config(config=ViTConfig(**fields))
+
+
+def checkpoint_config(weights: Union[PathLike, Checkpoint], **given) -> ViTConfig:
+    """The ViTConfig that `ViT(weights=weights, **given)` builds, without building it: the
+    checkpoint's architecture and options, the fields `given` replacing them (a new num_classes
+    drops its head and pre-logits)."""
+    ckpt = weights if isinstance(weights, Checkpoint) else read_checkpoint(weights)
+    fields = _checkpoint_fields(ckpt, None, given)
+    fields.update(given)
+    variant = fields.pop("variant", None)
+    return build_config(variant, **fields) if variant is not None else ViTConfig(**fields)
 
 
 def _checkpoint_fields(ckpt: Checkpoint, variant_given: Optional[str], given: dict) -> dict:

@@ -291,3 +291,55 @@ def test_preset_parameter_counts_are_timms(name):
     d = entry.defaults()
     cfg = parse_variant(d.pop("variant"), **d)
     assert cfg.count_params() == entry.timm_params + _EXTRA.get(name, 0)
+
+
+# --- fine-tuning and probes from them --------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("family, option", [("dinov2_reg", "--freeze-backbone"), ("siglip", "--layer-decay")])
+def test_vitcli_train_from_an_hf_checkpoint(tmp_path, family, option):
+    """`vitcli train --weights FOLDER` alone takes the checkpoint's model (its options included) and a
+    new head for the dataset; a linear probe leaves every backbone weight as loaded."""
+    import json
+
+    from click.testing import CliRunner
+
+    import keras_vit
+    from keras_vit.cli.main import cli
+    from keras_vit.weights import model_arrays
+
+    folder, _, _ = _hf_folder(tmp_path, family)
+    run = tmp_path / "run"
+    args = ["train", "--dataset", "digits", "--epochs", "1", "--weights", folder, "--output", str(run),
+            "--jit", "none", "--mixed-precision", "none", option] + (["0.75"] if option == "--layer-decay" else [])
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output[-2000:]
+    trained = keras_vit.load_model(run / "model.keras")
+    cfg = trained.vit_config
+    assert cfg.num_classes == 10 and cfg.include_top and cfg.hidden_size == 32 and cfg.image_size == (16, 16)
+    if family == "dinov2_reg":
+        assert cfg.num_registers == 4 and cfg.layer_scale_init == 1.0 and cfg.pixel_mean == hf_layout.IMAGENET_MEAN
+        start = model_arrays(keras_vit.ViT(weights=folder, num_classes=10))
+        end = model_arrays(trained)
+        for k in start:
+            if not k.startswith("head/"):
+                np.testing.assert_array_equal(start[k], end[k], err_msg=k)
+    else:
+        assert cfg.classifier == "map" and cfg.gelu_approximate
+    with open(run / "config.json") as f:
+        assert json.load(f)["train"]["variant"] == "checkpoint"
+
+
+def test_vitcli_fewshot_from_an_hf_checkpoint(tmp_path):
+    """A linear probe on frozen features in one command: `vitcli fewshot --model FOLDER`."""
+    import json
+
+    from click.testing import CliRunner
+
+    from keras_vit.cli.main import cli
+
+    folder, _, _ = _hf_folder(tmp_path, "dinov2")
+    result = CliRunner().invoke(cli, ["fewshot", "--model", folder, "--dataset", "digits", "--shots", "5",
+                                      "--draws", "1", "--json"])
+    assert result.exit_code == 0, result.output[-2000:]
+    out = json.loads(result.output[result.output.index("{"):])
+    assert out["model"] == folder and 0 <= out["shots"]["5"]["mean"] <= 1

@@ -193,6 +193,15 @@ def checkpoint_path(weights: PathLike) -> str:
                          "pass the path of a local .npz file instead") from None
 
 
+def is_checkpoint(spec: PathLike) -> bool:
+    """Whether `spec` names a checkpoint (a published name, hf://ORG/NAME, an .npz or .safetensors
+    file, a model folder with model.safetensors) rather than a .keras model or a run folder."""
+    spec = os.fspath(spec)
+    return (spec in PUBLISHED or spec.startswith(HF_PREFIX)
+            or (os.path.isfile(spec) and spec.endswith((".npz", ".safetensors")))
+            or os.path.isfile(os.path.join(spec, "model.safetensors")))
+
+
 def _hub_repo(spec: str) -> Tuple[str, str]:
     parts = spec[len(HF_PREFIX):].strip("/").split("/")
     if len(parts) < 2 or not all(parts):

@@ -32,6 +32,7 @@ from keras_vit.weights.checkpoints import (
     checkpoint_path,
     hub_defaults,
     hub_file,
+    is_checkpoint,
     read_checkpoint,
     read_npz,
     read_safetensors,
@@ -354,4 +355,4 @@ def save_safetensors(model: keras.Model, path: PathLike, layout: str = "timm") -
 __all__ = ["PUBLISHED", "Published", "Checkpoint", "checkpoint_path", "hub_file", "read_npz", "read_safetensors",
            "read_checkpoint", "shape_defaults", "hub_defaults", "canonicalize", "model_variables", "model_arrays",
            "adapt_input_conv", "assign_weights", "warn_untrained_head", "load_weights", "load_npz", "save_npz",
-           "save_safetensors", "check_variant", "ARCHITECTURE_FIELDS", "HF_PREFIX", "PathLike"]
+           "save_safetensors", "check_variant", "is_checkpoint", "ARCHITECTURE_FIELDS", "HF_PREFIX", "PathLike"]
