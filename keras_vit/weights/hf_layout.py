@@ -31,6 +31,7 @@ from typing import Any, Dict, Mapping, Optional
 import numpy as np
 
 from keras_vit.weights import torch_layout as tl
+from keras_vit.weights.presets import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
 
 log = logging.getLogger("keras_vit")
 
@@ -38,9 +39,6 @@ LAYOUTS = ("hf-dinov2", "hf-clip", "hf-siglip", "hf-deit")
 _BLOCK, _ATT = tl._BLOCK, tl._ATT
 _MAP = "MAPHead_0/"
 _MAP_ATT = _MAP + "MultiHeadDotProductAttention_0/"
-# Preprocessing the checkpoints were trained with, on the [0, 1] scale (their preprocessor_config.json).
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 _TEXT_ONLY = ("clip_text_model", "siglip_text_model")
 
 
