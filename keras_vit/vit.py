@@ -10,6 +10,7 @@ from keras_vit.config import ViTConfig, parse_variant
 from keras_vit.model import VisionTransformer, build_model, get_config
 from keras_vit.weights import (
     ARCHITECTURE_FIELDS,
+    PUBLISHED,
     Checkpoint,
     PathLike,
     assign_weights,
@@ -184,6 +185,10 @@ def build_with_weights(cfg: ViTConfig, weights: Union[PathLike, Checkpoint], nam
     assign_weights(model, arrays, method=method, big_vision_posemb=big_vision_posemb,
                    source=f"checkpoint {ckpt.source!r}")
     warn_untrained_head(model, arrays, f"checkpoint {ckpt.source!r}")
+    entry = PUBLISHED.get(ckpt.source)
+    if entry is not None and (entry.interpolation != "bilinear" or entry.crop_pct != 1.0):
+        # What keras_vit.train.predict (vitcli predict) uses on image files: timm's evaluation transform.
+        model.eval_preprocessing = dict(interpolation=entry.interpolation, crop_pct=entry.crop_pct)
     names = ckpt.defaults.get("class_names")
     head = arrays.get("head/kernel")
     if names and cfg.include_top and head is not None and head.shape[-1] == cfg.num_classes == len(names):

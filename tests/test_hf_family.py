@@ -343,3 +343,40 @@ def test_vitcli_fewshot_from_an_hf_checkpoint(tmp_path):
     assert result.exit_code == 0, result.output[-2000:]
     out = json.loads(result.output[result.output.index("{"):])
     assert out["model"] == folder and 0 <= out["shots"]["5"]["mean"] <= 1
+
+
+# --- preprocessing of the presets ------------------------------------------------------------------
+def test_timm_resize_and_centre_crop():
+    """crop_pct: the shorter side to size / crop_pct, then the centre crop (timm's eval transform)."""
+    from keras_vit.data.images import prepare_image
+
+    img = np.zeros((40, 60, 3), np.float32)
+    img[10:30, 20:40] = 255.0  # a centre square of half the shorter side
+    crop = np.asarray(prepare_image(img, (16, 16), 3, "bicubic", crop_pct=0.5))
+    assert crop.shape == (16, 16, 3) and crop.min() >= 0 and crop.max() <= 255
+    assert crop[4:12, 4:12].min() > 250  # 40 -> 32 rows: the square fills the 16 x 16 centre
+    whole = np.asarray(prepare_image(img, (16, 16), 3))  # the default: the whole image, bilinear
+    assert whole[0, 0].max() == 0 and whole[8, 8].min() > 250
+
+
+def test_preset_model_predicts_with_timms_transform(tmp_path, monkeypatch):
+    """A model built from a published name carries its evaluation transform to predict()."""
+    import keras_vit
+    from keras_vit.train.evaluate import _images
+    from keras_vit.weights import presets
+
+    folder, _, _ = _hf_folder(tmp_path, "deit_distilled")
+    entry = presets.Published("hf://acme/tiny-deit", "B/16", 16, 5, options=dict(distilled=True),
+                              interpolation="bicubic", crop_pct=0.9)
+    monkeypatch.setitem(presets.PUBLISHED, "tiny_deit", entry)
+    monkeypatch.setattr("keras_vit.weights.checkpoints.hub_file",  # the Hub's cache, offline
+                        lambda spec, filename=None, required=True: f"{folder}/{filename or 'model.safetensors'}")
+    model = keras_vit.ViT(weights="tiny_deit", hidden_size=32, num_heads=2, num_layers=2, mlp_dim=64, patch_size=4)
+    assert model.eval_preprocessing == {"interpolation": "bicubic", "crop_pct": 0.9}
+    from PIL import Image
+
+    path = str(tmp_path / "x.png")
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (30, 20, 3), dtype=np.uint8)).save(path)
+    from keras_vit.data.images import load_image_file
+
+    np.testing.assert_array_equal(_images(model, [path])[0], load_image_file(path, (16, 16), 3, "bicubic", 0.9))
