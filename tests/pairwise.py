@@ -7,13 +7,15 @@
 Greedy, in the manner of AETG: the rows of the full product come first and, one after the
 other, take the values of the remaining factors that cover the most pairs not yet covered;
 then, while pairs remain, the candidate row (over the whole product, in a fixed order) that
-covers the most of them is added. Ties go to the earlier value in each factor's list, so the
+covers the most of them is added (counted for all candidates at once with NumPy). Ties go to the earlier value in each factor's list, so the
 same factors always give the same rows.
 """
 from __future__ import annotations
 
 import itertools
 from typing import Dict, List, Sequence, Tuple
+
+import numpy as np
 
 Pair = Tuple[str, object, str, object]
 
@@ -47,8 +49,23 @@ def pairwise_rows(factors: Dict[str, Sequence], full: Sequence[str] = ()) -> Lis
         uncovered -= _pairs(row, names)
         rows.append(row)
     while uncovered:
-        best = max((dict(zip(names, combo)) for combo in itertools.product(*(factors[n] for n in names))),
-                   key=lambda r: len(_pairs(r, names) & uncovered))
+        best = _best_row(factors, uncovered)
         uncovered -= _pairs(best, names)
         rows.append(best)
     return rows
+
+
+def _best_row(factors: Dict[str, Sequence], uncovered: set) -> Dict[str, object]:
+    """The row of the whole product (in itertools.product order, the first of equals) that covers
+    the most `uncovered` pairs: the count per row is a sum of one 0/1 table per two factors,
+    broadcast over the product in NumPy (the product of 8 factors has 300k rows)."""
+    names = list(factors)
+    sizes = [len(factors[n]) for n in names]
+    count = np.zeros(sizes, np.int32)
+    for (i, a), (j, b) in itertools.combinations(enumerate(names), 2):
+        table = np.array([[(a, va, b, vb) in uncovered for vb in factors[b]] for va in factors[a]], np.int32)
+        shape = [1] * len(names)
+        shape[i], shape[j] = sizes[i], sizes[j]
+        count += table.reshape(shape)
+    index = np.unravel_index(int(np.argmax(count)), sizes)  # argmax: the first maximum in C (= product) order
+    return {n: factors[n][k] for n, k in zip(names, index)}

@@ -1,8 +1,10 @@
 """Every option on every path: the model options a user can set x the ways a model can go.
 
-Options: pos_embedding (5) x classifier (2) x gelu_approximate (2), in full (20 models), and a
+Options: pos_embedding (5) x classifier (2) x gelu_approximate (2), in full (20 models), a
 "shape" factor: square RGB, non-square single-channel (32x48, channels=1), representation_size,
-include_top=False, and a hybrid (three one-unit BiT ResNet stages, total stride 16).
+include_top=False, and a hybrid (three one-unit BiT ResNet stages, total stride 16); and a
+"block" factor, the ViT family's block options (issue #26): plain, LayerScale, qk_norm,
+quick_gelu, swiglu.
 Paths, per model:
 - Keras: .keras save/load and keras.models.clone_model (every model), and one of
   mixed_bfloat16, model.quantize("int8" | "float8" | "int4"), LoRA on the MLP's Dense layers;
@@ -10,7 +12,7 @@ Paths, per model:
   --optimize) and TFLite in LiteRT (fp32, fp16,
   dynamic, int8): one ONNX and one TFLite precision per model;
 - the JAX and PyTorch backends (every model, one subprocess per backend).
-The shape factor and the per-model paths are spread over the 20 option models (plus a few
+The shape and block factors and the per-model paths are spread over the 20 option models (plus a few
 more) by `pairwise.pairwise_rows`: every pair of values of any two factors appears in some
 model. Each cell compares with the Keras float32 model on the same digits images: fp32 paths
 at max |diff| <= 1e-4 and 100% top-1, fp16 at >= 99% top-1, lossy paths at a bound on max
@@ -38,13 +40,14 @@ FACTORS = {
     "classifier": ["token", "gap"],
     "gelu_approximate": [True, False],
     "shape": ["square", "nonsquare_gray", "representation", "no_top", "hybrid"],
+    "block": ["plain", "layer_scale", "qk_norm", "quick_gelu", "swiglu"],
     "onnx": ["fp32", "optimize", "fp16", "dynamic", "static", "static_optimize"],
     "tflite": ["fp32", "fp16", "dynamic", "int8"],
     "keras": ["bf16", "int8", "float8", "int4", "lora"],
 }
 FULL = ("pos_embedding", "classifier", "gelu_approximate")
 ROWS = pairwise_rows(FACTORS, full=FULL)
-IDS = [f"{r['pos_embedding']}-{r['classifier']}-{'tanh' if r['gelu_approximate'] else 'erf'}-{r['shape']}"
+IDS = [f"{r['pos_embedding']}-{r['classifier']}-{'tanh' if r['gelu_approximate'] else 'erf'}-{r['shape']}-{r['block']}"
        for r in ROWS]
 TINY = dict(hidden_size=32, num_heads=2, mlp_dim=64, num_layers=2)
 SHAPES = {
@@ -56,6 +59,10 @@ SHAPES = {
     # R50+B/16), 1x1 patches over the 2x2 feature map.
     "hybrid": dict(image_size=32, patch_size=1, resnet_layers=(1, 1, 1)),
 }
+# LayerScale at 0.5 (not timm's 1e-5), so that the branches still weigh in the outputs; the gains,
+# like every weight, are then drawn at random by row_model.
+BLOCKS = {"plain": {}, "layer_scale": dict(layer_scale_init=0.5), "qk_norm": dict(qk_norm=True),
+          "quick_gelu": dict(activation="quick_gelu"), "swiglu": dict(mlp="swiglu")}
 # fp32 and fp16: the thresholds of keras_vit.export.verify.THRESHOLDS (max |diff| and top-1).
 FP32_MAX_DIFF = 1e-4
 MIN_TOP1 = {"fp32": 1.0, "fp16": 0.99}
@@ -77,7 +84,7 @@ def row_config(row: dict) -> ViTConfig:
     """The ViTConfig of one matrix row."""
     return ViTConfig(num_classes=10, pos_embedding=row["pos_embedding"], classifier=row["classifier"],
                      gelu_approximate=row["gelu_approximate"], variant=f"matrix {row['shape']}",
-                     **TINY, **SHAPES[row["shape"]])
+                     **TINY, **SHAPES[row["shape"]], **BLOCKS[row["block"]])
 
 
 def images(cfg: ViTConfig, n: int = NUM_IMAGES, split: str = "test") -> np.ndarray:
@@ -139,7 +146,7 @@ def test_rows_cover_every_pair_and_the_full_option_product():
     assert all_pairs(FACTORS) <= covered
     assert {tuple(r[f] for f in FULL) for r in ROWS} == {
         (p, c, g) for p in FACTORS["pos_embedding"] for c in FACTORS["classifier"] for g in FACTORS["gelu_approximate"]}
-    assert len(ROWS) == 35 and ROWS == pairwise_rows(FACTORS, full=FULL)  # deterministic
+    assert len(ROWS) == 39 and ROWS == pairwise_rows(FACTORS, full=FULL)  # deterministic
 
 
 # The whole matrix runs in `make test`; the quick loop keeps the first row of each cheap Keras
@@ -158,6 +165,7 @@ def test_keras_paths(index, tmp_path):
     x = row_images(index)
     ref = run(model, x)
     assert np.ptp(ref) > 1.0  # outputs spread over several units
+    assert model.count_params() == cfg.count_params()  # the analytic count, for every option
 
     model.save(tmp_path / "m.keras")
     check(run(keras_vit.load_model(tmp_path / "m.keras"), x), ref, "fp32", "save/load")

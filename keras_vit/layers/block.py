@@ -113,9 +113,10 @@ def gelu(x, approximate: bool = True, training=None):
 
 def activate(x, activation: str = "gelu", approximate: bool = True, training=None):
     """The MLP's nonlinearity: "gelu" (see `gelu`) or "quick_gelu", x sigmoid(1.702 x) (OpenAI CLIP),
-    in the compute dtype like ops.gelu."""
+    in the compute dtype like ops.gelu. Written Mul(x, Sigmoid(Mul(x, 1.702))), the operand order
+    onnxruntime's QuickGelu fusion reads (the constant first crashes it)."""
     if activation == "quick_gelu":
-        return x * ops.sigmoid(ops.cast(1.702, x.dtype) * x)
+        return x * ops.sigmoid(x * ops.cast(1.702, x.dtype))
     return gelu(x, approximate, training)
 
 
