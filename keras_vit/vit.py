@@ -164,14 +164,16 @@ def _as_tuple(value):
 
 
 def build_with_weights(cfg: ViTConfig, weights: Union[PathLike, Checkpoint], name: Optional[str] = None, *,
-                       representation_size: Union[None, int, str] = "config", method: str = "linear",
+                       representation_size: Union[None, int, str] = "config", method: Optional[str] = None,
                        prefix: Optional[str] = None) -> keras.Model:
     """Build the model for `cfg` and load `weights` (a path, published name, hf://ORG/NAME or a
     Checkpoint already read) into it.
 
     `representation_size="checkpoint"` takes the pre-logits size from the checkpoint; the
-    position embeddings are resampled when `cfg.image_size` differs from the checkpoint's. The
-    model carries the checkpoint's class names when its head is the checkpoint's.
+    position embeddings are resampled when `cfg.image_size` differs from the checkpoint's, with
+    `method` (default: as the checkpoint's own code does, timm's antialiased bicubic for timm
+    files, else "linear"). The model carries the checkpoint's class names when its head is the
+    checkpoint's.
     """
     check_variant(weights.source if isinstance(weights, Checkpoint) else weights, cfg.variant)
     ckpt = weights if isinstance(weights, Checkpoint) else read_checkpoint(weights)
@@ -182,7 +184,7 @@ def build_with_weights(cfg: ViTConfig, weights: Union[PathLike, Checkpoint], nam
     elif representation_size != "config":
         cfg = cfg.replace(representation_size=representation_size)
     model = build_model(cfg, name=name)
-    assign_weights(model, arrays, method=method, big_vision_posemb=big_vision_posemb,
+    assign_weights(model, arrays, method=method or ckpt.resample_method, big_vision_posemb=big_vision_posemb,
                    source=f"checkpoint {ckpt.source!r}")
     warn_untrained_head(model, arrays, f"checkpoint {ckpt.source!r}")
     entry = PUBLISHED.get(ckpt.source)

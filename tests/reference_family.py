@@ -8,13 +8,14 @@ Written from timm's `models/vision_transformer.py` (Block, `_pos_embed`, `pool`,
 `models/deit.py` (VisionTransformerDistilled), `layers/attention.py`, `layers/mlp.py` (Mlp,
 GluMlp as SwiGLUPacked), `layers/attention_pool.py` (AttentionPoolLatent),
 `layers/layer_scale.py` and `layers/pos_embed.py` (resample_abs_pos_embed: torch's bicubic,
-align_corners=False, antialias off). It imports nothing from keras_vit and uses none of its
+align_corners=False, with or without antialias). It imports nothing from keras_vit and uses none of its
 checkpoint names, so it checks the Keras layers and the layout conversion together.
 
 `arch` holds what a timm state dict does not say: num_heads, act ("gelu" = erf, "gelu_tanh",
 "quick_gelu"), mlp ("mlp" | "swiglu"), global_pool ("token" | "avg" | "map"), no_embed_class,
 eps (LayerNorm epsilon), mean / std (per channel, [0, 1] scale), pos_grid (the grid pos_embed
-was learned for; default: square). Which tokens, norms and heads exist follows the keys, as in
+was learned for; default: square), antialias (of the bicubic resampling to another grid; timm >= 1.0
+resamples with antialias=True, keras-vit's "bicubic" is torch's without). Which tokens, norms and heads exist follows the keys, as in
 timm where the state dict matches the module tree.
 """
 from __future__ import annotations
@@ -113,36 +114,47 @@ def attention_pool(x, sd, arch):
     return o[:, 0]
 
 
-def torch_bicubic_matrix(n_in, n_out):
-    """(n_out, n_in) weights of torch's F.interpolate(mode="bicubic", align_corners=False,
-    antialias=False) along one axis: source x = (i + 0.5) * n_in / n_out - 0.5 (not clamped),
-    Keys' cubic with A = -0.75 on the taps floor(x) - 1 .. floor(x) + 2, taps clamped to the border."""
-    a = -0.75
+def _keys_cubic(t, a):
+    t = abs(t)
+    if t < 1:
+        return ((a + 2) * t - (a + 3)) * t * t + 1
+    if t < 2:
+        return ((a * t - 5 * a) * t + 8 * a) * t - 4 * a
+    return 0.0
 
-    def cubic(t):
-        t = abs(t)
-        if t <= 1:
-            return ((a + 2) * t - (a + 3)) * t * t + 1
-        if t < 2:
-            return ((a * t - 5 * a) * t + 8 * a) * t - 4 * a
-        return 0.0
 
+def torch_bicubic_matrix(n_in, n_out, antialias=False):
+    """(n_out, n_in) weights of torch's F.interpolate(mode="bicubic", align_corners=False) along one axis.
+
+    antialias=False: source x = (i + 0.5) * n_in / n_out - 0.5 (not clamped), Keys' cubic with
+    A = -0.75 on the taps floor(x) - 1 .. floor(x) + 2, taps clamped to the border.
+    antialias=True (torch's separable AA kernel, PIL's): centre s * (i + 0.5) with s = n_in / n_out,
+    support 2 * max(s, 1), the cubic with A = -0.5 stretched by max(s, 1), only the taps inside
+    the input, weights renormalised to sum 1 (so it differs from the above even when upsampling)."""
     w = np.zeros((n_out, n_in))
+    scale = n_in / n_out
     for i in range(n_out):
-        x = (i + 0.5) * n_in / n_out - 0.5
-        x0 = math.floor(x)
-        for tap in range(x0 - 1, x0 + 3):
-            w[i, min(max(tap, 0), n_in - 1)] += cubic(x - tap)
+        if antialias:
+            centre, support, stretch = scale * (i + 0.5), 2.0 * max(scale, 1.0), max(scale, 1.0)
+            lo, hi = max(int(centre - support + 0.5), 0), min(int(centre + support + 0.5), n_in)
+            taps = np.array([_keys_cubic((j - centre + 0.5) / stretch, -0.5) for j in range(lo, hi)])
+            w[i, lo:hi] = taps / taps.sum()
+        else:
+            x = (i + 0.5) * scale - 0.5
+            x0 = math.floor(x)
+            for tap in range(x0 - 1, x0 + 3):
+                w[i, min(max(tap, 0), n_in - 1)] += _keys_cubic(x - tap, -0.75)
     return w
 
 
-def resample_abs_pos_embed(pos, new_grid, old_grid, num_prefix_tokens):
-    """timm resample_abs_pos_embed: prefix slots kept, the grid resampled with torch's bicubic."""
+def resample_abs_pos_embed(pos, new_grid, old_grid, num_prefix_tokens, antialias=False):
+    """timm's resample_abs_pos_embed: prefix rows kept, the grid resampled with torch's bicubic
+    (timm >= 1.0 passes antialias=True by default; earlier timm and `antialias=False` do not)."""
     prefix, grid = pos[:, :num_prefix_tokens], pos[:, num_prefix_tokens:]
     d = grid.shape[-1]
     grid = grid.reshape(old_grid[0], old_grid[1], d)
-    grid = np.einsum("ai,bj,ijd->abd", torch_bicubic_matrix(old_grid[0], new_grid[0]),
-                     torch_bicubic_matrix(old_grid[1], new_grid[1]), grid)
+    grid = np.einsum("ai,bj,ijd->abd", torch_bicubic_matrix(old_grid[0], new_grid[0], antialias),
+                     torch_bicubic_matrix(old_grid[1], new_grid[1], antialias), grid)
     return np.concatenate([prefix, grid.reshape(1, -1, d)], axis=1)
 
 
@@ -175,7 +187,7 @@ def tokens(sd, arch, images):
         n_old = pos.shape[1] - pos_prefix
         old = tuple(arch.get("pos_grid") or (math.isqrt(n_old), math.isqrt(n_old)))
         if old != grid:
-            pos = resample_abs_pos_embed(pos, grid, old, pos_prefix)
+            pos = resample_abs_pos_embed(pos, grid, old, pos_prefix, arch.get("antialias", False))
         if arch.get("no_embed_class"):  # DeiT-III, DINOv2-reg: added to the patches, then concatenated
             x = np.concatenate(prefix + [x + pos], axis=1)
         else:  # original ViT / DeiT: concatenated, then added to every token
@@ -203,8 +215,11 @@ def forward(sd, arch, images, pre_logits=False):
         return (linear(x[:, 0], sd, "head") + linear(x[:, 1], sd, "head_dist")) / 2
     pool = arch.get("global_pool", "token")
     if pool == "map":
-        # Over every token, as big_vision's MAPHead and timm before pool_include_prefix (the
-        # family's SigLIP towers have no prefix tokens, so both agree on them).
+        # Over every token, as big_vision's MAPHead, timm before 1.0 and keras-vit's design; timm
+        # >= 1.0 leaves the prefix tokens out unless pool_include_prefix (arch["pool_include_prefix"]
+        # = False gives that). SigLIP towers have no prefix tokens, so both agree on them.
+        if not arch.get("pool_include_prefix", True):
+            x = x[:, sum(sd[k].shape[1] for k in ("cls_token", "dist_token", "reg_token") if k in sd):]
         x = attention_pool(x, sd, arch)
     elif pool == "token":
         x = x[:, 0]

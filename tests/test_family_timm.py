@@ -78,16 +78,17 @@ def test_reference_is_the_plain_vit_reference_on_a_plain_timm_vit(tmp_path):
     np.testing.assert_allclose(rf.forward(timm_state_dict(arrays), arch, x), rv.forward(npz, x), rtol=0, atol=1e-9)
 
 
-@pytest.mark.parametrize("n_in,n_out", [(4, 6), (6, 4), (37, 16), (5, 5), (2, 7)])
+@pytest.mark.parametrize("n_in,n_out", [(4, 6), (6, 4), (37, 16), (16, 37), (5, 5), (2, 7)])
 def test_torch_bicubic_is_keras_vit_bicubic(n_in, n_out):
-    """torch's bicubic (align_corners=False, no antialias: timm's resample_abs_pos_embed), written
-    from its definition, is keras_vit.weights.resize's "bicubic": loading a timm checkpoint at
-    another size with method="bicubic" resamples as timm does; the default "linear" (the official
-    scipy zoom) does not."""
-    np.testing.assert_allclose(interpolation_matrix(n_in, n_out, "bicubic"), rf.torch_bicubic_matrix(n_in, n_out),
-                               rtol=0, atol=1e-12)
+    """torch's bicubic (align_corners=False), written from its definition, is keras-vit's "bicubic"
+    without antialias and its "bicubic_antialias" with (timm >= 1.0's resample_abs_pos_embed, the
+    default for timm files); the official "linear" (scipy zoom, corners aligned) is neither."""
+    for method, antialias in (("bicubic", False), ("bicubic_antialias", True)):
+        np.testing.assert_allclose(interpolation_matrix(n_in, n_out, method),
+                                   rf.torch_bicubic_matrix(n_in, n_out, antialias), rtol=0, atol=1e-12)
     if n_in != n_out:
         assert not np.allclose(interpolation_matrix(n_in, n_out, "linear"), rf.torch_bicubic_matrix(n_in, n_out))
+        assert not np.allclose(rf.torch_bicubic_matrix(n_in, n_out), rf.torch_bicubic_matrix(n_in, n_out, True))
 
 
 # --- the layout (no model) -----------------------------------------------------------------------
@@ -123,7 +124,8 @@ def test_options_read_from_the_arrays_and_from_config_json(tmp_path, family):
     path, *_ = write_family(tmp_path / "with_config", family, config_json=True)
     d = checkpoints.read_checkpoint(path).defaults
     assert d["num_heads"] == 2 and "variant" not in d  # model_args' sizes replace the name's B/16
-    assert (d["pixel_mean"], d["pixel_std"]) == (tuple(arch["mean"]), tuple(arch["std"])) or arch["mean"][0] == 0.5
+    half = arch["mean"] == (0.5,) * 3  # SigLIP's: keras-vit's default [-1, 1] inputs, nothing to set
+    assert (d.get("pixel_mean"), d.get("pixel_std")) == ((None, None) if half else (arch["mean"], arch["std"]))
     if family == "clip":
         assert d["activation"] == "quick_gelu" and d["layer_norm_epsilon"] == 1e-5
     if family == "siglip":
@@ -176,24 +178,24 @@ def test_family_logits_match_the_reference(tmp_path, family, config_json):
     got = model.predict(x, verbose=0)
     assert got.shape == want.shape
     assert _rel(got, want) <= TOL, (family, _rel(got, want))
-    # Another (non-square) size: the position embeddings resampled as timm does (bicubic).
-    other = build_with_weights(cfg.replace(image_size=OTHER), path, method="bicubic")
+    # Another (non-square) size: the position embeddings resampled as timm >= 1.0 does (bicubic, antialias).
     x = _images(OTHER, seed=1)
-    want = rf.forward(sd, arch, x)
-    assert _rel(other.predict(x, verbose=0), want) <= TOL, family
+    other = _build(path, family, config_json, image_size=OTHER)
+    assert _rel(other.predict(x, verbose=0), rf.forward(sd, dict(arch, antialias=True), x)) <= TOL, family
 
 
-def test_default_linear_resampling_differs_from_timm_by_a_measured_amount(tmp_path):
-    """The default resampling ("linear", the official scipy zoom with corners aligned) is not
-    timm's bicubic: at another size a timm checkpoint then gives other logits (measured here on
-    DeiT-III; use method="bicubic" in load_weights / build_with_weights for timm's)."""
+def test_resampling_methods_at_another_size(tmp_path):
+    """At another size a timm file is resampled as timm >= 1.0 does by default (bicubic with
+    antialias); method="bicubic" gives torch's bicubic without (older timm); the official "linear"
+    gives other logits (measured here on DeiT-III: a few percent of the logits' scale)."""
     path, sd, arch, _ = write_family(tmp_path, "deit3")
     cfg = keras_vit.ViT(weights=path).vit_config.replace(image_size=OTHER)
     x = _images(OTHER, seed=1)
-    want = rf.forward(sd, arch, x)
-    linear = _rel(build_with_weights(cfg, path).predict(x, verbose=0), want)
-    bicubic = _rel(build_with_weights(cfg, path, method="bicubic").predict(x, verbose=0), want)
-    assert bicubic <= TOL < linear
+    timm_aa, timm_plain = rf.forward(sd, dict(arch, antialias=True), x), rf.forward(sd, arch, x)
+    assert _rel(build_with_weights(cfg, path).predict(x, verbose=0), timm_aa) <= TOL
+    assert _rel(build_with_weights(cfg, path, method="bicubic").predict(x, verbose=0), timm_plain) <= TOL
+    assert _rel(build_with_weights(cfg, path, method="linear").predict(x, verbose=0), timm_aa) > 10 * TOL
+    assert _rel(timm_plain, timm_aa) > 10 * TOL
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -371,3 +373,13 @@ def test_families_give_the_reference_logits_on_jax(tmp_path):
     out = run_job(job, tmp_path, "jax", timeout=600)
     for family in FAMILIES:
         assert _rel(out[family], expected[family]) <= TOL, family
+
+
+def test_position_rows_for_register_tokens_are_refused():
+    """timm's no_embed_class=False with registers (vit_so150m_patch16_reg4_map_256) gives registers
+    position embeddings; keras-vit's register tokens have none (DINOv2-reg): one line, no guess."""
+    sd, arch, _ = ff.family_state_dict(np.random.default_rng(4), "dinov2_reg")
+    sd["pos_embed"] = np.zeros((1, 16 + 1 + 4, 32), np.float32)
+    with pytest.raises(ValueError, match="rows for the 4 register tokens") as exc:
+        torch_layout.from_timm(sd, 2)
+    _one_line(exc)

@@ -166,6 +166,12 @@ class Checkpoint:
     layout: str
     defaults: Dict[str, Any]
 
+    @property
+    def resample_method(self) -> str:
+        """How the checkpoint's own code resamples its position embeddings to another grid:
+        timm's bicubic with antialias (resample_abs_pos_embed), else the official "linear"."""
+        return "bicubic_antialias" if self.layout == "timm" else "linear"
+
     def canonical(self, num_heads: Optional[int] = None, prefix: Optional[str] = None
                   ) -> Tuple[Dict[str, np.ndarray], bool]:
         """Arrays under canonical names and whether the position embeddings are big_vision's."""

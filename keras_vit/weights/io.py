@@ -276,24 +276,25 @@ def warn_untrained_head(model: keras.Model, arrays: Mapping[str, np.ndarray], so
 
 
 def load_weights(model: keras.Model, weights: PathLike, *, prefix: Optional[str] = None,
-                 method: str = "linear") -> keras.Model:
+                 method: Optional[str] = None) -> keras.Model:
     """Load a checkpoint (.npz, timm/Hugging Face .safetensors, published name or hf://ORG/NAME)
     into a keras-vit model, in place; returns the model.
 
     A head of another size is dropped (the model keeps its zero-initialised one), the input
     kernel is adapted to the model's channels, position embeddings are resampled to the
-    model's grid with `method`.
+    model's grid with `method` (default: as the checkpoint's own code does, timm's antialiased
+    bicubic for timm files, else "linear").
     """
     ckpt = read_checkpoint(weights)
     arrays, big_vision_posemb = ckpt.canonical(num_heads=get_config(model).num_heads, prefix=prefix)
-    assign_weights(model, arrays, method=method, big_vision_posemb=big_vision_posemb,
+    assign_weights(model, arrays, method=method or ckpt.resample_method, big_vision_posemb=big_vision_posemb,
                    source=f"checkpoint {ckpt.source!r}")
     warn_untrained_head(model, arrays, f"checkpoint {ckpt.source!r}")
     return model
 
 
 def load_npz(model: keras.Model, path: PathLike, *, prefix: Optional[str] = None,
-             method: str = "linear") -> keras.Model:
+             method: Optional[str] = None) -> keras.Model:
     """Load an official .npz checkpoint (path or published name) into a keras-vit model, in place
     (any format `load_weights` reads is accepted). Returns the model."""
     return load_weights(model, path, prefix=prefix, method=method)

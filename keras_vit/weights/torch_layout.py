@@ -199,7 +199,10 @@ def from_timm(sd: Mapping[str, np.ndarray], num_heads: int,
                 r.used.add(t + "attn.qkv.bias")
         for qk, name in (("q_norm", "query_norm"), ("k_norm", "key_norm")):
             key = f"{t}attn.{qk}.weight"
-            if key in sd and qkv in sd and np.asarray(sd[key]).shape[0] * num_heads != np.asarray(sd[qkv]).shape[1]:
+            # (num_heads=1 is also how the shapes are read before the heads are known: the
+            # shape check of the loading then names a real single-head mismatch.)
+            if key in sd and qkv in sd and num_heads > 1 and \
+                    np.asarray(sd[key]).shape[0] * num_heads != np.asarray(sd[qkv]).shape[1]:
                 width = np.asarray(sd[qkv]).shape[1]
                 raise ValueError(f"{key} normalises heads of width {np.asarray(sd[key]).shape[0]}, i.e. "
                                  f"{width // np.asarray(sd[key]).shape[0]} heads of the {width}-wide tokens; "
