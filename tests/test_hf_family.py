@@ -232,21 +232,23 @@ def test_hf_folder_gives_the_reference_logits(tmp_path, family):
         assert model.class_names == [f"c{i}" for i in range(5)]
 
 
-def test_dinov2_37x37_table_resampled_to_16x16(tmp_path):
-    """DINOv2's 518 px table (37 x 37 patches) loaded for a 16 x 16 grid: resampled as timm and
-    transformers do (torch's bicubic) with method="bicubic"."""
+@pytest.mark.parametrize("family", ["dinov2", "dinov2_reg"])
+def test_dinov2_37x37_table_resampled_to_16x16(tmp_path, family):
+    """DINOv2's 518 px table (37 x 37 patches) loaded for a 16 x 16 grid: resampled as transformers'
+    interpolate_pos_encoding does (torch's bicubic; with antialias for Dinov2WithRegistersModel)."""
     import reference_family as rf
 
     import keras_vit
-    from keras_vit.vit import build_with_weights
 
-    folder, sd, arch = _hf_folder(tmp_path, "dinov2", hidden=16, layers=1, patch=2, grid=(37, 37))
+    folder, sd, arch = _hf_folder(tmp_path, family, hidden=16, layers=1, patch=2, grid=(37, 37))
     assert keras_vit.weights.read_checkpoint(folder).defaults["image_size"] == 74  # config.json's
-    cfg = keras_vit.ViT(weights=folder, image_size=32).vit_config  # the checkpoint's options, 16 x 16 patches
-    model = build_with_weights(cfg, folder, method="bicubic")
+    model = keras_vit.ViT(weights=folder, image_size=32)
     assert tuple(model.get_layer("posembed_input").pos_embedding.shape) == (1, 1 + 16 * 16, 16)
     x = np.random.default_rng(13).uniform(0, 255, (2, 32, 32, 3)).astype(np.float32)
-    assert _rel(model.predict(x, verbose=0), rf.forward(sd, arch, x)) <= REL
+    want = rf.forward(sd, dict(arch, antialias=family == "dinov2_reg"), x)
+    assert _rel(model.predict(x, verbose=0), want) <= REL
+    other = rf.forward(sd, dict(arch, antialias=family != "dinov2_reg"), x)
+    assert _rel(other, want) > 10 * REL  # the two resamplings differ: the test tells them apart
 
 
 @pytest.mark.parametrize("family", ["dinov2_reg", "clip"])

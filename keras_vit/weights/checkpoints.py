@@ -169,7 +169,10 @@ class Checkpoint:
     @property
     def resample_method(self) -> str:
         """How the checkpoint's own code resamples its position embeddings to another grid:
-        timm's bicubic with antialias (resample_abs_pos_embed), else the official "linear"."""
+        timm's bicubic with antialias (resample_abs_pos_embed), transformers' interpolate_pos_encoding
+        for its ViT family (hf_layout.resample_method), else the official "linear"."""
+        if self.layout in hf_layout.LAYOUTS:
+            return hf_layout.resample_method(self.raw, self.layout)
         return "bicubic_antialias" if self.layout == "timm" else "linear"
 
     def canonical(self, num_heads: Optional[int] = None, prefix: Optional[str] = None

@@ -190,6 +190,14 @@ def to_canonical(sd: Mapping[str, np.ndarray], num_heads: int, layout: Optional[
     raise ValueError(f"not a Hugging Face {', '.join(LAYOUTS)} state dict")
 
 
+def resample_method(sd: Mapping[str, np.ndarray], layout: str) -> str:
+    """How transformers' interpolate_pos_encoding resamples the layout's position table to another
+    grid: torch's bicubic (align_corners=False), with antialias for Dinov2WithRegistersModel."""
+    if layout == "hf-dinov2" and any(k.endswith("embeddings.register_tokens") for k in sd):
+        return "bicubic_antialias"
+    return "bicubic"
+
+
 # --- what the layout and the config say ----------------------------------------------------------
 def layout_fields(sd: Mapping[str, np.ndarray], layout: str, arrays: Mapping[str, np.ndarray]) -> Dict[str, Any]:
     """The ViTConfig fields that the layout's tensor names pin down, and the image size of the
