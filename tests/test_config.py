@@ -78,7 +78,7 @@ def test_unknown_variant_is_a_clear_error(variant):
 @pytest.mark.parametrize("kwargs,match", [
     (dict(image_size=225), "225x225 is not divisible by the patch size 16x16"),
     (dict(image_size=(224, 100)), "not divisible"),
-    (dict(classifier="cls"), "classifier must be one of token, gap; got 'cls'"),
+    (dict(classifier="cls"), "classifier must be one of token, gap, map; got 'cls'"),
     (dict(pos_embedding="rope"), "pos_embedding must be one of"),
     (dict(channels=0), "channels must be an integer >= 1, got 0"),
     (dict(num_heads=5), "divisible by num_heads"),

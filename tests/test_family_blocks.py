@@ -211,14 +211,7 @@ def test_npz_round_trip_with_canonical_names(option, tmp_path, rng):
     np.testing.assert_array_equal(_np(fresh(x)), ref)
 
 
-# to_timm (keras_vit/weights/torch_layout.py, branch timm-family) does not yet write ls1/ls2.gamma
-# nor attn.q_norm/k_norm: those files miss the keys. Strict: passes once the conversion lands.
-_NOT_IN_TIMM_LAYOUT_YET = pytest.mark.xfail(strict=True, raises=ValueError,
-                                            reason="to_timm lacks ls*.gamma / q_norm / k_norm (branch timm-family)")
-
-
-@pytest.mark.parametrize("option", [pytest.param(o, marks=_NOT_IN_TIMM_LAYOUT_YET)
-                                    if {"layer_scale_init", "qk_norm"} & set(OPTIONS[o]) else o for o in OPTIONS])
+@pytest.mark.parametrize("option", list(OPTIONS))
 def test_safetensors_round_trip(option, tmp_path, rng):
     cfg = ViTConfig(**OPTIONS[option], **TINY)
     model = keras_vit.ViT(config=cfg)

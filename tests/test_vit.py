@@ -210,7 +210,7 @@ def test_clone_model_gives_the_same_outputs_with_the_same_weights():
 @pytest.mark.parametrize("kwargs,match", [
     (dict(variant="Q/16"), "unknown variant 'Q/16'"),
     (dict(variant="B/16", image_size=100), "100x100 is not divisible by the patch size 16x16"),
-    (dict(variant="B/16", classifier="mean"), "classifier must be one of token, gap; got 'mean'"),
+    (dict(variant="B/16", classifier="mean"), "classifier must be one of token, gap, map; got 'mean'"),
     (dict(variant="B/16", pos_embedding="rotary"), "pos_embedding must be one of"),
     (dict(variant="B/16", channels=0), "channels must be an integer >= 1, got 0"),
 ])
