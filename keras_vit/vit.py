@@ -72,7 +72,8 @@ def ViT(variant: Optional[str] = _Default("B/16"), image_size: Union[None, int, 
     `feature_layers=(3, 7, 11)` those blocks' outputs as (B, H/P, W/P, D) patch maps in a dict
     {"block_3": ..., "block_7": ..., "block_11": ...} (class token dropped; negative indices
     count from the last block), as timm's forward_intermediates. `weights` is a checkpoint: an .npz or timm/Hugging Face .safetensors
-    path, a published name ("B/16-augreg-i21k-ft-in1k") or "hf://ORG/NAME"; the arguments
+    path, a model folder (config.json + model.safetensors), a published name ("B/16-augreg-i21k-ft-in1k",
+    "vit_small_patch14_dinov2.lvd142m") or "hf://ORG/NAME"; the arguments
     left out (variant, image_size, num_classes, classifier, representation_size) then follow
     the checkpoint, and `channels` other than its own adapt the input kernel.
     `representation_size="checkpoint"` takes the pre-logits size from the checkpoint.

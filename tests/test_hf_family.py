@@ -384,13 +384,9 @@ def test_preset_model_predicts_with_timms_transform(tmp_path, monkeypatch):
     np.testing.assert_array_equal(_images(model, [path])[0], load_image_file(path, (16, 16), 3, "bicubic", 0.9))
 
 
-def test_preset_offline_is_one_clear_line(tmp_path, monkeypatch):
+def test_preset_offline_is_one_clear_line(offline_hub):
     import keras_vit
 
-    monkeypatch.setenv("HF_HOME", str(tmp_path))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
-    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
     with pytest.raises(ValueError) as err:
         keras_vit.ViT(weights="vit_small_patch14_dinov2.lvd142m")
     msg = str(err.value)
