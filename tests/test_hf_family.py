@@ -391,3 +391,26 @@ def test_preset_offline_is_one_clear_line(offline_hub):
         keras_vit.ViT(weights="vit_small_patch14_dinov2.lvd142m")
     msg = str(err.value)
     assert "\n" not in msg and "hf://timm/vit_small_patch14_dinov2.lvd142m" in msg and "offline" in msg
+
+
+@pytest.mark.parametrize("family", ["dinov2", "dinov2_reg", "clip"])
+def test_hf_config_describes_the_saved_model(tmp_path, family):
+    """save_safetensors(layout="hf") + hf_layout.hf_config: a folder that reads back as the same model."""
+    import json
+
+    import keras_vit
+
+    folder, _, _ = _hf_folder(tmp_path, family)
+    model = keras_vit.ViT(weights=folder)
+    out = tmp_path / "saved"
+    out.mkdir()
+    keras_vit.weights.save_safetensors(model, str(out / "model.safetensors"), layout="hf")
+    with open(out / "config.json", "w") as f:
+        json.dump(hf_layout.hf_config(model.vit_config), f)
+    with open(f"{folder}/config.json") as f:
+        theirs = json.load(f)
+    with open(out / "config.json") as f:
+        ours = json.load(f)
+    assert hf_layout.config_fields(ours) == {**hf_layout.config_fields(theirs), "channels": 3}
+    x = np.random.default_rng(15).uniform(0, 255, (1, 16, 16, 3)).astype(np.float32)
+    np.testing.assert_array_equal(keras_vit.ViT(weights=str(out)).predict(x, verbose=0), model.predict(x, verbose=0))

@@ -383,5 +383,37 @@ def to_clip(arrays: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
     return out
 
 
+def hf_config(cfg) -> Dict[str, Any]:
+    """The transformers config.json (Dinov2Config / Dinov2WithRegistersConfig, or CLIPVisionConfig for a
+    pre_norm model) of the model that `save_safetensors(model, path, layout="hf")` writes, so that a
+    folder of the two loads in transformers (and back here); ValueError for what those configs cannot say."""
+    h, w = cfg.image_size
+    if h != w or cfg.patch_size[0] != cfg.patch_size[1]:
+        raise ValueError(f"transformers' configs take square images and patches; got image_size {h}x{w}, "
+                         f"patch_size {cfg.patch_size[0]}x{cfg.patch_size[1]}")
+    act = "quick_gelu" if cfg.activation == "quick_gelu" else "gelu_pytorch_tanh" if cfg.gelu_approximate else "gelu"
+    out = dict(hidden_size=cfg.hidden_size, num_attention_heads=cfg.num_heads, num_hidden_layers=cfg.num_layers,
+               patch_size=cfg.patch_size[0], image_size=h, num_channels=cfg.channels, hidden_act=act,
+               layer_norm_eps=cfg.layer_norm_epsilon)
+    if cfg.pre_norm:
+        out.update(model_type="clip_vision_model", intermediate_size=cfg.mlp_dim,
+                   architectures=["CLIPVisionModelWithProjection" if cfg.include_top else "CLIPVisionModel"])
+        if cfg.include_top:
+            out["projection_dim"] = cfg.num_classes
+        return out
+    ratio = cfg.mlp_dim / cfg.hidden_size
+    if cfg.mlp == "swiglu":  # Dinov2SwiGLUFFN derives its width from mlp_ratio: the ratio that gives mlp_dim
+        ratio = 1.5 * cfg.mlp_dim / cfg.hidden_size
+        if _swiglu_hidden(cfg.hidden_size, ratio) != cfg.mlp_dim:
+            raise ValueError(f"mlp_dim {cfg.mlp_dim} is not a width Dinov2SwiGLUFFN gives (a multiple of 8 from "
+                             "hidden_size * mlp_ratio * 2 / 3)")
+    out.update(model_type="dinov2_with_registers" if cfg.num_registers else "dinov2", mlp_ratio=ratio,
+               layerscale_value=cfg.layer_scale_init, use_swiglu_ffn=cfg.mlp == "swiglu", qkv_bias=True,
+               architectures=["Dinov2WithRegistersModel" if cfg.num_registers else "Dinov2Model"])
+    if cfg.num_registers:
+        out["num_register_tokens"] = cfg.num_registers
+    return out
+
+
 __all__ = ["LAYOUTS", "detect", "to_canonical", "layout_fields", "config_fields", "preprocessing_fields",
-           "to_dinov2", "to_clip", "IMAGENET_MEAN", "IMAGENET_STD", "CLIP_MEAN", "CLIP_STD"]
+           "to_dinov2", "to_clip", "hf_config", "resample_method", "IMAGENET_MEAN", "IMAGENET_STD", "CLIP_MEAN", "CLIP_STD"]
