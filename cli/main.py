@@ -80,6 +80,8 @@ def main() -> None:
     except KeyboardInterrupt:
         click.echo("Interrupted.", err=True)
         sys.exit(130)
+    finally:
+        quiet.finished()  # TensorFlow's teardown logs from here on are hidden (unless --verbose)
 
 
 if __name__ == "__main__":

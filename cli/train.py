@@ -63,6 +63,9 @@ _DATASET_HELP = ("digits (offline), cifar10, cifar100, mnist, fashion_mnist, tfd
 @click.option("--data-dir", default=None, help="tensorflow-datasets data folder (datasets prepared there are used as they are).")
 @click.option("--skip-bad-images", is_flag=True, default=None,
               help="Skip image files that do not decode (counted, listed in the run's bad_images.txt) instead of failing.")
+@click.option("--checkpoint-interval", type=click.FloatRange(min=0), default=None, metavar="SECONDS",
+              help="Seconds between epoch-end checkpoints (last/best.keras, the backup --resume uses); 0 = every "
+                   "epoch; the last epoch is always saved [default: 10].")
 @click.option("--output", default=None, help="Run folder [default: runs/<dataset>-<variant>-<time>, linked as runs/latest].")
 @click.option("--resume", is_flag=True, help="Continue the run in --output (default runs/latest) from its last epoch.")
 @click.option("--peer-timeout", type=click.FloatRange(min=0, min_open=True), default=None,

@@ -80,6 +80,9 @@ class TrainConfig:
     skip_bad_images: bool = False  # drop image files that do not decode (listed in bad_images.txt)
     freeze_backbone: bool = False  # linear probe: only the head trains
     layer_decay: Optional[float] = None  # block i of L at R^(L-i) of the head's rate, embeddings R^(L+1)
+    # Seconds between epoch-end checkpoints (last.keras, best.keras, the resumable backup) of a one-process
+    # run; 0 = every epoch. The last epoch is always saved; a resume repeats at most this much training.
+    checkpoint_interval: float = 10.0
 
     def validate(self) -> TrainConfig:
         """Raise TrainError naming the bad value and what is allowed."""
@@ -95,6 +98,9 @@ class TrainConfig:
                 raise TrainError(f"{name} must be a number >= 0, got {v!r}")
         if self.learning_rate <= 0:
             raise TrainError(f"learning_rate must be > 0, got {self.learning_rate!r}")
+        if isinstance(self.checkpoint_interval, bool) or not isinstance(self.checkpoint_interval, (int, float)) \
+                or not 0 <= self.checkpoint_interval < float("inf"):
+            raise TrainError(f"checkpoint_interval must be a number of seconds >= 0, got {self.checkpoint_interval!r}")
         if self.label_smoothing >= 1:
             raise TrainError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
         if self.clipnorm is not None and self.clipnorm <= 0:
