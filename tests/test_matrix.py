@@ -59,8 +59,8 @@ SHAPES = {
     # R50+B/16), 1x1 patches over the 2x2 feature map.
     "hybrid": dict(image_size=32, patch_size=1, resnet_layers=(1, 1, 1)),
 }
-# LayerScale at 0.5 (not timm's 1e-5), so that the branches still weigh in the outputs; the gains,
-# like every weight, are then drawn at random by row_model.
+# LayerScale at 0.5 (not timm's 1e-5), so that the branches still weigh in the outputs; row_model
+# then draws the gains per channel around it (a constant gain would hide a channel-order bug).
 BLOCKS = {"plain": {}, "layer_scale": dict(layer_scale_init=0.5), "qk_norm": dict(qk_norm=True),
           "quick_gelu": dict(activation="quick_gelu"), "swiglu": dict(mlp="swiglu")}
 # fp32 and fp16: the thresholds of keras_vit.export.verify.THRESHOLDS (max |diff| and top-1).
@@ -94,8 +94,8 @@ def images(cfg: ViTConfig, n: int = NUM_IMAGES, split: str = "test") -> np.ndarr
 
 @functools.cache
 def row_model(index: int):
-    """The row's model with every weight random (zero-initialised ones included) and a head
-    scaled so that the logits spread over several units."""
+    """The row's model with every weight random (zero-initialised ones and LayerScale gains
+    included) and a head scaled so that the logits spread over several units."""
     keras.utils.set_random_seed(index)
     model = keras_vit.ViT(config=row_config(ROWS[index]))
     rng = np.random.default_rng(index)
@@ -103,6 +103,8 @@ def row_model(index: int):
         value = np.asarray(w.numpy())
         if not value.any():
             w.assign(rng.normal(0.0, 0.2, value.shape).astype("float32"))
+        elif "LayerScale" in w.path:
+            w.assign(rng.normal(value, 0.5 * np.abs(value)).astype("float32"))
     if model.vit_config.include_top:
         head = model.get_layer("head")
         head.kernel.assign(rng.normal(0.0, 1.0, head.kernel.shape).astype("float32"))
