@@ -157,7 +157,21 @@ def _checkpoint_fields(ckpt: Checkpoint, variant_given: Optional[str], given: di
     if variant_given is None and "variant" not in found and "num_heads" not in found and "num_heads" not in given:
         raise ValueError(f"checkpoint {ckpt.source!r} does not say its number of attention heads "
                          "(the PyTorch layout fuses them); pass num_heads= or variant=")
+    channels = given.get("channels")
+    if channels and found.get("pixel_mean") is not None and len(found["pixel_mean"]) != channels \
+            and "pixel_mean" not in given:
+        for k in ("pixel_mean", "pixel_std"):  # the input kernel is adapted to the channels: so is the normalisation
+            found[k] = _per_channel(found[k], channels)
     return found
+
+
+def _per_channel(values, channels: int) -> tuple:
+    """A checkpoint's per-channel normalisation for another channel count, as adapt_input_conv adapts
+    its kernel: the mean over the channels for one channel, else the channels repeated."""
+    values = [float(v) for v in values]
+    if channels == 1:
+        return (sum(values) / len(values),)
+    return tuple(values[i % len(values)] for i in range(channels))
 
 
 def _as_tuple(value):

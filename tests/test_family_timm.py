@@ -358,6 +358,7 @@ def test_open_clip_timm_trunk_loads(tmp_path):
 
 # --- JAX ------------------------------------------------------------------------------------------
 @pytest.mark.jax
+@pytest.mark.slow  # a JAX process and seven models: ~60 s on 2 cores
 def test_families_give_the_reference_logits_on_jax(tmp_path):
     """Every family, loaded on TensorFlow and rebuilt from its config on JAX (one worker process)."""
     pytest.importorskip("jax")
@@ -387,3 +388,13 @@ def test_position_rows_for_register_tokens_are_refused():
     with pytest.raises(ValueError, match="rows for the 4 register tokens") as exc:
         torch_layout.from_timm(sd, 2)
     _one_line(exc)
+
+
+def test_normalisation_follows_the_channels(tmp_path):
+    """A timm file with ImageNet's mean/std built for one or four channels: the kernel is adapted
+    (timm's adapt_input_conv) and so is the per-channel normalisation (mean over RGB / RGB repeated)."""
+    path, *_ = write_family(tmp_path, "deit3")
+    grey = keras_vit.ViT(weights=path, channels=1).vit_config
+    assert grey.pixel_mean == pytest.approx((np.mean(ff.IMAGENET[0]),)) and len(grey.pixel_std) == 1
+    rgbd = keras_vit.ViT(weights=path, channels=4).vit_config
+    assert rgbd.pixel_mean == ff.IMAGENET[0] + ff.IMAGENET[0][:1] and rgbd.pixel_std == ff.IMAGENET[1] + ff.IMAGENET[1][:1]
