@@ -242,11 +242,7 @@ def _hub_cache(root, repo, files):
         write(str(snap / name))
 
 
-def test_hf_offline_is_one_clear_line(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HOME", str(tmp_path))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
-    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+def test_hf_offline_is_one_clear_line(offline_hub):
     with pytest.raises(ValueError) as err:
         keras_vit.ViT(weights="hf://google/vit-tiny-test")
     msg = str(err.value)

@@ -38,6 +38,8 @@ DATASET_DEFAULTS: Dict[str, Dict[str, Any]] = {
     "cifar100": dict(_SMALL),
     "*": dict(variant="Ti/16", image_size=224, epochs=30, batch_size=64, augment="inception"),
 }
+# TrainConfig.variant of a run whose model is the --weights checkpoint's (DINOv2, SigLIP, DeiT ...).
+FROM_WEIGHTS = "checkpoint"
 MODEL_FIELDS = ("hidden_size", "num_layers", "num_heads", "mlp_dim", "classifier", "pos_embedding",
                 "representation_size")
 OPTIMIZERS = ("adamw", "adam", "sgd")
@@ -126,8 +128,15 @@ class TrainConfig:
         return self
 
     def vit_config(self, num_classes: int, channels: int) -> ViTConfig:
-        """The ViTConfig this run trains."""
+        """The ViTConfig this run trains (variant FROM_WEIGHTS: the checkpoint's model and options,
+        a new head for the dataset's classes)."""
         try:
+            if self.variant == FROM_WEIGHTS:
+                from keras_vit.vit import checkpoint_config
+
+                return checkpoint_config(self.weights, image_size=self.image_size, num_classes=num_classes,
+                                         channels=channels, include_top=True, dropout_rate=self.dropout_rate,
+                                         drop_path_rate=self.drop_path_rate, **self.model)
             return parse_variant(self.variant, image_size=self.image_size, num_classes=num_classes,
                                  channels=channels, dropout_rate=self.dropout_rate,
                                  drop_path_rate=self.drop_path_rate, **self.model)
@@ -150,6 +159,15 @@ class TrainConfig:
         return from_fields(cls, d, "training options", TrainError)
 
 
+def _architecture_from(overrides: Dict[str, Any]) -> bool:
+    """Whether the run takes its model from `weights`: a checkpoint (not a .keras) and no sizes given."""
+    from keras_vit.weights.checkpoints import is_checkpoint
+
+    weights = overrides.get("weights")
+    sizes = any(k in overrides for k in MODEL_FIELDS) or overrides.get("model")
+    return bool(weights) and not str(weights).endswith(".keras") and not sizes and is_checkpoint(weights)
+
+
 def make_config(dataset: str = "digits", recipe: str = "scratch", **overrides) -> TrainConfig:
     """A TrainConfig from a recipe, then the dataset's defaults, then `overrides` (None = keep).
 
@@ -168,6 +186,8 @@ def make_config(dataset: str = "digits", recipe: str = "scratch", **overrides) -
     model = dict(defaults.pop("model", {}))
     if "variant" in overrides:
         model = {}
+    elif _architecture_from(overrides):  # --weights CHECKPOINT alone: the checkpoint's model
+        overrides["variant"], model = FROM_WEIGHTS, {}
     fields.update(defaults)
     model.update(overrides.pop("model", None) or {})
     for k in MODEL_FIELDS:

@@ -20,7 +20,7 @@ import numpy as np
 from keras_vit.config import ViTConfig
 from keras_vit.files import atomic_path
 from keras_vit.model import get_config
-from keras_vit.weights import torch_layout
+from keras_vit.weights import hf_layout, torch_layout
 from keras_vit.weights.checkpoints import (
     ARCHITECTURE_FIELDS,
     HF_PREFIX,
@@ -32,6 +32,7 @@ from keras_vit.weights.checkpoints import (
     checkpoint_path,
     hub_defaults,
     hub_file,
+    is_checkpoint,
     read_checkpoint,
     read_npz,
     read_safetensors,
@@ -316,11 +317,15 @@ def save_npz(model: keras.Model, path: PathLike) -> str:
     return path
 
 
-def save_safetensors(model: keras.Model, path: PathLike) -> str:
+def save_safetensors(model: keras.Model, path: PathLike, layout: str = "timm") -> str:
     """Write the model's weights as a .safetensors file in timm's VisionTransformer layout (fused
-    qkv, PyTorch (out, in) kernels), with the keras-vit config and class names as metadata so
-    `ViT(weights=path)` rebuilds the same model; written then renamed."""
+    qkv, PyTorch (out, in) kernels), or with `layout="hf"` in Hugging Face's Dinov2Model (a model
+    with LayerScale) or CLIPVisionModelWithProjection (a model with pre_norm) layout, with the
+    keras-vit config and class names as metadata so `ViT(weights=path)` rebuilds the same model;
+    written then renamed."""
     cfg = get_config(model)
+    if layout not in ("timm", "hf"):
+        raise ValueError(f"layout must be 'timm' or 'hf', got {layout!r}")
     if cfg.pos_embedding not in ("learned", "none", "sincos2d"):
         raise ValueError(f"pos_embedding {cfg.pos_embedding!r} has no timm equivalent; "
                          "save this model with keras_vit.save_npz instead")
@@ -328,7 +333,16 @@ def save_safetensors(model: keras.Model, path: PathLike) -> str:
         from safetensors.numpy import save_file
     except ImportError:
         raise ValueError("save_safetensors needs the safetensors package: pip install safetensors") from None
-    tensors = torch_layout.to_timm({k: v.astype(np.float32) for k, v in model_arrays(model).items()})
+    arrays = {k: v.astype(np.float32) for k, v in model_arrays(model).items()}
+    if layout == "timm":
+        tensors = torch_layout.to_timm(arrays)
+    elif getattr(cfg, "pre_norm", False):
+        tensors = hf_layout.to_clip(arrays)
+    elif getattr(cfg, "layer_scale_init", None) is not None and cfg.classifier == "token":
+        tensors = hf_layout.to_dinov2(arrays, swiglu=getattr(cfg, "mlp", "mlp") == "swiglu")
+    else:
+        raise ValueError("layout='hf' writes DINOv2 models (layer_scale_init, classifier 'token') and CLIP "
+                         "models (pre_norm=True); save this model with layout='timm'")
     names = getattr(model, "class_names", None)
     meta = {"format": "pt",
             "keras_vit": json.dumps({"config": cfg.to_dict(), "class_names": list(names) if names else None})}
@@ -342,4 +356,4 @@ def save_safetensors(model: keras.Model, path: PathLike) -> str:
 __all__ = ["PUBLISHED", "Published", "Checkpoint", "checkpoint_path", "hub_file", "read_npz", "read_safetensors",
            "read_checkpoint", "shape_defaults", "hub_defaults", "canonicalize", "model_variables", "model_arrays",
            "adapt_input_conv", "assign_weights", "warn_untrained_head", "load_weights", "load_npz", "save_npz",
-           "save_safetensors", "check_variant", "ARCHITECTURE_FIELDS", "HF_PREFIX", "PathLike"]
+           "save_safetensors", "check_variant", "is_checkpoint", "ARCHITECTURE_FIELDS", "HF_PREFIX", "PathLike"]
