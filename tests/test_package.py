@@ -13,7 +13,7 @@ VITCLI = os.path.join(os.path.dirname(sys.executable), "vitcli")
 
 
 def _run(args, **kw):
-    return subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=kw.pop("cwd", ROOT), **kw)
+    return subprocess.run(args, capture_output=True, text=True, timeout=kw.pop("timeout", 300), cwd=kw.pop("cwd", ROOT), **kw)
 
 
 def _build_wheel(tmp_path):
