@@ -83,6 +83,13 @@ def shape_defaults(arrays: Mapping[str, np.ndarray], big_vision_posemb: bool = F
         return out
     ph, pw, _, hidden = (int(n) for n in emb.shape)
     out.update(hidden_size=hidden, patch_size=(ph, pw), classifier="token" if "cls" in arrays else "gap")
+    # The token and head options of issue #26 that the names say (a class token beside "gap" does not).
+    if "MAPHead_0/probe" in arrays:
+        out.update(classifier="map", class_token="cls" in arrays)
+    if "reg" in arrays:
+        out["num_registers"] = int(arrays["reg"].shape[1])
+    out.update(distilled="dist" in arrays, pre_norm="Transformer/pre_norm/scale" in arrays,
+               fc_norm="fc_norm/scale" in arrays and "Transformer/encoder_norm/scale" not in arrays)
     layers = len({m[1] for k in arrays for m in [re.match(r"Transformer/encoderblock_(\d+)/", k)] if m})
     if layers:
         out["num_layers"] = layers
@@ -110,7 +117,8 @@ def shape_defaults(arrays: Mapping[str, np.ndarray], big_vision_posemb: bool = F
     pe = arrays.get(POSEMB)
     if pe is not None:
         n = int(pe.shape[-2])
-        n -= 1 if ("cls" in arrays and not big_vision_posemb and int(np.sqrt(n)) ** 2 != n) else 0
+        prefix = ("cls" in arrays) + ("dist" in arrays)  # the slots of the class and distillation tokens
+        n -= prefix if (prefix and not big_vision_posemb and int(np.sqrt(n)) ** 2 != n) else 0
         g = int(round(np.sqrt(n)))
         if g * g == n:
             out["image_size"] = (g * ph * stride, g * pw * stride)
