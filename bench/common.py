@@ -52,7 +52,7 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-SIMD_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_int8")
+SIMD_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8")
 
 
 def machine() -> Dict[str, object]:
@@ -232,9 +232,19 @@ def print_peak_and_problems(results: List[Dict[str, object]], table) -> None:
             print(f"  {r['case']}: {r.get('error') or 'skipped: ' + r['skipped']}")
 
 
-def header(name: str, extra: Dict[str, object]) -> Dict[str, object]:
-    """Print and return what this run is: machine, load, command line."""
-    info = {"bench": name, "command": " ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:]),
-            **machine(), **extra}
+def write_json(path: str, obj: object) -> None:
+    """`obj` as indented JSON at `path`, written to a temporary name and renamed into place."""
+    from keras_vit.files import atomic_path
+
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+
+
+def header(name: str, extra: Dict[str, object], argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
+    """Print and return what this run is: machine, load, command line (`argv` when the bench's main
+    was called from Python with arguments, as bench.amx does, else this process's own)."""
+    command = (f"python -m bench.{name} " + " ".join(argv) if argv is not None
+               else " ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:]))
+    info = {"bench": name, "command": command, **machine(), **extra}
     print(json.dumps(info))
     return info

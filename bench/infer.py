@@ -289,7 +289,8 @@ def main(argv=None) -> List[Dict[str, object]]:
     fwd = cfg.flops()
     info = common.header("infer", {"variant": args.variant, "image_size": args.image_size,
                                    "num_layers": cfg.num_layers, "batch_size": args.batch_size,
-                                   "gflop_per_image": round(fwd / 1e9, 3)})
+                                   "eval_images": args.eval_images, "calib_images": args.calib_images,
+                                   "gflop_per_image": round(fwd / 1e9, 3)}, argv)
     cases = common.parse_cases(args.cases, CASES)
     results = []
     with tempfile.TemporaryDirectory(prefix="vit-bench-") as tmp:
@@ -315,8 +316,7 @@ def main(argv=None) -> List[Dict[str, object]]:
     _derive(results, fwd)
     _report(results)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"info": info, "results": results}, f, indent=1)
+        common.write_json(args.json, {"info": info, "results": results})
     return results
 
 

@@ -20,7 +20,7 @@ if __package__ in (None, ""):
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import cpu_name  # noqa: E402
+from bench.common import cpu_name, machine, write_json  # noqa: E402
 
 FILES = ("keras.onnx", "keras-opt.onnx", "keras-int8.onnx", "keras-opt-int8.onnx", "keras-static.onnx",
          "keras-opt-static.onnx", "timm.onnx", "timm-int8.onnx")
@@ -32,6 +32,7 @@ def main(argv=None) -> dict:
     p.add_argument("--rounds", type=int, default=60)
     p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: its default)")
     p.add_argument("--extra", nargs="*", default=[], help="more keras-vit files of the folder to time with them")
+    p.add_argument("--json", default=None, help="also write the figures (and the machine, load, date) to this file")
     args = p.parse_args(argv)
     import onnxruntime as ort
 
@@ -59,15 +60,23 @@ def main(argv=None) -> dict:
             ms[f].append(1e3 * (time.perf_counter() - t0))
     ref = ms.get("timm.onnx")
     fp32 = ms.get("keras.onnx")
-    print(f"{cpu_name()}; load {load0} -> {os.getloadavg()}; {args.rounds} interleaved rounds, "
+    load1 = os.getloadavg()
+    print(f"{cpu_name()}; load {load0} -> {load1}; {args.rounds} interleaved rounds, "
           f"{args.threads or 'default'} threads")
+    files = {}
     for f, v in ms.items():
         med = statistics.median(v)
         # the median of the per-round ratios: each round's calls met about the same load
         ratio = statistics.median(a / b for a, b in zip(v, ref)) if ref else None
         own = statistics.median(a / b for a, b in zip(v, fp32)) if fp32 else None
+        files[f] = {"median_ms": med, "p10_ms": float(np.percentile(v, 10)), "p90_ms": float(np.percentile(v, 90)),
+                    "x_timm_onnx": ratio, "x_keras_onnx": own}
         print(f"  {f:21s} median {med:7.2f} ms  p10 {np.percentile(v, 10):7.2f}  p90 {np.percentile(v, 90):7.2f}"
               + (f"  x timm.onnx {ratio:.2f}" if ref else "") + (f"  x keras.onnx {own:.2f}" if fp32 else ""))
+    if args.json:
+        write_json(args.json, {"info": {**machine(), "load": [list(load0), list(load1)], "rounds": args.rounds,
+                                        "threads": args.threads or "default", "onnxruntime": ort.__version__},
+                               "files": files})
     return {f: statistics.median(v) for f, v in ms.items()}
 
 

@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
+import time
 from typing import Dict, List
 
 if __package__ in (None, ""):
@@ -126,8 +128,6 @@ def run_notebook(case: str, args) -> Dict[str, object]:
     """What a notebook user runs: ViT(...), compile(optimizer, loss) and fit on tf.data, no other
     argument. One fit call of warm-up + repeats x steps steps, timed between batches by a callback
     (as in an epoch of a real run; fit's own start-up is not a per-step cost)."""
-    import time
-
     import keras
     import tensorflow as tf
 
@@ -222,6 +222,9 @@ def _args(argv=None):
     p.add_argument("--rounds", type=int, default=1,
                    help="run the case list this many times, alternating (the repeats of all rounds are pooled): "
                         "on a shared machine, load that comes and goes then hits every case alike")
+    p.add_argument("--budget", type=float, default=0,
+                   help="seconds: start no further round when one more, as long as the last, would end past "
+                        "this (the first round always runs; 0: no limit)")
     p.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {','.join(CASES)}")
     p.add_argument("--quick", action="store_true", help="tiny model, few steps: a smoke test under 2 minutes")
     p.add_argument("--json", default=None, help="also write all results to this file")
@@ -246,10 +249,16 @@ def main(argv=None) -> List[Dict[str, object]]:
     fwd = cfg.flops()
     info = common.header("train", {"variant": args.variant, "image_size": args.image_size,
                                    "batch_size": args.batch_size, "num_layers": cfg.num_layers,
-                                   "gflop_per_image_train": round(3 * fwd / 1e9, 3)})
+                                   "gflop_per_image_train": round(3 * fwd / 1e9, 3)}, argv)
     cases = common.parse_cases(args.cases, CASES)
     merged: Dict[str, Dict[str, object]] = {}
+    start, last_round, info["rounds_run"] = time.perf_counter(), 0.0, 0
     for rnd in range(max(1, args.rounds)):
+        round_start = time.perf_counter()
+        if rnd and args.budget and round_start - start + last_round > args.budget:
+            print(f"  stopping after {rnd} round(s): one more (~{last_round:.0f} s, as the last) would pass "
+                  f"the --budget of {args.budget:.0f} s", flush=True)
+            break
         for case in cases:
             need = {"jax": "jax", "kerashub": "keras_hub", "timm": "timm", "timm-bf16": "timm"}.get(case)
             if need and not common.have(need):
@@ -259,10 +268,14 @@ def main(argv=None) -> List[Dict[str, object]]:
             if case == "jax":
                 env["JAX_PLATFORMS"] = "cpu"
             r = common.run_case("bench.train", case, _forward(args), env=env)
+            if "img_s_values" in r:
+                r["round_img_s"] = [statistics.median(r["img_s_values"])]
             _pool(merged, case, r)
             print(f"  round {rnd + 1} {case}: " + ("%.2f img/s" % (sum(r["img_s_values"]) / len(r["img_s_values"]))
                                                   if "img_s_values" in r else str(r.get("error") or "done")),
                   flush=True)
+        last_round = time.perf_counter() - round_start
+        info["rounds_run"] = rnd + 1
     results = [merged[c] for c in cases]
     for r in results:
         if "img_s_values" in r:
@@ -296,10 +309,7 @@ def main(argv=None) -> List[Dict[str, object]]:
               + ("input pipeline is the bottleneck" if feed < 1.2 * model_only or end_to_end < 0.9 * model_only
                  else "model is the bottleneck, not the input pipeline"))
     if args.json:
-        import json
-
-        with open(args.json, "w") as f:
-            json.dump({"info": info, "results": results}, f, indent=1)
+        common.write_json(args.json, {"info": info, "results": results})
     return results
 
 
@@ -310,7 +320,7 @@ def _pool(merged: Dict[str, Dict[str, object]], case: str, r: Dict[str, object])
         merged[case] = {k: max(v, r.get(k, v)) if isinstance(v, float) else v for k, v in old.items()}
         return  # the limit: the best sgemm of all rounds
     if old is not None and "img_s_values" in old and "img_s_values" in r:
-        for key in ("img_s_values", "img_per_cpu_s_values"):
+        for key in ("img_s_values", "img_per_cpu_s_values", "round_img_s"):
             old[key] = old[key] + r[key]
         old["peak_rss_mb"] = max(old["peak_rss_mb"], r["peak_rss_mb"])
     elif old is None or "img_s_values" not in old:

@@ -17,7 +17,19 @@ from keras_vit.cli.common import UserError, user_errors
 # --- shared helpers -----------------------------------------------------------------------
 def _load_model_arg(spec: str, image_size: Optional[Tuple[int, int]] = None, channels: int = 3,
                     include_top: Optional[bool] = None):
-    """A .keras file written by keras-vit, or a variant name (random initialisation, a baseline)."""
+    """A .keras file written by keras-vit, a checkpoint (published name, hf://ORG/NAME, .npz /
+    .safetensors file or model folder: at its own image size and options), or a variant name
+    (random initialisation, a baseline)."""
+    from keras_vit.weights.checkpoints import is_checkpoint
+
+    if is_checkpoint(spec):
+        import keras_vit
+
+        try:
+            return keras_vit.ViT(weights=spec, channels=channels,
+                                 **({} if include_top is None else {"include_top": include_top}))
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
     if spec.endswith(".keras") or os.path.exists(spec):
         if not os.path.isfile(spec):
             raise UserError(f"model file {spec!r} does not exist")
@@ -103,7 +115,9 @@ def inspect_cmd(model_spec: str, image_paths: Tuple[str, ...], dataset: Optional
 # --- vitcli fewshot ---------------------------------------------------------------------------
 @click.command("fewshot")
 @click.option("--model", "model_spec", required=True,
-              help="A keras-vit .keras file (its pre-logits features are used), or a variant name (random weights).")
+              help="A keras-vit .keras file (its pre-logits features are used), a checkpoint (published name, "
+                   "hf://ORG/NAME, .npz/.safetensors file or model folder; at its own image size), or a variant "
+                   "name (random weights).")
 @click.option("--dataset", default="digits", show_default=True, help="Dataset of the registry (keras_vit.data).")
 @click.option("--shots", default="1,5,10,25", show_default=True, help="Images per class, comma-separated.")
 @click.option("--draws", default=5, show_default=True, type=click.IntRange(min=1),

@@ -126,8 +126,10 @@ def export_cmd(model_path: str, fmt: str, quantize: Optional[str], opset: int, o
                num_calibration: int) -> None:
     """Export a trained model to ONNX or TFLite and check it predicts what the Keras model predicts.
 
-    Writes the file, and (unless --no-verify) a JSON report beside it; exits non-zero when a
-    check fails, keeping the file and marking it as failing in the report.
+    Writes the file under a temporary name beside --output, verifies it there, and renames it
+    over --output only when every check passes, with a JSON report beside it. A file that fails
+    is kept as NAME.failed.EXT with its own FAILED report, --output stays as it was, and the exit
+    status is 1. --no-verify writes --output directly.
     """
     _check_options(fmt, quantize, optimize, opset, layout, dynamic_size, input_dtype, interpolation)
     _check_calibration(quantize)
@@ -146,7 +148,7 @@ def export_cmd(model_path: str, fmt: str, quantize: Optional[str], opset: int, o
         calibration_dataset = run_dataset
     output = output or default_output(model_path, fmt, quantize, optimize, dynamic_size, layout)
 
-    from keras_vit.export import format_table, to_onnx, to_saved_model, to_tflite, verify
+    from keras_vit.export import export_verified, format_table, to_onnx, to_saved_model, to_tflite
     from keras_vit.export._common import resolve_model
     from keras_vit.export.images import check_source
     from keras_vit.export.runner import check_device
@@ -162,27 +164,47 @@ def export_cmd(model_path: str, fmt: str, quantize: Optional[str], opset: int, o
     if getattr(model, "class_names", None) or (class_names is not None and len(class_names) != cfg.num_classes):
         class_names = None  # the names the model carries win; a run file that does not match is left out
     if fmt == "onnx":
-        path = to_onnx(model, output, opset=opset, optimize=optimize, quantize=quantize,
-                       class_names=class_names, dynamic_size=dynamic_size, layout=layout,
-                       interpolation=interpolation, calibration_images=calibration_dataset,
-                       num_calibration_images=num_calibration)
+        writer, options = to_onnx, dict(opset=opset, optimize=optimize, quantize=quantize, class_names=class_names,
+                                        dynamic_size=dynamic_size, layout=layout, interpolation=interpolation,
+                                        calibration_images=calibration_dataset, num_calibration_images=num_calibration)
     elif fmt == "saved_model":
-        path = to_saved_model(model, output, class_names=class_names, input_dtype=input_dtype,
-                              dynamic_size=dynamic_size, interpolation=interpolation)
+        writer, options = to_saved_model, dict(class_names=class_names, input_dtype=input_dtype,
+                                               dynamic_size=dynamic_size, interpolation=interpolation)
     else:
-        path = to_tflite(model, output, quantize=quantize, representative_images=calibration_dataset,
-                         class_names=class_names, num_calibration_images=num_calibration)
+        writer, options = to_tflite, dict(quantize=quantize, representative_images=calibration_dataset,
+                                          class_names=class_names, num_calibration_images=num_calibration)
+    if no_verify:  # written straight to --output, as the user asked for no check
+        path = writer(model, output, **options)
+        _echo_written(path, fmt, quantize)
+        _remove_stale_report(path)
+        return
+    _echo_reference_evaluator(fmt)
+    had_output = os.path.exists(output)
+    report = export_verified(model, output, format=fmt, images=verify_dataset or run_dataset, num_images=num_images,
+                             thresholds=limits, device=device, **options)
+    path = report["file"]
+    if report["passed"]:
+        _echo_written(path, fmt, quantize)
+    click.echo(format_table(report))
+    click.echo(f"Report: {report['report_path']} (plot: {report['plot_path']})")
+    if not report["passed"]:
+        kept = f"{output} is unchanged" if had_output else f"nothing was written to {output}"
+        raise click.ClickException(f"verification failed: {'; '.join(report['failures'])}; the file is kept as "
+                                   f"{path} beside its report, and {kept}")
+
+
+def _echo_written(path: str, fmt: str, quantize: Optional[str]) -> None:
+    """'Wrote PATH (size)', and for a full-int8 TFLite file its speed against float32."""
     size = os.path.getsize(path) if os.path.isfile(path) else sum(
         os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)
     click.echo(f"Wrote {path} ({size / 1e6:.1f} MB)")
     if fmt == "tflite" and quantize == "int8":
         _echo_int8_speed(path)
-    if no_verify:
-        _remove_stale_report(path)
-        return
-    report = verify(model, path, images=verify_dataset or run_dataset, num_images=num_images,
-                    thresholds=limits, device=device)
-    click.echo(format_table(report))
-    click.echo(f"Report: {report['report_path']} (plot: {report['plot_path']})")
-    if not report["passed"]:
-        raise click.ClickException("verification failed: " + "; ".join(report["failures"]))
+
+
+def _echo_reference_evaluator(fmt: str) -> None:
+    """The one line saying that ONNX files are verified without onnxruntime, and which extra brings it."""
+    from keras_vit.export.runner import ONNXRUNTIME_MISSING, have_onnxruntime
+
+    if fmt == "onnx" and not have_onnxruntime():
+        click.echo(ONNXRUNTIME_MISSING)

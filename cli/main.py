@@ -29,7 +29,8 @@ def cli(verbose: bool) -> None:
               help="Image side used for the parameter and FLOP counts.")
 @click.option("--num-classes", default=1000, show_default=True, type=click.IntRange(min=1))
 def models_cmd(image_size: int, num_classes: int) -> None:
-    """List the variants: layers, width, MLP, heads, patch size, parameters and GFLOPs."""
+    """List the variants (layers, width, MLP, heads, patch size, parameters, GFLOPs) and the ViT
+    family's published checkpoints."""
     from keras_vit.config import LISTED_VARIANTS, parse_variant
 
     header = f"{'variant':<10} {'layers':>6} {'hidden':>6} {'mlp':>5} {'heads':>5} {'patch':>5} {'resnet':>10} {'params':>13} {'GFLOPs':>8}"
@@ -43,6 +44,27 @@ def models_cmd(image_size: int, num_classes: int) -> None:
         resnet = "-" if cfg.resnet_layers is None else ",".join(map(str, cfg.resnet_layers))
         click.echo(f"{name:<10} {cfg.num_layers:>6} {cfg.hidden_size:>6} {cfg.mlp_dim:>5} {cfg.num_heads:>5} "
                    f"{cfg.input_stride[0]:>5} {resnet:>10} {cfg.count_params():>13,} {cfg.flops() / 1e9:>8.2f}")
+    _list_presets()
+
+
+def _list_presets() -> None:
+    """The ViT family's published checkpoints (weights=NAME): model, options, preprocessing, parameters."""
+    from keras_vit.config import parse_variant
+    from keras_vit.weights.presets import FAMILY
+
+    click.echo("\nViT family checkpoints (ViT(weights=NAME), vitcli train --weights NAME; README \"Models\"):")
+    header = f"{'name':<38} {'variant':<7} {'image':>5} {'classes':>7} {'params':>12}  options; preprocessing; weights"
+    click.echo(header)
+    click.echo("-" * len(header))
+    for name, entry in FAMILY.items():
+        fields = entry.defaults()
+        cfg = parse_variant(fields.pop("variant"), **fields)
+        shown = ", ".join(f"{k}={v}" for k, v in entry.options.items() if not k.startswith("pixel_"))
+        norm = "mean/std " + ("ImageNet" if entry.options.get("pixel_mean") == (0.485, 0.456, 0.406) else
+                              "CLIP" if entry.options.get("pixel_mean") else "0.5")
+        click.echo(f"{name:<38} {entry.variant:<7} {entry.image_size:>5} {entry.num_classes or '-':>7} "
+                   f"{cfg.count_params():>12,}  {shown}; {norm}, {entry.interpolation}, crop {entry.crop_pct}; "
+                   f"{entry.url}")
 
 
 for command in (train_cmd, evaluate_cmd, predict_cmd, export_cmd, inspect_cmd, fewshot_cmd, pretrain_cmd, records_cmd):
@@ -58,6 +80,8 @@ def main() -> None:
     except KeyboardInterrupt:
         click.echo("Interrupted.", err=True)
         sys.exit(130)
+    finally:
+        quiet.finished()  # TensorFlow's teardown logs from here on are hidden (unless --verbose)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,12 @@ TF_CPP_MIN_LOG_LEVEL for those lines (oneDNN notices, CUDA probing, the cuInit "
 on a machine without a GPU), so stderr is filtered at the file-descriptor level: informational
 and warning lines in absl's format are dropped, error lines only when they are one of the
 known harmless ones; everything else (tracebacks, real errors) passes through unchanged.
+
+Once the command has ended (`finished`), every absl line is dropped: TensorFlow's teardown logs
+errors of its own as the process exits (after a multi-worker run, an `E0000 ... StartAbort
+UNAVAILABLE` line once the peers' servers are gone), the last ones from C++ after Python's own
+teardown, when no Python thread can filter any more: from then on file descriptor 2 points at
+/dev/null. `vitcli --verbose` installs none of this and shows every line.
 """
 from __future__ import annotations
 
@@ -31,6 +37,19 @@ _NOISE = re.compile(rb"^(WARNING: All log messages before absl::InitializeLog\(\
 
 
 STDERR_FD_ENV = "KERAS_VIT_STDERR_FD"
+_FINISHED = b"\x00vitcli: the command has finished\x00"  # sent down the pipe, so it arrives in order
+
+
+def finished() -> None:
+    """The command has ended: absl lines from now on are TensorFlow's teardown, not the run's."""
+    if _restores:
+        sys.stderr.flush()
+        os.write(2, _FINISHED + b"\n")
+
+
+def _hidden(line: bytes, late: bool) -> bool:
+    """`is_noise`, and once the command has finished (`late`), any line in absl's format."""
+    return is_noise(line) or (late and bool(_ABSL_LINE.match(line.rstrip(b"\r\n"))))
 
 
 def is_noise(line: bytes) -> bool:
@@ -51,6 +70,8 @@ def quiet_python_warnings() -> None:
     warnings.filterwarnings("ignore", message=r"Your input ran out of data")
     # `vitcli export` prints this note of to_tflite itself, once, as a line of its output.
     warnings.filterwarnings("ignore", message=r"full-int8 TFLite is not faster")
+    # ... and the note that ONNX files are verified without onnxruntime.
+    warnings.filterwarnings("ignore", message=r"onnxruntime is not installed")
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     for name in ("absl", "tensorflow", "tf2onnx", "h5py"):
@@ -68,20 +89,27 @@ def filter_stderr() -> None:
         return
 
     def pump() -> None:
-        pending = b""
+        pending, late = b"", False
         while True:
             chunk = os.read(read_end, 65536)
             if not chunk:
                 break
             pending += chunk
             *lines, pending = pending.split(b"\n")
-            out = b"".join(line + b"\n" for line in lines if not is_noise(line))
+            out = b""
+            for line in lines:
+                if line.endswith(_FINISHED):
+                    line, late = line[: -len(_FINISHED)], True
+                    if not line:
+                        continue
+                if not _hidden(line, late):
+                    out += line + b"\n"
             if b"\r" in pending:  # progress bars redraw with \r: show them as they come
                 cut = pending.rindex(b"\r") + 1
                 out, pending = out + pending[:cut], pending[cut:]
             if out:
                 os.write(target, out)
-        if pending and not is_noise(pending):
+        if pending and not _hidden(pending, late):
             os.write(target, pending)
         os.close(read_end)
 
@@ -91,13 +119,19 @@ def filter_stderr() -> None:
     thread = threading.Thread(target=pump, name="vitcli-stderr", daemon=True)
     thread.start()
 
-    def restore() -> None:
+    def restore(at_exit: bool = False) -> None:
         os.environ.pop(STDERR_FD_ENV, None)
         sys.stderr.flush()
-        os.dup2(target, 2)  # closes the pipe's last write end: the pump drains and stops
+        if at_exit:  # the last atexit handler: what C++ prints after it reaches no terminal
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, 2)  # closes the pipe's last write end: the pump drains and stops
+            os.close(devnull)
+        else:
+            os.dup2(target, 2)
         thread.join(timeout=5)
 
-    atexit.register(restore)
+    # Registered before TensorFlow is imported, so it runs after TensorFlow's own atexit handlers.
+    atexit.register(lambda: _restores and _restores.pop()(at_exit=True))
     _restores.append(restore)
 
 

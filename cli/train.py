@@ -50,8 +50,9 @@ _DATASET_HELP = ("digits (offline), cifar10, cifar100, mnist, fashion_mnist, tfd
 @click.option("--grad-accum", type=int, default=None, help="Accumulate gradients over this many batches.")
 @click.option("--distribute", type=click.Choice(["auto", "none", "mirrored"]), default=None,
               help="auto: MultiWorkerMirrored from TF_CONFIG, Mirrored over >1 GPU, DataParallel on JAX.")
-@click.option("--weights", default=None, help="Initial weights: a checkpoint (.npz, timm/Hugging Face .safetensors, published name, "
-                   "hf://ORG/NAME) or a keras-vit .keras (its head too when the sizes match).")
+@click.option("--weights", default=None, help="Initial weights: a checkpoint (.npz, timm/Hugging Face .safetensors, a model "
+                   "folder, published name, hf://ORG/NAME) or a keras-vit .keras (its head too when the sizes match). "
+                   "A checkpoint without --variant or size options sets the model (DINOv2, SigLIP, DeiT ... options).")
 @click.option("--freeze-backbone", is_flag=True, default=None,
               help="Linear probe: train only the head; every other weight stays exactly as loaded (use with --weights).")
 @click.option("--layer-decay", type=float, default=None, metavar="R",
@@ -62,6 +63,9 @@ _DATASET_HELP = ("digits (offline), cifar10, cifar100, mnist, fashion_mnist, tfd
 @click.option("--data-dir", default=None, help="tensorflow-datasets data folder (datasets prepared there are used as they are).")
 @click.option("--skip-bad-images", is_flag=True, default=None,
               help="Skip image files that do not decode (counted, listed in the run's bad_images.txt) instead of failing.")
+@click.option("--checkpoint-interval", type=click.FloatRange(min=0), default=None, metavar="SECONDS",
+              help="Seconds between epoch-end checkpoints (last/best.keras, the backup --resume uses); 0 = every "
+                   "epoch; the last epoch is always saved [default: 10].")
 @click.option("--output", default=None, help="Run folder [default: runs/<dataset>-<variant>-<time>, linked as runs/latest].")
 @click.option("--resume", is_flag=True, help="Continue the run in --output (default runs/latest) from its last epoch.")
 @click.option("--peer-timeout", type=click.FloatRange(min=0, min_open=True), default=None,
@@ -125,10 +129,9 @@ def _load(model: str):
     """(path, model) for a .keras file or run folder, or a model built from a checkpoint."""
     from keras_vit import train as ktrain
     from keras_vit.saving import load_model
-    from keras_vit.weights import HF_PREFIX, PUBLISHED
+    from keras_vit.weights.checkpoints import is_checkpoint
 
-    if model in PUBLISHED or model.startswith(HF_PREFIX) or (
-            os.path.isfile(model) and model.endswith((".npz", ".safetensors"))):
+    if is_checkpoint(model):
         from keras_vit.vit import ViT
 
         return model, ViT(weights=model)

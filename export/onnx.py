@@ -83,6 +83,8 @@ def to_onnx(model, path: PathLike, opset: int = MIN_OPSET, optimize: bool = Fals
     import onnx
 
     fp16, dynamic, static = _precision_flags(quantize, fp16, optimize, calibration_images)
+    if optimize or fp16 or dynamic or static:  # before the conversion's seconds: one line naming the extra
+        _need_onnxruntime("--optimize" if optimize else "fp16" if fp16 else f"{quantize} int8 quantization")
     model, cfg, layout = _export_model(model, layout, dynamic_size, interpolation)
     if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= max_opset():
         raise ExportError(f"opset must be an integer from {MIN_OPSET} to {max_opset()}, got {opset!r}")
@@ -128,8 +130,6 @@ def _onnxruntime_passes(proto, cfg, work: str, layout: str, quantize: Optional[s
     optimizer (`optimize`), float16, dynamic or static int8; with the fused-op counts and what
     static int8 kept float. `calibration`: (images source, number of images, int8 agreement)."""
     fused, int8_info = {}, {}
-    if optimize or fp16 or quantize in ("dynamic", "int8"):
-        _need_onnxruntime("--optimize" if optimize else "fp16" if fp16 else f"{quantize} int8 quantization")
     if optimize or fp16:
         proto, fused = _optimize(proto, cfg, work, fuse=optimize, fp16=fp16)
     if quantize == "dynamic":
@@ -249,10 +249,10 @@ def _nchw_input(proto) -> None:
 
 def _need_onnxruntime(what: str) -> None:
     """ExportError naming the extra to install when onnxruntime (its optimizer, quantizer) is missing."""
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        raise ExportError(f"{what} needs onnxruntime: pip install 'keras-vit[cpu]' (or 'keras-vit[gpu]')") from None
+    from keras_vit.export.runner import have_onnxruntime
+
+    if not have_onnxruntime():
+        raise ExportError(f"{what} needs onnxruntime: pip install 'keras-vit[cpu]' (or 'keras-vit[gpu]')")
 
 
 def _optimize(proto, cfg, work: str, fuse: bool, fp16: bool):

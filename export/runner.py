@@ -11,6 +11,18 @@ from keras_vit.errors import first_line
 from keras_vit.export._common import ExportError, PathLike
 
 DEVICES = ("auto", "cuda", "cpu")
+ONNXRUNTIME_MISSING = ("onnxruntime is not installed: verifying with onnx's reference evaluator (slow); "
+                       "pip install 'keras-vit[cpu]' (or [gpu]) for onnxruntime")
+
+
+def have_onnxruntime() -> bool:
+    """Whether onnxruntime imports (a plain `pip install keras-vit` has none: the [cpu] and [gpu]
+    extras bring one each)."""
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def check_device(device: str, fmt: str) -> None:
@@ -68,21 +80,11 @@ class Runner:
         from keras_vit.export.onnx_fusion import fused_op_counts
 
         self.format = "onnx"
-        try:
-            import onnxruntime as ort
-        except ImportError:
-            # A plain `pip install keras-vit` has no onnxruntime (the [cpu] and [gpu] extras bring
-            # one each): ONNX's own reference evaluator still runs the file, slowly.
-            from onnx.reference import ReferenceEvaluator
-
-            proto = onnx.load(self.path)
-            self._session, self.providers = ReferenceEvaluator(proto), ["onnx.reference"]
-            self.runtime = (f"onnx.reference {onnx.__version__} (onnxruntime not installed: "
-                            "pip install 'keras-vit[cpu]' or 'keras-vit[gpu]')")
-            self.metadata = {p.key: p.value for p in proto.metadata_props}
-            self.fused_ops = fused_op_counts(proto)
-            self._input = proto.graph.input[0].name
+        if not have_onnxruntime():
+            self._init_onnx_reference()
             return
+        import onnxruntime as ort
+
         available = ort.get_available_providers()
         if providers is None:
             # CUDA when the [gpu] extra is installed; TF32 off so fp32 stays fp32.
@@ -110,6 +112,29 @@ class Runner:
         self.fused_ops = fused_op_counts(proto)
         self._input = self._session.get_inputs()[0].name
         self.device = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
+
+    def _init_onnx_reference(self) -> None:
+        """Without onnxruntime, ONNX's own reference evaluator runs the file (slowly, exactly);
+        files of onnxruntime's own ops (--optimize, int8) are refused in one line naming the extra."""
+        import warnings
+
+        import onnx
+        from onnx.reference import ReferenceEvaluator
+
+        from keras_vit.export.onnx_fusion import fused_op_counts
+
+        proto = onnx.load(self.path)
+        foreign = sorted({node.domain for node in proto.graph.node} - {"", "ai.onnx"})
+        if foreign:
+            raise ExportError(f"{self.path!r} uses onnxruntime's own ops ({', '.join(foreign)}), which only "
+                              "onnxruntime runs: pip install 'keras-vit[cpu]' (or 'keras-vit[gpu]')")
+        warnings.warn(ONNXRUNTIME_MISSING, RuntimeWarning, stacklevel=2)  # once per process
+        self._session, self.providers = ReferenceEvaluator(proto), ["onnx.reference"]
+        self.runtime = (f"onnx.reference {onnx.__version__} (onnxruntime not installed: "
+                        "pip install 'keras-vit[cpu]' or 'keras-vit[gpu]')")
+        self.metadata = {p.key: p.value for p in proto.metadata_props}
+        self.fused_ops = fused_op_counts(proto)
+        self._input = proto.graph.input[0].name
 
     def _init_saved_model(self) -> None:
         import tensorflow as tf

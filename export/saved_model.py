@@ -59,7 +59,7 @@ def to_saved_model(model, path: PathLike, class_names: Optional[Sequence[str]] =
         raise ExportError("input_dtype uint8 needs a model that takes [0, 255] pixels; this one was built with "
                           "include_preprocessing=False and takes normalised floats: use float32")
     names = check_class_names(class_names, cfg.num_classes, model)
-    path = _check_folder(path)
+    path = check_folder(path)
 
     meta = metadata(cfg, names, "fp32", "saved_model", dynamic_size=cfg.dynamic_size)
     meta["input"] = meta["input"].replace("images: float32", f"images: {input_dtype}")
@@ -105,7 +105,7 @@ def read_metadata(path: PathLike) -> dict:
         return json.load(f)
 
 
-def _check_folder(path: PathLike) -> str:
+def check_folder(path: PathLike) -> str:
     """The SavedModel folder's absolute path; ExportError for a file, a folder of something else,
     a file name of another format, or a parent we cannot write to."""
     path = os.path.abspath(os.fspath(path))

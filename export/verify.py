@@ -103,8 +103,23 @@ def verify(keras_model, exported_path: PathLike, images=None, num_images: int = 
     `images`: an array or any source `keras_vit.export.images.load_images` takes (default:
     offline digits and photos). Returns the report dict (`passed`, `failures`, metrics,
     latencies); with `write_report` it is also saved as <file>.report.json. A failed check
-    does not raise: the file is kept and the report says which threshold failed by how much.
+    does not raise: the file is kept and the report says which threshold failed by how much
+    (`keras_vit.export.export_verified` writes and verifies in one call and never lets a failed
+    file replace a good one).
     """
+    report, ref, out = measure(keras_model, exported_path, images, num_images, batch_size, precision, thresholds,
+                               runner, image_sizes, device)
+    if write_report:
+        write_report_files(report, ref, out, runner.path if runner else exported_path, plot)
+    return report
+
+
+def measure(keras_model, exported_path: PathLike, images=None, num_images: int = 64, batch_size: int = 8,
+            precision: Optional[str] = None, thresholds: Optional[Dict[str, float]] = None,
+            runner: Optional[Runner] = None, image_sizes: Optional[Sequence[Tuple[int, int]]] = None,
+            device: str = "auto") -> Tuple[dict, np.ndarray, np.ndarray]:
+    """`verify` without writing anything: (report, Keras logits, the file's logits), so the
+    caller can write the report files once it knows where the file ends up."""
     from keras_vit.export.images import load_images
 
     model, cfg = resolve_model(keras_model)
@@ -131,14 +146,23 @@ def verify(keras_model, exported_path: PathLike, images=None, num_images: int = 
         sizes = _check_other_sizes(model, cfg, runner, source_images, wanted, num_images, batch_size, limits)
         failures += [f for size in sizes for f in size.pop("failures")]
 
-    exported_path = runner.path
     report = _report(runner, cfg, precision, metrics, checks, failures, sizes, source, len(images), k,
                      {"batch_size": batch_size, "keras": keras_s * 1e3, "exported": exported_s * 1e3})
-    if write_report:
-        write_text(report_path(exported_path), json.dumps(report, indent=2) + "\n")
-        report["report_path"] = report_path(exported_path)
-        if plot:
-            report["plot_path"] = write_plot(report, ref, out, plot_path(exported_path))
+    return report, ref, out
+
+
+def write_report_files(report: dict, ref: np.ndarray, out: np.ndarray, exported_path: PathLike,
+                       plot: bool = True) -> dict:
+    """Write `report` as <file>.report.json (and the PNG, with `plot`) beside `exported_path`, the
+    file it describes (its "file" entry is set to that path); returns the report with
+    "report_path" (and "plot_path") added."""
+    report["file"] = os.path.abspath(os.fspath(exported_path))
+    write_text(report_path(exported_path), json.dumps(report, indent=2) + "\n")
+    report["report_path"] = report_path(exported_path)
+    if plot:
+        report["plot_path"] = write_plot(report, ref, out, plot_path(exported_path))
+    elif os.path.isfile(plot_path(exported_path)):  # an earlier report's plot: it shows another file
+        os.remove(plot_path(exported_path))
     return report
 
 
@@ -320,5 +344,5 @@ def format_table(report: dict) -> str:
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
-__all__ = ["THRESHOLDS", "METRICS", "DEVICES", "check_thresholds", "Runner", "verify", "report_path", "plot_path",
-           "write_plot", "format_table", "other_size"]
+__all__ = ["THRESHOLDS", "METRICS", "DEVICES", "check_thresholds", "Runner", "verify", "measure", "report_path",
+           "plot_path", "write_plot", "write_report_files", "format_table", "other_size"]

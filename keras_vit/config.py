@@ -21,6 +21,8 @@ VARIANTS = {
 RESNET_DEPTHS = {26: (2, 2, 2, 2), 50: (3, 4, 6, 3)}
 
 CLASSIFIERS = ("token", "gap", "map")
+ACTIVATIONS = ("gelu", "quick_gelu")
+MLPS = ("mlp", "swiglu")
 OUTPUTS = (None, "tokens")
 POS_EMBEDDINGS = ("learned", "learned_2d", "relative", "sincos2d", "none")
 # Standard deviation of the normal initialisers of learned embeddings (position, class token,
@@ -85,6 +87,14 @@ class ViTConfig:
     # keras_vit.weights.resize method; "linear" is resize_model's default).
     dynamic_size: bool = False
     pos_interpolation: str = "linear"
+    # ViT family: block options (issue #26). LayerScale gains initialised to layer_scale_init
+    # (CaiT, DeiT-III, DINOv2; None = none); LayerNorm of queries and keys per head (qk_norm);
+    # the MLP's activation ("quick_gelu" = x sigmoid(1.702 x), OpenAI CLIP); mlp="swiglu":
+    # silu(x W1) * (x W2) of two mlp_dim halves of one Dense (EVA, DINOv2-g, timm SwiGLUPacked).
+    layer_scale_init: Optional[float] = None
+    qk_norm: bool = False
+    activation: str = "gelu"
+    mlp: str = "mlp"
     # ViT family: token and head options (issue #26). Sequence: [class?, distillation?, registers*,
     # patches]; position embeddings cover class, distillation and patches, not the registers.
     class_token: Optional[bool] = None  # None: a class token iff classifier == "token"
@@ -105,6 +115,8 @@ class ViTConfig:
                     isinstance(i, int) and not isinstance(i, bool) for i in self.feature_layers):
                 raise ValueError(f"feature_layers must be a tuple of block indices, got {self.feature_layers!r}")
             self.feature_layers = tuple(i + self.num_layers if i < 0 else i for i in self.feature_layers)
+        if isinstance(self.layer_scale_init, int) and not isinstance(self.layer_scale_init, bool):
+            self.layer_scale_init = float(self.layer_scale_init)  # 1 from JSON is 1.0
         for name in ("pixel_mean", "pixel_std"):
             value = getattr(self, name)
             if isinstance(value, (list, tuple)):
@@ -142,6 +154,7 @@ class ViTConfig:
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not 0.0 <= v < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {v!r}")
+        self._validate_block_options()
         if self.output not in OUTPUTS:
             raise ValueError(f"output must be one of {', '.join(map(repr, OUTPUTS))}; got {self.output!r}")
         if self.feature_layers is not None:
@@ -173,6 +186,21 @@ class ViTConfig:
                 f"image_size {h}x{w} is not divisible by the {what} {sh}x{sw}; "
                 f"use a multiple of it, e.g. {max(1, round(h / sh)) * sh}x{max(1, round(w / sw)) * sw}")
         return self
+
+    def _validate_block_options(self) -> None:
+        """The block options of issue #26 (layer_scale_init, qk_norm, activation, mlp)."""
+        v = self.layer_scale_init
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 < v < float("inf")):
+            raise ValueError(f"layer_scale_init must be a positive number (e.g. 1e-5) or None, got {v!r}")
+        if not isinstance(self.qk_norm, bool):
+            raise ValueError(f"qk_norm must be True or False, got {self.qk_norm!r}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}; got {self.activation!r}")
+        if self.mlp not in MLPS:
+            raise ValueError(f"mlp must be one of {', '.join(MLPS)}; got {self.mlp!r}")
+        if self.mlp == "swiglu" and self.activation != "gelu":
+            raise ValueError(f"activation {self.activation!r} does not apply to mlp='swiglu' (its gate is SiLU); "
+                             "leave activation='gelu'")
 
     def _validate_tokens(self) -> None:
         """The token and head options of issue #26."""

@@ -41,6 +41,13 @@ def _num_relative_offsets(cfg) -> int:
     return (2 * gh - 1) * (2 * gw - 1) + (1 if cfg.num_prefix_tokens else 0)
 
 
+def _mlp_params(cfg) -> int:
+    """The block MLP's parameters: Dense(D -> mlp_dim) and back, or swiglu's Dense(D -> 2 mlp_dim)."""
+    d, m = cfg.hidden_size, cfg.mlp_dim
+    hidden = 2 * m if cfg.mlp == "swiglu" else m
+    return d * hidden + hidden + m * d + d
+
+
 def count_params(cfg) -> int:
     """Parameters of `ViT(config=cfg)`, exactly as Keras counts them."""
     d, gh, gw = cfg.hidden_size, *cfg.grid_size
@@ -53,14 +60,16 @@ def count_params(cfg) -> int:
         total += (cfg.num_patches + cfg.num_pos_prefix_tokens) * d
     elif cfg.pos_embedding == "learned_2d":
         total += gh * (d // 2) + gw * (d - d // 2) + cfg.num_pos_prefix_tokens * d
-    mlp = 2 * d * cfg.mlp_dim + cfg.mlp_dim + d
+    mlp = _mlp_params(cfg)
     block = 4 * d + 4 * (d * d + d) + mlp
+    block += 2 * d if cfg.layer_scale_init is not None else 0  # LayerScale gains after attention and MLP
+    block += 4 * cfg.head_dim if cfg.qk_norm else 0  # query and key LayerNorms over head_dim
     if cfg.pos_embedding == "relative":
         block += _num_relative_offsets(cfg) * d
     total += cfg.num_layers * block + 2 * d  # blocks, encoder_norm (or fc_norm)
     total += 2 * d if cfg.pre_norm else 0
     if cfg.classifier == "map":  # probe, attention, LayerNorm, MLP
-        total += d + 4 * (d * d + d) + 2 * d + mlp
+        total += d + 4 * (d * d + d) + 2 * d + 2 * d * cfg.mlp_dim + cfg.mlp_dim + d  # (a plain MLP)
     feat = d
     if cfg.representation_size:
         total += d * cfg.representation_size + cfg.representation_size
@@ -90,7 +99,8 @@ def count_flops(cfg) -> int:
         cin = cfg.channels
     ph, pw = cfg.patch_size
     flops += 2 * cfg.num_patches * ph * pw * cin * d
-    per_layer = 2 * s * d * 3 * d + 2 * 2 * s * s * d + 2 * s * d * d + 2 * 2 * s * d * m
+    mlp = 2 * s * d * m * (3 if cfg.mlp == "swiglu" else 2)  # swiglu: Dense to 2 mlp_dim, then mlp_dim -> D
+    per_layer = 2 * s * d * 3 * d + 2 * 2 * s * s * d + 2 * s * d * d + mlp
     if cfg.pos_embedding == "relative":
         per_layer += 2 * s * _num_relative_offsets(cfg) * d
     flops += cfg.num_layers * per_layer

@@ -37,25 +37,44 @@ def atomic_path(path: PathLike) -> Iterator[str]:
 
 @contextlib.contextmanager
 def atomic_dir(path: PathLike) -> Iterator[str]:
-    """Yield a temporary folder beside `path`; when the block succeeds it replaces `path` (an
-    older folder there is moved aside, then removed), otherwise it is removed."""
+    """Yield a temporary folder beside `path`; when the block succeeds it replaces `path`
+    (`replace_path`), otherwise it is removed."""
     import shutil
 
     path = os.path.abspath(os.fspath(path))
     folder, name = os.path.split(path)
     tmp = os.path.join(folder, f".{name}.{secrets.token_hex(4)}.tmp")
     os.mkdir(tmp)
-    old = None
     try:
         yield tmp
-        if os.path.lexists(path):
-            old = os.path.join(folder, f".{name}.{secrets.token_hex(4)}.old")
-            os.replace(path, old)
-        os.replace(tmp, path)
+        replace_path(tmp, path)
     finally:
-        for leftover in (tmp, old):
-            if leftover and os.path.lexists(leftover):
-                shutil.rmtree(leftover, ignore_errors=True)
+        if os.path.lexists(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def replace_path(src: PathLike, dst: PathLike) -> str:
+    """Rename the file or folder `src` over `dst` (same file system). A file replaces in one
+    rename; a folder there is first moved aside, then removed once `src` is in place (moved
+    back if the rename fails)."""
+    import shutil
+
+    src, dst = os.fspath(src), os.fspath(dst)
+    old = None
+    if os.path.isdir(src) and os.path.lexists(dst):
+        old = os.path.join(os.path.dirname(os.path.abspath(dst)), f".{os.path.basename(dst)}.{secrets.token_hex(4)}.old")
+        os.replace(dst, old)
+    try:
+        os.replace(src, dst)
+    except BaseException:
+        if old is not None:
+            os.replace(old, dst)
+            old = None
+        raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    return dst
 
 
 def write_bytes(path: PathLike, data: bytes) -> str:

@@ -10,6 +10,7 @@ from keras_vit.config import ViTConfig, parse_variant
 from keras_vit.model import VisionTransformer, build_model, get_config
 from keras_vit.weights import (
     ARCHITECTURE_FIELDS,
+    PUBLISHED,
     Checkpoint,
     PathLike,
     assign_weights,
@@ -20,7 +21,8 @@ from keras_vit.weights import (
 )
 from keras_vit.weights.resize import check_method
 
-__all__ = ["ViT", "VisionTransformer", "build_config", "build_model", "build_with_weights", "get_config",
+__all__ = ["ViT", "VisionTransformer", "build_config", "build_model", "build_with_weights", "checkpoint_config",
+           "get_config",
            "dynamic_model", "resize_model"]
 
 
@@ -70,7 +72,8 @@ def ViT(variant: Optional[str] = _Default("B/16"), image_size: Union[None, int, 
     `feature_layers=(3, 7, 11)` those blocks' outputs as (B, H/P, W/P, D) patch maps in a dict
     {"block_3": ..., "block_7": ..., "block_11": ...} (class token dropped; negative indices
     count from the last block), as timm's forward_intermediates. `weights` is a checkpoint: an .npz or timm/Hugging Face .safetensors
-    path, a published name ("B/16-augreg-i21k-ft-in1k") or "hf://ORG/NAME"; the arguments
+    path, a model folder (config.json + model.safetensors), a published name ("B/16-augreg-i21k-ft-in1k",
+    "vit_small_patch14_dinov2.lvd142m") or "hf://ORG/NAME"; the arguments
     left out (variant, image_size, num_classes, classifier, representation_size) then follow
     the checkpoint, and `channels` other than its own adapt the input kernel.
     `representation_size="checkpoint"` takes the pre-logits size from the checkpoint.
@@ -126,6 +129,17 @@ def _config_from_arguments(variant, options: dict, given: dict, ckpt: Optional[C
     return build_config(name_, **fields) if name_ is not None else build_config(config=ViTConfig(**fields))
 
 
+def checkpoint_config(weights: Union[PathLike, Checkpoint], **given) -> ViTConfig:
+    """The ViTConfig that `ViT(weights=weights, **given)` builds, without building it: the
+    checkpoint's architecture and options, the fields `given` replacing them (a new num_classes
+    drops its head and pre-logits)."""
+    ckpt = weights if isinstance(weights, Checkpoint) else read_checkpoint(weights)
+    fields = _checkpoint_fields(ckpt, None, given)
+    fields.update(given)
+    variant = fields.pop("variant", None)
+    return build_config(variant, **fields) if variant is not None else ViTConfig(**fields)
+
+
 def _checkpoint_fields(ckpt: Checkpoint, variant_given: Optional[str], given: dict) -> dict:
     """The ViTConfig fields a checkpoint fixes for the arguments left out: its architecture only
     when no variant is given (by name when it has one), its head unless num_classes differs."""
@@ -139,10 +153,25 @@ def _checkpoint_fields(ckpt: Checkpoint, variant_given: Optional[str], given: di
     if "num_classes" in given and given["num_classes"] != found.get("num_classes"):
         # A new head replaces the whole head, pre-logits included (paper Sec. 3.2 / Appendix B).
         found.pop("representation_size", None)
+        found.pop("include_top", None)  # a backbone without a head (DINOv2, SigLIP) gets the new one
     if variant_given is None and "variant" not in found and "num_heads" not in found and "num_heads" not in given:
         raise ValueError(f"checkpoint {ckpt.source!r} does not say its number of attention heads "
                          "(the PyTorch layout fuses them); pass num_heads= or variant=")
+    channels = given.get("channels")
+    if channels and found.get("pixel_mean") is not None and len(found["pixel_mean"]) != channels \
+            and "pixel_mean" not in given:
+        for k in ("pixel_mean", "pixel_std"):  # the input kernel is adapted to the channels: so is the normalisation
+            found[k] = _per_channel(found[k], channels)
     return found
+
+
+def _per_channel(values, channels: int) -> tuple:
+    """A checkpoint's per-channel normalisation for another channel count, as adapt_input_conv adapts
+    its kernel: the mean over the channels for one channel, else the channels repeated."""
+    values = [float(v) for v in values]
+    if channels == 1:
+        return (sum(values) / len(values),)
+    return tuple(values[i % len(values)] for i in range(channels))
 
 
 def _as_tuple(value):
@@ -150,14 +179,16 @@ def _as_tuple(value):
 
 
 def build_with_weights(cfg: ViTConfig, weights: Union[PathLike, Checkpoint], name: Optional[str] = None, *,
-                       representation_size: Union[None, int, str] = "config", method: str = "linear",
+                       representation_size: Union[None, int, str] = "config", method: Optional[str] = None,
                        prefix: Optional[str] = None) -> keras.Model:
     """Build the model for `cfg` and load `weights` (a path, published name, hf://ORG/NAME or a
     Checkpoint already read) into it.
 
     `representation_size="checkpoint"` takes the pre-logits size from the checkpoint; the
-    position embeddings are resampled when `cfg.image_size` differs from the checkpoint's. The
-    model carries the checkpoint's class names when its head is the checkpoint's.
+    position embeddings are resampled when `cfg.image_size` differs from the checkpoint's, with
+    `method` (default: as the checkpoint's own code does, timm's antialiased bicubic for timm
+    files, else "linear"). The model carries the checkpoint's class names when its head is the
+    checkpoint's.
     """
     check_variant(weights.source if isinstance(weights, Checkpoint) else weights, cfg.variant)
     ckpt = weights if isinstance(weights, Checkpoint) else read_checkpoint(weights)
@@ -168,9 +199,13 @@ def build_with_weights(cfg: ViTConfig, weights: Union[PathLike, Checkpoint], nam
     elif representation_size != "config":
         cfg = cfg.replace(representation_size=representation_size)
     model = build_model(cfg, name=name)
-    assign_weights(model, arrays, method=method, big_vision_posemb=big_vision_posemb,
+    assign_weights(model, arrays, method=method or ckpt.resample_method, big_vision_posemb=big_vision_posemb,
                    source=f"checkpoint {ckpt.source!r}")
     warn_untrained_head(model, arrays, f"checkpoint {ckpt.source!r}")
+    entry = PUBLISHED.get(ckpt.source)
+    if entry is not None and (entry.interpolation != "bilinear" or entry.crop_pct != 1.0):
+        # What keras_vit.train.predict (vitcli predict) uses on image files: timm's evaluation transform.
+        model.eval_preprocessing = dict(interpolation=entry.interpolation, crop_pct=entry.crop_pct)
     names = ckpt.defaults.get("class_names")
     head = arrays.get("head/kernel")
     if names and cfg.include_top and head is not None and head.shape[-1] == cfg.num_classes == len(names):

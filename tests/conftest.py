@@ -19,6 +19,15 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture
+def offline_hub(tmp_path, monkeypatch):
+    """The Hugging Face Hub unreachable and its cache empty (a fresh folder under tmp_path)."""
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+
+
+@pytest.fixture
 def rng():
     return np.random.default_rng(0)
 

@@ -95,3 +95,88 @@ def test_data_quick_measures_keras_vit_beside_torchvision(tmp_path, capsys):
     for case in ("torchvision:list", "torchvision:randaugment"):
         assert "img_s" in by[case] or "skipped" in by[case]
     assert "input pipelines" in capsys.readouterr().out
+
+
+ONEDNN_LOG = """\
+onednn_verbose,v1,info,cpu,isa:Intel AVX-512 with float16, Intel DL Boost and bfloat16 support and Intel AMX with \
+bfloat16 and 8-bit integer support
+onednn_verbose,v1,primitive,info,template:operation,engine,primitive,implementation,prop_kind,memory_descriptors
+onednn_verbose,v1,primitive,exec,cpu,matmul,brg_matmul:avx512_core_amx,undef,src:bf16::blocked:ab::f0 \
+wei:bf16::blocked:ab::f0 dst:bf16::blocked:ab::f0,attr-scratchpad:user,,1024x1024:1024x1024,0.17
+onednn_verbose,v1,primitive,exec,cpu,gemm_api,,undef,src_f32::blocked:ab:f0 wei_f32::blocked:ab:f0 \
+dst_f32::blocked:ab:f0,,,1024x1024:1024x1024,34.0
+some other line naming amx
+"""
+
+
+def test_onednn_verbose_names_the_kernels_and_amx():
+    from bench.amx import parse_onednn_verbose
+
+    got = parse_onednn_verbose(ONEDNN_LOG)
+    assert got["kernels"] == {"bf16": ["matmul:brg_matmul:avx512_core_amx"], "f32": ["gemm_api"]}
+    assert got["amx"] is True and "Intel AMX" in got["isa"]
+    avx512 = ONEDNN_LOG.replace("avx512_core_amx", "avx512_core_bf16")
+    assert parse_onednn_verbose(avx512)["amx"] is False
+
+
+@pytest.mark.slow  # one training process (about 15 s)
+def test_train_budget_stops_after_the_first_round(tmp_path):
+    results = train.main(["--quick", "--cases", "tf-xla", "--rounds", "3", "--budget", "1",
+                          "--json", str(tmp_path / "t.json")])
+    import json
+
+    info = json.loads((tmp_path / "t.json").read_text())["info"]
+    assert info["rounds_run"] == 1
+    assert len(results[0]["round_img_s"]) == 1 and results[0]["img_s"]["median"] > 0
+
+
+def _amx_record(flags):
+    """A minimal record of bench.amx: one probe, the peaks, a Ti/16 training stage and the inference stage."""
+    when = {"start": {"date": "2026-12-03 06:30:00 UTC", "load": [0.5, 0.4, 0.3]},
+            "end": {"date": "2026-12-03 06:35:00 UTC", "load": [1.5, 0.9, 0.4]}}
+    train_rows = [{"case": c, "precision": p, "jit": "fusible", "img_s": {"median": v, "spread": 0.05},
+                   "round_img_s": [v - 1, v + 1]}
+                  for c, p, v in (("default", "mixed_bfloat16", 60.0), ("timm", "float32", 20.0),
+                                  ("timm-bf16", "bf16 autocast", 40.0))]
+    train_rows.append({"case": "notebook", "error": "exit 1: boom"})
+    infer_rows = [{"case": c, "latency_ms": {"median": ms}, "throughput": {"median": 100.0}, "top1_agree": 1.0,
+                   "max_abs_diff": 1e-5, "lat_x_onnx": ms / 10.0, "lat_x_timm-onnx": ms / 12.0}
+                  for c, ms in (("onnx", 10.0), ("onnx-static", 5.0), ("timm-onnx", 12.0))]
+    return {"command": "bash bench/amx.sh", "quick": False, "budget_s": 840, "wall_s": 800, "commit": "abc1234",
+            "machine": {"cpu": "Intel(R) Xeon(R) Platinum 8480+", "cpu_flags": flags, "cores": 2,
+                        "load": [0.5, 0.4, 0.3], "date_start": "2026-12-03 06:30 UTC"},
+            "versions": {"tensorflow": "2.21.0", "torch": None},
+            "stages": {
+                "probe-tf": {**when, "version": "2.21.0", "isa": "Intel AMX",
+                             "kernels": {"bf16": ["matmul:brg_matmul:avx512_core_amx"], "f32": ["gemm_api"]}},
+                "probe-torch": {**when, "skipped": "torch not installed"},
+                "peak": {**when, "command": "python -m bench.train --cases peak",
+                         "results": [{"case": "peak", "tf_bf16": 2000.0, "tf_fp32": 500.0, "peak_fp32": 500.0,
+                                      "peak_bf16": 2000.0}]},
+                "train Ti/16": {**when, "command": "python -m bench.train --variant Ti/16", "results": train_rows,
+                                "info": {"image_size": 224, "batch_size": 16, "num_layers": 12, "rounds_run": 2,
+                                         "gflop_per_image_train": 10.0}},
+                "inference": {**when, "command": "python -m bench.infer", "ort_command": "python -m bench.ort_interleaved",
+                              "results": infer_rows,
+                              "info": {"variant": "Ti/16", "image_size": 224, "batch_size": 32, "eval_images": 32},
+                              "interleaved": {"info": {"threads": "default"}, "files": {
+                                  "keras-static.onnx": {"median_ms": 4.0, "x_keras_onnx": 0.5, "x_timm_onnx": 0.4}}}},
+            }}
+
+
+def test_amx_markdown_names_the_cpu_kind_and_the_same_run_ratios():
+    from bench.amx_table import markdown
+
+    md = markdown(_amx_record(["avx512_bf16", "amx_tile", "amx_bf16", "amx_int8"]))
+    assert md.startswith("## The AMX table: Intel(R) Xeon(R) Platinum 8480+, AMX (amx_bf16, amx_int8)")
+    assert "| TensorFlow 2.21.0 | bf16 | `matmul:brg_matmul:avx512_core_amx` | **yes** |" in md
+    assert "| TensorFlow bf16 | 2000 |" in md
+    # default: 60 img/s = 3.00x timm fp32, 1.50x timm bf16, 600 GFLOP/s = 30% of the bf16 peak, per round 59 / 61
+    assert "| mixed_bfloat16, fusible | **60.00** | 5% | 3.00 | 1.50 | 600 | 30% bf16 | 59.00 / 61.00 |" in md
+    assert "2 alternating round(s)" in md and "train Ti/16, notebook: exit 1: boom" in md
+    static = next(ln for ln in md.splitlines() if ln.startswith("| keras-vit ONNX static int8"))
+    assert "| 5.00 | 0.50 | 0.42 | 4.00 | 0.50 | 0.40 |" in static and "100.0%" in static
+    assert "no AMX" not in md
+
+    md = markdown(_amx_record(["avx512_bf16"]))
+    assert "**no AMX** on this CPU" in md.splitlines()[0] and "none of them measures AMX" in md

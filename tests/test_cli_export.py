@@ -67,13 +67,60 @@ def test_tflite_int8_with_calibration_dataset(trained_digits, tmp_path):
         assert "is not faster than float32" in result.output and "XNNPACK does not take" in result.output
 
 
-def test_failed_check_exits_nonzero_and_keeps_the_file(run_dir, tmp_path):
+def _tree(path):
+    """{relative path: bytes} of a file, or of every file of a folder (a SavedModel)."""
+    if path.is_file():
+        return {"": path.read_bytes()}
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("name,failed,side", [
+    ("m.onnx", "m.failed.onnx", None),
+    pytest.param("m.tflite", "m.failed.tflite", "labels.txt", marks=pytest.mark.slow),
+    pytest.param("m.saved_model", "m.saved_model.failed", None, marks=pytest.mark.slow),
+])
+def test_failed_check_keeps_the_good_file_and_sets_the_failed_one_aside(run_dir, tmp_path, monkeypatch, name,
+                                                                       failed, side):
+    """Verification made to fail (max |diff| <= 0) over a good export: the good file, its report and
+    labels stay byte for byte; the failed file is kept as NAME.failed.EXT with its own FAILED report
+    (path and sha256 of that file); exit 1 with one line; no temporary file left. A second failure
+    (ONNX) replaces the first failed file."""
+    from keras_vit.export.runner import Runner
+    from keras_vit.export.verify import _digest
+
+    out = tmp_path / name
+    fmt = {".onnx": "onnx", ".tflite": "tflite", ".saved_model": "saved_model"}[out.suffix]
+    args = ["--format", fmt, "--output", str(out), "--num-images", "4"]
+    assert _invoke(args, run_dir).exit_code == 0
+    good = {p.name: _tree(p) for p in tmp_path.iterdir()}
+    assert {f"{name}.report.json", f"{name}.report.png"} <= set(good)
+    if fmt == "saved_model":  # TensorFlow runs the folder exactly as Keras: make its logits differ a little
+        call = Runner.__call__
+        monkeypatch.setattr(Runner, "__call__", lambda self, images: call(self, images) + 1e-3)
+    for _attempt in range(2 if fmt == "onnx" else 1):
+        result = _invoke([*args, "--threshold", "max_abs_diff=0"], run_dir)
+        assert result.exit_code == 1, result.output
+        errors = [line for line in result.output.splitlines() if line.startswith("Error")]
+        assert len(errors) == 1 and "verification failed: max_abs_diff" in errors[0] and "off by" in errors[0]
+        assert f"kept as {tmp_path / failed}" in errors[0] and f"{out} is unchanged" in errors[0]
+        assert "Traceback" not in result.output
+        assert {p.name: _tree(p) for p in tmp_path.iterdir() if p.name in good} == good
+        extra = {f"{failed}", f"{failed}.report.json", f"{failed}.report.png"}
+        if side:
+            extra.add(f"{failed.rsplit('.', 1)[0]}.{side}")
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(set(good) | extra)
+    report = json.loads((tmp_path / f"{failed}.report.json").read_text())
+    assert report["status"] == "FAILED verification" and not report["passed"]
+    assert report["file"] == str(tmp_path / failed) and report["sha256"] == _digest(str(tmp_path / failed))[0]
+    assert json.loads((tmp_path / f"{name}.report.json").read_text())["passed"]
+
+
+def test_failed_check_with_no_earlier_file_writes_nothing_at_output(run_dir, tmp_path):
     out = tmp_path / "m.onnx"
-    result = _invoke(["--output", str(out), "--num-images", "8", "--threshold", "max_abs_diff=0"], run_dir)
-    assert result.exit_code == 1
-    assert "verification failed: max_abs_diff" in result.output and "off by" in result.output
-    assert out.exists()
-    assert json.loads((tmp_path / "m.onnx.report.json").read_text())["status"] == "FAILED verification"
+    result = _invoke(["--output", str(out), "--num-images", "4", "--threshold", "max_abs_diff=0"], run_dir)
+    assert result.exit_code == 1 and f"nothing was written to {out}" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.failed.onnx", "m.failed.onnx.report.json",
+                                                         "m.failed.onnx.report.png"]
 
 
 @pytest.mark.parametrize("args,message", [
@@ -190,3 +237,23 @@ def test_no_verify_removes_the_report_of_the_replaced_file(run_dir, tmp_path):
     result = _invoke(["--output", str(out), "--no-verify"], run_dir)
     assert result.exit_code == 0 and "not verified: --no-verify" in result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+
+
+def test_without_onnxruntime_one_line_says_which_extra(run_dir, tmp_path, monkeypatch):
+    """A plain `pip install keras-vit`: the export verifies with onnx's reference evaluator and says
+    so in one line naming the extras; --optimize (onnxruntime's own ops) fails in one line, before
+    anything is written."""
+    import sys
+
+    from keras_vit.export.runner import ONNXRUNTIME_MISSING
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime -> ImportError
+    result = _invoke(["--output", str(tmp_path / "m.onnx"), "--num-images", "2"], run_dir)
+    assert result.exit_code == 0, result.output
+    assert result.output.count(ONNXRUNTIME_MISSING) == 1 and "keras-vit[cpu]" in ONNXRUNTIME_MISSING
+    assert "onnx.reference" in result.output
+    result = _invoke(["--output", str(tmp_path / "o.onnx"), "--optimize"], run_dir)
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert result.output.strip().splitlines()[-1] == ("Error: --optimize needs onnxruntime: pip install "
+                                                      "'keras-vit[cpu]' (or 'keras-vit[gpu]')")
+    assert not (tmp_path / "o.onnx").exists()

@@ -52,7 +52,8 @@ def killed_and_resumed(tmp_path_factory):
     """Train digits for EPOCHS with the default recipe, kill -9 after epoch KILL_AFTER, resume."""
     run = str(tmp_path_factory.mktemp("cli") / "run")
     log = open(run + ".log", "w")
-    proc = subprocess.Popen(_cmd("train", "--dataset", "digits", "--epochs", str(EPOCHS), "--output", run),
+    proc = subprocess.Popen(_cmd("train", "--dataset", "digits", "--epochs", str(EPOCHS), "--checkpoint-interval", "0",
+                                 "--output", run),
                             stdout=log, stderr=subprocess.STDOUT, env=_env())
     deadline = time.time() + 400
     while _backup_epoch(run) < KILL_AFTER and proc.poll() is None and time.time() < deadline:
@@ -268,3 +269,38 @@ def test_quiet_filter_drops_start_up_lines_and_keeps_real_errors():
             b"Traceback (most recent call last):", b"Error: unknown recipe 'fast'", b"Epoch 1/8"]
     assert all(is_noise(line) for line in noise)
     assert not any(is_noise(line) for line in kept)
+
+
+_LATE_LINES = '''
+import atexit, os, sys
+import click
+from keras_vit.cli import main
+
+def line(text):
+    return lambda: os.write(2, b"E0000 00:00:1796279105.168648   12575 rendezvous.cc:1] " + text + b"\\n")
+
+# Registered before vitcli's own handler, so it runs after it: stands for what C++ prints after Python's teardown.
+atexit.register(line(b"StartAbort UNAVAILABLE: after the last atexit handler"))
+
+@main.cli.command("probe")
+def probe():
+    line(b"a real error during the command")()
+    click.echo("the command's own line")
+    atexit.register(line(b"StartAbort UNAVAILABLE: in an atexit handler"))  # TensorFlow's teardown, in Python
+
+sys.argv = ["vitcli", *sys.argv[1:], "probe"]
+main.main()
+'''
+
+
+@pytest.mark.parametrize("verbose", [False, True], ids=["quiet", "verbose"])
+def test_teardown_lines_after_the_command_reach_no_terminal(verbose):
+    """TensorFlow's late error lines (a multi-worker run's 'StartAbort UNAVAILABLE' as the process
+    exits) are hidden once the command has finished, also those written after Python's teardown;
+    an error line during the command still shows; --verbose shows all."""
+    proc = subprocess.run([sys.executable, "-c", _LATE_LINES, *(["--verbose"] if verbose else [])],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout == "the command's own line\n", proc.stderr
+    errors = proc.stderr.splitlines()
+    assert errors[0].endswith("a real error during the command")
+    assert len(errors) == (3 if verbose else 1), proc.stderr

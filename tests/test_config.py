@@ -55,6 +55,16 @@ def test_round_trip_dict():
     assert ViTConfig.from_dict(cfg.to_dict()) == cfg
 
 
+def test_block_options_round_trip_and_old_dicts_load():
+    cfg = parse_variant("S/16", layer_scale_init=1, qk_norm=True, mlp="swiglu")
+    assert cfg.layer_scale_init == 1.0 and isinstance(cfg.layer_scale_init, float)
+    assert ViTConfig.from_dict(cfg.to_dict()) == cfg
+    old = parse_variant("S/16").to_dict()
+    for key in ("layer_scale_init", "qk_norm", "activation", "mlp"):  # a config saved before issue #26
+        old.pop(key)
+    assert ViTConfig.from_dict(old) == parse_variant("S/16")
+
+
 def test_flops_grow_with_sequence():
     assert parse_variant("B/16", image_size=384).flops() > 2.9 * parse_variant("B/16").flops()
 
@@ -75,6 +85,12 @@ def test_unknown_variant_is_a_clear_error(variant):
     (dict(dropout_rate=1.5), "dropout_rate must be in"),
     (dict(num_classes=0), "num_classes"),
     (dict(nonsense=1), "unknown option"),
+    (dict(layer_scale_init=0.0), "layer_scale_init must be a positive number (e.g. 1e-5) or None, got 0.0"),
+    (dict(layer_scale_init="1e-5"), "layer_scale_init must be a positive number"),
+    (dict(qk_norm=1), "qk_norm must be True or False, got 1"),
+    (dict(activation="relu"), "activation must be one of gelu, quick_gelu; got 'relu'"),
+    (dict(mlp="glu"), "mlp must be one of mlp, swiglu; got 'glu'"),
+    (dict(mlp="swiglu", activation="quick_gelu"), "activation 'quick_gelu' does not apply to mlp='swiglu'"),
 ])
 def test_bad_options_name_the_value_and_what_is_allowed(kwargs, match):
     with pytest.raises(ValueError, match=match.replace("(", r"\(").replace(")", r"\)")):

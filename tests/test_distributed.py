@@ -8,6 +8,7 @@ The commands are the README's ("Training on several machines") with 127.0.0.1 ad
 import csv
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -108,6 +109,10 @@ def test_two_tf_workers_train_like_one(tmp_path):
                    TF_CONFIG=tf_config(ports, i), TMPDIR=str(tmp[i])) for i in range(2)]
     procs.append(start([*args, "--output", str(tmp_path / "single")], logs[2], str(tmp_path)))
     assert finish(procs, logs) == [0, 0, 0], "\n".join(_tail(f) for f in logs)
+    # TensorFlow's teardown lines as the workers exit (E0000 ... StartAbort UNAVAILABLE once the
+    # peer's server is gone) reach no terminal: no line of absl's format in either worker's output
+    absl = [ln for f in logs[:2] for ln in open(f) if re.match(r"[IWEF]\d{4} ", ln) or "StartAbort" in ln]
+    assert absl == [], "".join(absl)
 
     chief, single = tmp_path / "run0", tmp_path / "single"
     assert not (tmp_path / "run1").exists() and not (tmp_path / "runs").exists()  # the worker wrote no run folder

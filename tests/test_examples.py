@@ -104,3 +104,13 @@ def test_export_notebook_agrees_with_keras(tmp_path, tiny_imagenet_model):
     assert report["passed"] and report["max_abs_diff"] <= 1e-4 and report["top1_agreement"] == 1.0
     assert "onnxruntime: tabby, tabby cat" in out and "keras:       tabby, tabby cat" in out
     assert float(out.split("max |diff|:")[1].split()[0]) <= 1e-4
+
+
+@pytest.mark.slow
+def test_dinov2_features_linear_probe_notebook(tmp_path):
+    """The notebook writes its own tiny DINOv2-layout checkpoint (offline) and probes its features."""
+    out = run_notebook("04_dinov2_features_linear_probe", tmp_path, out=tmp_path / "out")
+    assert "registers 4, LayerScale True" in out and "linear probe: test top-1" in out
+    top1 = float(out.split("linear probe: test top-1 ")[1].split()[0])
+    assert top1 > 0.3  # random features of 8x8 digits, linearly separable well above chance (0.1)
+    assert (tmp_path / "out" / "tiny-dinov2-reg" / "config.json").is_file()

@@ -28,6 +28,7 @@ def _noisy(model, seed=0):
 
 @pytest.mark.parametrize("pos_embedding,method,image_size", [
     ("learned", "linear", 32), ("learned", "bicubic", 32), ("learned_2d", "bicubic", 32), ("sincos2d", "linear", 32),
+    ("learned", "bicubic_antialias", 32),  # timm's resampling, in the graph as in NumPy
     # a 4x6 grid plus the class token is 25 = 5x5 embeddings: not to be taken for a square grid without one
     ("learned", "linear", (32, 48))])
 def test_dynamic_model_matches_resize_model_at_other_sizes(pos_embedding, method, image_size):

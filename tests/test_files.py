@@ -79,3 +79,26 @@ def test_latest_link_beside_a_real_folder_leaves_no_temp(tmp_path, capsys):
     assert link_latest(str(other), str(tmp_path)) is True
     assert os.readlink(tmp_path / "latest") == "digits-run-2"
     assert sorted(os.listdir(tmp_path)) == ["digits-run", "digits-run-2", "latest"]
+
+
+def test_replace_path_puts_the_old_folder_back_when_the_rename_fails(tmp_path, monkeypatch):
+    """A folder is replaced by moving the old one aside first; a failed rename moves it back."""
+    old, new = tmp_path / "m.saved_model", tmp_path / "new"
+    old.mkdir()
+    (old / "saved_model.pb").write_bytes(b"good")
+    new.mkdir()
+    (new / "saved_model.pb").write_bytes(b"new")
+    real = os.replace
+
+    def refuse_the_new_one(src, dst):
+        if os.fspath(src) == str(new):
+            raise OSError(28, "No space left on device", str(dst))
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", refuse_the_new_one)
+    with pytest.raises(OSError, match="No space left"):
+        files.replace_path(new, old)
+    monkeypatch.undo()
+    assert (old / "saved_model.pb").read_bytes() == b"good" and sorted(os.listdir(tmp_path)) == ["m.saved_model", "new"]
+    files.replace_path(new, old)
+    assert (old / "saved_model.pb").read_bytes() == b"new" and sorted(os.listdir(tmp_path)) == ["m.saved_model"]

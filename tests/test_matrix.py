@@ -3,10 +3,11 @@
 Options: pos_embedding (5) x classifier (3: token, gap, map) x gelu_approximate (2), in full (30
 models), a "shape" factor: square RGB, non-square single-channel (32x48, channels=1),
 representation_size, include_top=False, and a hybrid (three one-unit BiT ResNet stages, total
-stride 16), and a "tokens" factor (issue #26): none, two register tokens, DeiT's distillation token
-and head (with classifier "token" only: the pairs with gap and map are excluded), a class token
-kept with fc_norm (a class token the pooling ignores under gap and map), and pre_norm with
-ImageNet's pixel mean and std.
+stride 16); a "block" factor, the ViT family's block options (issue #26): plain, LayerScale,
+qk_norm, quick_gelu, swiglu; and a "tokens" factor (issue #26): none, two register tokens, DeiT's
+distillation token and head (with classifier "token" only: the pairs with gap and map are
+excluded), a class token kept with fc_norm (a class token the pooling ignores under gap and map),
+and pre_norm with ImageNet's pixel mean and std.
 Paths, per model:
 - Keras: .keras save/load and keras.models.clone_model (every model), and one of
   mixed_bfloat16, model.quantize("int8" | "float8" | "int4"), LoRA on the MLP's Dense layers;
@@ -14,11 +15,11 @@ Paths, per model:
   --optimize) and TFLite in LiteRT (fp32, fp16,
   dynamic, int8): one ONNX and one TFLite precision per model;
 - the JAX and PyTorch backends (every model, one subprocess per backend).
-The shape and tokens factors and the per-model paths are spread over the 30 option models (plus
-a few more) by `pairwise.pairwise_rows`: every pair of values of any two factors appears in some
-model (35 models before the tokens factor and "map", 42 with them). Each cell compares with the
-Keras float32 model on the same digits images: fp32 paths at max |diff| <= 1e-4 and 100% top-1,
-fp16 at >= 99% top-1, lossy paths at a bound on max |diff| (see MAX_REL_DIFF for why int8 and below get no top-1 check on random weights).
+The shape, block and tokens factors and the per-model paths are spread over the 30 option models
+(plus a few more) by `pairwise.pairwise_rows`: every pair of values of any two factors appears in
+some model. Each cell compares with the Keras float32 model on the same digits images: fp32 paths
+at max |diff| <= 1e-4 and 100% top-1, fp16 at >= 99% top-1, lossy paths at a bound on max |diff|
+(see MAX_REL_DIFF for why int8 and below get no top-1 check on random weights).
 """
 from __future__ import annotations
 
@@ -42,6 +43,7 @@ FACTORS = {
     "classifier": ["token", "gap", "map"],
     "gelu_approximate": [True, False],
     "shape": ["square", "nonsquare_gray", "representation", "no_top", "hybrid"],
+    "block": ["plain", "layer_scale", "qk_norm", "quick_gelu", "swiglu"],
     "tokens": ["default", "registers", "distilled", "cls_fc_norm", "pre_norm_mean_std"],
     "onnx": ["fp32", "optimize", "fp16", "dynamic", "static", "static_optimize"],
     "tflite": ["fp32", "fp16", "dynamic", "int8"],
@@ -51,7 +53,8 @@ FULL = ("pos_embedding", "classifier", "gelu_approximate")
 # DeiT's distillation head reads the class and distillation tokens: classifier "token" only.
 EXCLUDE = [("classifier", "gap", "tokens", "distilled"), ("classifier", "map", "tokens", "distilled")]
 ROWS = pairwise_rows(FACTORS, full=FULL, exclude=EXCLUDE)
-IDS = [f"{r['pos_embedding']}-{r['classifier']}-{'tanh' if r['gelu_approximate'] else 'erf'}-{r['shape']}-{r['tokens']}"
+IDS = [f"{r['pos_embedding']}-{r['classifier']}-{'tanh' if r['gelu_approximate'] else 'erf'}-{r['shape']}-{r['block']}"
+       f"-{r['tokens']}"
        for r in ROWS]
 TINY = dict(hidden_size=32, num_heads=2, mlp_dim=64, num_layers=2)
 SHAPES = {
@@ -63,6 +66,10 @@ SHAPES = {
     # R50+B/16), 1x1 patches over the 2x2 feature map.
     "hybrid": dict(image_size=32, patch_size=1, resnet_layers=(1, 1, 1)),
 }
+# LayerScale at 0.5 (not timm's 1e-5), so that the branches still weigh in the outputs; row_model
+# then draws the gains per channel around it (a constant gain would hide a channel-order bug).
+BLOCKS = {"plain": {}, "layer_scale": dict(layer_scale_init=0.5), "qk_norm": dict(qk_norm=True),
+          "quick_gelu": dict(activation="quick_gelu"), "swiglu": dict(mlp="swiglu")}
 TOKENS = {
     "default": {},
     "registers": dict(num_registers=2),
@@ -95,7 +102,7 @@ def row_config(row: dict) -> ViTConfig:
         tokens.update(pixel_mean=(0.449,), pixel_std=(0.226,))
     return ViTConfig(num_classes=10, pos_embedding=row["pos_embedding"], classifier=row["classifier"],
                      gelu_approximate=row["gelu_approximate"], variant=f"matrix {row['shape']}",
-                     **TINY, **shape, **tokens)
+                     **TINY, **shape, **BLOCKS[row["block"]], **tokens)
 
 
 def images(cfg: ViTConfig, n: int = NUM_IMAGES, split: str = "test") -> np.ndarray:
@@ -105,8 +112,8 @@ def images(cfg: ViTConfig, n: int = NUM_IMAGES, split: str = "test") -> np.ndarr
 
 @functools.cache
 def row_model(index: int):
-    """The row's model with every weight random (zero-initialised ones included) and a head
-    scaled so that the logits spread over several units."""
+    """The row's model with every weight random (zero-initialised ones and LayerScale gains
+    included) and a head scaled so that the logits spread over several units."""
     keras.utils.set_random_seed(index)
     model = keras_vit.ViT(config=row_config(ROWS[index]))
     rng = np.random.default_rng(index)
@@ -114,6 +121,8 @@ def row_model(index: int):
         value = np.asarray(w.numpy())
         if not value.any():
             w.assign(rng.normal(0.0, 0.2, value.shape).astype("float32"))
+        elif "LayerScale" in w.path:
+            w.assign(rng.normal(value, 0.5 * np.abs(value)).astype("float32"))
     if model.vit_config.include_top:
         head = model.get_layer("head")
         head.kernel.assign(rng.normal(0.0, 1.0, head.kernel.shape).astype("float32"))
@@ -158,7 +167,7 @@ def test_rows_cover_every_pair_and_the_full_option_product():
     assert all_pairs(FACTORS) - excluded <= covered and not covered & excluded
     assert {tuple(r[f] for f in FULL) for r in ROWS} == {
         (p, c, g) for p in FACTORS["pos_embedding"] for c in FACTORS["classifier"] for g in FACTORS["gelu_approximate"]}
-    assert len(ROWS) == 42 and ROWS == pairwise_rows(FACTORS, full=FULL, exclude=EXCLUDE)  # deterministic
+    assert len(ROWS) == 43 and ROWS == pairwise_rows(FACTORS, full=FULL, exclude=EXCLUDE)  # deterministic
     for row in ROWS:
         row_config(row)  # every row is a valid config
 
@@ -179,6 +188,7 @@ def test_keras_paths(index, tmp_path):
     x = row_images(index)
     ref = run(model, x)
     assert np.ptp(ref) > 1.0  # outputs spread over several units
+    assert model.count_params() == cfg.count_params()  # the analytic count, for every option
 
     model.save(tmp_path / "m.keras")
     check(run(keras_vit.load_model(tmp_path / "m.keras"), x), ref, "fp32", "save/load")

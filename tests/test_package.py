@@ -1,5 +1,6 @@
 """Packaging: the wheel holds keras_vit.export and keras_vit.cli; vitcli stays light."""
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -15,7 +16,8 @@ def _run(args, **kw):
     return subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=kw.pop("cwd", ROOT), **kw)
 
 
-def test_wheel_holds_export_and_cli(tmp_path):
+def _build_wheel(tmp_path):
+    """The wheel of a copy of the source tree (no venv, runs or caches), built without isolation."""
     src = tmp_path / "src"
     shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(
         ".venv", ".git", "runs", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache"))
@@ -24,6 +26,11 @@ def test_wheel_holds_export_and_cli(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "absent from the `packages` configuration" not in proc.stdout + proc.stderr  # every folder declared
     (wheel,) = (tmp_path / "dist").glob("keras_vit-*.whl")
+    return wheel
+
+
+def test_wheel_holds_export_and_cli(tmp_path):
+    wheel = _build_wheel(tmp_path)
     names = zipfile.ZipFile(wheel).namelist()
     for module in ("keras_vit/__init__.py", "keras_vit/vit.py", "keras_vit/layers/__init__.py", "keras_vit/layers/attention.py",
                    "keras_vit/export/__init__.py", "keras_vit/cli/__init__.py", "keras_vit/cli/main.py",
@@ -84,3 +91,39 @@ def test_keras_load_model_after_import_keras_vit(tmp_path):
     proc = _run([sys.executable, "-c", code], cwd="/")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "VisionTransformer (1, 3)" in proc.stdout
+
+
+def _readme_venv_mb(extra: str) -> float:
+    """The venv size the README's install table gives for `extra` (its "| `[cpu]` | ... | N MB |" row)."""
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    m = re.search(r"^\| `\[" + extra + r"\]`[^\n]*?\| ([\d,]+) MB \|", readme, re.M)
+    assert m, f"README.md has no install-table row for [{extra}]"
+    return float(m[1].replace(",", ""))
+
+
+@pytest.mark.slow
+def test_fresh_venv_with_the_cpu_extra_trains_and_exports(tmp_path):
+    """A user's first hour: the wheel with [cpu] alone, in a fresh venv (what `make demo` installs), trains
+    on the offline digits and exports a verified ONNX file; its size is the one the README gives."""
+    wheel = _build_wheel(tmp_path)
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    pip = _run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", f"{wheel}[cpu]"], timeout=1800)
+    assert pip.returncode == 0, pip.stderr[-3000:]
+    listed = _run([str(venv / "bin" / "python"), "-m", "pip", "list", "--format=freeze"]).stdout.lower()
+    for absent in ("torch==", "jax==", "pytest==", "tensorflow-datasets==", "jupyter"):
+        assert absent not in listed, f"{absent} was installed by [cpu]"
+    assert "onnxruntime==" in listed
+    work = tmp_path / "work"
+    work.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    vitcli = str(venv / "bin" / "vitcli")
+    train = _run([vitcli, "train", "--dataset", "digits", "--epochs", "1"], cwd=work, env=env, timeout=900)
+    assert train.returncode == 0, train.stdout[-2000:] + train.stderr[-2000:]
+    export = _run([vitcli, "export", "--format", "onnx"], cwd=work, env=env, timeout=900)
+    assert export.returncode == 0, export.stdout[-2000:] + export.stderr[-2000:]
+    assert list((work / "runs" / "latest").glob("*.onnx")) or list(work.glob("**/*.onnx"))
+    size_mb = float(_run(["du", "-sm", str(venv)]).stdout.split()[0])  # as the README's figures were measured
+    print(f"fresh venv with [cpu]: {size_mb:,.0f} MB")
+    want = _readme_venv_mb("cpu")
+    assert abs(size_mb - want) <= 0.15 * want, f"[cpu] venv is {size_mb:,.0f} MB; README.md says {want:,.0f} MB"

@@ -36,7 +36,7 @@ def test_linear_is_the_official_scipy_zoom(old, new):
     np.testing.assert_allclose(resample_grid(grid, new, "linear"), zoomed, atol=1e-12)
 
 
-@pytest.mark.parametrize("method", ["linear", "bilinear", "bicubic", "nearest"])
+@pytest.mark.parametrize("method", ["linear", "bilinear", "bicubic", "nearest", "bicubic_antialias"])
 def test_methods_preserve_constants_and_identity(method):
     w = interpolation_matrix(5, 9, method)
     np.testing.assert_allclose(w.sum(axis=1), 1.0, atol=1e-12)  # a constant stays constant

@@ -2,12 +2,23 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
 from export_helpers import small_model
 
-from keras_vit.export import THRESHOLDS, ExportError, Runner, format_table, report_path, to_onnx, verify  # noqa: E402
+from keras_vit.export import (  # noqa: E402
+    THRESHOLDS,
+    ExportError,
+    Runner,
+    export_verified,
+    failed_path,
+    format_table,
+    report_path,
+    to_onnx,
+    verify,
+)
 from keras_vit.export.images import load_images  # noqa: E402
 
 
@@ -81,3 +92,56 @@ def test_image_sources(tmp_path):
         load_images(f"folder:{tmp_path / 'nope'}", 32)
     with pytest.raises(ExportError, match="unknown image source|image source"):
         load_images("no-such-dataset", 32)
+
+
+def test_export_verified_promotes_a_passing_file_and_sets_a_failed_one_aside(exported, tmp_path):
+    """The library's write-and-verify call: a passing file reaches the path with its report; a
+    failing one (max |diff| <= 0) is kept as NAME.failed.EXT and the good file stays."""
+    model, _ = exported
+    out = tmp_path / "m.onnx"
+    report = export_verified(model, out, num_images=4, plot=False)
+    assert report["passed"] and report["file"] == str(out) and report["report_path"] == str(out) + ".report.json"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.report.json"]
+    good = out.read_bytes()
+    report = export_verified(model, str(out), num_images=4, thresholds={"max_abs_diff": 0.0}, plot=False)
+    assert not report["passed"] and report["file"] == failed_path(out) == str(tmp_path / "m.failed.onnx")
+    assert json.loads(open(report_path(failed_path(out))).read())["status"] == "FAILED verification"
+    assert out.read_bytes() == good and json.loads(open(report_path(out)).read())["passed"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.failed.onnx", "m.failed.onnx.report.json", "m.onnx",
+                                                          "m.onnx.report.json"]
+
+
+@pytest.mark.parametrize("interrupt", [KeyboardInterrupt, RuntimeError])
+def test_export_verified_interrupted_leaves_no_temporary_file(exported, tmp_path, monkeypatch, interrupt):
+    """Ctrl-C (or an error) during verification: the temporary file is removed, the old file stays."""
+    import importlib
+
+    verify_module = importlib.import_module("keras_vit.export.verify")  # the package's `verify` is the function
+    model, _ = exported
+    out = tmp_path / "m.onnx"
+    out.write_bytes(b"the previous export")
+    seen = []
+
+    def stop(keras_model, path, **kwargs):
+        seen.append(os.path.basename(path))
+        raise interrupt("stopped")
+
+    monkeypatch.setattr(verify_module, "measure", stop)
+    with pytest.raises(interrupt):
+        export_verified(model, out, num_images=4)
+    assert seen and seen[0].startswith(".m.onnx.tmp-") and seen[0].endswith(".onnx")
+    assert out.read_bytes() == b"the previous export" and sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+
+
+def test_staging_and_failed_names():
+    from keras_vit.export.verified import export_format, staging_path
+
+    assert failed_path("/d/model.int8.opt.onnx") == "/d/model.int8.opt.failed.onnx"
+    assert failed_path("/d/m.tflite") == "/d/m.failed.tflite"
+    assert failed_path("/d/model.saved_model/") == "/d/model.saved_model.failed"
+    tmp = staging_path("/d/m.tflite")
+    assert tmp.startswith("/d/.m.tflite.tmp-") and tmp.endswith(".tflite")
+    assert staging_path("/d/model.saved_model").startswith("/d/.model.saved_model.tmp-")
+    assert [export_format(p) for p in ("a.onnx", "a.tflite", "a.saved_model")] == ["onnx", "tflite", "saved_model"]
+    with pytest.raises(ExportError, match="format must be one of onnx, tflite, saved_model; got 'coreml'"):
+        export_format("a.onnx", "coreml")

@@ -20,9 +20,14 @@ def read_image(path_or_bytes, from_bytes: bool = False):
     return img
 
 
-def prepare_image(image, image_size: Optional[Sequence[int]], channels: int):
+def prepare_image(image, image_size: Optional[Sequence[int]], channels: int, interpolation: str = "bilinear",
+                  crop_pct: Optional[float] = None):
     """Float32 image(s) resized (bilinear) to `image_size` (None: kept) and converted to
-    `channels` (1 or 3): the one transformation shared by training, evaluation and prediction."""
+    `channels` (1 or 3): the one transformation shared by training, evaluation and prediction.
+
+    `crop_pct` (timm's evaluation transform, which a published checkpoint may name): the shorter
+    side resized to image_size / crop_pct with `interpolation` ("bicubic" antialiased, as PIL's),
+    then the centre image_size crop."""
     import tensorflow as tf
 
     image = tf.cast(image, tf.float32)
@@ -39,14 +44,25 @@ def prepare_image(image, image_size: Optional[Sequence[int]], channels: int):
     if image_size is None:
         return image
     h, w = (int(s) for s in image_size)
-    if tuple(image.shape[-3:-1]) != (h, w):
-        image = tf.image.resize(image, (h, w), method="bilinear")
-    return image
+    if crop_pct is not None:
+        import math
+
+        ih, iw = (tf.cast(tf.shape(image)[i], tf.float32) for i in (-3, -2))
+        scale = tf.maximum(math.floor(h / crop_pct) / ih, math.floor(w / crop_pct) / iw)  # the shorter side
+        size = tf.cast(tf.round(tf.stack([ih, iw]) * scale), tf.int32)
+        image = tf.image.resize(image, size, method=interpolation, antialias=interpolation == "bicubic")
+        top, left = (size[0] - h) // 2, (size[1] - w) // 2
+        image = image[..., top:top + h, left:left + w, :]
+    elif tuple(image.shape[-3:-1]) != (h, w):
+        image = tf.image.resize(image, (h, w), method=interpolation, antialias=interpolation == "bicubic")
+    return tf.clip_by_value(image, 0.0, 255.0) if interpolation == "bicubic" else image  # PIL clips its overshoot
 
 
-def load_image_file(path: str, image_size: Optional[Sequence[int]], channels: int) -> np.ndarray:
+def load_image_file(path: str, image_size: Optional[Sequence[int]], channels: int, interpolation: str = "bilinear",
+                    crop_pct: Optional[float] = None) -> np.ndarray:
     """One image file as float32 (H, W, channels) in [0, 255], decoded and resized exactly as in
-    training (read_image + prepare_image); DatasetError naming the file when it cannot be read."""
+    training (read_image + prepare_image, with its `interpolation` / `crop_pct`); DatasetError
+    naming the file when it cannot be read."""
     import tensorflow as tf
 
     try:
@@ -54,4 +70,4 @@ def load_image_file(path: str, image_size: Optional[Sequence[int]], channels: in
             image = read_image(tf.constant(f.read()), from_bytes=True)
     except (OSError, tf.errors.OpError) as exc:
         raise DatasetError(f"cannot read image {path}: {first_line(exc)}") from None
-    return np.asarray(prepare_image(image, image_size, channels), np.float32)
+    return np.asarray(prepare_image(image, image_size, channels, interpolation, crop_pct), np.float32)

@@ -10,6 +10,7 @@ import numpy as np
 from keras import layers, ops
 
 from keras_vit.config import INIT_STD
+from keras_vit.layers.norm import _layer_norm
 
 _REG = keras.saving.register_keras_serializable(package="keras_vit")
 
@@ -42,16 +43,27 @@ class MultiHeadSelfAttention(layers.Layer):
     measured faster on CPU and export to a smaller ONNX graph (BENCHMARKS.md).
     With `relative_grid` set, a learned embedding per 2-D offset between patches is used as
     keys of an extra attention whose logits are added as a bias (paper Appendix D.4).
+    With `qk_norm`, queries and keys are layer-normalised over head_dim (float32, affine
+    `query_norm` / `key_norm`, shared by the heads) before their product, as timm's
+    `qk_norm=True` (`attn.q_norm`, `attn.k_norm`); the softmax scale then follows the norm.
     """
 
     def __init__(self, num_heads: int, dropout_rate: float = 0.0,
-                 relative_grid: Optional[Sequence[int]] = None, num_prefix_tokens: int = 1, **kwargs):
+                 relative_grid: Optional[Sequence[int]] = None, num_prefix_tokens: int = 1,
+                 qk_norm: bool = False, layer_norm_epsilon: float = 1e-6, **kwargs):
         super().__init__(**kwargs)
         self.num_heads = int(num_heads)
         self.dropout_rate = float(dropout_rate)
         self.relative_grid = None if relative_grid is None else tuple(int(g) for g in relative_grid)
         self.num_prefix_tokens = int(num_prefix_tokens)
+        self.qk_norm = bool(qk_norm)
+        self.layer_norm_epsilon = float(layer_norm_epsilon)
         self.dropout = layers.Dropout(self.dropout_rate, dtype=self.dtype_policy)
+        self.query_norm = self.key_norm = None
+        if self.qk_norm:
+            self.query_norm, self.key_norm = (
+                layers.LayerNormalization(epsilon=self.layer_norm_epsilon, name=name, dtype="float32")
+                for name in ("query_norm", "key_norm"))
 
     def build(self, input_shape):
         d = input_shape[-1]
@@ -71,6 +83,9 @@ class MultiHeadSelfAttention(layers.Layer):
                 shape=(n_off, h, hd), initializer=keras.initializers.RandomNormal(stddev=INIT_STD),
                 name="relative_embedding")
             self._rel_index = relative_position_index(self.relative_grid, self.num_prefix_tokens)
+        if self.qk_norm:
+            self.query_norm.build((None, h, None, hd))
+            self.key_norm.build((None, h, None, hd))
         self.dropout.build((None, h, None, None))
         self.built = True
 
@@ -116,9 +131,12 @@ class MultiHeadSelfAttention(layers.Layer):
         """(B, S, D) -> (B, S, D); with `num_queries` n, only the first n tokens attend (to all S)
         and the result is (B, n, D): what a class-token head reads of the last block."""
         scale = 1.0 / math.sqrt(self.head_dim)
-        q, k, v = self._qkv(x, scale)  # q already carries the softmax scale
+        q, k, v = self._qkv(x, 1.0 if self.qk_norm else scale)  # q carries the softmax scale
         if num_queries is not None:
             q = q[:, :, :num_queries]
+        if self.qk_norm:  # LN(q) scaled, LN(k): the scale cannot be folded into the kernel
+            q = ops.cast(_layer_norm(self.query_norm, q) * scale, x.dtype)
+            k = ops.cast(_layer_norm(self.key_norm, k), x.dtype)
         bias = None
         if self.relative_grid is not None:
             bias = self._relative_bias(q)  # from the scaled query: the bias is scaled too
@@ -155,4 +173,5 @@ class MultiHeadSelfAttention(layers.Layer):
     def get_config(self):
         return {**super().get_config(), "num_heads": self.num_heads, "dropout_rate": self.dropout_rate,
                 "relative_grid": None if self.relative_grid is None else list(self.relative_grid),
-                "num_prefix_tokens": self.num_prefix_tokens}
+                "num_prefix_tokens": self.num_prefix_tokens, "qk_norm": self.qk_norm,
+                "layer_norm_epsilon": self.layer_norm_epsilon}

@@ -1,4 +1,5 @@
-"""The pre-norm encoder block (Eq. 2-3) and its parts: MlpBlock, DropPath (stochastic depth)."""
+"""The pre-norm encoder block (Eq. 2-3) and its parts: MlpBlock (plain or SwiGLU), DropPath
+(stochastic depth), LayerScale."""
 from __future__ import annotations
 
 import math
@@ -8,6 +9,7 @@ import keras
 from keras import layers, ops
 
 from keras_vit.layers.attention import MultiHeadSelfAttention
+from keras_vit.layers.norm import _layer_norm
 
 _REG = keras.saving.register_keras_serializable(package="keras_vit")
 
@@ -35,6 +37,30 @@ class DropPath(layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "rate": self.rate, "seed": self.seed}
+
+
+@_REG
+class LayerScale(layers.Layer):
+    """Per-channel gains on a residual branch, x * gamma, gamma (D,) initialised to `init_value`
+    (CaiT / DeiT-III / DINOv2; timm `LayerScale`, `ls1.gamma` / `ls2.gamma`)."""
+
+    def __init__(self, init_value: float = 1e-5, **kwargs):
+        super().__init__(**kwargs)
+        self.init_value = float(init_value)
+
+    def build(self, input_shape):
+        self.scale = self.add_weight(shape=(input_shape[-1],), initializer=keras.initializers.Constant(self.init_value),
+                                     name="scale")
+        self.built = True
+
+    def call(self, x):
+        return x * ops.cast(self.scale, x.dtype)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "init_value": self.init_value}
 
 
 def _gelu_with_input_gradient(approximate: bool):
@@ -85,18 +111,34 @@ def gelu(x, approximate: bool = True, training=None):
     return ops.gelu(x, approximate=approximate)
 
 
+def activate(x, activation: str = "gelu", approximate: bool = True, training=None):
+    """The MLP's nonlinearity: "gelu" (see `gelu`) or "quick_gelu", x sigmoid(1.702 x) (OpenAI CLIP),
+    in the compute dtype like ops.gelu. Written Mul(x, Sigmoid(Mul(x, 1.702))), the operand order
+    onnxruntime's QuickGelu fusion reads (the constant first crashes it)."""
+    if activation == "quick_gelu":
+        return x * ops.sigmoid(x * ops.cast(1.702, x.dtype))
+    return gelu(x, approximate, training)
+
+
 @_REG
 class MlpBlock(layers.Layer):
-    """MLP of the encoder block: Dense(mlp_dim) -> GELU -> dropout -> Dense(D) -> dropout."""
+    """MLP of the encoder block: Dense(mlp_dim) -> GELU (or quick_gelu) -> dropout -> Dense(D) -> dropout.
 
-    def __init__(self, mlp_dim: int, dropout_rate: float = 0.0, gelu_approximate: bool = True, **kwargs):
+    kind="swiglu": Dense_0 to 2 mlp_dim, halves x1 (first), x2; silu(x1) * x2 -> dropout -> Dense_1 (timm
+    `SwiGLUPacked`, DINOv2 `SwiGLUFFNFused`); `activation` does not apply.
+    """
+
+    def __init__(self, mlp_dim: int, dropout_rate: float = 0.0, gelu_approximate: bool = True,
+                 activation: str = "gelu", kind: str = "mlp", **kwargs):
         super().__init__(**kwargs)
         self.mlp_dim = int(mlp_dim)
         self.dropout_rate = float(dropout_rate)
         self.gelu_approximate = bool(gelu_approximate)
+        self.activation = str(activation)
+        self.kind = str(kind)
         dense = dict(kernel_initializer="glorot_uniform",
                      bias_initializer=keras.initializers.RandomNormal(stddev=1e-6), dtype=self.dtype_policy)
-        self.dense_0 = layers.Dense(self.mlp_dim, name="Dense_0", **dense)
+        self.dense_0 = layers.Dense(self.mlp_dim * (2 if self.kind == "swiglu" else 1), name="Dense_0", **dense)
         self.dense_1 = None
         self.dense_kwargs = dense
         self.dropout = layers.Dropout(self.dropout_rate, dtype=self.dtype_policy)
@@ -115,7 +157,11 @@ class MlpBlock(layers.Layer):
         d = x.shape[-1]
         shape = tuple(x.shape) if all(n is not None for n in x.shape[1:]) else ops.shape(x)
         h = self.dense_0(ops.reshape(x, (-1, d)))
-        h = self.dropout(gelu(h, self.gelu_approximate, training), training=training)
+        if self.kind == "swiglu":
+            h = ops.silu(h[:, :self.mlp_dim]) * h[:, self.mlp_dim:]
+        else:
+            h = activate(h, self.activation, self.gelu_approximate, training)
+        h = self.dropout(h, training=training)
         h = self.dense_1(h)
         out = ops.reshape(h, (-1,) + tuple(shape[1:]) if isinstance(shape, tuple) else shape)
         return self.dropout(out, training=training)
@@ -125,35 +171,24 @@ class MlpBlock(layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "mlp_dim": self.mlp_dim, "dropout_rate": self.dropout_rate,
-                "gelu_approximate": self.gelu_approximate}
-
-
-def _layer_norm(norm: layers.LayerNormalization, x):
-    """`norm`'s LayerNorm over the last axis, in float32, written out on (tokens, features).
-
-    Same weights and result as calling the Keras layer; the explicit
-    ReduceMean-Sub-Pow-ReduceMean-Add-Sqrt-Div form on a rank-2 tensor is what
-    onnxruntime's optimizer fuses into one LayerNormalization node (tf.nn.moments on a
-    rank-3 tensor exports as GlobalAveragePool chains that it cannot fuse). Its gradient stays
-    TensorFlow's own: a custom one (as for GELU) measured slower at ViT-B/16 bf16.
-    """
-    shape = tuple(x.shape) if all(n is not None for n in x.shape[1:]) else ops.shape(x)
-    d = x.shape[-1]
-    h = ops.reshape(ops.cast(x, "float32"), (-1, d))
-    centred = h - ops.mean(h, axis=-1, keepdims=True)
-    var = ops.mean(ops.power(centred, 2), axis=-1, keepdims=True)
-    h = centred / ops.sqrt(var + norm.epsilon) * norm.gamma + norm.beta
-    return ops.reshape(h, (-1,) + tuple(shape[1:]) if isinstance(shape, tuple) else shape)
+                "gelu_approximate": self.gelu_approximate, "activation": self.activation, "kind": self.kind}
 
 
 @_REG
 class TransformerBlock(layers.Layer):
-    """Pre-norm encoder block (Eq. 2-3): z' = MSA(LN(z)) + z;  z = MLP(LN(z')) + z'."""
+    """Pre-norm encoder block (Eq. 2-3): z' = MSA(LN(z)) + z;  z = MLP(LN(z')) + z'.
+
+    The ViT family's block options (issue #26): `layer_scale_init` multiplies each branch by
+    LayerScale gains (z' = gamma_1 * MSA(LN(z)) + z, ...); `qk_norm` normalises queries and keys
+    per head; `activation` ("gelu" | "quick_gelu") and `mlp_kind` ("mlp" | "swiglu") shape the MLP.
+    """
 
     def __init__(self, num_heads: int, mlp_dim: int, dropout_rate: float = 0.0,
                  attention_dropout_rate: float = 0.0, drop_path_rate: float = 0.0,
                  gelu_approximate: bool = True, layer_norm_epsilon: float = 1e-6,
-                 relative_grid: Optional[Sequence[int]] = None, num_prefix_tokens: int = 1, **kwargs):
+                 relative_grid: Optional[Sequence[int]] = None, num_prefix_tokens: int = 1,
+                 layer_scale_init: Optional[float] = None, qk_norm: bool = False, activation: str = "gelu",
+                 mlp_kind: str = "mlp", **kwargs):
         super().__init__(**kwargs)
         self.num_heads = int(num_heads)
         self.mlp_dim = int(mlp_dim)
@@ -164,21 +199,33 @@ class TransformerBlock(layers.Layer):
         self.layer_norm_epsilon = float(layer_norm_epsilon)
         self.relative_grid = None if relative_grid is None else tuple(int(g) for g in relative_grid)
         self.num_prefix_tokens = int(num_prefix_tokens)
+        self.layer_scale_init = None if layer_scale_init is None else float(layer_scale_init)
+        self.qk_norm = bool(qk_norm)
+        self.activation = str(activation)
+        self.mlp_kind = str(mlp_kind)
         policy = self.dtype_policy
         self.norm_1 = layers.LayerNormalization(epsilon=self.layer_norm_epsilon, name="LayerNorm_0", dtype="float32")
         self.attention = MultiHeadSelfAttention(
             self.num_heads, self.attention_dropout_rate, relative_grid=self.relative_grid,
-            num_prefix_tokens=self.num_prefix_tokens, name="MultiHeadDotProductAttention_1", dtype=policy)
+            num_prefix_tokens=self.num_prefix_tokens, qk_norm=self.qk_norm,
+            layer_norm_epsilon=self.layer_norm_epsilon, name="MultiHeadDotProductAttention_1", dtype=policy)
         self.dropout = layers.Dropout(self.dropout_rate, dtype=policy)
         self.norm_2 = layers.LayerNormalization(epsilon=self.layer_norm_epsilon, name="LayerNorm_2", dtype="float32")
-        self.mlp = MlpBlock(self.mlp_dim, self.dropout_rate, self.gelu_approximate, name="MlpBlock_3", dtype=policy)
+        self.mlp = MlpBlock(self.mlp_dim, self.dropout_rate, self.gelu_approximate, activation=self.activation,
+                            kind=self.mlp_kind, name="MlpBlock_3", dtype=policy)
         self.drop_path = DropPath(self.drop_path_rate, dtype=policy)
+        # LayerScale_0 after the attention, LayerScale_1 after the MLP (the canonical checkpoint names).
+        self.layer_scale = None
+        if self.layer_scale_init is not None:
+            self.layer_scale = [LayerScale(self.layer_scale_init, name=f"LayerScale_{j}", dtype=policy) for j in (0, 1)]
 
     def build(self, input_shape):
         self.norm_1.build(input_shape)
         self.attention.build(input_shape)
         self.norm_2.build(input_shape)
         self.mlp.build(input_shape)
+        for scale in self.layer_scale or ():
+            scale.build(input_shape)
         # Built here too, as the functional model never traces this call: model.quantize()
         # refuses a model with unbuilt layers.
         self.dropout.build(input_shape)
@@ -198,11 +245,15 @@ class TransformerBlock(layers.Layer):
         if return_attention_scores:
             y, probs = y
         y = self.dropout(y, training=training)
+        if self.layer_scale:
+            y = self.layer_scale[0](y)
         if class_token_only:
             x = x[:, :1]
         x = ops.cast(x, self.compute_dtype) + self.drop_path(y, training=training)
-        y = ops.cast(_layer_norm(self.norm_2, x), self.compute_dtype)
-        x = x + self.drop_path(self.mlp(y, training=training), training=training)
+        y = self.mlp(ops.cast(_layer_norm(self.norm_2, x), self.compute_dtype), training=training)
+        if self.layer_scale:
+            y = self.layer_scale[1](y)
+        x = x + self.drop_path(y, training=training)
         if return_attention_scores:
             return x, probs
         return x
@@ -226,4 +277,5 @@ class TransformerBlock(layers.Layer):
                 "drop_path_rate": self.drop_path_rate, "gelu_approximate": self.gelu_approximate,
                 "layer_norm_epsilon": self.layer_norm_epsilon,
                 "relative_grid": None if self.relative_grid is None else list(self.relative_grid),
-                "num_prefix_tokens": self.num_prefix_tokens}
+                "num_prefix_tokens": self.num_prefix_tokens, "layer_scale_init": self.layer_scale_init,
+                "qk_norm": self.qk_norm, "activation": self.activation, "mlp_kind": self.mlp_kind}

@@ -137,6 +137,14 @@ def interpolation_matrix_ops(n_in: int, n_out, method: str = "linear"):
     def pick(idx):
         return ops.one_hot(ops.cast(ops.clip(idx, 0, n_in - 1), "int32"), n_in, dtype="float32")
 
+    if method == "bicubic_antialias":  # torch's antialiased bicubic (PIL's): a = -0.5, rows renormalised
+        scale = float(n_in) / n_out_f
+        stretch = ops.maximum(scale, 1.0)
+        t = ops.abs((ops.cast(ops.arange(n_in), "float32")[None, :] + 0.5 - (scale * (i + 0.5))[:, None]) / stretch)
+        a = -0.5
+        w = ops.where(t <= 1, ((a + 2) * t - (a + 3)) * t * t + 1,
+                      ops.where(t < 2, ((a * t - 5 * a) * t + 8 * a) * t - 4 * a, 0.0))
+        return w / ops.sum(w, axis=1, keepdims=True)
     if method == "nearest":
         return pick(ops.floor(src + 0.5))
     if method == "bicubic":

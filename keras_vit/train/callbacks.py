@@ -1,7 +1,10 @@
-"""Checkpoints written atomically each epoch (keras.callbacks.ModelCheckpoint writes in place)."""
+"""Checkpoints written atomically at epoch ends, paced by time (keras.callbacks.ModelCheckpoint writes in place
+and every epoch)."""
 from __future__ import annotations
 
 import os
+import time
+from typing import Optional
 
 import keras
 import numpy as np
@@ -9,26 +12,95 @@ import numpy as np
 from keras_vit.files import save_model
 
 
-class AtomicCheckpoint(keras.callbacks.Callback):
-    """Saves the model each epoch as `last.keras` and, when `monitor` improves, as `best.keras`,
-    each through a temporary name, so a kill mid-write never leaves a truncated checkpoint."""
+class SaveClock:
+    """When an epoch-end save is due: `interval` seconds after the previous one (0: every epoch), and
+    always after the last epoch. Short epochs (the digits demo's are under a second) then spend their
+    time training rather than writing the same checkpoint 80 times."""
 
-    def __init__(self, folder: str, monitor: str = "val_accuracy"):
+    def __init__(self, interval: float = 0.0):
+        self.interval = float(interval)
+        self.saved_at = time.monotonic()
+
+    def due(self, epoch: int, epochs: Optional[int]) -> bool:
+        last = epochs is not None and epoch + 1 >= epochs
+        return self.interval <= 0 or last or time.monotonic() - self.saved_at >= self.interval
+
+    def saved(self) -> None:
+        self.saved_at = time.monotonic()
+
+
+class AtomicCheckpoint(keras.callbacks.Callback):
+    """Saves the model as `last.keras` and, when `monitor` improves, as `best.keras`, each through a
+    temporary name, so a kill mid-write never leaves a truncated checkpoint; at most every `interval`
+    seconds (the best weights are kept in memory until then) and after the last epoch."""
+
+    def __init__(self, folder: str, monitor: str = "val_accuracy", interval: float = 0.0):
         super().__init__()
         self.folder, self.monitor = folder, monitor
         self.best = -np.inf
+        self.clock = SaveClock(interval)
+        self._best_weights = None  # the best epoch's weights, not yet written
+
+    def on_train_begin(self, logs=None):
+        self.clock.saved()
 
     def on_epoch_end(self, epoch, logs=None):
-        save_model(self.model, os.path.join(self.folder, "last.keras"))
         value = (logs or {}).get(self.monitor)
-        if value is not None and value > self.best:
+        improved = value is not None and value > self.best
+        if improved:
             self.best = value
+        if not self.clock.due(epoch, (self.params or {}).get("epochs")):
+            if improved:
+                self._best_weights = self.model.get_weights()
+            return
+        save_model(self.model, os.path.join(self.folder, "last.keras"))
+        if improved:
             save_model(self.model, os.path.join(self.folder, "best.keras"))
+        elif self._best_weights is not None:
+            self._save_best(self._best_weights)
+        self._best_weights = None
+        self.clock.saved()
+
+    def on_train_end(self, logs=None):
+        if self._best_weights is not None:  # training stopped before the next save (e.g. on a NaN)
+            self._save_best(self._best_weights)
+            self._best_weights = None
+
+    def _save_best(self, weights) -> None:
+        """best.keras with the kept weights, the model's own weights restored afterwards."""
+        current = self.model.get_weights()
+        self.model.set_weights(weights)
+        try:
+            save_model(self.model, os.path.join(self.folder, "best.keras"))
+        finally:
+            self.model.set_weights(current)
 
 
-def atomic_checkpoint(folder: str, monitor: str = "val_accuracy") -> AtomicCheckpoint:
+class PacedBackup(keras.callbacks.BackupAndRestore):
+    """keras.callbacks.BackupAndRestore that writes its epoch-end backup at most every `interval`
+    seconds (and after the last epoch): a resumed run repeats at most that much training, and
+    `trim_csv` drops the repeated epochs' rows from metrics.csv."""
+
+    def __init__(self, backup_dir: str, interval: float = 0.0, **kwargs):
+        super().__init__(backup_dir, **kwargs)
+        self.clock = SaveClock(interval)
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        self.clock.saved()
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.clock.due(epoch, (self.params or {}).get("epochs")):
+            super().on_epoch_end(epoch, logs)
+            self.clock.saved()
+        else:
+            self._current_epoch = epoch + 1
+            self._last_batch_seen = 0
+
+
+def atomic_checkpoint(folder: str, monitor: str = "val_accuracy", interval: float = 0.0) -> AtomicCheckpoint:
     """The AtomicCheckpoint callback for a run folder."""
-    return AtomicCheckpoint(folder, monitor)
+    return AtomicCheckpoint(folder, monitor, interval)
 
 
 class LearningRateLogger(keras.callbacks.Callback):

@@ -51,7 +51,9 @@ def _images(model: keras.Model, images) -> np.ndarray:
     vcfg = get_config(model)
     if isinstance(images, (str, bytes)) or (isinstance(images, (list, tuple)) and images and isinstance(images[0], str)):
         paths = [images] if isinstance(images, (str, bytes)) else list(images)
-        return np.stack([kdata.load_image_file(p, vcfg.image_size, vcfg.channels) for p in paths])
+        # A published checkpoint's evaluation transform (timm's resize and centre crop), when it names one.
+        pre = getattr(model, "eval_preprocessing", None) or {}
+        return np.stack([kdata.load_image_file(p, vcfg.image_size, vcfg.channels, **pre) for p in paths])
     x = np.asarray(images, np.float32)
     if x.ndim == 3:
         x = x[None]

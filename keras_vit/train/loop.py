@@ -22,7 +22,7 @@ from keras_vit.errors import TrainError
 from keras_vit.files import save_model, write_json, write_text
 from keras_vit.model import build_model
 from keras_vit.plots import plot_training_curves, read_metrics_csv
-from keras_vit.train.callbacks import LearningRateLogger, atomic_checkpoint
+from keras_vit.train.callbacks import LearningRateLogger, PacedBackup, atomic_checkpoint
 from keras_vit.train.distribute import (
     Cluster,
     ClusterError,
@@ -108,7 +108,7 @@ def _train(cfg: TrainConfig, run: Optional[str], resume: bool, cluster: Cluster,
             model = _build_model(cfg, data, jit)
             start = time.time()
             history = model.fit(data.train, validation_data=data.val, epochs=cfg.epochs, steps_per_epoch=data.fit_steps,
-                                callbacks=_callbacks(run, resume, cluster),
+                                callbacks=_callbacks(run, resume, cluster, cfg.checkpoint_interval),
                                 verbose=(1 if sys.stdout.isatty() else 2) if verbose == "auto" else verbose)
             seconds = time.time() - start
             if model.stop_training and any(np.isnan(v) for v in history.history.get("loss", [])):
@@ -256,10 +256,14 @@ def _build_model(cfg: TrainConfig, data: _Data, jit: str) -> keras.Model:
     return model
 
 
-def _callbacks(run: str, resume: bool, cluster: Optional[Cluster] = None) -> List[keras.callbacks.Callback]:
+def _callbacks(run: str, resume: bool, cluster: Optional[Cluster] = None,
+               checkpoint_interval: float = 0.0) -> List[keras.callbacks.Callback]:
     """NaN stop, metrics.csv, TensorBoard, atomic checkpoints and the resumable backup (kept by
-    the chief only in a TensorFlow cluster; the other workers follow the chief's restored state)."""
+    the chief only in a TensorFlow cluster; the other workers follow the chief's restored state).
+    One process saves at most every `checkpoint_interval` seconds; a cluster saves every epoch (its
+    workers must agree on which epoch a backup holds)."""
     cluster = cluster or Cluster()
+    interval = 0.0 if cluster.multi_worker else checkpoint_interval
     backup = os.path.join(run, "backup")
     csv_path = os.path.join(run, "metrics.csv")
     if resume:
@@ -269,13 +273,13 @@ def _callbacks(run: str, resume: bool, cluster: Optional[Cluster] = None) -> Lis
         LearningRateLogger(),
         keras.callbacks.CSVLogger(csv_path, append=True),
         keras.callbacks.TensorBoard(os.path.join(run, "logs"), write_graph=False, profile_batch=0),
-        atomic_checkpoint(run, monitor="val_accuracy"),
+        atomic_checkpoint(run, monitor="val_accuracy", interval=interval),
     ]
     # JAX processes save in lockstep (saving creates variables, and each is checked equal on
     # every process), so there each worker keeps a backup; on TensorFlow only the chief does.
     if cluster.is_chief or cluster.backend == "jax":
         # Last, so that everything above is on disk before an epoch counts as done.
-        callbacks.append(keras.callbacks.BackupAndRestore(backup, delete_checkpoint=True))
+        callbacks.append(PacedBackup(backup, interval, delete_checkpoint=True))
     if cluster.multi_worker and cluster.backend == "tensorflow":
         callbacks.append(FollowChief(cluster))
     return callbacks

@@ -38,6 +38,8 @@ DATASET_DEFAULTS: Dict[str, Dict[str, Any]] = {
     "cifar100": dict(_SMALL),
     "*": dict(variant="Ti/16", image_size=224, epochs=30, batch_size=64, augment="inception"),
 }
+# TrainConfig.variant of a run whose model is the --weights checkpoint's (DINOv2, SigLIP, DeiT ...).
+FROM_WEIGHTS = "checkpoint"
 MODEL_FIELDS = ("hidden_size", "num_layers", "num_heads", "mlp_dim", "classifier", "pos_embedding",
                 "representation_size")
 OPTIMIZERS = ("adamw", "adam", "sgd")
@@ -78,6 +80,9 @@ class TrainConfig:
     skip_bad_images: bool = False  # drop image files that do not decode (listed in bad_images.txt)
     freeze_backbone: bool = False  # linear probe: only the head trains
     layer_decay: Optional[float] = None  # block i of L at R^(L-i) of the head's rate, embeddings R^(L+1)
+    # Seconds between epoch-end checkpoints (last.keras, best.keras, the resumable backup) of a one-process
+    # run; 0 = every epoch. The last epoch is always saved; a resume repeats at most this much training.
+    checkpoint_interval: float = 10.0
 
     def validate(self) -> TrainConfig:
         """Raise TrainError naming the bad value and what is allowed."""
@@ -93,6 +98,9 @@ class TrainConfig:
                 raise TrainError(f"{name} must be a number >= 0, got {v!r}")
         if self.learning_rate <= 0:
             raise TrainError(f"learning_rate must be > 0, got {self.learning_rate!r}")
+        if isinstance(self.checkpoint_interval, bool) or not isinstance(self.checkpoint_interval, (int, float)) \
+                or not 0 <= self.checkpoint_interval < float("inf"):
+            raise TrainError(f"checkpoint_interval must be a number of seconds >= 0, got {self.checkpoint_interval!r}")
         if self.label_smoothing >= 1:
             raise TrainError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
         if self.clipnorm is not None and self.clipnorm <= 0:
@@ -120,8 +128,15 @@ class TrainConfig:
         return self
 
     def vit_config(self, num_classes: int, channels: int) -> ViTConfig:
-        """The ViTConfig this run trains."""
+        """The ViTConfig this run trains (variant FROM_WEIGHTS: the checkpoint's model and options,
+        a new head for the dataset's classes)."""
         try:
+            if self.variant == FROM_WEIGHTS:
+                from keras_vit.vit import checkpoint_config
+
+                return checkpoint_config(self.weights, image_size=self.image_size, num_classes=num_classes,
+                                         channels=channels, include_top=True, dropout_rate=self.dropout_rate,
+                                         drop_path_rate=self.drop_path_rate, **self.model)
             return parse_variant(self.variant, image_size=self.image_size, num_classes=num_classes,
                                  channels=channels, dropout_rate=self.dropout_rate,
                                  drop_path_rate=self.drop_path_rate, **self.model)
@@ -144,6 +159,15 @@ class TrainConfig:
         return from_fields(cls, d, "training options", TrainError)
 
 
+def _architecture_from(overrides: Dict[str, Any]) -> bool:
+    """Whether the run takes its model from `weights`: a checkpoint (not a .keras) and no sizes given."""
+    from keras_vit.weights.checkpoints import is_checkpoint
+
+    weights = overrides.get("weights")
+    sizes = any(k in overrides for k in MODEL_FIELDS) or overrides.get("model")
+    return bool(weights) and not str(weights).endswith(".keras") and not sizes and is_checkpoint(weights)
+
+
 def make_config(dataset: str = "digits", recipe: str = "scratch", **overrides) -> TrainConfig:
     """A TrainConfig from a recipe, then the dataset's defaults, then `overrides` (None = keep).
 
@@ -162,6 +186,8 @@ def make_config(dataset: str = "digits", recipe: str = "scratch", **overrides) -
     model = dict(defaults.pop("model", {}))
     if "variant" in overrides:
         model = {}
+    elif _architecture_from(overrides):  # --weights CHECKPOINT alone: the checkpoint's model
+        overrides["variant"], model = FROM_WEIGHTS, {}
     fields.update(defaults)
     model.update(overrides.pop("model", None) or {})
     for k in MODEL_FIELDS:

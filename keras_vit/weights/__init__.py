@@ -1,8 +1,10 @@
 """Weights: checkpoints in and out of a model, and what adapts them to it.
 
-- `checkpoints`: published names, hf://, reading .npz / .safetensors, what a checkpoint fits;
+- `checkpoints`: hf://, reading .npz / .safetensors, what a checkpoint fits;
+- `presets`: the published checkpoints by name (no Keras: `vitcli models` lists them);
 - `npz_layout`: the official (vision_transformer) layout, big_vision names brought to it;
 - `torch_layout`: timm / Hugging Face (PyTorch layout) names and shapes <-> the official layout;
+- `hf_layout`: the Hugging Face ViT family (DINOv2, CLIP, SigLIP, DeiT) <-> the official layout, and their configs;
 - `io`: a model's variables by checkpoint name; load_weights, load_npz, save_npz, save_safetensors;
 - `resize`: position-embedding resampling (NumPy only).
 
@@ -13,7 +15,7 @@ from __future__ import annotations
 
 import importlib
 
-SUBMODULES = ("checkpoints", "io", "npz_layout", "resize", "torch_layout")
+SUBMODULES = ("checkpoints", "hf_layout", "io", "npz_layout", "presets", "resize", "torch_layout")
 
 
 def __getattr__(name: str):

@@ -19,78 +19,12 @@ import numpy as np
 from keras_vit.config import parse_variant
 from keras_vit.errors import first_line
 from keras_vit.labels import imagenet_labels
-from keras_vit.weights import torch_layout
+from keras_vit.weights import hf_layout, torch_layout
 from keras_vit.weights.npz_layout import canonicalize, shape_defaults
+from keras_vit.weights.presets import FAMILY, PUBLISHED, Published  # noqa: F401 - re-exported
 
 PathLike = Union[str, os.PathLike]
 log = logging.getLogger("keras_vit")
-
-_GCS = "https://storage.googleapis.com/vit_models/"
-
-
-@dataclasses.dataclass(frozen=True)
-class Published:
-    """A checkpoint published with the paper or later: where it is and what model it fits."""
-
-    url: str
-    variant: str
-    image_size: int
-    num_classes: int
-    representation_size: Optional[int] = None
-
-    @property
-    def labels(self) -> Optional[str]:
-        """The label set of the head: "imagenet1k", "imagenet21k" (ImageNet-21k, 21843 classes)."""
-        return {1000: "imagenet1k", 21843: "imagenet21k"}.get(self.num_classes)
-
-
-def _augreg(stem: str, ft: Optional[str] = None) -> str:
-    return f"{_GCS}augreg/{stem}" + (f"--imagenet2012-steps_20k-{ft}" if ft else "") + ".npz"
-
-
-# Names: "{variant}-{pre-training}[-ft-{fine-tuning}[-{res}]]". Sources: the vision_transformer
-# README (imagenet21k/, imagenet21k+imagenet2012/) and the AugReg index (augreg/), as listed in
-# timm's default_cfgs.
-_AR = {
-    "Ti/16": "Ti_16-i21k-300ep-lr_0.001-aug_none-wd_0.03-do_0.0-sd_0.0",
-    "S/32": "S_32-i21k-300ep-lr_0.001-aug_light1-wd_0.03-do_0.0-sd_0.0",
-    "S/16": "S_16-i21k-300ep-lr_0.001-aug_light1-wd_0.03-do_0.0-sd_0.0",
-    "B/32": "B_32-i21k-300ep-lr_0.001-aug_medium1-wd_0.03-do_0.0-sd_0.0",
-    "B/16": "B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0",
-    "B/8": "B_8-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0",
-    "L/16": "L_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.1-sd_0.1",
-}
-PUBLISHED: Dict[str, Published] = {
-    # The paper's ImageNet-21k pre-trained models (with the pre-logits layer) ...
-    **{f"{v}-i21k": Published(f"{_GCS}imagenet21k/ViT-{v.replace('/', '_')}.npz", v, 224, 21843, r)
-       for v, r in (("B/16", 768), ("B/32", 768), ("L/16", 1024), ("L/32", 1024), ("H/14", 1280))},
-    "R50+B/16-i21k": Published(f"{_GCS}imagenet21k/R50+ViT-B_16.npz", "R50+B/16", 224, 21843, 768),
-    # ... and fine-tuned on ImageNet-1k at 384 px (and at 224 px: "-224").
-    **{f"{v}-i21k-ft-in1k": Published(f"{_GCS}imagenet21k+imagenet2012/ViT-{v.replace('/', '_')}.npz", v, 384, 1000)
-       for v in ("B/16", "B/32", "L/16", "L/32")},
-    "B/16-i21k-ft-in1k-224": Published(f"{_GCS}imagenet21k+imagenet2012/ViT-B_16-224.npz", "B/16", 224, 1000),
-    "L/16-i21k-ft-in1k-224": Published(f"{_GCS}imagenet21k+imagenet2012/ViT-L_16-224.npz", "L/16", 224, 1000),
-    "R50+B/16-i21k-ft-in1k": Published(f"{_GCS}imagenet21k+imagenet2012/R50+ViT-B_16.npz", "R50+B/16", 384, 1000),
-    # "How to train your ViT?" (AugReg) ImageNet-21k checkpoints and their ImageNet-1k fine-tunes.
-    **{f"{v}-augreg-i21k": Published(_augreg(stem), v, 224, 21843) for v, stem in _AR.items()},
-    "R26+S/32-augreg-i21k": Published(_augreg("R26_S_32-i21k-300ep-lr_0.001-aug_medium2-wd_0.03-do_0.0-sd_0.0"),
-                                      "R26+S/32", 224, 21843),
-    "R50+L/32-augreg-i21k": Published(_augreg("R50_L_32-i21k-300ep-lr_0.001-aug_medium2-wd_0.1-do_0.0-sd_0.0"),
-                                      "R50+L/32", 224, 21843),
-    **{f"{v}-augreg-i21k-ft-in1k": Published(_augreg(_AR[v], f"lr_{lr}-res_224"), v, 224, 1000)
-       for v, lr in (("Ti/16", "0.03"), ("S/32", "0.03"), ("S/16", "0.03"), ("B/32", "0.03"),
-                     ("B/16", "0.01"), ("B/8", "0.01"), ("L/16", "0.01"))},
-    **{f"{v}-augreg-i21k-ft-in1k-384": Published(_augreg(_AR[v], f"lr_{lr}-res_384"), v, 384, 1000)
-       for v, lr in (("Ti/16", "0.03"), ("S/32", "0.03"), ("S/16", "0.03"), ("B/16", "0.01"), ("L/16", "0.01"))},
-    "R26+S/32-augreg-i21k-ft-in1k": Published(_augreg(
-        "R26_S_32-i21k-300ep-lr_0.001-aug_light0-wd_0.03-do_0.1-sd_0.1", "lr_0.03-res_224"), "R26+S/32", 224, 1000),
-    "R26+S/32-augreg-i21k-ft-in1k-384": Published(_augreg(
-        "R26_S_32-i21k-300ep-lr_0.001-aug_medium2-wd_0.03-do_0.0-sd_0.0", "lr_0.03-res_384"), "R26+S/32", 384, 1000),
-    "R50+L/32-augreg-i21k-ft-in1k": Published(_augreg(
-        "R50_L_32-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.1-sd_0.1", "lr_0.01-res_224"), "R50+L/32", 224, 1000),
-    "R50+L/32-augreg-i21k-ft-in1k-384": Published(_augreg(
-        "R50_L_32-i21k-300ep-lr_0.001-aug_medium2-wd_0.1-do_0.0-sd_0.0", "lr_0.01-res_384"), "R50+L/32", 384, 1000),
-}
 
 
 # --- files ------------------------------------------------------------------------------
@@ -103,9 +37,16 @@ def checkpoint_path(weights: PathLike) -> str:
     path = os.fspath(weights)
     if os.path.isfile(path):
         return path
+    if os.path.isdir(path):  # a downloaded Hub model: config.json beside model.safetensors
+        local = os.path.join(path, "model.safetensors")
+        if not os.path.isfile(local):
+            raise ValueError(f"weights folder {path!r} has no model.safetensors")
+        return local
     if path.startswith(HF_PREFIX):
         return hub_file(path)
     entry = PUBLISHED.get(path)
+    if entry is not None and entry.url.startswith(HF_PREFIX):
+        return hub_file(entry.url)
     if entry is None:
         raise ValueError(f"weights {path!r} is neither an existing .npz or .safetensors file, hf://ORG/NAME "
                          f"nor a published checkpoint; published names: {', '.join(sorted(PUBLISHED))}")
@@ -117,6 +58,15 @@ def checkpoint_path(weights: PathLike) -> str:
     except Exception as exc:  # noqa: BLE001 - any failure to fetch is reported the same way
         raise ValueError(f"downloading checkpoint {path!r} from {entry.url} failed ({first_line(exc)}); "
                          "pass the path of a local .npz file instead") from None
+
+
+def is_checkpoint(spec: PathLike) -> bool:
+    """Whether `spec` names a checkpoint (a published name, hf://ORG/NAME, an .npz or .safetensors
+    file, a model folder with model.safetensors) rather than a .keras model or a run folder."""
+    spec = os.fspath(spec)
+    return (spec in PUBLISHED or spec.startswith(HF_PREFIX)
+            or (os.path.isfile(spec) and spec.endswith((".npz", ".safetensors")))
+            or os.path.isfile(os.path.join(spec, "model.safetensors")))
 
 
 def _hub_repo(spec: str) -> Tuple[str, str]:
@@ -216,6 +166,15 @@ class Checkpoint:
     layout: str
     defaults: Dict[str, Any]
 
+    @property
+    def resample_method(self) -> str:
+        """How the checkpoint's own code resamples its position embeddings to another grid:
+        timm's bicubic with antialias (resample_abs_pos_embed), transformers' interpolate_pos_encoding
+        for its ViT family (hf_layout.resample_method), else the official "linear"."""
+        if self.layout in hf_layout.LAYOUTS:
+            return hf_layout.resample_method(self.raw, self.layout)
+        return "bicubic_antialias" if self.layout == "timm" else "linear"
+
     def canonical(self, num_heads: Optional[int] = None, prefix: Optional[str] = None
                   ) -> Tuple[Dict[str, np.ndarray], bool]:
         """Arrays under canonical names and whether the position embeddings are big_vision's."""
@@ -224,15 +183,98 @@ class Checkpoint:
         return torch_layout.to_canonical(self.raw, num_heads or self.defaults.get("num_heads") or 1), False
 
 
-def _timm_arch(name: str) -> Dict[str, Any]:
-    """ViTConfig fields from a timm architecture name: vit_base_patch16_384, vit_base_r50_s16_384."""
-    m = re.match(r"^vit_(tiny|small|base|large|huge)_patch(\d+)(?:_[a-z]+)?_(\d+)", name)
-    if m:
-        return dict(variant=f"{_TIMM_SIZES[m[1]]}/{m[2]}", image_size=int(m[3]))
+# Heads of timm's size names beyond the paper's (the sizes themselves come from the arrays).
+_TIMM_HEADS = {"tiny": 3, "small": 6, "medium": 8, "base": 12, "large": 16, "huge": 16, "giant": 16}
+_TIMM_POOL = {"token": "token", "avg": "gap", "map": "map"}
+_TIMM_SIZE_ARGS = ("embed_dim", "depth", "num_heads", "patch_size", "mlp_ratio")
+
+
+def _timm_arch(name: str, tag: str = "") -> Dict[str, Any]:
+    """ViTConfig fields from a timm architecture name (and pretrained tag): vit_base_patch16_384,
+    vit_base_r50_s16_384, and the family: deit_*_distilled_*, deit3_*, vit_*_dinov2, vit_*_reg4_dinov2,
+    vit_*_clip[_quickgelu]_* (quick_gelu also for the `openai` tag), vit_*_siglip[_gap]_*."""
     m = re.match(r"^vit_(tiny|small|base|large|huge)_r(26|50)_s(\d+)_(\d+)", name)
     if m:
         return dict(variant=f"R{m[2]}+{_TIMM_SIZES[m[1]]}/{m[3]}", image_size=int(m[4]))
-    return {}
+    m = re.match(r"^(vit|deit|deit3)_(tiny|small|medium|base|large|huge|giant)_(?:.*_)?patch(\d+)(?:_(.*))?$", name)
+    if not m:
+        return {}
+    family, size, patch, rest = m[1], m[2], int(m[3]), m[4] or ""
+    words = set(name.split("_"))
+    out: Dict[str, Any] = {}
+    if size in _TIMM_SIZES:
+        out["variant"] = f"{_TIMM_SIZES[size]}/{patch}"
+    else:
+        out.update(num_heads=_TIMM_HEADS[size], patch_size=patch)
+    res = re.search(r"(?:^|_)(\d+)$", rest)
+    if res:
+        out["image_size"] = int(res[1])
+    if family == "deit" and "distilled" in words:
+        out["distilled"] = True
+    if family == "deit3":
+        out["layer_scale_init"] = 1e-6
+    if "dinov2" in words:
+        out["layer_scale_init"] = 1e-5
+        out.setdefault("image_size", 518)
+    reg = re.search(r"(?:^|_)reg(\d+)(?:_|$)", rest)
+    if reg:
+        out["num_registers"] = int(reg[1])
+    if "clip" in words:
+        out.update(pre_norm=True, layer_norm_epsilon=1e-5)  # torch's nn.LayerNorm default
+        if "quickgelu" in words or tag.startswith("openai"):
+            out["activation"] = "quick_gelu"
+    if "siglip" in words:
+        out["classifier"] = "gap" if "gap" in words else "map"
+        out["class_token"] = False
+    return out
+
+
+def _timm_model_args(args: Mapping[str, Any]) -> Dict[str, Any]:
+    """ViTConfig fields from the `model_args` of a timm config.json (timm's VisionTransformer
+    arguments); the sizes themselves come from the arrays."""
+    out: Dict[str, Any] = {}
+    if "num_heads" in args:
+        out["num_heads"] = int(args["num_heads"])
+    if "img_size" in args:
+        out["image_size"] = args["img_size"]
+    pool = _TIMM_POOL.get(args.get("global_pool"))
+    if pool:
+        out["classifier"] = pool
+        if pool != "token" and args.get("class_token", True):
+            out["class_token"] = True
+    if args.get("class_token") is False:
+        out["class_token"] = False
+    for arg, field in (("reg_tokens", "num_registers"), ("init_values", "layer_scale_init"), ("qk_norm", "qk_norm"),
+                       ("pre_norm", "pre_norm"), ("fc_norm", "fc_norm")):
+        if args.get(arg):
+            out[field] = args[arg]
+    act = args.get("act_layer")
+    if act == "quick_gelu":
+        out["activation"] = "quick_gelu"
+    elif act in ("gelu", "gelu_tanh"):
+        out["gelu_approximate"] = act == "gelu_tanh"
+    return out
+
+
+def _timm_defaults(config: Mapping[str, Any]) -> Dict[str, Any]:
+    """ViTConfig fields from a timm config.json: the architecture name, `model_args` and the
+    pretrained config's input size and normalisation."""
+    pre = config.get("pretrained_cfg") or {}
+    out = _timm_arch(str(config["architecture"]), str(pre.get("tag") or ""))
+    args = config.get("model_args") or {}
+    if any(k in args for k in _TIMM_SIZE_ARGS):  # sizes of their own: the name's variant does not apply
+        out.pop("variant", None)
+    pool = _TIMM_POOL.get(config.get("global_pool"))
+    if pool:
+        out["classifier"] = pool
+    out.update(_timm_model_args(args))
+    size = pre.get("input_size") or config.get("input_size")
+    if isinstance(size, (list, tuple)) and len(size) == 3:
+        out["image_size"] = (int(size[1]), int(size[2]))
+    mean, std = pre.get("mean"), pre.get("std")
+    if mean is not None and std is not None and (not np.allclose(mean, 0.5) or not np.allclose(std, 0.5)):
+        out["pixel_mean"], out["pixel_std"] = tuple(float(v) for v in mean), tuple(float(v) for v in std)
+    return out
 
 
 def hub_defaults(config: Mapping[str, Any], num_classes: Optional[int]) -> Dict[str, Any]:
@@ -240,18 +282,11 @@ def hub_defaults(config: Mapping[str, Any], num_classes: Optional[int]) -> Dict[
     out: Dict[str, Any] = {}
     names = None
     if "architecture" in config:  # timm
-        out.update(_timm_arch(str(config["architecture"])))
+        out.update(_timm_defaults(config))
         pre = config.get("pretrained_cfg") or {}
-        size = pre.get("input_size") or config.get("input_size")
-        if isinstance(size, (list, tuple)) and len(size) == 3:
-            out["image_size"] = (int(size[1]), int(size[2]))
         names = config.get("label_names") or pre.get("label_names")
         if not names and num_classes in (1000, 21843):  # timm's ImageNet heads, in the usual order
             names = imagenet_labels("imagenet1k" if num_classes == 1000 else "imagenet21k")
-        mean, std = pre.get("mean"), pre.get("std")
-        if mean is not None and std is not None and (not np.allclose(mean, 0.5) or not np.allclose(std, 0.5)):
-            log.warning("checkpoint expects inputs normalised with mean %s / std %s; keras-vit models rescale "
-                        "[0, 255] to [-1, 1] (mean 0.5, std 0.5), so logits will differ from timm's", mean, std)
     if "num_attention_heads" in config:  # transformers ViTConfig
         for ours, theirs in (("hidden_size", "hidden_size"), ("num_heads", "num_attention_heads"),
                              ("num_layers", "num_hidden_layers"), ("mlp_dim", "intermediate_size"),
@@ -267,35 +302,41 @@ def hub_defaults(config: Mapping[str, Any], num_classes: Optional[int]) -> Dict[
             names = [id2label[k] for k in sorted(id2label, key=int)]
         except (TypeError, ValueError):
             names = None
+    out.update(hf_layout.config_fields(config))  # the family: DINOv2, CLIP, SigLIP, DeiT (their vision towers)
     if names and num_classes is not None and len(names) == num_classes:
         out["class_names"] = [str(n) for n in names]
     return out
 
 
-def _read_arrays(spec: str, local: str) -> Tuple[Dict[str, np.ndarray], str, Dict[str, str]]:
-    """The file's arrays, their layout ("npz", "timm" or "hf") and a .safetensors file's metadata."""
+def _read_arrays(spec: str, local: str) -> Tuple[Dict[str, np.ndarray], str, Dict[str, str], Dict[str, Any]]:
+    """The file's arrays, their layout ("npz", "timm" or "hf"), a .safetensors file's metadata and
+    what the layout itself says of the model (OpenAI CLIP's activation, epsilon and normalisation)."""
     if not (local.endswith(".safetensors") or _is_safetensors(local)):
-        return read_npz(local), "npz", {}
+        return read_npz(local), "npz", {}, {}
     raw, file_meta = read_safetensors(local)
+    raw, source = torch_layout.image_tower(raw)
     layout = torch_layout.detect(raw)
     if not layout:
-        raise ValueError(f"checkpoint {spec!r} is a .safetensors file but not a timm or Hugging Face ViT "
-                         "(no patch_embed.proj / embeddings.patch_embeddings tensors)")
-    return raw, layout, file_meta
+        if torch_layout.text_tower(raw):
+            raise ValueError(f"checkpoint {spec!r} holds a CLIP text tower (text_model.* or transformer.resblocks.* "
+                             "without visual.*), not an image model; load the image tower's weights")
+        raise ValueError(f"checkpoint {spec!r} is a .safetensors file but not a timm or Hugging Face ViT, DeiT, "
+                         "DINOv2, CLIP or SigLIP vision model (no patch_embed.proj / patch_embedding tensors)")
+    return raw, layout, file_meta, dict(torch_layout.OPENAI_CLIP_DEFAULTS) if source == "openai_clip" else {}
 
 
-def _described_defaults(spec: str, file_meta: Mapping[str, str], num_classes: Optional[int]) -> Dict[str, Any]:
-    """What the files beside the arrays say: the Hub's config.json, then keras-vit's own
+def _described_defaults(spec: str, local: str, file_meta: Mapping[str, str],
+                        num_classes: Optional[int]) -> Dict[str, Any]:
+    """What the files beside the arrays say: the Hub's config.json (of an hf:// model, or next to
+    a local .safetensors file, as timm and transformers save them), then keras-vit's own
     safetensors metadata, then the Published table (later ones win)."""
     defaults: Dict[str, Any] = {}
-    if spec.startswith(HF_PREFIX):
-        cfg_path = hub_file(spec, "config.json", required=False)
-        if cfg_path:
-            try:
-                with open(cfg_path) as f:
-                    defaults.update(hub_defaults(json.load(f), num_classes))
-            except (OSError, ValueError):
-                pass
+    config = _side_json(spec, local, "config.json")
+    if config is not None:
+        defaults.update(hub_defaults(config, num_classes))
+    preprocessor = _side_json(spec, local, "preprocessor_config.json")
+    if preprocessor is not None:
+        defaults.update(hf_layout.preprocessing_fields(preprocessor))
     if "keras_vit" in file_meta:  # written by save_safetensors: the exact config
         try:
             ours = json.loads(file_meta["keras_vit"])
@@ -306,11 +347,27 @@ def _described_defaults(spec: str, file_meta: Mapping[str, str], num_classes: Op
             pass
     entry = PUBLISHED.get(spec)
     if entry is not None:
-        defaults.update(variant=entry.variant, image_size=entry.image_size, num_classes=entry.num_classes,
-                        representation_size=entry.representation_size)
+        defaults.update(entry.defaults())
         if entry.labels:
             defaults["class_names"] = imagenet_labels(entry.labels)
     return defaults
+
+
+def _side_json(spec: str, local: str, name: str) -> Optional[Dict[str, Any]]:
+    """A JSON file of the Hub model `hf://ORG/NAME`, or beside a local .safetensors file (a model
+    folder, as timm and transformers save them); None when there is none or it does not parse."""
+    if spec.startswith(HF_PREFIX):
+        path = hub_file(spec, name, required=False)
+    elif local.endswith(".safetensors"):
+        path = os.path.join(os.path.dirname(local), name)
+    else:
+        return None
+    try:
+        with open(path) as f:
+            value = json.load(f)
+    except (OSError, TypeError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def read_checkpoint(weights: PathLike) -> Checkpoint:
@@ -319,14 +376,18 @@ def read_checkpoint(weights: PathLike) -> Checkpoint:
     keras-vit writes, else the array shapes."""
     spec = os.fspath(weights)
     local = checkpoint_path(spec)
-    raw, layout, file_meta = _read_arrays(spec, local)
+    raw, layout, file_meta, layout_defaults = _read_arrays(spec, local)
     ckpt = Checkpoint(spec, local, raw, layout, {})
     arrays, big_vision_posemb = ckpt.canonical(num_heads=1)
     defaults = shape_defaults(arrays, big_vision_posemb)
-    if layout != "npz":  # heads are not in the fused torch shapes; timm and transformers use exact GELU
-        defaults.pop("num_heads", None)
-        defaults["gelu_approximate"] = False
-    defaults.update(_described_defaults(spec, file_meta, defaults.get("num_classes")))
+    if layout != "npz":  # timm and transformers use exact GELU; heads are not in the fused torch
+        defaults["gelu_approximate"] = False  # shapes (qk-norm's width gives them)
+        if not defaults.get("qk_norm"):
+            defaults.pop("num_heads", None)
+    if layout in hf_layout.LAYOUTS:  # what the family's tensor names say (options, a headless backbone)
+        defaults.update(hf_layout.layout_fields(raw, layout, arrays))
+    defaults.update(layout_defaults)
+    defaults.update(_described_defaults(spec, local, file_meta, defaults.get("num_classes")))
     if "variant" in defaults and "num_heads" not in defaults:
         try:
             defaults["num_heads"] = parse_variant(defaults["variant"]).num_heads

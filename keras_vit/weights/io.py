@@ -20,7 +20,7 @@ import numpy as np
 from keras_vit.config import ViTConfig
 from keras_vit.files import atomic_path
 from keras_vit.model import get_config
-from keras_vit.weights import torch_layout
+from keras_vit.weights import hf_layout, torch_layout
 from keras_vit.weights.checkpoints import (
     ARCHITECTURE_FIELDS,
     HF_PREFIX,
@@ -32,6 +32,7 @@ from keras_vit.weights.checkpoints import (
     checkpoint_path,
     hub_defaults,
     hub_file,
+    is_checkpoint,
     read_checkpoint,
     read_npz,
     read_safetensors,
@@ -88,6 +89,11 @@ def model_variables(model: keras.Model) -> Dict[str, keras.Variable]:
             out[f"{a}{n}/kernel"], out[f"{a}{n}/bias"] = getattr(att, f"{n}_kernel"), getattr(att, f"{n}_bias")
         if att.relative_grid is not None:
             out[a + "relative_embedding"] = att.relative_embedding
+        if att.qk_norm:
+            for n, norm in (("query_norm", att.query_norm), ("key_norm", att.key_norm)):
+                out[f"{a}{n}/scale"], out[f"{a}{n}/bias"] = norm.gamma, norm.beta
+        for j, scale in enumerate(blk.layer_scale or ()):
+            out[f"{b}LayerScale_{j}/scale"] = scale.scale
         for j, dense in enumerate((blk.mlp.dense_0, blk.mlp.dense_1)):
             out[f"{b}MlpBlock_3/Dense_{j}/kernel"], out[f"{b}MlpBlock_3/Dense_{j}/bias"] = dense.kernel, dense.bias
     for layer_name, key in (("encoder_norm", "Transformer/encoder_norm"), ("fc_norm", "fc_norm")):
@@ -270,24 +276,25 @@ def warn_untrained_head(model: keras.Model, arrays: Mapping[str, np.ndarray], so
 
 
 def load_weights(model: keras.Model, weights: PathLike, *, prefix: Optional[str] = None,
-                 method: str = "linear") -> keras.Model:
+                 method: Optional[str] = None) -> keras.Model:
     """Load a checkpoint (.npz, timm/Hugging Face .safetensors, published name or hf://ORG/NAME)
     into a keras-vit model, in place; returns the model.
 
     A head of another size is dropped (the model keeps its zero-initialised one), the input
     kernel is adapted to the model's channels, position embeddings are resampled to the
-    model's grid with `method`.
+    model's grid with `method` (default: as the checkpoint's own code does, timm's antialiased
+    bicubic for timm files, else "linear").
     """
     ckpt = read_checkpoint(weights)
     arrays, big_vision_posemb = ckpt.canonical(num_heads=get_config(model).num_heads, prefix=prefix)
-    assign_weights(model, arrays, method=method, big_vision_posemb=big_vision_posemb,
+    assign_weights(model, arrays, method=method or ckpt.resample_method, big_vision_posemb=big_vision_posemb,
                    source=f"checkpoint {ckpt.source!r}")
     warn_untrained_head(model, arrays, f"checkpoint {ckpt.source!r}")
     return model
 
 
 def load_npz(model: keras.Model, path: PathLike, *, prefix: Optional[str] = None,
-             method: str = "linear") -> keras.Model:
+             method: Optional[str] = None) -> keras.Model:
     """Load an official .npz checkpoint (path or published name) into a keras-vit model, in place
     (any format `load_weights` reads is accepted). Returns the model."""
     return load_weights(model, path, prefix=prefix, method=method)
@@ -310,16 +317,15 @@ def save_npz(model: keras.Model, path: PathLike) -> str:
     return path
 
 
-# The token and head options of issue #26 and their defaults (named when a layout cannot hold them).
-_TOKEN_OPTIONS = {"class_token": None, "num_registers": 0, "distilled": False, "pre_norm": False, "fc_norm": False,
-                  "classifier": "token"}
-
-
-def save_safetensors(model: keras.Model, path: PathLike) -> str:
+def save_safetensors(model: keras.Model, path: PathLike, layout: str = "timm") -> str:
     """Write the model's weights as a .safetensors file in timm's VisionTransformer layout (fused
-    qkv, PyTorch (out, in) kernels), with the keras-vit config and class names as metadata so
-    `ViT(weights=path)` rebuilds the same model; written then renamed."""
+    qkv, PyTorch (out, in) kernels), or with `layout="hf"` in Hugging Face's Dinov2Model (a model
+    with LayerScale) or CLIPVisionModelWithProjection (a model with pre_norm) layout, with the
+    keras-vit config and class names as metadata so `ViT(weights=path)` rebuilds the same model;
+    written then renamed."""
     cfg = get_config(model)
+    if layout not in ("timm", "hf"):
+        raise ValueError(f"layout must be 'timm' or 'hf', got {layout!r}")
     if cfg.pos_embedding not in ("learned", "none", "sincos2d"):
         raise ValueError(f"pos_embedding {cfg.pos_embedding!r} has no timm equivalent; "
                          "save this model with keras_vit.save_npz instead")
@@ -328,15 +334,15 @@ def save_safetensors(model: keras.Model, path: PathLike) -> str:
     except ImportError:
         raise ValueError("save_safetensors needs the safetensors package: pip install safetensors") from None
     arrays = {k: v.astype(np.float32) for k, v in model_arrays(model).items()}
-    try:
+    if layout == "timm":
         tensors = torch_layout.to_timm(arrays)
-        lost = sum(v.size for v in arrays.values()) - sum(np.asarray(v).size for v in tensors.values())
-    except KeyError:  # a part the layout always has is missing (encoder_norm of an fc_norm model)
-        lost = True
-    if lost:  # a file that would not load back: refuse rather than drop weights
-        options = {k: v for k, v in cfg.to_dict().items() if k in _TOKEN_OPTIONS and v != _TOKEN_OPTIONS[k]}
-        raise ValueError(f"save_safetensors: the timm layout does not hold all of this model's weights "
-                         f"(options {options}); save this model with keras_vit.save_npz instead")
+    elif getattr(cfg, "pre_norm", False):
+        tensors = hf_layout.to_clip(arrays)
+    elif getattr(cfg, "layer_scale_init", None) is not None and cfg.classifier == "token":
+        tensors = hf_layout.to_dinov2(arrays, swiglu=getattr(cfg, "mlp", "mlp") == "swiglu")
+    else:
+        raise ValueError("layout='hf' writes DINOv2 models (layer_scale_init, classifier 'token') and CLIP "
+                         "models (pre_norm=True); save this model with layout='timm'")
     names = getattr(model, "class_names", None)
     meta = {"format": "pt",
             "keras_vit": json.dumps({"config": cfg.to_dict(), "class_names": list(names) if names else None})}
@@ -350,4 +356,4 @@ def save_safetensors(model: keras.Model, path: PathLike) -> str:
 __all__ = ["PUBLISHED", "Published", "Checkpoint", "checkpoint_path", "hub_file", "read_npz", "read_safetensors",
            "read_checkpoint", "shape_defaults", "hub_defaults", "canonicalize", "model_variables", "model_arrays",
            "adapt_input_conv", "assign_weights", "warn_untrained_head", "load_weights", "load_npz", "save_npz",
-           "save_safetensors", "check_variant", "ARCHITECTURE_FIELDS", "HF_PREFIX", "PathLike"]
+           "save_safetensors", "check_variant", "is_checkpoint", "ARCHITECTURE_FIELDS", "HF_PREFIX", "PathLike"]

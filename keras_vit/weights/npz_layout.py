@@ -74,22 +74,51 @@ def _paper_variant(hidden: int, mlp: int, layers: int) -> Optional[str]:
     return None
 
 
+# LayerScale's initial gain: not in a checkpoint (only the trained gains are); DINOv2's value.
+LAYER_SCALE_INIT = 1e-5
+
+
+def family_defaults(arrays: Mapping[str, np.ndarray], hidden: int) -> Dict[str, Any]:
+    """The ViT-family options (issue #26) that canonical arrays show by their names and shapes,
+    only where they differ from the defaults: LayerScale, qk-norm (which also gives the heads),
+    SwiGLU (Dense_0 twice Dense_1's input), tokens, pre_norm, fc_norm and the classifier."""
+    out: Dict[str, Any] = {}
+    b = "Transformer/encoderblock_0/"
+    if b + "LayerScale_0/scale" in arrays:
+        out["layer_scale_init"] = LAYER_SCALE_INIT
+    qn = arrays.get(b + "MultiHeadDotProductAttention_1/query_norm/scale")
+    if qn is not None and qn.shape[-1] and hidden % int(qn.shape[-1]) == 0:
+        out.update(qk_norm=True, num_heads=hidden // int(qn.shape[-1]))
+    dense0, dense1 = arrays.get(b + "MlpBlock_3/Dense_0/kernel"), arrays.get(b + "MlpBlock_3/Dense_1/kernel")
+    if dense0 is not None and dense1 is not None and int(dense0.shape[-1]) == 2 * int(dense1.shape[0]):
+        out.update(mlp="swiglu", mlp_dim=int(dense1.shape[0]))
+    cls = "cls" in arrays
+    if "MAPHead_0/probe" in arrays:
+        out["classifier"] = "map"
+    else:  # timm normalises after pooling (fc_norm) for its average pooling
+        out["classifier"] = "token" if cls and "fc_norm/scale" not in arrays else "gap"
+    if cls and out["classifier"] != "token":
+        out["class_token"] = True
+    reg = arrays.get("reg")
+    if reg is not None and reg.ndim == 3:
+        out["num_registers"] = int(reg.shape[1])
+    for name, field in (("dist", "distilled"), ("Transformer/pre_norm/scale", "pre_norm"),
+                        ("fc_norm/scale", "fc_norm")):
+        if name in arrays:
+            out[field] = True
+    return out
+
+
 def shape_defaults(arrays: Mapping[str, np.ndarray], big_vision_posemb: bool = False) -> Dict[str, Any]:
     """The ViTConfig fields that canonical arrays pin down: sizes, classes, pre-logits, classifier,
-    image size (from a square position-embedding grid) and the paper's variant when one fits."""
+    the family's options (`family_defaults`), image size (from a square position-embedding grid)
+    and the paper's variant when one fits."""
     out: Dict[str, Any] = {}
     emb = arrays.get("embedding/kernel")
     if emb is None or emb.ndim != 4:
         return out
     ph, pw, _, hidden = (int(n) for n in emb.shape)
-    out.update(hidden_size=hidden, patch_size=(ph, pw), classifier="token" if "cls" in arrays else "gap")
-    # The token and head options of issue #26 that the names say (a class token beside "gap" does not).
-    if "MAPHead_0/probe" in arrays:
-        out.update(classifier="map", class_token="cls" in arrays)
-    if "reg" in arrays:
-        out["num_registers"] = int(arrays["reg"].shape[1])
-    out.update(distilled="dist" in arrays, pre_norm="Transformer/pre_norm/scale" in arrays,
-               fc_norm="fc_norm/scale" in arrays and "Transformer/encoder_norm/scale" not in arrays)
+    out.update(hidden_size=hidden, patch_size=(ph, pw))
     layers = len({m[1] for k in arrays for m in [re.match(r"Transformer/encoderblock_(\d+)/", k)] if m})
     if layers:
         out["num_layers"] = layers
@@ -99,6 +128,7 @@ def shape_defaults(arrays: Mapping[str, np.ndarray], big_vision_posemb: bool = F
     q = arrays.get("Transformer/encoderblock_0/MultiHeadDotProductAttention_1/query/kernel")
     if q is not None and q.ndim == 3 and q.shape[1] > 1:
         out["num_heads"] = int(q.shape[1])
+    out.update(family_defaults(arrays, hidden))
     stride = 1
     units: Dict[int, int] = {}
     for k in arrays:
@@ -117,7 +147,7 @@ def shape_defaults(arrays: Mapping[str, np.ndarray], big_vision_posemb: bool = F
     pe = arrays.get(POSEMB)
     if pe is not None:
         n = int(pe.shape[-2])
-        prefix = ("cls" in arrays) + ("dist" in arrays)  # the slots of the class and distillation tokens
+        prefix = int("cls" in arrays) + int("dist" in arrays)
         n -= prefix if (prefix and not big_vision_posemb and int(np.sqrt(n)) ** 2 != n) else 0
         g = int(round(np.sqrt(n)))
         if g * g == n:

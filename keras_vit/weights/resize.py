@@ -3,10 +3,12 @@
 The patch size stays, so a larger image gives a longer sequence; learned position embeddings
 are 2-D interpolated "according to their location in the original image" and the class-token
 slot is kept. "linear" is the official method (scipy.ndimage.zoom(order=1), corners aligned);
-"bilinear", "bicubic" (half-pixel centres, like timm / torch align_corners=False) and "nearest"
-are offered too. Every pos_embedding kind resizes: "learned" (the grid), "learned_2d" (rows and
-columns), "relative" (the (2gh-1) x (2gw-1) table of offsets; its prefix slot is kept),
-"sincos2d" and "none" (nothing learned: rebuilt for the new grid).
+"bilinear", "bicubic" (half-pixel centres, torch's F.interpolate with align_corners=False),
+"nearest" and "bicubic_antialias" (torch's bicubic with antialias=True, what timm >= 1.0's
+resample_abs_pos_embed does: the default for timm checkpoints) are offered too. Every
+pos_embedding kind resizes: "learned" (the grid), "learned_2d" (rows and columns), "relative"
+(the (2gh-1) x (2gw-1) table of offsets; its prefix slot is kept), "sincos2d" and "none"
+(nothing learned: rebuilt for the new grid).
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
-METHODS = ("linear", "bilinear", "bicubic", "nearest")
+METHODS = ("linear", "bilinear", "bicubic", "nearest", "bicubic_antialias")
 
 
 def check_method(method: str) -> str:
@@ -31,6 +33,17 @@ def _cubic(t: np.ndarray, a: float = -0.75) -> np.ndarray:
                     np.where(t < 2, ((a * t - 5 * a) * t + 8 * a) * t - 4 * a, 0.0))
 
 
+def _antialiased_cubic(n_in: int, n_out: int) -> np.ndarray:
+    """torch's separable antialiased bicubic (PIL's): the cubic with a = -0.5, centred at
+    s * (i + 0.5) (s = n_in / n_out), stretched by max(s, 1), on the input samples only, each row
+    renormalised to sum 1. Dense: the cubic is zero outside torch's support, so no bounds are needed."""
+    scale = n_in / n_out
+    stretch = max(scale, 1.0)
+    centre = scale * (np.arange(n_out, dtype=np.float64) + 0.5)
+    w = _cubic((np.arange(n_in, dtype=np.float64)[None, :] + 0.5 - centre[:, None]) / stretch, a=-0.5)
+    return w / w.sum(axis=1, keepdims=True)
+
+
 def interpolation_matrix(n_in: int, n_out: int, method: str = "linear") -> np.ndarray:
     """(n_out, n_in) matrix W so that W @ x resamples x along its first axis from n_in to n_out."""
     check_method(method)
@@ -40,6 +53,8 @@ def interpolation_matrix(n_in: int, n_out: int, method: str = "linear") -> np.nd
         src = i * (n_in - 1) / (n_out - 1) if n_out > 1 else np.zeros(1)
     else:  # half-pixel centres
         src = (i + 0.5) * n_in / n_out - 0.5
+    if method == "bicubic_antialias":
+        return _antialiased_cubic(n_in, n_out)
     if method == "nearest":
         idx = np.clip(np.floor(src + 0.5), 0, n_in - 1).astype(int)
         w[np.arange(n_out), idx] = 1.0

@@ -1,0 +1,275 @@
+"""The AMX table of issue #25 in one run, as JSON and markdown.
+
+Training img/s of every entry path beside timm, the GEMM peaks, which oneDNN kernels the matmuls
+run, and the deployment files' latency.
+
+    bash bench/amx.sh [--quick] [--out DIR]       # sets up the peers (torch, timm), then runs this
+    python -m bench.amx [--quick] [--out DIR]     # the same in an environment that has them
+
+Made for an Intel Xeon with AMX (amx_bf16, amx_int8) and runs on any x86 CPU: without AMX the
+table's title says so. It runs bench.train, bench.infer and bench.ort_interleaved (every case in
+its own process) within --budget seconds: after the probes, the peaks and the inference stage,
+B/16 keeps a quarter of the budget for Ti/16, which runs last on what is left; each training
+stage starts another round only when one more as long as the last still fits. DIR/amx.json
+(every figure with the CPU, its flags, the load, the date and the command) and DIR/amx.md (the
+tables for BENCHMARKS.md) are rewritten after every stage, so a run cut short keeps what it measured.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from typing import Dict, List, Optional
+
+if __package__ in (None, ""):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench import common  # noqa: E402
+from bench.amx_table import AMX_FLAGS, TRAIN_CASES, has_amx, markdown  # noqa: E402
+
+INFER_CASES = ("onnx", "onnx-static", "tflite-int8", "timm-onnx")
+PACKAGES = ("tensorflow", "keras", "torch", "torchvision", "timm", "onnxruntime", "ai-edge-litert")
+# B/16 (its rounds take minutes on 2 cores) runs before Ti/16 and leaves this share of the budget to it;
+# Ti/16's rounds (a minute or two) then fill what is left.
+TI_RESERVE = 0.25
+ROUNDS = 3  # most rounds per training stage
+
+
+# --- oneDNN kernels: one bf16 and one fp32 matmul under ONEDNN_VERBOSE=1 -------------------
+def probe_worker(framework: str) -> None:
+    """Runs one bf16 and one fp32 1024^3 matmul in TensorFlow or torch (this process has
+    ONEDNN_VERBOSE=1, so oneDNN names the kernel of each on stdout) and prints the versions."""
+    import numpy as np
+
+    a = np.random.default_rng(0).standard_normal((1024, 1024)).astype("float32")
+    info: Dict[str, object] = {}
+    if framework == "tf":
+        import tensorflow as tf
+
+        t = tf.constant(a)
+        tf.linalg.matmul(tf.cast(t, tf.bfloat16), tf.cast(t, tf.bfloat16)).numpy()
+        tf.linalg.matmul(t, t).numpy()
+        info["version"] = tf.__version__
+        info["TF_ENABLE_ONEDNN_OPTS"] = os.environ.get("TF_ENABLE_ONEDNN_OPTS", "unset (TensorFlow's default)")
+    else:
+        import torch
+
+        t = torch.from_numpy(a)
+        (t.bfloat16() @ t.bfloat16()).float()
+        t @ t
+        info["version"] = torch.__version__
+        info["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+        info["mkldnn"] = torch.backends.mkldnn.is_available()
+    print("PROBE_INFO " + json.dumps(info), flush=True)
+
+
+def parse_onednn_verbose(text: str) -> Dict[str, object]:
+    """The kernels oneDNN ran, from its verbose lines: per source dtype the (primitive,
+    implementation) pairs, the ISA line, and whether any implementation is an AMX one."""
+    kernels: Dict[str, List[str]] = {}
+    isa = None
+    for ln in text.splitlines():
+        if not ln.startswith("onednn_verbose,"):
+            continue
+        parts = ln.split(",")
+        if "isa:" in ln:
+            isa = ln.split("isa:", 1)[1].strip()
+        if "exec" not in parts[:4]:
+            continue
+        i = parts.index("exec")
+        primitive, impl, descs = parts[i + 2], parts[i + 3], ",".join(parts[i + 4:])
+        dtype = next((d for d in ("bf16", "f16", "f32", "s8", "u8") if re.search(rf"src[:_]{d}\b", descs)), "?")
+        name = f"{primitive}:{impl}" if impl else primitive
+        kernels.setdefault(dtype, [])
+        if name not in kernels[dtype]:
+            kernels[dtype].append(name)
+    return {"kernels": kernels, "isa": isa, "amx": any("amx" in k for ks in kernels.values() for k in ks)}
+
+
+def probe(framework: str) -> Dict[str, object]:
+    """oneDNN's kernel names for a bf16 and an fp32 matmul in `framework` ("tf" or "torch")."""
+    if framework == "torch" and not common.have("torch"):
+        return {"skipped": "torch not installed (pip install -r bench/requirements.txt)"}
+    env = dict(os.environ, ONEDNN_VERBOSE="1", TF_CPP_MIN_LOG_LEVEL="2")
+    try:
+        proc = subprocess.run([sys.executable, "-m", "bench.amx", "--probe", framework], cwd=common.ROOT, env=env,
+                              capture_output=True, text=True, timeout=300)
+    except subprocess.TimeoutExpired:
+        return {"error": "timed out after 300 s"}
+    out = proc.stdout + "\n" + proc.stderr
+    info = next((json.loads(ln[len("PROBE_INFO "):]) for ln in proc.stdout.splitlines() if ln.startswith("PROBE_INFO ")),
+                None)
+    if info is None:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        return {"error": f"exit {proc.returncode}: {tail[0][:300]}"}
+    exec_lines = [ln for ln in out.splitlines() if ln.startswith("onednn_verbose,") and ",exec," in ln]
+    return {**info, **parse_onednn_verbose(out), "verbose_exec_lines": exec_lines[:8]}
+
+
+# --- the stages ----------------------------------------------------------------------------
+def stage_times() -> Dict[str, object]:
+    return {"date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "load": [round(v, 2) for v in os.getloadavg()]}
+
+
+def run_stage(record: Dict[str, object], name: str, fn) -> None:
+    """Runs one stage, recording its date, load before and after, wall time and result (or error)."""
+    print(f"\n== {name} ==", flush=True)
+    start, t0 = stage_times(), time.perf_counter()
+    try:
+        result = fn()
+    except (Exception, SystemExit) as e:  # one failed stage must not lose the others' figures
+        result = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+    record["stages"][name] = {"start": start, "end": stage_times(), "wall_s": round(time.perf_counter() - t0, 1),
+                              **result}
+
+
+def train_stage(args, out: str, variant: str, budget: float, with_peak: bool = False) -> Dict[str, object]:
+    """bench.train on `variant` (or its `peak` case alone): the JSON it writes, read back."""
+    from bench import train
+
+    tag = "peak" if with_peak else variant.replace("/", "")
+    path = os.path.join(out, f"train-{tag}.json")
+    argv = ["--variant", variant, "--json", path]
+    if with_peak:
+        argv += ["--cases", "peak", "--rounds", "1"]
+    else:
+        argv += ["--cases", ",".join(TRAIN_CASES), "--rounds", str(args.rounds), "--budget", f"{max(1.0, budget):.0f}"]
+        if not args.quick:  # B/16: seconds a step (timm fp32 ~20 s on 2 AVX512 cores), so few steps, more rounds
+            steps = ("2", "1", "2") if variant == "B/16" else ("10", "5", "2")
+            argv += ["--image-size", "224", "--batch-size", "16", "--warmup", steps[0], "--steps", steps[1],
+                     "--repeats", steps[2]]
+    train.main(argv + (["--quick"] if args.quick else []))
+    with open(path) as f:
+        raw = json.load(f)
+    return {"command": raw["info"]["command"], "json": os.path.basename(path), **raw}
+
+
+def infer_stage(args, out: str) -> Dict[str, object]:
+    """bench.infer (each file in its own process) then bench.ort_interleaved (the ONNX files call
+    by call in one process) on ViT-Ti/16's files."""
+    from bench import infer, ort_interleaved
+
+    files = os.path.join(out, "files")
+    shutil.rmtree(files, ignore_errors=True)  # bench.ort_interleaved times every known file it finds there
+    path, ort_path = os.path.join(out, "infer.json"), os.path.join(out, "ort_interleaved.json")
+    argv = ["--cases", ",".join(INFER_CASES), "--keep", files, "--json", path] + (["--quick"] if args.quick else [])
+    infer.main(argv)
+    ort_argv = [files, "--rounds", "20" if args.quick else "100", "--json", ort_path]
+    ort_interleaved.main(ort_argv)
+    with open(path) as f:
+        raw = json.load(f)
+    with open(ort_path) as f:
+        ort = json.load(f)
+    return {"command": raw["info"]["command"], "ort_command": "python -m bench.ort_interleaved "
+            + " ".join(ort_argv), "json": [os.path.basename(path), os.path.basename(ort_path)], **raw,
+            "interleaved": ort}
+
+
+# --- the driver ------------------------------------------------------------------------------
+def versions() -> Dict[str, Optional[str]]:
+    """Installed versions of the frameworks measured (None where a package is missing)."""
+    from importlib import metadata
+
+    out: Dict[str, Optional[str]] = {}
+    for p in PACKAGES:
+        try:
+            out[p] = metadata.version(p)
+        except metadata.PackageNotFoundError:
+            out[p] = None
+    return out
+
+
+def amx_and_bf16_flags(cpuinfo: str = "/proc/cpuinfo") -> List[str]:
+    """Every CPU flag naming AMX or bf16 (amx_fp16, avx512_fp16 and the like included)."""
+    try:
+        with open(cpuinfo) as f:
+            flags = next((ln.split(":", 1)[1].split() for ln in f if ln.startswith("flags")), [])
+    except OSError:
+        flags = []
+    return sorted(f for f in flags if "amx" in f or "bf16" in f)
+
+
+def commit() -> Optional[str]:
+    try:
+        return subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"], cwd=common.ROOT, capture_output=True,
+                              text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def write(record: Dict[str, object], out: str) -> None:
+    """amx.json and amx.md, each written to a temporary name and renamed into place."""
+    from keras_vit.files import atomic_path
+
+    common.write_json(os.path.join(out, "amx.json"), record)
+    with atomic_path(os.path.join(out, "amx.md")) as tmp, open(tmp, "w") as f:
+        f.write(markdown(record))
+
+
+def _args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default="amx-out", help="folder for amx.json, amx.md, the stages' JSON and the files")
+    p.add_argument("--quick", action="store_true", help="tiny models and rounds: a smoke run of the pipeline")
+    p.add_argument("--budget", type=float, default=None,
+                   help="seconds for the whole run (default 840; 150 with --quick)")
+    p.add_argument("--rounds", type=int, default=None, help=f"most rounds per training stage (default {ROUNDS}; "
+                                                             "2 with --quick)")
+    p.add_argument("--probe", choices=("tf", "torch"), default=None, help=argparse.SUPPRESS)  # internal
+    args = p.parse_args(argv)
+    if args.budget is None:
+        args.budget = 150.0 if args.quick else 840.0
+    if args.rounds is None:
+        args.rounds = 2 if args.quick else ROUNDS
+    if args.budget <= 0 or args.rounds < 1:
+        raise SystemExit(f"--budget {args.budget:g} and --rounds {args.rounds}: --budget must be above 0 and "
+                         "--rounds at least 1")
+    return args
+
+
+def main(argv=None) -> Dict[str, object]:
+    args = _args(argv)
+    if args.probe:
+        probe_worker(args.probe)
+        return {}
+    out = os.path.abspath(args.out)
+    os.makedirs(out, exist_ok=True)
+    t0 = time.perf_counter()
+    m = common.machine()
+    m["date_start"] = m.pop("date")
+    m["amx_and_bf16_flags"] = amx_and_bf16_flags()
+    command = os.environ.get("BENCH_AMX_COMMAND") or " ".join(
+        ["python -m bench.amx", *(sys.argv[1:] if argv is None else argv)])
+    record: Dict[str, object] = {
+        "bench": "amx", "command": command.strip(),
+        "quick": args.quick, "budget_s": args.budget, "machine": m, "amx": has_amx(m["cpu_flags"]),
+        "versions": versions(), "commit": commit(), "stages": {}}
+    print(f"{m['cpu']}: {', '.join(f'{f} ' + ('yes' if f in m['cpu_flags'] else 'no') for f in AMX_FLAGS)}; "
+          f"load {m['load']}; budget {args.budget:.0f} s -> {out}", flush=True)
+
+    def left() -> float:
+        return args.budget - (time.perf_counter() - t0)
+
+    stages = [("probe-tf", lambda: probe("tf")), ("probe-torch", lambda: probe("torch")),
+              ("peak", lambda: train_stage(args, out, "Ti/16", 0, with_peak=True)),
+              ("inference", lambda: infer_stage(args, out)),
+              ("train B/16", lambda: train_stage(args, out, "B/16", left() - TI_RESERVE * args.budget)),
+              ("train Ti/16", lambda: train_stage(args, out, "Ti/16", left() - 10))]
+    for name, fn in stages:
+        run_stage(record, name, fn)
+        record["wall_s"] = round(time.perf_counter() - t0, 1)
+        write(record, out)
+    record["date_end"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    record["load_end"] = [round(v, 2) for v in os.getloadavg()]
+    write(record, out)
+    print(f"\nwrote {os.path.join(out, 'amx.json')} and {os.path.join(out, 'amx.md')} "
+          f"({record['wall_s']:.0f} s of a {args.budget:.0f} s budget)", flush=True)
+    return record
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,179 @@
+"""bench.amx's record as markdown: the tables of the AMX run (oneDNN kernels, GEMM peaks, training
+at Ti/16 and B/16 beside timm, inference), ready to paste into BENCHMARKS.md."""
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+AMX_FLAGS = ("amx_bf16", "amx_tile", "amx_int8", "avx512_bf16")
+TRAIN_CASES = ("default", "notebook", "notebook-bf16", "timm", "timm-bf16")
+# bench.train's precision and jit fields in the table's words (the notebook's jit is the model's jit_compile)
+PRECISION = {"none": "float32"}
+COMPILATION = {"True": "XLA", "False": "graph mode", "xla": "XLA", "none": "graph mode"}
+
+
+def _fmt(v: Optional[float], spec: str = ".2f", suffix: str = "") -> str:
+    return "-" if v is None else f"{v:{spec}}{suffix}"
+
+
+def _load(stage: Dict[str, object]) -> str:
+    return f"load {stage['start']['load'][0]:.2f} -> {stage['end']['load'][0]:.2f}"
+
+
+def _when(stage: Dict[str, object]) -> str:
+    return f"{stage['start']['date'][11:16]}-{stage['end']['date'][11:16]} UTC, {_load(stage)}"
+
+
+def has_amx(flags: List[str]) -> bool:
+    """Whether the CPU flags include AMX's tile and bf16 instructions (what oneDNN's amx kernels need)."""
+    return "amx_bf16" in flags and "amx_tile" in flags
+
+
+def title(m: Dict[str, object]) -> str:
+    """The table's heading: the CPU and whether it has AMX, so a run without it cannot pass for one."""
+    flags = m["cpu_flags"]
+    kind = ("AMX (" + ", ".join(f for f in ("amx_bf16", "amx_int8") if f in flags) + ")" if has_amx(flags)
+            else "**no AMX** on this CPU")
+    return f"## The AMX table: {m['cpu']}, {kind} ({m['date_start'][:10]})"
+
+
+def markdown(record: Dict[str, object]) -> str:
+    """The tables of the run, ready to paste into BENCHMARKS.md."""
+    m, st = record["machine"], record["stages"]
+    lines = [title(m), ""]
+    flags = ", ".join(f"{f} {'yes' if f in m['cpu_flags'] else 'no'}" for f in AMX_FLAGS)
+    lines += [f"`{record['command']}` ({'smoke run: tiny models, not figures to quote; ' if record['quick'] else ''}"
+              f"{m['date_start']} to {record.get('date_end', '(running)')}, commit {record.get('commit') or '?'}). "
+              f"Machine: {m['cpu']}, {m['cores']} cores; flags: {flags}; load (1 / 5 / 15 min) "
+              f"{' / '.join(map(str, m['load']))} at the start, {' / '.join(map(str, record.get('load_end', ['?'])))}"
+              " at the end. "
+              + ", ".join(f"{k} {v}" for k, v in record["versions"].items() if v) + "."]
+    if not has_amx(m["cpu_flags"]):
+        lines += ["", "This CPU has no AMX: the figures are this CPU kind's, for comparison with an AMX run of the "
+                      "same command; none of them measures AMX."]
+    _kernels(lines, st)
+    _peaks(lines, st)
+    for variant in ("Ti/16", "B/16"):
+        _training(lines, st, variant)
+    _inference(lines, st)
+    problems = [f"- {name}: {s['error']}" for name, s in st.items() if "error" in s]
+    for name, s in st.items():
+        for r in s.get("results", []):
+            if "error" in r or "skipped" in r:
+                problems.append(f"- {name}, {r['case']}: {r.get('error') or 'skipped: ' + str(r['skipped'])}")
+    if problems:
+        lines += ["", "Not measured:", *problems]
+    lines += ["", f"Budget {record['budget_s']:.0f} s; the run took {record.get('wall_s', 0):.0f} s. Raw figures: "
+                  f"`amx.json` and the per-stage JSON files beside it."]
+    return "\n".join(lines) + "\n"
+
+
+def _kernels(lines: List[str], st: Dict[str, Dict[str, object]]) -> None:
+    rows = []
+    for fw, label in (("probe-tf", "TensorFlow"), ("probe-torch", "torch")):
+        s = st.get(fw)
+        if not s:
+            continue
+        if "kernels" not in s:
+            rows.append(f"| {label} | - | {s.get('error') or s.get('skipped')} | - |")
+            continue
+        for dtype in ("bf16", "f32"):
+            names = s["kernels"].get(dtype, [])
+            amx = any("amx" in k for k in names)
+            rows.append(f"| {label} {s.get('version', '')} | {dtype} | "
+                        f"{', '.join(f'`{k}`' for k in names) or 'none (not through oneDNN)'} | "
+                        f"{'**yes**' if amx else 'no'} |")
+    if rows:
+        isa = next((st[k].get("isa") for k in ("probe-tf", "probe-torch") if st.get(k, {}).get("isa")), None)
+        lines += ["", "**Which oneDNN kernel a 1024^3 matmul runs** (`ONEDNN_VERBOSE=1`, one bf16 and one fp32 "
+                      f"matmul per framework; oneDNN's ISA line: {isa or '?'}):", "",
+                  "| framework | dtype | oneDNN primitive:implementation | AMX |", "|---|---|---|---|", *rows]
+
+
+def _peaks(lines: List[str], st: Dict[str, Dict[str, object]]) -> None:
+    s = st.get("peak")
+    if not s or "results" not in s:
+        return
+    p = next((r for r in s["results"] if r["case"] == "peak"), {})
+    names = {"tf_bf16": "TensorFlow bf16", "torch_bf16": "torch bf16", "tf_fp32": "TensorFlow fp32",
+             "torch_fp32": "torch fp32", "numpy_fp32": "NumPy fp32"}
+    rows = [f"| {label} | {p[k]:.0f} |" for k, label in names.items() if isinstance(p.get(k), float)]
+    if rows:
+        lines += ["", f"**GEMM peaks** (2048^3, best of 5, `{s['command']}`, {_when(s)}):", "",
+                  "| GEMM | GFLOP/s |", "|---|---|", *rows]
+
+
+def _peak_values(st: Dict[str, Dict[str, object]]) -> Dict[str, float]:
+    s = st.get("peak", {})
+    return next((r for r in s.get("results", []) if r["case"] == "peak" and "peak_fp32" in r), {})
+
+
+def _training(lines: List[str], st: Dict[str, Dict[str, object]], variant: str) -> None:
+    s = st.get(f"train {variant}")
+    if not s or "results" not in s:
+        if s:
+            lines += ["", f"Training {variant}: {s.get('error')}"]
+        return
+    info = s["info"]
+    by = {r["case"]: r for r in s["results"] if "img_s" in r}
+    peaks = _peak_values(st)
+    labels = {"default": "`vitcli train` default (`auto`)",
+              "notebook": "notebook: `ViT()`, `compile(optimizer, loss)`, `fit(tf.data)`",
+              "notebook-bf16": "notebook after `set_global_policy(\"mixed_bfloat16\")`",
+              "timm": "timm fp32", "timm-bf16": "timm, `torch.autocast(\"cpu\", torch.bfloat16)`"}
+    rows = []
+    for case in TRAIN_CASES:
+        r = by.get(case)
+        if r is None:
+            continue
+        med = r["img_s"]["median"]
+        bf16 = "bf16" in str(r.get("precision", "")) or "bfloat16" in str(r.get("precision", ""))
+        gflops = med * info["gflop_per_image_train"]
+        peak = peaks.get("peak_bf16" if bf16 else "peak_fp32")
+        x = {t: med / by[t]["img_s"]["median"] if t in by and t != case else None for t in ("timm", "timm-bf16")}
+        how = (f"{PRECISION.get(r['precision'], r['precision'])}, {COMPILATION.get(r['jit'], r['jit'])}"
+               if case in ("default", "notebook", "notebook-bf16") else str(r.get("precision")))
+        rows.append(f"| {labels[case]} | {how} | **{med:.2f}** | {100 * r['img_s']['spread']:.0f}% | "
+                    f"{_fmt(x['timm'])} | {_fmt(x['timm-bf16'])} | {gflops:.0f} | "
+                    f"{_fmt(100 * gflops / peak if peak else None, '.0f', '%')} {'bf16' if bf16 else 'fp32'} | "
+                    f"{' / '.join(f'{v:.2f}' for v in r.get('round_img_s', []))} |")
+    lines += ["", f"**Training, ViT-{variant}** ({info['image_size']} px, batch {info['batch_size']}, "
+                  f"{info['num_layers']} blocks, {info['gflop_per_image_train']} GFLOP per training image, SGD "
+                  f"momentum; {info.get('rounds_run', '?')} alternating round(s); `{s['command']}`; {_when(s)}):", "",
+              "| path | precision, compilation | img/s | spread | x timm fp32 | x timm bf16 | GFLOP/s | "
+              "share of the GEMM peak | per round img/s |",
+              "|---|---|---|---|---|---|---|---|---|", *rows]
+
+
+def _inference(lines: List[str], st: Dict[str, Dict[str, object]]) -> None:
+    s = st.get("inference")
+    if not s or "results" not in s:
+        if s:
+            lines += ["", f"Inference: {s.get('error')}"]
+        return
+    by = {r["case"]: r for r in s["results"] if "latency_ms" in r}
+    inter = s.get("interleaved", {}).get("files", {})
+    labels = {"onnx": ("keras-vit ONNX fp32", "keras.onnx"), "onnx-static": ("keras-vit ONNX static int8",
+                                                                             "keras-static.onnx"),
+              "tflite-int8": ("keras-vit TFLite full int8 (LiteRT)", None), "timm-onnx": ("timm ONNX fp32", "timm.onnx")}
+    rows = []
+    for case, (label, file) in labels.items():
+        r, i = by.get(case), inter.get(file or "", {})
+        if r is None and not i:
+            continue
+        agree = (f"{100 * r['top1_agree']:.1f}% (max diff {r['max_abs_diff']:.1e})"
+                 if r and case != "timm-onnx" else "-")
+        rows.append(f"| {label} | {_fmt(r and r['latency_ms']['median'])} | {_fmt(r and r.get('lat_x_onnx'))} | "
+                    f"{_fmt(r and r.get('lat_x_timm-onnx'))} | {_fmt(i.get('median_ms'))} | "
+                    f"{_fmt(i.get('x_keras_onnx'))} | {_fmt(i.get('x_timm_onnx'))} | "
+                    f"{_fmt(r and r['throughput']['median'], '.1f')} | {agree} |")
+    extra = inter.get("timm-int8.onnx")
+    info = s["info"]
+    lines += ["", f"**Inference, ViT-{info['variant']}** ({info['image_size']} px, random weights, batch 1; "
+                  f"`{s['command']}` (each file in its own process), then `{s['ort_command']}` (the ONNX files "
+                  f"call by call in one process, {s['interleaved']['info']['threads']} threads); {_when(s)}):", "",
+              "| file | b1 ms (own process) | x our ONNX fp32 | x timm ONNX | b1 ms (interleaved) | x our ONNX fp32 | "
+              f"x timm ONNX | batch-{info['batch_size']} img/s | top-1 vs Keras ({info.get('eval_images', '?')} images) |",
+              "|---|---|---|---|---|---|---|---|---|", *rows]
+    if extra:
+        lines += ["", f"(timm's ONNX with the same dynamic int8 quantization, interleaved: {extra['median_ms']:.2f} ms, "
+                      f"{_fmt(extra.get('x_timm_onnx'))}x timm's fp32 file.)"]

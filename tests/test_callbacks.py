@@ -1,0 +1,104 @@
+"""Epoch-end checkpoints paced by time: last.keras, best.keras and the resumable backup of a one-process
+run are written at most every `interval` seconds and after the last epoch, with the best epoch's weights."""
+from __future__ import annotations
+
+import json
+import os
+
+import keras
+import numpy as np
+
+from keras_vit.train import callbacks as C
+
+
+class FakeClock:
+    """time.monotonic for the callbacks: each epoch end advances it by `step` seconds."""
+
+    def __init__(self, step: float):
+        self.now, self.step = 0.0, step
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Tick(keras.callbacks.Callback):
+    """Advances the fake clock at each epoch end, before the savers look at it."""
+
+    def __init__(self, clock: FakeClock):
+        super().__init__()
+        self.clock = clock
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.clock.now += self.clock.step
+
+
+class ScriptedAccuracy(keras.callbacks.Callback):
+    """Puts a given val_accuracy per epoch into the logs (the best epoch is chosen by the test)."""
+
+    def __init__(self, values):
+        super().__init__()
+        self.values = values
+        self.weights_at = {}
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs["val_accuracy"] = self.values[epoch]
+        self.weights_at[epoch] = [w.copy() for w in self.model.get_weights()]
+
+
+def _fit(tmp_path, monkeypatch, interval: float, step: float, accuracies, kill_after=None):
+    clock = FakeClock(step)
+    monkeypatch.setattr(C.time, "monotonic", clock)
+    saves = []
+    real_save = C.save_model
+    monkeypatch.setattr(C, "save_model", lambda model, path: (saves.append(os.path.basename(path)), real_save(model, path)))
+    backups = []
+    real_backup = keras.callbacks.BackupAndRestore._save_model
+    monkeypatch.setattr(keras.callbacks.BackupAndRestore, "_save_model",
+                        lambda self: (backups.append(self._current_epoch), real_backup(self)))
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+    model.compile(optimizer="sgd", loss="mse")
+    x, y = np.random.default_rng(0).normal(size=(16, 4)), np.zeros((16, 3))
+    scripted = ScriptedAccuracy(accuracies)
+    cbs = [Tick(clock), scripted, C.atomic_checkpoint(str(tmp_path), interval=interval),
+           C.PacedBackup(str(tmp_path / "backup"), interval, delete_checkpoint=False)]
+    model.fit(x, y, epochs=len(accuracies), verbose=0, callbacks=cbs)
+    return model, saves, backups, scripted
+
+
+def test_every_epoch_when_the_interval_is_zero(tmp_path, monkeypatch):
+    _, saves, backups, _ = _fit(tmp_path, monkeypatch, 0.0, 0.5, [0.1, 0.3, 0.2, 0.4])
+    assert saves.count("last.keras") == 4 and saves.count("best.keras") == 3
+    assert backups == [1, 2, 3, 4]
+
+
+def test_paced_saves_keep_the_best_epochs_weights(tmp_path, monkeypatch):
+    # epochs end at t = 1..6 s; saves are due 2.5 s after the previous one (t = 3, 6) and after the last epoch
+    model, saves, backups, scripted = _fit(tmp_path, monkeypatch, 2.5, 1.0, [0.1, 0.9, 0.2, 0.3, 0.4, 0.5])
+    assert backups == [3, 6]
+    assert saves.count("last.keras") == 2
+    best = keras.saving.load_model(str(tmp_path / "best.keras"))
+    for got, want in zip(best.get_weights(), scripted.weights_at[1]):  # epoch 1 (0.9) is the best
+        np.testing.assert_array_equal(got, want)
+    last = keras.saving.load_model(str(tmp_path / "last.keras"))
+    for got, want in zip(last.get_weights(), model.get_weights()):  # the model's weights were put back
+        np.testing.assert_array_equal(got, want)
+    with open(tmp_path / "backup" / "training_metadata.json") as f:
+        assert json.load(f)["epoch"] == 6
+
+
+def test_a_run_stopped_early_still_writes_its_best(tmp_path, monkeypatch):
+    class StopAt(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch == 1:
+                self.model.stop_training = True
+
+    clock = FakeClock(1.0)
+    monkeypatch.setattr(C.time, "monotonic", clock)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+    model.compile(optimizer="sgd", loss="mse")
+    scripted = ScriptedAccuracy([0.5, 0.1, 0.2])
+    model.fit(np.ones((8, 4)), np.zeros((8, 3)), epochs=3, verbose=0,
+              callbacks=[Tick(clock), scripted, C.atomic_checkpoint(str(tmp_path), interval=100.0), StopAt()])
+    best = keras.saving.load_model(str(tmp_path / "best.keras"))
+    for got, want in zip(best.get_weights(), scripted.weights_at[0]):
+        np.testing.assert_array_equal(got, want)
