@@ -275,3 +275,17 @@ def test_dynamic_size_model_equals_the_resized_model(name):
     x = images(2, 48)
     dynamic = keras_vit.dynamic_model(model)
     np.testing.assert_allclose(np.asarray(dynamic(x)), np.asarray(keras_vit.resize_model(model, 48)(x)), atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["deit_reg_pre_logits", "map_cls_registers", "map_no_cls"])
+def test_vit_from_an_npz_takes_the_token_options_its_names_say(name, tmp_path):
+    """ViT(weights=file.npz) reads registers, distillation, the MAP head, pre_norm and fc_norm off
+    the checkpoint's names (pixel mean and std are not in an .npz)."""
+    cfg = ViTConfig(**{**TINY, **OPTIONS[name], "pre_norm": True})
+    model = random_model(cfg)
+    keras_vit.save_npz(model, tmp_path / "m.npz")
+    again = keras_vit.ViT(weights=str(tmp_path / "m.npz"), num_heads=2)
+    for field in ("classifier", "num_registers", "distilled", "pre_norm", "fc_norm", "representation_size", "seq_len"):
+        assert getattr(again.vit_config, field) == getattr(cfg, field), field
+    x = images(2)
+    np.testing.assert_allclose(np.asarray(again(x)), np.asarray(model(x)), atol=1e-5)
