@@ -20,7 +20,8 @@ class Checkpoint:
 
     def __init__(self, path):
         with np.load(path, allow_pickle=False) as f:
-            raw = {k: np.asarray(f[k], np.float64) for k in f.files}
+            # Weights only: a string entry (keras-vit's `__keras_vit__` config) is not a parameter.
+            raw = {k: np.asarray(f[k], np.float64) for k in f.files if f[k].dtype.kind != "U"}
         for prefix in ("opt/target/", "params/"):
             if any(k.startswith(prefix) for k in raw):
                 raw = {k[len(prefix):]: v for k, v in raw.items() if k.startswith(prefix)}

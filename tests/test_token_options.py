@@ -279,13 +279,49 @@ def test_dynamic_size_model_equals_the_resized_model(name):
 
 @pytest.mark.parametrize("name", ["deit_reg_pre_logits", "map_cls_registers", "map_no_cls"])
 def test_vit_from_an_npz_takes_the_token_options_its_names_say(name, tmp_path):
-    """ViT(weights=file.npz) reads registers, distillation, the MAP head, pre_norm and fc_norm off
-    the checkpoint's names (pixel mean and std are not in an .npz)."""
+    """ViT(weights=file.npz) of an .npz without keras-vit's config entry (as the official code
+    writes them) reads registers, distillation, the MAP head, pre_norm and fc_norm off its names."""
     cfg = ViTConfig(**{**TINY, **OPTIONS[name], "pre_norm": True})
     model = random_model(cfg)
-    keras_vit.save_npz(model, tmp_path / "m.npz")
+    np.savez(tmp_path / "m.npz", **keras_vit.weights.model_arrays(model))
     again = keras_vit.ViT(weights=str(tmp_path / "m.npz"), num_heads=2)
     for field in ("classifier", "num_registers", "distilled", "pre_norm", "fc_norm", "representation_size", "seq_len"):
         assert getattr(again.vit_config, field) == getattr(cfg, field), field
     x = images(2)
     np.testing.assert_allclose(np.asarray(again(x)), np.asarray(model(x)), atol=1e-5)
+
+
+# Options the arrays of an .npz do not show (a class token kept by gap / map, the normalisation,
+# the activation, epsilon, a non-square image) and ones they do: save_npz records the config.
+NPZ_CONFIGS = {
+    "cls_gap": dict(classifier="gap", class_token=True),
+    "map_cls": dict(classifier="map", class_token=True),
+    "mean_std": dict(**IMAGENET),
+    "quick_gelu_eps_size": dict(activation="quick_gelu", layer_norm_epsilon=1e-5, image_size=(32, 48)),
+    "layer_scale": dict(layer_scale_init=1e-6),
+    "registers": dict(num_registers=3),
+    "distilled": dict(distilled=True),
+}
+
+
+@pytest.mark.parametrize("name", list(NPZ_CONFIGS))
+def test_save_npz_then_vit_rebuilds_the_same_model(name, tmp_path):
+    cfg = ViTConfig(**{**TINY, **NPZ_CONFIGS[name]})
+    model = random_model(cfg)
+    model.class_names = [f"c{i}" for i in range(cfg.num_classes)]
+    path = keras_vit.save_npz(model, tmp_path / "m.npz")
+    again = keras_vit.ViT(weights=path)  # no num_heads, no options: all from the file's config entry
+    assert again.vit_config == cfg
+    assert again.class_names == model.class_names
+    x = images(2, size=32)
+    x = np.concatenate([x, x[:, :, :16]], axis=2) if cfg.image_size == (32, 48) else x
+    np.testing.assert_allclose(np.asarray(again(x)), np.asarray(model(x)), atol=1e-6)
+    assert keras_vit.weights.read_checkpoint(path).defaults["class_token"] == cfg.class_token
+    assert "__keras_vit__" not in keras_vit.weights.read_npz(path)
+
+
+def test_arguments_given_override_the_npz_config(tmp_path):
+    cfg = ViTConfig(**{**TINY, **NPZ_CONFIGS["quick_gelu_eps_size"], **IMAGENET})
+    path = keras_vit.save_npz(random_model(cfg), tmp_path / "m.npz")
+    again = keras_vit.ViT(weights=path, activation="gelu", image_size=32, num_classes=4)
+    assert again.vit_config == cfg.replace(activation="gelu", image_size=32, num_classes=4)

@@ -20,7 +20,7 @@ from keras_vit.config import parse_variant
 from keras_vit.errors import first_line
 from keras_vit.labels import imagenet_labels
 from keras_vit.weights import hf_layout, torch_layout
-from keras_vit.weights.npz_layout import canonicalize, shape_defaults
+from keras_vit.weights.npz_layout import METADATA_KEY, canonicalize, shape_defaults
 from keras_vit.weights.presets import FAMILY, PUBLISHED, Published  # noqa: F401 - re-exported
 
 PathLike = Union[str, os.PathLike]
@@ -107,16 +107,25 @@ def hub_file(spec: str, filename: Optional[str] = None, required: bool = True) -
 
 
 def read_npz(path: PathLike) -> Dict[str, np.ndarray]:
-    """All arrays of an .npz file (never unpickles)."""
+    """All weight arrays of an .npz file (never unpickles; keras-vit's metadata entry left out)."""
+    return _read_npz(path)[0]
+
+
+def _read_npz(path: PathLike) -> Tuple[Dict[str, np.ndarray], Dict[str, str]]:
+    """An .npz file's weight arrays, and the metadata save_npz wrote in it ({"keras_vit": JSON},
+    as a .safetensors file's; empty for official checkpoints)."""
     path = os.fspath(path)
     try:
         with np.load(path, allow_pickle=False) as f:
             if not hasattr(f, "files"):
                 raise ValueError("not an .npz archive")
-            return {k: np.asarray(f[k]) for k in f.files}
+            arrays = {k: np.asarray(f[k]) for k in f.files}
     except (OSError, ValueError, EOFError) as exc:
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ValueError(f"could not read checkpoint {path!r} as an .npz file ({msg})") from None
+    entry = arrays.pop(METADATA_KEY, None)
+    meta = {"keras_vit": str(entry[()])} if entry is not None and entry.dtype.kind == "U" and entry.ndim == 0 else {}
+    return arrays, meta
 
 
 def read_safetensors(path: PathLike) -> Tuple[Dict[str, np.ndarray], Dict[str, str]]:
@@ -309,10 +318,11 @@ def hub_defaults(config: Mapping[str, Any], num_classes: Optional[int]) -> Dict[
 
 
 def _read_arrays(spec: str, local: str) -> Tuple[Dict[str, np.ndarray], str, Dict[str, str], Dict[str, Any]]:
-    """The file's arrays, their layout ("npz", "timm" or "hf"), a .safetensors file's metadata and
+    """The file's arrays, their layout ("npz", "timm" or "hf"), the metadata keras-vit wrote in it and
     what the layout itself says of the model (OpenAI CLIP's activation, epsilon and normalisation)."""
     if not (local.endswith(".safetensors") or _is_safetensors(local)):
-        return read_npz(local), "npz", {}, {}
+        arrays, file_meta = _read_npz(local)
+        return arrays, "npz", file_meta, {}
     raw, file_meta = read_safetensors(local)
     raw, source = torch_layout.image_tower(raw)
     layout = torch_layout.detect(raw)
@@ -329,7 +339,7 @@ def _described_defaults(spec: str, local: str, file_meta: Mapping[str, str],
                         num_classes: Optional[int]) -> Dict[str, Any]:
     """What the files beside the arrays say: the Hub's config.json (of an hf:// model, or next to
     a local .safetensors file, as timm and transformers save them), then keras-vit's own
-    safetensors metadata, then the Published table (later ones win)."""
+    .npz / .safetensors metadata, then the Published table (later ones win)."""
     defaults: Dict[str, Any] = {}
     config = _side_json(spec, local, "config.json")
     if config is not None:
@@ -337,7 +347,7 @@ def _described_defaults(spec: str, local: str, file_meta: Mapping[str, str],
     preprocessor = _side_json(spec, local, "preprocessor_config.json")
     if preprocessor is not None:
         defaults.update(hf_layout.preprocessing_fields(preprocessor))
-    if "keras_vit" in file_meta:  # written by save_safetensors: the exact config
+    if "keras_vit" in file_meta:  # written by save_npz / save_safetensors: the exact config
         try:
             ours = json.loads(file_meta["keras_vit"])
             defaults.update({k: v for k, v in ours.get("config", {}).items() if k != "include_top"})

@@ -37,7 +37,7 @@ from keras_vit.weights.checkpoints import (
     read_npz,
     read_safetensors,
 )
-from keras_vit.weights.npz_layout import POSEMB, canonicalize, shape_defaults
+from keras_vit.weights.npz_layout import METADATA_KEY, POSEMB, canonicalize, shape_defaults
 from keras_vit.weights.resize import (
     check_method,
     infer_grid,
@@ -306,11 +306,21 @@ def _check_folder(path: str) -> None:
         raise ValueError(f"cannot write {path!r}: folder {folder!r} does not exist")
 
 
+def _metadata(model: keras.Model) -> str:
+    """The keras-vit config and class names as JSON: what `ViT(weights=path)` rebuilds the model from
+    (the options the arrays do not show: a kept class token, normalisation, activation, epsilon...)."""
+    names = getattr(model, "class_names", None)
+    return json.dumps({"config": get_config(model).to_dict(), "class_names": list(names) if names else None})
+
+
 def save_npz(model: keras.Model, path: PathLike) -> str:
     """Write the model's weights as an .npz in the vision_transformer layout (loadable by the
-    official code and timm for the standard options); the file is written then renamed."""
+    official code and timm for the standard options), with the keras-vit config and class names
+    as one extra 0-d string entry (`__keras_vit__`) so `ViT(weights=path)` rebuilds the same
+    model; written then renamed."""
     path = os.fspath(path)
     arrays = model_arrays(model)
+    arrays[METADATA_KEY] = np.array(_metadata(model))
     _check_folder(path)
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, **arrays)
@@ -343,9 +353,7 @@ def save_safetensors(model: keras.Model, path: PathLike, layout: str = "timm") -
     else:
         raise ValueError("layout='hf' writes DINOv2 models (layer_scale_init, classifier 'token') and CLIP "
                          "models (pre_norm=True); save this model with layout='timm'")
-    names = getattr(model, "class_names", None)
-    meta = {"format": "pt",
-            "keras_vit": json.dumps({"config": cfg.to_dict(), "class_names": list(names) if names else None})}
+    meta = {"format": "pt", "keras_vit": _metadata(model)}
     path = os.fspath(path)
     _check_folder(path)
     with atomic_path(path) as tmp:

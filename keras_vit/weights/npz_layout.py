@@ -24,6 +24,9 @@ from keras_vit.config import VARIANTS
 
 _PREFIXES = ("opt/target/", "params/")
 POSEMB = "Transformer/posembed_input/pos_embedding"
+# The one non-weight entry save_npz adds: keras-vit's config and class names as a 0-d unicode
+# (JSON) array. Official readers look weights up by name (timm) or drop extras (vision_transformer).
+METADATA_KEY = "__keras_vit__"
 _BIG_VISION_BLOCK = {"MultiHeadDotProductAttention_0": "MultiHeadDotProductAttention_1",
                      "LayerNorm_1": "LayerNorm_2", "MlpBlock_0": "MlpBlock_3"}
 _GN_RE = re.compile(r"(^|/)gn(\d+|_root|_proj)/(scale|bias)$")
@@ -31,7 +34,9 @@ _GN_RE = re.compile(r"(^|/)gn(\d+|_root|_proj)/(scale|bias)$")
 
 def canonicalize(arrays: Mapping[str, np.ndarray], prefix: Optional[str] = None) -> Tuple[Dict[str, np.ndarray], bool]:
     """Arrays under vision_transformer names, and whether the position embeddings came in the
-    big_vision way (added before the class token, so without its slot)."""
+    big_vision way (added before the class token, so without its slot). keras-vit's metadata
+    entry is not a weight: it is left out."""
+    arrays = {k: v for k, v in arrays.items() if k != METADATA_KEY}
     if prefix is None:
         prefix = next((p for p in _PREFIXES if any(k.startswith(p) for k in arrays)), "")
     if prefix:
