@@ -34,7 +34,7 @@ _DATASET_HELP = ("digits (offline), cifar10, cifar100, mnist, fashion_mnist, tfd
 @click.option("--label-smoothing", type=float, default=None)
 @click.option("--clipnorm", type=float, default=None, help="Gradient clipping at this global norm [default: 1].")
 @click.option("--optimizer", type=click.Choice(["adamw", "adam", "sgd"]), default=None)
-@click.option("--augment", type=click.Choice(["none", "light", "basic", "randaugment", "inception"]), default=None,
+@click.option("--augment", type=click.Choice(["none", "light", "affine", "basic", "randaugment", "inception"]), default=None,
               help="Augmentation [default: per dataset].")
 @click.option("--mixup", type=float, default=None, help="MixUp alpha (0 = off).")
 @click.option("--cutmix", type=float, default=None, help="CutMix factor (0 = off).")

@@ -47,7 +47,7 @@ def test_pipeline_batches_resizes_and_repeats(digits):
     assert [int(b[1].shape[0]) for b in ev] == [100, 100, 100, 60]
 
 
-@pytest.mark.parametrize("augment", ["light", "basic", "randaugment", "inception"])
+@pytest.mark.parametrize("augment", ["light", "affine", "basic", "randaugment", "inception"])
 def test_augmentations_keep_shapes(digits, augment):
     ds = data.pipeline(digits.train.take(16), image_size=(32, 32), batch_size=8, num_classes=10,
                        training=True, augment=augment)

@@ -257,3 +257,30 @@ def test_tfds_dataset_prepared_in_data_dir_trains_without_network(tmp_path, monk
     assert missing.exit_code != 0 and "Traceback" not in missing.output and len(errors) == 1, missing.output
     assert errors[0].startswith("Error: could not load dataset 'tfds:not_prepared_here': ")
     assert not (tmp_path / "run2").exists()
+
+
+def test_affine_is_the_rotation_zoom_and_shift_it_draws():
+    """A.affine warps each image by the rotation, zoom and shift drawn from its seed: the same map
+    computed with scipy (bilinear, zeros outside), and the identity when every range is zero."""
+    import math
+
+    import scipy.ndimage
+
+    rng = np.random.default_rng(1)
+    img = rng.uniform(0, 255, (16, 20, 1)).astype(np.float32)
+    seed = tf.constant([5, 6], tf.int64)
+    np.testing.assert_allclose(A.affine(tf.constant(img), seed, 0.0, 0.0, 0.0).numpy(), img, atol=1e-3)
+    out = A.affine(tf.constant(img), seed, 10.0, 0.1, 1 / 16).numpy()
+    angle = float(A._uniform(A._sub(seed, 0), -10.0, 10.0)) * math.pi / 180
+    zoom = float(A._uniform(A._sub(seed, 1), 0.9, 1.1))
+    dy = float(A._uniform(A._sub(seed, 2), -1 / 16, 1 / 16)) * 16
+    dx = float(A._uniform(A._sub(seed, 3), -1 / 16, 1 / 16)) * 20
+    assert abs(angle) > 1e-3 and abs(zoom - 1) > 1e-3
+    cy, cx = 7.5, 9.5
+    yy, xx = np.mgrid[0:16, 0:20].astype(np.float64)
+    u, v = xx - cx - dx, yy - cy - dy  # undo the shift, then rotate back by -angle and unzoom
+    x_in = (math.cos(angle) * u + math.sin(angle) * v) / zoom + cx
+    y_in = (-math.sin(angle) * u + math.cos(angle) * v) / zoom + cy
+    want = scipy.ndimage.map_coordinates(img[..., 0], [y_in, x_in], order=1, mode="constant", cval=0.0)
+    inside = (x_in > 0.01) & (x_in < 18.99) & (y_in > 0.01) & (y_in < 14.99)  # away from the border's blend
+    np.testing.assert_allclose(out[..., 0][inside], want[inside], atol=1e-2)

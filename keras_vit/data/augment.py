@@ -216,6 +216,28 @@ def translate(image, seed, fraction: float):
     return out[0]
 
 
+def affine(image, seed, degrees: float, scale: float, fraction: float):
+    """A random rotation by +-`degrees`, zoom by a factor in [1 - scale, 1 + scale] and shift by up to
+    +-`fraction` of the height and width, in one bilinear warp about the centre, zeros outside (the
+    'affine' augmentation: the classic one for handwritten digits, which flips and crops would garble)."""
+    tf = _tf()
+    h = tf.cast(tf.shape(image)[0], tf.float32)
+    w = tf.cast(tf.shape(image)[1], tf.float32)
+    angle = _uniform(_sub(seed, 0), -degrees, degrees) * (math.pi / 180.0)
+    zoom = _uniform(_sub(seed, 1), 1.0 - scale, 1.0 + scale)
+    dy = _uniform(_sub(seed, 2), -fraction, fraction) * h
+    dx = _uniform(_sub(seed, 3), -fraction, fraction) * w
+    # output -> input: x_in = R(-angle) (x_out - c - d) / zoom + c
+    cos, sin = tf.cos(angle) / zoom, tf.sin(angle) / zoom
+    cx, cy = (w - 1) / 2, (h - 1) / 2
+    tx = cx - cos * (cx + dx) - sin * (cy + dy)
+    ty = cy + sin * (cx + dx) - cos * (cy + dy)
+    out = tf.raw_ops.ImageProjectiveTransformV3(
+        images=image[None], transforms=tf.reshape(tf.stack([cos, sin, tx, -sin, cos, ty, 0.0, 0.0]), (1, 8)),
+        output_shape=tf.shape(image)[:2], fill_value=0.0, interpolation="BILINEAR", fill_mode="CONSTANT")
+    return out[0]
+
+
 def inception_box(shape, seed):
     """(begin, size) of an Inception-style crop: 8%-100% of the area, aspect 3/4-4/3."""
     tf = _tf()

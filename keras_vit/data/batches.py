@@ -11,7 +11,7 @@ from keras_vit.data.folders import naming_bad_images
 from keras_vit.data.images import prepare_image
 from keras_vit.errors import DatasetError
 
-AUGMENTS = ("none", "light", "basic", "randaugment", "inception")
+AUGMENTS = ("none", "light", "affine", "basic", "randaugment", "inception")
 CACHE_LIMIT_BYTES = 2 * 1024 ** 3  # cache decoded images in memory below this size
 
 
@@ -35,7 +35,8 @@ def augmenter(kind: str, image_size: Sequence[int], seed: int = 0) -> Optional[C
     """The per-image augmentation for `kind` (see AUGMENTS): a function (image, seed) -> image for
     `Dataset.map`, or None for "none" (inception: the flip; its crop comes before resizing).
 
-    light: translation by up to 1/16 of the side (digits, MNIST: no flips); basic: zero-pad by
+    light: translation by up to 1/16 of the side (digits, MNIST: no flips); affine: rotation by up to
+    10 degrees, zoom by up to 10% and translation by up to 1/16 of the side in one warp (digits); basic: zero-pad by
     1/8 of the side, random crop, horizontal flip; randaugment: basic + RandAugment(2 ops, factor
     0.5, keras' op set, see keras_vit.data.augment); inception: horizontal flip.
     """
@@ -47,6 +48,8 @@ def augmenter(kind: str, image_size: Sequence[int], seed: int = 0) -> Optional[C
         return None
     if kind == "light":
         return lambda x, s: A.translate(x, s, 1 / 16)
+    if kind == "affine":
+        return lambda x, s: A.affine(x, s, degrees=10.0, scale=0.1, fraction=1 / 16)
     if kind == "inception":
         return A.flip
     if kind == "basic":
