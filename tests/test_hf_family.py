@@ -414,3 +414,29 @@ def test_hf_config_describes_the_saved_model(tmp_path, family):
     assert hf_layout.config_fields(ours) == {**hf_layout.config_fields(theirs), "channels": 3}
     x = np.random.default_rng(15).uniform(0, 255, (1, 16, 16, 3)).astype(np.float32)
     np.testing.assert_array_equal(keras_vit.ViT(weights=str(out)).predict(x, verbose=0), model.predict(x, verbose=0))
+
+
+@pytest.mark.jax
+@pytest.mark.slow  # one JAX process for every family
+def test_hf_folders_give_the_reference_logits_on_jax(tmp_path):
+    """Every HF-layout family, loaded from its folder on TensorFlow and rebuilt from its config on JAX."""
+    pytest.importorskip("jax")
+    import reference_family as rf
+
+    import keras_vit
+    from tests.backend_worker import run_job
+
+    x = np.random.default_rng(13).uniform(0, 255, (2, 16, 16, 3)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    job, expected = {"cases": [], "output": str(tmp_path / "out.json")}, {}
+    for family in HF_FAMILIES:
+        folder, sd, arch = _hf_folder(tmp_path, family)
+        model = keras_vit.ViT(weights=folder)
+        weights = tmp_path / f"{family}.weights.h5"
+        model.save_weights(weights)
+        expected[family] = rf.forward(sd, arch, x)
+        job["cases"].append({"name": family, "config": model.vit_config.to_dict(), "weights": str(weights),
+                             "inputs": str(tmp_path / "x.npy")})
+    out = run_job(job, tmp_path, "jax", timeout=600)
+    for family in HF_FAMILIES:
+        assert _rel(out[family], expected[family]) <= REL, family
