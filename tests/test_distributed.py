@@ -19,7 +19,7 @@ import pytest
 
 _VITCLI = os.path.join(os.path.dirname(sys.executable), "vitcli")
 # A small ViT that learns digits in a few epochs (the README's multi-machine example).
-TINY = ["--dataset", "digits", "--batch-size", "64", "--hidden-size", "32", "--num-layers", "1", "--num-heads", "2",
+TINY = ["--dataset", "digits", "--augment", "none", "--batch-size", "64", "--hidden-size", "32", "--num-layers", "1", "--num-heads", "2",
         "--mlp-dim", "64", "--lr", "0.01", "--warmup-epochs", "0.5", "--weight-decay", "0"]
 WAIT_S = 420  # generous: the machine running the tests may be busy; the product's own wait is --peer-timeout
 

@@ -119,7 +119,7 @@ def test_train_with_layer_decay_records_it(tmp_path):
 
     from keras_vit import train as kt
 
-    cfg = kt.make_config("digits", epochs=1, layer_decay=0.75, jit_compile="none", mixed_precision="none", **SMALL)
+    cfg = kt.make_config("digits", epochs=1, layer_decay=0.75, jit_compile="none", mixed_precision="none", augment="none", **SMALL)
     result = kt.train(cfg, output=str(tmp_path / "run"), verbose=0)
     assert np.isfinite(result["last_epoch"]["loss"]) and result["test"]["top1"] > 0.2
     with open(tmp_path / "run" / "config.json") as f:

@@ -181,7 +181,7 @@ def test_fit_through_tf_data_on_jax_data_parallel(tmp_path):
         import json, keras
         assert keras.backend.backend() == "jax"
         from keras_vit import train as kt
-        cfg = kt.make_config("digits", epochs=2, **{TINY!r})
+        cfg = kt.make_config("digits", epochs=2, augment="none", **{TINY!r})
         r = kt.train(cfg, output={str(tmp_path / 'run')!r}, verbose=0)
         print(json.dumps(r))
     """, {"KERAS_BACKEND": "jax", "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
@@ -196,7 +196,7 @@ def test_fit_through_tf_data_on_torch(tmp_path):
         import json, keras
         assert keras.backend.backend() == "torch"
         from keras_vit import train as kt
-        cfg = kt.make_config("digits", epochs=2, **{{**{TINY!r}, "jit_compile": "auto"}})
+        cfg = kt.make_config("digits", epochs=2, augment="none", **{{**{TINY!r}, "jit_compile": "auto"}})
         r = kt.train(cfg, output={str(tmp_path / 'run')!r}, verbose=0)
         print(json.dumps(r))
     """, {"KERAS_BACKEND": "torch"})
