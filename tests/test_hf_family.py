@@ -22,7 +22,7 @@ from hf_family_factory import (
     write_folder,
 )
 
-from keras_vit.weights import hf_layout, torch_layout
+from keras_vit.weights import hf_layout
 from keras_vit.weights.checkpoints import FAMILY, PUBLISHED, read_checkpoint
 
 
@@ -47,14 +47,14 @@ def test_layout_to_canonical_is_exact(case):
     kw, write = CASES[case]
     w = family_checkpoint(np.random.default_rng(0), **kw)
     sd = write(w)
-    assert torch_layout.detect(sd) == "-".join(case.split("-")[:2])
-    _same(torch_layout.to_canonical(sd, num_heads=2), w)
+    assert hf_layout.layout_of(sd) == "-".join(case.split("-")[:2])
+    _same(hf_layout.any_to_canonical(sd, num_heads=2), w)
 
 
 def test_clip_model_takes_the_vision_tower(caplog):
     w = family_checkpoint(np.random.default_rng(1), "clip")
     with caplog.at_level("INFO", logger="keras_vit"):
-        _same(torch_layout.to_canonical(hf_clip(w, text=True), num_heads=2), w)
+        _same(hf_layout.any_to_canonical(hf_clip(w, text=True), num_heads=2), w)
     assert "vision tower is taken" in caplog.text
 
 
@@ -77,7 +77,7 @@ def test_deit_without_teacher_gives_the_class_token_logits():
     sd = hf_deit(w)
     sd["classifier.weight"], sd["classifier.bias"] = sd.pop("cls_classifier.weight"), sd.pop("cls_classifier.bias")
     del sd["distillation_classifier.weight"], sd["distillation_classifier.bias"]
-    out = torch_layout.to_canonical(sd, num_heads=2)
+    out = hf_layout.any_to_canonical(sd, num_heads=2)
     x_cls, x_dist = np.random.default_rng(3).standard_normal((2, 32))
     got = ((x_cls @ out["head/kernel"] + out["head/bias"]) + (x_dist @ out["head_dist/kernel"] + out["head_dist/bias"])) / 2
     np.testing.assert_allclose(got, x_cls @ w["head/kernel"] + w["head/bias"], rtol=1e-6, atol=1e-6)
@@ -88,7 +88,7 @@ def test_dinov2_for_image_classification_is_refused():
     sd = {"dinov2." + k: v for k, v in hf_dinov2(w).items()}
     sd["classifier.weight"], sd["classifier.bias"] = np.zeros((3, 64), np.float32), np.zeros(3, np.float32)
     with pytest.raises(ValueError, match="class token and the mean patch token"):
-        torch_layout.to_canonical(sd, num_heads=2)
+        hf_layout.any_to_canonical(sd, num_heads=2)
 
 
 # --- config.json ------------------------------------------------------------------------------------

@@ -189,7 +189,7 @@ class Checkpoint:
         """Arrays under canonical names and whether the position embeddings are big_vision's."""
         if self.layout == "npz":
             return canonicalize(self.raw, prefix=prefix)
-        return torch_layout.to_canonical(self.raw, num_heads or self.defaults.get("num_heads") or 1), False
+        return hf_layout.any_to_canonical(self.raw, num_heads or self.defaults.get("num_heads") or 1), False
 
 
 # Heads of timm's size names beyond the paper's (the sizes themselves come from the arrays).
@@ -325,7 +325,7 @@ def _read_arrays(spec: str, local: str) -> Tuple[Dict[str, np.ndarray], str, Dic
         return arrays, "npz", file_meta, {}
     raw, file_meta = read_safetensors(local)
     raw, source = torch_layout.image_tower(raw)
-    layout = torch_layout.detect(raw)
+    layout = hf_layout.layout_of(raw)
     if not layout:
         if torch_layout.text_tower(raw):
             raise ValueError(f"checkpoint {spec!r} holds a CLIP text tower (text_model.* or transformer.resblocks.* "

@@ -177,6 +177,19 @@ def _deit(sd: Mapping[str, np.ndarray], num_heads: int) -> Dict[str, np.ndarray]
     return out
 
 
+def layout_of(keys) -> str:
+    """One of LAYOUTS, else what torch_layout.detect says ('timm', 'hf' for ViTModel, or ''): the
+    family first, since DINOv2's names would pass for ViTModel's."""
+    keys = list(keys)
+    return detect(keys) or tl.detect(keys)
+
+
+def any_to_canonical(sd: Mapping[str, np.ndarray], num_heads: int) -> Dict[str, np.ndarray]:
+    """A timm, Hugging Face ViTModel or Hugging Face family state dict under canonical names."""
+    layout = detect(sd)
+    return to_canonical(sd, num_heads, layout) if layout else tl.to_canonical(sd, num_heads)
+
+
 def to_canonical(sd: Mapping[str, np.ndarray], num_heads: int, layout: Optional[str] = None) -> Dict[str, np.ndarray]:
     """A state dict of one of LAYOUTS under canonical names (keys it does not know pass through,
     so that loading reports them as unexpected)."""

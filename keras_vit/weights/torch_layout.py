@@ -35,14 +35,9 @@ _ATT = "MultiHeadDotProductAttention_1/"
 
 
 def detect(keys) -> str:
-    """'timm', 'hf', one of `hf_layout.LAYOUTS` (the Hugging Face ViT family) or '' (not a
-    torch-layout ViT) for a state dict's keys."""
-    from keras_vit.weights import hf_layout
-
+    """'timm', 'hf' (ViTModel) or '' for a state dict's keys; the Hugging Face ViT family's layouts
+    are told apart first by `hf_layout.layout_of`, which calls this for the rest."""
     keys = list(keys)
-    family = hf_layout.detect(keys)
-    if family:
-        return family
     if any(k.startswith("patch_embed.proj.") for k in keys) and any(k.startswith("blocks.") for k in keys):
         return "timm"
     if any(re.match(r"^(vit\.)?embeddings\.patch_embeddings\.projection\.", k) for k in keys):
@@ -346,12 +341,9 @@ def from_hf(sd: Mapping[str, np.ndarray], num_heads: int) -> Dict[str, np.ndarra
 
 
 def to_canonical(sd: Mapping[str, np.ndarray], num_heads: int) -> Dict[str, np.ndarray]:
-    """timm or Hugging Face state dict -> canonical names (ValueError for anything else)."""
-    from keras_vit.weights import hf_layout
-
+    """timm or Hugging Face ViTModel state dict -> canonical names (ValueError for anything else;
+    the Hugging Face ViT family: `hf_layout.any_to_canonical`)."""
     kind = detect(sd)
-    if kind in hf_layout.LAYOUTS:
-        return hf_layout.to_canonical(sd, num_heads, kind)
     if kind == "timm":
         return from_timm(sd, num_heads)
     if kind == "hf":
