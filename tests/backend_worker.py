@@ -60,5 +60,20 @@ def run_job(job: dict, folder, backend: str, timeout: int = 900) -> dict:
     return out
 
 
+
+def outputs_on(backend: str, models: dict, x, folder, timeout: int = 600) -> dict:
+    """{name: outputs on `x`} of keras-vit `models` ({name: model}) rebuilt from their configs and
+    weights in one worker process under `backend`."""
+    import numpy as np
+
+    np.save(os.path.join(str(folder), "x.npy"), x)
+    job = {"cases": [], "output": os.path.join(str(folder), "out.json")}
+    for name, model in models.items():
+        weights = os.path.join(str(folder), f"{name}.weights.h5")
+        model.save_weights(weights)
+        job["cases"].append({"name": name, "config": model.vit_config.to_dict(), "weights": weights,
+                             "inputs": os.path.join(str(folder), "x.npy")})
+    return run_job(job, folder, backend, timeout=timeout)
+
 if __name__ == "__main__":
     main(sys.argv[1])

@@ -362,20 +362,15 @@ def test_open_clip_timm_trunk_loads(tmp_path):
 def test_families_give_the_reference_logits_on_jax(tmp_path):
     """Every family, loaded on TensorFlow and rebuilt from its config on JAX (one worker process)."""
     pytest.importorskip("jax")
-    from tests.backend_worker import run_job
+    from tests.backend_worker import outputs_on
 
     x = _images((16, 16))
-    np.save(tmp_path / "x.npy", x)
-    job, expected = {"cases": [], "output": str(tmp_path / "out.json")}, {}
+    models, expected = {}, {}
     for family in FAMILIES:
         path, sd, arch, _ = write_family(tmp_path / family, family)
-        model = _build(path, family, True)
-        weights = tmp_path / f"{family}.weights.h5"
-        model.save_weights(weights)
+        models[family] = _build(path, family, True)
         expected[family] = rf.forward(sd, arch, x)
-        job["cases"].append({"name": family, "config": model.vit_config.to_dict(), "weights": str(weights),
-                             "inputs": str(tmp_path / "x.npy")})
-    out = run_job(job, tmp_path, "jax", timeout=600)
+    out = outputs_on("jax", models, x, tmp_path)
     for family in FAMILIES:
         assert _rel(out[family], expected[family]) <= TOL, family
 

@@ -424,19 +424,14 @@ def test_hf_folders_give_the_reference_logits_on_jax(tmp_path):
     import reference_family as rf
 
     import keras_vit
-    from tests.backend_worker import run_job
+    from tests.backend_worker import outputs_on
 
     x = np.random.default_rng(13).uniform(0, 255, (2, 16, 16, 3)).astype(np.float32)
-    np.save(tmp_path / "x.npy", x)
-    job, expected = {"cases": [], "output": str(tmp_path / "out.json")}, {}
+    models, expected = {}, {}
     for family in HF_FAMILIES:
         folder, sd, arch = _hf_folder(tmp_path, family)
-        model = keras_vit.ViT(weights=folder)
-        weights = tmp_path / f"{family}.weights.h5"
-        model.save_weights(weights)
+        models[family] = keras_vit.ViT(weights=folder)
         expected[family] = rf.forward(sd, arch, x)
-        job["cases"].append({"name": family, "config": model.vit_config.to_dict(), "weights": str(weights),
-                             "inputs": str(tmp_path / "x.npy")})
-    out = run_job(job, tmp_path, "jax", timeout=600)
+    out = outputs_on("jax", models, x, tmp_path)
     for family in HF_FAMILIES:
         assert _rel(out[family], expected[family]) <= REL, family
