@@ -184,12 +184,18 @@ def test_counts_of_timm_models():
     assert s16.replace(mlp="swiglu").flops() - s16.flops() == 12 * 2 * s16.seq_len * 384 * 1536
 
 
-@pytest.mark.parametrize("option", list(OPTIONS))
-def test_npz_round_trip_with_canonical_names(option, tmp_path, rng):
+def _random_model(option: str, rng):
+    """(config, model) of one block option with every weight drawn at random (non-trivial gains)."""
     cfg = ViTConfig(**OPTIONS[option], **TINY)
     model = keras_vit.ViT(config=cfg)
     for w in model.weights:
         w.assign(rng.normal(0.0, 0.3, w.shape).astype("float32"))
+    return cfg, model
+
+
+@pytest.mark.parametrize("option", list(OPTIONS))
+def test_npz_round_trip_with_canonical_names(option, tmp_path, rng):
+    cfg, model = _random_model(option, rng)
     arrays = model_arrays(model)
     b = "Transformer/encoderblock_1/"
     a = b + "MultiHeadDotProductAttention_1/"
@@ -213,10 +219,7 @@ def test_npz_round_trip_with_canonical_names(option, tmp_path, rng):
 
 @pytest.mark.parametrize("option", list(OPTIONS))
 def test_safetensors_round_trip(option, tmp_path, rng):
-    cfg = ViTConfig(**OPTIONS[option], **TINY)
-    model = keras_vit.ViT(config=cfg)
-    for w in model.weights:
-        w.assign(rng.normal(0.0, 0.3, w.shape).astype("float32"))
+    cfg, model = _random_model(option, rng)
     x = rng.uniform(0, 255, (2, 32, 32, 3)).astype("float32")
     save_safetensors(model, tmp_path / "m.safetensors")
     again = keras_vit.ViT(weights=str(tmp_path / "m.safetensors"))  # the config from the file's metadata
