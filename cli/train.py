@@ -58,6 +58,9 @@ _DATASET_HELP = ("digits (offline), cifar10, cifar100, mnist, fashion_mnist, tfd
 @click.option("--layer-decay", type=float, default=None, metavar="R",
               help="Layer-wise learning-rate decay R in (0, 1]: block i of L trains at R^(L-i) of the head's rate, "
                    "the embeddings at R^(L+1) (BEiT/MAE fine-tuning).")
+@click.option("--ema", type=float, default=None, metavar="MOMENTUM",
+              help="Keep an exponential moving average of the weights (e.g. 0.999) and end with it: model.keras "
+                   "and the test metrics use the average [default: per dataset; off].")
 @click.option("--seed", type=int, default=None, help="Seed for data order, augmentation and initialisation [default: 0].")
 @click.option("--val-fraction", type=float, default=None, help="Training data held out for validation [default: 0.1].")
 @click.option("--data-dir", default=None, help="tensorflow-datasets data folder (datasets prepared there are used as they are).")

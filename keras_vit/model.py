@@ -22,6 +22,7 @@ from keras_vit.layers import (
     preprocessing_scale_offset,
 )
 from keras_vit.resnet import ResNetStem
+from keras_vit.train import schedules  # noqa: F401  (registers WarmupCosine, named by compiled .keras files)
 
 
 def _model_name(cfg: ViTConfig) -> str:

@@ -215,6 +215,7 @@ def not_a_model(tmp_path_factory):
     (["train", "--image-size", "31"], "image_size 31x31 is not divisible by the patch size 4x4"),
     (["train", "--epochs", "-1"], "epochs must be a positive integer, got -1"),
     (["train", "--variant", "Q/16"], "unknown variant 'Q/16'"),
+    (["train", "--ema", "1.5"], "ema must be a momentum in (0, 1), e.g. 0.999, got 1.5"),
     (["train", "--resume", "--output", "/no/such/run"], "nothing to resume"),
     (["train", "--resume", "--epochs", "3"], "--resume continues a run with its saved options"),
     (["evaluate", "--model", "NOT_A_MODEL"], "not a keras-vit model"),

@@ -15,7 +15,8 @@ import importlib
 # public name -> submodule that defines it
 _LAZY = {
     **dict.fromkeys(["DATASET_DEFAULTS", "DISTRIBUTE", "MODEL_FIELDS", "OPTIMIZERS", "RECIPES", "TrainConfig",
-                     "make_config", "make_optimizer", "resolve_speed", "warmup_cosine"], "recipes"),
+                     "make_config", "make_optimizer", "resolve_speed"], "recipes"),
+    **dict.fromkeys(["WarmupCosine", "warmup_cosine"], "schedules"),
     **dict.fromkeys(["RUNS_DIR", "RunInfo", "class_names_for", "model_path", "new_run_dir", "read_run",
                      "resolve_run_dir"], "runs"),
     **dict.fromkeys(["AtomicCheckpoint", "LearningRateLogger", "atomic_checkpoint"], "callbacks"),

@@ -13,6 +13,7 @@ from keras_vit.config import ViTConfig, from_fields, parse_variant
 from keras_vit.data import AUGMENTS
 from keras_vit.errors import TrainError
 from keras_vit.precision import JIT_MODES, MIXED_PRECISION
+from keras_vit.train.schedules import evaluate_once_per_update, warmup_cosine
 
 # Recipes (paper Appendix B, and the usual small-data ViT settings for "scratch").
 RECIPES: Dict[str, Dict[str, Any]] = {
@@ -80,6 +81,9 @@ class TrainConfig:
     skip_bad_images: bool = False  # drop image files that do not decode (listed in bad_images.txt)
     freeze_backbone: bool = False  # linear probe: only the head trains
     layer_decay: Optional[float] = None  # block i of L at R^(L-i) of the head's rate, embeddings R^(L+1)
+    # Momentum of an exponential moving average of the weights, updated every step; the average
+    # replaces the trained weights when training ends (model.keras, the test metrics). None = off.
+    ema: Optional[float] = None
     # Seconds between epoch-end checkpoints (last.keras, best.keras, the resumable backup) of a one-process
     # run; 0 = every epoch. The last epoch is always saved; a resume repeats at most this much training.
     checkpoint_interval: float = 10.0
@@ -118,6 +122,9 @@ class TrainConfig:
         if self.layer_decay is not None and self.grad_accum > 1:
             raise TrainError("layer_decay does not combine with grad_accum > 1 (the gradients are clipped "
                              "per batch before accumulation); use one")
+        if self.ema is not None and (isinstance(self.ema, bool) or not isinstance(self.ema, (int, float))
+                                     or not 0 < self.ema < 1):
+            raise TrainError(f"ema must be a momentum in (0, 1), e.g. 0.999, got {self.ema!r}")
         if self.freeze_backbone and self.layer_decay is not None:
             raise TrainError("freeze_backbone trains the head alone; layer_decay has nothing to decay (use one)")
         if self.augment not in AUGMENTS:
@@ -201,16 +208,6 @@ def make_config(dataset: str = "digits", recipe: str = "scratch", **overrides) -
     return TrainConfig(dataset=dataset, recipe=recipe, model=model, **fields).validate()
 
 
-def warmup_cosine(peak: float, total_steps: int, warmup_steps: int):
-    """Linear warm-up from 0 to `peak` over `warmup_steps`, then cosine decay to 0 at
-    `total_steps` (the paper's schedule, Appendix B)."""
-    total_steps = max(1, int(total_steps))
-    warmup = max(0, min(int(warmup_steps), total_steps - 1))
-    return keras.optimizers.schedules.CosineDecay(
-        initial_learning_rate=0.0 if warmup else peak, decay_steps=total_steps - warmup, alpha=0.0,
-        warmup_target=peak if warmup else None, warmup_steps=warmup)
-
-
 def make_optimizer(cfg: TrainConfig, steps_per_epoch: int, model: Optional[keras.Model] = None,
                    lr_scale: float = 1.0) -> keras.optimizers.Optimizer:
     """The recipe's optimizer: warm-up + cosine per update, clipping at global norm `clipnorm`,
@@ -229,11 +226,15 @@ def make_optimizer(cfg: TrainConfig, steps_per_epoch: int, model: Optional[keras
     schedule = warmup_cosine(cfg.learning_rate * lr_scale, total, int(round(cfg.warmup_epochs * updates_per_epoch)))
     common = dict(learning_rate=schedule, global_clipnorm=cfg.clipnorm,
                   gradient_accumulation_steps=cfg.grad_accum if cfg.grad_accum > 1 else None)
+    if cfg.ema is not None:
+        common.update(use_ema=True, ema_momentum=float(cfg.ema))
     if cfg.optimizer == "adamw":
-        return keras.optimizers.AdamW(weight_decay=cfg.weight_decay, **common)
-    if cfg.optimizer == "adam":
-        return keras.optimizers.Adam(**common)
-    return keras.optimizers.SGD(momentum=cfg.momentum, weight_decay=cfg.weight_decay or None, **common)
+        optimizer = keras.optimizers.AdamW(weight_decay=cfg.weight_decay, **common)
+    elif cfg.optimizer == "adam":
+        optimizer = keras.optimizers.Adam(**common)
+    else:
+        optimizer = keras.optimizers.SGD(momentum=cfg.momentum, weight_decay=cfg.weight_decay or None, **common)
+    return evaluate_once_per_update(optimizer)
 
 
 def resolve_speed(cfg: TrainConfig) -> precision.Choice:

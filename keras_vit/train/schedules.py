@@ -1,0 +1,76 @@
+"""The learning-rate schedule of every recipe: linear warm-up, then cosine decay (paper, Appendix B),
+computed once per optimizer update of a traced train step instead of once per variable."""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Dict, Iterator, Optional, Tuple
+
+import keras
+
+
+@keras.saving.register_keras_serializable(package="keras_vit")
+class WarmupCosine(keras.optimizers.schedules.CosineDecay):
+    """keras' CosineDecay (with its linear warm-up) that one traced optimizer update evaluates once.
+
+    Keras' optimizers read `learning_rate` once per variable for the decoupled weight decay and
+    again for the update: 70+ copies of the schedule's ops (each a cond) in a small ViT's train
+    step. Within `once()` (an optimizer's `apply`, see `evaluate_once_per_update`, where the step
+    counter does not move), a TensorFlow trace reuses the first value for the same graph and
+    step; outside it, eagerly and on other backends the schedule computes as keras' does.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._memo: Optional[Dict[Tuple[int, int], Tuple[Any, Any]]] = None
+
+    @contextlib.contextmanager
+    def once(self) -> Iterator[None]:
+        """Within this block, a traced graph computes the rate once per step variable."""
+        outer, self._memo = self._memo, {}
+        try:
+            yield
+        finally:
+            self._memo = outer
+
+    def __call__(self, step):
+        graph = _traced_graph() if self._memo is not None else None
+        if graph is None:
+            return super().__call__(step)
+        key = (id(graph), id(step))
+        if key not in self._memo:
+            self._memo[key] = (graph, super().__call__(step))  # the graph is kept alive with its key
+        return self._memo[key][1]
+
+
+def _traced_graph():
+    """The TensorFlow graph being traced, or None (eager, or another backend)."""
+    if keras.backend.backend() != "tensorflow":
+        return None
+    import tensorflow as tf
+
+    return tf.compat.v1.get_default_graph() if tf.inside_function() else None
+
+
+def evaluate_once_per_update(optimizer: keras.optimizers.Optimizer) -> keras.optimizers.Optimizer:
+    """Make `optimizer.apply` (every update goes through it) evaluate its WarmupCosine once; the step
+    counter moves only at the end of `apply`, so every read inside sees the same step."""
+    schedule = getattr(optimizer, "_learning_rate", None)
+    if not isinstance(schedule, WarmupCosine):
+        return optimizer
+    apply = optimizer.apply
+
+    def apply_once(grads, trainable_variables=None):
+        with schedule.once():
+            return apply(grads, trainable_variables)
+
+    optimizer.apply = apply_once
+    return optimizer
+
+
+def warmup_cosine(peak: float, total_steps: int, warmup_steps: int) -> WarmupCosine:
+    """Linear warm-up from 0 to `peak` over `warmup_steps`, then cosine decay to 0 at
+    `total_steps` (the paper's schedule, Appendix B)."""
+    total_steps = max(1, int(total_steps))
+    warmup = max(0, min(int(warmup_steps), total_steps - 1))
+    return WarmupCosine(initial_learning_rate=0.0 if warmup else peak, decay_steps=total_steps - warmup, alpha=0.0,
+                        warmup_target=peak if warmup else None, warmup_steps=warmup)
