@@ -259,6 +259,42 @@ def test_tfds_dataset_prepared_in_data_dir_trains_without_network(tmp_path, monk
     assert not (tmp_path / "run2").exists()
 
 
+def test_batched_warps_give_each_image_its_own_map():
+    """affine_batch / translate_batch (the training pipeline's light and affine): image 0 of a batch is
+    the per-image warp with the batch's seed, every image gets its own parameters, and zero ranges
+    leave the batch unchanged."""
+    rng = np.random.default_rng(2)
+    batch = tf.constant(rng.uniform(0, 255, (6, 16, 16, 3)).astype(np.float32))
+    seed = tf.constant([3, 4], tf.int64)
+    for batched, single, args in ((A.affine_batch, A.affine, (10.0, 0.1, 1 / 16)),
+                                  (A.translate_batch, A.translate, (1 / 16,))):
+        out = batched(batch, seed, *args).numpy()
+        np.testing.assert_allclose(out[0], single(batch[0], seed, *args).numpy(), atol=1e-4)
+        alone = np.stack([single(batch[i], seed, *args).numpy() for i in range(6)])
+        assert all(not np.allclose(out[i], alone[i], atol=1e-2) for i in range(1, 6))  # not one map for all
+        zero = (0.0, 0.0, 0.0) if len(args) == 3 else (0.0,)
+        np.testing.assert_allclose(batched(batch, seed, *zero).numpy(), batch.numpy(), atol=1e-3)
+
+
+def test_pipeline_warps_batches_the_same_in_every_run(digits):
+    """light and affine run once per batch after batching: still seeded (the same batches for the
+    same seed, other ones for another seed) and different from epoch to epoch."""
+    from keras_vit.data import batches
+
+    x_tr, y_tr = digits[0][:96], digits[1][:96]
+
+    def epochs(seed):
+        ds = batches.pipeline(tf.data.Dataset.from_tensor_slices((x_tr, y_tr)), image_size=(16, 16),
+                              batch_size=32, num_classes=10, training=True, augment="affine", seed=seed)
+        return [np.concatenate([b[0].numpy() for b in ds]) for _ in range(2)]
+
+    first, again, other = epochs(0), epochs(0), epochs(1)
+    np.testing.assert_array_equal(first[0], again[0])
+    np.testing.assert_array_equal(first[1], again[1])
+    assert not np.allclose(first[0], first[1]) and not np.allclose(first[0], other[0])
+    assert batches.batch_augmenter("affine") is not None and batches.batch_augmenter("basic") is None
+
+
 def test_affine_is_the_rotation_zoom_and_shift_it_draws():
     """A.affine warps each image by the rotation, zoom and shift drawn from its seed: the same map
     computed with scipy (bilinear, zeros outside), and the identity when every range is zero."""

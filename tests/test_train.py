@@ -21,7 +21,7 @@ TINY = dict(hidden_size=32, num_layers=1, num_heads=2, mlp_dim=64)
 def test_digits_defaults_and_overrides():
     cfg = kt.make_config("digits")
     assert (cfg.variant, cfg.image_size, cfg.epochs, cfg.batch_size, cfg.optimizer) == ("Ti/4", 16, 80, 32, "adamw")
-    assert cfg.model == dict(hidden_size=128, num_layers=4, num_heads=4, mlp_dim=256)
+    assert cfg.model == dict(hidden_size=64, num_layers=4, num_heads=4, mlp_dim=128) and cfg.augment == "affine"
     assert cfg.clipnorm == 1.0 and cfg.label_smoothing == 0.1 and cfg.weight_decay > 0
     cfg = kt.make_config("digits", epochs=3, learning_rate=5e-4, num_layers=2, augment="light")
     assert (cfg.epochs, cfg.learning_rate, cfg.model["num_layers"], cfg.augment) == (3, 5e-4, 2, "light")
@@ -261,7 +261,7 @@ def test_run_folders_and_latest(tmp_path):
     cfg = kt.make_config("digits")
     first = kt.new_run_dir(cfg, root=str(tmp_path))
     second = kt.new_run_dir(cfg, root=str(tmp_path))
-    assert os.path.basename(first).startswith("digits-Ti_4-d128-l4-h4-m256-") and first != second
+    assert os.path.basename(first).startswith("digits-Ti_4-d64-l4-h4-m128-") and first != second
     assert os.path.realpath(tmp_path / "latest") == os.path.realpath(second)
     with pytest.raises(kt.TrainError, match="nothing to resume"):
         kt.resolve_run_dir(root=str(tmp_path))  # no config.json yet

@@ -22,6 +22,7 @@ from keras_vit.data.batches import (
     AUGMENTS,
     CACHE_LIMIT_BYTES,
     augmenter,
+    batch_augmenter,
     inception_crop,
     pipeline,
     split_arrays,
@@ -281,5 +282,5 @@ def _image_files(files: Sequence[str], labels: np.ndarray, bad: Optional[BadImag
 
 __all__ = ["NAMES", "AUGMENTS", "KERAS_DATASETS", "DIGITS_SIZE", "CACHE_LIMIT_BYTES", "IMAGE_EXTENSIONS", "DatasetError",
            "Splits", "BadImages", "load", "slug", "digits_arrays", "read_image", "prepare_image", "load_image_file",
-           "split_arrays", "augmenter", "inception_crop", "pipeline", "bad_image_line", "checked_images",
+           "split_arrays", "augmenter", "batch_augmenter", "inception_crop", "pipeline", "bad_image_line", "checked_images",
            "list_images", "naming_bad_images", "write_records"]

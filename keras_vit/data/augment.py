@@ -205,37 +205,55 @@ def flip(image, seed):
 
 def translate(image, seed, fraction: float):
     """Shift by up to +-`fraction` of the height and width, zeros outside (the 'light' augmentation)."""
+    return translate_batch(image[None], seed, fraction)[0]
+
+
+def translate_batch(images, seed, fraction: float):
+    """`translate` of each image of a batch (N, H, W, C) by its own shift, in one warp: the i-th image
+    takes the i-th value of each parameter's stream (image 0 that of `translate` with this seed)."""
     tf = _tf()
-    h = tf.cast(tf.shape(image)[0], tf.float32)
-    w = tf.cast(tf.shape(image)[1], tf.float32)
-    dy = _uniform(_sub(seed, 0), -fraction, fraction) * h
-    dx = _uniform(_sub(seed, 1), -fraction, fraction) * w
-    out = tf.raw_ops.ImageProjectiveTransformV3(
-        images=image[None], transforms=tf.reshape(tf.stack([1.0, 0.0, -dx, 0.0, 1.0, -dy, 0.0, 0.0]), (1, 8)),
-        output_shape=tf.shape(image)[:2], fill_value=0.0, interpolation="BILINEAR", fill_mode="CONSTANT")
-    return out[0]
+    n = tf.shape(images)[0]
+    h = tf.cast(tf.shape(images)[1], tf.float32)
+    w = tf.cast(tf.shape(images)[2], tf.float32)
+    dy = _uniform(_sub(seed, 0), -fraction, fraction, (n,)) * h
+    dx = _uniform(_sub(seed, 1), -fraction, fraction, (n,)) * w
+    one, zero = tf.ones_like(dx), tf.zeros_like(dx)
+    return _warp(images, tf.stack([one, zero, -dx, zero, one, -dy, zero, zero], axis=1))
 
 
 def affine(image, seed, degrees: float, scale: float, fraction: float):
     """A random rotation by +-`degrees`, zoom by a factor in [1 - scale, 1 + scale] and shift by up to
     +-`fraction` of the height and width, in one bilinear warp about the centre, zeros outside (the
     'affine' augmentation: the classic one for handwritten digits, which flips and crops would garble)."""
+    return affine_batch(image[None], seed, degrees, scale, fraction)[0]
+
+
+def affine_batch(images, seed, degrees: float, scale: float, fraction: float):
+    """`affine` of each image of a batch (N, H, W, C) by its own rotation, zoom and shift, in one warp
+    (one op for the batch instead of some twenty per image in a tf.data map)."""
     tf = _tf()
-    h = tf.cast(tf.shape(image)[0], tf.float32)
-    w = tf.cast(tf.shape(image)[1], tf.float32)
-    angle = _uniform(_sub(seed, 0), -degrees, degrees) * (math.pi / 180.0)
-    zoom = _uniform(_sub(seed, 1), 1.0 - scale, 1.0 + scale)
-    dy = _uniform(_sub(seed, 2), -fraction, fraction) * h
-    dx = _uniform(_sub(seed, 3), -fraction, fraction) * w
+    n = tf.shape(images)[0]
+    h = tf.cast(tf.shape(images)[1], tf.float32)
+    w = tf.cast(tf.shape(images)[2], tf.float32)
+    angle = _uniform(_sub(seed, 0), -degrees, degrees, (n,)) * (math.pi / 180.0)
+    zoom = _uniform(_sub(seed, 1), 1.0 - scale, 1.0 + scale, (n,))
+    dy = _uniform(_sub(seed, 2), -fraction, fraction, (n,)) * h
+    dx = _uniform(_sub(seed, 3), -fraction, fraction, (n,)) * w
     # output -> input: x_in = R(-angle) (x_out - c - d) / zoom + c
     cos, sin = tf.cos(angle) / zoom, tf.sin(angle) / zoom
     cx, cy = (w - 1) / 2, (h - 1) / 2
     tx = cx - cos * (cx + dx) - sin * (cy + dy)
     ty = cy + sin * (cx + dx) - cos * (cy + dy)
-    out = tf.raw_ops.ImageProjectiveTransformV3(
-        images=image[None], transforms=tf.reshape(tf.stack([cos, sin, tx, -sin, cos, ty, 0.0, 0.0]), (1, 8)),
-        output_shape=tf.shape(image)[:2], fill_value=0.0, interpolation="BILINEAR", fill_mode="CONSTANT")
-    return out[0]
+    zero = tf.zeros_like(cos)
+    return _warp(images, tf.stack([cos, sin, tx, -sin, cos, ty, zero, zero], axis=1))
+
+
+def _warp(images, transforms):
+    """Bilinear projective warp of a batch by per-image (N, 8) output -> input maps, zeros outside."""
+    tf = _tf()
+    return tf.raw_ops.ImageProjectiveTransformV3(
+        images=images, transforms=tf.cast(transforms, tf.float32), output_shape=tf.shape(images)[1:3],
+        fill_value=0.0, interpolation="BILINEAR", fill_mode="CONSTANT")
 
 
 def inception_box(shape, seed):

@@ -57,6 +57,16 @@ def augmenter(kind: str, image_size: Sequence[int], seed: int = 0) -> Optional[C
     return lambda x, s: A.rand_augment(A.pad_crop_flip(x, s, size, pad), A._sub(s, 7), num_ops=2, factor=0.5)
 
 
+def batch_augmenter(kind: str) -> Optional[Callable]:
+    """The batched form of `kind`'s augmentation where it has one (light, affine: one warp of the whole
+    batch, each image by its own random map), a function (images, seed) -> images; else None."""
+    if kind == "light":
+        return lambda x, s: A.translate_batch(x, s, 1 / 16)
+    if kind == "affine":
+        return lambda x, s: A.affine_batch(x, s, degrees=10.0, scale=0.1, fraction=1 / 16)
+    return None
+
+
 def inception_crop(image, image_size: Sequence[int], seed: Optional[Tuple[int, int]] = None):
     """Inception-style random crop (8%-100% area, 3/4-4/3 aspect) resized to `image_size`."""
     import tensorflow as tf
@@ -70,8 +80,9 @@ def pipeline(ds, *, image_size: Sequence[int], batch_size: int, num_classes: int
              training: bool = False, augment: str = "none", mixup: float = 0.0, cutmix: float = 0.0,
              seed: int = 0, cache: Union[bool, str] = "auto", shuffle_buffer: Optional[int] = None,
              one_hot: bool = True):
-    """Split -> batches for `model.fit`: resize (AUTOTUNE), cache, shuffle (seeded), per-image
-    augmentation on parallel threads (training only), batch, MixUp/CutMix, prefetch.
+    """Split -> batches for `model.fit`: resize (AUTOTUNE), cache, shuffle (seeded), augmentation on
+    parallel threads (training only; per image, or per batch for the warps of `batch_augmenter`),
+    batch, MixUp/CutMix, prefetch.
 
     The same `seed` (here and in `load`) gives the same batches in a new run: every map is ordered,
     every random op stateless and seeded by the seed and the example's position in the stream
@@ -90,6 +101,7 @@ def pipeline(ds, *, image_size: Sequence[int], batch_size: int, num_classes: int
     # Inception crops before resizing: the crop needs the full-resolution image.
     resize_to = None if inception else size
     ds = ds.map(lambda x, y: (prepare_image(x, resize_to, channels), y), num_parallel_calls=AUTO)
+    batched = batch_augmenter(augment) if training else None
     cached = _should_cache(ds, size, channels, cache, inception)
     if cached:
         ds = ds.cache()
@@ -101,8 +113,10 @@ def pipeline(ds, *, image_size: Sequence[int], batch_size: int, num_classes: int
         n = ds.cardinality()
         buffer = shuffle_buffer if n < 0 else int(min(max(int(n), 1), shuffle_buffer))
         ds = ds.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
-        ds = _augmented(ds, augmenter(augment, size, seed), inception, size, channels, seed)
+        ds = _augmented(ds, None if batched else augmenter(augment, size, seed), inception, size, channels, seed)
     ds = ds.batch(batch_size, drop_remainder=training, num_parallel_calls=AUTO)
+    if batched is not None:
+        ds = _augmented_batches(ds, batched, seed)
     if one_hot or (training and (mixup or cutmix)):
         ds = ds.map(lambda x, y: (x, tf.one_hot(y, num_classes, dtype=tf.float32)), num_parallel_calls=AUTO)
     if training and (mixup or cutmix):
@@ -133,6 +147,22 @@ def _augmented(ds, aug: Optional[Callable], inception: bool, size: Tuple[int, in
         return x, xy[1]
 
     return tf.data.Dataset.zip((ds, counter)).map(per_image, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def _augmented_batches(ds, aug: Callable, seed: int):
+    """`ds` (batched) with `aug` applied to each batch on parallel threads, each batch seeded by
+    `seed` and its position in the stream, as `_augmented` seeds images."""
+    import tensorflow as tf
+
+    counter = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
+    base = tf.constant(seed, tf.int64)
+
+    def per_batch(xy, i):
+        x = aug(xy[0], tf.stack([base, i]))
+        x.set_shape(xy[0].shape)
+        return x, xy[1]
+
+    return tf.data.Dataset.zip((ds, counter)).map(per_batch, num_parallel_calls=tf.data.AUTOTUNE)
 
 
 def _should_cache(ds, size, channels, cache, inception) -> bool:
