@@ -60,7 +60,7 @@ _DATASET_HELP = ("digits (offline), cifar10, cifar100, mnist, fashion_mnist, tfd
                    "the embeddings at R^(L+1) (BEiT/MAE fine-tuning).")
 @click.option("--ema", type=float, default=None, metavar="MOMENTUM",
               help="Keep an exponential moving average of the weights (e.g. 0.999) and end with it: model.keras "
-                   "and the test metrics use the average [default: per dataset; off].")
+                   "and the test metrics use the average [default: off].")
 @click.option("--seed", type=int, default=None, help="Seed for data order, augmentation and initialisation [default: 0].")
 @click.option("--val-fraction", type=float, default=None, help="Training data held out for validation [default: 0.1].")
 @click.option("--data-dir", default=None, help="tensorflow-datasets data folder (datasets prepared there are used as they are).")
