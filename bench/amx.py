@@ -1,14 +1,15 @@
 """The AMX table of issue #25 in one run, as JSON and markdown.
 
-Training img/s of every entry path beside timm, the GEMM peaks, which oneDNN kernels the matmuls
-run, and the deployment files' latency.
+Training img/s of every entry path beside timm, the GEMM peaks, the GFLOP/s of a ViT step's
+matmuls in every way in (TensorFlow's oneDNN, XLA, JAX with and without oneDNN, torch) with the
+oneDNN kernel each runs (bench.gemm_ways), and the deployment files' latency.
 
     bash bench/amx.sh [--quick] [--out DIR]       # sets up the peers (torch, timm), then runs this
     python -m bench.amx [--quick] [--out DIR]     # the same in an environment that has them
 
 Made for an Intel Xeon with AMX (amx_bf16, amx_int8) and runs on any x86 CPU: without AMX the
-table's title says so. It runs bench.train, bench.infer and bench.ort_interleaved (every case in
-its own process) within --budget seconds: after the probes, the peaks and the inference stage,
+table's title says so. It runs bench.gemm_ways, bench.train, bench.infer and bench.ort_interleaved (every case
+in its own process) within --budget seconds: after the ways, the peaks and the inference stage,
 B/16 keeps a quarter of the budget for Ti/16, which runs last on what is left; each training
 stage starts another round only when one more as long as the last still fits. DIR/amx.json
 (every figure with the CPU, its flags, the load, the date and the command) and DIR/amx.md (the
@@ -19,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -38,77 +38,6 @@ PACKAGES = ("tensorflow", "keras", "torch", "torchvision", "timm", "onnxruntime"
 # Ti/16's rounds (a minute or two) then fill what is left.
 TI_RESERVE = 0.25
 ROUNDS = 3  # most rounds per training stage
-
-
-# --- oneDNN kernels: one bf16 and one fp32 matmul under ONEDNN_VERBOSE=1 -------------------
-def probe_worker(framework: str) -> None:
-    """Runs one bf16 and one fp32 1024^3 matmul in TensorFlow or torch (this process has
-    ONEDNN_VERBOSE=1, so oneDNN names the kernel of each on stdout) and prints the versions."""
-    import numpy as np
-
-    a = np.random.default_rng(0).standard_normal((1024, 1024)).astype("float32")
-    info: Dict[str, object] = {}
-    if framework == "tf":
-        import tensorflow as tf
-
-        t = tf.constant(a)
-        tf.linalg.matmul(tf.cast(t, tf.bfloat16), tf.cast(t, tf.bfloat16)).numpy()
-        tf.linalg.matmul(t, t).numpy()
-        info["version"] = tf.__version__
-        info["TF_ENABLE_ONEDNN_OPTS"] = os.environ.get("TF_ENABLE_ONEDNN_OPTS", "unset (TensorFlow's default)")
-    else:
-        import torch
-
-        t = torch.from_numpy(a)
-        (t.bfloat16() @ t.bfloat16()).float()
-        t @ t
-        info["version"] = torch.__version__
-        info["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
-        info["mkldnn"] = torch.backends.mkldnn.is_available()
-    print("PROBE_INFO " + json.dumps(info), flush=True)
-
-
-def parse_onednn_verbose(text: str) -> Dict[str, object]:
-    """The kernels oneDNN ran, from its verbose lines: per source dtype the (primitive,
-    implementation) pairs, the ISA line, and whether any implementation is an AMX one."""
-    kernels: Dict[str, List[str]] = {}
-    isa = None
-    for ln in text.splitlines():
-        if not ln.startswith("onednn_verbose,"):
-            continue
-        parts = ln.split(",")
-        if "isa:" in ln:
-            isa = ln.split("isa:", 1)[1].strip()
-        if "exec" not in parts[:4]:
-            continue
-        i = parts.index("exec")
-        primitive, impl, descs = parts[i + 2], parts[i + 3], ",".join(parts[i + 4:])
-        dtype = next((d for d in ("bf16", "f16", "f32", "s8", "u8") if re.search(rf"src[:_]{d}\b", descs)), "?")
-        name = f"{primitive}:{impl}" if impl else primitive
-        kernels.setdefault(dtype, [])
-        if name not in kernels[dtype]:
-            kernels[dtype].append(name)
-    return {"kernels": kernels, "isa": isa, "amx": any("amx" in k for ks in kernels.values() for k in ks)}
-
-
-def probe(framework: str) -> Dict[str, object]:
-    """oneDNN's kernel names for a bf16 and an fp32 matmul in `framework` ("tf" or "torch")."""
-    if framework == "torch" and not common.have("torch"):
-        return {"skipped": "torch not installed (pip install -r bench/requirements.txt)"}
-    env = dict(os.environ, ONEDNN_VERBOSE="1", TF_CPP_MIN_LOG_LEVEL="2")
-    try:
-        proc = subprocess.run([sys.executable, "-m", "bench.amx", "--probe", framework], cwd=common.ROOT, env=env,
-                              capture_output=True, text=True, timeout=300)
-    except subprocess.TimeoutExpired:
-        return {"error": "timed out after 300 s"}
-    out = proc.stdout + "\n" + proc.stderr
-    info = next((json.loads(ln[len("PROBE_INFO "):]) for ln in proc.stdout.splitlines() if ln.startswith("PROBE_INFO ")),
-                None)
-    if info is None:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-        return {"error": f"exit {proc.returncode}: {tail[0][:300]}"}
-    exec_lines = [ln for ln in out.splitlines() if ln.startswith("onednn_verbose,") and ",exec," in ln]
-    return {**info, **parse_onednn_verbose(out), "verbose_exec_lines": exec_lines[:8]}
 
 
 # --- the stages ----------------------------------------------------------------------------
@@ -144,6 +73,19 @@ def train_stage(args, out: str, variant: str, budget: float, with_peak: bool = F
             argv += ["--image-size", "224", "--batch-size", "16", "--warmup", steps[0], "--steps", steps[1],
                      "--repeats", steps[2]]
     train.main(argv + (["--quick"] if args.quick else []))
+    with open(path) as f:
+        raw = json.load(f)
+    return {"command": raw["info"]["command"], "json": os.path.basename(path), **raw}
+
+
+def ways_stage(args, out: str) -> Dict[str, object]:
+    """bench.gemm_ways on ViT-B/16's step shapes: the GFLOP/s of every way in (TensorFlow's oneDNN,
+    XLA, JAX with and without oneDNN, torch) and the oneDNN kernel each one ran."""
+    from bench import gemm_ways
+
+    path = os.path.join(out, "gemm_ways.json")
+    argv = ["--variant", "B/16", "--json", path, "--repeats", "3"] + (["--quick"] if args.quick else [])
+    gemm_ways.main(argv)
     with open(path) as f:
         raw = json.load(f)
     return {"command": raw["info"]["command"], "json": os.path.basename(path), **raw}
@@ -219,7 +161,6 @@ def _args(argv=None):
                    help="seconds for the whole run (default 840; 150 with --quick)")
     p.add_argument("--rounds", type=int, default=None, help=f"most rounds per training stage (default {ROUNDS}; "
                                                              "2 with --quick)")
-    p.add_argument("--probe", choices=("tf", "torch"), default=None, help=argparse.SUPPRESS)  # internal
     args = p.parse_args(argv)
     if args.budget is None:
         args.budget = 150.0 if args.quick else 840.0
@@ -233,9 +174,6 @@ def _args(argv=None):
 
 def main(argv=None) -> Dict[str, object]:
     args = _args(argv)
-    if args.probe:
-        probe_worker(args.probe)
-        return {}
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
     t0 = time.perf_counter()
@@ -254,7 +192,7 @@ def main(argv=None) -> Dict[str, object]:
     def left() -> float:
         return args.budget - (time.perf_counter() - t0)
 
-    stages = [("probe-tf", lambda: probe("tf")), ("probe-torch", lambda: probe("torch")),
+    stages = [("gemm ways", lambda: ways_stage(args, out)),
               ("peak", lambda: train_stage(args, out, "Ti/16", 0, with_peak=True)),
               ("inference", lambda: infer_stage(args, out)),
               ("train B/16", lambda: train_stage(args, out, "B/16", left() - TI_RESERVE * args.budget)),

@@ -2,8 +2,9 @@
 # The AMX table of issue #25 in one command (sized for 15 minutes on 2 quiet cores, --budget 840; --quick: the
 # same pipeline on tiny models, a smoke run of about 3 CPU-minutes):
 # training img/s of `vitcli train`'s default, the notebook path (fp32, mixed_bfloat16) and timm (fp32, bf16
-# autocast) at ViT-Ti/16 and B/16, the bf16/fp32 GEMM peaks, which oneDNN kernels the matmuls run
-# (ONEDNN_VERBOSE=1: `brg_matmul:avx512_core_amx` or not), and the deployment files' latency. Writes
+# autocast) at ViT-Ti/16 and B/16, the bf16/fp32 GEMM peaks, a B/16 step's matmuls in every way in
+# (bench.gemm_ways: TensorFlow's oneDNN, XLA, JAX with and without XLA's oneDNN dots, torch) with the oneDNN
+# kernel each runs (ONEDNN_VERBOSE=1: `brg_matmul:avx512_core_amx` or not), and the deployment files' latency. Writes
 # DIR/amx.json and DIR/amx.md (BENCHMARKS.md's table for this CPU kind, AMX or not).
 #   bash bench/amx.sh [--quick] [--out DIR] [--budget SECONDS] [--rounds N]     (DIR defaults to ./amx-out)
 # Set-up, once per machine: .venv (as `make test` makes it) and, beside it, .venv-peers: a venv that sees

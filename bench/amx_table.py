@@ -1,4 +1,4 @@
-"""bench.amx's record as markdown: the tables of the AMX run (oneDNN kernels, GEMM peaks, training
+"""bench.amx's record as markdown: the tables of the AMX run (GEMM ways and their oneDNN kernels, GEMM peaks, training
 at Ti/16 and B/16 beside timm, inference), ready to paste into BENCHMARKS.md."""
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ def markdown(record: Dict[str, object]) -> str:
     if not has_amx(m["cpu_flags"]):
         lines += ["", "This CPU has no AMX: the figures are this CPU kind's, for comparison with an AMX run of the "
                       "same command; none of them measures AMX."]
-    _kernels(lines, st)
+    _ways(lines, st)
     _peaks(lines, st)
     for variant in ("Ti/16", "B/16"):
         _training(lines, st, variant)
@@ -67,26 +67,40 @@ def markdown(record: Dict[str, object]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _kernels(lines: List[str], st: Dict[str, Dict[str, object]]) -> None:
-    rows = []
-    for fw, label in (("probe-tf", "TensorFlow"), ("probe-torch", "torch")):
-        s = st.get(fw)
-        if not s:
-            continue
-        if "kernels" not in s:
-            rows.append(f"| {label} | - | {s.get('error') or s.get('skipped')} | - |")
-            continue
-        for dtype in ("bf16", "f32"):
-            names = s["kernels"].get(dtype, [])
-            amx = any("amx" in k for k in names)
-            rows.append(f"| {label} {s.get('version', '')} | {dtype} | "
-                        f"{', '.join(f'`{k}`' for k in names) or 'none (not through oneDNN)'} | "
-                        f"{'**yes**' if amx else 'no'} |")
-    if rows:
-        isa = next((st[k].get("isa") for k in ("probe-tf", "probe-torch") if st.get(k, {}).get("isa")), None)
-        lines += ["", "**Which oneDNN kernel a 1024^3 matmul runs** (`ONEDNN_VERBOSE=1`, one bf16 and one fp32 "
-                      f"matmul per framework; oneDNN's ISA line: {isa or '?'}):", "",
-                  "| framework | dtype | oneDNN primitive:implementation | AMX |", "|---|---|---|---|", *rows]
+def _ways(lines: List[str], st: Dict[str, Dict[str, object]]) -> None:
+    """bench.gemm_ways: GFLOP/s of the step's products per way (bf16, then fp32), and each way's kernels."""
+    s = st.get("gemm ways")
+    if not s or "results" not in s:
+        if s:
+            lines += ["", f"GEMM ways: {s.get('error')}"]
+        return
+    done = [r for r in s["results"] if "results" in r]
+    if not done:
+        return
+    info = s["info"]
+    lines += ["", f"**Which way into the matrix units** (ViT-{info['variant']}'s training-step products at batch "
+                  f"{info['batch_size']}, GFLOP/s, best of the repeats; `{s['command']}`; {_when(s)}):"]
+    for dtype in ("bf16", "fp32"):
+        shapes = [x for x in done[0]["results"] if x["dtype"] == dtype]
+        lines += ["", f"| {dtype} product (batch x M x K x N) | " + " | ".join(r["case"] for r in done) + " |",
+                  "|---|" + "---|" * len(done)]
+        for x in shapes:
+            cells = [next((y["gflop_s"] for y in r["results"] if y["shape"] == x["shape"] and y["dtype"] == dtype),
+                          None) for r in done]
+            best = max((c for c in cells if c is not None), default=None)
+            lines.append(f"| {x['shape']} ({' x '.join(map(str, x['dims']))}) | " + " | ".join(
+                "-" if c is None else (f"**{c:.0f}**" if c == best else f"{c:.0f}") for c in cells) + " |")
+    isa = next((r.get("onednn_isa") for r in done if r.get("onednn_isa")), None)
+    lines += ["", f"Kernels each way ran (`ONEDNN_VERBOSE=1`; oneDNN's ISA line: {isa or '?'}):", "",
+              "| way | version, environment | bf16 | fp32 | AMX |", "|---|---|---|---|---|"]
+    for r in done:
+        env = ", ".join(f"{k}={v}" for k, v in r.get("env", {}).items())
+        cell = {d: ", ".join(f"`{k}`" for k in r["kernels"].get(d, [])) or "not through oneDNN"
+                for d in ("bf16", "f32")}
+        amx = any("amx" in k for ks in r["kernels"].values() for k in ks)
+        crash = f" (a first process crashed: {r['crashed_before']})" if "crashed_before" in r else ""
+        lines.append(f"| {r['case']} | {r['version']}{'; ' + env if env else ''}{crash} | {cell['bf16']} | {cell['f32']} | "
+                     f"{'**yes**' if amx else 'no'} |")
 
 
 def _peaks(lines: List[str], st: Dict[str, Dict[str, object]]) -> None:

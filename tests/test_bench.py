@@ -105,18 +105,35 @@ onednn_verbose,v1,primitive,exec,cpu,matmul,brg_matmul:avx512_core_amx,undef,src
 wei:bf16::blocked:ab::f0 dst:bf16::blocked:ab::f0,attr-scratchpad:user,,1024x1024:1024x1024,0.17
 onednn_verbose,v1,primitive,exec,cpu,gemm_api,,undef,src_f32::blocked:ab:f0 wei_f32::blocked:ab:f0 \
 dst_f32::blocked:ab:f0,,,1024x1024:1024x1024,34.0
+onednn_verbose,v1,graph,exec,cpu,100002,matmul_post_ops,MatMul_0,,in0_f32:0:strided:undef:2048x2048:2048s1 \
+in1_f32:1:strided:undef:2048x2048:2048s1,fpm:strict,dnnl_backend,1.5
 some other line naming amx
 """
 
 
-def test_onednn_verbose_names_the_kernels_and_amx():
-    from bench.amx import parse_onednn_verbose
+def test_onednn_verbose_names_the_kernels_per_dtype():
+    from bench.gemm_ways import kernels_by_dtype
 
-    got = parse_onednn_verbose(ONEDNN_LOG)
-    assert got["kernels"] == {"bf16": ["matmul:brg_matmul:avx512_core_amx"], "f32": ["gemm_api"]}
-    assert got["amx"] is True and "Intel AMX" in got["isa"]
-    avx512 = ONEDNN_LOG.replace("avx512_core_amx", "avx512_core_bf16")
-    assert parse_onednn_verbose(avx512)["amx"] is False
+    assert kernels_by_dtype(ONEDNN_LOG) == {"bf16": ["matmul:brg_matmul:avx512_core_amx"],
+                                            "f32": ["gemm_api", "graph:matmul_post_ops"]}
+    assert kernels_by_dtype("no oneDNN here\n") == {}
+
+
+def test_gemm_ways_times_a_steps_products_in_both_dtypes():
+    from bench import gemm_ways
+
+    shapes = gemm_ways.shapes("Ti/16", batch_size=2, quick=True)
+    assert [s[0] for s in shapes][:4] == ["QKV forward", "MLP in forward", "MLP out forward",
+                                          "MLP in weight gradient (x^T dy)"]
+    full = {s[0]: s for s in gemm_ways.shapes("B/16")}
+    assert full["QKV forward"] == ("QKV forward", 1, 16 * 197, 768, 2304, False)
+    assert full["MLP in weight gradient (x^T dy)"][1:] == (1, 768, 16 * 197, 3072, True)
+    assert full["attention q k^T"][1:] == (16 * 12, 197, 64, 197, False)
+    rows = gemm_ways.measure("tf", shapes, repeats=1)
+    assert len(rows) == 2 * len(shapes) and {r["dtype"] for r in rows} == {"bf16", "fp32"}
+    assert all(r["gflop_s"] > 0 for r in rows)
+    with pytest.raises(SystemExit, match="unknown case"):
+        gemm_ways.main(["--ways", "tf-onednn,cuda"])
 
 
 @pytest.mark.slow  # one training process (about 15 s)
@@ -131,7 +148,7 @@ def test_train_budget_stops_after_the_first_round(tmp_path):
 
 
 def _amx_record(flags):
-    """A minimal record of bench.amx: one probe, the peaks, a Ti/16 training stage and the inference stage."""
+    """A minimal record of bench.amx: the GEMM ways, the peaks, a Ti/16 training stage and the inference stage."""
     when = {"start": {"date": "2026-12-03 06:30:00 UTC", "load": [0.5, 0.4, 0.3]},
             "end": {"date": "2026-12-03 06:35:00 UTC", "load": [1.5, 0.9, 0.4]}}
     train_rows = [{"case": c, "precision": p, "jit": "fusible", "img_s": {"median": v, "spread": 0.05},
@@ -147,9 +164,20 @@ def _amx_record(flags):
                         "load": [0.5, 0.4, 0.3], "date_start": "2026-12-03 06:30 UTC"},
             "versions": {"tensorflow": "2.21.0", "torch": None},
             "stages": {
-                "probe-tf": {**when, "version": "2.21.0", "isa": "Intel AMX",
-                             "kernels": {"bf16": ["matmul:brg_matmul:avx512_core_amx"], "f32": ["gemm_api"]}},
-                "probe-torch": {**when, "skipped": "torch not installed"},
+                "gemm ways": {**when, "command": "python -m bench.gemm_ways --variant B/16",
+                              "info": {"variant": "B/16", "batch_size": 16},
+                              "results": [{"case": "tf-onednn", "version": "tensorflow 2.21.0", "env": {},
+                                           "onednn_isa": "Intel AMX",
+                                           "kernels": {"bf16": ["matmul:brg_matmul:avx512_core_amx"], "f32": ["gemm_api"]},
+                                           "results": [{"shape": "QKV forward", "dims": [1, 3152, 768, 2304],
+                                                        "dtype": d, "gflop_s": g} for d, g in (("bf16", 900.0),
+                                                                                              ("fp32", 200.0))]},
+                                          {"case": "jax-onednn", "version": "jax 0.10.2",
+                                           "env": {"XLA_FLAGS": "--xla_cpu_use_onednn=true"}, "kernels": {},
+                                           "results": [{"shape": "QKV forward", "dims": [1, 3152, 768, 2304],
+                                                        "dtype": d, "gflop_s": g} for d, g in (("bf16", 1200.0),
+                                                                                              ("fp32", 150.0))]},
+                                          {"case": "torch", "skipped": "torch not installed"}]},
                 "peak": {**when, "command": "python -m bench.train --cases peak",
                          "results": [{"case": "peak", "tf_bf16": 2000.0, "tf_fp32": 500.0, "peak_fp32": 500.0,
                                       "peak_bf16": 2000.0}]},
@@ -169,7 +197,12 @@ def test_amx_markdown_names_the_cpu_kind_and_the_same_run_ratios():
 
     md = markdown(_amx_record(["avx512_bf16", "amx_tile", "amx_bf16", "amx_int8"]))
     assert md.startswith("## The AMX table: Intel(R) Xeon(R) Platinum 8480+, AMX (amx_bf16, amx_int8)")
-    assert "| TensorFlow 2.21.0 | bf16 | `matmul:brg_matmul:avx512_core_amx` | **yes** |" in md
+    assert "| QKV forward (1 x 3152 x 768 x 2304) | 900 | **1200** |" in md  # bf16: the fastest way in bold
+    assert "| QKV forward (1 x 3152 x 768 x 2304) | **200** | 150 |" in md
+    assert "| tf-onednn | tensorflow 2.21.0 | `matmul:brg_matmul:avx512_core_amx` | `gemm_api` | **yes** |" in md
+    assert ("| jax-onednn | jax 0.10.2; XLA_FLAGS=--xla_cpu_use_onednn=true | not through oneDNN | not through "
+            "oneDNN | no |") in md
+    assert "gemm ways, torch: skipped: torch not installed" in md
     assert "| TensorFlow bf16 | 2000 |" in md
     # default: 60 img/s = 3.00x timm fp32, 1.50x timm bf16, 600 GFLOP/s = 30% of the bf16 peak, per round 59 / 61
     assert "| mixed_bfloat16, fusible | **60.00** | 5% | 3.00 | 1.50 | 600 | 30% bf16 | 59.00 / 61.00 |" in md
