@@ -39,6 +39,7 @@ from keras_vit.errors import UserInputError
 from keras_vit.files import save_model, write_json
 from keras_vit.model import build_model, get_config
 from keras_vit.train.recipes import make_config, warmup_cosine
+from keras_vit.train.schedules import evaluate_once_per_update
 
 __all__ = ["TARGETS", "KEEP", "MASK", "RANDOM", "UNCHANGED", "PatchCorruption", "DropPrefixTokens",
            "corruption_codes", "patch_targets", "num_outputs", "build_pretrainer", "masked_patch_batches",
@@ -228,8 +229,8 @@ def pretrain_encoder(encoder: keras.Model, images: np.ndarray, val_images: Optio
     model = build_pretrainer(encoder, target)
     steps = math.ceil(len(images) / batch_size)
     schedule = warmup_cosine(learning_rate, steps * epochs, int(round(warmup_epochs * steps)))
-    optimizer = keras.optimizers.AdamW(schedule, weight_decay=weight_decay, beta_1=0.9, beta_2=0.999,
-                                       global_clipnorm=1.0)
+    optimizer = evaluate_once_per_update(keras.optimizers.AdamW(schedule, weight_decay=weight_decay, beta_1=0.9,
+                                                                beta_2=0.999, global_clipnorm=1.0))
     if target == "color":
         loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
         metrics = [keras.metrics.SparseCategoricalAccuracy(name="accuracy")]
