@@ -30,15 +30,19 @@ demo:
 	$(VENV)/bin/vitcli export --format tflite
 	$(VENV)/bin/vitcli export --format tflite --quantize int8
 
+# Test processes (pytest-xdist): 2 suits the 2-core CI machine, where the suite's subprocesses,
+# compilations and small-model ops leave a core idle much of the time; `make test TEST_WORKERS=0` runs serially.
+TEST_WORKERS ?= 2
+
 # The CI command: lint, then every test.
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup tests
 
 # The inner loop: lint and the tests neither slow nor in a JAX or PyTorch subprocess.
 test-quick: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q -m "not slow and not jax and not torch" tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup -m "not slow and not jax and not torch" tests
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

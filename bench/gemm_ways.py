@@ -201,6 +201,10 @@ def main(argv=None) -> Dict[str, object]:
         worker(args.case, args)
         return {}
     ways = common.parse_cases(args.ways, tuple(WAYS))
+    try:
+        shapes(args.variant, args.batch_size, args.quick)
+    except ValueError as e:
+        raise SystemExit(f"--variant {args.variant!r}: {e}") from None
     info = common.header("gemm_ways", {"variant": args.variant, "batch_size": args.batch_size}, argv)
     forward = ["--variant", args.variant, "--batch-size", str(args.batch_size), "--repeats", str(args.repeats)]
     results = []

@@ -14,8 +14,12 @@ TRAINING_FIXTURES = {"trained_digits", "trained_digits_vit", "killed_and_resumed
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if TRAINING_FIXTURES & set(getattr(item, "fixturenames", ())):
+        used = TRAINING_FIXTURES & set(getattr(item, "fixturenames", ()))
+        if used:
             item.add_marker(pytest.mark.slow)
+            # under pytest-xdist (`make test`: -n 2 --dist loadgroup) the tests of one trained fixture
+            # share a worker, so each model is trained once, not once per worker
+            item.add_marker(pytest.mark.xdist_group(sorted(used)[0]))
 
 
 @pytest.fixture
