@@ -31,18 +31,20 @@ demo:
 	$(VENV)/bin/vitcli export --format tflite --quantize int8
 
 # Test processes (pytest-xdist): 2 suits the 2-core CI machine, where the suite's subprocesses,
-# compilations and small-model ops leave a core idle much of the time; `make test TEST_WORKERS=0` runs serially.
+# compilations and small-model ops leave a core idle much of the time; `make test TEST_WORKERS=0` runs
+# serially. --dist loadfile keeps each file's tests in one process, so a file's module-scoped fixtures
+# (the killed-and-resumed CLI run) and cached models are made once.
 TEST_WORKERS ?= 2
 
 # The CI command: lint, then every test.
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 # The inner loop: lint and the tests neither slow nor in a JAX or PyTorch subprocess.
 test-quick: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup -m "not slow and not jax and not torch" tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow and not jax and not torch" tests
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

@@ -14,12 +14,8 @@ TRAINING_FIXTURES = {"trained_digits", "trained_digits_vit", "killed_and_resumed
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        used = TRAINING_FIXTURES & set(getattr(item, "fixturenames", ()))
-        if used:
+        if TRAINING_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
-            # under pytest-xdist (`make test`: -n 2 --dist loadgroup) the tests of one trained fixture
-            # share a worker, so each model is trained once, not once per worker
-            item.add_marker(pytest.mark.xdist_group(sorted(used)[0]))
 
 
 @pytest.fixture
