@@ -25,7 +25,7 @@ _LAZY = {
     "load_weights": "keras_vit.weights",
     "save_safetensors": "keras_vit.weights",
     "imagenet_labels": "keras_vit.labels",
-    "predict": "keras_vit.train.evaluate",
+    "predict": "keras_vit.train.evaluation",
     "resize_model": "keras_vit.vit",
     "dynamic_model": "keras_vit.vit",
     "resample_position_embeddings": "keras_vit.weights.resize",

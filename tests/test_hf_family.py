@@ -364,7 +364,7 @@ def test_timm_resize_and_centre_crop():
 def test_preset_model_predicts_with_timms_transform(tmp_path, monkeypatch):
     """A model built from a published name carries its evaluation transform to predict()."""
     import keras_vit
-    from keras_vit.train.evaluate import _images
+    from keras_vit.train.evaluation import _images
     from keras_vit.weights import presets
 
     folder, _, _ = _hf_folder(tmp_path, "deit_distilled")

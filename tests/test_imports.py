@@ -99,3 +99,32 @@ def test_cycle_finder_finds_a_cycle():
 def test_no_import_cycle():
     cycle = _cycle(_graph())
     assert cycle is None, " -> ".join(cycle)
+
+
+def test_lazy_names_stay_what_they_name_after_every_submodule_is_imported():
+    """A lazy public name that is also a submodule's name is replaced by the module as soon as
+    anything imports that submodule (`keras_vit.predict` imported keras_vit.train.evaluate, and
+    `keras_vit.train.evaluate(...)` then raised "'module' object is not callable")."""
+    import importlib
+    import types
+
+    import keras_vit
+    import keras_vit.train
+    import keras_vit.weights
+
+    for name in _modules():
+        if name.startswith(("keras_vit.train.", "keras_vit.weights.")) or name.count(".") == 1:
+            if not name.startswith(("keras_vit.export", "keras_vit.cli")):
+                importlib.import_module(name)
+    io = importlib.import_module("keras_vit.weights.io")
+    public = {keras_vit: keras_vit.__all__, keras_vit.train: keras_vit.train.__all__,
+              # keras_vit.weights hands out keras_vit.weights.io's own functions and classes
+              keras_vit.weights: [n for n, v in vars(io).items() if getattr(v, "__module__", None) == io.__name__]}
+    for package, names in public.items():
+        lazy = getattr(package, "_LAZY", {})
+        for name in names:
+            meant_as_module = (lazy.get(name) or "").endswith("." + name) or name in getattr(package, "SUBMODULES", ())
+            if name.startswith("__") or meant_as_module:
+                continue
+            value = getattr(package, name)
+            assert not isinstance(value, types.ModuleType), f"{package.__name__}.{name} is the module {value.__name__}"

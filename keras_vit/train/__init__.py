@@ -22,7 +22,7 @@ _LAZY = {
     **dict.fromkeys(["AtomicCheckpoint", "LearningRateLogger", "atomic_checkpoint"], "callbacks"),
     **dict.fromkeys(["ClusterError", "PeerLostError", "distribution_scope", "replicas", "start_cluster"],
                     "distribute"),
-    **dict.fromkeys(["evaluate", "predict", "predict_images", "predict_logits"], "evaluate"),
+    **dict.fromkeys(["evaluate", "predict", "predict_images", "predict_logits"], "evaluation"),
     "load_initial_weights": "initial",
     "train": "loop",
     "TrainError": None,
