@@ -129,7 +129,7 @@ def kernels_by_dtype(text: str) -> Dict[str, List[str]]:
             continue
         parts = ln.split(",")
         i = parts.index("exec")
-        if parts[1:3] == ["v1", "graph"] or "graph" in parts[:i]:
+        if "graph" in parts[:i]:  # the graph API's line: onednn_verbose,v1,graph,exec,cpu,ID,KIND,...
             name, descs = f"graph:{parts[i + 3]}", ",".join(parts[i + 4:])
         else:
             name = f"{parts[i + 2]}:{parts[i + 3]}" if parts[i + 3] else parts[i + 2]
