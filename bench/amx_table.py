@@ -5,7 +5,9 @@ from __future__ import annotations
 from typing import Dict, List, Optional
 
 AMX_FLAGS = ("amx_bf16", "amx_tile", "amx_int8", "avx512_bf16")
-TRAIN_CASES = ("default", "notebook", "notebook-bf16", "timm", "timm-bf16")
+# torch-bf16: keras-vit on Keras' PyTorch backend in mixed_bfloat16, whose matmuls are torch's own oneDNN ones (the
+# kernels timm-bf16 runs): the way in to AMX should TensorFlow's oneDNN not take it.
+TRAIN_CASES = ("default", "notebook", "notebook-bf16", "torch-bf16", "timm", "timm-bf16")
 # bench.train's precision and jit fields in the table's words (the notebook's jit is the model's jit_compile)
 PRECISION = {"none": "float32"}
 COMPILATION = {"True": "XLA", "False": "graph mode", "xla": "XLA", "none": "graph mode"}
@@ -133,6 +135,7 @@ def _training(lines: List[str], st: Dict[str, Dict[str, object]], variant: str) 
     labels = {"default": "`vitcli train` default (`auto`)",
               "notebook": "notebook: `ViT()`, `compile(optimizer, loss)`, `fit(tf.data)`",
               "notebook-bf16": "notebook after `set_global_policy(\"mixed_bfloat16\")`",
+              "torch-bf16": "`KERAS_BACKEND=torch`, `mixed_bfloat16` (eager)",
               "timm": "timm fp32", "timm-bf16": "timm, `torch.autocast(\"cpu\", torch.bfloat16)`"}
     rows = []
     for case in TRAIN_CASES:

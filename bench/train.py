@@ -10,7 +10,8 @@ by keras_vit.data's training pipeline on generated JPEGs (`e2e`: end-to-end img/
 the model-only `default` with the pipeline's own img/s, to show which one limits), on TF in fp32
 with the whole step XLA-compiled (`tf-xla`), in fp32 without XLA (`tf`), in `mixed_bfloat16` with
 oneDNN matmuls and XLA-fused element-wise ops (`tf-bf16`, jit "fusible"), in `mixed_bfloat16`
-without XLA (`tf-bf16-graph`), on the JAX backend (`jax`); keras-hub's ViTBackbone + Dense head
+without XLA (`tf-bf16-graph`), on the JAX backend (`jax`), on the PyTorch backend in eager fp32
+and mixed_bfloat16 (`torch`, `torch-bf16`: torch's own oneDNN matmuls, the kernels timm-bf16 runs); keras-hub's ViTBackbone + Dense head
 on TF with XLA (`kerashub`); the notebook path (`notebook`, `notebook-bf16`: `model.compile(optimizer,
 loss)` with Keras' other defaults and `model.fit` on tf.data, in the float32 / mixed_bfloat16 policy);
 timm's ViT in torch in fp32 (`timm`) and in `torch.autocast("cpu", torch.bfloat16)` (`timm-bf16`).
@@ -34,17 +35,18 @@ if __package__ in (None, ""):
 from bench import common  # noqa: E402
 
 CASES = ("peak", "default", "e2e", "tf-xla", "tf", "tf-bf16", "tf-bf16-graph", "notebook", "notebook-bf16", "jax",
-         "kerashub", "timm", "timm-bf16")
+         "torch", "torch-bf16", "kerashub", "timm", "timm-bf16")
 BACKEND = {"default": "tensorflow", "e2e": "tensorflow", "tf-xla": "tensorflow", "tf": "tensorflow", "tf-bf16": "tensorflow",
            "tf-bf16-graph": "tensorflow", "notebook": "tensorflow", "notebook-bf16": "tensorflow",
-           "jax": "jax", "kerashub": "tensorflow"}
+           "jax": "jax", "torch": "torch", "torch-bf16": "torch", "kerashub": "tensorflow"}
 # The notebook path: `keras_vit.ViT(...)`, `model.compile(optimizer=..., loss=...)` with nothing
 # else, `model.fit` on a tf.data dataset; the -bf16 case sets the mixed_bfloat16 policy first.
 NOTEBOOK_POLICY = {"notebook": "float32", "notebook-bf16": "mixed_bfloat16"}
 # (mixed precision, jit mode) of each Keras case; `default` resolves "auto" as vitcli train does.
 MODES = {"default": ("auto", "auto"), "e2e": ("auto", "auto"), "tf-xla": ("none", "xla"), "tf": ("none", "none"),
          "tf-bf16": ("mixed_bfloat16", "fusible"), "tf-bf16-graph": ("mixed_bfloat16", "none"),
-         "jax": ("none", "xla"), "kerashub": ("none", "xla")}
+         "jax": ("none", "xla"), "torch": ("none", "none"), "torch-bf16": ("mixed_bfloat16", "none"),
+         "kerashub": ("none", "xla")}
 NUM_CLASSES = 10
 LR = 1e-3
 
@@ -260,7 +262,8 @@ def main(argv=None) -> List[Dict[str, object]]:
                   f"the --budget of {args.budget:.0f} s", flush=True)
             break
         for case in cases:
-            need = {"jax": "jax", "kerashub": "keras_hub", "timm": "timm", "timm-bf16": "timm"}.get(case)
+            need = {"jax": "jax", "torch": "torch", "torch-bf16": "torch", "kerashub": "keras_hub", "timm": "timm",
+                    "timm-bf16": "timm"}.get(case)
             if need and not common.have(need):
                 merged[case] = common.skipped(case, f"{need} not installed (pip install -r bench/requirements.txt)")
                 continue

@@ -31,6 +31,19 @@ def _model_name(cfg: ViTConfig) -> str:
     return "vit_" + re.sub(r"[^0-9a-zA-Z_]+", "_", base).strip("_").lower()
 
 
+def _eval_preprocessing(pre: Optional[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+    """A model's evaluation transform, checked: interpolation (a name) and crop_pct in (0, 1]."""
+    if not pre:
+        return None
+    unknown = sorted(set(pre) - {"interpolation", "crop_pct"})
+    if unknown:
+        raise ValueError(f"eval_preprocessing takes interpolation and crop_pct, got {unknown}")
+    crop = pre.get("crop_pct")
+    if crop is not None and (isinstance(crop, bool) or not isinstance(crop, (int, float)) or not 0 < crop <= 1):
+        raise ValueError(f"eval_preprocessing crop_pct must be in (0, 1], got {crop!r}")
+    return {k: (float(v) if k == "crop_pct" else str(v)) for k, v in pre.items() if v is not None}
+
+
 @keras.saving.register_keras_serializable(package="keras_vit")
 class VisionTransformer(keras.Model):
     """The functional graph of Eq. 1-4 for one ViTConfig; a plain keras.Model whose
@@ -38,9 +51,12 @@ class VisionTransformer(keras.Model):
 
     def __init__(self, config: Union[ViTConfig, dict], name: Optional[str] = None,
                  class_names: Optional[Sequence[str]] = None, dtype=None,
-                 quantized: Optional[Dict[str, str]] = None, **kwargs):
+                 quantized: Optional[Dict[str, str]] = None, eval_preprocessing: Optional[Dict[str, Any]] = None,
+                 **kwargs):
         """`dtype`: the dtype policy (default: the global one); `quantized`: {layer path: dtype
-        policy name} of layers that model.quantize() converted (what get_config records)."""
+        policy name} of layers that model.quantize() converted (what get_config records);
+        `eval_preprocessing`: the resize and centre crop of image files for evaluation and
+        prediction ({"interpolation": ..., "crop_pct": ...}, a published checkpoint's timm transform)."""
         cfg = config if isinstance(config, ViTConfig) else ViTConfig.from_dict(dict(config))
         cfg.validate()
         policy = keras.dtype_policies.get(dtype) if dtype is not None else keras.config.dtype_policy()
@@ -50,6 +66,7 @@ class VisionTransformer(keras.Model):
         self.vit_config = cfg
         # The head's class names (e.g. ImageNet's for a published in1k checkpoint), saved with the model.
         self.class_names = list(class_names) if class_names else None
+        self.eval_preprocessing = _eval_preprocessing(eval_preprocessing)
         if quantized:
             self._requantize(quantized)
 
@@ -121,6 +138,8 @@ class VisionTransformer(keras.Model):
                "dtype": self.dtype_policy.name}
         if self.class_names:
             out["class_names"] = [str(n) for n in self.class_names]
+        if self.eval_preprocessing:
+            out["eval_preprocessing"] = dict(self.eval_preprocessing)
         quantized = {layer.path: layer.dtype_policy.name for layer in self._flatten_layers(include_self=False)
                      if layer.dtype_policy.quantization_mode is not None}
         if quantized:

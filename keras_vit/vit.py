@@ -205,6 +205,7 @@ def build_with_weights(cfg: ViTConfig, weights: Union[PathLike, Checkpoint], nam
     entry = PUBLISHED.get(ckpt.source)
     if entry is not None and (entry.interpolation != "bilinear" or entry.crop_pct != 1.0):
         # What keras_vit.train.predict (vitcli predict) uses on image files: timm's evaluation transform.
+        # Saved with the model (get_config), so a .keras file of it predicts as the preset does.
         model.eval_preprocessing = dict(interpolation=entry.interpolation, crop_pct=entry.crop_pct)
     names = ckpt.defaults.get("class_names")
     head = arrays.get("head/kernel")

@@ -153,8 +153,8 @@ def _amx_record(flags):
             "end": {"date": "2026-12-03 06:35:00 UTC", "load": [1.5, 0.9, 0.4]}}
     train_rows = [{"case": c, "precision": p, "jit": "fusible", "img_s": {"median": v, "spread": 0.05},
                    "round_img_s": [v - 1, v + 1]}
-                  for c, p, v in (("default", "mixed_bfloat16", 60.0), ("timm", "float32", 20.0),
-                                  ("timm-bf16", "bf16 autocast", 40.0))]
+                  for c, p, v in (("default", "mixed_bfloat16", 60.0), ("torch-bf16", "mixed_bfloat16", 30.0),
+                                  ("timm", "float32", 20.0), ("timm-bf16", "bf16 autocast", 40.0))]
     train_rows.append({"case": "notebook", "error": "exit 1: boom"})
     infer_rows = [{"case": c, "latency_ms": {"median": ms}, "throughput": {"median": 100.0}, "top1_agree": 1.0,
                    "max_abs_diff": 1e-5, "lat_x_onnx": ms / 10.0, "lat_x_timm-onnx": ms / 12.0}
@@ -206,6 +206,8 @@ def test_amx_markdown_names_the_cpu_kind_and_the_same_run_ratios():
     assert "| TensorFlow bf16 | 2000 |" in md
     # default: 60 img/s = 3.00x timm fp32, 1.50x timm bf16, 600 GFLOP/s = 30% of the bf16 peak, per round 59 / 61
     assert "| mixed_bfloat16, fusible | **60.00** | 5% | 3.00 | 1.50 | 600 | 30% bf16 | 59.00 / 61.00 |" in md
+    assert ("| `KERAS_BACKEND=torch`, `mixed_bfloat16` (eager) | mixed_bfloat16 | **30.00** | 5% | 1.50 | 0.75 | 300 | "
+            "15% bf16 |") in md  # Keras on torch: the precision alone (eager, no compilation choice)
     assert "2 alternating round(s)" in md and "train Ti/16, notebook: exit 1: boom" in md
     static = next(ln for ln in md.splitlines() if ln.startswith("| keras-vit ONNX static int8"))
     assert "| 5.00 | 0.50 | 0.42 | 4.00 | 0.50 | 0.40 |" in static and "100.0%" in static

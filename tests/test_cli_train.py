@@ -218,6 +218,13 @@ def not_a_model(tmp_path_factory):
     (["train", "--ema", "1.5"], "ema must be a momentum in (0, 1), e.g. 0.999, got 1.5"),
     (["train", "--resume", "--output", "/no/such/run"], "nothing to resume"),
     (["train", "--resume", "--epochs", "3"], "--resume continues a run with its saved options"),
+    (["train", "--model-option", "qk_norm"], "--model-option takes KEY=VALUE (e.g. qk_norm=true), got 'qk_norm'"),
+    (["train", "--model-option", "qk_norm=1", "--model-option", "qk-norm=0"], "--model-option qk_norm is given twice"),
+    (["train", "--model-option", "registers=4"], "unknown model option 'registers'; allowed: activation, "),
+    (["train", "--model-option", "image_size=32"], "model option 'image_size' is set by image_size, not in model"),
+    (["train", "--model-option", "qk_norm=yes"], "qk_norm must be True or False, got 'yes'"),
+    (["train", "--model-option", "mlp=swigloo"], "mlp must be one of"),
+    (["train", "--resume", "--model-option", "qk_norm=true"], "drop --model-option"),
     (["evaluate", "--model", "NOT_A_MODEL"], "not a keras-vit model"),
     (["evaluate", "--model", "/no/such.keras"], "does not exist"),
     (["predict", "--model", "NOT_A_MODEL", "README.md"], "not a keras-vit model"),
@@ -305,3 +312,30 @@ def test_teardown_lines_after_the_command_reach_no_terminal(verbose):
     errors = proc.stderr.splitlines()
     assert errors[0].endswith("a real error during the command")
     assert len(errors) == (3 if verbose else 1), proc.stderr
+
+
+def test_model_options_train_a_family_model(tmp_path):
+    """--model-option reaches the model vitcli trains (DINOv2/SigLIP-style options on digits), its
+    model.keras and its config.json; evaluate reloads it."""
+    run = str(tmp_path / "run")
+    options = ["qk_norm=true", "num_registers=2", "layer_scale_init=0.1", "mlp=swiglu", "classifier=map",
+               "class_token=false", "fc_norm=TRUE", "pixel_mean=[0.5, 0.5, 0.5]", "pixel_std=[0.25,0.25,0.25]"]
+    proc = subprocess.run(_cmd("train", "--dataset", "digits", "--epochs", "5", "--warmup-epochs", "1", "--num-layers", "2",
+                               "--output", run, *[a for o in options for a in ("--model-option", o)]),
+                          capture_output=True, text=True, env=_env(), timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    import keras_vit
+
+    model = keras_vit.load_model(os.path.join(run, "model.keras"))
+    cfg = model.vit_config
+    assert (cfg.qk_norm, cfg.num_registers, cfg.layer_scale_init, cfg.mlp, cfg.classifier, cfg.class_token,
+            cfg.fc_norm, cfg.num_layers) == (True, 2, 0.1, "swiglu", "map", False, True, 2)
+    assert tuple(cfg.pixel_mean) == (0.5, 0.5, 0.5) and tuple(cfg.pixel_std) == (0.25, 0.25, 0.25)
+    saved = json.loads(open(os.path.join(run, "config.json")).read())["train"]["model"]
+    assert saved["num_registers"] == 2 and saved["mlp"] == "swiglu" and saved["num_layers"] == 2
+    top1 = float(proc.stdout.split("test top-1 ")[1].split()[0])
+    assert top1 > 0.2, proc.stdout  # 0.37 here (chance 0.1) after 5 epochs
+    ev = subprocess.run(_cmd("evaluate", "--model", run, "--json"), capture_output=True, text=True, env=_env(),
+                        timeout=300)
+    assert ev.returncode == 0, ev.stderr[-2000:]
+    assert abs(json.loads(ev.stdout)["top1"] - top1) < 1e-3  # the reloaded model.keras is the trained model

@@ -313,6 +313,8 @@ def test_vitcli_train_from_an_hf_checkpoint(tmp_path, family, option):
     run = tmp_path / "run"
     args = ["train", "--dataset", "digits", "--epochs", "1", "--weights", folder, "--output", str(run),
             "--jit", "none", "--mixed-precision", "none", option] + (["0.75"] if option == "--layer-decay" else [])
+    if family == "siglip":  # a model option beside the checkpoint keeps the checkpoint's model
+        args += ["--model-option", "attention_dropout_rate=0.1"]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output[-2000:]
     trained = keras_vit.load_model(run / "model.keras")
@@ -326,7 +328,7 @@ def test_vitcli_train_from_an_hf_checkpoint(tmp_path, family, option):
             if not k.startswith("head/"):
                 np.testing.assert_array_equal(start[k], end[k], err_msg=k)
     else:
-        assert cfg.classifier == "map" and cfg.gelu_approximate
+        assert cfg.classifier == "map" and cfg.gelu_approximate and cfg.attention_dropout_rate == 0.1
     with open(run / "config.json") as f:
         assert json.load(f)["train"]["variant"] == "checkpoint"
 
@@ -382,6 +384,12 @@ def test_preset_model_predicts_with_timms_transform(tmp_path, monkeypatch):
     from keras_vit.data.images import load_image_file
 
     np.testing.assert_array_equal(_images(model, [path])[0], load_image_file(path, (16, 16), 3, "bicubic", 0.9))
+    model.save(tmp_path / "deit.keras")  # the transform is saved with the model: the file predicts as the preset
+    reloaded = keras_vit.load_model(str(tmp_path / "deit.keras"))
+    assert reloaded.eval_preprocessing == {"interpolation": "bicubic", "crop_pct": 0.9}
+    np.testing.assert_array_equal(_images(reloaded, [path]), _images(model, [path]))
+    with pytest.raises(ValueError, match=r"crop_pct must be in \(0, 1\], got 1.5"):
+        type(model)(model.vit_config, eval_preprocessing={"crop_pct": 1.5})
 
 
 def test_preset_offline_is_one_clear_line(offline_hub):

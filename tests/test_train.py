@@ -41,10 +41,23 @@ def test_digits_defaults_and_overrides():
     (dict(jit_compile="fast"), "jit_compile must be one of auto, xla, fusible, none"),
     (dict(batchsize=3), "unknown training options"),
     (dict(weights="/no/such.npz"), "does not exist"),
+    (dict(model={"registers": 4}), "unknown model option 'registers'; allowed: activation, "),
+    (dict(model={"num_classes": 4}), "model option 'num_classes' is set by the dataset's classes, not in model"),
+    (dict(model={"mlp": "geglu"}), "mlp must be one of"),
 ])
 def test_bad_options(options, message):
     with pytest.raises(kt.TrainError, match=message):
         kt.make_config("digits", **options)
+
+
+def test_model_options_reach_the_vit_config():
+    """make_config(model=...) sets the family's options (the notebook way of --model-option)."""
+    cfg = kt.make_config("digits", model={"qk_norm": True, "num_registers": 4, "mlp": "swiglu"})
+    vit = cfg.vit_config(num_classes=10, channels=3)
+    assert (vit.qk_norm, vit.num_registers, vit.mlp, vit.hidden_size) == (True, 4, "swiglu", 64)  # digits' size
+    with pytest.raises(kt.TrainError, match="model must be a dict of ViTConfig fields"):
+        dataclasses.replace(cfg, model=[("qk_norm", True)]).validate()
+    assert kt.make_config("digits", model={"qk_norm": True}, variant="Ti/4").model == {"qk_norm": True}
 
 
 def test_schedule_warms_up_then_decays():
@@ -227,6 +240,14 @@ def test_auto_modes_resolve_by_step_size(monkeypatch):
     assert modes(big) == ("none", "xla")
 
 
+# In a _run_script after kt.train(cfg, output=...) of an --ema run: whether model.keras (the average)
+# differs from last.keras (the last epoch's trained weights), as r["ema_swapped"].
+_EMA_SWAPPED = ("import keras_vit, numpy as np; run = r['run']; "
+                "r['ema_swapped'] = any(not np.allclose(a, b) for a, b in zip("
+                "keras_vit.load_model(run + '/model.keras').get_weights(), "
+                "keras_vit.load_model(run + '/last.keras').get_weights()))")
+
+
 @pytest.mark.jax
 def test_fit_through_tf_data_on_jax_data_parallel(tmp_path):
     pytest.importorskip("jax")
@@ -234,12 +255,14 @@ def test_fit_through_tf_data_on_jax_data_parallel(tmp_path):
         import json, keras
         assert keras.backend.backend() == "jax"
         from keras_vit import train as kt
-        cfg = kt.make_config("digits", epochs=2, augment="none", **{TINY!r})
+        cfg = kt.make_config("digits", epochs=2, augment="none", ema=0.9, checkpoint_interval=0, **{TINY!r})
         r = kt.train(cfg, output={str(tmp_path / 'run')!r}, verbose=0)
+        {_EMA_SWAPPED}
         print(json.dumps(r))
     """, {"KERAS_BACKEND": "jax", "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
           "JAX_PLATFORMS": "cpu"})
-    assert out["replicas"] == 2 and out["test"]["top1"] > 0.2  # learns beyond chance (0.1)
+    assert out["replicas"] == 2 and out["test"]["top1"] > 0.2  # learns beyond chance (0.1), with --ema's average
+    assert out["ema_swapped"]  # model.keras holds the average, last.keras the last epoch's own weights
 
 
 @pytest.mark.torch
@@ -249,12 +272,15 @@ def test_fit_through_tf_data_on_torch(tmp_path):
         import json, keras
         assert keras.backend.backend() == "torch"
         from keras_vit import train as kt
-        cfg = kt.make_config("digits", epochs=2, augment="none", **{{**{TINY!r}, "jit_compile": "auto"}})
+        cfg = kt.make_config("digits", epochs=2, augment="none", ema=0.9, checkpoint_interval=0,
+                             **{{**{TINY!r}, "jit_compile": "auto"}})
         r = kt.train(cfg, output={str(tmp_path / 'run')!r}, verbose=0)
+        {_EMA_SWAPPED}
         print(json.dumps(r))
     """, {"KERAS_BACKEND": "torch"})
     assert out["jit_compile"] == "none"  # auto on torch: eager, no minute-long torch.compile
-    assert out["test"]["top1"] > 0.2 and out["train_seconds"] < 60  # learns beyond chance (0.1)
+    assert out["test"]["top1"] > 0.2 and out["train_seconds"] < 60  # learns beyond chance (0.1), with --ema
+    assert out["ema_swapped"]
 
 
 def test_run_folders_and_latest(tmp_path):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import keras
 
@@ -44,6 +44,14 @@ DATASET_DEFAULTS: Dict[str, Dict[str, Any]] = {
 FROM_WEIGHTS = "checkpoint"
 MODEL_FIELDS = ("hidden_size", "num_layers", "num_heads", "mlp_dim", "classifier", "pos_embedding",
                 "representation_size")
+# The fields of the model's sizes: given in TrainConfig.model, the run no longer takes its model from --weights.
+SIZE_FIELDS = ("hidden_size", "num_layers", "num_heads", "mlp_dim", "patch_size")
+# ViTConfig fields TrainConfig.model may not set: the run sets them itself (the field that does), or a
+# trained classifier needs them as they are.
+RUN_MODEL_FIELDS = {"variant": "variant", "image_size": "image_size", "dropout_rate": "dropout_rate",
+                    "drop_path_rate": "drop_path_rate", "num_classes": "the dataset's classes",
+                    "channels": "the dataset's channels", "include_top": "a classifier (always)",
+                    "output": "logits (always)", "feature_layers": "logits (no feature outputs)"}
 OPTIMIZERS = ("adamw", "adam", "sgd")
 DISTRIBUTE = ("auto", "none", "mirrored")
 
@@ -132,7 +140,15 @@ class TrainConfig:
             raise TrainError(f"unknown augmentation {self.augment!r}; allowed: {', '.join(AUGMENTS)}")
         if self.weights is not None and self.weights.endswith((".npz", ".safetensors", ".keras")) and not os.path.isfile(self.weights):
             raise TrainError(f"weights file {self.weights!r} does not exist")
-        self.vit_config(num_classes=2, channels=3)  # image size vs patch, head counts ...
+        if not isinstance(self.model, dict):
+            raise TrainError(f"model must be a dict of ViTConfig fields, got {self.model!r}")
+        allowed = model_options()
+        for key in self.model:
+            if key in RUN_MODEL_FIELDS:
+                raise TrainError(f"model option {key!r} is set by {RUN_MODEL_FIELDS[key]}, not in model")
+            if key not in allowed:
+                raise TrainError(f"unknown model option {key!r}; allowed: {', '.join(allowed)}")
+        self.vit_config(num_classes=2, channels=3)  # image size vs patch, head counts, unknown fields ...
         return self
 
     def vit_config(self, num_classes: int, channels: int) -> ViTConfig:
@@ -167,12 +183,17 @@ class TrainConfig:
         return from_fields(cls, d, "training options", TrainError)
 
 
+def model_options() -> Tuple[str, ...]:
+    """The ViTConfig fields a run's `model` may set (sizes and the family options: qk_norm, num_registers ...)."""
+    return tuple(sorted(f.name for f in dataclasses.fields(ViTConfig) if f.name not in RUN_MODEL_FIELDS))
+
+
 def _architecture_from(overrides: Dict[str, Any]) -> bool:
     """Whether the run takes its model from `weights`: a checkpoint (not a .keras) and no sizes given."""
     from keras_vit.weights.checkpoints import is_checkpoint
 
     weights = overrides.get("weights")
-    sizes = any(k in overrides for k in MODEL_FIELDS) or overrides.get("model")
+    sizes = any(k in overrides for k in MODEL_FIELDS) or any(k in SIZE_FIELDS for k in overrides.get("model") or {})
     return bool(weights) and not str(weights).endswith(".keras") and not sizes and is_checkpoint(weights)
 
 
