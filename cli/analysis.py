@@ -11,7 +11,7 @@ from typing import List, Optional, Tuple
 
 import click
 
-from keras_vit.cli.common import UserError, user_errors
+from keras_vit.cli.common import MODEL_OPTION_HELP, UserError, parse_model_options, user_errors
 
 
 # --- shared helpers -----------------------------------------------------------------------
@@ -172,6 +172,7 @@ def fewshot_cmd(model_spec: str, dataset: str, shots: str, draws: int, seed: int
 @click.option("--num-layers", default=None, type=click.IntRange(min=1))
 @click.option("--num-heads", default=None, type=click.IntRange(min=1))
 @click.option("--mlp-dim", default=None, type=click.IntRange(min=1))
+@click.option("--model-option", "model_options", multiple=True, metavar="KEY=VALUE", help=MODEL_OPTION_HELP)
 @click.option("--target", default="color", show_default=True,
               type=click.Choice(["color", "color_regression", "patch_regression"]),
               help="color: 3-bit mean colour classes (the paper's); or L2 regression of the mean colour / full patch.")
@@ -192,8 +193,7 @@ def pretrain_cmd(dataset: str, out_dir: Optional[str], **options) -> None:
     for `vitcli train`; give the same ones to both."""
     from keras_vit import pretrain as mpp
 
-    cfg = mpp.PretrainConfig(dataset=dataset, **options)
+    cfg = mpp.PretrainConfig(dataset=dataset, model=parse_model_options(options.pop("model_options")), **options)
     path = mpp.pretrain(cfg, output=out_dir)["model"]
-    given = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in cfg.model_options().items())
-    click.echo(f"encoder saved to {path}; fine-tune it with: "
-               f"vitcli train --dataset {dataset} {given + ' ' if given else ''}--weights {path}")
+    # The .keras file carries the model (sizes and options): --weights alone rebuilds it.
+    click.echo(f"encoder saved to {path}; fine-tune it with: vitcli train --dataset {dataset} --weights {path}")

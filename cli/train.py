@@ -8,7 +8,7 @@ from typing import Optional, Sequence
 
 import click
 
-from keras_vit.cli.common import UserError, user_errors
+from keras_vit.cli.common import MODEL_OPTION_HELP, UserError, parse_model_options, user_errors
 
 _DATASET_HELP = ("digits (offline), cifar10, cifar100, mnist, fashion_mnist, tfds:NAME, "
                  "folder:PATH (PATH/<class>/*.jpg or PATH/train, PATH/val), "
@@ -61,10 +61,7 @@ _DATASET_HELP = ("digits (offline), cifar10, cifar100, mnist, fashion_mnist, tfd
 @click.option("--ema", type=float, default=None, metavar="MOMENTUM",
               help="Keep an exponential moving average of the weights (e.g. 0.999) and end with it: model.keras "
                    "and the test metrics use the average [default: off].")
-@click.option("--model-option", "model_options", multiple=True, metavar="KEY=VALUE",
-              help="A model option (a ViTConfig field), repeatable: e.g. qk_norm=true, num_registers=4, "
-                   "layer_scale_init=1e-5, mlp=swiglu, activation=quick_gelu, classifier=map, class_token=false, "
-                   "fc_norm=true, pixel_mean=[0.485,0.456,0.406]. VALUE is read as JSON, else as text.")
+@click.option("--model-option", "model_options", multiple=True, metavar="KEY=VALUE", help=MODEL_OPTION_HELP)
 @click.option("--seed", type=int, default=None, help="Seed for data order, augmentation and initialisation [default: 0].")
 @click.option("--val-fraction", type=float, default=None, help="Training data held out for validation [default: 0.1].")
 @click.option("--data-dir", default=None, help="tensorflow-datasets data folder (datasets prepared there are used as they are).")
@@ -108,26 +105,6 @@ def train_cmd(dataset: str, output: Optional[str], resume: bool, peer_timeout: O
         click.echo("the chief (worker 0) wrote the run folder")
     else:
         click.echo(f"run folder: {result['run']}")
-
-
-def parse_model_options(pairs: Sequence[str]) -> dict:
-    """--model-option KEY=VALUE pairs as a dict: VALUE as JSON (numbers, true/false/null, lists), else text;
-    UserError for a pair without "=" or a key given twice. The keys are checked by TrainConfig.validate."""
-    model: dict = {}
-    for pair in pairs:
-        key, sep, text = pair.partition("=")
-        key = key.strip().replace("-", "_")
-        if not sep or not key:
-            raise UserError(f"--model-option takes KEY=VALUE (e.g. qk_norm=true), got {pair!r}")
-        if key in model:
-            raise UserError(f"--model-option {key} is given twice")
-        try:
-            value = json.loads(text)
-        except ValueError:
-            lowered = text.strip().lower()
-            value = {"true": True, "false": False, "none": None}.get(lowered, text.strip())
-        model[key] = tuple(value) if isinstance(value, list) else value
-    return model
 
 
 REJOIN_ENV = "KERAS_VIT_REJOINS"

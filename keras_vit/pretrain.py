@@ -284,11 +284,13 @@ class PretrainConfig:
     weight_decay: float = 0.05
     warmup_epochs: float = 1.0
     seed: int = 0
+    model: Dict[str, Any] = dataclasses.field(default_factory=dict)  # other ViTConfig fields (--model-option)
 
     def model_options(self) -> Dict[str, Any]:
-        """The model options given (not None), as `vitcli train` takes them."""
+        """The model options given (not None), as `vitcli train` / make_config take them."""
         names = ("variant", "image_size", "hidden_size", "num_layers", "num_heads", "mlp_dim")
-        return {k: getattr(self, k) for k in names if getattr(self, k) is not None}
+        given = {k: getattr(self, k) for k in names if getattr(self, k) is not None}
+        return {**given, "model": dict(self.model)} if self.model else given
 
 
 def pretrain(cfg: PretrainConfig, output: Optional[str] = None, verbose: Any = "auto",

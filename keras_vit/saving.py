@@ -1,13 +1,15 @@
 """Loading saved keras-vit models, with a clear error for files that are not ours."""
 from __future__ import annotations
 
+import json
 import os
 import zipfile
-from typing import Union
+from typing import Optional, Union
 
 import keras
 
 import keras_vit.layers  # noqa: F401  (registers the custom layers)
+from keras_vit.config import ViTConfig
 from keras_vit.errors import first_line
 from keras_vit.model import VisionTransformer
 
@@ -31,3 +33,19 @@ def load_model(path: Union[str, os.PathLike], compile: bool = False) -> keras.Mo
     if not isinstance(model, VisionTransformer):
         raise ValueError(f"{path!r} holds a {type(model).__name__}, not a keras-vit model")
     return model
+
+
+def saved_config(path: Union[str, os.PathLike]) -> Optional[ViTConfig]:
+    """The ViTConfig of a keras-vit .keras file, read from its config.json without building the
+    model; None for a file that is not a readable keras-vit model (load_model says why)."""
+    path = os.fspath(path)
+    if not (path.endswith(".keras") and os.path.isfile(path) and zipfile.is_zipfile(path)):
+        return None
+    try:
+        with zipfile.ZipFile(path) as archive:
+            saved = json.loads(archive.read("config.json"))
+        if saved.get("class_name") != "VisionTransformer" or saved.get("module") != "keras_vit.model":
+            return None
+        return ViTConfig.from_dict(saved["config"]["config"])
+    except (KeyError, TypeError, ValueError, zipfile.BadZipFile):
+        return None

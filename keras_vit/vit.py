@@ -161,11 +161,11 @@ def _checkpoint_fields(ckpt: Checkpoint, variant_given: Optional[str], given: di
     if channels and found.get("pixel_mean") is not None and len(found["pixel_mean"]) != channels \
             and "pixel_mean" not in given:
         for k in ("pixel_mean", "pixel_std"):  # the input kernel is adapted to the channels: so is the normalisation
-            found[k] = _per_channel(found[k], channels)
+            found[k] = per_channel(found[k], channels)
     return found
 
 
-def _per_channel(values, channels: int) -> tuple:
+def per_channel(values, channels: int) -> tuple:
     """A checkpoint's per-channel normalisation for another channel count, as adapt_input_conv adapts
     its kernel: the mean over the channels for one channel, else the channels repeated."""
     values = [float(v) for v in values]

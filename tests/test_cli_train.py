@@ -339,3 +339,12 @@ def test_model_options_train_a_family_model(tmp_path):
                         timeout=300)
     assert ev.returncode == 0, ev.stderr[-2000:]
     assert abs(json.loads(ev.stdout)["top1"] - top1) < 1e-3  # the reloaded model.keras is the trained model
+    # --weights model.keras alone: the file's model, options included, every weight (the head too: same classes)
+    tuned = str(tmp_path / "tuned")
+    ft = subprocess.run(_cmd("train", "--dataset", "digits", "--epochs", "1", "--weights", os.path.join(run, "model.keras"),
+                             "--output", tuned), capture_output=True, text=True, env=_env(), timeout=600)
+    assert ft.returncode == 0, ft.stdout[-2000:] + ft.stderr[-3000:]
+    line = next(ln for ln in ft.stdout.splitlines() if ln.startswith("initial weights:"))
+    assert ", 0 kept as initialised" in line, line
+    assert keras_vit.load_model(os.path.join(tuned, "model.keras")).vit_config == cfg
+    assert json.loads(open(os.path.join(tuned, "config.json")).read())["train"]["variant"] == "checkpoint"

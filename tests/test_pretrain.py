@@ -109,12 +109,18 @@ def test_cli_pretrain_writes_encoder_and_metrics(tmp_path):
     out = tmp_path / "run"
     result = CliRunner().invoke(cli, ["pretrain", "--dataset", "digits", "--variant", "Ti/4", "--hidden-size", "32",
                                       "--num-layers", "1", "--num-heads", "2", "--mlp-dim", "64", "--epochs", "1",
-                                      "--batch-size", "128", "--out", str(out)])
+                                      "--batch-size", "128", "--model-option", "qk_norm=true", "--out", str(out)])
     assert result.exit_code == 0, result.output
-    assert f"--weights {out / 'model.keras'}" in result.output
+    assert f"vitcli train --dataset digits --weights {out / 'model.keras'}" in result.output
     model = keras_vit.load_model(out / "model.keras")
     assert model.vit_config.include_top is False and model.vit_config.image_size == (16, 16)  # digits' default
-    assert model.vit_config.hidden_size == 32 and model.vit_config.num_layers == 1
+    assert model.vit_config.hidden_size == 32 and model.vit_config.num_layers == 1 and model.vit_config.qk_norm
+    # what `vitcli train --weights` alone then builds: the encoder's model with a head for the classes
+    from keras_vit import train as kt
+
+    tcfg = kt.make_config("digits", weights=str(out / "model.keras"))
+    vit = tcfg.vit_config(num_classes=10, channels=3)
+    assert tcfg.variant == "checkpoint" and vit == model.vit_config.replace(include_top=True, num_classes=10)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["target"] == "color" and len(metrics["history"]["loss"]) == 1
     bad = CliRunner().invoke(cli, ["pretrain", "--variant", "Ti/5", "--epochs", "1", "--out", str(tmp_path / "x")])

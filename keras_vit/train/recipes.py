@@ -155,6 +155,8 @@ class TrainConfig:
         """The ViTConfig this run trains (variant FROM_WEIGHTS: the checkpoint's model and options,
         a new head for the dataset's classes)."""
         try:
+            if self.variant == FROM_WEIGHTS and str(self.weights).endswith(".keras"):
+                return _saved_model_config(self, num_classes, channels)
             if self.variant == FROM_WEIGHTS:
                 from keras_vit.vit import checkpoint_config
 
@@ -188,13 +190,39 @@ def model_options() -> Tuple[str, ...]:
     return tuple(sorted(f.name for f in dataclasses.fields(ViTConfig) if f.name not in RUN_MODEL_FIELDS))
 
 
+def _saved_model_config(cfg: TrainConfig, num_classes: int, channels: int) -> ViTConfig:
+    """The ViTConfig of a run whose model is a keras-vit .keras file's (`cfg.weights`): its architecture
+    and options, the run's image size, dropout and `model` options, a classifier for the dataset (a
+    new head drops the pre-logits, as for a checkpoint)."""
+    from keras_vit.saving import saved_config
+    from keras_vit.vit import per_channel
+
+    saved = saved_config(cfg.weights)
+    if saved is None:
+        raise TrainError(f"weights file {cfg.weights!r} is not a readable keras-vit model")
+    fields = dict(image_size=cfg.image_size, num_classes=num_classes, channels=channels, include_top=True,
+                  output=None, feature_layers=None, dropout_rate=cfg.dropout_rate, drop_path_rate=cfg.drop_path_rate)
+    if not (saved.include_top and saved.num_classes == num_classes):
+        fields["representation_size"] = None
+    if saved.pixel_mean is not None and len(saved.pixel_mean) != channels:  # the input kernel is adapted too
+        fields.update(pixel_mean=per_channel(saved.pixel_mean, channels), pixel_std=per_channel(saved.pixel_std, channels))
+    return saved.replace(**{**fields, **cfg.model}).validate()
+
+
 def _architecture_from(overrides: Dict[str, Any]) -> bool:
-    """Whether the run takes its model from `weights`: a checkpoint (not a .keras) and no sizes given."""
+    """Whether the run takes its model from `weights`: a checkpoint or a keras-vit .keras file, and no
+    variant or size given (other model options keep it)."""
     from keras_vit.weights.checkpoints import is_checkpoint
 
     weights = overrides.get("weights")
     sizes = any(k in overrides for k in MODEL_FIELDS) or any(k in SIZE_FIELDS for k in overrides.get("model") or {})
-    return bool(weights) and not str(weights).endswith(".keras") and not sizes and is_checkpoint(weights)
+    if not weights or sizes:
+        return False
+    if str(weights).endswith(".keras"):
+        from keras_vit.saving import saved_config
+
+        return saved_config(weights) is not None
+    return is_checkpoint(weights)
 
 
 def make_config(dataset: str = "digits", recipe: str = "scratch", **overrides) -> TrainConfig:
