@@ -29,7 +29,7 @@ def _undo(change: str) -> None:
         import keras_vit.model as vit_model
 
         encode = vit_model._encode
-        vit_model._encode = lambda *a, **k: encode(*a, **{**k, "class_token_out": False})
+        vit_model._encode = lambda *a, **k: encode(*a, **{**k, "head_tokens": None})
     elif change == "gelu-gradient":
         import keras_vit.layers.block as block
 

@@ -183,7 +183,7 @@ LayerSource = Callable[[str, Callable[[], layers.Layer]], layers.Layer]
 
 
 def _encode(cfg: ViTConfig, images, layer: LayerSource, depth: int, dtype: Optional[str] = None,
-            attention: bool = False, patch_transform: Optional[Callable] = None, class_token_out: bool = False):
+            attention: bool = False, patch_transform: Optional[Callable] = None, head_tokens: Optional[int] = None):
     """Eq. 1-3 up to encoder block `depth - 1`: (block outputs z_1..z_depth (B, S, D), their
     attention probabilities (B, heads, S, S) when `attention`, else []).
 
@@ -191,7 +191,7 @@ def _encode(cfg: ViTConfig, images, layer: LayerSource, depth: int, dtype: Optio
     `VisionTransformer.forward_intermediates` runs it again on the model's own layers.
     `patch_transform` is applied to the patch embeddings (B, N, D) before the class token and
     position embeddings are added (masked patch prediction corrupts them there). With
-    `class_token_out` the last block computes the class token's output only, (B, 1, D).
+    `head_tokens` n the last block computes the first n tokens' outputs only, (B, n, D).
     The sequence is [class?, distillation?, registers*, patches]; the registers are inserted
     after the position embeddings, which they do not have (DINOv2 with registers).
     """
@@ -241,8 +241,10 @@ def _encode(cfg: ViTConfig, images, layer: LayerSource, depth: int, dtype: Optio
                 block = BlockAttention(block, name=f"{block.name}_attention", dtype=block.dtype_policy)
             x, a = block(x, return_attention_scores=True)
             probs.append(a)
-        elif class_token_out and i == depth - 1:
+        elif head_tokens == 1 and i == depth - 1:  # the call saved .keras files of class-token models record
             x = block(x, class_token_only=True)
+        elif head_tokens and i == depth - 1:
+            x = block(x, num_queries=head_tokens)
         else:
             x = block(x)
         blocks.append(x)
@@ -260,11 +262,11 @@ def _build_graph(cfg: ViTConfig, dtype: Optional[str] = None):
     compute in float32)."""
     h, w = cfg.image_size
     inputs = keras.Input((None, None, cfg.channels) if cfg.dynamic_size else (h, w, cfg.channels), name="images")
-    # A class-token head reads token 0 of the last block alone: that block computes nothing else
-    # (not so for a distilled head, which reads tokens 0 and 1, nor for "gap" and "map", which read all).
-    class_token_out = (cfg.classifier == "token" and not cfg.distilled and not cfg.feature_layers
-                       and cfg.output != "tokens")
-    blocks, _ = _encode(cfg, inputs, lambda name, make: make(), _depth(cfg), dtype, class_token_out=class_token_out)
+    # A class-token head reads token 0 of the last block alone (a distilled one tokens 0 and 1): that
+    # block computes nothing else ("gap" and "map" read all tokens).
+    reads_prefix = cfg.classifier == "token" and not cfg.feature_layers and cfg.output != "tokens"
+    head_tokens = (2 if cfg.distilled else 1) if reads_prefix else None
+    blocks, _ = _encode(cfg, inputs, lambda name, make: make(), _depth(cfg), dtype, head_tokens=head_tokens)
     if cfg.feature_layers:  # a dict: Keras would unwrap a list of one
         return inputs, {f"block_{i}": PatchGrid(cfg.grid_size, cfg.num_prefix_tokens, name=f"features_{i}",
                                                 dtype=dtype)(blocks[i])

@@ -255,6 +255,13 @@ def test_transformer_block_class_token_only_is_token_0_of_the_full_block(rng, re
                                atol=1e-6)
     spec = block.compute_output_spec(keras.KerasTensor((None, 5, 8)), class_token_only=True)
     assert tuple(spec.shape) == (None, 1, 8)
+    # num_queries=2: the class and distillation tokens a distilled model's heads read
+    two = keras.ops.convert_to_numpy(block(x, num_queries=2))
+    np.testing.assert_allclose(two, full[:, :2], atol=1e-5)
+    assert tuple(block.compute_output_spec(keras.KerasTensor((None, 5, 8)), num_queries=2).shape) == (None, 2, 8)
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="num_queries must be an integer >= 1 or None"):
+            block(x, num_queries=bad)
 
 
 def test_token_pooling(rng):

@@ -101,6 +101,9 @@ def test_distilled_output_is_the_mean_of_both_heads():
                                atol=TOL)
     np.testing.assert_allclose(np.asarray(model(x)), (cls_logits + dist_logits) / 2, atol=1e-5)
     assert np.abs(cls_logits - dist_logits).max() > 0.1  # two different heads
+    # The last block computes the two tokens the heads read, and only them (forward_intermediates: all)
+    last = model.get_layer(f"encoderblock_{cfg.num_layers - 1}")
+    assert tuple(last.output.shape) == (None, 2, cfg.hidden_size)
     with pytest.raises(ValueError, match="distilled=True"):
         keras_vit.ViT(config=ViTConfig(**TINY)).distillation_logits(x)
 

@@ -174,6 +174,16 @@ class MlpBlock(layers.Layer):
                 "gelu_approximate": self.gelu_approximate, "activation": self.activation, "kind": self.kind}
 
 
+def _queries(class_token_only: bool, num_queries: Optional[int]) -> Optional[int]:
+    """The leading tokens a block computes (None: all); class_token_only is num_queries=1."""
+    if num_queries is not None and (isinstance(num_queries, bool) or not isinstance(num_queries, int)
+                                    or num_queries < 1):
+        raise ValueError(f"num_queries must be an integer >= 1 or None, got {num_queries!r}")
+    if class_token_only and num_queries not in (None, 1):
+        raise ValueError(f"class_token_only computes 1 token; got num_queries={num_queries}")
+    return 1 if class_token_only else num_queries
+
+
 @_REG
 class TransformerBlock(layers.Layer):
     """Pre-norm encoder block (Eq. 2-3): z' = MSA(LN(z)) + z;  z = MLP(LN(z')) + z'.
@@ -232,23 +242,27 @@ class TransformerBlock(layers.Layer):
         self.drop_path.build(input_shape)
         self.built = True
 
-    def call(self, x, training=None, return_attention_scores: bool = False, class_token_only: bool = False):
-        """(B, S, D) -> (B, S, D); with `class_token_only`, (B, 1, D): the class token's output alone.
+    def call(self, x, training=None, return_attention_scores: bool = False, class_token_only: bool = False,
+             num_queries: Optional[int] = None):
+        """(B, S, D) -> (B, S, D); with `num_queries` n, (B, n, D): the first n tokens' outputs alone
+        (`class_token_only`: n = 1, the class token's).
 
-        The class token still attends to every token, so its value is the same; the attention
+        Those tokens still attend to every token, so their values are the same; the attention
         of the other tokens, their MLP and LayerNorm are skipped. A last block whose only reader
-        is the class-token head runs this way (about 6% fewer FLOPs for a 12-block model).
+        is the class-token head runs this way (about 6% fewer FLOPs for a 12-block model), and a
+        distilled model's with n = 2 (the class and distillation tokens its two heads read).
         """
+        queries = _queries(class_token_only, num_queries)
         y = ops.cast(_layer_norm(self.norm_1, x), self.compute_dtype)
         y = self.attention(y, training=training, return_attention_scores=return_attention_scores,
-                           num_queries=1 if class_token_only else None)
+                           num_queries=queries)
         if return_attention_scores:
             y, probs = y
         y = self.dropout(y, training=training)
         if self.layer_scale:
             y = self.layer_scale[0](y)
-        if class_token_only:
-            x = x[:, :1]
+        if queries is not None:
+            x = x[:, :queries]
         x = ops.cast(x, self.compute_dtype) + self.drop_path(y, training=training)
         y = self.mlp(ops.cast(_layer_norm(self.norm_2, x), self.compute_dtype), training=training)
         if self.layer_scale:
@@ -262,10 +276,10 @@ class TransformerBlock(layers.Layer):
         return input_shape
 
     def compute_output_spec(self, x, training=None, return_attention_scores: bool = False,
-                            class_token_only: bool = False):
+                            class_token_only: bool = False, num_queries: Optional[int] = None):
         """Symbolic outputs: the tokens, and with `return_attention_scores` the float32 probabilities."""
         b, s = x.shape[0], x.shape[1]
-        queries = 1 if class_token_only else s
+        queries = _queries(class_token_only, num_queries) or s
         out = keras.KerasTensor((b, queries) + tuple(x.shape[2:]), dtype=self.compute_dtype)
         if not return_attention_scores:
             return out
