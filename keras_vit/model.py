@@ -31,6 +31,10 @@ def _model_name(cfg: ViTConfig) -> str:
     return "vit_" + re.sub(r"[^0-9a-zA-Z_]+", "_", base).strip("_").lower()
 
 
+# tf.image.resize's methods: what keras_vit.data.prepare_image resizes image files with.
+RESIZE_METHODS = ("bilinear", "bicubic", "nearest", "area", "lanczos3", "lanczos5", "gaussian", "mitchellcubic")
+
+
 def _eval_preprocessing(pre: Optional[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
     """A model's evaluation transform, checked: interpolation (a name) and crop_pct in (0, 1]."""
     if not pre:
@@ -38,6 +42,9 @@ def _eval_preprocessing(pre: Optional[Dict[str, Any]]) -> Optional[Dict[str, Any
     unknown = sorted(set(pre) - {"interpolation", "crop_pct"})
     if unknown:
         raise ValueError(f"eval_preprocessing takes interpolation and crop_pct, got {unknown}")
+    method = pre.get("interpolation")
+    if method is not None and method not in RESIZE_METHODS:
+        raise ValueError(f"eval_preprocessing interpolation must be one of {', '.join(RESIZE_METHODS)}, got {method!r}")
     crop = pre.get("crop_pct")
     if crop is not None and (isinstance(crop, bool) or not isinstance(crop, (int, float)) or not 0 < crop <= 1):
         raise ValueError(f"eval_preprocessing crop_pct must be in (0, 1], got {crop!r}")

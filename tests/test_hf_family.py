@@ -390,6 +390,8 @@ def test_preset_model_predicts_with_timms_transform(tmp_path, monkeypatch):
     np.testing.assert_array_equal(_images(reloaded, [path]), _images(model, [path]))
     with pytest.raises(ValueError, match=r"crop_pct must be in \(0, 1\], got 1.5"):
         type(model)(model.vit_config, eval_preprocessing={"crop_pct": 1.5})
+    with pytest.raises(ValueError, match="interpolation must be one of bilinear, bicubic"):
+        type(model)(model.vit_config, eval_preprocessing={"interpolation": "cubic"})
 
 
 def test_preset_offline_is_one_clear_line(offline_hub):
