@@ -104,6 +104,12 @@ class ViTConfig:
     fc_norm: bool = False  # the final LayerNorm after pooling, not on the tokens (timm fc_norm)
     pixel_mean: Optional[Tuple[float, ...]] = None  # per channel, [0, 1] scale; None: [-1, 1] inputs
     pixel_std: Optional[Tuple[float, ...]] = None
+    # Registers with position embeddings (timm's no_embed_class=False with reg_tokens: SoViT-150M
+    # reg4): they join the sequence before the position embeddings, which then have their rows.
+    register_pos_embedding: bool = False
+    # Whether MAP pooling attends over the prefix tokens too (big_vision has none; timm >= 1.0
+    # leaves them out: False). Other classifiers are unaffected ("gap" always leaves them out).
+    pool_include_prefix: bool = True
 
     def __post_init__(self) -> None:
         self.image_size = _pair(self.image_size, "image_size")
@@ -211,9 +217,11 @@ class ViTConfig:
                              "reads the class token")
         if isinstance(self.num_registers, bool) or not isinstance(self.num_registers, int) or self.num_registers < 0:
             raise ValueError(f"num_registers must be an integer >= 0, got {self.num_registers!r}")
-        for name in ("distilled", "pre_norm", "fc_norm"):
+        for name in ("distilled", "pre_norm", "fc_norm", "register_pos_embedding", "pool_include_prefix"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.register_pos_embedding and not self.num_registers:
+            raise ValueError("register_pos_embedding=True gives register tokens position embeddings: set num_registers")
         if self.distilled and self.classifier != "token":
             raise ValueError("distilled=True needs a class token read by the head: classifier='token', "
                              f"got classifier={self.classifier!r}")
@@ -238,13 +246,14 @@ class ViTConfig:
 
     @property
     def num_pos_prefix_tokens(self) -> int:
-        """Prefix tokens that have a position embedding: the class and distillation tokens."""
-        return int(self.has_class_token) + int(self.distilled)
+        """Prefix tokens that have a position embedding: the class and distillation tokens, and the
+        registers with register_pos_embedding."""
+        return int(self.has_class_token) + int(self.distilled) + (self.num_registers if self.register_pos_embedding else 0)
 
     @property
     def num_prefix_tokens(self) -> int:
         """Tokens before the patches: class, distillation and register tokens."""
-        return self.num_pos_prefix_tokens + self.num_registers
+        return int(self.has_class_token) + int(self.distilled) + self.num_registers
 
     @property
     def head_dim(self) -> int:

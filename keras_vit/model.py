@@ -15,6 +15,7 @@ from keras_vit.layers import (
     MAPHead,
     PatchEmbedding,
     PatchGrid,
+    PatchTokens,
     PositionEmbedding,
     RegisterTokens,
     TokenPooling,
@@ -219,6 +220,11 @@ def _encode(cfg: ViTConfig, images, layer: LayerSource, depth: int, dtype: Optio
     if cfg.has_class_token:
         x = layer("cls", lambda: ClassToken(name="cls", dtype=dtype))(x)
     prefix = cfg.num_pos_prefix_tokens
+    # Registers sit after the class and distillation tokens; before the position embeddings when they
+    # have rows there (register_pos_embedding), else after them.
+    reg_index = int(cfg.has_class_token) + int(cfg.distilled)
+    if cfg.num_registers and cfg.register_pos_embedding:
+        x = layer("reg", lambda: RegisterTokens(cfg.num_registers, reg_index, name="reg", dtype=dtype))(x)
     pos_kind = "none" if cfg.pos_embedding == "relative" else cfg.pos_embedding
     if cfg.dynamic_size:  # the patch grid comes from the images' shape at run time
         x = layer("posembed_input", lambda: PositionEmbedding(
@@ -227,8 +233,8 @@ def _encode(cfg: ViTConfig, images, layer: LayerSource, depth: int, dtype: Optio
     else:
         x = layer("posembed_input", lambda: PositionEmbedding(pos_kind, cfg.grid_size, num_prefix_tokens=prefix,
                                                               name="posembed_input", dtype=dtype))(x)
-    if cfg.num_registers:
-        x = layer("reg", lambda: RegisterTokens(cfg.num_registers, prefix, name="reg", dtype=dtype))(x)
+    if cfg.num_registers and not cfg.register_pos_embedding:
+        x = layer("reg", lambda: RegisterTokens(cfg.num_registers, reg_index, name="reg", dtype=dtype))(x)
     x = layer("dropout", lambda: layers.Dropout(cfg.dropout_rate, name="dropout", dtype=dtype))(x)
     if cfg.pre_norm:
         x = layer("pre_norm", lambda: layers.LayerNormalization(epsilon=cfg.layer_norm_epsilon, name="pre_norm",
@@ -291,6 +297,8 @@ def _head(cfg: ViTConfig, x, dtype: Optional[str]):
     class and distillation tokens apart, through the same fc_norm and pre-logits, into `head` and
     `head_dist`, and returns their mean (logits, or features with include_top=False), as timm."""
     if cfg.classifier == "map":
+        if not cfg.pool_include_prefix and cfg.num_prefix_tokens:  # timm >= 1.0: the patch tokens only
+            x = PatchTokens(cfg.num_prefix_tokens, name="pool_patch_tokens", dtype=dtype)(x)
         pooled = [MAPHead(cfg.num_heads, cfg.mlp_dim, cfg.layer_norm_epsilon, cfg.gelu_approximate, name="pool",
                           dtype=dtype)(x)]
     else:

@@ -26,6 +26,10 @@ FAMILIES = {
     "siglip": dict(architecture="vit_base_patch16_siglip_224", tag="webli", cls=False, pool="map", norm=HALF),
     "eva_like": dict(architecture="vit_base_patch16_swiglu_qknorm_224", tag="", ls=1e-5, mlp="swiglu", qk_norm=True,
                      pool="avg", fc_norm=True, head=True, norm=IMAGENET),
+    # SoViT-150M reg4 MAP: registers with position rows (no_embed_class=False) and timm >= 1.0's MAP
+    # pooling over the patch tokens alone (pool_include_prefix=False, its default).
+    "so150m_reg_map": dict(architecture="vit_so150m_patch16_reg4_map_256", tag="sbb_e250_in12k_ft_in1k", cls=False,
+                           reg=4, pool="map", pool_include_prefix=False, head=True, norm=HALF),
 }
 
 
@@ -103,7 +107,7 @@ def family_state_dict(rng, family: str, *, hidden: int = 32, heads: int = 2, mlp
     pool = spec.get("pool", "token")
     arch = dict(num_heads=heads, act=spec.get("act", "gelu"), mlp=spec.get("mlp", "mlp"), global_pool=pool,
                 no_embed_class=spec.get("no_embed_class", False), eps=spec.get("eps", 1e-6), mean=mean[:channels],
-                std=std[:channels], pos_grid=grid)
+                std=std[:channels], pos_grid=grid, pool_include_prefix=spec.get("pool_include_prefix", True))
     size = (grid[0] * patch, grid[1] * patch)
     model_args = dict(embed_dim=d, depth=layers, num_heads=heads, patch_size=patch, img_size=list(size),
                       mlp_ratio=(2 * mlp if swiglu else mlp) / d)

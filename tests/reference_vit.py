@@ -210,10 +210,17 @@ def encoder(path, images, classifier="token", class_token=None, pixel_mean=None,
     if "dist" in ck:
         prefix.append(ck["dist"])
     x = np.concatenate([np.broadcast_to(t, (b, 1, d)) for t in prefix] + [x], axis=1)
-    if "Transformer/posembed_input/pos_embedding" in ck:
-        x = x + ck["Transformer/posembed_input/pos_embedding"]
-    if "reg" in ck:
-        reg = np.broadcast_to(ck["reg"], (b, ck["reg"].shape[1], d))
+    pos = ck["Transformer/posembed_input/pos_embedding"] if "Transformer/posembed_input/pos_embedding" in ck else None
+    regs = ck["reg"].shape[1] if "reg" in ck else 0
+    # Registers with position rows of their own (timm's no_embed_class=False with reg_tokens: the table
+    # has prefix + registers + patches rows): inserted first, then the table is added to every token.
+    rows_for_regs = pos is not None and regs and pos.shape[-2] == x.shape[1] + regs
+    if regs and rows_for_regs:
+        x = np.concatenate([x[:, :len(prefix)], np.broadcast_to(ck["reg"], (b, regs, d)), x[:, len(prefix):]], axis=1)
+    if pos is not None:
+        x = x + pos
+    if regs and not rows_for_regs:
+        reg = np.broadcast_to(ck["reg"], (b, regs, d))
         x = np.concatenate([x[:, :len(prefix)], reg, x[:, len(prefix):]], axis=1)
     if "Transformer/pre_norm/scale" in ck:
         x = layer_norm(x, ck["Transformer/pre_norm/scale"], ck["Transformer/pre_norm/bias"])
@@ -227,12 +234,14 @@ def encoder(path, images, classifier="token", class_token=None, pixel_mean=None,
     return blocks, probs, layer_norm(x, ck["Transformer/encoder_norm/scale"], ck["Transformer/encoder_norm/bias"])
 
 
-def forward(path, images, classifier="token", class_token=None, pixel_mean=None, pixel_std=None):
+def forward(path, images, classifier="token", class_token=None, pixel_mean=None, pixel_std=None,
+            pool_include_prefix=True):
     """Logits (or pre-logits features when the checkpoint has no head) for float images in
     [0, 255], shape (B, H, W, C), from the .npz at `path`.
 
     "token" reads the class token, "gap" the mean of the patch tokens (every prefix token
-    excluded), "map" big_vision's MAPHead over all tokens; `fc_norm` normalises the pooled
+    excluded), "map" big_vision's MAPHead over all tokens (over the patch tokens alone with
+    `pool_include_prefix=False`, as timm >= 1.0); `fc_norm` normalises the pooled
     vector; a distilled checkpoint (`dist`) gives (head(token 0) + head_dist(token 1)) / 2, or
     the mean of the two tokens' features without a head (timm's VisionTransformerDistilled)."""
     ck = Checkpoint(path)
@@ -243,7 +252,7 @@ def forward(path, images, classifier="token", class_token=None, pixel_mean=None,
     elif classifier == "gap":
         pooled = [x[:, prefix:].mean(axis=1)]
     else:
-        pooled = [map_head(ck, x)]
+        pooled = [map_head(ck, x if pool_include_prefix else x[:, prefix:])]
     if "fc_norm/scale" in ck:
         pooled = [layer_norm(p, ck["fc_norm/scale"], ck["fc_norm/bias"]) for p in pooled]
     if "pre_logits/kernel" in ck:

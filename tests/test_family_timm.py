@@ -1,5 +1,6 @@
 """timm checkpoints of the ViT family (issue #26): DeiT distilled, DeiT-III, DINOv2 with and
-without registers, CLIP, SigLIP and a SwiGLU + qk-norm ("EVA-like") tower, written in timm's
+without registers, CLIP, SigLIP, a SwiGLU + qk-norm ("EVA-like") tower and SoViT-150M reg4 MAP
+(registers with position rows, MAP pooling over the patch tokens), written in timm's
 layout by tests/family_factory.py, loaded with `keras_vit.ViT(weights=path)` and compared with
 the independent NumPy reference of timm's forward (tests/reference_family.py), at the native
 image size and at another one (position embeddings resampled with torch's bicubic, as timm does).
@@ -111,6 +112,7 @@ SHAPE_OPTIONS = {
     "siglip": dict(classifier="map"),
     "eva_like": dict(mlp="swiglu", mlp_dim=64, qk_norm=True, num_heads=2, fc_norm=True, classifier="gap",
                      class_token=True, layer_scale_init=1e-5),
+    "so150m_reg_map": dict(classifier="map", num_registers=4, register_pos_embedding=True, pool_include_prefix=False),
 }
 
 
@@ -213,7 +215,8 @@ def test_save_safetensors_writes_timm_layout_back(tmp_path, family):
     x = _images((16, 16))
     again = keras_vit.ViT(weights=out, include_top=_has_head(sd))
     np.testing.assert_allclose(again.predict(x, verbose=0), model.predict(x, verbose=0), rtol=0, atol=1e-6)
-    assert rf.forward(back, dict(arch, no_embed_class="reg_token" in sd), x).shape  # timm can read it
+    # timm can read it (a register model without position rows for its registers as no_embed_class)
+    assert rf.forward(back, dict(arch, no_embed_class=arch["no_embed_class"] and "reg_token" in sd), x).shape
 
 
 # --- malformed and mismatched checkpoints ---------------------------------------------------------
@@ -375,14 +378,23 @@ def test_families_give_the_reference_logits_on_jax(tmp_path):
         assert _rel(out[family], expected[family]) <= TOL, family
 
 
-def test_position_rows_for_register_tokens_are_refused():
+def test_position_rows_for_register_tokens_are_kept(tmp_path):
     """timm's no_embed_class=False with registers (vit_so150m_patch16_reg4_map_256) gives registers
-    position embeddings; keras-vit's register tokens have none (DINOv2-reg): one line, no guess."""
+    position rows: kept, and the model gets register_pos_embedding (with a class token too, whose
+    row comes first); without those rows (DINOv2-reg) the registers have none."""
     sd, arch, _ = ff.family_state_dict(np.random.default_rng(4), "dinov2_reg")
-    sd["pos_embed"] = np.zeros((1, 16 + 1 + 4, 32), np.float32)
-    with pytest.raises(ValueError, match="rows for the 4 register tokens") as exc:
-        torch_layout.from_timm(sd, 2)
-    _one_line(exc)
+    sd["pos_embed"] = np.random.default_rng(5).normal(0, 0.2, (1, 16 + 1 + 4, 32)).astype(np.float32)
+    assert torch_layout.from_timm(sd, 2)[torch_layout.POSEMB].shape == (1, 21, 32)
+    path = str(tmp_path / "reg_rows.safetensors")
+    save_file(sd, path)
+    model = keras_vit.ViT(weights=path, num_heads=2, include_top=False, pixel_mean=ff.IMAGENET[0],
+                          pixel_std=ff.IMAGENET[1])
+    cfg = model.vit_config
+    assert cfg.register_pos_embedding and cfg.num_pos_prefix_tokens == 5 and cfg.image_size == (16, 16)
+    x = _images((16, 16))
+    assert _rel(model.predict(x, verbose=0), rf.forward(sd, dict(arch, no_embed_class=False), x)) <= TOL
+    with pytest.raises(ValueError, match="register_pos_embedding=True gives register tokens position embeddings"):
+        ViTConfig(register_pos_embedding=True)
 
 
 def test_normalisation_follows_the_channels(tmp_path):

@@ -7,7 +7,8 @@ stride 16); a "block" factor, the ViT family's block options (issue #26): plain,
 qk_norm, quick_gelu, swiglu; and a "tokens" factor (issue #26): none, two register tokens, DeiT's
 distillation token and head (with classifier "token" only: the pairs with gap and map are
 excluded), a class token kept with fc_norm (a class token the pooling ignores under gap and map),
-and pre_norm with ImageNet's pixel mean and std.
+pre_norm with ImageNet's pixel mean and std, and registers with position embeddings
+(register_pos_embedding, SoViT-150M's; with "map" the pooling reads the patch tokens alone).
 Paths, per model:
 - Keras: .keras save/load and keras.models.clone_model (every model), and one of
   mixed_bfloat16, model.quantize("int8" | "float8" | "int4"), LoRA on the MLP's Dense layers;
@@ -44,7 +45,7 @@ FACTORS = {
     "gelu_approximate": [True, False],
     "shape": ["square", "nonsquare_gray", "representation", "no_top", "hybrid"],
     "block": ["plain", "layer_scale", "qk_norm", "quick_gelu", "swiglu"],
-    "tokens": ["default", "registers", "distilled", "cls_fc_norm", "pre_norm_mean_std"],
+    "tokens": ["default", "registers", "distilled", "cls_fc_norm", "pre_norm_mean_std", "registers_pos"],
     "onnx": ["fp32", "optimize", "fp16", "dynamic", "static", "static_optimize"],
     "tflite": ["fp32", "fp16", "dynamic", "int8"],
     "keras": ["bf16", "int8", "float8", "int4", "lora"],
@@ -76,6 +77,8 @@ TOKENS = {
     "distilled": dict(distilled=True),
     "cls_fc_norm": dict(class_token=True, fc_norm=True),
     "pre_norm_mean_std": dict(pre_norm=True, pixel_mean=(0.485, 0.456, 0.406), pixel_std=(0.229, 0.224, 0.225)),
+    # SoViT-150M reg4's tokens: registers with position rows; a MAP head reads the patch tokens alone
+    "registers_pos": dict(num_registers=2, register_pos_embedding=True, pool_include_prefix=False),
 }
 # fp32 and fp16: the thresholds of keras_vit.export.verify.THRESHOLDS (max |diff| and top-1).
 FP32_MAX_DIFF = 1e-4
@@ -167,7 +170,7 @@ def test_rows_cover_every_pair_and_the_full_option_product():
     assert all_pairs(FACTORS) - excluded <= covered and not covered & excluded
     assert {tuple(r[f] for f in FULL) for r in ROWS} == {
         (p, c, g) for p in FACTORS["pos_embedding"] for c in FACTORS["classifier"] for g in FACTORS["gelu_approximate"]}
-    assert len(ROWS) == 43 and ROWS == pairwise_rows(FACTORS, full=FULL, exclude=EXCLUDE)  # deterministic
+    assert len(ROWS) == 47 and ROWS == pairwise_rows(FACTORS, full=FULL, exclude=EXCLUDE)  # deterministic
     for row in ROWS:
         row_config(row)  # every row is a valid config
 

@@ -34,6 +34,10 @@ OPTIONS = {
                       pixel_std=(0.26862954, 0.26130258, 0.27577711)),
     "distilled_no_top": dict(distilled=True, include_top=False),
     "dinov2_reg": dict(num_registers=4, **IMAGENET),
+    # SoViT-150M reg4 MAP (timm): registers with position rows, MAP over the patch tokens alone
+    "so150m_reg_map": dict(classifier="map", num_registers=4, register_pos_embedding=True, pool_include_prefix=False),
+    "cls_reg_pos_map": dict(classifier="map", class_token=True, num_registers=2, register_pos_embedding=True,
+                            pool_include_prefix=False, fc_norm=True),
 }
 
 
@@ -55,7 +59,8 @@ def reference(model: keras.Model, path, x: np.ndarray) -> np.ndarray:
     """reference_vit.forward of the model's save_npz file."""
     cfg = model.vit_config
     keras_vit.save_npz(model, path)
-    return ref.forward(path, x, cfg.classifier, cfg.class_token, cfg.pixel_mean, cfg.pixel_std)
+    return ref.forward(path, x, cfg.classifier, cfg.class_token, cfg.pixel_mean, cfg.pixel_std,
+                       pool_include_prefix=cfg.pool_include_prefix)
 
 
 @pytest.mark.parametrize("name", list(OPTIONS))
@@ -71,7 +76,7 @@ def test_model_matches_the_numpy_reference(name, tmp_path):
     assert tuple(model.get_layer("encoderblock_0").output.shape)[1] == cfg.seq_len
 
 
-@pytest.mark.parametrize("name", ["registers", "map_cls_registers", "distilled"])
+@pytest.mark.parametrize("name", ["registers", "map_cls_registers", "distilled", "cls_reg_pos_map"])
 def test_tokens_forward_intermediates_and_feature_maps_skip_every_prefix_token(name, tmp_path):
     cfg = ViTConfig(**{**TINY, **OPTIONS[name]})
     model = random_model(cfg)
@@ -195,7 +200,8 @@ LIBRARY_ONLY = {"deit_reg_relative": dict(distilled=True, num_registers=2, pos_e
                 "map_registers_sincos2d": dict(classifier="map", num_registers=2, pos_embedding="sincos2d")}
 
 
-@pytest.mark.parametrize("name", ["deit_reg_pre_logits", "registers", "map_cls_registers", *LIBRARY_ONLY])
+@pytest.mark.parametrize("name", ["deit_reg_pre_logits", "registers", "map_cls_registers", "cls_reg_pos_map",
+                                  *LIBRARY_ONLY])
 def test_resize_with_registers_and_distillation(name, tmp_path):
     """resize_model keeps the class and distillation slots of the position embeddings, resamples
     the patch grid and leaves the registers (which have none) as they are: the reference of the
@@ -209,7 +215,8 @@ def test_resize_with_registers_and_distillation(name, tmp_path):
     if pe in arrays:
         arrays[pe] = resample_position_embeddings(arrays[pe], (6, 6), cfg.num_pos_prefix_tokens, old_grid=(4, 4))
         np.savez(tmp_path / "r.npz", **arrays)
-        expected = ref.forward(tmp_path / "r.npz", x, cfg.classifier, cfg.class_token)
+        expected = ref.forward(tmp_path / "r.npz", x, cfg.classifier, cfg.class_token,
+                               pool_include_prefix=cfg.pool_include_prefix)
     else:  # relative, learned_2d: compare with the model the library builds at 48 px from the file
         keras_vit.save_npz(model, tmp_path / "m.npz")
         again = keras_vit.ViT(config=cfg.replace(image_size=48))
@@ -269,7 +276,7 @@ def test_save_safetensors_writes_what_loads_back(name, tmp_path):
     np.testing.assert_allclose(np.asarray(keras_vit.ViT(weights=str(path))(x)), np.asarray(model(x)), atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["deit_reg_pre_logits", "map_cls_registers"])
+@pytest.mark.parametrize("name", ["deit_reg_pre_logits", "map_cls_registers", "cls_reg_pos_map"])
 def test_dynamic_size_model_equals_the_resized_model(name):
     """A dynamic-size model resamples the position embeddings in the graph as resize_model does
     offline: the class and distillation slots kept, the registers (which have none) inserted after."""

@@ -16,6 +16,7 @@ from keras_vit.layers.embedding import (
     ClassToken,
     PatchEmbedding,
     PatchGrid,
+    PatchTokens,
     PositionEmbedding,
     RegisterTokens,
     TokenPooling,
@@ -27,7 +28,7 @@ from keras_vit.layers.embedding import (
 from keras_vit.layers.norm import _layer_norm
 from keras_vit.layers.pooling import MAPHead
 
-__all__ = ["PatchEmbedding", "ClassToken", "RegisterTokens", "PositionEmbedding", "PatchGrid", "TokenPooling",
+__all__ = ["PatchEmbedding", "ClassToken", "RegisterTokens", "PositionEmbedding", "PatchGrid", "PatchTokens", "TokenPooling",
            "MAPHead", "preprocessing_scale_offset", "MultiHeadSelfAttention",
            "MlpBlock", "LayerScale", "activate", "DropPath", "TransformerBlock", "sincos_2d", "sincos_2d_ops",
            "interpolation_matrix_ops",

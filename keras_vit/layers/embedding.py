@@ -295,6 +295,26 @@ class PatchGrid(layers.Layer):
 
 
 @_REG
+class PatchTokens(layers.Layer):
+    """Token sequence (B, prefix + N, D) -> the patch tokens (B, N, D): what timm >= 1.0's MAP pooling
+    attends over (pool_include_prefix=False)."""
+
+    def __init__(self, num_prefix_tokens: int, **kwargs):
+        super().__init__(**kwargs)
+        self.num_prefix_tokens = int(num_prefix_tokens)
+
+    def call(self, x):
+        return x[:, self.num_prefix_tokens:]
+
+    def compute_output_shape(self, input_shape):
+        n = input_shape[1]
+        return (input_shape[0], None if n is None else n - self.num_prefix_tokens, input_shape[-1])
+
+    def get_config(self):
+        return {**super().get_config(), "num_prefix_tokens": self.num_prefix_tokens}
+
+
+@_REG
 class TokenPooling(layers.Layer):
     """y = LN(z_L) pooled: token `index` ("token": the class token, or DeiT's distillation token at
     index 1) or the mean of the patch tokens ("gap": the `num_prefix_tokens` first tokens excluded)."""

@@ -257,6 +257,8 @@ def _timm_model_args(args: Mapping[str, Any]) -> Dict[str, Any]:
                        ("pre_norm", "pre_norm"), ("fc_norm", "fc_norm")):
         if args.get(arg):
             out[field] = args[arg]
+    if "pool_include_prefix" in args:
+        out["pool_include_prefix"] = bool(args["pool_include_prefix"])
     act = args.get("act_layer")
     if act == "quick_gelu":
         out["activation"] = "quick_gelu"
@@ -396,6 +398,8 @@ def read_checkpoint(weights: PathLike) -> Checkpoint:
             defaults.pop("num_heads", None)
     if layout in hf_layout.LAYOUTS:  # what the family's tensor names say (options, a headless backbone)
         defaults.update(hf_layout.layout_fields(raw, layout, arrays))
+    if layout == "timm" and defaults.get("classifier") == "map" and ("cls" in arrays or "reg" in arrays):
+        defaults["pool_include_prefix"] = False  # timm >= 1.0's AttentionPoolLatent reads the patch tokens
     defaults.update(layout_defaults)
     defaults.update(_described_defaults(spec, local, file_meta, defaults.get("num_classes")))
     if "variant" in defaults and "num_heads" not in defaults:

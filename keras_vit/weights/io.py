@@ -188,7 +188,8 @@ def _adapt_position_embeddings(values: Dict[str, np.ndarray], target: Mapping[st
                                source: str) -> None:
     """Bring the checkpoint's position embeddings (1-D table, learned_2d rows/columns, relative
     tables) to the model's grid: the prefix slots (class, distillation) added where big_vision (or
-    timm's no_embed_class) left them out, then resampled. Register tokens have no slot."""
+    timm's no_embed_class) left them out, then resampled. Register tokens have a slot only with
+    register_pos_embedding (cfg.num_pos_prefix_tokens counts them then)."""
     grid = cfg.grid_size
     prefix = cfg.num_pos_prefix_tokens
     if POSEMB in values and POSEMB in target:
@@ -344,8 +345,11 @@ def save_safetensors(model: keras.Model, path: PathLike, layout: str = "timm") -
     except ImportError:
         raise ValueError("save_safetensors needs the safetensors package: pip install safetensors") from None
     arrays = {k: v.astype(np.float32) for k, v in model_arrays(model).items()}
-    if layout == "timm":
-        tensors = torch_layout.to_timm(arrays)
+    if layout == "hf" and cfg.register_pos_embedding:
+        raise ValueError("layout='hf' has no position embeddings for register tokens (register_pos_embedding); "
+                         "save this model with layout='timm'")
+    if layout == "timm":  # registers' position rows: timm's no_embed_class=False
+        tensors = torch_layout.to_timm(arrays, no_embed_class=False if cfg.register_pos_embedding else None)
     elif getattr(cfg, "pre_norm", False):
         tensors = hf_layout.to_clip(arrays)
     elif getattr(cfg, "layer_scale_init", None) is not None and cfg.classifier == "token":

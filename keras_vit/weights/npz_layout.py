@@ -154,6 +154,10 @@ def shape_defaults(arrays: Mapping[str, np.ndarray], big_vision_posemb: bool = F
         n = int(pe.shape[-2])
         prefix = int("cls" in arrays) + int("dist" in arrays)
         n -= prefix if (prefix and not big_vision_posemb and int(np.sqrt(n)) ** 2 != n) else 0
+        regs = out.get("num_registers", 0)
+        if regs and int(np.sqrt(n)) ** 2 != n and n > regs and int(np.sqrt(n - regs)) ** 2 == n - regs:
+            n -= regs  # rows for the registers too (timm's no_embed_class=False with reg_tokens)
+            out["register_pos_embedding"] = True
         g = int(round(np.sqrt(n)))
         if g * g == n:
             out["image_size"] = (g * ph * stride, g * pw * stride)

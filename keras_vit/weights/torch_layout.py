@@ -136,8 +136,9 @@ def timm_pos_embed(pos: np.ndarray, num_prefix: int, num_registers: int = 0,
 
     timm's `no_embed_class=True` (DeiT-III, DINOv2 with registers) stores the patches' rows only
     and adds them before the prefix tokens are concatenated: that is a zero row here. None infers
-    it from the shape (a square patch grid with or without the prefix rows). keras-vit's register
-    tokens have no position embedding, so a table with rows for them is refused."""
+    it from the shape (a square patch grid with or without the prefix rows). A table with rows for
+    the register tokens too (no_embed_class=False with reg_tokens: SoViT-150M reg4) is kept as it
+    is: the model's `register_pos_embedding` (which the checkpoint's defaults then set)."""
     pos = np.asarray(pos)
     pos = pos[None] if pos.ndim == 2 else pos
     n = pos.shape[1]
@@ -148,9 +149,6 @@ def timm_pos_embed(pos: np.ndarray, num_prefix: int, num_registers: int = 0,
             no_embed_class = num_prefix > 0 and _square(n) and not _square(n - num_prefix)
     if no_embed_class:
         return np.concatenate([np.zeros((1, num_prefix, pos.shape[2]), pos.dtype), pos], axis=1)
-    if num_registers:
-        raise ValueError(f"timm pos_embed {tuple(pos.shape)} has rows for the {num_registers} register tokens "
-                         "(no_embed_class=False); keras-vit's register tokens have no position embedding")
     return pos
 
 
