@@ -154,6 +154,11 @@ def test_options_read_from_the_arrays_and_from_config_json(tmp_path, family):
     ("vit_base_r50_s16_384", "orig_in21k_ft_in1k", dict(variant="R50+B/16", image_size=384)),
     ("deit3_medium_patch16_224", "fb_in1k", dict(num_heads=8, patch_size=16, image_size=224,
                                                  layer_scale_init=1e-6)),
+    # The shape-optimised sizes: their heads (a fused qkv does not show them), the rest from the arrays
+    ("vit_so400m_patch14_siglip_384", "webli", dict(num_heads=16, patch_size=14, image_size=384, classifier="map",
+                                                    class_token=False)),
+    ("vit_so150m_patch16_reg4_map_256", "sbb_e250_in12k_ft_in1k", dict(num_heads=14, patch_size=16, image_size=256,
+                                                                       num_registers=4)),
 ])
 def test_timm_architecture_names(name, tag, expected):
     assert checkpoints._timm_arch(name, tag) == expected

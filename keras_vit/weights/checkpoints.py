@@ -193,7 +193,8 @@ class Checkpoint:
 
 
 # Heads of timm's size names beyond the paper's (the sizes themselves come from the arrays).
-_TIMM_HEADS = {"tiny": 3, "small": 6, "medium": 8, "base": 12, "large": 16, "huge": 16, "giant": 16}
+_TIMM_HEADS = {"tiny": 3, "small": 6, "medium": 8, "base": 12, "large": 16, "huge": 16, "giant": 16,
+               "so150m": 14, "so400m": 16}  # the shape-optimised SoViT-150M (timm's) and SigLIP So400m
 _TIMM_POOL = {"token": "token", "avg": "gap", "map": "map"}
 _TIMM_SIZE_ARGS = ("embed_dim", "depth", "num_heads", "patch_size", "mlp_ratio")
 
@@ -201,11 +202,13 @@ _TIMM_SIZE_ARGS = ("embed_dim", "depth", "num_heads", "patch_size", "mlp_ratio")
 def _timm_arch(name: str, tag: str = "") -> Dict[str, Any]:
     """ViTConfig fields from a timm architecture name (and pretrained tag): vit_base_patch16_384,
     vit_base_r50_s16_384, and the family: deit_*_distilled_*, deit3_*, vit_*_dinov2, vit_*_reg4_dinov2,
-    vit_*_clip[_quickgelu]_* (quick_gelu also for the `openai` tag), vit_*_siglip[_gap]_*."""
+    vit_*_clip[_quickgelu]_* (quick_gelu also for the `openai` tag), vit_*_siglip[_gap]_*, and the heads
+    of the shape-optimised sizes (vit_so400m_patch14_siglip_384, vit_so150m_patch16_reg4_map_256)."""
     m = re.match(r"^vit_(tiny|small|base|large|huge)_r(26|50)_s(\d+)_(\d+)", name)
     if m:
         return dict(variant=f"R{m[2]}+{_TIMM_SIZES[m[1]]}/{m[3]}", image_size=int(m[4]))
-    m = re.match(r"^(vit|deit|deit3)_(tiny|small|medium|base|large|huge|giant)_(?:.*_)?patch(\d+)(?:_(.*))?$", name)
+    m = re.match(r"^(vit|deit|deit3)_(tiny|small|medium|base|large|huge|giant|so150m|so400m)_(?:.*_)?patch(\d+)(?:_(.*))?$",
+                 name)
     if not m:
         return {}
     family, size, patch, rest = m[1], m[2], int(m[3]), m[4] or ""
@@ -273,8 +276,9 @@ def _timm_defaults(config: Mapping[str, Any]) -> Dict[str, Any]:
     pre = config.get("pretrained_cfg") or {}
     out = _timm_arch(str(config["architecture"]), str(pre.get("tag") or ""))
     args = config.get("model_args") or {}
-    if any(k in args for k in _TIMM_SIZE_ARGS):  # sizes of their own: the name's variant does not apply
-        out.pop("variant", None)
+    if any(k in args for k in _TIMM_SIZE_ARGS):  # sizes of their own: the name's variant, patch and heads do not apply
+        for key in ("variant", "patch_size", "num_heads"):
+            out.pop(key, None)
     pool = _TIMM_POOL.get(config.get("global_pool"))
     if pool:
         out["classifier"] = pool
