@@ -248,7 +248,7 @@ class ViTConfig:
     def num_pos_prefix_tokens(self) -> int:
         """Prefix tokens that have a position embedding: the class and distillation tokens, and the
         registers with register_pos_embedding."""
-        return int(self.has_class_token) + int(self.distilled) + (self.num_registers if self.register_pos_embedding else 0)
+        return self.num_prefix_tokens - (0 if self.register_pos_embedding else self.num_registers)
 
     @property
     def num_prefix_tokens(self) -> int:

@@ -201,7 +201,8 @@ def _encode(cfg: ViTConfig, images, layer: LayerSource, depth: int, dtype: Optio
     position embeddings are added (masked patch prediction corrupts them there). With
     `head_tokens` n the last block computes the first n tokens' outputs only, (B, n, D).
     The sequence is [class?, distillation?, registers*, patches]; the registers are inserted
-    after the position embeddings, which they do not have (DINOv2 with registers).
+    after the position embeddings, which they do not have (DINOv2 with registers), or before them
+    with `register_pos_embedding` (their rows in the table).
     """
     x = images
     if cfg.include_preprocessing:
@@ -222,7 +223,7 @@ def _encode(cfg: ViTConfig, images, layer: LayerSource, depth: int, dtype: Optio
     prefix = cfg.num_pos_prefix_tokens
     # Registers sit after the class and distillation tokens; before the position embeddings when they
     # have rows there (register_pos_embedding), else after them.
-    reg_index = int(cfg.has_class_token) + int(cfg.distilled)
+    reg_index = cfg.num_prefix_tokens - cfg.num_registers
     if cfg.num_registers and cfg.register_pos_embedding:
         x = layer("reg", lambda: RegisterTokens(cfg.num_registers, reg_index, name="reg", dtype=dtype))(x)
     pos_kind = "none" if cfg.pos_embedding == "relative" else cfg.pos_embedding
@@ -254,8 +255,6 @@ def _encode(cfg: ViTConfig, images, layer: LayerSource, depth: int, dtype: Optio
                 block = BlockAttention(block, name=f"{block.name}_attention", dtype=block.dtype_policy)
             x, a = block(x, return_attention_scores=True)
             probs.append(a)
-        elif head_tokens == 1 and i == depth - 1:  # the call saved .keras files of class-token models record
-            x = block(x, class_token_only=True)
         elif head_tokens and i == depth - 1:
             x = block(x, num_queries=head_tokens)
         else:
