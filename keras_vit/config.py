@@ -25,6 +25,10 @@ ACTIVATIONS = ("gelu", "quick_gelu")
 MLPS = ("mlp", "swiglu")
 OUTPUTS = (None, "tokens")
 POS_EMBEDDINGS = ("learned", "learned_2d", "relative", "sincos2d", "none")
+# What an image_size that is not a multiple of the patch size does: "error" refuses it (a typo's
+# guard); "drop" ignores the last H mod P rows and W mod P columns of pixels, as the VALID patch
+# convolution of timm, big_vision and transformers does (SigLIP So400m/14 at 384 px: 27x27 patches).
+PATCH_REMAINDERS = ("error", "drop")
 # Standard deviation of the normal initialisers of learned embeddings (position, class token,
 # relative offsets), as in the official code and timm.
 INIT_STD = 0.02
@@ -110,6 +114,8 @@ class ViTConfig:
     # Whether MAP pooling attends over the prefix tokens too (big_vision has none; timm >= 1.0
     # leaves them out: False). Other classifiers are unaffected ("gap" always leaves them out).
     pool_include_prefix: bool = True
+    # "drop": image_size need not be a multiple of the patch size (PATCH_REMAINDERS).
+    patch_remainder: str = "error"
 
     def __post_init__(self) -> None:
         self.image_size = _pair(self.image_size, "image_size")
@@ -184,14 +190,29 @@ class ViTConfig:
         if self.dynamic_size and self.feature_layers is not None:
             raise ValueError("dynamic_size=True returns logits, pre-logits or tokens; feature_layers maps need "
                              "a fixed image_size")
+        self._validate_remainder()
+        return self
+
+    def _validate_remainder(self) -> None:
+        """image_size against the input stride, as patch_remainder says."""
+        if self.patch_remainder not in PATCH_REMAINDERS:
+            raise ValueError(f"patch_remainder must be one of {', '.join(map(repr, PATCH_REMAINDERS))}; "
+                             f"got {self.patch_remainder!r}")
         sh, sw = self.input_stride
         h, w = self.image_size
-        if h % sh or w % sw:
+        if self.patch_remainder == "drop":
+            if self.resnet_layers is not None:
+                raise ValueError("patch_remainder='drop' is for the plain ViT: a hybrid's ResNet pads its "
+                                 "convolutions (SAME), so its image_size must be a multiple of the total stride")
+            if h < sh or w < sw:
+                raise ValueError(f"image_size {h}x{w} is smaller than one {sh}x{sw} patch")
+        elif h % sh or w % sw:
             what = "patch size" if self.resnet_layers is None else "total stride (ResNet stride x patch size)"
+            hint = "" if self.resnet_layers is not None else (
+                ", or set patch_remainder='drop' to ignore the last pixels as timm and big_vision do")
             raise ValueError(
                 f"image_size {h}x{w} is not divisible by the {what} {sh}x{sw}; "
-                f"use a multiple of it, e.g. {max(1, round(h / sh)) * sh}x{max(1, round(w / sw)) * sw}")
-        return self
+                f"use a multiple of it, e.g. {max(1, round(h / sh)) * sh}x{max(1, round(w / sw)) * sw}{hint}")
 
     def _validate_block_options(self) -> None:
         """The block options of issue #26 (layer_scale_init, qk_norm, activation, mlp)."""

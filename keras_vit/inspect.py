@@ -46,17 +46,21 @@ def _reads_class_token(model) -> bool:
 
 def _check_images(model, images) -> np.ndarray:
     """(B, H, W, C) float32 images the model takes: its input size, or for a dynamic-size model
-    any H x W divisible by its input stride; a single (H, W, C) image is batched."""
+    any H x W divisible by its input stride (any H >= sh, W >= sw with patch_remainder='drop'); a
+    single (H, W, C) image is batched."""
     cfg = get_config(model)
     x = np.asarray(images, dtype=np.float32)
     if x.ndim == 3:
         x = x[None]
     if cfg.dynamic_size:
         sh, sw = cfg.input_stride
-        if (x.ndim != 4 or x.shape[-1] != cfg.channels or x.shape[1] % sh or x.shape[2] % sw
+        exact = cfg.patch_remainder != "drop"
+        if (x.ndim != 4 or x.shape[-1] != cfg.channels or (exact and (x.shape[1] % sh or x.shape[2] % sw))
                 or x.shape[1] < sh or x.shape[2] < sw):
-            raise ValueError(f"images must have shape (batch, H, W, {cfg.channels}) with H a multiple of {sh} "
-                             f"and W a multiple of {sw} for this model, got {tuple(np.shape(images))}")
+            allowed = (f"H a multiple of {sh} and W a multiple of {sw}" if exact
+                       else f"H >= {sh} and W >= {sw}")
+            raise ValueError(f"images must have shape (batch, H, W, {cfg.channels}) with {allowed} for this "
+                             f"model, got {tuple(np.shape(images))}")
         return x
     expected = (*cfg.image_size, cfg.channels)
     if x.ndim != 4 or tuple(x.shape[1:]) != expected:
@@ -135,13 +139,22 @@ def attention_rollout(model, images, head_fusion: str = "mean", batch_size: int 
     return maps.reshape((-1, *_grid(model, x)))
 
 
-def upsample_map(grid_map: np.ndarray, image_size: Tuple[int, int]) -> np.ndarray:
-    """Nearest-neighbour upsampling of a (gh, gw) patch map to (H, W) pixels, for overlays."""
+def upsample_map(grid_map: np.ndarray, image_size: Tuple[int, int],
+                 stride: Optional[Tuple[int, int]] = None) -> np.ndarray:
+    """Nearest-neighbour upsampling of a (gh, gw) patch map to (H, W) pixels, for overlays. With the
+    model's `stride` (pixels per patch) each patch covers its own pixels and those past the last
+    whole patch (patch_remainder='drop') get 0; without it the map is stretched over the image."""
     gh, gw = grid_map.shape
     h, w = image_size
-    rows = np.minimum((np.arange(h) * gh) // h, gh - 1)
-    cols = np.minimum((np.arange(w) * gw) // w, gw - 1)
-    return grid_map[rows][:, cols]
+    if stride is None:
+        rows = np.minimum((np.arange(h) * gh) // h, gh - 1)
+        cols = np.minimum((np.arange(w) * gw) // w, gw - 1)
+        return grid_map[rows][:, cols]
+    sh, sw = stride
+    out = np.zeros((h, w), dtype=grid_map.dtype)
+    ch, cw = min(h, gh * sh), min(w, gw * sw)
+    out[:ch, :cw] = grid_map[np.arange(ch) // sh][:, np.arange(cw) // sw]
+    return out
 
 
 # --- attention distance -------------------------------------------------------------------------
@@ -231,11 +244,13 @@ def _to_rgb_range(x: np.ndarray) -> np.ndarray:
     return (x - lo) / (hi - lo) if hi > lo else np.zeros_like(x)
 
 
-def plot_attention_rollout(image: np.ndarray, rollout: np.ndarray, path: str) -> str:
-    """Input, rollout map and the input masked by the (max-normalised) map, side by side."""
+def plot_attention_rollout(image: np.ndarray, rollout: np.ndarray, path: str,
+                           stride: Optional[Tuple[int, int]] = None) -> str:
+    """Input, rollout map and the input masked by the (max-normalised) map, side by side
+    (`stride`: the model's pixels per patch, as `upsample_map` takes it)."""
     plt = pyplot()
     h, w = image.shape[:2]
-    mask = upsample_map(rollout, (h, w))
+    mask = upsample_map(rollout, (h, w), stride)
     mask = mask / max(float(mask.max()), 1e-12)
     fig, axes = plt.subplots(1, 3, figsize=(9, 3.4))
     axes[0].imshow(_display(image), cmap="gray")
@@ -355,7 +370,8 @@ def inspect_model(model, images: np.ndarray, out_dir: str, distance_images: Opti
     grid = _grid(model, images)
     rollout = rollout_from_attention(attn, p, class_token=_reads_class_token(model)).reshape((-1, *grid))
     arrays["attention_rollout"] = rollout
-    written["attention_rollout"] = plot_attention_rollout(images[0], rollout[0], os.path.join(out_dir, "attention_rollout.png"))
+    written["attention_rollout"] = plot_attention_rollout(images[0], rollout[0], os.path.join(out_dir, "attention_rollout.png"),
+                                                           get_config(model).input_stride)
     written["attention_maps"] = plot_attention_maps(attn, grid, os.path.join(out_dir, "attention_maps.png"), p,
                                                     class_token=_reads_class_token(model))
 

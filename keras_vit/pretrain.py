@@ -125,10 +125,11 @@ def corruption_codes(batch: int, num_patches: int, rng: np.random.Generator, mas
 
 
 def _patches(images: np.ndarray, stride: Tuple[int, int]) -> np.ndarray:
-    """(B, H, W, C) -> (B, N, sh, sw, C), patches in row-major order (as PatchEmbedding)."""
+    """(B, H, W, C) -> (B, N, sh, sw, C), patches in row-major order (as PatchEmbedding; pixels past
+    the last whole patch are left out, as its VALID convolution does with patch_remainder='drop')."""
     b, h, w, c = images.shape
     sh, sw = stride
-    x = images.reshape(b, h // sh, sh, w // sw, sw, c).transpose(0, 1, 3, 2, 4, 5)
+    x = images[:, :h // sh * sh, :w // sw * sw].reshape(b, h // sh, sh, w // sw, sw, c).transpose(0, 1, 3, 2, 4, 5)
     return x.reshape(b, (h // sh) * (w // sw), sh, sw, c)
 
 

@@ -159,14 +159,15 @@ def resample_abs_pos_embed(pos, new_grid, old_grid, num_prefix_tokens, antialias
 
 
 def patch_embed(images, sd, arch):
-    """Normalise (x / 255 - mean) / std, then the stride-p convolution as a matmul over patches."""
+    """Normalise (x / 255 - mean) / std, then the stride-p convolution as a matmul over patches (an
+    image size that is not a multiple of p keeps floor(H / p) x floor(W / p) patches, as timm's)."""
     x = _f(images) / 255.0
     x = (x - np.asarray(arch.get("mean", (0.5,) * x.shape[-1]))) / np.asarray(arch.get("std", (0.5,) * x.shape[-1]))
     w = _f(sd["patch_embed.proj.weight"])  # (D, C, p, p)
     d, c, ph, pw = w.shape
     b, h, wd, _ = x.shape
-    gh, gw = h // ph, wd // pw
-    patches = x.reshape(b, gh, ph, gw, pw, c)
+    gh, gw = h // ph, wd // pw  # torch's Conv2d (no padding) leaves out the pixels past the last whole patch
+    patches = x[:, :gh * ph, :gw * pw].reshape(b, gh, ph, gw, pw, c)
     out = np.einsum("bipjqc,dcpq->bijd", patches, w)
     if "patch_embed.proj.bias" in sd:
         out = out + _f(sd["patch_embed.proj.bias"])

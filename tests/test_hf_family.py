@@ -6,6 +6,8 @@ the converted arrays must be exactly the canonical arrays they were written from
 """
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from hf_family_factory import (
@@ -21,6 +23,7 @@ from hf_family_factory import (
     siglip_vision_config,
     write_folder,
 )
+from safetensors.numpy import load_file
 
 from keras_vit.weights import hf_layout
 from keras_vit.weights.checkpoints import FAMILY, PUBLISHED, read_checkpoint
@@ -230,6 +233,24 @@ def test_hf_folder_gives_the_reference_logits(tmp_path, family):
     assert _rel(model.predict(x, verbose=0), rf.forward(sd, arch, x)) <= REL
     if family == "deit_distilled":
         assert model.class_names == [f"c{i}" for i in range(5)]
+
+
+@pytest.mark.parametrize("family", ["clip", "siglip"])
+def test_transformers_5_vision_model_without_its_prefix(tmp_path, family):
+    """transformers >= 5 saves CLIPVisionModel and SiglipVisionModel without `vision_model.` (checked
+    against transformers 5.25's save_pretrained): the same model as the prefixed names give."""
+    import keras_vit
+
+    folder, _, _ = _hf_folder(tmp_path / "prefixed", family)
+    prefixed = load_file(f"{folder}/model.safetensors")
+    bare = {k[len("vision_model."):]: v for k, v in prefixed.items() if k.startswith("vision_model.")}
+    with open(f"{folder}/config.json") as f, open(f"{folder}/preprocessor_config.json") as g:
+        other = write_folder(tmp_path / "bare", bare, json.load(f), json.load(g))
+    x = np.random.default_rng(14).uniform(0, 255, (2, 16, 16, 3)).astype(np.float32)
+    want = keras_vit.ViT(weights=folder, include_top=False).predict(x, verbose=0)
+    model = keras_vit.ViT(weights=other)
+    assert not model.vit_config.include_top  # CLIPVisionModel has no visual_projection
+    np.testing.assert_array_equal(model.predict(x, verbose=0), want)
 
 
 @pytest.mark.parametrize("family", ["dinov2", "dinov2_reg"])

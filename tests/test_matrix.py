@@ -1,7 +1,8 @@
 """Every option on every path: the model options a user can set x the ways a model can go.
 
 Options: pos_embedding (5) x classifier (3: token, gap, map) x gelu_approximate (2), in full (30
-models), a "shape" factor: square RGB, non-square single-channel (32x48, channels=1),
+models), a "shape" factor: square RGB, non-square single-channel (35x50, channels=1, with
+patch_remainder="drop": the pixels past the 4x6 patches ignored),
 representation_size, include_top=False, and a hybrid (three one-unit BiT ResNet stages, total
 stride 16); a "block" factor, the ViT family's block options (issue #26): plain, LayerScale,
 qk_norm, quick_gelu, swiglu; and a "tokens" factor (issue #26): none, two register tokens, DeiT's
@@ -60,7 +61,8 @@ IDS = [f"{r['pos_embedding']}-{r['classifier']}-{'tanh' if r['gelu_approximate']
 TINY = dict(hidden_size=32, num_heads=2, mlp_dim=64, num_layers=2)
 SHAPES = {
     "square": dict(image_size=32, patch_size=8),
-    "nonsquare_gray": dict(image_size=(32, 48), patch_size=8, channels=1),
+    # 35 x 50 px with patch_remainder="drop": 4 x 6 patches, the last 3 rows and 2 columns ignored
+    "nonsquare_gray": dict(image_size=(35, 50), patch_size=8, channels=1, patch_remainder="drop"),
     "representation": dict(image_size=32, patch_size=8, representation_size=16),
     "no_top": dict(image_size=32, patch_size=8, include_top=False),
     # A hybrid in miniature: three BiT stages of one bottleneck unit (total stride 16, as

@@ -120,6 +120,27 @@ def test_save_load_round_trip_identical(tmp_path, pos_embedding, classifier):
     assert np.abs(before[0] - before[1]).max() > 1e-3  # outputs depend on the input
 
 
+def test_a_compiled_model_reloads_compiled(tmp_path):
+    """keras.saving.load_model restores compile() and the optimizer's state, as for any keras.Model
+    (Keras skips that, with a warning, for models whose compile() is their own unless they say how)."""
+    import warnings
+
+    model = keras_vit.ViT(variant="Ti/8", image_size=16, num_classes=5, **TINY)
+    model.compile(optimizer="adamw", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    x, y = random_images(4, 16, 16), np.arange(4) % 5
+    model.fit(x, y, epochs=2, batch_size=2, verbose=0)
+    model.save(tmp_path / "m.keras")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loaded = keras.saving.load_model(tmp_path / "m.keras")
+    assert loaded.compiled and type(loaded.optimizer) is type(model.optimizer)
+    assert int(loaded.optimizer.iterations.numpy()) == 4
+    for a, b in zip(loaded.optimizer.variables, model.optimizer.variables):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    np.testing.assert_allclose(loaded.evaluate(x, y, verbose=0), model.evaluate(x, y, verbose=0), rtol=1e-6)
+    loaded.fit(x, y, epochs=1, batch_size=2, verbose=0)
+
+
 def test_load_model_rejects_non_keras_vit_files(tmp_path):
     other = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
     other.save(tmp_path / "other.keras")

@@ -331,6 +331,7 @@ def _read_arrays(spec: str, local: str) -> Tuple[Dict[str, np.ndarray], str, Dic
         return arrays, "npz", file_meta, {}
     raw, file_meta = read_safetensors(local)
     raw, source = torch_layout.image_tower(raw)
+    raw = hf_layout.vision_model_names(raw)
     layout = hf_layout.layout_of(raw)
     if not layout:
         if torch_layout.text_tower(raw):
@@ -411,8 +412,29 @@ def read_checkpoint(weights: PathLike) -> Checkpoint:
             defaults["num_heads"] = parse_variant(defaults["variant"]).num_heads
         except ValueError:
             defaults.pop("variant")
+    if _floors_image_size(defaults):
+        defaults["patch_remainder"] = "drop"  # its own code's VALID convolution ignores the last pixels
     ckpt.defaults = defaults
     return ckpt
+
+
+def _floors_image_size(defaults: Mapping[str, Any]) -> bool:
+    """Whether a plain ViT checkpoint's image size is not a multiple of its patch size (timm's and
+    transformers' SigLIP So400m/14 at 384 px): its code floors the patch grid."""
+    if "image_size" not in defaults or defaults.get("resnet_layers") is not None:
+        return False
+    patch = defaults.get("patch_size")
+    if patch is None and defaults.get("variant"):
+        try:
+            patch = parse_variant(defaults["variant"]).patch_size
+        except ValueError:
+            return False
+    if patch is None:
+        return False
+    size = defaults["image_size"]
+    (h, w), (ph, pw) = (tuple(size) if isinstance(size, (list, tuple)) else (size, size),
+                        tuple(patch) if isinstance(patch, (list, tuple)) else (patch, patch))
+    return bool(int(h) % int(ph) or int(w) % int(pw))
 
 
 def check_variant(weights: PathLike, variant: Optional[str]) -> None:

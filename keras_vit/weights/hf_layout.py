@@ -15,6 +15,8 @@ modeling_dinov2_with_registers.py, modeling_clip.py, modeling_siglip.py, modelin
 - "hf-siglip": `SiglipVisionModel` (and the vision tower of a `SiglipModel`): as CLIP without the
   class token and `pre_layrnorm`, with a patch bias, and `vision_model.head.{probe, attention.in_proj_weight,
   in_proj_bias, attention.out_proj, layernorm, mlp.{fc1,fc2}}` = the MAP head.
+  transformers >= 5 saves CLIPVisionModel and SiglipVisionModel without the `vision_model.` prefix
+  (`vision_model_names` puts it back).
 - "hf-deit": `DeiTForImageClassificationWithTeacher` (`deit.embeddings.{cls_token, distillation_token}`,
   `cls_classifier`, `distillation_classifier`) and `DeiTForImageClassification` (`classifier` on the class
   token only: loaded as the distilled model whose head is twice `classifier` and whose `head_dist` is zero,
@@ -40,6 +42,15 @@ _BLOCK, _ATT = tl._BLOCK, tl._ATT
 _MAP = "MAPHead_0/"
 _MAP_ATT = _MAP + "MultiHeadDotProductAttention_0/"
 _TEXT_ONLY = ("clip_text_model", "siglip_text_model")
+
+
+def vision_model_names(sd: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
+    """`sd` with the `vision_model.` prefix that transformers >= 5 leaves out when it saves a
+    CLIPVisionModel or SiglipVisionModel (`embeddings.patch_embedding.*` at the top); as written
+    by transformers 4, by CLIPVisionModelWithProjection and by the full CLIP / SigLIP models."""
+    if "embeddings.patch_embedding.weight" in sd and not any(k.startswith("vision_model.") for k in sd):
+        return {"vision_model." + k: v for k, v in sd.items()}
+    return dict(sd)
 
 
 def detect(keys) -> str:
@@ -428,5 +439,5 @@ def hf_config(cfg) -> Dict[str, Any]:
     return out
 
 
-__all__ = ["LAYOUTS", "detect", "to_canonical", "layout_fields", "config_fields", "preprocessing_fields",
+__all__ = ["LAYOUTS", "vision_model_names", "detect", "to_canonical", "layout_fields", "config_fields", "preprocessing_fields",
            "to_dinov2", "to_clip", "hf_config", "resample_method", "IMAGENET_MEAN", "IMAGENET_STD", "CLIP_MEAN", "CLIP_STD"]

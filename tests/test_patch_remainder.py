@@ -1,0 +1,177 @@
+"""patch_remainder='drop': an image size that is not a multiple of the patch size keeps
+floor(H / P) x floor(W / P) patches and ignores the last pixels, as the VALID patch convolution of
+timm, big_vision and transformers does (SigLIP So400m/14 at 384 px: 27 x 27 patches). Checked
+against the independent NumPy references (whose convolutions floor the grid on their own), against
+the same model on the cropped image, and through checkpoints that say such a size."""
+from __future__ import annotations
+
+import json
+
+import ckpt_factory as cf
+import family_factory as ff
+import keras
+import numpy as np
+import pytest
+import reference_family as rf
+import reference_vit as ref
+from safetensors.numpy import save_file
+
+import keras_vit
+from keras_vit import inspect as vit_inspect
+from keras_vit.config import ViTConfig
+from keras_vit.pretrain import patch_targets
+from keras_vit.weights import read_checkpoint
+
+TINY = dict(hidden_size=32, mlp_dim=64, num_heads=2, num_layers=2, num_classes=5)
+TOL = 1e-4
+
+
+def _images(size, seed=0, n=2):
+    return np.random.default_rng(seed).uniform(0, 255, (n, *size, 3)).astype(np.float32)
+
+
+def _rel(got, want):
+    return float(np.abs(np.asarray(got, np.float64) - want).max() / np.abs(want).max())
+
+
+# --- the option ---------------------------------------------------------------------------------
+def test_drop_keeps_the_floor_of_the_grid():
+    cfg = ViTConfig(patch_size=14, image_size=384, patch_remainder="drop")
+    assert cfg.grid_size == (27, 27) and cfg.num_patches == 729
+    assert ViTConfig(**TINY, patch_size=4, image_size=(10, 19), patch_remainder="drop").grid_size == (2, 4)
+    assert ViTConfig.from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(patch_size=14, image_size=384),
+     "image_size 384x384 is not divisible by the patch size 14x14; use a multiple of it, e.g. 378x378, or set "
+     "patch_remainder='drop'"),
+    (dict(patch_remainder="floor"), "patch_remainder must be one of 'error', 'drop'; got 'floor'"),
+    (dict(patch_size=16, image_size=(40, 12), patch_remainder="drop"), "image_size 40x12 is smaller than one 16x16"),
+    (dict(variant="R26+S/32", image_size=40, patch_size=1, resnet_layers=(1, 1, 1, 1), patch_remainder="drop"),
+     "patch_remainder='drop' is for the plain ViT"),
+])
+def test_bad_values_are_one_line(fields, message):
+    with pytest.raises(ValueError) as exc:
+        ViTConfig(**fields)
+    assert message in str(exc.value) and "\n" not in str(exc.value)
+
+
+# --- the model ----------------------------------------------------------------------------------
+def test_npz_checkpoint_matches_the_reference_on_the_whole_image(tmp_path):
+    """The reference convolves the whole 11 x 14 image (VALID: 2 x 3 patches of 4), as big_vision does."""
+    path = cf.write(tmp_path / "ViT-tiny.npz", cf.vit_checkpoint(np.random.default_rng(0), grid=(2, 3)))
+    model = keras_vit.ViT(config=ViTConfig(**TINY, patch_size=4, image_size=(11, 14), patch_remainder="drop"),
+                          weights=path)
+    x = _images((11, 14))
+    assert np.abs(np.asarray(model(x)) - ref.forward(path, x)).max() <= TOL
+
+
+def test_same_logits_as_the_model_on_the_cropped_image():
+    """Every pixel past the last whole patch is ignored: changing them changes nothing."""
+    drop = keras_vit.ViT(config=ViTConfig(**TINY, patch_size=4, image_size=(11, 14), patch_remainder="drop"))
+    exact = keras_vit.ViT(config=ViTConfig(**TINY, patch_size=4, image_size=(8, 12)))
+    exact.set_weights(drop.get_weights())
+    exact.get_layer("head").kernel.assign(np.random.default_rng(1).normal(size=(32, 5)).astype("float32"))
+    drop.get_layer("head").kernel.assign(exact.get_layer("head").kernel)
+    x = _images((11, 14), seed=2)
+    y = x.copy()
+    y[:, 8:], y[:, :, 12:] = 0.0, 255.0
+    got = np.asarray(drop(x))
+    np.testing.assert_allclose(got, np.asarray(exact(x[:, :8, :12])), atol=1e-5)
+    np.testing.assert_array_equal(got, np.asarray(drop(y)))
+
+
+def test_dynamic_size_takes_any_size():
+    model = keras_vit.ViT(config=ViTConfig(**TINY, patch_size=4, image_size=8, dynamic_size=True,
+                                           patch_remainder="drop"))
+    model.get_layer("head").kernel.assign(np.random.default_rng(1).normal(size=(32, 5)).astype("float32"))
+    x = _images((13, 18), seed=3)
+    np.testing.assert_allclose(np.asarray(model(x)), np.asarray(model(x[:, :12, :16])), atol=1e-5)
+    maps = vit_inspect.attention_rollout(model, x)
+    assert maps.shape == (2, 3, 4)
+    strict = keras_vit.ViT(config=ViTConfig(**TINY, patch_size=4, image_size=8, dynamic_size=True))
+    with pytest.raises(ValueError, match="H a multiple of 4 and W a multiple of 4"):
+        vit_inspect.attention_rollout(strict, x)
+
+
+def test_notebook_fit_save_and_reload(tmp_path):
+    model = keras_vit.ViT(config=ViTConfig(**TINY, patch_size=4, image_size=(10, 13), patch_remainder="drop"))
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+    x, y = _images((10, 13), n=8), np.arange(8) % 5
+    model.fit(x, y, epochs=1, batch_size=4, verbose=0)
+    model.save(tmp_path / "m.keras")
+    loaded = keras.saving.load_model(tmp_path / "m.keras")
+    assert loaded.vit_config.patch_remainder == "drop"
+    np.testing.assert_array_equal(np.asarray(loaded(x)), np.asarray(model(x)))
+
+
+# --- checkpoints that say such a size -----------------------------------------------------------
+def _siglip_folder(tmp_path, size):
+    """timm's SigLIP at 4 x 4 patches of 4, its config.json saying `size` px (as So400m/14's says 384)."""
+    sd, arch, config = ff.family_state_dict(np.random.default_rng(4), "siglip", grid=(4, 4))
+    config["model_args"]["img_size"] = [size, size]
+    config["pretrained_cfg"]["input_size"] = [3, size, size]
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    save_file(sd, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    return str(tmp_path / "model.safetensors"), sd, arch
+
+
+def test_timm_config_json_with_such_a_size_loads_and_matches_timm(tmp_path):
+    path, sd, arch = _siglip_folder(tmp_path, 18)
+    assert read_checkpoint(path).defaults["patch_remainder"] == "drop"
+    model = keras_vit.ViT(weights=path, include_top=False)
+    assert model.vit_config.image_size == (18, 18) and model.vit_config.grid_size == (4, 4)
+    x = _images((18, 18), seed=5)
+    assert _rel(model.predict(x, verbose=0), rf.forward(sd, arch, x)) <= TOL
+    # A divisible size of the user's (the table resampled) needs no remainder.
+    assert keras_vit.ViT(weights=path, include_top=False, image_size=20).vit_config.grid_size == (5, 5)
+
+
+def test_hf_siglip_config_with_such_a_size(tmp_path):
+    """transformers' SiglipVisionModel at 4 x 4 patches of 4, its config.json saying 19 px."""
+    from hf_family_factory import timm_to_hf, write_folder
+
+    sd, arch, _ = ff.family_state_dict(np.random.default_rng(6), "siglip", grid=(4, 4))
+    arch = dict(arch, act="gelu_tanh")  # SigLIP's towers compute the tanh GELU (gelu_pytorch_tanh)
+    hf_sd, config, pre = timm_to_hf(sd, arch, "siglip")
+    folder = write_folder(tmp_path / "siglip", hf_sd, dict(config, image_size=19), pre)
+    model = keras_vit.ViT(weights=folder)
+    assert model.vit_config.patch_remainder == "drop" and model.vit_config.image_size == (19, 19)
+    x = _images((19, 19), seed=7)
+    assert _rel(model.predict(x, verbose=0), rf.forward(sd, arch, x)) <= TOL
+
+
+def test_safetensors_round_trip_keeps_the_option(tmp_path):
+    model = keras_vit.ViT(config=ViTConfig(**TINY, patch_size=4, image_size=(11, 14), patch_remainder="drop"))
+    path = keras_vit.save_safetensors(model, tmp_path / "m.safetensors")
+    again = keras_vit.ViT(weights=path)
+    assert again.vit_config.patch_remainder == "drop" and again.vit_config.image_size == (11, 14)
+    x = _images((11, 14), seed=8)
+    np.testing.assert_array_equal(np.asarray(again(x)), np.asarray(model(x)))
+
+
+# --- analyses -----------------------------------------------------------------------------------
+def test_masked_patch_targets_leave_out_the_remainder():
+    x = _images((11, 14), seed=9)
+    np.testing.assert_array_equal(patch_targets(x, (4, 4), "patch_regression"),
+                                  patch_targets(x[:, :8, :12], (4, 4), "patch_regression"))
+    assert patch_targets(x, (4, 4)).shape == (2, 6)
+
+
+def test_upsample_map_with_the_stride_covers_the_patches_only():
+    grid = np.arange(6, dtype=np.float32).reshape(2, 3)
+    up = vit_inspect.upsample_map(grid, (11, 14), stride=(4, 4))
+    assert up.shape == (11, 14)
+    assert up[0, 0] == 0 and up[7, 11] == 5 and up[4, 4] == 4
+    assert not up[8:].any() and not up[:, 12:].any()
+    # Without a remainder the stride gives what stretching gives.
+    np.testing.assert_array_equal(vit_inspect.upsample_map(grid, (8, 12), stride=(4, 4)),
+                                  vit_inspect.upsample_map(grid, (8, 12)))
+
+
+def test_inspect_model_writes_every_figure(tmp_path):
+    model = keras_vit.ViT(config=ViTConfig(**TINY, patch_size=4, image_size=(11, 14), patch_remainder="drop"))
+    written = vit_inspect.inspect_model(model, _images((11, 14), seed=10), str(tmp_path))
+    assert (tmp_path / "attention_rollout.png").is_file() and "attention_maps" in written
