@@ -447,6 +447,21 @@ def test_hf_config_describes_the_saved_model(tmp_path, family):
     np.testing.assert_array_equal(keras_vit.ViT(weights=str(out)).predict(x, verbose=0), model.predict(x, verbose=0))
 
 
+@pytest.mark.parametrize("mlp, mlp_dim, ratio", [("mlp", 128, 2), ("mlp", 1536, 4), ("swiglu", 176, 4),
+                                                  ("mlp", 100, 1.5625)])
+def test_hf_config_writes_a_whole_mlp_ratio_where_one_gives_mlp_dim(mlp, mlp_dim, ratio):
+    """transformers >= 5's Dinov2Config takes an integer mlp_ratio only (a float 2.0 is refused, checked with
+    transformers 5.25); the Hub's DINOv2 configs have integers. A width no integer gives keeps its float."""
+    from keras_vit.config import ViTConfig
+
+    hidden = 384 if mlp_dim == 1536 else 64
+    cfg = ViTConfig(hidden_size=hidden, num_heads=4, num_layers=1, mlp_dim=mlp_dim, mlp=mlp, layer_scale_init=1.0,
+                    patch_size=4, image_size=8)
+    got = hf_layout.hf_config(cfg)["mlp_ratio"]
+    assert got == ratio and type(got) is type(ratio)
+    assert hf_layout.config_fields(hf_layout.hf_config(cfg))["mlp_dim"] == mlp_dim
+
+
 @pytest.mark.jax
 @pytest.mark.slow  # one JAX process for every family
 def test_hf_folders_give_the_reference_logits_on_jax(tmp_path):

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional, Union
 
 import numpy as np
 
@@ -407,6 +407,26 @@ def to_clip(arrays: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
     return out
 
 
+def _mlp_ratio(cfg) -> Union[int, float]:
+    """Dinov2Config's mlp_ratio that gives the model's mlp_dim: an integer where one does (transformers
+    >= 5 takes integers only, as the Hub's DINOv2 configs have), else the exact ratio (transformers 4)."""
+    swiglu = cfg.mlp == "swiglu"  # Dinov2SwiGLUFFN derives its width from mlp_ratio
+
+    def width(ratio):
+        return _swiglu_hidden(cfg.hidden_size, ratio) if swiglu else int(cfg.hidden_size * ratio)
+
+    whole = [r for r in range(1, 4 * max(1, -(-cfg.mlp_dim // cfg.hidden_size)) + 2) if width(r) == cfg.mlp_dim]
+    if whole:
+        return whole[0]
+    ratio = (1.5 if swiglu else 1.0) * cfg.mlp_dim / cfg.hidden_size
+    if width(ratio) != cfg.mlp_dim:
+        raise ValueError(f"mlp_dim {cfg.mlp_dim} is not a width Dinov2SwiGLUFFN gives (a multiple of 8 from "
+                         "hidden_size * mlp_ratio * 2 / 3)")
+    log.warning("mlp_ratio %s in config.json: mlp_dim %d is no whole multiple of hidden_size %d, which "
+                "transformers >= 5 requires (transformers 4 reads it)", ratio, cfg.mlp_dim, cfg.hidden_size)
+    return ratio
+
+
 def hf_config(cfg) -> Dict[str, Any]:
     """The transformers config.json (Dinov2Config / Dinov2WithRegistersConfig, or CLIPVisionConfig for a
     pre_norm model) of the model that `save_safetensors(model, path, layout="hf")` writes, so that a
@@ -425,13 +445,7 @@ def hf_config(cfg) -> Dict[str, Any]:
         if cfg.include_top:
             out["projection_dim"] = cfg.num_classes
         return out
-    ratio = cfg.mlp_dim / cfg.hidden_size
-    if cfg.mlp == "swiglu":  # Dinov2SwiGLUFFN derives its width from mlp_ratio: the ratio that gives mlp_dim
-        ratio = 1.5 * cfg.mlp_dim / cfg.hidden_size
-        if _swiglu_hidden(cfg.hidden_size, ratio) != cfg.mlp_dim:
-            raise ValueError(f"mlp_dim {cfg.mlp_dim} is not a width Dinov2SwiGLUFFN gives (a multiple of 8 from "
-                             "hidden_size * mlp_ratio * 2 / 3)")
-    out.update(model_type="dinov2_with_registers" if cfg.num_registers else "dinov2", mlp_ratio=ratio,
+    out.update(model_type="dinov2_with_registers" if cfg.num_registers else "dinov2", mlp_ratio=_mlp_ratio(cfg),
                layerscale_value=cfg.layer_scale_init, use_swiglu_ffn=cfg.mlp == "swiglu", qkv_bias=True,
                architectures=["Dinov2WithRegistersModel" if cfg.num_registers else "Dinov2Model"])
     if cfg.num_registers:
