@@ -305,8 +305,8 @@ def _head(cfg: ViTConfig, x, dtype: Optional[str]):
     if cfg.classifier == "map":
         if not cfg.pool_include_prefix and cfg.num_prefix_tokens:  # timm >= 1.0: the patch tokens only
             x = PatchTokens(cfg.num_prefix_tokens, name="pool_patch_tokens", dtype=dtype)(x)
-        pooled = [MAPHead(cfg.num_heads, cfg.mlp_dim, cfg.layer_norm_epsilon, cfg.gelu_approximate, name="pool",
-                          dtype=dtype)(x)]
+        pooled = [MAPHead(cfg.num_heads, cfg.mlp_dim, cfg.layer_norm_epsilon, cfg.gelu_approximate,
+                          activation=cfg.activation, name="pool", dtype=dtype)(x)]
     else:
         pooled = [TokenPooling(cfg.classifier, cfg.num_prefix_tokens, name="pool", dtype=dtype)(x)]
         if cfg.distilled:

@@ -274,11 +274,18 @@ def test_nothing_is_half_loaded(tmp_path):
     assert all(np.array_equal(a, w.numpy()) for a, w in zip(before, model.weights))
 
 
-def test_loading_logs_no_untrained_head_warning_for_feature_towers(tmp_path, caplog):
-    path, *_ = write_family(tmp_path, "dinov2")
+@pytest.mark.parametrize("config_json", [True, False], ids=["config_json", "bare"])
+def test_a_headless_timm_file_is_a_feature_tower(tmp_path, caplog, config_json):
+    """No `head.weight` (timm's num_classes=0: DINOv2, SigLIP towers): the model has no head either,
+    as for the HF layouts' headless models; num_classes= gives it a new one."""
+    path, *_ = write_family(tmp_path, "dinov2", config_json)
+    kw = _arguments("dinov2", config_json)
     with caplog.at_level(logging.WARNING, logger="keras_vit"):
-        keras_vit.ViT(weights=path, include_top=False)
+        model = keras_vit.ViT(weights=path, **kw)
+    assert not model.vit_config.include_top and model.output.shape == (None, 32)
     assert "untrained" not in caplog.text
+    tuned = keras_vit.ViT(weights=path, num_classes=10, **kw)
+    assert tuned.vit_config.include_top and tuned.output.shape == (None, 10)
 
 
 # --- parameter counts of the real architectures -------------------------------------------------
@@ -410,3 +417,20 @@ def test_normalisation_follows_the_channels(tmp_path):
     assert grey.pixel_mean == pytest.approx((np.mean(ff.IMAGENET[0]),)) and len(grey.pixel_std) == 1
     rgbd = keras_vit.ViT(weights=path, channels=4).vit_config
     assert rgbd.pixel_mean == ff.IMAGENET[0] + ff.IMAGENET[0][:1] and rgbd.pixel_std == ff.IMAGENET[1] + ff.IMAGENET[1][:1]
+
+
+def test_map_head_mlp_takes_the_models_activation(tmp_path):
+    """timm's AttentionPoolLatent gets the model's act_layer: a SigLIP-style MAP tower with QuickGELU
+    (config.json's act_layer) computes its pooling MLP with QuickGELU too."""
+    path, sd, arch, config = write_family(tmp_path, "siglip")
+    config["model_args"]["act_layer"] = "quick_gelu"
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    model = keras_vit.ViT(weights=path)
+    assert model.vit_config.activation == "quick_gelu" and model.vit_config.classifier == "map"
+    x = _images((16, 16))
+    want = rf.forward(sd, dict(arch, act="quick_gelu"), x)
+    assert _rel(model.predict(x, verbose=0), want) <= TOL
+    # The pooling MLP's activation alone separates the two: with GELU there the features differ.
+    feats = rf.tokens(sd, dict(arch, act="quick_gelu"), x)
+    gelu_pool = rf.attention_pool(feats, sd, dict(arch, act="gelu"))
+    assert _rel(gelu_pool, want) > 10 * TOL

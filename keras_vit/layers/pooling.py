@@ -16,17 +16,20 @@ _REG = keras.saving.register_keras_serializable(package="keras_vit")
 class MAPHead(layers.Layer):
     """(B, S, D) tokens -> (B, D): a probe (1, 1, D) attends over all S tokens with `num_heads`
     heads (kernels in the checkpoint layout, (D, heads, head_dim) and (heads, head_dim, D)), then
-    y = x + MlpBlock(LayerNorm(x)) with `mlp_dim` hidden units (big_vision vit.MAPHead)."""
+    y = x + MlpBlock(LayerNorm(x)) with `mlp_dim` hidden units (big_vision vit.MAPHead); the MLP's
+    `activation` is the encoder's, as timm's AttentionPoolLatent takes the model's act_layer."""
 
     def __init__(self, num_heads: int, mlp_dim: int, layer_norm_epsilon: float = 1e-6,
-                 gelu_approximate: bool = True, **kwargs):
+                 gelu_approximate: bool = True, activation: str = "gelu", **kwargs):
         super().__init__(**kwargs)
         self.num_heads = int(num_heads)
         self.mlp_dim = int(mlp_dim)
         self.layer_norm_epsilon = float(layer_norm_epsilon)
         self.gelu_approximate = bool(gelu_approximate)
+        self.activation = str(activation)
         self.norm = layers.LayerNormalization(epsilon=self.layer_norm_epsilon, name="LayerNorm_0", dtype="float32")
-        self.mlp = MlpBlock(self.mlp_dim, 0.0, self.gelu_approximate, name="MlpBlock_0", dtype=self.dtype_policy)
+        self.mlp = MlpBlock(self.mlp_dim, 0.0, self.gelu_approximate, activation=self.activation, name="MlpBlock_0",
+                            dtype=self.dtype_policy)
 
     def build(self, input_shape):
         d = input_shape[-1]
@@ -69,4 +72,5 @@ class MAPHead(layers.Layer):
 
     def get_config(self) -> dict:
         return {**super().get_config(), "num_heads": self.num_heads, "mlp_dim": self.mlp_dim,
-                "layer_norm_epsilon": self.layer_norm_epsilon, "gelu_approximate": self.gelu_approximate}
+                "layer_norm_epsilon": self.layer_norm_epsilon, "gelu_approximate": self.gelu_approximate,
+                "activation": self.activation}

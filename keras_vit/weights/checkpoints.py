@@ -405,6 +405,8 @@ def read_checkpoint(weights: PathLike) -> Checkpoint:
         defaults.update(hf_layout.layout_fields(raw, layout, arrays))
     if layout == "timm" and defaults.get("classifier") == "map" and ("cls" in arrays or "reg" in arrays):
         defaults["pool_include_prefix"] = False  # timm >= 1.0's AttentionPoolLatent reads the patch tokens
+    if layout == "timm" and "head/kernel" not in arrays:
+        defaults["include_top"] = False  # a feature tower (timm's num_classes=0), as the HF layouts' headless models
     defaults.update(layout_defaults)
     defaults.update(_described_defaults(spec, local, file_meta, defaults.get("num_classes")))
     if "variant" in defaults and "num_heads" not in defaults:
