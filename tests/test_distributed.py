@@ -168,6 +168,22 @@ def test_killed_worker_restarts_and_the_run_continues(tmp_path):
 
 
 @pytest.mark.slow
+def test_two_tf_workers_with_ema_agree_on_the_average(tmp_path):
+    """--ema under MultiWorkerMirroredStrategy: both workers keep the same average and swap it in
+    (same final digest); the chief's model.keras is the average, last.keras the raw weights."""
+    train_on_two_workers(["train", *TINY, "--epochs", "1", "--ema", "0.9", "--peer-timeout", "120"], tmp_path,
+                         "20/20")
+    from keras_vit.saving import load_model
+    from keras_vit.train.distribute import weights_digest
+
+    chief = tmp_path / "run0"
+    results = json.loads((chief / "results.json").read_text())
+    average, last = load_model(str(chief / "model.keras")), load_model(str(chief / "last.keras"))
+    assert results["workers"] == 2 and weights_digest(average) == results["weights_digest"]
+    assert weights_digest(last) != weights_digest(average)
+
+
+@pytest.mark.slow
 @pytest.mark.jax
 def test_two_jax_processes_agree_on_the_weights(tmp_path):
     (port,) = free_ports(1)
