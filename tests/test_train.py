@@ -160,6 +160,37 @@ def test_initial_weights_from_a_pretraining_encoder(tmp_path):
                                encoder.get_layer("embedding").get_weights()[0])
 
 
+@pytest.mark.parametrize("channels", [1, 6])
+@pytest.mark.parametrize("hybrid", [False, True], ids=["vit", "hybrid"])
+def test_initial_weights_from_keras_adapt_the_input_kernel_to_other_channels(tmp_path, channels, hybrid):
+    """An RGB .keras as initial weights of a grey (or 6-channel) model: the input convolution's kernel is
+    adapted as a checkpoint's is (timm's adapt_input_conv), not left at its initialisation. For the
+    plain ViT a grey image then gives what its RGB copy gave (6 channels: the RGB image twice); the
+    hybrid's weight-standardised root convolution gets the same adapted kernel."""
+    from keras_vit.weights import adapt_input_conv
+
+    sizes = dict(variant="R26+S/32", image_size=32, resnet_layers=(1, 1, 1), patch_size=1) if hybrid else \
+        dict(variant="Ti/4", image_size=16)
+    src = keras_vit.ViT(num_classes=3, **sizes, **TINY)
+    rng = np.random.default_rng(0)
+    for v in src.weights:
+        v.assign(rng.normal(0, 0.3, v.shape).astype("float32"))
+    src.save(tmp_path / "src.keras")
+    target = keras_vit.ViT(num_classes=3, channels=channels, **sizes, **TINY)
+    report = kt.load_initial_weights(target, str(tmp_path / "src.keras"))
+    assert report["skipped"] == []
+    name = "resnet/conv_root/kernel" if hybrid else "embedding/kernel_conv/kernel"
+    kernel = {v.path: v for v in src.weights}[name].numpy()
+    np.testing.assert_array_equal({v.path: v for v in target.weights}[name].numpy(),
+                                  adapt_input_conv(kernel, channels))
+    if not hybrid:
+        rgb = rng.uniform(0, 255, (2, 16, 16, 3)).astype("float32")
+        if channels == 1:
+            rgb = np.repeat(rgb[..., :1], 3, axis=-1)
+        x = rgb[..., :1] if channels == 1 else np.concatenate([rgb, rgb], axis=-1)
+        np.testing.assert_allclose(np.asarray(target(x)), np.asarray(src(rgb)), rtol=1e-4, atol=1e-4)
+
+
 def test_initial_weights_errors(tmp_path):
     (tmp_path / "x.keras").write_bytes(b"junk")
     with pytest.raises(kt.TrainError, match="could not read"):

@@ -1,5 +1,6 @@
 """Initial weights for a run (`--weights`): an official .npz checkpoint or another keras-vit
-.keras model (its encoder, e.g. from pre-training), copied where names and shapes match."""
+.keras model (its encoder, e.g. from pre-training), copied where names and shapes match (the input
+kernel adapted to other channels, as for a checkpoint)."""
 from __future__ import annotations
 
 import os
@@ -10,7 +11,7 @@ import keras
 from keras_vit.errors import TrainError, first_line
 from keras_vit.model import VisionTransformer
 from keras_vit.vit import resize_model
-from keras_vit.weights import load_npz
+from keras_vit.weights import adapt_input_conv, load_npz
 
 
 def load_initial_weights(model: keras.Model, path: str) -> Dict[str, List[str]]:
@@ -33,15 +34,31 @@ def load_initial_weights(model: keras.Model, path: str) -> Dict[str, List[str]]:
     loaded, skipped = [], []
     for var in model.weights:
         src = by_path.get(var.path)
+        value = None if src is None else _input_kernel(var, src)
         # A head of the same size loads too: a linear probe's head carries on into full fine-tuning.
-        if src is None or tuple(src.shape) != tuple(var.shape):
+        if value is None:
             skipped.append(var.path)
             continue
-        var.assign(keras.ops.cast(src.value, var.dtype))
+        var.assign(keras.ops.cast(value, var.dtype))
         loaded.append(var.path)
     if not loaded:
         raise TrainError(f"no weights of {path!r} fit this model (no layer with the same name and shape)")
     return {"loaded": loaded, "skipped": skipped}
+
+
+_INPUT_KERNELS = ("embedding/kernel_conv/kernel", "resnet/conv_root/kernel")
+
+
+def _input_kernel(var, src):
+    """The source variable's value for `var`: itself when the shapes match, the input convolution's
+    kernel adapted to the model's channels (timm's adapt_input_conv, as checkpoints get) when only
+    they differ, else None (not loaded)."""
+    have, want = tuple(src.shape), tuple(var.shape)
+    if have == want:
+        return src.value
+    if var.path in _INPUT_KERNELS and len(have) == 4 and have[:2] == want[:2] and have[3] == want[3]:
+        return adapt_input_conv(keras.ops.convert_to_numpy(src.value), want[2])
+    return None
 
 
 def _resized_source(source: keras.Model, target: keras.Model) -> keras.Model:
