@@ -24,7 +24,7 @@ def fuse_attention(proto: onnx.ModelProto, num_heads: int) -> int:
     those tokens, K and V go to one com.microsoft MultiHeadAttention (n queries, S keys). The
     softmax scale is already folded into the query weights, so the ops' scale is 1. Attention
     with an extra logit bias (relative position embeddings) does not match and stays as it is.
-    Returns the number fused."""
+    A projection without bias (qkv_bias=False) gets a zero one. Returns the number fused."""
     ranks = tensor_ranks(proto)
     g = GraphIndex(proto)
     drop, replace = set(), {}
@@ -35,6 +35,10 @@ def fuse_attention(proto: onnx.ModelProto, num_heads: int) -> int:
         x, weights, bias, shape5, nodes, queries = match
         prefix = f"{softmax.name or softmax.output[0]}/fused_attention_{k}"
         d = int(g.initializers[weights].dims[0])
+        projection = 2 if bias is not None else 1  # the QKV MatMul (and its bias Add)
+        if bias is None:
+            bias = g.add_initializer(np.zeros(3 * d, np.float32), prefix + "/zero_qkv_bias",
+                                     helper.tensor_dtype_to_np_dtype(g.initializers[weights].data_type))
         merge = nodes[-1]
         if queries is None:
             new = []
@@ -46,8 +50,8 @@ def fuse_attention(proto: onnx.ModelProto, num_heads: int) -> int:
                                         name=prefix + "/Attention", domain="com.microsoft", num_heads=num_heads,
                                         scale=1.0))
         else:
-            new = _first_queries_attention(g, nodes[1].output[0], shape5, d, queries, num_heads, prefix)
-            nodes = nodes[2:]  # the QKV MatMul and its bias stay
+            new = _first_queries_attention(g, nodes[projection - 1].output[0], shape5, d, queries, num_heads, prefix)
+            nodes = nodes[projection:]  # the QKV MatMul and its bias stay
         drop.update(id(n) for n in _read_context(g, merge, prefix + "/context", g.array(shape5), d))
         if merge.output[0] in g.consumers or merge.output[0] in g.outputs:
             # (B, S, D) -> (B, S, heads, head_dim), the replaced Transpose's tensor, for readers
@@ -139,18 +143,25 @@ def _attention_match(g: GraphIndex, softmax, num_heads: int):
             is not split:
         return None
     unpack = g.node(heads_major.input[0], "Reshape")
-    add = unpack and g.node(unpack.input[0], "Add")
-    if add is None or g.sole_user(unpack.output[0], "Transpose") is not heads_major \
-            or g.sole_user(add.output[0], "Reshape") is not unpack:
+    if unpack is None or g.sole_user(unpack.output[0], "Transpose") is not heads_major:
         return None
-    matmul_name, bias = split_inputs(add, lambda n: n in g.producer and g.producer[n].op_type == "MatMul")
-    matmul = matmul_name and g.producer[matmul_name]
-    if not matmul or bias not in g.initializers or g.sole_user(matmul.output[0], "Add") is not add:
-        return None
+    add, bias = g.node(unpack.input[0], "Add"), None
+    if add is not None:  # the QKV bias
+        if g.sole_user(add.output[0], "Reshape") is not unpack:
+            return None
+        matmul_name, bias = split_inputs(add, lambda n: n in g.producer and g.producer[n].op_type == "MatMul")
+        matmul = matmul_name and g.producer[matmul_name]
+        if not matmul or bias not in g.initializers or g.sole_user(matmul.output[0], "Add") is not add:
+            return None
+    else:  # qkv_bias=False: the MatMul feeds the Reshape
+        matmul = g.node(unpack.input[0], "MatMul")
+        if matmul is None or g.sole_user(matmul.output[0], "Reshape") is not unpack:
+            return None
     x, weights = matmul.input
     if weights not in g.initializers:
         return None
-    w_dims, b_dims = list(g.initializers[weights].dims), list(g.initializers[bias].dims)
+    w_dims = list(g.initializers[weights].dims)
+    b_dims = [w_dims[1]] if bias is None else list(g.initializers[bias].dims)
     if len(w_dims) != 2 or w_dims[1] != 3 * w_dims[0] or b_dims != [w_dims[1]] or w_dims[0] % num_heads:
         return None
     static = g.array(unpack.input[1])
@@ -166,8 +177,8 @@ def _attention_match(g: GraphIndex, softmax, num_heads: int):
                 and 0 not in [int(v) for v in g.array(r.input[1])] for r in readers):
             return None
         merge = None
-    nodes = (matmul, add, unpack, heads_major, split, *squeezes, *([first] if first else []), k_t, scores, softmax,
-             av) + ((merge,) if merge is not None else ())
+    nodes = (matmul, *([add] if add is not None else []), unpack, heads_major, split, *squeezes,
+             *([first] if first else []), k_t, scores, softmax, av) + ((merge,) if merge is not None else ())
     return x, weights, bias, unpack.input[1], nodes, queries
 
 

@@ -97,6 +97,7 @@ class ViTConfig:
     # silu(x W1) * (x W2) of two mlp_dim halves of one Dense (EVA, DINOv2-g, timm SwiGLUPacked).
     layer_scale_init: Optional[float] = None
     qk_norm: bool = False
+    qkv_bias: bool = True  # False: no query/key/value biases (timm's qkv_bias=False, SoViT-150M v2)
     activation: str = "gelu"
     mlp: str = "mlp"
     # ViT family: token and head options (issue #26). Sequence: [class?, distillation?, registers*,
@@ -219,8 +220,9 @@ class ViTConfig:
         v = self.layer_scale_init
         if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 < v < float("inf")):
             raise ValueError(f"layer_scale_init must be a positive number (e.g. 1e-5) or None, got {v!r}")
-        if not isinstance(self.qk_norm, bool):
-            raise ValueError(f"qk_norm must be True or False, got {self.qk_norm!r}")
+        for name in ("qk_norm", "qkv_bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}; got {self.activation!r}")
         if self.mlp not in MLPS:

@@ -64,6 +64,7 @@ def count_params(cfg) -> int:
     block = 4 * d + 4 * (d * d + d) + mlp
     block += 2 * d if cfg.layer_scale_init is not None else 0  # LayerScale gains after attention and MLP
     block += 4 * cfg.head_dim if cfg.qk_norm else 0  # query and key LayerNorms over head_dim
+    block -= 0 if cfg.qkv_bias else 3 * d  # no query/key/value biases
     if cfg.pos_embedding == "relative":
         block += _num_relative_offsets(cfg) * d
     total += cfg.num_layers * block + 2 * d  # blocks, encoder_norm (or fc_norm)

@@ -256,6 +256,7 @@ def _encode(cfg: ViTConfig, images, layer: LayerSource, depth: int, dtype: Optio
             cfg.num_heads, cfg.mlp_dim, cfg.dropout_rate, cfg.attention_dropout_rate, dpr, cfg.gelu_approximate,
             cfg.layer_norm_epsilon, relative_grid=relative_grid, num_prefix_tokens=cfg.num_prefix_tokens,
             layer_scale_init=cfg.layer_scale_init, qk_norm=cfg.qk_norm, activation=cfg.activation, mlp_kind=cfg.mlp,
+            qkv_bias=cfg.qkv_bias,
             name=f"encoderblock_{i}", dtype=dtype))
         if attention:
             if isinstance(x, keras.KerasTensor):  # a node of its own, with two outputs

@@ -28,6 +28,10 @@ FAMILIES = {
                      pool="avg", fc_norm=True, head=True, norm=IMAGENET),
     # SoViT-150M reg4 MAP: registers with position rows (no_embed_class=False) and timm >= 1.0's MAP
     # pooling over the patch tokens alone (pool_include_prefix=False, its default).
+    # SoViT-150M v2: no query/key/value biases (qkv_bias=False), one register with a position row,
+    # LayerScale, average pooling.
+    "so150m2_reg_gap": dict(architecture="vit_so150m2_patch16_reg1_gap_256", tag="sbb_e200_in12k_ft_in1k", cls=False,
+                            reg=1, ls=1e-5, qkv_bias=False, pool="avg", head=True, norm=HALF),
     "so150m_reg_map": dict(architecture="vit_so150m_patch16_reg4_map_256", tag="sbb_e250_in12k_ft_in1k", cls=False,
                            reg=4, pool="map", pool_include_prefix=False, head=True, norm=HALF),
 }
@@ -74,7 +78,7 @@ def family_state_dict(rng, family: str, *, hidden: int = 32, heads: int = 2, mlp
     for i in range(layers):
         t = f"blocks.{i}."
         norm(t + "norm1", d)
-        linear(t + "attn.qkv", 3 * d, d)
+        linear(t + "attn.qkv", 3 * d, d, bias=spec.get("qkv_bias", True))
         if spec.get("qk_norm"):
             norm(t + "attn.q_norm", d // heads)
             norm(t + "attn.k_norm", d // heads)
@@ -115,6 +119,8 @@ def family_state_dict(rng, family: str, *, hidden: int = 32, heads: int = 2, mlp
                      ("pre_norm", "pre_norm"), ("qk_norm", "qk_norm"), ("fc_norm", "fc_norm")):
         if spec.get(key):
             model_args[arg] = spec[key]
+    if spec.get("qkv_bias") is False:
+        model_args["qkv_bias"] = False
     if not cls:
         model_args["class_token"] = False
     if pool != "token":

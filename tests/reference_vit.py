@@ -45,6 +45,13 @@ class Checkpoint:
             return self.w[f"Transformer/encoderblock/{name}"][i]
         return self.w[f"Transformer/encoderblock_{i}/{name}"]
 
+    def block_or_zero(self, i, name):
+        """As `block`, 0 for a parameter the checkpoint does not have (qkv_bias=False: no q/k/v biases)."""
+        try:
+            return self.block(i, name)
+        except KeyError:
+            return 0.0
+
     def num_layers(self):
         if self.scanned:
             return self.w["Transformer/encoderblock/LayerNorm_0/scale"].shape[0]
@@ -148,9 +155,9 @@ def encoder_block(ck, i, x, return_attention=False):
     """Block i on tokens (B, S, D); with return_attention also its probabilities (B, heads, S, S)."""
     y = layer_norm(x, ck.block(i, "LayerNorm_0/scale"), ck.block(i, "LayerNorm_0/bias"))
     a = "MultiHeadDotProductAttention_1/"
-    q = np.einsum("btd,dhk->bthk", y, ck.block(i, a + "query/kernel")) + ck.block(i, a + "query/bias")
-    k = np.einsum("btd,dhk->bthk", y, ck.block(i, a + "key/kernel")) + ck.block(i, a + "key/bias")
-    v = np.einsum("btd,dhk->bthk", y, ck.block(i, a + "value/kernel")) + ck.block(i, a + "value/bias")
+    q = np.einsum("btd,dhk->bthk", y, ck.block(i, a + "query/kernel")) + ck.block_or_zero(i, a + "query/bias")
+    k = np.einsum("btd,dhk->bthk", y, ck.block(i, a + "key/kernel")) + ck.block_or_zero(i, a + "key/bias")
+    v = np.einsum("btd,dhk->bthk", y, ck.block(i, a + "value/kernel")) + ck.block_or_zero(i, a + "value/bias")
     probs = softmax(np.einsum("bqhk,bthk->bhqt", q, k) / math.sqrt(q.shape[-1]))
     o = np.einsum("bhqt,bthk->bqhk", probs, v)
     x = x + np.einsum("bqhk,hkd->bqd", o, ck.block(i, a + "out/kernel")) + ck.block(i, a + "out/bias")

@@ -87,14 +87,18 @@ def test_fp16_and_optimized_exports_of_trained_digits_model(trained_digits, tmp_
 
 
 @pytest.mark.parametrize("family", ["learned", "learned_2d", "sincos2d", "none", "gap",
-                                    pytest.param("hybrid", marks=pytest.mark.slow), "dynamic_size", "relative"])
+                                    pytest.param("hybrid", marks=pytest.mark.slow), "dynamic_size", "relative",
+                                    "no_qkv_bias"])
 def test_optimize_fuses_attention_and_stays_within_fp32_thresholds(family, tmp_path):
     """optimize=True replaces each block's attention by onnxruntime's fused Attention op, except
     with relative position embeddings (a logit bias the op cannot compute); the last block of a
     class-token model (one query, the class token: the model computes that block on it alone)
     gets MultiHeadAttention (one query, every key). Either way the file matches Keras at the
-    fp32 thresholds."""
-    model = small_model("learned" if family == "dynamic_size" else family, num_layers=2)
+    fp32 thresholds. Without query/key/value biases (qkv_bias=False) the fused ops get zero ones."""
+    if family == "no_qkv_bias":
+        model = small_model("learned", num_layers=2, qkv_bias=False)
+    else:
+        model = small_model("learned" if family == "dynamic_size" else family, num_layers=2)
     path = to_onnx(model, tmp_path / "opt.onnx", optimize=True, dynamic_size=family == "dynamic_size")
     ops = [n.op_type for n in onnx.load(path).graph.node]
     expected = 0 if family == "relative" else 2 if family == "gap" else 1

@@ -1,4 +1,4 @@
-"""The ViT family's block options (issue #26: layer_scale_init, qk_norm, activation, mlp) against
+"""The ViT family's block options (issue #26: layer_scale_init, qk_norm, activation, mlp, qkv_bias) against
 float64 NumPy statements of timm's definitions (`LayerScale`, `Attention(qk_norm=True)`,
 `QuickGELU`, `GluMlp` as `SwiGLUPacked`), and their counts, checkpoint names and weight files."""
 import math
@@ -21,9 +21,11 @@ OPTIONS = {
     "qk_norm": dict(qk_norm=True),
     "quick_gelu": dict(activation="quick_gelu"),
     "swiglu": dict(mlp="swiglu"),
-    "all": dict(layer_scale_init=0.5, qk_norm=True, mlp="swiglu"),
+    "no_qkv_bias": dict(qkv_bias=False),
+    "all": dict(layer_scale_init=0.5, qk_norm=True, mlp="swiglu", qkv_bias=False),
 }
-BLOCK_ARGS = {"layer_scale_init": "layer_scale_init", "qk_norm": "qk_norm", "activation": "activation", "mlp": "mlp_kind"}
+BLOCK_ARGS = {"layer_scale_init": "layer_scale_init", "qk_norm": "qk_norm", "activation": "activation", "mlp": "mlp_kind",
+              "qkv_bias": "qkv_bias"}
 
 
 def _np(v) -> np.ndarray:
@@ -59,7 +61,8 @@ def block_numpy(block, x, num_queries=None):
     att, mlp = block.attention, block.mlp
     eps = block.layer_norm_epsilon
     h = _ln(x, _np(block.norm_1.gamma), _np(block.norm_1.beta), eps)
-    q, k, v = (np.einsum("btd,dhk->bhtk", h, _np(getattr(att, f"{n}_kernel"))) + _np(getattr(att, f"{n}_bias"))[:, None]
+    q, k, v = (np.einsum("btd,dhk->bhtk", h, _np(getattr(att, f"{n}_kernel")))
+               + (_np(getattr(att, f"{n}_bias"))[:, None] if att.qkv_bias else 0.0)  # timm's qkv_bias=False: none
                for n in ("query", "key", "value"))
     if att.qk_norm:
         q = _ln(q, _np(att.query_norm.gamma), _np(att.query_norm.beta), eps)

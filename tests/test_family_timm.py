@@ -113,6 +113,8 @@ SHAPE_OPTIONS = {
     "eva_like": dict(mlp="swiglu", mlp_dim=64, qk_norm=True, num_heads=2, fc_norm=True, classifier="gap",
                      class_token=True, layer_scale_init=1e-5),
     "so150m_reg_map": dict(classifier="map", num_registers=4, register_pos_embedding=True, pool_include_prefix=False),
+    "so150m2_reg_gap": dict(classifier="gap", num_registers=1, register_pos_embedding=True, qkv_bias=False,
+                            layer_scale_init=1e-5),
 }
 
 
@@ -157,6 +159,8 @@ def test_options_read_from_the_arrays_and_from_config_json(tmp_path, family):
     # The shape-optimised sizes: their heads (a fused qkv does not show them), the rest from the arrays
     ("vit_so400m_patch14_siglip_384", "webli", dict(num_heads=16, patch_size=14, image_size=384, classifier="map",
                                                     class_token=False)),
+    ("vit_so150m2_patch16_reg1_gap_256", "sbb_e200_in12k_ft_in1k", dict(num_heads=13, patch_size=16, image_size=256,
+                                                                        num_registers=1)),
     ("vit_so150m_patch16_reg4_map_256", "sbb_e250_in12k_ft_in1k", dict(num_heads=14, patch_size=16, image_size=256,
                                                                        num_registers=4)),
 ])
@@ -305,6 +309,9 @@ REAL = [
     ("siglip", "vit_base_patch16_siglip_384", B16, (24, 24), 0, 93.2),
     ("siglip", "vit_base_patch16_siglip_512", B16, (32, 32), 0, 93.5),
     ("siglip", "vit_base_patch16_siglip_gap_512", B16, (32, 32), 0, 86.4),
+    # 136,059,560 in timm 1.0.31's own vit_so150m2_patch16_reg1_gap_256 (counted once; no card found)
+    ("so150m2_reg_gap", "vit_so150m2_patch16_reg1_gap_256", dict(hidden=832, heads=13, mlp=2176, layers=21, patch=16),
+     (16, 16), 1000, None),
 ]
 
 
@@ -320,8 +327,12 @@ def test_parameter_counts_are_timms(family, name, sizes, grid, classes, card):
         sd = {k: v for k, v in sd.items() if not k.startswith("head")}
     fields = checkpoints._timm_arch(name, "openai" if family == "clip" else "")
     assert fields["image_size"] == grid[0] * sizes["patch"] or fields["image_size"] == 518
-    cfg = keras_vit.vit.build_config(fields.pop("variant"), **fields, num_classes=max(classes, 1),
-                                     include_top=bool(classes))
+    if "variant" in fields:
+        cfg = keras_vit.vit.build_config(fields.pop("variant"), **fields, num_classes=max(classes, 1),
+                                         include_top=bool(classes))
+    else:  # a size of its own (so150m2): the sizes, and the options its model_args set
+        cfg = ViTConfig(**{**SHAPE_OPTIONS[family], **fields}, hidden_size=sizes["hidden"], mlp_dim=sizes["mlp"],
+                        num_layers=sizes["layers"], num_classes=max(classes, 1), include_top=bool(classes))
     assert isinstance(cfg, ViTConfig) and cfg.grid_size == grid
     # keras-vit holds a (zero) class row where timm's no_embed_class stores none, and a (zero)
     # patch-embedding bias where timm's CLIP has none (bias=not pre_norm): D parameters each.

@@ -7,6 +7,7 @@ the converted arrays must be exactly the canonical arrays they were written from
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -251,6 +252,32 @@ def test_transformers_5_vision_model_without_its_prefix(tmp_path, family):
     model = keras_vit.ViT(weights=other)
     assert not model.vit_config.include_top  # CLIPVisionModel has no visual_projection
     np.testing.assert_array_equal(model.predict(x, verbose=0), want)
+
+
+def test_dinov2_without_qkv_biases_loads_and_writes_back(tmp_path):
+    """Dinov2Config(qkv_bias=False): no query/key/value biases in the file, none in the model
+    (qkv_bias=False, from the tensors), and none written back, with config.json saying so (checked
+    once both ways against transformers 5.25's Dinov2Model: 4e-7)."""
+    import reference_family as rf
+
+    import keras_vit
+
+    folder, sd, arch = _hf_folder(tmp_path / "with", "dinov2")
+    hf = load_file(f"{folder}/model.safetensors")
+    bare = {k: v for k, v in hf.items() if not re.search(r"attention\.attention\.(query|key|value)\.bias$", k)}
+    assert len(hf) - len(bare) == 3 * 2
+    with open(f"{folder}/config.json") as f, open(f"{folder}/preprocessor_config.json") as g:
+        other = write_folder(tmp_path / "without", bare, dict(json.load(f), qkv_bias=False), json.load(g))
+    model = keras_vit.ViT(weights=other)
+    assert model.vit_config.qkv_bias is False
+    x = np.random.default_rng(16).uniform(0, 255, (2, 16, 16, 3)).astype(np.float32)
+    timm_sd = {k: v for k, v in sd.items() if not k.endswith("attn.qkv.bias")}
+    assert _rel(model.predict(x, verbose=0), rf.forward(timm_sd, arch, x)) <= REL
+    out = tmp_path / "saved"
+    out.mkdir()
+    keras_vit.weights.save_safetensors(model, str(out / "model.safetensors"), layout="hf")
+    assert sorted(load_file(str(out / "model.safetensors"))) == sorted(bare)
+    assert hf_layout.hf_config(model.vit_config)["qkv_bias"] is False
 
 
 @pytest.mark.parametrize("family", ["dinov2", "dinov2_reg"])

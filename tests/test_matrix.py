@@ -4,7 +4,8 @@ Options: pos_embedding (5) x classifier (3: token, gap, map) x gelu_approximate 
 models), a "shape" factor: square RGB, non-square single-channel (35x50, channels=1, with
 patch_remainder="drop": the pixels past the 4x6 patches ignored),
 representation_size, include_top=False, and a hybrid (three one-unit BiT ResNet stages, total
-stride 16); a "block" factor, the ViT family's block options (issue #26): plain, LayerScale,
+stride 16); a "block" factor, the ViT family's block options (issue #26): plain, LayerScale
+(with qkv_bias=False),
 qk_norm, quick_gelu, swiglu; and a "tokens" factor (issue #26): none, two register tokens, DeiT's
 distillation token and head (with classifier "token" only: the pairs with gap and map are
 excluded), a class token kept with fc_norm (a class token the pooling ignores under gap and map),
@@ -71,7 +72,8 @@ SHAPES = {
 }
 # LayerScale at 0.5 (not timm's 1e-5), so that the branches still weigh in the outputs; row_model
 # then draws the gains per channel around it (a constant gain would hide a channel-order bug).
-BLOCKS = {"plain": {}, "layer_scale": dict(layer_scale_init=0.5), "qk_norm": dict(qk_norm=True),
+# With LayerScale, no query/key/value biases (qkv_bias=False), as timm's SoViT-150M v2 and DeiT-III-like sbb ViTs.
+BLOCKS = {"plain": {}, "layer_scale": dict(layer_scale_init=0.5, qkv_bias=False), "qk_norm": dict(qk_norm=True),
           "quick_gelu": dict(activation="quick_gelu"), "swiglu": dict(mlp="swiglu")}
 TOKENS = {
     "default": {},

@@ -46,11 +46,13 @@ class MultiHeadSelfAttention(layers.Layer):
     With `qk_norm`, queries and keys are layer-normalised over head_dim (float32, affine
     `query_norm` / `key_norm`, shared by the heads) before their product, as timm's
     `qk_norm=True` (`attn.q_norm`, `attn.k_norm`); the softmax scale then follows the norm.
+    With `qkv_bias=False` the query/key/value projections have no biases (timm's `qkv_bias=False`:
+    SoViT-150M v2, timm's "sbb" ViTs); the output projection keeps its bias.
     """
 
     def __init__(self, num_heads: int, dropout_rate: float = 0.0,
                  relative_grid: Optional[Sequence[int]] = None, num_prefix_tokens: int = 1,
-                 qk_norm: bool = False, layer_norm_epsilon: float = 1e-6, **kwargs):
+                 qk_norm: bool = False, layer_norm_epsilon: float = 1e-6, qkv_bias: bool = True, **kwargs):
         super().__init__(**kwargs)
         self.num_heads = int(num_heads)
         self.dropout_rate = float(dropout_rate)
@@ -58,6 +60,7 @@ class MultiHeadSelfAttention(layers.Layer):
         self.num_prefix_tokens = int(num_prefix_tokens)
         self.qk_norm = bool(qk_norm)
         self.layer_norm_epsilon = float(layer_norm_epsilon)
+        self.qkv_bias = bool(qkv_bias)
         self.dropout = layers.Dropout(self.dropout_rate, dtype=self.dtype_policy)
         self.query_norm = self.key_norm = None
         if self.qk_norm:
@@ -73,7 +76,8 @@ class MultiHeadSelfAttention(layers.Layer):
         kinit = keras.initializers.GlorotUniform()
         for name in ("query", "key", "value"):
             setattr(self, f"{name}_kernel", self.add_weight(shape=(d, h, hd), initializer=kinit, name=f"{name}_kernel"))
-            setattr(self, f"{name}_bias", self.add_weight(shape=(h, hd), initializer="zeros", name=f"{name}_bias"))
+            if self.qkv_bias:
+                setattr(self, f"{name}_bias", self.add_weight(shape=(h, hd), initializer="zeros", name=f"{name}_bias"))
         self.out_kernel = self.add_weight(shape=(h, hd, d), initializer=kinit, name="out_kernel")
         self.out_bias = self.add_weight(shape=(d,), initializer="zeros", name="out_bias")
         if self.relative_grid is not None:
@@ -103,13 +107,15 @@ class MultiHeadSelfAttention(layers.Layer):
         kernel = ops.concatenate([ops.reshape(self.query_kernel, (d, flat)) * scale,
                                   ops.reshape(self.key_kernel, (d, flat)),
                                   ops.reshape(self.value_kernel, (d, flat))], axis=-1)
-        bias = ops.concatenate([ops.reshape(self.query_bias, (flat,)) * scale,
-                                ops.reshape(self.key_bias, (flat,)),
-                                ops.reshape(self.value_bias, (flat,))], axis=-1)
         seq = x.shape[1] if x.shape[1] is not None else ops.shape(x)[1]
         # Rank-2 GEMM on (B*S, D): a rank-3 x rank-2 matmul becomes tf.tensordot on TensorFlow,
         # whose dynamic-shape plumbing (Shape/Gather/ReduceProd/Concat) lands in the ONNX graph.
-        qkv = ops.matmul(ops.reshape(x, (-1, d)), ops.cast(kernel, x.dtype)) + ops.cast(bias, x.dtype)
+        qkv = ops.matmul(ops.reshape(x, (-1, d)), ops.cast(kernel, x.dtype))
+        if self.qkv_bias:
+            bias = ops.concatenate([ops.reshape(self.query_bias, (flat,)) * scale,
+                                    ops.reshape(self.key_bias, (flat,)),
+                                    ops.reshape(self.value_bias, (flat,))], axis=-1)
+            qkv = qkv + ops.cast(bias, x.dtype)
         # Heads-major (3, B, heads, S, head_dim): the attention products are plain batched GEMMs.
         qkv = ops.transpose(ops.reshape(qkv, (-1, seq, 3, h, hd)), (2, 0, 3, 1, 4))
         # unstack, not qkv[0]/[1]/[2]: TF differentiates three strided slices as three
@@ -174,4 +180,4 @@ class MultiHeadSelfAttention(layers.Layer):
         return {**super().get_config(), "num_heads": self.num_heads, "dropout_rate": self.dropout_rate,
                 "relative_grid": None if self.relative_grid is None else list(self.relative_grid),
                 "num_prefix_tokens": self.num_prefix_tokens, "qk_norm": self.qk_norm,
-                "layer_norm_epsilon": self.layer_norm_epsilon}
+                "layer_norm_epsilon": self.layer_norm_epsilon, "qkv_bias": self.qkv_bias}

@@ -190,7 +190,8 @@ class TransformerBlock(layers.Layer):
 
     The ViT family's block options (issue #26): `layer_scale_init` multiplies each branch by
     LayerScale gains (z' = gamma_1 * MSA(LN(z)) + z, ...); `qk_norm` normalises queries and keys
-    per head; `activation` ("gelu" | "quick_gelu") and `mlp_kind` ("mlp" | "swiglu") shape the MLP.
+    per head; `activation` ("gelu" | "quick_gelu") and `mlp_kind` ("mlp" | "swiglu") shape the MLP;
+    `qkv_bias=False` leaves the query/key/value projections without biases.
     """
 
     def __init__(self, num_heads: int, mlp_dim: int, dropout_rate: float = 0.0,
@@ -198,7 +199,7 @@ class TransformerBlock(layers.Layer):
                  gelu_approximate: bool = True, layer_norm_epsilon: float = 1e-6,
                  relative_grid: Optional[Sequence[int]] = None, num_prefix_tokens: int = 1,
                  layer_scale_init: Optional[float] = None, qk_norm: bool = False, activation: str = "gelu",
-                 mlp_kind: str = "mlp", **kwargs):
+                 mlp_kind: str = "mlp", qkv_bias: bool = True, **kwargs):
         super().__init__(**kwargs)
         self.num_heads = int(num_heads)
         self.mlp_dim = int(mlp_dim)
@@ -213,12 +214,14 @@ class TransformerBlock(layers.Layer):
         self.qk_norm = bool(qk_norm)
         self.activation = str(activation)
         self.mlp_kind = str(mlp_kind)
+        self.qkv_bias = bool(qkv_bias)
         policy = self.dtype_policy
         self.norm_1 = layers.LayerNormalization(epsilon=self.layer_norm_epsilon, name="LayerNorm_0", dtype="float32")
         self.attention = MultiHeadSelfAttention(
             self.num_heads, self.attention_dropout_rate, relative_grid=self.relative_grid,
             num_prefix_tokens=self.num_prefix_tokens, qk_norm=self.qk_norm,
-            layer_norm_epsilon=self.layer_norm_epsilon, name="MultiHeadDotProductAttention_1", dtype=policy)
+            layer_norm_epsilon=self.layer_norm_epsilon, qkv_bias=self.qkv_bias, name="MultiHeadDotProductAttention_1",
+            dtype=policy)
         self.dropout = layers.Dropout(self.dropout_rate, dtype=policy)
         self.norm_2 = layers.LayerNormalization(epsilon=self.layer_norm_epsilon, name="LayerNorm_2", dtype="float32")
         self.mlp = MlpBlock(self.mlp_dim, self.dropout_rate, self.gelu_approximate, activation=self.activation,
@@ -292,4 +295,5 @@ class TransformerBlock(layers.Layer):
                 "layer_norm_epsilon": self.layer_norm_epsilon,
                 "relative_grid": None if self.relative_grid is None else list(self.relative_grid),
                 "num_prefix_tokens": self.num_prefix_tokens, "layer_scale_init": self.layer_scale_init,
-                "qk_norm": self.qk_norm, "activation": self.activation, "mlp_kind": self.mlp_kind}
+                "qk_norm": self.qk_norm, "activation": self.activation, "mlp_kind": self.mlp_kind,
+                "qkv_bias": self.qkv_bias}

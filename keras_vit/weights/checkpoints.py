@@ -194,7 +194,7 @@ class Checkpoint:
 
 # Heads of timm's size names beyond the paper's (the sizes themselves come from the arrays).
 _TIMM_HEADS = {"tiny": 3, "small": 6, "medium": 8, "base": 12, "large": 16, "huge": 16, "giant": 16,
-               "so150m": 14, "so400m": 16}  # the shape-optimised SoViT-150M (timm's) and SigLIP So400m
+               "so150m": 14, "so150m2": 13, "so400m": 16}  # the shape-optimised SoViT-150M (v1, v2) and SigLIP So400m
 _TIMM_POOL = {"token": "token", "avg": "gap", "map": "map"}
 _TIMM_SIZE_ARGS = ("embed_dim", "depth", "num_heads", "patch_size", "mlp_ratio")
 
@@ -207,7 +207,7 @@ def _timm_arch(name: str, tag: str = "") -> Dict[str, Any]:
     m = re.match(r"^vit_(tiny|small|base|large|huge)_r(26|50)_s(\d+)_(\d+)", name)
     if m:
         return dict(variant=f"R{m[2]}+{_TIMM_SIZES[m[1]]}/{m[3]}", image_size=int(m[4]))
-    m = re.match(r"^(vit|deit|deit3)_(tiny|small|medium|base|large|huge|giant|so150m|so400m)_(?:.*_)?patch(\d+)(?:_(.*))?$",
+    m = re.match(r"^(vit|deit|deit3)_(tiny|small|medium|base|large|huge|giant|so150m2?|so400m)_(?:.*_)?patch(\d+)(?:_(.*))?$",
                  name)
     if not m:
         return {}
@@ -260,6 +260,8 @@ def _timm_model_args(args: Mapping[str, Any]) -> Dict[str, Any]:
                        ("pre_norm", "pre_norm"), ("fc_norm", "fc_norm")):
         if args.get(arg):
             out[field] = args[arg]
+    if args.get("qkv_bias") is False:
+        out["qkv_bias"] = False
     if "pool_include_prefix" in args:
         out["pool_include_prefix"] = bool(args["pool_include_prefix"])
     act = args.get("act_layer")

@@ -332,15 +332,21 @@ def _out_to_linear(k: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(k).reshape(-1, k.shape[-1]).T)
 
 
-def _put_block(out: Dict[str, np.ndarray], arrays: Mapping[str, np.ndarray], b: str, t: str, names: Mapping[str, str]
-               ) -> None:
-    """One encoder block, canonical -> torch names (`names`: our part -> their module name)."""
+def _put_block(out: Dict[str, np.ndarray], arrays: Mapping[str, np.ndarray], b: str, t: str, names: Mapping[str, str],
+               zero_qkv_bias: bool = False) -> None:
+    """One encoder block, canonical -> torch names (`names`: our part -> their module name). Without
+    query/key/value biases (qkv_bias=False) none are written, or zeros with `zero_qkv_bias` (a layout
+    that always has them: the same outputs)."""
     a = b + _ATT
     for ours, theirs in (("LayerNorm_0", names["ln1"]), ("LayerNorm_2", names["ln2"])):
         out[f"{t}{theirs}.weight"], out[f"{t}{theirs}.bias"] = arrays[f"{b}{ours}/scale"], arrays[f"{b}{ours}/bias"]
     for ours in ("query", "key", "value"):
-        out[f"{t}{names[ours]}.weight"] = _per_head_to_linear(arrays[f"{a}{ours}/kernel"])
-        out[f"{t}{names[ours]}.bias"] = np.asarray(arrays[f"{a}{ours}/bias"]).reshape(-1)
+        kernel = _per_head_to_linear(arrays[f"{a}{ours}/kernel"])
+        out[f"{t}{names[ours]}.weight"] = kernel
+        if f"{a}{ours}/bias" in arrays:
+            out[f"{t}{names[ours]}.bias"] = np.asarray(arrays[f"{a}{ours}/bias"]).reshape(-1)
+        elif zero_qkv_bias:
+            out[f"{t}{names[ours]}.bias"] = np.zeros(kernel.shape[0], np.float32)
     out[f"{t}{names['out']}.weight"] = _out_to_linear(arrays[f"{a}out/kernel"])
     out[f"{t}{names['out']}.bias"] = arrays[f"{a}out/bias"]
     for j in (0, 1):
@@ -399,7 +405,7 @@ def to_clip(arrays: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
     names = dict(ln1="layer_norm1", ln2="layer_norm2", query="self_attn.q_proj", key="self_attn.k_proj",
                  value="self_attn.v_proj", out="self_attn.out_proj", fc0="mlp.fc1", fc1="mlp.fc2")
     for i in range(_num_blocks(arrays)):
-        _put_block(out, arrays, _BLOCK.format(i), f"{v}encoder.layers.{i}.", names)
+        _put_block(out, arrays, _BLOCK.format(i), f"{v}encoder.layers.{i}.", names, zero_qkv_bias=True)
     out[v + "post_layernorm.weight"] = arrays["Transformer/encoder_norm/scale"]
     out[v + "post_layernorm.bias"] = arrays["Transformer/encoder_norm/bias"]
     if "head/kernel" in arrays:
@@ -446,7 +452,7 @@ def hf_config(cfg) -> Dict[str, Any]:
             out["projection_dim"] = cfg.num_classes
         return out
     out.update(model_type="dinov2_with_registers" if cfg.num_registers else "dinov2", mlp_ratio=_mlp_ratio(cfg),
-               layerscale_value=cfg.layer_scale_init, use_swiglu_ffn=cfg.mlp == "swiglu", qkv_bias=True,
+               layerscale_value=cfg.layer_scale_init, use_swiglu_ffn=cfg.mlp == "swiglu", qkv_bias=cfg.qkv_bias,
                architectures=["Dinov2WithRegistersModel" if cfg.num_registers else "Dinov2Model"])
     if cfg.num_registers:
         out["num_register_tokens"] = cfg.num_registers

@@ -86,7 +86,9 @@ def model_variables(model: keras.Model) -> Dict[str, keras.Variable]:
         for ln, layer in (("LayerNorm_0", blk.norm_1), ("LayerNorm_2", blk.norm_2)):
             out[f"{b}{ln}/scale"], out[f"{b}{ln}/bias"] = layer.gamma, layer.beta
         for n in ("query", "key", "value", "out"):
-            out[f"{a}{n}/kernel"], out[f"{a}{n}/bias"] = getattr(att, f"{n}_kernel"), getattr(att, f"{n}_bias")
+            out[f"{a}{n}/kernel"] = getattr(att, f"{n}_kernel")
+            if n == "out" or att.qkv_bias:
+                out[f"{a}{n}/bias"] = getattr(att, f"{n}_bias")
         if att.relative_grid is not None:
             out[a + "relative_embedding"] = att.relative_embedding
         if att.qk_norm:

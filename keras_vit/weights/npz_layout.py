@@ -85,12 +85,15 @@ LAYER_SCALE_INIT = 1e-5
 
 def family_defaults(arrays: Mapping[str, np.ndarray], hidden: int) -> Dict[str, Any]:
     """The ViT-family options (issue #26) that canonical arrays show by their names and shapes,
-    only where they differ from the defaults: LayerScale, qk-norm (which also gives the heads),
+    only where they differ from the defaults: LayerScale, no query/key/value biases, qk-norm (which also gives the heads),
     SwiGLU (Dense_0 twice Dense_1's input), tokens, pre_norm, fc_norm and the classifier."""
     out: Dict[str, Any] = {}
     b = "Transformer/encoderblock_0/"
     if b + "LayerScale_0/scale" in arrays:
         out["layer_scale_init"] = LAYER_SCALE_INIT
+    if b + "MultiHeadDotProductAttention_1/query/kernel" in arrays and \
+            b + "MultiHeadDotProductAttention_1/query/bias" not in arrays:
+        out["qkv_bias"] = False
     qn = arrays.get(b + "MultiHeadDotProductAttention_1/query_norm/scale")
     if qn is not None and qn.shape[-1] and hidden % int(qn.shape[-1]) == 0:
         out.update(qk_norm=True, num_heads=hidden // int(qn.shape[-1]))

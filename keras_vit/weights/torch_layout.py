@@ -406,8 +406,9 @@ def to_timm(arrays: Mapping[str, np.ndarray], no_embed_class: Optional[bool] = N
         kernels = [np.asarray(arrays[f"{b}{_ATT}{n}/kernel"]) for n in ("query", "key", "value")]
         d = kernels[0].shape[0]
         out[t + "attn.qkv.weight"] = np.concatenate([kk.reshape(d, -1).T for kk in kernels], axis=0)
-        out[t + "attn.qkv.bias"] = np.concatenate(
-            [np.asarray(arrays[f"{b}{_ATT}{n}/bias"]).reshape(-1) for n in ("query", "key", "value")])
+        if f"{b}{_ATT}query/bias" in arrays:  # none with qkv_bias=False
+            out[t + "attn.qkv.bias"] = np.concatenate(
+                [np.asarray(arrays[f"{b}{_ATT}{n}/bias"]).reshape(-1) for n in ("query", "key", "value")])
         for qk, name in (("q_norm", "query_norm"), ("k_norm", "key_norm")):
             if f"{b}{_ATT}{name}/scale" in arrays:
                 out[f"{t}attn.{qk}.weight"] = np.asarray(arrays[f"{b}{_ATT}{name}/scale"])
