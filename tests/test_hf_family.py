@@ -299,7 +299,7 @@ def test_dinov2_37x37_table_resampled_to_16x16(tmp_path, family):
     assert _rel(other, want) > 10 * REL  # the two resamplings differ: the test tells them apart
 
 
-@pytest.mark.parametrize("family", ["dinov2_reg", "clip"])
+@pytest.mark.parametrize("family", ["dinov2_reg", "clip", "siglip"])
 def test_save_safetensors_hf_layout_round_trips(tmp_path, family):
     """A model loaded from an HF folder, saved with layout="hf": the same tensors as the folder's
     (DINOv2's mask_token is written as zeros), and it loads back to the same logits."""
@@ -323,6 +323,12 @@ def test_save_safetensors_hf_layout_refuses_what_it_cannot_write(tmp_path):
                                                      patch_size=4, image_size=8))
     with pytest.raises(ValueError, match="layout='hf' writes DINOv2 models"):
         keras_vit.weights.save_safetensors(model, str(tmp_path / "x.safetensors"), layout="hf")
+    # SigLIP-like (no class token, MAP) with a head SiglipVisionModel has no place for
+    siglip = keras_vit.ViT(config=keras_vit.ViTConfig(hidden_size=32, mlp_dim=64, num_heads=2, num_layers=1,
+                                                      patch_size=4, image_size=8, classifier="map", class_token=False))
+    with pytest.raises(ValueError, match="SiglipVisionModel has no 'head/kernel'"):
+        keras_vit.weights.save_safetensors(siglip, str(tmp_path / "x.safetensors"), layout="hf")
+    assert not (tmp_path / "x.safetensors").exists()
     with pytest.raises(ValueError, match="layout must be 'timm' or 'hf'"):
         keras_vit.weights.save_safetensors(model, str(tmp_path / "x.safetensors"), layout="onnx")
 
@@ -451,7 +457,7 @@ def test_preset_offline_is_one_clear_line(offline_hub):
     assert "\n" not in msg and "hf://timm/vit_small_patch14_dinov2.lvd142m" in msg and "offline" in msg
 
 
-@pytest.mark.parametrize("family", ["dinov2", "dinov2_reg", "clip"])
+@pytest.mark.parametrize("family", ["dinov2", "dinov2_reg", "clip", "siglip"])
 def test_hf_config_describes_the_saved_model(tmp_path, family):
     """save_safetensors(layout="hf") + hf_layout.hf_config: a folder that reads back as the same model."""
     import json

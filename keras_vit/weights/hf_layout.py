@@ -413,6 +413,58 @@ def to_clip(arrays: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
     return out
 
 
+def to_siglip(arrays: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
+    """Canonical arrays -> a SiglipVisionModel state dict (transformers 4's names, `vision_model.*`,
+    which transformers 5 reads too): no class token, the MAP head as `head.*` (none: vision_use_head
+    False). What SigLIP's layout has no place for is refused."""
+    extra = [k for k in ("cls", "dist", "reg", "head/kernel", "Transformer/pre_norm/scale", "fc_norm/scale") if k in arrays]
+    extra += [k for k in arrays if "/LayerScale_" in k or "/query_norm/" in k][:1]
+    if extra:
+        raise ValueError(f"SiglipVisionModel has no {extra[0]!r} (no class token, registers, head, pre_norm, fc_norm, "
+                         "LayerScale or qk-norm): save this model with layout='timm'")
+    v, e = "vision_model.", "vision_model.embeddings."
+    pe = np.asarray(arrays["Transformer/posembed_input/pos_embedding"])
+    out = {e + "patch_embedding.weight": _conv_to_torch(arrays["embedding/kernel"]),
+           e + "patch_embedding.bias": arrays["embedding/bias"],
+           e + "position_embedding.weight": pe.reshape(pe.shape[-2], pe.shape[-1])}
+    names = dict(ln1="layer_norm1", ln2="layer_norm2", query="self_attn.q_proj", key="self_attn.k_proj",
+                 value="self_attn.v_proj", out="self_attn.out_proj", fc0="mlp.fc1", fc1="mlp.fc2")
+    for i in range(_num_blocks(arrays)):
+        _put_block(out, arrays, _BLOCK.format(i), f"{v}encoder.layers.{i}.", names, zero_qkv_bias=True)
+    out[v + "post_layernorm.weight"] = arrays["Transformer/encoder_norm/scale"]
+    out[v + "post_layernorm.bias"] = arrays["Transformer/encoder_norm/bias"]
+    if _MAP + "probe" in arrays:  # nn.MultiheadAttention: q, k, v fused into in_proj
+        h = v + "head."
+        out[h + "probe"] = arrays[_MAP + "probe"]
+        out[h + "attention.in_proj_weight"] = np.concatenate(
+            [_per_head_to_linear(arrays[f"{_MAP_ATT}{n}/kernel"]) for n in ("query", "key", "value")], axis=0)
+        out[h + "attention.in_proj_bias"] = np.concatenate(
+            [np.asarray(arrays[f"{_MAP_ATT}{n}/bias"]).reshape(-1) for n in ("query", "key", "value")])
+        out[h + "attention.out_proj.weight"] = _out_to_linear(arrays[_MAP_ATT + "out/kernel"])
+        out[h + "attention.out_proj.bias"] = arrays[_MAP_ATT + "out/bias"]
+        out[h + "layernorm.weight"] = arrays[_MAP + "LayerNorm_0/scale"]
+        out[h + "layernorm.bias"] = arrays[_MAP + "LayerNorm_0/bias"]
+        for j, fc in enumerate(("fc1", "fc2")):
+            out[f"{h}mlp.{fc}.weight"] = tl._linear(arrays[f"{_MAP}MlpBlock_0/Dense_{j}/kernel"])
+            out[f"{h}mlp.{fc}.bias"] = arrays[f"{_MAP}MlpBlock_0/Dense_{j}/bias"]
+    return out
+
+
+def hf_kind(cfg) -> str:
+    """The transformers model a config is written as (save_safetensors(layout="hf"), hf_config): "clip"
+    (pre_norm), "dinov2" (LayerScale, classifier "token") or "siglip" (no class token, "map" or "gap");
+    ValueError naming the three for any other."""
+    if cfg.pre_norm:
+        return "clip"
+    if cfg.layer_scale_init is not None and cfg.classifier == "token":
+        return "dinov2"
+    if not cfg.has_class_token and cfg.classifier in ("map", "gap") and cfg.layer_scale_init is None:
+        return "siglip"
+    raise ValueError("layout='hf' writes DINOv2 models (layer_scale_init, classifier 'token'), CLIP models "
+                     "(pre_norm=True) and SigLIP models (class_token=False, classifier 'map' or 'gap'); save this "
+                     "model with layout='timm'")
+
+
 def _mlp_ratio(cfg) -> Union[int, float]:
     """Dinov2Config's mlp_ratio that gives the model's mlp_dim: an integer where one does (transformers
     >= 5 takes integers only, as the Hub's DINOv2 configs have), else the exact ratio (transformers 4)."""
@@ -434,9 +486,11 @@ def _mlp_ratio(cfg) -> Union[int, float]:
 
 
 def hf_config(cfg) -> Dict[str, Any]:
-    """The transformers config.json (Dinov2Config / Dinov2WithRegistersConfig, or CLIPVisionConfig for a
-    pre_norm model) of the model that `save_safetensors(model, path, layout="hf")` writes, so that a
-    folder of the two loads in transformers (and back here); ValueError for what those configs cannot say."""
+    """The transformers config.json (Dinov2Config / Dinov2WithRegistersConfig, CLIPVisionConfig or
+    SiglipVisionConfig, as `hf_kind` says) of the model that `save_safetensors(model, path, layout="hf")`
+    writes, so that a folder of the two loads in transformers (and back here); ValueError for what
+    those configs cannot say."""
+    kind = hf_kind(cfg)
     h, w = cfg.image_size
     if h != w or cfg.patch_size[0] != cfg.patch_size[1]:
         raise ValueError(f"transformers' configs take square images and patches; got image_size {h}x{w}, "
@@ -445,7 +499,11 @@ def hf_config(cfg) -> Dict[str, Any]:
     out = dict(hidden_size=cfg.hidden_size, num_attention_heads=cfg.num_heads, num_hidden_layers=cfg.num_layers,
                patch_size=cfg.patch_size[0], image_size=h, num_channels=cfg.channels, hidden_act=act,
                layer_norm_eps=cfg.layer_norm_epsilon)
-    if cfg.pre_norm:
+    if kind == "siglip":
+        out.update(model_type="siglip_vision_model", intermediate_size=cfg.mlp_dim, architectures=["SiglipVisionModel"],
+                   vision_use_head=cfg.classifier == "map")
+        return out
+    if kind == "clip":
         out.update(model_type="clip_vision_model", intermediate_size=cfg.mlp_dim,
                    architectures=["CLIPVisionModelWithProjection" if cfg.include_top else "CLIPVisionModel"])
         if cfg.include_top:
@@ -459,5 +517,6 @@ def hf_config(cfg) -> Dict[str, Any]:
     return out
 
 
-__all__ = ["LAYOUTS", "vision_model_names", "detect", "to_canonical", "layout_fields", "config_fields", "preprocessing_fields",
-           "to_dinov2", "to_clip", "hf_config", "resample_method", "IMAGENET_MEAN", "IMAGENET_STD", "CLIP_MEAN", "CLIP_STD"]
+__all__ = ["LAYOUTS", "vision_model_names", "detect", "to_canonical", "layout_fields", "config_fields",
+           "preprocessing_fields", "to_dinov2", "to_clip", "to_siglip", "hf_kind", "hf_config", "resample_method",
+           "IMAGENET_MEAN", "IMAGENET_STD", "CLIP_MEAN", "CLIP_STD"]

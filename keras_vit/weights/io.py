@@ -333,7 +333,8 @@ def save_npz(model: keras.Model, path: PathLike) -> str:
 def save_safetensors(model: keras.Model, path: PathLike, layout: str = "timm") -> str:
     """Write the model's weights as a .safetensors file in timm's VisionTransformer layout (fused
     qkv, PyTorch (out, in) kernels), or with `layout="hf"` in Hugging Face's Dinov2Model (a model
-    with LayerScale) or CLIPVisionModelWithProjection (a model with pre_norm) layout, with the
+    with LayerScale), CLIPVisionModelWithProjection (a model with pre_norm) or SiglipVisionModel (no
+    class token, "map" or "gap") layout (hf_layout.hf_kind), with the
     keras-vit config and class names as metadata so `ViT(weights=path)` rebuilds the same model;
     written then renamed."""
     cfg = get_config(model)
@@ -352,13 +353,10 @@ def save_safetensors(model: keras.Model, path: PathLike, layout: str = "timm") -
                          "save this model with layout='timm'")
     if layout == "timm":  # registers' position rows: timm's no_embed_class=False
         tensors = torch_layout.to_timm(arrays, no_embed_class=False if cfg.register_pos_embedding else None)
-    elif getattr(cfg, "pre_norm", False):
-        tensors = hf_layout.to_clip(arrays)
-    elif getattr(cfg, "layer_scale_init", None) is not None and cfg.classifier == "token":
-        tensors = hf_layout.to_dinov2(arrays, swiglu=getattr(cfg, "mlp", "mlp") == "swiglu")
     else:
-        raise ValueError("layout='hf' writes DINOv2 models (layer_scale_init, classifier 'token') and CLIP "
-                         "models (pre_norm=True); save this model with layout='timm'")
+        kind = hf_layout.hf_kind(cfg)
+        tensors = (hf_layout.to_clip(arrays) if kind == "clip" else hf_layout.to_siglip(arrays) if kind == "siglip"
+                   else hf_layout.to_dinov2(arrays, swiglu=cfg.mlp == "swiglu"))
     meta = {"format": "pt", "keras_vit": _metadata(model)}
     path = os.fspath(path)
     _check_folder(path)
