@@ -53,7 +53,7 @@ def _list_presets() -> None:
     from keras_vit.weights.presets import FAMILY
 
     click.echo("\nViT family checkpoints (ViT(weights=NAME), vitcli train --weights NAME; README \"Models\"):")
-    header = f"{'name':<38} {'variant':<7} {'image':>5} {'classes':>7} {'params':>12}  options; preprocessing; weights"
+    header = f"{'name':<38} {'variant':<9} {'image':>5} {'classes':>7} {'params':>12}  options; preprocessing; weights"
     click.echo(header)
     click.echo("-" * len(header))
     for name, entry in FAMILY.items():
@@ -62,7 +62,7 @@ def _list_presets() -> None:
         shown = ", ".join(f"{k}={v}" for k, v in entry.options.items() if not k.startswith("pixel_"))
         norm = "mean/std " + ("ImageNet" if entry.options.get("pixel_mean") == (0.485, 0.456, 0.406) else
                               "CLIP" if entry.options.get("pixel_mean") else "0.5")
-        click.echo(f"{name:<38} {entry.variant:<7} {entry.image_size:>5} {entry.num_classes or '-':>7} "
+        click.echo(f"{name:<38} {entry.variant:<9} {entry.image_size:>5} {entry.num_classes or '-':>7} "
                    f"{cfg.count_params():>12,}  {shown}; {norm}, {entry.interpolation}, crop {entry.crop_pct}; "
                    f"{entry.url}")
 

@@ -8,13 +8,15 @@ import dataclasses
 import re
 from typing import Optional, Sequence, Tuple, Union
 
-# Paper Table 1 plus the later Ti and S sizes: hidden_size, mlp_dim, num_heads, num_layers.
+# Paper Table 1 plus the later Ti and S sizes and the shape-optimised So400m (Alabdulmohsin et al. 2023;
+# big_vision's "So400m", SigLIP's and PaliGemma's image tower): hidden_size, mlp_dim, num_heads, num_layers.
 VARIANTS = {
     "Ti": dict(hidden_size=192, mlp_dim=768, num_heads=3, num_layers=12),
     "S": dict(hidden_size=384, mlp_dim=1536, num_heads=6, num_layers=12),
     "B": dict(hidden_size=768, mlp_dim=3072, num_heads=12, num_layers=12),
     "L": dict(hidden_size=1024, mlp_dim=4096, num_heads=16, num_layers=24),
     "H": dict(hidden_size=1280, mlp_dim=5120, num_heads=16, num_layers=32),
+    "So400m": dict(hidden_size=1152, mlp_dim=4304, num_heads=16, num_layers=27),
 }
 # ResNet depth -> units per stage of the hybrid's BiT-style backbone. "R50" is the paper's
 # three-stage ResNet-50 with (3, 4, 9) units (total stride 16); see parse_variant for others.
@@ -37,7 +39,7 @@ _OVERRIDES = ("hidden_size", "mlp_dim", "num_heads", "num_layers", "patch_size")
 LISTED_VARIANTS = ("Ti/16", "S/16", "S/32", "B/16", "B/32", "B/8", "L/16", "L/32", "H/14",
                    "R26+S/32", "R50+B/16", "R50+L/32")
 
-_VARIANT_RE = re.compile(r"^(?:R(?P<depth>\d+)\+)?(?P<size>Ti|S|B|L|H)/(?P<patch>\d+)$")
+_VARIANT_RE = re.compile(r"^(?:R(?P<depth>\d+)\+)?(?P<size>So400m|Ti|S|B|L|H)/(?P<patch>\d+)$")
 
 
 def _pair(value: Union[int, Sequence[int]], what: str) -> Tuple[int, int]:

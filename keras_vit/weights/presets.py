@@ -143,5 +143,12 @@ FAMILY: Dict[str, Published] = {
         options=dict(classifier="map", gelu_approximate=True), interpolation="bicubic", crop_pct=0.9,
         timm_params=92_884_224,
         source="timm vision_transformer.py default_cfgs (crop_pct 0.9, bicubic, mean/std 0.5, no head)"),
+    # SigLIP So400m/14 at its native 384 px: 27 x 27 patches, the last 6 pixels unseen (patch_remainder).
+    "vit_so400m_patch14_siglip_384.webli": Published(
+        "hf://google/siglip-so400m-patch14-384", "So400m/14", 384, 0,
+        options=dict(classifier="map", gelu_approximate=True, patch_remainder="drop"), interpolation="bicubic",
+        timm_params=428_225_600,
+        source="timm vision_transformer.py default_cfgs (crop_pct 1.0, bicubic, mean/std 0.5, no head); "
+               "parameters counted in timm 1.0.31's own module"),
 }
 PUBLISHED.update(FAMILY)
