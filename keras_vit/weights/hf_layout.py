@@ -389,6 +389,19 @@ def to_dinov2(arrays: Mapping[str, np.ndarray], swiglu: bool = False) -> Dict[st
     return out
 
 
+_CLIP_BLOCK_NAMES = dict(ln1="layer_norm1", ln2="layer_norm2", query="self_attn.q_proj", key="self_attn.k_proj",
+                        value="self_attn.v_proj", out="self_attn.out_proj", fc0="mlp.fc1", fc1="mlp.fc2")
+
+
+def _clip_like_encoder(out: Dict[str, np.ndarray], arrays: Mapping[str, np.ndarray], v: str) -> None:
+    """CLIP's and SigLIP's encoder layers and post_layernorm under `v` ("vision_model."); both always
+    have q/k/v biases (zeros for a qkv_bias=False model)."""
+    for i in range(_num_blocks(arrays)):
+        _put_block(out, arrays, _BLOCK.format(i), f"{v}encoder.layers.{i}.", _CLIP_BLOCK_NAMES, zero_qkv_bias=True)
+    out[v + "post_layernorm.weight"] = arrays["Transformer/encoder_norm/scale"]
+    out[v + "post_layernorm.bias"] = arrays["Transformer/encoder_norm/bias"]
+
+
 def to_clip(arrays: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
     """Canonical arrays -> a CLIPVisionModelWithProjection state dict (CLIPVisionModel without a head).
     CLIP's patch embedding and visual_projection have no bias: a non-zero one is refused."""
@@ -402,12 +415,7 @@ def to_clip(arrays: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
            e + "position_embedding.weight": pe.reshape(pe.shape[-2], pe.shape[-1]),
            v + "pre_layrnorm.weight": arrays["Transformer/pre_norm/scale"],
            v + "pre_layrnorm.bias": arrays["Transformer/pre_norm/bias"]}
-    names = dict(ln1="layer_norm1", ln2="layer_norm2", query="self_attn.q_proj", key="self_attn.k_proj",
-                 value="self_attn.v_proj", out="self_attn.out_proj", fc0="mlp.fc1", fc1="mlp.fc2")
-    for i in range(_num_blocks(arrays)):
-        _put_block(out, arrays, _BLOCK.format(i), f"{v}encoder.layers.{i}.", names, zero_qkv_bias=True)
-    out[v + "post_layernorm.weight"] = arrays["Transformer/encoder_norm/scale"]
-    out[v + "post_layernorm.bias"] = arrays["Transformer/encoder_norm/bias"]
+    _clip_like_encoder(out, arrays, v)
     if "head/kernel" in arrays:
         out["visual_projection.weight"] = tl._linear(arrays["head/kernel"])
     return out
@@ -427,12 +435,7 @@ def to_siglip(arrays: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
     out = {e + "patch_embedding.weight": _conv_to_torch(arrays["embedding/kernel"]),
            e + "patch_embedding.bias": arrays["embedding/bias"],
            e + "position_embedding.weight": pe.reshape(pe.shape[-2], pe.shape[-1])}
-    names = dict(ln1="layer_norm1", ln2="layer_norm2", query="self_attn.q_proj", key="self_attn.k_proj",
-                 value="self_attn.v_proj", out="self_attn.out_proj", fc0="mlp.fc1", fc1="mlp.fc2")
-    for i in range(_num_blocks(arrays)):
-        _put_block(out, arrays, _BLOCK.format(i), f"{v}encoder.layers.{i}.", names, zero_qkv_bias=True)
-    out[v + "post_layernorm.weight"] = arrays["Transformer/encoder_norm/scale"]
-    out[v + "post_layernorm.bias"] = arrays["Transformer/encoder_norm/bias"]
+    _clip_like_encoder(out, arrays, v)
     if _MAP + "probe" in arrays:  # nn.MultiheadAttention: q, k, v fused into in_proj
         h = v + "head."
         out[h + "probe"] = arrays[_MAP + "probe"]
