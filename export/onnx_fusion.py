@@ -161,8 +161,9 @@ def _attention_match(g: GraphIndex, softmax, num_heads: int):
     if weights not in g.initializers:
         return None
     w_dims = list(g.initializers[weights].dims)
-    b_dims = [w_dims[1]] if bias is None else list(g.initializers[bias].dims)
-    if len(w_dims) != 2 or w_dims[1] != 3 * w_dims[0] or b_dims != [w_dims[1]] or w_dims[0] % num_heads:
+    if len(w_dims) != 2 or w_dims[1] != 3 * w_dims[0] or w_dims[0] % num_heads:
+        return None
+    if bias is not None and list(g.initializers[bias].dims) != [w_dims[1]]:
         return None
     static = g.array(unpack.input[1])
     if static is not None and [int(v) for v in static[2:]] != [3, num_heads, w_dims[0] // num_heads]:

@@ -16,7 +16,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple, Union
 import keras
 import numpy as np
 
-from keras_vit.config import parse_variant
+from keras_vit.config import _pair, parse_variant
 from keras_vit.errors import first_line
 from keras_vit.labels import imagenet_labels
 from keras_vit.weights import hf_layout, torch_layout
@@ -435,10 +435,8 @@ def _floors_image_size(defaults: Mapping[str, Any]) -> bool:
             return False
     if patch is None:
         return False
-    size = defaults["image_size"]
-    (h, w), (ph, pw) = (tuple(size) if isinstance(size, (list, tuple)) else (size, size),
-                        tuple(patch) if isinstance(patch, (list, tuple)) else (patch, patch))
-    return bool(int(h) % int(ph) or int(w) % int(pw))
+    (h, w), (ph, pw) = _pair(defaults["image_size"], "image_size"), _pair(patch, "patch_size")
+    return bool(h % ph or w % pw)
 
 
 def check_variant(weights: PathLike, variant: Optional[str]) -> None:
