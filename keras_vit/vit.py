@@ -223,14 +223,23 @@ def _policy(model: keras.Model) -> Optional[str]:
 def resize_model(model: keras.Model, image_size: Union[int, Tuple[int, int]],
                  method: str = "linear") -> keras.Model:
     """A copy of a keras-vit model for another image size: same weights, position embeddings
-    resampled to the new patch grid (works for models built here or loaded from .keras)."""
+    resampled to the new patch grid (works for models built here or loaded from .keras; the layers
+    model.quantize() converted are quantized again from their float values: int8 gives the same codes)."""
     check_method(method)
     cfg = get_config(model)
     new_model = build_model(cfg.replace(image_size=image_size), name=model.name, dtype=_policy(model))
     assign_weights(new_model, model_arrays(model), method=method, source_grid=cfg.grid_size,
                    source=f"model {model.name!r}")
+    _quantize_as(new_model, model)
     new_model.class_names = getattr(model, "class_names", None)
     return new_model
+
+
+def _quantize_as(new_model: keras.Model, model: keras.Model) -> None:
+    """Quantize the layers of `new_model` that model.quantize() converted in `model`, mode for mode."""
+    quantized = model.get_config().get("quantized") if hasattr(model, "vit_config") else None
+    if quantized:
+        new_model._requantize(quantized)
 
 
 def dynamic_model(model: keras.Model, method: Optional[str] = None) -> keras.Model:
@@ -244,6 +253,7 @@ def dynamic_model(model: keras.Model, method: Optional[str] = None) -> keras.Mod
         return model
     new_model = build_model(cfg.replace(dynamic_size=True, pos_interpolation=method), name=model.name,
                             dtype=_policy(model))
+    _quantize_as(new_model, model)  # the same variables, codes and scales included
     new_model.set_weights(model.get_weights())
     new_model.class_names = getattr(model, "class_names", None)
     return new_model

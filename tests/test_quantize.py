@@ -94,3 +94,55 @@ def test_lora_on_mlp_dense_layers_changes_logits_by_the_low_rank_update():
     np.testing.assert_allclose(out, merged.predict(x, verbose=0), atol=1e-4)
     trainable = {v.path.split("/")[-1] for v in model.trainable_variables if "MlpBlock" in v.path}
     assert trainable == {"lora_kernel_a", "lora_kernel_b", "bias"}, trainable  # W frozen, as Keras' LoRA does
+
+
+def _random_quantizable(image_size=16):
+    model = keras_vit.ViT("Ti/4", image_size=image_size, num_classes=3, hidden_size=32, num_heads=2, mlp_dim=64,
+                          num_layers=1, representation_size=16)
+    rng = np.random.default_rng(0)
+    for w in model.weights:
+        w.assign(rng.normal(0, 0.3, w.shape).astype("float32"))
+    return model
+
+
+def _quantize(model, mode):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.quantize(mode)
+    return model
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4", "float8"])
+def test_quantized_model_writes_float_kernels_and_resizes(mode, tmp_path):
+    """What reads a quantized model's weights by checkpoint name gets the float kernels each layer
+    multiplies by, never its integer codes: save_npz writes a float model (its kernels within the
+    quantization step of the pre-quantization ones), resize_model gives what quantizing the resized
+    float model gives, dynamic_model the same logits; loading weights into a model with integer codes
+    is refused in one line (float8 keeps float kernels: they load)."""
+    float_model = _random_quantizable()
+    before = {w.path: w.numpy() for w in float_model.weights}
+    quant = _quantize(_random_quantizable(), mode)
+    x = random_images(2, 16, 16)
+    keras_vit.save_npz(quant, tmp_path / "q.npz")
+    back = keras_vit.ViT(weights=str(tmp_path / "q.npz"))
+    kernels = [w for w in back.weights if w.path.endswith("/kernel") and ("Dense_" in w.path or "head" in w.path
+                                                                          or "pre_logits" in w.path)]
+    assert len(kernels) == 4
+    levels = {"int8": 127, "int4": 7, "float8": None}[mode]  # abs-max codes: half a step is max|w| / levels / 2
+    for w in kernels:
+        error = np.abs(w.numpy() - before[w.path]).max()
+        assert error <= (np.abs(before[w.path]).max() / levels / 2 + 1e-6 if levels else 0.0), (w.path, error)
+    for w in back.weights:
+        if all(w.path != k.path for k in kernels):
+            np.testing.assert_array_equal(w.numpy(), before[w.path])
+    resized = keras_vit.resize_model(quant, 32)
+    expected = _quantize(keras_vit.resize_model(_random_quantizable(), 32), mode)
+    assert resized.get_config()["quantized"] == quant.get_config()["quantized"]
+    x32 = random_images(2, 32, 32)
+    np.testing.assert_allclose(np.asarray(resized(x32)), np.asarray(expected(x32)), atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(keras_vit.dynamic_model(quant)(x)), np.asarray(quant(x)))
+    if mode == "float8":  # its kernels stay float variables: weights load into it
+        keras_vit.load_weights(quant, str(tmp_path / "q.npz"))
+        return
+    with pytest.raises(ValueError, match="quantized in Keras .* load the weights into the float model"):
+        keras_vit.load_weights(quant, str(tmp_path / "q.npz"))

@@ -14,6 +14,7 @@ import pytest
 
 import keras_vit  # noqa: E402
 from keras_vit import train as kt  # noqa: E402
+from tests.conftest import random_images  # noqa: E402
 
 TINY = dict(hidden_size=32, num_layers=1, num_heads=2, mlp_dim=64)
 
@@ -189,6 +190,51 @@ def test_initial_weights_from_keras_adapt_the_input_kernel_to_other_channels(tmp
             rgb = np.repeat(rgb[..., :1], 3, axis=-1)
         x = rgb[..., :1] if channels == 1 else np.concatenate([rgb, rgb], axis=-1)
         np.testing.assert_allclose(np.asarray(target(x)), np.asarray(src(rgb)), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4", "float8"])
+def test_initial_weights_from_a_quantized_keras_are_its_float_kernels(tmp_path, mode):
+    """A model.quantize()d .keras as initial weights: each quantized Dense gives the float kernel it
+    multiplies by (int8: codes / scale; int4: unpacked codes / scale), not its integer codes; the
+    kernels stay within the quantization step of the float model's, everything else is copied exactly."""
+    import warnings
+
+    src = _tiny(3)
+    rng = np.random.default_rng(0)
+    for v in src.weights:
+        v.assign(rng.normal(0, 0.3, v.shape).astype("float32"))
+    original = {v.path: v.numpy() for v in src.weights}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        src.quantize(mode)
+    src.save(tmp_path / "q.keras")
+    stored = {v.path: v.numpy() for v in src.weights}
+    target = _tiny(3)
+    report = kt.load_initial_weights(target, str(tmp_path / "q.keras"))
+    assert report["skipped"] == []
+    dense = [p[: -len("/kernel")] for p, v in stored.items() if p.endswith("/kernel") and p + "_scale" in stored]
+    assert len(dense) == 2 * TINY["num_layers"] + 1  # the MLPs' Dense layers and the head
+    for v in target.weights:
+        got, want = v.numpy(), original[v.path]
+        layer = v.path[: -len("/kernel")]
+        if layer not in dense:
+            np.testing.assert_array_equal(got, want)
+            continue
+        scale = stored[layer + "/kernel_scale"]
+        if mode == "int8":  # Keras' int8: codes = round(w * scale) per output column
+            np.testing.assert_allclose(got, stored[v.path] / scale, rtol=1e-6, atol=1e-7)
+            assert np.abs(got - want).max() <= 0.5 / scale.min() + 1e-6
+        elif mode == "int4":
+            step = 1.0 / np.abs(scale).min()
+            assert np.abs(got - want).max() <= step, (v.path, np.abs(got - want).max(), step)
+        else:  # float8 keeps the float kernel itself
+            np.testing.assert_array_equal(got, want)
+    x = random_images(2, 16, 16)
+    float_model = _tiny(3)
+    for v in float_model.weights:
+        v.assign(original[v.path])
+    ref, out = np.asarray(float_model(x)), np.asarray(target(x))
+    assert np.abs(out - ref).max() <= {"int8": 0.03, "int4": 0.3, "float8": 0.0}[mode] * np.abs(ref).max()
 
 
 def test_initial_weights_errors(tmp_path):

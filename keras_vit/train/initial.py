@@ -1,6 +1,7 @@
 """Initial weights for a run (`--weights`): an official .npz checkpoint or another keras-vit
 .keras model (its encoder, e.g. from pre-training), copied where names and shapes match (the input
-kernel adapted to other channels, as for a checkpoint)."""
+kernel adapted to other channels, as for a checkpoint; a model.quantize()d layer's kernel read back
+in float)."""
 from __future__ import annotations
 
 import os
@@ -12,13 +13,15 @@ from keras_vit.errors import TrainError, first_line
 from keras_vit.model import VisionTransformer
 from keras_vit.vit import resize_model
 from keras_vit.weights import adapt_input_conv, load_npz
+from keras_vit.weights.io import dequantized_kernels
 
 
 def load_initial_weights(model: keras.Model, path: str) -> Dict[str, List[str]]:
     """Initialise `model` from a checkpoint: a .npz (or a published checkpoint name) goes to
     keras_vit.weights.load_npz; a .keras is copied variable by variable where the paths (keras_vit
     layer names) and shapes match, so encoders from other heads (pre-training) load too and a head
-    of another size keeps its initialisation. Returns {"loaded": [...], "skipped": [...]}."""
+    of another size keeps its initialisation; a model.quantize()d Dense gives the float kernel it
+    computes with, never its integer codes. Returns {"loaded": [...], "skipped": [...]}."""
     path = os.fspath(path)
     if not path.endswith(".keras"):
         load_npz(model, path)  # raises on any misfit; a head of another size stays initialised
@@ -31,10 +34,14 @@ def load_initial_weights(model: keras.Model, path: str) -> Dict[str, List[str]]:
         raise TrainError(f"could not read {path!r} as a keras-vit model: {first_line(exc)}") from None
     source = _resized_source(source, model)
     by_path = {v.path: v for v in source.weights}
+    floats = dequantized_kernels(source)
     loaded, skipped = [], []
     for var in model.weights:
         src = by_path.get(var.path)
-        value = None if src is None else _input_kernel(var, src)
+        if var.path in floats:
+            value = floats[var.path] if floats[var.path].shape == tuple(var.shape) else None
+        else:  # an integer variable is a quantized kernel that could not be read back: never its raw codes
+            value = None if src is None or not _is_float(src) else _input_kernel(var, src)
         # A head of the same size loads too: a linear probe's head carries on into full fine-tuning.
         if value is None:
             skipped.append(var.path)
@@ -44,6 +51,10 @@ def load_initial_weights(model: keras.Model, path: str) -> Dict[str, List[str]]:
     if not loaded:
         raise TrainError(f"no weights of {path!r} fit this model (no layer with the same name and shape)")
     return {"loaded": loaded, "skipped": skipped}
+
+
+def _is_float(var) -> bool:
+    return "float" in str(var.dtype)
 
 
 _INPUT_KERNELS = ("embedding/kernel_conv/kernel", "resnet/conv_root/kernel")

@@ -50,8 +50,43 @@ from keras_vit.weights.resize import (
 log = logging.getLogger("keras_vit")
 
 
+def integer_quantized(layer) -> bool:
+    """Whether model.quantize() gave this layer integer kernel codes (int8, int4, GPTQ, AWQ); float8
+    keeps the float kernel and only scales what it multiplies."""
+    return layer.dtype_policy.quantization_mode not in (None, "float8")
+
+
+def dequantized_kernel(dense: keras.layers.Dense) -> np.ndarray:
+    """The float (in, out) kernel a model.quantize()d Dense layer multiplies by, read back by applying
+    the layer, activation off, to the identity: Keras undoes its own quantization (scales, zero
+    points, int4 packing, LoRA) whatever the mode. A one-hot row quantizes exactly, so int8's per-row
+    input quantization adds no error."""
+    activation, dense.activation = dense.activation, None
+    try:
+        eye = np.eye(int(dense.input_spec.axes[-1]), dtype=dense.compute_dtype)
+        kernel = keras.ops.convert_to_numpy(keras.ops.cast(dense(eye), "float32"))
+    finally:
+        dense.activation = activation
+    if dense.bias is not None:
+        kernel = kernel - keras.ops.convert_to_numpy(keras.ops.cast(dense.bias, "float32"))[None]
+    return kernel
+
+
+def dequantized_kernels(model: keras.Model) -> Dict[str, np.ndarray]:
+    """{kernel variable path: float kernel} of the model's Dense layers with integer kernel codes."""
+    return {f"{layer.path}/kernel": dequantized_kernel(layer) for layer in model._flatten_layers(include_self=False)
+            if isinstance(layer, keras.layers.Dense) and integer_quantized(layer)}
+
+
+def _kernel(dense: keras.layers.Dense):
+    """A Dense layer's kernel as a checkpoint holds it: its variable, or the float kernel of one
+    whose kernel model.quantize() made integer codes (never the codes themselves)."""
+    return dequantized_kernel(dense) if integer_quantized(dense) else dense.kernel
+
+
 def model_variables(model: keras.Model) -> Dict[str, keras.Variable]:
-    """The model's variables under their canonical (vision_transformer) checkpoint names."""
+    """The model's variables under their canonical (vision_transformer) checkpoint names (a Dense
+    kernel that model.quantize() made integer codes: its float value, an array)."""
     cfg = get_config(model)
     out = {}
     if cfg.resnet_layers is not None:
@@ -97,7 +132,7 @@ def model_variables(model: keras.Model) -> Dict[str, keras.Variable]:
         for j, scale in enumerate(blk.layer_scale or ()):
             out[f"{b}LayerScale_{j}/scale"] = scale.scale
         for j, dense in enumerate((blk.mlp.dense_0, blk.mlp.dense_1)):
-            out[f"{b}MlpBlock_3/Dense_{j}/kernel"], out[f"{b}MlpBlock_3/Dense_{j}/bias"] = dense.kernel, dense.bias
+            out[f"{b}MlpBlock_3/Dense_{j}/kernel"], out[f"{b}MlpBlock_3/Dense_{j}/bias"] = _kernel(dense), dense.bias
     for layer_name, key in (("encoder_norm", "Transformer/encoder_norm"), ("fc_norm", "fc_norm")):
         if layer_name in names:
             norm = model.get_layer(layer_name)
@@ -107,7 +142,7 @@ def model_variables(model: keras.Model) -> Dict[str, keras.Variable]:
     for name in ("pre_logits", "head", "head_dist"):
         if name in names:
             dense = model.get_layer(name)
-            out[f"{name}/kernel"], out[f"{name}/bias"] = dense.kernel, dense.bias
+            out[f"{name}/kernel"], out[f"{name}/bias"] = _kernel(dense), dense.bias
     return out
 
 
@@ -118,7 +153,7 @@ def _map_head_variables(head) -> Dict[str, keras.Variable]:
     for n in ("query", "key", "value", "out"):
         out[f"{a}{n}/kernel"], out[f"{a}{n}/bias"] = getattr(head, f"{n}_kernel"), getattr(head, f"{n}_bias")
     for j, dense in enumerate((head.mlp.dense_0, head.mlp.dense_1)):
-        out[f"{m}MlpBlock_0/Dense_{j}/kernel"], out[f"{m}MlpBlock_0/Dense_{j}/bias"] = dense.kernel, dense.bias
+        out[f"{m}MlpBlock_0/Dense_{j}/kernel"], out[f"{m}MlpBlock_0/Dense_{j}/bias"] = _kernel(dense), dense.bias
     return out
 
 
@@ -241,6 +276,9 @@ def assign_weights(model: keras.Model, arrays: Mapping[str, np.ndarray], *, meth
     missing key, unexpected key and shape mismatch)."""
     check_method(method)
     cfg = get_config(model)
+    if any(integer_quantized(layer) for layer in model._flatten_layers(include_self=False)):
+        raise ValueError(f"model {model.name!r} has layers quantized in Keras (model.quantize): "
+                         "load the weights into the float model, then quantize it")
     target = model_variables(model)
     values = dict(arrays)
     _adapt(values, target, cfg, method, big_vision_posemb, source_grid, source)
