@@ -224,7 +224,8 @@ def resize_model(model: keras.Model, image_size: Union[int, Tuple[int, int]],
                  method: str = "linear") -> keras.Model:
     """A copy of a keras-vit model for another image size: same weights, position embeddings
     resampled to the new patch grid (works for models built here or loaded from .keras; the layers
-    model.quantize() converted are quantized again from their float values: int8 gives the same codes)."""
+    model.quantize() converted are quantized again from their float values: int8 gives the same codes;
+    LoRA updates are merged into the kernels)."""
     check_method(method)
     cfg = get_config(model)
     new_model = build_model(cfg.replace(image_size=image_size), name=model.name, dtype=_policy(model))
@@ -242,6 +243,16 @@ def _quantize_as(new_model: keras.Model, model: keras.Model) -> None:
         new_model._requantize(quantized)
 
 
+def _structured_as(new_model: keras.Model, model: keras.Model) -> None:
+    """Give `new_model`'s layers the variables Keras added to `model`'s: quantized as model.quantize()
+    left them, then LoRA enabled (Dense.enable_lora) with the same rank and alpha."""
+    _quantize_as(new_model, model)
+    layers_by_path = {layer.path: layer for layer in new_model._flatten_layers(include_self=False)}
+    for layer in model._flatten_layers(include_self=False):
+        if getattr(layer, "lora_enabled", False):
+            layers_by_path[layer.path].enable_lora(layer.lora_rank, lora_alpha=layer.lora_alpha)
+
+
 def dynamic_model(model: keras.Model, method: Optional[str] = None) -> keras.Model:
     """The same model for any image size (H, W divisible by the input stride): same weights, the
     position embeddings resampled in the graph with `method` (default: the model's
@@ -253,7 +264,7 @@ def dynamic_model(model: keras.Model, method: Optional[str] = None) -> keras.Mod
         return model
     new_model = build_model(cfg.replace(dynamic_size=True, pos_interpolation=method), name=model.name,
                             dtype=_policy(model))
-    _quantize_as(new_model, model)  # the same variables, codes and scales included
+    _structured_as(new_model, model)  # the same variables: quantized codes and scales, LoRA factors
     new_model.set_weights(model.get_weights())
     new_model.class_names = getattr(model, "class_names", None)
     return new_model

@@ -94,6 +94,10 @@ def test_lora_on_mlp_dense_layers_changes_logits_by_the_low_rank_update():
     np.testing.assert_allclose(out, merged.predict(x, verbose=0), atol=1e-4)
     trainable = {v.path.split("/")[-1] for v in model.trainable_variables if "MlpBlock" in v.path}
     assert trainable == {"lora_kernel_a", "lora_kernel_b", "bias"}, trainable  # W frozen, as Keras' LoRA does
+    # dynamic_model (any image size; inspection's way to other sizes) keeps the LoRA factors and their effect
+    dynamic = keras_vit.dynamic_model(model)
+    np.testing.assert_allclose(np.asarray(dynamic(x)), out, atol=1e-5)
+    assert {v.path for v in dynamic.trainable_variables} == {v.path for v in model.trainable_variables}
 
 
 def _random_quantizable(image_size=16):
