@@ -45,8 +45,10 @@ def float32_model(model, cfg):
     import numpy as np
 
     from keras_vit.model import build_model
+    from keras_vit.vit import structured_as
 
     twin = build_model(cfg, name=model.name, dtype="float32")
+    structured_as(twin, model)  # LoRA factors (Dense.enable_lora) too
     twin.set_weights([np.asarray(w, dtype=np.float32) for w in model.get_weights()])
     twin.class_names = getattr(model, "class_names", None)
     return twin

@@ -243,7 +243,7 @@ def _quantize_as(new_model: keras.Model, model: keras.Model) -> None:
         new_model._requantize(quantized)
 
 
-def _structured_as(new_model: keras.Model, model: keras.Model) -> None:
+def structured_as(new_model: keras.Model, model: keras.Model) -> None:
     """Give `new_model`'s layers the variables Keras added to `model`'s: quantized as model.quantize()
     left them, then LoRA enabled (Dense.enable_lora) with the same rank and alpha."""
     _quantize_as(new_model, model)
@@ -264,7 +264,7 @@ def dynamic_model(model: keras.Model, method: Optional[str] = None) -> keras.Mod
         return model
     new_model = build_model(cfg.replace(dynamic_size=True, pos_interpolation=method), name=model.name,
                             dtype=_policy(model))
-    _structured_as(new_model, model)  # the same variables: quantized codes and scales, LoRA factors
+    structured_as(new_model, model)  # the same variables: quantized codes and scales, LoRA factors
     new_model.set_weights(model.get_weights())
     new_model.class_names = getattr(model, "class_names", None)
     return new_model

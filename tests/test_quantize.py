@@ -150,3 +150,34 @@ def test_quantized_model_writes_float_kernels_and_resizes(mode, tmp_path):
         return
     with pytest.raises(ValueError, match="quantized in Keras .* load the weights into the float model"):
         keras_vit.load_weights(quant, str(tmp_path / "q.npz"))
+
+
+def test_lora_model_trained_in_bf16_exports_its_update(tmp_path):
+    """A LoRA-enabled model under mixed_bfloat16 exports through its float32 twin, the LoRA factors
+    copied with the weights: the ONNX file gives the twin's logits, the update included."""
+    pytest.importorskip("onnxruntime")
+    import onnxruntime as ort
+
+    from export._common import float32_model
+    from export.onnx import to_onnx
+
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    try:
+        model = keras_vit.ViT("Ti/4", image_size=16, num_classes=3, hidden_size=32, num_heads=2, mlp_dim=64,
+                              num_layers=1)
+    finally:
+        keras.config.set_dtype_policy("float32")
+    rng = np.random.default_rng(0)
+    for w in model.weights:
+        w.assign(rng.normal(0, 0.3, w.shape).astype("float32"))
+    for layer in model._flatten_layers():
+        if layer.name in MLP_DENSE:
+            layer.enable_lora(2)
+            layer.lora_kernel_b.assign(rng.normal(0, 0.5, layer.lora_kernel_b.shape).astype("float32"))
+    x = random_images(2, 16, 16)
+    twin = float32_model(model, model.vit_config)
+    ref = np.asarray(twin(x))
+    np.testing.assert_allclose(ref, np.asarray(model(x), dtype="float32"), atol=0.05)  # bf16 compute
+    path = to_onnx(model, tmp_path / "lora.onnx")
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(session.run(None, {session.get_inputs()[0].name: x})[0], ref, atol=1e-5)
