@@ -53,7 +53,7 @@ def markdown(record: Dict[str, object]) -> str:
         lines += ["", "This CPU has no AMX: the figures are this CPU kind's, for comparison with an AMX run of the "
                       "same command; none of them measures AMX."]
     _ways(lines, st)
-    _peaks(lines, st)
+    _peaks(lines, st, m["cpu_flags"])
     for variant in ("Ti/16", "B/16"):
         _training(lines, st, variant)
     _inference(lines, st)
@@ -105,7 +105,7 @@ def _ways(lines: List[str], st: Dict[str, Dict[str, object]]) -> None:
                      f"{'**yes**' if amx else 'no'} |")
 
 
-def _peaks(lines: List[str], st: Dict[str, Dict[str, object]]) -> None:
+def _peaks(lines: List[str], st: Dict[str, Dict[str, object]], flags: List[str]) -> None:
     s = st.get("peak")
     if not s or "results" not in s:
         return
@@ -116,6 +116,23 @@ def _peaks(lines: List[str], st: Dict[str, Dict[str, object]]) -> None:
     if rows:
         lines += ["", f"**GEMM peaks** (2048^3, best of 5, `{s['command']}`, {_when(s)}):", "",
                   "| GEMM | GFLOP/s |", "|---|---|", *rows]
+    _auto_rates(lines, p, flags)
+
+
+def _auto_rates(lines: List[str], p: Dict[str, object], flags: List[str]) -> None:
+    """What `auto` (keras_vit/precision.py) would take from this run's TensorFlow peaks: the CPU kind's
+    CPU_GEMM_GFLOPS entry and the bf16 break-even it gives, beside the entry it has now."""
+    from keras_vit.precision import CPU_GEMM_GFLOPS, bf16_break_even_gflop
+
+    fp32, bf16 = p.get("tf_fp32"), p.get("tf_bf16")
+    kind = next((f for f in CPU_GEMM_GFLOPS if f in flags), None)
+    if not (isinstance(fp32, float) and isinstance(bf16, float)) or kind is None:
+        return
+    now = CPU_GEMM_GFLOPS[kind]
+    lines += ["", f"For `auto` on this kind: `CPU_GEMM_GFLOPS[\"{kind}\"] = ({fp32:.0f}, {bf16:.0f})` from these "
+                  f"TensorFlow peaks puts bf16's break-even at {bf16_break_even_gflop(kind, (fp32, bf16)):.1f} forward "
+                  f"GFLOP per step; the entry now, ({now[0]:.0f}, {now[1]:.0f}), puts it at "
+                  f"{bf16_break_even_gflop(kind):.1f} (ViT-Ti/16 at 224 px, batch 16: 40)."]
 
 
 def _peak_values(st: Dict[str, Dict[str, object]]) -> Dict[str, float]:

@@ -150,11 +150,14 @@ def detect_hardware(backend: str) -> Hardware:
     return Hardware("gpu", compute_capability=_gpu_capability(backend))
 
 
-def bf16_break_even_gflop(cpu_bf16: Optional[str]) -> float:
-    """Forward GFLOP per step from which bf16 GEMMs save more than the bf16 path's fixed cost."""
-    if cpu_bf16 not in CPU_GEMM_GFLOPS:
+def bf16_break_even_gflop(cpu_bf16: Optional[str], rates: Optional[Tuple[float, float]] = None) -> float:
+    """Forward GFLOP per step from which bf16 GEMMs save more than the bf16 path's fixed cost, from
+    the CPU kind's (fp32, bf16) GEMM rates in CPU_GEMM_GFLOPS, or from `rates` (GFLOP/s) measured."""
+    if rates is None and cpu_bf16 not in CPU_GEMM_GFLOPS:
         return float("inf")
-    fp32, bf16 = CPU_GEMM_GFLOPS[cpu_bf16]
+    fp32, bf16 = rates or CPU_GEMM_GFLOPS[cpu_bf16]
+    if bf16 <= fp32:
+        return float("inf")
     # The training step runs ~3x the forward FLOPs (forward + two backward GEMMs).
     return BF16_STEP_OVERHEAD_S / (3.0 * (1.0 / fp32 - 1.0 / bf16))
 

@@ -204,6 +204,9 @@ def test_amx_markdown_names_the_cpu_kind_and_the_same_run_ratios():
             "oneDNN | no |") in md
     assert "gemm ways, torch: skipped: torch not installed" in md
     assert "| TensorFlow bf16 | 2000 |" in md
+    # auto's rates from this run: 30 ms / (3 (1/500 - 1/2000) s/GFLOP) = 6.7 GFLOP; now (360, 2000): 4.4
+    assert ('`CPU_GEMM_GFLOPS["amx_bf16"] = (500, 2000)` from these TensorFlow peaks puts bf16\'s break-even at 6.7 '
+            "forward GFLOP per step; the entry now, (360, 2000), puts it at 4.4") in md
     # default: 60 img/s = 3.00x timm fp32, 1.50x timm bf16, 600 GFLOP/s = 30% of the bf16 peak, per round 59 / 61
     assert "| mixed_bfloat16, fusible | **60.00** | 5% | 3.00 | 1.50 | 600 | 30% bf16 | 59.00 / 61.00 |" in md
     assert ("| `KERAS_BACKEND=torch`, `mixed_bfloat16` (eager) | mixed_bfloat16 | **30.00** | 5% | 1.50 | 0.75 | 300 | "
@@ -215,3 +218,4 @@ def test_amx_markdown_names_the_cpu_kind_and_the_same_run_ratios():
 
     md = markdown(_amx_record(["avx512_bf16"]))
     assert "**no AMX** on this CPU" in md.splitlines()[0] and "none of them measures AMX" in md
+    assert '`CPU_GEMM_GFLOPS["avx512_bf16"] = (500, 2000)`' in md
