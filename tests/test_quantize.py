@@ -181,3 +181,27 @@ def test_lora_model_trained_in_bf16_exports_its_update(tmp_path):
     path = to_onnx(model, tmp_path / "lora.onnx")
     session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     np.testing.assert_allclose(session.run(None, {session.get_inputs()[0].name: x})[0], ref, atol=1e-5)
+
+
+def test_dequantized_kernels_of_a_bf16_model_are_exact_and_leave_it_as_it_was():
+    """A model quantized under mixed_bfloat16: the float kernels read back are the int8 codes / scale
+    to float32 rounding (a bf16 product would round them by about one int8 step), and reading them
+    leaves the layers' policies and the model's outputs as they were."""
+    from keras_vit.weights.io import dequantized_kernels
+
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    try:
+        model = _quantize(_random_quantizable(), "int8")
+    finally:
+        keras.config.set_dtype_policy("float32")
+    x = random_images(2, 16, 16)
+    before = np.asarray(model(x))
+    policies = {layer.path: layer.dtype_policy.name for layer in model._flatten_layers(include_self=False)}
+    assert "int8_from_mixed_bfloat16" in policies.values()
+    stored = {w.path: w.numpy() for w in model.weights}
+    kernels = dequantized_kernels(model)
+    assert len(kernels) == 4
+    for path, kernel in kernels.items():
+        np.testing.assert_allclose(kernel, stored[path].astype("float32") / stored[path + "_scale"], rtol=1e-6, atol=1e-7)
+    assert {layer.path: layer.dtype_policy.name for layer in model._flatten_layers(include_self=False)} == policies
+    np.testing.assert_array_equal(np.asarray(model(x)), before)

@@ -60,13 +60,19 @@ def dequantized_kernel(dense: keras.layers.Dense) -> np.ndarray:
     """The float (in, out) kernel a model.quantize()d Dense layer multiplies by, read back by applying
     the layer, activation off, to the identity: Keras undoes its own quantization (scales, zero
     points, int4 packing, LoRA) whatever the mode. A one-hot row quantizes exactly, so int8's per-row
-    input quantization adds no error."""
-    activation, dense.activation = dense.activation, None
+    input quantization adds no error. It runs in float32 whatever the layer's policy (under
+    mixed_bfloat16 the bf16 product would round the codes by as much as int8's own step)."""
+    activation, policy = dense.activation, dense.dtype_policy
+    dense.activation = None
+    if policy.compute_dtype != "float32":  # e.g. int8_from_mixed_bfloat16 -> int8_from_float32
+        dense.dtype_policy = policy.name.rsplit("_from_", 1)[0] + "_from_float32"
     try:
-        eye = np.eye(int(dense.input_spec.axes[-1]), dtype=dense.compute_dtype)
+        eye = np.eye(int(dense.input_spec.axes[-1]), dtype="float32")
         kernel = keras.ops.convert_to_numpy(keras.ops.cast(dense(eye), "float32"))
     finally:
         dense.activation = activation
+        if dense.dtype_policy is not policy:
+            dense.dtype_policy = policy
     if dense.bias is not None:
         kernel = kernel - keras.ops.convert_to_numpy(keras.ops.cast(dense.bias, "float32"))[None]
     return kernel
