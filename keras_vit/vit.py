@@ -238,7 +238,7 @@ def resize_model(model: keras.Model, image_size: Union[int, Tuple[int, int]],
 
 def _quantize_as(new_model: keras.Model, model: keras.Model) -> None:
     """Quantize the layers of `new_model` that model.quantize() converted in `model`, mode for mode."""
-    quantized = model.get_config().get("quantized") if hasattr(model, "vit_config") else None
+    quantized = model.get_config().get("quantized")  # a keras-vit model: its callers took get_config(model)
     if quantized:
         new_model._requantize(quantized)
 
