@@ -35,7 +35,7 @@ def _load_model_arg(spec: str, image_size: Optional[Tuple[int, int]] = None, cha
             raise UserError(f"model file {spec!r} does not exist")
         from keras_vit.saving import load_model
 
-        return load_model(spec)
+        return load_model(spec, compile=False)
     import keras_vit
 
     try:

@@ -143,7 +143,7 @@ def _load(model: str):
 
         return model, ViT(weights=model)
     path = ktrain.model_path(model)
-    return path, load_model(path)
+    return path, load_model(path, compile=False)
 
 
 @click.command("evaluate")

@@ -22,7 +22,7 @@ def resolve_model(model):
 
     if isinstance(model, (str, os.PathLike)):
         try:
-            model = load_model(model)
+            model = load_model(model, compile=False)
         except ValueError as exc:
             raise ExportError(str(exc)) from None
     try:

@@ -5,6 +5,7 @@ Pure Python (no TensorFlow, no Keras) so that `vitcli models` and parameter/FLOP
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import re
 from typing import Optional, Sequence, Tuple, Union
 
@@ -42,15 +43,36 @@ LISTED_VARIANTS = ("Ti/16", "S/16", "S/32", "B/16", "B/32", "B/8", "L/16", "L/32
 _VARIANT_RE = re.compile(r"^(?:R(?P<depth>\d+)\+)?(?P<size>So400m|Ti|S|B|L|H)/(?P<patch>\d+)$")
 
 
+def _is_int(value) -> bool:
+    """An integer, NumPy's included (a notebook's `y.max() + 1`), but not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    """A real number, NumPy's included, but not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _plain(value):
+    """A NumPy integer or float as Python's int or float, so the config is JSON as Keras saves it;
+    anything else as it is (validate() judges it)."""
+    if _is_int(value):
+        return int(value)
+    if _is_real(value) and not isinstance(value, float):
+        return float(value)
+    return value
+
+
 def _pair(value: Union[int, Sequence[int]], what: str) -> Tuple[int, int]:
-    if isinstance(value, bool):
-        raise ValueError(f"{what} must be an int or (height, width), got {value!r}")
-    if isinstance(value, int):
+    if _is_int(value):
         value = (value, value)
-    try:
-        h, w = (int(v) for v in value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{what} must be an int or (height, width), got {value!r}") from None
+    try:  # a tuple, a list (JSON) or a NumPy array of two integers; a string is not one
+        pair = () if isinstance(value, (str, bytes)) else tuple(value)
+    except TypeError:
+        pair = ()
+    if len(pair) != 2 or not all(_is_int(v) for v in pair):
+        raise ValueError(f"{what} must be an int or (height, width), got {value!r}")
+    h, w = (int(v) for v in pair)
     if h < 1 or w < 1:
         raise ValueError(f"{what} must be positive, got {value!r}")
     return h, w
@@ -121,21 +143,22 @@ class ViTConfig:
     patch_remainder: str = "error"
 
     def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):  # NumPy numbers as Python's (JSON, and the checks below)
+            setattr(self, field.name, _plain(getattr(self, field.name)))
         self.image_size = _pair(self.image_size, "image_size")
         self.patch_size = _pair(self.patch_size, "patch_size")
         if self.resnet_layers is not None:
             self.resnet_layers = tuple(int(n) for n in self.resnet_layers)
         if self.feature_layers is not None:
-            if isinstance(self.feature_layers, int) or not all(
-                    isinstance(i, int) and not isinstance(i, bool) for i in self.feature_layers):
+            if isinstance(self.feature_layers, (int, str)) or not all(_is_int(i) for i in self.feature_layers):
                 raise ValueError(f"feature_layers must be a tuple of block indices, got {self.feature_layers!r}")
-            self.feature_layers = tuple(i + self.num_layers if i < 0 else i for i in self.feature_layers)
+            self.feature_layers = tuple(int(i) + self.num_layers if i < 0 else int(i) for i in self.feature_layers)
         if isinstance(self.layer_scale_init, int) and not isinstance(self.layer_scale_init, bool):
             self.layer_scale_init = float(self.layer_scale_init)  # 1 from JSON is 1.0
         for name in ("pixel_mean", "pixel_std"):
             value = getattr(self, name)
             if isinstance(value, (list, tuple)):
-                setattr(self, name, tuple(value))
+                setattr(self, name, tuple(_plain(v) for v in value))
         self.validate()
 
     # --- checks -----------------------------------------------------------------------
@@ -143,11 +166,11 @@ class ViTConfig:
         """Raise ValueError naming the bad value and what is allowed."""
         for name in ("hidden_size", "mlp_dim", "num_heads", "num_layers", "resnet_width"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            if not _is_int(v) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
-        if isinstance(self.channels, bool) or not isinstance(self.channels, int) or self.channels < 1:
+        if not _is_int(self.channels) or self.channels < 1:
             raise ValueError(f"channels must be an integer >= 1, got {self.channels!r}")
-        if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) or self.num_classes < 1:
+        if not _is_int(self.num_classes) or self.num_classes < 1:
             raise ValueError(f"num_classes must be an integer >= 1, got {self.num_classes!r}")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} must be divisible by num_heads {self.num_heads}")
@@ -161,14 +184,18 @@ class ViTConfig:
         if self.pos_embedding == "sincos2d" and self.hidden_size % 4:
             raise ValueError(f"pos_embedding 'sincos2d' needs hidden_size divisible by 4, got {self.hidden_size}")
         if self.representation_size is not None and (
-            isinstance(self.representation_size, bool) or not isinstance(self.representation_size, int)
-            or self.representation_size < 1
+            not _is_int(self.representation_size) or self.representation_size < 1
         ):
             raise ValueError(f"representation_size must be a positive integer or None, got {self.representation_size!r}")
         for name in ("dropout_rate", "attention_dropout_rate", "drop_path_rate"):
             v = getattr(self, name)
-            if not isinstance(v, (int, float)) or not 0.0 <= v < 1.0:
+            if not _is_real(v) or not 0.0 <= v < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {v!r}")
+        if not _is_real(self.layer_norm_epsilon) or not 0.0 < self.layer_norm_epsilon < 1.0:
+            raise ValueError(f"layer_norm_epsilon must be a small positive number (e.g. 1e-6), got {self.layer_norm_epsilon!r}")
+        for name in ("include_top", "include_preprocessing", "gelu_approximate"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         self._validate_block_options()
         if self.output not in OUTPUTS:
             raise ValueError(f"output must be one of {', '.join(map(repr, OUTPUTS))}; got {self.output!r}")
@@ -220,7 +247,7 @@ class ViTConfig:
     def _validate_block_options(self) -> None:
         """The block options of issue #26 (layer_scale_init, qk_norm, activation, mlp)."""
         v = self.layer_scale_init
-        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 < v < float("inf")):
+        if v is not None and (not _is_real(v) or not 0.0 < v < float("inf")):
             raise ValueError(f"layer_scale_init must be a positive number (e.g. 1e-5) or None, got {v!r}")
         for name in ("qk_norm", "qkv_bias"):
             if not isinstance(getattr(self, name), bool):
@@ -240,7 +267,7 @@ class ViTConfig:
         if self.classifier == "token" and self.class_token is False:
             raise ValueError("class_token=False is allowed with classifier 'gap' or 'map' only; classifier='token' "
                              "reads the class token")
-        if isinstance(self.num_registers, bool) or not isinstance(self.num_registers, int) or self.num_registers < 0:
+        if not _is_int(self.num_registers) or self.num_registers < 0:
             raise ValueError(f"num_registers must be an integer >= 0, got {self.num_registers!r}")
         for name in ("distilled", "pre_norm", "fc_norm", "register_pos_embedding", "pool_include_prefix"):
             if not isinstance(getattr(self, name), bool):
@@ -257,8 +284,7 @@ class ViTConfig:
             value = getattr(self, name)
             if value is None:
                 continue
-            ok = isinstance(value, tuple) and len(value) == self.channels and all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+            ok = isinstance(value, tuple) and len(value) == self.channels and all(_is_real(v) for v in value)
             if not ok or (name == "pixel_std" and min(value) <= 0):
                 allowed = "positive numbers" if name == "pixel_std" else "numbers"
                 raise ValueError(f"{name} must be {self.channels} {allowed} (one per channel), got {value!r}")

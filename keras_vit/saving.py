@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 import zipfile
 from typing import Optional, Union
 
@@ -14,8 +15,13 @@ from keras_vit.errors import first_line
 from keras_vit.model import VisionTransformer
 
 
-def load_model(path: Union[str, os.PathLike], compile: bool = False) -> keras.Model:
-    """Load a .keras file written by `model.save`; ValueError if missing or not a keras-vit model."""
+def load_model(path: Union[str, os.PathLike], compile: bool = True) -> keras.Model:
+    """Load a .keras file written by `model.save`; ValueError if missing or not a keras-vit model.
+
+    compile=True, as `keras.saving.load_model`: a model saved compiled comes back compiled, its
+    optimizer's state included, so `fit` goes on where it stopped. Where that compile state cannot
+    be rebuilt (a loss or metric this process does not know), the model loads uncompiled with a
+    warning that says why. compile=False skips it (inference: no optimizer variables)."""
     path = os.fspath(path)
     if os.path.isdir(path):
         raise ValueError(f"model file {path!r} is a folder; give the .keras file written by model.save")
@@ -27,12 +33,26 @@ def load_model(path: Union[str, os.PathLike], compile: bool = False) -> keras.Mo
         raise ValueError(f"could not load {path!r}: not a .keras archive (the zip model.save writes); "
                          "the file is damaged or of another kind")
     try:
-        model = keras.saving.load_model(path, compile=compile)
+        model = _load(path, compile)
     except Exception as exc:  # noqa: BLE001 - any failure means: not a loadable keras-vit file
         raise ValueError(f"could not load {path!r} as a keras-vit model: {first_line(exc)}") from exc
     if not isinstance(model, VisionTransformer):
         raise ValueError(f"{path!r} holds a {type(model).__name__}, not a keras-vit model")
     return model
+
+
+def _load(path: str, compile: bool) -> keras.Model:
+    """keras.saving.load_model; with compile=True, where the model loads but its compile state
+    cannot be rebuilt, the model uncompiled and a warning saying why."""
+    try:
+        return keras.saving.load_model(path, compile=compile)
+    except Exception as exc:  # noqa: BLE001 - retried without the compile state; a file that is bad fails again
+        if not compile:
+            raise
+        model = keras.saving.load_model(path, compile=False)
+        warnings.warn(f"{path!r} loaded uncompiled: its compile state could not be rebuilt ({first_line(exc)}); "
+                      "call model.compile() before fit", stacklevel=3)
+        return model
 
 
 def saved_config(path: Union[str, os.PathLike]) -> Optional[ViTConfig]:

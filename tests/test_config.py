@@ -91,7 +91,33 @@ def test_unknown_variant_is_a_clear_error(variant):
     (dict(activation="relu"), "activation must be one of gelu, quick_gelu; got 'relu'"),
     (dict(mlp="glu"), "mlp must be one of mlp, swiglu; got 'glu'"),
     (dict(mlp="swiglu", activation="quick_gelu"), "activation 'quick_gelu' does not apply to mlp='swiglu'"),
+    (dict(include_top="False"), "include_top must be True or False, got 'False'"),
+    (dict(include_preprocessing="no"), "include_preprocessing must be True or False, got 'no'"),
+    (dict(gelu_approximate=0), "gelu_approximate must be True or False, got 0"),
+    (dict(image_size="224"), "image_size must be an int or (height, width), got '224'"),
+    (dict(image_size=224.0), "image_size must be an int or (height, width), got 224.0"),
+    (dict(image_size=(224, 224, 3)), "image_size must be an int or (height, width)"),
+    (dict(layer_norm_epsilon=-1.0), "layer_norm_epsilon must be a small positive number (e.g. 1e-6), got -1.0"),
+    (dict(layer_norm_epsilon=0), "layer_norm_epsilon must be a small positive number"),
 ])
 def test_bad_options_name_the_value_and_what_is_allowed(kwargs, match):
     with pytest.raises(ValueError, match=match.replace("(", r"\(").replace(")", r"\)")):
         parse_variant("B/16", **kwargs)
+
+
+def test_numpy_numbers_are_taken_as_python_numbers():
+    """A notebook's `num_classes=y.max() + 1` is a NumPy integer: taken, and stored as int (JSON)."""
+    import json
+
+    import numpy as np
+
+    cfg = parse_variant("B/16", image_size=np.int64(32), patch_size=np.array([8, 8]), num_classes=np.int64(3),
+                        num_registers=np.int32(2), representation_size=np.int64(16), dropout_rate=np.float32(0.25),
+                        layer_scale_init=np.float32(0.5), layer_norm_epsilon=np.float64(1e-5),
+                        pixel_mean=[np.float32(0.5)] * 3, pixel_std=(np.float64(0.25),) * 3, feature_layers=(np.int64(-1),),
+                        include_top=False)
+    assert cfg == parse_variant("B/16", image_size=32, patch_size=8, num_classes=3, num_registers=2, representation_size=16,
+                                dropout_rate=0.25, layer_scale_init=0.5, layer_norm_epsilon=1e-5, pixel_mean=(0.5,) * 3,
+                                pixel_std=(0.25,) * 3, feature_layers=(11,), include_top=False)
+    assert type(cfg.num_classes) is int and type(cfg.dropout_rate) is float and type(cfg.pixel_mean[0]) is float
+    assert ViTConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
