@@ -183,7 +183,7 @@ def fewshot_cmd(model_spec: str, dataset: str, shots: str, draws: int, seed: int
 @click.option("--weight-decay", default=0.05, show_default=True, type=click.FloatRange(min=0.0))
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False),
-              help="Run folder [default: runs/pretrain-<dataset>-<variant>].")
+              help="Run folder, new or empty [default: runs/pretrain-<dataset>-<variant>-<time>].")
 @user_errors
 def pretrain_cmd(dataset: str, out_dir: Optional[str], **options) -> None:
     """Self-supervised masked patch prediction, as in the paper's Appendix B.1.2.

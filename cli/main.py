@@ -34,16 +34,26 @@ def models_cmd(image_size: int, num_classes: int) -> None:
     from keras_vit.config import LISTED_VARIANTS, parse_variant
 
     header = f"{'variant':<10} {'layers':>6} {'hidden':>6} {'mlp':>5} {'heads':>5} {'patch':>5} {'resnet':>10} {'params':>13} {'GFLOPs':>8}"
-    click.echo(header)
-    click.echo("-" * len(header))
-    for name in LISTED_VARIANTS:
+    rows, unfit = [], []
+    for name in LISTED_VARIANTS:  # every row is made before any is printed: an error leaves no half table
         try:
             cfg = parse_variant(name, image_size=image_size, num_classes=num_classes)
-        except ValueError as exc:
-            raise UserError(str(exc)) from None
+            params, gflops = f"{cfg.count_params():,}", f"{cfg.flops() / 1e9:.2f}"
+        except ValueError:  # image_size is not a multiple of this variant's input stride
+            cfg, params, gflops = parse_variant(name, num_classes=num_classes), "-", "-"
+            unfit.append(name)
         resnet = "-" if cfg.resnet_layers is None else ",".join(map(str, cfg.resnet_layers))
-        click.echo(f"{name:<10} {cfg.num_layers:>6} {cfg.hidden_size:>6} {cfg.mlp_dim:>5} {cfg.num_heads:>5} "
-                   f"{cfg.input_stride[0]:>5} {resnet:>10} {cfg.count_params():>13,} {cfg.flops() / 1e9:>8.2f}")
+        rows.append(f"{name:<10} {cfg.num_layers:>6} {cfg.hidden_size:>6} {cfg.mlp_dim:>5} {cfg.num_heads:>5} "
+                    f"{cfg.input_stride[0]:>5} {resnet:>10} {params:>13} {gflops:>8}")
+    if len(unfit) == len(LISTED_VARIANTS):
+        raise UserError(f"--image-size {image_size} is not a multiple of any listed variant's patch size "
+                        "(8, 14, 16, 32; hybrids: their total stride); try 224")
+    click.echo(header)
+    click.echo("-" * len(header))
+    click.echo("\n".join(rows))
+    if unfit:
+        click.echo(f"-: {image_size} px is not a multiple of the patch size (hybrids: the total stride) of "
+                   f"{', '.join(unfit)}")
     _list_presets()
 
 

@@ -21,3 +21,10 @@ def first_line(exc: BaseException) -> str:
         if line.strip():
             return line.strip()
     return type(exc).__name__
+
+
+def op_error_line(exc: BaseException) -> str:
+    """The informative line of a TensorFlow op error (not the 'Graph execution error' banner)."""
+    lines = [ln.strip() for ln in str(getattr(exc, "message", exc)).splitlines()]
+    useful = [ln for ln in lines if ln and not ln.startswith(("File ", "Detected at", "[[", "Graph execution", "Cf. "))]
+    return useful[-1] if useful else type(exc).__name__

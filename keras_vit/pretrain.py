@@ -35,10 +35,11 @@ import numpy as np
 from keras import layers, ops
 
 from keras_vit import data as kdata
-from keras_vit.errors import UserInputError
+from keras_vit.errors import UserInputError, op_error_line
 from keras_vit.files import save_model, write_json
 from keras_vit.model import build_model, get_config
 from keras_vit.train.recipes import make_config, warmup_cosine
+from keras_vit.train.runs import check_output, new_run_dir
 from keras_vit.train.schedules import evaluate_once_per_update
 
 __all__ = ["TARGETS", "KEEP", "MASK", "RANDOM", "UNCHANGED", "PatchCorruption", "DropPrefixTokens",
@@ -294,9 +295,18 @@ class PretrainConfig:
         return {**given, "model": dict(self.model)} if self.model else given
 
 
+def _op_errors() -> Tuple[type, ...]:
+    """The errors a running step raises on this backend (TensorFlow's OpError; none known elsewhere)."""
+    if keras.backend.backend() != "tensorflow":
+        return ()
+    import tensorflow as tf
+
+    return (tf.errors.OpError,)
+
+
 def pretrain(cfg: PretrainConfig, output: Optional[str] = None, verbose: Any = "auto",
              callbacks=None) -> Dict[str, Any]:
-    """Pre-train an encoder on `cfg.dataset` into `output` (default runs/pretrain-<dataset>-<variant>):
+    """Pre-train an encoder on `cfg.dataset` into `output` (a new or empty folder; default runs/pretrain-<dataset>-<variant>-<time>):
     model.keras (an encoder `vitcli train --weights` fine-tunes) and metrics.json.
 
     The seed is set before the encoder is built, so a run repeats from the same initial weights.
@@ -304,20 +314,24 @@ def pretrain(cfg: PretrainConfig, output: Optional[str] = None, verbose: Any = "
     if cfg.target not in TARGETS:
         raise UserInputError(f"target must be one of {', '.join(TARGETS)}; got {cfg.target!r}")
     train_cfg = make_config(cfg.dataset, "scratch", **cfg.model_options())
+    check_output(output, "--out")  # before the data loads: a taken folder is refused at once
     splits = kdata.load(cfg.dataset, seed=cfg.seed)
     channels = 1 if splits.image_shape[-1] == 1 else 3
     vit_cfg = train_cfg.vit_config(splits.num_classes, channels).replace(include_top=False)
     train_x = kdata.split_arrays(splits.train, vit_cfg.image_size, channels)[0]
     val_x = kdata.split_arrays(splits.val, vit_cfg.image_size, channels)[0]
-    output = output or os.path.join("runs", f"pretrain-{kdata.slug(cfg.dataset)}-{train_cfg.label()}")
-    os.makedirs(output, exist_ok=True)
+    # A new folder each run (an earlier encoder is never replaced); runs/latest stays the last `train`'s.
+    output = new_run_dir(train_cfg, output, "runs", kind="pretrain-", latest=False, option="--out")
     keras.utils.set_random_seed(cfg.seed)
     encoder = build_model(vit_cfg)
-    history = pretrain_encoder(
-        encoder, train_x, val_x, target=cfg.target, epochs=cfg.epochs, batch_size=cfg.batch_size,
-        learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay, warmup_epochs=cfg.warmup_epochs,
-        seed=cfg.seed, mask_ratio=cfg.mask_ratio, callbacks=callbacks,
-        verbose=(1 if sys.stdout.isatty() else 2) if verbose == "auto" else verbose)
+    try:
+        history = pretrain_encoder(
+            encoder, train_x, val_x, target=cfg.target, epochs=cfg.epochs, batch_size=cfg.batch_size,
+            learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay, warmup_epochs=cfg.warmup_epochs,
+            seed=cfg.seed, mask_ratio=cfg.mask_ratio, callbacks=callbacks,
+            verbose=(1 if sys.stdout.isatty() else 2) if verbose == "auto" else verbose)
+    except _op_errors() as exc:  # out of memory, say: one line, as `train` gives
+        raise UserInputError(f"pre-training failed: {op_error_line(exc)}") from None
     path = save_encoder(encoder, os.path.join(output, "model.keras"))
     write_json(os.path.join(output, "metrics.json"),
                {"task": "masked_patch_prediction", **dataclasses.asdict(cfg), "config": vit_cfg.to_dict(),

@@ -272,7 +272,9 @@ def test_quiet_filter_drops_start_up_lines_and_keeps_real_errors():
              b"To enable the following instructions: AVX2 AVX512F FMA, in other operations, rebuild TensorFlow "
              b"with the appropriate compiler flags.",
              b"fully_quantize: 0, inference_type: 6, input_inference_type: FLOAT32, output_inference_type: FLOAT32",
-             b"INFO: Created TensorFlow Lite XNNPACK delegate for CPU."]
+             b"INFO: Created TensorFlow Lite XNNPACK delegate for CPU.",
+             b"E0000 00:00:1796350560.116438   30548 util.cc:131] oneDNN supports DT_INT64 only on platforms with "
+             b"AVX-512. Falling back to the default Eigen-based implementation if present."]
     kept = [b"E0000 00:00:1795922082.967147   27563 kernel.cc:10] Out of memory while allocating 4 GB",
             b"Traceback (most recent call last):", b"Error: unknown recipe 'fast'", b"Epoch 1/8"]
     assert all(is_noise(line) for line in noise)

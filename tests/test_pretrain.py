@@ -125,6 +125,37 @@ def test_cli_pretrain_writes_encoder_and_metrics(tmp_path):
     assert metrics["target"] == "color" and len(metrics["history"]["loss"]) == 1
     bad = CliRunner().invoke(cli, ["pretrain", "--variant", "Ti/5", "--epochs", "1", "--out", str(tmp_path / "x")])
     assert bad.exit_code == 2 and len(bad.output.strip().splitlines()) == 1 and "image_size" in bad.output
+    # a second run into the same folder is refused; the first encoder stays as it was
+    before = (out / "model.keras").read_bytes()
+    again = CliRunner().invoke(cli, ["pretrain", "--dataset", "digits", "--epochs", "1", "--seed", "5", "--out", str(out)])
+    assert again.exit_code == 2 and "already exists and is not empty; choose another --out" in again.output
+    assert len(again.output.strip().splitlines()) == 1 and (out / "model.keras").read_bytes() == before
+
+
+def test_pretrain_runs_in_a_new_folder_each_time_and_a_failed_step_is_one_line(tmp_path, monkeypatch):
+    """The default folder is new for every run (runs/latest is left to `train`); an op error while
+    pre-training (out of memory, say) is one line, as `train` gives."""
+    import tensorflow as tf
+
+    from keras_vit.cli.main import cli
+
+    monkeypatch.chdir(tmp_path)
+    args = ["pretrain", "--dataset", "digits", "--variant", "Ti/4", "--hidden-size", "16", "--num-layers", "1",
+            "--num-heads", "1", "--mlp-dim", "16", "--epochs", "1", "--batch-size", "256"]
+    runs = [CliRunner().invoke(cli, args) for _ in range(2)]
+    assert [r.exit_code for r in runs] == [0, 0], runs[-1].output
+    folders = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    assert len(folders) == 2 and all(f.startswith("pretrain-digits-") for f in folders), folders
+    assert all((tmp_path / "runs" / f / "model.keras").is_file() for f in folders)
+
+    def oom(*a, **k):
+        raise tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor with shape[1,9,9,3]\n"
+                                                           "\t [[{{node resize/ResizeBilinear}}]]")
+
+    monkeypatch.setattr(mpp, "pretrain_encoder", oom)
+    failed = CliRunner().invoke(cli, args + ["--out", "oom"])
+    assert failed.exit_code == 2 and failed.output.strip() == (
+        "Error: pre-training failed: OOM when allocating tensor with shape[1,9,9,3]"), failed.output
 
 
 @pytest.mark.slow

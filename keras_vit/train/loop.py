@@ -18,7 +18,7 @@ import tensorflow as tf
 from keras_vit import data as kdata
 from keras_vit import precision
 from keras_vit.config import ViTConfig
-from keras_vit.errors import TrainError
+from keras_vit.errors import TrainError, op_error_line
 from keras_vit.files import save_model, write_json, write_text
 from keras_vit.model import build_model
 from keras_vit.plots import plot_training_curves, read_metrics_csv
@@ -286,10 +286,3 @@ def _callbacks(run: str, resume: bool, cluster: Optional[Cluster] = None,
     if cluster.multi_worker and cluster.backend == "tensorflow":
         callbacks.append(FollowChief(cluster))
     return callbacks
-
-
-def op_error_line(exc: BaseException) -> str:
-    """The informative line of a TensorFlow op error (not the 'Graph execution error' banner)."""
-    lines = [ln.strip() for ln in str(getattr(exc, "message", exc)).splitlines()]
-    useful = [ln for ln in lines if ln and not ln.startswith(("File ", "Detected at", "[[", "Graph execution", "Cf. "))]
-    return useful[-1] if useful else type(exc).__name__

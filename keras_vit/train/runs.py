@@ -21,28 +21,33 @@ if TYPE_CHECKING:  # recipes imports Keras; reading a run folder does not need i
 RUNS_DIR = "runs"
 
 
-def new_run_dir(cfg: TrainConfig, output: Optional[str] = None, root: str = RUNS_DIR) -> str:
-    """Create the run folder: `output`, or `root/<dataset>-<variant>-<time>` (+ `root/latest`)."""
+def new_run_dir(cfg: TrainConfig, output: Optional[str] = None, root: str = RUNS_DIR, kind: str = "",
+                latest: bool = True, option: str = "--output") -> str:
+    """Create the run folder: `output`, or `root/<kind><dataset>-<variant>-<time>` (+ `root/latest`
+    when `latest`). `option` names the flag that sets `output`, for check_output's message."""
     if output:
-        check_output(output)
+        check_output(output, option)
         os.makedirs(output, exist_ok=True)
         return output
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    run = os.path.join(root, f"{slug(cfg.dataset)}-{cfg.label()}-{stamp}")
-    n = 1
+    base = os.path.join(root, f"{kind}{slug(cfg.dataset)}-{cfg.label()}-{stamp}")
+    run, n = base, 1
     while os.path.exists(run):
         n += 1
-        run = os.path.join(root, f"{slug(cfg.dataset)}-{cfg.label()}-{stamp}-{n}")
+        run = f"{base}-{n}"
     os.makedirs(run)
-    link_latest(run, root)
+    if latest:
+        link_latest(run, root)
     return run
 
 
-def check_output(output: Optional[str]) -> None:
+def check_output(output: Optional[str], option: str = "--output") -> None:
     """TrainError when `output` exists and is not an empty folder (a new run never mixes files)."""
-    if output and os.path.exists(output) and (not os.path.isdir(output) or os.listdir(output)):
-        raise TrainError(f"output folder {output!r} already exists and is not empty; "
-                         "choose another --output, or add --resume to continue that run")
+    if output and os.path.exists(output) and not os.path.isdir(output):
+        raise TrainError(f"{option} {output!r} is a file; give a folder for the run")
+    if output and os.path.isdir(output) and os.listdir(output):
+        hint = ", or add --resume to continue that run" if option == "--output" else ""
+        raise TrainError(f"output folder {output!r} already exists and is not empty; choose another {option}{hint}")
 
 
 def link_latest(run: str, root: str) -> bool:
