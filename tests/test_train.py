@@ -373,3 +373,5 @@ def test_run_folders_and_latest(tmp_path):
     with pytest.raises(kt.TrainError, match="already exists and is not empty"):
         kt.new_run_dir(cfg, output=str(tmp_path / "taken"))
     assert (tmp_path / "taken" / "model.keras").read_text() == "keep me"
+    with pytest.raises(kt.TrainError, match="--output '.*model.keras' is a file; give a folder for the run"):
+        kt.new_run_dir(cfg, output=str(tmp_path / "taken" / "model.keras"))
