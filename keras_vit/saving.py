@@ -22,6 +22,19 @@ def load_model(path: Union[str, os.PathLike], compile: bool = True) -> keras.Mod
     optimizer's state included, so `fit` goes on where it stopped. Where that compile state cannot
     be rebuilt (a loss or metric this process does not know), the model loads uncompiled with a
     warning that says why. compile=False skips it (inference: no optimizer variables)."""
+    path = check_model_file(path)
+    try:
+        model = _load(path, compile)
+    except Exception as exc:  # noqa: BLE001 - any failure means: not a loadable keras-vit file
+        raise ValueError(f"could not load {path!r} as a keras-vit model: {first_line(exc)}") from exc
+    if not isinstance(model, VisionTransformer):
+        raise ValueError(f"{path!r} holds a {type(model).__name__}, not a keras-vit model")
+    return model
+
+
+def check_model_file(path: Union[str, os.PathLike]) -> str:
+    """The path as a string; ValueError, saying what is wrong, for what cannot be a .keras model
+    file: a folder, a missing file, another suffix, a file that is not a zip (truncated, say)."""
     path = os.fspath(path)
     if os.path.isdir(path):
         raise ValueError(f"model file {path!r} is a folder; give the .keras file written by model.save")
@@ -32,13 +45,7 @@ def load_model(path: Union[str, os.PathLike], compile: bool = True) -> keras.Mod
     if not zipfile.is_zipfile(path):  # Keras would say "File not found" for a truncated or foreign file
         raise ValueError(f"could not load {path!r}: not a .keras archive (the zip model.save writes); "
                          "the file is damaged or of another kind")
-    try:
-        model = _load(path, compile)
-    except Exception as exc:  # noqa: BLE001 - any failure means: not a loadable keras-vit file
-        raise ValueError(f"could not load {path!r} as a keras-vit model: {first_line(exc)}") from exc
-    if not isinstance(model, VisionTransformer):
-        raise ValueError(f"{path!r} holds a {type(model).__name__}, not a keras-vit model")
-    return model
+    return path
 
 
 def _load(path: str, compile: bool) -> keras.Model:

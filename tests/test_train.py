@@ -239,8 +239,11 @@ def test_initial_weights_from_a_quantized_keras_are_its_float_kernels(tmp_path, 
 
 def test_initial_weights_errors(tmp_path):
     (tmp_path / "x.keras").write_bytes(b"junk")
-    with pytest.raises(kt.TrainError, match="could not read"):
+    with pytest.raises(kt.TrainError, match="--weights: could not load .*x.keras': not a .keras archive"):
         kt.load_initial_weights(_tiny(2), str(tmp_path / "x.keras"))
+    # a damaged file is refused before a run folder is made (Keras would say "File not found")
+    with pytest.raises(kt.TrainError, match="not a .keras archive .* the file is damaged"):
+        kt.make_config("digits", variant="Ti/4", weights=str(tmp_path / "x.keras"))
 
 
 @pytest.mark.slow

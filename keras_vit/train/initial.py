@@ -11,6 +11,7 @@ import keras
 
 from keras_vit.errors import TrainError, first_line
 from keras_vit.model import VisionTransformer
+from keras_vit.saving import check_model_file
 from keras_vit.vit import resize_model
 from keras_vit.weights import adapt_input_conv, load_npz
 from keras_vit.weights.io import dequantized_kernels
@@ -26,12 +27,10 @@ def load_initial_weights(model: keras.Model, path: str) -> Dict[str, List[str]]:
     if not path.endswith(".keras"):
         load_npz(model, path)  # raises on any misfit; a head of another size stays initialised
         return {"loaded": [v.path for v in model.weights], "skipped": [], "npz": True}
-    if not os.path.isfile(path):
-        raise TrainError(f"weights file {path!r} does not exist")
-    try:
-        source = keras.saving.load_model(path, compile=False)
-    except Exception as exc:  # noqa: BLE001 - any failure means: not a readable keras-vit file
-        raise TrainError(f"could not read {path!r} as a keras-vit model: {first_line(exc)}") from None
+    try:  # any Keras model whose layers carry keras-vit's names: a pre-training model with its own head too
+        source = keras.saving.load_model(check_model_file(path), compile=False)
+    except Exception as exc:  # noqa: BLE001 - damaged, missing, unreadable: the line says which
+        raise TrainError(f"--weights: {first_line(exc)}") from None
     source = _resized_source(source, model)
     by_path = {v.path: v for v in source.weights}
     floats = dequantized_kernels(source)

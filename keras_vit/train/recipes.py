@@ -140,6 +140,8 @@ class TrainConfig:
             raise TrainError(f"unknown augmentation {self.augment!r}; allowed: {', '.join(AUGMENTS)}")
         if self.weights is not None and self.weights.endswith((".npz", ".safetensors", ".keras")) and not os.path.isfile(self.weights):
             raise TrainError(f"weights file {self.weights!r} does not exist")
+        if self.weights is not None and self.weights.endswith(".keras"):  # before a run folder is made
+            _check_keras_weights(self.weights)
         if not isinstance(self.model, dict):
             raise TrainError(f"model must be a dict of ViTConfig fields, got {self.model!r}")
         allowed = model_options()
@@ -188,6 +190,16 @@ class TrainConfig:
 def model_options() -> Tuple[str, ...]:
     """The ViTConfig fields a run's `model` may set (sizes and the family options: qk_norm, num_registers ...)."""
     return tuple(sorted(f.name for f in dataclasses.fields(ViTConfig) if f.name not in RUN_MODEL_FIELDS))
+
+
+def _check_keras_weights(path: str) -> None:
+    """TrainError saying why a .keras `--weights` file cannot be read at all (damaged, a folder)."""
+    from keras_vit.saving import check_model_file
+
+    try:
+        check_model_file(path)
+    except ValueError as exc:
+        raise TrainError(f"--weights: {exc}") from None
 
 
 def _saved_model_config(cfg: TrainConfig, num_classes: int, channels: int) -> ViTConfig:
