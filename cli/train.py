@@ -160,15 +160,18 @@ def evaluate_cmd(model_arg: str, dataset: str, batch_size: int, seed: int, as_js
     """Loss, top-1, top-5 and per-class accuracy on the dataset's test split."""
     from keras_vit import data as kdata
     from keras_vit import train as ktrain
+    from keras_vit.model import get_config
     from keras_vit.plots import plot_confusion_matrix
 
     path, model = _load(model_arg)
     splits = kdata.load(dataset, seed=seed)
-    result = ktrain.evaluate(model, splits.test, splits.class_names, batch_size=batch_size)
+    model_names = ktrain.class_names_for(path, get_config(model).num_classes, model)
+    result = ktrain.evaluate(model, splits.test, splits.class_names, batch_size=batch_size,
+                             model_class_names=model_names)
     if plot:
         png = os.path.join(os.path.dirname(os.path.abspath(path)), f"confusion_{kdata.slug(dataset)}.png")
         matrix = result["confusion_matrix"]
-        names = splits.class_names if len(splits.class_names) == len(matrix) else [str(i) for i in range(len(matrix))]
+        names = model_names
         plot_confusion_matrix(matrix, names, png, title=f"{dataset} test: top-1 {result['top1']:.4f}")
         click.echo(f"confusion matrix: {png}", err=as_json)
     if as_json:

@@ -159,6 +159,30 @@ def test_evaluate_agrees_with_model_predict(digits_model):
     assert confusion[3].sum() == (y_te == 3).sum()
 
 
+def test_evaluate_on_a_folder_of_some_classes_scores_them_by_name(digits_model, tmp_path):
+    """A folder with two of the model's ten classes: its labels are the model's 3 and 7, not 0 and 1."""
+    from PIL import Image
+
+    from keras_vit.data import digits_arrays
+
+    run, model = digits_model
+    _, _, x_te, y_te = digits_arrays()
+    x = np.round(x_te).astype(np.uint8)
+    for split in ("train", "test"):
+        for cls in (3, 7):
+            (tmp_path / "d" / split / str(cls)).mkdir(parents=True)
+            for i in np.flatnonzero(y_te == cls):
+                Image.fromarray(x[i]).save(tmp_path / "d" / split / str(cls) / f"{i}.png")
+    result = CliRunner().invoke(cli, ["evaluate", "--model", run, "--dataset", f"folder:{tmp_path / 'd'}", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output.strip().splitlines()[-1])
+    keep = (y_te == 3) | (y_te == 7)
+    pred = _model_probs(model, x[keep].astype(np.float32)).argmax(-1)
+    assert report["count"] == keep.sum() and set(report["per_class"]) == {"3", "7"}
+    assert report["top1"] == pytest.approx(float((pred == y_te[keep]).mean()), abs=1e-9) and report["top1"] > 0.5
+    assert report["per_class"]["7"] == pytest.approx(float((pred[y_te[keep] == 7] == 7).mean()), abs=1e-9)
+
+
 def test_evaluate_plot_writes_a_confusion_matrix_png(digits_model):
     run, _ = digits_model
     result = CliRunner().invoke(cli, ["evaluate", "--model", run, "--dataset", "digits", "--plot"])

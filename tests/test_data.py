@@ -108,6 +108,34 @@ def test_folder_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(data.DatasetError, match="no class sub-folders"):
         data.load(f"folder:{tmp_path / 'empty'}")
+    _write_images(tmp_path / "one", classes=("cat",))
+    with pytest.raises(data.DatasetError, match="has one class \\('cat'\\); a classifier needs two or more"):
+        data.load(f"folder:{tmp_path / 'one'}")
+    _write_images(tmp_path / "hole")
+    (tmp_path / "hole" / "emu").mkdir()
+    with pytest.raises(data.DatasetError, match="class folder 'emu' has no images"):
+        data.load(f"folder:{tmp_path / 'hole'}")
+    # val and test may leave training classes out, or hold none of a class's images
+    _write_images(tmp_path / "d" / "train")
+    _write_images(tmp_path / "d" / "val", classes=("dog",))
+    (tmp_path / "d" / "test" / "cat").mkdir(parents=True)
+    _write_images(tmp_path / "d" / "test", classes=("dog",))
+    s = data.load(f"folder:{tmp_path / 'd'}")
+    assert s.class_names == ["cat", "dog"] and len(list(s.val)) == len(list(s.test)) == 6
+
+
+def test_evaluation_scores_a_split_by_class_name():
+    """A split with some of the model's classes is scored by name; one with other classes, and not
+    as many, is refused; other names for as many classes (ImageNet's synset folders) keep their order."""
+    from keras_vit.errors import TrainError
+    from keras_vit.train.evaluation import _labels_by_name
+
+    digits = [str(i) for i in range(10)]
+    assert _labels_by_name(digits, digits, 10) is None and _labels_by_name(["a", "b"], None, 2) is None
+    np.testing.assert_array_equal(_labels_by_name(["3", "7"], digits, 10), [3, 7])
+    assert _labels_by_name([f"n{i:08d}" for i in range(10)], digits, 10) is None
+    with pytest.raises(TrainError, match=r"the dataset's classes \['a'\] are not among the model's 10 classes"):
+        _labels_by_name(["a"], digits, 10)
 
 
 def test_unknown_and_offline_datasets(monkeypatch):

@@ -59,6 +59,7 @@ def list_images(root: str, class_names: Optional[Sequence[str]] = None
         raise DatasetError(f"folder {root!r} has no class sub-folders (expected {root}/<class>/<image>.jpg)")
     files: List[str] = []
     labels: List[np.ndarray] = []
+    empty = []
     for label, cls in enumerate(names):
         d = os.path.join(root, cls)
         try:
@@ -67,11 +68,20 @@ def list_images(root: str, class_names: Optional[Sequence[str]] = None
                                if e.name.lower().endswith(IMAGE_EXTENSIONS) and not e.name.startswith("."))
         except FileNotFoundError:  # a class of the training folder absent from val/test
             continue
+        if not found:
+            empty.append(cls)
         prefix = d + os.sep
         files.extend(prefix + f for f in found)
         labels.append(np.full(len(found), label, np.int32))
     if not files:
         raise DatasetError(f"folder {root!r} has no images ({', '.join(IMAGE_EXTENSIONS)})")
+    if class_names is None:  # the training classes: each one a class the model can learn
+        if empty:
+            raise DatasetError(f"{root}: class folder {empty[0]!r} has no images ({', '.join(IMAGE_EXTENSIONS)}); "
+                               "add some or remove the folder")
+        if len(names) < 2:
+            raise DatasetError(f"folder {root!r} has one class ({names[0]!r}); a classifier needs two or more "
+                               f"class sub-folders ({root}/<class>/<image>.jpg)")
     return files, np.concatenate(labels), list(names)
 
 

@@ -24,13 +24,22 @@ def predict_logits(model: keras.Model, ds, batch_size: int = 128) -> Tuple[np.nd
     return np.asarray(logits, np.float32), labels.astype(np.int64)
 
 
-def evaluate(model: keras.Model, ds, class_names: Sequence[str], batch_size: int = 128) -> Dict[str, Any]:
+def evaluate(model: keras.Model, ds, class_names: Sequence[str], batch_size: int = 128,
+             model_class_names: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """Loss, top-1, top-5, per-class accuracy and the confusion matrix (rows: true class,
-    columns: predicted) of `model` on a split, from `model.predict`."""
+    columns: predicted) of `model` on a split, from `model.predict`. `class_names` are the split's
+    (its labels' names); with `model_class_names` (the model's outputs' names) a split with a subset
+    of the model's classes is scored by name, and one whose classes are neither those nor as many
+    is refused."""
+    n_cls = get_config(model).num_classes
+    lut = _labels_by_name(class_names, model_class_names, n_cls)
     logits, labels = predict_logits(model, ds, batch_size)
-    n_cls = logits.shape[-1]
+    if lut is not None:
+        labels = lut[labels]
     if labels.size and labels.max() >= n_cls:
         raise TrainError(f"the dataset has labels up to {labels.max()} but the model has {n_cls} classes")
+    if model_class_names is not None and len(model_class_names) == n_cls:
+        class_names = model_class_names
     z = logits - logits.max(axis=-1, keepdims=True)
     logp = z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
     loss = float(-logp[np.arange(len(labels)), labels].mean())
@@ -43,6 +52,27 @@ def evaluate(model: keras.Model, ds, class_names: Sequence[str], batch_size: int
     np.add.at(confusion, (labels, logits.argmax(-1)), 1)
     return {"loss": loss, "top1": float(top1.mean()), "top5": float(topk.mean()), "per_class": per_class,
             "count": int(len(labels)), "confusion_matrix": confusion.tolist()}
+
+
+def _labels_by_name(data_names: Sequence[str], model_names: Optional[Sequence[str]], n_cls: int) -> Optional[np.ndarray]:
+    """The model's class index of each of the dataset's labels, where the two name their classes
+    differently; None where they are the same (or the model's are unknown). A split whose class names
+    are neither among the model's nor as many (a folder of other classes) gets a TrainError."""
+    data_names = [str(n) for n in data_names]
+    if model_names is None or len(model_names) != n_cls:
+        return None
+    model_names = [str(n) for n in model_names]
+    if data_names == model_names:
+        return None
+    index = {n: i for i, n in enumerate(model_names)}
+    if all(n in index for n in data_names):
+        return np.array([index[n] for n in data_names], np.int64)
+    if len(data_names) == n_cls:  # other names for as many classes (ImageNet synset folders): in sorted order
+        return None
+    unknown = [n for n in data_names if n not in index]
+    shown = ", ".join(map(repr, model_names[:5])) + (", ..." if n_cls > 5 else "")
+    raise TrainError(f"the dataset's classes {unknown[:5]} are not among the model's {n_cls} classes ({shown}); "
+                     "name the class folders as the model's classes")
 
 
 def _images(model: keras.Model, images) -> np.ndarray:
