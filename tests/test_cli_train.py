@@ -183,6 +183,24 @@ def test_evaluate_on_a_folder_of_some_classes_scores_them_by_name(digits_model, 
     assert report["per_class"]["7"] == pytest.approx(float((pred[y_te[keep] == 7] == 7).mean()), abs=1e-9)
 
 
+def test_a_file_that_is_not_an_image_and_a_damaged_weights_file_are_one_line(digits_model, tmp_path):
+    run, _ = digits_model
+    (tmp_path / "text.png").write_text("hello")
+    (tmp_path / "junk.keras").write_bytes(b"PK not a zip")
+    for args, message in (
+            (["predict", "--model", run, str(tmp_path / "text.png")],
+             f"cannot read image {tmp_path / 'text.png'}: not a decodable JPEG/PNG/BMP/GIF"),
+            (["train", "--variant", "Ti/4", "--weights", str(tmp_path / "junk.keras"), "--output", str(tmp_path / "r")],
+             "--weights: could not load"),
+            (["models", "--image-size", "7"], "--image-size 7 is not a multiple of any listed variant's patch size")):
+        result = CliRunner().invoke(cli, args)
+        lines = result.output.strip().splitlines()
+        assert result.exit_code == 2 and len(lines) == 1 and message in lines[0], result.output
+    assert not (tmp_path / "r").exists()  # refused before a run folder is made
+    listed = CliRunner().invoke(cli, ["models", "--image-size", "32"])
+    assert listed.exit_code == 0 and "H/14" in listed.output and "-: 32 px is not a multiple" in listed.output
+
+
 def test_evaluate_plot_writes_a_confusion_matrix_png(digits_model):
     run, _ = digits_model
     result = CliRunner().invoke(cli, ["evaluate", "--model", run, "--dataset", "digits", "--plot"])

@@ -68,6 +68,9 @@ def load_image_file(path: str, image_size: Optional[Sequence[int]], channels: in
     try:
         with open(path, "rb") as f:
             image = read_image(tf.constant(f.read()), from_bytes=True)
-    except (OSError, tf.errors.OpError) as exc:
-        raise DatasetError(f"cannot read image {path}: {first_line(exc)}") from None
+    except OSError as exc:
+        raise DatasetError(f"cannot read image {path}: {exc.strerror or first_line(exc)}") from None
+    except tf.errors.OpError:  # TensorFlow's text names its op and device, not the problem
+        raise DatasetError(f"cannot read image {path}: not a decodable JPEG/PNG/BMP/GIF "
+                           "(empty, damaged or another format)") from None
     return np.asarray(prepare_image(image, image_size, channels, interpolation, crop_pct), np.float32)
