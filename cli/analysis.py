@@ -17,7 +17,7 @@ from keras_vit.cli.common import MODEL_OPTION_HELP, UserError, parse_model_optio
 # --- shared helpers -----------------------------------------------------------------------
 def _load_model_arg(spec: str, image_size: Optional[Tuple[int, int]] = None, channels: int = 3,
                     include_top: Optional[bool] = None):
-    """A .keras file written by keras-vit, a checkpoint (published name, hf://ORG/NAME, .npz /
+    """A .keras file written by keras-vit (or a run folder holding one), a checkpoint (published name, hf://ORG/NAME, .npz /
     .safetensors file or model folder: at its own image size and options), or a variant name
     (random initialisation, a baseline)."""
     from keras_vit.weights.checkpoints import is_checkpoint
@@ -31,6 +31,10 @@ def _load_model_arg(spec: str, image_size: Optional[Tuple[int, int]] = None, cha
         except ValueError as exc:
             raise UserError(str(exc)) from None
     if spec.endswith(".keras") or os.path.exists(spec):
+        if os.path.isdir(spec):  # a run folder, as evaluate and predict take
+            from keras_vit.train.runs import model_path
+
+            spec = model_path(spec)
         if not os.path.isfile(spec):
             raise UserError(f"model file {spec!r} does not exist")
         from keras_vit.saving import load_model
@@ -53,7 +57,7 @@ def _model_input(splits) -> Tuple[Tuple[int, int], int]:
 
 def _parse_shots(text: str) -> List[int]:
     try:
-        shots = [int(s) for s in text.split(",") if s.strip()]
+        shots = [int(s) for s in text.split(",")]  # an empty item (1,,5) is a typo: int("") refuses it
     except ValueError:
         shots = []
     if not shots or any(s < 1 for s in shots):
@@ -64,7 +68,7 @@ def _parse_shots(text: str) -> List[int]:
 # --- vitcli inspect ---------------------------------------------------------------------------
 @click.command("inspect")
 @click.option("--model", "model_spec", required=True,
-              help="A keras-vit .keras file, or a variant name (random weights) such as Ti/16.")
+              help="A keras-vit .keras file or run folder, or a variant name (random weights) such as Ti/16.")
 @click.option("--image", "image_paths", multiple=True, type=click.Path(dir_okay=False),
               help="Image to show attention on (repeatable). Default: the dataset's first test image, "
                    "else scikit-learn's sample photo.")
@@ -115,7 +119,7 @@ def inspect_cmd(model_spec: str, image_paths: Tuple[str, ...], dataset: Optional
 # --- vitcli fewshot ---------------------------------------------------------------------------
 @click.command("fewshot")
 @click.option("--model", "model_spec", required=True,
-              help="A keras-vit .keras file (its pre-logits features are used), a checkpoint (published name, "
+              help="A keras-vit .keras file or run folder (its pre-logits features are used), a checkpoint (published name, "
                    "hf://ORG/NAME, .npz/.safetensors file or model folder; at its own image size), or a variant "
                    "name (random weights).")
 @click.option("--dataset", default="digits", show_default=True, help="Dataset of the registry (keras_vit.data).")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 from typing import Sequence
 
 import click
@@ -30,9 +31,22 @@ def user_errors(fn):
         except OSError as exc:
             if exc.filename is None:  # not about a file the user named or made room for: a bug, keep the traceback
                 raise
+            in_the_way = _file_in_the_way(exc) if isinstance(exc, (FileExistsError, NotADirectoryError)) else None
+            if in_the_way:  # a folder was to be made (or gone through) where a file is
+                raise UserError(f"{in_the_way}: a file is where a folder is needed") from None
             raise UserError(f"{exc.filename}: {exc.strerror or first_line(exc)}") from None
 
     return wrapper
+
+
+def _file_in_the_way(exc: OSError):
+    """The file on the path of `exc.filename` that stands where a folder is needed; None if none."""
+    path = os.path.abspath(os.fsdecode(exc.filename))
+    while path != os.path.dirname(path):
+        if os.path.exists(path) and not os.path.isdir(path):
+            return path if os.path.isabs(os.fsdecode(exc.filename)) else os.path.relpath(path)
+        path = os.path.dirname(path)
+    return None
 
 
 MODEL_OPTION_HELP = ("A model option (a ViTConfig field), repeatable: e.g. qk_norm=true, num_registers=4, "

@@ -271,6 +271,8 @@ def not_a_model(tmp_path_factory):
     (["evaluate", "--model", "/no/such.keras"], "does not exist"),
     (["predict", "--model", "NOT_A_MODEL", "README.md"], "not a keras-vit model"),
     (["predict", "--model", "NOT_A_MODEL", "/no/such.png"], "image file '/no/such.png' does not exist"),
+    (["fewshot", "--model", "Ti/16", "--shots", "1,,5"], "--shots must be comma-separated positive integers"),
+    (["fewshot", "--model", ".", "--shots", "1"], "'.' is a folder without model.keras (not a finished run)"),
 ])
 def test_bad_input_gives_one_line(args, message, not_a_model, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -392,3 +394,17 @@ def test_model_options_train_a_family_model(tmp_path):
     assert ", 0 kept as initialised" in line, line
     assert keras_vit.load_model(os.path.join(tuned, "model.keras")).vit_config == cfg
     assert json.loads(open(os.path.join(tuned, "config.json")).read())["train"]["variant"] == "checkpoint"
+
+
+def test_a_file_where_a_folder_is_needed_is_named():
+    import click
+
+    from keras_vit.cli.common import UserError, user_errors
+
+    @user_errors
+    def make(path):
+        os.makedirs(os.path.join(path, "sub"))
+
+    with pytest.raises(UserError, match=r"README.md: a file is where a folder is needed$"):
+        make(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md"))
+    assert issubclass(UserError, click.ClickException)

@@ -209,7 +209,9 @@ def _load_data(cfg: TrainConfig, cluster: Optional[Cluster] = None) -> _Data:
     elif steps < 1:
         steps = sum(1 for _ in train_ds)
     if steps < 1:
-        raise TrainError(f"batch size {cfg.batch_size} is larger than the training split; use a smaller --batch-size")
+        count = splits.sizes[0] if splits.sizes else sum(1 for _ in splits.train)  # a small split: cheap
+        raise TrainError(f"batch size {cfg.batch_size} is larger than the training split ({count} images); "
+                         "use a smaller --batch-size")
     endless = uneven_shares(cluster, cfg.dataset)
     if endless:  # pass after pass of this worker's share; every worker takes `steps` per epoch
         train_ds = train_ds.repeat()
