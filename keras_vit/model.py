@@ -133,16 +133,33 @@ class VisionTransformer(keras.Model):
     def compile(self, *args, **kwargs) -> None:
         """keras.Model.compile; `jit_compile="auto"` (the default) picks what is fast for a ViT on
         this hardware and precision policy (keras_vit.precision.model_jit_compile)."""
-        if len(args) < 8 and kwargs.get("jit_compile", "auto") == "auto":  # the 8th positional is jit_compile
+        self._jit_auto = len(args) < 8 and kwargs.get("jit_compile", "auto") == "auto"  # 8th positional: jit_compile
+        if self._jit_auto:
             backend = keras.backend.backend()
             kwargs["jit_compile"] = precision.model_jit_compile(
                 self.dtype_policy.name, backend, precision.detect_hardware(backend))
         super().compile(*args, **kwargs)
 
+    def get_compile_config(self) -> Optional[dict]:
+        """Keras' own, with "auto" kept as the jit_compile asked for (resolved again where the model
+        loads) and the backend that compiled it (its explicit jit_compile holds there only)."""
+        config = super().get_compile_config()
+        if config and self.compiled:  # Keras gives {} for a model never compiled: it loads uncompiled
+            config = {**config, "backend": keras.backend.backend()}
+            if getattr(self, "_jit_auto", False):
+                config["jit_compile"] = "auto"
+        return config
+
     def compile_from_config(self, config: dict) -> None:
         """Keras' own, which skips a model whose compile() is overridden (this one's): a compiled
-        model saved to .keras loads compiled, its optimizer's state included."""
-        self.compile(**keras.saving.deserialize_keras_object(config))
+        model saved to .keras loads compiled, its optimizer's state included. On another backend
+        than the one that saved it, jit_compile is "auto" (XLA's choice for TensorFlow is
+        torch.compile's on PyTorch) and the optimizer is Keras' public one (PyTorch saves its own)."""
+        config = dict(config)
+        if config.pop("backend", None) != keras.backend.backend():  # None: a file from before it was kept
+            config["jit_compile"] = "auto"
+        config = keras.saving.deserialize_keras_object(_public_optimizers(config))
+        self.compile(**config)
         if hasattr(self, "optimizer") and self.built:
             self.optimizer.build(self.trainable_variables)
 
@@ -168,6 +185,20 @@ class VisionTransformer(keras.Model):
 
 
 @keras.saving.register_keras_serializable(package="keras_vit")
+def _public_optimizers(config: Any) -> Any:
+    """`config` with each optimizer of a backend's own module (PyTorch's `keras.src.backend.torch.
+    optimizers.torch_adamw`, named in files it saves) as `keras.optimizers`' class of that name, which
+    every backend builds as its own."""
+    if isinstance(config, dict):
+        config = {k: _public_optimizers(v) for k, v in config.items()}
+        if str(config.get("module", "")).startswith("keras.src.backend.") and \
+                hasattr(keras.optimizers, str(config.get("class_name"))):
+            config = {**config, "module": "keras.optimizers", "registered_name": None}
+    elif isinstance(config, list):
+        config = [_public_optimizers(v) for v in config]
+    return config
+
+
 class BlockAttention(layers.Layer):
     """An encoder block that returns (tokens, attention probabilities), for functional models
     built on a model's layers: Keras' functional graph takes every call of a layer to have

@@ -176,12 +176,16 @@ def _auto_precision(gflop_per_step: float, backend: str, hw: Hardware) -> Tuple[
         return "none", f"{where}: no tensor cores, float32"
     if hw.cpu_bf16 is None:
         return "none", f"{where}: float32"
-    if backend != "tensorflow":
-        return "none", f"{where}, {backend} backend: XLA:CPU runs bf16 matmuls no faster than fp32, float32"
+    if backend == "jax":
+        return "none", f"{where}, jax backend: XLA:CPU runs bf16 matmuls no faster than fp32, float32"
+    # TensorFlow's oneDNN and torch's own bf16 GEMMs: Keras on torch in bf16 was 1.5x its fp32 at Ti/16
+    # (BENCHMARKS.md, "Keras' PyTorch backend as a way in"); TensorFlow's GEMM rates set the break-even
     need = bf16_break_even_gflop(hw.cpu_bf16)
+    on = "" if backend == "tensorflow" else f", {backend} backend"
     if gflop_per_step >= need:
-        return "mixed_bfloat16", f"{where}: bf16 GEMMs pay from {need:.1f} GFLOP/step, this step is {gflop_per_step:.1f}"
-    return "none", f"{where}: this step ({gflop_per_step:.1f} GFLOP) is below bf16's break-even {need:.1f}, float32"
+        return "mixed_bfloat16", (f"{where}{on}: bf16 GEMMs pay from {need:.1f} GFLOP/step, "
+                                  f"this step is {gflop_per_step:.1f}")
+    return "none", f"{where}{on}: this step ({gflop_per_step:.1f} GFLOP) is below bf16's break-even {need:.1f}, float32"
 
 
 def resolve(mixed_precision: str, jit_compile, gflop_per_step: float, backend: str,

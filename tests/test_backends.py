@@ -43,3 +43,53 @@ def test_other_backends_give_the_tensorflow_logits_and_fit(tmp_path, backend):
         assert np.abs(expected[name]).max() > 0.1  # non-trivial logits
     losses = out["fit_losses"]
     assert losses[-1] < losses[0], losses  # model.fit learns on this backend too
+
+
+_TORCH_SIDE = '''
+import json, sys
+import keras, numpy as np
+import keras_vit
+
+x, y = np.load(sys.argv[1]), np.arange(4) % 3
+tf_saved = keras_vit.load_model(sys.argv[2])  # compiled on TensorFlow (XLA there)
+tf_saved.fit(x, y, epochs=1, verbose=0)
+model = keras_vit.ViT("Ti/8", image_size=16, num_classes=3, hidden_size=16, num_heads=2, mlp_dim=32, num_layers=1)
+model.compile(optimizer=keras.optimizers.AdamW(1e-3), loss="sparse_categorical_crossentropy")
+model.fit(x, y, epochs=2, verbose=0)
+model.save(sys.argv[3])
+print(json.dumps({"jit": tf_saved.jit_compile, "iterations": int(keras.ops.convert_to_numpy(tf_saved.optimizer.iterations)),
+                  "logits": keras.ops.convert_to_numpy(model(x)).tolist()}))
+'''
+
+
+@pytest.mark.torch
+def test_a_compiled_model_moves_between_tensorflow_and_pytorch_and_trains_on(tmp_path):
+    """load_model restores the compile state on another backend too: a TensorFlow file's XLA choice
+    is not torch.compile on PyTorch (jit_compile "auto" there: eager), and PyTorch's own optimizer
+    class, named in the files it saves, is Keras' public one on TensorFlow."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import keras
+
+    pytest.importorskip("torch")
+    x = random_images(4, 16, 16)
+    np.save(tmp_path / "x.npy", x)
+    model = keras_vit.ViT("Ti/8", image_size=16, num_classes=3, hidden_size=16, num_heads=2, mlp_dim=32, num_layers=1)
+    model.compile(optimizer="adamw", loss="sparse_categorical_crossentropy")
+    model.fit(x, np.arange(4) % 3, epochs=1, verbose=0)
+    model.save(tmp_path / "tf.keras")
+    proc = subprocess.run([sys.executable, "-c", _TORCH_SIDE, str(tmp_path / "x.npy"), str(tmp_path / "tf.keras"),
+                           str(tmp_path / "torch.keras")], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "KERAS_BACKEND": "torch", "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    torch_side = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert torch_side["jit"] is False and torch_side["iterations"] == 2  # eager, and the TF step count went on
+    loaded = keras_vit.load_model(tmp_path / "torch.keras")
+    assert loaded.compiled and type(loaded.optimizer) is keras.optimizers.AdamW
+    assert int(loaded.optimizer.iterations.numpy()) == 2
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), torch_side["logits"], atol=1e-5)
+    loaded.fit(x, np.arange(4) % 3, epochs=1, verbose=0)
+    assert int(loaded.optimizer.iterations.numpy()) == 3

@@ -237,6 +237,24 @@ def test_initial_weights_from_a_quantized_keras_are_its_float_kernels(tmp_path, 
     assert np.abs(out - ref).max() <= {"int8": 0.03, "int4": 0.3, "float8": 0.0}[mode] * np.abs(ref).max()
 
 
+@pytest.mark.parametrize("started_on, jit", [("tensorflow", "none"), ("torch", "auto"), (None, "none")])
+def test_a_resumed_run_keeps_its_precision_and_its_compilation_on_its_own_backend(tmp_path, started_on, jit):
+    """Resumed on another backend, the compilation asked for is chosen again (TensorFlow's "none" is
+    a graph, JAX's runs eagerly); the precision stays what the run started with."""
+    import json
+
+    from keras_vit.train.loop import _resumed
+
+    cfg = kt.make_config("digits", epochs=3)
+    saved = {"train": cfg.to_dict(), "resolved": {"mixed_precision": "mixed_bfloat16", "jit_compile": "none"}}
+    if started_on:
+        saved["backend"] = started_on
+    (tmp_path / "backup").mkdir()
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    _, resumed = _resumed(str(tmp_path), str(tmp_path))
+    assert (resumed.mixed_precision, resumed.jit_compile) == ("mixed_bfloat16", jit)
+
+
 def test_initial_weights_errors(tmp_path):
     (tmp_path / "x.keras").write_bytes(b"junk")
     with pytest.raises(kt.TrainError, match="--weights: could not load .*x.keras': not a .keras archive"):

@@ -166,8 +166,13 @@ def _resumed(output: Optional[str], root: str):
     """(run folder, its TrainConfig) of the run to resume."""
     run = resolve_run_dir(output, root)
     saved = read_run_config(run)
-    # a resumed run keeps the precision and compilation it started with, wherever it resumes
-    cfg = TrainConfig.from_dict({**saved["train"], **saved.get("resolved", {})}).validate()
+    # a resumed run keeps the precision it started with, wherever it resumes, and its compilation on
+    # the backend it started on; on another, the compilation asked for is resolved again (TensorFlow's
+    # "none" is a graph, JAX's would run eagerly; XLA on TensorFlow is torch.compile on PyTorch)
+    resolved = dict(saved.get("resolved", {}))
+    if saved.get("backend", keras.backend.backend()) != keras.backend.backend():
+        resolved.pop("jit_compile", None)
+    cfg = TrainConfig.from_dict({**saved["train"], **resolved}).validate()
     if os.path.isfile(os.path.join(run, "model.keras")) and not os.path.isdir(os.path.join(run, "backup")):
         raise TrainError(f"run {run!r} has already finished (model.keras exists); nothing to resume")
     return run, cfg
