@@ -184,7 +184,6 @@ class VisionTransformer(keras.Model):
         return cls(**config)
 
 
-@keras.saving.register_keras_serializable(package="keras_vit")
 def _public_optimizers(config: Any) -> Any:
     """`config` with each optimizer of a backend's own module (PyTorch's `keras.src.backend.torch.
     optimizers.torch_adamw`, named in files it saves) as `keras.optimizers`' class of that name, which
@@ -199,6 +198,7 @@ def _public_optimizers(config: Any) -> Any:
     return config
 
 
+@keras.saving.register_keras_serializable(package="keras_vit")
 class BlockAttention(layers.Layer):
     """An encoder block that returns (tokens, attention probabilities), for functional models
     built on a model's layers: Keras' functional graph takes every call of a layer to have
