@@ -170,9 +170,8 @@ def evaluate_cmd(model_arg: str, dataset: str, batch_size: int, seed: int, as_js
                              model_class_names=model_names)
     if plot:
         png = os.path.join(os.path.dirname(os.path.abspath(path)), f"confusion_{kdata.slug(dataset)}.png")
-        matrix = result["confusion_matrix"]
-        names = model_names
-        plot_confusion_matrix(matrix, names, png, title=f"{dataset} test: top-1 {result['top1']:.4f}")
+        plot_confusion_matrix(result["confusion_matrix"], model_names, png,
+                              title=f"{dataset} test: top-1 {result['top1']:.4f}")
         click.echo(f"confusion matrix: {png}", err=as_json)
     if as_json:
         click.echo(json.dumps(result))
