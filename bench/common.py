@@ -19,6 +19,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 RESULT_PREFIX = "BENCH_RESULT "
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# XLA:CPU flags that send dots (and their fusions) to oneDNN: its AMX kernels where the CPU has them.
+ONEDNN_XLA_FLAGS = "--xla_cpu_use_onednn=true --xla_cpu_experimental_onednn_fusion_type=dot"
 
 
 # --- measuring ---------------------------------------------------------------------------

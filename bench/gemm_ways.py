@@ -37,7 +37,7 @@ if __package__ in (None, ""):
 
 from bench import common  # noqa: E402
 
-ONEDNN_XLA_FLAGS = "--xla_cpu_use_onednn=true --xla_cpu_experimental_onednn_fusion_type=dot"
+ONEDNN_XLA_FLAGS = common.ONEDNN_XLA_FLAGS
 # way -> (framework, environment)
 WAYS: Dict[str, Tuple[str, Dict[str, str]]] = {
     "tf-onednn": ("tf", {}),

@@ -10,7 +10,8 @@ by keras_vit.data's training pipeline on generated JPEGs (`e2e`: end-to-end img/
 the model-only `default` with the pipeline's own img/s, to show which one limits), on TF in fp32
 with the whole step XLA-compiled (`tf-xla`), in fp32 without XLA (`tf`), in `mixed_bfloat16` with
 oneDNN matmuls and XLA-fused element-wise ops (`tf-bf16`, jit "fusible"), in `mixed_bfloat16`
-without XLA (`tf-bf16-graph`), on the JAX backend (`jax`), on the PyTorch backend in eager fp32
+without XLA (`tf-bf16-graph`), on the JAX backend in fp32 and mixed_bfloat16 (`jax`, `jax-bf16`; `-onednn`:
+with XLA's oneDNN dot fusion, the way to AMX on the JAX backend), on the PyTorch backend in eager fp32
 and mixed_bfloat16 (`torch`, `torch-bf16`: torch's own oneDNN matmuls, the kernels timm-bf16 runs); keras-hub's ViTBackbone + Dense head
 on TF with XLA (`kerashub`); the notebook path (`notebook`, `notebook-bf16`: `model.compile(optimizer,
 loss)` with Keras' other defaults and `model.fit` on tf.data, in the float32 / mixed_bfloat16 policy);
@@ -35,17 +36,19 @@ if __package__ in (None, ""):
 from bench import common  # noqa: E402
 
 CASES = ("peak", "default", "e2e", "tf-xla", "tf", "tf-bf16", "tf-bf16-graph", "notebook", "notebook-bf16", "jax",
-         "torch", "torch-bf16", "kerashub", "timm", "timm-bf16")
+         "jax-bf16", "jax-onednn", "jax-bf16-onednn", "torch", "torch-bf16", "kerashub", "timm", "timm-bf16")
 BACKEND = {"default": "tensorflow", "e2e": "tensorflow", "tf-xla": "tensorflow", "tf": "tensorflow", "tf-bf16": "tensorflow",
            "tf-bf16-graph": "tensorflow", "notebook": "tensorflow", "notebook-bf16": "tensorflow",
-           "jax": "jax", "torch": "torch", "torch-bf16": "torch", "kerashub": "tensorflow"}
+           **{c: "jax" for c in ("jax", "jax-bf16", "jax-onednn", "jax-bf16-onednn")},
+           "torch": "torch", "torch-bf16": "torch", "kerashub": "tensorflow"}
 # The notebook path: `keras_vit.ViT(...)`, `model.compile(optimizer=..., loss=...)` with nothing
 # else, `model.fit` on a tf.data dataset; the -bf16 case sets the mixed_bfloat16 policy first.
 NOTEBOOK_POLICY = {"notebook": "float32", "notebook-bf16": "mixed_bfloat16"}
 # (mixed precision, jit mode) of each Keras case; `default` resolves "auto" as vitcli train does.
 MODES = {"default": ("auto", "auto"), "e2e": ("auto", "auto"), "tf-xla": ("none", "xla"), "tf": ("none", "none"),
          "tf-bf16": ("mixed_bfloat16", "fusible"), "tf-bf16-graph": ("mixed_bfloat16", "none"),
-         "jax": ("none", "xla"), "torch": ("none", "none"), "torch-bf16": ("mixed_bfloat16", "none"),
+         "jax": ("none", "xla"), "jax-bf16": ("mixed_bfloat16", "xla"), "jax-onednn": ("none", "xla"),
+         "jax-bf16-onednn": ("mixed_bfloat16", "xla"), "torch": ("none", "none"), "torch-bf16": ("mixed_bfloat16", "none"),
          "kerashub": ("none", "xla")}
 NUM_CLASSES = 10
 LR = 1e-3
@@ -262,14 +265,17 @@ def main(argv=None) -> List[Dict[str, object]]:
                   f"the --budget of {args.budget:.0f} s", flush=True)
             break
         for case in cases:
-            need = {"jax": "jax", "torch": "torch", "torch-bf16": "torch", "kerashub": "keras_hub", "timm": "timm",
+            need = {**{c: "jax" for c in CASES if c.startswith("jax")},
+                    "torch": "torch", "torch-bf16": "torch", "kerashub": "keras_hub", "timm": "timm",
                     "timm-bf16": "timm"}.get(case)
             if need and not common.have(need):
                 merged[case] = common.skipped(case, f"{need} not installed (pip install -r bench/requirements.txt)")
                 continue
             env = {"KERAS_BACKEND": BACKEND[case]} if case in BACKEND else {}
-            if case == "jax":
-                env["JAX_PLATFORMS"] = "cpu"
+            if case.startswith("jax"):
+                env["JAX_PLATFORMS"] = "cpu"  # the CPU's speed, also where JAX sees a GPU
+            if case.endswith("-onednn"):
+                env["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + common.ONEDNN_XLA_FLAGS).strip()
             r = common.run_case("bench.train", case, _forward(args), env=env)
             if "img_s_values" in r:
                 r["round_img_s"] = [statistics.median(r["img_s_values"])]

@@ -176,8 +176,8 @@ def _auto_precision(gflop_per_step: float, backend: str, hw: Hardware) -> Tuple[
         return "none", f"{where}: no tensor cores, float32"
     if hw.cpu_bf16 is None:
         return "none", f"{where}: float32"
-    if backend == "jax":
-        return "none", f"{where}, jax backend: XLA:CPU runs bf16 matmuls no faster than fp32, float32"
+    if backend == "jax":  # measured on AMX too: a bf16 Ti/16 step at 0.46x fp32's (BENCHMARKS.md, 2026-12-04)
+        return "none", f"{where}, jax backend: XLA:CPU's bf16 training steps are slower than fp32, float32"
     # TensorFlow's oneDNN and torch's own bf16 GEMMs: Keras on torch in bf16 was 1.5x its fp32 at Ti/16
     # (BENCHMARKS.md, "Keras' PyTorch backend as a way in"); TensorFlow's GEMM rates set the break-even
     need = bf16_break_even_gflop(hw.cpu_bf16)
