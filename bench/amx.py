@@ -186,7 +186,7 @@ def main(argv=None) -> Dict[str, object]:
         "bench": "amx", "command": command.strip(),
         "quick": args.quick, "budget_s": args.budget, "machine": m, "amx": has_amx(m["cpu_flags"]),
         "versions": versions(), "commit": commit(), "stages": {}}
-    print(f"{m['cpu']}: {', '.join(f'{f} ' + ('yes' if f in m['cpu_flags'] else 'no') for f in AMX_FLAGS)}; "
+    print(f"{m['cpu']}, {m['cpu_kind']}: {', '.join(f'{f} ' + ('yes' if f in m['cpu_flags'] else 'no') for f in AMX_FLAGS)}; "
           f"load {m['load']}; budget {args.budget:.0f} s -> {out}", flush=True)
 
     def left() -> float:

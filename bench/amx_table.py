@@ -35,7 +35,12 @@ def title(m: Dict[str, object]) -> str:
     flags = m["cpu_flags"]
     kind = ("AMX (" + ", ".join(f for f in ("amx_bf16", "amx_int8") if f in flags) + ")" if has_amx(flags)
             else "**no AMX** on this CPU")
-    return f"## The AMX table: {m['cpu']}, {kind} ({m['date_start'][:10]})"
+    return f"## The AMX table: {_cpu(m)}, {kind} ({m['date_start'][:10]})"
+
+
+def _cpu(m: Dict[str, object]) -> str:
+    """The model name with the core behind it (a VM's name can be a bare "AMD EPYC" for a Zen 4 or a Zen 5)."""
+    return f"{m['cpu']} ({m['cpu_kind']})" if m.get("cpu_kind") else str(m["cpu"])
 
 
 def markdown(record: Dict[str, object]) -> str:
@@ -45,7 +50,7 @@ def markdown(record: Dict[str, object]) -> str:
     flags = ", ".join(f"{f} {'yes' if f in m['cpu_flags'] else 'no'}" for f in AMX_FLAGS)
     lines += [f"`{record['command']}` ({'smoke run: tiny models, not figures to quote; ' if record['quick'] else ''}"
               f"{m['date_start']} to {record.get('date_end', '(running)')}, commit {record.get('commit') or '?'}). "
-              f"Machine: {m['cpu']}, {m['cores']} cores; flags: {flags}; load (1 / 5 / 15 min) "
+              f"Machine: {_cpu(m)}, {m['cores']} cores; flags: {flags}; load (1 / 5 / 15 min) "
               f"{' / '.join(map(str, m['load']))} at the start, {' / '.join(map(str, record.get('load_end', ['?'])))}"
               " at the end. "
               + ", ".join(f"{k} {v}" for k, v in record["versions"].items() if v) + "."]
@@ -113,8 +118,11 @@ def _peaks(lines: List[str], st: Dict[str, Dict[str, object]], flags: List[str])
     names = {"tf_bf16": "TensorFlow bf16", "torch_bf16": "torch bf16", "tf_fp32": "TensorFlow fp32",
              "torch_fp32": "torch fp32", "numpy_fp32": "NumPy fp32"}
     rows = [f"| {label} | {p[k]:.0f} |" for k, label in names.items() if isinstance(p.get(k), float)]
+    rows += [f"| {dtype}, the GEMM ways stage's 2048^3 square ({way}) | {gflops:.0f} |"
+             for dtype, (gflops, way) in sorted(_square_bests(st).items())]
     if rows:
-        lines += ["", f"**GEMM peaks** (2048^3, best of 5, `{s['command']}`, {_when(s)}):", "",
+        lines += ["", f"**GEMM peaks** (2048^3, best of 5, `{s['command']}`, {_when(s)}; the training tables' share "
+                      "is of the higher of this and the GEMM ways stage's square):", "",
                   "| GEMM | GFLOP/s |", "|---|---|", *rows]
     _auto_rates(lines, p, flags)
 
@@ -135,9 +143,26 @@ def _auto_rates(lines: List[str], p: Dict[str, object], flags: List[str]) -> Non
                   f"{bf16_break_even_gflop(kind):.1f} (ViT-Ti/16 at 224 px, batch 16: 40)."]
 
 
+def _square_bests(st: Dict[str, Dict[str, object]]) -> Dict[str, tuple]:
+    """The GEMM ways stage's fastest 2048^3 square per dtype: {"bf16": (GFLOP/s, way), "fp32": ...}."""
+    out: Dict[str, tuple] = {}
+    for r in st.get("gemm ways", {}).get("results", []):
+        for x in r.get("results", []):
+            if x["shape"].startswith("square") and x["dims"][1] >= 2048 and x["gflop_s"] > out.get(x["dtype"], (0,))[0]:
+                out[x["dtype"]] = (x["gflop_s"], r["case"])
+    return out
+
+
 def _peak_values(st: Dict[str, Dict[str, object]]) -> Dict[str, float]:
+    """The run's GEMM peaks: the `peak` case's, raised to the GEMM ways stage's 2048^3 square where that ran faster
+    (on the AMX host of 2026-12-04 torch's bf16 square ran at 1,262 there against 653 in the `peak` case: a share of
+    the peak must be of the higher one)."""
     s = st.get("peak", {})
-    return next((r for r in s.get("results", []) if r["case"] == "peak" and "peak_fp32" in r), {})
+    p = dict(next((r for r in s.get("results", []) if r["case"] == "peak" and "peak_fp32" in r), {}))
+    for dtype, (gflops, _) in _square_bests(st).items():
+        key = "peak_bf16" if dtype == "bf16" else "peak_fp32"
+        p[key] = max(p.get(key, 0.0), gflops)
+    return p
 
 
 def _training(lines: List[str], st: Dict[str, Dict[str, object]], variant: str) -> None:
@@ -211,3 +236,21 @@ def _inference(lines: List[str], st: Dict[str, Dict[str, object]]) -> None:
     if extra:
         lines += ["", f"(timm's ONNX with the same dynamic int8 quantization, interleaved: {extra['median_ms']:.2f} ms, "
                       f"{_fmt(extra.get('x_timm_onnx'))}x timm's fp32 file.)"]
+
+
+def main(argv: Optional[List[str]] = None) -> str:
+    """`python -m bench.amx_table DIR/amx.json`: the markdown of a record again (after the renderer changed)."""
+    import json
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        raise SystemExit("usage: python -m bench.amx_table AMX_JSON")
+    with open(args[0]) as f:
+        md = markdown(json.load(f))
+    print(md, end="")
+    return md
+
+
+if __name__ == "__main__":
+    main()

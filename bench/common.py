@@ -57,17 +57,39 @@ def peak_rss_mb() -> float:
 SIMD_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8")
 
 
+# (vendor, family, first model, last model) -> core: the server cores this project's VMs have shown or may show.
+# A VM's model name can be as bare as "AMD EPYC": the 2026-11-29 figures are from a Zen 5 (family 26), those of
+# 2026-12-04 from a Zen 4 (family 25, model 17) at half its bf16 GEMM rate, both named "AMD EPYC".
+CPU_CORES = ((("AuthenticAMD", 25, 0x00, 0x0F), "Zen 3"), (("AuthenticAMD", 25, 0x10, 0x1F), "Zen 4"),
+             (("AuthenticAMD", 25, 0xA0, 0xAF), "Zen 4c"), (("AuthenticAMD", 26, 0x00, 0xFF), "Zen 5"),
+             (("GenuineIntel", 6, 0x55, 0x55), "Skylake/Cascade Lake"), (("GenuineIntel", 6, 0x6A, 0x6A), "Ice Lake"),
+             (("GenuineIntel", 6, 0x8F, 0x8F), "Sapphire Rapids"), (("GenuineIntel", 6, 0xCF, 0xCF), "Emerald Rapids"),
+             (("GenuineIntel", 6, 0xAD, 0xAE), "Granite Rapids"))
+
+
+def cpu_kind(vendor: str, family: Optional[int], model: Optional[int]) -> str:
+    """"Zen 4 (family 25, model 17)": the core behind /proc/cpuinfo's family and model numbers, where known."""
+    if family is None or model is None:
+        return "unknown"
+    core = next((name for (v, f, lo, hi), name in CPU_CORES if v == vendor and f == family and lo <= model <= hi), None)
+    ids = f"family {family}, model {model}"
+    return f"{core} ({ids})" if core else ids
+
+
 def machine() -> Dict[str, object]:
-    """What the numbers were measured on (CPU model, the SIMD flags that matter for fp32/int8
+    """What the numbers were measured on (CPU model, its core, the SIMD flags that matter for fp32/int8
     kernels), and how busy it was."""
-    model, flags = platform.processor(), set()
+    model, flags, fields = platform.processor(), set(), {}
     try:
         with open("/proc/cpuinfo") as f:
             for ln in f:
-                if ln.startswith("model name"):
-                    model = ln.split(":", 1)[1].strip()
-                elif ln.startswith("flags"):
-                    flags = set(ln.split(":", 1)[1].split())
+                key, _, value = (part.strip() for part in ln.partition(":"))
+                if key == "model name":
+                    model = value
+                elif key in ("vendor_id", "cpu family", "model"):
+                    fields.setdefault(key, value)
+                elif key == "flags":
+                    flags = set(value.split())
                     break
     except OSError:
         pass
@@ -75,7 +97,12 @@ def machine() -> Dict[str, object]:
         load = os.getloadavg()
     except OSError:
         load = (float("nan"),) * 3
-    return {"cpu": model, "cpu_flags": [f for f in SIMD_FLAGS if f in flags], "cores": os.cpu_count(),
+
+    def number(key: str) -> Optional[int]:
+        return int(fields[key]) if fields.get(key, "").isdigit() else None
+
+    return {"cpu": model, "cpu_kind": cpu_kind(fields.get("vendor_id", ""), number("cpu family"), number("model")),
+            "cpu_flags": [f for f in SIMD_FLAGS if f in flags], "cores": os.cpu_count(),
             "python": platform.python_version(),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "load": [round(v, 2) for v in load]}
@@ -84,7 +111,7 @@ def machine() -> Dict[str, object]:
 def cpu_name() -> str:
     """One line: CPU model, its SIMD flags, core count."""
     m = machine()
-    return f"{m['cpu'] or 'unknown CPU'} ({' '.join(m['cpu_flags'])}), {m['cores']} cores"
+    return f"{m['cpu'] or 'unknown CPU'}, {m['cpu_kind']} ({' '.join(m['cpu_flags'])}), {m['cores']} cores"
 
 
 def emit(result: Dict[str, object]) -> None:

@@ -12,10 +12,12 @@ with the whole step XLA-compiled (`tf-xla`), in fp32 without XLA (`tf`), in `mix
 oneDNN matmuls and XLA-fused element-wise ops (`tf-bf16`, jit "fusible"), in `mixed_bfloat16`
 without XLA (`tf-bf16-graph`), on the JAX backend in fp32 and mixed_bfloat16 (`jax`, `jax-bf16`; `-onednn`:
 with XLA's oneDNN dot fusion, the way to AMX on the JAX backend), on the PyTorch backend in eager fp32
-and mixed_bfloat16 (`torch`, `torch-bf16`: torch's own oneDNN matmuls, the kernels timm-bf16 runs); keras-hub's ViTBackbone + Dense head
+and mixed_bfloat16 (`torch`, `torch-bf16`: torch's own oneDNN matmuls, the kernels timm-bf16 runs) and the same with
+`jit_compile=True` (`torch-compile`, `torch-bf16-compile`: Keras wraps the step in torch.compile); keras-hub's ViTBackbone + Dense head
 on TF with XLA (`kerashub`); the notebook path (`notebook`, `notebook-bf16`: `model.compile(optimizer,
 loss)` with Keras' other defaults and `model.fit` on tf.data, in the float32 / mixed_bfloat16 policy);
-timm's ViT in torch in fp32 (`timm`) and in `torch.autocast("cpu", torch.bfloat16)` (`timm-bf16`).
+timm's ViT in torch in fp32 (`timm`) and in `torch.autocast("cpu", torch.bfloat16)` (`timm-bf16`), eager or with
+the model under torch.compile (`timm-compile`, `timm-bf16-compile`: the peer's compiled path).
 Peers that are not installed are skipped. Achieved FLOP/s = img/s x 3 x forward FLOPs
 (ViTConfig.flops()), compared with the best GEMM GFLOP/s of the precision the case computes in,
 measured in the same run (`peak`: fp32 and bf16 2048^3 matmuls); `x timm` is against the faster
@@ -36,11 +38,12 @@ if __package__ in (None, ""):
 from bench import common  # noqa: E402
 
 CASES = ("peak", "default", "e2e", "tf-xla", "tf", "tf-bf16", "tf-bf16-graph", "notebook", "notebook-bf16", "jax",
-         "jax-bf16", "jax-onednn", "jax-bf16-onednn", "torch", "torch-bf16", "kerashub", "timm", "timm-bf16")
+         "jax-bf16", "jax-onednn", "jax-bf16-onednn", "torch", "torch-bf16", "torch-compile", "torch-bf16-compile",
+         "kerashub", "timm", "timm-bf16", "timm-compile", "timm-bf16-compile")
 BACKEND = {"default": "tensorflow", "e2e": "tensorflow", "tf-xla": "tensorflow", "tf": "tensorflow", "tf-bf16": "tensorflow",
            "tf-bf16-graph": "tensorflow", "notebook": "tensorflow", "notebook-bf16": "tensorflow",
            **{c: "jax" for c in ("jax", "jax-bf16", "jax-onednn", "jax-bf16-onednn")},
-           "torch": "torch", "torch-bf16": "torch", "kerashub": "tensorflow"}
+           **{c: "torch" for c in ("torch", "torch-bf16", "torch-compile", "torch-bf16-compile")}, "kerashub": "tensorflow"}
 # The notebook path: `keras_vit.ViT(...)`, `model.compile(optimizer=..., loss=...)` with nothing
 # else, `model.fit` on a tf.data dataset; the -bf16 case sets the mixed_bfloat16 policy first.
 NOTEBOOK_POLICY = {"notebook": "float32", "notebook-bf16": "mixed_bfloat16"}
@@ -49,6 +52,7 @@ MODES = {"default": ("auto", "auto"), "e2e": ("auto", "auto"), "tf-xla": ("none"
          "tf-bf16": ("mixed_bfloat16", "fusible"), "tf-bf16-graph": ("mixed_bfloat16", "none"),
          "jax": ("none", "xla"), "jax-bf16": ("mixed_bfloat16", "xla"), "jax-onednn": ("none", "xla"),
          "jax-bf16-onednn": ("mixed_bfloat16", "xla"), "torch": ("none", "none"), "torch-bf16": ("mixed_bfloat16", "none"),
+         "torch-compile": ("none", "xla"), "torch-bf16-compile": ("mixed_bfloat16", "xla"),
          "kerashub": ("none", "xla")}
 NUM_CLASSES = 10
 LR = 1e-3
@@ -167,7 +171,7 @@ def run_notebook(case: str, args) -> Dict[str, object]:
             "cpu": [(b[1] - a[1]) / args.steps for a, b in spans]}
 
 
-def run_timm(args, bf16: bool = False) -> Dict[str, object]:
+def run_timm(args, bf16: bool = False, compiled: bool = False) -> Dict[str, object]:
     import timm
     import torch
 
@@ -178,6 +182,7 @@ def run_timm(args, bf16: bool = False) -> Dict[str, object]:
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
     loss_fn = torch.nn.CrossEntropyLoss()
+    forward = torch.compile(model) if compiled else model  # inductor: the first warm-up step compiles
     x, y = _data(args)
     # timm takes NCHW in [-1, 1]-ish; the rescale is part of the step as for the Keras models.
     xt = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
@@ -186,14 +191,14 @@ def run_timm(args, bf16: bool = False) -> Dict[str, object]:
     def step():
         opt.zero_grad(set_to_none=True)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = loss_fn(model(xt / 127.5 - 1.0), yt)
+            loss = loss_fn(forward(xt / 127.5 - 1.0), yt)
         loss.backward()
         opt.step()
 
     cpu: List[float] = []
     times = common.time_calls(step, args.warmup, args.repeats, args.steps, cpu)
     return {"params": sum(p.numel() for p in model.parameters()), "backend": f"torch {torch.__version__}",
-            "precision": "bf16 autocast" if bf16 else "float32",
+            "precision": ("bf16 autocast" if bf16 else "float32") + (", torch.compile" if compiled else ""),
             "threads": torch.get_num_threads(), "times": times, "cpu": cpu}
 
 
@@ -203,7 +208,7 @@ def worker(case: str, args) -> None:
         common.emit({"case": case, **common.matmul_peak(dtypes=("float32", "bfloat16"))})
         return
     if case.startswith("timm"):
-        res = run_timm(args, bf16=case == "timm-bf16")
+        res = run_timm(args, bf16=case.startswith("timm-bf16"), compiled=case.endswith("-compile"))
     elif case in NOTEBOOK_POLICY:
         res = run_notebook(case, args)
     else:
@@ -266,8 +271,8 @@ def main(argv=None) -> List[Dict[str, object]]:
             break
         for case in cases:
             need = {**{c: "jax" for c in CASES if c.startswith("jax")},
-                    "torch": "torch", "torch-bf16": "torch", "kerashub": "keras_hub", "timm": "timm",
-                    "timm-bf16": "timm"}.get(case)
+                    **{c: "torch" for c in CASES if c.startswith("torch")}, "kerashub": "keras_hub",
+                    **{c: "timm" for c in CASES if c.startswith("timm")}}.get(case)
             if need and not common.have(need):
                 merged[case] = common.skipped(case, f"{need} not installed (pip install -r bench/requirements.txt)")
                 continue
@@ -292,7 +297,7 @@ def main(argv=None) -> List[Dict[str, object]]:
             r["img_per_cpu_s"] = common.summary(r["img_per_cpu_s_values"])
     peaks = next((r for r in results if r["case"] == "peak" and "peak_fp32" in r), {})
     by_case = {r["case"]: r for r in results}
-    timm_best = max((by_case[c] for c in ("timm", "timm-bf16") if "img_s" in by_case.get(c, {})),
+    timm_best = max((by_case[c] for c in CASES if c.startswith("timm") and "img_s" in by_case.get(c, {})),
                     key=lambda r: r["img_s"]["median"], default=None)
     for r in results:
         if "img_s" in r:

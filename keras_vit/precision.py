@@ -210,7 +210,8 @@ def resolve(mixed_precision: str, jit_compile, gflop_per_step: float, backend: s
         if on_tf_cpu and mixed_precision == "mixed_bfloat16":
             jit_compile = "fusible"
             reasons.append("oneDNN bf16 matmuls with XLA-fused element-wise ops")
-        elif backend == "torch":  # as the notebook path: torch.compile (jit xla) only on request
+        elif backend == "torch":  # as the notebook path: torch.compile (jit xla) only on request; it gained
+            # nothing on a Ti/16 bf16 step on the AMD Zen 4 (25.58 against 25.57 img/s eager, BENCHMARKS.md 2026-12-04)
             jit_compile = "none"
             reasons.append("eager PyTorch (torch.compile with --jit xla; its first step compiles for a minute)")
         else:

@@ -219,3 +219,52 @@ def test_amx_markdown_names_the_cpu_kind_and_the_same_run_ratios():
     md = markdown(_amx_record(["avx512_bf16"]))
     assert "**no AMX** on this CPU" in md.splitlines()[0] and "none of them measures AMX" in md
     assert '`CPU_GEMM_GFLOPS["avx512_bf16"] = (500, 2000)`' in md
+
+
+def test_amx_share_of_peak_is_of_the_runs_fastest_square():
+    """A GEMM ways square faster than the `peak` case raises the peak the training shares are of."""
+    from bench.amx_table import markdown
+
+    record = _amx_record(["avx512_bf16", "amx_tile", "amx_bf16", "amx_int8"])
+    ways = record["stages"]["gemm ways"]["results"]
+    ways[1]["results"].append({"shape": "square 2048", "dims": [1, 2048, 2048, 2048], "dtype": "bf16", "gflop_s": 2400.0})
+    ways[0]["results"].append({"shape": "square 2048", "dims": [1, 2048, 2048, 2048], "dtype": "fp32", "gflop_s": 400.0})
+    md = markdown(record)
+    assert "| bf16, the GEMM ways stage's 2048^3 square (jax-onednn) | 2400 |" in md
+    assert "| fp32, the GEMM ways stage's 2048^3 square (tf-onednn) | 400 |" in md
+    # default: 600 GFLOP/s of max(2000, 2400); timm fp32 (200 GFLOP/s) of max(500, 400)
+    assert "| **60.00** | 5% | 3.00 | 1.50 | 600 | 25% bf16 |" in md
+    assert "| **20.00** | 5% | - | 0.50 | 200 | 40% fp32 |" in md
+    assert "(500, 2000)` from these TensorFlow peaks" in md  # auto's rates stay TensorFlow's own
+
+
+def test_cpu_kind_names_the_core_behind_a_bare_model_name():
+    """"AMD EPYC" was a Zen 5 one day and a Zen 4 at half its bf16 GEMM rate another: the figures carry the core."""
+    from bench.common import cpu_kind, machine
+
+    assert cpu_kind("AuthenticAMD", 25, 17) == "Zen 4 (family 25, model 17)"
+    assert cpu_kind("AuthenticAMD", 26, 2) == "Zen 5 (family 26, model 2)"
+    assert cpu_kind("GenuineIntel", 6, 143) == "Sapphire Rapids (family 6, model 143)"
+    assert cpu_kind("GenuineIntel", 6, 42) == "family 6, model 42"
+    assert cpu_kind("", None, None) == "unknown"
+    assert isinstance(machine()["cpu_kind"], str)
+    from bench.amx_table import markdown
+
+    record = _amx_record(["avx512_bf16"])
+    record["machine"].update(cpu="AMD EPYC", cpu_kind="Zen 4 (family 25, model 17)")
+    md = markdown(record)
+    assert md.startswith("## The AMX table: AMD EPYC (Zen 4 (family 25, model 17)), **no AMX**")
+    assert "Machine: AMD EPYC (Zen 4 (family 25, model 17)), 2 cores" in md
+
+
+def test_amx_table_renders_a_saved_record_again(tmp_path, capsys):
+    import json
+
+    from bench import amx_table
+
+    path = tmp_path / "amx.json"
+    path.write_text(json.dumps(_amx_record(["avx512_bf16"])))
+    md = amx_table.main([str(path)])
+    assert md == amx_table.markdown(_amx_record(["avx512_bf16"])) and capsys.readouterr().out == md
+    with pytest.raises(SystemExit, match="usage"):
+        amx_table.main([])
