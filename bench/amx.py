@@ -8,10 +8,11 @@ oneDNN kernel each runs (bench.gemm_ways), and the deployment files' latency.
     python -m bench.amx [--quick] [--out DIR]     # the same in an environment that has them
 
 Made for an Intel Xeon with AMX (amx_bf16, amx_int8) and runs on any x86 CPU: without AMX the
-table's title says so. It runs bench.gemm_ways, bench.train, bench.infer and bench.ort_interleaved (every case
+table's title says so. It runs bench.gemm_ways, bench.train, bench.infer, bench.ort_interleaved and bench.profile_train (every case
 in its own process) within --budget seconds: after the ways, the peaks and the inference stage,
-B/16 keeps a quarter of the budget for Ti/16, which runs last on what is left; each training
-stage starts another round only when one more as long as the last still fits. DIR/amx.json
+B/16 keeps a quarter of the budget for Ti/16, which runs on what is left but a tenth; each training
+stage starts another round only when one more as long as the last still fits. Last, bench.profile_train
+splits Ti/16's default step by op kind (issue #25's "remaining gap ... explained per op kind"). DIR/amx.json
 (every figure with the CPU, its flags, the load, the date and the command) and DIR/amx.md (the
 tables for BENCHMARKS.md) are rewritten after every stage, so a run cut short keeps what it measured.
 """
@@ -38,6 +39,9 @@ PACKAGES = ("tensorflow", "keras", "torch", "torchvision", "timm", "onnxruntime"
 # Ti/16's rounds (a minute or two) then fill what is left.
 TI_RESERVE = 0.25
 ROUNDS = 3  # most rounds per training stage
+# The profile of Ti/16's default step runs last, in what Ti/16's rounds leave of this share of the budget (~70 s on the
+# Zen 4: a model build, 6 warm-up and 3 profiled steps, the trace read back).
+PROFILE_RESERVE = 0.1
 
 
 # --- the stages ----------------------------------------------------------------------------
@@ -73,6 +77,24 @@ def train_stage(args, out: str, variant: str, budget: float, with_peak: bool = F
             argv += ["--image-size", "224", "--batch-size", "16", "--warmup", steps[0], "--steps", steps[1],
                      "--repeats", steps[2]]
     train.main(argv + (["--quick"] if args.quick else []))
+    with open(path) as f:
+        raw = json.load(f)
+    return {"command": raw["info"]["command"], "json": os.path.basename(path), **raw}
+
+
+def profile_stage(args, out: str) -> Dict[str, object]:
+    """bench.profile_train on the default path (mixed_bfloat16 + fusible) at Ti/16, in its own process (the XLA dump
+    flags it sets must precede TensorFlow's start): the step's op time by kind (GEMMs, attention products, fused
+    element-wise work, executor) and the fused work by model part."""
+    path = os.path.join(out, "profile-Ti16.json")
+    argv = ["--variant", "Ti/16", "--json", path] + (["--image-size", "32", "--batch-size", "4", "--steps", "1"]
+                                                     if args.quick else ["--steps", "3"])
+    proc = subprocess.run([sys.executable, "-m", "bench.profile_train", *argv], cwd=common.ROOT, capture_output=True,
+                          text=True, timeout=1200, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+    print("\n".join(ln for ln in proc.stdout.splitlines() if not ln.startswith("{")), flush=True)
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        return {"error": f"exit {proc.returncode}: {tail[0][:300]}"}
     with open(path) as f:
         raw = json.load(f)
     return {"command": raw["info"]["command"], "json": os.path.basename(path), **raw}
@@ -196,7 +218,8 @@ def main(argv=None) -> Dict[str, object]:
               ("peak", lambda: train_stage(args, out, "Ti/16", 0, with_peak=True)),
               ("inference", lambda: infer_stage(args, out)),
               ("train B/16", lambda: train_stage(args, out, "B/16", left() - TI_RESERVE * args.budget)),
-              ("train Ti/16", lambda: train_stage(args, out, "Ti/16", left() - 10))]
+              ("train Ti/16", lambda: train_stage(args, out, "Ti/16", left() - PROFILE_RESERVE * args.budget)),
+              ("profile Ti/16", lambda: profile_stage(args, out))]
     for name, fn in stages:
         run_stage(record, name, fn)
         record["wall_s"] = round(time.perf_counter() - t0, 1)

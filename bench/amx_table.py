@@ -62,6 +62,7 @@ def markdown(record: Dict[str, object]) -> str:
     for variant in ("Ti/16", "B/16"):
         _training(lines, st, variant)
     _inference(lines, st)
+    _profile(lines, st)
     problems = [f"- {name}: {s['error']}" for name, s in st.items() if "error" in s]
     for name, s in st.items():
         for r in s.get("results", []):
@@ -201,6 +202,26 @@ def _training(lines: List[str], st: Dict[str, Dict[str, object]], variant: str) 
               "| path | precision, compilation | img/s | spread | x timm fp32 | x timm bf16 | GFLOP/s | "
               "share of the GEMM peak | per round img/s |",
               "|---|---|---|---|---|---|---|---|---|", *rows]
+
+
+def _profile(lines: List[str], st: Dict[str, Dict[str, object]]) -> None:
+    """bench.profile_train: Ti/16's default step by op kind, and the fused element-wise work by model part."""
+    s = st.get("profile Ti/16")
+    if not s or "kinds_ms" not in s:
+        if s and "error" not in s:
+            lines += ["", f"Profile: {s}"]
+        return
+    info, step = s["info"], s["step_ms"]
+    lines += ["", f"**Where ViT-{info['variant']}'s default step goes** ({info['image_size']} px, batch {info['batch_size']}, "
+                  f"mixed_bfloat16 + fusible, {info['steps']} profiled steps; `{s['command']}`; {_when(s)}): "
+                  f"{step:.0f} ms a step under the profiler ({info['batch_size'] / step * 1000:.2f} img/s). Op time on "
+                  "TensorFlow's threads: two inter-op threads run ops at once, so the kinds add up to more than the step.",
+              "", "| op kind | ms per step | x the step |", "|---|---|---|"]
+    lines += [f"| {kind} | {ms:.1f} | {ms / step:.2f} |" for kind, ms in s["kinds_ms"].items()]
+    parts = s.get("fusion_parts_ms", {})
+    if parts:
+        lines += ["", "XLA-fused element-wise work by model part (ms per step): "
+                  + "; ".join(f"{part} {ms:.1f}" for part, ms in parts.items()) + "."]
 
 
 def _inference(lines: List[str], st: Dict[str, Dict[str, object]]) -> None:

@@ -19,7 +19,7 @@ import tempfile
 import time
 from typing import Dict
 
-from bench import train_ab
+from bench import common, train_ab
 
 KINDS = (("weight GEMMs (oneDNN MatMul, forward and backward)", re.compile(r":_Mkl(Native)?(Fused)?MatMul$")),
          ("attention products (BatchMatMul)", re.compile(r"BatchMatMul")),
@@ -90,7 +90,11 @@ def main(argv=None) -> Dict[str, float]:
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--top", type=int, default=15, help="model parts to list")
     parser.add_argument("--without", choices=train_ab.CHANGES, help="profile the model without this change")
+    parser.add_argument("--json", default=None, help="also write the step's time by op kind and model part here")
     args = parser.parse_args(argv)
+    info = common.header("profile_train", {"variant": args.variant, "image_size": args.image_size,
+                                           "batch_size": args.batch_size, "steps": args.steps,
+                                           "without": args.without}, argv) if args.json else {}
     work = tempfile.mkdtemp(prefix="keras_vit_profile_")
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_dump_to={work}/hlo --xla_dump_hlo_as_text"
     model, x, y = train_ab.bf16_training_model(args.variant, args.batch_size, args.image_size, args.without or "")
@@ -118,9 +122,15 @@ def main(argv=None) -> Dict[str, float]:
     for kind, ps in kinds.most_common():
         print(f"  {ps / per_step:8.1f} ms  {kind}")
     print("XLA-fused element-wise work by model part:")
-    for part, ps in collections.Counter(_fusion_parts(plane, f"{work}/hlo")).most_common(args.top):
+    parts = collections.Counter(_fusion_parts(plane, f"{work}/hlo")).most_common(args.top)
+    for part, ps in parts:
         print(f"  {ps / per_step:8.1f} ms  {part}")
-    return {"step": wall * 1000, **{kind: ps / per_step for kind, ps in kinds.items()}}
+    result = {"step": wall * 1000, **{kind: ps / per_step for kind, ps in kinds.items()}}
+    if args.json:
+        common.write_json(args.json, {"info": info, "step_ms": round(wall * 1000, 2),
+                                      "kinds_ms": {k: round(ps / per_step, 2) for k, ps in kinds.most_common()},
+                                      "fusion_parts_ms": {part: round(ps / per_step, 2) for part, ps in parts}})
+    return result
 
 
 if __name__ == "__main__":

@@ -44,13 +44,20 @@ def test_profile_train_splits_a_step_into_gemms_and_fused_work(tmp_path):
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.run([sys.executable, "-m", "bench.profile_train", "--variant", "Ti/16", "--image-size", "64",
-                           "--batch-size", "4", "--steps", "2", "--without", "gelu-gradient"],
+                           "--batch-size", "4", "--steps", "2", "--without", "gelu-gradient",
+                           "--json", str(tmp_path / "p.json")],
                           cwd=root, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = proc.stdout
     assert "Ti/16, 64 px, batch 4" in out
     assert "weight GEMMs" in out and "XLA-fused element-wise" in out  # fusible clustering was on
     assert "Gelu" in out.split("by model part:")[1]  # the fusions are traced back to the model's ops
+    import json
+
+    saved = json.loads((tmp_path / "p.json").read_text())  # what bench.amx's profile stage reads
+    assert saved["info"]["variant"] == "Ti/16" and saved["info"]["without"] == "gelu-gradient" and saved["step_ms"] > 0
+    assert saved["kinds_ms"]["weight GEMMs (oneDNN MatMul, forward and backward)"] > 0
+    assert any("Gelu" in part for part in saved["fusion_parts_ms"])
 
 
 def test_unknown_case_is_one_clear_error():
@@ -219,6 +226,25 @@ def test_amx_markdown_names_the_cpu_kind_and_the_same_run_ratios():
     md = markdown(_amx_record(["avx512_bf16"]))
     assert "**no AMX** on this CPU" in md.splitlines()[0] and "none of them measures AMX" in md
     assert '`CPU_GEMM_GFLOPS["avx512_bf16"] = (500, 2000)`' in md
+
+
+def test_amx_markdown_gives_the_profile_by_op_kind():
+    from bench.amx_table import markdown
+
+    record = _amx_record(["avx512_bf16", "amx_tile", "amx_bf16", "amx_int8"])
+    when = {k: record["stages"]["peak"][k] for k in ("start", "end")}
+    record["stages"]["profile Ti/16"] = {
+        **when, "command": "python -m bench.profile_train --variant Ti/16", "step_ms": 500.0,
+        "info": {"variant": "Ti/16", "image_size": 224, "batch_size": 16, "steps": 3},
+        "kinds_ms": {"weight GEMMs (oneDNN MatMul, forward and backward)": 400.0, "XLA-fused element-wise": 150.0},
+        "fusion_parts_ms": {"MlpBlock_3/mul + MlpBlock_3/add": 13.0}}
+    md = markdown(record)
+    assert "**Where ViT-Ti/16's default step goes** (224 px, batch 16, mixed_bfloat16 + fusible, 3 profiled steps" in md
+    assert "500 ms a step under the profiler (32.00 img/s)" in md
+    assert "| weight GEMMs (oneDNN MatMul, forward and backward) | 400.0 | 0.80 |" in md
+    assert "| XLA-fused element-wise | 150.0 | 0.30 |" in md and "MlpBlock_3/mul + MlpBlock_3/add 13.0." in md
+    record["stages"]["profile Ti/16"] = {**when, "error": "exit 1: boom"}
+    assert "profile Ti/16: exit 1: boom" in markdown(record)
 
 
 def test_amx_share_of_peak_is_of_the_runs_fastest_square():
