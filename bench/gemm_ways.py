@@ -10,6 +10,8 @@ Ways (each in its own process, so each sets its own oneDNN / XLA environment fir
   (what the `fusible` and graph-mode training steps run);
 - `tf-onednn-bf32`: the same with oneDNN's fp32 math mode set to bf16 (`ONEDNN_DEFAULT_FPMATH_MODE`,
   `TF_SET_ONEDNN_FPMATH_MODE`: fp32 matmuls computed by bf16 units, as TF32 on a GPU; fp32 rows only);
+- `tf-eager`: TensorFlow eager `tf.linalg.matmul`, one op at a time (what bench.train's `peak` case and
+  the issue's first TensorFlow bf16 figure timed; oneDNN's kernel without a graph around it);
 - `tf-xla`: TensorFlow with `jit_compile=True` (XLA's own CPU dot, Eigen underneath);
 - `jax`: JAX's XLA CPU as the JAX backend runs it by default;
 - `jax-onednn`: JAX with XLA's oneDNN dot fusion on (`--xla_cpu_use_onednn`,
@@ -42,6 +44,7 @@ ONEDNN_XLA_FLAGS = common.ONEDNN_XLA_FLAGS
 WAYS: Dict[str, Tuple[str, Dict[str, str]]] = {
     "tf-onednn": ("tf", {}),
     "tf-onednn-bf32": ("tf", {"ONEDNN_DEFAULT_FPMATH_MODE": "BF16", "TF_SET_ONEDNN_FPMATH_MODE": "BF16"}),
+    "tf-eager": ("tf-eager", {}),
     "tf-xla": ("tf-xla", {}),
     "jax": ("jax", {"JAX_PLATFORMS": "cpu"}),
     "jax-onednn": ("jax", {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": ONEDNN_XLA_FLAGS}),
@@ -92,8 +95,10 @@ def _matmul_fn(framework: str, dtype: str, transposed: bool):
         import tensorflow as tf
 
         dt = tf.bfloat16 if dtype == "bf16" else tf.float32
-        fn = tf.function(lambda a, b: tf.linalg.matmul(a, b, transpose_a=transposed),
-                         jit_compile=framework == "tf-xla")
+        def product(a, b):
+            return tf.linalg.matmul(a, b, transpose_a=transposed)
+
+        fn = product if framework == "tf-eager" else tf.function(product, jit_compile=framework == "tf-xla")
         return (lambda x: tf.cast(tf.constant(x), dt)), (lambda a, b: fn(a, b).numpy())
     if framework == "jax":
         import jax
@@ -210,7 +215,8 @@ def main(argv=None) -> Dict[str, object]:
     results = []
     for way in ways:
         framework, env = WAYS[way]
-        need = {"tf": "tensorflow", "tf-xla": "tensorflow", "jax": "jax", "torch": "torch"}[framework]
+        need = {"tf": "tensorflow", "tf-eager": "tensorflow", "tf-xla": "tensorflow", "jax": "jax",
+                "torch": "torch"}[framework]
         if not common.have(need):
             results.append(common.skipped(way, f"{need} not installed"))
             continue

@@ -138,6 +138,8 @@ def test_gemm_ways_times_a_steps_products_in_both_dtypes():
     assert full["attention q k^T"][1:] == (16 * 12, 197, 64, 197, False)
     rows = gemm_ways.measure("tf", shapes, repeats=1)
     assert len(rows) == 2 * len(shapes) and {r["dtype"] for r in rows} == {"bf16", "fp32"}
+    eager = gemm_ways.measure("tf-eager", shapes[:1], repeats=1)  # one op at a time, as the `peak` case times it
+    assert [r["dtype"] for r in eager] == ["bf16", "fp32"] and all(r["gflop_s"] > 0 for r in eager)
     assert all(r["gflop_s"] > 0 for r in rows)
     with pytest.raises(SystemExit, match="unknown case"):
         gemm_ways.main(["--ways", "tf-onednn,cuda"])
