@@ -39,7 +39,7 @@ PACKAGES = ("tensorflow", "keras", "torch", "torchvision", "timm", "onnxruntime"
 # Ti/16's rounds (a minute or two) then fill what is left.
 TI_RESERVE = 0.25
 ROUNDS = 3  # most rounds per training stage
-# The profile of Ti/16's default step runs last, in what Ti/16's rounds leave of this share of the budget (~70 s on the
+# The profile of Ti/16's default step runs last, in what Ti/16's rounds leave of this share of the budget (40 s on the
 # Zen 4: a model build, 6 warm-up and 3 profiled steps, the trace read back).
 PROFILE_RESERVE = 0.1
 
