@@ -39,7 +39,6 @@ if __package__ in (None, ""):
 
 from bench import common  # noqa: E402
 
-ONEDNN_XLA_FLAGS = common.ONEDNN_XLA_FLAGS
 # way -> (framework, environment)
 WAYS: Dict[str, Tuple[str, Dict[str, str]]] = {
     "tf-onednn": ("tf", {}),
@@ -47,7 +46,7 @@ WAYS: Dict[str, Tuple[str, Dict[str, str]]] = {
     "tf-eager": ("tf-eager", {}),
     "tf-xla": ("tf-xla", {}),
     "jax": ("jax", {"JAX_PLATFORMS": "cpu"}),
-    "jax-onednn": ("jax", {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": ONEDNN_XLA_FLAGS}),
+    "jax-onednn": ("jax", {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": common.ONEDNN_XLA_FLAGS}),
     "torch": ("torch", {}),
 }
 DTYPES = ("bf16", "fp32")
@@ -215,8 +214,7 @@ def main(argv=None) -> Dict[str, object]:
     results = []
     for way in ways:
         framework, env = WAYS[way]
-        need = {"tf": "tensorflow", "tf-eager": "tensorflow", "tf-xla": "tensorflow", "jax": "jax",
-                "torch": "torch"}[framework]
+        need = "tensorflow" if framework.startswith("tf") else framework
         if not common.have(need):
             results.append(common.skipped(way, f"{need} not installed"))
             continue
