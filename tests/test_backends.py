@@ -15,6 +15,7 @@ CASES = [
     ("relative-token", dict(pos_embedding="relative")),
     ("sincos2d-gap", dict(pos_embedding="sincos2d", classifier="gap")),
     ("none-token-exact-gelu", dict(pos_embedding="none", gelu_approximate=False)),
+    ("qk_norm-gap", dict(qk_norm=True, classifier="gap")),  # the per-head LayerNorms (torch: F.layer_norm)
 ]
 
 

@@ -2,6 +2,7 @@
 the per-head query/key norms of qk_norm): one form that onnxruntime fuses and bf16 keeps in float32."""
 from __future__ import annotations
 
+import keras
 from keras import layers, ops
 
 
@@ -12,8 +13,12 @@ def _layer_norm(norm: layers.LayerNormalization, x):
     ReduceMean-Sub-Pow-ReduceMean-Add-Sqrt-Div form on a rank-2 tensor is what
     onnxruntime's optimizer fuses into one LayerNormalization node (tf.nn.moments on a
     rank-3 tensor exports as GlobalAveragePool chains that it cannot fuse). Its gradient stays
-    TensorFlow's own: a custom one (as for GELU) measured slower at ViT-B/16 bf16.
+    TensorFlow's own: a custom one (as for GELU) measured slower at ViT-B/16 bf16. On torch,
+    Keras' `ops.layer_normalization` (torch's fused LayerNorm, in float32 too).
     """
+    if keras.backend.backend() == "torch":  # torch's fused kernel (F.layer_norm): the op-by-op form cost
+        # a Ti/16 step 10-40% there (BENCHMARKS.md, 2026-12-04); exports run on TensorFlow only
+        return ops.layer_normalization(ops.cast(x, "float32"), norm.gamma, norm.beta, epsilon=norm.epsilon)
     shape = tuple(x.shape) if all(n is not None for n in x.shape[1:]) else ops.shape(x)
     d = x.shape[-1]
     h = ops.reshape(ops.cast(x, "float32"), (-1, d))
