@@ -99,16 +99,27 @@ def _ways(lines: List[str], st: Dict[str, Dict[str, object]]) -> None:
             lines.append(f"| {x['shape']} ({' x '.join(map(str, x['dims']))}) | " + " | ".join(
                 "-" if c is None else (f"**{c:.0f}**" if c == best else f"{c:.0f}") for c in cells) + " |")
     isa = next((r.get("onednn_isa") for r in done if r.get("onednn_isa")), None)
-    lines += ["", f"Kernels each way ran (`ONEDNN_VERBOSE=1`; oneDNN's ISA line: {isa or '?'}):", "",
+    lines += ["", f"Kernels each way ran (`ONEDNN_VERBOSE=1`; oneDNN's ISA line: {isa or '?'}; with the share of "
+                  "oneDNN's execution time each took while that dtype's products ran, reorders of the operands "
+                  "included):", "",
               "| way | version, environment | bf16 | fp32 | AMX |", "|---|---|---|---|---|"]
     for r in done:
         env = ", ".join(f"{k}={v}" for k, v in r.get("env", {}).items())
-        cell = {d: ", ".join(f"`{k}`" for k in r["kernels"].get(d, [])) or "not through oneDNN"
-                for d in ("bf16", "f32")}
+        cell = {d: _kernel_cell(r, d, phase) for d, phase in (("bf16", "bf16"), ("f32", "fp32"))}
         amx = any("amx" in k for ks in r["kernels"].values() for k in ks)
         crash = f" (a first process crashed: {r['crashed_before']})" if "crashed_before" in r else ""
         lines.append(f"| {r['case']} | {r['version']}{'; ' + env if env else ''}{crash} | {cell['bf16']} | {cell['f32']} | "
                      f"{'**yes**' if amx else 'no'} |")
+
+
+def _kernel_cell(r: Dict[str, object], dtype: str, phase: str) -> str:
+    """The oneDNN kernels of one way and dtype; with their time shares where the record has them."""
+    from bench.gemm_ways import time_shares
+
+    shares = time_shares(r.get("kernel_ms", {}).get(phase, {}))
+    if shares:
+        return ", ".join(f"`{name}` {pct:.0f}%" for name, pct in shares)
+    return ", ".join(f"`{k}`" for k in r["kernels"].get(dtype, [])) or "not through oneDNN"
 
 
 def _peaks(lines: List[str], st: Dict[str, Dict[str, object]], flags: List[str]) -> None:

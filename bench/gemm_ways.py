@@ -7,7 +7,9 @@ every framework path keras-vit can take, with the oneDNN kernel each one runs.
 
 Ways (each in its own process, so each sets its own oneDNN / XLA environment first):
 - `tf-onednn`: TensorFlow graph mode (`tf.function`), MatMul / BatchMatMul rewritten to oneDNN
-  (what the `fusible` and graph-mode training steps run);
+  (what the `fusible` and graph-mode training steps run); each product is one tf.function call, whose
+  dispatch (0.2-0.6 ms on the Zen 4) a step's graph does not pay per op: at Ti/16's few-ms products it reads
+  below `tf-eager` for that reason, not for its kernel (same kernel, oneDNN times within 7%);
 - `tf-onednn-bf32`: the same with oneDNN's fp32 math mode set to bf16 (`ONEDNN_DEFAULT_FPMATH_MODE`,
   `TF_SET_ONEDNN_FPMATH_MODE`: fp32 matmuls computed by bf16 units, as TF32 on a GPU; fp32 rows only);
 - `tf-eager`: TensorFlow eager `tf.linalg.matmul`, one op at a time (what bench.train's `peak` case and
@@ -22,7 +24,9 @@ Shapes: the forward QKV and MLP products, the MLP's weight gradient (x^T dy: the
 operand the backward pass hands the GEMM) and the attention product (batch x heads small
 matmuls) of one training step at batch 16, plus a 2048^3 square. Each in bf16 and fp32. The
 kernel column is what `ONEDNN_VERBOSE=1` printed for the way (`brg_matmul:avx512_core_amx` is
-AMX; no line means the matmul did not go through oneDNN at all).
+AMX; no line means the matmul did not go through oneDNN at all), with each kernel's share of oneDNN's
+execution time while that dtype's products ran (a matmul that re-lays out its weights every call shows
+its reorders there).
 """
 from __future__ import annotations
 
@@ -52,6 +56,7 @@ WAYS: Dict[str, Tuple[str, Dict[str, str]]] = {
 DTYPES = ("bf16", "fp32")
 # (name, batch, M, K, N, A transposed): C[batch] = A[batch] (M x K) @ B[batch] (K x N)
 Shape = Tuple[str, int, int, int, int, bool]
+PHASE_MARK = "keras_vit_gemm_ways,phase,"  # measure() prints it before each dtype's products
 
 
 def shapes(variant: str, batch_size: int = 16, quick: bool = False) -> List[Shape]:
@@ -116,6 +121,7 @@ def measure(framework: str, shape_list: Sequence[Shape], repeats: int) -> List[D
     """GFLOP/s (best of `repeats` after two warm-up calls) of every shape in both dtypes."""
     out = []
     for dtype in DTYPES:
+        print(PHASE_MARK + dtype, flush=True)  # into the oneDNN log (the worker's stdout): kernel_ms_by_phase
         for s in shape_list:
             convert, call = _matmul_fn(framework, dtype, s[5])
             a, b = (convert(x) for x in _operands(s))
@@ -124,25 +130,63 @@ def measure(framework: str, shape_list: Sequence[Shape], repeats: int) -> List[D
     return out
 
 
+def _exec_line(ln: str):
+    """(kernel name, memory descriptors, ms) of one ONEDNN_VERBOSE exec line (primitive or graph API), else None."""
+    if not ln.startswith("onednn_verbose,") or ",exec," not in ln:
+        return None
+    parts = ln.split(",")
+    i = parts.index("exec")
+    if "graph" in parts[:i]:  # the graph API's line: onednn_verbose,v1,graph,exec,cpu,ID,KIND,...
+        name, descs = f"graph:{parts[i + 3]}", ",".join(parts[i + 4:])
+    else:
+        name = f"{parts[i + 2]}:{parts[i + 3]}" if parts[i + 3] else parts[i + 2]
+        descs = ",".join(parts[i + 4:])
+    try:
+        ms = float(parts[-1])
+    except ValueError:
+        ms = 0.0
+    return name, descs, ms
+
+
 def kernels_by_dtype(text: str) -> Dict[str, List[str]]:
     """oneDNN's `primitive:implementation` names per source dtype, from ONEDNN_VERBOSE=1 lines
     (both the primitive API's and the graph API's exec lines)."""
     kernels: Dict[str, List[str]] = {}
     for ln in text.splitlines():
-        if not ln.startswith("onednn_verbose,") or ",exec," not in ln:
+        line = _exec_line(ln)
+        if line is None:
             continue
-        parts = ln.split(",")
-        i = parts.index("exec")
-        if "graph" in parts[:i]:  # the graph API's line: onednn_verbose,v1,graph,exec,cpu,ID,KIND,...
-            name, descs = f"graph:{parts[i + 3]}", ",".join(parts[i + 4:])
-        else:
-            name = f"{parts[i + 2]}:{parts[i + 3]}" if parts[i + 3] else parts[i + 2]
-            descs = ",".join(parts[i + 4:])
+        name, descs, _ = line
         dtype = next((d for d in ("bf16", "f16", "f32", "s8", "u8") if re.search(rf"(src|in0)[:_]{d}\b", descs)), "?")
         names = kernels.setdefault(dtype, [])
         if name not in names:
             names.append(name)
     return kernels
+
+
+def kernel_ms_by_phase(text: str) -> Dict[str, Dict[str, float]]:
+    """oneDNN's execution milliseconds per kernel while each dtype's products ran (bf16, fp32: the
+    PHASE_MARK lines measure() prints), reorders and converts included: how much of a way's oneDNN
+    time is the matmul kernel and how much re-lays out its operands every call."""
+    out: Dict[str, Dict[str, float]] = {}
+    phase = "?"
+    for ln in text.splitlines():
+        if ln.startswith(PHASE_MARK):
+            phase = ln[len(PHASE_MARK):].strip()
+            continue
+        line = _exec_line(ln)
+        if line is not None:
+            times = out.setdefault(phase, {})
+            times[line[0]] = round(times.get(line[0], 0.0) + line[2], 3)
+    return out
+
+
+def time_shares(times: Dict[str, float]) -> List[Tuple[str, float]]:
+    """(kernel, % of the phase's oneDNN time) of one phase's kernel_ms_by_phase, largest first."""
+    total = sum(times.values())
+    if total <= 0:
+        return []
+    return [(name, 100 * ms / total) for name, ms in sorted(times.items(), key=lambda kv: -kv[1])]
 
 
 def worker(way: str, args) -> None:
@@ -164,7 +208,7 @@ def worker(way: str, args) -> None:
     text = log.read()
     isa = next((ln.split("isa:", 1)[1].strip().strip(",") for ln in text.splitlines() if "isa:" in ln), None)
     common.emit({"case": way, "framework": framework, "version": version, "results": rows,
-                 "kernels": kernels_by_dtype(text), "onednn_isa": isa,
+                 "kernels": kernels_by_dtype(text), "kernel_ms": kernel_ms_by_phase(text), "onednn_isa": isa,
                  "env": {k: v for k, v in WAYS[way][1].items() if k != "JAX_PLATFORMS"}})
 
 
@@ -245,7 +289,9 @@ def print_ways(results: List[Dict[str, object]]) -> None:
             (r["case"], lambda row, c=r["case"]: "-" if row[c] is None else f"{row[c]:.0f}") for r in done])
     for r in done:
         ks = "; ".join(f"{d}: {', '.join(v)}" for d, v in r["kernels"].items()) or "none (not through oneDNN)"
-        print(f"  {r['case']} ({r['version']}): {ks}"
+        shares = "; ".join(f"{d}: " + ", ".join(f"{k} {pct:.0f}%" for k, pct in time_shares(t))
+                           for d, t in r.get("kernel_ms", {}).items() if time_shares(t))
+        print(f"  {r['case']} ({r['version']}): {ks}" + (f"; oneDNN time {shares}" if shares else "")
               + (f" (the first process crashed: {r['crashed_before']}; these are the retry's)" if "crashed_before" in r else ""))
     for r in results:
         if "error" in r or "skipped" in r:

@@ -126,6 +126,19 @@ def test_onednn_verbose_names_the_kernels_per_dtype():
     assert kernels_by_dtype("no oneDNN here\n") == {}
 
 
+def test_onednn_verbose_times_each_kernel_while_each_dtype_ran():
+    from bench.gemm_ways import PHASE_MARK, kernel_ms_by_phase, time_shares
+
+    reorder = ("onednn_verbose,v1,primitive,exec,cpu,reorder,jit:uni,undef,src:f32::blocked:ab::f0 "
+               "dst:bf16::blocked:BA16a32b2a::f0,,,1024x1024,0.08\n")
+    times = kernel_ms_by_phase(PHASE_MARK + "bf16\n" + ONEDNN_LOG + reorder + PHASE_MARK + "fp32\n" + reorder)
+    assert times == {"bf16": {"matmul:brg_matmul:avx512_core_amx": 0.17, "gemm_api": 34.0,
+                              "graph:matmul_post_ops": 1.5, "reorder:jit:uni": 0.08},
+                     "fp32": {"reorder:jit:uni": 0.08}}
+    shares = time_shares({"matmul": 3.0, "reorder": 1.0})
+    assert shares == [("matmul", 75.0), ("reorder", 25.0)] and time_shares({}) == []
+
+
 def test_gemm_ways_times_a_steps_products_in_both_dtypes():
     from bench import gemm_ways
 
@@ -178,6 +191,8 @@ def _amx_record(flags):
                               "results": [{"case": "tf-onednn", "version": "tensorflow 2.21.0", "env": {},
                                            "onednn_isa": "Intel AMX",
                                            "kernels": {"bf16": ["matmul:brg_matmul:avx512_core_amx"], "f32": ["gemm_api"]},
+                                           "kernel_ms": {"bf16": {"matmul:brg_matmul:avx512_core_amx": 9.0,
+                                                                  "reorder:jit:uni": 1.0}},
                                            "results": [{"shape": "QKV forward", "dims": [1, 3152, 768, 2304],
                                                         "dtype": d, "gflop_s": g} for d, g in (("bf16", 900.0),
                                                                                               ("fp32", 200.0))]},
@@ -208,7 +223,8 @@ def test_amx_markdown_names_the_cpu_kind_and_the_same_run_ratios():
     assert md.startswith("## The AMX table: Intel(R) Xeon(R) Platinum 8480+, AMX (amx_bf16, amx_int8)")
     assert "| QKV forward (1 x 3152 x 768 x 2304) | 900 | **1200** |" in md  # bf16: the fastest way in bold
     assert "| QKV forward (1 x 3152 x 768 x 2304) | **200** | 150 |" in md
-    assert "| tf-onednn | tensorflow 2.21.0 | `matmul:brg_matmul:avx512_core_amx` | `gemm_api` | **yes** |" in md
+    assert ("| tf-onednn | tensorflow 2.21.0 | `matmul:brg_matmul:avx512_core_amx` 90%, `reorder:jit:uni` 10% | "
+            "`gemm_api` | **yes** |") in md  # bf16 with its time shares; fp32's record has only the names
     assert ("| jax-onednn | jax 0.10.2; XLA_FLAGS=--xla_cpu_use_onednn=true | not through oneDNN | not through "
             "oneDNN | no |") in md
     assert "gemm ways, torch: skipped: torch not installed" in md
