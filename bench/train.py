@@ -17,11 +17,14 @@ and mixed_bfloat16 (`torch`, `torch-bf16`: torch's own oneDNN matmuls, the kerne
 on TF with XLA (`kerashub`); the notebook path (`notebook`, `notebook-bf16`: `model.compile(optimizer,
 loss)` with Keras' other defaults and `model.fit` on tf.data, in the float32 / mixed_bfloat16 policy);
 timm's ViT in torch in fp32 (`timm`) and in `torch.autocast("cpu", torch.bfloat16)` (`timm-bf16`), eager or with
-the model under torch.compile (`timm-compile`, `timm-bf16-compile`: the peer's compiled path).
+the model under torch.compile (`timm-compile`, `timm-bf16-compile`: the peer's compiled path), and eager with timm's
+explicit softmax(q k^T) v attention instead of torch's fused scaled_dot_product_attention (`timm-unfused`,
+`timm-bf16-unfused`: `timm.layers.set_fused_attn(False)`; in bf16 on the Zen 4 the explicit form was 1.3x the fused
+one, BENCHMARKS.md 2026-12-04, so it is part of the peer's best path).
 Peers that are not installed are skipped. Achieved FLOP/s = img/s x 3 x forward FLOPs
 (ViTConfig.flops()), compared with the best GEMM GFLOP/s of the precision the case computes in,
-measured in the same run (`peak`: fp32 and bf16 2048^3 matmuls); `x timm` is against the faster
-of the two timm cases.
+measured in the same run (`peak`: fp32 and bf16 2048^3 matmuls); `x timm` is against the fastest
+timm case run.
 """
 from __future__ import annotations
 
@@ -39,7 +42,7 @@ from bench import common  # noqa: E402
 
 CASES = ("peak", "default", "e2e", "tf-xla", "tf", "tf-bf16", "tf-bf16-graph", "notebook", "notebook-bf16", "jax",
          "jax-bf16", "jax-onednn", "jax-bf16-onednn", "torch", "torch-bf16", "torch-compile", "torch-bf16-compile",
-         "kerashub", "timm", "timm-bf16", "timm-compile", "timm-bf16-compile")
+         "kerashub", "timm", "timm-bf16", "timm-compile", "timm-bf16-compile", "timm-unfused", "timm-bf16-unfused")
 BACKEND = {"default": "tensorflow", "e2e": "tensorflow", "tf-xla": "tensorflow", "tf": "tensorflow", "tf-bf16": "tensorflow",
            "tf-bf16-graph": "tensorflow", "notebook": "tensorflow", "notebook-bf16": "tensorflow",
            **{c: "jax" for c in ("jax", "jax-bf16", "jax-onednn", "jax-bf16-onednn")},
@@ -171,9 +174,11 @@ def run_notebook(case: str, args) -> Dict[str, object]:
             "cpu": [(b[1] - a[1]) / args.steps for a, b in spans]}
 
 
-def run_timm(args, bf16: bool = False, compiled: bool = False) -> Dict[str, object]:
+def run_timm(args, bf16: bool = False, compiled: bool = False, fused_attn: bool = True) -> Dict[str, object]:
     import timm
     import torch
+
+    timm.layers.set_fused_attn(fused_attn)  # read by each Attention module as it is built
 
     cfg = config(args)
     size = args.variant.split("/")[0]
@@ -198,7 +203,8 @@ def run_timm(args, bf16: bool = False, compiled: bool = False) -> Dict[str, obje
     cpu: List[float] = []
     times = common.time_calls(step, args.warmup, args.repeats, args.steps, cpu)
     return {"params": sum(p.numel() for p in model.parameters()), "backend": f"torch {torch.__version__}",
-            "precision": ("bf16 autocast" if bf16 else "float32") + (", torch.compile" if compiled else ""),
+            "precision": ("bf16 autocast" if bf16 else "float32") + (", torch.compile" if compiled else "")
+            + ("" if fused_attn else ", explicit attention"),
             "threads": torch.get_num_threads(), "times": times, "cpu": cpu}
 
 
@@ -208,7 +214,8 @@ def worker(case: str, args) -> None:
         common.emit({"case": case, **common.matmul_peak(dtypes=("float32", "bfloat16"))})
         return
     if case.startswith("timm"):
-        res = run_timm(args, bf16=case.startswith("timm-bf16"), compiled=case.endswith("-compile"))
+        res = run_timm(args, bf16=case.startswith("timm-bf16"), compiled=case.endswith("-compile"),
+                       fused_attn=not case.endswith("-unfused"))
     elif case in NOTEBOOK_POLICY:
         res = run_notebook(case, args)
     else:

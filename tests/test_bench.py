@@ -176,7 +176,8 @@ def _amx_record(flags):
     train_rows = [{"case": c, "precision": p, "jit": "fusible", "img_s": {"median": v, "spread": 0.05},
                    "round_img_s": [v - 1, v + 1]}
                   for c, p, v in (("default", "mixed_bfloat16", 60.0), ("torch-bf16", "mixed_bfloat16", 30.0),
-                                  ("timm", "float32", 20.0), ("timm-bf16", "bf16 autocast", 40.0))]
+                                  ("timm", "float32", 20.0), ("timm-bf16", "bf16 autocast", 40.0),
+                                  ("timm-bf16-unfused", "bf16 autocast, explicit attention", 50.0))]
     train_rows.append({"case": "notebook", "error": "exit 1: boom"})
     infer_rows = [{"case": c, "latency_ms": {"median": ms}, "throughput": {"median": 100.0}, "top1_agree": 1.0,
                    "max_abs_diff": 1e-5, "lat_x_onnx": ms / 10.0, "lat_x_timm-onnx": ms / 12.0}
@@ -232,10 +233,12 @@ def test_amx_markdown_names_the_cpu_kind_and_the_same_run_ratios():
     # auto's rates from this run: 30 ms / (3 (1/500 - 1/2000) s/GFLOP) = 6.7 GFLOP; now (360, 2000): 4.4
     assert ('`CPU_GEMM_GFLOPS["amx_bf16"] = (500, 2000)` from these TensorFlow peaks puts bf16\'s break-even at 6.7 '
             "forward GFLOP per step; the entry now, (360, 2000), puts it at 4.4") in md
-    # default: 60 img/s = 3.00x timm fp32, 1.50x timm bf16, 600 GFLOP/s = 30% of the bf16 peak, per round 59 / 61
-    assert "| mixed_bfloat16, fusible | **60.00** | 5% | 3.00 | 1.50 | 600 | 30% bf16 | 59.00 / 61.00 |" in md
-    assert ("| `KERAS_BACKEND=torch`, `mixed_bfloat16` (eager) | mixed_bfloat16 | **30.00** | 5% | 1.50 | 0.75 | 300 | "
+    # default: 60 img/s = 3.00x timm fp32, 1.20x the faster timm bf16 (explicit attention, 50), 600 GFLOP/s = 30% of
+    # the bf16 peak, per round 59 / 61
+    assert "| mixed_bfloat16, fusible | **60.00** | 5% | 3.00 | 1.20 | 600 | 30% bf16 | 59.00 / 61.00 |" in md
+    assert ("| `KERAS_BACKEND=torch`, `mixed_bfloat16` (eager) | mixed_bfloat16 | **30.00** | 5% | 1.50 | 0.60 | 300 | "
             "15% bf16 |") in md  # Keras on torch: the precision alone (eager, no compilation choice)
+    assert "| timm, `torch.autocast(\"cpu\", torch.bfloat16)` | bf16 autocast | **40.00** | 5% | 2.00 | - |" in md
     assert "2 alternating round(s)" in md and "train Ti/16, notebook: exit 1: boom" in md
     static = next(ln for ln in md.splitlines() if ln.startswith("| keras-vit ONNX static int8"))
     assert "| 5.00 | 0.50 | 0.42 | 4.00 | 0.50 | 0.40 |" in static and "100.0%" in static
@@ -277,8 +280,8 @@ def test_amx_share_of_peak_is_of_the_runs_fastest_square():
     assert "| bf16, the GEMM ways stage's 2048^3 square (jax-onednn) | 2400 |" in md
     assert "| fp32, the GEMM ways stage's 2048^3 square (tf-onednn) | 400 |" in md
     # default: 600 GFLOP/s of max(2000, 2400); timm fp32 (200 GFLOP/s) of max(500, 400)
-    assert "| **60.00** | 5% | 3.00 | 1.50 | 600 | 25% bf16 |" in md
-    assert "| **20.00** | 5% | - | 0.50 | 200 | 40% fp32 |" in md
+    assert "| **60.00** | 5% | 3.00 | 1.20 | 600 | 25% bf16 |" in md
+    assert "| **20.00** | 5% | - | 0.40 | 200 | 40% fp32 |" in md
     assert "(500, 2000)` from these TensorFlow peaks" in md  # auto's rates stay TensorFlow's own
 
 
