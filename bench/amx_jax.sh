@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Issue #25's AMX rows that a machine without TensorFlow can give, in one command (about 9 minutes): the GPU
+# Issue #25's AMX rows that a machine without TensorFlow can give, in one command (about 10 minutes): the GPU
 # machine lent by the `device` tool has an AMX Xeon for its host CPU, with JAX, torch and timm but no
 # TensorFlow. On 2 of its CPUs (as the project's 2-core machines), pinned with taskset: the B/16 step's
 # matmuls in JAX (XLA's own dot, XLA's oneDNN dots) and torch with the oneDNN kernel each runs, then training
 # img/s of keras-vit on the JAX backend (fp32, mixed_bfloat16, with and without oneDNN dots) and the PyTorch
-# backend (mixed_bfloat16) beside timm fp32 and bf16 autocast at ViT-Ti/16 (B/16: JAX fp32 and timm), batch 16.
+# backend (mixed_bfloat16) beside timm fp32 and bf16 autocast (its fused attention and its explicit one, the faster
+# on the Zen 4) at ViT-Ti/16 (B/16: JAX fp32 and timm), batch 16.
 # First run (2026-12-04, in parts: BENCHMARKS.md, "The AMX Xeon through JAX and torch"). Writes DIR/*.json and DIR/amx_jax.log.
 #   bash bench/amx_jax.sh [--quick] [DIR]       (DIR defaults to $OUT, else ./amx-jax-out; AMX_CPUS=0,1 to choose)
 # Keras comes from .whl/ when the machine lacks it (bench/gpu.sh does the same; BENCHMARKS.md, "GPU").
@@ -33,8 +34,8 @@ export PYTHONUNBUFFERED=1 JAX_PLATFORMS=cpu CUDA_VISIBLE_DEVICES= OMP_NUM_THREAD
 PIN=(taskset -c "$CPUS")
 timeout 90 "${PIN[@]}" python3 -m bench.gemm_ways --variant B/16 --ways jax,jax-onednn,torch --repeats 3 \
     "${QUICK[@]}" --json "$DIR/gemm_ways.json"
-timeout 280 "${PIN[@]}" python3 -m bench.train --variant Ti/16 --warmup 3 --repeats 3 --steps 3 "${QUICK[@]}" \
-    --cases peak,jax,jax-bf16,jax-bf16-onednn,torch-bf16,timm,timm-bf16 --json "$DIR/train-ti16.json"
-timeout 150 "${PIN[@]}" python3 -m bench.train --variant B/16 --warmup 1 --repeats 2 --steps 1 "${QUICK[@]}" \
-    --cases jax,timm,timm-bf16 --json "$DIR/train-b16.json"
+timeout 320 "${PIN[@]}" python3 -m bench.train --variant Ti/16 --warmup 3 --repeats 3 --steps 3 "${QUICK[@]}" \
+    --cases peak,jax,jax-bf16,jax-bf16-onednn,torch-bf16,timm,timm-bf16,timm-bf16-unfused --json "$DIR/train-ti16.json"
+timeout 190 "${PIN[@]}" python3 -m bench.train --variant B/16 --warmup 1 --repeats 2 --steps 1 "${QUICK[@]}" \
+    --cases jax,timm,timm-bf16,timm-bf16-unfused --json "$DIR/train-b16.json"
 echo "load after: $(cut -d' ' -f1-3 /proc/loadavg)"
