@@ -238,6 +238,9 @@ def _profile(lines: List[str], st: Dict[str, Dict[str, object]]) -> None:
     if parts:
         lines += ["", "XLA-fused element-wise work by model part (ms per step): "
                   + "; ".join(f"{part} {ms:.1f}" for part, ms in parts.items()) + "."]
+    other = s.get("other_ops_ms", {})
+    if other:
+        lines += ["", "Other TF ops by type (ms per step): " + "; ".join(f"{op} {ms:.1f}" for op, ms in other.items()) + "."]
 
 
 def _inference(lines: List[str], st: Dict[str, Dict[str, object]]) -> None:

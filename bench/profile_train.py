@@ -88,7 +88,7 @@ def main(argv=None) -> Dict[str, float]:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--top", type=int, default=15, help="model parts to list")
+    parser.add_argument("--top", type=int, default=15, help="model parts (and other ops' types) to list")
     parser.add_argument("--without", choices=train_ab.CHANGES, help="profile the model without this change")
     parser.add_argument("--json", default=None, help="also write the step's time by op kind and model part here")
     args = parser.parse_args(argv)
@@ -115,8 +115,12 @@ def main(argv=None) -> Dict[str, float]:
     plane = next(p for p in space.planes if p.name == "/host:CPU")
     per_step = 1e9 * args.steps  # picoseconds -> ms per step
     kinds: Dict[str, int] = collections.Counter()
+    other: Dict[str, int] = collections.Counter()  # "other TF ops" by op type (the event name's last part)
     for name, ps in _self_times(plane).items():
-        kinds[next((k for k, rx in KINDS if rx.search(name)), "other TF ops")] += ps
+        kind = next((k for k, rx in KINDS if rx.search(name)), "other TF ops")
+        kinds[kind] += ps
+        if kind == "other TF ops":
+            other[name.rsplit(":", 1)[-1].strip()] += ps
     print(f"{args.variant}, {args.image_size} px, batch {args.batch_size}, mixed_bfloat16 + fusible: {wall * 1000:.0f} ms a step "
           f"({args.batch_size / wall:.2f} img/s under the profiler); {work}")
     for kind, ps in kinds.most_common():
@@ -125,11 +129,14 @@ def main(argv=None) -> Dict[str, float]:
     parts = collections.Counter(_fusion_parts(plane, f"{work}/hlo")).most_common(args.top)
     for part, ps in parts:
         print(f"  {ps / per_step:8.1f} ms  {part}")
+    others = other.most_common(args.top)
+    print("Other TF ops by type: " + "; ".join(f"{op} {ps / per_step:.1f} ms" for op, ps in others))
     result = {"step": wall * 1000, **{kind: ps / per_step for kind, ps in kinds.items()}}
     if args.json:
         common.write_json(args.json, {"info": info, "step_ms": round(wall * 1000, 2),
                                       "kinds_ms": {k: round(ps / per_step, 2) for k, ps in kinds.most_common()},
-                                      "fusion_parts_ms": {part: round(ps / per_step, 2) for part, ps in parts}})
+                                      "fusion_parts_ms": {part: round(ps / per_step, 2) for part, ps in parts},
+                                      "other_ops_ms": {op: round(ps / per_step, 2) for op, ps in others}})
     return result
 
 

@@ -58,6 +58,7 @@ def test_profile_train_splits_a_step_into_gemms_and_fused_work(tmp_path):
     assert saved["info"]["variant"] == "Ti/16" and saved["info"]["without"] == "gelu-gradient" and saved["step_ms"] > 0
     assert saved["kinds_ms"]["weight GEMMs (oneDNN MatMul, forward and backward)"] > 0
     assert any("Gelu" in part for part in saved["fusion_parts_ms"])
+    assert "Other TF ops by type: " in out and all(ms >= 0 for ms in saved["other_ops_ms"].values())
 
 
 def test_unknown_case_is_one_clear_error():
@@ -258,12 +259,14 @@ def test_amx_markdown_gives_the_profile_by_op_kind():
         **when, "command": "python -m bench.profile_train --variant Ti/16", "step_ms": 500.0,
         "info": {"variant": "Ti/16", "image_size": 224, "batch_size": 16, "steps": 3},
         "kinds_ms": {"weight GEMMs (oneDNN MatMul, forward and backward)": 400.0, "XLA-fused element-wise": 150.0},
-        "fusion_parts_ms": {"MlpBlock_3/mul + MlpBlock_3/add": 13.0}}
+        "fusion_parts_ms": {"MlpBlock_3/mul + MlpBlock_3/add": 13.0},
+        "other_ops_ms": {"_XlaCompile": 11.2, "_MklSoftmax": 8.4}}
     md = markdown(record)
     assert "**Where ViT-Ti/16's default step goes** (224 px, batch 16, mixed_bfloat16 + fusible, 3 profiled steps" in md
     assert "500 ms a step under the profiler (32.00 img/s)" in md
     assert "| weight GEMMs (oneDNN MatMul, forward and backward) | 400.0 | 0.80 |" in md
     assert "| XLA-fused element-wise | 150.0 | 0.30 |" in md and "MlpBlock_3/mul + MlpBlock_3/add 13.0." in md
+    assert "Other TF ops by type (ms per step): _XlaCompile 11.2; _MklSoftmax 8.4." in md
     record["stages"]["profile Ti/16"] = {**when, "error": "exit 1: boom"}
     assert "profile Ti/16: exit 1: boom" in markdown(record)
 
