@@ -132,3 +132,39 @@ def test_accelerator_detection_respects_hidden_gpus(monkeypatch):
     assert P.has_accelerator("tensorflow") is False
     assert P.keras_jit_compile("xla") is True
     assert P.keras_jit_compile("fusible") is False and P.keras_jit_compile("none") is False
+
+
+def test_bf16_graph_training_clusters_the_blocks_elementwise_work(monkeypatch):
+    """The notebook's bf16 step (graph mode, no fusible flags) gets XLA scopes around the LayerNorms and the
+    GELU; inference, float32, eager calls and the fusible default do not."""
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from keras_vit.layers.block import TransformerBlock
+    from keras_vit.layers.fusion import fused_elementwise
+
+    monkeypatch.setenv("TF_XLA_FLAGS", "")
+
+    def scoped_ops(policy, training, flags=""):
+        monkeypatch.setenv("TF_XLA_FLAGS", flags)
+        block = TransformerBlock(num_heads=2, mlp_dim=16, dtype=policy)
+        x = tf.constant(np.random.default_rng(0).normal(size=(2, 5, 8)), tf.float32)
+        fn = tf.function(lambda t: block(t, training=training))
+        graph = fn.get_concrete_function(x).graph
+        return [op.type for op in graph.get_operations() if _xla_compile(op)]
+
+    bf16 = keras.mixed_precision.Policy("mixed_bfloat16")
+    marked = scoped_ops(bf16, True)
+    assert "Tanh" in marked and "Sqrt" in marked and "MatMul" not in marked and "BatchMatMulV2" not in marked
+    assert scoped_ops(bf16, False) == []  # inference: every export traces this
+    assert scoped_ops("float32", True) == []
+    assert scoped_ops(bf16, True, "--tf_xla_auto_jit=2 --tf_xla_ops_to_cluster=FUSIBLE") == []  # clusters itself
+    assert isinstance(fused_elementwise(True, "bfloat16"), type(fused_elementwise(False, "bfloat16")))  # eager: none
+
+
+def _xla_compile(op) -> bool:
+    try:
+        return bool(op.get_attr("_XlaCompile"))
+    except ValueError:
+        return False

@@ -2,6 +2,7 @@
 (stochastic depth), LayerScale."""
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional, Sequence
 
@@ -9,6 +10,7 @@ import keras
 from keras import layers, ops
 
 from keras_vit.layers.attention import MultiHeadSelfAttention
+from keras_vit.layers.fusion import fused_elementwise
 from keras_vit.layers.norm import _layer_norm
 
 _REG = keras.saving.register_keras_serializable(package="keras_vit")
@@ -63,7 +65,7 @@ class LayerScale(layers.Layer):
         return {**super().get_config(), "init_value": self.init_value}
 
 
-def _gelu_with_input_gradient(approximate: bool):
+def _gelu_with_input_gradient(approximate: bool, scope=contextlib.nullcontext):
     """GELU in float32 whose gradient is recomputed from its input alone (keras.ops.custom_gradient).
 
     Same function as `ops.gelu`. Why: TensorFlow differentiates the op-by-op GELU by keeping
@@ -90,9 +92,11 @@ def _gelu_with_input_gradient(approximate: bool):
         def grad(*args, upstream=None):
             if upstream is None:
                 (upstream,) = args
-            return ops.cast(ops.cast(upstream, "float32") * slope(ops.cast(x, "float32")), x.dtype)
+            with scope():  # the gradient's ops are made later, outside the forward's scope
+                return ops.cast(ops.cast(upstream, "float32") * slope(ops.cast(x, "float32")), x.dtype)
 
-        return ops.cast(value(ops.cast(x, "float32")), x.dtype), grad
+        with scope():
+            return ops.cast(value(ops.cast(x, "float32")), x.dtype), grad
 
     return gelu
 
@@ -107,7 +111,7 @@ def gelu(x, approximate: bool = True, training=None):
     """
     if (training and keras.backend.backend() == "tensorflow"
             and keras.backend.standardize_dtype(x.dtype) != "float32"):
-        return _gelu_with_input_gradient(approximate)(x)
+        return _gelu_with_input_gradient(approximate, lambda: fused_elementwise(training, x.dtype))(x)
     return ops.gelu(x, approximate=approximate)
 
 
@@ -256,7 +260,8 @@ class TransformerBlock(layers.Layer):
         distilled model's with n = 2 (the class and distillation tokens its two heads read).
         """
         queries = _queries(class_token_only, num_queries)
-        y = ops.cast(_layer_norm(self.norm_1, x), self.compute_dtype)
+        with fused_elementwise(training, self.compute_dtype):
+            y = ops.cast(_layer_norm(self.norm_1, x), self.compute_dtype)
         y = self.attention(y, training=training, return_attention_scores=return_attention_scores,
                            num_queries=queries)
         if return_attention_scores:
@@ -267,7 +272,9 @@ class TransformerBlock(layers.Layer):
         if queries is not None:
             x = x[:, :queries]
         x = ops.cast(x, self.compute_dtype) + self.drop_path(y, training=training)
-        y = self.mlp(ops.cast(_layer_norm(self.norm_2, x), self.compute_dtype), training=training)
+        with fused_elementwise(training, self.compute_dtype):
+            y = ops.cast(_layer_norm(self.norm_2, x), self.compute_dtype)
+        y = self.mlp(y, training=training)
         if self.layer_scale:
             y = self.layer_scale[1](y)
         x = x + self.drop_path(y, training=training)
