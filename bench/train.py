@@ -101,6 +101,10 @@ def run_keras(case: str, args) -> Dict[str, object]:
                                       backend=backend, hardware=precision.detect_hardware(backend))
     if jit == "fusible":
         precision.request_fusible_clustering()  # before the first TF function runs
+    if jit == "none":  # as vitcli train --jit none: no XLA, not even the blocks' element-wise scopes
+        from keras_vit.layers.fusion import SCOPES_ENV
+
+        os.environ[SCOPES_ENV] = "0"
     if mixed != "none":
         keras.mixed_precision.set_global_policy(mixed)
     model = _keras_model(case, cfg)

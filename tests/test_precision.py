@@ -160,6 +160,9 @@ def test_bf16_graph_training_clusters_the_blocks_elementwise_work(monkeypatch):
     assert scoped_ops(bf16, False) == []  # inference: every export traces this
     assert scoped_ops("float32", True) == []
     assert scoped_ops(bf16, True, "--tf_xla_auto_jit=2 --tf_xla_ops_to_cluster=FUSIBLE") == []  # clusters itself
+    monkeypatch.setenv("KERAS_VIT_XLA_SCOPES", "0")  # vitcli train --jit none: no XLA at all
+    assert scoped_ops(bf16, True) == []
+    monkeypatch.delenv("KERAS_VIT_XLA_SCOPES")
     assert isinstance(fused_elementwise(True, "bfloat16"), type(fused_elementwise(False, "bfloat16")))  # eager: none
 
 
@@ -168,3 +171,17 @@ def _xla_compile(op) -> bool:
         return bool(op.get_attr("_XlaCompile"))
     except ValueError:
         return False
+
+
+def test_a_run_with_jit_none_turns_the_scopes_off_for_its_duration(monkeypatch):
+    import os
+
+    from keras_vit.layers.fusion import SCOPES_ENV
+    from keras_vit.train.loop import _speed_settings
+
+    monkeypatch.delenv(SCOPES_ENV, raising=False)
+    with _speed_settings("mixed_bfloat16", "none"):
+        assert os.environ[SCOPES_ENV] == "0"
+    assert SCOPES_ENV not in os.environ
+    with _speed_settings("mixed_bfloat16", "xla"):
+        assert SCOPES_ENV not in os.environ

@@ -8,17 +8,21 @@ import os
 
 import keras
 
+# "0" turns the scopes off: `vitcli train --jit none` sets it for its run (no XLA at all, as asked);
+# a notebook that wants plain graph mode sets it before its first step is traced.
+SCOPES_ENV = "KERAS_VIT_XLA_SCOPES"
+
 
 def fused_elementwise(training, compute_dtype):
     """`tf.xla.experimental.jit_scope()` where it pays, else a no-op context.
 
     It pays in TensorFlow, in a traced (graph-mode, not XLA-compiled) training step in bf16/fp16,
     when TensorFlow's own fusible auto-clustering is off (`vitcli train`'s default turns it on, and it
-    clusters these ops itself) and no multi-replica CPU strategy runs (XLA cannot place the replicas'
-    variables). Inference, and so every export, never gets the scope. Ti/16 notebook bf16 on the
+    clusters these ops itself), no multi-replica CPU strategy runs (XLA cannot place the replicas'
+    variables) and `KERAS_VIT_XLA_SCOPES` is not "0". Inference, and so every export, never gets the scope. Ti/16 notebook bf16 on the
     AMD Zen 4: 31.25 / 27.30 img/s against 25.69 / 24.95 without (BENCHMARKS.md, 2026-12-04).
     """
-    if not training or keras.backend.backend() != "tensorflow":
+    if not training or keras.backend.backend() != "tensorflow" or os.environ.get(SCOPES_ENV) == "0":
         return contextlib.nullcontext()
     if keras.backend.standardize_dtype(compute_dtype) == "float32":
         return contextlib.nullcontext()

@@ -20,6 +20,7 @@ from keras_vit import precision
 from keras_vit.config import ViTConfig
 from keras_vit.errors import TrainError, op_error_line
 from keras_vit.files import save_model, write_json, write_text
+from keras_vit.layers.fusion import SCOPES_ENV
 from keras_vit.model import build_model
 from keras_vit.plots import plot_training_curves, read_metrics_csv
 from keras_vit.train.callbacks import LearningRateLogger, PacedBackup, atomic_checkpoint
@@ -183,8 +184,11 @@ def _speed_settings(mixed: str, jit: str) -> Iterator[None]:
     """The global dtype policy and XLA flags of a run, restored afterwards (the fusible mode sets
     XLA flags that TensorFlow reads once, so this comes before any TensorFlow work)."""
     previous_xla_flags = os.environ.get("TF_XLA_FLAGS")
+    previous_scopes = os.environ.get(SCOPES_ENV)
     if jit == "fusible":
         precision.request_fusible_clustering()
+    if jit == "none":  # no XLA at all, as asked: not even the blocks' element-wise scopes (layers.fusion)
+        os.environ[SCOPES_ENV] = "0"
     previous_policy = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy("float32" if mixed == "none" else mixed)
     try:
@@ -195,6 +199,10 @@ def _speed_settings(mixed: str, jit: str) -> Iterator[None]:
             os.environ.pop("TF_XLA_FLAGS", None)
         else:
             os.environ["TF_XLA_FLAGS"] = previous_xla_flags
+        if previous_scopes is None:
+            os.environ.pop(SCOPES_ENV, None)
+        else:
+            os.environ[SCOPES_ENV] = previous_scopes
 
 
 def _load_data(cfg: TrainConfig, cluster: Optional[Cluster] = None) -> _Data:
