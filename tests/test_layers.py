@@ -204,7 +204,8 @@ def test_training_gelu_matches_ops_gelu_and_its_gradient(rng, approximate, monke
     import keras_vit.layers.block as block
 
     taken = []
-    monkeypatch.setattr(block, "_gelu_with_input_gradient", lambda a: taken.append(a) or (lambda t: t))
+    monkeypatch.setattr(block, "_gelu_with_input_gradient",
+                        lambda a, scope: taken.append(a) or (lambda t: t))  # scope: layers.fusion's, per call
     gelu(xb, approximate, training=True)
     gelu(xb, approximate, training=False)
     gelu(x, approximate, training=True)
