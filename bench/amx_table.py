@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Dict, List, Optional
 
+from bench.gemm_ways import time_shares
+
 AMX_FLAGS = ("amx_bf16", "amx_tile", "amx_int8", "avx512_bf16")
 # torch-bf16: keras-vit on Keras' PyTorch backend in mixed_bfloat16, whose matmuls are torch's own oneDNN ones (the
 # kernels timm-bf16 runs): the way in to AMX should TensorFlow's oneDNN not take it.
@@ -117,8 +119,6 @@ def _ways(lines: List[str], st: Dict[str, Dict[str, object]]) -> None:
 
 def _kernel_cell(r: Dict[str, object], dtype: str, phase: str) -> str:
     """The oneDNN kernels of one way and dtype; with their time shares where the record has them."""
-    from bench.gemm_ways import time_shares
-
     shares = time_shares(r.get("kernel_ms", {}).get(phase, {}))
     if shares:
         return ", ".join(f"`{name}` {pct:.0f}%" for name, pct in shares)

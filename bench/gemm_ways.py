@@ -289,8 +289,8 @@ def print_ways(results: List[Dict[str, object]]) -> None:
             (r["case"], lambda row, c=r["case"]: "-" if row[c] is None else f"{row[c]:.0f}") for r in done])
     for r in done:
         ks = "; ".join(f"{d}: {', '.join(v)}" for d, v in r["kernels"].items()) or "none (not through oneDNN)"
-        shares = "; ".join(f"{d}: " + ", ".join(f"{k} {pct:.0f}%" for k, pct in time_shares(t))
-                           for d, t in r.get("kernel_ms", {}).items() if time_shares(t))
+        by_phase = {d: time_shares(t) for d, t in r.get("kernel_ms", {}).items()}
+        shares = "; ".join(f"{d}: " + ", ".join(f"{k} {pct:.0f}%" for k, pct in kp) for d, kp in by_phase.items() if kp)
         print(f"  {r['case']} ({r['version']}): {ks}" + (f"; oneDNN time {shares}" if shares else "")
               + (f" (the first process crashed: {r['crashed_before']}; these are the retry's)" if "crashed_before" in r else ""))
     for r in results:

@@ -179,6 +179,14 @@ def _resumed(output: Optional[str], root: str):
     return run, cfg
 
 
+def _restore_env(name: str, previous: Optional[str]) -> None:
+    """Puts an environment variable back as it was (unset when it was unset)."""
+    if previous is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = previous
+
+
 @contextlib.contextmanager
 def _speed_settings(mixed: str, jit: str) -> Iterator[None]:
     """The global dtype policy and XLA flags of a run, restored afterwards (the fusible mode sets
@@ -195,14 +203,8 @@ def _speed_settings(mixed: str, jit: str) -> Iterator[None]:
         yield
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)
-        if previous_xla_flags is None:  # child processes do not inherit the fusible flags
-            os.environ.pop("TF_XLA_FLAGS", None)
-        else:
-            os.environ["TF_XLA_FLAGS"] = previous_xla_flags
-        if previous_scopes is None:
-            os.environ.pop(SCOPES_ENV, None)
-        else:
-            os.environ[SCOPES_ENV] = previous_scopes
+        _restore_env("TF_XLA_FLAGS", previous_xla_flags)  # child processes do not inherit the fusible flags
+        _restore_env(SCOPES_ENV, previous_scopes)
 
 
 def _load_data(cfg: TrainConfig, cluster: Optional[Cluster] = None) -> _Data:
