@@ -14,12 +14,12 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from keras_vit.data.images import read_image
+from keras_vit.data.images import NOT_DECODABLE, read_image
 from keras_vit.errors import DatasetError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 BAD_IMAGE_PREFIX = "cannot read image "  # the op error's text names the file after this prefix
-_BAD_IMAGE_HINT = "not a decodable JPEG/PNG/BMP/GIF (--skip-bad-images skips such files)"
+_BAD_IMAGE_HINT = f"{NOT_DECODABLE} (--skip-bad-images skips such files)"
 
 
 class BadImages:

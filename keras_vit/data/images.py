@@ -8,6 +8,8 @@ import numpy as np
 
 from keras_vit.errors import DatasetError, first_line
 
+NOT_DECODABLE = "not a decodable JPEG/PNG/BMP/GIF"  # what a bad image file is called, here and in data.folders
+
 
 def read_image(path_or_bytes, from_bytes: bool = False):
     """Decode a JPEG/PNG/BMP/GIF file (a tf string) to a float32 (H, W, 3) image in [0, 255]."""
@@ -71,6 +73,5 @@ def load_image_file(path: str, image_size: Optional[Sequence[int]], channels: in
     except OSError as exc:
         raise DatasetError(f"cannot read image {path}: {exc.strerror or first_line(exc)}") from None
     except tf.errors.OpError:  # TensorFlow's text names its op and device, not the problem
-        raise DatasetError(f"cannot read image {path}: not a decodable JPEG/PNG/BMP/GIF "
-                           "(empty, damaged or another format)") from None
+        raise DatasetError(f"cannot read image {path}: {NOT_DECODABLE} (empty, damaged or another format)") from None
     return np.asarray(prepare_image(image, image_size, channels, interpolation, crop_pct), np.float32)
