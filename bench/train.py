@@ -9,8 +9,10 @@ default (`default`: precision and compilation "auto", see keras_vit/precision.py
 by keras_vit.data's training pipeline on generated JPEGs (`e2e`: end-to-end img/s, printed beside
 the model-only `default` with the pipeline's own img/s, to show which one limits), on TF in fp32
 with the whole step XLA-compiled (`tf-xla`), in fp32 without XLA (`tf`), in `mixed_bfloat16` with
-oneDNN matmuls and XLA-fused element-wise ops (`tf-bf16`, jit "fusible"), in `mixed_bfloat16`
-without XLA (`tf-bf16-graph`), on the JAX backend in fp32 and mixed_bfloat16 (`jax`, `jax-bf16`; `-onednn`:
+oneDNN matmuls and XLA-fused element-wise ops (`tf-bf16`, jit "fusible": TensorFlow's auto-clustering),
+the same with XLA clusters only around the blocks' LayerNorms and GELU (`tf-bf16-scoped`, jit "scoped":
+layers.fusion, what the bf16 notebook path gets), in `mixed_bfloat16` without XLA (`tf-bf16-graph`),
+on the JAX backend in fp32 and mixed_bfloat16 (`jax`, `jax-bf16`; `-onednn`:
 with XLA's oneDNN dot fusion, the way to AMX on the JAX backend), on the PyTorch backend in eager fp32
 and mixed_bfloat16 (`torch`, `torch-bf16`: torch's own oneDNN matmuls, the kernels timm-bf16 runs) and the same with
 `jit_compile=True` (`torch-compile`, `torch-bf16-compile`: Keras wraps the step in torch.compile); keras-hub's ViTBackbone + Dense head
@@ -40,11 +42,11 @@ if __package__ in (None, ""):
 
 from bench import common  # noqa: E402
 
-CASES = ("peak", "default", "e2e", "tf-xla", "tf", "tf-bf16", "tf-bf16-graph", "notebook", "notebook-bf16", "jax",
+CASES = ("peak", "default", "e2e", "tf-xla", "tf", "tf-bf16", "tf-bf16-scoped", "tf-bf16-graph", "notebook", "notebook-bf16", "jax",
          "jax-bf16", "jax-onednn", "jax-bf16-onednn", "torch", "torch-bf16", "torch-compile", "torch-bf16-compile",
          "kerashub", "timm", "timm-bf16", "timm-compile", "timm-bf16-compile", "timm-unfused", "timm-bf16-unfused")
 BACKEND = {"default": "tensorflow", "e2e": "tensorflow", "tf-xla": "tensorflow", "tf": "tensorflow", "tf-bf16": "tensorflow",
-           "tf-bf16-graph": "tensorflow", "notebook": "tensorflow", "notebook-bf16": "tensorflow",
+           "tf-bf16-scoped": "tensorflow", "tf-bf16-graph": "tensorflow", "notebook": "tensorflow", "notebook-bf16": "tensorflow",
            **{c: "jax" for c in ("jax", "jax-bf16", "jax-onednn", "jax-bf16-onednn")},
            **{c: "torch" for c in ("torch", "torch-bf16", "torch-compile", "torch-bf16-compile")}, "kerashub": "tensorflow"}
 # The notebook path: `keras_vit.ViT(...)`, `model.compile(optimizer=..., loss=...)` with nothing
@@ -52,7 +54,8 @@ BACKEND = {"default": "tensorflow", "e2e": "tensorflow", "tf-xla": "tensorflow",
 NOTEBOOK_POLICY = {"notebook": "float32", "notebook-bf16": "mixed_bfloat16"}
 # (mixed precision, jit mode) of each Keras case; `default` resolves "auto" as vitcli train does.
 MODES = {"default": ("auto", "auto"), "e2e": ("auto", "auto"), "tf-xla": ("none", "xla"), "tf": ("none", "none"),
-         "tf-bf16": ("mixed_bfloat16", "fusible"), "tf-bf16-graph": ("mixed_bfloat16", "none"),
+         "tf-bf16": ("mixed_bfloat16", "fusible"), "tf-bf16-scoped": ("mixed_bfloat16", "scoped"),
+         "tf-bf16-graph": ("mixed_bfloat16", "none"),
          "jax": ("none", "xla"), "jax-bf16": ("mixed_bfloat16", "xla"), "jax-onednn": ("none", "xla"),
          "jax-bf16-onednn": ("mixed_bfloat16", "xla"), "torch": ("none", "none"), "torch-bf16": ("mixed_bfloat16", "none"),
          "torch-compile": ("none", "xla"), "torch-bf16-compile": ("mixed_bfloat16", "xla"),

@@ -4,13 +4,18 @@ Changes (`--without`):
 - `class-token-block`: the last block on every token (as built, a class-token model's last
   block computes the class token alone);
 - `gelu-gradient`: TensorFlow's own gradient of the op-by-op GELU (as built, bf16 training uses
-  the GELU whose float32 gradient is recomputed from its input, `layers.block.gelu`).
+  the GELU whose float32 gradient is recomputed from its input, `layers.block.gelu`);
+- `ln-gradient` (with `--jit scoped`): the LayerNorms in an XLA scope with TensorFlow's own gradient,
+  op by op (as built, `layers.norm.layer_norm` writes the gradient out in a scope of its own);
+- `softmax-scope` (with `--jit scoped`): the attention softmax, its casts and its gradient op by op
+  (as built, in an XLA scope with the gradient written out, `layers.attention`).
 
 Each variant runs in its own process (the `fusible` XLA flags are per process), alternately:
   python -m bench.train_ab --without gelu-gradient --variant B/16 --rounds 3 --steps 6
+  python -m bench.train_ab --without ln-gradient --jit scoped
 Prints one line per run and the median of each variant's runs. The training is `model.fit`
 over a repeated tf.data batch, mixed_bfloat16 + fusible (the `vitcli train` default on a CPU
-with native bf16), SGD momentum.
+with native bf16; `--jit scoped`: the blocks' own XLA scopes instead, layers.fusion), SGD momentum.
 """
 from __future__ import annotations
 
@@ -20,7 +25,7 @@ import subprocess
 import sys
 import time
 
-CHANGES = ("class-token-block", "gelu-gradient")
+CHANGES = ("class-token-block", "gelu-gradient", "ln-gradient", "softmax-scope")
 
 
 def _undo(change: str) -> None:
@@ -34,15 +39,32 @@ def _undo(change: str) -> None:
         import keras_vit.layers.block as block
 
         block.gelu = lambda x, approximate=True, training=None: block.ops.gelu(x, approximate=approximate)
+    elif change == "ln-gradient":
+        import keras_vit.layers.block as block
+        from keras_vit.layers.fusion import fused_elementwise
+        from keras_vit.layers.norm import _layer_norm
+
+        def layer_norm(norm, x, out_dtype, training=None):
+            with fused_elementwise(training, out_dtype):
+                return block.ops.cast(_layer_norm(norm, x), out_dtype)
+
+        block.layer_norm = layer_norm
+    elif change == "softmax-scope":
+        import keras_vit.layers.attention as attention
+
+        attention.scoped = lambda training, dtype: False
 
 
-def bf16_training_model(variant: str, batch_size: int, image_size: int = 224, without: str = ""):
+def bf16_training_model(variant: str, batch_size: int, image_size: int = 224, without: str = "",
+                        jit: str = "fusible"):
     """(model, images, labels): keras-vit compiled as the `vitcli train` default on a CPU with native
-    bf16 (mixed_bfloat16 + fusible, SGD momentum), optionally without one change; random data.
+    bf16 (mixed_bfloat16 + fusible, SGD momentum; `jit="scoped"`: the blocks' XLA scopes instead),
+    optionally without one change; random data.
     Call it before TensorFlow's first function runs in the process (the fusible flags)."""
     from keras_vit import precision
 
-    precision.request_fusible_clustering()
+    if jit == "fusible":
+        precision.request_fusible_clustering()
     import keras
     import numpy as np
 
@@ -59,9 +81,9 @@ def bf16_training_model(variant: str, batch_size: int, image_size: int = 224, wi
     return model, images, rng.integers(0, 10, batch_size)
 
 
-def run_one(without: str, variant: str, steps: int, batch_size: int) -> float:
-    """Median training img/s of `model.fit` (mixed_bfloat16 + fusible, SGD momentum) in this process."""
-    model, images, labels = bf16_training_model(variant, batch_size, without=without)
+def run_one(without: str, variant: str, steps: int, batch_size: int, jit: str = "fusible") -> float:
+    """Median training img/s of `model.fit` (mixed_bfloat16 + `jit`, SGD momentum) in this process."""
+    model, images, labels = bf16_training_model(variant, batch_size, without=without, jit=jit)
     import keras
     import tensorflow as tf
 
@@ -87,10 +109,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=15)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--jit", choices=["fusible", "scoped"], default="fusible",
+                        help="fusible: TensorFlow's auto-clustering (vitcli train's default); scoped: the blocks' scopes")
     parser.add_argument("--child", choices=["as-built", "without"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        img_s = run_one(args.without if args.child == "without" else "", args.variant, args.steps, args.batch_size)
+        img_s = run_one(args.without if args.child == "without" else "", args.variant, args.steps, args.batch_size,
+                        args.jit)
         print("IMG_S", img_s)
         return
     results = {"as-built": [], "without": []}
@@ -98,13 +123,14 @@ def main() -> None:
         for name in results:
             out = subprocess.run([sys.executable, "-m", "bench.train_ab", "--child", name, "--without", args.without,
                                   "--variant", args.variant, "--steps", str(args.steps),
-                                  "--batch-size", str(args.batch_size)], capture_output=True, text=True, check=True)
+                                  "--batch-size", str(args.batch_size), "--jit", args.jit],
+                                 capture_output=True, text=True, check=True)
             img_s = float(next(line for line in out.stdout.splitlines() if line.startswith("IMG_S")).split()[1])
             results[name].append(img_s)
             print(f"round {r + 1} {name if name == 'as-built' else 'without ' + args.without}: {img_s:.2f} img/s",
                   flush=True)
     built, without = (statistics.median(results[k]) for k in ("as-built", "without"))
-    print(f"{args.variant}: as built {built:.2f} img/s, without {args.without} {without:.2f}: {built / without:.3f}x")
+    print(f"{args.variant} ({args.jit}): as built {built:.2f} img/s, without {args.without} {without:.2f}: {built / without:.3f}x")
 
 
 if __name__ == "__main__":

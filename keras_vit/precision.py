@@ -17,7 +17,7 @@ import os
 from typing import NamedTuple, Optional, Tuple
 
 MIXED_PRECISION = ("auto", "none", "mixed_bfloat16", "mixed_float16")
-JIT_MODES = ("auto", "xla", "fusible", "none")
+JIT_MODES = ("auto", "xla", "fusible", "scoped", "none")
 # TensorFlow's XLA auto-clustering restricted to element-wise/fusible ops (MatMul stays oneDNN's).
 FUSIBLE_FLAGS = ("--tf_xla_auto_jit=2", "--tf_xla_cpu_global_jit", "--tf_xla_ops_to_cluster=FUSIBLE")
 # GEMM rates (GFLOP/s, 2 cores, ViT-Ti/16 shapes) of fp32 and of bf16 per CPU bf16 feature, from
@@ -190,7 +190,7 @@ def _auto_precision(gflop_per_step: float, backend: str, hw: Hardware) -> Tuple[
 
 def resolve(mixed_precision: str, jit_compile, gflop_per_step: float, backend: str,
             hardware: Hardware) -> Choice:
-    """The precision policy and jit mode ("xla" | "fusible" | "none") of a run, with the reason.
+    """The precision policy and jit mode ("xla" | "fusible" | "scoped" | "none") of a run, with the reason.
 
     `jit_compile` may be a mode name or a bool (True = "xla", False = "none", as in Keras).
     Raises ValueError with one line for a mode this backend cannot run.
@@ -217,8 +217,8 @@ def resolve(mixed_precision: str, jit_compile, gflop_per_step: float, backend: s
         else:
             jit_compile = "xla"
             reasons.append("whole step XLA-compiled")
-    if jit_compile == "fusible" and backend != "tensorflow":
-        raise ValueError(f"jit_compile 'fusible' needs the TensorFlow backend (this is {backend}); use xla or none")
+    if jit_compile in ("fusible", "scoped") and backend != "tensorflow":
+        raise ValueError(f"jit_compile {jit_compile!r} needs the TensorFlow backend (this is {backend}); use xla or none")
     return Choice(mixed_precision, jit_compile, "; ".join(reasons) or "as requested")
 
 
@@ -266,5 +266,5 @@ def request_fusible_clustering() -> None:
 
 
 def keras_jit_compile(mode: str) -> bool:
-    """The `jit_compile` argument of `model.compile` for a jit mode (fusible: False, clusters do the rest)."""
+    """The `jit_compile` argument of `model.compile` for a jit mode (fusible, scoped: False, clusters do the rest)."""
     return mode == "xla"

@@ -289,6 +289,7 @@ def test_bad_input_gives_one_line(args, message, not_a_model, tmp_path, monkeypa
     ([], (None, None)),  # make_config keeps the "auto" defaults
     (["--no-jit"], (None, "none")),
     (["--jit", "fusible", "--mixed-precision", "mixed_bfloat16"], ("mixed_bfloat16", "fusible")),
+    (["--jit", "scoped", "--mixed-precision", "mixed_bfloat16"], ("mixed_bfloat16", "scoped")),
 ])
 def test_precision_and_jit_options_reach_the_config(args, expected, monkeypatch):
     from keras_vit import train as ktrain

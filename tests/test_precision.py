@@ -79,8 +79,9 @@ def test_break_even_follows_the_gemm_rates():
 
 @pytest.mark.parametrize("mixed, jit, backend, message", [
     ("fp8", "auto", "tensorflow", "mixed_precision must be one of auto, none, mixed_bfloat16, mixed_float16; got 'fp8'"),
-    ("none", "fast", "tensorflow", "jit_compile must be one of auto, xla, fusible, none (or a bool); got 'fast'"),
+    ("none", "fast", "tensorflow", "jit_compile must be one of auto, xla, fusible, scoped, none (or a bool); got 'fast'"),
     ("none", "fusible", "jax", "jit_compile 'fusible' needs the TensorFlow backend (this is jax)"),
+    ("mixed_bfloat16", "scoped", "torch", "jit_compile 'scoped' needs the TensorFlow backend (this is torch)"),
 ])
 def test_resolve_rejects(mixed, jit, backend, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -156,7 +157,7 @@ def test_bf16_graph_training_clusters_the_blocks_elementwise_work(monkeypatch):
 
     bf16 = keras.mixed_precision.Policy("mixed_bfloat16")
     marked = scoped_ops(bf16, True)
-    assert "Tanh" in marked and "Sqrt" in marked and "MatMul" not in marked and "BatchMatMulV2" not in marked
+    assert "Tanh" in marked and "Rsqrt" in marked and "Softmax" in marked and "MatMul" not in marked and "BatchMatMulV2" not in marked
     assert scoped_ops(bf16, False) == []  # inference: every export traces this
     assert scoped_ops("float32", True) == []
     assert scoped_ops(bf16, True, "--tf_xla_auto_jit=2 --tf_xla_ops_to_cluster=FUSIBLE") == []  # clusters itself
@@ -166,6 +167,46 @@ def test_bf16_graph_training_clusters_the_blocks_elementwise_work(monkeypatch):
     assert isinstance(fused_elementwise(True, "bfloat16"), type(fused_elementwise(False, "bfloat16")))  # eager: none
 
 
+def test_scoped_gradients_equal_the_plain_graph_ones(monkeypatch):
+    """In the scoped bf16 step the LayerNorms' and the softmax's gradients are written out (layers.norm,
+    layers.attention) and compiled in scopes of their own: the same gradients as TensorFlow's op by op,
+    and the backward pass's LayerNorm and softmax work is inside the scopes."""
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from keras_vit.layers.block import TransformerBlock
+
+    monkeypatch.setenv("TF_XLA_FLAGS", "")
+    rng = np.random.default_rng(0)
+    block = TransformerBlock(num_heads=2, mlp_dim=16, dtype=keras.mixed_precision.Policy("mixed_bfloat16"))
+    x = tf.constant(rng.normal(size=(2, 5, 8)) * 2 + 0.5, tf.float32)
+    weights = tf.constant(rng.normal(size=(2, 5, 8)), tf.float32)
+    block(x)
+    for v in block.trainable_variables:  # non-trivial LayerNorm affine and biases
+        v.assign(rng.normal(size=v.shape) * 0.5)
+
+    def gradients(scopes):
+        monkeypatch.setenv("KERAS_VIT_XLA_SCOPES", scopes)
+
+        @tf.function
+        def step(t):
+            with tf.GradientTape() as tape:
+                tape.watch(t)
+                loss = tf.reduce_sum(tf.cast(block(t, training=True), tf.float32) * weights)
+            return tape.gradient(loss, [t] + block.trainable_variables)
+
+        graph = step.get_concrete_function(x).graph
+        return step(x), [op.type for op in graph.get_operations() if _xla_compile(op)]
+
+    (scoped, marked), (plain, unmarked) = gradients("1"), gradients("0")
+    assert unmarked == []
+    assert marked.count("Rsqrt") == 2 and "Softmax" in marked and "Tanh" in marked  # LN x2, softmax, GELU
+    assert marked.count("Sum") >= 5  # dgamma, dbeta of both LayerNorms + the softmax gradient's row sums
+    for a, b in zip(scoped, plain):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-5 * float(tf.reduce_max(tf.abs(b))))
+
+
 def _xla_compile(op) -> bool:
     try:
         return bool(op.get_attr("_XlaCompile"))
@@ -173,7 +214,7 @@ def _xla_compile(op) -> bool:
         return False
 
 
-def test_a_run_with_jit_none_turns_the_scopes_off_for_its_duration(monkeypatch):
+def test_a_run_with_jit_none_or_scoped_switches_the_scopes_for_its_duration(monkeypatch):
     import os
 
     from keras_vit.layers.fusion import SCOPES_ENV
@@ -185,3 +226,7 @@ def test_a_run_with_jit_none_turns_the_scopes_off_for_its_duration(monkeypatch):
     assert SCOPES_ENV not in os.environ
     with _speed_settings("mixed_bfloat16", "xla"):
         assert SCOPES_ENV not in os.environ
+    monkeypatch.setenv(SCOPES_ENV, "0")  # --jit scoped asks for them, whatever the environment said
+    with _speed_settings("mixed_bfloat16", "scoped"):
+        assert os.environ[SCOPES_ENV] == "1" and "--tf_xla_auto_jit" not in os.environ.get("TF_XLA_FLAGS", "")
+    assert os.environ[SCOPES_ENV] == "0"

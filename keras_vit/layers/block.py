@@ -11,7 +11,7 @@ from keras import layers, ops
 
 from keras_vit.layers.attention import MultiHeadSelfAttention
 from keras_vit.layers.fusion import fused_elementwise
-from keras_vit.layers.norm import _layer_norm
+from keras_vit.layers.norm import layer_norm
 
 _REG = keras.saving.register_keras_serializable(package="keras_vit")
 
@@ -260,8 +260,7 @@ class TransformerBlock(layers.Layer):
         distilled model's with n = 2 (the class and distillation tokens its two heads read).
         """
         queries = _queries(class_token_only, num_queries)
-        with fused_elementwise(training, self.compute_dtype):
-            y = ops.cast(_layer_norm(self.norm_1, x), self.compute_dtype)
+        y = layer_norm(self.norm_1, x, self.compute_dtype, training)
         y = self.attention(y, training=training, return_attention_scores=return_attention_scores,
                            num_queries=queries)
         if return_attention_scores:
@@ -272,8 +271,7 @@ class TransformerBlock(layers.Layer):
         if queries is not None:
             x = x[:, :queries]
         x = ops.cast(x, self.compute_dtype) + self.drop_path(y, training=training)
-        with fused_elementwise(training, self.compute_dtype):
-            y = ops.cast(_layer_norm(self.norm_2, x), self.compute_dtype)
+        y = layer_norm(self.norm_2, x, self.compute_dtype, training)
         y = self.mlp(y, training=training)
         if self.layer_scale:
             y = self.layer_scale[1](y)

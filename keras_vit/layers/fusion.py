@@ -13,6 +13,21 @@ import keras
 SCOPES_ENV = "KERAS_VIT_XLA_SCOPES"
 
 
+def scoped(training, compute_dtype) -> bool:
+    """Whether `fused_elementwise` gives an XLA scope here (see there)."""
+    if not training or keras.backend.backend() != "tensorflow" or os.environ.get(SCOPES_ENV) == "0":
+        return False
+    if keras.backend.standardize_dtype(compute_dtype) == "float32":
+        return False
+    import tensorflow as tf
+
+    if tf.executing_eagerly() or "--tf_xla_auto_jit" in os.environ.get("TF_XLA_FLAGS", ""):
+        return False
+    from keras_vit.precision import mirrored_on_cpus
+
+    return not mirrored_on_cpus()
+
+
 def fused_elementwise(training, compute_dtype):
     """`tf.xla.experimental.jit_scope()` where it pays, else a no-op context.
 
@@ -22,16 +37,8 @@ def fused_elementwise(training, compute_dtype):
     variables) and `KERAS_VIT_XLA_SCOPES` is not "0". Inference, and so every export, never gets the scope. Ti/16 notebook bf16 on the
     AMD Zen 4: 31.25 / 27.30 img/s against 25.69 / 24.95 without (BENCHMARKS.md, 2026-12-04).
     """
-    if not training or keras.backend.backend() != "tensorflow" or os.environ.get(SCOPES_ENV) == "0":
-        return contextlib.nullcontext()
-    if keras.backend.standardize_dtype(compute_dtype) == "float32":
+    if not scoped(training, compute_dtype):
         return contextlib.nullcontext()
     import tensorflow as tf
 
-    if tf.executing_eagerly() or "--tf_xla_auto_jit" in os.environ.get("TF_XLA_FLAGS", ""):
-        return contextlib.nullcontext()
-    from keras_vit.precision import mirrored_on_cpus
-
-    if mirrored_on_cpus():
-        return contextlib.nullcontext()
     return tf.xla.experimental.jit_scope()

@@ -26,3 +26,50 @@ def _layer_norm(norm: layers.LayerNormalization, x):
     var = ops.mean(ops.power(centred, 2), axis=-1, keepdims=True)
     h = centred / ops.sqrt(var + norm.epsilon) * norm.gamma + norm.beta
     return ops.reshape(h, (-1,) + tuple(shape[1:]) if isinstance(shape, tuple) else shape)
+
+
+def _scoped_layer_norm_with_gradient(norm: layers.LayerNormalization, out_dtype, scope):
+    """LayerNorm on (tokens, features) in float32 with its gradient written out, both in `scope`.
+
+    Why: TensorFlow's GradientTape does not carry an XLA scope over to the gradient ops, so in the
+    scoped bf16 step (layers.fusion) TensorFlow's own LayerNorm gradient ran op by op (Sum, Tile,
+    RealDiv, ... over every token). Written out here: dgamma = sum(dy xhat), dbeta = sum(dy),
+    dx = r (dy gamma - mean(dy gamma) - xhat mean(dy gamma xhat)), r = 1 / sqrt(var + eps).
+    """
+
+    @ops.custom_gradient
+    def layer_norm(x, gamma, beta):
+        with scope():
+            h = ops.cast(x, "float32")
+            centred = h - ops.mean(h, axis=-1, keepdims=True)
+            r = ops.rsqrt(ops.mean(centred * centred, axis=-1, keepdims=True) + norm.epsilon)
+            xhat = centred * r
+            y = ops.cast(xhat * gamma + beta, out_dtype)
+
+        def grad(*args, upstream=None):
+            if upstream is None:
+                (upstream,) = args
+            with scope():  # the gradient's ops are made later, outside the forward's scope
+                dy = ops.cast(upstream, "float32")
+                dxhat = dy * gamma
+                dx = r * (dxhat - ops.mean(dxhat, axis=-1, keepdims=True)
+                          - xhat * ops.mean(dxhat * xhat, axis=-1, keepdims=True))
+                return ops.cast(dx, x.dtype), ops.sum(dy * xhat, axis=0), ops.sum(dy, axis=0)
+
+        return y, grad
+
+    return layer_norm
+
+
+def layer_norm(norm: layers.LayerNormalization, x, out_dtype, training=None):
+    """`_layer_norm` cast to `out_dtype`; in the scoped bf16 training step (layers.fusion), in an XLA
+    scope with its gradient written out in one too (TensorFlow's own would run op by op)."""
+    from keras_vit.layers.fusion import fused_elementwise, scoped
+
+    if not scoped(training, out_dtype):
+        return ops.cast(_layer_norm(norm, x), out_dtype)
+    d = x.shape[-1]
+    shape = tuple(x.shape) if all(n is not None for n in x.shape[1:]) else ops.shape(x)
+    fn = _scoped_layer_norm_with_gradient(norm, out_dtype, lambda: fused_elementwise(training, out_dtype))
+    y = fn(ops.reshape(x, (-1, d)), ops.cast(norm.gamma, "float32"), ops.cast(norm.beta, "float32"))
+    return ops.reshape(y, (-1,) + tuple(shape[1:]) if isinstance(shape, tuple) else shape)

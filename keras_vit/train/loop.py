@@ -195,8 +195,8 @@ def _speed_settings(mixed: str, jit: str) -> Iterator[None]:
     previous_scopes = os.environ.get(SCOPES_ENV)
     if jit == "fusible":
         precision.request_fusible_clustering()
-    if jit == "none":  # no XLA at all, as asked: not even the blocks' element-wise scopes (layers.fusion)
-        os.environ[SCOPES_ENV] = "0"
+    if jit in ("none", "scoped"):  # none: no XLA at all, as asked, not even the blocks' element-wise scopes
+        os.environ[SCOPES_ENV] = "1" if jit == "scoped" else "0"  # (layers.fusion); scoped: those scopes only
     previous_policy = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy("float32" if mixed == "none" else mixed)
     try:

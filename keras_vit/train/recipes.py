@@ -80,7 +80,7 @@ class TrainConfig:
     dropout_rate: float = 0.0
     drop_path_rate: float = 0.0
     mixed_precision: str = "auto"  # auto: bf16 where the CPU has it natively and the step is big (precision.py)
-    jit_compile: Any = "auto"  # auto | xla | fusible | none (True = xla, False = none)
+    jit_compile: Any = "auto"  # auto | xla | fusible | scoped | none (True = xla, False = none)
     grad_accum: int = 1
     distribute: str = "auto"
     seed: int = 0
