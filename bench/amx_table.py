@@ -9,13 +9,17 @@ from bench.gemm_ways import time_shares
 AMX_FLAGS = ("amx_bf16", "amx_tile", "amx_int8", "avx512_bf16")
 # torch-bf16: keras-vit on Keras' PyTorch backend in mixed_bfloat16, whose matmuls are torch's own oneDNN ones (the
 # kernels timm-bf16 runs): the way in to AMX should TensorFlow's oneDNN not take it.
-TRAIN_CASES = ("default", "notebook", "notebook-bf16", "torch-bf16", "timm", "timm-bf16", "timm-bf16-unfused")
+# tf-bf16-scoped: `--jit scoped`, on the AMD Zen 4 as fast as the default's fusible at Ti/16 and B/16 with 17-23% less
+# memory (BENCHMARKS.md, 2026-12-04): which of the two `auto` should pick on AMX is for this table to say.
+TRAIN_CASES = ("default", "tf-bf16-scoped", "notebook", "notebook-bf16", "torch-bf16", "timm", "timm-bf16",
+               "timm-bf16-unfused")
 # The peer's best path per precision: timm's bf16 step was 1.3x faster with its explicit attention than with
 # torch's fused one on the Zen 4 (fp32: 0.9x), so the bf16 ratios are to the faster of the two.
 TIMM_BEST = {"timm fp32": ("timm",), "timm bf16": ("timm-bf16", "timm-bf16-unfused")}
 # bench.train's precision and jit fields in the table's words (the notebook's jit is the model's jit_compile)
 PRECISION = {"none": "float32"}
-COMPILATION = {"True": "XLA", "False": "graph mode", "xla": "XLA", "none": "graph mode"}
+COMPILATION = {"True": "XLA", "False": "graph mode", "xla": "XLA", "none": "graph mode",
+               "scoped": "scoped (XLA around the blocks' element-wise work)"}
 
 
 def _fmt(v: Optional[float], spec: str = ".2f", suffix: str = "") -> str:
@@ -189,7 +193,7 @@ def _training(lines: List[str], st: Dict[str, Dict[str, object]], variant: str) 
     info = s["info"]
     by = {r["case"]: r for r in s["results"] if "img_s" in r}
     peaks = _peak_values(st)
-    labels = {"default": "`vitcli train` default (`auto`)",
+    labels = {"default": "`vitcli train` default (`auto`)", "tf-bf16-scoped": "`vitcli train --jit scoped`",
               "notebook": "notebook: `ViT()`, `compile(optimizer, loss)`, `fit(tf.data)`",
               "notebook-bf16": "notebook after `set_global_policy(\"mixed_bfloat16\")`",
               "torch-bf16": "`KERAS_BACKEND=torch`, `mixed_bfloat16` (eager)",
@@ -209,7 +213,7 @@ def _training(lines: List[str], st: Dict[str, Dict[str, object]], variant: str) 
             best = max((by[c]["img_s"]["median"] for c in cases if c in by and c != case), default=None)
             x[peer] = med / best if best and case not in cases else None
         how = (f"{PRECISION.get(r['precision'], r['precision'])}, {COMPILATION.get(r['jit'], r['jit'])}"
-               if case in ("default", "notebook", "notebook-bf16") else str(r.get("precision")))
+               if case in ("default", "tf-bf16-scoped", "notebook", "notebook-bf16") else str(r.get("precision")))
         rows.append(f"| {labels[case]} | {how} | **{med:.2f}** | {100 * r['img_s']['spread']:.0f}% | "
                     f"{_fmt(x['timm fp32'])} | {_fmt(x['timm bf16'])} | {gflops:.0f} | "
                     f"{_fmt(100 * gflops / peak if peak else None, '.0f', '%')} {'bf16' if bf16 else 'fp32'} | "

@@ -35,7 +35,8 @@ def relative_position_index(grid_size: Tuple[int, int], num_prefix_tokens: int) 
 def _scoped_softmax_with_gradient(out_dtype, scope):
     """Softmax over the last axis in float32, cast to `out_dtype`, with its gradient written out,
     both in `scope`: in the scoped bf16 training step (layers.fusion) the casts, the softmax and
-    its gradient, dz = p (dp - sum(dp p)), each ran as an op of its own over (B, heads, S, S)."""
+    its gradient, dz = p (dp - sum(dp p)), each ran as an op of its own over (B, heads, S, S).
+    ViT-B/16 scoped bf16 step: 1.027x (bench.train_ab --without softmax-scope, Zen 4, BENCHMARKS.md)."""
 
     @ops.custom_gradient
     def softmax(logits):

@@ -1,6 +1,9 @@
 """XLA clusters around the encoder block's element-wise work in TensorFlow graph-mode training under
-bf16/fp16: what the notebook path (`compile(optimizer, loss)`, then `fit`, in `mixed_bfloat16`) runs
-on a CPU, where the matmuls stay oneDNN's and nothing else clusters the LayerNorms and the GELU."""
+bf16/fp16: what the notebook path (`compile(optimizer, loss)`, then `fit`, in `mixed_bfloat16`) and
+`vitcli train --jit scoped` run on a CPU, where the matmuls stay oneDNN's and nothing else clusters the
+LayerNorms, the attention softmax and the GELU. GradientTape does not carry a scope over to gradient ops,
+so each of the three writes its gradient out in a scope of its own (layers.norm, layers.attention,
+layers.block)."""
 from __future__ import annotations
 
 import contextlib
@@ -32,10 +35,11 @@ def fused_elementwise(training, compute_dtype):
     """`tf.xla.experimental.jit_scope()` where it pays, else a no-op context.
 
     It pays in TensorFlow, in a traced (graph-mode, not XLA-compiled) training step in bf16/fp16,
-    when TensorFlow's own fusible auto-clustering is off (`vitcli train`'s default turns it on, and it
-    clusters these ops itself), no multi-replica CPU strategy runs (XLA cannot place the replicas'
-    variables) and `KERAS_VIT_XLA_SCOPES` is not "0". Inference, and so every export, never gets the scope. Ti/16 notebook bf16 on the
-    AMD Zen 4: 31.25 / 27.30 img/s against 25.69 / 24.95 without (BENCHMARKS.md, 2026-12-04).
+    when TensorFlow's own fusible auto-clustering is off (`vitcli train`'s default on a CPU turns it on,
+    and it clusters these ops itself), no multi-replica CPU strategy runs (XLA cannot place the replicas'
+    variables) and `KERAS_VIT_XLA_SCOPES` is not "0". Inference, and so every export, never gets the
+    scope. Ti/16 notebook bf16 on the AMD Zen 4: 31.25 / 27.30 img/s against 25.69 / 24.95 without; as
+    `--jit scoped`, as fast as the fusible default with 17-23% less memory (BENCHMARKS.md, 2026-12-04).
     """
     if not scoped(training, compute_dtype):
         return contextlib.nullcontext()
