@@ -277,6 +277,22 @@ def test_mixed_precision_and_grad_accum_train(tmp_path):
     assert model.get_layer("head").dtype_policy.name == "float32"
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16"])
+def test_scoped_run_trains_in_this_process_and_records_its_modes(tmp_path, monkeypatch, policy):
+    """`--jit scoped` sets no process-wide XLA flag, so it runs in a process TensorFlow has already
+    worked in (this one); the scopes' written-out gradients train, loss scaling (fp16) included."""
+    monkeypatch.delenv("KERAS_VIT_XLA_SCOPES", raising=False)
+    flags = os.environ.get("TF_XLA_FLAGS")
+    cfg = kt.make_config("digits", epochs=1, mixed_precision=policy, jit_compile="scoped", **TINY)
+    result = kt.train(cfg, output=str(tmp_path / "run"), verbose=0)
+    assert (result["mixed_precision"], result["jit_compile"]) == (policy, "scoped")
+    assert np.isfinite(result["last_epoch"]["loss"]) and np.isfinite(result["test"]["loss"])
+    assert "KERAS_VIT_XLA_SCOPES" not in os.environ and os.environ.get("TF_XLA_FLAGS") == flags  # restored
+    with open(tmp_path / "run" / "config.json") as f:
+        assert json.load(f)["resolved"] == {"mixed_precision": policy, "jit_compile": "scoped"}
+
+
 def _run_script(script: str, env: dict, timeout: int = 400) -> dict:
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **env}
     proc = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], env=env, capture_output=True,
