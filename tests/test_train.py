@@ -39,7 +39,7 @@ def test_digits_defaults_and_overrides():
     (dict(image_size=31), "image_size 31x31 is not divisible by the patch size 4x4"),
     (dict(recipe="nope"), "unknown recipe 'nope'"),
     (dict(mixed_precision="fp8"), "mixed_precision must be one of"),
-    (dict(jit_compile="fast"), "jit_compile must be one of auto, xla, fusible, none"),
+    (dict(jit_compile="fast"), "jit_compile must be one of auto, xla, fusible, scoped, none"),
     (dict(batchsize=3), "unknown training options"),
     (dict(weights="/no/such.npz"), "does not exist"),
     (dict(model={"registers": 4}), "unknown model option 'registers'; allowed: activation, "),
