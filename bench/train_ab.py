@@ -8,11 +8,15 @@ Changes (`--without`):
 - `ln-gradient` (with `--jit scoped`): the LayerNorms in an XLA scope with TensorFlow's own gradient,
   op by op (as built, `layers.norm.layer_norm` writes the gradient out in a scope of its own);
 - `softmax-scope` (with `--jit scoped`): the attention softmax, its casts and its gradient op by op
-  (as built, in an XLA scope with the gradient written out, `layers.attention`).
+  (as built, in an XLA scope with the gradient written out, `layers.attention`);
+- `activation-gradient` (with `--option activation=quick_gelu` or `--option mlp=swiglu`): quick_gelu or
+  SwiGLU op by op with TensorFlow's own gradient (as built, bf16 training recomputes their float32
+  gradient from the input, in the scoped step's XLA scope, `layers.block.activate` / `swiglu`).
 
 Each variant runs in its own process (the `fusible` XLA flags are per process), alternately:
   python -m bench.train_ab --without gelu-gradient --variant B/16 --rounds 3 --steps 6
   python -m bench.train_ab --without ln-gradient --jit scoped
+  python -m bench.train_ab --without activation-gradient --option mlp=swiglu --jit scoped
 Prints one line per run and the median of each variant's runs. The training is `model.fit`
 over a repeated tf.data batch, mixed_bfloat16 + fusible (the `vitcli train` default on a CPU
 with native bf16; `--jit scoped`: the blocks' own XLA scopes instead, layers.fusion), SGD momentum.
@@ -24,8 +28,9 @@ import statistics
 import subprocess
 import sys
 import time
+from typing import List, Optional
 
-CHANGES = ("class-token-block", "gelu-gradient", "ln-gradient", "softmax-scope")
+CHANGES = ("class-token-block", "gelu-gradient", "ln-gradient", "softmax-scope", "activation-gradient")
 
 
 def _undo(change: str) -> None:
@@ -53,13 +58,19 @@ def _undo(change: str) -> None:
         import keras_vit.layers.attention as attention
 
         attention.scoped = lambda training, dtype: False
+    elif change == "activation-gradient":
+        import keras_vit.layers.block as block
+
+        ops = block.ops
+        block._quick_gelu_with_input_gradient = lambda scope=None: lambda x: x * ops.sigmoid(x * ops.cast(1.702, x.dtype))
+        block._swiglu_with_input_gradient = lambda m, scope=None: lambda h: ops.silu(h[:, :m]) * h[:, m:]
 
 
 def bf16_training_model(variant: str, batch_size: int, image_size: int = 224, without: str = "",
-                        jit: str = "fusible"):
+                        jit: str = "fusible", options: Optional[dict] = None):
     """(model, images, labels): keras-vit compiled as the `vitcli train` default on a CPU with native
     bf16 (mixed_bfloat16 + fusible, SGD momentum; `jit="scoped"`: the blocks' XLA scopes instead),
-    optionally without one change; random data.
+    optionally without one change and with ViT options (`options`, e.g. {"mlp": "swiglu"}); random data.
     Call it before TensorFlow's first function runs in the process (the fusible flags)."""
     from keras_vit import precision
 
@@ -73,7 +84,7 @@ def bf16_training_model(variant: str, batch_size: int, image_size: int = 224, wi
     if without:
         _undo(without)
     keras.mixed_precision.set_global_policy("mixed_bfloat16")
-    model = keras_vit.ViT(variant, num_classes=10, image_size=image_size)
+    model = keras_vit.ViT(variant, num_classes=10, image_size=image_size, **(options or {}))
     model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), jit_compile=False)
     rng = np.random.default_rng(0)
@@ -81,9 +92,10 @@ def bf16_training_model(variant: str, batch_size: int, image_size: int = 224, wi
     return model, images, rng.integers(0, 10, batch_size)
 
 
-def run_one(without: str, variant: str, steps: int, batch_size: int, jit: str = "fusible") -> float:
+def run_one(without: str, variant: str, steps: int, batch_size: int, jit: str = "fusible",
+            options: Optional[dict] = None) -> float:
     """Median training img/s of `model.fit` (mixed_bfloat16 + `jit`, SGD momentum) in this process."""
-    model, images, labels = bf16_training_model(variant, batch_size, without=without, jit=jit)
+    model, images, labels = bf16_training_model(variant, batch_size, without=without, jit=jit, options=options)
     import keras
     import tensorflow as tf
 
@@ -102,6 +114,24 @@ def run_one(without: str, variant: str, steps: int, batch_size: int, jit: str = 
     return batch_size / statistics.median(times)
 
 
+def _options(parser: argparse.ArgumentParser, given: List[str]) -> dict:
+    """{"mlp": "swiglu", "qk_norm": True, ...} from NAME=VALUE strings (true/false and numbers read as such)."""
+    options = {}
+    for item in given:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            parser.error(f"--option takes NAME=VALUE; got {item!r}")
+        lowered = value.lower()
+        if lowered in ("true", "false"):
+            options[name] = lowered == "true"
+            continue
+        try:
+            options[name] = float(value) if "." in value or "e" in lowered else int(value)
+        except ValueError:
+            options[name] = value
+    return options
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--without", choices=CHANGES, required=True, help="the change to leave out in variant B")
@@ -111,11 +141,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--jit", choices=["fusible", "scoped"], default="fusible",
                         help="fusible: TensorFlow's auto-clustering (vitcli train's default); scoped: the blocks' scopes")
+    parser.add_argument("--option", action="append", default=[], metavar="NAME=VALUE",
+                        help="a ViT option for both variants, e.g. mlp=swiglu or activation=quick_gelu (repeatable)")
     parser.add_argument("--child", choices=["as-built", "without"], help=argparse.SUPPRESS)
     args = parser.parse_args()
+    options = _options(parser, args.option)
     if args.child:
         img_s = run_one(args.without if args.child == "without" else "", args.variant, args.steps, args.batch_size,
-                        args.jit)
+                        args.jit, options)
         print("IMG_S", img_s)
         return
     results = {"as-built": [], "without": []}
@@ -123,14 +156,16 @@ def main() -> None:
         for name in results:
             out = subprocess.run([sys.executable, "-m", "bench.train_ab", "--child", name, "--without", args.without,
                                   "--variant", args.variant, "--steps", str(args.steps),
-                                  "--batch-size", str(args.batch_size), "--jit", args.jit],
+                                  "--batch-size", str(args.batch_size), "--jit", args.jit]
+                                 + [f"--option={o}" for o in args.option],
                                  capture_output=True, text=True, check=True)
             img_s = float(next(line for line in out.stdout.splitlines() if line.startswith("IMG_S")).split()[1])
             results[name].append(img_s)
             print(f"round {r + 1} {name if name == 'as-built' else 'without ' + args.without}: {img_s:.2f} img/s",
                   flush=True)
     built, without = (statistics.median(results[k]) for k in ("as-built", "without"))
-    print(f"{args.variant} ({args.jit}): as built {built:.2f} img/s, without {args.without} {without:.2f}: {built / without:.3f}x")
+    label = ", ".join([args.jit] + args.option)
+    print(f"{args.variant} ({label}): as built {built:.2f} img/s, without {args.without} {without:.2f}: {built / without:.3f}x")
 
 
 if __name__ == "__main__":

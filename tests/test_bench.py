@@ -321,3 +321,32 @@ def test_amx_table_renders_a_saved_record_again(tmp_path, capsys):
     assert md == amx_table.markdown(_amx_record(["avx512_bf16"])) and capsys.readouterr().out == md
     with pytest.raises(SystemExit, match="usage"):
         amx_table.main([])
+
+
+def test_train_ab_undoes_the_activation_gradients_and_reads_model_options():
+    """bench.train_ab: `--option NAME=VALUE` typed as the ViT builder takes it, one clear error otherwise, and
+    `--without activation-gradient` puts quick_gelu / SwiGLU back op by op in bf16 training."""
+    import argparse
+
+    import numpy as np
+    import tensorflow as tf
+
+    import keras_vit.layers.block as block
+    from bench import train_ab
+
+    parser = argparse.ArgumentParser()
+    assert train_ab._options(parser, ["mlp=swiglu", "qk_norm=true", "num_registers=4", "layer_scale_init=1e-5"]) == {
+        "mlp": "swiglu", "qk_norm": True, "num_registers": 4, "layer_scale_init": 1e-5}
+    with pytest.raises(SystemExit):
+        train_ab._options(parser, ["swiglu"])
+    saved = block._quick_gelu_with_input_gradient, block._swiglu_with_input_gradient
+    try:
+        train_ab._undo("activation-gradient")
+        h = tf.cast(tf.constant(np.linspace(-3, 3, 24).reshape(3, 8), tf.float32), tf.bfloat16)
+        ops = block.ops
+        # op by op in bf16, bit for bit (the written-out forms compute in float32 and round once)
+        np.testing.assert_array_equal(block.swiglu(h, 4, training=True), ops.silu(h[:, :4]) * h[:, 4:])
+        np.testing.assert_array_equal(block.activate(h, "quick_gelu", training=True),
+                                      h * ops.sigmoid(h * ops.cast(1.702, h.dtype)))
+    finally:
+        block._quick_gelu_with_input_gradient, block._swiglu_with_input_gradient = saved

@@ -212,6 +212,53 @@ def test_training_gelu_matches_ops_gelu_and_its_gradient(rng, approximate, monke
     assert taken == [approximate]
 
 
+@pytest.mark.parametrize("kind", ["quick_gelu", "swiglu"])
+def test_training_quick_gelu_and_swiglu_match_their_op_by_op_forms(rng, kind, monkeypatch):
+    """quick_gelu (CLIP) and SwiGLU (DINOv2) in bf16 training take a gradient recomputed from the input,
+    as the GELU does: in float32 the same values and gradients as the op-by-op forms' autodiff; in bf16
+    within bf16 rounding of them; float32 and inference keep the op-by-op forms (and so every export)."""
+    import tensorflow as tf
+
+    import keras_vit.layers.block as block
+
+    m = 48
+    x = tf.constant(rng.normal(scale=3.0, size=(64, 2 * m if kind == "swiglu" else m)).astype("float32"))
+    upstream = tf.constant(rng.normal(size=(64, m)).astype("float32"))
+
+    def op_by_op(t):
+        if kind == "swiglu":
+            return keras.ops.silu(t[:, :m]) * t[:, m:]
+        return t * keras.ops.sigmoid(t * keras.ops.cast(1.702, t.dtype))
+
+    def with_gradient(fn, t, g):
+        with tf.GradientTape() as tape:
+            tape.watch(t)
+            y = fn(t)
+        return y, tape.gradient(y, t, output_gradients=g)
+
+    written = block._swiglu_with_input_gradient(m) if kind == "swiglu" else block._quick_gelu_with_input_gradient()
+    (y, g), (ref_y, ref_g) = with_gradient(written, x, upstream), with_gradient(op_by_op, x, upstream)
+    np.testing.assert_allclose(y.numpy(), ref_y.numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(g.numpy(), ref_g.numpy(), rtol=1e-5, atol=1e-5)
+
+    def layer_form(t, training):
+        return block.swiglu(t, m, training) if kind == "swiglu" else block.activate(t, "quick_gelu", training=training)
+
+    xb = tf.cast(x, tf.bfloat16)
+    yb, gb = with_gradient(lambda t: layer_form(t, True), xb, tf.cast(upstream, tf.bfloat16))
+    assert yb.dtype == gb.dtype == tf.bfloat16
+    ref_y, ref_g = (t.numpy() for t in with_gradient(op_by_op, tf.cast(xb, tf.float32), upstream))
+    np.testing.assert_allclose(tf.cast(yb, tf.float32).numpy(), ref_y, rtol=1e-2, atol=1e-2)
+    np.testing.assert_allclose(tf.cast(gb, tf.float32).numpy(), ref_g, rtol=2e-2, atol=5e-2)
+    name = "_swiglu_with_input_gradient" if kind == "swiglu" else "_quick_gelu_with_input_gradient"
+    taken = []
+    monkeypatch.setattr(block, name, lambda *a, **k: taken.append(1) or (lambda t: t))
+    layer_form(xb, True)
+    layer_form(xb, False)
+    layer_form(x, True)
+    assert taken == [1]
+
+
 def _gelu_and_gradient_fp32(x, upstream, approximate):
     import tensorflow as tf
 

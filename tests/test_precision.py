@@ -167,10 +167,23 @@ def test_bf16_graph_training_clusters_the_blocks_elementwise_work(monkeypatch):
     assert isinstance(fused_elementwise(True, "bfloat16"), type(fused_elementwise(False, "bfloat16")))  # eager: none
 
 
-def test_scoped_gradients_equal_the_plain_graph_ones(monkeypatch):
+# The block's family options (issue #26), each through the scoped step; half with the class-token last block.
+SCOPED_OPTIONS = [
+    ({}, {}),
+    ({"relative_grid": (2, 2)}, {"class_token_only": True}),
+    ({"qk_norm": True}, {}),
+    ({"layer_scale_init": 0.1}, {"class_token_only": True}),
+    ({"mlp_kind": "swiglu"}, {}),
+    ({"activation": "quick_gelu", "qkv_bias": False}, {"class_token_only": True}),
+    ({"gelu_approximate": False}, {}),
+]
+
+
+@pytest.mark.parametrize("options,call", SCOPED_OPTIONS, ids=lambda o: ",".join(o) or "-")
+def test_scoped_gradients_equal_the_plain_graph_ones(monkeypatch, options, call):
     """In the scoped bf16 step the LayerNorms' and the softmax's gradients are written out (layers.norm,
     layers.attention) and compiled in scopes of their own: the same gradients as TensorFlow's op by op,
-    and the backward pass's LayerNorm and softmax work is inside the scopes."""
+    for every block option, and the backward pass's LayerNorm and softmax work is inside the scopes."""
     import keras
     import numpy as np
     import tensorflow as tf
@@ -179,10 +192,10 @@ def test_scoped_gradients_equal_the_plain_graph_ones(monkeypatch):
 
     monkeypatch.setenv("TF_XLA_FLAGS", "")
     rng = np.random.default_rng(0)
-    block = TransformerBlock(num_heads=2, mlp_dim=16, dtype=keras.mixed_precision.Policy("mixed_bfloat16"))
+    block = TransformerBlock(num_heads=2, mlp_dim=16, dtype=keras.mixed_precision.Policy("mixed_bfloat16"), **options)
     x = tf.constant(rng.normal(size=(2, 5, 8)) * 2 + 0.5, tf.float32)
-    weights = tf.constant(rng.normal(size=(2, 5, 8)), tf.float32)
     block(x)
+    weights = tf.constant(rng.normal(size=block(x, **call).shape), tf.float32)
     for v in block.trainable_variables:  # non-trivial LayerNorm affine and biases
         v.assign(rng.normal(size=v.shape) * 0.5)
 
@@ -193,7 +206,7 @@ def test_scoped_gradients_equal_the_plain_graph_ones(monkeypatch):
         def step(t):
             with tf.GradientTape() as tape:
                 tape.watch(t)
-                loss = tf.reduce_sum(tf.cast(block(t, training=True), tf.float32) * weights)
+                loss = tf.reduce_sum(tf.cast(block(t, training=True, **call), tf.float32) * weights)
             return tape.gradient(loss, [t] + block.trainable_variables)
 
         graph = step.get_concrete_function(x).graph
@@ -201,10 +214,22 @@ def test_scoped_gradients_equal_the_plain_graph_ones(monkeypatch):
 
     (scoped, marked), (plain, unmarked) = gradients("1"), gradients("0")
     assert unmarked == []
-    assert marked.count("Rsqrt") == 2 and "Softmax" in marked and "Tanh" in marked  # LN x2, softmax, GELU
+    assert marked.count("Rsqrt") == 2 and "Softmax" in marked  # LN x2, softmax
+    # the MLP's activation and its gradient: tanh GELU, exact GELU, quick_gelu / SwiGLU (sigmoids)
+    activation = ("Sigmoid" if "activation" in options or "mlp_kind" in options
+                  else "Erf" if options.get("gelu_approximate") is False else "Tanh")
+    assert marked.count(activation) >= 2, activation
     assert marked.count("Sum") >= 5  # dgamma, dbeta of both LayerNorms + the softmax gradient's row sums
-    for a, b in zip(scoped, plain):
-        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-5 * float(tf.reduce_max(tf.abs(b))))
+    # The same float32 formulas on both sides, but XLA's code (fused multiply-adds) may round a value 1 ulp
+    # apart, which flips a bf16 rounding (2^-8) that then spreads: so 1% in norm, per gradient (a wrong term
+    # is O(1); test_layers checks each written-out gradient exactly in float32). The key bias's gradient is
+    # zero in exact arithmetic (softmax ignores a shift per query), rounding noise here: it is measured
+    # against the key kernel's.
+    names = ["input"] + [v.path for v in block.trainable_variables]
+    norms = dict(zip(names, (float(tf.norm(b)) for b in plain)))
+    for name, a, b in zip(names, scoped, plain):
+        scale = norms[name.replace("key_bias", "key_kernel")]
+        assert float(tf.norm(a - b)) <= 1e-2 * scale, (name, float(tf.norm(a - b)), scale)
 
 
 def _xla_compile(op) -> bool:

@@ -65,14 +65,32 @@ class LayerScale(layers.Layer):
         return {**super().get_config(), "init_value": self.init_value}
 
 
-def _gelu_with_input_gradient(approximate: bool, scope=contextlib.nullcontext):
-    """GELU in float32 whose gradient is recomputed from its input alone (keras.ops.custom_gradient).
+def _with_input_gradient(value, slope, scope=contextlib.nullcontext):
+    """x -> value(x) in float32, cast back, whose gradient upstream * slope(x) is recomputed from x alone.
 
-    Same function as `ops.gelu`. Why: TensorFlow differentiates the op-by-op GELU by keeping
-    five (tokens, mlp_dim) intermediates per block and running every op's gradient in the
-    compute dtype (bf16 under mixed precision); this gradient reads x and the upstream
-    gradient once, a single fused pass under XLA. ViT-B/16 bf16 training: +3-5% (BENCHMARKS.md).
+    Why: TensorFlow differentiates an op-by-op activation by keeping its intermediates (five
+    (tokens, mlp_dim) tensors per block for the tanh GELU) and running every op's gradient in the
+    compute dtype (bf16 under mixed precision); this gradient reads x and the upstream gradient once,
+    a single fused pass under XLA (`scope`: layers.fusion's, where the scoped bf16 step gives one).
     """
+
+    @ops.custom_gradient
+    def activation(x):
+        def grad(*args, upstream=None):
+            if upstream is None:
+                (upstream,) = args
+            with scope():  # the gradient's ops are made later, outside the forward's scope
+                return ops.cast(ops.cast(upstream, "float32") * slope(ops.cast(x, "float32")), x.dtype)
+
+        with scope():
+            return ops.cast(value(ops.cast(x, "float32")), x.dtype), grad
+
+    return activation
+
+
+def _gelu_with_input_gradient(approximate: bool, scope=contextlib.nullcontext):
+    """GELU (`ops.gelu`'s function) with its gradient recomputed from its input (`_with_input_gradient`).
+    ViT-B/16 bf16 training: +3-5% (BENCHMARKS.md)."""
     c = math.sqrt(2.0 / math.pi)
 
     def value(x32):
@@ -87,18 +105,46 @@ def _gelu_with_input_gradient(approximate: bool, scope=contextlib.nullcontext):
             return 0.5 * (1.0 + t) + 0.5 * x32 * (1.0 - t * t) * c * (1.0 + 3.0 * 0.044715 * x2)
         return 0.5 * (1.0 + ops.erf(x32 / math.sqrt(2.0))) + x32 * ops.exp(-0.5 * x32 * x32) / math.sqrt(2.0 * math.pi)
 
+    return _with_input_gradient(value, slope, scope)
+
+
+def _quick_gelu_with_input_gradient(scope=contextlib.nullcontext):
+    """quick_gelu, x s with s = sigmoid(1.702 x), slope s + 1.702 x s (1 - s) (`_with_input_gradient`)."""
+
+    def slope(x32):
+        s = ops.sigmoid(1.702 * x32)
+        return s + 1.702 * x32 * s * (1.0 - s)
+
+    return _with_input_gradient(lambda x32: x32 * ops.sigmoid(1.702 * x32), slope, scope)
+
+
+def _swiglu_with_input_gradient(mlp_dim: int, scope=contextlib.nullcontext):
+    """(tokens, 2 mlp_dim) -> silu(x1) x2 in float32, cast back, x1 the first half; its gradient
+    (g x2 silu'(x1), g silu(x1)), silu'(a) = s (1 + a (1 - s)), recomputed from the input in one pass
+    (TensorFlow's own keeps the intermediates and scatters each half's gradient with a slice gradient)."""
+
     @ops.custom_gradient
-    def gelu(x):
+    def swiglu(h):
         def grad(*args, upstream=None):
             if upstream is None:
                 (upstream,) = args
-            with scope():  # the gradient's ops are made later, outside the forward's scope
-                return ops.cast(ops.cast(upstream, "float32") * slope(ops.cast(x, "float32")), x.dtype)
+            with scope():
+                g = ops.cast(upstream, "float32")
+                a, b = ops.cast(h[:, :mlp_dim], "float32"), ops.cast(h[:, mlp_dim:], "float32")
+                s = ops.sigmoid(a)
+                return ops.cast(ops.concatenate([g * b * s * (1.0 + a * (1.0 - s)), g * a * s], axis=-1), h.dtype)
 
         with scope():
-            return ops.cast(value(ops.cast(x, "float32")), x.dtype), grad
+            a, b = ops.cast(h[:, :mlp_dim], "float32"), ops.cast(h[:, mlp_dim:], "float32")
+            return ops.cast(ops.silu(a) * b, h.dtype), grad
 
-    return gelu
+    return swiglu
+
+
+def _input_gradient_pays(x, training) -> bool:
+    """Bf16/fp16 training on TensorFlow: where the activations' recomputed gradients are used."""
+    return bool(training and keras.backend.backend() == "tensorflow"
+                and keras.backend.standardize_dtype(x.dtype) != "float32")
 
 
 def gelu(x, approximate: bool = True, training=None):
@@ -109,8 +155,7 @@ def gelu(x, approximate: bool = True, training=None):
     file, keeps `ops.gelu`'s graph, which onnxruntime and the TFLite converter fuse; JAX and
     torch keep their own autodiff of it.
     """
-    if (training and keras.backend.backend() == "tensorflow"
-            and keras.backend.standardize_dtype(x.dtype) != "float32"):
+    if _input_gradient_pays(x, training):
         return _gelu_with_input_gradient(approximate, lambda: fused_elementwise(training, x.dtype))(x)
     return ops.gelu(x, approximate=approximate)
 
@@ -118,10 +163,21 @@ def gelu(x, approximate: bool = True, training=None):
 def activate(x, activation: str = "gelu", approximate: bool = True, training=None):
     """The MLP's nonlinearity: "gelu" (see `gelu`) or "quick_gelu", x sigmoid(1.702 x) (OpenAI CLIP),
     in the compute dtype like ops.gelu. Written Mul(x, Sigmoid(Mul(x, 1.702))), the operand order
-    onnxruntime's QuickGelu fusion reads (the constant first crashes it)."""
+    onnxruntime's QuickGelu fusion reads (the constant first crashes it). Bf16/fp16 training on
+    TensorFlow takes the recomputed-gradient form, as the GELU does."""
     if activation == "quick_gelu":
+        if _input_gradient_pays(x, training):
+            return _quick_gelu_with_input_gradient(lambda: fused_elementwise(training, x.dtype))(x)
         return x * ops.sigmoid(x * ops.cast(1.702, x.dtype))
     return gelu(x, approximate, training)
+
+
+def swiglu(h, mlp_dim: int, training=None):
+    """silu(h[:, :mlp_dim]) * h[:, mlp_dim:] on (tokens, 2 mlp_dim); bf16/fp16 training on TensorFlow
+    takes the recomputed-gradient form, as the GELU does."""
+    if _input_gradient_pays(h, training):
+        return _swiglu_with_input_gradient(mlp_dim, lambda: fused_elementwise(training, h.dtype))(h)
+    return ops.silu(h[:, :mlp_dim]) * h[:, mlp_dim:]
 
 
 @_REG
@@ -162,7 +218,7 @@ class MlpBlock(layers.Layer):
         shape = tuple(x.shape) if all(n is not None for n in x.shape[1:]) else ops.shape(x)
         h = self.dense_0(ops.reshape(x, (-1, d)))
         if self.kind == "swiglu":
-            h = ops.silu(h[:, :self.mlp_dim]) * h[:, self.mlp_dim:]
+            h = swiglu(h, self.mlp_dim, training)
         else:
             h = activate(h, self.activation, self.gelu_approximate, training)
         h = self.dropout(h, training=training)
