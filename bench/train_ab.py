@@ -11,7 +11,10 @@ Changes (`--without`):
   (as built, in an XLA scope with the gradient written out, `layers.attention`);
 - `activation-gradient` (with `--option activation=quick_gelu` or `--option mlp=swiglu`): quick_gelu or
   SwiGLU op by op with TensorFlow's own gradient (as built, bf16 training recomputes their float32
-  gradient from the input, in the scoped step's XLA scope, `layers.block.activate` / `swiglu`).
+  gradient from the input, in the scoped step's XLA scope, `layers.block.activate` / `swiglu`);
+- `relative-gather` (with `--option pos_embedding=relative`): the relative-offset logits picked with
+  take_along_axis on (B, heads, S, S) indices (as built, query-major rows of one constant index,
+  `layers.attention.MultiHeadSelfAttention._relative_bias`).
 
 Each variant runs in its own process (the `fusible` XLA flags are per process), alternately:
   python -m bench.train_ab --without gelu-gradient --variant B/16 --rounds 3 --steps 6
@@ -30,7 +33,8 @@ import sys
 import time
 from typing import List, Optional
 
-CHANGES = ("class-token-block", "gelu-gradient", "ln-gradient", "softmax-scope", "activation-gradient")
+CHANGES = ("class-token-block", "gelu-gradient", "ln-gradient", "softmax-scope", "activation-gradient",
+           "relative-gather")
 
 
 def _undo(change: str) -> None:
@@ -64,6 +68,16 @@ def _undo(change: str) -> None:
         ops = block.ops
         block._quick_gelu_with_input_gradient = lambda scope=None: lambda x: x * ops.sigmoid(x * ops.cast(1.702, x.dtype))
         block._swiglu_with_input_gradient = lambda m, scope=None: lambda h: ops.silu(h[:, :m]) * h[:, m:]
+    elif change == "relative-gather":
+        from keras_vit.layers.attention import MultiHeadSelfAttention, ops
+
+        def relative_bias(self, q):
+            scores = ops.einsum("bhtk,ohk->bhto", q, ops.cast(self.relative_embedding, q.dtype))
+            rows = self._rel_index[: q.shape[2]]
+            idx = ops.broadcast_to(ops.convert_to_tensor(rows[None, None]), (ops.shape(scores)[0], self.num_heads) + rows.shape)
+            return ops.take_along_axis(scores, idx, axis=-1)
+
+        MultiHeadSelfAttention._relative_bias = relative_bias
 
 
 def bf16_training_model(variant: str, batch_size: int, image_size: int = 224, without: str = "",

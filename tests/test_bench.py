@@ -323,9 +323,10 @@ def test_amx_table_renders_a_saved_record_again(tmp_path, capsys):
         amx_table.main([])
 
 
-def test_train_ab_undoes_the_activation_gradients_and_reads_model_options():
-    """bench.train_ab: `--option NAME=VALUE` typed as the ViT builder takes it, one clear error otherwise, and
-    `--without activation-gradient` puts quick_gelu / SwiGLU back op by op in bf16 training."""
+def test_train_ab_undoes_its_changes_and_reads_model_options():
+    """bench.train_ab: `--option NAME=VALUE` typed as the ViT builder takes it, one clear error otherwise;
+    `--without activation-gradient` puts quick_gelu / SwiGLU back op by op in bf16 training, and
+    `--without relative-gather` the take_along_axis pick of the relative-offset logits."""
     import argparse
 
     import numpy as np
@@ -350,3 +351,19 @@ def test_train_ab_undoes_the_activation_gradients_and_reads_model_options():
                                       h * ops.sigmoid(h * ops.cast(1.702, h.dtype)))
     finally:
         block._quick_gelu_with_input_gradient, block._swiglu_with_input_gradient = saved
+    # `--without relative-gather`: the old take_along_axis pick, the same logits as built
+    from keras_vit.layers.attention import MultiHeadSelfAttention
+
+    layer = MultiHeadSelfAttention(num_heads=2, relative_grid=(2, 3), num_prefix_tokens=1)
+    x = tf.constant(np.random.default_rng(0).normal(size=(3, 7, 8)), tf.float32)
+    layer(x)
+    layer.relative_embedding.assign(np.random.default_rng(1).normal(size=layer.relative_embedding.shape))
+    q = layer._qkv(x, 1.0)[0]
+    built = layer._relative_bias(q)
+    saved = MultiHeadSelfAttention._relative_bias
+    try:
+        train_ab._undo("relative-gather")
+        np.testing.assert_array_equal(layer._relative_bias(q), built)
+        np.testing.assert_array_equal(layer._relative_bias(q[:, :, :1]), built[:, :, :1])  # class-token rows
+    finally:
+        MultiHeadSelfAttention._relative_bias = saved

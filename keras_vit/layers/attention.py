@@ -150,13 +150,22 @@ class MultiHeadSelfAttention(layers.Layer):
 
     def _relative_bias(self, q):
         """(B, heads, S_q, S) logits of the queries (the first S_q tokens) against the
-        relative-offset embeddings."""
+        relative-offset embeddings.
+
+        The logits against every offset, (B, heads, S_q, offsets), are picked per (query, key) pair
+        query-major: rows of B x heads values taken by one constant (S_q S,) index. The index does not
+        depend on the image or the head, so nothing is broadcast over them, and the gradient adds rows
+        of B x heads values (take_along_axis on (B, heads, S_q, S) indices, as before 2026-12-05: the
+        same values, a Ti/16 bf16 training step 2.5x slower than without the bias, BENCHMARKS.md).
+        """
         table = ops.cast(self.relative_embedding, q.dtype)
         scores = ops.einsum("bhtk,ohk->bhto", q, table)  # (B, H, S_q, offsets)
-        rows = self._rel_index[: q.shape[2]]
-        idx = ops.convert_to_tensor(rows[None, None])  # (1, 1, S_q, S)
-        idx = ops.broadcast_to(idx, (ops.shape(scores)[0], self.num_heads) + rows.shape)
-        return ops.take_along_axis(scores, idx, axis=-1)
+        n_q, n_off = q.shape[2], table.shape[0]
+        rows = self._rel_index[:n_q]  # (S_q, S) offset of each pair
+        flat = (np.arange(n_q)[:, None] * n_off + rows).reshape(-1).astype("int32")
+        by_pair = ops.reshape(ops.transpose(scores, (2, 3, 0, 1)), (n_q * n_off, -1))  # (S_q offsets, B H)
+        picked = ops.take(by_pair, ops.convert_to_tensor(flat), axis=0)  # (S_q S, B H)
+        return ops.transpose(ops.reshape(picked, (n_q, rows.shape[1], -1, self.num_heads)), (2, 3, 0, 1))
 
     def call(self, x, training=None, return_attention_scores: bool = False, num_queries: Optional[int] = None):
         """(B, S, D) -> (B, S, D); with `num_queries` n, only the first n tokens attend (to all S)
