@@ -14,7 +14,10 @@ Changes (`--without`):
   gradient from the input, in the scoped step's XLA scope, `layers.block.activate` / `swiglu`);
 - `relative-gather` (with `--option pos_embedding=relative`): the relative-offset logits picked with
   take_along_axis on (B, heads, S, S) indices (as built, query-major rows of one constant index,
-  `layers.attention.MultiHeadSelfAttention._relative_bias`).
+  `layers.attention.MultiHeadSelfAttention._relative_bias`);
+- `qk-norm-scope` (with `--option qk_norm=true --jit scoped`): qk_norm's query and key LayerNorms op by op
+  with TensorFlow's gradient (as built, in the scoped step's XLA scope with the gradient written out,
+  as the block's own LayerNorms, `layers.norm.layer_norm`).
 
 Each variant runs in its own process (the `fusible` XLA flags are per process), alternately:
   python -m bench.train_ab --without gelu-gradient --variant B/16 --rounds 3 --steps 6
@@ -34,7 +37,7 @@ import time
 from typing import List, Optional
 
 CHANGES = ("class-token-block", "gelu-gradient", "ln-gradient", "softmax-scope", "activation-gradient",
-           "relative-gather")
+           "relative-gather", "qk-norm-scope")
 
 
 def _undo(change: str) -> None:
@@ -78,6 +81,12 @@ def _undo(change: str) -> None:
             return ops.take_along_axis(scores, idx, axis=-1)
 
         MultiHeadSelfAttention._relative_bias = relative_bias
+    elif change == "qk-norm-scope":
+        import keras_vit.layers.attention as attention
+        from keras_vit.layers.norm import _layer_norm
+
+        attention.layer_norm = lambda norm, x, out_dtype, training=None, scale=1.0: attention.ops.cast(
+            _layer_norm(norm, x) * scale, out_dtype)
 
 
 def bf16_training_model(variant: str, batch_size: int, image_size: int = 224, without: str = "",

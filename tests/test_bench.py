@@ -326,7 +326,8 @@ def test_amx_table_renders_a_saved_record_again(tmp_path, capsys):
 def test_train_ab_undoes_its_changes_and_reads_model_options():
     """bench.train_ab: `--option NAME=VALUE` typed as the ViT builder takes it, one clear error otherwise;
     `--without activation-gradient` puts quick_gelu / SwiGLU back op by op in bf16 training, and
-    `--without relative-gather` the take_along_axis pick of the relative-offset logits."""
+    `--without relative-gather` the take_along_axis pick of the relative-offset logits, `--without
+    qk-norm-scope` qk_norm's LayerNorms op by op."""
     import argparse
 
     import numpy as np
@@ -367,3 +368,14 @@ def test_train_ab_undoes_its_changes_and_reads_model_options():
         np.testing.assert_array_equal(layer._relative_bias(q[:, :, :1]), built[:, :, :1])  # class-token rows
     finally:
         MultiHeadSelfAttention._relative_bias = saved
+    # `--without qk-norm-scope`: qk_norm's LayerNorms op by op, the same attention outside the scoped step
+    import keras_vit.layers.attention as attention
+
+    layer = MultiHeadSelfAttention(num_heads=2, qk_norm=True)
+    built = layer(x, training=True)
+    saved = attention.layer_norm
+    try:
+        train_ab._undo("qk-norm-scope")
+        np.testing.assert_allclose(layer(x, training=True), built, rtol=1e-6, atol=1e-6)
+    finally:
+        attention.layer_norm = saved

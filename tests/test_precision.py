@@ -214,7 +214,8 @@ def test_scoped_gradients_equal_the_plain_graph_ones(monkeypatch, options, call)
 
     (scoped, marked), (plain, unmarked) = gradients("1"), gradients("0")
     assert unmarked == []
-    assert marked.count("Rsqrt") == 2 and "Softmax" in marked  # LN x2, softmax
+    # the block's two LayerNorms (and qk_norm's query and key norms), the softmax
+    assert marked.count("Rsqrt") == (4 if options.get("qk_norm") else 2) and "Softmax" in marked
     # the MLP's activation and its gradient: tanh GELU, exact GELU, quick_gelu / SwiGLU (sigmoids)
     activation = ("Sigmoid" if "activation" in options or "mlp_kind" in options
                   else "Erf" if options.get("gelu_approximate") is False else "Tanh")

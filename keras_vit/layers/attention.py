@@ -11,7 +11,7 @@ from keras import layers, ops
 
 from keras_vit.config import INIT_STD
 from keras_vit.layers.fusion import fused_elementwise, scoped
-from keras_vit.layers.norm import _layer_norm
+from keras_vit.layers.norm import layer_norm
 
 _REG = keras.saving.register_keras_serializable(package="keras_vit")
 
@@ -175,8 +175,8 @@ class MultiHeadSelfAttention(layers.Layer):
         if num_queries is not None:
             q = q[:, :, :num_queries]
         if self.qk_norm:  # LN(q) scaled, LN(k): the scale cannot be folded into the kernel
-            q = ops.cast(_layer_norm(self.query_norm, q) * scale, x.dtype)
-            k = ops.cast(_layer_norm(self.key_norm, k), x.dtype)
+            q = layer_norm(self.query_norm, q, x.dtype, training, scale=scale)
+            k = layer_norm(self.key_norm, k, x.dtype, training)
         bias = None
         if self.relative_grid is not None:
             bias = self._relative_bias(q)  # from the scaled query: the bias is scaled too

@@ -63,15 +63,21 @@ def _scoped_layer_norm_with_gradient(norm: layers.LayerNormalization, out_dtype,
     return layer_norm
 
 
-def layer_norm(norm: layers.LayerNormalization, x, out_dtype, training=None):
-    """`_layer_norm` cast to `out_dtype`; in the scoped bf16 training step (layers.fusion), in an XLA
-    scope with its gradient written out in one too (TensorFlow's own would run op by op)."""
+def layer_norm(norm: layers.LayerNormalization, x, out_dtype, training=None, scale: float = 1.0):
+    """`_layer_norm` times `scale` (in float32), cast to `out_dtype`; in the scoped bf16 training step
+    (layers.fusion), in an XLA scope with its gradient written out in one too (TensorFlow's own would run op
+    by op). `scale` is the attention's 1/sqrt(head_dim) after qk_norm's query norm: there it scales the
+    affine's gamma and beta."""
     from keras_vit.layers.fusion import fused_elementwise, scoped
 
     if not scoped(training, out_dtype):
-        return ops.cast(_layer_norm(norm, x), out_dtype)
+        y = _layer_norm(norm, x)
+        return ops.cast(y * scale if scale != 1.0 else y, out_dtype)
     d = x.shape[-1]
     shape = tuple(x.shape) if all(n is not None for n in x.shape[1:]) else ops.shape(x)
     fn = _scoped_layer_norm_with_gradient(norm, out_dtype, lambda: fused_elementwise(training, out_dtype))
-    y = fn(ops.reshape(x, (-1, d)), ops.cast(norm.gamma, "float32"), ops.cast(norm.beta, "float32"))
+    gamma, beta = ops.cast(norm.gamma, "float32"), ops.cast(norm.beta, "float32")
+    if scale != 1.0:
+        gamma, beta = gamma * scale, beta * scale
+    y = fn(ops.reshape(x, (-1, d)), gamma, beta)
     return ops.reshape(y, (-1,) + tuple(shape[1:]) if isinstance(shape, tuple) else shape)
