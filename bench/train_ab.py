@@ -68,9 +68,8 @@ def _undo(change: str) -> None:
     elif change == "activation-gradient":
         import keras_vit.layers.block as block
 
-        ops = block.ops
-        block._quick_gelu_with_input_gradient = lambda scope=None: lambda x: x * ops.sigmoid(x * ops.cast(1.702, x.dtype))
-        block._swiglu_with_input_gradient = lambda m, scope=None: lambda h: ops.silu(h[:, :m]) * h[:, m:]
+        block._quick_gelu_with_input_gradient = lambda scope=None: block._quick_gelu
+        block._swiglu_with_input_gradient = lambda m, scope=None: lambda h: block._swiglu(h, m)
     elif change == "relative-gather":
         from keras_vit.layers.attention import MultiHeadSelfAttention, ops
 

@@ -141,6 +141,16 @@ def _swiglu_with_input_gradient(mlp_dim: int, scope=contextlib.nullcontext):
     return swiglu
 
 
+def _quick_gelu(x):
+    """quick_gelu op by op in x's dtype, Mul(x, Sigmoid(Mul(x, 1.702))): the form exports fuse (see `activate`)."""
+    return x * ops.sigmoid(x * ops.cast(1.702, x.dtype))
+
+
+def _swiglu(h, mlp_dim: int):
+    """SwiGLU op by op in h's dtype: silu of the first half times the second."""
+    return ops.silu(h[:, :mlp_dim]) * h[:, mlp_dim:]
+
+
 def _input_gradient_pays(x, training) -> bool:
     """Bf16/fp16 training on TensorFlow: where the activations' recomputed gradients are used."""
     return bool(training and keras.backend.backend() == "tensorflow"
@@ -168,7 +178,7 @@ def activate(x, activation: str = "gelu", approximate: bool = True, training=Non
     if activation == "quick_gelu":
         if _input_gradient_pays(x, training):
             return _quick_gelu_with_input_gradient(lambda: fused_elementwise(training, x.dtype))(x)
-        return x * ops.sigmoid(x * ops.cast(1.702, x.dtype))
+        return _quick_gelu(x)
     return gelu(x, approximate, training)
 
 
@@ -177,7 +187,7 @@ def swiglu(h, mlp_dim: int, training=None):
     takes the recomputed-gradient form, as the GELU does."""
     if _input_gradient_pays(h, training):
         return _swiglu_with_input_gradient(mlp_dim, lambda: fused_elementwise(training, h.dtype))(h)
-    return ops.silu(h[:, :mlp_dim]) * h[:, mlp_dim:]
+    return _swiglu(h, mlp_dim)
 
 
 @_REG
