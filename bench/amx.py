@@ -8,11 +8,12 @@ oneDNN kernel each runs (bench.gemm_ways), and the deployment files' latency.
     python -m bench.amx [--quick] [--out DIR]     # the same in an environment that has them
 
 Made for an Intel Xeon with AMX (amx_bf16, amx_int8) and runs on any x86 CPU: without AMX the
-table's title says so. It runs bench.gemm_ways, bench.train, bench.infer, bench.ort_interleaved and bench.profile_train (every case
-in its own process) within --budget seconds: after the ways, the peaks and the inference stage,
-B/16 keeps a quarter of the budget for Ti/16, which runs on what is left but a tenth; each training
+table's title says so. It runs bench.gemm_ways, bench.train, bench.infer, bench.ort_interleaved, bench.profile_train and
+bench.step_kernels (every case in its own process) within --budget seconds: after the ways, the peaks and the inference stage,
+B/16 keeps a quarter of the budget for Ti/16, which runs on what is left but a sixth (the profile and the step kernels); each training
 stage starts another round only when one more as long as the last still fits. Last, bench.profile_train
-splits Ti/16's default step by op kind (issue #25's "remaining gap ... explained per op kind"). DIR/amx.json
+splits Ti/16's default step by op kind (issue #25's "remaining gap ... explained per op kind"), and bench.step_kernels
+names the oneDNN kernel of every matmul in that step and in timm's (issue #25's "the AMX kernels in every matmul of the step"). DIR/amx.json
 (every figure with the CPU, its flags, the load, the date and the command) and DIR/amx.md (the
 tables for BENCHMARKS.md) are rewritten after every stage, so a run cut short keeps what it measured.
 """
@@ -42,6 +43,10 @@ ROUNDS = 3  # most rounds per training stage
 # The profile of Ti/16's default step runs last, in what Ti/16's rounds leave of this share of the budget (40 s on the
 # Zen 4: a model build, 6 warm-up and 3 profiled steps, the trace read back).
 PROFILE_RESERVE = 0.1
+# Then bench.step_kernels reads the oneDNN kernel of every matmul in Ti/16's default step and in timm's bf16 step
+# (two processes, 45 s on the Zen 4).
+KERNELS_RESERVE = 0.06
+KERNEL_CASES = "default,timm-bf16-unfused"
 
 
 # --- the stages ----------------------------------------------------------------------------
@@ -95,6 +100,18 @@ def profile_stage(args, out: str) -> Dict[str, object]:
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
         return {"error": f"exit {proc.returncode}: {tail[0][:300]}"}
+    with open(path) as f:
+        raw = json.load(f)
+    return {"command": raw["info"]["command"], "json": os.path.basename(path), **raw}
+
+
+def kernels_stage(args, out: str) -> Dict[str, object]:
+    """bench.step_kernels at Ti/16: which oneDNN kernel each matmul of the default training step runs (AMX or
+    not), and its ms a step, beside timm's bf16 step."""
+    from bench import step_kernels
+
+    path = os.path.join(out, "step-kernels-Ti16.json")
+    step_kernels.main(["--variant", "Ti/16", "--cases", KERNEL_CASES, "--json", path] + (["--quick"] if args.quick else []))
     with open(path) as f:
         raw = json.load(f)
     return {"command": raw["info"]["command"], "json": os.path.basename(path), **raw}
@@ -218,8 +235,10 @@ def main(argv=None) -> Dict[str, object]:
               ("peak", lambda: train_stage(args, out, "Ti/16", 0, with_peak=True)),
               ("inference", lambda: infer_stage(args, out)),
               ("train B/16", lambda: train_stage(args, out, "B/16", left() - TI_RESERVE * args.budget)),
-              ("train Ti/16", lambda: train_stage(args, out, "Ti/16", left() - PROFILE_RESERVE * args.budget)),
-              ("profile Ti/16", lambda: profile_stage(args, out))]
+              ("train Ti/16", lambda: train_stage(args, out, "Ti/16",
+                                                  left() - (PROFILE_RESERVE + KERNELS_RESERVE) * args.budget)),
+              ("profile Ti/16", lambda: profile_stage(args, out)),
+              ("step kernels Ti/16", lambda: kernels_stage(args, out))]
     for name, fn in stages:
         run_stage(record, name, fn)
         record["wall_s"] = round(time.perf_counter() - t0, 1)

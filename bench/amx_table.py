@@ -72,6 +72,7 @@ def markdown(record: Dict[str, object]) -> str:
         _training(lines, st, variant)
     _inference(lines, st)
     _profile(lines, st)
+    _step_kernels(lines, st)
     problems = [f"- {name}: {s['error']}" for name, s in st.items() if "error" in s]
     for name, s in st.items():
         for r in s.get("results", []):
@@ -245,6 +246,32 @@ def _profile(lines: List[str], st: Dict[str, Dict[str, object]]) -> None:
     other = s.get("other_ops_ms", {})
     if other:
         lines += ["", "Other TF ops by type (ms per step): " + "; ".join(f"{op} {ms:.1f}" for op, ms in other.items()) + "."]
+
+
+STEP_KERNEL_ROWS = 8  # (kernel, problem) rows shown per case
+
+
+def _step_kernels(lines: List[str], st: Dict[str, Dict[str, object]]) -> None:
+    """bench.step_kernels: the oneDNN kernel of every matmul in a real training step, keras-vit's beside timm's."""
+    s = st.get("step kernels Ti/16")
+    if not s or "results" not in s:
+        return
+    done = [r for r in s["results"] if "rows" in r]
+    if not done:
+        return
+    info = s["info"]
+    kinds = sorted({k for r in done for k in r["kinds_ms"]}, key=lambda k: -max(r["kinds_ms"].get(k, 0) for r in done))
+    lines += ["", f"**The kernels of ViT-{info['variant']}'s training step** (`ONEDNN_VERBOSE=1` over {info['steps']} step{'s' if info['steps'] != 1 else ''}, "
+                  f"{info['interop']} TensorFlow inter-op thread(s); `{s['command']}`; {_when(s)}): oneDNN ms a step by "
+                  "primitive (a kernel name with `amx` in it is AMX).",
+              "", "| case | AMX kernels | oneDNN ms | " + " | ".join(kinds) + " |",
+              "|---|---|---|" + "---|" * len(kinds)]
+    lines += [f"| {r['case']} | {'yes' if r['amx'] else 'no'} | {r['onednn_ms']:.1f} | "
+              + " | ".join(f"{r['kinds_ms'].get(k, 0):.1f}" for k in kinds) + " |" for r in done]
+    for r in done:
+        lines += ["", f"{r['case']}, largest rows (ms a step, calls, kernel, problem): " + "; ".join(
+            f"{row['ms']:.1f} ms, {row['calls']:g}x `{row['kernel']}` {row['problem']}" for row in r["rows"][:STEP_KERNEL_ROWS])
+            + "."]
 
 
 def _inference(lines: List[str], st: Dict[str, Dict[str, object]]) -> None:

@@ -181,7 +181,9 @@ def run_notebook(case: str, args) -> Dict[str, object]:
             "cpu": [(b[1] - a[1]) / args.steps for a, b in spans]}
 
 
-def run_timm(args, bf16: bool = False, compiled: bool = False, fused_attn: bool = True) -> Dict[str, object]:
+def timm_step(args, bf16: bool = False, compiled: bool = False, fused_attn: bool = True):
+    """(model, step): timm's ViT for `args` and one SGD-momentum training step on a synthetic batch,
+    in bf16 autocast or float32, eager or torch.compile'd, with torch's fused attention or timm's explicit form."""
     import timm
     import torch
 
@@ -207,6 +209,13 @@ def run_timm(args, bf16: bool = False, compiled: bool = False, fused_attn: bool 
         loss.backward()
         opt.step()
 
+    return model, step
+
+
+def run_timm(args, bf16: bool = False, compiled: bool = False, fused_attn: bool = True) -> Dict[str, object]:
+    import torch
+
+    model, step = timm_step(args, bf16, compiled, fused_attn)
     cpu: List[float] = []
     times = common.time_calls(step, args.warmup, args.repeats, args.steps, cpu)
     return {"params": sum(p.numel() for p in model.parameters()), "backend": f"torch {torch.__version__}",

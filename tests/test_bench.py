@@ -140,6 +140,39 @@ def test_onednn_verbose_times_each_kernel_while_each_dtype_ran():
     assert shares == [("matmul", 75.0), ("reorder", 25.0)] and time_shares({}) == []
 
 
+def test_step_kernels_counts_each_kernel_of_the_logged_steps():
+    """bench.step_kernels: only the lines after the mark count, per step, largest first; AMX is named by kernel."""
+    from bench.step_kernels import MARK, census
+
+    warmup = ("onednn_verbose,v1,primitive,exec,cpu,matmul,brg_matmul:avx512_core_bf16,undef,src:bf16::blocked:ab::f0,"
+              ",,64x64:64x64,9.0\n")
+    c = census(warmup + MARK + ONEDNN_LOG + ONEDNN_LOG, steps=2)
+    assert c["amx"] is True and c["onednn_ms"] == round(0.17 + 34.0 + 1.5, 2)
+    assert c["kinds_ms"] == {"gemm_api": 34.0, "graph": 1.5, "matmul": 0.17}
+    assert c["rows"][0] == {"kernel": "gemm_api", "problem": "1024x1024:1024x1024", "calls": 1, "ms": 34.0}
+    assert {"kernel": "matmul:brg_matmul:avx512_core_amx", "problem": "1024x1024:1024x1024", "calls": 1,
+            "ms": 0.17} in c["rows"]
+    assert all(r["problem"] != "64x64:64x64" for r in c["rows"])  # the warm-up's line is before the mark
+    assert census(MARK + warmup, steps=1)["amx"] is False
+
+
+@pytest.mark.slow  # one TensorFlow training process under oneDNN's verbose log (about 25 s)
+def test_step_kernels_reads_the_kernels_of_keras_vits_step(tmp_path):
+    from bench import step_kernels
+
+    record = step_kernels.main(["--quick", "--cases", "default,timm-bf16-unfused", "--json", str(tmp_path / "k.json")])
+    by = {r["case"]: r for r in record["results"]}
+    assert "rows" in by["timm-bf16-unfused"] or "skipped" in by["timm-bf16-unfused"]  # timm is not in CI
+    default = by["default"]
+    assert "error" not in default, default
+    kernels = {row["kernel"].split(":", 1)[0] for row in default["rows"]}
+    assert kernels & {"matmul", "inner_product"} and default["onednn_ms"] > 0  # the step's GEMMs went through oneDNN
+    assert default["onednn_isa"] and isinstance(default["amx"], bool)
+    assert record["info"]["interop"] == 1 and (tmp_path / "k.json").exists()
+    with pytest.raises(SystemExit, match="--steps 0"):
+        step_kernels.main(["--steps", "0"])
+
+
 def test_gemm_ways_times_a_steps_products_in_both_dtypes():
     from bench import gemm_ways
 
@@ -272,6 +305,25 @@ def test_amx_markdown_gives_the_profile_by_op_kind():
     assert "Other TF ops by type (ms per step): _XlaCompile 11.2; _MklSoftmax 8.4." in md
     record["stages"]["profile Ti/16"] = {**when, "error": "exit 1: boom"}
     assert "profile Ti/16: exit 1: boom" in markdown(record)
+
+
+def test_amx_markdown_names_the_step_kernels():
+    from bench.amx_table import markdown
+
+    record = _amx_record(["avx512_bf16", "amx_tile", "amx_bf16", "amx_int8"])
+    when = {k: record["stages"]["peak"][k] for k in ("start", "end")}
+    row = {"kernel": "matmul:brg_matmul:avx512_core_amx", "problem": "3152x192:192x768", "calls": 11, "ms": 12.5}
+    record["stages"]["step kernels Ti/16"] = {
+        **when, "command": "python -m bench.step_kernels --variant Ti/16",
+        "info": {"variant": "Ti/16", "steps": 3, "interop": 1},
+        "results": [{"case": "default", "amx": True, "onednn_ms": 120.0, "kinds_ms": {"matmul": 100.0, "reorder": 20.0},
+                     "rows": [row]},
+                    {"case": "timm-bf16-unfused", "skipped": "timm not installed"}]}
+    md = markdown(record)
+    assert "**The kernels of ViT-Ti/16's training step** (`ONEDNN_VERBOSE=1` over 3 steps, 1 TensorFlow inter-op" in md
+    assert "| case | AMX kernels | oneDNN ms | matmul | reorder |" in md and "| default | yes | 120.0 | 100.0 | 20.0 |" in md
+    assert "12.5 ms, 11x `matmul:brg_matmul:avx512_core_amx` 3152x192:192x768." in md
+    assert "step kernels Ti/16, timm-bf16-unfused: skipped: timm not installed" in md
 
 
 def test_amx_share_of_peak_is_of_the_runs_fastest_square():
