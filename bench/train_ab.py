@@ -17,7 +17,9 @@ Changes (`--without`):
   `layers.attention.MultiHeadSelfAttention._relative_bias`);
 - `qk-norm-scope` (with `--option qk_norm=true --jit scoped`): qk_norm's query and key LayerNorms op by op
   with TensorFlow's gradient (as built, in the scoped step's XLA scope with the gradient written out,
-  as the block's own LayerNorms, `layers.norm.layer_norm`).
+  as the block's own LayerNorms, `layers.norm.layer_norm`);
+- `patch-matmul`: the patch embedding's Conv2D in bf16 training too (as built, bf16/fp16 training on
+  TensorFlow runs it as one GEMM of the patches, `layers.embedding.PatchEmbedding._patches_times_kernel`).
 
 Each variant runs in its own process (the `fusible` XLA flags are per process), alternately:
   python -m bench.train_ab --without gelu-gradient --variant B/16 --rounds 3 --steps 6
@@ -37,7 +39,7 @@ import time
 from typing import List, Optional
 
 CHANGES = ("class-token-block", "gelu-gradient", "ln-gradient", "softmax-scope", "activation-gradient",
-           "relative-gather", "qk-norm-scope")
+           "relative-gather", "qk-norm-scope", "patch-matmul")
 
 
 def _undo(change: str) -> None:
@@ -86,6 +88,10 @@ def _undo(change: str) -> None:
 
         attention.layer_norm = lambda norm, x, out_dtype, training=None, scale=1.0: attention.ops.cast(
             _layer_norm(norm, x) * scale, out_dtype)
+    elif change == "patch-matmul":
+        from keras_vit.layers.embedding import PatchEmbedding
+
+        PatchEmbedding._patches_times_kernel = lambda self, images: self.projection(images)
 
 
 def bf16_training_model(variant: str, batch_size: int, image_size: int = 224, without: str = "",

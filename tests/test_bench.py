@@ -379,7 +379,7 @@ def test_train_ab_undoes_its_changes_and_reads_model_options():
     """bench.train_ab: `--option NAME=VALUE` typed as the ViT builder takes it, one clear error otherwise;
     `--without activation-gradient` puts quick_gelu / SwiGLU back op by op in bf16 training, and
     `--without relative-gather` the take_along_axis pick of the relative-offset logits, `--without
-    qk-norm-scope` qk_norm's LayerNorms op by op."""
+    qk-norm-scope` qk_norm's LayerNorms op by op, `--without patch-matmul` the patch embedding's Conv2D."""
     import argparse
 
     import numpy as np
@@ -431,3 +431,15 @@ def test_train_ab_undoes_its_changes_and_reads_model_options():
         np.testing.assert_allclose(layer(x, training=True), built, rtol=1e-6, atol=1e-6)
     finally:
         attention.layer_norm = saved
+    # `--without patch-matmul`: the patch embedding's Conv2D in bf16 training too
+    from keras_vit.layers.embedding import PatchEmbedding
+
+    embed = PatchEmbedding(4, (2, 2), dtype="mixed_bfloat16")
+    images = tf.constant(np.random.default_rng(2).normal(size=(1, 4, 6, 3)), tf.float32)
+    conv = embed(images, training=False)
+    saved = PatchEmbedding._patches_times_kernel
+    try:
+        train_ab._undo("patch-matmul")
+        np.testing.assert_array_equal(embed(images, training=True), conv)
+    finally:
+        PatchEmbedding._patches_times_kernel = saved

@@ -56,6 +56,43 @@ def test_patch_embedding_is_a_linear_map_of_flattened_patches(rng):
     _roundtrip(layer)
 
 
+@pytest.mark.parametrize("size", [(8, 12), (10, 13)])
+def test_training_patch_embedding_is_one_gemm_with_the_convs_values_and_gradients(rng, size, monkeypatch):
+    """Bf16 training on TensorFlow runs the patch embedding as patches times the kernel: in float32 the
+    Conv2D's values and gradients, pixels past the last whole patch dropped as its "valid" padding does;
+    in bf16 within rounding of them; float32 and inference keep the Conv2D (and so every export)."""
+    import tensorflow as tf
+
+    x = tf.constant(rng.normal(size=(2, *size, 3)).astype("float32"))
+    upstream = tf.constant(rng.normal(size=(2, size[0] // 4, size[1] // 4, 8)).astype("float32"))
+    layer = L.PatchEmbedding(8, (4, 4))
+    layer.build(x.shape)
+    layer.projection.bias.assign(rng.normal(size=8).astype("float32"))
+
+    def with_gradients(fn):
+        with tf.GradientTape() as tape:
+            y = fn(x)
+            loss = tf.reduce_sum(tf.cast(tf.reshape(y, upstream.shape), tf.float32) * upstream)
+        return y, tape.gradient(loss, layer.trainable_variables)
+
+    (y, g), (ref_y, ref_g) = with_gradients(layer._patches_times_kernel), with_gradients(layer.projection)
+    np.testing.assert_allclose(y.numpy(), ref_y.numpy(), rtol=1e-5, atol=1e-5)
+    for a, b in zip(g, ref_g):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-4)
+    mixed = L.PatchEmbedding(8, (4, 4), dtype="mixed_bfloat16")
+    mixed.build(x.shape)
+    mixed.set_weights(layer.get_weights())
+    yb, ref_yb = mixed(x, training=True), mixed(x, training=False)
+    assert yb.dtype == tf.bfloat16 and yb.shape == ref_yb.shape == (2, (size[0] // 4) * (size[1] // 4), 8)
+    np.testing.assert_allclose(tf.cast(yb, tf.float32).numpy(), tf.cast(ref_yb, tf.float32).numpy(), rtol=2e-2, atol=2e-2)
+    taken = []
+    monkeypatch.setattr(L.PatchEmbedding, "_patches_times_kernel", lambda self, im: taken.append(1) or self.projection(im))
+    mixed(x, training=True)
+    mixed(x, training=False)
+    layer(x, training=True)
+    assert taken == [1]
+
+
 def test_class_token_is_prepended_and_zero_initialised(rng):
     layer = L.ClassToken()
     x = rng.normal(size=(3, 5, 4)).astype("float32")

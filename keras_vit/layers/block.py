@@ -10,7 +10,7 @@ import keras
 from keras import layers, ops
 
 from keras_vit.layers.attention import MultiHeadSelfAttention
-from keras_vit.layers.fusion import fused_elementwise
+from keras_vit.layers.fusion import fused_elementwise, half_precision_tf_training
 from keras_vit.layers.norm import layer_norm
 
 _REG = keras.saving.register_keras_serializable(package="keras_vit")
@@ -151,10 +151,7 @@ def _swiglu(h, mlp_dim: int):
     return ops.silu(h[:, :mlp_dim]) * h[:, mlp_dim:]
 
 
-def _input_gradient_pays(x, training) -> bool:
-    """Bf16/fp16 training on TensorFlow: where the activations' recomputed gradients are used."""
-    return bool(training and keras.backend.backend() == "tensorflow"
-                and keras.backend.standardize_dtype(x.dtype) != "float32")
+_input_gradient_pays = half_precision_tf_training  # where the activations' recomputed gradients are used
 
 
 def gelu(x, approximate: bool = True, training=None):

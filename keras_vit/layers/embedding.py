@@ -10,6 +10,7 @@ import numpy as np
 from keras import layers, ops
 
 from keras_vit.config import INIT_STD
+from keras_vit.layers.fusion import half_precision_tf_training
 
 _REG = keras.saving.register_keras_serializable(package="keras_vit")
 
@@ -33,12 +34,33 @@ class PatchEmbedding(layers.Layer):
         self.projection.build(input_shape)
         self.built = True
 
-    def call(self, images):
-        x = self.projection(images)
+    def call(self, images, training=None):
+        if half_precision_tf_training(images, training) and None not in images.shape[1:3]:
+            x = self._patches_times_kernel(images)
+        else:
+            x = self.projection(images)
         _, gh, gw, d = x.shape
         if gh is None or gw is None:  # a model for any image size: the grid is known at run time
             return ops.reshape(x, (ops.shape(x)[0], -1, d))
         return ops.reshape(x, (-1, gh * gw, d))
+
+    def _patches_times_kernel(self, images):
+        """The Conv2D as one GEMM: the (B gh gw, P P C) patches times the kernel as (P P C, D), plus the bias.
+
+        Why: bf16 training on TensorFlow. oneDNN's bf16 convolution with a kernel as large as its stride
+        and its filter gradient took 11-12 ms a ViT-Ti/16 step (batch 16, 224 px, the Zen 4) against 4-5 for
+        this form, with equal values and gradients (BENCHMARKS.md). Inference, and so every export, keeps
+        the Conv2D; pixels past the last whole patch are dropped, as its "valid" padding does.
+        """
+        conv = self.projection
+        (ph, pw), (_, h, w, c) = self.patch_size, images.shape
+        gh, gw = h // ph, w // pw
+        x = ops.reshape(images[:, :gh * ph, :gw * pw, :], (-1, gh, ph, gw, pw, c))
+        patches = ops.reshape(ops.transpose(x, (0, 1, 3, 2, 4, 5)), (-1, ph * pw * c))
+        y = ops.matmul(patches, ops.reshape(ops.cast(conv.kernel, images.dtype), (ph * pw * c, self.hidden_size)))
+        if conv.use_bias:
+            y = y + ops.cast(conv.bias, images.dtype)
+        return ops.reshape(y, (-1, gh, gw, self.hidden_size))
 
     def compute_output_shape(self, input_shape):
         b, h, w, _ = input_shape

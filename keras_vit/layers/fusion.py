@@ -46,3 +46,10 @@ def fused_elementwise(training, compute_dtype):
     import tensorflow as tf
 
     return tf.xla.experimental.jit_scope()
+
+
+def half_precision_tf_training(x, training) -> bool:
+    """Bf16/fp16 training on TensorFlow (`x` in the compute dtype): where the training-only forms of the
+    blocks' activations (layers.block) and of the patch embedding (layers.embedding) are used."""
+    return bool(training and keras.backend.backend() == "tensorflow"
+                and keras.backend.standardize_dtype(x.dtype) != "float32")
