@@ -260,8 +260,9 @@ def _step_kernels(lines: List[str], st: Dict[str, Dict[str, object]]) -> None:
     if not done:
         return
     info = s["info"]
+    steps = f"{info['steps']} step{'s' if info['steps'] != 1 else ''}"
     kinds = sorted({k for r in done for k in r["kinds_ms"]}, key=lambda k: -max(r["kinds_ms"].get(k, 0) for r in done))
-    lines += ["", f"**The kernels of ViT-{info['variant']}'s training step** (`ONEDNN_VERBOSE=1` over {info['steps']} step{'s' if info['steps'] != 1 else ''}, "
+    lines += ["", f"**The kernels of ViT-{info['variant']}'s training step** (`ONEDNN_VERBOSE=1` over {steps}, "
                   f"{info['interop']} TensorFlow inter-op thread(s); `{s['command']}`; {_when(s)}): oneDNN ms a step by "
                   "primitive (a kernel name with `amx` in it is AMX).",
               "", "| case | AMX kernels | oneDNN ms | " + " | ".join(kinds) + " |",

@@ -31,12 +31,13 @@ its reorders there).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import os
 import re
 import sys
 import tempfile
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -189,26 +190,41 @@ def time_shares(times: Dict[str, float]) -> List[Tuple[str, float]]:
     return [(name, 100 * ms / total) for name, ms in sorted(times.items(), key=lambda kv: -kv[1])]
 
 
-def worker(way: str, args) -> None:
-    """Times every shape in this process (its environment already set) and emits the GFLOP/s
-    with the oneDNN kernels it ran; oneDNN's verbose lines go to a file, not to the result."""
-    framework = WAYS[way][0]
+@contextlib.contextmanager
+def onednn_log(texts: List[str]):
+    """This process's standard output (file descriptor 1, where `ONEDNN_VERBOSE` writes) goes to a temporary
+    file for the block, whose text is then appended to `texts`: the verbose lines stay out of the result line."""
     log = tempfile.TemporaryFile(mode="w+")
     saved = os.dup(1)
     sys.stdout.flush()
     os.dup2(log.fileno(), 1)
     try:
-        rows = measure(framework, shapes(args.variant, args.batch_size, args.quick), args.repeats)
-        version = _version(framework)
+        yield
     finally:
         sys.stdout.flush()
         os.dup2(saved, 1)
         os.close(saved)
-    log.seek(0)
-    text = log.read()
-    isa = next((ln.split("isa:", 1)[1].strip().strip(",") for ln in text.splitlines() if "isa:" in ln), None)
+        log.seek(0)
+        texts.append(log.read())
+        log.close()
+
+
+def onednn_isa(text: str) -> Optional[str]:
+    """The ISA oneDNN's verbose log says it dispatches for (None without the log)."""
+    return next((ln.split("isa:", 1)[1].strip().strip(",") for ln in text.splitlines() if "isa:" in ln), None)
+
+
+def worker(way: str, args) -> None:
+    """Times every shape in this process (its environment already set) and emits the GFLOP/s
+    with the oneDNN kernels it ran; oneDNN's verbose lines go to a file, not to the result."""
+    framework = WAYS[way][0]
+    texts: List[str] = []
+    with onednn_log(texts):
+        rows = measure(framework, shapes(args.variant, args.batch_size, args.quick), args.repeats)
+        version = _version(framework)
+    text = texts[0]
     common.emit({"case": way, "framework": framework, "version": version, "results": rows,
-                 "kernels": kernels_by_dtype(text), "kernel_ms": kernel_ms_by_phase(text), "onednn_isa": isa,
+                 "kernels": kernels_by_dtype(text), "kernel_ms": kernel_ms_by_phase(text), "onednn_isa": onednn_isa(text),
                  "env": {k: v for k, v in WAYS[way][1].items() if k != "JAX_PLATFORMS"}})
 
 

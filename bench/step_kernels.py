@@ -29,7 +29,6 @@ import collections
 import functools
 import os
 import sys
-import tempfile
 import time
 from typing import Dict, List
 
@@ -37,7 +36,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench import common  # noqa: E402
-from bench.gemm_ways import _exec_line  # noqa: E402
+from bench.gemm_ways import _exec_line, onednn_isa, onednn_log  # noqa: E402
 
 CASES = ("default", "scoped", "timm-bf16", "timm-bf16-unfused")
 MARK = "keras_vit_step_kernels,steps\n"  # into the oneDNN log before the counted steps
@@ -81,29 +80,19 @@ def census(text: str, steps: int) -> Dict[str, object]:
 
 def worker(case: str, args) -> None:
     """Builds and warms the case's step, then runs `--steps` with oneDNN's verbose log going to a file."""
-    log = tempfile.TemporaryFile(mode="w+")
-    saved = os.dup(1)
-    sys.stdout.flush()
-    os.dup2(log.fileno(), 1)
-    try:
+    texts: List[str] = []
+    with onednn_log(texts):
         step = _step(case, args)
         for _ in range(args.warmup):
             step()
         sys.stdout.write(MARK)
-        sys.stdout.flush()
+        sys.stdout.flush()  # before oneDNN's next line, which it writes to the descriptor itself
         start = time.perf_counter()
         for _ in range(args.steps):
             step()
         wall = (time.perf_counter() - start) / args.steps
-    finally:
-        sys.stdout.flush()
-        os.dup2(saved, 1)
-        os.close(saved)
-    log.seek(0)
-    text = log.read()
-    isa = next((ln.split("isa:", 1)[1].strip().strip(",") for ln in text.splitlines() if "isa:" in ln), None)
-    common.emit({"case": case, "onednn_isa": isa, "verbose_wall_ms": round(wall * 1000, 1),
-                 **census(text, args.steps)})
+    common.emit({"case": case, "onednn_isa": onednn_isa(texts[0]), "verbose_wall_ms": round(wall * 1000, 1),
+                 **census(texts[0], args.steps)})
 
 
 def _args(argv=None):
