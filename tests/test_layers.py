@@ -91,6 +91,18 @@ def test_training_patch_embedding_is_one_gemm_with_the_convs_values_and_gradient
     mixed(x, training=False)
     layer(x, training=True)
     assert taken == [1]
+    conv = mixed.projection
+
+    class Quantized:  # what the layer reads of a quantized Conv2D (Keras 3.15 cannot quantize one; later ones can)
+        quantization_mode = "int8"
+
+        def __call__(self, images):
+            taken.append("conv")
+            return conv(images)
+
+    monkeypatch.setattr(mixed, "projection", Quantized())
+    mixed(x, training=True)
+    assert taken == [1, "conv"]  # its own (quantized) call, in training too
 
 
 def test_class_token_is_prepended_and_zero_initialised(rng):

@@ -35,7 +35,8 @@ class PatchEmbedding(layers.Layer):
         self.built = True
 
     def call(self, images, training=None):
-        if half_precision_tf_training(images, training) and None not in images.shape[1:3]:
+        if (half_precision_tf_training(images, training) and None not in images.shape[1:3]
+                and self.projection.quantization_mode is None):  # a quantized Conv2D keeps its own call
             x = self._patches_times_kernel(images)
         else:
             x = self.projection(images)
