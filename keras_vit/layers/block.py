@@ -151,9 +151,6 @@ def _swiglu(h, mlp_dim: int):
     return ops.silu(h[:, :mlp_dim]) * h[:, mlp_dim:]
 
 
-_input_gradient_pays = half_precision_tf_training  # where the activations' recomputed gradients are used
-
-
 def gelu(x, approximate: bool = True, training=None):
     """`ops.gelu`; in bf16/fp16 training on TensorFlow, the form with the cheaper gradient above.
 
@@ -162,7 +159,7 @@ def gelu(x, approximate: bool = True, training=None):
     file, keeps `ops.gelu`'s graph, which onnxruntime and the TFLite converter fuse; JAX and
     torch keep their own autodiff of it.
     """
-    if _input_gradient_pays(x, training):
+    if half_precision_tf_training(x, training):
         return _gelu_with_input_gradient(approximate, lambda: fused_elementwise(training, x.dtype))(x)
     return ops.gelu(x, approximate=approximate)
 
@@ -173,7 +170,7 @@ def activate(x, activation: str = "gelu", approximate: bool = True, training=Non
     onnxruntime's QuickGelu fusion reads (the constant first crashes it). Bf16/fp16 training on
     TensorFlow takes the recomputed-gradient form, as the GELU does."""
     if activation == "quick_gelu":
-        if _input_gradient_pays(x, training):
+        if half_precision_tf_training(x, training):
             return _quick_gelu_with_input_gradient(lambda: fused_elementwise(training, x.dtype))(x)
         return _quick_gelu(x)
     return gelu(x, approximate, training)
@@ -182,7 +179,7 @@ def activate(x, activation: str = "gelu", approximate: bool = True, training=Non
 def swiglu(h, mlp_dim: int, training=None):
     """silu(h[:, :mlp_dim]) * h[:, mlp_dim:] on (tokens, 2 mlp_dim); bf16/fp16 training on TensorFlow
     takes the recomputed-gradient form, as the GELU does."""
-    if _input_gradient_pays(h, training):
+    if half_precision_tf_training(h, training):
         return _swiglu_with_input_gradient(mlp_dim, lambda: fused_elementwise(training, h.dtype))(h)
     return _swiglu(h, mlp_dim)
 
