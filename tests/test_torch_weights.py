@@ -249,6 +249,63 @@ def test_hf_offline_is_one_clear_line(offline_hub):
     assert "\n" not in msg and "hf://google/vit-tiny-test" in msg and "offline" in msg
 
 
+@pytest.fixture
+def no_network(tmp_path, monkeypatch):
+    """A machine without a network and without HF_HUB_OFFLINE set: no host takes a connection, and
+    huggingface_hub's own metadata request fails the test (it would retry for about 25 s)."""
+    from keras_vit.weights import checkpoints
+
+    for name in checkpoints._PROXY_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+
+    def refuse(*args, **kwargs):
+        raise OSError("[Errno -2] Name or service not known")
+
+    def no_request(*args, **kwargs):
+        raise AssertionError("huggingface_hub asked the network")
+
+    monkeypatch.setattr("socket.create_connection", refuse)
+    monkeypatch.setattr("huggingface_hub.file_download.get_hf_file_metadata", no_request)
+
+
+def test_hf_without_network_reads_the_cache_or_says_one_line_at_once(no_network, tmp_path):
+    """Offline without HF_HUB_OFFLINE: a cached file is read without asking the Hub, a missing one is one line."""
+    from keras_vit.weights.checkpoints import hub_file
+
+    _hub_cache(tmp_path, "acme/cached", {"model.safetensors": lambda p: open(p, "wb").write(b"x")})
+    assert hub_file("hf://acme/cached").endswith("model.safetensors")
+    assert hub_file("hf://acme/cached", "config.json", required=False) is None
+    with pytest.raises(ValueError) as err:
+        hub_file("hf://acme/missing")
+    assert "\n" not in str(err.value) and "cannot be reached (offline?)" in str(err.value)
+
+
+def test_hub_reachable_asks_the_host_unless_a_proxy_decides(monkeypatch):
+    from keras_vit.weights import checkpoints
+
+    for name in checkpoints._PROXY_ENV:
+        monkeypatch.delenv(name, raising=False)
+    asked = []
+
+    class Conn:
+        def close(self):
+            pass
+
+    monkeypatch.setattr("socket.create_connection", lambda address, timeout: asked.append(address) or Conn())
+    assert checkpoints.hub_reachable("https://huggingface.co") and asked == [("huggingface.co", 443)]
+    assert checkpoints.hub_reachable("http://mirror.local:8080") and asked[-1] == ("mirror.local", 8080)
+
+    def refuse(*args, **kwargs):
+        raise OSError("unreachable")
+
+    monkeypatch.setattr("socket.create_connection", refuse)
+    assert not checkpoints.hub_reachable("https://huggingface.co")
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.local:3128")  # only the proxy knows: huggingface_hub asks it
+    assert checkpoints.hub_reachable("https://huggingface.co")
+
+
 def test_hf_cached_model_with_config(tmp_path, monkeypatch, images):
     """A cached Hub model loads offline; its config.json gives the heads and the class names."""
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)

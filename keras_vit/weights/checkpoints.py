@@ -11,7 +11,9 @@ import json
 import logging
 import os
 import re
+import socket
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
+from urllib.parse import urlparse
 
 import keras
 import numpy as np
@@ -76,6 +78,23 @@ def _hub_repo(spec: str) -> Tuple[str, str]:
     return "/".join(parts[:2]), "/".join(parts[2:]) or "model.safetensors"
 
 
+_PROXY_ENV = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+
+
+def hub_reachable(endpoint: str, timeout: float = 3.0) -> bool:
+    """Whether the Hub's host takes a TCP connection (or a proxy is set, which then decides). Offline,
+    huggingface_hub tries each file five times over about 25 s, with a warning a try, before it looks in its
+    cache; a cached file is read at once instead, and a missing one is one line."""
+    if any(os.environ.get(name) for name in _PROXY_ENV):
+        return True
+    url = urlparse(endpoint)
+    try:
+        socket.create_connection((url.hostname, url.port or (80 if url.scheme == "http" else 443)), timeout).close()
+    except (OSError, ValueError):
+        return False
+    return True
+
+
 def hub_file(spec: str, filename: Optional[str] = None, required: bool = True) -> Optional[str]:
     """The local (cached) path of a file of the Hugging Face model `hf://ORG/NAME[/FILE]`;
     one-line ValueError when huggingface_hub is missing, the Hub cannot be reached or the
@@ -83,12 +102,14 @@ def hub_file(spec: str, filename: Optional[str] = None, required: bool = True) -
     repo, default = _hub_repo(spec)
     try:
         import huggingface_hub
+        from huggingface_hub import constants as hf_constants
         from huggingface_hub import errors as hf_errors
     except ImportError:
         raise ValueError(f"weights {spec!r} need huggingface_hub: pip install 'keras-vit[hub]'") from None
     name = filename or default
     try:
-        return huggingface_hub.hf_hub_download(repo, name)
+        offline = hf_constants.HF_HUB_OFFLINE or not hub_reachable(hf_constants.ENDPOINT)
+        return huggingface_hub.hf_hub_download(repo, name, local_files_only=offline)
     except hf_errors.LocalEntryNotFoundError:
         if not required:
             return None
