@@ -25,7 +25,14 @@ Each variant runs in its own process (the `fusible` XLA flags are per process), 
   python -m bench.train_ab --without gelu-gradient --variant B/16 --rounds 3 --steps 6
   python -m bench.train_ab --without ln-gradient --jit scoped
   python -m bench.train_ab --without activation-gradient --option mlp=swiglu --jit scoped
-Prints one line per run and the median of each variant's runs. The training is `model.fit`
+Prints one line per run and the median of each variant's runs.
+
+`--interleave N` instead builds both variants in ONE process (as built first; the change is undone only after its
+training step is traced) and times N pairs of single `train_on_batch` steps, A B B A ...: the VM's drift, which moves
+whole processes by 10-20% from minute to minute, then falls on both sides of every pair alike. Prints the median of
+the N per-pair ratios with its bootstrap 90% interval: a change whose interval excludes 1.0 is resolved.
+  python -m bench.train_ab --without patch-matmul --interleave 60
+The training is `model.fit`
 over a repeated tf.data batch, mixed_bfloat16 + fusible (the `vitcli train` default on a CPU
 with native bf16; `--jit scoped`: the blocks' own XLA scopes instead, layers.fusion), SGD momentum.
 """
@@ -121,9 +128,10 @@ def bf16_training_model(variant: str, batch_size: int, image_size: int = 224, wi
 
 
 def run_one(without: str, variant: str, steps: int, batch_size: int, jit: str = "fusible",
-            options: Optional[dict] = None) -> float:
+            options: Optional[dict] = None, image_size: int = 224) -> float:
     """Median training img/s of `model.fit` (mixed_bfloat16 + `jit`, SGD momentum) in this process."""
-    model, images, labels = bf16_training_model(variant, batch_size, without=without, jit=jit, options=options)
+    model, images, labels = bf16_training_model(variant, batch_size, image_size, without=without, jit=jit,
+                                                options=options)
     import keras
     import tensorflow as tf
 
@@ -140,6 +148,43 @@ def run_one(without: str, variant: str, steps: int, batch_size: int, jit: str = 
 
     model.fit(data, steps_per_epoch=steps, epochs=1, verbose=0, callbacks=[StepTimer()])
     return batch_size / statistics.median(times)
+
+
+def run_interleaved(without: str, variant: str, pairs: int, batch_size: int, jit: str = "fusible",
+                    options: Optional[dict] = None, warmup: int = 5, image_size: int = 224) -> dict:
+    """Both variants in this process, their single steps timed in pairs (A B, then B A, alternately).
+
+    The as-built model is built and its training step traced before `_undo(without)` patches the code, so its
+    traced step keeps the change; the other model is built after. Returns the per-pair ratios
+    (without's step time over as-built's: > 1 means the change is faster), their median with a bootstrap 90%
+    interval, and each variant's median img/s."""
+    import numpy as np
+
+    built, images, labels = bf16_training_model(variant, batch_size, image_size, jit=jit, options=options)
+    for _ in range(warmup):  # traces (and XLA-compiles) the as-built step before anything is undone
+        built.train_on_batch(images, labels)
+    other, _, _ = bf16_training_model(variant, batch_size, image_size, without=without, jit=jit, options=options)
+    for _ in range(warmup):
+        other.train_on_batch(images, labels)
+
+    def step(model) -> float:
+        start = time.perf_counter()
+        model.train_on_batch(images, labels)
+        return time.perf_counter() - start
+
+    times = {"as-built": [], "without": []}
+    for i in range(pairs):
+        order = (("as-built", built), ("without", other)) if i % 2 == 0 else (("without", other), ("as-built", built))
+        for name, model in order:
+            times[name].append(step(model))
+    a, b = np.array(times["as-built"]), np.array(times["without"])
+    ratios = b / a
+    rng = np.random.default_rng(0)
+    boot = np.median(rng.choice(ratios, (2000, ratios.size)), axis=1)
+    return {"pairs": pairs, "ratio_median": float(np.median(ratios)),
+            "ratio_90": [float(np.quantile(boot, 0.05)), float(np.quantile(boot, 0.95))],
+            "as_built_img_s": float(batch_size / np.median(a)), "without_img_s": float(batch_size / np.median(b)),
+            "ratios": [round(float(r), 4) for r in ratios]}
 
 
 def _options(parser: argparse.ArgumentParser, given: List[str]) -> dict:
@@ -166,17 +211,29 @@ def main() -> None:
     parser.add_argument("--variant", default="Ti/16")
     parser.add_argument("--steps", type=int, default=15)
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--jit", choices=["fusible", "scoped"], default="fusible",
                         help="fusible: TensorFlow's auto-clustering (vitcli train's default); scoped: the blocks' scopes")
     parser.add_argument("--option", action="append", default=[], metavar="NAME=VALUE",
                         help="a ViT option for both variants, e.g. mlp=swiglu or activation=quick_gelu (repeatable)")
+    parser.add_argument("--interleave", type=int, default=0, metavar="N",
+                        help="both variants in one process, N pairs of single steps (ABBA); instead of --rounds")
     parser.add_argument("--child", choices=["as-built", "without"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     options = _options(parser, args.option)
+    label = ", ".join([args.jit] + args.option)
+    if args.interleave:
+        r = run_interleaved(args.without, args.variant, args.interleave, args.batch_size, args.jit, options,
+                            image_size=args.image_size)
+        lo, hi = r["ratio_90"]
+        print(f"{args.variant} ({label}), {r['pairs']} interleaved pairs of steps: as built {r['as_built_img_s']:.2f} "
+              f"img/s, without {args.without} {r['without_img_s']:.2f}: {r['ratio_median']:.3f}x "
+              f"(90% interval {lo:.3f}-{hi:.3f}; {'resolved' if lo > 1 or hi < 1 else 'not resolved'})")
+        return
     if args.child:
         img_s = run_one(args.without if args.child == "without" else "", args.variant, args.steps, args.batch_size,
-                        args.jit, options)
+                        args.jit, options, args.image_size)
         print("IMG_S", img_s)
         return
     results = {"as-built": [], "without": []}
@@ -184,7 +241,8 @@ def main() -> None:
         for name in results:
             out = subprocess.run([sys.executable, "-m", "bench.train_ab", "--child", name, "--without", args.without,
                                   "--variant", args.variant, "--steps", str(args.steps),
-                                  "--batch-size", str(args.batch_size), "--jit", args.jit]
+                                  "--batch-size", str(args.batch_size), "--image-size", str(args.image_size),
+                                  "--jit", args.jit]
                                  + [f"--option={o}" for o in args.option],
                                  capture_output=True, text=True, check=True)
             img_s = float(next(line for line in out.stdout.splitlines() if line.startswith("IMG_S")).split()[1])
@@ -192,7 +250,6 @@ def main() -> None:
             print(f"round {r + 1} {name if name == 'as-built' else 'without ' + args.without}: {img_s:.2f} img/s",
                   flush=True)
     built, without = (statistics.median(results[k]) for k in ("as-built", "without"))
-    label = ", ".join([args.jit] + args.option)
     print(f"{args.variant} ({label}): as built {built:.2f} img/s, without {args.without} {without:.2f}: {built / without:.3f}x")
 
 
