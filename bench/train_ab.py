@@ -7,8 +7,6 @@ Changes (`--without`):
   the GELU whose float32 gradient is recomputed from its input, `layers.block.gelu`);
 - `ln-gradient` (with `--jit scoped`): the LayerNorms in an XLA scope with TensorFlow's own gradient,
   op by op (as built, `layers.norm.layer_norm` writes the gradient out in a scope of its own);
-- `softmax-scope` (with `--jit scoped`): the attention softmax, its casts and its gradient op by op
-  (as built, in an XLA scope with the gradient written out, `layers.attention`);
 - `activation-gradient` (with `--option activation=quick_gelu` or `--option mlp=swiglu`): quick_gelu or
   SwiGLU op by op with TensorFlow's own gradient (as built, bf16 training recomputes their float32
   gradient from the input, in the scoped step's XLA scope, `layers.block.activate` / `swiglu`);
@@ -45,7 +43,7 @@ import sys
 import time
 from typing import List, Optional
 
-CHANGES = ("class-token-block", "gelu-gradient", "ln-gradient", "softmax-scope", "activation-gradient",
+CHANGES = ("class-token-block", "gelu-gradient", "ln-gradient", "activation-gradient",
            "relative-gather", "qk-norm-scope", "patch-matmul")
 
 
@@ -70,10 +68,6 @@ def _undo(change: str) -> None:
                 return block.ops.cast(_layer_norm(norm, x), out_dtype)
 
         block.layer_norm = layer_norm
-    elif change == "softmax-scope":
-        import keras_vit.layers.attention as attention
-
-        attention.scoped = lambda training, dtype: False
     elif change == "activation-gradient":
         import keras_vit.layers.block as block
 

@@ -10,7 +10,6 @@ import numpy as np
 from keras import layers, ops
 
 from keras_vit.config import INIT_STD
-from keras_vit.layers.fusion import fused_elementwise, scoped
 from keras_vit.layers.norm import layer_norm
 
 _REG = keras.saving.register_keras_serializable(package="keras_vit")
@@ -30,30 +29,6 @@ def relative_position_index(grid_size: Tuple[int, int], num_prefix_tokens: int) 
         full[num_prefix_tokens:, num_prefix_tokens:] = idx
         idx = full
     return idx.astype("int32")
-
-
-def _scoped_softmax_with_gradient(out_dtype, scope):
-    """Softmax over the last axis in float32, cast to `out_dtype`, with its gradient written out,
-    both in `scope`: in the scoped bf16 training step (layers.fusion) the casts, the softmax and
-    its gradient, dz = p (dp - sum(dp p)), each ran as an op of its own over (B, heads, S, S).
-    ViT-B/16 scoped bf16 step: 1.027x (bench.train_ab --without softmax-scope, Zen 4, BENCHMARKS.md)."""
-
-    @ops.custom_gradient
-    def softmax(logits):
-        with scope():
-            p = ops.softmax(ops.cast(logits, "float32"), axis=-1)
-            y = ops.cast(p, out_dtype)
-
-        def grad(*args, upstream=None):
-            if upstream is None:
-                (upstream,) = args
-            with scope():  # the gradient's ops are made later, outside the forward's scope
-                dp = ops.cast(upstream, "float32")
-                return ops.cast(p * (dp - ops.sum(dp * p, axis=-1, keepdims=True)), logits.dtype)
-
-        return y, grad
-
-    return softmax
 
 
 @_REG
@@ -192,11 +167,10 @@ class MultiHeadSelfAttention(layers.Layer):
             logits = ops.matmul(q, ops.swapaxes(k, -1, -2))  # (B, H, S, S)
             if bias is not None:
                 logits = ops.cast(logits, "float32") + ops.cast(bias, "float32")
-            if not explicit and scoped(training, v.dtype):  # the bf16 training step's XLA scopes (layers.fusion)
-                dropped = _scoped_softmax_with_gradient(v.dtype, lambda: fused_elementwise(training, v.dtype))(logits)
-            else:
-                probs = ops.softmax(ops.cast(logits, "float32"), axis=-1)
-                dropped = self.dropout(probs, training=training) if explicit else probs
+            # float32 softmax, oneDNN's, also in the scoped bf16 step: its XLA scope with a written-out gradient
+            # (until 2026-12-05) measured 0.972-0.980x at Ti/16 and level at S/16 and B/16 (BENCHMARKS.md)
+            probs = ops.softmax(ops.cast(logits, "float32"), axis=-1)
+            dropped = self.dropout(probs, training=training) if explicit else probs
             out = ops.swapaxes(ops.matmul(ops.cast(dropped, v.dtype), v), 1, 2)  # (B, S, H, hd)
             if not return_attention_scores:
                 probs = None
