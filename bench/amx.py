@@ -32,7 +32,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench import common  # noqa: E402
-from bench.amx_table import AMX_FLAGS, TI_ONLY_CASES, TRAIN_CASES, has_amx, markdown  # noqa: E402
+from bench.amx_table import AMX_FLAGS, TRAIN_CASES, has_amx, markdown  # noqa: E402
 
 INFER_CASES = ("onnx", "onnx-static", "tflite-int8", "timm-onnx")
 PACKAGES = ("tensorflow", "keras", "torch", "torchvision", "timm", "onnxruntime", "ai-edge-litert")
@@ -76,8 +76,7 @@ def train_stage(args, out: str, variant: str, budget: float, with_peak: bool = F
     if with_peak:
         argv += ["--cases", "peak", "--rounds", "1"]
     else:
-        cases = TRAIN_CASES + (TI_ONLY_CASES if variant == "Ti/16" else ())
-        argv += ["--cases", ",".join(cases), "--rounds", str(args.rounds), "--budget", f"{max(1.0, budget):.0f}"]
+        argv += ["--cases", ",".join(TRAIN_CASES), "--rounds", str(args.rounds), "--budget", f"{max(1.0, budget):.0f}"]
         if not args.quick:  # B/16: seconds a step (timm fp32 ~20 s on 2 AVX512 cores), so few steps, more rounds
             steps = ("2", "1", "2") if variant == "B/16" else ("10", "5", "2")
             argv += ["--image-size", "224", "--batch-size", "16", "--warmup", steps[0], "--steps", steps[1],

@@ -13,11 +13,6 @@ AMX_FLAGS = ("amx_bf16", "amx_tile", "amx_int8", "avx512_bf16")
 # memory (BENCHMARKS.md, 2026-12-04): which of the two `auto` should pick on AMX is for this table to say.
 TRAIN_CASES = ("default", "tf-bf16-scoped", "notebook", "notebook-bf16", "torch-bf16", "timm", "timm-bf16",
                "timm-bf16-unfused")
-# tf (Ti/16 only: a B/16 fp32 step takes seconds): float32 in graph mode, the matmuls oneDNN's fp32 GEMMs, where the
-# notebook's float32 step is XLA's (its Eigen GEMMs). On the Zen 4 the two are level (22.17 against 22.10 img/s, 3 rounds,
-# 2026-12-05); on the Intel Xeon of issue #25 the notebook's fp32 step was 0.83x timm fp32, so this row says whether
-# `model_jit_compile` should leave XLA there.
-TI_ONLY_CASES = ("tf",)
 # The peer's best path per precision: timm's bf16 step was 1.3x faster with its explicit attention than with
 # torch's fused one on the Zen 4 (fp32: 0.9x), so the bf16 ratios are to the faster of the two.
 TIMM_BEST = {"timm fp32": ("timm",), "timm bf16": ("timm-bf16", "timm-bf16-unfused")}
@@ -201,14 +196,13 @@ def _training(lines: List[str], st: Dict[str, Dict[str, object]], variant: str) 
     by = {r["case"]: r for r in s["results"] if "img_s" in r}
     peaks = _peak_values(st)
     labels = {"default": "`vitcli train` default (`auto`)", "tf-bf16-scoped": "`vitcli train --jit scoped`",
-              "tf": "float32 in graph mode (`--mixed-precision none --jit none`: oneDNN's fp32 GEMMs)",
               "notebook": "notebook: `ViT()`, `compile(optimizer, loss)`, `fit(tf.data)`",
               "notebook-bf16": "notebook after `set_global_policy(\"mixed_bfloat16\")`",
               "torch-bf16": "`KERAS_BACKEND=torch`, `mixed_bfloat16` (eager)",
               "timm": "timm fp32", "timm-bf16": "timm, `torch.autocast(\"cpu\", torch.bfloat16)`",
               "timm-bf16-unfused": "timm bf16 autocast, explicit attention (`set_fused_attn(False)`)"}
     rows = []
-    for case in TRAIN_CASES + TI_ONLY_CASES:
+    for case in TRAIN_CASES:
         r = by.get(case)
         if r is None:
             continue
@@ -221,7 +215,7 @@ def _training(lines: List[str], st: Dict[str, Dict[str, object]], variant: str) 
             best = max((by[c]["img_s"]["median"] for c in cases if c in by and c != case), default=None)
             x[peer] = med / best if best and case not in cases else None
         how = (f"{PRECISION.get(r['precision'], r['precision'])}, {COMPILATION.get(r['jit'], r['jit'])}"
-               if case in ("default", "tf-bf16-scoped", "notebook", "notebook-bf16", "tf") else str(r.get("precision")))
+               if case in ("default", "tf-bf16-scoped", "notebook", "notebook-bf16") else str(r.get("precision")))
         rows.append(f"| {labels[case]} | {how} | **{med:.2f}** | {100 * r['img_s']['spread']:.0f}% | "
                     f"{_fmt(x['timm fp32'])} | {_fmt(x['timm bf16'])} | {gflops:.0f} | "
                     f"{_fmt(100 * gflops / peak if peak else None, '.0f', '%')} {'bf16' if bf16 else 'fp32'} | "
@@ -240,8 +234,9 @@ AUTO_MARGIN = 1.05
 
 
 def _auto_modes(lines: List[str], st: Dict[str, Dict[str, object]]) -> None:
-    """What the training tables say of `auto`'s two TensorFlow CPU modes (keras_vit/precision.py): bf16's `fusible`
-    (the default row) against `scoped`, and the notebook's float32 XLA against graph mode (`tf`, Ti/16 only)."""
+    """What the training tables say of `auto`'s bf16 mode on TensorFlow CPUs (keras_vit/precision.py): `fusible` (the
+    default row) against `scoped`. (Float32's XLA against oneDNN's GEMMs is the GEMM ways stage's fp32 `tf-xla` and
+    `tf-onednn` columns: a training row of its own cost 25-30 s at Ti/16 that the 840 s budget does not have.)"""
     def img_s(variant: str, case: str, jit: Optional[str] = None) -> Optional[float]:
         r = next((r for r in st.get(f"train {variant}", {}).get("results", []) if r["case"] == case and "img_s" in r), None)
         return r["img_s"]["median"] if r and jit in (None, str(r.get("jit"))) else None
@@ -255,12 +250,6 @@ def _auto_modes(lines: List[str], st: Dict[str, Dict[str, object]]) -> None:
         said.append(f"bf16: `scoped` against the default's `fusible` {ratios}: "
                     + ("**scoped is faster at every size measured**: `precision.resolve` should pick it on this kind."
                        if switch else f"not {AUTO_MARGIN:.2f}x or more at every size, so `fusible` stays."))
-    xla, graph = img_s("Ti/16", "notebook"), img_s("Ti/16", "tf")
-    if xla and graph:
-        said.append(f"float32: graph mode (oneDNN's GEMMs) against the notebook's XLA step {graph / xla:.2f}x at Ti/16: "
-                    + ("**graph mode is faster**: `precision.model_jit_compile` and float32 `auto` should leave XLA "
-                       "for models this size on this kind (measure B/16 and the small models first)."
-                       if graph / xla >= AUTO_MARGIN else "XLA stays."))
     if said:
         lines += ["", "**What the training tables say of `auto`'s modes on this kind** (a change needs "
                       f"{AUTO_MARGIN:.2f}x at every size measured): " + " ".join(said)]
