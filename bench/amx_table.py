@@ -241,18 +241,16 @@ def _auto_modes(lines: List[str], st: Dict[str, Dict[str, object]]) -> None:
         r = next((r for r in st.get(f"train {variant}", {}).get("results", []) if r["case"] == case and "img_s" in r), None)
         return r["img_s"]["median"] if r and jit in (None, str(r.get("jit"))) else None
 
-    said = []
     pairs = {v: (img_s(v, "tf-bf16-scoped"), img_s(v, "default", jit="fusible")) for v in ("Ti/16", "B/16")}
     pairs = {v: p for v, p in pairs.items() if None not in p}
-    if pairs:
-        ratios = ", ".join(f"{v} {a / b:.2f}x" for v, (a, b) in pairs.items())
-        switch = all(a / b >= AUTO_MARGIN for a, b in pairs.values())
-        said.append(f"bf16: `scoped` against the default's `fusible` {ratios}: "
-                    + ("**scoped is faster at every size measured**: `precision.resolve` should pick it on this kind."
-                       if switch else f"not {AUTO_MARGIN:.2f}x or more at every size, so `fusible` stays."))
-    if said:
-        lines += ["", "**What the training tables say of `auto`'s modes on this kind** (a change needs "
-                      f"{AUTO_MARGIN:.2f}x at every size measured): " + " ".join(said)]
+    if not pairs:
+        return
+    ratios = ", ".join(f"{v} {a / b:.2f}x" for v, (a, b) in pairs.items())
+    switch = all(a / b >= AUTO_MARGIN for a, b in pairs.values())
+    lines += ["", "**What the training tables say of `auto`'s modes on this kind** (a change needs "
+                  f"{AUTO_MARGIN:.2f}x at every size measured): bf16: `scoped` against the default's `fusible` {ratios}: "
+                  + ("**scoped is faster at every size measured**: `precision.resolve` should pick it on this kind."
+                     if switch else f"not {AUTO_MARGIN:.2f}x or more at every size, so `fusible` stays.")]
 
 
 def _profile(lines: List[str], st: Dict[str, Dict[str, object]]) -> None:

@@ -14,6 +14,7 @@ import re
 import socket
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
 from urllib.parse import urlparse
+from urllib.request import getproxies
 
 import keras
 import numpy as np
@@ -78,14 +79,11 @@ def _hub_repo(spec: str) -> Tuple[str, str]:
     return "/".join(parts[:2]), "/".join(parts[2:]) or "model.safetensors"
 
 
-_PROXY_ENV = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
-
-
 def hub_reachable(endpoint: str, timeout: float = 3.0) -> bool:
     """Whether the Hub's host takes a TCP connection (or a proxy is set, which then decides). Offline,
     huggingface_hub tries each file five times over about 25 s, with a warning a try, before it looks in its
     cache; a cached file is read at once instead, and a missing one is one line."""
-    if any(os.environ.get(name) for name in _PROXY_ENV):
+    if any(getproxies().get(scheme) for scheme in ("https", "http", "all")):  # the *_proxy variables, either case
         return True
     url = urlparse(endpoint)
     try:
