@@ -17,7 +17,9 @@ Changes (`--without`):
   with TensorFlow's gradient (as built, in the scoped step's XLA scope with the gradient written out,
   as the block's own LayerNorms, `layers.norm.layer_norm`);
 - `patch-matmul`: the patch embedding's Conv2D in bf16 training too (as built, bf16/fp16 training on
-  TensorFlow runs it as one GEMM of the patches, `layers.embedding.PatchEmbedding._patches_times_kernel`).
+  TensorFlow runs it as one GEMM of the patches, `layers.embedding.PatchEmbedding._patches_times_kernel`);
+- `bias-after-reshape`: every GEMM's bias added right after it, which grappler fuses into oneDNN's inner product
+  (as built, bf16/fp16 training adds it after a reshape and the GEMM stays a MatMul, `layers.fusion.bias_after_reshape`).
 
 Each variant runs in its own process (the `fusible` XLA flags are per process), alternately:
   python -m bench.train_ab --without gelu-gradient --variant B/16 --rounds 3 --steps 6
@@ -44,7 +46,7 @@ import time
 from typing import List, Optional
 
 CHANGES = ("class-token-block", "gelu-gradient", "ln-gradient", "activation-gradient",
-           "relative-gather", "qk-norm-scope", "patch-matmul")
+           "relative-gather", "qk-norm-scope", "patch-matmul", "bias-after-reshape")
 
 
 def _undo(change: str) -> None:
@@ -93,6 +95,14 @@ def _undo(change: str) -> None:
         from keras_vit.layers.embedding import PatchEmbedding
 
         PatchEmbedding._patches_times_kernel = lambda self, images: self.projection(images)
+    elif change == "bias-after-reshape":
+        import keras_vit.layers.attention as attention
+        import keras_vit.layers.block as block
+        import keras_vit.layers.embedding as embedding
+
+        attention.separate_bias = block.separate_bias = lambda x, training=None: False
+        embedding.bias_after_reshape = lambda y, shape, bias: embedding.ops.reshape(
+            y + embedding.ops.cast(bias, y.dtype), shape)
 
 
 def bf16_training_model(variant: str, batch_size: int, image_size: int = 224, without: str = "",

@@ -257,3 +257,84 @@ def test_a_run_with_jit_none_or_scoped_switches_the_scopes_for_its_duration(monk
     with _speed_settings("mixed_bfloat16", "scoped"):
         assert os.environ[SCOPES_ENV] == "1" and "--tf_xla_auto_jit" not in os.environ.get("TF_XLA_FLAGS", "")
     assert os.environ[SCOPES_ENV] == "0"
+
+
+def _matmul_consumers(graph) -> list:
+    """The op types that read a MatMul's output directly, over a graph."""
+    return [c.type for op in graph.get_operations() if op.type == "MatMul" for c in op.outputs[0].consumers()]
+
+
+@pytest.mark.parametrize("options,call", SCOPED_OPTIONS, ids=lambda o: ",".join(o) or "-")
+def test_bf16_training_adds_no_bias_right_after_a_gemm(monkeypatch, options, call):
+    """Bf16 training on TensorFlow adds each GEMM's bias after a reshape (layers.fusion.bias_after_reshape): no
+    MatMul of the step feeds an add directly, which grappler would fuse into oneDNN's inner product (gemm:jit, not
+    the AMX brg_matmul). Values and gradients are float32's within bf16 rounding, as the plain form's are, for
+    every block option; inference (so every export) keeps MatMul + Add."""
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    import keras_vit.layers.attention as attention
+    import keras_vit.layers.block as block_module
+    from keras_vit.layers.block import TransformerBlock
+
+    monkeypatch.setenv("TF_XLA_FLAGS", "")
+    monkeypatch.setenv("KERAS_VIT_BIAS_APART", "1")  # as on an AMX CPU, on any CPU
+    rng = np.random.default_rng(1)
+    x = tf.constant(rng.normal(size=(2, 5, 8)), tf.float32)
+    block, reference = (TransformerBlock(num_heads=2, mlp_dim=16, dtype=keras.mixed_precision.Policy(p), **options)
+                        for p in ("mixed_bfloat16", "float32"))
+    block(x)
+    reference(x)
+    for v in block.trainable_variables:
+        v.assign(rng.normal(size=v.shape) * 0.5)
+    reference.set_weights(block.get_weights())
+    weights = tf.constant(rng.normal(size=block(x, **call).shape), tf.float32)
+
+    def traced(layer, training=True):
+        @tf.function
+        def step(t):
+            with tf.GradientTape() as tape:
+                tape.watch(t)
+                y = layer(t, training=training, **call)
+                loss = tf.reduce_sum(tf.cast(y, tf.float32) * weights)
+            return [y] + tape.gradient(loss, [t] + layer.trainable_variables)
+
+        return step(x), _matmul_consumers(step.get_concrete_function(x).graph)
+
+    adds = {"Add", "AddV2", "BiasAdd"}
+    (separate, consumers), (exact, _) = traced(block), traced(reference)
+    assert consumers and not adds & set(consumers), consumers
+    assert adds & set(traced(block, training=False)[1])
+    for module in (attention, block_module):
+        monkeypatch.setattr(module, "separate_bias", lambda t, training=None: False)
+    plain, fused_consumers = traced(block)
+    assert adds & set(fused_consumers)
+    # Some gradients are zero in exact arithmetic, rounding noise here: key_bias's (measured against key_kernel's,
+    # as in test_scoped_gradients_...) and relative_embedding's with the class token alone (against a hundredth
+    # of the largest)
+    names = ["output", "input"] + [v.path for v in block.trainable_variables]
+    norms = {n: float(tf.norm(e)) for n, e in zip(names, exact)}
+    for name, a, b, e in zip(names, separate, plain, exact):
+        scale = max(norms[name.replace("key_bias", "key_kernel")], 1e-2 * max(norms.values()))
+        for got in (a, b):
+            assert float(tf.norm(tf.cast(got, tf.float32) - e)) <= 3e-2 * scale, name
+
+
+def test_bias_apart_only_in_bf16_tensorflow_training_on_amx_unless_forced(monkeypatch):
+    """layers.fusion.separate_bias: on where it was measured (bf16/fp16 TensorFlow training on an AMX CPU),
+    KERAS_VIT_BIAS_APART=1/0 forcing it either way; never in float32 or at inference."""
+    import keras
+
+    from keras_vit.layers import fusion
+
+    monkeypatch.delenv(fusion.BIAS_APART_ENV, raising=False)
+    bf16, fp32 = keras.ops.ones((2, 3), "bfloat16"), keras.ops.ones((2, 3), "float32")
+    for amx in (True, False):
+        monkeypatch.setattr(fusion, "_on_amx_cpu", lambda amx=amx: amx)
+        assert fusion.separate_bias(bf16, True) is amx
+        assert not fusion.separate_bias(bf16, False) and not fusion.separate_bias(fp32, True)
+        for forced in ("1", "0"):
+            monkeypatch.setenv(fusion.BIAS_APART_ENV, forced)
+            assert fusion.separate_bias(bf16, True) is (forced == "1") and not fusion.separate_bias(fp32, True)
+        monkeypatch.delenv(fusion.BIAS_APART_ENV)

@@ -10,6 +10,7 @@ import numpy as np
 from keras import layers, ops
 
 from keras_vit.config import INIT_STD
+from keras_vit.layers.fusion import bias_after_reshape, separate_bias
 from keras_vit.layers.norm import layer_norm
 
 _REG = keras.saving.register_keras_serializable(package="keras_vit")
@@ -93,7 +94,7 @@ class MultiHeadSelfAttention(layers.Layer):
         self.dropout.build((None, h, None, None))
         self.built = True
 
-    def _qkv(self, x, scale: float):
+    def _qkv(self, x, scale: float, training=None):
         """q (pre-scaled by `scale`), k, v as (B, heads, S, head_dim) from ONE (D, 3D) matmul.
 
         The three official (D, heads, head_dim) kernels stay the stored weights; they are
@@ -115,7 +116,10 @@ class MultiHeadSelfAttention(layers.Layer):
             bias = ops.concatenate([ops.reshape(self.query_bias, (flat,)) * scale,
                                     ops.reshape(self.key_bias, (flat,)),
                                     ops.reshape(self.value_bias, (flat,))], axis=-1)
-            qkv = qkv + ops.cast(bias, x.dtype)
+            if separate_bias(x, training):  # the GEMM stays AMX's (layers.fusion)
+                qkv = bias_after_reshape(qkv, (-1, seq, 3 * flat), bias)
+            else:
+                qkv = qkv + ops.cast(bias, x.dtype)
         # Heads-major (3, B, heads, S, head_dim): the attention products are plain batched GEMMs.
         qkv = ops.transpose(ops.reshape(qkv, (-1, seq, 3, h, hd)), (2, 0, 3, 1, 4))
         # unstack, not qkv[0]/[1]/[2]: TF differentiates three strided slices as three
@@ -146,7 +150,7 @@ class MultiHeadSelfAttention(layers.Layer):
         """(B, S, D) -> (B, S, D); with `num_queries` n, only the first n tokens attend (to all S)
         and the result is (B, n, D): what a class-token head reads of the last block."""
         scale = 1.0 / math.sqrt(self.head_dim)
-        q, k, v = self._qkv(x, 1.0 if self.qk_norm else scale)  # q carries the softmax scale
+        q, k, v = self._qkv(x, 1.0 if self.qk_norm else scale, training)  # q carries the softmax scale
         if num_queries is not None:
             q = q[:, :, :num_queries]
         if self.qk_norm:  # LN(q) scaled, LN(k): the scale cannot be folded into the kernel
@@ -178,8 +182,11 @@ class MultiHeadSelfAttention(layers.Layer):
         seq = out.shape[1] if out.shape[1] is not None else ops.shape(out)[1]
         # (B*S, heads*head_dim) @ (heads*head_dim, D): one GEMM, same weights as the 4-D einsum.
         kernel = ops.reshape(ops.cast(self.out_kernel, out.dtype), (d, d))
-        y = ops.matmul(ops.reshape(out, (-1, d)), kernel) + ops.cast(self.out_bias, out.dtype)
-        y = ops.reshape(y, (-1, seq, d))
+        y = ops.matmul(ops.reshape(out, (-1, d)), kernel)
+        if separate_bias(out, training):  # the GEMM stays AMX's (layers.fusion)
+            y = bias_after_reshape(y, (-1, seq, d), self.out_bias)
+        else:
+            y = ops.reshape(y + ops.cast(self.out_bias, out.dtype), (-1, seq, d))
         if return_attention_scores:
             return y, probs
         return y

@@ -10,7 +10,7 @@ import keras
 from keras import layers, ops
 
 from keras_vit.layers.attention import MultiHeadSelfAttention
-from keras_vit.layers.fusion import fused_elementwise, half_precision_tf_training
+from keras_vit.layers.fusion import fused_elementwise, half_precision_tf_training, separate_bias
 from keras_vit.layers.norm import layer_norm
 
 _REG = keras.saving.register_keras_serializable(package="keras_vit")
@@ -130,12 +130,12 @@ def _swiglu_with_input_gradient(mlp_dim: int, scope=contextlib.nullcontext):
                 (upstream,) = args
             with scope():
                 g = ops.cast(upstream, "float32")
-                a, b = ops.cast(h[:, :mlp_dim], "float32"), ops.cast(h[:, mlp_dim:], "float32")
+                a, b = ops.cast(h[..., :mlp_dim], "float32"), ops.cast(h[..., mlp_dim:], "float32")
                 s = ops.sigmoid(a)
                 return ops.cast(ops.concatenate([g * b * s * (1.0 + a * (1.0 - s)), g * a * s], axis=-1), h.dtype)
 
         with scope():
-            a, b = ops.cast(h[:, :mlp_dim], "float32"), ops.cast(h[:, mlp_dim:], "float32")
+            a, b = ops.cast(h[..., :mlp_dim], "float32"), ops.cast(h[..., mlp_dim:], "float32")
             return ops.cast(ops.silu(a) * b, h.dtype), grad
 
     return swiglu
@@ -148,7 +148,7 @@ def _quick_gelu(x):
 
 def _swiglu(h, mlp_dim: int):
     """SwiGLU op by op in h's dtype: silu of the first half times the second."""
-    return ops.silu(h[:, :mlp_dim]) * h[:, mlp_dim:]
+    return ops.silu(h[..., :mlp_dim]) * h[..., mlp_dim:]
 
 
 def gelu(x, approximate: bool = True, training=None):
@@ -177,7 +177,7 @@ def activate(x, activation: str = "gelu", approximate: bool = True, training=Non
 
 
 def swiglu(h, mlp_dim: int, training=None):
-    """silu(h[:, :mlp_dim]) * h[:, mlp_dim:] on (tokens, 2 mlp_dim); bf16/fp16 training on TensorFlow
+    """silu(h[..., :mlp_dim]) * h[..., mlp_dim:] on (..., 2 mlp_dim); bf16/fp16 training on TensorFlow
     takes the recomputed-gradient form, as the GELU does."""
     if half_precision_tf_training(h, training):
         return _swiglu_with_input_gradient(mlp_dim, lambda: fused_elementwise(training, h.dtype))(h)
@@ -218,16 +218,18 @@ class MlpBlock(layers.Layer):
         # The Dense layers run on (tokens, features): a rank-2 input is a plain GEMM (rank 3 would
         # be tf.tensordot, whose shape ops land in exported graphs). Calling the layers, not their
         # kernels, keeps what Keras adds to them working: model.quantize(...) and enable_lora.
+        # Bf16/fp16 training on TensorFlow keeps rank 3: tensordot's reshape comes before the bias (layers.fusion).
         d = x.shape[-1]
         shape = tuple(x.shape) if all(n is not None for n in x.shape[1:]) else ops.shape(x)
-        h = self.dense_0(ops.reshape(x, (-1, d)))
+        rank_2 = not separate_bias(x, training)
+        h = self.dense_0(ops.reshape(x, (-1, d)) if rank_2 else x)
         if self.kind == "swiglu":
             h = swiglu(h, self.mlp_dim, training)
         else:
             h = activate(h, self.activation, self.gelu_approximate, training)
         h = self.dropout(h, training=training)
         h = self.dense_1(h)
-        out = ops.reshape(h, (-1,) + tuple(shape[1:]) if isinstance(shape, tuple) else shape)
+        out = ops.reshape(h, (-1,) + tuple(shape[1:]) if isinstance(shape, tuple) else shape) if rank_2 else h
         return self.dropout(out, training=training)
 
     def compute_output_shape(self, input_shape):

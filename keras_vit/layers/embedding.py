@@ -10,7 +10,7 @@ import numpy as np
 from keras import layers, ops
 
 from keras_vit.config import INIT_STD
-from keras_vit.layers.fusion import half_precision_tf_training
+from keras_vit.layers.fusion import bias_after_reshape, half_precision_tf_training
 
 _REG = keras.saving.register_keras_serializable(package="keras_vit")
 
@@ -60,7 +60,7 @@ class PatchEmbedding(layers.Layer):
         patches = ops.reshape(ops.transpose(x, (0, 1, 3, 2, 4, 5)), (-1, ph * pw * c))
         y = ops.matmul(patches, ops.reshape(ops.cast(conv.kernel, images.dtype), (ph * pw * c, self.hidden_size)))
         if conv.use_bias:
-            y = y + ops.cast(conv.bias, images.dtype)
+            return bias_after_reshape(y, (-1, gh, gw, self.hidden_size), conv.bias)
         return ops.reshape(y, (-1, gh, gw, self.hidden_size))
 
     def compute_output_shape(self, input_shape):

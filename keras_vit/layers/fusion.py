@@ -7,9 +7,11 @@ softmax stays oneDNN's float32 one: in a scope it measured 0.972-0.980x at Ti/16
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 
 import keras
+from keras import ops
 
 # "0" turns the scopes off: `vitcli train --jit none` sets it for its run (no XLA at all, as asked);
 # a notebook that wants plain graph mode sets it before its first step is traced.
@@ -53,3 +55,37 @@ def half_precision_tf_training(x, training) -> bool:
     blocks' activations (layers.block) and of the patch embedding (layers.embedding) are used."""
     return bool(training and keras.backend.backend() == "tensorflow"
                 and keras.backend.standardize_dtype(x.dtype) != "float32")
+
+
+# "1" / "0" forces `separate_bias` on / off on any hardware (to measure it where `auto` leaves it off).
+BIAS_APART_ENV = "KERAS_VIT_BIAS_APART"
+
+
+@functools.cache
+def _on_amx_cpu() -> bool:
+    """TensorFlow on a CPU with AMX-BF16 (no GPU): where `bias_after_reshape` was measured to pay."""
+    from keras_vit import precision
+
+    return not precision.has_accelerator("tensorflow") and precision.cpu_bf16_feature() == "amx_bf16"
+
+
+def separate_bias(x, training) -> bool:
+    """Whether the GEMMs on `x` add their bias after a reshape (`bias_after_reshape`, see there): in bf16/fp16
+    training on TensorFlow on an AMX CPU; the MLP's Dense layers then run on rank-3 inputs (tf.tensordot's
+    reshapes). Elsewhere it is unmeasured: the AMD kind, and GPUs (whose fused bias is cuBLAS's epilogue)."""
+    if not half_precision_tf_training(x, training):
+        return False
+    forced = os.environ.get(BIAS_APART_ENV)
+    return forced == "1" if forced in ("0", "1") else _on_amx_cpu()
+
+
+def bias_after_reshape(y, shape, bias):
+    """`ops.reshape(y, shape) + bias` for a GEMM output `y`, where `separate_bias`.
+
+    Why: grappler fuses a MatMul followed directly by its bias add into `_MklFusedMatMul`, whose oneDNN inner
+    product in bf16 (TensorFlow 2.21's oneDNN 3.7.3, with the plain weights TensorFlow hands it) runs `gemm:jit`,
+    not the AMX `brg_matmul` a lone MatMul gets: 2.83 against 1.89 ms for a Ti/16 MLP-in GEMM on the AMX Xeon,
+    91.5 of a Ti/16 step's 222 oneDNN ms (BENCHMARKS.md, 2026-12-05). A Reshape between them leaves the MatMul
+    alone, and the add goes with the element-wise work after it. Inference, and so every export, keeps MatMul + Add.
+    """
+    return ops.reshape(y, shape) + ops.cast(bias, y.dtype)
