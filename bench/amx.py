@@ -32,7 +32,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench import common  # noqa: E402
-from bench.amx_table import AMX_FLAGS, TRAIN_CASES, has_amx, markdown  # noqa: E402
+from bench.amx_table import AMX_FLAGS, has_amx, markdown, train_cases  # noqa: E402
 
 INFER_CASES = ("onnx", "onnx-static", "tflite-int8", "timm-onnx")
 PACKAGES = ("tensorflow", "keras", "torch", "torchvision", "timm", "onnxruntime", "ai-edge-litert")
@@ -66,6 +66,13 @@ def run_stage(record: Dict[str, object], name: str, fn) -> None:
                               **result}
 
 
+def _default_jit() -> str:
+    """The jit mode `vitcli train`'s default resolves to on this machine for a step as large as the table's."""
+    from keras_vit import precision
+
+    return precision.resolve("auto", "auto", 1e3, "tensorflow", precision.detect_hardware("tensorflow")).jit_compile
+
+
 def train_stage(args, out: str, variant: str, budget: float, with_peak: bool = False) -> Dict[str, object]:
     """bench.train on `variant` (or its `peak` case alone): the JSON it writes, read back."""
     from bench import train
@@ -76,7 +83,8 @@ def train_stage(args, out: str, variant: str, budget: float, with_peak: bool = F
     if with_peak:
         argv += ["--cases", "peak", "--rounds", "1"]
     else:
-        argv += ["--cases", ",".join(TRAIN_CASES), "--rounds", str(args.rounds), "--budget", f"{max(1.0, budget):.0f}"]
+        argv += ["--cases", ",".join(train_cases(_default_jit())), "--rounds", str(args.rounds),
+                 "--budget", f"{max(1.0, budget):.0f}"]
         if not args.quick:  # B/16: seconds a step (timm fp32 ~20 s on 2 AVX512 cores), so few steps, more rounds
             steps = ("2", "1", "2") if variant == "B/16" else ("10", "5", "2")
             argv += ["--image-size", "224", "--batch-size", "16", "--warmup", steps[0], "--steps", steps[1],

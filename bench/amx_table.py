@@ -2,17 +2,25 @@
 at Ti/16 and B/16 beside timm, inference), ready to paste into BENCHMARKS.md."""
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from bench.gemm_ways import time_shares
 
 AMX_FLAGS = ("amx_bf16", "amx_tile", "amx_int8", "avx512_bf16")
 # torch-bf16: keras-vit on Keras' PyTorch backend in mixed_bfloat16, whose matmuls are torch's own oneDNN ones (the
 # kernels timm-bf16 runs): the way in to AMX should TensorFlow's oneDNN not take it.
-# tf-bf16-scoped: `--jit scoped`, on the AMD Zen 4 as fast as the default's fusible at Ti/16 and B/16 with 17-23% less
-# memory (BENCHMARKS.md, 2026-12-04): which of the two `auto` should pick on AMX is for this table to say.
-TRAIN_CASES = ("default", "tf-bf16-scoped", "notebook", "notebook-bf16", "torch-bf16", "timm", "timm-bf16",
+# tf-bf16 / tf-bf16-scoped: `--jit fusible` / `--jit scoped`, the two bf16 modes of `auto` (fusible on the AMD kind,
+# scoped on AMX from this table, 2026-12-05); the one the default runs is left out (train_cases).
+TRAIN_CASES = ("default", "tf-bf16", "tf-bf16-scoped", "notebook", "notebook-bf16", "torch-bf16", "timm", "timm-bf16",
                "timm-bf16-unfused")
+# The explicit case that repeats the default where `auto` picks that bf16 mode (fusible; scoped on AMX since 2026-12-05)
+MODE_CASES = {"fusible": "tf-bf16", "scoped": "tf-bf16-scoped"}
+
+
+def train_cases(default_jit: str) -> Tuple[str, ...]:
+    """TRAIN_CASES without the bf16 case that is the default's own mode on this CPU (`default_jit`): each round
+    then times both bf16 modes once, the default in its row."""
+    return tuple(c for c in TRAIN_CASES if c != MODE_CASES.get(default_jit))
 # The peer's best path per precision: timm's bf16 step was 1.3x faster with its explicit attention than with
 # torch's fused one on the Zen 4 (fp32: 0.9x), so the bf16 ratios are to the faster of the two.
 TIMM_BEST = {"timm fp32": ("timm",), "timm bf16": ("timm-bf16", "timm-bf16-unfused")}
@@ -195,7 +203,8 @@ def _training(lines: List[str], st: Dict[str, Dict[str, object]], variant: str) 
     info = s["info"]
     by = {r["case"]: r for r in s["results"] if "img_s" in r}
     peaks = _peak_values(st)
-    labels = {"default": "`vitcli train` default (`auto`)", "tf-bf16-scoped": "`vitcli train --jit scoped`",
+    labels = {"default": "`vitcli train` default (`auto`)", "tf-bf16": "`vitcli train --jit fusible`",
+              "tf-bf16-scoped": "`vitcli train --jit scoped`",
               "notebook": "notebook: `ViT()`, `compile(optimizer, loss)`, `fit(tf.data)`",
               "notebook-bf16": "notebook after `set_global_policy(\"mixed_bfloat16\")`",
               "torch-bf16": "`KERAS_BACKEND=torch`, `mixed_bfloat16` (eager)",
@@ -215,7 +224,7 @@ def _training(lines: List[str], st: Dict[str, Dict[str, object]], variant: str) 
             best = max((by[c]["img_s"]["median"] for c in cases if c in by and c != case), default=None)
             x[peer] = med / best if best and case not in cases else None
         how = (f"{PRECISION.get(r['precision'], r['precision'])}, {COMPILATION.get(r['jit'], r['jit'])}"
-               if case in ("default", "tf-bf16-scoped", "notebook", "notebook-bf16") else str(r.get("precision")))
+               if case in ("default", "tf-bf16", "tf-bf16-scoped", "notebook", "notebook-bf16") else str(r.get("precision")))
         rows.append(f"| {labels[case]} | {how} | **{med:.2f}** | {100 * r['img_s']['spread']:.0f}% | "
                     f"{_fmt(x['timm fp32'])} | {_fmt(x['timm bf16'])} | {gflops:.0f} | "
                     f"{_fmt(100 * gflops / peak if peak else None, '.0f', '%')} {'bf16' if bf16 else 'fp32'} | "
@@ -234,23 +243,34 @@ AUTO_MARGIN = 1.05
 
 
 def _auto_modes(lines: List[str], st: Dict[str, Dict[str, object]]) -> None:
-    """What the training tables say of `auto`'s bf16 mode on TensorFlow CPUs (keras_vit/precision.py): `fusible` (the
-    default row) against `scoped`. (Float32's XLA against oneDNN's GEMMs is the GEMM ways stage's fp32 `tf-xla` and
-    `tf-onednn` columns: a training row of its own cost 25-30 s at Ti/16 that the 840 s budget does not have.)"""
-    def img_s(variant: str, case: str, jit: Optional[str] = None) -> Optional[float]:
-        r = next((r for r in st.get(f"train {variant}", {}).get("results", []) if r["case"] == case and "img_s" in r), None)
-        return r["img_s"]["median"] if r and jit in (None, str(r.get("jit"))) else None
+    """What the training tables say of `auto`'s bf16 mode on TensorFlow CPUs (keras_vit/precision.py): the default
+    row's mode (fusible; scoped on AMX) against the other one's row. (Float32's XLA against oneDNN's GEMMs is the GEMM
+    ways stage's fp32 `tf-xla` and `tf-onednn` columns: a training row of its own cost 25-30 s at Ti/16 that the 840 s
+    budget does not have.)"""
+    def row(variant: str, case: str) -> Optional[Dict[str, object]]:
+        return next((r for r in st.get(f"train {variant}", {}).get("results", []) if r["case"] == case and "img_s" in r),
+                    None)
 
-    pairs = {v: (img_s(v, "tf-bf16-scoped"), img_s(v, "default", jit="fusible")) for v in ("Ti/16", "B/16")}
-    pairs = {v: p for v, p in pairs.items() if None not in p}
-    if not pairs:
+    pairs, modes = {}, set()
+    for v in ("Ti/16", "B/16"):
+        default = row(v, "default")
+        mode = str(default.get("jit")) if default else None
+        if mode not in MODE_CASES:  # not a bf16 step of the two modes (a CPU without native bf16)
+            continue
+        other = next(m for m in MODE_CASES if m != mode)
+        alternative = row(v, MODE_CASES[other])
+        if alternative:
+            pairs[v] = (alternative["img_s"]["median"], default["img_s"]["median"])
+            modes.add((mode, other))
+    if len(modes) != 1:
         return
+    (mode, other), = modes
     ratios = ", ".join(f"{v} {a / b:.2f}x" for v, (a, b) in pairs.items())
     switch = all(a / b >= AUTO_MARGIN for a, b in pairs.values())
     lines += ["", "**What the training tables say of `auto`'s modes on this kind** (a change needs "
-                  f"{AUTO_MARGIN:.2f}x at every size measured): bf16: `scoped` against the default's `fusible` {ratios}: "
-                  + ("**scoped is faster at every size measured**: `precision.resolve` should pick it on this kind."
-                     if switch else f"not {AUTO_MARGIN:.2f}x or more at every size, so `fusible` stays.")]
+                  f"{AUTO_MARGIN:.2f}x at every size measured): bf16: `{other}` against the default's `{mode}` {ratios}: "
+                  + (f"**{other} is faster at every size measured**: `precision.resolve` should pick it on this kind."
+                     if switch else f"not {AUTO_MARGIN:.2f}x or more at every size, so `{mode}` stays.")]
 
 
 def _profile(lines: List[str], st: Dict[str, Dict[str, object]]) -> None:

@@ -4,9 +4,10 @@ Two fast paths on a CPU (BENCHMARKS.md has the measurements and the profile behi
 - fp32 with the whole train step XLA-compiled ("xla"): XLA fuses the element-wise work, and its
   fp32 matmuls are as fast as oneDNN's; but XLA:CPU runs bf16 matmuls no faster than fp32;
 - bf16 (`mixed_bfloat16`) with "fusible" compilation on TensorFlow: oneDNN runs the matmuls in
-  bf16 (1.7x the fp32 rate with AVX512-BF16, 5.5x with AMX), while XLA auto-clustering,
-  limited to fusible element-wise ops, fuses everything between them.
-`auto` picks bf16 + fusible where the CPU multiplies bf16 natively and the step is large enough
+  bf16 (1.7x the fp32 rate with AVX512-BF16, 3.5x with AMX), while XLA auto-clustering,
+  limited to fusible element-wise ops, fuses everything between them; on AMX "scoped" instead
+  (XLA only around the blocks' LayerNorms and activations, layers.fusion), measured faster there.
+`auto` picks bf16 (+ fusible, or scoped on AMX) where the CPU multiplies bf16 natively and the step is large enough
 for the GEMMs' saving to pay for the bf16 path's fixed cost (a break-even computed from the CPU's
 fp32 and bf16 GEMM rates); small models (the digits default) stay in fp32 + XLA. On a GPU it
 picks bf16 (compute capability >= 8.0) or fp16 with loss scaling (7.x), with XLA.
@@ -20,13 +21,13 @@ MIXED_PRECISION = ("auto", "none", "mixed_bfloat16", "mixed_float16")
 JIT_MODES = ("auto", "xla", "fusible", "scoped", "none")
 # TensorFlow's XLA auto-clustering restricted to element-wise/fusible ops (MatMul stays oneDNN's).
 FUSIBLE_FLAGS = ("--tf_xla_auto_jit=2", "--tf_xla_cpu_global_jit", "--tf_xla_ops_to_cluster=FUSIBLE")
-# GEMM rates (GFLOP/s, 2 cores, ViT-Ti/16 shapes) of fp32 and of bf16 per CPU bf16 feature, from
-# the matmul peaks of bench/train.py (BENCHMARKS.md): AVX512-BF16 on AMD EPYC (440 / 740) and
-# AMX-BF16 on Intel Xeon (360 / 2000).
-CPU_GEMM_GFLOPS = {"amx_bf16": (360.0, 2000.0), "avx512_bf16": (440.0, 740.0)}
+# GEMM rates (GFLOP/s, 2 cores) of fp32 and of bf16 per CPU bf16 feature, TensorFlow's 2048^3 matmul
+# peaks of bench/train.py (BENCHMARKS.md): AVX512-BF16 on AMD EPYC (440 / 740, a Zen 5) and AMX-BF16
+# on the Intel Xeon (331 / 1148, `bench/amx.sh` 2026-12-05).
+CPU_GEMM_GFLOPS = {"amx_bf16": (331.0, 1148.0), "avx512_bf16": (440.0, 740.0)}
 # Extra time per step of the bf16 path (casts, its less fused graph) that its faster GEMMs must pay
 # for: 30 ms puts the AVX512-BF16 break-even at ~11 GFLOP/step, between the measured 9 (even) and
-# 15 (faster) of BENCHMARKS.md; on AMX the same cost is paid back from ~4.4 GFLOP/step.
+# 15 (faster) of BENCHMARKS.md; on AMX the same cost is paid back from ~4.7 GFLOP/step.
 BF16_STEP_OVERHEAD_S = 0.030
 
 
@@ -207,7 +208,11 @@ def resolve(mixed_precision: str, jit_compile, gflop_per_step: float, backend: s
         reasons.append(why)
     if jit_compile == "auto":
         on_tf_cpu = backend == "tensorflow" and hardware.device == "cpu"
-        if on_tf_cpu and mixed_precision == "mixed_bfloat16":
+        if on_tf_cpu and mixed_precision == "mixed_bfloat16" and hardware.cpu_bf16 == "amx_bf16":
+            # scoped 1.05-1.18x fusible at Ti/16 and B/16 in every round on the AMX Xeon (BENCHMARKS.md, 2026-12-05)
+            jit_compile = "scoped"
+            reasons.append("oneDNN's AMX bf16 matmuls, XLA around the blocks' element-wise work")
+        elif on_tf_cpu and mixed_precision == "mixed_bfloat16":
             jit_compile = "fusible"
             reasons.append("oneDNN bf16 matmuls with XLA-fused element-wise ops")
         elif backend == "torch":  # as the notebook path: torch.compile (jit xla) only on request; it gained

@@ -267,7 +267,7 @@ def test_amx_markdown_names_the_cpu_kind_and_the_same_run_ratios():
     assert "| TensorFlow bf16 | 2000 |" in md
     # auto's rates from this run: 30 ms / (3 (1/500 - 1/2000) s/GFLOP) = 6.7 GFLOP; now (360, 2000): 4.4
     assert ('`CPU_GEMM_GFLOPS["amx_bf16"] = (500, 2000)` from these TensorFlow peaks puts bf16\'s break-even at 6.7 '
-            "forward GFLOP per step; the entry now, (360, 2000), puts it at 4.4") in md
+            "forward GFLOP per step; the entry now, (331, 1148), puts it at 4.7") in md
     # default: 60 img/s = 3.00x timm fp32, 1.20x the faster timm bf16 (explicit attention, 50), 600 GFLOP/s = 30% of
     # the bf16 peak, per round 59 / 61
     assert "| mixed_bfloat16, fusible | **60.00** | 5% | 3.00 | 1.20 | 600 | 30% bf16 | 59.00 / 61.00 |" in md
@@ -303,8 +303,31 @@ def test_amx_markdown_says_what_the_training_tables_mean_for_autos_modes():
     assert "`fusible` Ti/16 1.10x, B/16 1.02x: not 1.05x or more at every size, so `fusible` stays." in md
     record["stages"]["train B/16"]["results"][1]["img_s"]["median"] = 6.6
     assert "**scoped is faster at every size measured**" in markdown(record)
-    rows[0]["jit"] = "xla"  # a Ti/16 default that is not the fusible step (a CPU without bf16): B/16's pair alone
+    rows[0]["jit"] = "xla"  # a Ti/16 default that is not a bf16 step (a CPU without bf16): B/16's pair alone
     assert "against the default's `fusible` B/16 1.10x: **scoped is faster" in markdown(record)
+    # where `auto` runs scoped (AMX since 2026-12-05) the table times fusible beside it, as tf-bf16
+    for stage in ("train Ti/16", "train B/16"):
+        for r in record["stages"][stage]["results"]:
+            if r["case"] == "default":
+                r["jit"] = "scoped"
+            elif r["case"] == "tf-bf16-scoped":
+                r.update(case="tf-bf16", jit="fusible")
+    md = markdown(record)
+    assert "bf16: `fusible` against the default's `scoped` Ti/16 1.10x, B/16 1.10x: **fusible is faster at every " \
+           "size measured**" in md
+    rows[1]["img_s"]["median"] = 50.0
+    assert "`fusible` against the default's `scoped` Ti/16 0.83x, B/16 1.10x: not 1.05x or more at every size, so " \
+           "`scoped` stays." in markdown(record)
+    assert "| `vitcli train --jit fusible` | mixed_bfloat16, fusible |" in md
+
+
+def test_amx_times_both_bf16_modes_once_a_round():
+    """bench/amx.sh's training cases: the default and the other bf16 mode, not the default's own twice."""
+    from bench.amx_table import train_cases
+
+    assert "tf-bf16-scoped" in train_cases("fusible") and "tf-bf16" not in train_cases("fusible")
+    assert "tf-bf16" in train_cases("scoped") and "tf-bf16-scoped" not in train_cases("scoped")
+    assert {"tf-bf16", "tf-bf16-scoped"} <= set(train_cases("xla"))
 
 
 def test_amx_markdown_gives_the_profile_by_op_kind():

@@ -38,7 +38,9 @@ TPU = P.Hardware("tpu")
     (("auto", "auto", 40.0, "tensorflow", AVX512), ("mixed_bfloat16", "fusible")),
     (("auto", "auto", 0.6, "tensorflow", AVX512), ("none", "xla")),  # small step: fp32 wins
     (("auto", "auto", 9.0, "tensorflow", AVX512), ("none", "xla")),  # measured even at 9 GFLOP
-    (("auto", "auto", 6.0, "tensorflow", AMX), ("mixed_bfloat16", "fusible")),  # AMX pays back sooner
+    (("auto", "auto", 6.0, "tensorflow", AMX), ("mixed_bfloat16", "scoped")),  # AMX pays back sooner; scoped there
+    (("mixed_bfloat16", "auto", 40.0, "tensorflow", AMX), ("mixed_bfloat16", "scoped")),
+    (("mixed_float16", "auto", 40.0, "tensorflow", AMX), ("mixed_float16", "xla")),
     (("auto", "auto", 0.6, "tensorflow", AMX), ("none", "xla")),
     (("auto", "auto", 40.0, "tensorflow", PLAIN_CPU), ("none", "xla")),  # no native bf16
     (("auto", "auto", 40.0, "jax", AMX), ("none", "xla")),  # XLA:CPU bf16 dots are not faster

@@ -350,6 +350,9 @@ def test_auto_modes_resolve_by_step_size(monkeypatch):
     assert "AVX512-BF16" in kt.resolve_speed(big).reason
     assert modes(dataclasses.replace(big, mixed_precision="none")) == ("none", "xla")
     assert modes(dataclasses.replace(big, jit_compile=False)) == ("mixed_bfloat16", "none")
+    monkeypatch.setattr(precision, "cpu_bf16_feature", lambda cpuinfo="": "amx_bf16")
+    assert modes(big) == ("mixed_bfloat16", "scoped")  # measured faster than fusible on AMX
+    assert "AMX-BF16" in kt.resolve_speed(big).reason
     monkeypatch.setattr(precision, "cpu_bf16_feature", lambda cpuinfo="": None)
     assert modes(big) == ("none", "xla")
 
