@@ -46,7 +46,7 @@ PROFILE_RESERVE = 0.1
 # Then bench.step_kernels reads the oneDNN kernel of every matmul in Ti/16's default step and in timm's bf16 step
 # (two processes, 45 s on the Zen 4).
 KERNELS_RESERVE = 0.06
-KERNEL_CASES = "default,timm-bf16-unfused"
+KERNEL_CASES = "{},timm-bf16-unfused"  # step_kernels' `default` is fusible: `scoped` where auto picks that (AMX)
 
 
 # --- the stages ----------------------------------------------------------------------------
@@ -96,12 +96,13 @@ def train_stage(args, out: str, variant: str, budget: float, with_peak: bool = F
 
 
 def profile_stage(args, out: str) -> Dict[str, object]:
-    """bench.profile_train on the default path (mixed_bfloat16 + fusible) at Ti/16, in its own process (the XLA dump
-    flags it sets must precede TensorFlow's start): the step's op time by kind (GEMMs, attention products, fused
-    element-wise work, executor) and the fused work by model part."""
+    """bench.profile_train on the default path (mixed_bfloat16 + fusible; scoped on AMX) at Ti/16, in its own process
+    (the XLA dump flags it sets must precede TensorFlow's start): the step's op time by kind (GEMMs, attention
+    products, fused element-wise work, executor) and the fused work by model part."""
     path = os.path.join(out, "profile-Ti16.json")
-    argv = ["--variant", "Ti/16", "--json", path] + (["--image-size", "32", "--batch-size", "4", "--steps", "1"]
-                                                     if args.quick else ["--steps", "3"])
+    jit = _default_jit()
+    argv = ["--variant", "Ti/16", "--json", path, "--jit", jit if jit in ("fusible", "scoped") else "fusible"]
+    argv += ["--image-size", "32", "--batch-size", "4", "--steps", "1"] if args.quick else ["--steps", "3"]
     proc = subprocess.run([sys.executable, "-m", "bench.profile_train", *argv], cwd=common.ROOT, capture_output=True,
                           text=True, timeout=1200, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
     print("\n".join(ln for ln in proc.stdout.splitlines() if not ln.startswith("{")), flush=True)
@@ -119,7 +120,8 @@ def kernels_stage(args, out: str) -> Dict[str, object]:
     from bench import step_kernels
 
     path = os.path.join(out, "step-kernels-Ti16.json")
-    step_kernels.main(["--variant", "Ti/16", "--cases", KERNEL_CASES, "--json", path] + (["--quick"] if args.quick else []))
+    cases = KERNEL_CASES.format("scoped" if _default_jit() == "scoped" else "default")
+    step_kernels.main(["--variant", "Ti/16", "--cases", cases, "--json", path] + (["--quick"] if args.quick else []))
     with open(path) as f:
         raw = json.load(f)
     return {"command": raw["info"]["command"], "json": os.path.basename(path), **raw}

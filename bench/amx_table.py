@@ -280,7 +280,7 @@ def _profile(lines: List[str], st: Dict[str, Dict[str, object]]) -> None:
         return
     info, step = s["info"], s["step_ms"]
     lines += ["", f"**Where ViT-{info['variant']}'s default step goes** ({info['image_size']} px, batch {info['batch_size']}, "
-                  f"mixed_bfloat16 + fusible, {info['steps']} profiled steps; `{s['command']}`; {_when(s)}): "
+                  f"mixed_bfloat16 + {info.get('jit', 'fusible')}, {info['steps']} profiled steps; `{s['command']}`; {_when(s)}): "
                   f"{step:.0f} ms a step under the profiler ({info['batch_size'] / step * 1000:.2f} img/s). Op time on "
                   "TensorFlow's threads: two inter-op threads run ops at once, so the kinds add up to more than the step.",
               "", "| op kind | ms per step | x the step |", "|---|---|---|"]
