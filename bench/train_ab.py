@@ -100,9 +100,7 @@ def _undo(change: str) -> None:
         import keras_vit.layers.block as block
         import keras_vit.layers.embedding as embedding
 
-        attention.separate_bias = block.separate_bias = lambda x, training=None: False
-        embedding.bias_after_reshape = lambda y, shape, bias: embedding.ops.reshape(
-            y + embedding.ops.cast(bias, y.dtype), shape)
+        attention.separate_bias = block.separate_bias = embedding.separate_bias = lambda x, training=None: False
 
 
 def bf16_training_model(variant: str, batch_size: int, image_size: int = 224, without: str = "",

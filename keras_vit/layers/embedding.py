@@ -10,7 +10,7 @@ import numpy as np
 from keras import layers, ops
 
 from keras_vit.config import INIT_STD
-from keras_vit.layers.fusion import bias_after_reshape, half_precision_tf_training
+from keras_vit.layers.fusion import bias_after_reshape, half_precision_tf_training, separate_bias
 
 _REG = keras.saving.register_keras_serializable(package="keras_vit")
 
@@ -59,8 +59,10 @@ class PatchEmbedding(layers.Layer):
         x = ops.reshape(images[:, :gh * ph, :gw * pw, :], (-1, gh, ph, gw, pw, c))
         patches = ops.reshape(ops.transpose(x, (0, 1, 3, 2, 4, 5)), (-1, ph * pw * c))
         y = ops.matmul(patches, ops.reshape(ops.cast(conv.kernel, images.dtype), (ph * pw * c, self.hidden_size)))
-        if conv.use_bias:
+        if conv.use_bias and separate_bias(images, True):  # the GEMM stays AMX's (layers.fusion)
             return bias_after_reshape(y, (-1, gh, gw, self.hidden_size), conv.bias)
+        if conv.use_bias:
+            y = y + ops.cast(conv.bias, images.dtype)
         return ops.reshape(y, (-1, gh, gw, self.hidden_size))
 
     def compute_output_shape(self, input_shape):
