@@ -20,6 +20,7 @@ tables for BENCHMARKS.md) are rewritten after every stage, so a run cut short ke
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -66,6 +67,7 @@ def run_stage(record: Dict[str, object], name: str, fn) -> None:
                               **result}
 
 
+@functools.cache
 def _default_jit() -> str:
     """The jit mode `vitcli train`'s default resolves to on this machine for a step as large as the table's."""
     from keras_vit import precision

@@ -208,13 +208,14 @@ def resolve(mixed_precision: str, jit_compile, gflop_per_step: float, backend: s
         reasons.append(why)
     if jit_compile == "auto":
         on_tf_cpu = backend == "tensorflow" and hardware.device == "cpu"
-        if on_tf_cpu and mixed_precision == "mixed_bfloat16" and hardware.cpu_bf16 == "amx_bf16":
-            # scoped 1.05-1.18x fusible at Ti/16 and B/16 in every round on the AMX Xeon (BENCHMARKS.md, 2026-12-05)
-            jit_compile = "scoped"
-            reasons.append("oneDNN's AMX bf16 matmuls, XLA around the blocks' element-wise work")
-        elif on_tf_cpu and mixed_precision == "mixed_bfloat16":
-            jit_compile = "fusible"
-            reasons.append("oneDNN bf16 matmuls with XLA-fused element-wise ops")
+        if on_tf_cpu and mixed_precision == "mixed_bfloat16":
+            if hardware.cpu_bf16 == "amx_bf16":
+                # scoped 1.05-1.18x fusible at Ti/16 and B/16 in every round on the AMX Xeon (BENCHMARKS.md, 2026-12-05)
+                jit_compile = "scoped"
+                reasons.append("oneDNN's AMX bf16 matmuls, XLA around the blocks' element-wise work")
+            else:
+                jit_compile = "fusible"
+                reasons.append("oneDNN bf16 matmuls with XLA-fused element-wise ops")
         elif backend == "torch":  # as the notebook path: torch.compile (jit xla) only on request; it gained
             # nothing on a Ti/16 bf16 step on the AMD Zen 4 (25.58 against 25.57 img/s eager, BENCHMARKS.md 2026-12-04)
             jit_compile = "none"
