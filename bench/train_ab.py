@@ -19,7 +19,13 @@ Changes (`--without`):
 - `patch-matmul`: the patch embedding's Conv2D in bf16 training too (as built, bf16/fp16 training on
   TensorFlow runs it as one GEMM of the patches, `layers.embedding.PatchEmbedding._patches_times_kernel`);
 - `bias-after-reshape`: every GEMM's bias added right after it, which grappler fuses into oneDNN's inner product
-  (as built, bf16/fp16 training adds it after a reshape and the GEMM stays a MatMul, `layers.fusion.bias_after_reshape`).
+  (as built, bf16/fp16 training adds it after a reshape and the GEMM stays a MatMul, `layers.fusion.bias_after_reshape`);
+- `softmax-compute-dtype` (AMX, `--jit scoped`): the attention softmax in float32 with TensorFlow's gradient (as built,
+  oneDNN's softmax in bf16 with its gradient in an XLA scope, `layers.fusion.softmax_with_scoped_gradient`);
+- `mlp-bias-in-activation` (AMX, `--jit scoped`): the MLP's first bias added by its Dense layer after the reshape
+  (as built, in the activation's scope with its gradient, `layers.block.activate(..., bias=)`);
+- `bias-gradient-gemm` (AMX): the biases' gradients as TensorFlow's bf16 Sum / BiasAddGrad (as built, one GEMM each,
+  `layers.fusion.bias_gradient`).
 
 Each variant runs in its own process (the `fusible` XLA flags are per process), alternately:
   python -m bench.train_ab --without gelu-gradient --variant B/16 --rounds 3 --steps 6
@@ -46,7 +52,8 @@ import time
 from typing import List, Optional
 
 CHANGES = ("class-token-block", "gelu-gradient", "ln-gradient", "activation-gradient",
-           "relative-gather", "qk-norm-scope", "patch-matmul", "bias-after-reshape")
+           "relative-gather", "qk-norm-scope", "patch-matmul", "bias-after-reshape", "softmax-compute-dtype",
+           "mlp-bias-in-activation", "bias-gradient-gemm")
 
 
 def _undo(change: str) -> None:
@@ -101,6 +108,21 @@ def _undo(change: str) -> None:
         import keras_vit.layers.embedding as embedding
 
         attention.separate_bias = block.separate_bias = embedding.separate_bias = lambda x, training=None: False
+        attention.amx_scoped = block.amx_scoped = lambda x, training=None: False
+    elif change == "softmax-compute-dtype":
+        import keras_vit.layers.attention as attention
+
+        attention.amx_scoped = lambda x, training=None: False
+    elif change == "mlp-bias-in-activation":
+        import keras_vit.layers.block as block
+
+        block.amx_scoped = lambda x, training=None: False
+    elif change == "bias-gradient-gemm":
+        import keras_vit.layers.block as block
+        import keras_vit.layers.fusion as fusion
+
+        fusion.add_bias = lambda y, bias: y + fusion.ops.cast(bias, y.dtype)
+        block.bias_gradient = lambda u: fusion.ops.sum(fusion.ops.reshape(u, (-1, u.shape[-1])), axis=0)
 
 
 def bf16_training_model(variant: str, batch_size: int, image_size: int = 224, without: str = "",

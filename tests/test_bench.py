@@ -519,3 +519,49 @@ def test_train_ab_undoes_its_changes_and_reads_model_options():
         np.testing.assert_array_equal(embed(images, training=True), conv)
     finally:
         PatchEmbedding._patches_times_kernel = saved
+
+
+def test_train_ab_undoes_the_amx_scoped_forms(monkeypatch):
+    """`--without softmax-compute-dtype` / `mlp-bias-in-activation` / `bias-gradient-gemm` put back the float32
+    softmax, Dense_0's bias add and TensorFlow's bias gradients in the AMX scoped step (forced here on any CPU)."""
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    import keras_vit.layers.attention as attention
+    import keras_vit.layers.block as block
+    import keras_vit.layers.fusion as fusion
+    from bench import train_ab
+
+    monkeypatch.setenv("TF_XLA_FLAGS", "")
+    monkeypatch.setenv(fusion.BIAS_APART_ENV, "1")
+    for module, name in ((attention, "amx_scoped"), (block, "amx_scoped"), (block, "bias_gradient"),
+                         (fusion, "add_bias")):
+        monkeypatch.setattr(module, name, getattr(module, name))  # restored after the test
+    layer = block.TransformerBlock(num_heads=2, mlp_dim=16, dtype=keras.mixed_precision.Policy("mixed_bfloat16"))
+    x = tf.constant(np.random.default_rng(0).normal(size=(2, 5, 8)), tf.float32)
+    layer(x)
+
+    def step_ops():
+        @tf.function
+        def step(t):
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_sum(tf.cast(layer(t, training=True), tf.float32))
+            return tape.gradient(loss, layer.trainable_variables)
+
+        graph = step.get_concrete_function(x).graph
+        return [op.get_attr("T").name for op in graph.get_operations() if op.type == "Softmax"], None, step(x)
+
+    activate, biased = block.activate, []
+    monkeypatch.setattr(block, "activate", lambda *a, **k: biased.append(k.get("bias") is not None) or activate(*a, **k))
+    softmax, _, built = step_ops()
+    assert softmax == ["bfloat16"] and biased == [True]
+    train_ab._undo("softmax-compute-dtype")
+    assert step_ops()[0] == ["float32"]
+    train_ab._undo("mlp-bias-in-activation")
+    biased.clear()
+    step_ops()
+    assert biased == [False]
+    train_ab._undo("bias-gradient-gemm")
+    flat = [tf.concat([tf.reshape(tf.cast(g, tf.float32), [-1]) for g in grads], 0) for grads in (step_ops()[2], built)]
+    assert float(tf.norm(flat[0] - flat[1])) <= 3e-2 * float(tf.norm(flat[1]))  # the same within bf16 rounding

@@ -308,6 +308,74 @@ def test_training_quick_gelu_and_swiglu_match_their_op_by_op_forms(rng, kind, mo
     assert taken == [1]
 
 
+@pytest.mark.parametrize("activation,approximate", [("gelu", True), ("gelu", False), ("quick_gelu", True)])
+def test_training_activation_with_the_gemms_bias_has_the_biased_values_and_gradients(rng, activation, approximate):
+    """The AMX scoped step's MLP adds Dense_0's bias inside the activation's form (layers.block.activate's `bias`):
+    in float32 the values and gradients (input and bias) of the op-by-op activation of x + b; in bf16 training
+    within bf16 rounding of them, the bias gradient in float32; without training, x + b then the activation."""
+    import tensorflow as tf
+
+    import keras_vit.layers.block as block
+
+    x = tf.constant(rng.normal(scale=3.0, size=(2, 32, 48)).astype("float32"))
+    b = tf.constant(rng.normal(size=(48,)).astype("float32"))
+    upstream = tf.constant(rng.normal(size=(2, 32, 48)).astype("float32"))
+
+    def op_by_op(t, bias):
+        z = t + bias
+        return keras.ops.gelu(z, approximate=approximate) if activation == "gelu" else z * keras.ops.sigmoid(1.702 * z)
+
+    def with_gradients(fn, t, bias, g):
+        with tf.GradientTape() as tape:
+            tape.watch([t, bias])
+            y = fn(t, bias)
+        return [y] + tape.gradient(y, [t, bias], output_gradients=g)
+
+    written = (block._gelu_with_input_gradient(approximate, bias=True) if activation == "gelu"
+               else block._quick_gelu_with_input_gradient(bias=True))
+    for got, want in zip(with_gradients(written, x, b, upstream), with_gradients(op_by_op, x, b, upstream)):
+        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-5, atol=1e-4)
+    xb = tf.cast(x, tf.bfloat16)
+    yb, gxb, gbias = with_gradients(lambda t, bias: block.activate(t, activation, approximate, True, bias=bias),
+                                    xb, b, tf.cast(upstream, tf.bfloat16))
+    assert yb.dtype == gxb.dtype == tf.bfloat16 and gbias.dtype == tf.float32
+    ref_y, ref_gx, ref_gb = (t.numpy() for t in with_gradients(op_by_op, tf.cast(xb, tf.float32), b, upstream))
+    np.testing.assert_allclose(tf.cast(yb, tf.float32).numpy(), ref_y, rtol=1e-2, atol=2e-2)
+    np.testing.assert_allclose(tf.cast(gxb, tf.float32).numpy(), ref_gx, rtol=2e-2, atol=5e-2)
+    assert np.linalg.norm(gbias.numpy() - ref_gb) <= 1e-2 * np.linalg.norm(ref_gb)
+    np.testing.assert_allclose(block.activate(x, activation, approximate, False, bias=b).numpy(),
+                               op_by_op(x, b).numpy(), rtol=1e-6, atol=1e-6)
+
+
+def test_softmax_with_scoped_gradient_is_softmax_and_its_gradient(rng):
+    """layers.fusion.softmax_with_scoped_gradient (the AMX scoped step's attention softmax): in float32 ops.softmax
+    and its autodiff gradient; in bf16 a bf16 softmax within rounding, its gradient within rounding of float32's."""
+    import tensorflow as tf
+
+    from keras_vit.layers.fusion import softmax_with_scoped_gradient
+
+    logits = tf.constant(rng.normal(scale=3.0, size=(2, 3, 17, 17)).astype("float32"))
+    upstream = tf.constant(rng.normal(size=(2, 3, 17, 17)).astype("float32"))
+
+    def with_gradient(fn, t, g):
+        with tf.GradientTape() as tape:
+            tape.watch(t)
+            y = fn(t)
+        return y, tape.gradient(y, t, output_gradients=g)
+
+    (y, g), (ref_y, ref_g) = (with_gradient(f, logits, upstream) for f in (
+        lambda t: softmax_with_scoped_gradient(t, True), lambda t: keras.ops.softmax(t, axis=-1)))
+    np.testing.assert_allclose(y.numpy(), ref_y.numpy(), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(g.numpy(), ref_g.numpy(), rtol=1e-5, atol=1e-6)
+    yb, gb = with_gradient(lambda t: softmax_with_scoped_gradient(t, True), tf.cast(logits, tf.bfloat16),
+                           tf.cast(upstream, tf.bfloat16))
+    assert yb.dtype == gb.dtype == tf.bfloat16
+    ref_y, ref_g = with_gradient(lambda t: keras.ops.softmax(t, axis=-1), tf.cast(tf.cast(logits, tf.bfloat16),
+                                                                                   tf.float32), upstream)
+    np.testing.assert_allclose(tf.cast(yb, tf.float32).numpy(), ref_y.numpy(), rtol=1e-2, atol=1e-3)
+    assert np.linalg.norm(tf.cast(gb, tf.float32).numpy() - ref_g.numpy()) <= 2e-2 * np.linalg.norm(ref_g.numpy())
+
+
 def _gelu_and_gradient_fp32(x, upstream, approximate):
     import tensorflow as tf
 

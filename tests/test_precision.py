@@ -194,6 +194,9 @@ def test_scoped_gradients_equal_the_plain_graph_ones(monkeypatch, options, call)
     from keras_vit.layers.block import TransformerBlock
 
     monkeypatch.setenv("TF_XLA_FLAGS", "")
+    # the forms of the non-AMX kind on any CPU: on AMX the scoped step also takes a bf16 softmax and the MLP bias
+    # in the activation's scope (layers.fusion.amx_scoped), checked against float32 in the test below
+    monkeypatch.setenv("KERAS_VIT_BIAS_APART", "0")
     rng = np.random.default_rng(0)
     block = TransformerBlock(num_heads=2, mlp_dim=16, dtype=keras.mixed_precision.Policy("mixed_bfloat16"), **options)
     x = tf.constant(rng.normal(size=(2, 5, 8)) * 2 + 0.5, tf.float32)
@@ -270,8 +273,10 @@ def _matmul_consumers(graph) -> list:
 def test_bf16_training_adds_no_bias_right_after_a_gemm(monkeypatch, options, call):
     """Bf16 training on TensorFlow adds each GEMM's bias after a reshape (layers.fusion.bias_after_reshape): no
     MatMul of the step feeds an add directly, which grappler would fuse into oneDNN's inner product (gemm:jit, not
-    the AMX brg_matmul). Values and gradients are float32's within bf16 rounding, as the plain form's are, for
-    every block option; inference (so every export) keeps MatMul + Add."""
+    the AMX brg_matmul). In the scoped step the softmax runs in bf16 where no relative bias comes in, and the MLP's
+    first bias joins the GELU / quick_gelu's scope (layers.fusion.amx_scoped). Values and gradients are float32's
+    within bf16 rounding, as the plain form's are, for every block option; inference (so every export) keeps
+    MatMul + Add."""
     import keras
     import numpy as np
     import tensorflow as tf
@@ -308,19 +313,25 @@ def test_bf16_training_adds_no_bias_right_after_a_gemm(monkeypatch, options, cal
     (separate, consumers), (exact, _) = traced(block), traced(reference)
     assert consumers and not adds & set(consumers), consumers
     assert adds & set(traced(block, training=False)[1])
+    graph = tf.function(lambda t: block(t, training=True, **call)).get_concrete_function(x).graph
+    softmax = {op.get_attr("T").name for op in graph.get_operations() if op.type == "Softmax"}
+    assert softmax == {"float32" if "relative_grid" in options else "bfloat16"}, softmax
+    assert "Dense_0/BiasAdd" not in " ".join(op.name for op in graph.get_operations()) or "mlp_kind" in options
     for module in (attention, block_module):
         monkeypatch.setattr(module, "separate_bias", lambda t, training=None: False)
+        monkeypatch.setattr(module, "amx_scoped", lambda t, training=None: False)
     plain, fused_consumers = traced(block)
     assert adds & set(fused_consumers)
     # Some gradients are zero in exact arithmetic, rounding noise here: key_bias's (measured against key_kernel's,
     # as in test_scoped_gradients_...) and relative_embedding's with the class token alone (against a hundredth
-    # of the largest)
+    # of the largest). 5%: a block this small (8 features) lands 1-4.7% from float32 in bf16 over seeds 0-5 with
+    # either form (2026-12-05)
     names = ["output", "input"] + [v.path for v in block.trainable_variables]
     norms = {n: float(tf.norm(e)) for n, e in zip(names, exact)}
     for name, a, b, e in zip(names, separate, plain, exact):
         scale = max(norms[name.replace("key_bias", "key_kernel")], 1e-2 * max(norms.values()))
         for got in (a, b):
-            assert float(tf.norm(tf.cast(got, tf.float32) - e)) <= 3e-2 * scale, name
+            assert float(tf.norm(tf.cast(got, tf.float32) - e)) <= 5e-2 * scale, name
 
 
 def test_bias_apart_only_in_bf16_tensorflow_training_on_amx_unless_forced(monkeypatch):

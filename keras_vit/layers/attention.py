@@ -10,7 +10,7 @@ import numpy as np
 from keras import layers, ops
 
 from keras_vit.config import INIT_STD
-from keras_vit.layers.fusion import bias_after_reshape, separate_bias
+from keras_vit.layers.fusion import amx_scoped, bias_after_reshape, separate_bias, softmax_with_scoped_gradient
 from keras_vit.layers.norm import layer_norm
 
 _REG = keras.saving.register_keras_serializable(package="keras_vit")
@@ -41,7 +41,8 @@ class MultiHeadSelfAttention(layers.Layer):
     any precision: JAX keeps the logits and softmax in float32); on TensorFlow and torch, and
     whenever the probabilities are asked for (inspection) or attention dropout is active, it
     uses heads-major batched matmuls with the softmax in float32, which
-    measured faster on CPU and export to a smaller ONNX graph (BENCHMARKS.md).
+    measured faster on CPU and export to a smaller ONNX graph (BENCHMARKS.md); bf16 training on an AMX CPU
+    runs the softmax in bf16 (layers.fusion.softmax_with_scoped_gradient).
     With `relative_grid` set, a learned embedding per 2-D offset between patches is used as
     keys of an extra attention whose logits are added as a bias (paper Appendix D.4).
     With `qk_norm`, queries and keys are layer-normalised over head_dim (float32, affine
@@ -172,8 +173,12 @@ class MultiHeadSelfAttention(layers.Layer):
             if bias is not None:
                 logits = ops.cast(logits, "float32") + ops.cast(bias, "float32")
             # float32 softmax, oneDNN's, also in the scoped bf16 step: its XLA scope with a written-out gradient
-            # (until 2026-12-05) measured 0.972-0.980x at Ti/16 and level at S/16 and B/16 (BENCHMARKS.md)
-            probs = ops.softmax(ops.cast(logits, "float32"), axis=-1)
+            # (until 2026-12-05) measured 0.972-0.980x at Ti/16 and level at S/16 and B/16 (BENCHMARKS.md);
+            # on AMX that step runs oneDNN's bf16 softmax with its gradient in a scope (layers.fusion)
+            if bias is None and not return_attention_scores and amx_scoped(logits, training):
+                probs = softmax_with_scoped_gradient(logits, training)
+            else:
+                probs = ops.softmax(ops.cast(logits, "float32"), axis=-1)
             dropped = self.dropout(probs, training=training) if explicit else probs
             out = ops.swapaxes(ops.matmul(ops.cast(dropped, v.dtype), v), 1, 2)  # (B, S, H, hd)
             if not return_attention_scores:

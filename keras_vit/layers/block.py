@@ -10,7 +10,8 @@ import keras
 from keras import layers, ops
 
 from keras_vit.layers.attention import MultiHeadSelfAttention
-from keras_vit.layers.fusion import fused_elementwise, half_precision_tf_training, separate_bias
+from keras_vit.layers.fusion import (amx_scoped, bias_after_reshape, bias_gradient, fused_elementwise,
+                                     half_precision_tf_training, separate_bias)
 from keras_vit.layers.norm import layer_norm
 
 _REG = keras.saving.register_keras_serializable(package="keras_vit")
@@ -65,30 +66,49 @@ class LayerScale(layers.Layer):
         return {**super().get_config(), "init_value": self.init_value}
 
 
-def _with_input_gradient(value, slope, scope=contextlib.nullcontext):
+def _with_input_gradient(value, slope, scope=contextlib.nullcontext, bias: bool = False):
     """x -> value(x) in float32, cast back, whose gradient upstream * slope(x) is recomputed from x alone.
 
     Why: TensorFlow differentiates an op-by-op activation by keeping its intermediates (five
     (tokens, mlp_dim) tensors per block for the tanh GELU) and running every op's gradient in the
     compute dtype (bf16 under mixed precision); this gradient reads x and the upstream gradient once,
     a single fused pass under XLA (`scope`: layers.fusion's, where the scoped bf16 step gives one).
+    With `bias`, (x, b) -> value(x + b) for a GEMM output x and its float32 bias b, whose gradient also
+    gives b's (layers.fusion.bias_gradient): the add joins the activation's fused passes instead of running
+    as a TensorFlow op (layers.fusion.amx_scoped).
     """
 
-    @ops.custom_gradient
-    def activation(x):
+    def forward_and_grad(x, b):
+        def preactivation():  # float32; the gradient computes it again from x rather than keep it
+            return ops.cast(x, "float32") if b is None else ops.cast(x, "float32") + b
+
         def grad(*args, upstream=None):
             if upstream is None:
                 (upstream,) = args
             with scope():  # the gradient's ops are made later, outside the forward's scope
-                return ops.cast(ops.cast(upstream, "float32") * slope(ops.cast(x, "float32")), x.dtype)
+                dx = ops.cast(ops.cast(upstream, "float32") * slope(preactivation()), x.dtype)
+            # the bias gradient outside the scope, a GEMM (XLA's column reduction measured slower)
+            return dx if b is None else (dx, ops.cast(bias_gradient(dx), b.dtype))
 
+        return ops.cast(value(preactivation()), x.dtype), grad
+
+    if bias:
+        @ops.custom_gradient
+        def biased_activation(x, b):
+            with scope():
+                return forward_and_grad(x, b)
+
+        return biased_activation
+
+    @ops.custom_gradient
+    def activation(x):
         with scope():
-            return ops.cast(value(ops.cast(x, "float32")), x.dtype), grad
+            return forward_and_grad(x, None)
 
     return activation
 
 
-def _gelu_with_input_gradient(approximate: bool, scope=contextlib.nullcontext):
+def _gelu_with_input_gradient(approximate: bool, scope=contextlib.nullcontext, bias: bool = False):
     """GELU (`ops.gelu`'s function) with its gradient recomputed from its input (`_with_input_gradient`).
     ViT-B/16 bf16 training: +3-5% (BENCHMARKS.md)."""
     c = math.sqrt(2.0 / math.pi)
@@ -105,17 +125,17 @@ def _gelu_with_input_gradient(approximate: bool, scope=contextlib.nullcontext):
             return 0.5 * (1.0 + t) + 0.5 * x32 * (1.0 - t * t) * c * (1.0 + 3.0 * 0.044715 * x2)
         return 0.5 * (1.0 + ops.erf(x32 / math.sqrt(2.0))) + x32 * ops.exp(-0.5 * x32 * x32) / math.sqrt(2.0 * math.pi)
 
-    return _with_input_gradient(value, slope, scope)
+    return _with_input_gradient(value, slope, scope, bias)
 
 
-def _quick_gelu_with_input_gradient(scope=contextlib.nullcontext):
+def _quick_gelu_with_input_gradient(scope=contextlib.nullcontext, bias: bool = False):
     """quick_gelu, x s with s = sigmoid(1.702 x), slope s + 1.702 x s (1 - s) (`_with_input_gradient`)."""
 
     def slope(x32):
         s = ops.sigmoid(1.702 * x32)
         return s + 1.702 * x32 * s * (1.0 - s)
 
-    return _with_input_gradient(lambda x32: x32 * ops.sigmoid(1.702 * x32), slope, scope)
+    return _with_input_gradient(lambda x32: x32 * ops.sigmoid(1.702 * x32), slope, scope, bias)
 
 
 def _swiglu_with_input_gradient(mlp_dim: int, scope=contextlib.nullcontext):
@@ -151,29 +171,34 @@ def _swiglu(h, mlp_dim: int):
     return ops.silu(h[..., :mlp_dim]) * h[..., mlp_dim:]
 
 
-def gelu(x, approximate: bool = True, training=None):
+def gelu(x, approximate: bool = True, training=None, bias=None):
     """`ops.gelu`; in bf16/fp16 training on TensorFlow, the form with the cheaper gradient above.
 
     In float32 under XLA (the small-model default) TensorFlow's own gradient is faster (measured
     -13% with this one at ViT-Ti/16), so float32 keeps it. Inference, and so every exported
     file, keeps `ops.gelu`'s graph, which onnxruntime and the TFLite converter fuse; JAX and
-    torch keep their own autodiff of it.
+    torch keep their own autodiff of it. `bias` (float32), where given, is added first (`activate`).
     """
     if half_precision_tf_training(x, training):
-        return _gelu_with_input_gradient(approximate, lambda: fused_elementwise(training, x.dtype))(x)
-    return ops.gelu(x, approximate=approximate)
+        scope = lambda: fused_elementwise(training, x.dtype)  # noqa: E731
+        return (_gelu_with_input_gradient(approximate, scope)(x) if bias is None
+                else _gelu_with_input_gradient(approximate, scope, bias=True)(x, bias))
+    return ops.gelu(x if bias is None else x + ops.cast(bias, x.dtype), approximate=approximate)
 
 
-def activate(x, activation: str = "gelu", approximate: bool = True, training=None):
+def activate(x, activation: str = "gelu", approximate: bool = True, training=None, bias=None):
     """The MLP's nonlinearity: "gelu" (see `gelu`) or "quick_gelu", x sigmoid(1.702 x) (OpenAI CLIP),
     in the compute dtype like ops.gelu. Written Mul(x, Sigmoid(Mul(x, 1.702))), the operand order
     onnxruntime's QuickGelu fusion reads (the constant first crashes it). Bf16/fp16 training on
-    TensorFlow takes the recomputed-gradient form, as the GELU does."""
+    TensorFlow takes the recomputed-gradient form, as the GELU does. `bias` (float32), where given,
+    is the GEMM's bias x lacks: added first, in the activation's scope and gradient in bf16 training."""
     if activation == "quick_gelu":
         if half_precision_tf_training(x, training):
-            return _quick_gelu_with_input_gradient(lambda: fused_elementwise(training, x.dtype))(x)
-        return _quick_gelu(x)
-    return gelu(x, approximate, training)
+            scope = lambda: fused_elementwise(training, x.dtype)  # noqa: E731
+            return (_quick_gelu_with_input_gradient(scope)(x) if bias is None
+                    else _quick_gelu_with_input_gradient(scope, bias=True)(x, bias))
+        return _quick_gelu(x if bias is None else x + ops.cast(bias, x.dtype))
+    return gelu(x, approximate, training, bias)
 
 
 def swiglu(h, mlp_dim: int, training=None):
@@ -218,19 +243,47 @@ class MlpBlock(layers.Layer):
         # The Dense layers run on (tokens, features): a rank-2 input is a plain GEMM (rank 3 would
         # be tf.tensordot, whose shape ops land in exported graphs). Calling the layers, not their
         # kernels, keeps what Keras adds to them working: model.quantize(...) and enable_lora.
-        # Bf16/fp16 training on TensorFlow keeps rank 3: tensordot's reshape comes before the bias (layers.fusion).
+        # Bf16/fp16 training on TensorFlow on AMX adds each bias after a reshape (layers.fusion): `_apart`.
         d = x.shape[-1]
         shape = tuple(x.shape) if all(n is not None for n in x.shape[1:]) else ops.shape(x)
-        rank_2 = not separate_bias(x, training)
-        h = self.dense_0(ops.reshape(x, (-1, d)) if rank_2 else x)
-        if self.kind == "swiglu":
-            h = swiglu(h, self.mlp_dim, training)
+        if separate_bias(x, training):
+            return self.dropout(self._apart(x, shape, training), training=training)
+        h = self.dense_0(ops.reshape(x, (-1, d)))
+        h = swiglu(h, self.mlp_dim, training) if self.kind == "swiglu" else activate(
+            h, self.activation, self.gelu_approximate, training)
+        h = self.dense_1(self.dropout(h, training=training))
+        return self.dropout(ops.reshape(h, (-1,) + tuple(shape[1:]) if isinstance(shape, tuple) else shape),
+                            training=training)
+
+    def _apart(self, x, shape, training):
+        """The MLP with each GEMM alone and its bias after a reshape (layers.fusion.bias_after_reshape); in the
+        scoped step Dense_0's bias joins the GELU / quick_gelu's scope (layers.fusion.amx_scoped). The kernel
+        property carries LoRA's update where enabled; quantized layers keep their call, on rank-3 inputs
+        (tensordot's reshape comes before the bias there)."""
+        if self.dense_0.quantization_mode is not None or self.dense_1.quantization_mode is not None:
+            h = self.dense_0(x)
+            h = swiglu(h, self.mlp_dim, training) if self.kind == "swiglu" else activate(
+                h, self.activation, self.gelu_approximate, training)
+            return self.dense_1(self.dropout(h, training=training))
+
+        def gemm(dense, t):
+            return ops.matmul(ops.reshape(t, (-1, t.shape[-1])), ops.cast(dense.kernel, t.dtype))
+
+        def tokens(width):  # (B, S, ..., width)
+            return ((-1,) + tuple(shape[1:-1]) + (width,) if isinstance(shape, tuple)
+                    else ops.concatenate([shape[:-1], [width]], axis=0))
+
+        width = self.dense_0.units
+        h = gemm(self.dense_0, x)
+        if self.kind != "swiglu" and amx_scoped(x, training):
+            h = activate(ops.reshape(h, tokens(width)), self.activation, self.gelu_approximate, training,
+                         bias=ops.cast(self.dense_0.bias, "float32"))
         else:
-            h = activate(h, self.activation, self.gelu_approximate, training)
+            h = bias_after_reshape(h, tokens(width), self.dense_0.bias)
+            h = swiglu(h, self.mlp_dim, training) if self.kind == "swiglu" else activate(
+                h, self.activation, self.gelu_approximate, training)
         h = self.dropout(h, training=training)
-        h = self.dense_1(h)
-        out = ops.reshape(h, (-1,) + tuple(shape[1:]) if isinstance(shape, tuple) else shape) if rank_2 else h
-        return self.dropout(out, training=training)
+        return bias_after_reshape(gemm(self.dense_1, h), tokens(self.dense_1.units), self.dense_1.bias)
 
     def compute_output_shape(self, input_shape):
         return input_shape

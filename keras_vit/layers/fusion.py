@@ -3,7 +3,9 @@ bf16/fp16: what the notebook path (`compile(optimizer, loss)`, then `fit`, in `m
 `vitcli train --jit scoped` run on a CPU, where the matmuls stay oneDNN's and nothing else clusters the
 LayerNorms and the MLP's activation (GELU, quick_gelu, SwiGLU). GradientTape does not carry a scope over to
 gradient ops, so each writes its gradient out in a scope of its own (layers.norm, layers.block). The attention
-softmax stays oneDNN's float32 one: in a scope it measured 0.972-0.980x at Ti/16 (BENCHMARKS.md, 2026-12-05)."""
+softmax stays oneDNN's float32 one: in a scope it measured 0.972-0.980x at Ti/16 on the Zen 4 (BENCHMARKS.md,
+2026-12-05). On an AMX CPU the step also takes `amx_scoped`'s forms: each GEMM's bias after a reshape with a GEMM
+for its gradient, oneDNN's softmax in bf16 with its gradient in a scope, the MLP's first bias in its activation's."""
 from __future__ import annotations
 
 import contextlib
@@ -79,8 +81,72 @@ def separate_bias(x, training) -> bool:
     return forced == "1" if forced in ("0", "1") else _on_amx_cpu()
 
 
+def amx_scoped(x, training) -> bool:
+    """`separate_bias` in the scoped step (`scoped`): where the attention softmax runs in the compute dtype
+    (`softmax_with_scoped_gradient`) and the MLP's first bias joins its activation's scope (layers.block;
+    B/16 1.020x, Ti/16 level, on the AMX Xeon: bench.train_ab --without mlp-bias-in-activation)."""
+    return separate_bias(x, training) and scoped(training, x.dtype)
+
+
+def softmax_with_scoped_gradient(logits, training):
+    """Softmax over the last axis in the logits' dtype, its gradient (g - sum(g y)) y in float32 in an XLA scope.
+
+    Why: the float32 softmax casts the (B, heads, S, S) logits up and the probabilities down, and TensorFlow's
+    gradient runs Mul, Sum, Sub, Mul and two more casts over them, op by op: 53 ms of a 392 ms Ti/16 scoped
+    step on the AMX Xeon. oneDNN's bf16 softmax computes in float32 inside and rounds once, as the cast did;
+    the gradient reads y and g once in one fused pass. Ti/16 scoped step on the AMX Xeon 1.063x, B/16 1.057x
+    (bench.train_ab --without softmax-compute-dtype, BENCHMARKS.md, 2026-12-05). Not measured on other kinds.
+    """
+
+    @ops.custom_gradient
+    def softmax(x):
+        y = ops.softmax(x, axis=-1)
+
+        def grad(*args, upstream=None):
+            if upstream is None:
+                (upstream,) = args
+            with fused_elementwise(training, x.dtype):
+                g, p = ops.cast(upstream, "float32"), ops.cast(y, "float32")
+                return ops.cast((g - ops.sum(g * p, axis=-1, keepdims=True)) * p, x.dtype)
+
+        return y, grad
+
+    return softmax(logits)
+
+
+def bias_gradient(upstream):
+    """The gradient of a bias added over (..., features): `upstream` summed over all but its last axis, as one GEMM
+    (ones (1, tokens) @ upstream (tokens, features)) in upstream's dtype.
+
+    Why: TensorFlow's BiasAddGrad (and the Sum of a broadcast add's gradient) on bf16 runs op by op in Eigen and
+    accumulates in bf16: 6.4% off a float64 reference for a Ti/16 MLP bias (3152 tokens); oneDNN's AMX GEMM
+    accumulates in float32 (0.23% off, its result rounded to bf16 once), at the same step time (Ti/16 scoped:
+    1.000x, bench.train_ab --without bias-gradient-gemm).
+    """
+    d = upstream.shape[-1]
+    rows = ops.reshape(upstream, (-1, d))
+    ones = ops.ones((1, ops.shape(rows)[0]), upstream.dtype)
+    return ops.reshape(ops.matmul(ones, rows), (d,))
+
+
+def add_bias(y, bias):
+    """`y + bias` (the bias cast to y's dtype) whose bias gradient is `bias_gradient`'s GEMM."""
+
+    @ops.custom_gradient
+    def biased(t, b):
+        def grad(*args, upstream=None):
+            if upstream is None:
+                (upstream,) = args
+            return upstream, ops.cast(bias_gradient(upstream), b.dtype)
+
+        return t + ops.cast(b, t.dtype), grad
+
+    return biased(y, ops.cast(bias, bias.dtype))  # a tensor: a variable read inside would need `variables`
+
+
 def bias_after_reshape(y, shape, bias):
-    """`ops.reshape(y, shape) + bias` for a GEMM output `y`, where `separate_bias`.
+    """`ops.reshape(y, shape) + bias` for a GEMM output `y`, where `separate_bias`; the bias gradient by
+    `bias_gradient`.
 
     Why: grappler fuses a MatMul followed directly by its bias add into `_MklFusedMatMul`, whose oneDNN inner
     product in bf16 (TensorFlow 2.21's oneDNN 3.7.3, with the plain weights TensorFlow hands it) runs `gemm:jit`,
@@ -88,4 +154,4 @@ def bias_after_reshape(y, shape, bias):
     91.5 of a Ti/16 step's 222 oneDNN ms (BENCHMARKS.md, 2026-12-05). A Reshape between them leaves the MatMul
     alone, and the add goes with the element-wise work after it. Inference, and so every export, keeps MatMul + Add.
     """
-    return ops.reshape(y, shape) + ops.cast(bias, y.dtype)
+    return add_bias(ops.reshape(y, shape), bias)
