@@ -81,3 +81,51 @@ def layer_norm(norm: layers.LayerNormalization, x, out_dtype, training=None, sca
         gamma, beta = gamma * scale, beta * scale
     y = fn(ops.reshape(x, (-1, d)), gamma, beta)
     return ops.reshape(y, (-1,) + tuple(shape[1:]) if isinstance(shape, tuple) else shape)
+
+
+def _scoped_residual_layer_norm_with_gradient(norm: layers.LayerNormalization, out_dtype, scope):
+    """(x, y) on (tokens, features) -> (s, LN(s)) with s = x + y in x's dtype, as
+    `_scoped_layer_norm_with_gradient` with the residual add inside the same scope; the gradient of both inputs is
+    s's upstream plus the LayerNorm's input gradient, summed in float32 in the gradient's scope (TensorFlow's AddN
+    of the two in bf16 otherwise)."""
+
+    @ops.custom_gradient
+    def residual_layer_norm(x, y, gamma, beta):
+        with scope():
+            total = x + y
+            h = ops.cast(total, "float32")
+            centred = h - ops.mean(h, axis=-1, keepdims=True)
+            r = ops.rsqrt(ops.mean(centred * centred, axis=-1, keepdims=True) + norm.epsilon)
+            xhat = centred * r
+            out = ops.cast(xhat * gamma + beta, out_dtype)
+
+        def grad(*upstreams, **_):
+            d_total, d_out = upstreams
+            with scope():
+                dy = ops.cast(d_out, "float32")
+                dxhat = dy * gamma
+                dx = r * (dxhat - ops.mean(dxhat, axis=-1, keepdims=True)
+                          - xhat * ops.mean(dxhat * xhat, axis=-1, keepdims=True))
+                dx = ops.cast(dx + ops.cast(d_total, "float32"), x.dtype)
+                return dx, dx, ops.sum(dy * xhat, axis=0), ops.sum(dy, axis=0)
+
+        return (total, out), grad
+
+    return residual_layer_norm
+
+
+def residual_layer_norm(norm: layers.LayerNormalization, x, y, out_dtype, training=None):
+    """(x + y, `layer_norm` of it): the block's residual add and the LayerNorm after it. Where
+    layers.fusion.amx_scoped, the add joins the LayerNorm's XLA scope and its gradient the LayerNorm gradient's."""
+    from keras_vit.layers.fusion import amx_scoped, fused_elementwise
+
+    if not amx_scoped(x, training):
+        total = x + y
+        return total, layer_norm(norm, total, out_dtype, training)
+    d = x.shape[-1]
+    shape = tuple(x.shape) if all(n is not None for n in x.shape[1:]) else ops.shape(x)
+    fn = _scoped_residual_layer_norm_with_gradient(norm, out_dtype, lambda: fused_elementwise(training, out_dtype))
+    total, out = fn(ops.reshape(x, (-1, d)), ops.reshape(y, (-1, d)), ops.cast(norm.gamma, "float32"),
+                    ops.cast(norm.beta, "float32"))
+    back = (-1,) + tuple(shape[1:]) if isinstance(shape, tuple) else shape
+    return ops.reshape(total, back), ops.reshape(out, back)
