@@ -10,8 +10,14 @@ import keras
 from keras import layers, ops
 
 from keras_vit.layers.attention import MultiHeadSelfAttention
-from keras_vit.layers.fusion import (amx_scoped, bias_after_reshape, bias_gradient, fused_elementwise,
-                                     half_precision_tf_training, separate_bias)
+from keras_vit.layers.fusion import (
+    amx_scoped,
+    bias_after_reshape,
+    bias_gradient,
+    fused_elementwise,
+    half_precision_tf_training,
+    separate_bias,
+)
 from keras_vit.layers.norm import layer_norm, residual_layer_norm
 
 _REG = keras.saving.register_keras_serializable(package="keras_vit")
