@@ -68,7 +68,8 @@ def _undo(change: str) -> None:
     elif change == "gelu-gradient":
         import keras_vit.layers.block as block
 
-        block.gelu = lambda x, approximate=True, training=None: block.ops.gelu(x, approximate=approximate)
+        block.gelu = lambda x, approximate=True, training=None, bias=None: block.ops.gelu(
+            x if bias is None else x + block.ops.cast(bias, x.dtype), approximate=approximate)
     elif change == "ln-gradient":
         import keras_vit.layers.block as block
         from keras_vit.layers.fusion import fused_elementwise
