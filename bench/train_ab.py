@@ -25,9 +25,7 @@ Changes (`--without`):
 - `mlp-bias-in-activation` (AMX, `--jit scoped`): the MLP's first bias added by its Dense layer after the reshape
   (as built, in the activation's scope with its gradient, `layers.block.activate(..., bias=)`);
 - `bias-gradient-gemm` (AMX): the biases' gradients as TensorFlow's bf16 Sum / BiasAddGrad (as built, one GEMM each,
-  `layers.fusion.bias_gradient`);
-- `residual-in-ln-scope` (AMX, `--jit scoped`): the block's first residual add as a TensorFlow op (as built, in the
-  second LayerNorm's XLA scope with its gradient, `layers.norm.residual_layer_norm`).
+  `layers.fusion.bias_gradient`).
 
 Each variant runs in its own process (the `fusible` XLA flags are per process), alternately:
   python -m bench.train_ab --without gelu-gradient --variant B/16 --rounds 3 --steps 6
@@ -55,7 +53,7 @@ from typing import List, Optional
 
 CHANGES = ("class-token-block", "gelu-gradient", "ln-gradient", "activation-gradient",
            "relative-gather", "qk-norm-scope", "patch-matmul", "bias-after-reshape", "softmax-compute-dtype",
-           "mlp-bias-in-activation", "bias-gradient-gemm", "residual-in-ln-scope")
+           "mlp-bias-in-activation", "bias-gradient-gemm")
 
 
 def _undo(change: str) -> None:
@@ -126,13 +124,6 @@ def _undo(change: str) -> None:
 
         fusion.add_bias = lambda y, bias: y + fusion.ops.cast(bias, y.dtype)
         block.bias_gradient = lambda u: fusion.ops.sum(fusion.ops.reshape(u, (-1, u.shape[-1])), axis=0)
-    elif change == "residual-in-ln-scope":
-        import keras_vit.layers.block as block
-
-        def residual_layer_norm(norm, x, y, out_dtype, training=None):
-            return x + y, block.layer_norm(norm, x + y, out_dtype, training)
-
-        block.residual_layer_norm = residual_layer_norm
 
 
 def bf16_training_model(variant: str, batch_size: int, image_size: int = 224, without: str = "",

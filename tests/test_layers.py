@@ -376,41 +376,6 @@ def test_softmax_with_scoped_gradient_is_softmax_and_its_gradient(rng):
     assert np.linalg.norm(tf.cast(gb, tf.float32).numpy() - ref_g.numpy()) <= 2e-2 * np.linalg.norm(ref_g.numpy())
 
 
-def test_residual_layer_norm_written_out_has_the_add_and_layer_norm_gradients(rng):
-    """layers.norm's residual LayerNorm (the AMX scoped step's first residual add in the LayerNorm's scope): in
-    float32 (x + y, LN(x + y)) and, with upstream gradients on both outputs, the gradients of x, y, gamma and beta
-    that TensorFlow's autodiff of the plain add and Keras' LayerNormalization give."""
-    import contextlib
-
-    import tensorflow as tf
-
-    from keras_vit.layers.norm import _scoped_residual_layer_norm_with_gradient
-
-    norm = keras.layers.LayerNormalization(epsilon=1e-6)
-    norm.build((None, 24))
-    norm.gamma.assign(rng.normal(size=24))
-    norm.beta.assign(rng.normal(size=24))
-    x, y, d_total, d_out = (tf.constant(rng.normal(scale=2.0, size=(40, 24)).astype("float32")) for _ in range(4))
-    gamma, beta = tf.convert_to_tensor(norm.gamma), tf.convert_to_tensor(norm.beta)
-    fn = _scoped_residual_layer_norm_with_gradient(norm, "float32", contextlib.nullcontext)
-
-    def reference(a, b, g, c):
-        total = a + b
-        mean, var = tf.nn.moments(total, axes=[-1], keepdims=True)
-        return total, (total - mean) * tf.math.rsqrt(var + 1e-6) * g + c
-
-    results = []
-    for f in (fn, reference):
-        with tf.GradientTape() as tape:
-            tape.watch([x, y, gamma, beta])
-            total, out = f(x, y, gamma, beta)
-        results.append([total, out] + tape.gradient([total, out], [x, y, gamma, beta],
-                                                    output_gradients=[d_total, d_out]))
-    np.testing.assert_allclose(results[0][1].numpy(), norm(x + y).numpy(), rtol=1e-5, atol=1e-5)
-    for got, want in zip(*results):
-        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-4, atol=1e-4)
-
-
 def _gelu_and_gradient_fp32(x, upstream, approximate):
     import tensorflow as tf
 
