@@ -254,12 +254,16 @@ class MlpBlock(layers.Layer):
         shape = tuple(x.shape) if all(n is not None for n in x.shape[1:]) else ops.shape(x)
         if separate_bias(x, training):
             return self.dropout(self._apart(x, shape, training), training=training)
-        h = self.dense_0(ops.reshape(x, (-1, d)))
-        h = swiglu(h, self.mlp_dim, training) if self.kind == "swiglu" else activate(
-            h, self.activation, self.gelu_approximate, training)
+        h = self._nonlinearity(self.dense_0(ops.reshape(x, (-1, d))), training)
         h = self.dense_1(self.dropout(h, training=training))
         return self.dropout(ops.reshape(h, (-1,) + tuple(shape[1:]) if isinstance(shape, tuple) else shape),
                             training=training)
+
+    def _nonlinearity(self, h, training, bias=None):
+        """SwiGLU, or the activation (`bias`, a float32 bias h lacks, for the activation only: `activate`)."""
+        if self.kind == "swiglu":
+            return swiglu(h, self.mlp_dim, training)
+        return activate(h, self.activation, self.gelu_approximate, training, bias=bias)
 
     def _apart(self, x, shape, training):
         """The MLP with each GEMM alone and its bias after a reshape (layers.fusion.bias_after_reshape); in the
@@ -267,10 +271,7 @@ class MlpBlock(layers.Layer):
         property carries LoRA's update where enabled; quantized layers keep their call, on rank-3 inputs
         (tensordot's reshape comes before the bias there)."""
         if self.dense_0.quantization_mode is not None or self.dense_1.quantization_mode is not None:
-            h = self.dense_0(x)
-            h = swiglu(h, self.mlp_dim, training) if self.kind == "swiglu" else activate(
-                h, self.activation, self.gelu_approximate, training)
-            return self.dense_1(self.dropout(h, training=training))
+            return self.dense_1(self.dropout(self._nonlinearity(self.dense_0(x), training), training=training))
 
         def gemm(dense, t):
             return ops.matmul(ops.reshape(t, (-1, t.shape[-1])), ops.cast(dense.kernel, t.dtype))
@@ -282,12 +283,9 @@ class MlpBlock(layers.Layer):
         width = self.dense_0.units
         h = gemm(self.dense_0, x)
         if self.kind != "swiglu" and amx_scoped(x, training):
-            h = activate(ops.reshape(h, tokens(width)), self.activation, self.gelu_approximate, training,
-                         bias=ops.cast(self.dense_0.bias, "float32"))
+            h = self._nonlinearity(ops.reshape(h, tokens(width)), training, bias=ops.cast(self.dense_0.bias, "float32"))
         else:
-            h = bias_after_reshape(h, tokens(width), self.dense_0.bias)
-            h = swiglu(h, self.mlp_dim, training) if self.kind == "swiglu" else activate(
-                h, self.activation, self.gelu_approximate, training)
+            h = self._nonlinearity(bias_after_reshape(h, tokens(width), self.dense_0.bias), training)
         h = self.dropout(h, training=training)
         return bias_after_reshape(gemm(self.dense_1, h), tokens(self.dense_1.units), self.dense_1.bias)
 
