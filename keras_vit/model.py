@@ -20,6 +20,7 @@ from keras_vit.layers import (
     RegisterTokens,
     TokenPooling,
     TransformerBlock,
+    fusion,
     preprocessing_scale_offset,
 )
 from keras_vit.resnet import ResNetStem
@@ -139,6 +140,12 @@ class VisionTransformer(keras.Model):
             kwargs["jit_compile"] = precision.model_jit_compile(
                 self.dtype_policy.name, backend, precision.detect_hardware(backend))
         super().compile(*args, **kwargs)
+
+    def train_step(self, *args, **kwargs):
+        """Keras' own, traced knowing whether the step is XLA-compiled whole: on an AMX CPU float32 then keeps
+        TensorFlow's own forms, and in graph mode takes the scoped step's (keras_vit.layers.fusion.float32_scoped)."""
+        with fusion.whole_step_xla(self.jit_compile is True):
+            return super().train_step(*args, **kwargs)
 
     def get_compile_config(self) -> Optional[dict]:
         """Keras' own, with "auto" kept as the jit_compile asked for (resolved again where the model

@@ -208,7 +208,11 @@ def resolve(mixed_precision: str, jit_compile, gflop_per_step: float, backend: s
         reasons.append(why)
     if jit_compile == "auto":
         on_tf_cpu = backend == "tensorflow" and hardware.device == "cpu"
-        if on_tf_cpu and mixed_precision == "mixed_bfloat16":
+        if on_tf_cpu and mixed_precision == "none" and hardware.cpu_bf16 == "amx_bf16":
+            # graph mode 1.03x (Ti/16) and 1.13x (B/16) whole-step XLA in float32 on the AMX Xeon (BENCHMARKS.md, 2026-12-05)
+            jit_compile = "scoped"
+            reasons.append("oneDNN's float32 matmuls (faster than XLA's on AMX), XLA around the blocks' element-wise work")
+        elif on_tf_cpu and mixed_precision == "mixed_bfloat16":
             if hardware.cpu_bf16 == "amx_bf16":
                 # scoped 1.05-1.18x fusible at Ti/16 and B/16 in every round on the AMX Xeon (BENCHMARKS.md, 2026-12-05)
                 jit_compile = "scoped"
@@ -248,11 +252,12 @@ def model_jit_compile(policy: str, backend: str, hardware: Hardware) -> bool:
 
     XLA wherever it is the fast path, CPUs included (Keras' own "auto" turns it off on TensorFlow
     CPUs). On a TensorFlow CPU in bf16/fp16, graph mode: there oneDNN runs the low-precision GEMMs,
-    which XLA:CPU runs no faster than fp32. torch keeps Keras' choice (no torch.compile).
+    which XLA:CPU runs no faster than fp32; on an AMX CPU in float32 too, where oneDNN's float32 GEMMs
+    outrun XLA's (layers.fusion.float32_scoped). torch keeps Keras' choice (no torch.compile).
     """
     if backend == "torch":
         return False
-    if backend == "tensorflow" and hardware.device == "cpu" and policy != "float32":
+    if backend == "tensorflow" and hardware.device == "cpu" and (policy != "float32" or hardware.cpu_bf16 == "amx_bf16"):
         return False
     return not mirrored_on_cpus()
 

@@ -41,7 +41,10 @@ TPU = P.Hardware("tpu")
     (("auto", "auto", 6.0, "tensorflow", AMX), ("mixed_bfloat16", "scoped")),  # AMX pays back sooner; scoped there
     (("mixed_bfloat16", "auto", 40.0, "tensorflow", AMX), ("mixed_bfloat16", "scoped")),
     (("mixed_float16", "auto", 40.0, "tensorflow", AMX), ("mixed_float16", "xla")),
-    (("auto", "auto", 0.6, "tensorflow", AMX), ("none", "xla")),
+    (("auto", "auto", 0.6, "tensorflow", AMX), ("none", "scoped")),  # float32 on AMX: oneDNN's GEMMs, graph mode
+    (("none", "auto", 40.0, "tensorflow", AMX), ("none", "scoped")),
+    (("none", "xla", 40.0, "tensorflow", AMX), ("none", "xla")),  # whole-step XLA on request
+    (("none", "auto", 40.0, "torch", AMX), ("none", "none")),
     (("auto", "auto", 40.0, "tensorflow", PLAIN_CPU), ("none", "xla")),  # no native bf16
     (("auto", "auto", 40.0, "jax", AMX), ("none", "xla")),  # XLA:CPU bf16 dots are not faster
     (("auto", "auto", 0.6, "tensorflow", A100), ("mixed_bfloat16", "xla")),
@@ -162,7 +165,15 @@ def test_bf16_graph_training_clusters_the_blocks_elementwise_work(monkeypatch):
     assert "Tanh" in marked and "Rsqrt" in marked and "MatMul" not in marked and "BatchMatMulV2" not in marked
     assert "Softmax" not in marked  # oneDNN's float32 softmax: faster than a scope of its own at Ti/16
     assert scoped_ops(bf16, False) == []  # inference: every export traces this
-    assert scoped_ops("float32", True) == []
+    from keras_vit.layers import fusion
+
+    monkeypatch.setattr(fusion, "_on_amx_cpu", lambda: False)
+    assert scoped_ops("float32", True) == []  # float32 trains with the whole step in XLA, off AMX
+    monkeypatch.setattr(fusion, "_on_amx_cpu", lambda: True)
+    marked = scoped_ops("float32", True)  # on AMX: graph mode with the scopes (fusion.float32_scoped)
+    assert "Tanh" in marked and "Rsqrt" in marked and "MatMul" not in marked
+    with fusion.whole_step_xla(True):  # model.compile(jit_compile=True): TensorFlow's own forms, no scopes
+        assert scoped_ops("float32", True) == []
     assert scoped_ops(bf16, True, "--tf_xla_auto_jit=2 --tf_xla_ops_to_cluster=FUSIBLE") == []  # clusters itself
     monkeypatch.setenv("KERAS_VIT_XLA_SCOPES", "0")  # vitcli train --jit none: no XLA at all
     assert scoped_ops(bf16, True) == []
@@ -262,6 +273,90 @@ def test_a_run_with_jit_none_or_scoped_switches_the_scopes_for_its_duration(monk
     with _speed_settings("mixed_bfloat16", "scoped"):
         assert os.environ[SCOPES_ENV] == "1" and "--tf_xla_auto_jit" not in os.environ.get("TF_XLA_FLAGS", "")
     assert os.environ[SCOPES_ENV] == "0"
+
+
+@pytest.mark.parametrize("options,call", SCOPED_OPTIONS, ids=lambda o: ",".join(o) or "-")
+def test_float32_scoped_step_on_amx_equals_tensorflows_own_forms(monkeypatch, options, call):
+    """Float32 training on an AMX CPU in graph mode takes the scoped step's forms (layers.fusion.float32_scoped:
+    XLA scopes, written-out gradients, biases after a reshape): values and gradients equal TensorFlow's own forms
+    to float32 rounding, for every block option; under whole-step XLA (`whole_step_xla`) and off AMX, none."""
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from keras_vit.layers import fusion
+    from keras_vit.layers.block import TransformerBlock
+
+    monkeypatch.setenv("TF_XLA_FLAGS", "")
+    monkeypatch.delenv(fusion.BIAS_APART_ENV, raising=False)
+    rng = np.random.default_rng(2)
+    x = tf.constant(rng.normal(size=(2, 5, 8)), tf.float32)
+    block = TransformerBlock(num_heads=2, mlp_dim=16, dtype="float32", **options)
+    block(x)
+    for v in block.trainable_variables:
+        v.assign(rng.normal(size=v.shape) * 0.5)
+    weights = tf.constant(rng.normal(size=block(x, **call).shape), tf.float32)
+
+    def traced(amx: bool, whole_step_xla: bool = False):
+        monkeypatch.setattr(fusion, "_on_amx_cpu", lambda: amx)
+
+        @tf.function
+        def step(t):
+            with tf.GradientTape() as tape:
+                tape.watch(t)
+                y = block(t, training=True, **call)
+                loss = tf.reduce_sum(y * weights)
+            return [y] + tape.gradient(loss, [t] + block.trainable_variables)
+
+        with fusion.whole_step_xla(whole_step_xla):
+            graph = step.get_concrete_function(x).graph
+            return step(x), [op.type for op in graph.get_operations() if _xla_compile(op)], _matmul_consumers(graph)
+
+    (scoped, marked, consumers), (own, unmarked, fused) = traced(True), traced(False)
+    assert marked and "Rsqrt" in marked and not unmarked
+    assert not {"Add", "AddV2", "BiasAdd"} & set(consumers) and {"Add", "AddV2", "BiasAdd"} & set(fused)
+    assert not traced(True, whole_step_xla=True)[1]
+    # key_bias's gradient is zero in exact arithmetic: each is measured against the largest norm's millionth too
+    names = ["output", "input"] + [v.path for v in block.trainable_variables]
+    largest = max(float(tf.norm(b)) for b in own)
+    for name, a, b in zip(names, scoped, own):
+        assert float(tf.norm(a - b)) <= 1e-4 * max(float(tf.norm(b)), 1e-2 * largest), name
+    assert keras.backend.standardize_dtype(scoped[0].dtype) == "float32"
+
+
+def test_vit_float32_on_amx_compiles_to_graph_mode_with_the_scopes(monkeypatch):
+    """The notebook path in float32 on an AMX CPU: `compile(optimizer, loss)` picks graph mode (oneDNN's float32
+    GEMMs, the blocks' scopes); `jit_compile=True` keeps whole-step XLA, its train step traced without the scopes.
+    Both train, and from the same weights agree after a step."""
+    import keras
+    import numpy as np
+
+    import keras_vit
+    from keras_vit import precision
+    from keras_vit.layers import fusion
+
+    monkeypatch.setenv("TF_XLA_FLAGS", "")
+    monkeypatch.setattr(fusion, "_on_amx_cpu", lambda: True)
+    monkeypatch.setattr(precision, "detect_hardware", lambda backend: precision.Hardware("cpu", "amx_bf16"))
+    seen = []
+    real = fusion.float32_scoped
+    monkeypatch.setattr(fusion, "float32_scoped", lambda: seen.append(real()) or seen[-1])
+    rng = np.random.default_rng(0)
+    x, y = rng.uniform(0, 255, (4, 32, 32, 3)).astype("float32"), rng.integers(0, 3, 4)
+    models = []
+    for jit in ("auto", True):
+        keras.utils.set_random_seed(0)
+        model = keras_vit.ViT(variant="Ti/16", image_size=32, patch_size=8, num_layers=2, hidden_size=32,
+                              num_heads=2, mlp_dim=64, num_classes=3)
+        model.compile(optimizer=keras.optimizers.SGD(0.01), jit_compile=jit,
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        assert model.jit_compile is (jit is True)
+        seen.clear()
+        model.train_on_batch(x, y)
+        assert seen and all(seen) is (jit == "auto")
+        models.append(model)
+    for a, b in zip(*(m.trainable_variables for m in models)):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-5)
 
 
 def _matmul_consumers(graph) -> list:

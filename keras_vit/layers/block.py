@@ -15,8 +15,8 @@ from keras_vit.layers.fusion import (
     bias_after_reshape,
     bias_gradient,
     fused_elementwise,
-    half_precision_tf_training,
     separate_bias,
+    tf_training_forms,
 )
 from keras_vit.layers.norm import layer_norm
 
@@ -181,11 +181,12 @@ def gelu(x, approximate: bool = True, training=None, bias=None):
     """`ops.gelu`; in bf16/fp16 training on TensorFlow, the form with the cheaper gradient above.
 
     In float32 under XLA (the small-model default) TensorFlow's own gradient is faster (measured
-    -13% with this one at ViT-Ti/16), so float32 keeps it. Inference, and so every exported
+    -13% with this one at ViT-Ti/16), so float32 keeps it, but for its scoped step on an AMX CPU
+    (layers.fusion.float32_scoped, `tf_training_forms`). Inference, and so every exported
     file, keeps `ops.gelu`'s graph, which onnxruntime and the TFLite converter fuse; JAX and
     torch keep their own autodiff of it. `bias` (float32), where given, is added first (`activate`).
     """
-    if half_precision_tf_training(x, training):
+    if tf_training_forms(x, training):
         scope = lambda: fused_elementwise(training, x.dtype)  # noqa: E731
         return (_gelu_with_input_gradient(approximate, scope)(x) if bias is None
                 else _gelu_with_input_gradient(approximate, scope, bias=True)(x, bias))
@@ -199,7 +200,7 @@ def activate(x, activation: str = "gelu", approximate: bool = True, training=Non
     TensorFlow takes the recomputed-gradient form, as the GELU does. `bias` (float32), where given,
     is the GEMM's bias x lacks: added first, in the activation's scope and gradient in bf16 training."""
     if activation == "quick_gelu":
-        if half_precision_tf_training(x, training):
+        if tf_training_forms(x, training):
             scope = lambda: fused_elementwise(training, x.dtype)  # noqa: E731
             return (_quick_gelu_with_input_gradient(scope)(x) if bias is None
                     else _quick_gelu_with_input_gradient(scope, bias=True)(x, bias))
@@ -210,7 +211,7 @@ def activate(x, activation: str = "gelu", approximate: bool = True, training=Non
 def swiglu(h, mlp_dim: int, training=None):
     """silu(h[..., :mlp_dim]) * h[..., mlp_dim:] on (..., 2 mlp_dim); bf16/fp16 training on TensorFlow
     takes the recomputed-gradient form, as the GELU does."""
-    if half_precision_tf_training(h, training):
+    if tf_training_forms(h, training):
         return _swiglu_with_input_gradient(mlp_dim, lambda: fused_elementwise(training, h.dtype))(h)
     return _swiglu(h, mlp_dim)
 

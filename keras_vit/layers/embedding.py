@@ -10,7 +10,7 @@ import numpy as np
 from keras import layers, ops
 
 from keras_vit.config import INIT_STD
-from keras_vit.layers.fusion import bias_after_reshape, half_precision_tf_training, separate_bias
+from keras_vit.layers.fusion import bias_after_reshape, separate_bias, tf_training_forms
 
 _REG = keras.saving.register_keras_serializable(package="keras_vit")
 
@@ -35,7 +35,7 @@ class PatchEmbedding(layers.Layer):
         self.built = True
 
     def call(self, images, training=None):
-        if (half_precision_tf_training(images, training) and None not in images.shape[1:3]
+        if (tf_training_forms(images, training) and None not in images.shape[1:3]
                 and self.projection.quantization_mode is None):  # a quantized Conv2D keeps its own call
             x = self._patches_times_kernel(images)
         else:

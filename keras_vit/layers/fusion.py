@@ -5,12 +5,14 @@ LayerNorms and the MLP's activation (GELU, quick_gelu, SwiGLU). GradientTape doe
 gradient ops, so each writes its gradient out in a scope of its own (layers.norm, layers.block). The attention
 softmax stays oneDNN's float32 one: in a scope it measured 0.972-0.980x at Ti/16 on the Zen 4 (BENCHMARKS.md,
 2026-12-05). On an AMX CPU the step also takes `amx_scoped`'s forms: each GEMM's bias after a reshape with a GEMM
-for its gradient, oneDNN's softmax in bf16 with its gradient in a scope, the MLP's first bias in its activation's."""
+for its gradient, oneDNN's softmax in bf16 with its gradient in a scope, the MLP's first bias in its activation's;
+and float32 training there runs this scoped step too, in graph mode, not XLA-compiled whole (`float32_scoped`)."""
 from __future__ import annotations
 
 import contextlib
 import functools
 import os
+import threading
 
 import keras
 from keras import ops
@@ -24,7 +26,7 @@ def scoped(training, compute_dtype) -> bool:
     """Whether `fused_elementwise` gives an XLA scope here (see there)."""
     if not training or keras.backend.backend() != "tensorflow" or os.environ.get(SCOPES_ENV) == "0":
         return False
-    if keras.backend.standardize_dtype(compute_dtype) == "float32":
+    if keras.backend.standardize_dtype(compute_dtype) == "float32" and not float32_scoped():
         return False
     import tensorflow as tf
 
@@ -33,6 +35,30 @@ def scoped(training, compute_dtype) -> bool:
     from keras_vit.precision import mirrored_on_cpus
 
     return not mirrored_on_cpus()
+
+
+_STEP = threading.local()
+
+
+@contextlib.contextmanager
+def whole_step_xla(on: bool):
+    """Marks the training step traced inside as XLA-compiled whole (`model.compile(jit_compile=True)`,
+    keras_vit.model.ViT.train_step): there float32 keeps TensorFlow's own forms (`float32_scoped`)."""
+    before = getattr(_STEP, "xla", False)
+    _STEP.xla = bool(on)
+    try:
+        yield
+    finally:
+        _STEP.xla = before
+
+
+def float32_scoped() -> bool:
+    """Whether float32 training takes the scoped step (its XLA scopes and written-out gradients, `tf_training_forms`):
+    on an AMX CPU, in a step not XLA-compiled whole. There oneDNN's float32 GEMMs in graph mode outrun XLA's own
+    (QKV 268 against 230 GFLOP/s at B/16): a float32 step in graph mode with the scopes ran 1.03x (Ti/16) and 1.13x
+    (B/16) the whole-step XLA one, level (0.996x) at the digits demo's size (BENCHMARKS.md, 2026-12-05). Elsewhere
+    float32 trains with the whole step in XLA (`keras_vit.precision.model_jit_compile`)."""
+    return _on_amx_cpu() and not getattr(_STEP, "xla", False)
 
 
 def fused_elementwise(training, compute_dtype):
@@ -52,11 +78,13 @@ def fused_elementwise(training, compute_dtype):
     return tf.xla.experimental.jit_scope()
 
 
-def half_precision_tf_training(x, training) -> bool:
-    """Bf16/fp16 training on TensorFlow (`x` in the compute dtype): where the training-only forms of the
-    blocks' activations (layers.block) and of the patch embedding (layers.embedding) are used."""
-    return bool(training and keras.backend.backend() == "tensorflow"
-                and keras.backend.standardize_dtype(x.dtype) != "float32")
+def tf_training_forms(x, training) -> bool:
+    """TensorFlow training in bf16/fp16 (`x` in the compute dtype), or in float32 in the scoped step
+    (`float32_scoped`): where the training-only forms of the blocks' activations (layers.block), of the patch
+    embedding (layers.embedding) and of the GEMMs' biases (`separate_bias`) are used."""
+    if not (training and keras.backend.backend() == "tensorflow"):
+        return False
+    return keras.backend.standardize_dtype(x.dtype) != "float32" or scoped(training, x.dtype)
 
 
 # "1" / "0" forces `separate_bias` on / off on any hardware (to measure it where `auto` leaves it off).
@@ -73,9 +101,10 @@ def _on_amx_cpu() -> bool:
 
 def separate_bias(x, training) -> bool:
     """Whether the GEMMs on `x` add their bias after a reshape (`bias_after_reshape`, see there): in bf16/fp16
-    training on TensorFlow on an AMX CPU; the MLP's Dense layers then run on rank-3 inputs (tf.tensordot's
-    reshapes). Elsewhere it is unmeasured: the AMD kind, and GPUs (whose fused bias is cuBLAS's epilogue)."""
-    if not half_precision_tf_training(x, training):
+    training on TensorFlow on an AMX CPU, and in its float32 scoped step (`float32_scoped`); the MLP's Dense
+    layers then run on rank-3 inputs (tf.tensordot's reshapes). Elsewhere it is unmeasured: the AMD kind, and GPUs
+    (whose fused bias is cuBLAS's epilogue)."""
+    if not tf_training_forms(x, training):
         return False
     forced = os.environ.get(BIAS_APART_ENV)
     return forced == "1" if forced in ("0", "1") else _on_amx_cpu()
