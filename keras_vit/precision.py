@@ -211,7 +211,7 @@ def resolve(mixed_precision: str, jit_compile, gflop_per_step: float, backend: s
         if on_tf_cpu and mixed_precision == "none" and hardware.cpu_bf16 == "amx_bf16":
             # graph mode 1.03x (Ti/16) and 1.13x (B/16) whole-step XLA in float32 on the AMX Xeon (BENCHMARKS.md, 2026-12-05)
             jit_compile = "scoped"
-            reasons.append("oneDNN's float32 matmuls (faster than XLA's on AMX), XLA around the blocks' element-wise work")
+            reasons.append("float32 matmuls in graph mode (faster than XLA's on AMX), XLA around the blocks' element-wise work")
         elif on_tf_cpu and mixed_precision == "mixed_bfloat16":
             if hardware.cpu_bf16 == "amx_bf16":
                 # scoped 1.05-1.18x fusible at Ti/16 and B/16 in every round on the AMX Xeon (BENCHMARKS.md, 2026-12-05)
