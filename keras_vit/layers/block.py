@@ -196,9 +196,10 @@ def gelu(x, approximate: bool = True, training=None, bias=None):
 def activate(x, activation: str = "gelu", approximate: bool = True, training=None, bias=None):
     """The MLP's nonlinearity: "gelu" (see `gelu`) or "quick_gelu", x sigmoid(1.702 x) (OpenAI CLIP),
     in the compute dtype like ops.gelu. Written Mul(x, Sigmoid(Mul(x, 1.702))), the operand order
-    onnxruntime's QuickGelu fusion reads (the constant first crashes it). Bf16/fp16 training on
-    TensorFlow takes the recomputed-gradient form, as the GELU does. `bias` (float32), where given,
-    is the GEMM's bias x lacks: added first, in the activation's scope and gradient in bf16 training."""
+    onnxruntime's QuickGelu fusion reads (the constant first crashes it). TensorFlow training where
+    `tf_training_forms` (bf16/fp16; float32's scoped step on AMX) takes the recomputed-gradient form, as the GELU
+    does. `bias` (float32), where given, is the GEMM's bias x lacks: added first, in the activation's scope and
+    gradient in that form."""
     if activation == "quick_gelu":
         if tf_training_forms(x, training):
             scope = lambda: fused_elementwise(training, x.dtype)  # noqa: E731
@@ -209,8 +210,8 @@ def activate(x, activation: str = "gelu", approximate: bool = True, training=Non
 
 
 def swiglu(h, mlp_dim: int, training=None):
-    """silu(h[..., :mlp_dim]) * h[..., mlp_dim:] on (..., 2 mlp_dim); bf16/fp16 training on TensorFlow
-    takes the recomputed-gradient form, as the GELU does."""
+    """silu(h[..., :mlp_dim]) * h[..., mlp_dim:] on (..., 2 mlp_dim); TensorFlow training where `tf_training_forms`
+    (bf16/fp16; float32's scoped step on AMX) takes the recomputed-gradient form, as the GELU does."""
     if tf_training_forms(h, training):
         return _swiglu_with_input_gradient(mlp_dim, lambda: fused_elementwise(training, h.dtype))(h)
     return _swiglu(h, mlp_dim)
