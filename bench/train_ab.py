@@ -25,7 +25,9 @@ Changes (`--without`):
 - `mlp-bias-in-activation` (AMX, `--jit scoped`): the MLP's first bias added by its Dense layer after the reshape
   (as built, in the activation's scope with its gradient, `layers.block.activate(..., bias=)`);
 - `bias-gradient-gemm` (AMX): the biases' gradients as TensorFlow's bf16 Sum / BiasAddGrad (as built, one GEMM each,
-  `layers.fusion.bias_gradient`).
+  `layers.fusion.bias_gradient`);
+- `fused-updates` (AMX; with `--optimizer sgd` or `adamw`): Keras' optimizer updates op by op (as built, one TensorFlow
+  ResourceApplyKerasMomentum / ResourceApplyAdam per variable, `keras_vit.train.updates`).
 
 Each variant runs in its own process (the `fusible` XLA flags are per process), alternately:
   python -m bench.train_ab --without gelu-gradient --variant B/16 --rounds 3 --steps 6
@@ -40,7 +42,8 @@ the N per-pair ratios with its bootstrap 90% interval: a change whose interval e
   python -m bench.train_ab --without patch-matmul --interleave 60
 The training is `model.fit`
 over a repeated tf.data batch, mixed_bfloat16 + fusible (the `vitcli train` default on a CPU
-with native bf16; `--jit scoped`: the blocks' own XLA scopes instead, layers.fusion), SGD momentum.
+with native bf16; `--jit scoped`: the blocks' own XLA scopes instead, layers.fusion), SGD momentum (`--optimizer
+adamw`: AdamW, weight decay 0.05, the `scratch` recipe's).
 """
 from __future__ import annotations
 
@@ -53,7 +56,8 @@ from typing import List, Optional
 
 CHANGES = ("class-token-block", "gelu-gradient", "ln-gradient", "activation-gradient",
            "relative-gather", "qk-norm-scope", "patch-matmul", "bias-after-reshape", "softmax-compute-dtype",
-           "mlp-bias-in-activation", "bias-gradient-gemm")
+           "mlp-bias-in-activation", "bias-gradient-gemm", "fused-updates")
+OPTIMIZERS = ("sgd", "adamw")
 
 
 def _undo(change: str) -> None:
@@ -124,12 +128,18 @@ def _undo(change: str) -> None:
 
         fusion.add_bias = lambda y, bias: y + fusion.ops.cast(bias, y.dtype)
         block.bias_gradient = lambda u: fusion.ops.sum(fusion.ops.reshape(u, (-1, u.shape[-1])), axis=0)
+    elif change == "fused-updates":
+        import os
+
+        from keras_vit.train.updates import FUSED_UPDATES_ENV
+
+        os.environ[FUSED_UPDATES_ENV] = "0"
 
 
 def bf16_training_model(variant: str, batch_size: int, image_size: int = 224, without: str = "",
-                        jit: str = "fusible", options: Optional[dict] = None):
+                        jit: str = "fusible", options: Optional[dict] = None, optimizer: str = "sgd"):
     """(model, images, labels): keras-vit compiled as the `vitcli train` default on a CPU with native
-    bf16 (mixed_bfloat16 + fusible, SGD momentum; `jit="scoped"`: the blocks' XLA scopes instead),
+    bf16 (mixed_bfloat16 + fusible, SGD momentum or `optimizer="adamw"`; `jit="scoped"`: the blocks' XLA scopes instead),
     optionally without one change and with ViT options (`options`, e.g. {"mlp": "swiglu"}); random data.
     Call it before TensorFlow's first function runs in the process (the fusible flags)."""
     from keras_vit import precision
@@ -145,18 +155,19 @@ def bf16_training_model(variant: str, batch_size: int, image_size: int = 224, wi
         _undo(without)
     keras.mixed_precision.set_global_policy("mixed_bfloat16")
     model = keras_vit.ViT(variant, num_classes=10, image_size=image_size, **(options or {}))
-    model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), jit_compile=False)
+    opt = (keras.optimizers.AdamW(1e-3, weight_decay=0.05) if optimizer == "adamw"
+           else keras.optimizers.SGD(0.01, momentum=0.9))
+    model.compile(optimizer=opt, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), jit_compile=False)
     rng = np.random.default_rng(0)
     images = rng.uniform(0, 255, (batch_size, image_size, image_size, 3)).astype("float32")
     return model, images, rng.integers(0, 10, batch_size)
 
 
 def run_one(without: str, variant: str, steps: int, batch_size: int, jit: str = "fusible",
-            options: Optional[dict] = None, image_size: int = 224) -> float:
-    """Median training img/s of `model.fit` (mixed_bfloat16 + `jit`, SGD momentum) in this process."""
+            options: Optional[dict] = None, image_size: int = 224, optimizer: str = "sgd") -> float:
+    """Median training img/s of `model.fit` (mixed_bfloat16 + `jit`, `optimizer`) in this process."""
     model, images, labels = bf16_training_model(variant, batch_size, image_size, without=without, jit=jit,
-                                                options=options)
+                                                options=options, optimizer=optimizer)
     import keras
     import tensorflow as tf
 
@@ -176,7 +187,8 @@ def run_one(without: str, variant: str, steps: int, batch_size: int, jit: str = 
 
 
 def run_interleaved(without: str, variant: str, pairs: int, batch_size: int, jit: str = "fusible",
-                    options: Optional[dict] = None, warmup: int = 5, image_size: int = 224) -> dict:
+                    options: Optional[dict] = None, warmup: int = 5, image_size: int = 224,
+                    optimizer: str = "sgd") -> dict:
     """Both variants in this process, their single steps timed in pairs (A B, then B A, alternately).
 
     The as-built model is built and its training step traced before `_undo(without)` patches the code, so its
@@ -185,10 +197,12 @@ def run_interleaved(without: str, variant: str, pairs: int, batch_size: int, jit
     interval, and each variant's median img/s."""
     import numpy as np
 
-    built, images, labels = bf16_training_model(variant, batch_size, image_size, jit=jit, options=options)
+    built, images, labels = bf16_training_model(variant, batch_size, image_size, jit=jit, options=options,
+                                                optimizer=optimizer)
     for _ in range(warmup):  # traces (and XLA-compiles) the as-built step before anything is undone
         built.train_on_batch(images, labels)
-    other, _, _ = bf16_training_model(variant, batch_size, image_size, without=without, jit=jit, options=options)
+    other, _, _ = bf16_training_model(variant, batch_size, image_size, without=without, jit=jit, options=options,
+                                      optimizer=optimizer)
     for _ in range(warmup):
         other.train_on_batch(images, labels)
 
@@ -242,15 +256,17 @@ def main() -> None:
                         help="fusible: TensorFlow's auto-clustering (vitcli train's default); scoped: the blocks' scopes")
     parser.add_argument("--option", action="append", default=[], metavar="NAME=VALUE",
                         help="a ViT option for both variants, e.g. mlp=swiglu or activation=quick_gelu (repeatable)")
+    parser.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd",
+                        help="sgd: SGD momentum 0.9 (timm's in bench.train); adamw: the scratch recipe's AdamW")
     parser.add_argument("--interleave", type=int, default=0, metavar="N",
                         help="both variants in one process, N pairs of single steps (ABBA); instead of --rounds")
     parser.add_argument("--child", choices=["as-built", "without"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     options = _options(parser, args.option)
-    label = ", ".join([args.jit] + args.option)
+    label = ", ".join([args.jit, args.optimizer] + args.option)
     if args.interleave:
         r = run_interleaved(args.without, args.variant, args.interleave, args.batch_size, args.jit, options,
-                            image_size=args.image_size)
+                            image_size=args.image_size, optimizer=args.optimizer)
         lo, hi = r["ratio_90"]
         print(f"{args.variant} ({label}), {r['pairs']} interleaved pairs of steps: as built {r['as_built_img_s']:.2f} "
               f"img/s, without {args.without} {r['without_img_s']:.2f}: {r['ratio_median']:.3f}x "
@@ -258,7 +274,7 @@ def main() -> None:
         return
     if args.child:
         img_s = run_one(args.without if args.child == "without" else "", args.variant, args.steps, args.batch_size,
-                        args.jit, options, args.image_size)
+                        args.jit, options, args.image_size, args.optimizer)
         print("IMG_S", img_s)
         return
     results = {"as-built": [], "without": []}
@@ -267,7 +283,7 @@ def main() -> None:
             out = subprocess.run([sys.executable, "-m", "bench.train_ab", "--child", name, "--without", args.without,
                                   "--variant", args.variant, "--steps", str(args.steps),
                                   "--batch-size", str(args.batch_size), "--image-size", str(args.image_size),
-                                  "--jit", args.jit]
+                                  "--jit", args.jit, "--optimizer", args.optimizer]
                                  + [f"--option={o}" for o in args.option],
                                  capture_output=True, text=True, check=True)
             img_s = float(next(line for line in out.stdout.splitlines() if line.startswith("IMG_S")).split()[1])

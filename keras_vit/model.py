@@ -24,7 +24,10 @@ from keras_vit.layers import (
     preprocessing_scale_offset,
 )
 from keras_vit.resnet import ResNetStem
-from keras_vit.train import schedules  # noqa: F401  (registers WarmupCosine, named by compiled .keras files)
+from keras_vit.train import (
+    schedules,  # noqa: F401  (registers WarmupCosine, named by compiled .keras files)
+    updates,
+)
 
 
 def _model_name(cfg: ViTConfig) -> str:
@@ -143,8 +146,10 @@ class VisionTransformer(keras.Model):
 
     def train_step(self, *args, **kwargs):
         """Keras' own, traced knowing whether the step is XLA-compiled whole: on an AMX CPU float32 then keeps
-        TensorFlow's own forms, and in graph mode takes the scoped step's (keras_vit.layers.fusion.float32_scoped)."""
-        with fusion.whole_step_xla(self.jit_compile is True):
+        TensorFlow's own forms, and in graph mode takes the scoped step's (keras_vit.layers.fusion.float32_scoped)
+        and Keras' SGD/Adam/AdamW updates as TensorFlow's fused ops (keras_vit.train.updates)."""
+        whole_step_xla = self.jit_compile is True
+        with fusion.whole_step_xla(whole_step_xla), updates.fused_updates(self.optimizer, whole_step_xla):
             return super().train_step(*args, **kwargs)
 
     def get_compile_config(self) -> Optional[dict]:
