@@ -263,7 +263,7 @@ def main() -> None:
     parser.add_argument("--child", choices=["as-built", "without"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     options = _options(parser, args.option)
-    label = ", ".join([args.jit, args.optimizer] + args.option)
+    label = ", ".join([args.jit] + ([args.optimizer] if args.optimizer != "sgd" else []) + args.option)
     if args.interleave:
         r = run_interleaved(args.without, args.variant, args.interleave, args.batch_size, args.jit, options,
                             image_size=args.image_size, optimizer=args.optimizer)
