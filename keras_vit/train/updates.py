@@ -4,7 +4,7 @@ Keras 3 writes each variable's update out in single ops (SGD momentum: two Mul, 
 Adam: about ten), each a pass over the variable's memory. TensorFlow's `ResourceApplyKerasMomentum` and
 `ResourceApplyAdam` compute the same formulas in one pass: on the AMX Xeon, bf16 training 1.027x (Ti/16) and
 1.041x (B/16) with SGD momentum, and the same weights to the bit (BENCHMARKS.md, 2026-12-05, "Fused optimizer
-updates"). Only while `keras_vit.model.ViT.train_step` is traced (`fused_updates`), so the optimizer object the
+updates on AMX"). Only while `keras_vit.model.ViT.train_step` is traced (`fused_updates`), so the optimizer object the
 user holds is Keras' own before and after.
 """
 from __future__ import annotations
