@@ -27,7 +27,9 @@ Changes (`--without`):
 - `bias-gradient-gemm` (AMX): the biases' gradients as TensorFlow's bf16 Sum / BiasAddGrad (as built, one GEMM each,
   `layers.fusion.bias_gradient`);
 - `fused-updates` (AMX; with `--optimizer sgd` or `adamw`): Keras' optimizer updates op by op (as built, one TensorFlow
-  ResourceApplyKerasMomentum / ResourceApplyAdam per variable, `keras_vit.train.updates`).
+  ResourceApplyKerasMomentum / ResourceApplyAdam per variable, `keras_vit.train.updates`);
+- `row-dots` (AMX, `--jit scoped`): the scoped LayerNorms' and softmax gradient's row sums as XLA reductions (as built,
+  one matrix-vector product each, `layers.fusion.row_sum`).
 
 Each variant runs in its own process (the `fusible` XLA flags are per process), alternately:
   python -m bench.train_ab --without gelu-gradient --variant B/16 --rounds 3 --steps 6
@@ -48,6 +50,7 @@ adamw`: AdamW, weight decay 0.05, the `scratch` recipe's).
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -56,7 +59,7 @@ from typing import List, Optional
 
 CHANGES = ("class-token-block", "gelu-gradient", "ln-gradient", "activation-gradient",
            "relative-gather", "qk-norm-scope", "patch-matmul", "bias-after-reshape", "softmax-compute-dtype",
-           "mlp-bias-in-activation", "bias-gradient-gemm", "fused-updates")
+           "mlp-bias-in-activation", "bias-gradient-gemm", "fused-updates", "row-dots")
 OPTIMIZERS = ("sgd", "adamw")
 
 
@@ -129,11 +132,13 @@ def _undo(change: str) -> None:
         fusion.add_bias = lambda y, bias: y + fusion.ops.cast(bias, y.dtype)
         block.bias_gradient = lambda u: fusion.ops.sum(fusion.ops.reshape(u, (-1, u.shape[-1])), axis=0)
     elif change == "fused-updates":
-        import os
-
         from keras_vit.train.updates import FUSED_UPDATES_ENV
 
         os.environ[FUSED_UPDATES_ENV] = "0"
+    elif change == "row-dots":
+        from keras_vit.layers.fusion import ROW_DOTS_ENV
+
+        os.environ[ROW_DOTS_ENV] = "0"
 
 
 def bf16_training_model(variant: str, batch_size: int, image_size: int = 224, without: str = "",

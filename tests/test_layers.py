@@ -347,12 +347,16 @@ def test_training_activation_with_the_gemms_bias_has_the_biased_values_and_gradi
                                op_by_op(x, b).numpy(), rtol=1e-6, atol=1e-6)
 
 
-def test_softmax_with_scoped_gradient_is_softmax_and_its_gradient(rng):
-    """layers.fusion.softmax_with_scoped_gradient (the AMX scoped step's attention softmax): in float32 ops.softmax
-    and its autodiff gradient; in bf16 a bf16 softmax within rounding, its gradient within rounding of float32's."""
+@pytest.mark.parametrize("dots", ["0", "1"])
+def test_softmax_with_scoped_gradient_is_softmax_and_its_gradient(rng, monkeypatch, dots):
+    """layers.fusion.softmax_with_scoped_gradient (the AMX scoped step's attention softmax, its gradient's row sums
+    as XLA reductions or matrix-vector products): in float32 ops.softmax and its autodiff gradient; in bf16 a bf16
+    softmax within rounding, its gradient within rounding of float32's."""
     import tensorflow as tf
 
-    from keras_vit.layers.fusion import softmax_with_scoped_gradient
+    from keras_vit.layers.fusion import ROW_DOTS_ENV, softmax_with_scoped_gradient
+
+    monkeypatch.setenv(ROW_DOTS_ENV, dots)
 
     logits = tf.constant(rng.normal(scale=3.0, size=(2, 3, 17, 17)).astype("float32"))
     upstream = tf.constant(rng.normal(size=(2, 3, 17, 17)).astype("float32"))
@@ -374,6 +378,71 @@ def test_softmax_with_scoped_gradient_is_softmax_and_its_gradient(rng):
                                                                                    tf.float32), upstream)
     np.testing.assert_allclose(tf.cast(yb, tf.float32).numpy(), ref_y.numpy(), rtol=1e-2, atol=1e-3)
     assert np.linalg.norm(tf.cast(gb, tf.float32).numpy() - ref_g.numpy()) <= 2e-2 * np.linalg.norm(ref_g.numpy())
+
+
+@pytest.mark.parametrize("dots", ["0", "1"])
+@pytest.mark.parametrize("shape", [(7, 12), (2, 3, 5, 9)])
+def test_row_sum_is_the_sum_over_the_last_axis(rng, monkeypatch, dots, shape):
+    """layers.fusion.row_sum (the scoped step's row sums; on AMX a matrix-vector product, KERAS_VIT_ROW_DOTS forcing
+    either form): the sum over the last axis, kept as size 1, eagerly and in an XLA scope with an unknown batch size,
+    as one MatMul where the dot form is on and none where it is off."""
+    import tensorflow as tf
+
+    from keras_vit.layers import fusion
+
+    monkeypatch.setenv(fusion.ROW_DOTS_ENV, dots)
+    t = rng.normal(size=shape).astype("float32")
+    ref = t.sum(-1, keepdims=True)
+    np.testing.assert_allclose(fusion.row_sum(tf.constant(t)).numpy(), ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(fusion.row_mean(tf.constant(t)).numpy(), ref / shape[-1], rtol=1e-5, atol=1e-6)
+
+    @tf.function(input_signature=[tf.TensorSpec((None,) + shape[1:], tf.float32)])
+    def scoped(u):
+        with tf.xla.experimental.jit_scope():
+            return fusion.row_sum(u * 2.0)
+
+    np.testing.assert_allclose(scoped(tf.constant(t)).numpy(), 2 * ref, rtol=1e-5, atol=1e-5)
+    ops_made = [op.type for op in scoped.get_concrete_function().graph.get_operations()]
+    assert ("MatMul" in ops_made) == (dots == "1") and ("Sum" in ops_made) == (dots == "0")
+
+
+@pytest.mark.parametrize("dots", ["0", "1"])
+def test_scoped_layer_norm_is_layer_norm_and_its_gradient(rng, monkeypatch, dots):
+    """The scoped step's LayerNorm with its gradient written out (layers.norm), with its row means as XLA reductions
+    or as matrix-vector products (layers.fusion.row_mean): in float32 the values and the x, gamma and beta
+    gradients of the LayerNorm's autodiff, in an XLA scope."""
+    import tensorflow as tf
+
+    from keras_vit.layers import fusion
+    from keras_vit.layers.norm import _scoped_layer_norm_with_gradient
+
+    monkeypatch.setenv(fusion.ROW_DOTS_ENV, dots)
+    norm = keras.layers.LayerNormalization(epsilon=1e-6, dtype="float32")
+    norm.build((None, 24))
+    x = tf.constant(rng.normal(size=(10, 24)).astype("float32") * 3 + 1)
+    gamma, beta = (tf.constant(rng.normal(size=(24,)).astype("float32")) for _ in range(2))
+    upstream = tf.constant(rng.normal(size=(10, 24)).astype("float32"))
+    scoped = _scoped_layer_norm_with_gradient(norm, "float32", tf.xla.experimental.jit_scope)
+
+    def reference(t, g, b):
+        mu = tf.reduce_mean(t, -1, keepdims=True)
+        var = tf.reduce_mean(tf.square(t - mu), -1, keepdims=True)
+        return (t - mu) * tf.math.rsqrt(var + 1e-6) * g + b
+
+    def with_gradients(fn):
+        @tf.function(autograph=False)  # as in a Keras layer's call (fn a closure: tf.function can't take it)
+        def step():
+            with tf.GradientTape() as tape:
+                tape.watch([x, gamma, beta])
+                y = fn(x, gamma, beta)
+            return [y] + tape.gradient(y, [x, gamma, beta], output_gradients=upstream)
+
+        return step()
+
+    got = with_gradients(scoped)
+    for a, b in zip(got, with_gradients(reference)):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(got[0].numpy(), _ln(x.numpy()) * gamma.numpy() + beta.numpy(), rtol=1e-4, atol=1e-4)
 
 
 def _gelu_and_gradient_fp32(x, upstream, approximate):

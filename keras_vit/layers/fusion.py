@@ -117,6 +117,33 @@ def amx_scoped(x, training) -> bool:
     return separate_bias(x, training) and scoped(training, x.dtype)
 
 
+# "1" / "0" forces `row_sum`'s matrix-vector product on / off on any hardware (to measure it where it is off).
+ROW_DOTS_ENV = "KERAS_VIT_ROW_DOTS"
+
+
+def row_sum(t):
+    """`t` summed over its last axis, kept as size 1, for the float32 work in an XLA scope: on an AMX CPU as one
+    matrix-vector product, (tokens, features) @ ones (features, 1), elsewhere `ops.sum`.
+
+    Why: XLA:CPU (TensorFlow 2.21) sums a row as one serial chain of float32 adds, about 4 GB/s a core: the
+    LayerNorm's two row means at B/16's (3152, 768) took 1.19 ms of its 2.28 ms forward on the AMX Xeon, where
+    its dot (a vectorised GEMV) takes 0.55; the written-out LayerNorm forward 1.15 ms and gradient 2.73 against
+    4.49, the softmax gradient's row sums at B/16 2.85 against 6.92 ms (BENCHMARKS.md, 2026-12-05). Off AMX it is
+    unmeasured, so `ops.sum` stays there (`KERAS_VIT_ROW_DOTS=1` forces the dot for that measurement).
+    """
+    forced = os.environ.get(ROW_DOTS_ENV)
+    if not (forced == "1" if forced in ("0", "1") else _on_amx_cpu()):
+        return ops.sum(t, axis=-1, keepdims=True)
+    d = t.shape[-1]
+    rows = ops.matmul(ops.reshape(t, (-1, d)), ops.ones((d, 1), t.dtype))
+    return ops.reshape(rows, ops.shape(t)[:-1] + (1,)) if len(t.shape) != 2 else rows
+
+
+def row_mean(t):
+    """`row_sum(t)` over the features: the mean over the last axis, kept as size 1."""
+    return row_sum(t) * (1.0 / t.shape[-1])
+
+
 def softmax_with_scoped_gradient(logits, training):
     """Softmax over the last axis in the logits' dtype, its gradient (g - sum(g y)) y in float32 in an XLA scope.
 
@@ -136,7 +163,7 @@ def softmax_with_scoped_gradient(logits, training):
                 (upstream,) = args
             with fused_elementwise(training, x.dtype):
                 g, p = ops.cast(upstream, "float32"), ops.cast(y, "float32")
-                return ops.cast((g - ops.sum(g * p, axis=-1, keepdims=True)) * p, x.dtype)
+                return ops.cast((g - row_sum(g * p)) * p, x.dtype)
 
         return y, grad
 

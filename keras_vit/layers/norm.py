@@ -36,15 +36,18 @@ def _scoped_layer_norm_with_gradient(norm: layers.LayerNormalization, out_dtype,
     scoped bf16 step (layers.fusion) TensorFlow's own LayerNorm gradient ran op by op (Sum, Tile,
     RealDiv, ... over every token). Written out here: dgamma = sum(dy xhat), dbeta = sum(dy),
     dx = r (dy gamma - mean(dy gamma) - xhat mean(dy gamma xhat)), r = 1 / sqrt(var + eps).
-    ViT-B/16 scoped bf16 step: 1.020x (bench.train_ab --without ln-gradient, Zen 4, BENCHMARKS.md).
+    ViT-B/16 scoped bf16 step: 1.020x (bench.train_ab --without ln-gradient, Zen 4, BENCHMARKS.md). The row means
+    are `layers.fusion.row_mean`'s (GEMVs on AMX, where XLA's row reductions are serial).
     """
+
+    from keras_vit.layers.fusion import row_mean
 
     @ops.custom_gradient
     def layer_norm(x, gamma, beta):
         with scope():
             h = ops.cast(x, "float32")
-            centred = h - ops.mean(h, axis=-1, keepdims=True)
-            r = ops.rsqrt(ops.mean(centred * centred, axis=-1, keepdims=True) + norm.epsilon)
+            centred = h - row_mean(h)
+            r = ops.rsqrt(row_mean(centred * centred) + norm.epsilon)
             xhat = centred * r
             y = ops.cast(xhat * gamma + beta, out_dtype)
 
@@ -54,8 +57,7 @@ def _scoped_layer_norm_with_gradient(norm: layers.LayerNormalization, out_dtype,
             with scope():  # the gradient's ops are made later, outside the forward's scope
                 dy = ops.cast(upstream, "float32")
                 dxhat = dy * gamma
-                dx = r * (dxhat - ops.mean(dxhat, axis=-1, keepdims=True)
-                          - xhat * ops.mean(dxhat * xhat, axis=-1, keepdims=True))
+                dx = r * (dxhat - row_mean(dxhat) - xhat * row_mean(dxhat * xhat))
                 return ops.cast(dx, x.dtype), ops.sum(dy * xhat, axis=0), ops.sum(dy, axis=0)
 
         return y, grad
