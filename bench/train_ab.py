@@ -45,7 +45,8 @@ the N per-pair ratios with its bootstrap 90% interval: a change whose interval e
 The training is `model.fit`
 over a repeated tf.data batch, mixed_bfloat16 + fusible (the `vitcli train` default on a CPU
 with native bf16; `--jit scoped`: the blocks' own XLA scopes instead, layers.fusion), SGD momentum (`--optimizer
-adamw`: AdamW, weight decay 0.05, the `scratch` recipe's).
+adamw`: AdamW, weight decay 0.05, the `scratch` recipe's; `--policy float32 --jit scoped`: the notebook's float32 step on
+AMX, graph mode with the scopes).
 """
 from __future__ import annotations
 
@@ -142,7 +143,8 @@ def _undo(change: str) -> None:
 
 
 def bf16_training_model(variant: str, batch_size: int, image_size: int = 224, without: str = "",
-                        jit: str = "fusible", options: Optional[dict] = None, optimizer: str = "sgd"):
+                        jit: str = "fusible", options: Optional[dict] = None, optimizer: str = "sgd",
+                        policy: str = "mixed_bfloat16"):
     """(model, images, labels): keras-vit compiled as the `vitcli train` default on a CPU with native
     bf16 (mixed_bfloat16 + fusible, SGD momentum or `optimizer="adamw"`; `jit="scoped"`: the blocks' XLA scopes instead),
     optionally without one change and with ViT options (`options`, e.g. {"mlp": "swiglu"}); random data.
@@ -158,7 +160,7 @@ def bf16_training_model(variant: str, batch_size: int, image_size: int = 224, wi
 
     if without:
         _undo(without)
-    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    keras.mixed_precision.set_global_policy(policy)
     model = keras_vit.ViT(variant, num_classes=10, image_size=image_size, **(options or {}))
     opt = (keras.optimizers.AdamW(1e-3, weight_decay=0.05) if optimizer == "adamw"
            else keras.optimizers.SGD(0.01, momentum=0.9))
@@ -169,10 +171,11 @@ def bf16_training_model(variant: str, batch_size: int, image_size: int = 224, wi
 
 
 def run_one(without: str, variant: str, steps: int, batch_size: int, jit: str = "fusible",
-            options: Optional[dict] = None, image_size: int = 224, optimizer: str = "sgd") -> float:
+            options: Optional[dict] = None, image_size: int = 224, optimizer: str = "sgd",
+            policy: str = "mixed_bfloat16") -> float:
     """Median training img/s of `model.fit` (mixed_bfloat16 + `jit`, `optimizer`) in this process."""
     model, images, labels = bf16_training_model(variant, batch_size, image_size, without=without, jit=jit,
-                                                options=options, optimizer=optimizer)
+                                                options=options, optimizer=optimizer, policy=policy)
     import keras
     import tensorflow as tf
 
@@ -193,7 +196,7 @@ def run_one(without: str, variant: str, steps: int, batch_size: int, jit: str = 
 
 def run_interleaved(without: str, variant: str, pairs: int, batch_size: int, jit: str = "fusible",
                     options: Optional[dict] = None, warmup: int = 5, image_size: int = 224,
-                    optimizer: str = "sgd") -> dict:
+                    optimizer: str = "sgd", policy: str = "mixed_bfloat16") -> dict:
     """Both variants in this process, their single steps timed in pairs (A B, then B A, alternately).
 
     The as-built model is built and its training step traced before `_undo(without)` patches the code, so its
@@ -203,11 +206,11 @@ def run_interleaved(without: str, variant: str, pairs: int, batch_size: int, jit
     import numpy as np
 
     built, images, labels = bf16_training_model(variant, batch_size, image_size, jit=jit, options=options,
-                                                optimizer=optimizer)
+                                                optimizer=optimizer, policy=policy)
     for _ in range(warmup):  # traces (and XLA-compiles) the as-built step before anything is undone
         built.train_on_batch(images, labels)
     other, _, _ = bf16_training_model(variant, batch_size, image_size, without=without, jit=jit, options=options,
-                                      optimizer=optimizer)
+                                      optimizer=optimizer, policy=policy)
     for _ in range(warmup):
         other.train_on_batch(images, labels)
 
@@ -263,15 +266,18 @@ def main() -> None:
                         help="a ViT option for both variants, e.g. mlp=swiglu or activation=quick_gelu (repeatable)")
     parser.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd",
                         help="sgd: SGD momentum 0.9 (timm's in bench.train); adamw: the scratch recipe's AdamW")
+    parser.add_argument("--policy", choices=["mixed_bfloat16", "float32"], default="mixed_bfloat16",
+                        help="float32 with --jit scoped: the notebook's float32 step on AMX (graph mode, the scopes)")
     parser.add_argument("--interleave", type=int, default=0, metavar="N",
                         help="both variants in one process, N pairs of single steps (ABBA); instead of --rounds")
     parser.add_argument("--child", choices=["as-built", "without"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     options = _options(parser, args.option)
-    label = ", ".join([args.jit] + ([args.optimizer] if args.optimizer != "sgd" else []) + args.option)
+    label = ", ".join([args.jit] + ([args.optimizer] if args.optimizer != "sgd" else [])
+                      + ([args.policy] if args.policy != "mixed_bfloat16" else []) + args.option)
     if args.interleave:
         r = run_interleaved(args.without, args.variant, args.interleave, args.batch_size, args.jit, options,
-                            image_size=args.image_size, optimizer=args.optimizer)
+                            image_size=args.image_size, optimizer=args.optimizer, policy=args.policy)
         lo, hi = r["ratio_90"]
         print(f"{args.variant} ({label}), {r['pairs']} interleaved pairs of steps: as built {r['as_built_img_s']:.2f} "
               f"img/s, without {args.without} {r['without_img_s']:.2f}: {r['ratio_median']:.3f}x "
@@ -279,7 +285,7 @@ def main() -> None:
         return
     if args.child:
         img_s = run_one(args.without if args.child == "without" else "", args.variant, args.steps, args.batch_size,
-                        args.jit, options, args.image_size, args.optimizer)
+                        args.jit, options, args.image_size, args.optimizer, args.policy)
         print("IMG_S", img_s)
         return
     results = {"as-built": [], "without": []}
@@ -288,7 +294,7 @@ def main() -> None:
             out = subprocess.run([sys.executable, "-m", "bench.train_ab", "--child", name, "--without", args.without,
                                   "--variant", args.variant, "--steps", str(args.steps),
                                   "--batch-size", str(args.batch_size), "--image-size", str(args.image_size),
-                                  "--jit", args.jit, "--optimizer", args.optimizer]
+                                  "--jit", args.jit, "--optimizer", args.optimizer, "--policy", args.policy]
                                  + [f"--option={o}" for o in args.option],
                                  capture_output=True, text=True, check=True)
             img_s = float(next(line for line in out.stdout.splitlines() if line.startswith("IMG_S")).split()[1])
