@@ -29,9 +29,7 @@ Changes (`--without`):
 - `fused-updates` (AMX; with `--optimizer sgd` or `adamw`): Keras' optimizer updates op by op (as built, one TensorFlow
   ResourceApplyKerasMomentum / ResourceApplyAdam per variable, `keras_vit.train.updates`);
 - `row-dots` (AMX, `--jit scoped`): the scoped LayerNorms' and softmax gradient's row sums as XLA reductions (as built,
-  one matrix-vector product each, `layers.fusion.row_sum`);
-- `residual-in-norm` (AMX, `--jit scoped`): the block's first residual sum op by op, and its gradients' sum (as built,
-  both in the second LayerNorm's scopes, `layers.norm.residual_layer_norm`).
+  one matrix-vector product each, `layers.fusion.row_sum`).
 
 Each variant runs in its own process (the `fusible` XLA flags are per process), alternately:
   python -m bench.train_ab --without gelu-gradient --variant B/16 --rounds 3 --steps 6
@@ -62,8 +60,7 @@ from typing import List, Optional
 
 CHANGES = ("class-token-block", "gelu-gradient", "ln-gradient", "activation-gradient",
            "relative-gather", "qk-norm-scope", "patch-matmul", "bias-after-reshape", "softmax-compute-dtype",
-           "mlp-bias-in-activation", "bias-gradient-gemm", "fused-updates", "row-dots",
-           "residual-in-norm")
+           "mlp-bias-in-activation", "bias-gradient-gemm", "fused-updates", "row-dots")
 OPTIMIZERS = ("sgd", "adamw")
 
 
@@ -143,13 +140,6 @@ def _undo(change: str) -> None:
         from keras_vit.layers.fusion import ROW_DOTS_ENV
 
         os.environ[ROW_DOTS_ENV] = "0"
-    elif change == "residual-in-norm":
-        import keras_vit.layers.block as block
-
-        def residual_layer_norm(norm, x, y, out_dtype, training=None):
-            return x + y, block.layer_norm(norm, x + y, out_dtype, training)
-
-        block.residual_layer_norm = residual_layer_norm
 
 
 def bf16_training_model(variant: str, batch_size: int, image_size: int = 224, without: str = "",

@@ -445,52 +445,6 @@ def test_scoped_layer_norm_is_layer_norm_and_its_gradient(rng, monkeypatch, dots
     np.testing.assert_allclose(got[0].numpy(), _ln(x.numpy()) * gamma.numpy() + beta.numpy(), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("dots", ["0", "1"])
-def test_scoped_residual_layer_norm_is_the_sum_and_its_layer_norm(rng, monkeypatch, dots):
-    """The AMX scoped step's residual sum with the LayerNorm that reads it (layers.norm.residual_layer_norm), both
-    outputs used: in float32 the values and the x, y, gamma and beta gradients of (x + y, LayerNorm(x + y))'s
-    autodiff, in XLA scopes; and in bf16 the sum rounded once, as TensorFlow's bf16 add."""
-    import tensorflow as tf
-
-    from keras_vit.layers import fusion
-    from keras_vit.layers.norm import _scoped_residual_layer_norm_with_gradient
-
-    monkeypatch.setenv(fusion.ROW_DOTS_ENV, dots)
-    norm = keras.layers.LayerNormalization(epsilon=1e-6, dtype="float32")
-    norm.build((None, 24))
-    x, y = (tf.constant(rng.normal(size=(10, 24)).astype("float32") * 2 + 1) for _ in range(2))
-    gamma, beta = (tf.constant(rng.normal(size=(24,)).astype("float32")) for _ in range(2))
-    w_total, w_normed = (tf.constant(rng.normal(size=(10, 24)).astype("float32")) for _ in range(2))
-    scoped = _scoped_residual_layer_norm_with_gradient(norm, "float32", tf.xla.experimental.jit_scope)
-
-    def reference(a, b, g, c):
-        t = a + b
-        mu = tf.reduce_mean(t, -1, keepdims=True)
-        var = tf.reduce_mean(tf.square(t - mu), -1, keepdims=True)
-        return t, (t - mu) * tf.math.rsqrt(var + 1e-6) * g + c
-
-    def with_gradients(fn, *inputs):
-        @tf.function(autograph=False)
-        def step():
-            with tf.GradientTape() as tape:
-                tape.watch(list(inputs))
-                total, normed = fn(*inputs)
-                loss = tf.reduce_sum(tf.cast(total, tf.float32) * w_total) + tf.reduce_sum(tf.cast(normed, tf.float32) * w_normed)
-            return [total, normed] + tape.gradient(loss, list(inputs))
-
-        return step()
-
-    got, want = with_gradients(scoped, x, y, gamma, beta), with_gradients(reference, x, y, gamma, beta)
-    for name, a, b in zip(["total", "normed", "dx", "dy", "dgamma", "dbeta"], got, want):
-        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=2e-5, atol=2e-5, err_msg=name)
-    xb, yb = tf.cast(x, tf.bfloat16), tf.cast(y, tf.bfloat16)
-    total_b, _, dxb, dyb, _, _ = with_gradients(
-        _scoped_residual_layer_norm_with_gradient(norm, "bfloat16", tf.xla.experimental.jit_scope), xb, yb, gamma, beta)
-    assert total_b.dtype == dxb.dtype == dyb.dtype == tf.bfloat16
-    np.testing.assert_array_equal(tf.cast(total_b, tf.float32).numpy(), tf.cast(xb + yb, tf.float32).numpy())
-    np.testing.assert_array_equal(dxb.numpy(), dyb.numpy())
-
-
 def _gelu_and_gradient_fp32(x, upstream, approximate):
     import tensorflow as tf
 

@@ -18,7 +18,7 @@ from keras_vit.layers.fusion import (
     separate_bias,
     tf_training_forms,
 )
-from keras_vit.layers.norm import layer_norm, residual_layer_norm
+from keras_vit.layers.norm import layer_norm
 
 _REG = keras.saving.register_keras_serializable(package="keras_vit")
 
@@ -391,8 +391,8 @@ class TransformerBlock(layers.Layer):
             y = self.layer_scale[0](y)
         if queries is not None:
             x = x[:, :queries]
-        x, y = residual_layer_norm(self.norm_2, ops.cast(x, self.compute_dtype), self.drop_path(y, training=training),
-                                   self.compute_dtype, training)
+        x = ops.cast(x, self.compute_dtype) + self.drop_path(y, training=training)
+        y = layer_norm(self.norm_2, x, self.compute_dtype, training)
         y = self.mlp(y, training=training)
         if self.layer_scale:
             y = self.layer_scale[1](y)
