@@ -5,8 +5,9 @@ LayerNorms and the MLP's activation (GELU, quick_gelu, SwiGLU). GradientTape doe
 gradient ops, so each writes its gradient out in a scope of its own (layers.norm, layers.block). The attention
 softmax stays oneDNN's float32 one: in a scope it measured 0.972-0.980x at Ti/16 on the Zen 4 (BENCHMARKS.md,
 2026-12-05). On an AMX CPU the step also takes `amx_scoped`'s forms: each GEMM's bias after a reshape with a GEMM
-for its gradient, oneDNN's softmax in bf16 with its gradient in a scope, the MLP's first bias in its activation's;
-and float32 training there runs this scoped step too, in graph mode, not XLA-compiled whole (`float32_scoped`)."""
+for its gradient, oneDNN's softmax in bf16 with its gradient in a scope, the MLP's first bias in its activation's, and the scopes' row
+sums as matrix-vector products (`row_sum`); and float32 training there runs this scoped step too, in graph mode, not
+XLA-compiled whole (`float32_scoped`)."""
 from __future__ import annotations
 
 import contextlib
