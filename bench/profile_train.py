@@ -92,15 +92,18 @@ def main(argv=None) -> Dict[str, float]:
     parser.add_argument("--without", choices=train_ab.CHANGES, help="profile the model without this change")
     parser.add_argument("--jit", default="fusible", choices=("fusible", "scoped"),
                         help="the step's compilation: fusible (the default) or scoped (`vitcli train --jit scoped`)")
+    parser.add_argument("--policy", default="mixed_bfloat16", choices=("mixed_bfloat16", "float32"),
+                        help="float32 with --jit scoped: the notebook's float32 step on AMX (graph mode, the scopes)")
     parser.add_argument("--json", default=None, help="also write the step's time by op kind and model part here")
     args = parser.parse_args(argv)
     info = common.header("profile_train", {"variant": args.variant, "image_size": args.image_size,
                                            "batch_size": args.batch_size, "steps": args.steps,
-                                           "without": args.without, "jit": args.jit}, argv) if args.json else {}
+                                           "without": args.without, "jit": args.jit, "policy": args.policy},
+                         argv) if args.json else {}
     work = tempfile.mkdtemp(prefix="keras_vit_profile_")
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_dump_to={work}/hlo --xla_dump_hlo_as_text"
     model, x, y = train_ab.bf16_training_model(args.variant, args.batch_size, args.image_size, args.without or "",
-                                                jit=args.jit)
+                                                jit=args.jit, policy=args.policy)
     import tensorflow as tf
     from tensorflow.tsl.profiler.protobuf import xplane_pb2
 
@@ -124,7 +127,7 @@ def main(argv=None) -> Dict[str, float]:
         kinds[kind] += ps
         if kind == "other TF ops":
             other[name.rsplit(":", 1)[-1].strip()] += ps
-    print(f"{args.variant}, {args.image_size} px, batch {args.batch_size}, mixed_bfloat16 + {args.jit}: {wall * 1000:.0f} ms a step "
+    print(f"{args.variant}, {args.image_size} px, batch {args.batch_size}, {args.policy} + {args.jit}: {wall * 1000:.0f} ms a step "
           f"({args.batch_size / wall:.2f} img/s under the profiler); {work}")
     for kind, ps in kinds.most_common():
         print(f"  {ps / per_step:8.1f} ms  {kind}")
