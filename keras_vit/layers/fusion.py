@@ -5,9 +5,9 @@ LayerNorms and the MLP's activation (GELU, quick_gelu, SwiGLU). GradientTape doe
 gradient ops, so each writes its gradient out in a scope of its own (layers.norm, layers.block). The attention
 softmax stays oneDNN's float32 one: in a scope it measured 0.972-0.980x at Ti/16 on the Zen 4 (BENCHMARKS.md,
 2026-12-05). On an AMX CPU the step also takes `amx_scoped`'s forms: each GEMM's bias after a reshape with a GEMM
-for its gradient, oneDNN's softmax in bf16 with its gradient in a scope, the MLP's first bias in its activation's, and the scopes' row
-sums as matrix-vector products (`row_sum`); and float32 training there runs this scoped step too, in graph mode, not
-XLA-compiled whole (`float32_scoped`)."""
+for its gradient, oneDNN's softmax in bf16 with its gradient in a scope, the MLP's first bias in its activation's,
+and the scopes' row sums as matrix-vector products (`row_sum`); and float32 training there runs this scoped step
+too, in graph mode, not XLA-compiled whole (`float32_scoped`)."""
 from __future__ import annotations
 
 import contextlib
@@ -126,11 +126,12 @@ def row_sum(t):
     """`t` summed over its last axis, kept as size 1, for the float32 work in an XLA scope: on an AMX CPU as one
     matrix-vector product, (tokens, features) @ ones (features, 1), elsewhere `ops.sum`.
 
-    Why: XLA:CPU (TensorFlow 2.21) sums a row as one serial chain of float32 adds, about 4 GB/s a core: the
-    LayerNorm's two row means at B/16's (3152, 768) took 1.19 ms of its 2.28 ms forward on the AMX Xeon, where
-    its dot (a vectorised GEMV) takes 0.55; the written-out LayerNorm forward 1.15 ms and gradient 2.73 against
-    4.49, the softmax gradient's row sums at B/16 2.85 against 6.92 ms (BENCHMARKS.md, 2026-12-05). Off AMX it is
-    unmeasured, so `ops.sum` stays there (`KERAS_VIT_ROW_DOTS=1` forces the dot for that measurement).
+    Why: XLA:CPU (TensorFlow 2.21) sums a row as one serial chain of float32 adds, about 4 GB/s a core: one row
+    mean at B/16's (3152, 768) took 1.19 ms on the AMX Xeon, its dot (a vectorised GEMV) 0.55; with the GEMVs the
+    written-out LayerNorm's forward took 1.15 ms against 2.28 and its gradient 2.73 against 4.49, the softmax
+    gradient at B/16 2.85 against 6.92 ms; the scoped step 1.095x at Ti/16, 1.094x at B/16 (bench.train_ab --without
+    row-dots, BENCHMARKS.md, 2026-12-05). Off AMX it is unmeasured, so `ops.sum` stays there
+    (`KERAS_VIT_ROW_DOTS=1` forces the dot for that measurement).
     """
     forced = os.environ.get(ROW_DOTS_ENV)
     if not (forced == "1" if forced in ("0", "1") else _on_amx_cpu()):
