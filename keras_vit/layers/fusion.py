@@ -100,6 +100,13 @@ def _on_amx_cpu() -> bool:
     return not precision.has_accelerator("tensorflow") and precision.cpu_bf16_feature() == "amx_bf16"
 
 
+def amx_or_forced(env: str) -> bool:
+    """An AMX-only form's switch: the environment variable `env` set to "1" / "0" forces it on / off on any CPU (to
+    measure it where `_on_amx_cpu` leaves it off), else on exactly on an AMX CPU."""
+    forced = os.environ.get(env)
+    return forced == "1" if forced in ("0", "1") else _on_amx_cpu()
+
+
 def separate_bias(x, training) -> bool:
     """Whether the GEMMs on `x` add their bias after a reshape (`bias_after_reshape`, see there): in bf16/fp16
     training on TensorFlow on an AMX CPU, and in its float32 scoped step (`float32_scoped`); the MLP's Dense
@@ -107,8 +114,7 @@ def separate_bias(x, training) -> bool:
     (whose fused bias is cuBLAS's epilogue)."""
     if not tf_training_forms(x, training):
         return False
-    forced = os.environ.get(BIAS_APART_ENV)
-    return forced == "1" if forced in ("0", "1") else _on_amx_cpu()
+    return amx_or_forced(BIAS_APART_ENV)
 
 
 def amx_scoped(x, training) -> bool:
@@ -133,8 +139,7 @@ def row_sum(t):
     row-dots, BENCHMARKS.md, 2026-12-05). Off AMX it is unmeasured, so `ops.sum` stays there
     (`KERAS_VIT_ROW_DOTS=1` forces the dot for that measurement).
     """
-    forced = os.environ.get(ROW_DOTS_ENV)
-    if not (forced == "1" if forced in ("0", "1") else _on_amx_cpu()):
+    if not amx_or_forced(ROW_DOTS_ENV):
         return ops.sum(t, axis=-1, keepdims=True)
     d = t.shape[-1]
     rows = ops.matmul(ops.reshape(t, (-1, d)), ops.ones((d, 1), t.dtype))

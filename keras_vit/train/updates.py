@@ -10,7 +10,6 @@ user holds is Keras' own before and after.
 from __future__ import annotations
 
 import contextlib
-import os
 import types
 from typing import Iterator
 
@@ -78,12 +77,9 @@ def applies(optimizer, whole_step_xla: bool) -> bool:
 
     if tf.distribute.has_strategy():
         return False
-    forced = os.environ.get(FUSED_UPDATES_ENV)
-    if forced in ("0", "1"):
-        return forced == "1"
-    from keras_vit.layers.fusion import _on_amx_cpu
+    from keras_vit.layers.fusion import amx_or_forced
 
-    return _on_amx_cpu()
+    return amx_or_forced(FUSED_UPDATES_ENV)
 
 
 @contextlib.contextmanager
