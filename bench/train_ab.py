@@ -29,7 +29,9 @@ Changes (`--without`):
 - `fused-updates` (AMX; with `--optimizer sgd` or `adamw`): Keras' optimizer updates op by op (as built, one TensorFlow
   ResourceApplyKerasMomentum / ResourceApplyAdam per variable, `keras_vit.train.updates`);
 - `row-dots` (AMX, `--jit scoped`): the scoped LayerNorms' and softmax gradient's row sums as XLA reductions (as built,
-  one matrix-vector product each, `layers.fusion.row_sum`).
+  one matrix-vector product each, `layers.fusion.row_sum`);
+- `towers` (AMX, 2 cores; processes only, not `--interleave`): the whole batch in one stream of ops, each forked over
+  TensorFlow's default intra-op threads (as built, two half-batch towers on one intra-op thread each, `train.towers`).
 
 Each variant runs in its own process (the `fusible` XLA flags are per process), alternately:
   python -m bench.train_ab --without gelu-gradient --variant B/16 --rounds 3 --steps 6
@@ -60,7 +62,7 @@ from typing import List, Optional
 
 CHANGES = ("class-token-block", "gelu-gradient", "ln-gradient", "activation-gradient",
            "relative-gather", "qk-norm-scope", "patch-matmul", "bias-after-reshape", "softmax-compute-dtype",
-           "mlp-bias-in-activation", "bias-gradient-gemm", "fused-updates", "row-dots")
+           "mlp-bias-in-activation", "bias-gradient-gemm", "fused-updates", "row-dots", "towers")
 OPTIMIZERS = ("sgd", "adamw")
 
 
@@ -140,6 +142,10 @@ def _undo(change: str) -> None:
         from keras_vit.layers.fusion import ROW_DOTS_ENV
 
         os.environ[ROW_DOTS_ENV] = "0"
+    elif change == "towers":  # before keras_vit.model's import starts TensorFlow (main does it first in a child)
+        from keras_vit.train.towers import TOWERS_ENV
+
+        os.environ[TOWERS_ENV] = "0"
 
 
 def bf16_training_model(variant: str, batch_size: int, image_size: int = 224, without: str = "",
@@ -275,6 +281,10 @@ def main() -> None:
     options = _options(parser, args.option)
     label = ", ".join([args.jit] + ([args.optimizer] if args.optimizer != "sgd" else [])
                       + ([args.policy] if args.policy != "mixed_bfloat16" else []) + args.option)
+    if args.without == "towers" and args.interleave:
+        parser.error("--without towers needs a process each (TensorFlow's threads are fixed when it starts): use --rounds")
+    if args.child == "without" and args.without == "towers":
+        _undo("towers")  # before anything imports keras_vit.model
     if args.interleave:
         r = run_interleaved(args.without, args.variant, args.interleave, args.batch_size, args.jit, options,
                             image_size=args.image_size, optimizer=args.optimizer, policy=args.policy)

@@ -26,8 +26,12 @@ from keras_vit.layers import (
 from keras_vit.resnet import ResNetStem
 from keras_vit.train import (
     schedules,  # noqa: F401  (registers WarmupCosine, named by compiled .keras files)
+    towers,
     updates,
 )
+
+# Before the first model's variables start TensorFlow's runtime: its thread counts for the towers (train.towers).
+towers.configure()
 
 
 def _model_name(cfg: ViTConfig) -> str:
@@ -57,7 +61,7 @@ def _eval_preprocessing(pre: Optional[Dict[str, Any]]) -> Optional[Dict[str, Any
 
 
 @keras.saving.register_keras_serializable(package="keras_vit")
-class VisionTransformer(keras.Model):
+class VisionTransformer(towers.TowerModel):
     """The functional graph of Eq. 1-4 for one ViTConfig; a plain keras.Model whose
     get_config() is the ViTConfig, so save/load rebuilds the same graph by name."""
 
@@ -130,7 +134,7 @@ class VisionTransformer(keras.Model):
         if not (cfg.distilled and cfg.include_top):
             raise ValueError(f"distillation_logits needs a model built with distilled=True and include_top=True, "
                              f"got distilled={cfg.distilled} and include_top={cfg.include_top}")
-        heads = keras.Model(self.input, [self.get_layer("head").output, self.get_layer("head_dist").output])
+        heads = towers.TowerModel(self.input, [self.get_layer("head").output, self.get_layer("head_dist").output])
         cls_logits, dist_logits = heads(images, training=training)
         return cls_logits, dist_logits
 
@@ -150,7 +154,7 @@ class VisionTransformer(keras.Model):
         and Keras' SGD/Adam/AdamW updates as TensorFlow's fused ops (keras_vit.train.updates)."""
         whole_step_xla = self.jit_compile is True
         with fusion.whole_step_xla(whole_step_xla), updates.fused_updates(self.optimizer, whole_step_xla):
-            return super().train_step(*args, **kwargs)
+            return super().train_step(*args, **kwargs)  # the batch as towers where this process runs them (train.towers)
 
     def get_compile_config(self) -> Optional[dict]:
         """Keras' own, with "auto" kept as the jit_compile asked for (resolved again where the model

@@ -41,6 +41,7 @@ from keras_vit.model import build_model, get_config
 from keras_vit.train.recipes import make_config, warmup_cosine
 from keras_vit.train.runs import check_output, new_run_dir
 from keras_vit.train.schedules import evaluate_once_per_update
+from keras_vit.train.towers import TowerModel
 
 __all__ = ["TARGETS", "KEEP", "MASK", "RANDOM", "UNCHANGED", "PatchCorruption", "DropPrefixTokens",
            "corruption_codes", "patch_targets", "num_outputs", "build_pretrainer", "masked_patch_batches",
@@ -181,7 +182,7 @@ def build_pretrainer(encoder: keras.Model, target: str = "color") -> keras.Model
     tokens = encoder.forward_intermediates(images, patch_transform=lambda x: corrupt(x, codes, source))["tokens"]
     x = DropPrefixTokens(cfg.seq_len - n, name="patch_tokens")(tokens)
     x = layers.Dense(k, name="mpp_head", dtype="float32")(x)
-    return keras.Model({"images": images, "codes": codes, "source": source}, x, name=f"{encoder.name}_mpp")
+    return TowerModel({"images": images, "codes": codes, "source": source}, x, name=f"{encoder.name}_mpp")
 
 
 def masked_patch_batches(images: np.ndarray, stride: Tuple[int, int], num_patches: int, batch_size: int,

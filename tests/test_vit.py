@@ -1,10 +1,13 @@
 """keras_vit.ViT: the built model's counts, shapes, save/load, learning and mixed precision."""
+import functools
+
 import keras
 import numpy as np
 import pytest
 
 import keras_vit
 from keras_vit.config import ViTConfig
+from keras_vit.train import towers
 from tests.conftest import random_images, randomise_head
 from tests.test_config import REFERENCE_COUNTS
 
@@ -241,7 +244,11 @@ def test_clone_model_gives_the_same_outputs_with_the_same_weights():
     clone = keras.models.clone_model(model)  # Keras clones layer by layer from each layer's config
     clone.set_weights(model.get_weights())
     x = random_images(2, 16, 16)
-    np.testing.assert_array_equal(clone.predict(x, verbose=0), model.predict(x, verbose=0))
+    # the clone is Keras' plain Functional: where this process runs towers (train.towers) the model's predict splits
+    # the batch and oneDNN's GEMMs on half as many rows may round differently (1e-6 seen on the AMX Xeon)
+    exact = towers.count() < 2
+    check = np.testing.assert_array_equal if exact else functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-5)
+    check(clone.predict(x, verbose=0), model.predict(x, verbose=0))
 
 
 @pytest.mark.parametrize("kwargs,match", [
