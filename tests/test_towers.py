@@ -174,3 +174,28 @@ def test_notebook_fit_with_towers_in_a_fresh_process():
         "same = np.array_equal(back.predict(x, verbose=0), m.predict(x, verbose=0))\n"
         "print(towers.count(), h[-1] < h[0] / 2, same)\n")
     assert _run(code, KERAS_VIT_TOWERS="2") == "2 True True"
+
+
+def test_whole_step_xla_in_a_towers_process_says_it_runs_on_one_core(monkeypatch):
+    monkeypatch.setattr(towers, "_configured", 2)
+    model = keras_vit.ViT(**TINY)
+    with pytest.warns(UserWarning, match="KERAS_VIT_TOWERS=0"):
+        model.compile(optimizer="sgd", loss="mse", jit_compile=True)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.compile(optimizer="sgd", loss="mse")
+
+
+@pytest.mark.parametrize("jit,expected", [("xla", "0"), ("fusible", "0"), ("scoped", None)])
+def test_vitcli_train_with_xla_clusters_keeps_tensorflows_threads(monkeypatch, tmp_path, jit, expected):
+    from click.testing import CliRunner
+
+    from keras_vit.cli.main import cli
+
+    monkeypatch.delenv(towers.TOWERS_ENV, raising=False)
+    result = CliRunner().invoke(cli, ["train", "--dataset", f"folder:{tmp_path / 'none'}", "--jit", jit,
+                                      "--output", str(tmp_path / "run")])
+    assert result.exit_code != 0  # no such folder: it stops at the data, after the thread choice
+    assert os.environ.get(towers.TOWERS_ENV) == expected
