@@ -23,6 +23,7 @@ from keras_vit.files import save_model, write_json, write_text
 from keras_vit.layers.fusion import SCOPES_ENV
 from keras_vit.model import build_model
 from keras_vit.plots import plot_training_curves, read_metrics_csv
+from keras_vit.train import towers
 from keras_vit.train.callbacks import LearningRateLogger, PacedBackup, atomic_checkpoint
 from keras_vit.train.distribute import (
     Cluster,
@@ -105,7 +106,8 @@ def _train(cfg: TrainConfig, run: Optional[str], resume: bool, cluster: Cluster,
             elif run is None:  # the folder appears only once the dataset and options are known good
                 run = _start_run(cfg, data, output, root, mixed, jit)
             print(f"precision: {'float32' if mixed == 'none' else mixed}, compilation: {jit}"
-                  + (f" (auto: {reason})" if "auto" in (cfg.mixed_precision, cfg.jit_compile) else ""))
+                  + (f" (auto: {reason})" if "auto" in (cfg.mixed_precision, cfg.jit_compile) else "")
+                  + (f"; the batch as {towers.count()} towers, one thread each" if towers.count() > 1 else ""))
             model = _build_model(cfg, data, jit)
             start = time.time()
             history = model.fit(data.train, validation_data=data.val, epochs=cfg.epochs, steps_per_epoch=data.fit_steps,
@@ -241,7 +243,7 @@ def _start_run(cfg: TrainConfig, data: _Data, output: Optional[str], root: str, 
     write_json(os.path.join(run, "config.json"), {
         "train": cfg.to_dict(), "model": data.vit_cfg.to_dict(), "class_names": data.splits.class_names,
         "command": sys.argv, "keras": keras.__version__, "backend": keras.backend.backend(),
-        "resolved": {"mixed_precision": mixed, "jit_compile": jit},
+        "resolved": {"mixed_precision": mixed, "jit_compile": jit}, "towers": towers.count(),
         "created": datetime.datetime.now().isoformat(timespec="seconds")})
     write_json(os.path.join(run, "class_names.json"), data.splits.class_names)
     return run
