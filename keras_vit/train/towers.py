@@ -5,8 +5,10 @@ cores that fork and join costs much of the second core: ViT-Ti/16's bf16 GEMMs g
 (OpenMP) gain 1.89x. With one intra-op thread and two inter-op threads, a step whose batch runs as two towers
 (two calls of the model on its halves, the outputs joined) is two independent streams of ops that TensorFlow's
 executor runs at once, one a core. On the AMX Xeon (2 cores): a chain of Ti/16's bf16 GEMMs 1,780 against 1,330
-GFLOP/s; a Ti/16 training step 1.33x in bf16, 1.21x in float32, B/16 1.12x in float32 and level in bf16
-(BENCHMARKS.md, 2026-12-05, "Two towers on one thread each").
+GFLOP/s; a Ti/16 training step 1.28-1.33x in bf16, 1.21x in float32, B/16 1.12x in float32 and level in bf16
+(BENCHMARKS.md, 2026-12-05, "Two towers on one thread each"). The cost: in such a process every TensorFlow op that is
+not in a tower runs on one core, a step XLA-compiled whole too (0.62x at Ti/16: `VisionTransformer.compile` warns, and
+`vitcli train --jit xla/fusible` keeps TensorFlow's threads).
 
 The thread counts are fixed when TensorFlow starts its runtime, so `configure` runs when `keras_vit.model` is first
 imported (before the first model's variables start it); where the process started TensorFlow earlier, or set its
