@@ -94,8 +94,9 @@ def _keras_model(case: str, cfg):
 
 
 def run_keras(case: str, args) -> Dict[str, object]:
-    if MODES[case][1] in ("xla", "fusible"):  # as `vitcli train --jit xla/fusible`: TensorFlow's own threads, no towers
-        os.environ.setdefault("KERAS_VIT_TOWERS", "0")  # (before keras_vit.model's import sets them, train.towers)
+    from keras_vit.train.towers import keep_threads_for
+
+    keep_threads_for(MODES[case][1])  # as `vitcli train --jit xla/fusible`, before keras_vit.model's import
     import keras
 
     from keras_vit import precision

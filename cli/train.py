@@ -80,12 +80,10 @@ _DATASET_HELP = ("digits (offline), cifar10, cifar100, mnist, fashion_mnist, tfd
 @user_errors
 def train_cmd(dataset: str, output: Optional[str], resume: bool, peer_timeout: Optional[float], **options) -> None:
     """Train a ViT with model.fit on a tf.data pipeline; writes a run folder."""
-    if options.get("jit_compile") in ("xla", "fusible"):
-        # XLA's clusters run on TensorFlow's intra-op threads, which the towers set to one (B/16 fusible 0.78x):
-        # this process keeps TensorFlow's threads (before anything imports keras_vit.model, which sets them)
-        from keras_vit.train.towers import TOWERS_ENV
+    if options.get("jit_compile") in ("xla", "fusible"):  # before anything imports keras_vit.model
+        from keras_vit.train.towers import keep_threads_for
 
-        os.environ.setdefault(TOWERS_ENV, "0")
+        keep_threads_for(options["jit_compile"])
     from keras_vit import train as ktrain
 
     model = parse_model_options(options.pop("model_options"))

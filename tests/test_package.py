@@ -20,7 +20,7 @@ def _build_wheel(tmp_path):
     """The wheel of a copy of the source tree (no venv, runs or caches), built without isolation."""
     src = tmp_path / "src"
     shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(
-        ".venv", ".venv-*", "amx-out", ".git", "runs", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache"))
+        ".venv", ".venv-*", "amx-out*", ".git", "runs", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache"))
     proc = _run([sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(tmp_path / "dist")],
                 cwd=src)
     assert proc.returncode == 0, proc.stderr[-2000:]

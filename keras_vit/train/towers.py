@@ -58,6 +58,14 @@ def planned() -> int:
     return 2 if _schedulable_cores() == 2 and _on_amx_cpu() else 1
 
 
+def keep_threads_for(jit_mode: str) -> None:
+    """For a run whose step is XLA's (`xla`, or `fusible`'s clusters): TensorFlow's own threads, no towers, unless
+    `KERAS_VIT_TOWERS` says otherwise. XLA's computations run on the intra-op pool, which the towers set to one thread
+    (B/16 `fusible` 0.78x, a whole-step XLA Ti/16 step 0.62x). Call it before `keras_vit.model` is imported."""
+    if jit_mode in ("xla", "fusible"):
+        os.environ.setdefault(TOWERS_ENV, "0")
+
+
 def configure() -> int:
     """Start TensorFlow with one intra-op thread and a tower's worth of inter-op threads, when towers are planned
     and TensorFlow's runtime has not started (and the process set no thread counts of its own). Returns the towers
