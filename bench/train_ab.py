@@ -31,7 +31,9 @@ Changes (`--without`):
 - `row-dots` (AMX, `--jit scoped`): the scoped LayerNorms' and softmax gradient's row sums as XLA reductions (as built,
   one matrix-vector product each, `layers.fusion.row_sum`);
 - `towers` (AMX, 2 cores; processes only, not `--interleave`): the whole batch in one stream of ops, each forked over
-  TensorFlow's default intra-op threads (as built, two half-batch towers on one intra-op thread each, `train.towers`).
+  TensorFlow's default intra-op threads (as built, two half-batch towers on one intra-op thread each, `train.towers`);
+- `shared-casts` (with the towers, mixed_bfloat16): each tower casts the weights for itself, its gradients cast back
+  and summed in float32 (as built, one cast a weight shared by the towers, `train.towers._one_cast_per_variable`).
 
 Each variant runs in its own process (the `fusible` XLA flags are per process), alternately:
   python -m bench.train_ab --without gelu-gradient --variant B/16 --rounds 3 --steps 6
@@ -62,7 +64,8 @@ from typing import List, Optional
 
 CHANGES = ("class-token-block", "gelu-gradient", "ln-gradient", "activation-gradient",
            "relative-gather", "qk-norm-scope", "patch-matmul", "bias-after-reshape", "softmax-compute-dtype",
-           "mlp-bias-in-activation", "bias-gradient-gemm", "fused-updates", "row-dots", "towers")
+           "mlp-bias-in-activation", "bias-gradient-gemm", "fused-updates", "row-dots", "towers",
+           "shared-casts")
 OPTIMIZERS = ("sgd", "adamw")
 
 
@@ -146,6 +149,10 @@ def _undo(change: str) -> None:
         from keras_vit.train.towers import TOWERS_ENV
 
         os.environ[TOWERS_ENV] = "0"
+    elif change == "shared-casts":
+        from keras_vit.train import towers
+
+        towers.SHARE_CASTS = False
 
 
 def bf16_training_model(variant: str, batch_size: int, image_size: int = 224, without: str = "",
