@@ -137,45 +137,6 @@ def parts(model: keras.Model, inputs: Any, training, mask=None) -> int:
     return n if _splittable(model) else 1
 
 
-# False: each tower casts the weights for itself (for bench.train_ab's `--without shared-casts`).
-SHARE_CASTS = True
-_keras_maybe_cast = None
-
-
-def _maybe_cast_once(scope, value):
-    """Keras' autocast of a variable (`AutocastScope.maybe_cast`), done once per variable while towers are traced."""
-    casts = getattr(_STATE, "casts", None)
-    if casts is None or scope.dtype is None or not hasattr(value, "handle") or value.dtype == scope.dtype \
-            or not value.dtype.is_floating:
-        return _keras_maybe_cast(scope, value)
-    key = (id(value), scope.dtype)
-    if key not in casts:
-        casts[key] = (value, _keras_maybe_cast(scope, value))  # the variable kept alive with its id
-    return casts[key][1]
-
-
-@contextlib.contextmanager
-def _one_cast_per_variable():
-    """Under a mixed policy, each float variable read and cast once for all the towers: the towers' gradients of
-    it are summed in the compute dtype (one more bf16 rounding than a float32 sum) and cast back once, not cast
-    back and summed in float32 per tower. ViT-B/16 (86 M weights) 1.021x, Ti/16 1.007x on the AMX Xeon
-    (bench.train_ab --without shared-casts; BENCHMARKS.md, 2026-12-06)."""
-    global _keras_maybe_cast
-    if not SHARE_CASTS:
-        yield
-        return
-    from keras.src.backend.common import variables
-
-    if _keras_maybe_cast is None:
-        _keras_maybe_cast = variables.AutocastScope.maybe_cast
-        variables.AutocastScope.maybe_cast = _maybe_cast_once
-    _STATE.casts = {}
-    try:
-        yield
-    finally:
-        _STATE.casts = None
-
-
 def run(call: Callable[[Any], Any], inputs: Any, n: int) -> Any:
     """`call` on `n` consecutive slices of the batch of `inputs` (a tensor or a structure of them), the outputs
     joined along the batch: the same values as `call(inputs)`, as `n` independent streams of ops."""
@@ -186,9 +147,8 @@ def run(call: Callable[[Any], Any], inputs: Any, n: int) -> Any:
     outs = []
     _STATE.inside = True
     try:
-        with _one_cast_per_variable():
-            for i in range(n):
-                outs.append(call(keras.tree.map_structure(lambda t, i=i: t[bounds[i]:bounds[i + 1]], inputs)))
+        for i in range(n):
+            outs.append(call(keras.tree.map_structure(lambda t, i=i: t[bounds[i]:bounds[i + 1]], inputs)))
     finally:
         _STATE.inside = False
     return keras.tree.map_structure(lambda *xs: tf.concat(list(xs), axis=0), *outs)
