@@ -32,8 +32,9 @@ Changes (`--without`):
   one matrix-vector product each, `layers.fusion.row_sum`);
 - `towers` (AMX, 2 cores; processes only, not `--interleave`): the whole batch in one stream of ops, each forked over
   TensorFlow's default intra-op threads (as built, two half-batch towers on one intra-op thread each, `train.towers`);
-- `shared-casts` (with the towers, mixed_bfloat16): each tower casts the weights for itself, its gradients cast back
-  and summed in float32 (as built, one cast a weight shared by the towers, `train.towers._one_cast_per_variable`).
+- `dw-transposed` (AMX, `--jit scoped`; TensorFlow 2.23+, or forced with `KERAS_VIT_DW_TRANSPOSED=1`): the weight
+  gradients as TensorFlow's MatMul(x, dy, transpose_a=True) (as built, a GEMM on x transposed by XLA,
+  `layers.fusion.gemm`).
 
 Each variant runs in its own process (the `fusible` XLA flags are per process), alternately:
   python -m bench.train_ab --without gelu-gradient --variant B/16 --rounds 3 --steps 6
@@ -65,7 +66,7 @@ from typing import List, Optional
 CHANGES = ("class-token-block", "gelu-gradient", "ln-gradient", "activation-gradient",
            "relative-gather", "qk-norm-scope", "patch-matmul", "bias-after-reshape", "softmax-compute-dtype",
            "mlp-bias-in-activation", "bias-gradient-gemm", "fused-updates", "row-dots", "towers",
-           "shared-casts")
+           "dw-transposed")
 OPTIMIZERS = ("sgd", "adamw")
 
 
@@ -149,10 +150,10 @@ def _undo(change: str) -> None:
         from keras_vit.train.towers import TOWERS_ENV
 
         os.environ[TOWERS_ENV] = "0"
-    elif change == "shared-casts":
-        from keras_vit.train import towers
+    elif change == "dw-transposed":
+        from keras_vit.layers.fusion import DW_TRANSPOSED_ENV
 
-        towers.SHARE_CASTS = False
+        os.environ[DW_TRANSPOSED_ENV] = "0"
 
 
 def bf16_training_model(variant: str, batch_size: int, image_size: int = 224, without: str = "",

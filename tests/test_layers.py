@@ -520,3 +520,55 @@ def test_every_layer_has_its_own_get_config():
     layer.build((None, 4, 8))
     again = L.ClassToken.from_config(layer.get_config())
     assert again.dtype_policy.name == "mixed_bfloat16"
+
+
+def test_gemm_takes_its_weight_gradient_on_x_transposed_where_it_pays(monkeypatch):
+    """layers.fusion.gemm: in the AMX scoped step in bf16, for GEMMs at least 512 wide on TensorFlow 2.23+ (or forced
+    by KERAS_VIT_DW_TRANSPOSED), the weight gradient is a plain MatMul on x transposed by XLA, not MatMul's
+    transpose_a form, with the same values; narrower GEMMs, float32, inference and TensorFlow 2.21 keep TF's form."""
+    import tensorflow as tf
+
+    from keras_vit.layers import fusion
+    from keras_vit.layers.block import TransformerBlock
+
+    monkeypatch.setenv("TF_XLA_FLAGS", "")
+    monkeypatch.setattr(fusion, "_on_amx_cpu", lambda: True)
+    monkeypatch.delenv(fusion.BIAS_APART_ENV, raising=False)
+    monkeypatch.delenv(fusion.DW_TRANSPOSED_ENV, raising=False)
+    with tf.Graph().as_default():  # traced, as a training step is
+        x_bf16 = tf.zeros((4, 512), "bfloat16")
+        wide, narrow = tf.zeros((512, 512), "bfloat16"), tf.zeros((512, 256), "bfloat16")
+        for version, expected in (((2, 21), False), ((2, 23), True), ((3, 0), True)):
+            monkeypatch.setattr(fusion, "_tensorflow_version", lambda v=version: v)
+            assert fusion.transposed_weight_gradient(x_bf16, wide, True) is expected
+            assert not fusion.transposed_weight_gradient(x_bf16, narrow, True)
+            assert not fusion.transposed_weight_gradient(x_bf16, wide, False)
+            assert not fusion.transposed_weight_gradient(tf.zeros((4, 512)), tf.zeros((512, 512)), True)
+        monkeypatch.setattr(fusion, "_tensorflow_version", lambda: (2, 21))
+        for forced in ("1", "0"):
+            monkeypatch.setenv(fusion.DW_TRANSPOSED_ENV, forced)
+            assert fusion.transposed_weight_gradient(x_bf16, wide, True) is (forced == "1")
+    assert not fusion.transposed_weight_gradient(tf.zeros((4, 512), "bfloat16"), tf.zeros((512, 512), "bfloat16"), True)
+
+    rng = np.random.default_rng(0)
+    block = TransformerBlock(num_heads=2, mlp_dim=512, dtype="mixed_bfloat16")
+    x = tf.constant(rng.normal(size=(2, 5, 16)), tf.float32)
+    block(x)
+    results = {}
+    for forced in ("1", "0"):
+        monkeypatch.setenv(fusion.DW_TRANSPOSED_ENV, forced)
+
+        @tf.function
+        def step(t):
+            with tf.GradientTape() as tape:
+                tape.watch(t)
+                loss = tf.reduce_sum(tf.cast(block(t, training=True), "float32") ** 2)
+            return tape.gradient(loss, [t] + block.trainable_variables)
+
+        graph = step.get_concrete_function(x).graph
+        transposed_a = sum(op.type == "MatMul" and op.get_attr("transpose_a") for op in graph.get_operations())
+        results[forced] = [g.numpy() for g in step(x)], transposed_a
+    (on, ta_on), (off, ta_off) = results["1"], results["0"]
+    assert ta_off - ta_on == 1  # the MLP-in GEMM (16 -> 512); the 16-wide ones keep TensorFlow's form
+    for a, b in zip(on, off):
+        np.testing.assert_allclose(a.astype("float32"), b.astype("float32"), rtol=1e-2, atol=1e-3)

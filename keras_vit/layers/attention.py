@@ -10,7 +10,7 @@ import numpy as np
 from keras import layers, ops
 
 from keras_vit.config import INIT_STD
-from keras_vit.layers.fusion import amx_scoped, bias_after_reshape, separate_bias, softmax_with_scoped_gradient
+from keras_vit.layers.fusion import amx_scoped, bias_after_reshape, gemm, separate_bias, softmax_with_scoped_gradient
 from keras_vit.layers.norm import layer_norm
 
 _REG = keras.saving.register_keras_serializable(package="keras_vit")
@@ -112,7 +112,7 @@ class MultiHeadSelfAttention(layers.Layer):
         seq = x.shape[1] if x.shape[1] is not None else ops.shape(x)[1]
         # Rank-2 GEMM on (B*S, D): a rank-3 x rank-2 matmul becomes tf.tensordot on TensorFlow,
         # whose dynamic-shape plumbing (Shape/Gather/ReduceProd/Concat) lands in the ONNX graph.
-        qkv = ops.matmul(ops.reshape(x, (-1, d)), ops.cast(kernel, x.dtype))
+        qkv = gemm(ops.reshape(x, (-1, d)), ops.cast(kernel, x.dtype), training)
         if self.qkv_bias:
             bias = ops.concatenate([ops.reshape(self.query_bias, (flat,)) * scale,
                                     ops.reshape(self.key_bias, (flat,)),
@@ -187,7 +187,7 @@ class MultiHeadSelfAttention(layers.Layer):
         seq = out.shape[1] if out.shape[1] is not None else ops.shape(out)[1]
         # (B*S, heads*head_dim) @ (heads*head_dim, D): one GEMM, same weights as the 4-D einsum.
         kernel = ops.reshape(ops.cast(self.out_kernel, out.dtype), (d, d))
-        y = ops.matmul(ops.reshape(out, (-1, d)), kernel)
+        y = gemm(ops.reshape(out, (-1, d)), kernel, training)
         if separate_bias(out, training):  # the GEMM stays AMX's (layers.fusion)
             y = bias_after_reshape(y, (-1, seq, d), self.out_bias)
         else:

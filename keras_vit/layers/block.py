@@ -15,6 +15,7 @@ from keras_vit.layers.fusion import (
     bias_after_reshape,
     bias_gradient,
     fused_elementwise,
+    gemm,
     separate_bias,
     tf_training_forms,
 )
@@ -275,21 +276,21 @@ class MlpBlock(layers.Layer):
         if self.dense_0.quantization_mode is not None or self.dense_1.quantization_mode is not None:
             return self.dense_1(self.dropout(self._nonlinearity(self.dense_0(x), training), training=training))
 
-        def gemm(dense, t):
-            return ops.matmul(ops.reshape(t, (-1, t.shape[-1])), ops.cast(dense.kernel, t.dtype))
+        def dense_gemm(dense, t):
+            return gemm(ops.reshape(t, (-1, t.shape[-1])), ops.cast(dense.kernel, t.dtype), training)
 
         def tokens(width):  # (B, S, ..., width)
             return ((-1,) + tuple(shape[1:-1]) + (width,) if isinstance(shape, tuple)
                     else ops.concatenate([shape[:-1], [width]], axis=0))
 
         width = self.dense_0.units
-        h = gemm(self.dense_0, x)
+        h = dense_gemm(self.dense_0, x)
         if self.kind != "swiglu" and amx_scoped(x, training):
             h = self._nonlinearity(ops.reshape(h, tokens(width)), training, bias=ops.cast(self.dense_0.bias, "float32"))
         else:
             h = self._nonlinearity(bias_after_reshape(h, tokens(width), self.dense_0.bias), training)
         h = self.dropout(h, training=training)
-        return bias_after_reshape(gemm(self.dense_1, h), tokens(self.dense_1.units), self.dense_1.bias)
+        return bias_after_reshape(dense_gemm(self.dense_1, h), tokens(self.dense_1.units), self.dense_1.bias)
 
     def compute_output_shape(self, input_shape):
         return input_shape

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import re
 import threading
 
 import keras
@@ -218,3 +219,64 @@ def bias_after_reshape(y, shape, bias):
     alone, and the add goes with the element-wise work after it. Inference, and so every export, keeps MatMul + Add.
     """
     return add_bias(ops.reshape(y, shape), bias)
+
+
+
+# "1" / "0" forces `gemm`'s transposed-operand weight gradient on / off (to measure it where it is off).
+DW_TRANSPOSED_ENV = "KERAS_VIT_DW_TRANSPOSED"
+
+
+@functools.cache
+def _tensorflow_version() -> tuple:
+    import tensorflow as tf
+
+    return tuple(int(p) for p in re.findall(r"\d+", tf.__version__)[:2])
+
+
+def transposed_weight_gradient(x, w, training) -> bool:
+    """Whether `gemm(x, w)` computes its weight gradient on x transposed first: in the AMX scoped step in bf16/fp16
+    (`amx_scoped`), for GEMMs at least 512 wide (the saving grows with the width, the transpose's cost does not),
+    on TensorFlow 2.23 or later (oneDNN 3.12), where it measured 1.062x at B/16 and 1.011x at Ti/16 (QKV and MLP-in
+    only there); on TensorFlow 2.21 (oneDNN 3.7.3) the same B/16 step ran 0.937x (BENCHMARKS.md, 2026-12-06)."""
+    if keras.backend.standardize_dtype(x.dtype) == "float32" or not amx_scoped(x, training):
+        return False  # float32's GEMMs (oneDNN's gemm_api) are unmeasured with it
+    if w.shape[-1] is None or w.shape[-1] < 512:
+        return False
+    forced = os.environ.get(DW_TRANSPOSED_ENV)
+    if forced in ("0", "1"):
+        return forced == "1"
+    return _tensorflow_version() >= (2, 23)
+
+
+def gemm(x, w, training):
+    """`x (tokens, K) @ w (K, N)`, and where `transposed_weight_gradient`, its weight gradient x^T dy as a GEMM on
+    x transposed by XLA (the same values).
+
+    Why: TensorFlow hands oneDNN the weight gradient as MatMul(x, dy, transpose_a=True), and oneDNN's AMX kernel
+    runs that form well below a plain one. One thread, bf16, B/16's half-batch shapes (1576 tokens) on the AMX Xeon:
+    TensorFlow 2.21 plain 677-722 GFLOP/s, transpose_a 501-588; TensorFlow 2.23-dev plain 1,001-1,096,
+    transpose_a 501-594. A graph-mode Transpose before the MatMul is folded back into transpose_a by grappler, so
+    the transpose is an XLA computation of its own (`_xla_transpose`)."""
+    if not transposed_weight_gradient(x, w, training):
+        return ops.matmul(x, w)
+    import tensorflow as tf
+
+    @ops.custom_gradient
+    def product(a, b):
+        def grad(*args, upstream=None):
+            if upstream is None:
+                (upstream,) = args
+            return (tf.linalg.matmul(upstream, b, transpose_b=True),
+                    tf.linalg.matmul(_xla_transpose()(a), upstream))
+
+        return ops.matmul(a, b), grad
+
+    return product(x, w)
+
+
+@functools.cache
+def _xla_transpose():
+    """A rank-2 transpose compiled by XLA (a function of its own: a lone op in a jit_scope is not clustered)."""
+    import tensorflow as tf
+
+    return tf.function(tf.transpose, jit_compile=True)
