@@ -32,9 +32,8 @@ Changes (`--without`):
   one matrix-vector product each, `layers.fusion.row_sum`);
 - `towers` (AMX, 2 cores; processes only, not `--interleave`): the whole batch in one stream of ops, each forked over
   TensorFlow's default intra-op threads (as built, two half-batch towers on one intra-op thread each, `train.towers`);
-- `dw-transposed` (AMX, `--jit scoped`; TensorFlow 2.23+, or forced with `KERAS_VIT_DW_TRANSPOSED=1`): the weight
-  gradients as TensorFlow's MatMul(x, dy, transpose_a=True) (as built, a GEMM on x transposed by XLA,
-  `layers.fusion.gemm`).
+- `dw-transposed` (AMX, `--jit scoped`, run with `KERAS_VIT_DW_TRANSPOSED=1`, which turns it on): the weight gradients as
+  TensorFlow's MatMul(x, dy, transpose_a=True) (as built, a GEMM on x transposed by XLA, `layers.fusion.gemm`).
 
 Each variant runs in its own process (the `fusible` XLA flags are per process), alternately:
   python -m bench.train_ab --without gelu-gradient --variant B/16 --rounds 3 --steps 6

@@ -522,10 +522,10 @@ def test_every_layer_has_its_own_get_config():
     assert again.dtype_policy.name == "mixed_bfloat16"
 
 
-def test_gemm_takes_its_weight_gradient_on_x_transposed_where_it_pays(monkeypatch):
-    """layers.fusion.gemm: in the AMX scoped step in bf16, for GEMMs at least 512 wide on TensorFlow 2.23+ (or forced
-    by KERAS_VIT_DW_TRANSPOSED), the weight gradient is a plain MatMul on x transposed by XLA, not MatMul's
-    transpose_a form, with the same values; narrower GEMMs, float32, inference and TensorFlow 2.21 keep TF's form."""
+def test_gemm_takes_its_weight_gradient_on_x_transposed_where_asked(monkeypatch):
+    """layers.fusion.gemm: with KERAS_VIT_DW_TRANSPOSED=1, in the AMX scoped step in bf16, for GEMMs at least 512 wide,
+    the weight gradient is a plain MatMul on x transposed by XLA, not MatMul's transpose_a form, with the same
+    values; narrower GEMMs, float32, inference, eager calls and the default keep TensorFlow's form."""
     import tensorflow as tf
 
     from keras_vit.layers import fusion
@@ -534,20 +534,18 @@ def test_gemm_takes_its_weight_gradient_on_x_transposed_where_it_pays(monkeypatc
     monkeypatch.setenv("TF_XLA_FLAGS", "")
     monkeypatch.setattr(fusion, "_on_amx_cpu", lambda: True)
     monkeypatch.delenv(fusion.BIAS_APART_ENV, raising=False)
-    monkeypatch.delenv(fusion.DW_TRANSPOSED_ENV, raising=False)
     with tf.Graph().as_default():  # traced, as a training step is
         x_bf16 = tf.zeros((4, 512), "bfloat16")
         wide, narrow = tf.zeros((512, 512), "bfloat16"), tf.zeros((512, 256), "bfloat16")
-        for version, expected in (((2, 21), False), ((2, 23), True), ((3, 0), True)):
-            monkeypatch.setattr(fusion, "_tensorflow_version", lambda v=version: v)
-            assert fusion.transposed_weight_gradient(x_bf16, wide, True) is expected
+        for forced in (None, "0", "1"):
+            if forced is None:
+                monkeypatch.delenv(fusion.DW_TRANSPOSED_ENV, raising=False)
+            else:
+                monkeypatch.setenv(fusion.DW_TRANSPOSED_ENV, forced)
+            assert fusion.transposed_weight_gradient(x_bf16, wide, True) is (forced == "1")
             assert not fusion.transposed_weight_gradient(x_bf16, narrow, True)
             assert not fusion.transposed_weight_gradient(x_bf16, wide, False)
             assert not fusion.transposed_weight_gradient(tf.zeros((4, 512)), tf.zeros((512, 512)), True)
-        monkeypatch.setattr(fusion, "_tensorflow_version", lambda: (2, 21))
-        for forced in ("1", "0"):
-            monkeypatch.setenv(fusion.DW_TRANSPOSED_ENV, forced)
-            assert fusion.transposed_weight_gradient(x_bf16, wide, True) is (forced == "1")
     assert not fusion.transposed_weight_gradient(tf.zeros((4, 512), "bfloat16"), tf.zeros((512, 512), "bfloat16"), True)
 
     rng = np.random.default_rng(0)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import re
 import threading
 
 import keras
@@ -222,30 +221,22 @@ def bias_after_reshape(y, shape, bias):
 
 
 
-# "1" / "0" forces `gemm`'s transposed-operand weight gradient on / off (to measure it where it is off).
+# "1" turns `gemm`'s transposed-operand weight gradient on (off by default: its accuracy is not settled, see there).
 DW_TRANSPOSED_ENV = "KERAS_VIT_DW_TRANSPOSED"
 
 
-@functools.cache
-def _tensorflow_version() -> tuple:
-    import tensorflow as tf
-
-    return tuple(int(p) for p in re.findall(r"\d+", tf.__version__)[:2])
-
-
 def transposed_weight_gradient(x, w, training) -> bool:
-    """Whether `gemm(x, w)` computes its weight gradient on x transposed first: in the AMX scoped step in bf16/fp16
-    (`amx_scoped`), for GEMMs at least 512 wide (the saving grows with the width, the transpose's cost does not),
-    on TensorFlow 2.23 or later (oneDNN 3.12), where it measured 1.062x at B/16 and 1.011x at Ti/16 (QKV and MLP-in
-    only there); on TensorFlow 2.21 (oneDNN 3.7.3) the same B/16 step ran 0.937x (BENCHMARKS.md, 2026-12-06)."""
+    """Whether `gemm(x, w)` computes its weight gradient on x transposed first: only where KERAS_VIT_DW_TRANSPOSED=1,
+    in the AMX scoped step in bf16/fp16 (`amx_scoped`), for GEMMs at least 512 wide (the saving grows with the width,
+    the transpose's cost does not). Speed on the AMX Xeon: TensorFlow 2.23-dev (oneDNN 3.12) B/16 1.068x, Ti/16
+    1.018x; TensorFlow 2.21 (oneDNN 3.7.3) B/16 0.937x. Why it is not a default there: the digits bf16 check on
+    TensorFlow 2.23-dev read 93.61 / 93.61% (seeds 0 / 1) with it against 97.50 / 95.83% without, from gradients that
+    equal TensorFlow's form for two steps and differ in the last bits after (BENCHMARKS.md, 2026-12-06)."""
+    if os.environ.get(DW_TRANSPOSED_ENV) != "1":
+        return False
     if keras.backend.standardize_dtype(x.dtype) == "float32" or not amx_scoped(x, training):
         return False  # float32's GEMMs (oneDNN's gemm_api) are unmeasured with it
-    if w.shape[-1] is None or w.shape[-1] < 512:
-        return False
-    forced = os.environ.get(DW_TRANSPOSED_ENV)
-    if forced in ("0", "1"):
-        return forced == "1"
-    return _tensorflow_version() >= (2, 23)
+    return w.shape[-1] is not None and w.shape[-1] >= 512
 
 
 def gemm(x, w, training):
