@@ -220,7 +220,6 @@ def bias_after_reshape(y, shape, bias):
     return add_bias(ops.reshape(y, shape), bias)
 
 
-
 # "1" turns `gemm`'s transposed-operand weight gradient on (off by default: its accuracy is not settled, see there).
 DW_TRANSPOSED_ENV = "KERAS_VIT_DW_TRANSPOSED"
 
@@ -245,7 +244,7 @@ def gemm(x, w, training):
 
     Why: TensorFlow hands oneDNN the weight gradient as MatMul(x, dy, transpose_a=True), and oneDNN's AMX kernel
     runs that form well below a plain one. One thread, bf16, B/16's half-batch shapes (1576 tokens) on the AMX Xeon:
-    TensorFlow 2.21 plain 677-722 GFLOP/s, transpose_a 501-588; TensorFlow 2.23-dev plain 1,001-1,096,
+    TensorFlow 2.21 plain 677-722 GFLOP/s, transpose_a 521-588; TensorFlow 2.23-dev plain 1,001-1,096,
     transpose_a 501-594. A graph-mode Transpose before the MatMul is folded back into transpose_a by grappler, so
     the transpose is an XLA computation of its own (`_xla_transpose`)."""
     if not transposed_weight_gradient(x, w, training):
