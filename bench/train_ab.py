@@ -33,7 +33,10 @@ Changes (`--without`):
 - `towers` (AMX, 2 cores; processes only, not `--interleave`): the whole batch in one stream of ops, each forked over
   TensorFlow's default intra-op threads (as built, two half-batch towers on one intra-op thread each, `train.towers`);
 - `dw-transposed` (AMX, `--jit scoped`, run with `KERAS_VIT_DW_TRANSPOSED=1`, which turns it on): the weight gradients as
-  TensorFlow's MatMul(x, dy, transpose_a=True) (as built, a GEMM on x transposed by XLA, `layers.fusion.gemm`).
+  TensorFlow's MatMul(x, dy, transpose_a=True) (as built, a GEMM on x transposed by XLA, `layers.fusion.gemm`);
+- `shared-casts` (the towers under mixed_bfloat16): each tower casts the weights for itself, and TensorFlow casts its
+  gradients back and sums them (as built, one cast a weight for the towers, the gradients cast back and summed in one
+  XLA pass, `train.towers._one_cast_per_variable`).
 
 Each variant runs in its own process (the `fusible` XLA flags are per process), alternately:
   python -m bench.train_ab --without gelu-gradient --variant B/16 --rounds 3 --steps 6
@@ -65,7 +68,7 @@ from typing import List, Optional
 CHANGES = ("class-token-block", "gelu-gradient", "ln-gradient", "activation-gradient",
            "relative-gather", "qk-norm-scope", "patch-matmul", "bias-after-reshape", "softmax-compute-dtype",
            "mlp-bias-in-activation", "bias-gradient-gemm", "fused-updates", "row-dots", "towers",
-           "dw-transposed")
+           "dw-transposed", "shared-casts")
 OPTIMIZERS = ("sgd", "adamw")
 
 
@@ -153,6 +156,10 @@ def _undo(change: str) -> None:
         from keras_vit.layers.fusion import DW_TRANSPOSED_ENV
 
         os.environ[DW_TRANSPOSED_ENV] = "0"
+    elif change == "shared-casts":
+        from keras_vit.train import towers
+
+        towers.SHARE_CASTS = False
 
 
 def bf16_training_model(variant: str, batch_size: int, image_size: int = 224, without: str = "",

@@ -1,4 +1,5 @@
 """keras_vit.train.towers: a traced step's batch as towers (one intra-op thread each) gives the whole batch's results."""
+import collections
 import os
 import subprocess
 import sys
@@ -109,6 +110,66 @@ def test_fit_as_towers_equals_fit_whole(split_calls, policy, batch):
     np.testing.assert_allclose(e2, e1, rtol=tol, atol=tol)
     split = [n for _, n in split_calls if n > 1]
     assert len(split) >= 3, split_calls  # the train, test and predict steps of the first model
+
+
+def test_the_towers_share_each_weights_cast_and_the_gradients_stay_the_same_to_the_bit(split_calls, monkeypatch):
+    """Under mixed_bfloat16 each float weight is read and cast once for both towers (one output a tower, the
+    gradients cast back and summed in float32 in one XLA pass): one Cast a weight in the step's graph, not one a
+    tower, and the gradients of a cast per tower exactly."""
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        model = randomise_head(keras_vit.ViT(**TINY))
+        x, y = random_images(6, 16, 16), np.arange(6) % 3
+        loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        graphs, grads = {}, {}
+        for share in (True, False):
+            monkeypatch.setattr(towers, "SHARE_CASTS", share)
+
+            @tf.function
+            def step(images, labels):
+                with tf.GradientTape() as tape:
+                    value = loss(labels, tf.cast(model(images, training=True), "float32"))
+                return tape.gradient(value, model.trainable_variables)
+
+            grads[share] = [g.numpy() for g in step(tf.constant(x), tf.constant(y))]
+            graph = step.get_concrete_function(tf.constant(x), tf.constant(y)).graph
+            casts = collections.Counter(op.inputs[0].op.inputs[0].name for op in graph.get_operations()
+                                        if op.type == "Cast" and op.inputs[0].op.type == "ReadVariableOp")
+            graphs[share] = casts  # variable handle -> its casts in the step
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert [n for _, n in split_calls] == [2, 2]
+    assert len(graphs[True]) >= 20 and set(graphs[True].values()) == {1}, graphs[True]  # each weight cast once
+    assert set(graphs[False].values()) == {2}  # a cast per tower
+    assert len(grads[True]) == len(model.trainable_variables)
+    for a, b in zip(grads[True], grads[False]):
+        assert a.dtype == b.dtype == np.float32
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_weight_read_twice_in_a_tower_takes_a_cast_of_its_own(monkeypatch):
+    """A variable read twice in one tower: the second read gets a cast of its own (its gradient summed in float32
+    too), so the gradient is the sum of all four reads' whatever the sharing."""
+    monkeypatch.setattr(towers, "SHARE_CASTS", True)
+    w = keras.Variable(np.linspace(-1, 1, 12).reshape(3, 4).astype("float32"))
+    x = tf.constant(np.linspace(0, 2, 24).reshape(2, 3, 4).astype("float32"))
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        @tf.function
+        def grad():
+            with tf.GradientTape() as tape:
+                with keras.src.backend.common.variables.AutocastScope("bfloat16"):
+                    out = towers.run(lambda part: tf.reduce_sum(tf.cast(tf.cast(part, "bfloat16") * w.value * w.value, "float32"), 0), x, 2)
+                total = tf.reduce_sum(out)
+            return tape.gradient(total, w.value)
+        g = grad().numpy()
+        ops = grad.get_concrete_function().graph.get_operations()
+        casts = [op for op in ops if op.type == "Cast" and op.inputs[0].op.type == "ReadVariableOp"]
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert len(casts) == 3  # one shared by the towers' first reads, one for each tower's second
+    bf = tf.cast(tf.cast(w.value, "bfloat16"), "float32").numpy()
+    np.testing.assert_allclose(g, 2 * bf * np.sum(x.numpy(), axis=0), rtol=2 ** -6)
 
 
 def test_what_splits_and_what_does_not(split_calls):
