@@ -36,7 +36,9 @@ Changes (`--without`):
   TensorFlow's MatMul(x, dy, transpose_a=True) (as built, a GEMM on x transposed by XLA, `layers.fusion.gemm`);
 - `shared-casts` (the towers under mixed_bfloat16): each tower casts the weights for itself, and TensorFlow casts its
   gradients back and sums them (as built, one cast a weight for the towers, the gradients cast back and summed in one
-  XLA pass, `train.towers._one_cast_per_variable`).
+  XLA pass, `train.towers._one_cast_per_variable`);
+- `fused-residuals` (AMX, `--jit scoped`): the blocks' residual adds and their gradients' sums as TensorFlow ops (as
+  built, in the LayerNorms' XLA scopes, `layers.block.TransformerBlock._call_fused`).
 
 Each variant runs in its own process (the `fusible` XLA flags are per process), alternately:
   python -m bench.train_ab --without gelu-gradient --variant B/16 --rounds 3 --steps 6
@@ -68,7 +70,7 @@ from typing import List, Optional
 CHANGES = ("class-token-block", "gelu-gradient", "ln-gradient", "activation-gradient",
            "relative-gather", "qk-norm-scope", "patch-matmul", "bias-after-reshape", "softmax-compute-dtype",
            "mlp-bias-in-activation", "bias-gradient-gemm", "fused-updates", "row-dots", "towers",
-           "dw-transposed", "shared-casts")
+           "dw-transposed", "shared-casts", "fused-residuals")
 OPTIMIZERS = ("sgd", "adamw")
 
 
@@ -160,6 +162,10 @@ def _undo(change: str) -> None:
         from keras_vit.train import towers
 
         towers.SHARE_CASTS = False
+    elif change == "fused-residuals":
+        from keras_vit.layers import block
+
+        block.FUSED_RESIDUALS = False
 
 
 def bf16_training_model(variant: str, batch_size: int, image_size: int = 224, without: str = "",

@@ -445,6 +445,97 @@ def test_scoped_layer_norm_is_layer_norm_and_its_gradient(rng, monkeypatch, dots
     np.testing.assert_allclose(got[0].numpy(), _ln(x.numpy()) * gamma.numpy() + beta.numpy(), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("branch", [False, True])
+def test_residual_layer_norm_is_the_add_and_layer_norm_with_their_gradients(rng, branch):
+    """layers.norm's residual LayerNorm: (z + g + b, LN(z + g + b)) (or (z, LN(z))) in float32, with the gradients of
+    both outputs summed for z and g as autodiff of the add and the LayerNorm gives them, b's and gamma's and beta's."""
+    import tensorflow as tf
+
+    from keras_vit.layers.norm import _scoped_residual_layer_norm
+
+    norm = keras.layers.LayerNormalization(epsilon=1e-6, dtype="float32")
+    norm.build((None, 24))
+    z, g = (tf.constant(rng.normal(size=(10, 24)).astype("float32") * 3 + 1) for _ in range(2))
+    b, gamma, beta = (tf.constant(rng.normal(size=(24,)).astype("float32")) for _ in range(3))
+    up_z, up_y = (tf.constant(rng.normal(size=(10, 24)).astype("float32")) for _ in range(2))
+    fused = _scoped_residual_layer_norm(norm, "float32", tf.xla.experimental.jit_scope, branch)
+    inputs = [z, g, b, gamma, beta] if branch else [z, gamma, beta]
+
+    def reference(*args):
+        t = args[0] + args[1] + args[2] if branch else args[0]
+        mu = tf.reduce_mean(t, -1, keepdims=True)
+        var = tf.reduce_mean(tf.square(t - mu), -1, keepdims=True)
+        return t, (t - mu) * tf.math.rsqrt(var + 1e-6) * args[-2] + args[-1]
+
+    def with_gradients(fn):
+        @tf.function(autograph=False)
+        def step():
+            with tf.GradientTape() as tape:
+                tape.watch(inputs)
+                t, y = fn(*inputs)
+            return [t, y] + tape.gradient([t, y], inputs, output_gradients=[up_z, up_y])
+
+        return step()
+
+    got, want = with_gradients(fused), with_gradients(reference)
+    assert len(got) == len(want) == len(inputs) + 2
+    for a, e in zip(got, want):
+        np.testing.assert_allclose(a.numpy(), e.numpy(), rtol=5e-5, atol=5e-5)
+
+
+@pytest.mark.parametrize("options,call,fused", [
+    ({}, {}, True),
+    ({"qk_norm": True, "activation": "quick_gelu", "qkv_bias": False}, {"class_token_only": True}, True),
+    ({"mlp_kind": "swiglu", "relative_grid": (2, 2)}, {}, True),
+    ({"drop_path_rate": 0.1}, {}, False),
+    ({"layer_scale_init": 0.1}, {}, False),
+])
+def test_block_residuals_in_the_layer_norms_scopes_keep_values_and_gradients(monkeypatch, options, call, fused):
+    """In the AMX scoped bf16 step (forced here on any CPU) a block whose branches end in their GEMM's bias adds the
+    residual stream in the LayerNorms' XLA scopes (layers.block.TransformerBlock._call_fused): no AddN of the
+    stream's gradients left in the step (two fewer), and the values and gradients of the TensorFlow ops' form to the
+    bit; a block with stochastic depth or LayerScale keeps that form."""
+    import tensorflow as tf
+
+    from keras_vit.layers import block as block_module
+    from keras_vit.layers import fusion
+
+    monkeypatch.setenv("TF_XLA_FLAGS", "")
+    monkeypatch.setenv(fusion.BIAS_APART_ENV, "1")
+    rng = np.random.default_rng(3)
+    x = tf.constant(rng.normal(size=(2, 5, 8)), tf.float32)
+    layer = L.TransformerBlock(num_heads=2, mlp_dim=16, dtype=keras.mixed_precision.Policy("mixed_bfloat16"),
+                               **options)
+    layer(x)
+    for v in layer.trainable_variables:
+        v.assign(rng.normal(size=v.shape) * 0.5)
+    weights = tf.constant(rng.normal(size=layer(x, **call).shape), tf.float32)
+
+    def traced():
+        @tf.function
+        def step(t):
+            with tf.GradientTape() as tape:
+                tape.watch(t)
+                y = layer(t, training=True, **call)
+                loss = tf.reduce_sum(tf.cast(y, tf.float32) * weights)
+            return [y] + tape.gradient(loss, [t] + layer.trainable_variables)
+
+        found = [op.type for op in step.get_concrete_function(x).graph.get_operations()]
+        return step(x), found
+
+    as_built, built_ops = traced()
+    monkeypatch.setattr(block_module, "FUSED_RESIDUALS", False)
+    plain, plain_ops = traced()
+    # the stream's two junctions (the block's input, z'), each read by a LayerNorm and a residual add
+    assert plain_ops.count("AddN") - built_ops.count("AddN") == (2 if fused else 0)
+    if not fused:  # the same form twice (stochastic depth draws its masks anew each call)
+        return
+    # rounded as TensorFlow's ops round them (layers.fusion.branch_sum, gradient_sum): the same numbers to the bit
+    names = ["output", "input"] + [v.path for v in layer.trainable_variables]
+    for name, a, e in zip(names, as_built, plain):
+        np.testing.assert_array_equal(a.numpy(), e.numpy(), err_msg=name)
+
+
 def _gelu_and_gradient_fp32(x, upstream, approximate):
     import tensorflow as tf
 

@@ -147,9 +147,11 @@ class MultiHeadSelfAttention(layers.Layer):
         picked = ops.take(by_pair, ops.convert_to_tensor(flat), axis=0)  # (S_q S, B H)
         return ops.transpose(ops.reshape(picked, (n_q, rows.shape[1], -1, self.num_heads)), (2, 3, 0, 1))
 
-    def call(self, x, training=None, return_attention_scores: bool = False, num_queries: Optional[int] = None):
+    def call(self, x, training=None, return_attention_scores: bool = False, num_queries: Optional[int] = None,
+             defer_bias: bool = False):
         """(B, S, D) -> (B, S, D); with `num_queries` n, only the first n tokens attend (to all S)
-        and the result is (B, n, D): what a class-token head reads of the last block."""
+        and the result is (B, n, D): what a class-token head reads of the last block. `defer_bias`: (the output
+        without the out projection's bias, that bias in float32), for the block's fused residual add."""
         scale = 1.0 / math.sqrt(self.head_dim)
         q, k, v = self._qkv(x, 1.0 if self.qk_norm else scale, training)  # q carries the softmax scale
         if num_queries is not None:
@@ -188,6 +190,8 @@ class MultiHeadSelfAttention(layers.Layer):
         # (B*S, heads*head_dim) @ (heads*head_dim, D): one GEMM, same weights as the 4-D einsum.
         kernel = ops.reshape(ops.cast(self.out_kernel, out.dtype), (d, d))
         y = gemm(ops.reshape(out, (-1, d)), kernel, training)
+        if defer_bias:
+            return ops.reshape(y, (-1, seq, d)), ops.cast(self.out_bias, "float32")
         if separate_bias(out, training):  # the GEMM stays AMX's (layers.fusion)
             y = bias_after_reshape(y, (-1, seq, d), self.out_bias)
         else:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from typing import Optional, Sequence
 
 import keras
@@ -16,12 +17,18 @@ from keras_vit.layers.fusion import (
     bias_gradient,
     fused_elementwise,
     gemm,
+    residual_add,
     separate_bias,
     tf_training_forms,
 )
-from keras_vit.layers.norm import layer_norm
+from keras_vit.layers.norm import layer_norm, residual_layer_norm
 
 _REG = keras.saving.register_keras_serializable(package="keras_vit")
+
+# False (or KERAS_VIT_FUSED_RESIDUALS=0): the blocks' residual adds as TensorFlow ops (bench.train_ab's `--without
+# fused-residuals`; the environment variable for a whole run, such as the digits check).
+FUSED_RESIDUALS = True
+FUSED_RESIDUALS_ENV = "KERAS_VIT_FUSED_RESIDUALS"
 
 
 @_REG
@@ -248,7 +255,9 @@ class MlpBlock(layers.Layer):
         self.dropout.build(input_shape)
         self.built = True
 
-    def call(self, x, training=None):
+    def call(self, x, training=None, defer_bias: bool = False):
+        """`defer_bias` (where `separate_bias`, no dropout, not quantized): (the output without Dense_1's bias, that
+        bias in float32), for the block's fused residual add."""
         # The Dense layers run on (tokens, features): a rank-2 input is a plain GEMM (rank 3 would
         # be tf.tensordot, whose shape ops land in exported graphs). Calling the layers, not their
         # kernels, keeps what Keras adds to them working: model.quantize(...) and enable_lora.
@@ -256,6 +265,8 @@ class MlpBlock(layers.Layer):
         d = x.shape[-1]
         shape = tuple(x.shape) if all(n is not None for n in x.shape[1:]) else ops.shape(x)
         if separate_bias(x, training):
+            if defer_bias:
+                return self._apart(x, shape, training, defer_bias=True)
             return self.dropout(self._apart(x, shape, training), training=training)
         h = self._nonlinearity(self.dense_0(ops.reshape(x, (-1, d))), training)
         h = self.dense_1(self.dropout(h, training=training))
@@ -268,7 +279,7 @@ class MlpBlock(layers.Layer):
             return swiglu(h, self.mlp_dim, training)
         return activate(h, self.activation, self.gelu_approximate, training, bias=bias)
 
-    def _apart(self, x, shape, training):
+    def _apart(self, x, shape, training, defer_bias: bool = False):
         """The MLP with each GEMM alone and its bias after a reshape (layers.fusion.bias_after_reshape); in the
         scoped step Dense_0's bias joins the GELU / quick_gelu's scope (layers.fusion.amx_scoped). The kernel
         property carries LoRA's update where enabled; quantized layers keep their call, on rank-3 inputs
@@ -290,6 +301,9 @@ class MlpBlock(layers.Layer):
         else:
             h = self._nonlinearity(bias_after_reshape(h, tokens(width), self.dense_0.bias), training)
         h = self.dropout(h, training=training)
+        if defer_bias:
+            return ops.reshape(dense_gemm(self.dense_1, h), tokens(self.dense_1.units)), \
+                ops.cast(self.dense_1.bias, "float32")
         return bias_after_reshape(dense_gemm(self.dense_1, h), tokens(self.dense_1.units), self.dense_1.bias)
 
     def compute_output_shape(self, input_shape):
@@ -382,6 +396,8 @@ class TransformerBlock(layers.Layer):
         distilled model's with n = 2 (the class and distillation tokens its two heads read).
         """
         queries = _queries(class_token_only, num_queries)
+        if not return_attention_scores and self._fused_residuals(x, training):
+            return self._call_fused(x, training, queries)
         y = layer_norm(self.norm_1, x, self.compute_dtype, training)
         y = self.attention(y, training=training, return_attention_scores=return_attention_scores,
                            num_queries=queries)
@@ -401,6 +417,35 @@ class TransformerBlock(layers.Layer):
         if return_attention_scores:
             return x, probs
         return x
+
+    def _fused_residuals(self, x, training) -> bool:
+        """Whether the block's residual adds join the LayerNorms' XLA scopes (`_call_fused`): in the AMX scoped step
+        in bf16/fp16 (layers.fusion.amx_scoped) for a block whose branches end in their GEMM's bias (no dropout,
+        stochastic depth or LayerScale after it, no quantized MLP) and while `FUSED_RESIDUALS` is on. Where TensorFlow
+        ran the adds in bf16 op by op in Eigen: ViT-B/16 1.026x, Ti/16 1.035x on the AMX Xeon, the same numbers to the
+        bit (bench.train_ab --without fused-residuals; BENCHMARKS.md, 2026-12-06)."""
+        if not FUSED_RESIDUALS or os.environ.get(FUSED_RESIDUALS_ENV) == "0":
+            return False
+        if self.dropout_rate or self.drop_path_rate or self.layer_scale:
+            return False
+        if self.mlp.dense_0.quantization_mode is not None or self.mlp.dense_1.quantization_mode is not None:
+            return False
+        if keras.backend.standardize_dtype(self.compute_dtype) == "float32":
+            return False  # TensorFlow's float32 adds are vectorised: Ti/16's float32 scoped step 0.987x with it
+        return amx_scoped(ops.cast(x, self.compute_dtype), training)
+
+    def _call_fused(self, x, training, queries):
+        """The block as `call` computes it, with the residual stream's adds and gradient sums in the LayerNorms'
+        XLA scopes (layers.norm.residual_layer_norm, layers.fusion.residual_add): z' = z + MSA(LN(z)) with the
+        attention's out bias, LN(z') in the same pass; z' + MLP(LN(z')) likewise; rounded as TensorFlow's ops round
+        them (layers.fusion.branch_sum)."""
+        z, y = residual_layer_norm(self.norm_1, ops.cast(x, self.compute_dtype), self.compute_dtype, training)
+        branch = self.attention(y, training=training, num_queries=queries, defer_bias=True)
+        if queries is not None:
+            z = z[:, :queries]
+        z, y = residual_layer_norm(self.norm_2, z, self.compute_dtype, training, branch=branch)
+        g, bias = self.mlp(y, training=training, defer_bias=True)
+        return residual_add(z, g, bias, training)
 
     def compute_output_shape(self, input_shape):
         return input_shape

@@ -207,6 +207,47 @@ def add_bias(y, bias):
     return biased(y, ops.cast(bias, bias.dtype))  # a tensor: a variable read inside would need `variables`
 
 
+def branch_sum(z, g, bias):
+    """z + g + bias (z, g in the compute dtype, bias float32 (features,)) in an XLA scope, rounded as TensorFlow's ops
+    round it: grappler turns the block's z + (g + bias) into AddN(z, g) + bias, each in the compute dtype, so the sum
+    is rounded after z + g and again after the bias. Those roundings kept (each add in float32, rounded to z's dtype)
+    the step's numbers are the TensorFlow ops' to the bit: one rounding for the whole sum, more exact, was tried on
+    2026-12-06 and the digits bf16 check fell on 4 seeds of 4 (BENCHMARKS.md). The bias goes in by BiasAdd: grappler
+    rewrites a chain of two Adds into an AddN and an Add outside the XLA scope they were made in."""
+    import tensorflow as tf
+
+    dtype = z.dtype
+    partial = ops.cast(ops.cast(z, "float32") + ops.cast(g, "float32"), dtype)
+    return ops.cast(tf.nn.bias_add(ops.cast(partial, "float32"), bias), dtype)
+
+
+def gradient_sum(a, b, dtype):
+    """a + b (float32 or `dtype`) in `dtype` as TensorFlow's AddN of the two in `dtype` gives it: each rounded to
+    `dtype`, summed in float32, rounded once more (see `branch_sum` for why these roundings are kept)."""
+    return ops.cast(ops.cast(ops.cast(a, dtype), "float32") + ops.cast(ops.cast(b, dtype), "float32"), dtype)
+
+
+def residual_add(z, g, bias, training):
+    """z + g + bias for the residual stream z, a branch's GEMM output g and its float32 bias, in an XLA scope
+    (`branch_sum`); the gradient is the upstream one for z and g, and `bias_gradient`'s GEMM for the
+    bias: no element-wise op. In the AMX scoped step, where TensorFlow ran the two adds in bf16, op by op
+    (layers.norm.residual_layer_norm does the same with the LayerNorm after it)."""
+
+    @ops.custom_gradient
+    def added(a, b, c):
+        with fused_elementwise(training, a.dtype):
+            out = branch_sum(a, b, c)
+
+        def grad(*args, upstream=None):
+            if upstream is None:
+                (upstream,) = args
+            return upstream, ops.cast(upstream, b.dtype), ops.cast(bias_gradient(upstream), c.dtype)
+
+        return out, grad
+
+    return added(z, g, bias)
+
+
 def bias_after_reshape(y, shape, bias):
     """`ops.reshape(y, shape) + bias` for a GEMM output `y`, where `separate_bias`; the bias gradient by
     `bias_gradient`.

@@ -29,40 +29,113 @@ def _layer_norm(norm: layers.LayerNormalization, x):
     return ops.reshape(h, (-1,) + tuple(shape[1:]) if isinstance(shape, tuple) else shape)
 
 
+def _normalise(h, gamma, beta, epsilon: float):
+    """LayerNorm's forward on float32 (tokens, features) h: (xhat, 1 / sqrt(var + eps), xhat gamma + beta)."""
+    from keras_vit.layers.fusion import row_mean
+
+    centred = h - row_mean(h)
+    r = ops.rsqrt(row_mean(centred * centred) + epsilon)
+    xhat = centred * r
+    return xhat, r, xhat * gamma + beta
+
+
+def _normalise_gradient(dy, xhat, r, gamma):
+    """LayerNorm's gradient from float32 dy: dx = r (dy gamma - mean(dy gamma) - xhat mean(dy gamma xhat)),
+    dgamma = sum(dy xhat), dbeta = sum(dy)."""
+    from keras_vit.layers.fusion import row_mean
+
+    dxhat = dy * gamma
+    dx = r * (dxhat - row_mean(dxhat) - xhat * row_mean(dxhat * xhat))
+    return dx, ops.sum(dy * xhat, axis=0), ops.sum(dy, axis=0)
+
+
 def _scoped_layer_norm_with_gradient(norm: layers.LayerNormalization, out_dtype, scope):
     """LayerNorm on (tokens, features) in float32 with its gradient written out, both in `scope`.
 
     Why: TensorFlow's GradientTape does not carry an XLA scope over to the gradient ops, so in the
     scoped bf16 step (layers.fusion) TensorFlow's own LayerNorm gradient ran op by op (Sum, Tile,
-    RealDiv, ... over every token). Written out here: dgamma = sum(dy xhat), dbeta = sum(dy),
-    dx = r (dy gamma - mean(dy gamma) - xhat mean(dy gamma xhat)), r = 1 / sqrt(var + eps).
+    RealDiv, ... over every token). Written out here (`_normalise_gradient`).
     ViT-B/16 scoped bf16 step: 1.020x (bench.train_ab --without ln-gradient, Zen 4, BENCHMARKS.md). The row means
     are `layers.fusion.row_mean`'s (GEMVs on AMX, where XLA's row reductions are serial).
     """
 
-    from keras_vit.layers.fusion import row_mean
-
     @ops.custom_gradient
     def layer_norm(x, gamma, beta):
         with scope():
-            h = ops.cast(x, "float32")
-            centred = h - row_mean(h)
-            r = ops.rsqrt(row_mean(centred * centred) + norm.epsilon)
-            xhat = centred * r
-            y = ops.cast(xhat * gamma + beta, out_dtype)
+            xhat, r, y = _normalise(ops.cast(x, "float32"), gamma, beta, norm.epsilon)
+            y = ops.cast(y, out_dtype)
 
         def grad(*args, upstream=None):
             if upstream is None:
                 (upstream,) = args
             with scope():  # the gradient's ops are made later, outside the forward's scope
-                dy = ops.cast(upstream, "float32")
-                dxhat = dy * gamma
-                dx = r * (dxhat - row_mean(dxhat) - xhat * row_mean(dxhat * xhat))
-                return ops.cast(dx, x.dtype), ops.sum(dy * xhat, axis=0), ops.sum(dy, axis=0)
+                dx, dgamma, dbeta = _normalise_gradient(ops.cast(upstream, "float32"), xhat, r, gamma)
+                return ops.cast(dx, x.dtype), dgamma, dbeta
 
         return y, grad
 
     return layer_norm
+
+
+def _scoped_residual_layer_norm(norm: layers.LayerNormalization, out_dtype, scope, branch: bool):
+    """(z, [g, b,] gamma, beta) -> (z', LN(z')) on (tokens, features) in `scope`: z' = z + g + b (a residual branch's
+    GEMM output g and its float32 bias b, `layers.fusion.branch_sum`) with `branch`, else z' = z. The gradient takes
+    both outputs' upstream gradients: dz' = upstream(z') + LN's input gradient in the same fused pass, rounded as
+    TensorFlow's AddN of the two rounds it (`layers.fusion.gradient_sum`), for z and g (b's by
+    `layers.fusion.bias_gradient`'s GEMM).
+
+    Why: in the scoped bf16 step the residual stream's adds (the GEMM's bias, then the branch) ran as TensorFlow
+    ops in bf16, op by op in Eigen, and the stream's two gradients (past the block, through the LayerNorm) met in
+    an AddN: 250 of a B/16 step's 4,350 op-ms on the AMX Xeon (BENCHMARKS.md, 2026-12-06)."""
+    from keras_vit.layers.fusion import bias_gradient
+    from keras_vit.layers.fusion import branch_sum as _branch_sum
+    from keras_vit.layers.fusion import gradient_sum as _gradient_sum
+
+    @ops.custom_gradient
+    def residual_norm(z, *args):
+        *parts, gamma, beta = args
+        with scope():
+            if branch:
+                g, b = parts
+                z2 = _branch_sum(z, g, b)
+            else:
+                z2 = z
+            xhat, r, y = _normalise(ops.cast(z2, "float32"), gamma, beta, norm.epsilon)
+            y = ops.cast(y, out_dtype)
+
+        def grad(*upstream, **kwargs):
+            dz, dy = upstream if len(upstream) == 2 else kwargs["upstream"]
+            with scope():
+                if dy is None:
+                    dt, dgamma, dbeta = ops.cast(dz, z.dtype), ops.zeros_like(gamma), ops.zeros_like(beta)
+                else:
+                    dt, dgamma, dbeta = _normalise_gradient(ops.cast(dy, "float32"), xhat, r, gamma)
+                    dt = ops.cast(dt, z.dtype) if dz is None else _gradient_sum(dt, dz, z.dtype)
+            if not branch:
+                return dt, dgamma, dbeta
+            return dt, dt, ops.cast(bias_gradient(dt), parts[1].dtype), dgamma, dbeta
+
+        return (z2, y), grad
+
+    return residual_norm
+
+
+def residual_layer_norm(norm: layers.LayerNormalization, z, out_dtype, training, branch=None):
+    """(z', LN(z')) for the residual stream z in the AMX scoped step (layers.fusion.amx_scoped): z' = z, or with
+    `branch` (g, b) z' = z + g + b, the add and the LayerNorm in one XLA scope and their gradient in one
+    (`_scoped_residual_layer_norm`). z' in z's dtype, LN(z') in `out_dtype`."""
+    from keras_vit.layers.fusion import fused_elementwise
+
+    d = z.shape[-1]
+    shape = tuple(z.shape) if all(n is not None for n in z.shape[1:]) else ops.shape(z)
+    fn = _scoped_residual_layer_norm(norm, out_dtype, lambda: fused_elementwise(training, out_dtype), branch is not None)
+    gamma, beta = ops.cast(norm.gamma, "float32"), ops.cast(norm.beta, "float32")
+    rows = [ops.reshape(z, (-1, d))]
+    if branch is not None:
+        rows += [ops.reshape(branch[0], (-1, d)), branch[1]]
+    z2, y = fn(*rows, gamma, beta)
+    back = (-1,) + tuple(shape[1:]) if isinstance(shape, tuple) else shape
+    return ops.reshape(z2, back), ops.reshape(y, back)
 
 
 def layer_norm(norm: layers.LayerNormalization, x, out_dtype, training=None, scale: float = 1.0):
