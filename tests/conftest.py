@@ -37,6 +37,21 @@ def random_images(n, h, w, c=3, seed=0):
     return np.random.default_rng(seed).uniform(0, 255, (n, h, w, c)).astype("float32")
 
 
+def weighted_sum_step(layer, weights, training=True, **call):
+    """A traced step of `layer` on t: its output, and the gradients of sum(output * weights) for t and its weights."""
+    import tensorflow as tf
+
+    @tf.function
+    def step(t):
+        with tf.GradientTape() as tape:
+            tape.watch(t)
+            y = layer(t, training=training, **call)
+            loss = tf.reduce_sum(tf.cast(y, tf.float32) * weights)
+        return [y] + tape.gradient(loss, [t] + layer.trainable_variables)
+
+    return step
+
+
 def randomise_head(model, seed=0):
     """The head is zero-initialised; give it random weights so that logits differ per input."""
     head = model.get_layer("head")

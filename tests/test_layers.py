@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from keras_vit import layers as L
+from tests.conftest import weighted_sum_step
 
 
 def _ln(x, eps=1e-6):
@@ -512,14 +513,7 @@ def test_block_residuals_in_the_layer_norms_scopes_keep_values_and_gradients(mon
     weights = tf.constant(rng.normal(size=layer(x, **call).shape), tf.float32)
 
     def traced():
-        @tf.function
-        def step(t):
-            with tf.GradientTape() as tape:
-                tape.watch(t)
-                y = layer(t, training=True, **call)
-                loss = tf.reduce_sum(tf.cast(y, tf.float32) * weights)
-            return [y] + tape.gradient(loss, [t] + layer.trainable_variables)
-
+        step = weighted_sum_step(layer, weights, **call)
         found = [op.type for op in step.get_concrete_function(x).graph.get_operations()]
         return step(x), found
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 
 from keras_vit import precision as P
+from tests.conftest import weighted_sum_step
 
 
 def test_cpu_bf16_flag_detection(tmp_path):
@@ -398,14 +399,7 @@ def test_bf16_training_adds_no_bias_right_after_a_gemm(monkeypatch, options, cal
     weights = tf.constant(rng.normal(size=block(x, **call).shape), tf.float32)
 
     def traced(layer, training=True):
-        @tf.function
-        def step(t):
-            with tf.GradientTape() as tape:
-                tape.watch(t)
-                y = layer(t, training=training, **call)
-                loss = tf.reduce_sum(tf.cast(y, tf.float32) * weights)
-            return [y] + tape.gradient(loss, [t] + layer.trainable_variables)
-
+        step = weighted_sum_step(layer, weights, training, **call)
         return step(x), _matmul_consumers(step.get_concrete_function(x).graph)
 
     adds = {"Add", "AddV2", "BiasAdd"}
