@@ -403,32 +403,22 @@ class TransformerBlock(layers.Layer):
                            num_queries=queries)
         if return_attention_scores:
             y, probs = y
-        y = self.dropout(y, training=training)
-        if self.layer_scale:
-            y = self.layer_scale[0](y)
+        y = self._finish_branch(self.dropout(y, training=training), 0, training)
         if queries is not None:
             x = x[:, :queries]
-        x = ops.cast(x, self.compute_dtype) + self.drop_path(y, training=training)
+        x = ops.cast(x, self.compute_dtype) + y
         y = layer_norm(self.norm_2, x, self.compute_dtype, training)
-        y = self.mlp(y, training=training)
-        if self.layer_scale:
-            y = self.layer_scale[1](y)
-        x = x + self.drop_path(y, training=training)
+        x = x + self._finish_branch(self.mlp(y, training=training), 1, training)
         if return_attention_scores:
             return x, probs
         return x
 
     def _fused_residuals(self, x, training) -> bool:
         """Whether the block's residual adds join the LayerNorms' XLA scopes (`_call_fused`): in the AMX scoped step
-        in bf16/fp16 (layers.fusion.amx_scoped) for a block whose branches end in their GEMM's bias (no dropout,
-        stochastic depth or LayerScale after it, no quantized MLP) and while `FUSED_RESIDUALS` is on. Where TensorFlow
-        ran the adds in bf16 op by op in Eigen: ViT-B/16 1.026x, Ti/16 1.035x on the AMX Xeon, the same numbers to the
-        bit (bench.train_ab --without fused-residuals; BENCHMARKS.md, 2026-12-06)."""
+        in bf16/fp16 (layers.fusion.amx_scoped), while `FUSED_RESIDUALS` is on. Where TensorFlow ran the adds in bf16
+        op by op in Eigen: ViT-B/16 1.026x, Ti/16 1.035x on the AMX Xeon, the same numbers to the bit
+        (bench.train_ab --without fused-residuals; BENCHMARKS.md, 2026-12-06)."""
         if not FUSED_RESIDUALS or os.environ.get(FUSED_RESIDUALS_ENV) == "0":
-            return False
-        if self.dropout_rate or self.drop_path_rate or self.layer_scale:
-            return False
-        if self.mlp.dense_0.quantization_mode is not None or self.mlp.dense_1.quantization_mode is not None:
             return False
         if keras.backend.standardize_dtype(self.compute_dtype) == "float32":
             return False  # TensorFlow's float32 adds are vectorised: Ti/16's float32 scoped step 0.987x with it
@@ -436,16 +426,32 @@ class TransformerBlock(layers.Layer):
 
     def _call_fused(self, x, training, queries):
         """The block as `call` computes it, with the residual stream's adds and gradient sums in the LayerNorms'
-        XLA scopes (layers.norm.residual_layer_norm, layers.fusion.residual_add): z' = z + MSA(LN(z)) with the
-        attention's out bias, LN(z') in the same pass; z' + MLP(LN(z')) likewise; rounded as TensorFlow's ops round
-        them (layers.fusion.branch_sum)."""
+        XLA scopes (layers.norm.residual_layer_norm, layers.fusion.residual_add): z' = z + MSA(LN(z)), LN(z') in
+        the same pass; z' + MLP(LN(z')) likewise; rounded as TensorFlow's ops round them (layers.fusion.branch_sum).
+        A branch that ends in its GEMM's bias (no dropout, stochastic depth or LayerScale after it, no quantized MLP)
+        hands the bias over apart, to join the add; otherwise the branch comes whole, as `call` makes it."""
+        apart = not (self.dropout_rate or self.drop_path_rate or self.layer_scale)
         z, y = residual_layer_norm(self.norm_1, ops.cast(x, self.compute_dtype), self.compute_dtype, training)
-        branch = self.attention(y, training=training, num_queries=queries, defer_bias=True)
+        if apart:
+            branch = self.attention(y, training=training, num_queries=queries, defer_bias=True)
+        else:
+            branch = (self._finish_branch(self.dropout(self.attention(y, training=training, num_queries=queries),
+                                                       training=training), 0, training), None)
         if queries is not None:
             z = z[:, :queries]
         z, y = residual_layer_norm(self.norm_2, z, self.compute_dtype, training, branch=branch)
-        g, bias = self.mlp(y, training=training, defer_bias=True)
+        quantized = self.mlp.dense_0.quantization_mode is not None or self.mlp.dense_1.quantization_mode is not None
+        if apart and not quantized:
+            g, bias = self.mlp(y, training=training, defer_bias=True)
+        else:
+            g, bias = self._finish_branch(self.mlp(y, training=training), 1, training), None
         return residual_add(z, g, bias, training)
+
+    def _finish_branch(self, y, index: int, training):
+        """A residual branch's end as `call` has it: LayerScale `index` where the block has one, then stochastic depth."""
+        if self.layer_scale:
+            y = self.layer_scale[index](y)
+        return self.drop_path(y, training=training)
 
     def compute_output_shape(self, input_shape):
         return input_shape

@@ -207,8 +207,8 @@ def add_bias(y, bias):
     return biased(y, ops.cast(bias, bias.dtype))  # a tensor: a variable read inside would need `variables`
 
 
-def branch_sum(z, g, bias):
-    """z + g + bias (z, g in the compute dtype, bias float32 (features,)) in an XLA scope, rounded as TensorFlow's ops
+def branch_sum(z, g, bias=None):
+    """z + g + bias (z, g in the compute dtype, bias float32 (features,) or None) in an XLA scope, rounded as TensorFlow's ops
     round it: grappler turns the block's z + (g + bias) into AddN(z, g) + bias, each in the compute dtype, so the sum
     is rounded after z + g and again after the bias. Those roundings kept (each add in float32, rounded to z's dtype)
     the step's numbers are the TensorFlow ops' to the bit: one rounding for the whole sum, more exact, was tried on
@@ -218,7 +218,7 @@ def branch_sum(z, g, bias):
 
     dtype = z.dtype
     partial = ops.cast(ops.cast(z, "float32") + ops.cast(g, "float32"), dtype)
-    return ops.cast(tf.nn.bias_add(ops.cast(partial, "float32"), bias), dtype)
+    return partial if bias is None else ops.cast(tf.nn.bias_add(ops.cast(partial, "float32"), bias), dtype)
 
 
 def gradient_sum(a, b, dtype):
@@ -228,24 +228,25 @@ def gradient_sum(a, b, dtype):
 
 
 def residual_add(z, g, bias, training):
-    """z + g + bias for the residual stream z, a branch's GEMM output g and its float32 bias, in an XLA scope
-    (`branch_sum`); the gradient is the upstream one for z and g, and `bias_gradient`'s GEMM for the
-    bias: no element-wise op. In the AMX scoped step, where TensorFlow ran the two adds in bf16, op by op
+    """z + g + bias for the residual stream z, a branch g and its GEMM's float32 bias (or None: g is the whole
+    branch), in an XLA scope (`branch_sum`); the gradient is the upstream one for z and g, and `bias_gradient`'s GEMM
+    for the bias: no element-wise op. In the AMX scoped step, where TensorFlow ran the adds in bf16, op by op
     (layers.norm.residual_layer_norm does the same with the LayerNorm after it)."""
 
     @ops.custom_gradient
-    def added(a, b, c):
+    def added(a, *parts):
         with fused_elementwise(training, a.dtype):
-            out = branch_sum(a, b, c)
+            out = branch_sum(a, *parts)
 
         def grad(*args, upstream=None):
             if upstream is None:
                 (upstream,) = args
-            return upstream, ops.cast(upstream, b.dtype), ops.cast(bias_gradient(upstream), c.dtype)
+            grads = [upstream, ops.cast(upstream, parts[0].dtype)]
+            return tuple(grads + [ops.cast(bias_gradient(upstream), b.dtype) for b in parts[1:]])
 
         return out, grad
 
-    return added(z, g, bias)
+    return added(z, g) if bias is None else added(z, g, bias)
 
 
 def bias_after_reshape(y, shape, bias):

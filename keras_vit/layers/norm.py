@@ -77,11 +77,11 @@ def _scoped_layer_norm_with_gradient(norm: layers.LayerNormalization, out_dtype,
     return layer_norm
 
 
-def _scoped_residual_layer_norm(norm: layers.LayerNormalization, out_dtype, scope, branch: bool):
-    """(z, [g, b,] gamma, beta) -> (z', LN(z')) on (tokens, features) in `scope`: z' = z + g + b (a residual branch's
-    GEMM output g and its float32 bias b, `layers.fusion.branch_sum`) with `branch`, else z' = z. The gradient takes
-    both outputs' upstream gradients: dz' = upstream(z') + LN's input gradient in the same fused pass, rounded as
-    TensorFlow's AddN of the two rounds it (`layers.fusion.gradient_sum`), for z and g (b's by
+def _scoped_residual_layer_norm(norm: layers.LayerNormalization, out_dtype, scope):
+    """(z, [g, [b,]] gamma, beta) -> (z', LN(z')) on (tokens, features) in `scope`: z' = z + g (+ b) (a residual
+    branch g, and where given its GEMM's float32 bias b apart, `layers.fusion.branch_sum`), or z' = z. The gradient
+    takes both outputs' upstream gradients: dz' = upstream(z') + LN's input gradient in the same fused pass, rounded
+    as TensorFlow's AddN of the two rounds it (`layers.fusion.gradient_sum`), for z and g (b's by
     `layers.fusion.bias_gradient`'s GEMM).
 
     Why: in the scoped bf16 step the residual stream's adds (the GEMM's bias, then the branch) ran as TensorFlow
@@ -95,11 +95,7 @@ def _scoped_residual_layer_norm(norm: layers.LayerNormalization, out_dtype, scop
     def residual_norm(z, *args):
         *parts, gamma, beta = args
         with scope():
-            if branch:
-                g, b = parts
-                z2 = _branch_sum(z, g, b)
-            else:
-                z2 = z
+            z2 = _branch_sum(z, *parts) if parts else z
             xhat, r, y = _normalise(ops.cast(z2, "float32"), gamma, beta, norm.epsilon)
             y = ops.cast(y, out_dtype)
 
@@ -111,9 +107,9 @@ def _scoped_residual_layer_norm(norm: layers.LayerNormalization, out_dtype, scop
                 else:
                     dt, dgamma, dbeta = _normalise_gradient(ops.cast(dy, "float32"), xhat, r, gamma)
                     dt = ops.cast(dt, z.dtype) if dz is None else _gradient_sum(dt, dz, z.dtype)
-            if not branch:
-                return dt, dgamma, dbeta
-            return dt, dt, ops.cast(bias_gradient(dt), parts[1].dtype), dgamma, dbeta
+            grads = [dt] + [ops.cast(dt, part.dtype) for part in parts[:1]]
+            grads += [ops.cast(bias_gradient(dt), part.dtype) for part in parts[1:]]
+            return (*grads, dgamma, dbeta)
 
         return (z2, y), grad
 
@@ -122,17 +118,17 @@ def _scoped_residual_layer_norm(norm: layers.LayerNormalization, out_dtype, scop
 
 def residual_layer_norm(norm: layers.LayerNormalization, z, out_dtype, training, branch=None):
     """(z', LN(z')) for the residual stream z in the AMX scoped step (layers.fusion.amx_scoped): z' = z, or with
-    `branch` (g, b) z' = z + g + b, the add and the LayerNorm in one XLA scope and their gradient in one
-    (`_scoped_residual_layer_norm`). z' in z's dtype, LN(z') in `out_dtype`."""
+    `branch` (g, b) z' = z + g (+ b where b is not None: a GEMM's float32 bias), the add and the LayerNorm in one XLA
+    scope and their gradient in one (`_scoped_residual_layer_norm`). z' in z's dtype, LN(z') in `out_dtype`."""
     from keras_vit.layers.fusion import fused_elementwise
 
     d = z.shape[-1]
     shape = tuple(z.shape) if all(n is not None for n in z.shape[1:]) else ops.shape(z)
-    fn = _scoped_residual_layer_norm(norm, out_dtype, lambda: fused_elementwise(training, out_dtype), branch is not None)
+    fn = _scoped_residual_layer_norm(norm, out_dtype, lambda: fused_elementwise(training, out_dtype))
     gamma, beta = ops.cast(norm.gamma, "float32"), ops.cast(norm.beta, "float32")
     rows = [ops.reshape(z, (-1, d))]
     if branch is not None:
-        rows += [ops.reshape(branch[0], (-1, d)), branch[1]]
+        rows += [ops.reshape(branch[0], (-1, d))] + ([branch[1]] if branch[1] is not None else [])
     z2, y = fn(*rows, gamma, beta)
     back = (-1,) + tuple(shape[1:]) if isinstance(shape, tuple) else shape
     return ops.reshape(z2, back), ops.reshape(y, back)
