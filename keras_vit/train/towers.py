@@ -149,10 +149,13 @@ def _upcast_sum(gradients: list, dtype):
     weight's in TensorFlow's ops, cheaper than an XLA launch)."""
     import tensorflow as tf
 
+    def total(*gs):
+        return tf.add_n([tf.cast(g, dtype) for g in gs])
+
     if (gradients[0].shape.num_elements() or 0) < _XLA_SUM_MIN_SIZE:
-        return tf.add_n([tf.cast(g, dtype) for g in gradients])
+        return total(*gradients)
     if dtype not in _upcast_sums:
-        _upcast_sums[dtype] = tf.function(lambda *gs: tf.add_n([tf.cast(g, dtype) for g in gs]), jit_compile=True)
+        _upcast_sums[dtype] = tf.function(total, jit_compile=True)
     return _upcast_sums[dtype](*gradients)
 
 
