@@ -147,7 +147,11 @@ def row_sum(t):
 
 
 def row_mean(t):
-    """`row_sum(t)` over the features: the mean over the last axis, kept as size 1."""
+    """The mean over the last axis, kept as size 1: on an AMX CPU `row_sum(t)` over the features, elsewhere
+    `ops.mean`, so that off AMX the scopes' graph is the one measured before the GEMVs, op for op (a Sum and a Mul
+    by 1/d in place of the Mean rounds differently; bench.train's TF cases on the Zen 5, BENCHMARKS.md 2026-12-06)."""
+    if not amx_or_forced(ROW_DOTS_ENV):
+        return ops.mean(t, axis=-1, keepdims=True)
     return row_sum(t) * (1.0 / t.shape[-1])
 
 
