@@ -127,15 +127,15 @@ def _undo(change: str) -> None:
         import keras_vit.layers.embedding as embedding
 
         attention.separate_bias = block.separate_bias = embedding.separate_bias = lambda x, training=None: False
-        attention.amx_scoped = block.amx_scoped = lambda x, training=None: False
+        attention.cpu_scoped = block.cpu_scoped = lambda x, training=None: False
     elif change == "softmax-compute-dtype":
         import keras_vit.layers.attention as attention
 
-        attention.amx_scoped = lambda x, training=None: False
+        attention.cpu_scoped = lambda x, training=None: False
     elif change == "mlp-bias-in-activation":
         import keras_vit.layers.block as block
 
-        block.amx_scoped = lambda x, training=None: False
+        block.cpu_scoped = lambda x, training=None: False
     elif change == "bias-gradient-gemm":
         import keras_vit.layers.block as block
         import keras_vit.layers.fusion as fusion

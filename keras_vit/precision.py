@@ -37,6 +37,15 @@ class Hardware(NamedTuple):
     device: str = "cpu"  # "cpu" | "gpu" | "tpu"
     cpu_bf16: Optional[str] = None  # "amx_bf16" | "avx512_bf16" | None
     compute_capability: Optional[Tuple[int, int]] = None  # GPUs only; None when unknown
+    cpu_kind: Optional[str] = None  # "zen5" (`cpu_kind`); None: any other CPU
+
+    @property
+    def scoped_cpu(self) -> bool:
+        """A CPU on which TensorFlow's fastest training step was measured to be the scoped one with its CPU forms
+        (layers.fusion.cpu_scoped, train.updates; on two cores train.towers): AMX-BF16 (the Intel Xeon), and AMD's
+        Zen 5, where bf16 Ti/16 trained 1.43x and B/16 1.22x the `fusible` step (BENCHMARKS.md, 2026-12-06).
+        Not the AMD Zen 4, where it is unmeasured."""
+        return self.device == "cpu" and (self.cpu_bf16 == "amx_bf16" or self.cpu_kind == "zen5")
 
     def describe(self) -> str:
         if self.device == "gpu":
@@ -45,7 +54,8 @@ class Hardware(NamedTuple):
         if self.device == "tpu":
             return "TPU"
         feature = {"amx_bf16": "AMX-BF16", "avx512_bf16": "AVX512-BF16"}.get(self.cpu_bf16 or "")
-        return f"CPU with {feature}" if feature else "CPU without native bf16"
+        model = {"zen5": " (AMD Zen 5)"}.get(self.cpu_kind or "", "")
+        return f"CPU with {feature}{model}" if feature else "CPU without native bf16"
 
 
 class Choice(NamedTuple):
@@ -66,6 +76,27 @@ def cpu_bf16_feature(cpuinfo: str = "/proc/cpuinfo") -> Optional[str]:
                     return next((name for name in CPU_GEMM_GFLOPS if name in flags), None)
     except OSError:
         pass
+    return None
+
+
+def cpu_kind(cpuinfo: str = "/proc/cpuinfo") -> Optional[str]:
+    """"zen5" on AMD's Zen 5 (vendor AuthenticAMD, CPU family 26) with AVX512-BF16, else None (Linux only): the CPU
+    model `auto` tells apart from the rest of its bf16 feature's kind (`Hardware.scoped_cpu`)."""
+    fields: dict = {}
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                key, sep, value = line.partition(":")
+                if not sep:
+                    if fields:  # the first processor's block is read
+                        break
+                    continue
+                fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        return None
+    if (fields.get("vendor_id") == "AuthenticAMD" and fields.get("cpu family") == "26"
+            and "avx512_bf16" in fields.get("flags", "").split()):
+        return "zen5"
     return None
 
 
@@ -140,7 +171,8 @@ def has_accelerator(backend: str) -> bool:
 def detect_hardware(backend: str) -> Hardware:
     """The Hardware this process trains on, for `resolve`."""
     if not has_accelerator(backend):
-        return Hardware("cpu", cpu_bf16_feature())
+        feature = cpu_bf16_feature()
+        return Hardware("cpu", feature, cpu_kind=cpu_kind() if feature == "avx512_bf16" else None)
     tpu = bool(os.environ.get("TPU_NAME"))
     if backend == "jax":
         import jax
@@ -208,15 +240,17 @@ def resolve(mixed_precision: str, jit_compile, gflop_per_step: float, backend: s
         reasons.append(why)
     if jit_compile == "auto":
         on_tf_cpu = backend == "tensorflow" and hardware.device == "cpu"
-        if on_tf_cpu and mixed_precision == "none" and hardware.cpu_bf16 == "amx_bf16":
+        if on_tf_cpu and mixed_precision == "none" and hardware.scoped_cpu:
             # graph mode 1.03x (Ti/16) and 1.13x (B/16) whole-step XLA in float32 on the AMX Xeon (BENCHMARKS.md, 2026-12-05)
             jit_compile = "scoped"
             reasons.append("float32 matmuls in graph mode (faster than XLA's on AMX), XLA around the blocks' element-wise work")
         elif on_tf_cpu and mixed_precision == "mixed_bfloat16":
-            if hardware.cpu_bf16 == "amx_bf16":
-                # scoped 1.05-1.18x fusible at Ti/16 and B/16 in every round on the AMX Xeon (BENCHMARKS.md, 2026-12-05)
+            if hardware.scoped_cpu:
+                # scoped 1.05-1.18x fusible at Ti/16 and B/16 in every round on the AMX Xeon (BENCHMARKS.md, 2026-12-05),
+                # with its CPU forms 1.43x (Ti/16) and 1.22x (B/16) on the Zen 5 (2026-12-06)
                 jit_compile = "scoped"
-                reasons.append("oneDNN's AMX bf16 matmuls, XLA around the blocks' element-wise work")
+                amx = hardware.cpu_bf16 == "amx_bf16"
+                reasons.append(f"oneDNN's {'AMX ' if amx else ''}bf16 matmuls, XLA around the blocks' element-wise work")
             else:
                 jit_compile = "fusible"
                 reasons.append("oneDNN bf16 matmuls with XLA-fused element-wise ops")
@@ -252,12 +286,14 @@ def model_jit_compile(policy: str, backend: str, hardware: Hardware) -> bool:
 
     XLA wherever it is the fast path, CPUs included (Keras' own "auto" turns it off on TensorFlow
     CPUs). On a TensorFlow CPU in bf16/fp16, graph mode: there oneDNN runs the low-precision GEMMs,
-    which XLA:CPU runs no faster than fp32; on an AMX CPU in float32 too, where oneDNN's float32 GEMMs
-    outrun XLA's (layers.fusion.float32_scoped). torch keeps Keras' choice (no torch.compile).
+    which XLA:CPU runs no faster than fp32; on a scoped CPU (`Hardware.scoped_cpu`) in float32 too, where oneDNN's
+    float32 GEMMs outrun XLA's (layers.fusion.float32_scoped) and, on two cores, the towers keep TensorFlow to one
+    intra-op thread, which a whole-step XLA computation would run on alone (Ti/16 float32 1.20x XLA's step on the
+    Zen 5, BENCHMARKS.md 2026-12-06). torch keeps Keras' choice (no torch.compile).
     """
     if backend == "torch":
         return False
-    if backend == "tensorflow" and hardware.device == "cpu" and (policy != "float32" or hardware.cpu_bf16 == "amx_bf16"):
+    if backend == "tensorflow" and hardware.device == "cpu" and (policy != "float32" or hardware.scoped_cpu):
         return False
     return not mirrored_on_cpus()
 

@@ -524,7 +524,7 @@ def test_train_ab_undoes_its_changes_and_reads_model_options():
         PatchEmbedding._patches_times_kernel = saved
 
 
-def test_train_ab_undoes_the_amx_scoped_forms(monkeypatch):
+def test_train_ab_undoes_the_cpu_scoped_forms(monkeypatch):
     """`--without softmax-compute-dtype` / `mlp-bias-in-activation` / `bias-gradient-gemm` put back the float32
     softmax, Dense_0's bias add and TensorFlow's bias gradients in the AMX scoped step (forced here on any CPU)."""
     import keras
@@ -538,7 +538,7 @@ def test_train_ab_undoes_the_amx_scoped_forms(monkeypatch):
 
     monkeypatch.setenv("TF_XLA_FLAGS", "")
     monkeypatch.setenv(fusion.BIAS_APART_ENV, "1")
-    for module, name in ((attention, "amx_scoped"), (block, "amx_scoped"), (block, "bias_gradient"),
+    for module, name in ((attention, "cpu_scoped"), (block, "cpu_scoped"), (block, "bias_gradient"),
                          (fusion, "add_bias")):
         monkeypatch.setattr(module, name, getattr(module, name))  # restored after the test
     layer = block.TransformerBlock(num_heads=2, mlp_dim=16, dtype=keras.mixed_precision.Policy("mixed_bfloat16"))

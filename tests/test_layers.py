@@ -619,7 +619,7 @@ def test_gemm_takes_its_weight_gradient_on_x_transposed_where_asked(monkeypatch)
     from keras_vit.layers.block import TransformerBlock
 
     monkeypatch.setenv("TF_XLA_FLAGS", "")
-    monkeypatch.setattr(fusion, "_on_amx_cpu", lambda: True)
+    monkeypatch.setattr(fusion, "_on_scoped_cpu", lambda: True)
     monkeypatch.delenv(fusion.BIAS_APART_ENV, raising=False)
     with tf.Graph().as_default():  # traced, as a training step is
         x_bf16 = tf.zeros((4, 512), "bfloat16")

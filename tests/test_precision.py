@@ -24,7 +24,25 @@ def test_cpu_bf16_flag_detection(tmp_path):
     assert P.cpu_bf16_feature(str(without)) is None
 
 
+def test_cpu_kind_tells_the_zen5_apart(tmp_path):
+    def cpuinfo(name, vendor, family, flags):
+        block = f"processor\t: {{}}\nvendor_id\t: {vendor}\ncpu family\t: {family}\nmodel\t\t: 2\nflags\t\t: {flags}\n\n"
+        path = tmp_path / name
+        path.write_text(block.format(0) + block.format(1))
+        return str(path)
+
+    assert P.cpu_kind(cpuinfo("zen5", "AuthenticAMD", 26, "avx2 avx512f avx512_bf16")) == "zen5"
+    assert P.cpu_kind(cpuinfo("zen4", "AuthenticAMD", 25, "avx2 avx512f avx512_bf16")) is None  # unmeasured
+    assert P.cpu_kind(cpuinfo("nobf16", "AuthenticAMD", 26, "avx2 avx512f")) is None
+    assert P.cpu_kind(cpuinfo("intel", "GenuineIntel", 26, "avx512_bf16")) is None
+    assert P.cpu_kind(str(tmp_path / "missing")) is None
+    assert ZEN5.scoped_cpu and AMX.scoped_cpu and not AVX512.scoped_cpu and not PLAIN_CPU.scoped_cpu
+    assert not P.Hardware("gpu", cpu_kind="zen5").scoped_cpu
+    assert ZEN5.describe() == "CPU with AVX512-BF16 (AMD Zen 5)"
+
+
 AVX512 = P.Hardware("cpu", "avx512_bf16")
+ZEN5 = P.Hardware("cpu", "avx512_bf16", cpu_kind="zen5")
 AMX = P.Hardware("cpu", "amx_bf16")
 PLAIN_CPU = P.Hardware("cpu", None)
 A100 = P.Hardware("gpu", compute_capability=(8, 0))
@@ -36,7 +54,10 @@ TPU = P.Hardware("tpu")
 
 @pytest.mark.parametrize("args, expected", [
     # (mixed, jit, GFLOP/step, backend, hardware) -> (mixed, jit)
-    (("auto", "auto", 40.0, "tensorflow", AVX512), ("mixed_bfloat16", "fusible")),
+    (("auto", "auto", 40.0, "tensorflow", AVX512), ("mixed_bfloat16", "fusible")),  # the Zen 4: scoped unmeasured
+    (("auto", "auto", 40.0, "tensorflow", ZEN5), ("mixed_bfloat16", "scoped")),  # 1.43x / 1.22x fusible, Ti/16 / B/16
+    (("auto", "auto", 9.0, "tensorflow", ZEN5), ("none", "scoped")),  # float32 as on AMX: graph mode, the scopes
+    (("none", "xla", 40.0, "tensorflow", ZEN5), ("none", "xla")),
     (("auto", "auto", 0.6, "tensorflow", AVX512), ("none", "xla")),  # small step: fp32 wins
     (("auto", "auto", 9.0, "tensorflow", AVX512), ("none", "xla")),  # measured even at 9 GFLOP
     (("auto", "auto", 6.0, "tensorflow", AMX), ("mixed_bfloat16", "scoped")),  # AMX pays back sooner; scoped there
@@ -107,6 +128,22 @@ def test_detect_hardware_on_a_cpu(monkeypatch, tmp_path):
     monkeypatch.setattr(P, "has_accelerator", lambda backend: False)
     monkeypatch.setattr(P, "cpu_bf16_feature", lambda cpuinfo="/proc/cpuinfo": "amx_bf16")
     assert P.detect_hardware("tensorflow") == AMX
+    monkeypatch.setattr(P, "cpu_bf16_feature", lambda cpuinfo="/proc/cpuinfo": "avx512_bf16")
+    monkeypatch.setattr(P, "cpu_kind", lambda cpuinfo="/proc/cpuinfo": "zen5")
+    assert P.detect_hardware("tensorflow") == ZEN5
+    monkeypatch.setattr(P, "cpu_kind", lambda cpuinfo="/proc/cpuinfo": None)
+    assert P.detect_hardware("tensorflow") == AVX512
+
+
+def test_model_jit_compile_leaves_xla_where_onednn_is_faster():
+    """The notebook's `compile(jit_compile="auto")`: graph mode for bf16 on any TensorFlow CPU, and for float32 on
+    the scoped CPUs (AMX, Zen 5); XLA for float32 elsewhere and on GPUs."""
+    assert P.model_jit_compile("mixed_bfloat16", "tensorflow", AVX512) is False
+    assert P.model_jit_compile("float32", "tensorflow", AVX512) is True
+    assert P.model_jit_compile("float32", "tensorflow", ZEN5) is False
+    assert P.model_jit_compile("float32", "tensorflow", AMX) is False
+    assert P.model_jit_compile("float32", "tensorflow", A100) is True
+    assert P.model_jit_compile("float32", "torch", A100) is False
 
 
 def test_capability_parsing():
@@ -170,9 +207,9 @@ def test_bf16_graph_training_clusters_the_blocks_elementwise_work(monkeypatch):
     assert scoped_ops(bf16, False) == []  # inference: every export traces this
     from keras_vit.layers import fusion
 
-    monkeypatch.setattr(fusion, "_on_amx_cpu", lambda: False)
+    monkeypatch.setattr(fusion, "_on_scoped_cpu", lambda: False)
     assert scoped_ops("float32", True) == []  # float32 trains with the whole step in XLA, off AMX
-    monkeypatch.setattr(fusion, "_on_amx_cpu", lambda: True)
+    monkeypatch.setattr(fusion, "_on_scoped_cpu", lambda: True)
     marked = scoped_ops("float32", True)  # on AMX: graph mode with the scopes (fusion.float32_scoped)
     assert "Tanh" in marked and "Rsqrt" in marked and "MatMul" not in marked
     with fusion.whole_step_xla(True):  # model.compile(jit_compile=True): TensorFlow's own forms, no scopes
@@ -209,7 +246,7 @@ def test_scoped_gradients_equal_the_plain_graph_ones(monkeypatch, options, call)
 
     monkeypatch.setenv("TF_XLA_FLAGS", "")
     # the forms of the non-AMX kind on any CPU: on AMX the scoped step also takes a bf16 softmax and the MLP bias
-    # in the activation's scope (layers.fusion.amx_scoped), checked against float32 in the test below
+    # in the activation's scope (layers.fusion.cpu_scoped), checked against float32 in the test below
     monkeypatch.setenv("KERAS_VIT_BIAS_APART", "0")
     rng = np.random.default_rng(0)
     block = TransformerBlock(num_heads=2, mlp_dim=16, dtype=keras.mixed_precision.Policy("mixed_bfloat16"), **options)
@@ -302,7 +339,7 @@ def test_float32_scoped_step_on_amx_equals_tensorflows_own_forms(monkeypatch, op
     weights = tf.constant(rng.normal(size=block(x, **call).shape), tf.float32)
 
     def traced(amx: bool, whole_step_xla: bool = False):
-        monkeypatch.setattr(fusion, "_on_amx_cpu", lambda: amx)
+        monkeypatch.setattr(fusion, "_on_scoped_cpu", lambda: amx)
 
         @tf.function
         def step(t):
@@ -341,7 +378,7 @@ def test_vit_float32_on_amx_compiles_to_graph_mode_with_the_scopes(monkeypatch):
     from keras_vit.layers import fusion
 
     monkeypatch.setenv("TF_XLA_FLAGS", "")
-    monkeypatch.setattr(fusion, "_on_amx_cpu", lambda: True)
+    monkeypatch.setattr(fusion, "_on_scoped_cpu", lambda: True)
     monkeypatch.setattr(precision, "detect_hardware", lambda backend: precision.Hardware("cpu", "amx_bf16"))
     seen = []
     real = fusion.float32_scoped
@@ -374,7 +411,7 @@ def test_bf16_training_adds_no_bias_right_after_a_gemm(monkeypatch, options, cal
     """Bf16 training on TensorFlow adds each GEMM's bias after a reshape (layers.fusion.bias_after_reshape): no
     MatMul of the step feeds an add directly, which grappler would fuse into oneDNN's inner product (gemm:jit, not
     the AMX brg_matmul). In the scoped step the softmax runs in bf16 where no relative bias comes in, and the MLP's
-    first bias joins the GELU / quick_gelu's scope (layers.fusion.amx_scoped). Values and gradients are float32's
+    first bias joins the GELU / quick_gelu's scope (layers.fusion.cpu_scoped). Values and gradients are float32's
     within bf16 rounding, as the plain form's are, for every block option; inference (so every export) keeps
     MatMul + Add."""
     import keras
@@ -412,7 +449,7 @@ def test_bf16_training_adds_no_bias_right_after_a_gemm(monkeypatch, options, cal
     assert "Dense_0/BiasAdd" not in " ".join(op.name for op in graph.get_operations()) or "mlp_kind" in options
     for module in (attention, block_module):
         monkeypatch.setattr(module, "separate_bias", lambda t, training=None: False)
-        monkeypatch.setattr(module, "amx_scoped", lambda t, training=None: False)
+        monkeypatch.setattr(module, "cpu_scoped", lambda t, training=None: False)
     plain, fused_consumers = traced(block)
     assert adds & set(fused_consumers)
     # Some gradients are zero in exact arithmetic, rounding noise here: key_bias's (measured against key_kernel's,
@@ -437,7 +474,7 @@ def test_bias_apart_only_in_bf16_tensorflow_training_on_amx_unless_forced(monkey
     monkeypatch.delenv(fusion.BIAS_APART_ENV, raising=False)
     bf16, fp32 = keras.ops.ones((2, 3), "bfloat16"), keras.ops.ones((2, 3), "float32")
     for amx in (True, False):
-        monkeypatch.setattr(fusion, "_on_amx_cpu", lambda amx=amx: amx)
+        monkeypatch.setattr(fusion, "_on_scoped_cpu", lambda amx=amx: amx)
         assert fusion.separate_bias(bf16, True) is amx
         assert not fusion.separate_bias(bf16, False) and not fusion.separate_bias(fp32, True)
         for forced in ("1", "0"):

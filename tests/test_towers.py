@@ -73,7 +73,7 @@ def test_planned_reads_the_environment_and_refuses_a_bad_value_in_one_line(monke
         with pytest.raises(ValueError, match=rf"KERAS_VIT_TOWERS must be a whole number of towers .*{bad!r}"):
             towers.planned()
     monkeypatch.delenv(towers.TOWERS_ENV)
-    amx = towers._schedulable_cores() == 2 and __import__("keras_vit.layers.fusion").layers.fusion._on_amx_cpu()
+    amx = towers._schedulable_cores() == 2 and __import__("keras_vit.layers.fusion").layers.fusion._on_scoped_cpu()
     assert towers.planned() == (2 if amx else 1)
 
 

@@ -338,6 +338,7 @@ def test_auto_modes_resolve_by_step_size(monkeypatch):
     from keras_vit import precision
 
     monkeypatch.setattr(precision, "cpu_bf16_feature", lambda cpuinfo="": "avx512_bf16")
+    monkeypatch.setattr(precision, "cpu_kind", lambda cpuinfo="": None)  # not a Zen 5, whatever runs the test
     monkeypatch.setattr(precision, "has_accelerator", lambda backend: False)
 
     def modes(cfg):
@@ -350,6 +351,9 @@ def test_auto_modes_resolve_by_step_size(monkeypatch):
     assert "AVX512-BF16" in kt.resolve_speed(big).reason
     assert modes(dataclasses.replace(big, mixed_precision="none")) == ("none", "xla")
     assert modes(dataclasses.replace(big, jit_compile=False)) == ("mixed_bfloat16", "none")
+    monkeypatch.setattr(precision, "cpu_kind", lambda cpuinfo="": "zen5")
+    assert modes(big) == ("mixed_bfloat16", "scoped")  # measured faster than fusible on the Zen 5
+    assert "AMD Zen 5" in kt.resolve_speed(big).reason
     monkeypatch.setattr(precision, "cpu_bf16_feature", lambda cpuinfo="": "amx_bf16")
     assert modes(big) == ("mixed_bfloat16", "scoped")  # measured faster than fusible on AMX
     assert "AMX-BF16" in kt.resolve_speed(big).reason

@@ -138,10 +138,10 @@ def test_fused_updates_apply_only_where_measured(monkeypatch):
     monkeypatch.delenv(updates.FUSED_UPDATES_ENV, raising=False)
     sgd = keras.optimizers.SGD(0.1, momentum=0.9)
     for amx in (True, False):
-        monkeypatch.setattr(fusion, "_on_amx_cpu", lambda amx=amx: amx)
+        monkeypatch.setattr(fusion, "_on_scoped_cpu", lambda amx=amx: amx)
         assert updates.applies(sgd, whole_step_xla=False) is amx
         assert not updates.applies(sgd, whole_step_xla=True)
-    monkeypatch.setattr(fusion, "_on_amx_cpu", lambda: True)
+    monkeypatch.setattr(fusion, "_on_scoped_cpu", lambda: True)
 
     class Mine(keras.optimizers.SGD):
         pass
@@ -153,7 +153,7 @@ def test_fused_updates_apply_only_where_measured(monkeypatch):
         assert not updates.applies(sgd, whole_step_xla=False)
     monkeypatch.setenv(updates.FUSED_UPDATES_ENV, "0")
     assert not updates.applies(sgd, whole_step_xla=False)
-    monkeypatch.setattr(fusion, "_on_amx_cpu", lambda: False)
+    monkeypatch.setattr(fusion, "_on_scoped_cpu", lambda: False)
     monkeypatch.setenv(updates.FUSED_UPDATES_ENV, "1")
     assert updates.applies(sgd, whole_step_xla=False)
     with updates.fused_updates(sgd):

@@ -10,7 +10,7 @@ import numpy as np
 from keras import layers, ops
 
 from keras_vit.config import INIT_STD
-from keras_vit.layers.fusion import amx_scoped, bias_after_reshape, gemm, separate_bias, softmax_with_scoped_gradient
+from keras_vit.layers.fusion import bias_after_reshape, cpu_scoped, gemm, separate_bias, softmax_with_scoped_gradient
 from keras_vit.layers.norm import layer_norm
 
 _REG = keras.saving.register_keras_serializable(package="keras_vit")
@@ -177,7 +177,7 @@ class MultiHeadSelfAttention(layers.Layer):
             # float32 softmax, oneDNN's, also in the scoped bf16 step: its XLA scope with a written-out gradient
             # (until 2026-12-05) measured 0.972-0.980x at Ti/16 and level at S/16 and B/16 (BENCHMARKS.md);
             # on AMX that step runs oneDNN's bf16 softmax with its gradient in a scope (layers.fusion)
-            if bias is None and not return_attention_scores and amx_scoped(logits, training):
+            if bias is None and not return_attention_scores and cpu_scoped(logits, training):
                 probs = softmax_with_scoped_gradient(logits, training)
             else:
                 probs = ops.softmax(ops.cast(logits, "float32"), axis=-1)

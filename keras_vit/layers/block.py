@@ -12,9 +12,9 @@ from keras import layers, ops
 
 from keras_vit.layers.attention import MultiHeadSelfAttention
 from keras_vit.layers.fusion import (
-    amx_scoped,
     bias_after_reshape,
     bias_gradient,
+    cpu_scoped,
     fused_elementwise,
     gemm,
     residual_add,
@@ -89,7 +89,7 @@ def _with_input_gradient(value, slope, scope=contextlib.nullcontext, bias: bool 
     a single fused pass under XLA (`scope`: layers.fusion's, where the scoped bf16 step gives one).
     With `bias`, (x, b) -> value(x + b) for a GEMM output x and its float32 bias b, whose gradient also
     gives b's (layers.fusion.bias_gradient): the add joins the activation's fused passes instead of running
-    as a TensorFlow op (layers.fusion.amx_scoped).
+    as a TensorFlow op (layers.fusion.cpu_scoped).
     """
 
     def forward_and_grad(x, b):
@@ -281,7 +281,7 @@ class MlpBlock(layers.Layer):
 
     def _apart(self, x, shape, training, defer_bias: bool = False):
         """The MLP with each GEMM alone and its bias after a reshape (layers.fusion.bias_after_reshape); in the
-        scoped step Dense_0's bias joins the GELU / quick_gelu's scope (layers.fusion.amx_scoped). The kernel
+        scoped step Dense_0's bias joins the GELU / quick_gelu's scope (layers.fusion.cpu_scoped). The kernel
         property carries LoRA's update where enabled; quantized layers keep their call, on rank-3 inputs
         (tensordot's reshape comes before the bias there)."""
         if self.dense_0.quantization_mode is not None or self.dense_1.quantization_mode is not None:
@@ -296,7 +296,7 @@ class MlpBlock(layers.Layer):
 
         width = self.dense_0.units
         h = dense_gemm(self.dense_0, x)
-        if self.kind != "swiglu" and amx_scoped(x, training):
+        if self.kind != "swiglu" and cpu_scoped(x, training):
             h = self._nonlinearity(ops.reshape(h, tokens(width)), training, bias=ops.cast(self.dense_0.bias, "float32"))
         else:
             h = self._nonlinearity(bias_after_reshape(h, tokens(width), self.dense_0.bias), training)
@@ -415,14 +415,14 @@ class TransformerBlock(layers.Layer):
 
     def _fused_residuals(self, x, training) -> bool:
         """Whether the block's residual adds join the LayerNorms' XLA scopes (`_call_fused`): in the AMX scoped step
-        in bf16/fp16 (layers.fusion.amx_scoped), while `FUSED_RESIDUALS` is on. Where TensorFlow ran the adds in bf16
+        in bf16/fp16 (layers.fusion.cpu_scoped), while `FUSED_RESIDUALS` is on. Where TensorFlow ran the adds in bf16
         op by op in Eigen: ViT-B/16 1.026x, Ti/16 1.035x on the AMX Xeon, the same numbers to the bit
         (bench.train_ab --without fused-residuals; BENCHMARKS.md, 2026-12-06)."""
         if not FUSED_RESIDUALS or os.environ.get(FUSED_RESIDUALS_ENV) == "0":
             return False
         if keras.backend.standardize_dtype(self.compute_dtype) == "float32":
             return False  # TensorFlow's float32 adds are vectorised: Ti/16's float32 scoped step 0.987x with it
-        return amx_scoped(ops.cast(x, self.compute_dtype), training)
+        return cpu_scoped(ops.cast(x, self.compute_dtype), training)
 
     def _call_fused(self, x, training, queries):
         """The block as `call` computes it, with the residual stream's adds and gradient sums in the LayerNorms'

@@ -4,7 +4,7 @@ bf16/fp16: what the notebook path (`compile(optimizer, loss)`, then `fit`, in `m
 LayerNorms and the MLP's activation (GELU, quick_gelu, SwiGLU). GradientTape does not carry a scope over to
 gradient ops, so each writes its gradient out in a scope of its own (layers.norm, layers.block). The attention
 softmax stays oneDNN's float32 one: in a scope it measured 0.972-0.980x at Ti/16 on the Zen 4 (BENCHMARKS.md,
-2026-12-05). On an AMX CPU the step also takes `amx_scoped`'s forms: each GEMM's bias after a reshape with a GEMM
+2026-12-05). On an AMX CPU and an AMD Zen 5 the step also takes `cpu_scoped`'s forms: each GEMM's bias after a reshape with a GEMM
 for its gradient, oneDNN's softmax in bf16 with its gradient in a scope, the MLP's first bias in its activation's,
 and the scopes' row sums as matrix-vector products (`row_sum`); and float32 training there runs this scoped step
 too, in graph mode, not XLA-compiled whole (`float32_scoped`)."""
@@ -55,11 +55,12 @@ def whole_step_xla(on: bool):
 
 def float32_scoped() -> bool:
     """Whether float32 training takes the scoped step (its XLA scopes and written-out gradients, `tf_training_forms`):
-    on an AMX CPU, in a step not XLA-compiled whole. There oneDNN's float32 GEMMs in graph mode outrun XLA's own
-    (QKV 268 against 230 GFLOP/s at B/16): a float32 step in graph mode with the scopes ran 1.03x (Ti/16) and 1.13x
-    (B/16) the whole-step XLA one, level (0.996x) at the digits demo's size (BENCHMARKS.md, 2026-12-05). Elsewhere
+    on a scoped CPU (AMX, AMD Zen 5), in a step not XLA-compiled whole. On AMX oneDNN's float32 GEMMs in graph mode
+    outrun XLA's own (QKV 268 against 230 GFLOP/s at B/16): a float32 step in graph mode with the scopes ran 1.03x
+    (Ti/16) and 1.13x (B/16) the whole-step XLA one, level (0.996x) at the digits demo's size (BENCHMARKS.md,
+    2026-12-05); on the Zen 5 with the towers 1.20x at Ti/16 (2026-12-06). Elsewhere
     float32 trains with the whole step in XLA (`keras_vit.precision.model_jit_compile`)."""
-    return _on_amx_cpu() and not getattr(_STEP, "xla", False)
+    return _on_scoped_cpu() and not getattr(_STEP, "xla", False)
 
 
 def fused_elementwise(training, compute_dtype):
@@ -93,31 +94,32 @@ BIAS_APART_ENV = "KERAS_VIT_BIAS_APART"
 
 
 @functools.cache
-def _on_amx_cpu() -> bool:
-    """TensorFlow on a CPU with AMX-BF16 (no GPU): where `bias_after_reshape` was measured to pay."""
+def _on_scoped_cpu() -> bool:
+    """TensorFlow on a CPU where the scoped step's CPU forms were measured to pay (`precision.Hardware.scoped_cpu`:
+    AMX-BF16, AMD Zen 5), no GPU."""
     from keras_vit import precision
 
-    return not precision.has_accelerator("tensorflow") and precision.cpu_bf16_feature() == "amx_bf16"
+    return precision.detect_hardware("tensorflow").scoped_cpu
 
 
-def amx_or_forced(env: str) -> bool:
-    """An AMX-only form's switch: the environment variable `env` set to "1" / "0" forces it on / off on any CPU (to
-    measure it where `_on_amx_cpu` leaves it off), else on exactly on an AMX CPU."""
+def scoped_cpu_or_forced(env: str) -> bool:
+    """A scoped-CPU form's switch: the environment variable `env` set to "1" / "0" forces it on / off on any CPU (to
+    measure it where `_on_scoped_cpu` leaves it off), else on exactly on such a CPU (AMX, Zen 5)."""
     forced = os.environ.get(env)
-    return forced == "1" if forced in ("0", "1") else _on_amx_cpu()
+    return forced == "1" if forced in ("0", "1") else _on_scoped_cpu()
 
 
 def separate_bias(x, training) -> bool:
     """Whether the GEMMs on `x` add their bias after a reshape (`bias_after_reshape`, see there): in bf16/fp16
-    training on TensorFlow on an AMX CPU, and in its float32 scoped step (`float32_scoped`); the MLP's Dense
-    layers then run on rank-3 inputs (tf.tensordot's reshapes). Elsewhere it is unmeasured: the AMD kind, and GPUs
+    training on TensorFlow on an AMX CPU or an AMD Zen 5, and in the float32 scoped step (`float32_scoped`); the MLP's
+    Dense layers then run on rank-3 inputs (tf.tensordot's reshapes). Elsewhere it is unmeasured: the AMD Zen 4, and GPUs
     (whose fused bias is cuBLAS's epilogue)."""
     if not tf_training_forms(x, training):
         return False
-    return amx_or_forced(BIAS_APART_ENV)
+    return scoped_cpu_or_forced(BIAS_APART_ENV)
 
 
-def amx_scoped(x, training) -> bool:
+def cpu_scoped(x, training) -> bool:
     """`separate_bias` in the scoped step (`scoped`): where the attention softmax runs in the compute dtype
     (`softmax_with_scoped_gradient`) and the MLP's first bias joins its activation's scope (layers.block;
     B/16 1.020x, Ti/16 level, on the AMX Xeon: bench.train_ab --without mlp-bias-in-activation)."""
@@ -129,17 +131,17 @@ ROW_DOTS_ENV = "KERAS_VIT_ROW_DOTS"
 
 
 def row_sum(t):
-    """`t` summed over its last axis, kept as size 1, for the float32 work in an XLA scope: on an AMX CPU as one
+    """`t` summed over its last axis, kept as size 1, for the float32 work in an XLA scope: on a scoped CPU (AMX, AMD Zen 5) as one
     matrix-vector product, (tokens, features) @ ones (features, 1), elsewhere `ops.sum`.
 
     Why: XLA:CPU (TensorFlow 2.21) sums a row as one serial chain of float32 adds, about 4 GB/s a core: one row
     mean at B/16's (3152, 768) took 1.19 ms on the AMX Xeon, its dot (a vectorised GEMV) 0.55; with the GEMVs the
     written-out LayerNorm's forward took 1.15 ms against 2.28 and its gradient 2.73 against 4.49, the softmax
     gradient at B/16 2.85 against 6.92 ms; the scoped step 1.095x at Ti/16, 1.094x at B/16 (bench.train_ab --without
-    row-dots, BENCHMARKS.md, 2026-12-05). Off AMX it is unmeasured, so `ops.sum` stays there
+    row-dots, BENCHMARKS.md, 2026-12-05). Elsewhere (the Zen 4) it is unmeasured, so `ops.sum` stays there
     (`KERAS_VIT_ROW_DOTS=1` forces the dot for that measurement).
     """
-    if not amx_or_forced(ROW_DOTS_ENV):
+    if not scoped_cpu_or_forced(ROW_DOTS_ENV):
         return ops.sum(t, axis=-1, keepdims=True)
     d = t.shape[-1]
     rows = ops.matmul(ops.reshape(t, (-1, d)), ops.ones((d, 1), t.dtype))
@@ -147,10 +149,10 @@ def row_sum(t):
 
 
 def row_mean(t):
-    """The mean over the last axis, kept as size 1: on an AMX CPU `row_sum(t)` over the features, elsewhere
-    `ops.mean`, so that off AMX the scopes' graph is the one measured before the GEMVs, op for op (a Sum and a Mul
-    by 1/d in place of the Mean rounds differently; bench.train's TF cases on the Zen 5, BENCHMARKS.md 2026-12-06)."""
-    if not amx_or_forced(ROW_DOTS_ENV):
+    """The mean over the last axis, kept as size 1: where `row_sum` is a GEMV, `row_sum(t)` over the features,
+    elsewhere `ops.mean`, so that there the scopes' graph is op for op the one measured before the GEMVs (a Sum and
+    a Mul by 1/d took the Means' place, the same bits in the runs checked; BENCHMARKS.md 2026-12-06)."""
+    if not scoped_cpu_or_forced(ROW_DOTS_ENV):
         return ops.mean(t, axis=-1, keepdims=True)
     return row_sum(t) * (1.0 / t.shape[-1])
 
@@ -272,14 +274,14 @@ DW_TRANSPOSED_ENV = "KERAS_VIT_DW_TRANSPOSED"
 
 def transposed_weight_gradient(x, w, training) -> bool:
     """Whether `gemm(x, w)` computes its weight gradient on x transposed first: only where KERAS_VIT_DW_TRANSPOSED=1,
-    in the AMX scoped step in bf16/fp16 (`amx_scoped`), for GEMMs at least 512 wide (the saving grows with the width,
+    in the AMX scoped step in bf16/fp16 (`cpu_scoped`), for GEMMs at least 512 wide (the saving grows with the width,
     the transpose's cost does not). Speed on the AMX Xeon: TensorFlow 2.23-dev (oneDNN 3.12) B/16 1.068x, Ti/16
     1.018x; TensorFlow 2.21 (oneDNN 3.7.3) B/16 0.937x. Why it is not a default there: the digits bf16 check on
     TensorFlow 2.23-dev read 93.61 / 93.61% (seeds 0 / 1) with it against 97.50 / 95.83% without, from gradients that
     equal TensorFlow's form for two steps and differ in the last bits after (BENCHMARKS.md, 2026-12-06)."""
     if os.environ.get(DW_TRANSPOSED_ENV) != "1":
         return False
-    if keras.backend.standardize_dtype(x.dtype) == "float32" or not amx_scoped(x, training):
+    if keras.backend.standardize_dtype(x.dtype) == "float32" or not cpu_scoped(x, training):
         return False  # float32's GEMMs (oneDNN's gemm_api) are unmeasured with it
     return w.shape[-1] is not None and w.shape[-1] >= 512
 

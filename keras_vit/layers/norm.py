@@ -117,7 +117,7 @@ def _scoped_residual_layer_norm(norm: layers.LayerNormalization, out_dtype, scop
 
 
 def residual_layer_norm(norm: layers.LayerNormalization, z, out_dtype, training, branch=None):
-    """(z', LN(z')) for the residual stream z in the AMX scoped step (layers.fusion.amx_scoped): z' = z, or with
+    """(z', LN(z')) for the residual stream z in the AMX scoped step (layers.fusion.cpu_scoped): z' = z, or with
     `branch` (g, b) z' = z + g (+ b where b is not None: a GEMM's float32 bias), the add and the LayerNorm in one XLA
     scope and their gradient in one (`_scoped_residual_layer_norm`). z' in z's dtype, LN(z') in `out_dtype`."""
     from keras_vit.layers.fusion import fused_elementwise
