@@ -42,9 +42,8 @@ class Hardware(NamedTuple):
     @property
     def scoped_cpu(self) -> bool:
         """A CPU on which TensorFlow's fastest training step was measured to be the scoped one with its CPU forms
-        (layers.fusion.cpu_scoped, train.updates; on two cores train.towers): AMX-BF16 (the Intel Xeon), and AMD's
-        Zen 5, where bf16 Ti/16 trained 1.43x and B/16 1.22x the `fusible` step (BENCHMARKS.md, 2026-12-06).
-        Not the AMD Zen 4, where it is unmeasured."""
+        (layers.fusion.cpu_scoped, train.updates): AMX-BF16 (the Intel Xeon), and AMD's Zen 5 (BENCHMARKS.md,
+        2026-12-06). Not the AMD Zen 4, where it is unmeasured. The towers (train.towers) are AMX's alone."""
         return self.device == "cpu" and (self.cpu_bf16 == "amx_bf16" or self.cpu_kind == "zen5")
 
     def describe(self) -> str:
@@ -240,8 +239,9 @@ def resolve(mixed_precision: str, jit_compile, gflop_per_step: float, backend: s
         reasons.append(why)
     if jit_compile == "auto":
         on_tf_cpu = backend == "tensorflow" and hardware.device == "cpu"
-        if on_tf_cpu and mixed_precision == "none" and hardware.scoped_cpu:
-            # graph mode 1.03x (Ti/16) and 1.13x (B/16) whole-step XLA in float32 on the AMX Xeon (BENCHMARKS.md, 2026-12-05)
+        if on_tf_cpu and mixed_precision == "none" and hardware.cpu_bf16 == "amx_bf16":
+            # graph mode 1.03x (Ti/16) and 1.13x (B/16) whole-step XLA in float32 on the AMX Xeon (BENCHMARKS.md, 2026-12-05);
+            # not on the Zen 5, whose digits demo (float32) keeps the XLA step it reached 99.44% with (2026-12-06)
             jit_compile = "scoped"
             reasons.append("float32 matmuls in graph mode (faster than XLA's on AMX), XLA around the blocks' element-wise work")
         elif on_tf_cpu and mixed_precision == "mixed_bfloat16":
@@ -286,14 +286,12 @@ def model_jit_compile(policy: str, backend: str, hardware: Hardware) -> bool:
 
     XLA wherever it is the fast path, CPUs included (Keras' own "auto" turns it off on TensorFlow
     CPUs). On a TensorFlow CPU in bf16/fp16, graph mode: there oneDNN runs the low-precision GEMMs,
-    which XLA:CPU runs no faster than fp32; on a scoped CPU (`Hardware.scoped_cpu`) in float32 too, where oneDNN's
-    float32 GEMMs outrun XLA's (layers.fusion.float32_scoped) and, on two cores, the towers keep TensorFlow to one
-    intra-op thread, which a whole-step XLA computation would run on alone (Ti/16 float32 1.20x XLA's step on the
-    Zen 5, BENCHMARKS.md 2026-12-06). torch keeps Keras' choice (no torch.compile).
+    which XLA:CPU runs no faster than fp32; on an AMX CPU in float32 too, where oneDNN's float32 GEMMs
+    outrun XLA's (layers.fusion.float32_scoped). torch keeps Keras' choice (no torch.compile).
     """
     if backend == "torch":
         return False
-    if backend == "tensorflow" and hardware.device == "cpu" and (policy != "float32" or hardware.scoped_cpu):
+    if backend == "tensorflow" and hardware.device == "cpu" and (policy != "float32" or hardware.cpu_bf16 == "amx_bf16"):
         return False
     return not mirrored_on_cpus()
 

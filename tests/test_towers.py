@@ -73,8 +73,17 @@ def test_planned_reads_the_environment_and_refuses_a_bad_value_in_one_line(monke
         with pytest.raises(ValueError, match=rf"KERAS_VIT_TOWERS must be a whole number of towers .*{bad!r}"):
             towers.planned()
     monkeypatch.delenv(towers.TOWERS_ENV)
-    amx = towers._schedulable_cores() == 2 and __import__("keras_vit.layers.fusion").layers.fusion._on_scoped_cpu()
+    from keras_vit import precision
+
+    hardware = precision.detect_hardware("tensorflow")
+    amx = towers._schedulable_cores() == 2 and hardware.device == "cpu" and hardware.cpu_bf16 == "amx_bf16"
     assert towers.planned() == (2 if amx else 1)
+    # two cores: AMX gets towers; the Zen 5 (its whole-step XLA float32 0.65x with them) and others do not
+    monkeypatch.setattr(towers, "_schedulable_cores", lambda: 2)
+    for hw, expected in ((precision.Hardware("cpu", "amx_bf16"), 2), (precision.Hardware("cpu", "avx512_bf16", cpu_kind="zen5"), 1),
+                         (precision.Hardware("cpu", "avx512_bf16"), 1), (precision.Hardware("gpu"), 1)):
+        monkeypatch.setattr(precision, "detect_hardware", lambda backend, hw=hw: hw)
+        assert towers.planned() == expected
 
 
 def _fit_once(model, x, y, **compile_kw):

@@ -281,8 +281,8 @@ def test_compile_auto_jit_is_xla_in_float32_and_graph_mode_in_bf16_on_a_tf_cpu()
     y = np.arange(4) % 3
     model = keras_vit.ViT(variant="Ti/8", image_size=16, num_classes=3, num_layers=1)
     model.compile(optimizer="sgd", loss=loss)
-    # Keras' own "auto" gives False on a TensorFlow CPU; on an AMX CPU float32 trains in graph mode with the
-    # scoped step's forms (layers.fusion.float32_scoped), whose GEMMs outrun XLA's there
+    # Keras' own "auto" gives False on a TensorFlow CPU; on an AMX CPU float32 trains in graph mode with
+    # the scoped step's forms (layers.fusion.float32_scoped), whose GEMMs outrun XLA's there
     from keras_vit import precision
 
     amx = precision.detect_hardware("tensorflow").cpu_bf16 == "amx_bf16"

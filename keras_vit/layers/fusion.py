@@ -55,10 +55,10 @@ def whole_step_xla(on: bool):
 
 def float32_scoped() -> bool:
     """Whether float32 training takes the scoped step (its XLA scopes and written-out gradients, `tf_training_forms`):
-    on a scoped CPU (AMX, AMD Zen 5), in a step not XLA-compiled whole. On AMX oneDNN's float32 GEMMs in graph mode
-    outrun XLA's own (QKV 268 against 230 GFLOP/s at B/16): a float32 step in graph mode with the scopes ran 1.03x
-    (Ti/16) and 1.13x (B/16) the whole-step XLA one, level (0.996x) at the digits demo's size (BENCHMARKS.md,
-    2026-12-05); on the Zen 5 with the towers 1.20x at Ti/16 (2026-12-06). Elsewhere
+    on a scoped CPU (AMX, AMD Zen 5), in a step not XLA-compiled whole (on the Zen 5 float32 is XLA's unless asked
+    for `--jit scoped`). On AMX oneDNN's float32 GEMMs in graph mode outrun XLA's own (QKV 268 against 230 GFLOP/s at
+    B/16): a float32 step in graph mode with the scopes ran 1.03x (Ti/16) and 1.13x (B/16) the whole-step XLA one,
+    level (0.996x) at the digits demo's size (BENCHMARKS.md, 2026-12-05). Elsewhere
     float32 trains with the whole step in XLA (`keras_vit.precision.model_jit_compile`)."""
     return _on_scoped_cpu() and not getattr(_STEP, "xla", False)
 

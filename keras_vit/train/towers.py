@@ -27,8 +27,7 @@ from typing import Any, Callable
 
 import keras
 
-# Unset: two towers on a CPU with exactly two cores to schedule on where they were measured (AMX, AMD Zen 5:
-# `precision.Hardware.scoped_cpu`), else none;
+# Unset: two towers on an AMX CPU with exactly two cores to schedule on (the kind measured), else none;
 # "0" / "1": none; "N" >= 2: N towers on any CPU (one intra-op thread, N inter-op threads).
 TOWERS_ENV = "KERAS_VIT_TOWERS"
 
@@ -44,7 +43,7 @@ def _schedulable_cores() -> int:
 
 
 def planned() -> int:
-    """The towers asked for: `KERAS_VIT_TOWERS` if set (a count), else 2 on an AMX or Zen 5 CPU with two cores, else 1."""
+    """The towers asked for: `KERAS_VIT_TOWERS` if set (a count), else 2 on an AMX CPU with two cores, else 1."""
     forced = os.environ.get(TOWERS_ENV, "").strip()
     if forced:
         try:
@@ -54,9 +53,12 @@ def planned() -> int:
         if count < 0:
             raise ValueError(f"{TOWERS_ENV} must be a whole number of towers (0 or 1: none), got {forced!r}")
         return max(count, 1)
-    from keras_vit.layers.fusion import _on_scoped_cpu
+    from keras_vit import precision
 
-    return 2 if _schedulable_cores() == 2 and _on_scoped_cpu() else 1
+    # not on the Zen 5 (1.18x its scoped bf16 Ti/16 step there): set at import, before any policy is known, they would
+    # leave whole-step XLA, float32's step there (`vitcli train`'s and the notebook's), one thread: 0.65x at Ti/16
+    hardware = precision.detect_hardware("tensorflow")
+    return 2 if _schedulable_cores() == 2 and hardware.device == "cpu" and hardware.cpu_bf16 == "amx_bf16" else 1
 
 
 def keep_threads_for(jit_mode: str) -> None:
