@@ -124,7 +124,7 @@ def _config_from_arguments(variant, options: dict, given: dict, ckpt: Optional[C
     fields.update(given)
     name_ = variant_given if variant_given is not None else fields.pop("variant", None)
     fields.pop("variant", None)
-    if name_ is None and ckpt is None:
+    if name_ is None and ckpt is None and isinstance(variant, _Default):  # variant=None: the sizes given, no name
         name_ = variant.value
     return build_config(name_, **fields) if name_ is not None else build_config(config=ViTConfig(**fields))
 

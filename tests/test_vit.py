@@ -36,6 +36,14 @@ def test_cifar_example_sequence_length():
     assert model.count_params() == model.vit_config.count_params()
 
 
+def test_variant_none_builds_the_sizes_given_without_a_name():
+    """variant=None (as typed: Optional[str]): the sizes given, on ViTConfig's defaults, no variant name."""
+    model = keras_vit.ViT(variant=None, image_size=16, patch_size=8, num_classes=3, **TINY)
+    assert model.vit_config.variant is None
+    assert model.vit_config == ViTConfig(image_size=16, patch_size=8, num_classes=3, **TINY)
+    assert model.count_params() == model.vit_config.count_params()
+
+
 def test_non_square_images_and_custom_size():
     model = keras_vit.ViT(variant="Ti/8", image_size=(32, 64), num_classes=3, **TINY)
     x = random_images(2, 32, 64)
