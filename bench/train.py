@@ -129,8 +129,10 @@ def run_keras(case: str, args) -> Dict[str, object]:
                                   args.steps, cpu)
     else:
         times = common.time_calls(lambda: model.train_on_batch(x, y), args.warmup, args.repeats, args.steps, cpu)
+    from keras_vit.train import towers
+
     return {"params": model.count_params(), "backend": backend, "precision": mixed, "jit": jit,
-            "times": times, "cpu": cpu, **extra}
+            "towers": towers.count(), "times": times, "cpu": cpu, **extra}
 
 
 def _input_pipeline(args, cfg):
@@ -179,8 +181,10 @@ def run_notebook(case: str, args) -> Dict[str, object]:
     if args.warmup < 1:
         clock.marks.insert(0, clock.marks[0])
     spans = list(zip(clock.marks, clock.marks[1:]))
+    from keras_vit.train import towers
+
     return {"params": model.count_params(), "backend": "tensorflow", "precision": NOTEBOOK_POLICY[case],
-            "jit": str(model.jit_compile), "times": [(b[0] - a[0]) / args.steps for a, b in spans],
+            "jit": str(model.jit_compile), "towers": towers.count(), "times": [(b[0] - a[0]) / args.steps for a, b in spans],
             "cpu": [(b[1] - a[1]) / args.steps for a, b in spans]}
 
 
@@ -371,7 +375,8 @@ def _report(results) -> None:
     ok = [r for r in results if "img_s" in r]
     common.print_peak_and_problems(results, lambda: common.print_table(
         "training throughput (median of repeats; spread = (max-min)/median)", ok, [
-            ("case", lambda r: r["case"] + (f" ({r['precision']}, {r['jit']})"
+            ("case", lambda r: r["case"] + (f" ({r['precision']}, {r['jit']}"
+                                            + (f", {r['towers']} towers" if r.get("towers", 1) > 1 else "") + ")"
                                             if r["case"] in ("default", "notebook", "notebook-bf16") else "")),
             ("img/s", lambda r: f"{r['img_s']['median']:.2f}"),
             ("spread", lambda r: f"{100 * r['img_s']['spread']:.0f}%"),

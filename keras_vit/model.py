@@ -30,8 +30,9 @@ from keras_vit.train import (
     updates,
 )
 
-# Before the first model's variables start TensorFlow's runtime: its thread counts for the towers (train.towers).
-towers.configure()
+# Before the first model's variables start TensorFlow's runtime: its thread counts for the towers (train.towers),
+# for the policy set so far (again in VisionTransformer: the Zen 5's towers wait for a bf16 policy).
+towers.configure(keras.config.dtype_policy().name)
 
 
 def _model_name(cfg: ViTConfig) -> str:
@@ -76,6 +77,7 @@ class VisionTransformer(towers.TowerModel):
         cfg = config if isinstance(config, ViTConfig) else ViTConfig.from_dict(dict(config))
         cfg.validate()
         policy = keras.dtype_policies.get(dtype) if dtype is not None else keras.config.dtype_policy()
+        towers.configure(policy.name)  # before its variables start TensorFlow (a no-op once started)
         inputs, outputs = _build_graph(cfg, policy.name)
         super().__init__(inputs, outputs, name=name or _model_name(cfg), **kwargs)
         self.dtype_policy = policy  # the functional constructor ignores dtype=
@@ -144,8 +146,10 @@ class VisionTransformer(towers.TowerModel):
         self._jit_auto = len(args) < 8 and kwargs.get("jit_compile", "auto") == "auto"  # 8th positional: jit_compile
         if self._jit_auto:
             backend = keras.backend.backend()
+            # a process running towers (train.towers) keeps graph mode: XLA's whole step would run on one thread
+            # (0.65x at Ti/16 float32 on the Zen 5 after a bf16 model started its towers)
             kwargs["jit_compile"] = precision.model_jit_compile(
-                self.dtype_policy.name, backend, precision.detect_hardware(backend))
+                self.dtype_policy.name, backend, precision.detect_hardware(backend)) and towers.count() < 2
         if kwargs.get("jit_compile") is True and towers.count() > 1:
             warnings.warn("this process runs TensorFlow's ops on one thread each (keras_vit.train.towers), so a step "
                           "XLA-compiled whole runs on one core (0.62x at Ti/16 on the AMX Xeon): set KERAS_VIT_TOWERS=0 "

@@ -64,6 +64,25 @@ def test_configure_sets_the_threads_only_before_tensorflow_starts(env, before, e
     assert _run(THREADS.format(before=before), **env) == expected
 
 
+ZEN5_BUILD = ("import keras; from keras_vit import precision; from keras_vit.train import towers; "
+              "precision.detect_hardware = lambda backend: precision.Hardware('cpu', 'avx512_bf16', cpu_kind='zen5'); "
+              "towers._schedulable_cores = lambda: 2; import keras_vit.model; {before}"
+              "keras_vit.ViT(variant=None, image_size=16, patch_size=8, hidden_size=8, num_layers=1, num_heads=2, "
+              "mlp_dim=8, num_classes=3); c = keras.src.backend.tensorflow.core.tf.config.threading; "
+              "print(towers.count(), c.get_intra_op_parallelism_threads(), c.get_inter_op_parallelism_threads())")
+
+
+@pytest.mark.parametrize("before,expected", [
+    ("", "1 0 0"),  # float32: the Zen 5 keeps TensorFlow's threads (whole-step XLA)
+    ("keras.mixed_precision.set_global_policy('mixed_bfloat16'); ", "2 1 2"),  # policy set after the import
+    ("keras.mixed_precision.set_global_policy('mixed_bfloat16'); import tensorflow as tf; tf.constant(1.0) + 1; ",
+     "1 0 0"),  # TensorFlow started before the model: nothing splits
+])
+def test_the_zen5_towers_wait_for_a_bf16_model(before, expected):
+    """On a two-core Zen 5 the towers start with the first bf16 model built before TensorFlow's runtime."""
+    assert _run(ZEN5_BUILD.format(before=before)) == expected
+
+
 def test_planned_reads_the_environment_and_refuses_a_bad_value_in_one_line(monkeypatch):
     for value, expected in (("0", 1), ("1", 1), ("2", 2), (" 4 ", 4)):
         monkeypatch.setenv(towers.TOWERS_ENV, value)
@@ -78,12 +97,19 @@ def test_planned_reads_the_environment_and_refuses_a_bad_value_in_one_line(monke
     hardware = precision.detect_hardware("tensorflow")
     amx = towers._schedulable_cores() == 2 and hardware.device == "cpu" and hardware.cpu_bf16 == "amx_bf16"
     assert towers.planned() == (2 if amx else 1)
-    # two cores: AMX gets towers; the Zen 5 (its whole-step XLA float32 0.65x with them) and others do not
+    # two cores: AMX gets towers whatever the policy; the Zen 5 under mixed_bfloat16 only (its float32 step is
+    # whole-step XLA, 0.65x with them); other CPUs and accelerators never
     monkeypatch.setattr(towers, "_schedulable_cores", lambda: 2)
-    for hw, expected in ((precision.Hardware("cpu", "amx_bf16"), 2), (precision.Hardware("cpu", "avx512_bf16", cpu_kind="zen5"), 1),
-                         (precision.Hardware("cpu", "avx512_bf16"), 1), (precision.Hardware("gpu"), 1)):
+    amx, zen5 = precision.Hardware("cpu", "amx_bf16"), precision.Hardware("cpu", "avx512_bf16", cpu_kind="zen5")
+    for hw, policy, expected in ((amx, None, 2), (amx, "float32", 2), (amx, "mixed_bfloat16", 2),
+                                 (zen5, None, 1), (zen5, "float32", 1), (zen5, "mixed_float16", 1), (zen5, "mixed_bfloat16", 2),
+                                 (precision.Hardware("cpu", "avx512_bf16"), "mixed_bfloat16", 1),
+                                 (precision.Hardware("gpu"), "mixed_bfloat16", 1)):
         monkeypatch.setattr(precision, "detect_hardware", lambda backend, hw=hw: hw)
-        assert towers.planned() == expected
+        assert towers.planned(policy) == expected, (hw, policy)
+    monkeypatch.setattr(precision, "detect_hardware", lambda backend: zen5)
+    monkeypatch.setattr(towers, "_schedulable_cores", lambda: 4)
+    assert towers.planned("mixed_bfloat16") == 1  # four cores: TensorFlow's own threads (the kind unmeasured)
 
 
 def _fit_once(model, x, y, **compile_kw):
@@ -257,6 +283,8 @@ def test_whole_step_xla_in_a_towers_process_says_it_runs_on_one_core(monkeypatch
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         model.compile(optimizer="sgd", loss="mse", jit_compile=False)  # (float32's auto is XLA off AMX)
+        model.compile(optimizer="sgd", loss="mse")  # auto, float32: graph mode in a towers process, on any CPU
+    assert model.jit_compile is False
 
 
 @pytest.mark.parametrize("jit,expected", [("xla", "0"), ("fusible", "0"), ("scoped", None)])

@@ -201,6 +201,8 @@ def _speed_settings(mixed: str, jit: str) -> Iterator[None]:
         os.environ[SCOPES_ENV] = "1" if jit == "scoped" else "0"  # (layers.fusion); scoped: those scopes only
     previous_policy = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy("float32" if mixed == "none" else mixed)
+    if jit not in ("xla", "fusible"):  # XLA's computations want TensorFlow's threads (towers.keep_threads_for)
+        towers.configure(keras.mixed_precision.global_policy().name)  # before the data starts TensorFlow
     try:
         yield
     finally:

@@ -11,8 +11,11 @@ not in a tower runs on one core, a step XLA-compiled whole too (0.62x at Ti/16: 
 `vitcli train --jit xla/fusible` keeps TensorFlow's threads).
 
 The thread counts are fixed when TensorFlow starts its runtime, so `configure` runs when `keras_vit.model` is first
-imported (before the first model's variables start it); where the process started TensorFlow earlier, or set its
-own thread counts, it does nothing and nothing splits. The outputs are the same function of the inputs (each
+imported, again when a model is built and when `vitcli train` has set its policy (before the first variables or
+tensors start it); where the process started TensorFlow earlier, or set its own thread counts, it does nothing and
+nothing splits. On the AMD Zen 5 the towers are for a bf16 step only (1.18x its Ti/16 scoped step): its float32
+step is XLA's whole (`precision.resolve`), which the towers' one thread slows to 0.65x, so there they wait for a
+mixed_bfloat16 policy. The outputs are the same function of the inputs (each
 image's tokens never meet another's; models with BatchNormalization or activity regularisers are not split), so
 the loss, metrics and gradients are those of the whole batch. Splits: a traced (not eager) call with
 `training=True` (Keras' train step, a custom loop's tf.function), and the test and predict steps of keras-vit's
@@ -23,11 +26,12 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import keras
 
-# Unset: two towers on an AMX CPU with exactly two cores to schedule on (the kind measured), else none;
+# Unset: two towers on an AMX CPU with exactly two cores to schedule on (the kind measured), and on a two-core Zen 5
+# under mixed_bfloat16, else none;
 # "0" / "1": none; "N" >= 2: N towers on any CPU (one intra-op thread, N inter-op threads).
 TOWERS_ENV = "KERAS_VIT_TOWERS"
 
@@ -42,8 +46,9 @@ def _schedulable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def planned() -> int:
-    """The towers asked for: `KERAS_VIT_TOWERS` if set (a count), else 2 on an AMX CPU with two cores, else 1."""
+def planned(policy: Optional[str] = None) -> int:
+    """The towers asked for: `KERAS_VIT_TOWERS` if set (a count), else 2 on a CPU with two cores that is AMX, or
+    a Zen 5 with `policy` (the dtype policy's name, None: not known yet) mixed_bfloat16; else 1."""
     forced = os.environ.get(TOWERS_ENV, "").strip()
     if forced:
         try:
@@ -55,10 +60,14 @@ def planned() -> int:
         return max(count, 1)
     from keras_vit import precision
 
-    # not on the Zen 5 (1.18x its scoped bf16 Ti/16 step there): set at import, before any policy is known, they would
-    # leave whole-step XLA, float32's step there (`vitcli train`'s and the notebook's), one thread: 0.65x at Ti/16
     hardware = precision.detect_hardware("tensorflow")
-    return 2 if _schedulable_cores() == 2 and hardware.device == "cpu" and hardware.cpu_bf16 == "amx_bf16" else 1
+    if _schedulable_cores() != 2 or hardware.device != "cpu":
+        return 1
+    if hardware.cpu_bf16 == "amx_bf16":
+        return 2
+    # the Zen 5: 1.18x its scoped bf16 Ti/16 step (BENCHMARKS.md, 2026-12-06); its float32 step is XLA's whole,
+    # which one thread slows to 0.65x at Ti/16
+    return 2 if hardware.cpu_kind == "zen5" and policy == "mixed_bfloat16" else 1
 
 
 def keep_threads_for(jit_mode: str) -> None:
@@ -69,14 +78,14 @@ def keep_threads_for(jit_mode: str) -> None:
         os.environ.setdefault(TOWERS_ENV, "0")
 
 
-def configure() -> int:
+def configure(policy: Optional[str] = None) -> int:
     """Start TensorFlow with one intra-op thread and a tower's worth of inter-op threads, when towers are planned
-    and TensorFlow's runtime has not started (and the process set no thread counts of its own). Returns the towers
-    the process now runs (1: none)."""
+    (for `policy`, the dtype policy's name if known) and TensorFlow's runtime has not started (and the process set
+    no thread counts of its own). Returns the towers the process now runs (1: none)."""
     global _configured
     if _configured > 1 or keras.backend.backend() != "tensorflow":
         return _configured
-    count = planned()
+    count = planned(policy)
     if count < 2 or os.environ.get("TF_NUM_INTRAOP_THREADS") or os.environ.get("TF_NUM_INTEROP_THREADS"):
         return _configured
     import tensorflow as tf
