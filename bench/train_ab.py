@@ -38,7 +38,10 @@ Changes (`--without`):
   gradients back and sums them (as built, one cast a weight for the towers, the gradients cast back and summed in one
   XLA pass, `train.towers._one_cast_per_variable`);
 - `fused-residuals` (AMX, `--jit scoped`): the blocks' residual adds and their gradients' sums as TensorFlow ops (as
-  built, in the LayerNorms' XLA scopes, `layers.block.TransformerBlock._call_fused`).
+  built, in the LayerNorms' XLA scopes, `layers.block.TransformerBlock._call_fused`);
+- `exact-bias-gradients` (graph-mode bf16 off AMX and the Zen 5, `--jit scoped`; on those two with
+  `KERAS_VIT_BIAS_APART=0`): the MLP's Dense layers as Keras calls them, their bias gradients TensorFlow's bf16
+  BiasAddGrad (as built, the bias added by `layers.fusion.add_bias`, its gradient one GEMM, `exact_bias_gradients`).
 
 Each variant runs in its own process (the `fusible` XLA flags are per process), alternately:
   python -m bench.train_ab --without gelu-gradient --variant B/16 --rounds 3 --steps 6
@@ -70,7 +73,7 @@ from typing import List, Optional
 CHANGES = ("class-token-block", "gelu-gradient", "ln-gradient", "activation-gradient",
            "relative-gather", "qk-norm-scope", "patch-matmul", "bias-after-reshape", "softmax-compute-dtype",
            "mlp-bias-in-activation", "bias-gradient-gemm", "fused-updates", "row-dots", "towers",
-           "dw-transposed", "shared-casts", "fused-residuals")
+           "dw-transposed", "shared-casts", "fused-residuals", "exact-bias-gradients")
 OPTIMIZERS = ("sgd", "adamw")
 
 
@@ -140,8 +143,12 @@ def _undo(change: str) -> None:
         import keras_vit.layers.block as block
         import keras_vit.layers.fusion as fusion
 
-        fusion.add_bias = lambda y, bias: y + fusion.ops.cast(bias, y.dtype)
+        fusion.add_bias = block.add_bias = lambda y, bias: y + fusion.ops.cast(bias, y.dtype)
         block.bias_gradient = lambda u: fusion.ops.sum(fusion.ops.reshape(u, (-1, u.shape[-1])), axis=0)
+    elif change == "exact-bias-gradients":
+        from keras_vit.layers.fusion import BIAS_GRADIENT_ENV
+
+        os.environ[BIAS_GRADIENT_ENV] = "0"
     elif change == "fused-updates":
         from keras_vit.train.updates import FUSED_UPDATES_ENV
 

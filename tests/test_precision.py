@@ -465,6 +465,81 @@ def test_bf16_training_adds_no_bias_right_after_a_gemm(monkeypatch, options, cal
             assert float(tf.norm(tf.cast(got, tf.float32) - e)) <= 5e-2 * scale, name
 
 
+@pytest.mark.parametrize("lora", [False, True])
+def test_exact_bias_gradients_where_the_mlp_bias_follows_its_gemm(monkeypatch, lora):
+    """layers.fusion.exact_bias_gradients: in bf16 graph-mode training where the MLP's bias is added right after its
+    GEMM (`separate_bias` off: the Zen 4, any CPU but AMX and the Zen 5), its gradient is the GEMM's, summed in float32.
+    TensorFlow's bf16 BiasAddGrad sums 3,000 rows of 0.01 to 4.0 (exact: 30.03); the outputs and every other gradient
+    (LoRA's too) are Keras' Dense's to the bit, as grappler still fuses the GEMM and its bias add."""
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from keras_vit.layers import fusion
+    from keras_vit.layers.block import MlpBlock
+
+    monkeypatch.setenv("TF_XLA_FLAGS", "")
+    monkeypatch.setenv(fusion.BIAS_APART_ENV, "0")
+    rng = np.random.default_rng(0)
+    mlp = MlpBlock(mlp_dim=16, dtype=keras.mixed_precision.Policy("mixed_bfloat16"))
+    x = tf.constant(rng.normal(size=(10, 300, 8)), tf.float32)
+    mlp(x)
+    if lora:
+        mlp.dense_0.enable_lora(2)
+        for v in mlp.dense_0.trainable_variables:
+            v.assign(rng.normal(size=v.shape) * 0.1)
+
+    def step():
+        @tf.function
+        def run(t):
+            with tf.GradientTape() as tape:
+                tape.watch(t)
+                y = mlp(t, training=True)
+                loss = tf.reduce_sum(tf.cast(y, tf.float32) * 0.01)
+            return [y] + tape.gradient(loss, [t] + mlp.trainable_variables)
+        return run(x)
+
+    exact = step()
+    monkeypatch.setenv(fusion.BIAS_GRADIENT_ENV, "0")
+    keras_form = step()
+    names = ["output", "input"] + [v.path for v in mlp.trainable_variables]
+    biases = {i for i, n in enumerate(names) if n.endswith("bias")}
+    assert len(biases) == 2 and len(names) == (7 if lora else 6)  # LoRA freezes the kernel
+    for i, (a, b) in enumerate(zip(exact, keras_form)):
+        if i not in biases:
+            np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=names[i])
+    dense_1_bias = next(g for n, g in zip(names, exact) if n.endswith("Dense_1/bias"))
+    np.testing.assert_allclose(dense_1_bias.numpy(), 3000 * float(tf.cast(tf.constant(0.01, tf.bfloat16), tf.float32)),
+                               rtol=4e-3)  # one bf16 rounding of the sum
+
+
+def test_exact_bias_gradients_only_in_graph_mode_bf16_training_without_xla_on_the_gradient(monkeypatch):
+    import keras
+    import tensorflow as tf
+
+    from keras_vit.layers import fusion
+
+    monkeypatch.setenv("TF_XLA_FLAGS", "")
+    monkeypatch.setenv(fusion.BIAS_APART_ENV, "0")
+    monkeypatch.delenv(fusion.BIAS_GRADIENT_ENV, raising=False)
+
+    def decided(dtype, training=True, **env):
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        return tf.function(lambda: tf.constant(fusion.exact_bias_gradients(keras.ops.ones((2, 3), dtype), training)))()
+
+    assert bool(decided("bfloat16")) and bool(decided("float16"))
+    assert not decided("float32") and not decided("bfloat16", training=False)
+    assert not fusion.exact_bias_gradients(keras.ops.ones((2, 3), "bfloat16"), True)  # eager
+    with fusion.whole_step_xla(True):
+        assert not decided("bfloat16")
+    assert not decided("bfloat16", KERAS_VIT_BIAS_APART="1")  # the bias after a reshape has its own GEMM gradient
+    monkeypatch.setenv(fusion.BIAS_APART_ENV, "0")
+    assert not decided("bfloat16", TF_XLA_FLAGS="--tf_xla_auto_jit=fusible")  # XLA's BiasAddGrad sums in float32
+    monkeypatch.setenv("TF_XLA_FLAGS", "")
+    assert not decided("bfloat16", KERAS_VIT_BIAS_GRADIENT_GEMM="0")
+
+
 def test_bias_apart_only_in_bf16_tensorflow_training_on_amx_unless_forced(monkeypatch):
     """layers.fusion.separate_bias: on where it was measured (bf16/fp16 TensorFlow training on an AMX CPU),
     KERAS_VIT_BIAS_APART=1/0 forcing it either way; never in float32 or at inference."""

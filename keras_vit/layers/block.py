@@ -12,9 +12,11 @@ from keras import layers, ops
 
 from keras_vit.layers.attention import MultiHeadSelfAttention
 from keras_vit.layers.fusion import (
+    add_bias,
     bias_after_reshape,
     bias_gradient,
     cpu_scoped,
+    exact_bias_gradients,
     fused_elementwise,
     gemm,
     residual_add,
@@ -268,10 +270,18 @@ class MlpBlock(layers.Layer):
             if defer_bias:
                 return self._apart(x, shape, training, defer_bias=True)
             return self.dropout(self._apart(x, shape, training), training=training)
-        h = self._nonlinearity(self.dense_0(ops.reshape(x, (-1, d))), training)
-        h = self.dense_1(self.dropout(h, training=training))
+        dense = self._dense_exact if exact_bias_gradients(x, training) and self.dense_0.quantization_mode is None \
+            and self.dense_1.quantization_mode is None else (lambda layer, t: layer(t))
+        h = self._nonlinearity(dense(self.dense_0, ops.reshape(x, (-1, d))), training)
+        h = dense(self.dense_1, self.dropout(h, training=training))
         return self.dropout(ops.reshape(h, (-1,) + tuple(shape[1:]) if isinstance(shape, tuple) else shape),
                             training=training)
+
+    @staticmethod
+    def _dense_exact(dense: layers.Dense, t):
+        """`dense(t)` as Keras computes it (the kernel property carries LoRA's update), its bias added by `add_bias`:
+        the bias gradient accumulated in float32 (layers.fusion.exact_bias_gradients)."""
+        return add_bias(ops.matmul(t, ops.cast(dense.kernel, t.dtype)), dense.bias)
 
     def _nonlinearity(self, h, training, bias=None):
         """SwiGLU, or the activation (`bias`, a float32 bias h lacks, for the activation only: `activate`)."""

@@ -119,6 +119,34 @@ def separate_bias(x, training) -> bool:
     return scoped_cpu_or_forced(BIAS_APART_ENV)
 
 
+# "0" keeps TensorFlow's BiasAddGrad for the MLP's biases where `exact_bias_gradients` would replace it (to measure it).
+BIAS_GRADIENT_ENV = "KERAS_VIT_BIAS_GRADIENT_GEMM"
+
+
+@functools.cache
+def _tensorflow_on_cpu() -> bool:
+    from keras_vit import precision
+
+    return precision.detect_hardware("tensorflow").device == "cpu"
+
+
+def exact_bias_gradients(x, training) -> bool:
+    """Whether the MLP's Dense layers, where `separate_bias` is off, add their bias with `add_bias` right after the
+    GEMM: bf16/fp16 training on a TensorFlow CPU in graph mode with nothing XLA-compiling the gradient (no fusible
+    auto-clustering, not a step XLA-compiled whole): the notebook's bf16 step and `--jit scoped` / `none` off AMX and
+    the Zen 5. There TensorFlow's BiasAddGrad accumulates in bf16: a Ti/16 MLP bias's gradient 13-17% off float32's
+    where every other weight's is 3-6% (BENCHMARKS.md, 2026-12-06). Grappler still fuses the GEMM and the add into
+    oneDNN's inner product; the gradient is `bias_gradient`'s GEMM. `KERAS_VIT_BIAS_GRADIENT_GEMM=0` turns it off."""
+    if os.environ.get(BIAS_GRADIENT_ENV) == "0" or not tf_training_forms(x, training) \
+            or keras.backend.standardize_dtype(x.dtype) == "float32" or separate_bias(x, training):
+        return False
+    import tensorflow as tf
+
+    if tf.executing_eagerly() or getattr(_STEP, "xla", False) or "--tf_xla_auto_jit" in os.environ.get("TF_XLA_FLAGS", ""):
+        return False
+    return _tensorflow_on_cpu()
+
+
 def cpu_scoped(x, training) -> bool:
     """`separate_bias` in the scoped step (`scoped`): where the attention softmax runs in the compute dtype
     (`softmax_with_scoped_gradient`) and the MLP's first bias joins its activation's scope (layers.block;
