@@ -40,7 +40,8 @@ Changes (`--without`):
 - `fused-residuals` (AMX, `--jit scoped`): the blocks' residual adds and their gradients' sums as TensorFlow ops (as
   built, in the LayerNorms' XLA scopes, `layers.block.TransformerBlock._call_fused`);
 - `exact-bias-gradients` (graph-mode bf16 off AMX and the Zen 5, `--jit scoped`; on those two with
-  `KERAS_VIT_BIAS_APART=0`): the MLP's Dense layers as Keras calls them, their bias gradients TensorFlow's bf16
+  `KERAS_VIT_BIAS_APART=0`; run with `KERAS_VIT_BIAS_GRADIENT_GEMM=1`, which turns it on): the MLP's Dense layers as
+  Keras calls them, their bias gradients TensorFlow's bf16
   BiasAddGrad (as built, the bias added by `layers.fusion.add_bias`, its gradient one GEMM, `exact_bias_gradients`).
 
 Each variant runs in its own process (the `fusible` XLA flags are per process), alternately:

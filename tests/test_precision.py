@@ -467,8 +467,8 @@ def test_bf16_training_adds_no_bias_right_after_a_gemm(monkeypatch, options, cal
 
 @pytest.mark.parametrize("lora", [False, True])
 def test_exact_bias_gradients_where_the_mlp_bias_follows_its_gemm(monkeypatch, lora):
-    """layers.fusion.exact_bias_gradients: in bf16 graph-mode training where the MLP's bias is added right after its
-    GEMM (`separate_bias` off: the Zen 4, any CPU but AMX and the Zen 5), its gradient is the GEMM's, summed in float32.
+    """layers.fusion.exact_bias_gradients (opt-in): in bf16 graph-mode training where the MLP's bias is added right
+    after its GEMM (`separate_bias` off: the Zen 4, any CPU but AMX and the Zen 5), its gradient is the GEMM's, summed in float32.
     TensorFlow's bf16 BiasAddGrad sums 3,000 rows of 0.01 to 4.0 (exact: 30.03); the outputs and every other gradient
     (LoRA's too) are Keras' Dense's to the bit, as grappler still fuses the GEMM and its bias add."""
     import keras
@@ -480,6 +480,7 @@ def test_exact_bias_gradients_where_the_mlp_bias_follows_its_gemm(monkeypatch, l
 
     monkeypatch.setenv("TF_XLA_FLAGS", "")
     monkeypatch.setenv(fusion.BIAS_APART_ENV, "0")
+    monkeypatch.setenv(fusion.BIAS_GRADIENT_ENV, "1")  # opt-in
     rng = np.random.default_rng(0)
     mlp = MlpBlock(mlp_dim=16, dtype=keras.mixed_precision.Policy("mixed_bfloat16"))
     x = tf.constant(rng.normal(size=(10, 300, 8)), tf.float32)
@@ -522,6 +523,8 @@ def test_exact_bias_gradients_only_in_graph_mode_bf16_training_without_xla_on_th
     monkeypatch.setenv("TF_XLA_FLAGS", "")
     monkeypatch.setenv(fusion.BIAS_APART_ENV, "0")
     monkeypatch.delenv(fusion.BIAS_GRADIENT_ENV, raising=False)
+    assert not tf.function(lambda: tf.constant(fusion.exact_bias_gradients(keras.ops.ones((2, 3), "bfloat16"), True)))()
+    monkeypatch.setenv(fusion.BIAS_GRADIENT_ENV, "1")  # opt-in: what follows is where it then applies
 
     def decided(dtype, training=True, **env):
         for k, v in env.items():
