@@ -43,7 +43,7 @@ class Hardware(NamedTuple):
     def scoped_cpu(self) -> bool:
         """A CPU on which TensorFlow's fastest training step was measured to be the scoped one with its CPU forms
         (layers.fusion.cpu_scoped, train.updates): AMX-BF16 (the Intel Xeon), and AMD's Zen 5 (BENCHMARKS.md,
-        2026-12-06). Not the AMD Zen 4, where it is unmeasured. The towers (train.towers) are AMX's alone."""
+        2026-12-06). Not the AMD Zen 4, where it is unmeasured. The towers (train.towers): AMX's, and the Zen 5's in bf16."""
         return self.device == "cpu" and (self.cpu_bf16 == "amx_bf16" or self.cpu_kind == "zen5")
 
     def describe(self) -> str:

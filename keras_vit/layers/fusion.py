@@ -94,12 +94,17 @@ BIAS_APART_ENV = "KERAS_VIT_BIAS_APART"
 
 
 @functools.cache
+def _tensorflow_hardware():
+    """`precision.detect_hardware("tensorflow")`, read once a process."""
+    from keras_vit import precision
+
+    return precision.detect_hardware("tensorflow")
+
+
 def _on_scoped_cpu() -> bool:
     """TensorFlow on a CPU where the scoped step's CPU forms were measured to pay (`precision.Hardware.scoped_cpu`:
     AMX-BF16, AMD Zen 5), no GPU."""
-    from keras_vit import precision
-
-    return precision.detect_hardware("tensorflow").scoped_cpu
+    return _tensorflow_hardware().scoped_cpu
 
 
 def scoped_cpu_or_forced(env: str) -> bool:
@@ -123,13 +128,6 @@ def separate_bias(x, training) -> bool:
 BIAS_GRADIENT_ENV = "KERAS_VIT_BIAS_GRADIENT_GEMM"
 
 
-@functools.cache
-def _tensorflow_on_cpu() -> bool:
-    from keras_vit import precision
-
-    return precision.detect_hardware("tensorflow").device == "cpu"
-
-
 def exact_bias_gradients(x, training) -> bool:
     """Whether the MLP's Dense layers, where `separate_bias` is off, add their bias with `add_bias` right after the
     GEMM: bf16/fp16 training on a TensorFlow CPU in graph mode with nothing XLA-compiling the gradient (no fusible
@@ -147,7 +145,7 @@ def exact_bias_gradients(x, training) -> bool:
 
     if tf.executing_eagerly() or getattr(_STEP, "xla", False) or "--tf_xla_auto_jit" in os.environ.get("TF_XLA_FLAGS", ""):
         return False
-    return _tensorflow_on_cpu()
+    return _tensorflow_hardware().device == "cpu"
 
 
 def cpu_scoped(x, training) -> bool:

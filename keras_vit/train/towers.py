@@ -85,8 +85,7 @@ def configure(policy: Optional[str] = None) -> int:
     global _configured
     if _configured > 1 or keras.backend.backend() != "tensorflow":
         return _configured
-    count = planned(policy)
-    if count < 2 or os.environ.get("TF_NUM_INTRAOP_THREADS") or os.environ.get("TF_NUM_INTEROP_THREADS"):
+    if os.environ.get("TF_NUM_INTRAOP_THREADS") or os.environ.get("TF_NUM_INTEROP_THREADS"):
         return _configured
     import tensorflow as tf
     from tensorflow.python.eager import context
@@ -94,6 +93,9 @@ def configure(policy: Optional[str] = None) -> int:
     threading_config = tf.config.threading
     if context.context()._context_handle is not None or threading_config.get_intra_op_parallelism_threads() \
             or threading_config.get_inter_op_parallelism_threads():
+        return _configured  # (checked first: every model built after TensorFlow started reads no /proc/cpuinfo)
+    count = planned(policy)
+    if count < 2:
         return _configured
     threading_config.set_intra_op_parallelism_threads(1)
     threading_config.set_inter_op_parallelism_threads(count)
