@@ -42,7 +42,11 @@ Changes (`--without`):
 - `exact-bias-gradients` (graph-mode bf16 off AMX and the Zen 5, `--jit scoped`; on those two with
   `KERAS_VIT_BIAS_APART=0`; run with `KERAS_VIT_BIAS_GRADIENT_GEMM=1`, which turns it on): the MLP's Dense layers as
   Keras calls them, their bias gradients TensorFlow's bf16
-  BiasAddGrad (as built, the bias added by `layers.fusion.add_bias`, its gradient one GEMM, `exact_bias_gradients`).
+  BiasAddGrad (as built, the bias added by `layers.fusion.add_bias`, its gradient one GEMM, `exact_bias_gradients`);
+- `fused-heads` (AMX and the Zen 5, `--jit scoped`): the QKV bias add, the head split and its gradient as TensorFlow ops
+  (as built, one XLA pass each way, `layers.attention.heads_major`).
+
+`--without` takes several changes at once, comma-separated (`--without fused-heads,fused-residuals`).
 
 Each variant runs in its own process (the `fusible` XLA flags are per process), alternately:
   python -m bench.train_ab --without gelu-gradient --variant B/16 --rounds 3 --steps 6
@@ -74,11 +78,18 @@ from typing import List, Optional
 CHANGES = ("class-token-block", "gelu-gradient", "ln-gradient", "activation-gradient",
            "relative-gather", "qk-norm-scope", "patch-matmul", "bias-after-reshape", "softmax-compute-dtype",
            "mlp-bias-in-activation", "bias-gradient-gemm", "fused-updates", "row-dots", "towers",
-           "dw-transposed", "shared-casts", "fused-residuals", "exact-bias-gradients")
+           "dw-transposed", "shared-casts", "fused-residuals", "exact-bias-gradients",
+           "fused-heads")
 OPTIMIZERS = ("sgd", "adamw")
 
 
-def _undo(change: str) -> None:
+def _undo(changes: str) -> None:
+    """Puts the model code back as it was before each of the comma-separated `changes`, in this process only."""
+    for change in changes.split(","):
+        _undo_one(change)
+
+
+def _undo_one(change: str) -> None:
     """Puts the model code back as it was before `change`, in this process only."""
     if change == "class-token-block":
         import keras_vit.model as vit_model
@@ -174,6 +185,10 @@ def _undo(change: str) -> None:
         from keras_vit.layers import block
 
         block.FUSED_RESIDUALS = False
+    elif change == "fused-heads":
+        from keras_vit.layers import attention
+
+        attention.FUSED_HEADS = False
 
 
 def bf16_training_model(variant: str, batch_size: int, image_size: int = 224, without: str = "",
@@ -288,7 +303,15 @@ def _options(parser: argparse.ArgumentParser, given: List[str]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--without", choices=CHANGES, required=True, help="the change to leave out in variant B")
+    def changes(text: str) -> str:
+        unknown = [c for c in text.split(",") if c not in CHANGES]
+        if unknown:
+            raise argparse.ArgumentTypeError(f"unknown change {unknown[0]!r}; one or more of {', '.join(CHANGES)}, "
+                                             "comma-separated")
+        return text
+
+    parser.add_argument("--without", type=changes, required=True, metavar="CHANGE[,CHANGE...]",
+                        help=f"the change(s) to leave out in variant B: {', '.join(CHANGES)}")
     parser.add_argument("--variant", default="Ti/16")
     parser.add_argument("--steps", type=int, default=15)
     parser.add_argument("--batch-size", type=int, default=16)
@@ -309,10 +332,10 @@ def main() -> None:
     options = _options(parser, args.option)
     label = ", ".join([args.jit] + ([args.optimizer] if args.optimizer != "sgd" else [])
                       + ([args.policy] if args.policy != "mixed_bfloat16" else []) + args.option)
-    if args.without == "towers" and args.interleave:
+    if "towers" in args.without.split(",") and args.interleave:
         parser.error("--without towers needs a process each (TensorFlow's threads are fixed when it starts): use --rounds")
-    if args.child == "without" and args.without == "towers":
-        _undo("towers")  # before anything imports keras_vit.model
+    if args.child == "without" and "towers" in args.without.split(","):
+        _undo_one("towers")  # before anything imports keras_vit.model
     if args.interleave:
         r = run_interleaved(args.without, args.variant, args.interleave, args.batch_size, args.jit, options,
                             image_size=args.image_size, optimizer=args.optimizer, policy=args.policy)

@@ -568,3 +568,20 @@ def test_train_ab_undoes_the_cpu_scoped_forms(monkeypatch):
     train_ab._undo("bias-gradient-gemm")
     flat = [tf.concat([tf.reshape(tf.cast(g, tf.float32), [-1]) for g in grads], 0) for grads in (step_ops()[2], built)]
     assert float(tf.norm(flat[0] - flat[1])) <= 3e-2 * float(tf.norm(flat[1]))  # the same within bf16 rounding
+
+
+def test_train_ab_undoes_several_changes_at_once(monkeypatch, capsys):
+    """`--without A,B` undoes each (here the fused heads and the bf16 softmax); an unknown name is one clear line."""
+    import sys
+
+    import keras_vit.layers.attention as attention
+    from bench import train_ab
+
+    monkeypatch.setattr(attention, "FUSED_HEADS", True)
+    monkeypatch.setattr(attention, "cpu_scoped", attention.cpu_scoped)  # restored after the test
+    train_ab._undo("fused-heads,softmax-compute-dtype")
+    assert attention.FUSED_HEADS is False and attention.cpu_scoped(None, True) is False
+    monkeypatch.setattr(sys, "argv", ["train_ab", "--without", "fused-heads,no-such-change"])
+    with pytest.raises(SystemExit):
+        train_ab.main()
+    assert "unknown change 'no-such-change'" in capsys.readouterr().err

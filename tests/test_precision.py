@@ -560,3 +560,67 @@ def test_bias_apart_only_in_bf16_tensorflow_training_on_amx_unless_forced(monkey
             monkeypatch.setenv(fusion.BIAS_APART_ENV, forced)
             assert fusion.separate_bias(bf16, True) is (forced == "1") and not fusion.separate_bias(fp32, True)
         monkeypatch.delenv(fusion.BIAS_APART_ENV)
+
+
+@pytest.mark.parametrize("options,call", SCOPED_OPTIONS, ids=lambda o: ",".join(o) or "-")
+def test_fused_heads_equal_tensorflows_ops_to_the_bit(monkeypatch, options, call):
+    """The scoped bf16 step's QKV bias add and head split (layers.attention.heads_major) in one XLA pass each way:
+    the block's output and every gradient equal those of TensorFlow's AddV2 / Transpose / Unpack (and their
+    gradients) to the bit, for every block option (qkv_bias off, qk_norm, the relative bias, the class token alone);
+    the traced step has no head-split Transpose, Pack or Unpack outside an XLA scope."""
+    import collections
+
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    import keras_vit.layers.attention as attention
+    from keras_vit.layers.block import TransformerBlock
+
+    monkeypatch.setenv("TF_XLA_FLAGS", "")
+    monkeypatch.setenv("KERAS_VIT_BIAS_APART", "1")  # the scoped step's CPU forms (AMX, Zen 5) on any CPU
+    rng = np.random.default_rng(2)
+    x = tf.constant(rng.normal(size=(2, 5, 8)), tf.float32)
+    block = TransformerBlock(num_heads=2, mlp_dim=16, dtype=keras.mixed_precision.Policy("mixed_bfloat16"), **options)
+    block(x)
+    for v in block.trainable_variables:
+        v.assign(rng.normal(size=v.shape) * 0.5)
+    weights = tf.constant(rng.normal(size=block(x, **call).shape), tf.float32)
+
+    def traced():
+        step = weighted_sum_step(block, weights, **call)
+        graph = step.get_concrete_function(x).graph
+        outside = collections.Counter(op.type for op in graph.get_operations() if "MultiHeadDotProductAttention" in op.name
+                                      and op.type in ("Transpose", "Pack", "Unpack") and "_XlaScope" not in op.node_def.attr)
+        return step(x), outside
+
+    fused, fused_outside = traced()
+    assert not fused_outside["Pack"] and not fused_outside["Unpack"], fused_outside
+    monkeypatch.setattr(attention, "FUSED_HEADS", False)
+    plain, plain_outside = traced()
+    # the split's forward and gradient transposes (the attention's own k^T and output swap stay TensorFlow's)
+    assert plain_outside["Transpose"] == fused_outside["Transpose"] + 2 and plain_outside["Unpack"] == 1
+    for a, b in zip(fused, plain):
+        np.testing.assert_array_equal(tf.cast(a, tf.float32).numpy(), tf.cast(b, tf.float32).numpy())
+
+
+def test_fused_heads_gradient_where_a_projection_is_unused():
+    """heads_major's gradient with an output the loss does not read (TensorFlow hands None): zeros for its part,
+    and the bias gradient is the GEMM sum of the rest."""
+    import numpy as np
+    import tensorflow as tf
+
+    from keras_vit.layers.attention import heads_major
+
+    rng = np.random.default_rng(0)
+    t = tf.constant(rng.normal(size=(2, 3, 3, 2, 4)), tf.float32)  # (B, S, 3, heads, head_dim)
+    b = tf.constant(rng.normal(size=(3, 2, 4)), tf.float32)
+    with tf.GradientTape() as tape:
+        tape.watch([t, b])
+        q, k, v = heads_major(t, b, training=True)
+        loss = tf.reduce_sum(q * 2.0) + tf.reduce_sum(v)
+    dt, db = tape.gradient(loss, [t, b])
+    np.testing.assert_array_equal(q.numpy(), np.transpose(t.numpy() + b.numpy(), (2, 0, 3, 1, 4))[0])
+    want = np.stack([np.full((2, 3, 2, 4), 2.0), np.zeros((2, 3, 2, 4)), np.ones((2, 3, 2, 4))], axis=2)
+    np.testing.assert_array_equal(dt.numpy(), want)
+    np.testing.assert_allclose(db.numpy(), want.sum(axis=(0, 1)))

@@ -3,6 +3,7 @@ layout, (D, heads, head_dim) and (heads, head_dim, D), and optional relative pos
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional, Sequence, Tuple
 
 import keras
@@ -10,10 +11,56 @@ import numpy as np
 from keras import layers, ops
 
 from keras_vit.config import INIT_STD
-from keras_vit.layers.fusion import bias_after_reshape, cpu_scoped, gemm, separate_bias, softmax_with_scoped_gradient
+from keras_vit.layers.fusion import (
+    bias_after_reshape,
+    bias_gradient,
+    cpu_scoped,
+    fused_elementwise,
+    gemm,
+    separate_bias,
+    softmax_with_scoped_gradient,
+)
 from keras_vit.layers.norm import layer_norm
 
 _REG = keras.saving.register_keras_serializable(package="keras_vit")
+
+# False (or KERAS_VIT_FUSED_HEADS=0 for a whole run): the scoped step's QKV bias add and head split as TensorFlow ops
+# (bench.train_ab's `--without fused-heads`).
+FUSED_HEADS = True
+FUSED_HEADS_ENV = "KERAS_VIT_FUSED_HEADS"
+
+
+def heads_major(qkv, bias, training):
+    """q, k, v as (B, heads, S, head_dim) from the QKV GEMM's output `qkv` (B, S, 3, heads, head_dim) and its
+    `bias` (3, heads, head_dim, any float dtype) or None: the bias add and the transpose in one XLA pass (`fused_elementwise`), the
+    gradient's transpose back in one, the bias's gradient `bias_gradient`'s GEMM. The values are those of
+    TensorFlow's ops to the bit (the bias rounded to the compute dtype, the add rounded once).
+
+    Why: in the scoped bf16 step TensorFlow added the bias in bf16 op by op (Eigen's AddV2 with a broadcast), then
+    transposed to heads-major (oneDNN's reorder), and its gradient stacked and transposed back: 19 of a Ti/16 step's
+    412 op-ms on the AMD Zen 5 (BENCHMARKS.md, 2026-12-06)."""
+    dtype = qkv.dtype
+
+    @ops.custom_gradient
+    def split(t, *b):
+        with fused_elementwise(training, dtype):
+            if b:
+                t = ops.cast(ops.cast(t, "float32") + ops.cast(ops.cast(b[0], dtype), "float32"), dtype)
+            q, k, v = ops.unstack(ops.transpose(t, (2, 0, 3, 1, 4)), 3, axis=0)
+
+        def grad(*upstream, **kwargs):
+            parts = upstream if len(upstream) == 3 else kwargs["upstream"]
+            with fused_elementwise(training, dtype):
+                parts = [ops.zeros_like(q) if g is None else ops.cast(g, dtype) for g in parts]
+                dt = ops.transpose(ops.stack(parts, axis=0), (1, 3, 0, 2, 4))
+            if not b:
+                return dt
+            rows = ops.reshape(dt, (-1, math.prod(dt.shape[2:])))
+            return dt, ops.reshape(ops.cast(bias_gradient(rows), b[0].dtype), b[0].shape)
+
+        return (q, k, v), grad
+
+    return split(qkv) if bias is None else split(qkv, bias)
 
 
 def relative_position_index(grid_size: Tuple[int, int], num_prefix_tokens: int) -> np.ndarray:
@@ -113,10 +160,16 @@ class MultiHeadSelfAttention(layers.Layer):
         # Rank-2 GEMM on (B*S, D): a rank-3 x rank-2 matmul becomes tf.tensordot on TensorFlow,
         # whose dynamic-shape plumbing (Shape/Gather/ReduceProd/Concat) lands in the ONNX graph.
         qkv = gemm(ops.reshape(x, (-1, d)), ops.cast(kernel, x.dtype), training)
+        bias = None
         if self.qkv_bias:
             bias = ops.concatenate([ops.reshape(self.query_bias, (flat,)) * scale,
                                     ops.reshape(self.key_bias, (flat,)),
                                     ops.reshape(self.value_bias, (flat,))], axis=-1)
+        # the scoped step on AMX and the Zen 5: the bias add and the head split one XLA pass each way
+        if FUSED_HEADS and os.environ.get(FUSED_HEADS_ENV) != "0" and cpu_scoped(x, training):
+            return heads_major(ops.reshape(qkv, (-1, seq, 3, h, hd)),
+                               None if bias is None else ops.reshape(bias, (3, h, hd)), training)
+        if bias is not None:
             if separate_bias(x, training):  # the GEMM stays AMX's (layers.fusion)
                 qkv = bias_after_reshape(qkv, (-1, seq, 3 * flat), bias)
             else:
