@@ -32,13 +32,14 @@ FUSED_HEADS_ENV = "KERAS_VIT_FUSED_HEADS"
 
 def heads_major(qkv, bias, training):
     """q, k, v as (B, heads, S, head_dim) from the QKV GEMM's output `qkv` (B, S, 3, heads, head_dim) and its
-    `bias` (3, heads, head_dim, any float dtype) or None: the bias add and the transpose in one XLA pass (`fused_elementwise`), the
-    gradient's transpose back in one, the bias's gradient `bias_gradient`'s GEMM. The values are those of
-    TensorFlow's ops to the bit (the bias rounded to the compute dtype, the add rounded once).
+    `bias` (3, heads, head_dim, any float dtype) or None: the bias add and the transpose in one XLA pass
+    (`fused_elementwise`), the gradient's transpose back in one, the bias's gradient `bias_gradient`'s GEMM. The
+    values are those of TensorFlow's ops to the bit (the bias rounded to the compute dtype, the add rounded once).
 
     Why: in the scoped bf16 step TensorFlow added the bias in bf16 op by op (Eigen's AddV2 with a broadcast), then
     transposed to heads-major (oneDNN's reorder), and its gradient stacked and transposed back: 19 of a Ti/16 step's
-    412 op-ms on the AMD Zen 5 (BENCHMARKS.md, 2026-12-06)."""
+    412 op-ms on the AMD Zen 5, 38 of 510 on the AMX Xeon. Measured on the Zen 5 only: 1.001-1.010x, not resolved
+    (bench.train_ab --without fused-heads, BENCHMARKS.md, 2026-12-06); kept as bit-identical, for AMX's larger share."""
     dtype = qkv.dtype
 
     @ops.custom_gradient
