@@ -303,6 +303,7 @@ def _options(parser: argparse.ArgumentParser, given: List[str]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+
     def changes(text: str) -> str:
         unknown = [c for c in text.split(",") if c not in CHANGES]
         if unknown:
@@ -332,9 +333,10 @@ def main() -> None:
     options = _options(parser, args.option)
     label = ", ".join([args.jit] + ([args.optimizer] if args.optimizer != "sgd" else [])
                       + ([args.policy] if args.policy != "mixed_bfloat16" else []) + args.option)
-    if "towers" in args.without.split(",") and args.interleave:
+    towers = "towers" in args.without.split(",")
+    if towers and args.interleave:
         parser.error("--without towers needs a process each (TensorFlow's threads are fixed when it starts): use --rounds")
-    if args.child == "without" and "towers" in args.without.split(","):
+    if args.child == "without" and towers:
         _undo_one("towers")  # before anything imports keras_vit.model
     if args.interleave:
         r = run_interleaved(args.without, args.variant, args.interleave, args.batch_size, args.jit, options,
