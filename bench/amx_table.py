@@ -331,6 +331,8 @@ def _inference(lines: List[str], st: Dict[str, Dict[str, object]]) -> None:
     inter = s.get("interleaved", {}).get("files", {})
     labels = {"onnx": ("keras-vit ONNX fp32", "keras.onnx"), "onnx-static": ("keras-vit ONNX static int8",
                                                                              "keras-static.onnx"),
+              "tflite": ("keras-vit TFLite fp32 (LiteRT)", None),
+              "tflite-dynamic": ("keras-vit TFLite dynamic-range int8 (LiteRT)", None),
               "tflite-int8": ("keras-vit TFLite full int8 (LiteRT)", None), "timm-onnx": ("timm ONNX fp32", "timm.onnx")}
     rows = []
     for case, (label, file) in labels.items():
@@ -354,6 +356,13 @@ def _inference(lines: List[str], st: Dict[str, Dict[str, object]]) -> None:
     if extra:
         lines += ["", f"(timm's ONNX with the same dynamic int8 quantization, interleaved: {extra['median_ms']:.2f} ms, "
                       f"{_fmt(extra.get('x_timm_onnx'))}x timm's fp32 file.)"]
+    tflite = by.get("tflite")
+    quantized = [(name, by[case]) for case, name in (("tflite-dynamic", "dynamic-range int8"), ("tflite-int8", "full int8"))
+                 if case in by]
+    if tflite and quantized:  # LiteRT against its own float32 file (same runtime, same threads)
+        fp32_ms = tflite["latency_ms"]["median"]
+        lines += ["", "(Against the TFLite fp32 file in LiteRT: " + ", ".join(
+            f"{name} {r['latency_ms']['median'] / fp32_ms:.2f}x" for name, r in quantized) + ".)"]
 
 
 def main(argv: Optional[List[str]] = None) -> str:

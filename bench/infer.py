@@ -12,6 +12,8 @@ Cases (each in its own process, after one `export` process wrote the files):
   onnx-static   to_onnx(quantize="int8"): static int8, activation scales calibrated on --calib-images
   onnx-opt-static  to_onnx(quantize="int8", optimize=True): the same on the fused graph (static QAttention)
   tflite        keras_vit.export.to_tflite, fp32, in LiteRT (XNNPACK)
+  tflite-dynamic  to_tflite(quantize="dynamic"): int8 weights, activations quantized per call (XNNPACK's
+                dynamically quantized int8 GEMMs) in LiteRT
   tflite-int8   to_tflite(quantize="int8"): int8 weights and activations (calibrated) in LiteRT
   timm          timm's ViT in torch (eval, inference_mode)
   timm-onnx     timm -> ONNX (torch.onnx.export) in onnxruntime
@@ -34,7 +36,7 @@ if __package__ in (None, ""):
 from bench import common  # noqa: E402
 
 CASES = ("peak", "keras-xla", "onnx", "onnx-opt", "onnx-int8", "onnx-opt-int8", "onnx-static", "onnx-opt-static",
-         "tflite", "tflite-int8",
+         "tflite", "tflite-dynamic", "tflite-int8",
          "timm", "timm-onnx", "timm-onnx-int8")
 NUM_CLASSES = 10
 THREADS = os.cpu_count() or 1
@@ -126,6 +128,8 @@ def export_all(args) -> Dict[str, object]:
             model, os.path.join(wd, "keras-opt-static.onnx"), opset=17, quantize="int8", optimize=True,
             calibration_images=calib, num_calibration_images=len(calib))),
         "tflite": ("keras-fp32.tflite", lambda: to_tflite(model, os.path.join(wd, "keras-fp32.tflite"))),
+        "tflite-dynamic": ("keras-dynamic.tflite", lambda: to_tflite(model, os.path.join(wd, "keras-dynamic.tflite"),
+                                                                     quantize="dynamic")),
         "tflite-int8": ("keras-int8.tflite", lambda: to_tflite(model, os.path.join(wd, "keras-int8.tflite"),
                                                                quantize="int8", representative_images=calib)),
     }
@@ -193,7 +197,7 @@ def runner(case: str, args):
     if case.startswith("tflite"):
         from ai_edge_litert.interpreter import Interpreter
 
-        q = "int8" if case.endswith("int8") else "fp32"
+        q = {"tflite": "fp32", "tflite-dynamic": "dynamic", "tflite-int8": "int8"}[case]
         interp = Interpreter(model_path=os.path.join(wd, f"keras-{q}.tflite"), num_threads=THREADS)
         inp = interp.get_input_details()[0]["index"]
         out = interp.get_output_details()[0]["index"]

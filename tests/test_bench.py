@@ -39,6 +39,18 @@ def test_infer_quick_runs_keras_and_onnx_and_agrees(capsys):
     assert "inference" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # exports and times three TFLite files (about 15 s)
+def test_infer_quick_times_the_tflite_files_each_from_its_own_export():
+    results = infer.main(["--quick", "--cases", "tflite,tflite-dynamic,tflite-int8"])
+    by = {r["case"]: r for r in results}
+    for case in ("tflite", "tflite-dynamic", "tflite-int8"):
+        assert "error" not in by[case], by[case]
+        assert by[case]["latency_ms"]["median"] > 0
+    assert by["tflite"]["max_abs_diff"] < 1e-4  # float32
+    # int8 weights with float activations: close to the float file, unlike the calibrated full-int8 one
+    assert 1e-4 < by["tflite-dynamic"]["max_abs_diff"] < 0.2 and by["tflite-dynamic"]["top1_agree"] == 1.0
+
+
 @pytest.mark.slow  # profiles a small model in a fresh process (about 30 s)
 def test_profile_train_splits_a_step_into_gemms_and_fused_work(tmp_path):
     import os
@@ -219,7 +231,8 @@ def _amx_record(flags):
     train_rows.append({"case": "notebook", "error": "exit 1: boom"})
     infer_rows = [{"case": c, "latency_ms": {"median": ms}, "throughput": {"median": 100.0}, "top1_agree": 1.0,
                    "max_abs_diff": 1e-5, "lat_x_onnx": ms / 10.0, "lat_x_timm-onnx": ms / 12.0}
-                  for c, ms in (("onnx", 10.0), ("onnx-static", 5.0), ("timm-onnx", 12.0))]
+                  for c, ms in (("onnx", 10.0), ("onnx-static", 5.0), ("timm-onnx", 12.0), ("tflite", 16.0),
+                                ("tflite-dynamic", 8.0), ("tflite-int8", 40.0))]
     return {"command": "bash bench/amx.sh", "quick": False, "budget_s": 840, "wall_s": 800, "commit": "abc1234",
             "machine": {"cpu": "Intel(R) Xeon(R) Platinum 8480+", "cpu_flags": flags, "cores": 2,
                         "load": [0.5, 0.4, 0.3], "date_start": "2026-12-03 06:30 UTC"},
@@ -282,6 +295,9 @@ def test_amx_markdown_names_the_cpu_kind_and_the_same_run_ratios():
     assert "2 alternating round(s)" in md and "train Ti/16, notebook: exit 1: boom" in md
     static = next(ln for ln in md.splitlines() if ln.startswith("| keras-vit ONNX static int8"))
     assert "| 5.00 | 0.50 | 0.42 | 4.00 | 0.50 | 0.40 |" in static and "100.0%" in static
+    dynamic = next(ln for ln in md.splitlines() if ln.startswith("| keras-vit TFLite dynamic-range int8 (LiteRT)"))
+    assert "| 8.00 | 0.80 | 0.67 | - |" in dynamic  # LiteRT's files are not in the interleaved ONNX loop
+    assert "(Against the TFLite fp32 file in LiteRT: dynamic-range int8 0.50x, full int8 2.50x.)" in md
     assert "no AMX" not in md
 
     md = markdown(_amx_record(["avx512_bf16"]))
