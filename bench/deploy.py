@@ -1,12 +1,13 @@
 """Deployment files of one model, timed interleaved in one process: ONNX fp32 / dynamic int8 /
-static int8, each also with --optimize (onnxruntime), and TFLite fp32 / full int8 (LiteRT),
-batch 1, one thread each.
+static int8, each also with --optimize (onnxruntime), and TFLite fp32 / dynamic-range int8 / full int8
+(LiteRT), batch 1, one thread each.
 
     python -m bench.deploy --model runs/latest/model.keras --calibration digits   # a trained model
     python -m bench.deploy --variant Ti/16 --calibration photos                   # random Ti/16, 224 px
 
 Calling the files alternately puts each under the same machine load; the ratios to the fp32
-file of the same runtime are the figures to read. Top-1 agreement is against Keras.
+file of the same runtime are the figures to read (and `x onnx fp32` across runtimes). Top-1 agreement is
+against Keras.
 """
 from __future__ import annotations
 
@@ -63,6 +64,7 @@ def main(argv=None) -> dict:
                                                   num_calibration_images=args.num_calibration)}
     if not args.no_tflite:
         files["tflite fp32"] = to_tflite(model, os.path.join(work, "fp32.tflite"))
+        files["tflite dynamic int8"] = to_tflite(model, os.path.join(work, "dynamic.tflite"), quantize="dynamic")
         files["tflite full int8"] = to_tflite(model, os.path.join(work, "int8.tflite"), quantize="int8",
                                               representative_images=args.calibration,
                                               num_calibration_images=args.num_calibration)
@@ -99,10 +101,11 @@ def main(argv=None) -> dict:
     for name, v in ms.items():
         med = statistics.median(v)
         base = statistics.median(ms[name.split()[0] + " fp32"])
-        result["cases"][name] = {"median_ms": med, "x_fp32": med / base, "top1_agreement": agreement[name],
-                                 "size_kb": os.path.getsize(files[name]) / 1e3}
-        print(f"  {name:26s} median {med:7.3f} ms  x fp32 {med / base:5.2f}  top-1 vs Keras {agreement[name]:.2%}"
-              f"  {os.path.getsize(files[name]) / 1e3:8.0f} kB")
+        onnx = med / statistics.median(ms["onnx fp32"])
+        result["cases"][name] = {"median_ms": med, "x_fp32": med / base, "x_onnx_fp32": onnx,
+                                 "top1_agreement": agreement[name], "size_kb": os.path.getsize(files[name]) / 1e3}
+        print(f"  {name:26s} median {med:7.3f} ms  x fp32 {med / base:5.2f}  x onnx fp32 {onnx:5.2f}  "
+              f"top-1 vs Keras {agreement[name]:.2%}  {os.path.getsize(files[name]) / 1e3:8.0f} kB")
     print(json.dumps(result))
     return result
 
