@@ -24,6 +24,8 @@ _LAZY = {
     "save_npz": "keras_vit.weights",
     "load_weights": "keras_vit.weights",
     "save_safetensors": "keras_vit.weights",
+    "save_lora_weights": "keras_vit.weights.lora",
+    "load_lora_weights": "keras_vit.weights.lora",
     "imagenet_labels": "keras_vit.labels",
     "predict": "keras_vit.train.evaluation",
     "resize_model": "keras_vit.vit",

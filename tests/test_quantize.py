@@ -205,3 +205,86 @@ def test_dequantized_kernels_of_a_bf16_model_are_exact_and_leave_it_as_it_was():
         np.testing.assert_allclose(kernel, stored[path].astype("float32") / stored[path + "_scale"], rtol=1e-6, atol=1e-7)
     assert {layer.path: layer.dtype_policy.name for layer in model._flatten_layers(include_self=False)} == policies
     np.testing.assert_array_equal(np.asarray(model(x)), before)
+
+
+def _lora_model(mode):
+    """A small ViT (random head), quantized with `mode` (None: float), saved; then LoRA on its MLP Dense layers
+    with random B. Returns (model, path of the base saved before LoRA, images)."""
+    keras.utils.set_random_seed(0)
+    model = keras_vit.ViT("Ti/8", image_size=32, num_classes=5, hidden_size=32, num_heads=2, mlp_dim=64, num_layers=2)
+    head = model.get_layer("head")
+    head.kernel.assign(np.random.default_rng(0).normal(0, 0.5, head.kernel.shape).astype("float32"))
+    if mode:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model.quantize(mode)
+    return model
+
+
+@pytest.mark.parametrize("mode", [None, "int8", "int4"])
+def test_lora_factors_saved_apart_give_a_quantized_model_back_to_the_bit(tmp_path, mode):
+    """QLoRA: model.save merges LoRA into the kernel and quantizes again (the reloaded logits move); the base saved
+    before enable_lora plus save_lora_weights / load_lora_weights give the trained model's logits exactly, with its
+    factors (trainable again for more fine-tuning)."""
+    model = _lora_model(mode)
+    base = str(tmp_path / "base.keras")
+    model.save(base)
+    dense = [layer for layer in model._flatten_layers() if layer.name in MLP_DENSE]
+    for layer in dense:
+        layer.enable_lora(3, lora_alpha=6.0)
+    for variable in model.trainable_variables:  # only the adapters train (keras-hub's enable_lora freezes the rest)
+        variable.trainable = "lora_kernel" in variable.path
+    x = random_images(8, 32, 32)
+    y = np.arange(8) % 5
+    model.compile(optimizer=keras.optimizers.SGD(0.5), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(x, y, epochs=2, batch_size=4, verbose=0)  # the factors trained: B is no longer zero
+    assert all(np.abs(keras.ops.convert_to_numpy(layer.lora_kernel_b)).max() > 0 for layer in dense)
+    out = keras.ops.convert_to_numpy(model(x))
+    adapters = keras_vit.save_lora_weights(model, tmp_path / "run.lora.npz")
+
+    reloaded = keras_vit.load_model(base)
+    keras_vit.load_lora_weights(reloaded, adapters)
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(reloaded(x)), out)
+    lora = {layer.path: (layer.lora_rank, layer.lora_alpha) for layer in reloaded._flatten_layers()
+            if getattr(layer, "lora_enabled", False)}
+    assert lora == {layer.path: (3, 6.0) for layer in dense}
+    assert {v.path.split("/")[-1] for v in reloaded.trainable_variables if "MlpBlock" in v.path} \
+        >= {"lora_kernel_a", "lora_kernel_b"}
+    keras_vit.load_lora_weights(reloaded, adapters)  # again, into the layers now enabled: the same
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(reloaded(x)), out)
+    if mode:  # what the separate file is for: Keras' save re-quantizes the merged kernel
+        model.save(tmp_path / "merged.keras")
+        assert np.abs(keras.ops.convert_to_numpy(keras_vit.load_model(tmp_path / "merged.keras")(x)) - out).max() > 1e-6
+
+
+def test_lora_weights_files_refuse_what_they_cannot_hold(tmp_path):
+    """One clear error, nothing of the model changed: no LoRA layer to save, a wrong suffix, a missing or foreign
+    file, a model without the file's layers, another rank."""
+    model = _lora_model(None)
+    with pytest.raises(ValueError, match="no LoRA-enabled layer"):
+        keras_vit.save_lora_weights(model, tmp_path / "a.lora.npz")
+    dense = [layer for layer in model._flatten_layers() if layer.name in MLP_DENSE]
+    for layer in dense:
+        layer.enable_lora(2)
+    with pytest.raises(ValueError, match=r"must end in \.lora\.npz"):
+        keras_vit.save_lora_weights(model, tmp_path / "a.npz")
+    path = keras_vit.save_lora_weights(model, tmp_path / "a.lora.npz")
+    assert [p.name for p in tmp_path.iterdir()] == ["a.lora.npz"]  # no temporary file left
+    other = _lora_model(None)
+    with pytest.raises(ValueError, match="does not exist"):
+        keras_vit.load_lora_weights(other, tmp_path / "missing.lora.npz")
+    np.savez(tmp_path / "plain.npz", w=np.zeros(3))
+    with pytest.raises(ValueError, match="is not a LoRA weights file"):
+        keras_vit.load_lora_weights(other, tmp_path / "plain.npz")
+    deeper = keras_vit.ViT("Ti/8", image_size=32, num_classes=5, hidden_size=32, num_heads=2, mlp_dim=64, num_layers=1)
+    with pytest.raises(ValueError, match="does not have: encoderblock_1/MlpBlock_3/Dense_0"):
+        keras_vit.load_lora_weights(deeper, path)
+    wider = keras_vit.ViT("Ti/8", image_size=32, num_classes=5, hidden_size=32, num_heads=2, mlp_dim=96, num_layers=2)
+    with pytest.raises(ValueError, match=r"takes rank-2 factors \(32, 2\) x \(2, 96\)"):
+        keras_vit.load_lora_weights(wider, path)
+    assert not any(getattr(layer, "lora_enabled", False) for layer in wider._flatten_layers())
+    for layer in other._flatten_layers():
+        if layer.name in MLP_DENSE:
+            layer.enable_lora(4)
+    with pytest.raises(ValueError, match="has LoRA rank 4, alpha 4; .* has rank 2, alpha 2$"):
+        keras_vit.load_lora_weights(other, path)

@@ -6,7 +6,8 @@
 - `torch_layout`: timm / Hugging Face (PyTorch layout) names and shapes <-> the official layout;
 - `hf_layout`: the Hugging Face ViT family (DINOv2, CLIP, SigLIP, DeiT) <-> the official layout, and their configs;
 - `io`: a model's variables by checkpoint name; load_weights, load_npz, save_npz, save_safetensors;
-- `resize`: position-embedding resampling (NumPy only).
+- `resize`: position-embedding resampling (NumPy only);
+- `lora`: LoRA factors saved and loaded apart from the model (exact for quantized models, whose save re-quantizes).
 
 `keras_vit.weights.NAME` is `keras_vit.weights.io.NAME`, imported on first use, so that
 `keras_vit.weights.resize` (which the config's checks use) stays free of Keras.
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import importlib
 
-SUBMODULES = ("checkpoints", "hf_layout", "io", "npz_layout", "presets", "resize", "torch_layout")
+SUBMODULES = ("checkpoints", "hf_layout", "io", "lora", "npz_layout", "presets", "resize", "torch_layout")
 
 
 def __getattr__(name: str):
