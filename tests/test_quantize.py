@@ -288,3 +288,17 @@ def test_lora_weights_files_refuse_what_they_cannot_hold(tmp_path):
             layer.enable_lora(4)
     with pytest.raises(ValueError, match="has LoRA rank 4, alpha 4; .* has rank 2, alpha 2$"):
         keras_vit.load_lora_weights(other, path)
+
+
+def test_lora_weights_of_the_patch_embedding_convolution_round_trip(tmp_path):
+    """Keras' Conv2D takes LoRA too (A over the kernel's input axes): its factors save and load like a Dense's."""
+    model = _lora_model(None)
+    conv = next(layer for layer in model._flatten_layers() if isinstance(layer, keras.layers.Conv2D))
+    conv.enable_lora(2)
+    conv.lora_kernel_b.assign(np.random.default_rng(3).normal(0, 0.1, conv.lora_kernel_b.shape).astype("float32"))
+    x = random_images(2, 32, 32)
+    out = keras.ops.convert_to_numpy(model(x))
+    path = keras_vit.save_lora_weights(model, tmp_path / "conv.lora.npz")
+    fresh = _lora_model(None)
+    keras_vit.load_lora_weights(fresh, path)
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(fresh(x)), out)

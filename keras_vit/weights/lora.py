@@ -28,10 +28,18 @@ def _lora_layers(model) -> List:
     return [layer for layer in model._flatten_layers(include_self=False) if getattr(layer, "lora_enabled", False)]
 
 
-def _input_dim(layer) -> int:
-    """A Dense layer's input features (its kernel may be packed, as int4's is)."""
-    spec = layer.input_spec
-    return int(spec.axes[-1]) if spec is not None and spec.axes and -1 in spec.axes else int(layer._kernel.shape[0])
+def _factor_shapes(layer, rank: int) -> tuple:
+    """The shapes of the rank-`rank` LoRA factors (A, B) Keras gives `layer`: A (kernel's input axes..., rank),
+    B (rank, outputs). A Dense layer's input size is read from its input spec (an int4 kernel is packed)."""
+    if getattr(layer, "lora_enabled", False):
+        return tuple(layer.lora_kernel_a.shape), tuple(layer.lora_kernel_b.shape)
+    if isinstance(layer, keras.layers.Dense):
+        spec = layer.input_spec
+        inputs = spec.axes[-1] if spec is not None and spec.axes and -1 in spec.axes else layer._kernel.shape[0]
+        kernel = (int(inputs), int(layer.units))
+    else:  # convolutions: (kernel size..., input channels, filters)
+        kernel = tuple(int(d) for d in layer._kernel.shape)
+    return kernel[:-1] + (rank,), (rank, kernel[-1])
 
 
 def save_lora_weights(model, path: PathLike) -> str:
@@ -81,7 +89,7 @@ def load_lora_weights(model, path: PathLike) -> None:
             raise UserInputError(f"layer {layer_path!r} has LoRA rank {layer.lora_rank}, alpha "
                                  f"{float(layer.lora_alpha):g}; {path!r} has rank {rank}, alpha {alpha:g}")
         a, b = arrays[f"{layer_path}/lora_kernel_a"], arrays[f"{layer_path}/lora_kernel_b"]
-        want = ((_input_dim(layer), rank), (rank, layer.units))
+        want = _factor_shapes(layer, rank)
         if (a.shape, b.shape) != want:
             raise UserInputError(f"layer {layer_path!r} takes rank-{rank} factors {want[0]} x {want[1]}; {path!r} "
                                  f"has {a.shape} x {b.shape}")
