@@ -143,7 +143,7 @@ def ways_stage(args, out: str) -> Dict[str, object]:
 
 
 def infer_stage(args, out: str) -> Dict[str, object]:
-    """bench.infer (each file in its own process) then bench.ort_interleaved (the ONNX files call
+    """bench.infer (each file in its own process) then bench.ort_interleaved (the ONNX and TFLite files call
     by call in one process) on ViT-Ti/16's files."""
     from bench import infer, ort_interleaved
 

@@ -331,9 +331,10 @@ def _inference(lines: List[str], st: Dict[str, Dict[str, object]]) -> None:
     inter = s.get("interleaved", {}).get("files", {})
     labels = {"onnx": ("keras-vit ONNX fp32", "keras.onnx"), "onnx-static": ("keras-vit ONNX static int8",
                                                                              "keras-static.onnx"),
-              "tflite": ("keras-vit TFLite fp32 (LiteRT)", None),
-              "tflite-dynamic": ("keras-vit TFLite dynamic-range int8 (LiteRT)", None),
-              "tflite-int8": ("keras-vit TFLite full int8 (LiteRT)", None), "timm-onnx": ("timm ONNX fp32", "timm.onnx")}
+              "tflite": ("keras-vit TFLite fp32 (LiteRT)", "keras-fp32.tflite"),
+              "tflite-dynamic": ("keras-vit TFLite dynamic-range int8 (LiteRT)", "keras-dynamic.tflite"),
+              "tflite-int8": ("keras-vit TFLite full int8 (LiteRT)", "keras-int8.tflite"),
+              "timm-onnx": ("timm ONNX fp32", "timm.onnx")}
     rows = []
     for case, (label, file) in labels.items():
         r, i = by.get(case), inter.get(file or "", {})
@@ -348,7 +349,7 @@ def _inference(lines: List[str], st: Dict[str, Dict[str, object]]) -> None:
     extra = inter.get("timm-int8.onnx")
     info = s["info"]
     lines += ["", f"**Inference, ViT-{info['variant']}** ({info['image_size']} px, random weights, batch 1; "
-                  f"`{s['command']}` (each file in its own process), then `{s['ort_command']}` (the ONNX files "
+                  f"`{s['command']}` (each file in its own process), then `{s['ort_command']}` (the files "
                   f"call by call in one process, {s['interleaved']['info']['threads']} threads); {_when(s)}):", "",
               "| file | b1 ms (own process) | x our ONNX fp32 | x timm ONNX | b1 ms (interleaved) | x our ONNX fp32 | "
               f"x timm ONNX | batch-{info['batch_size']} img/s | top-1 vs Keras ({info.get('eval_images', '?')} images) |",

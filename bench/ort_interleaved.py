@@ -1,10 +1,13 @@
-"""Batch-1 latency of ONNX files in onnxruntime, interleaved call by call in one process.
+"""Batch-1 latency of ONNX files in onnxruntime (and the TFLite files beside them in LiteRT), interleaved call
+by call in one process.
 
     python -m bench.infer --keep /tmp/vit-onnx --cases onnx      # writes the files
     python -m bench.ort_interleaved /tmp/vit-onnx                 # keras-vit vs timm, same load
 
 On a shared machine, interleaving puts every file under the same load, which sequential
-cases in separate processes cannot; the ratio to timm's ONNX is the figure to read.
+cases in separate processes cannot; the ratio to timm's ONNX is the figure to read. The
+TFLite files bench.infer wrote (fp32, dynamic-range, full int8) run in LiteRT with --threads
+threads (default: every core), so the two runtimes meet under the same load too.
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ from bench.common import cpu_name, machine, write_json  # noqa: E402
 
 FILES = ("keras.onnx", "keras-opt.onnx", "keras-int8.onnx", "keras-opt-int8.onnx", "keras-static.onnx",
          "keras-opt-static.onnx", "timm.onnx", "timm-int8.onnx")
+TFLITE_FILES = ("keras-fp32.tflite", "keras-dynamic.tflite", "keras-int8.tflite")
 
 
 def main(argv=None) -> dict:
@@ -51,6 +55,15 @@ def main(argv=None) -> dict:
             runs[f] = lambda s=sess, feed=feed: s.run(None, feed)
             for _ in range(5):
                 runs[f]()
+    for f in TFLITE_FILES:
+        path = os.path.join(args.folder, f)
+        if os.path.exists(path):
+            from ai_edge_litert.interpreter import Interpreter
+
+            runner = Interpreter(model_path=path, num_threads=args.threads or os.cpu_count() or 1).get_signature_runner()
+            runs[f] = lambda r=runner: r(images=x)
+            for _ in range(5):
+                runs[f]()
     ms = {f: [] for f in runs}
     load0 = os.getloadavg()
     for _ in range(args.rounds):
@@ -71,7 +84,7 @@ def main(argv=None) -> dict:
         own = statistics.median(a / b for a, b in zip(v, fp32)) if fp32 else None
         files[f] = {"median_ms": med, "p10_ms": float(np.percentile(v, 10)), "p90_ms": float(np.percentile(v, 90)),
                     "x_timm_onnx": ratio, "x_keras_onnx": own}
-        print(f"  {f:21s} median {med:7.2f} ms  p10 {np.percentile(v, 10):7.2f}  p90 {np.percentile(v, 90):7.2f}"
+        print(f"  {f:22s} median {med:7.2f} ms  p10 {np.percentile(v, 10):7.2f}  p90 {np.percentile(v, 90):7.2f}"
               + (f"  x timm.onnx {ratio:.2f}" if ref else "") + (f"  x keras.onnx {own:.2f}" if fp32 else ""))
     if args.json:
         write_json(args.json, {"info": {**machine(), "load": [list(load0), list(load1)], "rounds": args.rounds,

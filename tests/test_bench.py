@@ -264,7 +264,8 @@ def _amx_record(flags):
                               "results": infer_rows,
                               "info": {"variant": "Ti/16", "image_size": 224, "batch_size": 32, "eval_images": 32},
                               "interleaved": {"info": {"threads": "default"}, "files": {
-                                  "keras-static.onnx": {"median_ms": 4.0, "x_keras_onnx": 0.5, "x_timm_onnx": 0.4}}}},
+                                  "keras-static.onnx": {"median_ms": 4.0, "x_keras_onnx": 0.5, "x_timm_onnx": 0.4},
+                                  "keras-dynamic.tflite": {"median_ms": 3.0, "x_keras_onnx": 0.3, "x_timm_onnx": 0.25}}}},
             }}
 
 
@@ -296,7 +297,9 @@ def test_amx_markdown_names_the_cpu_kind_and_the_same_run_ratios():
     static = next(ln for ln in md.splitlines() if ln.startswith("| keras-vit ONNX static int8"))
     assert "| 5.00 | 0.50 | 0.42 | 4.00 | 0.50 | 0.40 |" in static and "100.0%" in static
     dynamic = next(ln for ln in md.splitlines() if ln.startswith("| keras-vit TFLite dynamic-range int8 (LiteRT)"))
-    assert "| 8.00 | 0.80 | 0.67 | - |" in dynamic  # LiteRT's files are not in the interleaved ONNX loop
+    assert "| 8.00 | 0.80 | 0.67 | 3.00 | 0.30 | 0.25 |" in dynamic  # LiteRT's files in the interleaved loop too
+    full = next(ln for ln in md.splitlines() if ln.startswith("| keras-vit TFLite full int8"))
+    assert "| 40.00 | 4.00 | 3.33 | - | - | - |" in full  # no interleaved figure recorded for it
     assert "(Against the TFLite fp32 file in LiteRT: dynamic-range int8 0.50x, full int8 2.50x.)" in md
     assert "no AMX" not in md
 
