@@ -88,7 +88,9 @@ def load_lora_weights(model, path: PathLike) -> None:
         if getattr(layer, "lora_enabled", False) and (layer.lora_rank, float(layer.lora_alpha)) != (rank, alpha):
             raise UserInputError(f"layer {layer_path!r} has LoRA rank {layer.lora_rank}, alpha "
                                  f"{float(layer.lora_alpha):g}; {path!r} has rank {rank}, alpha {alpha:g}")
-        a, b = arrays[f"{layer_path}/lora_kernel_a"], arrays[f"{layer_path}/lora_kernel_b"]
+        a, b = arrays.get(f"{layer_path}/lora_kernel_a"), arrays.get(f"{layer_path}/lora_kernel_b")
+        if a is None or b is None:
+            raise UserInputError(f"{path!r} names layer {layer_path!r} but lacks its lora_kernel_a / lora_kernel_b")
         want = _factor_shapes(layer, rank)
         if (a.shape, b.shape) != want:
             raise UserInputError(f"layer {layer_path!r} takes rank-{rank} factors {want[0]} x {want[1]}; {path!r} "
