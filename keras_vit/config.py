@@ -32,6 +32,9 @@ POS_EMBEDDINGS = ("learned", "learned_2d", "relative", "sincos2d", "none")
 # guard); "drop" ignores the last H mod P rows and W mod P columns of pixels, as the VALID patch
 # convolution of timm, big_vision and transformers does (SigLIP So400m/14 at 384 px: 27x27 patches).
 PATCH_REMAINDERS = ("error", "drop")
+# The hybrid ResNet's epsilons, as each code base has them: "jax" (the official vit_jax / big_vision
+# code: GroupNorm 1e-6, kernel / (std + 1e-5)) or "timm" (GroupNorm 1e-5, kernel / sqrt(var + 1e-8)).
+RESNET_EPSILONS = ("jax", "timm")
 # Standard deviation of the normal initialisers of learned embeddings (position, class token,
 # relative offsets), as in the official code and timm.
 INIT_STD = 0.02
@@ -105,6 +108,7 @@ class ViTConfig:
     # Hybrid: units per ResNet stage (None = plain ViT) and the width factor of the ResNet.
     resnet_layers: Optional[Tuple[int, ...]] = None
     resnet_width: int = 1
+    resnet_epsilons: str = "jax"  # RESNET_EPSILONS: whose GroupNorm / weight-standardisation epsilons
     variant: Optional[str] = None
     # Features for dense tasks (with include_top=False): "tokens" gives the (B, S, D) sequence after
     # the encoder norm; feature_layers gives those blocks' outputs as (B, H/P, W/P, D) maps.
@@ -197,6 +201,8 @@ class ViTConfig:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         self._validate_block_options()
+        if self.resnet_epsilons not in RESNET_EPSILONS:
+            raise ValueError(f"resnet_epsilons must be one of {', '.join(RESNET_EPSILONS)}; got {self.resnet_epsilons!r}")
         if self.output not in OUTPUTS:
             raise ValueError(f"output must be one of {', '.join(map(repr, OUTPUTS))}; got {self.output!r}")
         if self.feature_layers is not None:

@@ -23,7 +23,7 @@ from keras_vit.layers import (
     fusion,
     preprocessing_scale_offset,
 )
-from keras_vit.resnet import ResNetStem
+from keras_vit.resnet import EPSILONS, ResNetStem
 from keras_vit.train import (
     schedules,  # noqa: F401  (registers WarmupCosine, named by compiled .keras files)
     towers,
@@ -274,7 +274,7 @@ def _encode(cfg: ViTConfig, images, layer: LayerSource, depth: int, dtype: Optio
                                                              dtype=dtype))(x)
     if cfg.resnet_layers is not None:
         x = layer("resnet", lambda: ResNetStem(cfg.resnet_layers, width=cfg.resnet_width, name="resnet",
-                                               dtype=dtype))(x)
+                                               dtype=dtype, **EPSILONS[cfg.resnet_epsilons]))(x)
     x = layer("embedding", lambda: PatchEmbedding(cfg.hidden_size, cfg.patch_size, name="embedding", dtype=dtype))(x)
     if patch_transform is not None:
         x = patch_transform(x)

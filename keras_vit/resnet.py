@@ -20,6 +20,10 @@ _REG = keras.saving.register_keras_serializable(package="keras_vit")
 GN_GROUPS = 32
 GN_EPSILON = 1e-6
 WS_EPSILON = 1e-5
+# The same layers as timm has them (StdConv2d(eps=1e-8): kernel / sqrt(var + eps); GroupNormAct
+# 1e-5): a timm hybrid checkpoint gives timm's outputs with these (config resnet_epsilons="timm").
+EPSILONS = {"jax": dict(gn_epsilon=GN_EPSILON, ws_epsilon=WS_EPSILON, ws_in_sqrt=False),
+            "timm": dict(gn_epsilon=1e-5, ws_epsilon=1e-8, ws_in_sqrt=True)}
 
 
 @_REG
@@ -27,22 +31,24 @@ class StdConv2D(layers.Conv2D):
     """Conv2D with weight standardisation: the kernel is centred and scaled to unit standard
     deviation over its spatial and input axes before every use (BiT, official ViT hybrid)."""
 
-    def __init__(self, *args, ws_epsilon: float = WS_EPSILON, **kwargs):
+    def __init__(self, *args, ws_epsilon: float = WS_EPSILON, ws_in_sqrt: bool = False, **kwargs):
         kwargs.setdefault("use_bias", False)
         kwargs.setdefault("padding", "same")
         super().__init__(*args, **kwargs)
         self.ws_epsilon = float(ws_epsilon)
+        self.ws_in_sqrt = bool(ws_in_sqrt)  # kernel / sqrt(var + eps) (timm) instead of / (std + eps)
 
     def convolution_op(self, inputs, kernel):
         kernel = ops.cast(kernel, "float32")
         mean = ops.mean(kernel, axis=(0, 1, 2), keepdims=True)
         centred = kernel - mean
-        std = ops.sqrt(ops.mean(ops.square(centred), axis=(0, 1, 2), keepdims=True))
-        kernel = ops.cast(centred / (std + self.ws_epsilon), inputs.dtype)
+        var = ops.mean(ops.square(centred), axis=(0, 1, 2), keepdims=True)
+        scale = ops.sqrt(var + self.ws_epsilon) if self.ws_in_sqrt else ops.sqrt(var) + self.ws_epsilon
+        kernel = ops.cast(centred / scale, inputs.dtype)
         return super().convolution_op(inputs, kernel)
 
     def get_config(self):
-        return {**super().get_config(), "ws_epsilon": self.ws_epsilon}
+        return {**super().get_config(), "ws_epsilon": self.ws_epsilon, "ws_in_sqrt": self.ws_in_sqrt}
 
 
 def _group_norm(name: str, gamma_zero: bool = False, epsilon: float = GN_EPSILON) -> layers.GroupNormalization:
@@ -57,13 +63,15 @@ class BottleneckUnit(layers.Layer):
     plus the (projected when shape changes) shortcut, then ReLU. Output width = 4 * `width`."""
 
     def __init__(self, width: int, stride: int = 1, gn_epsilon: float = GN_EPSILON,
-                 ws_epsilon: float = WS_EPSILON, **kwargs):
+                 ws_epsilon: float = WS_EPSILON, ws_in_sqrt: bool = False, **kwargs):
         super().__init__(**kwargs)
         self.width = int(width)
         self.stride = int(stride)
         self.gn_epsilon = float(gn_epsilon)
         self.ws_epsilon = float(ws_epsilon)
-        conv = dict(ws_epsilon=self.ws_epsilon, kernel_initializer="he_normal", dtype=self.dtype_policy)
+        self.ws_in_sqrt = bool(ws_in_sqrt)
+        conv = dict(ws_epsilon=self.ws_epsilon, ws_in_sqrt=self.ws_in_sqrt, kernel_initializer="he_normal",
+                    dtype=self.dtype_policy)
         self.conv1 = StdConv2D(self.width, 1, name="conv1", **conv)
         self.gn1 = _group_norm("gn1", epsilon=self.gn_epsilon)
         self.conv2 = StdConv2D(self.width, 3, strides=self.stride, name="conv2", **conv)
@@ -121,17 +129,18 @@ class BottleneckUnit(layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "width": self.width, "stride": self.stride,
-                "gn_epsilon": self.gn_epsilon, "ws_epsilon": self.ws_epsilon}
+                "gn_epsilon": self.gn_epsilon, "ws_epsilon": self.ws_epsilon, "ws_in_sqrt": self.ws_in_sqrt}
 
 
 @_REG
 class ResNetStem(layers.Layer):
     """The hybrid's feature extractor: root (7x7/2 StdConv, GN, ReLU, 3x3/2 max-pool) then one
     stage per entry of `block_units` (stage s: width 64*`width`*2^s, first unit strided but the
-    first stage's). Total stride 4 * 2^(stages - 1); e.g. (3, 4, 9) = the paper's R50, stride 16."""
+    first stage's). Total stride 4 * 2^(stages - 1); e.g. (3, 4, 9) = the paper's R50, stride 16.
+    The epsilons are the official code's unless given (EPSILONS["timm"] for timm's)."""
 
     def __init__(self, block_units: Sequence[int], width: int = 1, gn_epsilon: float = GN_EPSILON,
-                 ws_epsilon: float = WS_EPSILON, **kwargs):
+                 ws_epsilon: float = WS_EPSILON, ws_in_sqrt: bool = False, **kwargs):
         super().__init__(**kwargs)
         self.block_units = tuple(int(n) for n in block_units)
         if not self.block_units or any(n < 1 for n in self.block_units):
@@ -139,9 +148,10 @@ class ResNetStem(layers.Layer):
         self.width = int(width)
         self.gn_epsilon = float(gn_epsilon)
         self.ws_epsilon = float(ws_epsilon)
+        self.ws_in_sqrt = bool(ws_in_sqrt)
         root = ROOT_WIDTH * self.width
-        self.conv_root = StdConv2D(root, 7, strides=2, ws_epsilon=self.ws_epsilon, kernel_initializer="he_normal",
-                                   name="conv_root", dtype=self.dtype_policy)
+        self.conv_root = StdConv2D(root, 7, strides=2, ws_epsilon=self.ws_epsilon, ws_in_sqrt=self.ws_in_sqrt,
+                                   kernel_initializer="he_normal", name="conv_root", dtype=self.dtype_policy)
         self.gn_root = _group_norm("gn_root", epsilon=self.gn_epsilon)
         self.pool = layers.MaxPooling2D(3, strides=2, padding="same", name="pool", dtype=self.dtype_policy)
         self.units = []
@@ -149,7 +159,8 @@ class ResNetStem(layers.Layer):
             for u in range(n):
                 self.units.append(BottleneckUnit(
                     root * 2 ** s, stride=2 if (s > 0 and u == 0) else 1, gn_epsilon=self.gn_epsilon,
-                    ws_epsilon=self.ws_epsilon, name=f"block{s + 1}_unit{u + 1}", dtype=self.dtype_policy))
+                    ws_epsilon=self.ws_epsilon, ws_in_sqrt=self.ws_in_sqrt, name=f"block{s + 1}_unit{u + 1}",
+                    dtype=self.dtype_policy))
 
     def unit_names(self):
         """Official names ("block{n}/unit{m}") of the units, in order."""
@@ -189,7 +200,7 @@ class ResNetStem(layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "block_units": list(self.block_units), "width": self.width,
-                "gn_epsilon": self.gn_epsilon, "ws_epsilon": self.ws_epsilon}
+                "gn_epsilon": self.gn_epsilon, "ws_epsilon": self.ws_epsilon, "ws_in_sqrt": self.ws_in_sqrt}
 
 
-__all__ = ["StdConv2D", "BottleneckUnit", "ResNetStem", "GN_EPSILON", "WS_EPSILON"]
+__all__ = ["StdConv2D", "BottleneckUnit", "ResNetStem", "GN_EPSILON", "WS_EPSILON", "EPSILONS"]

@@ -82,10 +82,11 @@ def conv2d(x, kernel, stride=1, padding="SAME"):
     return out
 
 
-def std_conv(x, kernel, stride=1):
-    """Weight-standardised conv: kernel standardised over (kh, kw, Cin), eps 1e-5 on the std."""
+def std_conv(x, kernel, stride=1, timm=False):
+    """Weight-standardised conv: kernel standardised over (kh, kw, Cin), eps 1e-5 on the std
+    (official code), or inside the square root at 1e-8 (timm's StdConv2d)."""
     k = kernel - kernel.mean(axis=(0, 1, 2), keepdims=True)
-    k = k / (k.std(axis=(0, 1, 2), keepdims=True) + 1e-5)
+    k = k / (np.sqrt(k.var(axis=(0, 1, 2), keepdims=True) + 1e-8) if timm else k.std(axis=(0, 1, 2), keepdims=True) + 1e-5)
     return conv2d(x, k, stride)
 
 
@@ -110,11 +111,23 @@ def max_pool_same(x, k=3, s=2):
     return out
 
 
+_group_norm, _std_conv = group_norm, std_conv
+
+
 def relu(x):
     return np.maximum(x, 0.0)
 
 
-def resnet(ck, x):
+def resnet(ck, x, timm=False):
+    """The hybrid's ResNet: the official code's epsilons, or timm's (GroupNorm 1e-5, its StdConv2d)."""
+    eps = 1e-5 if timm else 1e-6
+
+    def group_norm(x, scale, bias):
+        return _group_norm(x, scale, bias, eps=eps)
+
+    def std_conv(x, kernel, stride=1):
+        return _std_conv(x, kernel, stride, timm=timm)
+
     x = relu(group_norm(std_conv(x, ck["conv_root/kernel"], 2), ck["gn_root/scale"], ck["gn_root/bias"]))
     x = max_pool_same(x)
     n = 1
@@ -186,7 +199,7 @@ def map_head(ck, x, eps=1e-6):
     return y[:, 0]
 
 
-def encoder(path, images, classifier="token", class_token=None, pixel_mean=None, pixel_std=None):
+def encoder(path, images, classifier="token", class_token=None, pixel_mean=None, pixel_std=None, timm_resnet=False):
     """The encoder of the .npz at `path` on float images in [0, 255] (B, H, W, C): every block's
     output (B, S, D), every block's attention probabilities (B, heads, S, S), and LN(z_L) (z_L
     itself when the checkpoint has `fc_norm`, whose LayerNorm follows the pooling).
@@ -203,7 +216,7 @@ def encoder(path, images, classifier="token", class_token=None, pixel_mean=None,
     else:
         x = (x / 255.0 - np.asarray(pixel_mean, np.float64)) / np.asarray(pixel_std, np.float64)
     if "conv_root/kernel" in ck:
-        x = resnet(ck, x)
+        x = resnet(ck, x, timm=timm_resnet)
     kernel = ck["embedding/kernel"]
     ph, pw = kernel.shape[:2]
     x = conv2d(x, kernel, stride=ph, padding="VALID") + ck["embedding/bias"]
@@ -242,7 +255,7 @@ def encoder(path, images, classifier="token", class_token=None, pixel_mean=None,
 
 
 def forward(path, images, classifier="token", class_token=None, pixel_mean=None, pixel_std=None,
-            pool_include_prefix=True):
+            pool_include_prefix=True, timm_resnet=False):
     """Logits (or pre-logits features when the checkpoint has no head) for float images in
     [0, 255], shape (B, H, W, C), from the .npz at `path`.
 
@@ -250,9 +263,10 @@ def forward(path, images, classifier="token", class_token=None, pixel_mean=None,
     excluded), "map" big_vision's MAPHead over all tokens (over the patch tokens alone with
     `pool_include_prefix=False`, as timm >= 1.0); `fc_norm` normalises the pooled
     vector; a distilled checkpoint (`dist`) gives (head(token 0) + head_dist(token 1)) / 2, or
-    the mean of the two tokens' features without a head (timm's VisionTransformerDistilled)."""
+    the mean of the two tokens' features without a head (timm's VisionTransformerDistilled);
+    `timm_resnet`: the hybrid's ResNet with timm's epsilons."""
     ck = Checkpoint(path)
-    x = encoder(ck, images, classifier, class_token, pixel_mean, pixel_std)[2]
+    x = encoder(ck, images, classifier, class_token, pixel_mean, pixel_std, timm_resnet)[2]
     prefix = int(classifier == "token" or bool(class_token)) + ("dist" in ck) + (ck["reg"].shape[1] if "reg" in ck else 0)
     if classifier == "token":
         pooled = [x[:, 0]] + ([x[:, 1]] if "dist" in ck else [])

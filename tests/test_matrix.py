@@ -4,7 +4,8 @@ Options: pos_embedding (5) x classifier (3: token, gap, map) x gelu_approximate 
 models), a "shape" factor: square RGB, non-square single-channel (35x50, channels=1, with
 patch_remainder="drop": the pixels past the 4x6 patches ignored),
 representation_size, include_top=False, and a hybrid (three one-unit BiT ResNet stages, total
-stride 16); a "block" factor, the ViT family's block options (issue #26): plain, LayerScale
+stride 16; with the official code's epsilons and with timm's, resnet_epsilons="timm"); a "block"
+factor, the ViT family's block options (issue #26): plain, LayerScale
 (with qkv_bias=False),
 qk_norm, quick_gelu, swiglu; and a "tokens" factor (issue #26): none, two register tokens, DeiT's
 distillation token and head (with classifier "token" only: the pairs with gap and map are
@@ -45,7 +46,7 @@ FACTORS = {
     "pos_embedding": ["learned", "learned_2d", "relative", "sincos2d", "none"],
     "classifier": ["token", "gap", "map"],
     "gelu_approximate": [True, False],
-    "shape": ["square", "nonsquare_gray", "representation", "no_top", "hybrid"],
+    "shape": ["square", "nonsquare_gray", "representation", "no_top", "hybrid", "hybrid_timm"],
     "block": ["plain", "layer_scale", "qk_norm", "quick_gelu", "swiglu"],
     "tokens": ["default", "registers", "distilled", "cls_fc_norm", "pre_norm_mean_std", "registers_pos"],
     "onnx": ["fp32", "optimize", "fp16", "dynamic", "static", "static_optimize"],
@@ -69,6 +70,8 @@ SHAPES = {
     # A hybrid in miniature: three BiT stages of one bottleneck unit (total stride 16, as
     # R50+B/16), 1x1 patches over the 2x2 feature map.
     "hybrid": dict(image_size=32, patch_size=1, resnet_layers=(1, 1, 1)),
+    # The same with timm's ResNet epsilons (what a timm hybrid checkpoint loads with).
+    "hybrid_timm": dict(image_size=32, patch_size=1, resnet_layers=(1, 1, 1), resnet_epsilons="timm"),
 }
 # LayerScale at 0.5 (not timm's 1e-5), so that the branches still weigh in the outputs; row_model
 # then draws the gains per channel around it (a constant gain would hide a channel-order bug).
@@ -174,7 +177,7 @@ def test_rows_cover_every_pair_and_the_full_option_product():
     assert all_pairs(FACTORS) - excluded <= covered and not covered & excluded
     assert {tuple(r[f] for f in FULL) for r in ROWS} == {
         (p, c, g) for p in FACTORS["pos_embedding"] for c in FACTORS["classifier"] for g in FACTORS["gelu_approximate"]}
-    assert len(ROWS) == 47 and ROWS == pairwise_rows(FACTORS, full=FULL, exclude=EXCLUDE)  # deterministic
+    assert len(ROWS) == 48 and ROWS == pairwise_rows(FACTORS, full=FULL, exclude=EXCLUDE)  # deterministic
     for row in ROWS:
         row_config(row)  # every row is a valid config
 

@@ -144,6 +144,44 @@ def test_timm_hybrid_matches_reference(tmp_path):
     assert np.abs(logits(model, x) - ref.forward(npz, x)).max() <= TOL
 
 
+def _small_kernels(arrays, scale=1e-3):
+    """The ResNet's kernels scaled down: weight standardisation's epsilon then shows (1e-5 on a
+    standard deviation near 1e-3), so the two codes' epsilons give different outputs."""
+    return {k: v * scale if k.endswith("kernel") and ("conv" in k) and v.ndim == 4 and k != "embedding/kernel" else v
+            for k, v in arrays.items()}
+
+
+def test_timm_hybrid_runs_with_timms_epsilons(tmp_path):
+    """A timm hybrid checkpoint runs its ResNet as timm does (GroupNorm 1e-5, StdConv2d's
+    sqrt(var + 1e-8)); the same arrays as an official .npz keep the official code's (1e-6, std + 1e-5)."""
+    arrays = _small_kernels(cf.vit_checkpoint(np.random.default_rng(2), patch=1, resnet=(1, 1, 1)))
+    npz = cf.write(tmp_path / "hybrid.npz", arrays)
+    st = str(tmp_path / "hybrid.safetensors")
+    save_file(timm_state_dict(arrays), st)
+    x = np.random.default_rng(3).uniform(0, 255, (2, 32, 32, 3)).astype(np.float32)
+    timm_ref, jax_ref = ref.forward(npz, x, timm_resnet=True), ref.forward(npz, x)
+    assert np.abs(timm_ref - jax_ref).max() > 10 * TOL  # the check below can tell the two apart
+    from_timm = keras_vit.ViT(weights=st, num_heads=2, gelu_approximate=True)  # the reference's GELU
+    assert from_timm.vit_config.resnet_epsilons == "timm"
+    assert np.abs(logits(from_timm, x) - timm_ref).max() <= TOL
+    from_npz = keras_vit.ViT(weights=npz, num_heads=2)
+    assert from_npz.vit_config.resnet_epsilons == "jax"
+    assert np.abs(logits(from_npz, x) - jax_ref).max() <= TOL
+    # Saved and reloaded (.keras, and the timm layout with keras-vit's metadata): the same epsilons.
+    from_timm.save(tmp_path / "m.keras")
+    again = keras_vit.load_model(tmp_path / "m.keras")
+    assert again.vit_config.resnet_epsilons == "timm"
+    np.testing.assert_array_equal(logits(again, x), logits(from_timm, x))
+    kept = keras_vit.ViT(weights=keras_vit.save_safetensors(from_npz, tmp_path / "jax.safetensors"))
+    assert kept.vit_config.resnet_epsilons == "jax"
+    np.testing.assert_array_equal(logits(kept, x), logits(from_npz, x))
+
+
+def test_resnet_epsilons_is_checked():
+    with pytest.raises(ValueError, match="resnet_epsilons must be one of jax, timm; got 'torch'"):
+        hybrid_cfg(resnet_epsilons="torch")
+
+
 @pytest.mark.parametrize("classifier", [True, False])
 def test_hugging_face_matches_reference(tmp_path, images, classifier):
     arrays = cf.vit_checkpoint(np.random.default_rng(4), representation=None if classifier else 8)

@@ -426,6 +426,8 @@ def read_checkpoint(weights: PathLike) -> Checkpoint:
         defaults.update(hf_layout.layout_fields(raw, layout, arrays))
     if layout == "timm" and defaults.get("classifier") == "map" and ("cls" in arrays or "reg" in arrays):
         defaults["pool_include_prefix"] = False  # timm >= 1.0's AttentionPoolLatent reads the patch tokens
+    if layout == "timm" and defaults.get("resnet_layers") is not None:
+        defaults["resnet_epsilons"] = "timm"  # timm's hybrids: GroupNorm 1e-5, StdConv2d sqrt(var + 1e-8)
     if layout == "timm" and "head/kernel" not in arrays:
         defaults["include_top"] = False  # a feature tower (timm's num_classes=0), as the HF layouts' headless models
     defaults.update(layout_defaults)
