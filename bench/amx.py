@@ -35,7 +35,7 @@ if __package__ in (None, ""):
 from bench import common  # noqa: E402
 from bench.amx_table import AMX_FLAGS, has_amx, markdown, train_cases  # noqa: E402
 
-INFER_CASES = ("onnx", "onnx-static", "tflite", "tflite-dynamic", "tflite-int8", "timm-onnx")
+INFER_CASES = ("onnx", "onnx-static", "onnx-opt-static", "tflite", "tflite-dynamic", "tflite-int8", "timm-onnx")
 PACKAGES = ("tensorflow", "keras", "torch", "torchvision", "timm", "onnxruntime", "ai-edge-litert")
 # B/16 (its rounds take minutes on 2 cores) runs before Ti/16 and leaves this share of the budget to it;
 # Ti/16's rounds (a minute or two) then fill what is left.

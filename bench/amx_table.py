@@ -331,6 +331,10 @@ def _inference(lines: List[str], st: Dict[str, Dict[str, object]]) -> None:
     inter = s.get("interleaved", {}).get("files", {})
     labels = {"onnx": ("keras-vit ONNX fp32", "keras.onnx"), "onnx-static": ("keras-vit ONNX static int8",
                                                                              "keras-static.onnx"),
+              # onnxruntime's fused attention (QAttention: the QKV GEMM in int8, no head-split
+              # Transpose/Split/Squeeze), the non-GEMM work the plain static file cannot shed
+              "onnx-opt-static": ("keras-vit ONNX static int8, fused attention (`optimize=True`)",
+                                  "keras-opt-static.onnx"),
               "tflite": ("keras-vit TFLite fp32 (LiteRT)", "keras-fp32.tflite"),
               "tflite-dynamic": ("keras-vit TFLite dynamic-range int8 (LiteRT)", "keras-dynamic.tflite"),
               "tflite-int8": ("keras-vit TFLite full int8 (LiteRT)", "keras-int8.tflite"),

@@ -231,7 +231,8 @@ def _amx_record(flags):
     train_rows.append({"case": "notebook", "error": "exit 1: boom"})
     infer_rows = [{"case": c, "latency_ms": {"median": ms}, "throughput": {"median": 100.0}, "top1_agree": 1.0,
                    "max_abs_diff": 1e-5, "lat_x_onnx": ms / 10.0, "lat_x_timm-onnx": ms / 12.0}
-                  for c, ms in (("onnx", 10.0), ("onnx-static", 5.0), ("timm-onnx", 12.0), ("tflite", 16.0),
+                  for c, ms in (("onnx", 10.0), ("onnx-static", 5.0), ("onnx-opt-static", 4.5), ("timm-onnx", 12.0),
+                                ("tflite", 16.0),
                                 ("tflite-dynamic", 8.0), ("tflite-int8", 40.0))]
     return {"command": "bash bench/amx.sh", "quick": False, "budget_s": 840, "wall_s": 800, "commit": "abc1234",
             "machine": {"cpu": "Intel(R) Xeon(R) Platinum 8480+", "cpu_flags": flags, "cores": 2,
@@ -296,6 +297,8 @@ def test_amx_markdown_names_the_cpu_kind_and_the_same_run_ratios():
     assert "2 alternating round(s)" in md and "train Ti/16, notebook: exit 1: boom" in md
     static = next(ln for ln in md.splitlines() if ln.startswith("| keras-vit ONNX static int8"))
     assert "| 5.00 | 0.50 | 0.42 | 4.00 | 0.50 | 0.40 |" in static and "100.0%" in static
+    fused = next(ln for ln in md.splitlines() if ln.startswith("| keras-vit ONNX static int8, fused attention"))
+    assert "| 4.50 | 0.45 | 0.38 | - | - | - |" in fused
     dynamic = next(ln for ln in md.splitlines() if ln.startswith("| keras-vit TFLite dynamic-range int8 (LiteRT)"))
     assert "| 8.00 | 0.80 | 0.67 | 3.00 | 0.30 | 0.25 |" in dynamic  # LiteRT's files in the interleaved loop too
     full = next(ln for ln in md.splitlines() if ln.startswith("| keras-vit TFLite full int8"))
