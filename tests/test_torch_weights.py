@@ -195,6 +195,23 @@ def test_hugging_face_matches_reference(tmp_path, images, classifier):
     assert np.abs(logits(model, images) - ref.forward(npz, images)).max() <= TOL
 
 
+def test_a_headless_vit_model_file_is_a_feature_tower(tmp_path, images, caplog):
+    """transformers' ViTModel (no classifier) loads as its pooler, as timm's num_classes=0 files
+    do, not as a classifier with an untrained head; num_classes= gives a new head."""
+    arrays = cf.vit_checkpoint(np.random.default_rng(4), representation=8)
+    arrays = {k: v for k, v in arrays.items() if not k.startswith("head/")}
+    npz = cf.write(tmp_path / "vit.npz", arrays)
+    st = str(tmp_path / "hf.safetensors")
+    save_file(hf_state_dict(arrays, classifier=False), st)
+    with caplog.at_level(logging.WARNING, logger="keras_vit"):
+        model = keras_vit.ViT(weights=st, num_heads=2, gelu_approximate=True, image_size=8)  # the reference's GELU
+    assert not [r for r in caplog.records if "untrained" in r.getMessage()]
+    assert model.vit_config.include_top is False
+    assert np.abs(logits(model, images) - ref.forward(npz, images)).max() <= TOL
+    tuned = keras_vit.ViT(weights=st, num_heads=2, image_size=8, num_classes=3)
+    assert tuned.vit_config.include_top and tuned.output_shape == (None, 3)
+
+
 def test_a_new_head_drops_the_pre_logits(tmp_path):
     """The pre-logits layer follows the checkpoint's head: kept with it, replaced with it (paper)."""
     npz = cf.write(tmp_path / "rep.npz", cf.vit_checkpoint(np.random.default_rng(17), representation=8, classes=5))

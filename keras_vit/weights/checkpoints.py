@@ -428,8 +428,9 @@ def read_checkpoint(weights: PathLike) -> Checkpoint:
         defaults["pool_include_prefix"] = False  # timm >= 1.0's AttentionPoolLatent reads the patch tokens
     if layout == "timm" and defaults.get("resnet_layers") is not None:
         defaults["resnet_epsilons"] = "timm"  # timm's hybrids: GroupNorm 1e-5, StdConv2d sqrt(var + 1e-8)
-    if layout == "timm" and "head/kernel" not in arrays:
-        defaults["include_top"] = False  # a feature tower (timm's num_classes=0), as the HF layouts' headless models
+    if layout in ("timm", "hf") and "head/kernel" not in arrays:
+        # a feature tower (timm's num_classes=0, transformers' ViTModel: its pooler), as the HF family's headless models
+        defaults["include_top"] = False
     defaults.update(layout_defaults)
     defaults.update(_described_defaults(spec, local, file_meta, defaults.get("num_classes")))
     if "variant" in defaults and "num_heads" not in defaults:
