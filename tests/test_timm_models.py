@@ -42,6 +42,10 @@ CASES = {
     "so150m2_reg1_gap": ("vit_so150m2_patch16_reg1_gap_256", "sbb_e200_in12k_ft_in1k", 64, HALF, 10),
     "augreg": ("vit_base_patch16_224", "augreg2_in21k_ft_in1k", 64, HALF, 10),
     "r50_hybrid": ("vit_base_r50_s16_224", "orig_in21k", 64, HALF, 10),
+    "r26_hybrid": ("vit_small_r26_s32_224", "augreg_in21k_ft_in1k", 64, HALF, 10),
+    "gap": ("vit_medium_patch16_gap_256", "sw_in12k_ft_in1k", 64, HALF, 10),
+    "siglip_gap": ("vit_base_patch16_siglip_gap_224", "webli", 64, HALF, 0),
+    "clip_laion_b32": ("vit_base_patch32_clip_224", "laion2b_ft_in12k_in1k", 64, OPENAI, 10),
 }
 
 
