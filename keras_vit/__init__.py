@@ -24,6 +24,7 @@ _LAZY = {
     "save_npz": "keras_vit.weights",
     "load_weights": "keras_vit.weights",
     "save_safetensors": "keras_vit.weights",
+    "enable_lora": "keras_vit.weights.lora",
     "save_lora_weights": "keras_vit.weights.lora",
     "load_lora_weights": "keras_vit.weights.lora",
     "imagenet_labels": "keras_vit.labels",

@@ -250,7 +250,8 @@ def structured_as(new_model: keras.Model, model: keras.Model) -> None:
     layers_by_path = {layer.path: layer for layer in new_model._flatten_layers(include_self=False)}
     for layer in model._flatten_layers(include_self=False):
         if getattr(layer, "lora_enabled", False):
-            layers_by_path[layer.path].enable_lora(layer.lora_rank, lora_alpha=layer.lora_alpha)
+            targets = {"targets": layer.lora_targets} if hasattr(layer, "lora_targets") else {}  # the attention's
+            layers_by_path[layer.path].enable_lora(layer.lora_rank, lora_alpha=layer.lora_alpha, **targets)
 
 
 def dynamic_model(model: keras.Model, method: Optional[str] = None) -> keras.Model:

@@ -14,7 +14,8 @@ pre_norm with ImageNet's pixel mean and std, and registers with position embeddi
 (register_pos_embedding, SoViT-150M's; with "map" the pooling reads the patch tokens alone).
 Paths, per model:
 - Keras: .keras save/load and keras.models.clone_model (every model), and one of
-  mixed_bfloat16, model.quantize("int8" | "float8" | "int4"), LoRA on the MLP's Dense layers;
+  mixed_bfloat16, model.quantize("int8" | "float8" | "int4"), LoRA on the MLP's Dense layers and the
+  attention's query and value (keras_vit.enable_lora);
 - ONNX in onnxruntime (fp32, --optimize, fp16, dynamic int8, static int8 with and without
   --optimize) and TFLite in LiteRT (fp32, fp16,
   dynamic, int8): one ONNX and one TFLite precision per model;
@@ -227,12 +228,24 @@ def test_keras_paths(index, tmp_path):
         for layer in dense:
             layer.enable_lora(2)
             layer.lora_kernel_b.assign(rng.normal(0, 0.2, layer.lora_kernel_b.shape).astype("float32"))
+        keras_vit.enable_lora(lora, rank=2, targets=("query", "value"))  # the attention's own LoRA
+        attention = [layer for layer in lora._flatten_layers() if getattr(layer, "lora_targets", ())]
+        for layer in attention:
+            for name, factor in layer.lora_factors().items():
+                if name.endswith("_b"):
+                    factor.assign(rng.normal(0, 0.2, factor.shape).astype("float32"))
         merged = keras_vit.ViT(config=cfg)
         merged.set_weights(model.get_weights())
         merged_kernels = {layer.path: layer.kernel for layer in dense}  # W + (alpha / rank) A B
+        merged_kernels.update({f"{layer.path}/{t}": keras.ops.reshape(layer._projection_kernel(t, layer.num_heads * layer.head_dim),
+                                                                     getattr(layer, f"{t}_kernel").shape)
+                               for layer in attention for t in layer.lora_targets})
         for layer in merged._flatten_layers():
             if layer.path in merged_kernels:
                 layer.kernel.assign(merged_kernels[layer.path])
+            for t in ("query", "value"):
+                if f"{layer.path}/{t}" in merged_kernels:
+                    getattr(layer, f"{t}_kernel").assign(merged_kernels[f"{layer.path}/{t}"])
         out = run(lora, x)
         assert np.abs(out - ref).max() > 1e-3  # the low-rank update is in the outputs
         check(out, run(merged, x), "fp32", "LoRA")

@@ -24,6 +24,9 @@ from keras_vit.layers.norm import layer_norm
 
 _REG = keras.saving.register_keras_serializable(package="keras_vit")
 
+ATTENTION_PROJECTIONS = ("query", "key", "value")
+LORA_TARGETS = ("query", "value")  # peft's and keras-hub's default LoRA targets for ViTs
+
 # False (or KERAS_VIT_FUSED_HEADS=0 for a whole run): the scoped step's QKV bias add and head split as TensorFlow ops
 # (bench.train_ab's `--without fused-heads`).
 FUSED_HEADS = True
@@ -98,6 +101,9 @@ class MultiHeadSelfAttention(layers.Layer):
     `qk_norm=True` (`attn.q_norm`, `attn.k_norm`); the softmax scale then follows the norm.
     With `qkv_bias=False` the query/key/value projections have no biases (timm's `qkv_bias=False`:
     SoViT-150M v2, timm's "sbb" ViTs); the output projection keeps its bias.
+    `enable_lora(rank)` adds LoRA factors to the query and value projections (or `targets`), as
+    Keras' `Dense.enable_lora` does to a Dense layer: those kernels frozen, A (D, rank) and B (rank,
+    D) trained, the projection's kernel kernel + (alpha / rank) A B.
     """
 
     def __init__(self, num_heads: int, dropout_rate: float = 0.0,
@@ -111,6 +117,8 @@ class MultiHeadSelfAttention(layers.Layer):
         self.qk_norm = bool(qk_norm)
         self.layer_norm_epsilon = float(layer_norm_epsilon)
         self.qkv_bias = bool(qkv_bias)
+        self.lora_enabled = False
+        self.lora_rank, self.lora_alpha, self.lora_targets = None, None, ()
         self.dropout = layers.Dropout(self.dropout_rate, dtype=self.dtype_policy)
         self.query_norm = self.key_norm = None
         if self.qk_norm:
@@ -143,6 +151,78 @@ class MultiHeadSelfAttention(layers.Layer):
         self.dropout.build((None, h, None, None))
         self.built = True
 
+    # --- LoRA ------------------------------------------------------------------------------
+    def enable_lora(self, rank: int, lora_alpha: Optional[float] = None, targets: Sequence[str] = LORA_TARGETS,
+                    a_initializer="he_uniform", b_initializer="zeros") -> None:
+        """LoRA on the `targets` projections ("query", "key", "value"; peft's and keras-hub's
+        default for ViTs is query and value): each target's kernel is frozen and gets float32
+        factors `{target}_lora_a` (D, rank) and `{target}_lora_b` (rank, D), B zero so that the
+        layer starts as it was. Once per layer, after it is built (as Dense.enable_lora)."""
+        targets = tuple(targets)
+        bad = [t for t in targets if t not in ATTENTION_PROJECTIONS]
+        if bad or not targets or len(set(targets)) != len(targets):
+            raise ValueError(f"LoRA targets must be distinct names among {', '.join(ATTENTION_PROJECTIONS)}; "
+                             f"got {list(targets)!r}")
+        if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+            raise ValueError(f"LoRA rank must be a positive integer, got {rank!r}")
+        if not self.built:
+            raise ValueError("Cannot enable lora on a layer that isn't yet built.")
+        if self.lora_enabled:
+            raise ValueError("lora is already enabled. This can only be done once per layer.")
+        d, flat = self.query_kernel.shape[0], self.num_heads * self.head_dim
+        self._tracker.unlock()
+        for name in targets:
+            setattr(self, f"{name}_lora_a", self.add_weight(
+                name=f"{name}_lora_a", shape=(d, rank), initializer=keras.initializers.get(a_initializer),
+                dtype="float32"))
+            setattr(self, f"{name}_lora_b", self.add_weight(
+                name=f"{name}_lora_b", shape=(rank, flat), initializer=keras.initializers.get(b_initializer),
+                dtype="float32"))
+            getattr(self, f"{name}_kernel").trainable = False
+        self._tracker.lock()
+        self.lora_enabled = True
+        self.lora_rank, self.lora_targets = rank, targets
+        self.lora_alpha = float(lora_alpha) if lora_alpha is not None else float(rank)
+
+    def lora_factors(self) -> dict:
+        """{variable name: variable} of the LoRA factors, e.g. query_lora_a, query_lora_b, ..."""
+        return {f"{t}_lora_{ab}": getattr(self, f"{t}_lora_{ab}") for t in self.lora_targets for ab in "ab"}
+
+    def _projection_kernel(self, name: str, flat: int):
+        """The (D, heads * head_dim) kernel of projection `name`, its LoRA update added."""
+        kernel = ops.reshape(getattr(self, f"{name}_kernel"), (-1, flat))
+        if name in self.lora_targets:
+            update = ops.matmul(getattr(self, f"{name}_lora_a"), getattr(self, f"{name}_lora_b"))
+            kernel = kernel + ops.cast(update * (self.lora_alpha / self.lora_rank), kernel.dtype)
+        return kernel
+
+    def save_own_variables(self, store) -> None:
+        """As Dense: the LoRA update merged into the kernels it belongs to, the factors not saved
+        (keras_vit.save_lora_weights keeps them apart)."""
+        if not self.lora_enabled:
+            return super().save_own_variables(store)
+        flat = self.num_heads * self.head_dim
+        factors = {id(v) for v in self.lora_factors().values()}
+        merged = {id(getattr(self, f"{t}_kernel")): ops.reshape(self._projection_kernel(t, flat),
+                                                                getattr(self, f"{t}_kernel").shape)
+                  for t in self.lora_targets}
+        own = [v for v in self._trainable_variables + self._non_trainable_variables if id(v) not in factors]
+        for i, v in enumerate(own):  # the order Layer.save_own_variables gives the layer without LoRA
+            store[str(i)] = keras.ops.convert_to_numpy(merged.get(id(v), v))
+
+    def load_own_variables(self, store) -> None:
+        """A file saved with the LoRA update merged: the kernels take it, the factors start again (B = 0)."""
+        if not self.lora_enabled:
+            return super().load_own_variables(store)
+        factors = {id(v) for v in self.lora_factors().values()}
+        own = [v for v in self._trainable_variables + self._non_trainable_variables if id(v) not in factors]
+        if len(store.keys()) != len(own):
+            raise ValueError(f"layer {self.name!r} expects {len(own)} variables, the file has {len(store.keys())}")
+        for i, v in enumerate(own):
+            v.assign(store[str(i)])
+        for t in self.lora_targets:
+            getattr(self, f"{t}_lora_b").assign(np.zeros(getattr(self, f"{t}_lora_b").shape, "float32"))
+
     def _qkv(self, x, scale: float, training=None):
         """q (pre-scaled by `scale`), k, v as (B, heads, S, head_dim) from ONE (D, 3D) matmul.
 
@@ -154,9 +234,9 @@ class MultiHeadSelfAttention(layers.Layer):
         d = x.shape[-1]
         h, hd = self.num_heads, self.head_dim
         flat = h * hd
-        kernel = ops.concatenate([ops.reshape(self.query_kernel, (d, flat)) * scale,
-                                  ops.reshape(self.key_kernel, (d, flat)),
-                                  ops.reshape(self.value_kernel, (d, flat))], axis=-1)
+        kernel = ops.concatenate([self._projection_kernel("query", flat) * scale,
+                                  self._projection_kernel("key", flat),
+                                  self._projection_kernel("value", flat)], axis=-1)
         seq = x.shape[1] if x.shape[1] is not None else ops.shape(x)[1]
         # Rank-2 GEMM on (B*S, D): a rank-3 x rank-2 matmul becomes tf.tensordot on TensorFlow,
         # whose dynamic-shape plumbing (Shape/Gather/ReduceProd/Concat) lands in the ONNX graph.

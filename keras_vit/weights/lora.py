@@ -1,10 +1,13 @@
-"""LoRA factors in a file of their own, apart from the model: what keeps a QLoRA model exact across a save.
+"""LoRA on a keras-vit model (`enable_lora`: the attention's query and value projections, as peft and keras-hub
+do for ViTs), and its factors in a file of their own, apart from the model: what keeps a QLoRA model exact
+across a save.
 
 `model.save` merges each LoRA-enabled Dense layer's factors into its kernel (Keras' `Dense.save_own_variables`):
 exact in float, but a quantized layer is quantized again after the merge, so a QLoRA model reloads with moved
 logits and without its factors. Saved apart (as keras-hub's `Backbone.save_lora_weights` does), the base model
 saved before `enable_lora` and the factors together give the trained model back to the bit.
 
+    keras_vit.enable_lora(model, rank=8)                       # query and value of every attention layer
     keras_vit.save_lora_weights(model, "adapters.lora.npz")    # every LoRA-enabled layer's A, B, rank, alpha
     keras_vit.load_lora_weights(base, "adapters.lora.npz")     # enables LoRA where the file has it, then loads
 """
@@ -12,34 +15,79 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Dict, List
+from typing import Dict, List, Optional, Sequence
 
 import keras
 import numpy as np
 
 from keras_vit.errors import UserInputError
 from keras_vit.files import PathLike, atomic_path
+from keras_vit.layers.attention import ATTENTION_PROJECTIONS, LORA_TARGETS, MultiHeadSelfAttention
 
 SUFFIX = ".lora.npz"
-_META = "__lora__"  # the JSON entry: {layer path: [rank, alpha]}
+_META = "__lora__"  # the JSON entry: {layer path: [rank, alpha]}, [rank, alpha, targets] for attention
+MLP = "mlp"  # enable_lora's name for the MLP's two Dense layers (Keras' own Dense.enable_lora)
+
+
+def enable_lora(model, rank: int, alpha: Optional[float] = None, targets: Sequence[str] = LORA_TARGETS) -> int:
+    """LoRA of `rank` (scale alpha / rank; alpha defaults to rank) on every encoder block of `model`:
+    `targets` among "query", "key", "value" (the attention projections; default query and value, peft's
+    and keras-hub's ViT targets) and "mlp" (the MLP's Dense layers). The targeted kernels are frozen;
+    the rest of the model stays as trainable as it was (freeze it for LoRA alone). Returns the layers
+    changed. Call it before `compile`."""
+    targets = [targets] if isinstance(targets, str) else list(targets)
+    allowed = ATTENTION_PROJECTIONS + (MLP,)
+    if not targets or any(t not in allowed for t in targets) or len(set(targets)) != len(targets):
+        raise UserInputError(f"LoRA targets must be distinct names among {', '.join(allowed)}; got {targets!r}")
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+        raise UserInputError(f"LoRA rank must be a positive integer, got {rank!r}")
+    if alpha is not None and (not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or alpha <= 0):
+        raise UserInputError(f"LoRA alpha must be a positive number, got {alpha!r}")
+    attention = tuple(t for t in targets if t != MLP)
+    chosen = []
+    for layer in model._flatten_layers(include_self=False):
+        if attention and isinstance(layer, MultiHeadSelfAttention) and "encoderblock_" in layer.path:
+            chosen.append((layer, dict(targets=attention)))
+        elif MLP in targets and isinstance(layer, keras.layers.Dense) and "/MlpBlock_3/" in layer.path:
+            chosen.append((layer, {}))
+    if not chosen:
+        raise UserInputError(f"model {model.name!r} has no encoder block to put LoRA on")
+    enabled = [layer.path for layer, _ in chosen if getattr(layer, "lora_enabled", False)]
+    if enabled:
+        raise UserInputError(f"LoRA is already enabled on {enabled[0]!r} (and {len(enabled) - 1} more); once per layer")
+    for layer, options in chosen:
+        layer.enable_lora(rank, lora_alpha=alpha, **options)
+    return len(chosen)
 
 
 def _lora_layers(model) -> List:
     return [layer for layer in model._flatten_layers(include_self=False) if getattr(layer, "lora_enabled", False)]
 
 
-def _factor_shapes(layer, rank: int) -> tuple:
-    """The shapes of the rank-`rank` LoRA factors (A, B) Keras gives `layer`: A (kernel's input axes..., rank),
-    B (rank, outputs). A Dense layer's input size is read from its input spec (an int4 kernel is packed)."""
+def _factors(layer) -> Dict[str, keras.Variable]:
+    """{name: variable} of a LoRA-enabled layer's factors (Keras' lora_kernel_a / _b, or the attention's)."""
+    if hasattr(layer, "lora_factors"):
+        return layer.lora_factors()
+    return {"lora_kernel_a": layer.lora_kernel_a, "lora_kernel_b": layer.lora_kernel_b}
+
+
+def _factor_shapes(layer, rank: int, targets: Sequence[str] = ()) -> Dict[str, tuple]:
+    """{factor name: shape} of the rank-`rank` LoRA factors `layer` takes: Keras' A (kernel's input axes...,
+    rank) and B (rank, outputs), or the attention's (D, rank) and (rank, D) per target. A Dense layer's input
+    size is read from its input spec (an int4 kernel is packed)."""
     if getattr(layer, "lora_enabled", False):
-        return tuple(layer.lora_kernel_a.shape), tuple(layer.lora_kernel_b.shape)
+        return {name: tuple(v.shape) for name, v in _factors(layer).items()}
+    if isinstance(layer, MultiHeadSelfAttention):
+        d = int(layer.query_kernel.shape[0])
+        flat = int(layer.num_heads * layer.head_dim)
+        return {f"{t}_lora_{ab}": shape for t in targets for ab, shape in (("a", (d, rank)), ("b", (rank, flat)))}
     if isinstance(layer, keras.layers.Dense):
         spec = layer.input_spec
         inputs = spec.axes[-1] if spec is not None and spec.axes and -1 in spec.axes else layer._kernel.shape[0]
         kernel = (int(inputs), int(layer.units))
     else:  # convolutions: (kernel size..., input channels, filters)
         kernel = tuple(int(d) for d in layer._kernel.shape)
-    return kernel[:-1] + (rank,), (rank, kernel[-1])
+    return {"lora_kernel_a": kernel[:-1] + (rank,), "lora_kernel_b": (rank, kernel[-1])}
 
 
 def save_lora_weights(model, path: PathLike) -> str:
@@ -54,9 +102,10 @@ def save_lora_weights(model, path: PathLike) -> str:
     arrays: Dict[str, np.ndarray] = {}
     meta = {}
     for layer in layers:
-        arrays[f"{layer.path}/lora_kernel_a"] = keras.ops.convert_to_numpy(layer.lora_kernel_a)
-        arrays[f"{layer.path}/lora_kernel_b"] = keras.ops.convert_to_numpy(layer.lora_kernel_b)
-        meta[layer.path] = [int(layer.lora_rank), float(layer.lora_alpha)]
+        for name, factor in _factors(layer).items():
+            arrays[f"{layer.path}/{name}"] = keras.ops.convert_to_numpy(factor)
+        meta[layer.path] = [int(layer.lora_rank), float(layer.lora_alpha)] + (
+            [list(layer.lora_targets)] if isinstance(layer, MultiHeadSelfAttention) else [])
     arrays[_META] = np.frombuffer(json.dumps(meta, sort_keys=True).encode(), dtype=np.uint8)
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a name
@@ -81,23 +130,29 @@ def load_lora_weights(model, path: PathLike) -> None:
     if missing:
         raise UserInputError(f"{path!r} has LoRA factors for layers model {model.name!r} does not have: "
                              f"{', '.join(missing)}")
-    for layer_path, (rank, alpha) in sorted(meta.items()):
+    for layer_path, (rank, alpha, *rest) in sorted(meta.items()):
         layer = layers[layer_path]
-        if not hasattr(layer, "enable_lora"):
-            raise UserInputError(f"layer {layer_path!r} ({type(layer).__name__}) cannot take LoRA factors")
+        targets = tuple(rest[0]) if rest else ()
+        if not hasattr(layer, "enable_lora") or isinstance(layer, MultiHeadSelfAttention) != bool(targets):
+            raise UserInputError(f"layer {layer_path!r} ({type(layer).__name__}) cannot take the LoRA factors "
+                                 f"{path!r} has for it")
         if getattr(layer, "lora_enabled", False) and (layer.lora_rank, float(layer.lora_alpha)) != (rank, alpha):
             raise UserInputError(f"layer {layer_path!r} has LoRA rank {layer.lora_rank}, alpha "
                                  f"{float(layer.lora_alpha):g}; {path!r} has rank {rank}, alpha {alpha:g}")
-        a, b = arrays.get(f"{layer_path}/lora_kernel_a"), arrays.get(f"{layer_path}/lora_kernel_b")
-        if a is None or b is None:
-            raise UserInputError(f"{path!r} names layer {layer_path!r} but lacks its lora_kernel_a / lora_kernel_b")
-        want = _factor_shapes(layer, rank)
-        if (a.shape, b.shape) != want:
-            raise UserInputError(f"layer {layer_path!r} takes rank-{rank} factors {want[0]} x {want[1]}; {path!r} "
-                                 f"has {a.shape} x {b.shape}")
-    for layer_path, (rank, alpha) in sorted(meta.items()):
+        if targets and getattr(layer, "lora_enabled", False) and tuple(layer.lora_targets) != targets:
+            raise UserInputError(f"layer {layer_path!r} has LoRA on {', '.join(layer.lora_targets)}; {path!r} "
+                                 f"has it on {', '.join(targets)}")
+        want = _factor_shapes(layer, rank, targets)
+        got = {name: arrays.get(f"{layer_path}/{name}") for name in want}
+        if any(v is None for v in got.values()):
+            raise UserInputError(f"{path!r} names layer {layer_path!r} but lacks its {' / '.join(want)}")
+        if {name: v.shape for name, v in got.items()} != want:
+            raise UserInputError(f"layer {layer_path!r} takes rank-{rank} factors "
+                                 f"{' x '.join(str(s) for s in want.values())}; {path!r} has "
+                                 f"{' x '.join(str(v.shape) for v in got.values())}")
+    for layer_path, (rank, alpha, *rest) in sorted(meta.items()):
         layer = layers[layer_path]
         if not getattr(layer, "lora_enabled", False):
-            layer.enable_lora(rank, lora_alpha=alpha)
-        layer.lora_kernel_a.assign(arrays[f"{layer_path}/lora_kernel_a"])
-        layer.lora_kernel_b.assign(arrays[f"{layer_path}/lora_kernel_b"])
+            layer.enable_lora(rank, lora_alpha=alpha, **({"targets": tuple(rest[0])} if rest else {}))
+        for name, factor in _factors(layer).items():
+            factor.assign(arrays[f"{layer_path}/{name}"])

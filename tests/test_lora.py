@@ -1,0 +1,161 @@
+"""LoRA on the attention projections (`keras_vit.enable_lora`, `MultiHeadSelfAttention.enable_lora`):
+the low-rank update on the targeted kernels, a notebook `compile` + `fit` that trains the factors alone,
+.keras save/load (the update merged, as Keras' Dense does), the factors apart (`save_lora_weights`), the
+ways out (ONNX, TFLite, dynamic_model) and the refusals. Backend-neutral: also run under KERAS_BACKEND=jax
+and torch (the note of 2026-12-06 says which ran)."""
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+
+import keras_vit
+from keras_vit.config import ViTConfig
+from keras_vit.errors import UserInputError
+from keras_vit.layers.attention import MultiHeadSelfAttention
+
+TINY = dict(hidden_size=32, mlp_dim=64, num_heads=2, num_layers=2, patch_size=8, image_size=32, num_classes=5)
+
+
+def _model(seed: int = 0, **kw):
+    keras.utils.set_random_seed(seed)
+    model = keras_vit.ViT(config=ViTConfig(**{**TINY, **kw}))
+    head = model.get_layer("head")  # zero-initialised (paper): random, so the logits show every change
+    head.kernel.assign(np.random.default_rng(seed).normal(0, 0.3, head.kernel.shape).astype("float32"))
+    return model
+
+
+def _attention(model):
+    return [layer for layer in model._flatten_layers() if isinstance(layer, MultiHeadSelfAttention)]
+
+
+def _images(n=8, seed=1):
+    return np.random.default_rng(seed).uniform(0, 255, (n, 32, 32, 3)).astype("float32")
+
+
+def _randomise_b(model, seed=2):
+    rng = np.random.default_rng(seed)
+    for layer in _attention(model):
+        for name, v in layer.lora_factors().items():
+            if name.endswith("_b"):
+                v.assign(rng.normal(0, 0.2, v.shape).astype("float32"))
+
+
+def _kernel_2d(layer, name):
+    return keras.ops.convert_to_numpy(getattr(layer, f"{name}_kernel")).reshape(layer.query_kernel.shape[0], -1)
+
+
+def test_enable_lora_adds_the_low_rank_update_to_query_and_value():
+    model = _model()
+    x = _images()
+    before = keras.ops.convert_to_numpy(model(x))
+    assert keras_vit.enable_lora(model, rank=4, alpha=8) == 2
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(model(x)), before)  # B = 0: the same model
+    for layer in _attention(model):
+        assert layer.lora_targets == ("query", "value") and layer.lora_rank == 4 and layer.lora_alpha == 8.0
+        assert not layer.query_kernel.trainable and not layer.value_kernel.trainable
+        assert layer.key_kernel.trainable and layer.out_kernel.trainable
+        assert set(layer.lora_factors()) == {"query_lora_a", "query_lora_b", "value_lora_a", "value_lora_b"}
+    _randomise_b(model)
+    layer = _attention(model)[0]
+    for name in ("query", "key", "value"):  # the kernel the layer multiplies by: kernel + (alpha / rank) A B
+        a, b = (keras.ops.convert_to_numpy(getattr(layer, f"{name}_lora_{ab}")) for ab in "ab") \
+            if name != "key" else (np.zeros((32, 1)), np.zeros((1, 32)))
+        want = _kernel_2d(layer, name) + 2.0 * (a @ b)
+        got = keras.ops.convert_to_numpy(layer._projection_kernel(name, 32))
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert np.abs(keras.ops.convert_to_numpy(model(x)) - before).max() > 1e-2
+
+
+def test_fit_trains_the_factors_and_leaves_the_frozen_kernels(tmp_path):
+    model = _model()
+    keras_vit.enable_lora(model, rank=2, targets=("query", "key", "value"))
+    factors = {v.path for layer in _attention(model) for v in layer.lora_factors().values()}
+    for v in model.weights:  # LoRA alone: every other variable frozen
+        v.trainable = v.path in factors
+    trainable = {v.path for v in model.trainable_weights}
+    assert trainable == factors
+    frozen = {v.path: keras.ops.convert_to_numpy(v) for v in model.weights if v.path not in trainable}
+    x, y = _images(16), np.arange(16) % 5
+    model.compile(optimizer=keras.optimizers.Adam(1e-2),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    history = model.fit(x, y, epochs=4, batch_size=8, verbose=0)
+    assert history.history["loss"][-1] < history.history["loss"][0]
+    for v in model.weights:
+        if v.path in frozen:
+            np.testing.assert_array_equal(keras.ops.convert_to_numpy(v), frozen[v.path], err_msg=v.path)
+    assert any(np.abs(keras.ops.convert_to_numpy(layer.query_lora_b)).max() > 0 for layer in _attention(model))
+
+
+def test_save_merges_and_the_factors_apart_give_the_model_back(tmp_path):
+    base = _model()
+    base.save(tmp_path / "base.keras")
+    model = keras_vit.load_model(tmp_path / "base.keras")
+    keras_vit.enable_lora(model, rank=3, targets=("query", "value", "mlp"))
+    _randomise_b(model)
+    for layer in model._flatten_layers():
+        if isinstance(layer, keras.layers.Dense) and getattr(layer, "lora_enabled", False):
+            layer.lora_kernel_b.assign(np.full(layer.lora_kernel_b.shape, 0.05, "float32"))
+    x = _images()
+    want = keras.ops.convert_to_numpy(model(x))
+    # .keras: the update merged into the kernels (as Keras' Dense), no factors in the file
+    model.save(tmp_path / "merged.keras")
+    merged = keras_vit.load_model(tmp_path / "merged.keras")
+    assert not any(getattr(layer, "lora_enabled", False) for layer in merged._flatten_layers())
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(merged(x)), want, rtol=1e-5, atol=1e-5)
+    # the factors apart: the base model and the file give the trained model back to the bit
+    path = keras_vit.save_lora_weights(model, tmp_path / "run.lora.npz")
+    again = keras_vit.load_model(tmp_path / "base.keras")
+    keras_vit.load_lora_weights(again, path)
+    assert [layer.lora_targets for layer in _attention(again)] == [("query", "value")] * 2
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(again(x)), want)
+    # into a model with LoRA already on other targets: one clear line, nothing changed
+    other = keras_vit.load_model(tmp_path / "base.keras")
+    keras_vit.enable_lora(other, rank=3, targets=("key",))
+    with pytest.raises(UserInputError, match="has LoRA on key; .* has it on query, value"):
+        keras_vit.load_lora_weights(other, path)
+    # the merged model's weights file loads into a model without LoRA (the order of its variables)
+    model.save_weights(tmp_path / "w.weights.h5")
+    plain = keras_vit.load_model(tmp_path / "base.keras")
+    plain.load_weights(tmp_path / "w.weights.h5")
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(plain(x)), want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_lora_model_goes_to_other_sizes_and_exports(tmp_path):
+    pytest.importorskip("onnxruntime")
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("exports run on the TensorFlow backend")
+    from keras_vit.export import to_onnx, verify
+
+    model = _model()
+    keras_vit.enable_lora(model, rank=2)
+    _randomise_b(model)
+    x = _images()
+    want = keras.ops.convert_to_numpy(model(x))
+    dynamic = keras_vit.dynamic_model(model)
+    assert all(layer.lora_enabled for layer in _attention(dynamic))
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(dynamic(x)), want, rtol=1e-5, atol=1e-5)
+    path = to_onnx(model, tmp_path / "lora.onnx")
+    report = verify(model, path, images=x, write_report=False)
+    assert report["passed"] and report["max_abs_diff"] <= 1e-4, report
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(rank=0), "LoRA rank must be a positive integer, got 0"),
+    (dict(rank=2, targets=("query", "out")), "LoRA targets must be distinct names among query, key, value, mlp"),
+    (dict(rank=2, targets=()), "LoRA targets must be distinct names"),
+    (dict(rank=2, alpha=-1), "LoRA alpha must be a positive number, got -1"),
+])
+def test_bad_lora_arguments_are_one_line(kwargs, message):
+    with pytest.raises(UserInputError, match=message):
+        keras_vit.enable_lora(_model(), **kwargs)
+
+
+def test_lora_twice_is_refused():
+    model = _model()
+    keras_vit.enable_lora(model, rank=2)
+    with pytest.raises(UserInputError, match="LoRA is already enabled on .*MultiHeadDotProductAttention"):
+        keras_vit.enable_lora(model, rank=2)
+    layer = MultiHeadSelfAttention(2)
+    with pytest.raises(ValueError, match="isn't yet built"):
+        layer.enable_lora(2)
