@@ -57,6 +57,9 @@ _DATASET_HELP = ("digits (offline), cifar10, cifar100, mnist, fashion_mnist, tfd
                    "A checkpoint without --variant or size options sets the model (DINOv2, SigLIP, DeiT ... options).")
 @click.option("--freeze-backbone", is_flag=True, default=None,
               help="Linear probe: train only the head; every other weight stays exactly as loaded (use with --weights).")
+@click.option("--lora", "lora_rank", type=int, default=None, metavar="RANK",
+              help="LoRA fine-tuning: rank-RANK adapters on each block's attention query and value; only they and "
+                   "the head train (use with --weights). model.keras has them merged into the kernels.")
 @click.option("--layer-decay", type=float, default=None, metavar="R",
               help="Layer-wise learning-rate decay R in (0, 1]: block i of L trains at R^(L-i) of the head's rate, "
                    "the embeddings at R^(L+1) (BEiT/MAE fine-tuning).")
@@ -90,9 +93,13 @@ def train_cmd(dataset: str, output: Optional[str], resume: bool, peer_timeout: O
     if model:
         options["model"] = model
     if resume:
-        given = sorted("model_option" if k == "model" else k for k, v in options.items() if v is not None)
+        flags = {"model": "--model-option"}  # each option's own flag (--lora for lora_rank, --jit for jit_compile)
+        for param in click.get_current_context().command.params:
+            if isinstance(param, click.Option) and not param.hidden:
+                flags.setdefault(param.name, max(param.opts, key=len))
+        given = sorted(flags.get(k, "--" + k.replace("_", "-")) for k, v in options.items() if v is not None)
         if given:
-            raise UserError(f"--resume continues a run with its saved options; drop {', '.join('--' + g.replace('_', '-') for g in given)}")
+            raise UserError(f"--resume continues a run with its saved options; drop {', '.join(given)}")
         cfg = None
     else:
         cfg = ktrain.make_config(dataset, options.pop("recipe") or "scratch", **options)

@@ -1,4 +1,4 @@
-"""Fine-tuning a pre-trained ViT: linear probing (frozen backbone) and layer-wise learning-rate decay.
+"""Fine-tuning a pre-trained ViT: linear probing (frozen backbone), LoRA adapters and layer-wise learning-rate decay.
 
 Layer-wise decay (BEiT, MAE fine-tuning): with L encoder blocks and rate eta for the head,
 block i (0-based) trains at eta * R^(L - i) and the embeddings (patch embedding, class
@@ -65,6 +65,22 @@ def layerwise_optimizer(model: keras.Model, decay: float, make: Callable[[float]
     return LayerwiseOptimizer(keras.optimizers.OptimizerMap(make(1.0), groups), global_clipnorm=global_clipnorm)
 
 
+def lora_finetune(model: keras.Model, rank: int, alpha: Optional[float] = None) -> keras.Model:
+    """LoRA fine-tuning: rank-`rank` adapters on every block's attention query and value
+    (`keras_vit.enable_lora`); they and the head train, every other weight is frozen (compile
+    afterwards). In place."""
+    from keras_vit.weights.lora import enable_lora, lora_factors
+
+    heads = [layer for layer in model.layers if layer.name in HEAD_LAYERS]
+    if not heads:
+        raise ValueError(f"model {model.name!r} has no head to train (built with include_top=False)")
+    enable_lora(model, rank, alpha)
+    keep = {id(v) for v in lora_factors(model)} | {id(v) for layer in heads for v in layer.weights}
+    for v in model.weights:  # per variable: a frozen layer would freeze the adapters inside it too
+        v.trainable = id(v) in keep
+    return model
+
+
 def freeze_backbone(model: keras.Model) -> keras.Model:
     """Linear probe: every layer but the head stops training (compile afterwards). In place."""
     names = {layer.name for layer in model.layers}
@@ -76,4 +92,4 @@ def freeze_backbone(model: keras.Model) -> keras.Model:
 
 
 __all__ = ["EMBEDDING_LAYERS", "HEAD_LAYERS", "LayerwiseOptimizer", "layer_decay_scales", "layerwise_optimizer",
-           "freeze_backbone"]
+           "freeze_backbone", "lora_finetune"]

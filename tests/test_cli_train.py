@@ -267,6 +267,8 @@ def not_a_model(tmp_path_factory):
     (["train", "--model-option", "qk_norm=yes"], "qk_norm must be True or False, got 'yes'"),
     (["train", "--model-option", "mlp=swigloo"], "mlp must be one of"),
     (["train", "--resume", "--model-option", "qk_norm=true"], "drop --model-option"),
+    (["train", "--resume", "--lora", "2", "--jit", "none"], "drop --jit, --lora"),  # the flags, not the fields
+    (["train", "--lora", "-1"], "lora_rank must be a positive integer, got -1"),
     (["evaluate", "--model", "NOT_A_MODEL"], "not a keras-vit model"),
     (["evaluate", "--model", "/no/such.keras"], "does not exist"),
     (["predict", "--model", "NOT_A_MODEL", "README.md"], "not a keras-vit model"),

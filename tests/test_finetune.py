@@ -113,6 +113,46 @@ def test_vitcli_freeze_backbone_trains_only_the_head(tmp_path):
     assert trained.class_names == [str(i) for i in range(10)]  # the dataset's names travel with the model
 
 
+def test_vitcli_lora_trains_the_adapters_and_the_head(tmp_path):
+    """`vitcli train --lora R` from a checkpoint: model.keras (the adapters merged) differs from the
+    checkpoint in the blocks' query and value kernels and the head alone, bit for bit elsewhere;
+    config.json records the rank. Run on the default precision and compilation (auto)."""
+    import json
+
+    from click.testing import CliRunner
+
+    from keras_vit.cli.main import cli
+    from keras_vit.weights import model_arrays
+
+    src = keras_vit.ViT("Ti/4", image_size=16, num_classes=10, **SMALL)
+    rng = np.random.default_rng(0)
+    for v in src.weights:
+        v.assign(rng.normal(0, 0.1, v.shape).astype("float32"))
+    ckpt = keras_vit.save_npz(src, tmp_path / "start.npz")
+    run = tmp_path / "run"
+    args = ["train", "--dataset", "digits", "--epochs", "1", "--weights", ckpt, "--lora", "2", "--output", str(run)]
+    for k, v in SMALL.items():
+        args += ["--" + k.replace("_", "-"), str(v)]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output[-2000:]
+    trained = keras_vit.load_model(run / "model.keras")
+    assert not any(getattr(layer, "lora_enabled", False) for layer in trained._flatten_layers())
+    start, end = model_arrays(src), model_arrays(trained)
+    changed = {k for k in start if not np.array_equal(start[k], end[k])}
+    blocks = range(SMALL["num_layers"])
+    assert changed == {"head/kernel", "head/bias"} | {
+        f"Transformer/encoderblock_{i}/MultiHeadDotProductAttention_1/{p}/kernel" for i in blocks
+        for p in ("query", "value")}, sorted(changed)
+    with open(run / "config.json") as f:
+        assert json.load(f)["train"]["lora_rank"] == 2
+    for bad, message in ((["--lora", "0"], "lora_rank must be a positive integer, got 0"),
+                         (["--lora", "2", "--freeze-backbone"], "use one")):
+        result = CliRunner().invoke(cli, ["train", "--dataset", "digits", "--epochs", "1", *bad,
+                                          "--output", str(tmp_path / "bad")])
+        assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output, result.output
+        assert not (tmp_path / "bad").exists()
+
+
 @pytest.mark.slow
 def test_train_with_layer_decay_records_it(tmp_path):
     import json

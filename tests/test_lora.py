@@ -140,6 +140,24 @@ def test_a_lora_model_goes_to_other_sizes_and_exports(tmp_path):
     assert report["passed"] and report["max_abs_diff"] <= 1e-4, report
 
 
+def test_checkpoints_and_resize_take_the_update(tmp_path):
+    """save_npz / save_safetensors and resize_model read the kernels the layer multiplies by (the
+    update merged, as Dense.kernel gives Keras' LoRA); loading a checkpoint into a LoRA model is refused."""
+    model = _model()
+    keras_vit.enable_lora(model, rank=2)
+    _randomise_b(model)
+    x = _images()
+    want = keras.ops.convert_to_numpy(model(x))
+    for path in (keras_vit.save_npz(model, tmp_path / "m.npz"),
+                 keras_vit.save_safetensors(model, tmp_path / "m.safetensors")):
+        again = keras_vit.ViT(weights=path)
+        np.testing.assert_allclose(keras.ops.convert_to_numpy(again(x)), want, rtol=1e-5, atol=1e-5)
+    resized = keras_vit.resize_model(model, 32)  # the same size: the same function, the update merged
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(resized(x)), want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="has LoRA enabled: load the weights into the model first"):
+        keras_vit.load_weights(model, tmp_path / "m.npz")
+
+
 @pytest.mark.parametrize("kwargs,message", [
     (dict(rank=0), "LoRA rank must be a positive integer, got 0"),
     (dict(rank=2, targets=("query", "out")), "LoRA targets must be distinct names among query, key, value, mlp"),

@@ -196,19 +196,23 @@ class MultiHeadSelfAttention(layers.Layer):
             kernel = kernel + ops.cast(update * (self.lora_alpha / self.lora_rank), kernel.dtype)
         return kernel
 
+    def merged_kernel(self, name: str) -> np.ndarray:
+        """Projection `name`'s kernel as the layer multiplies by it, (D, heads, head_dim): its LoRA
+        update merged (what a checkpoint of the fine-tuned model holds)."""
+        kernel = getattr(self, f"{name}_kernel")
+        return keras.ops.convert_to_numpy(ops.reshape(self._projection_kernel(name, self.num_heads * self.head_dim),
+                                                      kernel.shape))
+
     def save_own_variables(self, store) -> None:
         """As Dense: the LoRA update merged into the kernels it belongs to, the factors not saved
         (keras_vit.save_lora_weights keeps them apart)."""
         if not self.lora_enabled:
             return super().save_own_variables(store)
-        flat = self.num_heads * self.head_dim
         factors = {id(v) for v in self.lora_factors().values()}
-        merged = {id(getattr(self, f"{t}_kernel")): ops.reshape(self._projection_kernel(t, flat),
-                                                                getattr(self, f"{t}_kernel").shape)
-                  for t in self.lora_targets}
+        merged = {id(getattr(self, f"{t}_kernel")): self.merged_kernel(t) for t in self.lora_targets}
         own = [v for v in self._trainable_variables + self._non_trainable_variables if id(v) not in factors]
         for i, v in enumerate(own):  # the order Layer.save_own_variables gives the layer without LoRA
-            store[str(i)] = keras.ops.convert_to_numpy(merged.get(id(v), v))
+            store[str(i)] = merged[id(v)] if id(v) in merged else keras.ops.convert_to_numpy(v)
 
     def load_own_variables(self, store) -> None:
         """A file saved with the LoRA update merged: the kernels take it, the factors start again (B = 0)."""

@@ -268,6 +268,10 @@ def _build_model(cfg: TrainConfig, data: _Data, jit: str) -> keras.Model:
             from keras_vit.finetune import freeze_backbone
 
             freeze_backbone(model)
+        if cfg.lora_rank:
+            from keras_vit.finetune import lora_finetune
+
+            lora_finetune(model, cfg.lora_rank)
         model.compile(
             optimizer=clip_summed_gradients(make_optimizer(cfg, data.steps, model=model)),
             loss=keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=cfg.label_smoothing),

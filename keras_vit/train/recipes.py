@@ -90,6 +90,8 @@ class TrainConfig:
     skip_bad_images: bool = False  # drop image files that do not decode (listed in bad_images.txt)
     freeze_backbone: bool = False  # linear probe: only the head trains
     layer_decay: Optional[float] = None  # block i of L at R^(L-i) of the head's rate, embeddings R^(L+1)
+    # LoRA fine-tuning: rank-R adapters on every block's attention query and value; they and the head train
+    lora_rank: Optional[int] = None
     # Momentum of an exponential moving average of the weights, updated every step; the average
     # replaces the trained weights when training ends (model.keras, the test metrics). None = off.
     ema: Optional[float] = None
@@ -136,6 +138,12 @@ class TrainConfig:
             raise TrainError(f"ema must be a momentum in (0, 1), e.g. 0.999, got {self.ema!r}")
         if self.freeze_backbone and self.layer_decay is not None:
             raise TrainError("freeze_backbone trains the head alone; layer_decay has nothing to decay (use one)")
+        if self.lora_rank is not None and (isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int)
+                                           or self.lora_rank < 1):
+            raise TrainError(f"lora_rank must be a positive integer, got {self.lora_rank!r}")
+        if self.lora_rank is not None and (self.freeze_backbone or self.layer_decay is not None):
+            raise TrainError("lora_rank trains the adapters and the head alone; freeze_backbone and layer_decay "
+                             "choose other weights to train (use one)")
         if self.augment not in AUGMENTS:
             raise TrainError(f"unknown augmentation {self.augment!r}; allowed: {', '.join(AUGMENTS)}")
         if self.weights is not None and self.weights.endswith((".npz", ".safetensors", ".keras")) and not os.path.isfile(self.weights):

@@ -126,8 +126,8 @@ def model_variables(model: keras.Model) -> Dict[str, keras.Variable]:
         a = b + "MultiHeadDotProductAttention_1/"
         for ln, layer in (("LayerNorm_0", blk.norm_1), ("LayerNorm_2", blk.norm_2)):
             out[f"{b}{ln}/scale"], out[f"{b}{ln}/bias"] = layer.gamma, layer.beta
-        for n in ("query", "key", "value", "out"):
-            out[f"{a}{n}/kernel"] = getattr(att, f"{n}_kernel")
+        for n in ("query", "key", "value", "out"):  # a LoRA target: its kernel with the update (an array)
+            out[f"{a}{n}/kernel"] = att.merged_kernel(n) if n in att.lora_targets else getattr(att, f"{n}_kernel")
             if n == "out" or att.qkv_bias:
                 out[f"{a}{n}/bias"] = getattr(att, f"{n}_bias")
         if att.relative_grid is not None:
@@ -285,6 +285,9 @@ def assign_weights(model: keras.Model, arrays: Mapping[str, np.ndarray], *, meth
     if any(integer_quantized(layer) for layer in model._flatten_layers(include_self=False)):
         raise ValueError(f"model {model.name!r} has layers quantized in Keras (model.quantize): "
                          "load the weights into the float model, then quantize it")
+    if any(getattr(layer, "lora_enabled", False) for layer in model._flatten_layers(include_self=False)):
+        raise ValueError(f"model {model.name!r} has LoRA enabled: load the weights into the model first, then "
+                         "enable LoRA (or load_lora_weights for the adapters)")
     target = model_variables(model)
     values = dict(arrays)
     _adapt(values, target, cfg, method, big_vision_posemb, source_grid, source)

@@ -60,6 +60,11 @@ def enable_lora(model, rank: int, alpha: Optional[float] = None, targets: Sequen
     return len(chosen)
 
 
+def lora_factors(model) -> List[keras.Variable]:
+    """Every LoRA factor of `model` (Keras' Dense / Conv layers' and the attention's)."""
+    return [v for layer in _lora_layers(model) for v in _factors(layer).values()]
+
+
 def _lora_layers(model) -> List:
     return [layer for layer in model._flatten_layers(include_self=False) if getattr(layer, "lora_enabled", False)]
 
