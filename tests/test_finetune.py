@@ -78,6 +78,20 @@ def test_make_optimizer_layer_decay_rates_and_one_global_clip():
         kt.make_config("digits", layer_decay=0.5, freeze_backbone=True)
 
 
+def _random_start(tmp_path, *options):
+    """A small model with every weight random, saved as tmp_path/start.npz, and the `vitcli train`
+    arguments that fine-tune it on digits for one epoch into tmp_path/run with `options`."""
+    src = keras_vit.ViT("Ti/4", image_size=16, num_classes=10, **SMALL)
+    rng = np.random.default_rng(0)
+    for v in src.weights:
+        v.assign(rng.normal(0, 0.1, v.shape).astype("float32"))
+    ckpt = keras_vit.save_npz(src, tmp_path / "start.npz")
+    args = ["train", "--dataset", "digits", "--epochs", "1", "--weights", ckpt, *options, "--output", str(tmp_path / "run")]
+    for k, v in SMALL.items():
+        args += ["--" + k.replace("_", "-"), str(v)]
+    return src, args
+
+
 def test_vitcli_freeze_backbone_trains_only_the_head(tmp_path):
     """A linear probe from a checkpoint: after training every backbone weight is bit-identical to
     the checkpoint's, the head moved, and config.json records the option."""
@@ -88,16 +102,8 @@ def test_vitcli_freeze_backbone_trains_only_the_head(tmp_path):
     from keras_vit.cli.main import cli
     from keras_vit.weights import model_arrays
 
-    src = keras_vit.ViT("Ti/4", image_size=16, num_classes=10, **SMALL)
-    rng = np.random.default_rng(0)
-    for v in src.weights:
-        v.assign(rng.normal(0, 0.1, v.shape).astype("float32"))
-    ckpt = keras_vit.save_npz(src, tmp_path / "start.npz")
+    src, args = _random_start(tmp_path, "--freeze-backbone", "--jit", "none", "--mixed-precision", "none")
     run = tmp_path / "run"
-    args = ["train", "--dataset", "digits", "--epochs", "1", "--weights", ckpt, "--freeze-backbone",
-            "--output", str(run), "--jit", "none", "--mixed-precision", "none"]
-    for k, v in SMALL.items():
-        args += ["--" + k.replace("_", "-"), str(v)]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output[-2000:]
     trained = keras_vit.load_model(run / "model.keras")
@@ -124,15 +130,8 @@ def test_vitcli_lora_trains_the_adapters_and_the_head(tmp_path):
     from keras_vit.cli.main import cli
     from keras_vit.weights import model_arrays
 
-    src = keras_vit.ViT("Ti/4", image_size=16, num_classes=10, **SMALL)
-    rng = np.random.default_rng(0)
-    for v in src.weights:
-        v.assign(rng.normal(0, 0.1, v.shape).astype("float32"))
-    ckpt = keras_vit.save_npz(src, tmp_path / "start.npz")
+    src, args = _random_start(tmp_path, "--lora", "2")
     run = tmp_path / "run"
-    args = ["train", "--dataset", "digits", "--epochs", "1", "--weights", ckpt, "--lora", "2", "--output", str(run)]
-    for k, v in SMALL.items():
-        args += ["--" + k.replace("_", "-"), str(v)]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output[-2000:]
     trained = keras_vit.load_model(run / "model.keras")
