@@ -184,6 +184,19 @@ def test_two_tf_workers_with_ema_agree_on_the_average(tmp_path):
 
 
 @pytest.mark.slow
+def test_two_tf_workers_with_lora_agree_on_the_adapters(tmp_path):
+    """--lora under MultiWorkerMirroredStrategy: the adapters are created in the strategy's scope and
+    both workers end with the same weights (digest); model.keras has them merged."""
+    train_on_two_workers(["train", *TINY, "--epochs", "1", "--lora", "2", "--peer-timeout", "120"], tmp_path,
+                         "20/20")
+    from keras_vit.saving import load_model
+
+    chief = load_model(str(tmp_path / "run0" / "model.keras"))
+    assert not any(getattr(layer, "lora_enabled", False) for layer in chief._flatten_layers())
+    assert json.loads((tmp_path / "run0" / "config.json").read_text())["train"]["lora_rank"] == 2
+
+
+@pytest.mark.slow
 @pytest.mark.jax
 def test_two_jax_processes_agree_on_the_weights(tmp_path):
     (port,) = free_ports(1)
