@@ -5,6 +5,8 @@ ways out (ONNX, TFLite, dynamic_model) and the refusals. Backend-neutral: also r
 and torch (the note of 2026-12-06 says which ran)."""
 from __future__ import annotations
 
+import warnings
+
 import keras
 import numpy as np
 import pytest
@@ -167,6 +169,18 @@ def test_checkpoints_and_resize_take_the_update(tmp_path):
 def test_bad_lora_arguments_are_one_line(kwargs, message):
     with pytest.raises(UserInputError, match=message):
         keras_vit.enable_lora(_model(), **kwargs)
+
+
+def test_lora_on_float8_mlp_is_refused_before_any_change():
+    model = _model()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Keras notes each layer type it does not quantize
+        model.quantize("float8")
+    with pytest.raises(UserInputError, match="LoRA does not combine with float8 quantization"):
+        keras_vit.enable_lora(model, rank=2, targets=("query", "mlp"))
+    assert not any(getattr(layer, "lora_enabled", False) for layer in model._flatten_layers())
+    keras_vit.enable_lora(model, rank=2)  # the attention alone: float8 leaves it float
+    assert keras.ops.convert_to_numpy(model(_images(2))).shape == (2, 5)
 
 
 def test_lora_twice_is_refused():

@@ -52,6 +52,10 @@ def enable_lora(model, rank: int, alpha: Optional[float] = None, targets: Sequen
             chosen.append((layer, {}))
     if not chosen:
         raise UserInputError(f"model {model.name!r} has no encoder block to put LoRA on")
+    unfit = [layer for layer, _ in chosen if getattr(layer, "quantization_mode", None) in ("float8", "gptq")]
+    if unfit:  # Keras' float8 and GPTQ Dense layers cannot call with LoRA: refused before any layer changes
+        raise UserInputError(f"LoRA does not combine with {unfit[0].quantization_mode} quantization "
+                             f"({unfit[0].path!r}); LoRA takes int8, int4 or float layers")
     enabled = [layer.path for layer, _ in chosen if getattr(layer, "lora_enabled", False)]
     if enabled:
         raise UserInputError(f"LoRA is already enabled on {enabled[0]!r} (and {len(enabled) - 1} more); once per layer")
