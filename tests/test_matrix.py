@@ -237,9 +237,7 @@ def test_keras_paths(index, tmp_path):
         merged = keras_vit.ViT(config=cfg)
         merged.set_weights(model.get_weights())
         merged_kernels = {layer.path: layer.kernel for layer in dense}  # W + (alpha / rank) A B
-        merged_kernels.update({f"{layer.path}/{t}": keras.ops.reshape(layer._projection_kernel(t, layer.num_heads * layer.head_dim),
-                                                                     getattr(layer, f"{t}_kernel").shape)
-                               for layer in attention for t in layer.lora_targets})
+        merged_kernels.update({f"{layer.path}/{t}": layer.merged_kernel(t) for layer in attention for t in layer.lora_targets})
         for layer in merged._flatten_layers():
             if layer.path in merged_kernels:
                 layer.kernel.assign(merged_kernels[layer.path])

@@ -111,9 +111,7 @@ def test_timm_checkpoint_gives_timms_outputs(tmp_path, case):
     # bicubic with antialias); keras-vit resamples them in ViT(image_size=...).
     other = size + 2 * (14 if "patch14" in arch else 16)
     bigger = timm.create_model(arch, pretrained=False, num_classes=classes, img_size=other, **SMALL).eval()
-    filtered = timm.models.vision_transformer.checkpoint_filter_fn(model.state_dict(), bigger) \
-        if "r50" not in arch else timm.models.vision_transformer_hybrid.checkpoint_filter_fn(model.state_dict(), bigger)
-    bigger.load_state_dict(filtered)
+    bigger.load_state_dict(timm.models.vision_transformer.checkpoint_filter_fn(model.state_dict(), bigger))
     images = np.random.default_rng(2).uniform(0, 255, (2, other, other, 3)).astype(np.float32)
     want = _timm_forward(bigger, images, norm)
     got = keras_vit.ViT(weights=path, image_size=other, **kwargs).predict(images, verbose=0)
