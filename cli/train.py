@@ -58,8 +58,14 @@ _DATASET_HELP = ("digits (offline), cifar10, cifar100, mnist, fashion_mnist, tfd
 @click.option("--freeze-backbone", is_flag=True, default=None,
               help="Linear probe: train only the head; every other weight stays exactly as loaded (use with --weights).")
 @click.option("--lora", "lora_rank", type=int, default=None, metavar="RANK",
-              help="LoRA fine-tuning: rank-RANK adapters on each block's attention query and value; only they and "
+              help="LoRA fine-tuning: rank-RANK adapters on each block's attention query and value (or --lora-targets); only they and "
                    "the head train (use with --weights). model.keras has them merged into the kernels.")
+@click.option("--lora-alpha", type=float, default=None, metavar="ALPHA",
+              help="LoRA scale numerator: the adapters add (ALPHA / RANK) A B to each kernel (peft's lora_alpha) "
+                   "[default: RANK].")
+@click.option("--lora-targets", callback=lambda ctx, param, value: None if value is None else [t.strip() for t in value.split(",")],
+              default=None, metavar="NAMES", help="Comma-separated LoRA targets among query, key, value (the attention's "
+                                                  "projections) and mlp (its two Dense layers) [default: query,value].")
 @click.option("--layer-decay", type=float, default=None, metavar="R",
               help="Layer-wise learning-rate decay R in (0, 1]: block i of L trains at R^(L-i) of the head's rate, "
                    "the embeddings at R^(L+1) (BEiT/MAE fine-tuning).")

@@ -9,7 +9,7 @@ the gradients are clipped together by one global norm as in a single optimizer.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Sequence
 
 import keras
 from keras import ops
@@ -65,16 +65,17 @@ def layerwise_optimizer(model: keras.Model, decay: float, make: Callable[[float]
     return LayerwiseOptimizer(keras.optimizers.OptimizerMap(make(1.0), groups), global_clipnorm=global_clipnorm)
 
 
-def lora_finetune(model: keras.Model, rank: int, alpha: Optional[float] = None) -> keras.Model:
-    """LoRA fine-tuning: rank-`rank` adapters on every block's attention query and value
-    (`keras_vit.enable_lora`); they and the head train, every other weight is frozen (compile
-    afterwards). In place."""
-    from keras_vit.weights.lora import enable_lora, lora_factors
+def lora_finetune(model: keras.Model, rank: int, alpha: Optional[float] = None,
+                  targets: Optional[Sequence[str]] = None) -> keras.Model:
+    """LoRA fine-tuning: rank-`rank` adapters on every block's `targets` (`keras_vit.enable_lora`:
+    attention query and value unless given; key, mlp too); they and the head train, every other
+    weight is frozen (compile afterwards). In place."""
+    from keras_vit.weights.lora import LORA_TARGETS, enable_lora, lora_factors
 
     heads = [layer for layer in model.layers if layer.name in HEAD_LAYERS]
     if not heads:
         raise ValueError(f"model {model.name!r} has no head to train (built with include_top=False)")
-    enable_lora(model, rank, alpha)
+    enable_lora(model, rank, alpha, LORA_TARGETS if targets is None else targets)
     keep = {id(v) for v in lora_factors(model)} | {id(v) for layer in heads for v in layer.weights}
     for v in model.weights:  # per variable: a frozen layer would freeze the adapters inside it too
         v.trainable = id(v) in keep

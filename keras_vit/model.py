@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from typing import Any, Callable, Dict, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import keras
 from keras import layers
@@ -69,11 +69,12 @@ class VisionTransformer(towers.TowerModel):
     def __init__(self, config: Union[ViTConfig, dict], name: Optional[str] = None,
                  class_names: Optional[Sequence[str]] = None, dtype=None,
                  quantized: Optional[Dict[str, str]] = None, eval_preprocessing: Optional[Dict[str, Any]] = None,
-                 **kwargs):
+                 frozen_layers: Optional[Sequence[str]] = None, **kwargs):
         """`dtype`: the dtype policy (default: the global one); `quantized`: {layer path: dtype
         policy name} of layers that model.quantize() converted (what get_config records);
         `eval_preprocessing`: the resize and centre crop of image files for evaluation and
-        prediction ({"interpolation": ..., "crop_pct": ...}, a published checkpoint's timm transform)."""
+        prediction ({"interpolation": ..., "crop_pct": ...}, a published checkpoint's timm transform);
+        `frozen_layers`: the paths of the layers whose `trainable` is False (what get_config records)."""
         cfg = config if isinstance(config, ViTConfig) else ViTConfig.from_dict(dict(config))
         cfg.validate()
         policy = keras.dtype_policies.get(dtype) if dtype is not None else keras.config.dtype_policy()
@@ -87,6 +88,19 @@ class VisionTransformer(towers.TowerModel):
         self.eval_preprocessing = _eval_preprocessing(eval_preprocessing)
         if quantized:
             self._requantize(quantized)
+        if frozen_layers:
+            self._refreeze(frozen_layers)
+
+    def _refreeze(self, frozen: Sequence[str]) -> None:
+        """Give each layer the `trainable` flag it was saved with (`frozen`: the paths of those that were not), as a
+        functional model's layer configs do: a linear probe reloads with its backbone frozen and its optimizer state."""
+        frozen = set(frozen)
+        layers_by_key = {_layer_key(layer): layer for layer in _weighted_layers(self)}
+        unknown = sorted(frozen - set(layers_by_key))
+        if unknown:
+            raise ValueError(f"frozen layers {unknown} are not in this model")
+        for key, layer in layers_by_key.items():  # parents before their sublayers: a sublayer's own flag wins
+            layer.trainable = key not in frozen
 
     def _requantize(self, quantized: Dict[str, str]) -> None:
         """Give the named layers their quantized policy and variables (values come from the file)."""
@@ -188,8 +202,8 @@ class VisionTransformer(towers.TowerModel):
             self.optimizer.build(self.trainable_variables)
 
     def get_config(self) -> dict:
-        """The ViTConfig as a dict, the model's name, class names and dtype policy, and the policies
-        of the layers model.quantize() converted: all that rebuilds the model."""
+        """The ViTConfig as a dict, the model's name, class names and dtype policy, the policies of the
+        layers model.quantize() converted and the frozen layers: all that rebuilds the model."""
         out = {"config": self.vit_config.to_dict(), "name": self.name, "trainable": self.trainable,
                "dtype": self.dtype_policy.name}
         if self.class_names:
@@ -200,12 +214,26 @@ class VisionTransformer(towers.TowerModel):
                      if layer.dtype_policy.quantization_mode is not None}
         if quantized:
             out["quantized"] = quantized
+        frozen = [_layer_key(layer) for layer in _weighted_layers(self) if not layer.trainable]
+        if frozen:
+            out["frozen_layers"] = frozen
         return out
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
         """The model for a get_config() dict."""
         return cls(**config)
+
+
+def _weighted_layers(model: keras.Model) -> List[layers.Layer]:
+    """The layers of `model` that hold variables, parents before their sublayers: those whose names are
+    the model's own (a dropout layer's name is numbered by the process that built it)."""
+    return [layer for layer in model._flatten_layers(include_self=False) if layer.weights]
+
+
+def _layer_key(layer: layers.Layer) -> str:
+    """A layer's path in the model (its name where Keras gives it none: the top-level layers)."""
+    return layer.path or layer.name
 
 
 def _public_optimizers(config: Any) -> Any:

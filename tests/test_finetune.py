@@ -117,12 +117,18 @@ def test_vitcli_freeze_backbone_trains_only_the_head(tmp_path):
         train_cfg = json.load(f)["train"]
     assert train_cfg["freeze_backbone"] is True and train_cfg["layer_decay"] is None
     assert trained.class_names == [str(i) for i in range(10)]  # the dataset's names travel with the model
+    assert [v.path for v in trained.trainable_weights] == ["head/kernel", "head/bias"]  # reloads frozen
 
 
-def test_vitcli_lora_trains_the_adapters_and_the_head(tmp_path):
+@pytest.mark.parametrize("options, kernels", [
+    ((), ("MultiHeadDotProductAttention_1/query", "MultiHeadDotProductAttention_1/value")),
+    (("--lora-alpha", "4", "--lora-targets", "key, mlp"),
+     ("MultiHeadDotProductAttention_1/key", "MlpBlock_3/Dense_0", "MlpBlock_3/Dense_1")),
+])
+def test_vitcli_lora_trains_the_adapters_and_the_head(tmp_path, options, kernels):
     """`vitcli train --lora R` from a checkpoint: model.keras (the adapters merged) differs from the
-    checkpoint in the blocks' query and value kernels and the head alone, bit for bit elsewhere;
-    config.json records the rank. Run on the default precision and compilation (auto)."""
+    checkpoint in the blocks' targeted kernels (query and value, or --lora-targets) and the head alone,
+    bit for bit elsewhere; config.json records rank, alpha and targets. Default precision and compilation."""
     import json
 
     from click.testing import CliRunner
@@ -130,7 +136,7 @@ def test_vitcli_lora_trains_the_adapters_and_the_head(tmp_path):
     from keras_vit.cli.main import cli
     from keras_vit.weights import model_arrays
 
-    src, args = _random_start(tmp_path, "--lora", "2")
+    src, args = _random_start(tmp_path, "--lora", "2", *options)
     run = tmp_path / "run"
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output[-2000:]
@@ -140,15 +146,33 @@ def test_vitcli_lora_trains_the_adapters_and_the_head(tmp_path):
     changed = {k for k in start if not np.array_equal(start[k], end[k])}
     blocks = range(SMALL["num_layers"])
     assert changed == {"head/kernel", "head/bias"} | {
-        f"Transformer/encoderblock_{i}/MultiHeadDotProductAttention_1/{p}/kernel" for i in blocks
-        for p in ("query", "value")}, sorted(changed)
+        f"Transformer/encoderblock_{i}/{p}/kernel" for i in blocks for p in kernels}, sorted(changed)
     with open(run / "config.json") as f:
-        assert json.load(f)["train"]["lora_rank"] == 2
+        saved = json.load(f)["train"]
+    assert (saved["lora_rank"], saved["lora_alpha"], saved["lora_targets"]) == (
+        (2, 4.0, ["key", "mlp"]) if options else (2, None, None))
+
+
+def test_vitcli_lora_bad_options_are_one_line(tmp_path):
+    """Bad LoRA options: one line naming the value and what is allowed, exit 2, no run folder."""
+    from click.testing import CliRunner
+
+    from keras_vit.cli.main import cli
+
     for bad, message in ((["--lora", "0"], "lora_rank must be a positive integer, got 0"),
-                         (["--lora", "2", "--freeze-backbone"], "use one")):
+                         (["--lora", "2", "--freeze-backbone"], "use one"),
+                         (["--lora", "2", "--lora-targets", "query,proj"],
+                          "LoRA targets must be distinct names among query, key, value, mlp; got ['query', 'proj']"),
+                         (["--lora", "2", "--lora-targets", "value,value"], "distinct names"),
+                         (["--lora", "2", "--lora-targets", ""], "distinct names"),
+                         (["--lora", "2", "--lora-alpha", "0"], "LoRA alpha must be a positive number, got 0.0"),
+                         (["--lora", "2", "--lora-alpha", "nan"], "LoRA alpha must be a positive number, got nan"),
+                         (["--lora-alpha", "8"], "give lora_rank too"),
+                         (["--lora-targets", "key"], "give lora_rank too")):
         result = CliRunner().invoke(cli, ["train", "--dataset", "digits", "--epochs", "1", *bad,
                                           "--output", str(tmp_path / "bad")])
-        assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output, result.output
+        assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output, (bad, result.output)
+        assert len(result.output.strip().splitlines()) == 1, result.output
         assert not (tmp_path / "bad").exists()
 
 

@@ -183,6 +183,21 @@ def test_rows_cover_every_pair_and_the_full_option_product():
         row_config(row)  # every row is a valid config
 
 
+def test_every_row_rebuilds_with_its_frozen_layers():
+    """get_config names the frozen layers by path; a model rebuilt from it in this same process (where
+    Keras numbers auto-named layers on) freezes the same ones, for every row's architecture."""
+    for row in ROWS:
+        model = keras_vit.ViT(config=row_config(row))
+        weighted = [layer for layer in model._flatten_layers(include_self=False) if layer.weights]
+        for layer in weighted[1::2]:
+            layer.trainable = False
+        flags = [(layer.path or layer.name, layer.trainable) for layer in weighted]
+        rebuilt = keras_vit.VisionTransformer.from_config(model.get_config())
+        assert [(layer.path or layer.name, layer.trainable) for layer in rebuilt._flatten_layers(include_self=False)
+                if layer.weights] == flags, row
+        assert [v.path for v in rebuilt.trainable_weights] == [v.path for v in model.trainable_weights], row
+
+
 # The whole matrix runs in `make test`; the quick loop keeps the first row of each cheap Keras
 # path (bf16, float8, LoRA; model.quantize int8 and int4 take seconds a row), save/load and
 # clone_model included (test_vit.py saves and reloads every pos_embedding x classifier quickly).

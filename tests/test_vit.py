@@ -154,6 +154,42 @@ def test_a_compiled_model_reloads_compiled(tmp_path):
     assert not keras_vit.load_model(tmp_path / "m.keras", compile=False).compiled
 
 
+def test_frozen_layers_reload_frozen_with_the_optimizer_state(tmp_path):
+    """Layers set `trainable = False` stay frozen across model.save / load_model, as a functional model's do
+    (their configs carry the flag): a parent frozen with one sublayer unfrozen, a sublayer alone. The optimizer
+    then has the same variables, so its state loads (no "Skipping variable loading") and training goes on alike."""
+    import warnings
+
+    model = keras_vit.ViT(variant="Ti/8", image_size=16, num_classes=5, **TINY)
+    for name in ("embedding", "posembed_input", "encoderblock_0"):
+        model.get_layer(name).trainable = False
+    block0, block1 = model.get_layer("encoderblock_0"), model.get_layer("encoderblock_1")
+    next(s for s in block0._flatten_layers(include_self=False) if s.name == "LayerNorm_0").trainable = True
+    next(s for s in block1._flatten_layers(include_self=False) if s.name == "LayerNorm_2").trainable = False
+    model.compile(optimizer="adamw", loss="sparse_categorical_crossentropy")
+    x, y = random_images(4, 16, 16), np.arange(4) % 5
+    model.fit(x, y, epochs=1, batch_size=2, verbose=0)
+    model.save(tmp_path / "m.keras")
+
+    def flags(m):
+        return [(layer.path or layer.name, layer.trainable) for layer in m._flatten_layers() if layer.weights]
+
+    for load in (keras.saving.load_model, keras_vit.load_model):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            loaded = load(tmp_path / "m.keras")
+        assert flags(loaded) == flags(model)
+        assert [v.path for v in loaded.trainable_weights] == [v.path for v in model.trainable_weights]
+        assert "encoderblock_0/LayerNorm_0/gamma" in [v.path for v in loaded.trainable_weights]
+        for a, b in zip(loaded.optimizer.variables, model.optimizer.variables, strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    loaded.fit(x, y, epochs=1, batch_size=2, verbose=0)
+    model.fit(x, y, epochs=1, batch_size=2, verbose=0)
+    for a, b in zip(loaded.weights, model.weights, strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, err_msg=a.path)
+    assert "frozen_layers" not in keras_vit.ViT(variant="Ti/8", image_size=16, num_classes=5, **TINY).get_config()
+
+
 def test_a_compile_state_this_process_cannot_rebuild_loads_uncompiled_with_a_warning(tmp_path):
     def own_loss(y_true, y_pred):  # not registered: a fresh process cannot find it by name
         return keras.ops.mean(y_pred)

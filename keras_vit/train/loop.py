@@ -271,7 +271,7 @@ def _build_model(cfg: TrainConfig, data: _Data, jit: str) -> keras.Model:
         if cfg.lora_rank:
             from keras_vit.finetune import lora_finetune
 
-            lora_finetune(model, cfg.lora_rank)
+            lora_finetune(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
         model.compile(
             optimizer=clip_summed_gradients(make_optimizer(cfg, data.steps, model=model)),
             loss=keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=cfg.label_smoothing),

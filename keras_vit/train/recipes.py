@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import keras
 
@@ -92,6 +92,8 @@ class TrainConfig:
     layer_decay: Optional[float] = None  # block i of L at R^(L-i) of the head's rate, embeddings R^(L+1)
     # LoRA fine-tuning: rank-R adapters on every block's attention query and value; they and the head train
     lora_rank: Optional[int] = None
+    lora_alpha: Optional[float] = None  # the adapters' scale is alpha / rank; None = rank (scale 1)
+    lora_targets: Optional[List[str]] = None  # among query, key, value, mlp; None = query and value
     # Momentum of an exponential moving average of the weights, updated every step; the average
     # replaces the trained weights when training ends (model.keras, the test metrics). None = off.
     ema: Optional[float] = None
@@ -141,6 +143,13 @@ class TrainConfig:
         if self.lora_rank is not None and (isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int)
                                            or self.lora_rank < 1):
             raise TrainError(f"lora_rank must be a positive integer, got {self.lora_rank!r}")
+        if self.lora_rank is None and (self.lora_alpha is not None or self.lora_targets is not None):
+            raise TrainError("lora_alpha and lora_targets shape the adapters lora_rank asks for; give lora_rank too")
+        if self.lora_rank is not None:
+            from keras_vit.weights.lora import LORA_TARGETS, check_lora
+
+            check_lora(self.lora_rank, self.lora_alpha, LORA_TARGETS if self.lora_targets is None else self.lora_targets,
+                       error=TrainError)
         if self.lora_rank is not None and (self.freeze_backbone or self.layer_decay is not None):
             raise TrainError("lora_rank trains the adapters and the head alone; freeze_backbone and layer_decay "
                              "choose other weights to train (use one)")

@@ -35,14 +35,7 @@ def enable_lora(model, rank: int, alpha: Optional[float] = None, targets: Sequen
     and keras-hub's ViT targets) and "mlp" (the MLP's Dense layers). The targeted kernels are frozen;
     the rest of the model stays as trainable as it was (freeze it for LoRA alone). Returns the layers
     changed. Call it before `compile`."""
-    targets = [targets] if isinstance(targets, str) else list(targets)
-    allowed = ATTENTION_PROJECTIONS + (MLP,)
-    if not targets or any(t not in allowed for t in targets) or len(set(targets)) != len(targets):
-        raise UserInputError(f"LoRA targets must be distinct names among {', '.join(allowed)}; got {targets!r}")
-    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
-        raise UserInputError(f"LoRA rank must be a positive integer, got {rank!r}")
-    if alpha is not None and (not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or alpha <= 0):
-        raise UserInputError(f"LoRA alpha must be a positive number, got {alpha!r}")
+    targets = check_lora(rank, alpha, targets)
     attention = tuple(t for t in targets if t != MLP)
     chosen = []
     for layer in model._flatten_layers(include_self=False):
@@ -62,6 +55,20 @@ def enable_lora(model, rank: int, alpha: Optional[float] = None, targets: Sequen
     for layer, options in chosen:
         layer.enable_lora(rank, lora_alpha=alpha, **options)
     return len(chosen)
+
+
+def check_lora(rank, alpha=None, targets: Sequence[str] = LORA_TARGETS, error: type = UserInputError) -> tuple:
+    """`targets` as a tuple, after checking the rank (a positive integer), alpha (None or a positive number) and
+    targets (distinct names among query, key, value, mlp; one string is one name); `error` names a bad one."""
+    allowed = ATTENTION_PROJECTIONS + (MLP,)
+    names = [targets] if isinstance(targets, str) else list(targets) if isinstance(targets, (list, tuple)) else None
+    if not names or any(t not in allowed for t in names) or len(set(names)) != len(names):
+        raise error(f"LoRA targets must be distinct names among {', '.join(allowed)}; got {targets!r}")
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+        raise error(f"LoRA rank must be a positive integer, got {rank!r}")
+    if alpha is not None and (not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not 0 < alpha < float("inf")):
+        raise error(f"LoRA alpha must be a positive number, got {alpha!r}")
+    return tuple(names)
 
 
 def lora_factors(model) -> List[keras.Variable]:
