@@ -23,6 +23,7 @@ from keras_vit.layers import (
     fusion,
     preprocessing_scale_offset,
 )
+from keras_vit.layers.attention import LORA_TARGETS
 from keras_vit.resnet import EPSILONS, ResNetStem
 from keras_vit.train import (
     schedules,  # noqa: F401  (registers WarmupCosine, named by compiled .keras files)
@@ -153,6 +154,25 @@ class VisionTransformer(towers.TowerModel):
         heads = towers.TowerModel(self.input, [self.get_layer("head").output, self.get_layer("head_dist").output])
         cls_logits, dist_logits = heads(images, training=training)
         return cls_logits, dist_logits
+
+    def enable_lora(self, rank: int, alpha: Optional[float] = None,
+                    targets: Sequence[str] = LORA_TARGETS) -> int:
+        """keras-hub's `Backbone.enable_lora`: LoRA of `rank` on every block's `targets` (keras_vit.enable_lora)."""
+        from keras_vit.weights.lora import enable_lora
+
+        return enable_lora(self, rank, alpha, targets)
+
+    def save_lora_weights(self, filepath: str) -> str:
+        """keras-hub's `Backbone.save_lora_weights`: the LoRA factors alone, to a `.lora.npz` file."""
+        from keras_vit.weights.lora import save_lora_weights
+
+        return save_lora_weights(self, filepath)
+
+    def load_lora_weights(self, filepath: str) -> None:
+        """keras-hub's `Backbone.load_lora_weights`: a `save_lora_weights` file's factors, LoRA enabled where needed."""
+        from keras_vit.weights.lora import load_lora_weights
+
+        load_lora_weights(self, filepath)
 
     def compile(self, *args, **kwargs) -> None:
         """keras.Model.compile; `jit_compile="auto"` (the default) picks what is fast for a ViT on

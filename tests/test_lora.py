@@ -123,6 +123,18 @@ def test_save_merges_and_the_factors_apart_give_the_model_back(tmp_path):
     np.testing.assert_allclose(keras.ops.convert_to_numpy(plain(x)), want, rtol=1e-5, atol=1e-5)
 
 
+def test_keras_hub_style_methods(tmp_path):
+    """model.enable_lora / save_lora_weights / load_lora_weights, as keras-hub's Backbone has them."""
+    model, again = _model(), _model()
+    assert model.enable_lora(2, targets=("value",)) == TINY["num_layers"]
+    _randomise_b(model)
+    path = model.save_lora_weights(str(tmp_path / "m.lora.npz"))
+    again.load_lora_weights(path)
+    assert [layer.lora_targets for layer in _attention(again)] == [("value",)] * TINY["num_layers"]
+    x = _images(2)
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(again(x)), keras.ops.convert_to_numpy(model(x)))
+
+
 def test_a_lora_model_goes_to_other_sizes_and_exports(tmp_path):
     pytest.importorskip("onnxruntime")
     if keras.backend.backend() != "tensorflow":
