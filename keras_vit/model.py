@@ -70,12 +70,13 @@ class VisionTransformer(towers.TowerModel):
     def __init__(self, config: Union[ViTConfig, dict], name: Optional[str] = None,
                  class_names: Optional[Sequence[str]] = None, dtype=None,
                  quantized: Optional[Dict[str, str]] = None, eval_preprocessing: Optional[Dict[str, Any]] = None,
-                 frozen_layers: Optional[Sequence[str]] = None, **kwargs):
+                 frozen_layers: Optional[Sequence[str]] = None, compiled_backend: Optional[str] = None, **kwargs):
         """`dtype`: the dtype policy (default: the global one); `quantized`: {layer path: dtype
         policy name} of layers that model.quantize() converted (what get_config records);
         `eval_preprocessing`: the resize and centre crop of image files for evaluation and
         prediction ({"interpolation": ..., "crop_pct": ...}, a published checkpoint's timm transform);
-        `frozen_layers`: the paths of the layers whose `trainable` is False (what get_config records)."""
+        `frozen_layers`: the paths of the layers whose `trainable` is False; `compiled_backend`: the
+        backend that compiled the model saved (what get_config records for compile_from_config)."""
         cfg = config if isinstance(config, ViTConfig) else ViTConfig.from_dict(dict(config))
         cfg.validate()
         policy = keras.dtype_policies.get(dtype) if dtype is not None else keras.config.dtype_policy()
@@ -91,6 +92,7 @@ class VisionTransformer(towers.TowerModel):
             self._requantize(quantized)
         if frozen_layers:
             self._refreeze(frozen_layers)
+        self._compiled_backend = compiled_backend
 
     def _refreeze(self, frozen: Sequence[str]) -> None:
         """Give each layer the `trainable` flag it was saved with (`frozen`: the paths of those that were not), as a
@@ -200,12 +202,10 @@ class VisionTransformer(towers.TowerModel):
 
     def get_compile_config(self) -> Optional[dict]:
         """Keras' own, with "auto" kept as the jit_compile asked for (resolved again where the model
-        loads) and the backend that compiled it (its explicit jit_compile holds there only)."""
+        loads); Keras' compile() takes it as it is (keras.models.clone_model's functional copy)."""
         config = super().get_compile_config()
-        if config and self.compiled:  # Keras gives {} for a model never compiled: it loads uncompiled
-            config = {**config, "backend": keras.backend.backend()}
-            if getattr(self, "_jit_auto", False):
-                config["jit_compile"] = "auto"
+        if config and self.compiled and getattr(self, "_jit_auto", False):  # {}: never compiled, loads uncompiled
+            config = {**config, "jit_compile": "auto"}
         return config
 
     def compile_from_config(self, config: dict) -> None:
@@ -214,7 +214,8 @@ class VisionTransformer(towers.TowerModel):
         than the one that saved it, jit_compile is "auto" (XLA's choice for TensorFlow is
         torch.compile's on PyTorch) and the optimizer is Keras' public one (PyTorch saves its own)."""
         config = dict(config)
-        if config.pop("backend", None) != keras.backend.backend():  # None: a file from before it was kept
+        # the backend that compiled it: get_config's (a file of 2026-11/12 has it here); None: older than both
+        if (config.pop("backend", None) or self._compiled_backend) != keras.backend.backend():
             config["jit_compile"] = "auto"
         config = keras.saving.deserialize_keras_object(_public_optimizers(config))
         self.compile(**config)
@@ -237,6 +238,8 @@ class VisionTransformer(towers.TowerModel):
         frozen = [_layer_key(layer) for layer in _weighted_layers(self) if not layer.trainable]
         if frozen:
             out["frozen_layers"] = frozen
+        if self.compiled:  # its explicit jit_compile holds on this backend only (compile_from_config)
+            out["compiled_backend"] = keras.backend.backend()
         return out
 
     @classmethod

@@ -152,6 +152,10 @@ def test_a_compiled_model_reloads_compiled(tmp_path):
         np.testing.assert_allclose(loaded.evaluate(x, y, verbose=0), model.evaluate(x, y, verbose=0), rtol=1e-6)
         loaded.fit(x, y, epochs=1, batch_size=2, verbose=0)
     assert not keras_vit.load_model(tmp_path / "m.keras", compile=False).compiled
+    assert model.get_config()["compiled_backend"] == keras.backend.backend()  # beside, not in, the compile config
+    older = keras_vit.ViT(variant="Ti/8", image_size=16, num_classes=5, **TINY)  # a file that kept it in there
+    older.compile_from_config({**model.get_compile_config(), "backend": keras.backend.backend()})
+    assert older.compiled
 
 
 def test_frozen_layers_reload_frozen_with_the_optimizer_state(tmp_path):
@@ -293,6 +297,12 @@ def test_clone_model_gives_the_same_outputs_with_the_same_weights():
     exact = towers.count() < 2
     check = np.testing.assert_array_equal if exact else functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-5)
     check(clone.predict(x, verbose=0), model.predict(x, verbose=0))
+    # a compiled model clones compiled, as any keras.Model does (Keras compiles the copy from get_compile_config)
+    for jit in ("auto", False):
+        model.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), jit_compile=jit)
+        clone = keras.models.clone_model(model)
+        assert clone.compiled and type(clone.optimizer) is type(model.optimizer)
+        clone.fit(x, np.arange(2), epochs=1, verbose=0)
 
 
 @pytest.mark.parametrize("kwargs,match", [
