@@ -180,7 +180,10 @@ class VisionTransformer(towers.TowerModel):
         """keras.Model.compile; `jit_compile="auto"` (the default) picks what is fast for a ViT on
         this hardware and precision policy (keras_vit.precision.model_jit_compile)."""
         self._jit_auto = len(args) < 8 and kwargs.get("jit_compile", "auto") == "auto"  # 8th positional: jit_compile
-        if self._jit_auto:
+        run_eagerly = args[5] if len(args) > 5 else kwargs.get("run_eagerly", False)  # 6th positional
+        if self._jit_auto and run_eagerly:
+            kwargs["jit_compile"] = False  # eager steps: nothing to compile (Keras warns of an explicit True)
+        elif self._jit_auto:
             backend = keras.backend.backend()
             # a process running towers (train.towers) keeps graph mode: XLA's whole step would run on one thread
             # (0.65x at Ti/16 float32 on the Zen 5 after a bf16 model started its towers)

@@ -158,6 +158,19 @@ def test_a_compiled_model_reloads_compiled(tmp_path):
     assert older.compiled
 
 
+def test_run_eagerly_compiles_without_a_jit_warning():
+    """compile(run_eagerly=True) with jit_compile left at "auto": no XLA asked for, no Keras warning that it is off."""
+    import warnings
+
+    model = keras_vit.ViT(variant="Ti/8", image_size=16, num_classes=5, **TINY)
+    for args, kwargs in (((), dict(optimizer="adam", loss="mse", run_eagerly=True)),
+                         (("adam", "mse", None, None, None, True), {})):  # run_eagerly given by position
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            model.compile(*args, **kwargs)
+        assert model.run_eagerly and not model.jit_compile
+
+
 def test_frozen_layers_reload_frozen_with_the_optimizer_state(tmp_path):
     """Layers set `trainable = False` stay frozen across model.save / load_model, as a functional model's do
     (their configs carry the flag): a parent frozen with one sublayer unfrozen, a sublayer alone. The optimizer
