@@ -1,6 +1,7 @@
 """What every `vitcli` command shares: the one-line user error."""
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import os
@@ -19,8 +20,8 @@ class UserError(click.ClickException):
 
 def user_errors(fn):
     """Run the command `fn`, turning ValueError (bad option, dataset, file; keras_vit raises
-    keras_vit.errors.UserInputError and ValueError for those) and OSError about a named file
-    (no space left, read-only or refused folder) into a one-line UserError."""
+    keras_vit.errors.UserInputError and ValueError for those), OSError about a named file (read-only or
+    refused folder) and a full disk (OSError or TensorFlow's ResourceExhaustedError) into a one-line UserError."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -29,14 +30,24 @@ def user_errors(fn):
         except ValueError as exc:
             raise UserError(first_line(exc)) from None
         except OSError as exc:
+            if exc.filename is None and exc.errno in _DISK_FULL:  # a write() failing: no file name to give
+                raise UserError(_DISK_FULL_LINE.format(os.strerror(exc.errno))) from None
             if exc.filename is None:  # not about a file the user named or made room for: a bug, keep the traceback
                 raise
             in_the_way = _file_in_the_way(exc) if isinstance(exc, (FileExistsError, NotADirectoryError)) else None
             if in_the_way:  # a folder was to be made (or gone through) where a file is
                 raise UserError(f"{in_the_way}: a file is where a folder is needed") from None
             raise UserError(f"{exc.filename}: {exc.strerror or first_line(exc)}") from None
+        except Exception as exc:  # TensorFlow's writers (TFRecord shards) say it with an op error, not an OSError
+            if type(exc).__name__ == "ResourceExhaustedError" and "No space left" in str(exc):
+                raise UserError(_DISK_FULL_LINE.format(os.strerror(errno.ENOSPC))) from None
+            raise
 
     return wrapper
+
+
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+_DISK_FULL_LINE = "{} while writing the output; free some space and run again (finished files are kept as they were)"
 
 
 def _file_in_the_way(exc: OSError):

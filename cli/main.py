@@ -17,7 +17,21 @@ from keras_vit.cli.train import evaluate_cmd, predict_cmd, train_cmd
 _VERBOSE_HELP = "Show TensorFlow's start-up logs and library warnings (hidden by default)."
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+INTERRUPTED = 130  # 128 + SIGINT, as shells report a process stopped by Ctrl-C (export's 1 is "failed verification")
+
+
+class _Group(click.Group):
+    """click's group, but Ctrl-C ends with "Interrupted." and exit status 130 (click's own says "Aborted!" and 1)."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            click.echo("\nInterrupted.", err=True)
+            raise click.exceptions.Exit(INTERRUPTED) from None
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "--version", prog_name="vitcli")
 @click.option("--verbose", is_flag=True, help=_VERBOSE_HELP)
 def cli(verbose: bool) -> None:
@@ -87,9 +101,9 @@ def main() -> None:
     quiet.install(verbose="--verbose" in sys.argv[1:])
     try:
         cli(prog_name="vitcli")
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # outside a command (while click parses the arguments)
         click.echo("Interrupted.", err=True)
-        sys.exit(130)
+        sys.exit(INTERRUPTED)
     finally:
         quiet.finished()  # TensorFlow's teardown logs from here on are hidden (unless --verbose)
 

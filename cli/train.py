@@ -104,6 +104,8 @@ def train_cmd(dataset: str, output: Optional[str], resume: bool, peer_timeout: O
             if isinstance(param, click.Option) and not param.hidden:
                 flags.setdefault(param.name, max(param.opts, key=len))
         given = sorted(flags.get(k, "--" + k.replace("_", "-")) for k, v in options.items() if v is not None)
+        if click.get_current_context().get_parameter_source("dataset") != click.core.ParameterSource.DEFAULT:
+            given = sorted(given + ["--dataset"])  # a default of its own: given only when the user typed it
         if given:
             raise UserError(f"--resume continues a run with its saved options; drop {', '.join(given)}")
         cfg = None

@@ -16,11 +16,18 @@ class DatasetError(UserInputError):
 
 
 def first_line(exc: BaseException) -> str:
-    """The first non-empty line of an exception's message, else the exception's type name."""
-    for line in str(exc).splitlines():
-        if line.strip():
-            return line.strip()
-    return type(exc).__name__
+    """The first non-empty line of an exception's message (with the next one where it ends in ":", as Keras'
+    "... Example error message for object <Conv2D ...>:" does), else the exception's type name."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    if lines[0].endswith(":") and len(lines) > 1:
+        detail = lines[1] if len(lines[1]) <= _DETAIL else lines[1][:_DETAIL].rsplit(" ", 1)[0] + " ..."
+        return f"{lines[0]} {detail}"
+    return lines[0]
+
+
+_DETAIL = 200  # characters of the line first_line adds (Keras' shape errors go on to print the variable's values)
 
 
 def op_error_line(exc: BaseException) -> str:

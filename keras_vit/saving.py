@@ -24,9 +24,14 @@ def load_model(path: Union[str, os.PathLike], compile: bool = True) -> keras.Mod
     warning that says why. compile=False skips it (inference: no optimizer variables)."""
     path = check_model_file(path)
     try:
-        model = _load(path, compile)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model = _load(path, compile)
     except Exception as exc:  # noqa: BLE001 - any failure means: not a loadable keras-vit file
+        # Keras' warnings on the way (a weight group it skipped ...) are dropped: the one line says it all
         raise ValueError(f"could not load {path!r} as a keras-vit model: {first_line(exc)}") from exc
+    for w in caught:  # a model that loads: Keras' warnings (and ours) as they came
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
     if not isinstance(model, VisionTransformer):
         raise ValueError(f"{path!r} holds a {type(model).__name__}, not a keras-vit model")
     return model
@@ -42,6 +47,10 @@ def check_model_file(path: Union[str, os.PathLike]) -> str:
         raise ValueError(f"model file {path!r} does not exist")
     if not path.endswith(".keras"):
         raise ValueError(f"model file {path!r} must be a .keras file written by model.save")
+    try:
+        open(path, "rb").close()  # zipfile.is_zipfile says False for a file it may not read
+    except OSError as exc:
+        raise ValueError(f"could not read model file {path!r}: {exc.strerror}") from None
     if not zipfile.is_zipfile(path):  # Keras would say "File not found" for a truncated or foreign file
         raise ValueError(f"could not load {path!r}: not a .keras archive (the zip model.save writes); "
                          "the file is damaged or of another kind")

@@ -269,6 +269,15 @@ def not_a_model(tmp_path_factory):
     (["train", "--resume", "--model-option", "qk_norm=true"], "drop --model-option"),
     (["train", "--resume", "--lora", "2", "--jit", "none"], "drop --jit, --lora"),  # the flags, not the fields
     (["train", "--lora", "-1"], "lora_rank must be a positive integer, got -1"),
+    (["train", "--resume", "--dataset", "mnist"], "drop --dataset"),
+    (["train", "--resume", "--dataset", "digits", "--seed", "1"], "drop --dataset, --seed"),  # the default, typed
+    (["train", "--lr", "nan"], "learning_rate must be a finite number >= 0, got nan"),
+    (["train", "--lr", "inf"], "learning_rate must be a finite number >= 0, got inf"),
+    (["train", "--warmup-epochs", "inf"], "warmup_epochs must be a finite number >= 0, got inf"),
+    (["train", "--weight-decay", "nan"], "weight_decay must be a finite number >= 0, got nan"),
+    (["train", "--label-smoothing", "nan"], "label_smoothing must be a finite number >= 0, got nan"),
+    (["train", "--mixup", "nan"], "mixup must be a finite number >= 0, got nan"),
+    (["train", "--clipnorm", "nan"], "clipnorm must be > 0 (or None for no clipping), got nan"),
     (["evaluate", "--model", "NOT_A_MODEL"], "not a keras-vit model"),
     (["evaluate", "--model", "/no/such.keras"], "does not exist"),
     (["predict", "--model", "NOT_A_MODEL", "README.md"], "not a keras-vit model"),
@@ -285,6 +294,18 @@ def test_bad_input_gives_one_line(args, message, not_a_model, tmp_path, monkeypa
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error: ") and message in lines[0], result.output
     assert not (tmp_path / "runs").exists()  # nothing left behind
+
+
+def test_ctrl_c_says_interrupted_and_exits_130(tmp_path, monkeypatch):
+    """Ctrl-C in a command: "Interrupted." and status 130 (not click's "Aborted!" and 1, export's failed verification)."""
+    import keras_vit.train
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(keras_vit.train, "train", interrupted)
+    result = CliRunner().invoke(cli, ["train", "--dataset", "digits", "--output", str(tmp_path / "run")])
+    assert result.exit_code == 130 and "Interrupted." in result.output and "Aborted" not in result.output, result.output
 
 
 @pytest.mark.parametrize("args, expected", [
@@ -411,3 +432,25 @@ def test_a_file_where_a_folder_is_needed_is_named():
     with pytest.raises(UserError, match=r"README.md: a file is where a folder is needed$"):
         make(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md"))
     assert issubclass(UserError, click.ClickException)
+
+
+def test_a_full_disk_is_one_line():
+    """A write() that fails for lack of space carries no file name (OSError) or is TensorFlow's op error (the
+    TFRecord writer): both are one line, where a bug's OSError keeps its traceback."""
+    import errno
+
+    from keras_vit.cli.common import UserError, user_errors
+
+    class ResourceExhaustedError(Exception):  # tf.errors' name and message, without importing TensorFlow
+        pass
+
+    @user_errors
+    def fail(exc):
+        raise exc
+
+    for exc in (OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)),
+                ResourceExhaustedError("/out/train-00000-of-00001.tfrecord; No space left on device")):
+        with pytest.raises(UserError, match=r"^No space left on device while writing the output; free some space"):
+            fail(exc)
+    with pytest.raises(OSError):
+        fail(OSError(errno.EIO, "I/O error"))

@@ -1,5 +1,6 @@
 """keras_vit.ViT: the built model's counts, shapes, save/load, learning and mixed precision."""
 import functools
+import os
 
 import keras
 import numpy as np
@@ -7,6 +8,7 @@ import pytest
 
 import keras_vit
 from keras_vit.config import ViTConfig
+from keras_vit.errors import first_line
 from keras_vit.train import towers
 from tests.conftest import random_images, randomise_head
 from tests.test_config import REFERENCE_COUNTS
@@ -219,6 +221,41 @@ def test_a_compile_state_this_process_cannot_rebuild_loads_uncompiled_with_a_war
         loaded = keras_vit.load_model(tmp_path / "m.keras")
     assert not loaded.compiled
     np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-6)
+
+
+def test_an_unreadable_or_mismatched_file_is_one_clear_line(tmp_path, monkeypatch):
+    """A file it may not read says so (not "damaged"); a config.json edited away from its weights gives Keras'
+    reason on the one line (not cut at its colon) and none of Keras' warnings on the way."""
+    import errno
+    import json
+    import warnings
+    import zipfile
+
+    import keras_vit.saving
+
+    model = keras_vit.ViT(variant="Ti/8", image_size=16, num_classes=5, **TINY)
+    model.save(tmp_path / "m.keras")
+    with zipfile.ZipFile(tmp_path / "m.keras") as src, zipfile.ZipFile(tmp_path / "edited.keras", "w") as out:
+        for item in src.infolist():
+            data = src.read(item.filename)
+            if item.filename == "config.json":
+                config = json.loads(data)
+                config["config"]["config"].update(hidden_size=64, mlp_dim=128)
+                data = json.dumps(config).encode()
+            out.writestr(item, data)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError) as info:
+            keras_vit.load_model(tmp_path / "edited.keras")
+    line = first_line(info.value)
+    assert "could not be loaded" in line and "must match" in line and len(line) < 500, line
+
+    def refused(path, *args, **kwargs):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
+
+    monkeypatch.setattr(keras_vit.saving, "open", refused, raising=False)
+    with pytest.raises(ValueError, match=r"could not read model file .*m.keras': Permission denied$"):
+        keras_vit.load_model(tmp_path / "m.keras")
 
 
 def test_load_model_rejects_non_keras_vit_files(tmp_path):

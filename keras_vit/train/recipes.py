@@ -3,6 +3,7 @@ dataset's defaults, then overrides), the optimizer and its warm-up + cosine sche
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -111,8 +112,8 @@ class TrainConfig:
                 raise TrainError(f"{name} must be a positive integer, got {v!r}")
         for name in ("learning_rate", "weight_decay", "warmup_epochs", "label_smoothing", "mixup", "cutmix"):
             v = getattr(self, name)
-            if not isinstance(v, (int, float)) or v < 0:
-                raise TrainError(f"{name} must be a number >= 0, got {v!r}")
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < math.inf:  # NaN fails too
+                raise TrainError(f"{name} must be a finite number >= 0, got {v!r}")
         if self.learning_rate <= 0:
             raise TrainError(f"learning_rate must be > 0, got {self.learning_rate!r}")
         if isinstance(self.checkpoint_interval, bool) or not isinstance(self.checkpoint_interval, (int, float)) \
@@ -120,7 +121,8 @@ class TrainConfig:
             raise TrainError(f"checkpoint_interval must be a number of seconds >= 0, got {self.checkpoint_interval!r}")
         if self.label_smoothing >= 1:
             raise TrainError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
-        if self.clipnorm is not None and self.clipnorm <= 0:
+        if self.clipnorm is not None and (isinstance(self.clipnorm, bool) or not isinstance(self.clipnorm, (int, float))
+                                          or not 0 < self.clipnorm < math.inf):
             raise TrainError(f"clipnorm must be > 0 (or None for no clipping), got {self.clipnorm!r}")
         choices = dict(optimizer=OPTIMIZERS, mixed_precision=MIXED_PRECISION, distribute=DISTRIBUTE)
         if not isinstance(self.jit_compile, bool) and self.jit_compile not in JIT_MODES:
