@@ -51,6 +51,11 @@ def _check_options(fmt: str, quantize: Optional[str], optimize: bool, opset: int
         raise UserError("--input-dtype applies to --format saved_model only")
     if interpolation and not dynamic_size:
         raise UserError("--interpolation applies with --dynamic-size only")
+    if fmt == "onnx" and opset != 17:  # before check_parent makes --output's folder
+        from keras_vit.export.onnx import MIN_OPSET, max_opset
+
+        if not MIN_OPSET <= opset <= max_opset():
+            raise UserError(f"--opset must be from {MIN_OPSET} to {max_opset()} (tf2onnx's newest), got {opset}")
 
 
 def _echo_int8_speed(path: str) -> None:
@@ -92,7 +97,7 @@ def default_output(model_path: str, fmt: str, quantize: Optional[str], optimize:
                    "(int8 weights) or int8 (static, calibrated; sensitive ops kept float).")
 @click.option("--calibration", "num_calibration", type=click.IntRange(min=1), default=300, show_default=True,
               help="int8: number of calibration images (from --calibration-dataset, its train split).")
-@click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset (17 or newer).")
+@click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset: 17 up to the newest tf2onnx writes (tf2onnx 1.17: 18).")
 @click.option("--optimize", is_flag=True, help="ONNX, for onnxruntime only: fused Attention op per block, LayerNorm and GELU fusions.")
 @click.option("--output", "output", default=None,
               help="Output file (default: beside the model, e.g. runs/latest/model.onnx).")

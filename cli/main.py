@@ -21,11 +21,15 @@ INTERRUPTED = 130  # 128 + SIGINT, as shells report a process stopped by Ctrl-C 
 
 
 class _Group(click.Group):
-    """click's group, but Ctrl-C ends with "Interrupted." and exit status 130 (click's own says "Aborted!" and 1)."""
+    """click's group, but Ctrl-C ends with "Interrupted." and exit status 130 (click's own says "Aborted!" and 1),
+    and a command's bad option is one line (click's usage block above it left out; exit status 2 as click's)."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
+        except click.UsageError as exc:
+            where = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
+            raise UserError(exc.format_message() + where) from None
         except KeyboardInterrupt:
             click.echo("\nInterrupted.", err=True)
             raise click.exceptions.Exit(INTERRUPTED) from None

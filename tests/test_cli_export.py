@@ -131,7 +131,8 @@ def test_failed_check_with_no_earlier_file_writes_nothing_at_output(run_dir, tmp
     (["--output", "a_file/m.onnx", "--no-verify"], "cannot create output folder"),
     (["--format", "onnx", "--quantize", "int8", "--no-verify"], "int8 export needs calibration data"),
     (["--format", "tflite", "--optimize"], "apply to --format onnx only"),
-    (["--opset", "9", "--no-verify", "--output", "x.onnx"], "opset must be an integer from 17"),
+    (["--opset", "9", "--no-verify", "--output", "x.onnx"], "--opset must be from 17 to"),
+    (["--opset", "99", "--output", "new/x.onnx"], "--opset must be from 17 to"),  # refused before new/ is made
     (["--threshold", "fast"], "must look like NAME=NUMBER"),
     (["--model", "cut.keras"], "could not load 'cut.keras': not a .keras archive"),
     (["--model", "runs"], "model file 'runs' is a folder"),
@@ -148,6 +149,7 @@ def test_bad_input_gives_one_line_and_nonzero_exit(run_dir, tmp_path, args, mess
     lines = [line for line in result.output.strip().splitlines() if line.startswith("Error")]
     assert len(lines) == 1 and message in lines[0], result.output
     assert "Traceback" not in result.output
+    assert not (tmp_path / "new").exists()
 
 
 def test_missing_default_model_says_how_to_get_one(tmp_path):

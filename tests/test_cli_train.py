@@ -254,6 +254,7 @@ def not_a_model(tmp_path_factory):
 @pytest.mark.parametrize("args, message", [
     (["train", "--dataset", "imagenet9"], "unknown dataset 'imagenet9'"),
     (["train", "--dataset", "folder:/no/such/folder"], "does not exist"),
+    (["train", "--dataset", "folder:README.md"], "'README.md' is a file, not a folder"),
     (["train", "--image-size", "31"], "image_size 31x31 is not divisible by the patch size 4x4"),
     (["train", "--epochs", "-1"], "epochs must be a positive integer, got -1"),
     (["train", "--variant", "Q/16"], "unknown variant 'Q/16'"),
@@ -270,6 +271,9 @@ def not_a_model(tmp_path_factory):
     (["train", "--resume", "--lora", "2", "--jit", "none"], "drop --jit, --lora"),  # the flags, not the fields
     (["train", "--lora", "-1"], "lora_rank must be a positive integer, got -1"),
     (["train", "--resume", "--dataset", "mnist"], "drop --dataset"),
+    (["train", "--bogus"], "No such option '--bogus'. (see 'cli train --help')"),  # click's, no usage block (CliRunner: 'cli')
+    (["pretrain", "--epochs", "0"], "Invalid value for '--epochs': 0 is not in the range x>=1."),
+    (["trian"], "No such command 'trian'."),
     (["train", "--resume", "--dataset", "digits", "--seed", "1"], "drop --dataset, --seed"),  # the default, typed
     (["train", "--lr", "nan"], "learning_rate must be a finite number >= 0, got nan"),
     (["train", "--lr", "inf"], "learning_rate must be a finite number >= 0, got inf"),

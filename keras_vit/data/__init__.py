@@ -235,7 +235,8 @@ def _folder_lists(path: str, seed: int, val_fraction: float):
     """((files, labels) of train, val, test; class names) of an image folder (see _folder)."""
     path = os.path.expanduser(path)
     if not path or not os.path.isdir(path):
-        raise DatasetError(f"folder {path!r} does not exist (expected folder:PATH with one sub-folder per class)")
+        what = "is a file, not a folder" if os.path.exists(path) else "does not exist"
+        raise DatasetError(f"folder {path!r} {what} (expected folder:PATH with one sub-folder per class)")
     layout = {s: os.path.join(path, s) for s in ("train", "val", "validation", "test")}
     if os.path.isdir(layout["train"]):
         train_files, train_labels, names = list_images(layout["train"])
