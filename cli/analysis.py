@@ -65,6 +65,29 @@ def _parse_shots(text: str) -> List[int]:
     return shots
 
 
+def _check_writable(path: str, option: str) -> None:
+    """UserError unless a file can be written at `path` (its folder, or the nearest folder above it that
+    exists, is writable), checked before any work; nothing is created here. (cli/common.py has no such helper.)"""
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        raise UserError(f"{option} {path!r}: {folder!r} is a file, where a folder is needed")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UserError(f"{option} {path!r}: the folder {folder!r} is not writable; choose another {option}")
+
+
+def _write_json_to(path: str, obj, option: str) -> None:
+    """Write `obj` as JSON to `path` (making its folder); an OSError names `path`, not a temporary file."""
+    from keras_vit.files import write_json
+
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        write_json(path, obj)
+    except OSError as exc:
+        raise UserError(f"{option} {path!r}: {exc.strerror or exc}") from None
+
+
 # --- vitcli inspect ---------------------------------------------------------------------------
 @click.command("inspect")
 @click.option("--model", "model_spec", required=True,
@@ -138,6 +161,8 @@ def fewshot_cmd(model_spec: str, dataset: str, shots: str, draws: int, seed: int
     Closed-form ridge regression to {-1, 1} targets from k images per class, several draws
     (mean and spread); the regulariser is chosen on the validation split."""
     shot_list = _parse_shots(shots)
+    if out_path:
+        _check_writable(out_path, "--out")
     from keras_vit import data, fewshot
     from keras_vit.model import get_config
 
@@ -151,10 +176,7 @@ def fewshot_cmd(model_spec: str, dataset: str, shots: str, draws: int, seed: int
     result = {"model": model_spec, "dataset": dataset, **result,
               "shots": {str(k): v for k, v in result["shots"].items()}}
     if out_path:
-        from keras_vit.files import write_json
-
-        os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-        write_json(out_path, result)
+        _write_json_to(out_path, result, "--out")
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return

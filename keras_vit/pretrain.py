@@ -35,10 +35,10 @@ import numpy as np
 from keras import layers, ops
 
 from keras_vit import data as kdata
-from keras_vit.errors import UserInputError, op_error_line
+from keras_vit.errors import TrainError, UserInputError, op_error_line
 from keras_vit.files import save_model, write_json
 from keras_vit.model import build_model, get_config
-from keras_vit.train.recipes import make_config, warmup_cosine
+from keras_vit.train.recipes import TrainConfig, make_config, warmup_cosine
 from keras_vit.train.runs import check_output, new_run_dir
 from keras_vit.train.schedules import evaluate_once_per_update
 from keras_vit.train.towers import TowerModel
@@ -295,6 +295,17 @@ class PretrainConfig:
         given = {k: getattr(self, k) for k in names if getattr(self, k) is not None}
         return {**given, "model": dict(self.model)} if self.model else given
 
+    def validate(self) -> TrainConfig:
+        """Raise UserInputError naming a bad value and what is allowed; else the TrainConfig whose model
+        (and checks: TrainConfig.validate, NaN and infinity refused) the run shares with `vitcli train`."""
+        if self.target not in TARGETS:
+            raise UserInputError(f"target must be one of {', '.join(TARGETS)}; got {self.target!r}")
+        ratio = self.mask_ratio
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:  # NaN fails too
+            raise UserInputError(f"mask_ratio must be a number in (0, 1], got {ratio!r}")
+        recipe = {k: getattr(self, k) for k in ("epochs", "batch_size", "learning_rate", "weight_decay", "warmup_epochs")}
+        return make_config(self.dataset, "scratch", **self.model_options(), **recipe)
+
 
 def _op_errors() -> Tuple[type, ...]:
     """The errors a running step raises on this backend (TensorFlow's OpError; none known elsewhere)."""
@@ -305,6 +316,19 @@ def _op_errors() -> Tuple[type, ...]:
     return (tf.errors.OpError,)
 
 
+def _check_converged(history: Dict[str, list]) -> None:
+    """TrainError when the loss became NaN or infinite (TerminateOnNaN stopped the run): nothing is saved."""
+    bad = next((v for v in history.get("loss", []) if not math.isfinite(v)), None)
+    if bad is not None:
+        raise TrainError(f"training diverged (loss {'NaN' if math.isnan(bad) else bad}); no encoder saved; try a lower --lr")
+
+
+def _remove_if_empty(folder: str, made: bool) -> None:
+    """Remove the run folder this run made, if nothing was written in it (a failed run leaves no trace)."""
+    if made and os.path.isdir(folder) and not os.listdir(folder):
+        os.rmdir(folder)
+
+
 def pretrain(cfg: PretrainConfig, output: Optional[str] = None, verbose: Any = "auto",
              callbacks=None) -> Dict[str, Any]:
     """Pre-train an encoder on `cfg.dataset` into `output` (a new or empty folder; default runs/pretrain-<dataset>-<variant>-<time>):
@@ -312,9 +336,7 @@ def pretrain(cfg: PretrainConfig, output: Optional[str] = None, verbose: Any = "
 
     The seed is set before the encoder is built, so a run repeats from the same initial weights.
     """
-    if cfg.target not in TARGETS:
-        raise UserInputError(f"target must be one of {', '.join(TARGETS)}; got {cfg.target!r}")
-    train_cfg = make_config(cfg.dataset, "scratch", **cfg.model_options())
+    train_cfg = cfg.validate()
     check_output(output, "--out")  # before the data loads: a taken folder is refused at once
     splits = kdata.load(cfg.dataset, seed=cfg.seed)
     channels = 1 if splits.image_shape[-1] == 1 else 3
@@ -322,6 +344,7 @@ def pretrain(cfg: PretrainConfig, output: Optional[str] = None, verbose: Any = "
     train_x = kdata.split_arrays(splits.train, vit_cfg.image_size, channels)[0]
     val_x = kdata.split_arrays(splits.val, vit_cfg.image_size, channels)[0]
     # A new folder each run (an earlier encoder is never replaced); runs/latest stays the last `train`'s.
+    made = not (output and os.path.isdir(output))
     output = new_run_dir(train_cfg, output, "runs", kind="pretrain-", latest=False, option="--out")
     keras.utils.set_random_seed(cfg.seed)
     encoder = build_model(vit_cfg)
@@ -329,10 +352,15 @@ def pretrain(cfg: PretrainConfig, output: Optional[str] = None, verbose: Any = "
         history = pretrain_encoder(
             encoder, train_x, val_x, target=cfg.target, epochs=cfg.epochs, batch_size=cfg.batch_size,
             learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay, warmup_epochs=cfg.warmup_epochs,
-            seed=cfg.seed, mask_ratio=cfg.mask_ratio, callbacks=callbacks,
+            seed=cfg.seed, mask_ratio=cfg.mask_ratio, callbacks=[*(callbacks or []), keras.callbacks.TerminateOnNaN()],
             verbose=(1 if sys.stdout.isatty() else 2) if verbose == "auto" else verbose)
+        _check_converged(history)
     except _op_errors() as exc:  # out of memory, say: one line, as `train` gives
+        _remove_if_empty(output, made)
         raise UserInputError(f"pre-training failed: {op_error_line(exc)}") from None
+    except TrainError:
+        _remove_if_empty(output, made)
+        raise
     path = save_encoder(encoder, os.path.join(output, "model.keras"))
     write_json(os.path.join(output, "metrics.json"),
                {"task": "masked_patch_prediction", **dataclasses.asdict(cfg), "config": vit_cfg.to_dict(),

@@ -83,6 +83,31 @@ def test_cli_fewshot_json(trained_digits_vit, tmp_path):
     assert bad.exit_code == 2 and "--shots" in bad.output and len(bad.output.strip().splitlines()) == 1
 
 
+def test_cli_fewshot_refuses_an_out_it_cannot_write_before_evaluating(tmp_path, monkeypatch):
+    """A read-only folder or a file in the way of --out: one line naming --out's path, before any work; no folder made."""
+    import os
+
+    from keras_vit.cli.main import cli
+
+    monkeypatch.setattr(fewshot, "evaluate_model", lambda *a, **k: pytest.fail("evaluated before checking --out"))
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    real_access = os.access  # root writes anywhere: the read-only folder is also simulated for os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, *a, **k: False if os.fspath(p) == str(ro) else real_access(p, mode, *a, **k))
+    (tmp_path / "file").write_text("")
+    cases = [(ro / "sub" / "f.json", f"the folder '{ro}' is not writable"),
+             (tmp_path / "file" / "f.json", f"'{tmp_path / 'file'}' is a file, where a folder is needed")]
+    try:
+        for out, why in cases:
+            result = CliRunner().invoke(cli, ["fewshot", "--model", "Ti/4", "--shots", "1", "--draws", "1", "--out", str(out)])
+            assert result.exit_code == 2 and result.output.strip().startswith(f"Error: --out '{out}': {why}"), result.output
+            assert len(result.output.strip().splitlines()) == 1
+        assert list(ro.iterdir()) == []
+    finally:
+        ro.chmod(0o755)
+
+
 @pytest.mark.parametrize("classifier", ["token", "gap"])
 def test_features_of_every_headless_form_are_the_pre_logits(classifier):
     import keras_vit

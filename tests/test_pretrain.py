@@ -158,6 +158,41 @@ def test_pretrain_runs_in_a_new_folder_each_time_and_a_failed_step_is_one_line(t
         "Error: pre-training failed: OOM when allocating tensor with shape[1,9,9,3]"), failed.output
 
 
+TINY = ["pretrain", "--dataset", "digits", "--variant", "Ti/4", "--hidden-size", "16", "--num-layers", "1",
+        "--num-heads", "1", "--mlp-dim", "16", "--epochs", "1", "--batch-size", "256"]
+
+
+@pytest.mark.parametrize("option,value,message", [
+    ("--lr", "nan", "learning_rate must be a finite number >= 0, got nan"),
+    ("--lr", "inf", "learning_rate must be a finite number >= 0, got inf"),
+    ("--weight-decay", "nan", "weight_decay must be a finite number >= 0, got nan"),
+    ("--weight-decay", "inf", "weight_decay must be a finite number >= 0, got inf"),
+    ("--mask-ratio", "nan", "mask_ratio must be a number in (0, 1], got nan"),
+])
+def test_cli_pretrain_refuses_nan_and_infinity_before_anything(tmp_path, monkeypatch, option, value, message):
+    """click's FloatRange lets NaN (and inf, where unbounded) through: refused in one line, no folder made."""
+    from keras_vit.cli.main import cli
+
+    monkeypatch.setattr(mpp, "pretrain_encoder", lambda *a, **k: pytest.fail("pre-trained with " + value))
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli, TINY + [option, value, "--out", str(out)])
+    assert result.exit_code == 2 and result.output.strip() == f"Error: {message}", result.output
+    assert not out.exists()
+    with pytest.raises(ValueError, match="mask_ratio"):
+        mpp.PretrainConfig(mask_ratio=float("nan")).validate()
+
+
+def test_cli_pretrain_that_diverges_saves_nothing(tmp_path):
+    """A loss that turns NaN stops the run with train's one line: no encoder saved, no fine-tune hint."""
+    from keras_vit.cli.main import cli
+
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli, TINY + ["--lr", "1e30", "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().splitlines()[-1] == "Error: training diverged (loss NaN); no encoder saved; try a lower --lr"
+    assert "fine-tune" not in result.output and not out.exists()
+
+
 @pytest.mark.slow
 def test_vitcli_pretrain_then_train_with_weights(tmp_path):
     """The documented workflow: `vitcli pretrain --dataset D`, then `vitcli train --weights .../model.keras`
