@@ -132,6 +132,49 @@ def test_records_round_trip_trains_like_the_folder(tmp_path):
     assert min(results.values()) >= 0.8, results  # colour classes: both learn them
 
 
+def _shards(folder) -> list:
+    return sorted(p.name for p in folder.iterdir() if p.suffix == ".tfrecord")
+
+
+def test_records_rewrite_keeps_one_set_and_load_reads_the_listed_shards(tmp_path):
+    root, rec = _colour_folder(tmp_path / "imgs", n=6), tmp_path / "rec"
+    data.write_records(f"folder:{root}", str(rec), examples_per_shard=100)
+    (rec / "notes.tfrecord").write_bytes(b"")  # not a name write_records gives: kept
+    data.write_records(f"folder:{root}", str(rec), examples_per_shard=4)
+    assert _shards(rec) == ["notes.tfrecord", "test-00000-of-00001.tfrecord", "train-00000-of-00003.tfrecord",
+                            "train-00001-of-00003.tfrecord", "train-00002-of-00003.tfrecord", "val-00000-of-00001.tfrecord"]
+    (rec / "train-00000-of-00009.tfrecord").write_bytes((rec / "train-00000-of-00003.tfrecord").read_bytes())
+    s = data.load(f"records:{rec}")  # a stray shard that dataset.json does not list is not read
+    assert len(list(s.train)) == s.sizes[0] == 11
+    assert len(list(data.load(f"records:{rec}/train-*").train)) == 9  # a glob too; 2 of 11 held out
+    (rec / "train-00001-of-00003.tfrecord").unlink()
+    with pytest.raises(data.DatasetError) as info:
+        data.load(f"records:{rec}")
+    assert str(info.value) == (f"records shard {rec / 'train-00001-of-00003.tfrecord'} is missing "
+                               f"({rec / 'dataset.json'} lists it); write the folder again with vitcli records")
+
+
+def test_damaged_records_folder_fails_naming_the_file(tmp_path):
+    root, rec = _colour_folder(tmp_path / "imgs", n=6), tmp_path / "rec"
+    data.write_records(f"folder:{root}", str(rec), examples_per_shard=100)
+    meta, shard = rec / "dataset.json", rec / "train-00000-of-00001.tfrecord"
+    good_meta, good_shard = meta.read_bytes(), shard.read_bytes()
+    meta.write_text("{ not json")
+    with pytest.raises(data.DatasetError, match=f"^{meta} is not valid JSON .*; vitcli records writes it"):
+        data.load(f"records:{rec}")
+    meta.write_bytes(good_meta)
+    shard.write_text("this is not a TFRecord file")
+    with pytest.raises(data.DatasetError, match=f"^records shard {shard} is not a whole TFRecord file"):
+        data.load(f"records:{rec}")
+    for damaged in (good_shard[:-100], good_shard[:200] + b"XXXX" + good_shard[204:]):  # cut short, a bad checksum
+        shard.write_bytes(damaged)
+        with pytest.raises(tf.errors.OpError) as info:
+            list(data.load(f"records:{rec}").train)
+        line = data.bad_image_line(info.value)  # the line the training loop and evaluation print
+        assert line is not None and line.startswith(f"cannot read image records from shard {shard}: it is damaged "
+                                                    "or truncated (") and line.endswith("vitcli records"), line
+
+
 def _readme_block(title: str) -> str:
     text = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
     section = text[text.index(title):]

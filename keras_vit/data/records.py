@@ -10,7 +10,9 @@ other tools load when their features have these names and a `dataset.json` (or a
 `class_names.txt`, one name per line) lies beside them; their file names choose the split
 (train*, val*/validation*, test*; anything else counts as train).
 
-Reading is sharded by file (tf.data's FILE auto-shard puts whole shards on each worker), shards
+`records:DIR` reads exactly the shards dataset.json lists (rewriting a folder removes the shards
+of the set it replaces); a shard that is missing, not a TFRecord file or cut short fails with one
+line naming it. Reading is sharded by file (tf.data's FILE auto-shard puts whole shards on each worker), shards
 are interleaved and decoded on parallel threads in a fixed order, so a seeded run is repeatable.
 """
 from __future__ import annotations
@@ -19,6 +21,8 @@ import glob as globlib
 import json
 import math
 import os
+import re
+import struct
 from typing import Dict, List, Optional, Sequence
 
 FEATURE_IMAGE = "image/encoded"
@@ -26,6 +30,8 @@ FEATURE_LABEL = "image/class/label"
 FEATURE_FILENAME = "image/filename"
 METADATA = "dataset.json"
 SPLITS = ("train", "val", "test")
+SHARD_NAME = re.compile(r"(train|val|test)-\d{5}-of-\d{5}\.tfrecord")  # the names write_records gives
+REWRITE_HINT = "write the folder again with vitcli records"
 
 
 def write_records(dataset: str, output: str, *, examples_per_shard: int = 1024, seed: int = 0,
@@ -75,7 +81,16 @@ def write_records(dataset: str, output: str, *, examples_per_shard: int = 1024, 
         "class_names": list(class_names), "examples": counts, "shards": shards,
         "features": {FEATURE_IMAGE: "bytes", FEATURE_LABEL: "int64", FEATURE_FILENAME: "bytes"},
         "source": dataset})
+    _remove_replaced_shards(output, {name for names in shards.values() for name in names})
     return counts
+
+
+def _remove_replaced_shards(output: str, keep: set) -> None:
+    """Remove the shards of an earlier set in `output` (only names write_records gives), once the
+    new set and its dataset.json are complete, so the folder holds one set."""
+    for entry in os.scandir(output):
+        if entry.is_file() and SHARD_NAME.fullmatch(entry.name) and entry.name not in keep:
+            os.remove(entry.path)
 
 
 def _read(path: str) -> bytes:
@@ -104,10 +119,22 @@ def _split_of(path: str) -> str:
 
 
 def _metadata(folder: str) -> Optional[dict]:
+    """dataset.json (or class_names.txt) beside the shards; a damaged dataset.json is a one-line DatasetError."""
+    from keras_vit.data import DatasetError
+
     path = os.path.join(folder, METADATA)
     if os.path.isfile(path):
         with open(path) as f:
-            return json.load(f)
+            try:
+                meta = json.load(f)
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise DatasetError(f"{path} is not valid JSON ({str(exc).splitlines()[0]}); vitcli records writes it: "
+                                   "run it again for this folder") from None
+        if not isinstance(meta, dict) or not isinstance(meta.get("class_names", []), list) \
+                or not isinstance(meta.get("shards", {}), dict):
+            raise DatasetError(f"{path} is not a records description (expected an object with a class_names list "
+                               f"and a shards object, as vitcli records writes it); {REWRITE_HINT}")
+        return meta
     path = os.path.join(folder, "class_names.txt")
     if os.path.isfile(path):
         with open(path) as f:
@@ -116,27 +143,36 @@ def _metadata(folder: str) -> Optional[dict]:
 
 
 def load_records(pattern: str, seed: int, val_fraction: float, bad=None):
-    """The Splits of `records:GLOB` (a folder means all its *.tfrecord shards)."""
+    """The Splits of `records:DIR` (the shards its dataset.json lists, else all its *.tfrecord) or
+    `records:GLOB` (the matching shards; those dataset.json lists, when it lists them)."""
     from keras_vit.data import DatasetError, Splits
 
     pattern = os.path.expanduser(pattern)
-    if os.path.isdir(pattern):
-        pattern = os.path.join(pattern, "*.tfrecord")
-    files = sorted(f for f in globlib.glob(pattern) if os.path.isfile(f) and not f.endswith(".json"))
+    folder = pattern if os.path.isdir(pattern) else None
+    files = None if folder else sorted(f for f in globlib.glob(pattern) if os.path.isfile(f) and not f.endswith(".json"))
+    if folder is None and files:
+        folder = os.path.dirname(files[0])
+    meta = _metadata(folder) if folder else None
+    listed = _listed_shards(meta, folder) if meta else None
+    if files is None:
+        files = sorted(f for names in listed.values() for f in names) if listed \
+            else sorted(f for f in globlib.glob(os.path.join(folder, "*.tfrecord")) if os.path.isfile(f))
+    elif listed:  # a glob reads only the current set, not shards dataset.json does not list
+        current = {os.path.abspath(f) for names in listed.values() for f in names}
+        files = [f for f in files if os.path.abspath(f) in current]
     if not files:
         raise DatasetError(f"records:{pattern} matches no files (expected TFRecord shards, e.g. records:DIR/train-*.tfrecord)")
-    folder = os.path.dirname(files[0])
-    meta = _metadata(folder)
     if not meta or not meta.get("class_names"):
         raise DatasetError(f"records:{pattern}: no {METADATA} or class_names.txt beside the shards in {folder} "
                            "(keras_vit.data.write_records writes it)")
+    sizes_of = {f: _shard_size(f) for f in files}
     by_split: Dict[str, List[str]] = {s: [f for f in files if _split_of(f) == s] for s in SPLITS}
     if not by_split["train"]:
         raise DatasetError(f"records:{pattern} has no training shards (file names starting 'train')")
-    examples = meta.get("examples") or {}
-    train = _records(by_split["train"], bad, shuffle_seed=seed)
+    examples = _known_examples(meta, listed, by_split)
+    train = _records(by_split["train"], sizes_of, bad, shuffle_seed=seed)
     if by_split["val"]:
-        val = _records(by_split["val"], bad)
+        val = _records(by_split["val"], sizes_of, bad)
     else:  # hold out every k-th training example (seeded offset)
         k = max(2, int(round(1 / val_fraction)))
         offset = seed % k
@@ -150,13 +186,13 @@ def load_records(pattern: str, seed: int, val_fraction: float, bad=None):
         def drop_index(i, x, y):
             return x, y
 
-        val = _records(by_split["train"], bad, indexed=True).filter(held_out).map(drop_index)
-        train = _records(by_split["train"], bad, indexed=True).filter(kept).map(drop_index)
+        val = _records(by_split["train"], sizes_of, bad, indexed=True).filter(held_out).map(drop_index)
+        train = _records(by_split["train"], sizes_of, bad, indexed=True).filter(kept).map(drop_index)
         if isinstance(examples.get("train"), int):
             n_val = len(range(offset, examples["train"], k))
             examples = {"train": examples["train"] - n_val, "val": n_val,
                         "test": examples["test"] if by_split["test"] else n_val}
-    test = _records(by_split["test"], bad) if by_split["test"] else val
+    test = _records(by_split["test"], sizes_of, bad) if by_split["test"] else val
     sizes = None
     if all(isinstance(examples.get(s), int) for s in SPLITS):
         sizes = (examples["train"], examples["val"], examples["test"])
@@ -165,24 +201,74 @@ def load_records(pattern: str, seed: int, val_fraction: float, bad=None):
     return Splits(train, val, test, list(meta["class_names"]), (None, None, 3), bad, sizes)
 
 
+def _listed_shards(meta: dict, folder: str) -> Optional[Dict[str, List[str]]]:
+    """{split: shard paths} that dataset.json lists (None if it lists none); a listed shard that
+    is missing is a one-line DatasetError."""
+    from keras_vit.data import DatasetError
+
+    shards = meta.get("shards")
+    if not shards:
+        return None
+    path = os.path.join(folder, METADATA)
+    listed: Dict[str, List[str]] = {}
+    for split, names in shards.items():
+        if split not in SPLITS or not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise DatasetError(f"{path}: shards[{split!r}] is not a list of shard file names of a split "
+                               f"({', '.join(SPLITS)}); {REWRITE_HINT}")
+        listed[split] = [os.path.join(folder, name) for name in names]
+    for paths in listed.values():
+        for shard in paths:
+            if not os.path.isfile(shard):
+                raise DatasetError(f"records shard {shard} is missing ({path} lists it); {REWRITE_HINT}")
+    return listed
+
+
+def _known_examples(meta: dict, listed: Optional[Dict[str, List[str]]], by_split: Dict[str, List[str]]) -> dict:
+    """dataset.json's examples per split, kept only for splits read whole (all the shards it lists)."""
+    examples = {s: n for s, n in (meta.get("examples") or {}).items()
+                if s in SPLITS and (listed is None or sorted(by_split[s]) == sorted(listed.get(s, [])))}
+    if not by_split["test"] and by_split["val"]:
+        examples["test"] = examples.get("val")  # the test split is the val split then
+    return examples
+
+
+def _shard_size(path: str) -> int:
+    """The size of the shard `path`, after a cheap check of its first record header, so a file
+    that is not a TFRecord file (or is shorter than one record) fails here by name."""
+    from keras_vit.data import DatasetError
+
+    size = os.path.getsize(path)
+    if size == 0:  # an empty split's shard
+        return size
+    with open(path, "rb") as f:
+        head = f.read(8)
+    length = struct.unpack("<Q", head)[0] if len(head) == 8 else None
+    if length is None or length + 16 > size:
+        raise DatasetError(f"records shard {path} is not a whole TFRecord file (its first record does not fit in its "
+                           f"{size} bytes); {REWRITE_HINT}")
+    return size
+
+
 def _assert_cardinality(n: int):
     import tensorflow as tf
 
     return tf.data.experimental.assert_cardinality(n)
 
 
-def _records(files: Sequence[str], bad, indexed: bool = False, shuffle_seed: Optional[int] = None):
-    """(image, label) of the shards `files`: read interleaved, parsed and decoded in order.
-    With `shuffle_seed` (and not `indexed`) the shard order is reshuffled each epoch."""
+def _records(files: Sequence[str], sizes_of: Dict[str, int], bad, indexed: bool = False,
+             shuffle_seed: Optional[int] = None):
+    """(image, label) of the shards `files` (sizes in `sizes_of`): read interleaved, each checked
+    whole (_whole_shard), parsed and decoded in order. With `shuffle_seed` (and not `indexed`)
+    the shard order is reshuffled each epoch."""
     import tensorflow as tf
 
     from keras_vit.data.folders import checked_images
 
     AUTO = tf.data.AUTOTUNE
-    names = tf.data.Dataset.from_tensor_slices(list(files))
+    names = tf.data.Dataset.from_tensor_slices((list(files), [sizes_of[f] for f in files]))
     if shuffle_seed is not None and not indexed:
         names = names.shuffle(len(files), seed=shuffle_seed, reshuffle_each_iteration=True)
-    ds = names.interleave(tf.data.TFRecordDataset, cycle_length=min(len(files), 8), block_length=1,
+    ds = names.interleave(_whole_shard, cycle_length=min(len(files), 8), block_length=1,
                           num_parallel_calls=AUTO, deterministic=True)
     spec = {FEATURE_IMAGE: tf.io.FixedLenFeature([], tf.string),
             FEATURE_LABEL: tf.io.FixedLenFeature([], tf.int64),
@@ -200,3 +286,30 @@ def _records(files: Sequence[str], bad, indexed: bool = False, shuffle_seed: Opt
         ds = checked_images(ds, bad)
         return ds.map(lambda x, iy: (iy[0], x, iy[1]))
     return checked_images(ds, bad)
+
+
+def _whole_shard(path, size):
+    """The records of the shard `path`, failing after its last whole record unless those records
+    fill its `size` bytes: a damaged or cut-short shard fails by name, not with TensorFlow's
+    nameless 'corrupted/truncated record'. The line starts with BAD_IMAGE_PREFIX, so the training
+    loop, evaluation and batches report it as they report an image that does not decode."""
+    import tensorflow as tf
+
+    from keras_vit.data.folders import BAD_IMAGE_PREFIX
+
+    end = tf.data.Dataset.from_tensors((tf.constant(b""), True))
+    records = tf.data.TFRecordDataset(path).ignore_errors().map(lambda r: (r, False)).concatenate(end)
+
+    def count(total, elem):  # bytes of whole records so far: each is its data plus 16 bytes of framing
+        return total + tf.cast(tf.strings.length(elem[0]), tf.int64) + 16, (elem[0], elem[1], total)
+
+    def check(record, last, total):
+        ok = tf.logical_or(tf.logical_not(last), tf.equal(total, tf.cast(size, tf.int64)))
+        msg = tf.strings.join([BAD_IMAGE_PREFIX, "records from shard ", path, ": it is damaged or truncated (",
+                               tf.strings.as_string(total), " of its ", tf.strings.as_string(size),
+                               " bytes are whole records); " + REWRITE_HINT])
+        with tf.control_dependencies([tf.debugging.Assert(ok, [msg], summarize=1)]):
+            return tf.identity(record), last
+
+    checked = records.scan(tf.constant(0, tf.int64), count).map(check)
+    return checked.filter(lambda record, last: tf.logical_not(last)).map(lambda record, last: record)
