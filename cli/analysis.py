@@ -11,7 +11,7 @@ from typing import List, Optional, Tuple
 
 import click
 
-from keras_vit.cli.common import MODEL_OPTION_HELP, UserError, parse_model_options, user_errors
+from keras_vit.cli.common import MODEL_OPTION_HELP, UserError, check_writable, parse_model_options, user_errors
 
 
 # --- shared helpers -----------------------------------------------------------------------
@@ -63,18 +63,6 @@ def _parse_shots(text: str) -> List[int]:
     if not shots or any(s < 1 for s in shots):
         raise UserError(f"--shots must be comma-separated positive integers such as 1,5,10,25; got {text!r}")
     return shots
-
-
-def _check_writable(path: str, option: str) -> None:
-    """UserError unless a file can be written at `path` (its folder, or the nearest folder above it that
-    exists, is writable), checked before any work; nothing is created here. (cli/common.py has no such helper.)"""
-    folder = os.path.dirname(os.path.abspath(path))
-    while not os.path.exists(folder):
-        folder = os.path.dirname(folder)
-    if not os.path.isdir(folder):
-        raise UserError(f"{option} {path!r}: {folder!r} is a file, where a folder is needed")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise UserError(f"{option} {path!r}: the folder {folder!r} is not writable; choose another {option}")
 
 
 def _write_json_to(path: str, obj, option: str) -> None:
@@ -162,7 +150,7 @@ def fewshot_cmd(model_spec: str, dataset: str, shots: str, draws: int, seed: int
     (mean and spread); the regulariser is chosen on the validation split."""
     shot_list = _parse_shots(shots)
     if out_path:
-        _check_writable(out_path, "--out")
+        check_writable(out_path, "--out")
     from keras_vit import data, fewshot
     from keras_vit.model import get_config
 

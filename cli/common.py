@@ -60,6 +60,18 @@ def _file_in_the_way(exc: OSError):
     return None
 
 
+def check_writable(path: str, option: str) -> None:
+    """UserError unless a file can be written at `path` (its folder, or the nearest folder above it that
+    exists, is writable), checked before any work; nothing is created here."""
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        raise UserError(f"{option} {path!r}: {folder!r} is a file, where a folder is needed")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UserError(f"{option} {path!r}: the folder {folder!r} is not writable")
+
+
 MODEL_OPTION_HELP = ("A model option (a ViTConfig field), repeatable: e.g. qk_norm=true, num_registers=4, "
                      "layer_scale_init=1e-5, mlp=swiglu, activation=quick_gelu, classifier=map, class_token=false, "
                      "fc_norm=true, pixel_mean=[0.485,0.456,0.406]. VALUE is read as JSON, else as text.")

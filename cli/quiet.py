@@ -35,7 +35,9 @@ _NOISE = re.compile(rb"^(WARNING: All log messages before absl::InitializeLog\(\
                     rb"WARNING:absl:.*|"
                     # The TFLite converter's and LiteRT's own progress notes.
                     rb"fully_quantize: \d+, inference_type: \d+, .*|"
-                    rb"INFO: Created TensorFlow Lite XNNPACK delegate for CPU\.)$")
+                    rb"INFO: Created TensorFlow Lite XNNPACK delegate for CPU\.|"
+                    # libjpeg's own words for a damaged JPEG; the one-line error that follows names the file
+                    rb"Improper call to JPEG library in state \d+|Corrupt JPEG data: .*|Premature end of JPEG file)$")
 
 
 STDERR_FD_ENV = "KERAS_VIT_STDERR_FD"

@@ -8,7 +8,7 @@ from typing import Optional, Sequence
 
 import click
 
-from keras_vit.cli.common import MODEL_OPTION_HELP, UserError, parse_model_options, user_errors
+from keras_vit.cli.common import MODEL_OPTION_HELP, UserError, check_writable, parse_model_options, user_errors
 
 _DATASET_HELP = ("digits (offline), cifar10, cifar100, mnist, fashion_mnist, tfds:NAME, "
                  "folder:PATH (PATH/<class>/*.jpg or PATH/train, PATH/val), "
@@ -185,12 +185,14 @@ def evaluate_cmd(model_arg: str, dataset: str, batch_size: int, seed: int, as_js
     from keras_vit.plots import plot_confusion_matrix
 
     path, model = _load(model_arg)
+    png = os.path.join(os.path.dirname(os.path.abspath(path)), f"confusion_{kdata.slug(dataset)}.png")
+    if plot:  # before the evaluation's minutes
+        check_writable(png, "--plot")
     splits = kdata.load(dataset, seed=seed)
     model_names = ktrain.class_names_for(path, get_config(model).num_classes, model)
     result = ktrain.evaluate(model, splits.test, splits.class_names, batch_size=batch_size,
                              model_class_names=model_names)
     if plot:
-        png = os.path.join(os.path.dirname(os.path.abspath(path)), f"confusion_{kdata.slug(dataset)}.png")
         plot_confusion_matrix(result["confusion_matrix"], model_names, png,
                               title=f"{dataset} test: top-1 {result['top1']:.4f}")
         click.echo(f"confusion matrix: {png}", err=as_json)

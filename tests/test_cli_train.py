@@ -346,7 +346,9 @@ def test_quiet_filter_drops_start_up_lines_and_keeps_real_errors():
              b"fully_quantize: 0, inference_type: 6, input_inference_type: FLOAT32, output_inference_type: FLOAT32",
              b"INFO: Created TensorFlow Lite XNNPACK delegate for CPU.",
              b"E0000 00:00:1796350560.116438   30548 util.cc:131] oneDNN supports DT_INT64 only on platforms with "
-             b"AVX-512. Falling back to the default Eigen-based implementation if present."]
+             b"AVX-512. Falling back to the default Eigen-based implementation if present.",
+             b"Improper call to JPEG library in state 201",  # libjpeg, before the line naming the damaged file
+             b"Corrupt JPEG data: 12 extraneous bytes before marker 0xd9"]
     kept = [b"E0000 00:00:1795922082.967147   27563 kernel.cc:10] Out of memory while allocating 4 GB",
             b"Traceback (most recent call last):", b"Error: unknown recipe 'fast'", b"Epoch 1/8"]
     assert all(is_noise(line) for line in noise)
@@ -458,3 +460,19 @@ def test_a_full_disk_is_one_line():
             fail(exc)
     with pytest.raises(OSError):
         fail(OSError(errno.EIO, "I/O error"))
+
+
+def test_evaluate_plot_into_a_folder_it_cannot_write_stops_before_evaluating(tmp_path, monkeypatch):
+    """--plot writes beside the model: a read-only folder there is one line before the evaluation runs."""
+    import keras_vit.train
+
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    keras_vit.ViT("Ti/4", image_size=16, num_classes=10, hidden_size=16, num_layers=1, num_heads=2,
+                  mlp_dim=32).save(folder / "model.keras")
+    monkeypatch.setattr(keras_vit.train, "evaluate", lambda *a, **k: pytest.fail("evaluated before checking --plot"))
+    real_access = os.access  # root writes anywhere: the read-only folder is simulated for os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, *a, **k: False if os.fspath(p) == str(folder) else real_access(p, mode))
+    result = CliRunner().invoke(cli, ["evaluate", "--model", str(folder / "model.keras"), "--plot"])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip() == f"Error: --plot '{folder / 'confusion_digits.png'}': the folder '{folder}' is not writable"
