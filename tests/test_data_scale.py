@@ -152,6 +152,9 @@ def test_records_rewrite_keeps_one_set_and_load_reads_the_listed_shards(tmp_path
         data.load(f"records:{rec}")
     assert str(info.value) == (f"records shard {rec / 'train-00001-of-00003.tfrecord'} is missing "
                                f"({rec / 'dataset.json'} lists it); write the folder again with vitcli records")
+    for source in (f"records:{rec}", f"records:{rec}/train-*"):  # its own input: refused before any write
+        with pytest.raises(data.DatasetError, match="is the folder .* reads; give another folder"):
+            data.write_records(source, str(rec))
 
 
 def test_damaged_records_folder_fails_naming_the_file(tmp_path):

@@ -51,6 +51,10 @@ def write_records(dataset: str, output: str, *, examples_per_shard: int = 1024, 
         raise DatasetError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
     if os.path.exists(output) and not os.path.isdir(output):
         raise DatasetError(f"records output {output!r} is a file; give a folder for the shards")
+    source = os.path.expanduser(dataset[len("records:"):]) if dataset.startswith("records:") else None
+    source = source if source is None or os.path.isdir(source) else os.path.dirname(source) or "."
+    if source is not None and os.path.isdir(output) and os.path.isdir(source) and os.path.samefile(output, source):
+        raise DatasetError(f"records output {output!r} is the folder {dataset!r} reads; give another folder")
     os.makedirs(output, exist_ok=True)
     lists = _folder_lists(dataset[len("folder:"):], seed, val_fraction) if dataset.startswith("folder:") else None
     splits = None if lists is not None else load(dataset, seed=seed, val_fraction=val_fraction)
