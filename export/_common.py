@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from typing import List, Optional, Sequence, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 from keras_vit.errors import UserInputError
 
@@ -133,11 +133,9 @@ def metadata(cfg, class_names: Optional[Sequence[str]], precision: str, fmt: str
         "input": input_description(cfg, dynamic_size, layout),
         "layout": layout,
         "dynamic_size": "true" if dynamic_size else "false",
-        # Preprocessing inside the file: x / 127.5 - 1, i.e. mean 127.5 and std 127.5 per channel.
         "preprocessing": ("inside: (x - mean) / std on [0, 255] pixels" if cfg.include_preprocessing
                           else "none: feed values normalised as in training"),
-        "mean": json.dumps([127.5] * cfg.channels if cfg.include_preprocessing else [0.0] * cfg.channels),
-        "std": json.dumps([127.5] * cfg.channels if cfg.include_preprocessing else [1.0] * cfg.channels),
+        **dict(zip(("mean", "std"), pixel_mean_std(cfg))),
         "output": (f"logits: float32 [batch, {cfg.num_classes}]" if cfg.include_top else
                    f"features (include_top=False): float32 [batch, {cfg.representation_size or cfg.hidden_size}]"),
         "vit_config": json.dumps(cfg.to_dict(), sort_keys=True),
@@ -148,6 +146,19 @@ def metadata(cfg, class_names: Optional[Sequence[str]], precision: str, fmt: str
     if class_names is not None:
         meta["class_names"] = json.dumps(list(class_names))
     return meta
+
+
+def pixel_mean_std(cfg) -> Tuple[str, str]:
+    """The mean and std (JSON lists, one per channel, on [0, 255] pixels) that the model applies inside:
+    127.5 and 127.5 (x / 127.5 - 1) by default, 255 x its pixel_mean / pixel_std (ImageNet's, CLIP's ...)
+    where it has them; 0 and 1 for a model without preprocessing."""
+    c = cfg.channels
+    if not cfg.include_preprocessing:
+        return json.dumps([0.0] * c), json.dumps([1.0] * c)
+    if cfg.pixel_mean is None:
+        return json.dumps([127.5] * c), json.dumps([127.5] * c)
+    return (json.dumps([round(255.0 * float(m), 6) for m in cfg.pixel_mean]),
+            json.dumps([round(255.0 * float(s), 6) for s in cfg.pixel_std]))
 
 
 def check_parent(path: str) -> None:

@@ -65,7 +65,9 @@ def quantize_static(proto, work: str, images: np.ndarray, agreement: float) -> T
     inits = {t.name for t in proto.graph.initializer}
     weighted = [n.name for n in proto.graph.node
                 if n.op_type in QUANTIZED_OPS and any(i in inits for i in n.input[1:2])]
-    head = [n for n in weighted[-1:] if not re.search(r"encoderblock_\d+", n)]  # the last one feeds the logits
+    outside = [n for n in weighted if not re.search(r"encoderblock_\d+", n)]
+    # the classifier heads (DeiT's head_dist too: half of its averaged logits), else the last GEMM (features)
+    head = [n for n in outside if re.search(r"(^|/)head(_dist)?(_\d+)?/", n)] or [n for n in outside if n == weighted[-1]]
     blocks = sorted({m.group(0) for m in (re.search(r"encoderblock_\d+", n) for n in weighted) if m},
                     key=lambda b: int(b.rsplit("_", 1)[1]))
     edge = [n for n in weighted if blocks and re.search(rf"({blocks[0]}|{blocks[-1]})(?!\d)", n)]

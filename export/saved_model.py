@@ -48,10 +48,10 @@ def to_saved_model(model, path: PathLike, class_names: Optional[Sequence[str]] =
     check_tensorflow_backend("SavedModel")
     if interpolation is not None and not dynamic_size and not cfg.dynamic_size:
         raise ExportError("interpolation applies with dynamic_size=True only")
+    # a SavedModel keeps float32 weights (its metadata says fp32): a model quantized in Keras is refused, as by the others
+    check_not_keras_quantized(model, "A SavedModel")
     if dynamic_size or cfg.dynamic_size:
         from keras_vit.vit import dynamic_model
-
-        check_not_keras_quantized(model, "A SavedModel for any image size (dynamic_size)")
 
         model = dynamic_model(model, interpolation)
         cfg = model.vit_config

@@ -90,6 +90,8 @@ def to_tflite(model, path: PathLike, quantize: Optional[str] = None, representat
             f.write(flatbuffer)
     if names is not None:
         write_text(labels_path(path), "\n".join(names) + "\n")
+    elif os.path.lexists(labels_path(path)):  # an earlier file's names would read as this model's
+        os.remove(labels_path(path))
     return path
 
 

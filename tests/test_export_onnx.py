@@ -313,3 +313,28 @@ def test_static_int8_that_keeps_everything_float_is_refused(tmp_path):
         to_onnx(model, tmp_path / "m.onnx", quantize="int8", calibration_images="digits",
                 num_calibration_images=40, int8_agreement=1.01)
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_static_int8_keeps_both_heads_of_a_distilled_model_float(tmp_path):
+    """DeiT's two heads (head and head_dist, averaged into the logits) both stay float, as the metadata's
+    kept_float says; the blocks' GEMMs are int8."""
+    model = small_model("learned", distilled=True)
+    path = to_onnx(model, tmp_path / "m.onnx", quantize="int8", calibration_images="digits", num_calibration_images=40)
+    nodes = onnx.load(path).graph.node
+    heads = {n.name: n.op_type for n in nodes if "/head" in n.name and n.op_type in ("MatMul", "MatMulIntegerToFloat")}
+    assert sorted(heads.values()) == ["MatMul", "MatMul"], heads
+    assert any(n.op_type == "MatMulIntegerToFloat" and "encoderblock_0" in n.name for n in nodes)
+
+
+def test_metadata_gives_the_mean_and_std_the_model_applies(tmp_path):
+    """The file's mean/std (on [0, 255] pixels) applied by hand equal the model's own preprocessing: 127.5 by
+    default, 255 x pixel_mean / pixel_std where the model has them (ImageNet's here)."""
+    import keras
+
+    x = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
+    for options in ({}, dict(pixel_mean=(0.485, 0.456, 0.406), pixel_std=(0.229, 0.224, 0.225))):
+        model = small_model("learned", **options)
+        meta = {p.key: p.value for p in onnx.load(to_onnx(model, tmp_path / "m.onnx")).metadata_props}
+        mean, std = np.asarray(json.loads(meta["mean"])), np.asarray(json.loads(meta["std"]))
+        inside = keras.ops.convert_to_numpy(model.get_layer("preprocessing")(x))
+        np.testing.assert_allclose((x - mean) / std, inside, rtol=1e-5, atol=1e-5)
