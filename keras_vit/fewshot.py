@@ -43,13 +43,13 @@ def feature_extractor(model):
             raise ValueError("this model returns tokens without its MAP head: build it with include_top=False "
                              "(and no output) for pooled features")
         pooled = TokenPooling(cfg.classifier, cfg.num_prefix_tokens, name="pool")(model.outputs[0])
-        return TowerModel(model.inputs, pooled, name=f"{model.name}_features")
+        return TowerModel(model.input, pooled, name=f"{model.name}_features")
     if not cfg.include_top:
         return model
     features = model.get_layer("head").input
     if cfg.distilled:  # the mean of the class and distillation tokens' features, as include_top=False gives
         features = keras.layers.Average(name="features_mean")([features, model.get_layer("head_dist").input])
-    return TowerModel(model.inputs, features, name=f"{model.name}_features")
+    return TowerModel(model.input, features, name=f"{model.name}_features")
 
 
 def extract_features(model, images: np.ndarray, batch_size: int = 128) -> np.ndarray:
