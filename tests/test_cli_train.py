@@ -476,3 +476,22 @@ def test_evaluate_plot_into_a_folder_it_cannot_write_stops_before_evaluating(tmp
     result = CliRunner().invoke(cli, ["evaluate", "--model", str(folder / "model.keras"), "--plot"])
     assert result.exit_code == 2, result.output
     assert result.output.strip() == f"Error: --plot '{folder / 'confusion_digits.png'}': the folder '{folder}' is not writable"
+
+
+def test_num_heads_with_a_bare_timm_file_keeps_its_architecture(tmp_path):
+    """A timm .safetensors without config.json cannot tell its heads (fused q/k/v): --num-heads (or
+    --model-option num_heads=) completes it, and the run keeps the checkpoint's model (not the dataset's)."""
+    from safetensors.numpy import load_file, save_file
+
+    import keras_vit
+    from keras_vit.train import TrainError, make_config
+
+    model = keras_vit.ViT("Ti/4", image_size=16, num_classes=10, hidden_size=32, num_layers=1, num_heads=4, mlp_dim=64)
+    save_file(load_file(keras_vit.save_safetensors(model, tmp_path / "m.safetensors")), tmp_path / "bare.safetensors")
+    bare = str(tmp_path / "bare.safetensors")  # the arrays alone, as timm writes them
+    with pytest.raises(TrainError, match="does not say its number of attention heads"):
+        make_config("digits", weights=bare)
+    for options in (dict(num_heads=4), dict(model={"num_heads": 4})):
+        cfg = make_config("digits", weights=bare, **options)
+        vit = cfg.vit_config(num_classes=10, channels=1)
+        assert cfg.variant == "checkpoint" and (vit.hidden_size, vit.num_heads, vit.num_layers) == (32, 4, 1), options

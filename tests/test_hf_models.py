@@ -84,3 +84,24 @@ def test_transformers_model_gives_its_outputs(tmp_path, case):
     got = keras_vit.ViT(weights=str(folder)).predict(images, verbose=0)
     assert got.shape == want.shape
     assert _rel(got, want) <= TOL, (case, _rel(got, want))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_transformers_model_at_another_size_gives_its_outputs(tmp_path, case):
+    """At 48x64 (a 6x8 grid from 4x4) keras-vit resamples the position table as transformers'
+    interpolate_pos_encoding does (bicubic; ViTModel's too: it was resampled linearly, 2.8% off)."""
+    import inspect
+
+    model_class, config, norm, output = CASES[case]
+    model = _randomised(model_class, config)
+    folder = tmp_path / case
+    model.save_pretrained(folder)
+    (folder / "preprocessor_config.json").write_text(json.dumps(dict(image_mean=norm[0], image_std=norm[1])))
+    images = np.random.default_rng(1).uniform(0, 255, (2, 48, 64, 3)).astype(np.float32)
+    mean, std = (torch.tensor(v)[:, None, None] for v in norm)
+    x = (torch.from_numpy(images).permute(0, 3, 1, 2) / 255.0 - mean) / std
+    extra = {"interpolate_pos_encoding": True} if "interpolate_pos_encoding" in inspect.signature(model.forward).parameters else {}
+    with torch.no_grad():
+        want = getattr(model(pixel_values=x, **extra), output).numpy()
+    got = keras_vit.ViT(weights=str(folder), image_size=(48, 64)).predict(images, verbose=0)
+    assert _rel(got, want) <= TOL, (case, _rel(got, want))

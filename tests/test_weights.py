@@ -106,6 +106,18 @@ def test_other_num_classes_drops_the_head(tmp_path, rng, images):
     assert np.abs(logits(features, images) - ref_features).max() <= TOL
 
 
+def test_a_head_on_pre_logits_the_model_lacks_is_said_untrained(tmp_path, rng, caplog):
+    """A checkpoint whose head (the model's classes) reads its pre-logits, into a model built without them:
+    the head cannot load and the model's stays zero, so a warning says so and how to keep it."""
+    import logging
+
+    path = cf.write(tmp_path / "rep.npz", cf.vit_checkpoint(rng, representation=8))
+    with caplog.at_level(logging.WARNING, logger="keras_vit"):
+        model = keras_vit.ViT(config=plain_cfg(), weights=path)
+    assert not np.any(np.asarray(model.get_layer("head").kernel))
+    assert "head of 5 classes takes 8 features" in caplog.text and "representation_size=8 to keep it" in caplog.text
+
+
 def test_representation_checkpoint_needs_weights():
     with pytest.raises(ValueError, match="needs weights"):
         keras_vit.ViT(config=plain_cfg(), representation_size="checkpoint")
@@ -139,6 +151,47 @@ def test_never_unpickles(tmp_path):
     text.write_text("not a zip")
     with pytest.raises(ValueError, match="could not read checkpoint"):
         keras_vit.load_npz(keras_vit.ViT(config=plain_cfg()), text)
+
+
+def test_a_damaged_npz_is_one_clear_line(tmp_path, rng):
+    """Cut short, one byte flipped (a bad CRC), a lone .npy under an .npz name: ValueError naming the file."""
+    good = cf.write(tmp_path / "good.npz", cf.vit_checkpoint(rng))
+    data = open(good, "rb").read()
+    (tmp_path / "cut.npz").write_bytes(data[:-30])
+    flipped = bytearray(data)
+    at = data.index(b"\x93NUMPY") + 200  # inside the first array's data
+    flipped[at] ^= 0xFF
+    (tmp_path / "crc.npz").write_bytes(bytes(flipped))
+    np.save(tmp_path / "one.npy", np.zeros(3))
+    os.replace(tmp_path / "one.npy", tmp_path / "one.npz")
+    for name in ("cut.npz", "crc.npz", "one.npz"):
+        with pytest.raises(ValueError, match=f"could not read checkpoint '.*{name}' as an .npz file"):
+            keras_vit.load_npz(keras_vit.ViT(config=plain_cfg()), tmp_path / name)
+
+
+def test_bfloat16_npz_loads_as_big_vision_reads_it(tmp_path, rng, images):
+    """np.savez stores JAX's bfloat16 arrays as 2-byte voids; they load as the bfloat16 values (not refused
+    after half the variables changed)."""
+    import ml_dtypes
+
+    arrays = cf.vit_checkpoint(rng)
+    rounded = {k: v.astype(ml_dtypes.bfloat16) for k, v in arrays.items()}
+    path = cf.write(tmp_path / "bf16.npz", rounded)
+    with np.load(path) as f:
+        assert f["cls"].dtype == np.dtype("V2")
+    want = cf.write(tmp_path / "f32.npz", {k: v.astype(np.float32) for k, v in rounded.items()})
+    np.testing.assert_array_equal(logits(keras_vit.ViT(config=plain_cfg(), weights=path), images),
+                                  logits(keras_vit.ViT(config=plain_cfg(), weights=want), images))
+
+
+def test_a_headless_model_saved_rebuilds_headless(tmp_path):
+    """save_npz / save_safetensors of an include_top=False model: ViT(weights=file) is that model again."""
+    model = keras_vit.ViT(config=plain_cfg(include_top=False))
+    for save in (keras_vit.save_npz, keras_vit.save_safetensors):
+        path = save(model, tmp_path / ("m.npz" if save is keras_vit.save_npz else "m.safetensors"))
+        again = keras_vit.ViT(weights=path)
+        assert again.vit_config.include_top is False and again.output_shape == model.output_shape
+        assert keras_vit.ViT(weights=path, num_classes=4).output_shape == (None, 4)  # a new head when asked
 
 
 def test_unknown_weights_name():

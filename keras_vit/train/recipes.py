@@ -242,11 +242,13 @@ def _saved_model_config(cfg: TrainConfig, num_classes: int, channels: int) -> Vi
 
 def _architecture_from(overrides: Dict[str, Any]) -> bool:
     """Whether the run takes its model from `weights`: a checkpoint or a keras-vit .keras file, and no
-    variant or size given (other model options keep it)."""
+    variant or size given (other model options keep it; num_heads too, which a timm or Hugging Face file's
+    fused query/key/value kernels cannot tell, so its error asks for it)."""
     from keras_vit.weights.checkpoints import is_checkpoint
 
     weights = overrides.get("weights")
-    sizes = any(k in overrides for k in MODEL_FIELDS) or any(k in SIZE_FIELDS for k in overrides.get("model") or {})
+    sizes = any(k in overrides for k in MODEL_FIELDS if k != "num_heads") or \
+        any(k in SIZE_FIELDS and k != "num_heads" for k in overrides.get("model") or {})
     if not weights or sizes:
         return False
     if str(weights).endswith(".keras"):

@@ -12,6 +12,8 @@ import logging
 import os
 import re
 import socket
+import zipfile
+import zlib
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
 from urllib.parse import urlparse
 from urllib.request import getproxies
@@ -135,16 +137,27 @@ def _read_npz(path: PathLike) -> Tuple[Dict[str, np.ndarray], Dict[str, str]]:
     as a .safetensors file's; empty for official checkpoints)."""
     path = os.fspath(path)
     try:
-        with np.load(path, allow_pickle=False) as f:
-            if not hasattr(f, "files"):
-                raise ValueError("not an .npz archive")
-            arrays = {k: np.asarray(f[k]) for k in f.files}
-    except (OSError, ValueError, EOFError) as exc:
+        loaded = np.load(path, allow_pickle=False)
+        if not hasattr(loaded, "files"):  # a lone .npy array under an .npz name
+            raise ValueError("one array, not an .npz archive")
+        with loaded as f:
+            arrays = {k: _recover_dtype(np.asarray(f[k])) for k in f.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:  # cut short, a bad CRC ...
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ValueError(f"could not read checkpoint {path!r} as an .npz file ({msg})") from None
     entry = arrays.pop(METADATA_KEY, None)
     meta = {"keras_vit": str(entry[()])} if entry is not None and entry.dtype.kind == "U" and entry.ndim == 0 else {}
     return arrays, meta
+
+
+def _recover_dtype(a: np.ndarray) -> np.ndarray:
+    """bfloat16 as float32: np.savez stores JAX's bfloat16 arrays as 2-byte voids ('|V2'), which
+    big_vision's own reader views as bfloat16 again (big_vision.utils.recover_dtype)."""
+    if a.dtype == np.dtype("V2"):
+        import ml_dtypes
+
+        return a.view(ml_dtypes.bfloat16).astype(np.float32)
+    return a
 
 
 def read_safetensors(path: PathLike) -> Tuple[Dict[str, np.ndarray], Dict[str, str]]:
@@ -198,8 +211,8 @@ class Checkpoint:
     def resample_method(self) -> str:
         """How the checkpoint's own code resamples its position embeddings to another grid:
         timm's bicubic with antialias (resample_abs_pos_embed), transformers' interpolate_pos_encoding
-        for its ViT family (hf_layout.resample_method), else the official "linear"."""
-        if self.layout in hf_layout.LAYOUTS:
+        for its ViT family and ViTModel (hf_layout.resample_method: bicubic), else the official "linear"."""
+        if self.layout in hf_layout.LAYOUTS or self.layout == "hf":
             return hf_layout.resample_method(self.raw, self.layout)
         return "bicubic_antialias" if self.layout == "timm" else "linear"
 
@@ -378,7 +391,10 @@ def _described_defaults(spec: str, local: str, file_meta: Mapping[str, str],
     if "keras_vit" in file_meta:  # written by save_npz / save_safetensors: the exact config
         try:
             ours = json.loads(file_meta["keras_vit"])
-            defaults.update({k: v for k, v in ours.get("config", {}).items() if k != "include_top"})
+            saved = ours.get("config", {})
+            defaults.update({k: v for k, v in saved.items() if k != "include_top"})
+            if saved.get("include_top") is False:  # a headless model's file rebuilds it headless (num_classes= adds one)
+                defaults["include_top"] = False
             if ours.get("class_names"):
                 defaults["class_names"] = list(ours["class_names"])
         except (ValueError, AttributeError):

@@ -306,20 +306,28 @@ def assign_weights(model: keras.Model, arrays: Mapping[str, np.ndarray], *, meth
         if mismatched:
             parts.append(f"shape mismatches ({len(mismatched)}): {_listing(mismatched)}")
         raise ValueError(f"{source} does not fit model {model.name!r} ({cfg.variant or 'custom'}): " + "; ".join(parts))
+    unreadable = sorted(k for k in values if values[k].dtype.kind not in "fiub")  # before any variable changes
+    if unreadable:
+        raise ValueError(f"{source} holds arrays of no numeric dtype ({_listing(unreadable)}: "
+                         f"{values[unreadable[0]].dtype.str}); save the checkpoint with float arrays")
     for k, var in target.items():
         if k in values:
             var.assign(values[k].astype(var.dtype))
 
 
 def warn_untrained_head(model: keras.Model, arrays: Mapping[str, np.ndarray], source: str) -> None:
-    """One log line when a checkpoint leaves the model's head untrained: it has none, or an all-zero
-    one of the model's size (the ImageNet-21k pre-training checkpoints)."""
+    """One log line when a checkpoint leaves the model's head untrained: it has none, one of the model's
+    classes on pre-logits the model lacks, or an all-zero one of the model's size (ImageNet-21k pre-training)."""
     if not any(layer.name == "head" for layer in model.layers):
         return
     head = arrays.get("head/kernel")
     if head is None:
         log.warning("%s has no classification head: the model's head is untrained (zeros); "
                     "fine-tune it, or build with include_top=False for features", source)
+    elif head.shape[-1] == get_config(model).num_classes and head.shape != tuple(model.get_layer("head").kernel.shape):
+        log.warning("%s's head of %d classes takes %d features (its pre-logits, representation_size=%d); this model's "
+                    "takes %d: the head is untrained (zeros); build with representation_size=%d to keep it, or fine-tune",
+                    source, head.shape[-1], head.shape[0], head.shape[0], model.get_layer("head").kernel.shape[0], head.shape[0])
     elif head.shape[-1] == get_config(model).num_classes and not np.any(head) and not np.any(arrays.get("head/bias", 0)):
         log.warning("%s has an all-zero head (a pre-training checkpoint): the head is untrained; "
                     "fine-tune it, or build with include_top=False for features", source)
