@@ -155,8 +155,10 @@ def _checkpoint_fields(ckpt: Checkpoint, variant_given: Optional[str], given: di
         found.pop("representation_size", None)
         found.pop("include_top", None)  # a backbone without a head (DINOv2, SigLIP) gets the new one
     if variant_given is None and "variant" not in found and "num_heads" not in found and "num_heads" not in given:
-        raise ValueError(f"checkpoint {ckpt.source!r} does not say its number of attention heads "
-                         "(the PyTorch layout fuses them); pass num_heads= or variant=")
+        why = ("the PyTorch layout fuses them" if ckpt.layout != "npz" else
+               "it lacks arrays of the official layout: is it a ViT checkpoint?")
+        raise ValueError(f"checkpoint {ckpt.source!r} does not say its number of attention heads ({why}); "
+                         "pass num_heads= or variant=")
     channels = given.get("channels")
     if channels and found.get("pixel_mean") is not None and len(found["pixel_mean"]) != channels \
             and "pixel_mean" not in given:

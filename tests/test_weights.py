@@ -194,6 +194,19 @@ def test_a_headless_model_saved_rebuilds_headless(tmp_path):
         assert keras_vit.ViT(weights=path, num_classes=4).output_shape == (None, 4)  # a new head when asked
 
 
+def test_misfit_files_name_the_file_and_the_cause(tmp_path, rng):
+    """An .npz that is not a ViT checkpoint is not blamed on the PyTorch layout; a timm file whose width the
+    variant's heads do not divide names the file."""
+    arrays = cf.vit_checkpoint(rng)
+    path = cf.write(tmp_path / "noemb.npz", {k: v for k, v in arrays.items() if not k.startswith("embedding/")})
+    with pytest.raises(ValueError, match=r"noemb.npz' does not say .* \(it lacks arrays of the official layout"):
+        keras_vit.ViT(weights=path)
+    model = keras_vit.ViT(weights=cf.write(tmp_path / "ok.npz", cf.vit_checkpoint(rng, patch=16)))
+    timm_file = keras_vit.save_safetensors(model, tmp_path / "ok.safetensors")
+    with pytest.raises(ValueError, match=r"^checkpoint '.*ok.safetensors': .* is not divisible by num_heads=3"):
+        keras_vit.ViT("Ti/16", weights=timm_file)
+
+
 def test_unknown_weights_name():
     with pytest.raises(ValueError, match="neither an existing .npz"):
         keras_vit.ViT(config=plain_cfg(), weights="B/16-imagenet-typo")

@@ -221,7 +221,10 @@ class Checkpoint:
         """Arrays under canonical names and whether the position embeddings are big_vision's."""
         if self.layout == "npz":
             return canonicalize(self.raw, prefix=prefix)
-        return hf_layout.any_to_canonical(self.raw, num_heads or self.defaults.get("num_heads") or 1), False
+        try:
+            return hf_layout.any_to_canonical(self.raw, num_heads or self.defaults.get("num_heads") or 1), False
+        except ValueError as exc:  # e.g. a width the model's heads do not divide: say which file
+            raise ValueError(f"checkpoint {self.source!r}: {exc}") from None
 
 
 # Heads of timm's size names beyond the paper's (the sizes themselves come from the arrays).

@@ -205,8 +205,11 @@ def _adapt(values: Dict[str, np.ndarray], target: Mapping[str, keras.Variable], 
         kernel = f"{head}/kernel"
         if kernel in values and (kernel not in target or tuple(values[kernel].shape) != tuple(target[kernel].shape)):
             if kernel in target:
-                log.info("%s: %s of %d classes not loaded (the model has %d)", source, head,
-                         values[kernel].shape[-1], target[kernel].shape[-1])
+                (have_in, have), (want_in, want) = values[kernel].shape[-2:], tuple(target[kernel].shape)[-2:]
+                if have != want:
+                    log.info("%s: %s of %d classes not loaded (the model has %d)", source, head, have, want)
+                else:
+                    log.info("%s: %s not loaded (it takes %d features, the model's %d)", source, head, have_in, want_in)
             values.pop(kernel), values.pop(f"{head}/bias", None)
     first = "conv_root/kernel" if "conv_root/kernel" in target else "embedding/kernel"
     if first in values and first in target and values[first].ndim == 4:
