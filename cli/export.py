@@ -8,6 +8,7 @@ from typing import Optional, Tuple
 import click
 
 from keras_vit.cli.common import UserError, user_errors
+from keras_vit.weights.resize import METHODS
 
 DEFAULT_MODEL = os.path.join("runs", "latest", "model.keras")
 
@@ -114,9 +115,9 @@ def default_output(model_path: str, fmt: str, quantize: Optional[str], optimize:
 @click.option("--dynamic-size", is_flag=True,
               help="ONNX / SavedModel: any image height and width (multiples of the patch size); position "
                    "embeddings interpolated in the graph. Verified at the training size and a non-square one.")
-@click.option("--interpolation", type=click.Choice(["linear", "bilinear", "bicubic", "nearest"]), default=None,
-              help="With --dynamic-size: how position embeddings are resampled (default: the model's, linear "
-                   "as resize_model).")
+@click.option("--interpolation", type=click.Choice(list(METHODS)), default=None,
+              help="With --dynamic-size: how position embeddings are resampled (default: the model's own, as "
+                   "resize_model: linear, or a timm checkpoint's bicubic_antialias).")
 @click.option("--layout", type=click.Choice(["nhwc", "nchw"]), default="nhwc", show_default=True,
               help="ONNX: the images input layout.")
 @click.option("--input-dtype", type=click.Choice(["float32", "uint8"]), default="float32", show_default=True,

@@ -152,6 +152,10 @@ class ViTConfig:
         self.image_size = _pair(self.image_size, "image_size")
         self.patch_size = _pair(self.patch_size, "patch_size")
         if self.resnet_layers is not None:
+            if isinstance(self.resnet_layers, (int, str)) or not self.resnet_layers \
+                    or not all(_is_int(n) and n >= 1 for n in self.resnet_layers):
+                raise ValueError("resnet_layers must be the units per ResNet stage, one or more positive integers "
+                                 f"(R50's (3, 4, 9)), or None for the plain ViT; got {self.resnet_layers!r}")
             self.resnet_layers = tuple(int(n) for n in self.resnet_layers)
         if self.feature_layers is not None:
             if isinstance(self.feature_layers, (int, str)) or not all(_is_int(i) for i in self.feature_layers):

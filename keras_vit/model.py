@@ -346,7 +346,8 @@ def _encode(cfg: ViTConfig, images, layer: LayerSource, depth: int, dtype: Optio
     if cfg.dynamic_size:  # the patch grid comes from the images' shape at run time
         x = layer("posembed_input", lambda: PositionEmbedding(
             pos_kind, cfg.grid_size, num_prefix_tokens=prefix, stride=cfg.input_stride,
-            method=cfg.pos_interpolation, name="posembed_input", dtype=dtype))(x, images=images)
+            method=cfg.pos_interpolation, padded_stride=cfg.resnet_stride, name="posembed_input",
+            dtype=dtype))(x, images=images)
     else:
         x = layer("posembed_input", lambda: PositionEmbedding(pos_kind, cfg.grid_size, num_prefix_tokens=prefix,
                                                               name="posembed_input", dtype=dtype))(x)

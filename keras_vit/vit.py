@@ -223,13 +223,14 @@ def _policy(model: keras.Model) -> Optional[str]:
 
 
 def resize_model(model: keras.Model, image_size: Union[int, Tuple[int, int]],
-                 method: str = "linear") -> keras.Model:
+                 method: Optional[str] = None) -> keras.Model:
     """A copy of a keras-vit model for another image size: same weights, position embeddings
-    resampled to the new patch grid (works for models built here or loaded from .keras; the layers
-    model.quantize() converted are quantized again from their float values: int8 gives the same codes;
-    LoRA updates are merged into the kernels)."""
-    check_method(method)
+    resampled to the new patch grid with `method` (default: the model's pos_interpolation, "linear"
+    unless set or taken from its checkpoint: a timm file's is timm's antialiased bicubic). Works for
+    models built here or loaded from .keras; the layers model.quantize() converted are quantized again
+    from their float values (int8 gives the same codes); LoRA updates are merged into the kernels."""
     cfg = get_config(model)
+    method = check_method(method or cfg.pos_interpolation)
     new_model = build_model(cfg.replace(image_size=image_size), name=model.name, dtype=_policy(model))
     assign_weights(new_model, model_arrays(model), method=method, source_grid=cfg.grid_size,
                    source=f"model {model.name!r}")

@@ -99,6 +99,9 @@ def test_unknown_variant_is_a_clear_error(variant):
     (dict(image_size=(224, 224, 3)), "image_size must be an int or (height, width)"),
     (dict(layer_norm_epsilon=-1.0), "layer_norm_epsilon must be a small positive number (e.g. 1e-6), got -1.0"),
     (dict(layer_norm_epsilon=0), "layer_norm_epsilon must be a small positive number"),
+    (dict(resnet_layers=()), "resnet_layers must be the units per ResNet stage, one or more positive integers"),
+    (dict(resnet_layers=(3, 0)), "got (3, 0)"),
+    (dict(resnet_layers=3), "resnet_layers must be"),
 ])
 def test_bad_options_name_the_value_and_what_is_allowed(kwargs, match):
     with pytest.raises(ValueError, match=match.replace("(", r"\(").replace(")", r"\)")):

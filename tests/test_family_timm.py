@@ -209,6 +209,29 @@ def test_resampling_methods_at_another_size(tmp_path):
     assert _rel(timm_plain, timm_aa) > 10 * TOL
 
 
+@pytest.mark.parametrize("family", ["siglip", "dinov2_reg"])
+def test_a_loaded_model_keeps_its_checkpoints_resampling(tmp_path, family):
+    """A timm file's model keeps timm's resampling (bicubic with antialias) as its pos_interpolation:
+    resize_model, dynamic_model and ViT(weights=..., image_size=None) then give what the load at that
+    size gives, timm's logits with dynamic_img_size=True; the model's own safetensors keep it."""
+    path, sd, arch, _ = write_family(tmp_path / "in", family)
+    model = keras_vit.ViT(weights=path)
+    assert model.vit_config.pos_interpolation == "bicubic_antialias"
+    x = _images(OTHER, seed=1)
+    want = rf.forward(sd, dict(arch, antialias=True), x)
+    assert _rel(keras_vit.ViT(weights=path, image_size=OTHER).predict(x, verbose=0), want) <= TOL
+    assert _rel(keras_vit.resize_model(model, OTHER).predict(x, verbose=0), want) <= TOL
+    assert _rel(keras_vit.dynamic_model(model).predict(x, verbose=0), want) <= TOL
+    assert _rel(keras_vit.ViT(weights=path, image_size=None).predict(x, verbose=0), want) <= TOL
+    assert _rel(keras_vit.resize_model(model, OTHER, method="linear").predict(x, verbose=0), want) > 10 * TOL
+    keras_vit.save_safetensors(model, str(tmp_path / "mine.safetensors"))
+    again = keras_vit.ViT(weights=str(tmp_path / "mine.safetensors"), num_heads=model.vit_config.num_heads)
+    assert again.vit_config.pos_interpolation == "bicubic_antialias"
+    trained_here = keras_vit.ViT(config=model.vit_config.replace(pos_interpolation="linear"))
+    keras_vit.save_safetensors(trained_here, str(tmp_path / "linear.safetensors"))
+    assert keras_vit.ViT(weights=str(tmp_path / "linear.safetensors")).vit_config.pos_interpolation == "linear"
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_save_safetensors_writes_timm_layout_back(tmp_path, family):
     path, sd, arch, _ = write_family(tmp_path / "in", family)

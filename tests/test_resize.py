@@ -98,6 +98,25 @@ def test_hybrid_at_new_resolution(tmp_path):
     assert np.isfinite(np.asarray(model(x))).all()
 
 
+@pytest.mark.parametrize("size", [(36, 50), (32, 32), (17, 64)])
+def test_dynamic_hybrid_at_any_size_matches_reference(tmp_path, size):
+    """A dynamic-size hybrid takes any H x W, as timm's dynamic_img_size: its ResNet pads (SAME), so
+    the patch grid is ceil(H / 16) x ceil(W / 16) and the position table is resampled to that grid
+    (36 x 50 px -> 3 x 4 tokens, where H // 16 would give 2 x 3 and a shape error)."""
+    rng = np.random.default_rng(2)
+    arrays = cf.vit_checkpoint(rng, patch=1, grid=(2, 2), resnet=(1, 1, 1))
+    path = cf.write(tmp_path / "hyb.npz", arrays)
+    model = keras_vit.ViT(config=ViTConfig(patch_size=1, image_size=32, resnet_layers=(1, 1, 1), **TINY),
+                          weights=path, image_size=None)
+    grid = tuple(-(-n // 16) for n in size)
+    resized = dict(arrays)
+    resized["Transformer/posembed_input/pos_embedding"] = resample_position_embeddings(
+        arrays["Transformer/posembed_input/pos_embedding"], grid)
+    x = rng.uniform(0, 255, (2, *size, 3)).astype("float32")
+    want = ref.forward(cf.write(tmp_path / "at_grid.npz", resized), x)
+    assert np.abs(model.predict(x, verbose=0) - want).max() <= 1e-4 * np.abs(want).max()
+
+
 @pytest.mark.parametrize("kind", ["learned", "learned_2d", "relative", "sincos2d", "none"])
 def test_resize_model_every_kind(tmp_path, kind):
     cfg = ViTConfig(patch_size=4, image_size=16, pos_embedding=kind, **TINY)

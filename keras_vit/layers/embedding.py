@@ -217,13 +217,16 @@ class PositionEmbedding(layers.Layer):
     """
 
     def __init__(self, kind: str, grid_size: Sequence[int], num_prefix_tokens: int = 1,
-                 stride: Optional[Sequence[int]] = None, method: str = "linear", **kwargs):
+                 stride: Optional[Sequence[int]] = None, method: str = "linear", padded_stride: int = 1, **kwargs):
         super().__init__(**kwargs)
         self.kind = kind
         self.grid_size = tuple(int(g) for g in grid_size)
         self.num_prefix_tokens = int(num_prefix_tokens)
         self.stride = None if stride is None else tuple(int(s) for s in stride)
         self.method = method
+        # A hybrid's ResNet pads (SAME): its feature map is ceil(H / padded_stride) high, the patches
+        # after it floor that by the rest of the stride, as the tokens the model actually has.
+        self.padded_stride = int(padded_stride)
 
     def build(self, x_shape, images_shape=None):
         d = x_shape[-1]
@@ -281,7 +284,8 @@ class PositionEmbedding(layers.Layer):
         grid = None
         if self.stride is not None and images is not None and self.kind != "none":
             shape = ops.shape(images)
-            grid = (shape[1] // self.stride[0], shape[2] // self.stride[1])
+            c = self.padded_stride
+            grid = tuple((shape[i + 1] + c - 1) // c // (self.stride[i] // c) for i in range(2))
         emb = self.embedding(grid)
         if emb is None:
             return x
@@ -295,6 +299,8 @@ class PositionEmbedding(layers.Layer):
                "num_prefix_tokens": self.num_prefix_tokens}
         if self.stride is not None:
             out.update(stride=list(self.stride), method=self.method)
+            if self.padded_stride != 1:
+                out["padded_stride"] = self.padded_stride
         return out
 
 

@@ -209,6 +209,12 @@ class Checkpoint:
 
     @property
     def resample_method(self) -> str:
+        """How the checkpoint's model resamples its position embeddings to another grid: the
+        pos_interpolation keras-vit's own metadata records, else its own code's way (layout_method)."""
+        return self.defaults.get("pos_interpolation") or self.layout_method
+
+    @property
+    def layout_method(self) -> str:
         """How the checkpoint's own code resamples its position embeddings to another grid:
         timm's bicubic with antialias (resample_abs_pos_embed), transformers' interpolate_pos_encoding
         for its ViT family and ViTModel (hf_layout.resample_method: bicubic), else the official "linear"."""
@@ -459,6 +465,9 @@ def read_checkpoint(weights: PathLike) -> Checkpoint:
             defaults.pop("variant")
     if _floors_image_size(defaults):
         defaults["patch_remainder"] = "drop"  # its own code's VALID convolution ignores the last pixels
+    # The model keeps its checkpoint's resampling: resize_model, dynamic_model and image_size=None then
+    # resample as the load at another image_size does (timm's antialiased bicubic for a timm file).
+    defaults.setdefault("pos_interpolation", ckpt.layout_method)
     ckpt.defaults = defaults
     return ckpt
 

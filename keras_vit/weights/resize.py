@@ -4,7 +4,8 @@ The patch size stays, so a larger image gives a longer sequence; learned positio
 are 2-D interpolated "according to their location in the original image" and the class-token
 slot is kept. "linear" is the official method (scipy.ndimage.zoom(order=1), corners aligned);
 "bilinear", "bicubic" (half-pixel centres, torch's F.interpolate with align_corners=False),
-"nearest" and "bicubic_antialias" (torch's bicubic with antialias=True, what timm >= 1.0's
+"nearest" (half-pixel centres: torch's "nearest-exact", not its legacy "nearest", which
+samples floor(i * n_in / n_out)) and "bicubic_antialias" (torch's bicubic with antialias=True, what timm >= 1.0's
 resample_abs_pos_embed does: the default for timm checkpoints) are offered too. Every
 pos_embedding kind resizes: "learned" (the grid), "learned_2d" (rows and columns), "relative"
 (the (2gh-1) x (2gw-1) table of offsets; its prefix slot is kept), "sincos2d" and "none"
