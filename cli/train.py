@@ -117,7 +117,8 @@ def train_cmd(dataset: str, output: Optional[str], resume: bool, peer_timeout: O
         _rejoin(str(exc))
         raise
     t = result["test"]
-    click.echo(f"test top-1 {t['top1']:.4f}  top-5 {t['top5']:.4f}  loss {t['loss']:.4f}  "
+    smoothing = f" with label smoothing {t['label_smoothing']:g}" if t.get("label_smoothing") else ""
+    click.echo(f"test top-1 {t['top1']:.4f}  top-5 {t['top5']:.4f}  loss{smoothing} {t['loss']:.4f}  "
                f"({result['epochs']} epochs, {result['train_seconds']:.0f} s of training"
                + (f", {result['bad_images']} bad images skipped" if result.get("bad_images") else "") + ")")
     if result["workers"] > 1:
@@ -171,14 +172,19 @@ def _load(model: str):
 @click.option("--model", "model_arg", required=True, help=_MODEL_HELP)
 @click.option("--dataset", default="digits", show_default=True, help=_DATASET_HELP)
 @click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the validation hold-out (test is fixed).")
+@click.option("--seed", type=int, default=None,
+              help="Seed of the hold-out that is scored when the dataset is the model's own training folder or "
+                   "shards without a test split [default: the run's seed, else 0].")
+@click.option("--skip-bad-images", is_flag=True, help="Skip image files that cannot be decoded (counted in the output).")
 @click.option("--json", "as_json", is_flag=True,
               help="Print one JSON object: loss, top1, top5, per_class, count, confusion_matrix.")
 @click.option("--plot", is_flag=True,
               help="Also write the confusion matrix as a PNG beside the model (confusion_<dataset>.png).")
 @user_errors
-def evaluate_cmd(model_arg: str, dataset: str, batch_size: int, seed: int, as_json: bool, plot: bool) -> None:
-    """Loss, top-1, top-5 and per-class accuracy on the dataset's test split."""
+def evaluate_cmd(model_arg: str, dataset: str, batch_size: int, seed: Optional[int], skip_bad_images: bool,
+                 as_json: bool, plot: bool) -> None:
+    """Loss, top-1, top-5 and per-class accuracy on the dataset's test split: a folder of class
+    sub-folders is scored whole, unless the model trained on it (then its held-out test split)."""
     from keras_vit import data as kdata
     from keras_vit import train as ktrain
     from keras_vit.model import get_config
@@ -188,10 +194,16 @@ def evaluate_cmd(model_arg: str, dataset: str, batch_size: int, seed: int, as_js
     png = os.path.join(os.path.dirname(os.path.abspath(path)), f"confusion_{kdata.slug(dataset)}.png")
     if plot:  # before the evaluation's minutes
         check_writable(png, "--plot")
-    splits = kdata.load(dataset, seed=seed)
+    run = ktrain.read_run(path) if os.path.exists(path) else ktrain.RunInfo()
+    own = run.dataset is not None and ktrain.same_dataset(run.dataset, dataset)  # the run's own held-out test
+    seed = seed if seed is not None else run.seed if own and run.seed is not None else 0
+    splits = kdata.load(dataset, seed=seed, val_fraction=run.val_fraction if own and run.val_fraction else 0.1,
+                        skip_bad_images=skip_bad_images, evaluation=not own)
     model_names = ktrain.class_names_for(path, get_config(model).num_classes, model)
     result = ktrain.evaluate(model, splits.test, splits.class_names, batch_size=batch_size,
                              model_class_names=model_names)
+    if splits.bad_images is not None:
+        result["bad_images"] = len(splits.bad_images)
     if plot:
         plot_confusion_matrix(result["confusion_matrix"], model_names, png,
                               title=f"{dataset} test: top-1 {result['top1']:.4f}")
@@ -199,7 +211,8 @@ def evaluate_cmd(model_arg: str, dataset: str, batch_size: int, seed: int, as_js
     if as_json:
         click.echo(json.dumps(result))
         return
-    click.echo(f"{dataset} test ({result['count']} images): loss {result['loss']:.4f}  "
+    skipped = f", {result['bad_images']} bad files skipped" if result.get("bad_images") else ""
+    click.echo(f"{dataset} test ({result['count']} images{skipped}): loss {result['loss']:.4f}  "
                f"top-1 {result['top1']:.4f}  top-5 {result['top5']:.4f}")
     for name, acc in result["per_class"].items():
         click.echo(f"  {name:<20} {acc:.4f}")

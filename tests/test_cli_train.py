@@ -183,6 +183,42 @@ def test_evaluate_on_a_folder_of_some_classes_scores_them_by_name(digits_model, 
     assert report["per_class"]["7"] == pytest.approx(float((pred[y_te[keep] == 7] == 7).mean()), abs=1e-9)
 
 
+def test_evaluate_scores_a_plain_folder_whole_unless_the_model_trained_on_it(digits_model, tmp_path):
+    """A folder of class sub-folders (no train/ or test/) is scored whole, one class allowed; the model's
+    own training folder (its run's config.json) is scored on the run's hold-out, as training's test."""
+    import shutil
+
+    from PIL import Image
+
+    from keras_vit.data import digits_arrays
+
+    run, model = digits_model
+    _, _, x_te, y_te = digits_arrays()
+    x = np.round(x_te).astype(np.uint8)
+    for cls in (3, 7):
+        (tmp_path / "plain" / str(cls)).mkdir(parents=True)
+        for i in np.flatnonzero(y_te == cls):
+            Image.fromarray(x[i]).save(tmp_path / "plain" / str(cls) / f"{i}.png")
+    n = int(((y_te == 3) | (y_te == 7)).sum())
+    for folder, count in ((tmp_path / "plain", n), (tmp_path / "plain" / "3", None)):
+        if count is None:  # PATH/3 itself: no class sub-folders; give its parent's layout one class instead
+            shutil.copytree(tmp_path / "plain" / "3", tmp_path / "only" / "3")
+            folder, count = tmp_path / "only", int((y_te == 3).sum())
+        result = CliRunner().invoke(cli, ["evaluate", "--model", run, "--dataset", f"folder:{folder}", "--json"])
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.output.strip().splitlines()[-1])["count"] == count
+    own = tmp_path / "own"
+    own.mkdir()
+    shutil.copy(os.path.join(run, "model.keras"), own / "model.keras")
+    (own / "config.json").write_text(json.dumps({"train": {"dataset": f"folder:{tmp_path / 'plain'}", "seed": 1,
+                                                           "val_fraction": 0.5}}))
+    result = CliRunner().invoke(cli, ["evaluate", "--model", str(own), "--dataset", f"folder:{tmp_path / 'plain'}/",
+                                      "--json"])
+    assert result.exit_code == 0, result.output
+    held_out = json.loads(result.output.strip().splitlines()[-1])["count"]
+    assert 0 < held_out < n and abs(held_out - n / 2) <= 2
+
+
 def test_a_file_that_is_not_an_image_and_a_damaged_weights_file_are_one_line(digits_model, tmp_path):
     run, _ = digits_model
     (tmp_path / "text.png").write_text("hello")

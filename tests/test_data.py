@@ -173,3 +173,105 @@ def test_tfds_can_reach_its_download_step():
 def test_slug():
     assert data.slug("folder:/data/My Flowers/") == "folder-My-Flowers"
     assert data.slug("tfds:oxford_flowers102") == "tfds-oxford_flowers102"
+
+
+def test_folder_listing_takes_sub_folders_of_a_class_and_webp(tmp_path):
+    """A class folder's sub-folders are part of the class (as image_dataset_from_directory and
+    ImageFolder list them); WebP files are listed, as predict decodes them."""
+    from PIL import Image
+
+    _write_images(tmp_path / "d", n=2)
+    (tmp_path / "d" / "cat" / "more" / "deeper").mkdir(parents=True)
+    (tmp_path / "d" / "cat" / ".hidden").mkdir()
+    img = Image.fromarray(np.full((8, 8, 3), 200, np.uint8))
+    img.save(tmp_path / "d" / "cat" / "more" / "a.png")
+    img.save(tmp_path / "d" / "cat" / "more" / "deeper" / "b.webp", lossless=True)
+    img.save(tmp_path / "d" / "cat" / ".hidden" / "c.png")
+    (tmp_path / "d" / "dog" / "loop").symlink_to(tmp_path / "d" / "dog")  # followed once, not forever
+    files, labels, names = data.list_images(str(tmp_path / "d"))
+    rel = [str(f)[len(str(tmp_path / "d")) + 1:] for f in files]
+    assert names == ["cat", "dog"] and labels.tolist() == [0] * 4 + [1] * 2
+    assert rel[:4] == ["cat/0.jpg", "cat/1.png", "cat/more/a.png", "cat/more/deeper/b.webp"]
+
+
+def test_palette_bmp_and_webp_with_alpha_decode_as_pil(tmp_path):
+    """TensorFlow's BMP decoder returns an 8-bit palette BMP's indices as grey; its WebP decoder refuses
+    3 channels for a file with alpha: both reach the model as PIL shows them."""
+    import io
+
+    from PIL import Image
+
+    from keras_vit.data.images import read_image
+
+    rng = np.random.default_rng(0)
+    rgb = Image.fromarray(rng.integers(0, 255, (5, 7, 3), dtype=np.uint8))
+    rgba = Image.fromarray(rng.integers(0, 255, (5, 7, 4), dtype=np.uint8), "RGBA")
+    cases = [(rgb.convert("P", palette=Image.ADAPTIVE, colors=40), "BMP", {}), (rgb.convert("L"), "BMP", {}),
+             (rgb, "BMP", {}), (rgba, "WEBP", {"lossless": True}), (rgb, "WEBP", {"lossless": True})]
+    for im, fmt, kw in cases:
+        buf = io.BytesIO()
+        im.save(buf, fmt, **kw)
+        buf.seek(0)
+        want = np.asarray(Image.open(buf).convert("RGB"), np.float32)
+        got = read_image(tf.constant(buf.getvalue()), from_bytes=True).numpy()
+        np.testing.assert_array_equal(got, want, err_msg=f"{fmt} {im.mode}")
+
+
+def test_a_file_name_that_is_not_utf8_is_one_line_or_skipped(tmp_path):
+    import os
+
+    _write_images(tmp_path / "d", n=2)
+    bad = os.path.join(os.fsencode(tmp_path / "d" / "cat"), b"caf\xe9.png")
+    with open(bad, "wb") as f:
+        f.write(open(tmp_path / "d" / "cat" / "1.png", "rb").read())
+    with pytest.raises(data.DatasetError, match=r"cannot read image .*caf\ufffd\.png: its file name is not UTF-8"):
+        data.load(f"folder:{tmp_path / 'd'}")
+    s = data.load(f"folder:{tmp_path / 'd'}", skip_bad_images=True)
+    assert len(s.bad_images) == 1 and s.bad_images.paths[0].endswith("caf\ufffd.png")
+    assert s.sizes[0] + s.sizes[1] == 4  # the four good files
+
+
+def test_evaluation_data_is_scored_whole(tmp_path):
+    """`evaluation=True`: a folder of class sub-folders is its test split, every image, one class
+    allowed (no hold-out); shards of a test split alone load."""
+    _write_images(tmp_path / "one", classes=("dog",), n=5)
+    s = data.load(f"folder:{tmp_path / 'one'}", evaluation=True)
+    assert s.class_names == ["dog"] and len(list(s.test)) == 5
+    _write_images(tmp_path / "two", n=10)
+    assert len(list(data.load(f"folder:{tmp_path / 'two'}", evaluation=True).test)) == 20
+    assert len(list(data.load(f"folder:{tmp_path / 'two'}").test)) == 2  # trained on: the 10% hold-out
+    data.write_records(f"folder:{tmp_path / 'two'}", str(tmp_path / "rec"))
+    with pytest.raises(data.DatasetError, match="has no training shards"):
+        data.load(f"records:{tmp_path / 'rec'}/test-*")
+    s = data.load(f"records:{tmp_path / 'rec'}/test-*", evaluation=True)
+    assert s.sizes == (2, 2, 2) and len(list(s.test)) == 2
+
+
+def test_records_with_labels_outside_the_classes_fail_by_name(tmp_path):
+    """1-based labels (as TF-slim's ImageNet shards) against dataset.json's classes: one line naming the
+    example, not an all-zero one-hot target that trains silently."""
+    import json
+
+    from keras_vit.data.records import _example
+
+    (tmp_path / "rec").mkdir()
+    png = tf.io.encode_png(tf.zeros((4, 4, 3), tf.uint8)).numpy()
+    with tf.io.TFRecordWriter(str(tmp_path / "rec" / "train-00000-of-00001.tfrecord")) as w:
+        for label in (1, 2):
+            w.write(_example(png, label, f"img{label}.png"))
+    (tmp_path / "rec" / "dataset.json").write_text(json.dumps({"class_names": ["a", "b"]}))
+    s = data.load(f"records:{tmp_path / 'rec'}")
+    with pytest.raises(tf.errors.InvalidArgumentError) as info:
+        list(s.train)
+    line = data.bad_image_line(info.value)
+    assert line.startswith("cannot read image img2.png: its label 2 is not a class index 0..1 of the 2 classes"), line
+
+
+@pytest.mark.parametrize("bad", [dict(mixup=-1.0), dict(mixup=float("inf")), dict(cutmix=float("nan")),
+                                 dict(cutmix="0.2"), dict(batch_size=0), dict(batch_size=2.0)])
+def test_pipeline_refuses_bad_values_in_one_line(digits, bad):
+    kwargs = dict(image_size=(8, 8), batch_size=4, num_classes=10, training=True)
+    kwargs.update(bad)
+    name = next(iter(bad))
+    with pytest.raises(data.DatasetError, match=f"^{name} must be"):
+        data.pipeline(digits.train, **kwargs)

@@ -88,13 +88,16 @@ def digits_arrays(seed: int = 0):
 # --- the registry ----------------------------------------------------------------------------
 
 def load(name: str, *, seed: int = 0, val_fraction: float = 0.1, data_dir: Optional[str] = None,
-         skip_bad_images: bool = False, worker: Optional[Tuple[int, int]] = None) -> Splits:
+         skip_bad_images: bool = False, worker: Optional[Tuple[int, int]] = None, evaluation: bool = False) -> Splits:
     """The train / val / test splits of a named dataset. `val_fraction` of the training data is
     held out (seeded) when the dataset has no validation split of its own. Image files that do
     not decode fail the pipeline with their name, or with `skip_bad_images` are dropped and
     listed in `Splits.bad_images`. `worker=(count, index)`: an image folder's training split
     holds only this worker's share of the files (a new share each pass, disjoint from the other
-    workers'), so that each worker decodes only its own; other sources shard in tf.distribute."""
+    workers'), so that each worker decodes only its own; other sources shard in tf.distribute.
+    `evaluation=True` (data that is only scored, not trained on): a folder of class sub-folders is
+    its test split whole, of any number of classes (no hold-out), and `records:` need no training
+    shards (the test shards, else the validation ones, are every split)."""
     if not isinstance(name, str) or not name.strip():
         raise DatasetError(f"dataset must be a name, one of {', '.join(NAMES)}; got {name!r}")
     if not 0.0 < val_fraction < 1.0:
@@ -109,11 +112,11 @@ def load(name: str, *, seed: int = 0, val_fraction: float = 0.1, data_dir: Optio
         return _tfds(name[len("tfds:"):], seed, val_fraction, data_dir)
     bad = BadImages() if skip_bad_images else None
     if name.startswith("folder:"):
-        return _folder(name[len("folder:"):], seed, val_fraction, bad, worker)
+        return _folder(name[len("folder:"):], seed, val_fraction, bad, worker, evaluation)
     if name.startswith("records:"):
         from keras_vit.data.records import load_records
 
-        return load_records(name[len("records:"):], seed, val_fraction, bad)
+        return load_records(name[len("records:"):], seed, val_fraction, bad, evaluation)
     raise DatasetError(f"unknown dataset {name!r}; allowed: {', '.join(NAMES)}")
 
 
@@ -223,36 +226,41 @@ def _to_float(x):
 
 
 def _folder(path: str, seed: int, val_fraction: float, bad: Optional[BadImages] = None,
-            worker: Optional[Tuple[int, int]] = None) -> Splits:
+            worker: Optional[Tuple[int, int]] = None, evaluation: bool = False) -> Splits:
     """`PATH/<class>/*.jpg` with a held-out val split, or `PATH/train`, `PATH/val` (and `PATH/test`)."""
-    (tr_f, tr_y), (va_f, va_y), (te_f, te_y), names = _folder_lists(path, seed, val_fraction)
+    (tr_f, tr_y), (va_f, va_y), (te_f, te_y), names = _folder_lists(path, seed, val_fraction, bad, evaluation)
     return Splits(_image_files(tr_f, tr_y, bad, shuffle_seed=seed, worker=worker), _image_files(va_f, va_y, bad),
                   _image_files(te_f, te_y, bad),
                   names, (None, None, 3), bad, (len(tr_f), len(va_f), len(te_f)))
 
 
-def _folder_lists(path: str, seed: int, val_fraction: float):
-    """((files, labels) of train, val, test; class names) of an image folder (see _folder)."""
+def _folder_lists(path: str, seed: int, val_fraction: float, bad: Optional[BadImages] = None,
+                  evaluation: bool = False):
+    """((files, labels) of train, val, test; class names) of an image folder (see _folder); with
+    `evaluation`, a folder of class sub-folders is every split, whole."""
     path = os.path.expanduser(path)
     if not path or not os.path.isdir(path):
         what = "is a file, not a folder" if os.path.exists(path) else "does not exist"
         raise DatasetError(f"folder {path!r} {what} (expected folder:PATH with one sub-folder per class)")
     layout = {s: os.path.join(path, s) for s in ("train", "val", "validation", "test")}
     if os.path.isdir(layout["train"]):
-        train_files, train_labels, names = list_images(layout["train"])
+        train_files, train_labels, names = list_images(layout["train"], bad=bad)
         val_dir = layout["val"] if os.path.isdir(layout["val"]) else layout["validation"]
         if os.path.isdir(val_dir):
-            val_files, val_labels, _ = list_images(val_dir, names)
+            val_files, val_labels, _ = list_images(val_dir, names, bad)
         else:
             tr, va = _split_val(len(train_files), train_labels, seed, val_fraction)
             val_files, val_labels = [train_files[i] for i in va], train_labels[va]
             train_files, train_labels = [train_files[i] for i in tr], train_labels[tr]
         if os.path.isdir(layout["test"]):
-            test_files, test_labels, _ = list_images(layout["test"], names)
+            test_files, test_labels, _ = list_images(layout["test"], names, bad)
         else:
             test_files, test_labels = val_files, val_labels
+    elif evaluation:
+        files, labels, names = list_images(path, bad=bad, training=False)
+        return (files, labels), (files, labels), (files, labels), names
     else:
-        files, labels, names = list_images(path)
+        files, labels, names = list_images(path, bad=bad)
         tr, va = _split_val(len(files), labels, seed, val_fraction)
         train_files, train_labels = [files[i] for i in tr], labels[tr]
         val_files, val_labels = [files[i] for i in va], labels[va]

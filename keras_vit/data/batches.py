@@ -2,6 +2,8 @@
 `model.fit`) and `split_arrays` (a whole split as NumPy arrays)."""
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Callable, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -92,8 +94,12 @@ def pipeline(ds, *, image_size: Sequence[int], batch_size: int, num_classes: int
     """
     import tensorflow as tf
 
-    if batch_size < 1:
-        raise DatasetError(f"batch_size must be >= 1, got {batch_size}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+        raise DatasetError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    for name, alpha in (("mixup", mixup), ("cutmix", cutmix)):  # Beta(alpha, alpha); 0 turns it off
+        if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0 <= alpha < math.inf:
+            raise DatasetError(f"{name} must be a finite number >= 0 (the Beta distribution's alpha; 0 is off), "
+                               f"got {alpha!r}")
     AUTO = tf.data.AUTOTUNE
     size = tuple(int(s) for s in image_size)
     inception = training and augment == "inception"

@@ -17,7 +17,7 @@ import numpy as np
 from keras_vit.data.images import NOT_DECODABLE, read_image
 from keras_vit.errors import DatasetError
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 BAD_IMAGE_PREFIX = "cannot read image "  # the op error's text names the file after this prefix
 _BAD_IMAGE_HINT = f"{NOT_DECODABLE} (--skip-bad-images skips such files)"
 
@@ -44,10 +44,13 @@ class BadImages:
             return len(self._paths)
 
 
-def list_images(root: str, class_names: Optional[Sequence[str]] = None
-                ) -> Tuple[List[str], np.ndarray, List[str]]:
-    """Sorted (files, labels, class_names) of `root/<class>/*` by extension (see IMAGE_EXTENSIONS);
-    files are not opened. `class_names` fixes the label order (a val/test folder)."""
+def list_images(root: str, class_names: Optional[Sequence[str]] = None, bad: Optional[BadImages] = None,
+                training: bool = True) -> Tuple[List[str], np.ndarray, List[str]]:
+    """Sorted (files, labels, class_names) of `root/<class>/**` by extension (see IMAGE_EXTENSIONS),
+    sub-folders of a class included (as Keras' image_dataset_from_directory and torchvision's
+    ImageFolder); files are not opened. `class_names` fixes the label order (a val/test folder).
+    A file name that is not UTF-8 (TensorFlow's paths are) is one line, or skipped into `bad`.
+    The training classes (`class_names` None and `training`) must be two or more, none empty."""
     with os.scandir(root) as it:
         names = sorted(e.name for e in it if not e.name.startswith(".") and e.is_dir())
     if class_names is not None:
@@ -62,20 +65,16 @@ def list_images(root: str, class_names: Optional[Sequence[str]] = None
     empty = []
     for label, cls in enumerate(names):
         d = os.path.join(root, cls)
-        try:
-            with os.scandir(d) as it:
-                found = sorted(e.name for e in it
-                               if e.name.lower().endswith(IMAGE_EXTENSIONS) and not e.name.startswith("."))
-        except FileNotFoundError:  # a class of the training folder absent from val/test
+        if not os.path.isdir(d):  # a class of the training folder absent from val/test
             continue
+        found = [f for f in _image_files_under(d) if _utf8_name(f, bad)]
         if not found:
             empty.append(cls)
-        prefix = d + os.sep
-        files.extend(prefix + f for f in found)
+        files.extend(found)
         labels.append(np.full(len(found), label, np.int32))
     if not files:
         raise DatasetError(f"folder {root!r} has no images ({', '.join(IMAGE_EXTENSIONS)})")
-    if class_names is None:  # the training classes: each one a class the model can learn
+    if class_names is None and training:  # the training classes: each one a class the model can learn
         if empty:
             raise DatasetError(f"{root}: class folder {empty[0]!r} has no images ({', '.join(IMAGE_EXTENSIONS)}); "
                                "add some or remove the folder")
@@ -83,6 +82,45 @@ def list_images(root: str, class_names: Optional[Sequence[str]] = None
             raise DatasetError(f"folder {root!r} has one class ({names[0]!r}); a classifier needs two or more "
                                f"class sub-folders ({root}/<class>/<image>.jpg)")
     return files, np.concatenate(labels), list(names)
+
+
+def _image_files_under(folder: str) -> List[str]:
+    """The image files in `folder` and its sub-folders (hidden ones left out; a linked folder
+    followed once), sorted by their path below `folder`."""
+    out: List[str] = []
+    seen = set()
+    stack = [(folder, "")]
+    while stack:
+        path, rel = stack.pop()
+        real = os.path.realpath(path)
+        if real in seen:  # a link back up the tree
+            continue
+        seen.add(real)
+        with os.scandir(path) as it:
+            for e in it:
+                if e.name.startswith("."):
+                    continue
+                if e.name.lower().endswith(IMAGE_EXTENSIONS) and not e.is_dir():
+                    out.append(rel + e.name)
+                elif e.is_dir():
+                    stack.append((e.path, rel + e.name + os.sep))
+    prefix = folder + os.sep
+    return [prefix + f for f in sorted(out)]
+
+
+def _utf8_name(path: str, bad: Optional[BadImages]) -> bool:
+    """Whether `path` is UTF-8 (os.scandir gives other bytes as surrogates); else one line naming
+    it, or recorded in `bad` when bad files are skipped."""
+    try:
+        path.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        shown = path.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+        if bad is None:
+            raise DatasetError(f"cannot read image {shown}: its file name is not UTF-8, which TensorFlow needs; "
+                               "rename it (--skip-bad-images skips such files)") from None
+        bad.add(shown)
+        return False
 
 
 def decode_or_flag(path, data=None):

@@ -8,18 +8,49 @@ import numpy as np
 
 from keras_vit.errors import DatasetError, first_line
 
-NOT_DECODABLE = "not a decodable JPEG/PNG/BMP/GIF"  # what a bad image file is called, here and in data.folders
+NOT_DECODABLE = "not a decodable JPEG/PNG/BMP/GIF/WebP"  # what a bad image file is called, here and in data.folders
 
 
 def read_image(path_or_bytes, from_bytes: bool = False):
-    """Decode a JPEG/PNG/BMP/GIF file (a tf string) to a float32 (H, W, 3) image in [0, 255]."""
+    """Decode a JPEG/PNG/BMP/GIF/WebP file (a tf string) to a float32 (H, W, 3) image in [0, 255]."""
     import tensorflow as tf
 
     data = path_or_bytes if from_bytes else tf.io.read_file(path_or_bytes)
-    img = tf.io.decode_image(data, channels=3, expand_animations=False)
+    # WebP's decoder gives 3 or 4 channels and refuses channels=3 for a file with alpha: dropped, as for PNG
+    is_webp = tf.cond(tf.strings.length(data) >= 12,
+                      lambda: tf.equal(tf.strings.substr(data, 0, 12), tf.strings.join(
+                          ["RIFF", tf.strings.substr(data, 4, 4), "WEBP"])),
+                      lambda: tf.constant(False))
+    img = tf.cond(is_webp, lambda: tf.io.decode_image(data, channels=0, expand_animations=False)[..., :3],
+                  lambda: tf.io.decode_image(data, channels=3, expand_animations=False))
+    img = _bmp_colour_table(data, img)
     img = tf.cast(img, tf.float32)
     img.set_shape((None, None, 3))
     return img
+
+
+def _bmp_colour_table(data, img):
+    """An 8-bit BMP's pixels through its colour table: TensorFlow's BMP decoder returns the 8-bit
+    values as grey (right for a grey table, PIL's "L"; the table's indices for a palette, "P")."""
+    import tensorflow as tf
+
+    def is_bmp8():
+        header = tf.io.decode_raw(tf.strings.substr(data, 0, 30), tf.uint8)
+        return tf.logical_and(tf.equal(tf.strings.substr(data, 0, 2), "BM"),
+                              tf.logical_and(tf.equal(header[28], 8), tf.equal(header[29], 0)))
+
+    def coloured():
+        info = tf.io.decode_raw(tf.strings.substr(data, 14, 40), tf.int32, little_endian=True)
+        size, used = info[0], info[8]  # biSize, biClrUsed (0: all 256)
+        n = tf.where(used > 0, tf.minimum(used, 256), 256)
+        n = tf.minimum(n, (tf.strings.length(data) - 14 - size) // 4)  # a table cut short: what is there
+        table = tf.reshape(tf.io.decode_raw(tf.strings.substr(data, 14 + size, 4 * n), tf.uint8), (-1, 4))
+        rgb = tf.reverse(table[:, :3], axis=[1])  # stored B, G, R, reserved
+        return tf.gather(rgb, tf.minimum(tf.cast(img[..., 0], tf.int32), n - 1))
+
+    long_enough = tf.strings.length(data) >= 54
+    bmp8 = tf.cond(long_enough, is_bmp8, lambda: tf.constant(False))
+    return tf.cond(bmp8, coloured, lambda: img)
 
 
 def prepare_image(image, image_size: Optional[Sequence[int]], channels: int, interpolation: str = "bilinear",

@@ -146,9 +146,10 @@ def _metadata(folder: str) -> Optional[dict]:
     return None
 
 
-def load_records(pattern: str, seed: int, val_fraction: float, bad=None):
+def load_records(pattern: str, seed: int, val_fraction: float, bad=None, evaluation: bool = False):
     """The Splits of `records:DIR` (the shards its dataset.json lists, else all its *.tfrecord) or
-    `records:GLOB` (the matching shards; those dataset.json lists, when it lists them)."""
+    `records:GLOB` (the matching shards; those dataset.json lists, when it lists them). With
+    `evaluation`, shards without training ones (records:DIR/test-*) are every split."""
     from keras_vit.data import DatasetError, Splits
 
     pattern = os.path.expanduser(pattern)
@@ -170,13 +171,20 @@ def load_records(pattern: str, seed: int, val_fraction: float, bad=None):
         raise DatasetError(f"records:{pattern}: no {METADATA} or class_names.txt beside the shards in {folder} "
                            "(keras_vit.data.write_records writes it)")
     sizes_of = {f: _shard_size(f) for f in files}
+    n_cls = len(meta["class_names"])
     by_split: Dict[str, List[str]] = {s: [f for f in files if _split_of(f) == s] for s in SPLITS}
+    if evaluation and not by_split["train"]:
+        split = "test" if by_split["test"] else "val"
+        scored = _records(by_split[split], sizes_of, bad, n_cls)
+        n = _known_examples(meta, listed, by_split).get(split)
+        return Splits(scored, scored, scored, list(meta["class_names"]), (None, None, 3), bad,
+                      (n, n, n) if isinstance(n, int) else None)
     if not by_split["train"]:
         raise DatasetError(f"records:{pattern} has no training shards (file names starting 'train')")
     examples = _known_examples(meta, listed, by_split)
-    train = _records(by_split["train"], sizes_of, bad, shuffle_seed=seed)
+    train = _records(by_split["train"], sizes_of, bad, n_cls, shuffle_seed=seed)
     if by_split["val"]:
-        val = _records(by_split["val"], sizes_of, bad)
+        val = _records(by_split["val"], sizes_of, bad, n_cls)
     else:  # hold out every k-th training example (seeded offset)
         k = max(2, int(round(1 / val_fraction)))
         offset = seed % k
@@ -190,13 +198,13 @@ def load_records(pattern: str, seed: int, val_fraction: float, bad=None):
         def drop_index(i, x, y):
             return x, y
 
-        val = _records(by_split["train"], sizes_of, bad, indexed=True).filter(held_out).map(drop_index)
-        train = _records(by_split["train"], sizes_of, bad, indexed=True).filter(kept).map(drop_index)
+        val = _records(by_split["train"], sizes_of, bad, n_cls, indexed=True).filter(held_out).map(drop_index)
+        train = _records(by_split["train"], sizes_of, bad, n_cls, indexed=True).filter(kept).map(drop_index)
         if isinstance(examples.get("train"), int):
             n_val = len(range(offset, examples["train"], k))
             examples = {"train": examples["train"] - n_val, "val": n_val,
                         "test": examples["test"] if by_split["test"] else n_val}
-    test = _records(by_split["test"], sizes_of, bad) if by_split["test"] else val
+    test = _records(by_split["test"], sizes_of, bad, n_cls) if by_split["test"] else val
     sizes = None
     if all(isinstance(examples.get(s), int) for s in SPLITS):
         sizes = (examples["train"], examples["val"], examples["test"])
@@ -259,14 +267,14 @@ def _assert_cardinality(n: int):
     return tf.data.experimental.assert_cardinality(n)
 
 
-def _records(files: Sequence[str], sizes_of: Dict[str, int], bad, indexed: bool = False,
+def _records(files: Sequence[str], sizes_of: Dict[str, int], bad, num_classes: int, indexed: bool = False,
              shuffle_seed: Optional[int] = None):
     """(image, label) of the shards `files` (sizes in `sizes_of`): read interleaved, each checked
-    whole (_whole_shard), parsed and decoded in order. With `shuffle_seed` (and not `indexed`)
-    the shard order is reshuffled each epoch."""
+    whole (_whole_shard), parsed and decoded in order; a label outside 0..num_classes-1 fails by
+    name. With `shuffle_seed` (and not `indexed`) the shard order is reshuffled each epoch."""
     import tensorflow as tf
 
-    from keras_vit.data.folders import checked_images
+    from keras_vit.data.folders import BAD_IMAGE_PREFIX, checked_images
 
     AUTO = tf.data.AUTOTUNE
     names = tf.data.Dataset.from_tensor_slices((list(files), [sizes_of[f] for f in files]))
@@ -281,7 +289,13 @@ def _records(files: Sequence[str], sizes_of: Dict[str, int], bad, indexed: bool 
     def parse(record):
         ex = tf.io.parse_single_example(record, spec)
         name = tf.where(tf.strings.length(ex[FEATURE_FILENAME]) > 0, ex[FEATURE_FILENAME], "<record>")
-        return name, ex[FEATURE_IMAGE], tf.cast(ex[FEATURE_LABEL], tf.int32)
+        label = ex[FEATURE_LABEL]
+        ok = tf.logical_and(label >= 0, label < num_classes)
+        msg = tf.strings.join([BAD_IMAGE_PREFIX, name, ": its label ", tf.strings.as_string(label),
+                               f" is not a class index 0..{num_classes - 1} of the {num_classes} classes the shards' "
+                               f"{METADATA} names ({FEATURE_LABEL} is 0-based)"])
+        with tf.control_dependencies([tf.debugging.Assert(ok, [msg], summarize=1)]):
+            return name, ex[FEATURE_IMAGE], tf.cast(tf.identity(label), tf.int32)
 
     ds = ds.map(parse, num_parallel_calls=AUTO)
     if indexed:

@@ -18,7 +18,7 @@ _LAZY = {
                      "make_config", "make_optimizer", "resolve_speed"], "recipes"),
     **dict.fromkeys(["WarmupCosine", "warmup_cosine"], "schedules"),
     **dict.fromkeys(["RUNS_DIR", "RunInfo", "class_names_for", "model_path", "new_run_dir", "read_run",
-                     "resolve_run_dir"], "runs"),
+                     "resolve_run_dir", "same_dataset"], "runs"),
     **dict.fromkeys(["AtomicCheckpoint", "LearningRateLogger", "atomic_checkpoint"], "callbacks"),
     **dict.fromkeys(["ClusterError", "PeerLostError", "distribution_scope", "replicas", "start_cluster"],
                     "distribute"),

@@ -36,8 +36,9 @@ def evaluate(model: keras.Model, ds, class_names: Sequence[str], batch_size: int
     logits, labels = predict_logits(model, ds, batch_size)
     if lut is not None:
         labels = lut[labels]
-    if labels.size and labels.max() >= n_cls:
-        raise TrainError(f"the dataset has labels up to {labels.max()} but the model has {n_cls} classes")
+    if labels.size and (labels.max() >= n_cls or labels.min() < 0):
+        raise TrainError(f"the dataset has labels from {labels.min()} to {labels.max()} but the model's classes are "
+                         f"0 to {n_cls - 1}")
     if model_class_names is not None and len(model_class_names) == n_cls:
         class_names = model_class_names
     z = logits - logits.max(axis=-1, keepdims=True)

@@ -119,6 +119,8 @@ def _train(cfg: TrainConfig, run: Optional[str], resume: bool, cluster: Cluster,
             save_model(model, os.path.join(run, "model.keras"))
             plot_training_curves(read_metrics_csv(os.path.join(run, "metrics.csv")), os.path.join(run, "curves.png"))
             test = dict(zip(["loss", "top1", "top5"], (float(v) for v in model.evaluate(data.test, verbose=0))))
+            # the loss trained on (as Keras' val_loss): with the smoothing, where vitcli evaluate's is plain
+            test["label_smoothing"] = cfg.label_smoothing
         except tf.errors.OpError as exc:  # e.g. an image that decodes badly mid-run
             if is_peer_lost(cluster, exc):
                 raise PeerLostError(f"worker {cluster.index}: a peer of the cluster stopped ({type(exc).__name__}); "

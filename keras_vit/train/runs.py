@@ -115,6 +115,8 @@ class RunInfo:
 
     class_names: Optional[List[str]] = None
     dataset: Optional[str] = None
+    seed: Optional[int] = None  # with val_fraction: which examples the run held out of its training data
+    val_fraction: Optional[float] = None
 
 
 def read_run(model: str) -> RunInfo:
@@ -131,9 +133,20 @@ def read_run(model: str) -> RunInfo:
         if name == "class_names.json" and isinstance(content, list):
             info.class_names = [str(c) for c in content]
         elif isinstance(content, dict) and isinstance(content.get("train"), dict):
-            dataset = content["train"].get("dataset")
-            info.dataset = dataset if isinstance(dataset, str) else None
+            train = content["train"]
+            info.dataset = train["dataset"] if isinstance(train.get("dataset"), str) else None
+            info.seed = train["seed"] if isinstance(train.get("seed"), int) else None
+            info.val_fraction = train["val_fraction"] if isinstance(train.get("val_fraction"), float) else None
     return info
+
+
+def same_dataset(a: str, b: str) -> bool:
+    """Whether two dataset names are the same data: folder:/records: paths compared as files."""
+    for prefix in ("folder:", "records:"):
+        if a.startswith(prefix) and b.startswith(prefix):
+            pa, pb = (os.path.realpath(os.path.expanduser(x[len(prefix):])) for x in (a, b))
+            return pa == pb
+    return a.strip() == b.strip()
 
 
 def class_names_for(path: str, num_classes: int, model=None) -> List[str]:
