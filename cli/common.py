@@ -1,11 +1,14 @@
 """What every `vitcli` command shares: the one-line user error."""
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import json
 import os
-from typing import Sequence
+import signal
+import threading
+from typing import Iterator, Sequence
 
 import click
 
@@ -95,3 +98,27 @@ def parse_model_options(pairs: Sequence[str]) -> dict:
             value = {"true": True, "false": False, "none": None}.get(lowered, text.strip())
         model[key] = tuple(value) if isinstance(value, list) else value
     return model
+
+
+class Terminated(BaseException):
+    """SIGTERM (timeout, kill, Kubernetes, systemd) raised where a command that writes files runs
+    (sigterm_cleans_up), so that what it writes under a temporary name is removed, as on Ctrl-C."""
+
+
+@contextlib.contextmanager
+def sigterm_cleans_up() -> Iterator[None]:
+    """SIGTERM raises Terminated in the main thread while the block runs (the `finally` clauses
+    that remove temporary files then run); elsewhere, and after it, the handler is as it was.
+    Not for training: a worker blocked in a collective would not stop until it returns."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def raise_terminated(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

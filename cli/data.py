@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from keras_vit.cli.common import user_errors
+from keras_vit.cli.common import sigterm_cleans_up, user_errors
 
 
 @click.command("records")
@@ -14,6 +14,7 @@ from keras_vit.cli.common import user_errors
 @click.option("--val-fraction", type=float, default=0.1, show_default=True,
               help="Training data held out for validation when the dataset has no val split.")
 @user_errors
+@sigterm_cleans_up()
 def records_cmd(dataset: str, output: str, examples_per_shard: int, seed: int, val_fraction: float) -> None:
     """Write DATASET as TFRecord shards (image/encoded, image/class/label, image/filename) in OUTPUT."""
     from keras_vit import data

@@ -7,7 +7,7 @@ from typing import Optional, Tuple
 
 import click
 
-from keras_vit.cli.common import UserError, user_errors
+from keras_vit.cli.common import UserError, sigterm_cleans_up, user_errors
 from keras_vit.weights.resize import METHODS
 
 DEFAULT_MODEL = os.path.join("runs", "latest", "model.keras")
@@ -125,6 +125,7 @@ def default_output(model_path: str, fmt: str, quantize: Optional[str], optimize:
 @click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True,
               help="Where verify runs an ONNX file: onnxruntime's CUDA provider (needs keras-vit[gpu]) or CPU.")
 @user_errors
+@sigterm_cleans_up()
 def export_cmd(model_path: str, fmt: str, quantize: Optional[str], opset: int, optimize: bool,
                output: Optional[str], verify_dataset: Optional[str], calibration_dataset: Optional[str],
                num_images: int, thresholds: Tuple[str, ...], no_verify: bool, dynamic_size: bool,

@@ -9,7 +9,7 @@ import click
 from keras_vit import __version__
 from keras_vit.cli import quiet
 from keras_vit.cli.analysis import fewshot_cmd, inspect_cmd, pretrain_cmd
-from keras_vit.cli.common import UserError
+from keras_vit.cli.common import Terminated, UserError
 from keras_vit.cli.data import records_cmd
 from keras_vit.cli.export import export_cmd
 from keras_vit.cli.train import evaluate_cmd, predict_cmd, train_cmd
@@ -18,6 +18,7 @@ _VERBOSE_HELP = "Show TensorFlow's start-up logs and library warnings (hidden by
 
 
 INTERRUPTED = 130  # 128 + SIGINT, as shells report a process stopped by Ctrl-C (export's 1 is "failed verification")
+TERMINATED = 143  # 128 + SIGTERM
 
 
 class _Group(click.Group):
@@ -33,6 +34,9 @@ class _Group(click.Group):
         except KeyboardInterrupt:
             click.echo("\nInterrupted.", err=True)
             raise click.exceptions.Exit(INTERRUPTED) from None
+        except Terminated:
+            click.echo("\nTerminated.", err=True)
+            raise click.exceptions.Exit(TERMINATED) from None
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})

@@ -102,7 +102,7 @@ class Runner:
         if num_threads:
             options.intra_op_num_threads = num_threads
         try:
-            self._session = ort.InferenceSession(self.path, options, providers=providers)
+            self._session = ort.InferenceSession(_loadable(self.path), options, providers=providers)
         except Exception as exc:  # noqa: BLE001 - a damaged or foreign file: one line naming it
             raise ExportError(f"onnxruntime cannot load {self.path!r}: {first_line(exc)}") from exc
         self.providers = self._session.get_providers()
@@ -158,7 +158,9 @@ class Runner:
         self.format = "tflite"
         # LiteRT applies its default delegate (XNNPACK) on CPU.
         try:
-            self._interpreter = Interpreter(model_path=self.path, num_threads=num_threads)
+            source = _loadable(self.path)
+            self._interpreter = Interpreter(**({"model_path": source} if isinstance(source, str) else
+                                               {"model_content": source}), num_threads=num_threads)
         except (ValueError, RuntimeError) as exc:  # a damaged or foreign file: one line naming it
             raise ExportError(f"LiteRT cannot load {self.path!r}: {first_line(exc)}") from exc
         self._runner = self._interpreter.get_signature_runner()
@@ -190,3 +192,14 @@ class Runner:
         if self.format == "onnx":
             return self._session.run(None, {self._input: images})[0]
         return self._runner(images=images)["logits"]
+
+
+def _loadable(path: str):
+    """`path` for the runtimes, or the file's bytes when the path is not UTF-8 (bytes that are not
+    UTF-8 in a folder's name, or any non-ASCII name under a C locale), which their bindings cannot take."""
+    try:
+        path.encode("utf-8")
+        return path
+    except UnicodeEncodeError:
+        with open(path, "rb") as f:
+            return f.read()

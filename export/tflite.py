@@ -220,7 +220,8 @@ def read_metadata(path: PathLike, name: str = METADATA_NAME) -> Optional[dict]:
     """The keras-vit metadata of a .tflite file (None if it has none)."""
     from tensorflow.lite.tools import flatbuffer_utils
 
-    obj = flatbuffer_utils.read_model(os.fspath(path))
+    with open(path, "rb") as f:  # Python's open: any path (TensorFlow's file_io takes UTF-8 ones only)
+        obj = flatbuffer_utils.convert_bytearray_to_object(bytearray(f.read()))
     for entry in obj.metadata or []:
         entry_name = entry.name.decode() if isinstance(entry.name, bytes) else entry.name
         if entry_name == name:

@@ -190,6 +190,49 @@ def test_output_folder_the_file_system_refuses_is_one_line(run_dir):
     assert "Error: output folder '/sys/kernel' is not writable" in result.output
 
 
+def test_a_folder_name_that_is_not_utf8_exports_and_verifies(run_dir, tmp_path):
+    """ONNX and TFLite files in a folder whose name is not UTF-8 are verified (the runtimes get the
+    file's bytes); a SavedModel there, which TensorFlow cannot write, is one line."""
+    import subprocess
+    import sys
+
+    folder = os.path.join(os.fsencode(tmp_path), b"caf\xe9")
+    os.mkdir(folder)
+    vitcli = os.path.join(os.path.dirname(sys.executable), "vitcli")  # a terminal's bytes, not CliRunner's UTF-8
+    model = str(run_dir / "runs" / "latest" / "model.keras")
+    for fmt, rc, line in (("onnx", 0, b"status             passed"), ("tflite", 0, b"status             passed"),
+                          ("saved_model", 2, b"is not a UTF-8 path, and TensorFlow writes to UTF-8 paths only")):
+        out = os.path.join(folder, f"m.{fmt}".encode())
+        done = subprocess.run([vitcli, "export", "--model", model, "--format", fmt, "--num-images", "8", "--output", out],
+                              capture_output=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"), timeout=300)
+        assert done.returncode == rc and line in done.stdout + done.stderr, done.stdout + done.stderr
+
+
+def test_sigterm_during_export_keeps_the_good_file_and_leaves_no_temporary_one(run_dir, tmp_path):
+    """SIGTERM (timeout, kill, Kubernetes) ends an export as Ctrl-C does: exit 143, the earlier file
+    untouched, the half-written one removed."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    vitcli = os.path.join(os.path.dirname(sys.executable), "vitcli")
+    model = str(run_dir / "runs" / "latest" / "model.keras")
+    cmd = [vitcli, "export", "--model", model, "--format", "onnx", "--num-images", "8", "--output", str(tmp_path / "m.onnx")]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    assert subprocess.run(cmd, capture_output=True, env=env, timeout=300).returncode == 0
+    good = (tmp_path / "m.onnx").read_bytes()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    deadline = time.time() + 240
+    while time.time() < deadline and not [f for f in os.listdir(tmp_path) if ".tmp" in f]:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=120)[0].decode()
+    assert proc.returncode == 143 and out.strip().splitlines()[-1] == "Terminated.", out
+    assert sorted(os.listdir(tmp_path)) == ["m.onnx", "m.onnx.report.json", "m.onnx.report.png"]
+    assert (tmp_path / "m.onnx").read_bytes() == good
+
+
 def test_names_the_model_carries_reach_the_file(tmp_path):
     """A .keras file outside a run folder keeps its own class names (saved with the model) in the export."""
     import onnxruntime as ort

@@ -123,14 +123,15 @@ def test_two_tf_workers_train_like_one(tmp_path):
     digests = [ln.split()[-1] for f in logs[:2] for ln in open(f) if " weights " in ln]
     assert len(digests) == 2 and digests[0] == digests[1] == results["weights_digest"]
 
-    # same global batch, same examples per epoch: as many steps as one worker, a first epoch whose
-    # loss matches one worker's up to float differences (which Adam at lr 0.01 amplifies to ~1%),
-    # and models in the same accuracy class
+    # same global batch, same examples in the same order: as many steps as one worker, and every epoch's
+    # loss one worker's up to float differences (measured 2e-7 to 2e-6: Keras' fit under a strategy draws
+    # a batch from a fresh iterator to build its metrics, which advanced the seeded reshuffle until
+    # loop.build_without_data: then the cluster trained one epoch's order ahead, 1-3% off)
     steps = [sorted({ln.split()[0] for ln in open(f) if ln.startswith(("20/20", "21/21"))}) for f in (logs[0], logs[2])]
     assert steps[0] == steps[1] == ["20/20"]  # 1293 training images // 64
     multi, one = metrics_rows(chief), metrics_rows(single)
     assert [r["epoch"] for r in multi] == ["0", "1", "2"]
-    assert float(multi[0]["loss"]) == pytest.approx(float(one[0]["loss"]), rel=0.03)
+    assert [float(r["loss"]) for r in multi] == pytest.approx([float(r["loss"]) for r in one], rel=1e-4)
     from keras_vit import data as kdata
     from keras_vit import train as kt
     from keras_vit.saving import load_model

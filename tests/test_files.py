@@ -102,3 +102,48 @@ def test_replace_path_puts_the_old_folder_back_when_the_rename_fails(tmp_path, m
     assert (old / "saved_model.pb").read_bytes() == b"good" and sorted(os.listdir(tmp_path)) == ["m.saved_model", "new"]
     files.replace_path(new, old)
     assert (old / "saved_model.pb").read_bytes() == b"new" and sorted(os.listdir(tmp_path)) == ["m.saved_model"]
+
+
+def test_runs_started_in_the_same_second_get_folders_of_their_own(tmp_path):
+    import threading
+
+    from keras_vit.train.recipes import make_config
+    from keras_vit.train.runs import new_run_dir
+
+    cfg = make_config("digits")
+    made, barrier = [], threading.Barrier(8)
+
+    def start():
+        barrier.wait()
+        made.append(new_run_dir(cfg, root=str(tmp_path), latest=False))
+
+    threads = [threading.Thread(target=start) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(made) == len(set(made)) == 8 and all(os.path.isdir(m) for m in made)
+
+
+def test_a_run_another_live_process_trains_is_refused(tmp_path):
+    """--resume of a folder a live process is training stops in one line; once that process is gone
+    (killed included: the system drops its lock), the folder is free again."""
+    import subprocess
+    import sys
+
+    from keras_vit.errors import TrainError
+    from keras_vit.train.runs import LOCK_FILE, hold_run, release_run
+
+    code = "import sys, time; from keras_vit.train.runs import hold_run; h = hold_run(sys.argv[1]); print(1, flush=True); time.sleep(120)"
+    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout.readline().strip() == b"1"
+        with pytest.raises(TrainError, match=rf"is being trained by another process \(pid {proc.pid}\); wait for it"):
+            hold_run(str(tmp_path))
+    finally:
+        proc.kill()
+        proc.wait()
+    held = hold_run(str(tmp_path))
+    assert open(tmp_path / LOCK_FILE).read() == str(os.getpid())
+    release_run(held)
+    assert not (tmp_path / LOCK_FILE).exists()

@@ -238,6 +238,40 @@ def test_published_download_offline_is_one_clear_line(tmp_path, monkeypatch):
         keras_vit.ViT("B/16", weights="L/16-i21k")
 
 
+def test_a_published_download_appears_whole_or_not_at_all(tmp_path, monkeypatch):
+    """The download goes to a name of its own and is renamed when whole: one cut short (killed, or
+    read by another process meanwhile) never sits under the cached name that later loads would trust."""
+    import keras
+
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "home"))
+    source = tmp_path / "ViT-B_16.npz"
+    np.savez(source, x=np.arange(1000, dtype=np.float32))
+    entry = W.PUBLISHED["B/16-i21k"]
+    monkeypatch.setitem(W.PUBLISHED, "B/16-i21k", W.Published(source.as_uri(), entry.variant, entry.image_size,
+                                                              entry.num_classes))
+    cache = tmp_path / "home" / "models" / "keras_vit"
+    real_get_file = keras.utils.get_file
+    seen = []
+
+    def cut_short(fname, origin, cache_dir, cache_subdir):
+        part = os.path.join(cache_dir, cache_subdir, fname)
+        os.makedirs(os.path.dirname(part), exist_ok=True)
+        with open(part, "wb") as f:
+            f.write(source.read_bytes()[:100])
+        seen.append(sorted(os.listdir(cache)))  # what another process sees meanwhile: no ViT-B_16.npz
+        raise OSError("connection reset")
+
+    monkeypatch.setattr(keras.utils, "get_file", cut_short)
+    with pytest.raises(ValueError, match="downloading checkpoint 'B/16-i21k' .* failed \\(connection reset\\)"):
+        W.checkpoint_path("B/16-i21k")
+    assert seen and "ViT-B_16.npz" not in seen[0] and os.listdir(cache) == []
+    monkeypatch.setattr(keras.utils, "get_file", real_get_file)
+    path = W.checkpoint_path("B/16-i21k")
+    assert path == str(cache / "ViT-B_16.npz") and os.listdir(cache) == ["ViT-B_16.npz"]
+    assert open(path, "rb").read() == source.read_bytes()
+    assert W.checkpoint_path("B/16-i21k") == path  # cached: no second download
+
+
 @pytest.mark.parametrize("kind", ["learned", "relative", "learned_2d"])
 def test_save_then_load_is_exact(tmp_path, images, kind):
     model = keras_vit.ViT(config=plain_cfg(pos_embedding=kind, representation_size=6))

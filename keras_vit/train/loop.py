@@ -41,7 +41,17 @@ from keras_vit.train.distribute import (
 )
 from keras_vit.train.initial import load_initial_weights
 from keras_vit.train.recipes import TrainConfig, make_optimizer, resolve_speed
-from keras_vit.train.runs import RUNS_DIR, backup_epoch, check_output, new_run_dir, read_run_config, resolve_run_dir, trim_csv
+from keras_vit.train.runs import (
+    RUNS_DIR,
+    backup_epoch,
+    check_output,
+    hold_run,
+    new_run_dir,
+    read_run_config,
+    release_run,
+    resolve_run_dir,
+    trim_csv,
+)
 from keras_vit.train.sharding import file_share, shard_datasets, uneven_shares
 
 
@@ -70,9 +80,10 @@ def train(cfg: TrainConfig, output: Optional[str] = None, resume: bool = False,
     cluster (waiting at most `peer_timeout` seconds for its peers); only the chief writes the run
     folder, and a worker restarted with the same options continues the unfinished run.
     """
-    run = None
+    run, held = None, []  # held: this process's mark on its run folder (hold_run), dropped however the run ends
     if resume:
         run, cfg = _resumed(output, root)
+        held.append(hold_run(run))  # not a run another live process trains
     else:
         cfg.validate()
     cluster = start_cluster(cfg.distribute, peer_timeout)  # before any other TensorFlow work
@@ -86,14 +97,16 @@ def train(cfg: TrainConfig, output: Optional[str] = None, resume: bool = False,
     mixed, jit, reason = resolve_speed(cfg)
     worker_dir: List[str] = []  # a non-chief worker's temporary folder, removed however the run ends
     try:
-        return _train(cfg, run, resume, cluster, output, root, verbose, mixed, jit, reason, worker_dir)
+        return _train(cfg, run, resume, cluster, output, root, verbose, mixed, jit, reason, worker_dir, held)
     finally:
         for folder in worker_dir:
             shutil.rmtree(folder, ignore_errors=True)
+        for mark in held:
+            release_run(mark)
 
 
 def _train(cfg: TrainConfig, run: Optional[str], resume: bool, cluster: Cluster, output: Optional[str], root: str,
-           verbose: Any, mixed: str, jit: str, reason: str, worker_dir: List[str]) -> Dict[str, Any]:
+           verbose: Any, mixed: str, jit: str, reason: str, worker_dir: List[str], held: List) -> Dict[str, Any]:
     """The body of train() once the cluster (if any) is joined."""
     with _speed_settings(mixed, jit):
         keras.utils.set_random_seed(cfg.seed)
@@ -105,10 +118,13 @@ def _train(cfg: TrainConfig, run: Optional[str], resume: bool, cluster: Cluster,
                     worker_dir.append(run)
             elif run is None:  # the folder appears only once the dataset and options are known good
                 run = _start_run(cfg, data, output, root, mixed, jit)
+            if cluster.is_chief and not held:
+                held.append(hold_run(run))
             print(f"precision: {'float32' if mixed == 'none' else mixed}, compilation: {jit}"
                   + (f" (auto: {reason})" if "auto" in (cfg.mixed_precision, cfg.jit_compile) else "")
                   + (f"; the batch as {towers.count()} towers, one thread each" if towers.count() > 1 else ""))
             model = _build_model(cfg, data, jit)
+            build_without_data(model, data.train)
             start = time.time()
             history = model.fit(data.train, validation_data=data.val, epochs=cfg.epochs, steps_per_epoch=data.fit_steps,
                                 callbacks=_callbacks(run, resume, cluster, cfg.checkpoint_interval),
@@ -284,6 +300,22 @@ def _build_model(cfg: TrainConfig, data: _Data, jit: str) -> keras.Model:
         # set): a tf.function that creates variables is traced twice, 6-8 s of the digits demo.
         model.optimizer.build(model.trainable_variables)
     return model
+
+
+def build_without_data(model: keras.Model, train_ds) -> None:
+    """Under a tf.distribute strategy Keras' fit (and evaluate) builds the model's metrics from a
+    batch drawn from a new iterator of the data before training: that iterator would advance the
+    training split's seeded reshuffle, so a cluster's first epoch would take one process's second
+    epoch order (and every later epoch one ahead). Here they are built from the batches' spec."""
+    if getattr(model, "_distribute_strategy", None) is None or not hasattr(model, "_maybe_symbolic_build"):
+        return  # no strategy: Keras builds them in the first traced step, from the step's own batch
+    spec = train_ds.element_spec
+    keras_build = model._maybe_symbolic_build
+
+    def from_spec(iterator=None, data_batch=None):
+        return keras_build(data_batch=spec if data_batch is None else data_batch)
+
+    model._maybe_symbolic_build = from_spec
 
 
 def _callbacks(run: str, resume: bool, cluster: Optional[Cluster] = None,

@@ -31,14 +31,56 @@ def new_run_dir(cfg: TrainConfig, output: Optional[str] = None, root: str = RUNS
         return output
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     base = os.path.join(root, f"{kind}{slug(cfg.dataset)}-{cfg.label()}-{stamp}")
+    os.makedirs(root, exist_ok=True)
     run, n = base, 1
-    while os.path.exists(run):
-        n += 1
-        run = f"{base}-{n}"
-    os.makedirs(run)
+    while True:  # mkdir either creates the folder or fails: runs started in the same second get -2, -3, ...
+        try:
+            os.mkdir(run)
+            break
+        except FileExistsError:
+            n += 1
+            run = f"{base}-{n}"
     if latest:
         link_latest(run, root)
     return run
+
+
+LOCK_FILE = ".running"
+
+
+def hold_run(run: str):
+    """Mark `run` as trained by this process until the returned file is closed (an advisory lock the
+    system drops when the process ends, killed or not); TrainError when a live process holds it.
+    None where the system has no flock (the folder is then not guarded)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        return None
+    f = open(os.path.join(run, LOCK_FILE), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        pid = f.read().strip() or "?"
+        f.close()
+        raise TrainError(f"run {run!r} is being trained by another process (pid {pid}); wait for it to finish, "
+                         "or stop it and --resume then") from None
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))
+    f.flush()
+    return f
+
+
+def release_run(held) -> None:
+    """Drop hold_run's mark (the lock file goes with it)."""
+    if held is None:
+        return
+    try:
+        os.remove(held.name)
+    except OSError:
+        pass
+    held.close()
 
 
 def check_output(output: Optional[str], option: str = "--output") -> None:

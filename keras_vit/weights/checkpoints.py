@@ -55,14 +55,32 @@ def checkpoint_path(weights: PathLike) -> str:
     if entry is None:
         raise ValueError(f"weights {path!r} is neither an existing .npz or .safetensors file, hf://ORG/NAME "
                          f"nor a published checkpoint; published names: {', '.join(sorted(PUBLISHED))}")
-    fname = entry.url.rsplit("/", 1)[-1]
+    return _download(path, entry.url)
+
+
+def _download(name: str, url: str) -> str:
+    """The cached file of `url` (Keras' cache, KERAS_HOME/models/keras_vit), downloaded once: to a
+    name of this process's own, renamed into place when whole, so a download killed midway or one
+    running in another process never leaves a cut-short file under the cached name."""
+    fname = url.rsplit("/", 1)[-1]
+    # KERAS_HOME read now, not at Keras' import, so a process can point the cache elsewhere.
+    cache_dir = os.path.expanduser(os.environ.get("KERAS_HOME") or os.path.join("~", ".keras"))
+    folder = os.path.join(cache_dir, "models", "keras_vit")
+    final = os.path.join(folder, fname)
+    if os.path.isfile(final):
+        return final
+    part = f".{fname}.part-{os.getpid()}-{os.urandom(4).hex()}"
     try:
-        # KERAS_HOME read now, not at Keras' import, so a process can point the cache elsewhere.
-        return keras.utils.get_file(fname=fname, origin=entry.url, cache_dir=os.environ.get("KERAS_HOME") or None,
-                                    cache_subdir=os.path.join("models", "keras_vit"))
+        got = keras.utils.get_file(fname=part, origin=url, cache_dir=cache_dir,
+                                   cache_subdir=os.path.join("models", "keras_vit"))
+        os.replace(got, final)
     except Exception as exc:  # noqa: BLE001 - any failure to fetch is reported the same way
-        raise ValueError(f"downloading checkpoint {path!r} from {entry.url} failed ({first_line(exc)}); "
+        raise ValueError(f"downloading checkpoint {name!r} from {url} failed ({first_line(exc)}); "
                          "pass the path of a local .npz file instead") from None
+    finally:
+        if os.path.exists(os.path.join(folder, part)):
+            os.remove(os.path.join(folder, part))
+    return final
 
 
 def is_checkpoint(spec: PathLike) -> bool:
