@@ -100,6 +100,14 @@ def parse_model_options(pairs: Sequence[str]) -> dict:
     return model
 
 
+_RECEIVED: list = []  # the SIGTERMs sigterm_cleans_up turned into Terminated
+
+
+def terminated() -> bool:
+    """Whether a SIGTERM arrived while a command ran under sigterm_cleans_up."""
+    return bool(_RECEIVED)
+
+
 class Terminated(BaseException):
     """SIGTERM (timeout, kill, Kubernetes, systemd) raised where a command that writes files runs
     (sigterm_cleans_up), so that what it writes under a temporary name is removed, as on Ctrl-C."""
@@ -115,6 +123,7 @@ def sigterm_cleans_up() -> Iterator[None]:
         return
 
     def raise_terminated(signum, frame):
+        _RECEIVED.append(signum)  # whatever the exception becomes (Keras and tf2onnx wrap what a call raises)
         raise Terminated()
 
     previous = signal.signal(signal.SIGTERM, raise_terminated)

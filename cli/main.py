@@ -9,7 +9,7 @@ import click
 from keras_vit import __version__
 from keras_vit.cli import quiet
 from keras_vit.cli.analysis import fewshot_cmd, inspect_cmd, pretrain_cmd
-from keras_vit.cli.common import Terminated, UserError
+from keras_vit.cli.common import Terminated, UserError, terminated
 from keras_vit.cli.data import records_cmd
 from keras_vit.cli.export import export_cmd
 from keras_vit.cli.train import evaluate_cmd, predict_cmd, train_cmd
@@ -34,9 +34,11 @@ class _Group(click.Group):
         except KeyboardInterrupt:
             click.echo("\nInterrupted.", err=True)
             raise click.exceptions.Exit(INTERRUPTED) from None
-        except Terminated:
-            click.echo("\nTerminated.", err=True)
-            raise click.exceptions.Exit(TERMINATED) from None
+        except BaseException as exc:  # Terminated, or what a library made of it (its own error, one line)
+            if isinstance(exc, Terminated) or terminated():
+                click.echo("\nTerminated.", err=True)
+                raise click.exceptions.Exit(TERMINATED) from None
+            raise
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
