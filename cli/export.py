@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from typing import Optional, Tuple
 
 import click
@@ -37,6 +38,19 @@ def _check_calibration(quantize: Optional[str]) -> None:
     if given and quantize != "int8":
         verb = "apply" if len(given) > 1 else "applies"
         raise UserError(f"{' and '.join(given)} {verb} to --quantize int8 only (got --quantize {quantize or 'none'})")
+
+
+def _tensorflow_backend() -> None:
+    """Export traces TensorFlow graphs (tf2onnx, TFLiteConverter, SavedModel): this command runs on the
+    TensorFlow backend whatever KERAS_BACKEND says (a .keras file of any backend loads there), when
+    Keras is not imported yet (a fresh vitcli process)."""
+    asked = os.environ.get("KERAS_BACKEND", "")
+    if "keras" in sys.modules or asked in ("", "tensorflow"):
+        if "keras" not in sys.modules:
+            os.environ["KERAS_BACKEND"] = "tensorflow"  # over ~/.keras/keras.json's backend too
+        return
+    click.echo(f"export runs on the TensorFlow backend (KERAS_BACKEND={asked} set aside for this command)", err=True)
+    os.environ["KERAS_BACKEND"] = "tensorflow"
 
 
 def _check_options(fmt: str, quantize: Optional[str], optimize: bool, opset: int, layout: str,
@@ -138,6 +152,7 @@ def export_cmd(model_path: str, fmt: str, quantize: Optional[str], opset: int, o
     is kept as NAME.failed.EXT with its own FAILED report, --output stays as it was, and the exit
     status is 1. --no-verify writes --output directly.
     """
+    _tensorflow_backend()
     _check_options(fmt, quantize, optimize, opset, layout, dynamic_size, input_dtype, interpolation)
     _check_calibration(quantize)
     limits = _parse_thresholds(thresholds)

@@ -199,6 +199,8 @@ class VisionTransformer(towers.TowerModel):
         """Keras' own, traced knowing whether the step is XLA-compiled whole: on an AMX CPU float32 then keeps
         TensorFlow's own forms, and in graph mode takes the scoped step's (keras_vit.layers.fusion.float32_scoped)
         and Keras' SGD/Adam/AdamW updates as TensorFlow's fused ops (keras_vit.train.updates)."""
+        if keras.backend.backend() != "tensorflow":  # both are TensorFlow's (and torch.compile traces no context manager)
+            return super().train_step(*args, **kwargs)
         whole_step_xla = self.jit_compile is True
         with fusion.whole_step_xla(whole_step_xla), updates.fused_updates(self.optimizer, whole_step_xla):
             return super().train_step(*args, **kwargs)  # the batch as towers where this process runs them (train.towers)

@@ -94,3 +94,52 @@ def test_a_compiled_model_moves_between_tensorflow_and_pytorch_and_trains_on(tmp
     np.testing.assert_allclose(loaded.predict(x, verbose=0), torch_side["logits"], atol=1e-5)
     loaded.fit(x, np.arange(4) % 3, epochs=1, verbose=0)
     assert int(loaded.optimizer.iterations.numpy()) == 3
+
+
+_TORCH_COMPILED = '''
+import json
+import keras, numpy as np
+import keras_vit
+
+rng = np.random.default_rng(0)
+x, y = rng.uniform(0, 255, (16, 32, 32, 3)).astype("float32"), np.arange(16) % 5
+losses = {}
+for jit in (False, True):  # Keras' eager step, then torch.compile (model.compile(jit_compile=True))
+    keras.utils.set_random_seed(0)
+    model = keras_vit.ViT(image_size=32, patch_size=8, hidden_size=32, num_heads=2, mlp_dim=64, num_layers=1, num_classes=5)
+    model.compile(optimizer=keras.optimizers.SGD(0.05), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  jit_compile=jit)
+    losses[str(jit)] = model.fit(x, y, batch_size=8, epochs=3, shuffle=False, verbose=0).history["loss"]
+    losses[f"eval_{jit}"] = model.evaluate(x, y, verbose=0)
+# LoRA on the MLP merges into a kernel that requires grad on PyTorch: checkpoints and resizing take its values
+keras_vit.enable_lora(model, rank=2, targets=("mlp",))
+for v in model.weights:
+    if "lora" in v.path:
+        v.assign(rng.normal(0, 0.2, v.shape).astype("float32"))
+keras_vit.save_npz(model, "lora.npz")
+again = keras_vit.ViT(weights="lora.npz")
+resized = keras_vit.resize_model(model, 48)
+print(json.dumps({"losses": losses, "npz": float(np.abs(keras.ops.convert_to_numpy(again(x)) - keras.ops.convert_to_numpy(model(x))).max()),
+                  "resized": list(keras.ops.convert_to_numpy(resized(np.zeros((1, 48, 48, 3), "float32"))).shape)}))
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.torch
+def test_torch_compile_trains_as_the_eager_step_and_lora_mlp_checkpoints(tmp_path):
+    """`compile(jit_compile=True)` on PyTorch is torch.compile: the step traces (no TensorFlow context managers
+    in it) and trains as Keras' eager step does; a LoRA-on-MLP model saves and resizes there."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("torch")
+    proc = subprocess.run([sys.executable, "-c", _TORCH_COMPILED], capture_output=True, text=True, timeout=600,
+                          cwd=tmp_path, env={**os.environ, "KERAS_BACKEND": "torch", "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    eager, compiled = out["losses"]["False"], out["losses"]["True"]
+    assert compiled == pytest.approx(eager, rel=1e-4) and compiled[-1] < compiled[0]
+    assert out["losses"]["eval_True"] == pytest.approx(out["losses"]["eval_False"], rel=1e-4)
+    assert out["npz"] <= 1e-5 and out["resized"] == [1, 5]

@@ -239,6 +239,21 @@ def test_sigterm_during_export_keeps_the_good_file_and_leaves_no_temporary_one(r
         assert (tmp_path / "m.onnx").read_bytes() == good
 
 
+def test_export_runs_on_tensorflow_whatever_keras_backend_says(run_dir, tmp_path):
+    """A shell set up for JAX training (KERAS_BACKEND=jax) exports without changing it: the command takes
+    the TensorFlow backend, which the converters need, and says so on stderr."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("jax")
+    vitcli = os.path.join(os.path.dirname(sys.executable), "vitcli")
+    done = subprocess.run([vitcli, "export", "--model", str(run_dir / "runs" / "latest" / "model.keras"), "--format",
+                           "onnx", "--num-images", "8", "--output", str(tmp_path / "m.onnx")], capture_output=True,
+                          text=True, timeout=300, env=dict(os.environ, KERAS_BACKEND="jax", TF_CPP_MIN_LOG_LEVEL="3"))
+    assert done.returncode == 0 and "passed" in done.stdout, done.stdout + done.stderr
+    assert "export runs on the TensorFlow backend (KERAS_BACKEND=jax set aside for this command)" in done.stderr
+
+
 def test_names_the_model_carries_reach_the_file(tmp_path):
     """A .keras file outside a run folder keeps its own class names (saved with the model) in the export."""
     import onnxruntime as ort

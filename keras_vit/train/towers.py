@@ -263,9 +263,13 @@ class TowerModel(keras.Model):
         return run(lambda part: super(TowerModel, self).call(part, training=training, mask=mask, **kwargs), inputs, n)
 
     def test_step(self, *args, **kwargs):
+        if keras.backend.backend() != "tensorflow":  # towers are TensorFlow's; torch.compile traces no context manager
+            return super().test_step(*args, **kwargs)
         with step(self):
             return super().test_step(*args, **kwargs)
 
     def predict_step(self, *args, **kwargs):
+        if keras.backend.backend() != "tensorflow":
+            return super().predict_step(*args, **kwargs)
         with step(self):
             return super().predict_step(*args, **kwargs)

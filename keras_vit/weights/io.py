@@ -165,7 +165,10 @@ def _map_head_variables(head) -> Dict[str, keras.Variable]:
 
 def model_arrays(model: keras.Model) -> Dict[str, np.ndarray]:
     """The model's weights as numpy arrays under canonical names (what save_npz writes)."""
-    return {k: np.asarray(v.numpy() if hasattr(v, "numpy") else v) for k, v in model_variables(model).items()}
+    # convert_to_numpy: a variable's value or a computed tensor (a LoRA-merged kernel: on PyTorch one that
+    # requires grad, whose .numpy() refuses), on every backend
+    return {k: np.asarray(keras.ops.convert_to_numpy(v.value if isinstance(v, keras.Variable) else v))
+            for k, v in model_variables(model).items()}
 
 
 def _split_posemb(n: int, model_prefix: int, grid: Tuple[int, int], big_vision: bool) -> int:
