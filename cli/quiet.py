@@ -27,7 +27,9 @@ _ABSL_LINE = re.compile(rb"^([IWEF])\d{4} [\d:.]+\s+\d+ [\w./-]+:\d+\] ?(.*)$")
 _HARMLESS_ERRORS = re.compile(rb"failed call to cuInit|Unable to register cu(DNN|FFT|BLAS) factory|"
                               rb"computation placer already registered|cuda_(dnn|fft|blas)\.cc|"
                               # an int64 op (Keras' sparse labels) runs on Eigen instead of oneDNN: same values
-                              rb"oneDNN supports DT_\w+ only on platforms with")
+                              rb"oneDNN supports DT_\w+ only on platforms with|"
+                              # TensorFlow's JPEG decoder on a damaged file; the one-line error that follows names it
+                              rb"^Premature end of JPEG data|^Corrupt JPEG data")
 _NOISE = re.compile(rb"^(WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR|"
                     rb".*rebuild TensorFlow with the appropriate compiler flags\.?|"
                     rb"This TensorFlow binary is optimized to use available CPU instructions.*|"
