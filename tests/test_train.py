@@ -73,6 +73,37 @@ def test_schedule_warms_up_then_decays():
     assert isinstance(sgd, keras.optimizers.SGD) and sgd.gradient_accumulation_steps == 4
 
 
+def test_grad_accum_takes_the_big_batch_step_and_schedule():
+    """k micro-batches of b with grad_accum=k give the update of one batch of k*b (SGD, the same rate:
+    Keras reads the schedule at its micro-step counter, which the schedule divides by k), the schedule
+    ends with the run, and the weights' average moves once per update at the asked momentum."""
+    k, b = 2, 4
+    rng = np.random.default_rng(0)
+    x, y = random_images(k * b, 16, 16, seed=3), np.eye(3, dtype="float32")[rng.integers(0, 3, k * b)]
+    weights = {}
+    for accum in (k, 1):
+        keras.utils.set_random_seed(0)
+        cfg = kt.make_config("digits", recipe="finetune", epochs=2, batch_size=b * k // accum, warmup_epochs=0.0,
+                             clipnorm=1e9, grad_accum=accum, ema=0.9)
+        model = keras_vit.ViT("Ti/8", image_size=16, num_classes=3, hidden_size=16, num_heads=2, mlp_dim=32, num_layers=1)
+        for v in model.weights:
+            v.assign(np.random.default_rng(len(v.path)).normal(0, 0.2, v.shape).astype("float32"))
+        opt = kt.make_optimizer(cfg, steps_per_epoch=8 if accum > 1 else 4)  # micro-steps per epoch
+        model.compile(optimizer=opt, loss=keras.losses.CategoricalCrossentropy(from_logits=True), jit_compile=False)
+        for i in range(accum):
+            model.train_on_batch(x[i * b * k // accum:(i + 1) * b * k // accum], y[i * b * k // accum:(i + 1) * b * k // accum])
+        assert int(opt.iterations) == 1
+        weights[accum] = [np.array(keras.ops.convert_to_numpy(v)) for v in model.weights]
+        if accum > 1:
+            assert float(opt._learning_rate(8 * 2 - 1)) == pytest.approx(float(opt._learning_rate(8 * 2 - 2)))
+            plain = kt.make_optimizer(dataclasses.replace(cfg, grad_accum=1), steps_per_epoch=4)._learning_rate
+            assert [float(opt._learning_rate(s)) for s in (0, 1, 14, 15)] == pytest.approx(
+                [float(plain(u)) for u in (0, 0, 7, 7)])  # update u at micro-steps 2u and 2u + 1: the run's 8 updates
+            assert opt.ema_momentum ** k == pytest.approx(0.9)
+    for got, want in zip(weights[k], weights[1]):
+        np.testing.assert_allclose(got, want, atol=1e-6)
+
+
 def test_schedule_is_computed_once_per_traced_step():
     """Keras reads the learning rate once per variable (weight decay, update); the schedule's ops
     must appear once in the traced step, with keras' CosineDecay values, in or out of a trace."""

@@ -306,11 +306,14 @@ def make_optimizer(cfg: TrainConfig, steps_per_epoch: int, model: Optional[keras
                                    global_clipnorm=cfg.clipnorm)
     updates_per_epoch = max(1, steps_per_epoch // cfg.grad_accum)
     total = max(1, cfg.epochs * updates_per_epoch)
-    schedule = warmup_cosine(cfg.learning_rate * lr_scale, total, int(round(cfg.warmup_epochs * updates_per_epoch)))
+    schedule = warmup_cosine(cfg.learning_rate * lr_scale, total, int(round(cfg.warmup_epochs * updates_per_epoch)),
+                             steps_per_update=cfg.grad_accum)
     common = dict(learning_rate=schedule, global_clipnorm=cfg.clipnorm,
                   gradient_accumulation_steps=cfg.grad_accum if cfg.grad_accum > 1 else None)
     if cfg.ema is not None:
-        common.update(use_ema=True, ema_momentum=float(cfg.ema))
+        # Keras moves the average at every micro-step (k per update, the weights unchanged in between): momentum
+        # m ** (1 / k) there is m per update
+        common.update(use_ema=True, ema_momentum=float(cfg.ema) ** (1.0 / cfg.grad_accum))
     if cfg.optimizer == "adamw":
         optimizer = keras.optimizers.AdamW(weight_decay=cfg.weight_decay, **common)
     elif cfg.optimizer == "adam":

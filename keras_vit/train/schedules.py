@@ -19,9 +19,20 @@ class WarmupCosine(keras.optimizers.schedules.CosineDecay):
     step; outside it, eagerly and on other backends the schedule computes as keras' does.
     """
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, steps_per_update: int = 1, **kwargs):
         super().__init__(*args, **kwargs)
+        # With gradient accumulation Keras evaluates the schedule at its micro-step counter (optimizer._iterations),
+        # which moves k times per update: the schedule is then read at micro-step // k, the update's own count.
+        self.steps_per_update = int(steps_per_update)
         self._memo: Optional[Dict[Tuple[int, int], Tuple[Any, Any]]] = None
+
+    def _at(self, step):
+        if self.steps_per_update > 1:
+            step = keras.ops.floor_divide(step, self.steps_per_update)
+        return super().__call__(step)
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "steps_per_update": self.steps_per_update}
 
     @contextlib.contextmanager
     def once(self) -> Iterator[None]:
@@ -35,10 +46,10 @@ class WarmupCosine(keras.optimizers.schedules.CosineDecay):
     def __call__(self, step):
         graph = _traced_graph() if self._memo is not None else None
         if graph is None:
-            return super().__call__(step)
+            return self._at(step)
         key = (id(graph), id(step))
         if key not in self._memo:
-            self._memo[key] = (graph, super().__call__(step))  # the graph is kept alive with its key
+            self._memo[key] = (graph, self._at(step))  # the graph is kept alive with its key
         return self._memo[key][1]
 
 
@@ -67,10 +78,11 @@ def evaluate_once_per_update(optimizer: keras.optimizers.Optimizer) -> keras.opt
     return optimizer
 
 
-def warmup_cosine(peak: float, total_steps: int, warmup_steps: int) -> WarmupCosine:
+def warmup_cosine(peak: float, total_steps: int, warmup_steps: int, steps_per_update: int = 1) -> WarmupCosine:
     """Linear warm-up from 0 to `peak` over `warmup_steps`, then cosine decay to 0 at
-    `total_steps` (the paper's schedule, Appendix B)."""
+    `total_steps` (the paper's schedule, Appendix B); steps are optimizer updates, each
+    `steps_per_update` micro-steps of gradient accumulation."""
     total_steps = max(1, int(total_steps))
     warmup = max(0, min(int(warmup_steps), total_steps - 1))
     return WarmupCosine(initial_learning_rate=0.0 if warmup else peak, decay_steps=total_steps - warmup, alpha=0.0,
-                        warmup_target=peak if warmup else None, warmup_steps=warmup)
+                        warmup_target=peak if warmup else None, warmup_steps=warmup, steps_per_update=steps_per_update)
