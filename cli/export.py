@@ -200,7 +200,8 @@ def export_cmd(model_path: str, fmt: str, quantize: Optional[str], opset: int, o
         _echo_written(path, fmt, quantize)
         _remove_stale_report(path)
         return
-    _echo_reference_evaluator(fmt)
+    if not (optimize or quantize):  # those need onnxruntime itself: their one line comes from the writer
+        _echo_reference_evaluator(fmt)
     had_output = os.path.exists(output)
     report = export_verified(model, output, format=fmt, images=verify_dataset or run_dataset, num_images=num_images,
                              thresholds=limits, device=device, **options)

@@ -35,6 +35,8 @@ _NOISE = re.compile(rb"^(WARNING: All log messages before absl::InitializeLog\(\
                     rb"This TensorFlow binary is optimized to use available CPU instructions.*|"
                     rb"To enable the following instructions: .*|"
                     rb"WARNING:absl:.*|"
+                    # onnxruntime's quantizer's generic advice to every caller (not about this file)
+                    rb"WARNING:root:Please consider to run pre-processing before quantization.*|"
                     # The TFLite converter's and LiteRT's own progress notes.
                     rb"fully_quantize: \d+, inference_type: \d+, .*|"
                     rb"INFO: Created TensorFlow Lite XNNPACK delegate for CPU\.|"

@@ -84,7 +84,8 @@ def to_onnx(model, path: PathLike, opset: int = MIN_OPSET, optimize: bool = Fals
 
     fp16, dynamic, static = _precision_flags(quantize, fp16, optimize, calibration_images)
     if optimize or fp16 or dynamic or static:  # before the conversion's seconds: one line naming the extra
-        _need_onnxruntime("--optimize" if optimize else "fp16" if fp16 else f"{quantize} int8 quantization")
+        _need_onnxruntime("--optimize" if optimize else "fp16" if fp16 else
+                          f"{'static' if static else 'dynamic'} int8 quantization (quantize={quantize!r})")
     model, cfg, layout = _export_model(model, layout, dynamic_size, interpolation)
     if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= max_opset():
         raise ExportError(f"opset must be an integer from {MIN_OPSET} to {max_opset()}, got {opset!r}")

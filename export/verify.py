@@ -329,7 +329,9 @@ def format_table(report: dict) -> str:
         ("mean |diff|", f"{report['mean_abs_diff']:.3g}"),
         ("top-1 agreement", f"{report['top1_agreement']:.2%}"),
         (f"top-{report['top5_k']} agreement", f"{report['top5_agreement']:.2%}"),
-        (f"latency (batch {lat['batch_size']})", f"keras {lat['keras']:.2f} ms, exported {lat['exported']:.2f} ms"),
+        (f"latency (batch {lat['batch_size']})", f"keras {lat['keras']:.2f} ms, exported " + (
+            "n/a (onnx's reference evaluator checks values, not speed)" if report.get("providers") == ["onnx.reference"]
+            else f"{lat['exported']:.2f} ms")),
         *[(f"at {r['image_size'][0]}x{r['image_size'][1]}",
            f"max |diff| {r['max_abs_diff']:.3g}, top-1 agreement {r['top1_agreement']:.2%} (vs resize_model, "
            f"{r['interpolation']})") for r in report.get("image_sizes", [])],

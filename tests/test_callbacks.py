@@ -52,8 +52,8 @@ def _fit(tmp_path, monkeypatch, interval: float, step: float, accuracies, kill_a
     real_save = C.save_model
     monkeypatch.setattr(C, "save_model", lambda model, path: (saves.append(os.path.basename(path)), real_save(model, path)))
     backups = []
-    real_backup = keras.callbacks.BackupAndRestore._save_model
-    monkeypatch.setattr(keras.callbacks.BackupAndRestore, "_save_model",
+    real_backup = C.PacedBackup._save_model
+    monkeypatch.setattr(C.PacedBackup, "_save_model",
                         lambda self: (backups.append(self._current_epoch), real_backup(self)))
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
     model.compile(optimizer="sgd", loss="mse")
@@ -102,3 +102,37 @@ def test_a_run_stopped_early_still_writes_its_best(tmp_path, monkeypatch):
     best = keras.saving.load_model(str(tmp_path / "best.keras"))
     for got, want in zip(best.get_weights(), scripted.weights_at[0]):
         np.testing.assert_array_equal(got, want)
+
+
+def test_backup_is_whole_or_the_previous_one(tmp_path):
+    """The epoch-end backup goes to a name of its own and is renamed into place: a write that dies
+    midway (kill -9 while h5py writes) leaves the previous backup, which a resume reads."""
+    import pytest
+
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    model.compile(optimizer="sgd", loss="mse")
+    backup = C.PacedBackup(str(tmp_path / "backup"), 0.0, delete_checkpoint=False)
+    backup.set_model(model)
+    backup._current_epoch = 1
+    backup._save_model()
+    first = (tmp_path / "backup" / "latest.weights.h5").read_bytes()
+    model.layers[0].kernel.assign(np.ones((3, 2), "float32"))
+
+    def dies_midway(filepath, overwrite=True):
+        with open(filepath, "wb") as f:
+            f.write(first[:50])
+        raise KeyboardInterrupt  # as a kill would stop it, after a part is written
+
+    real, model.save_weights = model.save_weights, dies_midway
+    backup._current_epoch = 2
+    with pytest.raises(KeyboardInterrupt):
+        backup._save_model()
+    assert (tmp_path / "backup" / "latest.weights.h5").read_bytes() == first
+    assert sorted(os.listdir(tmp_path / "backup")) == ["latest.weights.h5", "training_metadata.json"]
+    assert json.loads((tmp_path / "backup" / "training_metadata.json").read_text())["epoch"] == 1
+    model.save_weights = real
+    backup._save_model()
+    assert json.loads((tmp_path / "backup" / "training_metadata.json").read_text())["epoch"] == 2
+    model.layers[0].kernel.assign(np.zeros((3, 2), "float32"))
+    model.load_weights(str(tmp_path / "backup" / "latest.weights.h5"))
+    np.testing.assert_array_equal(model.layers[0].kernel.numpy(), np.ones((3, 2)))

@@ -320,6 +320,12 @@ def test_without_onnxruntime_one_line_says_which_extra(run_dir, tmp_path, monkey
     assert "onnx.reference" in result.output
     result = _invoke(["--output", str(tmp_path / "o.onnx"), "--optimize"], run_dir)
     assert result.exit_code == 2 and "Traceback" not in result.output
-    assert result.output.strip().splitlines()[-1] == ("Error: --optimize needs onnxruntime: pip install "
-                                                      "'keras-vit[cpu]' (or 'keras-vit[gpu]')")
+    assert result.output.strip().splitlines() == ["Error: --optimize needs onnxruntime: pip install "
+                                                  "'keras-vit[cpu]' (or 'keras-vit[gpu]')"]  # one line, nothing above
     assert not (tmp_path / "o.onnx").exists()
+    assert "exported n/a (onnx's reference evaluator checks values, not speed)" in _invoke(
+        ["--output", str(tmp_path / "m.onnx"), "--num-images", "2"], run_dir).output
+    result = _invoke(["--output", str(tmp_path / "q.onnx"), "--quantize", "int8", "--calibration-dataset", "digits"],
+                     run_dir)
+    assert result.output.strip().splitlines() == ["Error: static int8 quantization (quantize='int8') needs onnxruntime: "
+                                                  "pip install 'keras-vit[cpu]' (or 'keras-vit[gpu]')"]

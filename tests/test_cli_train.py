@@ -385,7 +385,8 @@ def test_quiet_filter_drops_start_up_lines_and_keeps_real_errors():
              b"AVX-512. Falling back to the default Eigen-based implementation if present.",
              b"Improper call to JPEG library in state 201",  # libjpeg, before the line naming the damaged file
              b"Corrupt JPEG data: 12 extraneous bytes before marker 0xd9",
-             b"E0000 00:00:1796606207.587763   12205 jpeg_mem.cc:331] Premature end of JPEG data. Stopped at line 30/64"]
+             b"E0000 00:00:1796606207.587763   12205 jpeg_mem.cc:331] Premature end of JPEG data. Stopped at line 30/64",
+             b"WARNING:root:Please consider to run pre-processing before quantization. Refer to example: https://x"]
     kept = [b"E0000 00:00:1795922082.967147   27563 kernel.cc:10] Out of memory while allocating 4 GB",
             b"Traceback (most recent call last):", b"Error: unknown recipe 'fast'", b"Epoch 1/8"]
     assert all(is_noise(line) for line in noise)

@@ -197,3 +197,30 @@ def test_vitcli_bad_layer_decay_is_one_line():
     result = CliRunner().invoke(cli, ["train", "--layer-decay", "2"])
     assert result.exit_code == 2 and result.output.strip().count("\n") == 0
     assert "layer_decay must be in (0, 1], got 2.0" in result.output
+
+
+def test_a_probe_on_a_checkpoint_that_does_not_fit_is_refused_before_any_run_folder(tmp_path, monkeypatch):
+    """--freeze-backbone from a .keras file of other sizes would load one or two variables and train a
+    head on a random backbone: one line, and no run folder or runs/latest made for the failed run;
+    without sizes the run takes the file's model at its own image size."""
+    import json
+    import os
+
+    from click.testing import CliRunner
+
+    from keras_vit.cli.main import cli
+
+    src = keras_vit.ViT("Ti/4", image_size=16, num_classes=10, hidden_size=32, num_layers=1, num_heads=2, mlp_dim=64)
+    src.save(tmp_path / "src.keras")
+    monkeypatch.chdir(tmp_path)
+    args = ["train", "--dataset", "digits", "--epochs", "1", "--weights", str(tmp_path / "src.keras"), "--freeze-backbone",
+            "--jit", "none", "--mixed-precision", "none"]
+    result = CliRunner().invoke(cli, [*args, "--variant", "Ti/4", "--hidden-size", "48", "--num-heads", "2"])
+    assert result.exit_code != 0 and "variables do not fit this model" in result.output, result.output[-1500:]
+    assert "--freeze-backbone would train on them untrained" in result.output
+    assert not os.path.exists(tmp_path / "runs")  # no folder, no runs/latest moved
+    result = CliRunner().invoke(cli, [*args, "--output", str(tmp_path / "probe")])
+    assert result.exit_code == 0, result.output[-1500:]
+    config = json.loads((tmp_path / "probe" / "config.json").read_text())
+    assert config["train"]["variant"] == "checkpoint" and config["model"]["image_size"] == [16, 16]
+    assert config["model"]["hidden_size"] == 32

@@ -9,7 +9,7 @@ from typing import Optional
 import keras
 import numpy as np
 
-from keras_vit.files import save_model
+from keras_vit.files import save_model, write_json
 
 
 class SaveClock:
@@ -96,6 +96,22 @@ class PacedBackup(keras.callbacks.BackupAndRestore):
         else:
             self._current_epoch = epoch + 1
             self._last_batch_seen = 0
+
+    def _save_model(self):
+        """Keras' own writes latest.weights.h5 in place: a process killed while it writes leaves a cut-short
+        file that no resume can read. Here the weights go to a name of their own and are renamed into place
+        when whole, then the epoch they hold (training_metadata.json), also renamed into place."""
+        if not hasattr(self, "_weights_path") or not hasattr(self, "_training_metadata_path"):
+            return super()._save_model()
+        os.makedirs(self.backup_dir, exist_ok=True)
+        tmp = os.path.join(self.backup_dir, f".{os.getpid()}-{os.urandom(4).hex()}.tmp.weights.h5")
+        try:
+            self.model.save_weights(filepath=tmp, overwrite=True)
+            os.replace(tmp, self._weights_path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        write_json(self._training_metadata_path, {"epoch": self._current_epoch, "batch": self._last_batch_seen})
 
 
 def atomic_checkpoint(folder: str, monitor: str = "val_accuracy", interval: float = 0.0) -> AtomicCheckpoint:

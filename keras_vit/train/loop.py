@@ -116,14 +116,14 @@ def _train(cfg: TrainConfig, run: Optional[str], resume: bool, cluster: Cluster,
                 run, resume = _cluster_run(cfg, data, cluster, output, root, mixed, jit)
                 if not cluster.is_chief:
                     worker_dir.append(run)
-            elif run is None:  # the folder appears only once the dataset and options are known good
-                run = _start_run(cfg, data, output, root, mixed, jit)
-            if cluster.is_chief and not held:
-                held.append(hold_run(run))
             print(f"precision: {'float32' if mixed == 'none' else mixed}, compilation: {jit}"
                   + (f" (auto: {reason})" if "auto" in (cfg.mixed_precision, cfg.jit_compile) else "")
                   + (f"; the batch as {towers.count()} towers, one thread each" if towers.count() > 1 else ""))
             model = _build_model(cfg, data, jit)
+            if run is None:  # the folder (and runs/latest) appears only once the data, model and weights are good
+                run = _start_run(cfg, data, output, root, mixed, jit)
+            if cluster.is_chief and not held:
+                held.append(hold_run(run))
             build_without_data(model, data.train)
             start = time.time()
             history = model.fit(data.train, validation_data=data.val, epochs=cfg.epochs, steps_per_epoch=data.fit_steps,
@@ -282,6 +282,10 @@ def _build_model(cfg: TrainConfig, data: _Data, jit: str) -> keras.Model:
             else:
                 print(f"initial weights: {len(report['loaded'])} variables from {cfg.weights}, "
                       f"{len(report['skipped'])} kept as initialised (new shapes)")
+            _check_backbone_loaded(cfg, report)
+        elif cfg.freeze_backbone or cfg.lora_rank:
+            print(f"no --weights: {'--freeze-backbone' if cfg.freeze_backbone else '--lora'} trains on a randomly "
+                  "initialised backbone (give --weights CHECKPOINT to fine-tune a trained one)")
         if cfg.freeze_backbone:
             from keras_vit.finetune import freeze_backbone
 
@@ -300,6 +304,23 @@ def _build_model(cfg: TrainConfig, data: _Data, jit: str) -> keras.Model:
         # set): a tf.function that creates variables is traced twice, 6-8 s of the digits demo.
         model.optimizer.build(model.trainable_variables)
     return model
+
+
+def _check_backbone_loaded(cfg: TrainConfig, report: dict) -> None:
+    """A linear probe or LoRA run trains the head (and adapters) on the checkpoint's backbone: every
+    backbone variable must come from --weights, else it would train on a random one."""
+    if not (cfg.freeze_backbone or cfg.lora_rank):
+        return
+    from keras_vit.finetune import HEAD_LAYERS
+
+    missing = [p for p in report["skipped"] if p.split("/")[0] not in HEAD_LAYERS]
+    if missing:
+        what = "--freeze-backbone" if cfg.freeze_backbone else "--lora"
+        total = len(missing) + len([p for p in report["loaded"] if p.split("/")[0] not in HEAD_LAYERS])
+        raise TrainError(f"--weights {cfg.weights}: {len(missing)} of the backbone's {total} variables do not fit this "
+                         f"model (e.g. {missing[0]}), and {what} would train on them untrained; build the checkpoint's "
+                         "model (its sizes: --hidden-size, --num-layers, --num-heads, --mlp-dim, --image-size, "
+                         "or --model-option)")
 
 
 def build_without_data(model: keras.Model, train_ds) -> None:

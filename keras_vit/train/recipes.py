@@ -258,6 +258,27 @@ def _architecture_from(overrides: Dict[str, Any]) -> bool:
     return is_checkpoint(weights)
 
 
+def _checkpoint_image_size(weights: str) -> Optional[int]:
+    """The square image size a checkpoint or keras-vit .keras file was trained at (None: not square or
+    not known; a checkpoint that cannot be read says why when the model is built)."""
+    try:
+        if str(weights).endswith(".keras"):
+            from keras_vit.saving import saved_config
+
+            size = saved_config(weights).image_size
+        else:
+            from keras_vit.weights.checkpoints import read_checkpoint
+
+            size = read_checkpoint(weights).defaults.get("image_size")
+    except Exception:  # noqa: BLE001 - read again, and reported, where the model is built
+        return None
+    if isinstance(size, int):
+        return size
+    if isinstance(size, (list, tuple)) and len(size) == 2 and size[0] == size[1]:
+        return int(size[0])
+    return None
+
+
 def make_config(dataset: str = "digits", recipe: str = "scratch", **overrides) -> TrainConfig:
     """A TrainConfig from a recipe, then the dataset's defaults, then `overrides` (None = keep).
 
@@ -278,6 +299,10 @@ def make_config(dataset: str = "digits", recipe: str = "scratch", **overrides) -
         model = {}
     elif _architecture_from(overrides):  # --weights CHECKPOINT alone: the checkpoint's model
         overrides["variant"], model = FROM_WEIGHTS, {}
+        if "image_size" not in overrides:  # at the checkpoint's image size too, not the dataset's default
+            size = _checkpoint_image_size(overrides["weights"])
+            if size is not None:
+                overrides["image_size"] = size
     fields.update(defaults)
     model.update(overrides.pop("model", None) or {})
     for k in MODEL_FIELDS:
