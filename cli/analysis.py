@@ -11,7 +11,7 @@ from typing import List, Optional, Tuple
 
 import click
 
-from keras_vit.cli.common import MODEL_OPTION_HELP, UserError, check_writable, parse_model_options, user_errors
+from keras_vit.cli.common import MODEL_OPTION_HELP, UserError, check_writable, parse_model_options, sigterm_cleans_up, user_errors
 
 
 # --- shared helpers -----------------------------------------------------------------------
@@ -199,6 +199,7 @@ def fewshot_cmd(model_spec: str, dataset: str, shots: str, draws: int, seed: int
 @click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False),
               help="Run folder, new or empty [default: runs/pretrain-<dataset>-<variant>-<time>].")
 @user_errors
+@sigterm_cleans_up()
 def pretrain_cmd(dataset: str, out_dir: Optional[str], **options) -> None:
     """Self-supervised masked patch prediction, as in the paper's Appendix B.1.2.
 

@@ -80,6 +80,9 @@ MODEL_OPTION_HELP = ("A model option (a ViTConfig field), repeatable: e.g. qk_no
                      "fc_norm=true, pixel_mean=[0.485,0.456,0.406]. VALUE is read as JSON, else as text.")
 
 
+_NONE_IS_A_VALUE = ("pos_embedding",)  # options whose allowed values include the text "none"
+
+
 def parse_model_options(pairs: Sequence[str]) -> dict:
     """--model-option KEY=VALUE pairs as a dict: VALUE as JSON (numbers, true/false/null, lists), else text;
     UserError for a pair without "=" or a key given twice. The keys are checked by TrainConfig.validate."""
@@ -96,6 +99,8 @@ def parse_model_options(pairs: Sequence[str]) -> dict:
         except ValueError:
             lowered = text.strip().lower()
             value = {"true": True, "false": False, "none": None}.get(lowered, text.strip())
+            if value is None and key in _NONE_IS_A_VALUE:  # pos_embedding=none: the option's value "none"
+                value = lowered
         model[key] = tuple(value) if isinstance(value, list) else value
     return model
 

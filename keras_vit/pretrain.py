@@ -361,6 +361,9 @@ def pretrain(cfg: PretrainConfig, output: Optional[str] = None, verbose: Any = "
     except TrainError:
         _remove_if_empty(output, made)
         raise
+    except BaseException:  # Ctrl-C, SIGTERM (vitcli), another error: an interrupted run leaves no empty folder
+        _remove_if_empty(output, made)
+        raise
     path = save_encoder(encoder, os.path.join(output, "model.keras"))
     write_json(os.path.join(output, "metrics.json"),
                {"task": "masked_patch_prediction", **dataclasses.asdict(cfg), "config": vit_cfg.to_dict(),

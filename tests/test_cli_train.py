@@ -533,3 +533,13 @@ def test_num_heads_with_a_bare_timm_file_keeps_its_architecture(tmp_path):
         cfg = make_config("digits", weights=bare, **options)
         vit = cfg.vit_config(num_classes=10, channels=1)
         assert cfg.variant == "checkpoint" and (vit.hidden_size, vit.num_heads, vit.num_layers) == (32, 4, 1), options
+
+
+def test_model_option_values_read_as_json_else_text():
+    """`none` is the text of an option whose values include it (pos_embedding), else no value, as null."""
+    from keras_vit.cli.common import parse_model_options
+
+    assert parse_model_options(["pos_embedding=none", "layer_scale_init=None", "classifier=gap", "qk_norm=true",
+                                "pixel_mean=[0.5,0.5,0.5]", "representation_size=null"]) == {
+        "pos_embedding": "none", "layer_scale_init": None, "classifier": "gap", "qk_norm": True,
+        "pixel_mean": (0.5, 0.5, 0.5), "representation_size": None}
