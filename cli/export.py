@@ -44,13 +44,12 @@ def _tensorflow_backend() -> None:
     """Export traces TensorFlow graphs (tf2onnx, TFLiteConverter, SavedModel): this command runs on the
     TensorFlow backend whatever KERAS_BACKEND says (a .keras file of any backend loads there), when
     Keras is not imported yet (a fresh vitcli process)."""
-    asked = os.environ.get("KERAS_BACKEND", "")
-    if "keras" in sys.modules or asked in ("", "tensorflow"):
-        if "keras" not in sys.modules:
-            os.environ["KERAS_BACKEND"] = "tensorflow"  # over ~/.keras/keras.json's backend too
+    if "keras" in sys.modules:
         return
-    click.echo(f"export runs on the TensorFlow backend (KERAS_BACKEND={asked} set aside for this command)", err=True)
-    os.environ["KERAS_BACKEND"] = "tensorflow"
+    asked = os.environ.get("KERAS_BACKEND", "")
+    if asked not in ("", "tensorflow"):
+        click.echo(f"export runs on the TensorFlow backend (KERAS_BACKEND={asked} set aside for this command)", err=True)
+    os.environ["KERAS_BACKEND"] = "tensorflow"  # over ~/.keras/keras.json's backend too
 
 
 def _check_options(fmt: str, quantize: Optional[str], optimize: bool, opset: int, layout: str,

@@ -9,6 +9,7 @@ import numpy as np
 
 from keras_vit.errors import first_line
 from keras_vit.export._common import ExportError, PathLike
+from keras_vit.files import utf8_path
 
 DEVICES = ("auto", "cuda", "cpu")
 ONNXRUNTIME_MISSING = ("onnxruntime is not installed: verifying with onnx's reference evaluator (slow); "
@@ -197,9 +198,7 @@ class Runner:
 def _loadable(path: str):
     """`path` for the runtimes, or the file's bytes when the path is not UTF-8 (bytes that are not
     UTF-8 in a folder's name, or any non-ASCII name under a C locale), which their bindings cannot take."""
-    try:
-        path.encode("utf-8")
+    if utf8_path(path):
         return path
-    except UnicodeEncodeError:
-        with open(path, "rb") as f:
-            return f.read()
+    with open(path, "rb") as f:
+        return f.read()

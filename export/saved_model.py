@@ -22,7 +22,7 @@ from keras_vit.export._common import (
     metadata,
     resolve_model,
 )
-from keras_vit.files import atomic_dir
+from keras_vit.files import atomic_dir, shown_path, utf8_path
 
 SIGNATURE = "serving_default"
 INPUT_DTYPES = ("float32", "uint8")
@@ -59,12 +59,10 @@ def to_saved_model(model, path: PathLike, class_names: Optional[Sequence[str]] =
         raise ExportError("input_dtype uint8 needs a model that takes [0, 255] pixels; this one was built with "
                           "include_preprocessing=False and takes normalised floats: use float32")
     names = check_class_names(class_names, cfg.num_classes, model)
-    try:
-        os.path.abspath(os.fspath(path)).encode("utf-8")
-    except UnicodeEncodeError:
-        shown = os.path.dirname(os.path.abspath(os.fspath(path))).encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-        raise ExportError(f"the SavedModel's folder {shown!r} is not a UTF-8 path, and TensorFlow writes to UTF-8 paths "
-                          "only; choose another folder") from None
+    folder = os.path.dirname(os.path.abspath(os.fspath(path)))
+    if not utf8_path(folder):
+        raise ExportError(f"the SavedModel's folder {shown_path(folder)!r} is not a UTF-8 path, and TensorFlow writes to "
+                          "UTF-8 paths only; choose another folder")
     path = check_folder(path)
 
     meta = metadata(cfg, names, "fp32", "saved_model", dynamic_size=cfg.dynamic_size)

@@ -17,6 +17,21 @@ from typing import Any, Iterator, Union
 PathLike = Union[str, os.PathLike]
 
 
+def utf8_path(path: PathLike) -> bool:
+    """Whether `path` is UTF-8, as TensorFlow's file functions and the runtimes' bindings need (os.scandir
+    and a C locale give other bytes as surrogates)."""
+    try:
+        os.fspath(path).encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def shown_path(path: PathLike) -> str:
+    """`path` for a message: bytes that are not UTF-8 shown as U+FFFD."""
+    return os.fspath(path).encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
 @contextlib.contextmanager
 def atomic_path(path: PathLike) -> Iterator[str]:
     """Yield a temporary path beside `path` (same extension, so writers that check it work);

@@ -16,6 +16,7 @@ import numpy as np
 
 from keras_vit.data.images import NOT_DECODABLE, read_image
 from keras_vit.errors import DatasetError
+from keras_vit.files import shown_path, utf8_path
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 BAD_IMAGE_PREFIX = "cannot read image "  # the op error's text names the file after this prefix
@@ -111,16 +112,13 @@ def _image_files_under(folder: str) -> List[str]:
 def _utf8_name(path: str, bad: Optional[BadImages]) -> bool:
     """Whether `path` is UTF-8 (os.scandir gives other bytes as surrogates); else one line naming
     it, or recorded in `bad` when bad files are skipped."""
-    try:
-        path.encode("utf-8")
+    if utf8_path(path):
         return True
-    except UnicodeEncodeError:
-        shown = path.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-        if bad is None:
-            raise DatasetError(f"cannot read image {shown}: its file name is not UTF-8, which TensorFlow needs; "
-                               "rename it (--skip-bad-images skips such files)") from None
-        bad.add(shown)
-        return False
+    if bad is None:
+        raise DatasetError(f"cannot read image {shown_path(path)}: its file name is not UTF-8, which TensorFlow needs; "
+                           "rename it (--skip-bad-images skips such files)")
+    bad.add(shown_path(path))
+    return False
 
 
 def decode_or_flag(path, data=None):

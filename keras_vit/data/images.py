@@ -17,9 +17,9 @@ def read_image(path_or_bytes, from_bytes: bool = False):
 
     data = path_or_bytes if from_bytes else tf.io.read_file(path_or_bytes)
     # WebP's decoder gives 3 or 4 channels and refuses channels=3 for a file with alpha: dropped, as for PNG
-    is_webp = tf.cond(tf.strings.length(data) >= 12,
-                      lambda: tf.equal(tf.strings.substr(data, 0, 12), tf.strings.join(
-                          ["RIFF", tf.strings.substr(data, 4, 4), "WEBP"])),
+    is_webp = tf.cond(tf.strings.length(data) >= 12,  # "RIFF", the size, "WEBP"
+                      lambda: tf.logical_and(tf.equal(tf.strings.substr(data, 0, 4), "RIFF"),
+                                             tf.equal(tf.strings.substr(data, 8, 4), "WEBP")),
                       lambda: tf.constant(False))
     img = tf.cond(is_webp, lambda: tf.io.decode_image(data, channels=0, expand_animations=False)[..., :3],
                   lambda: tf.io.decode_image(data, channels=3, expand_animations=False))
