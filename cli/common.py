@@ -83,6 +83,21 @@ MODEL_OPTION_HELP = ("A model option (a ViTConfig field), repeatable: e.g. qk_no
 _NONE_IS_A_VALUE = ("pos_embedding",)  # options whose allowed values include the text "none"
 
 
+class ImageSize(click.ParamType):
+    """--image-size: the side in pixels (224) or HEIGHTxWIDTH (224x320) of a non-square model."""
+
+    name = "N|HxW"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, (int, list)):
+            return value
+        parts = str(value).lower().replace(" ", "").split("x")
+        if 1 <= len(parts) <= 2 and all(p.isdigit() and int(p) > 0 for p in parts):
+            sides = [int(p) for p in parts]
+            return sides[0] if len(set(sides)) == 1 else sides
+        self.fail(f"{value!r} is not a side in pixels (e.g. 224) or HEIGHTxWIDTH (e.g. 224x320)", param, ctx)
+
+
 def parse_model_options(pairs: Sequence[str]) -> dict:
     """--model-option KEY=VALUE pairs as a dict: VALUE as JSON (numbers, true/false/null, lists), else text;
     UserError for a pair without "=" or a key given twice. The keys are checked by TrainConfig.validate."""

@@ -8,7 +8,7 @@ from typing import Optional, Sequence
 
 import click
 
-from keras_vit.cli.common import MODEL_OPTION_HELP, UserError, check_writable, parse_model_options, user_errors
+from keras_vit.cli.common import MODEL_OPTION_HELP, ImageSize, UserError, check_writable, parse_model_options, user_errors
 
 _DATASET_HELP = ("digits (offline), cifar10, cifar100, mnist, fashion_mnist, tfds:NAME, "
                  "folder:PATH (PATH/<class>/*.jpg or PATH/train, PATH/val), "
@@ -18,7 +18,8 @@ _DATASET_HELP = ("digits (offline), cifar10, cifar100, mnist, fashion_mnist, tfd
 @click.command("train")
 @click.option("--dataset", default="digits", show_default=True, help=_DATASET_HELP)
 @click.option("--variant", default=None, help="Model, e.g. Ti/4, S/16, R50+B/16 [default: per dataset; digits: a small Ti/4 at 16px].")
-@click.option("--image-size", type=int, default=None, help="Input side in pixels [default: per dataset].")
+@click.option("--image-size", type=ImageSize(), default=None,
+              help="Input side in pixels, or HEIGHTxWIDTH [default: per dataset; with --weights alone, the checkpoint's].")
 @click.option("--hidden-size", type=int, default=None, help="Override the variant's width D.")
 @click.option("--num-layers", type=int, default=None, help="Override the variant's depth L.")
 @click.option("--num-heads", type=int, default=None, help="Override the variant's heads.")
@@ -94,6 +95,7 @@ def train_cmd(dataset: str, output: Optional[str], resume: bool, peer_timeout: O
 
         keep_threads_for(options["jit_compile"])
     from keras_vit import train as ktrain
+    from keras_vit.weights.checkpoints import reading_once
 
     model = parse_model_options(options.pop("model_options"))
     if model:
@@ -108,14 +110,15 @@ def train_cmd(dataset: str, output: Optional[str], resume: bool, peer_timeout: O
             given = sorted(given + ["--dataset"])  # a default of its own: given only when the user typed it
         if given:
             raise UserError(f"--resume continues a run with its saved options; drop {', '.join(given)}")
-        cfg = None
-    else:
-        cfg = ktrain.make_config(dataset, options.pop("recipe") or "scratch", **options)
-    try:
-        result = ktrain.train(cfg, output=output, resume=resume, peer_timeout=peer_timeout)
-    except ktrain.PeerLostError as exc:
-        _rejoin(str(exc))
-        raise
+    cfg = None
+    with reading_once():  # --weights CHECKPOINT: its file read once, for the config, the model's size and the weights
+        if not resume:
+            cfg = ktrain.make_config(dataset, options.pop("recipe") or "scratch", **options)
+        try:
+            result = ktrain.train(cfg, output=output, resume=resume, peer_timeout=peer_timeout)
+        except ktrain.PeerLostError as exc:
+            _rejoin(str(exc))
+            raise
     t = result["test"]
     smoothing = f" with label smoothing {t['label_smoothing']:g}" if t.get("label_smoothing") else ""
     click.echo(f"test top-1 {t['top1']:.4f}  top-5 {t['top5']:.4f}  loss{smoothing} {t['loss']:.4f}  "

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import click
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -543,3 +544,30 @@ def test_model_option_values_read_as_json_else_text():
                                 "pixel_mean=[0.5,0.5,0.5]", "representation_size=null"]) == {
         "pos_embedding": "none", "layer_scale_init": None, "classifier": "gap", "qk_norm": True,
         "pixel_mean": (0.5, 0.5, 0.5), "representation_size": None}
+
+
+def test_a_non_square_model_trains_at_its_own_size(tmp_path):
+    """--weights of a non-square model alone keeps its HEIGHTxWIDTH (was the dataset's square default);
+    --image-size takes HEIGHTxWIDTH; config.json keeps [height, width] and reads back."""
+    import keras_vit
+    from keras_vit.cli.common import ImageSize
+    from keras_vit.train import TrainConfig, TrainError, make_config
+
+    model = keras_vit.ViT(variant=None, hidden_size=32, num_layers=1, num_heads=2, mlp_dim=64, patch_size=4,
+                          image_size=(16, 24), num_classes=10)
+    for path in (tmp_path / "ns.keras", keras_vit.save_safetensors(model, tmp_path / "ns.safetensors")):
+        if str(path).endswith(".keras"):
+            model.save(path)
+        cfg = make_config("digits", weights=str(path))
+        assert cfg.image_size == [16, 24] and cfg.vit_config(num_classes=10, channels=1).image_size == (16, 24), path
+        assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))).validate().image_size == [16, 24]
+    assert make_config("digits", image_size=(16, 16)).image_size == 16
+    for bad in (0, [16], [16, 0], [16, 24, 3], True, "16"):
+        with pytest.raises(TrainError, match="image_size must be a positive integer or"):
+            make_config("digits", image_size=bad)
+    size = ImageSize()
+    assert (size.convert("224", None, None), size.convert("16x24", None, None), size.convert("32X32", None, None)) \
+        == (224, [16, 24], 32)
+    for bad in ("0", "16x", "x16", "16x24x3", "-1", "a"):
+        with pytest.raises(click.BadParameter, match="is not a side in pixels"):
+            size.convert(bad, None, None)

@@ -331,3 +331,32 @@ def test_jax_backend_matches_reference(tmp_path, rng, hybrid_ckpt):
     assert set(diffs) == {"plain", "hybrid"}
     for name, d in diffs.items():
         assert float(d) <= TOL, (name, d)
+
+
+def test_reading_once_reads_an_unchanged_file_once(tmp_path, monkeypatch):
+    """A training run asks its --weights checkpoint for the model's size, config and weights: inside
+    reading_once() the file is read once (a changed or another file is read again); outside, every time."""
+    from keras_vit.train import make_config
+    from keras_vit.weights import checkpoints
+
+    model = keras_vit.ViT("Ti/4", image_size=16, num_classes=10, hidden_size=32, num_layers=1, num_heads=4, mlp_dim=64)
+    path = str(keras_vit.save_safetensors(model, tmp_path / "m.safetensors"))
+    reads = []
+    real = checkpoints._read_arrays
+    monkeypatch.setattr(checkpoints, "_read_arrays", lambda *a: reads.append(a) or real(*a))
+    with checkpoints.reading_once():
+        cfg = make_config("digits", weights=path)
+        for _ in range(3):
+            cfg.vit_config(num_classes=10, channels=1)
+        fresh = keras_vit.ViT("Ti/4", image_size=16, num_classes=10, hidden_size=32, num_layers=1, num_heads=4, mlp_dim=64)
+        W.load_weights(fresh, path)
+        assert len(reads) == 1
+        np.testing.assert_array_equal(fresh.get_weights()[0], model.get_weights()[0])
+        keras_vit.save_safetensors(fresh, path)  # rewritten: read again
+        os.utime(path, ns=(1, 1))
+        W.load_weights(fresh, path)
+        assert len(reads) == 2
+    assert checkpoints._ONCE == []  # nothing held once the scope ends
+    W.load_weights(fresh, path)
+    W.load_weights(fresh, path)
+    assert len(reads) == 4

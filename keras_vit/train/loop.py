@@ -53,6 +53,7 @@ from keras_vit.train.runs import (
     trim_csv,
 )
 from keras_vit.train.sharding import file_share, shard_datasets, uneven_shares
+from keras_vit.weights.checkpoints import reading_once
 
 
 @dataclasses.dataclass
@@ -80,6 +81,13 @@ def train(cfg: TrainConfig, output: Optional[str] = None, resume: bool = False,
     cluster (waiting at most `peer_timeout` seconds for its peers); only the chief writes the run
     folder, and a worker restarted with the same options continues the unfinished run.
     """
+    with reading_once():  # a --weights checkpoint read once for the model's config and its weights
+        return _train_once(cfg, output, resume, root, verbose, peer_timeout)
+
+
+def _train_once(cfg: TrainConfig, output: Optional[str], resume: bool, root: str, verbose: Any,
+                peer_timeout: Optional[float]) -> Dict[str, Any]:
+    """train()'s work."""
     run, held = None, []  # held: this process's mark on its run folder (hold_run), dropped however the run ends
     if resume:
         run, cfg = _resumed(output, root)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import keras
 
@@ -64,7 +64,7 @@ class TrainConfig:
     dataset: str = "digits"
     recipe: str = "scratch"
     variant: str = "Ti/4"
-    image_size: int = 16
+    image_size: Union[int, List[int]] = 16  # the side, or [height, width] of a non-square model
     model: Dict[str, Any] = dataclasses.field(default_factory=dict)  # ViTConfig overrides
     epochs: int = 30
     batch_size: int = 32
@@ -106,10 +106,11 @@ class TrainConfig:
         """Raise TrainError naming the bad value and what is allowed."""
         if self.recipe not in RECIPES:
             raise TrainError(f"unknown recipe {self.recipe!r}; allowed: {', '.join(RECIPES)}")
-        for name in ("epochs", "batch_size", "grad_accum", "image_size"):
+        for name in ("epochs", "batch_size", "grad_accum"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise TrainError(f"{name} must be a positive integer, got {v!r}")
+        self.image_size = _image_size(self.image_size)
         for name in ("learning_rate", "weight_decay", "warmup_epochs", "label_smoothing", "mixup", "cutmix"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < math.inf:  # NaN fails too
@@ -258,9 +259,18 @@ def _architecture_from(overrides: Dict[str, Any]) -> bool:
     return is_checkpoint(weights)
 
 
-def _checkpoint_image_size(weights: str) -> Optional[int]:
-    """The square image size a checkpoint or keras-vit .keras file was trained at (None: not square or
-    not known; a checkpoint that cannot be read says why when the model is built)."""
+def _image_size(value: Any) -> Union[int, List[int]]:
+    """A run's image size as config.json keeps it: the side of a square, else [height, width];
+    TrainError naming the value unless it is a positive integer or two."""
+    pair = list(value) if isinstance(value, (list, tuple)) else [value, value]
+    if len(pair) != 2 or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in pair):
+        raise TrainError(f"image_size must be a positive integer or [height, width] of them, got {value!r}")
+    return pair[0] if pair[0] == pair[1] else pair
+
+
+def _checkpoint_image_size(weights: str) -> Optional[Union[int, List[int]]]:
+    """The image size a checkpoint or keras-vit .keras file was trained at (None: not known; a
+    checkpoint that cannot be read says why when the model is built)."""
     try:
         if str(weights).endswith(".keras"):
             from keras_vit.saving import saved_config
@@ -272,11 +282,10 @@ def _checkpoint_image_size(weights: str) -> Optional[int]:
             size = read_checkpoint(weights).defaults.get("image_size")
     except Exception:  # noqa: BLE001 - read again, and reported, where the model is built
         return None
-    if isinstance(size, int):
-        return size
-    if isinstance(size, (list, tuple)) and len(size) == 2 and size[0] == size[1]:
-        return int(size[0])
-    return None
+    try:
+        return _image_size(list(size) if isinstance(size, (list, tuple)) else size)
+    except TrainError:
+        return None
 
 
 def make_config(dataset: str = "digits", recipe: str = "scratch", **overrides) -> TrainConfig:

@@ -6,6 +6,7 @@ config.json, our own safetensors metadata, else its array shapes (`npz_layout.sh
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -14,7 +15,7 @@ import re
 import socket
 import zipfile
 import zlib
-from typing import Any, Dict, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 from urllib.parse import urlparse
 from urllib.request import getproxies
 
@@ -451,12 +452,40 @@ def _side_json(spec: str, local: str, name: str) -> Optional[Dict[str, Any]]:
     return value if isinstance(value, dict) else None
 
 
+_ONCE: List[Dict[Tuple[Any, ...], Checkpoint]] = []  # the open reading_once() scopes' last checkpoint
+
+
+@contextlib.contextmanager
+def reading_once() -> Iterator[None]:
+    """Within this scope a checkpoint file read again, unchanged, is not read again: a training run
+    asks its checkpoint for the model's size, its config (several times) and its weights. The arrays
+    of the last checkpoint read are held until the scope ends."""
+    _ONCE.append({})
+    try:
+        yield
+    finally:
+        _ONCE.pop()
+
+
 def read_checkpoint(weights: PathLike) -> Checkpoint:
     """Read a checkpoint (an .npz or .safetensors path, a published name or hf://ORG/NAME) and
     what it says about its model: the Published table, the Hub's config.json, the metadata
-    keras-vit writes, else the array shapes."""
+    keras-vit writes, else the array shapes (once per unchanged file inside `reading_once()`)."""
     spec = os.fspath(weights)
     local = checkpoint_path(spec)
+    if not _ONCE:
+        return _read_checkpoint(spec, local)
+    stat = os.stat(local)
+    key = (spec, os.path.realpath(local), stat.st_mtime_ns, stat.st_size)
+    held = _ONCE[0]
+    if key not in held:
+        held.clear()  # one checkpoint's arrays at a time
+        held[key] = _read_checkpoint(spec, local)
+    return held[key]
+
+
+def _read_checkpoint(spec: str, local: str) -> Checkpoint:
+    """read_checkpoint's work: the arrays of `local` (the file of `spec`) and their model's defaults."""
     raw, layout, file_meta, layout_defaults = _read_arrays(spec, local)
     ckpt = Checkpoint(spec, local, raw, layout, {})
     arrays, big_vision_posemb = ckpt.canonical(num_heads=1)
