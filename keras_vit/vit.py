@@ -202,7 +202,7 @@ def build_with_weights(cfg: ViTConfig, weights: Union[PathLike, Checkpoint], nam
         cfg = cfg.replace(representation_size=representation_size)
     model = build_model(cfg, name=name)
     assign_weights(model, arrays, method=method or ckpt.resample_method, big_vision_posemb=big_vision_posemb,
-                   source=f"checkpoint {ckpt.source!r}")
+                   source_grid=ckpt.grid, source=f"checkpoint {ckpt.source!r}")
     warn_untrained_head(model, arrays, f"checkpoint {ckpt.source!r}")
     entry = PUBLISHED.get(ckpt.source)
     if entry is not None and (entry.interpolation != "bilinear" or entry.crop_pct != 1.0):

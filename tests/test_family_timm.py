@@ -240,15 +240,34 @@ def test_save_safetensors_writes_timm_layout_back(tmp_path, family):
     keras_vit.save_safetensors(model, out)
     back = load_file(out)
     assert sorted(back) == sorted(sd)  # timm's names, options included
-    for k, v in sd.items():
-        if k in ("pos_embed", "cls_token") and arch["no_embed_class"] and "reg_token" not in sd:
-            continue  # DeiT-III: written with the class row (zero) instead of no_embed_class
+    for k, v in sd.items():  # DeiT-III and DINOv2-reg too: pos_embed without the prefix rows (no_embed_class)
         np.testing.assert_allclose(back[k], v, rtol=0, atol=1e-7, err_msg=k)
     x = _images((16, 16))
     again = keras_vit.ViT(weights=out, include_top=_has_head(sd))
     np.testing.assert_allclose(again.predict(x, verbose=0), model.predict(x, verbose=0), rtol=0, atol=1e-6)
-    # timm can read it (a register model without position rows for its registers as no_embed_class)
-    assert rf.forward(back, dict(arch, no_embed_class=arch["no_embed_class"] and "reg_token" in sd), x).shape
+    assert _rel(rf.forward(back, arch, x), rf.forward(sd, arch, x)) <= 1e-6  # timm's own architecture reads it
+
+
+def test_save_safetensors_no_embed_class_chooses_the_position_table(tmp_path):
+    """A DeiT-III fine-tuned in keras-vit (its class row no longer zero) is written with the class row
+    (timm's vit_*) by default, without it (folded into cls_token) with no_embed_class=True (timm's
+    deit3_*): the same logits either way; no_embed_class=False keeps a loaded DeiT-III's zero row."""
+    path, sd, arch, _ = write_family(tmp_path / "in", "deit3")
+    model = keras_vit.ViT(weights=path)
+    table = next(v for v in model.weights if v.path.endswith("pos_embedding"))
+    table.assign(np.asarray(table.value) + 0.05)  # "fine-tuned": every row moved, the class row too
+    x = _images((16, 16))
+    want = model.predict(x, verbose=0)
+    for choice, rows, timm_arch in ((None, 17, dict(arch, no_embed_class=False)), (True, 16, arch),
+                                    (False, 17, dict(arch, no_embed_class=False))):
+        out = str(tmp_path / f"{choice}.safetensors")
+        keras_vit.save_safetensors(model, out, no_embed_class=choice)
+        back = load_file(out)
+        assert back["pos_embed"].shape[1] == rows, choice
+        assert _rel(rf.forward(back, timm_arch, x), want) <= 1e-5, choice
+        assert _rel(keras_vit.ViT(weights=out).predict(x, verbose=0), want) <= 1e-5, choice
+    with pytest.raises(ValueError, match="no_embed_class must be None, True or False"):
+        keras_vit.save_safetensors(model, str(tmp_path / "bad.safetensors"), no_embed_class="yes")
 
 
 # --- malformed and mismatched checkpoints ---------------------------------------------------------
@@ -468,3 +487,75 @@ def test_map_head_mlp_takes_the_models_activation(tmp_path):
     feats = rf.tokens(sd, dict(arch, act="quick_gelu"), x)
     gelu_pool = rf.attention_pool(feats, sd, dict(arch, act="gelu"))
     assert _rel(gelu_pool, want) > 10 * TOL
+
+
+# --- what timm's config.json says, and what it leaves to the architecture -------------------------
+def test_timm_save_for_hf_config_of_a_class_token_free_model(tmp_path):
+    """timm's save_for_hf writes the arguments given to create_model: global_pool="map" without the
+    class_token=False of the SigLIP architecture. The arrays (no cls_token) settle it."""
+    path, sd, arch, config = write_family(tmp_path, "siglip")
+    del config["model_args"]["class_token"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    x = _images((16, 16))
+    model = keras_vit.ViT(weights=str(tmp_path))
+    assert not model.vit_config.has_class_token
+    assert _rel(model.predict(x, verbose=0), rf.forward(sd, arch, x)) <= TOL
+
+
+@pytest.mark.parametrize("family", ["dinov2", "deit3"])
+def test_a_non_square_grid_whose_table_looks_square(tmp_path, family):
+    """3x5 patches and a class row are 16 = 4x4 rows (DINOv2), 15 rows without it (DeiT-III): the image
+    size in config.json decides, where the shape alone reads a 4x4 table without a class row (wrong)."""
+    folder = tmp_path / family
+    folder.mkdir()
+    sd, arch, config = ff.family_state_dict(np.random.default_rng(3), family, grid=(3, 5))
+    save_file(sd, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps(config))
+    x = _images((12, 20), seed=4)
+    model = keras_vit.ViT(weights=str(folder))
+    assert model.vit_config.image_size == (12, 20)
+    assert _rel(model.predict(x, verbose=0), rf.forward(sd, arch, x)) <= TOL
+
+
+def test_a_class_token_free_file_at_a_grid_one_patch_smaller(tmp_path):
+    """SigLIP's 4x4 table at 3x5 patches (15 = 16 - 1 rows): the checkpoint's own grid says the table has
+    no class row (was: 'pos_embedding (1, 16, 32) vs model (1, 15, 32)'); timm's resampled logits."""
+    path, sd, arch, _ = write_family(tmp_path, "siglip")
+    x = _images((12, 20), seed=5)
+    want = rf.forward(sd, dict(arch, antialias=True), x)
+    assert _rel(keras_vit.ViT(weights=path, image_size=(12, 20)).predict(x, verbose=0), want) <= TOL
+    assert _rel(keras_vit.resize_model(keras_vit.ViT(weights=path), (12, 20)).predict(x, verbose=0), want) <= TOL
+
+
+@pytest.mark.parametrize("args, said", [
+    (dict(global_pool="max"), "global_pool='max' is not a keras-vit classifier"),
+    (dict(global_pool="avgmax"), "global_pool='avgmax' is not a keras-vit classifier"),
+    (dict(global_pool="avg", pool_include_prefix=True), "pool_include_prefix=True"),
+])
+def test_timm_poolings_keras_vit_does_not_compute_are_refused(tmp_path, args, said):
+    """Not a model that pools otherwise (was: loaded as 'gap', logits 0.2-0.5 off timm's)."""
+    path, sd, arch, config = write_family(tmp_path, "eva_like")
+    config["model_args"].update(args)
+    config["global_pool"] = args["global_pool"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError) as exc:
+        keras_vit.ViT(weights=str(tmp_path))
+    assert said in _one_line(exc) and repr(str(tmp_path)) in str(exc.value)
+
+
+def test_a_pytorch_pickle_is_named(tmp_path):
+    """torch.save's zip archive (data.pkl inside) and its legacy pickle: one line saying what it is and
+    what to do, never unpickled (was: read as an .npz, 198 missing keys)."""
+    import pickle
+    import zipfile
+
+    archive = tmp_path / "model.pth"
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr("model/data.pkl", pickle.dumps({"a": 1}))
+        z.writestr("model/version", "3\n")
+    legacy = tmp_path / "legacy.bin"
+    legacy.write_bytes(pickle.dumps({"a": 1}))
+    for path in (archive, legacy):
+        with pytest.raises(ValueError) as exc:
+            keras_vit.ViT(weights=str(path), num_heads=2)
+        assert "is a PyTorch pickle" in _one_line(exc) and ".safetensors" in str(exc.value), path

@@ -22,7 +22,7 @@ from urllib.request import getproxies
 import keras
 import numpy as np
 
-from keras_vit.config import _pair, parse_variant
+from keras_vit.config import ViTConfig, _pair, parse_variant
 from keras_vit.errors import first_line
 from keras_vit.labels import imagenet_labels
 from keras_vit.weights import hf_layout, torch_layout
@@ -151,6 +151,19 @@ def read_npz(path: PathLike) -> Dict[str, np.ndarray]:
     return _read_npz(path)[0]
 
 
+_PICKLE = "a PyTorch pickle"
+
+
+def _is_pickle(path: str) -> bool:
+    """Whether the file starts as a pickle does (protocol 2 and later: 0x80, the protocol number)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(2)
+    except OSError:
+        return False
+    return len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5
+
+
 def _read_npz(path: PathLike) -> Tuple[Dict[str, np.ndarray], Dict[str, str]]:
     """An .npz file's weight arrays, and the metadata save_npz wrote in it ({"keras_vit": JSON},
     as a .safetensors file's; empty for official checkpoints)."""
@@ -159,10 +172,17 @@ def _read_npz(path: PathLike) -> Tuple[Dict[str, np.ndarray], Dict[str, str]]:
         loaded = np.load(path, allow_pickle=False)
         if not hasattr(loaded, "files"):  # a lone .npy array under an .npz name
             raise ValueError("one array, not an .npz archive")
+        if any(name.endswith("data.pkl") for name in loaded.files):  # torch.save's zip archive
+            loaded.close()
+            raise ValueError(_PICKLE)
         with loaded as f:
             arrays = {k: _recover_dtype(np.asarray(f[k])) for k in f.files}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:  # cut short, a bad CRC ...
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if msg == _PICKLE or _is_pickle(path):  # torch.save's zip archive, or its legacy pickle
+            raise ValueError(f"checkpoint {path!r} is a PyTorch pickle (torch.save: .pth, .pt, .bin), which "
+                             "keras-vit never unpickles; save its state dict as .safetensors (safetensors.torch."
+                             "save_file(torch.load(path), 'model.safetensors')) and load that") from None
         raise ValueError(f"could not read checkpoint {path!r} as an .npz file ({msg})") from None
     entry = arrays.pop(METADATA_KEY, None)
     meta = {"keras_vit": str(entry[()])} if entry is not None and entry.dtype.kind == "U" and entry.ndim == 0 else {}
@@ -225,6 +245,24 @@ class Checkpoint:
     raw: Dict[str, np.ndarray]
     layout: str
     defaults: Dict[str, Any]
+    no_embed_class: Optional[bool] = None  # a timm pos_embed without the prefix tokens' rows (None: from its shape)
+
+    @property
+    def grid(self) -> Optional[Tuple[int, int]]:
+        """The patch grid of the model the checkpoint was trained as, when its defaults tell it (its
+        image size, patch size and ResNet stages); None when they do not."""
+        fields = {k: self.defaults[k] for k in ("image_size", "patch_size", "resnet_layers", "patch_remainder")
+                  if self.defaults.get(k) is not None}
+        if "image_size" not in fields:
+            return None
+        try:
+            if "patch_size" not in fields and self.defaults.get("variant"):
+                named = parse_variant(self.defaults["variant"])
+                fields.setdefault("patch_size", named.patch_size)
+                fields.setdefault("resnet_layers", named.resnet_layers)
+            return tuple(ViTConfig(**fields).grid_size) if "patch_size" in fields else None
+        except (TypeError, ValueError):
+            return None
 
     @property
     def resample_method(self) -> str:
@@ -247,7 +285,8 @@ class Checkpoint:
         if self.layout == "npz":
             return canonicalize(self.raw, prefix=prefix)
         try:
-            return hf_layout.any_to_canonical(self.raw, num_heads or self.defaults.get("num_heads") or 1), False
+            return hf_layout.any_to_canonical(self.raw, num_heads or self.defaults.get("num_heads") or 1,
+                                              no_embed_class=self.no_embed_class), False
         except ValueError as exc:  # e.g. a width the model's heads do not divide: say which file
             raise ValueError(f"checkpoint {self.source!r}: {exc}") from None
 
@@ -301,6 +340,22 @@ def _timm_arch(name: str, tag: str = "") -> Dict[str, Any]:
     return out
 
 
+def _timm_pool(global_pool: Any, include_prefix: Any = None) -> Optional[str]:
+    """keras-vit's classifier for timm's global_pool ("token", "avg", "map"; None when not said);
+    ValueError for a pooling keras-vit does not compute (max, avgmax; avg over the prefix tokens too),
+    rather than a model that pools otherwise."""
+    if global_pool in (None, ""):
+        return None
+    pool = _TIMM_POOL.get(global_pool)
+    if pool is None:
+        raise ValueError(f"timm's global_pool={global_pool!r} is not a keras-vit classifier; it loads timm's "
+                         f"{', '.join(repr(k) for k in _TIMM_POOL)} (as {', '.join(_TIMM_POOL.values())})")
+    if pool == "gap" and include_prefix:
+        raise ValueError("timm's global_pool='avg' with pool_include_prefix=True (the class token averaged with "
+                         "the patches) is not a keras-vit classifier; 'gap' averages the patch tokens")
+    return pool
+
+
 def _timm_model_args(args: Mapping[str, Any]) -> Dict[str, Any]:
     """ViTConfig fields from the `model_args` of a timm config.json (timm's VisionTransformer
     arguments); the sizes themselves come from the arrays."""
@@ -309,11 +364,11 @@ def _timm_model_args(args: Mapping[str, Any]) -> Dict[str, Any]:
         out["num_heads"] = int(args["num_heads"])
     if "img_size" in args:
         out["image_size"] = args["img_size"]
-    pool = _TIMM_POOL.get(args.get("global_pool"))
+    pool = _timm_pool(args.get("global_pool"), args.get("pool_include_prefix"))
     if pool:
         out["classifier"] = pool
         if pool != "token" and args.get("class_token", True):
-            out["class_token"] = True
+            out["class_token"] = True  # the arrays have the last word (_class_token_of_arrays)
     if args.get("class_token") is False:
         out["class_token"] = False
     for arg, field in (("reg_tokens", "num_registers"), ("init_values", "layer_scale_init"), ("qk_norm", "qk_norm"),
@@ -341,7 +396,7 @@ def _timm_defaults(config: Mapping[str, Any]) -> Dict[str, Any]:
     if any(k in args for k in _TIMM_SIZE_ARGS):  # sizes of their own: the name's variant, patch and heads do not apply
         for key in ("variant", "patch_size", "num_heads"):
             out.pop(key, None)
-    pool = _TIMM_POOL.get(config.get("global_pool"))
+    pool = _timm_pool(config.get("global_pool"), args.get("pool_include_prefix"))
     if pool:
         out["classifier"] = pool
     out.update(_timm_model_args(args))
@@ -412,7 +467,10 @@ def _described_defaults(spec: str, local: str, file_meta: Mapping[str, str],
     defaults: Dict[str, Any] = {}
     config = _side_json(spec, local, "config.json")
     if config is not None:
-        defaults.update(hub_defaults(config, num_classes))
+        try:
+            defaults.update(hub_defaults(config, num_classes))
+        except ValueError as exc:  # a model keras-vit does not compute (timm's max pooling ...)
+            raise ValueError(f"checkpoint {spec!r}: {exc}") from None
     preprocessor = _side_json(spec, local, "preprocessor_config.json")
     if preprocessor is not None:
         defaults.update(hf_layout.preprocessing_fields(preprocessor))
@@ -488,6 +546,32 @@ def _read_checkpoint(spec: str, local: str) -> Checkpoint:
     """read_checkpoint's work: the arrays of `local` (the file of `spec`) and their model's defaults."""
     raw, layout, file_meta, layout_defaults = _read_arrays(spec, local)
     ckpt = Checkpoint(spec, local, raw, layout, {})
+    ckpt.defaults = _checkpoint_defaults(ckpt, file_meta, layout_defaults)
+    rows = raw.get("pos_embed")
+    grid = ckpt.grid
+    if layout == "timm" and rows is not None and grid is not None and np.ndim(rows) == 3:
+        # The image size the files beside it say settles whether the table has the class token's row: a
+        # (g-1)x(g+1) grid plus that row is a square, which the shape alone reads as a g x g table without it.
+        without = int(np.shape(rows)[1]) == grid[0] * grid[1]
+        if without != _no_embed_class_by_shape(ckpt):
+            ckpt.no_embed_class = without
+            ckpt.defaults = _checkpoint_defaults(ckpt, file_meta, layout_defaults)
+    return ckpt
+
+
+def _no_embed_class_by_shape(ckpt: Checkpoint) -> bool:
+    """Whether torch_layout reads a timm pos_embed's shape as holding no prefix rows."""
+    raw = ckpt.raw
+    prefix = int("cls_token" in raw) + int("dist_token" in raw)
+    regs = int(np.shape(raw["reg_token"])[1]) if "reg_token" in raw else 0
+    table = np.zeros((1, int(np.shape(raw["pos_embed"])[1]), 1), np.float32)
+    return torch_layout.timm_pos_embed(table, prefix, regs).shape[1] != table.shape[1]
+
+
+def _checkpoint_defaults(ckpt: Checkpoint, file_meta: Mapping[str, str], layout_defaults: Mapping[str, Any]
+                         ) -> Dict[str, Any]:
+    """The ViTConfig fields (and class_names) a checkpoint's arrays and the files beside it give."""
+    spec, local, raw, layout = ckpt.source, ckpt.path, ckpt.raw, ckpt.layout
     arrays, big_vision_posemb = ckpt.canonical(num_heads=1)
     defaults = shape_defaults(arrays, big_vision_posemb)
     if layout != "npz":  # timm and transformers use exact GELU; heads are not in the fused torch
@@ -515,8 +599,17 @@ def _read_checkpoint(spec: str, local: str) -> Checkpoint:
     # The model keeps its checkpoint's resampling: resize_model, dynamic_model and image_size=None then
     # resample as the load at another image_size does (timm's antialiased bicubic for a timm file).
     defaults.setdefault("pos_interpolation", ckpt.layout_method)
-    ckpt.defaults = defaults
-    return ckpt
+    _class_token_of_arrays(defaults, "cls" in arrays)
+    return defaults
+
+
+def _class_token_of_arrays(defaults: Dict[str, Any], has_cls: bool) -> None:
+    """The arrays say whether the model has a class token, whatever its config.json says (timm's
+    save_for_hf records global_pool='map' for SigLIP, not the class_token=False of its architecture)."""
+    classifier = defaults.get("classifier", "token")
+    implied = classifier == "token" if defaults.get("class_token") is None else bool(defaults["class_token"])
+    if implied != has_cls and classifier != "token":
+        defaults["class_token"] = has_cls
 
 
 def _floors_image_size(defaults: Mapping[str, Any]) -> bool:

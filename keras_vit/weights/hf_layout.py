@@ -195,10 +195,12 @@ def layout_of(keys) -> str:
     return detect(keys) or tl.detect(keys)
 
 
-def any_to_canonical(sd: Mapping[str, np.ndarray], num_heads: int) -> Dict[str, np.ndarray]:
-    """A timm, Hugging Face ViTModel or Hugging Face family state dict under canonical names."""
+def any_to_canonical(sd: Mapping[str, np.ndarray], num_heads: int,
+                     no_embed_class: Optional[bool] = None) -> Dict[str, np.ndarray]:
+    """A timm, Hugging Face ViTModel or Hugging Face family state dict under canonical names
+    (`no_embed_class`: a timm pos_embed's layout, see torch_layout.timm_pos_embed)."""
     layout = detect(sd)
-    return to_canonical(sd, num_heads, layout) if layout else tl.to_canonical(sd, num_heads)
+    return to_canonical(sd, num_heads, layout) if layout else tl.to_canonical(sd, num_heads, no_embed_class)
 
 
 def to_canonical(sd: Mapping[str, np.ndarray], num_heads: int, layout: Optional[str] = None) -> Dict[str, np.ndarray]:

@@ -244,14 +244,16 @@ def _adapt_position_embeddings(values: Dict[str, np.ndarray], target: Mapping[st
     if POSEMB in values and POSEMB in target:
         pe = values[POSEMB]
         pe = pe[None] if pe.ndim == 2 else pe
-        # A known source grid settles the prefix (4x6 + a class token is 25 = 5x5 rows, no class slot).
-        known = source_grid is not None and pe.shape[1] - prefix == source_grid[0] * source_grid[1]
-        p = prefix if known else _split_posemb(pe.shape[1], prefix, grid, big_vision_posemb)
+        # A known source grid settles the prefix (4x6 + a class token is 25 = 5x5 rows, no class slot),
+        # when the table fits it (with the prefix rows, or without them as big_vision writes it).
+        fits = [q for q in dict.fromkeys((prefix, 0)) if source_grid is not None
+                and pe.shape[1] - q == source_grid[0] * source_grid[1]]
+        p = fits[0] if fits else _split_posemb(pe.shape[1], prefix, grid, big_vision_posemb)
         if p == 0 and prefix:  # big_vision adds E_pos before prepending x_class: zero slots
             pe = np.concatenate([np.zeros_like(pe[:, :1])] * prefix + [pe], axis=1)
             p = prefix
         # The source grid, when known, decides: 4x6 -> 6x4 keeps the count but moves every token.
-        old = (tuple(source_grid) if source_grid is not None else tuple(grid)
+        old = (tuple(source_grid) if fits else tuple(grid)
                if pe.shape[1] - p == grid[0] * grid[1] else infer_grid(pe.shape[1] - p, grid))
         if p == prefix and old != tuple(grid):
             log.warning("%s: position embeddings resampled from a %dx%d to a %dx%d grid (%s) for image_size %dx%d",
@@ -352,7 +354,7 @@ def load_weights(model: keras.Model, weights: PathLike, *, prefix: Optional[str]
     ckpt = read_checkpoint(weights)
     arrays, big_vision_posemb = ckpt.canonical(num_heads=get_config(model).num_heads, prefix=prefix)
     assign_weights(model, arrays, method=method or ckpt.resample_method, big_vision_posemb=big_vision_posemb,
-                   source=f"checkpoint {ckpt.source!r}")
+                   source_grid=ckpt.grid, source=f"checkpoint {ckpt.source!r}")
     warn_untrained_head(model, arrays, f"checkpoint {ckpt.source!r}")
     return model
 
@@ -391,16 +393,28 @@ def save_npz(model: keras.Model, path: PathLike) -> str:
     return path
 
 
-def save_safetensors(model: keras.Model, path: PathLike, layout: str = "timm") -> str:
+def save_safetensors(model: keras.Model, path: PathLike, layout: str = "timm",
+                     no_embed_class: Optional[bool] = None) -> str:
     """Write the model's weights as a .safetensors file in timm's VisionTransformer layout (fused
     qkv, PyTorch (out, in) kernels), or with `layout="hf"` in Hugging Face's Dinov2Model (a model
     with LayerScale), CLIPVisionModelWithProjection (a model with pre_norm) or SiglipVisionModel (no
     class token, "map" or "gap") layout (hf_layout.hf_kind), with the
     keras-vit config and class names as metadata so `ViT(weights=path)` rebuilds the same model;
-    written then renamed."""
+    written then renamed.
+
+    `no_embed_class` (timm layout): write pos_embed without the class / distillation tokens' rows,
+    folded into the tokens, as timm's no_embed_class architectures (deit3_*, *_reg4_dinov2) load it.
+    None: when the model has register tokens, or its prefix rows are zero (a model loaded from such
+    a file); False writes them, as timm's vit_* take them. Either file gives the same logits.
+    """
     cfg = get_config(model)
     if layout not in ("timm", "hf"):
         raise ValueError(f"layout must be 'timm' or 'hf', got {layout!r}")
+    if no_embed_class not in (None, True, False):
+        raise ValueError(f"no_embed_class must be None, True or False, got {no_embed_class!r}")
+    if no_embed_class and cfg.register_pos_embedding:
+        raise ValueError("no_embed_class=True drops the prefix rows of pos_embed, but this model's registers "
+                         "have rows of their own (register_pos_embedding: timm's no_embed_class=False)")
     if cfg.pos_embedding not in ("learned", "none", "sincos2d"):
         raise ValueError(f"pos_embedding {cfg.pos_embedding!r} has no timm equivalent; "
                          "save this model with keras_vit.save_npz instead")
@@ -413,7 +427,12 @@ def save_safetensors(model: keras.Model, path: PathLike, layout: str = "timm") -
         raise ValueError("layout='hf' has no position embeddings for register tokens (register_pos_embedding); "
                          "save this model with layout='timm'")
     if layout == "timm":  # registers' position rows: timm's no_embed_class=False
-        tensors = torch_layout.to_timm(arrays, no_embed_class=False if cfg.register_pos_embedding else None)
+        if cfg.register_pos_embedding:
+            no_embed_class = False
+        elif no_embed_class is None and POSEMB in arrays and cfg.num_pos_prefix_tokens:
+            rows = arrays[POSEMB].reshape(-1, arrays[POSEMB].shape[-1])[:cfg.num_pos_prefix_tokens]
+            no_embed_class = bool(cfg.num_registers) or not np.any(rows)
+        tensors = torch_layout.to_timm(arrays, no_embed_class=no_embed_class)
     else:
         kind = hf_layout.hf_kind(cfg)
         tensors = (hf_layout.to_clip(arrays) if kind == "clip" else hf_layout.to_siglip(arrays) if kind == "siglip"

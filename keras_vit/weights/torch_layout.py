@@ -338,12 +338,13 @@ def from_hf(sd: Mapping[str, np.ndarray], num_heads: int) -> Dict[str, np.ndarra
     return r.result()
 
 
-def to_canonical(sd: Mapping[str, np.ndarray], num_heads: int) -> Dict[str, np.ndarray]:
+def to_canonical(sd: Mapping[str, np.ndarray], num_heads: int,
+                 no_embed_class: Optional[bool] = None) -> Dict[str, np.ndarray]:
     """timm or Hugging Face ViTModel state dict -> canonical names (ValueError for anything else;
     the Hugging Face ViT family: `hf_layout.any_to_canonical`)."""
     kind = detect(sd)
     if kind == "timm":
-        return from_timm(sd, num_heads)
+        return from_timm(sd, num_heads, no_embed_class)
     if kind == "hf":
         return from_hf(sd, num_heads)
     raise ValueError("not a timm or Hugging Face ViT state dict (no 'patch_embed.proj.weight' with "
