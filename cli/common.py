@@ -1,14 +1,16 @@
 """What every `vitcli` command shares: the one-line user error."""
 from __future__ import annotations
 
+import atexit
 import contextlib
 import errno
 import functools
 import json
 import os
 import signal
+import sys
 import threading
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import click
 
@@ -150,4 +152,39 @@ def sigterm_cleans_up() -> Iterator[None]:
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if not _DECIDED:  # else outcome_decided's handler stays
+            signal.signal(signal.SIGTERM, previous)
+
+
+_CONSOLE: list = []  # set by the vitcli entry point (a process of its own, not a test's CliRunner)
+_DECIDED: list = []  # the status outcome_decided fixed
+
+
+def console_process() -> None:
+    """Mark this process as vitcli's own (outcome_decided then acts on its signals)."""
+    _CONSOLE.append(True)
+
+
+def outcome_decided(code: Any = 0) -> None:
+    """The command's outcome is fixed (an export renamed into place, the command returned): from here on
+    Ctrl-C or SIGTERM, during the last lines or Python's and TensorFlow's teardown (seconds), end the
+    process with that status (at once; ignored once Python finalises, when C++ teardown is all that is
+    left), instead of reporting finished work as killed. Only in vitcli's own process."""
+    if not _CONSOLE or _DECIDED or threading.current_thread() is not threading.main_thread():
+        return
+    status = 0 if code is None else code if isinstance(code, int) else 1
+    _DECIDED.append(status)
+
+    def leave(signum, frame):
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):  # a closed pipe: nothing more to say
+                stream.flush()
+        os._exit(status)
+
+    def ignore() -> None:  # Python's finalisation resets its handlers to the default: ignored instead
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, signal.SIG_IGN)
+
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, leave)
+    atexit.register(ignore)  # the last registered, so the first to run at exit

@@ -8,7 +8,7 @@ from typing import Optional, Tuple
 
 import click
 
-from keras_vit.cli.common import UserError, sigterm_cleans_up, user_errors
+from keras_vit.cli.common import UserError, outcome_decided, sigterm_cleans_up, user_errors
 from keras_vit.weights.resize import METHODS
 
 DEFAULT_MODEL = os.path.join("runs", "latest", "model.keras")
@@ -196,6 +196,7 @@ def export_cmd(model_path: str, fmt: str, quantize: Optional[str], opset: int, o
                                           class_names=class_names, num_calibration_images=num_calibration)
     if no_verify:  # written straight to --output, as the user asked for no check
         path = writer(model, output, **options)
+        outcome_decided(0)
         _echo_written(path, fmt, quantize)
         _remove_stale_report(path)
         return
@@ -204,6 +205,7 @@ def export_cmd(model_path: str, fmt: str, quantize: Optional[str], opset: int, o
     had_output = os.path.exists(output)
     report = export_verified(model, output, format=fmt, images=verify_dataset or run_dataset, num_images=num_images,
                              thresholds=limits, device=device, **options)
+    outcome_decided(0 if report["passed"] else 1)  # renamed into place (or kept as NAME.failed.EXT): done
     path = report["file"]
     if report["passed"]:
         _echo_written(path, fmt, quantize)

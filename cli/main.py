@@ -9,7 +9,7 @@ import click
 from keras_vit import __version__
 from keras_vit.cli import quiet
 from keras_vit.cli.analysis import fewshot_cmd, inspect_cmd, pretrain_cmd
-from keras_vit.cli.common import Terminated, UserError, terminated
+from keras_vit.cli.common import Terminated, UserError, console_process, outcome_decided, terminated
 from keras_vit.cli.data import records_cmd
 from keras_vit.cli.export import export_cmd
 from keras_vit.cli.train import evaluate_cmd, predict_cmd, train_cmd
@@ -109,11 +109,15 @@ def main() -> None:
     """Console-script entry point."""
     # Before any command imports TensorFlow: its start-up lines would bury our one-line messages.
     quiet.install(verbose="--verbose" in sys.argv[1:])
+    console_process()
     try:
         cli(prog_name="vitcli")
     except KeyboardInterrupt:  # outside a command (while click parses the arguments)
         click.echo("Interrupted.", err=True)
         sys.exit(INTERRUPTED)
+    except SystemExit as exc:  # the command's outcome: from here on a signal does not change it
+        outcome_decided(exc.code)
+        raise
     finally:
         quiet.finished()  # TensorFlow's teardown logs from here on are hidden (unless --verbose)
 

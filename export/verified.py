@@ -19,7 +19,7 @@ from typing import Dict, Iterator, List, Optional
 
 from keras_vit.export._common import ExportError, PathLike, check_output_path
 from keras_vit.export.tflite import labels_path
-from keras_vit.files import replace_path
+from keras_vit.files import replace_path, signals_held
 
 FORMATS = ("onnx", "tflite", "saved_model")
 _SUFFIXES = {"onnx": ".onnx", "tflite": ".tflite"}
@@ -56,8 +56,11 @@ def failed_path(path: PathLike) -> str:
 
 
 def sidecars(path: PathLike) -> List[str]:
-    """Files an exporter writes beside the file itself (the TFLite labels file)."""
-    return [labels_path(path)] if os.fspath(path).endswith(".tflite") else []
+    """Files written beside the exported file itself: the TFLite labels file, the report and its plot."""
+    from keras_vit.export.verify import plot_path, report_path
+
+    labels = [labels_path(path)] if os.fspath(path).endswith(".tflite") else []
+    return labels + [report_path(path), plot_path(path)]
 
 
 def remove_export(path: PathLike) -> None:
@@ -73,15 +76,18 @@ def remove_export(path: PathLike) -> None:
 
 
 def move_export(src: PathLike, dst: PathLike) -> str:
-    """Rename the export at `src` (file or folder, with its side files) over `dst`, replacing what
-    is there (`keras_vit.files.replace_path`); a side file `src` lacks is removed at `dst`."""
+    """Rename the export at `src` (file or folder, with its side files: labels, report, plot) over
+    `dst`, replacing what is there (`keras_vit.files.replace_path`); a side file `src` lacks is
+    removed at `dst`. Ctrl-C and SIGTERM wait until all are in place (`signals_held`), so a report
+    always describes the file beside it."""
     src, dst = os.fspath(src), os.fspath(dst)
-    replace_path(src, dst)
-    for src_side, dst_side in zip(sidecars(src), sidecars(dst)):
-        if os.path.lexists(src_side):
-            os.replace(src_side, dst_side)
-        elif os.path.lexists(dst_side):  # the old file's side file; the new one has none
-            os.remove(dst_side)
+    with signals_held():
+        replace_path(src, dst)
+        for src_side, dst_side in zip(sidecars(src), sidecars(dst)):
+            if os.path.lexists(src_side):
+                os.replace(src_side, dst_side)
+            elif os.path.lexists(dst_side):  # the old file's side file; the new one has none
+                os.remove(dst_side)
     return dst
 
 
@@ -134,8 +140,11 @@ def export_verified(model, path: PathLike, format: Optional[str] = None, images=
         writer(model, tmp, **options)
         report, ref, out = measure(model, tmp, images=images, num_images=num_images, batch_size=batch_size,
                                    thresholds=thresholds, device=device)
-        final = move_export(tmp, path if report["passed"] else failed_path(path))
-    return write_report_files(report, ref, out, final, plot)
+        final = path if report["passed"] else failed_path(path)
+        # The report (and plot) beside the staged file, naming the final one; then all renamed together.
+        report = write_report_files(report, ref, out, tmp, plot, described=final)
+        move_export(tmp, final)
+    return report
 
 
 __all__ = ["FORMATS", "export_format", "export_verified", "failed_path", "move_export", "remove_export", "sidecars",

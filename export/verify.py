@@ -152,15 +152,18 @@ def measure(keras_model, exported_path: PathLike, images=None, num_images: int =
 
 
 def write_report_files(report: dict, ref: np.ndarray, out: np.ndarray, exported_path: PathLike,
-                       plot: bool = True) -> dict:
+                       plot: bool = True, described: Optional[PathLike] = None) -> dict:
     """Write `report` as <file>.report.json (and the PNG, with `plot`) beside `exported_path`, the
-    file it describes (its "file" entry is set to that path); returns the report with
-    "report_path" (and "plot_path") added."""
-    report["file"] = os.path.abspath(os.fspath(exported_path))
+    file it describes (its "file" entry is set to that path, or to `described`: where the file
+    and the report will be renamed to); returns the report with "report_path" (and "plot_path")
+    added, at `described` when given."""
+    final = os.fspath(described if described is not None else exported_path)
+    report["file"] = os.path.abspath(final)
     write_text(report_path(exported_path), json.dumps(report, indent=2) + "\n")
-    report["report_path"] = report_path(exported_path)
+    report["report_path"] = report_path(final)
     if plot:
-        report["plot_path"] = write_plot(report, ref, out, plot_path(exported_path))
+        write_plot(report, ref, out, plot_path(exported_path))
+        report["plot_path"] = plot_path(final)
     elif os.path.isfile(plot_path(exported_path)):  # an earlier report's plot: it shows another file
         os.remove(plot_path(exported_path))
     return report

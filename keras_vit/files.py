@@ -12,6 +12,8 @@ import contextlib
 import json
 import os
 import secrets
+import signal
+import threading
 from typing import Any, Iterator, Union
 
 PathLike = Union[str, os.PathLike]
@@ -90,6 +92,22 @@ def replace_path(src: PathLike, dst: PathLike) -> str:
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     return dst
+
+
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """Ctrl-C and SIGTERM do not interrupt the block (a group of renames that must all happen: a file
+    and its report); one arriving meanwhile is dropped, as the work it would stop is then done.
+    Python runs signal handlers in the main thread only: elsewhere the block runs as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = {s: signal.signal(s, lambda signum, frame: None) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in held.items():
+            signal.signal(s, handler)
 
 
 def write_bytes(path: PathLike, data: bytes) -> str:

@@ -230,13 +230,64 @@ def test_sigterm_during_export_keeps_the_good_file_and_leaves_no_temporary_one(r
         time.sleep(delay or 0)
         proc.send_signal(signal.SIGTERM)
         out = proc.communicate(timeout=120)[0].decode()
-        if proc.returncode in (0, -signal.SIGTERM) and "Report: " in out:  # done before the signal (a process
-            # that has finished its command ends on SIGTERM as any does): the file it wrote, verified
+        if proc.returncode == 0 and "Report: " in out:  # committed before the signal: the file it wrote, verified
             good = (tmp_path / "m.onnx").read_bytes()
             continue
         assert proc.returncode == 143 and out.strip().splitlines()[-1] == "Terminated.", (delay, out)
         assert sorted(os.listdir(tmp_path)) == ["m.onnx", "m.onnx.report.json", "m.onnx.report.png"], delay
         assert (tmp_path / "m.onnx").read_bytes() == good
+
+
+def test_a_signal_after_the_export_does_not_undo_it(run_dir, tmp_path):
+    """SIGTERM or Ctrl-C once the report is printed (Python's and TensorFlow's teardown take seconds)
+    ends with the command's status, 0 (was: killed, -15, or a segfault); the report describes the file."""
+    import hashlib
+    import signal
+    import subprocess
+    import sys
+
+    vitcli = os.path.join(os.path.dirname(sys.executable), "vitcli")
+    model = str(run_dir / "runs" / "latest" / "model.keras")
+    out = tmp_path / "m.onnx"
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        proc = subprocess.Popen([vitcli, "export", "--model", model, "--format", "onnx", "--num-images", "8", "--output",
+                                 str(out)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                                env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+        for line in proc.stdout:
+            if line.startswith("Report: "):
+                proc.send_signal(sig)
+                break
+        proc.stdout.read()
+        assert proc.wait(timeout=120) == 0, sig
+        report = json.loads((tmp_path / "m.onnx.report.json").read_text())
+        assert report["sha256"] == hashlib.sha256(out.read_bytes()).hexdigest() and report["file"] == str(out)
+        assert sorted(os.listdir(tmp_path)) == ["m.onnx", "m.onnx.report.json", "m.onnx.report.png"]
+
+
+def test_the_file_and_its_report_are_renamed_together(tmp_path, monkeypatch):
+    """The report and plot are written beside the staged file, naming the final one, and renamed with it
+    while a signal waits (signals_held): a report never describes the file that was there before."""
+    import signal
+
+    from keras_vit.export import verified
+    from keras_vit.files import signals_held
+
+    with signals_held():
+        os.kill(os.getpid(), signal.SIGINT)  # would be KeyboardInterrupt
+        os.kill(os.getpid(), signal.SIGTERM)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    renames = []
+    real = os.replace
+    monkeypatch.setattr(verified.os, "replace", lambda a, b: renames.append((a, b)) or real(a, b))
+    model = small_model()
+    out = tmp_path / "m.onnx"
+    report = verified.export_verified(model, str(out), num_images=4)
+    assert report["passed"] and report["file"] == str(out) and report["report_path"] == str(out) + ".report.json"
+    assert json.loads((tmp_path / "m.onnx.report.json").read_text())["file"] == str(out)
+    finals = [os.path.basename(b) for _, b in renames]
+    assert finals[-3:] == ["m.onnx", "m.onnx.report.json", "m.onnx.report.png"], finals  # together, at the end
+    assert all(os.path.basename(a).startswith(".m.onnx.tmp-") for a, _ in renames[-3:]), renames
+    assert sorted(os.listdir(tmp_path)) == ["m.onnx", "m.onnx.report.json", "m.onnx.report.png"]
 
 
 def test_export_runs_on_tensorflow_whatever_keras_backend_says(run_dir, tmp_path):
