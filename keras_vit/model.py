@@ -70,13 +70,16 @@ class VisionTransformer(towers.TowerModel):
     def __init__(self, config: Union[ViTConfig, dict], name: Optional[str] = None,
                  class_names: Optional[Sequence[str]] = None, dtype=None,
                  quantized: Optional[Dict[str, str]] = None, eval_preprocessing: Optional[Dict[str, Any]] = None,
-                 frozen_layers: Optional[Sequence[str]] = None, compiled_backend: Optional[str] = None, **kwargs):
+                 frozen_layers: Optional[Sequence[str]] = None, compiled_backend: Optional[str] = None,
+                 lora_merged: bool = False, **kwargs):
         """`dtype`: the dtype policy (default: the global one); `quantized`: {layer path: dtype
         policy name} of layers that model.quantize() converted (what get_config records);
         `eval_preprocessing`: the resize and centre crop of image files for evaluation and
         prediction ({"interpolation": ..., "crop_pct": ...}, a published checkpoint's timm transform);
         `frozen_layers`: the paths of the layers whose `trainable` is False; `compiled_backend`: the
-        backend that compiled the model saved (what get_config records for compile_from_config)."""
+        backend that compiled the model saved (what get_config records for compile_from_config);
+        `lora_merged`: saved with LoRA factors merged into its kernels (compile_from_config says why
+        it does not restore the optimizer)."""
         cfg = config if isinstance(config, ViTConfig) else ViTConfig.from_dict(dict(config))
         cfg.validate()
         policy = keras.dtype_policies.get(dtype) if dtype is not None else keras.config.dtype_policy()
@@ -93,6 +96,7 @@ class VisionTransformer(towers.TowerModel):
         if frozen_layers:
             self._refreeze(frozen_layers)
         self._compiled_backend = compiled_backend
+        self._lora_merged = bool(lora_merged)
 
     def _refreeze(self, frozen: Sequence[str]) -> None:
         """Give each layer the `trainable` flag it was saved with (`frozen`: the paths of those that were not), as a
@@ -176,9 +180,20 @@ class VisionTransformer(towers.TowerModel):
 
         load_lora_weights(self, filepath)
 
+    @property
+    def compiled(self) -> bool:
+        """Keras' flag; False after a load that declined the saved compile state (compile_from_config),
+        which Keras' deserializer marks compiled whatever compile_from_config did."""
+        return self.__dict__.get("_compiled_flag", False) and not self.__dict__.get("_compile_declined", False)
+
+    @compiled.setter
+    def compiled(self, value: bool) -> None:
+        self.__dict__["_compiled_flag"] = bool(value)
+
     def compile(self, *args, **kwargs) -> None:
         """keras.Model.compile; `jit_compile="auto"` (the default) picks what is fast for a ViT on
         this hardware and precision policy (keras_vit.precision.model_jit_compile)."""
+        self.__dict__["_compile_declined"] = False
         self._jit_auto = len(args) < 8 and kwargs.get("jit_compile", "auto") == "auto"  # 8th positional: jit_compile
         run_eagerly = args[5] if len(args) > 5 else kwargs.get("run_eagerly", False)  # 6th positional
         if self._jit_auto and run_eagerly:
@@ -218,6 +233,13 @@ class VisionTransformer(towers.TowerModel):
         model saved to .keras loads compiled, its optimizer's state included. On another backend
         than the one that saved it, jit_compile is "auto" (XLA's choice for TensorFlow is
         torch.compile's on PyTorch) and the optimizer is Keras' public one (PyTorch saves its own)."""
+        if self._lora_merged:  # the optimizer's state is the factors', which the file no longer has
+            self.__dict__["_compile_declined"] = True  # Keras' deserializer then sets compiled = True: not so
+            warnings.warn(f"model {self.name!r} was saved during LoRA fine-tuning: its LoRA factors are merged into "
+                          "the kernels, so the optimizer's state (theirs) cannot be restored and the model loads "
+                          "uncompiled; compile it (after keras_vit.enable_lora or lora_finetune, to go on with "
+                          "LoRA) to train on", stacklevel=2)
+            return
         config = dict(config)
         # the backend that compiled it: get_config's (a file of 2026-11/12 has it here); None: older than both
         if (config.pop("backend", None) or self._compiled_backend) != keras.backend.backend():
@@ -243,6 +265,8 @@ class VisionTransformer(towers.TowerModel):
         frozen = [_layer_key(layer) for layer in _weighted_layers(self) if not layer.trainable]
         if frozen:
             out["frozen_layers"] = frozen
+        if any(getattr(layer, "lora_enabled", False) for layer in self._flatten_layers(include_self=False)):
+            out["lora_merged"] = True  # model.save merges the factors into the kernels
         if self.compiled:  # its explicit jit_compile holds on this backend only (compile_from_config)
             out["compiled_backend"] = keras.backend.backend()
         return out

@@ -203,3 +203,30 @@ def test_lora_twice_is_refused():
     layer = MultiHeadSelfAttention(2)
     with pytest.raises(ValueError, match="isn't yet built"):
         layer.enable_lora(2)
+
+
+def test_a_lora_model_reloads_uncompiled_saying_why(tmp_path):
+    """model.save merges the LoRA factors into the kernels, so the optimizer's state (the factors') has nothing
+    to go to: the model loads uncompiled with a warning saying why, as README promises for a compile state that
+    cannot be rebuilt (was: compiled with a fresh optimizer, Keras' 'Skipping variable loading for optimizer')."""
+    from keras_vit.finetune import lora_finetune
+
+    model = lora_finetune(_model(), rank=2)
+    model.compile(optimizer="adam", loss=keras.losses.CategoricalCrossentropy(from_logits=True))
+    x, y = _images(4), np.eye(5, dtype="float32")[[0, 1, 2, 3]]
+    model.fit(x, y, epochs=1, verbose=0)
+    model.save(tmp_path / "lora.keras")
+    for load in (keras.saving.load_model, keras_vit.load_model):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            again = load(tmp_path / "lora.keras")
+        said = [str(w.message) for w in caught]
+        assert any("saved during LoRA fine-tuning" in m and "loads uncompiled" in m for m in said), said
+        assert not any("Skipping variable loading" in m for m in said), said
+        assert not again.compiled
+        np.testing.assert_allclose(again.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-5)
+    plain = _model()
+    plain.compile(optimizer="adam", loss=keras.losses.CategoricalCrossentropy(from_logits=True))
+    plain.fit(x, y, epochs=1, verbose=0)
+    plain.save(tmp_path / "plain.keras")
+    assert keras_vit.load_model(tmp_path / "plain.keras").compiled  # without LoRA: its optimizer state back
