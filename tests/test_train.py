@@ -450,3 +450,65 @@ def test_run_folders_and_latest(tmp_path):
     assert (tmp_path / "taken" / "model.keras").read_text() == "keep me"
     with pytest.raises(kt.TrainError, match="--output '.*model.keras' is a file; give a folder for the run"):
         kt.new_run_dir(cfg, output=str(tmp_path / "taken" / "model.keras"))
+
+
+def test_a_run_stopped_after_its_last_epoch_resumes_without_training_again(tmp_path, monkeypatch):
+    """The backup stays until model.keras and results.json are written: a process killed in between
+    (a kill -9 as fit returns) resumes with every epoch done, not from epoch 0 with fresh weights
+    (metrics.csv and last.keras were overwritten by a second run of every epoch)."""
+    import csv
+
+    from keras_vit.train import loop
+
+    cfg = kt.make_config("digits", epochs=2, checkpoint_interval=0, jit_compile="none", **TINY)
+    run = tmp_path / "run"
+    real = loop.save_model
+
+    def killed(model, path):
+        if os.path.basename(path) == "model.keras":
+            raise KeyboardInterrupt  # the process dies as fit returns
+        return real(model, path)
+
+    monkeypatch.setattr(loop, "save_model", killed)
+    with pytest.raises(KeyboardInterrupt):
+        kt.train(cfg, output=str(run), verbose=0)
+    monkeypatch.setattr(loop, "save_model", real)
+    assert (run / "backup").is_dir() and not (run / "model.keras").exists()
+    trained = keras_vit.load_model(run / "last.keras", compile=False).get_weights()
+    result = kt.train(None, output=str(run), resume=True, verbose=0)
+    assert result["resumed"] and result["last_epoch"] == {}  # nothing left to train
+    with open(run / "metrics.csv") as f:
+        assert [row["epoch"] for row in csv.DictReader(f)] == ["0", "1"]
+    for a, b in zip(keras_vit.load_model(run / "model.keras", compile=False).get_weights(), trained):
+        np.testing.assert_array_equal(a, b)
+    assert not (run / "backup").exists() and (run / "results.json").is_file()
+    with pytest.raises(kt.TrainError, match="has already finished"):
+        kt.train(None, output=str(run), resume=True, verbose=0)
+
+
+@pytest.mark.parametrize("given_output", [False, True])
+def test_a_run_that_fails_before_its_first_epoch_ends_leaves_no_folder(tmp_path, monkeypatch, given_output):
+    """A failure in the first epoch (a bad image, a precision the backend cannot run) leaves neither the
+    run folder nor a runs/latest pointing at it (was: a folder without a model that evaluate, export and
+    --resume then tripped on); a --output folder that existed empty stays, empty."""
+    from keras_vit.train import loop
+
+    root = tmp_path / "runs"
+    cfg = kt.make_config("digits", epochs=1, jit_compile="none", **TINY)
+    first = kt.train(cfg, root=str(root), verbose=0)["run"]
+
+    class Fails(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            raise kt.TrainError("an image that does not decode")
+
+    real = loop._callbacks
+    monkeypatch.setattr(loop, "_callbacks", lambda *a, **k: real(*a, **k) + [Fails()])
+    output = tmp_path / "out"
+    if given_output:
+        output.mkdir()
+    with pytest.raises(kt.TrainError, match="does not decode"):
+        kt.train(kt.make_config("digits", epochs=1, jit_compile="none", **TINY), root=str(root), verbose=0,
+                 output=str(output) if given_output else None)
+    assert sorted(os.listdir(root)) == sorted([os.path.basename(first), "latest"])
+    assert os.path.realpath(root / "latest") == os.path.realpath(first)
+    assert (list(output.iterdir()) == []) if given_output else not output.exists()

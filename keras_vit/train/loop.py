@@ -19,7 +19,7 @@ from keras_vit import data as kdata
 from keras_vit import precision
 from keras_vit.config import ViTConfig
 from keras_vit.errors import TrainError, op_error_line
-from keras_vit.files import save_model, write_json, write_text
+from keras_vit.files import link, save_model, write_json, write_text
 from keras_vit.layers.fusion import SCOPES_ENV
 from keras_vit.model import build_model
 from keras_vit.plots import plot_training_curves, read_metrics_csv
@@ -104,8 +104,13 @@ def _train_once(cfg: TrainConfig, output: Optional[str], resume: bool, root: str
         check_output(output)
     mixed, jit, reason = resolve_speed(cfg)
     worker_dir: List[str] = []  # a non-chief worker's temporary folder, removed however the run ends
+    started: List[_Started] = []  # the run folder this call created, undone if it fails before an epoch ends
     try:
-        return _train(cfg, run, resume, cluster, output, root, verbose, mixed, jit, reason, worker_dir, held)
+        return _train(cfg, run, resume, cluster, output, root, verbose, mixed, jit, reason, worker_dir, held, started)
+    except BaseException:
+        for new in started:
+            new.undo_if_empty()
+        raise
     finally:
         for folder in worker_dir:
             shutil.rmtree(folder, ignore_errors=True)
@@ -113,8 +118,45 @@ def _train_once(cfg: TrainConfig, output: Optional[str], resume: bool, root: str
             release_run(mark)
 
 
+@dataclasses.dataclass
+class _Started:
+    """A run folder this process created, and what was there before: a run that fails before its first
+    epoch ends (a bad image in the first batch, a precision the backend cannot run) leaves no folder
+    and `runs/latest` where it pointed, as one that fails earlier does."""
+
+    run: str
+    root: str
+    output_existed: bool  # --output was an empty folder already
+    latest: Optional[str]  # where root/latest pointed (a link's target), None when it was no link
+
+    @classmethod
+    def before(cls, output: Optional[str], root: str) -> _Started:
+        latest = os.path.join(root, "latest")
+        return cls("", root, bool(output) and os.path.isdir(output),
+                   os.readlink(latest) if os.path.islink(latest) else None)
+
+    def undo_if_empty(self) -> None:
+        """Remove the run unless an epoch ended (metrics.csv has a row); put runs/latest back."""
+        rows = read_metrics_csv(os.path.join(self.run, "metrics.csv")) if self.run else None
+        if not self.run or (rows and any(rows.values())):
+            return
+        if self.output_existed:
+            for name in os.listdir(self.run):
+                path = os.path.join(self.run, name)
+                shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
+        else:
+            shutil.rmtree(self.run, ignore_errors=True)
+        latest = os.path.join(self.root, "latest")
+        if os.path.islink(latest) and os.path.realpath(latest) == os.path.realpath(self.run):
+            if self.latest is not None:
+                link(self.latest, latest)
+            else:
+                os.remove(latest)
+
+
 def _train(cfg: TrainConfig, run: Optional[str], resume: bool, cluster: Cluster, output: Optional[str], root: str,
-           verbose: Any, mixed: str, jit: str, reason: str, worker_dir: List[str], held: List) -> Dict[str, Any]:
+           verbose: Any, mixed: str, jit: str, reason: str, worker_dir: List[str], held: List,
+           started: List[_Started]) -> Dict[str, Any]:
     """The body of train() once the cluster (if any) is joined."""
     with _speed_settings(mixed, jit):
         keras.utils.set_random_seed(cfg.seed)
@@ -129,7 +171,8 @@ def _train(cfg: TrainConfig, run: Optional[str], resume: bool, cluster: Cluster,
                   + (f"; the batch as {towers.count()} towers, one thread each" if towers.count() > 1 else ""))
             model = _build_model(cfg, data, jit)
             if run is None:  # the folder (and runs/latest) appears only once the data, model and weights are good
-                run = _start_run(cfg, data, output, root, mixed, jit)
+                started.append(_Started.before(output, root))
+                run = started[0].run = _start_run(cfg, data, output, root, mixed, jit)
             if cluster.is_chief and not held:
                 held.append(hold_run(run))
             build_without_data(model, data.train)
@@ -163,6 +206,7 @@ def _train(cfg: TrainConfig, run: Optional[str], resume: bool, cluster: Cluster,
             write_text(os.path.join(run, "bad_images.txt"), "".join(p + "\n" for p in bad.paths))
     if cluster.is_chief:
         write_json(os.path.join(run, "results.json"), result)
+        shutil.rmtree(os.path.join(run, "backup"), ignore_errors=True)  # finished: nothing left to resume
     return result
 
 
@@ -370,7 +414,9 @@ def _callbacks(run: str, resume: bool, cluster: Optional[Cluster] = None,
     # every process), so there each worker keeps a backup; on TensorFlow only the chief does.
     if cluster.is_chief or cluster.backend == "jax":
         # Last, so that everything above is on disk before an epoch counts as done.
-        callbacks.append(PacedBackup(backup, interval, delete_checkpoint=True))
+        # Kept when fit ends: train() removes it once model.keras and results.json are written (a kill in
+        # between then resumes from the last epoch, not from scratch).
+        callbacks.append(PacedBackup(backup, interval, delete_checkpoint=False))
     if cluster.multi_worker and cluster.backend == "tensorflow":
         callbacks.append(FollowChief(cluster))
     return callbacks
