@@ -452,27 +452,32 @@ def test_run_folders_and_latest(tmp_path):
         kt.new_run_dir(cfg, output=str(tmp_path / "taken" / "model.keras"))
 
 
+def _kill_as_fit_returns(monkeypatch, cfg, run) -> None:
+    """Train `cfg` into `run` and die as fit returns, before model.keras is written (a kill -9 there)."""
+    from keras_vit.train import loop
+
+    real = loop.save_model
+
+    def killed(model, path):
+        if os.path.basename(path) == "model.keras":
+            raise KeyboardInterrupt
+        return real(model, path)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(loop, "save_model", killed)
+        with pytest.raises(KeyboardInterrupt):
+            kt.train(cfg, output=str(run), verbose=0)
+
+
 def test_a_run_stopped_after_its_last_epoch_resumes_without_training_again(tmp_path, monkeypatch):
     """The backup stays until model.keras and results.json are written: a process killed in between
     (a kill -9 as fit returns) resumes with every epoch done, not from epoch 0 with fresh weights
     (metrics.csv and last.keras were overwritten by a second run of every epoch)."""
     import csv
 
-    from keras_vit.train import loop
-
     cfg = kt.make_config("digits", epochs=2, checkpoint_interval=0, jit_compile="none", **TINY)
     run = tmp_path / "run"
-    real = loop.save_model
-
-    def killed(model, path):
-        if os.path.basename(path) == "model.keras":
-            raise KeyboardInterrupt  # the process dies as fit returns
-        return real(model, path)
-
-    monkeypatch.setattr(loop, "save_model", killed)
-    with pytest.raises(KeyboardInterrupt):
-        kt.train(cfg, output=str(run), verbose=0)
-    monkeypatch.setattr(loop, "save_model", real)
+    _kill_as_fit_returns(monkeypatch, cfg, run)
     assert (run / "backup").is_dir() and not (run / "model.keras").exists()
     trained = keras_vit.load_model(run / "last.keras", compile=False).get_weights()
     result = kt.train(None, output=str(run), resume=True, verbose=0)
@@ -512,3 +517,25 @@ def test_a_run_that_fails_before_its_first_epoch_ends_leaves_no_folder(tmp_path,
     assert sorted(os.listdir(root)) == sorted([os.path.basename(first), "latest"])
     assert os.path.realpath(root / "latest") == os.path.realpath(first)
     assert (list(output.iterdir()) == []) if given_output else not output.exists()
+
+
+def test_a_damaged_backup_or_config_is_one_line_and_the_run_is_left_as_it_was(tmp_path, monkeypatch):
+    """--resume of a run whose backup or config.json is cut short: one line naming the file, metrics.csv
+    untouched (was: trimmed to its header before the backup was read; a cut-short weights file gave
+    h5py's traceback; a damaged config.json a line naming no file)."""
+    import shutil
+
+    cfg = kt.make_config("digits", epochs=2, checkpoint_interval=0, jit_compile="none", **TINY)
+    run = tmp_path / "run"
+    _kill_as_fit_returns(monkeypatch, cfg, run)
+    metrics = (run / "metrics.csv").read_bytes()
+    for name, damage, said in (("backup/training_metadata.json", b'{"epoch": ', "training_metadata.json' is damaged"),
+                               ("backup/latest.weights.h5", b"\x89HDF\r\n", "latest.weights.h5' is damaged"),
+                               ("config.json", b'{"train": {', "its config.json is damaged")):
+        copy = tmp_path / name.replace("/", "_")
+        shutil.copytree(run, copy)
+        (copy / name).write_bytes(damage)
+        with pytest.raises(kt.TrainError) as exc:
+            kt.train(None, output=str(copy), resume=True, verbose=0)
+        assert said in str(exc.value) and "\n" not in str(exc.value), str(exc.value)
+        assert (copy / "metrics.csv").read_bytes() == metrics

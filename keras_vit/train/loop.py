@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import json
 import os
 import shutil
 import sys
@@ -18,7 +19,7 @@ import tensorflow as tf
 from keras_vit import data as kdata
 from keras_vit import precision
 from keras_vit.config import ViTConfig
-from keras_vit.errors import TrainError, op_error_line
+from keras_vit.errors import TrainError, first_line, op_error_line
 from keras_vit.files import link, save_model, write_json, write_text
 from keras_vit.layers.fusion import SCOPES_ENV
 from keras_vit.model import build_model
@@ -210,6 +211,30 @@ def _train(cfg: TrainConfig, run: Optional[str], resume: bool, cluster: Cluster,
     return result
 
 
+def _check_backup(run: str) -> None:
+    """TrainError naming the file when the run's backup cannot be resumed from (cut short, damaged),
+    before anything of the run is touched (metrics.csv is trimmed to the backup's epoch)."""
+    backup = os.path.join(run, "backup")
+    meta, weights = os.path.join(backup, "training_metadata.json"), os.path.join(backup, "latest.weights.h5")
+    if not (os.path.exists(meta) or os.path.exists(weights)):
+        return  # no epoch backed up yet: the run starts again
+    last = (" (last.keras holds the last saved epoch: start a new run from it with --weights)"
+            if os.path.isfile(os.path.join(run, "last.keras")) else "")
+    import h5py
+
+    path = meta
+    try:
+        with open(meta) as f:
+            epoch = json.load(f)["epoch"]
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+            raise ValueError(f"epoch {epoch!r}")
+        path = weights
+        with h5py.File(weights, "r"):
+            pass
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise TrainError(f"cannot resume {run!r}: its backup {path!r} is damaged ({first_line(exc)}){last}") from None
+
+
 def _cluster_run(cfg: TrainConfig, data: _Data, cluster: Cluster, output: Optional[str], root: str,
                  mixed: str, jit: str) -> Tuple[str, bool]:
     """(folder, resuming) of this worker in a cluster: the chief's run folder (the unfinished run
@@ -238,7 +263,12 @@ def _unfinished_run_of(folder: str, cfg: TrainConfig) -> bool:
 def _resumed(output: Optional[str], root: str):
     """(run folder, its TrainConfig) of the run to resume."""
     run = resolve_run_dir(output, root)
-    saved = read_run_config(run)
+    try:
+        saved = read_run_config(run)
+        saved["train"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:  # cut short, not UTF-8, not a run's
+        raise TrainError(f"cannot resume {run!r}: its config.json is damaged ({first_line(exc)})") from None
+    _check_backup(run)
     # a resumed run keeps the precision it started with, wherever it resumes, and its compilation on
     # the backend it started on; on another, the compilation asked for is resolved again (TensorFlow's
     # "none" is a graph, JAX's would run eagerly; XLA on TensorFlow is torch.compile on PyTorch)
