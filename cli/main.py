@@ -2,6 +2,10 @@
 so `vitcli --help` stays fast and TensorFlow-free."""
 from __future__ import annotations
 
+import contextlib
+import errno
+import os
+import signal
 import sys
 
 import click
@@ -107,19 +111,52 @@ for command in (train_cmd, evaluate_cmd, predict_cmd, export_cmd, inspect_cmd, f
 
 def main() -> None:
     """Console-script entry point."""
+    _closed_streams_to_devnull()
     # Before any command imports TensorFlow: its start-up lines would bury our one-line messages.
     quiet.install(verbose="--verbose" in sys.argv[1:])
     console_process()
     try:
-        cli(prog_name="vitcli")
+        try:
+            cli(prog_name="vitcli")
+        except SystemExit:
+            sys.stdout.flush()  # what is still buffered: a full disk or a closed pipe says so here
+            raise
     except KeyboardInterrupt:  # outside a command (while click parses the arguments)
         click.echo("Interrupted.", err=True)
         sys.exit(INTERRUPTED)
+    except OSError as exc:  # stdout could not be written (help, version, a command's last lines)
+        if exc.filename is not None or exc.errno not in _OUTPUT_LOST:
+            raise
+        code = _output_lost(exc)
+        outcome_decided(code)
+        sys.exit(code)
     except SystemExit as exc:  # the command's outcome: from here on a signal does not change it
         outcome_decided(exc.code)
         raise
     finally:
         quiet.finished()  # TensorFlow's teardown logs from here on are hidden (unless --verbose)
+
+
+_OUTPUT_LOST = (errno.EPIPE, errno.ENOSPC, errno.EDQUOT)
+
+
+def _output_lost(exc: OSError) -> int:
+    """The status for output that could not be written: a closed pipe (`vitcli models | head -1`) ends
+    quietly, as a process SIGPIPE stops (141); a full disk says so in one line (1). What is left to
+    write goes nowhere (no 'Exception ignored' at exit)."""
+    sys.stdout = open(os.devnull, "w")
+    if exc.errno == errno.EPIPE:
+        return 128 + signal.SIGPIPE
+    with contextlib.suppress(OSError):
+        click.echo(f"Error: {os.strerror(exc.errno)} while writing the output", err=True)
+    return 1
+
+
+def _closed_streams_to_devnull() -> None:
+    """A process started with stdout or stderr closed (`>&-`) has None there: writes go nowhere."""
+    for name in ("stdout", "stderr"):
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(os.devnull, "w"))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ Heavy imports (Keras, TensorFlow) happen on first use of a model attribute, so t
 from __future__ import annotations
 
 import importlib
+import importlib.abc
+import importlib.util
 import sys
 
 __version__ = "0.1.0"
@@ -54,5 +56,28 @@ def __dir__():
 # already loaded (a notebook that imported it first), registering costs nothing: do it now, so
 # `import keras, keras_vit; keras.saving.load_model("m.keras")` works. Otherwise stay light
 # (vitcli --help); keras_vit.load_model and any model attribute register them on first use.
+class _RegisterWithKeras(importlib.abc.MetaPathFinder):
+    """Registers keras-vit's classes as soon as Keras itself is imported, after keras_vit (`import keras_vit,
+    keras; keras.saving.load_model(...)`): Keras' loader finds custom classes only once registered."""
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != "keras":
+            return None
+        sys.meta_path.remove(self)  # once; the real finders locate Keras
+        spec = importlib.util.find_spec("keras")
+        exec_module = getattr(getattr(spec, "loader", None), "exec_module", None)
+        if exec_module is None:
+            return spec
+
+        def exec_then_register(module):
+            exec_module(module)
+            importlib.import_module("keras_vit.model")
+
+        spec.loader.exec_module = exec_then_register
+        return spec
+
+
 if "keras" in sys.modules:
     importlib.import_module("keras_vit.model")
+elif not any(isinstance(finder, _RegisterWithKeras) for finder in sys.meta_path):
+    sys.meta_path.insert(0, _RegisterWithKeras())

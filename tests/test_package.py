@@ -85,12 +85,26 @@ def test_keras_load_model_after_import_keras_vit(tmp_path):
             f"m.save({str(path)!r})\n")
     proc = _run([sys.executable, "-c", code], cwd="/")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    code = ("import numpy as np, keras, keras_vit\n"
-            f"m = keras.saving.load_model({str(path)!r})\n"
-            "print(type(m).__name__, m(np.zeros((1, 32, 32, 3), 'float32')).shape)")
-    proc = _run([sys.executable, "-c", code], cwd="/")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "VisionTransformer (1, 3)" in proc.stdout
+    for imports in ("keras, keras_vit", "keras_vit, keras"):  # keras_vit first: registered when Keras comes
+        code = (f"import numpy as np, {imports}\n"
+                f"m = keras.saving.load_model({str(path)!r})\n"
+                "print(type(m).__name__, m(np.zeros((1, 32, 32, 3), 'float32')).shape)")
+        proc = _run([sys.executable, "-c", code], cwd="/")
+        assert proc.returncode == 0, (imports, proc.stderr[-2000:])
+        assert "VisionTransformer (1, 3)" in proc.stdout, imports
+
+
+@pytest.mark.skipif(not os.path.exists(VITCLI), reason="console script not installed")
+def test_output_that_cannot_be_written_is_one_line():
+    """stdout on a full disk: one line and status 1, from click's own --help and --version too (was: a
+    traceback); stdout closed (`>&-`): the command runs, its output goes nowhere (was: train crashed)."""
+    for args in (["--version"], ["--help"], ["models"]):
+        with open("/dev/full", "w") as full:
+            proc = subprocess.run([VITCLI, *args], stdout=full, stderr=subprocess.PIPE, text=True, timeout=300)
+        assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [
+            "Error: No space left on device while writing the output"], (args, proc.stderr)
+    proc = subprocess.run(f"{VITCLI} models >&-", shell=True, stderr=subprocess.PIPE, text=True, timeout=300)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
 
 
 def _readme_venv_mb(extra: str) -> float:
