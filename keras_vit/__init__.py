@@ -71,6 +71,13 @@ class _RegisterWithKeras(importlib.abc.MetaPathFinder):
 
         def exec_then_register(module):
             exec_module(module)
+            # Not while one of keras_vit's own modules imports Keras (keras_vit.model would import a module
+            # that is half-initialised): then the classes register when a model is first used, as before.
+            frame = sys._getframe(1)
+            while frame is not None:
+                if str(frame.f_globals.get("__name__", "")).startswith("keras_vit."):
+                    return
+                frame = frame.f_back
             importlib.import_module("keras_vit.model")
 
         spec.loader.exec_module = exec_then_register

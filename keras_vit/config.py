@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import numbers
 import re
+from collections.abc import Iterable
 from typing import Optional, Sequence, Tuple, Union
 
 # Paper Table 1 plus the later Ti and S sizes and the shape-optimised So400m (Alabdulmohsin et al. 2023;
@@ -63,6 +64,8 @@ def _plain(value):
         return int(value)
     if _is_real(value) and not isinstance(value, float):
         return float(value)
+    if getattr(value, "ndim", None) == 1 and hasattr(value, "tolist"):  # pixel_mean=np.array([...]), resnet_layers=...
+        return tuple(_plain(v) for v in value.tolist())
     return value
 
 
@@ -158,9 +161,16 @@ class ViTConfig:
                                  f"(R50's (3, 4, 9)), or None for the plain ViT; got {self.resnet_layers!r}")
             self.resnet_layers = tuple(int(n) for n in self.resnet_layers)
         if self.feature_layers is not None:
-            if isinstance(self.feature_layers, (int, str)) or not all(_is_int(i) for i in self.feature_layers):
-                raise ValueError(f"feature_layers must be a tuple of block indices, got {self.feature_layers!r}")
-            self.feature_layers = tuple(int(i) + self.num_layers if i < 0 else int(i) for i in self.feature_layers)
+            given = self.feature_layers
+            if isinstance(given, (int, str)) or not isinstance(given, Iterable) \
+                    or not all(_is_int(i) for i in given):
+                raise ValueError(f"feature_layers must be a tuple of block indices, got {given!r}")
+            given = tuple(int(i) for i in given)
+            layers = tuple(i + self.num_layers if i < 0 else i for i in given)
+            if not layers or len(set(layers)) != len(layers) or not all(0 <= i < self.num_layers for i in layers):
+                raise ValueError(f"feature_layers must be distinct block indices in [-{self.num_layers}, "
+                                 f"{self.num_layers}) (negative ones count from the last block); got {given!r}")
+            self.feature_layers = layers
         if isinstance(self.layer_scale_init, int) and not isinstance(self.layer_scale_init, bool):
             self.layer_scale_init = float(self.layer_scale_init)  # 1 from JSON is 1.0
         for name in ("pixel_mean", "pixel_std"):
@@ -367,7 +377,8 @@ class ViTConfig:
         return from_fields(cls, d, "ViTConfig keys")
 
     def replace(self, **changes) -> ViTConfig:
-        return dataclasses.replace(self, **changes)
+        """A copy with `changes`; ValueError naming unknown fields."""
+        return from_fields(type(self), {**dataclasses.asdict(self), **changes}, "ViTConfig fields")
 
     # --- counts (analytic, no weights allocated) ----------------------------------------
     def count_params(self) -> int:

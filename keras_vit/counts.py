@@ -48,6 +48,11 @@ def _mlp_params(cfg) -> int:
     return d * hidden + hidden + m * d + d
 
 
+def _depth(cfg) -> int:
+    """Encoder blocks built: a features model stops after the last block it returns."""
+    return max(cfg.feature_layers) + 1 if cfg.feature_layers else cfg.num_layers
+
+
 def count_params(cfg) -> int:
     """Parameters of `ViT(config=cfg)`, exactly as Keras counts them."""
     d, gh, gw = cfg.hidden_size, *cfg.grid_size
@@ -67,8 +72,13 @@ def count_params(cfg) -> int:
     block -= 0 if cfg.qkv_bias else 3 * d  # no query/key/value biases
     if cfg.pos_embedding == "relative":
         block += _num_relative_offsets(cfg) * d
-    total += cfg.num_layers * block + 2 * d  # blocks, encoder_norm (or fc_norm)
     total += 2 * d if cfg.pre_norm else 0
+    total += _depth(cfg) * block
+    if cfg.feature_layers:  # the blocks' patch maps: no norm, pooling or head after them
+        return total
+    if cfg.output == "tokens":  # the encoder norm's tokens (a model normalising after pooling has none)
+        return total + (0 if cfg.fc_norm else 2 * d)
+    total += 2 * d  # encoder_norm (or fc_norm)
     if cfg.classifier == "map":  # probe, attention, LayerNorm, MLP
         total += d + 4 * (d * d + d) + 2 * d + 2 * d * cfg.mlp_dim + cfg.mlp_dim + d  # (a plain MLP)
     feat = d
@@ -104,7 +114,9 @@ def count_flops(cfg) -> int:
     per_layer = 2 * s * d * 3 * d + 2 * 2 * s * s * d + 2 * s * d * d + mlp
     if cfg.pos_embedding == "relative":
         per_layer += 2 * s * _num_relative_offsets(cfg) * d
-    flops += cfg.num_layers * per_layer
+    flops += _depth(cfg) * per_layer
+    if cfg.feature_layers or cfg.output == "tokens":  # no pooling or head
+        return flops
     if cfg.classifier == "map":  # the probe's query, keys and values of every token, one query's attention, MLP
         flops += 2 * d * d + 2 * s * d * 2 * d + 2 * 2 * s * d + 2 * d * d + 2 * 2 * d * m
     feat = cfg.representation_size or d

@@ -6,7 +6,7 @@ from typing import Optional, Sequence, Tuple, Union
 
 import keras
 
-from keras_vit.config import ViTConfig, parse_variant
+from keras_vit.config import ViTConfig, from_fields, parse_variant
 from keras_vit.model import VisionTransformer, build_model, get_config
 from keras_vit.weights import (
     ARCHITECTURE_FIELDS,
@@ -94,7 +94,7 @@ def ViT(variant: Optional[str] = _Default("B/16"), image_size: Union[None, int, 
                    representation_size=representation_size, pos_embedding=pos_embedding,
                    dropout_rate=dropout_rate, attention_dropout_rate=attention_dropout_rate,
                    drop_path_rate=drop_path_rate, channels=channels, output=output,
-                   feature_layers=feature_layers if isinstance(feature_layers, _Default) else tuple(feature_layers),
+                   feature_layers=feature_layers,  # ViTConfig checks it and makes it a tuple
                    **overrides)
     ckpt = None
     if config is not None and _given(variant) is not None:
@@ -126,7 +126,8 @@ def _config_from_arguments(variant, options: dict, given: dict, ckpt: Optional[C
     fields.pop("variant", None)
     if name_ is None and ckpt is None and isinstance(variant, _Default):  # variant=None: the sizes given, no name
         name_ = variant.value
-    return build_config(name_, **fields) if name_ is not None else build_config(config=ViTConfig(**fields))
+    return build_config(name_, **fields) if name_ is not None else build_config(
+        config=from_fields(ViTConfig, fields, "ViT arguments"))
 
 
 def checkpoint_config(weights: Union[PathLike, Checkpoint], **given) -> ViTConfig:
@@ -137,7 +138,7 @@ def checkpoint_config(weights: Union[PathLike, Checkpoint], **given) -> ViTConfi
     fields = _checkpoint_fields(ckpt, None, given)
     fields.update(given)
     variant = fields.pop("variant", None)
-    return build_config(variant, **fields) if variant is not None else ViTConfig(**fields)
+    return build_config(variant, **fields) if variant is not None else from_fields(ViTConfig, fields, "ViT arguments")
 
 
 def _checkpoint_fields(ckpt: Checkpoint, variant_given: Optional[str], given: dict) -> dict:

@@ -124,3 +124,44 @@ def test_numpy_numbers_are_taken_as_python_numbers():
                                 pixel_std=(0.25,) * 3, feature_layers=(11,), include_top=False)
     assert type(cfg.num_classes) is int and type(cfg.dropout_rate) is float and type(cfg.pixel_mean[0]) is float
     assert ViTConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+
+
+FEATURE_OPTIONS = [dict(include_top=False, feature_layers=(0,)), dict(include_top=False, feature_layers=(1, -1)),
+                   dict(include_top=False, output="tokens"), dict(include_top=False, output="tokens", classifier="map"),
+                   dict(include_top=False, output="tokens", classifier="gap", fc_norm=True),
+                   dict(include_top=False, feature_layers=(0,), pre_norm=True, classifier="map")]
+
+
+@pytest.mark.parametrize("options", FEATURE_OPTIONS)
+def test_features_models_count_what_they_build(options):
+    """feature_layers stops after its last block, output="tokens" has no pooling or head: the analytic counts
+    follow (were the whole classifier's: 85.8 M for B/16's first block, 7.8 M built), and FLOPs too."""
+    import keras_vit
+
+    cfg = ViTConfig(hidden_size=32, num_layers=3, num_heads=2, mlp_dim=64, patch_size=8, image_size=16, **options)
+    assert cfg.count_params() == keras_vit.ViT(config=cfg).count_params()
+    whole = cfg.replace(include_top=True, output=None, feature_layers=None)
+    assert cfg.flops() < whole.flops()
+    if cfg.feature_layers == (0,):
+        assert cfg.flops() < cfg.replace(feature_layers=(2,)).flops()
+
+
+def test_feature_layers_none_numpy_values_and_typos_are_plain():
+    """feature_layers=None is the default (was a TypeError); NumPy arrays are taken as sequences; a mistyped
+    argument or field is a ValueError naming it; a bad index is named as given, not rewritten."""
+    import numpy as np
+
+    import keras_vit
+
+    tiny = dict(hidden_size=32, num_layers=2, num_heads=2, mlp_dim=64, patch_size=8, image_size=16)
+    assert keras_vit.ViT(variant=None, feature_layers=None, **tiny).vit_config.feature_layers is None
+    cfg = ViTConfig(**{**tiny, "patch_size": 1}, pixel_mean=np.array([0.5, 0.5, 0.5]), pixel_std=np.array([0.5] * 3),
+                    resnet_layers=np.array([1, 1]))
+    assert (cfg.pixel_mean, cfg.resnet_layers) == ((0.5, 0.5, 0.5), (1, 1))
+    with pytest.raises(ValueError, match=r"unknown ViT arguments \['hiden_size'\]; allowed: \["):
+        keras_vit.ViT(variant=None, hiden_size=3, **tiny)
+    with pytest.raises(ValueError, match=r"unknown ViTConfig fields \['foo'\]"):
+        ViTConfig(**tiny).replace(foo=1)
+    for given, shown in (((-5,), r"\(-5,\)"), ((0, -2), r"\(0, -2\)"), (0, "0")):
+        with pytest.raises(ValueError, match=r"feature_layers must be .*got " + shown + "$"):
+            ViTConfig(include_top=False, feature_layers=given, **tiny)
