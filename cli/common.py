@@ -30,6 +30,7 @@ def user_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        _refuse_empty(kwargs)
         try:
             return fn(*args, **kwargs)
         except ValueError as exc:
@@ -49,6 +50,18 @@ def user_errors(fn):
             raise
 
     return wrapper
+
+
+def _refuse_empty(values: dict) -> None:
+    """UserError for an option given as the empty string (an unset $VAR in a script): it would read as not
+    given, and a default (a fresh model, runs/latest) would be used without a word."""
+    empty = [name for name, value in values.items() if isinstance(value, str) and value == ""]
+    if not empty:
+        return
+    ctx = click.get_current_context(silent=True)
+    flags = {p.name: max(p.opts, key=len) for p in (ctx.command.params if ctx else []) if isinstance(p, click.Option)}
+    flag = flags.get(empty[0], "--" + empty[0].replace("_", "-"))
+    raise UserError(f"{flag} is empty; give a value or leave the option out")
 
 
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)

@@ -151,6 +151,10 @@ def export_cmd(model_path: str, fmt: str, quantize: Optional[str], opset: int, o
     is kept as NAME.failed.EXT with its own FAILED report, --output stays as it was, and the exit
     status is 1. --no-verify writes --output directly.
     """
+    if no_verify:  # the options verification reads would be ignored without a word
+        given = [flag for flag, value in (("--threshold", thresholds), ("--verify-dataset", verify_dataset)) if value]
+        if given:
+            raise UserError(f"{given[0]} sets the verification that --no-verify skips; drop one of them")
     _tensorflow_backend()
     _check_options(fmt, quantize, optimize, opset, layout, dynamic_size, input_dtype, interpolation)
     _check_calibration(quantize)

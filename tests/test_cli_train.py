@@ -571,3 +571,37 @@ def test_a_non_square_model_trains_at_its_own_size(tmp_path):
     for bad in ("0", "16x", "x16", "16x24x3", "-1", "a"):
         with pytest.raises(click.BadParameter, match="is not a side in pixels"):
             size.convert(bad, None, None)
+
+
+def test_options_given_twice_or_empty_are_one_line(tmp_path):
+    """--hidden-size 32 with --model-option hidden_size=64 (the flag won silently); an option given as ""
+    (an unset $VAR: --weights "" trained from scratch, --output "" moved runs/latest); --no-verify with
+    what only verification reads."""
+    from keras_vit.train import TrainError, make_config
+
+    with pytest.raises(TrainError, match=r"hidden_size is given twice, as 32 and as the model option 64; give it once"):
+        make_config("digits", hidden_size=32, model={"hidden_size": 64})
+    assert make_config("digits", hidden_size=32, model={"hidden_size": 32}).model["hidden_size"] == 32
+    runner = CliRunner()
+    for args, line in ((["train", "--weights", ""], "Error: --weights is empty; give a value or leave the option out"),
+                       (["train", "--output", ""], "Error: --output is empty; give a value or leave the option out"),
+                       (["export", "--no-verify", "--threshold", "top1_agreement=0.9"],
+                        "Error: --threshold sets the verification that --no-verify skips; drop one of them")):
+        result = runner.invoke(cli, args)
+        assert result.exit_code == 2 and result.output.strip().splitlines()[-1] == line, (args, result.output)
+
+
+def test_weights_whose_backbone_does_not_fit_are_refused(tmp_path):
+    """--weights of another size loaded 2 of 24 variables and trained the rest from scratch, exit 0: the whole
+    backbone must load (as Keras' load_weights and timm's load_checkpoint are strict); the head may differ."""
+    import keras_vit
+    from keras_vit.train import TrainError, make_config, train
+
+    small = keras_vit.ViT(variant="Ti/4", image_size=16, num_classes=10, channels=1, hidden_size=32, num_layers=1,
+                          num_heads=2, mlp_dim=64)
+    small.save(tmp_path / "small.keras")
+    cfg = make_config("digits", epochs=1, variant="Ti/4", hidden_size=48, num_layers=1, num_heads=2, mlp_dim=64,
+                      weights=str(tmp_path / "small.keras"))
+    with pytest.raises(TrainError, match=r"variables do not fit this model .* they would start untrained"):
+        train(cfg, output=str(tmp_path / "run"), verbose=0)
+    assert not (tmp_path / "run").exists()

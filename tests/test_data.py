@@ -275,3 +275,32 @@ def test_pipeline_refuses_bad_values_in_one_line(digits, bad):
     name = next(iter(bad))
     with pytest.raises(data.DatasetError, match=f"^{name} must be"):
         data.pipeline(digits.train, **kwargs)
+
+
+def test_an_image_this_process_may_not_read_is_named_as_such(tmp_path, monkeypatch):
+    """Permission denied is said so (was: 'not a decodable JPEG/PNG...', which points at the wrong fix);
+    a name that is no file (a TFRecord's) keeps the decoding line."""
+    from keras_vit.data import folders
+
+    def refused(path, mode="r"):
+        raise PermissionError(13, "Permission denied", path)
+
+    image = tmp_path / "a.png"
+    image.write_bytes(b"\x89PNG")
+    text = f"{folders.BAD_IMAGE_PREFIX}{image}: {folders._BAD_IMAGE_HINT}]"
+    assert folders.bad_image_line(RuntimeError(text)) == text.rstrip("]")
+    monkeypatch.setattr(folders, "open", refused, raising=False)
+    assert folders.bad_image_line(RuntimeError(text)) == \
+        f"cannot read image {image}: Permission denied (--skip-bad-images skips such files)"
+    gone = f"{folders.BAD_IMAGE_PREFIX}photos/x.jpg: {folders._BAD_IMAGE_HINT}"
+    monkeypatch.undo()
+    assert folders.bad_image_line(RuntimeError(gone)) == gone
+
+
+def test_records_of_a_dataset_that_does_not_load_leave_no_folder(tmp_path):
+    """vitcli records --dataset nope --output DIR failed and left an empty DIR."""
+    from keras_vit import data
+
+    with pytest.raises(data.DatasetError, match="unknown dataset 'nope'"):
+        data.write_records("nope", str(tmp_path / "rec"))
+    assert not (tmp_path / "rec").exists()

@@ -170,8 +170,15 @@ def bad_image_line(exc: BaseException) -> Optional[str]:
     start = text.find(BAD_IMAGE_PREFIX)
     if start < 0:
         return None
-    line = text[start:].splitlines()[0]
-    return line.rstrip("]").rstrip()
+    line = text[start:].splitlines()[0].rstrip("]").rstrip()
+    path = line[len(BAD_IMAGE_PREFIX):].rsplit(": " + _BAD_IMAGE_HINT, 1)[0]
+    try:  # a file this process may not read is named as such, not as undecodable (a record's name is no file)
+        open(path, "rb").close()
+    except PermissionError as err:
+        return f"{BAD_IMAGE_PREFIX}{path}: {err.strerror} (--skip-bad-images skips such files)"
+    except OSError:
+        pass
+    return line
 
 
 @contextlib.contextmanager

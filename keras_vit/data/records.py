@@ -22,6 +22,7 @@ import json
 import math
 import os
 import re
+import shutil
 import struct
 from typing import Dict, List, Optional, Sequence
 
@@ -40,10 +41,8 @@ def write_records(dataset: str, output: str, *, examples_per_shard: int = 1024, 
     `output` (train/val/test shards and dataset.json); returns the examples per split.
 
     Image files are stored as they are (no decoding or re-encoding); array datasets as PNG."""
-    import tensorflow as tf
 
     from keras_vit.data import DatasetError, _folder_lists, load
-    from keras_vit.files import atomic_path, write_json
 
     if examples_per_shard < 1:
         raise DatasetError(f"examples_per_shard must be >= 1, got {examples_per_shard}")
@@ -55,10 +54,25 @@ def write_records(dataset: str, output: str, *, examples_per_shard: int = 1024, 
     source = source if source is None or os.path.isdir(source) else os.path.dirname(source) or "."
     if source is not None and os.path.isdir(output) and os.path.isdir(source) and os.path.samefile(output, source):
         raise DatasetError(f"records output {output!r} is the folder {dataset!r} reads; give another folder")
-    os.makedirs(output, exist_ok=True)
     lists = _folder_lists(dataset[len("folder:"):], seed, val_fraction) if dataset.startswith("folder:") else None
     splits = None if lists is not None else load(dataset, seed=seed, val_fraction=val_fraction)
     class_names = lists[3] if lists is not None else splits.class_names
+    made = not os.path.isdir(output)  # the folder appears once the dataset loads; gone again if the writing fails
+    os.makedirs(output, exist_ok=True)
+    try:
+        return _write_shards(output, dataset, lists, splits, class_names, examples_per_shard)
+    except BaseException:
+        if made:
+            shutil.rmtree(output, ignore_errors=True)
+        raise
+
+
+def _write_shards(output: str, dataset: str, lists, splits, class_names, examples_per_shard: int) -> Dict[str, int]:
+    """write_records' work once the dataset is loaded and `output` exists."""
+    import tensorflow as tf
+
+    from keras_vit.files import atomic_path, write_json
+
     counts: Dict[str, int] = {}
     shards: Dict[str, List[str]] = {}
     for i, split in enumerate(SPLITS):

@@ -389,20 +389,20 @@ def _build_model(cfg: TrainConfig, data: _Data, jit: str) -> keras.Model:
 
 
 def _check_backbone_loaded(cfg: TrainConfig, report: dict) -> None:
-    """A linear probe or LoRA run trains the head (and adapters) on the checkpoint's backbone: every
-    backbone variable must come from --weights, else it would train on a random one."""
-    if not (cfg.freeze_backbone or cfg.lora_rank):
-        return
+    """Fine-tuning starts from the file's backbone: every backbone variable must come from --weights (as
+    Keras' load_weights and timm's load_checkpoint are strict), else the run would train, and with
+    --freeze-backbone or --lora keep, random weights there while saying it started from the file."""
     from keras_vit.finetune import HEAD_LAYERS
 
     missing = [p for p in report["skipped"] if p.split("/")[0] not in HEAD_LAYERS]
     if missing:
-        what = "--freeze-backbone" if cfg.freeze_backbone else "--lora"
+        what = ("--freeze-backbone would train on them untrained" if cfg.freeze_backbone else
+                "--lora would train on them untrained" if cfg.lora_rank else "they would start untrained")
         total = len(missing) + len([p for p in report["loaded"] if p.split("/")[0] not in HEAD_LAYERS])
         raise TrainError(f"--weights {cfg.weights}: {len(missing)} of the backbone's {total} variables do not fit this "
-                         f"model (e.g. {missing[0]}), and {what} would train on them untrained; build the checkpoint's "
-                         "model (its sizes: --hidden-size, --num-layers, --num-heads, --mlp-dim, --image-size, "
-                         "or --model-option)")
+                         f"model (e.g. {missing[0]}), and {what}; build the file's model (leave out the size options "
+                         "to take it, or give its sizes: --hidden-size, --num-layers, --num-heads, --mlp-dim, "
+                         "--image-size, --model-option)")
 
 
 def build_without_data(model: keras.Model, train_ds) -> None:

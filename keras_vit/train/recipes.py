@@ -313,9 +313,13 @@ def make_config(dataset: str = "digits", recipe: str = "scratch", **overrides) -
             if size is not None:
                 overrides["image_size"] = size
     fields.update(defaults)
-    model.update(overrides.pop("model", None) or {})
+    given = overrides.pop("model", None) or {}
+    model.update(given)
     for k in MODEL_FIELDS:
         if k in overrides:
+            if k in given and given[k] != overrides[k]:  # --hidden-size 32 --model-option hidden_size=64
+                raise TrainError(f"{k} is given twice, as {overrides[k]!r} and as the model option {given[k]!r}; "
+                                 "give it once")
             model[k] = overrides.pop(k)
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(overrides) - known)

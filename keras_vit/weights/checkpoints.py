@@ -183,6 +183,8 @@ def _read_npz(path: PathLike) -> Tuple[Dict[str, np.ndarray], Dict[str, str]]:
             raise ValueError(f"checkpoint {path!r} is a PyTorch pickle (torch.save: .pth, .pt, .bin), which "
                              "keras-vit never unpickles; save its state dict as .safetensors (safetensors.torch."
                              "save_file(torch.load(path), 'model.safetensors')) and load that") from None
+        if "pickled" in msg:  # NumPy's word for any file that is neither a zip nor an .npy array
+            msg = "not an .npz archive, nor a .safetensors file"
         raise ValueError(f"could not read checkpoint {path!r} as an .npz file ({msg})") from None
     entry = arrays.pop(METADATA_KEY, None)
     meta = {"keras_vit": str(entry[()])} if entry is not None and entry.dtype.kind == "U" and entry.ndim == 0 else {}
