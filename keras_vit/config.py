@@ -5,6 +5,7 @@ Pure Python (no TensorFlow, no Keras) so that `vitcli models` and parameter/FLOP
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 import re
 from collections.abc import Iterable
@@ -304,10 +305,12 @@ class ViTConfig:
             value = getattr(self, name)
             if value is None:
                 continue
-            ok = isinstance(value, tuple) and len(value) == self.channels and all(_is_real(v) for v in value)
-            if not ok or (name == "pixel_std" and min(value) <= 0):
-                allowed = "positive numbers" if name == "pixel_std" else "numbers"
-                raise ValueError(f"{name} must be {self.channels} {allowed} (one per channel), got {value!r}")
+            ok = isinstance(value, tuple) and len(value) == self.channels and \
+                all(_is_real(v) and math.isfinite(v) for v in value)
+            if not ok or (name == "pixel_std" and min(value) <= 0) or (name == "pixel_mean" and not 0 <= min(value) <= max(value) <= 1):
+                allowed = "positive numbers" if name == "pixel_std" else "numbers in [0, 1]"
+                raise ValueError(f"{name} must be {self.channels} {allowed} (one per channel, on the [0, 1] scale: "
+                                 f"ImageNet's mean 0.485, not 123.675), got {value!r}")
 
     # --- derived quantities -----------------------------------------------------------
     @property

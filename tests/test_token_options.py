@@ -174,6 +174,10 @@ def test_preprocessing_default_is_unchanged_and_mean_std_is_per_channel():
     (dict(pixel_mean=(0.5, 0.5, 0.5)), "give pixel_mean and pixel_std together"),
     (dict(pixel_mean=(0.5, 0.5), pixel_std=(0.5, 0.5)), r"pixel_mean must be 3 numbers"),
     (dict(pixel_mean=(0.5,) * 3, pixel_std=(0.5, 0.0, 0.5)), "pixel_std must be 3 positive numbers"),
+    # the 0-255 scale (timm's constants times 255) and NaN were taken as they were
+    (dict(pixel_mean=(123.675, 116.28, 103.53), pixel_std=(58.395, 57.12, 57.375)),
+     r"pixel_mean must be 3 numbers in \[0, 1\] \(one per channel, on the \[0, 1\] scale"),
+    (dict(pixel_mean=(0.5,) * 3, pixel_std=(float("nan"), 0.5, 0.5)), "pixel_std must be 3 positive numbers"),
     (dict(fc_norm="yes"), "fc_norm must be True or False"),
 ])
 def test_bad_token_options_are_one_clear_line(kwargs, match):
