@@ -44,8 +44,6 @@ class WarmupCosine(keras.optimizers.schedules.CosineDecay):
             self._memo = outer
 
     def __call__(self, step):
-        if _eager_jax(step):  # JAX runs each eager ops.cond by compiling its branches: 70+ times a step (3-5 s)
-            return self._numpy_at(int(step))
         graph = _traced_graph() if self._memo is not None else None
         if graph is None:
             return self._at(step)
@@ -53,31 +51,6 @@ class WarmupCosine(keras.optimizers.schedules.CosineDecay):
         if key not in self._memo:
             self._memo[key] = (graph, self._at(step))  # the graph is kept alive with its key
         return self._memo[key][1]
-
-
-    def _numpy_at(self, step: int):
-        """The rate at a concrete step, in float32 NumPy: keras' CosineDecay with its warm-up, step for step."""
-        import numpy as np
-
-        f = np.float32
-        if self.steps_per_update > 1:
-            step //= self.steps_per_update
-        lr0, decay = f(self.initial_learning_rate), f(self.decay_steps)
-        target, warmup = (f(self.warmup_target), f(self.warmup_steps)) if self.warmup_target is not None else (lr0, f(0))
-        t = np.minimum(f(step), decay + warmup)
-        if self.warmup_target is not None and t < warmup:
-            return np.asarray((target - lr0) * (t / warmup) + lr0, np.float32)
-        cosine = f(0.5) * (f(1.0) + np.cos(f(np.pi) * ((t - warmup) / decay)))
-        return np.asarray(target * ((f(1) - f(self.alpha)) * cosine + f(self.alpha)), np.float32)
-
-
-def _eager_jax(step) -> bool:
-    """Whether `step` is a concrete JAX value (not a tracer of a jitted step): an eager JAX train step."""
-    if keras.backend.backend() != "jax":
-        return False
-    import jax
-
-    return not isinstance(step, jax.core.Tracer) and hasattr(step, "shape")
 
 
 def _traced_graph():
