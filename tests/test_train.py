@@ -539,3 +539,17 @@ def test_a_damaged_backup_or_config_is_one_line_and_the_run_is_left_as_it_was(tm
             kt.train(None, output=str(copy), resume=True, verbose=0)
         assert said in str(exc.value) and "\n" not in str(exc.value), str(exc.value)
         assert (copy / "metrics.csv").read_bytes() == metrics
+
+
+def test_a_failure_before_fit_keeps_its_own_error(tmp_path, monkeypatch):
+    """Undoing a run that failed before fit made metrics.csv raises nothing of its own (the user sees the
+    failure, not a FileNotFoundError), and the folder is gone."""
+    from keras_vit.train import loop
+
+    def fails(model, train_ds):
+        raise kt.TrainError("the build failed")
+
+    monkeypatch.setattr(loop, "build_without_data", fails)
+    with pytest.raises(kt.TrainError, match="the build failed"):
+        kt.train(kt.make_config("digits", epochs=1, jit_compile="none", **TINY), output=str(tmp_path / "run"), verbose=0)
+    assert not (tmp_path / "run").exists()

@@ -138,13 +138,16 @@ class _Started:
 
     def undo_if_empty(self) -> None:
         """Remove the run unless an epoch ended (metrics.csv has a row); put runs/latest back."""
-        rows = read_metrics_csv(os.path.join(self.run, "metrics.csv")) if self.run else None
-        if not self.run or (rows and any(rows.values())):
+        metrics = os.path.join(self.run, "metrics.csv")
+        if not self.run or (os.path.isfile(metrics) and read_metrics_csv(metrics)):  # no columns: no epoch row
             return
         if self.output_existed:
             for name in os.listdir(self.run):
                 path = os.path.join(self.run, name)
-                shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
+                if os.path.isdir(path):
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    os.remove(path)
         else:
             shutil.rmtree(self.run, ignore_errors=True)
         latest = os.path.join(self.root, "latest")
