@@ -5,9 +5,9 @@ Two fast paths on a CPU (BENCHMARKS.md has the measurements and the profile behi
   fp32 matmuls are as fast as oneDNN's; but XLA:CPU runs bf16 matmuls no faster than fp32;
 - bf16 (`mixed_bfloat16`) with "fusible" compilation on TensorFlow: oneDNN runs the matmuls in
   bf16 (1.7x the fp32 rate with AVX512-BF16, 3.5x with AMX), while XLA auto-clustering,
-  limited to fusible element-wise ops, fuses everything between them; on AMX "scoped" instead
-  (XLA only around the blocks' LayerNorms and activations, layers.fusion), measured faster there.
-`auto` picks bf16 (+ fusible, or scoped on AMX) where the CPU multiplies bf16 natively and the step is large enough
+  limited to fusible element-wise ops, fuses everything between them; on AMX and AMD's Zen 4 and Zen 5 "scoped"
+  instead (XLA only around the blocks' LayerNorms and activations, layers.fusion), measured faster there.
+`auto` picks bf16 (+ scoped on AMX and the AMD Zen 4 / Zen 5, fusible on other CPUs) where the CPU multiplies bf16 natively and the step is large enough
 for the GEMMs' saving to pay for the bf16 path's fixed cost (a break-even computed from the CPU's
 fp32 and bf16 GEMM rates); small models (the digits default) stay in fp32 + XLA. On a GPU it
 picks bf16 (compute capability >= 8.0) or fp16 with loss scaling (7.x), with XLA.
@@ -31,20 +31,25 @@ CPU_GEMM_GFLOPS = {"amx_bf16": (331.0, 1148.0), "avx512_bf16": (440.0, 740.0)}
 BF16_STEP_OVERHEAD_S = 0.030
 
 
+# The AMD EPYC kinds with AVX512-BF16 whose fastest bf16 training step is the scoped one with the CPU forms and,
+# on two cores, two towers (BENCHMARKS.md: the Zen 5 2026-12-06, the Zen 4 2026-12-07).
+AMD_KINDS = ("zen4", "zen5")
+
+
 class Hardware(NamedTuple):
     """What `auto` looks at: the device kind, the CPU's bf16 feature, a GPU's compute capability."""
 
     device: str = "cpu"  # "cpu" | "gpu" | "tpu"
     cpu_bf16: Optional[str] = None  # "amx_bf16" | "avx512_bf16" | None
     compute_capability: Optional[Tuple[int, int]] = None  # GPUs only; None when unknown
-    cpu_kind: Optional[str] = None  # "zen5" (`cpu_kind`); None: any other CPU
+    cpu_kind: Optional[str] = None  # "zen4" | "zen5" (`cpu_kind`); None: any other CPU
 
     @property
     def scoped_cpu(self) -> bool:
         """A CPU on which TensorFlow's fastest training step was measured to be the scoped one with its CPU forms
-        (layers.fusion.cpu_scoped, train.updates): AMX-BF16 (the Intel Xeon), and AMD's Zen 5 (BENCHMARKS.md,
-        2026-12-06). Not the AMD Zen 4, where it is unmeasured. The towers (train.towers): AMX's, and the Zen 5's in bf16."""
-        return self.device == "cpu" and (self.cpu_bf16 == "amx_bf16" or self.cpu_kind == "zen5")
+        (layers.fusion.cpu_scoped, train.updates): AMX-BF16 (the Intel Xeon), AMD's Zen 5 (BENCHMARKS.md, 2026-12-06)
+        and AMD's Zen 4 (2026-12-07). The towers (train.towers): AMX's, and the two AMD kinds' in bf16."""
+        return self.device == "cpu" and (self.cpu_bf16 == "amx_bf16" or self.cpu_kind in AMD_KINDS)
 
     def describe(self) -> str:
         if self.device == "gpu":
@@ -53,7 +58,7 @@ class Hardware(NamedTuple):
         if self.device == "tpu":
             return "TPU"
         feature = {"amx_bf16": "AMX-BF16", "avx512_bf16": "AVX512-BF16"}.get(self.cpu_bf16 or "")
-        model = {"zen5": " (AMD Zen 5)"}.get(self.cpu_kind or "", "")
+        model = {"zen4": " (AMD Zen 4)", "zen5": " (AMD Zen 5)"}.get(self.cpu_kind or "", "")
         return f"CPU with {feature}{model}" if feature else "CPU without native bf16"
 
 
@@ -79,8 +84,9 @@ def cpu_bf16_feature(cpuinfo: str = "/proc/cpuinfo") -> Optional[str]:
 
 
 def cpu_kind(cpuinfo: str = "/proc/cpuinfo") -> Optional[str]:
-    """"zen5" on AMD's Zen 5 (vendor AuthenticAMD, CPU family 26) with AVX512-BF16, else None (Linux only): the CPU
-    model `auto` tells apart from the rest of its bf16 feature's kind (`Hardware.scoped_cpu`)."""
+    """"zen5" on AMD's Zen 5 (vendor AuthenticAMD, CPU family 26), "zen4" on its Zen 4 (family 25: the Zen 3 of that
+    family has no AVX512-BF16), both with AVX512-BF16, else None (Linux only): the CPU models `auto` tells apart from
+    the rest of their bf16 feature's kind (`Hardware.scoped_cpu`)."""
     fields: dict = {}
     try:
         with open(cpuinfo) as f:
@@ -93,10 +99,9 @@ def cpu_kind(cpuinfo: str = "/proc/cpuinfo") -> Optional[str]:
                 fields.setdefault(key.strip(), value.strip())
     except OSError:
         return None
-    if (fields.get("vendor_id") == "AuthenticAMD" and fields.get("cpu family") == "26"
-            and "avx512_bf16" in fields.get("flags", "").split()):
-        return "zen5"
-    return None
+    if fields.get("vendor_id") != "AuthenticAMD" or "avx512_bf16" not in fields.get("flags", "").split():
+        return None
+    return {"25": "zen4", "26": "zen5"}.get(fields.get("cpu family", ""))
 
 
 def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
@@ -248,7 +253,8 @@ def resolve(mixed_precision: str, jit_compile, gflop_per_step: float, backend: s
             if hardware.scoped_cpu:
                 # scoped 1.05-1.18x fusible at Ti/16 and B/16 in every round on the AMX Xeon (BENCHMARKS.md, 2026-12-05),
                 # with its CPU forms (no towers) 1.21x at Ti/16 on the Zen 5, and its bf16 towers (train.towers) 1.18x
-                # (Ti/16) and 1.07x (B/16) more there (2026-12-06)
+                # (Ti/16) and 1.07x (B/16) more there (2026-12-06); forms and towers 1.2-1.4x (Ti/16) and 1.14x (B/16)
+                # fusible on the Zen 4 (2026-12-07)
                 jit_compile = "scoped"
                 amx = hardware.cpu_bf16 == "amx_bf16"
                 reasons.append(f"oneDNN's {'AMX ' if amx else ''}bf16 matmuls, XLA around the blocks' element-wise work")

@@ -24,7 +24,7 @@ def test_cpu_bf16_flag_detection(tmp_path):
     assert P.cpu_bf16_feature(str(without)) is None
 
 
-def test_cpu_kind_tells_the_zen5_apart(tmp_path):
+def test_cpu_kind_tells_the_amd_kinds_apart(tmp_path):
     def cpuinfo(name, vendor, family, flags):
         block = f"processor\t: {{}}\nvendor_id\t: {vendor}\ncpu family\t: {family}\nmodel\t\t: 2\nflags\t\t: {flags}\n\n"
         path = tmp_path / name
@@ -32,17 +32,21 @@ def test_cpu_kind_tells_the_zen5_apart(tmp_path):
         return str(path)
 
     assert P.cpu_kind(cpuinfo("zen5", "AuthenticAMD", 26, "avx2 avx512f avx512_bf16")) == "zen5"
-    assert P.cpu_kind(cpuinfo("zen4", "AuthenticAMD", 25, "avx2 avx512f avx512_bf16")) is None  # unmeasured
+    assert P.cpu_kind(cpuinfo("zen4", "AuthenticAMD", 25, "avx2 avx512f avx512_bf16")) == "zen4"
+    assert P.cpu_kind(cpuinfo("zen3", "AuthenticAMD", 25, "avx2")) is None  # family 25 without AVX512-BF16
+    assert P.cpu_kind(cpuinfo("zen2", "AuthenticAMD", 23, "avx2 avx512_bf16")) is None  # no other family
     assert P.cpu_kind(cpuinfo("nobf16", "AuthenticAMD", 26, "avx2 avx512f")) is None
     assert P.cpu_kind(cpuinfo("intel", "GenuineIntel", 26, "avx512_bf16")) is None
     assert P.cpu_kind(str(tmp_path / "missing")) is None
-    assert ZEN5.scoped_cpu and AMX.scoped_cpu and not AVX512.scoped_cpu and not PLAIN_CPU.scoped_cpu
+    assert ZEN5.scoped_cpu and ZEN4.scoped_cpu and AMX.scoped_cpu and not AVX512.scoped_cpu and not PLAIN_CPU.scoped_cpu
     assert not P.Hardware("gpu", cpu_kind="zen5").scoped_cpu
     assert ZEN5.describe() == "CPU with AVX512-BF16 (AMD Zen 5)"
+    assert ZEN4.describe() == "CPU with AVX512-BF16 (AMD Zen 4)"
 
 
 AVX512 = P.Hardware("cpu", "avx512_bf16")
 ZEN5 = P.Hardware("cpu", "avx512_bf16", cpu_kind="zen5")
+ZEN4 = P.Hardware("cpu", "avx512_bf16", cpu_kind="zen4")
 AMX = P.Hardware("cpu", "amx_bf16")
 PLAIN_CPU = P.Hardware("cpu", None)
 A100 = P.Hardware("gpu", compute_capability=(8, 0))
@@ -54,7 +58,9 @@ TPU = P.Hardware("tpu")
 
 @pytest.mark.parametrize("args, expected", [
     # (mixed, jit, GFLOP/step, backend, hardware) -> (mixed, jit)
-    (("auto", "auto", 40.0, "tensorflow", AVX512), ("mixed_bfloat16", "fusible")),  # the Zen 4: scoped unmeasured
+    (("auto", "auto", 40.0, "tensorflow", AVX512), ("mixed_bfloat16", "fusible")),  # another AVX512-BF16 CPU: unmeasured
+    (("auto", "auto", 40.0, "tensorflow", ZEN4), ("mixed_bfloat16", "scoped")),  # 1.2-1.4x / 1.14x fusible (2026-12-07)
+    (("auto", "auto", 9.0, "tensorflow", ZEN4), ("none", "xla")),  # float32: XLA, as before
     (("auto", "auto", 40.0, "tensorflow", ZEN5), ("mixed_bfloat16", "scoped")),  # 1.43x / 1.22x fusible, Ti/16 / B/16
     (("auto", "auto", 9.0, "tensorflow", ZEN5), ("none", "xla")),  # float32 (the digits demo): XLA, as before
     (("none", "scoped", 40.0, "tensorflow", ZEN5), ("none", "scoped")),

@@ -101,8 +101,10 @@ def test_planned_reads_the_environment_and_refuses_a_bad_value_in_one_line(monke
     # whole-step XLA, 0.65x with them); other CPUs and accelerators never
     monkeypatch.setattr(towers, "_schedulable_cores", lambda: 2)
     amx, zen5 = precision.Hardware("cpu", "amx_bf16"), precision.Hardware("cpu", "avx512_bf16", cpu_kind="zen5")
+    zen4 = precision.Hardware("cpu", "avx512_bf16", cpu_kind="zen4")
     for hw, policy, expected in ((amx, None, 2), (amx, "float32", 2), (amx, "mixed_bfloat16", 2),
                                  (zen5, None, 1), (zen5, "float32", 1), (zen5, "mixed_float16", 1), (zen5, "mixed_bfloat16", 2),
+                                 (zen4, None, 1), (zen4, "float32", 1), (zen4, "mixed_bfloat16", 2),
                                  (precision.Hardware("cpu", "avx512_bf16"), "mixed_bfloat16", 1),
                                  (precision.Hardware("gpu"), "mixed_bfloat16", 1)):
         monkeypatch.setattr(precision, "detect_hardware", lambda backend, hw=hw: hw)

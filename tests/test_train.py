@@ -369,7 +369,7 @@ def test_auto_modes_resolve_by_step_size(monkeypatch):
     from keras_vit import precision
 
     monkeypatch.setattr(precision, "cpu_bf16_feature", lambda cpuinfo="": "avx512_bf16")
-    monkeypatch.setattr(precision, "cpu_kind", lambda cpuinfo="": None)  # not a Zen 5, whatever runs the test
+    monkeypatch.setattr(precision, "cpu_kind", lambda cpuinfo="": None)  # not a Zen 4 or 5, whatever runs the test
     monkeypatch.setattr(precision, "has_accelerator", lambda backend: False)
 
     def modes(cfg):
@@ -385,6 +385,10 @@ def test_auto_modes_resolve_by_step_size(monkeypatch):
     monkeypatch.setattr(precision, "cpu_kind", lambda cpuinfo="": "zen5")
     assert modes(big) == ("mixed_bfloat16", "scoped")  # measured faster than fusible on the Zen 5
     assert "AMD Zen 5" in kt.resolve_speed(big).reason
+    monkeypatch.setattr(precision, "cpu_kind", lambda cpuinfo="": "zen4")
+    assert modes(big) == ("mixed_bfloat16", "scoped")  # and on the Zen 4 (2026-12-07)
+    assert "AMD Zen 4" in kt.resolve_speed(big).reason
+    assert modes(small) == ("none", "xla")
     monkeypatch.setattr(precision, "cpu_bf16_feature", lambda cpuinfo="": "amx_bf16")
     assert modes(big) == ("mixed_bfloat16", "scoped")  # measured faster than fusible on AMX
     assert "AMX-BF16" in kt.resolve_speed(big).reason

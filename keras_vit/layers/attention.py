@@ -250,7 +250,7 @@ class MultiHeadSelfAttention(layers.Layer):
             bias = ops.concatenate([ops.reshape(self.query_bias, (flat,)) * scale,
                                     ops.reshape(self.key_bias, (flat,)),
                                     ops.reshape(self.value_bias, (flat,))], axis=-1)
-        # the scoped step on AMX and the Zen 5: the bias add and the head split one XLA pass each way
+        # the scoped step on AMX and the AMD Zen 4 and 5: the bias add and the head split one XLA pass each way
         if FUSED_HEADS and os.environ.get(FUSED_HEADS_ENV) != "0" and cpu_scoped(x, training):
             return heads_major(ops.reshape(qkv, (-1, seq, 3, h, hd)),
                                None if bias is None else ops.reshape(bias, (3, h, hd)), training)

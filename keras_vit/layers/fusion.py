@@ -4,7 +4,7 @@ bf16/fp16: what the notebook path (`compile(optimizer, loss)`, then `fit`, in `m
 LayerNorms and the MLP's activation (GELU, quick_gelu, SwiGLU). GradientTape does not carry a scope over to
 gradient ops, so each writes its gradient out in a scope of its own (layers.norm, layers.block). The attention
 softmax stays oneDNN's float32 one: in a scope it measured 0.972-0.980x at Ti/16 on the Zen 4 (BENCHMARKS.md,
-2026-12-05). On an AMX CPU and an AMD Zen 5 the step also takes `cpu_scoped`'s forms: each GEMM's bias after a reshape with a GEMM
+2026-12-05). On an AMX CPU and an AMD Zen 4 or Zen 5 the step also takes `cpu_scoped`'s forms: each GEMM's bias after a reshape with a GEMM
 for its gradient, oneDNN's softmax in bf16 with its gradient in a scope, the MLP's first bias in its activation's,
 and the scopes' row sums as matrix-vector products (`row_sum`); and float32 training there runs this scoped step
 too, in graph mode, not XLA-compiled whole (`float32_scoped`)."""
@@ -55,7 +55,7 @@ def whole_step_xla(on: bool):
 
 def float32_scoped() -> bool:
     """Whether float32 training takes the scoped step (its XLA scopes and written-out gradients, `tf_training_forms`):
-    on a scoped CPU (AMX, AMD Zen 5), in a step not XLA-compiled whole (on the Zen 5 float32 is XLA's unless asked
+    on a scoped CPU (AMX, AMD Zen 4 and Zen 5), in a step not XLA-compiled whole (on the AMD kinds float32 is XLA's unless asked
     for `--jit scoped`). On AMX oneDNN's float32 GEMMs in graph mode outrun XLA's own (QKV 268 against 230 GFLOP/s at
     B/16): a float32 step in graph mode with the scopes ran 1.03x (Ti/16) and 1.13x (B/16) the whole-step XLA one,
     level (0.996x) at the digits demo's size (BENCHMARKS.md, 2026-12-05). Elsewhere
@@ -103,21 +103,21 @@ def _tensorflow_hardware():
 
 def _on_scoped_cpu() -> bool:
     """TensorFlow on a CPU where the scoped step's CPU forms were measured to pay (`precision.Hardware.scoped_cpu`:
-    AMX-BF16, AMD Zen 5), no GPU."""
+    AMX-BF16, AMD Zen 4 and Zen 5), no GPU."""
     return _tensorflow_hardware().scoped_cpu
 
 
 def scoped_cpu_or_forced(env: str) -> bool:
     """A scoped-CPU form's switch: the environment variable `env` set to "1" / "0" forces it on / off on any CPU (to
-    measure it where `_on_scoped_cpu` leaves it off), else on exactly on such a CPU (AMX, Zen 5)."""
+    measure it where `_on_scoped_cpu` leaves it off), else on exactly on such a CPU (AMX, Zen 4, Zen 5)."""
     forced = os.environ.get(env)
     return forced == "1" if forced in ("0", "1") else _on_scoped_cpu()
 
 
 def separate_bias(x, training) -> bool:
     """Whether the GEMMs on `x` add their bias after a reshape (`bias_after_reshape`, see there): in bf16/fp16
-    training on TensorFlow on an AMX CPU or an AMD Zen 5, and in the float32 scoped step (`float32_scoped`); the MLP's
-    Dense layers then run on rank-3 inputs (tf.tensordot's reshapes). Elsewhere it is unmeasured: the AMD Zen 4, and GPUs
+    training on TensorFlow on an AMX CPU or an AMD Zen 4 or Zen 5, and in the float32 scoped step (`float32_scoped`); the MLP's
+    Dense layers then run on rank-3 inputs (tf.tensordot's reshapes). Elsewhere it is unmeasured: other CPUs, and GPUs
     (whose fused bias is cuBLAS's epilogue)."""
     if not tf_training_forms(x, training):
         return False
@@ -160,14 +160,14 @@ ROW_DOTS_ENV = "KERAS_VIT_ROW_DOTS"
 
 
 def row_sum(t):
-    """`t` summed over its last axis, kept as size 1, for the float32 work in an XLA scope: on a scoped CPU (AMX, AMD Zen 5) as one
+    """`t` summed over its last axis, kept as size 1, for the float32 work in an XLA scope: on a scoped CPU (AMX, AMD Zen 4 and 5) as one
     matrix-vector product, (tokens, features) @ ones (features, 1), elsewhere `ops.sum`.
 
     Why: XLA:CPU (TensorFlow 2.21) sums a row as one serial chain of float32 adds, about 4 GB/s a core: one row
     mean at B/16's (3152, 768) took 1.19 ms on the AMX Xeon, its dot (a vectorised GEMV) 0.55; with the GEMVs the
     written-out LayerNorm's forward took 1.15 ms against 2.28 and its gradient 2.73 against 4.49, the softmax
     gradient at B/16 2.85 against 6.92 ms; the scoped step 1.095x at Ti/16, 1.094x at B/16 (bench.train_ab --without
-    row-dots, BENCHMARKS.md, 2026-12-05). Elsewhere (the Zen 4) it is unmeasured, so `ops.sum` stays there
+    row-dots, BENCHMARKS.md, 2026-12-05). Elsewhere (other CPUs) it is unmeasured, so `ops.sum` stays there
     (`KERAS_VIT_ROW_DOTS=1` forces the dot for that measurement).
     """
     if not scoped_cpu_or_forced(ROW_DOTS_ENV):

@@ -13,7 +13,7 @@ not in a tower runs on one core, a step XLA-compiled whole too (0.62x at Ti/16: 
 The thread counts are fixed when TensorFlow starts its runtime, so `configure` runs when `keras_vit.model` is first
 imported, again when a model is built and when `vitcli train` has set its policy (before the first variables or
 tensors start it); where the process started TensorFlow earlier, or set its own thread counts, it does nothing and
-nothing splits. On the AMD Zen 5 the towers are for a bf16 step only (1.18x its Ti/16 scoped step): its float32
+nothing splits. On the AMD Zen 5 and Zen 4 the towers are for a bf16 step only (1.18x the Zen 5's Ti/16 scoped step): their float32
 step is XLA's whole (`precision.resolve`), which the towers' one thread slows to 0.65x, so there they wait for a
 mixed_bfloat16 policy. The outputs are the same function of the inputs (each
 image's tokens never meet another's; models with BatchNormalization or activity regularisers are not split), so
@@ -30,7 +30,7 @@ from typing import Any, Callable, Optional
 
 import keras
 
-# Unset: two towers on an AMX CPU with exactly two cores to schedule on (the kind measured), and on a two-core Zen 5
+# Unset: two towers on an AMX CPU with exactly two cores to schedule on (the kind measured), and on a two-core Zen 4 or Zen 5
 # under mixed_bfloat16, else none;
 # "0" / "1": none; "N" >= 2: N towers on any CPU (one intra-op thread, N inter-op threads).
 TOWERS_ENV = "KERAS_VIT_TOWERS"
@@ -48,7 +48,7 @@ def _schedulable_cores() -> int:
 
 def planned(policy: Optional[str] = None) -> int:
     """The towers asked for: `KERAS_VIT_TOWERS` if set (a count), else 2 on a CPU with two cores that is AMX, or
-    a Zen 5 with `policy` (the dtype policy's name, None: not known yet) mixed_bfloat16; else 1."""
+    an AMD Zen 4 or Zen 5 with `policy` (the dtype policy's name, None: not known yet) mixed_bfloat16; else 1."""
     forced = os.environ.get(TOWERS_ENV, "").strip()
     if forced:
         try:
@@ -65,9 +65,9 @@ def planned(policy: Optional[str] = None) -> int:
         return 1
     if hardware.cpu_bf16 == "amx_bf16":
         return 2
-    # the Zen 5: 1.18x its scoped bf16 Ti/16 step (BENCHMARKS.md, 2026-12-06); its float32 step is XLA's whole,
-    # which one thread slows to 0.65x at Ti/16
-    return 2 if hardware.cpu_kind == "zen5" and policy == "mixed_bfloat16" else 1
+    # the Zen 5: 1.18x its scoped bf16 Ti/16 step (BENCHMARKS.md, 2026-12-06), the Zen 4 with them too (2026-12-07);
+    # their float32 step is XLA's whole, which one thread slows to 0.65x at Ti/16
+    return 2 if hardware.cpu_kind in precision.AMD_KINDS and policy == "mixed_bfloat16" else 1
 
 
 def keep_threads_for(jit_mode: str) -> None:

@@ -69,8 +69,8 @@ _FUSED = {keras.optimizers.SGD: _sgd_update_step, keras.optimizers.Adam: _adam_u
 def applies(optimizer, whole_step_xla: bool) -> bool:
     """Whether `fused_updates` fuses `optimizer`'s updates: Keras' own SGD, Adam or AdamW (exactly those classes:
     a subclass may have its own update), on TensorFlow, in a step not XLA-compiled whole (XLA fuses the update
-    itself), under no distribution strategy (unmeasured there), on a CPU with AMX or an AMD Zen 5 (measured there; the
-    Zen 4 and GPUs keep Keras' ops until measured). KERAS_VIT_FUSED_UPDATES=1/0 forces it on/off on any CPU."""
+    itself), under no distribution strategy (unmeasured there), on a CPU with AMX or an AMD Zen 4 or Zen 5 (measured there;
+    other CPUs and GPUs keep Keras' ops until measured). KERAS_VIT_FUSED_UPDATES=1/0 forces it on/off on any CPU."""
     if type(optimizer) not in _FUSED or whole_step_xla or keras.backend.backend() != "tensorflow":
         return False
     import tensorflow as tf
