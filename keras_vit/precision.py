@@ -7,8 +7,8 @@ Two fast paths on a CPU (BENCHMARKS.md has the measurements and the profile behi
   bf16 (1.7x the fp32 rate with AVX512-BF16, 3.5x with AMX), while XLA auto-clustering,
   limited to fusible element-wise ops, fuses everything between them; on AMX and AMD's Zen 4 and Zen 5 "scoped"
   instead (XLA only around the blocks' LayerNorms and activations, layers.fusion), measured faster there.
-`auto` picks bf16 (+ scoped on AMX and the AMD Zen 4 / Zen 5, fusible on other CPUs) where the CPU multiplies bf16 natively and the step is large enough
-for the GEMMs' saving to pay for the bf16 path's fixed cost (a break-even computed from the CPU's
+`auto` picks bf16 (+ scoped on AMX and the AMD Zen 4 / Zen 5, fusible on other CPUs) where the CPU multiplies bf16
+natively and the step is large enough for the GEMMs' saving to pay for the bf16 path's fixed cost (a break-even computed from the CPU's
 fp32 and bf16 GEMM rates); small models (the digits default) stay in fp32 + XLA. On a GPU it
 picks bf16 (compute capability >= 8.0) or fp16 with loss scaling (7.x), with XLA.
 """

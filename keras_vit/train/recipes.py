@@ -365,8 +365,8 @@ def resolve_speed(cfg: TrainConfig) -> precision.Choice:
     """(mixed precision policy or "none", jit mode, reason) that `cfg` trains with on this machine.
 
     Resolves "auto" from the hardware (keras_vit.precision): on a TensorFlow CPU, bf16 + fusible (scoped
-    on AMX and the AMD Zen 4 / Zen 5) when its bf16 GEMMs pay for the step, fp32 + whole-step XLA otherwise (+ scoped on AMX); bf16/fp16 + XLA
-    on GPUs.
+    on AMX and the AMD Zen 4 / Zen 5) when its bf16 GEMMs pay for the step, fp32 + whole-step XLA otherwise
+    (+ scoped on AMX); bf16/fp16 + XLA on GPUs.
     """
     backend = keras.backend.backend()
     # FLOPs barely depend on the class count, which is not known before the data is loaded.
