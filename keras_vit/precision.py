@@ -253,8 +253,8 @@ def resolve(mixed_precision: str, jit_compile, gflop_per_step: float, backend: s
             if hardware.scoped_cpu:
                 # scoped 1.05-1.18x fusible at Ti/16 and B/16 in every round on the AMX Xeon (BENCHMARKS.md, 2026-12-05),
                 # with its CPU forms (no towers) 1.21x at Ti/16 on the Zen 5, and its bf16 towers (train.towers) 1.18x
-                # (Ti/16) and 1.07x (B/16) more there (2026-12-06); forms and towers 1.2-1.4x (Ti/16) and 1.14x (B/16)
-                # fusible on the Zen 4 (2026-12-07)
+                # (Ti/16) and 1.07x (B/16) more there (2026-12-06); forms and towers 1.11-1.41x (Ti/16) and 1.14-1.15x
+                # (B/16) fusible on the Zen 4 (2026-12-07)
                 jit_compile = "scoped"
                 amx = hardware.cpu_bf16 == "amx_bf16"
                 reasons.append(f"oneDNN's {'AMX ' if amx else ''}bf16 matmuls, XLA around the blocks' element-wise work")
