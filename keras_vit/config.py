@@ -249,20 +249,24 @@ class ViTConfig:
         if self.patch_remainder not in PATCH_REMAINDERS:
             raise ValueError(f"patch_remainder must be one of {', '.join(map(repr, PATCH_REMAINDERS))}; "
                              f"got {self.patch_remainder!r}")
+        if self.patch_remainder == "drop" and self.resnet_layers is not None:
+            raise ValueError("patch_remainder='drop' is for the plain ViT: a hybrid's ResNet pads its "
+                             "convolutions (SAME), so its image_size must be a multiple of the total stride")
+        self.check_image_size(*self.image_size)
+
+    def check_image_size(self, h: int, w: int, what: str = "image_size") -> None:
+        """Raise one clear ValueError unless an h x w image makes the patch grid as patch_remainder says
+        (a multiple of the input stride, or with 'drop' at least one patch); a model built with
+        dynamic_size checks the images it is called on with it (`what` names them in the message)."""
         sh, sw = self.input_stride
-        h, w = self.image_size
-        if self.patch_remainder == "drop":
-            if self.resnet_layers is not None:
-                raise ValueError("patch_remainder='drop' is for the plain ViT: a hybrid's ResNet pads its "
-                                 "convolutions (SAME), so its image_size must be a multiple of the total stride")
-            if h < sh or w < sw:
-                raise ValueError(f"image_size {h}x{w} is smaller than one {sh}x{sw} patch")
-        elif h % sh or w % sw:
-            what = "patch size" if self.resnet_layers is None else "total stride (ResNet stride x patch size)"
+        if h < sh or w < sw:
+            raise ValueError(f"{what} {h}x{w} is smaller than one {sh}x{sw} patch")
+        if self.patch_remainder != "drop" and (h % sh or w % sw):
+            what_stride = "patch size" if self.resnet_layers is None else "total stride (ResNet stride x patch size)"
             hint = "" if self.resnet_layers is not None else (
                 ", or set patch_remainder='drop' to ignore the last pixels as timm and big_vision do")
             raise ValueError(
-                f"image_size {h}x{w} is not divisible by the {what} {sh}x{sw}; "
+                f"{what} {h}x{w} is not divisible by the {what_stride} {sh}x{sw}; "
                 f"use a multiple of it, e.g. {max(1, round(h / sh)) * sh}x{max(1, round(w / sw)) * sw}{hint}")
 
     def _validate_block_options(self) -> None:

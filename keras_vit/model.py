@@ -98,6 +98,39 @@ class VisionTransformer(towers.TowerModel):
         self._compiled_backend = compiled_backend
         self._lora_merged = bool(lora_merged)
 
+    def call(self, inputs, training=None, mask=None, **kwargs):
+        """The graph; a dynamic_size model first checks the size of the images it is called on."""
+        self._check_images(inputs)
+        return super().call(inputs, training=training, mask=mask, **kwargs)
+
+    def fit(self, x=None, *args, **kwargs):
+        self._check_images(x)
+        return super().fit(x, *args, **kwargs)
+
+    def evaluate(self, x=None, *args, **kwargs):
+        self._check_images(x)
+        return super().evaluate(x, *args, **kwargs)
+
+    def predict(self, x, *args, **kwargs):
+        self._check_images(x)
+        return super().predict(x, *args, **kwargs)
+
+    def _check_images(self, x) -> None:
+        """A dynamic_size model's images (an array, a tensor or a tf.data.Dataset's first element), when
+        their height and width are known, against `ViTConfig.check_image_size`: one clear ValueError
+        instead of a shape error in the patch embedding, and no pixels dropped unless
+        patch_remainder='drop' says so. A hybrid takes any size (its ResNet pads, as timm's
+        dynamic_img_size). Traced steps see the size only at their first trace."""
+        cfg = getattr(self, "vit_config", None)
+        if cfg is None or not cfg.dynamic_size or cfg.resnet_layers is not None:
+            return
+        spec = getattr(x, "element_spec", None)
+        if spec is not None:
+            x = spec[0] if isinstance(spec, (tuple, list)) else spec
+        shape = getattr(x, "shape", None)
+        if shape is not None and len(shape) == 4 and shape[1] is not None and shape[2] is not None:
+            cfg.check_image_size(int(shape[1]), int(shape[2]), what="the images' size")
+
     def _refreeze(self, frozen: Sequence[str]) -> None:
         """Give each layer the `trainable` flag it was saved with (`frozen`: the paths of those that were not), as a
         functional model's layer configs do: a linear probe reloads with its backbone frozen and its optimizer state."""
@@ -141,6 +174,7 @@ class VisionTransformer(towers.TowerModel):
         itself and its exported graph are unchanged: this runs its layers again.
         """
         cfg = self.vit_config
+        self._check_images(images)
         blocks, probs = _encode(cfg, images, lambda name, make: self.get_layer(name), _depth(cfg),
                                 attention=attention, patch_transform=patch_transform)
         out: Dict[str, Any] = {"blocks": blocks}
@@ -157,6 +191,7 @@ class VisionTransformer(towers.TowerModel):
         if not (cfg.distilled and cfg.include_top):
             raise ValueError(f"distillation_logits needs a model built with distilled=True and include_top=True, "
                              f"got distilled={cfg.distilled} and include_top={cfg.include_top}")
+        self._check_images(images)
         heads = towers.TowerModel(self.input, [self.get_layer("head").output, self.get_layer("head_dist").output])
         cls_logits, dist_logits = heads(images, training=training)
         return cls_logits, dist_logits

@@ -81,9 +81,13 @@ def ViT(variant: Optional[str] = _Default("B/16"), image_size: Union[None, int, 
     size: position embeddings learned at image_size (default 224, or the checkpoint's) are
     resampled in the graph (`pos_interpolation`, default "linear" as in `resize_model`).
     """
-    if image_size is None:  # any image size; the position embeddings keep the default grid
+    any_size = image_size is None
+    if any_size:  # any image size; the position embeddings keep the default grid
+        if overrides.get("dynamic_size", True) is not True:
+            raise ValueError(f"image_size=None builds a model for any image size, which dynamic_size="
+                             f"{overrides['dynamic_size']!r} contradicts; give an image_size for a fixed-size model")
         image_size = _Default(224)
-        overrides.setdefault("dynamic_size", True)
+        overrides["dynamic_size"] = True
     rep_from_checkpoint = isinstance(representation_size, str) and representation_size == "checkpoint"
     if rep_from_checkpoint:
         if weights is None:
@@ -104,10 +108,16 @@ def ViT(variant: Optional[str] = _Default("B/16"), image_size: Union[None, int, 
         check_variant(weights, config.variant if config is not None else _given(variant))
         ckpt = read_checkpoint(weights)
     given = {k: v for k, v in options.items() if not isinstance(v, _Default)}
-    if config is not None:
-        cfg = build_config(config=config, **given)
-    else:
-        cfg = _config_from_arguments(variant, options, given, ckpt)
+    try:
+        if config is not None:
+            cfg = build_config(config=config, **given)
+        else:
+            cfg = _config_from_arguments(variant, options, given, ckpt)
+    except ValueError as exc:
+        if any_size and str(exc).startswith("image_size "):  # the default table size, which the user did not give
+            raise ValueError(f"image_size=None learns the position table at the default size, and {exc}; "
+                             "for a model of any size give that image_size with dynamic_size=True") from None
+        raise
     if ckpt is not None:
         return build_with_weights(cfg, ckpt, name=name,
                                   representation_size="checkpoint" if rep_from_checkpoint else "config")

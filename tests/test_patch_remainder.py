@@ -95,6 +95,65 @@ def test_dynamic_size_takes_any_size():
         vit_inspect.attention_rollout(strict, x)
 
 
+@pytest.mark.parametrize("way", ["call", "predict", "evaluate", "fit", "dataset"])
+def test_dynamic_size_checks_the_images_it_is_given(way):
+    """A dynamic_size model called, predicting, evaluating or fitting on images whose size breaks
+    patch_remainder gets one ValueError naming the size (it dropped the last pixels of a 20 x 16 image
+    without a word, and a 7 px image gave TensorFlow's reshape error); with 'drop' only an image
+    smaller than a patch is refused."""
+    def run(model, x):
+        y = np.zeros(len(x), "int32")
+        if way == "call":
+            return model(x)
+        if way == "predict":
+            return model.predict(x, verbose=0)
+        model.compile("adam", "sparse_categorical_crossentropy")
+        if way == "evaluate":
+            return model.evaluate(x, y, verbose=0)
+        if way == "fit":
+            return model.fit(x, y, epochs=1, verbose=0)
+        import tensorflow as tf
+        return model.fit(tf.data.Dataset.from_tensor_slices((x, y)).batch(2), epochs=1, verbose=0)
+
+    strict = keras_vit.ViT(config=ViTConfig(**TINY, patch_size=8, image_size=16, dynamic_size=True))
+    run(strict, _images((24, 16)))
+    with pytest.raises(ValueError, match=r"the images' size 20x16 is not divisible by the patch size 8x8; "
+                                         r"use a multiple of it, e\.g\. 16x16, or set patch_remainder='drop'"):
+        run(strict, _images((20, 16)))
+    drop = keras_vit.ViT(config=ViTConfig(**TINY, patch_size=8, image_size=16, dynamic_size=True,
+                                          patch_remainder="drop"))
+    run(drop, _images((20, 16)))
+    with pytest.raises(ValueError, match=r"the images' size 7x16 is smaller than one 8x8 patch"):
+        run(drop, _images((7, 16)))
+    with pytest.raises(ValueError, match=r"the images' size 0x16 is smaller than one 8x8 patch"):
+        run(strict, _images((0, 16)))
+
+
+def test_dynamic_size_checks_images_on_the_other_ways_in():
+    """forward_intermediates (inspection, pre-training) and distillation_logits run the layers without
+    the model's call: they check the images too."""
+    model = keras_vit.ViT(config=ViTConfig(**TINY, patch_size=8, image_size=16, dynamic_size=True, distilled=True))
+    assert model.forward_intermediates(_images((32, 40)))["tokens"].shape == (2, 2 + 20, 32)
+    with pytest.raises(ValueError, match=r"the images' size 36x36 is not divisible by the patch size 8x8"):
+        model.forward_intermediates(_images((36, 36)))
+    with pytest.raises(ValueError, match=r"the images' size 36x36 is not divisible by the patch size 8x8"):
+        model.distillation_logits(_images((36, 36)))
+
+
+def test_image_size_none_says_what_the_default_table_needs():
+    """image_size=None learns the table at 224 px: a patch size that does not divide it is named as
+    such (the user gave no 224), and dynamic_size=False beside it is a contradiction, not a fixed model."""
+    with pytest.raises(ValueError, match=r"^image_size=None learns the position table at the default size, and "
+                                         r"image_size 224x224 is not divisible by the patch size 12x12.*"
+                                         r"give that image_size with dynamic_size=True$"):
+        keras_vit.ViT(**{**TINY, "patch_size": 12}, variant=None, image_size=None)
+    model = keras_vit.ViT(**{**TINY, "patch_size": 12}, variant=None, image_size=216, dynamic_size=True)
+    assert model.vit_config.grid_size == (18, 18)
+    with pytest.raises(ValueError, match=r"^image_size=None builds a model for any image size, which "
+                                         r"dynamic_size=False contradicts"):
+        keras_vit.ViT(**TINY, variant=None, patch_size=8, image_size=None, dynamic_size=False)
+
+
 def test_notebook_fit_save_and_reload(tmp_path):
     model = keras_vit.ViT(config=ViTConfig(**TINY, patch_size=4, image_size=(10, 13), patch_remainder="drop"))
     model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
