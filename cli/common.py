@@ -161,10 +161,29 @@ def sigterm_cleans_up() -> Iterator[None]:
         _RECEIVED.append(signum)  # whatever the exception becomes (Keras and tf2onnx wrap what a call raises)
         raise Terminated()
 
-    previous = signal.signal(signal.SIGTERM, raise_terminated)
+    def raise_at_next_call(frame, event, arg):
+        sys.settrace(None)
+        raise Terminated()
+
+    def raise_again(unraisable) -> None:
+        """Terminated raised where Python cannot propagate it (a gc callback such as JAX's, a __del__):
+        Python would print a traceback and go on with the export; it is raised again instead, at the
+        next line or call of this thread (a trace function for one event)."""
+        if isinstance(unraisable.exc_value, Terminated):
+            frame = sys._getframe(1)
+            while frame is not None:  # the line events of the code it interrupted, and every new call
+                frame.f_trace, frame.f_trace_lines = raise_at_next_call, True
+                frame = frame.f_back
+            sys.settrace(raise_at_next_call)
+        else:
+            previous_hook(unraisable)
+
+    previous, previous_hook = signal.signal(signal.SIGTERM, raise_terminated), sys.unraisablehook
+    sys.unraisablehook = raise_again
     try:
         yield
     finally:
+        sys.unraisablehook = previous_hook
         if not _DECIDED:  # else outcome_decided's handler stays
             signal.signal(signal.SIGTERM, previous)
 

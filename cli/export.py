@@ -1,10 +1,11 @@
 """`vitcli export`: a trained keras-vit model -> ONNX, TFLite or SavedModel, verified against Keras."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
-from typing import Optional, Tuple
+from typing import Iterator, Optional, Tuple
 
 import click
 
@@ -103,7 +104,7 @@ def default_output(model_path: str, fmt: str, quantize: Optional[str], optimize:
 
 @click.command("export")
 @click.option("--model", "model_path", default=DEFAULT_MODEL, show_default=True,
-              help="The .keras file of a keras-vit model (a training run's model.keras).")
+              help="The .keras file of a keras-vit model, or a training run's folder (its model.keras).")
 @click.option("--format", "fmt", type=click.Choice(["onnx", "tflite", "saved_model"]), default="onnx",
               show_default=True, help="saved_model: a TF-Serving-ready folder (signature serving_default).")
 @click.option("--quantize", type=click.Choice(["fp16", "int8", "dynamic"]), default=None,
@@ -162,11 +163,14 @@ def export_cmd(model_path: str, fmt: str, quantize: Optional[str], opset: int, o
     if not os.path.exists(model_path):
         hint = " (train one first: vitcli train)" if model_path == DEFAULT_MODEL else ""
         raise UserError(f"model file {model_path!r} does not exist{hint}")
+    from keras_vit.train.runs import model_path as run_model_path
     from keras_vit.train.runs import read_run
 
+    model_path = run_model_path(model_path)  # a run folder, as predict and evaluate take: its model.keras
     run = read_run(model_path)
     class_names, run_dataset = run.class_names, run.dataset
-    if quantize == "int8" and calibration_dataset is None:
+    calibration_from_run = quantize == "int8" and calibration_dataset is None
+    if calibration_from_run:
         if run_dataset is None:
             raise UserError("int8 export needs calibration data: pass --calibration-dataset "
                             "(a dataset name such as digits, or folder:PATH)")
@@ -183,9 +187,11 @@ def export_cmd(model_path: str, fmt: str, quantize: Optional[str], opset: int, o
     model, cfg = resolve_model(model_path)
     # Whatever can fail after the export is checked before it writes (or replaces) the file.
     if quantize == "int8":
-        check_source(calibration_dataset, cfg.channels, split="train")
+        with _naming_the_run(calibration_from_run, model_path, "--calibration-dataset"):
+            check_source(calibration_dataset, cfg.channels, split="train")
     if not no_verify:
-        check_source(verify_dataset or run_dataset, cfg.channels)
+        with _naming_the_run(verify_dataset is None and run_dataset is not None, model_path, "--verify-dataset"):
+            check_source(verify_dataset or run_dataset, cfg.channels)
     if getattr(model, "class_names", None) or (class_names is not None and len(class_names) != cfg.num_classes):
         class_names = None  # the names the model carries win; a run file that does not match is left out
     if fmt == "onnx":
@@ -219,6 +225,21 @@ def export_cmd(model_path: str, fmt: str, quantize: Optional[str], opset: int, o
         kept = f"{output} is unchanged" if had_output else f"nothing was written to {output}"
         raise click.ClickException(f"verification failed: {'; '.join(report['failures'])}; the file is kept as "
                                    f"{path} beside its report, and {kept}")
+
+
+@contextlib.contextmanager
+def _naming_the_run(from_run: bool, model_path: str, option: str) -> Iterator[None]:
+    """Images the user did not name, the run's own dataset (its config.json), that cannot be read: the
+    one line says where they came from and which option gives others."""
+    from keras_vit.export import ExportError
+
+    try:
+        yield
+    except ExportError as exc:
+        if not from_run:
+            raise
+        raise ExportError(f"{exc} (the dataset of the run that trained {model_path}, from its config.json); "
+                          f"pass {option} to use other images") from None
 
 
 def _echo_written(path: str, fmt: str, quantize: Optional[str]) -> None:

@@ -13,10 +13,11 @@ from typing import Tuple, Union
 import numpy as np
 
 from keras_vit import data
+from keras_vit.data.folders import IMAGE_EXTENSIONS
 from keras_vit.export._common import ExportError
 
 OFFLINE_SOURCES = ("default", "digits", "photos")
-_IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+_IMAGE_EXTS = IMAGE_EXTENSIONS  # training's: what TensorFlow decodes (TIFF files were picked, then refused)
 
 
 def load_images(source=None, image_size: Union[int, Tuple[int, int]] = 224, channels: int = 3,

@@ -53,14 +53,15 @@ def _batched_weight_matmuls(proto) -> List[str]:
 
 def quantize_static(proto, work: str, images: np.ndarray, agreement: float) -> Tuple[object, Dict[str, object]]:
     """Static int8: activation ranges calibrated (min/max) on 3/4 of `images`; the other quarter
-    checks top-1 agreement with the float graph. Stages keep more in float until the agreement
-    holds: (1) the head; (2) + the first and last blocks. The attention products (Q K^T, A V),
-    LayerNorms, softmax, GELU and the patch embedding stay float throughout. Returns (proto,
-    what the metadata records)."""
+    checks top-1 agreement with the float graph (a single image does both; the gate's "held_out"
+    says). Stages keep more in float until the agreement holds: (1) the head; (2) + the first and
+    last blocks. The attention products (Q K^T, A V), LayerNorms, softmax, GELU and the patch
+    embedding stay float throughout. Returns (proto, what the metadata records)."""
     import onnx
 
     n_cal = max(1, len(images) * 3 // 4)
-    calibrate, check = images[:n_cal], images[n_cal:] if len(images) > n_cal else images
+    held_out = len(images) > n_cal  # one image: it calibrates and checks (the gate says so)
+    calibrate, check = images[:n_cal], images[n_cal:] if held_out else images
     input_name = proto.graph.input[0].name
     inits = {t.name for t in proto.graph.initializer}
     weighted = [n.name for n in proto.graph.node
@@ -85,13 +86,15 @@ def quantize_static(proto, work: str, images: np.ndarray, agreement: float) -> T
     int8 = sum(n.op_type in ("MatMulIntegerToFloat", "QAttention") for n in static.graph.node)
     if int8 == 0:  # a file called int8 that computes everything in float would mislead
         raise ExportError(f"static int8 keeps no MatMul in int8: with the blocks' MatMuls int8, top-1 agreement "
-                          f"with float32 on {len(check)} held-out calibration images was {first:.1%}, under "
+                          f"with float32 on {len(check)} {'held-out ' if held_out else ''}calibration images was "
+                          f"{first:.1%}, under "
                           f"{agreement:.0%}, and the first and last blocks are all the model has; use "
                           "--quantize dynamic, or more calibration images")
     info = {"calibration_images": str(len(calibrate)), "int8_matmuls": int8, "float_weight_matmuls": len(keep),
             "int8_stage": stage + 1, "int8_scheme": "static: calibrated QuantizeLinear + MatMulIntegerToFloat"
             + (" / QAttention" if any(n.op_type == "QAttention" for n in static.graph.node) else ""),
-            "int8_gate": {"top1_agreement_vs_fp32": agree, "threshold": agreement, "check_images": int(len(check))},
+            "int8_gate": {"top1_agreement_vs_fp32": agree, "threshold": agreement, "check_images": int(len(check)),
+                          "held_out": held_out},
             "kept_float": "patch embedding, LayerNorm, softmax, GELU, head, attention products" + (
                 ", first and last blocks" if stage >= 1 else "")}
     onnx.checker.check_model(static)

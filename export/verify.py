@@ -148,7 +148,22 @@ def measure(keras_model, exported_path: PathLike, images=None, num_images: int =
 
     report = _report(runner, cfg, precision, metrics, checks, failures, sizes, source, len(images), k,
                      {"batch_size": batch_size, "keras": keras_s * 1e3, "exported": exported_s * 1e3})
+    if not failures and not _outputs_vary(ref):
+        report["warnings"] = [UNINFORMATIVE]
+        report["status"] = "passed, but proves nothing: the Keras model's outputs are the same for every image"
     return report, ref, out
+
+
+UNINFORMATIVE = ("the Keras model's outputs are the same for every image (a zero-initialised head, as an untrained "
+                 "model's), so the checks compare that constant and prove nothing about the rest of the file; "
+                 "verify a trained model (another model with such a head would pass as well)")
+
+
+def _outputs_vary(ref: np.ndarray) -> bool:
+    """Whether the Keras outputs differ between images: with every row alike (a zero head gives its
+    bias for every image), agreement says nothing about the encoder the file holds."""
+    scale = max(1.0, float(np.abs(ref).max())) if ref.size else 1.0
+    return len(ref) < 2 or bool(np.abs(ref - ref[:1]).max() > 1e-6 * scale)
 
 
 def write_report_files(report: dict, ref: np.ndarray, out: np.ndarray, exported_path: PathLike,
@@ -205,7 +220,8 @@ def _report(runner: Runner, cfg, precision: str, metrics: dict, checks: list, fa
 
 def check_thresholds(thresholds: Optional[Dict[str, float]]) -> Dict[str, float]:
     """`thresholds` as {metric: float}; ExportError for an unknown metric or a value no result
-    can meet or miss (not a number, negative, an agreement above 1)."""
+    can meet or miss (not a number, negative, an agreement above 1 or of 0, an infinite difference:
+    a check that cannot fail is none; --no-verify skips them)."""
     limits = {}
     for name, value in (thresholds or {}).items():
         if name not in METRICS:
@@ -214,10 +230,11 @@ def check_thresholds(thresholds: Optional[Dict[str, float]]) -> Dict[str, float]
             limit = float(value)
         except (TypeError, ValueError):
             limit = float("nan")
-        top = 1.0 if name in _HIGHER_IS_BETTER else math.inf
-        if not 0.0 <= limit <= top:
-            allowed = "from 0 to 1" if name in _HIGHER_IS_BETTER else "a number >= 0"
-            raise ExportError(f"threshold {name}={value!r} must be {allowed}")
+        ok = 0.0 < limit <= 1.0 if name in _HIGHER_IS_BETTER else 0.0 <= limit < math.inf
+        if not ok:
+            allowed = "above 0, at most 1" if name in _HIGHER_IS_BETTER else "a finite number >= 0"
+            raise ExportError(f"threshold {name}={value!r} must be {allowed} (a check that cannot fail checks "
+                              "nothing)")
         limits[name] = limit
     return limits
 
@@ -344,6 +361,7 @@ def format_table(report: dict) -> str:
         ("checks", "; ".join(f"{c['metric']} {c['rule']} {c['threshold']:g}: {'ok' if c['passed'] else 'FAIL'}"
                              for c in report["checks"])),
         ("status", report["status"]),
+        *[("warning", w) for w in report.get("warnings", [])],
     ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

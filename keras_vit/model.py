@@ -116,19 +116,23 @@ class VisionTransformer(towers.TowerModel):
         return super().predict(x, *args, **kwargs)
 
     def _check_images(self, x) -> None:
-        """A dynamic_size model's images (an array, a tensor or a tf.data.Dataset's first element), when
-        their height and width are known, against `ViTConfig.check_image_size`: one clear ValueError
-        instead of a shape error in the patch embedding, and no pixels dropped unless
-        patch_remainder='drop' says so. A hybrid takes any size (its ResNet pads, as timm's
-        dynamic_img_size). Traced steps see the size only at their first trace."""
+        """Images (an array, a tensor or a tf.data.Dataset's first element) whose shape is known, against
+        the model: their channels (Keras' input check lets (B, H, W, 1) into a 3-channel model, and the
+        patch embedding failed on a reshape), and a dynamic_size model's height and width against
+        `ViTConfig.check_image_size` (one clear ValueError instead of a shape error in the patch
+        embedding, and no pixels dropped unless patch_remainder='drop' says so; a hybrid takes any size,
+        its ResNet pads, as timm's dynamic_img_size). Traced steps see the size at their first trace."""
         cfg = getattr(self, "vit_config", None)
-        if cfg is None or not cfg.dynamic_size or cfg.resnet_layers is not None:
-            return
         spec = getattr(x, "element_spec", None)
         if spec is not None:
             x = spec[0] if isinstance(spec, (tuple, list)) else spec
         shape = getattr(x, "shape", None)
-        if shape is not None and len(shape) == 4 and shape[1] is not None and shape[2] is not None:
+        if cfg is None or shape is None or len(shape) != 4:
+            return
+        if shape[3] is not None and int(shape[3]) != cfg.channels:
+            raise ValueError(f"the images have {int(shape[3])} channels (shape {tuple(shape)}); this model takes "
+                             f"{cfg.channels} (built with channels={cfg.channels})")
+        if cfg.dynamic_size and cfg.resnet_layers is None and shape[1] is not None and shape[2] is not None:
             cfg.check_image_size(int(shape[1]), int(shape[2]), what="the images' size")
 
     def _refreeze(self, frozen: Sequence[str]) -> None:
@@ -229,12 +233,14 @@ class VisionTransformer(towers.TowerModel):
         """keras.Model.compile; `jit_compile="auto"` (the default) picks what is fast for a ViT on
         this hardware and precision policy (keras_vit.precision.model_jit_compile)."""
         self.__dict__["_compile_declined"] = False
+        backend = keras.backend.backend()
+        if self.dtype_policy.name == "mixed_float16" and backend == "jax":  # one line here, not XLA's at the first step
+            precision.check_policy(self.dtype_policy.name, backend, precision.detect_hardware(backend))
         self._jit_auto = len(args) < 8 and kwargs.get("jit_compile", "auto") == "auto"  # 8th positional: jit_compile
         run_eagerly = args[5] if len(args) > 5 else kwargs.get("run_eagerly", False)  # 6th positional
         if self._jit_auto and run_eagerly:
             kwargs["jit_compile"] = False  # eager steps: nothing to compile (Keras warns of an explicit True)
         elif self._jit_auto:
-            backend = keras.backend.backend()
             # a process running towers (train.towers) keeps graph mode: XLA's whole step would run on one thread
             # (0.65x at Ti/16 float32 on the Zen 5 after a bf16 model started its towers)
             kwargs["jit_compile"] = precision.model_jit_compile(

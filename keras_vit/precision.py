@@ -270,11 +270,17 @@ def resolve(mixed_precision: str, jit_compile, gflop_per_step: float, backend: s
             reasons.append("whole step XLA-compiled")
     if jit_compile in ("fusible", "scoped") and backend != "tensorflow":
         raise ValueError(f"jit_compile {jit_compile!r} needs the TensorFlow backend (this is {backend}); use xla or none")
-    if mixed_precision == "mixed_float16" and backend == "jax" and hardware.device == "cpu":
+    check_policy(mixed_precision, backend, hardware)
+    return Choice(mixed_precision, jit_compile, "; ".join(reasons) or "as requested")
+
+
+def check_policy(policy: str, backend: str, hardware: Hardware) -> None:
+    """ValueError for a precision policy this backend cannot train with on this hardware (vitcli's
+    --mixed-precision and a notebook's compile alike), before a step fails inside XLA."""
+    if policy == "mixed_float16" and backend == "jax" and hardware.device == "cpu":
         # XLA:CPU: "The precision 'F16_F16_F32' is not supported by dot_general on CPU", at the first step
         raise ValueError("mixed_float16 on JAX needs a GPU (XLA's CPU matmuls take no float16); on this CPU use "
                          "mixed_bfloat16 or none")
-    return Choice(mixed_precision, jit_compile, "; ".join(reasons) or "as requested")
 
 
 def mirrored_on_cpus() -> bool:

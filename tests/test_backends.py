@@ -143,3 +143,33 @@ def test_torch_compile_trains_as_the_eager_step_and_lora_mlp_checkpoints(tmp_pat
     assert compiled == pytest.approx(eager, rel=1e-4) and compiled[-1] < compiled[0]
     assert out["losses"]["eval_True"] == pytest.approx(out["losses"]["eval_False"], rel=1e-4)
     assert out["npz"] <= 1e-5 and out["resized"] == [1, 5]
+
+
+_JAX_FLOAT16 = """
+import keras
+keras.mixed_precision.set_global_policy("mixed_float16")
+import keras_vit
+model = keras_vit.ViT(variant=None, hidden_size=32, num_heads=2, mlp_dim=64, num_layers=1, patch_size=4, image_size=16,
+                      num_classes=3)
+try:
+    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+except ValueError as exc:
+    print("refused:", exc)
+"""
+
+
+def test_a_notebook_compile_refuses_float16_on_jax_on_a_cpu(tmp_path):
+    """mixed_float16 on JAX without a GPU: `compile` says so in one line, as vitcli does (it compiled, and
+    the first step failed inside XLA: "precision 'F16_F16_F32' is not supported by dot_general on CPU")."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("jax")
+    proc = subprocess.run([sys.executable, "-c", _JAX_FLOAT16], capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path, env={**os.environ, "KERAS_BACKEND": "jax", "TF_CPP_MIN_LOG_LEVEL": "3",
+                                             "CUDA_VISIBLE_DEVICES": "", "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == (
+        "refused: mixed_float16 on JAX needs a GPU (XLA's CPU matmuls take no float16); on this CPU use "
+        "mixed_bfloat16 or none")

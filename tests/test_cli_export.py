@@ -4,7 +4,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 from export_helpers import DIGIT_NAMES, small_model
@@ -135,7 +137,7 @@ def test_failed_check_with_no_earlier_file_writes_nothing_at_output(run_dir, tmp
     (["--opset", "99", "--output", "new/x.onnx"], "--opset must be from 17 to"),  # refused before new/ is made
     (["--threshold", "fast"], "must look like NAME=NUMBER"),
     (["--model", "cut.keras"], "could not load 'cut.keras': not a .keras archive"),
-    (["--model", "runs"], "model file 'runs' is a folder"),
+    (["--model", "runs"], "'runs' is a folder without model.keras (not a finished run)"),
 ])
 def test_bad_input_gives_one_line_and_nonzero_exit(run_dir, tmp_path, args, message):
     import keras
@@ -160,8 +162,11 @@ def test_missing_default_model_says_how_to_get_one(tmp_path):
 
 @pytest.mark.parametrize("args,message", [
     (["--threshold", "top1=0.9"], "unknown threshold 'top1'; allowed: max_abs_diff"),
-    (["--threshold", "top1_agreement=nan"], "threshold top1_agreement=nan must be from 0 to 1"),
-    (["--threshold", "max_abs_diff=-1"], "must be a number >= 0"),
+    (["--threshold", "top1_agreement=nan"], "threshold top1_agreement=nan must be above 0, at most 1"),
+    (["--threshold", "top1_agreement=0"], "threshold top1_agreement=0.0 must be above 0, at most 1 (a check that "
+                                          "cannot fail checks nothing)"),
+    (["--threshold", "max_abs_diff=-1"], "must be a finite number >= 0"),
+    (["--threshold", "max_abs_diff=inf"], "threshold max_abs_diff=inf must be a finite number >= 0"),
     (["--verify-dataset", "nonsense"], "unknown dataset 'nonsense'"),
     (["--verify-dataset", "folder:no_such_folder"], "image folder 'no_such_folder' does not exist"),
     (["--verify-dataset", "records:missing/*.tfrecord"], "records:missing/*.tfrecord matches no files"),
@@ -180,6 +185,39 @@ def test_bad_check_options_fail_before_the_file_is_replaced(run_dir, tmp_path, a
     assert len(lines) == 1 and message in lines[0], result.output
     assert out.read_bytes() == b"the previous export"
     assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]
+
+
+def test_the_runs_relative_folder_is_found_from_another_folder(run_dir, tmp_path):
+    """A run trained on folder:imgs (a path relative to where vitcli train ran) is exported from anywhere:
+    config.json's "cwd" resolves it (was: "image folder 'imgs' does not exist" from any other folder).
+    A run without it says the folder is the run's and which option replaces it."""
+    from PIL import Image
+
+    from keras_vit.train.runs import read_run
+
+    trained_in = tmp_path / "project"
+    for cls in ("a", "b"):
+        (trained_in / "imgs" / cls).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(np.full((16, 16, 3), 40 * i, np.uint8)).save(trained_in / "imgs" / cls / f"{i}.png")
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(run_dir / "runs" / "latest" / "model.keras", run / "model.keras")
+    config = {"train": {"dataset": "folder:imgs", "seed": 0}, "cwd": str(trained_in)}
+    (run / "config.json").write_text(json.dumps(config))
+    assert read_run(str(run / "model.keras")).dataset == f"folder:{trained_in / 'imgs'}"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    result = _invoke(["--model", str(run), "--output", str(elsewhere / "m.onnx"), "--num-images", "4"],
+                     elsewhere)  # the run folder, as predict and evaluate take it
+    assert result.exit_code == 0 and "status" in result.output and "passed" in result.output, result.output
+    del config["cwd"]  # a run from before config.json said where it ran
+    (run / "config.json").write_text(json.dumps(config))
+    result = _invoke(["--model", str(run / "model.keras"), "--output", str(elsewhere / "n.onnx")], elsewhere)
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.strip().splitlines() if line.startswith("Error")]
+    assert lines == [f"Error: image folder 'imgs' does not exist (the dataset of the run that trained "
+                     f"{run / 'model.keras'}, from its config.json); pass --verify-dataset to use other images"]
 
 
 @pytest.mark.skipif(not os.path.isdir("/sys/kernel"), reason="needs Linux's sysfs, a folder no one can write to")
@@ -236,6 +274,40 @@ def test_sigterm_during_export_keeps_the_good_file_and_leaves_no_temporary_one(r
         assert proc.returncode == 143 and out.strip().splitlines()[-1] == "Terminated.", (delay, out)
         assert sorted(os.listdir(tmp_path)) == ["m.onnx", "m.onnx.report.json", "m.onnx.report.png"], delay
         assert (tmp_path / "m.onnx").read_bytes() == good
+
+
+def test_sigterm_inside_a_gc_callback_still_ends_the_export():
+    """A SIGTERM whose handler runs inside a gc callback (JAX installs one) or a __del__ cannot raise
+    there: Python printed "Exception ignored ... Terminated" and the export went on to write its file.
+    It is raised again at the next Python call, and nothing is printed."""
+    import gc
+    import signal
+
+    from keras_vit.cli import common
+    from keras_vit.cli.common import Terminated, sigterm_cleans_up, terminated
+
+    fired, went_on, unraisable = [], [], []
+
+    def callback(phase, info):
+        if phase == "start" and not fired:
+            fired.append(True)
+            os.kill(os.getpid(), signal.SIGTERM)
+            sum(range(10))  # Python runs here: the handler raises inside the callback
+
+    previous_hook = sys.unraisablehook
+    sys.unraisablehook = unraisable.append
+    gc.callbacks.append(callback)
+    try:
+        with pytest.raises(Terminated):
+            with sigterm_cleans_up():
+                gc.collect()
+                went_on.append(len([1, 2]))
+    finally:
+        gc.callbacks.remove(callback)
+        sys.unraisablehook = previous_hook
+        received, common._RECEIVED[:] = list(common._RECEIVED), []  # this process's later commands were not terminated
+    assert fired and received == [signal.SIGTERM] and not terminated() and not went_on and not unraisable
+    assert sys.unraisablehook is previous_hook and sys.gettrace() is None
 
 
 def test_a_signal_after_the_export_does_not_undo_it(run_dir, tmp_path):

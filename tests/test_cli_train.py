@@ -101,6 +101,7 @@ def test_run_folder(killed_and_resumed):
 
     assert kt.TrainConfig.from_dict(config["train"]) == kt.make_config("digits", epochs=EPOCHS, checkpoint_interval=0)
     assert config["class_names"] == [str(i) for i in range(10)]
+    assert os.path.isabs(config["cwd"])  # where a folder:/records: path given relative is resolved from
 
 
 def test_curves_png_shows_loss_accuracy_and_learning_rate(killed_and_resumed):

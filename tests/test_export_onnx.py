@@ -113,6 +113,22 @@ def test_optimize_fuses_attention_and_stays_within_fp32_thresholds(family, tmp_p
         assert report["image_sizes"] and report["image_sizes"][0]["max_abs_diff"] <= 1e-4
 
 
+def test_an_image_folder_is_read_as_training_reads_it(tmp_path):
+    """The files a folder: dataset verifies and calibrates with are those training decodes: a .tiff
+    beside the PNGs is left out as training leaves it out (it was picked and refused: 'cannot read')."""
+    from PIL import Image
+
+    from keras_vit.data.folders import IMAGE_EXTENSIONS
+
+    (tmp_path / "a").mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((8, 8, 3), 60 * i, np.uint8)).save(tmp_path / "a" / f"{i}.png")
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "a" / "0.tiff")
+    assert ".tiff" not in IMAGE_EXTENSIONS
+    images = load_images(f"folder:{tmp_path}", 16, 3, 8)
+    assert images.shape == (3, 16, 16, 3)
+
+
 def test_the_last_block_of_a_class_token_model_runs_on_the_class_token_alone(tmp_path):
     """classifier="token": the last block's MLP sees one token per image, in Keras and in the
     plain ONNX export; the logits equal the full computation (every token through the last
@@ -324,6 +340,8 @@ def test_static_int8_keeps_both_heads_of_a_distilled_model_float(tmp_path):
     heads = {n.name: n.op_type for n in nodes if "/head" in n.name and n.op_type in ("MatMul", "MatMulIntegerToFloat")}
     assert sorted(heads.values()) == ["MatMul", "MatMul"], heads
     assert any(n.op_type == "MatMulIntegerToFloat" and "encoderblock_0" in n.name for n in nodes)
+    gate = json.loads({p.key: p.value for p in onnx.load(path).metadata_props}["int8_gate"])
+    assert gate["check_images"] == 10 and gate["held_out"] is True  # a quarter of 40, none of them calibrating
 
 
 def test_metadata_gives_the_mean_and_std_the_model_applies(tmp_path):

@@ -140,6 +140,17 @@ def test_dynamic_size_checks_images_on_the_other_ways_in():
         model.distillation_logits(_images((36, 36)))
 
 
+@pytest.mark.parametrize("dynamic_size", [False, True])
+def test_images_of_other_channels_are_one_line(dynamic_size):
+    """(B, H, W, 1) into a 3-channel model passes Keras' input check (a trailing 1 is let through) and failed
+    in the patch embedding's reshape; the model names both channel counts."""
+    model = keras_vit.ViT(config=ViTConfig(**TINY, patch_size=8, image_size=16, dynamic_size=dynamic_size))
+    for run in (model, lambda x: model.predict(x, verbose=0)):
+        with pytest.raises(ValueError, match=r"the images have 1 channels \(shape \(2, 16, 16, 1\)\); this model "
+                                             r"takes 3 \(built with channels=3\)"):
+            run(_images((16, 16))[..., :1])
+
+
 def test_image_size_none_says_what_the_default_table_needs():
     """image_size=None learns the table at 224 px: a patch size that does not divide it is named as
     such (the user gave no 224), and dynamic_size=False beside it is a contradiction, not a fixed model."""

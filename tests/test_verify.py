@@ -44,6 +44,29 @@ def test_report_is_written_beside_the_file(exported):
     assert "top-1 agreement" in table and "passed" in table
 
 
+def test_a_zero_head_model_passes_but_the_report_says_it_proves_nothing(tmp_path):
+    """An untrained model (zero-initialised head) gives the same logits for every image: the file agrees,
+    but so would another model's file with such a head. The report passes with a warning instead of
+    claiming proof (status, warnings, the table); a model whose outputs vary gets neither."""
+    import keras_vit
+
+    untrained = keras_vit.ViT("Ti/4", image_size=32, num_classes=10, hidden_size=32, num_heads=2, mlp_dim=64,
+                              num_layers=1)
+    path = to_onnx(untrained, tmp_path / "zero.onnx")
+    for model in (untrained, keras_vit.ViT(config=untrained.vit_config)):  # the second: other encoder weights
+        report = verify(model, path, num_images=6, write_report=False)
+        assert report["passed"] and report["top1_agreement"] == 1.0
+        assert report["status"].startswith("passed, but proves nothing")
+        assert report["warnings"] and "zero-initialised head" in report["warnings"][0]
+        assert "warning" in format_table(report)
+
+
+def test_outputs_that_vary_get_no_warning(exported):
+    model, path = exported
+    report = verify(model, path, num_images=6, write_report=False)
+    assert report["status"] == "passed" and "warnings" not in report
+
+
 def test_failed_threshold_is_reported_with_its_margin_and_the_file_kept(exported):
     model, path = exported
     report = verify(model, path, num_images=4, thresholds={"max_abs_diff": 0.0})

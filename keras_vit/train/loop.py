@@ -347,7 +347,7 @@ def _start_run(cfg: TrainConfig, data: _Data, output: Optional[str], root: str, 
     run = new_run_dir(cfg, output, root)
     write_json(os.path.join(run, "config.json"), {
         "train": cfg.to_dict(), "model": data.vit_cfg.to_dict(), "class_names": data.splits.class_names,
-        "command": sys.argv, "keras": keras.__version__, "backend": keras.backend.backend(),
+        "command": sys.argv, "cwd": os.getcwd(), "keras": keras.__version__, "backend": keras.backend.backend(),
         "resolved": {"mixed_precision": mixed, "jit_compile": jit}, "towers": towers.count(),
         "created": datetime.datetime.now().isoformat(timespec="seconds")})
     write_json(os.path.join(run, "class_names.json"), data.splits.class_names)

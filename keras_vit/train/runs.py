@@ -177,9 +177,21 @@ def read_run(model: str) -> RunInfo:
         elif isinstance(content, dict) and isinstance(content.get("train"), dict):
             train = content["train"]
             info.dataset = train["dataset"] if isinstance(train.get("dataset"), str) else None
+            if info.dataset is not None and isinstance(content.get("cwd"), str):
+                info.dataset = _from_folder(info.dataset, content["cwd"])
             info.seed = train["seed"] if isinstance(train.get("seed"), int) else None
             info.val_fraction = train["val_fraction"] if isinstance(train.get("val_fraction"), float) else None
     return info
+
+
+def _from_folder(dataset: str, cwd: str) -> str:
+    """A folder:/records: dataset named by a relative path, as the run's command gave it, resolved
+    against the folder it ran in (config.json's "cwd"): export and evaluate find it from anywhere."""
+    for prefix in ("folder:", "records:"):
+        if dataset.startswith(prefix):
+            path = os.path.expanduser(dataset[len(prefix):])
+            return dataset if os.path.isabs(path) else prefix + os.path.normpath(os.path.join(cwd, path))
+    return dataset
 
 
 def same_dataset(a: str, b: str) -> bool:
