@@ -153,7 +153,10 @@ def export_cmd(model_path: str, fmt: str, quantize: Optional[str], opset: int, o
     status is 1. --no-verify writes --output directly.
     """
     if no_verify:  # the options verification reads would be ignored without a word
+        ctx = click.get_current_context()
         given = [flag for flag, value in (("--threshold", thresholds), ("--verify-dataset", verify_dataset)) if value]
+        given += [p.opts[0] for p in ctx.command.params if p.name in ("num_images", "device")
+                  and ctx.get_parameter_source(p.name) == click.core.ParameterSource.COMMANDLINE]
         if given:
             raise UserError(f"{given[0]} sets the verification that --no-verify skips; drop one of them")
     _tensorflow_backend()

@@ -587,7 +587,11 @@ def test_options_given_twice_or_empty_are_one_line(tmp_path):
     for args, line in ((["train", "--weights", ""], "Error: --weights is empty; give a value or leave the option out"),
                        (["train", "--output", ""], "Error: --output is empty; give a value or leave the option out"),
                        (["export", "--no-verify", "--threshold", "top1_agreement=0.9"],
-                        "Error: --threshold sets the verification that --no-verify skips; drop one of them")):
+                        "Error: --threshold sets the verification that --no-verify skips; drop one of them"),
+                       (["export", "--no-verify", "--num-images", "8"],
+                        "Error: --num-images sets the verification that --no-verify skips; drop one of them"),
+                       (["export", "--no-verify", "--device", "cpu"],
+                        "Error: --device sets the verification that --no-verify skips; drop one of them")):
         result = runner.invoke(cli, args)
         assert result.exit_code == 2 and result.output.strip().splitlines()[-1] == line, (args, result.output)
 
