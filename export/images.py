@@ -100,6 +100,8 @@ def _photos(image_size, n: int) -> np.ndarray:
 
 def _image_files(folder: str) -> list:
     """The image files under `folder`, sorted; ExportError when it is missing or has none."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise ExportError(f"image folder {folder!r} is a file, not a folder")
     if not os.path.isdir(folder):
         raise ExportError(f"image folder {folder!r} does not exist")
     files = sorted(os.path.join(root, f) for root, _, names in os.walk(folder) for f in names

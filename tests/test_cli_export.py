@@ -169,6 +169,7 @@ def test_missing_default_model_says_how_to_get_one(tmp_path):
     (["--threshold", "max_abs_diff=inf"], "threshold max_abs_diff=inf must be a finite number >= 0"),
     (["--verify-dataset", "nonsense"], "unknown dataset 'nonsense'"),
     (["--verify-dataset", "folder:no_such_folder"], "image folder 'no_such_folder' does not exist"),
+    (["--verify-dataset", "folder:m.onnx"], "image folder 'm.onnx' is a file, not a folder"),
     (["--verify-dataset", "records:missing/*.tfrecord"], "records:missing/*.tfrecord matches no files"),
     (["--format", "tflite", "--device", "cuda"], "device cuda runs ONNX files only"),
     (["--format", "tflite", "--calibration", "10"], "--calibration applies to --quantize int8 only"),
