@@ -360,3 +360,59 @@ def test_reading_once_reads_an_unchanged_file_once(tmp_path, monkeypatch):
     W.load_weights(fresh, path)
     W.load_weights(fresh, path)
     assert len(reads) == 4
+
+
+# --- damaged files: one line, nothing loaded (found by probing, 2026-12-07) ---------------------------
+@pytest.mark.parametrize("change,message", [
+    (lambda w: w.pop("head/bias"), r"missing keys \(1\): head/bias"),
+    (lambda w: w.update({"head/kernel": w["head/kernel"][:, 0]}), r"shape mismatches .*head/kernel \(32,\) vs model"),
+    (lambda w: w.update({"head/kernel": w["head/kernel"][None]}), r"head/kernel \(1, 32, 5\) vs model \(32, 5\)"),
+])
+def test_half_a_head_or_a_head_of_another_rank_is_refused(tmp_path, change, message):
+    """A checkpoint with no head loads (the model keeps its zero one); a kernel without its bias loaded with a
+    zero bias, and a 1-D or 3-D kernel failed on an unpacking or was dropped: each is a damaged file."""
+    w = cf.vit_checkpoint(np.random.default_rng(0))
+    change(w)
+    with pytest.raises(ValueError, match=message):
+        keras_vit.ViT(weights=cf.write(tmp_path / "m.npz", w), num_heads=2)
+    headless = {k: v for k, v in cf.vit_checkpoint(np.random.default_rng(0)).items() if not k.startswith("head/")}
+    assert keras_vit.ViT(weights=cf.write(tmp_path / "h.npz", headless), num_heads=2, num_classes=5)
+
+
+@pytest.mark.parametrize("family,drop,message", [
+    ("deit_distilled", "cls_classifier.bias", r"missing keys \(1\): head/bias"),
+    ("siglip", "vision_model.head.attention.in_proj_bias", r"missing keys \(3\): MAPHead_0/.*key/bias"),
+])
+def test_hugging_face_files_missing_a_bias_are_one_line(tmp_path, family, drop, message):
+    """transformers' DeiT without a classifier bias raised KeyError, SigLIP without the MAP head's in_proj_bias an
+    IndexError: the canonical keys they fill are reported missing instead."""
+    import family_factory as ff
+    import hf_family_factory as hf
+
+    sd, arch, _ = ff.family_state_dict(np.random.default_rng(3), family)
+    hsd, hconf, pre = hf.timm_to_hf(sd, arch, family)
+    folder = hf.write_folder(tmp_path / "hf", {k: v for k, v in hsd.items() if k != drop}, hconf, pre)
+    with pytest.raises(ValueError, match=message):
+        keras_vit.ViT(weights=folder)
+
+
+def test_damaged_lora_files_and_saving_onto_a_folder_are_one_line(tmp_path):
+    model = keras_vit.ViT(weights=cf.write(tmp_path / "m.npz", cf.vit_checkpoint(np.random.default_rng(0))), num_heads=2)
+    (tmp_path / "cut.lora.npz").write_bytes(b"PK\x03\x04 cut short")
+    (tmp_path / "empty.lora.npz").write_bytes(b"")
+    for name in ("cut.lora.npz", "empty.lora.npz"):
+        with pytest.raises(ValueError, match="is not a LoRA weights file"):
+            keras_vit.load_lora_weights(model, tmp_path / name)
+    (tmp_path / "out").mkdir()
+    for save in (keras_vit.save_npz, keras_vit.save_safetensors):
+        with pytest.raises(ValueError, match=r"cannot write .*out': it is a folder; give a file name"):
+            save(model, tmp_path / "out")
+
+
+def test_an_npz_named_safetensors_loads_as_an_npz(tmp_path, images):
+    """The file's content decides: save_npz(model, "m.safetensors") wrote a zip that loading read as safetensors
+    ("header too large")."""
+    model = keras_vit.ViT(weights=cf.write(tmp_path / "m.npz", cf.vit_checkpoint(np.random.default_rng(0))), num_heads=2)
+    keras_vit.save_npz(model, tmp_path / "odd.safetensors")
+    again = keras_vit.ViT(weights=str(tmp_path / "odd.safetensors"))
+    np.testing.assert_array_equal(np.asarray(again(images)), np.asarray(model(images)))

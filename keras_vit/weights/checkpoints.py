@@ -445,7 +445,8 @@ def hub_defaults(config: Mapping[str, Any], num_classes: Optional[int]) -> Dict[
 def _read_arrays(spec: str, local: str) -> Tuple[Dict[str, np.ndarray], str, Dict[str, str], Dict[str, Any]]:
     """The file's arrays, their layout ("npz", "timm" or "hf"), the metadata keras-vit wrote in it and
     what the layout itself says of the model (OpenAI CLIP's activation, epsilon and normalisation)."""
-    if not (local.endswith(".safetensors") or _is_safetensors(local)):
+    if not ((local.endswith(".safetensors") and not zipfile.is_zipfile(local)) or _is_safetensors(local)):
+        # an .npz is a zip archive whatever its name (save_npz(model, "m.safetensors") writes one)
         arrays, file_meta = _read_npz(local)
         return arrays, "npz", file_meta, {}
     raw, file_meta = read_safetensors(local)

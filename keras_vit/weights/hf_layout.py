@@ -147,12 +147,13 @@ def _clip_like(sd: Mapping[str, np.ndarray], num_heads: int, siglip: bool) -> Di
     take(h + "probe", _MAP + "probe")
     w = h + "attention.in_proj_weight"
     if w in r.sd:
-        qkv, bias = np.asarray(r.sd[w]), np.asarray(r.sd.get(h + "attention.in_proj_bias"))
+        qkv, bias = np.asarray(r.sd[w]), r.sd.get(h + "attention.in_proj_bias")
         d = qkv.shape[1]
         tl._check_heads(w, d, num_heads)
         for j, n in enumerate(("query", "key", "value")):
             r.out[f"{_MAP_ATT}{n}/kernel"] = tl._heads_in(qkv[j * d:(j + 1) * d], num_heads)
-            r.out[f"{_MAP_ATT}{n}/bias"] = bias[j * d:(j + 1) * d].reshape(num_heads, -1)
+            if bias is not None:  # a missing one is reported as the canonical keys loading misses
+                r.out[f"{_MAP_ATT}{n}/bias"] = np.asarray(bias)[j * d:(j + 1) * d].reshape(num_heads, -1)
         r.used.update({w, h + "attention.in_proj_bias"})
     _out_proj(r, h + "attention.out_proj", _MAP_ATT, num_heads)
     take(h + "layernorm.weight", _MAP + "LayerNorm_0/scale")
@@ -180,11 +181,14 @@ def _deit(sd: Mapping[str, np.ndarray], num_heads: int) -> Dict[str, np.ndarray]
     for theirs, ours in (("cls_classifier", "head"), ("distillation_classifier", "head_dist")):
         if theirs + ".weight" in out:
             out[ours + "/kernel"] = tl._linear(out.pop(theirs + ".weight"))
+        if theirs + ".bias" in out:  # a missing one is reported as the canonical key loading misses
             out[ours + "/bias"] = out.pop(theirs + ".bias")
     if "classifier.weight" in sd:  # one head on the class token: the same logits as the distilled average
-        w, b = tl._linear(sd["classifier.weight"]), np.asarray(sd["classifier.bias"])
-        out["head/kernel"], out["head/bias"] = 2 * w, 2 * b
-        out["head_dist/kernel"], out["head_dist/bias"] = np.zeros_like(w), np.zeros_like(b)
+        w = tl._linear(sd["classifier.weight"])
+        out["head/kernel"], out["head_dist/kernel"] = 2 * w, np.zeros_like(w)
+        if "classifier.bias" in sd:
+            b = np.asarray(sd["classifier.bias"])
+            out["head/bias"], out["head_dist/bias"] = 2 * b, np.zeros_like(b)
     return out
 
 

@@ -206,7 +206,8 @@ def _adapt(values: Dict[str, np.ndarray], target: Mapping[str, keras.Variable], 
     the class slot, resample position embeddings (saying so)."""
     for head in ("head", "head_dist"):
         kernel = f"{head}/kernel"
-        if kernel in values and (kernel not in target or tuple(values[kernel].shape) != tuple(target[kernel].shape)):
+        if kernel in values and values[kernel].ndim == 2 and (
+                kernel not in target or tuple(values[kernel].shape) != tuple(target[kernel].shape)):
             if kernel in target:
                 (have_in, have), (want_in, want) = values[kernel].shape[-2:], tuple(target[kernel].shape)[-2:]
                 if have != want:
@@ -299,8 +300,11 @@ def assign_weights(model: keras.Model, arrays: Mapping[str, np.ndarray], *, meth
     target = model_variables(model)
     values = dict(arrays)
     _adapt(values, target, cfg, method, big_vision_posemb, source_grid, source)
-    # The head is the one part a checkpoint need not give: the model keeps its zero-initialised one.
-    missing = sorted(set(target) - set(values) - {"head/kernel", "head/bias", "head_dist/kernel", "head_dist/bias"})
+    # The head is the one part a checkpoint need not give: the model keeps its zero-initialised one. Half of
+    # one (a kernel without its bias) is a damaged file, reported as any missing key.
+    headless = {f"{head}/{part}" for head in ("head", "head_dist") for part in ("kernel", "bias")
+                if f"{head}/kernel" not in values and f"{head}/bias" not in values}
+    missing = sorted(set(target) - set(values) - headless)
     unexpected = sorted(set(values) - set(target))
     mismatched = [f"{k} {tuple(values[k].shape)} vs model {tuple(target[k].shape)}"
                   for k in sorted(set(values) & set(target))
@@ -370,6 +374,8 @@ def _check_folder(path: str) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise ValueError(f"cannot write {path!r}: folder {folder!r} does not exist")
+    if os.path.isdir(path):
+        raise ValueError(f"cannot write {path!r}: it is a folder; give a file name")
 
 
 def _metadata(model: keras.Model) -> str:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
 from typing import Dict, List, Optional, Sequence
 
 import keras
@@ -139,8 +140,9 @@ def load_lora_weights(model, path: PathLike) -> None:
         with np.load(path, allow_pickle=False) as data:
             meta = json.loads(bytes(data[_META]).decode())
             arrays = {name: data[name] for name in data.files if name != _META}
-    except (OSError, ValueError, KeyError) as exc:
-        raise UserInputError(f"{path!r} is not a LoRA weights file (save_lora_weights writes one): {exc}") from None
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:  # cut short, empty, not a zip
+        raise UserInputError(f"{path!r} is not a LoRA weights file (save_lora_weights writes one): "
+                             f"{exc or type(exc).__name__}") from None
     layers = {layer.path: layer for layer in model._flatten_layers(include_self=False)}
     missing = sorted(set(meta) - set(layers))
     if missing:
