@@ -136,6 +136,9 @@ def test_evaluation_scores_a_split_by_class_name():
     assert _labels_by_name([f"n{i:08d}" for i in range(10)], digits, 10) is None
     with pytest.raises(TrainError, match=r"the dataset's classes \['a'\] are not among the model's 10 classes"):
         _labels_by_name(["a"], digits, 10)
+    # as many classes, some the model's: dog/ and zebra/ for (cat, dog) scored dog's images as cat
+    with pytest.raises(TrainError, match=r"the dataset's classes \['zebra'\] are not among the model's 2 classes"):
+        _labels_by_name(["dog", "zebra"], ["cat", "dog"], 2)
 
 
 def test_unknown_and_offline_datasets(monkeypatch):

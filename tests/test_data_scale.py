@@ -176,6 +176,11 @@ def test_damaged_records_folder_fails_naming_the_file(tmp_path):
         line = data.bad_image_line(info.value)  # the line the training loop and evaluation print
         assert line is not None and line.startswith(f"cannot read image records from shard {shard}: it is damaged "
                                                     "or truncated (") and line.endswith("vitcli records"), line
+    shard.write_bytes(b"")  # emptied: read as an empty split's shard, it trained on fewer examples (all of them
+    # skipped with --skip-bad-images, "bad_images": 0) or failed with a cardinality error naming no file
+    with pytest.raises(data.DatasetError, match=f"^records shard {shard} is empty \\(0 bytes\\), but its train split "
+                                                "holds examples"):
+        data.load(f"records:{rec}")
 
 
 def _readme_block(title: str) -> str:

@@ -187,6 +187,12 @@ def load_records(pattern: str, seed: int, val_fraction: float, bad=None, evaluat
     sizes_of = {f: _shard_size(f) for f in files}
     n_cls = len(meta["class_names"])
     by_split: Dict[str, List[str]] = {s: [f for f in files if _split_of(f) == s] for s in SPLITS}
+    known = _known_examples(meta, listed, by_split)
+    for split, shards in by_split.items():  # an empty split writes one empty shard; a split with examples, none
+        empty = [f for f in shards if sizes_of[f] == 0]
+        if empty and (len(empty) < len(shards) or known.get(split)):
+            raise DatasetError(f"records shard {empty[0]} is empty (0 bytes), but its {split} split holds examples; "
+                               f"{REWRITE_HINT}")
     if evaluation and not by_split["train"]:
         split = "test" if by_split["test"] else "val"
         scored = _records(by_split[split], sizes_of, bad, n_cls)

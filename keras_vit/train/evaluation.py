@@ -57,8 +57,8 @@ def evaluate(model: keras.Model, ds, class_names: Sequence[str], batch_size: int
 
 def _labels_by_name(data_names: Sequence[str], model_names: Optional[Sequence[str]], n_cls: int) -> Optional[np.ndarray]:
     """The model's class index of each of the dataset's labels, where the two name their classes
-    differently; None where they are the same (or the model's are unknown). A split whose class names
-    are neither among the model's nor as many (a folder of other classes) gets a TrainError."""
+    differently; None where they are the same (or the model's are unknown), or all other names for as many
+    classes (taken in sorted order). A split with some names among the model's and some not gets a TrainError."""
     data_names = [str(n) for n in data_names]
     if model_names is None or len(model_names) != n_cls:
         return None
@@ -68,8 +68,9 @@ def _labels_by_name(data_names: Sequence[str], model_names: Optional[Sequence[st
     index = {n: i for i, n in enumerate(model_names)}
     if all(n in index for n in data_names):
         return np.array([index[n] for n in data_names], np.int64)
-    if len(data_names) == n_cls:  # other names for as many classes (ImageNet synset folders): in sorted order
-        return None
+    if len(data_names) == n_cls and not any(n in index for n in data_names):
+        return None  # other names for as many classes (ImageNet synset folders): in sorted order; some of the
+        # model's names among them (dog/ and zebra/ for cat, dog) would score dog's images as cat: refused below
     unknown = [n for n in data_names if n not in index]
     shown = ", ".join(map(repr, model_names[:5])) + (", ..." if n_cls > 5 else "")
     raise TrainError(f"the dataset's classes {unknown[:5]} are not among the model's {n_cls} classes ({shown}); "
