@@ -164,6 +164,10 @@ def test_tfds_with_mock_data():
         assert x.shape == (28, 28, 1) and x.dtype == tf.float32 and y.dtype == tf.int32
         b, _ = next(iter(data.pipeline(s.test, image_size=(32, 32), batch_size=4, num_classes=10)))
         assert b.shape == (4, 32, 32, 3)
+        for fraction in (0.004, 0.996):  # train[100%:] / train[:0%]: tfds' "Instruction [] corresponds to no data!"
+            with pytest.raises(data.DatasetError, match=rf"^--val-fraction {fraction:g} of tfds:mnist's train split "
+                                                        r"rounds to (0|100)% .*give 0\.01 to 0\.99$"):
+                data.load("tfds:mnist", val_fraction=fraction)
 
 
 def test_tfds_can_reach_its_download_step():

@@ -196,6 +196,9 @@ def _tfds(name: str, seed: int, val_fraction: float, data_dir: Optional[str]) ->
     if not keys:
         raise DatasetError(f"tfds:{name} has no (image, label) supervised keys")
     pct = int(round(val_fraction * 100))
+    if not splits & {"validation", "val"} and not 0 < pct < 100:  # train[100%:] or train[:0%]: no data
+        raise DatasetError(f"--val-fraction {val_fraction:g} of tfds:{name}'s train split rounds to {pct}% (tfds splits "
+                           "in whole percents); give 0.01 to 0.99")
     val_split = next((s for s in ("validation", "val") if s in splits), f"train[{100 - pct}%:]")
     train_split = "train" if val_split in splits else f"train[:{100 - pct}%]"
     test_split = next((s for s in ("test", "validation", "val") if s in splits), val_split)
@@ -207,6 +210,9 @@ def _tfds(name: str, seed: int, val_fraction: float, data_dir: Optional[str]) ->
         return ds.map(lambda x, y: (_to_float(x), _to_int(y)), num_parallel_calls=tf.data.AUTOTUNE)
 
     label = info.features[keys[1]]
+    if not isinstance(getattr(label, "num_classes", None), int):
+        raise DatasetError(f"tfds:{name}'s label {keys[1]!r} is a {type(label).__name__}, not a ClassLabel: a "
+                           "classifier needs class labels")
     names = list(getattr(label, "names", None) or [str(i) for i in range(label.num_classes)])
     shape = tuple(info.features[keys[0]].shape)
     return Splits(get(train_split, shuffle_files=True), get(val_split), get(test_split), names, shape)
