@@ -155,6 +155,29 @@ def test_unknown_and_offline_datasets(monkeypatch):
     assert "'cifar10'" in str(info.value) and "\n" not in str(info.value)
 
 
+def test_tfds_offline_is_one_line_at_once(tmp_path, monkeypatch):
+    """A tfds dataset that is not prepared, on a machine that cannot reach tfds' servers: one line naming
+    where it is not prepared and what to do, at once (tfds retried for 3.5 minutes under progress bars)."""
+    import socket
+    import time
+
+    pytest.importorskip("tensorflow_datasets")
+    for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(v, raising=False)
+
+    def unreachable(address, timeout=None):
+        raise OSError(101, "Network is unreachable")
+
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+    start = time.time()
+    with pytest.raises(data.DatasetError, match=rf"^could not load dataset 'tfds:mnist': it is not prepared in "
+                                                rf"{tmp_path}.* and storage\.googleapis\.com cannot be reached "
+                                                r"\(Network is unreachable\); prepare it where there is network "
+                                                r"\(tfds build mnist\) and pass --data-dir$"):
+        data.load("tfds:mnist", data_dir=str(tmp_path))
+    assert time.time() - start < 30
+
+
 def test_tfds_with_mock_data():
     tfds = pytest.importorskip("tensorflow_datasets")
     with tfds.testing.mock_data(num_examples=12):

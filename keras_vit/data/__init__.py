@@ -185,7 +185,12 @@ def _tfds(name: str, seed: int, val_fraction: float, data_dir: Optional[str]) ->
         raise DatasetError("tfds: needs a dataset name, e.g. tfds:oxford_flowers102")
     try:
         builder = tfds.builder(name, data_dir=data_dir)
+        real = getattr(type(builder).download_and_prepare, "__module__", "").startswith("tensorflow_datasets.core")
+        if real and not builder.is_prepared():  # (tfds.testing.mock_data's download_and_prepare fetches nothing)
+            _check_tfds_network(name, builder.data_dir)
         builder.download_and_prepare()
+    except DatasetError:
+        raise
     except Exception as exc:  # noqa: BLE001 - unknown name, no network: one line
         raise DatasetError(f"could not load dataset 'tfds:{name}': {first_line(exc)}") from None
     info = builder.info
@@ -216,6 +221,25 @@ def _tfds(name: str, seed: int, val_fraction: float, data_dir: Optional[str]) ->
     names = list(getattr(label, "names", None) or [str(i) for i in range(label.num_classes)])
     shape = tuple(info.features[keys[0]].shape)
     return Splits(get(train_split, shuffle_files=True), get(val_split), get(test_split), names, shape)
+
+
+_TFDS_HOST = ("storage.googleapis.com", 443)  # tfds' own mirror, and where most of its downloads live
+
+
+def _check_tfds_network(name: str, data_dir: str) -> None:
+    """A dataset to download on a machine that cannot reach tfds' servers: one line at once, where
+    tfds retries for minutes (3.5 for mnist) under progress bars. Skipped behind a proxy, which
+    only tfds' own requests know how to use."""
+    import socket
+
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY")):
+        return
+    try:
+        socket.create_connection(_TFDS_HOST, timeout=10).close()
+    except OSError as exc:
+        raise DatasetError(f"could not load dataset 'tfds:{name}': it is not prepared in {data_dir} and "
+                           f"{_TFDS_HOST[0]} cannot be reached ({exc.strerror or exc}); prepare it where there is "
+                           f"network (tfds build {name}) and pass --data-dir") from None
 
 
 def _to_int(y):
