@@ -334,3 +334,15 @@ def test_records_of_a_dataset_that_does_not_load_leave_no_folder(tmp_path):
     with pytest.raises(data.DatasetError, match="unknown dataset 'nope'"):
         data.write_records("nope", str(tmp_path / "rec"))
     assert not (tmp_path / "rec").exists()
+
+
+def test_val_fraction_edges_are_one_line_or_train():
+    """A hold-out of every training example is one line naming --val-fraction (it was scikit-learn's
+    'test_size=24 should be ...'); one that leaves fewer examples than classes is drawn unstratified
+    (it was 'The train_size = 1 should be greater or equal to the number of classes')."""
+    n = len(data.digits_arrays()[1])  # the training examples, before the hold-out
+    with pytest.raises(data.DatasetError, match=rf"^--val-fraction 0\.9999 holds out {n} of the {n} training "
+                                                r"examples, leaving none to train on; give a fraction under"):
+        data.load("digits", val_fraction=0.9999)
+    s = data.load("digits", val_fraction=(n - 3) / n)
+    assert (sum(1 for _ in s.train), sum(1 for _ in s.val)) == (3, n - 3)

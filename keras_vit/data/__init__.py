@@ -133,8 +133,12 @@ def _split_val(n: int, labels: np.ndarray, seed: int, val_fraction: float) -> Tu
 
     idx = np.arange(n)
     n_val = max(1, int(round(n * val_fraction)))
+    if n_val >= n:
+        raise DatasetError(f"--val-fraction {val_fraction:g} holds out {n_val} of the {n} training examples, leaving "
+                           f"none to train on; give a fraction under {(n - 0.5) / n:.3g}")
     counts = np.bincount(labels)
-    strat = labels if counts[counts > 0].min() >= 2 and n_val >= len(counts[counts > 0]) else None
+    k = len(counts[counts > 0])  # stratified only where each class can be in both parts
+    strat = labels if counts[counts > 0].min() >= 2 and n_val >= k and n - n_val >= k else None
     tr, va = train_test_split(idx, test_size=n_val, stratify=strat, random_state=seed)
     return np.sort(tr), np.sort(va)
 
