@@ -60,8 +60,8 @@ def _parse_shots(text: str) -> List[int]:
         shots = [int(s) for s in text.split(",")]  # an empty item (1,,5) is a typo: int("") refuses it
     except ValueError:
         shots = []
-    if not shots or any(s < 1 for s in shots):
-        raise UserError(f"--shots must be comma-separated positive integers such as 1,5,10,25; got {text!r}")
+    if not shots or any(s < 1 for s in shots) or len(set(shots)) != len(shots):
+        raise UserError(f"--shots must be comma-separated distinct positive integers such as 1,5,10,25; got {text!r}")
     return shots
 
 

@@ -148,15 +148,23 @@ def fewshot_evaluate(train: Tuple[np.ndarray, np.ndarray], val: Tuple[np.ndarray
     """
     (xtr, ytr), (xva, yva), (xte, yte) = [(np.asarray(x, np.float64), np.asarray(y).astype(np.int64))
                                           for x, y in (train, val, test)]
-    k = int(num_classes if num_classes is not None else max(ytr.max(), yva.max(), yte.max()) + 1)
+    if len(xtr) == 0 or len(xva) == 0 or len(xte) == 0:
+        raise ValueError("few-shot evaluation needs non-empty train, validation and test splits")
+    for x in (xtr, xva, xte):
+        if not np.isfinite(x).all():  # else the ridge solve fails on 'Eigenvalues did not converge'
+            raise ValueError("the model's features are not all finite (NaN or inf): its weights are broken")
+    top = int(max(ytr.max(), yva.max(), yte.max()))
+    k = int(num_classes if num_classes is not None else top + 1)
+    if top >= k or min(ytr.min(), yva.min(), yte.min()) < 0:
+        raise ValueError(f"labels must be class indices 0..{k - 1} of num_classes={k}; got labels up to {top}")
+    if not shots or any(not float(s).is_integer() or s < 1 for s in shots) or len(set(shots)) != len(shots):
+        raise ValueError(f"shots must be distinct positive integers, got {list(shots)}")
     shots = [int(s) for s in shots]
-    if not shots or any(s < 1 for s in shots):
-        raise ValueError(f"shots must be positive integers, got {shots}")
     if draws < 1:
         raise ValueError(f"draws must be >= 1, got {draws}")
-    if len(xva) == 0 or len(xte) == 0:
-        raise ValueError("few-shot evaluation needs non-empty validation and test splits")
     grid = [float(l2) for l2 in l2_grid]
+    if not grid or not all(np.isfinite(grid)) or min(grid) < 0:
+        raise ValueError(f"l2_grid must be finite ridge penalties >= 0, at least one; got {list(l2_grid)}")
     rng = np.random.default_rng(seed)
     result: Dict = {"num_classes": k, "chance": 1.0 / k, "draws": int(draws), "shots": {}}
     for s in shots:

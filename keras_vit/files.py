@@ -9,6 +9,7 @@ success and on failure.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import secrets
@@ -39,6 +40,8 @@ def atomic_path(path: PathLike) -> Iterator[str]:
     """Yield a temporary path beside `path` (same extension, so writers that check it work);
     rename it over `path` if the block succeeds, remove it otherwise."""
     path = os.fspath(path)
+    if os.path.isdir(path):  # before the work, naming `path` (the rename's error names the temporary file)
+        raise IsADirectoryError(errno.EISDIR, "a folder is where the file goes", path)
     folder, name = os.path.split(os.path.abspath(path))
     ext = os.path.splitext(name)[1]
     tmp = os.path.join(folder, f".{name}.{secrets.token_hex(4)}.tmp{ext}")

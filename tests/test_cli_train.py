@@ -324,7 +324,8 @@ def not_a_model(tmp_path_factory):
     (["evaluate", "--model", "/no/such.keras"], "does not exist"),
     (["predict", "--model", "NOT_A_MODEL", "README.md"], "not a keras-vit model"),
     (["predict", "--model", "NOT_A_MODEL", "/no/such.png"], "image file '/no/such.png' does not exist"),
-    (["fewshot", "--model", "Ti/16", "--shots", "1,,5"], "--shots must be comma-separated positive integers"),
+    (["fewshot", "--model", "Ti/16", "--shots", "1,,5"], "--shots must be comma-separated distinct positive integers"),
+    (["fewshot", "--model", "Ti/16", "--shots", "1,1"], "--shots must be comma-separated distinct positive integers"),
     (["fewshot", "--model", ".", "--shots", "1"], "'.' is a folder without model.keras (not a finished run)"),
 ])
 def test_bad_input_gives_one_line(args, message, not_a_model, tmp_path, monkeypatch):

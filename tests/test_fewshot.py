@@ -66,6 +66,27 @@ def test_too_many_shots_is_a_clear_error():
         fewshot.fewshot_evaluate((x, y), (x, y), (x, y), shots=(25,))
 
 
+@pytest.mark.parametrize("change,message", [
+    (dict(num_classes=3), r"labels must be class indices 0\.\.2 of num_classes=3; got labels up to 4"),
+    (dict(shots=(2.5,)), r"shots must be distinct positive integers, got \[2\.5\]"),
+    (dict(shots=(1, 1)), r"shots must be distinct positive integers, got \[1, 1\]"),
+    (dict(l2_grid=()), r"l2_grid must be finite ridge penalties >= 0, at least one; got \[\]"),
+    (dict(features=np.nan), r"the model's features are not all finite"),
+    (dict(train=0), r"needs non-empty train, validation and test splits"),
+])
+def test_bad_arguments_are_one_line(change, message):
+    """Labels past num_classes gave chance 1/3 and never predicted classes 3, 4; 2.5 shots ran 2; a repeated
+    shot count ran twice and kept one; an empty l2 grid or split failed in NumPy; NaN features gave
+    'Eigenvalues did not converge'."""
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(50, 8)), np.arange(50) % 5
+    if "features" in change:
+        x[0, 0] = change.pop("features")
+    train = (x[:0], y[:0]) if change.pop("train", None) == 0 else (x, y)
+    with pytest.raises(ValueError, match=message):
+        fewshot.fewshot_evaluate(train, (x, y), (x, y), **{"shots": (1,), **change})
+
+
 def test_cli_fewshot_json(trained_digits_vit, tmp_path):
     from keras_vit.cli.main import cli
 

@@ -147,3 +147,15 @@ def test_a_run_another_live_process_trains_is_refused(tmp_path):
     assert open(tmp_path / LOCK_FILE).read() == str(os.getpid())
     release_run(held)
     assert not (tmp_path / LOCK_FILE).exists()
+
+
+def test_a_folder_where_the_file_goes_is_named_before_the_work(tmp_path):
+    """vitcli inspect --out DIR with a folder named attention_rollout.png in it said 'DIR/.attention_rollout.png.
+    e2e20ce7.tmp.png: Is a directory' after the work: the error now names the path, before the block runs."""
+    (tmp_path / "figure.png").mkdir()
+    ran = []
+    with pytest.raises(IsADirectoryError) as info:
+        with files.atomic_path(tmp_path / "figure.png"):
+            ran.append(True)
+    assert info.value.filename == str(tmp_path / "figure.png") and not ran
+    assert os.listdir(tmp_path) == ["figure.png"]
