@@ -11,7 +11,15 @@ from typing import List, Optional, Tuple
 
 import click
 
-from keras_vit.cli.common import MODEL_OPTION_HELP, UserError, check_writable, parse_model_options, sigterm_cleans_up, user_errors
+from keras_vit.cli.common import (
+    MODEL_OPTION_HELP,
+    ImageSize,
+    UserError,
+    check_writable,
+    parse_model_options,
+    sigterm_cleans_up,
+    user_errors,
+)
 
 
 # --- shared helpers -----------------------------------------------------------------------
@@ -105,6 +113,9 @@ def inspect_cmd(model_spec: str, image_paths: Tuple[str, ...], dataset: Optional
     missing = [p for p in image_paths if not os.path.isfile(p)]
     if missing:
         raise UserError(f"image {missing[0]!r} does not exist")
+    ctx = click.get_current_context()
+    if dataset is None and ctx.get_parameter_source("num_images") == click.core.ParameterSource.COMMANDLINE:
+        raise UserError("--num-images counts test images of --dataset; give --dataset too (or drop --num-images)")
     model = _load_model_arg(model_spec)
     cfg = get_config(model)
     size, channels = cfg.image_size, cfg.channels
@@ -181,7 +192,8 @@ def fewshot_cmd(model_spec: str, dataset: str, shots: str, draws: int, seed: int
 @click.option("--variant", default=None,
               help="Model, e.g. Ti/4, S/16 [default: the dataset's `vitcli train` default, so that "
                    "`vitcli train --weights` fits it as is].")
-@click.option("--image-size", default=None, type=click.IntRange(min=1), help="Input side [default: per dataset].")
+@click.option("--image-size", default=None, type=ImageSize(),
+              help="Input side in pixels, or HEIGHTxWIDTH, as for vitcli train [default: per dataset].")
 @click.option("--hidden-size", default=None, type=click.IntRange(min=1))
 @click.option("--num-layers", default=None, type=click.IntRange(min=1))
 @click.option("--num-heads", default=None, type=click.IntRange(min=1))

@@ -270,6 +270,9 @@ def test_cli_inspect_bad_input_is_one_line(tmp_path):
     result = CliRunner().invoke(cli, ["inspect", "--model", "Q/16", "--out", str(tmp_path)])
     assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1
     assert "unknown variant" in result.output
+    result = CliRunner().invoke(cli, ["inspect", "--model", "Ti/16", "--num-images", "5", "--out", str(tmp_path)])
+    assert result.exit_code == 2 and result.output.strip().splitlines() == [
+        "Error: --num-images counts test images of --dataset; give --dataset too (or drop --num-images)"]
 
 
 def test_analysis_commands_import_on_their_own_without_tensorflow():

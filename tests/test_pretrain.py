@@ -123,6 +123,12 @@ def test_cli_pretrain_writes_encoder_and_metrics(tmp_path):
     assert tcfg.variant == "checkpoint" and vit == model.vit_config.replace(include_top=True, num_classes=10)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["target"] == "color" and len(metrics["history"]["loss"]) == 1
+    # a non-square encoder, as vitcli train takes --image-size HxW (was: "not a valid integer range")
+    wide = CliRunner().invoke(cli, ["pretrain", "--dataset", "digits", "--variant", "Ti/4", "--hidden-size", "16",
+                                    "--num-layers", "1", "--num-heads", "2", "--mlp-dim", "32", "--epochs", "1",
+                                    "--batch-size", "128", "--image-size", "16x24", "--out", str(tmp_path / "wide")])
+    assert wide.exit_code == 0, wide.output
+    assert keras_vit.load_model(tmp_path / "wide" / "model.keras").vit_config.image_size == (16, 24)
     bad = CliRunner().invoke(cli, ["pretrain", "--variant", "Ti/5", "--epochs", "1", "--out", str(tmp_path / "x")])
     assert bad.exit_code == 2 and len(bad.output.strip().splitlines()) == 1 and "image_size" in bad.output
     # a second run into the same folder is refused; the first encoder stays as it was
