@@ -321,8 +321,8 @@ def _records(files: Sequence[str], sizes_of: Dict[str, int], bad, num_classes: i
         label = ex[FEATURE_LABEL]
         ok = tf.logical_and(label >= 0, label < num_classes)
         msg = tf.strings.join([BAD_IMAGE_PREFIX, name, ": its label ", tf.strings.as_string(label),
-                               f" is not a class index 0..{num_classes - 1} of the {num_classes} classes the shards' "
-                               f"{METADATA} names ({FEATURE_LABEL} is 0-based)"])
+                               f" is not a class index 0..{num_classes - 1} of the {num_classes} classes named "
+                               f"beside the shards ({FEATURE_LABEL} is 0-based)"])  # no quote: Assert escapes it
         with tf.control_dependencies([tf.debugging.Assert(ok, [msg], summarize=1)]):
             return name, ex[FEATURE_IMAGE], tf.cast(tf.identity(label), tf.int32)
 
