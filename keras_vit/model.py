@@ -99,7 +99,7 @@ class VisionTransformer(towers.TowerModel):
         self._lora_merged = bool(lora_merged)
 
     def call(self, inputs, training=None, mask=None, **kwargs):
-        """The graph; a dynamic_size model first checks the size of the images it is called on."""
+        """The graph, after `_check_images` on the images it is called on (channels; a dynamic_size model's size)."""
         self._check_images(inputs)
         return super().call(inputs, training=training, mask=mask, **kwargs)
 
