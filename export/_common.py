@@ -148,6 +148,12 @@ def metadata(cfg, class_names: Optional[Sequence[str]], precision: str, fmt: str
     return meta
 
 
+def output_name(cfg) -> str:
+    """The exported files' one output: `logits` for a classifier, `features` for an include_top=False
+    model (its pre-logits vector), so a deployment reading the name is not told features are logits."""
+    return "logits" if cfg.include_top else "features"
+
+
 def pixel_mean_std(cfg) -> Tuple[str, str]:
     """The mean and std (JSON lists, one per channel, on [0, 255] pixels) that the model applies inside:
     127.5 and 127.5 (x / 127.5 - 1) by default, 255 x its pixel_mean / pixel_std (ImageNet's, CLIP's ...)

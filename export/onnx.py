@@ -23,6 +23,7 @@ from keras_vit.export._common import (
     check_output_path,
     check_tensorflow_backend,
     metadata,
+    output_name,
     resolve_model,
 )
 from keras_vit.export.onnx_fusion import fuse_attention
@@ -32,7 +33,6 @@ from keras_vit.files import atomic_path
 
 MIN_OPSET = 17  # LayerNormalization is a standard ONNX op from opset 17 on
 INPUT_NAME = "images"
-OUTPUT_NAME = "logits"
 
 
 def max_opset() -> int:
@@ -116,7 +116,7 @@ def _plain_graph(model, cfg, work: str, opset: int, layout: str):
     raw = os.path.join(work, "raw.onnx")
     _convert(model, cfg, raw, opset)
     proto = onnx.load(raw)
-    _rename_io(proto, cfg.dynamic_size)
+    _rename_io(proto, output_name(cfg), cfg.dynamic_size)
     if layout == "nchw":
         _nchw_input(proto)
     replace_erfc(proto)
@@ -210,14 +210,15 @@ def _convert(model, cfg, out_path: str, opset: int) -> None:
         raise ExportError(f"tf2onnx could not convert the model: {first}") from exc
 
 
-def _rename_io(proto, dynamic_size: bool = False) -> None:
-    """Name the output `logits` (tf2onnx calls it Identity:0), the batch dimension `batch` and,
+def _rename_io(proto, name: str, dynamic_size: bool = False) -> None:
+    """Name the output `name` (`logits`, or `features` without a head; tf2onnx calls it Identity:0),
+    the batch dimension `batch` and,
     with dynamic_size, the image dimensions `height` and `width`."""
     old = proto.graph.output[0].name
     for node in proto.graph.node:
-        node.output[:] = [OUTPUT_NAME if o == old else o for o in node.output]
-        node.input[:] = [OUTPUT_NAME if i == old else i for i in node.input]
-    proto.graph.output[0].name = OUTPUT_NAME
+        node.output[:] = [name if o == old else o for o in node.output]
+        node.input[:] = [name if i == old else i for i in node.input]
+    proto.graph.output[0].name = name
     for value in (proto.graph.input[0], proto.graph.output[0]):
         dim = value.type.tensor_type.shape.dim[0]
         dim.Clear()

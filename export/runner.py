@@ -189,10 +189,16 @@ class Runner:
         if self.format == "saved_model":
             if self.input_dtype == "uint8":
                 images = np.clip(np.round(images), 0, 255).astype(np.uint8)
-            return self._serve(images=images)["logits"].numpy()
+            return _only(self._serve(images=images)).numpy()
         if self.format == "onnx":
             return self._session.run(None, {self._input: images})[0]
-        return self._runner(images=images)["logits"]
+        return _only(self._runner(images=images))
+
+
+def _only(outputs: dict):
+    """The signature's one output, whatever its name (`logits`, or `features` without a head)."""
+    (value,) = outputs.values()
+    return value
 
 
 def _loadable(path: str):

@@ -2,9 +2,9 @@
 
 Signatures: `serving_default` takes `images` (float32, or uint8 with input_dtype="uint8"; NHWC
 pixels in [0, 255], dynamic batch; any height and width with dynamic_size=True) and returns
-`logits`; `serving_float32` / `serving_uint8` take either dtype explicitly; `metadata` returns
-the keras-vit metadata as one JSON string. The same JSON and the class names are files in the
-folder's assets/ (keras_vit.json, labels.txt).
+`logits` (`features` for an include_top=False model); `serving_float32` / `serving_uint8` take
+either dtype explicitly; `metadata` returns the keras-vit metadata as one JSON string. The same
+JSON and the class names are files in the folder's assets/ (keras_vit.json, labels.txt).
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from keras_vit.export._common import (
     check_parent,
     check_tensorflow_backend,
     metadata,
+    output_name,
     resolve_model,
 )
 from keras_vit.files import atomic_dir, shown_path, utf8_path
@@ -71,12 +72,13 @@ def to_saved_model(model, path: PathLike, class_names: Optional[Sequence[str]] =
                                      "serving_uint8": "uint8", "metadata": "string"})
     text = json.dumps(meta, sort_keys=True)
     h, w = (None, None) if cfg.dynamic_size else cfg.image_size
+    output = output_name(cfg)
 
     def spec(dtype):
         return tf.TensorSpec((None, h, w, cfg.channels), dtype, name="images")
 
     def serve(images):
-        return {"logits": model(tf.cast(images, tf.float32), training=False)}
+        return {output: model(tf.cast(images, tf.float32), training=False)}
 
     archive = ExportArchive()
     archive.track(model)

@@ -24,6 +24,7 @@ from keras_vit.export._common import (
     check_output_path,
     check_tensorflow_backend,
     metadata,
+    output_name,
     resolve_model,
 )
 from keras_vit.files import atomic_path, write_text
@@ -185,7 +186,8 @@ def compare_latency(int8: bytes, fp32: bytes, image: np.ndarray, rounds: int = 3
 
 
 def _converter(model, cfg, work: str):
-    """A TFLiteConverter from a SavedModel whose serving signature is images -> {"logits"}."""
+    """A TFLiteConverter from a SavedModel whose serving signature is images -> {"logits"}
+    ({"features"} for an include_top=False model)."""
     import tensorflow as tf
     from keras.export import ExportArchive
 
@@ -193,7 +195,7 @@ def _converter(model, cfg, work: str):
     archive = ExportArchive()
     archive.track(model)
     archive.add_endpoint(
-        "serve", lambda images: {"logits": model(images, training=False)},
+        "serve", lambda images: {output_name(cfg): model(images, training=False)},
         input_signature=[tf.TensorSpec((None, h, w, cfg.channels), tf.float32, name="images")])
     saved = os.path.join(work, "saved_model")
     archive.write_out(saved, verbose=False)

@@ -313,6 +313,29 @@ def test_python_api_bad_inputs_are_one_clear_error(tmp_path):
     assert meta["output"] == "features (include_top=False): float32 [batch, 192]"
 
 
+def test_features_model_output_is_named_features_in_every_format(tmp_path):
+    """An include_top=False model's files return `features`, not `logits` (ONNX output, TFLite and
+    SavedModel signatures), and the Runner reads them as Keras computes them."""
+    import onnx
+    import tensorflow as tf
+    from ai_edge_litert.interpreter import Interpreter
+
+    from keras_vit.export.runner import Runner
+
+    features = keras_vit.ViT("Ti/4", image_size=32, **TI, include_top=False)
+    x = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype(np.float32)
+    want = np.asarray(features(x, training=False))
+    onnx_path = to_onnx(features, tmp_path / "f.onnx")
+    assert [o.name for o in onnx.load(str(onnx_path)).graph.output] == ["features"]
+    tflite_path = to_tflite(features, tmp_path / "f.tflite")
+    assert Interpreter(model_path=str(tflite_path)).get_signature_list() == {
+        "serving_default": {"inputs": ["images"], "outputs": ["features"]}}
+    saved = to_saved_model(features, tmp_path / "f_saved")
+    assert list(tf.saved_model.load(str(saved)).signatures["serving_default"].structured_outputs) == ["features"]
+    for path in (onnx_path, tflite_path, saved):
+        np.testing.assert_allclose(Runner(path)(x), want, atol=1e-4, rtol=1e-4)
+
+
 def test_model_trained_in_mixed_bfloat16_exports_as_float32(tmp_path):
     """A .keras saved under mixed_bfloat16 (vitcli train --mixed-precision) holds float32 weights
     and a bfloat16 compute policy: exported as its float32 twin, checked at the fp32 thresholds."""
