@@ -47,8 +47,11 @@ def atomic_path(path: PathLike) -> Iterator[str]:
     tmp = os.path.join(folder, f".{name}.{secrets.token_hex(4)}.tmp{ext}")
     # O_EXCL: never clobber someone else's file; mode 0666 lets the umask decide, as open() does.
     os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    mode = os.stat(tmp).st_mode & 0o777
     try:
         yield tmp
+        if os.path.isfile(tmp) and os.stat(tmp).st_mode & 0o777 != mode:
+            os.chmod(tmp, mode)  # a writer that made its own file (safetensors: 0600) gets open()'s mode back
         os.replace(tmp, path)
     finally:
         if os.path.lexists(tmp):

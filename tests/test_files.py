@@ -59,6 +59,16 @@ def test_save_npz_file_mode_follows_the_umask(tmp_path, umask_022):
     assert os.listdir(tmp_path) == ["w.npz"]
 
 
+def test_save_safetensors_file_mode_follows_the_umask(tmp_path, umask_022):
+    """safetensors writes its own file, 0600: the saved file still gets open()'s mode."""
+    import keras_vit
+
+    model = keras_vit.ViT("Ti/16", image_size=32, num_classes=3)
+    path = keras_vit.save_safetensors(model, str(tmp_path / "w.safetensors"))
+    assert _mode(path) == 0o644
+    assert os.listdir(tmp_path) == ["w.safetensors"]
+
+
 def test_latest_link_beside_a_real_folder_leaves_no_temp(tmp_path, capsys):
     from keras_vit.train.runs import link_latest
 
