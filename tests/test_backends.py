@@ -173,3 +173,50 @@ def test_a_notebook_compile_refuses_float16_on_jax_on_a_cpu(tmp_path):
     assert proc.stdout.strip().splitlines()[-1] == (
         "refused: mixed_float16 on JAX needs a GPU (XLA's CPU matmuls take no float16); on this CPU use "
         "mixed_bfloat16 or none")
+
+
+_JAX_SCHEDULE = """
+import numpy as np, keras, keras_vit
+from keras_vit.train.schedules import evaluate_once_per_update, warmup_cosine
+
+def fit(wrapped, jit, accumulation):
+    keras.utils.set_random_seed(0)
+    model = keras_vit.ViT(variant=None, hidden_size=32, num_heads=2, mlp_dim=64, num_layers=1, patch_size=4,
+                          image_size=16, num_classes=3)
+    schedule = (warmup_cosine(1e-2, 12, 3, steps_per_update=accumulation or 1) if wrapped else
+                keras.optimizers.schedules.CosineDecay(0.0, 9, alpha=0.0, warmup_target=1e-2, warmup_steps=3))
+    opt = keras.optimizers.AdamW(schedule, weight_decay=0.1, gradient_accumulation_steps=accumulation)  # None: off
+    model.compile(evaluate_once_per_update(opt) if wrapped else opt,
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True), jit_compile=jit)
+    rng = np.random.default_rng(1)
+    model.fit(rng.uniform(0, 255, (48, 16, 16, 3)).astype("float32"), rng.integers(0, 3, 48), batch_size=8,
+              epochs=1, verbose=0, shuffle=False)
+    return [np.asarray(w) for w in model.weights]
+
+def gap(a, b):
+    return max(float(np.max(np.abs(x - y))) for x, y in zip(a, b))
+
+# without accumulation against keras' own CosineDecay; with it (read at micro-step // 2) eager against jitted
+print("eager", gap(fit(True, False, None), fit(False, False, None)))
+print("accumulation", gap(fit(True, False, 2), fit(True, True, 2)))
+"""
+
+
+@pytest.mark.slow
+def test_the_schedule_once_per_update_on_jax_eager_and_jitted(tmp_path):
+    """On JAX the un-jitted step (`--jit none`) computes the schedule once per update, as a TensorFlow trace
+    does (it took a cond per variable: 17 s a step for 2 blocks); eager, jitted and with gradient accumulation
+    (its update under a cond, where a cached tracer would leak) the weights are keras' CosineDecay's."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("jax")
+    proc = subprocess.run([sys.executable, "-c", _JAX_SCHEDULE], capture_output=True, text=True, timeout=600,
+                          cwd=tmp_path, env={**os.environ, "KERAS_BACKEND": "jax", "TF_CPP_MIN_LOG_LEVEL": "3",
+                                             "CUDA_VISIBLE_DEVICES": "", "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()[-2:]
+    assert [line.split()[0] for line in lines] == ["eager", "accumulation"], lines
+    for line in lines:
+        assert float(line.split()[1]) < 1e-5, lines

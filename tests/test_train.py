@@ -132,6 +132,22 @@ def test_schedule_is_computed_once_per_traced_step():
     assert isinstance(again, kt.WarmupCosine) and float(again(30)) == pytest.approx(float(reference(30)))
 
 
+def test_an_eager_update_evaluates_the_schedule_once(monkeypatch):
+    """Eagerly (run_eagerly, JAX's --jit none) one update read the schedule once per variable, each a cond."""
+    import keras
+
+    cfg = kt.make_config("digits", epochs=10, warmup_epochs=2, learning_rate=1e-3)
+    opt = kt.make_optimizer(cfg, steps_per_epoch=10)
+    variables = [keras.Variable(np.ones((3, 3), "float32")) for _ in range(5)]
+    opt.build(variables)
+    schedule, calls = opt._learning_rate, []
+    at = type(schedule)._at
+    monkeypatch.setattr(type(schedule), "_at", lambda self, step: calls.append(int(step)) or at(self, step))
+    for _ in range(3):
+        opt.apply([np.ones((3, 3), "float32")] * 5, variables)
+    assert calls == [0, 1, 2]
+
+
 def test_optimizer_is_built_before_the_first_trace(tmp_path):
     """No variable may be created inside the train step's trace: TensorFlow would trace it twice."""
     from keras_vit.train import loop
