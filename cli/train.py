@@ -1,6 +1,7 @@
 """`vitcli train`, `vitcli evaluate`, `vitcli predict`. TensorFlow/Keras load inside the commands."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -8,7 +9,16 @@ from typing import Optional, Sequence
 
 import click
 
-from keras_vit.cli.common import MODEL_OPTION_HELP, ImageSize, UserError, check_writable, parse_model_options, user_errors
+from keras_vit.cli.common import (
+    MODEL_OPTION_HELP,
+    ImageSize,
+    UserError,
+    check_writable,
+    parse_model_options,
+    sigterm_cleans_up,
+    user_errors,
+)
+from keras_vit.train.cluster_env import JAX_ENV
 
 _DATASET_HELP = ("digits (offline), cifar10, cifar100, mnist, fashion_mnist, tfds:NAME, "
                  "folder:PATH (PATH/<class>/*.jpg or PATH/train, PATH/val), "
@@ -114,8 +124,12 @@ def train_cmd(dataset: str, output: Optional[str], resume: bool, peer_timeout: O
     with reading_once():  # --weights CHECKPOINT: its file read once, for the config, the model's size and the weights
         if not resume:
             cfg = ktrain.make_config(dataset, options.pop("recipe") or "scratch", **options)
+        # One process: SIGTERM cleans up as Ctrl-C does (temporary files, a run folder with no epoch). A cluster
+        # worker keeps the default: blocked in a collective, it would not stop until its peers answer.
+        alone = not os.environ.get("TF_CONFIG") and not any(os.environ.get(k) for k in JAX_ENV)
         try:
-            result = ktrain.train(cfg, output=output, resume=resume, peer_timeout=peer_timeout)
+            with sigterm_cleans_up() if alone else contextlib.nullcontext():
+                result = ktrain.train(cfg, output=output, resume=resume, peer_timeout=peer_timeout)
         except ktrain.PeerLostError as exc:
             _rejoin(str(exc))
             raise

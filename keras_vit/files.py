@@ -12,10 +12,11 @@ import contextlib
 import errno
 import json
 import os
+import re
 import secrets
 import signal
 import threading
-from typing import Any, Iterator, Union
+from typing import Any, Iterator, List, Union
 
 PathLike = Union[str, os.PathLike]
 
@@ -56,6 +57,29 @@ def atomic_path(path: PathLike) -> Iterator[str]:
     finally:
         if os.path.lexists(tmp):
             os.remove(tmp)
+
+
+# The names the writers here give their temporary files and folders (atomic_path, atomic_dir, replace_path's
+# folder moved aside, PacedBackup's weights), which a process killed with SIGKILL leaves behind.
+_TEMPORARY = re.compile(r"^\.(.+\.[0-9a-f]{8}\.(tmp|old)(\.[^.]+)?|\d+-[0-9a-f]{8}\.tmp\.weights\.h5)$")
+
+
+def remove_temporaries(folder: PathLike) -> List[str]:
+    """Remove what killed writers left in `folder` and its sub-folders under this package's temporary names
+    (call it only on a folder no other live process writes to); returns their paths."""
+    import shutil
+
+    gone = []
+    for parent, dirs, names in os.walk(os.fspath(folder)):
+        for name in [n for n in dirs + names if _TEMPORARY.match(n)]:
+            path = os.path.join(parent, name)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path, ignore_errors=True)
+                dirs.remove(name)
+            else:
+                os.remove(path)
+            gone.append(path)
+    return gone
 
 
 @contextlib.contextmanager

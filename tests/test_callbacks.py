@@ -136,3 +136,103 @@ def test_backup_is_whole_or_the_previous_one(tmp_path):
     model.layers[0].kernel.assign(np.zeros((3, 2), "float32"))
     model.load_weights(str(tmp_path / "backup" / "latest.weights.h5"))
     np.testing.assert_array_equal(model.layers[0].kernel.numpy(), np.ones((3, 2)))
+
+
+def _scripted_fit(folder, values, callbacks, key="val_accuracy", epochs=None):
+    class Scripted(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if key is not None:
+                logs[key] = values[epoch]
+
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+    model.compile(optimizer="sgd", loss="mse")
+    model.fit(np.ones((8, 4)), np.zeros((8, 3)), epochs=epochs or len(values), verbose=0,
+              callbacks=[Scripted(), *callbacks])
+    return model
+
+
+def _saved_epochs(folder, name):
+    return keras.saving.load_model(str(folder / name)).get_weights()
+
+
+def test_a_loss_monitor_keeps_the_lowest_and_a_missing_one_is_said(tmp_path, monkeypatch):
+    """monitor="val_loss" kept the highest loss (best.keras was the worst epoch); a fit without validation
+    data wrote no best.keras without a word."""
+    import pytest
+
+    saves = []
+    real = C.save_model
+    monkeypatch.setattr(C, "save_model", lambda model, path: (saves.append(os.path.basename(path)), real(model, path)))
+    check = C.atomic_checkpoint(str(tmp_path), monitor="val_loss")
+    assert check.mode == "min"
+    _scripted_fit(tmp_path, [0.5, 2.0, 0.1], [check], key="val_loss")
+    assert check.best == 0.1 and saves == ["last.keras", "best.keras", "last.keras", "last.keras", "best.keras"]
+    assert C.atomic_checkpoint(str(tmp_path), monitor="val_top5", mode="auto").mode == "max"
+    with pytest.raises(ValueError, match="mode must be 'auto', 'min' or 'max', got 'up'"):
+        C.atomic_checkpoint(str(tmp_path), mode="up")
+    (tmp_path / "b").mkdir()
+    with pytest.warns(UserWarning, match=r"'val_accuracy' is not in the epoch's logs \(loss\); best.keras is not written"):
+        _scripted_fit(tmp_path / "b", [0, 0], [C.atomic_checkpoint(str(tmp_path / "b"))], key=None)
+
+
+def test_a_resumed_runs_best_is_beaten_only_by_a_better_epoch(tmp_path):
+    """A resumed run started from best = -inf: its first epoch replaced best.keras (0.9) with a 0.3 one."""
+    from keras_vit.train import loop
+
+    run = tmp_path / "run"
+    run.mkdir()
+    _scripted_fit(run, [0.9, 0.5], loop._callbacks(str(run), False))
+    best = _saved_epochs(run, "best.keras")
+    _scripted_fit(run, [0, 0, 0.2, 0.3], loop._callbacks(str(run), True), epochs=4)  # epochs 2, 3 run
+    for got, want in zip(_saved_epochs(run, "best.keras"), best):
+        np.testing.assert_array_equal(got, want)
+    _scripted_fit(run, [0, 0, 0, 0, 0.95], loop._callbacks(str(run), True), epochs=5)
+    assert any(not np.array_equal(a, b) for a, b in zip(_saved_epochs(run, "best.keras"), best))
+
+
+def test_a_kill_between_the_weights_and_the_metadata_resumes_at_the_weights_epoch(tmp_path, monkeypatch):
+    """The backup's epoch is written into its weights file before the rename: a kill before the metadata
+    followed left it an epoch behind, and the resume trained that epoch again (20 updates, not 16)."""
+    import pytest
+
+    from keras_vit.train import loop, runs
+
+    run = tmp_path / "run"
+    run.mkdir()
+    real, calls = C.write_json, []
+
+    def dying(path, obj):
+        calls.append(obj)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(path, obj)
+
+    monkeypatch.setattr(C, "write_json", dying)
+    with pytest.raises(KeyboardInterrupt):
+        _scripted_fit(run, [0.1] * 4, loop._callbacks(str(run), False))
+    monkeypatch.setattr(C, "write_json", real)
+    assert json.loads((run / "backup" / "training_metadata.json").read_text())["epoch"] == 1
+    assert runs.backup_epoch(str(run / "backup")) == 2
+    model = _scripted_fit(run, [0.1] * 4, loop._callbacks(str(run), True))
+    assert int(model.optimizer.iterations) == 4  # 1 step an epoch (batch 8 of 8), epochs 2 and 3
+    assert [int(r.split(",")[0]) for r in (run / "metrics.csv").read_text().splitlines()[1:]] == [0, 1, 2, 3]
+
+
+def test_a_backup_with_a_damaged_array_is_one_line(tmp_path, monkeypatch):
+    """A weights file that opens but holds a damaged heap gave h5py's RuntimeError traceback at the restore."""
+    import pytest
+
+    from keras_vit.errors import TrainError
+    from keras_vit.train import loop
+
+    run = tmp_path / "run"
+    run.mkdir()
+    _scripted_fit(run, [0.1, 0.2], loop._callbacks(str(run), False))
+    path = run / "backup" / "latest.weights.h5"
+    data = bytearray(path.read_bytes())
+    for i in range(2000, len(data), 997):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(TrainError, match=r"its backup '.*latest.weights.h5' is damaged") as exc:
+        loop._check_backup(str(run))
+    assert "\n" not in str(exc.value)

@@ -611,3 +611,20 @@ def test_weights_whose_backbone_does_not_fit_are_refused(tmp_path):
     with pytest.raises(TrainError, match=r"variables do not fit this model .* they would start untrained"):
         train(cfg, output=str(tmp_path / "run"), verbose=0)
     assert not (tmp_path / "run").exists()
+
+
+def test_sigterm_during_training_cleans_up_as_ctrl_c(tmp_path):
+    """SIGTERM (a timeout, kill, a scheduler) while the first epoch trains: "Terminated.", status 143 and no run
+    folder, as Ctrl-C leaves (it left the folder with config.json only, and runs/latest moved to it)."""
+    run = tmp_path / "run"
+    proc = subprocess.Popen(_cmd("train", "--dataset", "digits", "--variant", "Ti/4", "--image-size", "16",
+                                 "--num-layers", "1", "--epochs", "50", "--output", str(run)),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(), cwd=tmp_path)
+    deadline = time.time() + 300
+    while not (run / "config.json").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.communicate()[0][-3000:]
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 143 and out.strip().splitlines()[-1] == "Terminated.", out[-3000:]
+    assert not run.exists() and not (tmp_path / "runs").exists(), out[-3000:]

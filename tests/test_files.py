@@ -169,3 +169,23 @@ def test_a_folder_where_the_file_goes_is_named_before_the_work(tmp_path):
             ran.append(True)
     assert info.value.filename == str(tmp_path / "figure.png") and not ran
     assert os.listdir(tmp_path) == ["figure.png"]
+
+
+def test_remove_temporaries_takes_only_the_writers_names(tmp_path):
+    """What a SIGKILLed writer leaves (atomic_path's file, atomic_dir's folder, a folder moved aside, the
+    backup's weights) is removed when its run resumes; files of the same look but other names stay."""
+    left = [".last.keras.0f307181.tmp.keras", ".model.onnx.deadbeef.tmp.onnx", "backup/.4242-0a1b2c3d.tmp.weights.h5",
+            ".saved.12345678.tmp/", ".saved.87654321.old/"]
+    kept = ["last.keras", ".hidden", ".last.keras.tmp.keras", "notes.0f307181.tmp", "backup/latest.weights.h5"]
+    for name in left + kept:
+        path = tmp_path / name.rstrip("/")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if name.endswith("/"):
+            path.mkdir()
+            (path / "inside").write_text("x")
+        else:
+            path.write_text("x")
+    gone = files.remove_temporaries(tmp_path)
+    assert sorted(os.path.relpath(p, tmp_path) for p in gone) == sorted(n.rstrip("/") for n in left)
+    assert sorted(os.path.relpath(os.path.join(d, n), tmp_path) for d, _, ns in os.walk(tmp_path) for n in ns) == \
+        sorted(kept)

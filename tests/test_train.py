@@ -549,6 +549,19 @@ def test_a_damaged_backup_or_config_is_one_line_and_the_run_is_left_as_it_was(tm
     run = tmp_path / "run"
     _kill_as_fit_returns(monkeypatch, cfg, run)
     metrics = (run / "metrics.csv").read_bytes()
+    # the weights file holds its own epoch, so a cut metadata file is written again from it ...
+    from keras_vit.train import loop
+    from keras_vit.train.callbacks import POSITION_ATTR
+
+    repaired = tmp_path / "repaired"
+    shutil.copytree(run, repaired)
+    (repaired / "backup/training_metadata.json").write_bytes(b'{"epoch": ')
+    loop._check_backup(str(repaired))
+    assert json.loads((repaired / "backup/training_metadata.json").read_text()) == {"epoch": 2, "batch": 0}
+    import h5py  # ... and is damaged only where the weights do not (a backup written before they did)
+
+    with h5py.File(run / "backup/latest.weights.h5", "a") as f:
+        del f.attrs[POSITION_ATTR]
     for name, damage, said in (("backup/training_metadata.json", b'{"epoch": ', "training_metadata.json' is damaged"),
                                ("backup/latest.weights.h5", b"\x89HDF\r\n", "latest.weights.h5' is damaged"),
                                ("config.json", b'{"train": {', "its config.json is damaged")):

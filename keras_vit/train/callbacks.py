@@ -2,8 +2,10 @@
 and every epoch)."""
 from __future__ import annotations
 
+import json
 import os
 import time
+import warnings
 from typing import Optional
 
 import keras
@@ -32,21 +34,40 @@ class SaveClock:
 class AtomicCheckpoint(keras.callbacks.Callback):
     """Saves the model as `last.keras` and, when `monitor` improves, as `best.keras`, each through a
     temporary name, so a kill mid-write never leaves a truncated checkpoint; at most every `interval`
-    seconds (the best weights are kept in memory until then) and after the last epoch."""
+    seconds (the best weights are kept in memory until then) and after the last epoch.
 
-    def __init__(self, folder: str, monitor: str = "val_accuracy", interval: float = 0.0):
+    `mode`: "max", "min", or "auto" (min for a monitor named like a loss, as keras' ModelCheckpoint);
+    `best`: the value to beat (a resumed run's best epoch so far), None for none. A monitor that is
+    not in an epoch's logs (fit without validation data) is said once, as a warning."""
+
+    def __init__(self, folder: str, monitor: str = "val_accuracy", interval: float = 0.0, mode: str = "auto",
+                 best: Optional[float] = None):
         super().__init__()
+        if mode not in ("auto", "min", "max"):
+            raise ValueError(f"mode must be 'auto', 'min' or 'max', got {mode!r}")
         self.folder, self.monitor = folder, monitor
-        self.best = -np.inf
+        self.mode = ("min" if "loss" in monitor else "max") if mode == "auto" else mode
+        self.best = (np.inf if self.mode == "min" else -np.inf) if best is None else float(best)
         self.clock = SaveClock(interval)
         self._best_weights = None  # the best epoch's weights, not yet written
+        self._warned = False
 
     def on_train_begin(self, logs=None):
         self.clock.saved()
 
+    def _improved(self, value) -> bool:
+        if value is None:
+            return False
+        return value < self.best if self.mode == "min" else value > self.best
+
     def on_epoch_end(self, epoch, logs=None):
         value = (logs or {}).get(self.monitor)
-        improved = value is not None and value > self.best
+        if value is None and not self._warned:
+            self._warned = True
+            warnings.warn(f"AtomicCheckpoint: {self.monitor!r} is not in the epoch's logs ({', '.join(sorted(logs or {}))})"
+                          f"; best.keras is not written (fit with validation data, or monitor one of those)",
+                          stacklevel=2)
+        improved = self._improved(value)
         if improved:
             self.best = value
         if not self.clock.due(epoch, (self.params or {}).get("epochs")):
@@ -86,8 +107,18 @@ class PacedBackup(keras.callbacks.BackupAndRestore):
         self.clock = SaveClock(interval)
 
     def on_train_begin(self, logs=None):
+        self._agree_with_weights()
         super().on_train_begin(logs)
         self.clock.saved()
+
+    def _agree_with_weights(self) -> None:
+        """The epoch the weights file holds (written into it before its rename) is the backup's: a kill
+        between the weights' rename and the metadata's left the metadata an epoch behind, and the
+        resumed run trained that epoch again, past its schedule's end."""
+        weights, meta = getattr(self, "_weights_path", None), getattr(self, "_training_metadata_path", None)
+        held = backup_position(weights) if weights else None
+        if held is not None and held != read_json(meta):
+            write_json(meta, held)
 
     def on_epoch_end(self, epoch, logs=None):
         if self.clock.due(epoch, (self.params or {}).get("epochs")):
@@ -105,18 +136,48 @@ class PacedBackup(keras.callbacks.BackupAndRestore):
             return super()._save_model()
         os.makedirs(self.backup_dir, exist_ok=True)
         tmp = os.path.join(self.backup_dir, f".{os.getpid()}-{os.urandom(4).hex()}.tmp.weights.h5")
+        position = {"epoch": self._current_epoch, "batch": self._last_batch_seen}
         try:
             self.model.save_weights(filepath=tmp, overwrite=True)
+            import h5py
+
+            with h5py.File(tmp, "a") as f:  # committed with the weights by the one rename
+                f.attrs[POSITION_ATTR] = json.dumps(position)
             os.replace(tmp, self._weights_path)
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)
-        write_json(self._training_metadata_path, {"epoch": self._current_epoch, "batch": self._last_batch_seen})
+        write_json(self._training_metadata_path, position)
 
 
-def atomic_checkpoint(folder: str, monitor: str = "val_accuracy", interval: float = 0.0) -> AtomicCheckpoint:
+POSITION_ATTR = "keras_vit_backup"  # the backup weights file's own {"epoch", "batch"}
+
+
+def read_json(path: str):
+    """The JSON in `path`; None when it is missing or not JSON."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def backup_position(weights: str) -> Optional[dict]:
+    """The {"epoch", "batch"} a backup weights file was written at (None: no file, or one written before
+    keras-vit recorded it)."""
+    import h5py
+
+    if not os.path.isfile(weights):
+        return None
+    with h5py.File(weights, "r") as f:
+        text = f.attrs.get(POSITION_ATTR)
+    return None if text is None else json.loads(text)
+
+
+def atomic_checkpoint(folder: str, monitor: str = "val_accuracy", interval: float = 0.0, mode: str = "auto",
+                      best: Optional[float] = None) -> AtomicCheckpoint:
     """The AtomicCheckpoint callback for a run folder."""
-    return AtomicCheckpoint(folder, monitor, interval)
+    return AtomicCheckpoint(folder, monitor, interval, mode, best)
 
 
 class LearningRateLogger(keras.callbacks.Callback):

@@ -20,12 +20,12 @@ from keras_vit import data as kdata
 from keras_vit import precision
 from keras_vit.config import ViTConfig
 from keras_vit.errors import TrainError, first_line, op_error_line
-from keras_vit.files import link, save_model, write_json, write_text
+from keras_vit.files import link, remove_temporaries, save_model, write_json, write_text
 from keras_vit.layers.fusion import SCOPES_ENV
 from keras_vit.model import build_model
 from keras_vit.plots import plot_training_curves, read_metrics_csv
 from keras_vit.train import towers
-from keras_vit.train.callbacks import LearningRateLogger, PacedBackup, atomic_checkpoint
+from keras_vit.train.callbacks import LearningRateLogger, PacedBackup, atomic_checkpoint, backup_position, read_json
 from keras_vit.train.distribute import (
     Cluster,
     ClusterError,
@@ -93,6 +93,7 @@ def _train_once(cfg: TrainConfig, output: Optional[str], resume: bool, root: str
     if resume:
         run, cfg = _resumed(output, root)
         held.append(hold_run(run))  # not a run another live process trains
+        remove_temporaries(run)  # what a killed process was writing
     else:
         cfg.validate()
     cluster = start_cluster(cfg.distribute, peer_timeout)  # before any other TensorFlow work
@@ -179,6 +180,8 @@ def _train(cfg: TrainConfig, run: Optional[str], resume: bool, cluster: Cluster,
                 run = started[0].run = _start_run(cfg, data, output, root, mixed, jit)
             if cluster.is_chief and not held:
                 held.append(hold_run(run))
+                if resume:
+                    remove_temporaries(run)
             build_without_data(model, data.train)
             start = time.time()
             history = model.fit(data.train, validation_data=data.val, epochs=cfg.epochs, steps_per_epoch=data.fit_steps,
@@ -225,8 +228,15 @@ def _check_backup(run: str) -> None:
             if os.path.isfile(os.path.join(run, "last.keras")) else "")
     import h5py
 
-    path = meta
+    path = weights
     try:
+        if os.path.exists(weights):  # every array read: a damaged one fails here, not in Keras' restore
+            with h5py.File(weights, "r") as f:
+                f.visititems(lambda _, obj: obj[()] if isinstance(obj, h5py.Dataset) else None)
+            held = backup_position(weights)
+            if held is not None and held != read_json(meta):  # the weights' own epoch: the metadata
+                write_json(meta, held)  # may be a kill behind it
+        path = meta
         with open(meta) as f:
             epoch = json.load(f)["epoch"]
         if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
@@ -234,7 +244,7 @@ def _check_backup(run: str) -> None:
         path = weights
         with h5py.File(weights, "r"):
             pass
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:  # h5py: RuntimeError for a bad heap
         raise TrainError(f"cannot resume {run!r}: its backup {path!r} is damaged ({first_line(exc)}){last}") from None
 
 
@@ -434,14 +444,17 @@ def _callbacks(run: str, resume: bool, cluster: Optional[Cluster] = None,
     interval = 0.0 if cluster.multi_worker else checkpoint_interval
     backup = os.path.join(run, "backup")
     csv_path = os.path.join(run, "metrics.csv")
+    best = None  # a resumed run's best.keras is beaten only by a better epoch than those before
     if resume:
         trim_csv(csv_path, backup_epoch(backup))
+        done = read_metrics_csv(csv_path).get("val_accuracy") if os.path.isfile(csv_path) else None
+        best = max(done) if done and os.path.isfile(os.path.join(run, "best.keras")) else None
     callbacks = [
         keras.callbacks.TerminateOnNaN(),
         LearningRateLogger(),
         keras.callbacks.CSVLogger(csv_path, append=True),
         keras.callbacks.TensorBoard(os.path.join(run, "logs"), write_graph=False, profile_batch=0),
-        atomic_checkpoint(run, monitor="val_accuracy", interval=interval),
+        atomic_checkpoint(run, monitor="val_accuracy", interval=interval, best=best),
     ]
     # JAX processes save in lockstep (saving creates variables, and each is checked equal on
     # every process), so there each worker keeps a backup; on TensorFlow only the chief does.

@@ -119,7 +119,16 @@ def read_run_config(run: str) -> Dict[str, Any]:
 
 
 def backup_epoch(backup_dir: str) -> int:
-    """Epochs completed according to BackupAndRestore's metadata (0 when there is none)."""
+    """Epochs completed according to the backup: its weights file's own record, else BackupAndRestore's
+    metadata (0 when there is none)."""
+    from keras_vit.train.callbacks import backup_position
+
+    try:
+        held = backup_position(os.path.join(backup_dir, "latest.weights.h5"))
+    except (OSError, ValueError):
+        held = None
+    if held is not None:
+        return int(held.get("epoch", 0))
     try:
         with open(os.path.join(backup_dir, "training_metadata.json")) as f:
             return int(json.load(f).get("epoch", 0))
