@@ -379,6 +379,62 @@ def test_half_a_head_or_a_head_of_another_rank_is_refused(tmp_path, change, mess
     assert keras_vit.ViT(weights=cf.write(tmp_path / "h.npz", headless), num_heads=2, num_classes=5)
 
 
+@pytest.mark.parametrize("key,cut,message", [
+    ("blocks.0.attn.qkv.weight", lambda w: w[:-1],
+     r"blocks\.0\.attn\.qkv\.weight \(95, 32\): a fused query, key, value array has 3 x 32 = 96 rows"),
+    ("blocks.0.attn.qkv.bias", lambda w: w[:-2], r"blocks\.0\.attn\.qkv\.bias \(94,\): a fused query, key, value"),
+    ("blocks.0.attn.proj.weight", lambda w: w[:, :-1],
+     r"blocks\.0\.attn\.proj\.weight \(32, 31\) does not fit the model: cannot reshape"),
+    ("pos_embed", lambda w: w[:, :-3], r"its position embeddings have 14 rows, but its config's image and patch size "
+                                       r"give a 4x4 patch grid: 16 rows, or 17 with the model's 1 prefix token"),
+])
+def test_a_timm_file_with_a_cut_array_names_the_key(tmp_path, key, cut, message):
+    """A timm file whose fused qkv or projection has another shape gave NumPy's reshape error alone, and a
+    position table cut short was resampled from whatever grid its rows factor into (1x13): each names the key."""
+    from safetensors import safe_open
+    from safetensors.numpy import load_file, save_file
+
+    model = keras_vit.ViT(image_size=16, patch_size=4, hidden_size=32, mlp_dim=64, num_heads=2, num_layers=1,
+                          num_classes=3)
+    path = keras_vit.save_safetensors(model, str(tmp_path / "ok.safetensors"))
+    with safe_open(path, "np") as f:
+        meta = f.metadata()
+    sd = load_file(path)
+    sd[key] = np.ascontiguousarray(cut(sd[key]))
+    save_file(sd, str(tmp_path / "cut.safetensors"), metadata=meta)
+    with pytest.raises(ValueError, match=message):
+        keras_vit.ViT(weights=str(tmp_path / "cut.safetensors"))
+
+
+@pytest.mark.parametrize("family,hf", [("deit3", False), ("siglip", False), ("siglip", True)])
+def test_a_missing_patch_bias_is_a_missing_key_unless_the_tower_has_none(tmp_path, family, hf):
+    """Only CLIP's patch embedding has no bias (timm: bias=not pre_norm); a DeiT-III or SigLIP file without one
+    loaded a zero bias silently."""
+    import json
+
+    import family_factory as ff
+    import hf_family_factory as hff
+    from safetensors.numpy import save_file
+
+    sd, arch, config = ff.family_state_dict(np.random.default_rng(3), family)
+    if hf:
+        hsd, hconf, pre = hff.timm_to_hf(sd, arch, family)
+        folder = hff.write_folder(tmp_path / "hf", {k: v for k, v in hsd.items()
+                                                    if k != "vision_model.embeddings.patch_embedding.bias"}, hconf, pre)
+    else:
+        folder = tmp_path / "timm"
+        folder.mkdir()
+        save_file({k: v for k, v in sd.items() if k != "patch_embed.proj.bias"}, str(folder / "model.safetensors"))
+        (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"missing keys \(1\): embedding/bias"):
+        keras_vit.ViT(weights=str(folder))
+    clip, _, clip_config = ff.family_state_dict(np.random.default_rng(3), "clip")
+    assert "patch_embed.proj.bias" not in clip and "norm_pre.weight" in clip
+    save_file(clip, str(tmp_path / "clip.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps(clip_config))
+    assert keras_vit.ViT(weights=str(tmp_path / "clip.safetensors")).count_params()
+
+
 @pytest.mark.parametrize("family,drop,message", [
     ("deit_distilled", "cls_classifier.bias", r"missing keys \(1\): head/bias"),
     ("siglip", "vision_model.head.attention.in_proj_bias", r"missing keys \(3\): MAPHead_0/.*key/bias"),

@@ -147,20 +147,24 @@ def _clip_like(sd: Mapping[str, np.ndarray], num_heads: int, siglip: bool) -> Di
     take(h + "probe", _MAP + "probe")
     w = h + "attention.in_proj_weight"
     if w in r.sd:
-        qkv, bias = np.asarray(r.sd[w]), r.sd.get(h + "attention.in_proj_bias")
-        d = qkv.shape[1]
+        d = np.shape(r.sd[w])[1]
+        qkv = tl._fused_qkv(w, r.sd[w], d)
+        bias = r.sd.get(h + "attention.in_proj_bias")
+        if bias is not None:
+            bias = tl._fused_qkv(h + "attention.in_proj_bias", bias, d)
         tl._check_heads(w, d, num_heads)
         for j, n in enumerate(("query", "key", "value")):
             r.out[f"{_MAP_ATT}{n}/kernel"] = tl._heads_in(qkv[j * d:(j + 1) * d], num_heads)
             if bias is not None:  # a missing one is reported as the canonical keys loading misses
-                r.out[f"{_MAP_ATT}{n}/bias"] = np.asarray(bias)[j * d:(j + 1) * d].reshape(num_heads, -1)
+                r.out[f"{_MAP_ATT}{n}/bias"] = bias[j * d:(j + 1) * d].reshape(num_heads, -1)
         r.used.update({w, h + "attention.in_proj_bias"})
     _out_proj(r, h + "attention.out_proj", _MAP_ATT, num_heads)
     take(h + "layernorm.weight", _MAP + "LayerNorm_0/scale")
     take(h + "layernorm.bias", _MAP + "LayerNorm_0/bias")
     _mlp(take, h + "mlp.", _MAP + "MlpBlock_0/")
     out = r.result()
-    _zeros_bias(out, "embedding/kernel", "embedding/bias")
+    if not siglip:  # CLIP's patch embedding has no bias; SigLIP's has one, so a missing one is a damaged file
+        _zeros_bias(out, "embedding/kernel", "embedding/bias")
     _zeros_bias(out, "head/kernel", "head/bias")
     return out
 

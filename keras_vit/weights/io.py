@@ -249,6 +249,11 @@ def _adapt_position_embeddings(values: Dict[str, np.ndarray], target: Mapping[st
         # when the table fits it (with the prefix rows, or without them as big_vision writes it).
         fits = [q for q in dict.fromkeys((prefix, 0)) if source_grid is not None
                 and pe.shape[1] - q == source_grid[0] * source_grid[1]]
+        if source_grid is not None and not fits:  # a damaged table, or a config that is not the checkpoint's
+            gh, gw = source_grid
+            raise ValueError(f"{source}: its position embeddings have {pe.shape[1]} rows, but its config's image and "
+                             f"patch size give a {gh}x{gw} patch grid: {gh * gw} rows"
+                             + (f", or {gh * gw + prefix} with the model's {prefix} prefix token(s)" if prefix else ""))
         p = fits[0] if fits else _split_posemb(pe.shape[1], prefix, grid, big_vision_posemb)
         if p == 0 and prefix:  # big_vision adds E_pos before prepending x_class: zero slots
             pe = np.concatenate([np.zeros_like(pe[:, :1])] * prefix + [pe], axis=1)

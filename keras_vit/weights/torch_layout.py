@@ -24,9 +24,10 @@ NumPy only: no torch.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import re
-from typing import Dict, List, Mapping, Optional, Tuple
+from typing import Dict, Iterator, List, Mapping, Optional, Tuple
 
 import numpy as np
 
@@ -69,6 +70,26 @@ def _check_heads(name: str, d: int, num_heads: int) -> None:
         raise ValueError(f"{name}: width {d} is not divisible by num_heads={num_heads}")
 
 
+@contextlib.contextmanager
+def naming(key: str, array) -> Iterator[None]:
+    """NumPy's reshape error ("cannot reshape array of size ...") with the checkpoint key and its shape."""
+    try:
+        yield
+    except ValueError as exc:
+        if not str(exc).startswith("cannot reshape"):
+            raise
+        raise ValueError(f"{key} {tuple(np.shape(array))} does not fit the model: {exc}") from None
+
+
+def _fused_qkv(key: str, array, d: int) -> np.ndarray:
+    """A fused q, k, v weight (3 d, d) or bias (3 d,): ValueError naming `key` for another shape."""
+    array = np.asarray(array)
+    if array.shape[0] != 3 * d:
+        raise ValueError(f"{key} {tuple(array.shape)}: a fused query, key, value array has 3 x {d} = {3 * d} rows "
+                         f"for the {d}-wide tokens")
+    return array
+
+
 class _Renamer:
     """Converted arrays under canonical names; source keys it did not use pass through unchanged,
     so that loading reports them as unexpected."""
@@ -78,7 +99,8 @@ class _Renamer:
 
     def take(self, key: str, name: str, convert=np.asarray) -> None:
         if key in self.sd:
-            self.out[name] = convert(self.sd[key])
+            with naming(key, self.sd[key]):
+                self.out[name] = convert(self.sd[key])
             self.used.add(key)
 
     def result(self) -> Dict[str, np.ndarray]:
@@ -162,7 +184,8 @@ def from_timm(sd: Mapping[str, np.ndarray], num_heads: int,
     take = r.take
     take("patch_embed.proj.weight", "embedding/kernel", _conv)
     take("patch_embed.proj.bias", "embedding/bias")
-    if "patch_embed.proj.weight" in sd and "patch_embed.proj.bias" not in sd:  # CLIP: bias=not pre_norm
+    # timm's patch embedding has bias=not pre_norm (CLIP); elsewhere a missing bias is a damaged file
+    if "patch_embed.proj.weight" in sd and "patch_embed.proj.bias" not in sd and "norm_pre.weight" in sd:
         r.out["embedding/bias"] = np.zeros(np.asarray(sd["patch_embed.proj.weight"]).shape[0], np.float32)
     take("cls_token", "cls")
     take("dist_token", "dist")
@@ -179,14 +202,14 @@ def from_timm(sd: Mapping[str, np.ndarray], num_heads: int,
         _take_layer_norms(take, t, b, "norm1", "norm2")
         qkv = t + "attn.qkv.weight"
         if qkv in sd:
-            w = np.asarray(sd[qkv])
-            d = w.shape[1]
+            d = np.shape(sd[qkv])[1]
+            w = _fused_qkv(qkv, sd[qkv], d)
             _check_heads(qkv, d, num_heads)
             for j, n in enumerate(("query", "key", "value")):
                 r.out[f"{b}{_ATT}{n}/kernel"] = _heads_in(w[j * d:(j + 1) * d], num_heads)
             r.used.add(qkv)
             if t + "attn.qkv.bias" in sd:
-                bias = np.asarray(sd[t + "attn.qkv.bias"])
+                bias = _fused_qkv(t + "attn.qkv.bias", sd[t + "attn.qkv.bias"], d)
                 for j, n in enumerate(("query", "key", "value")):
                     r.out[f"{b}{_ATT}{n}/bias"] = bias[j * d:(j + 1) * d].reshape(num_heads, -1)
                 r.used.add(t + "attn.qkv.bias")
@@ -242,6 +265,8 @@ def _attention_pool_from_timm(sd: Mapping[str, np.ndarray], r: _Renamer, num_hea
         key = f"{p}kv.{suffix}"
         if key in sd:
             kv = np.asarray(sd[key])
+            if kv.shape[0] != 2 * d:
+                raise ValueError(f"{key} {tuple(kv.shape)}: a fused key, value array has 2 x {d} = {2 * d} rows")
             r.out[f"{_MAP_ATT}key/{'kernel' if suffix == 'weight' else 'bias'}"] = convert(kv[:d])
             r.out[f"{_MAP_ATT}value/{'kernel' if suffix == 'weight' else 'bias'}"] = convert(kv[d:])
             r.used.add(key)
