@@ -177,6 +177,9 @@ def test_checkpoints_and_resize_take_the_update(tmp_path):
     (dict(rank=2, targets=("query", "out")), "LoRA targets must be distinct names among query, key, value, mlp"),
     (dict(rank=2, targets=()), "LoRA targets must be distinct names"),
     (dict(rank=2, alpha=-1), "LoRA alpha must be a positive number, got -1"),
+    (dict(rank=10**9), r"LoRA rank 1000000000 is larger than '.*encoderblock_0.*' can use: at most min\(inputs, "
+                       r"outputs\) = 32"),
+    (dict(rank=33, targets=("mlp",)), r"LoRA rank 33 is larger than .* = 32"),
 ])
 def test_bad_lora_arguments_are_one_line(kwargs, message):
     with pytest.raises(UserInputError, match=message):
@@ -230,3 +233,50 @@ def test_a_lora_model_reloads_uncompiled_saying_why(tmp_path):
     plain.fit(x, y, epochs=1, verbose=0)
     plain.save(tmp_path / "plain.keras")
     assert keras_vit.load_model(tmp_path / "plain.keras").compiled  # without LoRA: its optimizer state back
+
+
+def test_numpy_rank_and_alpha_are_numbers():
+    """A rank of np.int64(4) was refused as "not a positive integer"."""
+    model = _model()
+    assert keras_vit.enable_lora(model, rank=np.int64(2), alpha=np.float32(4.0)) == 2
+    layer = _attention(model)[0]
+    assert type(layer.lora_rank) is int and layer.lora_rank == 2 and float(layer.lora_alpha) == 4.0
+
+
+def test_lora_on_a_model_already_used_takes_effect(tmp_path):
+    """enable_lora / load_lora_weights after predict or fit: predict kept running the traced graph without
+    LoRA (logits off by 5 with random factors), and fit trained the frozen kernels; now the functions are
+    traced again, and a model whose optimizer is built is told to compile again."""
+    x = _images(4)
+    model = _model()
+    model.predict(x, verbose=0)
+    keras_vit.enable_lora(model, rank=2)
+    _randomise_b(model)
+    np.testing.assert_allclose(model.predict(x, verbose=0), keras.ops.convert_to_numpy(model(x)), atol=1e-5)
+    keras_vit.save_lora_weights(model, tmp_path / "a.lora.npz")
+    base = _model()
+    base.predict(x, verbose=0)
+    keras_vit.load_lora_weights(base, tmp_path / "a.lora.npz")
+    np.testing.assert_allclose(base.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-5)
+    trained = _model()
+    trained.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    trained.fit(x, np.arange(4) % 5, verbose=0)
+    with pytest.warns(UserWarning, match="call model.compile\\(...\\) again before fit"):
+        keras_vit.enable_lora(trained, rank=2)
+
+
+def test_lora_files_into_float8_or_a_missing_folder_are_one_line(tmp_path):
+    """load_lora_weights enabled LoRA on float8 layers (the model then failed at every call); saving into a
+    folder that does not exist named the temporary file."""
+    model = _model()
+    keras_vit.enable_lora(model, rank=2, targets=("query", "mlp"))
+    with pytest.raises(UserInputError, match=r"folder '.*nodir' does not exist"):
+        keras_vit.save_lora_weights(model, tmp_path / "nodir" / "a.lora.npz")
+    keras_vit.save_lora_weights(model, tmp_path / "a.lora.npz")
+    f8 = _model()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        f8.quantize("float8")
+    with pytest.raises(UserInputError, match="LoRA does not combine with float8 quantization"):
+        keras_vit.load_lora_weights(f8, tmp_path / "a.lora.npz")
+    assert not any(getattr(layer, "lora_enabled", False) for layer in f8._flatten_layers())

@@ -472,3 +472,16 @@ def test_an_npz_named_safetensors_loads_as_an_npz(tmp_path, images):
     keras_vit.save_npz(model, tmp_path / "odd.safetensors")
     again = keras_vit.ViT(weights=str(tmp_path / "odd.safetensors"))
     np.testing.assert_array_equal(np.asarray(again(images)), np.asarray(model(images)))
+
+
+def test_a_keras_model_given_as_a_checkpoint_is_named_so(tmp_path):
+    """A .keras file (a zip) was read as an .npz of three arrays: "missing keys (38) ... unexpected keys (3):
+    config.json, metadata.json, model.weights.h5", or advice to pass num_heads=."""
+    model = keras_vit.ViT(image_size=16, patch_size=4, hidden_size=32, mlp_dim=64, num_heads=2, num_layers=1,
+                          num_classes=3)
+    path = str(tmp_path / "m.keras")
+    model.save(path)
+    for load in (lambda: keras_vit.ViT(weights=path), lambda: keras_vit.load_weights(model, path)):
+        with pytest.raises(ValueError, match=r"'.*m\.keras' is a Keras model \(\.keras\), not a checkpoint: load it "
+                                             r"with keras_vit\.load_model\(path\)"):
+            load()

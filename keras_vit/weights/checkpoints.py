@@ -533,6 +533,10 @@ def read_checkpoint(weights: PathLike) -> Checkpoint:
     what it says about its model: the Published table, the Hub's config.json, the metadata
     keras-vit writes, else the array shapes (once per unchanged file inside `reading_once()`)."""
     spec = os.fspath(weights)
+    if spec.endswith(".keras") and os.path.isfile(spec):  # a zip, which np.load would read as an .npz of 3 files
+        raise ValueError(f"{spec!r} is a Keras model (.keras), not a checkpoint: load it with "
+                         "keras_vit.load_model(path), or train from it with vitcli train --weights "
+                         "(keras_vit.train.load_initial_weights)")
     local = checkpoint_path(spec)
     if not _ONCE:
         return _read_checkpoint(spec, local)

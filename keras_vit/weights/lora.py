@@ -14,7 +14,9 @@ saved before `enable_lora` and the factors together give the trained model back 
 from __future__ import annotations
 
 import json
+import numbers
 import os
+import warnings
 import zipfile
 from typing import Dict, List, Optional, Sequence
 
@@ -37,6 +39,7 @@ def enable_lora(model, rank: int, alpha: Optional[float] = None, targets: Sequen
     the rest of the model stays as trainable as it was (freeze it for LoRA alone). Returns the layers
     changed. Call it before `compile`."""
     targets = check_lora(rank, alpha, targets)
+    rank, alpha = int(rank), None if alpha is None else float(alpha)
     attention = tuple(t for t in targets if t != MLP)
     chosen = []
     for layer in model._flatten_layers(include_self=False):
@@ -46,16 +49,40 @@ def enable_lora(model, rank: int, alpha: Optional[float] = None, targets: Sequen
             chosen.append((layer, {}))
     if not chosen:
         raise UserInputError(f"model {model.name!r} has no encoder block to put LoRA on")
-    unfit = [layer for layer, _ in chosen if getattr(layer, "quantization_mode", None) in ("float8", "gptq")]
-    if unfit:  # Keras' float8 and GPTQ Dense layers cannot call with LoRA: refused before any layer changes
-        raise UserInputError(f"LoRA does not combine with {unfit[0].quantization_mode} quantization "
-                             f"({unfit[0].path!r}); LoRA takes int8, int4 or float layers")
+    _check_quantization(layer for layer, _ in chosen)
     enabled = [layer.path for layer, _ in chosen if getattr(layer, "lora_enabled", False)]
     if enabled:
         raise UserInputError(f"LoRA is already enabled on {enabled[0]!r} (and {len(enabled) - 1} more); once per layer")
     for layer, options in chosen:
+        shapes = list(_factor_shapes(layer, rank, options.get("targets", ())).values())  # A, B per target
+        widest = min(min(int(np.prod(a[:-1])), b[-1]) for a, b in zip(shapes[::2], shapes[1::2]))
+        if rank > widest:  # a larger rank adds nothing a full-rank update lacks, and can exhaust the memory
+            raise UserInputError(f"LoRA rank {rank} is larger than {layer.path!r} can use: at most min(inputs, "
+                                 f"outputs) = {widest}")
+    for layer, options in chosen:
         layer.enable_lora(rank, lora_alpha=alpha, **options)
+    _functions_changed(model)
     return len(chosen)
+
+
+def _check_quantization(layers) -> None:
+    """Keras' float8 and GPTQ Dense layers cannot call with LoRA: refused before any layer changes."""
+    unfit = [layer for layer in layers if getattr(layer, "quantization_mode", None) in ("float8", "gptq")]
+    if unfit:
+        raise UserInputError(f"LoRA does not combine with {unfit[0].quantization_mode} quantization "
+                             f"({unfit[0].path!r}); LoRA takes int8, int4 or float layers")
+
+
+def _functions_changed(model) -> None:
+    """The model's layers now compute otherwise: its traced predict / evaluate / train functions are dropped (as
+    keras' Model.quantize does; they ran the graph without LoRA). An optimizer already built holds the old
+    trainable variables: compile again before fitting."""
+    model.train_function = model.test_function = model.predict_function = None
+    optimizer = getattr(model, "optimizer", None)
+    if optimizer is not None and getattr(optimizer, "built", False):
+        warnings.warn(f"model {model.name!r} was compiled and trained before LoRA was enabled: call "
+                      "model.compile(...) again before fit (its optimizer holds the variables LoRA froze)",
+                      stacklevel=3)
 
 
 def check_lora(rank, alpha=None, targets: Sequence[str] = LORA_TARGETS, error: type = UserInputError) -> tuple:
@@ -65,9 +92,10 @@ def check_lora(rank, alpha=None, targets: Sequence[str] = LORA_TARGETS, error: t
     names = [targets] if isinstance(targets, str) else list(targets) if isinstance(targets, (list, tuple)) else None
     if not names or any(t not in allowed for t in names) or len(set(names)) != len(names):
         raise error(f"LoRA targets must be distinct names among {', '.join(allowed)}; got {targets!r}")
-    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+    if not isinstance(rank, numbers.Integral) or isinstance(rank, bool) or rank < 1:
         raise error(f"LoRA rank must be a positive integer, got {rank!r}")
-    if alpha is not None and (not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not 0 < alpha < float("inf")):
+    if alpha is not None and (not isinstance(alpha, numbers.Real) or isinstance(alpha, bool)
+                              or not 0 < alpha < float("inf")):
         raise error(f"LoRA alpha must be a positive number, got {alpha!r}")
     return tuple(names)
 
@@ -116,6 +144,9 @@ def save_lora_weights(model, path: PathLike) -> str:
     layers = _lora_layers(model)
     if not layers:
         raise UserInputError(f"model {model.name!r} has no LoRA-enabled layer: call layer.enable_lora(rank) first")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise UserInputError(f"cannot write {path!r}: folder {folder!r} does not exist")
     arrays: Dict[str, np.ndarray] = {}
     meta = {}
     for layer in layers:
@@ -148,6 +179,7 @@ def load_lora_weights(model, path: PathLike) -> None:
     if missing:
         raise UserInputError(f"{path!r} has LoRA factors for layers model {model.name!r} does not have: "
                              f"{', '.join(missing)}")
+    _check_quantization(layers[layer_path] for layer_path in meta)
     for layer_path, (rank, alpha, *rest) in sorted(meta.items()):
         layer = layers[layer_path]
         targets = tuple(rest[0]) if rest else ()
@@ -174,3 +206,4 @@ def load_lora_weights(model, path: PathLike) -> None:
             layer.enable_lora(rank, lora_alpha=alpha, **({"targets": tuple(rest[0])} if rest else {}))
         for name, factor in _factors(layer).items():
             factor.assign(arrays[f"{layer_path}/{name}"])
+    _functions_changed(model)
