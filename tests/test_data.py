@@ -261,6 +261,51 @@ def test_a_file_name_that_is_not_utf8_is_one_line_or_skipped(tmp_path):
     assert s.sizes[0] + s.sizes[1] == 4  # the four good files
 
 
+def _animated_webp(path, alpha: bool) -> None:
+    from PIL import Image
+
+    frames = [Image.fromarray(np.full((24, 20, 4 if alpha else 3), c, np.uint8)) for c in (10, 200, 90)]
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=100, lossless=True)
+
+
+def test_an_animated_webp_without_alpha_is_a_bad_image_not_a_crash(tmp_path):
+    """TensorFlow's decode_image overran its heap on an animated WebP without alpha: the process aborted
+    (glibc "corrupted size", status 134), --skip-bad-images or not. Now it is refused as a bad image; one
+    with alpha decodes (its first frame)."""
+    import os
+
+    from keras_vit.data.images import load_image_file
+
+    _write_images(tmp_path / "d", n=3)
+    _animated_webp(tmp_path / "d" / "cat" / "anim.webp", alpha=False)
+    _animated_webp(tmp_path / "anima.webp", alpha=True)
+    with pytest.raises(data.DatasetError, match="an animated WebP without alpha, which TensorFlow's decoder cannot"):
+        load_image_file(str(tmp_path / "d" / "cat" / "anim.webp"), (16, 16), 3)
+    assert load_image_file(str(tmp_path / "anima.webp"), None, 3)[0, 0].tolist() == [10.0, 10.0, 10.0]
+    s = data.load(f"folder:{tmp_path / 'd'}", skip_bad_images=True, val_fraction=0.5)
+    assert sum(1 for _ in s.train) + sum(1 for _ in s.val) == 6
+    assert [os.path.basename(p) for p in s.bad_images.paths] == ["anim.webp"]
+    with pytest.raises(Exception, match="cannot read image .*anim.webp: not a decodable"):
+        s = data.load(f"folder:{tmp_path / 'd'}", val_fraction=0.5)
+        for _ in s.train.concatenate(s.val):
+            pass
+
+
+def test_a_dangling_link_is_named_as_one(tmp_path):
+    """A link to a missing file was called "not a decodable JPEG/PNG/...": the line says where it points."""
+    import tensorflow as tf
+
+    _write_images(tmp_path / "d", n=3)
+    (tmp_path / "d" / "cat" / "zzz.png").symlink_to(tmp_path / "nothere.png")
+    s = data.load(f"folder:{tmp_path / 'd'}", val_fraction=0.5)
+    with pytest.raises(tf.errors.OpError) as info:
+        for _ in s.train.concatenate(s.val):
+            pass
+    assert data.bad_image_line(info.value) == (f"cannot read image {tmp_path / 'd' / 'cat' / 'zzz.png'}: a link to "
+                                               f"'{tmp_path / 'nothere.png'}', which does not exist "
+                                               "(--skip-bad-images skips such files)")
+
+
 def test_evaluation_data_is_scored_whole(tmp_path):
     """`evaluation=True`: a folder of class sub-folders is its test split, every image, one class
     allowed (no hold-out); shards of a test split alone load."""
@@ -347,3 +392,36 @@ def test_val_fraction_edges_are_one_line_or_train():
         data.load("digits", val_fraction=0.9999)
     s = data.load("digits", val_fraction=(n - 3) / n)
     assert (sum(1 for _ in s.train), sum(1 for _ in s.val)) == (3, n - 3)
+
+
+def test_evaluation_reads_each_image_once_and_predict_takes_paths(tmp_path):
+    """predict_logits walked the split twice (the labels, then model.predict): every file read and decoded
+    twice, and labels paired with logits only if both passes came out alike. keras_vit.train.predict refused
+    pathlib paths (float() of a PosixPath)."""
+    import pathlib
+
+    import keras
+    import tensorflow as tf
+
+    import keras_vit
+    from keras_vit.train.evaluation import predict, predict_logits
+
+    model = keras_vit.ViT(image_size=16, patch_size=4, hidden_size=32, mlp_dim=64, num_heads=2, num_layers=1,
+                          num_classes=3)
+    reads = []
+    images = np.random.default_rng(0).uniform(0, 255, (7, 16, 16, 3)).astype(np.float32)
+
+    def read(i):
+        reads.append(int(i))
+        return images[int(i)]
+
+    ds = tf.data.Dataset.range(7).map(
+        lambda i: (tf.ensure_shape(tf.py_function(read, [i], tf.float32), (16, 16, 3)), tf.cast(i % 3, tf.int32)))
+    logits, labels = predict_logits(model, ds, batch_size=3)
+    assert sorted(reads) == list(range(7))
+    np.testing.assert_array_equal(labels, np.arange(7) % 3)
+    np.testing.assert_allclose(logits, keras.ops.convert_to_numpy(model(images)), atol=1e-5)
+    _write_images(tmp_path / "d", n=1)
+    path = next((tmp_path / "d" / "cat").iterdir())
+    assert predict(model, pathlib.Path(path), top_k=1) == predict(model, str(path), top_k=1)
+    assert len(predict(model, [pathlib.Path(path)] * 2, top_k=1)) == 2

@@ -375,3 +375,16 @@ def test_affine_is_the_rotation_zoom_and_shift_it_draws():
     want = scipy.ndimage.map_coordinates(img[..., 0], [y_in, x_in], order=1, mode="constant", cval=0.0)
     inside = (x_in > 0.01) & (x_in < 18.99) & (y_in > 0.01) & (y_in < 14.99)  # away from the border's blend
     np.testing.assert_allclose(out[..., 0][inside], want[inside], atol=1e-2)
+
+
+def test_a_rewrite_that_fails_midway_leaves_the_earlier_set(tmp_path):
+    """Shards were renamed into place one by one: a rewrite that failed on a later file (a dangling link,
+    Ctrl-C) left the new train shards beside the old val/test shards and dataset.json, a mixed set."""
+    root, rec = _colour_folder(tmp_path / "imgs", n=6), tmp_path / "rec"
+    data.write_records(f"folder:{root}", str(rec), examples_per_shard=4)
+    before = {p.name: p.read_bytes() for p in rec.iterdir()}
+    first_class = sorted(p for p in root.iterdir() if p.is_dir())[0]
+    (first_class / "zzz.png").symlink_to(tmp_path / "nothere.png")
+    with pytest.raises((data.DatasetError, OSError)):
+        data.write_records(f"folder:{root}", str(rec), examples_per_shard=4)
+    assert {p.name: p.read_bytes() for p in rec.iterdir()} == before

@@ -88,7 +88,8 @@ def digits_arrays(seed: int = 0):
 # --- the registry ----------------------------------------------------------------------------
 
 def load(name: str, *, seed: int = 0, val_fraction: float = 0.1, data_dir: Optional[str] = None,
-         skip_bad_images: bool = False, worker: Optional[Tuple[int, int]] = None, evaluation: bool = False) -> Splits:
+         skip_bad_images: bool = False, worker: Optional[Tuple[int, int]] = None, evaluation: bool = False,
+         shuffle_seed: Optional[int] = None) -> Splits:
     """The train / val / test splits of a named dataset. `val_fraction` of the training data is
     held out (seeded) when the dataset has no validation split of its own. Image files that do
     not decode fail the pipeline with their name, or with `skip_bad_images` are dropped and
@@ -97,7 +98,9 @@ def load(name: str, *, seed: int = 0, val_fraction: float = 0.1, data_dir: Optio
     workers'), so that each worker decodes only its own; other sources shard in tf.distribute.
     `evaluation=True` (data that is only scored, not trained on): a folder of class sub-folders is
     its test split whole, of any number of classes (no hold-out), and `records:` need no training
-    shards (the test shards, else the validation ones, are every split)."""
+    shards (the test shards, else the validation ones, are every split). `shuffle_seed` (default `seed`)
+    seeds the order in which the training files are read, `seed` the hold-out."""
+    shuffle_seed = seed if shuffle_seed is None else shuffle_seed
     if not isinstance(name, str) or not name.strip():
         raise DatasetError(f"dataset must be a name, one of {', '.join(NAMES)}; got {name!r}")
     if not 0.0 < val_fraction < 1.0:
@@ -109,14 +112,14 @@ def load(name: str, *, seed: int = 0, val_fraction: float = 0.1, data_dir: Optio
     if name in KERAS_DATASETS:
         return _keras_dataset(name, seed, val_fraction)
     if name.startswith("tfds:"):
-        return _tfds(name[len("tfds:"):], seed, val_fraction, data_dir)
+        return _tfds(name[len("tfds:"):], seed, val_fraction, data_dir, shuffle_seed)
     bad = BadImages() if skip_bad_images else None
     if name.startswith("folder:"):
-        return _folder(name[len("folder:"):], seed, val_fraction, bad, worker, evaluation)
+        return _folder(name[len("folder:"):], seed, val_fraction, bad, worker, evaluation, shuffle_seed)
     if name.startswith("records:"):
         from keras_vit.data.records import load_records
 
-        return load_records(name[len("records:"):], seed, val_fraction, bad, evaluation)
+        return load_records(name[len("records:"):], seed, val_fraction, bad, evaluation, shuffle_seed)
     raise DatasetError(f"unknown dataset {name!r}; allowed: {', '.join(NAMES)}")
 
 
@@ -178,7 +181,8 @@ def _keras_dataset(name: str, seed: int, val_fraction: float) -> Splits:
     return _from_arrays(x_tr, y_tr, x_te, y_te, classes, seed, val_fraction)
 
 
-def _tfds(name: str, seed: int, val_fraction: float, data_dir: Optional[str]) -> Splits:
+def _tfds(name: str, seed: int, val_fraction: float, data_dir: Optional[str],
+          shuffle_seed: Optional[int] = None) -> Splits:
     import tensorflow as tf
 
     try:
@@ -214,7 +218,7 @@ def _tfds(name: str, seed: int, val_fraction: float, data_dir: Optional[str]) ->
 
     def get(split, shuffle_files=False):
         # training reads the prepared files in a seeded order that changes each epoch
-        config = tfds.ReadConfig(shuffle_seed=seed) if shuffle_files else None
+        config = tfds.ReadConfig(shuffle_seed=seed if shuffle_seed is None else shuffle_seed) if shuffle_files else None
         ds = builder.as_dataset(split=split, as_supervised=True, shuffle_files=shuffle_files, read_config=config)
         return ds.map(lambda x, y: (_to_float(x), _to_int(y)), num_parallel_calls=tf.data.AUTOTUNE)
 
@@ -260,10 +264,12 @@ def _to_float(x):
 
 
 def _folder(path: str, seed: int, val_fraction: float, bad: Optional[BadImages] = None,
-            worker: Optional[Tuple[int, int]] = None, evaluation: bool = False) -> Splits:
+            worker: Optional[Tuple[int, int]] = None, evaluation: bool = False,
+            shuffle_seed: Optional[int] = None) -> Splits:
     """`PATH/<class>/*.jpg` with a held-out val split, or `PATH/train`, `PATH/val` (and `PATH/test`)."""
     (tr_f, tr_y), (va_f, va_y), (te_f, te_y), names = _folder_lists(path, seed, val_fraction, bad, evaluation)
-    return Splits(_image_files(tr_f, tr_y, bad, shuffle_seed=seed, worker=worker), _image_files(va_f, va_y, bad),
+    shuffle_seed = seed if shuffle_seed is None else shuffle_seed
+    return Splits(_image_files(tr_f, tr_y, bad, shuffle_seed=shuffle_seed, worker=worker), _image_files(va_f, va_y, bad),
                   _image_files(te_f, te_y, bad),
                   names, (None, None, 3), bad, (len(tr_f), len(va_f), len(te_f)))
 

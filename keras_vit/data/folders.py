@@ -172,6 +172,9 @@ def bad_image_line(exc: BaseException) -> Optional[str]:
         return None
     line = text[start:].splitlines()[0].rstrip("]").rstrip()
     path = line[len(BAD_IMAGE_PREFIX):].rsplit(": " + _BAD_IMAGE_HINT, 1)[0]
+    if os.path.islink(path) and not os.path.exists(path):  # a dangling link, named as such
+        return (f"{BAD_IMAGE_PREFIX}{path}: a link to {os.readlink(path)!r}, which does not exist "
+                "(--skip-bad-images skips such files)")
     try:  # a file this process may not read is named as such, not as undecodable (a record's name is no file)
         open(path, "rb").close()
     except PermissionError as err:

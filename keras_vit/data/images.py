@@ -21,12 +21,33 @@ def read_image(path_or_bytes, from_bytes: bool = False):
                       lambda: tf.logical_and(tf.equal(tf.strings.substr(data, 0, 4), "RIFF"),
                                              tf.equal(tf.strings.substr(data, 8, 4), "WEBP")),
                       lambda: tf.constant(False))
-    img = tf.cond(is_webp, lambda: tf.io.decode_image(data, channels=0, expand_animations=False)[..., :3],
+    img = tf.cond(is_webp, lambda: _webp(data),
                   lambda: tf.io.decode_image(data, channels=3, expand_animations=False))
     img = _bmp_colour_table(data, img)
     img = tf.cast(img, tf.float32)
     img.set_shape((None, None, 3))
     return img
+
+
+def _webp(data):
+    """A WebP file's first frame, RGB. An animated one without alpha is refused by decode_webp (TensorFlow's
+    decode_image overruns its heap on it: the process aborted, even with --skip-bad-images)."""
+    import tensorflow as tf
+
+    def animated_opaque():  # the VP8X chunk's flags (byte 20): animation (0x02) without alpha (0x10)
+        flags = tf.cast(tf.io.decode_raw(tf.strings.substr(data, 20, 1), tf.uint8)[0], tf.int32)
+        return tf.logical_and(tf.equal(tf.strings.substr(data, 12, 4), "VP8X"),
+                              tf.equal(tf.bitwise.bitwise_and(flags, 0x12), 0x02))
+
+    refused = tf.logical_and(tf.strings.length(data) >= 21, animated_opaque())
+    return tf.cond(refused, lambda: tf.reshape(tf.io.decode_webp(data, channels=3), (0, 0, 3)),  # raises
+                   lambda: tf.io.decode_image(data, channels=0, expand_animations=False)[..., :3])
+
+
+def is_animated_opaque_webp(data: bytes) -> bool:
+    """Whether `data` is an animated WebP without alpha, which TensorFlow cannot decode (see _webp)."""
+    return (len(data) >= 21 and data[:4] == b"RIFF" and data[8:12] == b"WEBP" and data[12:16] == b"VP8X"
+            and data[20] & 0x12 == 0x02)
 
 
 def _bmp_colour_table(data, img):
@@ -100,7 +121,11 @@ def load_image_file(path: str, image_size: Optional[Sequence[int]], channels: in
 
     try:
         with open(path, "rb") as f:
-            image = read_image(tf.constant(f.read()), from_bytes=True)
+            data = f.read()
+        if is_animated_opaque_webp(data):
+            raise DatasetError(f"cannot read image {path}: an animated WebP without alpha, which TensorFlow's "
+                               "decoder cannot read; convert it (to PNG, or a still WebP)")
+        image = read_image(tf.constant(data), from_bytes=True)
     except OSError as exc:
         raise DatasetError(f"cannot read image {path}: {exc.strerror or first_line(exc)}") from None
     except tf.errors.OpError:  # TensorFlow's text names its op and device, not the problem

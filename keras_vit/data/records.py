@@ -24,6 +24,7 @@ import os
 import re
 import shutil
 import struct
+import tempfile
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
@@ -75,12 +76,33 @@ def _write_shards(output: str, dataset: str, lists, splits, class_names, example
     written in a seeded random order, not class by class: the reader interleaves 8 shards and shuffles
     in a buffer, which cannot mix a shard set sorted by class (a batch of 32 from 100 classes held
     10.6 of them, against 27.3 from the folder), as TF-slim's and tfds' writers shuffle too."""
-    import tensorflow as tf
-
-    from keras_vit.files import atomic_path, write_json
+    from keras_vit.files import write_json
 
     counts: Dict[str, int] = {}
     shards: Dict[str, List[str]] = {}
+    # Every shard is written in a folder of its own and moved in only once the whole set is written: a set
+    # that fails midway (an unreadable file, Ctrl-C) leaves the folder's earlier set as it was.
+    staging = tempfile.mkdtemp(dir=output, prefix=".staging-")
+    try:
+        _write_splits(staging, lists, splits, examples_per_shard, seed, counts, shards)
+        for names in shards.values():
+            for name in names:
+                os.replace(os.path.join(staging, name), os.path.join(output, name))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    write_json(os.path.join(output, METADATA), {
+        "class_names": list(class_names), "examples": counts, "shards": shards,
+        "features": {FEATURE_IMAGE: "bytes", FEATURE_LABEL: "int64", FEATURE_FILENAME: "bytes"},
+        "source": dataset})
+    _remove_replaced_shards(output, {name for names in shards.values() for name in names})
+    return counts
+
+
+def _write_splits(folder: str, lists, splits, examples_per_shard: int, seed: int, counts: Dict[str, int],
+                  shards: Dict[str, List[str]]) -> None:
+    """Write every split's shards into `folder`, filling `counts` and `shards` (split -> shard names)."""
+    import tensorflow as tf
+
     for i, split in enumerate(SPLITS):
         if lists is not None:
             files, labels = lists[i]
@@ -98,18 +120,12 @@ def _write_shards(output: str, dataset: str, lists, splits, class_names, example
         names = [f"{split}-{k:05d}-of-{num:05d}.tfrecord" for k in range(num)]
         it = iter(examples)
         for k, name in enumerate(names):
-            with atomic_path(os.path.join(output, name)) as tmp, tf.io.TFRecordWriter(tmp) as w:
+            with tf.io.TFRecordWriter(os.path.join(folder, name)) as w:
                 for _ in range(min(examples_per_shard, n - k * examples_per_shard)):
                     data, label, fname = next(it)
                     w.write(_example(data, label, fname))
         counts[split] = n
         shards[split] = names
-    write_json(os.path.join(output, METADATA), {
-        "class_names": list(class_names), "examples": counts, "shards": shards,
-        "features": {FEATURE_IMAGE: "bytes", FEATURE_LABEL: "int64", FEATURE_FILENAME: "bytes"},
-        "source": dataset})
-    _remove_replaced_shards(output, {name for names in shards.values() for name in names})
-    return counts
 
 
 def _remove_replaced_shards(output: str, keep: set) -> None:
@@ -169,7 +185,8 @@ def _metadata(folder: str) -> Optional[dict]:
     return None
 
 
-def load_records(pattern: str, seed: int, val_fraction: float, bad=None, evaluation: bool = False):
+def load_records(pattern: str, seed: int, val_fraction: float, bad=None, evaluation: bool = False,
+                 shuffle_seed: Optional[int] = None):
     """The Splits of `records:DIR` (the shards its dataset.json lists, else all its *.tfrecord) or
     `records:GLOB` (the matching shards; those dataset.json lists, when it lists them). With
     `evaluation`, shards without training ones (records:DIR/test-*) are every split."""
@@ -211,7 +228,7 @@ def load_records(pattern: str, seed: int, val_fraction: float, bad=None, evaluat
     if not by_split["train"]:
         raise DatasetError(f"records:{pattern} has no training shards (file names starting 'train')")
     examples = _known_examples(meta, listed, by_split)
-    train = _records(by_split["train"], sizes_of, bad, n_cls, shuffle_seed=seed)
+    train = _records(by_split["train"], sizes_of, bad, n_cls, shuffle_seed=seed if shuffle_seed is None else shuffle_seed)
     if by_split["val"]:
         val = _records(by_split["val"], sizes_of, bad, n_cls)
     else:  # hold out every k-th training example (seeded offset)

@@ -2,6 +2,7 @@
 loss and accuracies, top-k predictions for image files."""
 from __future__ import annotations
 
+import os
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import keras
@@ -18,10 +19,13 @@ def predict_logits(model: keras.Model, ds, batch_size: int = 128) -> Tuple[np.nd
     vcfg = get_config(model)
     batched = kdata.pipeline(ds, image_size=vcfg.image_size, batch_size=batch_size, num_classes=vcfg.num_classes,
                              channels=vcfg.channels, one_hot=False)
+    parts: List[Tuple[np.ndarray, np.ndarray]] = []
     with kdata.naming_bad_images():  # an image file that does not decode: one line naming it
-        labels = np.concatenate([y.numpy() for _, y in batched])
-        logits = model.predict(batched.map(lambda x, y: x), verbose=0)
-    return np.asarray(logits, np.float32), labels.astype(np.int64)
+        for x, y in batched:  # one pass: each file read and decoded once, its label beside its logits
+            parts.append((np.asarray(keras.ops.convert_to_numpy(model.predict_on_batch(x)), np.float32), y.numpy()))
+    if not parts:
+        return np.zeros((0, vcfg.num_classes), np.float32), np.zeros((0,), np.int64)
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]).astype(np.int64)
 
 
 def evaluate(model: keras.Model, ds, class_names: Sequence[str], batch_size: int = 128,
@@ -81,8 +85,9 @@ def _images(model: keras.Model, images) -> np.ndarray:
     """A (B, H, W, C) float batch at the model's size: from image files (read and resized as in
     training) or an array / one image already in [0, 255]."""
     vcfg = get_config(model)
-    if isinstance(images, (str, bytes)) or (isinstance(images, (list, tuple)) and images and isinstance(images[0], str)):
-        paths = [images] if isinstance(images, (str, bytes)) else list(images)
+    if isinstance(images, (str, bytes, os.PathLike)) or (isinstance(images, (list, tuple)) and images
+                                                          and isinstance(images[0], (str, os.PathLike))):
+        paths = [os.fsdecode(p) for p in ([images] if isinstance(images, (str, bytes, os.PathLike)) else images)]
         # A published checkpoint's evaluation transform (timm's resize and centre crop), when it names one.
         pre = getattr(model, "eval_preprocessing", None) or {}
         return np.stack([kdata.load_image_file(p, vcfg.image_size, vcfg.channels, **pre) for p in paths])
