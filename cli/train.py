@@ -18,6 +18,7 @@ from keras_vit.cli.common import (
     sigterm_cleans_up,
     user_errors,
 )
+from keras_vit.errors import first_line
 from keras_vit.train.cluster_env import JAX_ENV
 
 _DATASET_HELP = ("digits (offline), cifar10, cifar100, mnist, fashion_mnist, tfds:NAME, "
@@ -132,6 +133,13 @@ def train_cmd(dataset: str, output: Optional[str], resume: bool, peer_timeout: O
                 result = ktrain.train(cfg, output=output, resume=resume, peer_timeout=peer_timeout)
         except ktrain.PeerLostError as exc:
             _rejoin(str(exc))
+            raise
+        except ktrain.ClusterError as exc:
+            if any(os.environ.get(k) for k in JAX_ENV):  # jax.distributed's shutdown barrier at exit would wait for
+                click.echo(f"Error: {first_line(exc)}", err=True)  # the lost peer, then abort with a stack dump
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(2)
             raise
     t = result["test"]
     smoothing = f" with label smoothing {t['label_smoothing']:g}" if t.get("label_smoothing") else ""

@@ -216,11 +216,44 @@ def test_two_jax_processes_agree_on_the_weights(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["malformed", "no-peer", "different-options"])
+@pytest.mark.parametrize("case", ["malformed", "no-peer", "different-options", "port-in-use", "odd-batch",
+                                  "grad-accum", "busy-output", "different-lists"])
 def test_cluster_errors_are_one_line(tmp_path, case):
-    ports = free_ports(2)
+    """Each worker ends with one line, no traceback, nothing written. Found by probing (2026-12-07): a port in
+    use, a batch the workers do not share evenly (trained with unequal weights), --grad-accum (Cond's merge_call
+    traceback), the chief's own refusal (the others waited out the peer timeout) and workers given different
+    cluster lists (InternalError tracebacks)."""
+    ports = free_ports(3)[:2]
     args = ["train", *TINY, "--epochs", "1", "--peer-timeout", "8"]
-    if case == "malformed":
+    held = None
+    if case == "port-in-use":
+        held = socket.socket()
+        held.bind(("127.0.0.1", ports[0]))
+        held.listen()
+        logs = [str(tmp_path / "w0.log")]
+        procs = [start(args, logs[0], str(tmp_path), TF_CONFIG=tf_config(ports, 0))]
+        expected = f"worker 0: could not start its server on 127.0.0.1:{ports[0]}"
+    elif case in ("odd-batch", "grad-accum"):
+        extra, expected = {"odd-batch": (["--batch-size", "63"], "--batch-size 63 is not a multiple of the "
+                                         "cluster's 2 replicas; use 62 or 64"),
+                           "grad-accum": (["--grad-accum", "2"], "--grad-accum 2 does not work with multi-worker "
+                                          "training on TensorFlow")}[case]
+        logs = [str(tmp_path / f"w{i}.log") for i in range(2)]
+        procs = [start([*args, *extra], logs[i], str(tmp_path), TF_CONFIG=tf_config(ports, i)) for i in range(2)]
+    elif case == "busy-output":
+        (tmp_path / "busy").mkdir()
+        (tmp_path / "busy" / "mine.txt").write_text("keep")
+        logs = [str(tmp_path / f"w{i}.log") for i in range(2)]
+        procs = [start([*args, "--output", str(tmp_path / "busy")], logs[i], str(tmp_path),
+                       TF_CONFIG=tf_config(ports, i)) for i in range(2)]
+        expected = ["already exists and is not empty", "worker 1: the chief (worker 0) stopped before training"]
+    elif case == "different-lists":
+        logs = [str(tmp_path / f"w{i}.log") for i in range(2)]
+        three = free_ports(1)
+        procs = [start(args, logs[0], str(tmp_path), TF_CONFIG=tf_config(ports, 0)),
+                 start(args, logs[1], str(tmp_path), TF_CONFIG=tf_config(ports + three, 1))]
+        expected = "did not answer"  # or "different TF_CONFIG cluster lists": whichever side sees it first
+    elif case == "malformed":
         logs = [str(tmp_path / "w0.log")]
         procs = [start(args, logs[0], str(tmp_path), TF_CONFIG='{"cluster": {"worker": ["127.0.0.1"]}')]
         expected = "TF_CONFIG is not valid JSON"
@@ -234,13 +267,24 @@ def test_cluster_errors_are_one_line(tmp_path, case):
                  for i in range(2)]
         expected = "worker 1 started with different options than the chief"
     started = time.time()
-    codes = finish(procs, logs)
+    try:
+        codes = finish(procs, logs)
+    finally:
+        if held is not None:
+            held.close()
     assert all(c != 0 for c in codes)
-    for log in logs:
+    for i, log in enumerate(logs):
         text, errors = error_lines(log)
-        assert len(errors) == 1 and expected in errors[0], text
+        want = expected[i] if isinstance(expected, list) else expected
+        if case == "different-lists":
+            assert len(errors) == 1 and ("did not answer" in errors[0] or "different TF_CONFIG cluster lists"
+                                         in errors[0]), text
+        else:
+            assert len(errors) == 1 and want in errors[0], text
         assert "Traceback" not in text
     assert not any(name.startswith("run") for name in os.listdir(tmp_path))  # nothing written
+    if case == "busy-output":
+        assert os.listdir(tmp_path / "busy") == ["mine.txt"]
     if case == "no-peer":
         assert time.time() - started < 8 + 120  # the wait ends at the peer timeout (plus start-up)
 

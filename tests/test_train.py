@@ -586,3 +586,26 @@ def test_a_failure_before_fit_keeps_its_own_error(tmp_path, monkeypatch):
     with pytest.raises(kt.TrainError, match="the build failed"):
         kt.train(kt.make_config("digits", epochs=1, jit_compile="none", **TINY), output=str(tmp_path / "run"), verbose=0)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_resumed_run_does_not_replay_epoch_0s_order(tmp_path):
+    """A resumed run built a fresh pipeline, whose first epoch was epoch 0's order and augmentations again
+    (the stream's reshuffles count this process's passes). Its stream is now seeded by the run's seed and the
+    epoch it resumes at: another order, the same each time; the hold-out is unchanged."""
+    from keras_vit.train import loop
+
+    cfg = kt.make_config("digits", epochs=4, augment="light", **TINY)
+
+    def first_batches(start):
+        d = loop._load_data(cfg, start_epoch=start)
+        (x, y), = d.train.take(1)
+        (vx, vy), = d.val.take(1)
+        return x.numpy(), y.numpy(), vy.numpy()
+
+    x0, y0, v0 = first_batches(0)
+    x3, y3, v3 = first_batches(3)
+    again = first_batches(3)
+    assert not np.array_equal(y0, y3) and not np.array_equal(x0, x3)
+    np.testing.assert_array_equal(x3, again[0])
+    np.testing.assert_array_equal(v0, v3)
+    assert loop.epoch_seed(cfg.seed, 0) == cfg.seed

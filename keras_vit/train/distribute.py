@@ -96,7 +96,11 @@ def start_cluster(kind: str = "auto", peer_timeout: Optional[float] = None) -> C
 
         options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=timeout)
         with deadline(timeout, f"worker {index}: the cluster {', '.join(addresses)} did not answer"):
-            strategy = _multi_worker_strategy(options)
+            try:
+                strategy = _multi_worker_strategy(options)
+            except tf.errors.OpError as exc:  # "Could not start gRPC server": its address is taken
+                raise ClusterError(f"worker {index}: could not start its server on {addresses[index]} "
+                                   f"({first_line(exc)}); is another process listening on that port?") from None
         _CLUSTER = Cluster("tensorflow", len(addresses), index, strategy, timeout)
     elif backend == "jax" and parse_jax_env() is not None:
         coordinator, count, pid = parse_jax_env()
@@ -180,7 +184,14 @@ def check_same_options(cluster: Cluster, options: Dict[str, Any]) -> None:
         return
     mine = fingerprint(options)
     with deadline(cluster.peer_timeout, f"worker {cluster.index}: the other workers did not answer"):
-        rows = cluster.gather([mine])
+        try:
+            rows = cluster.gather([mine])
+        except Exception as exc:  # noqa: BLE001 - TensorFlow's "joining a group with size 3, but that group has size 2"
+            if cluster.backend != "tensorflow":
+                raise
+            raise ClusterError(f"worker {cluster.index}: the workers could not exchange their options "
+                               f"({first_line(exc)}); were they started with different TF_CONFIG cluster lists?"
+                               ) from None
     differ = [i for i, row in enumerate(rows) if int(row[0]) != int(rows[0][0])]
     if differ:
         who = ", ".join(f"worker {i}" for i in differ)
@@ -234,7 +245,30 @@ def is_peer_lost(cluster: Cluster, exc: BaseException) -> bool:
 
         return isinstance(exc, (tf.errors.UnavailableError, tf.errors.DeadlineExceededError,
                                 tf.errors.AbortedError, tf.errors.CancelledError, tf.errors.FailedPreconditionError))
-    return False
+    return type(exc).__name__ == "JaxRuntimeError"  # JAX: a collective (Gloo, NCCL) whose peer is gone
+
+
+def check_cluster_options(cluster: Cluster, batch_size: int, grad_accum: int) -> None:
+    """ClusterError (the same on every worker: they have the same options) for what a cluster cannot train:
+    a batch the replicas do not share evenly (TensorFlow weighs the shares' examples unequally, JAX refuses
+    it), and gradient accumulation on TensorFlow (its update runs under a cond, where MultiWorkerMirrored
+    cannot all-reduce)."""
+    if not cluster.multi_worker:
+        return
+    if cluster.backend == "tensorflow":
+        replicas = int(cluster.strategy.num_replicas_in_sync)
+    else:
+        import jax
+
+        replicas = jax.device_count()
+    if batch_size % replicas:
+        lower, upper = batch_size - batch_size % replicas, batch_size + replicas - batch_size % replicas
+        raise ClusterError(f"--batch-size {batch_size} is not a multiple of the cluster's {replicas} replicas; "
+                           f"use {lower or upper}" + (f" or {upper}" if lower else ""))
+    if grad_accum > 1 and cluster.backend == "tensorflow":
+        raise ClusterError(f"--grad-accum {grad_accum} does not work with multi-worker training on TensorFlow "
+                           "(Keras accumulates under a cond, where MultiWorkerMirroredStrategy cannot all-reduce); "
+                           "raise --batch-size instead: the workers' batches add up")
 
 
 def distribution_scope(kind: str = "auto"):

@@ -31,6 +31,7 @@ from keras_vit.train.distribute import (
     ClusterError,
     FollowChief,
     PeerLostError,
+    check_cluster_options,
     check_same_options,
     clip_summed_gradients,
     distribution_scope,
@@ -102,6 +103,7 @@ def _train_once(cfg: TrainConfig, output: Optional[str], resume: bool, root: str
             raise ClusterError("--resume is for one-process runs; in a cluster, restart every worker with its "
                                "original command (it continues from the last completed epoch)")
         check_same_options(cluster, cfg.to_dict())
+        check_cluster_options(cluster, cfg.batch_size, cfg.grad_accum)
     elif not resume:
         check_output(output)
     mixed, jit, reason = resolve_speed(cfg)
@@ -166,9 +168,11 @@ def _train(cfg: TrainConfig, run: Optional[str], resume: bool, cluster: Cluster,
     with _speed_settings(mixed, jit):
         keras.utils.set_random_seed(cfg.seed)
         try:
-            data = _load_data(cfg, cluster)
+            # one process resumed: a stream of its own (a cluster's workers must shuffle alike: their file shares)
+            data = _load_data(cfg, cluster, backup_epoch(os.path.join(run, "backup"))
+                              if resume and not cluster.multi_worker else 0)
             if cluster.multi_worker:
-                run, resume = _cluster_run(cfg, data, cluster, output, root, mixed, jit)
+                run, resume = _cluster_run(cfg, data, cluster, output, root, mixed, jit, started)
                 if not cluster.is_chief:
                     worker_dir.append(run)
             print(f"precision: {'float32' if mixed == 'none' else mixed}, compilation: {jit}"
@@ -201,6 +205,12 @@ def _train(cfg: TrainConfig, run: Optional[str], resume: bool, cluster: Cluster,
                                     "start it again with its command: the cluster continues from the last "
                                     "completed epoch") from None
             raise TrainError(kdata.bad_image_line(exc) or f"training failed: {op_error_line(exc)}") from None
+        except Exception as exc:  # noqa: BLE001 - JAX's collectives raise JaxRuntimeError when a peer is gone
+            if not (cluster.backend == "jax" and is_peer_lost(cluster, exc)):
+                raise
+            raise ClusterError(f"process {cluster.index}: a peer of the cluster stopped ({first_line(exc)}); a JAX "
+                               "cluster cannot continue: start every process again with a new --output, or finish "
+                               "the run in one process with vitcli train --resume --output RUN") from None
     result = {"run": run if cluster.is_chief else None, "test": test, "train_seconds": round(seconds, 1),
               "epochs": cfg.epochs, "params": int(model.count_params()), "resumed": bool(resume),
               "replicas": replicas(model), "workers": cluster.num_workers, "worker": cluster.index,
@@ -249,17 +259,37 @@ def _check_backup(run: str) -> None:
 
 
 def _cluster_run(cfg: TrainConfig, data: _Data, cluster: Cluster, output: Optional[str], root: str,
-                 mixed: str, jit: str) -> Tuple[str, bool]:
+                 mixed: str, jit: str, started: List[_Started]) -> Tuple[str, bool]:
     """(folder, resuming) of this worker in a cluster: the chief's run folder (the unfinished run
-    at `output` or `root/latest` when its options match, else a new one); a temporary folder for
-    the other workers, which start from the chief's restored state (FollowChief)."""
+    at `output` or `root/latest` when its options match, else a new one, undone as a one-process run's
+    if no epoch ends); a temporary folder for the other workers, which start from the chief's restored
+    state (FollowChief). A folder the chief refuses stops every worker with its line, not a timeout."""
+    problem: Optional[TrainError] = None
+    run, resume = "", False
+    if cluster.is_chief:
+        candidate = output or os.path.join(root, "latest")
+        try:
+            if _unfinished_run_of(candidate, cfg):
+                if cluster.backend == "jax":  # only TensorFlow's workers follow the chief's restored state
+                    raise ClusterError(f"{candidate!r} holds an unfinished run, which a JAX cluster cannot continue: "
+                                       "start every process with a new --output, or finish it in one process "
+                                       f"with vitcli train --resume --output {candidate}")
+                run, resume = os.path.realpath(candidate), True
+            else:
+                check_output(output)
+        except TrainError as exc:
+            problem = exc
+    stopped = int(cluster.gather([int(problem is not None)])[0][0])
+    if problem is not None:
+        raise problem
+    if stopped:
+        raise ClusterError(f"worker {cluster.index}: the chief (worker 0) stopped before training; its output says why")
     if not cluster.is_chief:
         return tempfile.mkdtemp(prefix=f"keras-vit-worker{cluster.index}-"), False
-    candidate = output or os.path.join(root, "latest")
-    if _unfinished_run_of(candidate, cfg):
-        return os.path.realpath(candidate), True
-    check_output(output)
-    return _start_run(cfg, data, output, root, mixed, jit), False
+    if not run:
+        started.append(_Started.before(output, root))
+        run = started[-1].run = _start_run(cfg, data, output, root, mixed, jit)
+    return run, resume
 
 
 def _unfinished_run_of(folder: str, cfg: TrainConfig) -> bool:
@@ -324,17 +354,27 @@ def _speed_settings(mixed: str, jit: str) -> Iterator[None]:
         _restore_env(SCOPES_ENV, previous_scopes)
 
 
-def _load_data(cfg: TrainConfig, cluster: Optional[Cluster] = None) -> _Data:
-    """The dataset's splits as training (augmented), validation and test pipelines."""
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The seed of the training stream's order and augmentation for a run (re)started at `epoch`: the run's
+    own at 0; another one, fixed by both, for a resumed run (its fresh pipeline would otherwise replay epoch
+    0's order and augmentations from its first epoch on)."""
+    return seed if epoch <= 0 else (seed * 1_000_003 + epoch) % (2**31 - 1)
+
+
+def _load_data(cfg: TrainConfig, cluster: Optional[Cluster] = None, start_epoch: int = 0) -> _Data:
+    """The dataset's splits as training (augmented), validation and test pipelines; the training stream
+    seeded by `epoch_seed(cfg.seed, start_epoch)`, the hold-out by cfg.seed."""
     cluster = cluster or Cluster()
+    stream_seed = epoch_seed(cfg.seed, start_epoch)
     splits = kdata.load(cfg.dataset, seed=cfg.seed, val_fraction=cfg.val_fraction, data_dir=cfg.data_dir,
-                        skip_bad_images=cfg.skip_bad_images, worker=file_share(cluster, cfg.dataset))
+                        skip_bad_images=cfg.skip_bad_images, worker=file_share(cluster, cfg.dataset),
+                        shuffle_seed=stream_seed)
     channels = 1 if splits.image_shape[-1] == 1 else 3
     vit_cfg = cfg.vit_config(splits.num_classes, channels)
     opts = dict(image_size=vit_cfg.image_size, batch_size=cfg.batch_size, num_classes=splits.num_classes,
                 channels=channels, seed=cfg.seed)
     train_ds = kdata.pipeline(splits.train, training=True, augment=cfg.augment, mixup=cfg.mixup,
-                              cutmix=cfg.cutmix, **opts)
+                              cutmix=cfg.cutmix, **{**opts, "seed": stream_seed})
     steps = int(train_ds.cardinality())
     if steps < 1 and splits.sizes:  # skipped bad files or record shards: the listed count
         steps = splits.sizes[0] // cfg.batch_size
