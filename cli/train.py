@@ -136,7 +136,10 @@ def train_cmd(dataset: str, output: Optional[str], resume: bool, peer_timeout: O
             raise
         except ktrain.ClusterError as exc:
             if any(os.environ.get(k) for k in JAX_ENV):  # jax.distributed's shutdown barrier at exit would wait for
-                click.echo(f"Error: {first_line(exc)}", err=True)  # the lost peer, then abort with a stack dump
+                from keras_vit.cli import quiet  # the lost peer, then abort with a stack dump
+
+                quiet.release()  # stderr back from the filter, which exit would have drained
+                click.echo(f"Error: {first_line(exc)}", err=True)
                 sys.stdout.flush()
                 sys.stderr.flush()
                 os._exit(2)

@@ -368,3 +368,41 @@ def test_two_tf_workers_on_record_shards_of_uneven_size(tmp_path):
     args = ["train", "--dataset", f"records:{tmp_path / 'rec'}", *TINY[2:], "--epochs", "2", "--peer-timeout", "120"]
     train_on_two_workers(args, tmp_path, "20/20")  # 1293 listed examples // 64 on both workers
     assert [r["epoch"] for r in metrics_rows(tmp_path / "run0")] == ["0", "1"]
+
+
+@pytest.mark.slow
+@pytest.mark.jax
+def test_a_lost_jax_process_ends_the_run_in_one_line_and_a_restart_is_refused_in_one_line(tmp_path):
+    """JAX: the survivor of a killed process gave a JaxRuntimeError traceback, then jax.distributed's shutdown
+    barrier aborted it (a stack dump, 95 s later); restarting both on the unfinished run crashed them (only
+    TensorFlow's workers follow the chief's restored state). Now: one line each, and the run finishes in one
+    process with --resume."""
+    pytest.importorskip("jax")
+    logs = [str(tmp_path / f"p{i}.log") for i in range(2)]
+
+    def jax_cluster(log_names):
+        port = free_ports(1)[0]
+        return [start(["train", *TINY, "--epochs", "6", "--peer-timeout", "30", "--output", str(tmp_path / f"run{i}")],
+                      log_names[i], str(tmp_path), KERAS_BACKEND="jax",
+                      KERAS_DISTRIBUTION_JOB_ADDRESSES=f"127.0.0.1:{port}", KERAS_DISTRIBUTION_NUM_PROCESSES="2",
+                      KERAS_DISTRIBUTION_PROCESS_ID=str(i)) for i in range(2)]
+
+    procs = jax_cluster(logs)
+    deadline = time.time() + WAIT_S
+    while not (tmp_path / "run0" / "backup" / "training_metadata.json").exists() and time.time() < deadline:
+        assert procs[0].poll() is None, _tail(logs[0])
+        time.sleep(0.2)
+    os.killpg(procs[1].pid, signal.SIGKILL)
+    assert finish(procs[:1], logs[:1], timeout=120) == [2]
+    text, errors = error_lines(logs[0])
+    assert len(errors) == 1 and "a peer of the cluster stopped" in errors[0] and "Traceback" not in text, text
+    again = [str(tmp_path / f"r{i}.log") for i in range(2)]
+    assert finish(jax_cluster(again), again, timeout=180) == [2, 2]
+    for log, want in zip(again, ("holds an unfinished run, which a JAX cluster cannot continue",
+                                 "the chief (worker 0) stopped before training")):
+        text, errors = error_lines(log)
+        assert len(errors) == 1 and want in errors[0] and "Traceback" not in text, text
+    done = start(["train", "--resume", "--output", str(tmp_path / "run0")], str(tmp_path / "one.log"), str(tmp_path),
+                 KERAS_BACKEND="jax")
+    assert finish([done], [str(tmp_path / "one.log")]) == [0]
+    assert len(metrics_rows(tmp_path / "run0")) == 6
