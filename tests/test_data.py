@@ -425,3 +425,21 @@ def test_evaluation_reads_each_image_once_and_predict_takes_paths(tmp_path):
     path = next((tmp_path / "d" / "cat").iterdir())
     assert predict(model, pathlib.Path(path), top_k=1) == predict(model, str(path), top_k=1)
     assert len(predict(model, [pathlib.Path(path)] * 2, top_k=1)) == 2
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(image_size=(0, 0)), r"image_size must be a positive integer or \(height, width\) of them, got \(0, 0\)"),
+    (dict(image_size="32"), "image_size must be a positive integer"),
+    (dict(channels=2), "channels must be 1 or 3, got 2"),
+    (dict(num_classes=0), "num_classes must be an integer >= 1, got 0"),
+    (dict(shuffle_buffer=0), "shuffle_buffer must be None or an integer >= 1, got 0"),
+])
+def test_pipeline_arguments_are_one_line(kwargs, message):
+    """pipeline() took image_size=(0, 0), channels=2 and shuffle_buffer=0 and failed inside TensorFlow when
+    iterated; an int image_size (as ViT takes it) was 'int object is not iterable'."""
+    s = data.load("digits")
+    args = dict(image_size=(16, 16), batch_size=4, num_classes=10, training=True)
+    with pytest.raises(data.DatasetError, match=message):
+        data.pipeline(s.train, **{**args, **kwargs})
+    (x, _), = data.pipeline(s.train, **{**args, "image_size": 16}).take(1)
+    assert tuple(x.shape) == (4, 16, 16, 3)

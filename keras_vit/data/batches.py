@@ -78,6 +78,18 @@ def inception_crop(image, image_size: Sequence[int], seed: Optional[Tuple[int, i
     return A.inception_crop(image, seed, image_size)
 
 
+def _check_size(image_size) -> Tuple[int, int]:
+    """(height, width) from an int or a pair of positive integers, as ViT(image_size=) takes it."""
+    pair = (image_size, image_size) if isinstance(image_size, numbers.Integral) else image_size
+    try:
+        h, w = pair
+    except (TypeError, ValueError):
+        h = w = None
+    if not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 1 for v in (h, w)):
+        raise DatasetError(f"image_size must be a positive integer or (height, width) of them, got {image_size!r}")
+    return int(h), int(w)
+
+
 def pipeline(ds, *, image_size: Sequence[int], batch_size: int, num_classes: int, channels: int = 3,
              training: bool = False, augment: str = "none", mixup: float = 0.0, cutmix: float = 0.0,
              seed: int = 0, cache: Union[bool, str] = "auto", shuffle_buffer: Optional[int] = None,
@@ -96,6 +108,14 @@ def pipeline(ds, *, image_size: Sequence[int], batch_size: int, num_classes: int
 
     if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
         raise DatasetError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    image_size = _check_size(image_size)
+    if channels not in (1, 3):
+        raise DatasetError(f"channels must be 1 or 3, got {channels!r}")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 1:
+        raise DatasetError(f"num_classes must be an integer >= 1, got {num_classes!r}")
+    if shuffle_buffer is not None and (isinstance(shuffle_buffer, bool) or not isinstance(shuffle_buffer, numbers.Integral)
+                                       or shuffle_buffer < 1):
+        raise DatasetError(f"shuffle_buffer must be None or an integer >= 1, got {shuffle_buffer!r}")
     for name, alpha in (("mixup", mixup), ("cutmix", cutmix)):  # Beta(alpha, alpha); 0 turns it off
         if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0 <= alpha < math.inf:
             raise DatasetError(f"{name} must be a finite number >= 0 (the Beta distribution's alpha; 0 is off), "

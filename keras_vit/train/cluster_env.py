@@ -151,15 +151,16 @@ def _real_stderr() -> Optional[int]:
 
 
 @contextlib.contextmanager
-def deadline(seconds: float, what: str):
-    """Stop the process with one line when the block has not finished within `seconds`.
+def deadline(seconds: float, what: str, said: Optional[float] = None):
+    """Stop the process with one line when the block has not finished within `seconds` (the line says
+    `said`, the user's --peer-timeout, where the guard waits a grace period longer).
 
     Waiting for a peer blocks inside TensorFlow's C++ runtime, which holds the GIL and ignores
     SIGTERM, so the guard is a small separate process that kills this one (exit status 137).
     """
     import subprocess
 
-    message = (f"Error: {what} within {seconds:g} s; check the addresses, ports and firewall, and that every "
+    message = (f"Error: {what} within {seconds if said is None else said:g} s; check the addresses, ports and firewall, and that every "
                f"worker was started (raise the wait with --peer-timeout or {PEER_TIMEOUT_ENV})")
     guard = subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(os.getpid()), str(seconds), message],
                              stdin=subprocess.PIPE, stderr=_real_stderr())

@@ -107,7 +107,7 @@ def start_cluster(kind: str = "auto", peer_timeout: Optional[float] = None) -> C
         import jax  # only on the JAX backend
 
         with deadline(timeout + 5, f"process {pid}: the coordinator {coordinator} and the other processes "
-                                    "did not answer"):
+                                    "did not answer", said=timeout):
             try:
                 jax.distributed.initialize(coordinator_address=coordinator, num_processes=count, process_id=pid,
                                            initialization_timeout=int(max(1, timeout)))

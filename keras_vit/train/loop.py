@@ -215,7 +215,7 @@ def _train(cfg: TrainConfig, run: Optional[str], resume: bool, cluster: Cluster,
               "epochs": cfg.epochs, "params": int(model.count_params()), "resumed": bool(resume),
               "replicas": replicas(model), "workers": cluster.num_workers, "worker": cluster.index,
               "mixed_precision": mixed, "jit_compile": jit, "weights_digest": weights_digest(model),
-              "last_epoch": {k: float(v[-1]) for k, v in history.history.items() if v}}
+              "last_epoch": _last_epoch(history, run if cluster.is_chief else None)}
     bad = data.splits.bad_images
     if bad is not None:  # skip_bad_images: the skipped files, named in the run folder
         result["bad_images"] = len(bad)
@@ -225,6 +225,15 @@ def _train(cfg: TrainConfig, run: Optional[str], resume: bool, cluster: Cluster,
         write_json(os.path.join(run, "results.json"), result)
         shutil.rmtree(os.path.join(run, "backup"), ignore_errors=True)  # finished: nothing left to resume
     return result
+
+
+def _last_epoch(history, run: Optional[str]) -> Dict[str, float]:
+    """The last epoch's metrics: fit's, or metrics.csv's last row when this process ran no epoch (a run
+    resumed after its last epoch, killed before model.keras)."""
+    last = {k: float(v[-1]) for k, v in history.history.items() if v}
+    if last or run is None or not os.path.isfile(os.path.join(run, "metrics.csv")):
+        return last
+    return {k: v[-1] for k, v in read_metrics_csv(os.path.join(run, "metrics.csv")).items() if v and k != "epoch"}
 
 
 def _check_backup(run: str) -> None:
