@@ -259,6 +259,9 @@ def test_a_file_name_that_is_not_utf8_is_one_line_or_skipped(tmp_path):
     s = data.load(f"folder:{tmp_path / 'd'}", skip_bad_images=True)
     assert len(s.bad_images) == 1 and s.bad_images.paths[0].endswith("caf\ufffd.png")
     assert s.sizes[0] + s.sizes[1] == 4  # the four good files
+    with pytest.raises(data.DatasetError) as info:  # vitcli records has no --skip-bad-images to offer
+        data.write_records(f"folder:{tmp_path / 'd'}", str(tmp_path / "rec"))
+    assert str(info.value).endswith("its file name is not UTF-8, which TensorFlow needs; rename it")
 
 
 def _animated_webp(path, alpha: bool) -> None:

@@ -20,7 +20,8 @@ from keras_vit.files import shown_path, utf8_path
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 BAD_IMAGE_PREFIX = "cannot read image "  # the op error's text names the file after this prefix
-_BAD_IMAGE_HINT = f"{NOT_DECODABLE} (--skip-bad-images skips such files)"
+SKIP_HINT = " (--skip-bad-images skips such files)"  # where the command has that option
+_BAD_IMAGE_HINT = f"{NOT_DECODABLE}{SKIP_HINT}"
 
 
 class BadImages:
@@ -116,7 +117,7 @@ def _utf8_name(path: str, bad: Optional[BadImages]) -> bool:
         return True
     if bad is None:
         raise DatasetError(f"cannot read image {shown_path(path)}: its file name is not UTF-8, which TensorFlow needs; "
-                           "rename it (--skip-bad-images skips such files)")
+                           f"rename it{SKIP_HINT}")
     bad.add(shown_path(path))
     return False
 
@@ -173,12 +174,11 @@ def bad_image_line(exc: BaseException) -> Optional[str]:
     line = text[start:].splitlines()[0].rstrip("]").rstrip()
     path = line[len(BAD_IMAGE_PREFIX):].rsplit(": " + _BAD_IMAGE_HINT, 1)[0]
     if os.path.islink(path) and not os.path.exists(path):  # a dangling link, named as such
-        return (f"{BAD_IMAGE_PREFIX}{path}: a link to {os.readlink(path)!r}, which does not exist "
-                "(--skip-bad-images skips such files)")
+        return f"{BAD_IMAGE_PREFIX}{path}: a link to {os.readlink(path)!r}, which does not exist{SKIP_HINT}"
     try:  # a file this process may not read is named as such, not as undecodable (a record's name is no file)
         open(path, "rb").close()
     except PermissionError as err:
-        return f"{BAD_IMAGE_PREFIX}{path}: {err.strerror} (--skip-bad-images skips such files)"
+        return f"{BAD_IMAGE_PREFIX}{path}: {err.strerror}{SKIP_HINT}"
     except OSError:
         pass
     return line

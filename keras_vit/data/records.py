@@ -46,6 +46,7 @@ def write_records(dataset: str, output: str, *, examples_per_shard: int = 1024, 
     Image files are stored as they are (no decoding or re-encoding); array datasets as PNG."""
 
     from keras_vit.data import DatasetError, _folder_lists, load
+    from keras_vit.data.folders import SKIP_HINT
 
     if examples_per_shard < 1:
         raise DatasetError(f"examples_per_shard must be >= 1, got {examples_per_shard}")
@@ -57,7 +58,10 @@ def write_records(dataset: str, output: str, *, examples_per_shard: int = 1024, 
     source = source if source is None or os.path.isdir(source) else os.path.dirname(source) or "."
     if source is not None and os.path.isdir(output) and os.path.isdir(source) and os.path.samefile(output, source):
         raise DatasetError(f"records output {output!r} is the folder {dataset!r} reads; give another folder")
-    lists = _folder_lists(dataset[len("folder:"):], seed, val_fraction) if dataset.startswith("folder:") else None
+    try:
+        lists = _folder_lists(dataset[len("folder:"):], seed, val_fraction) if dataset.startswith("folder:") else None
+    except DatasetError as exc:  # vitcli records has no --skip-bad-images: the line does not offer it
+        raise DatasetError(str(exc).replace(SKIP_HINT, "")) from None
     splits = None if lists is not None else load(dataset, seed=seed, val_fraction=val_fraction)
     class_names = lists[3] if lists is not None else splits.class_names
     made = not os.path.isdir(output)  # the folder appears once the dataset loads; gone again if the writing fails
