@@ -127,6 +127,8 @@ def pipeline(ds, *, image_size: Sequence[int], batch_size: int, num_classes: int
     # Inception crops before resizing: the crop needs the full-resolution image.
     resize_to = None if inception else size
     ds = ds.map(lambda x, y: (prepare_image(x, resize_to, channels), y), num_parallel_calls=AUTO)
+    if inception:  # full-resolution images wait in the shuffle buffer: as bytes (4x smaller), floats again at the crop
+        ds = ds.map(lambda x, y: (tf.cast(tf.clip_by_value(tf.round(x), 0, 255), tf.uint8), y), num_parallel_calls=AUTO)
     batched = batch_augmenter(augment) if training else None
     cached = _should_cache(ds, size, channels, cache, inception)
     if cached:
@@ -135,7 +137,7 @@ def pipeline(ds, *, image_size: Sequence[int], batch_size: int, num_classes: int
         if shuffle_buffer is None:
             # In memory: up to 10k images. Streamed from files (shuffled by name before decoding,
             # see _image_files), a smaller buffer of decoded images; smallest at full resolution.
-            shuffle_buffer = 10_000 if cached or not variable_size else 256 if inception else 1024
+            shuffle_buffer = 10_000 if cached or not variable_size else 64 if inception else 1024
         n = ds.cardinality()
         buffer = shuffle_buffer if n < 0 else int(min(max(int(n), 1), shuffle_buffer))
         ds = ds.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
@@ -166,7 +168,7 @@ def _augmented(ds, aug: Optional[Callable], inception: bool, size: Tuple[int, in
         s = tf.stack([base, i])
         x = xy[0]
         if inception:
-            x = A.inception_crop(x, A._sub(s, 11), size)
+            x = A.inception_crop(tf.cast(x, tf.float32), A._sub(s, 11), size)
         if aug is not None:
             x = aug(x, s)
         x.set_shape(size + (channels,))
