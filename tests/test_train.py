@@ -611,3 +611,26 @@ def test_a_resumed_run_does_not_replay_epoch_0s_order(tmp_path):
     np.testing.assert_array_equal(x3, again[0])
     np.testing.assert_array_equal(v0, v3)
     assert loop.epoch_seed(cfg.seed, 0) == cfg.seed
+
+
+def test_resuming_on_a_dataset_whose_classes_changed_is_one_line(tmp_path, monkeypatch):
+    """A class folder added between the kill and --resume failed in Keras' restore ("A total of 2 objects
+    could not be loaded ... shape=(32, 4) ... (32, 3)"): the line now names the classes."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in ("cat", "dog", "emu"):
+        (tmp_path / "d" / c).mkdir(parents=True)
+        for i in range(6):
+            Image.fromarray(rng.integers(0, 255, (8, 8, 3), np.uint8)).save(tmp_path / "d" / c / f"{i}.png")
+    cfg = kt.make_config(f"folder:{tmp_path / 'd'}", epochs=2, checkpoint_interval=0, jit_compile="none",
+                         variant="Ti/4", image_size=8, batch_size=4, **TINY)
+    run = tmp_path / "run"
+    _kill_as_fit_returns(monkeypatch, cfg, run)
+    (tmp_path / "d" / "fox").mkdir()
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 255, (8, 8, 3), np.uint8)).save(tmp_path / "d" / "fox" / f"{i}.png")
+    with pytest.raises(kt.TrainError, match=r"the dataset now has 4 classes, the run was trained on 3 \(config.json's "
+                                            r"class_names; new: fox\)") as info:
+        kt.train(None, output=str(run), resume=True, verbose=0)
+    assert "\n" not in str(info.value)

@@ -10,7 +10,7 @@ import shutil
 import sys
 import tempfile
 import time
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import keras
 import numpy as np
@@ -175,6 +175,8 @@ def _train(cfg: TrainConfig, run: Optional[str], resume: bool, cluster: Cluster,
                 run, resume = _cluster_run(cfg, data, cluster, output, root, mixed, jit, started)
                 if not cluster.is_chief:
                     worker_dir.append(run)
+            if resume and run:
+                _check_same_classes(run, data.splits.class_names)
             print(f"precision: {'float32' if mixed == 'none' else mixed}, compilation: {jit}"
                   + (f" (auto: {reason})" if "auto" in (cfg.mixed_precision, cfg.jit_compile) else "")
                   + (f"; the batch as {towers.count()} towers, one thread each" if towers.count() > 1 else ""))
@@ -225,6 +227,18 @@ def _train(cfg: TrainConfig, run: Optional[str], resume: bool, cluster: Cluster,
         write_json(os.path.join(run, "results.json"), result)
         shutil.rmtree(os.path.join(run, "backup"), ignore_errors=True)  # finished: nothing left to resume
     return result
+
+
+def _check_same_classes(run: str, names: Sequence[str]) -> None:
+    """TrainError when the dataset's classes are no longer the ones the run was trained on (a class folder
+    added or renamed since): resuming would load a head of another size (Keras' own error)."""
+    saved = read_run_config(run).get("class_names")
+    if saved is not None and list(saved) != list(names):
+        added, gone = sorted(set(names) - set(saved)), sorted(set(saved) - set(names))
+        what = "; ".join(part for part in (f"new: {', '.join(added[:5])}" if added else "",
+                                           f"missing: {', '.join(gone[:5])}" if gone else "") if part) or "reordered"
+        raise TrainError(f"cannot resume {run!r}: the dataset now has {len(names)} classes, the run was trained on "
+                         f"{len(saved)} (config.json's class_names; {what}); restore the dataset or start a new run")
 
 
 def _last_epoch(history, run: Optional[str]) -> Dict[str, float]:
