@@ -239,15 +239,29 @@ def resize_model(model: keras.Model, image_size: Union[int, Tuple[int, int]],
     resampled to the new patch grid with `method` (default: the model's pos_interpolation, "linear"
     unless set or taken from its checkpoint: a timm file's is timm's antialiased bicubic). Works for
     models built here or loaded from .keras; the layers model.quantize() converted are quantized again
-    from their float values (int8 gives the same codes); LoRA updates are merged into the kernels."""
+    with their codes and scales copied (the same logits at the same size); LoRA updates are merged into the
+    kernels (a quantized layer with LoRA is quantized again from its merged kernel)."""
     cfg = get_config(model)
     method = check_method(method or cfg.pos_interpolation)
     new_model = build_model(cfg.replace(image_size=image_size), name=model.name, dtype=_policy(model))
     assign_weights(new_model, model_arrays(model), method=method, source_grid=cfg.grid_size,
                    source=f"model {model.name!r}")
     _quantize_as(new_model, model)
+    _copy_quantized(new_model, model)
     new_model.class_names = getattr(model, "class_names", None)
     return new_model
+
+
+def _copy_quantized(new_model: keras.Model, model: keras.Model) -> None:
+    """The quantized layers' codes and scales as `model` has them (quantizing the dequantized floats again
+    moved int8 scales by ~1e-6 and the logits by 0.02); none of them depends on the patch grid. A layer with
+    LoRA keeps its new quantization of the merged kernel."""
+    twins = {layer.path: layer for layer in new_model._flatten_layers(include_self=False)}
+    for layer in model._flatten_layers(include_self=False):
+        twin = twins.get(layer.path)
+        if (getattr(layer, "quantization_mode", None) and not getattr(layer, "lora_enabled", False)
+                and twin is not None and [tuple(w.shape) for w in twin.weights] == [tuple(w.shape) for w in layer.weights]):
+            twin.set_weights(layer.get_weights())
 
 
 def _quantize_as(new_model: keras.Model, model: keras.Model) -> None:

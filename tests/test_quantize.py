@@ -145,6 +145,8 @@ def test_quantized_model_writes_float_kernels_and_resizes(mode, tmp_path):
     x32 = random_images(2, 32, 32)
     np.testing.assert_allclose(np.asarray(resized(x32)), np.asarray(expected(x32)), atol=1e-5)
     np.testing.assert_array_equal(np.asarray(keras_vit.dynamic_model(quant)(x)), np.asarray(quant(x)))
+    # at its own size: the codes and scales copied, the same logits to the bit (int8's scales moved by 1e-6)
+    np.testing.assert_array_equal(np.asarray(keras_vit.resize_model(quant, 16)(x)), np.asarray(quant(x)))
     if mode == "float8":  # its kernels stay float variables: weights load into it
         keras_vit.load_weights(quant, str(tmp_path / "q.npz"))
         return
