@@ -236,3 +236,26 @@ def test_a_backup_with_a_damaged_array_is_one_line(tmp_path, monkeypatch):
     with pytest.raises(TrainError, match=r"its backup '.*latest.weights.h5' is damaged") as exc:
         loop._check_backup(str(run))
     assert "\n" not in str(exc.value)
+
+
+def test_a_backup_folder_it_cannot_write_is_named(tmp_path):
+    """h5py's PermissionError for a read-only backup/ has no file name, so vitcli printed its traceback; the
+    error now names the backup folder (vitcli's one line)."""
+    import errno
+
+    import pytest
+
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    model.compile(optimizer="sgd", loss="mse")
+    backup = C.PacedBackup(str(tmp_path / "backup"), 0.0, delete_checkpoint=False)
+    backup.set_model(model)
+    backup._current_epoch = 1
+
+    def refused(filepath, overwrite=True):
+        raise PermissionError(errno.EACCES, "Unable to synchronously create file (permission denied)")
+
+    model.save_weights = refused
+    with pytest.raises(PermissionError) as info:
+        backup._save_model()
+    assert info.value.filename == str(tmp_path / "backup") and "permission denied" in info.value.strerror
+    assert os.listdir(tmp_path / "backup") == []

@@ -406,3 +406,12 @@ def test_a_lost_jax_process_ends_the_run_in_one_line_and_a_restart_is_refused_in
                  KERAS_BACKEND="jax")
     assert finish([done], [str(tmp_path / "one.log")]) == [0]
     assert len(metrics_rows(tmp_path / "run0")) == 6
+
+
+def test_distribute_none_says_the_cluster_variables_are_ignored(monkeypatch, capsys):
+    """--distribute none under TF_CONFIG trained alone without a word, while the other workers waited for it."""
+    from keras_vit.train.distribute import start_cluster
+
+    monkeypatch.setenv("TF_CONFIG", tf_config([1, 2], 1))
+    assert not start_cluster("none").multi_worker
+    assert capsys.readouterr().err == "distribute none: training alone, TF_CONFIG ignored\n"

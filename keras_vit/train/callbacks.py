@@ -11,6 +11,7 @@ from typing import Optional
 import keras
 import numpy as np
 
+from keras_vit.errors import first_line
 from keras_vit.files import save_model, write_json
 
 
@@ -138,7 +139,12 @@ class PacedBackup(keras.callbacks.BackupAndRestore):
         tmp = os.path.join(self.backup_dir, f".{os.getpid()}-{os.urandom(4).hex()}.tmp.weights.h5")
         position = {"epoch": self._current_epoch, "batch": self._last_batch_seen}
         try:
-            self.model.save_weights(filepath=tmp, overwrite=True)
+            try:
+                self.model.save_weights(filepath=tmp, overwrite=True)
+            except OSError as exc:  # h5py's carries no file name: the line names the backup folder
+                if exc.filename is not None:
+                    raise
+                raise type(exc)(exc.errno, exc.strerror or first_line(exc), self.backup_dir) from None
             import h5py
 
             with h5py.File(tmp, "a") as f:  # committed with the weights by the one rename

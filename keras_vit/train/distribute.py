@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import sys
 from typing import Any, Dict, Optional, Sequence
 
 import keras
@@ -23,6 +24,7 @@ import numpy as np
 from keras_vit.errors import first_line
 from keras_vit.train.cluster_env import (  # noqa: F401 - ClusterError, PeerLostError: public here too
     DEFAULT_PEER_TIMEOUT,
+    JAX_ENV,
     ClusterError,
     PeerLostError,
     deadline,
@@ -88,6 +90,9 @@ def start_cluster(kind: str = "auto", peer_timeout: Optional[float] = None) -> C
         return _CLUSTER
     timeout = peer_timeout_seconds(peer_timeout)
     if kind == "none":
+        named = [k for k in ("TF_CONFIG", *JAX_ENV) if os.environ.get(k, "").strip()]
+        if named:  # the other workers would wait for this one until their peer timeout
+            print(f"distribute none: training alone, {' and '.join(named[:2])} ignored", file=sys.stderr)
         return Cluster(peer_timeout=timeout)
     backend = keras.backend.backend()
     if backend == "tensorflow" and os.environ.get("TF_CONFIG", "").strip():
