@@ -203,7 +203,8 @@ def _load(model: str):
 @click.option("--seed", type=int, default=None,
               help="Seed of the hold-out that is scored when the dataset is the model's own training folder or "
                    "shards without a test split [default: the run's seed, else 0].")
-@click.option("--skip-bad-images", is_flag=True, help="Skip image files that cannot be decoded (counted in the output).")
+@click.option("--skip-bad-images", is_flag=True,
+              help="Skip image files that cannot be decoded (counted in the output and named on stderr).")
 @click.option("--json", "as_json", is_flag=True,
               help="Print one JSON object: loss, top1, top5, per_class, count, confusion_matrix.")
 @click.option("--plot", is_flag=True,
@@ -232,6 +233,7 @@ def evaluate_cmd(model_arg: str, dataset: str, batch_size: int, seed: Optional[i
                              model_class_names=model_names)
     if splits.bad_images is not None:
         result["bad_images"] = len(splits.bad_images)
+        result["bad_image_paths"] = list(splits.bad_images.paths)
     if plot:
         plot_confusion_matrix(result["confusion_matrix"], model_names, png,
                               title=f"{dataset} test: top-1 {result['top1']:.4f}")
@@ -244,6 +246,10 @@ def evaluate_cmd(model_arg: str, dataset: str, batch_size: int, seed: Optional[i
                f"top-1 {result['top1']:.4f}  top-5 {result['top5']:.4f}")
     for name, acc in result["per_class"].items():
         click.echo(f"  {name:<20} {acc:.4f}")
+    for path in result.get("bad_image_paths", [])[:20]:  # as train's bad_images.txt names them
+        click.echo(f"skipped: {path}", err=True)
+    if len(result.get("bad_image_paths", [])) > 20:
+        click.echo(f"skipped: ... and {len(result['bad_image_paths']) - 20} more (--json lists every one)", err=True)
 
 
 @click.command("predict")

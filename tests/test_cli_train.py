@@ -185,6 +185,24 @@ def test_evaluate_on_a_folder_of_some_classes_scores_them_by_name(digits_model, 
     assert report["per_class"]["7"] == pytest.approx(float((pred[y_te[keep] == 7] == 7).mean()), abs=1e-9)
 
 
+def test_evaluate_names_the_bad_images_it_skipped(digits_model, tmp_path):
+    """evaluate --skip-bad-images counted the files it skipped but named none (train lists them)."""
+    from PIL import Image
+
+    run, _ = digits_model
+    (tmp_path / "d" / "3").mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "d" / "3" / "a.png")
+    (tmp_path / "d" / "3" / "b.png").write_bytes(b"not a png")
+    result = CliRunner().invoke(cli, ["evaluate", "--model", run, "--dataset", f"folder:{tmp_path / 'd'}",
+                                      "--skip-bad-images"])
+    assert result.exit_code == 0, result.output
+    assert "(1 images, 1 bad files skipped)" in result.output
+    assert f"skipped: {tmp_path / 'd' / '3' / 'b.png'}" in result.output
+    as_json = CliRunner().invoke(cli, ["evaluate", "--model", run, "--dataset", f"folder:{tmp_path / 'd'}",
+                                       "--skip-bad-images", "--json"])
+    assert json.loads(as_json.output.strip().splitlines()[-1])["bad_image_paths"] == [str(tmp_path / "d" / "3" / "b.png")]
+
+
 def test_evaluate_scores_a_plain_folder_whole_unless_the_model_trained_on_it(digits_model, tmp_path):
     """A folder of class sub-folders (no train/ or test/) is scored whole, one class allowed; the model's
     own training folder (its run's config.json) is scored on the run's hold-out, as training's test."""
