@@ -58,8 +58,8 @@ _DATASET_HELP = ("digits (offline), cifar10, cifar100, mnist, fashion_mnist, tfd
 @click.option("--jit", "jit_compile", type=click.Choice(["auto", "xla", "fusible", "scoped", "none"]), default=None,
               help="xla: compile the whole train step; fusible (TensorFlow): oneDNN matmuls, XLA-fused "
                    "element-wise ops; scoped (TensorFlow: bf16/fp16, and float32 on AMX): oneDNN matmuls, XLA only "
-                   "around the blocks' LayerNorms and GELU; auto: fusible for bf16 on a CPU (scoped on AMX, float32 "
-                   "too), else xla.  [default: auto]")
+                   "around the blocks' LayerNorms and GELU; auto: for bf16 on a CPU scoped on AMX and AMD Zen 4 / Zen 5 "
+                   "(on AMX float32 too), fusible on other CPUs, none on PyTorch, else xla.  [default: auto]")
 @click.option("--no-jit", "jit_compile", flag_value="none", hidden=True, help="Same as --jit none.")
 @click.option("--grad-accum", type=int, default=None, help="Accumulate gradients over this many batches.")
 @click.option("--distribute", type=click.Choice(["auto", "none", "mirrored"]), default=None,

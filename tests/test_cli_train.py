@@ -320,7 +320,7 @@ def not_a_model(tmp_path_factory):
     (["train", "--model-option", "qk_norm"], "--model-option takes KEY=VALUE (e.g. qk_norm=true), got 'qk_norm'"),
     (["train", "--model-option", "qk_norm=1", "--model-option", "qk-norm=0"], "--model-option qk_norm is given twice"),
     (["train", "--model-option", "registers=4"], "unknown model option 'registers'; allowed: activation, "),
-    (["train", "--model-option", "image_size=32"], "model option 'image_size' is set by image_size, not in model"),
+    (["train", "--model-option", "image_size=32"], "model option 'image_size' is set by image_size (--image-size), not in model"),
     (["train", "--model-option", "qk_norm=yes"], "qk_norm must be True or False, got 'yes'"),
     (["train", "--model-option", "mlp=swigloo"], "mlp must be one of"),
     (["train", "--resume", "--model-option", "qk_norm=true"], "drop --model-option"),

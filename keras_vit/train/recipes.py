@@ -49,8 +49,9 @@ MODEL_FIELDS = ("hidden_size", "num_layers", "num_heads", "mlp_dim", "classifier
 SIZE_FIELDS = ("hidden_size", "num_layers", "num_heads", "mlp_dim", "patch_size")
 # ViTConfig fields TrainConfig.model may not set: the run sets them itself (the field that does), or a
 # trained classifier needs them as they are.
-RUN_MODEL_FIELDS = {"variant": "variant", "image_size": "image_size", "dropout_rate": "dropout_rate",
-                    "drop_path_rate": "drop_path_rate", "num_classes": "the dataset's classes",
+RUN_MODEL_FIELDS = {"variant": "variant (--variant)", "image_size": "image_size (--image-size)",
+                    "dropout_rate": "dropout_rate (--dropout)", "drop_path_rate": "drop_path_rate (--drop-path)",
+                    "num_classes": "the dataset's classes",
                     "channels": "the dataset's channels", "include_top": "a classifier (always)",
                     "output": "logits (always)", "feature_layers": "logits (no feature outputs)"}
 OPTIMIZERS = ("adamw", "adam", "sgd")
