@@ -378,8 +378,14 @@ def main(argv: Optional[List[str]] = None) -> str:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
         raise SystemExit("usage: python -m bench.amx_table AMX_JSON")
-    with open(args[0]) as f:
-        md = markdown(json.load(f))
+    try:
+        with open(args[0]) as f:
+            record = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"{args[0]}: {getattr(exc, 'strerror', None) or exc}") from None
+    if not isinstance(record, dict) or "machine" not in record:
+        raise SystemExit(f"{args[0]} is not an amx.json record (bench/amx.sh writes one): it has no 'machine'")
+    md = markdown(record)
     print(md, end="")
     return md
 

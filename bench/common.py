@@ -196,6 +196,50 @@ def synthetic_batch(args, num_classes: int):
     return x, y
 
 
+# Counts a run needs at least one of, and counts that may be 0 (a warm-up, no interleaving).
+_AT_LEAST_ONE = ("steps", "repeats", "rounds", "batch_size", "batch_repeats", "eval_images", "images", "epochs",
+                 "num_images", "num_calibration")
+_AT_LEAST_ZERO = ("warmup", "interleave", "threads")  # threads 0: the runtime's default
+_PATHS = ("json", "keep", "work_dir", "out")
+
+
+def check_args(args, paths_must_exist: Sequence[str] = ()) -> None:
+    """One SystemExit line for a bad option, before any case runs (a case would fail in its own process, the
+    run exit 0 with an empty table, or `--steps 0` train forever): counts >= 1 (warm-up, interleave >= 0),
+    the variant and image size a ViT can be built with, the folder of --json existing; --json, --keep and
+    --work-dir made absolute (each case's process runs in the repository, not here); `paths_must_exist`:
+    the attributes naming input files or folders."""
+    for name in _AT_LEAST_ONE + _AT_LEAST_ZERO:
+        value = getattr(args, name, None)
+        floor = 0 if name in _AT_LEAST_ZERO else 1
+        if isinstance(value, int) and not isinstance(value, bool) and value < floor:
+            raise SystemExit(f"--{name.replace('_', '-')} must be at least {floor}, got {value}")
+    if getattr(args, "variant", None) is not None and hasattr(args, "image_size"):
+        from keras_vit.config import parse_variant
+
+        layers = getattr(args, "num_layers", None)
+        try:
+            parse_variant(args.variant, image_size=args.image_size, num_classes=10,
+                          **({"num_layers": layers} if layers else {}))
+        except (ValueError, TypeError) as exc:
+            raise SystemExit(str(exc).strip().splitlines()[0]) from None
+    for name in _PATHS:
+        value = getattr(args, name, None)
+        if isinstance(value, str) and value:
+            setattr(args, name, os.path.abspath(value))
+    if isinstance(getattr(args, "json", None), str) and not os.path.isdir(os.path.dirname(args.json)):
+        raise SystemExit(f"--json {args.json}: folder {os.path.dirname(args.json)} does not exist")
+    for name in paths_must_exist:
+        for value in (getattr(args, name) if isinstance(getattr(args, name), list) else [getattr(args, name)]):
+            if value is not None and not os.path.exists(value):
+                raise SystemExit(f"{value}: no such file or folder")
+
+
+def failed(results: Sequence[Dict[str, object]]) -> int:
+    """The exit status of a run: 1 when a case that was not skipped has an error, else 0."""
+    return int(any("error" in r for r in results))
+
+
 def parse_cases(text: str, allowed: Sequence[str]) -> List[str]:
     """The comma-separated case list, or one clear SystemExit naming the unknown ones."""
     cases = [c.strip() for c in text.split(",") if c.strip()]
@@ -272,8 +316,7 @@ def write_json(path: str, obj: object) -> None:
 def header(name: str, extra: Dict[str, object], argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     """Print and return what this run is: machine, load, command line (`argv` when the bench's main
     was called from Python with arguments, as bench.amx does, else this process's own)."""
-    command = (f"python -m bench.{name} " + " ".join(argv) if argv is not None
-               else " ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:]))
+    command = f"python -m bench.{name} " + " ".join(list(argv) if argv is not None else sys.argv[1:])
     info = {"bench": name, "command": command, **machine(), **extra}
     print(json.dumps(info))
     return info

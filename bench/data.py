@@ -199,6 +199,7 @@ def _args(argv=None):
     args = p.parse_args(argv)
     if args.quick:
         args.images, args.list_files, args.rounds, args.epochs = 64, 2000, 1, 1
+    common.check_args(args)
     args.images_dir = os.path.join(args.work_dir, f"jpegs-{args.images}")
     args.tree_dir = os.path.join(args.work_dir, f"tree-{args.list_files}")
     return args
@@ -280,4 +281,4 @@ def _report(results, args) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(common.failed(main()))  # 1 when a case failed: a caller reading the status sees it

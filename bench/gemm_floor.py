@@ -22,7 +22,7 @@ import numpy as np
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import cpu_name  # noqa: E402
+from bench.common import check_args, cpu_name  # noqa: E402
 
 Shape = Tuple[int, ...]
 
@@ -115,6 +115,7 @@ def main(argv=None) -> Dict[str, Dict[str, float]]:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--rounds", type=int, default=100, help="timed calls of each file and each product")
     args = p.parse_args(argv)
+    check_args(args, paths_must_exist=("files",))
 
     n = 1024
     peak_ms = product_ms((n, n), (n, n), True, args.threads, 20)

@@ -256,6 +256,7 @@ def _args(argv=None):
         args.repeats = 2
     if args.batch_size < 1 or args.repeats < 1:
         raise SystemExit(f"--batch-size {args.batch_size} and --repeats {args.repeats}: both must be at least 1")
+    common.check_args(args)
     return args
 
 

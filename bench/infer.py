@@ -275,6 +275,7 @@ def _args(argv=None):
         args.image_size, args.num_layers, args.batch_size = 32, 2, 4
         args.repeats, args.batch_repeats, args.warmup = 5, 2, 2
         args.eval_images, args.calib_images = 4, 2
+    common.check_args(args)
     return args
 
 
@@ -332,7 +333,7 @@ def _derive(results, fwd: int) -> None:
         if "latency_ms" not in r:
             continue
         r["gflop_s"] = r["throughput"]["median"] * fwd / 1e9
-        if peak:
+        if peak and not any(q in r["case"] for q in ("int8", "static", "dynamic")):  # int8 products: not fp32's peak
             r["share_of_peak"] = r["gflop_s"] / peak
         for ref in ("timm-onnx", "onnx"):
             if "latency_ms" in by.get(ref, {}):
@@ -358,4 +359,4 @@ def _report(results) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(common.failed(main()))  # 1 when a case failed: a caller reading the status sees it

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -50,6 +49,16 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--runs", default="scratch,pretrained", help="which of scratch,pretrained to run")
     args = ap.parse_args()
+    from bench.common import check_args, cpu_name
+
+    check_args(args, paths_must_exist=("pretrained",))
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        raise SystemExit(f"--seeds {args.seeds!r}: comma-separated integers, e.g. 0,1,2") from None
+    unknown = sorted(set(args.runs.split(",")) - {"scratch", "pretrained"})
+    if unknown:
+        raise SystemExit(f"--runs: unknown {', '.join(unknown)}; allowed: scratch, pretrained")
 
     import numpy as np
 
@@ -61,10 +70,9 @@ def main() -> None:
     data = {"class_names": splits.class_names}
     for name in ("train", "val", "test"):
         data[name] = kdata.split_arrays(getattr(splits, name), cfg.image_size, cfg.channels)
-    seeds = [int(s) for s in args.seeds.split(",")]
     result = {"dataset": args.dataset, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
               "seeds": seeds, "train_images": int(len(data["train"][0])), "test_images": int(len(data["test"][0])),
-              "machine": f"{platform.node()} ({os.cpu_count()} CPUs, {platform.processor() or platform.machine()})",
+              "machine": f"{cpu_name()} ({os.cpu_count()} CPUs)",
               "date": time.strftime("%Y-%m-%d", time.gmtime())}
     runs = [r for r in (("scratch", None), ("pretrained", args.pretrained)) if r[0] in args.runs.split(",")]
     for name, weights in runs:

@@ -23,7 +23,7 @@ if __package__ in (None, ""):
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import cpu_name, machine, write_json  # noqa: E402
+from bench.common import check_args, cpu_name, machine, write_json  # noqa: E402
 
 FILES = ("keras.onnx", "keras-opt.onnx", "keras-int8.onnx", "keras-opt-int8.onnx", "keras-static.onnx",
          "keras-opt-static.onnx", "timm.onnx", "timm-int8.onnx")
@@ -38,6 +38,10 @@ def main(argv=None) -> dict:
     p.add_argument("--extra", nargs="*", default=[], help="more keras-vit files of the folder to time with them")
     p.add_argument("--json", default=None, help="also write the figures (and the machine, load, date) to this file")
     args = p.parse_args(argv)
+    check_args(args, paths_must_exist=("folder",))
+    for extra in args.extra:
+        if not os.path.exists(os.path.join(args.folder, extra)):
+            raise SystemExit(f"--extra {extra}: no such file in {args.folder}")
     import onnxruntime as ort
 
     x = np.load(os.path.join(args.folder, "x.npy"))[:1]

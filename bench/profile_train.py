@@ -15,6 +15,7 @@ import collections
 import glob
 import os
 import re
+import shutil
 import tempfile
 import time
 from typing import Dict
@@ -95,12 +96,26 @@ def main(argv=None) -> Dict[str, float]:
     parser.add_argument("--policy", default="mixed_bfloat16", choices=("mixed_bfloat16", "float32"),
                         help="float32 with --jit scoped: the notebook's float32 step on AMX (graph mode, the scopes)")
     parser.add_argument("--json", default=None, help="also write the step's time by op kind and model part here")
+    parser.add_argument("--keep", default=None, help="keep the HLO dump and the trace in this folder (default: a "
+                                                     "temporary one, removed at the end)")
     args = parser.parse_args(argv)
+    common.check_args(args)
     info = common.header("profile_train", {"variant": args.variant, "image_size": args.image_size,
                                            "batch_size": args.batch_size, "steps": args.steps,
                                            "without": args.without, "jit": args.jit, "policy": args.policy},
-                         argv) if args.json else {}
-    work = tempfile.mkdtemp(prefix="keras_vit_profile_")
+                         argv)
+    if args.keep:
+        os.makedirs(args.keep, exist_ok=True)
+    work = args.keep or tempfile.mkdtemp(prefix="keras_vit_profile_")
+    try:
+        return _profile(args, info, work)
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _profile(args, info: Dict[str, object], work: str) -> Dict[str, float]:
+    """main()'s work, its HLO dump and trace in `work`."""
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_dump_to={work}/hlo --xla_dump_hlo_as_text"
     model, x, y = train_ab.bf16_training_model(args.variant, args.batch_size, args.image_size, args.without or "",
                                                 jit=args.jit, policy=args.policy)
@@ -128,7 +143,7 @@ def main(argv=None) -> Dict[str, float]:
         if kind == "other TF ops":
             other[name.rsplit(":", 1)[-1].strip()] += ps
     print(f"{args.variant}, {args.image_size} px, batch {args.batch_size}, {args.policy} + {args.jit}: {wall * 1000:.0f} ms a step "
-          f"({args.batch_size / wall:.2f} img/s under the profiler); {work}")
+          f"({args.batch_size / wall:.2f} img/s under the profiler)" + (f"; the trace in {work}" if args.keep else ""))
     for kind, ps in kinds.most_common():
         print(f"  {ps / per_step:8.1f} ms  {kind}")
     print("XLA-fused element-wise work by model part:")

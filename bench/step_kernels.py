@@ -116,6 +116,7 @@ def _args(argv=None):
     if args.steps < 1 or args.warmup < 0 or args.interop < 1:
         raise SystemExit(f"--steps {args.steps}, --warmup {args.warmup}, --interop {args.interop}: "
                          "--steps and --interop must be at least 1, --warmup at least 0")
+    common.check_args(args)
     return args
 
 

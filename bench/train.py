@@ -273,6 +273,7 @@ def _args(argv=None):
     if args.quick:
         args.image_size, args.num_layers, args.batch_size = 32, 2, 4
         args.steps, args.repeats, args.warmup = 2, 2, 1
+    common.check_args(args)
     return args
 
 
@@ -391,4 +392,4 @@ def _report(results) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(common.failed(main()))  # 1 when a case failed: a caller reading the status sees it

@@ -330,6 +330,11 @@ def main() -> None:
                         help="both variants in one process, N pairs of single steps (ABBA); instead of --rounds")
     parser.add_argument("--child", choices=["as-built", "without"], help=argparse.SUPPRESS)
     args = parser.parse_args()
+    from bench.common import check_args, header
+
+    check_args(args)  # --steps 0 trained forever (fit on a repeated dataset with steps_per_epoch=0)
+    if not args.child:
+        header("train_ab", {"without": args.without, "variant": args.variant, "jit": args.jit})
     options = _options(parser, args.option)
     label = ", ".join([args.jit] + ([args.optimizer] if args.optimizer != "sgd" else [])
                       + ([args.policy] if args.policy != "mixed_bfloat16" else []) + args.option)
@@ -359,7 +364,10 @@ def main() -> None:
                                   "--batch-size", str(args.batch_size), "--image-size", str(args.image_size),
                                   "--jit", args.jit, "--optimizer", args.optimizer, "--policy", args.policy]
                                  + [f"--option={o}" for o in args.option],
-                                 capture_output=True, text=True, check=True)
+                                 capture_output=True, text=True, timeout=3600)
+            if out.returncode:  # the child's own line (an unknown variant ...), not CalledProcessError's
+                tail = (out.stderr or out.stdout).strip().splitlines()[-1:] or ["no output"]
+                raise SystemExit(f"round {r + 1} {name}: exit {out.returncode}: {tail[0][:300]}")
             img_s = float(next(line for line in out.stdout.splitlines() if line.startswith("IMG_S")).split()[1])
             results[name].append(img_s)
             print(f"round {r + 1} {name if name == 'as-built' else 'without ' + args.without}: {img_s:.2f} img/s",

@@ -61,8 +61,10 @@ def test_profile_train_splits_a_step_into_gemms_and_fused_work(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "bench.profile_train", "--variant", "Ti/16", "--image-size", "64",
                            "--batch-size", "4", "--steps", "2", "--without", "gelu-gradient",
                            "--json", str(tmp_path / "p.json")],
-                          cwd=root, capture_output=True, text=True, timeout=600)
+                          cwd=root, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "TMPDIR": str(tmp_path)})
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert sorted(os.listdir(tmp_path)) == ["p.json"]  # its HLO dump and trace (50+ MB) were left in /tmp
     out = proc.stdout
     assert "Ti/16, 64 px, batch 4" in out
     assert "weight GEMMs" in out and "XLA-fused element-wise" in out  # fusible clustering was on
@@ -79,6 +81,35 @@ def test_profile_train_splits_a_step_into_gemms_and_fused_work(tmp_path):
 def test_unknown_case_is_one_clear_error():
     with pytest.raises(SystemExit, match="unknown case"):
         train.main(["--quick", "--cases", "nope"])
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--steps", "0"], "--steps must be at least 1, got 0"),
+    (["--repeats", "0", "--cases", "default"], "--repeats must be at least 1, got 0"),
+    (["--variant", "X/99"], "unknown variant 'X/99'"),
+    (["--image-size", "30"], "image_size 30x30 is not divisible by the patch size 16x16"),
+    (["--json", "/nonexistent-folder/x.json"], "--json /nonexistent-folder/x.json: folder /nonexistent-folder does not"),
+])
+def test_bad_bench_options_are_one_line_before_any_case(argv, message):
+    """A bad count or variant ran every case in its own process to an 'exit 1' row and status 0 (or, for
+    bench.train_ab --steps 0, trained forever); a --json folder that did not exist lost the figures at the end."""
+    with pytest.raises(SystemExit, match=message.replace("(", r"\(")):
+        train.main(argv)
+
+
+def test_train_ab_refuses_zero_steps_and_a_bad_variant_in_one_line():
+    """bench.train_ab --steps 0 trained forever; an unknown variant ended in CalledProcessError's traceback."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for argv, line in ((["--steps", "0"], "--steps must be at least 1, got 0"),
+                       (["--variant", "X/99"], "unknown variant 'X/99'")):
+        proc = subprocess.run([sys.executable, "-m", "bench.train_ab", "--without", "gelu-gradient", *argv], cwd=root,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        assert proc.stderr.strip().splitlines()[-1].startswith(line)
 
 
 @pytest.mark.slow  # runs the benchmark harness end to end (10-30 s each)
