@@ -121,18 +121,16 @@ def read_run_config(run: str) -> Dict[str, Any]:
 def backup_epoch(backup_dir: str) -> int:
     """Epochs completed according to the backup: its weights file's own record, else BackupAndRestore's
     metadata (0 when there is none)."""
-    from keras_vit.train.callbacks import backup_position
+    from keras_vit.train.callbacks import backup_position, read_json
 
     try:
         held = backup_position(os.path.join(backup_dir, "latest.weights.h5"))
     except (OSError, ValueError):
         held = None
-    if held is not None:
-        return int(held.get("epoch", 0))
+    held = held if held is not None else read_json(os.path.join(backup_dir, "training_metadata.json"))
     try:
-        with open(os.path.join(backup_dir, "training_metadata.json")) as f:
-            return int(json.load(f).get("epoch", 0))
-    except (OSError, ValueError):
+        return int(held.get("epoch", 0))
+    except (AttributeError, TypeError, ValueError):  # no metadata, or not an object
         return 0
 
 
