@@ -259,3 +259,42 @@ def test_a_backup_folder_it_cannot_write_is_named(tmp_path):
         backup._save_model()
     assert info.value.filename == str(tmp_path / "backup") and "permission denied" in info.value.strerror
     assert os.listdir(tmp_path / "backup") == []
+
+
+def test_a_resume_drops_the_repeated_epochs_from_the_tensorboard_logs(tmp_path):
+    """Epochs logged after the backup and trained again after --resume were in TensorBoard's event files
+    twice (metrics.csv was trimmed, the events were not): every scalar now has one value per epoch."""
+    import shutil
+
+    import tensorflow as tf
+    from tensorflow.core.util import event_pb2
+
+    from keras_vit.train import loop
+
+    run = tmp_path / "run"
+    run.mkdir()
+    x, y = np.ones((8, 4)), np.zeros((8, 3))
+
+    def fit(epochs, resume):
+        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+        model.compile(optimizer="sgd", loss="mse")
+        model.fit(x, y, validation_data=(x, y), epochs=epochs, verbose=0, callbacks=loop._callbacks(str(run), resume))
+
+    fit(2, False)
+    shutil.copytree(run / "backup", tmp_path / "backup2")
+    fit(4, True)  # epochs 2 and 3 logged, then "killed" before their backup:
+    shutil.rmtree(run / "backup")
+    shutil.copytree(tmp_path / "backup2", run / "backup")
+    fit(4, True)  # epochs 2 and 3 again
+    for kind in ("train", "validation"):
+        steps = {}
+        for path in sorted((run / "logs" / kind).iterdir()):
+            assert not path.name.startswith(".")
+            for record in tf.data.TFRecordDataset(str(path)):
+                event = event_pb2.Event.FromString(record.numpy())
+                for value in event.summary.value:
+                    steps.setdefault(value.tag, []).append(event.step)
+        assert "epoch_loss" in steps
+        assert steps["epoch_loss"] == [0, 1, 2, 3], steps
+        assert all(len(s) == 4 for s in steps.values()), steps
+    assert [int(r.split(",")[0]) for r in (run / "metrics.csv").read_text().splitlines()[1:]] == [0, 1, 2, 3]

@@ -53,6 +53,7 @@ from keras_vit.train.runs import (
     release_run,
     resolve_run_dir,
     trim_csv,
+    trim_events,
 )
 from keras_vit.train.sharding import file_share, shard_datasets, uneven_shares
 from keras_vit.weights.checkpoints import reading_once
@@ -509,7 +510,9 @@ def _callbacks(run: str, resume: bool, cluster: Optional[Cluster] = None,
     csv_path = os.path.join(run, "metrics.csv")
     best = None  # a resumed run's best.keras is beaten only by a better epoch than those before
     if resume:
-        trim_csv(csv_path, backup_epoch(backup))
+        epochs = backup_epoch(backup)
+        trim_csv(csv_path, epochs)
+        trim_events(os.path.join(run, "logs"), epochs)
         done = read_metrics_csv(csv_path).get("val_accuracy") if os.path.isfile(csv_path) else None
         best = max(done) if done and os.path.isfile(os.path.join(run, "best.keras")) else None
     callbacks = [

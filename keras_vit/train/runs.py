@@ -148,6 +148,42 @@ def trim_csv(path: str, epochs: int) -> None:
         csv.writer(f).writerows(keep)
 
 
+def trim_events(logs: str, epochs: int) -> None:
+    """Keep the first `epochs` values of every TensorBoard scalar under `logs` (Keras' TensorBoard writes
+    one per epoch: epoch_* at the epoch, evaluation_*_vs_iterations at the update count). A resumed run
+    writes the epochs after its backup again, and TensorBoard drew both copies."""
+    if not os.path.isdir(logs):
+        return
+    import tensorflow as tf
+    from tensorflow.core.util import event_pb2
+
+    for folder, _, names in sorted(os.walk(logs)):
+        files: Dict[str, list] = {}
+        for name in sorted(names):
+            if ".tfevents." in name and not name.startswith("."):  # not atomic_path's temporary names
+                path = files.setdefault(os.path.join(folder, name), [])
+                try:
+                    for record in tf.data.TFRecordDataset(os.path.join(folder, name)):
+                        path.append(event_pb2.Event.FromString(record.numpy()))
+                except (tf.errors.DataLossError, ValueError):  # a cut-short last record (a kill while writing)
+                    pass
+        seen: Dict[str, int] = {}
+        dropped = set()
+        order = sorted(((e.wall_time, p, i) for p, events in files.items() for i, e in enumerate(events)))
+        for _, path, i in order:
+            tags = [v.tag for v in files[path][i].summary.value]
+            if tags and any(seen.get(t, 0) >= epochs for t in tags):
+                dropped.add((path, i))
+            for t in tags:
+                seen[t] = seen.get(t, 0) + 1
+        for path, events in files.items():
+            if any((path, i) in dropped for i in range(len(events))):
+                with atomic_path(path) as tmp, tf.io.TFRecordWriter(tmp) as writer:
+                    for i, event in enumerate(events):
+                        if (path, i) not in dropped:
+                            writer.write(event.SerializeToString())
+
+
 def model_path(path: str) -> str:
     """A .keras file, or a run folder holding model.keras."""
     if os.path.isdir(path):
