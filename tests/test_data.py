@@ -102,6 +102,15 @@ def test_folder_train_val_layout(tmp_path):
     assert (len(list(s.train)), len(list(s.val)), len(list(s.test))) == (12, 4, 4)
 
 
+def test_a_class_named_train_in_a_flat_folder_is_a_class(tmp_path):
+    """A flat folder of classes with one named "train" (buses, cars, trains) was read as the train/ split
+    layout: "folder .../train has no class sub-folders". A train/ holding images itself is a class."""
+    _write_images(tmp_path / "d", n=5, classes=("bus", "car", "train"))
+    s = data.load(f"folder:{tmp_path / 'd'}", val_fraction=0.2)
+    assert s.class_names == ["bus", "car", "train"]
+    assert len(list(s.train)) + len(list(s.val)) == 15
+
+
 def test_folder_errors(tmp_path):
     with pytest.raises(data.DatasetError, match="does not exist"):
         data.load(f"folder:{tmp_path / 'missing'}")

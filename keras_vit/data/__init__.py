@@ -32,6 +32,7 @@ from keras_vit.data.folders import (
     BadImages,
     bad_image_line,
     checked_images,
+    holds_images,
     list_images,
     naming_bad_images,
 )
@@ -283,7 +284,7 @@ def _folder_lists(path: str, seed: int, val_fraction: float, bad: Optional[BadIm
         what = "is a file, not a folder" if os.path.exists(path) else "does not exist"
         raise DatasetError(f"folder {path!r} {what} (expected folder:PATH with one sub-folder per class)")
     layout = {s: os.path.join(path, s) for s in ("train", "val", "validation", "test")}
-    if os.path.isdir(layout["train"]):
+    if os.path.isdir(layout["train"]) and not holds_images(layout["train"]):  # else a class named "train"
         train_files, train_labels, names = list_images(layout["train"], bad=bad)
         val_dir = layout["val"] if os.path.isdir(layout["val"]) else layout["validation"]
         if os.path.isdir(val_dir):

@@ -86,6 +86,14 @@ def list_images(root: str, class_names: Optional[Sequence[str]] = None, bad: Opt
     return files, np.concatenate(labels), list(names)
 
 
+def holds_images(folder: str) -> bool:
+    """Whether image files lie in `folder` itself: a class folder (a split folder holds class folders).
+    A flat folder of classes may have one named "train" (buses, cars, trains)."""
+    with os.scandir(folder) as it:
+        return any(not e.name.startswith(".") and e.name.lower().endswith(IMAGE_EXTENSIONS) and not e.is_dir()
+                   for e in it)
+
+
 def _image_files_under(folder: str) -> List[str]:
     """The image files in `folder` and its sub-folders (hidden ones left out; a linked folder
     followed once), sorted by their path below `folder`."""
