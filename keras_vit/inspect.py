@@ -395,7 +395,11 @@ def inspect_model(model, images: np.ndarray, out_dir: str, distance_images: Opti
     written["attention_maps"] = plot_attention_maps(attn, grid, os.path.join(out_dir, "attention_maps.png"), p,
                                                     class_token=_reads_class_token(model))
 
-    dist = mean_attention_distance(model, dist_images)
+    if distance_images is None:  # the maps above, not a second pass over the same images
+        dist = (np.stack([_distance_sums(a, grid, get_config(model).input_stride, p) for a in attn])
+                / len(images)).astype(np.float32)
+    else:
+        dist = mean_attention_distance(model, dist_images)
     arrays["mean_attention_distance"] = dist
     written["mean_attention_distance"] = plot_attention_distance(
         dist, os.path.join(out_dir, "mean_attention_distance.png"),

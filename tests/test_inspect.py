@@ -294,3 +294,22 @@ def test_attention_distance_is_summed_batch_by_batch():
     np.testing.assert_allclose(kin.mean_attention_distance(model, x, batch_size=2), whole, rtol=1e-6)
     with pytest.raises(ValueError, match=r"no images \(shape \(0, 16, 16, 3\)\): give at least one"):
         kin.mean_attention_distance(model, x[:0])
+
+
+def test_inspect_model_reads_the_attention_once(tmp_path, monkeypatch):
+    """The mean attention distance over the shown images reused none of the maps just computed: a second
+    pass over the same images. One pass now, with the same figure as the separate computation."""
+    import keras_vit
+
+    model = keras_vit.ViT(variant=None, hidden_size=32, num_heads=4, mlp_dim=64, num_layers=2, patch_size=4,
+                          image_size=16, num_classes=3)
+    x = random_images(3, 16, 16)
+    want = kin.mean_attention_distance(model, x)
+    calls = []
+    real = kin.attention_maps
+    monkeypatch.setattr(kin, "attention_maps", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    kin.inspect_model(model, x, str(tmp_path / "a"))
+    assert len(calls) == 1
+    np.testing.assert_allclose(np.load(tmp_path / "a" / "inspect.npz")["mean_attention_distance"], want, rtol=1e-5)
+    kin.inspect_model(model, x[:1], str(tmp_path / "b"), distance_images=x)
+    np.testing.assert_allclose(np.load(tmp_path / "b" / "inspect.npz")["mean_attention_distance"], want, rtol=1e-5)
