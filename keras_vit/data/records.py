@@ -25,7 +25,7 @@ import re
 import shutil
 import struct
 import tempfile
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
@@ -43,7 +43,8 @@ def write_records(dataset: str, output: str, *, examples_per_shard: int = 1024, 
     """Write `dataset` (a registry name such as folder:PATH or digits) as TFRecord shards in
     `output` (train/val/test shards and dataset.json); returns the examples per split.
 
-    Image files are stored as they are (no decoding or re-encoding); array datasets as PNG."""
+    Image files and the images of `records:` shards are stored as they are (no decoding or re-encoding, file
+    names kept); array datasets as PNG."""
 
     from keras_vit.data import DatasetError, _folder_lists, load
     from keras_vit.data.folders import SKIP_HINT
@@ -62,7 +63,10 @@ def write_records(dataset: str, output: str, *, examples_per_shard: int = 1024, 
         lists = _folder_lists(dataset[len("folder:"):], seed, val_fraction) if dataset.startswith("folder:") else None
     except DatasetError as exc:  # vitcli records has no --skip-bad-images: the line does not offer it
         raise DatasetError(str(exc).replace(SKIP_HINT, "")) from None
-    splits = None if lists is not None else load(dataset, seed=seed, val_fraction=val_fraction)
+    if lists is None and source is not None:  # the stored bytes and names are copied, not decoded and re-encoded
+        splits = load_records(dataset[len("records:"):], seed, val_fraction, raw=True)
+    else:
+        splits = None if lists is not None else load(dataset, seed=seed, val_fraction=val_fraction)
     class_names = lists[3] if lists is not None else splits.class_names
     made = not os.path.isdir(output)  # the folder appears once the dataset loads; gone again if the writing fails
     os.makedirs(output, exist_ok=True)
@@ -118,8 +122,11 @@ def _write_splits(folder: str, lists, splits, examples_per_shard: int, seed: int
         else:
             ds = (splits.train, splits.val, splits.test)[i]
             n = int(ds.cardinality()) if int(ds.cardinality()) >= 0 else sum(1 for _ in ds)
-            examples = ((tf.io.encode_png(tf.cast(tf.clip_by_value(tf.round(x), 0, 255), tf.uint8)).numpy(),
-                         int(y), "") for x, y in ds)
+            if len(ds.element_spec) == 3:  # records: (bytes, label, file name) as stored
+                examples = ((data.numpy(), int(y), name.numpy()) for data, y, name in ds)
+            else:
+                examples = ((tf.io.encode_png(tf.cast(tf.clip_by_value(tf.round(x), 0, 255), tf.uint8)).numpy(),
+                             int(y), "") for x, y in ds)
         num = max(1, math.ceil(n / examples_per_shard))
         names = [f"{split}-{k:05d}-of-{num:05d}.tfrecord" for k in range(num)]
         it = iter(examples)
@@ -145,13 +152,14 @@ def _read(path: str) -> bytes:
         return f.read()
 
 
-def _example(data: bytes, label: int, filename: str) -> bytes:
+def _example(data: bytes, label: int, filename: Union[str, bytes]) -> bytes:
     import tensorflow as tf
 
+    name = filename if isinstance(filename, bytes) else filename.encode()
     feature = {
         FEATURE_IMAGE: tf.train.Feature(bytes_list=tf.train.BytesList(value=[data])),
         FEATURE_LABEL: tf.train.Feature(int64_list=tf.train.Int64List(value=[label])),
-        FEATURE_FILENAME: tf.train.Feature(bytes_list=tf.train.BytesList(value=[filename.encode()])),
+        FEATURE_FILENAME: tf.train.Feature(bytes_list=tf.train.BytesList(value=[name])),
     }
     return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
 
@@ -190,10 +198,11 @@ def _metadata(folder: str) -> Optional[dict]:
 
 
 def load_records(pattern: str, seed: int, val_fraction: float, bad=None, evaluation: bool = False,
-                 shuffle_seed: Optional[int] = None):
+                 shuffle_seed: Optional[int] = None, raw: bool = False):
     """The Splits of `records:DIR` (the shards its dataset.json lists, else all its *.tfrecord) or
     `records:GLOB` (the matching shards; those dataset.json lists, when it lists them). With
-    `evaluation`, shards without training ones (records:DIR/test-*) are every split."""
+    `evaluation`, shards without training ones (records:DIR/test-*) are every split. With `raw`, the
+    splits hold (stored bytes, label, file name), not decoded images: write_records copies them."""
     from keras_vit.data import DatasetError, Splits
 
     pattern = os.path.expanduser(pattern)
@@ -232,33 +241,34 @@ def load_records(pattern: str, seed: int, val_fraction: float, bad=None, evaluat
     if not by_split["train"]:
         raise DatasetError(f"records:{pattern} has no training shards (file names starting 'train')")
     examples = _known_examples(meta, listed, by_split)
-    train = _records(by_split["train"], sizes_of, bad, n_cls, shuffle_seed=seed if shuffle_seed is None else shuffle_seed)
+    train = _records(by_split["train"], sizes_of, bad, n_cls, shuffle_seed=seed if shuffle_seed is None else shuffle_seed,
+                     raw=raw)
     if by_split["val"]:
-        val = _records(by_split["val"], sizes_of, bad, n_cls)
+        val = _records(by_split["val"], sizes_of, bad, n_cls, raw=raw)
     else:  # hold out every k-th training example (seeded offset)
         k = max(2, int(round(1 / val_fraction)))
         offset = seed % k
 
-        def held_out(i, x, y):
+        def held_out(i, *example):
             return i % k == offset
 
-        def kept(i, x, y):
+        def kept(i, *example):
             return i % k != offset
 
-        def drop_index(i, x, y):
-            return x, y
+        def drop_index(i, *example):
+            return example
 
-        val = _records(by_split["train"], sizes_of, bad, n_cls, indexed=True).filter(held_out).map(drop_index)
-        train = _records(by_split["train"], sizes_of, bad, n_cls, indexed=True).filter(kept).map(drop_index)
+        val = _records(by_split["train"], sizes_of, bad, n_cls, indexed=True, raw=raw).filter(held_out).map(drop_index)
+        train = _records(by_split["train"], sizes_of, bad, n_cls, indexed=True, raw=raw).filter(kept).map(drop_index)
         if isinstance(examples.get("train"), int):
             n_val = len(range(offset, examples["train"], k))
             examples = {"train": examples["train"] - n_val, "val": n_val,
                         "test": examples["test"] if by_split["test"] else n_val}
-    test = _records(by_split["test"], sizes_of, bad, n_cls) if by_split["test"] else val
+    test = _records(by_split["test"], sizes_of, bad, n_cls, raw=raw) if by_split["test"] else val
     sizes = None
     if all(isinstance(examples.get(s), int) for s in SPLITS):
         sizes = (examples["train"], examples["val"], examples["test"])
-        if sizes[0] > 0 and bad is None:
+        if sizes[0] > 0 and bad is None and not raw:
             train = train.apply(_assert_cardinality(sizes[0]))
     return Splits(train, val, test, list(meta["class_names"]), (None, None, 3), bad, sizes)
 
@@ -318,7 +328,7 @@ def _assert_cardinality(n: int):
 
 
 def _records(files: Sequence[str], sizes_of: Dict[str, int], bad, num_classes: int, indexed: bool = False,
-             shuffle_seed: Optional[int] = None):
+             shuffle_seed: Optional[int] = None, raw: bool = False):
     """(image, label) of the shards `files` (sizes in `sizes_of`): read interleaved, each checked
     whole (_whole_shard), parsed and decoded in order; a label outside 0..num_classes-1 fails by
     name. With `shuffle_seed` (and not `indexed`) the shard order is reshuffled each epoch."""
@@ -345,9 +355,14 @@ def _records(files: Sequence[str], sizes_of: Dict[str, int], bad, num_classes: i
                                f" is not a class index 0..{num_classes - 1} of the {num_classes} classes named "
                                f"beside the shards ({FEATURE_LABEL} is 0-based)"])  # no quote: Assert escapes it
         with tf.control_dependencies([tf.debugging.Assert(ok, [msg], summarize=1)]):
-            return name, ex[FEATURE_IMAGE], tf.cast(tf.identity(label), tf.int32)
+            label = tf.cast(tf.identity(label), tf.int32)
+        if raw:  # as stored, for write_records: no decoding, the file name as it was (maybe none)
+            return ex[FEATURE_IMAGE], label, ex[FEATURE_FILENAME]
+        return name, ex[FEATURE_IMAGE], label
 
     ds = ds.map(parse, num_parallel_calls=AUTO)
+    if raw:
+        return ds.enumerate().map(lambda i, e: (i, *e)) if indexed else ds
     if indexed:
         ds = ds.enumerate()
         ds = ds.map(lambda i, e: (e[0], e[1], (i, e[2])))
