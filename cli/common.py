@@ -14,6 +14,7 @@ from typing import Any, Iterator, Sequence
 
 import click
 
+from keras_vit.config import MAX_IMAGE_SIDE
 from keras_vit.errors import first_line
 
 
@@ -107,8 +108,11 @@ class ImageSize(click.ParamType):
         if isinstance(value, (int, list)):
             return value
         parts = str(value).lower().replace(" ", "").split("x")
-        if 1 <= len(parts) <= 2 and all(p.isdigit() and int(p) > 0 for p in parts):
+        # ASCII digits: "²".isdigit() is True, and int("²") a ValueError traceback
+        if 1 <= len(parts) <= 2 and all(p.isascii() and p.isdigit() and int(p) > 0 for p in parts):
             sides = [int(p) for p in parts]
+            if max(sides) > MAX_IMAGE_SIDE:
+                self.fail(f"{value!r} is larger than {MAX_IMAGE_SIDE} pixels a side", param, ctx)
             return sides[0] if len(set(sides)) == 1 else sides
         self.fail(f"{value!r} is not a side in pixels (e.g. 224) or HEIGHTxWIDTH (e.g. 224x320)", param, ctx)
 

@@ -70,6 +70,11 @@ def _plain(value):
     return value
 
 
+# The largest image side accepted (pixels): beyond it a size is a typo (TensorFlow's resize overflows at
+# 2**63, and 16384 px at patch 16 is already a million tokens per image).
+MAX_IMAGE_SIDE = 16384
+
+
 def _pair(value: Union[int, Sequence[int]], what: str) -> Tuple[int, int]:
     if _is_int(value):
         value = (value, value)
@@ -154,6 +159,8 @@ class ViTConfig:
         for field in dataclasses.fields(self):  # NumPy numbers as Python's (JSON, and the checks below)
             setattr(self, field.name, _plain(getattr(self, field.name)))
         self.image_size = _pair(self.image_size, "image_size")
+        if max(self.image_size) > MAX_IMAGE_SIDE:
+            raise ValueError(f"image_size {self.image_size} is larger than {MAX_IMAGE_SIDE} pixels a side")
         self.patch_size = _pair(self.patch_size, "patch_size")
         if self.resnet_layers is not None:
             if isinstance(self.resnet_layers, (int, str)) or not self.resnet_layers \

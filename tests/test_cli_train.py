@@ -582,14 +582,17 @@ def test_a_non_square_model_trains_at_its_own_size(tmp_path):
         assert cfg.image_size == [16, 24] and cfg.vit_config(num_classes=10, channels=1).image_size == (16, 24), path
         assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))).validate().image_size == [16, 24]
     assert make_config("digits", image_size=(16, 16)).image_size == 16
-    for bad in (0, [16], [16, 0], [16, 24, 3], True, "16"):
-        with pytest.raises(TrainError, match="image_size must be a positive integer or"):
+    for bad in (0, [16], [16, 0], [16, 24, 3], True, "16", 10**20, [16, 16385]):
+        with pytest.raises(TrainError, match="image_size must be a positive integer up to 16384 or"):
             make_config("digits", image_size=bad)
     size = ImageSize()
     assert (size.convert("224", None, None), size.convert("16x24", None, None), size.convert("32X32", None, None)) \
         == (224, [16, 24], 32)
-    for bad in ("0", "16x", "x16", "16x24x3", "-1", "a"):
+    for bad in ("0", "16x", "x16", "16x24x3", "-1", "a", "²", "16x²"):  # "²".isdigit(): int() failed, a traceback
         with pytest.raises(click.BadParameter, match="is not a side in pixels"):
+            size.convert(bad, None, None)
+    for bad in ("99999999999999999996", "16x16385"):  # a TensorFlow OverflowError traceback in the pipeline
+        with pytest.raises(click.BadParameter, match="is larger than 16384 pixels a side"):
             size.convert(bad, None, None)
 
 

@@ -97,6 +97,7 @@ def test_unknown_variant_is_a_clear_error(variant):
     (dict(image_size="224"), "image_size must be an int or (height, width), got '224'"),
     (dict(image_size=224.0), "image_size must be an int or (height, width), got 224.0"),
     (dict(image_size=(224, 224, 3)), "image_size must be an int or (height, width)"),
+    (dict(image_size=(224, 10**20)), "image_size (224, 100000000000000000000) is larger than 16384 pixels a side"),
     (dict(layer_norm_epsilon=-1.0), "layer_norm_epsilon must be a small positive number (e.g. 1e-6), got -1.0"),
     (dict(layer_norm_epsilon=0), "layer_norm_epsilon must be a small positive number"),
     (dict(resnet_layers=()), "resnet_layers must be the units per ResNet stage, one or more positive integers"),

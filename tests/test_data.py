@@ -440,7 +440,8 @@ def test_evaluation_reads_each_image_once_and_predict_takes_paths(tmp_path):
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    (dict(image_size=(0, 0)), r"image_size must be a positive integer or \(height, width\) of them, got \(0, 0\)"),
+    (dict(image_size=(0, 0)), r"image_size must be a positive integer up to 16384 or \(height, width\) of them, got \(0, 0\)"),
+    (dict(image_size=2**70), r"image_size must be a positive integer up to 16384 .*, got 1180591620717411303424"),
     (dict(image_size="32"), "image_size must be a positive integer"),
     (dict(channels=2), "channels must be 1 or 3, got 2"),
     (dict(num_classes=0), "num_classes must be an integer >= 1, got 0"),

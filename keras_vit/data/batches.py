@@ -8,6 +8,7 @@ from typing import Callable, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from keras_vit.config import MAX_IMAGE_SIDE
 from keras_vit.data import augment as A
 from keras_vit.data.folders import naming_bad_images
 from keras_vit.data.images import prepare_image
@@ -85,8 +86,9 @@ def _check_size(image_size) -> Tuple[int, int]:
         h, w = pair
     except (TypeError, ValueError):
         h = w = None
-    if not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 1 for v in (h, w)):
-        raise DatasetError(f"image_size must be a positive integer or (height, width) of them, got {image_size!r}")
+    if not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and 1 <= v <= MAX_IMAGE_SIDE for v in (h, w)):
+        raise DatasetError(f"image_size must be a positive integer up to {MAX_IMAGE_SIDE} or (height, width) of them, "
+                           f"got {image_size!r}")
     return int(h), int(w)
 
 

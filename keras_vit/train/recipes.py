@@ -10,7 +10,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import keras
 
 from keras_vit import precision
-from keras_vit.config import ViTConfig, from_fields, parse_variant
+from keras_vit.config import MAX_IMAGE_SIDE, ViTConfig, from_fields, parse_variant
 from keras_vit.data import AUGMENTS
 from keras_vit.errors import TrainError
 from keras_vit.precision import JIT_MODES, MIXED_PRECISION
@@ -264,8 +264,9 @@ def _image_size(value: Any) -> Union[int, List[int]]:
     """A run's image size as config.json keeps it: the side of a square, else [height, width];
     TrainError naming the value unless it is a positive integer or two."""
     pair = list(value) if isinstance(value, (list, tuple)) else [value, value]
-    if len(pair) != 2 or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in pair):
-        raise TrainError(f"image_size must be a positive integer or [height, width] of them, got {value!r}")
+    if len(pair) != 2 or any(isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= MAX_IMAGE_SIDE for v in pair):
+        raise TrainError(f"image_size must be a positive integer up to {MAX_IMAGE_SIDE} or [height, width] of them, "
+                         f"got {value!r}")
     return pair[0] if pair[0] == pair[1] else pair
 
 
