@@ -155,7 +155,8 @@ class Terminated(BaseException):
 @contextlib.contextmanager
 def sigterm_cleans_up() -> Iterator[None]:
     """SIGTERM raises Terminated in the main thread while the block runs (the `finally` clauses
-    that remove temporary files then run); elsewhere, and after it, the handler is as it was.
+    that remove temporary files then run), and neither it nor Ctrl-C is lost in a __del__; elsewhere,
+    and after it, the handler is as it was.
     Not for training: a worker blocked in a collective would not stop until it returns."""
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -165,15 +166,19 @@ def sigterm_cleans_up() -> Iterator[None]:
         _RECEIVED.append(signum)  # whatever the exception becomes (Keras and tf2onnx wrap what a call raises)
         raise Terminated()
 
+    pending: list = []  # the exception to raise again
+
     def raise_at_next_call(frame, event, arg):
         sys.settrace(None)
-        raise Terminated()
+        raise pending.pop() if pending else Terminated()
 
     def raise_again(unraisable) -> None:
-        """Terminated raised where Python cannot propagate it (a gc callback such as JAX's, a __del__):
-        Python would print a traceback and go on with the export; it is raised again instead, at the
+        """Terminated or Ctrl-C's KeyboardInterrupt raised where Python cannot propagate it (a gc callback
+        such as JAX's, a __del__ such as TensorFlow's AtomicFunction): Python would print a traceback and go
+        on with the export (which then wrote its file and exited 0); it is raised again instead, at the
         next line or call of this thread (a trace function for one event)."""
-        if isinstance(unraisable.exc_value, Terminated):
+        if isinstance(unraisable.exc_value, (Terminated, KeyboardInterrupt)):
+            pending[:] = [type(unraisable.exc_value)()]
             frame = sys._getframe(1)
             while frame is not None:  # the line events of the code it interrupted, and every new call
                 frame.f_trace, frame.f_trace_lines = raise_at_next_call, True

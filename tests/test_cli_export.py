@@ -311,6 +311,33 @@ def test_sigterm_inside_a_gc_callback_still_ends_the_export():
     assert sys.unraisablehook is previous_hook and sys.gettrace() is None
 
 
+def test_ctrl_c_inside_a_del_still_ends_the_export():
+    """Ctrl-C landing in a __del__ (TensorFlow's AtomicFunction.__del__ during an export) was printed as
+    "Exception ignored ... KeyboardInterrupt" and the export wrote its file and exited 0: raised again."""
+    import gc
+
+    from keras_vit.cli.common import sigterm_cleans_up
+
+    went_on, unraisable = [], []
+
+    class Interrupted:
+        def __del__(self):
+            raise KeyboardInterrupt
+
+    previous_hook = sys.unraisablehook
+    sys.unraisablehook = unraisable.append
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with sigterm_cleans_up():
+                Interrupted()
+                gc.collect()
+                went_on.append(len([1, 2]))
+    finally:
+        sys.unraisablehook = previous_hook
+    assert not went_on and not unraisable
+    assert sys.unraisablehook is previous_hook and sys.gettrace() is None
+
+
 def test_a_signal_after_the_export_does_not_undo_it(run_dir, tmp_path):
     """SIGTERM or Ctrl-C once the report is printed (Python's and TensorFlow's teardown take seconds)
     ends with the command's status, 0 (was: killed, -15, or a segfault); the report describes the file."""
