@@ -247,16 +247,18 @@ def _limits(precision: str, thresholds: Optional[Dict[str, float]]) -> Dict[str,
 
 
 def _check_sizes(cfg, sizes) -> List[Tuple[int, int]]:
-    """`sizes` as (height, width) pairs; ExportError unless each is positive and divisible by the input stride."""
-    sh, sw = cfg.input_stride
+    """`sizes` as (height, width) pairs; ExportError unless the model takes each: a multiple of the input
+    stride, or with patch_remainder='drop' at least one patch (ViTConfig.check_image_size)."""
     out = []
     for size in sizes:
         try:
             h, w = (int(v) for v in size)
         except (TypeError, ValueError):
             raise ExportError(f"image_sizes must be (height, width) pairs, got {size!r}") from None
-        if h < sh or w < sw or h % sh or w % sw:
-            raise ExportError(f"image size {size!r} must be positive multiples of the input stride {sh}x{sw}")
+        try:
+            cfg.check_image_size(h, w, "image size")
+        except ValueError as exc:
+            raise ExportError(str(exc)) from None
         out.append((h, w))
     return out
 

@@ -303,8 +303,10 @@ def test_python_api_bad_inputs_are_one_clear_error(tmp_path):
             verify(model, tmp_path / name, num_images=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.onnx", "bad.tflite"]
     path = to_onnx(model, tmp_path / "any.onnx", dynamic_size=True)
-    with pytest.raises(ExportError, match=r"image size \(0, 32\) must be positive multiples of the input stride 4x4"):
+    with pytest.raises(ExportError, match=r"image size 0x32 is smaller than one 4x4 patch"):
         verify(model, path, num_images=2, image_sizes=[(0, 32)])
+    with pytest.raises(ExportError, match=r"image size 30x32 is not divisible by the patch size 4x4"):
+        verify(model, path, num_images=2, image_sizes=[(30, 32)])
     with pytest.raises(ExportError, match="the image source gave no images"):
         verify(model, path, images=np.zeros((0, 32, 32, 3), np.float32))
     features = keras_vit.ViT("Ti/4", image_size=32, **TI, include_top=False)
@@ -368,3 +370,13 @@ def test_model_quantized_in_keras_is_refused_in_one_line(tmp_path):
         with pytest.raises(ExportError, match="layers quantized in Keras"):
             to_saved_model(model, tmp_path / "sm", dynamic_size=dynamic_size)
     assert not any(tmp_path.iterdir())
+
+
+def test_a_drop_model_that_takes_any_size_exports_and_verifies(tmp_path):
+    """patch_remainder='drop' with dynamic_size: the check at another size asked for multiples of the patch
+    (36x56 for a 36 px model: 'must be positive multiples of the input stride'), which 'drop' does not need."""
+    model = keras_vit.ViT(variant=None, hidden_size=32, mlp_dim=64, num_heads=2, num_layers=2, patch_size=8,
+                          image_size=36, num_classes=3, patch_remainder="drop")
+    path = to_onnx(model, tmp_path / "drop.onnx", dynamic_size=True)
+    report = verify(model, path, num_images=4, image_sizes=[(36, 56), (41, 57)])
+    assert report["passed"], report
