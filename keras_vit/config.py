@@ -294,7 +294,7 @@ class ViTConfig:
 
     def _validate_tokens(self) -> None:
         """The token and head options of issue #26."""
-        if self.class_token not in (None, True, False):
+        if self.class_token is not None and not isinstance(self.class_token, bool):  # 1 == True: `in` took 0 and 1
             raise ValueError(f"class_token must be None, True or False, got {self.class_token!r}")
         if self.classifier == "token" and self.class_token is False:
             raise ValueError("class_token=False is allowed with classifier 'gap' or 'map' only; classifier='token' "
@@ -318,10 +318,13 @@ class ViTConfig:
                 continue
             ok = isinstance(value, tuple) and len(value) == self.channels and \
                 all(_is_real(v) and math.isfinite(v) for v in value)
-            if not ok or (name == "pixel_std" and min(value) <= 0) or (name == "pixel_mean" and not 0 <= min(value) <= max(value) <= 1):
-                allowed = "positive numbers" if name == "pixel_std" else "numbers in [0, 1]"
+            # On the [0, 1] scale no channel's deviation exceeds 0.5; 1 is "no scaling" (mean 0, std 1 configs)
+            if not ok or (name == "pixel_std" and not 0 < min(value) <= max(value) <= 1) \
+                    or (name == "pixel_mean" and not 0 <= min(value) <= max(value) <= 1):
+                allowed, example = (("numbers in (0, 1]", "ImageNet's std 0.229, not 58.395") if name == "pixel_std"
+                                    else ("numbers in [0, 1]", "ImageNet's mean 0.485, not 123.675"))
                 raise ValueError(f"{name} must be {self.channels} {allowed} (one per channel, on the [0, 1] scale: "
-                                 f"ImageNet's mean 0.485, not 123.675), got {value!r}")
+                                 f"{example}), got {value!r}")
 
     # --- derived quantities -----------------------------------------------------------
     @property

@@ -173,11 +173,16 @@ def test_preprocessing_default_is_unchanged_and_mean_std_is_per_channel():
     (dict(classifier="mean"), "classifier must be one of token, gap, map; got 'mean'"),
     (dict(pixel_mean=(0.5, 0.5, 0.5)), "give pixel_mean and pixel_std together"),
     (dict(pixel_mean=(0.5, 0.5), pixel_std=(0.5, 0.5)), r"pixel_mean must be 3 numbers"),
-    (dict(pixel_mean=(0.5,) * 3, pixel_std=(0.5, 0.0, 0.5)), "pixel_std must be 3 positive numbers"),
+    (dict(pixel_mean=(0.5,) * 3, pixel_std=(0.5, 0.0, 0.5)), r"pixel_std must be 3 numbers in \(0, 1\]"),
+    # a std on the 0-255 scale beside a [0, 1] mean was taken (the std check was only > 0)
+    (dict(pixel_mean=(0.485, 0.456, 0.406), pixel_std=(58.395, 57.12, 57.375)),
+     r"pixel_std must be 3 numbers in \(0, 1\] .*ImageNet's std 0.229, not 58.395\), got \(58.395"),
+    (dict(class_token=1), "class_token must be None, True or False, got 1"),  # 1 == True: taken and stored as 1
+    (dict(classifier="gap", class_token=0), "class_token must be None, True or False, got 0"),
     # the 0-255 scale (timm's constants times 255) and NaN were taken as they were
     (dict(pixel_mean=(123.675, 116.28, 103.53), pixel_std=(58.395, 57.12, 57.375)),
      r"pixel_mean must be 3 numbers in \[0, 1\] \(one per channel, on the \[0, 1\] scale"),
-    (dict(pixel_mean=(0.5,) * 3, pixel_std=(float("nan"), 0.5, 0.5)), "pixel_std must be 3 positive numbers"),
+    (dict(pixel_mean=(0.5,) * 3, pixel_std=(float("nan"), 0.5, 0.5)), r"pixel_std must be 3 numbers in \(0, 1\]"),
     (dict(fc_norm="yes"), "fc_norm must be True or False"),
 ])
 def test_bad_token_options_are_one_clear_line(kwargs, match):
