@@ -470,6 +470,9 @@ def test_run_folders_and_latest(tmp_path):
     assert (tmp_path / "taken" / "model.keras").read_text() == "keep me"
     with pytest.raises(kt.TrainError, match="--output '.*model.keras' is a file; give a folder for the run"):
         kt.new_run_dir(cfg, output=str(tmp_path / "taken" / "model.keras"))
+    # a folder inside a file: said before the data and the model (after them, with the precision line first)
+    with pytest.raises(kt.TrainError, match="--output '.*model.keras/a/b' is inside '.*model.keras', a file"):
+        kt.runs.check_output(str(tmp_path / "taken" / "model.keras" / "a" / "b"))
 
 
 def _kill_as_fit_returns(monkeypatch, cfg, run) -> None:

@@ -87,6 +87,11 @@ def check_output(output: Optional[str], option: str = "--output") -> None:
     """TrainError when `output` exists and is not an empty folder (a new run never mixes files)."""
     if output and os.path.exists(output) and not os.path.isdir(output):
         raise TrainError(f"{option} {output!r} is a file; give a folder for the run")
+    parent = os.path.dirname(os.path.abspath(output)) if output else ""
+    while parent and not os.path.exists(parent) and os.path.dirname(parent) != parent:
+        parent = os.path.dirname(parent)
+    if parent and not os.path.isdir(parent):  # before the data and the model, not after them (at the mkdir)
+        raise TrainError(f"{option} {output!r} is inside {parent!r}, a file; give a folder for the run")
     if output and os.path.isdir(output) and os.listdir(output):
         hint = ", or add --resume to continue that run" if option == "--output" else ""
         raise TrainError(f"output folder {output!r} already exists and is not empty; choose another {option}{hint}")
