@@ -12,9 +12,12 @@ in tf2onnx or onnx.save, an error before anything is written), so one rename mov
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
+import re
 import secrets
 import shutil
+import socket
 from typing import Dict, Iterator, List, Optional
 
 from keras_vit.export._common import ExportError, PathLike, check_output_path
@@ -42,11 +45,57 @@ def _split(path: str) -> tuple:
     return folder, name[: len(name) - len(ext)], ext
 
 
+def _owner() -> str:
+    """HOST-PID of this process in a staging name (HOST: 4 hex digits of the host name), so that a later
+    export can tell the staging files of a process that is gone (SIGKILL, the OOM killer) from those of
+    an export running now, here or on another host sharing the folder."""
+    return f"{hashlib.sha1(socket.gethostname().encode()).hexdigest()[:4]}-{os.getpid()}"
+
+
 def staging_path(path: PathLike) -> str:
     """A temporary name beside `path` that keeps its extension (runtimes check it):
-    folder/.NAME.EXT.tmp-XXXXXXXX.EXT, or folder/.NAME.tmp-XXXXXXXX for a folder."""
+    folder/.NAME.EXT.tmp-HOST-PID-XXXXXXXX.EXT, or folder/.NAME.tmp-HOST-PID-XXXXXXXX for a folder."""
     folder, stem, ext = _split(os.fspath(path))
-    return os.path.join(folder, f".{stem}{ext}.tmp-{secrets.token_hex(4)}{ext}")
+    return os.path.join(folder, f".{stem}{ext}.tmp-{_owner()}-{secrets.token_hex(4)}{ext}")
+
+
+def remove_stale_staging(path: PathLike) -> List[str]:
+    """Remove what exports to `path` that were killed (SIGKILL cannot be caught) left beside it: staging
+    files and folders, their reports and the reports' own temporaries, of a process of this host that no
+    longer runs. Returns the names removed."""
+    folder, stem, ext = _split(os.fspath(path))
+    host = _owner().split("-")[0]
+    pattern = re.compile(r"^\.{1,2}" + re.escape(f"{stem}{ext}.tmp-{host}-") + r"(\d+)-[0-9a-f]{8}")
+    removed = []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return removed
+    for name in names:
+        match = pattern.match(name)
+        if not match or _running(int(match.group(1))):
+            continue
+        full = os.path.join(folder, name)
+        with contextlib.suppress(OSError):
+            if os.path.isdir(full) and not os.path.islink(full):
+                shutil.rmtree(full)
+            else:
+                os.remove(full)
+            removed.append(name)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    """Whether process `pid` exists on this host (this process's own staging files are never stale)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process: it exists
+        return True
+    return True
 
 
 def failed_path(path: PathLike) -> str:
@@ -136,6 +185,7 @@ def export_verified(model, path: PathLike, format: Optional[str] = None, images=
         path = check_folder(path)
     else:
         path = check_output_path(path, _SUFFIXES[fmt])
+    remove_stale_staging(path)
     with staged(path, folder=fmt == "saved_model") as tmp:
         writer(model, tmp, **options)
         report, ref, out = measure(model, tmp, images=images, num_images=num_images, batch_size=batch_size,
@@ -147,5 +197,5 @@ def export_verified(model, path: PathLike, format: Optional[str] = None, images=
     return report
 
 
-__all__ = ["FORMATS", "export_format", "export_verified", "failed_path", "move_export", "remove_export", "sidecars",
-           "staged", "staging_path"]
+__all__ = ["FORMATS", "export_format", "export_verified", "failed_path", "move_export", "remove_export",
+           "remove_stale_staging", "sidecars", "staged", "staging_path"]

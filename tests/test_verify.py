@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -163,8 +164,38 @@ def test_staging_and_failed_names():
     assert failed_path("/d/m.tflite") == "/d/m.failed.tflite"
     assert failed_path("/d/model.saved_model/") == "/d/model.saved_model.failed"
     tmp = staging_path("/d/m.tflite")
-    assert tmp.startswith("/d/.m.tflite.tmp-") and tmp.endswith(".tflite")
+    assert tmp.startswith("/d/.m.tflite.tmp-") and tmp.endswith(".tflite") and f"-{os.getpid()}-" in tmp
     assert staging_path("/d/model.saved_model").startswith("/d/.model.saved_model.tmp-")
     assert [export_format(p) for p in ("a.onnx", "a.tflite", "a.saved_model")] == ["onnx", "tflite", "saved_model"]
     with pytest.raises(ExportError, match="format must be one of onnx, tflite, saved_model; got 'coreml'"):
         export_format("a.onnx", "coreml")
+
+
+def test_an_export_removes_what_killed_exports_left(tmp_path):
+    """SIGKILL (the OOM killer) leaves the staging file, its report and the report's temporary beside the
+    output; later exports left them there for good (four kills: six hidden files). An export removes those
+    of processes of this host that are gone; a running export's (another pid alive) and other names stay."""
+    import subprocess
+
+    from keras_vit.export.verified import remove_stale_staging, staging_path
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        out = tmp_path / "m.onnx"
+        mine = os.path.basename(staging_path(out))
+        dead = mine.replace(f"-{os.getpid()}-", f"-{gone.pid}-")
+        running = mine.replace(f"-{os.getpid()}-", f"-{alive.pid}-")
+        other = mine.replace(".m.onnx.", ".n.onnx.").replace(f"-{os.getpid()}-", f"-{gone.pid}-")
+        left = [dead, dead + ".report.json", "." + dead + ".report.png.0a1b2c3d.tmp.png", running, mine, other,
+                ".m.onnx.tmp-d7e567e8.onnx"]  # the last: a name from before the owner was in it
+        for name in left:
+            (tmp_path / name).write_bytes(b"x")
+        (tmp_path / dead.replace(".onnx.tmp-", ".saved_model.tmp-")).mkdir()  # another output's folder: stays
+        assert sorted(remove_stale_staging(out)) == sorted(left[:3])
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+            left[3:] + [dead.replace(".onnx.tmp-", ".saved_model.tmp-")])
+    finally:
+        alive.kill()
+        alive.wait()
