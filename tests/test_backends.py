@@ -220,3 +220,31 @@ def test_the_schedule_once_per_update_on_jax_eager_and_jitted(tmp_path):
     assert [line.split()[0] for line in lines] == ["eager", "accumulation"], lines
     for line in lines:
         assert float(line.split()[1]) < 1e-5, lines
+
+
+@pytest.mark.parametrize("backend", [pytest.param("jax", marks=pytest.mark.jax),
+                                     pytest.param("torch", marks=pytest.mark.torch)])
+def test_vitcli_evaluate_on_other_backends_gives_tensorflows_figures(tmp_path, backend):
+    """vitcli evaluate under KERAS_BACKEND=jax fed the TensorFlow batch to JAX's predict_on_batch: a TypeError
+    traceback for every model (since evaluation reads the split in one pass). The same figures as TensorFlow."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import keras_vit
+
+    pytest.importorskip(backend)
+    model = keras_vit.ViT(variant=None, hidden_size=32, num_heads=2, mlp_dim=64, num_layers=1, patch_size=4,
+                          image_size=32, channels=1, num_classes=10)
+    model.save(tmp_path / "m.keras")
+    figures = {}
+    for name in ("tensorflow", backend):
+        proc = subprocess.run([sys.executable, "-m", "keras_vit.cli.main", "evaluate", "--model", str(tmp_path / "m.keras"),
+                               "--dataset", "digits", "--json"], capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                              env={**os.environ, "KERAS_BACKEND": name, "TF_CPP_MIN_LOG_LEVEL": "3",
+                                   "CUDA_VISIBLE_DEVICES": "", "JAX_PLATFORMS": "cpu"})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        figures[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert figures[backend]["top1"] == figures["tensorflow"]["top1"]
+    assert figures[backend]["loss"] == pytest.approx(figures["tensorflow"]["loss"], abs=1e-4)

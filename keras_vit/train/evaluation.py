@@ -22,7 +22,9 @@ def predict_logits(model: keras.Model, ds, batch_size: int = 128) -> Tuple[np.nd
     parts: List[Tuple[np.ndarray, np.ndarray]] = []
     with kdata.naming_bad_images():  # an image file that does not decode: one line naming it
         for x, y in batched:  # one pass: each file read and decoded once, its label beside its logits
-            parts.append((np.asarray(keras.ops.convert_to_numpy(model.predict_on_batch(x)), np.float32), y.numpy()))
+            # NumPy in: JAX's and torch's predict_on_batch take no TensorFlow tensor (JAX: a TypeError traceback)
+            logits = model.predict_on_batch(x.numpy())
+            parts.append((np.asarray(keras.ops.convert_to_numpy(logits), np.float32), y.numpy()))
     if not parts:
         return np.zeros((0, vcfg.num_classes), np.float32), np.zeros((0,), np.int64)
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]).astype(np.int64)
