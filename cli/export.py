@@ -102,6 +102,16 @@ def default_output(model_path: str, fmt: str, quantize: Optional[str], optimize:
     return stem + "".join("." + t for t in tags) + "." + fmt
 
 
+def _through_links(model_path: str) -> str:
+    """`model_path` with its folder's links resolved (runs/latest -> runs/RUN), read once: a training started
+    meanwhile moves runs/latest, and the export of the old model went into the new run's folder."""
+    folder, name = os.path.split(model_path)
+    real = os.path.realpath(folder or ".")
+    if real == os.path.abspath(folder or "."):
+        return model_path
+    return os.path.join(real if os.path.isabs(folder) else os.path.relpath(real), name)
+
+
 @click.command("export")
 @click.option("--model", "model_path", default=DEFAULT_MODEL, show_default=True,
               help="The .keras file of a keras-vit model, or a training run's folder (its model.keras).")
@@ -169,7 +179,7 @@ def export_cmd(model_path: str, fmt: str, quantize: Optional[str], opset: int, o
     from keras_vit.train.runs import model_path as run_model_path
     from keras_vit.train.runs import read_run
 
-    model_path = run_model_path(model_path)  # a run folder, as predict and evaluate take: its model.keras
+    model_path = _through_links(run_model_path(model_path))  # a run folder, as predict and evaluate take: its model.keras
     run = read_run(model_path)
     class_names, run_dataset = run.class_names, run.dataset
     calibration_from_run = quantize == "int8" and calibration_dataset is None

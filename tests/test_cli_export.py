@@ -480,3 +480,28 @@ def test_without_onnxruntime_one_line_says_which_extra(run_dir, tmp_path, monkey
                      run_dir)
     assert result.output.strip().splitlines() == ["Error: static int8 quantization (quantize='int8') needs onnxruntime: "
                                                   "pip install 'keras-vit[cpu]' (or 'keras-vit[gpu]')"]
+
+
+def test_export_of_runs_latest_goes_beside_the_model_it_read(run_dir, tmp_path, monkeypatch):
+    """A training started during `vitcli export` moves runs/latest: the old run's model was written into
+    the new run's folder (as runs/latest/model.onnx). The link is read once, before the model loads."""
+    import keras_vit.export._common as common
+
+    runs = tmp_path / "runs"
+    (runs / "old").mkdir(parents=True)
+    (runs / "new").mkdir()
+    for name in ("model.keras", "class_names.json"):
+        shutil.copy(run_dir / "runs" / "latest" / name, runs / "old" / name)
+    os.symlink("old", runs / "latest")
+    real = common.resolve_model
+
+    def moved(path):  # the new run appears while the model loads
+        os.remove(runs / "latest")
+        os.symlink("new", runs / "latest")
+        return real(path)
+
+    monkeypatch.setattr(common, "resolve_model", moved)
+    result = _invoke(["--format", "onnx", "--no-verify"], tmp_path)
+    assert result.exit_code == 0, result.output
+    assert sorted(os.listdir(runs / "new")) == [] and (runs / "old" / "model.onnx").is_file()
+    assert os.path.join("runs", "old", "model.onnx") in result.output
