@@ -36,6 +36,46 @@ def shown_path(path: PathLike) -> str:
     return os.fspath(path).encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
+class FolderHeld(Exception):
+    """hold_folder's folder is held by a live process (`pid`, as it wrote it; "?" if unknown)."""
+
+    def __init__(self, pid: str):
+        super().__init__(pid)
+        self.pid = pid
+
+
+def hold_folder(folder: PathLike, name: str):
+    """Mark `folder` as written by this process until the returned file is closed: an advisory lock on
+    folder/name (with this pid in it) that the system drops when the process ends, killed or not.
+    FolderHeld when a live process holds it; None where the system has no flock (no guard)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        return None
+    f = open(os.path.join(os.fspath(folder), name), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        pid = f.read().strip() or "?"
+        f.close()
+        raise FolderHeld(pid) from None
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))
+    f.flush()
+    return f
+
+
+def release_folder(held) -> None:
+    """Drop hold_folder's mark (the lock file goes with it)."""
+    if held is None:
+        return
+    with contextlib.suppress(OSError):
+        os.remove(held.name)
+    held.close()
+
+
 @contextlib.contextmanager
 def atomic_path(path: PathLike) -> Iterator[str]:
     """Yield a temporary path beside `path` (same extension, so writers that check it work);

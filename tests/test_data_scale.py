@@ -190,6 +190,27 @@ def test_records_from_records_copy_the_stored_files(tmp_path):
     assert _stored(glob, "test") == _stored(glob, "val")
 
 
+def test_a_records_folder_being_written_is_refused_in_one_line(tmp_path):
+    """Two `vitcli records --output SAME` at once: the second's clean-up removed shards the first had just
+    listed in dataset.json, both exited 0, and the set did not load. The second is refused now."""
+    from keras_vit.data.records import LOCK_FILE
+    from keras_vit.files import hold_folder, release_folder
+
+    root, rec = _colour_folder(tmp_path / "imgs", n=6), tmp_path / "rec"
+    data.write_records(f"folder:{root}", str(rec), examples_per_shard=100)
+    before = {p.name: p.read_bytes() for p in rec.iterdir()}
+    held = hold_folder(rec, LOCK_FILE)  # another writer (flock: another open file conflicts, as another process)
+    try:
+        with pytest.raises(data.DatasetError, match=f"records folder '{rec}' is being written by another process "
+                                                    f"\\(pid {os.getpid()}\\); wait for it"):
+            data.write_records(f"folder:{root}", str(rec), examples_per_shard=4)
+        assert {p.name: p.read_bytes() for p in rec.iterdir() if p.name != LOCK_FILE} == before
+    finally:
+        release_folder(held)
+    data.write_records(f"folder:{root}", str(rec), examples_per_shard=4)
+    assert LOCK_FILE not in os.listdir(rec) and len(data.load(f"records:{rec}").class_names) == 2
+
+
 def test_damaged_records_folder_fails_naming_the_file(tmp_path):
     root, rec = _colour_folder(tmp_path / "imgs", n=6), tmp_path / "rec"
     data.write_records(f"folder:{root}", str(rec), examples_per_shard=100)

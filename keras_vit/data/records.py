@@ -29,6 +29,8 @@ from typing import Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
+from keras_vit.files import FolderHeld, hold_folder, release_folder
+
 FEATURE_IMAGE = "image/encoded"
 FEATURE_LABEL = "image/class/label"
 FEATURE_FILENAME = "image/filename"
@@ -36,6 +38,7 @@ METADATA = "dataset.json"
 SPLITS = ("train", "val", "test")
 SHARD_NAME = re.compile(r"(train|val|test)-\d{5}-of-\d{5}\.tfrecord")  # the names write_records gives
 REWRITE_HINT = "write the folder again with vitcli records"
+LOCK_FILE = ".writing"  # held by the process writing the folder (keras_vit.files.hold_folder)
 
 
 def write_records(dataset: str, output: str, *, examples_per_shard: int = 1024, seed: int = 0,
@@ -71,11 +74,18 @@ def write_records(dataset: str, output: str, *, examples_per_shard: int = 1024, 
     made = not os.path.isdir(output)  # the folder appears once the dataset loads; gone again if the writing fails
     os.makedirs(output, exist_ok=True)
     try:
+        held = hold_folder(output, LOCK_FILE)
+    except FolderHeld as exc:  # two writers: the second's clean-up removed the first's shards (a set that failed)
+        raise DatasetError(f"records folder {output!r} is being written by another process (pid {exc.pid}); "
+                           "wait for it to finish, or give another --output") from None
+    try:
         return _write_shards(output, dataset, lists, splits, class_names, examples_per_shard, seed)
     except BaseException:
         if made:
             shutil.rmtree(output, ignore_errors=True)
         raise
+    finally:
+        release_folder(held)
 
 
 def _write_shards(output: str, dataset: str, lists, splits, class_names, examples_per_shard: int,

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 from keras_vit.data import slug
 from keras_vit.errors import TrainError
-from keras_vit.files import atomic_path, link
+from keras_vit.files import FolderHeld, atomic_path, hold_folder, link, release_folder
 
 if TYPE_CHECKING:  # recipes imports Keras; reading a run folder does not need it
     from keras_vit.train.recipes import TrainConfig
@@ -53,34 +53,15 @@ def hold_run(run: str):
     system drops when the process ends, killed or not); TrainError when a live process holds it.
     None where the system has no flock (the folder is then not guarded)."""
     try:
-        import fcntl
-    except ImportError:  # Windows
-        return None
-    f = open(os.path.join(run, LOCK_FILE), "a+")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        f.seek(0)
-        pid = f.read().strip() or "?"
-        f.close()
-        raise TrainError(f"run {run!r} is being trained by another process (pid {pid}); wait for it to finish, "
+        return hold_folder(run, LOCK_FILE)
+    except FolderHeld as held:
+        raise TrainError(f"run {run!r} is being trained by another process (pid {held.pid}); wait for it to finish, "
                          "or stop it and --resume then") from None
-    f.seek(0)
-    f.truncate()
-    f.write(str(os.getpid()))
-    f.flush()
-    return f
 
 
 def release_run(held) -> None:
     """Drop hold_run's mark (the lock file goes with it)."""
-    if held is None:
-        return
-    try:
-        os.remove(held.name)
-    except OSError:
-        pass
-    held.close()
+    release_folder(held)
 
 
 def check_output(output: Optional[str], option: str = "--output") -> None:
