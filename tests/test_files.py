@@ -150,6 +150,11 @@ def test_a_run_another_live_process_trains_is_refused(tmp_path):
         assert proc.stdout.readline().strip() == b"1"
         with pytest.raises(TrainError, match=rf"is being trained by another process \(pid {proc.pid}\); wait for it"):
             hold_run(str(tmp_path))
+        # a second `vitcli train --output SAME` started with it: not "add --resume", which it would refuse too
+        from keras_vit.train.runs import check_output
+
+        with pytest.raises(TrainError, match=rf"is being trained by another process \(pid {proc.pid}\)"):
+            check_output(str(tmp_path))
     finally:
         proc.kill()
         proc.wait()

@@ -74,6 +74,8 @@ def check_output(output: Optional[str], option: str = "--output") -> None:
     if parent and not os.path.isdir(parent):  # before the data and the model, not after them (at the mkdir)
         raise TrainError(f"{option} {output!r} is inside {parent!r}, a file; give a folder for the run")
     if output and os.path.isdir(output) and os.listdir(output):
+        if os.path.exists(os.path.join(output, LOCK_FILE)):  # a run started there at the same time, still going
+            release_run(hold_run(output))
         hint = ", or add --resume to continue that run" if option == "--output" else ""
         raise TrainError(f"output folder {output!r} already exists and is not empty; choose another {option}{hint}")
 
