@@ -45,18 +45,18 @@ def _split(path: str) -> tuple:
     return folder, name[: len(name) - len(ext)], ext
 
 
-def _owner() -> str:
-    """HOST-PID of this process in a staging name (HOST: 4 hex digits of the host name), so that a later
-    export can tell the staging files of a process that is gone (SIGKILL, the OOM killer) from those of
-    an export running now, here or on another host sharing the folder."""
-    return f"{hashlib.sha1(socket.gethostname().encode()).hexdigest()[:4]}-{os.getpid()}"
+def _host() -> str:
+    """4 hex digits of the host name: with the pid in a staging name, a later export tells the staging files
+    of a process that is gone (SIGKILL, the OOM killer) from those of an export running now, here or on
+    another host sharing the folder."""
+    return hashlib.sha1(socket.gethostname().encode()).hexdigest()[:4]
 
 
 def staging_path(path: PathLike) -> str:
     """A temporary name beside `path` that keeps its extension (runtimes check it):
     folder/.NAME.EXT.tmp-HOST-PID-XXXXXXXX.EXT, or folder/.NAME.tmp-HOST-PID-XXXXXXXX for a folder."""
     folder, stem, ext = _split(os.fspath(path))
-    return os.path.join(folder, f".{stem}{ext}.tmp-{_owner()}-{secrets.token_hex(4)}{ext}")
+    return os.path.join(folder, f".{stem}{ext}.tmp-{_host()}-{os.getpid()}-{secrets.token_hex(4)}{ext}")
 
 
 def remove_stale_staging(path: PathLike) -> List[str]:
@@ -64,8 +64,7 @@ def remove_stale_staging(path: PathLike) -> List[str]:
     files and folders, their reports and the reports' own temporaries, of a process of this host that no
     longer runs. Returns the names removed."""
     folder, stem, ext = _split(os.fspath(path))
-    host = _owner().split("-")[0]
-    pattern = re.compile(r"^\.{1,2}" + re.escape(f"{stem}{ext}.tmp-{host}-") + r"(\d+)-[0-9a-f]{8}")
+    pattern = re.compile(r"^\.{1,2}" + re.escape(f"{stem}{ext}.tmp-{_host()}-") + r"(\d+)-[0-9a-f]{8}")
     removed = []
     try:
         names = os.listdir(folder)

@@ -197,6 +197,12 @@ def _distance_sums(probs: np.ndarray, grid_size: Tuple[int, int], stride: Tuple[
     return per_query.mean(axis=2).sum(axis=0)
 
 
+def _layer_sums(attentions: Sequence[np.ndarray], grid_size: Tuple[int, int], stride: Tuple[int, int],
+                prefix: int) -> np.ndarray:
+    """(layers, heads) distances summed over the images of one batch of every layer's maps."""
+    return np.stack([_distance_sums(a, grid_size, stride, prefix) for a in attentions])
+
+
 def mean_attention_distance(model, images, batch_size: int = 32) -> np.ndarray:
     """(layers, heads) attention-weighted mean distance in pixels between query and key patches
     (Fig. 7 right). For hybrids a "patch" spans the ResNet stride times the patch size. Summed batch
@@ -208,8 +214,7 @@ def mean_attention_distance(model, images, batch_size: int = 32) -> np.ndarray:
     grid, prefix = _grid(model, x), _num_prefix_tokens(model)
     total = None
     for start in range(0, len(x), batch_size):
-        sums = np.stack([_distance_sums(a, grid, cfg.input_stride, prefix)
-                         for a in attention_maps(model, x[start:start + batch_size], batch_size)])
+        sums = _layer_sums(attention_maps(model, x[start:start + batch_size], batch_size), grid, cfg.input_stride, prefix)
         total = sums if total is None else total + sums
     return (total / len(x)).astype(np.float32)
 
@@ -396,8 +401,7 @@ def inspect_model(model, images: np.ndarray, out_dir: str, distance_images: Opti
                                                     class_token=_reads_class_token(model))
 
     if distance_images is None:  # the maps above, not a second pass over the same images
-        dist = (np.stack([_distance_sums(a, grid, get_config(model).input_stride, p) for a in attn])
-                / len(images)).astype(np.float32)
+        dist = (_layer_sums(attn, grid, get_config(model).input_stride, p) / len(images)).astype(np.float32)
     else:
         dist = mean_attention_distance(model, dist_images)
     arrays["mean_attention_distance"] = dist

@@ -149,10 +149,10 @@ def trim_events(logs: str, epochs: int) -> None:
         files: Dict[str, list] = {}
         for name in sorted(names):
             if ".tfevents." in name and not name.startswith("."):  # not atomic_path's temporary names
-                path = files.setdefault(os.path.join(folder, name), [])
+                events = files.setdefault(os.path.join(folder, name), [])
                 try:
                     for record in tf.data.TFRecordDataset(os.path.join(folder, name)):
-                        path.append(event_pb2.Event.FromString(record.numpy()))
+                        events.append(event_pb2.Event.FromString(record.numpy()))
                 except (tf.errors.DataLossError, ValueError):  # a cut-short last record (a kill while writing)
                     pass
         seen: Dict[str, int] = {}
