@@ -415,3 +415,25 @@ def test_distribute_none_says_the_cluster_variables_are_ignored(monkeypatch, cap
     monkeypatch.setenv("TF_CONFIG", tf_config([1, 2], 1))
     assert not start_cluster("none").multi_worker
     assert capsys.readouterr().err == "distribute none: training alone, TF_CONFIG ignored\n"
+
+
+def test_a_collective_whose_peer_is_gone_is_a_lost_peer_whatever_its_exception_type():
+    """A JAX survivor's collective failed as a ValueError in a CI run ("UNKNOWN: Gloo AllGather failed: ...
+    Connection reset by peer", where JaxRuntimeError was expected): it went out as a user error, and
+    jax.distributed's shutdown barrier then aborted the process (SIGABRT, not exit 2 with one line)."""
+    from keras_vit.train.distribute import Cluster, is_peer_lost
+
+    jax_cluster = Cluster("jax", 2, 0)
+    gone = ValueError("UNKNOWN: Gloo AllGather failed: [external/gloo/gloo/transport/tcp/pair.cc:538] Read error "
+                      "[127.0.0.1]:10645: Connection reset by peer")
+    assert is_peer_lost(jax_cluster, gone)
+    assert is_peer_lost(jax_cluster, type("JaxRuntimeError", (RuntimeError,), {})("UNKNOWN: Gloo all-reduce failed"))
+    try:  # the collective's error as the cause of another
+        try:
+            raise gone
+        except ValueError as inner:
+            raise RuntimeError("a callback failed") from inner
+    except RuntimeError as outer:
+        assert is_peer_lost(jax_cluster, outer)
+    assert not is_peer_lost(jax_cluster, ValueError("image 'a.png' could not be decoded"))
+    assert not is_peer_lost(Cluster("jax", 1, 0), gone)  # one process: no peer to lose
