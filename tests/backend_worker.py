@@ -1,5 +1,6 @@
 """Run in a subprocess with KERAS_BACKEND set: rebuild models from configs, load weights,
 write logits. Used by test_backends.py (one Keras backend per process)."""
+import contextlib
 import json
 import os
 import subprocess
@@ -12,11 +13,32 @@ from keras_vit.config import ViTConfig
 from keras_vit.model import build_model
 
 
+@contextlib.contextmanager
+def weights_loaded_after():
+    """Skip the initializers' random draws while building a model whose every weight is loaded next: on JAX
+    each new kernel shape's draw is an XLA compilation (about 1 s a model, half of test_matrix's JAX cell)."""
+    from keras.src.backend import random
+
+    saved = {name: getattr(random, name) for name in ("normal", "truncated_normal", "uniform")}
+
+    def zeros(shape, *args, dtype=None, **kwargs):
+        return keras.ops.zeros(shape, dtype=dtype or "float32")
+
+    for name in saved:
+        setattr(random, name, zeros)
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(random, name, fn)
+
+
 def main(job_path: str) -> None:
     job = json.load(open(job_path))
     out = {"backend": keras.backend.backend()}
     for case in job["cases"]:
-        model = build_model(ViTConfig.from_dict(case["config"]))
+        with weights_loaded_after():
+            model = build_model(ViTConfig.from_dict(case["config"]))
         model.load_weights(case["weights"])
         x = np.load(case["inputs"])
         out[case["name"]] = model.predict(x, verbose=0).tolist()
