@@ -69,17 +69,45 @@ def digits():
     return digits_arrays()
 
 
+def _once_per_run(tmp_path_factory, name: str, train, load):
+    """What `train(path)` makes and saves at `path`, made once per `make test`: the first pytest-xdist worker
+    to ask trains it, the others wait for it and `load(path)` (each trained its own before: the same
+    tens of seconds twice). Without xdist, or where the first worker's training failed, it trains here."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return train(str(tmp_path_factory.mktemp(name) / "model.keras"))
+    import fcntl
+
+    shared = tmp_path_factory.getbasetemp().parent / f"shared-{name}"  # the run's folder, above the workers' own
+    shared.mkdir(exist_ok=True)
+    with open(shared / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes: the trainer's worker has saved by then
+        if (shared / "done").exists():
+            return load(str(shared / "model.keras"))
+        made = train(str(shared / "model.keras"))
+        (shared / "done").write_text("saved\n")
+        return made
+
+
 @pytest.fixture(scope="session")
 def trained_digits(digits, tmp_path_factory):
     """(model, .keras path) of the export tests' digits model (see export_helpers.train_digits)."""
     from export_helpers import train_digits
 
-    return train_digits(digits, str(tmp_path_factory.mktemp("trained_digits") / "model.keras"))
+    import keras_vit
+
+    return _once_per_run(tmp_path_factory, "trained_digits", lambda path: train_digits(digits, path),
+                         lambda path: (keras_vit.load_model(path), path))
 
 
 @pytest.fixture(scope="session")
-def trained_digits_vit(digits):
+def trained_digits_vit(digits, tmp_path_factory):
     """The inspection / few-shot tests' digits model (see vit_digits.train_digits_vit)."""
+    import keras_vit
     from tests.vit_digits import train_digits_vit
 
-    return train_digits_vit(digits)
+    def train(path):
+        model = train_digits_vit(digits)
+        model.save(path)
+        return model
+
+    return _once_per_run(tmp_path_factory, "trained_digits_vit", train, keras_vit.load_model)
