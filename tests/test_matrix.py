@@ -140,6 +140,13 @@ def row_model(index: int):
     return model
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _free_row_models():
+    """The 48 models (~700 MB) go with the module, not with the test process."""
+    yield
+    row_model.cache_clear()
+
+
 def row_images(index: int, n: int = NUM_IMAGES) -> np.ndarray:
     return images(row_model(index).vit_config, n)
 
