@@ -1,5 +1,6 @@
 """Run in a subprocess with KERAS_BACKEND set: rebuild models from configs, load weights,
-write logits. Used by test_backends.py (one Keras backend per process)."""
+write logits. Used by test_backends.py, test_matrix.py, test_inspect.py, test_family_timm.py and
+test_hf_family.py (one Keras backend per process)."""
 import contextlib
 import json
 import os
